@@ -1,0 +1,318 @@
+"""`safehold` — run the API and/or a worker, or act as a client of a running API.
+
+A thin adapter: parse arguments, build Settings, call the same code the API calls.
+The worker is loaded by name (`worker.main`), like arq's own CLI does, so `api` never
+imports `worker`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+
+from shared.config import Settings, load_settings
+from shared.errors import ConfigError, SafeholdError
+
+log = logging.getLogger("safehold")
+
+
+# ---------------------------------------------------------------------- servers
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _redis_host_port(url: str) -> tuple[str, int]:
+    u = urlsplit(url)
+    return u.hostname or "127.0.0.1", u.port or 6379
+
+
+def _answers(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+        return True
+    return False
+
+
+async def ensure_local_redis(settings: Settings) -> asyncio.subprocess.Process | None:
+    """Start a private redis-server when none answers at a loopback URL (first-run help)."""
+    host, port = _redis_host_port(settings.redis.url)
+    if _answers(host, port):
+        return None
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        return None  # not ours to start: the connect step reports it clearly
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise ConfigError(
+            f"no Redis answers at {host}:{port} and redis-server is not installed. Install "
+            "it (Debian/Ubuntu: `apt-get install redis-server`; macOS: `brew install redis`) "
+            "or point SAFEHOLD_REDIS_URL at a running Redis."
+        )
+    data_dir = Path(settings.storage.path).parent / ".safehold-redis"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log.warning("no Redis at %s:%d; starting %s there (data in %s)", host, port, binary,
+                data_dir)
+    proc = await asyncio.create_subprocess_exec(
+        binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir),
+        "--save", "60 1", "--appendonly", "no", stdout=asyncio.subprocess.DEVNULL)
+    for _ in range(50):
+        if _answers(host, port):
+            return proc
+        await asyncio.sleep(0.1)
+    proc.terminate()
+    raise ConfigError(f"started redis-server on port {port} but it does not answer")
+
+
+async def _serve_api(settings: Settings, stop: asyncio.Event) -> None:
+    from api.app import create_app
+
+    runner = web.AppRunner(create_app(settings), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.server.host, settings.server.port)
+    await site.start()
+    log.info("API listening on http://%s:%d (config: %s)", settings.server.host,
+             settings.server.port, settings.source)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def cmd_api(settings: Settings) -> None:
+    await _serve_api(settings, _stop_event())
+
+
+async def cmd_worker(settings: Settings) -> None:
+    worker_main = importlib.import_module("worker.main")
+    await worker_main.serve_worker(settings, _stop_event())
+
+
+async def cmd_run(settings: Settings) -> None:
+    """API + worker in one process (first run, small installs)."""
+    redis_proc = await ensure_local_redis(settings)
+    worker_main = importlib.import_module("worker.main")
+    stop = _stop_event()
+    try:
+        await asyncio.gather(_serve_api(settings, stop), worker_main.serve_worker(settings, stop))
+    finally:
+        if redis_proc is not None and redis_proc.returncode is None:
+            redis_proc.terminate()
+            await redis_proc.wait()
+
+
+# ---------------------------------------------------------------------- client
+class Client:
+    def __init__(self, base: str, token: str | None) -> None:
+        self.base = base.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def __aenter__(self) -> Client:
+        self.session = aiohttp.ClientSession(headers=self.headers,
+                                             timeout=aiohttp.ClientTimeout(total=None,
+                                                                           sock_connect=10))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.session.close()
+
+    async def call(self, method: str, path: str, **kw: Any) -> Any:
+        async with self.session.request(method, self.base + path, **kw) as resp:
+            body = await resp.json(content_type=None)
+            if resp.status >= 400:
+                err = (body or {}).get("error", {})
+                raise SafeholdError(f"{resp.status} {err.get('code')}: {err.get('message')}")
+            return body
+
+    async def events(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
+        """Follow a job's SSE stream, reconnecting with Last-Event-ID if it drops."""
+        last: str | None = None
+        while True:
+            headers = {"Last-Event-ID": last} if last else {}
+            try:
+                async with self.session.get(f"{self.base}/api/v1/jobs/{job_id}/events",
+                                            headers=headers) as resp:
+                    if resp.status != 200:
+                        raise SafeholdError(f"event stream answered {resp.status}")
+                    data: list[str] = []
+                    async for raw in resp.content:
+                        line = raw.decode().rstrip("\r\n")
+                        if line.startswith("id:"):
+                            last = line[3:].strip()
+                        elif line.startswith("data:"):
+                            data.append(line[5:].lstrip())
+                        elif line == "" and data:
+                            event = json.loads("\n".join(data))
+                            data = []
+                            yield event
+                            if event.get("type") in ("succeeded", "failed", "cancelled"):
+                                return
+                    return
+            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
+                    aiohttp.ClientConnectionError):
+                await asyncio.sleep(1)
+
+
+def _human(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def render_progress(p: dict[str, Any], width: int = 30) -> str:
+    pct = p.get("percent")
+    filled = int(width * (pct or 0) / 100)
+    bar = "#" * filled + "." * (width - filled)
+    items = ""
+    if p.get("items_total"):
+        items = f" {p.get('items_done', 0)}/{p['items_total']} {p.get('item_kind', '')}"
+    eta = f" ETA {p['eta_s']:.0f}s" if p.get("eta_s") is not None else ""
+    pct_s = f"{pct:5.1f}%" if pct is not None else "  ?  %"
+    return (f"[{bar}] {pct_s} {p.get('phase', ''):<14} {_human(p.get('bytes_done'))}"
+            f" {_human(p.get('rate_bps'))}/s{items}{eta}")
+
+
+async def follow(client: Client, job: dict[str, Any]) -> int:
+    tty = sys.stderr.isatty()
+    async for ev in client.events(job["id"]):
+        t = ev.get("type")
+        if t == "progress":
+            line = render_progress(ev.get("progress", {}))
+            print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr,
+                  flush=True)
+        elif t in ("phase", "log", "started", "running", "queued"):
+            msg = ev.get("message") or ev.get("phase") or t
+            print(("\r\033[K" if tty else "") + f"· {msg}", file=sys.stderr)
+    final = await client.call("GET", f"/api/v1/jobs/{job['id']}")
+    if tty:
+        print(file=sys.stderr)
+    print(json.dumps(final, indent=2))
+    return 0 if final["status"] == "succeeded" else 1
+
+
+async def cmd_client(args: argparse.Namespace, settings: Settings) -> int:
+    base = args.url or os.environ.get("SAFEHOLD_URL") or \
+        f"http://{settings.server.host}:{settings.server.port}"
+    token = os.environ.get("SAFEHOLD_TOKEN")
+    async with Client(base, token) as c:
+        if args.command == "backup":
+            body = {"compress": not args.no_compress, "note": args.note or ""}
+            job = await c.call("POST", f"/api/v1/targets/{args.target}/backups", json=body)
+            return await follow(c, job) if args.follow else _print(job)
+        if args.command == "restore":
+            body = {"backup": args.backup, "create_safety_backup": not args.no_safety_backup}
+            job = await c.call("POST", f"/api/v1/targets/{args.target}/restores", json=body)
+            return await follow(c, job) if args.follow else _print(job)
+        if args.command == "jobs":
+            params = {k: v for k, v in (("target", args.target), ("status", args.status),
+                                        ("kind", args.kind)) if v}
+            res = await c.call("GET", "/api/v1/jobs", params=params)
+            for j in res["jobs"]:
+                err = (j.get("error") or {}).get("code", "")
+                print(f"{j['id']}  {j['kind']:<8} {j['target']:<12} {j['status']:<10} "
+                      f"{j['created_at']}  {err}")
+            return 0
+        if args.command == "backups":
+            res = await c.call("GET", f"/api/v1/targets/{args.target}/backups")
+            for b in res["backups"]:
+                print(f"{b['filename']:<56} {_human(b.get('size_bytes')):>10}  "
+                      f"{b.get('created_at')}{'  (safety)' if b.get('safety') else ''}")
+            return 0
+        if args.command == "follow":
+            return await follow(c, {"id": args.job_id})
+    return 2
+
+
+def _print(doc: Any) -> int:
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="safehold", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="config file (default: $SAFEHOLD_CONFIG or ./safehold.toml)")
+    p.add_argument("--log-level", default=os.environ.get("SAFEHOLD_LOG_LEVEL", "info"))
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("api", help="run the HTTP API")
+    sub.add_parser("worker", help="run a worker")
+    sub.add_parser("run", help="run API + worker in one process (starts Redis if needed)")
+    for name in ("backup", "restore", "jobs", "backups", "follow"):
+        sp = sub.add_parser(name)
+        sp.add_argument("--url", help="API base URL (default: $SAFEHOLD_URL or the config)")
+        if name in ("backup", "restore", "backups"):
+            sp.add_argument("target")
+        if name == "backup":
+            sp.add_argument("--no-compress", action="store_true")
+            sp.add_argument("--note")
+        if name == "restore":
+            sp.add_argument("backup")
+            sp.add_argument("--no-safety-backup", action="store_true")
+        if name in ("backup", "restore"):
+            sp.add_argument("--follow", action="store_true", help="show live progress")
+        if name == "jobs":
+            sp.add_argument("--target")
+            sp.add_argument("--status")
+            sp.add_argument("--kind")
+        if name == "follow":
+            sp.add_argument("job_id")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        settings = load_settings(args.config, os.environ)
+        if args.command == "api":
+            asyncio.run(cmd_api(settings))
+        elif args.command == "worker":
+            asyncio.run(cmd_worker(settings))
+        elif args.command == "run":
+            asyncio.run(cmd_run(settings))
+        else:
+            return asyncio.run(cmd_client(args, settings))
+    except ConfigError as exc:
+        print(f"safehold: configuration error: {exc.message}", file=sys.stderr)
+        return 2
+    except SafeholdError as exc:
+        print(f"safehold: {exc.message}", file=sys.stderr)
+        return 1
+    except aiohttp.ClientConnectionError as exc:
+        print(f"safehold: cannot reach the API: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

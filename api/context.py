@@ -1,0 +1,72 @@
+"""Typed app keys and the long-lived resources of the API process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import weakref
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+from arq.connections import ArqRedis
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from shared.config import Settings
+from shared.jobs import JobStore
+from shared.keys import Keys
+from shared.queue import connect
+from shared.reaper import reap_orphans
+from shared.storage import LocalStorage
+
+log = logging.getLogger("safehold.api")
+REAP_EVERY = 10.0
+
+
+@dataclass
+class Services:
+    settings: Settings
+    keys: Keys
+    redis: ArqRedis
+    store: JobStore
+    blocking_store: JobStore  # its own bounded pool: blocked XREADs never starve requests
+    storage: LocalStorage
+
+
+SETTINGS = web.AppKey("settings", Settings)
+SERVICES = web.AppKey("services", Services)
+STREAMS = web.AppKey("streams", weakref.WeakSet)
+
+
+async def services_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    keys = Keys(settings.redis.prefix)
+    redis = await connect(settings.redis.url)
+    pool = BlockingConnectionPool.from_url(settings.redis.url, max_connections=64, timeout=30)
+    blocking = Redis(connection_pool=pool)
+    ttl = settings.worker.job_ttl
+    services = Services(settings, keys, redis, JobStore(redis, keys, ttl=ttl),
+                        JobStore(blocking, keys, ttl=ttl), LocalStorage(settings.storage.path))
+    app[SERVICES] = services
+    reaper = asyncio.create_task(_reap_forever(services))
+    yield
+    reaper.cancel()
+    await asyncio.gather(reaper, return_exceptions=True)
+    for resp in list(app[STREAMS]):
+        with contextlib.suppress(Exception):
+            resp.stop_streaming()
+    await blocking.aclose()
+    await pool.disconnect()
+    await redis.aclose()
+
+
+async def _reap_forever(services: Services) -> None:
+    """The API reaps orphans too, so a job whose only worker died still fails in time."""
+    while True:
+        try:
+            await reap_orphans(services.store, services.storage,
+                               services.settings.worker.orphan_after)
+        except Exception:
+            log.exception("reaper failed")
+        await asyncio.sleep(REAP_EVERY)

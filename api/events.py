@@ -1,0 +1,45 @@
+"""Server-sent events: a job's event stream, replayed and then followed live.
+
+Event ids are Redis Stream ids. A client that reconnects with `Last-Event-ID` (or
+`?last_event_id=`) receives every later event exactly once. The stream ends after the
+job's terminal event (`succeeded`, `failed`, `cancelled`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from aiohttp import web
+from aiohttp_sse import sse_response
+
+from api.context import SERVICES, STREAMS
+from shared.jobs import TERMINAL
+
+_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+BLOCK_MS = 5000
+
+
+async def job_events(request: web.Request) -> web.StreamResponse:
+    s = request.app[SERVICES]
+    job_id = request.match_info["job_id"]
+    await s.store.get(job_id)  # 404 as JSON before the stream starts
+    ping = s.settings.server.sse_ping_interval
+    async with sse_response(request, ping_interval=ping) as resp:
+        request.app[STREAMS].add(resp)
+        last = resp.last_event_id or request.query.get("last_event_id") or "0-0"
+        if not _STREAM_ID.match(last):
+            last = "0-0"
+        while resp.is_connected():
+            events = await s.blocking_store.events(job_id, after=last, block_ms=BLOCK_MS)
+            for ev in events:
+                await resp.send(json.dumps(ev.to_dict()), id=ev.id, event=ev.type)
+                last = ev.id
+                if ev.type in TERMINAL:
+                    return resp
+            if not events:
+                job = await s.store.find(job_id)
+                if job is None or job.terminal:
+                    # already past the terminal event (a reconnect after the end) or expired
+                    return resp
+    return resp

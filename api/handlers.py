@@ -1,0 +1,277 @@
+"""REST v1 handlers: targets, backups, restores, jobs, health."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+from api.context import SERVICES, Services
+from shared import naming
+from shared.errors import BadRequest, Conflict, NotFound, SafeholdError
+from shared.jobs import TERMINAL, Job
+from shared.queue import enqueue
+
+MAX_WAIT = 3600.0
+STATS_WAIT = 60.0
+
+
+def svc(request: web.Request) -> Services:
+    return request.app[SERVICES]
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    d = job.to_dict()
+    d["links"] = {"self": f"/api/v1/jobs/{job.id}", "events": f"/api/v1/jobs/{job.id}/events"}
+    return d
+
+
+def principal(request: web.Request) -> dict[str, Any]:
+    return dict(request.get("principal") or {"subject": "anonymous", "roles": []})
+
+
+async def read_json(request: web.Request, allowed: dict[str, type | tuple[type, ...]]
+                    ) -> dict[str, Any]:
+    """A JSON object body (or none) with only `allowed` keys of the given types."""
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequest("request body is not valid JSON", code="invalid_json") from None
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object", code="invalid_body")
+    unknown = set(body) - set(allowed)
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}",
+                         code="invalid_body")
+    for key, typ in allowed.items():
+        if key in body and not isinstance(body[key], typ):
+            raise BadRequest(f"field '{key}' has the wrong type", code="invalid_body")
+    return body
+
+
+def query_float(request: web.Request, name: str, lo: float, hi: float) -> float | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest(f"query parameter '{name}' must be a number", code="invalid_query") \
+            from None
+    if not lo <= value <= hi:
+        raise BadRequest(f"query parameter '{name}' must be between {lo:g} and {hi:g}",
+                         code="invalid_query")
+    return value
+
+
+def query_bool(request: web.Request, name: str, default: bool) -> bool:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    low = raw.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise BadRequest(f"query parameter '{name}' must be true or false", code="invalid_query")
+
+
+async def wait_for_job(s: Services, job_id: str, timeout: float) -> Job:
+    """Follow the job's event stream until a terminal event or `timeout`; return the job."""
+    deadline = time.monotonic() + timeout
+    last = "0-0"
+    while (left := deadline - time.monotonic()) > 0:
+        events = await s.blocking_store.events(job_id, after=last,
+                                               block_ms=max(1, int(min(left, 5.0) * 1000)))
+        for ev in events:
+            last = ev.id
+            if ev.type in TERMINAL:
+                return await s.store.get(job_id)
+        job = await s.store.get(job_id)
+        if job.terminal:
+            return job
+    return await s.store.get(job_id)
+
+
+async def submit(request: web.Request, kind: str, target: str, params: dict[str, Any],
+                 *, ttl_wait: float | None = None) -> tuple[Job, bool]:
+    s = svc(request)
+    job, created = await s.store.create(
+        kind, target, params, principal(request),
+        idempotency_key=request.headers.get("Idempotency-Key") or None)
+    if created:
+        await enqueue(s.redis, s.keys, job)
+    wait = query_float(request, "wait", 0, MAX_WAIT) if ttl_wait is None else ttl_wait
+    if wait:
+        job = await wait_for_job(s, job.id, wait)
+    return job, created
+
+
+def job_response(job: Job) -> web.Response:
+    return web.json_response(job_view(job), status=200 if job.terminal else 202,
+                             headers={"Location": f"/api/v1/jobs/{job.id}"})
+
+
+# ---------------------------------------------------------------------- health
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    s = svc(request)
+    checks: dict[str, Any] = {}
+    try:
+        await asyncio.wait_for(s.redis.ping(), 2)
+        checks["redis"] = "ok"
+        live = await s.redis.zrangebyscore(s.keys.workers, time.time() - 30, "+inf")
+        checks["workers"] = len(live)
+    except (TimeoutError, OSError, ConnectionError) as exc:
+        checks["redis"] = f"unreachable ({type(exc).__name__})"
+        checks["workers"] = None
+    ready = checks["redis"] == "ok" and bool(checks["workers"])
+    if not ready:
+        reason = ("Redis is unreachable" if checks["redis"] != "ok"
+                  else "no live worker (start one with `safehold worker`)")
+        return web.json_response({"status": "not_ready", "checks": checks,
+                                  "error": {"code": "not_ready", "message": reason}},
+                                 status=503)
+    return web.json_response({"status": "ready", "checks": checks})
+
+
+# ---------------------------------------------------------------------- targets
+async def list_targets(request: web.Request) -> web.Response:
+    s = svc(request)
+    return web.json_response({
+        "default_target": s.settings.default_target,
+        "targets": [t.public() for t in s.settings.targets.values()],
+    })
+
+
+async def target_stats(request: web.Request) -> web.Response:
+    s = svc(request)
+    target = s.settings.target(request.match_info["target"]).id
+    job, _ = await submit(request, "stats", target, {}, ttl_wait=STATS_WAIT)
+    if job.status == "succeeded":
+        return web.json_response(job.result)
+    if job.status == "failed" and job.error:
+        raise SafeholdError(job.error.get("message", "stats failed"),
+                            code=job.error.get("code", "stats_failed"))
+    return job_response(job)
+
+
+# ---------------------------------------------------------------------- backups
+def backup_view(m: dict[str, Any]) -> dict[str, Any]:
+    size = int(m.get("size_bytes") or 0)
+    return {**m, "size_mb": round(size / (1024 * 1024), 2),
+            "compressed": m.get("compression") is not None,
+            "safety": m.get("kind") == "safety_backup"}
+
+
+async def create_backup(request: web.Request) -> web.Response:
+    s = svc(request)
+    target = s.settings.target(request.match_info["target"])
+    body = await read_json(request, {"compress": bool, "note": str})
+    if len(body.get("note", "")) > 500:
+        raise BadRequest("note is longer than 500 characters", code="invalid_body")
+    params = {"compress": body.get("compress", target.compress), "note": body.get("note", "")}
+    job, _ = await submit(request, "backup", target.id, params)
+    return job_response(job)
+
+
+async def list_backups(request: web.Request) -> web.Response:
+    s = svc(request)
+    target = s.settings.target(request.match_info["target"]).id
+    manifests = await asyncio.to_thread(s.storage.list, target)
+    return web.json_response({"target": target, "total_count": len(manifests),
+                              "backups": [backup_view(m) for m in manifests]})
+
+
+async def _manifest(request: web.Request) -> tuple[Services, str, naming.BackupName,
+                                                   dict[str, Any]]:
+    s = svc(request)
+    target = s.settings.target(request.match_info["target"]).id
+    name = naming.parse(request.match_info["file"])
+    manifest = await asyncio.to_thread(s.storage.manifest, target, name)
+    return s, target, name, manifest
+
+
+async def get_backup(request: web.Request) -> web.Response:
+    _, _, _, manifest = await _manifest(request)
+    return web.json_response(backup_view(manifest))
+
+
+async def download_backup(request: web.Request) -> web.StreamResponse:
+    s, target, name, manifest = await _manifest(request)
+    return web.FileResponse(s.storage.path_of(target, name), headers={
+        "Content-Disposition": f'attachment; filename="{name.filename}"',
+        "Content-Type": "application/gzip" if name.compressed else "application/octet-stream",
+        "X-Checksum-SHA256": str(manifest.get("sha256", "")),
+    })
+
+
+async def delete_backup(request: web.Request) -> web.Response:
+    s, target, name, _ = await _manifest(request)
+    for job in await s.store.active_for_target(target):
+        if job.kind == "restore" and job.params.get("backup") == name.filename:
+            raise Conflict(f"backup {name.filename} is being restored by job {job.id}",
+                           code="backup_in_use")
+    await asyncio.to_thread(s.storage.delete, target, name)
+    return web.json_response({"deleted": name.filename, "target": target})
+
+
+# ---------------------------------------------------------------------- restores
+async def create_restore(request: web.Request) -> web.Response:
+    s = svc(request)
+    target = s.settings.target(request.match_info["target"])
+    body = await read_json(request, {"backup": str, "create_safety_backup": bool})
+    if "backup" not in body:
+        raise BadRequest("field 'backup' (a backup file name) is required", code="invalid_body")
+    name = naming.parse(body["backup"])
+    manifest = await asyncio.to_thread(s.storage.manifest, target.id, name)
+    if manifest.get("engine") != target.engine:
+        raise BadRequest(f"{name.filename} is a {manifest.get('engine')} backup; target "
+                         f"'{target.id}' is {target.engine}", code="engine_mismatch")
+    params = {"backup": name.filename,
+              "create_safety_backup": body.get("create_safety_backup", True)}
+    job, _ = await submit(request, "restore", target.id, params)
+    return job_response(job)
+
+
+# ---------------------------------------------------------------------- jobs
+async def list_jobs(request: web.Request) -> web.Response:
+    s = svc(request)
+    q = request.query
+    status, kind = q.get("status"), q.get("kind")
+    if status and status not in ("queued", "running", "succeeded", "failed", "cancelled"):
+        raise BadRequest(f"unknown status '{status}'", code="invalid_query")
+    if kind and kind not in ("backup", "restore", "stats"):
+        raise BadRequest(f"unknown kind '{kind}'", code="invalid_query")
+    limit = int(query_float(request, "limit", 1, 1000) or 100)
+    jobs = await s.store.list_jobs(target=q.get("target"), status=status, kind=kind, limit=limit)
+    return web.json_response({"jobs": [job_view(j) for j in jobs], "count": len(jobs)})
+
+
+async def get_job(request: web.Request) -> web.Response:
+    job = await svc(request).store.get(request.match_info["job_id"])
+    return web.json_response(job_view(job))
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    s = svc(request)
+    job = await s.store.get(request.match_info["job_id"])
+    if job.kind == "restore" and job.status == "running":
+        raise Conflict("a running restore cannot be cancelled safely; it either completes or "
+                       "rolls back by itself", code="restore_running")
+    job = await s.store.request_cancel(job.id)
+    return web.json_response(job_view(job), status=200 if job.terminal else 202)
+
+
+def not_found(_: web.Request) -> None:
+    raise NotFound("no such route")

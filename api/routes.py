@@ -1,0 +1,100 @@
+"""The route table: every route declares the role it needs (or PUBLIC)."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from api import handlers as h
+from api.events import job_events
+from api.openapi import openapi
+
+
+class Role(enum.IntEnum):
+    """Ordered: a higher role includes the lower ones."""
+
+    PUBLIC = 0
+    VIEWER = 1
+    OPERATOR = 2
+    ADMIN = 3
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    role: Role
+    summary: str
+    query: dict[str, str] = field(default_factory=dict)  # name -> description
+    body: dict[str, Any] | None = None  # JSON schema of the request body
+    responses: dict[str, str] = field(default_factory=dict)
+
+
+T = "/api/v1/targets/{target}"
+_BACKUP_BODY = {"type": "object", "additionalProperties": False, "properties": {
+    "compress": {"type": "boolean", "default": True},
+    "note": {"type": "string", "maxLength": 500}}}
+_RESTORE_BODY = {"type": "object", "additionalProperties": False, "required": ["backup"],
+                 "properties": {"backup": {"type": "string"},
+                                "create_safety_backup": {"type": "boolean", "default": True}}}
+_WAIT = {"wait": "seconds to wait for the job to finish (200 if it did, else 202)"}
+_JOB = {"202": "job accepted (or still running after ?wait)", "200": "job finished"}
+
+ROUTES: list[Route] = [
+    Route("GET", "/healthz", h.healthz, Role.PUBLIC, "Process is up"),
+    Route("GET", "/readyz", h.readyz, Role.PUBLIC,
+          "Redis reachable and at least one live worker",
+          responses={"200": "ready", "503": "not ready"}),
+    Route("GET", "/api/v1/openapi.json", openapi, Role.VIEWER, "This document"),
+    Route("GET", "/api/v1/targets", h.list_targets, Role.VIEWER, "Configured targets"),
+    Route("GET", f"{T}/stats", h.target_stats, Role.VIEWER,
+          "Database size, tables with row estimates, server version"),
+    Route("POST", f"{T}/backups", h.create_backup, Role.OPERATOR, "Start a backup job",
+          query=_WAIT, body=_BACKUP_BODY, responses=_JOB),
+    Route("GET", f"{T}/backups", h.list_backups, Role.VIEWER,
+          "Backups (manifests), newest first; safety backups flagged"),
+    Route("GET", f"{T}/backups/{{file}}", h.get_backup, Role.VIEWER, "One backup's manifest"),
+    Route("GET", f"{T}/backups/{{file}}/download", h.download_backup, Role.OPERATOR,
+          "Download a backup (supports Range)"),
+    Route("DELETE", f"{T}/backups/{{file}}", h.delete_backup, Role.ADMIN, "Delete a backup"),
+    Route("POST", f"{T}/restores", h.create_restore, Role.OPERATOR,
+          "Start a restore job (verify, safety backup, clean restore, rollback on failure)",
+          query=_WAIT, body=_RESTORE_BODY, responses=_JOB),
+    Route("GET", "/api/v1/jobs", h.list_jobs, Role.VIEWER, "Jobs, newest first",
+          query={"target": "filter by target", "status": "filter by status",
+                 "kind": "filter by kind", "limit": "at most this many (default 100)"}),
+    Route("GET", "/api/v1/jobs/{job_id}", h.get_job, Role.VIEWER, "One job"),
+    Route("DELETE", "/api/v1/jobs/{job_id}", h.cancel_job, Role.OPERATOR,
+          "Cancel a job (queued: never starts; running backup: stops, keeps nothing)"),
+    Route("GET", "/api/v1/jobs/{job_id}/events", job_events, Role.VIEWER,
+          "Server-sent events of a job (resumable with Last-Event-ID)",
+          query={"last_event_id": "resume after this event id (same as the header)"}),
+]
+
+
+ROUTE_TABLE = web.AppKey("route_table", dict)
+
+
+def add_routes(app: web.Application, routes: list[Route]) -> None:
+    """Register the routes and index them by (method, path) for the auth middleware."""
+    table: dict[tuple[str, str], Route] = {}
+    for r in routes:
+        app.router.add_route(r.method, r.path, r.handler)
+        table[(r.method, r.path)] = r
+    app[ROUTE_TABLE] = table
+
+
+def route_of(request: web.Request) -> Route | None:
+    info = request.match_info.route
+    resource = info.resource
+    if resource is None:
+        return None
+    return request.app[ROUTE_TABLE].get((request.method, resource.canonical))

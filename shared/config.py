@@ -1,0 +1,311 @@
+"""Configuration: `safehold.toml` plus `SAFEHOLD_*` environment overrides, validated once.
+
+Built at the edge (`load_settings(path, os.environ)`) and passed down explicitly; nothing
+here reads the environment at import time. Every error names the key at fault.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from shared.errors import ConfigError
+from shared.naming import ENGINE_EXTENSIONS
+
+TARGET_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class Secret:
+    """A string that never shows itself in repr/str (logs, tracebacks, job records)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8081
+    wait_timeout: float = 300.0  # how long the seed surface waits for a job
+    sse_ping_interval: float = 15.0
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "safehold"  # namespace of every key, stream and the arq queue
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    path: str = "./backups"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    max_jobs: int = 4
+    shutdown_grace: float = 600.0  # seconds running jobs may finish after SIGTERM
+    backup_timeout: float = 6 * 3600.0
+    restore_timeout: float = 12 * 3600.0
+    heartbeat_interval: float = 5.0
+    orphan_after: float = 20.0  # a running job without heartbeat for this long is reaped
+    job_ttl: float = 7 * 86400.0  # how long job records and their events are kept
+    progress_interval: float = 0.5
+    compress_level: int = 2  # isal level 0-3 (2 beats gzip -6 in size and speed)
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    issuer: str = ""
+    audience: str = ""
+    jwks_url: str = ""
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """One database Safehold backs up. The password never comes from the TOML itself."""
+
+    id: str
+    engine: str
+    url: str = ""
+    path: str = ""  # sqlite
+    password: Secret | None = field(default=None, compare=False)
+    schedule: str = ""
+    retention: Mapping[str, int] = field(default_factory=dict)
+    compress: bool = True
+
+    def public(self) -> dict[str, Any]:
+        """What the API may show about this target (no secrets)."""
+        return {
+            "id": self.id,
+            "engine": self.engine,
+            "url": self.url or None,
+            "path": self.path or None,
+            "schedule": self.schedule or None,
+            "retention": dict(self.retention),
+            "compress": self.compress,
+        }
+
+
+@dataclass(frozen=True)
+class Settings:
+    targets: Mapping[str, TargetConfig]
+    default_target: str = ""
+    server: ServerSettings = ServerSettings()
+    redis: RedisSettings = RedisSettings()
+    storage: StorageSettings = StorageSettings()
+    worker: WorkerSettings = WorkerSettings()
+    auth: AuthSettings = AuthSettings()
+    source: str = "<defaults>"
+
+    def target(self, target_id: str) -> TargetConfig:
+        from shared.errors import NotFound
+
+        try:
+            return self.targets[target_id]
+        except KeyError:
+            raise NotFound(f"unknown target '{target_id}'", code="target_not_found") from None
+
+
+_SECTIONS: dict[str, type] = {
+    "server": ServerSettings,
+    "redis": RedisSettings,
+    "storage": StorageSettings,
+    "worker": WorkerSettings,
+    "auth": AuthSettings,
+}
+
+DEFAULT_TOML = """
+default_target = "local"
+
+[targets.local]
+engine = "postgresql"
+url = "postgresql://postgres@127.0.0.1:5432/postgres"
+"""
+
+
+def _cast(name: str, value: Any, template: Any) -> Any:
+    try:
+        if isinstance(template, bool):
+            if isinstance(value, bool):
+                return value
+            low = str(value).strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if isinstance(template, int):
+            return int(value)
+        if isinstance(template, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"config '{name}' must be a {type(template).__name__}, got {value!r}"
+        ) from None
+
+
+def _section(name: str, cls: type, raw: Mapping[str, Any], env: Mapping[str, str]) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config section [{name}] must be a table")
+    defaults = cls()
+    known = {f.name for f in fields(cls)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) in [{name}]: {', '.join(sorted(unknown))} "
+            f"(known: {', '.join(sorted(known))})"
+        )
+    values = {}
+    for f in fields(cls):
+        env_name = f"SAFEHOLD_{name.upper()}_{f.name.upper()}"
+        if env_name in env:
+            values[f.name] = _cast(env_name, env[env_name], getattr(defaults, f.name))
+        elif f.name in raw:
+            values[f.name] = _cast(f"{name}.{f.name}", raw[f.name], getattr(defaults, f.name))
+    return replace(defaults, **values)
+
+
+def _password(
+    tid: str, raw: Mapping[str, Any], env: Mapping[str, str], base: Path
+) -> Secret | None:
+    if "password" in raw:
+        raise ConfigError(
+            f"target '{tid}': a password may not be written in the config file; "
+            "use password_env (name of an environment variable) or password_file"
+        )
+    if raw.get("password_env") and raw.get("password_file"):
+        raise ConfigError(f"target '{tid}': set password_env or password_file, not both")
+    if name := raw.get("password_env"):
+        if name not in env:
+            raise ConfigError(
+                f"target '{tid}': environment variable {name} (password_env) is not set"
+            )
+        return Secret(env[name])
+    if pfile := raw.get("password_file"):
+        p = Path(pfile) if Path(pfile).is_absolute() else base / pfile
+        try:
+            return Secret(p.read_text().rstrip("\r\n"))
+        except OSError as exc:
+            raise ConfigError(
+                f"target '{tid}': cannot read password_file {p}: {exc.strerror}"
+            ) from None
+    return None
+
+
+def _target(tid: str, raw: Any, env: Mapping[str, str], base: Path) -> TargetConfig:
+    if not TARGET_ID_RE.match(tid):
+        raise ConfigError(
+            f"target id '{tid}' must be 1-63 characters of a-z, 0-9, '_' or '-'"
+        )
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"[targets.{tid}] must be a table")
+    known = {"engine", "url", "path", "password_env", "password_file", "schedule",
+             "retention", "compress"}
+    unknown = set(raw) - known - {"password"}
+    if unknown:
+        raise ConfigError(f"unknown key(s) in [targets.{tid}]: {', '.join(sorted(unknown))}")
+    engine = raw.get("engine")
+    if engine not in ENGINE_EXTENSIONS:
+        raise ConfigError(
+            f"target '{tid}': unknown engine {engine!r} "
+            f"(one of: {', '.join(sorted(ENGINE_EXTENSIONS))})"
+        )
+    url = str(raw.get("url", ""))
+    path = str(raw.get("path", ""))
+    if engine == "sqlite":
+        if not path:
+            raise ConfigError(f"target '{tid}': a sqlite target needs path")
+        if not Path(path).is_absolute():
+            path = str(base / path)
+    else:
+        if not url:
+            raise ConfigError(f"target '{tid}': engine {engine} needs url")
+        parts = urlsplit(url)
+        if parts.password:
+            raise ConfigError(
+                f"target '{tid}': the url contains a password; remove it and use "
+                "password_env or password_file"
+            )
+        if not parts.scheme or not parts.hostname:
+            raise ConfigError(f"target '{tid}': url must look like scheme://user@host:port/db")
+    retention = raw.get("retention", {})
+    if not isinstance(retention, Mapping) or not all(
+        isinstance(v, int) and v >= 0 for v in retention.values()
+    ):
+        raise ConfigError(f"target '{tid}': retention must map names to whole numbers")
+    return TargetConfig(
+        id=tid,
+        engine=engine,
+        url=url,
+        path=path,
+        password=_password(tid, raw, env, base),
+        schedule=str(raw.get("schedule", "")),
+        retention=dict(retention),
+        compress=_cast(f"targets.{tid}.compress", raw.get("compress", True), True),
+    )
+
+
+def parse_settings(
+    raw: Mapping[str, Any], env: Mapping[str, str], *, base: Path, source: str
+) -> Settings:
+    """Validate a parsed TOML document plus environment overrides into Settings."""
+    allowed = {"default_target", "targets", *_SECTIONS}
+    unknown = set(raw) - allowed
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
+    sections = {n: _section(n, cls, raw.get(n, {}), env) for n, cls in _SECTIONS.items()}
+    raw_targets = raw.get("targets", {})
+    if not isinstance(raw_targets, Mapping) or not raw_targets:
+        raise ConfigError("no targets configured: add at least one [targets.<id>] table")
+    targets = {tid: _target(tid, t, env, base) for tid, t in raw_targets.items()}
+    default = env.get("SAFEHOLD_DEFAULT_TARGET", raw.get("default_target", ""))
+    if not default:
+        default = next(iter(targets))
+    if default not in targets:
+        raise ConfigError(f"default_target '{default}' is not a configured target")
+    storage = sections["storage"]
+    if not Path(storage.path).is_absolute():
+        sections["storage"] = replace(storage, path=str((base / storage.path).resolve()))
+    return Settings(targets=targets, default_target=default, source=source, **sections)
+
+
+def load_settings(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Settings:
+    """Load the config named by `path`, `SAFEHOLD_CONFIG`, or ./safehold.toml, else defaults."""
+    chosen = path or env.get("SAFEHOLD_CONFIG")
+    if chosen is None and Path("safehold.toml").exists():
+        chosen = "safehold.toml"
+    if chosen is None:
+        raw = tomllib.loads(DEFAULT_TOML)
+        return parse_settings(raw, env, base=Path.cwd(), source="<built-in default>")
+    p = Path(chosen)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    return parse_settings(raw, env, base=p.resolve().parent, source=str(p))

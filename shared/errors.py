@@ -1,0 +1,115 @@
+"""Every error Safehold raises on purpose, in one place.
+
+```text
+SafeholdError                    base; carries a stable `code` and an HTTP `status`
+├── ConfigError                  the config file or environment is invalid (start-up)
+├── BadRequest          (400)    client input is malformed
+│   └── InvalidBackupName        a backup name does not follow the naming grammar
+├── NotFound            (404)    unknown target, backup or job
+├── Conflict            (409)    the request clashes with the current state
+├── EngineError         (500)    a driver or subprocess failed
+│   ├── ToolTooOld               the dump tool is older than the server
+│   ├── DumpFailed               the dump did not complete
+│   └── RestoreFailed            the restore did not complete
+└── PipelineError       (500)    compression, hashing or storage failed
+    └── IntegrityError  (422)    a stored backup does not match its manifest's sha256
+```
+Messages are shown to clients: they must never contain a secret (see `shared.redact`).
+"""
+
+from __future__ import annotations
+
+
+class SafeholdError(Exception):
+    """Base of every deliberate Safehold error."""
+
+    code = "internal_error"
+    status = 500
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details: dict[str, object] = {}  # extra fields for the job record's `error`
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+class ConfigError(SafeholdError):
+    """Raised at start-up when the config file or a SAFEHOLD_* override is invalid."""
+
+    code = "config_error"
+
+
+class BadRequest(SafeholdError):
+    """Raised when a client's request is malformed."""
+
+    code = "bad_request"
+    status = 400
+
+
+class InvalidBackupName(BadRequest):
+    """Raised when a client-supplied backup name does not follow the naming grammar."""
+
+    code = "invalid_backup_name"
+
+
+class NotFound(SafeholdError):
+    """Raised when a target, backup or job does not exist."""
+
+    code = "not_found"
+    status = 404
+
+
+class Conflict(SafeholdError):
+    """Raised when a request clashes with the current state (e.g. cancelling a finished job)."""
+
+    code = "conflict"
+    status = 409
+
+
+class EngineError(SafeholdError):
+    """Raised when a database driver or a dump/restore subprocess fails."""
+
+    code = "engine_error"
+
+
+class ToolTooOld(EngineError):
+    """Raised when the installed dump tool is older than the database server."""
+
+    code = "tool_too_old"
+
+
+class DumpFailed(EngineError):
+    """Raised when a dump did not complete."""
+
+    code = "dump_failed"
+
+
+class RestoreFailed(EngineError):
+    """Raised when a restore did not complete.
+
+    `database_unchanged` is True when the engine knows the target was left as it was
+    (e.g. PostgreSQL rolled the single transaction back).
+    """
+
+    code = "restore_failed"
+
+    def __init__(self, message: str, *, database_unchanged: bool = False) -> None:
+        super().__init__(message)
+        self.database_unchanged = database_unchanged
+
+
+class PipelineError(SafeholdError):
+    """Raised when compression, hashing or storage fails."""
+
+    code = "pipeline_error"
+
+
+class IntegrityError(PipelineError):
+    """Raised when a stored backup's bytes do not match the sha256 in its manifest."""
+
+    code = "checksum_mismatch"
+    status = 422

@@ -1,0 +1,326 @@
+"""Job records and their event streams (DESIGN.md §3).
+
+A job is a Redis hash `<prefix>:job:<id>`; complex fields are JSON. Status changes go
+through one Lua script that checks the allowed previous status, writes the fields, keeps
+the `running` set in step and appends the event to the job's stream and the global stream
+atomically, so a reader never sees a status without its event or the reverse.
+
+    queued -> running -> succeeded | failed | cancelled
+    queued -> cancelled | failed
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from redis.asyncio import Redis
+
+from shared.errors import Conflict, NotFound
+from shared.keys import Keys
+
+KINDS = ("backup", "restore", "stats")
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+EVENT_MAXLEN = 10_000
+GLOBAL_EVENT_MAXLEN = 100_000
+_JSON_FIELDS = ("params", "requested_by", "progress", "result", "error")
+
+_TRANSITION = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {0, ''} end
+local ok = false
+for s in string.gmatch(ARGV[1], '[^,]+') do if s == cur then ok = true end end
+if not ok then return {0, cur} end
+local new = ARGV[2]
+local etype = new
+if new == 'running' then etype = 'started' end
+local nfields = tonumber(ARGV[6])
+if nfields > 0 then redis.call('HSET', KEYS[1], 'status', new, unpack(ARGV, 7, 6 + nfields)) else
+  redis.call('HSET', KEYS[1], 'status', new) end
+if new == 'running' then redis.call('SADD', KEYS[2], ARGV[3])
+else redis.call('SREM', KEYS[2], ARGV[3]) end
+local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7 + nfields], '*',
+  'type', etype, 'job', ARGV[3], 'ts', ARGV[4], 'data', ARGV[5])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8 + nfields], '*',
+  'type', etype, 'job', ARGV[3], 'ts', ARGV[4], 'data', ARGV[5])
+local ttl = tonumber(ARGV[9 + nfields])
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[3], ttl)
+return {1, id}
+"""
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_job_id() -> str:
+    """Sortable, unguessable: time prefix + random suffix."""
+    return f"{int(time.time() * 1000):x}-{secrets.token_hex(6)}"
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str
+    target: str
+    status: str
+    created_at: str
+    params: dict[str, Any] = field(default_factory=dict)
+    requested_by: dict[str, Any] = field(default_factory=dict)
+    progress: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    worker: str | None = None
+    cancel_requested: bool = False
+    temp_path: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "target": self.target,
+            "status": self.status,
+            "params": self.params,
+            "requested_by": self.requested_by,
+            "progress": self.progress,
+            "result": self.result,
+            "error": self.error,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "cancel_requested": self.cancel_requested,
+        }
+
+    @classmethod
+    def from_hash(cls, h: Mapping[bytes, bytes]) -> Job:
+        d = {k.decode(): v.decode() for k, v in h.items()}
+        for f in _JSON_FIELDS:
+            d[f] = json.loads(d[f]) if d.get(f) else None
+        return cls(
+            id=d["id"],
+            kind=d["kind"],
+            target=d["target"],
+            status=d["status"],
+            created_at=d["created_at"],
+            params=d["params"] or {},
+            requested_by=d["requested_by"] or {},
+            progress=d["progress"] or {},
+            result=d["result"],
+            error=d["error"],
+            started_at=d.get("started_at") or None,
+            finished_at=d.get("finished_at") or None,
+            worker=d.get("worker") or None,
+            cancel_requested=d.get("cancel_requested") == "1",
+            temp_path=d.get("temp_path") or None,
+        )
+
+
+@dataclass(frozen=True)
+class Event:
+    id: str
+    type: str
+    job: str
+    ts: str
+    data: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "type": self.type, "job": self.job, "ts": self.ts, **self.data}
+
+
+def _event(entry_id: bytes, fields: Mapping[bytes, bytes]) -> Event:
+    return Event(
+        id=entry_id.decode(),
+        type=fields[b"type"].decode(),
+        job=fields[b"job"].decode(),
+        ts=fields[b"ts"].decode(),
+        data=json.loads(fields.get(b"data") or b"{}"),
+    )
+
+
+class JobStore:
+    """Create, read, transition and list jobs; append and read their events."""
+
+    def __init__(self, redis: Redis, keys: Keys, *, ttl: float = 7 * 86400) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.ttl = int(ttl)
+        self._transition = redis.register_script(_TRANSITION)
+
+    async def create(
+        self,
+        kind: str,
+        target: str,
+        params: Mapping[str, Any],
+        requested_by: Mapping[str, Any],
+        *,
+        idempotency_key: str | None = None,
+    ) -> tuple[Job, bool]:
+        """Create a queued job; with an idempotency key a repeat returns the first job.
+
+        Returns (job, created).
+        """
+        job_id = new_job_id()
+        if idempotency_key:
+            ikey = self.keys.idempotency(f"{kind}:{target}:{idempotency_key}")
+            if not await self.redis.set(ikey, job_id, nx=True, ex=self.ttl):
+                existing = await self.redis.get(ikey)
+                if existing:
+                    found = await self.find(existing.decode())
+                    if found is not None:
+                        return found, False
+                await self.redis.set(ikey, job_id, ex=self.ttl)
+        job = Job(id=job_id, kind=kind, target=target, status="queued",
+                  created_at=now_iso(), params=dict(params), requested_by=dict(requested_by))
+        mapping = {
+            "id": job.id, "kind": kind, "target": target, "status": "queued",
+            "created_at": job.created_at, "params": json.dumps(job.params),
+            "requested_by": json.dumps(job.requested_by), "progress": json.dumps({}),
+        }
+        data = json.dumps({"status": "queued", "kind": kind, "target": target})
+        ts = now_iso()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.job(job_id), mapping=mapping)  # type: ignore[arg-type]
+            pipe.expire(self.keys.job(job_id), self.ttl)
+            pipe.zadd(self.keys.job_index, {job_id: time.time()})
+            for stream, maxlen in ((self.keys.events(job_id), EVENT_MAXLEN),
+                                   (self.keys.global_events, GLOBAL_EVENT_MAXLEN)):
+                pipe.xadd(stream, {"type": "queued", "job": job_id, "ts": ts, "data": data},
+                          maxlen=maxlen, approximate=True)
+            pipe.expire(self.keys.events(job_id), self.ttl)
+            await pipe.execute()
+        return job, True
+
+    async def find(self, job_id: str) -> Job | None:
+        h = await self.redis.hgetall(self.keys.job(job_id))
+        return Job.from_hash(h) if h else None
+
+    async def get(self, job_id: str) -> Job:
+        job = await self.find(job_id)
+        if job is None:
+            raise NotFound(f"no job '{job_id}'", code="job_not_found")
+        return job
+
+    async def transition(
+        self,
+        job_id: str,
+        allowed_from: Iterable[str],
+        new: str,
+        *,
+        fields: Mapping[str, Any] | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Atomically move a job to `new` if its status is in `allowed_from`.
+
+        `fields` are written to the hash (dicts JSON-encoded); `data` is the event payload.
+        Returns False (writing nothing) when the job is not in an allowed status.
+        """
+        flat: list[str] = []
+        for k, v in (fields or {}).items():
+            flat += [k, json.dumps(v) if isinstance(v, dict | list) or v is None else str(v)]
+        payload = {"status": new, **(data or {})}
+        ok, _ = await self._transition(
+            keys=[self.keys.job(job_id), self.keys.running, self.keys.events(job_id),
+                  self.keys.global_events],
+            args=[",".join(allowed_from), new, job_id, now_iso(), json.dumps(payload),
+                  len(flat), *flat, EVENT_MAXLEN, GLOBAL_EVENT_MAXLEN, self.ttl],
+        )
+        return bool(ok)
+
+    async def set_fields(self, job_id: str, **fields: Any) -> None:
+        enc = {k: json.dumps(v) if isinstance(v, dict | list) else str(v)
+               for k, v in fields.items()}
+        await self.redis.hset(self.keys.job(job_id), mapping=enc)  # type: ignore[arg-type]
+
+    async def publish(self, job_id: str, type_: str, data: Mapping[str, Any],
+                      *, progress: Mapping[str, Any] | None = None) -> None:
+        """Append a non-transition event (`progress`, `phase`, `log`); optionally save progress."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if progress is not None:
+                pipe.hset(self.keys.job(job_id), "progress", json.dumps(progress))
+            pipe.xadd(self.keys.events(job_id),
+                      {"type": type_, "job": job_id, "ts": now_iso(), "data": json.dumps(data)},
+                      maxlen=EVENT_MAXLEN, approximate=True)
+            await pipe.execute()
+
+    async def request_cancel(self, job_id: str) -> Job:
+        """Cancel a queued job at once; flag a running one for its worker to stop."""
+        job = await self.get(job_id)
+        if job.terminal:
+            raise Conflict(f"job {job_id} already {job.status}", code="job_finished")
+        if job.status == "queued" and await self.transition(
+            job_id, ["queued"], "cancelled",
+            fields={"finished_at": now_iso(), "cancel_requested": "1"},
+            data={"reason": "cancelled before it started"},
+        ):
+            return await self.get(job_id)
+        await self.redis.hset(self.keys.job(job_id), "cancel_requested", "1")
+        await self.publish(job_id, "log", {"message": "cancellation requested"})
+        return await self.get(job_id)
+
+    async def list_jobs(
+        self,
+        *,
+        target: str | None = None,
+        status: str | None = None,
+        kind: str | None = None,
+        limit: int = 100,
+    ) -> list[Job]:
+        """Newest first, filtered; drops index entries whose record expired."""
+        await self.redis.zremrangebyscore(self.keys.job_index, "-inf", time.time() - self.ttl)
+        out: list[Job] = []
+        start = 0
+        page = 200
+        while len(out) < limit:
+            ids = await self.redis.zrevrange(self.keys.job_index, start, start + page - 1)
+            if not ids:
+                break
+            start += page
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for i in ids:
+                    pipe.hgetall(self.keys.job(i.decode()))
+                hashes = await pipe.execute()
+            gone = [i for i, h in zip(ids, hashes, strict=True) if not h]
+            if gone:
+                await self.redis.zrem(self.keys.job_index, *gone)
+            for h in hashes:
+                if not h:
+                    continue
+                job = Job.from_hash(h)
+                if ((target is None or job.target == target)
+                        and (status is None or job.status == status)
+                        and (kind is None or job.kind == kind)):
+                    out.append(job)
+                    if len(out) >= limit:
+                        break
+        return out
+
+    async def active_for_target(self, target: str) -> list[Job]:
+        jobs = await self.list_jobs(target=target, limit=1000)
+        return [j for j in jobs if not j.terminal]
+
+    async def events(self, job_id: str, after: str = "0-0", *, block_ms: int | None = None,
+                     count: int = 500) -> list[Event]:
+        """Events of a job strictly after `after` (a stream id), optionally blocking."""
+        key = self.keys.events(job_id)
+        if block_ms is None:
+            rows = await self.redis.xrange(key, min=f"({after}" if after != "0-0" else "-",
+                                           count=count)
+            return [_event(i, f) for i, f in rows]
+        res = await self.redis.xread({key: after}, count=count, block=block_ms)
+        return [_event(i, f) for _, entries in res for i, f in entries]
+
+    async def running_ids(self) -> list[str]:
+        return [i.decode() for i in await self.redis.smembers(self.keys.running)]

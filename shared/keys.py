@@ -1,0 +1,49 @@
+"""Every Redis key and stream name Safehold uses, under one configurable prefix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "safehold"
+
+    @property
+    def queue(self) -> str:
+        """The arq queue (a sorted set arq owns)."""
+        return f"{self.prefix}:queue"
+
+    @property
+    def job_index(self) -> str:
+        """Sorted set of job ids scored by creation time."""
+        return f"{self.prefix}:jobs"
+
+    @property
+    def running(self) -> str:
+        """Set of job ids currently `running` (what the reaper inspects)."""
+        return f"{self.prefix}:running"
+
+    @property
+    def global_events(self) -> str:
+        return f"{self.prefix}:events"
+
+    @property
+    def workers(self) -> str:
+        """Sorted set of worker ids scored by their last heartbeat (unix time)."""
+        return f"{self.prefix}:workers"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def events(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:events"
+
+    def heartbeat(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:heartbeat"
+
+    def idempotency(self, key: str) -> str:
+        return f"{self.prefix}:idempotency:{key}"
+
+    def lock(self, target: str) -> str:
+        return f"{self.prefix}:lock:{target}"

@@ -1,0 +1,95 @@
+"""The backup naming grammar (seed-compatible) — the only way a client string becomes a file.
+
+    name   = kind "_" engine "_" stamp [ "_" seq ] "." ext [ ".gz" ] [ ".age" ]
+    kind   = "backup" | "safety_backup" | "upload"
+    engine = "postgresql" | "mysql" | "sqlite" | "mongodb" | "redis" | "neo4j"
+    stamp  = YYYYMMDD "_" HHMMSS          (UTC)
+    seq    = 2..9999                      (a second backup in the same second)
+
+Anything else is rejected; a parsed name contains only [a-z0-9_.] so it can never escape
+its target's directory.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from shared.errors import InvalidBackupName
+
+# engine -> plain (uncompressed) extension of its dump
+ENGINE_EXTENSIONS: dict[str, str] = {
+    "postgresql": "sql",
+    "mysql": "sql",
+    "sqlite": "db",
+    "mongodb": "tar",
+    "redis": "resp",
+    "neo4j": "cypher",
+}
+KINDS = ("backup", "safety_backup", "upload")
+MAX_NAME = 128
+
+_NAME_RE = re.compile(
+    r"^(?P<kind>backup|safety_backup|upload)_"
+    r"(?P<engine>postgresql|mysql|sqlite|mongodb|redis|neo4j)_"
+    r"(?P<stamp>\d{8}_\d{6})(?:_(?P<seq>[2-9]|[1-9]\d{1,3}))?"
+    r"\.(?P<ext>sql|db|tar|resp|rdb|cypher|dump)"
+    r"(?P<gz>\.gz)?(?P<age>\.age)?$"
+)
+
+
+@dataclass(frozen=True)
+class BackupName:
+    kind: str
+    engine: str
+    created_at: datetime
+    seq: int
+    ext: str
+    compressed: bool
+    encrypted: bool
+
+    @property
+    def filename(self) -> str:
+        stamp = self.created_at.strftime("%Y%m%d_%H%M%S")
+        seq = f"_{self.seq}" if self.seq > 1 else ""
+        gz = ".gz" if self.compressed else ""
+        age = ".age" if self.encrypted else ""
+        return f"{self.kind}_{self.engine}_{stamp}{seq}.{self.ext}{gz}{age}"
+
+    def with_seq(self, seq: int) -> BackupName:
+        return BackupName(self.kind, self.engine, self.created_at, seq, self.ext,
+                          self.compressed, self.encrypted)
+
+
+def parse(name: str) -> BackupName:
+    """Parse a client-supplied name; raise InvalidBackupName for anything off-grammar."""
+    if not isinstance(name, str) or len(name) > MAX_NAME:
+        raise InvalidBackupName("backup name is too long or not a string")
+    m = _NAME_RE.match(name)
+    if not m:
+        raise InvalidBackupName(
+            "not a backup name: expected e.g. backup_postgresql_20241110_120000.sql.gz"
+        )
+    try:
+        created = datetime.strptime(m["stamp"], "%Y%m%d_%H%M%S").replace(tzinfo=UTC)
+    except ValueError:
+        raise InvalidBackupName("backup name has an impossible timestamp") from None
+    return BackupName(
+        kind=m["kind"],
+        engine=m["engine"],
+        created_at=created,
+        seq=int(m["seq"] or 1),
+        ext=m["ext"],
+        compressed=bool(m["gz"]),
+        encrypted=bool(m["age"]),
+    )
+
+
+def new_name(kind: str, engine: str, at: datetime, *, compressed: bool,
+             ext: str | None = None) -> BackupName:
+    """The first-choice name of a new backup (seq 1; storage bumps seq on collision)."""
+    if kind not in KINDS:
+        raise ValueError(kind)
+    return BackupName(kind, engine, at.astimezone(UTC).replace(microsecond=0), 1,
+                      ext or ENGINE_EXTENSIONS[engine], compressed, False)

@@ -1,0 +1,43 @@
+"""The queue contract between API and worker: job function names and how to enqueue.
+
+arq stays behind this module so it could be swapped. The arq job id is our job id, and the
+payload is only that id: the worker reads everything else from the job record.
+"""
+
+from __future__ import annotations
+
+from arq.connections import ArqRedis, RedisSettings, create_pool
+
+from shared.errors import ConfigError
+from shared.jobs import Job
+from shared.keys import Keys
+
+FUNCTIONS = {"backup": "run_backup", "restore": "run_restore", "stats": "run_stats"}
+
+
+def redis_settings(url: str) -> RedisSettings:
+    s = RedisSettings.from_dsn(url)
+    s.conn_retries = 1
+    s.conn_timeout = 2
+    return s
+
+
+async def connect(url: str) -> ArqRedis:
+    """An arq pool (a redis.asyncio.Redis) — fails with a clear message if Redis is down."""
+    from shared.redact import redact_url
+
+    try:
+        pool = await create_pool(redis_settings(url))
+        await pool.ping()
+    except (OSError, ConnectionError, Exception) as exc:  # redis raises many kinds
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(
+            f"Redis at {redact_url(url)} is not reachable ({type(exc).__name__}). "
+            "Start it (e.g. `redis-server --port 6379`) or set [redis] url / SAFEHOLD_REDIS_URL."
+        ) from None
+    return pool
+
+
+async def enqueue(pool: ArqRedis, keys: Keys, job: Job) -> None:
+    await pool.enqueue_job(FUNCTIONS[job.kind], job.id, _job_id=job.id, _queue_name=keys.queue)

@@ -1,0 +1,62 @@
+"""Orphan reaper: a `running` job whose worker stopped heartbeating is failed `worker_lost`.
+
+Workers refresh `<prefix>:job:<id>:heartbeat` every few seconds with a short TTL. Any
+process (API or worker) may reap: it marks the job failed (through the same atomic
+transition, so a late worker cannot resurrect it) and deletes the job's temp file. A
+restore is never re-run automatically.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+from pathlib import Path
+
+from shared.jobs import JobStore, now_iso
+from shared.storage import TEMP_PREFIX, LocalStorage
+
+log = logging.getLogger("safehold.reaper")
+
+
+def _age(iso: str | None) -> float:
+    if not iso:
+        return float("inf")
+    return time.time() - datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+async def reap_orphans(store: JobStore, storage: LocalStorage, orphan_after: float) -> list[str]:
+    reaped = []
+    for job_id in await store.running_ids():
+        if await store.redis.exists(store.keys.heartbeat(job_id)):
+            continue
+        job = await store.find(job_id)
+        if job is None:
+            await store.redis.srem(store.keys.running, job_id)
+            continue
+        if _age(job.started_at) < orphan_after:
+            continue  # just started; its first heartbeat may be on its way
+        message = (f"the worker running this {job.kind} ({job.worker or 'unknown'}) stopped "
+                   f"heartbeating for over {orphan_after:.0f}s and is presumed dead")
+        if job.kind == "restore":
+            message += ("; the restore was NOT re-run. Check the target's data; the safety "
+                        "backup (if one was listed for this job) restores the previous state")
+        if await store.transition(
+            job_id, ["running"], "failed",
+            fields={"finished_at": now_iso(),
+                    "error": {"code": "worker_lost", "message": message}},
+            data={"error": {"code": "worker_lost", "message": message}},
+        ):
+            _remove_temp(storage, job.temp_path)
+            reaped.append(job_id)
+            log.warning("reaped orphaned job %s (%s on %s)", job_id, job.kind, job.target)
+    return reaped
+
+
+def _remove_temp(storage: LocalStorage, temp_path: str | None) -> None:
+    if not temp_path:
+        return
+    p = Path(temp_path).resolve()
+    root = storage.root.resolve()
+    if p.name.startswith(TEMP_PREFIX) and root in p.parents:
+        p.unlink(missing_ok=True)

@@ -1,0 +1,1 @@
+"""The worker: arq settings, job functions, the streaming pipeline and the engines."""

@@ -1,0 +1,238 @@
+"""PostgreSQL: `pg_dump` plain SQL out, `psql --single-transaction` in.
+
+The password travels only in the child's `PGPASSWORD`; host, port, user and database in
+`PG*` variables too, so argv holds nothing about the connection. A clean restore drops the
+schemas the dump contains inside the same transaction as the load, so any SQL error rolls
+the whole thing back and the database is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, ClassVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import asyncpg
+
+from shared.config import TargetConfig
+from shared.errors import DumpFailed, EngineError, PipelineError, RestoreFailed, ToolTooOld
+from shared.redact import redact
+from worker.engines import Dump
+from worker.progress import Progress
+from worker.subproc import spawn
+
+CHUNK = 1 << 20
+SYSTEM_SCHEMAS = "('pg_catalog', 'information_schema', 'pg_toast')"
+_VERBOSE = re.compile(r"^pg_dump: (?!error|warning|detail|hint)")
+_TABLE_DONE = re.compile(r'^pg_dump: dumping contents of table "(?P<name>.+)"$')
+# psql exit codes: 3 = an SQL error stopped the script (ON_ERROR_STOP)
+PSQL_SCRIPT_ERROR = 3
+
+
+def _conn(target: TargetConfig) -> dict[str, Any]:
+    u = urlsplit(target.url)
+    q = parse_qs(u.query)
+    return {
+        "host": u.hostname or "127.0.0.1",
+        "port": u.port or 5432,
+        "user": unquote(u.username or "postgres"),
+        "database": unquote(u.path.lstrip("/")) or unquote(u.username or "postgres"),
+        "sslmode": q.get("sslmode", [None])[0],
+    }
+
+
+def _env(target: TargetConfig) -> dict[str, str]:
+    c = _conn(target)
+    env = {"PGHOST": c["host"], "PGPORT": str(c["port"]), "PGUSER": c["user"],
+           "PGDATABASE": c["database"], "PGCONNECT_TIMEOUT": "10",
+           "PGAPPNAME": "safehold"}
+    if c["sslmode"]:
+        env["PGSSLMODE"] = c["sslmode"]
+    if target.password is not None:
+        env["PGPASSWORD"] = target.password.reveal()
+    return env
+
+
+def _secrets(target: TargetConfig) -> list[str]:
+    return [target.password.reveal()] if target.password is not None else []
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def tool_major(tool: str) -> tuple[int, str]:
+    """Major version of a client tool, e.g. (15, 'pg_dump (PostgreSQL) 15.19')."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            tool, "--version", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    except FileNotFoundError:
+        raise EngineError(f"{tool} is not installed (install postgresql-client)",
+                          code="tool_missing") from None
+    out, _ = await proc.communicate()
+    text = out.decode().strip()
+    m = re.search(r"(\d+)(?:\.\d+)?", text)
+    if not m:
+        raise EngineError(f"cannot read the version of {tool}: {text!r}", code="tool_missing")
+    return int(m.group(1)), text
+
+
+class PostgreSQL:
+    name: ClassVar[str] = "postgresql"
+    extension: ClassVar[str] = "sql"
+
+    @asynccontextmanager
+    async def _connect(self, target: TargetConfig) -> AsyncIterator[asyncpg.Connection]:
+        c = _conn(target)
+        try:
+            conn = await asyncpg.connect(
+                host=c["host"], port=c["port"], user=c["user"], database=c["database"],
+                password=target.password.reveal() if target.password else None,
+                ssl=c["sslmode"] if c["sslmode"] not in (None, "disable") else False,
+                timeout=10,
+            )
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+            raise EngineError(
+                f"cannot connect to PostgreSQL target '{target.id}' at "
+                f"{c['host']}:{c['port']}/{c['database']}: "
+                f"{redact(str(exc) or type(exc).__name__, _secrets(target))}",
+                code="target_unreachable",
+            ) from None
+        try:
+            yield conn
+        finally:
+            await conn.close()
+
+    async def ping(self, target: TargetConfig) -> None:
+        async with self._connect(target) as conn:
+            await conn.fetchval("SELECT 1")
+
+    async def _catalog(self, conn: asyncpg.Connection) -> dict[str, Any]:
+        version = await conn.fetchval("SHOW server_version")
+        version_num = int(await conn.fetchval("SHOW server_version_num"))
+        schemas = [r["nspname"] for r in await conn.fetch(
+            f"SELECT nspname FROM pg_namespace WHERE nspname NOT IN {SYSTEM_SCHEMAS} "
+            "AND nspname NOT LIKE 'pg_temp_%' AND nspname NOT LIKE 'pg_toast_temp_%' "
+            "ORDER BY nspname")]
+        tables = await conn.fetch(
+            "SELECT n.nspname AS schema, c.relname AS name, c.relkind::text AS kind, "
+            "  c.reltuples::bigint AS rows, pg_table_size(c.oid) AS bytes "
+            "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            f"WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN {SYSTEM_SCHEMAS} "
+            "AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid "
+            "                AND d.deptype = 'e') "
+            "ORDER BY 1, 2")
+        return {"version": version, "version_num": version_num, "schemas": schemas,
+                "tables": [dict(r) for r in tables]}
+
+    async def stats(self, target: TargetConfig) -> dict[str, Any]:
+        async with self._connect(target) as conn:
+            cat = await self._catalog(conn)
+            size = await conn.fetchval("SELECT pg_database_size(current_database())")
+            name = await conn.fetchval("SELECT current_database()")
+        return {
+            "engine": self.name,
+            "server_version": cat["version"],
+            "database": name,
+            "size_bytes": size,
+            "schemas": cat["schemas"],
+            "table_count": len(cat["tables"]),
+            "tables": [
+                {"schema": t["schema"], "name": t["name"],
+                 "partitioned": t["kind"] == "p",
+                 "rows_estimate": t["rows"] if t["rows"] >= 0 else None,
+                 "size_bytes": t["bytes"]}
+                for t in cat["tables"]
+            ],
+        }
+
+    @asynccontextmanager
+    async def dump(self, target: TargetConfig, progress: Progress) -> AsyncIterator[Dump]:
+        async with self._connect(target) as conn:
+            cat = await self._catalog(conn)
+        major, tool_version = await tool_major("pg_dump")
+        server_major = cat["version_num"] // 10000
+        if major < server_major:
+            raise ToolTooOld(
+                f"pg_dump {major} is older than the PostgreSQL {server_major} server of target "
+                f"'{target.id}'; install postgresql-client-{server_major} or newer"
+            )
+        leaf_tables = [t for t in cat["tables"] if t["kind"] == "r"]
+        progress.item_kind = "tables"
+        progress.set_phase("dumping", bytes_total=sum(t["bytes"] for t in leaf_tables) or None,
+                           items_total=len(leaf_tables))
+
+        def on_line(line: str) -> None:
+            if _TABLE_DONE.match(line):
+                progress.items_done += 1
+
+        options = ["--format=plain", "--no-owner", "--no-acl", "--verbose", "--no-password"]
+        async with spawn(["pg_dump", *options], env=_env(target), secrets=_secrets(target),
+                         stdout=True, on_line=on_line) as child:
+            stdout = child.proc.stdout
+            assert stdout is not None
+
+            async def chunks() -> AsyncIterator[bytes]:
+                while data := await stdout.read(CHUNK):
+                    yield data
+
+            yield Dump(chunks(), {
+                "server_version": cat["version"],
+                "tool": "pg_dump",
+                "tool_version": tool_version,
+                "options": options,
+                "schemas": cat["schemas"],
+                "counts": {f"{t['schema']}.{t['name']}": max(int(t["rows"]), 0)
+                           for t in leaf_tables},
+                "count_kind": "rows_estimate",
+            })
+            rc = await child.wait()
+            if rc != 0:
+                raise DumpFailed(f"pg_dump exited with code {rc}: "
+                                 f"{child.error_text(skip=_VERBOSE.match)}")
+            progress.items_done = progress.items_total or progress.items_done
+
+    async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
+                      progress: Progress, *, clean: bool, manifest: dict[str, Any]) -> None:
+        prelude = ""
+        if clean:
+            schemas = manifest.get("schemas")
+            if schemas is None:
+                async with self._connect(target) as conn:
+                    schemas = (await self._catalog(conn))["schemas"]
+            prelude = "SET client_min_messages = warning;\n" + "".join(
+                f"DROP SCHEMA IF EXISTS {_quote_ident(s)} CASCADE;\n" for s in schemas)
+            if "public" in schemas:
+                prelude += "CREATE SCHEMA public;\n"
+            prelude += "RESET client_min_messages;\n"
+        argv = ["psql", "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1",
+                "--single-transaction"]
+        async with spawn(argv, env=_env(target), secrets=_secrets(target), stdin=True) as child:
+            stdin = child.proc.stdin
+            assert stdin is not None
+            try:
+                stdin.write(prelude.encode())
+                async for chunk in chunks:
+                    stdin.write(chunk)
+                    await stdin.drain()
+                    progress.bytes_done += len(chunk)
+                stdin.close()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # psql stopped reading: its exit code and stderr tell why
+            except PipelineError as exc:
+                # the input broke mid-way: kill psql before it sees EOF, so nothing commits
+                await child.kill()
+                raise RestoreFailed(f"reading the backup failed ({exc.message}); "
+                                    "the transaction was not committed",
+                                    database_unchanged=True) from None
+            rc = await child.wait()
+        if rc == 0:
+            return
+        detail = child.error_text()
+        if rc == PSQL_SCRIPT_ERROR:
+            raise RestoreFailed(f"psql stopped on an SQL error and rolled back: {detail}",
+                                database_unchanged=True)
+        raise RestoreFailed(f"psql exited with code {rc}: {detail}", database_unchanged=False)

@@ -1,0 +1,50 @@
+"""Per-target lock: one backup or restore of a target at a time.
+
+A second job for the same target waits (status `running`, phase `waiting_for_lock`) until
+the first finishes, so requests are queued behind each other, never refused. The lock is a
+Redis key holding the job id with a short TTL that the job's heartbeat refreshes; a dead
+worker's lock lapses by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from redis.asyncio import Redis
+
+_REFRESH = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class TargetLock:
+    def __init__(self, redis: Redis, key: str, owner: str, ttl_s: float = 30.0) -> None:
+        self.redis = redis
+        self.key = key
+        self.owner = owner
+        self.ttl_ms = int(ttl_s * 1000)
+        self.held = False
+
+    async def acquire(self, poll: float = 0.25) -> None:
+        while not await self.redis.set(self.key, self.owner, nx=True, px=self.ttl_ms):
+            await asyncio.sleep(poll)
+        self.held = True
+
+    async def refresh(self) -> None:
+        if self.held:
+            await self.redis.eval(_REFRESH, 1, self.key, self.owner, self.ttl_ms)
+
+    async def release(self) -> None:
+        if self.held:
+            self.held = False
+            await self.redis.eval(_RELEASE, 1, self.key, self.owner)
+
+    async def holder(self) -> str | None:
+        v = await self.redis.get(self.key)
+        return v.decode() if v else None

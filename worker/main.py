@@ -1,0 +1,142 @@
+"""arq worker settings and job functions (thin adapters over JobRunner)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+from arq import Worker, func
+from arq.connections import ArqRedis
+
+from shared.config import Settings
+from shared.keys import Keys
+from shared.queue import FUNCTIONS, redis_settings
+from shared.reaper import reap_orphans
+from worker.engines import get_engines
+from worker.runner import JobRunner, ensure_engines
+
+log = logging.getLogger("safehold.worker")
+WORKER_BEAT = 10.0  # seconds between worker-liveness beats and reaper sweeps
+
+
+async def run_backup(ctx: dict[str, Any], job_id: str) -> dict[str, Any]:
+    runner: JobRunner = ctx["runner"]
+    return await runner.run(job_id)
+
+
+async def run_restore(ctx: dict[str, Any], job_id: str) -> dict[str, Any]:
+    runner: JobRunner = ctx["runner"]
+    return await runner.run(job_id)
+
+
+async def run_stats(ctx: dict[str, Any], job_id: str) -> dict[str, Any]:
+    runner: JobRunner = ctx["runner"]
+    return await runner.run(job_id)
+
+
+async def _housekeeping(runner: JobRunner) -> None:
+    """Announce this worker as live and reap orphaned jobs of dead workers."""
+    keys, w = runner.keys, runner.settings.worker
+    while True:
+        try:
+            await runner.redis.zadd(keys.workers, {runner.worker_id: time.time()})
+            await reap_orphans(runner.store, runner.storage, w.orphan_after)
+        except Exception:  # keep beating through transient Redis errors
+            log.exception("housekeeping failed")
+        await asyncio.sleep(min(WORKER_BEAT, w.orphan_after / 2))
+
+
+async def on_startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx["settings"]
+    worker_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+    runner = JobRunner(settings, ctx["redis"], worker_id)
+    ctx["runner"] = runner
+    running = set(await runner.store.running_ids())
+    removed = await asyncio.to_thread(runner.storage.sweep_temps, running)
+    if removed:
+        log.warning("swept %d stale temp file(s): %s", len(removed),
+                    ", ".join(p.name for p in removed))
+    ctx["housekeeping"] = asyncio.create_task(_housekeeping(runner))
+    log.info("worker %s ready (targets: %s)", worker_id, ", ".join(settings.targets))
+
+
+async def on_shutdown(ctx: dict[str, Any]) -> None:
+    task = ctx.get("housekeeping")
+    if task:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    runner: JobRunner | None = ctx.get("runner")
+    if runner:
+        await runner.redis.zrem(runner.keys.workers, runner.worker_id)
+
+
+def build_worker(settings: Settings, *, redis_pool: ArqRedis | None = None,
+                 burst: bool = False, poll_delay: float = 0.5) -> Worker:
+    """An arq Worker for these settings; signals are handled by `serve_worker`/the CLI."""
+    ensure_engines(settings, get_engines())
+    w = settings.worker
+    keys = Keys(settings.redis.prefix)
+    return Worker(
+        functions=[
+            # backups publish nothing until complete, restores must never re-run: one try each;
+            # an interrupted job is failed `interrupted` and can be resubmitted.
+            func(run_backup, name=FUNCTIONS["backup"], timeout=w.backup_timeout, max_tries=1),
+            func(run_restore, name=FUNCTIONS["restore"], timeout=w.restore_timeout,
+                 max_tries=1),
+            func(run_stats, name=FUNCTIONS["stats"], timeout=120, max_tries=1),
+        ],
+        queue_name=keys.queue,
+        redis_settings=redis_settings(settings.redis.url),
+        redis_pool=redis_pool,
+        ctx={"settings": settings},
+        on_startup=on_startup,
+        on_shutdown=on_shutdown,
+        max_jobs=w.max_jobs,
+        keep_result=60,
+        health_check_interval=30,
+        allow_abort_jobs=True,
+        job_completion_wait=int(w.shutdown_grace),
+        handle_signals=False,
+        burst=burst,
+        poll_delay=poll_delay,
+    )
+
+
+async def stop_gracefully(worker: Worker, grace: float) -> None:
+    """Stop picking jobs, let running ones finish for `grace` seconds, then cancel and close."""
+    worker.allow_pick_jobs = False
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(_tasks_done(worker), grace)
+    await worker.close()
+
+
+async def _tasks_done(worker: Worker) -> None:
+    while any(not t.done() for t in worker.tasks.values()):
+        await asyncio.sleep(0.2)
+
+
+async def serve_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run a worker until SIGTERM/SIGINT (or `stop`), then shut down gracefully."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    worker = build_worker(settings)
+    main = asyncio.create_task(worker.main())
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if main in done:
+        stopper.cancel()
+        main.result()
+        return
+    log.info("stopping: waiting up to %.0fs for running jobs", settings.worker.shutdown_grace)
+    await stop_gracefully(worker, settings.worker.shutdown_grace)
+    main.cancel()
+    await asyncio.gather(main, return_exceptions=True)

@@ -1,0 +1,63 @@
+"""Progress of one job: engines and the pipeline update it, a loop publishes it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Progress:
+    phase: str = "starting"
+    bytes_done: int = 0
+    bytes_total: int | None = None
+    items_done: int = 0
+    items_total: int | None = None
+    item_kind: str = "tables"
+    _started: float = field(default_factory=time.monotonic)
+    _phase_started: float = field(default_factory=time.monotonic)
+    _last_bytes: int = 0
+    _last_time: float = field(default_factory=time.monotonic)
+    _rate: float = 0.0
+
+    def set_phase(self, phase: str, *, bytes_total: int | None = None,
+                  items_total: int | None = None) -> None:
+        """Start a new phase; counters restart."""
+        self.phase = phase
+        self.bytes_done = 0
+        self.bytes_total = bytes_total
+        self.items_done = 0
+        self.items_total = items_total
+        self._phase_started = self._last_time = time.monotonic()
+        self._last_bytes = 0
+        self._rate = 0.0
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        dt = now - self._last_time
+        if dt >= 0.2:
+            inst = (self.bytes_done - self._last_bytes) / dt
+            # smooth the rate so the ETA does not jump around
+            self._rate = inst if self._rate == 0 else 0.6 * self._rate + 0.4 * inst
+            self._last_bytes, self._last_time = self.bytes_done, now
+        percent: float | None = None
+        if self.bytes_total:
+            percent = min(99.0, 100.0 * self.bytes_done / self.bytes_total)
+        elif self.items_total:
+            percent = min(99.0, 100.0 * self.items_done / self.items_total)
+        eta = None
+        if self.bytes_total and self._rate > 0:
+            eta = max(0.0, (self.bytes_total - self.bytes_done) / self._rate)
+        return {
+            "phase": self.phase,
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes_total,
+            "items_done": self.items_done,
+            "items_total": self.items_total,
+            "item_kind": self.item_kind,
+            "percent": None if percent is None else round(percent, 1),
+            "rate_bps": round(self._rate),
+            "eta_s": None if eta is None else round(eta, 1),
+            "elapsed_s": round(now - self._phase_started, 1),
+        }
