@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from api.context import SETTINGS, STREAMS, services_ctx
+from api.context import PRINCIPAL, REQUEST_ID, REQUIRED_ROLE, SETTINGS, STREAMS, services_ctx
 from api.routes import ROUTES, Role, add_routes, route_of
 from shared.config import Settings
 from shared.errors import SafeholdError
@@ -27,7 +27,7 @@ def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error leaves as `{"error": {"code", "message"}}` with the right status."""
     request_id = request.headers.get("X-Request-ID") or secrets.token_hex(8)
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     try:
         resp = await handler(request)
     except SafeholdError as exc:
@@ -57,9 +57,9 @@ async def role_middleware(request: web.Request, handler: Handler) -> web.StreamR
     until then the API binds to loopback by default and every caller acts as `local`."""
     route = route_of(request)
     if route is not None:
-        request["required_role"] = route.role
+        request[REQUIRED_ROLE] = route.role
         if route.role is not Role.PUBLIC:
-            request["principal"] = {"subject": "local", "roles": ["admin"]}
+            request[PRINCIPAL] = {"subject": "local", "roles": ["admin"]}
     return await handler(request)
 
 

@@ -37,6 +37,9 @@ class Services:
 SETTINGS = web.AppKey("settings", Settings)
 SERVICES = web.AppKey("services", Services)
 STREAMS = web.AppKey("streams", weakref.WeakSet)
+REQUEST_ID = web.RequestKey("request_id", str)
+PRINCIPAL = web.RequestKey("principal", dict)
+REQUIRED_ROLE = web.RequestKey("required_role", int)
 
 
 async def services_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from api.context import SERVICES, Services
+from api.context import PRINCIPAL, SERVICES, Services
 from shared import naming
 from shared.errors import BadRequest, Conflict, NotFound, SafeholdError
 from shared.jobs import TERMINAL, Job
@@ -30,7 +30,7 @@ def job_view(job: Job) -> dict[str, Any]:
 
 
 def principal(request: web.Request) -> dict[str, Any]:
-    return dict(request.get("principal") or {"subject": "anonymous", "roles": []})
+    return dict(request.get(PRINCIPAL) or {"subject": "anonymous", "roles": []})
 
 
 async def read_json(request: web.Request, allowed: dict[str, type | tuple[type, ...]]

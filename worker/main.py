@@ -113,6 +113,10 @@ async def stop_gracefully(worker: Worker, grace: float) -> None:
     worker.allow_pick_jobs = False
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(_tasks_done(worker), grace)
+    for task in worker.tasks.values():
+        task.cancel()
+    await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+    worker.tasks.clear()  # arq's close() gathers them again and would re-raise cancellations
     await worker.close()
 
 

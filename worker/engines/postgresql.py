@@ -80,6 +80,29 @@ async def tool_major(tool: str) -> tuple[int, str]:
     return int(m.group(1)), text
 
 
+def _quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+_SCHEMA_PRIVS = {"U": "USAGE", "C": "CREATE"}
+
+
+def _grants(schema: str, acl: list[str], owner: str) -> list[str]:
+    """GRANT statements re-creating a schema's ACL items (`grantee=UC/grantor`)."""
+    out = []
+    for item in acl:
+        grantee, _, rest = item.partition("=")
+        privs = rest.split("/", 1)[0]
+        grantee = grantee.strip('"')
+        if grantee == owner:
+            continue  # the owner's privileges are implicit
+        names = [_SCHEMA_PRIVS[c] for c in privs if c in _SCHEMA_PRIVS]
+        if names:
+            who = "PUBLIC" if grantee == "" else _quote_ident(grantee)
+            out.append(f"GRANT {', '.join(names)} ON SCHEMA {_quote_ident(schema)} TO {who};")
+    return out
+
+
 class PostgreSQL:
     name: ClassVar[str] = "postgresql"
     extension: ClassVar[str] = "sql"
@@ -195,19 +218,32 @@ class PostgreSQL:
                                  f"{child.error_text(skip=_VERBOSE.match)}")
             progress.items_done = progress.items_total or progress.items_done
 
+    async def _clean_sql(self, target: TargetConfig, schemas: list[str] | None) -> str:
+        """SQL that drops the dumped schemas. `public` is not created by pg_dump (initdb
+        makes it), so it is recreated as it is now: owner, comment and grants."""
+        async with self._connect(target) as conn:
+            if schemas is None:
+                schemas = (await self._catalog(conn))["schemas"]
+            public = await conn.fetchrow(
+                "SELECT pg_get_userbyid(nspowner) AS owner, "
+                "  obj_description(oid, 'pg_namespace') AS comment, "
+                "  coalesce(nspacl::text[], '{}') AS acl "
+                "FROM pg_namespace WHERE nspname = 'public'")
+        sql = ["SET client_min_messages = warning;"]
+        sql += [f"DROP SCHEMA IF EXISTS {_quote_ident(s)} CASCADE;" for s in schemas]
+        if "public" in schemas:
+            sql.append("CREATE SCHEMA public;")
+            if public is not None:
+                sql.append(f"ALTER SCHEMA public OWNER TO {_quote_ident(public['owner'])};")
+                if public["comment"] is not None:
+                    sql.append(f"COMMENT ON SCHEMA public IS {_quote_literal(public['comment'])};")
+                sql += _grants("public", public["acl"], public["owner"])
+        sql.append("RESET client_min_messages;")
+        return "\n".join(sql) + "\n"
+
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
                       progress: Progress, *, clean: bool, manifest: dict[str, Any]) -> None:
-        prelude = ""
-        if clean:
-            schemas = manifest.get("schemas")
-            if schemas is None:
-                async with self._connect(target) as conn:
-                    schemas = (await self._catalog(conn))["schemas"]
-            prelude = "SET client_min_messages = warning;\n" + "".join(
-                f"DROP SCHEMA IF EXISTS {_quote_ident(s)} CASCADE;\n" for s in schemas)
-            if "public" in schemas:
-                prelude += "CREATE SCHEMA public;\n"
-            prelude += "RESET client_min_messages;\n"
+        prelude = await self._clean_sql(target, manifest.get("schemas")) if clean else ""
         argv = ["psql", "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1",
                 "--single-transaction"]
         async with spawn(argv, env=_env(target), secrets=_secrets(target), stdin=True) as child:

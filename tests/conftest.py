@@ -1,0 +1,132 @@
+"""Fixtures against the real servers: PostgreSQL and Redis from ../shared/SERVICES.md.
+
+Each test gets its own Redis key prefix (and arq queue), its own storage directory and its
+own PostgreSQL database; all are removed afterwards. Nothing flushes the shared Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from api.app import create_app
+from shared.config import Settings, parse_settings
+from tests import pg
+from worker.main import build_worker, stop_gracefully
+
+REDIS_URL = os.environ.get("SAFEHOLD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+PASSWORD_ENV = "SAFEHOLD_TEST_PG_PASSWORD"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _pg_role() -> None:
+    asyncio.run(pg.ensure_test_role())
+
+
+@pytest.fixture
+async def pg_db() -> AsyncIterator[str]:
+    """A fresh, empty PostgreSQL database owned by the password-protected test role."""
+    name = await pg.create_database()
+    yield name
+    await pg.drop_database(name)
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"shtest-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def redis(prefix: str) -> AsyncIterator[Redis]:
+    r = Redis.from_url(REDIS_URL)
+    yield r
+    keys = [k async for k in r.scan_iter(match=f"{prefix}:*", count=1000)]
+    if keys:
+        await r.delete(*keys)
+    await r.aclose()
+
+
+def make_raw_config(prefix: str, storage: Path, pg_db: str | None, **worker: Any
+                    ) -> dict[str, Any]:
+    targets: dict[str, Any] = {}
+    if pg_db:
+        targets["main"] = {
+            "engine": "postgresql",
+            "url": f"postgresql://{pg.TEST_USER}@{pg.PG_HOST}:{pg.PG_PORT}/{pg_db}",
+            "password_env": PASSWORD_ENV,
+        }
+    else:
+        targets["main"] = {"engine": "postgresql",
+                           "url": f"postgresql://{pg.TEST_USER}@{pg.PG_HOST}:1/none",
+                           "password_env": PASSWORD_ENV}
+    return {
+        "default_target": "main",
+        "redis": {"url": REDIS_URL, "prefix": prefix},
+        "storage": {"path": str(storage)},
+        "worker": {"orphan_after": 6.0, "heartbeat_interval": 1.0, "shutdown_grace": 5.0,
+                   **worker},
+        "server": {"sse_ping_interval": 1.0},
+        "targets": targets,
+    }
+
+
+@pytest.fixture
+def test_env() -> dict[str, str]:
+    return {**os.environ, PASSWORD_ENV: pg.TEST_PASSWORD}
+
+
+@pytest.fixture
+def settings(prefix: str, tmp_path: Path, pg_db: str, test_env: dict[str, str]) -> Settings:
+    raw = make_raw_config(prefix, tmp_path / "backups", pg_db)
+    return parse_settings(raw, test_env, base=tmp_path, source="<test>")
+
+
+@pytest.fixture
+def storage_dir(settings: Settings) -> Path:
+    return Path(settings.storage.path) / "main"
+
+
+@pytest.fixture
+async def worker(settings: Settings, redis: Redis) -> AsyncIterator[Any]:
+    """A real arq worker running in this event loop."""
+    w = build_worker(settings, poll_delay=0.05)
+    task = asyncio.create_task(w.main())
+    yield w
+    await stop_gracefully(w, 10)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+@pytest.fixture
+async def api(aiohttp_client: Any, settings: Settings, redis: Redis) -> Any:
+    return await aiohttp_client(create_app(settings))
+
+
+JobWaiter = Callable[..., Awaitable[dict[str, Any]]]
+
+
+@pytest.fixture
+def wait_job(api: Any) -> JobWaiter:
+    async def wait(job_id: str, statuses: tuple[str, ...] = ("succeeded", "failed",
+                                                             "cancelled"),
+                   timeout: float = 60.0) -> dict[str, Any]:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            resp = await api.get(f"/api/v1/jobs/{job_id}")
+            job = await resp.json()
+            if job["status"] in statuses:
+                return job
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"job {job_id} still {job['status']}: {job}")
+            await asyncio.sleep(0.1)
+
+    return wait
