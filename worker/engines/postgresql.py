@@ -133,7 +133,13 @@ class PostgreSQL:
         async with self._connect(target) as conn:
             await conn.fetchval("SELECT 1")
 
-    async def _catalog(self, conn: asyncpg.Connection) -> dict[str, Any]:
+    async def _catalog(self, conn: asyncpg.Connection, *, exact_sizes: bool = False
+                       ) -> dict[str, Any]:
+        """Server version, schemas, tables. Sizes are estimates from pg_class unless
+        `exact_sizes` (pg_table_size waits for table locks; the estimate never blocks)."""
+        size = ("pg_table_size(c.oid)" if exact_sizes else
+                "(c.relpages::bigint + coalesce(t.relpages, 0)) "
+                "* current_setting('block_size')::bigint")
         version = await conn.fetchval("SHOW server_version")
         version_num = int(await conn.fetchval("SHOW server_version_num"))
         schemas = [r["nspname"] for r in await conn.fetch(
@@ -142,8 +148,9 @@ class PostgreSQL:
             "ORDER BY nspname")]
         tables = await conn.fetch(
             "SELECT n.nspname AS schema, c.relname AS name, c.relkind::text AS kind, "
-            "  c.reltuples::bigint AS rows, pg_table_size(c.oid) AS bytes "
+            f"  c.reltuples::bigint AS rows, {size} AS bytes "
             "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "LEFT JOIN pg_class t ON t.oid = c.reltoastrelid "
             f"WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN {SYSTEM_SCHEMAS} "
             "AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid "
             "                AND d.deptype = 'e') "
@@ -153,7 +160,7 @@ class PostgreSQL:
 
     async def stats(self, target: TargetConfig) -> dict[str, Any]:
         async with self._connect(target) as conn:
-            cat = await self._catalog(conn)
+            cat = await self._catalog(conn, exact_sizes=True)
             size = await conn.fetchval("SELECT pg_database_size(current_database())")
             name = await conn.fetchval("SELECT current_database()")
         return {

@@ -1,0 +1,279 @@
+"""Failure paths: nothing is lost, nothing false is reported."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from tests import pg, procs
+from tests.conftest import PASSWORD_ENV, make_raw_config
+from tests.test_roundtrip_pg import backup
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@asynccontextmanager
+async def table_lock(db: str, table: str, mode: str) -> AsyncIterator[asyncpg.Connection]:
+    """Hold a lock on `table` in an open transaction until the block ends."""
+    conn = await pg.admin_conn(db)
+    tr = conn.transaction()
+    await tr.start()
+    await conn.execute(f"LOCK TABLE {table} IN {mode} MODE")
+    try:
+        yield conn
+    finally:
+        await tr.rollback()
+        await conn.close()
+
+
+async def wait_for(predicate: Any, timeout: float = 30.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def temp_files(d: Path) -> list[Path]:
+    return list(d.glob(".tmp-*")) if d.exists() else []
+
+
+async def listing(api: Any) -> list[str]:
+    body = await (await api.get("/api/v1/targets/main/backups")).json()
+    return [b["filename"] for b in body["backups"]]
+
+
+async def test_checksum_mismatch_refuses_and_touches_nothing(
+        api: Any, worker: Any, pg_db: str, storage_dir: Path) -> None:
+    """A backup whose bytes no longer match its manifest is refused before anything runs."""
+    await pg.load_rich(pg_db)
+    name = (await backup(api))["result"]["filename"]
+    path = storage_dir / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    conn = await pg.user_conn(pg_db)
+    await conn.execute("DELETE FROM everything WHERE id < 100")
+    await conn.close()
+    damaged = await pg.fingerprint(pg_db)
+
+    resp = await api.post("/api/v1/targets/main/restores?wait=60", json={"backup": name})
+    job = await resp.json()
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "checksum_mismatch"
+    assert await pg.fingerprint(pg_db) == damaged
+    assert await listing(api) == [name]  # no safety backup was even taken
+
+
+async def publish_plain(storage_dir: Path, name: str, sql: bytes, like: dict[str, Any]) -> None:
+    """Store a hand-made backup with a correct manifest (what an operator might upload)."""
+    blob = gzip.compress(sql)
+    (storage_dir / name).write_bytes(blob)
+    manifest = {**like, "filename": name, "sha256": hashlib.sha256(blob).hexdigest(),
+                "size_bytes": len(blob), "raw_bytes": len(sql)}
+    (storage_dir / f"{name}.json").write_text(json.dumps(manifest))
+
+
+async def test_broken_sql_fails_and_data_survives(api: Any, worker: Any, pg_db: str,
+                                                  storage_dir: Path) -> None:
+    """An SQL error mid-file fails the job (no false success) and the data is intact."""
+    await pg.load_rich(pg_db)
+    good = (await backup(api))["result"]["filename"]
+    manifest = json.loads((storage_dir / f"{good}.json").read_text())
+    sql = gzip.decompress((storage_dir / good).read_bytes())
+    cut = sql.index(b"COPY public.everything")
+    broken = sql[:cut] + b"SELECT * FROM this_table_does_not_exist;\n" + sql[cut:]
+    bad = "backup_postgresql_20200101_000000.sql.gz"
+    await publish_plain(storage_dir, bad, broken, manifest)
+    before = await pg.fingerprint(pg_db)
+
+    resp = await api.post("/api/v1/targets/main/restores?wait=60", json={"backup": bad})
+    job = await resp.json()
+    assert job["status"] == "failed", job
+    err = job["error"]
+    assert err["code"] == "restore_failed"
+    assert "this_table_does_not_exist" in err["message"]
+    assert err["database_state"] == "unchanged"
+    assert err["safety_backup"].startswith("safety_backup_")
+    assert await pg.fingerprint(pg_db) == before
+
+
+async def test_killed_psql_triggers_rollback_from_safety_backup(
+        api: Any, worker: Any, pg_db: str, storage_dir: Path) -> None:
+    """If psql dies in an unknown state, the safety backup is restored automatically."""
+    await pg.load_rich(pg_db)
+    name = (await backup(api))["result"]["filename"]
+    conn = await pg.user_conn(pg_db)
+    await conn.execute("UPDATE everything SET n = 0 WHERE id < 50")  # the state to return to
+    await conn.close()
+    current = await pg.fingerprint(pg_db)
+
+    async with table_lock(pg_db, "everything", "ACCESS SHARE"):
+        resp = await api.post("/api/v1/targets/main/restores", json={"backup": name})
+        job_id = (await resp.json())["id"]
+        # the safety backup passes the share lock; psql then waits on DROP SCHEMA
+        pids = await wait_for(lambda: procs.find("psql", {"PGDATABASE": pg_db}), 60,
+                              "psql to start")
+        os.kill(pids[0], signal.SIGKILL)
+    job = await wait_for_terminal(api, job_id)
+    err = job["error"]
+    assert job["status"] == "failed"
+    assert err["database_state"] == "rolled_back", err
+    assert err["rollback"]["status"] == "succeeded"
+    assert err["rollback"]["backup"] == err["safety_backup"]
+    assert await pg.fingerprint(pg_db) == current
+
+
+async def wait_for_terminal(api: Any, job_id: str, timeout: float = 90) -> dict[str, Any]:
+    async def done() -> dict[str, Any] | None:
+        job = await (await api.get(f"/api/v1/jobs/{job_id}")).json()
+        return job if job["status"] in ("succeeded", "failed", "cancelled") else None
+
+    result: dict[str, Any] = await wait_for(done, timeout, f"job {job_id} to finish")
+    return result
+
+
+async def test_cancel_running_backup_leaves_nothing(api: Any, worker: Any, pg_db: str,
+                                                   storage_dir: Path) -> None:
+    """Cancelling a running backup stops pg_dump and keeps no file, temp or listed."""
+    await pg.load_rich(pg_db)
+    async with table_lock(pg_db, "everything", "ACCESS EXCLUSIVE"):
+        resp = await api.post("/api/v1/targets/main/backups")
+        job_id = (await resp.json())["id"]
+        pids = await wait_for(lambda: procs.find("pg_dump", {"PGDATABASE": pg_db}), 30,
+                              "pg_dump to start")
+        assert temp_files(storage_dir)
+        resp = await api.delete(f"/api/v1/jobs/{job_id}")
+        assert resp.status == 202
+        job = await wait_for_terminal(api, job_id)
+    assert job["status"] == "cancelled"
+    assert job["error"]["code"] == "cancelled"
+    assert not any(Path(f"/proc/{p}").exists() for p in pids)
+    assert list(storage_dir.iterdir()) == []
+    resp = await api.delete(f"/api/v1/jobs/{job_id}")
+    assert resp.status == 409
+
+
+async def test_cancel_queued_job_never_starts(api: Any, pg_db: str, storage_dir: Path,
+                                              settings: Any, redis: Any) -> None:
+    """A job cancelled while queued is skipped when a worker picks it up."""
+    resp = await api.post("/api/v1/targets/main/backups")
+    job_id = (await resp.json())["id"]
+    resp = await api.delete(f"/api/v1/jobs/{job_id}")
+    body = await resp.json()
+    assert resp.status == 200 and body["status"] == "cancelled"
+    from worker.main import build_worker
+
+    w = build_worker(settings, burst=True, poll_delay=0.05)
+    await w.main()
+    await w.close()
+    job = await (await api.get(f"/api/v1/jobs/{job_id}")).json()
+    assert job["status"] == "cancelled" and job["started_at"] is None
+    assert not storage_dir.exists() or list(storage_dir.iterdir()) == []
+
+
+async def test_password_never_in_argv(api: Any, worker: Any, pg_db: str) -> None:
+    """pg_dump's command line carries no password (it is only in the child's environment)."""
+    await pg.load_rich(pg_db)
+    async with table_lock(pg_db, "everything", "ACCESS EXCLUSIVE"):
+        resp = await api.post("/api/v1/targets/main/backups")
+        job_id = (await resp.json())["id"]
+        pids = await wait_for(lambda: procs.find("pg_dump", {"PGDATABASE": pg_db}), 30,
+                              "pg_dump to start")
+        argv = procs.cmdline(pids[0])
+        assert pg.TEST_PASSWORD.encode() not in argv
+        assert pg_db.encode() not in argv  # connection details travel in PG* variables
+    job = await wait_for_terminal(api, job_id)
+    assert job["status"] == "succeeded"
+    assert pg.TEST_PASSWORD not in json.dumps(job)
+
+
+def write_toml(path: Path, raw: dict[str, Any]) -> None:
+    def value(v: Any) -> str:
+        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+
+    lines = [f"{k} = {value(v)}" for k, v in raw.items() if not isinstance(v, dict)]
+    for section, body in raw.items():
+        if not isinstance(body, dict):
+            continue
+        if section == "targets":
+            for tid, t in body.items():
+                lines.append(f"[targets.{tid}]")
+                lines += [f"{k} = {value(v)}" for k, v in t.items()]
+        else:
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {value(v)}" for k, v in body.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+async def test_sigkill_worker_mid_backup_is_reaped(api: Any, pg_db: str, prefix: str,
+                                                   tmp_path: Path, storage_dir: Path) -> None:
+    """A worker killed mid-backup: job failed `worker_lost` within 60 s, no partial backup."""
+    await pg.load_rich(pg_db)
+    cfg = tmp_path / "safehold.toml"
+    write_toml(cfg, make_raw_config(prefix, tmp_path / "backups", pg_db))
+    env = {**os.environ, PASSWORD_ENV: pg.TEST_PASSWORD}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "api.cli", "--config", str(cfg), "worker", cwd=REPO, env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        async with table_lock(pg_db, "everything", "ACCESS EXCLUSIVE"):
+            resp = await api.post("/api/v1/targets/main/backups")
+            job_id = (await resp.json())["id"]
+            await wait_for(lambda: procs.find("pg_dump", {"PGDATABASE": pg_db}), 30,
+                           "pg_dump to start")
+            assert temp_files(storage_dir)
+            proc.kill()
+            killed_at = time.monotonic()
+            await proc.wait()
+        job = await wait_for_terminal(api, job_id, timeout=70)
+        took = time.monotonic() - killed_at
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "worker_lost"
+    assert took < 60, f"reaped after {took:.1f}s"
+    assert temp_files(storage_dir) == []
+    assert await listing(api) == []
+
+
+async def test_jobs_on_one_target_run_one_at_a_time(api: Any, worker: Any, pg_db: str
+                                                    ) -> None:
+    """A restore never overlaps a backup of the same target: the second waits for the lock."""
+    await pg.load_rich(pg_db)
+    name = (await backup(api))["result"]["filename"]
+    async with table_lock(pg_db, "everything", "ACCESS EXCLUSIVE"):
+        first = (await (await api.post("/api/v1/targets/main/backups")).json())["id"]
+        await wait_for(lambda: procs.find("pg_dump", {"PGDATABASE": pg_db}), 30, "pg_dump")
+        second = (await (await api.post("/api/v1/targets/main/restores",
+                                        json={"backup": name})).json())["id"]
+
+        async def waiting() -> bool:
+            job = await (await api.get(f"/api/v1/jobs/{second}")).json()
+            return job["progress"].get("phase") == "waiting_for_lock"
+
+        await wait_for(waiting, 10, "the restore to wait for the lock")
+    a = await wait_for_terminal(api, first)
+    b = await wait_for_terminal(api, second)
+    assert a["status"] == b["status"] == "succeeded"
+    assert b["started_at"] >= a["started_at"]
+    assert (await (await api.get(f"/api/v1/jobs/{second}")).json())["progress"]["phase"] \
+        != "waiting_for_lock"
