@@ -65,7 +65,7 @@ class GzipDecompress:
             self._in_member = True
             try:
                 out.append(self._d.decompress(data))
-            except zlib.error as exc:
+            except (zlib.error, _gz.error) as exc:
                 raise PipelineError(f"the backup is not valid gzip: {exc}",
                                     code="corrupt_backup") from None
             if not self._d.eof:

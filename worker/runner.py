@@ -131,7 +131,9 @@ class JobRunner:
         last_beat = time.monotonic()
         last: dict[str, Any] = {}
         while not work.done():
-            await asyncio.sleep(w.progress_interval)
+            await asyncio.wait({work}, timeout=w.progress_interval)
+            if work.done():
+                break
             snap = progress.snapshot()
             if snap["phase"] != last.get("phase"):
                 await self.store.publish(job.id, "phase", {"phase": snap["phase"]})

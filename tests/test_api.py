@@ -1,0 +1,186 @@
+"""REST v1 surface: bad inputs, listing, download, delete, idempotency, health, OpenAPI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api.routes import ROUTES, Role
+from tests import pg
+from tests.test_roundtrip_pg import backup
+
+
+async def error_of(resp: Any) -> dict[str, Any]:
+    body = await resp.json()
+    assert set(body) >= {"error"}, body
+    assert set(body["error"]) >= {"code", "message"}
+    return body["error"]
+
+
+async def test_healthz_and_openapi(api: Any) -> None:
+    """/healthz answers without a worker; the OpenAPI document lists every route."""
+    resp = await api.get("/healthz")
+    assert resp.status == 200
+    doc = await (await api.get("/api/v1/openapi.json")).json()
+    for r in ROUTES:
+        op = doc["paths"][r.path][r.method.lower()]
+        assert op["x-required-role"] == r.role.name.lower()
+
+
+async def test_readyz_needs_a_live_worker(api: Any) -> None:
+    """/readyz is 503 with a reason when no worker is alive."""
+    resp = await api.get("/readyz")
+    assert resp.status == 503
+    assert (await error_of(resp))["code"] == "not_ready"
+
+
+async def test_readyz_ok_with_worker(api: Any, worker: Any) -> None:
+    """/readyz is 200 once a worker heartbeats."""
+    import asyncio
+
+    for _ in range(50):
+        resp = await api.get("/readyz")
+        if resp.status == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert resp.status == 200
+    assert (await resp.json())["checks"]["workers"] == 1
+
+
+def test_every_route_declares_a_role() -> None:
+    """No route is added without a role; only health checks are public."""
+    for r in ROUTES:
+        assert isinstance(r.role, Role)
+    assert {r.path for r in ROUTES if r.role is Role.PUBLIC} == {"/healthz", "/readyz"}
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "code"), [
+    ("POST", "/api/v1/targets/nope/backups", None, 404, "target_not_found"),
+    ("GET", "/api/v1/targets/nope/backups", None, 404, "target_not_found"),
+    ("POST", "/api/v1/targets/main/backups", "not json", 400, "invalid_json"),
+    ("POST", "/api/v1/targets/main/backups", [1, 2], 400, "invalid_body"),
+    ("POST", "/api/v1/targets/main/backups", {"compress": "yes"}, 400, "invalid_body"),
+    ("POST", "/api/v1/targets/main/backups", {"surprise": 1}, 400, "invalid_body"),
+    ("POST", "/api/v1/targets/main/backups?wait=-1", {}, 400, "invalid_query"),
+    ("POST", "/api/v1/targets/main/backups?wait=abc", {}, 400, "invalid_query"),
+    ("POST", "/api/v1/targets/main/restores", {}, 400, "invalid_body"),
+    ("POST", "/api/v1/targets/main/restores", {"backup": "../../etc/passwd"}, 400,
+     "invalid_backup_name"),
+    ("POST", "/api/v1/targets/main/restores",
+     {"backup": "backup_postgresql_20240101_000000.sql.gz"}, 404, "backup_not_found"),
+    ("GET", "/api/v1/targets/main/backups/..%2F..%2Fsafehold.toml", None, 400,
+     "invalid_backup_name"),
+    ("GET", "/api/v1/targets/main/backups/backup_postgresql_20240101_000000.sql.gz", None,
+     404, "backup_not_found"),
+    ("DELETE", "/api/v1/targets/main/backups/.tmp-x.partial", None, 400,
+     "invalid_backup_name"),
+    ("GET", "/api/v1/jobs/does-not-exist", None, 404, "job_not_found"),
+    ("DELETE", "/api/v1/jobs/does-not-exist", None, 404, "job_not_found"),
+    ("GET", "/api/v1/jobs?status=weird", None, 400, "invalid_query"),
+    ("GET", "/api/v1/jobs/does-not-exist/events", None, 404, "job_not_found"),
+    ("GET", "/api/v1/nothing-here", None, 404, "not_found"),
+    ("PUT", "/api/v1/jobs", None, 405, "method_not_allowed"),
+])
+async def test_bad_requests_get_json_errors(api: Any, method: str, path: str, body: Any,
+                                            status: int, code: str) -> None:
+    """Bad input gets the right status and a JSON error with a stable code."""
+    kw: dict[str, Any] = {}
+    if isinstance(body, str):
+        kw["data"] = body
+        kw["headers"] = {"Content-Type": "application/json"}
+    elif body is not None:
+        kw["json"] = body
+    resp = await api.request(method, path, **kw)
+    assert resp.status == status, await resp.text()
+    assert (await error_of(resp))["code"] == code
+
+
+async def test_restore_of_other_engine_backup_is_refused(api: Any, storage_dir: Path) -> None:
+    """A backup of another engine cannot be restored into this target."""
+    storage_dir.mkdir(parents=True)
+    name = "backup_redis_20240101_000000.resp.gz"
+    (storage_dir / name).write_bytes(b"x")
+    (storage_dir / f"{name}.json").write_text(json.dumps({"engine": "redis"}))
+    resp = await api.post("/api/v1/targets/main/restores", json={"backup": name})
+    assert resp.status == 400
+    assert (await error_of(resp))["code"] == "engine_mismatch"
+
+
+async def test_idempotency_key_returns_the_same_job(api: Any, worker: Any, pg_db: str) -> None:
+    """A repeated submit with the same Idempotency-Key returns the first job."""
+    h = {"Idempotency-Key": "nightly-2024-11-10"}
+    a = await (await api.post("/api/v1/targets/main/backups", json={}, headers=h)).json()
+    b = await (await api.post("/api/v1/targets/main/backups", json={}, headers=h)).json()
+    assert a["id"] == b["id"]
+    c = await (await api.post("/api/v1/targets/main/backups", json={})).json()
+    assert c["id"] != a["id"]
+
+
+async def test_list_download_range_and_delete(api: Any, worker: Any, pg_db: str,
+                                              storage_dir: Path) -> None:
+    """Backups list newest first, download whole or by Range, and delete cleanly."""
+    await pg.load_rich(pg_db)
+    first = (await backup(api))["result"]
+    second = (await backup(api))["result"]
+    body = await (await api.get("/api/v1/targets/main/backups")).json()
+    assert [b["filename"] for b in body["backups"]] == [second["filename"], first["filename"]]
+    assert body["total_count"] == 2
+    if first["filename"][:-7] == second["filename"][:-7].rsplit("_", 1)[0]:
+        assert "_2." in second["filename"]  # same second: a sequence number, no overwrite
+
+    name = first["filename"]
+    resp = await api.get(f"/api/v1/targets/main/backups/{name}/download")
+    data = await resp.read()
+    assert resp.status == 200
+    assert hashlib.sha256(data).hexdigest() == first["sha256"]
+    assert f'filename="{name}"' in resp.headers["Content-Disposition"]
+    assert int(resp.headers["Content-Length"]) == first["size_bytes"]
+    resp = await api.get(f"/api/v1/targets/main/backups/{name}/download",
+                         headers={"Range": "bytes=10-19"})
+    assert resp.status == 206
+    assert await resp.read() == data[10:20]
+
+    resp = await api.delete(f"/api/v1/targets/main/backups/{name}")
+    assert resp.status == 200
+    assert not (storage_dir / name).exists() and not (storage_dir / f"{name}.json").exists()
+    resp = await api.get(f"/api/v1/targets/main/backups/{name}")
+    assert resp.status == 404
+
+
+async def test_jobs_filters(api: Any, worker: Any, pg_db: str) -> None:
+    """Jobs can be filtered by target, status and kind."""
+    job = await backup(api)
+    body = await (await api.get("/api/v1/jobs?kind=backup&status=succeeded&target=main")
+                  ).json()
+    assert [j["id"] for j in body["jobs"]] == [job["id"]]
+    body = await (await api.get("/api/v1/jobs?kind=restore")).json()
+    assert body["jobs"] == []
+
+
+async def test_stats(api: Any, worker: Any, pg_db: str) -> None:
+    """Stats report server version, size and tables with row estimates."""
+    await pg.load_rich(pg_db)
+    conn = await pg.user_conn(pg_db)
+    await conn.execute("ANALYZE")
+    await conn.close()
+    stats = await (await api.get("/api/v1/targets/main/stats")).json()
+    assert stats["server_version"].startswith("15")
+    assert stats["size_bytes"] > 0
+    tables = {f"{t['schema']}.{t['name']}": t for t in stats["tables"]}
+    assert tables["public.everything"]["rows_estimate"] == 2003
+    assert tables["public.events"]["partitioned"] is True
+
+
+async def test_unreachable_target_fails_clearly(api: Any, worker: Any, pg_db: str,
+                                                settings: Any) -> None:
+    """A backup of a database that does not exist fails with a clear, secret-free error."""
+    await pg.drop_database(pg_db)
+    job = await (await api.post("/api/v1/targets/main/backups?wait=30")).json()
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "target_unreachable"
+    assert pg_db in job["error"]["message"]
+    assert pg.TEST_PASSWORD not in json.dumps(job)

@@ -1,0 +1,76 @@
+"""The byte pipeline: standard gzip out, streaming, honest errors on bad input."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from shared.errors import PipelineError
+from shared.storage import LocalStorage
+from worker import pipeline
+
+
+async def source(blocks: list[bytes], fail_after: int | None = None) -> AsyncIterator[bytes]:
+    for i, b in enumerate(blocks):
+        if fail_after is not None and i == fail_after:
+            raise RuntimeError("source broke")
+        yield b
+
+
+async def test_store_then_read_round_trip(tmp_path: Path) -> None:
+    """Stored bytes are standard gzip with the reported sha256; reading gives the input."""
+    blocks = [os.urandom(100_000) + b"text " * 50_000 for _ in range(12)]
+    storage = LocalStorage(tmp_path)
+    temp = storage.create_temp("t", "j")
+    seen: list[int] = []
+    out = await pipeline.store(source(blocks), temp, compress=True, level=2,
+                               on_bytes=seen.append)
+    temp.finish()
+    stored = temp.path.read_bytes()
+    assert hashlib.sha256(stored).hexdigest() == out["sha256"]
+    assert gzip.decompress(stored) == b"".join(blocks)
+    assert sum(seen) == out["raw_bytes"] == sum(map(len, blocks))
+    back = b"".join([c async for c in pipeline.read_stored(temp.path, decompress=True)])
+    assert back == b"".join(blocks)
+
+
+async def test_source_error_propagates(tmp_path: Path) -> None:
+    """A failing source fails the store (the caller then discards the temp file)."""
+    temp = LocalStorage(tmp_path).create_temp("t", "j")
+    with pytest.raises(RuntimeError, match="source broke"):
+        await pipeline.store(source([b"a" * 10, b"b"], fail_after=1), temp, compress=True,
+                             level=2, on_bytes=lambda n: None)
+    temp.discard()
+    assert not temp.path.exists()
+
+
+async def read_all(path: Path) -> bytes:
+    return b"".join([c async for c in pipeline.read_stored(path, decompress=True)])
+
+
+async def test_multi_member_gzip_is_read_whole(tmp_path: Path) -> None:
+    """`cat a.gz b.gz` style files decompress to both members."""
+    p = tmp_path / "x.gz"
+    p.write_bytes(gzip.compress(b"first\n") + gzip.compress(b"second\n"))
+    assert await read_all(p) == b"first\nsecond\n"
+
+
+async def test_truncated_gzip_is_an_error(tmp_path: Path) -> None:
+    """A cut-off gzip file raises instead of yielding a silently short dump."""
+    p = tmp_path / "x.gz"
+    p.write_bytes(gzip.compress(os.urandom(200_000))[:-100])
+    with pytest.raises(PipelineError, match="truncated"):
+        await read_all(p)
+
+
+async def test_not_gzip_is_an_error(tmp_path: Path) -> None:
+    """Plain bytes where gzip is expected raise a clear error."""
+    p = tmp_path / "x.gz"
+    p.write_bytes(b"CREATE TABLE t (x int);\n")
+    with pytest.raises(PipelineError, match="not valid gzip"):
+        await read_all(p)
