@@ -128,21 +128,27 @@ class JobRunner:
                        work: asyncio.Task[Any], state: dict[str, bool]) -> None:
         """Publish progress, heartbeat, refresh the lock, and honour cancel requests."""
         w = self.settings.worker
-        last_beat = time.monotonic()
+        last_beat = last_publish = last_cancel_check = time.monotonic()
         last: dict[str, Any] = {}
+        volatile = ("elapsed_s", "rate_bps", "eta_s")
         while not work.done():
-            await asyncio.wait({work}, timeout=w.progress_interval)
+            await asyncio.wait({work}, timeout=0.1)
             if work.done():
                 break
-            snap = progress.snapshot()
-            if snap["phase"] != last.get("phase"):
-                await self.store.publish(job.id, "phase", {"phase": snap["phase"]})
-            compare = {k: v for k, v in snap.items() if k not in ("elapsed_s", "rate_bps",
-                                                                  "eta_s")}
-            if compare != {k: v for k, v in last.items() if k in compare}:
-                await self.store.publish(job.id, "progress", {"progress": snap}, progress=snap)
-            last = snap
-            if time.monotonic() - last_beat >= w.heartbeat_interval:
+            now = time.monotonic()
+            phase_changed = progress.phase != last.get("phase")
+            if phase_changed or now - last_publish >= w.progress_interval:
+                snap = progress.snapshot()
+                if phase_changed:
+                    await self.store.publish(job.id, "phase", {"phase": snap["phase"]})
+                if any(snap[k] != last.get(k) for k in snap if k not in volatile):
+                    await self.store.publish(job.id, "progress", {"progress": snap},
+                                             progress=snap)
+                last, last_publish = snap, now
+            if now - last_cancel_check < w.progress_interval:
+                continue
+            last_cancel_check = now
+            if now - last_beat >= w.heartbeat_interval:
                 last_beat = time.monotonic()
                 await self._heartbeat(job.id)
                 await lock.refresh()

@@ -1,0 +1,108 @@
+"""The `safehold` command: `run` (API + worker, starting its own Redis) and client commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tests import pg
+from tests.conftest import PASSWORD_ENV, make_raw_config
+from tests.test_failures_pg import write_toml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "api.cli", *args, cwd=REPO, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_run_starts_redis_and_backup_follow_shows_progress(
+        pg_db: str, prefix: str, tmp_path: Path) -> None:
+    """`safehold run` starts a private redis-server when none answers, serves API + worker;
+    `safehold backup --follow` shows progress and ends with the finished job."""
+    await pg.load_rich(pg_db)
+    redis_port, api_port = free_port(), free_port()
+    raw = make_raw_config(prefix, tmp_path / "backups", pg_db)
+    raw["redis"]["url"] = f"redis://127.0.0.1:{redis_port}/0"
+    raw["server"] = {"port": api_port}
+    cfg = tmp_path / "safehold.toml"
+    write_toml(cfg, raw)
+    env = {**os.environ, PASSWORD_ENV: pg.TEST_PASSWORD}
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "api.cli", "--config", str(cfg), "run", cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    base = f"http://127.0.0.1:{api_port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                try:
+                    async with http.get(f"{base}/readyz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.2)
+            else:
+                raise AssertionError("safehold run never became ready")
+        rc, out, err = await cli("--config", str(cfg), "backup", "main", "--follow",
+                                 "--url", base, env=env)
+        assert rc == 0, err
+        job = json.loads(out)
+        assert job["status"] == "succeeded"
+        assert "dumping" in err  # the phase shown while following
+        rc, out, _ = await cli("--config", str(cfg), "backups", "main", "--url", base, env=env)
+        assert rc == 0 and job["result"]["filename"] in out
+        rc, out, _ = await cli("--config", str(cfg), "jobs", "--url", base, env=env)
+        assert rc == 0 and job["id"] in out and "succeeded" in out
+        rc, _, err = await cli("--config", str(cfg), "backup", "nope", "--url", base, env=env)
+        assert rc == 1 and "target_not_found" in err
+    finally:
+        server.terminate()
+        _, server_err = await asyncio.wait_for(server.communicate(), 30)
+    assert server.returncode == 0, server_err.decode()[-2000:]
+    assert "starting" in server_err.decode() and "redis-server" in server_err.decode()
+    # the private Redis went away with it
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", redis_port)) != 0
+
+
+async def test_config_errors_exit_2_with_a_message(tmp_path: Path) -> None:
+    """A bad config stops the command with exit code 2 and says what is wrong."""
+    cfg = tmp_path / "safehold.toml"
+    cfg.write_text('[targets.main]\nengine = "postgresql"\nurl = "postgresql://h/d"\n'
+                   'password_env = "NOT_SET_ANYWHERE_42"\n')
+    env = {k: v for k, v in os.environ.items() if k != "NOT_SET_ANYWHERE_42"}
+    rc, _, err = await cli("--config", str(cfg), "worker", env=env)
+    assert rc == 2
+    assert "NOT_SET_ANYWHERE_42" in err and "not set" in err
+
+
+async def test_unreachable_redis_is_explained(tmp_path: Path, pg_db: str) -> None:
+    """A worker pointed at a Redis that does not answer says so and how to fix it."""
+    port = free_port()
+    raw: dict[str, Any] = make_raw_config("x", tmp_path / "b", pg_db)
+    raw["redis"]["url"] = f"redis://127.0.0.1:{port}/0"
+    cfg = tmp_path / "safehold.toml"
+    write_toml(cfg, raw)
+    env = {**os.environ, PASSWORD_ENV: pg.TEST_PASSWORD}
+    rc, _, err = await cli("--config", str(cfg), "api", env=env)
+    assert rc == 2
+    assert f"127.0.0.1:{port}" in err and "not reachable" in err
