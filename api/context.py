@@ -8,6 +8,7 @@ import logging
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from arq.connections import ArqRedis
@@ -36,7 +37,7 @@ class Services:
 
 SETTINGS = web.AppKey("settings", Settings)
 SERVICES = web.AppKey("services", Services)
-STREAMS = web.AppKey("streams", weakref.WeakSet)
+STREAMS: web.AppKey[weakref.WeakSet[Any]] = web.AppKey("streams")
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", dict)
 REQUIRED_ROLE = web.RequestKey("required_role", int)
@@ -56,7 +57,8 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     reaper.cancel()
     await asyncio.gather(reaper, return_exceptions=True)
-    for resp in list(app[STREAMS]):
+    streams: weakref.WeakSet[Any] = app[STREAMS]
+    for resp in list(streams):
         with contextlib.suppress(Exception):
             resp.stop_streaming()
     await blocking.aclose()

@@ -188,7 +188,7 @@ async def create_backup(request: web.Request) -> web.Response:
 async def list_backups(request: web.Request) -> web.Response:
     s = svc(request)
     target = s.settings.target(request.match_info["target"]).id
-    manifests = await asyncio.to_thread(s.storage.list, target)
+    manifests = await asyncio.to_thread(s.storage.list_backups, target)
     return web.json_response({"target": target, "total_count": len(manifests),
                               "backups": [backup_view(m) for m in manifests]})
 

@@ -106,7 +106,7 @@ class Job:
 
     @classmethod
     def from_hash(cls, h: Mapping[bytes, bytes]) -> Job:
-        d = {k.decode(): v.decode() for k, v in h.items()}
+        d: dict[str, Any] = {k.decode(): v.decode() for k, v in h.items()}
         for f in _JSON_FIELDS:
             d[f] = json.loads(d[f]) if d.get(f) else None
         return cls(
@@ -204,7 +204,7 @@ class JobStore:
         return job, True
 
     async def find(self, job_id: str) -> Job | None:
-        h = await self.redis.hgetall(self.keys.job(job_id))
+        h = await self.redis.hgetall(self.keys.job(job_id))  # type: ignore[misc]
         return Job.from_hash(h) if h else None
 
     async def get(self, job_id: str) -> Job:
@@ -242,7 +242,7 @@ class JobStore:
     async def set_fields(self, job_id: str, **fields: Any) -> None:
         enc = {k: json.dumps(v) if isinstance(v, dict | list) else str(v)
                for k, v in fields.items()}
-        await self.redis.hset(self.keys.job(job_id), mapping=enc)  # type: ignore[arg-type]
+        await self.redis.hset(self.keys.job(job_id), mapping=enc)  # type: ignore[arg-type,misc]
 
     async def publish(self, job_id: str, type_: str, data: Mapping[str, Any],
                       *, progress: Mapping[str, Any] | None = None) -> None:
@@ -266,7 +266,7 @@ class JobStore:
             data={"reason": "cancelled before it started"},
         ):
             return await self.get(job_id)
-        await self.redis.hset(self.keys.job(job_id), "cancel_requested", "1")
+        await self.redis.hset(self.keys.job(job_id), "cancel_requested", "1")  # type: ignore[misc]
         await self.publish(job_id, "log", {"message": "cancellation requested"})
         return await self.get(job_id)
 
@@ -323,4 +323,5 @@ class JobStore:
         return [_event(i, f) for _, entries in res for i, f in entries]
 
     async def running_ids(self) -> list[str]:
-        return [i.decode() for i in await self.redis.smembers(self.keys.running)]
+        members = await self.redis.smembers(self.keys.running)  # type: ignore[misc]
+        return [i.decode() for i in members]

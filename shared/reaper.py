@@ -32,7 +32,7 @@ async def reap_orphans(store: JobStore, storage: LocalStorage, orphan_after: flo
             continue
         job = await store.find(job_id)
         if job is None:
-            await store.redis.srem(store.keys.running, job_id)
+            await store.redis.srem(store.keys.running, job_id)  # type: ignore[misc]
             continue
         if _age(job.started_at) < orphan_after:
             continue  # just started; its first heartbeat may be on its way

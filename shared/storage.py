@@ -116,7 +116,7 @@ class LocalStorage:
                            code="backup_not_found")
         return doc
 
-    def list(self, target: str) -> list[dict[str, Any]]:
+    def list_backups(self, target: str) -> list[dict[str, Any]]:
         """Manifests of complete backups, newest first."""
         d = self.root / target
         if not d.is_dir():

@@ -72,7 +72,7 @@ def test_listing_shows_only_complete_backups(tmp_path: Path) -> None:
     (d / ".tmp-job9-abcd.partial").write_bytes(b"half")
     (d / "notes.txt.json").write_text("{}")
     (d / "backup_postgresql_20240103_000000.sql.gz.json").write_text("{}")  # no data
-    assert [m["filename"] for m in s.list("main")] == [good.filename]
+    assert [m["filename"] for m in s.list_backups("main")] == [good.filename]
 
 
 def test_sweep_keeps_running_jobs_temps(tmp_path: Path) -> None:
@@ -90,6 +90,6 @@ def test_delete_removes_manifest_and_data(tmp_path: Path) -> None:
     s = LocalStorage(tmp_path)
     name = publish(s, datetime(2024, 1, 1, tzinfo=UTC))
     s.delete("main", name)
-    assert s.list("main") == []
+    assert s.list_backups("main") == []
     with pytest.raises(NotFound):
         s.delete("main", name)

@@ -38,12 +38,12 @@ class TargetLock:
 
     async def refresh(self) -> None:
         if self.held:
-            await self.redis.eval(_REFRESH, 1, self.key, self.owner, self.ttl_ms)
+            await self.redis.eval(_REFRESH, 1, self.key, self.owner, str(self.ttl_ms))  # type: ignore[misc]
 
     async def release(self) -> None:
         if self.held:
             self.held = False
-            await self.redis.eval(_RELEASE, 1, self.key, self.owner)
+            await self.redis.eval(_RELEASE, 1, self.key, self.owner)  # type: ignore[misc]
 
     async def holder(self) -> str | None:
         v = await self.redis.get(self.key)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import types
 import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -21,15 +22,15 @@ from typing import Any, Protocol
 from shared.errors import PipelineError
 from shared.storage import TempFile
 
+_gz: types.ModuleType
 try:
-    from isal import isal_zlib as _gz
+    from isal import isal_zlib
 
-    GZIP_IMPL = "isal"
-    MAX_LEVEL = 3
+    _gz, GZIP_IMPL, MAX_LEVEL = isal_zlib, "isal", 3
+    _GZ_ERRORS: tuple[type[Exception], ...] = (zlib.error, isal_zlib.error)  # type: ignore[assignment]
 except ImportError:  # pragma: no cover - isal has wheels for our platforms
-    _gz = zlib  # type: ignore[assignment]
-    GZIP_IMPL = "zlib"
-    MAX_LEVEL = 9
+    _gz, GZIP_IMPL, MAX_LEVEL = zlib, "zlib", 9
+    _GZ_ERRORS = (zlib.error,)
 
 CHUNK = 1 << 20
 QUEUE_DEPTH = 8
@@ -65,7 +66,7 @@ class GzipDecompress:
             self._in_member = True
             try:
                 out.append(self._d.decompress(data))
-            except (zlib.error, _gz.error) as exc:
+            except _GZ_ERRORS as exc:
                 raise PipelineError(f"the backup is not valid gzip: {exc}",
                                     code="corrupt_backup") from None
             if not self._d.eof:

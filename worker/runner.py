@@ -152,7 +152,8 @@ class JobRunner:
                 last_beat = time.monotonic()
                 await self._heartbeat(job.id)
                 await lock.refresh()
-            flag = await self.redis.hget(self.keys.job(job.id), "cancel_requested")
+            flag = await self.redis.hget(  # type: ignore[misc]
+                self.keys.job(job.id), "cancel_requested")
             if flag == b"1" and not state["cancel_requested"]:
                 state["cancel_requested"] = True
                 work.cancel()

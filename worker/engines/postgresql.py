@@ -222,7 +222,7 @@ class PostgreSQL:
             rc = await child.wait()
             if rc != 0:
                 raise DumpFailed(f"pg_dump exited with code {rc}: "
-                                 f"{child.error_text(skip=_VERBOSE.match)}")
+                                 f"{child.error_text(skip=lambda ln: bool(_VERBOSE.match(ln)))}")
             progress.items_done = progress.items_total or progress.items_done
 
     async def _clean_sql(self, target: TargetConfig, schemas: list[str] | None) -> str:
