@@ -43,3 +43,24 @@ async def job_events(request: web.Request) -> web.StreamResponse:
                     # already past the terminal event (a reconnect after the end) or expired
                     return resp
     return resp
+
+
+async def all_events(request: web.Request) -> web.StreamResponse:
+    """Every job's transitions (queued, started, succeeded, failed, cancelled), live.
+
+    Without Last-Event-ID it starts with what happens next; with one it replays from there
+    (the global stream keeps the last ~100k transitions)."""
+    s = request.app[SERVICES]
+    async with sse_response(request, ping_interval=s.settings.server.sse_ping_interval) as resp:
+        request.app[STREAMS].add(resp)
+        last = resp.last_event_id or request.query.get("last_event_id") or "$"
+        if not _STREAM_ID.match(last):
+            # pin "now" to a concrete id, so nothing slips between two blocking reads
+            last = await s.store.latest_global_event_id()
+        while resp.is_connected():
+            events = await s.blocking_store.global_events(after=last, block_ms=BLOCK_MS)
+            for ev in events:
+                await resp.send(json.dumps(ev.to_dict()), id=ev.id, event=ev.type)
+                last = ev.id
+    return resp
+

@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from api import handlers as h
-from api.events import job_events
+from api.events import all_events, job_events
 from api.openapi import openapi
 
 
@@ -77,6 +77,9 @@ ROUTES: list[Route] = [
     Route("GET", "/api/v1/jobs/{job_id}/events", job_events, Role.VIEWER,
           "Server-sent events of a job (resumable with Last-Event-ID)",
           query={"last_event_id": "resume after this event id (same as the header)"}),
+    Route("GET", "/api/v1/events", all_events, Role.VIEWER,
+          "Server-sent events of every job's status changes (dashboards, webhooks)",
+          query={"last_event_id": "replay after this event id (same as the header)"}),
 ]
 
 

@@ -322,6 +322,17 @@ class JobStore:
         res = await self.redis.xread({key: after}, count=count, block=block_ms)
         return [_event(i, f) for _, entries in res for i, f in entries]
 
+    async def global_events(self, after: str = "$", *, block_ms: int = 5000,
+                            count: int = 500) -> list[Event]:
+        """Transitions of every job after `after` ("$" = only new ones), blocking."""
+        res = await self.redis.xread({self.keys.global_events: after}, count=count,
+                                     block=block_ms)
+        return [_event(i, f) for _, entries in res for i, f in entries]
+
+    async def latest_global_event_id(self) -> str:
+        rows = await self.redis.xrevrange(self.keys.global_events, count=1)
+        return rows[0][0].decode() if rows else "0-0"
+
     async def running_ids(self) -> list[str]:
         members = await self.redis.smembers(self.keys.running)  # type: ignore[misc]
         return [i.decode() for i in members]

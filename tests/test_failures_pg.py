@@ -277,3 +277,48 @@ async def test_jobs_on_one_target_run_one_at_a_time(api: Any, worker: Any, pg_db
     assert b["started_at"] >= a["started_at"]
     assert (await (await api.get(f"/api/v1/jobs/{second}")).json())["progress"]["phase"] \
         != "waiting_for_lock"
+
+
+async def test_sigterm_lets_a_running_backup_finish(api: Any, pg_db: str, prefix: str,
+                                                    tmp_path: Path) -> None:
+    """On SIGTERM a worker stops taking jobs but finishes the running one, then exits 0."""
+    await pg.load_rich(pg_db)
+    cfg = tmp_path / "safehold.toml"
+    write_toml(cfg, make_raw_config(prefix, tmp_path / "backups", pg_db, shutdown_grace=30.0))
+    env = {**os.environ, PASSWORD_ENV: pg.TEST_PASSWORD}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "api.cli", "--config", str(cfg), "worker", cwd=REPO, env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        async with table_lock(pg_db, "everything", "ACCESS EXCLUSIVE"):
+            job_id = (await (await api.post("/api/v1/targets/main/backups")).json())["id"]
+            await wait_for(lambda: procs.find("pg_dump", {"PGDATABASE": pg_db}), 30,
+                           "pg_dump to start")
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(1.0)
+            assert proc.returncode is None  # still finishing its job
+            queued_id = (await (await api.post("/api/v1/targets/main/backups")).json())["id"]
+        rc = await asyncio.wait_for(proc.wait(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert rc == 0
+    job = await wait_for_terminal(api, job_id)
+    assert job["status"] == "succeeded"
+    queued = await (await api.get(f"/api/v1/jobs/{queued_id}")).json()
+    assert queued["status"] == "queued"  # left for the next worker, not lost
+
+
+async def test_old_pg_dump_is_refused_clearly(api: Any, worker: Any, pg_db: str,
+                                              tmp_path: Path, monkeypatch: Any) -> None:
+    """A pg_dump older than the server fails the backup with a message saying what to install."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "pg_dump").write_text("#!/bin/sh\necho 'pg_dump (PostgreSQL) 9.6.24'\n")
+    (fake / "pg_dump").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    job = await (await api.post("/api/v1/targets/main/backups?wait=30")).json()
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "tool_too_old"
+    assert "pg_dump 9 is older than the PostgreSQL 15 server" in job["error"]["message"]

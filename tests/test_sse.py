@@ -74,3 +74,22 @@ async def test_stream_after_the_end_closes_at_once(api: Any, worker: Any, pg_db:
     resp = await api.get(f"/api/v1/jobs/{job['id']}/events",
                          headers={"Last-Event-ID": full[-1]["id"]})
     assert await read_events(resp) == []
+
+
+async def test_global_stream_carries_every_jobs_transitions(api: Any, worker: Any,
+                                                            pg_db: str) -> None:
+    """The global stream shows each job's queued → started → succeeded, resumable by id."""
+    import asyncio
+
+    resp = await api.get("/api/v1/events")
+    reader = asyncio.create_task(read_events(resp, until=lambda e: e["event"] == "succeeded"))
+    await asyncio.sleep(0.3)  # the stream starts at "now"
+    job = await (await api.post("/api/v1/targets/main/backups?wait=30")).json()
+    events = await asyncio.wait_for(reader, 30)
+    resp.close()
+    mine = [e for e in events if e["data"]["job"] == job["id"]]
+    assert [e["event"] for e in mine] == ["queued", "started", "succeeded"]
+    resp = await api.get("/api/v1/events", headers={"Last-Event-ID": mine[0]["id"]})
+    again = await read_events(resp, until=lambda e: e["event"] == "succeeded")
+    resp.close()
+    assert [e["id"] for e in again] == [e["id"] for e in mine[1:]]
