@@ -74,3 +74,12 @@ async def test_not_gzip_is_an_error(tmp_path: Path) -> None:
     p.write_bytes(b"CREATE TABLE t (x int);\n")
     with pytest.raises(PipelineError, match="not valid gzip"):
         await read_all(p)
+
+
+async def test_decompression_output_is_bounded(tmp_path: Path) -> None:
+    """A tiny gzip of a huge run of zeros comes out in chunks of at most 1 MiB."""
+    p = tmp_path / "zeros.gz"
+    p.write_bytes(gzip.compress(b"\0" * (64 << 20), compresslevel=9))
+    sizes = [len(c) async for c in pipeline.read_stored(p, decompress=True)]
+    assert sum(sizes) == 64 << 20
+    assert max(sizes) <= pipeline.CHUNK

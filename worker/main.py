@@ -77,7 +77,7 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
 
 
 def build_worker(settings: Settings, *, redis_pool: ArqRedis | None = None,
-                 burst: bool = False, poll_delay: float = 0.5) -> Worker:
+                 burst: bool = False, poll_delay: float | None = None) -> Worker:
     """An arq Worker for these settings; signals are handled by `serve_worker`/the CLI."""
     ensure_engines(settings, get_engines())
     w = settings.worker
@@ -104,7 +104,7 @@ def build_worker(settings: Settings, *, redis_pool: ArqRedis | None = None,
         job_completion_wait=int(w.shutdown_grace),
         handle_signals=False,
         burst=burst,
-        poll_delay=poll_delay,
+        poll_delay=w.poll_delay if poll_delay is None else poll_delay,
     )
 
 

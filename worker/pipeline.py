@@ -54,27 +54,42 @@ class GzipCompress:
 
 
 class GzipDecompress:
-    """Decompresses gzip, including multi-member files (`cat a.gz b.gz`); rejects truncation."""
+    """Decompresses gzip, including multi-member files (`cat a.gz b.gz`); rejects truncation.
+
+    `push` + `pull(max_out)` bound the output per call: a 1 MiB block of a highly
+    compressible dump can inflate to hundreds of MiB, which must never sit in memory.
+    """
 
     def __init__(self) -> None:
         self._d = _gz.decompressobj(GZIP_WBITS)
         self._in_member = False
+        self._pending = b""
 
-    def feed(self, data: bytes) -> bytes:
-        out = []
-        while data:
+    def push(self, data: bytes) -> None:
+        self._pending = self._pending + data if self._pending else data
+
+    def pull(self, max_out: int) -> bytes:
+        """Up to `max_out` bytes of output; b"" when the pushed input is used up."""
+        while self._pending:
             self._in_member = True
             try:
-                out.append(self._d.decompress(data))
+                out = self._d.decompress(self._pending, max_out)
             except _GZ_ERRORS as exc:
                 raise PipelineError(f"the backup is not valid gzip: {exc}",
                                     code="corrupt_backup") from None
-            if not self._d.eof:
-                break
-            self._in_member = False
-            data = self._d.unused_data
-            self._d = _gz.decompressobj(GZIP_WBITS)
-        return b"".join(out)
+            if self._d.eof:
+                self._in_member = False
+                self._pending = self._d.unused_data
+                self._d = _gz.decompressobj(GZIP_WBITS)
+            else:
+                self._pending = self._d.unconsumed_tail
+            if out:
+                return out
+        return b""
+
+    def feed(self, data: bytes) -> bytes:
+        self.push(data)
+        return b"".join(iter(lambda: self.pull(CHUNK), b""))
 
     def flush(self) -> bytes:
         if self._in_member:
@@ -159,30 +174,36 @@ def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> st
     return h.hexdigest()
 
 
+READ_BLOCK = 256 * 1024
+
+
 async def read_stored(path: Path, *, decompress: bool,
                       on_bytes: Callable[[int], None] | None = None) -> AsyncIterator[bytes]:
-    """Yield the plain content of a stored backup; read+gunzip run in a thread, one ahead."""
-    stages: list[Stage] = [GzipDecompress()] if decompress else []
+    """Yield the plain content of a stored backup in chunks of at most ~1 MiB; reading and
+    gunzip run in a thread, one chunk ahead of the consumer."""
+    gunzip = GzipDecompress() if decompress else None
     f = await asyncio.to_thread(open, path, "rb")
-    state = {"eof": False}
 
-    def next_block() -> bytes | None:
-        if state["eof"]:
-            return None
-        block = f.read(CHUNK)
-        if not block:
-            state["eof"] = True
-            return run_stages(stages, b"", True)
-        if on_bytes:
-            on_bytes(len(block))
-        return run_stages(stages, block)
+    def next_chunk() -> bytes | None:
+        while True:
+            if gunzip is not None and (out := gunzip.pull(CHUNK)):
+                return out
+            block = f.read(READ_BLOCK if gunzip is not None else CHUNK)
+            if not block:
+                if gunzip is not None:
+                    gunzip.flush()  # raises if the last member is incomplete
+                return None
+            if on_bytes:
+                on_bytes(len(block))
+            if gunzip is None:
+                return block
+            gunzip.push(block)
 
-    pending = asyncio.ensure_future(asyncio.to_thread(next_block))
+    pending = asyncio.ensure_future(asyncio.to_thread(next_chunk))
     try:
         while (out := await pending) is not None:
-            pending = asyncio.ensure_future(asyncio.to_thread(next_block))
-            if out:
-                yield out
+            pending = asyncio.ensure_future(asyncio.to_thread(next_chunk))
+            yield out
     finally:
         if not pending.done():
             pending.cancel()

@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""Benchmark: Safehold vs the shell pipelines an operator would write (PostgreSQL).
+
+Generates a database of about --size-mb (pgbench tables plus a text-heavy table), then in
+one run times:
+  1. pg_dump > /dev/null                   (the ceiling: bare dump throughput)
+  2. pg_dump | gzip -6 > f                  (what most cron scripts do)
+  3. a Safehold backup through the API     (separate `safehold api` and `safehold worker`)
+  4. gunzip -c f | psql --single-transaction into an empty database
+  5. a Safehold restore of its backup into an empty database (no safety backup: the
+     database is empty, so this measures the load path)
+and prints ratios plus the worker's peak RSS. Nothing here is a test; run it by hand:
+
+    uv run python bench/pg_backup.py --size-mb 200
+    uv run python bench/pg_backup.py --size-mb 2000 --keep   # reuse the database next time
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PG = ["-h", "127.0.0.1", "-U", "postgres"]
+
+
+def sh(cmd: str, **kw: object) -> float:
+    t0 = time.monotonic()
+    subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True, **kw)  # type: ignore[call-overload]
+    return time.monotonic() - t0
+
+
+def psql(db: str, sql: str) -> str:
+    return subprocess.run(["psql", *PG, "-X", "-tA", "-d", db, "-c", sql], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def db_size(db: str) -> int:
+    return int(psql(db, "SELECT pg_database_size(current_database())"))
+
+
+def generate(db: str, size_mb: int) -> None:
+    exists = psql("postgres", f"SELECT 1 FROM pg_database WHERE datname = '{db}'")
+    if exists and db_size(db) > size_mb * 0.8 * 2**20:
+        print(f"reusing {db} ({db_size(db) / 2**20:.0f} MB)")
+        return
+    subprocess.run(["dropdb", *PG, "--if-exists", db], check=True)
+    subprocess.run(["createdb", *PG, db], check=True)
+    scale = max(1, int(size_mb * 0.6 / 15))  # pgbench: ~15 MB per scale unit
+    print(f"generating {db}: pgbench -i -s {scale} + text table …", flush=True)
+    subprocess.run(["pgbench", *PG, "-i", "-q", "-s", str(scale), db], check=True,
+                   capture_output=True)
+    text_rows = int(size_mb * 0.4 * 2**20 / 700)
+    psql(db, f"""CREATE TABLE docs AS
+        SELECT g AS id, now() - g * interval '1 minute' AS at,
+               (SELECT string_agg(md5(random()::text || s.i), ' ')
+                FROM generate_series(1, 12) AS s(i) WHERE g > 0)
+               || ' lorem ipsum dolor sit amet, consectetur adipiscing elit ' || g AS body,
+               jsonb_build_object('n', g, 'tag', 'tag' || (g % 100)) AS meta
+        FROM generate_series(1, {text_rows}) g""")
+    psql(db, "VACUUM ANALYZE")
+    print(f"generated {db_size(db) / 2**20:.0f} MB")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http(method: str, url: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=3700) as resp:
+        return json.loads(resp.read())
+
+
+class PeakRSS(threading.Thread):
+    """Samples VmRSS of a pid (and records VmHWM) until stopped."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.stop = pid, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        self.peak = max(self.peak, int(line.split()[1]) * 1024)
+            except FileNotFoundError:
+                return
+            time.sleep(0.2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mb", type=int, default=200)
+    ap.add_argument("--db", default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the generated database")
+    args = ap.parse_args()
+    db = args.db or f"safehold_bench_{args.size_mb}"
+    generate(db, args.size_mb)
+    size = db_size(db)
+    work = Path(tempfile.mkdtemp(prefix="safehold-bench-"))
+    results: dict[str, float] = {}
+    env = {**os.environ, "PGPASSWORD": ""}
+    try:
+        sh(f"sync; pg_dump {' '.join(PG)} {db} > /dev/null")  # warm the cache once
+        results["pg_dump > /dev/null"] = sh(f"pg_dump {' '.join(PG)} {db} > /dev/null")
+        gz = work / "shell.sql.gz"
+        results["pg_dump | gzip -6"] = sh(f"pg_dump {' '.join(PG)} {db} | gzip -6 > {gz}")
+
+        port = free_port()
+        cfg = work / "safehold.toml"
+        restore_db = f"{db}_restore"
+        cfg.write_text(f"""
+default_target = "bench"
+[server]
+port = {port}
+[redis]
+prefix = "safehold-bench-{os.getpid()}"
+[storage]
+path = "{work / 'backups'}"
+[targets.bench]
+engine = "postgresql"
+url = "postgresql://postgres@127.0.0.1:5432/{db}"
+[targets.restore]
+engine = "postgresql"
+url = "postgresql://postgres@127.0.0.1:5432/{restore_db}"
+""")
+        cli = [sys.executable, "-m", "api.cli", "--config", str(cfg)]
+        api = subprocess.Popen([*cli, "api"], cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+        worker = subprocess.Popen([*cli, "worker"], cwd=REPO, env=env,
+                                  stderr=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(100):
+                try:
+                    urllib.request.urlopen(f"{base}/readyz", timeout=1)
+                    break
+                except OSError:
+                    time.sleep(0.2)
+            rss = PeakRSS(worker.pid)
+            rss.start()
+            time.sleep(0.5)
+            idle_rss = rss.peak
+            t0 = time.monotonic()
+            job = http("POST", f"{base}/api/v1/targets/bench/backups?wait=3600", {})
+            results["safehold backup"] = time.monotonic() - t0
+            assert job["status"] == "succeeded", job
+            name = job["result"]["filename"]
+            time.sleep(0.3)
+            backup_rss = rss.peak
+            backup_bytes = job["result"]["size_bytes"]
+
+            for target_db in (restore_db, f"{db}_shell"):
+                subprocess.run(["dropdb", *PG, "--if-exists", target_db], check=True)
+                subprocess.run(["createdb", *PG, target_db], check=True)
+            results["gunzip -c | psql"] = sh(
+                f"gunzip -c {gz} | psql {' '.join(PG)} -X -q -v ON_ERROR_STOP=1 "
+                f"--single-transaction -d {db}_shell > /dev/null")
+            src = work / "backups" / "bench"
+            dst = work / "backups" / "restore"
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in (name, f"{name}.json"):
+                shutil.copy(src / f, dst / f)
+            t0 = time.monotonic()
+            job = http("POST", f"{base}/api/v1/targets/restore/restores?wait=3600",
+                       {"backup": name, "create_safety_backup": False})
+            results["safehold restore"] = time.monotonic() - t0
+            assert job["status"] == "succeeded", job
+            rss.stop.set()
+            rss.join()
+        finally:
+            api.terminate()
+            worker.terminate()
+            api.wait()
+            worker.wait()
+        for target_db in (restore_db, f"{db}_shell"):
+            subprocess.run(["dropdb", *PG, "--if-exists", target_db], check=True)
+        gz_bytes = gz.stat().st_size
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if not args.keep:
+            subprocess.run(["dropdb", *PG, "--if-exists", db], check=True)
+
+    print(f"\ndatabase {size / 2**20:.0f} MB")
+    for k, v in results.items():
+        print(f"  {k:<24} {v:7.2f} s")
+    bare, gzip_t = results["pg_dump > /dev/null"], results["pg_dump | gzip -6"]
+    ours = results["safehold backup"]
+    print(f"backup throughput vs bare pg_dump : {bare / ours:.2f}x  (target >= 0.9)")
+    print(f"backup speed vs pg_dump | gzip -6 : {gzip_t / ours:.2f}x")
+    print(f"output size vs gzip -6            : {backup_bytes / gz_bytes:.3f}  "
+          f"({backup_bytes / 2**20:.1f} MB vs {gz_bytes / 2**20:.1f} MB)")
+    print(f"restore vs gunzip -c | psql       : "
+          f"{results['gunzip -c | psql'] / results['safehold restore']:.2f}x  (target >= 0.95)")
+    print(f"worker RSS idle / peak in backup / peak in restore: {idle_rss / 2**20:.0f} / "
+          f"{backup_rss / 2**20:.0f} / {rss.peak / 2**20:.0f} MB  (target < 150)")
+
+
+if __name__ == "__main__":
+    main()
