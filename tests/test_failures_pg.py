@@ -50,6 +50,14 @@ async def wait_for(predicate: Any, timeout: float = 30.0, what: str = "condition
     raise AssertionError(f"timed out waiting for {what}")
 
 
+async def start_backup_until_pg_dump(api: Any, pg_db: str) -> tuple[str, list[int]]:
+    """Submit a backup and wait until its pg_dump runs (blocked by a held table lock)."""
+    job_id = (await (await api.post("/api/v1/targets/main/backups")).json())["id"]
+    pids = await wait_for(lambda: procs.find("pg_dump", {"PGDATABASE": pg_db}), 30,
+                          "pg_dump to start")
+    return job_id, pids
+
+
 def temp_files(d: Path) -> list[Path]:
     return list(d.glob(".tmp-*")) if d.exists() else []
 
@@ -154,10 +162,7 @@ async def test_cancel_running_backup_leaves_nothing(api: Any, worker: Any, pg_db
     """Cancelling a running backup stops pg_dump and keeps no file, temp or listed."""
     await pg.load_rich(pg_db)
     async with table_lock(pg_db, "everything", "ACCESS EXCLUSIVE"):
-        resp = await api.post("/api/v1/targets/main/backups")
-        job_id = (await resp.json())["id"]
-        pids = await wait_for(lambda: procs.find("pg_dump", {"PGDATABASE": pg_db}), 30,
-                              "pg_dump to start")
+        job_id, pids = await start_backup_until_pg_dump(api, pg_db)
         assert temp_files(storage_dir)
         resp = await api.delete(f"/api/v1/jobs/{job_id}")
         assert resp.status == 202
@@ -192,10 +197,7 @@ async def test_password_never_in_argv(api: Any, worker: Any, pg_db: str) -> None
     """pg_dump's command line carries no password (it is only in the child's environment)."""
     await pg.load_rich(pg_db)
     async with table_lock(pg_db, "everything", "ACCESS EXCLUSIVE"):
-        resp = await api.post("/api/v1/targets/main/backups")
-        job_id = (await resp.json())["id"]
-        pids = await wait_for(lambda: procs.find("pg_dump", {"PGDATABASE": pg_db}), 30,
-                              "pg_dump to start")
+        job_id, pids = await start_backup_until_pg_dump(api, pg_db)
         argv = procs.cmdline(pids[0])
         assert pg.TEST_PASSWORD.encode() not in argv
         assert pg_db.encode() not in argv  # connection details travel in PG* variables
@@ -222,22 +224,25 @@ def write_toml(path: Path, raw: dict[str, Any]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+async def worker_process(tmp_path: Path, prefix: str, pg_db: str,
+                         **worker: Any) -> asyncio.subprocess.Process:
+    """`safehold worker` as a real child process, on this test's prefix and database."""
+    cfg = tmp_path / "safehold.toml"
+    write_toml(cfg, make_raw_config(prefix, tmp_path / "backups", pg_db, **worker))
+    env = {**os.environ, PASSWORD_ENV: pg.TEST_PASSWORD}
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "api.cli", "--config", str(cfg), "worker", cwd=REPO, env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+
 async def test_sigkill_worker_mid_backup_is_reaped(api: Any, pg_db: str, prefix: str,
                                                    tmp_path: Path, storage_dir: Path) -> None:
     """A worker killed mid-backup: job failed `worker_lost` within 60 s, no partial backup."""
     await pg.load_rich(pg_db)
-    cfg = tmp_path / "safehold.toml"
-    write_toml(cfg, make_raw_config(prefix, tmp_path / "backups", pg_db))
-    env = {**os.environ, PASSWORD_ENV: pg.TEST_PASSWORD}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "api.cli", "--config", str(cfg), "worker", cwd=REPO, env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    proc = await worker_process(tmp_path, prefix, pg_db)
     try:
         async with table_lock(pg_db, "everything", "ACCESS EXCLUSIVE"):
-            resp = await api.post("/api/v1/targets/main/backups")
-            job_id = (await resp.json())["id"]
-            await wait_for(lambda: procs.find("pg_dump", {"PGDATABASE": pg_db}), 30,
-                           "pg_dump to start")
+            job_id, _ = await start_backup_until_pg_dump(api, pg_db)
             assert temp_files(storage_dir)
             proc.kill()
             killed_at = time.monotonic()
@@ -261,8 +266,7 @@ async def test_jobs_on_one_target_run_one_at_a_time(api: Any, worker: Any, pg_db
     await pg.load_rich(pg_db)
     name = (await backup(api))["result"]["filename"]
     async with table_lock(pg_db, "everything", "ACCESS EXCLUSIVE"):
-        first = (await (await api.post("/api/v1/targets/main/backups")).json())["id"]
-        await wait_for(lambda: procs.find("pg_dump", {"PGDATABASE": pg_db}), 30, "pg_dump")
+        first, _ = await start_backup_until_pg_dump(api, pg_db)
         second = (await (await api.post("/api/v1/targets/main/restores",
                                         json={"backup": name})).json())["id"]
 
@@ -283,17 +287,10 @@ async def test_sigterm_lets_a_running_backup_finish(api: Any, pg_db: str, prefix
                                                     tmp_path: Path) -> None:
     """On SIGTERM a worker stops taking jobs but finishes the running one, then exits 0."""
     await pg.load_rich(pg_db)
-    cfg = tmp_path / "safehold.toml"
-    write_toml(cfg, make_raw_config(prefix, tmp_path / "backups", pg_db, shutdown_grace=30.0))
-    env = {**os.environ, PASSWORD_ENV: pg.TEST_PASSWORD}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "api.cli", "--config", str(cfg), "worker", cwd=REPO, env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    proc = await worker_process(tmp_path, prefix, pg_db, shutdown_grace=30.0)
     try:
         async with table_lock(pg_db, "everything", "ACCESS EXCLUSIVE"):
-            job_id = (await (await api.post("/api/v1/targets/main/backups")).json())["id"]
-            await wait_for(lambda: procs.find("pg_dump", {"PGDATABASE": pg_db}), 30,
-                           "pg_dump to start")
+            job_id, _ = await start_backup_until_pg_dump(api, pg_db)
             proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(1.0)
             assert proc.returncode is None  # still finishing its job

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from shared import naming
 from shared.config import Settings, TargetConfig
@@ -126,6 +127,18 @@ class JobRunner:
 
     async def _monitor(self, job: Job, progress: Progress, lock: TargetLock,
                        work: asyncio.Task[Any], state: dict[str, bool]) -> None:
+        """Keep watching the job through transient Redis errors (a dead monitor would stop
+        the heartbeat and get a healthy job reaped)."""
+        while not work.done():
+            try:
+                await self._watch(job, progress, lock, work, state)
+            except RedisError as exc:
+                log.warning("job %s: Redis error while reporting progress (%s); retrying",
+                            job.id, exc)
+                await asyncio.wait({work}, timeout=1.0)
+
+    async def _watch(self, job: Job, progress: Progress, lock: TargetLock,
+                     work: asyncio.Task[Any], state: dict[str, bool]) -> None:
         """Publish progress, heartbeat, refresh the lock, and honour cancel requests."""
         w = self.settings.worker
         last_beat = last_publish = last_cancel_check = time.monotonic()

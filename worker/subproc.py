@@ -6,18 +6,27 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import os
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 from shared.redact import redact
 
+F_SETPIPE_SZ = 1031  # Linux fcntl: grow a pipe's buffer (fewer wake-ups per MiB)
+PIPE_SIZE = 1 << 20
+
 
 class Child:
-    """A running tool with its stderr tail; `lines` sees each stderr line as it arrives."""
+    """A running tool with its stderr tail; `on_line` sees each stderr line as it arrives.
+
+    Its stdout (when requested) is a plain pipe read in a thread with large reads: faster
+    than an asyncio stream, and the dump never passes through the event loop."""
 
     def __init__(self, proc: asyncio.subprocess.Process, secrets: Sequence[str],
-                 on_line: Callable[[str], None] | None) -> None:
+                 on_line: Callable[[str], None] | None, stdout_fd: int | None = None) -> None:
         self.proc = proc
+        self._stdout_fd = stdout_fd
+        self._reading: asyncio.Future[bytes] | None = None
         self.secrets = list(secrets)
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
         self._on_line = on_line
@@ -36,6 +45,14 @@ class Child:
         lines = [ln for ln in self.tail if ln and not (skip and skip(ln))]
         return redact(" | ".join(lines[-last:]), self.secrets) or "(no error output)"
 
+    async def read(self, n: int = PIPE_SIZE) -> bytes:
+        """Up to `n` bytes of the child's stdout; b"" at its end."""
+        assert self._stdout_fd is not None, "spawned without stdout=True"
+        self._reading = asyncio.ensure_future(asyncio.to_thread(os.read, self._stdout_fd, n))
+        # shielded: a cancelled caller must not abandon a thread inside os.read on our fd;
+        # kill() reaps the child (EOF ends the read) and then waits for that thread
+        return await asyncio.shield(self._reading)
+
     async def wait(self) -> int:
         rc = await self.proc.wait()
         await self._stderr_task
@@ -49,6 +66,11 @@ class Child:
         self._stderr_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._stderr_task
+        if self._reading is not None:
+            await asyncio.gather(self._reading, return_exceptions=True)
+        if self._stdout_fd is not None:
+            os.close(self._stdout_fd)
+            self._stdout_fd = None
 
 
 @contextlib.asynccontextmanager
@@ -57,15 +79,27 @@ async def spawn(argv: Sequence[str], *, env: Mapping[str, str], secrets: Sequenc
                 on_line: Callable[[str], None] | None = None) -> AsyncIterator[Child]:
     """Start `argv` (no secrets in it!) with `env` added; kill and reap it on exit."""
     full_env = {**os.environ, **env}
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE if stdout else asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env=full_env,
-        limit=1 << 20,
-    )
-    child = Child(proc, secrets, on_line)
+    read_fd = write_fd = None
+    if stdout:
+        read_fd, write_fd = os.pipe()
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(read_fd, F_SETPIPE_SZ, PIPE_SIZE)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
+            stdout=write_fd if write_fd is not None else asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=full_env,
+        )
+    except BaseException:
+        for fd in (read_fd, write_fd):
+            if fd is not None:
+                os.close(fd)
+        raise
+    if write_fd is not None:
+        os.close(write_fd)  # the child holds the only write end: its exit means EOF
+    child = Child(proc, secrets, on_line, read_fd)
     try:
         yield child
     finally:

@@ -202,11 +202,8 @@ class PostgreSQL:
         options = ["--format=plain", "--no-owner", "--no-acl", "--verbose", "--no-password"]
         async with spawn(["pg_dump", *options], env=_env(target), secrets=_secrets(target),
                          stdout=True, on_line=on_line) as child:
-            stdout = child.proc.stdout
-            assert stdout is not None
-
             async def chunks() -> AsyncIterator[bytes]:
-                while data := await stdout.read(CHUNK):
+                while data := await child.read():
                     yield data
 
             yield Dump(chunks(), {

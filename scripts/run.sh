@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run Safehold for real: API + worker in one process on ./safehold.toml, or the built-in
+# default config (a local PostgreSQL `postgres` database, backups in ./backups). Starts a
+# private redis-server when none answers on 127.0.0.1:6379.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v uv >/dev/null 2>&1; then
+  python3 -m pip install --quiet --disable-pip-version-check uv \
+    || python3 -m pip install --quiet --user --break-system-packages uv
+  export PATH="$HOME/.local/bin:$PATH"
+fi
+uv sync --frozen --no-dev --quiet
+exec uv run --frozen --no-dev safehold "$@" run
