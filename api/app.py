@@ -9,8 +9,18 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from api.context import PRINCIPAL, REQUEST_ID, REQUIRED_ROLE, SETTINGS, STREAMS, services_ctx
-from api.routes import ROUTES, Role, add_routes, route_of
+from api.auth import bearer_token, require
+from api.context import (
+    PRINCIPAL,
+    REQUEST_ID,
+    REQUIRED_ROLE,
+    SERVICES,
+    SETTINGS,
+    STREAMS,
+    services_ctx,
+)
+from api.roles import Role
+from api.routes import ROUTES, add_routes, route_of
 from shared.config import Settings
 from shared.errors import SafeholdError
 from shared.redact import redact
@@ -31,7 +41,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         resp = await handler(request)
     except SafeholdError as exc:
-        resp = web.json_response({"error": exc.to_dict()}, status=exc.status)
+        resp = web.json_response({"error": exc.to_dict()}, status=exc.status,
+                                 headers=exc.headers or None)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -52,19 +63,25 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 @web.middleware
-async def role_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Resolves the route's declared role. Token verification arrives with the auth issue;
-    until then the API binds to loopback by default and every caller acts as `local`."""
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every route declares its role: verify the bearer token and check the role (on the
+    route's target when it has one)."""
     route = route_of(request)
-    if route is not None:
-        request[REQUIRED_ROLE] = route.role
-        if route.role is not Role.PUBLIC:
-            request[PRINCIPAL] = {"subject": "local", "roles": ["admin"]}
+    if route is None or route.role is Role.PUBLIC:
+        return await handler(request)
+    request[REQUIRED_ROLE] = route.role
+    verifier = request.app[SERVICES].verifier
+    principal = await verifier.verify(bearer_token(request.headers.get("Authorization")))
+    target = request.match_info.get("target")
+    if target is None and route.target_from_query:
+        target = request.query.get("database") or request.app[SETTINGS].default_target
+    require(principal, route.role, target)
+    request[PRINCIPAL] = principal
     return await handler(request)
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, role_middleware],
+    app = web.Application(middlewares=[error_middleware, auth_middleware],
                           client_max_size=1 << 20)
     app[SETTINGS] = settings
     app[STREAMS] = weakref.WeakSet()

@@ -84,7 +84,9 @@ async def ensure_local_redis(settings: Settings) -> asyncio.subprocess.Process |
 
 async def _serve_api(settings: Settings, stop: asyncio.Event) -> None:
     from api.app import create_app
+    from api.auth import check_dev_bind
 
+    check_dev_bind(settings)
     runner = web.AppRunner(create_app(settings), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.server.host, settings.server.port)
@@ -254,6 +256,29 @@ async def cmd_client(args: argparse.Namespace, settings: Settings) -> int:
     return 2
 
 
+def parse_ttl(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except (ValueError, IndexError):
+        raise ConfigError(f"--ttl {text!r}: use e.g. 90s, 15m, 1h, 7d") from None
+
+
+def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    """Dev mode: print a token signed with the local key (the API verifies it like any)."""
+    from api.auth import mint_dev_token
+
+    if not settings.auth.dev_mode:
+        raise ConfigError("an [auth] issuer is configured: get tokens from it, not from "
+                          "`safehold token` (that is for dev mode only)")
+    roles = [args.role] if args.role != "none" else []
+    roles += [f"{r}:{t}" for r, t in (s.split(":", 1) for s in args.scoped)]
+    print(mint_dev_token(settings.auth, roles, ttl=parse_ttl(args.ttl), subject=args.subject))
+    return 0
+
+
 def _print(doc: Any) -> int:
     print(json.dumps(doc, indent=2))
     return 0
@@ -267,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("api", help="run the HTTP API")
     sub.add_parser("worker", help="run a worker")
     sub.add_parser("run", help="run API + worker in one process (starts Redis if needed)")
+    tp = sub.add_parser("token", help="dev mode: print a bearer token signed by the local key")
+    tp.add_argument("--role", choices=["viewer", "operator", "admin", "none"],
+                    default="admin", help="global role (none: only --scoped roles)")
+    tp.add_argument("--ttl", default="1h", help="lifetime, e.g. 15m, 1h, 7d (default 1h)")
+    tp.add_argument("--subject", default=os.environ.get("USER", "dev"))
+    tp.add_argument("--scoped", action="append", default=[], metavar="ROLE:TARGET",
+                    help="an extra role on one target only, e.g. operator:main")
     for name in ("backup", "restore", "jobs", "backups", "follow"):
         sp = sub.add_parser(name)
         sp.add_argument("--url", help="API base URL (default: $SAFEHOLD_URL or the config)")
@@ -294,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level)
     try:
         settings = load_settings(args.config, os.environ)
+        if args.command == "token":
+            return cmd_token(args, settings)
         if args.command == "api":
             asyncio.run(cmd_api(settings))
         elif args.command == "worker":

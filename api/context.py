@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from arq.connections import ArqRedis
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from api.auth import Principal, build_verifier
 from shared.config import Settings
 from shared.jobs import JobStore
 from shared.keys import Keys
@@ -33,13 +35,16 @@ class Services:
     store: JobStore
     blocking_store: JobStore  # its own bounded pool: blocked XREADs never starve requests
     storage: LocalStorage
+    verifier: Any  # api.auth.TokenVerifier
+    dev_jwks: dict[str, Any] | None
+    http: dict[str, aiohttp.ClientSession]
 
 
 SETTINGS = web.AppKey("settings", Settings)
 SERVICES = web.AppKey("services", Services)
 STREAMS: web.AppKey[weakref.WeakSet[Any]] = web.AppKey("streams")
 REQUEST_ID = web.RequestKey("request_id", str)
-PRINCIPAL = web.RequestKey("principal", dict)
+PRINCIPAL = web.RequestKey("principal", Principal)
 REQUIRED_ROLE = web.RequestKey("required_role", int)
 
 
@@ -50,8 +55,11 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     pool = BlockingConnectionPool.from_url(settings.redis.url, max_connections=64, timeout=30)
     blocking = Redis(connection_pool=pool)
     ttl = settings.worker.job_ttl
+    http = {"session": aiohttp.ClientSession()}
+    verifier, jwks_doc = build_verifier(settings, http)
     services = Services(settings, keys, redis, JobStore(redis, keys, ttl=ttl),
-                        JobStore(blocking, keys, ttl=ttl), LocalStorage(settings.storage.path))
+                        JobStore(blocking, keys, ttl=ttl), LocalStorage(settings.storage.path),
+                        verifier, jwks_doc, http)
     app[SERVICES] = services
     reaper = asyncio.create_task(_reap_forever(services))
     yield
@@ -61,6 +69,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     for resp in list(streams):
         with contextlib.suppress(Exception):
             resp.stop_streaming()
+    await http["session"].close()
     await blocking.aclose()
     await pool.disconnect()
     await redis.aclose()

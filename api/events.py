@@ -13,7 +13,9 @@ import re
 from aiohttp import web
 from aiohttp_sse import sse_response
 
-from api.context import SERVICES, STREAMS
+from api.context import PRINCIPAL, SERVICES, STREAMS
+from api.handlers import job_for
+from api.roles import Role
 from shared.jobs import TERMINAL
 
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
@@ -22,8 +24,8 @@ BLOCK_MS = 5000
 
 async def job_events(request: web.Request) -> web.StreamResponse:
     s = request.app[SERVICES]
-    job_id = request.match_info["job_id"]
-    await s.store.get(job_id)  # 404 as JSON before the stream starts
+    job = await job_for(request, Role.VIEWER)  # 404/403 as JSON before the stream starts
+    job_id = job.id
     ping = s.settings.server.sse_ping_interval
     async with sse_response(request, ping_interval=ping) as resp:
         request.app[STREAMS].add(resp)
@@ -38,8 +40,8 @@ async def job_events(request: web.Request) -> web.StreamResponse:
                 if ev.type in TERMINAL:
                     return resp
             if not events:
-                job = await s.store.find(job_id)
-                if job is None or job.terminal:
+                current = await s.store.find(job_id)
+                if current is None or current.terminal:
                     # already past the terminal event (a reconnect after the end) or expired
                     return resp
     return resp
@@ -57,10 +59,17 @@ async def all_events(request: web.Request) -> web.StreamResponse:
         if not _STREAM_ID.match(last):
             # pin "now" to a concrete id, so nothing slips between two blocking reads
             last = await s.store.latest_global_event_id()
+        principal = request[PRINCIPAL]
+        targets: dict[str, str] = {}  # job -> target, for scoped tokens
         while resp.is_connected():
             events = await s.blocking_store.global_events(after=last, block_ms=BLOCK_MS)
             for ev in events:
-                await resp.send(json.dumps(ev.to_dict()), id=ev.id, event=ev.type)
                 last = ev.id
+                if ev.job not in targets:
+                    found = await s.store.find(ev.job)
+                    targets[ev.job] = found.target if found else ""
+                if principal.role_for(targets[ev.job]) < Role.VIEWER:
+                    continue
+                await resp.send(json.dumps(ev.to_dict()), id=ev.id, event=ev.type)
     return resp
 

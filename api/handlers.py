@@ -9,7 +9,9 @@ from typing import Any
 
 from aiohttp import web
 
+from api.auth import Principal, require
 from api.context import PRINCIPAL, SERVICES, Services
+from api.roles import Role
 from shared import naming
 from shared.errors import BadRequest, Conflict, NotFound, SafeholdError
 from shared.jobs import TERMINAL, Job
@@ -30,7 +32,19 @@ def job_view(job: Job) -> dict[str, Any]:
 
 
 def principal(request: web.Request) -> dict[str, Any]:
-    return dict(request.get(PRINCIPAL) or {"subject": "anonymous", "roles": []})
+    p = request.get(PRINCIPAL)
+    return p.to_dict() if p is not None else {"subject": "anonymous"}
+
+
+def principal_of(request: web.Request) -> Principal:
+    return request[PRINCIPAL]
+
+
+async def job_for(request: web.Request, role: Role) -> Job:
+    """The job named in the path, if the token holds `role` on its target."""
+    job = await svc(request).store.get(request.match_info["job_id"])
+    require(principal_of(request), role, job.target)
+    return job
 
 
 async def read_json(request: web.Request, allowed: dict[str, type | tuple[type, ...]]
@@ -148,9 +162,10 @@ async def readyz(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------- targets
 async def list_targets(request: web.Request) -> web.Response:
     s = svc(request)
+    visible = principal_of(request).targets_visible(list(s.settings.targets))
     return web.json_response({
         "default_target": s.settings.default_target,
-        "targets": [t.public() for t in s.settings.targets.values()],
+        "targets": [s.settings.targets[t].public() for t in visible],
     })
 
 
@@ -254,18 +269,22 @@ async def list_jobs(request: web.Request) -> web.Response:
     if kind and kind not in ("backup", "restore", "stats"):
         raise BadRequest(f"unknown kind '{kind}'", code="invalid_query")
     limit = int(query_float(request, "limit", 1, 1000) or 100)
-    jobs = await s.store.list_jobs(target=q.get("target"), status=status, kind=kind, limit=limit)
+    p = principal_of(request)
+    if q.get("target"):
+        require(p, Role.VIEWER, q["target"])
+    visible = set(p.targets_visible(list(s.settings.targets)))
+    jobs = await s.store.list_jobs(target=q.get("target"), status=status, kind=kind,
+                                   limit=limit, targets=visible)
     return web.json_response({"jobs": [job_view(j) for j in jobs], "count": len(jobs)})
 
 
 async def get_job(request: web.Request) -> web.Response:
-    job = await svc(request).store.get(request.match_info["job_id"])
-    return web.json_response(job_view(job))
+    return web.json_response(job_view(await job_for(request, Role.VIEWER)))
 
 
 async def cancel_job(request: web.Request) -> web.Response:
     s = svc(request)
-    job = await s.store.get(request.match_info["job_id"])
+    job = await job_for(request, Role.OPERATOR)
     if job.kind == "restore" and job.status == "running":
         raise Conflict("a running restore cannot be cancelled safely; it either completes or "
                        "rolls back by itself", code="restore_running")
@@ -273,5 +292,9 @@ async def cancel_job(request: web.Request) -> web.Response:
     return web.json_response(job_view(job), status=200 if job.terminal else 202)
 
 
-def not_found(_: web.Request) -> None:
-    raise NotFound("no such route")
+async def jwks(request: web.Request) -> web.Response:
+    """The dev-mode signing key's public half (tokens from `safehold token`)."""
+    doc = svc(request).dev_jwks
+    if doc is None:
+        raise NotFound("no local signing key: tokens come from the configured issuer")
+    return web.json_response(doc)

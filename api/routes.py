@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,16 +11,7 @@ from aiohttp import web
 from api import handlers as h
 from api.events import all_events, job_events
 from api.openapi import openapi
-
-
-class Role(enum.IntEnum):
-    """Ordered: a higher role includes the lower ones."""
-
-    PUBLIC = 0
-    VIEWER = 1
-    OPERATOR = 2
-    ADMIN = 3
-
+from api.roles import Role
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -36,6 +26,7 @@ class Route:
     query: dict[str, str] = field(default_factory=dict)  # name -> description
     body: dict[str, Any] | None = None  # JSON schema of the request body
     responses: dict[str, str] = field(default_factory=dict)
+    target_from_query: bool = False  # seed routes: `?database=<target>` or the default
 
 
 T = "/api/v1/targets/{target}"
@@ -53,6 +44,8 @@ ROUTES: list[Route] = [
     Route("GET", "/readyz", h.readyz, Role.PUBLIC,
           "Redis reachable and at least one live worker",
           responses={"200": "ready", "503": "not ready"}),
+    Route("GET", "/.well-known/jwks.json", h.jwks, Role.PUBLIC,
+          "Dev mode only: the public key that verifies `safehold token` tokens"),
     Route("GET", "/api/v1/openapi.json", openapi, Role.VIEWER, "This document"),
     Route("GET", "/api/v1/targets", h.list_targets, Role.VIEWER, "Configured targets"),
     Route("GET", f"{T}/stats", h.target_stats, Role.VIEWER,

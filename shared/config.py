@@ -79,9 +79,33 @@ class WorkerSettings:
 
 @dataclass(frozen=True)
 class AuthSettings:
+    """Bearer JWT verification. With no issuer, a local dev key signs and verifies tokens."""
+
     issuer: str = ""
-    audience: str = ""
-    jwks_url: str = ""
+    audience: str = ""  # comma-separated; a token must name one in `aud`…
+    allowed_azp: str = ""  # …or come from one of these clients (`azp`), Keycloak-style
+    jwks_url: str = ""  # default: {issuer}/protocol/openid-connect/certs
+    client_id: str = ""  # for resource_access.<client>.roles; default: first audience
+    role_claims: str = "realm_access.roles,resource_access.{client}.roles"
+    role_viewer: str = "viewer"
+    role_operator: str = "operator"
+    role_admin: str = "admin"
+    target_claim: str = ""  # optional claim (e.g. "groups") listing the targets a token may use
+    leeway: float = 30.0  # seconds of clock skew allowed on exp/nbf/iat
+    jwks_cooldown: float = 30.0  # at most one JWKS refresh per this many seconds
+    dev_key_path: str = ".safehold/dev-jwt-key.pem"
+    dev_allow_network: bool = False  # serve dev mode on a non-loopback address anyway
+    public_metrics: bool = True
+
+    @property
+    def dev_mode(self) -> bool:
+        return not self.issuer
+
+    def audiences(self) -> list[str]:
+        return [a.strip() for a in self.audience.split(",") if a.strip()]
+
+    def azps(self) -> list[str]:
+        return [a.strip() for a in self.allowed_azp.split(",") if a.strip()]
 
 
 @dataclass(frozen=True)
@@ -288,6 +312,12 @@ def parse_settings(
         default = next(iter(targets))
     if default not in targets:
         raise ConfigError(f"default_target '{default}' is not a configured target")
+    auth = sections["auth"]
+    if auth.issuer and not (auth.audiences() or auth.azps()):
+        raise ConfigError("[auth] issuer is set: also set audience and/or allowed_azp, so "
+                          "tokens minted for other clients of the same realm are refused")
+    if not Path(auth.dev_key_path).is_absolute():
+        sections["auth"] = replace(auth, dev_key_path=str(base / auth.dev_key_path))
     storage = sections["storage"]
     if not Path(storage.path).is_absolute():
         sections["storage"] = replace(storage, path=str((base / storage.path).resolve()))

@@ -3,6 +3,8 @@
 ```text
 SafeholdError                    base; carries a stable `code` and an HTTP `status`
 ├── ConfigError                  the config file or environment is invalid (start-up)
+├── Unauthorized        (401)    no bearer token, or one that does not verify
+├── Forbidden           (403)    a valid token without the role the route needs
 ├── BadRequest          (400)    client input is malformed
 │   └── InvalidBackupName        a backup name does not follow the naming grammar
 ├── NotFound            (404)    unknown target, backup or job
@@ -30,6 +32,7 @@ class SafeholdError(Exception):
         super().__init__(message)
         self.message = message
         self.details: dict[str, object] = {}  # extra fields for the job record's `error`
+        self.headers: dict[str, str] = {}  # extra HTTP response headers
         if code is not None:
             self.code = code
 
@@ -41,6 +44,32 @@ class ConfigError(SafeholdError):
     """Raised at start-up when the config file or a SAFEHOLD_* override is invalid."""
 
     code = "config_error"
+
+
+class Unauthorized(SafeholdError):
+    """Raised when a request has no bearer token or its token does not verify."""
+
+    code = "unauthorized"
+    status = 401
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        error = ' error="invalid_token"' if self.code == "invalid_token" else ""
+        self.headers = {"WWW-Authenticate": f'Bearer realm="safehold"{error}'}
+
+
+class Forbidden(SafeholdError):
+    """Raised when a valid token lacks the role (or target) a route needs."""
+
+    code = "forbidden"
+    status = 403
+
+
+class TooLarge(SafeholdError):
+    """Raised when an upload exceeds the configured size limit."""
+
+    code = "too_large"
+    status = 413
 
 
 class BadRequest(SafeholdError):

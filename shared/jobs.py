@@ -277,6 +277,7 @@ class JobStore:
         status: str | None = None,
         kind: str | None = None,
         limit: int = 100,
+        targets: set[str] | None = None,
     ) -> list[Job]:
         """Newest first, filtered; drops index entries whose record expired."""
         await self.redis.zremrangebyscore(self.keys.job_index, "-inf", time.time() - self.ttl)
@@ -300,6 +301,7 @@ class JobStore:
                     continue
                 job = Job.from_hash(h)
                 if ((target is None or job.target == target)
+                        and (targets is None or job.target in targets)
                         and (status is None or job.status == status)
                         and (kind is None or job.kind == kind)):
                     out.append(job)

@@ -18,6 +18,7 @@ import pytest
 from redis.asyncio import Redis
 
 from api.app import create_app
+from api.auth import mint_dev_token
 from shared.config import Settings, parse_settings
 from tests import pg
 from worker.main import build_worker, stop_gracefully
@@ -54,6 +55,9 @@ async def redis(prefix: str) -> AsyncIterator[Redis]:
     await r.aclose()
 
 
+DEV_KEY = Path(__file__).resolve().parent.parent / ".safehold-test" / "dev-jwt-key.pem"
+
+
 def make_raw_config(prefix: str, storage: Path, pg_db: str | None, **worker: Any
                     ) -> dict[str, Any]:
     targets: dict[str, Any] = {}
@@ -74,6 +78,7 @@ def make_raw_config(prefix: str, storage: Path, pg_db: str | None, **worker: Any
         "worker": {"orphan_after": 6.0, "heartbeat_interval": 1.0, "shutdown_grace": 5.0,
                    **worker},
         "server": {"sse_ping_interval": 1.0},
+        "auth": {"dev_key_path": str(DEV_KEY)},
         "targets": targets,
     }
 
@@ -106,8 +111,24 @@ async def worker(settings: Settings, redis: Redis) -> AsyncIterator[Any]:
         await task
 
 
+def token(settings: Settings, *roles: str, ttl: float = 600, subject: str = "tester") -> str:
+    """A dev-mode token (signed by the local key, verified like any other)."""
+    return mint_dev_token(settings.auth, list(roles), ttl=ttl, subject=subject)
+
+
+def bearer(settings: Settings, *roles: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(settings, *roles)}"}
+
+
 @pytest.fixture
 async def api(aiohttp_client: Any, settings: Settings, redis: Redis) -> Any:
+    """An API client that authenticates as an admin (tests of auth pass their own headers)."""
+    return await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
+
+
+@pytest.fixture
+async def anon(aiohttp_client: Any, settings: Settings, redis: Redis) -> Any:
+    """An API client without credentials."""
     return await aiohttp_client(create_app(settings))
 
 

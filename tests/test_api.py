@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from api.routes import ROUTES, Role
+from api.roles import Role
+from api.routes import ROUTES
 from tests import pg
 from tests.test_roundtrip_pg import backup
 
@@ -55,7 +56,8 @@ def test_every_route_declares_a_role() -> None:
     """No route is added without a role; only health checks are public."""
     for r in ROUTES:
         assert isinstance(r.role, Role)
-    assert {r.path for r in ROUTES if r.role is Role.PUBLIC} == {"/healthz", "/readyz"}
+    assert {r.path for r in ROUTES if r.role is Role.PUBLIC} == {
+        "/healthz", "/readyz", "/.well-known/jwks.json"}
 
 
 @pytest.mark.parametrize(("method", "path", "body", "status", "code"), [

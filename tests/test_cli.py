@@ -62,6 +62,13 @@ async def test_run_starts_redis_and_backup_follow_shows_progress(
                 await asyncio.sleep(0.2)
             else:
                 raise AssertionError("safehold run never became ready")
+        rc, out, err = await cli("--config", str(cfg), "backup", "main", "--url", base,
+                                 env=env)
+        assert rc == 1 and "401 unauthorized" in err
+        rc, out, err = await cli("--config", str(cfg), "token", "--role", "operator",
+                                 "--ttl", "10m", env=env)
+        assert rc == 0
+        env["SAFEHOLD_TOKEN"] = out.strip()
         rc, out, err = await cli("--config", str(cfg), "backup", "main", "--follow",
                                  "--url", base, env=env)
         assert rc == 0, err
