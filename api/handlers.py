@@ -13,7 +13,7 @@ from api.auth import Principal, require
 from api.context import PRINCIPAL, SERVICES, Services
 from api.roles import Role
 from shared import naming
-from shared.errors import BadRequest, Conflict, NotFound, SafeholdError
+from shared.errors import BadRequest, Conflict, NotFound, SafeholdError, Unavailable
 from shared.jobs import TERMINAL, Job
 from shared.queue import enqueue
 
@@ -133,6 +133,11 @@ def job_response(job: Job) -> web.Response:
                              headers={"Location": f"/api/v1/jobs/{job.id}"})
 
 
+async def live_workers(s: Services) -> int:
+    """Workers that announced themselves in the last 30 s."""
+    return int(await s.redis.zcount(s.keys.workers, time.time() - 30, "+inf"))
+
+
 # ---------------------------------------------------------------------- health
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
@@ -144,8 +149,7 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         await asyncio.wait_for(s.redis.ping(), 2)
         checks["redis"] = "ok"
-        live = await s.redis.zrangebyscore(s.keys.workers, time.time() - 30, "+inf")
-        checks["workers"] = len(live)
+        checks["workers"] = await live_workers(s)
     except (TimeoutError, OSError, ConnectionError) as exc:
         checks["redis"] = f"unreachable ({type(exc).__name__})"
         checks["workers"] = None
@@ -172,6 +176,9 @@ async def list_targets(request: web.Request) -> web.Response:
 async def target_stats(request: web.Request) -> web.Response:
     s = svc(request)
     target = s.settings.target(request.match_info["target"]).id
+    if not await live_workers(s):
+        raise Unavailable("no worker is running to query the database; start one with "
+                            "`safehold worker`", code="no_worker")
     job, _ = await submit(request, "stats", target, {}, ttl_wait=STATS_WAIT)
     if job.status == "succeeded":
         return web.json_response(job.result)

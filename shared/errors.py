@@ -65,6 +65,13 @@ class Forbidden(SafeholdError):
     status = 403
 
 
+class Unavailable(SafeholdError):
+    """Raised when a request needs a worker or service that is not running."""
+
+    code = "unavailable"
+    status = 503
+
+
 class TooLarge(SafeholdError):
     """Raised when an upload exceeds the configured size limit."""
 
