@@ -11,6 +11,7 @@ from aiohttp import web
 
 from api.auth import bearer_token, require
 from api.context import (
+    AUDIT_INFO,
     PRINCIPAL,
     REQUEST_ID,
     REQUIRED_ROLE,
@@ -62,6 +63,37 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     return resp
 
 
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+@web.middleware
+async def audit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Audit every mutating request, refused ones included, after it has been answered."""
+    resp = await handler(request)
+    if request.method in MUTATING:
+        principal = request.get(PRINCIPAL)
+        route = route_of(request)
+        info = request.get(AUDIT_INFO) or {}
+        status = resp.status
+        result = ("ok" if status < 400 else "denied" if status in (401, 403)
+                  else "rejected" if status < 500 else "error")
+        try:
+            await request.app[SERVICES].audit.record(
+                action=route.handler.__name__ if route else "unknown_route",
+                result=result, status=status,
+                subject=principal.subject if principal else None,
+                client=principal.client if principal else None,
+                target=request.match_info.get("target") or info.get("target"),
+                backup=request.match_info.get("file") or request.match_info.get("filename")
+                or info.get("backup"),
+                job=info.get("job"), request_id=request.get(REQUEST_ID),
+                remote=request.remote, method=request.method, path=request.path)
+        except Exception:  # an audit outage must be loud, but not lose the answer
+            log.exception("could not write the audit entry for %s %s", request.method,
+                          request.path)
+    return resp
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every route declares its role: verify the bearer token and check the role (on the
@@ -81,7 +113,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, auth_middleware],
+    app = web.Application(middlewares=[audit_middleware, error_middleware, auth_middleware],
                           client_max_size=1 << 20)
     app[SETTINGS] = settings
     app[STREAMS] = weakref.WeakSet()

@@ -16,6 +16,7 @@ from arq.connections import ArqRedis
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from api.auth import Principal, build_verifier
+from shared.audit import AuditLog
 from shared.config import Settings
 from shared.jobs import JobStore
 from shared.keys import Keys
@@ -38,6 +39,7 @@ class Services:
     verifier: Any  # api.auth.TokenVerifier
     dev_jwks: dict[str, Any] | None
     http: dict[str, aiohttp.ClientSession]
+    audit: AuditLog
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -46,6 +48,7 @@ STREAMS: web.AppKey[weakref.WeakSet[Any]] = web.AppKey("streams")
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)
 REQUIRED_ROLE = web.RequestKey("required_role", int)
+AUDIT_INFO = web.RequestKey("audit_info", dict)  # handlers add job / backup to the entry
 
 
 async def services_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -59,7 +62,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     verifier, jwks_doc = build_verifier(settings, http)
     services = Services(settings, keys, redis, JobStore(redis, keys, ttl=ttl),
                         JobStore(blocking, keys, ttl=ttl), LocalStorage(settings.storage.path),
-                        verifier, jwks_doc, http)
+                        verifier, jwks_doc, http, AuditLog(redis, keys))
     app[SERVICES] = services
     reaper = asyncio.create_task(_reap_forever(services))
     yield

@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from api.auth import Principal, require
-from api.context import PRINCIPAL, SERVICES, Services
+from api.context import AUDIT_INFO, PRINCIPAL, SERVICES, Services
 from api.roles import Role
 from shared import naming
 from shared.errors import BadRequest, Conflict, NotFound, SafeholdError, Unavailable
@@ -120,6 +120,7 @@ async def submit(request: web.Request, kind: str, target: str, params: dict[str,
     job, created = await s.store.create(
         kind, target, params, principal(request),
         idempotency_key=request.headers.get("Idempotency-Key") or None)
+    request[AUDIT_INFO] = {"job": job.id, "target": target, "backup": params.get("backup")}
     if created:
         await enqueue(s.redis, s.keys, job)
     wait = query_float(request, "wait", 0, MAX_WAIT) if ttl_wait is None else ttl_wait
@@ -297,6 +298,16 @@ async def cancel_job(request: web.Request) -> web.Response:
                        "rolls back by itself", code="restore_running")
     job = await s.store.request_cancel(job.id)
     return web.json_response(job_view(job), status=200 if job.terminal else 202)
+
+
+async def audit(request: web.Request) -> web.Response:
+    q = request.query
+    limit = int(query_float(request, "limit", 1, 1000) or 100)
+    entries = await svc(request).audit.query(
+        limit=limit, subject=q.get("subject"), target=q.get("target"),
+        action=q.get("action"), result=q.get("result"), job=q.get("job"),
+        since=q.get("since"))
+    return web.json_response({"entries": entries, "count": len(entries)})
 
 
 async def jwks(request: web.Request) -> web.Response:

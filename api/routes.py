@@ -70,6 +70,11 @@ ROUTES: list[Route] = [
     Route("GET", "/api/v1/jobs/{job_id}/events", job_events, Role.VIEWER,
           "Server-sent events of a job (resumable with Last-Event-ID)",
           query={"last_event_id": "resume after this event id (same as the header)"}),
+    Route("GET", "/api/v1/audit", h.audit, Role.ADMIN,
+          "Audit trail: mutating requests and job outcomes, newest first",
+          query={"subject": "who", "target": "target id", "action": "e.g. create_backup, "
+                 "job.restore", "result": "ok, denied, rejected, error, succeeded, failed…",
+                 "job": "job id", "since": "ISO time", "limit": "at most (default 100)"}),
     Route("GET", "/api/v1/events", all_events, Role.VIEWER,
           "Server-sent events of every job's status changes (dashboards, webhooks)",
           query={"last_event_id": "replay after this event id (same as the header)"}),

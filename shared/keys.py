@@ -33,6 +33,11 @@ class Keys:
         """Sorted set of worker ids scored by their last heartbeat (unix time)."""
         return f"{self.prefix}:workers"
 
+    @property
+    def audit(self) -> str:
+        """Capped stream of audit entries."""
+        return f"{self.prefix}:audit"
+
     def job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
 

@@ -186,3 +186,25 @@ async def test_unreachable_target_fails_clearly(api: Any, worker: Any, pg_db: st
     assert job["error"]["code"] == "target_unreachable"
     assert pg_db in job["error"]["message"]
     assert pg.TEST_PASSWORD not in json.dumps(job)
+
+
+async def test_audit_trail_records_requests_and_outcomes(api: Any, anon: Any, worker: Any,
+                                                          pg_db: str, settings: Any) -> None:
+    """Mutating requests (refused ones too) and job outcomes are audited; admins read them."""
+    from tests.conftest import bearer
+
+    job = await backup(api)
+    await anon.post("/api/v1/targets/main/backups")  # no token: denied, still audited
+    resp = await anon.get("/api/v1/audit", headers=bearer(settings, "operator"))
+    assert resp.status == 403
+    entries = (await (await api.get("/api/v1/audit?target=main")).json())["entries"]
+    by_action = {(e["action"], e["result"]) for e in entries}
+    assert ("create_backup", "ok") in by_action
+    assert ("job.backup", "succeeded") in by_action
+    denied = [e for e in entries if e["result"] == "denied"]
+    assert denied and denied[0]["status"] == 401 and "subject" not in denied[0]
+    outcome = next(e for e in entries if e["action"] == "job.backup")
+    assert outcome["job"] == job["id"] and outcome["subject"] == "tester"
+    assert outcome["backup"] == job["result"]["filename"]
+    mine = (await (await api.get(f"/api/v1/audit?job={job['id']}")).json())["entries"]
+    assert {e["action"] for e in mine} == {"create_backup", "job.backup"}

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared import naming
+from shared.audit import AuditLog
 from shared.config import Settings, TargetConfig
 from shared.errors import (
     BadRequest,
@@ -43,6 +44,7 @@ class JobRunner:
         self.storage = LocalStorage(settings.storage.path)
         self.engines: dict[str, Engine] = get_engines()
         self.worker_id = worker_id
+        self.audit = AuditLog(redis, self.keys)
         self._secrets = [t.password.reveal() for t in settings.targets.values() if t.password]
 
     # ----------------------------------------------------------------- job lifecycle
@@ -115,7 +117,13 @@ class JobRunner:
             fields["result"] = data["result"] = result
         if error is not None:
             fields["error"] = data["error"] = error
-        await self.store.transition(job.id, ["running"], status, fields=fields, data=data)
+        if await self.store.transition(job.id, ["running"], status, fields=fields, data=data):
+            await self.audit.record(
+                action=f"job.{job.kind}", result=status,
+                subject=job.requested_by.get("subject"), client=job.requested_by.get("client"),
+                target=job.target, job=job.id,
+                backup=(result or {}).get("filename") or job.params.get("backup"),
+                detail=(error or {}).get("code"))
 
     async def _cleanup(self, job_id: str, lock: TargetLock) -> None:
         await lock.release()
