@@ -11,8 +11,10 @@ from aiohttp import web
 
 from api.auth import Principal, require
 from api.context import AUDIT_INFO, PRINCIPAL, SERVICES, Services
+from api.files import send_file
 from api.roles import Role
 from shared import naming
+from shared.config import TargetConfig
 from shared.errors import BadRequest, Conflict, NotFound, SafeholdError, Unavailable
 from shared.jobs import TERMINAL, Job
 from shared.queue import enqueue
@@ -174,12 +176,12 @@ async def list_targets(request: web.Request) -> web.Response:
     })
 
 
-async def target_stats(request: web.Request) -> web.Response:
+async def stats_of(request: web.Request, target: str) -> web.Response:
+    """Stats run on a worker (the engines live there) as a short job we wait for."""
     s = svc(request)
-    target = s.settings.target(request.match_info["target"]).id
     if not await live_workers(s):
         raise Unavailable("no worker is running to query the database; start one with "
-                            "`safehold worker`", code="no_worker")
+                          "`safehold worker`", code="no_worker")
     job, _ = await submit(request, "stats", target, {}, ttl_wait=STATS_WAIT)
     if job.status == "succeeded":
         return web.json_response(job.result)
@@ -187,6 +189,10 @@ async def target_stats(request: web.Request) -> web.Response:
         raise SafeholdError(job.error.get("message", "stats failed"),
                             code=job.error.get("code", "stats_failed"))
     return job_response(job)
+
+
+async def target_stats(request: web.Request) -> web.Response:
+    return await stats_of(request, svc(request).settings.target(request.match_info["target"]).id)
 
 
 # ---------------------------------------------------------------------- backups
@@ -216,54 +222,70 @@ async def list_backups(request: web.Request) -> web.Response:
                               "backups": [backup_view(m) for m in manifests]})
 
 
-async def _manifest(request: web.Request) -> tuple[Services, str, naming.BackupName,
-                                                   dict[str, Any]]:
+async def manifest_of(request: web.Request, target: str, file: str
+                      ) -> tuple[naming.BackupName, dict[str, Any]]:
+    """A client-named backup: parsed by the grammar (400), then looked up (404)."""
+    name = naming.parse(file)
+    manifest = await asyncio.to_thread(svc(request).storage.manifest, target, name)
+    return name, manifest
+
+
+async def download(request: web.Request, target: str, file: str) -> web.StreamResponse:
+    name, manifest = await manifest_of(request, target, file)
+    return await send_file(
+        request, svc(request).storage.path_of(target, name), filename=name.filename,
+        sha256=str(manifest.get("sha256", "")),
+        content_type="application/gzip" if name.compressed else "application/octet-stream")
+
+
+async def delete_file(request: web.Request, target: str, file: str) -> str:
+    """Delete a backup unless a restore of it is queued or running (409)."""
     s = svc(request)
-    target = s.settings.target(request.match_info["target"]).id
-    name = naming.parse(request.match_info["file"])
-    manifest = await asyncio.to_thread(s.storage.manifest, target, name)
-    return s, target, name, manifest
-
-
-async def get_backup(request: web.Request) -> web.Response:
-    _, _, _, manifest = await _manifest(request)
-    return web.json_response(backup_view(manifest))
-
-
-async def download_backup(request: web.Request) -> web.StreamResponse:
-    s, target, name, manifest = await _manifest(request)
-    return web.FileResponse(s.storage.path_of(target, name), headers={
-        "Content-Disposition": f'attachment; filename="{name.filename}"',
-        "Content-Type": "application/gzip" if name.compressed else "application/octet-stream",
-        "X-Checksum-SHA256": str(manifest.get("sha256", "")),
-    })
-
-
-async def delete_backup(request: web.Request) -> web.Response:
-    s, target, name, _ = await _manifest(request)
+    name, _ = await manifest_of(request, target, file)
     for job in await s.store.active_for_target(target):
         if job.kind == "restore" and job.params.get("backup") == name.filename:
             raise Conflict(f"backup {name.filename} is being restored by job {job.id}",
                            code="backup_in_use")
     await asyncio.to_thread(s.storage.delete, target, name)
-    return web.json_response({"deleted": name.filename, "target": target})
+    return name.filename
+
+
+async def get_backup(request: web.Request) -> web.Response:
+    target = svc(request).settings.target(request.match_info["target"]).id
+    _, manifest = await manifest_of(request, target, request.match_info["file"])
+    return web.json_response(backup_view(manifest))
+
+
+async def download_backup(request: web.Request) -> web.StreamResponse:
+    target = svc(request).settings.target(request.match_info["target"]).id
+    return await download(request, target, request.match_info["file"])
+
+
+async def delete_backup(request: web.Request) -> web.Response:
+    target = svc(request).settings.target(request.match_info["target"]).id
+    deleted = await delete_file(request, target, request.match_info["file"])
+    return web.json_response({"deleted": deleted, "target": target})
 
 
 # ---------------------------------------------------------------------- restores
-async def create_restore(request: web.Request) -> web.Response:
-    s = svc(request)
-    target = s.settings.target(request.match_info["target"])
-    body = await read_json(request, {"backup": str, "create_safety_backup": bool})
-    if "backup" not in body:
-        raise BadRequest("field 'backup' (a backup file name) is required", code="invalid_body")
-    name = naming.parse(body["backup"])
-    manifest = await asyncio.to_thread(s.storage.manifest, target.id, name)
+async def submit_restore(request: web.Request, target: TargetConfig, file: str,
+                         safety: bool, *, wait: float | None = None) -> Job:
+    name, manifest = await manifest_of(request, target.id, file)
     if manifest.get("engine") != target.engine:
         raise BadRequest(f"{name.filename} is a {manifest.get('engine')} backup; target "
                          f"'{target.id}' is {target.engine}", code="engine_mismatch")
-    params = {"backup": name.filename,
-              "create_safety_backup": body.get("create_safety_backup", True)}
-    job, _ = await submit(request, "restore", target.id, params)
+    params = {"backup": name.filename, "create_safety_backup": safety}
+    job, _ = await submit(request, "restore", target.id, params, ttl_wait=wait)
+    return job
+
+
+async def create_restore(request: web.Request) -> web.Response:
+    target = svc(request).settings.target(request.match_info["target"])
+    body = await read_json(request, {"backup": str, "create_safety_backup": bool})
+    if "backup" not in body:
+        raise BadRequest("field 'backup' (a backup file name) is required", code="invalid_body")
+    job = await submit_restore(request, target, body["backup"],
+                               body.get("create_safety_backup", True))
     return job_response(job)
 
 

@@ -9,9 +9,11 @@ from typing import Any
 from aiohttp import web
 
 from api import handlers as h
+from api import seed
 from api.events import all_events, job_events
 from api.openapi import openapi
 from api.roles import Role
+from api.uploads import upload_backup
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -36,6 +38,7 @@ _BACKUP_BODY = {"type": "object", "additionalProperties": False, "properties": {
 _RESTORE_BODY = {"type": "object", "additionalProperties": False, "required": ["backup"],
                  "properties": {"backup": {"type": "string"},
                                 "create_safety_backup": {"type": "boolean", "default": True}}}
+_DB = {"database": "target id (default: the configured default_target)"}
 _WAIT = {"wait": "seconds to wait for the job to finish (200 if it did, else 202)"}
 _JOB = {"202": "job accepted (or still running after ?wait)", "200": "job finished"}
 
@@ -58,6 +61,13 @@ ROUTES: list[Route] = [
     Route("GET", f"{T}/backups/{{file}}/download", h.download_backup, Role.OPERATOR,
           "Download a backup (supports Range)"),
     Route("DELETE", f"{T}/backups/{{file}}", h.delete_backup, Role.ADMIN, "Delete a backup"),
+    Route("POST", f"{T}/uploads", upload_backup, Role.OPERATOR,
+          "Upload a backup (multipart field `file`, or the raw body): streamed, size-capped, "
+          "checksummed and validated before it is listed as upload_…",
+          query={"restore": "true: restore it right after (a restore job)",
+                 "create_safety_backup": "with restore=true (default true)",
+                 "wait": "with restore=true: seconds to wait for the restore"},
+          responses={"201": "stored", "202": "stored, restore running", "413": "too large"}),
     Route("POST", f"{T}/restores", h.create_restore, Role.OPERATOR,
           "Start a restore job (verify, safety backup, clean restore, rollback on failure)",
           query=_WAIT, body=_RESTORE_BODY, responses=_JOB),
@@ -75,6 +85,23 @@ ROUTES: list[Route] = [
           query={"subject": "who", "target": "target id", "action": "e.g. create_backup, "
                  "job.restore", "result": "ok, denied, rejected, error, succeeded, failed…",
                  "job": "job id", "since": "ISO time", "limit": "at most (default 100)"}),
+    # the seed-compatible surface (../shared/seed-backup-api.md)
+    *[Route(method, path, handler, role, summary, query=query, target_from_query=True)
+      for method, path, handler, role, summary, query in [
+        ("POST", "/backup/create", seed.create, Role.OPERATOR, "Seed: create a backup and wait",
+         {"compress": "gzip (default true)", **_DB}),
+        ("GET", "/backup/download/{filename}", seed.download_file, Role.OPERATOR,
+         "Seed: download a backup", _DB),
+        ("POST", "/backup/restore/{filename}", seed.restore, Role.OPERATOR,
+         "Seed: restore a backup and wait", {"create_safety_backup": "default true", **_DB}),
+        ("POST", "/backup/restore-upload", seed.restore_upload, Role.OPERATOR,
+         "Seed: upload (multipart field `file`) and restore", {
+             "create_safety_backup": "default true", **_DB}),
+        ("GET", "/backup/list", seed.list_backups, Role.VIEWER, "Seed: list backups", _DB),
+        ("DELETE", "/backup/delete/{filename}", seed.delete, Role.ADMIN,
+         "Seed: delete a backup", _DB),
+        ("GET", "/backup/stats", seed.stats, Role.VIEWER, "Seed: database statistics", _DB),
+    ]],
     Route("GET", "/api/v1/events", all_events, Role.VIEWER,
           "Server-sent events of every job's status changes (dashboards, webhooks)",
           query={"last_event_id": "replay after this event id (same as the header)"}),

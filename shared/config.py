@@ -50,6 +50,7 @@ class ServerSettings:
     port: int = 8081
     wait_timeout: float = 300.0  # how long the seed surface waits for a job
     sse_ping_interval: float = 15.0
+    max_upload_bytes: int = 20 * 1024**3  # uploads beyond this get 413
 
 
 @dataclass(frozen=True)

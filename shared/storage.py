@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,10 +69,14 @@ class LocalStorage:
         return self.target_dir(target) / name.filename
 
     def create_temp(self, target: str, job_id: str) -> TempFile:
-        path = self.target_dir(target) / f"{TEMP_PREFIX}{job_id}-{secrets.token_hex(4)}.partial"
+        path = self.temp_path(target, job_id)
         return TempFile(path, open(path, "xb"))  # noqa: SIM115 - closed by finish/discard
 
-    def publish(self, target: str, temp: TempFile, name: naming.BackupName,
+    def temp_path(self, target: str, tag: str) -> Path:
+        """A fresh temp name under the target (swept if its job/tag is not running)."""
+        return self.target_dir(target) / f"{TEMP_PREFIX}{tag}-{secrets.token_hex(4)}.partial"
+
+    def publish(self, target: str, temp_path: Path, name: naming.BackupName,
                 manifest: dict[str, Any]) -> naming.BackupName:
         """Give a finished temp file its final name and write its manifest; returns the name."""
         d = self.target_dir(target)
@@ -81,13 +86,13 @@ class LocalStorage:
             if (d / f"{candidate.filename}.json").exists():
                 continue
             try:
-                os.link(temp.path, final)
+                os.link(temp_path, final)
             except FileExistsError:
                 continue
             break
         else:  # pragma: no cover - 9999 backups in one second
             raise PipelineError("could not find a free backup name")
-        temp.path.unlink()
+        temp_path.unlink()
         _fsync_dir(d)
         manifest = {"format_version": MANIFEST_VERSION, **manifest,
                     "filename": candidate.filename, "target": target}
@@ -155,12 +160,19 @@ class LocalStorage:
         return [p for d in self.root.iterdir() if d.is_dir()
                 for p in d.glob(f"{TEMP_PREFIX}*.partial")]
 
-    def sweep_temps(self, keep_jobs: set[str]) -> list[Path]:
-        """Delete temp files whose job is not running (crash leftovers)."""
+    def sweep_temps(self, keep_jobs: set[str], min_age: float = 300.0) -> list[Path]:
+        """Delete crash leftovers: temp files of jobs not running, untouched for `min_age`
+        seconds (an upload in progress has no job but keeps its file fresh)."""
         removed = []
+        now = time.time()
         for p in self.temp_files():
             job_id = p.name[len(TEMP_PREFIX):].rsplit("-", 1)[0]
             if job_id in keep_jobs:
+                continue
+            try:
+                if now - p.stat().st_mtime < min_age:
+                    continue
+            except FileNotFoundError:
                 continue
             p.unlink(missing_ok=True)
             removed.append(p)

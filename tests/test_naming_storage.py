@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -46,7 +48,7 @@ def publish(storage: LocalStorage, at: datetime, data: bytes = b"data") -> namin
     temp.write(data)
     temp.finish()
     name = naming.new_name("backup", "postgresql", at, compressed=True)
-    return storage.publish("main", temp, name, {"created_at": at.isoformat()})
+    return storage.publish("main", temp.path, name, {"created_at": at.isoformat()})
 
 
 def test_same_second_gets_sequence_numbers(tmp_path: Path) -> None:
@@ -80,7 +82,12 @@ def test_sweep_keeps_running_jobs_temps(tmp_path: Path) -> None:
     s = LocalStorage(tmp_path)
     keep = s.create_temp("main", "1a2b-running")
     stale = s.create_temp("main", "1a2b-dead")
+    fresh = s.create_temp("main", "1a2b-uploading")
+    old = time.time() - 3600
+    for t in (keep, stale):
+        os.utime(t.path, (old, old))
     removed = s.sweep_temps({"1a2b-running"})
+    assert fresh.path.exists()  # recently written: maybe an upload in progress
     assert removed == [stale.path]
     assert keep.path.exists()
 

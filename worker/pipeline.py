@@ -13,88 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import types
-import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from shared.errors import PipelineError
+from shared.codecs import CHUNK, GZIP_IMPL, GzipCompress, GzipDecompress, Stage
 from shared.storage import TempFile
 
-_gz: types.ModuleType
-try:
-    from isal import isal_zlib
-
-    _gz, GZIP_IMPL, MAX_LEVEL = isal_zlib, "isal", 3
-    _GZ_ERRORS: tuple[type[Exception], ...] = (zlib.error, isal_zlib.error)  # type: ignore[assignment]
-except ImportError:  # pragma: no cover - isal has wheels for our platforms
-    _gz, GZIP_IMPL, MAX_LEVEL = zlib, "zlib", 9
-    _GZ_ERRORS = (zlib.error,)
-
-CHUNK = 1 << 20
-QUEUE_DEPTH = 8
-GZIP_WBITS = 31  # gzip container
-
-
-class Stage(Protocol):
-    def feed(self, data: bytes) -> bytes: ...
-    def flush(self) -> bytes: ...
-
-
-class GzipCompress:
-    def __init__(self, level: int) -> None:
-        self._c = _gz.compressobj(min(level, MAX_LEVEL), zlib.DEFLATED, GZIP_WBITS)
-
-    def feed(self, data: bytes) -> bytes:
-        return self._c.compress(data)
-
-    def flush(self) -> bytes:
-        return self._c.flush()
-
-
-class GzipDecompress:
-    """Decompresses gzip, including multi-member files (`cat a.gz b.gz`); rejects truncation.
-
-    `push` + `pull(max_out)` bound the output per call: a 1 MiB block of a highly
-    compressible dump can inflate to hundreds of MiB, which must never sit in memory.
-    """
-
-    def __init__(self) -> None:
-        self._d = _gz.decompressobj(GZIP_WBITS)
-        self._in_member = False
-        self._pending = b""
-
-    def push(self, data: bytes) -> None:
-        self._pending = self._pending + data if self._pending else data
-
-    def pull(self, max_out: int) -> bytes:
-        """Up to `max_out` bytes of output; b"" when the pushed input is used up."""
-        while self._pending:
-            self._in_member = True
-            try:
-                out = self._d.decompress(self._pending, max_out)
-            except _GZ_ERRORS as exc:
-                raise PipelineError(f"the backup is not valid gzip: {exc}",
-                                    code="corrupt_backup") from None
-            if self._d.eof:
-                self._in_member = False
-                self._pending = self._d.unused_data
-                self._d = _gz.decompressobj(GZIP_WBITS)
-            else:
-                self._pending = self._d.unconsumed_tail
-            if out:
-                return out
-        return b""
-
-    def feed(self, data: bytes) -> bytes:
-        self.push(data)
-        return b"".join(iter(lambda: self.pull(CHUNK), b""))
-
-    def flush(self) -> bytes:
-        if self._in_member:
-            raise PipelineError("the backup's gzip stream is truncated", code="corrupt_backup")
-        return b""
+__all__ = ["CHUNK", "GZIP_IMPL", "GzipCompress", "GzipDecompress", "read_stored", "store"]
+QUEUE_DEPTH = 8  # chunks of ~1 MiB between the reader and the compressor
 
 
 def run_stages(stages: Sequence[Stage], data: bytes, final: bool = False) -> bytes:

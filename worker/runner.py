@@ -244,7 +244,7 @@ class JobRunner:
             "note": note or None,
         }
         publishing = asyncio.ensure_future(
-            asyncio.to_thread(self.storage.publish, target.id, temp, name, manifest))
+            asyncio.to_thread(self.storage.publish, target.id, temp.path, name, manifest))
         try:
             final = await asyncio.shield(publishing)
         except asyncio.CancelledError:

@@ -1,0 +1,144 @@
+"""The seed-compatible surface: `/backup/*` exactly as the original service's README has it.
+
+Same paths, query parameters, form fields and response fields, on the default target or
+`?database=<target>`. Each call runs as an ordinary job and waits for it (up to
+`server.wait_timeout`); if the job is still running then, the answer is 202 with the job's
+URL, so a script can poll `/api/v1/jobs/{id}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+
+from api.handlers import (
+    backup_view,
+    delete_file,
+    download,
+    job_view,
+    query_bool,
+    stats_of,
+    submit,
+    submit_restore,
+    svc,
+)
+from api.uploads import store_upload
+from shared.config import TargetConfig
+from shared.jobs import Job
+
+
+def seed_target(request: web.Request) -> TargetConfig:
+    s = svc(request)
+    return s.settings.target(request.query.get("database") or s.settings.default_target)
+
+
+def _size_mb(size: int) -> float:
+    return round(size / (1024 * 1024), 2)
+
+
+def _not_done(job: Job) -> web.Response | None:
+    """The answer for a job that did not succeed: 500 with its error, or 202 while running."""
+    if job.status == "succeeded":
+        return None
+    url = f"/api/v1/jobs/{job.id}"
+    if not job.terminal:
+        return web.json_response(
+            {"success": False, "message": f"the {job.kind} is still running: follow {url}",
+             "job": url, "job_id": job.id, "status": job.status},
+            status=202, headers={"Location": url})
+    err = job.error or {"code": job.status, "message": f"the {job.kind} was {job.status}"}
+    return web.json_response(
+        {"success": False, "message": f"{job.kind.capitalize()} failed: {err['message']}",
+         "detail": err["message"], "error": err, "job": job_view(job)},
+        status=500 if job.status == "failed" else 409)
+
+
+async def create(request: web.Request) -> web.Response:
+    target = seed_target(request)
+    compress = query_bool(request, "compress", True)
+    wait = svc(request).settings.server.wait_timeout
+    job, _ = await submit(request, "backup", target.id, {"compress": compress, "note": ""},
+                          ttl_wait=wait)
+    if (other := _not_done(job)) is not None:
+        return other
+    result: dict[str, Any] = job.result or {}
+    return web.json_response({
+        "success": True,
+        "message": f"Backup created successfully: {result['filename']}",
+        "filename": result["filename"],
+        "size_mb": _size_mb(int(result["size_bytes"])),
+    })
+
+
+async def download_file(request: web.Request) -> web.StreamResponse:
+    return await download(request, seed_target(request).id, request.match_info["filename"])
+
+
+def _restored(job: Job, message: str) -> web.Response:
+    safety = (job.result or {}).get("safety_backup")
+    return web.json_response({"success": True, "message": message,
+                              "safety_backup_created": safety is not None,
+                              "safety_backup_filename": safety})
+
+
+async def restore(request: web.Request) -> web.Response:
+    target = seed_target(request)
+    safety = query_bool(request, "create_safety_backup", True)
+    job = await submit_restore(request, target, request.match_info["filename"], safety,
+                               wait=svc(request).settings.server.wait_timeout)
+    if (other := _not_done(job)) is not None:
+        return other
+    return _restored(job, f"Database restored successfully from: {job.params['backup']}")
+
+
+async def restore_upload(request: web.Request) -> web.Response:
+    target = seed_target(request)
+    safety = query_bool(request, "create_safety_backup", True)
+    manifest = await store_upload(request, target)
+    job = await submit_restore(request, target, manifest["filename"], safety,
+                               wait=svc(request).settings.server.wait_timeout)
+    if (other := _not_done(job)) is not None:
+        return other
+    shown = manifest.get("original_filename") or manifest["filename"]
+    return _restored(job, f"Database restored successfully from uploaded file: {shown}")
+
+
+def _seed_time(iso: str) -> str:
+    """The seed's `created_at`: ISO seconds, UTC, no zone suffix (2024-11-10T12:00:00)."""
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).strftime("%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        return iso
+
+
+async def list_backups(request: web.Request) -> web.Response:
+    target = seed_target(request)
+    manifests = await asyncio.to_thread(svc(request).storage.list_backups, target.id)
+    backups = []
+    for m in manifests:
+        view = backup_view(m)
+        backups.append({
+            "filename": view["filename"],
+            "size_bytes": view["size_bytes"],
+            "size_mb": view["size_mb"],
+            "created_at": _seed_time(str(view.get("created_at", ""))),
+            "compressed": view["compressed"],
+            "kind": view.get("kind"),
+            "safety": view["safety"],
+            "sha256": view.get("sha256"),
+        })
+    return web.json_response({"backups": backups, "total_count": len(backups)})
+
+
+async def delete(request: web.Request) -> web.Response:
+    deleted = await delete_file(request, seed_target(request).id,
+                                request.match_info["filename"])
+    return web.json_response({"success": True,
+                              "message": f"Backup deleted successfully: {deleted}"})
+
+
+async def stats(request: web.Request) -> web.Response:
+    return await stats_of(request, seed_target(request).id)

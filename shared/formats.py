@@ -1,0 +1,89 @@
+"""What each engine restores, checked before an uploaded file is accepted.
+
+`validate(engine, path, compressed)` reads the whole file (decompressing it completely) and
+raises BadRequest unless it is content that engine's restore accepts. It returns manifest
+facts found on the way (plain size, schemas…). Blocking: run it in a thread.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from shared.codecs import CHUNK, GzipDecompress
+from shared.errors import BadRequest, PipelineError
+
+_PG_HEADER = b"-- PostgreSQL database dump"
+_PG_FOOTER = b"-- PostgreSQL database dump complete"
+_PG_CUSTOM_MAGIC = b"PGDMP"
+_CREATE_SCHEMA = re.compile(rb"^CREATE SCHEMA (\"(?:[^\"]|\"\")+\"|[A-Za-z_][\w$]*);$", re.M)
+
+
+def plain_chunks(path: Path, compressed: bool) -> Iterator[bytes]:
+    """The plain content of a file, decompressed in bounded chunks."""
+    gunzip = GzipDecompress() if compressed else None
+    with open(path, "rb") as f:
+        while block := f.read(256 * 1024):
+            if gunzip is None:
+                yield block
+                continue
+            gunzip.push(block)
+            while out := gunzip.pull(CHUNK):
+                yield out
+    if gunzip is not None:
+        gunzip.flush()
+
+
+def _unquote(ident: bytes) -> str:
+    text = ident.decode("utf-8", "replace")
+    if text.startswith('"'):
+        return text[1:-1].replace('""', '"')
+    return text.lower()
+
+
+def validate_postgresql(path: Path, compressed: bool) -> dict[str, Any]:
+    """A complete plain-SQL pg_dump: header first, `dump complete` footer last."""
+    size = 0
+    head = b""
+    tail = b""
+    carry = b""
+    schemas: set[str] = {"public"}
+    for chunk in plain_chunks(path, compressed):
+        if size == 0 and chunk.startswith(_PG_CUSTOM_MAGIC):
+            raise BadRequest("this is a pg_dump custom-format archive; upload a plain SQL dump "
+                             "(pg_dump --format=plain)", code="invalid_upload")
+        size += len(chunk)
+        if len(head) < 4096:
+            head += chunk[: 4096 - len(head)]
+        text = carry + chunk
+        cut = text.rfind(b"\n") + 1
+        for m in _CREATE_SCHEMA.finditer(text, 0, cut):
+            schemas.add(_unquote(m.group(1)))
+        carry = text[cut:][-4096:]
+        tail = (tail + chunk)[-4096:]
+    if _PG_HEADER not in head:
+        raise BadRequest("not a PostgreSQL plain SQL dump (no '-- PostgreSQL database dump' "
+                         "header)", code="invalid_upload")
+    if _PG_FOOTER not in tail:
+        raise BadRequest("the PostgreSQL dump is incomplete (no 'dump complete' footer): it "
+                         "was cut off", code="invalid_upload")
+    return {"raw_bytes": size, "schemas": sorted(schemas), "tool": "pg_dump (uploaded)"}
+
+
+VALIDATORS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
+    "postgresql": validate_postgresql,
+}
+
+
+def validate(engine: str, path: Path, compressed: bool) -> dict[str, Any]:
+    validator = VALIDATORS.get(engine)
+    if validator is None:
+        raise BadRequest(f"uploads for {engine} targets are not supported yet",
+                         code="upload_unsupported")
+    try:
+        return validator(path, compressed)
+    except PipelineError as exc:  # bad or truncated gzip
+        raise BadRequest(f"the upload is not a valid backup: {exc.message}",
+                         code="invalid_upload") from None
