@@ -91,7 +91,9 @@ def oidc_settings(settings: Settings, issuer: Issuer) -> Settings:
                         allowed_azp="safehold", client_id="safehold",
                         jwks_cooldown=2.0, leeway=5)
     other = TargetConfig(id="other", engine="postgresql", url="postgresql://u@127.0.0.1:1/x")
-    return replace(settings, auth=auth, targets={**settings.targets, "other": other})
+    server = replace(settings.server, wait_timeout=0.2)  # no worker here: seed calls answer 202
+    return replace(settings, auth=auth, server=server,
+                   targets={**settings.targets, "other": other})
 
 
 @pytest.fixture
