@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from shared.config import Settings, load_settings
+from shared.config import Settings, ensure_example_database, load_settings
 from shared.errors import ConfigError, SafeholdError
 
 log = logging.getLogger("safehold")
@@ -119,6 +119,10 @@ async def cmd_worker(settings: Settings) -> None:
 
 async def cmd_run(settings: Settings) -> None:
     """API + worker in one process (first run, small installs)."""
+    created = ensure_example_database(settings)
+    if created:
+        log.warning("no config file: created the example SQLite database %s (target "
+                    "'example'); write a safehold.toml to back up your own", created)
     redis_proc = await ensure_local_redis(settings)
     worker_main = importlib.import_module("worker.main")
     stop = _stop_event()

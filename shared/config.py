@@ -164,12 +164,31 @@ _SECTIONS: dict[str, type] = {
 }
 
 DEFAULT_TOML = """
-default_target = "local"
+default_target = "example"
 
-[targets.local]
-engine = "postgresql"
-url = "postgresql://postgres@127.0.0.1:5432/postgres"
+[targets.example]
+engine = "sqlite"
+path = "./data/example.db"
 """
+EXAMPLE_SQL = Path(__file__).with_name("example.sql")
+
+
+def ensure_example_database(settings: Settings) -> Path | None:
+    """With the built-in config, create the bundled example SQLite database if missing."""
+    if settings.source != "<built-in default>":
+        return None
+    import sqlite3
+
+    path = Path(settings.targets["example"].path)
+    if path.exists():
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path)
+    try:
+        conn.executescript(EXAMPLE_SQL.read_text())
+    finally:
+        conn.close()
+    return path
 
 
 def _cast(name: str, value: Any, template: Any) -> Any:

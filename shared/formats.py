@@ -8,6 +8,8 @@ facts found on the way (plain size, schemas…). Blocking: run it in a thread.
 from __future__ import annotations
 
 import re
+import sqlite3
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -72,8 +74,46 @@ def validate_postgresql(path: Path, compressed: bool) -> dict[str, Any]:
     return {"raw_bytes": size, "schemas": sorted(schemas), "tool": "pg_dump (uploaded)"}
 
 
+def check_sqlite_file(path: Path) -> None:
+    """Blocking: raise unless `path` is an SQLite database that passes integrity checks."""
+    with open(path, "rb") as f:
+        if f.read(16) != b"SQLite format 3\x00":
+            raise ValueError("not an SQLite database (bad header)")
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        result = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+        if result != ["ok"]:
+            raise ValueError("integrity_check: " + "; ".join(result[:5]))
+        bad_fk = conn.execute("PRAGMA foreign_key_check").fetchall()
+        if bad_fk:
+            raise ValueError(f"foreign_key_check found {len(bad_fk)} violation(s)")
+    except sqlite3.DatabaseError as exc:
+        raise ValueError(str(exc)) from None
+    finally:
+        conn.close()
+
+
+
+def validate_sqlite(path: Path, compressed: bool) -> dict[str, Any]:
+    """A whole SQLite database file that passes integrity and foreign-key checks."""
+    with tempfile.TemporaryDirectory(prefix="safehold-upload-") as tmp:
+        plain = Path(tmp) / "upload.db"
+        size = 0
+        with open(plain, "wb") as out:
+            for chunk in plain_chunks(path, compressed):
+                size += len(chunk)
+                out.write(chunk)
+        try:
+            check_sqlite_file(plain)
+        except ValueError as exc:
+            raise BadRequest(f"not a sound SQLite database: {exc}", code="invalid_upload") \
+                from None
+    return {"raw_bytes": size, "tool": "sqlite3 (uploaded)"}
+
+
 VALIDATORS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "postgresql": validate_postgresql,
+    "sqlite": validate_sqlite,
 }
 
 

@@ -113,3 +113,42 @@ async def test_unreachable_redis_is_explained(tmp_path: Path, pg_db: str) -> Non
     rc, _, err = await cli("--config", str(cfg), "api", env=env)
     assert rc == 2
     assert f"127.0.0.1:{port}" in err and "not reachable" in err
+
+
+async def test_fresh_run_backs_up_the_bundled_example(prefix: str, tmp_path: Path) -> None:
+    """With no config at all, `safehold run` creates the example SQLite database, and a
+    backup of it succeeds — nothing needed but Redis (started on demand)."""
+    api_port, redis_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "SAFEHOLD_CONFIG"}
+    env.update(SAFEHOLD_SERVER_PORT=str(api_port), SAFEHOLD_REDIS_PREFIX=prefix,
+               SAFEHOLD_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+               PYTHONPATH=str(REPO))
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "api.cli", "run", cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    base = f"http://127.0.0.1:{api_port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                try:
+                    async with http.get(f"{base}/readyz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.2)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "api.cli", "token", cwd=tmp_path, env=env,
+                stdout=asyncio.subprocess.PIPE)
+            tok = (await proc.communicate())[0].decode().strip()
+            async with http.post(f"{base}/api/v1/targets/example/backups?wait=30",
+                                 headers={"Authorization": f"Bearer {tok}"}) as resp:
+                job = await resp.json()
+    finally:
+        server.terminate()
+        _, err = await asyncio.wait_for(server.communicate(), 30)
+    assert job["status"] == "succeeded", job
+    assert job["result"]["filename"].startswith("backup_sqlite_")
+    assert (tmp_path / "data" / "example.db").exists()
+    assert (tmp_path / "backups" / "example" / job["result"]["filename"]).exists()
+    assert "created the example SQLite database" in err.decode()

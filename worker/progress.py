@@ -20,11 +20,13 @@ class Progress:
     _last_bytes: int = 0
     _last_time: float = field(default_factory=time.monotonic)
     _rate: float = 0.0
+    new_phases: list[str] = field(default_factory=list)  # not yet published
 
     def set_phase(self, phase: str, *, bytes_total: int | None = None,
                   items_total: int | None = None) -> None:
-        """Start a new phase; counters restart."""
+        """Start a new phase; counters restart. Every phase is published, however short."""
         self.phase = phase
+        self.new_phases.append(phase)
         self.bytes_done = 0
         self.bytes_total = bytes_total
         self.items_done = 0

@@ -4,6 +4,7 @@ backup / restore procedures on top of an engine, the pipeline and storage."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import UTC, datetime
@@ -98,6 +99,9 @@ class JobRunner:
             await asyncio.shield(self._finish(job, progress, "failed", error=error))
             return {"status": "failed"}
         finally:
+            # the monitor ends by itself once the work is done (publishing the last phases)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(monitor), 5)
             monitor.cancel()
             await asyncio.gather(monitor, return_exceptions=True)
             await asyncio.shield(self._cleanup(job_id, lock))
@@ -145,6 +149,10 @@ class JobRunner:
                             job.id, exc)
                 await asyncio.wait({work}, timeout=1.0)
 
+    async def _publish_phases(self, job: Job, progress: Progress) -> None:
+        while progress.new_phases:
+            await self.store.publish(job.id, "phase", {"phase": progress.new_phases.pop(0)})
+
     async def _watch(self, job: Job, progress: Progress, lock: TargetLock,
                      work: asyncio.Task[Any], state: dict[str, bool]) -> None:
         """Publish progress, heartbeat, refresh the lock, and honour cancel requests."""
@@ -154,14 +162,12 @@ class JobRunner:
         volatile = ("elapsed_s", "rate_bps", "eta_s")
         while not work.done():
             await asyncio.wait({work}, timeout=0.1)
+            await self._publish_phases(job, progress)
             if work.done():
                 break
             now = time.monotonic()
-            phase_changed = progress.phase != last.get("phase")
-            if phase_changed or now - last_publish >= w.progress_interval:
+            if now - last_publish >= w.progress_interval:
                 snap = progress.snapshot()
-                if phase_changed:
-                    await self.store.publish(job.id, "phase", {"phase": snap["phase"]})
                 if any(snap[k] != last.get(k) for k in snap if k not in volatile):
                     await self.store.publish(job.id, "progress", {"progress": snap},
                                              progress=snap)

@@ -44,6 +44,7 @@ class Engine(Protocol):
 
 def get_engines() -> dict[str, Engine]:
     from worker.engines.postgresql import PostgreSQL
+    from worker.engines.sqlite import SQLite
 
-    engines: list[Engine] = [PostgreSQL()]
+    engines: list[Engine] = [PostgreSQL(), SQLite()]
     return {e.name: e for e in engines}

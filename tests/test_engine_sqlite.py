@@ -1,0 +1,217 @@
+"""SQLite engine: online-backup snapshots, integrity-checked atomic restore."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.config import Settings, parse_settings
+from tests.conftest import make_raw_config
+from tests.test_sse import read_events
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "app.db"
+
+
+@pytest.fixture
+def settings(prefix: str, tmp_path: Path, db_path: Path) -> Settings:
+    """Override: one target, `main`, an SQLite file."""
+    raw = make_raw_config(prefix, tmp_path / "backups", None)
+    raw["targets"] = {"main": {"engine": "sqlite", "path": str(db_path)}}
+    return parse_settings(raw, {}, base=tmp_path, source="<test>")
+
+
+def build(path: Path, rows: int = 500) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        PRAGMA journal_mode = WAL;
+        PRAGMA foreign_keys = ON;
+        PRAGMA user_version = 42;
+        CREATE TABLE owner (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+        CREATE TABLE thing (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            owner_id INTEGER REFERENCES owner(id) ON DELETE CASCADE,
+            i INTEGER, r REAL, t TEXT, b BLOB, n
+        );
+        CREATE INDEX thing_owner ON thing(owner_id, t);
+        CREATE TABLE log (id INTEGER PRIMARY KEY, what TEXT);
+        CREATE TRIGGER thing_log AFTER INSERT ON thing BEGIN
+            INSERT INTO log (what) VALUES ('thing ' || NEW.id);
+        END;
+        CREATE VIEW big_things AS SELECT id, t FROM thing WHERE i > 100;
+    """)
+    conn.executemany("INSERT INTO owner (name) VALUES (?)", [(f"ö-{i}",) for i in range(10)])
+    conn.executemany(
+        "INSERT INTO thing (owner_id, i, r, t, b, n) VALUES (?, ?, ?, ?, ?, ?)",
+        [(1 + i % 10, i * 7 - 3000, i / 3.0, f"text {i} ✓", bytes([0, i % 256, 0]) * 5,
+          None if i % 3 else (i if i % 2 else f"{i}")) for i in range(rows)])
+    conn.commit()
+    conn.close()
+
+
+def fingerprint(path: Path) -> dict[str, Any]:
+    conn = sqlite3.connect(path)
+    try:
+        schema = sorted(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
+        data = {}
+        for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"):
+            rows = conn.execute(f'SELECT * FROM "{name}"').fetchall()
+            types = conn.execute(f'SELECT * FROM "{name}"').description
+            data[name] = (sorted(map(repr, rows)), [t[0] for t in types])
+            data[name + ":types"] = sorted(repr(r) for r in conn.execute(
+                f'SELECT typeof(rowid), * FROM "{name}"').fetchall()) if name != "sqlite_sequence" \
+                else None
+        return {"schema": schema, "data": data,
+                "user_version": conn.execute("PRAGMA user_version").fetchone()[0],
+                "journal_mode": conn.execute("PRAGMA journal_mode").fetchone()[0]}
+    finally:
+        conn.close()
+
+
+async def backup(api: Any) -> dict[str, Any]:
+    job = await (await api.post("/api/v1/targets/main/backups?wait=60")).json()
+    assert job["status"] == "succeeded", job
+    return job
+
+
+async def test_round_trip(api: Any, worker: Any, db_path: Path, storage_dir: Path) -> None:
+    """Storage classes, BLOBs, indexes, triggers, views, WAL, user_version, FKs survive."""
+    build(db_path)
+    before = fingerprint(db_path)
+    job = await backup(api)
+    name = job["result"]["filename"]
+    assert name.startswith("backup_sqlite_") and name.endswith(".db.gz")
+    conn = sqlite3.connect(db_path)
+    conn.executescript("DELETE FROM thing WHERE id % 2 = 0; DROP VIEW big_things; "
+                       "PRAGMA user_version = 7; CREATE TABLE junk (x);")
+    conn.close()  # leaves a -wal file with uncheckpointed changes behind
+    resp = await api.post("/api/v1/targets/main/restores?wait=60", json={"backup": name})
+    job = await resp.json()
+    assert job["status"] == "succeeded", job
+    assert job["result"]["safety_backup"].startswith("safety_backup_sqlite_")
+    assert fingerprint(db_path) == before
+
+
+async def test_restores_with_no_tool_at_all(api: Any, worker: Any, db_path: Path,
+                                            storage_dir: Path, tmp_path: Path) -> None:
+    """`gunzip -c backup.db.gz > app.db` gives back the same database."""
+    build(db_path)
+    job = await backup(api)
+    proc = await asyncio.create_subprocess_shell(
+        f"gunzip -c '{storage_dir / job['result']['filename']}' > '{tmp_path / 'copy.db'}'")
+    assert await proc.wait() == 0
+    assert fingerprint(tmp_path / "copy.db") == fingerprint(db_path)
+
+
+async def test_backup_is_consistent_under_concurrent_writes(
+        api: Any, worker: Any, db_path: Path, storage_dir: Path) -> None:
+    """A writer committing pairs of rows during backups never yields a half pair."""
+    build(db_path, rows=20_000)
+    stop = threading.Event()
+    written = [0]
+
+    def writer() -> None:
+        conn = sqlite3.connect(db_path, timeout=30)
+        conn.execute("CREATE TABLE IF NOT EXISTS pair_a (x)")
+        conn.execute("CREATE TABLE IF NOT EXISTS pair_b (x)")
+        conn.commit()
+        while not stop.is_set():
+            with conn:
+                conn.execute("INSERT INTO pair_a VALUES (?)", (written[0],))
+                conn.execute("INSERT INTO pair_b VALUES (?)", (written[0],))
+            written[0] += 1
+        conn.close()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        await asyncio.sleep(0.2)
+        names = [(await backup(api))["result"]["filename"] for _ in range(3)]
+    finally:
+        stop.set()
+        t.join()
+    assert written[0] > 0
+    for name in names:
+        copy = storage_dir.parent / f"{name}.check.db"
+        copy.write_bytes(gzip.decompress((storage_dir / name).read_bytes()))
+        conn = sqlite3.connect(copy)
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        a = conn.execute("SELECT count(*) FROM pair_a").fetchone()[0]
+        b = conn.execute("SELECT count(*) FROM pair_b").fetchone()[0]
+        conn.close()
+        assert a == b
+
+
+async def test_bad_backups_are_refused_and_data_stays(api: Any, worker: Any, db_path: Path,
+                                                      storage_dir: Path) -> None:
+    """A tampered file fails the checksum; a checksummed non-database fails integrity —
+    either way the database is untouched and the job says so."""
+    import hashlib
+    import json
+
+    build(db_path)
+    good = (await backup(api))["result"]["filename"]
+    before = fingerprint(db_path)
+    path = storage_dir / good
+    blob = bytearray(path.read_bytes())
+    blob[50] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    job = await (await api.post("/api/v1/targets/main/restores?wait=60",
+                                json={"backup": good})).json()
+    assert job["error"]["code"] == "checksum_mismatch"
+
+    bad = "backup_sqlite_20200101_000000.db.gz"
+    junk = gzip.compress(b"SQLite format 3\x00" + b"\xff" * 8192)
+    (storage_dir / bad).write_bytes(junk)
+    manifest = json.loads((storage_dir / f"{good}.json").read_text())
+    manifest.update(filename=bad, sha256=hashlib.sha256(junk).hexdigest(), size_bytes=len(junk))
+    (storage_dir / f"{bad}.json").write_text(json.dumps(manifest))
+    job = await (await api.post("/api/v1/targets/main/restores?wait=60",
+                                json={"backup": bad})).json()
+    assert job["status"] == "failed"
+    assert job["error"]["database_state"] == "unchanged"
+    assert "not a sound SQLite database" in job["error"]["message"]
+    assert fingerprint(db_path) == before
+    assert not list(db_path.parent.glob("*.safehold-restore-*"))
+
+
+async def test_progress_over_sse_and_stats(api: Any, worker: Any, db_path: Path) -> None:
+    """The backup's phases arrive over SSE; stats describe the file."""
+    build(db_path)
+    job = await backup(api)
+    events = await read_events(await api.get(f"/api/v1/jobs/{job['id']}/events"))
+    phases = [e["data"]["phase"] for e in events if e["event"] == "phase"]
+    assert "snapshot" in phases and "dumping" in phases
+    stats = await (await api.get("/api/v1/targets/main/stats")).json()
+    assert stats["journal_mode"] == "wal" and stats["user_version"] == 42
+    assert {"name": "thing", "rows": 500} in stats["tables"]
+
+
+async def test_upload_of_a_sqlite_file(api: Any, worker: Any, db_path: Path,
+                                       tmp_path: Path) -> None:
+    """An uploaded .db (gzip or not) is integrity-checked, then restorable."""
+    import aiohttp
+
+    build(db_path)
+    other = tmp_path / "other.db"
+    build(other, rows=3)
+    before = fingerprint(other)
+    form = aiohttp.FormData()
+    form.add_field("file", gzip.compress(other.read_bytes()), filename="other.db.gz")
+    resp = await api.post("/api/v1/targets/main/uploads?restore=true&wait=60", data=form)
+    body = await resp.json()
+    assert body["job"]["status"] == "succeeded", body
+    assert fingerprint(db_path) == before
+    form = aiohttp.FormData()
+    form.add_field("file", b"SQLite format 3\x00" + b"\x00" * 100, filename="x.db")
+    resp = await api.post("/api/v1/targets/main/uploads", data=form)
+    assert resp.status == 400

@@ -1,0 +1,182 @@
+"""SQLite: the online backup API out, an integrity-checked atomic file replace in.
+
+Backup: `sqlite3.Connection.backup` copies the live database into a private snapshot in one
+read transaction (consistent while other processes write; in WAL mode writers are not even
+blocked), then the snapshot file is streamed through the pipeline. The stored file is a
+plain SQLite database: `gunzip -c backup.db.gz > app.db` restores it with no tool at all.
+
+Restore: the stream is written to a temp file next to the target, fsynced, checked with
+`PRAGMA integrity_check` and `foreign_key_check`, then the target's WAL is checkpointed and
+the temp file atomically renamed over the target; stale `-wal`/`-shm` files are removed so
+they cannot be replayed onto the new file. Until the rename, the target is untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, ClassVar
+
+from shared.config import TargetConfig
+from shared.errors import DumpFailed, EngineError, PipelineError, RestoreFailed
+from shared.formats import check_sqlite_file
+from worker.engines import Dump
+from worker.progress import Progress
+
+CHUNK = 1 << 20
+
+
+def _open(path: str, *, readonly: bool = True) -> sqlite3.Connection:
+    if not Path(path).exists():
+        raise EngineError(f"SQLite database {path} does not exist", code="target_unreachable")
+    uri = f"file:{path}?mode={'ro' if readonly else 'rw'}"
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False)
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise EngineError(f"cannot open SQLite database {path}: {exc}",
+                          code="target_unreachable") from None
+    return conn
+
+
+def _snapshot(source: str, dest: Path) -> dict[str, Any]:
+    """Blocking: consistent copy of `source` into `dest`; returns manifest facts."""
+    src = _open(source)
+    try:
+        dst = sqlite3.connect(dest)
+        try:
+            src.backup(dst)  # all pages in one step: one read transaction, one snapshot
+        finally:
+            dst.close()
+        facts = _facts(src)
+    except sqlite3.Error as exc:
+        raise DumpFailed(f"SQLite backup of {source} failed: {exc}") from None
+    finally:
+        src.close()
+    return facts
+
+
+def _facts(conn: sqlite3.Connection) -> dict[str, Any]:
+    tables = [r[0] for r in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+        "ORDER BY name")]
+    return {
+        "server_version": sqlite3.sqlite_version,
+        "journal_mode": conn.execute("PRAGMA journal_mode").fetchone()[0],
+        "user_version": conn.execute("PRAGMA user_version").fetchone()[0],
+        "page_size": conn.execute("PRAGMA page_size").fetchone()[0],
+        "counts": {t: conn.execute(f'SELECT count(*) FROM "{t.replace(chr(34), 2 * chr(34))}"'
+                                   ).fetchone()[0] for t in tables},
+        "count_kind": "rows",
+    }
+
+
+def _replace(target: str, new_file: Path) -> None:
+    """Blocking: fold the target's WAL, swap the file in atomically, drop stale WAL/SHM."""
+    tp = Path(target)
+    if tp.exists():
+        with contextlib.suppress(sqlite3.Error):
+            conn = sqlite3.connect(target, timeout=30)
+            try:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                conn.close()
+    os.replace(new_file, tp)
+    for suffix in ("-wal", "-shm", "-journal"):
+        Path(f"{target}{suffix}").unlink(missing_ok=True)
+    fd = os.open(tp.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SQLite:
+    name: ClassVar[str] = "sqlite"
+    extension: ClassVar[str] = "db"
+
+    async def ping(self, target: TargetConfig) -> None:
+        conn = await asyncio.to_thread(_open, target.path)
+        conn.close()
+
+    async def stats(self, target: TargetConfig) -> dict[str, Any]:
+        def collect() -> dict[str, Any]:
+            conn = _open(target.path)
+            try:
+                facts = _facts(conn)
+                pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            finally:
+                conn.close()
+            return {
+                "engine": self.name,
+                "server_version": facts["server_version"],
+                "path": target.path,
+                "size_bytes": os.path.getsize(target.path),
+                "page_size": facts["page_size"],
+                "page_count": pages,
+                "journal_mode": facts["journal_mode"],
+                "user_version": facts["user_version"],
+                "table_count": len(facts["counts"]),
+                "tables": [{"name": t, "rows": n} for t, n in facts["counts"].items()],
+            }
+
+        return await asyncio.to_thread(collect)
+
+    @asynccontextmanager
+    async def dump(self, target: TargetConfig, progress: Progress) -> AsyncIterator[Dump]:
+        progress.item_kind = "pages"
+        progress.set_phase("snapshot")
+        with tempfile.TemporaryDirectory(prefix="safehold-sqlite-") as tmp:
+            snap = Path(tmp) / "snapshot.db"
+            facts = await asyncio.to_thread(_snapshot, target.path, snap)
+            size = (await asyncio.to_thread(snap.stat)).st_size
+            progress.set_phase("dumping", bytes_total=size)
+            f = await asyncio.to_thread(open, snap, "rb")
+            try:
+                async def chunks() -> AsyncIterator[bytes]:
+                    while block := await asyncio.to_thread(f.read, CHUNK):
+                        yield block
+
+                yield Dump(chunks(), {**facts, "tool": "sqlite3 online backup API",
+                                      "tool_version": sqlite3.sqlite_version,
+                                      "options": ["backup(pages=-1)"]})
+            finally:
+                await asyncio.to_thread(f.close)
+
+    async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
+                      progress: Progress, *, clean: bool, manifest: dict[str, Any]) -> None:
+        directory = Path(target.path).parent
+        await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+        fd, name = await asyncio.to_thread(
+            tempfile.mkstemp, prefix=f".{Path(target.path).name}.safehold-restore-",
+            dir=directory)
+        temp = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                try:
+                    async for chunk in chunks:
+                        await asyncio.to_thread(out.write, chunk)
+                        progress.bytes_done += len(chunk)
+                except PipelineError as exc:
+                    raise RestoreFailed(f"reading the backup failed ({exc.message}); the "
+                                        "database was not touched",
+                                        database_unchanged=True) from None
+                await asyncio.to_thread(out.flush)
+                await asyncio.to_thread(os.fsync, out.fileno())
+            progress.set_phase("checking")
+            try:
+                await asyncio.to_thread(check_sqlite_file, temp)
+            except ValueError as exc:
+                raise RestoreFailed(f"the backup is not a sound SQLite database ({exc}); the "
+                                    "database was not touched", database_unchanged=True) \
+                    from None
+            progress.set_phase("replacing")
+            await asyncio.to_thread(_replace, target.path, temp)
+        finally:
+            await asyncio.to_thread(temp.unlink, missing_ok=True)
