@@ -111,9 +111,31 @@ def validate_sqlite(path: Path, compressed: bool) -> dict[str, Any]:
     return {"raw_bytes": size, "tool": "sqlite3 (uploaded)"}
 
 
+_MY_HEADERS = (b"-- MariaDB dump", b"-- MySQL dump")
+_MY_FOOTER = b"-- Dump completed"
+
+
+def validate_mysql(path: Path, compressed: bool) -> dict[str, Any]:
+    """A complete mariadb-dump/mysqldump SQL file: its header first, `Dump completed` last."""
+    size, head, tail = 0, b"", b""
+    for chunk in plain_chunks(path, compressed):
+        size += len(chunk)
+        if len(head) < 4096:
+            head += chunk[: 4096 - len(head)]
+        tail = (tail + chunk)[-4096:]
+    if not any(h in head for h in _MY_HEADERS):
+        raise BadRequest("not a MariaDB/MySQL dump (no '-- MariaDB dump' or '-- MySQL dump' "
+                         "header)", code="invalid_upload")
+    if _MY_FOOTER not in tail:
+        raise BadRequest("the MySQL dump is incomplete (no '-- Dump completed' footer): it "
+                         "was cut off", code="invalid_upload")
+    return {"raw_bytes": size, "tool": "mysqldump (uploaded)"}
+
+
 VALIDATORS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "postgresql": validate_postgresql,
     "sqlite": validate_sqlite,
+    "mysql": validate_mysql,
 }
 
 

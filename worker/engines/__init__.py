@@ -43,8 +43,9 @@ class Engine(Protocol):
 
 
 def get_engines() -> dict[str, Engine]:
+    from worker.engines.mysql import MySQL
     from worker.engines.postgresql import PostgreSQL
     from worker.engines.sqlite import SQLite
 
-    engines: list[Engine] = [PostgreSQL(), SQLite()]
+    engines: list[Engine] = [PostgreSQL(), MySQL(), SQLite()]
     return {e.name: e for e in engines}

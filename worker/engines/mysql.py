@@ -1,0 +1,245 @@
+"""MySQL / MariaDB: `mariadb-dump`/`mysqldump` out, the `mariadb`/`mysql` client in.
+
+Credentials and the connection go to the tools in a 0600 option file
+(`--defaults-extra-file`, the first argument), never argv. The dump is
+`--single-transaction` (a consistent InnoDB snapshot, no table locks) with routines,
+triggers, events and `--hex-blob`, in utf8mb4. A clean restore drops the database's tables,
+views, sequences, routines and events (foreign key checks off) in the client session that
+then loads the dump. MySQL DDL commits implicitly, so a failed restore leaves the database
+in an unknown state: the job runner then restores the safety backup automatically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, ClassVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import aiomysql
+import pymysql
+
+from shared.config import TargetConfig
+from shared.errors import DumpFailed, EngineError, PipelineError, RestoreFailed
+from shared.redact import redact
+from worker.engines import Dump
+from worker.progress import Progress
+from worker.subproc import spawn
+
+_TABLE_DONE = re.compile(r"^-- Retrieving rows")
+_VERBOSE = re.compile(r"^-- ")
+
+
+def _conn(target: TargetConfig) -> dict[str, Any]:
+    u = urlsplit(target.url)
+    q = parse_qs(u.query)
+    return {
+        "host": u.hostname or "127.0.0.1",
+        "port": u.port or 3306,
+        "user": unquote(u.username or "root"),
+        "database": unquote(u.path.lstrip("/")),
+        "unix_socket": q.get("unix_socket", [None])[0],
+    }
+
+
+def _secrets(target: TargetConfig) -> list[str]:
+    return [target.password.reveal()] if target.password is not None else []
+
+
+def _option_value(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@contextmanager
+def _defaults_file(target: TargetConfig) -> Iterator[str]:
+    """A private 0600 option file with the connection and password; removed afterwards."""
+    c = _conn(target)
+    lines = ["[client]", f"user={_option_value(c['user'])}", f"host={c['host']}",
+             f"port={c['port']}", "default-character-set=utf8mb4"]
+    if c["unix_socket"]:
+        lines.append(f"socket={c['unix_socket']}")
+    if target.password is not None:
+        lines.append(f"password={_option_value(target.password.reveal())}")
+    directory = tempfile.mkdtemp(prefix="safehold-my-")
+    path = os.path.join(directory, "client.cnf")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _quote(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
+
+
+def find_tool(*names: str) -> str:
+    for name in names:
+        if shutil.which(name):
+            return name
+    raise EngineError(f"none of {', '.join(names)} is installed (install mariadb-client or "
+                      "mysql-client)", code="tool_missing")
+
+
+async def tool_version(tool: str) -> str:
+    proc = await asyncio.create_subprocess_exec(tool, "--version",
+                                                stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    return out.decode().strip()
+
+
+class MySQL:
+    name: ClassVar[str] = "mysql"
+    extension: ClassVar[str] = "sql"
+
+    @asynccontextmanager
+    async def _connect(self, target: TargetConfig) -> AsyncIterator[aiomysql.Connection]:
+        c = _conn(target)
+        try:
+            conn = await aiomysql.connect(
+                host=c["host"], port=c["port"], user=c["user"], db=c["database"],
+                password=target.password.reveal() if target.password else "",
+                unix_socket=c["unix_socket"], charset="utf8mb4", connect_timeout=10)
+        except (TimeoutError, OSError, pymysql.err.MySQLError) as exc:
+            raise EngineError(
+                f"cannot connect to MySQL target '{target.id}' at {c['host']}:{c['port']}/"
+                f"{c['database']}: {redact(str(exc), _secrets(target))}",
+                code="target_unreachable") from None
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    async def _query(self, conn: aiomysql.Connection, sql: str, *args: Any
+                     ) -> list[tuple[Any, ...]]:
+        async with conn.cursor() as cur:
+            await cur.execute(sql, args or None)
+            return list(await cur.fetchall())
+
+    async def _catalog(self, conn: aiomysql.Connection, db: str) -> dict[str, Any]:
+        version = (await self._query(conn, "SELECT VERSION()"))[0][0]
+        tables = await self._query(
+            conn, "SELECT TABLE_NAME, TABLE_TYPE, COALESCE(TABLE_ROWS, 0), "
+            "COALESCE(DATA_LENGTH, 0) + COALESCE(INDEX_LENGTH, 0), COALESCE(DATA_LENGTH, 0), "
+            "ENGINE FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s ORDER BY 1", db)
+        routines = await self._query(
+            conn, "SELECT ROUTINE_NAME, ROUTINE_TYPE FROM information_schema.ROUTINES "
+            "WHERE ROUTINE_SCHEMA = %s", db)
+        events = await self._query(
+            conn, "SELECT EVENT_NAME FROM information_schema.EVENTS WHERE EVENT_SCHEMA = %s", db)
+        return {"version": version, "tables": tables, "routines": routines,
+                "events": [e[0] for e in events]}
+
+    async def ping(self, target: TargetConfig) -> None:
+        async with self._connect(target) as conn:
+            await self._query(conn, "SELECT 1")
+
+    async def stats(self, target: TargetConfig) -> dict[str, Any]:
+        db = _conn(target)["database"]
+        async with self._connect(target) as conn:
+            cat = await self._catalog(conn, db)
+        base = [t for t in cat["tables"] if t[1] == "BASE TABLE"]
+        return {
+            "engine": self.name,
+            "server_version": cat["version"],
+            "database": db,
+            "size_bytes": sum(int(t[3]) for t in base),
+            "table_count": len(base),
+            "views": [t[0] for t in cat["tables"] if t[1] == "VIEW"],
+            "routines": len(cat["routines"]),
+            "events": len(cat["events"]),
+            "tables": [{"name": t[0], "rows_estimate": int(t[2]), "size_bytes": int(t[3]),
+                        "storage_engine": t[5]} for t in base],
+        }
+
+    @asynccontextmanager
+    async def dump(self, target: TargetConfig, progress: Progress) -> AsyncIterator[Dump]:
+        db = _conn(target)["database"]
+        async with self._connect(target) as conn:
+            cat = await self._catalog(conn, db)
+        tool = find_tool("mariadb-dump", "mysqldump")
+        version = await tool_version(tool)
+        options = ["--single-transaction", "--routines", "--triggers", "--events",
+                   "--hex-blob", "--default-character-set=utf8mb4", "--no-tablespaces",
+                   "--verbose"]
+        if "mariadb" not in version.lower():  # MySQL's mysqldump
+            options.append("--set-gtid-purged=OFF")
+            if "mariadb" in str(cat["version"]).lower():
+                options.append("--column-statistics=0")
+        base = [t for t in cat["tables"] if t[1] == "BASE TABLE"]
+        progress.item_kind = "tables"
+        progress.set_phase("dumping", bytes_total=sum(int(t[4]) for t in base) or None,
+                           items_total=len(base))
+
+        def on_line(line: str) -> None:
+            if _TABLE_DONE.match(line) and progress.items_done < (progress.items_total or 0):
+                progress.items_done += 1
+
+        with _defaults_file(target) as cnf:
+            argv = [tool, f"--defaults-extra-file={cnf}", *options, db]
+            async with spawn(argv, env={}, secrets=_secrets(target), stdout=True,
+                             on_line=on_line) as child:
+                async def chunks() -> AsyncIterator[bytes]:
+                    while data := await child.read():
+                        yield data
+
+                yield Dump(chunks(), {
+                    "server_version": cat["version"], "tool": tool, "tool_version": version,
+                    "options": options, "database": db,
+                    "counts": {t[0]: int(t[2]) for t in base}, "count_kind": "rows_estimate",
+                })
+                rc = await child.wait()
+                if rc != 0:
+                    detail = child.error_text(skip=lambda ln: bool(_VERBOSE.match(ln)))
+                    raise DumpFailed(f"{tool} exited with code {rc}: {detail}")
+
+    async def _clean_sql(self, target: TargetConfig) -> str:
+        db = _conn(target)["database"]
+        async with self._connect(target) as conn:
+            cat = await self._catalog(conn, db)
+        kinds = {"BASE TABLE": "TABLE", "VIEW": "VIEW", "SEQUENCE": "SEQUENCE",
+                 "SYSTEM VERSIONED": "TABLE"}
+        sql = ["SET FOREIGN_KEY_CHECKS = 0;"]
+        for name, ttype, *_ in sorted(cat["tables"], key=lambda t: t[1] != "VIEW"):
+            sql.append(f"DROP {kinds.get(ttype, 'TABLE')} IF EXISTS {_quote(name)};")
+        for name, rtype in cat["routines"]:
+            sql.append(f"DROP {rtype} IF EXISTS {_quote(name)};")
+        sql += [f"DROP EVENT IF EXISTS {_quote(e)};" for e in cat["events"]]
+        sql.append("SET FOREIGN_KEY_CHECKS = 1;")
+        return "\n".join(sql) + "\n"
+
+    async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
+                      progress: Progress, *, clean: bool, manifest: dict[str, Any]) -> None:
+        db = _conn(target)["database"]
+        prelude = await self._clean_sql(target) if clean else ""
+        tool = find_tool("mariadb", "mysql")
+        with _defaults_file(target) as cnf:
+            argv = [tool, f"--defaults-extra-file={cnf}", "--binary-mode", db]
+            async with spawn(argv, env={}, secrets=_secrets(target), stdin=True) as child:
+                stdin = child.proc.stdin
+                assert stdin is not None
+                try:
+                    stdin.write(prelude.encode())
+                    async for chunk in chunks:
+                        stdin.write(chunk)
+                        await stdin.drain()
+                        progress.bytes_done += len(chunk)
+                    stdin.close()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client stopped reading: its exit code and stderr say why
+                except PipelineError as exc:
+                    await child.kill()
+                    raise RestoreFailed(f"reading the backup failed ({exc.message}) after "
+                                        "the restore had started") from None
+                rc = await child.wait()
+        if rc != 0:
+            raise RestoreFailed(f"{tool} exited with code {rc}: {child.error_text()}")
+
+
