@@ -17,6 +17,7 @@ from shared import naming
 from shared.config import TargetConfig
 from shared.errors import BadRequest, Conflict, NotFound, SafeholdError, Unavailable
 from shared.jobs import TERMINAL, Job
+from shared.naming import ENGINE_FORMATS
 from shared.queue import enqueue
 
 MAX_WAIT = 3600.0
@@ -206,10 +207,16 @@ def backup_view(m: dict[str, Any]) -> dict[str, Any]:
 async def create_backup(request: web.Request) -> web.Response:
     s = svc(request)
     target = s.settings.target(request.match_info["target"])
-    body = await read_json(request, {"compress": bool, "note": str})
+    body = await read_json(request, {"compress": bool, "note": str, "format": str})
     if len(body.get("note", "")) > 500:
         raise BadRequest("note is longer than 500 characters", code="invalid_body")
     params = {"compress": body.get("compress", target.compress), "note": body.get("note", "")}
+    if "format" in body:
+        formats = ENGINE_FORMATS.get(target.engine, ())
+        if body["format"] not in formats:
+            raise BadRequest(f"format {body['format']!r} is not offered for {target.engine} "
+                             f"(one of: {', '.join(formats) or 'none'})", code="invalid_body")
+        params["format"] = body["format"]
     job, _ = await submit(request, "backup", target.id, params)
     return job_response(job)
 

@@ -34,7 +34,9 @@ class Route:
 T = "/api/v1/targets/{target}"
 _BACKUP_BODY = {"type": "object", "additionalProperties": False, "properties": {
     "compress": {"type": "boolean", "default": True},
-    "note": {"type": "string", "maxLength": 500}}}
+    "note": {"type": "string", "maxLength": 500},
+    "format": {"type": "string", "description": "engine-specific: redis `resp` (default) "
+               "or `rdb`"}}}
 _RESTORE_BODY = {"type": "object", "additionalProperties": False, "required": ["backup"],
                  "properties": {"backup": {"type": "string"},
                                 "create_safety_backup": {"type": "boolean", "default": True}}}

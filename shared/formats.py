@@ -16,6 +16,7 @@ from typing import Any
 
 from shared.codecs import CHUNK, GzipDecompress
 from shared.errors import BadRequest, PipelineError
+from shared.resp import RespReader
 
 _PG_HEADER = b"-- PostgreSQL database dump"
 _PG_FOOTER = b"-- PostgreSQL database dump complete"
@@ -132,10 +133,44 @@ def validate_mysql(path: Path, compressed: bool) -> dict[str, Any]:
     return {"raw_bytes": size, "tool": "mysqldump (uploaded)"}
 
 
+def validate_redis(path: Path, compressed: bool) -> dict[str, Any]:
+    """A RESP stream of SELECT and RESTORE commands (what Safehold's Redis backups hold)."""
+    try:
+        first = next(plain_chunks(path, compressed), b"")
+    except PipelineError as exc:
+        raise BadRequest(f"not a valid backup: {exc.message}", code="invalid_upload") from None
+    if first.startswith(b"REDIS"):
+        raise BadRequest("this is an RDB snapshot: restore it by placing it as the server's "
+                         "dump.rdb (see the README); uploads take RESP backups",
+                         code="invalid_upload")
+    reader = RespReader()
+    size, keys, databases = 0, 0, {0}
+    try:
+        for chunk in plain_chunks(path, compressed):
+            size += len(chunk)
+            for cmd in reader.feed(chunk):
+                name = cmd[0].upper()
+                if name == b"SELECT" and len(cmd) == 2 and cmd[1].isdigit():
+                    databases.add(int(cmd[1]))
+                elif name == b"RESTORE" and len(cmd) >= 4:
+                    keys += 1
+                else:
+                    raise BadRequest(f"unexpected command {name[:30]!r} in a Redis backup",
+                                     code="invalid_upload")
+        reader.finish()
+    except (ValueError, PipelineError) as exc:
+        raise BadRequest(f"not a RESP Redis backup: {exc}", code="invalid_upload") from None
+    if keys == 0 and size == 0:
+        raise BadRequest("the Redis backup is empty", code="invalid_upload")
+    return {"raw_bytes": size, "format": "resp", "databases": sorted(databases),
+            "counts": {"keys": keys}, "tool": "RESP (uploaded)"}
+
+
 VALIDATORS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "postgresql": validate_postgresql,
     "sqlite": validate_sqlite,
     "mysql": validate_mysql,
+    "redis": validate_redis,
 }
 
 

@@ -28,6 +28,8 @@ ENGINE_EXTENSIONS: dict[str, str] = {
     "neo4j": "cypher",
 }
 KINDS = ("backup", "safety_backup", "upload")
+# engine -> backup formats a client may ask for (the first is the default)
+ENGINE_FORMATS: dict[str, tuple[str, ...]] = {"redis": ("resp", "rdb")}
 MAX_NAME = 128
 
 _NAME_RE = re.compile(

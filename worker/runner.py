@@ -221,7 +221,8 @@ class JobRunner:
             progress.bytes_done += n
 
         try:
-            async with engine.dump(target, progress) as dump:
+            options = {"format": job.params["format"]} if job.params.get("format") else None
+            async with engine.dump(target, progress, options) as dump:
                 out = await pipeline.store(dump.chunks, temp, compress=compress, level=level,
                                            on_bytes=count)
             await asyncio.to_thread(temp.finish)
@@ -230,7 +231,7 @@ class JobRunner:
             raise
         progress.phase = "publishing"
         name = naming.new_name(kind, engine.name, started, compressed=compress,
-                               ext=engine.extension)
+                               ext=dump.info.pop("extension", engine.extension))
         manifest = {
             "engine": engine.name,
             "kind": kind,

@@ -27,9 +27,11 @@ class Engine(Protocol):
     name: ClassVar[str]
     extension: ClassVar[str]
 
-    def dump(self, target: TargetConfig, progress: Progress) -> AbstractAsyncContextManager[Dump]:
+    def dump(self, target: TargetConfig, progress: Progress,
+             options: dict[str, Any] | None = None) -> AbstractAsyncContextManager[Dump]:
         """Stream a dump; leaving the context reaps every child and raises DumpFailed if the
-        dump did not complete."""
+        dump did not complete. `options` are engine-specific (e.g. redis `format`); a
+        Dump's `info["extension"]` overrides the engine's file extension."""
         ...
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
@@ -45,7 +47,8 @@ class Engine(Protocol):
 def get_engines() -> dict[str, Engine]:
     from worker.engines.mysql import MySQL
     from worker.engines.postgresql import PostgreSQL
+    from worker.engines.redis import RedisEngine
     from worker.engines.sqlite import SQLite
 
-    engines: list[Engine] = [PostgreSQL(), MySQL(), SQLite()]
+    engines: list[Engine] = [PostgreSQL(), MySQL(), SQLite(), RedisEngine()]
     return {e.name: e for e in engines}

@@ -160,19 +160,20 @@ class MySQL:
         }
 
     @asynccontextmanager
-    async def dump(self, target: TargetConfig, progress: Progress) -> AsyncIterator[Dump]:
+    async def dump(self, target: TargetConfig, progress: Progress,
+                   options: dict[str, Any] | None = None) -> AsyncIterator[Dump]:
         db = _conn(target)["database"]
         async with self._connect(target) as conn:
             cat = await self._catalog(conn, db)
         tool = find_tool("mariadb-dump", "mysqldump")
         version = await tool_version(tool)
-        options = ["--single-transaction", "--routines", "--triggers", "--events",
+        flags = ["--single-transaction", "--routines", "--triggers", "--events",
                    "--hex-blob", "--default-character-set=utf8mb4", "--no-tablespaces",
                    "--verbose"]
         if "mariadb" not in version.lower():  # MySQL's mysqldump
-            options.append("--set-gtid-purged=OFF")
+            flags.append("--set-gtid-purged=OFF")
             if "mariadb" in str(cat["version"]).lower():
-                options.append("--column-statistics=0")
+                flags.append("--column-statistics=0")
         base = [t for t in cat["tables"] if t[1] == "BASE TABLE"]
         progress.item_kind = "tables"
         progress.set_phase("dumping", bytes_total=sum(int(t[4]) for t in base) or None,
@@ -183,7 +184,7 @@ class MySQL:
                 progress.items_done += 1
 
         with _defaults_file(target) as cnf:
-            argv = [tool, f"--defaults-extra-file={cnf}", *options, db]
+            argv = [tool, f"--defaults-extra-file={cnf}", *flags, db]
             async with spawn(argv, env={}, secrets=_secrets(target), stdout=True,
                              on_line=on_line) as child:
                 async def chunks() -> AsyncIterator[bytes]:
@@ -192,7 +193,7 @@ class MySQL:
 
                 yield Dump(chunks(), {
                     "server_version": cat["version"], "tool": tool, "tool_version": version,
-                    "options": options, "database": db,
+                    "options": flags, "database": db,
                     "counts": {t[0]: int(t[2]) for t in base}, "count_kind": "rows_estimate",
                 })
                 rc = await child.wait()

@@ -180,7 +180,8 @@ class PostgreSQL:
         }
 
     @asynccontextmanager
-    async def dump(self, target: TargetConfig, progress: Progress) -> AsyncIterator[Dump]:
+    async def dump(self, target: TargetConfig, progress: Progress,
+                   options: dict[str, Any] | None = None) -> AsyncIterator[Dump]:
         async with self._connect(target) as conn:
             cat = await self._catalog(conn)
         major, tool_version = await tool_major("pg_dump")
@@ -199,8 +200,8 @@ class PostgreSQL:
             if _TABLE_DONE.match(line):
                 progress.items_done += 1
 
-        options = ["--format=plain", "--no-owner", "--no-acl", "--verbose", "--no-password"]
-        async with spawn(["pg_dump", *options], env=_env(target), secrets=_secrets(target),
+        flags = ["--format=plain", "--no-owner", "--no-acl", "--verbose", "--no-password"]
+        async with spawn(["pg_dump", *flags], env=_env(target), secrets=_secrets(target),
                          stdout=True, on_line=on_line) as child:
             async def chunks() -> AsyncIterator[bytes]:
                 while data := await child.read():
@@ -210,7 +211,7 @@ class PostgreSQL:
                 "server_version": cat["version"],
                 "tool": "pg_dump",
                 "tool_version": tool_version,
-                "options": options,
+                "options": flags,
                 "schemas": cat["schemas"],
                 "counts": {f"{t['schema']}.{t['name']}": max(int(t["rows"]), 0)
                            for t in leaf_tables},

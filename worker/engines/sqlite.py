@@ -129,7 +129,8 @@ class SQLite:
         return await asyncio.to_thread(collect)
 
     @asynccontextmanager
-    async def dump(self, target: TargetConfig, progress: Progress) -> AsyncIterator[Dump]:
+    async def dump(self, target: TargetConfig, progress: Progress,
+                   options: dict[str, Any] | None = None) -> AsyncIterator[Dump]:
         progress.item_kind = "pages"
         progress.set_phase("snapshot")
         with tempfile.TemporaryDirectory(prefix="safehold-sqlite-") as tmp:

@@ -1,0 +1,252 @@
+"""Redis engine against a private redis-server per test (never the shared one's data)."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from shared.config import Settings, parse_settings
+from shared.resp import resp
+from tests.conftest import make_raw_config
+from tests.test_failures_pg import publish_plain
+from tests.test_sse import read_events
+
+PW = "R3dis-Test-Pw-91c"
+PW_ENV = "SAFEHOLD_TEST_REDIS_PASSWORD"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def start_server(tmp: Path) -> tuple[asyncio.subprocess.Process, int]:
+    port = free_port()
+    tmp.mkdir(parents=True, exist_ok=True)
+    proc = await asyncio.create_subprocess_exec(
+        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        "--appendonly", "no", "--dir", str(tmp), "--requirepass", PW,
+        "--repl-diskless-sync-delay", "0", stdout=asyncio.subprocess.DEVNULL)
+    r = Redis(port=port, password=PW)
+    for _ in range(100):
+        try:
+            await r.ping()
+            break
+        except Exception:
+            await asyncio.sleep(0.05)
+    await r.aclose()
+    return proc, port
+
+
+@pytest.fixture
+async def redis_port(tmp_path: Path) -> AsyncIterator[int]:
+    proc, port = await start_server(tmp_path / "redis-a")
+    yield port
+    proc.terminate()
+    await proc.wait()
+
+
+@pytest.fixture
+def settings(prefix: str, tmp_path: Path, redis_port: int) -> Settings:
+    """Override: target `main` is our private Redis (all logical databases)."""
+    raw = make_raw_config(prefix, tmp_path / "backups", None)
+    raw["targets"] = {"main": {"engine": "redis", "password_env": PW_ENV,
+                               "url": f"redis://127.0.0.1:{redis_port}"}}
+    return parse_settings(raw, {PW_ENV: PW}, base=tmp_path, source="<test>")
+
+
+BIG = 55 << 20
+
+
+async def load(port: int, big: bool = False) -> None:
+    r = Redis(port=port, password=PW)
+    await r.set(b"bin\x00key", b"\x00\xff\x00binary\r\n")
+    await r.set("ünïcode", "värde ✓")
+    await r.rpush("list", *[f"item{i}" for i in range(300)])
+    await r.sadd("set", *range(100))
+    await r.zadd("zset", {f"m{i}": i / 3 for i in range(200)})
+    await r.hset("hash", mapping={f"f{i}": f"v{i}" for i in range(150)})
+    for i in range(50):
+        await r.xadd("stream", {"n": i, "payload": "x" * i})
+    await r.xgroup_create("stream", "workers", id="0")
+    await r.xreadgroup("workers", "alice", {"stream": ">"}, count=10)
+    await r.pfadd("hll", *[f"visitor{i}" for i in range(1000)])
+    await r.set("ttl-key", "expires", ex=300)
+    await r.hset("ttl-hash", "a", "b")
+    await r.pexpire("ttl-hash", 120_000)
+    if big:
+        await r.set("big", b"0123456789abcdef" * (BIG // 16))
+    await r.execute_command("SELECT", 3)
+    await r.aclose()
+    r3 = Redis(port=port, password=PW, db=3)
+    await r3.set("in-db-3", "yes")
+    await r3.rpush("list3", "a", "b")
+    await r3.aclose()
+
+
+async def fingerprint(port: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for db in range(16):
+        r = Redis(port=port, password=PW, db=db)
+        for key in sorted([k async for k in r.scan_iter(count=1000)]):
+            kind = (await r.type(key)).decode()
+            if kind == "string":
+                value: Any = hashlib.sha256(await r.get(key)).hexdigest()
+            elif kind == "list":
+                value = await r.lrange(key, 0, -1)
+            elif kind == "set":
+                value = sorted(await r.smembers(key))
+            elif kind == "zset":
+                value = await r.zrange(key, 0, -1, withscores=True)
+            elif kind == "hash":
+                value = sorted((await r.hgetall(key)).items())
+            elif kind == "stream":
+                groups = [(g["name"], g["consumers"], g["pending"], g["last-delivered-id"])
+                          for g in await r.xinfo_groups(key)]
+                value = (await r.xrange(key), groups)
+            else:
+                value = kind
+            pttl = await r.pttl(key)
+            out[f"db{db}:{key!r}"] = (kind, repr(value), pttl > 0)
+        await r.aclose()
+    return out
+
+
+async def ttls(port: int) -> dict[str, int]:
+    r = Redis(port=port, password=PW)
+    out = {k: await r.pttl(k) for k in ("ttl-key", "ttl-hash")}
+    await r.aclose()
+    return out
+
+
+async def backup(api: Any, **body: Any) -> dict[str, Any]:
+    job = await (await api.post("/api/v1/targets/main/backups?wait=120", json=body)).json()
+    assert job["status"] == "succeeded", job
+    return job
+
+
+async def test_round_trip_with_big_key_and_ttls(api: Any, worker: Any, redis_port: int,
+                                                storage_dir: Path) -> None:
+    """All types (binary strings, lists, sets, zsets, hashes, streams with groups, HLL),
+    a > 50 MB key, TTLs (within a second) and several databases survive."""
+    await load(redis_port, big=True)
+    before, ttl_before = await fingerprint(redis_port), await ttls(redis_port)
+    job = await backup(api)
+    name = job["result"]["filename"]
+    assert name.startswith("backup_redis_") and name.endswith(".resp.gz")
+    manifest = json.loads((storage_dir / f"{name}.json").read_text())
+    assert manifest["databases"] == [0, 3] and manifest["server_version"].startswith("7")
+    r = Redis(port=redis_port, password=PW)
+    await r.flushall()
+    await r.set("intruder", "x")
+    await r.aclose()
+    job = await (await api.post("/api/v1/targets/main/restores?wait=120",
+                                json={"backup": name})).json()
+    assert job["status"] == "succeeded", job
+    assert await fingerprint(redis_port) == before
+    ttl_after = await ttls(redis_port)
+    for k, v in ttl_before.items():
+        assert abs(ttl_after[k] - v) < 1500, (k, v, ttl_after[k])
+
+
+async def test_stock_redis_cli_pipe_restores_it(api: Any, worker: Any, redis_port: int,
+                                                storage_dir: Path, tmp_path: Path) -> None:
+    """`gunzip -c f | redis-cli --pipe` into an empty server reproduces the data."""
+    await load(redis_port)
+    before = await fingerprint(redis_port)
+    path = storage_dir / (await backup(api))["result"]["filename"]
+    proc2, port2 = await start_server(tmp_path / "redis-b")
+    try:
+        shell = await asyncio.create_subprocess_shell(
+            f"gunzip -c '{path}' | redis-cli -p {port2} --pipe",
+            env={**os.environ, "REDISCLI_AUTH": PW}, stdout=asyncio.subprocess.PIPE)
+        out, _ = await shell.communicate()
+        assert shell.returncode == 0 and b"errors: 0" in out, out
+        assert await fingerprint(port2) == before
+    finally:
+        proc2.terminate()
+        await proc2.wait()
+
+
+async def test_keys_expiring_during_the_scan_are_skipped(api: Any, worker: Any,
+                                                         redis_port: int) -> None:
+    """Thousands of keys expiring mid-scan: the backup still succeeds, no error."""
+    r = Redis(port=redis_port, password=PW)
+    async with r.pipeline(transaction=False) as pipe:
+        for i in range(20_000):
+            pipe.set(f"short:{i}", "x" * 50, px=1 + i % 40)
+        await pipe.execute()
+    await r.aclose()
+    job = await backup(api)
+    assert job["result"]["raw_bytes"] >= 0
+
+
+async def test_failing_restore_rolls_back(api: Any, worker: Any, redis_port: int,
+                                          storage_dir: Path) -> None:
+    """A corrupt DUMP payload mid-restore fails the job and the safety backup is replayed."""
+    await load(redis_port)
+    good = (await backup(api))["result"]["filename"]
+    r = Redis(port=redis_port, password=PW)
+    await r.set("added-since", "1")
+    await r.aclose()
+    current = await fingerprint(redis_port)
+    manifest = json.loads((storage_dir / f"{good}.json").read_text())
+    plain = gzip.decompress((storage_dir / good).read_bytes())
+    bad_cmd = resp(b"RESTORE", b"broken", b"0", b"not a dump payload", b"REPLACE")
+    bad = "backup_redis_20200101_000000.resp.gz"
+    await publish_plain(storage_dir, bad, plain + bad_cmd, manifest)
+    job = await (await api.post("/api/v1/targets/main/restores?wait=120",
+                                json={"backup": bad})).json()
+    assert job["status"] == "failed"
+    assert job["error"]["database_state"] == "rolled_back", job["error"]
+    assert await fingerprint(redis_port) == current
+
+
+async def test_checksum_mismatch_and_progress(api: Any, worker: Any, redis_port: int,
+                                              storage_dir: Path) -> None:
+    """Tampered backups are refused untouched; keys are counted in the progress."""
+    await load(redis_port)
+    job = await backup(api)
+    assert job["progress"]["item_kind"] == "keys" and job["progress"]["items_done"] >= 12
+    events = await read_events(await api.get(f"/api/v1/jobs/{job['id']}/events"))
+    assert "dumping" in [e["data"]["phase"] for e in events if e["event"] == "phase"]
+    path = storage_dir / job["result"]["filename"]
+    blob = bytearray(path.read_bytes())
+    blob[20] ^= 0x10
+    path.write_bytes(bytes(blob))
+    before = await fingerprint(redis_port)
+    job = await (await api.post("/api/v1/targets/main/restores?wait=60",
+                                json={"backup": job["result"]["filename"]})).json()
+    assert job["error"]["code"] == "checksum_mismatch"
+    assert await fingerprint(redis_port) == before
+    stats = await (await api.get("/api/v1/targets/main/stats")).json()
+    assert {d["db"] for d in stats["databases"]} == {0, 3}
+
+
+async def test_rdb_format(api: Any, worker: Any, redis_port: int, storage_dir: Path) -> None:
+    """format=rdb stores the server's RDB snapshot (.rdb.gz); the API won't restore it."""
+    await load(redis_port)
+    t0 = time.monotonic()
+    job = await backup(api, format="rdb")
+    assert time.monotonic() - t0 < 60
+    name = job["result"]["filename"]
+    assert name.endswith(".rdb.gz")
+    assert gzip.decompress((storage_dir / name).read_bytes()).startswith(b"REDIS")
+    job = await (await api.post("/api/v1/targets/main/restores?wait=60",
+                                json={"backup": name})).json()
+    assert job["status"] == "failed" and "dump.rdb" in job["error"]["message"]
+    assert job["error"]["database_state"] == "unchanged"
+    resp_ = await api.post("/api/v1/targets/main/backups", json={"format": "xml"})
+    assert resp_.status == 400

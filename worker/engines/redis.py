@@ -1,0 +1,259 @@
+"""Redis: `SCAN` + pipelined `DUMP`/`PTTL` written as RESP `RESTORE` commands.
+
+The backup is a stream of Redis protocol: per logical database a `SELECT n`, then one
+`RESTORE key ttl payload REPLACE [ABSTTL]` per key (ABSTTL keeps the original expiry time,
+so a key does not live longer because it was restored later). `gunzip -c f | redis-cli
+--pipe` replays it with the stock tool. Keys that vanish or expire during the scan are
+skipped (SCAN's guarantees: every key present for the whole scan is included once). DUMP
+payloads restore on the same or a newer Redis version: the manifest records the server's.
+
+`format=rdb` instead streams the server's RDB snapshot (`redis-cli --rdb -`); restoring an
+RDB means replacing the server's dump file while it is stopped, so the API refuses it.
+
+Restore parses the RESP stream and pipelines the RESTOREs in batches; a clean restore first
+FLUSHDBs every database the backup contains (and only those).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, ClassVar
+from urllib.parse import unquote, urlsplit
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from shared.config import TargetConfig
+from shared.errors import BadRequest, DumpFailed, EngineError, PipelineError, RestoreFailed
+from shared.redact import redact
+from shared.resp import RespReader, resp
+from worker.engines import Dump
+from worker.progress import Progress
+from worker.subproc import spawn
+
+SCAN_COUNT = 500
+BATCH_KEYS = 500
+BATCH_BYTES = 32 << 20
+_KEYSPACE = re.compile(r"^db(\d+)$")
+
+
+def _secrets(target: TargetConfig) -> list[str]:
+    return [target.password.reveal()] if target.password is not None else []
+
+
+def _url_db(target: TargetConfig) -> int | None:
+    path = urlsplit(target.url).path.strip("/")
+    return int(path) if path.isdigit() else None
+
+
+class RedisEngine:
+    name: ClassVar[str] = "redis"
+    extension: ClassVar[str] = "resp"
+
+    def client(self, target: TargetConfig, db: int) -> Redis:
+        return Redis.from_url(target.url, db=db, socket_timeout=60, socket_connect_timeout=10,
+                              password=target.password.reveal() if target.password else None)
+
+    @asynccontextmanager
+    async def _session(self, target: TargetConfig, db: int = 0) -> AsyncIterator[Redis]:
+        r = self.client(target, db)
+        try:
+            await r.ping()
+        except (RedisError, OSError) as exc:
+            await r.aclose()
+            u = urlsplit(target.url)
+            raise EngineError(f"cannot connect to Redis target '{target.id}' at "
+                              f"{u.hostname}:{u.port or 6379}: "
+                              f"{redact(str(exc), _secrets(target))}",
+                              code="target_unreachable") from None
+        try:
+            yield r
+        finally:
+            await r.aclose()
+
+    async def _keyspace(self, r: Redis, only: int | None) -> dict[int, dict[str, int]]:
+        info = await r.info("keyspace")
+        spaces = {}
+        for name, values in info.items():
+            m = _KEYSPACE.match(name)
+            if m and (only is None or int(m[1]) == only):
+                spaces[int(m[1])] = values
+        if only is not None and only not in spaces:
+            spaces[only] = {"keys": 0, "expires": 0}
+        return dict(sorted(spaces.items()))
+
+    async def ping(self, target: TargetConfig) -> None:
+        async with self._session(target):
+            pass
+
+    async def stats(self, target: TargetConfig) -> dict[str, Any]:
+        async with self._session(target) as r:
+            server = await r.info("server")
+            memory = await r.info("memory")
+            spaces = await self._keyspace(r, _url_db(target))
+        return {
+            "engine": self.name,
+            "server_version": server.get("redis_version"),
+            "used_memory_bytes": memory.get("used_memory"),
+            "databases": [{"db": n, "keys": v.get("keys", 0), "expires": v.get("expires", 0)}
+                          for n, v in spaces.items()],
+            "key_count": sum(v.get("keys", 0) for v in spaces.values()),
+        }
+
+    @asynccontextmanager
+    async def dump(self, target: TargetConfig, progress: Progress,
+                   options: dict[str, Any] | None = None) -> AsyncIterator[Dump]:
+        fmt = (options or {}).get("format") or "resp"
+        if fmt == "rdb":
+            async with self._dump_rdb(target, progress) as d:
+                yield d
+            return
+        if fmt != "resp":
+            raise BadRequest(f"unknown redis backup format {fmt!r} (resp or rdb)")
+        async with self._session(target) as r:
+            version = (await r.info("server")).get("redis_version")
+            spaces = await self._keyspace(r, _url_db(target))
+        progress.item_kind = "keys"
+        progress.set_phase("dumping", items_total=sum(v.get("keys", 0)
+                                                      for v in spaces.values()))
+        counts: dict[str, int] = {}
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for db in spaces:
+                yield resp(b"SELECT", str(db).encode())
+                counts[f"db{db}"] = 0
+                async with self._session(target, db) as r:
+                    async for block, n in self._dump_db(r):
+                        counts[f"db{db}"] += n
+                        progress.items_done += n
+                        yield block
+
+        info = {"server_version": version, "format": "resp", "databases": list(spaces),
+                "counts": counts, "count_kind": "keys", "tool": "SCAN+DUMP+PTTL",
+                "options": ["RESTORE … REPLACE ABSTTL"]}
+        try:
+            yield Dump(chunks(), info)
+        except (RedisError, OSError) as exc:
+            raise DumpFailed(f"Redis dump failed: {redact(str(exc), _secrets(target))}") \
+                from None
+
+    async def _dump_db(self, r: Redis) -> AsyncIterator[tuple[bytes, int]]:
+        cursor = 0
+        while True:
+            cursor, keys = await r.scan(cursor=cursor, count=SCAN_COUNT)
+            for i in range(0, len(keys), BATCH_KEYS):
+                batch = keys[i:i + BATCH_KEYS]
+                async with r.pipeline(transaction=False) as pipe:
+                    for k in batch:
+                        pipe.dump(k)
+                        pipe.pttl(k)
+                    results = await pipe.execute(raise_on_error=False)
+                now_ms = int(time.time() * 1000)
+                out, n = [], 0
+                for k, payload, pttl in zip(batch, results[::2], results[1::2], strict=True):
+                    if payload is None or isinstance(payload, Exception) or pttl == -2:
+                        continue  # vanished or expired during the scan
+                    if isinstance(pttl, int) and pttl > 0:
+                        out.append(resp(b"RESTORE", k, str(now_ms + pttl).encode(), payload,
+                                        b"REPLACE", b"ABSTTL"))
+                    else:
+                        out.append(resp(b"RESTORE", k, b"0", payload, b"REPLACE"))
+                    n += 1
+                if out:
+                    yield b"".join(out), n
+            if cursor == 0:
+                return
+
+    @asynccontextmanager
+    async def _dump_rdb(self, target: TargetConfig, progress: Progress) -> AsyncIterator[Dump]:
+        u = urlsplit(target.url)
+        argv = ["redis-cli", "-h", u.hostname or "127.0.0.1", "-p", str(u.port or 6379)]
+        if u.username:
+            argv += ["--user", unquote(u.username)]
+        if u.scheme == "rediss":
+            argv.append("--tls")
+        argv += ["--rdb", "-"]
+        env = {"REDISCLI_AUTH": target.password.reveal()} if target.password else {}
+        async with self._session(target) as r:
+            version = (await r.info("server")).get("redis_version")
+        progress.set_phase("dumping")
+        async with spawn(argv, env=env, secrets=_secrets(target), stdout=True) as child:
+            async def chunks() -> AsyncIterator[bytes]:
+                while data := await child.read():
+                    yield data
+
+            yield Dump(chunks(), {"server_version": version, "format": "rdb",
+                                  "extension": "rdb", "tool": "redis-cli --rdb",
+                                  "options": ["--rdb", "-"]})
+            rc = await child.wait()
+            if rc != 0:
+                raise DumpFailed(f"redis-cli --rdb exited with code {rc}: {child.error_text()}")
+
+    async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
+                      progress: Progress, *, clean: bool, manifest: dict[str, Any]) -> None:
+        if manifest.get("format") == "rdb":
+            raise RestoreFailed(
+                "RDB backups are restored by stopping Redis and putting the file in place as "
+                "its dump.rdb (see the README); Safehold restores RESP backups",
+                database_unchanged=True)
+        clients: dict[int, Redis] = {}
+        try:
+            dbs = [int(d) for d in manifest.get("databases", [])]
+            if clean:
+                for db in dbs:
+                    clients[db] = self.client(target, db)
+                    await clients[db].flushdb()
+            await self._replay(target, chunks, progress, clients)
+        except (RedisError, OSError) as exc:
+            raise RestoreFailed(f"Redis restore failed: {redact(str(exc), _secrets(target))}") \
+                from None
+        except PipelineError as exc:
+            raise RestoreFailed(f"reading the backup failed ({exc.message}) after the restore "
+                                "had started") from None
+        finally:
+            for c in clients.values():
+                await c.aclose()
+
+    async def _replay(self, target: TargetConfig, chunks: AsyncIterator[bytes],
+                      progress: Progress, clients: dict[int, Redis]) -> None:
+        reader = RespReader()
+        db = 0
+        batch: list[list[bytes]] = []
+        size = 0
+
+        async def flush() -> None:
+            nonlocal batch, size
+            if not batch:
+                return
+            if db not in clients:
+                clients[db] = self.client(target, db)
+            async with clients[db].pipeline(transaction=False) as pipe:
+                for cmd in batch:
+                    pipe.execute_command(*cmd)
+                results = await pipe.execute(raise_on_error=False)
+            errors = [r for r in results if isinstance(r, ResponseError)]
+            if errors:
+                raise RestoreFailed(f"Redis refused {len(errors)} of {len(batch)} RESTOREs "
+                                    f"in db {db}: {errors[0]}")
+            progress.items_done += len(batch)
+            batch, size = [], 0
+
+        async for chunk in chunks:
+            progress.bytes_done += len(chunk)
+            for cmd in reader.feed(chunk):
+                name = cmd[0].upper()
+                if name == b"SELECT":
+                    await flush()
+                    db = int(cmd[1])
+                elif name == b"RESTORE":
+                    batch.append(cmd)
+                    size += len(cmd[3])
+                    if len(batch) >= BATCH_KEYS or size >= BATCH_BYTES:
+                        await flush()
+                else:
+                    raise RestoreFailed(f"unexpected command {name[:30]!r} in the backup")
+        reader.finish()
+        await flush()
