@@ -18,26 +18,17 @@ and prints ratios plus the worker's peak RSS. Nothing here is a test; run it by 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import safehold, sh  # noqa: E402
+
 PG = ["-h", "127.0.0.1", "-U", "postgres"]
-
-
-def sh(cmd: str, **kw: object) -> float:
-    t0 = time.monotonic()
-    subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True, **kw)  # type: ignore[call-overload]
-    return time.monotonic() - t0
 
 
 def psql(db: str, sql: str) -> str:
@@ -72,38 +63,6 @@ def generate(db: str, size_mb: int) -> None:
     print(f"generated {db_size(db) / 2**20:.0f} MB")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def http(method: str, url: str, body: dict | None = None) -> dict:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=3700) as resp:
-        return json.loads(resp.read())
-
-
-class PeakRSS(threading.Thread):
-    """Samples VmRSS of a pid (and records VmHWM) until stopped."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.pid, self.peak, self.stop = pid, 0, threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        self.peak = max(self.peak, int(line.split()[1]) * 1024)
-            except FileNotFoundError:
-                return
-            time.sleep(0.2)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mb", type=int, default=200)
@@ -115,79 +74,43 @@ def main() -> None:
     size = db_size(db)
     work = Path(tempfile.mkdtemp(prefix="safehold-bench-"))
     results: dict[str, float] = {}
-    env = {**os.environ, "PGPASSWORD": ""}
+    restore_db = f"{db}_restore"
     try:
-        sh(f"sync; pg_dump {' '.join(PG)} {db} > /dev/null")  # warm the cache once
-        results["pg_dump > /dev/null"] = sh(f"pg_dump {' '.join(PG)} {db} > /dev/null")
+        dump = f"pg_dump {' '.join(PG)} {db}"
+        sh(f"{dump} > /dev/null")  # warm the cache once
+        results["pg_dump > /dev/null"] = sh(f"{dump} > /dev/null")
         gz = work / "shell.sql.gz"
-        results["pg_dump | gzip -6"] = sh(f"pg_dump {' '.join(PG)} {db} | gzip -6 > {gz}")
-
-        port = free_port()
-        cfg = work / "safehold.toml"
-        restore_db = f"{db}_restore"
-        cfg.write_text(f"""
-default_target = "bench"
-[server]
-port = {port}
-[redis]
-prefix = "safehold-bench-{os.getpid()}"
-[storage]
-path = "{work / 'backups'}"
+        results["pg_dump | gzip -6"] = sh(f"{dump} | gzip -6 > {gz}")
+        targets = f"""
 [targets.bench]
 engine = "postgresql"
 url = "postgresql://postgres@127.0.0.1:5432/{db}"
 [targets.restore]
 engine = "postgresql"
 url = "postgresql://postgres@127.0.0.1:5432/{restore_db}"
-""")
-        cli = [sys.executable, "-m", "api.cli", "--config", str(cfg)]
-        api = subprocess.Popen([*cli, "api"], cwd=REPO, env=env, stderr=subprocess.DEVNULL)
-        worker = subprocess.Popen([*cli, "worker"], cwd=REPO, env=env,
-                                  stderr=subprocess.DEVNULL)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(100):
-                try:
-                    urllib.request.urlopen(f"{base}/readyz", timeout=1)
-                    break
-                except OSError:
-                    time.sleep(0.2)
-            rss = PeakRSS(worker.pid)
-            rss.start()
+"""
+        with safehold(work, targets) as app:
             time.sleep(0.5)
-            idle_rss = rss.peak
-            t0 = time.monotonic()
-            job = http("POST", f"{base}/api/v1/targets/bench/backups?wait=3600", {})
-            results["safehold backup"] = time.monotonic() - t0
-            assert job["status"] == "succeeded", job
-            name = job["result"]["filename"]
+            idle_rss = app.rss.peak
+            results["safehold backup"], job = app.job("/api/v1/targets/bench/backups", {})
+            name, backup_bytes = job["result"]["filename"], job["result"]["size_bytes"]
             time.sleep(0.3)
-            backup_rss = rss.peak
-            backup_bytes = job["result"]["size_bytes"]
-
+            backup_rss = app.rss.peak
             for target_db in (restore_db, f"{db}_shell"):
                 subprocess.run(["dropdb", *PG, "--if-exists", target_db], check=True)
                 subprocess.run(["createdb", *PG, target_db], check=True)
             results["gunzip -c | psql"] = sh(
                 f"gunzip -c {gz} | psql {' '.join(PG)} -X -q -v ON_ERROR_STOP=1 "
                 f"--single-transaction -d {db}_shell > /dev/null")
-            src = work / "backups" / "bench"
             dst = work / "backups" / "restore"
             dst.mkdir(parents=True, exist_ok=True)
             for f in (name, f"{name}.json"):
-                shutil.copy(src / f, dst / f)
-            t0 = time.monotonic()
-            job = http("POST", f"{base}/api/v1/targets/restore/restores?wait=3600",
-                       {"backup": name, "create_safety_backup": False})
-            results["safehold restore"] = time.monotonic() - t0
-            assert job["status"] == "succeeded", job
-            rss.stop.set()
-            rss.join()
-        finally:
-            api.terminate()
-            worker.terminate()
-            api.wait()
-            worker.wait()
+                shutil.copy(work / "backups" / "bench" / f, dst / f)
+            results["safehold restore"], _ = app.job(
+                "/api/v1/targets/restore/restores",
+                {"backup": name, "create_safety_backup": False})
+            app.rss.stop.set()
+            peak_rss = app.rss.peak
         for target_db in (restore_db, f"{db}_shell"):
             subprocess.run(["dropdb", *PG, "--if-exists", target_db], check=True)
         gz_bytes = gz.stat().st_size
@@ -208,7 +131,7 @@ url = "postgresql://postgres@127.0.0.1:5432/{restore_db}"
     print(f"restore vs gunzip -c | psql       : "
           f"{results['gunzip -c | psql'] / results['safehold restore']:.2f}x  (target >= 0.95)")
     print(f"worker RSS idle / peak in backup / peak in restore: {idle_rss / 2**20:.0f} / "
-          f"{backup_rss / 2**20:.0f} / {rss.peak / 2**20:.0f} MB  (target < 150)")
+          f"{backup_rss / 2**20:.0f} / {peak_rss / 2**20:.0f} MB  (target < 150)")
 
 
 if __name__ == "__main__":
