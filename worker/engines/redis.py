@@ -16,7 +16,11 @@ FLUSHDBs every database the backup contains (and only those).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import re
+import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,18 +28,30 @@ from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from shared.config import TargetConfig
 from shared.errors import BadRequest, DumpFailed, EngineError, PipelineError, RestoreFailed
 from shared.redact import redact
-from shared.resp import RespReader, resp
+from shared.resp import resp
 from worker.engines import Dump
 from worker.progress import Progress
 from worker.subproc import spawn
 
-SCAN_COUNT = 500
-BATCH_KEYS = 500
+SCAN_COUNT = 1000
+BATCH_KEYS = 1000
+# DUMP + PTTL of a batch of keys, read-only (`false` for a key that vanished)
+_DUMP_BATCH = """
+local out = {}
+for i, k in ipairs(KEYS) do
+  out[2 * i - 1] = redis.call('DUMP', k)
+  out[2 * i] = redis.call('PTTL', k)
+end
+return out
+"""
+_RESTORE = b"*5\r\n$7\r\nRESTORE\r\n$%d\r\n%b\r\n$1\r\n0\r\n$%d\r\n%b\r\n$7\r\nREPLACE\r\n"
+_RESTORE_ABSTTL = (b"*6\r\n$7\r\nRESTORE\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+                   b"$7\r\nREPLACE\r\n$6\r\nABSTTL\r\n")
 BATCH_BYTES = 32 << 20
 _KEYSPACE = re.compile(r"^db(\d+)$")
 
@@ -141,26 +157,25 @@ class RedisEngine:
                 from None
 
     async def _dump_db(self, r: Redis) -> AsyncIterator[tuple[bytes, int]]:
+        """SCAN the database; DUMP and PTTL each batch of keys in one server-side call
+        (a read-only script: one round trip and one command to pack per batch)."""
+        dump_batch = r.register_script(_DUMP_BATCH)
         cursor = 0
         while True:
             cursor, keys = await r.scan(cursor=cursor, count=SCAN_COUNT)
             for i in range(0, len(keys), BATCH_KEYS):
                 batch = keys[i:i + BATCH_KEYS]
-                async with r.pipeline(transaction=False) as pipe:
-                    for k in batch:
-                        pipe.dump(k)
-                        pipe.pttl(k)
-                    results = await pipe.execute(raise_on_error=False)
+                results = await dump_batch(keys=batch)
                 now_ms = int(time.time() * 1000)
                 out, n = [], 0
                 for k, payload, pttl in zip(batch, results[::2], results[1::2], strict=True):
-                    if payload is None or isinstance(payload, Exception) or pttl == -2:
+                    if not payload or pttl == -2:
                         continue  # vanished or expired during the scan
-                    if isinstance(pttl, int) and pttl > 0:
-                        out.append(resp(b"RESTORE", k, str(now_ms + pttl).encode(), payload,
-                                        b"REPLACE", b"ABSTTL"))
+                    if pttl > 0:
+                        out.append(_RESTORE_ABSTTL % (len(k), k, len(ttl := b"%d" % (
+                            now_ms + pttl)), ttl, len(payload), payload))
                     else:
-                        out.append(resp(b"RESTORE", k, b"0", payload, b"REPLACE"))
+                        out.append(_RESTORE % (len(k), k, len(payload), payload))
                     n += 1
                 if out:
                     yield b"".join(out), n
@@ -206,7 +221,7 @@ class RedisEngine:
                 for db in dbs:
                     clients[db] = self.client(target, db)
                     await clients[db].flushdb()
-            await self._replay(target, chunks, progress, clients)
+            await self._replay(target, chunks, progress)
         except (RedisError, OSError) as exc:
             raise RestoreFailed(f"Redis restore failed: {redact(str(exc), _secrets(target))}") \
                 from None
@@ -218,42 +233,63 @@ class RedisEngine:
                 await c.aclose()
 
     async def _replay(self, target: TargetConfig, chunks: AsyncIterator[bytes],
-                      progress: Progress, clients: dict[int, Redis]) -> None:
-        reader = RespReader()
-        db = 0
-        batch: list[list[bytes]] = []
-        size = 0
+                      progress: Progress) -> None:
+        """Replay the RESP stream verbatim on a connection of our own while a second task
+        reads the replies — what `redis-cli --pipe` does: a final ECHO marker tells when
+        every reply has arrived. The first error reply fails the restore."""
+        u = urlsplit(target.url)
+        ssl_ctx = ssl.create_default_context() if u.scheme == "rediss" else None
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            u.hostname or "127.0.0.1", u.port or 6379, ssl=ssl_ctx, limit=1 << 20), 10)
+        marker = os.urandom(20).hex().encode()
+        error: list[bytes] = []
 
-        async def flush() -> None:
-            nonlocal batch, size
-            if not batch:
-                return
-            if db not in clients:
-                clients[db] = self.client(target, db)
-            async with clients[db].pipeline(transaction=False) as pipe:
-                for cmd in batch:
-                    pipe.execute_command(*cmd)
-                results = await pipe.execute(raise_on_error=False)
-            errors = [r for r in results if isinstance(r, ResponseError)]
-            if errors:
-                raise RestoreFailed(f"Redis refused {len(errors)} of {len(batch)} RESTOREs "
-                                    f"in db {db}: {errors[0]}")
-            progress.items_done += len(batch)
-            batch, size = [], 0
+        async def read_replies() -> None:
+            buf = b""
+            while True:
+                data = await reader.read(1 << 20)
+                if not data:
+                    raise RestoreFailed("Redis closed the connection during the restore")
+                buf += data
+                lines = buf.split(b"\r\n")
+                buf = lines.pop()
+                for line in lines:
+                    if line.startswith(b"-") and not error:
+                        error.append(line[1:])
+                    elif line.startswith(b"+"):
+                        progress.items_done += 1
+                    elif line == marker:
+                        return
 
-        async for chunk in chunks:
-            progress.bytes_done += len(chunk)
-            for cmd in reader.feed(chunk):
-                name = cmd[0].upper()
-                if name == b"SELECT":
-                    await flush()
-                    db = int(cmd[1])
-                elif name == b"RESTORE":
-                    batch.append(cmd)
-                    size += len(cmd[3])
-                    if len(batch) >= BATCH_KEYS or size >= BATCH_BYTES:
-                        await flush()
-                else:
-                    raise RestoreFailed(f"unexpected command {name[:30]!r} in the backup")
-        reader.finish()
-        await flush()
+        try:
+            if target.password is not None:
+                auth = [b"AUTH"] + ([unquote(u.username).encode()] if u.username else [])
+                writer.write(resp(*auth, target.password.reveal().encode()))
+                line = await asyncio.wait_for(reader.readline(), 10)
+                if not line.startswith(b"+OK"):
+                    raise RestoreFailed("Redis refused the credentials for the restore")
+            replies = asyncio.create_task(read_replies())
+            try:
+                async for chunk in chunks:
+                    if replies.done() or error:
+                        break
+                    writer.write(chunk)
+                    await writer.drain()
+                    progress.bytes_done += len(chunk)
+                if not error:
+                    writer.write(resp(b"ECHO", marker))
+                    await writer.drain()
+                    await asyncio.wait_for(asyncio.shield(replies), 300)
+            finally:
+                if not replies.done():
+                    replies.cancel()
+                await asyncio.gather(replies, return_exceptions=True)
+            if replies.done() and not replies.cancelled() and replies.exception():
+                raise replies.exception()  # type: ignore[misc]
+            if error:
+                raise RestoreFailed(f"Redis refused a command of the backup: "
+                                    f"{error[0].decode(errors='replace')[:300]}")
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ConnectionError):
+                await writer.wait_closed()
