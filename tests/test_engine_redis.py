@@ -250,3 +250,42 @@ async def test_rdb_format(api: Any, worker: Any, redis_port: int, storage_dir: P
     assert job["error"]["database_state"] == "unchanged"
     resp_ = await api.post("/api/v1/targets/main/backups", json={"format": "xml"})
     assert resp_.status == 400
+
+
+async def test_acl_user(aiohttp_client: Any, settings: Settings, redis_port: int,
+                        redis: Any) -> None:
+    """A target may name an ACL user in its URL (its password from the env): the worker
+    backs up and restores as that user."""
+    from dataclasses import replace
+
+    from api.app import create_app
+    from shared.config import Secret
+    from tests.conftest import bearer
+    from worker.main import build_worker, stop_gracefully
+
+    admin = Redis(port=redis_port, password=PW)
+    await admin.execute_command("ACL", "SETUSER", "backup", "on", ">backup-pw-7", "~*", "&*",
+                                "+@all")
+    await admin.set("k", "v")
+    await admin.aclose()
+    target = replace(settings.targets["main"], url=f"redis://backup@127.0.0.1:{redis_port}",
+                     password=Secret("backup-pw-7"))
+    s = replace(settings, targets={"main": target})
+    c = await aiohttp_client(create_app(s), headers=bearer(s, "admin"))
+    w = build_worker(s, poll_delay=0.05)
+    task = asyncio.create_task(w.main())
+    try:
+        job = await backup(c)
+        admin = Redis(port=redis_port, password=PW)
+        await admin.set("k", "changed")
+        await admin.aclose()
+        job = await (await c.post("/api/v1/targets/main/restores?wait=60",
+                                  json={"backup": job["result"]["filename"]})).json()
+        assert job["status"] == "succeeded", job
+        check = Redis(port=redis_port, username="backup", password="backup-pw-7")
+        assert await check.get("k") == b"v"
+        await check.aclose()
+    finally:
+        await stop_gracefully(w, 10)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
