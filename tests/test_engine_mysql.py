@@ -137,6 +137,7 @@ async def test_progress_stats_and_no_password_leftovers(api: Any, worker: Any, m
     before = set(os.listdir("/tmp"))
     job = await backup(api)
     events = await read_events(await api.get(f"/api/v1/jobs/{job['id']}/events"))
+    assert "dumping" in [e["data"]["phase"] for e in events if e["event"] == "phase"]
     final = [e for e in events if e["event"] == "succeeded"][0]
     assert final["data"]["result"]["raw_bytes"] > 0
     assert job["progress"]["items_total"] == 3 and job["progress"]["items_done"] == 3
