@@ -62,6 +62,10 @@ if ! psql -h 127.0.0.1 -U postgres -tAc 'select 1' >/dev/null 2>&1; then
   exit 1
 fi
 
+# --- stand-ins for MongoDB and Neo4j (own venvs under .standins/) ---------------------------
+log "installing the MongoDB/Neo4j stand-ins if missing"
+./scripts/standins.sh
+
 # --- the suite ----------------------------------------------------------------------------
 log "running pytest"
 exec uv run --frozen pytest "$@"

@@ -151,3 +151,40 @@ def wait_job(api: Any) -> JobWaiter:
             await asyncio.sleep(0.1)
 
     return wait
+
+
+# ---------------------------------------------------------------------- stand-in servers
+STANDINS = Path(__file__).resolve().parent.parent / ".standins"
+STANDIN_SCRIPTS = Path(__file__).resolve().parent / "standins"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def mongo_server() -> Any:
+    """mongoeco's wire server (a MongoDB stand-in) on a free port, with a root user."""
+    import subprocess
+
+    python = os.environ.get("SAFEHOLD_MONGO_PYTHON", str(STANDINS / "mongo-venv/bin/python"))
+    if not Path(python).exists():
+        pytest.skip(f"MONGODB STAND-IN NOT INSTALLED ({python}): run ./scripts/standins.sh")
+    port = _free_port()
+    proc = subprocess.Popen([python, str(STANDIN_SCRIPTS / "mongo_server.py"), str(port),
+                             "root", MONGO_PASSWORD], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if b"READY" not in line:
+        proc.kill()
+        pytest.skip(f"MONGODB STAND-IN DID NOT START: {line!r}")
+    yield port
+    proc.terminate()
+    proc.wait(10)
+
+
+MONGO_PASSWORD = "M0ngo-Test-Pw-3e1"

@@ -45,10 +45,11 @@ class Engine(Protocol):
 
 
 def get_engines() -> dict[str, Engine]:
+    from worker.engines.mongodb import MongoDB
     from worker.engines.mysql import MySQL
     from worker.engines.postgresql import PostgreSQL
     from worker.engines.redis import RedisEngine
     from worker.engines.sqlite import SQLite
 
-    engines: list[Engine] = [PostgreSQL(), MySQL(), SQLite(), RedisEngine()]
+    engines: list[Engine] = [PostgreSQL(), MySQL(), SQLite(), RedisEngine(), MongoDB()]
     return {e.name: e for e in engines}

@@ -1,0 +1,216 @@
+"""MongoDB engine against mongoeco's wire server (a stand-in; see ../shared/SERVICES.md)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import tarfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import bson
+import pytest
+from bson import Binary, Decimal128, Int64, ObjectId, Regex, Timestamp, json_util
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
+
+from shared.config import Settings, parse_settings
+from tests.conftest import MONGO_PASSWORD, make_raw_config
+from tests.test_failures_pg import publish_plain
+from tests.test_sse import read_events
+
+PW_ENV = "SAFEHOLD_TEST_MONGO_PASSWORD"
+
+
+@pytest.fixture
+def dbs() -> list[str]:
+    tag = uuid.uuid4().hex[:8]
+    return [f"app_{tag}", f"other_{tag}"]
+
+
+def client(port: int) -> AsyncMongoClient[Any]:
+    return AsyncMongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true",
+                            username="root", password=MONGO_PASSWORD,
+                            authMechanism="SCRAM-SHA-256")
+
+
+@pytest.fixture
+async def mongo(mongo_server: int, dbs: list[str]) -> Any:
+    c = client(mongo_server)
+    yield c
+    for d in dbs:
+        await c.drop_database(d)
+    await c.close()
+
+
+@pytest.fixture
+def settings(prefix: str, tmp_path: Path, mongo_server: int, dbs: list[str]) -> Settings:
+    """Override: target `main` is two databases on the stand-in, as user root."""
+    raw = make_raw_config(prefix, tmp_path / "backups", None)
+    raw["targets"] = {"main": {
+        "engine": "mongodb", "password_env": PW_ENV,
+        "url": f"mongodb://root@127.0.0.1:{mongo_server}/{','.join(dbs)}"
+               "?directConnection=true&authMechanism=SCRAM-SHA-256"}}
+    return parse_settings(raw, {PW_ENV: MONGO_PASSWORD}, base=tmp_path, source="<test>")
+
+
+async def load(c: AsyncMongoClient[Any], dbs: list[str]) -> None:
+    app, other = c[dbs[0]], c[dbs[1]]
+    await app.create_collection("validated", validator={"n": {"$type": "int"}})
+    docs = [{
+        "_id": ObjectId(),
+        "n": i,
+        "when": dt.datetime(2024, 2, 29, 12, 0, i % 60, 123000),
+        "price": Decimal128(f"{i}.0001"),
+        "blob": Binary(bytes([0, i % 256, 0]) * 4, 0),
+        "uid": Binary(uuid.UUID(int=i).bytes, 4),
+        "big": Int64(2**40 + i),
+        "pattern": Regex(r"^ab+c$", "i"),
+        "ts": Timestamp(1700000000 + i, 1),
+        "nested": {"list": [1, "two", None, {"deep": [i, i * 2]}], "ü": "ñ"},
+        "email": f"user{i}@example.com",
+        "group": i % 7,
+        "expires_at": dt.datetime(2030, 1, 1),
+    } for i in range(300)]
+    await app.things.insert_many(docs)
+    await app.things.create_indexes([
+        IndexModel([("email", ASCENDING)], unique=True, name="email_unique"),
+        IndexModel([("group", ASCENDING), ("n", DESCENDING)], name="group_n"),
+        IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=3600, name="ttl"),
+        IndexModel([("n", ASCENDING)], name="partial_n",
+                   partialFilterExpression={"group": {"$gt": 3}}),
+    ])
+    await app.validated.insert_many([{"n": i} for i in range(20)])
+    await app.create_collection("big_things", viewOn="things", pipeline=[
+        {"$match": {"n": {"$gt": 250}}}])
+    await other.notes.insert_many([{"_id": i, "text": f"note {i}"} for i in range(50)])
+
+
+async def fingerprint(c: AsyncMongoClient[Any], dbs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for d in dbs:
+        async for info in await c[d].list_collections():
+            name = info["name"]
+            out[f"{d}.{name}:options"] = json_util.dumps(info.get("options") or {},
+                                                         sort_keys=True)
+            if "viewOn" in (info.get("options") or {}):
+                continue
+            raw = []
+            async for batch in c[d][name].find_raw_batches(sort=[("_id", ASCENDING)]):
+                raw.append(batch)
+            out[f"{d}.{name}:data"] = hashlib.sha256(b"".join(raw)).hexdigest()
+            idx = []
+            async for ix in await c[d][name].list_indexes():
+                ix = dict(ix)
+                ix.pop("ns", None)
+                ix.pop("v", None)
+                idx.append(json_util.dumps(ix, sort_keys=True))
+            out[f"{d}.{name}:indexes"] = sorted(idx)
+    return out
+
+
+async def backup(api: Any) -> dict[str, Any]:
+    job = await (await api.post("/api/v1/targets/main/backups?wait=120")).json()
+    assert job["status"] == "succeeded", job
+    return job
+
+
+async def test_round_trip(api: Any, worker: Any, mongo: Any, dbs: list[str],
+                          storage_dir: Path) -> None:
+    """All BSON types, unique/compound/TTL/partial indexes, a validator, a view, several
+    collections and a second database survive a clean restore."""
+    await load(mongo, dbs)
+    before = await fingerprint(mongo, dbs)
+    job = await backup(api)
+    name = job["result"]["filename"]
+    assert name.startswith("backup_mongodb_") and name.endswith(".tar.gz")
+    await mongo[dbs[0]].things.delete_many({"n": {"$lt": 100}})
+    await mongo[dbs[0]].drop_collection("big_things")
+    await mongo[dbs[1]].notes.drop_indexes()
+    await mongo[dbs[1]].intruder.insert_one({"x": 1})
+    job = await (await api.post("/api/v1/targets/main/restores?wait=180",
+                                json={"backup": name})).json()
+    assert job["status"] == "succeeded", job
+    after = await fingerprint(mongo, dbs)
+    after.pop(f"{dbs[1]}.intruder:options", None)  # not in the backup: left alone
+    after.pop(f"{dbs[1]}.intruder:data", None)
+    after.pop(f"{dbs[1]}.intruder:indexes", None)
+    assert after == before
+
+
+async def test_mongodump_layout(api: Any, worker: Any, mongo: Any, dbs: list[str],
+                                storage_dir: Path) -> None:
+    """The tar holds mongodump's layout: <db>/<coll>.bson readable as BSON, and
+    <db>/<coll>.metadata.json with indexes, options and type (what mongorestore reads)."""
+    await load(mongo, dbs)
+    job = await backup(api)
+    with tarfile.open(storage_dir / job["result"]["filename"], "r:gz") as tar:
+        names = set(tar.getnames())
+        assert {f"{dbs[0]}/things.bson", f"{dbs[0]}/things.metadata.json",
+                f"{dbs[0]}/big_things.metadata.json", f"{dbs[1]}/notes.bson",
+                "prelude.json"} <= names
+        assert f"{dbs[0]}/big_things.bson" not in names  # views have metadata only
+        docs = list(bson.decode_file_iter(tar.extractfile(f"{dbs[0]}/things.bson")))
+        assert len(docs) == 300 and isinstance(docs[0]["price"], Decimal128)
+        meta = json_util.loads(tar.extractfile(f"{dbs[0]}/things.metadata.json").read())
+        assert meta["collectionName"] == "things" and meta["type"] == "collection"
+        by_name = {ix["name"]: ix for ix in meta["indexes"]}
+        assert by_name["email_unique"]["unique"] is True
+        assert by_name["ttl"]["expireAfterSeconds"] == 3600
+        view = json_util.loads(tar.extractfile(f"{dbs[0]}/big_things.metadata.json").read())
+        assert view["type"] == "view" and view["options"]["viewOn"] == "things"
+    manifest = json.loads((storage_dir / f"{job['result']['filename']}.json").read_text())
+    assert manifest["counts"][f"{dbs[0]}.things"] == 300
+    assert manifest["consistency"]
+
+
+async def test_failing_restore_rolls_back(api: Any, worker: Any, mongo: Any, dbs: list[str],
+                                          storage_dir: Path) -> None:
+    """Duplicate _ids in a backup fail the insert; the safety backup is restored."""
+    await load(mongo, dbs)
+    good = (await backup(api))["result"]["filename"]
+    before = await fingerprint(mongo, dbs)
+    manifest = json.loads((storage_dir / f"{good}.json").read_text())
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        add(f"{dbs[1]}/notes.metadata.json", b'{"indexes": [], "type": "collection"}')
+        add(f"{dbs[1]}/notes.bson", bson.encode({"_id": 1}) + bson.encode({"_id": 1}))
+    bad = "backup_mongodb_20200101_000000.tar.gz"
+    await publish_plain(storage_dir, bad, buf.getvalue(), manifest)
+    job = await (await api.post("/api/v1/targets/main/restores?wait=180",
+                                json={"backup": bad})).json()
+    assert job["status"] == "failed"
+    assert job["error"]["database_state"] == "rolled_back", job["error"]
+    assert await fingerprint(mongo, dbs) == before
+
+
+async def test_checksum_progress_and_stats(api: Any, worker: Any, mongo: Any, dbs: list[str],
+                                           storage_dir: Path) -> None:
+    """Tampered backups are refused untouched; collections are counted over SSE; stats say
+    where they are partial."""
+    await load(mongo, dbs)
+    job = await backup(api)
+    events = await read_events(await api.get(f"/api/v1/jobs/{job['id']}/events"))
+    assert "dumping" in [e["data"]["phase"] for e in events if e["event"] == "phase"]
+    assert job["progress"]["item_kind"] == "collections"
+    assert job["progress"]["items_done"] == job["progress"]["items_total"] == 4
+    path = storage_dir / job["result"]["filename"]
+    blob = bytearray(path.read_bytes())
+    blob[-30] ^= 0x01
+    path.write_bytes(bytes(blob))
+    before = await fingerprint(mongo, dbs)
+    job = await (await api.post("/api/v1/targets/main/restores?wait=60",
+                                json={"backup": job["result"]["filename"]})).json()
+    assert job["error"]["code"] == "checksum_mismatch"
+    assert await fingerprint(mongo, dbs) == before
+    stats = await (await api.get("/api/v1/targets/main/stats")).json()
+    colls = {c["name"]: c for c in stats["databases"][0]["collections"]}
+    assert colls["things"]["documents_estimate"] == 300
+    assert colls["big_things"]["type"] == "view"
+    assert stats["partial"] is True  # collStats fails on the stand-in once Decimal128 is stored

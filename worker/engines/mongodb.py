@@ -1,0 +1,445 @@
+"""MongoDB: PyMongo's `AsyncMongoClient` (motor reached end of life in 2026-05).
+
+Backup: mongodump's directory layout inside a tar stream (gzipped by the pipeline →
+`backup_mongodb_<ts>.tar.gz`): `prelude.json`, then per collection
+`<db>/<coll>.metadata.json` (options, indexes, uuid, type — canonical Extended JSON as
+mongodump writes it) and `<db>/<coll>.bson` (the raw BSON of `find_raw_batches`, never
+decoded). `tar xzf f && mongorestore --drop <dir>` restores it with the stock tools.
+A collection's BSON is spooled to a temp file first (a tar header needs the size), so
+memory stays flat; disk use is the largest collection.
+
+Consistency: all reads of a backup run in one snapshot session when the server supports
+it (replica sets, MongoDB ≥ 5.0: a point-in-time copy of every collection); otherwise each
+collection is read consistently on its own and the manifest says `per-collection`.
+
+Restore streams the tar: a collection is dropped (clean), created with its options,
+filled with `insert_many` of `RawBSONDocument` batches (ordered=False, ≤ 1000 docs /
+8 MiB), then its indexes are built — after the data, as mongorestore does. Views last.
+
+Target URL: `mongodb://[user@]host:port/[db[,db2…]][?options]` — the path names the
+database(s) to back up (comma-separated), or all non-system databases when empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import tarfile
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, ClassVar
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from bson import json_util
+from bson.raw_bson import RawBSONDocument
+from pymongo import AsyncMongoClient
+from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
+
+from shared.config import TargetConfig
+from shared.errors import DumpFailed, EngineError, PipelineError, RestoreFailed
+from shared.redact import redact
+from worker.engines import Dump
+from worker.progress import Progress
+
+SYSTEM_DBS = {"admin", "local", "config"}
+BLOCK = 512
+BATCH_DOCS = 1000
+BATCH_BYTES = 8 << 20
+JSON_OPTS = json_util.CANONICAL_JSON_OPTIONS
+
+
+def _secrets(target: TargetConfig) -> list[str]:
+    return [target.password.reveal()] if target.password is not None else []
+
+
+def _split_url(target: TargetConfig) -> tuple[str, str | None, list[str]]:
+    """(URL for pymongo without user or path, username, databases named in the path)."""
+    u = urlsplit(target.url)
+    host = u.hostname or "127.0.0.1"
+    netloc = f"[{host}]" if ":" in host else host
+    if u.port:
+        netloc += f":{u.port}"
+    clean = urlunsplit((u.scheme, netloc, "/", u.query, ""))
+    dbs = [d for d in unquote(u.path.strip("/")).split(",") if d]
+    return clean, unquote(u.username) if u.username else None, dbs
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = int(time.time())
+    info.mode = 0o644
+    return info.tobuf(format=tarfile.PAX_FORMAT)
+
+
+def _padding(size: int) -> bytes:
+    return b"\0" * ((BLOCK - size % BLOCK) % BLOCK)
+
+
+def _metadata(name: str, info: dict[str, Any], indexes: list[dict[str, Any]]) -> bytes:
+    options = dict(info.get("options") or {})
+    kind = "view" if info.get("type") == "view" or "viewOn" in options else info.get(
+        "type", "collection")
+    doc: dict[str, Any] = {"indexes": indexes if kind != "view" else [], "collectionName": name,
+                           "type": kind, "options": options}
+    uuid = (info.get("info") or {}).get("uuid")
+    if uuid is not None:
+        doc["uuid"] = uuid.hex if hasattr(uuid, "hex") else str(uuid)
+    return json_util.dumps(doc, json_options=JSON_OPTS).encode()
+
+
+class MongoDB:
+    name: ClassVar[str] = "mongodb"
+    extension: ClassVar[str] = "tar"
+
+    def client(self, target: TargetConfig) -> AsyncMongoClient[Any]:
+        url, user, _ = _split_url(target)
+        kwargs: dict[str, Any] = {"serverSelectionTimeoutMS": 10_000, "document_class": dict}
+        if user:
+            kwargs["username"] = user
+        if target.password is not None:
+            kwargs["password"] = target.password.reveal()
+        return AsyncMongoClient(url, **kwargs)
+
+    @asynccontextmanager
+    async def _session(self, target: TargetConfig) -> AsyncIterator[AsyncMongoClient[Any]]:
+        client = self.client(target)
+        try:
+            await client.admin.command("ping")
+        except PyMongoError as exc:
+            await client.close()
+            raise EngineError(f"cannot connect to MongoDB target '{target.id}': "
+                              f"{redact(str(exc), _secrets(target))}",
+                              code="target_unreachable") from None
+        try:
+            yield client
+        finally:
+            await client.close()
+
+    async def _databases(self, client: AsyncMongoClient[Any], target: TargetConfig) -> list[str]:
+        named = _split_url(target)[2]
+        if named:
+            return named
+        try:
+            return sorted(d for d in await client.list_database_names() if d not in SYSTEM_DBS)
+        except PyMongoError as exc:
+            raise EngineError(f"cannot list the databases ({exc}); name them in the target "
+                              "URL's path: mongodb://host:27017/app,other",
+                              code="list_databases_failed") from None
+
+    async def _version(self, client: AsyncMongoClient[Any]) -> str:
+        info = await client.admin.command("buildInfo")
+        return str(info.get("version", "unknown"))
+
+    async def ping(self, target: TargetConfig) -> None:
+        async with self._session(target):
+            pass
+
+    async def stats(self, target: TargetConfig) -> dict[str, Any]:
+        async with self._session(target) as client:
+            out: dict[str, Any] = {"engine": self.name, "server_version":
+                                   await self._version(client), "databases": [],
+                                   "partial": False}
+            for dbname in await self._databases(client, target):
+                db = client[dbname]
+                colls = []
+                async for info in await db.list_collections():
+                    entry: dict[str, Any] = {"name": info["name"], "type": info.get("type")}
+                    if "viewOn" in (info.get("options") or {}):
+                        entry["type"] = "view"
+                    else:
+                        entry["documents_estimate"] = await db[info["name"]] \
+                            .estimated_document_count()
+                        try:
+                            cs = await db.command("collStats", info["name"])
+                            entry["size_bytes"] = cs.get("size")
+                            entry["storage_bytes"] = cs.get("storageSize")
+                        except PyMongoError as exc:
+                            entry["size_bytes"] = None
+                            entry["note"] = f"collStats unavailable: {exc}"[:200]
+                            out["partial"] = True
+                    colls.append(entry)
+                out["databases"].append({"name": dbname, "collections": colls})
+        return out
+
+    @asynccontextmanager
+    async def dump(self, target: TargetConfig, progress: Progress,
+                   options: dict[str, Any] | None = None) -> AsyncIterator[Dump]:
+        async with self._session(target) as client:
+            version = await self._version(client)
+            plan: list[tuple[str, dict[str, Any]]] = []
+            total_docs = 0
+            for dbname in await self._databases(client, target):
+                async for info in await client[dbname].list_collections():
+                    if info["name"].startswith("system."):
+                        continue
+                    plan.append((dbname, dict(info)))
+                    if "viewOn" not in (info.get("options") or {}) and \
+                            info.get("type") != "view":
+                        total_docs += await client[dbname][info["name"]] \
+                            .estimated_document_count()
+            progress.item_kind = "collections"
+            progress.set_phase("dumping", items_total=len(plan))
+            counts: dict[str, int] = {}
+            facts: dict[str, Any] = {"server_version": version, "documents_estimate": total_docs,
+                                     "tool": "pymongo find_raw_batches",
+                                     "layout": "mongodump directory in a tar",
+                                     "databases": sorted({d for d, _ in plan}),
+                                     "collections": [f"{d}.{i['name']}" for d, i in plan],
+                                     "counts": counts, "count_kind": "documents"}
+            session = client.start_session(snapshot=True)
+            facts["consistency"] = "snapshot"
+
+            async def chunks() -> AsyncIterator[bytes]:
+                prelude = json.dumps({"ServerVersion": version,
+                                      "ToolVersion": "safehold"}).encode()
+                yield _tar_header("prelude.json", len(prelude)) + prelude + _padding(len(prelude))
+                for dbname, info in plan:
+                    async for block in self._dump_collection(client, session, facts, dbname,
+                                                             info, counts):
+                        yield block
+                    progress.items_done += 1
+                yield b"\0" * (BLOCK * 2)
+
+            try:
+                yield Dump(chunks(), facts)
+            except PyMongoError as exc:
+                raise DumpFailed(f"MongoDB dump failed: {redact(str(exc), _secrets(target))}") \
+                    from None
+            finally:
+                await session.end_session()
+
+    async def _dump_collection(self, client: AsyncMongoClient[Any], session: Any,
+                               facts: dict[str, Any], dbname: str, info: dict[str, Any],
+                               counts: dict[str, int]) -> AsyncIterator[bytes]:
+        name = info["name"]
+        coll = client[dbname][name]
+        is_view = info.get("type") == "view" or "viewOn" in (info.get("options") or {})
+        indexes = [] if is_view else [dict(ix) async for ix in await coll.list_indexes()]
+        for ix in indexes:
+            ix.pop("ns", None)
+        meta = _metadata(name, info, indexes)
+        yield _tar_header(f"{dbname}/{name}.metadata.json", len(meta)) + meta + _padding(len(meta))
+        if is_view:
+            return
+        with tempfile.TemporaryFile(prefix="safehold-mongo-") as spool:
+            docs = 0
+            snapshot = facts.get("consistency") == "snapshot"
+            try:
+                cursor = coll.find_raw_batches(session=session if snapshot else None)
+                async for batch in cursor:
+                    await asyncio.to_thread(spool.write, batch)
+                    docs += _count_docs(batch)
+            except OperationFailure as exc:
+                if not snapshot:
+                    raise
+                # no snapshot reads here (standalone server, stand-in): read each collection
+                # consistently on its own instead
+                facts["consistency"] = f"per-collection (snapshot reads refused: {exc.code})"
+                await asyncio.to_thread(spool.seek, 0)
+                await asyncio.to_thread(spool.truncate)
+                docs = 0
+                async for batch in coll.find_raw_batches():
+                    await asyncio.to_thread(spool.write, batch)
+                    docs += _count_docs(batch)
+            size = await asyncio.to_thread(spool.tell)
+            counts[f"{dbname}.{name}"] = docs
+            yield _tar_header(f"{dbname}/{name}.bson", size)
+            await asyncio.to_thread(spool.seek, 0)
+            while block := await asyncio.to_thread(spool.read, 1 << 20):
+                yield block
+            yield _padding(size)
+
+    async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
+                      progress: Progress, *, clean: bool, manifest: dict[str, Any]) -> None:
+        async with self._session(target) as client:
+            restorer = _Restorer(client, clean, progress)
+            try:
+                async for name, stream in _untar(chunks):
+                    await restorer.entry(name, stream)
+                await restorer.finish()
+            except (PyMongoError, BulkWriteError) as exc:
+                raise RestoreFailed(f"MongoDB restore failed: "
+                                    f"{redact(str(exc), _secrets(target))[:500]}") from None
+            except PipelineError as exc:
+                raise RestoreFailed(f"reading the backup failed ({exc.message}) after the "
+                                    "restore had started") from None
+
+
+def _count_docs(batch: bytes) -> int:
+    n, at = 0, 0
+    while at + 4 <= len(batch):
+        at += struct.unpack_from("<i", batch, at)[0]
+        n += 1
+    return n
+
+
+class _Stream:
+    """The content of one tar member, read from the shared async tar reader."""
+
+    def __init__(self, reader: _TarReader, size: int) -> None:
+        self.reader, self.left = reader, size
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while self.left > 0:
+            data = await self.reader.read_some(min(self.left, 1 << 20))
+            self.left -= len(data)
+            yield data
+
+
+class _TarReader:
+    def __init__(self, source: AsyncIterator[bytes]) -> None:
+        self.source = source
+        self.buf = bytearray()
+
+    async def fill(self, n: int) -> bool:
+        while len(self.buf) < n:
+            chunk = await anext(self.source, None)
+            if chunk is None:
+                return False
+            self.buf += chunk
+        return True
+
+    async def read_exact(self, n: int) -> bytes:
+        if not await self.fill(n):
+            raise PipelineError("the tar stream ends early", code="corrupt_backup")
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    async def read_some(self, n: int) -> bytes:
+        if not self.buf and not await self.fill(1):
+            raise PipelineError("the tar stream ends inside a member", code="corrupt_backup")
+        out = bytes(self.buf[:n])
+        del self.buf[:len(out)]
+        return out
+
+
+async def _untar(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, _Stream]]:
+    """Members of a tar stream (ustar, GNU long names, PAX path records), in order."""
+    reader = _TarReader(chunks)
+    long_name: str | None = None
+    while True:
+        header = await reader.read_exact(BLOCK)
+        if header == b"\0" * BLOCK:
+            return
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as exc:
+            raise PipelineError(f"not a tar stream: {exc}", code="corrupt_backup") from None
+        size = info.size
+        if info.type in (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.XGLTYPE):
+            data = await reader.read_exact(size + len(_padding(size)))
+            data = data[:size]
+            if info.type == tarfile.GNUTYPE_LONGNAME:
+                long_name = data.rstrip(b"\0").decode()
+            elif info.type == tarfile.XHDTYPE:
+                for record in _pax_records(data):
+                    if record[0] == "path":
+                        long_name = record[1]
+            continue
+        name = long_name or info.name
+        long_name = None
+        if not info.isfile():
+            await reader.read_exact(size + len(_padding(size)))
+            continue
+        stream = _Stream(reader, size)
+        yield name, stream
+        async for _ in stream.chunks():  # skip whatever the consumer did not read
+            pass
+        await reader.read_exact(len(_padding(size)))
+
+
+def _pax_records(data: bytes) -> list[tuple[str, str]]:
+    out, at = [], 0
+    while at < len(data):
+        space = data.index(b" ", at)
+        length = int(data[at:space])
+        key, _, value = data[space + 1:at + length - 1].partition(b"=")
+        out.append((key.decode(), value.decode("utf-8", "surrogateescape")))
+        at += length
+    return out
+
+
+class _Restorer:
+    def __init__(self, client: AsyncMongoClient[Any], clean: bool, progress: Progress) -> None:
+        self.client, self.clean, self.progress = client, clean, progress
+        self.pending_indexes: list[tuple[str, str, list[dict[str, Any]]]] = []
+        self.views: list[tuple[str, str, dict[str, Any]]] = []
+        self.prepared: set[tuple[str, str]] = set()
+        progress.item_kind = "documents"
+
+    async def _prepare(self, db: str, coll: str, options: dict[str, Any] | None) -> None:
+        if (db, coll) in self.prepared:
+            return
+        self.prepared.add((db, coll))
+        if self.clean:
+            await self.client[db].drop_collection(coll)
+        if options:
+            await self.client[db].create_collection(coll, **options)
+
+    async def entry(self, name: str, stream: _Stream) -> None:
+        parts = name.split("/")
+        if len(parts) != 2:
+            return  # prelude.json, oplog.bson…: nothing to restore
+        db, file = parts
+        if file.endswith(".metadata.json"):
+            coll = file[: -len(".metadata.json")]
+            raw = b"".join([c async for c in stream.chunks()])
+            meta = json_util.loads(raw.decode())
+            options = dict(meta.get("options") or {})
+            if meta.get("type") == "view" or "viewOn" in options:
+                self.views.append((db, coll, options))
+                return
+            await self._prepare(db, coll, options)
+            indexes = [{k: v for k, v in ix.items() if k not in ("v", "ns")}
+                       for ix in meta.get("indexes", []) if ix.get("name") != "_id_"]
+            if indexes:
+                self.pending_indexes.append((db, coll, indexes))
+        elif file.endswith(".bson"):
+            coll = file[: -len(".bson")]
+            await self._prepare(db, coll, None)
+            await self._insert(db, coll, stream)
+
+    async def _insert(self, db: str, coll: str, stream: _Stream) -> None:
+        target = self.client[db][coll]
+        buf = bytearray()
+        batch: list[RawBSONDocument] = []
+        size = 0
+        async for chunk in stream.chunks():
+            buf += chunk
+            self.progress.bytes_done += len(chunk)
+            at = 0
+            while len(buf) - at >= 4:
+                length = struct.unpack_from("<i", buf, at)[0]
+                if length < 5:
+                    raise PipelineError("corrupt BSON in the backup", code="corrupt_backup")
+                if len(buf) - at < length:
+                    break
+                batch.append(RawBSONDocument(bytes(buf[at:at + length])))
+                size += length
+                at += length
+                if len(batch) >= BATCH_DOCS or size >= BATCH_BYTES:
+                    await target.insert_many(batch, ordered=False)
+                    self.progress.items_done += len(batch)
+                    batch, size = [], 0
+            del buf[:at]
+        if buf:
+            raise PipelineError("the BSON file ends inside a document", code="corrupt_backup")
+        if batch:
+            await target.insert_many(batch, ordered=False)
+            self.progress.items_done += len(batch)
+
+    async def finish(self) -> None:
+        self.progress.set_phase("indexing")
+        for db, coll, indexes in self.pending_indexes:
+            await self.client[db].command("createIndexes", coll, indexes=indexes)
+        for db, coll, options in self.views:
+            if self.clean:
+                await self.client[db].drop_collection(coll)
+            await self.client[db].command({"create": coll, **options})
+
+
