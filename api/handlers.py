@@ -207,7 +207,8 @@ def backup_view(m: dict[str, Any]) -> dict[str, Any]:
 async def create_backup(request: web.Request) -> web.Response:
     s = svc(request)
     target = s.settings.target(request.match_info["target"])
-    body = await read_json(request, {"compress": bool, "note": str, "format": str})
+    body = await read_json(request, {"compress": bool, "note": str, "format": str,
+                                     "use_apoc": bool})
     if len(body.get("note", "")) > 500:
         raise BadRequest("note is longer than 500 characters", code="invalid_body")
     params = {"compress": body.get("compress", target.compress), "note": body.get("note", "")}
@@ -217,6 +218,10 @@ async def create_backup(request: web.Request) -> web.Response:
             raise BadRequest(f"format {body['format']!r} is not offered for {target.engine} "
                              f"(one of: {', '.join(formats) or 'none'})", code="invalid_body")
         params["format"] = body["format"]
+    if body.get("use_apoc"):
+        if target.engine != "neo4j":
+            raise BadRequest("use_apoc applies to neo4j targets only", code="invalid_body")
+        params["use_apoc"] = True
     job, _ = await submit(request, "backup", target.id, params)
     return job_response(job)
 

@@ -91,7 +91,7 @@ ROUTES: list[Route] = [
     *[Route(method, path, handler, role, summary, query=query, target_from_query=True)
       for method, path, handler, role, summary, query in [
         ("POST", "/backup/create", seed.create, Role.OPERATOR, "Seed: create a backup and wait",
-         {"compress": "gzip (default true)", **_DB}),
+         {"compress": "gzip (default true)", "use_apoc": "neo4j: export with APOC", **_DB}),
         ("GET", "/backup/download/{filename}", seed.download_file, Role.OPERATOR,
          "Seed: download a backup", _DB),
         ("POST", "/backup/restore/{filename}", seed.restore, Role.OPERATOR,

@@ -27,7 +27,11 @@ from api.handlers import (
 )
 from api.uploads import store_upload
 from shared.config import TargetConfig
+from shared.errors import BadRequest
 from shared.jobs import Job
+
+# job failures caused by the request itself (answered 400, not 500)
+CLIENT_ERRORS = frozenset({"apoc_unavailable", "engine_mismatch", "bad_request"})
 
 
 def seed_target(request: web.Request) -> TargetConfig:
@@ -50,18 +54,24 @@ def _not_done(job: Job) -> web.Response | None:
              "job": url, "job_id": job.id, "status": job.status},
             status=202, headers={"Location": url})
     err = job.error or {"code": job.status, "message": f"the {job.kind} was {job.status}"}
+    status = 500 if job.status == "failed" else 409
+    if err.get("code") in CLIENT_ERRORS:
+        status = 400
     return web.json_response(
         {"success": False, "message": f"{job.kind.capitalize()} failed: {err['message']}",
-         "detail": err["message"], "error": err, "job": job_view(job)},
-        status=500 if job.status == "failed" else 409)
+         "detail": err["message"], "error": err, "job": job_view(job)}, status=status)
 
 
 async def create(request: web.Request) -> web.Response:
     target = seed_target(request)
     compress = query_bool(request, "compress", True)
+    params: dict[str, Any] = {"compress": compress, "note": ""}
+    if query_bool(request, "use_apoc", False):
+        if target.engine != "neo4j":
+            raise BadRequest("use_apoc applies to neo4j targets only", code="invalid_query")
+        params["use_apoc"] = True
     wait = svc(request).settings.server.wait_timeout
-    job, _ = await submit(request, "backup", target.id, {"compress": compress, "note": ""},
-                          ttl_wait=wait)
+    job, _ = await submit(request, "backup", target.id, params, ttl_wait=wait)
     if (other := _not_done(job)) is not None:
         return other
     result: dict[str, Any] = job.result or {}

@@ -188,3 +188,67 @@ def mongo_server() -> Any:
 
 
 MONGO_PASSWORD = "M0ngo-Test-Pw-3e1"
+
+
+ARCADE_PASSWORD = "Arcade-Test-Pw-5b7"
+
+
+@pytest.fixture(scope="session")
+def neo4j_server(tmp_path_factory: Any) -> Any:
+    """ArcadeDB's Bolt endpoint (a Neo4j stand-in) on free ports, database `neo4j`."""
+    import glob
+    import socket
+    import subprocess
+    import time
+
+    found = glob.glob(str(STANDINS / "arcade-venv/lib/python3*/site-packages/arcadedb_embedded"))
+    if not found:
+        pytest.skip("NEO4J STAND-IN (ArcadeDB) NOT INSTALLED: run ./scripts/standins.sh")
+    home = Path(found[0])
+    root = tmp_path_factory.mktemp("arcadedb")
+    http_port, bolt_port = _free_port(), _free_port()
+    log = open(root / "server.out", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([
+        str(home / "jre/bin/java"), "-Xmx512m", "-cp", f"{home / 'jars'}/*",
+        f"-Darcadedb.server.rootPath={root}",
+        f"-Darcadedb.server.databaseDirectory={root / 'databases'}",
+        f"-Darcadedb.server.rootPassword={ARCADE_PASSWORD}",
+        "-Darcadedb.server.httpIncomingHost=127.0.0.1",
+        f"-Darcadedb.server.httpIncomingPort={http_port}",
+        "-Darcadedb.server.plugins=Bolt:com.arcadedb.bolt.BoltProtocolPlugin",
+        "-Darcadedb.bolt.host=127.0.0.1", f"-Darcadedb.bolt.port={bolt_port}",
+        "-Darcadedb.server.defaultDatabases=neo4j[root]",
+        "com.arcadedb.server.ArcadeDBServer"], cwd=root, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", bolt_port)) == 0:
+                break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    else:
+        proc.kill()
+    from neo4j import GraphDatabase
+
+    driver = GraphDatabase.driver(f"bolt://127.0.0.1:{bolt_port}", auth=("root", ARCADE_PASSWORD))
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:  # Bolt answers before the `neo4j` database exists
+            with driver.session(database="neo4j") as s:
+                s.run("RETURN 1").consume()
+            break
+        except Exception:
+            time.sleep(0.3)
+    driver.close()
+    if proc.poll() is not None or time.monotonic() >= deadline:
+        proc.kill()
+        log.close()
+        pytest.skip("NEO4J STAND-IN DID NOT START: "
+                    f"{(root / 'server.out').read_text()[-500:]}")
+    yield bolt_port
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()

@@ -221,7 +221,7 @@ class JobRunner:
             progress.bytes_done += n
 
         try:
-            options = {"format": job.params["format"]} if job.params.get("format") else None
+            options = {k: job.params[k] for k in ("format", "use_apoc") if job.params.get(k)}
             async with engine.dump(target, progress, options) as dump:
                 out = await pipeline.store(dump.chunks, temp, compress=compress, level=level,
                                            on_bytes=count)

@@ -47,9 +47,11 @@ class Engine(Protocol):
 def get_engines() -> dict[str, Engine]:
     from worker.engines.mongodb import MongoDB
     from worker.engines.mysql import MySQL
+    from worker.engines.neo4j import Neo4j
     from worker.engines.postgresql import PostgreSQL
     from worker.engines.redis import RedisEngine
     from worker.engines.sqlite import SQLite
 
-    engines: list[Engine] = [PostgreSQL(), MySQL(), SQLite(), RedisEngine(), MongoDB()]
+    engines: list[Engine] = [PostgreSQL(), MySQL(), SQLite(), RedisEngine(), MongoDB(),
+                             Neo4j()]
     return {e.name: e for e in engines}
