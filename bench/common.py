@@ -77,6 +77,7 @@ class Safehold:
 @contextmanager
 def safehold(work: Path, targets_toml: str, env: dict[str, str] | None = None
              ) -> Iterator[Safehold]:
+    work.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cfg = work / "safehold.toml"
     cfg.write_text(f"""
