@@ -7,7 +7,6 @@ own PostgreSQL database; all are removed afterwards. Nothing flushes the shared 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -105,10 +104,7 @@ async def worker(settings: Settings, redis: Redis) -> AsyncIterator[Any]:
     w = build_worker(settings, poll_delay=0.05)
     task = asyncio.create_task(w.main())
     yield w
-    await stop_gracefully(w, 10)
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await stop_gracefully(w, 10, task)
 
 
 def token(settings: Settings, *roles: str, ttl: float = 600, subject: str = "tester") -> str:

@@ -286,6 +286,4 @@ async def test_acl_user(aiohttp_client: Any, settings: Settings, redis_port: int
         assert await check.get("k") == b"v"
         await check.aclose()
     finally:
-        await stop_gracefully(w, 10)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await stop_gracefully(w, 10, task)

@@ -108,11 +108,16 @@ def build_worker(settings: Settings, *, redis_pool: ArqRedis | None = None,
     )
 
 
-async def stop_gracefully(worker: Worker, grace: float) -> None:
-    """Stop picking jobs, let running ones finish for `grace` seconds, then cancel and close."""
+async def stop_gracefully(worker: Worker, grace: float,
+                          main: asyncio.Task[None] | None = None) -> None:
+    """Stop picking jobs, let running ones finish for `grace` seconds, stop the poll loop
+    (`main`, the task running `worker.main()`), then cancel what is left and close."""
     worker.allow_pick_jobs = False
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(_tasks_done(worker), grace)
+    if main is not None:  # before close(): a poll must not be mid-read on a closed pool
+        main.cancel()
+        await asyncio.gather(main, return_exceptions=True)
     for task in worker.tasks.values():
         task.cancel()
     await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
@@ -141,6 +146,4 @@ async def serve_worker(settings: Settings, stop: asyncio.Event | None = None) ->
         main.result()
         return
     log.info("stopping: waiting up to %.0fs for running jobs", settings.worker.shutdown_grace)
-    await stop_gracefully(worker, settings.worker.shutdown_grace)
-    main.cancel()
-    await asyncio.gather(main, return_exceptions=True)
+    await stop_gracefully(worker, settings.worker.shutdown_grace, main)
