@@ -122,6 +122,10 @@ class TargetConfig:
     retention: Mapping[str, int] = field(default_factory=dict)
     compress: bool = True
 
+    def secrets(self) -> list[str]:
+        """Values to redact from anything this target's tools or drivers say."""
+        return [self.password.reveal()] if self.password is not None else []
+
     def public(self) -> dict[str, Any]:
         """What the API may show about this target (no secrets)."""
         return {

@@ -35,6 +35,9 @@ class Progress:
         self._last_bytes = 0
         self._rate = 0.0
 
+    def add_bytes(self, n: int) -> None:
+        self.bytes_done += n
+
     def snapshot(self) -> dict[str, Any]:
         now = time.monotonic()
         dt = now - self._last_time

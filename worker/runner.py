@@ -217,14 +217,11 @@ class JobRunner:
         temp = await asyncio.to_thread(self.storage.create_temp, target.id, job.id)
         await self.store.set_fields(job.id, temp_path=str(temp.path))
 
-        def count(n: int) -> None:
-            progress.bytes_done += n
-
         try:
             options = {k: job.params[k] for k in ("format", "use_apoc") if job.params.get(k)}
             async with engine.dump(target, progress, options) as dump:
                 out = await pipeline.store(dump.chunks, temp, compress=compress, level=level,
-                                           on_bytes=count)
+                                           on_bytes=progress.add_bytes)
             await asyncio.to_thread(temp.finish)
         except BaseException:
             await asyncio.shield(asyncio.to_thread(temp.discard))
@@ -275,11 +272,8 @@ class JobRunner:
                       manifest: dict[str, Any], progress: Progress) -> None:
         progress.set_phase("verifying", bytes_total=manifest.get("size_bytes"))
 
-        def count(n: int) -> None:
-            progress.bytes_done += n
-
         path = self.storage.path_of(target.id, name)
-        digest = await asyncio.to_thread(pipeline.sha256_file, path, count)
+        digest = await asyncio.to_thread(pipeline.sha256_file, path, progress.add_bytes)
         if digest != manifest.get("sha256"):
             raise IntegrityError(
                 f"backup {name.filename} does not match its manifest (sha256 {digest[:16]}… "

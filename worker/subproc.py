@@ -10,6 +10,7 @@ import fcntl
 import os
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
+from shared.errors import PipelineError
 from shared.redact import redact
 
 F_SETPIPE_SZ = 1031  # Linux fcntl: grow a pipe's buffer (fewer wake-ups per MiB)
@@ -71,6 +72,29 @@ class Child:
         if self._stdout_fd is not None:
             os.close(self._stdout_fd)
             self._stdout_fd = None
+
+
+async def feed_stdin(child: Child, prelude: bytes, chunks: AsyncIterator[bytes],
+                     on_bytes: Callable[[int], None]) -> None:
+    """Write `prelude` then `chunks` to the child's stdin and close it (EOF).
+
+    If the child stops reading, writing ends quietly (its exit code and stderr say why).
+    If the *source* fails (PipelineError), the child is killed before it sees EOF — a
+    restore tool must never commit a truncated input — and the error propagates."""
+    stdin = child.proc.stdin
+    assert stdin is not None, "spawned without stdin=True"
+    try:
+        stdin.write(prelude)
+        async for chunk in chunks:
+            stdin.write(chunk)
+            await stdin.drain()
+            on_bytes(len(chunk))
+        stdin.close()
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    except PipelineError:
+        await child.kill()
+        raise
 
 
 @contextlib.asynccontextmanager

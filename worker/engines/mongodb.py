@@ -51,9 +51,6 @@ BATCH_BYTES = 8 << 20
 JSON_OPTS = json_util.CANONICAL_JSON_OPTIONS
 
 
-def _secrets(target: TargetConfig) -> list[str]:
-    return [target.password.reveal()] if target.password is not None else []
-
 
 def _split_url(target: TargetConfig) -> tuple[str, str | None, list[str]]:
     """(URL for pymongo without user or path, username, databases named in the path)."""
@@ -112,7 +109,7 @@ class MongoDB:
         except PyMongoError as exc:
             await client.close()
             raise EngineError(f"cannot connect to MongoDB target '{target.id}': "
-                              f"{redact(str(exc), _secrets(target))}",
+                              f"{redact(str(exc), target.secrets())}",
                               code="target_unreachable") from None
         try:
             yield client
@@ -207,7 +204,7 @@ class MongoDB:
             try:
                 yield Dump(chunks(), facts)
             except PyMongoError as exc:
-                raise DumpFailed(f"MongoDB dump failed: {redact(str(exc), _secrets(target))}") \
+                raise DumpFailed(f"MongoDB dump failed: {redact(str(exc), target.secrets())}") \
                     from None
             finally:
                 await session.end_session()
@@ -263,7 +260,7 @@ class MongoDB:
                 await restorer.finish()
             except (PyMongoError, BulkWriteError) as exc:
                 raise RestoreFailed(f"MongoDB restore failed: "
-                                    f"{redact(str(exc), _secrets(target))[:500]}") from None
+                                    f"{redact(str(exc), target.secrets())[:500]}") from None
             except PipelineError as exc:
                 raise RestoreFailed(f"reading the backup failed ({exc.message}) after the "
                                     "restore had started") from None

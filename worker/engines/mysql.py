@@ -29,7 +29,7 @@ from shared.errors import DumpFailed, EngineError, PipelineError, RestoreFailed
 from shared.redact import redact
 from worker.engines import Dump
 from worker.progress import Progress
-from worker.subproc import spawn
+from worker.subproc import feed_stdin, spawn
 
 _TABLE_DONE = re.compile(r"^-- Retrieving rows")
 _VERBOSE = re.compile(r"^-- ")
@@ -46,9 +46,6 @@ def _conn(target: TargetConfig) -> dict[str, Any]:
         "unix_socket": q.get("unix_socket", [None])[0],
     }
 
-
-def _secrets(target: TargetConfig) -> list[str]:
-    return [target.password.reveal()] if target.password is not None else []
 
 
 def _option_value(text: str) -> str:
@@ -110,7 +107,7 @@ class MySQL:
         except (TimeoutError, OSError, pymysql.err.MySQLError) as exc:
             raise EngineError(
                 f"cannot connect to MySQL target '{target.id}' at {c['host']}:{c['port']}/"
-                f"{c['database']}: {redact(str(exc), _secrets(target))}",
+                f"{c['database']}: {redact(str(exc), target.secrets())}",
                 code="target_unreachable") from None
         try:
             yield conn
@@ -185,7 +182,7 @@ class MySQL:
 
         with _defaults_file(target) as cnf:
             argv = [tool, f"--defaults-extra-file={cnf}", *flags, db]
-            async with spawn(argv, env={}, secrets=_secrets(target), stdout=True,
+            async with spawn(argv, env={}, secrets=target.secrets(), stdout=True,
                              on_line=on_line) as child:
                 async def chunks() -> AsyncIterator[bytes]:
                     while data := await child.read():
@@ -223,20 +220,10 @@ class MySQL:
         tool = find_tool("mariadb", "mysql")
         with _defaults_file(target) as cnf:
             argv = [tool, f"--defaults-extra-file={cnf}", "--binary-mode", db]
-            async with spawn(argv, env={}, secrets=_secrets(target), stdin=True) as child:
-                stdin = child.proc.stdin
-                assert stdin is not None
+            async with spawn(argv, env={}, secrets=target.secrets(), stdin=True) as child:
                 try:
-                    stdin.write(prelude.encode())
-                    async for chunk in chunks:
-                        stdin.write(chunk)
-                        await stdin.drain()
-                        progress.bytes_done += len(chunk)
-                    stdin.close()
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client stopped reading: its exit code and stderr say why
+                    await feed_stdin(child, prelude.encode(), chunks, progress.add_bytes)
                 except PipelineError as exc:
-                    await child.kill()
                     raise RestoreFailed(f"reading the backup failed ({exc.message}) after "
                                         "the restore had started") from None
                 rc = await child.wait()

@@ -223,9 +223,6 @@ def split_statements(text: str) -> list[str]:
     return splitter.feed(text) + splitter.feed("", final=True)
 
 
-def _secrets(target: TargetConfig) -> list[str]:
-    return [target.password.reveal()] if target.password is not None else []
-
 
 class Neo4j:
     name: ClassVar[str] = "neo4j"
@@ -250,7 +247,7 @@ class Neo4j:
         except (Neo4jError, ServiceUnavailable, OSError) as exc:
             await driver.close()
             raise EngineError(f"cannot connect to Neo4j target '{target.id}' at {url}: "
-                              f"{redact(str(exc), _secrets(target))}",
+                              f"{redact(str(exc), target.secrets())}",
                               code="target_unreachable") from None
         try:
             yield driver, database
@@ -343,7 +340,7 @@ class Neo4j:
             try:
                 yield Dump(chunks, info)
             except Neo4jError as exc:
-                raise DumpFailed(f"Neo4j dump failed: {redact(str(exc), _secrets(target))}") \
+                raise DumpFailed(f"Neo4j dump failed: {redact(str(exc), target.secrets())}") \
                     from None
 
     async def _apoc_chunks(self, driver: AsyncDriver, db: str | None, progress: Progress
@@ -488,7 +485,7 @@ class Neo4j:
                     progress.items_done += 1
             except Neo4jError as exc:
                 raise RestoreFailed(f"Neo4j restore failed: "
-                                    f"{redact(str(exc), _secrets(target))[:500]}") from None
+                                    f"{redact(str(exc), target.secrets())[:500]}") from None
             except UnicodeDecodeError:
                 raise RestoreFailed("the Cypher script is not UTF-8") from None
 

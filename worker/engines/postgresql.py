@@ -22,7 +22,7 @@ from shared.errors import DumpFailed, EngineError, PipelineError, RestoreFailed,
 from shared.redact import redact
 from worker.engines import Dump
 from worker.progress import Progress
-from worker.subproc import spawn
+from worker.subproc import feed_stdin, spawn
 
 CHUNK = 1 << 20
 SYSTEM_SCHEMAS = "('pg_catalog', 'information_schema', 'pg_toast')"
@@ -55,9 +55,6 @@ def _env(target: TargetConfig) -> dict[str, str]:
         env["PGPASSWORD"] = target.password.reveal()
     return env
 
-
-def _secrets(target: TargetConfig) -> list[str]:
-    return [target.password.reveal()] if target.password is not None else []
 
 
 def _quote_ident(name: str) -> str:
@@ -121,7 +118,7 @@ class PostgreSQL:
             raise EngineError(
                 f"cannot connect to PostgreSQL target '{target.id}' at "
                 f"{c['host']}:{c['port']}/{c['database']}: "
-                f"{redact(str(exc) or type(exc).__name__, _secrets(target))}",
+                f"{redact(str(exc) or type(exc).__name__, target.secrets())}",
                 code="target_unreachable",
             ) from None
         try:
@@ -201,7 +198,7 @@ class PostgreSQL:
                 progress.items_done += 1
 
         flags = ["--format=plain", "--no-owner", "--no-acl", "--verbose", "--no-password"]
-        async with spawn(["pg_dump", *flags], env=_env(target), secrets=_secrets(target),
+        async with spawn(["pg_dump", *flags], env=_env(target), secrets=target.secrets(),
                          stdout=True, on_line=on_line) as child:
             async def chunks() -> AsyncIterator[bytes]:
                 while data := await child.read():
@@ -251,21 +248,10 @@ class PostgreSQL:
         prelude = await self._clean_sql(target, manifest.get("schemas")) if clean else ""
         argv = ["psql", "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1",
                 "--single-transaction"]
-        async with spawn(argv, env=_env(target), secrets=_secrets(target), stdin=True) as child:
-            stdin = child.proc.stdin
-            assert stdin is not None
+        async with spawn(argv, env=_env(target), secrets=target.secrets(), stdin=True) as child:
             try:
-                stdin.write(prelude.encode())
-                async for chunk in chunks:
-                    stdin.write(chunk)
-                    await stdin.drain()
-                    progress.bytes_done += len(chunk)
-                stdin.close()
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # psql stopped reading: its exit code and stderr tell why
-            except PipelineError as exc:
-                # the input broke mid-way: kill psql before it sees EOF, so nothing commits
-                await child.kill()
+                await feed_stdin(child, prelude.encode(), chunks, progress.add_bytes)
+            except PipelineError as exc:  # psql was killed before EOF: nothing committed
                 raise RestoreFailed(f"reading the backup failed ({exc.message}); "
                                     "the transaction was not committed",
                                     database_unchanged=True) from None

@@ -56,9 +56,6 @@ BATCH_BYTES = 32 << 20
 _KEYSPACE = re.compile(r"^db(\d+)$")
 
 
-def _secrets(target: TargetConfig) -> list[str]:
-    return [target.password.reveal()] if target.password is not None else []
-
 
 def _url_db(target: TargetConfig) -> int | None:
     path = urlsplit(target.url).path.strip("/")
@@ -83,7 +80,7 @@ class RedisEngine:
             u = urlsplit(target.url)
             raise EngineError(f"cannot connect to Redis target '{target.id}' at "
                               f"{u.hostname}:{u.port or 6379}: "
-                              f"{redact(str(exc), _secrets(target))}",
+                              f"{redact(str(exc), target.secrets())}",
                               code="target_unreachable") from None
         try:
             yield r
@@ -153,7 +150,7 @@ class RedisEngine:
         try:
             yield Dump(chunks(), info)
         except (RedisError, OSError) as exc:
-            raise DumpFailed(f"Redis dump failed: {redact(str(exc), _secrets(target))}") \
+            raise DumpFailed(f"Redis dump failed: {redact(str(exc), target.secrets())}") \
                 from None
 
     async def _dump_db(self, r: Redis) -> AsyncIterator[tuple[bytes, int]]:
@@ -195,7 +192,7 @@ class RedisEngine:
         async with self._session(target) as r:
             version = (await r.info("server")).get("redis_version")
         progress.set_phase("dumping")
-        async with spawn(argv, env=env, secrets=_secrets(target), stdout=True) as child:
+        async with spawn(argv, env=env, secrets=target.secrets(), stdout=True) as child:
             async def chunks() -> AsyncIterator[bytes]:
                 while data := await child.read():
                     yield data
@@ -223,7 +220,7 @@ class RedisEngine:
                     await clients[db].flushdb()
             await self._replay(target, chunks, progress)
         except (RedisError, OSError) as exc:
-            raise RestoreFailed(f"Redis restore failed: {redact(str(exc), _secrets(target))}") \
+            raise RestoreFailed(f"Redis restore failed: {redact(str(exc), target.secrets())}") \
                 from None
         except PipelineError as exc:
             raise RestoreFailed(f"reading the backup failed ({exc.message}) after the restore "
