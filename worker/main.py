@@ -18,7 +18,6 @@ from shared.config import Settings
 from shared.keys import Keys
 from shared.queue import FUNCTIONS, redis_settings
 from shared.reaper import reap_orphans
-from worker.engines import get_engines
 from worker.runner import JobRunner, ensure_engines
 
 log = logging.getLogger("safehold.worker")
@@ -79,7 +78,7 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
 def build_worker(settings: Settings, *, redis_pool: ArqRedis | None = None,
                  burst: bool = False, poll_delay: float | None = None) -> Worker:
     """An arq Worker for these settings; signals are handled by `serve_worker`/the CLI."""
-    ensure_engines(settings, get_engines())
+    ensure_engines(settings)
     w = settings.worker
     keys = Keys(settings.redis.prefix)
     return Worker(

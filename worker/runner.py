@@ -29,7 +29,7 @@ from shared.keys import Keys
 from shared.redact import redact
 from shared.storage import LocalStorage
 from worker import pipeline
-from worker.engines import Engine, get_engines
+from worker.engines import ENGINE_CLASSES, Engine, get_engines
 from worker.locks import TargetLock
 from worker.progress import Progress
 
@@ -43,7 +43,8 @@ class JobRunner:
         self.keys = Keys(settings.redis.prefix)
         self.store = JobStore(redis, self.keys, ttl=settings.worker.job_ttl)
         self.storage = LocalStorage(settings.storage.path)
-        self.engines: dict[str, Engine] = get_engines()
+        self.engines: dict[str, Engine] = get_engines(
+            {t.engine for t in settings.targets.values()})
         self.worker_id = worker_id
         self.audit = AuditLog(redis, self.keys)
         self._secrets = [t.password.reveal() for t in settings.targets.values() if t.password]
@@ -361,12 +362,12 @@ class JobRunner:
         return err
 
 
-def ensure_engines(settings: Settings, engines: dict[str, Engine]) -> None:
-    missing = sorted({t.engine for t in settings.targets.values()} - set(engines))
+def ensure_engines(settings: Settings) -> None:
+    missing = sorted({t.engine for t in settings.targets.values()} - set(ENGINE_CLASSES))
     if missing:
         from shared.errors import ConfigError
 
         raise ConfigError(f"engine(s) {', '.join(missing)} are not available in this worker "
-                          f"yet (available: {', '.join(sorted(engines))})")
+                          f"yet (available: {', '.join(sorted(ENGINE_CLASSES))})")
 
 

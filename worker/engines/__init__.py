@@ -6,7 +6,8 @@ An engine translates driver and tool errors at its edge into `shared.errors` cla
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import importlib
+from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -44,14 +45,23 @@ class Engine(Protocol):
     async def ping(self, target: TargetConfig) -> None: ...
 
 
-def get_engines() -> dict[str, Engine]:
-    from worker.engines.mongodb import MongoDB
-    from worker.engines.mysql import MySQL
-    from worker.engines.neo4j import Neo4j
-    from worker.engines.postgresql import PostgreSQL
-    from worker.engines.redis import RedisEngine
-    from worker.engines.sqlite import SQLite
+# name -> (module, class): one module per engine, imported only when a target uses it
+# (each pulls in its driver; an idle worker for PostgreSQL need not load PyMongo)
+ENGINE_CLASSES: dict[str, tuple[str, str]] = {
+    "postgresql": ("worker.engines.postgresql", "PostgreSQL"),
+    "mysql": ("worker.engines.mysql", "MySQL"),
+    "sqlite": ("worker.engines.sqlite", "SQLite"),
+    "redis": ("worker.engines.redis", "RedisEngine"),
+    "mongodb": ("worker.engines.mongodb", "MongoDB"),
+    "neo4j": ("worker.engines.neo4j", "Neo4j"),
+}
 
-    engines: list[Engine] = [PostgreSQL(), MySQL(), SQLite(), RedisEngine(), MongoDB(),
-                             Neo4j()]
-    return {e.name: e for e in engines}
+
+def get_engines(names: Iterable[str] | None = None) -> dict[str, Engine]:
+    """Instances of the named engines (all when `names` is None)."""
+    wanted = set(ENGINE_CLASSES) if names is None else set(names) & set(ENGINE_CLASSES)
+    out: dict[str, Engine] = {}
+    for name in sorted(wanted):
+        module, cls = ENGINE_CLASSES[name]
+        out[name] = getattr(importlib.import_module(module), cls)()
+    return out
