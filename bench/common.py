@@ -74,6 +74,16 @@ class Safehold:
         return took, job
 
 
+def copy_backup(work: Path, name: str, src: str, dst: str) -> None:
+    """Make a backup of target `src` restorable into target `dst` (file + manifest)."""
+    import shutil
+
+    target_dir = work / "backups" / dst
+    target_dir.mkdir(parents=True, exist_ok=True)
+    for f in (name, f"{name}.json"):
+        shutil.copy(work / "backups" / src / f, target_dir / f)
+
+
 @contextmanager
 def safehold(work: Path, targets_toml: str, env: dict[str, str] | None = None
              ) -> Iterator[Safehold]:

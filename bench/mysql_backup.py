@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import safehold, sh  # noqa: E402
+from common import copy_backup, safehold, sh  # noqa: E402
 
 SOCKET = "/run/mysqld/mysqld.sock"
 
@@ -95,10 +95,7 @@ url = "{url.format(db + '_restore')}"
             results["safehold backup"], job = app.job("/api/v1/targets/bench/backups", {})
             name, ours = job["result"]["filename"], job["result"]["size_bytes"]
             results["gunzip -c | mariadb"] = sh(f"gunzip -c {gz} | mariadb {db}_shell")
-            dst = work / "backups" / "restore"
-            dst.mkdir(parents=True, exist_ok=True)
-            for f in (name, f"{name}.json"):
-                shutil.copy(work / "backups" / "bench" / f, dst / f)
+            copy_backup(work, name, "bench", "restore")
             results["safehold restore"], _ = app.job(
                 "/api/v1/targets/restore/restores",
                 {"backup": name, "create_safety_backup": False})

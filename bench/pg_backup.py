@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import safehold, sh  # noqa: E402
+from common import copy_backup, safehold, sh  # noqa: E402
 
 PG = ["-h", "127.0.0.1", "-U", "postgres"]
 
@@ -102,10 +102,7 @@ url = "postgresql://postgres@127.0.0.1:5432/{restore_db}"
             results["gunzip -c | psql"] = sh(
                 f"gunzip -c {gz} | psql {' '.join(PG)} -X -q -v ON_ERROR_STOP=1 "
                 f"--single-transaction -d {db}_shell > /dev/null")
-            dst = work / "backups" / "restore"
-            dst.mkdir(parents=True, exist_ok=True)
-            for f in (name, f"{name}.json"):
-                shutil.copy(work / "backups" / "bench" / f, dst / f)
+            copy_backup(work, name, "bench", "restore")
             results["safehold restore"], _ = app.job(
                 "/api/v1/targets/restore/restores",
                 {"backup": name, "create_safety_backup": False})

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port, safehold, sh  # noqa: E402
+from common import copy_backup, free_port, safehold, sh  # noqa: E402
 
 
 def start(work: Path, name: str) -> tuple[subprocess.Popen[bytes], int]:
@@ -74,10 +74,7 @@ url = "redis://127.0.0.1:{port2}"
                 f"gunzip -c {path} | redis-cli -p {port2} --pipe > /dev/null")
             assert int(cli(port2, "DBSIZE")) == n
             cli(port2, "FLUSHALL")
-            dstdir = work / "backups" / "restore"
-            dstdir.mkdir(parents=True, exist_ok=True)
-            for f in (name, f"{name}.json"):
-                shutil.copy(work / "backups" / "bench" / f, dstdir / f)
+            copy_backup(work, name, "bench", "restore")
             results["safehold restore"], _ = app.job(
                 "/api/v1/targets/restore/restores",
                 {"backup": name, "create_safety_backup": False})

@@ -25,6 +25,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+async def wait_ready(base: str) -> None:
+    """Poll /readyz until the server answers 200 (API up, a worker alive)."""
+    async with aiohttp.ClientSession() as http:
+        for _ in range(100):
+            try:
+                async with http.get(f"{base}/readyz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.2)
+    raise AssertionError(f"{base} never became ready")
+
+
 async def cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "api.cli", *args, cwd=REPO, env=env,
@@ -51,17 +65,7 @@ async def test_run_starts_redis_and_backup_follow_shows_progress(
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     base = f"http://127.0.0.1:{api_port}"
     try:
-        async with aiohttp.ClientSession() as http:
-            for _ in range(100):
-                try:
-                    async with http.get(f"{base}/readyz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.2)
-            else:
-                raise AssertionError("safehold run never became ready")
+        await wait_ready(base)
         rc, out, err = await cli("--config", str(cfg), "backup", "main", "--url", base,
                                  env=env)
         assert rc == 1 and "401 unauthorized" in err
@@ -128,15 +132,8 @@ async def test_fresh_run_backs_up_the_bundled_example(prefix: str, tmp_path: Pat
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     base = f"http://127.0.0.1:{api_port}"
     try:
+        await wait_ready(base)
         async with aiohttp.ClientSession() as http:
-            for _ in range(100):
-                try:
-                    async with http.get(f"{base}/readyz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.2)
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "api.cli", "token", cwd=tmp_path, env=env,
                 stdout=asyncio.subprocess.PIPE)

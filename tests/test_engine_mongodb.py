@@ -18,7 +18,7 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
 
 from shared.config import Settings, parse_settings
 from tests.conftest import MONGO_PASSWORD, make_raw_config
-from tests.test_failures_pg import publish_plain
+from tests.test_failures_pg import flip_byte, publish_plain
 from tests.test_sse import read_events
 
 PW_ENV = "SAFEHOLD_TEST_MONGO_PASSWORD"
@@ -201,9 +201,7 @@ async def test_checksum_progress_and_stats(api: Any, worker: Any, mongo: Any, db
     assert job["progress"]["item_kind"] == "collections"
     assert job["progress"]["items_done"] == job["progress"]["items_total"] == 4
     path = storage_dir / job["result"]["filename"]
-    blob = bytearray(path.read_bytes())
-    blob[-30] ^= 0x01
-    path.write_bytes(bytes(blob))
+    flip_byte(path, path.stat().st_size - 30)
     before = await fingerprint(mongo, dbs)
     job = await (await api.post("/api/v1/targets/main/restores?wait=60",
                                 json={"backup": job["result"]["filename"]})).json()

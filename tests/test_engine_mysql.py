@@ -16,7 +16,7 @@ import pytest
 from shared.config import Settings, parse_settings
 from tests import my
 from tests.conftest import make_raw_config
-from tests.test_failures_pg import publish_plain
+from tests.test_failures_pg import flip_byte, publish_plain
 from tests.test_sse import read_events
 
 PW_ENV = "SAFEHOLD_TEST_MY_PASSWORD"
@@ -120,9 +120,7 @@ async def test_checksum_mismatch_touches_nothing(api: Any, worker: Any, my_db: s
     await my.load_rich(my_db)
     name = (await backup(api))["result"]["filename"]
     path = storage_dir / name
-    blob = bytearray(path.read_bytes())
-    blob[len(blob) // 3] ^= 0x01
-    path.write_bytes(bytes(blob))
+    flip_byte(path, path.stat().st_size // 3)
     before = await my.fingerprint(my_db)
     job = await (await api.post("/api/v1/targets/main/restores?wait=60",
                                 json={"backup": name})).json()

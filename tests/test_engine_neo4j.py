@@ -15,7 +15,7 @@ from neo4j.time import Date, DateTime, Duration, Time
 
 from shared.config import Settings, parse_settings
 from tests.conftest import ARCADE_PASSWORD, make_raw_config
-from tests.test_failures_pg import publish_plain
+from tests.test_failures_pg import flip_byte, publish_plain
 from tests.test_sse import read_events
 from worker.engines.neo4j import split_statements
 
@@ -176,9 +176,7 @@ async def test_checksum_progress_stats_and_apoc(api: Any, worker: Any, graph: An
     assert "dumping" in [e["data"]["phase"] for e in events if e["event"] == "phase"]
     assert job["progress"]["items_done"] == 201 + 23
     path = storage_dir / job["result"]["filename"]
-    blob = bytearray(path.read_bytes())
-    blob[len(blob) // 2] ^= 0x01
-    path.write_bytes(bytes(blob))
+    flip_byte(path, path.stat().st_size // 2)
     before = await fingerprint(graph)
     job = await (await api.post("/api/v1/targets/main/restores?wait=60",
                                 json={"backup": job["result"]["filename"]})).json()

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from shared.config import Settings, parse_settings
 from shared.resp import resp
 from tests.conftest import make_raw_config
-from tests.test_failures_pg import publish_plain
+from tests.test_failures_pg import flip_byte, publish_plain
 from tests.test_sse import read_events
 
 PW = "R3dis-Test-Pw-91c"
@@ -223,9 +223,7 @@ async def test_checksum_mismatch_and_progress(api: Any, worker: Any, redis_port:
     events = await read_events(await api.get(f"/api/v1/jobs/{job['id']}/events"))
     assert "dumping" in [e["data"]["phase"] for e in events if e["event"] == "phase"]
     path = storage_dir / job["result"]["filename"]
-    blob = bytearray(path.read_bytes())
-    blob[20] ^= 0x10
-    path.write_bytes(bytes(blob))
+    flip_byte(path, 20)
     before = await fingerprint(redis_port)
     job = await (await api.post("/api/v1/targets/main/restores?wait=60",
                                 json={"backup": job["result"]["filename"]})).json()

@@ -13,6 +13,7 @@ import pytest
 
 from shared.config import Settings, parse_settings
 from tests.conftest import make_raw_config
+from tests.test_failures_pg import flip_byte
 from tests.test_sse import read_events
 
 
@@ -162,9 +163,7 @@ async def test_bad_backups_are_refused_and_data_stays(api: Any, worker: Any, db_
     good = (await backup(api))["result"]["filename"]
     before = fingerprint(db_path)
     path = storage_dir / good
-    blob = bytearray(path.read_bytes())
-    blob[50] ^= 0xFF
-    path.write_bytes(bytes(blob))
+    flip_byte(path, 50)
     job = await (await api.post("/api/v1/targets/main/restores?wait=60",
                                 json={"backup": good})).json()
     assert job["error"]["code"] == "checksum_mismatch"

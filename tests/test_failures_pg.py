@@ -73,9 +73,7 @@ async def test_checksum_mismatch_refuses_and_touches_nothing(
     await pg.load_rich(pg_db)
     name = (await backup(api))["result"]["filename"]
     path = storage_dir / name
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+    flip_byte(path, path.stat().st_size // 2)
     conn = await pg.user_conn(pg_db)
     await conn.execute("DELETE FROM everything WHERE id < 100")
     await conn.close()
@@ -87,6 +85,13 @@ async def test_checksum_mismatch_refuses_and_touches_nothing(
     assert job["error"]["code"] == "checksum_mismatch"
     assert await pg.fingerprint(pg_db) == damaged
     assert await listing(api) == [name]  # no safety backup was even taken
+
+
+def flip_byte(path: Path, at: int) -> None:
+    """Damage one byte of a stored backup (its manifest's sha256 no longer matches)."""
+    blob = bytearray(path.read_bytes())
+    blob[at] ^= 0xFF
+    path.write_bytes(bytes(blob))
 
 
 async def publish_plain(storage_dir: Path, name: str, sql: bytes, like: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from api.app import create_app
 from tests import pg
 from tests.conftest import bearer, token
-from tests.test_failures_pg import publish_plain
+from tests.test_failures_pg import flip_byte, publish_plain
 
 SCRIPTS = Path(__file__).resolve().parent / "seed_scripts"
 
@@ -183,10 +183,7 @@ async def test_failed_restore_is_500_with_the_reason(api: Any, worker: Any, pg_d
     """A failing restore is success=false with the job's error, never a false success."""
     await pg.load_rich(pg_db)
     name = (await (await api.post("/backup/create")).json())["filename"]
-    path = storage_dir / name
-    data = bytearray(path.read_bytes())
-    data[100] ^= 0xFF
-    path.write_bytes(bytes(data))
+    flip_byte(storage_dir / name, 100)
     resp = await api.post(f"/backup/restore/{name}")
     body = await resp.json()
     assert resp.status == 500 and body["success"] is False
