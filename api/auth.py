@@ -39,7 +39,7 @@ from jwt.algorithms import RSAAlgorithm
 
 from api.roles import Role
 from shared.config import AuthSettings, Settings
-from shared.errors import ConfigError, Forbidden, Unauthorized
+from shared.errors import ConfigError, Forbidden, Unauthorized, Unavailable
 
 DEV_ISSUER = "safehold-dev"
 DEV_AUDIENCE = "safehold"
@@ -96,8 +96,10 @@ class JWKSCache:
             doc = await self._fetch()
             keyset = jwt.PyJWKSet.from_dict(doc)
         except (TimeoutError, aiohttp.ClientError, ValueError, jwt.PyJWKSetError) as exc:
-            raise Unauthorized(f"cannot fetch the issuer's signing keys ({type(exc).__name__})",
-                               code="invalid_token") from None
+            # the identity provider is down or broken: not the client's fault, try later
+            raise Unavailable(f"cannot fetch the issuer's signing keys "
+                              f"({type(exc).__name__}); try again shortly",
+                              code="jwks_unavailable") from None
         finally:
             self._last_fetch = time.monotonic()
         self._keys = {k.key_id: k for k in keyset.keys if k.key_id}

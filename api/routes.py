@@ -11,6 +11,7 @@ from aiohttp import web
 from api import handlers as h
 from api import seed
 from api.events import all_events, job_events
+from api.metrics import metrics
 from api.openapi import openapi
 from api.roles import Role
 from api.uploads import upload_backup
@@ -49,6 +50,8 @@ ROUTES: list[Route] = [
     Route("GET", "/readyz", h.readyz, Role.PUBLIC,
           "Redis reachable and at least one live worker",
           responses={"200": "ready", "503": "not ready"}),
+    Route("GET", "/metrics", metrics, Role.PUBLIC,
+          "Prometheus metrics (public unless auth.public_metrics = false: then viewer)"),
     Route("GET", "/.well-known/jwks.json", h.jwks, Role.PUBLIC,
           "Dev mode only: the public key that verifies `safehold token` tokens"),
     Route("GET", "/api/v1/openapi.json", openapi, Role.VIEWER, "This document"),

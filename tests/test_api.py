@@ -57,7 +57,7 @@ def test_every_route_declares_a_role() -> None:
     for r in ROUTES:
         assert isinstance(r.role, Role)
     assert {r.path for r in ROUTES if r.role is Role.PUBLIC} == {
-        "/healthz", "/readyz", "/.well-known/jwks.json"}
+        "/healthz", "/readyz", "/.well-known/jwks.json", "/metrics"}
 
 
 @pytest.mark.parametrize(("method", "path", "body", "status", "code"), [
@@ -208,3 +208,25 @@ async def test_audit_trail_records_requests_and_outcomes(api: Any, anon: Any, wo
     assert outcome["backup"] == job["result"]["filename"]
     mine = (await (await api.get(f"/api/v1/audit?job={job['id']}")).json())["entries"]
     assert {e["action"] for e in mine} == {"create_backup", "job.backup"}
+
+
+async def test_metrics(api: Any, anon: Any, worker: Any, pg_db: str, settings: Any,
+                       aiohttp_client: Any, redis: Any) -> None:
+    """/metrics exposes jobs, workers, backups and the last backup time; it can require a
+    viewer token."""
+    from dataclasses import replace
+
+    from api.app import create_app
+    from tests.conftest import bearer
+
+    job = await backup(api)
+    text = await (await anon.get("/metrics")).text()
+    assert 'safehold_jobs{kind="backup",status="succeeded",target="main"} 1' in text
+    assert "safehold_workers_alive 1" in text
+    assert 'safehold_backups{target="main"} 1' in text
+    assert f'safehold_backup_bytes{{target="main"}} {job["result"]["size_bytes"]}' in text
+    assert 'safehold_last_backup_timestamp_seconds{target="main"}' in text
+    private = replace(settings, auth=replace(settings.auth, public_metrics=False))
+    c = await aiohttp_client(create_app(private))
+    assert (await c.get("/metrics")).status == 401
+    assert (await c.get("/metrics", headers=bearer(private, "viewer"))).status == 200

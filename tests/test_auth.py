@@ -330,3 +330,13 @@ def test_issuer_without_audience_is_a_config_error(tmp_path: Path) -> None:
            "targets": {"s": {"engine": "sqlite", "path": "x.db"}}}
     with pytest.raises(ConfigError, match="audience"):
         parse_settings(raw, {}, base=tmp_path, source="<t>")
+
+
+async def test_issuer_down_is_503_not_401(aiohttp_client: Any, oidc_settings: Settings,
+                                          issuer: Issuer, redis: Any) -> None:
+    """When the JWKS cannot be fetched, the answer says so (503), not 'bad token'."""
+    down = replace(oidc_settings, auth=replace(oidc_settings.auth,
+                                               jwks_url="http://127.0.0.1:9/certs"))
+    c = await aiohttp_client(create_app(down))
+    resp = await c.get("/api/v1/targets", headers=auth(issuer.token(["viewer"])))
+    assert await status_and_code(resp) == (503, "jwks_unavailable")
