@@ -100,10 +100,12 @@ def _point(coords: list[str], value: Point) -> str:
     return "point({" + ", ".join(parts) + f", srid: {value.srid}" + "})"
 
 
-def _row(element_id: str, props: dict[str, Any]) -> str:
+def _row(ids: dict[str, str], props: dict[str, Any]) -> str:
+    """One UNWIND row: the import id(s), the properties, and which of them are bytes."""
     byte_props = [k for k, v in props.items() if isinstance(v, bytes | bytearray)]
     extra = f", b: {literal(byte_props)}" if byte_props else ""
-    return f"{{id: {literal(element_id)}, p: {literal(props)}{extra}}}"
+    head = ", ".join(f"{k}: {literal(v)}" for k, v in ids.items())
+    return f"{{{head}, p: {literal(props)}{extra}}}"
 
 
 def _labels(labels: list[str]) -> str:
@@ -383,7 +385,7 @@ class Neo4j:
             async for record in result:
                 key = _labels(record["labels"])
                 rows = groups.setdefault(key, [])
-                rows.append(_row(record["id"], record["p"]))
+                rows.append(_row({"id": record["id"]}, record["p"]))
                 progress.items_done += 1
                 if len(rows) >= BATCH:
                     yield self._create_nodes(key, rows)
@@ -400,11 +402,7 @@ class Neo4j:
             async for record in result:
                 rkey = (record["t"], _first(record["la"]), _first(record["lb"]))
                 rows = rgroups.setdefault(rkey, [])
-                props = record["p"]
-                byte_props = [k for k, v in props.items() if isinstance(v, bytes | bytearray)]
-                extra = f", b: {literal(byte_props)}" if byte_props else ""
-                rows.append(f"{{s: {literal(record['s'])}, e: {literal(record['e'])}, "
-                            f"p: {literal(props)}{extra}}}")
+                rows.append(_row({"s": record["s"], "e": record["e"]}, record["p"]))
                 progress.items_done += 1
                 if len(rows) >= BATCH:
                     yield self._create_rels(rkey, rows)

@@ -52,7 +52,6 @@ return out
 _RESTORE = b"*5\r\n$7\r\nRESTORE\r\n$%d\r\n%b\r\n$1\r\n0\r\n$%d\r\n%b\r\n$7\r\nREPLACE\r\n"
 _RESTORE_ABSTTL = (b"*6\r\n$7\r\nRESTORE\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
                    b"$7\r\nREPLACE\r\n$6\r\nABSTTL\r\n")
-BATCH_BYTES = 32 << 20
 _KEYSPACE = re.compile(r"^db(\d+)$")
 
 
@@ -211,13 +210,11 @@ class RedisEngine:
                 "RDB backups are restored by stopping Redis and putting the file in place as "
                 "its dump.rdb (see the README); Safehold restores RESP backups",
                 database_unchanged=True)
-        clients: dict[int, Redis] = {}
         try:
-            dbs = [int(d) for d in manifest.get("databases", [])]
             if clean:
-                for db in dbs:
-                    clients[db] = self.client(target, db)
-                    await clients[db].flushdb()
+                for db in manifest.get("databases", []):
+                    async with self._session(target, int(db)) as r:
+                        await r.flushdb()
             await self._replay(target, chunks, progress)
         except (RedisError, OSError) as exc:
             raise RestoreFailed(f"Redis restore failed: {redact(str(exc), target.secrets())}") \
@@ -225,9 +222,6 @@ class RedisEngine:
         except PipelineError as exc:
             raise RestoreFailed(f"reading the backup failed ({exc.message}) after the restore "
                                 "had started") from None
-        finally:
-            for c in clients.values():
-                await c.aclose()
 
     async def _replay(self, target: TargetConfig, chunks: AsyncIterator[bytes],
                       progress: Progress) -> None:
