@@ -12,7 +12,6 @@ then times a Safehold backup and a restore (clean: delete all, then replay the s
 from __future__ import annotations
 
 import argparse
-import glob
 import shutil
 import socket
 import subprocess
@@ -24,28 +23,21 @@ from pathlib import Path
 from neo4j import GraphDatabase
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, free_port, safehold  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import free_port, safehold  # noqa: E402
+
+from tests.standins.arcadedb import arcadedb_command, arcadedb_home  # noqa: E402
 
 PASSWORD = "BenchPw-123456"
 
 
 def start_arcadedb(work: Path) -> tuple[subprocess.Popen[bytes], int]:
-    found = glob.glob(str(REPO / ".standins/arcade-venv/lib/python3*/site-packages/"
-                          "arcadedb_embedded"))
-    if not found:
+    home = arcadedb_home()
+    if home is None:
         sys.exit("ArcadeDB stand-in missing: run ./scripts/standins.sh")
-    home = Path(found[0])
     http_port, bolt = free_port(), free_port()
-    proc = subprocess.Popen([
-        str(home / "jre/bin/java"), "-Xmx1g", "-cp", f"{home / 'jars'}/*",
-        f"-Darcadedb.server.rootPath={work}", f"-Darcadedb.server.databaseDirectory={work}/db",
-        f"-Darcadedb.server.rootPassword={PASSWORD}",
-        "-Darcadedb.server.httpIncomingHost=127.0.0.1",
-        f"-Darcadedb.server.httpIncomingPort={http_port}",
-        "-Darcadedb.server.plugins=Bolt:com.arcadedb.bolt.BoltProtocolPlugin",
-        "-Darcadedb.bolt.host=127.0.0.1", f"-Darcadedb.bolt.port={bolt}",
-        "-Darcadedb.server.defaultDatabases=neo4j[root]", "com.arcadedb.server.ArcadeDBServer"],
-        cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(arcadedb_command(home, work, http_port, bolt, PASSWORD, heap="1g"),
+                            cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(300):
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", bolt)) == 0:

@@ -16,22 +16,19 @@ find_python() {  # find_python 3.13 -> a python of that minor version, or nothin
   uv python install "$1" >/dev/null 2>&1 && uv python find "$1" 2>/dev/null
 }
 
-if [ ! -x .standins/mongo-venv/bin/python ] || ! .standins/mongo-venv/bin/python -c 'import mongoeco' 2>/dev/null; then
-  py=$(find_python 3.13)
-  if [ -n "$py" ]; then
-    "$py" -m venv .standins/mongo-venv && .standins/mongo-venv/bin/pip install -q 'mongoeco[wire]==4.11.0' 2>>.standins/install.log \
-      || echo "standins: mongoeco install FAILED" >&2
-  else
-    echo "standins: no Python 3.13 found for mongoeco" >&2
+install_venv() {  # install_venv NAME PYTHON_VERSION IMPORT_NAME PIP_SPEC
+  local venv=".standins/$1"
+  "$venv/bin/python" -c "import $3" 2>/dev/null && return 0
+  local py
+  py=$(find_python "$2")
+  if [ -z "$py" ]; then
+    echo "standins: no Python $2 found for $4" >&2
+    return 0
   fi
-fi
-if [ ! -x .standins/arcade-venv/bin/python ] || ! .standins/arcade-venv/bin/python -c 'import arcadedb_embedded' 2>/dev/null; then
-  py=$(find_python 3.12)
-  if [ -n "$py" ]; then
-    "$py" -m venv .standins/arcade-venv && .standins/arcade-venv/bin/pip install -q 'arcadedb-embedded==26.10.2.post1' 2>>.standins/install.log \
-      || echo "standins: arcadedb-embedded install FAILED" >&2
-  else
-    echo "standins: no Python 3.12 found for arcadedb-embedded" >&2
-  fi
-fi
+  "$py" -m venv "$venv" && "$venv/bin/pip" install -q "$4" 2>>.standins/install.log \
+    || echo "standins: $4 install FAILED (see .standins/install.log)" >&2
+}
+
+install_venv mongo-venv 3.13 mongoeco 'mongoeco[wire]==4.11.0'
+install_venv arcade-venv 3.12 arcadedb_embedded 'arcadedb-embedded==26.10.2.post1'
 exit 0

@@ -192,29 +192,20 @@ ARCADE_PASSWORD = "Arcade-Test-Pw-5b7"
 @pytest.fixture(scope="session")
 def neo4j_server(tmp_path_factory: Any) -> Any:
     """ArcadeDB's Bolt endpoint (a Neo4j stand-in) on free ports, database `neo4j`."""
-    import glob
     import socket
     import subprocess
     import time
 
-    found = glob.glob(str(STANDINS / "arcade-venv/lib/python3*/site-packages/arcadedb_embedded"))
-    if not found:
+    from tests.standins.arcadedb import arcadedb_command, arcadedb_home
+
+    home = arcadedb_home()
+    if home is None:
         pytest.skip("NEO4J STAND-IN (ArcadeDB) NOT INSTALLED: run ./scripts/standins.sh")
-    home = Path(found[0])
     root = tmp_path_factory.mktemp("arcadedb")
     http_port, bolt_port = _free_port(), _free_port()
     log = open(root / "server.out", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([
-        str(home / "jre/bin/java"), "-Xmx512m", "-cp", f"{home / 'jars'}/*",
-        f"-Darcadedb.server.rootPath={root}",
-        f"-Darcadedb.server.databaseDirectory={root / 'databases'}",
-        f"-Darcadedb.server.rootPassword={ARCADE_PASSWORD}",
-        "-Darcadedb.server.httpIncomingHost=127.0.0.1",
-        f"-Darcadedb.server.httpIncomingPort={http_port}",
-        "-Darcadedb.server.plugins=Bolt:com.arcadedb.bolt.BoltProtocolPlugin",
-        "-Darcadedb.bolt.host=127.0.0.1", f"-Darcadedb.bolt.port={bolt_port}",
-        "-Darcadedb.server.defaultDatabases=neo4j[root]",
-        "com.arcadedb.server.ArcadeDBServer"], cwd=root, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(arcadedb_command(home, root, http_port, bolt_port, ARCADE_PASSWORD),
+                            cwd=root, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         with socket.socket() as s:
