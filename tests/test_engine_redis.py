@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import socket
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -236,9 +235,7 @@ async def test_checksum_mismatch_and_progress(api: Any, worker: Any, redis_port:
 async def test_rdb_format(api: Any, worker: Any, redis_port: int, storage_dir: Path) -> None:
     """format=rdb stores the server's RDB snapshot (.rdb.gz); the API won't restore it."""
     await load(redis_port)
-    t0 = time.monotonic()
     job = await backup(api, format="rdb")
-    assert time.monotonic() - t0 < 60
     name = job["result"]["filename"]
     assert name.endswith(".rdb.gz")
     assert gzip.decompress((storage_dir / name).read_bytes()).startswith(b"REDIS")
