@@ -7,6 +7,7 @@ import contextlib
 import logging
 import weakref
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,9 @@ class Services:
     dev_jwks: dict[str, Any] | None
     http: dict[str, aiohttp.ClientSession]
     audit: AuditLog
+    # upload validation decompresses and scans whole files: its own small pool, so a burst
+    # of uploads (or bombs) queues there and never takes the threads other requests use
+    validation_pool: ThreadPoolExecutor
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -62,7 +66,9 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     verifier, jwks_doc = build_verifier(settings, http)
     services = Services(settings, keys, redis, JobStore(redis, keys, ttl=ttl),
                         JobStore(blocking, keys, ttl=ttl), LocalStorage(settings.storage.path),
-                        verifier, jwks_doc, http, AuditLog(redis, keys))
+                        verifier, jwks_doc, http, AuditLog(redis, keys),
+                        ThreadPoolExecutor(settings.limits.max_concurrent_validations,
+                                           thread_name_prefix="validate"))
     app[SERVICES] = services
     reaper = asyncio.create_task(_reap_forever(services))
     yield
@@ -72,6 +78,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     for resp in list(streams):
         with contextlib.suppress(Exception):
             resp.stop_streaming()
+    services.validation_pool.shutdown(wait=False, cancel_futures=True)
     await http["session"].close()
     await blocking.aclose()
     await pool.disconnect()

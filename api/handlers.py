@@ -253,11 +253,15 @@ async def download(request: web.Request, target: str, file: str) -> web.StreamRe
 async def delete_file(request: web.Request, target: str, file: str) -> str:
     """Delete a backup unless a restore of it is queued or running (409)."""
     s = svc(request)
-    name, _ = await manifest_of(request, target, file)
+    name, manifest = await manifest_of(request, target, file)
     for job in await s.store.active_for_target(target):
         if job.kind == "restore" and job.params.get("backup") == name.filename:
             raise Conflict(f"backup {name.filename} is being restored by job {job.id}",
                            code="backup_in_use")
+        made_for = manifest.get("parent") == job.id or name.filename == job.safety_backup
+        if job.kind == "restore" and made_for:
+            raise Conflict(f"{name.filename} is the safety backup of restore job {job.id}, "
+                           "which is still running", code="backup_in_use")
     await asyncio.to_thread(s.storage.delete, target, name)
     return name.filename
 
@@ -327,9 +331,10 @@ async def get_job(request: web.Request) -> web.Response:
 async def cancel_job(request: web.Request) -> web.Response:
     s = svc(request)
     job = await job_for(request, Role.OPERATOR)
-    if job.kind == "restore" and job.status == "running":
-        raise Conflict("a running restore cannot be cancelled safely; it either completes or "
-                       "rolls back by itself", code="restore_running")
+    if not job.terminal and not job.cancellable:
+        raise Conflict("this restore is changing the database and cannot be cancelled safely "
+                       f"now ({job.restore_state}); it either completes or rolls back by "
+                       "itself", code="restore_running")
     job = await s.store.request_cancel(job.id)
     return web.json_response(job_view(job), status=200 if job.terminal else 202)
 

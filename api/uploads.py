@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -13,7 +14,7 @@ from aiohttp import web
 from api.files import UploadSink, receive_upload
 from api.handlers import job_view, principal, query_bool, submit, svc
 from shared import formats, naming
-from shared.codecs import GZIP_MAGIC
+from shared.codecs import GZIP_MAGIC, plain_limit
 from shared.config import TargetConfig
 from shared.jobs import now_iso
 
@@ -41,7 +42,12 @@ async def store_upload(request: web.Request, target: TargetConfig) -> dict[str, 
 
             raise BadRequest("the upload is empty", code="invalid_upload")
         compressed = sink.head.startswith(GZIP_MAGIC)
-        info = await asyncio.to_thread(formats.validate, target.engine, temp, compressed)
+        limits = s.settings.limits
+        limit = plain_limit(sink.size, max_bytes=limits.max_restore_bytes,
+                            ratio=limits.max_expansion_ratio)
+        info = await asyncio.get_running_loop().run_in_executor(
+            s.validation_pool, functools.partial(
+                formats.validate, target.engine, temp, compressed, limit=limit))
         name = naming.new_name("upload", target.engine, started, compressed=compressed)
         manifest = {
             "engine": target.engine,

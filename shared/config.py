@@ -79,6 +79,15 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class LimitSettings:
+    """Bounds on what a backup file may inflate to (uploads and restores alike)."""
+
+    max_restore_bytes: int = 1024**4  # plain (decompressed) size of any restore or upload
+    max_expansion_ratio: float = 100.0  # plain/stored ratio above which an upload is a bomb
+    max_concurrent_validations: int = 2  # uploads validated at once per API process
+
+
+@dataclass(frozen=True)
 class AuthSettings:
     """Bearer JWT verification. With no issuer, a local dev key signs and verifies tokens."""
 
@@ -148,6 +157,7 @@ class Settings:
     storage: StorageSettings = StorageSettings()
     worker: WorkerSettings = WorkerSettings()
     auth: AuthSettings = AuthSettings()
+    limits: LimitSettings = LimitSettings()
     source: str = "<defaults>"
 
     def target(self, target_id: str) -> TargetConfig:
@@ -165,6 +175,7 @@ _SECTIONS: dict[str, type] = {
     "storage": StorageSettings,
     "worker": WorkerSettings,
     "auth": AuthSettings,
+    "limits": LimitSettings,
 }
 
 DEFAULT_TOML = """

@@ -12,7 +12,8 @@ SafeholdError                    base; carries a stable `code` and an HTTP `stat
 ├── EngineError         (500)    a driver or subprocess failed
 │   ├── ToolTooOld               the dump tool is older than the server
 │   ├── DumpFailed               the dump did not complete
-│   └── RestoreFailed            the restore did not complete
+│   ├── RestoreFailed            the restore did not complete
+│   └── SafetyBackupFailed       a restore's safety backup failed; nothing was touched
 └── PipelineError       (500)    compression, hashing or storage failed
     └── IntegrityError  (422)    a stored backup does not match its manifest's sha256
 ```
@@ -133,9 +134,16 @@ class RestoreFailed(EngineError):
 
     code = "restore_failed"
 
-    def __init__(self, message: str, *, database_unchanged: bool = False) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, database_unchanged: bool = False,
+                 code: str | None = None) -> None:
+        super().__init__(message, code=code)
         self.database_unchanged = database_unchanged
+
+
+class SafetyBackupFailed(EngineError):
+    """Raised when a restore's safety backup cannot be made: the restore did not start."""
+
+    code = "safety_backup_failed"
 
 
 class PipelineError(SafeholdError):

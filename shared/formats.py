@@ -1,80 +1,188 @@
-"""What each engine restores, checked before an uploaded file is accepted.
+"""What each engine restores, checked before anything is restored from it.
 
-`validate(engine, path, compressed)` reads the whole file (decompressing it completely) and
-raises BadRequest unless it is content that engine's restore accepts. It returns manifest
-facts found on the way (plain size, schemas…). Blocking: run it in a thread.
+Every byte of a backup file is untrusted until checked. `validate(engine, path, …)` reads the
+whole file once (decompressing it under an inflation bound, hashing the stored bytes) and
+raises BadRequest (`invalid_upload` / `unsafe_backup`, with the line or statement at fault)
+unless it is content that engine's restore accepts and nothing in it can reach outside the
+database. It returns manifest facts found on the way (plain size, counts…). Blocking: run it
+in a thread. The API runs it on uploads; the worker runs it again before a restore touches
+anything (a file put into storage by hand gets the same checks).
 """
 
 from __future__ import annotations
 
+import io
+import json
 import re
 import sqlite3
+import struct
+import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from shared.codecs import CHUNK, GzipDecompress
+from shared.codecs import PlainReader
+from shared.cypher import StatementSplitter, check_command, check_statement
 from shared.errors import BadRequest, PipelineError
+from shared.pgscript import PgScriptGuard, UnsafeScript
 from shared.resp import RespReader
 
-_PG_HEADER = b"-- PostgreSQL database dump"
-_PG_FOOTER = b"-- PostgreSQL database dump complete"
 _PG_CUSTOM_MAGIC = b"PGDMP"
-_CREATE_SCHEMA = re.compile(rb"^CREATE SCHEMA (\"(?:[^\"]|\"\")+\"|[A-Za-z_][\w$]*);$", re.M)
 
 
-def plain_chunks(path: Path, compressed: bool) -> Iterator[bytes]:
-    """The plain content of a file, decompressed in bounded chunks."""
-    gunzip = GzipDecompress() if compressed else None
-    with open(path, "rb") as f:
-        while block := f.read(256 * 1024):
-            if gunzip is None:
-                yield block
-                continue
-            gunzip.push(block)
-            while out := gunzip.pull(CHUNK):
-                yield out
-    if gunzip is not None:
-        gunzip.flush()
+class Unsafe(BadRequest):
+    """Content no Safehold restore will run."""
+
+    code = "unsafe_backup"
 
 
-def _unquote(ident: bytes) -> str:
-    text = ident.decode("utf-8", "replace")
-    if text.startswith('"'):
-        return text[1:-1].replace('""', '"')
-    return text.lower()
+def plain_chunks(path: Path, compressed: bool, limit: int | None = None) -> Iterator[bytes]:
+    """The plain content of a file, decompressed in bounded chunks, at most `limit` bytes."""
+    reader = PlainReader(path, compressed=compressed, limit=limit)
+    try:
+        yield from reader
+    finally:
+        reader.close()
 
 
-def validate_postgresql(path: Path, compressed: bool) -> dict[str, Any]:
-    """A complete plain-SQL pg_dump: header first, `dump complete` footer last."""
+def _sized(chunks: Iterator[bytes], box: list[int]) -> Iterator[bytes]:
+    for chunk in chunks:
+        box[0] += len(chunk)
+        yield chunk
+
+
+# ------------------------------------------------------------------ PostgreSQL
+def validate_postgresql(chunks: Iterator[bytes]) -> dict[str, Any]:
+    """A complete plain-SQL pg_dump (footer present) with no psql meta-commands, no
+    transaction control and no COPY other than FROM stdin (see `shared.pgscript`)."""
+    guard = PgScriptGuard()
     size = 0
-    head = b""
-    tail = b""
-    carry = b""
-    schemas: set[str] = {"public"}
-    for chunk in plain_chunks(path, compressed):
+    for chunk in chunks:
         if size == 0 and chunk.startswith(_PG_CUSTOM_MAGIC):
             raise BadRequest("this is a pg_dump custom-format archive; upload a plain SQL dump "
                              "(pg_dump --format=plain)", code="invalid_upload")
+        if size == 0 and b"-- PostgreSQL database dump" not in chunk[:4096]:
+            raise BadRequest("not a PostgreSQL plain SQL dump (no '-- PostgreSQL database "
+                             "dump' header)", code="invalid_upload")
         size += len(chunk)
-        if len(head) < 4096:
-            head += chunk[: 4096 - len(head)]
-        text = carry + chunk
-        cut = text.rfind(b"\n") + 1
-        for m in _CREATE_SCHEMA.finditer(text, 0, cut):
-            schemas.add(_unquote(m.group(1)))
-        carry = text[cut:][-4096:]
-        tail = (tail + chunk)[-4096:]
-    if _PG_HEADER not in head:
-        raise BadRequest("not a PostgreSQL plain SQL dump (no '-- PostgreSQL database dump' "
-                         "header)", code="invalid_upload")
-    if _PG_FOOTER not in tail:
-        raise BadRequest("the PostgreSQL dump is incomplete (no 'dump complete' footer): it "
-                         "was cut off", code="invalid_upload")
-    return {"raw_bytes": size, "schemas": sorted(schemas), "tool": "pg_dump (uploaded)"}
+        guard.feed(chunk)
+    if size == 0:
+        raise BadRequest("the PostgreSQL dump is empty", code="invalid_upload")
+    guard.finish()
+    return {"raw_bytes": size, "tool": "pg_dump (uploaded)"}
 
 
+# ------------------------------------------------------------------ MySQL / MariaDB
+_MY_HEADERS = (b"-- MariaDB dump", b"-- MySQL dump")
+_MY_FOOTER = b"-- Dump completed"
+# client commands the mysql/mariadb client runs from its input: backslash commands anywhere
+# outside statements, long forms at the start of a line (mysqldump escapes newlines inside
+# string data, so a raw line start is never data)
+_MY_COMMAND = re.compile(
+    rb"(?mi)^[ \t]*(\\[^\n]|(?:system|source|tee|notee|pager|nopager|connect|edit|"
+    rb"charset|prompt|rehash|warnings|nowarning|print|status|exit|quit|go|ego|help|"
+    rb"resetconnection|query_attributes)(?=[ \t;\r\n]))")
+_MY_LOCAL = re.compile(rb"(?i)\bLOAD\s+(?:DATA|XML)\s+(?:LOW_PRIORITY\s+|CONCURRENT\s+)?LOCAL\b")
+_CARRY = 64  # an open line's start is rescanned with the next chunk up to this length
+
+
+class MySQLScriptCheck:
+    """Line-start scan of a mysqldump/mariadb-dump script for client commands (the
+    restore also runs the client with --binary-mode, --sandbox and --local-infile=0)."""
+
+    def __init__(self) -> None:
+        self.line = 1  # the line the next byte belongs to
+        self.open_len = 0  # length of the open (unterminated) line so far
+        self.carry = b""  # that open line, while it is short enough to rescan
+        self.head = b""
+        self.tail = b""
+        self.size = 0
+
+    def feed(self, chunk: bytes) -> None:
+        if (nul := chunk.find(b"\0")) >= 0:
+            line = self.line + chunk.count(b"\n", 0, nul)
+            raise Unsafe(f"line {line}: a NUL byte in SQL text")
+        self.size += len(chunk)
+        if len(self.head) < 4096:
+            self.head += chunk[:4096 - len(self.head)]
+        self.tail = (self.tail + chunk)[-4096:]
+        if self.open_len > len(self.carry):  # the open line's start was checked already
+            nl = chunk.find(b"\n")
+            if nl < 0:
+                self.open_len += len(chunk)
+                return
+            self.line += 1
+            text = chunk[nl + 1:]
+        else:
+            text = self.carry + chunk
+        for pattern, what in ((_MY_COMMAND, "client command"), (_MY_LOCAL, "LOAD … LOCAL")):
+            if m := pattern.search(text):
+                line = self.line + text.count(b"\n", 0, m.start())
+                body = text[m.start():m.start() + 40].split(b"\n", 1)[0].strip()
+                raise Unsafe(f"line {line}: {what} {body.decode('utf-8', 'replace')!r} (the "
+                             "client would run it on the restoring host; never from a backup)")
+        self.line += text.count(b"\n")
+        rest = text[text.rfind(b"\n") + 1:]
+        self.open_len = len(rest)
+        self.carry = rest if len(rest) <= _CARRY else b""
+
+    def finish(self) -> dict[str, Any]:
+        if not any(h in self.head for h in _MY_HEADERS):
+            raise BadRequest("not a MariaDB/MySQL dump (no '-- MariaDB dump' or '-- MySQL "
+                             "dump' header)", code="invalid_upload")
+        if _MY_FOOTER not in self.tail:
+            raise BadRequest("the MySQL dump is incomplete (no '-- Dump completed' footer): "
+                             "it was cut off", code="invalid_upload")
+        return {"raw_bytes": self.size, "tool": "mysqldump (uploaded)"}
+
+
+def validate_mysql(chunks: Iterator[bytes]) -> dict[str, Any]:
+    """A complete mariadb-dump/mysqldump SQL file without client commands."""
+    check = MySQLScriptCheck()
+    for chunk in chunks:
+        check.feed(chunk)
+    return check.finish()
+
+
+# ------------------------------------------------------------------ Redis
+def validate_redis(chunks: Iterator[bytes]) -> dict[str, Any]:
+    """A RESP stream of exactly what Safehold's writer emits: `SELECT n` and
+    `RESTORE key ttl payload REPLACE [ABSTTL]`. Anything else (CONFIG, MODULE, EVAL, FLUSHALL,
+    SLAVEOF…) is refused before the restore flushes anything."""
+    reader = RespReader(max_parts=6)
+    size, keys, databases, n = 0, 0, {0}, 0
+    try:
+        for chunk in chunks:
+            if size == 0 and chunk.startswith(b"REDIS"):
+                raise BadRequest("this is an RDB snapshot: restore it by placing it as the "
+                                 "server's dump.rdb (see the README); uploads take RESP "
+                                 "backups", code="invalid_upload")
+            size += len(chunk)
+            for cmd in reader.feed(chunk):
+                n += 1
+                name = cmd[0].upper()
+                if name == b"SELECT" and len(cmd) == 2 and cmd[1].isdigit() \
+                        and len(cmd[1]) <= 5:
+                    databases.add(int(cmd[1]))
+                elif (name == b"RESTORE" and len(cmd) in (5, 6) and cmd[2].isdigit()
+                      and cmd[4].upper() == b"REPLACE"
+                      and (len(cmd) == 5 or cmd[5].upper() == b"ABSTTL")):
+                    keys += 1
+                else:
+                    raise Unsafe(f"command {n}: {name[:30].decode('utf-8', 'replace')!r} is "
+                                 "not in a Safehold Redis backup (only SELECT and RESTORE … "
+                                 "REPLACE [ABSTTL])")
+        reader.finish()
+    except (ValueError, PipelineError) as exc:
+        raise BadRequest(f"not a RESP Redis backup: {exc}", code="invalid_upload") from None
+    if keys == 0 and size == 0:
+        raise BadRequest("the Redis backup is empty", code="invalid_upload")
+    return {"raw_bytes": size, "format": "resp", "databases": sorted(databases),
+            "counts": {"keys": keys}, "tool": "RESP (uploaded)"}
+
+
+# ------------------------------------------------------------------ SQLite
 def check_sqlite_file(path: Path) -> None:
     """Blocking: raise unless `path` is an SQLite database that passes integrity checks."""
     with open(path, "rb") as f:
@@ -94,14 +202,17 @@ def check_sqlite_file(path: Path) -> None:
         conn.close()
 
 
-
-def validate_sqlite(path: Path, compressed: bool) -> dict[str, Any]:
-    """A whole SQLite database file that passes integrity and foreign-key checks."""
+def validate_sqlite(chunks: Iterator[bytes]) -> dict[str, Any]:
+    """A whole SQLite database file that passes integrity and foreign-key checks. The plain
+    file is written to a temp directory, never past the inflation bound of `chunks`."""
     with tempfile.TemporaryDirectory(prefix="safehold-upload-") as tmp:
         plain = Path(tmp) / "upload.db"
         size = 0
         with open(plain, "wb") as out:
-            for chunk in plain_chunks(path, compressed):
+            for chunk in chunks:
+                if size == 0 and not chunk.startswith(b"SQLite format 3\x00"):
+                    raise BadRequest("not a sound SQLite database: not an SQLite database "
+                                     "(bad header)", code="invalid_upload")
                 size += len(chunk)
                 out.write(chunk)
         try:
@@ -112,75 +223,183 @@ def validate_sqlite(path: Path, compressed: bool) -> dict[str, Any]:
     return {"raw_bytes": size, "tool": "sqlite3 (uploaded)"}
 
 
-_MY_HEADERS = (b"-- MariaDB dump", b"-- MySQL dump")
-_MY_FOOTER = b"-- Dump completed"
+# ------------------------------------------------------------------ Neo4j
+def validate_neo4j(chunks: Iterator[bytes]) -> dict[str, Any]:
+    """A UTF-8 Cypher script of the statement shapes the exporters write."""
+    import codecs
 
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    splitter = StatementSplitter()
+    size, count = 0, 0
 
-def validate_mysql(path: Path, compressed: bool) -> dict[str, Any]:
-    """A complete mariadb-dump/mysqldump SQL file: its header first, `Dump completed` last."""
-    size, head, tail = 0, b"", b""
-    for chunk in plain_chunks(path, compressed):
-        size += len(chunk)
-        if len(head) < 4096:
-            head += chunk[: 4096 - len(head)]
-        tail = (tail + chunk)[-4096:]
-    if not any(h in head for h in _MY_HEADERS):
-        raise BadRequest("not a MariaDB/MySQL dump (no '-- MariaDB dump' or '-- MySQL dump' "
-                         "header)", code="invalid_upload")
-    if _MY_FOOTER not in tail:
-        raise BadRequest("the MySQL dump is incomplete (no '-- Dump completed' footer): it "
-                         "was cut off", code="invalid_upload")
-    return {"raw_bytes": size, "tool": "mysqldump (uploaded)"}
+    def check(statements: list[str]) -> None:
+        nonlocal count
+        for stmt in statements:
+            count += 1
+            if (why := check_statement(stmt)) is not None:
+                raise Unsafe(f"statement {count} refused ({why}): {stmt[:60]!r}")
+        while splitter.commands:
+            command = splitter.commands.pop(0)
+            if (why := check_command(command)) is not None:
+                raise Unsafe(f"after statement {count}: {why} refused")
 
-
-def validate_redis(path: Path, compressed: bool) -> dict[str, Any]:
-    """A RESP stream of SELECT and RESTORE commands (what Safehold's Redis backups hold)."""
     try:
-        first = next(plain_chunks(path, compressed), b"")
-    except PipelineError as exc:
-        raise BadRequest(f"not a valid backup: {exc.message}", code="invalid_upload") from None
-    if first.startswith(b"REDIS"):
-        raise BadRequest("this is an RDB snapshot: restore it by placing it as the server's "
-                         "dump.rdb (see the README); uploads take RESP backups",
-                         code="invalid_upload")
-    reader = RespReader()
-    size, keys, databases = 0, 0, {0}
-    try:
-        for chunk in plain_chunks(path, compressed):
+        for chunk in chunks:
+            if b"\0" in chunk:
+                raise Unsafe("a NUL byte in the Cypher script")
             size += len(chunk)
-            for cmd in reader.feed(chunk):
-                name = cmd[0].upper()
-                if name == b"SELECT" and len(cmd) == 2 and cmd[1].isdigit():
-                    databases.add(int(cmd[1]))
-                elif name == b"RESTORE" and len(cmd) >= 4:
-                    keys += 1
-                else:
-                    raise BadRequest(f"unexpected command {name[:30]!r} in a Redis backup",
-                                     code="invalid_upload")
-        reader.finish()
-    except (ValueError, PipelineError) as exc:
-        raise BadRequest(f"not a RESP Redis backup: {exc}", code="invalid_upload") from None
-    if keys == 0 and size == 0:
-        raise BadRequest("the Redis backup is empty", code="invalid_upload")
-    return {"raw_bytes": size, "format": "resp", "databases": sorted(databases),
-            "counts": {"keys": keys}, "tool": "RESP (uploaded)"}
+            check(splitter.feed(decoder.decode(chunk)))
+        check(splitter.feed(decoder.decode(b"", final=True), final=True))
+    except UnicodeDecodeError:
+        raise BadRequest("the Cypher script is not UTF-8", code="invalid_upload") from None
+    if count == 0:
+        raise BadRequest("the Cypher script holds no statement", code="invalid_upload")
+    return {"raw_bytes": size, "counts": {"statements": count}, "tool": "cypher (uploaded)"}
 
 
-VALIDATORS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
+# ------------------------------------------------------------------ MongoDB
+_MONGO_NAME = re.compile(r"^[^/\\. \"$\0][^/\\ \"$\0]{0,63}$")
+_MONGO_COLL = re.compile(r"^[^$\0/][^$\0/]{0,200}$")
+_MONGO_JS = re.compile(r'"\$(where|function|accumulator)"')
+MONGO_SYSTEM_DBS = frozenset({"admin", "local", "config"})
+
+
+class _ChunkFile(io.RawIOBase):
+    """A read-only file over an iterator of chunks (for tarfile's stream mode)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buf:
+            nxt = next(self._chunks, None)
+            if nxt is None:
+                return 0
+            self._buf = nxt
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+def check_mongo_member(name: str) -> tuple[str, str, str] | None:
+    """(db, collection, kind) of a mongodump-layout member; None for prelude.json; raises
+    on anything else (other paths, system databases, `system.` collections)."""
+    if name == "prelude.json":
+        return None
+    parts = name.split("/")
+    kind = ""
+    if len(parts) == 2:
+        db, file = parts
+        for suffix in (".metadata.json", ".bson"):
+            if file.endswith(suffix):
+                kind, coll = suffix, file[: -len(suffix)]
+                break
+    if not kind or not _MONGO_NAME.match(db) or not _MONGO_COLL.match(coll):
+        raise Unsafe(f"tar member {name[:80]!r} is not in the mongodump layout "
+                     "(<db>/<collection>.bson / .metadata.json)")
+    if db in MONGO_SYSTEM_DBS or coll.startswith("system."):
+        raise Unsafe(f"tar member {name[:80]!r}: system databases and collections are never "
+                     "restored")
+    return db, coll, kind
+
+
+def check_mongo_metadata(name: str, raw: bytes) -> None:
+    """Collection options and indexes only; no server-side JavaScript ($where, $function,
+    $accumulator) in validators, view pipelines or partial-index filters."""
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise BadRequest(f"{name}: metadata is not JSON", code="invalid_upload") from None
+    if not isinstance(meta, dict) or set(meta) - {"options", "indexes", "uuid",
+                                                  "collectionName", "type"}:
+        raise Unsafe(f"{name}: unexpected metadata keys")
+    if m := _MONGO_JS.search(raw.decode("utf-8", "replace")):
+        raise Unsafe(f"{name}: server-side JavaScript (${m.group(1)}) is refused")
+
+
+def validate_mongodb(chunks: Iterator[bytes]) -> dict[str, Any]:
+    """A tar stream in mongodump's layout with well-formed BSON documents."""
+    box = [0]
+    counts: dict[str, int] = {}
+    try:
+        with tarfile.open(fileobj=io.BufferedReader(_ChunkFile(_sized(chunks, box))),
+                          mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    raise Unsafe(f"tar member {member.name[:80]!r} is not a regular file")
+                where = check_mongo_member(member.name)
+                f = tar.extractfile(member)
+                if where is None or f is None:
+                    continue
+                db, coll, kind = where
+                if kind == ".metadata.json":
+                    if member.size > 16 << 20:
+                        raise Unsafe(f"{member.name}: metadata larger than 16 MiB")
+                    check_mongo_metadata(member.name, f.read())
+                    continue
+                counts[f"{db}.{coll}"] = _count_bson(f, member.name)
+    except tarfile.TarError as exc:
+        raise BadRequest(f"not a tar stream: {exc}", code="invalid_upload") from None
+    if not counts and box[0] == 0:
+        raise BadRequest("the MongoDB backup is empty", code="invalid_upload")
+    return {"raw_bytes": box[0], "counts": counts, "count_kind": "documents",
+            "tool": "mongodump layout (uploaded)"}
+
+
+def _count_bson(f: Any, name: str) -> int:
+    n = 0
+    while head := f.read(4):
+        if len(head) < 4:
+            raise BadRequest(f"{name}: ends inside a document", code="invalid_upload")
+        length = struct.unpack("<i", head)[0]
+        if length < 5 or length > 48 << 20:
+            raise BadRequest(f"{name}: document {n + 1} has an impossible length",
+                             code="invalid_upload")
+        body = f.read(length - 4)
+        if len(body) != length - 4 or body[-1:] != b"\0":
+            raise BadRequest(f"{name}: document {n + 1} is cut off or malformed",
+                             code="invalid_upload")
+        n += 1
+    return n
+
+
+VALIDATORS: dict[str, Callable[[Iterator[bytes]], dict[str, Any]]] = {
     "postgresql": validate_postgresql,
     "sqlite": validate_sqlite,
     "mysql": validate_mysql,
     "redis": validate_redis,
+    "neo4j": validate_neo4j,
+    "mongodb": validate_mongodb,
 }
 
 
-def validate(engine: str, path: Path, compressed: bool) -> dict[str, Any]:
+def validate(engine: str, path: Path, compressed: bool, *, limit: int | None,
+             expect_sha256: str | None = None,
+             on_stored: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Check a stored file for `engine` (see the module docstring). With `expect_sha256`
+    the stored bytes must also match it (IntegrityError)."""
     validator = VALIDATORS.get(engine)
     if validator is None:
-        raise BadRequest(f"uploads for {engine} targets are not supported yet",
+        raise BadRequest(f"uploads for {engine} targets are not supported",
                          code="upload_unsupported")
+    reader = PlainReader(path, compressed=compressed, limit=limit,
+                         expect_sha256=expect_sha256, on_stored=on_stored)
     try:
-        return validator(path, compressed)
-    except PipelineError as exc:  # bad or truncated gzip
-        raise BadRequest(f"the upload is not a valid backup: {exc.message}",
+        info = validator(iter(reader))
+        while reader.next_chunk() is not None:  # the rest (tar padding…): bounded, hashed
+            pass
+        return info
+    except UnsafeScript:
+        raise
+    except PipelineError as exc:
+        if exc.code in ("checksum_mismatch", "expansion_limit"):
+            raise
+        raise BadRequest(f"the file is not a valid backup: {exc.message}",
                          code="invalid_upload") from None
+    finally:
+        reader.close()

@@ -29,6 +29,26 @@ STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 EVENT_MAXLEN = 10_000
 GLOBAL_EVENT_MAXLEN = 100_000
+# where a restore stands, written to the job record BEFORE each step, so whoever finds the
+# job orphaned (worker_lost) can say what state the database is in
+RESTORE_STATES = {
+    "untouched": ("unchanged", "the restore had not started loading"),
+    "uncommitted": ("unchanged", "the restore was loading inside a transaction that was "
+                                 "never committed; the server rolled it back"),
+    "committing": ("unknown", "the worker died while committing: the database holds either "
+                              "the whole backup or its previous state"),
+    "partial": ("unknown", "the restore was loading and this engine cannot load in one "
+                           "transaction: the database may be partially restored"),
+    "rolling_back": ("unknown", "the worker died while rolling back from the safety backup"),
+}
+
+
+def undo_hint(target: str, safety: str) -> dict[str, Any]:
+    """The one call that puts a database back as it was before a restore."""
+    return {"method": "POST", "path": f"/api/v1/targets/{target}/restores",
+            "body": {"backup": safety, "create_safety_backup": False}}
+
+
 _JSON_FIELDS = ("params", "requested_by", "progress", "result", "error")
 
 _TRANSITION = """
@@ -82,6 +102,19 @@ class Job:
     worker: str | None = None
     cancel_requested: bool = False
     temp_path: str | None = None
+    safety_backup: str | None = None  # restores: the safety backup made before loading
+    restore_state: str | None = None  # restores: see RESTORE_STATES
+
+    @property
+    def cancellable(self) -> bool:
+        """Queued, or a restore that has not changed the database (or changed it only
+        inside a transaction that a cancel rolls back)."""
+        if self.status == "queued":
+            return True
+        if self.status != "running":
+            return False
+        return self.kind != "restore" or self.restore_state in (None, "untouched",
+                                                                "uncommitted")
 
     @property
     def terminal(self) -> bool:
@@ -102,6 +135,8 @@ class Job:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "cancel_requested": self.cancel_requested,
+            **({"safety_backup": self.safety_backup, "restore_state": self.restore_state}
+               if self.kind == "restore" else {}),
         }
 
     @classmethod
@@ -125,6 +160,8 @@ class Job:
             worker=d.get("worker") or None,
             cancel_requested=d.get("cancel_requested") == "1",
             temp_path=d.get("temp_path") or None,
+            safety_backup=d.get("safety_backup") or None,
+            restore_state=d.get("restore_state") or None,
         )
 
 

@@ -13,7 +13,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from shared.jobs import JobStore, now_iso
+from shared.jobs import RESTORE_STATES, Job, JobStore, now_iso, undo_hint
 from shared.storage import TEMP_PREFIX, LocalStorage
 
 log = logging.getLogger("safehold.reaper")
@@ -38,19 +38,37 @@ async def reap_orphans(store: JobStore, storage: LocalStorage, orphan_after: flo
             continue  # just started; its first heartbeat may be on its way
         message = (f"the worker running this {job.kind} ({job.worker or 'unknown'}) stopped "
                    f"heartbeating for over {orphan_after:.0f}s and is presumed dead")
+        error: dict[str, object] = {"code": "worker_lost"}
         if job.kind == "restore":
-            message += ("; the restore was NOT re-run. Check the target's data; the safety "
-                        "backup (if one was listed for this job) restores the previous state")
+            message, extra = _lost_restore(job, message)
+            error.update(extra)
+        error["message"] = message
         if await store.transition(
             job_id, ["running"], "failed",
-            fields={"finished_at": now_iso(),
-                    "error": {"code": "worker_lost", "message": message}},
-            data={"error": {"code": "worker_lost", "message": message}},
+            fields={"finished_at": now_iso(), "error": error},
+            data={"error": error},
         ):
             _remove_temp(storage, job.temp_path)
             reaped.append(job_id)
             log.warning("reaped orphaned job %s (%s on %s)", job_id, job.kind, job.target)
     return reaped
+
+
+def _lost_restore(job: Job, message: str) -> tuple[str, dict[str, object]]:
+    """What a lost restore left behind, from the state it recorded before each step."""
+    state, why = RESTORE_STATES.get(job.restore_state or "untouched", RESTORE_STATES["partial"])
+    extra: dict[str, object] = {"database_state": state, "safety_backup": job.safety_backup}
+    message += f"; the restore was NOT re-run. Database {state}: {why}."
+    if job.safety_backup:
+        message += (f" Safety backup {job.safety_backup} holds the state before this "
+                    "restore")
+        if state != "unchanged":
+            message += "; restore it to undo (see `undo`)"
+            extra["undo"] = undo_hint(job.target, job.safety_backup)
+        message += "."
+    elif state != "unchanged":
+        message += " No safety backup was made for this restore."
+    return message, extra
 
 
 def _remove_temp(storage: LocalStorage, temp_path: str | None) -> None:

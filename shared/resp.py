@@ -16,9 +16,10 @@ def resp(*parts: bytes) -> bytes:
 class RespReader:
     """Incremental parser of our own RESP stream: arrays of bulk strings only."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_parts: int = 64) -> None:
         self.buf = bytearray()
         self.pos = 0
+        self.max_parts = max_parts
 
     def feed(self, data: bytes) -> list[list[bytes]]:
         self.buf += data
@@ -42,8 +43,12 @@ class RespReader:
         if not line.startswith(b"*"):
             raise PipelineError(f"not a RESP backup: expected an array, got {line[:20]!r}",
                                 code="corrupt_backup")
+        count = int(line[1:])
+        if not 0 < count <= self.max_parts:
+            raise PipelineError(f"not a RESP backup: an array of {count} elements",
+                                code="corrupt_backup")
         parts = []
-        for _ in range(int(line[1:])):
+        for _ in range(count):
             h = self._line(at)
             if h is None:
                 return None

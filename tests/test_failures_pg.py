@@ -127,9 +127,10 @@ async def test_broken_sql_fails_and_data_survives(api: Any, worker: Any, pg_db: 
     assert await pg.fingerprint(pg_db) == before
 
 
-async def test_killed_psql_triggers_rollback_from_safety_backup(
+async def test_killed_psql_leaves_database_unchanged(
         api: Any, worker: Any, pg_db: str, storage_dir: Path) -> None:
-    """If psql dies in an unknown state, the safety backup is restored automatically."""
+    """psql killed before Safehold sent COMMIT: the server rolls the restore back, and the
+    job says so (no rollback from the safety backup is needed)."""
     await pg.load_rich(pg_db)
     name = (await backup(api))["result"]["filename"]
     conn = await pg.user_conn(pg_db)
@@ -147,9 +148,8 @@ async def test_killed_psql_triggers_rollback_from_safety_backup(
     job = await wait_for_terminal(api, job_id)
     err = job["error"]
     assert job["status"] == "failed"
-    assert err["database_state"] == "rolled_back", err
-    assert err["rollback"]["status"] == "succeeded"
-    assert err["rollback"]["backup"] == err["safety_backup"]
+    assert err["database_state"] == "unchanged", err
+    assert err["rollback"] is None and err["safety_backup"].startswith("safety_backup_")
     assert await pg.fingerprint(pg_db) == current
 
 

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from shared.codecs import CHUNK, GZIP_IMPL, GzipCompress, GzipDecompress, Stage
+from shared.codecs import CHUNK, GZIP_IMPL, GzipCompress, GzipDecompress, PlainReader, Stage
 from shared.storage import TempFile
 
 __all__ = ["CHUNK", "GZIP_IMPL", "GzipCompress", "GzipDecompress", "read_stored", "store"]
@@ -101,38 +101,21 @@ def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> st
     return h.hexdigest()
 
 
-READ_BLOCK = 256 * 1024
-
-
-async def read_stored(path: Path, *, decompress: bool,
+async def read_stored(path: Path, *, decompress: bool, limit: int | None = None,
+                      expect_sha256: str | None = None,
                       on_bytes: Callable[[int], None] | None = None) -> AsyncIterator[bytes]:
     """Yield the plain content of a stored backup in chunks of at most ~1 MiB; reading and
-    gunzip run in a thread, one chunk ahead of the consumer."""
-    gunzip = GzipDecompress() if decompress else None
-    f = await asyncio.to_thread(open, path, "rb")
-
-    def next_chunk() -> bytes | None:
-        while True:
-            if gunzip is not None and (out := gunzip.pull(CHUNK)):
-                return out
-            block = f.read(READ_BLOCK if gunzip is not None else CHUNK)
-            if not block:
-                if gunzip is not None:
-                    gunzip.flush()  # raises if the last member is incomplete
-                return None
-            if on_bytes:
-                on_bytes(len(block))
-            if gunzip is None:
-                return block
-            gunzip.push(block)
-
-    pending = asyncio.ensure_future(asyncio.to_thread(next_chunk))
+    gunzip run in a thread, one chunk ahead of the consumer. See `PlainReader` for `limit`
+    and `expect_sha256` (the stream ends only after the digest matched)."""
+    reader = await asyncio.to_thread(PlainReader, path, compressed=decompress, limit=limit,
+                                     expect_sha256=expect_sha256, on_stored=on_bytes)
+    pending = asyncio.ensure_future(asyncio.to_thread(reader.next_chunk))
     try:
         while (out := await pending) is not None:
-            pending = asyncio.ensure_future(asyncio.to_thread(next_chunk))
+            pending = asyncio.ensure_future(asyncio.to_thread(reader.next_chunk))
             yield out
     finally:
         if not pending.done():
             pending.cancel()
         await asyncio.gather(pending, return_exceptions=True)
-        await asyncio.to_thread(f.close)
+        await asyncio.to_thread(reader.close)

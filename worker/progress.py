@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+
+async def _no_stage(stage: str) -> None:
+    return None
 
 
 @dataclass
@@ -21,6 +26,13 @@ class Progress:
     _last_time: float = field(default_factory=time.monotonic)
     _rate: float = 0.0
     new_phases: list[str] = field(default_factory=list)  # not yet published
+    new_warnings: list[str] = field(default_factory=list)  # not yet published
+    warnings: list[str] = field(default_factory=list)
+    # restore stages (e.g. "committing") are written to the job record before they happen,
+    # so whoever finds the job orphaned can say what state the database is in
+    on_stage: Callable[[str], Awaitable[None]] = _no_stage
+    stages: list[str] = field(default_factory=list)
+    _last_percent: float = 0.0
 
     def set_phase(self, phase: str, *, bytes_total: int | None = None,
                   items_total: int | None = None) -> None:
@@ -34,6 +46,20 @@ class Progress:
         self._phase_started = self._last_time = time.monotonic()
         self._last_bytes = 0
         self._rate = 0.0
+        self._last_percent = 0.0
+
+    async def enter_stage(self, stage: str) -> None:
+        """Record a stage durably (awaited: it is in the job record before we go on)."""
+        self.stages.append(stage)
+        await self.on_stage(stage)
+
+    def stage_reached(self, stage: str) -> bool:
+        return stage in self.stages
+
+    def warn(self, message: str) -> None:
+        """Something the operator must know (published as a `log` event, kept in results)."""
+        self.warnings.append(message)
+        self.new_warnings.append(message)
 
     def add_bytes(self, n: int) -> None:
         self.bytes_done += n
@@ -46,11 +72,15 @@ class Progress:
             # smooth the rate so the ETA does not jump around
             self._rate = inst if self._rate == 0 else 0.6 * self._rate + 0.4 * inst
             self._last_bytes, self._last_time = self.bytes_done, now
+        if self.bytes_total is not None and self.bytes_done > self.bytes_total:
+            self.bytes_total = self.bytes_done  # an estimate was low: re-base, never overrun
         percent: float | None = None
         if self.bytes_total:
             percent = min(99.0, 100.0 * self.bytes_done / self.bytes_total)
         elif self.items_total:
             percent = min(99.0, 100.0 * self.items_done / self.items_total)
+        if percent is not None:  # never backwards within a phase
+            percent = self._last_percent = max(percent, self._last_percent)
         eta = None
         if self.bytes_total and self._rate > 0:
             eta = max(0.0, (self.bytes_total - self.bytes_done) / self._rate)

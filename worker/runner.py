@@ -1,5 +1,5 @@
-"""Runs one job: status transitions, heartbeat, progress publishing, cancellation, and the
-backup / restore procedures on top of an engine, the pipeline and storage."""
+"""Runs one job: status transitions, heartbeat, progress publishing, cancellation. The
+backup and restore procedures themselves are in `worker.procedures`."""
 
 from __future__ import annotations
 
@@ -7,30 +7,24 @@ import asyncio
 import contextlib
 import logging
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import naming
 from shared.audit import AuditLog
-from shared.config import Settings, TargetConfig
+from shared.config import Settings
 from shared.errors import (
-    BadRequest,
     EngineError,
-    IntegrityError,
-    PipelineError,
-    RestoreFailed,
     SafeholdError,
 )
 from shared.jobs import Job, JobStore, now_iso
 from shared.keys import Keys
 from shared.redact import redact
 from shared.storage import LocalStorage
-from worker import pipeline
 from worker.engines import ENGINE_CLASSES, Engine, get_engines
 from worker.locks import TargetLock
+from worker.procedures import Procedures
 from worker.progress import Progress
 
 log = logging.getLogger("safehold.worker")
@@ -47,6 +41,7 @@ class JobRunner:
             {t.engine for t in settings.targets.values()})
         self.worker_id = worker_id
         self.audit = AuditLog(redis, self.keys)
+        self.procedures = Procedures(settings, self.store, self.storage)
         self._secrets = [t.password.reveal() for t in settings.targets.values() if t.password]
 
     # ----------------------------------------------------------------- job lifecycle
@@ -63,6 +58,13 @@ class JobRunner:
         job = await self.store.get(job_id)
         await self._heartbeat(job_id)
         progress = Progress()
+        if job.kind == "restore":
+            await self.store.set_fields(job_id, restore_state="untouched")
+
+            async def on_stage(stage: str) -> None:
+                await self.store.set_fields(job_id, restore_state=stage)
+
+            progress.on_stage = on_stage
         lock = TargetLock(self.redis, self.keys.lock(job.target), job_id)
         work = asyncio.create_task(self._execute(job, progress, lock))
         state = {"cancel_requested": False}
@@ -74,10 +76,15 @@ class JobRunner:
                 work.cancel()
             await asyncio.gather(work, return_exceptions=True)
             if state["cancel_requested"]:
+                message = "cancelled on request; nothing was kept"
+                if job.kind == "restore":
+                    message = ("cancelled on request before the restore changed anything: "
+                               "the database is unchanged")
                 await asyncio.shield(self._finish(
                     job, progress, "cancelled",
-                    error={"code": "cancelled",
-                           "message": "cancelled on request; nothing was kept"}))
+                    error={"code": "cancelled", "message": message,
+                           **({"database_state": "unchanged"} if job.kind == "restore"
+                              else {})}))
             else:
                 await asyncio.shield(self._finish(
                     job, progress, "failed",
@@ -153,6 +160,9 @@ class JobRunner:
     async def _publish_phases(self, job: Job, progress: Progress) -> None:
         while progress.new_phases:
             await self.store.publish(job.id, "phase", {"phase": progress.new_phases.pop(0)})
+        while progress.new_warnings:
+            await self.store.publish(job.id, "log", {"level": "warning",
+                                                     "message": progress.new_warnings.pop(0)})
 
     async def _watch(self, job: Job, progress: Progress, lock: TargetLock,
                      work: asyncio.Task[Any], state: dict[str, bool]) -> None:
@@ -183,6 +193,13 @@ class JobRunner:
             flag = await self.redis.hget(  # type: ignore[misc]
                 self.keys.job(job.id), "cancel_requested")
             if flag == b"1" and not state["cancel_requested"]:
+                if job.kind == "restore" and not _cancellable(progress):
+                    await self.redis.hdel(self.keys.job(job.id),  # type: ignore[misc]
+                                          "cancel_requested")
+                    await self.store.publish(job.id, "log", {
+                        "message": "too late to cancel: the restore is changing the database; "
+                                   "it completes or rolls back by itself"})
+                    continue
                 state["cancel_requested"] = True
                 work.cancel()
 
@@ -202,164 +219,15 @@ class JobRunner:
                 "message": f"waiting for job {holder} on target {target.id} to finish"})
         await lock.acquire()
         if job.kind == "backup":
-            return await self.backup(job, target, engine, progress, kind="backup",
-                                     compress=bool(job.params.get("compress", target.compress)),
-                                     note=str(job.params.get("note") or ""))
-        return await self.restore(job, target, engine, progress)
+            return await self.procedures.backup(
+                job, target, engine, progress, kind="backup",
+                compress=bool(job.params.get("compress", target.compress)),
+                note=str(job.params.get("note") or ""))
+        return await self.procedures.restore(job, target, engine, progress)
 
-    # ----------------------------------------------------------------- backup
-    async def backup(self, job: Job, target: TargetConfig, engine: Engine, progress: Progress,
-                     *, kind: str, compress: bool, note: str = "",
-                     parent: str | None = None) -> dict[str, Any]:
-        """Dump -> [gzip] -> sha256 -> temp file -> atomic publish with manifest."""
-        started = datetime.now(UTC)
-        t0 = time.monotonic()
-        level = self.settings.worker.compress_level
-        temp = await asyncio.to_thread(self.storage.create_temp, target.id, job.id)
-        await self.store.set_fields(job.id, temp_path=str(temp.path))
 
-        try:
-            options = {k: job.params[k] for k in ("format", "use_apoc") if job.params.get(k)}
-            async with engine.dump(target, progress, options) as dump:
-                out = await pipeline.store(dump.chunks, temp, compress=compress, level=level,
-                                           on_bytes=progress.add_bytes)
-            await asyncio.to_thread(temp.finish)
-        except BaseException:
-            await asyncio.shield(asyncio.to_thread(temp.discard))
-            raise
-        progress.phase = "publishing"
-        name = naming.new_name(kind, engine.name, started, compressed=compress,
-                               ext=dump.info.pop("extension", engine.extension))
-        manifest = {
-            "engine": engine.name,
-            "kind": kind,
-            "created_at": started.isoformat().replace("+00:00", "Z"),
-            "finished_at": now_iso(),
-            "duration_s": round(time.monotonic() - t0, 3),
-            "size_bytes": out["size_bytes"],
-            "raw_bytes": out["raw_bytes"],
-            "sha256": out["sha256"],
-            "compression": ({"algorithm": "gzip", "implementation": pipeline.GZIP_IMPL,
-                             "level": level} if compress else None),
-            "encryption": None,
-            **dump.info,
-            "requested_by": job.requested_by,
-            "job": job.id,
-            "parent": parent,
-            "note": note or None,
-        }
-        publishing = asyncio.ensure_future(
-            asyncio.to_thread(self.storage.publish, target.id, temp.path, name, manifest))
-        try:
-            final = await asyncio.shield(publishing)
-        except asyncio.CancelledError:
-            # cancelled while publishing: let it finish, then take it back out
-            final = await publishing
-            await asyncio.to_thread(self.storage.delete, target.id, final)
-            raise
-        await self.store.set_fields(job.id, temp_path="")
-        return {
-            "filename": final.filename,
-            "kind": kind,
-            "size_bytes": out["size_bytes"],
-            "raw_bytes": out["raw_bytes"],
-            "sha256": out["sha256"],
-            "compressed": compress,
-            "duration_s": manifest["duration_s"],
-        }
-
-    # ----------------------------------------------------------------- restore
-    async def _verify(self, target: TargetConfig, name: naming.BackupName,
-                      manifest: dict[str, Any], progress: Progress) -> None:
-        progress.set_phase("verifying", bytes_total=manifest.get("size_bytes"))
-
-        path = self.storage.path_of(target.id, name)
-        digest = await asyncio.to_thread(pipeline.sha256_file, path, progress.add_bytes)
-        if digest != manifest.get("sha256"):
-            raise IntegrityError(
-                f"backup {name.filename} does not match its manifest (sha256 {digest[:16]}… "
-                f"!= {str(manifest.get('sha256'))[:16]}…); refusing to restore, nothing was "
-                "touched")
-
-    async def _load(self, target: TargetConfig, engine: Engine, name: naming.BackupName,
-                    manifest: dict[str, Any], progress: Progress) -> None:
-        progress.set_phase("restoring", bytes_total=manifest.get("raw_bytes"))
-        chunks = pipeline.read_stored(self.storage.path_of(target.id, name),
-                                      decompress=name.compressed)
-        try:
-            await engine.restore(target, chunks, progress, clean=True, manifest=manifest)
-        finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
-
-    async def restore(self, job: Job, target: TargetConfig, engine: Engine,
-                      progress: Progress) -> dict[str, Any]:
-        """Verify -> safety backup -> clean restore -> (on failure) automatic rollback."""
-        name = naming.parse(str(job.params.get("backup", "")))
-        manifest = await asyncio.to_thread(self.storage.manifest, target.id, name)
-        if manifest.get("engine") != target.engine:
-            raise BadRequest(f"backup {name.filename} is a {manifest.get('engine')} backup; "
-                             f"target '{target.id}' is {target.engine}",
-                             code="engine_mismatch")
-        await self._verify(target, name, manifest, progress)
-        safety: str | None = None
-        if job.params.get("create_safety_backup", True):
-            progress.set_phase("safety_backup")
-            made = await self.backup(job, target, engine, progress, kind="safety_backup",
-                                     compress=True, note=f"before restoring {name.filename}",
-                                     parent=job.id)
-            safety = made["filename"]
-            await self.store.set_fields(job.id, safety_backup=safety)
-            await self.store.publish(job.id, "log",
-                                     {"message": f"safety backup {safety} created"})
-        t0 = time.monotonic()
-        try:
-            await self._load(target, engine, name, manifest, progress)
-        except (RestoreFailed, PipelineError, EngineError) as exc:
-            raise await self._after_failed_restore(
-                job, target, engine, exc, safety, progress) from exc
-        return {"restored": name.filename, "safety_backup": safety,
-                "raw_bytes": manifest.get("raw_bytes"),
-                "duration_s": round(time.monotonic() - t0, 3)}
-
-    async def _after_failed_restore(self, job: Job, target: TargetConfig, engine: Engine,
-                                    exc: SafeholdError, safety: str | None,
-                                    progress: Progress) -> RestoreFailed:
-        """Say exactly what state the database is in; roll back from the safety backup
-        when the engine cannot promise the database was left unchanged."""
-        msg = exc.message
-        details: dict[str, Any] = {"safety_backup": safety, "rollback": None}
-        if isinstance(exc, RestoreFailed) and exc.database_unchanged:
-            details["database_state"] = "unchanged"
-            text = f"{msg}. The database was left unchanged."
-            if safety:
-                text += f" (Safety backup {safety} was taken and kept.)"
-        elif safety is None:
-            details["database_state"] = "unknown"
-            text = (f"{msg}. No safety backup was made (create_safety_backup=false): the "
-                    "database may be partially restored.")
-        else:
-            progress.set_phase("rolling_back")
-            await self.store.publish(job.id, "log", {
-                "message": f"restore failed; rolling back from safety backup {safety}"})
-            sname = naming.parse(safety)
-            try:
-                smanifest = await asyncio.to_thread(self.storage.manifest, target.id, sname)
-                await self._verify(target, sname, smanifest, progress)
-                await self._load(target, engine, sname, smanifest, progress)
-            except SafeholdError as exc2:
-                details["database_state"] = "unknown"
-                details["rollback"] = {"status": "failed", "backup": safety,
-                                       "error": exc2.to_dict()}
-                text = (f"{msg}. The automatic rollback from safety backup {safety} ALSO "
-                        f"failed ({exc2.message}); restore {safety} by hand.")
-            else:
-                details["database_state"] = "rolled_back"
-                details["rollback"] = {"status": "succeeded", "backup": safety}
-                text = (f"{msg}. Rolled back automatically: safety backup {safety} was "
-                        "restored, so the database is as it was before this restore.")
-        err = RestoreFailed(text)
-        err.details = details
-        return err
+def _cancellable(progress: Progress) -> bool:
+    return not progress.stages or progress.stages[-1] == "uncommitted"
 
 
 def ensure_engines(settings: Settings) -> None:

@@ -1,20 +1,44 @@
 """Child processes for dump/restore tools: secrets only in the child's environment,
-stderr collected (bounded) for error messages, and the child always reaped."""
+stderr collected (bounded) for error messages, and the child always reaped.
+
+A child gets a minimal environment (PATH, locale, TZ, TMPDIR and what its engine passes: no
+other target's password, nothing else of the worker's) and dies with the worker: it is
+started with PR_SET_PDEATHSIG = SIGKILL, so a worker killed by the OOM killer cannot leave a
+restore tool running on alone."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import contextlib
+import ctypes
 import fcntl
 import os
+import signal
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
-from shared.errors import PipelineError
 from shared.redact import redact
 
 F_SETPIPE_SZ = 1031  # Linux fcntl: grow a pipe's buffer (fewer wake-ups per MiB)
 PIPE_SIZE = 1 << 20
+PR_SET_PDEATHSIG = 1
+# what a child may inherit from the worker's environment; everything else is left behind
+INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TZ", "TMPDIR")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGKILL this child when the process that started it dies."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def child_env(env: Mapping[str, str]) -> dict[str, str]:
+    base = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
+    base.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    return {**base, **env}
 
 
 class Child:
@@ -79,8 +103,9 @@ async def feed_stdin(child: Child, prelude: bytes, chunks: AsyncIterator[bytes],
     """Write `prelude` then `chunks` to the child's stdin and close it (EOF).
 
     If the child stops reading, writing ends quietly (its exit code and stderr say why).
-    If the *source* fails (PipelineError), the child is killed before it sees EOF — a
-    restore tool must never commit a truncated input — and the error propagates."""
+    If the *source* fails (a PipelineError, a refused script, a cancellation), the child is
+    killed before it sees EOF — a restore tool must never commit a truncated input — and
+    the error propagates."""
     stdin = child.proc.stdin
     assert stdin is not None, "spawned without stdin=True"
     try:
@@ -92,8 +117,8 @@ async def feed_stdin(child: Child, prelude: bytes, chunks: AsyncIterator[bytes],
         stdin.close()
     except (BrokenPipeError, ConnectionResetError):
         pass
-    except PipelineError:
-        await child.kill()
+    except BaseException:
+        await asyncio.shield(child.kill())
         raise
 
 
@@ -101,8 +126,9 @@ async def feed_stdin(child: Child, prelude: bytes, chunks: AsyncIterator[bytes],
 async def spawn(argv: Sequence[str], *, env: Mapping[str, str], secrets: Sequence[str] = (),
                 stdin: bool = False, stdout: bool = False,
                 on_line: Callable[[str], None] | None = None) -> AsyncIterator[Child]:
-    """Start `argv` (no secrets in it!) with `env` added; kill and reap it on exit."""
-    full_env = {**os.environ, **env}
+    """Start `argv` (no secrets in it!) with `env` over a minimal base; kill and reap it on
+    exit."""
+    full_env = child_env(env)
     read_fd = write_fd = None
     if stdout:
         read_fd, write_fd = os.pipe()
@@ -115,6 +141,7 @@ async def spawn(argv: Sequence[str], *, env: Mapping[str, str], secrets: Sequenc
             stdout=write_fd if write_fd is not None else asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             env=full_env,
+            preexec_fn=_die_with_parent,
         )
     except BaseException:
         for fd in (read_fd, write_fd):

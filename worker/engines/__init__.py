@@ -27,6 +27,10 @@ class Dump:
 class Engine(Protocol):
     name: ClassVar[str]
     extension: ClassVar[str]
+    # True when a restore changes nothing until it commits at the very end (PostgreSQL's
+    # one transaction, SQLite's atomic file replace): such a restore checks its input as it
+    # streams. Otherwise the whole file is checked before the clean starts.
+    atomic_restore: ClassVar[bool]
 
     def dump(self, target: TargetConfig, progress: Progress,
              options: dict[str, Any] | None = None) -> AbstractAsyncContextManager[Dump]:

@@ -40,6 +40,7 @@ from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
 from shared.config import TargetConfig
 from shared.errors import DumpFailed, EngineError, PipelineError, RestoreFailed
+from shared.formats import check_mongo_member, check_mongo_metadata
 from shared.redact import redact
 from worker.engines import Dump
 from worker.progress import Progress
@@ -91,6 +92,7 @@ def _metadata(name: str, info: dict[str, Any], indexes: list[dict[str, Any]]) ->
 class MongoDB:
     name: ClassVar[str] = "mongodb"
     extension: ClassVar[str] = "tar"
+    atomic_restore: ClassVar[bool] = False
 
     def client(self, target: TargetConfig) -> AsyncMongoClient[Any]:
         url, user, _ = _split_url(target)
@@ -367,6 +369,7 @@ class _Restorer:
         self.pending_indexes: list[tuple[str, str, list[dict[str, Any]]]] = []
         self.views: list[tuple[str, str, dict[str, Any]]] = []
         self.prepared: set[tuple[str, str]] = set()
+        self.databases: set[str] = set()
         progress.item_kind = "documents"
 
     async def _prepare(self, db: str, coll: str, options: dict[str, Any] | None) -> None:
@@ -379,13 +382,17 @@ class _Restorer:
             await self.client[db].create_collection(coll, **options)
 
     async def entry(self, name: str, stream: _Stream) -> None:
-        parts = name.split("/")
-        if len(parts) != 2:
-            return  # prelude.json, oplog.bson…: nothing to restore
-        db, file = parts
-        if file.endswith(".metadata.json"):
-            coll = file[: -len(".metadata.json")]
+        where = check_mongo_member(name)  # the whole file was checked before; again here
+        if where is None:
+            return  # prelude.json
+        db, coll, kind = where
+        self.databases.add(db)
+        if kind == ".metadata.json":
+            if stream.left > 16 << 20:
+                raise PipelineError(f"{name}: metadata larger than 16 MiB",
+                                    code="corrupt_backup")
             raw = b"".join([c async for c in stream.chunks()])
+            check_mongo_metadata(name, raw)
             meta = json_util.loads(raw.decode())
             options = dict(meta.get("options") or {})
             if meta.get("type") == "view" or "viewOn" in options:
@@ -396,8 +403,7 @@ class _Restorer:
                        for ix in meta.get("indexes", []) if ix.get("name") != "_id_"]
             if indexes:
                 self.pending_indexes.append((db, coll, indexes))
-        elif file.endswith(".bson"):
-            coll = file[: -len(".bson")]
+        else:
             await self._prepare(db, coll, None)
             await self._insert(db, coll, stream)
 
@@ -438,5 +444,17 @@ class _Restorer:
             if self.clean:
                 await self.client[db].drop_collection(coll)
             await self.client[db].command({"create": coll, **options})
+        if self.clean:
+            await self._drop_extra()
+
+    async def _drop_extra(self) -> None:
+        """A clean restore leaves each backed-up database exactly as in the backup: what
+        was created there after the backup goes (unlike `mongorestore --drop`, which only
+        replaces the collections the dump holds)."""
+        kept = self.prepared | {(db, coll) for db, coll, _ in self.views}
+        for db in sorted(self.databases):
+            for coll in await self.client[db].list_collection_names():
+                if (db, coll) not in kept and not coll.startswith("system."):
+                    await self.client[db].drop_collection(coll)
 
 

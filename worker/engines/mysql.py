@@ -1,7 +1,7 @@
 """MySQL / MariaDB: `mariadb-dump`/`mysqldump` out, the `mariadb`/`mysql` client in.
 
 Credentials and the connection go to the tools in a 0600 option file
-(`--defaults-extra-file`, the first argument), never argv. The dump is
+(`--defaults-file`, the first argument), never argv. The dump is
 `--single-transaction` (a consistent InnoDB snapshot, no table locks) with routines,
 triggers, events and `--hex-blob`, in utf8mb4. A clean restore drops the database's tables,
 views, sequences, routines and events (foreign key checks off) in the client session that
@@ -73,6 +73,16 @@ def _defaults_file(target: TargetConfig) -> Iterator[str]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def _invalid_views_trailer(invalid: dict[str, tuple[str, str]]) -> bytes:
+    lines = ["", "-- Safehold: views that were invalid when this backup was made (the server",
+             "-- could not resolve them), kept as their definitions; they are not restored:"]
+    for name, (why, create) in sorted(invalid.items()):
+        lines.append(f"-- view {_quote(name)}: {why}")
+        lines += [f"--   {line}" for line in create.splitlines()]
+    lines.append(f"-- Dump completed (Safehold: {len(invalid)} invalid view(s) kept above)")
+    return ("\n".join(lines) + "\n").encode()
+
+
 def _quote(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
 
@@ -92,9 +102,24 @@ async def tool_version(tool: str) -> str:
     return out.decode().strip()
 
 
+async def client_guard_flags(tool: str) -> list[str]:
+    """Flags that keep a restored file from reaching the worker host: --binary-mode (client
+    commands off except DELIMITER and \\C), --local-infile=0 (no LOAD DATA LOCAL), and
+    MariaDB's --sandbox (no system/source/tee/pager) where the client has it."""
+    flags = ["--binary-mode", "--local-infile=0"]
+    proc = await asyncio.create_subprocess_exec(tool, "--help", "--verbose",
+                                                stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.DEVNULL)
+    out, _ = await proc.communicate()
+    if b"--sandbox" in out:
+        flags.append("--sandbox")
+    return flags
+
+
 class MySQL:
     name: ClassVar[str] = "mysql"
     extension: ClassVar[str] = "sql"
+    atomic_restore: ClassVar[bool] = False
 
     @asynccontextmanager
     async def _connect(self, target: TargetConfig) -> AsyncIterator[aiomysql.Connection]:
@@ -180,23 +205,52 @@ class MySQL:
             if _TABLE_DONE.match(line) and progress.items_done < (progress.items_total or 0):
                 progress.items_done += 1
 
+        async with self._connect(target) as conn:
+            invalid = await self._invalid_views(conn, db, cat)
+        skip = [f"--ignore-table={db}.{name}" for name in invalid]
+        for name, (why, _) in invalid.items():
+            progress.warn(f"view `{name}` is invalid ({why}); it is kept in the backup as its "
+                          "definition in a comment and will not exist after a restore")
         with _defaults_file(target) as cnf:
-            argv = [tool, f"--defaults-extra-file={cnf}", *flags, db]
+            argv = [tool, f"--defaults-file={cnf}", *flags, *skip, db]
             async with spawn(argv, env={}, secrets=target.secrets(), stdout=True,
                              on_line=on_line) as child:
                 async def chunks() -> AsyncIterator[bytes]:
                     while data := await child.read():
                         yield data
+                    if invalid and await child.wait() == 0:
+                        yield _invalid_views_trailer(invalid)
 
                 yield Dump(chunks(), {
                     "server_version": cat["version"], "tool": tool, "tool_version": version,
                     "options": flags, "database": db,
+                    "invalid_views": sorted(invalid) or None,
                     "counts": {t[0]: int(t[2]) for t in base}, "count_kind": "rows_estimate",
                 })
                 rc = await child.wait()
                 if rc != 0:
                     detail = child.error_text(skip=lambda ln: bool(_VERBOSE.match(ln)))
                     raise DumpFailed(f"{tool} exited with code {rc}: {detail}")
+
+    async def _invalid_views(self, conn: aiomysql.Connection, db: str,
+                             cat: dict[str, Any]) -> dict[str, tuple[str, str]]:
+        """Views the server cannot resolve (a table dropped under them: often the very
+        reason for a restore). mysqldump stops on them; Safehold skips them in the dump and
+        keeps their definitions. name -> (error, CREATE VIEW statement)."""
+        out: dict[str, tuple[str, str]] = {}
+        for name, ttype, *_ in cat["tables"]:
+            if ttype != "VIEW":
+                continue
+            try:
+                await self._query(conn, f"SHOW FIELDS FROM {_quote(db)}.{_quote(name)}")
+            except pymysql.err.MySQLError as exc:
+                try:
+                    create = (await self._query(
+                        conn, f"SHOW CREATE VIEW {_quote(db)}.{_quote(name)}"))[0][1]
+                except pymysql.err.MySQLError:
+                    create = "(definition unavailable)"
+                out[name] = (str(exc.args[-1]) if exc.args else str(exc), str(create))
+        return out
 
     async def _clean_sql(self, target: TargetConfig) -> str:
         db = _conn(target)["database"]
@@ -219,7 +273,7 @@ class MySQL:
         prelude = await self._clean_sql(target) if clean else ""
         tool = find_tool("mariadb", "mysql")
         with _defaults_file(target) as cnf:
-            argv = [tool, f"--defaults-extra-file={cnf}", "--binary-mode", db]
+            argv = [tool, f"--defaults-file={cnf}", *await client_guard_flags(tool), db]
             async with spawn(argv, env={}, secrets=target.secrets(), stdin=True) as child:
                 try:
                     await feed_stdin(child, prelude.encode(), chunks, progress.add_bytes)

@@ -37,6 +37,7 @@ from neo4j.spatial import CartesianPoint, Point, WGS84Point
 from neo4j.time import Date, DateTime, Duration, Time
 
 from shared.config import TargetConfig
+from shared.cypher import FIX_BYTES_MARKER, StatementSplitter, check_statement
 from shared.errors import BadRequest, DumpFailed, EngineError, RestoreFailed
 from shared.redact import redact
 from worker.engines import Dump
@@ -45,7 +46,6 @@ from worker.progress import Progress
 BATCH = 1000
 IMPORT_ID = "_safehold_id"
 BYTES_TAG = "_safehold_bytes"
-FIX_BYTES_MARKER = "// safehold:fix-bytes"
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -112,123 +112,10 @@ def _labels(labels: list[str]) -> str:
     return "".join(f":{q(label)}" for label in sorted(labels))
 
 
-_CODE_SPECIAL = re.compile(r"['\"`;/:]")  # `:` matters only before a statement starts
-_CODE_SPECIAL_STARTED = re.compile(r"['\"`;/]")
-
-
-class StatementSplitter:
-    """Splits a Cypher script into statements as it streams in: `;` inside strings,
-    backticks or comments does not end one; cypher-shell command lines (`:begin`,
-    `:commit`, `:param`…) are skipped; our `// safehold:fix-bytes` marker is kept.
-    Runs of ordinary characters are skipped with regex searches (linear time)."""
-
-    def __init__(self) -> None:
-        self.buf: list[str] = []
-        self.started = False  # the current statement has non-blank text
-        self.state = "code"  # code | quote | line | block | command
-        self.quote = ""
-        self.comment: list[str] = []
-        self.tail = ""
-
-    def _emit(self, out: list[str]) -> None:
-        stmt = "".join(self.buf).strip()
-        if stmt:
-            out.append(stmt)
-        self.buf, self.started = [], False
-
-    def feed(self, text: str, final: bool = False) -> list[str]:
-        text = self.tail + text
-        self.tail = ""
-        out: list[str] = []
-        i, n = 0, len(text)
-        while i < n:
-            if self.state == "code":
-                m = (_CODE_SPECIAL_STARTED if self.started else _CODE_SPECIAL).search(text, i)
-                j = m.start() if m else n
-                if j > i:
-                    run = text[i:j]
-                    self.buf.append(run)
-                    self.started = self.started or not run.isspace()
-                if m is None:
-                    break
-                c = text[j]
-                i = j + 1
-                if c == "/" and i == n and not final:
-                    self.tail = "/"  # `//` or `/*` may continue in the next chunk
-                    break
-                if c in "'\"`":
-                    self.state, self.quote = "quote", c
-                    self.buf.append(c)
-                    self.started = True
-                elif c == "/" and i < n and text[i] in "/*":
-                    self.state = "line" if text[i] == "/" else "block"
-                    self.comment = ["//"] if self.state == "line" else []
-                    i += 1
-                elif c == ";":
-                    self._emit(out)
-                elif c == ":" and not self.started:
-                    self.state = "command"
-                else:
-                    self.buf.append(c)
-                    self.started = True
-            elif self.state == "quote":
-                j = text.find(self.quote, i)
-                j = n if j < 0 else j
-                if self.quote != "`":
-                    k = text.find("\\", i, j)
-                    j = k if k >= 0 else j
-                self.buf.append(text[i:j])
-                if j >= n:
-                    break
-                if text[j] == "\\" and self.quote != "`":
-                    if j + 1 >= n and not final:
-                        self.tail = "\\"  # the escaped character is in the next chunk
-                        break
-                    self.buf.append(text[j:j + 2])
-                    i = j + 2
-                    continue
-                self.buf.append(text[j])
-                i = j + 1
-                if text[j] == self.quote:
-                    self.state = "code"
-            elif self.state in ("line", "command"):
-                j = text.find("\n", i)
-                if j < 0:
-                    self.comment.append(text[i:])
-                    break
-                self.comment.append(text[i:j])
-                if self.state == "line" and "".join(self.comment).startswith(
-                        FIX_BYTES_MARKER) and not self.started:
-                    out.append(FIX_BYTES_MARKER)
-                self.state, self.comment = "code", []
-                i = j + 1
-            else:  # block comment
-                j = text.find("*/", i)
-                if j < 0:
-                    if text.endswith("*") and not final:
-                        self.tail = "*"
-                    break
-                self.state = "code"
-                i = j + 2
-        if final:
-            if self.state == "line" and "".join(self.comment).startswith(FIX_BYTES_MARKER):
-                out.append(FIX_BYTES_MARKER)
-            if self.state == "quote":
-                raise RestoreFailed("the Cypher script ends inside a string")
-            if self.state != "block":
-                self._emit(out)
-        return out
-
-
-def split_statements(text: str) -> list[str]:
-    splitter = StatementSplitter()
-    return splitter.feed(text) + splitter.feed("", final=True)
-
-
-
 class Neo4j:
     name: ClassVar[str] = "neo4j"
     extension: ClassVar[str] = "cypher"
+    atomic_restore: ClassVar[bool] = False
 
     def _conn(self, target: TargetConfig) -> tuple[str, str, str | None]:
         u = urlsplit(target.url)
@@ -488,7 +375,12 @@ class Neo4j:
                 raise RestoreFailed("the Cypher script is not UTF-8") from None
 
     async def _execute(self, driver: AsyncDriver, db: str | None, stmt: str) -> None:
-        """One statement, one transaction (each holds a batch of up to 1000 rows)."""
+        """One statement, one transaction (each holds a batch of up to 1000 rows). The
+        runner validated the whole script before the clean; checked again here, so nothing
+        outside the exporter's shapes ever reaches the server."""
+        if (why := check_statement(stmt)) is not None:
+            raise RestoreFailed(f"refused statement ({why}): {stmt[:80]!r}",
+                                code="unsafe_backup")
         if stmt == FIX_BYTES_MARKER:
             await self._fix_bytes(driver, db)
             return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
@@ -19,6 +20,7 @@ import asyncpg
 
 from shared.config import TargetConfig
 from shared.errors import DumpFailed, EngineError, PipelineError, RestoreFailed, ToolTooOld
+from shared.pgscript import PgScriptGuard, UnsafeScript
 from shared.redact import redact
 from worker.engines import Dump
 from worker.progress import Progress
@@ -103,6 +105,7 @@ def _grants(schema: str, acl: list[str], owner: str) -> list[str]:
 class PostgreSQL:
     name: ClassVar[str] = "postgresql"
     extension: ClassVar[str] = "sql"
+    atomic_restore: ClassVar[bool] = True
 
     @asynccontextmanager
     async def _connect(self, target: TargetConfig) -> AsyncIterator[asyncpg.Connection]:
@@ -220,19 +223,70 @@ class PostgreSQL:
                                  f"{child.error_text(skip=lambda ln: bool(_VERBOSE.match(ln)))}")
             progress.items_done = progress.items_total or progress.items_done
 
-    async def _clean_sql(self, target: TargetConfig, schemas: list[str] | None) -> str:
-        """SQL that drops the dumped schemas. `public` is not created by pg_dump (initdb
-        makes it), so it is recreated as it is now: owner, comment and grants."""
+    async def _clean_sql(self, target: TargetConfig) -> str:
+        """SQL that empties the database of everything a plain pg_dump can hold, as one line
+        (run inside Safehold's transaction, before the dump).
+
+        Schemas go with CASCADE; then what lives outside schemas and a schema drop does not
+        reach: event triggers (first, so none fires during the clean), subscriptions
+        (disabled and detached from their slot, so nothing is done on a publisher),
+        publications, extensions, foreign-data wrappers, servers and user mappings, casts,
+        transforms, procedural languages, access methods and large objects. Objects that
+        belong to an extension go with it. `public` is not created by pg_dump (initdb makes
+        it), so it is recreated as it is now: owner, comment and grants."""
+        not_ext = ("NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = '{cat}'::regclass "
+                   "AND d.objid = x.oid AND d.deptype = 'e')")
         async with self._connect(target) as conn:
-            if schemas is None:
-                schemas = (await self._catalog(conn))["schemas"]
+            schemas = (await self._catalog(conn))["schemas"]
             public = await conn.fetchrow(
                 "SELECT pg_get_userbyid(nspowner) AS owner, "
                 "  obj_description(oid, 'pg_namespace') AS comment, "
                 "  coalesce(nspacl::text[], '{}') AS acl "
                 "FROM pg_namespace WHERE nspname = 'public'")
-        sql = ["SET client_min_messages = warning;"]
+
+            async def names(sql: str, cat: str = "") -> list[str]:
+                where = f" AND {not_ext.format(cat=cat)}" if cat else ""
+                return [r[0] for r in await conn.fetch(sql + where)]
+
+            event_triggers = await names("SELECT quote_ident(evtname) FROM pg_event_trigger x "
+                                         "WHERE true", "pg_event_trigger")
+            subscriptions = await names(
+                "SELECT quote_ident(subname) FROM pg_subscription x WHERE subdbid = "
+                "(SELECT oid FROM pg_database WHERE datname = current_database())")
+            publications = await names("SELECT quote_ident(pubname) FROM pg_publication")
+            extensions = await names("SELECT quote_ident(extname) FROM pg_extension "
+                                     "WHERE extname <> 'plpgsql'")
+            servers = await names("SELECT quote_ident(srvname) FROM pg_foreign_server x "
+                                  "WHERE true", "pg_foreign_server")
+            wrappers = await names("SELECT quote_ident(fdwname) FROM pg_foreign_data_wrapper x "
+                                   "WHERE true", "pg_foreign_data_wrapper")
+            casts = await names(
+                "SELECT format('(%s AS %s)', format_type(castsource, NULL), "
+                "format_type(casttarget, NULL)) FROM pg_cast x WHERE oid >= 16384", "pg_cast")
+            transforms = await names(
+                "SELECT format('FOR %s LANGUAGE %I', format_type(trftype, NULL), "
+                "(SELECT lanname FROM pg_language WHERE oid = trflang)) "
+                "FROM pg_transform x WHERE oid >= 16384", "pg_transform")
+            languages = await names("SELECT quote_ident(lanname) FROM pg_language x "
+                                    "WHERE oid >= 16384", "pg_language")
+            access_methods = await names("SELECT quote_ident(amname) FROM pg_am x "
+                                         "WHERE oid >= 16384", "pg_am")
+        sql = ["SET LOCAL client_min_messages = warning;"]
+        sql += [f"DROP EVENT TRIGGER IF EXISTS {e} CASCADE;" for e in event_triggers]
+        for s in subscriptions:
+            sql += [f"ALTER SUBSCRIPTION {s} DISABLE;",
+                    f"ALTER SUBSCRIPTION {s} SET (slot_name = NONE);",
+                    f"DROP SUBSCRIPTION {s};"]
+        sql += [f"DROP PUBLICATION IF EXISTS {p};" for p in publications]
         sql += [f"DROP SCHEMA IF EXISTS {_quote_ident(s)} CASCADE;" for s in schemas]
+        sql += [f"DROP EXTENSION IF EXISTS {e} CASCADE;" for e in extensions]
+        sql += [f"DROP SERVER IF EXISTS {s} CASCADE;" for s in servers]
+        sql += [f"DROP FOREIGN DATA WRAPPER IF EXISTS {w} CASCADE;" for w in wrappers]
+        sql += [f"DROP CAST IF EXISTS {c} CASCADE;" for c in casts]
+        sql += [f"DROP TRANSFORM IF EXISTS {t} CASCADE;" for t in transforms]
+        sql += [f"DROP LANGUAGE IF EXISTS {la} CASCADE;" for la in languages]
+        sql += [f"DROP ACCESS METHOD IF EXISTS {a} CASCADE;" for a in access_methods]
+        sql.append("SELECT count(lo_unlink(oid)) FROM pg_largeobject_metadata;")
         if "public" in schemas:
             sql.append("CREATE SCHEMA public;")
             if public is not None:
@@ -240,26 +294,77 @@ class PostgreSQL:
                 if public["comment"] is not None:
                     sql.append(f"COMMENT ON SCHEMA public IS {_quote_literal(public['comment'])};")
                 sql += _grants("public", public["acl"], public["owner"])
-        sql.append("RESET client_min_messages;")
-        return "\n".join(sql) + "\n"
+        return " ".join(sql)
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
                       progress: Progress, *, clean: bool, manifest: dict[str, Any]) -> None:
-        prelude = await self._clean_sql(target, manifest.get("schemas")) if clean else ""
-        argv = ["psql", "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1",
-                "--single-transaction"]
+        """Feed the guarded script to psql inside one transaction that Safehold opens and
+        commits itself, only after the whole stream was read, checked and verified.
+
+        psql runs under a `\\restrict` key only this process knows (no meta-command from the
+        file can run), with ON_ERROR_STOP. If the worker dies, psql dies with it (or reads
+        end-of-input without a COMMIT): the server rolls the transaction back."""
+        await require_restrict_psql()
+        key = secrets.token_hex(24)
+        clean_sql = await self._clean_sql(target) if clean else ""
+        prelude = f"\\restrict {key}\nBEGIN; {clean_sql}\n".encode()
+        guard = PgScriptGuard()
+
+        async def guarded() -> AsyncIterator[bytes]:
+            async for chunk in chunks:  # ends only after the stored sha256 was verified
+                progress.add_bytes(len(chunk))
+                if out := guard.feed(chunk):
+                    yield out
+            tail = guard.finish()
+            await progress.enter_stage("committing")
+            yield tail + b"\nCOMMIT;\n"
+
+        argv = ["psql", "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1"]
         async with spawn(argv, env=_env(target), secrets=target.secrets(), stdin=True) as child:
             try:
-                await feed_stdin(child, prelude.encode(), chunks, progress.add_bytes)
-            except PipelineError as exc:  # psql was killed before EOF: nothing committed
+                await feed_stdin(child, prelude, guarded(), lambda n: None)
+            except UnsafeScript as exc:
+                raise RestoreFailed(f"the backup was refused: {exc.message}",
+                                    database_unchanged=True, code=exc.code) from None
+            except PipelineError as exc:  # psql was killed before COMMIT: nothing committed
                 raise RestoreFailed(f"reading the backup failed ({exc.message}); "
                                     "the transaction was not committed",
-                                    database_unchanged=True) from None
+                                    database_unchanged=True, code=exc.code) from None
             rc = await child.wait()
         if rc == 0:
+            for kind, n in sorted(guard.counts.items()):
+                if kind == "CREATE SUBSCRIPTION":
+                    progress.warn(f"{n} subscription(s) restored DISABLED (pg_dump creates them "
+                                  "with connect = false): check the publisher, then ALTER "
+                                  "SUBSCRIPTION … ENABLE and REFRESH PUBLICATION")
             return
-        detail = child.error_text()
+        detail = _backup_lines(child.error_text(), PRELUDE_LINES)
         if rc == PSQL_SCRIPT_ERROR:
             raise RestoreFailed(f"psql stopped on an SQL error and rolled back: {detail}",
                                 database_unchanged=True)
-        raise RestoreFailed(f"psql exited with code {rc}: {detail}", database_unchanged=False)
+        raise RestoreFailed(f"psql exited with code {rc}: {detail}",
+                            database_unchanged=not progress.stage_reached("committing"))
+
+
+PRELUDE_LINES = 2  # "\\restrict KEY" and "BEGIN; <clean>" come before the backup's line 1
+_PSQL_LINE = re.compile(r"psql:<stdin>:(\d+):")
+
+
+def _backup_lines(text: str, offset: int) -> str:
+    """psql counts our prelude lines: report the backup file's own line numbers."""
+    return _PSQL_LINE.sub(lambda m: f"line {max(int(m.group(1)) - offset, 0)}:", text)
+
+
+_RESTRICT_SINCE = {13: 22, 14: 19, 15: 14, 16: 10, 17: 6}
+
+
+async def require_restrict_psql() -> None:
+    """psql must know `\\restrict` (13.22, 14.19, 15.14, 16.10, 17.6 and every 18)."""
+    _major, text = await tool_major("psql")
+    m = re.search(r"(\d+)\.(\d+)", text)
+    major, minor = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    if major in _RESTRICT_SINCE and minor >= _RESTRICT_SINCE[major] or major >= 18:
+        return
+    raise ToolTooOld(f"{text} cannot run a restore safely: it lacks \\restrict, so a backup "
+                     "file could run shell commands through psql meta-commands. Install psql "
+                     "13.22 / 14.19 / 15.14 / 16.10 / 17.6 or newer")

@@ -64,6 +64,7 @@ def _url_db(target: TargetConfig) -> int | None:
 class RedisEngine:
     name: ClassVar[str] = "redis"
     extension: ClassVar[str] = "resp"
+    atomic_restore: ClassVar[bool] = False
 
     def client(self, target: TargetConfig, db: int) -> Redis:
         return Redis.from_url(target.url, db=db, socket_timeout=60, socket_connect_timeout=10,

@@ -100,6 +100,7 @@ def _replace(target: str, new_file: Path) -> None:
 class SQLite:
     name: ClassVar[str] = "sqlite"
     extension: ClassVar[str] = "db"
+    atomic_restore: ClassVar[bool] = True
 
     async def ping(self, target: TargetConfig) -> None:
         conn = await asyncio.to_thread(_open, target.path)

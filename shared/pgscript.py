@@ -1,0 +1,307 @@
+"""A streaming guard for plain-SQL PostgreSQL scripts fed to psql.
+
+A backup file is untrusted input. psql executes backslash meta-commands (`\\!`, `\\o |cmd`,
+`\\copy … program`, `\\gexec`, `\\i`…) and honours transaction control found in the script,
+so `PgScriptGuard` reads the script the way psql's lexer does (quotes, dollar quotes,
+comments, `COPY … FROM stdin` data blocks) and, outside string literals and COPY data:
+
+- refuses every backslash meta-command except pg_dump's own `\\restrict KEY` /
+  `\\unrestrict KEY` bracket, which it removes (Safehold runs psql under its own key);
+- refuses transaction control (`COMMIT`, `ROLLBACK`, `END`, `PREPARE TRANSACTION`…):
+  Safehold sends the only `BEGIN` and the only `COMMIT`; the bare `BEGIN;` / `COMMIT;`
+  lines pg_dump writes around large objects are blanked;
+- refuses `COPY` other than `COPY … FROM stdin` (server files and programs);
+- refuses NUL bytes anywhere (psql silently drops the rest of a line after one);
+- notes pg_dump's `dump complete` footer: `finish()` refuses a script without it.
+
+`feed()` returns the bytes to hand to psql (line count unchanged, so psql's line numbers
+are the file's). Used by upload validation and by every restore, so a file put into storage
+by hand gets the same checks. COPY data passes through with C-speed scans only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from shared.errors import BadRequest
+
+FOOTER = b"-- PostgreSQL database dump complete"
+MAX_LINE = 64 << 20  # a single line of SQL text (not COPY data) above this is refused
+
+_NORMAL, _SQUOTE, _ESTRING, _DQUOTE, _DOLLAR, _COMMENT = range(6)
+_SPECIAL = re.compile(rb"'|\"|\$(?:[A-Za-z_\x80-\xff][\w\x80-\xff]*)?\$|--|/\*|\\|;")
+_IDENT_CHAR = re.compile(rb"[\w\x80-\xff$]")
+_ESTRING_END = re.compile(rb"\\.|'", re.S)
+_COMMENT_TOKENS = re.compile(rb"/\*|\*/")
+_RESTRICT = re.compile(rb"\\(restrict|unrestrict)[ \t]+([A-Za-z0-9]+)[ \t]*\r?\n?$")
+_COPY_STDIN = re.compile(rb"(?is)^\s*COPY\s.*\sFROM\s+stdin\b[^;]*;$")
+_TXN_CONTROL = re.compile(
+    rb"(?i)^\s*(BEGIN|START|COMMIT|END|ROLLBACK|ABORT|PREPARE\s+TRANSACTION)\b")
+_BLANKED = {b"BEGIN;", b"COMMIT;"}
+HEAD_MAX = 4096
+CUT_OFF = "invalid_upload"  # an incomplete script: not hostile, just unusable
+
+
+class UnsafeScript(BadRequest):
+    """A script holds something Safehold never feeds to psql; names the line."""
+
+    code = "unsafe_backup"
+
+    def __init__(self, line: int, what: str, *, code: str | None = None) -> None:
+        super().__init__(f"line {line}: {what}; refused, nothing was executed", code=code)
+        self.line = line
+        self.details = {"line": line}
+
+
+def _show(text: bytes, limit: int = 60) -> str:
+    shown = text.strip().decode("utf-8", "replace")
+    return shown if len(shown) <= limit else shown[:limit] + "…"
+
+
+class PgScriptGuard:
+    def __init__(self) -> None:
+        self.line = 0  # complete lines seen
+        self.footer = False
+        self.restrict_key: bytes | None = None
+        self.counts: Counter[str] = Counter()  # statement kinds worth reporting
+        self._mode = _NORMAL
+        self._tag = b""
+        self._depth = 0
+        self._parts: list[bytes] = []  # the current partial line (SQL text mode)
+        self._partial = 0
+        self._head = bytearray()  # the current statement's unquoted text, capped
+        self._in_statement = False
+        self._copy = False
+        self._hold = b""  # COPY mode: the last bytes of a chunk, in case "\." straddles
+        self._bol = True  # COPY mode: the next byte starts a line
+        self._any_sql = False
+
+    # ------------------------------------------------------------------ streaming
+    def feed(self, data: bytes) -> bytes:
+        nul = data.find(b"\0")
+        if nul >= 0:
+            self._refuse_nul(data, nul)
+        out: list[bytes] = []
+        pos = 0
+        while pos < len(data):
+            if self._copy:
+                pos = self._feed_copy(data, pos, out)
+                continue
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                self._parts.append(data[pos:])
+                self._partial += len(data) - pos
+                if self._partial > MAX_LINE:
+                    raise UnsafeScript(self.line + 1, "a line of SQL longer than "
+                                       f"{MAX_LINE >> 20} MiB")
+                break
+            piece = data[pos:nl + 1]
+            if self._parts:
+                self._parts.append(piece)
+                piece = b"".join(self._parts)
+                self._parts, self._partial = [], 0
+            pos = nl + 1
+            self.line += 1
+            out.append(self._sql_line(piece))
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        """The last (unterminated) line; raises unless the script ended cleanly."""
+        out = b""
+        if self._copy:
+            raise UnsafeScript(self.line + 1, "the script ends inside COPY data (cut off)",
+                               code=CUT_OFF)
+        if self._parts:
+            piece = b"".join(self._parts)
+            self._parts = []
+            self.line += 1
+            out = self._sql_line(piece)
+        if self._mode != _NORMAL:
+            raise UnsafeScript(self.line, "the script ends inside a quoted string or "
+                               "comment (cut off)", code=CUT_OFF)
+        if not self.footer:
+            raise UnsafeScript(self.line, "no '-- PostgreSQL database dump complete' footer: "
+                               "the dump was cut off", code=CUT_OFF)
+        return out
+
+    def _refuse_nul(self, data: bytes, at: int) -> None:
+        before = b"".join(self._parts) + data[:at] if not self._copy else data[:at]
+        raise UnsafeScript(self.line + before.count(b"\n") + 1,
+                           "a NUL byte (psql would silently drop the rest of the line)")
+
+    def _feed_copy(self, data: bytes, pos: int, out: list[bytes]) -> int:
+        text = self._hold + data[pos:] if self._hold else data[pos:]
+        self._hold = b""
+        probe = b"\n" + text if self._bol else text
+        shift = 1 if self._bol else 0
+        i = probe.find(b"\n\\.\n")
+        if i < 0:
+            keep = min(3, len(text))
+            emit = text[:len(text) - keep]
+            self._hold = text[len(text) - keep:]
+            if emit:
+                self.line += emit.count(b"\n")
+                self._bol = emit.endswith(b"\n")
+                out.append(emit)
+            return len(data)
+        end = i - shift + 4  # just past "\.\n"
+        emit = text[:end]
+        self.line += emit.count(b"\n")
+        out.append(emit)
+        self._copy, self._bol = False, True
+        # what follows is SQL again: hand the rest back to the line loop
+        rest = text[end:]
+        consumed_from_data = len(data) - len(rest)
+        return max(consumed_from_data, pos)
+
+    # ------------------------------------------------------------------ SQL text
+    def _sql_line(self, line: bytes) -> bytes:
+        body = line.rstrip(b"\r\n")
+        if self._mode == _NORMAL and not self._in_statement:
+            stripped = body.strip()
+            if stripped in _BLANKED:
+                return b"\n"  # pg_dump's large-object BEGIN/COMMIT: Safehold's transaction
+            if stripped == FOOTER:
+                self.footer = True
+                return line
+            m = _RESTRICT.match(stripped)
+            if m and body.startswith(b"\\"):
+                return self._restrict_line(m.group(1), m.group(2))
+        copy_after = self._lex(body)
+        if copy_after:
+            self._copy, self._bol, self._hold = True, True, b""
+        return line
+
+    def _restrict_line(self, verb: bytes, key: bytes) -> bytes:
+        if verb == b"restrict" and self.restrict_key is None and not self._any_sql:
+            self.restrict_key = key
+            return b"\n"
+        if verb == b"unrestrict" and key == self.restrict_key:
+            return b"\n"
+        raise UnsafeScript(self.line, f"psql meta-command \\{verb.decode()} out of place "
+                           "(only pg_dump's own opening \\restrict and matching "
+                           "\\unrestrict are accepted)")
+
+    def _lex(self, s: bytes) -> bool:
+        """Advance the lexer over one line; True when COPY data starts on the next line."""
+        i, n = 0, len(s)
+        while i < n:
+            mode = self._mode
+            if mode == _NORMAL:
+                m = _SPECIAL.search(s, i)
+                stop = m.start() if m else n
+                self._text(s[i:stop])
+                if m is None:
+                    break
+                tok = m.group()
+                i = m.end()
+                if tok == b"'":
+                    self._start_statement()
+                    e = stop - 1
+                    self._mode = _ESTRING if (
+                        e >= 0 and s[e:e + 1] in (b"E", b"e")
+                        and (e == 0 or not _IDENT_CHAR.match(s, e - 1))) else _SQUOTE
+                    self._text(b" ")
+                elif tok == b'"':
+                    self._start_statement()
+                    self._mode = _DQUOTE
+                    self._text(b"X")
+                elif tok.startswith(b"$"):
+                    if stop > 0 and _IDENT_CHAR.match(s, stop - 1):
+                        self._text(tok[:1])  # `$` inside an identifier (a$b): not a quote
+                        i = stop + 1
+                        continue
+                    self._start_statement()
+                    self._mode, self._tag = _DOLLAR, tok
+                    self._text(b" ")
+                elif tok == b"--":
+                    break  # comment to the end of the line
+                elif tok == b"/*":
+                    self._mode, self._depth = _COMMENT, 1
+                elif tok == b"\\":
+                    raise UnsafeScript(self.line, "psql meta-command "
+                                       f"{_show(s[stop:stop + 20], 20)!r} (backslash commands "
+                                       "run on the restoring host, never from a backup)")
+                else:  # ";"
+                    if self._end_statement():
+                        if s[i:].strip():
+                            raise UnsafeScript(self.line, "text after COPY … FROM stdin; on "
+                                               "the same line")
+                        return True
+            elif mode == _SQUOTE or mode == _DQUOTE:
+                q = b"'" if mode == _SQUOTE else b'"'
+                j = s.find(q, i)
+                if j < 0:
+                    break
+                if s[j + 1:j + 2] == q:
+                    i = j + 2
+                    continue
+                self._mode, i = _NORMAL, j + 1
+            elif mode == _ESTRING:
+                m = _ESTRING_END.search(s, i)
+                if m is None:
+                    break
+                i = m.end()
+                if m.group() == b"'":
+                    if s[i:i + 1] == b"'":
+                        i += 1
+                        continue
+                    self._mode = _NORMAL
+            elif mode == _DOLLAR:
+                j = s.find(self._tag, i)
+                if j < 0:
+                    break
+                self._mode, i = _NORMAL, j + len(self._tag)
+            else:  # block comment, nesting
+                m = _COMMENT_TOKENS.search(s, i)
+                if m is None:
+                    break
+                i = m.end()
+                self._depth += 1 if m.group() == b"/*" else -1
+                if self._depth == 0:
+                    self._mode = _NORMAL
+        if self._mode == _NORMAL:
+            self._text(b" ")
+        return False
+
+    def _text(self, t: bytes) -> None:
+        if not t or (not self._in_statement and not t.strip()):
+            return
+        self._start_statement()
+        if len(self._head) < HEAD_MAX:
+            self._head += t[:HEAD_MAX - len(self._head)]
+
+    def _start_statement(self) -> None:
+        if not self._in_statement:
+            self._in_statement = True
+            self._any_sql = True
+            self._head.clear()
+
+    def _end_statement(self) -> bool:
+        """A `;` outside quotes: check the statement; True if it was COPY … FROM stdin."""
+        head = bytes(self._head) + b";"
+        self._in_statement = False
+        self._head.clear()
+        if _TXN_CONTROL.match(head):
+            raise UnsafeScript(self.line, f"transaction control {_show(head)!r} (Safehold "
+                               "runs the whole restore as one transaction it commits itself)")
+        word = head.split(None, 2)
+        kind = b" ".join(w.upper() for w in word[:2]).decode("ascii", "replace")
+        if kind in ("CREATE SUBSCRIPTION", "CREATE PUBLICATION", "CREATE EXTENSION"):
+            self.counts[kind] += 1
+        if word and word[0].upper() == b"COPY":
+            if not _COPY_STDIN.match(head):
+                raise UnsafeScript(self.line, f"{_show(head)!r}: only COPY … FROM stdin is "
+                                   "accepted (no server files or programs)")
+            return True
+        return False
+
+
+def check_script(chunks: object) -> PgScriptGuard:
+    """Run the guard over an iterable of byte chunks (validation without output)."""
+    guard = PgScriptGuard()
+    for chunk in chunks:  # type: ignore[attr-defined]
+        guard.feed(chunk)
+    guard.finish()
+    return guard
