@@ -46,6 +46,20 @@ async def create_database(prefix: str = "sh") -> str:
 
 
 async def drop_database(name: str) -> None:
+    """Drop a test database (detaching any subscription first: they block DROP DATABASE)."""
+    try:
+        db = await admin_conn(name)
+    except asyncpg.InvalidCatalogNameError:
+        return
+    try:
+        for (sub,) in await db.fetch("SELECT quote_ident(subname) FROM pg_subscription "
+                                     "WHERE subdbid = (SELECT oid FROM pg_database "
+                                     "WHERE datname = current_database())"):
+            await db.execute(f"ALTER SUBSCRIPTION {sub} DISABLE")
+            await db.execute(f"ALTER SUBSCRIPTION {sub} SET (slot_name = NONE)")
+            await db.execute(f"DROP SUBSCRIPTION {sub}")
+    finally:
+        await db.close()
     conn = await admin_conn()
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -161,8 +175,10 @@ async def fingerprint(database: str) -> dict[str, Any]:
             name = f'"{r["schemaname"]}"."{r["sequencename"]}"'
             row = await conn.fetchrow(f"SELECT last_value, is_called FROM {name}")
             seqs[name] = (row["last_value"], row["is_called"])
+        large_objects = {r["oid"]: r["digest"] for r in await conn.fetch(
+            "SELECT oid, md5(lo_get(oid)) AS digest FROM pg_largeobject_metadata ORDER BY 1")}
     finally:
         await conn.close()
     schema = await schema_dump(database)
     return {"schema": hashlib.sha256(schema.encode()).hexdigest(), "data": data,
-            "sequences": seqs}
+            "sequences": seqs, "large_objects": large_objects}

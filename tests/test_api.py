@@ -12,7 +12,7 @@ import pytest
 from api.roles import Role
 from api.routes import ROUTES
 from tests import pg
-from tests.test_roundtrip_pg import backup
+from tests.helpers import backup
 
 
 async def error_of(resp: Any) -> dict[str, Any]:

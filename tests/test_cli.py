@@ -14,7 +14,7 @@ import aiohttp
 
 from tests import pg
 from tests.conftest import PASSWORD_ENV, make_raw_config
-from tests.test_failures_pg import write_toml
+from tests.helpers import write_toml
 
 REPO = Path(__file__).resolve().parent.parent
 

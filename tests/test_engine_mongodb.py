@@ -18,8 +18,7 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
 
 from shared.config import Settings, parse_settings
 from tests.conftest import MONGO_PASSWORD, make_raw_config
-from tests.test_failures_pg import flip_byte, publish_plain
-from tests.test_sse import read_events
+from tests.helpers import flip_byte, publish_plain, read_events
 
 PW_ENV = "SAFEHOLD_TEST_MONGO_PASSWORD"
 

@@ -16,8 +16,7 @@ import pytest
 from shared.config import Settings, parse_settings
 from tests import my
 from tests.conftest import make_raw_config
-from tests.test_failures_pg import flip_byte, publish_plain
-from tests.test_sse import read_events
+from tests.helpers import flip_byte, form, publish_plain, read_events
 
 PW_ENV = "SAFEHOLD_TEST_MY_PASSWORD"
 
@@ -145,3 +144,128 @@ async def test_progress_stats_and_no_password_leftovers(api: Any, worker: Any, m
     assert {t["name"] for t in stats["tables"]} == {"owner", "item", "audit"}
     assert stats["views"] == ["happy_items"] and stats["events"] == 1
     assert my.PASSWORD not in json.dumps([job, events, stats])
+
+
+TORTURE = [
+    "CREATE VIEW happy_titles AS SELECT title FROM happy_items",  # a view over a view
+    "CREATE SEQUENCE ticket_seq START WITH 100 INCREMENT BY 5",
+    "SELECT NEXTVAL(ticket_seq)",
+    """CREATE TRIGGER owner_guard BEFORE UPDATE ON owner FOR EACH ROW
+       SET NEW.name = TRIM(NEW.name)""",
+    """CREATE EVENT hourly ON SCHEDULE EVERY 1 HOUR STARTS '2031-01-01 00:00:00' DISABLE
+       DO UPDATE audit SET what = what WHERE id < 0""",
+]
+
+
+async def restore(api: Any, name: str) -> dict[str, Any]:
+    job: dict[str, Any] = await (await api.post("/api/v1/targets/main/restores?wait=180",
+                                                json={"backup": name})).json()
+    return job
+
+
+async def test_restore_twice_over_the_live_database(api: Any, worker: Any, my_db: str) -> None:
+    """Views over views, triggers, events, routines and a sequence: restoring the newest
+    backup over the untouched database, twice, changes nothing."""
+    await my.load_rich(my_db)
+    conn = await my.user_conn(my_db)
+    await my.execute(conn, *TORTURE)
+    conn.close()
+    before = await my.fingerprint(my_db)
+    name = (await backup(api))["result"]["filename"]
+    for attempt in (1, 2):
+        job = await restore(api, name)
+        assert job["status"] == "succeeded", (attempt, job)
+        assert await my.fingerprint(my_db) == before, attempt
+
+
+async def test_restore_after_a_table_was_dropped_under_a_view(
+        api: Any, worker: Any, my_db: str, storage_dir: Path) -> None:
+    """The reason people restore: a table dropped by mistake, views still pointing at it.
+    The safety backup keeps the invalid views as definitions and says so; the restore works."""
+    await my.load_rich(my_db)
+    conn = await my.user_conn(my_db)
+    await my.execute(conn, *TORTURE)
+    conn.close()
+    before = await my.fingerprint(my_db)
+    name = (await backup(api))["result"]["filename"]
+    conn = await my.user_conn(my_db)
+    await my.execute(conn, "SET FOREIGN_KEY_CHECKS = 0", "DROP TABLE item")
+    conn.close()
+    job = await restore(api, name)
+    assert job["status"] == "succeeded", job
+    assert await my.fingerprint(my_db) == before
+    safety = job["result"]["safety_backup"]
+    manifest = json.loads((storage_dir / f"{safety}.json").read_text())
+    assert manifest["invalid_views"] == ["happy_items", "happy_titles"]
+    assert any("happy_items" in w for w in manifest["warnings"])
+    kept = gzip.decompress((storage_dir / safety).read_bytes())
+    assert b"-- view `happy_items`" in kept and b"VIEW `happy_items` AS" in kept
+    events = await read_events(await api.get(f"/api/v1/jobs/{job['id']}/events"))
+    logs = " ".join(e["data"].get("message", "") for e in events if e["event"] == "log")
+    assert "happy_items" in logs and "invalid" in logs
+    # the safety backup itself restores (and brings back the damaged state, minus the views)
+    job = await restore(api, safety)
+    assert job["status"] == "succeeded", job
+    after = await my.fingerprint(my_db)
+    assert "table item" not in after and "view happy_items" not in after
+    assert after["data owner"] == before["data owner"]
+
+
+async def test_safety_backup_failure_says_unchanged_and_the_way_out(
+        api: Any, worker: Any, my_db: str) -> None:
+    """When the safety backup cannot be made at all, the restore does not start."""
+    await my.load_rich(my_db)
+    name = (await backup(api))["result"]["filename"]
+    conn = await my.admin()
+    try:  # the user may no longer read data: mariadb-dump fails on the first table
+        await my.execute(
+            conn, f"REVOKE ALL PRIVILEGES ON `sh\\_%`.* FROM '{my.USER}'@'127.0.0.1'",
+            "GRANT INSERT, UPDATE, DELETE, CREATE, DROP, INDEX, ALTER, CREATE VIEW, SHOW VIEW, "
+            "TRIGGER, EVENT, LOCK TABLES, CREATE ROUTINE, ALTER ROUTINE, EXECUTE ON "
+            f"`{my_db}`.* TO '{my.USER}'@'127.0.0.1'")
+        before = await my.fingerprint(my_db)
+        job = await restore(api, name)
+    finally:
+        await my.ensure_user()
+        conn.close()
+    assert job["status"] == "failed"
+    err = job["error"]
+    assert err["code"] == "safety_backup_failed" and err["database_state"] == "unchanged", err
+    assert "create_safety_backup=false" in err["message"]
+    assert await my.fingerprint(my_db) == before
+
+
+HEADER = b"-- MariaDB dump 10.19  Distrib 10.11.19-MariaDB\n--\n"
+FOOTER = b"\n-- Dump completed on 2026-11-30  3:47:21\n"
+
+
+@pytest.mark.parametrize("payload", [
+    b"\\! touch {marker}\n",
+    b"system touch {marker}\n",
+    b"  \\. {marker}\n",
+    b"tee {marker}\n",
+    b"LOAD DATA LOCAL INFILE '/etc/hostname' INTO TABLE owner;\n",
+])
+async def test_client_commands_in_a_backup_are_refused(
+        api: Any, worker: Any, my_db: str, storage_dir: Path, tmp_path: Path,
+        payload: bytes) -> None:
+    """Upload: 400 naming the line. Placed in storage by hand: refused before the clean."""
+    await my.load_rich(my_db)
+    good = (await backup(api))["result"]["filename"]
+    marker = tmp_path / "marker"
+    sql = HEADER + b"CREATE TABLE x (a INT);\n" + payload.replace(
+        b"{marker}", str(marker).encode()) + FOOTER
+    resp = await api.post("/api/v1/targets/main/uploads",
+                          data=form(gzip.compress(sql)))
+    body = await resp.json()
+    assert resp.status == 400 and body["error"]["code"] == "unsafe_backup", body
+    assert "line 4:" in body["error"]["message"], body
+    before = await my.fingerprint(my_db)
+    manifest = json.loads((storage_dir / f"{good}.json").read_text())
+    bad = "upload_mysql_20200101_000000.sql.gz"
+    await publish_plain(storage_dir, bad, sql, manifest)
+    job = await restore(api, bad)
+    assert job["status"] == "failed" and job["error"]["code"] == "unsafe_backup", job
+    assert job["error"]["database_state"] == "unchanged"
+    assert await my.fingerprint(my_db) == before
+    assert not marker.exists()

@@ -14,10 +14,9 @@ from neo4j.spatial import CartesianPoint, WGS84Point
 from neo4j.time import Date, DateTime, Duration, Time
 
 from shared.config import Settings, parse_settings
+from shared.cypher import split_statements
 from tests.conftest import ARCADE_PASSWORD, make_raw_config
-from tests.test_failures_pg import flip_byte, publish_plain
-from tests.test_sse import read_events
-from worker.engines.neo4j import split_statements
+from tests.helpers import flip_byte, publish_plain, read_events
 
 PW_ENV = "SAFEHOLD_TEST_NEO4J_PASSWORD"
 

@@ -18,8 +18,7 @@ from redis.asyncio import Redis
 from shared.config import Settings, parse_settings
 from shared.resp import resp
 from tests.conftest import make_raw_config
-from tests.test_failures_pg import flip_byte, publish_plain
-from tests.test_sse import read_events
+from tests.helpers import flip_byte, form, publish_plain, read_events
 
 PW = "R3dis-Test-Pw-91c"
 PW_ENV = "SAFEHOLD_TEST_REDIS_PASSWORD"
@@ -282,3 +281,55 @@ async def test_acl_user(aiohttp_client: Any, settings: Settings, redis_port: int
         await check.aclose()
     finally:
         await stop_gracefully(w, 10, task)
+
+
+async def test_restore_twice_over_the_live_database(api: Any, worker: Any,
+                                                    redis_port: int) -> None:
+    """Every type (strings, lists, sets, zsets, hashes, streams with groups, HLL, TTLs,
+    two logical databases): restoring over the untouched data, twice, changes nothing."""
+    await load(redis_port)
+    before = await fingerprint(redis_port)
+    name = (await backup(api))["result"]["filename"]
+    for attempt in (1, 2):
+        job = await (await api.post("/api/v1/targets/main/restores?wait=120",
+                                    json={"backup": name})).json()
+        assert job["status"] == "succeeded", (attempt, job)
+        assert await fingerprint(redis_port) == before, attempt
+
+
+@pytest.mark.parametrize("command", [
+    [b"CONFIG", b"SET", b"dir", b"/tmp"],
+    [b"FLUSHALL"],
+    [b"MODULE", b"LOAD", b"/tmp/evil.so"],
+    [b"EVAL", b"return 1", b"0"],
+    [b"SLAVEOF", b"127.0.0.1", b"1"],
+    [b"SET", b"plain", b"value"],
+    [b"RESTORE", b"k", b"0", b"payload"],  # without REPLACE: not what Safehold writes
+])
+async def test_commands_outside_the_backup_shape_are_refused_before_any_flush(
+        api: Any, worker: Any, redis_port: int, storage_dir: Path,
+        command: list[bytes]) -> None:
+    await load(redis_port)
+    good = (await backup(api))["result"]["filename"]
+    manifest = json.loads((storage_dir / f"{good}.json").read_text())
+    plain = gzip.decompress((storage_dir / good).read_bytes())
+    hostile = plain + resp(*command)
+    resp_ = await api.post("/api/v1/targets/main/uploads", data=form(gzip.compress(hostile)))
+    body = await resp_.json()
+    assert resp_.status == 400 and body["error"]["code"] == "unsafe_backup", body
+    assert command[0].decode() in body["error"]["message"]
+    r = Redis(port=redis_port, password=PW)
+    await r.set("added-since", "1")
+    dir_before = await r.config_get("dir")
+    await r.aclose()
+    current = await fingerprint(redis_port)
+    bad = "upload_redis_20200101_000000.resp.gz"
+    await publish_plain(storage_dir, bad, hostile, manifest)
+    job = await (await api.post("/api/v1/targets/main/restores?wait=120",
+                                json={"backup": bad})).json()
+    assert job["status"] == "failed" and job["error"]["code"] == "unsafe_backup", job
+    assert job["error"]["database_state"] == "unchanged"
+    assert await fingerprint(redis_port) == current  # nothing was flushed
+    r = Redis(port=redis_port, password=PW)
+    assert await r.config_get("dir") == dir_before
+    await r.aclose()

@@ -13,8 +13,7 @@ import pytest
 
 from shared.config import Settings, parse_settings
 from tests.conftest import make_raw_config
-from tests.test_failures_pg import flip_byte
-from tests.test_sse import read_events
+from tests.helpers import flip_byte, read_events
 
 
 @pytest.fixture

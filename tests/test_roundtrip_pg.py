@@ -9,14 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tests import pg
-
-
-async def backup(api: Any, **body: Any) -> dict[str, Any]:
-    resp = await api.post("/api/v1/targets/main/backups?wait=60", json=body)
-    job = await resp.json()
-    assert resp.status == 200, job
-    assert job["status"] == "succeeded", job
-    return job
+from tests.helpers import backup
 
 
 async def test_roundtrip_rich_database(api: Any, worker: Any, pg_db: str,

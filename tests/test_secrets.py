@@ -13,8 +13,7 @@ from redis.asyncio import Redis
 
 from shared.redact import redact, redact_url
 from tests import pg
-from tests.test_failures_pg import publish_plain
-from tests.test_roundtrip_pg import backup
+from tests.helpers import backup, publish_plain
 
 PW = pg.TEST_PASSWORD
 

@@ -17,7 +17,7 @@ from typing import Any
 from api.app import create_app
 from tests import pg
 from tests.conftest import bearer, token
-from tests.test_failures_pg import flip_byte, publish_plain
+from tests.helpers import flip_byte, publish_plain
 
 SCRIPTS = Path(__file__).resolve().parent / "seed_scripts"
 

@@ -2,31 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from tests import pg
-from tests.test_failures_pg import table_lock, wait_for_terminal
-
-
-async def read_events(resp: Any, until: Any = None) -> list[dict[str, Any]]:
-    """Parse an SSE body into events (with their ids) until it ends or `until(event)`."""
-    events: list[dict[str, Any]] = []
-    current: dict[str, Any] = {}
-    async for raw in resp.content:
-        line = raw.decode().rstrip("\r\n")
-        if line.startswith("id:"):
-            current["id"] = line[3:].strip()
-        elif line.startswith("event:"):
-            current["event"] = line[6:].strip()
-        elif line.startswith("data:"):
-            current["data"] = json.loads(line[5:].strip())
-        elif line == "" and "data" in current:
-            events.append(current)
-            current = {}
-            if until is not None and until(events[-1]):
-                break
-    return events
+from tests.helpers import read_events, table_lock, wait_for_terminal
 
 
 async def test_resume_with_last_event_id_gets_each_event_once(api: Any, worker: Any,

@@ -8,19 +8,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from api.app import create_app
 from tests import pg
 from tests.conftest import bearer
-from tests.test_roundtrip_pg import backup
-
-
-def form(data: bytes, filename: str = "my_backup.sql.gz") -> aiohttp.FormData:
-    f = aiohttp.FormData()
-    f.add_field("file", data, filename=filename, content_type="application/gzip")
-    return f
+from tests.helpers import backup, form
 
 
 async def dump_of(api: Any, storage_dir: Path) -> bytes:

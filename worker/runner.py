@@ -119,6 +119,9 @@ class JobRunner:
     async def _finish(self, job: Job, progress: Progress, status: str, *,
                       result: dict[str, Any] | None = None,
                       error: dict[str, Any] | None = None) -> None:
+        if error is not None and job.kind == "restore" and "database_state" not in error:
+            # a restore that never reached loading has changed nothing
+            error["database_state"] = "unchanged" if not progress.stages else "unknown"
         snap = progress.snapshot()
         if status == "succeeded":
             snap["percent"] = 100.0

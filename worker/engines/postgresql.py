@@ -319,7 +319,7 @@ class PostgreSQL:
             await progress.enter_stage("committing")
             yield tail + b"\nCOMMIT;\n"
 
-        argv = ["psql", "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1"]
+        argv = ["psql", "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1", "-f", "-"]
         async with spawn(argv, env=_env(target), secrets=target.secrets(), stdin=True) as child:
             try:
                 await feed_stdin(child, prelude, guarded(), lambda n: None)

@@ -1,0 +1,155 @@
+"""Helpers shared by the test modules: waiting, locking, hand-made backups, worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from tests import pg, procs
+from tests.conftest import PASSWORD_ENV, make_raw_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@asynccontextmanager
+async def table_lock(db: str, table: str, mode: str) -> AsyncIterator[asyncpg.Connection]:
+    """Hold a lock on `table` in an open transaction until the block ends."""
+    conn = await pg.admin_conn(db)
+    tr = conn.transaction()
+    await tr.start()
+    await conn.execute(f"LOCK TABLE {table} IN {mode} MODE")
+    try:
+        yield conn
+    finally:
+        await tr.rollback()
+        await conn.close()
+
+
+async def wait_for(predicate: Any, timeout: float = 30.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def start_backup_until_pg_dump(api: Any, pg_db: str) -> tuple[str, list[int]]:
+    """Submit a backup and wait until its pg_dump runs (blocked by a held table lock)."""
+    job_id = (await (await api.post("/api/v1/targets/main/backups")).json())["id"]
+    pids = await wait_for(lambda: procs.find("pg_dump", {"PGDATABASE": pg_db}), 30,
+                          "pg_dump to start")
+    return job_id, pids
+
+
+def temp_files(d: Path) -> list[Path]:
+    return list(d.glob(".tmp-*")) if d.exists() else []
+
+
+async def listing(api: Any) -> list[str]:
+    body = await (await api.get("/api/v1/targets/main/backups")).json()
+    return [b["filename"] for b in body["backups"]]
+
+
+def flip_byte(path: Path, at: int) -> None:
+    """Damage one byte of a stored backup (its manifest's sha256 no longer matches)."""
+    blob = bytearray(path.read_bytes())
+    blob[at] ^= 0xFF
+    path.write_bytes(bytes(blob))
+
+
+async def publish_plain(storage_dir: Path, name: str, sql: bytes, like: dict[str, Any]) -> None:
+    """Store a hand-made backup with a correct manifest (what an operator might upload)."""
+    blob = gzip.compress(sql)
+    (storage_dir / name).write_bytes(blob)
+    manifest = {**like, "filename": name, "sha256": hashlib.sha256(blob).hexdigest(),
+                "size_bytes": len(blob), "raw_bytes": len(sql)}
+    (storage_dir / f"{name}.json").write_text(json.dumps(manifest))
+
+
+async def wait_for_terminal(api: Any, job_id: str, timeout: float = 90) -> dict[str, Any]:
+    async def done() -> dict[str, Any] | None:
+        job = await (await api.get(f"/api/v1/jobs/{job_id}")).json()
+        return job if job["status"] in ("succeeded", "failed", "cancelled") else None
+
+    result: dict[str, Any] = await wait_for(done, timeout, f"job {job_id} to finish")
+    return result
+
+
+def write_toml(path: Path, raw: dict[str, Any]) -> None:
+    def value(v: Any) -> str:
+        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+
+    lines = [f"{k} = {value(v)}" for k, v in raw.items() if not isinstance(v, dict)]
+    for section, body in raw.items():
+        if not isinstance(body, dict):
+            continue
+        if section == "targets":
+            for tid, t in body.items():
+                lines.append(f"[targets.{tid}]")
+                lines += [f"{k} = {value(v)}" for k, v in t.items()]
+        else:
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {value(v)}" for k, v in body.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+async def worker_process(tmp_path: Path, prefix: str, pg_db: str,
+                         **worker: Any) -> asyncio.subprocess.Process:
+    """`safehold worker` as a real child process, on this test's prefix and database."""
+    cfg = tmp_path / "safehold.toml"
+    write_toml(cfg, make_raw_config(prefix, tmp_path / "backups", pg_db, **worker))
+    env = {**os.environ, PASSWORD_ENV: pg.TEST_PASSWORD}
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "api.cli", "--config", str(cfg), "worker", cwd=REPO, env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+
+async def backup(api: Any, **body: Any) -> dict[str, Any]:
+    resp = await api.post("/api/v1/targets/main/backups?wait=60", json=body)
+    job = await resp.json()
+    assert resp.status == 200, job
+    assert job["status"] == "succeeded", job
+    return job
+
+
+async def read_events(resp: Any, until: Any = None) -> list[dict[str, Any]]:
+    """Parse an SSE body into events (with their ids) until it ends or `until(event)`."""
+    events: list[dict[str, Any]] = []
+    current: dict[str, Any] = {}
+    async for raw in resp.content:
+        line = raw.decode().rstrip("\r\n")
+        if line.startswith("id:"):
+            current["id"] = line[3:].strip()
+        elif line.startswith("event:"):
+            current["event"] = line[6:].strip()
+        elif line.startswith("data:"):
+            current["data"] = json.loads(line[5:].strip())
+        elif line == "" and "data" in current:
+            events.append(current)
+            current = {}
+            if until is not None and until(events[-1]):
+                break
+    return events
+
+
+def form(data: bytes, filename: str = "my_backup.sql.gz") -> aiohttp.FormData:
+    """A multipart upload body with the file in field `file`."""
+    f = aiohttp.FormData()
+    f.add_field("file", data, filename=filename, content_type="application/gzip")
+    return f
