@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import io
 import json
 import os
 import sys
@@ -151,5 +152,5 @@ async def read_events(resp: Any, until: Any = None) -> list[dict[str, Any]]:
 def form(data: bytes, filename: str = "my_backup.sql.gz") -> aiohttp.FormData:
     """A multipart upload body with the file in field `file`."""
     f = aiohttp.FormData()
-    f.add_field("file", data, filename=filename, content_type="application/gzip")
+    f.add_field("file", io.BytesIO(data), filename=filename, content_type="application/gzip")
     return f

@@ -1,0 +1,178 @@
+"""Every byte of a backup file is untrusted: hostile PostgreSQL scripts, decompression bombs
+and lies in manifests, through uploads and through files placed in storage by hand."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import os
+import shutil
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.pgscript import PgScriptGuard, UnsafeScript
+from tests import pg
+from tests.helpers import backup, form, publish_plain, wait_for_terminal
+
+HEADER = b"--\n-- PostgreSQL database dump\n--\n\n\\restrict abc123\n\nSET x = 1;\n"
+FOOTER = b"\n--\n-- PostgreSQL database dump complete\n--\n\n\\unrestrict abc123\n"
+
+HOSTILE = {
+    "shell escape": (b"\\! touch {marker}\n", "meta-command"),
+    "output to a pipe": (b"\\o |touch {marker}\nSELECT 1;\n", "meta-command"),
+    "copy from program": (b"\\copy (select 1) to program 'touch {marker}'\n", "meta-command"),
+    "gexec": (b"SELECT 'SELECT 1' \\gexec\n", "meta-command"),
+    "set then use": (b"\\set x 1\n", "meta-command"),
+    "second restrict": (b"\\restrict other\n", "\\restrict"),
+    "wrong unrestrict": (b"\\unrestrict nope\n\\! touch {marker}\n", "\\unrestrict"),
+    "commit mid-file": (b"DROP SCHEMA public CASCADE; COMMIT;\n", "transaction control"),
+    "end mid-file": (b"END;\n", "transaction control"),
+    "server program": (b"COPY (SELECT 1) TO PROGRAM 'touch {marker}';\n", "COPY"),
+    "server file": (b"COPY pg_settings FROM '/etc/passwd';\n", "COPY"),
+    "NUL in SQL": (b"DROP SCHEMA public CASCADE;\x00 then nothing\n", "NUL"),
+}
+
+
+def hostile_sql(payload: bytes, marker: Path) -> bytes:
+    return HEADER + payload.replace(b"{marker}", str(marker).encode()) + FOOTER
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+async def test_hostile_postgresql_scripts_are_refused_everywhere(
+        api: Any, worker: Any, pg_db: str, storage_dir: Path, tmp_path: Path,
+        case: str) -> None:
+    """Upload: 400 naming the line. Restore of the same file placed by hand: the job fails
+    `unsafe_backup`, the database is unchanged, and nothing ran on this host."""
+    payload, what = HOSTILE[case]
+    marker = tmp_path / "marker"
+    sql = hostile_sql(payload, marker)
+    await pg.load_rich(pg_db)
+    resp = await api.post("/api/v1/targets/main/uploads?restore=true",
+                          data=form(gzip.compress(sql)))
+    body = await resp.json()
+    assert resp.status == 400 and body["error"]["code"] == "unsafe_backup", body
+    assert "line 8:" in body["error"]["message"] and what in body["error"]["message"], body
+    assert not marker.exists()
+
+    good = (await backup(api))["result"]["filename"]
+    manifest = json.loads((storage_dir / f"{good}.json").read_text())
+    before = await pg.fingerprint(pg_db)
+    bad = "upload_postgresql_20200101_000000.sql.gz"
+    await publish_plain(storage_dir, bad, sql, manifest)
+    job_id = (await (await api.post("/api/v1/targets/main/restores",
+                                    json={"backup": bad})).json())["id"]
+    job = await wait_for_terminal(api, job_id)
+    err = job["error"]
+    assert job["status"] == "failed" and err["code"] == "unsafe_backup", err
+    assert err["database_state"] == "unchanged" and "line 8:" in err["message"], err
+    assert await pg.fingerprint(pg_db) == before
+    assert not marker.exists()
+
+
+def test_guard_passes_copy_data_that_looks_like_commands() -> None:
+    """Inside COPY data, `\\!`-like rows and `\\.`-prefixed values are data, at any chunk
+    boundary; the dump's own \\restrict lines are removed, line count kept."""
+    data = (HEADER + b"COPY public.t (a) FROM stdin;\n\\\\! not a command\n\\restrict abc123\n"
+            b"\\\\.x\n\\.\nSELECT 1;\n" + FOOTER)
+    for size in (1, 2, 3, 5, 7, 64):
+        guard = PgScriptGuard()
+        out = b"".join(guard.feed(data[i:i + size]) for i in range(0, len(data), size))
+        out += guard.finish()
+        assert out.count(b"\n") == data.count(b"\n")
+        assert b"\\restrict abc123\n\\\\.x" in out  # the data row is kept
+        assert out.count(b"\\restrict") == 1 and b"\\unrestrict" not in out
+        assert guard.footer
+
+
+@pytest.mark.parametrize("script", [
+    HEADER + b"COPY public.t (a) FROM stdin;\n1\n",  # cut inside COPY data
+    HEADER + b"SELECT 'open string\n",
+    HEADER + b"SELECT 1;\n",  # no footer
+])
+def test_guard_refuses_cut_off_scripts(script: bytes) -> None:
+    guard = PgScriptGuard()
+    guard.feed(script)
+    with pytest.raises(UnsafeScript) as info:
+        guard.finish()
+    assert info.value.code == "invalid_upload"
+
+
+def gzip_bomb(head: bytes, zeros: int, tail: bytes) -> bytes:
+    """head + `zeros` NUL-free filler + tail, gzip-compressed in a stream (never in memory)."""
+    c = zlib.compressobj(9, zlib.DEFLATED, 31)
+    out = [c.compress(head)]
+    block = (b"-" * 1023 + b"\n") * 1024  # 1 MiB of SQL comment lines: compresses like zeros
+    for _ in range(zeros >> 20):
+        out.append(c.compress(block))
+    out.append(c.compress(b"\n" + tail))
+    out.append(c.flush())
+    return b"".join(out)
+
+
+async def test_upload_bombs_stop_at_the_inflation_bound(api: Any, worker: Any, pg_db: str,
+                                                        tmp_path: Path) -> None:
+    """A 2 GiB-inflating upload is stopped at 100 × its size, quickly; a NUL bomb is refused;
+    an SQLite-target style bomb never fills the temp directory; other requests stay quick."""
+    bomb = await asyncio.to_thread(gzip_bomb, HEADER, 2 << 30, FOOTER)
+    assert len(bomb) < 5 << 20  # ~500× inflation
+    t0 = time.monotonic()
+    uploads = [api.post("/api/v1/targets/main/uploads", data=form(bomb)) for _ in range(4)]
+    listing = asyncio.ensure_future(api.get("/api/v1/targets/main/backups"))
+    answers = await asyncio.gather(*uploads)
+    listed = await listing
+    for resp in answers:
+        body = await resp.json()
+        assert resp.status == 413 and body["error"]["code"] == "expansion_limit", body
+    assert listed.status == 200
+    print(f"4 bombs of {len(bomb)} B refused in {time.monotonic() - t0:.1f}s")
+    nul = gzip.compress(HEADER + b"SELECT 1;" + b"\0" * 100_000 + FOOTER)
+    resp = await api.post("/api/v1/targets/main/uploads", data=form(nul))
+    body = await resp.json()
+    assert resp.status == 400 and "NUL" in body["error"]["message"], body
+
+
+async def test_restore_refuses_a_file_that_inflates_past_its_manifest(
+        api: Any, worker: Any, pg_db: str, storage_dir: Path) -> None:
+    """A hand-placed file whose manifest under-declares its size (or a bomb under a real
+    manifest) stops at the declared size: nothing committed, database unchanged."""
+    await pg.load_rich(pg_db)
+    good = (await backup(api))["result"]["filename"]
+    manifest = json.loads((storage_dir / f"{good}.json").read_text())
+    plain = gzip.decompress((storage_dir / good).read_bytes())
+    before = await pg.fingerprint(pg_db)
+    bad = "upload_postgresql_20200101_000000.sql.gz"
+    await publish_plain(storage_dir, bad, plain, manifest)
+    lying = json.loads((storage_dir / f"{bad}.json").read_text())
+    lying["raw_bytes"] = len(plain) // 2
+    (storage_dir / f"{bad}.json").write_text(json.dumps(lying))
+    job_id = (await (await api.post("/api/v1/targets/main/restores",
+                                    json={"backup": bad})).json())["id"]
+    job = await wait_for_terminal(api, job_id)
+    err = job["error"]
+    assert err["code"] == "expansion_limit" and err["database_state"] == "unchanged", err
+    assert await pg.fingerprint(pg_db) == before
+    assert job["progress"]["bytes_done"] <= job["progress"]["bytes_total"]
+
+
+async def test_sqlite_bomb_never_fills_the_temp_directory(
+        aiohttp_client: Any, tmp_path: Path, prefix: str, test_env: dict[str, str]) -> None:
+    from api.app import create_app
+    from shared.config import parse_settings
+    from tests.conftest import bearer, make_raw_config
+
+    raw = make_raw_config(prefix, tmp_path / "backups", None)
+    raw["targets"] = {"main": {"engine": "sqlite", "path": str(tmp_path / "db.sqlite")}}
+    settings = parse_settings(raw, test_env, base=tmp_path, source="<test>")
+    client = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
+    bomb = await asyncio.to_thread(gzip_bomb, b"SQLite format 3\x00", 1 << 30, b"")
+    free_before = shutil.disk_usage("/tmp").free
+    resp = await client.post("/api/v1/targets/main/uploads", data=form(bomb, "x.db.gz"))
+    body = await resp.json()
+    assert resp.status == 413 and body["error"]["code"] == "expansion_limit", body
+    assert shutil.disk_usage("/tmp").free > free_before - (len(bomb) * 101 + (64 << 20))
+    assert not [n for n in os.listdir("/tmp") if n.startswith("safehold-upload-")]
