@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 from shared.jobs import RESTORE_STATES, Job, JobStore, now_iso, undo_hint
+from shared.locks import release_if_held_by
 from shared.storage import TEMP_PREFIX, LocalStorage
 
 log = logging.getLogger("safehold.reaper")
@@ -49,6 +50,7 @@ async def reap_orphans(store: JobStore, storage: LocalStorage, orphan_after: flo
             data={"error": error},
         ):
             _remove_temp(storage, job.temp_path)
+            await release_if_held_by(store.redis, store.keys.lock(job.target), job_id)
             reaped.append(job_id)
             log.warning("reaped orphaned job %s (%s on %s)", job_id, job.kind, job.target)
     return reaped

@@ -20,10 +20,10 @@ from shared.errors import (
 )
 from shared.jobs import Job, JobStore, now_iso
 from shared.keys import Keys
+from shared.locks import TargetLock
 from shared.redact import redact
 from shared.storage import LocalStorage
 from worker.engines import ENGINE_CLASSES, Engine, get_engines
-from worker.locks import TargetLock
 from worker.procedures import Procedures
 from worker.progress import Progress
 

@@ -24,7 +24,7 @@ from shared.pgscript import PgScriptGuard, UnsafeScript
 from shared.redact import redact
 from worker.engines import Dump
 from worker.progress import Progress
-from worker.subproc import feed_stdin, spawn
+from worker.subproc import Child, feed_stdin, spawn
 
 CHUNK = 1 << 20
 SYSTEM_SCHEMAS = "('pg_catalog', 'information_schema', 'pg_toast')"
@@ -310,17 +310,25 @@ class PostgreSQL:
         prelude = f"\\restrict {key}\nBEGIN; {clean_sql}\n".encode()
         guard = PgScriptGuard()
 
-        async def guarded() -> AsyncIterator[bytes]:
-            async for chunk in chunks:  # ends only after the stored sha256 was verified
-                progress.add_bytes(len(chunk))
-                if out := guard.feed(chunk):
-                    yield out
-            tail = guard.finish()
-            await progress.enter_stage("committing")
-            yield tail + b"\nCOMMIT;\n"
-
+        marker = f"safehold-ready-{key}".encode()
         argv = ["psql", "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1", "-f", "-"]
-        async with spawn(argv, env=_env(target), secrets=target.secrets(), stdin=True) as child:
+        async with spawn(argv, env=_env(target), secrets=target.secrets(), stdin=True,
+                         stdout=True) as child:
+            ready = asyncio.ensure_future(_wait_for_output(child, marker))
+
+            async def guarded() -> AsyncIterator[bytes]:
+                async for chunk in chunks:  # ends only after the stored sha256 was verified
+                    progress.add_bytes(len(chunk))
+                    if out := guard.feed(chunk):
+                        yield out
+                # everything before COMMIT must have run: psql answers the marker only then,
+                # so a worker lost before this point always leaves the database unchanged
+                yield guard.finish() + b"\nSELECT '" + marker + b"' AS safehold_ready;\n"
+                if not await ready:
+                    return  # psql stopped on an error: end of input, no COMMIT
+                await progress.enter_stage("committing")
+                yield b"COMMIT;\n"
+
             try:
                 await feed_stdin(child, prelude, guarded(), lambda n: None)
             except UnsafeScript as exc:
@@ -330,6 +338,8 @@ class PostgreSQL:
                 raise RestoreFailed(f"reading the backup failed ({exc.message}); "
                                     "the transaction was not committed",
                                     database_unchanged=True, code=exc.code) from None
+            finally:
+                ready.cancel()
             rc = await child.wait()
         if rc == 0:
             for kind, n in sorted(guard.counts.items()):
@@ -344,6 +354,16 @@ class PostgreSQL:
                                 database_unchanged=True)
         raise RestoreFailed(f"psql exited with code {rc}: {detail}",
                             database_unchanged=not progress.stage_reached("committing"))
+
+
+async def _wait_for_output(child: Child, marker: bytes) -> bool:
+    """Drain the child's stdout; True once `marker` appeared, False at its end without it."""
+    tail = b""
+    while data := await child.read():
+        if marker in tail + data:
+            return True
+        tail = (tail + data)[-len(marker):]
+    return False
 
 
 PRELUDE_LINES = 2  # "\\restrict KEY" and "BEGIN; <clean>" come before the backup's line 1

@@ -3,7 +3,7 @@
 A second job for the same target waits (status `running`, phase `waiting_for_lock`) until
 the first finishes, so requests are queued behind each other, never refused. The lock is a
 Redis key holding the job id with a short TTL that the job's heartbeat refreshes; a dead
-worker's lock lapses by itself.
+worker's lock lapses by itself, and the reaper releases it at once when it reaps the job.
 """
 
 from __future__ import annotations
@@ -43,8 +43,13 @@ class TargetLock:
     async def release(self) -> None:
         if self.held:
             self.held = False
-            await self.redis.eval(_RELEASE, 1, self.key, self.owner)  # type: ignore[misc]
+            await release_if_held_by(self.redis, self.key, self.owner)
 
     async def holder(self) -> str | None:
         v = await self.redis.get(self.key)
         return v.decode() if v else None
+
+
+async def release_if_held_by(redis: Redis, key: str, owner: str) -> None:
+    """Release `key` if `owner` (a job id) still holds it (the reaper, for a dead job)."""
+    await redis.eval(_RELEASE, 1, key, owner)  # type: ignore[misc]

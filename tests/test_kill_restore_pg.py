@@ -1,0 +1,102 @@
+"""SIGKILL the worker process alone (as the OOM killer would) at several points of a
+PostgreSQL restore: the database is always whole — the old state, never half of the new —
+the job says so, names the safety backup, and no restore tool is left running."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+from tests import pg, procs
+from tests.helpers import wait_for, wait_for_terminal, worker_process
+
+ROWS = 600_000
+BIG = f"""
+CREATE TABLE big (id bigint PRIMARY KEY, payload text NOT NULL, n int NOT NULL);
+INSERT INTO big SELECT g, md5(g::text) || repeat('x', g % 40), g % 1000
+FROM generate_series(1, {ROWS}) g;
+CREATE INDEX big_n ON big (n);
+CREATE INDEX big_payload ON big (payload);
+CREATE TABLE child (id int PRIMARY KEY, big_id bigint REFERENCES big (id));
+INSERT INTO child SELECT g, 3 * g + 1 FROM generate_series(1, 1000) g;
+"""
+
+# where to kill: a predicate over the restore backend's pg_stat_activity row
+KILL_POINTS = {
+    "between statements": lambda state, query: state == "idle in transaction",
+    "mid-COPY": lambda state, query: state == "active" and query.startswith("COPY public.big"),
+    "index build": lambda state, query: state == "active" and query.startswith("CREATE INDEX"),
+}
+
+
+async def restore_backend(conn: Any, db: str) -> tuple[str, str] | None:
+    row = await conn.fetchrow(
+        "SELECT state, query FROM pg_stat_activity WHERE datname = $1 "
+        "AND application_name = 'safehold' AND backend_type = 'client backend'", db)
+    return (row["state"], row["query"]) if row else None
+
+
+async def test_sigkill_worker_at_each_point_of_a_restore_leaves_the_old_database(
+        api: Any, pg_db: str, prefix: str, tmp_path: Path) -> None:
+    await pg.load_rich(pg_db)
+    conn = await pg.user_conn(pg_db)
+    await conn.execute(BIG)
+    await conn.close()
+    proc = await worker_process(tmp_path, prefix, pg_db)
+    try:
+        job = await (await api.post("/api/v1/targets/main/backups?wait=120")).json()
+        assert job["status"] == "succeeded", job
+        name = job["result"]["filename"]
+    finally:
+        proc.kill()
+        await proc.wait()
+    conn = await pg.user_conn(pg_db)
+    await conn.execute("DELETE FROM child WHERE id > 500; DELETE FROM big WHERE id % 3 = 0; "
+                       "DROP TABLE audit CASCADE")
+    await conn.close()
+    damaged = await pg.fingerprint(pg_db)
+    seen: dict[str, str] = {}
+
+    for point, predicate in KILL_POINTS.items():
+        proc = await worker_process(tmp_path, prefix, pg_db)
+        try:
+            job_id = (await (await api.post("/api/v1/targets/main/restores",
+                                            json={"backup": name})).json())["id"]
+
+            async def loading(job_id: str = job_id) -> bool:
+                job = await (await api.get(f"/api/v1/jobs/{job_id}")).json()
+                assert job["status"] in ("queued", "running"), job
+                return bool(job.get("restore_state") == "uncommitted")
+
+            await wait_for(loading, 120, f"{point}: the restore to start loading")
+            watcher = await pg.admin_conn()
+            try:
+                polls = 0
+                while True:
+                    row = await restore_backend(watcher, pg_db)
+                    if row and predicate(*row):
+                        break
+                    polls += 1
+                    if polls % 50 == 0:
+                        job = await (await api.get(f"/api/v1/jobs/{job_id}")).json()
+                        assert job["status"] == "running", (point, "never reached", job)
+                proc.send_signal(signal.SIGKILL)  # the worker alone: psql is not signalled
+            finally:
+                await watcher.close()
+            await proc.wait()
+            seen[point] = row[1][:40]
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        # the restore tool dies with the worker (PR_SET_PDEATHSIG)
+        await wait_for(lambda: not procs.find("psql", {"PGDATABASE": pg_db}), 10,
+                       "psql to die with the worker")
+        job = await wait_for_terminal(api, job_id, timeout=90)
+        err = job["error"]
+        assert job["status"] == "failed" and err["code"] == "worker_lost", (point, err)
+        assert err["database_state"] == "unchanged", (point, err)
+        assert err["safety_backup"] and err["safety_backup"] in err["message"], (point, err)
+        assert await pg.fingerprint(pg_db) == damaged, point
+    assert set(seen) == set(KILL_POINTS), seen
