@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp_sse import sse_response
 
 from api.context import PRINCIPAL, SERVICES, STREAMS
-from api.handlers import job_for
+from api.handlers import for_reader, job_for
 from api.roles import Role
 from shared.jobs import TERMINAL
 
@@ -35,7 +35,8 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         while resp.is_connected():
             events = await s.blocking_store.events(job_id, after=last, block_ms=BLOCK_MS)
             for ev in events:
-                await resp.send(json.dumps(ev.to_dict()), id=ev.id, event=ev.type)
+                doc = for_reader(ev.to_dict(), request[PRINCIPAL], job.kind, job.target)
+                await resp.send(json.dumps(doc), id=ev.id, event=ev.type)
                 last = ev.id
                 if ev.type in TERMINAL:
                     return resp
@@ -60,16 +61,18 @@ async def all_events(request: web.Request) -> web.StreamResponse:
             # pin "now" to a concrete id, so nothing slips between two blocking reads
             last = await s.store.latest_global_event_id()
         principal = request[PRINCIPAL]
-        targets: dict[str, str] = {}  # job -> target, for scoped tokens
+        jobs: dict[str, tuple[str, str]] = {}  # job -> (kind, target), for scoped tokens
         while resp.is_connected():
             events = await s.blocking_store.global_events(after=last, block_ms=BLOCK_MS)
             for ev in events:
                 last = ev.id
-                if ev.job not in targets:
+                if ev.job not in jobs:
                     found = await s.store.find(ev.job)
-                    targets[ev.job] = found.target if found else ""
-                if principal.role_for(targets[ev.job]) < Role.VIEWER:
+                    jobs[ev.job] = (found.kind, found.target) if found else ("", "")
+                kind, target = jobs[ev.job]
+                if principal.role_for(target) < Role.VIEWER:
                     continue
-                await resp.send(json.dumps(ev.to_dict()), id=ev.id, event=ev.type)
+                doc = for_reader(ev.to_dict(), principal, kind, target)
+                await resp.send(json.dumps(doc), id=ev.id, event=ev.type)
     return resp
 

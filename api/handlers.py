@@ -28,10 +28,25 @@ def svc(request: web.Request) -> Services:
     return request.app[SERVICES]
 
 
-def job_view(job: Job) -> dict[str, Any]:
-    d = job.to_dict()
+def job_view(job: Job, reader: Principal | None = None) -> dict[str, Any]:
+    d = for_reader(job.to_dict(), reader, job.kind, job.target)
     d["links"] = {"self": f"/api/v1/jobs/{job.id}", "events": f"/api/v1/jobs/{job.id}/events"}
     return d
+
+
+def for_reader(doc: dict[str, Any], reader: Principal | None, kind: str,
+               target: str) -> dict[str, Any]:
+    """A restore's error quotes what the restored file made the database say (user SQL can
+    echo anything it reads): only operators and admins of the target see that text."""
+    error = doc.get("error")
+    if (reader is None or kind != "restore" or not isinstance(error, dict)
+            or reader.role_for(target) >= Role.OPERATOR):
+        return doc
+    shown = {k: v for k, v in error.items() if k != "message"}
+    shown["message"] = (f"the restore failed ({error.get('code')}); database "
+                        f"{error.get('database_state', 'unknown')}. The details are shown to "
+                        "operators and admins of this target")
+    return {**doc, "error": shown}
 
 
 def principal(request: web.Request) -> dict[str, Any]:
@@ -321,11 +336,11 @@ async def list_jobs(request: web.Request) -> web.Response:
     visible = set(p.targets_visible(list(s.settings.targets)))
     jobs = await s.store.list_jobs(target=q.get("target"), status=status, kind=kind,
                                    limit=limit, targets=visible)
-    return web.json_response({"jobs": [job_view(j) for j in jobs], "count": len(jobs)})
+    return web.json_response({"jobs": [job_view(j, p) for j in jobs], "count": len(jobs)})
 
 
 async def get_job(request: web.Request) -> web.Response:
-    return web.json_response(job_view(await job_for(request, Role.VIEWER)))
+    return web.json_response(job_view(await job_for(request, Role.VIEWER), principal_of(request)))
 
 
 async def cancel_job(request: web.Request) -> web.Response:
@@ -342,8 +357,12 @@ async def cancel_job(request: web.Request) -> web.Response:
 async def audit(request: web.Request) -> web.Response:
     q = request.query
     limit = int(query_float(request, "limit", 1, 1000) or 100)
+    p = principal_of(request)
+    everything = p.global_role >= Role.ADMIN and p.restricted_to is None
+    targets = None if everything else {
+        t for t in svc(request).settings.targets if p.role_for(t) >= Role.ADMIN}
     entries = await svc(request).audit.query(
-        limit=limit, subject=q.get("subject"), target=q.get("target"),
+        limit=limit, targets=targets, subject=q.get("subject"), target=q.get("target"),
         action=q.get("action"), result=q.get("result"), job=q.get("job"),
         since=q.get("since"))
     return web.json_response({"entries": entries, "count": len(entries)})

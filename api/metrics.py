@@ -33,9 +33,11 @@ def _ts(iso: str) -> float | None:
 
 async def metrics(request: web.Request) -> web.Response:
     s = request.app[SERVICES]
-    if not s.settings.auth.public_metrics:
+    visible = list(s.settings.targets)
+    if not s.settings.auth.public_metrics:  # then a target-scoped token sees its targets only
         principal = await s.verifier.verify(bearer_token(request.headers.get("Authorization")))
         require(principal, Role.VIEWER, None)
+        visible = principal.targets_visible(visible)
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_: str, samples: list[tuple[dict[str, str], Any]]
@@ -46,7 +48,7 @@ async def metrics(request: web.Request) -> web.Response:
             label_text = ",".join(f'{k}="{_esc(v)}"' for k, v in sorted(labels.items()))
             lines.append(f"{name}{{{label_text}}} {value}" if labels else f"{name} {value}")
 
-    jobs = await s.store.list_jobs(limit=10_000)
+    jobs = await s.store.list_jobs(limit=10_000, targets=set(visible))
     counts = Counter((j.kind, j.status, j.target) for j in jobs)
     metric("safehold_jobs", "gauge", "Jobs kept in Redis, by kind, status and target.",
            [({"kind": k, "status": st, "target": t}, n)
@@ -55,7 +57,7 @@ async def metrics(request: web.Request) -> web.Response:
     metric("safehold_workers_alive", "gauge", "Workers that heartbeat in the last 30 s.",
            [({}, workers)])
     count, size, last = [], [], []
-    for target in s.settings.targets:
+    for target in visible:
         manifests = await asyncio.to_thread(s.storage.list_backups, target)
         regular = [m for m in manifests if m.get("kind") == "backup"]
         count.append(({"target": target}, len(manifests)))

@@ -35,8 +35,10 @@ class AuditLog:
                               approximate=True)
         return doc
 
-    async def query(self, *, limit: int = 100, **filters: str | None) -> list[dict[str, Any]]:
-        """Newest first; each filter must equal the entry's field (`since`: ts >= value)."""
+    async def query(self, *, limit: int = 100, targets: set[str] | None = None,
+                    **filters: str | None) -> list[dict[str, Any]]:
+        """Newest first; each filter must equal the entry's field (`since`: ts >= value).
+        With `targets`, only entries about those targets (none without a target)."""
         since = filters.pop("since", None)
         wanted = {k: v for k, v in filters.items() if v}
         out: list[dict[str, Any]] = []
@@ -49,6 +51,8 @@ class AuditLog:
                 doc = json.loads(fields[b"entry"])
                 if since and doc.get("ts", "") < since:
                     return out
+                if targets is not None and doc.get("target") not in targets:
+                    continue
                 if all(str(doc.get(k)) == v for k, v in wanted.items()):
                     out.append({"id": entry_id.decode(), **doc})
                     if len(out) >= limit:
