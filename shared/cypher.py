@@ -147,7 +147,7 @@ _FORBIDDEN = {
     "GRANT": "privilege administration", "DENY": "privilege administration",
     "REVOKE": "privilege administration", "PRIVILEGES": "privilege administration",
     "SHOW": "SHOW commands", "TERMINATE": "TERMINATE commands",
-    "ALTER": "ALTER commands", "START": "START DATABASE", "STOP": "STOP DATABASE",
+    "ALTER": "ALTER commands",
     "SERVER": "server administration", "IMPORT": "CALL … IN TRANSACTIONS import clauses",
 }
 _ALLOWED_CALL = re.compile(r"(?i)^CALL\s+db\.awaitIndexes\s*\(\s*\d*\s*\)$")

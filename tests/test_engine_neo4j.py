@@ -16,7 +16,7 @@ from neo4j.time import Date, DateTime, Duration, Time
 from shared.config import Settings, parse_settings
 from shared.cypher import split_statements
 from tests.conftest import ARCADE_PASSWORD, make_raw_config
-from tests.helpers import flip_byte, publish_plain, read_events
+from tests.helpers import flip_byte, form, publish_plain, read_events
 
 PW_ENV = "SAFEHOLD_TEST_NEO4J_PASSWORD"
 
@@ -147,7 +147,8 @@ async def test_script_shape(api: Any, worker: Any, graph: Any, storage_dir: Path
 
 async def test_failing_restore_rolls_back(api: Any, worker: Any, graph: Any,
                                           storage_dir: Path) -> None:
-    """A broken statement mid-script fails the job; the safety backup is restored."""
+    """A statement of an accepted shape that fails on the server (a unique constraint is
+    violated) fails the job mid-script; the safety backup is restored."""
     await load(graph)
     good = (await backup(api))["result"]["filename"]
     await run(graph, "CREATE (:Person {uid: 'late', name: 'added since'})")
@@ -156,8 +157,9 @@ async def test_failing_restore_rolls_back(api: Any, worker: Any, graph: Any,
     text = gzip.decompress((storage_dir / good).read_bytes())
     cut = text.index(b"// 3. relationships")
     bad = "backup_neo4j_20200101_000000.cypher.gz"
-    await publish_plain(storage_dir, bad, text[:cut] + b"THIS IS NOT CYPHER;\n" + text[cut:],
-                        manifest)
+    clash = (b"UNWIND [{p: {uid: 'same'}}, {p: {uid: 'same'}}] AS row CREATE (n:Person) "
+             b"SET n = row.p;\n")
+    await publish_plain(storage_dir, bad, text[:cut] + clash + text[cut:], manifest)
     job = await (await api.post("/api/v1/targets/main/restores?wait=300",
                                 json={"backup": bad})).json()
     assert job["status"] == "failed"
@@ -188,3 +190,47 @@ async def test_checksum_progress_stats_and_apoc(api: Any, worker: Any, graph: An
     resp = await api.post("/backup/create?use_apoc=true")
     body = await resp.json()
     assert resp.status == 400 and body["error"]["code"] == "apoc_unavailable", body
+
+
+async def test_restore_twice_over_the_live_database(api: Any, worker: Any, graph: Any) -> None:
+    """Constraints, indexes, every property type: restoring over the untouched graph,
+    twice, changes nothing."""
+    await load(graph)
+    before = await fingerprint(graph)
+    name = (await backup(api))["result"]["filename"]
+    for attempt in (1, 2):
+        job = await (await api.post("/api/v1/targets/main/restores?wait=300",
+                                    json={"backup": name})).json()
+        assert job["status"] == "succeeded", (attempt, job)
+        assert await fingerprint(graph) == before, attempt
+
+
+@pytest.mark.parametrize("statement", [
+    "LOAD CSV FROM 'file:///etc/passwd' AS row CREATE (:Leak {line: row[0]})",
+    "CALL apoc.load.json('http://127.0.0.1:1/x') YIELD value RETURN value",
+    "MATCH (n) CALL apoc.export.csv.all('/tmp/out.csv', {}) YIELD file RETURN file",
+    "CALL dbms.security.createUser('eve', 'pw', false)",
+    "CREATE USER eve SET PASSWORD 'pw'",
+    "DROP DATABASE neo4j",
+    "UNWIND [1] AS x CALL { MATCH (n) DETACH DELETE n }",
+])
+async def test_statements_outside_the_exporter_shapes_are_refused(
+        api: Any, worker: Any, graph: Any, storage_dir: Path, statement: str) -> None:
+    await load(graph)
+    good = (await backup(api))["result"]["filename"]
+    manifest = json.loads((storage_dir / f"{good}.json").read_text())
+    text = gzip.decompress((storage_dir / good).read_bytes())
+    hostile = text + statement.encode() + b";\n"
+    resp = await api.post("/api/v1/targets/main/uploads",
+                          data=form(gzip.compress(hostile), "x.cypher.gz"))
+    body = await resp.json()
+    assert resp.status == 400 and body["error"]["code"] == "unsafe_backup", body
+    await run(graph, "CREATE (:Person {uid: 'late', name: 'added since'})")
+    before = await fingerprint(graph)
+    bad = "upload_neo4j_20200101_000000.cypher.gz"
+    await publish_plain(storage_dir, bad, hostile, manifest)
+    job = await (await api.post("/api/v1/targets/main/restores?wait=300",
+                                json={"backup": bad})).json()
+    assert job["status"] == "failed" and job["error"]["code"] == "unsafe_backup", job
+    assert job["error"]["database_state"] == "unchanged"
+    assert await fingerprint(graph) == before
