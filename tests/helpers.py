@@ -154,3 +154,21 @@ def form(data: bytes, filename: str = "my_backup.sql.gz") -> aiohttp.FormData:
     f = aiohttp.FormData()
     f.add_field("file", io.BytesIO(data), filename=filename, content_type="application/gzip")
     return f
+
+
+async def restore(api: Any, name: str, *, target: str = "main", wait: float = 180,
+                  **body: Any) -> dict[str, Any]:
+    """Restore `name` through the API and return the finished job."""
+    job: dict[str, Any] = await (await api.post(
+        f"/api/v1/targets/{target}/restores?wait={wait:g}",
+        json={"backup": name, **body})).json()
+    return job
+
+
+async def restore_twice_unchanged(api: Any, name: str, fingerprint: Any,
+                                  before: Any) -> None:
+    """Restore `name` over the live database twice; `fingerprint()` must equal `before`."""
+    for attempt in (1, 2):
+        job = await restore(api, name)
+        assert job["status"] == "succeeded", (attempt, job)
+        assert await fingerprint() == before, attempt

@@ -19,7 +19,14 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
 
 from shared.config import Settings, parse_settings
 from tests.conftest import MONGO_PASSWORD, make_raw_config
-from tests.helpers import flip_byte, form, publish_plain, read_events
+from tests.helpers import (
+    flip_byte,
+    form,
+    publish_plain,
+    read_events,
+    restore,
+    restore_twice_unchanged,
+)
 
 PW_ENV = "SAFEHOLD_TEST_MONGO_PASSWORD"
 
@@ -219,11 +226,7 @@ async def test_restore_twice_over_the_live_database(api: Any, worker: Any, mongo
     await load(mongo, dbs)
     before = await fingerprint(mongo, dbs)
     name = (await backup(api))["result"]["filename"]
-    for attempt in (1, 2):
-        job = await (await api.post("/api/v1/targets/main/restores?wait=180",
-                                    json={"backup": name})).json()
-        assert job["status"] == "succeeded", (attempt, job)
-        assert await fingerprint(mongo, dbs) == before, attempt
+    await restore_twice_unchanged(api, name, lambda: fingerprint(mongo, dbs), before)
 
 
 def tar_of(members: dict[str, bytes]) -> bytes:
@@ -261,8 +264,7 @@ async def test_hostile_archives_are_refused_before_anything_is_dropped(
     before = await fingerprint(mongo, dbs)
     bad = "upload_mongodb_20200101_000000.tar.gz"
     await publish_plain(storage_dir, bad, blob, manifest)
-    job = await (await api.post("/api/v1/targets/main/restores?wait=180",
-                                json={"backup": bad})).json()
+    job = await restore(api, bad)
     assert job["status"] == "failed" and job["error"]["code"] == "unsafe_backup", job
     assert job["error"]["database_state"] == "unchanged"
     assert await fingerprint(mongo, dbs) == before

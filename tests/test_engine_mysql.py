@@ -16,7 +16,14 @@ import pytest
 from shared.config import Settings, parse_settings
 from tests import my
 from tests.conftest import make_raw_config
-from tests.helpers import flip_byte, form, publish_plain, read_events
+from tests.helpers import (
+    flip_byte,
+    form,
+    publish_plain,
+    read_events,
+    restore,
+    restore_twice_unchanged,
+)
 
 PW_ENV = "SAFEHOLD_TEST_MY_PASSWORD"
 
@@ -157,37 +164,27 @@ TORTURE = [
 ]
 
 
-async def restore(api: Any, name: str) -> dict[str, Any]:
-    job: dict[str, Any] = await (await api.post("/api/v1/targets/main/restores?wait=180",
-                                                json={"backup": name})).json()
-    return job
+async def load_torture(api: Any, my_db: str) -> tuple[dict[str, Any], str]:
+    """The rich fixture plus TORTURE; (fingerprint, backup name)."""
+    await my.load_rich(my_db)
+    conn = await my.user_conn(my_db)
+    await my.execute(conn, *TORTURE)
+    conn.close()
+    return await my.fingerprint(my_db), (await backup(api))["result"]["filename"]
 
 
 async def test_restore_twice_over_the_live_database(api: Any, worker: Any, my_db: str) -> None:
     """Views over views, triggers, events, routines and a sequence: restoring the newest
     backup over the untouched database, twice, changes nothing."""
-    await my.load_rich(my_db)
-    conn = await my.user_conn(my_db)
-    await my.execute(conn, *TORTURE)
-    conn.close()
-    before = await my.fingerprint(my_db)
-    name = (await backup(api))["result"]["filename"]
-    for attempt in (1, 2):
-        job = await restore(api, name)
-        assert job["status"] == "succeeded", (attempt, job)
-        assert await my.fingerprint(my_db) == before, attempt
+    before, name = await load_torture(api, my_db)
+    await restore_twice_unchanged(api, name, lambda: my.fingerprint(my_db), before)
 
 
 async def test_restore_after_a_table_was_dropped_under_a_view(
         api: Any, worker: Any, my_db: str, storage_dir: Path) -> None:
     """The reason people restore: a table dropped by mistake, views still pointing at it.
     The safety backup keeps the invalid views as definitions and says so; the restore works."""
-    await my.load_rich(my_db)
-    conn = await my.user_conn(my_db)
-    await my.execute(conn, *TORTURE)
-    conn.close()
-    before = await my.fingerprint(my_db)
-    name = (await backup(api))["result"]["filename"]
+    before, name = await load_torture(api, my_db)
     conn = await my.user_conn(my_db)
     await my.execute(conn, "SET FOREIGN_KEY_CHECKS = 0", "DROP TABLE item")
     conn.close()

@@ -16,7 +16,14 @@ from neo4j.time import Date, DateTime, Duration, Time
 from shared.config import Settings, parse_settings
 from shared.cypher import split_statements
 from tests.conftest import ARCADE_PASSWORD, make_raw_config
-from tests.helpers import flip_byte, form, publish_plain, read_events
+from tests.helpers import (
+    flip_byte,
+    form,
+    publish_plain,
+    read_events,
+    restore,
+    restore_twice_unchanged,
+)
 
 PW_ENV = "SAFEHOLD_TEST_NEO4J_PASSWORD"
 
@@ -198,11 +205,7 @@ async def test_restore_twice_over_the_live_database(api: Any, worker: Any, graph
     await load(graph)
     before = await fingerprint(graph)
     name = (await backup(api))["result"]["filename"]
-    for attempt in (1, 2):
-        job = await (await api.post("/api/v1/targets/main/restores?wait=300",
-                                    json={"backup": name})).json()
-        assert job["status"] == "succeeded", (attempt, job)
-        assert await fingerprint(graph) == before, attempt
+    await restore_twice_unchanged(api, name, lambda: fingerprint(graph), before)
 
 
 @pytest.mark.parametrize("statement", [
@@ -229,8 +232,7 @@ async def test_statements_outside_the_exporter_shapes_are_refused(
     before = await fingerprint(graph)
     bad = "upload_neo4j_20200101_000000.cypher.gz"
     await publish_plain(storage_dir, bad, hostile, manifest)
-    job = await (await api.post("/api/v1/targets/main/restores?wait=300",
-                                json={"backup": bad})).json()
+    job = await restore(api, bad, wait=300)
     assert job["status"] == "failed" and job["error"]["code"] == "unsafe_backup", job
     assert job["error"]["database_state"] == "unchanged"
     assert await fingerprint(graph) == before

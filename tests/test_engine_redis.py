@@ -18,7 +18,14 @@ from redis.asyncio import Redis
 from shared.config import Settings, parse_settings
 from shared.resp import resp
 from tests.conftest import make_raw_config
-from tests.helpers import flip_byte, form, publish_plain, read_events
+from tests.helpers import (
+    flip_byte,
+    form,
+    publish_plain,
+    read_events,
+    restore,
+    restore_twice_unchanged,
+)
 
 PW = "R3dis-Test-Pw-91c"
 PW_ENV = "SAFEHOLD_TEST_REDIS_PASSWORD"
@@ -290,11 +297,7 @@ async def test_restore_twice_over_the_live_database(api: Any, worker: Any,
     await load(redis_port)
     before = await fingerprint(redis_port)
     name = (await backup(api))["result"]["filename"]
-    for attempt in (1, 2):
-        job = await (await api.post("/api/v1/targets/main/restores?wait=120",
-                                    json={"backup": name})).json()
-        assert job["status"] == "succeeded", (attempt, job)
-        assert await fingerprint(redis_port) == before, attempt
+    await restore_twice_unchanged(api, name, lambda: fingerprint(redis_port), before)
 
 
 @pytest.mark.parametrize("command", [
@@ -325,8 +328,7 @@ async def test_commands_outside_the_backup_shape_are_refused_before_any_flush(
     current = await fingerprint(redis_port)
     bad = "upload_redis_20200101_000000.resp.gz"
     await publish_plain(storage_dir, bad, hostile, manifest)
-    job = await (await api.post("/api/v1/targets/main/restores?wait=120",
-                                json={"backup": bad})).json()
+    job = await restore(api, bad)
     assert job["status"] == "failed" and job["error"]["code"] == "unsafe_backup", job
     assert job["error"]["database_state"] == "unchanged"
     assert await fingerprint(redis_port) == current  # nothing was flushed

@@ -1,19 +1,48 @@
 """Engines: one module per database behind one small interface, one registry.
 
 An engine translates driver and tool errors at its edge into `shared.errors` classes
-(`DumpFailed`, `RestoreFailed`, `ToolTooOld`, `EngineError`), most specific first.
+(`DumpFailed`, `RestoreFailed`, `ToolTooOld`, `EngineError`), most specific first, through
+the two helpers here: `unreachable()` for a failed connection and `restore_errors()` around
+a load. Messages are redacted of the target's secrets.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import AsyncIterator, Iterable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from shared.config import TargetConfig
+from shared.errors import EngineError, PipelineError, RestoreFailed
+from shared.redact import redact
 from worker.progress import Progress
+
+
+def unreachable(target: TargetConfig, engine: str, exc: BaseException,
+                where: str = "") -> EngineError:
+    """The error for a connection to `target` that failed with `exc`."""
+    detail = redact(str(exc) or type(exc).__name__, target.secrets())
+    return EngineError(f"cannot connect to {engine} target '{target.id}'"
+                       f"{' at ' + where if where else ''}: {detail}",
+                       code="target_unreachable")
+
+
+@contextmanager
+def restore_errors(target: TargetConfig, engine: str,
+                   *driver_errors: type[BaseException]) -> Iterator[None]:
+    """Around a load that changes the database as it goes: the driver's errors and a
+    failing source become RestoreFailed (the runner then rolls back from the safety
+    backup)."""
+    try:
+        yield
+    except PipelineError as exc:
+        raise RestoreFailed(f"reading the backup failed ({exc.message}) after the restore "
+                            "had started", code=exc.code) from None
+    except driver_errors as exc:
+        raise RestoreFailed(f"{engine} restore failed: "
+                            f"{redact(str(exc), target.secrets())[:500]}") from None
 
 
 @dataclass

@@ -39,10 +39,10 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
 from shared.config import TargetConfig
-from shared.errors import DumpFailed, EngineError, PipelineError, RestoreFailed
+from shared.errors import DumpFailed, EngineError, PipelineError
 from shared.formats import check_mongo_member, check_mongo_metadata
 from shared.redact import redact
-from worker.engines import Dump
+from worker.engines import Dump, restore_errors, unreachable
 from worker.progress import Progress
 
 SYSTEM_DBS = {"admin", "local", "config"}
@@ -110,9 +110,7 @@ class MongoDB:
             await client.admin.command("ping")
         except PyMongoError as exc:
             await client.close()
-            raise EngineError(f"cannot connect to MongoDB target '{target.id}': "
-                              f"{redact(str(exc), target.secrets())}",
-                              code="target_unreachable") from None
+            raise unreachable(target, "MongoDB", exc) from None
         try:
             yield client
         finally:
@@ -256,16 +254,10 @@ class MongoDB:
                       progress: Progress, *, clean: bool, manifest: dict[str, Any]) -> None:
         async with self._session(target) as client:
             restorer = _Restorer(client, clean, progress)
-            try:
+            with restore_errors(target, "MongoDB", PyMongoError, BulkWriteError):
                 async for name, stream in _untar(chunks):
                     await restorer.entry(name, stream)
                 await restorer.finish()
-            except (PyMongoError, BulkWriteError) as exc:
-                raise RestoreFailed(f"MongoDB restore failed: "
-                                    f"{redact(str(exc), target.secrets())[:500]}") from None
-            except PipelineError as exc:
-                raise RestoreFailed(f"reading the backup failed ({exc.message}) after the "
-                                    "restore had started") from None
 
 
 def _count_docs(batch: bytes) -> int:

@@ -25,9 +25,8 @@ import aiomysql
 import pymysql
 
 from shared.config import TargetConfig
-from shared.errors import DumpFailed, EngineError, PipelineError, RestoreFailed
-from shared.redact import redact
-from worker.engines import Dump
+from shared.errors import DumpFailed, EngineError, RestoreFailed
+from worker.engines import Dump, restore_errors, unreachable
 from worker.progress import Progress
 from worker.subproc import feed_stdin, spawn
 
@@ -130,10 +129,8 @@ class MySQL:
                 password=target.password.reveal() if target.password else "",
                 unix_socket=c["unix_socket"], charset="utf8mb4", connect_timeout=10)
         except (TimeoutError, OSError, pymysql.err.MySQLError) as exc:
-            raise EngineError(
-                f"cannot connect to MySQL target '{target.id}' at {c['host']}:{c['port']}/"
-                f"{c['database']}: {redact(str(exc), target.secrets())}",
-                code="target_unreachable") from None
+            raise unreachable(target, "MySQL", exc,
+                              f"{c['host']}:{c['port']}/{c['database']}") from None
         try:
             yield conn
         finally:
@@ -275,11 +272,8 @@ class MySQL:
         with _defaults_file(target) as cnf:
             argv = [tool, f"--defaults-file={cnf}", *await client_guard_flags(tool), db]
             async with spawn(argv, env={}, secrets=target.secrets(), stdin=True) as child:
-                try:
+                with restore_errors(target, "MySQL"):
                     await feed_stdin(child, prelude.encode(), chunks, progress.add_bytes)
-                except PipelineError as exc:
-                    raise RestoreFailed(f"reading the backup failed ({exc.message}) after "
-                                        "the restore had started") from None
                 rc = await child.wait()
         if rc != 0:
             raise RestoreFailed(f"{tool} exited with code {rc}: {child.error_text()}")

@@ -38,9 +38,9 @@ from neo4j.time import Date, DateTime, Duration, Time
 
 from shared.config import TargetConfig
 from shared.cypher import FIX_BYTES_MARKER, StatementSplitter, check_statement
-from shared.errors import BadRequest, DumpFailed, EngineError, RestoreFailed
+from shared.errors import BadRequest, DumpFailed, RestoreFailed
 from shared.redact import redact
-from worker.engines import Dump
+from worker.engines import Dump, restore_errors, unreachable
 from worker.progress import Progress
 
 BATCH = 1000
@@ -135,9 +135,7 @@ class Neo4j:
             await driver.verify_connectivity()
         except (Neo4jError, ServiceUnavailable, OSError) as exc:
             await driver.close()
-            raise EngineError(f"cannot connect to Neo4j target '{target.id}' at {url}: "
-                              f"{redact(str(exc), target.secrets())}",
-                              code="target_unreachable") from None
+            raise unreachable(target, "Neo4j", exc, url) from None
         try:
             yield driver, database
         finally:
@@ -356,7 +354,7 @@ class Neo4j:
         decoder = codecs.getincrementaldecoder("utf-8")()
         splitter = StatementSplitter()
         async with self._driver(target) as (driver, db):
-            try:
+            with restore_errors(target, "Neo4j", Neo4jError, UnicodeDecodeError):
                 if clean:
                     await self._clean(driver, db, progress)
                 progress.set_phase("restoring", bytes_total=manifest.get("raw_bytes"))
@@ -368,11 +366,6 @@ class Neo4j:
                 for stmt in splitter.feed(decoder.decode(b"", final=True), final=True):
                     await self._execute(driver, db, stmt)
                     progress.items_done += 1
-            except Neo4jError as exc:
-                raise RestoreFailed(f"Neo4j restore failed: "
-                                    f"{redact(str(exc), target.secrets())[:500]}") from None
-            except UnicodeDecodeError:
-                raise RestoreFailed("the Cypher script is not UTF-8") from None
 
     async def _execute(self, driver: AsyncDriver, db: str | None, stmt: str) -> None:
         """One statement, one transaction (each holds a batch of up to 1000 rows). The

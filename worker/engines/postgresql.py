@@ -21,8 +21,7 @@ import asyncpg
 from shared.config import TargetConfig
 from shared.errors import DumpFailed, EngineError, PipelineError, RestoreFailed, ToolTooOld
 from shared.pgscript import PgScriptGuard, UnsafeScript
-from shared.redact import redact
-from worker.engines import Dump
+from worker.engines import Dump, unreachable
 from worker.progress import Progress
 from worker.subproc import Child, feed_stdin, spawn
 
@@ -118,12 +117,8 @@ class PostgreSQL:
                 timeout=10,
             )
         except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-            raise EngineError(
-                f"cannot connect to PostgreSQL target '{target.id}' at "
-                f"{c['host']}:{c['port']}/{c['database']}: "
-                f"{redact(str(exc) or type(exc).__name__, target.secrets())}",
-                code="target_unreachable",
-            ) from None
+            raise unreachable(target, "PostgreSQL", exc,
+                              f"{c['host']}:{c['port']}/{c['database']}") from None
         try:
             yield conn
         finally:

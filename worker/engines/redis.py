@@ -31,10 +31,10 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.config import TargetConfig
-from shared.errors import BadRequest, DumpFailed, EngineError, PipelineError, RestoreFailed
+from shared.errors import BadRequest, DumpFailed, RestoreFailed
 from shared.redact import redact
 from shared.resp import resp
-from worker.engines import Dump
+from worker.engines import Dump, restore_errors, unreachable
 from worker.progress import Progress
 from worker.subproc import spawn
 
@@ -78,10 +78,7 @@ class RedisEngine:
         except (RedisError, OSError) as exc:
             await r.aclose()
             u = urlsplit(target.url)
-            raise EngineError(f"cannot connect to Redis target '{target.id}' at "
-                              f"{u.hostname}:{u.port or 6379}: "
-                              f"{redact(str(exc), target.secrets())}",
-                              code="target_unreachable") from None
+            raise unreachable(target, "Redis", exc, f"{u.hostname}:{u.port or 6379}") from None
         try:
             yield r
         finally:
@@ -211,18 +208,12 @@ class RedisEngine:
                 "RDB backups are restored by stopping Redis and putting the file in place as "
                 "its dump.rdb (see the README); Safehold restores RESP backups",
                 database_unchanged=True)
-        try:
+        with restore_errors(target, "Redis", RedisError, OSError):
             if clean:
                 for db in manifest.get("databases", []):
                     async with self._session(target, int(db)) as r:
                         await r.flushdb()
             await self._replay(target, chunks, progress)
-        except (RedisError, OSError) as exc:
-            raise RestoreFailed(f"Redis restore failed: {redact(str(exc), target.secrets())}") \
-                from None
-        except PipelineError as exc:
-            raise RestoreFailed(f"reading the backup failed ({exc.message}) after the restore "
-                                "had started") from None
 
     async def _replay(self, target: TargetConfig, chunks: AsyncIterator[bytes],
                       progress: Progress) -> None:
