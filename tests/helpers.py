@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -172,3 +173,27 @@ async def restore_twice_unchanged(api: Any, name: str, fingerprint: Any,
         job = await restore(api, name)
         assert job["status"] == "succeeded", (attempt, job)
         assert await fingerprint() == before, attempt
+
+
+def gzip_bomb(head: bytes, zeros: int, tail: bytes) -> bytes:
+    """head + `zeros` NUL-free filler + tail, gzip-compressed in a stream (never in memory)."""
+    c = zlib.compressobj(9, zlib.DEFLATED, 31)
+    out = [c.compress(head)]
+    block = (b"-" * 1023 + b"\n") * 1024  # 1 MiB of SQL comment lines: compresses like zeros
+    for _ in range(zeros >> 20):
+        out.append(c.compress(block))
+    out.append(c.compress(b"\n" + tail))
+    out.append(c.flush())
+    return b"".join(out)
+
+
+async def publish_bomb(storage_dir: Path, name: str, head: bytes, tail: bytes,
+                       like: dict[str, Any], size: int = 512 << 20) -> None:
+    """Store a gzip bomb by hand, its manifest silent about the plain size (as a file copied
+    into storage with a hand-written manifest would be)."""
+    blob = await asyncio.to_thread(gzip_bomb, head, size, tail)
+    (storage_dir / name).write_bytes(blob)
+    manifest = {**like, "filename": name, "sha256": hashlib.sha256(blob).hexdigest(),
+                "size_bytes": len(blob)}
+    manifest.pop("raw_bytes", None)
+    (storage_dir / f"{name}.json").write_text(json.dumps(manifest))

@@ -19,6 +19,7 @@ from tests.conftest import make_raw_config
 from tests.helpers import (
     flip_byte,
     form,
+    publish_bomb,
     publish_plain,
     read_events,
     restore,
@@ -266,3 +267,19 @@ async def test_client_commands_in_a_backup_are_refused(
     assert job["error"]["database_state"] == "unchanged"
     assert await my.fingerprint(my_db) == before
     assert not marker.exists()
+
+
+async def test_a_bomb_placed_in_storage_stops_before_anything_is_dropped(
+        api: Any, worker: Any, my_db: str, storage_dir: Path) -> None:
+    """512 MiB of SQL comments in a ~1 MiB file, manifest silent about the plain size: the
+    check before the clean stops at 100 × the stored size; the database is untouched."""
+    await my.load_rich(my_db)
+    good = (await backup(api))["result"]["filename"]
+    manifest = json.loads((storage_dir / f"{good}.json").read_text())
+    before = await my.fingerprint(my_db)
+    bad = "upload_mysql_20200101_000000.sql.gz"
+    await publish_bomb(storage_dir, bad, HEADER, FOOTER, manifest)
+    job = await restore(api, bad)
+    assert job["status"] == "failed" and job["error"]["code"] == "expansion_limit", job
+    assert job["error"]["database_state"] == "unchanged"
+    assert await my.fingerprint(my_db) == before

@@ -13,7 +13,7 @@ import pytest
 
 from shared.config import Settings, parse_settings
 from tests.conftest import make_raw_config
-from tests.helpers import flip_byte, read_events
+from tests.helpers import flip_byte, read_events, restore_twice_unchanged
 
 
 @pytest.fixture
@@ -213,3 +213,15 @@ async def test_upload_of_a_sqlite_file(api: Any, worker: Any, db_path: Path,
     form.add_field("file", b"SQLite format 3\x00" + b"\x00" * 100, filename="x.db")
     resp = await api.post("/api/v1/targets/main/uploads", data=form)
     assert resp.status == 400
+
+
+async def test_restore_twice_over_the_live_database(api: Any, worker: Any,
+                                                    db_path: Path) -> None:
+    build(db_path)
+    before = fingerprint(db_path)
+    name = (await backup(api))["result"]["filename"]
+
+    async def current() -> dict[str, Any]:
+        return fingerprint(db_path)
+
+    await restore_twice_unchanged(api, name, current, before)

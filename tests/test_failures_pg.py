@@ -231,3 +231,26 @@ async def test_old_pg_dump_is_refused_clearly(api: Any, worker: Any, pg_db: str,
     assert job["status"] == "failed"
     assert job["error"]["code"] == "tool_too_old"
     assert "pg_dump 9 is older than the PostgreSQL 15 server" in job["error"]["message"]
+
+
+async def test_restore_tools_get_only_their_own_environment(
+        api: Any, worker: Any, pg_db: str, monkeypatch: Any) -> None:
+    """psql sees its own target's connection and nothing else of the worker's environment
+    (another target's password included)."""
+    monkeypatch.setenv("OTHER_TARGET_PASSWORD", "canary-Pw-0c1d")
+    await pg.load_rich(pg_db)
+    name = (await backup(api))["result"]["filename"]
+    async with table_lock(pg_db, "everything", "ACCESS SHARE"):
+        job_id = (await (await api.post("/api/v1/targets/main/restores",
+                                        json={"backup": name})).json())["id"]
+        pids = await wait_for(lambda: procs.find("psql", {"PGDATABASE": pg_db}), 60,
+                              "psql to start")
+        environ = (Path(f"/proc/{pids[0]}/environ")).read_bytes()
+    job = await wait_for_terminal(api, job_id)
+    assert job["status"] == "succeeded", job
+    names = {item.split(b"=", 1)[0].decode() for item in environ.split(b"\0") if item}
+    assert b"canary-Pw-0c1d" not in environ
+    assert names <= {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TZ", "TMPDIR",
+                     "PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGCONNECT_TIMEOUT",
+                     "PGAPPNAME", "PGSSLMODE", "PGPASSWORD",
+                     "PGSYSCONFDIR"}, names  # the last: set by Debian's pg_wrapper itself

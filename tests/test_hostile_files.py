@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 
 from shared.pgscript import PgScriptGuard, UnsafeScript
 from tests import pg
-from tests.helpers import backup, form, publish_plain, wait_for_terminal
+from tests.helpers import backup, form, gzip_bomb, publish_plain, wait_for_terminal
 
 HEADER = b"--\n-- PostgreSQL database dump\n--\n\n\\restrict abc123\n\nSET x = 1;\n"
 FOOTER = b"\n--\n-- PostgreSQL database dump complete\n--\n\n\\unrestrict abc123\n"
@@ -100,18 +99,6 @@ def test_guard_refuses_cut_off_scripts(script: bytes) -> None:
     with pytest.raises(UnsafeScript) as info:
         guard.finish()
     assert info.value.code == "invalid_upload"
-
-
-def gzip_bomb(head: bytes, zeros: int, tail: bytes) -> bytes:
-    """head + `zeros` NUL-free filler + tail, gzip-compressed in a stream (never in memory)."""
-    c = zlib.compressobj(9, zlib.DEFLATED, 31)
-    out = [c.compress(head)]
-    block = (b"-" * 1023 + b"\n") * 1024  # 1 MiB of SQL comment lines: compresses like zeros
-    for _ in range(zeros >> 20):
-        out.append(c.compress(block))
-    out.append(c.compress(b"\n" + tail))
-    out.append(c.flush())
-    return b"".join(out)
 
 
 async def test_upload_bombs_stop_at_the_inflation_bound(api: Any, worker: Any, pg_db: str,

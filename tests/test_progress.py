@@ -1,0 +1,43 @@
+"""Progress as clients see it: never past 100 %, never backwards, never over its total."""
+
+from __future__ import annotations
+
+from worker.progress import Progress
+
+
+def test_an_estimate_that_was_low_is_rebased_not_overrun() -> None:
+    p = Progress()
+    p.set_phase("dumping", bytes_total=1000)
+    p.add_bytes(900)
+    first = p.snapshot()
+    assert first["percent"] == 90.0
+    p.add_bytes(600)  # the estimate was low
+    snap = p.snapshot()
+    assert snap["bytes_done"] <= snap["bytes_total"] == 1500
+    assert first["percent"] <= snap["percent"] <= 99.0  # not backwards, not 100 before the end
+
+
+def test_percent_never_goes_backwards_within_a_phase() -> None:
+    p = Progress()
+    p.set_phase("restoring", items_total=10)
+    seen = []
+    for done in (2, 5, 4, 9, 12):
+        p.items_done = done
+        seen.append(p.snapshot()["percent"])
+    assert seen == sorted(seen) and max(seen) <= 99.0
+    p.set_phase("indexing", bytes_total=10)  # a new phase starts from zero again
+    assert p.snapshot()["percent"] == 0.0
+
+
+async def test_stages_and_warnings_are_recorded_in_order() -> None:
+    recorded: list[str] = []
+
+    async def on_stage(stage: str) -> None:
+        recorded.append(stage)
+
+    p = Progress(on_stage=on_stage)
+    await p.enter_stage("uncommitted")
+    await p.enter_stage("committing")
+    p.warn("subscriptions restored disabled")
+    assert recorded == ["uncommitted", "committing"] and p.stage_reached("committing")
+    assert p.new_warnings == p.warnings == ["subscriptions restored disabled"]
