@@ -161,13 +161,14 @@ def validate_redis(chunks: Iterator[bytes]) -> dict[str, Any]:
             size += len(chunk)
             for cmd in reader.feed(chunk):
                 n += 1
-                name = cmd[0].upper()
-                if name == b"SELECT" and len(cmd) == 2 and cmd[1].isdigit() \
-                        and len(cmd[1]) <= 5:
-                    databases.add(int(cmd[1]))
-                elif (name == b"RESTORE" and len(cmd) in (5, 6) and cmd[2].isdigit()
-                      and cmd[4].upper() == b"REPLACE"
-                      and (len(cmd) == 5 or cmd[5].upper() == b"ABSTTL")):
+                name = (cmd[0] or b"?").upper()
+                arg = [c or b"" for c in cmd]  # None: an argument too long to keep
+                if name == b"SELECT" and len(cmd) == 2 and arg[1].isdigit() \
+                        and len(arg[1]) <= 5:
+                    databases.add(int(arg[1]))
+                elif (name == b"RESTORE" and len(cmd) in (5, 6) and arg[2].isdigit()
+                      and arg[4].upper() == b"REPLACE"
+                      and (len(cmd) == 5 or arg[5].upper() == b"ABSTTL")):
                     keys += 1
                 else:
                     raise Unsafe(f"command {n}: {name[:30].decode('utf-8', 'replace')!r} is "

@@ -13,58 +13,83 @@ def resp(*parts: bytes) -> bytes:
     return b"".join(out)
 
 
+MAX_BULK = 512 << 20  # Redis's own limit on one bulk string (proto-max-bulk-len)
+
+
 class RespReader:
-    """Incremental parser of our own RESP stream: arrays of bulk strings only."""
+    """Incremental parser of our own RESP stream: arrays of bulk strings only.
 
-    def __init__(self, max_parts: int = 64) -> None:
-        self.buf = bytearray()
-        self.pos = 0
-        self.max_parts = max_parts
+    Memory stays bounded whatever the input: an argument longer than `keep` bytes is not
+    kept (it reads as None; a DUMP payload need not be held to check a command's shape),
+    and header lines are capped."""
 
-    def feed(self, data: bytes) -> list[list[bytes]]:
-        self.buf += data
-        commands = []
-        while (cmd := self._one()) is not None:
-            commands.append(cmd)
-        if self.pos > (1 << 20):
-            del self.buf[: self.pos]
-            self.pos = 0
+    def __init__(self, max_parts: int = 64, keep: int = 256) -> None:
+        self.max_parts, self.keep = max_parts, keep
+        self._line = b""  # a header line cut by a chunk boundary
+        self._state = "array"  # array | bulk | data
+        self._parts: list[bytes | None] = []
+        self._parts_left = 0
+        self._data: bytearray | None = None
+        self._data_left = 0
+        self._last2 = b""  # the last bytes of the current bulk (its CRLF terminator)
+
+    @staticmethod
+    def _bad(what: str) -> PipelineError:
+        return PipelineError(f"not a RESP backup: {what}", code="corrupt_backup")
+
+    def _number(self, line: bytes, prefix: bytes, what: str) -> int:
+        if not line.startswith(prefix) or not line[1:].isdigit():
+            raise self._bad(f"expected {what}, got {line[:20]!r}")
+        return int(line[1:])
+
+    def feed(self, data: bytes) -> list[list[bytes | None]]:
+        commands: list[list[bytes | None]] = []
+        i, n = 0, len(data)
+        while i < n:
+            if self._state != "data":
+                j = data.find(b"\n", i)
+                if j < 0:
+                    self._line += data[i:]
+                    if len(self._line) > 32:
+                        raise self._bad("a header line that never ends")
+                    break
+                line, self._line, i = self._line + data[i:j + 1], b"", j + 1
+                if not line.endswith(b"\r\n"):
+                    raise self._bad("a header line without CRLF")
+                line = line[:-2]
+                if self._state == "array":
+                    count = self._number(line, b"*", "an array")
+                    if not 0 < count <= self.max_parts:
+                        raise self._bad(f"an array of {count} elements")
+                    self._parts, self._parts_left, self._state = [], count, "bulk"
+                else:
+                    size = self._number(line, b"$", "a bulk string")
+                    if size > MAX_BULK:
+                        raise self._bad(f"a bulk string of {size} bytes")
+                    self._data = bytearray() if size <= self.keep else None
+                    self._data_left, self._last2, self._state = size + 2, b"", "data"
+                continue
+            take = min(n - i, self._data_left)
+            piece = data[i:i + take]
+            if self._data is not None:
+                self._data += piece
+            self._last2 = (self._last2 + piece[-2:])[-2:]
+            self._data_left -= take
+            i += take
+            if self._data_left:
+                continue
+            if self._last2 != b"\r\n":
+                raise self._bad("a bulk string without its CRLF")
+            self._parts.append(bytes(self._data[:-2]) if self._data is not None else None)
+            self._parts_left -= 1
+            if self._parts_left:
+                self._state = "bulk"
+            else:
+                commands.append(self._parts)
+                self._state = "array"
         return commands
 
-    def _line(self, at: int) -> tuple[bytes, int] | None:
-        end = self.buf.find(b"\r\n", at)
-        return None if end < 0 else (bytes(self.buf[at:end]), end + 2)
-
-    def _one(self) -> list[bytes] | None:
-        head = self._line(self.pos)
-        if head is None:
-            return None
-        line, at = head
-        if not line.startswith(b"*"):
-            raise PipelineError(f"not a RESP backup: expected an array, got {line[:20]!r}",
-                                code="corrupt_backup")
-        count = int(line[1:])
-        if not 0 < count <= self.max_parts:
-            raise PipelineError(f"not a RESP backup: an array of {count} elements",
-                                code="corrupt_backup")
-        parts = []
-        for _ in range(count):
-            h = self._line(at)
-            if h is None:
-                return None
-            size_line, at = h
-            if not size_line.startswith(b"$"):
-                raise PipelineError("not a RESP backup: expected a bulk string",
-                                    code="corrupt_backup")
-            size = int(size_line[1:])
-            if len(self.buf) < at + size + 2:
-                return None
-            parts.append(bytes(self.buf[at:at + size]))
-            at += size + 2
-        self.pos = at
-        return parts
-
     def finish(self) -> None:
-        if self.pos < len(self.buf):
+        if self._state != "array" or self._line:
             raise PipelineError("the RESP backup ends in the middle of a command",
                                 code="corrupt_backup")

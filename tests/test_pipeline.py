@@ -83,3 +83,28 @@ async def test_decompression_output_is_bounded(tmp_path: Path) -> None:
     sizes = [len(c) async for c in pipeline.read_stored(p, decompress=True)]
     assert sum(sizes) == 64 << 20
     assert max(sizes) <= pipeline.CHUNK
+
+
+def test_resp_reader_streams_at_any_chunk_size_and_keeps_no_large_argument() -> None:
+    from shared.resp import RespReader, resp
+
+    big = b"x" * 100_000
+    stream = resp(b"SELECT", b"3") + resp(b"RESTORE", b"k", b"0", big, b"REPLACE")
+    for size in (1, 2, 3, 7, 1000, len(stream)):
+        reader = RespReader(keep=256)
+        cmds = [c for i in range(0, len(stream), size)
+                for c in reader.feed(stream[i:i + size])]
+        reader.finish()
+        assert cmds == [[b"SELECT", b"3"], [b"RESTORE", b"k", b"0", None, b"REPLACE"]]
+
+
+@pytest.mark.parametrize("bad", [b"*99999999\r\n", b"+OK\r\n", b"*1\r\n$5\r\nabcdefg\r\n",
+                                 b"*1\r\n$600000000\r\n", b"*1\r\n" + b"$" * 100])
+def test_resp_reader_refuses_lies_in_headers(bad: bytes) -> None:
+    from shared.errors import PipelineError
+    from shared.resp import RespReader
+
+    with pytest.raises(PipelineError):
+        reader = RespReader(max_parts=6)
+        reader.feed(bad)
+        reader.finish()
