@@ -57,6 +57,7 @@ class Safehold:
                  worker_pid: int) -> None:
         self.config, self.env, self.token, self.base = config, env, token, base
         self.rss = PeakRSS(worker_pid)
+        self.api_pid = 0
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         req = urllib.request.Request(
@@ -116,6 +117,7 @@ dev_key_path = "{work / 'dev-key.pem'}"
             except OSError:
                 time.sleep(0.2)
         s = Safehold(cfg, env, token, base, worker.pid)
+        s.api_pid = api.pid
         s.rss.start()
         yield s
     finally:

@@ -15,6 +15,7 @@ import re
 from shared.errors import BadRequest
 
 FIX_BYTES_MARKER = "// safehold:fix-bytes"
+MAX_STATEMENT = 256 << 20  # characters held for one statement, at most
 
 
 _CODE_SPECIAL = re.compile(r"['\"`;/:]")  # `:` matters only before a statement starts
@@ -118,6 +119,9 @@ class StatementSplitter:
                     break
                 self.state = "code"
                 i = j + 2
+        if sum(map(len, self.buf)) > MAX_STATEMENT:
+            raise BadRequest(f"a Cypher statement longer than {MAX_STATEMENT >> 20} MiB (the "
+                             "exporters write batches of 1000 rows)", code="invalid_backup")
         if final:
             if self.state == "line" and "".join(self.comment).startswith(FIX_BYTES_MARKER):
                 out.append(FIX_BYTES_MARKER)

@@ -168,7 +168,7 @@ class SQLite:
                 except PipelineError as exc:
                     raise RestoreFailed(f"reading the backup failed ({exc.message}); the "
                                         "database was not touched",
-                                        database_unchanged=True) from None
+                                        database_unchanged=True, code=exc.code) from None
                 await asyncio.to_thread(out.flush)
                 await asyncio.to_thread(os.fsync, out.fileno())
             progress.set_phase("checking")
