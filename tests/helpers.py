@@ -111,12 +111,18 @@ def write_toml(path: Path, raw: dict[str, Any]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-async def worker_process(tmp_path: Path, prefix: str, pg_db: str,
+async def worker_process(tmp_path: Path, prefix: str, pg_db: str | None,
+                         targets: dict[str, Any] | None = None,
+                         env: dict[str, str] | None = None,
                          **worker: Any) -> asyncio.subprocess.Process:
-    """`safehold worker` as a real child process, on this test's prefix and database."""
+    """`safehold worker` as a real child process, on this test's prefix and database (or
+    on `targets`, with `env` for their passwords)."""
     cfg = tmp_path / "safehold.toml"
-    write_toml(cfg, make_raw_config(prefix, tmp_path / "backups", pg_db, **worker))
-    env = {**os.environ, PASSWORD_ENV: pg.TEST_PASSWORD}
+    raw = make_raw_config(prefix, tmp_path / "backups", pg_db, **worker)
+    if targets is not None:
+        raw["targets"] = targets
+    write_toml(cfg, raw)
+    env = {**os.environ, PASSWORD_ENV: pg.TEST_PASSWORD, **(env or {})}
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "api.cli", "--config", str(cfg), "worker", cwd=REPO, env=env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)

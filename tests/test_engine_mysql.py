@@ -24,6 +24,9 @@ from tests.helpers import (
     read_events,
     restore,
     restore_twice_unchanged,
+    wait_for,
+    wait_for_terminal,
+    worker_process,
 )
 
 PW_ENV = "SAFEHOLD_TEST_MY_PASSWORD"
@@ -283,3 +286,50 @@ async def test_a_bomb_placed_in_storage_stops_before_anything_is_dropped(
     assert job["status"] == "failed" and job["error"]["code"] == "expansion_limit", job
     assert job["error"]["database_state"] == "unchanged"
     assert await my.fingerprint(my_db) == before
+
+
+async def test_a_worker_lost_mid_restore_says_unknown_and_one_call_undoes_it(
+        api: Any, my_db: str, prefix: str, tmp_path: Path, settings: Settings) -> None:
+    """MySQL DDL commits as it goes: a worker SIGKILLed while loading leaves the database
+    partly restored. The job says so honestly (`unknown`), names the safety backup, and its
+    `undo` call brings the database back to what it was before the restore."""
+    await my.load_rich(my_db)
+    conn = await my.user_conn(my_db)
+    await my.execute(conn, "CREATE TABLE bulk (id INT PRIMARY KEY, v VARCHAR(200))",
+                     "INSERT INTO bulk SELECT seq, REPEAT('v', 150) FROM seq_1_to_300000")
+    conn.close()
+    targets = {"main": {"engine": "mysql", "password_env": PW_ENV,
+                        "url": settings.targets["main"].url}}
+    proc = await worker_process(tmp_path, prefix, None, targets, {PW_ENV: my.PASSWORD})
+    try:
+        name = (await backup(api))["result"]["filename"]
+        conn = await my.user_conn(my_db)
+        await my.execute(conn, "DELETE FROM bulk WHERE id > 1000", "DROP VIEW happy_items")
+        conn.close()
+        before = await my.fingerprint(my_db)
+        job_id = (await (await api.post("/api/v1/targets/main/restores",
+                                        json={"backup": name})).json())["id"]
+
+        async def loading() -> bool:
+            job = await (await api.get(f"/api/v1/jobs/{job_id}")).json()
+            assert job["status"] in ("queued", "running"), job
+            return bool(job.get("restore_state") == "partial")
+
+        await wait_for(loading, 60, "the restore to start loading")
+        await asyncio.sleep(0.3)  # into the load: tables already dropped and recreated
+        proc.kill()
+        await proc.wait()
+        job = await wait_for_terminal(api, job_id, timeout=90)
+        err = job["error"]
+        assert err["code"] == "worker_lost" and err["database_state"] == "unknown", err
+        assert err["safety_backup"] in err["message"]
+        undo = err["undo"]
+        proc = await worker_process(tmp_path, prefix, None, targets, {PW_ENV: my.PASSWORD})
+        job = await (await api.request(undo["method"], undo["path"] + "?wait=120",
+                                       json=undo["body"])).json()
+        assert job["status"] == "succeeded", job
+        assert await my.fingerprint(my_db) == before
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
