@@ -35,7 +35,9 @@ _IDENT_CHAR = re.compile(rb"[\w\x80-\xff$]")
 _ESTRING_END = re.compile(rb"\\.|'", re.S)
 _COMMENT_TOKENS = re.compile(rb"/\*|\*/")
 _RESTRICT = re.compile(rb"\\(restrict|unrestrict)[ \t]+([A-Za-z0-9]+)[ \t]*\r?\n?$")
-_COPY_STDIN = re.compile(rb"(?is)^\s*COPY\s.*\sFROM\s+stdin\b[^;]*;$")
+# pg_dump's shape exactly: text format, no options (binary or CSV data would not end where
+# this guard thinks it does)
+_COPY_STDIN = re.compile(rb"(?is)^\s*COPY\s[^;]*?\sFROM\s+stdin\s*;$")
 _TXN_CONTROL = re.compile(
     rb"(?i)^\s*(BEGIN|START|COMMIT|END|ROLLBACK|ABORT|PREPARE\s+TRANSACTION)\b")
 _BLANKED = {b"BEGIN;", b"COMMIT;"}
@@ -292,8 +294,8 @@ class PgScriptGuard:
             self.counts[kind] += 1
         if word and word[0].upper() == b"COPY":
             if not _COPY_STDIN.match(head):
-                raise UnsafeScript(self.line, f"{_show(head)!r}: only COPY … FROM stdin is "
-                                   "accepted (no server files or programs)")
+                raise UnsafeScript(self.line, f"{_show(head)!r}: only COPY … FROM stdin in "
+                                   "text format is accepted (no server files or programs)")
             return True
         return False
 

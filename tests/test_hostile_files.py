@@ -33,6 +33,7 @@ HOSTILE = {
     "end mid-file": (b"END;\n", "transaction control"),
     "server program": (b"COPY (SELECT 1) TO PROGRAM 'touch {marker}';\n", "COPY"),
     "server file": (b"COPY pg_settings FROM '/etc/passwd';\n", "COPY"),
+    "binary copy": (b"COPY t FROM stdin WITH (FORMAT binary);\n", "COPY"),
     "NUL in SQL": (b"DROP SCHEMA public CASCADE;\x00 then nothing\n", "NUL"),
 }
 
