@@ -79,8 +79,10 @@ _MY_FOOTER = b"-- Dump completed"
 # client commands the mysql/mariadb client runs from its input: backslash commands anywhere
 # outside statements, long forms at the start of a line (mysqldump escapes newlines inside
 # string data, so a raw line start is never data)
+# anchored on a literal newline (the scan skips to each line start at C speed); the text
+# scanned always begins at a line start, so a newline is put in front of it
 _MY_COMMAND = re.compile(
-    rb"(?mi)^[ \t]*(\\[^\n]|(?:system|source|tee|notee|pager|nopager|connect|edit|"
+    rb"\n[ \t]*(\\[^\n]|(?i:system|source|tee|notee|pager|nopager|connect|edit|"
     rb"charset|prompt|rehash|warnings|nowarning|print|status|exit|quit|go|ego|help|"
     rb"resetconnection|query_attributes)(?=[ \t;\r\n]))")
 _MY_LOCAL = re.compile(rb"(?i)\bLOAD\s+(?:DATA|XML)\s+(?:LOW_PRIORITY\s+|CONCURRENT\s+)?LOCAL\b")
@@ -107,6 +109,7 @@ class MySQLScriptCheck:
         if len(self.head) < 4096:
             self.head += chunk[:4096 - len(self.head)]
         self.tail = (self.tail + chunk)[-4096:]
+        self._check_local(chunk)
         if self.open_len > len(self.carry):  # the open line's start was checked already
             nl = chunk.find(b"\n")
             if nl < 0:
@@ -116,16 +119,34 @@ class MySQLScriptCheck:
             text = chunk[nl + 1:]
         else:
             text = self.carry + chunk
-        for pattern, what in ((_MY_COMMAND, "client command"), (_MY_LOCAL, "LOAD … LOCAL")):
-            if m := pattern.search(text):
-                line = self.line + text.count(b"\n", 0, m.start())
-                body = text[m.start():m.start() + 40].split(b"\n", 1)[0].strip()
-                raise Unsafe(f"line {line}: {what} {body.decode('utf-8', 'replace')!r} (the "
-                             "client would run it on the restoring host; never from a backup)")
+        if m := _MY_COMMAND.search(b"\n" + text):
+            self._refuse(text, m.start(1) - 1, "client command")
         self.line += text.count(b"\n")
         rest = text[text.rfind(b"\n") + 1:]
         self.open_len = len(rest)
         self.carry = rest if len(rest) <= _CARRY else b""
+
+    def _check_local(self, chunk: bytes) -> None:
+        """`LOAD DATA|XML … LOCAL` anywhere (not only at line starts), across chunk edges:
+        a case-folded `find` for candidates, the regex only around each."""
+        text = self.local_tail + chunk
+        folded = text.lower()
+        at = folded.find(b"local")
+        while at >= 0:
+            start = max(0, at - 96)
+            if folded.find(b"load", start, at) >= 0 and (
+                    m := _MY_LOCAL.search(text, start, at + 6)):
+                self._refuse(text, m.start(), "LOAD … LOCAL", skip=len(self.local_tail))
+            at = folded.find(b"local", at + 5)
+        self.local_tail = text[-96:]
+
+    def _refuse(self, text: bytes, at: int, what: str, skip: int = 0) -> None:
+        line = self.line + text.count(b"\n", skip, max(at, skip))
+        body = text[at:at + 40].split(b"\n", 1)[0].strip()
+        raise Unsafe(f"line {line}: {what} {body.decode('utf-8', 'replace')!r} (the client "
+                     "would run it on the restoring host; never from a backup)")
+
+    local_tail = b""
 
     def finish(self) -> dict[str, Any]:
         if not any(h in self.head for h in _MY_HEADERS):
