@@ -1,48 +1,62 @@
 """A streaming guard for plain-SQL PostgreSQL scripts fed to psql.
 
 A backup file is untrusted input. psql executes backslash meta-commands (`\\!`, `\\o |cmd`,
-`\\copy … program`, `\\gexec`, `\\i`…) and honours transaction control found in the script,
-so `PgScriptGuard` reads the script the way psql's lexer does (quotes, dollar quotes,
-comments, `COPY … FROM stdin` data blocks) and, outside string literals and COPY data:
+`\\copy … program`, `\\gexec`, `\\i`…) and the server honours transaction control found in
+the script, so `PgScriptGuard` reads the script the way psql's lexer (psqlscan.l) and the
+server's do — quotes, `E''` escapes, string continuation across newlines, dollar quotes,
+nested comments, parenthesis depth, `BEGIN ATOMIC … END` bodies, `COPY … FROM stdin` data
+blocks — and, outside string literals and COPY data:
 
 - refuses every backslash meta-command except pg_dump's own `\\restrict KEY` /
   `\\unrestrict KEY` bracket, which it removes (Safehold runs psql under its own key);
 - refuses transaction control (`COMMIT`, `ROLLBACK`, `END`, `PREPARE TRANSACTION`…):
   Safehold sends the only `BEGIN` and the only `COMMIT`; the bare `BEGIN;` / `COMMIT;`
   lines pg_dump writes around large objects are blanked;
-- refuses `COPY` other than `COPY … FROM stdin` (server files and programs);
+- refuses `COPY` other than pg_dump's `COPY … FROM stdin;` (text format);
+- refuses changing `standard_conforming_strings` (it changes what a quote means);
 - refuses NUL bytes anywhere (psql silently drops the rest of a line after one);
 - notes pg_dump's `dump complete` footer: `finish()` refuses a script without it.
 
 `feed()` returns the bytes to hand to psql (line count unchanged, so psql's line numbers
 are the file's). Used by upload validation and by every restore, so a file put into storage
-by hand gets the same checks. COPY data passes through with C-speed scans only.
+by hand gets the same checks. COPY data passes through with C-speed scans only. A mismatch
+with psql that slipped through anyway is caught by the restore itself: psql runs under
+`\\restrict`, and Safehold commits only if its own transaction is still the one open.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterable
 
 from shared.errors import BadRequest
 
 FOOTER = b"-- PostgreSQL database dump complete"
 MAX_LINE = 64 << 20  # a single line of SQL text (not COPY data) above this is refused
+HEAD_MAX = 1 << 20  # unquoted text kept of one statement (its checks need the start)
+CUT_OFF = "invalid_upload"  # an incomplete script: not hostile, just unusable
 
 _NORMAL, _SQUOTE, _ESTRING, _DQUOTE, _DOLLAR, _COMMENT = range(6)
 _SPECIAL = re.compile(rb"'|\"|\$(?:[A-Za-z_\x80-\xff][\w\x80-\xff]*)?\$|--|/\*|\\|;")
 _IDENT_CHAR = re.compile(rb"[\w\x80-\xff$]")
 _ESTRING_END = re.compile(rb"\\.|'", re.S)
 _COMMENT_TOKENS = re.compile(rb"/\*|\*/")
+_WORDS = re.compile(rb"[()]|[A-Za-z_\x80-\xff][\w\x80-\xff$]*")
 _RESTRICT = re.compile(rb"\\(restrict|unrestrict)[ \t]+([A-Za-z0-9]+)[ \t]*\r?\n?$")
 # pg_dump's shape exactly: text format, no options (binary or CSV data would not end where
 # this guard thinks it does)
-_COPY_STDIN = re.compile(rb"(?is)^\s*COPY\s[^;]*?\sFROM\s+stdin\s*;$")
+_COPY_STDIN = re.compile(rb"(?is)^\s*COPY\s+(?!BINARY\b)[^;]*?\sFROM\s+stdin\s*;$")
 _TXN_CONTROL = re.compile(
     rb"(?i)^\s*(BEGIN|START|COMMIT|END|ROLLBACK|ABORT|PREPARE\s+TRANSACTION)\b")
 _BLANKED = {b"BEGIN;", b"COMMIT;"}
-HEAD_MAX = 4096
-CUT_OFF = "invalid_upload"  # an incomplete script: not hostile, just unusable
+_SCS = b"standard_conforming_strings"
+_SCS_KEPT = b"SET standard_conforming_strings = on;"
+_COPY_ENDS = (b"\\.\n", b"\\.\r\n")  # a COPY data line that ends the data (psql's rule)
+# psqlscan.l: inside CREATE [OR REPLACE] FUNCTION|PROCEDURE, BEGIN/CASE … END nest and a
+# `;` in between does not end the statement (SQL-standard `BEGIN ATOMIC` bodies)
+_ROUTINE_WORDS = {b"create": b"c", b"function": b"f", b"procedure": b"p", b"or": b"o",
+                  b"replace": b"r"}
 
 
 class UnsafeScript(BadRequest):
@@ -69,18 +83,27 @@ class PgScriptGuard:
         self.counts: Counter[str] = Counter()  # statement kinds worth reporting
         self._mode = _NORMAL
         self._tag = b""
-        self._depth = 0
+        self._depth = 0  # nested block comments
+        self._cont: int | None = None  # a string just closed: may continue after a newline
+        self._cont_nl = False
         self._parts: list[bytes] = []  # the current partial line (SQL text mode)
         self._partial = 0
         self._head = bytearray()  # the current statement's unquoted text, capped
+        self._head_full = False
         self._in_statement = False
+        self._parens = 0
+        self._begins = 0
+        self._words: list[bytes] = []  # the statement's first four words, routine-marked
+        self._word_count = 0
         self._copy = False
-        self._hold = b""  # COPY mode: the last bytes of a chunk, in case "\." straddles
+        self._hold = b""  # COPY mode: the start of a line that may be "\." cut by the chunk
         self._bol = True  # COPY mode: the next byte starts a line
         self._any_sql = False
 
     # ------------------------------------------------------------------ streaming
     def feed(self, data: bytes) -> bytes:
+        if self._hold:
+            data, self._hold = self._hold + data, b""
         nul = data.find(b"\0")
         if nul >= 0:
             self._refuse_nul(data, nul)
@@ -122,6 +145,9 @@ class PgScriptGuard:
         if self._mode != _NORMAL:
             raise UnsafeScript(self.line, "the script ends inside a quoted string or "
                                "comment (cut off)", code=CUT_OFF)
+        if self._in_statement:
+            raise UnsafeScript(self.line, "the script ends inside a statement (cut off, or "
+                               "unbalanced parentheses)", code=CUT_OFF)
         if not self.footer:
             raise UnsafeScript(self.line, "no '-- PostgreSQL database dump complete' footer: "
                                "the dump was cut off", code=CUT_OFF)
@@ -132,35 +158,59 @@ class PgScriptGuard:
         raise UnsafeScript(self.line + before.count(b"\n") + 1,
                            "a NUL byte (psql would silently drop the rest of the line)")
 
+    # ------------------------------------------------------------------ COPY data
     def _feed_copy(self, data: bytes, pos: int, out: list[bytes]) -> int:
-        text = self._hold + data[pos:] if self._hold else data[pos:]
-        self._hold = b""
-        probe = b"\n" + text if self._bol else text
-        shift = 1 if self._bol else 0
-        i = probe.find(b"\n\\.\n")
-        if i < 0:
-            keep = min(3, len(text))
-            emit = text[:len(text) - keep]
-            self._hold = text[len(text) - keep:]
-            if emit:
-                self.line += emit.count(b"\n")
-                self._bol = emit.endswith(b"\n")
-                out.append(emit)
-            return len(data)
-        end = i - shift + 4  # just past "\.\n"
-        emit = text[:end]
-        self.line += emit.count(b"\n")
-        out.append(emit)
-        self._copy, self._bol = False, True
-        # what follows is SQL again: hand the rest back to the line loop
-        rest = text[end:]
-        consumed_from_data = len(data) - len(rest)
-        return max(consumed_from_data, pos)
+        """Pass COPY data through up to and including its `\\.` line; return where SQL
+        starts again (or len(data)). Candidates are found with `find`, never by slicing
+        the rest of the chunk, so many small COPY blocks in a chunk stay linear."""
+        n = len(data)
+        cand = pos if self._bol else self._next_line_start(data, pos)
+        while cand >= 0:
+            end = self._copy_end(data, cand)
+            if end > 0:
+                self._emit_copy(data, pos, end, out)
+                self._copy, self._bol = False, True
+                return end
+            if end == -2:  # "\", "\." or "\.\r" cut by the chunk: decide with the next
+                self._emit_copy(data, pos, cand, out)
+                self._hold, self._bol = data[cand:], True
+                return n
+            cand = self._next_line_start(data, cand)
+        self._emit_copy(data, pos, n, out)
+        if n > pos:
+            self._bol = data.endswith(b"\n")
+        return n
+
+    @staticmethod
+    def _next_line_start(data: bytes, at: int) -> int:
+        """The next line start after `at` that begins with a backslash, or -1."""
+        j = data.find(b"\n\\", at)
+        return -1 if j < 0 else j + 1
+
+    @staticmethod
+    def _copy_end(data: bytes, at: int) -> int:
+        """End of a terminator line starting at `at`; -1 if none; -2 if undecidable yet."""
+        seg = data[at:at + 4]
+        for term in _COPY_ENDS:
+            if seg.startswith(term):
+                return at + len(term)
+        if at + 4 > len(data) and any(t.startswith(seg) for t in _COPY_ENDS):
+            return -2
+        return -1
+
+    def _emit_copy(self, data: bytes, start: int, end: int, out: list[bytes]) -> None:
+        if end > start:
+            piece = data[start:end]
+            self.line += piece.count(b"\n")
+            out.append(piece)
 
     # ------------------------------------------------------------------ SQL text
     def _sql_line(self, line: bytes) -> bytes:
         body = line.rstrip(b"\r\n")
-        if self._mode == _NORMAL and not self._in_statement:
+        if _SCS in body.lower() and body.strip() != _SCS_KEPT:
+            raise UnsafeScript(self.line, "changing standard_conforming_strings (it changes "
+                               "what a quote means)")
+        if self._mode == _NORMAL and not self._in_statement and self._cont is None:
             stripped = body.strip()
             if stripped in _BLANKED:
                 return b"\n"  # pg_dump's large-object BEGIN/COMMIT: Safehold's transaction
@@ -171,6 +221,8 @@ class PgScriptGuard:
             if m and body.startswith(b"\\"):
                 return self._restrict_line(m.group(1), m.group(2))
         copy_after = self._lex(body)
+        if self._cont is not None:
+            self._cont_nl = True  # a newline passed after a closed string
         if copy_after:
             self._copy, self._bol, self._hold = True, True, b""
         return line
@@ -191,6 +243,10 @@ class PgScriptGuard:
         while i < n:
             mode = self._mode
             if mode == _NORMAL:
+                if self._cont is not None:
+                    i = self._after_string(s, i)
+                    if self._mode != _NORMAL or i >= n:
+                        continue
                 m = _SPECIAL.search(s, i)
                 stop = m.start() if m else n
                 self._text(s[i:stop])
@@ -208,10 +264,10 @@ class PgScriptGuard:
                 elif tok == b'"':
                     self._start_statement()
                     self._mode = _DQUOTE
-                    self._text(b"X")
+                    self._head_add(b"X")
                 elif tok.startswith(b"$"):
                     if stop > 0 and _IDENT_CHAR.match(s, stop - 1):
-                        self._text(tok[:1])  # `$` inside an identifier (a$b): not a quote
+                        self._head_add(b"$")  # `$` inside an identifier (a$b): not a quote
                         i = stop + 1
                         continue
                     self._start_statement()
@@ -225,12 +281,13 @@ class PgScriptGuard:
                     raise UnsafeScript(self.line, "psql meta-command "
                                        f"{_show(s[stop:stop + 20], 20)!r} (backslash commands "
                                        "run on the restoring host, never from a backup)")
-                else:  # ";"
-                    if self._end_statement():
-                        if s[i:].strip():
-                            raise UnsafeScript(self.line, "text after COPY … FROM stdin; on "
-                                               "the same line")
-                        return True
+                elif self._parens or self._begins:  # ";" inside ( … ) or BEGIN … END
+                    self._head_add(b";")
+                elif self._end_statement():
+                    if s[i:].strip():
+                        raise UnsafeScript(self.line, "text after COPY … FROM stdin; on "
+                                           "the same line")
+                    return True
             elif mode == _SQUOTE or mode == _DQUOTE:
                 q = b"'" if mode == _SQUOTE else b'"'
                 j = s.find(q, i)
@@ -239,7 +296,8 @@ class PgScriptGuard:
                 if s[j + 1:j + 2] == q:
                     i = j + 2
                     continue
-                self._mode, i = _NORMAL, j + 1
+                self._close_quote(mode)
+                i = j + 1
             elif mode == _ESTRING:
                 m = _ESTRING_END.search(s, i)
                 if m is None:
@@ -249,7 +307,7 @@ class PgScriptGuard:
                     if s[i:i + 1] == b"'":
                         i += 1
                         continue
-                    self._mode = _NORMAL
+                    self._close_quote(mode)
             elif mode == _DOLLAR:
                 j = s.find(self._tag, i)
                 if j < 0:
@@ -267,22 +325,75 @@ class PgScriptGuard:
             self._text(b" ")
         return False
 
+    def _close_quote(self, mode: int) -> None:
+        self._mode = _NORMAL
+        if mode != _DQUOTE:  # 'a'<newline>'b' is one string, with the first one's escapes
+            self._cont, self._cont_nl = mode, False
+
+    def _after_string(self, s: bytes, i: int) -> int:
+        """Right after a string literal: whitespace, `--` comments, then a quote after a
+        newline continues the same string (the server's and psql's `quotecontinue`)."""
+        n = len(s)
+        while i < n and s[i:i + 1] in b" \t\r\f\v":
+            i += 1
+        if i >= n or s.startswith(b"--", i):
+            return n  # the line ends (or a comment runs to its end): a newline follows
+        if s[i:i + 1] == b"'" and self._cont_nl and self._cont is not None:
+            self._mode = self._cont
+            i += 1
+        self._cont = None
+        return i
+
     def _text(self, t: bytes) -> None:
         if not t or (not self._in_statement and not t.strip()):
             return
         self._start_statement()
-        if len(self._head) < HEAD_MAX:
-            self._head += t[:HEAD_MAX - len(self._head)]
+        self._head_add(t)
+        for m in _WORDS.finditer(t):
+            self._word(m.group())
+
+    def _head_add(self, t: bytes) -> None:
+        room = HEAD_MAX - len(self._head)
+        if len(t) > room:
+            self._head_full = True
+        self._head += t[:room]
+
+    def _word(self, w: bytes) -> None:
+        """psqlscan.l's paren depth and BEGIN … END depth inside routine definitions."""
+        if w == b"(":
+            self._parens += 1
+            return
+        if w == b")":
+            self._parens = max(0, self._parens - 1)
+            return
+        low = w.lower()
+        if self._word_count < 4:
+            self._words.append(_ROUTINE_WORDS.get(low, b"-"))
+        self._word_count += 1
+        first = b"".join(self._words)
+        if not (first[:2] in (b"cf", b"cp") or first[:4] in (b"corf", b"corp")) \
+                or self._parens:
+            return
+        if low == b"begin":
+            self._begins += 1
+        elif low == b"case" and self._begins:
+            self._begins += 1
+        elif low == b"end" and self._begins:
+            self._begins -= 1
 
     def _start_statement(self) -> None:
         if not self._in_statement:
             self._in_statement = True
             self._any_sql = True
             self._head.clear()
+            self._head_full = False
+            self._parens = self._begins = self._word_count = 0
+            self._words = []
 
     def _end_statement(self) -> bool:
-        """A `;` outside quotes: check the statement; True if it was COPY … FROM stdin."""
+        """A `;` that ends a statement: check it; True if it was COPY … FROM stdin."""
         head = bytes(self._head) + b";"
+        full = self._head_full
         self._in_statement = False
         self._head.clear()
         if _TXN_CONTROL.match(head):
@@ -292,18 +403,18 @@ class PgScriptGuard:
         kind = b" ".join(w.upper() for w in word[:2]).decode("ascii", "replace")
         if kind in ("CREATE SUBSCRIPTION", "CREATE PUBLICATION", "CREATE EXTENSION"):
             self.counts[kind] += 1
-        if word and word[0].upper() == b"COPY":
-            if not _COPY_STDIN.match(head):
+        if word and word[0].upper().startswith(b"COPY"):
+            if full or not _COPY_STDIN.match(head):
                 raise UnsafeScript(self.line, f"{_show(head)!r}: only COPY … FROM stdin in "
                                    "text format is accepted (no server files or programs)")
             return True
         return False
 
 
-def check_script(chunks: object) -> PgScriptGuard:
-    """Run the guard over an iterable of byte chunks (validation without output)."""
+def check_script(chunks: Iterable[bytes]) -> PgScriptGuard:
+    """Run the guard over byte chunks (validation without output)."""
     guard = PgScriptGuard()
-    for chunk in chunks:  # type: ignore[attr-defined]
+    for chunk in chunks:
         guard.feed(chunk)
     guard.finish()
     return guard

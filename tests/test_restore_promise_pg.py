@@ -49,6 +49,11 @@ CREATE TYPE pair AS (a int, b int);
 CREATE FUNCTION pair_text(pair) RETURNS text LANGUAGE sql IMMUTABLE
   AS $$ SELECT $1.a || ',' || $1.b $$;
 CREATE CAST (pair AS text) WITH FUNCTION pair_text(pair);
+CREATE FUNCTION atomic_count() RETURNS bigint LANGUAGE sql
+BEGIN ATOMIC
+  SELECT count(*) FROM docs WHERE CASE WHEN id > 0 THEN true ELSE false END;
+  SELECT count(*) FROM docs;
+END;
 CREATE ACCESS METHOD heap2 TYPE TABLE HANDLER heap_tableam_handler;
 CREATE TABLE on_heap2 (x int) USING heap2;
 INSERT INTO on_heap2 VALUES (1), (2);

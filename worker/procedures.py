@@ -193,9 +193,10 @@ class Procedures:
 
     async def _load(self, job: Job, target: TargetConfig, engine: Engine,
                     name: naming.BackupName, manifest: dict[str, Any],
-                    progress: Progress) -> None:
+                    progress: Progress, *, rollback: bool = False) -> None:
         progress.set_phase("restoring", bytes_total=manifest.get("raw_bytes"))
-        await progress.enter_stage("uncommitted" if engine.atomic_restore else "partial")
+        if not rollback:  # a rollback stays `rolling_back`: its outcome is never "unchanged"
+            await progress.enter_stage("uncommitted" if engine.atomic_restore else "partial")
         chunks = pipeline.read_stored(
             self.storage.path_of(target.id, name), decompress=name.compressed,
             limit=self._limit(manifest), expect_sha256=str(manifest.get("sha256")))
@@ -229,7 +230,8 @@ class Procedures:
             try:
                 smanifest = await asyncio.to_thread(self.storage.manifest, target.id, sname)
                 await self._verify(target, engine, sname, smanifest, progress)
-                await self._load(job, target, engine, sname, smanifest, progress)
+                await self._load(job, target, engine, sname, smanifest, progress,
+                                 rollback=True)
             except SafeholdError as exc2:
                 details["database_state"] = "unknown"
                 details["rollback"] = {"status": "failed", "backup": safety,

@@ -19,7 +19,14 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import asyncpg
 
 from shared.config import TargetConfig
-from shared.errors import DumpFailed, EngineError, PipelineError, RestoreFailed, ToolTooOld
+from shared.errors import (
+    DumpFailed,
+    EngineError,
+    PipelineError,
+    RestoreFailed,
+    SafeholdError,
+    ToolTooOld,
+)
 from shared.pgscript import PgScriptGuard, UnsafeScript
 from worker.engines import Dump, unreachable
 from worker.progress import Progress
@@ -299,16 +306,22 @@ class PostgreSQL:
         psql runs under a `\\restrict` key only this process knows (no meta-command from the
         file can run), with ON_ERROR_STOP. If the worker dies, psql dies with it (or reads
         end-of-input without a COMMIT): the server rolls the transaction back."""
-        await require_restrict_psql()
         key = secrets.token_hex(24)
-        clean_sql = await self._clean_sql(target) if clean else ""
-        prelude = f"\\restrict {key}\nBEGIN; {clean_sql}\n".encode()
+        app = f"safehold-restore-{key[:12]}"  # finds psql's session for the watchdog
+        try:  # nothing has been touched yet
+            await require_restrict_psql()
+            clean_sql = await self._clean_sql(target) if clean else ""
+        except SafeholdError as exc:
+            raise RestoreFailed(exc.message, database_unchanged=True, code=exc.code) from None
+        # the transaction-local setting is gone if anything in the script ended Safehold's
+        # transaction early: the marker then says so and Safehold does not COMMIT
+        prelude = (f"\\restrict {key}\nBEGIN; SELECT set_config('safehold.txn', 'open', true); "
+                   f"{clean_sql}\n").encode()
         guard = PgScriptGuard()
-
-        marker = f"safehold-ready-{key}".encode()
+        marker = f"safehold-ready-{key}:".encode()
         argv = ["psql", "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1", "-f", "-"]
-        async with spawn(argv, env=_env(target), secrets=target.secrets(), stdin=True,
-                         stdout=True) as child:
+        async with spawn(argv, env={**_env(target), "PGAPPNAME": app},
+                         secrets=target.secrets(), stdin=True, stdout=True) as child:
             ready = asyncio.ensure_future(_wait_for_output(child, marker))
 
             async def guarded() -> AsyncIterator[bytes]:
@@ -318,9 +331,17 @@ class PostgreSQL:
                         yield out
                 # everything before COMMIT must have run: psql answers the marker only then,
                 # so a worker lost before this point always leaves the database unchanged
-                yield guard.finish() + b"\nSELECT '" + marker + b"' AS safehold_ready;\n"
-                if not await ready:
+                yield guard.finish() + (b"\nSELECT '" + marker + b"' || coalesce("
+                                        b"current_setting('safehold.txn', true), '') "
+                                        b"AS safehold_ready;\n")
+                state = await self._await_marker(target, app, ready)
+                if state is None:
                     return  # psql stopped on an error: end of input, no COMMIT
+                if state != b"open":
+                    raise RestoreFailed(
+                        "the script ended Safehold's transaction before its end (a statement "
+                        "the guard did not recognise as transaction control); what followed "
+                        "was committed statement by statement", code="unsafe_backup")
                 await progress.enter_stage("committing")
                 yield b"COMMIT;\n"
 
@@ -350,15 +371,47 @@ class PostgreSQL:
         raise RestoreFailed(f"psql exited with code {rc}: {detail}",
                             database_unchanged=not progress.stage_reached("committing"))
 
+    async def _await_marker(self, target: TargetConfig, app: str,
+                            ready: asyncio.Future[bytes | None]) -> bytes | None:
+        """psql's answer to the marker. A watchdog makes sure psql is still working: if its
+        session sits idle in our transaction for seconds after the whole file was sent, psql
+        is waiting for more input (the script does not end where it seems to) — refused
+        rather than left hanging until the job times out."""
+        while True:
+            done, _ = await asyncio.wait({ready}, timeout=MARKER_POLL)
+            if done:
+                return ready.result()
+            async with self._connect(target) as conn:
+                stuck = await conn.fetchval(
+                    "SELECT state = 'idle in transaction' AND now() - state_change > "
+                    "make_interval(secs => $2) FROM pg_stat_activity "
+                    "WHERE application_name = $1", app, MARKER_POLL)
+            if stuck:
+                raise RestoreFailed(
+                    "psql is still waiting for input after the end of the backup: the script "
+                    "does not end where it seems to (an unterminated statement); nothing was "
+                    "committed", database_unchanged=True, code="unsafe_backup")
 
-async def _wait_for_output(child: Child, marker: bytes) -> bool:
-    """Drain the child's stdout; True once `marker` appeared, False at its end without it."""
-    tail = b""
+
+MARKER_POLL = 5.0  # seconds between watchdog looks while waiting for psql's marker
+
+
+async def _wait_for_output(child: Child, marker: bytes) -> bytes | None:
+    """Drain the child's stdout until `marker`; return the rest of its line (None if the
+    output ended without it)."""
+    buf = b""
     while data := await child.read():
-        if marker in tail + data:
-            return True
-        tail = (tail + data)[-len(marker):]
-    return False
+        buf = buf[-(len(marker) + 64):] + data
+        at = buf.find(marker)
+        if at >= 0:
+            while (end := buf.find(b"\n", at)) < 0:
+                more = await child.read()
+                if not more:
+                    end = len(buf)
+                    break
+                buf += more
+            return buf[at + len(marker):end].strip()
+    return None
 
 
 PRELUDE_LINES = 2  # "\\restrict KEY" and "BEGIN; <clean>" come before the backup's line 1
