@@ -29,7 +29,9 @@ class StatementSplitter:
     Runs of ordinary characters are skipped with regex searches (linear time)."""
 
     def __init__(self) -> None:
-        self.buf: list[str] = []
+        self.buf: list[str] = []  # recent pieces of the current statement
+        self.blocks: list[str] = []  # older pieces, joined (many tiny strings cost 50 B each)
+        self.size = 0  # characters in `blocks`
         self.started = False  # the current statement has non-blank text
         self.state = "code"  # code | quote | line | block | command
         self.quote = ""
@@ -38,7 +40,8 @@ class StatementSplitter:
         self.commands: list[str] = []  # cypher-shell command lines seen (`:begin`…)
 
     def _emit(self, out: list[str]) -> None:
-        stmt = "".join(self.buf).strip()
+        stmt = "".join(self.blocks + self.buf).strip()
+        self.blocks, self.size = [], 0
         if stmt:
             out.append(stmt)
         self.buf, self.started = [], False
@@ -49,6 +52,15 @@ class StatementSplitter:
         out: list[str] = []
         i, n = 0, len(text)
         while i < n:
+            if len(self.buf) > 1024:
+                block = "".join(self.buf)
+                self.blocks.append(block)
+                self.size += len(block)
+                self.buf = []
+                if self.size > MAX_STATEMENT:
+                    raise BadRequest(f"a Cypher statement longer than {MAX_STATEMENT >> 20} "
+                                     "MiB (the exporters write batches of 1000 rows)",
+                                     code="invalid_backup")
             if self.state == "code":
                 m = (_CODE_SPECIAL_STARTED if self.started else _CODE_SPECIAL).search(text, i)
                 j = m.start() if m else n
@@ -119,7 +131,7 @@ class StatementSplitter:
                     break
                 self.state = "code"
                 i = j + 2
-        if sum(map(len, self.buf)) > MAX_STATEMENT:
+        if self.size + sum(map(len, self.buf)) > MAX_STATEMENT:
             raise BadRequest(f"a Cypher statement longer than {MAX_STATEMENT >> 20} MiB (the "
                              "exporters write batches of 1000 rows)", code="invalid_backup")
         if final:
@@ -163,6 +175,18 @@ def _code(stmt: str) -> str:
     return _QUOTED.sub(lambda m: m.group()[0] * 2, stmt)
 
 
+_DROP_OK = re.compile(r"(?i)\s*(INDEX|CONSTRAINT)\b")
+
+
+def _neighbour(code: str, at: int, step: int) -> str:
+    """The first non-space character before (`step` -1) or from (`step` 1) `at`, without
+    copying the statement (it may be large)."""
+    i = at - 1 if step < 0 else at
+    while 0 <= i < len(code) and code[i].isspace():
+        i += step
+    return code[i] if 0 <= i < len(code) else ""
+
+
 def check_statement(stmt: str) -> str | None:
     """Why `stmt` is refused, or None when it has a shape the exporters write."""
     if stmt == FIX_BYTES_MARKER:
@@ -175,8 +199,7 @@ def check_statement(stmt: str) -> str | None:
         return f"statement starts with {code[:30]!r}"
     for m in _WORD.finditer(code):
         word = m.group()
-        before = code[:m.start()].rstrip()[-1:]
-        after = code[m.end():].lstrip()[:1]
+        before, after = _neighbour(code, m.start(), -1), _neighbour(code, m.end(), 1)
         if before in (":", ".", "$") or after == ":":
             continue  # a label, relationship type, property, parameter or map key
         upper = word.upper()
@@ -184,7 +207,7 @@ def check_statement(stmt: str) -> str | None:
             return "CALL of a procedure or subquery"
         if after == "." and word.lower() in ("apoc", "dbms", "db", "gds", "genai"):
             return f"{word}.* procedures and functions"
-        if upper == "DROP" and not re.match(r"(?i)\s*(INDEX|CONSTRAINT)\b", code[m.end():]):
+        if upper == "DROP" and not _DROP_OK.match(code, m.end()):
             return "DROP of something other than an index or constraint"
         if upper in _FORBIDDEN:
             return _FORBIDDEN[upper]
