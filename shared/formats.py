@@ -11,12 +11,10 @@ anything (a file put into storage by hand gets the same checks).
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import sqlite3
 import struct
-import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +25,7 @@ from shared.cypher import StatementSplitter, check_command, check_statement
 from shared.errors import BadRequest, PipelineError
 from shared.pgscript import PgScriptGuard, UnsafeScript
 from shared.resp import RespReader
+from shared.tarstream import TarReader
 
 _PG_CUSTOM_MAGIC = b"PGDMP"
 
@@ -286,28 +285,6 @@ _MONGO_JS = re.compile(r'"\$(where|function|accumulator)"')
 MONGO_SYSTEM_DBS = frozenset({"admin", "local", "config"})
 
 
-class _ChunkFile(io.RawIOBase):
-    """A read-only file over an iterator of chunks (for tarfile's stream mode)."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks = chunks
-        self._buf = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        while not self._buf:
-            nxt = next(self._chunks, None)
-            if nxt is None:
-                return 0
-            self._buf = nxt
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
-
-
 def check_mongo_member(name: str) -> tuple[str, str, str] | None:
     """(db, collection, kind) of a mongodump-layout member; None for prelude.json; raises
     on anything else (other paths, system databases, `system.` collections)."""
@@ -344,50 +321,83 @@ def check_mongo_metadata(name: str, raw: bytes) -> None:
         raise Unsafe(f"{name}: server-side JavaScript (${m.group(1)}) is refused")
 
 
+def tar_events(reader: TarReader, chunks: Iterator[bytes]) -> Iterator[tuple[str, Any]]:
+    """Drive a TarReader from `chunks` until the end-of-archive block."""
+    while True:
+        event = reader.next_event()
+        if event is None:
+            chunk = next(chunks, None)
+            if chunk is None:
+                raise BadRequest("the tar stream ends early (cut off)", code="invalid_upload")
+            reader.push(chunk)
+            continue
+        if event[0] == "eof":
+            return
+        yield event
+
+
+class BsonCounter:
+    """Counts documents in a BSON stream fed in pieces; refuses impossible lengths."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.count, self._buf = name, 0, bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+        at = 0
+        while len(self._buf) - at >= 4:
+            length = struct.unpack_from("<i", self._buf, at)[0]
+            if length < 5 or length > 48 << 20:
+                raise BadRequest(f"{self.name}: document {self.count + 1} has an impossible "
+                                 "length", code="invalid_upload")
+            if len(self._buf) - at < length:
+                break
+            if self._buf[at + length - 1] != 0:
+                raise BadRequest(f"{self.name}: document {self.count + 1} is malformed",
+                                 code="invalid_upload")
+            at += length
+            self.count += 1
+        del self._buf[:at]
+
+    def finish(self) -> int:
+        if self._buf:
+            raise BadRequest(f"{self.name}: ends inside a document", code="invalid_upload")
+        return self.count
+
+
 def validate_mongodb(chunks: Iterator[bytes]) -> dict[str, Any]:
     """A tar stream in mongodump's layout with well-formed BSON documents."""
     box = [0]
     counts: dict[str, int] = {}
-    try:
-        with tarfile.open(fileobj=io.BufferedReader(_ChunkFile(_sized(chunks, box))),
-                          mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    raise Unsafe(f"tar member {member.name[:80]!r} is not a regular file")
-                where = check_mongo_member(member.name)
-                f = tar.extractfile(member)
-                if where is None or f is None:
-                    continue
-                db, coll, kind = where
-                if kind == ".metadata.json":
-                    if member.size > 16 << 20:
-                        raise Unsafe(f"{member.name}: metadata larger than 16 MiB")
-                    check_mongo_metadata(member.name, f.read())
-                    continue
-                counts[f"{db}.{coll}"] = _count_bson(f, member.name)
-    except tarfile.TarError as exc:
-        raise BadRequest(f"not a tar stream: {exc}", code="invalid_upload") from None
+    events = tar_events(TarReader(), _sized(chunks, box))
+    for kind, payload in events:
+        if kind != "file":
+            continue
+        name, size = payload
+        where = check_mongo_member(name)
+        if where is not None and where[2] == ".metadata.json" and size > 16 << 20:
+            raise Unsafe(f"{name}: metadata larger than 16 MiB")
+        meta, docs = bytearray(), BsonCounter(name)
+        for kind, data in events:
+            if kind == "end":
+                break
+            if where is None:
+                continue
+            if where[2] == ".metadata.json":
+                meta += data
+            else:
+                docs.feed(data)
+        if where is None:
+            continue
+        db, coll, suffix = where
+        if suffix == ".metadata.json":
+            check_mongo_metadata(name, bytes(meta))
+        else:
+            counts[f"{db}.{coll}"] = docs.finish()
     if not counts and box[0] == 0:
         raise BadRequest("the MongoDB backup is empty", code="invalid_upload")
     return {"raw_bytes": box[0], "counts": counts, "count_kind": "documents",
             "tool": "mongodump layout (uploaded)"}
-
-
-def _count_bson(f: Any, name: str) -> int:
-    n = 0
-    while head := f.read(4):
-        if len(head) < 4:
-            raise BadRequest(f"{name}: ends inside a document", code="invalid_upload")
-        length = struct.unpack("<i", head)[0]
-        if length < 5 or length > 48 << 20:
-            raise BadRequest(f"{name}: document {n + 1} has an impossible length",
-                             code="invalid_upload")
-        body = f.read(length - 4)
-        if len(body) != length - 4 or body[-1:] != b"\0":
-            raise BadRequest(f"{name}: document {n + 1} is cut off or malformed",
-                             code="invalid_upload")
-        n += 1
-    return n
 
 
 VALIDATORS: dict[str, Callable[[Iterator[bytes]], dict[str, Any]]] = {

@@ -108,3 +108,63 @@ def test_resp_reader_refuses_lies_in_headers(bad: bytes) -> None:
         reader = RespReader(max_parts=6)
         reader.feed(bad)
         reader.finish()
+
+
+def _tar(members: dict[str, bytes], fmt: int) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "pax", "ustar"])
+def test_tar_reader_at_any_chunk_size(fmt: str) -> None:
+    import tarfile
+
+    from shared.tarstream import TarReader
+
+    long = "db/" + "c" * 150 + ".bson"
+    members = {"prelude.json": b"{}", "db/x.bson": b"\x05\x00\x00\x00\x00" * 300,
+               "db/empty.bson": b""}
+    if fmt != "ustar":
+        members[long] = b"abc"
+    blob = _tar(members, {"gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT,
+                          "ustar": tarfile.USTAR_FORMAT}[fmt])
+    for size in (1, 7, 512, 1000, len(blob)):
+        reader, got, current = TarReader(), {}, ""
+        chunks = iter([blob[i:i + size] for i in range(0, len(blob), size)])
+        while True:
+            event = reader.next_event()
+            if event is None:
+                reader.push(next(chunks))
+                continue
+            kind, payload = event
+            if kind == "eof":
+                break
+            if kind == "file":
+                current = payload[0]
+                got[current] = b""
+            elif kind == "data":
+                got[current] += payload
+        assert got == members
+
+
+def test_tar_reader_refuses_huge_or_broken_headers() -> None:
+    import tarfile
+
+    from shared.errors import PipelineError
+    from shared.tarstream import TarReader
+
+    info = tarfile.TarInfo("././@LongLink")
+    info.type, info.size = tarfile.GNUTYPE_LONGNAME, 256 << 20
+    for bad in (info.tobuf(format=tarfile.USTAR_FORMAT), b"x" * 512):
+        reader = TarReader()
+        reader.push(bad)
+        with pytest.raises(PipelineError):
+            reader.next_event()

@@ -28,7 +28,7 @@ import struct
 import tarfile
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -42,6 +42,7 @@ from shared.config import TargetConfig
 from shared.errors import DumpFailed, EngineError, PipelineError
 from shared.formats import check_mongo_member, check_mongo_metadata
 from shared.redact import redact
+from shared.tarstream import TarReader
 from worker.engines import Dump, restore_errors, unreachable
 from worker.progress import Progress
 
@@ -269,90 +270,46 @@ def _count_docs(batch: bytes) -> int:
 
 
 class _Stream:
-    """The content of one tar member, read from the shared async tar reader."""
+    """The content of one tar member, pulled from the shared tar parser."""
 
-    def __init__(self, reader: _TarReader, size: int) -> None:
-        self.reader, self.left = reader, size
+    def __init__(self, next_event: Callable[[], Awaitable[tuple[str, Any]]], size: int) -> None:
+        self._next, self.left, self.ended = next_event, size, False
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        while self.left > 0:
-            data = await self.reader.read_some(min(self.left, 1 << 20))
+        while not self.ended:
+            kind, data = await self._next()
+            if kind == "end":
+                self.ended = True
+                return
             self.left -= len(data)
             yield data
 
-
-class _TarReader:
-    def __init__(self, source: AsyncIterator[bytes]) -> None:
-        self.source = source
-        self.buf = bytearray()
-
-    async def fill(self, n: int) -> bool:
-        while len(self.buf) < n:
-            chunk = await anext(self.source, None)
-            if chunk is None:
-                return False
-            self.buf += chunk
-        return True
-
-    async def read_exact(self, n: int) -> bytes:
-        if not await self.fill(n):
-            raise PipelineError("the tar stream ends early", code="corrupt_backup")
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
-
-    async def read_some(self, n: int) -> bytes:
-        if not self.buf and not await self.fill(1):
-            raise PipelineError("the tar stream ends inside a member", code="corrupt_backup")
-        out = bytes(self.buf[:n])
-        del self.buf[:len(out)]
-        return out
+    async def drain(self) -> None:
+        async for _ in self.chunks():
+            pass
 
 
 async def _untar(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, _Stream]]:
-    """Members of a tar stream (ustar, GNU long names, PAX path records), in order."""
-    reader = _TarReader(chunks)
-    long_name: str | None = None
+    """Members of a tar stream, in order (`shared.tarstream`: bounded headers)."""
+    reader = TarReader()
+
+    async def next_event() -> tuple[str, Any]:
+        while (event := reader.next_event()) is None:
+            chunk = await anext(chunks, None)
+            if chunk is None:
+                raise PipelineError("the tar stream ends early", code="corrupt_backup")
+            reader.push(chunk)
+        return event
+
     while True:
-        header = await reader.read_exact(BLOCK)
-        if header == b"\0" * BLOCK:
+        kind, payload = await next_event()
+        if kind == "eof":
             return
-        try:
-            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
-        except tarfile.HeaderError as exc:
-            raise PipelineError(f"not a tar stream: {exc}", code="corrupt_backup") from None
-        size = info.size
-        if info.type in (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.XGLTYPE):
-            data = await reader.read_exact(size + len(_padding(size)))
-            data = data[:size]
-            if info.type == tarfile.GNUTYPE_LONGNAME:
-                long_name = data.rstrip(b"\0").decode()
-            elif info.type == tarfile.XHDTYPE:
-                for record in _pax_records(data):
-                    if record[0] == "path":
-                        long_name = record[1]
-            continue
-        name = long_name or info.name
-        long_name = None
-        if not info.isfile():
-            await reader.read_exact(size + len(_padding(size)))
-            continue
-        stream = _Stream(reader, size)
-        yield name, stream
-        async for _ in stream.chunks():  # skip whatever the consumer did not read
-            pass
-        await reader.read_exact(len(_padding(size)))
-
-
-def _pax_records(data: bytes) -> list[tuple[str, str]]:
-    out, at = [], 0
-    while at < len(data):
-        space = data.index(b" ", at)
-        length = int(data[at:space])
-        key, _, value = data[space + 1:at + length - 1].partition(b"=")
-        out.append((key.decode(), value.decode("utf-8", "surrogateescape")))
-        at += length
-    return out
+        if kind == "file":
+            name, size = payload
+            stream = _Stream(next_event, size)
+            yield name, stream
+            await stream.drain()  # whatever the consumer did not read
 
 
 class _Restorer:
