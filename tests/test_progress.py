@@ -25,8 +25,23 @@ def test_percent_never_goes_backwards_within_a_phase() -> None:
         p.items_done = done
         seen.append(p.snapshot()["percent"])
     assert seen == sorted(seen) and max(seen) <= 99.0
-    p.set_phase("indexing", bytes_total=10)  # a new phase starts from zero again
-    assert p.snapshot()["percent"] == 0.0
+    p.set_phase("indexing", bytes_total=10)  # a new phase: its own share starts from zero
+    snap = p.snapshot()
+    assert snap["phase_percent"] == 0.0 and snap["percent"] == seen[-1]
+
+
+def test_a_restore_plan_maps_phases_into_one_rising_percent() -> None:
+    """verify 0-5, safety backup 5-40 (the engine's own `dumping` inside it), load 40-100."""
+    p = Progress(plan={"verifying": (0, 5), "safety_backup": (5, 40), "restoring": (40, 100)})
+    seen = []
+    for phase, total in (("verifying", 100), ("safety_backup", None), ("dumping", 100),
+                         ("publishing", None), ("restoring", 100)):
+        p.set_phase(phase, bytes_total=total)
+        for done in (0, 50, 100):
+            p.bytes_done = done if total else 0
+            seen.append(p.snapshot()["percent"])
+    assert seen == sorted(seen), seen
+    assert seen[2] <= 5.0 and 5.0 <= seen[5] and seen[8] <= 40.0 and seen[-1] == 99.0
 
 
 async def test_stages_and_warnings_are_recorded_in_order() -> None:

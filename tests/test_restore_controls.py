@@ -15,6 +15,7 @@ from tests.conftest import bearer, make_raw_config, token
 from tests.helpers import (
     backup,
     publish_plain,
+    read_events,
     start_backup_until_pg_dump,
     table_lock,
     wait_for,
@@ -123,3 +124,29 @@ async def test_scoped_admins_and_viewers_see_only_what_is_theirs(
         listed = await (await http.get(url("/api/v1/jobs?limit=100"),
                                        headers=as_("viewer"))).json()
         assert all("secret-looking" not in str(j.get("error")) for j in listed["jobs"])
+
+
+async def test_restore_progress_rises_to_100_and_never_overruns(
+        api: Any, worker: Any, pg_db: str) -> None:
+    """Over SSE, a restore's `percent` only rises (verify, safety backup, load) and ends at
+    100; `bytes_done` never exceeds a `bytes_total` it reports; the load's bytes move."""
+    await pg.load_rich(pg_db)
+    conn = await pg.user_conn(pg_db)
+    await conn.execute("CREATE TABLE filler AS SELECT g, repeat('x', 200) AS t "
+                       "FROM generate_series(1, 100000) g")
+    await conn.close()
+    name = (await backup(api))["result"]["filename"]
+    job_id = (await (await api.post("/api/v1/targets/main/restores",
+                                    json={"backup": name})).json())["id"]
+    events = await read_events(await api.get(f"/api/v1/jobs/{job_id}/events"))
+    progress = [e["data"]["progress"] for e in events if e["event"] == "progress"]
+    final = [e["data"] for e in events if e["event"] == "succeeded"]
+    assert final, events[-1]
+    percents = [p["percent"] for p in progress]
+    assert percents == sorted(percents) and all(0 <= x <= 100 for x in percents), percents
+    assert all(p["bytes_total"] is None or p["bytes_done"] <= p["bytes_total"]
+               for p in progress)
+    job = await (await api.get(f"/api/v1/jobs/{job_id}")).json()
+    done = job["progress"]
+    assert done["percent"] == 100.0 and done["phase"] == "restoring", done
+    assert 0 < done["bytes_done"] <= done["bytes_total"], done  # the load's bytes were counted

@@ -114,9 +114,12 @@ class Procedures:
             raise BadRequest(f"backup {name.filename} is a {manifest.get('engine')} backup; "
                              f"target '{target.id}' is {target.engine}",
                              code="engine_mismatch")
+        make_safety = bool(job.params.get("create_safety_backup", True))
+        progress.plan = ({"verifying": (0, 5), "safety_backup": (5, 40), "restoring": (40, 100)}
+                         if make_safety else {"verifying": (0, 5), "restoring": (5, 100)})
         await self._verify(target, engine, name, manifest, progress)
         safety = await self._safety_backup(job, target, engine, name, progress) \
-            if job.params.get("create_safety_backup", True) else None
+            if make_safety else None
         t0 = time.monotonic()
         warnings_before = len(progress.warnings)
         try:

@@ -1,4 +1,10 @@
-"""Progress of one job: engines and the pipeline update it, a loop publishes it."""
+"""Progress of one job: engines and the pipeline update it, a loop publishes it.
+
+`phase_percent` is the current phase's own share done; `percent` is the whole job's and
+never goes backwards: a procedure may give its phases ranges of the job (`plan`; a restore:
+verify, safety backup, load), and a phase outside the plan (an engine's sub-phase such as
+`dumping` inside `safety_backup`) moves within the range of the planned phase it is part of.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +39,9 @@ class Progress:
     on_stage: Callable[[str], Awaitable[None]] = _no_stage
     stages: list[str] = field(default_factory=list)
     _last_percent: float = 0.0
+    plan: dict[str, tuple[float, float]] = field(default_factory=dict)
+    _range: tuple[float, float] = (0.0, 100.0)
+    _job_percent: float = 0.0
 
     def set_phase(self, phase: str, *, bytes_total: int | None = None,
                   items_total: int | None = None) -> None:
@@ -47,6 +56,8 @@ class Progress:
         self._last_bytes = 0
         self._rate = 0.0
         self._last_percent = 0.0
+        if phase in self.plan:
+            self._range = self.plan[phase]
 
     async def enter_stage(self, stage: str) -> None:
         """Record a stage durably (awaited: it is in the job record before we go on)."""
@@ -81,6 +92,9 @@ class Progress:
             percent = min(99.0, 100.0 * self.items_done / self.items_total)
         if percent is not None:  # never backwards within a phase
             percent = self._last_percent = max(percent, self._last_percent)
+        lo, hi = self._range
+        overall = lo + (hi - lo) * (percent or 0.0) / 100.0
+        self._job_percent = min(99.0, max(self._job_percent, overall))
         eta = None
         if self.bytes_total and self._rate > 0:
             eta = max(0.0, (self.bytes_total - self.bytes_done) / self._rate)
@@ -91,7 +105,8 @@ class Progress:
             "items_done": self.items_done,
             "items_total": self.items_total,
             "item_kind": self.item_kind,
-            "percent": None if percent is None else round(percent, 1),
+            "percent": round(self._job_percent, 1),
+            "phase_percent": None if percent is None else round(percent, 1),
             "rate_bps": round(self._rate),
             "eta_s": None if eta is None else round(eta, 1),
             "elapsed_s": round(now - self._phase_started, 1),
