@@ -38,17 +38,29 @@ class StatementSplitter:
         self.comment: list[str] = []
         self.tail = ""
         self.commands: list[str] = []  # cypher-shell command lines seen (`:begin`…)
+        self.lines: list[int] = []  # the line each emitted statement ends on, in order
+        self._line = 1  # line at the start of the text being fed
+        self._text = ""
+        self._counted = (0, 1)  # (position, line) counted so far in that text
 
-    def _emit(self, out: list[str]) -> None:
+    def _line_at(self, at: int) -> int:
+        pos, line = self._counted
+        line += self._text.count("\n", pos, at)
+        self._counted = (at, line)
+        return line
+
+    def _emit(self, out: list[str], at: int) -> None:
         stmt = "".join(self.blocks + self.buf).strip()
         self.blocks, self.size = [], 0
         if stmt:
             out.append(stmt)
+            self.lines.append(self._line_at(at))
         self.buf, self.started = [], False
 
     def feed(self, text: str, final: bool = False) -> list[str]:
         text = self.tail + text
         self.tail = ""
+        self._text, self._counted = text, (0, self._line)
         out: list[str] = []
         i, n = 0, len(text)
         while i < n:
@@ -84,7 +96,7 @@ class StatementSplitter:
                     self.comment = ["//"] if self.state == "line" else []
                     i += 1
                 elif c == ";":
-                    self._emit(out)
+                    self._emit(out, j)
                 elif c == ":" and not self.started:
                     self.state = "command"
                 else:
@@ -119,6 +131,7 @@ class StatementSplitter:
                 if self.state == "line" and "".join(self.comment).startswith(
                         FIX_BYTES_MARKER) and not self.started:
                     out.append(FIX_BYTES_MARKER)
+                    self.lines.append(self._line_at(j))
                 if self.state == "command":
                     self.commands.append(":" + "".join(self.comment).strip())
                 self.state, self.comment = "code", []
@@ -137,11 +150,13 @@ class StatementSplitter:
         if final:
             if self.state == "line" and "".join(self.comment).startswith(FIX_BYTES_MARKER):
                 out.append(FIX_BYTES_MARKER)
+                self.lines.append(self._line_at(n))
             if self.state == "quote":
                 raise BadRequest("the Cypher script ends inside a string (cut off)",
                                  code="invalid_backup")
             if self.state != "block":
-                self._emit(out)
+                self._emit(out, n)
+        self._line = self._line_at(n)  # a carried tail is "/", "*" or "\\": no newline
         return out
 
 

@@ -257,8 +257,9 @@ def validate_neo4j(chunks: Iterator[bytes]) -> dict[str, Any]:
         nonlocal count
         for stmt in statements:
             count += 1
+            line = splitter.lines.pop(0)
             if (why := check_statement(stmt)) is not None:
-                raise Unsafe(f"statement {count} refused ({why}): {stmt[:60]!r}")
+                raise Unsafe(f"line {line}: statement {count} refused ({why}): {stmt[:60]!r}")
         while splitter.commands:
             command = splitter.commands.pop(0)
             if (why := check_command(command)) is not None:

@@ -228,6 +228,8 @@ async def test_statements_outside_the_exporter_shapes_are_refused(
                           data=form(gzip.compress(hostile), "x.cypher.gz"))
     body = await resp.json()
     assert resp.status == 400 and body["error"]["code"] == "unsafe_backup", body
+    last_line = hostile.count(b"\n")  # the hostile statement is the script's last line
+    assert body["error"]["message"].startswith(f"line {last_line}:"), body
     await run(graph, "CREATE (:Person {uid: 'late', name: 'added since'})")
     before = await fingerprint(graph)
     bad = "upload_neo4j_20200101_000000.cypher.gz"

@@ -361,18 +361,19 @@ class Neo4j:
                 async for chunk in chunks:
                     progress.bytes_done += len(chunk)
                     for stmt in splitter.feed(decoder.decode(chunk)):
-                        await self._execute(driver, db, stmt)
+                        await self._execute(driver, db, stmt, splitter.lines.pop(0))
                         progress.items_done += 1
                 for stmt in splitter.feed(decoder.decode(b"", final=True), final=True):
-                    await self._execute(driver, db, stmt)
+                    await self._execute(driver, db, stmt, splitter.lines.pop(0))
                     progress.items_done += 1
 
-    async def _execute(self, driver: AsyncDriver, db: str | None, stmt: str) -> None:
+    async def _execute(self, driver: AsyncDriver, db: str | None, stmt: str,
+                       line: int) -> None:
         """One statement, one transaction (each holds a batch of up to 1000 rows). The
         runner validated the whole script before the clean; checked again here, so nothing
         outside the exporter's shapes ever reaches the server."""
         if (why := check_statement(stmt)) is not None:
-            raise RestoreFailed(f"refused statement ({why}): {stmt[:80]!r}",
+            raise RestoreFailed(f"line {line}: refused statement ({why}): {stmt[:80]!r}",
                                 code="unsafe_backup")
         if stmt == FIX_BYTES_MARKER:
             await self._fix_bytes(driver, db)
