@@ -13,7 +13,12 @@ blocks — and, outside string literals and COPY data:
   Safehold sends the only `BEGIN` and the only `COMMIT`; the bare `BEGIN;` / `COMMIT;`
   lines pg_dump writes around large objects are blanked;
 - refuses `COPY` other than pg_dump's `COPY … FROM stdin;` (text format);
-- refuses changing `standard_conforming_strings` (it changes what a quote means);
+- refuses what would make psql and this guard read the text differently: a carriage
+  return outside literals, psql variables (`:name`, `:'name'`), a dollar-quote opener
+  glued to an identifier or number, a backslash before a quote in a standard string (its
+  meaning flips with `standard_conforming_strings`), and `SET`/`set_config` of anything
+  but the settings pg_dump writes (no multibyte client encoding whose second bytes can be
+  a quote or backslash);
 - refuses NUL bytes anywhere (psql silently drops the rest of a line after one);
 - notes pg_dump's `dump complete` footer: `finish()` refuses a script without it.
 
@@ -50,8 +55,23 @@ _COPY_STDIN = re.compile(rb"(?is)^\s*COPY\s+(?!BINARY\b)[^;]*?\sFROM\s+stdin\s*;
 _TXN_CONTROL = re.compile(
     rb"(?i)^\s*(BEGIN|START|COMMIT|END|ROLLBACK|ABORT|PREPARE\s+TRANSACTION)\b")
 _BLANKED = {b"BEGIN;", b"COMMIT;"}
-_SCS = b"standard_conforming_strings"
-_SCS_KEPT = b"SET standard_conforming_strings = on;"
+# what pg_dump SETs (and set_config's); values are free but for these two
+SETTINGS = frozenset({
+    b"statement_timeout", b"lock_timeout", b"idle_in_transaction_session_timeout",
+    b"transaction_timeout", b"client_encoding", b"standard_conforming_strings",
+    b"check_function_bodies", b"xmloption", b"client_min_messages", b"row_security",
+    b"default_tablespace", b"default_table_access_method", b"default_with_oids",
+    b"search_path", b"session_replication_role", b"synchronous_commit", b"role",
+    b"session", b"time", b"timezone", b"datestyle", b"intervalstyle", b"extra_float_digits",
+})
+# client-only encodings whose second byte may be a quote or backslash in ASCII
+RISKY_ENCODINGS = frozenset({b"sjis", b"shift_jis", b"big5", b"gbk", b"uhc", b"gb18030",
+                             b"johab", b"win932", b"win936", b"win949", b"win950",
+                             b"cp932", b"cp936", b"cp949", b"cp950"})
+_SET = re.compile(rb"(?is)^\s*(?:SET|RESET)\s+(?:(?:SESSION|LOCAL)\s+)?([A-Za-z_.&\x80-\xff]+)"
+                  rb"(?:\s*(?:=|\s+TO\s+)\s*(.*?))?\s*;$")
+_SET_CONFIG = re.compile(rb"(?i)set_config\s*\(\s*'([A-Za-z_.]+)'\s*,\s*'([^']*)'")
+_PSQL_VARIABLE = re.compile(rb"(?<!:):(?=[A-Za-z_\x80-\xff{])")
 _COPY_ENDS = (b"\\.\n", b"\\.\r\n")  # a COPY data line that ends the data (psql's rule)
 # psqlscan.l: inside CREATE [OR REPLACE] FUNCTION|PROCEDURE, BEGIN/CASE … END nest and a
 # `;` in between does not end the statement (SQL-standard `BEGIN ATOMIC` bodies)
@@ -99,6 +119,8 @@ class PgScriptGuard:
         self._hold = b""  # COPY mode: the start of a line that may be "\." cut by the chunk
         self._bol = True  # COPY mode: the next byte starts a line
         self._any_sql = False
+        self._set_config_seen = False
+        self._raw_set = False  # the current SET statement was checked on its raw line
 
     # ------------------------------------------------------------------ streaming
     def feed(self, data: bytes) -> bytes:
@@ -207,11 +229,11 @@ class PgScriptGuard:
     # ------------------------------------------------------------------ SQL text
     def _sql_line(self, line: bytes) -> bytes:
         body = line.rstrip(b"\r\n")
-        if _SCS in body.lower() and body.strip() != _SCS_KEPT:
-            raise UnsafeScript(self.line, "changing standard_conforming_strings (it changes "
-                               "what a quote means)")
         if self._mode == _NORMAL and not self._in_statement and self._cont is None:
             stripped = body.strip()
+            if m := _SET.match(stripped):  # a SET's value may be a literal: check it raw
+                self._check_setting(m.group(1).lower(), m.group(2) or b"")
+                self._raw_set = True
             if stripped in _BLANKED:
                 return b"\n"  # pg_dump's large-object BEGIN/COMMIT: Safehold's transaction
             if stripped == FOOTER:
@@ -220,12 +242,37 @@ class PgScriptGuard:
             m = _RESTRICT.match(stripped)
             if m and body.startswith(b"\\"):
                 return self._restrict_line(m.group(1), m.group(2))
+        self._set_config_seen = False
         copy_after = self._lex(body)
+        if self._set_config_seen:
+            self._check_set_config(body)
         if self._cont is not None:
             self._cont_nl = True  # a newline passed after a closed string
         if copy_after:
             self._copy, self._bol, self._hold = True, True, b""
         return line
+
+    def _check_set_config(self, body: bytes) -> None:
+        """set_config outside literals: only with a literal name pg_dump uses (a computed
+        name could turn standard_conforming_strings off or pick a risky encoding)."""
+        calls = body.lower().count(b"set_config")
+        found = _SET_CONFIG.findall(body)
+        if len(found) < calls:
+            raise UnsafeScript(self.line, "set_config without a literal setting name")
+        for name, value in found:
+            self._check_setting(name.lower(), value)
+
+    def _check_setting(self, name: bytes, value: bytes) -> None:
+        value = value.strip().strip(b"'\"").lower()
+        if name not in SETTINGS:
+            raise UnsafeScript(self.line, f"setting {name.decode('utf-8', 'replace')!r} "
+                               "(only the settings pg_dump writes are accepted)")
+        if name == b"standard_conforming_strings" and value not in (b"on", b"true", b""):
+            raise UnsafeScript(self.line, "standard_conforming_strings other than on (it "
+                               "changes what a backslash in a string means)")
+        if name == b"client_encoding" and value.replace(b"-", b"_") in RISKY_ENCODINGS:
+            raise UnsafeScript(self.line, f"client encoding {value.decode()!r} (its second "
+                               "bytes can look like quotes or backslashes)")
 
     def _restrict_line(self, verb: bytes, key: bytes) -> bytes:
         if verb == b"restrict" and self.restrict_key is None and not self._any_sql:
@@ -254,6 +301,9 @@ class PgScriptGuard:
                     break
                 tok = m.group()
                 i = m.end()
+                if tok in (b"'", b'"') and stop > 0 and s[stop - 1:stop] == b":" \
+                        and s[stop - 2:stop - 1] != b":":
+                    raise UnsafeScript(self.line, "a psql variable reference (:'name')")
                 if tok == b"'":
                     self._start_statement()
                     e = stop - 1
@@ -266,14 +316,17 @@ class PgScriptGuard:
                     self._mode = _DQUOTE
                     self._head_add(b"X")
                 elif tok.startswith(b"$"):
-                    if stop > 0 and _IDENT_CHAR.match(s, stop - 1):
-                        self._head_add(b"$")  # `$` inside an identifier (a$b): not a quote
-                        i = stop + 1
-                        continue
+                    if stop > 0 and (_IDENT_CHAR.match(s, stop - 1) or s[stop - 1:stop] == b":"):
+                        raise UnsafeScript(self.line, f"{_show(s[max(0, stop - 10):i])!r}: a "
+                                           "dollar sign glued to a name or number (pg_dump "
+                                           "quotes such names; psql may read a dollar quote)")
                     self._start_statement()
                     self._mode, self._tag = _DOLLAR, tok
                     self._text(b" ")
                 elif tok == b"--":
+                    if b"\r" in s[i:]:
+                        raise UnsafeScript(self.line, "a carriage return inside a comment "
+                                           "(psql ends the comment there)")
                     break  # comment to the end of the line
                 elif tok == b"/*":
                     self._mode, self._depth = _COMMENT, 1
@@ -293,6 +346,10 @@ class PgScriptGuard:
                 j = s.find(q, i)
                 if j < 0:
                     break
+                if mode == _SQUOTE and _odd_backslashes(s, i, j):
+                    raise UnsafeScript(self.line, "a backslash before a quote in a string "
+                                       "(where the string ends depends on "
+                                       "standard_conforming_strings); write it as E'…'")
                 if s[j + 1:j + 2] == q:
                     i = j + 2
                     continue
@@ -339,12 +396,20 @@ class PgScriptGuard:
         if i >= n or s.startswith(b"--", i):
             return n  # the line ends (or a comment runs to its end): a newline follows
         if s[i:i + 1] == b"'" and self._cont_nl and self._cont is not None:
+            if self._cont == _ESTRING:  # the server continues E'' escapes, psql does not
+                raise UnsafeScript(self.line, "an E'' string continued on the next line "
+                                   "(psql and the server read it differently)")
             self._mode = self._cont
             i += 1
         self._cont = None
         return i
 
     def _text(self, t: bytes) -> None:
+        if b"\r" in t:
+            raise UnsafeScript(self.line, "a carriage return inside a line (psql reads it as "
+                               "a line break)")
+        if _PSQL_VARIABLE.search(t):
+            raise UnsafeScript(self.line, f"a psql variable reference in {_show(t, 40)!r}")
         if not t or (not self._in_statement and not t.strip()):
             return
         self._start_statement()
@@ -367,6 +432,8 @@ class PgScriptGuard:
             self._parens = max(0, self._parens - 1)
             return
         low = w.lower()
+        if low == b"set_config":
+            self._set_config_seen = True
         if self._word_count < 4:
             self._words.append(_ROUTINE_WORDS.get(low, b"-"))
         self._word_count += 1
@@ -399,6 +466,14 @@ class PgScriptGuard:
         if _TXN_CONTROL.match(head):
             raise UnsafeScript(self.line, f"transaction control {_show(head)!r} (Safehold "
                                "runs the whole restore as one transaction it commits itself)")
+        raw_checked, self._raw_set = self._raw_set, False
+        if m := _SET.match(head):
+            name = m.group(1).lower()
+            self._check_setting(name, m.group(2) or b"")
+            if name in (b"client_encoding", b"standard_conforming_strings") and not raw_checked:
+                raise UnsafeScript(self.line, f"SET {name.decode()} over several lines")
+        elif re.match(rb"(?i)\s*(SET|RESET)\b", head):
+            raise UnsafeScript(self.line, f"{_show(head)!r}: a SET pg_dump does not write")
         word = head.split(None, 2)
         kind = b" ".join(w.upper() for w in word[:2]).decode("ascii", "replace")
         if kind in ("CREATE SUBSCRIPTION", "CREATE PUBLICATION", "CREATE EXTENSION"):
@@ -409,6 +484,14 @@ class PgScriptGuard:
                                    "text format is accepted (no server files or programs)")
             return True
         return False
+
+
+def _odd_backslashes(s: bytes, start: int, at: int) -> bool:
+    """An odd run of backslashes right before s[at] (within s[start:at])."""
+    k = at - 1
+    while k >= start and s[k:k + 1] == b"\\":
+        k -= 1
+    return (at - 1 - k) % 2 == 1
 
 
 def check_script(chunks: Iterable[bytes]) -> PgScriptGuard:

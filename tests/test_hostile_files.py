@@ -18,7 +18,7 @@ from shared.pgscript import PgScriptGuard, UnsafeScript
 from tests import pg
 from tests.helpers import backup, form, gzip_bomb, publish_plain, wait_for_terminal
 
-HEADER = b"--\n-- PostgreSQL database dump\n--\n\n\\restrict abc123\n\nSET x = 1;\n"
+HEADER = b"--\n-- PostgreSQL database dump\n--\n\n\\restrict abc123\n\nSET lock_timeout = 0;\n"
 FOOTER = b"\n--\n-- PostgreSQL database dump complete\n--\n\n\\unrestrict abc123\n"
 
 HOSTILE = {
@@ -35,10 +35,19 @@ HOSTILE = {
     "server file": (b"COPY pg_settings FROM '/etc/passwd';\n", "COPY"),
     "binary copy": (b"COPY t FROM stdin WITH (FORMAT binary);\n", "COPY"),
     "NUL in SQL": (b"DROP SCHEMA public CASCADE;\x00 then nothing\n", "NUL"),
-    # an E'' string continued on the next line keeps its escapes (server and psql agree)
-    "string continuation": (b"SELECT E'a'\n'\\''; COMMIT; --'\n;\n", "transaction control"),
+    # what psql, the server and a naive scanner read differently (two reviews found these)
+    "string continuation": (b"SELECT E'a'\n'\\''; COMMIT; --'\n;\n", "continued"),
     "quote meaning changed": (b"SET standard_conforming_strings = off;\n",
                               "standard_conforming_strings"),
+    "computed setting": (b"SELECT set_config('standard_conforming'||'_strings','off',false);\n",
+                         "set_config"),
+    "carriage return": (b"-- x\rCOMMIT;\n", "carriage return"),
+    "glued dollar": (b"CREATE FUNCTION x$$begin() RETURNS int LANGUAGE sql RETURN 1;\n",
+                     "dollar sign"),
+    "psql variable": (b"SELECT (ARRAY[1])[1:x] FROM q;\n", "psql variable"),
+    "risky encoding": (b"SET client_encoding = 'SJIS';\n", "client encoding"),
+    "fake marker": (b"SELECT set_config('safehold.txn', 'open', false);\n", "setting"),
+    "backslash quote": (b"SELECT 'a\\' '; COMMIT; -- ';\n", "backslash before a quote"),
 }
 
 
@@ -198,3 +207,30 @@ def test_guard_stays_linear_on_many_small_copy_blocks() -> None:
     guard.feed(script)
     guard.finish()
     assert guard.line == script.count(b"\n")
+
+
+async def test_a_transaction_ended_behind_the_guards_back_is_caught_and_rolled_back(
+        api: Any, worker: Any, pg_db: str, storage_dir: Path, monkeypatch: Any) -> None:
+    """The second line of defence: were the guard ever to miss a COMMIT, Safehold sees that
+    its transaction is gone (txid before and after differ), does not report success, and
+    restores the safety backup."""
+    import re
+
+    from shared import pgscript
+
+    monkeypatch.setattr(pgscript, "_TXN_CONTROL", re.compile(rb"(?!x)x"))  # a blind guard
+    await pg.load_rich(pg_db)
+    good = (await backup(api))["result"]["filename"]
+    manifest = json.loads((storage_dir / f"{good}.json").read_text())
+    before = await pg.fingerprint(pg_db)
+    sql = HEADER + b"CREATE TABLE leaked (x int);\ncommit;\nCREATE TABLE after_commit (y int);\n" \
+        + FOOTER
+    bad = "upload_postgresql_20200101_000000.sql.gz"
+    await publish_plain(storage_dir, bad, sql, manifest)
+    job_id = (await (await api.post("/api/v1/targets/main/restores",
+                                    json={"backup": bad})).json())["id"]
+    job = await wait_for_terminal(api, job_id)
+    err = job["error"]
+    assert job["status"] == "failed" and err["code"] == "unsafe_backup", err
+    assert err["database_state"] == "rolled_back", err
+    assert await pg.fingerprint(pg_db) == before

@@ -307,22 +307,23 @@ class PostgreSQL:
         file can run), with ON_ERROR_STOP. If the worker dies, psql dies with it (or reads
         end-of-input without a COMMIT): the server rolls the transaction back."""
         key = secrets.token_hex(24)
-        app = f"safehold-restore-{key[:12]}"  # finds psql's session for the watchdog
         try:  # nothing has been touched yet
             await require_restrict_psql()
             clean_sql = await self._clean_sql(target) if clean else ""
         except SafeholdError as exc:
             raise RestoreFailed(exc.message, database_unchanged=True, code=exc.code) from None
-        # the transaction-local setting is gone if anything in the script ended Safehold's
-        # transaction early: the marker then says so and Safehold does not COMMIT
-        prelude = (f"\\restrict {key}\nBEGIN; SELECT set_config('safehold.txn', 'open', true); "
-                   f"{clean_sql}\n").encode()
+        # psql prints `safehold-begin-KEY|<txid>` right after BEGIN and, after the whole
+        # script, `safehold-ready-KEY|<txid>`: the same txid proves that nothing in the
+        # script ended Safehold's transaction (the key is unknown to the file; the calls are
+        # schema-qualified so the file cannot shadow them)
+        prelude = (f"\\restrict {key}\nBEGIN; SELECT 'safehold-begin-{key}', "
+                   f"pg_catalog.txid_current(); {clean_sql}\n").encode()
         guard = PgScriptGuard()
-        marker = f"safehold-ready-{key}:".encode()
-        argv = ["psql", "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1", "-f", "-"]
-        async with spawn(argv, env={**_env(target), "PGAPPNAME": app},
-                         secrets=target.secrets(), stdin=True, stdout=True) as child:
-            ready = asyncio.ensure_future(_wait_for_output(child, marker))
+        argv = ["psql", "-X", "-q", "-A", "-t", "--no-password", "-v", "ON_ERROR_STOP=1",
+                "-f", "-"]
+        async with spawn(argv, env=_env(target), secrets=target.secrets(), stdin=True,
+                         stdout=True) as child:
+            markers = asyncio.ensure_future(_read_markers(child, key))
 
             async def guarded() -> AsyncIterator[bytes]:
                 async for chunk in chunks:  # ends only after the stored sha256 was verified
@@ -331,16 +332,15 @@ class PostgreSQL:
                         yield out
                 # everything before COMMIT must have run: psql answers the marker only then,
                 # so a worker lost before this point always leaves the database unchanged
-                yield guard.finish() + (b"\nSELECT '" + marker + b"' || coalesce("
-                                        b"current_setting('safehold.txn', true), '') "
-                                        b"AS safehold_ready;\n")
-                state = await self._await_marker(target, app, ready)
-                if state is None:
+                yield guard.finish() + (f"\nSELECT 'safehold-ready-{key}', "
+                                        "pg_catalog.txid_current();\n").encode()
+                found = await _await_markers(child, markers)
+                if found is None:
                     return  # psql stopped on an error: end of input, no COMMIT
-                if state != b"open":
+                if found[0] is None or found[0] != found[1]:
                     raise RestoreFailed(
                         "the script ended Safehold's transaction before its end (a statement "
-                        "the guard did not recognise as transaction control); what followed "
+                        "the guard did not recognise as transaction control): what followed "
                         "was committed statement by statement", code="unsafe_backup")
                 await progress.enter_stage("committing")
                 yield b"COMMIT;\n"
@@ -355,7 +355,7 @@ class PostgreSQL:
                                     "the transaction was not committed",
                                     database_unchanged=True, code=exc.code) from None
             finally:
-                ready.cancel()
+                markers.cancel()
             rc = await child.wait()
         if rc == 0:
             for kind, n in sorted(guard.counts.items()):
@@ -371,47 +371,57 @@ class PostgreSQL:
         raise RestoreFailed(f"psql exited with code {rc}: {detail}",
                             database_unchanged=not progress.stage_reached("committing"))
 
-    async def _await_marker(self, target: TargetConfig, app: str,
-                            ready: asyncio.Future[bytes | None]) -> bytes | None:
-        """psql's answer to the marker. A watchdog makes sure psql is still working: if its
-        session sits idle in our transaction for seconds after the whole file was sent, psql
-        is waiting for more input (the script does not end where it seems to) — refused
-        rather than left hanging until the job times out."""
-        while True:
-            done, _ = await asyncio.wait({ready}, timeout=MARKER_POLL)
-            if done:
-                return ready.result()
-            async with self._connect(target) as conn:
-                stuck = await conn.fetchval(
-                    "SELECT state = 'idle in transaction' AND now() - state_change > "
-                    "make_interval(secs => $2) FROM pg_stat_activity "
-                    "WHERE application_name = $1", app, MARKER_POLL)
-            if stuck:
-                raise RestoreFailed(
-                    "psql is still waiting for input after the end of the backup: the script "
-                    "does not end where it seems to (an unterminated statement); nothing was "
-                    "committed", database_unchanged=True, code="unsafe_backup")
+
+STUCK_CHECKS = 3  # looks, a second apart, at a psql blocked reading its empty input
 
 
-MARKER_POLL = 5.0  # seconds between watchdog looks while waiting for psql's marker
-
-
-async def _wait_for_output(child: Child, marker: bytes) -> bytes | None:
-    """Drain the child's stdout until `marker`; return the rest of its line (None if the
-    output ended without it)."""
-    buf = b""
+async def _read_markers(child: Child, key: str) -> tuple[bytes | None, bytes] | None:
+    """Drain psql's stdout (unaligned, tuples only); return (txid after BEGIN, txid at the
+    end) once the end marker is printed, None if the output ends without it. Only the
+    start of each line is kept, so a huge result row costs nothing."""
+    begin, ready = f"safehold-begin-{key}|".encode(), f"safehold-ready-{key}|".encode()
+    first: bytes | None = None
+    line = b""
     while data := await child.read():
-        buf = buf[-(len(marker) + 64):] + data
-        at = buf.find(marker)
-        if at >= 0:
-            while (end := buf.find(b"\n", at)) < 0:
-                more = await child.read()
-                if not more:
-                    end = len(buf)
-                    break
-                buf += more
-            return buf[at + len(marker):end].strip()
+        for piece in data.split(b"\n")[:-1] if b"\n" in data else []:
+            line = (line + piece)[:200]
+            if line.startswith(begin):
+                first = line[len(begin):].strip()
+            elif line.startswith(ready):
+                return first, line[len(ready):].strip()
+            line = b""
+        tail = data.rsplit(b"\n", 1)[-1]
+        line = (line + tail)[:200]
     return None
+
+
+async def _await_markers(child: Child, markers: asyncio.Future[
+        tuple[bytes | None, bytes] | None]) -> tuple[bytes | None, bytes] | None:
+    """Wait for psql's end marker. A watchdog makes sure psql is still working: if psql
+    sits blocked reading its (empty) input after the whole file was sent, it is waiting
+    for more — the script does not end where the guard saw it end — and the restore is
+    refused rather than left hanging until the job times out."""
+    stuck = 0
+    while True:
+        done, _ = await asyncio.wait({markers}, timeout=1.0)
+        if done:
+            return markers.result()
+        stuck = stuck + 1 if _blocked_reading_stdin(child.proc.pid) else 0
+        if stuck >= STUCK_CHECKS:
+            raise RestoreFailed(
+                "psql is still waiting for input after the end of the backup: the script "
+                "does not end where it seems to; nothing was committed",
+                database_unchanged=True, code="unsafe_backup")
+
+
+def _blocked_reading_stdin(pid: int) -> bool:
+    """Linux: the process sits in read(0, …) (x86-64 and arm64 syscall numbers)."""
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            fields = f.read().split()
+    except OSError:
+        return False
+    return len(fields) >= 2 and fields[0] in ("0", "63") and fields[1] == "0x0"
 
 
 PRELUDE_LINES = 2  # "\\restrict KEY" and "BEGIN; <clean>" come before the backup's line 1
