@@ -48,6 +48,7 @@ async def store_upload(request: web.Request, target: TargetConfig) -> dict[str, 
         info = await asyncio.get_running_loop().run_in_executor(
             s.validation_pool, functools.partial(
                 formats.validate, target.engine, temp, compressed, limit=limit))
+        formats.check_scope(target.engine, target.url or "", info)
         name = naming.new_name("upload", target.engine, started, compressed=compressed)
         manifest = {
             "engine": target.engine,

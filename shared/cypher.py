@@ -190,6 +190,8 @@ def _code(stmt: str) -> str:
     return _QUOTED.sub(lambda m: m.group()[0] * 2, stmt)
 
 
+# `apoc.x(…)`, `dbms.x(…)`, `` `apoc`.x(…) ``: the exporters call no namespaced function
+_NAMESPACED_CALL = re.compile(r"(?:[A-Za-z_]\w*|``)(?:\s*\.\s*(?:[A-Za-z_]\w*|``))+\s*\(")
 _DROP_OK = re.compile(r"(?i)\s*(INDEX|CONSTRAINT)\b")
 
 
@@ -212,10 +214,12 @@ def check_statement(stmt: str) -> str | None:
     first = _WORD.match(code)
     if first is None or first.group().upper() not in _FIRST_WORDS - {"CALL"}:
         return f"statement starts with {code[:30]!r}"
+    if m := _NAMESPACED_CALL.search(code):
+        return f"a namespaced function or procedure ({m.group().rstrip('( ')}…)"
     for m in _WORD.finditer(code):
         word = m.group()
         before, after = _neighbour(code, m.start(), -1), _neighbour(code, m.end(), 1)
-        if before in (":", ".", "$") or after == ":":
+        if (before in (":", ".", "$") or after == ":") and after not in (".", "("):
             continue  # a label, relationship type, property, parameter or map key
         upper = word.upper()
         if upper == "CALL":

@@ -85,6 +85,17 @@ _MY_COMMAND = re.compile(
     rb"charset|prompt|rehash|warnings|nowarning|print|status|exit|quit|go|ego|help|"
     rb"resetconnection|query_attributes)(?=[ \t;\r\n]))")
 _MY_LOCAL = re.compile(rb"(?i)\bLOAD\s+(?:DATA|XML)\s+(?:LOW_PRIORITY\s+|CONCURRENT\s+)?LOCAL\b")
+# statements that would leave the target database or administer the server: mysqldump
+# writes none of them (`--databases` dumps carry USE / CREATE DATABASE: restore those into
+# the named database's own target); statements start at line starts in a dump
+_MY_ELSEWHERE = re.compile(
+    rb"\n[ \t]*((?i:USE|CREATE\s+(?:DATABASE|SCHEMA|USER|SERVER)|DROP\s+(?:DATABASE|SCHEMA|"
+    rb"USER|SERVER)|ALTER\s+(?:DATABASE|SCHEMA|USER|SERVER|INSTANCE)|RENAME\s+USER|GRANT|"
+    rb"REVOKE|SET\s+PASSWORD|INSTALL\s+(?:PLUGIN|SONAME)|UNINSTALL|SHUTDOWN|KILL|"
+    rb"CHANGE\s+(?:MASTER|REPLICATION)|START\s+SLAVE|STOP\s+SLAVE|RESET\s+(?:MASTER|SLAVE)|"
+    rb"PURGE|FLUSH)\b)")
+_MY_FILES = re.compile(rb"(?i)\bINTO\s+(?:OUTFILE|DUMPFILE)\b|\bLOAD_FILE\s*\(|"
+                       rb"\bLOAD\s+(?:DATA|XML)\b")
 _CARRY = 64  # an open line's start is rescanned with the next chunk up to this length
 
 
@@ -118,8 +129,15 @@ class MySQLScriptCheck:
             text = chunk[nl + 1:]
         else:
             text = self.carry + chunk
-        if m := _MY_COMMAND.search(b"\n" + text):
+        probe = b"\n" + text
+        if m := _MY_COMMAND.search(probe):
             self._refuse(text, m.start(1) - 1, "client command")
+        if m := _MY_ELSEWHERE.search(probe):
+            self._refuse(text, m.start(1) - 1, "a statement outside the target database")
+        if m := _MY_FILES.search(probe):
+            start = probe.rfind(b"\n", 0, m.start()) + 1
+            if _outside_mysql_strings(probe[start:m.start()]):
+                self._refuse(text, m.start() - 1, "server-side file access")
         self.line += text.count(b"\n")
         rest = text[text.rfind(b"\n") + 1:]
         self.open_len = len(rest)
@@ -157,6 +175,25 @@ class MySQLScriptCheck:
         return {"raw_bytes": self.size, "tool": "mysqldump (uploaded)"}
 
 
+def _outside_mysql_strings(prefix: bytes) -> bool:
+    """Whether the end of `prefix` (a line start up to a match) is outside quotes, reading
+    mysqldump's escapes (backslash, doubled quotes)."""
+    quote = b""
+    i, n = 0, len(prefix)
+    while i < n:
+        c = prefix[i:i + 1]
+        if quote:
+            if c == b"\\":
+                i += 2
+                continue
+            if c == quote:
+                quote = b""
+        elif c in (b"'", b'"', b"`"):
+            quote = c
+        i += 1
+    return not quote
+
+
 def validate_mysql(chunks: Iterator[bytes]) -> dict[str, Any]:
     """A complete mariadb-dump/mysqldump SQL file without client commands."""
     check = MySQLScriptCheck()
@@ -166,41 +203,64 @@ def validate_mysql(chunks: Iterator[bytes]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ Redis
+class RedisScriptCheck:
+    """Exactly what Safehold's writer emits: `SELECT n` (n in `allowed` when given), then
+    `RESTORE key ttl payload REPLACE [ABSTTL]`. Anything else (CONFIG, MODULE, EVAL,
+    FLUSHALL, SLAVEOF…) is refused. Used on the whole file before a restore flushes
+    anything, and again on each chunk before the restore sends it (a command is only run
+    by Redis once complete, and the check sees it complete first)."""
+
+    def __init__(self, allowed: set[int] | None = None) -> None:
+        self.reader = RespReader(max_parts=6)
+        self.allowed = allowed
+        self.size = self.keys = self.commands = 0
+        self.databases: set[int] = set()
+
+    def feed(self, chunk: bytes) -> None:
+        if self.size == 0 and chunk.startswith(b"REDIS"):
+            raise BadRequest("this is an RDB snapshot: restore it by placing it as the "
+                             "server's dump.rdb (see the README); uploads take RESP "
+                             "backups", code="invalid_upload")
+        self.size += len(chunk)
+        try:
+            commands = self.reader.feed(chunk)
+        except (ValueError, PipelineError) as exc:
+            raise BadRequest(f"not a RESP Redis backup: {exc}", code="invalid_upload") \
+                from None
+        for cmd in commands:
+            self.commands += 1
+            name = (cmd[0] or b"?").upper()
+            arg = [c or b"" for c in cmd]  # None: an argument too long to keep
+            if name == b"SELECT" and len(cmd) == 2 and arg[1].isdigit() and len(arg[1]) <= 5 \
+                    and (self.allowed is None or int(arg[1]) in self.allowed):
+                self.databases.add(int(arg[1]))
+            elif (name == b"RESTORE" and self.databases and len(cmd) in (5, 6)
+                  and arg[2].isdigit() and arg[4].upper() == b"REPLACE"
+                  and (len(cmd) == 5 or arg[5].upper() == b"ABSTTL")):
+                self.keys += 1
+            else:
+                shown = b" ".join(a[:30] for a in arg[:2]).decode("utf-8", "replace")
+                raise Unsafe(f"command {self.commands}: {shown!r} is not in a Safehold Redis "
+                             "backup (only SELECT n, then RESTORE … REPLACE [ABSTTL])")
+
+    def finish(self) -> dict[str, Any]:
+        try:
+            self.reader.finish()
+        except PipelineError as exc:
+            raise BadRequest(f"not a RESP Redis backup: {exc}", code="invalid_upload") \
+                from None
+        if self.keys == 0 and self.size == 0:
+            raise BadRequest("the Redis backup is empty", code="invalid_upload")
+        return {"raw_bytes": self.size, "format": "resp", "databases": sorted(self.databases),
+                "counts": {"keys": self.keys}, "tool": "RESP (uploaded)"}
+
+
 def validate_redis(chunks: Iterator[bytes]) -> dict[str, Any]:
-    """A RESP stream of exactly what Safehold's writer emits: `SELECT n` and
-    `RESTORE key ttl payload REPLACE [ABSTTL]`. Anything else (CONFIG, MODULE, EVAL, FLUSHALL,
-    SLAVEOF…) is refused before the restore flushes anything."""
-    reader = RespReader(max_parts=6)
-    size, keys, databases, n = 0, 0, {0}, 0
-    try:
-        for chunk in chunks:
-            if size == 0 and chunk.startswith(b"REDIS"):
-                raise BadRequest("this is an RDB snapshot: restore it by placing it as the "
-                                 "server's dump.rdb (see the README); uploads take RESP "
-                                 "backups", code="invalid_upload")
-            size += len(chunk)
-            for cmd in reader.feed(chunk):
-                n += 1
-                name = (cmd[0] or b"?").upper()
-                arg = [c or b"" for c in cmd]  # None: an argument too long to keep
-                if name == b"SELECT" and len(cmd) == 2 and arg[1].isdigit() \
-                        and len(arg[1]) <= 5:
-                    databases.add(int(arg[1]))
-                elif (name == b"RESTORE" and len(cmd) in (5, 6) and arg[2].isdigit()
-                      and arg[4].upper() == b"REPLACE"
-                      and (len(cmd) == 5 or arg[5].upper() == b"ABSTTL")):
-                    keys += 1
-                else:
-                    raise Unsafe(f"command {n}: {name[:30].decode('utf-8', 'replace')!r} is "
-                                 "not in a Safehold Redis backup (only SELECT and RESTORE … "
-                                 "REPLACE [ABSTTL])")
-        reader.finish()
-    except (ValueError, PipelineError) as exc:
-        raise BadRequest(f"not a RESP Redis backup: {exc}", code="invalid_upload") from None
-    if keys == 0 and size == 0:
-        raise BadRequest("the Redis backup is empty", code="invalid_upload")
-    return {"raw_bytes": size, "format": "resp", "databases": sorted(databases),
-            "counts": {"keys": keys}, "tool": "RESP (uploaded)"}
+    """A RESP stream of SELECT and RESTORE commands (see RedisScriptCheck)."""
+    check = RedisScriptCheck()
+    for chunk in chunks:
+        check.feed(chunk)
+    return check.finish()
 
 
 # ------------------------------------------------------------------ SQLite
@@ -282,7 +342,6 @@ def validate_neo4j(chunks: Iterator[bytes]) -> dict[str, Any]:
 # ------------------------------------------------------------------ MongoDB
 _MONGO_NAME = re.compile(r"^[^/\\. \"$\0][^/\\ \"$\0]{0,63}$")
 _MONGO_COLL = re.compile(r"^[^$\0/][^$\0/]{0,200}$")
-_MONGO_JS = re.compile(r'"\$(where|function|accumulator)"')
 MONGO_SYSTEM_DBS = frozenset({"admin", "local", "config"})
 
 
@@ -309,8 +368,9 @@ def check_mongo_member(name: str) -> tuple[str, str, str] | None:
 
 
 def check_mongo_metadata(name: str, raw: bytes) -> None:
-    """Collection options and indexes only; no server-side JavaScript ($where, $function,
-    $accumulator) in validators, view pipelines or partial-index filters."""
+    """Collection options and indexes only, in their documented shapes; no server-side
+    JavaScript ($where, $function, $accumulator — JSON escapes decoded first) anywhere in
+    validators, view pipelines or index filters, and no storage-engine configuration."""
     try:
         meta = json.loads(raw)
     except ValueError:
@@ -318,8 +378,27 @@ def check_mongo_metadata(name: str, raw: bytes) -> None:
     if not isinstance(meta, dict) or set(meta) - {"options", "indexes", "uuid",
                                                   "collectionName", "type"}:
         raise Unsafe(f"{name}: unexpected metadata keys")
-    if m := _MONGO_JS.search(raw.decode("utf-8", "replace")):
-        raise Unsafe(f"{name}: server-side JavaScript (${m.group(1)}) is refused")
+    options, indexes = meta.get("options", {}), meta.get("indexes", [])
+    if not isinstance(options, dict) or not isinstance(indexes, list) or not all(
+            isinstance(ix, dict) and isinstance(ix.get("key", {}), dict) for ix in indexes):
+        raise BadRequest(f"{name}: options must be an object and indexes a list of objects",
+                         code="invalid_upload")
+    for key in _json_keys(meta):
+        if key in ("$where", "$function", "$accumulator"):
+            raise Unsafe(f"{name}: server-side JavaScript ({key}) is refused")
+        if key == "storageEngine":
+            raise Unsafe(f"{name}: storage-engine configuration is refused")
+
+
+def _json_keys(value: Any) -> Iterator[str]:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            yield from item.keys()
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def tar_events(reader: TarReader, chunks: Iterator[bytes]) -> Iterator[tuple[str, Any]]:
@@ -370,6 +449,7 @@ def validate_mongodb(chunks: Iterator[bytes]) -> dict[str, Any]:
     """A tar stream in mongodump's layout with well-formed BSON documents."""
     box = [0]
     counts: dict[str, int] = {}
+    dbs: set[str] = set()
     events = tar_events(TarReader(), _sized(chunks, box))
     for kind, payload in events:
         if kind != "file":
@@ -391,6 +471,7 @@ def validate_mongodb(chunks: Iterator[bytes]) -> dict[str, Any]:
         if where is None:
             continue
         db, coll, suffix = where
+        dbs.add(db)
         if suffix == ".metadata.json":
             check_mongo_metadata(name, bytes(meta))
         else:
@@ -398,7 +479,25 @@ def validate_mongodb(chunks: Iterator[bytes]) -> dict[str, Any]:
     if not counts and box[0] == 0:
         raise BadRequest("the MongoDB backup is empty", code="invalid_upload")
     return {"raw_bytes": box[0], "counts": counts, "count_kind": "documents",
-            "tool": "mongodump layout (uploaded)"}
+            "databases": sorted(dbs), "tool": "mongodump layout (uploaded)"}
+
+
+def check_scope(engine: str, url: str, info: dict[str, Any]) -> None:
+    """A backup may only touch what its target names: a Redis target scoped to one logical
+    database, a MongoDB target scoped to databases in its URL's path."""
+    from urllib.parse import unquote, urlsplit
+
+    path = unquote(urlsplit(url).path.strip("/"))
+    if engine == "redis" and path.isdigit():
+        allowed: set[Any] = {int(path)}
+    elif engine == "mongodb" and path:
+        allowed = {d for d in path.split(",") if d}
+    else:
+        return
+    outside = sorted(set(info.get("databases") or []) - allowed)
+    if outside:
+        raise Unsafe(f"the backup writes to database(s) {outside}, outside this target "
+                     f"({sorted(allowed)}); restore it into the target it came from")
 
 
 VALIDATORS: dict[str, Callable[[Iterator[bytes]], dict[str, Any]]] = {

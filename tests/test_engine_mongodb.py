@@ -240,7 +240,8 @@ def tar_of(members: dict[str, bytes]) -> bytes:
 
 
 @pytest.mark.parametrize("case", ["$where validator", "admin database", "system collection",
-                                  "path outside the layout"])
+                                  "path outside the layout", "escaped $function",
+                                  "another database"])
 async def test_hostile_archives_are_refused_before_anything_is_dropped(
         api: Any, worker: Any, mongo: Any, dbs: list[str], storage_dir: Path,
         case: str) -> None:
@@ -255,6 +256,10 @@ async def test_hostile_archives_are_refused_before_anything_is_dropped(
                            "admin/system.users.bson": bson.encode({"_id": "x.y"})},
         "system collection": {f"{dbs[0]}/system.js.bson": bson.encode({"_id": "f"})},
         "path outside the layout": {"../../etc/x.bson": bson.encode({"_id": 1})},
+        "escaped $function": {f"{dbs[0]}/v.metadata.json": (
+            b'{"options": {"viewOn": "things", "pipeline": [{"$addFields": {"x": '
+            b'{"\\u0024function": {"body": "f", "args": [], "lang": "js"}}}}]}}')},
+        "another database": {"someone_elses_db/things.bson": bson.encode({"_id": 1})},
     }[case]
     blob = tar_of({f"{dbs[0]}/things.metadata.json": meta, **members})
     resp = await api.post("/api/v1/targets/main/uploads", data=form(gzip.compress(blob),

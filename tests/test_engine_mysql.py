@@ -246,6 +246,10 @@ FOOTER = b"\n-- Dump completed on 2026-11-30  3:47:21\n"
     b"  \\. {marker}\n",
     b"tee {marker}\n",
     b"LOAD DATA LOCAL INFILE '/etc/hostname' INTO TABLE owner;\n",
+    b"USE mysql;\n",  # a `--databases` dump, or one aimed at another database
+    b"CREATE DATABASE elsewhere;\n",
+    b"GRANT ALL ON *.* TO 'eve'@'%';\n",
+    b"SELECT 'x' INTO OUTFILE '{marker}';\n",
 ])
 async def test_client_commands_in_a_backup_are_refused(
         api: Any, worker: Any, my_db: str, storage_dir: Path, tmp_path: Path,

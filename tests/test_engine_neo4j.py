@@ -216,6 +216,9 @@ async def test_restore_twice_over_the_live_database(api: Any, worker: Any, graph
     "CREATE USER eve SET PASSWORD 'pw'",
     "DROP DATABASE neo4j",
     "UNWIND [1] AS x CALL { MATCH (n) DETACH DELETE n }",
+    "UNWIND [{p: apoc.cypher.runFirstColumnSingle('MATCH (n) DETACH DELETE n', {})}] AS row "
+    "CREATE (n) SET n = row.p",
+    "CREATE (n {v: dbms.components()})",
 ])
 async def test_statements_outside_the_exporter_shapes_are_refused(
         api: Any, worker: Any, graph: Any, storage_dir: Path, statement: str) -> None:

@@ -335,3 +335,64 @@ async def test_commands_outside_the_backup_shape_are_refused_before_any_flush(
     r = Redis(port=redis_port, password=PW)
     assert await r.config_get("dir") == dir_before
     await r.aclose()
+
+
+async def test_a_backup_for_other_databases_never_touches_them(
+        aiohttp_client: Any, redis: Any, redis_port: int, storage_dir: Path, prefix: str,
+        tmp_path: Path) -> None:
+    """A target scoped to db 5: a file that SELECTs db 3 is refused at upload and before
+    any flush (the operator picked another target's file, or an attacker crafted it)."""
+    from api.app import create_app
+    from tests.conftest import bearer
+
+    raw = make_raw_config(prefix, tmp_path / "backups", None)
+    raw["targets"] = {"main": {"engine": "redis", "password_env": PW_ENV,
+                               "url": f"redis://127.0.0.1:{redis_port}/5"}}
+    scoped = parse_settings(raw, {PW_ENV: PW}, base=tmp_path, source="<test>")
+    api = await aiohttp_client(create_app(scoped), headers=bearer(scoped, "admin"))
+    r3 = Redis(port=redis_port, password=PW, db=3)
+    await r3.set("other-target", "keep me")
+    await r3.aclose()
+    r5 = Redis(port=redis_port, password=PW, db=5)
+    await r5.set("mine", "1")
+    await r5.aclose()
+    hostile = resp(b"SELECT", b"3") + resp(b"RESTORE", b"k", b"0", b"x", b"REPLACE")
+    resp_ = await api.post("/api/v1/targets/main/uploads", data=form(gzip.compress(hostile)))
+    body = await resp_.json()
+    assert resp_.status == 400 and "outside this target" in body["error"]["message"], body
+    before = await fingerprint(redis_port)
+    bad = "upload_redis_20200101_000000.resp.gz"
+    await publish_plain(storage_dir, bad, hostile, {"engine": "redis", "kind": "upload",
+                                                    "format": "resp", "databases": [5]})
+    from worker.main import build_worker, stop_gracefully
+
+    w = build_worker(scoped, poll_delay=0.05)  # a worker that knows the target's scope
+    task = asyncio.create_task(w.main())
+    try:
+        job = await restore(api, bad)
+    finally:
+        await stop_gracefully(w, 10, task)
+    assert job["status"] == "failed" and job["error"]["database_state"] == "unchanged", job
+    assert "outside this target" in job["error"]["message"]
+    assert await fingerprint(redis_port) == before
+
+
+async def test_a_rollback_also_empties_databases_the_safety_backup_does_not_hold(
+        api: Any, worker: Any, redis_port: int, storage_dir: Path) -> None:
+    """The failed restore wrote into db 7, which was empty (so the safety backup has no
+    db 7): the rollback flushes it too, and the data is exactly as before."""
+    await load(redis_port)
+    good = (await backup(api))["result"]["filename"]
+    manifest = json.loads((storage_dir / f"{good}.json").read_text())
+    r = Redis(port=redis_port, password=PW)
+    payload = await r.dump("ünïcode")
+    await r.aclose()
+    before = await fingerprint(redis_port)
+    sql = (resp(b"SELECT", b"7") + resp(b"RESTORE", b"written-then-failed", b"0", payload,
+                                        b"REPLACE")
+           + resp(b"RESTORE", b"broken", b"0", b"not a dump payload", b"REPLACE"))
+    bad = "upload_redis_20200101_000000.resp.gz"
+    await publish_plain(storage_dir, bad, sql, manifest)
+    job = await restore(api, bad)
+    assert job["status"] == "failed" and job["error"]["database_state"] == "rolled_back", job
+    assert await fingerprint(redis_port) == before

@@ -117,7 +117,8 @@ class Procedures:
         make_safety = bool(job.params.get("create_safety_backup", True))
         progress.plan = ({"verifying": (0, 5), "safety_backup": (5, 40), "restoring": (40, 100)}
                          if make_safety else {"verifying": (0, 5), "restoring": (5, 100)})
-        await self._verify(target, engine, name, manifest, progress)
+        # what the file really holds (checked), not what its manifest says, drives the load
+        manifest = {**manifest, **await self._verify(target, engine, name, manifest, progress)}
         safety = await self._safety_backup(job, target, engine, name, progress) \
             if make_safety else None
         t0 = time.monotonic()
@@ -126,7 +127,11 @@ class Procedures:
             await self._load(job, target, engine, name, manifest, progress)
         except (EngineError, PipelineError, BadRequest) as exc:
             raise await self._after_failed_restore(
-                job, target, engine, exc, safety, progress) from exc
+                job, target, engine, exc, safety, progress, manifest) from exc
+        except Exception as exc:  # a bug mid-load: still say what state the database is in
+            error = RestoreFailed(f"{type(exc).__name__}: {exc}", code="internal_error")
+            raise await self._after_failed_restore(
+                job, target, engine, error, safety, progress, manifest) from exc
         return {"restored": name.filename, "safety_backup": safety,
                 "raw_bytes": manifest.get("raw_bytes"),
                 "duration_s": round(time.monotonic() - t0, 3),
@@ -140,7 +145,7 @@ class Procedures:
                            declared=int(declared) if isinstance(declared, int) else None)
 
     async def _verify(self, target: TargetConfig, engine: Engine, name: naming.BackupName,
-                      manifest: dict[str, Any], progress: Progress) -> None:
+                      manifest: dict[str, Any], progress: Progress) -> dict[str, Any]:
         """The stored bytes match the manifest's sha256. An engine that cannot load inside
         one transaction also gets the whole content checked here (inflation bound, only
         what its restore may run), before anything is touched: same checks as uploads."""
@@ -149,10 +154,11 @@ class Procedures:
         expected = str(manifest.get("sha256"))
         if not engine.atomic_restore:
             try:
-                await asyncio.to_thread(functools.partial(
+                facts = await asyncio.to_thread(functools.partial(
                     formats.validate, engine.name, path, name.compressed,
                     limit=self._limit(manifest), expect_sha256=expected,
                     on_stored=progress.add_bytes))
+                formats.check_scope(engine.name, target.url or "", facts)
             except SafeholdError as exc:
                 # damaged bytes often break gzip before the digest is reached: the checksum
                 # says what happened
@@ -161,10 +167,11 @@ class Procedures:
                     raise self._mismatch(name) from None
                 raise RestoreFailed(f"the backup {name.filename} was refused: {exc.message}",
                                     database_unchanged=True, code=exc.code) from None
-            return
+            return {k: facts[k] for k in ("databases",) if k in facts}
         digest = await asyncio.to_thread(pipeline.sha256_file, path, progress.add_bytes)
         if digest != expected:
             raise self._mismatch(name)
+        return {}
 
     @staticmethod
     def _mismatch(name: naming.BackupName) -> IntegrityError:
@@ -210,7 +217,8 @@ class Procedures:
 
     async def _after_failed_restore(self, job: Job, target: TargetConfig, engine: Engine,
                                     exc: SafeholdError, safety: str | None,
-                                    progress: Progress) -> RestoreFailed:
+                                    progress: Progress,
+                                    failed: dict[str, Any]) -> RestoreFailed:
         """Say exactly what state the database is in; roll back from the safety backup
         when the engine cannot promise the database was left unchanged."""
         msg = exc.message
@@ -232,7 +240,11 @@ class Procedures:
             sname = naming.parse(safety)
             try:
                 smanifest = await asyncio.to_thread(self.storage.manifest, target.id, sname)
-                await self._verify(target, engine, sname, smanifest, progress)
+                smanifest = {**smanifest,
+                             **await self._verify(target, engine, sname, smanifest, progress)}
+                # the failed load may have written where the safety backup has nothing (an
+                # empty database then): the rollback's clean covers those too
+                smanifest["also_clean"] = failed.get("databases") or []
                 await self._load(job, target, engine, sname, smanifest, progress,
                                  rollback=True)
             except SafeholdError as exc2:

@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from bson import json_util
+from bson.errors import BSONError
 from bson.raw_bson import RawBSONDocument
 from pymongo import AsyncMongoClient
 from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
@@ -255,7 +256,11 @@ class MongoDB:
                       progress: Progress, *, clean: bool, manifest: dict[str, Any]) -> None:
         async with self._session(target) as client:
             restorer = _Restorer(client, clean, progress)
-            with restore_errors(target, "MongoDB", PyMongoError, BulkWriteError):
+            restorer.databases |= set(manifest.get("also_clean") or [])  # a rollback's reach
+            # metadata that passed the checks can still fail to apply (an invalid ObjectId,
+            # an option of the wrong type): every such failure is a failed restore
+            with restore_errors(target, "MongoDB", PyMongoError, BulkWriteError, BSONError,
+                                ValueError, TypeError, AttributeError, KeyError):
                 async for name, stream in _untar(chunks):
                     await restorer.entry(name, stream)
                 await restorer.finish()

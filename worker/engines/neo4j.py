@@ -23,6 +23,7 @@ statement in its own transaction.
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import math
 import re
@@ -32,7 +33,7 @@ from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from neo4j import AsyncDriver, AsyncGraphDatabase
-from neo4j.exceptions import ClientError, Neo4jError, ServiceUnavailable
+from neo4j.exceptions import ClientError, DriverError, Neo4jError, ServiceUnavailable
 from neo4j.spatial import CartesianPoint, Point, WGS84Point
 from neo4j.time import Date, DateTime, Duration, Time
 
@@ -354,7 +355,7 @@ class Neo4j:
         decoder = codecs.getincrementaldecoder("utf-8")()
         splitter = StatementSplitter()
         async with self._driver(target) as (driver, db):
-            with restore_errors(target, "Neo4j", Neo4jError, UnicodeDecodeError):
+            with restore_errors(target, "Neo4j", Neo4jError, DriverError, UnicodeDecodeError):
                 if clean:
                     await self._clean(driver, db, progress)
                 progress.set_phase("restoring", bytes_total=manifest.get("raw_bytes"))
@@ -372,7 +373,10 @@ class Neo4j:
         """One statement, one transaction (each holds a batch of up to 1000 rows). The
         runner validated the whole script before the clean; checked again here, so nothing
         outside the exporter's shapes ever reaches the server."""
-        if (why := check_statement(stmt)) is not None:
+        # a long statement is checked off the event loop (the heartbeat must keep beating)
+        why = (check_statement(stmt) if len(stmt) < 1 << 18
+               else await asyncio.to_thread(check_statement, stmt))
+        if why is not None:
             raise RestoreFailed(f"line {line}: refused statement ({why}): {stmt[:80]!r}",
                                 code="unsafe_backup")
         if stmt == FIX_BYTES_MARKER:

@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 
 from shared.config import TargetConfig
 from shared.errors import BadRequest, DumpFailed, RestoreFailed
+from shared.formats import RedisScriptCheck
 from shared.redact import redact
 from shared.resp import resp
 from worker.engines import Dump, restore_errors, unreachable
@@ -208,15 +209,16 @@ class RedisEngine:
                 "RDB backups are restored by stopping Redis and putting the file in place as "
                 "its dump.rdb (see the README); Safehold restores RESP backups",
                 database_unchanged=True)
+        databases = {int(db) for db in manifest.get("databases", [])}
         with restore_errors(target, "Redis", RedisError, OSError):
-            if clean:
-                for db in manifest.get("databases", []):
-                    async with self._session(target, int(db)) as r:
+            if clean:  # the checked file's databases (and a failed restore's, on rollback)
+                for db in sorted(databases | {int(d) for d in manifest.get("also_clean", [])}):
+                    async with self._session(target, db) as r:
                         await r.flushdb()
-            await self._replay(target, chunks, progress)
+            await self._replay(target, chunks, progress, RedisScriptCheck(databases))
 
     async def _replay(self, target: TargetConfig, chunks: AsyncIterator[bytes],
-                      progress: Progress) -> None:
+                      progress: Progress, check: RedisScriptCheck) -> None:
         """Replay the RESP stream verbatim on a connection of our own while a second task
         reads the replies — what `redis-cli --pipe` does: a final ECHO marker tells when
         every reply has arrived. The first error reply fails the restore."""
@@ -256,6 +258,7 @@ class RedisEngine:
                 async for chunk in chunks:
                     if replies.done() or error:
                         break
+                    check.feed(chunk)  # the file was checked whole; it may not change since
                     writer.write(chunk)
                     await writer.drain()
                     progress.bytes_done += len(chunk)

@@ -179,6 +179,7 @@ class SQLite:
                                     "database was not touched", database_unchanged=True) \
                     from None
             progress.set_phase("replacing")
+            await progress.enter_stage("committing")  # from here the file may be the new one
             await asyncio.to_thread(_replace, target.path, temp)
         finally:
             await asyncio.to_thread(temp.unlink, missing_ok=True)
