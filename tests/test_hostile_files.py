@@ -16,7 +16,7 @@ import pytest
 
 from shared.pgscript import PgScriptGuard, UnsafeScript
 from tests import pg
-from tests.helpers import backup, form, gzip_bomb, publish_plain, wait_for_terminal
+from tests.helpers import backup, form, gzip_bomb, publish_plain, restore
 
 HEADER = b"--\n-- PostgreSQL database dump\n--\n\n\\restrict abc123\n\nSET lock_timeout = 0;\n"
 FOOTER = b"\n--\n-- PostgreSQL database dump complete\n--\n\n\\unrestrict abc123\n"
@@ -78,9 +78,7 @@ async def test_hostile_postgresql_scripts_are_refused_everywhere(
     before = await pg.fingerprint(pg_db)
     bad = "upload_postgresql_20200101_000000.sql.gz"
     await publish_plain(storage_dir, bad, sql, manifest)
-    job_id = (await (await api.post("/api/v1/targets/main/restores",
-                                    json={"backup": bad})).json())["id"]
-    job = await wait_for_terminal(api, job_id)
+    job = await restore(api, bad)
     err = job["error"]
     assert job["status"] == "failed" and err["code"] == "unsafe_backup", err
     assert err["database_state"] == "unchanged" and "line" in err["message"], err
@@ -154,9 +152,7 @@ async def test_restore_refuses_a_file_that_inflates_past_its_manifest(
     lying = json.loads((storage_dir / f"{bad}.json").read_text())
     lying["raw_bytes"] = len(plain) // 2
     (storage_dir / f"{bad}.json").write_text(json.dumps(lying))
-    job_id = (await (await api.post("/api/v1/targets/main/restores",
-                                    json={"backup": bad})).json())["id"]
-    job = await wait_for_terminal(api, job_id)
+    job = await restore(api, bad)
     err = job["error"]
     assert err["code"] == "expansion_limit" and err["database_state"] == "unchanged", err
     assert await pg.fingerprint(pg_db) == before
@@ -227,9 +223,7 @@ async def test_a_transaction_ended_behind_the_guards_back_is_caught_and_rolled_b
         + FOOTER
     bad = "upload_postgresql_20200101_000000.sql.gz"
     await publish_plain(storage_dir, bad, sql, manifest)
-    job_id = (await (await api.post("/api/v1/targets/main/restores",
-                                    json={"backup": bad})).json())["id"]
-    job = await wait_for_terminal(api, job_id)
+    job = await restore(api, bad)
     err = job["error"]
     assert job["status"] == "failed" and err["code"] == "unsafe_backup", err
     assert err["database_state"] == "rolled_back", err
