@@ -85,11 +85,13 @@ _MY_COMMAND = re.compile(
     rb"charset|prompt|rehash|warnings|nowarning|print|status|exit|quit|go|ego|help|"
     rb"resetconnection|query_attributes)(?=[ \t;\r\n]))")
 _MY_LOCAL = re.compile(rb"(?i)\bLOAD\s+(?:DATA|XML)\s+(?:LOW_PRIORITY\s+|CONCURRENT\s+)?LOCAL\b")
-# statements that would leave the target database or administer the server: mysqldump
-# writes none of them (`--databases` dumps carry USE / CREATE DATABASE: restore those into
-# the named database's own target); statements start at line starts in a dump
+# statements that would leave the target database or administer the server (also inside a
+# `/*!50000 … */` executable comment, which the server runs): mysqldump writes none of them
+# (`--databases` dumps carry USE / CREATE DATABASE: restore those into the named database's
+# own target); statements start at line starts in a dump
 _MY_ELSEWHERE = re.compile(
-    rb"\n[ \t]*((?i:USE|CREATE\s+(?:DATABASE|SCHEMA|USER|SERVER)|DROP\s+(?:DATABASE|SCHEMA|"
+    rb"\n[ \t]*(?:/\*[!M]!?\d*\s*)?((?i:USE|CREATE\s+(?:DATABASE|SCHEMA|USER|SERVER)|"
+    rb"DROP\s+(?:DATABASE|SCHEMA|"
     rb"USER|SERVER)|ALTER\s+(?:DATABASE|SCHEMA|USER|SERVER|INSTANCE)|RENAME\s+USER|GRANT|"
     rb"REVOKE|SET\s+PASSWORD|INSTALL\s+(?:PLUGIN|SONAME)|UNINSTALL|SHUTDOWN|KILL|"
     rb"CHANGE\s+(?:MASTER|REPLICATION)|START\s+SLAVE|STOP\s+SLAVE|RESET\s+(?:MASTER|SLAVE)|"

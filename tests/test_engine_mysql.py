@@ -250,6 +250,7 @@ FOOTER = b"\n-- Dump completed on 2026-11-30  3:47:21\n"
     b"CREATE DATABASE elsewhere;\n",
     b"GRANT ALL ON *.* TO 'eve'@'%';\n",
     b"SELECT 'x' INTO OUTFILE '{marker}';\n",
+    b"/*!50000 USE mysql */;\n",  # executable comments run on the server
 ])
 async def test_client_commands_in_a_backup_are_refused(
         api: Any, worker: Any, my_db: str, storage_dir: Path, tmp_path: Path,
