@@ -36,15 +36,6 @@ class Unsafe(BadRequest):
     code = "unsafe_backup"
 
 
-def plain_chunks(path: Path, compressed: bool, limit: int | None = None) -> Iterator[bytes]:
-    """The plain content of a file, decompressed in bounded chunks, at most `limit` bytes."""
-    reader = PlainReader(path, compressed=compressed, limit=limit)
-    try:
-        yield from reader
-    finally:
-        reader.close()
-
-
 def _sized(chunks: Iterator[bytes], box: list[int]) -> Iterator[bytes]:
     for chunk in chunks:
         box[0] += len(chunk)

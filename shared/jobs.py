@@ -43,6 +43,11 @@ RESTORE_STATES = {
 }
 
 
+def restore_cancellable(state: str | None) -> bool:
+    """A restore may be cancelled while stopping it leaves the database unchanged."""
+    return RESTORE_STATES.get(state or "untouched", ("unknown", ""))[0] == "unchanged"
+
+
 def undo_hint(target: str, safety: str) -> dict[str, Any]:
     """The one call that puts a database back as it was before a restore."""
     return {"method": "POST", "path": f"/api/v1/targets/{target}/restores",
@@ -113,8 +118,7 @@ class Job:
             return True
         if self.status != "running":
             return False
-        return self.kind != "restore" or self.restore_state in (None, "untouched",
-                                                                "uncommitted")
+        return self.kind != "restore" or restore_cancellable(self.restore_state)
 
     @property
     def terminal(self) -> bool:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable
 
 from shared.errors import BadRequest
 
@@ -492,12 +491,3 @@ def _odd_backslashes(s: bytes, start: int, at: int) -> bool:
     while k >= start and s[k:k + 1] == b"\\":
         k -= 1
     return (at - 1 - k) % 2 == 1
-
-
-def check_script(chunks: Iterable[bytes]) -> PgScriptGuard:
-    """Run the guard over byte chunks (validation without output)."""
-    guard = PgScriptGuard()
-    for chunk in chunks:
-        guard.feed(chunk)
-    guard.finish()
-    return guard

@@ -18,7 +18,7 @@ from shared.errors import (
     EngineError,
     SafeholdError,
 )
-from shared.jobs import Job, JobStore, now_iso
+from shared.jobs import Job, JobStore, now_iso, restore_cancellable
 from shared.keys import Keys
 from shared.locks import TargetLock
 from shared.redact import redact
@@ -196,7 +196,8 @@ class JobRunner:
             flag = await self.redis.hget(  # type: ignore[misc]
                 self.keys.job(job.id), "cancel_requested")
             if flag == b"1" and not state["cancel_requested"]:
-                if job.kind == "restore" and not _cancellable(progress):
+                stage = progress.stages[-1] if progress.stages else None
+                if job.kind == "restore" and not restore_cancellable(stage):
                     await self.redis.hdel(self.keys.job(job.id),  # type: ignore[misc]
                                           "cancel_requested")
                     await self.store.publish(job.id, "log", {
@@ -227,10 +228,6 @@ class JobRunner:
                 compress=bool(job.params.get("compress", target.compress)),
                 note=str(job.params.get("note") or ""))
         return await self.procedures.restore(job, target, engine, progress)
-
-
-def _cancellable(progress: Progress) -> bool:
-    return not progress.stages or progress.stages[-1] == "uncommitted"
 
 
 def ensure_engines(settings: Settings) -> None:
