@@ -18,12 +18,12 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from api.auth import Principal, build_verifier
 from shared.audit import AuditLog
+from shared.backupstore import Catalog
 from shared.config import Settings
 from shared.jobs import JobStore
 from shared.keys import Keys
 from shared.queue import connect
 from shared.reaper import reap_orphans
-from shared.storage import LocalStorage
 
 log = logging.getLogger("safehold.api")
 REAP_EVERY = 10.0
@@ -36,7 +36,7 @@ class Services:
     redis: ArqRedis
     store: JobStore
     blocking_store: JobStore  # its own bounded pool: blocked XREADs never starve requests
-    storage: LocalStorage
+    catalog: Catalog  # where backups live (every destination)
     verifier: Any  # api.auth.TokenVerifier
     dev_jwks: dict[str, Any] | None
     http: dict[str, aiohttp.ClientSession]
@@ -65,7 +65,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     http = {"session": aiohttp.ClientSession()}
     verifier, jwks_doc = build_verifier(settings, http)
     services = Services(settings, keys, redis, JobStore(redis, keys, ttl=ttl),
-                        JobStore(blocking, keys, ttl=ttl), LocalStorage(settings.storage.path),
+                        JobStore(blocking, keys, ttl=ttl), Catalog(settings),
                         verifier, jwks_doc, http, AuditLog(redis, keys),
                         ThreadPoolExecutor(settings.limits.max_concurrent_validations,
                                            thread_name_prefix="validate"))
@@ -79,6 +79,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(Exception):
             resp.stop_streaming()
     services.validation_pool.shutdown(wait=False, cancel_futures=True)
+    await services.catalog.close()
     await http["session"].close()
     await blocking.aclose()
     await pool.disconnect()
@@ -89,7 +90,7 @@ async def _reap_forever(services: Services) -> None:
     """The API reaps orphans too, so a job whose only worker died still fails in time."""
     while True:
         try:
-            await reap_orphans(services.store, services.storage,
+            await reap_orphans(services.store, services.catalog,
                                services.settings.worker.orphan_after)
         except Exception:
             log.exception("reaper failed")

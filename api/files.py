@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiofiles
@@ -31,10 +32,12 @@ def _byte_range(header: str, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-async def send_file(request: web.Request, path: Path, *, filename: str, sha256: str,
-                    content_type: str) -> web.StreamResponse:
-    """Stream `path` with Content-Length, ETag (its sha256), Range and If-None-Match/If-Range."""
-    size = os.stat(path).st_size
+async def send_stream(request: web.Request,
+                      open_range: Callable[[int, int], AsyncIterator[bytes]], *, size: int,
+                      filename: str, sha256: str, content_type: str,
+                      extra_headers: dict[str, str] | None = None) -> web.StreamResponse:
+    """Stream a stored backup (`open_range(start, end)` gives its bytes) with
+    Content-Length, ETag (its sha256), Range and If-None-Match/If-Range."""
     etag = f'"{sha256}"'
     headers = {
         "Content-Disposition": f'attachment; filename="{filename}"',
@@ -42,6 +45,7 @@ async def send_file(request: web.Request, path: Path, *, filename: str, sha256: 
         "Accept-Ranges": "bytes",
         "X-Checksum-SHA256": sha256,
         "Cache-Control": "private, no-transform",
+        **(extra_headers or {}),
     }
     if etag in [t.strip() for t in request.headers.get("If-None-Match", "").split(",")]:
         return web.Response(status=304, headers=headers)
@@ -62,15 +66,12 @@ async def send_file(request: web.Request, path: Path, *, filename: str, sha256: 
     if request.method == "HEAD" or size == 0:
         await resp.write_eof()
         return resp
-    async with aiofiles.open(path, "rb") as f:
-        await f.seek(start)
-        left = end - start + 1
-        while left > 0:
-            block = await f.read(min(CHUNK, left))
-            if not block:
-                break
+    chunks = open_range(start, end)
+    try:
+        async for block in chunks:
             await resp.write(block)
-            left -= len(block)
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
     await resp.write_eof()
     return resp
 

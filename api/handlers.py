@@ -11,9 +11,9 @@ from aiohttp import web
 
 from api.auth import Principal, require
 from api.context import AUDIT_INFO, PRINCIPAL, SERVICES, Services
-from api.files import send_file
+from api.files import send_stream
 from api.roles import Role
-from shared import naming
+from shared import codecs, naming
 from shared.config import TargetConfig
 from shared.errors import BadRequest, Conflict, NotFound, SafeholdError, Unavailable
 from shared.jobs import TERMINAL, Job
@@ -215,7 +215,9 @@ async def target_stats(request: web.Request) -> web.Response:
 def backup_view(m: dict[str, Any]) -> dict[str, Any]:
     size = int(m.get("size_bytes") or 0)
     return {**m, "size_mb": round(size / (1024 * 1024), 2),
-            "compressed": m.get("compression") is not None,
+            "compressed": any(c.get("codec") in ("gzip", "zstd")
+                              for c in codecs.chain_of(m)),
+            "encrypted": any(c.get("codec") == "age" for c in codecs.chain_of(m)),
             "safety": m.get("kind") == "safety_backup"}
 
 
@@ -244,7 +246,7 @@ async def create_backup(request: web.Request) -> web.Response:
 async def list_backups(request: web.Request) -> web.Response:
     s = svc(request)
     target = s.settings.target(request.match_info["target"]).id
-    manifests = await asyncio.to_thread(s.storage.list_backups, target)
+    manifests = await s.catalog.list_backups(target)
     return web.json_response({"target": target, "total_count": len(manifests),
                               "backups": [backup_view(m) for m in manifests]})
 
@@ -253,16 +255,28 @@ async def manifest_of(request: web.Request, target: str, file: str
                       ) -> tuple[naming.BackupName, dict[str, Any]]:
     """A client-named backup: parsed by the grammar (400), then looked up (404)."""
     name = naming.parse(file)
-    manifest = await asyncio.to_thread(svc(request).storage.manifest, target, name)
+    manifest = await svc(request).catalog.manifest(target, name)
     return name, manifest
 
 
 async def download(request: web.Request, target: str, file: str) -> web.StreamResponse:
-    name, manifest = await manifest_of(request, target, file)
-    return await send_file(
-        request, svc(request).storage.path_of(target, name), filename=name.filename,
-        sha256=str(manifest.get("sha256", "")),
-        content_type="application/gzip" if name.compressed else "application/octet-stream")
+    """Stream a backup from the first destination holding it (`X-Safehold-Destination`
+    says which), with Range; or redirect to a presigned URL where the destination is an
+    S3 bucket configured with `download = "redirect"`."""
+    name = naming.parse(file)
+    copies = await svc(request).catalog.copies(target, name)
+    store, manifest = copies[0]
+    if store.config.download == "redirect" and request.method == "GET":
+        url = await store.presigned_url(target, name.filename, store.config.presign_ttl)
+        if url:
+            raise web.HTTPTemporaryRedirect(url, headers={
+                "X-Safehold-Destination": store.name, "Cache-Control": "no-store"})
+    size = await store.size(target, name.filename)
+    return await send_stream(
+        request, lambda start, end: store.open(target, name.filename, start, end),
+        size=size, filename=name.filename, sha256=str(manifest.get("sha256", "")),
+        content_type=codecs.content_type(codecs.chain_of(manifest)),
+        extra_headers={"X-Safehold-Destination": store.name})
 
 
 async def delete_file(request: web.Request, target: str, file: str) -> str:
@@ -277,7 +291,7 @@ async def delete_file(request: web.Request, target: str, file: str) -> str:
         if job.kind == "restore" and made_for:
             raise Conflict(f"{name.filename} is the safety backup of restore job {job.id}, "
                            "which is still running", code="backup_in_use")
-    await asyncio.to_thread(s.storage.delete, target, name)
+    await s.catalog.delete(target, name)
     return name.filename
 
 
@@ -366,6 +380,10 @@ async def audit(request: web.Request) -> web.Response:
         action=q.get("action"), result=q.get("result"), job=q.get("job"),
         since=q.get("since"))
     return web.json_response({"entries": entries, "count": len(entries)})
+
+
+async def destinations(request: web.Request) -> web.Response:
+    return web.json_response({"destinations": await svc(request).catalog.health()})
 
 
 async def jwks(request: web.Request) -> web.Response:

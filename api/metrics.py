@@ -7,7 +7,6 @@ manifests — the same sources the API answers from.
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from datetime import datetime
 from typing import Any
@@ -58,7 +57,7 @@ async def metrics(request: web.Request) -> web.Response:
            [({}, workers)])
     count, size, last = [], [], []
     for target in visible:
-        manifests = await asyncio.to_thread(s.storage.list_backups, target)
+        manifests = await s.catalog.list_backups(target)
         regular = [m for m in manifests if m.get("kind") == "backup"]
         count.append(({"target": target}, len(manifests)))
         size.append(({"target": target}, sum(int(m.get("size_bytes") or 0) for m in manifests)))

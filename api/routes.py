@@ -64,7 +64,8 @@ ROUTES: list[Route] = [
           "Backups (manifests), newest first; safety backups flagged"),
     Route("GET", f"{T}/backups/{{file}}", h.get_backup, Role.VIEWER, "One backup's manifest"),
     Route("GET", f"{T}/backups/{{file}}/download", h.download_backup, Role.OPERATOR,
-          "Download a backup (supports Range)"),
+          "Download a backup from the first destination holding it (supports Range; S3 "
+          "destinations may redirect to a presigned URL)"),
     Route("DELETE", f"{T}/backups/{{file}}", h.delete_backup, Role.ADMIN, "Delete a backup"),
     Route("POST", f"{T}/uploads", upload_backup, Role.OPERATOR,
           "Upload a backup (multipart field `file`, or the raw body): streamed, size-capped, "
@@ -85,6 +86,9 @@ ROUTES: list[Route] = [
     Route("GET", "/api/v1/jobs/{job_id}/events", job_events, Role.VIEWER,
           "Server-sent events of a job (resumable with Last-Event-ID)",
           query={"last_event_id": "resume after this event id (same as the header)"}),
+    Route("GET", "/api/v1/destinations", h.destinations, Role.ADMIN,
+          "Where backups are stored: each destination's health (reachable, writable, free "
+          "space where knowable, backups and bytes) and the targets using it"),
     Route("GET", "/api/v1/audit", h.audit, Role.ADMIN,
           "Audit trail: mutating requests and job outcomes, newest first",
           query={"subject": "who", "target": "target id", "action": "e.g. create_backup, "

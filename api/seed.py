@@ -8,7 +8,6 @@ URL, so a script can poll `/api/v1/jobs/{id}`.
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime
 from typing import Any
 
@@ -126,7 +125,7 @@ def _seed_time(iso: str) -> str:
 
 async def list_backups(request: web.Request) -> web.Response:
     target = seed_target(request)
-    manifests = await asyncio.to_thread(svc(request).storage.list_backups, target.id)
+    manifests = await svc(request).catalog.list_backups(target.id)
     backups = []
     for m in manifests:
         view = backup_view(m)

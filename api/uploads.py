@@ -1,4 +1,5 @@
-"""Uploads: streamed to storage, size-capped, hashed, validated, then listed as `upload_…`."""
+"""Uploads: spooled locally, size-capped, hashed, validated, then stored on every destination
+of the target and listed as `upload_…`. On any failure nothing is left behind."""
 
 from __future__ import annotations
 
@@ -7,18 +8,22 @@ import contextlib
 import functools
 import re
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import aiofiles
 from aiohttp import web
 
 from api.files import UploadSink, receive_upload
 from api.handlers import job_view, principal, query_bool, submit, svc
-from shared import formats, naming
-from shared.codecs import GZIP_MAGIC, plain_limit
+from shared import codecs, formats, naming
+from shared.codecs import plain_limit
 from shared.config import TargetConfig
+from shared.errors import BadRequest, PipelineError
 from shared.jobs import now_iso
 
 _UNSAFE = re.compile(r"[^\w.\- ()+]")
+CHUNK = 1 << 20
 
 
 def _client_name(name: str | None) -> str | None:
@@ -29,47 +34,107 @@ def _client_name(name: str | None) -> str | None:
     return _UNSAFE.sub("_", base)[:200] or None
 
 
+def _chain(path: Path, head: bytes, target: TargetConfig
+           ) -> tuple[list[dict[str, Any]], list[Any], str | None]:
+    """The codec chain of an uploaded file from its bytes (never its name), the identities
+    that open it, and a note when it is encrypted to a key this server does not hold.
+    Blocking."""
+    outer = codecs.sniff(head)
+    if outer != "age":
+        return ([{"codec": outer}] if outer else []), [], None
+    ids: list[Any] = []
+    enc = target.encryption
+    if enc is not None and enc.identity_file:
+        with contextlib.suppress(OSError, BadRequest):
+            ids = codecs.load_identities(Path(enc.identity_file).read_text())
+    opaque = [{"codec": "auto"}, {"codec": "age"}]
+    if not ids:
+        return opaque, [], ("age-encrypted and no identity is configured on this server "
+                            "(encryption.identity_file): accepted unverified; it is checked "
+                            "when it is restored")
+    with open(path, "rb") as f:
+        reader = codecs.PlainReader(f, [{"codec": "age"}], identities=ids)
+        try:
+            first = reader.next_chunk() or b""
+        except PipelineError as exc:
+            if exc.code != "wrong_identity":
+                raise
+            return opaque, [], ("age-encrypted to a key this server does not hold: accepted "
+                                "unverified; it is checked when it is restored")
+        finally:
+            reader.close()
+    inner = codecs.sniff(first)
+    return ([{"codec": inner}] if inner else []) + [{"codec": "age"}], ids, None
+
+
+def _validate(engine: str, path: Path, chain: list[dict[str, Any]], limit: int,
+              identities: list[Any]) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        return formats.validate(engine, f, chain, limit=limit, identities=identities)
+
+
 async def store_upload(request: web.Request, target: TargetConfig) -> dict[str, Any]:
-    """Receive, validate and publish an upload; on any failure nothing is left behind."""
+    """Receive, validate and store an upload on the target's destinations."""
     s = svc(request)
-    temp = await asyncio.to_thread(s.storage.temp_path, target.id, "upload")
+    spool = await asyncio.to_thread(s.catalog.spool_path, target.id, "upload")
     started = datetime.now(UTC)
+    fan = None
     try:
-        async with UploadSink(temp, s.settings.server.max_upload_bytes) as sink:
+        async with UploadSink(spool, s.settings.server.max_upload_bytes) as sink:
             client_name = await receive_upload(request, sink)
         if sink.size == 0:
-            from shared.errors import BadRequest
-
             raise BadRequest("the upload is empty", code="invalid_upload")
-        compressed = sink.head.startswith(GZIP_MAGIC)
         limits = s.settings.limits
         limit = plain_limit(sink.size, max_bytes=limits.max_restore_bytes,
                             ratio=limits.max_expansion_ratio)
-        info = await asyncio.get_running_loop().run_in_executor(
-            s.validation_pool, functools.partial(
-                formats.validate, target.engine, temp, compressed, limit=limit))
-        formats.check_scope(target.engine, target.url or "", info)
-        name = naming.new_name("upload", target.engine, started, compressed=compressed)
+        loop = asyncio.get_running_loop()
+        chain, ids, note = await loop.run_in_executor(
+            s.validation_pool, _chain, spool, sink.head, target)
+        info: dict[str, Any] = {}
+        if note is None:
+            info = await loop.run_in_executor(s.validation_pool, functools.partial(
+                _validate, target.engine, spool, chain, limit, ids))
+            formats.check_scope(target.engine, target.url or "", info)
+        name = await s.catalog.reserve(target, naming.new_name(
+            "upload", target.engine, started,
+            codecs=[c["codec"] for c in chain if c["codec"] != "auto"]))
+        fan = await s.catalog.begin(target, name, "upload")
+        async with aiofiles.open(spool, "rb") as f:
+            while block := await f.read(CHUNK):
+                await fan.write(block)
+        sha256 = sink.digest.hexdigest()
+        outcomes = await fan.finish(sink.size, sha256)
         manifest = {
             "engine": target.engine,
             "kind": "upload",
+            "filename": name.filename,
+            "target": target.id,
             "created_at": started.isoformat().replace("+00:00", "Z"),
             "finished_at": now_iso(),
             "size_bytes": sink.size,
-            "sha256": sink.digest.hexdigest(),
-            "compression": {"algorithm": "gzip"} if compressed else None,
-            "encryption": None,
+            "sha256": sha256,
+            "codecs": chain,
+            "compression": next(({"algorithm": c["codec"]} for c in chain
+                                 if c["codec"] in ("gzip", "zstd")), None),
+            "encryption": {"algorithm": "age"} if chain and chain[-1]["codec"] == "age"
+            else None,
+            "validated": note is None,
+            "note": note,
+            "destinations": outcomes,
+            "partial": any(o["status"] != "stored" for o in outcomes.values()),
             "original_filename": _client_name(client_name),
             "requested_by": principal(request),
             "server_version": None,
             **info,
         }
-        final = await asyncio.to_thread(s.storage.publish, target.id, temp, name, manifest)
+        await fan.publish(manifest)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            await asyncio.to_thread(temp.unlink)
+        if fan is not None:
+            await asyncio.shield(fan.abort())
         raise
-    return await asyncio.to_thread(s.storage.manifest, target.id, final)
+    finally:
+        await asyncio.to_thread(spool.unlink, missing_ok=True)
+    return await s.catalog.manifest(target.id, name)
 
 
 async def upload_backup(request: web.Request) -> web.Response:

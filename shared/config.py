@@ -61,7 +61,74 @@ class RedisSettings:
 
 @dataclass(frozen=True)
 class StorageSettings:
+    """`path` is the built-in destination `local`; more are `[storage.<name>]` tables."""
+
     path: str = "./backups"
+    read_order: str = ""  # comma-separated destination names tried first by restores/downloads
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    """One place backups are stored: a local directory or an S3-compatible bucket.
+    Credentials come from the environment or a file, never from the TOML."""
+
+    name: str
+    type: str = "local"  # "local" | "s3"
+    path: str = ""  # local
+    endpoint: str = ""  # s3: e.g. https://s3.eu-west-1.amazonaws.com or http://minio:9000
+    region: str = "us-east-1"
+    bucket: str = ""
+    prefix: str = ""
+    path_style: bool = True
+    access_key_id_env: str = "AWS_ACCESS_KEY_ID"
+    secret_access_key_env: str = "AWS_SECRET_ACCESS_KEY"
+    credentials_file: str = ""  # AWS shared-credentials format ([profile] aws_access_key_id…)
+    profile: str = "default"
+    sse: str = ""  # "" | "AES256" | "aws:kms"
+    sse_kms_key_id: str = ""
+    storage_class: str = ""  # e.g. STANDARD_IA, GLACIER_IR
+    object_lock_mode: str = ""  # "" | "GOVERNANCE" | "COMPLIANCE"
+    object_lock_days: int = 0
+    download: str = "stream"  # "stream" through the API, or "redirect" to a presigned URL
+    presign_ttl: int = 300
+    max_concurrency: int = 2  # parts uploading at once (memory: this × part size)
+    access_key: Secret | None = field(default=None, compare=False, repr=False)
+    secret_key: Secret | None = field(default=None, compare=False, repr=False)
+
+    def public(self) -> dict[str, Any]:
+        if self.type == "local":
+            return {"name": self.name, "type": "local", "path": self.path}
+        return {"name": self.name, "type": "s3", "endpoint": self.endpoint or None,
+                "region": self.region, "bucket": self.bucket, "prefix": self.prefix,
+                "sse": self.sse or None, "storage_class": self.storage_class or None,
+                "object_lock": ({"mode": self.object_lock_mode, "days": self.object_lock_days}
+                                if self.object_lock_mode else None),
+                "download": self.download}
+
+
+@dataclass(frozen=True)
+class EncryptionConfig:
+    """age encryption of a target's backups: public keys to encrypt to (an operations key
+    plus an offline escrow key, say); the worker's identity file to decrypt for restores."""
+
+    recipients: tuple[str, ...] = ()
+    recipients_file: str = ""
+    identity_file: str = ""
+
+    def recipient_lines(self) -> list[str]:
+        """Every recipient, reading `recipients_file` now: a file that cannot be read fails
+        the backup (it is never written unencrypted)."""
+        lines = list(self.recipients)
+        if self.recipients_file:
+            from shared.errors import PipelineError
+
+            try:
+                lines += Path(self.recipients_file).read_text().splitlines()
+            except OSError as exc:
+                raise PipelineError(f"encryption recipients_file {self.recipients_file} "
+                                    f"cannot be read ({exc.strerror}); the backup was not "
+                                    "written", code="encryption_unavailable") from None
+        return [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
 
 
 @dataclass(frozen=True)
@@ -129,7 +196,14 @@ class TargetConfig:
     password: Secret | None = field(default=None, compare=False)
     schedule: str = ""
     retention: Mapping[str, int] = field(default_factory=dict)
-    compress: bool = True
+    compression: str = "gzip"  # "gzip" | "zstd" | "none"
+    compression_level: int | None = None  # default: gzip 1 (isal), zstd 3
+    destinations: tuple[str, ...] = ("local",)
+    encryption: EncryptionConfig | None = None
+
+    @property
+    def compress(self) -> bool:
+        return self.compression != "none"
 
     def secrets(self) -> list[str]:
         """Values to redact from anything this target's tools or drivers say."""
@@ -145,6 +219,9 @@ class TargetConfig:
             "schedule": self.schedule or None,
             "retention": dict(self.retention),
             "compress": self.compress,
+            "compression": self.compression,
+            "destinations": list(self.destinations),
+            "encrypted": self.encryption is not None,
         }
 
 
@@ -158,7 +235,14 @@ class Settings:
     worker: WorkerSettings = WorkerSettings()
     auth: AuthSettings = AuthSettings()
     limits: LimitSettings = LimitSettings()
+    destinations: Mapping[str, DestinationConfig] = field(default_factory=dict)
     source: str = "<defaults>"
+
+    def destination_configs(self) -> dict[str, DestinationConfig]:
+        """Every destination, `local` (storage.path) included unless redefined."""
+        out = {"local": DestinationConfig("local", "local", self.storage.path)}
+        out.update(self.destinations)
+        return out
 
     def target(self, target_id: str) -> TargetConfig:
         from shared.errors import NotFound
@@ -284,7 +368,8 @@ def _target(tid: str, raw: Any, env: Mapping[str, str], base: Path) -> TargetCon
     if not isinstance(raw, Mapping):
         raise ConfigError(f"[targets.{tid}] must be a table")
     known = {"engine", "url", "path", "password_env", "password_file", "schedule",
-             "retention", "compress"}
+             "retention", "compress", "compression", "compression_level", "destinations",
+             "encryption"}
     unknown = set(raw) - known - {"password"}
     if unknown:
         raise ConfigError(f"unknown key(s) in [targets.{tid}]: {', '.join(sorted(unknown))}")
@@ -325,8 +410,151 @@ def _target(tid: str, raw: Any, env: Mapping[str, str], base: Path) -> TargetCon
         password=_password(tid, raw, env, base),
         schedule=str(raw.get("schedule", "")),
         retention=dict(retention),
-        compress=_cast(f"targets.{tid}.compress", raw.get("compress", True), True),
+        compression=_compression(tid, raw),
+        compression_level=_level(tid, raw),
+        destinations=_destination_names(tid, raw),
+        encryption=_encryption(tid, raw.get("encryption"), base),
     )
+
+
+COMPRESSIONS = ("gzip", "zstd", "none")
+
+
+def _compression(tid: str, raw: Mapping[str, Any]) -> str:
+    if "compression" in raw:
+        value = raw["compression"]
+        if value not in COMPRESSIONS:
+            raise ConfigError(f"targets.{tid}.compression must be one of "
+                              f"{', '.join(COMPRESSIONS)}, got {value!r}")
+        return str(value)
+    return "gzip" if _cast(f"targets.{tid}.compress", raw.get("compress", True), True) \
+        else "none"
+
+
+def _level(tid: str, raw: Mapping[str, Any]) -> int | None:
+    if "compression_level" not in raw:
+        return None
+    level = _cast(f"targets.{tid}.compression_level", raw["compression_level"], 0)
+    if not 0 <= level <= 19:
+        raise ConfigError(f"targets.{tid}.compression_level must be 0-19 (gzip uses 0-3)")
+    return int(level)
+
+
+def _destination_names(tid: str, raw: Mapping[str, Any]) -> tuple[str, ...]:
+    value = raw.get("destinations", ["local"])
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"targets.{tid}.destinations must be a non-empty list of "
+                          "destination names, e.g. [\"local\", \"offsite\"]")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"targets.{tid}.destinations names a destination twice")
+    return tuple(value)
+
+
+def _encryption(tid: str, raw: Any, base: Path) -> EncryptionConfig | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"[targets.{tid}.encryption] must be a table")
+    unknown = set(raw) - {"recipients", "recipients_file", "identity_file"}
+    if unknown:
+        raise ConfigError(f"unknown key(s) in [targets.{tid}.encryption]: "
+                          f"{', '.join(sorted(unknown))} (known: identity_file, recipients, "
+                          "recipients_file)")
+    recipients = raw.get("recipients", [])
+    if not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients):
+        raise ConfigError(f"targets.{tid}.encryption.recipients must be a list of age "
+                          "public keys (age1…) or SSH public keys")
+    if not recipients and not raw.get("recipients_file"):
+        raise ConfigError(f"targets.{tid}.encryption needs recipients or recipients_file")
+
+    def path(key: str) -> str:
+        value = str(raw.get(key, ""))
+        return str(base / value) if value and not Path(value).is_absolute() else value
+
+    return EncryptionConfig(tuple(recipients), path("recipients_file"), path("identity_file"))
+
+
+_DEST_KEYS = {f.name for f in fields(DestinationConfig)} - {"name", "access_key", "secret_key"}
+
+
+def _destinations(raw: Mapping[str, Any], env: Mapping[str, str], base: Path
+                  ) -> dict[str, DestinationConfig]:
+    out = {}
+    for name, table in raw.items():
+        if not isinstance(table, Mapping):
+            continue
+        if not TARGET_ID_RE.match(name):
+            raise ConfigError(f"destination name '{name}' must be 1-63 characters of a-z, "
+                              "0-9, '_' or '-'")
+        for key in ("access_key_id", "secret_access_key", "aws_access_key_id",
+                    "aws_secret_access_key", "password"):
+            if key in table:
+                raise ConfigError(f"[storage.{name}]: credentials may not be written in the "
+                                  "config file; use access_key_id_env/secret_access_key_env "
+                                  "or credentials_file")
+        unknown = set(table) - _DEST_KEYS
+        if unknown:
+            raise ConfigError(f"unknown key(s) in [storage.{name}]: "
+                              f"{', '.join(sorted(unknown))} (known: "
+                              f"{', '.join(sorted(_DEST_KEYS))})")
+        defaults = DestinationConfig(name)
+        values = {k: _cast(f"storage.{name}.{k}", v, getattr(defaults, k))
+                  for k, v in table.items()}
+        d = replace(defaults, **values)
+        if d.type == "local":
+            if not d.path:
+                raise ConfigError(f"[storage.{name}] (type local) needs path")
+            p = Path(d.path)
+            d = replace(d, path=str((p if p.is_absolute() else base / p).resolve()))
+        elif d.type == "s3":
+            d = _s3_destination(d, env, base)
+        else:
+            raise ConfigError(f"storage.{name}.type must be \"local\" or \"s3\", "
+                              f"got {d.type!r}")
+        out[name] = d
+    return out
+
+
+def _s3_destination(d: DestinationConfig, env: Mapping[str, str], base: Path
+                    ) -> DestinationConfig:
+    where = f"[storage.{d.name}]"
+    if not d.bucket:
+        raise ConfigError(f"{where} (type s3) needs bucket")
+    if d.sse not in ("", "AES256", "aws:kms"):
+        raise ConfigError(f"{where} sse must be \"AES256\" or \"aws:kms\", got {d.sse!r}")
+    if d.object_lock_mode not in ("", "GOVERNANCE", "COMPLIANCE"):
+        raise ConfigError(f"{where} object_lock_mode must be GOVERNANCE or COMPLIANCE")
+    if d.object_lock_mode and d.object_lock_days <= 0:
+        raise ConfigError(f"{where} object_lock_days must be at least 1")
+    if d.download not in ("stream", "redirect"):
+        raise ConfigError(f"{where} download must be \"stream\" or \"redirect\"")
+    if not 1 <= d.max_concurrency <= 16:
+        raise ConfigError(f"{where} max_concurrency must be 1-16")
+    prefix = d.prefix.strip("/")
+    if d.credentials_file:
+        import configparser
+
+        p = Path(d.credentials_file)
+        p = p if p.is_absolute() else base / p
+        cp = configparser.ConfigParser()
+        try:
+            with open(p) as f:
+                cp.read_file(f)
+            sect = cp[d.profile]
+            ak, sk = sect["aws_access_key_id"], sect["aws_secret_access_key"]
+        except OSError as exc:
+            raise ConfigError(f"{where} cannot read credentials_file {p}: "
+                              f"{exc.strerror}") from None
+        except (KeyError, configparser.Error):
+            raise ConfigError(f"{where} credentials_file {p} has no [{d.profile}] with "
+                              "aws_access_key_id and aws_secret_access_key") from None
+    else:
+        missing = [n for n in (d.access_key_id_env, d.secret_access_key_env) if n not in env]
+        if missing:
+            raise ConfigError(f"{where} environment variable(s) {', '.join(missing)} not set "
+                              "(the S3 credentials; or set credentials_file)")
+        ak, sk = env[d.access_key_id_env], env[d.secret_access_key_env]
+    return replace(d, prefix=prefix, access_key=Secret(ak), secret_key=Secret(sk))
 
 
 def parse_settings(
@@ -337,7 +565,12 @@ def parse_settings(
     unknown = set(raw) - allowed
     if unknown:
         raise ConfigError(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
-    sections = {n: _section(n, cls, raw.get(n, {}), env) for n, cls in _SECTIONS.items()}
+    raw_storage = raw.get("storage", {})
+    if not isinstance(raw_storage, Mapping):
+        raise ConfigError("config section [storage] must be a table")
+    flat = {**raw, "storage": {k: v for k, v in raw_storage.items()
+                               if not isinstance(v, Mapping)}}
+    sections = {n: _section(n, cls, flat.get(n, {}), env) for n, cls in _SECTIONS.items()}
     raw_targets = raw.get("targets", {})
     if not isinstance(raw_targets, Mapping) or not raw_targets:
         raise ConfigError("no targets configured: add at least one [targets.<id>] table")
@@ -356,7 +589,19 @@ def parse_settings(
     storage = sections["storage"]
     if not Path(storage.path).is_absolute():
         sections["storage"] = replace(storage, path=str((base / storage.path).resolve()))
-    return Settings(targets=targets, default_target=default, source=source, **sections)
+    destinations = _destinations(raw_storage, env, base)
+    known_dest = {"local", *destinations}
+    for t in targets.values():
+        unknown_dest = [d for d in t.destinations if d not in known_dest]
+        if unknown_dest:
+            raise ConfigError(f"target '{t.id}': unknown destination(s) "
+                              f"{', '.join(unknown_dest)} (declared: "
+                              f"{', '.join(sorted(known_dest))})")
+    order = [n.strip() for n in sections["storage"].read_order.split(",") if n.strip()]
+    if bad := [n for n in order if n not in known_dest]:
+        raise ConfigError(f"storage.read_order names unknown destination(s) {', '.join(bad)}")
+    return Settings(targets=targets, default_target=default, source=source,
+                    destinations=destinations, **sections)
 
 
 def load_settings(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Settings:

@@ -16,11 +16,11 @@ import re
 import sqlite3
 import struct
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from shared.codecs import PlainReader
+from shared.codecs import PlainReader, Readable, Step
 from shared.cypher import StatementSplitter, check_command, check_statement
 from shared.errors import BadRequest, PipelineError
 from shared.pgscript import PgScriptGuard, UnsafeScript
@@ -509,17 +509,19 @@ VALIDATORS: dict[str, Callable[[Iterator[bytes]], dict[str, Any]]] = {
 }
 
 
-def validate(engine: str, path: Path, compressed: bool, *, limit: int | None,
+def validate(engine: str, raw: Readable, chain: Sequence[Step], *, limit: int | None,
              expect_sha256: str | None = None,
-             on_stored: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Check a stored file for `engine` (see the module docstring). With `expect_sha256`
-    the stored bytes must also match it (IntegrityError)."""
+             on_stored: Callable[[int], None] | None = None,
+             identities: Sequence[Any] = ()) -> dict[str, Any]:
+    """Check stored bytes (`raw`, decoded by `chain`) for `engine` (see the module
+    docstring). With `expect_sha256` the stored bytes must also match it (IntegrityError).
+    Blocking: runs in a thread."""
     validator = VALIDATORS.get(engine)
     if validator is None:
         raise BadRequest(f"uploads for {engine} targets are not supported",
                          code="upload_unsupported")
-    reader = PlainReader(path, compressed=compressed, limit=limit,
-                         expect_sha256=expect_sha256, on_stored=on_stored)
+    reader = PlainReader(raw, chain, limit=limit, expect_sha256=expect_sha256,
+                         on_stored=on_stored, identities=identities)
     try:
         info = validator(iter(reader))
         while reader.next_chunk() is not None:  # the rest (tar padding…): bounded, hashed
@@ -528,7 +530,8 @@ def validate(engine: str, path: Path, compressed: bool, *, limit: int | None,
     except UnsafeScript:
         raise
     except PipelineError as exc:
-        if exc.code in ("checksum_mismatch", "expansion_limit"):
+        if exc.code in ("checksum_mismatch", "expansion_limit", "wrong_identity",
+                        "identity_required"):
             raise
         raise BadRequest(f"the file is not a valid backup: {exc.message}",
                          code="invalid_upload") from None

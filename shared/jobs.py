@@ -106,7 +106,7 @@ class Job:
     finished_at: str | None = None
     worker: str | None = None
     cancel_requested: bool = False
-    temp_path: str | None = None
+    temp_handles: str | None = None  # pending backups' store handles, space-separated
     safety_backup: str | None = None  # restores: the safety backup made before loading
     restore_state: str | None = None  # restores: see RESTORE_STATES
 
@@ -163,7 +163,7 @@ class Job:
             finished_at=d.get("finished_at") or None,
             worker=d.get("worker") or None,
             cancel_requested=d.get("cancel_requested") == "1",
-            temp_path=d.get("temp_path") or None,
+            temp_handles=d.get("temp_handles") or None,
             safety_backup=d.get("safety_backup") or None,
             restore_state=d.get("restore_state") or None,
         )

@@ -1,18 +1,20 @@
 """The backup naming grammar (seed-compatible) — the only way a client string becomes a file.
 
-    name   = kind "_" engine "_" stamp [ "_" seq ] "." ext [ ".gz" ] [ ".age" ]
+    name   = kind "_" engine "_" stamp [ "_" seq ] "." ext [ ".gz" | ".zst" ] [ ".age" ]
     kind   = "backup" | "safety_backup" | "upload"
     engine = "postgresql" | "mysql" | "sqlite" | "mongodb" | "redis" | "neo4j"
     stamp  = YYYYMMDD "_" HHMMSS          (UTC)
     seq    = 2..9999                      (a second backup in the same second)
 
 Anything else is rejected; a parsed name contains only [a-z0-9_.] so it can never escape
-its target's directory.
+its target's directory. The suffixes are a courtesy to people: what decodes a file is the
+codec chain in its manifest, never its name.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -37,7 +39,7 @@ _NAME_RE = re.compile(
     r"(?P<engine>postgresql|mysql|sqlite|mongodb|redis|neo4j)_"
     r"(?P<stamp>\d{8}_\d{6})(?:_(?P<seq>[2-9]|[1-9]\d{1,3}))?"
     r"\.(?P<ext>sql|db|tar|resp|rdb|cypher|dump)"
-    r"(?P<gz>\.gz)?(?P<age>\.age)?$"
+    r"(?P<suffix>(?:\.gz|\.zst)?(?:\.age)?)$"
 )
 
 
@@ -48,20 +50,16 @@ class BackupName:
     created_at: datetime
     seq: int
     ext: str
-    compressed: bool
-    encrypted: bool
+    suffix: str  # ".gz", ".zst", ".zst.age", ".age" or ""
 
     @property
     def filename(self) -> str:
         stamp = self.created_at.strftime("%Y%m%d_%H%M%S")
         seq = f"_{self.seq}" if self.seq > 1 else ""
-        gz = ".gz" if self.compressed else ""
-        age = ".age" if self.encrypted else ""
-        return f"{self.kind}_{self.engine}_{stamp}{seq}.{self.ext}{gz}{age}"
+        return f"{self.kind}_{self.engine}_{stamp}{seq}.{self.ext}{self.suffix}"
 
     def with_seq(self, seq: int) -> BackupName:
-        return BackupName(self.kind, self.engine, self.created_at, seq, self.ext,
-                          self.compressed, self.encrypted)
+        return BackupName(self.kind, self.engine, self.created_at, seq, self.ext, self.suffix)
 
 
 def parse(name: str) -> BackupName:
@@ -83,15 +81,19 @@ def parse(name: str) -> BackupName:
         created_at=created,
         seq=int(m["seq"] or 1),
         ext=m["ext"],
-        compressed=bool(m["gz"]),
-        encrypted=bool(m["age"]),
+        suffix=m["suffix"],
     )
 
 
-def new_name(kind: str, engine: str, at: datetime, *, compressed: bool,
+SUFFIXES = {"gzip": ".gz", "zstd": ".zst", "age": ".age"}
+
+
+def new_name(kind: str, engine: str, at: datetime, *, codecs: Sequence[str] = ("gzip",),
              ext: str | None = None) -> BackupName:
-    """The first-choice name of a new backup (seq 1; storage bumps seq on collision)."""
+    """The first-choice name of a new backup (seq 1; storage bumps seq on collision);
+    `codecs` is the chain's codec names, innermost first."""
     if kind not in KINDS:
         raise ValueError(kind)
+    suffix = "".join(SUFFIXES[c] for c in codecs)
     return BackupName(kind, engine, at.astimezone(UTC).replace(microsecond=0), 1,
-                      ext or ENGINE_EXTENSIONS[engine], compressed, False)
+                      ext or ENGINE_EXTENSIONS[engine], suffix)

@@ -2,7 +2,8 @@
 
 Workers refresh `<prefix>:job:<id>:heartbeat` every few seconds with a short TTL. Any
 process (API or worker) may reap: it marks the job failed (through the same atomic
-transition, so a late worker cannot resurrect it) and deletes the job's temp file. A
+transition, so a late worker cannot resurrect it) and removes what the job was writing
+(temp files, unfinished multipart uploads) through the handles its record holds. A
 restore is never re-run automatically.
 """
 
@@ -11,11 +12,10 @@ from __future__ import annotations
 import logging
 import time
 from datetime import datetime
-from pathlib import Path
 
+from shared.backupstore import Catalog
 from shared.jobs import RESTORE_STATES, Job, JobStore, now_iso, undo_hint
 from shared.locks import release_if_held_by
-from shared.storage import TEMP_PREFIX, LocalStorage
 
 log = logging.getLogger("safehold.reaper")
 
@@ -26,7 +26,7 @@ def _age(iso: str | None) -> float:
     return time.time() - datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
-async def reap_orphans(store: JobStore, storage: LocalStorage, orphan_after: float) -> list[str]:
+async def reap_orphans(store: JobStore, catalog: Catalog, orphan_after: float) -> list[str]:
     reaped = []
     for job_id in await store.running_ids():
         if await store.redis.exists(store.keys.heartbeat(job_id)):
@@ -49,7 +49,11 @@ async def reap_orphans(store: JobStore, storage: LocalStorage, orphan_after: flo
             fields={"finished_at": now_iso(), "error": error},
             data={"error": error},
         ):
-            _remove_temp(storage, job.temp_path)
+            for handle in (job.temp_handles or "").split():
+                try:  # a temp file, or an unfinished multipart upload
+                    await catalog.remove_temp(handle)
+                except Exception as exc:
+                    log.warning("job %s: could not remove %s: %s", job_id, handle, exc)
             await release_if_held_by(store.redis, store.keys.lock(job.target), job_id)
             reaped.append(job_id)
             log.warning("reaped orphaned job %s (%s on %s)", job_id, job.kind, job.target)
@@ -71,12 +75,3 @@ def _lost_restore(job: Job, message: str) -> tuple[str, dict[str, object]]:
     elif state != "unchanged":
         message += " No safety backup was made for this restore."
     return message, extra
-
-
-def _remove_temp(storage: LocalStorage, temp_path: str | None) -> None:
-    if not temp_path:
-        return
-    p = Path(temp_path).resolve()
-    root = storage.root.resolve()
-    if p.name.startswith(TEMP_PREFIX) and root in p.parents:
-        p.unlink(missing_ok=True)

@@ -1,30 +1,35 @@
-"""Local backup storage: `<root>/<target>/<file>` plus a `<file>.json` manifest sidecar.
+"""Local backup storage (a `BackupStore`): `<root>/<target>/<file>` plus a `<file>.json`
+manifest sidecar.
 
 Write order (a crash at any point leaves no half backup listed):
-1. bytes go to `<target>/.tmp-<job>-<rand>.partial`, fsynced;
-2. the temp file is hard-linked to its final name (`link` never overwrites, so a second
-   backup in the same second takes `_2`, `_3`…), the temp name unlinked, the dir fsynced;
+1. bytes go to `<target>/.tmp-<tag>-<rand>.partial`, fsynced;
+2. the temp file is hard-linked to its final name (`link` never overwrites), the temp name
+   unlinked, the dir fsynced, and the file read back (size, sha256);
 3. the manifest is written to a temp name, fsynced and renamed to `<file>.json`.
 Listing reads manifests only; a data file without a manifest, or a temp file, is never
-listed. Methods are blocking: async callers run them in a thread.
+listed. Blocking work runs in threads.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import os
 import secrets
+import shutil
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from shared import naming
+from shared.config import DestinationConfig
 from shared.errors import NotFound, PipelineError
 
 MANIFEST_VERSION = 1
 TEMP_PREFIX = ".tmp-"
+CHUNK = 1 << 20
 
 
 def _fsync_dir(path: Path) -> None:
@@ -35,95 +40,90 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-@dataclass
-class TempFile:
-    """A backup being written; `write` is blocking."""
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
 
-    path: Path
-    handle: BinaryIO
 
-    def write(self, data: bytes) -> None:
-        self.handle.write(data)
+class LocalPending:
+    """A backup being written to a local temp file (see the module docstring)."""
 
-    def finish(self) -> None:
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-        self.handle.close()
+    def __init__(self, store: LocalStorage, target: str, name: naming.BackupName,
+                 path: Path, handle: BinaryIO) -> None:
+        self.store, self.target, self.name = store, target, name
+        self.temp, self._f = path, handle
+        self.final: Path | None = None
+        self.handle = f"{store.name}:{target}/{path.name}"
 
-    def discard(self) -> None:
-        if not self.handle.closed:
-            self.handle.close()
-        self.path.unlink(missing_ok=True)
+    async def write(self, data: bytes) -> None:
+        await asyncio.to_thread(self._f.write, data)
+
+    async def complete(self, size: int, sha256: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self._complete, size, sha256)
+
+    def _complete(self, size: int, sha256: str) -> dict[str, Any]:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        final = self.temp.with_name(self.name.filename)
+        try:
+            os.link(self.temp, final)
+        except FileExistsError:
+            self.temp.unlink(missing_ok=True)
+            raise PipelineError(f"a backup named {self.name.filename} appeared meanwhile; "
+                                "not overwritten", code="name_taken") from None
+        self.final = final
+        self.temp.unlink()
+        _fsync_dir(final.parent)
+        stored = final.stat().st_size
+        digest = sha256_file(final)
+        if stored != size or digest != sha256:
+            final.unlink(missing_ok=True)
+            self.final = None
+            raise PipelineError(f"read-back check failed on {self.store.name}: stored "
+                                f"{stored} bytes (sha256 {digest[:12]}…), expected {size} "
+                                f"(sha256 {sha256[:12]}…)", code="readback_mismatch")
+        return {"size_bytes": stored, "check": "sha256"}
+
+    async def write_manifest(self, manifest: dict[str, Any]) -> None:
+        assert self.final is not None
+        await asyncio.to_thread(self.store._write_json,
+                                self.final.with_name(f"{self.name.filename}.json"), manifest)
+
+    async def abort(self) -> None:
+        def _abort() -> None:
+            if not self._f.closed:
+                self._f.close()
+            self.temp.unlink(missing_ok=True)
+            if self.final is not None:
+                self.final.unlink(missing_ok=True)
+        await asyncio.to_thread(_abort)
 
 
 class LocalStorage:
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, name: str = "local",
+                 config: DestinationConfig | None = None) -> None:
         self.root = Path(root)
+        self.name = name
+        self.config = config or DestinationConfig(name, "local", str(root))
 
-    def target_dir(self, target: str) -> Path:
-        d = self.root / target
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+    def _dir(self, target: str) -> Path:
+        if "/" in target or target.startswith("."):
+            raise NotFound(f"unknown target '{target}'", code="target_not_found")
+        return self.root / target
 
-    def path_of(self, target: str, name: naming.BackupName) -> Path:
-        return self.target_dir(target) / name.filename
+    def _file(self, target: str, filename: str) -> Path:
+        return self._dir(target) / naming.parse(filename).filename
 
-    def create_temp(self, target: str, job_id: str) -> TempFile:
-        path = self.temp_path(target, job_id)
-        return TempFile(path, open(path, "xb"))  # noqa: SIM115 - closed by finish/discard
+    # ------------------------------------------------------------------ reading
+    async def list_manifests(self, target: str) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self._list, target)
 
-    def temp_path(self, target: str, tag: str) -> Path:
-        """A fresh temp name under the target (swept if its job/tag is not running)."""
-        return self.target_dir(target) / f"{TEMP_PREFIX}{tag}-{secrets.token_hex(4)}.partial"
-
-    def publish(self, target: str, temp_path: Path, name: naming.BackupName,
-                manifest: dict[str, Any]) -> naming.BackupName:
-        """Give a finished temp file its final name and write its manifest; returns the name."""
-        d = self.target_dir(target)
-        for seq in range(1, 10000):
-            candidate = name.with_seq(seq)
-            final = d / candidate.filename
-            if (d / f"{candidate.filename}.json").exists():
-                continue
-            try:
-                os.link(temp_path, final)
-            except FileExistsError:
-                continue
-            break
-        else:  # pragma: no cover - 9999 backups in one second
-            raise PipelineError("could not find a free backup name")
-        temp_path.unlink()
-        _fsync_dir(d)
-        manifest = {"format_version": MANIFEST_VERSION, **manifest,
-                    "filename": candidate.filename, "target": target}
-        self._write_json(d / f"{candidate.filename}.json", manifest)
-        return candidate
-
-    def _write_json(self, path: Path, doc: dict[str, Any]) -> None:
-        tmp = path.with_name(f"{TEMP_PREFIX}{secrets.token_hex(4)}.json.partial")
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-
-    def manifest(self, target: str, name: naming.BackupName) -> dict[str, Any]:
-        d = self.root / target
-        data = d / name.filename
-        try:
-            doc: dict[str, Any] = json.loads((d / f"{name.filename}.json").read_text())
-        except FileNotFoundError:
-            raise NotFound(f"no backup '{name.filename}' for target '{target}'",
-                           code="backup_not_found") from None
-        if not data.exists():
-            raise NotFound(f"backup '{name.filename}' has a manifest but no data file",
-                           code="backup_not_found")
-        return doc
-
-    def list_backups(self, target: str) -> list[dict[str, Any]]:
-        """Manifests of complete backups, newest first."""
-        d = self.root / target
+    def _list(self, target: str) -> list[dict[str, Any]]:
+        d = self._dir(target)
         if not d.is_dir():
             return []
         out = []
@@ -140,40 +140,145 @@ class LocalStorage:
                 out.append(json.loads(entry.read_text()))
             except (OSError, ValueError):
                 continue
-        out.sort(key=lambda m: (m.get("created_at", ""), m.get("filename", "")), reverse=True)
         return out
 
-    def delete(self, target: str, name: naming.BackupName) -> None:
-        """Remove the manifest first (the backup leaves listings), then the data."""
-        d = self.root / target
-        man = d / f"{name.filename}.json"
-        if not man.exists():
-            raise NotFound(f"no backup '{name.filename}' for target '{target}'",
-                           code="backup_not_found")
-        man.unlink()
-        (d / name.filename).unlink(missing_ok=True)
-        _fsync_dir(d)
+    async def read_manifest(self, target: str, filename: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self._manifest, target, filename)
 
-    def temp_files(self) -> Iterable[Path]:
+    def _manifest(self, target: str, filename: str) -> dict[str, Any]:
+        data = self._file(target, filename)
+        try:
+            doc: dict[str, Any] = json.loads(data.with_name(f"{data.name}.json").read_text())
+        except FileNotFoundError:
+            raise NotFound(f"no backup '{filename}' for target '{target}'",
+                           code="backup_not_found") from None
+        if not data.exists():
+            raise NotFound(f"backup '{filename}' has a manifest but no data file",
+                           code="backup_not_found")
+        return doc
+
+    async def size(self, target: str, filename: str) -> int:
+        try:
+            return (await asyncio.to_thread(self._file(target, filename).stat)).st_size
+        except FileNotFoundError:
+            raise NotFound(f"no backup '{filename}' for target '{target}'",
+                           code="backup_not_found") from None
+
+    async def open(self, target: str, filename: str, start: int = 0,
+                   end: int | None = None) -> AsyncIterator[bytes]:
+        path = self._file(target, filename)
+        try:
+            f = await asyncio.to_thread(open, path, "rb")
+        except FileNotFoundError:
+            raise NotFound(f"no backup '{filename}' for target '{target}'",
+                           code="backup_not_found") from None
+        try:
+            await asyncio.to_thread(f.seek, start)
+            left = None if end is None else end - start + 1
+            while left is None or left > 0:
+                block = await asyncio.to_thread(f.read, CHUNK if left is None
+                                                else min(CHUNK, left))
+                if not block:
+                    break
+                if left is not None:
+                    left -= len(block)
+                yield block
+        finally:
+            await asyncio.to_thread(f.close)
+
+    async def exists(self, target: str, filename: str) -> bool:
+        p = self._file(target, filename)
+        return await asyncio.to_thread(
+            lambda: p.exists() or p.with_name(f"{p.name}.json").exists())
+
+    async def presigned_url(self, target: str, filename: str, ttl: int) -> str | None:
+        return None
+
+    # ------------------------------------------------------------------ writing
+    async def begin(self, target: str, name: naming.BackupName, tag: str) -> LocalPending:
+        def _begin() -> LocalPending:
+            d = self._dir(target)
+            d.mkdir(parents=True, exist_ok=True)
+            path = d / f"{TEMP_PREFIX}{tag}-{secrets.token_hex(4)}.partial"
+            return LocalPending(self, target, name, path, open(path, "xb"))  # noqa: SIM115
+        return await asyncio.to_thread(_begin)
+
+    def _write_json(self, path: Path, doc: dict[str, Any]) -> None:
+        tmp = path.with_name(f"{TEMP_PREFIX}{secrets.token_hex(4)}.json.partial")
+        doc = {"format_version": MANIFEST_VERSION, **doc}
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+
+    async def delete(self, target: str, filename: str) -> None:
+        def _delete() -> None:
+            data = self._file(target, filename)
+            man = data.with_name(f"{data.name}.json")
+            if not man.exists():
+                raise NotFound(f"no backup '{filename}' for target '{target}'",
+                               code="backup_not_found")
+            man.unlink()
+            data.unlink(missing_ok=True)
+            _fsync_dir(data.parent)
+        await asyncio.to_thread(_delete)
+
+    # ------------------------------------------------------------------ leftovers
+    async def remove_temp(self, handle: str) -> None:
+        _, _, rest = handle.partition(":")
+        target, _, temp = rest.partition("/")
+        if not temp.startswith(TEMP_PREFIX) or "/" in temp or not temp.endswith(".partial"):
+            return
+        await asyncio.to_thread((self._dir(target) / temp).unlink, missing_ok=True)
+
+    def temp_files(self) -> list[Path]:
         if not self.root.is_dir():
             return []
         return [p for d in self.root.iterdir() if d.is_dir()
                 for p in d.glob(f"{TEMP_PREFIX}*.partial")]
 
-    def sweep_temps(self, keep_jobs: set[str], min_age: float = 300.0) -> list[Path]:
-        """Delete crash leftovers: temp files of jobs not running, untouched for `min_age`
+    async def sweep_temps(self, keep: set[str], min_age: float = 300.0) -> list[str]:
+        """Delete crash leftovers: temp files of jobs not in `keep`, untouched for `min_age`
         seconds (an upload in progress has no job but keeps its file fresh)."""
-        removed = []
-        now = time.time()
-        for p in self.temp_files():
-            job_id = p.name[len(TEMP_PREFIX):].rsplit("-", 1)[0]
-            if job_id in keep_jobs:
-                continue
-            try:
-                if now - p.stat().st_mtime < min_age:
+        def _sweep() -> list[str]:
+            removed = []
+            now = time.time()
+            for p in self.temp_files():
+                tag = p.name[len(TEMP_PREFIX):].rsplit("-", 1)[0]
+                if tag in keep:
                     continue
-            except FileNotFoundError:
-                continue
-            p.unlink(missing_ok=True)
-            removed.append(p)
-        return removed
+                try:
+                    if now - p.stat().st_mtime < min_age:
+                        continue
+                except FileNotFoundError:
+                    continue
+                p.unlink(missing_ok=True)
+                removed.append(f"{self.name}:{p.parent.name}/{p.name}")
+            return removed
+        return await asyncio.to_thread(_sweep)
+
+    async def health(self) -> dict[str, Any]:
+        def _health() -> dict[str, Any]:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f"{TEMP_PREFIX}probe-{secrets.token_hex(4)}.partial"
+            try:
+                probe.write_bytes(b"ok")
+                probe.unlink()
+                writable = True
+            except OSError:
+                writable = False
+            usage = shutil.disk_usage(self.root)
+            count = size = 0
+            for d in self.root.iterdir():
+                if d.is_dir() and not d.name.startswith("."):
+                    for m in self._list(d.name):
+                        count += 1
+                        size += int(m.get("size_bytes") or 0)
+            return {"reachable": True, "writable": writable, "free_bytes": usage.free,
+                    "backups": count, "bytes": size}
+        return await asyncio.to_thread(_health)
+
+    async def close(self) -> None:
+        return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from shared import naming
-from shared.errors import InvalidBackupName, NotFound
+from shared.errors import InvalidBackupName, NotFound, PipelineError
 from shared.storage import LocalStorage
 
 
@@ -43,19 +44,26 @@ def test_invalid_names_rejected(name: str) -> None:
         naming.parse(name)
 
 
-def publish(storage: LocalStorage, at: datetime, data: bytes = b"data") -> naming.BackupName:
-    temp = storage.create_temp("main", "job1")
-    temp.write(data)
-    temp.finish()
-    name = naming.new_name("backup", "postgresql", at, compressed=True)
-    return storage.publish("main", temp.path, name, {"created_at": at.isoformat()})
+async def publish(storage: LocalStorage, at: datetime, data: bytes = b"data",
+                  tag: str = "job1") -> naming.BackupName:
+    """Through the catalog's path: reserve a free name, write, complete, manifest last."""
+    name = naming.new_name("backup", "postgresql", at, codecs=["gzip"])
+    for seq in range(1, 100):
+        if not await storage.exists("main", name.with_seq(seq).filename):
+            name = name.with_seq(seq)
+            break
+    pending = await storage.begin("main", name, tag)
+    await pending.write(data)
+    await pending.complete(len(data), hashlib.sha256(data).hexdigest())
+    await pending.write_manifest({"created_at": at.isoformat(), "filename": name.filename})
+    return name
 
 
-def test_same_second_gets_sequence_numbers(tmp_path: Path) -> None:
+async def test_same_second_gets_sequence_numbers(tmp_path: Path) -> None:
     """Two backups in the same second never overwrite each other."""
     s = LocalStorage(tmp_path)
     at = datetime(2024, 11, 10, 12, 0, 0, tzinfo=UTC)
-    a, b, c = publish(s, at, b"1"), publish(s, at, b"2"), publish(s, at, b"3")
+    a, b, c = [await publish(s, at, d) for d in (b"1", b"2", b"3")]
     assert [a.filename, b.filename, c.filename] == [
         "backup_postgresql_20241110_120000.sql.gz",
         "backup_postgresql_20241110_120000_2.sql.gz",
@@ -65,38 +73,72 @@ def test_same_second_gets_sequence_numbers(tmp_path: Path) -> None:
         c.filename
 
 
-def test_listing_shows_only_complete_backups(tmp_path: Path) -> None:
+async def test_a_taken_name_is_never_overwritten(tmp_path: Path) -> None:
+    """Two writers racing for one name: the second fails `name_taken`, leaves nothing, and
+    the first's bytes stand."""
+    s = LocalStorage(tmp_path)
+    name = naming.new_name("backup", "postgresql", datetime(2024, 1, 1, tzinfo=UTC))
+    first, second = await s.begin("main", name, "a"), await s.begin("main", name, "b")
+    await first.write(b"one")
+    await second.write(b"two")
+    await first.complete(3, hashlib.sha256(b"one").hexdigest())
+    with pytest.raises(PipelineError) as err:
+        await second.complete(3, hashlib.sha256(b"two").hexdigest())
+    assert err.value.code == "name_taken"
+    await second.abort()
+    assert (tmp_path / "main" / name.filename).read_bytes() == b"one"
+    assert s.temp_files() == []
+
+
+async def test_read_back_mismatch_removes_the_copy(tmp_path: Path) -> None:
+    """`complete` reads the file back: bytes that are not what was sent are not kept."""
+    s = LocalStorage(tmp_path)
+    name = naming.new_name("backup", "postgresql", datetime(2024, 1, 1, tzinfo=UTC))
+    pending = await s.begin("main", name, "a")
+    await pending.write(b"what the disk got")
+    with pytest.raises(PipelineError) as err:
+        await pending.complete(17, hashlib.sha256(b"what was sent!!!!").hexdigest())
+    assert err.value.code == "readback_mismatch"
+    assert list((tmp_path / "main").iterdir()) == []
+
+
+async def test_listing_shows_only_complete_backups(tmp_path: Path) -> None:
     """Temp files, data without manifest and stray files are never listed."""
     s = LocalStorage(tmp_path)
-    good = publish(s, datetime(2024, 1, 1, tzinfo=UTC))
+    good = await publish(s, datetime(2024, 1, 1, tzinfo=UTC))
     d = tmp_path / "main"
     (d / "backup_postgresql_20240102_000000.sql.gz").write_bytes(b"no manifest")
     (d / ".tmp-job9-abcd.partial").write_bytes(b"half")
     (d / "notes.txt.json").write_text("{}")
     (d / "backup_postgresql_20240103_000000.sql.gz.json").write_text("{}")  # no data
-    assert [m["filename"] for m in s.list_backups("main")] == [good.filename]
+    assert [m["filename"] for m in await s.list_manifests("main")] == [good.filename]
 
 
-def test_sweep_keeps_running_jobs_temps(tmp_path: Path) -> None:
-    """Stale temps are swept; a running job's temp is kept."""
+async def test_sweep_keeps_running_jobs_temps(tmp_path: Path) -> None:
+    """Stale temps are swept; a running job's temp is kept; the reaper removes by handle."""
     s = LocalStorage(tmp_path)
-    keep = s.create_temp("main", "1a2b-running")
-    stale = s.create_temp("main", "1a2b-dead")
-    fresh = s.create_temp("main", "1a2b-uploading")
+    name = naming.new_name("backup", "postgresql", datetime(2024, 1, 1, tzinfo=UTC))
+    keep = await s.begin("main", name, "1a2b-running")
+    stale = await s.begin("main", name, "1a2b-dead")
+    fresh = await s.begin("main", name, "1a2b-uploading")
+    reaped = await s.begin("main", name, "1a2b-reaped")
     old = time.time() - 3600
     for t in (keep, stale):
-        os.utime(t.path, (old, old))
-    removed = s.sweep_temps({"1a2b-running"})
-    assert fresh.path.exists()  # recently written: maybe an upload in progress
-    assert removed == [stale.path]
-    assert keep.path.exists()
+        os.utime(t.temp, (old, old))
+    removed = await s.sweep_temps({"1a2b-running"})
+    assert fresh.temp.exists()  # recently written: maybe an upload in progress
+    assert removed == [stale.handle]
+    assert keep.temp.exists()
+    await s.remove_temp(reaped.handle)
+    assert not reaped.temp.exists()
+    await s.remove_temp("local:main/../../etc/passwd")  # not a temp handle: ignored
 
 
-def test_delete_removes_manifest_and_data(tmp_path: Path) -> None:
+async def test_delete_removes_manifest_and_data(tmp_path: Path) -> None:
     """Delete takes the backup out of listings and off the disk; twice is NotFound."""
     s = LocalStorage(tmp_path)
-    name = publish(s, datetime(2024, 1, 1, tzinfo=UTC))
-    s.delete("main", name)
-    assert s.list_backups("main") == []
+    name = await publish(s, datetime(2024, 1, 1, tzinfo=UTC))
+    await s.delete("main", name.filename)
+    assert await s.list_manifests("main") == []
     with pytest.raises(NotFound):
-        s.delete("main", name)
+        await s.delete("main", name.filename)

@@ -6,12 +6,12 @@ import gzip
 import hashlib
 import os
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
+from shared import codecs
+from shared.codecs import GzipCompress
 from shared.errors import PipelineError
-from shared.storage import LocalStorage
 from worker import pipeline
 
 
@@ -22,67 +22,78 @@ async def source(blocks: list[bytes], fail_after: int | None = None) -> AsyncIte
         yield b
 
 
-async def test_store_then_read_round_trip(tmp_path: Path) -> None:
+class Collect:
+    """A sink that keeps what it is given (the pipeline under test is the thing here)."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    async def write(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.parts)
+
+
+async def chunks_of(data: bytes, size: int = 300_000) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+async def read_all(data: bytes, chain: list[dict[str, object]] | None = None) -> bytes:
+    chain = [{"codec": "gzip"}] if chain is None else chain
+    return b"".join([c async for c in pipeline.stored_plain(chunks_of(data), chain)])
+
+
+async def test_store_then_read_round_trip() -> None:
     """Stored bytes are standard gzip with the reported sha256; reading gives the input."""
     blocks = [os.urandom(100_000) + b"text " * 50_000 for _ in range(12)]
-    storage = LocalStorage(tmp_path)
-    temp = storage.create_temp("t", "j")
+    sink = Collect()
     seen: list[int] = []
-    out = await pipeline.store(source(blocks), temp, compress=True, level=2,
-                               on_bytes=seen.append)
-    temp.finish()
-    stored = temp.path.read_bytes()
-    assert hashlib.sha256(stored).hexdigest() == out["sha256"]
-    assert gzip.decompress(stored) == b"".join(blocks)
+    out = await pipeline.store(source(blocks), sink, [GzipCompress(2)], on_bytes=seen.append)
+    assert hashlib.sha256(sink.data).hexdigest() == out["sha256"]
+    assert gzip.decompress(sink.data) == b"".join(blocks)
     assert sum(seen) == out["raw_bytes"] == sum(map(len, blocks))
-    back = b"".join([c async for c in pipeline.read_stored(temp.path, decompress=True)])
-    assert back == b"".join(blocks)
+    assert out["size_bytes"] == len(sink.data)
+    assert await read_all(sink.data) == b"".join(blocks)
 
 
-async def test_source_error_propagates(tmp_path: Path) -> None:
-    """A failing source fails the store (the caller then discards the temp file)."""
-    temp = LocalStorage(tmp_path).create_temp("t", "j")
+async def test_source_error_propagates() -> None:
+    """A failing source fails the store (the caller then aborts what it wrote)."""
     with pytest.raises(RuntimeError, match="source broke"):
-        await pipeline.store(source([b"a" * 10, b"b"], fail_after=1), temp, compress=True,
-                             level=2, on_bytes=lambda n: None)
-    temp.discard()
-    assert not temp.path.exists()
+        await pipeline.store(source([b"a" * 10, b"b"], fail_after=1), Collect(),
+                             [GzipCompress(2)], on_bytes=lambda n: None)
 
 
-async def read_all(path: Path) -> bytes:
-    return b"".join([c async for c in pipeline.read_stored(path, decompress=True)])
-
-
-async def test_multi_member_gzip_is_read_whole(tmp_path: Path) -> None:
+async def test_multi_member_gzip_is_read_whole() -> None:
     """`cat a.gz b.gz` style files decompress to both members."""
-    p = tmp_path / "x.gz"
-    p.write_bytes(gzip.compress(b"first\n") + gzip.compress(b"second\n"))
-    assert await read_all(p) == b"first\nsecond\n"
+    assert await read_all(gzip.compress(b"first\n") + gzip.compress(b"second\n")) == \
+        b"first\nsecond\n"
 
 
-async def test_truncated_gzip_is_an_error(tmp_path: Path) -> None:
+async def test_truncated_gzip_is_an_error() -> None:
     """A cut-off gzip file raises instead of yielding a silently short dump."""
-    p = tmp_path / "x.gz"
-    p.write_bytes(gzip.compress(os.urandom(200_000))[:-100])
     with pytest.raises(PipelineError, match="truncated"):
-        await read_all(p)
+        await read_all(gzip.compress(os.urandom(200_000))[:-100])
 
 
-async def test_not_gzip_is_an_error(tmp_path: Path) -> None:
+async def test_not_gzip_is_an_error() -> None:
     """Plain bytes where gzip is expected raise a clear error."""
-    p = tmp_path / "x.gz"
-    p.write_bytes(b"CREATE TABLE t (x int);\n")
     with pytest.raises(PipelineError, match="not valid gzip"):
-        await read_all(p)
+        await read_all(b"CREATE TABLE t (x int);\n")
 
 
-async def test_decompression_output_is_bounded(tmp_path: Path) -> None:
-    """A tiny gzip of a huge run of zeros comes out in chunks of at most 1 MiB."""
-    p = tmp_path / "zeros.gz"
-    p.write_bytes(gzip.compress(b"\0" * (64 << 20), compresslevel=9))
-    sizes = [len(c) async for c in pipeline.read_stored(p, decompress=True)]
+@pytest.mark.parametrize("chain", [[{"codec": "gzip"}], [{"codec": "zstd"}]])
+async def test_decompression_output_is_bounded(chain: list[dict[str, object]]) -> None:
+    """A tiny file of a huge run of zeros comes out in chunks of at most 1 MiB."""
+    blob = Collect()
+    await pipeline.store(source([b"\0" * (1 << 20)] * 64), blob,
+                         codecs.encoders([{**chain[0], "level": 9}]), on_bytes=lambda n: None)
+    assert len(blob.data) < 1 << 20
+    sizes = [len(c) async for c in pipeline.stored_plain(chunks_of(blob.data), chain)]
     assert sum(sizes) == 64 << 20
-    assert max(sizes) <= pipeline.CHUNK
+    assert max(sizes) <= codecs.CHUNK
 
 
 def test_resp_reader_streams_at_any_chunk_size_and_keeps_no_large_argument() -> None:

@@ -45,7 +45,7 @@ async def _housekeeping(runner: JobRunner) -> None:
     while True:
         try:
             await runner.redis.zadd(keys.workers, {runner.worker_id: time.time()})
-            await reap_orphans(runner.store, runner.storage, w.orphan_after)
+            await reap_orphans(runner.store, runner.catalog, w.orphan_after)
         except Exception:  # keep beating through transient Redis errors
             log.exception("housekeeping failed")
         await asyncio.sleep(min(WORKER_BEAT, w.orphan_after / 2))
@@ -56,11 +56,15 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
     runner = JobRunner(settings, ctx["redis"], worker_id)
     ctx["runner"] = runner
-    running = set(await runner.store.running_ids())
-    removed = await asyncio.to_thread(runner.storage.sweep_temps, running)
+    keep: set[str] = set()
+    for job_id in await runner.store.running_ids():
+        keep.add(job_id)
+        job = await runner.store.find(job_id)
+        keep.update((job.temp_handles or "").split() if job else ())
+    removed = await runner.catalog.sweep_temps(keep)
     if removed:
-        log.warning("swept %d stale temp file(s): %s", len(removed),
-                    ", ".join(p.name for p in removed))
+        log.warning("swept %d stale temp file(s) or upload(s): %s", len(removed),
+                    ", ".join(removed))
     ctx["housekeeping"] = asyncio.create_task(_housekeeping(runner))
     log.info("worker %s ready (targets: %s)", worker_id, ", ".join(settings.targets))
 
@@ -73,6 +77,7 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
     runner: JobRunner | None = ctx.get("runner")
     if runner:
         await runner.redis.zrem(runner.keys.workers, runner.worker_id)
+        await runner.catalog.close()
 
 
 def build_worker(settings: Settings, *, redis_pool: ArqRedis | None = None,

@@ -1,27 +1,26 @@
-"""The byte-stream pipeline: sync stages, one async driver.
+"""The byte-stream pipeline of a backup: source chunks -> codec chain -> sha256 -> sink.
 
-Backup:  source chunks -> [gzip] -> sha256 -> temp file      (`store`)
-Restore: stored file -> [gunzip] -> chunks                    (`read_stored`)
-
-Stages are plain sync objects (`feed`/`flush`); the driver runs them in a thread so
-compression never blocks the event loop, while a reader task keeps draining the source
-into a small bounded queue (back-pressure: at most QUEUE_DEPTH chunks in memory).
-gzip comes from python-isal (standard gzip output, ~10x stdlib zlib); zlib is the fallback.
+Codec stages are plain sync objects (`feed`/`flush`, see `shared.codecs`); the driver runs
+them in a thread so compression and encryption never block the event loop, while a reader
+task keeps draining the source into a small bounded queue (back-pressure: at most
+QUEUE_DEPTH chunks in memory). The sink is the fan-out to the target's destinations.
+Reading a stored backup back is `shared.codecs.PlainReader` (`stored_plain` here).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Callable, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
-from shared.codecs import CHUNK, GZIP_IMPL, GzipCompress, GzipDecompress, PlainReader, Stage
-from shared.storage import TempFile
+from shared.codecs import CHUNK, PlainReader, Stage, Step
 
-__all__ = ["CHUNK", "GZIP_IMPL", "GzipCompress", "GzipDecompress", "read_stored", "store"]
-QUEUE_DEPTH = 8  # chunks of ~1 MiB between the reader and the compressor
+QUEUE_DEPTH = 8  # chunks of ~1 MiB between the reader and the encoders
+
+
+class Sink(Protocol):
+    async def write(self, data: bytes) -> None: ...
 
 
 def run_stages(stages: Sequence[Stage], data: bytes, final: bool = False) -> bytes:
@@ -48,10 +47,9 @@ async def _prefetch(source: AsyncIterator[bytes], queue: asyncio.Queue[bytes | N
     await queue.put(None)
 
 
-async def store(source: AsyncIterator[bytes], temp: TempFile, *, compress: bool, level: int,
+async def store(source: AsyncIterator[bytes], sink: Sink, stages: Sequence[Stage], *,
                 on_bytes: Callable[[int], None]) -> dict[str, Any]:
-    """Drain `source` through [gzip] and sha256 into `temp`; return size/sha256/raw size."""
-    stages: list[Stage] = [GzipCompress(level)] if compress else []
+    """Drain `source` through `stages` and sha256 into `sink`; return size/sha256/raw size."""
     digest = hashlib.sha256()
     totals = {"raw": 0, "stored": 0}
 
@@ -59,12 +57,12 @@ async def store(source: AsyncIterator[bytes], temp: TempFile, *, compress: bool,
         totals["raw"] += n
         on_bytes(n)
 
-    def process(chunk: bytes, final: bool) -> None:
+    def process(chunk: bytes, final: bool) -> bytes:
         out = run_stages(stages, chunk, final)
         if out:
             digest.update(out)
-            temp.write(out)
             totals["stored"] += len(out)
+        return out
 
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_DEPTH)
     reader = asyncio.create_task(_prefetch(source, queue, count))
@@ -79,8 +77,10 @@ async def store(source: AsyncIterator[bytes], temp: TempFile, *, compress: bool,
             chunk = get.result()
             if chunk is None:
                 break
-            await asyncio.to_thread(process, chunk, False)
-        await asyncio.to_thread(process, b"", True)
+            if out := await asyncio.to_thread(process, chunk, False):
+                await sink.write(out)
+        if out := await asyncio.to_thread(process, b"", True):
+            await sink.write(out)
         await reader
     finally:
         if not reader.done():
@@ -90,25 +90,22 @@ async def store(source: AsyncIterator[bytes], temp: TempFile, *, compress: bool,
             "raw_bytes": totals["raw"]}
 
 
-def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
-    """Blocking: hash a stored file in 1 MiB reads."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-            if on_bytes:
-                on_bytes(len(block))
-    return h.hexdigest()
+async def stored_plain(chunks: AsyncIterator[bytes], chain: Sequence[Step], *,
+                       limit: int | None = None, expect_sha256: str | None = None,
+                       identities: Sequence[Any] = (),
+                       on_bytes: Callable[[int], None] | None = None,
+                       on_open: Callable[[PlainReader], Awaitable[None]] | None = None
+                       ) -> AsyncIterator[bytes]:
+    """Yield the plain content of a stored backup (its stored byte stream `chunks`) in
+    chunks of at most ~1 MiB; decoding runs in a thread, one chunk ahead of the consumer.
+    See `PlainReader` for `limit` and `expect_sha256` (the stream ends only after the
+    digest matched)."""
+    from shared.backupstore import BlockingStream
 
-
-async def read_stored(path: Path, *, decompress: bool, limit: int | None = None,
-                      expect_sha256: str | None = None,
-                      on_bytes: Callable[[int], None] | None = None) -> AsyncIterator[bytes]:
-    """Yield the plain content of a stored backup in chunks of at most ~1 MiB; reading and
-    gunzip run in a thread, one chunk ahead of the consumer. See `PlainReader` for `limit`
-    and `expect_sha256` (the stream ends only after the digest matched)."""
-    reader = await asyncio.to_thread(PlainReader, path, compressed=decompress, limit=limit,
-                                     expect_sha256=expect_sha256, on_stored=on_bytes)
+    raw = BlockingStream(chunks, asyncio.get_running_loop())
+    reader = await asyncio.to_thread(PlainReader, raw, chain, limit=limit,
+                                     expect_sha256=expect_sha256, on_stored=on_bytes,
+                                     identities=identities, close=raw.close)
     pending = asyncio.ensure_future(asyncio.to_thread(reader.next_chunk))
     try:
         while (out := await pending) is not None:

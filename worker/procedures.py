@@ -1,6 +1,7 @@
 """The backup and restore procedures, each readable top to bottom.
 
-Backup:  dump -> [gzip] -> sha256 -> temp file -> atomic publish with manifest.
+Backup:  dump -> codec chain (gzip|zstd, age) -> sha256 -> every destination of the target
+         at once -> read-back check -> manifests last.
 Restore: verify (checksum, inflation bound, content) -> safety backup -> load -> on failure,
          say exactly what state the database is in, rolling back from the safety backup
          when the engine cannot promise the database was left unchanged.
@@ -11,71 +12,115 @@ The job lifecycle around them (transitions, heartbeat, cancel) lives in `worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import os
 import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from shared import formats, naming
+from shared import codecs, formats, naming
+from shared.backupstore import BackupStore, BlockingStream, Catalog
 from shared.codecs import plain_limit
 from shared.config import Settings, TargetConfig
 from shared.errors import (
     BadRequest,
     EngineError,
     IntegrityError,
+    NotFound,
     PipelineError,
     RestoreFailed,
     SafeholdError,
     SafetyBackupFailed,
 )
 from shared.jobs import Job, JobStore, now_iso, undo_hint
-from shared.storage import LocalStorage
+from shared.naming import ENGINE_FORMATS
 from worker import pipeline
 from worker.engines import Engine
 from worker.progress import Progress
 
 
 class Procedures:
-    def __init__(self, settings: Settings, store: JobStore, storage: LocalStorage) -> None:
+    def __init__(self, settings: Settings, store: JobStore, catalog: Catalog) -> None:
         self.settings = settings
         self.store = store
-        self.storage = storage
+        self.catalog = catalog
 
     # ----------------------------------------------------------------- backup
+    def chain(self, target: TargetConfig, compress: bool = True) -> list[dict[str, Any]]:
+        """The codec chain of a new backup of `target` (with the recipients' keys, which
+        `codecs.recorded` leaves out of the manifest)."""
+        chain: list[dict[str, Any]] = []
+        algorithm = target.compression if target.compression != "none" else "gzip"
+        if compress and algorithm == "gzip":
+            level = target.compression_level
+            chain.append({"codec": "gzip", "implementation": codecs.GZIP_IMPL,
+                          "level": self.settings.worker.compress_level if level is None
+                          else level})
+        elif compress and algorithm == "zstd":
+            cores = os.cpu_count() or 1
+            chain.append({"codec": "zstd", "level": target.compression_level or 3,
+                          "threads": min(4, cores - 1) if cores > 1 else 0})
+        if target.encryption is not None:
+            keys = target.encryption.recipient_lines()
+            chain.append({"codec": "age",
+                          "recipients": [codecs.recipient_fingerprint(k) for k in keys],
+                          "recipient_keys": keys})
+        return chain
+
     async def backup(self, job: Job, target: TargetConfig, engine: Engine, progress: Progress,
                      *, kind: str, compress: bool, note: str = "",
                      parent: str | None = None) -> dict[str, Any]:
-        """Dump -> [gzip] -> sha256 -> temp file -> atomic publish with manifest."""
+        """Dump -> codec chain -> sha256 -> every destination -> read-back -> manifests."""
         started = datetime.now(UTC)
         t0 = time.monotonic()
-        level = self.settings.worker.compress_level
-        temp = await asyncio.to_thread(self.storage.create_temp, target.id, job.id)
-        await self.store.set_fields(job.id, temp_path=str(temp.path))
+        chain = self.chain(target, compress)
+        # encoders first: recipients that cannot be loaded fail the backup before a byte
+        # is written anywhere (never stored unencrypted)
+        stages = codecs.encoders(chain)
+        options = {k: job.params[k] for k in ("format", "use_apoc") if job.params.get(k)}
+        fmt = options.get("format")
+        ext = fmt if fmt in ENGINE_FORMATS.get(engine.name, ()) else engine.extension
+        name = await self.catalog.reserve(target, naming.new_name(
+            kind, engine.name, started, codecs=[s["codec"] for s in chain], ext=ext))
 
+        async def record_handles(handles: list[str]) -> None:
+            await self.store.set_fields(job.id, temp_handles=" ".join(handles))
+
+        fan = await self.catalog.begin(target, name, job.id, on_handles=record_handles)
         try:
-            options = {k: job.params[k] for k in ("format", "use_apoc") if job.params.get(k)}
             async with engine.dump(target, progress, options) as dump:
-                out = await pipeline.store(dump.chunks, temp, compress=compress, level=level,
+                out = await pipeline.store(dump.chunks, fan, stages,
                                            on_bytes=progress.add_bytes)
-            await asyncio.to_thread(temp.finish)
+            progress.phase = "publishing"
+            outcomes = await fan.finish(out["size_bytes"], out["sha256"])
         except BaseException:
-            await asyncio.shield(asyncio.to_thread(temp.discard))
+            await asyncio.shield(fan.abort())
             raise
-        progress.phase = "publishing"
-        name = naming.new_name(kind, engine.name, started, compressed=compress,
-                               ext=dump.info.pop("extension", engine.extension))
+        stored_on = [n for n, o in outcomes.items() if o["status"] == "stored"]
+        failed = {n: o["error"]["message"] for n, o in outcomes.items()
+                  if o["status"] != "stored"}
+        dump.info.pop("extension", None)
         manifest = {
             "engine": engine.name,
             "kind": kind,
+            "filename": name.filename,
+            "target": target.id,
             "created_at": started.isoformat().replace("+00:00", "Z"),
             "finished_at": now_iso(),
             "duration_s": round(time.monotonic() - t0, 3),
             "size_bytes": out["size_bytes"],
             "raw_bytes": out["raw_bytes"],
             "sha256": out["sha256"],
-            "compression": ({"algorithm": "gzip", "implementation": pipeline.GZIP_IMPL,
-                             "level": level} if compress else None),
-            "encryption": None,
+            "codecs": codecs.recorded(chain),
+            "compression": next(({"algorithm": s["codec"], "level": s.get("level")}
+                                 for s in chain if s["codec"] in ("gzip", "zstd")), None),
+            "encryption": next(({"algorithm": "age", "recipients": s["recipients"]}
+                                for s in chain if s["codec"] == "age"), None),
+            "destinations": outcomes,
+            "partial": bool(failed),
             **dump.info,
             "warnings": progress.warnings or None,
             "requested_by": job.requested_by,
@@ -83,59 +128,91 @@ class Procedures:
             "parent": parent,
             "note": note or None,
         }
-        publishing = asyncio.ensure_future(
-            asyncio.to_thread(self.storage.publish, target.id, temp.path, name, manifest))
+        publishing = asyncio.ensure_future(fan.publish(manifest))
         try:
-            final = await asyncio.shield(publishing)
+            await asyncio.shield(publishing)
         except asyncio.CancelledError:
             # cancelled while publishing: let it finish, then take it back out
-            final = await publishing
-            await asyncio.to_thread(self.storage.delete, target.id, final)
+            with contextlib.suppress(Exception):
+                await publishing
+                await self.catalog.delete(target.id, name)
             raise
-        await self.store.set_fields(job.id, temp_path="")
+        except BaseException:
+            await asyncio.shield(fan.abort())
+            raise
+        await self.store.set_fields(job.id, temp_handles="")
+        stored_on = fan.live()
+        if failed or len(stored_on) < len(outcomes):
+            lost = {n: o.get("error", {}).get("message", "manifest not written")
+                    for n, o in outcomes.items() if n not in stored_on}
+            progress.warn(f"backup {name.filename} is stored on {', '.join(stored_on)} only; "
+                          + "; ".join(f"{n} failed: {m}" for n, m in lost.items()))
         return {
-            "filename": final.filename,
+            "filename": name.filename,
             "kind": kind,
             "size_bytes": out["size_bytes"],
             "raw_bytes": out["raw_bytes"],
             "sha256": out["sha256"],
-            "compressed": compress,
+            "compressed": any(s["codec"] in ("gzip", "zstd") for s in chain),
+            "codecs": [s["codec"] for s in chain],
+            "stored_on": stored_on,
+            "destinations": outcomes,
+            "partial": len(stored_on) < len(outcomes),
             "duration_s": manifest["duration_s"],
             "warnings": progress.warnings or None,
         }
 
     # ----------------------------------------------------------------- restore
     async def restore(self, job: Job, target: TargetConfig, engine: Engine,
-                      progress: Progress) -> dict[str, Any]:
+                      progress: Progress, identities: Sequence[Any] = ()) -> dict[str, Any]:
         """Verify -> safety backup -> clean restore -> (on failure) automatic rollback."""
         name = naming.parse(str(job.params.get("backup", "")))
-        manifest = await asyncio.to_thread(self.storage.manifest, target.id, name)
+        copies = await self.catalog.copies(target.id, name)
+        manifest = copies[0][1]
         if manifest.get("engine") != target.engine:
             raise BadRequest(f"backup {name.filename} is a {manifest.get('engine')} backup; "
                              f"target '{target.id}' is {target.engine}",
                              code="engine_mismatch")
+        ids = list(identities) or self.identities(target)
         make_safety = bool(job.params.get("create_safety_backup", True))
         progress.plan = ({"verifying": (0, 5), "safety_backup": (5, 40), "restoring": (40, 100)}
                          if make_safety else {"verifying": (0, 5), "restoring": (5, 100)})
         # what the file really holds (checked), not what its manifest says, drives the load
-        manifest = {**manifest, **await self._verify(target, engine, name, manifest, progress)}
+        source, facts = await self._verify(target, engine, name, copies, progress, ids)
+        manifest = {**source[1], **facts}
+        if len(copies) > 1 or source[0] is not copies[0][0]:
+            await self.store.publish(job.id, "log", {
+                "message": f"restoring {name.filename} from destination {source[0].name}"})
         safety = await self._safety_backup(job, target, engine, name, progress) \
             if make_safety else None
         t0 = time.monotonic()
         warnings_before = len(progress.warnings)
         try:
-            await self._load(job, target, engine, name, manifest, progress)
+            await self._load(job, target, engine, name, source[0], manifest, progress, ids)
         except (EngineError, PipelineError, BadRequest) as exc:
             raise await self._after_failed_restore(
-                job, target, engine, exc, safety, progress, manifest) from exc
+                job, target, engine, exc, safety, progress, manifest, ids) from exc
         except Exception as exc:  # a bug mid-load: still say what state the database is in
             error = RestoreFailed(f"{type(exc).__name__}: {exc}", code="internal_error")
             raise await self._after_failed_restore(
-                job, target, engine, error, safety, progress, manifest) from exc
+                job, target, engine, error, safety, progress, manifest, ids) from exc
         return {"restored": name.filename, "safety_backup": safety,
+                "restored_from": source[0].name,
                 "raw_bytes": manifest.get("raw_bytes"),
                 "duration_s": round(time.monotonic() - t0, 3),
                 "warnings": progress.warnings[warnings_before:] or None}
+
+    def identities(self, target: TargetConfig) -> list[Any]:
+        """The worker's age identities for `target` (encryption.identity_file), if any."""
+        enc = target.encryption
+        if enc is None or not enc.identity_file:
+            return []
+        try:
+            text = Path(enc.identity_file).read_text()
+        except OSError as exc:
+            raise PipelineError(f"the identity_file of target '{target.id}' cannot be read "
+                                f"({exc.strerror})", code="identity_required") from None
+        return codecs.load_identities(text)
 
     def _limit(self, manifest: dict[str, Any]) -> int:
         limits = self.settings.limits
@@ -145,33 +222,102 @@ class Procedures:
                            declared=int(declared) if isinstance(declared, int) else None)
 
     async def _verify(self, target: TargetConfig, engine: Engine, name: naming.BackupName,
-                      manifest: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        """The stored bytes match the manifest's sha256. An engine that cannot load inside
-        one transaction also gets the whole content checked here (inflation bound, only
-        what its restore may run), before anything is touched: same checks as uploads."""
-        progress.set_phase("verifying", bytes_total=manifest.get("size_bytes"))
-        path = self.storage.path_of(target.id, name)
+                      copies: list[tuple[BackupStore, dict[str, Any]]], progress: Progress,
+                      identities: Sequence[Any]
+                      ) -> tuple[tuple[BackupStore, dict[str, Any]], dict[str, Any]]:
+        """Find the first copy whose stored bytes match its manifest's sha256 (a copy that
+        is missing or damaged is passed over, and said so). An engine that cannot load
+        inside one transaction also gets the whole content checked here (inflation bound,
+        only what its restore may run) before anything is touched: same checks as
+        uploads. An encrypted backup is decrypted far enough to prove the identity."""
+        progress.set_phase("verifying", bytes_total=copies[0][1].get("size_bytes"))
+        problems: list[str] = []
+        for store, manifest in copies:
+            try:
+                facts = await self._verify_copy(target, engine, name, store, manifest,
+                                                progress, identities)
+            except (IntegrityError, NotFound) as exc:
+                problems.append(f"{store.name}: {exc.message}")
+                progress.warn(f"the copy of {name.filename} on {store.name} is unusable "
+                              f"({exc.message}); trying the next destination")
+                continue
+            return (store, manifest), facts
+        if len(problems) == 1 and len(copies) == 1:
+            raise self._mismatch(name)
+        raise IntegrityError(f"no copy of backup {name.filename} is usable ("
+                             + "; ".join(problems) + "); refusing to restore, nothing was "
+                             "touched")
+
+    async def _verify_copy(self, target: TargetConfig, engine: Engine,
+                           name: naming.BackupName, store: BackupStore,
+                           manifest: dict[str, Any], progress: Progress,
+                           identities: Sequence[Any]) -> dict[str, Any]:
         expected = str(manifest.get("sha256"))
+        chain = codecs.chain_of(manifest)
+        loop = asyncio.get_running_loop()
+
+        def raw() -> BlockingStream:
+            return BlockingStream(store.open(target.id, name.filename), loop)
+
         if not engine.atomic_restore:
+            stream = raw()
             try:
                 facts = await asyncio.to_thread(functools.partial(
-                    formats.validate, engine.name, path, name.compressed,
+                    formats.validate, engine.name, stream, chain,
                     limit=self._limit(manifest), expect_sha256=expected,
-                    on_stored=progress.add_bytes))
+                    on_stored=progress.add_bytes, identities=identities))
                 formats.check_scope(engine.name, target.url or "", facts)
             except SafeholdError as exc:
-                # damaged bytes often break gzip before the digest is reached: the checksum
-                # says what happened
-                if isinstance(exc, IntegrityError) or await asyncio.to_thread(
-                        pipeline.sha256_file, path) != expected:
+                if exc.code in ("wrong_identity", "identity_required"):
+                    raise RestoreFailed(exc.message, database_unchanged=True,
+                                        code=exc.code) from None
+                # damaged bytes often break a codec before the digest is reached: the
+                # checksum says what happened
+                if isinstance(exc, IntegrityError) or await self._digest(
+                        store, target, name) != expected:
                     raise self._mismatch(name) from None
                 raise RestoreFailed(f"the backup {name.filename} was refused: {exc.message}",
                                     database_unchanged=True, code=exc.code) from None
+            finally:
+                await asyncio.to_thread(stream.close)
             return {k: facts[k] for k in ("databases",) if k in facts}
-        digest = await asyncio.to_thread(pipeline.sha256_file, path, progress.add_bytes)
+        digest = await self._digest(store, target, name, progress.add_bytes,
+                                    chain if any(s["codec"] == "age" for s in chain) else None,
+                                    identities)
         if digest != expected:
             raise self._mismatch(name)
         return {}
+
+    async def _digest(self, store: BackupStore, target: TargetConfig, name: naming.BackupName,
+                      on_bytes: Callable[[int], None] | None = None,
+                      probe_chain: Sequence[codecs.Step] | None = None,
+                      identities: Sequence[Any] = ()) -> str:
+        """sha256 of a copy's stored bytes; with `probe_chain`, its first plain block is
+        decoded too (a wrong age identity fails here, before anything is dropped)."""
+        stream = BlockingStream(store.open(target.id, name.filename),
+                                asyncio.get_running_loop())
+
+        def run() -> str:
+            reader = codecs.PlainReader(stream, probe_chain or [], on_stored=on_bytes,
+                                        identities=identities)
+            try:
+                if probe_chain:
+                    try:
+                        reader.next_chunk()
+                    except PipelineError as exc:
+                        if exc.code in ("wrong_identity", "identity_required"):
+                            raise RestoreFailed(exc.message, database_unchanged=True,
+                                                code=exc.code) from None
+                        raise
+                reader.drain_stored()
+                return reader.sha256
+            finally:
+                reader.close()
+
+        try:
+            return await asyncio.to_thread(run)
+        finally:
+            await asyncio.to_thread(stream.close)
 
     @staticmethod
     def _mismatch(name: naming.BackupName) -> IntegrityError:
@@ -202,14 +348,16 @@ class Procedures:
         return safety
 
     async def _load(self, job: Job, target: TargetConfig, engine: Engine,
-                    name: naming.BackupName, manifest: dict[str, Any],
-                    progress: Progress, *, rollback: bool = False) -> None:
+                    name: naming.BackupName, store: BackupStore, manifest: dict[str, Any],
+                    progress: Progress, identities: Sequence[Any], *,
+                    rollback: bool = False) -> None:
         progress.set_phase("restoring", bytes_total=manifest.get("raw_bytes"))
         if not rollback:  # a rollback stays `rolling_back`: its outcome is never "unchanged"
             await progress.enter_stage("uncommitted" if engine.atomic_restore else "partial")
-        chunks = pipeline.read_stored(
-            self.storage.path_of(target.id, name), decompress=name.compressed,
-            limit=self._limit(manifest), expect_sha256=str(manifest.get("sha256")))
+        chunks = pipeline.stored_plain(
+            store.open(target.id, name.filename), codecs.chain_of(manifest),
+            limit=self._limit(manifest), expect_sha256=str(manifest.get("sha256")),
+            identities=identities)
         try:
             await engine.restore(target, chunks, progress, clean=True, manifest=manifest)
         finally:
@@ -217,8 +365,8 @@ class Procedures:
 
     async def _after_failed_restore(self, job: Job, target: TargetConfig, engine: Engine,
                                     exc: SafeholdError, safety: str | None,
-                                    progress: Progress,
-                                    failed: dict[str, Any]) -> RestoreFailed:
+                                    progress: Progress, failed: dict[str, Any],
+                                    identities: Sequence[Any]) -> RestoreFailed:
         """Say exactly what state the database is in; roll back from the safety backup
         when the engine cannot promise the database was left unchanged."""
         msg = exc.message
@@ -239,14 +387,15 @@ class Procedures:
                 "message": f"restore failed; rolling back from safety backup {safety}"})
             sname = naming.parse(safety)
             try:
-                smanifest = await asyncio.to_thread(self.storage.manifest, target.id, sname)
-                smanifest = {**smanifest,
-                             **await self._verify(target, engine, sname, smanifest, progress)}
+                scopies = await self.catalog.copies(target.id, sname)
+                (sstore, smanifest), sfacts = await self._verify(
+                    target, engine, sname, scopies, progress, identities)
+                smanifest = {**smanifest, **sfacts}
                 # the failed load may have written where the safety backup has nothing (an
                 # empty database then): the rollback's clean covers those too
                 smanifest["also_clean"] = failed.get("databases") or []
-                await self._load(job, target, engine, sname, smanifest, progress,
-                                 rollback=True)
+                await self._load(job, target, engine, sname, sstore, smanifest, progress,
+                                 identities, rollback=True)
             except SafeholdError as exc2:
                 details["database_state"] = "unknown"
                 details["rollback"] = {"status": "failed", "backup": safety,

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.audit import AuditLog
+from shared.backupstore import Catalog
 from shared.config import Settings
 from shared.errors import (
     EngineError,
@@ -22,7 +23,6 @@ from shared.jobs import Job, JobStore, now_iso, restore_cancellable
 from shared.keys import Keys
 from shared.locks import TargetLock
 from shared.redact import redact
-from shared.storage import LocalStorage
 from worker.engines import ENGINE_CLASSES, Engine, get_engines
 from worker.procedures import Procedures
 from worker.progress import Progress
@@ -36,12 +36,12 @@ class JobRunner:
         self.redis = redis
         self.keys = Keys(settings.redis.prefix)
         self.store = JobStore(redis, self.keys, ttl=settings.worker.job_ttl)
-        self.storage = LocalStorage(settings.storage.path)
+        self.catalog = Catalog(settings)
         self.engines: dict[str, Engine] = get_engines(
             {t.engine for t in settings.targets.values()})
         self.worker_id = worker_id
         self.audit = AuditLog(redis, self.keys)
-        self.procedures = Procedures(settings, self.store, self.storage)
+        self.procedures = Procedures(settings, self.store, self.catalog)
         self._secrets = [t.password.reveal() for t in settings.targets.values() if t.password]
 
     # ----------------------------------------------------------------- job lifecycle
@@ -133,12 +133,18 @@ class JobRunner:
         if error is not None:
             fields["error"] = data["error"] = error
         if await self.store.transition(job.id, ["running"], status, fields=fields, data=data):
-            await self.audit.record(
-                action=f"job.{job.kind}", result=status,
-                subject=job.requested_by.get("subject"), client=job.requested_by.get("client"),
-                target=job.target, job=job.id,
-                backup=(result or {}).get("filename") or job.params.get("backup"),
-                detail=(error or {}).get("code"))
+            who = {"subject": job.requested_by.get("subject"),
+                   "client": job.requested_by.get("client")}
+            backup = (result or {}).get("filename") or job.params.get("backup")
+            await self.audit.record(action=f"job.{job.kind}", result=status, **who,
+                                    target=job.target, job=job.id, backup=backup,
+                                    detail=(error or {}).get("code"))
+            if (result or {}).get("partial"):
+                missing = [n for n, o in (result or {}).get("destinations", {}).items()
+                           if n not in result.get("stored_on", [])]  # type: ignore[union-attr]
+                await self.audit.record(action="backup.partial", result="warning", **who,
+                                        target=job.target, job=job.id, backup=backup,
+                                        detail="missing on " + ",".join(missing))
 
     async def _cleanup(self, job_id: str, lock: TargetLock) -> None:
         await lock.release()

@@ -64,8 +64,8 @@ class Engine(Protocol):
     def dump(self, target: TargetConfig, progress: Progress,
              options: dict[str, Any] | None = None) -> AbstractAsyncContextManager[Dump]:
         """Stream a dump; leaving the context reaps every child and raises DumpFailed if the
-        dump did not complete. `options` are engine-specific (e.g. redis `format`); a
-        Dump's `info["extension"]` overrides the engine's file extension."""
+        dump did not complete. `options` are engine-specific (e.g. redis `format`, which
+        is also the file extension: `naming.ENGINE_FORMATS`)."""
         ...
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],

@@ -196,7 +196,7 @@ class RedisEngine:
                     yield data
 
             yield Dump(chunks(), {"server_version": version, "format": "rdb",
-                                  "extension": "rdb", "tool": "redis-cli --rdb",
+                                  "tool": "redis-cli --rdb",
                                   "options": ["--rdb", "-"]})
             rc = await child.wait()
             if rc != 0:

@@ -1,0 +1,415 @@
+"""Where backups live: the `BackupStore` contract, and the `Catalog` that fans one backup
+out to a target's destinations and finds it again.
+
+Nothing outside the store implementations sees where a backup's bytes are (a path, a
+bucket key): callers name backups by target and file name, read them as byte streams, and
+write them through a `PendingBackup`. A job records its pending backups' opaque *handles*
+so that a reaper can remove what a dead worker left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from shared import naming
+from shared.config import DestinationConfig, Settings, TargetConfig
+from shared.errors import NotFound, PipelineError, SafeholdError
+
+log = logging.getLogger("safehold.storage")
+QUEUE_DEPTH = 4  # stored chunks (~1 MiB) waiting per destination
+
+
+class PendingBackup(Protocol):
+    """A backup being written to one destination under a name chosen in advance.
+
+    `write` receives the stored (encoded) bytes in order. `complete(size, sha256)` makes
+    them durable under the final name and reads back what the destination holds (size and
+    a checksum as stored), raising PipelineError, with nothing left behind, if it differs.
+    The backup is not listed until `write_manifest` — always the last write. `abort`
+    removes whatever was written, at any point before the manifest (idempotent)."""
+
+    handle: str  # opaque; `BackupStore.remove_temp(handle)` cleans up after a crash
+
+    async def write(self, data: bytes) -> None: ...
+    async def complete(self, size: int, sha256: str) -> dict[str, Any]: ...
+    async def write_manifest(self, manifest: dict[str, Any]) -> None: ...
+    async def abort(self) -> None: ...
+
+
+class BackupStore(Protocol):
+    """One destination. All methods are async and safe to call concurrently.
+
+    * `list_manifests(target)`: manifests of complete backups (manifest *and* data present).
+    * `read_manifest(target, filename)` / `size(...)`: NotFound(`backup_not_found`) when
+      either the manifest or the data is missing.
+    * `open(target, filename, start, end)`: the stored bytes [start, end] (inclusive) as an
+      async iterator of chunks of at most ~1 MiB.
+    * `exists(target, filename)`: anything (data, manifest or a reservation) under the name.
+    * `begin(target, name, tag)`: a PendingBackup writing `name` (never overwriting).
+    * `delete(target, filename)`: the manifest first (the backup leaves listings), then
+      the data. NotFound when there is no manifest.
+    * `remove_temp(handle)` / `sweep_temps(keep, min_age)`: crash leftovers (temp files,
+      unfinished multipart uploads) of pending backups not in `keep`.
+    * `health()`: reachable / writable / free space / objects, for `GET /destinations`.
+    * `presigned_url(...)`: a short-lived download URL, or None when the store has none.
+    """
+
+    name: str
+    config: DestinationConfig
+
+    async def list_manifests(self, target: str) -> list[dict[str, Any]]: ...
+    async def read_manifest(self, target: str, filename: str) -> dict[str, Any]: ...
+    async def size(self, target: str, filename: str) -> int: ...
+    def open(self, target: str, filename: str, start: int = 0,
+             end: int | None = None) -> AsyncIterator[bytes]: ...
+    async def exists(self, target: str, filename: str) -> bool: ...
+    async def begin(self, target: str, name: naming.BackupName, tag: str) -> PendingBackup: ...
+    async def delete(self, target: str, filename: str) -> None: ...
+    async def remove_temp(self, handle: str) -> None: ...
+    async def sweep_temps(self, keep: set[str], min_age: float) -> list[str]: ...
+    async def health(self) -> dict[str, Any]: ...
+    async def presigned_url(self, target: str, filename: str, ttl: int) -> str | None: ...
+    async def close(self) -> None: ...
+
+
+def open_store(config: DestinationConfig) -> BackupStore:
+    if config.type == "s3":
+        from shared.s3storage import S3Storage
+
+        return S3Storage(config)
+    from shared.storage import LocalStorage
+
+    return LocalStorage(config.path, name=config.name, config=config)
+
+
+# ---------------------------------------------------------------------------- fan-out
+class Fanout:
+    """One stored stream written to several destinations at once.
+
+    Each destination drains its own small queue in its own task, so they all write at the
+    same time; `write` waits while any live queue is full (the slowest sets the pace, memory
+    stays at QUEUE_DEPTH chunks per destination). A destination that fails is dropped and
+    recorded; the others go on."""
+
+    def __init__(self, pendings: dict[str, PendingBackup]) -> None:
+        self.pendings = pendings
+        self.errors: dict[str, SafeholdError] = {}
+        self._queues: dict[str, asyncio.Queue[bytes | None]] = {
+            n: asyncio.Queue(QUEUE_DEPTH) for n in pendings}
+        self._tasks = {n: asyncio.create_task(self._drain(n)) for n in pendings}
+
+    @property
+    def handles(self) -> list[str]:
+        return [p.handle for p in self.pendings.values()]
+
+    def live(self) -> list[str]:
+        return [n for n in self.pendings if n not in self.errors]
+
+    async def _drain(self, name: str) -> None:
+        queue, pending = self._queues[name], self.pendings[name]
+        try:
+            while (chunk := await queue.get()) is not None:
+                await pending.write(chunk)
+        except Exception as exc:
+            self.errors[name] = _as_error(exc, name)
+            log.warning("destination %s failed while writing: %s", name, exc)
+            while not queue.empty():  # let a writer blocked on this queue go on
+                queue.get_nowait()
+            await _quietly(pending.abort())
+
+    async def write(self, data: bytes) -> None:
+        live = self.live()
+        if not live:
+            raise self._none_left()
+        for name in live:
+            queue = self._queues[name]
+            while name not in self.errors:
+                try:
+                    await asyncio.wait_for(queue.put(data), 1.0)
+                    break
+                except TimeoutError:
+                    if self._tasks[name].done():
+                        break
+
+    async def finish(self, size: int, sha256: str) -> dict[str, dict[str, Any]]:
+        """End every stream, complete and read back each; return each destination's
+        outcome ({"status": "stored" | "failed", …}). Raises if none stored it."""
+        for name in self.live():
+            await self._queues[name].put(None)
+        await asyncio.gather(*self._tasks.values())
+
+        async def complete(name: str) -> None:
+            try:
+                self.readback[name] = await self.pendings[name].complete(size, sha256)
+            except Exception as exc:
+                self.errors[name] = _as_error(exc, name)
+                log.warning("destination %s failed to complete: %s", name, exc)
+                await _quietly(self.pendings[name].abort())
+
+        self.readback: dict[str, dict[str, Any]] = {}
+        await asyncio.gather(*(complete(n) for n in self.live()))
+        outcomes = {n: {"status": "stored", **self.readback[n]} for n in self.live()}
+        for n, err in self.errors.items():
+            outcomes[n] = {"status": "failed", "error": {"code": err.code,
+                                                         "message": err.message}}
+        if not self.live():
+            await self.abort()
+            raise self._none_left()
+        return outcomes
+
+    async def publish(self, manifest: dict[str, Any]) -> None:
+        """Write the manifest (last) on every destination that stored the data; one
+        failing here loses that copy (aborted), the others stand."""
+        async def one(name: str) -> None:
+            try:
+                await self.pendings[name].write_manifest(manifest)
+            except Exception as exc:
+                self.errors[name] = _as_error(exc, name)
+                await _quietly(self.pendings[name].abort())
+
+        await asyncio.gather(*(one(n) for n in self.live()))
+        if not self.live():
+            raise self._none_left()
+
+    async def abort(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await asyncio.gather(*(_quietly(p.abort()) for p in self.pendings.values()))
+
+    def _none_left(self) -> PipelineError:
+        detail = "; ".join(f"{n}: {e.message}" for n, e in self.errors.items())
+        err = PipelineError(f"the backup could not be stored on any destination ({detail})",
+                            code="storage_failed")
+        if len(self.errors) == 1:
+            only = next(iter(self.errors.values()))
+            err = PipelineError(only.message, code=only.code)
+            err.status = only.status
+        return err
+
+
+def _as_error(exc: BaseException, name: str) -> SafeholdError:
+    if isinstance(exc, SafeholdError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno == 28:
+        return PipelineError(f"destination {name}: no space left on the device",
+                             code="storage_full")
+    return PipelineError(f"destination {name}: {type(exc).__name__}: {exc}",
+                         code="storage_failed")
+
+
+async def _quietly(aw: Awaitable[Any]) -> None:
+    try:
+        await aw
+    except Exception as exc:  # cleanup of a failure: report the first error, not this one
+        log.warning("cleanup failed: %s", exc)
+
+
+# ---------------------------------------------------------------------------- catalog
+class Catalog:
+    """A target's backups across its destinations: merged listings, lookups in read order,
+    fan-out writes, deletion everywhere. Stores are opened lazily (S3 clients need a loop)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.configs = settings.destination_configs()
+        self._stores: dict[str, BackupStore] = {}
+        order = settings.storage.read_order
+        self._read_first = [n.strip() for n in order.split(",") if n.strip()]
+
+    def store(self, name: str) -> BackupStore:
+        if name not in self._stores:
+            self._stores[name] = open_store(self.configs[name])
+        return self._stores[name]
+
+    def stores_of(self, target: TargetConfig | str) -> list[BackupStore]:
+        """The target's destinations in read order (storage.read_order first)."""
+        t = self.settings.target(target) if isinstance(target, str) else target
+        names = [n for n in self._read_first if n in t.destinations]
+        names += [n for n in t.destinations if n not in names]
+        return [self.store(n) for n in names]
+
+    async def list_backups(self, target: str) -> list[dict[str, Any]]:
+        """Manifests of complete backups on any destination, newest first, each once, with
+        `stored_on` (where a complete copy is now) in read order."""
+        stores = self.stores_of(target)
+        listed = await asyncio.gather(*(s.list_manifests(target) for s in stores),
+                                      return_exceptions=True)
+        merged: dict[str, dict[str, Any]] = {}
+        for store, result in zip(stores, listed, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("destination %s could not be listed: %s", store.name, result)
+                continue
+            for m in result:
+                key = str(m.get("filename"))
+                if key not in merged:
+                    merged[key] = {**m, "stored_on": []}
+                merged[key]["stored_on"].append(store.name)
+        out = list(merged.values())
+        out.sort(key=lambda m: (m.get("created_at", ""), m.get("filename", "")), reverse=True)
+        return out
+
+    async def copies(self, target: str, name: naming.BackupName
+                     ) -> list[tuple[BackupStore, dict[str, Any]]]:
+        """Every complete copy of a backup, in read order; NotFound when there is none."""
+        found = []
+        errors = []
+        for store in self.stores_of(target):
+            try:
+                found.append((store, await store.read_manifest(target, name.filename)))
+            except NotFound:
+                continue
+            except Exception as exc:
+                errors.append(f"{store.name}: {exc}")
+                log.warning("destination %s unreadable: %s", store.name, exc)
+        if not found:
+            msg = f"no backup '{name.filename}' for target '{target}'"
+            if errors:
+                msg += f" on any reachable destination ({'; '.join(errors)})"
+            raise NotFound(msg, code="backup_not_found")
+        where = [s.name for s, _ in found]
+        return [(s, {**m, "stored_on": where}) for s, m in found]
+
+    async def manifest(self, target: str, name: naming.BackupName) -> dict[str, Any]:
+        return (await self.copies(target, name))[0][1]
+
+    async def delete(self, target: str, name: naming.BackupName) -> list[str]:
+        """Delete every copy; returns where it was deleted."""
+        copies = await self.copies(target, name)
+        for store, _ in copies:
+            await store.delete(target, name.filename)
+        return [s.name for s, _ in copies]
+
+    async def reserve(self, target: TargetConfig, name: naming.BackupName) -> naming.BackupName:
+        """The first `name` (seq bumped) free on every destination of the target."""
+        stores = self.stores_of(target)
+        for seq in range(name.seq, 10000):
+            candidate = name.with_seq(seq)
+            taken = await asyncio.gather(*(s.exists(target.id, candidate.filename)
+                                           for s in stores))
+            if not any(taken):
+                return candidate
+        raise PipelineError("could not find a free backup name")  # pragma: no cover
+
+    async def begin(self, target: TargetConfig, name: naming.BackupName, tag: str,
+                    on_handles: Callable[[list[str]], Awaitable[None]] | None = None
+                    ) -> Fanout:
+        """Start writing `name` to every destination of the target. A destination that
+        cannot even start is recorded as failed; the others go on."""
+        pendings: dict[str, PendingBackup] = {}
+        failed: dict[str, SafeholdError] = {}
+        for store in self.stores_of(target):
+            try:
+                pendings[store.name] = await store.begin(target.id, name, tag)
+            except Exception as exc:
+                failed[store.name] = _as_error(exc, store.name)
+                log.warning("destination %s cannot take a backup: %s", store.name, exc)
+        fan = Fanout(pendings)
+        fan.errors.update(failed)
+        if on_handles is not None:
+            await on_handles(fan.handles)
+        if not fan.live():
+            await fan.abort()
+            raise fan._none_left()
+        return fan
+
+    def spool_path(self, target: str, tag: str) -> Path:
+        """A fresh local spool file for bytes not yet a backup (an upload being checked);
+        under the local root, so a crash leftover is swept like any temp file. Blocking."""
+        from shared.storage import TEMP_PREFIX
+
+        if "/" in target or target.startswith("."):
+            raise NotFound(f"unknown target '{target}'", code="target_not_found")
+        d = Path(self.settings.storage.path) / target
+        d.mkdir(parents=True, exist_ok=True)
+        return d / f"{TEMP_PREFIX}{tag}-{secrets.token_hex(4)}.partial"
+
+    async def remove_temp(self, handle: str) -> None:
+        dest, _, _rest = handle.partition(":")
+        if dest in self.configs:
+            await self.store(dest).remove_temp(handle)
+
+    async def sweep_temps(self, keep: set[str], min_age: float = 300.0) -> list[str]:
+        removed: list[str] = []
+        for name in self.configs:
+            try:
+                removed += await self.store(name).sweep_temps(keep, min_age)
+            except Exception as exc:
+                log.warning("destination %s: sweeping temps failed: %s", name, exc)
+        return removed
+
+    async def health(self) -> list[dict[str, Any]]:
+        async def one(name: str) -> dict[str, Any]:
+            store = self.store(name)
+            try:
+                h = await store.health()
+            except Exception as exc:
+                h = {"reachable": False, "error": f"{type(exc).__name__}: {exc}"}
+            used_by = [t.id for t in self.settings.targets.values() if name in t.destinations]
+            return {**store.config.public(), "targets": used_by, **h}
+
+        return list(await asyncio.gather(*(one(n) for n in self.configs)))
+
+    async def close(self) -> None:
+        for store in self._stores.values():
+            await _quietly(store.close())
+        self._stores.clear()
+
+
+# ---------------------------------------------------------------------------- bridges
+class BlockingStream:
+    """A blocking `read(n)` over an async byte iterator, for code running in a thread (the
+    decoding loop, validators) while the iterator runs on the event loop."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop) -> None:
+        self._chunks = chunks
+        self._loop = loop
+        self._buf = b""
+        self._eof = False
+
+    def read(self, n: int = -1) -> bytes:
+        while not self._buf and not self._eof:
+            fut = asyncio.run_coroutine_threadsafe(_next(self._chunks), self._loop)
+            try:
+                chunk = fut.result()
+            except concurrent.futures.CancelledError:
+                raise PipelineError("reading the backup was cancelled") from None
+            if chunk is None:
+                self._eof = True
+            else:
+                self._buf = chunk
+        n = len(self._buf) if n is None or n < 0 else n
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    def close(self) -> None:
+        aclose = getattr(self._chunks, "aclose", None)
+        if aclose is not None and not self._loop.is_closed():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(aclose(), self._loop).result(30)
+
+
+async def _next(chunks: AsyncIterator[bytes]) -> bytes | None:
+    try:
+        return await chunks.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+def unique(names: Iterable[str]) -> list[str]:
+    seen: list[str] = []
+    for n in names:
+        if n not in seen:
+            seen.append(n)
+    return seen
+
+
+def where_stored(outcomes: dict[str, dict[str, Any]]) -> Sequence[str]:
+    return [n for n, o in outcomes.items() if o.get("status") == "stored"]

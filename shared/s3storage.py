@@ -1,0 +1,477 @@
+"""S3-compatible backup storage (a `BackupStore`): AWS S3, SeaweedFS, MinIO, Ceph, R2, B2…
+
+Layout: `<prefix>/<target>/<file>` and its manifest `<prefix>/<target>/<file>.json`. A backup
+is one streamed multipart upload straight to its final key (never visible until completed);
+the manifest object is written last, so an incomplete backup is never listed. Names never
+overwrite: the name is checked free under the target lock, and completion and the manifest
+are conditional puts (`If-None-Match: *`) where the server honours them.
+
+Multipart parts grow with the stream (`part_size`): 8 MiB for the first thousand parts, then
+doubling every thousand, so 1 TB fits in ~6,900 of the 10,000 parts allowed. Parts above
+16 MiB are spooled to a local temp file, not memory; at most `max_concurrency` parts upload
+at once. Any failure aborts the upload; a dead worker's upload is aborted by the reaper from
+the handle its job recorded (`<dest>:<key>?<upload id>`), and `sweep_temps` aborts what is
+left after a day. The read-back check compares the object's size and its multipart ETag
+(the MD5 of the parts' MD5s, computed here as the parts go) with what was sent.
+
+Client: aiobotocore (measured against obstore in `bench/s3_clients.py`; chosen because it
+exposes upload ids, abort, listing of multipart uploads, Object Lock and SSE parameters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import secrets
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any, BinaryIO
+
+from shared import naming
+from shared.config import DestinationConfig
+from shared.errors import NotFound, PipelineError
+
+log = logging.getLogger("safehold.s3")
+MiB = 1 << 20
+FIRST_PART = 8 * MiB
+PARTS_PER_STEP = 1000
+MAX_PART = 5 * 1024 * MiB
+MAX_PARTS = 10_000
+SPOOL_ABOVE = 16 * MiB
+CHUNK = MiB
+SWEEP_MIN_AGE = 86400.0  # unfinished uploads not owned by a running job: aborted after a day
+
+
+def part_size(number: int) -> int:
+    """Size of multipart part `number` (1-based): 8 MiB, doubling every 1000 parts."""
+    return min(FIRST_PART << ((number - 1) // PARTS_PER_STEP), MAX_PART)
+
+
+def capacity(parts: int = MAX_PARTS) -> int:
+    """Bytes that `parts` parts of the schedule hold."""
+    return sum(part_size(n) for n in range(1, parts + 1))
+
+
+def _code(exc: BaseException) -> str:
+    resp = getattr(exc, "response", None) or {}
+    return str(resp.get("Error", {}).get("Code", ""))
+
+
+def _missing(exc: BaseException) -> bool:
+    return _code(exc) in ("NoSuchKey", "404", "NotFound", "NoSuchUpload")
+
+
+def _precondition(exc: BaseException) -> bool:
+    return _code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict")
+
+
+class _Part:
+    """One part being filled: memory up to SPOOL_ABOVE, a temp file beyond."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.size = part_size(number)
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.length = 0
+        self._mem: list[bytes] = []
+        self._file: BinaryIO | None = None
+
+    def add(self, data: bytes) -> None:
+        self.md5.update(data)
+        self.length += len(data)
+        if self._file is None and self.size > SPOOL_ABOVE:
+            self._file = tempfile.TemporaryFile(prefix="safehold-part-")  # noqa: SIM115
+        if self._file is not None:
+            self._file.write(data)
+        else:
+            self._mem.append(data)
+
+    def body(self) -> bytes | BinaryIO:
+        if self._file is not None:
+            self._file.seek(0)
+            return self._file
+        return b"".join(self._mem)
+
+    def close(self) -> None:
+        self._mem = []
+        if self._file is not None:
+            self._file.close()
+
+
+class S3Pending:
+    def __init__(self, store: S3Storage, target: str, name: naming.BackupName, key: str,
+                 upload_id: str) -> None:
+        self.store, self.target, self.name = store, target, name
+        self.key, self.upload_id = key, upload_id
+        self.handle = f"{store.name}:{key}?{upload_id}"
+        self._part = _Part(1)
+        self._done: list[dict[str, Any]] = []
+        self._md5s: list[bytes] = []
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._completed = False
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            room = self._part.size - self._part.length
+            self._part.add(bytes(view[:room]))
+            view = view[room:]
+            if self._part.length >= self._part.size:
+                await self._send(self._part)
+                self._part = _Part(self._part.number + 1)
+
+    async def _send(self, part: _Part) -> None:
+        if part.number > MAX_PARTS:
+            raise PipelineError("the backup exceeds the S3 multipart limit (10,000 parts)")
+        while len(self._inflight) >= self.store.config.max_concurrency:
+            done, self._inflight = await asyncio.wait(self._inflight,
+                                                      return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                t.result()
+        self._md5s.append(part.md5.digest())
+        self._inflight.add(asyncio.create_task(self._upload(part)))
+
+    async def _upload(self, part: _Part) -> None:
+        try:
+            s3 = await self.store.client()
+            extra = {"ContentMD5": base64.b64encode(part.md5.digest()).decode()} \
+                if self.store.config.object_lock_mode else {}
+            r = await s3.upload_part(Bucket=self.store.bucket, Key=self.key,
+                                     PartNumber=part.number, UploadId=self.upload_id,
+                                     Body=part.body(), ContentLength=part.length, **extra)
+            self._done.append({"PartNumber": part.number, "ETag": r["ETag"]})
+        finally:
+            part.close()
+
+    async def complete(self, size: int, sha256: str) -> dict[str, Any]:
+        if self._part.length or not self._done and not self._inflight:
+            await self._send(self._part)
+        if self._inflight:
+            await asyncio.gather(*self._inflight)
+            self._inflight = set()
+        s3 = await self.store.client()
+        parts = sorted(self._done, key=lambda p: p["PartNumber"])
+        kwargs: dict[str, Any] = {}
+        if self.store.conditional:
+            kwargs["IfNoneMatch"] = "*"
+        try:
+            await s3.complete_multipart_upload(
+                Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
+                MultipartUpload={"Parts": parts}, **kwargs)
+        except Exception as exc:
+            if _precondition(exc):
+                raise PipelineError(f"a backup named {self.name.filename} appeared meanwhile "
+                                    f"on {self.store.name}; not overwritten",
+                                    code="name_taken") from None
+            raise
+        self._completed = True
+        head = await s3.head_object(Bucket=self.store.bucket, Key=self.key)
+        stored = int(head["ContentLength"])
+        expected_etag = (hashlib.md5(b"".join(self._md5s), usedforsecurity=False).hexdigest()
+                         + f"-{len(self._md5s)}")
+        etag = str(head.get("ETag", "")).strip('"')
+        check = "size+etag"
+        if self.store.config.sse == "aws:kms":
+            check = "size"  # SSE-KMS ETags are not MD5-based
+        problem = None
+        if stored != size:
+            problem = f"stored {stored} bytes, sent {size}"
+        elif check == "size+etag" and etag != expected_etag:
+            problem = f"ETag {etag} differs from the parts sent ({expected_etag})"
+        if problem:
+            await self.abort()
+            raise PipelineError(f"read-back check failed on {self.store.name}: {problem}",
+                                code="readback_mismatch")
+        return {"size_bytes": stored, "check": check, "etag": etag, "parts": len(parts)}
+
+    async def write_manifest(self, manifest: dict[str, Any]) -> None:
+        body = json.dumps({"format_version": 1, **manifest}, indent=2,
+                          sort_keys=True).encode()
+        await self.store.put_small(f"{self.key}.json", body, "application/json")
+
+    async def abort(self) -> None:
+        for t in self._inflight:
+            t.cancel()
+        await asyncio.gather(*self._inflight, return_exceptions=True)
+        self._part.close()
+        s3 = await self.store.client()
+        if not self._completed:
+            with contextlib.suppress(Exception):
+                await s3.abort_multipart_upload(Bucket=self.store.bucket, Key=self.key,
+                                                UploadId=self.upload_id)
+        else:
+            await s3.delete_object(Bucket=self.store.bucket, Key=self.key)
+
+
+class S3Storage:
+    def __init__(self, config: DestinationConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.bucket = config.bucket
+        self.prefix = config.prefix.strip("/")
+        self.conditional = True  # cleared when the server refuses If-None-Match
+        self._client: Any = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._lock = asyncio.Lock()
+        self._manifest_cache: dict[str, tuple[str, dict[str, Any]]] = {}
+
+    async def client(self) -> Any:
+        if self._client is None:
+            async with self._lock:
+                if self._client is None:
+                    from aiobotocore.config import AioConfig
+                    from aiobotocore.session import get_session
+
+                    c = self.config
+                    cfg = AioConfig(
+                        s3={"addressing_style": "path" if c.path_style else "virtual"},
+                        retries={"max_attempts": 5, "mode": "standard"},
+                        connect_timeout=10, read_timeout=120,
+                        request_checksum_calculation="when_required",
+                        response_checksum_validation="when_required",
+                        max_pool_connections=max(10, c.max_concurrency * 2))
+                    assert c.access_key is not None and c.secret_key is not None
+                    stack = contextlib.AsyncExitStack()
+                    self._client = await stack.enter_async_context(get_session().create_client(
+                        "s3", endpoint_url=c.endpoint or None, region_name=c.region,
+                        aws_access_key_id=c.access_key.reveal(),
+                        aws_secret_access_key=c.secret_key.reveal(), config=cfg))
+                    self._stack = stack
+        return self._client
+
+    def key(self, target: str, filename: str) -> str:
+        if "/" in target or target.startswith("."):
+            raise NotFound(f"unknown target '{target}'", code="target_not_found")
+        name = naming.parse(filename).filename
+        return f"{self.prefix}/{target}/{name}" if self.prefix else f"{target}/{name}"
+
+    def _object_params(self) -> dict[str, Any]:
+        c = self.config
+        out: dict[str, Any] = {}
+        if c.sse:
+            out["ServerSideEncryption"] = c.sse
+            if c.sse == "aws:kms" and c.sse_kms_key_id:
+                out["SSEKMSKeyId"] = c.sse_kms_key_id
+        if c.storage_class:
+            out["StorageClass"] = c.storage_class
+        if c.object_lock_mode:
+            out["ObjectLockMode"] = c.object_lock_mode
+            out["ObjectLockRetainUntilDate"] = (datetime.now(UTC)
+                                                + timedelta(days=c.object_lock_days))
+        return out
+
+    async def put_small(self, key: str, body: bytes, content_type: str) -> None:
+        s3 = await self.client()
+        kwargs = {"Bucket": self.bucket, "Key": key, "Body": body,
+                  "ContentType": content_type, **self._object_params()}
+        if self.config.object_lock_mode:
+            kwargs["ContentMD5"] = _b64md5(body)  # S3 requires it with Object Lock
+        try:
+            await s3.put_object(**kwargs, **({"IfNoneMatch": "*"} if self.conditional else {}))
+        except Exception as exc:
+            if _precondition(exc):
+                raise PipelineError(f"{key} already exists on {self.name}; not overwritten",
+                                    code="name_taken") from None
+            raise
+
+    # ------------------------------------------------------------------ reading
+    async def _list_keys(self, prefix: str) -> dict[str, dict[str, Any]]:
+        s3 = await self.client()
+        out: dict[str, dict[str, Any]] = {}
+        paginator = s3.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []) or []:
+                out[obj["Key"]] = obj
+        return out
+
+    async def list_manifests(self, target: str) -> list[dict[str, Any]]:
+        base = self.key(target, "backup_sqlite_20000101_000000.db").rsplit("/", 1)[0] + "/"
+        keys = await self._list_keys(base)
+        wanted = []
+        for key, obj in keys.items():
+            if not key.endswith(".json"):
+                continue
+            data_key = key[: -len(".json")]
+            try:
+                naming.parse(data_key.rsplit("/", 1)[-1])
+            except naming.InvalidBackupName:
+                continue
+            if data_key in keys:
+                wanted.append((key, str(obj.get("ETag", ""))))
+
+        async def one(key: str, etag: str) -> dict[str, Any] | None:
+            cached = self._manifest_cache.get(key)
+            if cached and cached[0] == etag:
+                return cached[1]
+            try:
+                doc = await self._get_json(key)
+            except (NotFound, ValueError):
+                return None
+            self._manifest_cache[key] = (etag, doc)
+            return doc
+
+        docs = await asyncio.gather(*(one(k, e) for k, e in wanted))
+        return [d for d in docs if d is not None]
+
+    async def _get_json(self, key: str) -> dict[str, Any]:
+        s3 = await self.client()
+        try:
+            r = await s3.get_object(Bucket=self.bucket, Key=key)
+            async with r["Body"] as body:
+                raw = await body.read()
+        except Exception as exc:
+            if _missing(exc):
+                raise NotFound(f"{key} not found", code="backup_not_found") from None
+            raise
+        doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise ValueError("manifest is not an object")
+        return doc
+
+    async def read_manifest(self, target: str, filename: str) -> dict[str, Any]:
+        key = self.key(target, filename)
+        try:
+            doc = await self._get_json(f"{key}.json")
+        except NotFound:
+            raise NotFound(f"no backup '{filename}' for target '{target}'",
+                           code="backup_not_found") from None
+        await self.size(target, filename)
+        return doc
+
+    async def size(self, target: str, filename: str) -> int:
+        s3 = await self.client()
+        try:
+            head = await s3.head_object(Bucket=self.bucket, Key=self.key(target, filename))
+        except Exception as exc:
+            if _missing(exc):
+                raise NotFound(f"backup '{filename}' has no data object on {self.name}",
+                               code="backup_not_found") from None
+            raise
+        return int(head["ContentLength"])
+
+    async def open(self, target: str, filename: str, start: int = 0,
+                   end: int | None = None) -> AsyncIterator[bytes]:
+        s3 = await self.client()
+        kwargs: dict[str, Any] = {}
+        if start or end is not None:
+            kwargs["Range"] = f"bytes={start}-{'' if end is None else end}"
+        try:
+            r = await s3.get_object(Bucket=self.bucket, Key=self.key(target, filename),
+                                    **kwargs)
+        except Exception as exc:
+            if _missing(exc):
+                raise NotFound(f"no backup '{filename}' for target '{target}'",
+                               code="backup_not_found") from None
+            raise
+        async with r["Body"] as body:
+            while block := await body.read(CHUNK):
+                yield block
+
+    async def exists(self, target: str, filename: str) -> bool:
+        key = self.key(target, filename)
+        keys = await self._list_keys(key)
+        return key in keys or f"{key}.json" in keys
+
+    async def presigned_url(self, target: str, filename: str, ttl: int) -> str | None:
+        s3 = await self.client()
+        url: str = await s3.generate_presigned_url(
+            "get_object", ExpiresIn=ttl,
+            Params={"Bucket": self.bucket, "Key": self.key(target, filename),
+                    "ResponseContentDisposition": f'attachment; filename="{filename}"'})
+        return url
+
+    # ------------------------------------------------------------------ writing
+    async def begin(self, target: str, name: naming.BackupName, tag: str) -> S3Pending:
+        s3 = await self.client()
+        key = self.key(target, name.filename)
+        up = await s3.create_multipart_upload(
+            Bucket=self.bucket, Key=key, ContentType="application/octet-stream",
+            Metadata={"safehold-tag": tag[:100]}, **self._object_params())
+        return S3Pending(self, target, name, key, up["UploadId"])
+
+    async def delete(self, target: str, filename: str) -> None:
+        s3 = await self.client()
+        key = self.key(target, filename)
+        try:
+            await s3.head_object(Bucket=self.bucket, Key=f"{key}.json")
+        except Exception as exc:
+            if _missing(exc):
+                raise NotFound(f"no backup '{filename}' for target '{target}'",
+                               code="backup_not_found") from None
+            raise
+        await s3.delete_object(Bucket=self.bucket, Key=f"{key}.json")
+        self._manifest_cache.pop(f"{key}.json", None)
+        await s3.delete_object(Bucket=self.bucket, Key=key)
+
+    # ------------------------------------------------------------------ leftovers
+    async def remove_temp(self, handle: str) -> None:
+        _, _, rest = handle.partition(":")
+        key, _, upload_id = rest.partition("?")
+        if not key or not upload_id:
+            return
+        s3 = await self.client()
+        try:
+            await s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            return
+        except Exception as exc:
+            if not _missing(exc):
+                raise
+        # completed before its worker died, but never given a manifest: an orphan
+        keys = await self._list_keys(key)
+        if key in keys and f"{key}.json" not in keys:
+            await s3.delete_object(Bucket=self.bucket, Key=key)
+
+    async def _uploads(self) -> list[dict[str, Any]]:
+        s3 = await self.client()
+        out: list[dict[str, Any]] = []
+        paginator = s3.get_paginator("list_multipart_uploads")
+        async for page in paginator.paginate(Bucket=self.bucket,
+                                             Prefix=f"{self.prefix}/" if self.prefix else ""):
+            out += page.get("Uploads", []) or []
+        return out
+
+    async def sweep_temps(self, keep: set[str], min_age: float = 300.0) -> list[str]:
+        removed = []
+        now = time.time()
+        for up in await self._uploads():
+            handle = f"{self.name}:{up['Key']}?{up['UploadId']}"
+            initiated = up.get("Initiated")
+            age = now - initiated.timestamp() if initiated else float("inf")
+            if handle in keep or age < max(min_age, SWEEP_MIN_AGE):
+                continue
+            await self.remove_temp(handle)
+            removed.append(handle)
+        return removed
+
+    async def health(self) -> dict[str, Any]:
+        s3 = await self.client()
+        await s3.head_bucket(Bucket=self.bucket)
+        probe = f"{self.prefix}/.safehold-probe-{secrets.token_hex(4)}".lstrip("/")
+        try:
+            await s3.put_object(Bucket=self.bucket, Key=probe, Body=b"ok")
+            await s3.delete_object(Bucket=self.bucket, Key=probe)
+            writable = True
+        except Exception:
+            writable = False
+        keys = await self._list_keys(f"{self.prefix}/" if self.prefix else "")
+        manifests = [k for k in keys if k.endswith(".json")]
+        data = sum(int(o.get("Size", 0)) for k, o in keys.items() if not k.endswith(".json"))
+        return {"reachable": True, "writable": writable, "free_bytes": None,
+                "backups": len(manifests), "bytes": data,
+                "unfinished_uploads": len(await self._uploads())}
+
+    async def close(self) -> None:
+        if self._stack is not None:
+            await self._stack.aclose()
+        self._client = None
+        self._stack = None
+
+
+def _b64md5(body: bytes) -> str:
+    return base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
