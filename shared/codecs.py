@@ -542,11 +542,18 @@ def recorded(chain: Sequence[Step]) -> list[dict[str, Any]]:
 
 
 def chain_of(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The decoding chain of a stored backup, from its manifest (old `compression` too)."""
+    """The decoding chain of a stored backup, from its manifest: `codecs`, or an older
+    manifest's `compression` ({"algorithm": "gzip"} or null). Only a hand-written manifest
+    silent on both falls back to the file name's suffixes."""
     chain = manifest.get("codecs")
-    if chain is None:
+    if chain is None and "compression" in manifest:
         comp = manifest.get("compression")
         chain = [{"codec": "gzip"}] if isinstance(comp, Mapping) and comp else []
+    elif chain is None:
+        name = str(manifest.get("filename", ""))
+        chain = [{"codec": c} for c, suffix in (("gzip", ".gz"), ("zstd", ".zst"))
+                 if f"{suffix}." in f"{name}." and not name.endswith(".json")]
+        chain += [{"codec": "age"}] if name.endswith(".age") else []
     if not isinstance(chain, list) or not all(
             isinstance(s, Mapping) and s.get("codec") in DECODERS for s in chain):
         raise _corrupt(f"the manifest names an unknown codec chain: {chain!r}")
