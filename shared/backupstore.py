@@ -288,13 +288,15 @@ class Catalog:
         return [s.name for s, _ in copies]
 
     async def reserve(self, target: TargetConfig, name: naming.BackupName) -> naming.BackupName:
-        """The first `name` (seq bumped) free on every destination of the target."""
+        """The first `name` (seq bumped) free on every destination of the target. A
+        destination that cannot answer is left to fail when the backup begins there (and
+        its writes never overwrite anyway)."""
         stores = self.stores_of(target)
         for seq in range(name.seq, 10000):
             candidate = name.with_seq(seq)
             taken = await asyncio.gather(*(s.exists(target.id, candidate.filename)
-                                           for s in stores))
-            if not any(taken):
+                                           for s in stores), return_exceptions=True)
+            if not any(t is True for t in taken):
                 return candidate
         raise PipelineError("could not find a free backup name")  # pragma: no cover
 

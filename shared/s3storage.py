@@ -231,8 +231,8 @@ class S3Storage:
                     c = self.config
                     cfg = AioConfig(
                         s3={"addressing_style": "path" if c.path_style else "virtual"},
-                        retries={"max_attempts": 5, "mode": "standard"},
-                        connect_timeout=10, read_timeout=120,
+                        retries={"max_attempts": 3, "mode": "standard"},
+                        connect_timeout=5, read_timeout=120, signature_version="s3v4",
                         request_checksum_calculation="when_required",
                         response_checksum_validation="when_required",
                         max_pool_connections=max(10, c.max_concurrency * 2))

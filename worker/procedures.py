@@ -178,7 +178,9 @@ class Procedures:
         progress.plan = ({"verifying": (0, 5), "safety_backup": (5, 40), "restoring": (40, 100)}
                          if make_safety else {"verifying": (0, 5), "restoring": (5, 100)})
         # what the file really holds (checked), not what its manifest says, drives the load
+        n0 = len(progress.warnings)
         source, facts = await self._verify(target, engine, name, copies, progress, ids)
+        verify_warnings = progress.warnings[n0:]
         manifest = {**source[1], **facts}
         if len(copies) > 1 or source[0] is not copies[0][0]:
             await self.store.publish(job.id, "log", {
@@ -200,7 +202,7 @@ class Procedures:
                 "restored_from": source[0].name,
                 "raw_bytes": manifest.get("raw_bytes"),
                 "duration_s": round(time.monotonic() - t0, 3),
-                "warnings": progress.warnings[warnings_before:] or None}
+                "warnings": verify_warnings + progress.warnings[warnings_before:] or None}
 
     def identities(self, target: TargetConfig) -> list[Any]:
         """The worker's age identities for `target` (encryption.identity_file), if any."""
