@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -133,13 +134,17 @@ async def wait_for_job(s: Services, job_id: str, timeout: float) -> Job:
 
 
 async def submit(request: web.Request, kind: str, target: str, params: dict[str, Any],
-                 *, ttl_wait: float | None = None) -> tuple[Job, bool]:
+                 *, ttl_wait: float | None = None,
+                 before_enqueue: Callable[[Job], Awaitable[None]] | None = None
+                 ) -> tuple[Job, bool]:
     s = svc(request)
     job, created = await s.store.create(
         kind, target, params, principal(request),
         idempotency_key=request.headers.get("Idempotency-Key") or None)
     request[AUDIT_INFO] = {"job": job.id, "target": target, "backup": params.get("backup")}
     if created:
+        if before_enqueue is not None:
+            await before_enqueue(job)
         await enqueue(s.redis, s.keys, job)
     wait = query_float(request, "wait", 0, MAX_WAIT) if ttl_wait is None else ttl_wait
     if wait:
@@ -314,23 +319,59 @@ async def delete_backup(request: web.Request) -> web.Response:
 
 # ---------------------------------------------------------------------- restores
 async def submit_restore(request: web.Request, target: TargetConfig, file: str,
-                         safety: bool, *, wait: float | None = None) -> Job:
+                         safety: bool, *, wait: float | None = None,
+                         identity: str | None = None) -> Job:
     name, manifest = await manifest_of(request, target.id, file)
     if manifest.get("engine") != target.engine:
         raise BadRequest(f"{name.filename} is a {manifest.get('engine')} backup; target "
                          f"'{target.id}' is {target.engine}", code="engine_mismatch")
-    params = {"backup": name.filename, "create_safety_backup": safety}
-    job, _ = await submit(request, "restore", target.id, params, ttl_wait=wait)
+    params: dict[str, Any] = {"backup": name.filename, "create_safety_backup": safety}
+    seal = None
+    if identity is not None:
+        sealed = await seal_identity(svc(request), identity)
+        params["identity_supplied"] = True
+
+        async def seal(job: Job) -> None:
+            s = svc(request)
+            await s.redis.set(s.keys.sealed_identity(job.id), sealed,
+                              ex=int(s.settings.worker.job_ttl))
+
+    job, _ = await submit(request, "restore", target.id, params, ttl_wait=wait,
+                          before_enqueue=seal)
     return job
+
+
+async def seal_identity(s: Services, identity: str) -> bytes:
+    """An age identity sent with a restore is never stored or logged as such: it is
+    encrypted to the ephemeral keys of the live workers (each holds its private half in
+    memory only), so only a worker process alive now can open it."""
+    if len(identity) > 64 * 1024:
+        raise BadRequest("identity is too long", code="invalid_identity")
+    codecs.load_identities(identity)  # 400 when it is not an identity
+    since = time.time() - 30
+    workers = [w.decode() for w in await s.redis.zrangebyscore(s.keys.workers, since, "+inf")]
+    keys = []
+    if workers:
+        found = await s.redis.hmget(s.keys.worker_keys, workers)  # type: ignore[misc]
+        keys = [k for k in found if k]
+    if not keys:
+        raise Unavailable("no live worker to hand the identity to: start one with "
+                          "`safehold worker`", code="no_worker")
+    import pyrage
+
+    recipients = [pyrage.x25519.Recipient.from_str(k.decode()) for k in keys]
+    return bytes(await asyncio.to_thread(pyrage.encrypt, identity.encode(), recipients))
 
 
 async def create_restore(request: web.Request) -> web.Response:
     target = svc(request).settings.target(request.match_info["target"])
-    body = await read_json(request, {"backup": str, "create_safety_backup": bool})
+    body = await read_json(request, {"backup": str, "create_safety_backup": bool,
+                                     "identity": str})
     if "backup" not in body:
         raise BadRequest("field 'backup' (a backup file name) is required", code="invalid_body")
     job = await submit_restore(request, target, body["backup"],
-                               body.get("create_safety_backup", True))
+                               body.get("create_safety_backup", True),
+                               identity=body.get("identity"))
     return job_response(job)
 
 

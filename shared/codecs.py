@@ -231,8 +231,9 @@ class ZstdReader:
 
         self._zstd = zstandard
         self._watch = _FrameWatch(src)
-        self._r = zstandard.ZstdDecompressor().stream_reader(  # type: ignore[arg-type]
-            self._watch, read_size=READ_BLOCK, read_across_frames=True)
+        self._r = zstandard.ZstdDecompressor().stream_reader(
+            self._watch, read_size=READ_BLOCK,  # type: ignore[arg-type]
+            read_across_frames=True)
 
     def read(self, n: int) -> bytes:
         try:

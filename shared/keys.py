@@ -44,6 +44,15 @@ class Keys:
     def events(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:events"
 
+    @property
+    def worker_keys(self) -> str:
+        """Hash: worker id -> its ephemeral age public key (identities are sealed to it)."""
+        return f"{self.prefix}:worker_keys"
+
+    def sealed_identity(self, job_id: str) -> str:
+        """A restore's age identity, encrypted to the live workers' ephemeral keys."""
+        return f"{self.prefix}:job:{job_id}:sealed_identity"
+
     def heartbeat(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:heartbeat"
 

@@ -208,3 +208,45 @@ async def test_encrypted_uploads(api: Any, worker: Any, pg_db: str, storage_dir:
     assert job["error"]["database_state"] == "unchanged"
     assert await pg.fingerprint(pg_db) == before
     assert hashlib.sha256(theirs).hexdigest() == opaque["sha256"]
+
+
+async def test_identity_sent_with_the_restore_is_never_stored(
+        api: Any, prefix: str, pg_db: str, tmp_path: Path, test_env: dict[str, str],
+        redis: Any) -> None:
+    """A worker without an identity file refuses (unchanged); the identity sent with the
+    restore opens it. The identity is never in the job record, its events, the audit
+    trail or anywhere in Redis in the clear."""
+    keyless = encrypted_settings(prefix, tmp_path, pg_db, test_env, identity=None)
+    async with running_worker(keyless):
+        await pg.load_rich(pg_db)
+        before = await pg.fingerprint(pg_db)
+        name = (await backup(api))["result"]["filename"]
+        conn = await pg.user_conn(pg_db)
+        await conn.execute("DROP TABLE events CASCADE")
+        await conn.close()
+        job = await restore(api, name)
+        assert job["status"] == "failed" and job["error"]["code"] == "identity_required", job
+        assert job["error"]["database_state"] == "unchanged"
+        resp = await api.post("/api/v1/targets/main/restores",
+                              json={"backup": name, "identity": "AGE-SECRET-KEY-1NOPE"})
+        assert resp.status == 400 and (await resp.json())["error"]["code"] == \
+            "invalid_identity"
+        job = await restore(api, name, identity=f"# mine\n{OPS[0]}\n")
+        assert job["status"] == "succeeded", job
+    assert await pg.fingerprint(pg_db) == before
+    secret = OPS[0].split("-")[-1]
+    dumped = []
+    async for key in redis.scan_iter(f"{prefix}:*"):
+        kind = (await redis.type(key)).decode()
+        if kind == "string":
+            dumped.append(await redis.get(key))
+        elif kind == "hash":
+            dumped += list((await redis.hgetall(key)).values())
+        elif kind == "stream":
+            dumped += [v for _, f in await redis.xrange(key) for v in f.values()]
+        elif kind == "list":
+            dumped += await redis.lrange(key, 0, -1)
+        elif kind == "zset":
+            dumped += await redis.zrange(key, 0, -1)
+    assert dumped and not any(secret.encode() in (d or b"") for d in dumped)
+    assert not [k async for k in redis.scan_iter(f"{prefix}:*sealed_identity*")]

@@ -45,6 +45,8 @@ async def _housekeeping(runner: JobRunner) -> None:
     while True:
         try:
             await runner.redis.zadd(keys.workers, {runner.worker_id: time.time()})
+            await runner.redis.hset(keys.worker_keys,  # type: ignore[misc]
+                                    runner.worker_id, runner.transport_recipient)
             await reap_orphans(runner.store, runner.catalog, w.orphan_after)
         except Exception:  # keep beating through transient Redis errors
             log.exception("housekeeping failed")
@@ -87,6 +89,7 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
     runner: JobRunner | None = ctx.get("runner")
     if runner:
         await runner.redis.zrem(runner.keys.workers, runner.worker_id)
+        await runner.redis.hdel(runner.keys.worker_keys, runner.worker_id)  # type: ignore[misc]
         await runner.catalog.close()
 
 

@@ -43,6 +43,11 @@ class JobRunner:
         self.audit = AuditLog(redis, self.keys)
         self.procedures = Procedures(settings, self.store, self.catalog)
         self._secrets = [t.password.reveal() for t in settings.targets.values() if t.password]
+        import pyrage
+
+        # identities sent with restores are sealed to this key; it never leaves memory
+        self.transport_key = pyrage.x25519.Identity.generate()
+        self.transport_recipient = str(self.transport_key.to_public())
 
     # ----------------------------------------------------------------- job lifecycle
     async def run(self, job_id: str) -> dict[str, Any]:
@@ -233,7 +238,33 @@ class JobRunner:
                 job, target, engine, progress, kind="backup",
                 compress=bool(job.params.get("compress", target.compress)),
                 note=str(job.params.get("note") or ""))
-        return await self.procedures.restore(job, target, engine, progress)
+        identities = await self._supplied_identity(job) \
+            if job.params.get("identity_supplied") else []
+        return await self.procedures.restore(job, target, engine, progress, identities)
+
+    async def _supplied_identity(self, job: Job) -> list[Any]:
+        """Open the identity sent with this restore (sealed by the API to the live workers'
+        keys) and forget the sealed copy; it stays in this process's memory only."""
+        import pyrage
+
+        from shared.codecs import load_identities
+
+        sealed = None
+        for _ in range(50):  # written just before the job was enqueued
+            sealed = await self.redis.getdel(self.keys.sealed_identity(job.id))
+            if sealed is not None:
+                break
+            await asyncio.sleep(0.1)
+        if sealed is None:
+            raise EngineError("the identity sent with this restore is gone (expired or "
+                              "already used); send the restore again", code="identity_required")
+        try:
+            text = (await asyncio.to_thread(pyrage.decrypt, sealed, [self.transport_key]))
+        except Exception:
+            raise EngineError("the identity sent with this restore was sealed for workers "
+                              "that are no longer running; send the restore again",
+                              code="identity_required") from None
+        return load_identities(bytes(text).decode())
 
 
 def ensure_engines(settings: Settings) -> None:
