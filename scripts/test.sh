@@ -23,6 +23,9 @@ need_pkgs=()
 command -v pg_dump >/dev/null 2>&1 || need_pkgs+=(postgresql postgresql-client)
 command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server redis-tools)
 command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || need_pkgs+=(mariadb-server mariadb-client)
+# stock `age` and `zstd` prove encrypted backups open without Safehold (README recipe)
+command -v age >/dev/null 2>&1 || need_pkgs+=(age)
+command -v zstd >/dev/null 2>&1 || need_pkgs+=(zstd)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   log "installing ${need_pkgs[*]} with apt"
   as_root apt-get update -qq
