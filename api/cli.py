@@ -238,6 +238,8 @@ async def cmd_client(args: argparse.Namespace, settings: Settings) -> int:
             return await follow(c, job) if args.follow else _print(job)
         if args.command == "restore":
             body = {"backup": args.backup, "create_safety_backup": not args.no_safety_backup}
+            if args.identity_file:  # sent once, sealed by the API for the workers
+                body["identity"] = await asyncio.to_thread(Path(args.identity_file).read_text)
             job = await c.call("POST", f"/api/v1/targets/{args.target}/restores", json=body)
             return await follow(c, job) if args.follow else _print(job)
         if args.command == "jobs":
@@ -314,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "restore":
             sp.add_argument("backup")
             sp.add_argument("--no-safety-backup", action="store_true")
+            sp.add_argument("--identity-file", metavar="KEY",
+                            help="age identity that decrypts an encrypted backup (when the "
+                                 "worker has no encryption.identity_file)")
         if name in ("backup", "restore"):
             sp.add_argument("--follow", action="store_true", help="show live progress")
         if name == "jobs":

@@ -34,13 +34,18 @@ class Route:
 
 T = "/api/v1/targets/{target}"
 _BACKUP_BODY = {"type": "object", "additionalProperties": False, "properties": {
-    "compress": {"type": "boolean", "default": True},
+    "compress": {"type": "boolean", "default": True,
+                 "description": "false: no compression (else the target's gzip or zstd)"},
     "note": {"type": "string", "maxLength": 500},
     "format": {"type": "string", "description": "engine-specific: redis `resp` (default) "
                "or `rdb`"}}}
 _RESTORE_BODY = {"type": "object", "additionalProperties": False, "required": ["backup"],
                  "properties": {"backup": {"type": "string"},
-                                "create_safety_backup": {"type": "boolean", "default": True}}}
+                                "create_safety_backup": {"type": "boolean", "default": True},
+                                "identity": {"type": "string", "maxLength": 65536,
+                                             "description": "age identity for an encrypted "
+                                             "backup; sealed to the live workers, never "
+                                             "stored"}}}
 _DB = {"database": "target id (default: the configured default_target)"}
 _WAIT = {"wait": "seconds to wait for the job to finish (200 if it did, else 202)"}
 _JOB = {"202": "job accepted (or still running after ?wait)", "200": "job finished"}

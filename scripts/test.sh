@@ -26,6 +26,7 @@ command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || need_pkgs+=(
 # stock `age` and `zstd` prove encrypted backups open without Safehold (README recipe)
 command -v age >/dev/null 2>&1 || need_pkgs+=(age)
 command -v zstd >/dev/null 2>&1 || need_pkgs+=(zstd)
+command -v ssh-keygen >/dev/null 2>&1 || need_pkgs+=(openssh-client)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   log "installing ${need_pkgs[*]} with apt"
   as_root apt-get update -qq

@@ -250,3 +250,33 @@ async def test_identity_sent_with_the_restore_is_never_stored(
             dumped += await redis.zrange(key, 0, -1)
     assert dumped and not any(secret.encode() in (d or b"") for d in dumped)
     assert not [k async for k in redis.scan_iter(f"{prefix}:*sealed_identity*")]
+
+
+async def test_ssh_ed25519_recipient(aiohttp_client: Any, redis: Any, prefix: str,
+                                     pg_db: str, tmp_path: Path,
+                                     test_env: dict[str, str]) -> None:
+    """An SSH public key works as a recipient, its private key as the identity file, and
+    the stock `age -d -i id_ed25519` opens the backup."""
+    if shutil.which("ssh-keygen") is None:
+        pytest.fail("ssh-keygen is needed (openssh-client; scripts/test.sh installs it)")
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    raw = make_raw_config(prefix, tmp_path / "backups", pg_db)
+    raw["targets"]["main"]["encryption"] = {
+        "recipients_file": str(key.with_suffix(".pub")), "identity_file": str(key)}
+    settings = parse_settings(raw, test_env, base=tmp_path, source="<test>")
+    api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
+    async with running_worker(settings):
+        await pg.load_rich(pg_db)
+        before = await pg.fingerprint(pg_db)
+        name = (await backup(api))["result"]["filename"]
+        assert name.endswith(".sql.gz.age")
+        out = subprocess.run(f"age -d -i {key} {tmp_path / 'backups' / 'main' / name} "
+                             "| gunzip -c", shell=True, capture_output=True, check=True)
+        assert b"PostgreSQL database dump" in out.stdout
+        conn = await pg.user_conn(pg_db)
+        await conn.execute("DELETE FROM everything")
+        await conn.close()
+        job = await restore(api, name)
+        assert job["status"] == "succeeded", job
+    assert await pg.fingerprint(pg_db) == before
