@@ -363,3 +363,40 @@ async def test_destinations_health_and_delete_everywhere(
     assert resp.status == 200
     assert await objects(s3, bucket) == {}
     assert (await (await api.get("/api/v1/targets/main/backups")).json())["backups"] == []
+
+
+async def test_object_lock_keeps_recent_backups_from_a_stolen_key(
+        aiohttp_client: Any, redis: Redis, prefix: str, tmp_path: Path, pg_db: str,
+        test_env: dict[str, str], s3_server: Any, s3: Any) -> None:
+    """With `object_lock_mode`, every object carries a retention date: deleting a locked
+    version is refused by the server, so even an admin key cannot destroy a recent backup
+    (Safehold's own delete only hides it behind a delete marker)."""
+    from tests import s3server
+
+    locked = f"l-{os.urandom(5).hex()}"
+    await s3server.make_bucket(s3_server, locked, object_lock=True)
+    raw = s3_raw(prefix, tmp_path, pg_db, s3_server, locked, object_lock_mode="GOVERNANCE",
+                 object_lock_days=1)
+    raw["targets"]["main"]["destinations"] = ["offsite"]
+    settings = parse_settings(raw, s3_env(test_env, s3_server), base=tmp_path, source="<t>")
+    api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
+    from worker.main import build_worker, stop_gracefully
+
+    w = build_worker(settings, poll_delay=0.05)
+    task = asyncio.create_task(w.main())
+    try:
+        await pg.load_rich(pg_db)
+        name = (await backup(api))["result"]["filename"]
+    finally:
+        await stop_gracefully(w, 10, task)
+    key = f"safehold/main/{name}"
+    for k in (key, f"{key}.json"):
+        retention = (await s3.get_object_retention(Bucket=locked, Key=k))["Retention"]
+        assert retention["Mode"] == "GOVERNANCE"
+    head = await s3.head_object(Bucket=locked, Key=key)
+    with pytest.raises(Exception, match="AccessDenied"):
+        await s3.delete_object(Bucket=locked, Key=key, VersionId=head["VersionId"])
+    resp = await api.delete(f"/api/v1/targets/main/backups/{name}")
+    assert resp.status == 200
+    versions = await s3.list_object_versions(Bucket=locked)
+    assert key in [v["Key"] for v in versions.get("Versions", [])]  # still recoverable
