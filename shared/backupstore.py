@@ -20,10 +20,10 @@ from typing import Any, Protocol
 
 from shared import naming
 from shared.config import DestinationConfig, Settings, TargetConfig
-from shared.errors import NotFound, PipelineError, SafeholdError
+from shared.errors import NotFound, PipelineError, SafeholdError, Unavailable
 
 log = logging.getLogger("safehold.storage")
-QUEUE_DEPTH = 4  # stored chunks (~1 MiB) waiting per destination
+QUEUE_DEPTH = 2  # stored chunks (~1 MiB) waiting per destination
 
 
 class PendingBackup(Protocol):
@@ -271,8 +271,9 @@ class Catalog:
                 log.warning("destination %s unreadable: %s", store.name, exc)
         if not found:
             msg = f"no backup '{name.filename}' for target '{target}'"
-            if errors:
-                msg += f" on any reachable destination ({'; '.join(errors)})"
+            if errors:  # not "it does not exist": we could not look everywhere
+                raise Unavailable(f"{msg} on any reachable destination; unreachable: "
+                                  f"{'; '.join(errors)}", code="storage_unavailable")
             raise NotFound(msg, code="backup_not_found")
         where = [s.name for s, _ in found]
         return [(s, {**m, "stored_on": where}) for s, m in found]

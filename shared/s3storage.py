@@ -96,7 +96,8 @@ class _Part:
         if self._file is not None:
             self._file.seek(0)
             return self._file
-        return b"".join(self._mem)
+        out, self._mem = b"".join(self._mem), []  # never both copies at once
+        return out
 
     def close(self) -> None:
         self._mem = []
@@ -230,7 +231,10 @@ class S3Storage:
 
                     c = self.config
                     cfg = AioConfig(
-                        s3={"addressing_style": "path" if c.path_style else "virtual"},
+                        # HTTPS: the payload is not hashed again for the signature (TLS and
+                        # the ETag check cover it); plain HTTP is always signed in full
+                        s3={"addressing_style": "path" if c.path_style else "virtual",
+                            "payload_signing_enabled": False},
                         retries={"max_attempts": 3, "mode": "standard"},
                         connect_timeout=5, read_timeout=120, signature_version="s3v4",
                         request_checksum_calculation="when_required",

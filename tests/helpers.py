@@ -203,3 +203,16 @@ async def publish_bomb(storage_dir: Path, name: str, head: bytes, tail: bytes,
                 "size_bytes": len(blob)}
     manifest.pop("raw_bytes", None)
     (storage_dir / f"{name}.json").write_text(json.dumps(manifest))
+
+
+@asynccontextmanager
+async def running_worker(settings: Any) -> AsyncIterator[None]:
+    """A real arq worker on `settings` (its own config) for the duration of the block."""
+    from worker.main import build_worker, stop_gracefully
+
+    w = build_worker(settings, poll_delay=0.05)
+    task = asyncio.create_task(w.main())
+    try:
+        yield
+    finally:
+        await stop_gracefully(w, 10, task)

@@ -9,8 +9,6 @@ import hashlib
 import json
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ from api.app import create_app
 from shared.config import Settings, parse_settings
 from tests import pg
 from tests.conftest import bearer, make_raw_config
-from tests.helpers import backup, form, restore, restore_twice_unchanged
+from tests.helpers import backup, form, restore, restore_twice_unchanged, running_worker
 
 
 def keypair() -> tuple[str, str]:
@@ -48,18 +46,6 @@ def encrypted_settings(prefix: str, tmp_path: Path, pg_db: str, test_env: dict[s
 @pytest.fixture
 def settings(prefix: str, tmp_path: Path, pg_db: str, test_env: dict[str, str]) -> Settings:
     return encrypted_settings(prefix, tmp_path, pg_db, test_env)
-
-
-@asynccontextmanager
-async def running_worker(settings: Settings) -> AsyncIterator[None]:
-    from worker.main import build_worker, stop_gracefully
-
-    w = build_worker(settings, poll_delay=0.05)
-    task = asyncio.create_task(w.main())
-    try:
-        yield
-    finally:
-        await stop_gracefully(w, 10, task)
 
 
 def stock_decrypt(path: Path, key: str, tmp_path: Path) -> bytes:
@@ -260,7 +246,8 @@ async def test_ssh_ed25519_recipient(aiohttp_client: Any, redis: Any, prefix: st
     if shutil.which("ssh-keygen") is None:
         pytest.fail("ssh-keygen is needed (openssh-client; scripts/test.sh installs it)")
     key = tmp_path / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    await asyncio.to_thread(subprocess.run, ["ssh-keygen", "-q", "-t", "ed25519", "-N", "",
+                                             "-f", str(key)], check=True)
     raw = make_raw_config(prefix, tmp_path / "backups", pg_db)
     raw["targets"]["main"]["encryption"] = {
         "recipients_file": str(key.with_suffix(".pub")), "identity_file": str(key)}
@@ -271,8 +258,9 @@ async def test_ssh_ed25519_recipient(aiohttp_client: Any, redis: Any, prefix: st
         before = await pg.fingerprint(pg_db)
         name = (await backup(api))["result"]["filename"]
         assert name.endswith(".sql.gz.age")
-        out = subprocess.run(f"age -d -i {key} {tmp_path / 'backups' / 'main' / name} "
-                             "| gunzip -c", shell=True, capture_output=True, check=True)
+        out = await asyncio.to_thread(
+            subprocess.run, f"age -d -i {key} {tmp_path / 'backups' / 'main' / name} "
+            "| gunzip -c", shell=True, capture_output=True, check=True)
         assert b"PostgreSQL database dump" in out.stdout
         conn = await pg.user_conn(pg_db)
         await conn.execute("DELETE FROM everything")

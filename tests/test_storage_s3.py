@@ -4,7 +4,6 @@ bucket alone by a fresh server, and never leaving an unfinished multipart upload
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
@@ -26,6 +25,7 @@ from tests.helpers import (
     backup,
     read_events,
     restore,
+    running_worker,
     start_backup_until_pg_dump,
     table_lock,
     wait_for,
@@ -149,15 +149,9 @@ async def test_partial_fan_out_succeeds_loudly(
     raw = s3_raw(prefix, tmp_path, pg_db, dead_s3(s3_server), "backups")
     settings = parse_settings(raw, s3_env(test_env, s3_server), base=tmp_path, source="<t>")
     api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
-    from worker.main import build_worker, stop_gracefully
-
-    w = build_worker(settings, poll_delay=0.05)
-    task = asyncio.create_task(w.main())
-    try:
+    async with running_worker(settings):
         await pg.load_rich(pg_db)
         job = await backup(api)
-    finally:
-        await stop_gracefully(w, 10, task)
     result = job["result"]
     assert result["partial"] is True and result["stored_on"] == ["local"], result
     assert result["destinations"]["offsite"]["status"] == "failed"
@@ -183,15 +177,9 @@ async def test_no_destination_at_all_fails(
     raw["targets"]["main"]["destinations"] = ["offsite"]
     settings = parse_settings(raw, s3_env(test_env, s3_server), base=tmp_path, source="<t>")
     api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
-    from worker.main import build_worker, stop_gracefully
-
-    w = build_worker(settings, poll_delay=0.05)
-    task = asyncio.create_task(w.main())
-    try:
+    async with running_worker(settings):
         resp = await api.post("/api/v1/targets/main/backups?wait=60", json={})
         job = await resp.json()
-    finally:
-        await stop_gracefully(w, 10, task)
     assert job["status"] == "failed", job
     assert "Could not connect" in job["error"]["message"]
     assert (await (await api.get("/api/v1/targets/main/backups")).json())["backups"] == []
@@ -284,15 +272,9 @@ async def test_ranged_download_from_s3_and_redirect(
     raw["storage"]["read_order"] = "offsite"
     settings = parse_settings(raw, env, base=tmp_path, source="<t>")
     api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
-    from worker.main import build_worker, stop_gracefully
-
-    w = build_worker(settings, poll_delay=0.05)
-    task = asyncio.create_task(w.main())
-    try:
+    async with running_worker(settings):
         await pg.load_rich(pg_db)
         result = (await backup(api))["result"]
-    finally:
-        await stop_gracefully(w, 10, task)
     name = result["filename"]
     local = (tmp_path / "backups" / "main" / name).read_bytes()
     url = f"/api/v1/targets/main/backups/{name}/download"
@@ -332,14 +314,8 @@ async def test_a_fresh_server_lists_a_bucket_from_its_manifests(
     conn = await pg.user_conn(pg_db)
     await conn.execute("DELETE FROM everything")
     await conn.close()
-    from worker.main import build_worker, stop_gracefully
-
-    w = build_worker(settings, poll_delay=0.05)
-    task = asyncio.create_task(w.main())
-    try:
+    async with running_worker(settings):
         job = await restore(api2, names[0], create_safety_backup=False)
-    finally:
-        await stop_gracefully(w, 10, task)
     assert job["status"] == "succeeded", job
     assert await pg.fingerprint(pg_db) == before
 
@@ -380,15 +356,9 @@ async def test_object_lock_keeps_recent_backups_from_a_stolen_key(
     raw["targets"]["main"]["destinations"] = ["offsite"]
     settings = parse_settings(raw, s3_env(test_env, s3_server), base=tmp_path, source="<t>")
     api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
-    from worker.main import build_worker, stop_gracefully
-
-    w = build_worker(settings, poll_delay=0.05)
-    task = asyncio.create_task(w.main())
-    try:
+    async with running_worker(settings):
         await pg.load_rich(pg_db)
         name = (await backup(api))["result"]["filename"]
-    finally:
-        await stop_gracefully(w, 10, task)
     key = f"safehold/main/{name}"
     for k in (key, f"{key}.json"):
         retention = (await s3.get_object_retention(Bucket=locked, Key=k))["Retention"]
