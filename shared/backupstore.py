@@ -376,8 +376,15 @@ class BlockingStream:
         self._loop = loop
         self._buf = b""
         self._eof = False
+        self._stopped = False
+
+    def stop(self) -> None:
+        """Later reads fail (any thread): a reader that should stop stops."""
+        self._stopped = True
 
     def read(self, n: int = -1) -> bytes:
+        if self._stopped:
+            raise PipelineError("reading the backup was stopped")
         while not self._buf and not self._eof:
             fut = asyncio.run_coroutine_threadsafe(_next(self._chunks), self._loop)
             try:
@@ -393,6 +400,7 @@ class BlockingStream:
         return out
 
     def close(self) -> None:
+        self._stopped = True
         aclose = getattr(self._chunks, "aclose", None)
         if aclose is not None and not self._loop.is_closed():
             with contextlib.suppress(Exception):

@@ -435,7 +435,12 @@ class AgeReader:
         while not self._buf:
             if self._done:
                 return b""
-            item = self._q.get()
+            try:
+                item = self._q.get(timeout=0.2)
+            except queue.Empty:
+                if self._closed:
+                    raise PipelineError("reading the backup was stopped") from None
+                continue
             if item is _EOF:
                 self._done = True
                 return b""
@@ -453,8 +458,15 @@ class AgeReader:
         out, self._buf = self._buf[:n], self._buf[n:]
         return out
 
+    def stop(self) -> None:
+        """Make a blocked or future `read` return (from any thread)."""
+        self._closed = True
+
     def close(self) -> None:
         self._closed = True
+        src_stop = getattr(self._src, "stop", None)
+        if src_stop is not None:
+            src_stop()
         while self._thread.is_alive():
             try:
                 self._q.get(timeout=0.05)
@@ -598,6 +610,11 @@ class _Hashing:
         self.digest = hashlib.sha256()
         self.total = 0
 
+    def stop(self) -> None:
+        src_stop = getattr(self.src, "stop", None)
+        if src_stop is not None:
+            src_stop()
+
     def read(self, n: int) -> bytes:
         block = self.src.read(n)
         if block:
@@ -668,6 +685,14 @@ class PlainReader:
         """Read (and hash) the rest of the stored bytes without decoding them."""
         while self._hashing.read(CHUNK):
             pass
+
+    def stop(self) -> None:
+        """From another thread: make the reading thread's next (or blocked) read fail soon,
+        so that it can be awaited instead of abandoned."""
+        for r in self._readers:
+            if hasattr(r, "stop"):
+                r.stop()
+        self._hashing.stop()
 
     def close(self) -> None:
         for r in reversed(self._readers):

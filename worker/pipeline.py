@@ -112,7 +112,9 @@ async def stored_plain(chunks: AsyncIterator[bytes], chain: Sequence[Step], *,
             pending = asyncio.ensure_future(asyncio.to_thread(reader.next_chunk))
             yield out
     finally:
+        # never abandon the decoding thread: tell it to stop, wait for it, then close
         if not pending.done():
-            pending.cancel()
+            reader.stop()
+            await asyncio.wait({pending})
         await asyncio.gather(pending, return_exceptions=True)
         await asyncio.to_thread(reader.close)

@@ -295,26 +295,31 @@ class Procedures:
                       probe_chain: Sequence[codecs.Step] | None = None,
                       identities: Sequence[Any] = ()) -> str:
         """sha256 of a copy's stored bytes; with `probe_chain`, its first plain block is
-        decoded too (a wrong age identity fails here, before anything is dropped)."""
-        stream = BlockingStream(store.open(target.id, name.filename),
-                                asyncio.get_running_loop())
+        decoded first, from a stream of its own (a wrong age identity fails here, before
+        anything is dropped)."""
+        loop = asyncio.get_running_loop()
+        if probe_chain:
+            probe = BlockingStream(store.open(target.id, name.filename), loop)
+
+            def first_block() -> None:
+                reader = codecs.PlainReader(probe, probe_chain, identities=identities)
+                try:
+                    reader.next_chunk()
+                except PipelineError as exc:
+                    if exc.code in ("wrong_identity", "identity_required"):
+                        raise RestoreFailed(exc.message, database_unchanged=True,
+                                            code=exc.code) from None
+                    raise
+                finally:
+                    reader.close()  # stops and joins the decoder's thread
+
+            await asyncio.to_thread(first_block)
+        stream = BlockingStream(store.open(target.id, name.filename), loop)
 
         def run() -> str:
-            reader = codecs.PlainReader(stream, probe_chain or [], on_stored=on_bytes,
-                                        identities=identities)
-            try:
-                if probe_chain:
-                    try:
-                        reader.next_chunk()
-                    except PipelineError as exc:
-                        if exc.code in ("wrong_identity", "identity_required"):
-                            raise RestoreFailed(exc.message, database_unchanged=True,
-                                                code=exc.code) from None
-                        raise
-                reader.drain_stored()
-                return reader.sha256
-            finally:
-                reader.close()
+            reader = codecs.PlainReader(stream, [], on_stored=on_bytes)
+            reader.drain_stored()
+            return reader.sha256
 
         try:
             return await asyncio.to_thread(run)
