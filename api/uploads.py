@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -73,12 +74,34 @@ def _validate(engine: str, path: Path, chain: list[dict[str, Any]], limit: int,
         return formats.validate(engine, f, chain, limit=limit, identities=identities)
 
 
+async def _store_spool(spool: Path, fan: Any, seal: codecs.AgeEncrypt | None
+                       ) -> tuple[str, int]:
+    """Stream the checked spool to the destinations (through age when `seal`); returns the
+    stored bytes' sha256 and size."""
+    digest, size = hashlib.sha256(), 0
+
+    async def emit(data: bytes) -> None:
+        nonlocal size
+        if data:
+            digest.update(data)
+            size += len(data)
+            await fan.write(data)
+
+    async with aiofiles.open(spool, "rb") as f:
+        while block := await f.read(CHUNK):
+            await emit(await asyncio.to_thread(seal.feed, block) if seal else block)
+    if seal is not None:
+        await emit(await asyncio.to_thread(seal.flush))
+    return digest.hexdigest(), size
+
+
 async def store_upload(request: web.Request, target: TargetConfig) -> dict[str, Any]:
     """Receive, validate and store an upload on the target's destinations."""
     s = svc(request)
     spool = await asyncio.to_thread(s.catalog.spool_path, target.id, "upload")
     started = datetime.now(UTC)
     fan = None
+    seal: codecs.AgeEncrypt | None = None
     try:
         async with UploadSink(spool, s.settings.server.max_upload_bytes) as sink:
             client_name = await receive_upload(request, sink)
@@ -95,15 +118,20 @@ async def store_upload(request: web.Request, target: TargetConfig) -> dict[str, 
             info = await loop.run_in_executor(s.validation_pool, functools.partial(
                 _validate, target.engine, spool, chain, limit, ids))
             formats.check_scope(target.engine, target.url or "", info)
+        # a target whose backups are encrypted gets its uploads encrypted too
+        seal = None
+        if target.encryption is not None and (not chain or chain[-1]["codec"] != "age"):
+            keys = target.encryption.recipient_lines()
+            seal = codecs.AgeEncrypt(keys)
+            chain = [*chain, {"codec": "age", "recipients": [
+                codecs.recipient_fingerprint(k) for k in keys]}]
         name = await s.catalog.reserve(target, naming.new_name(
             "upload", target.engine, started,
-            codecs=[c["codec"] for c in chain if c["codec"] != "auto"]))
+            codecs=[c["codec"] for c in chain if c["codec"] != "auto"]),
+            claim=s.store.name_claimer(target.id, spool.name))
         fan = await s.catalog.begin(target, name, "upload")
-        async with aiofiles.open(spool, "rb") as f:
-            while block := await f.read(CHUNK):
-                await fan.write(block)
-        sha256 = sink.digest.hexdigest()
-        outcomes = await fan.finish(sink.size, sha256)
+        sha256, size = await _store_spool(spool, fan, seal)
+        outcomes = await fan.finish(size, sha256)
         manifest = {
             "engine": target.engine,
             "kind": "upload",
@@ -111,8 +139,9 @@ async def store_upload(request: web.Request, target: TargetConfig) -> dict[str, 
             "target": target.id,
             "created_at": started.isoformat().replace("+00:00", "Z"),
             "finished_at": now_iso(),
-            "size_bytes": sink.size,
+            "size_bytes": size,
             "sha256": sha256,
+            "uploaded_sha256": sink.digest.hexdigest(),
             "codecs": chain,
             "compression": next(({"algorithm": c["codec"]} for c in chain
                                  if c["codec"] in ("gzip", "zstd")), None),
@@ -133,6 +162,8 @@ async def store_upload(request: web.Request, target: TargetConfig) -> dict[str, 
             await asyncio.shield(fan.abort())
         raise
     finally:
+        if seal is not None:
+            await asyncio.to_thread(seal.close)
         await asyncio.to_thread(spool.unlink, missing_ok=True)
     return await s.catalog.manifest(target.id, name)
 

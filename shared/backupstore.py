@@ -288,16 +288,21 @@ class Catalog:
             await store.delete(target, name.filename)
         return [s.name for s, _ in copies]
 
-    async def reserve(self, target: TargetConfig, name: naming.BackupName) -> naming.BackupName:
-        """The first `name` (seq bumped) free on every destination of the target. A
-        destination that cannot answer is left to fail when the backup begins there (and
-        its writes never overwrite anyway)."""
+    async def reserve(self, target: TargetConfig, name: naming.BackupName,
+                      claim: Callable[[str], Awaitable[bool]] | None = None
+                      ) -> naming.BackupName:
+        """The first `name` (seq bumped) free on every destination of the target and
+        claimed by this writer (`claim`: a Redis SET NX shared by every API and worker, so
+        two uploads in one second never pick one name). A destination that cannot answer is
+        left to fail when the backup begins there (its writes never overwrite anyway)."""
         stores = self.stores_of(target)
         for seq in range(name.seq, 10000):
             candidate = name.with_seq(seq)
             taken = await asyncio.gather(*(s.exists(target.id, candidate.filename)
                                            for s in stores), return_exceptions=True)
-            if not any(t is True for t in taken):
+            if any(t is True for t in taken):
+                continue
+            if claim is None or await claim(candidate.filename):
                 return candidate
         raise PipelineError("could not find a free backup name")  # pragma: no cover
 
@@ -308,16 +313,25 @@ class Catalog:
         cannot even start is recorded as failed; the others go on."""
         pendings: dict[str, PendingBackup] = {}
         failed: dict[str, SafeholdError] = {}
-        for store in self.stores_of(target):
-            try:
-                pendings[store.name] = await store.begin(target.id, name, tag)
-            except Exception as exc:
-                failed[store.name] = _as_error(exc, store.name)
-                log.warning("destination %s cannot take a backup: %s", store.name, exc)
+        try:
+            for store in self.stores_of(target):
+                try:
+                    pendings[store.name] = await store.begin(target.id, name, tag)
+                except Exception as exc:
+                    failed[store.name] = _as_error(exc, store.name)
+                    log.warning("destination %s cannot take a backup: %s", store.name, exc)
+        except BaseException:  # cancelled midway: take back what was started
+            await asyncio.shield(asyncio.gather(*(_quietly(p.abort())
+                                                  for p in pendings.values())))
+            raise
         fan = Fanout(pendings)
         fan.errors.update(failed)
         if on_handles is not None:
-            await on_handles(fan.handles)
+            try:
+                await on_handles(fan.handles)
+            except BaseException:
+                await asyncio.shield(fan.abort())
+                raise
         if not fan.live():
             await fan.abort()
             raise fan._none_left()

@@ -146,64 +146,70 @@ class ZstdCompress:
 class ZstdFrames:
     """Follows the zstd frame structure of the compressed bytes (frame header, block
     headers, checksum; skippable frames) so that a stream cut mid-frame is detected:
-    `zstandard`'s stream reader ends silently at a truncation."""
+    `zstandard`'s stream reader ends silently at a truncation. Walks each fed block with an
+    offset (hostile files of tiny blocks cost no copying) and keeps only an incomplete
+    header between feeds."""
 
     def __init__(self) -> None:
         self._buf = b""
+        self._pos = 0
         self._skip = 0  # bytes to pass over (block bodies, checksums, skippable frames)
         self._state = "magic"
         self._checksum = False
 
     def feed(self, data: bytes) -> None:
-        self._buf += data
+        self._buf = self._buf[self._pos:] + data if self._pos < len(self._buf) else data
+        self._pos = 0
         while True:
             if self._skip:
-                used = min(self._skip, len(self._buf))
+                used = min(self._skip, len(self._buf) - self._pos)
                 self._skip -= used
-                self._buf = self._buf[used:]
+                self._pos += used
                 if self._skip:
-                    return
+                    break
             if not self._step():
-                return
+                break
+        self._buf = self._buf[self._pos:]
+        self._pos = 0
 
     def _step(self) -> bool:
-        b = self._buf
+        b, p = self._buf, self._pos
+        left = len(b) - p
         if self._state == "magic":
-            if len(b) < 4:
+            if left < 4:
                 return False
-            magic = int.from_bytes(b[:4], "little")
+            magic = int.from_bytes(b[p:p + 4], "little")
             if magic == 0xFD2FB528:
                 self._state = "header"
-                self._buf = b[4:]
-                return True
-            if magic & 0xFFFFFFF0 == 0x184D2A50 and len(b) >= 8:
-                self._skip = int.from_bytes(b[4:8], "little")
-                self._buf = b[8:]
+                self._pos += 4
                 return True
             if magic & 0xFFFFFFF0 == 0x184D2A50:
-                return False
+                if left < 8:
+                    return False
+                self._skip = int.from_bytes(b[p + 4:p + 8], "little")
+                self._pos += 8
+                return True
             raise _corrupt("the backup is not valid zstd (bad frame magic)")
         if self._state == "header":
-            if not b:
+            if not left:
                 return False
-            fhd = b[0]
+            fhd = b[p]
             fcs_flag, single, dict_flag = fhd >> 6, (fhd >> 5) & 1, fhd & 3
             self._checksum = bool((fhd >> 2) & 1)
             size = 1 + (0 if single else 1) + (0, 1, 2, 4)[dict_flag] + \
                 (1 if single and fcs_flag == 0 else (0, 2, 4, 8)[fcs_flag])
-            if len(b) < size:
+            if left < size:
                 return False
-            self._buf = b[size:]
+            self._pos += size
             self._state = "block"
             return True
-        # a block header
-        if len(b) < 3:
+        if left < 3:  # a block header
             return False
-        header = int.from_bytes(b[:3], "little")
+        header = int.from_bytes(b[p:p + 3], "little")
         last, btype, bsize = header & 1, (header >> 1) & 3, header >> 3
         if btype == 3:
             raise _corrupt("the backup is not valid zstd (reserved block type)")
-        self._buf = b[3:]
+        self._pos += 3
         self._skip = 1 if btype == 1 else bsize
         if last:
             self._state = "magic"
@@ -211,7 +217,7 @@ class ZstdFrames:
         return True
 
     def at_frame_end(self) -> bool:
-        return self._state == "magic" and not self._skip and not self._buf
+        return self._state == "magic" and not self._skip and self._pos >= len(self._buf)
 
 
 class _FrameWatch:
@@ -299,6 +305,7 @@ def load_identities(text: str) -> list[Any]:
 
 
 _EOF = object()
+_ABORT = object()
 
 
 class _Closed(Exception):
@@ -343,6 +350,12 @@ class AgeEncrypt:
         self._check()
         return self._sink.take()
 
+    def close(self) -> None:
+        """Stop the thread of a stream that will not be finished (the backup failed)."""
+        if self._thread.is_alive():
+            self._source.abort()
+            self._thread.join(5)
+
 
 class _QueueSource:
     def __init__(self) -> None:
@@ -360,11 +373,22 @@ class _QueueSource:
             except queue.Full:
                 continue
 
+    def abort(self) -> None:
+        self.broken = True
+        while True:  # make room, then wake the reader with an error
+            try:
+                self.q.get_nowait()
+            except queue.Empty:
+                break
+        self.q.put_nowait(_ABORT)
+
     def read(self, n: int = -1) -> bytes:
         while not self.buf:
             item = self.q.get()
             if item is _EOF:
                 return b""
+            if item is _ABORT:
+                raise _Closed
             self.buf = item
         n = n if n and n > 0 else len(self.buf)
         out, self.buf = self.buf[:n], self.buf[n:]

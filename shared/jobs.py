@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -199,6 +199,14 @@ class JobStore:
         self.keys = keys
         self.ttl = int(ttl)
         self._transition = redis.register_script(_TRANSITION)
+
+    def name_claimer(self, target: str, owner: str) -> Callable[[str], Awaitable[bool]]:
+        """A `Catalog.reserve` claim: SET NX on the name for a day (a backup never takes
+        longer to publish than the job timeouts allow)."""
+        async def claim(filename: str) -> bool:
+            return bool(await self.redis.set(self.keys.name_claim(target, filename), owner,
+                                             nx=True, ex=86400))
+        return claim
 
     async def create(
         self,

@@ -49,6 +49,10 @@ class Keys:
         """Hash: worker id -> its ephemeral age public key (identities are sealed to it)."""
         return f"{self.prefix}:worker_keys"
 
+    def name_claim(self, target: str, filename: str) -> str:
+        """Held by whoever is writing a backup of that name (no two writers, ever)."""
+        return f"{self.prefix}:name:{target}:{filename}"
+
     def sealed_identity(self, job_id: str) -> str:
         """A restore's age identity, encrypted to the live workers' ephemeral keys."""
         return f"{self.prefix}:job:{job_id}:sealed_identity"

@@ -67,6 +67,11 @@ def _missing(exc: BaseException) -> bool:
     return _code(exc) in ("NoSuchKey", "404", "NotFound", "NoSuchUpload")
 
 
+def _unsupported(exc: BaseException) -> bool:
+    """The server does not know conditional writes (older MinIO, Ceph, B2…)."""
+    return _code(exc) in ("NotImplemented", "501")
+
+
 def _precondition(exc: BaseException) -> bool:
     return _code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict")
 
@@ -162,9 +167,17 @@ class S3Pending:
         if self.store.conditional:
             kwargs["IfNoneMatch"] = "*"
         try:
-            await s3.complete_multipart_upload(
-                Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
-                MultipartUpload={"Parts": parts}, **kwargs)
+            try:
+                await s3.complete_multipart_upload(
+                    Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
+                    MultipartUpload={"Parts": parts}, **kwargs)
+            except Exception as exc:
+                if not (kwargs and _unsupported(exc)):
+                    raise
+                self.store.conditional = False  # the name is still claimed under Redis
+                await s3.complete_multipart_upload(
+                    Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
+                    MultipartUpload={"Parts": parts})
         except Exception as exc:
             if _precondition(exc):
                 raise PipelineError(f"a backup named {self.name.filename} appeared meanwhile "
@@ -178,8 +191,9 @@ class S3Pending:
                          + f"-{len(self._md5s)}")
         etag = str(head.get("ETag", "")).strip('"')
         check = "size+etag"
-        if self.store.config.sse == "aws:kms":
-            check = "size"  # SSE-KMS ETags are not MD5-based
+        if "kms" in str(head.get("ServerSideEncryption", "")) or \
+                self.store.config.sse == "aws:kms":
+            check = "size"  # SSE-KMS ETags are not MD5-based (also a bucket's default)
         problem = None
         if stored != size:
             problem = f"stored {stored} bytes, sent {size}"
@@ -201,12 +215,12 @@ class S3Pending:
             t.cancel()
         await asyncio.gather(*self._inflight, return_exceptions=True)
         self._part.close()
-        s3 = await self.store.client()
         if not self._completed:
-            with contextlib.suppress(Exception):
-                await s3.abort_multipart_upload(Bucket=self.store.bucket, Key=self.key,
-                                                UploadId=self.upload_id)
+            # also covers a completion the server made while we were cancelled: the upload
+            # is gone, the object is there without a manifest, and it is removed
+            await self.store.remove_temp(self.handle)
         else:
+            s3 = await self.store.client()
             await s3.delete_object(Bucket=self.store.bucket, Key=self.key)
 
 
@@ -277,7 +291,14 @@ class S3Storage:
         if self.config.object_lock_mode:
             kwargs["ContentMD5"] = _b64md5(body)  # S3 requires it with Object Lock
         try:
-            await s3.put_object(**kwargs, **({"IfNoneMatch": "*"} if self.conditional else {}))
+            try:
+                await s3.put_object(**kwargs,
+                                    **({"IfNoneMatch": "*"} if self.conditional else {}))
+            except Exception as exc:
+                if not (self.conditional and _unsupported(exc)):
+                    raise
+                self.conditional = False
+                await s3.put_object(**kwargs)
         except Exception as exc:
             if _precondition(exc):
                 raise PipelineError(f"{key} already exists on {self.name}; not overwritten",
@@ -414,10 +435,22 @@ class S3Storage:
         await s3.delete_object(Bucket=self.bucket, Key=key)
 
     # ------------------------------------------------------------------ leftovers
+    def _ours(self, key: str) -> bool:
+        """`<prefix>/<target>/<backup name>` — nothing else in the bucket is touched."""
+        rest = key[len(self.prefix) + 1:] if self.prefix else key
+        if self.prefix and not key.startswith(self.prefix + "/"):
+            return False
+        target, _, filename = rest.partition("/")
+        try:
+            naming.parse(filename)
+        except naming.InvalidBackupName:
+            return False
+        return bool(target) and "/" not in filename
+
     async def remove_temp(self, handle: str) -> None:
         _, _, rest = handle.partition(":")
         key, _, upload_id = rest.partition("?")
-        if not key or not upload_id:
+        if not key or not upload_id or not self._ours(key):
             return
         s3 = await self.client()
         try:
@@ -444,6 +477,8 @@ class S3Storage:
         removed = []
         now = time.time()
         for up in await self._uploads():
+            if not self._ours(up["Key"]):
+                continue  # another application's upload in the same bucket
             handle = f"{self.name}:{up['Key']}?{up['UploadId']}"
             initiated = up.get("Initiated")
             age = now - initiated.timestamp() if initiated else float("inf")

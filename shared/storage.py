@@ -56,18 +56,31 @@ class LocalPending:
         self.store, self.target, self.name = store, target, name
         self.temp, self._f = path, handle
         self.final: Path | None = None
-        self.handle = f"{store.name}:{target}/{path.name}"
+        # the final name too: a worker that dies between link and manifest leaves data the
+        # reaper must find
+        self.handle = f"{store.name}:{target}/{path.name}/{name.filename}"
+        self._completing: asyncio.Future[dict[str, Any]] | None = None
 
     async def write(self, data: bytes) -> None:
         await asyncio.to_thread(self._f.write, data)
 
     async def complete(self, size: int, sha256: str) -> dict[str, Any]:
-        return await asyncio.to_thread(self._complete, size, sha256)
+        self._completing = asyncio.ensure_future(
+            asyncio.to_thread(self._complete, size, sha256))
+        return await self._completing
 
     def _complete(self, size: int, sha256: str) -> dict[str, Any]:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
+        # read back before the file gets its name: what the disk holds is what was sent
+        stored = self.temp.stat().st_size
+        digest = sha256_file(self.temp)
+        if stored != size or digest != sha256:
+            self.temp.unlink(missing_ok=True)
+            raise PipelineError(f"read-back check failed on {self.store.name}: stored "
+                                f"{stored} bytes (sha256 {digest[:12]}…), expected {size} "
+                                f"(sha256 {sha256[:12]}…)", code="readback_mismatch")
         final = self.temp.with_name(self.name.filename)
         try:
             os.link(self.temp, final)
@@ -78,14 +91,6 @@ class LocalPending:
         self.final = final
         self.temp.unlink()
         _fsync_dir(final.parent)
-        stored = final.stat().st_size
-        digest = sha256_file(final)
-        if stored != size or digest != sha256:
-            final.unlink(missing_ok=True)
-            self.final = None
-            raise PipelineError(f"read-back check failed on {self.store.name}: stored "
-                                f"{stored} bytes (sha256 {digest[:12]}…), expected {size} "
-                                f"(sha256 {sha256[:12]}…)", code="readback_mismatch")
         return {"size_bytes": stored, "check": "sha256"}
 
     async def write_manifest(self, manifest: dict[str, Any]) -> None:
@@ -94,6 +99,9 @@ class LocalPending:
                                 self.final.with_name(f"{self.name.filename}.json"), manifest)
 
     async def abort(self) -> None:
+        if self._completing is not None and not self._completing.done():
+            await asyncio.wait({self._completing})  # never race the linking thread
+
         def _abort() -> None:
             if not self._f.closed:
                 self._f.close()
@@ -227,11 +235,18 @@ class LocalStorage:
 
     # ------------------------------------------------------------------ leftovers
     async def remove_temp(self, handle: str) -> None:
+        """Remove a dead job's temp file, and its final file if it got no manifest."""
         _, _, rest = handle.partition(":")
-        target, _, temp = rest.partition("/")
+        target, _, rest = rest.partition("/")
+        temp, _, final = rest.partition("/")
         if not temp.startswith(TEMP_PREFIX) or "/" in temp or not temp.endswith(".partial"):
             return
-        await asyncio.to_thread((self._dir(target) / temp).unlink, missing_ok=True)
+        d = self._dir(target)
+        await asyncio.to_thread((d / temp).unlink, missing_ok=True)
+        if final:
+            data = self._file(target, final)
+            if not await asyncio.to_thread(data.with_name(f"{data.name}.json").exists):
+                await asyncio.to_thread(data.unlink, missing_ok=True)
 
     def temp_files(self) -> list[Path]:
         if not self.root.is_dir():

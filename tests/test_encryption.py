@@ -102,7 +102,12 @@ async def test_wrong_identity_is_refused_before_anything_is_dropped(
     damaged = await pg.fingerprint(pg_db)
     wrong = encrypted_settings(prefix, tmp_path, pg_db, test_env, identity=STRANGER[0])
     async with running_worker(wrong):
+        # with a safety backup: refused up front, since a rollback could not decrypt it
         job = await restore(api, name)
+        assert job["status"] == "failed" and job["error"]["code"] == "identity_required", job
+        assert "rollback" in job["error"]["message"]
+        # without: verification decrypts the first block and refuses
+        job = await restore(api, name, create_safety_backup=False)
     assert job["status"] == "failed", job
     assert job["error"]["code"] == "wrong_identity", job
     assert job["error"]["database_state"] == "unchanged"
@@ -267,4 +272,32 @@ async def test_ssh_ed25519_recipient(aiohttp_client: Any, redis: Any, prefix: st
         await conn.close()
         job = await restore(api, name)
         assert job["status"] == "succeeded", job.get("error")
+    assert await pg.fingerprint(pg_db) == before
+
+
+async def test_plain_upload_to_an_encrypted_target_is_stored_encrypted(
+        api: Any, worker: Any, pg_db: str, storage_dir: Path, tmp_path: Path) -> None:
+    """What lands on an encrypted target's destinations is encrypted, uploads included; the
+    manifest keeps the uploaded file's checksum too, and it restores."""
+    await pg.load_rich(pg_db)
+    before = await pg.fingerprint(pg_db)
+    name = (await backup(api))["result"]["filename"]
+    plain = stock_decrypt(storage_dir / name, OPS[0], tmp_path)
+    import gzip
+
+    sent = gzip.compress(plain)
+    resp = await api.post("/api/v1/targets/main/uploads", data=form(sent, "mine.sql.gz"))
+    up = await resp.json()
+    assert resp.status == 201, up
+    assert up["filename"].endswith(".sql.gz.age")
+    assert [c["codec"] for c in up["codecs"]] == ["gzip", "age"]
+    assert up["uploaded_sha256"] == hashlib.sha256(sent).hexdigest() != up["sha256"]
+    stored = (storage_dir / up["filename"]).read_bytes()
+    assert stored.startswith(b"age-encryption.org/v1\n")
+    assert hashlib.sha256(stored).hexdigest() == up["sha256"]
+    conn = await pg.user_conn(pg_db)
+    await conn.execute("DELETE FROM everything")
+    await conn.close()
+    job = await restore(api, up["filename"])
+    assert job["status"] == "succeeded", job.get("error")
     assert await pg.fingerprint(pg_db) == before

@@ -127,10 +127,15 @@ async def test_sweep_keeps_running_jobs_temps(tmp_path: Path) -> None:
         os.utime(t.temp, (old, old))
     removed = await s.sweep_temps({"1a2b-running"})
     assert fresh.temp.exists()  # recently written: maybe an upload in progress
-    assert removed == [stale.handle]
+    assert removed == [f"local:main/{stale.temp.name}"]
     assert keep.temp.exists()
+    # a worker died after naming its file but before the manifest: the reaper's handle
+    # removes both the temp and the unlisted final file
+    await reaped.write(b"abc")
+    await reaped.complete(3, hashlib.sha256(b"abc").hexdigest())
+    assert (tmp_path / "main" / name.filename).exists()
     await s.remove_temp(reaped.handle)
-    assert not reaped.temp.exists()
+    assert not reaped.temp.exists() and not (tmp_path / "main" / name.filename).exists()
     await s.remove_temp("local:main/../../etc/passwd")  # not a temp handle: ignored
 
 

@@ -86,6 +86,10 @@ async def store(source: AsyncIterator[bytes], sink: Sink, stages: Sequence[Stage
         if not reader.done():
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
+        for stage in stages:  # a stage with a thread (age) must not outlive the backup
+            close = getattr(stage, "close", None)
+            if close is not None:
+                await asyncio.to_thread(close)
     return {"size_bytes": totals["stored"], "sha256": digest.hexdigest(),
             "raw_bytes": totals["raw"]}
 

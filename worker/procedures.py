@@ -34,6 +34,7 @@ from shared.errors import (
     RestoreFailed,
     SafeholdError,
     SafetyBackupFailed,
+    Unavailable,
 )
 from shared.jobs import Job, JobStore, now_iso, undo_hint
 from shared.naming import ENGINE_FORMATS
@@ -83,13 +84,20 @@ class Procedures:
         options = {k: job.params[k] for k in ("format", "use_apoc") if job.params.get(k)}
         fmt = options.get("format")
         ext = fmt if fmt in ENGINE_FORMATS.get(engine.name, ()) else engine.extension
-        name = await self.catalog.reserve(target, naming.new_name(
-            kind, engine.name, started, codecs=[s["codec"] for s in chain], ext=ext))
 
         async def record_handles(handles: list[str]) -> None:
             await self.store.set_fields(job.id, temp_handles=" ".join(handles))
 
-        fan = await self.catalog.begin(target, name, job.id, on_handles=record_handles)
+        try:
+            name = await self.catalog.reserve(target, naming.new_name(
+                kind, engine.name, started, codecs=[s["codec"] for s in chain], ext=ext),
+                claim=self.store.name_claimer(target.id, job.id))
+            fan = await self.catalog.begin(target, name, job.id, on_handles=record_handles)
+        except BaseException:
+            for stage in stages:
+                if close := getattr(stage, "close", None):
+                    await asyncio.to_thread(close)
+            raise
         try:
             async with engine.dump(target, progress, options) as dump:
                 out = await pipeline.store(dump.chunks, fan, stages,
@@ -173,8 +181,10 @@ class Procedures:
             raise BadRequest(f"backup {name.filename} is a {manifest.get('engine')} backup; "
                              f"target '{target.id}' is {target.engine}",
                              code="engine_mismatch")
-        ids = list(identities) or self.identities(target)
+        ids = list(identities) + self.identities(target)
         make_safety = bool(job.params.get("create_safety_backup", True))
+        if make_safety:
+            self._check_rollback_possible(target, ids)
         progress.plan = ({"verifying": (0, 5), "safety_backup": (5, 40), "restoring": (40, 100)}
                          if make_safety else {"verifying": (0, 5), "restoring": (5, 100)})
         # what the file really holds (checked), not what its manifest says, drives the load
@@ -216,6 +226,30 @@ class Procedures:
                                 f"({exc.strerror})", code="identity_required") from None
         return codecs.load_identities(text)
 
+    def _check_rollback_possible(self, target: TargetConfig, ids: Sequence[Any]) -> None:
+        """The safety backup is encrypted to the target's recipients: when none of the
+        identities at hand matches one of them (age X25519 keys can be compared), a rollback
+        could not decrypt it, so the restore does not start."""
+        if target.encryption is None:
+            return
+        recipients = target.encryption.recipient_lines()
+        if not recipients or not all(r.startswith("age1") for r in recipients):
+            return  # SSH recipients: proven at the safety backup's verification instead
+        publics = set()
+        for ident in ids:
+            to_public = getattr(ident, "to_public", None)
+            if to_public is None:
+                return  # an SSH identity: cannot be compared here
+            publics.add(str(to_public()))
+        if not publics & set(recipients):
+            raise RestoreFailed(
+                f"target '{target.id}' encrypts its safety backups to its recipients, and no "
+                "identity this restore holds matches one: a rollback could not decrypt the "
+                "safety backup, so the restore did not start. Set encryption.identity_file "
+                "on the worker, send the identity with the restore, or restore with "
+                "create_safety_backup=false", database_unchanged=True,
+                code="identity_required")
+
     def _limit(self, manifest: dict[str, Any]) -> int:
         limits = self.settings.limits
         declared = manifest.get("raw_bytes")
@@ -234,18 +268,24 @@ class Procedures:
         uploads. An encrypted backup is decrypted far enough to prove the identity."""
         progress.set_phase("verifying", bytes_total=copies[0][1].get("size_bytes"))
         problems: list[str] = []
+        last: BaseException | None = None
         for store, manifest in copies:
             try:
                 facts = await self._verify_copy(target, engine, name, store, manifest,
                                                 progress, identities)
-            except (IntegrityError, NotFound) as exc:
-                problems.append(f"{store.name}: {exc.message}")
-                progress.warn(f"the copy of {name.filename} on {store.name} is unusable "
-                              f"({exc.message}); trying the next destination")
-                continue
-            return (store, manifest), facts
-        if len(problems) == 1 and len(copies) == 1:
-            raise self._mismatch(name)
+            except (IntegrityError, NotFound, Unavailable) as exc:
+                why, last = exc.message, exc
+            except SafeholdError:
+                raise  # the content was refused: the same bytes are everywhere
+            except Exception as exc:  # the destination failed mid-read (network, disk)
+                why, last = f"{type(exc).__name__}: {exc}", exc
+            else:
+                return (store, manifest), facts
+            problems.append(f"{store.name}: {why}")
+            progress.warn(f"the copy of {name.filename} on {store.name} is unusable "
+                          f"({why}); trying the next destination")
+        if len(copies) == 1 and isinstance(last, SafeholdError):
+            raise (self._mismatch(name) if isinstance(last, IntegrityError) else last)
         raise IntegrityError(f"no copy of backup {name.filename} is usable ("
                              + "; ".join(problems) + "); refusing to restore, nothing was "
                              "touched")
