@@ -184,3 +184,22 @@ async def test_other_targets_files_are_out_of_reach(api: Any, storage_dir: Path)
     assert resp.status == 404
     resp = await api.get(f"/backup/download/{name}")
     assert resp.status == 404
+
+
+async def test_concurrent_uploads_in_one_second_get_distinct_names(
+        api: Any, worker: Any, pg_db: str, storage_dir: Path) -> None:
+    """Five uploads at once (same second, no target lock) each get their own name; none is
+    overwritten or lost (names are claimed in Redis before anything is written)."""
+    import asyncio
+
+    await pg.load_rich(pg_db)
+    blob = await dump_of(api, storage_dir)
+    resps = await asyncio.gather(*(api.post("/api/v1/targets/main/uploads", data=form(blob))
+                                   for _ in range(5)))
+    bodies = [await r.json() for r in resps]
+    assert [r.status for r in resps] == [201] * 5, bodies
+    names = {b["filename"] for b in bodies}
+    assert len(names) == 5
+    for name in names:
+        assert hashlib.sha256((storage_dir / name).read_bytes()).hexdigest() == \
+            hashlib.sha256(blob).hexdigest()
