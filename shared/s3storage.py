@@ -126,7 +126,8 @@ class S3Pending:
         view = memoryview(data)
         while view:
             room = self._part.size - self._part.length
-            self._part.add(bytes(view[:room]))
+            # MD5 and a spool file's write run off the event loop
+            await asyncio.to_thread(self._part.add, bytes(view[:room]))
             view = view[room:]
             if self._part.length >= self._part.size:
                 await self._send(self._part)
