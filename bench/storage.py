@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Codecs and destinations, in one run on one database: local gzip (the default) vs zstd vs
-gzip+age vs local+S3 fan-out (SeaweedFS), as throughput ratios against local gzip, plus the
-worker's peak RSS during each, and the shell pipeline an operator would write.
+gzip+age vs two local disks vs local+S3 fan-out vs S3 alone (SeaweedFS on this machine), as
+throughput ratios against local gzip, plus the worker's peak RSS during each, and the shell
+pipeline an operator would write.
 
     uv run python bench/storage.py --size-mb 1000
 
@@ -43,6 +44,9 @@ def main() -> None:
     recipient = str(pyrage.x25519.Identity.generate().to_public())
     url = f"postgresql://postgres@127.0.0.1:5432/{a.db}"
     targets = f"""
+[storage.second]
+type = "local"
+path = "{work / 'second-disk'}"
 [storage.offsite]
 type = "s3"
 endpoint = "{server.endpoint}"
@@ -60,10 +64,18 @@ engine = "postgresql"
 url = "{url}"
 [targets.age.encryption]
 recipients = ["{recipient}"]
+[targets.twolocal]
+engine = "postgresql"
+url = "{url}"
+destinations = ["local", "second"]
 [targets.fanout]
 engine = "postgresql"
 url = "{url}"
 destinations = ["local", "offsite"]
+[targets.s3only]
+engine = "postgresql"
+url = "{url}"
+destinations = ["offsite"]
 """
     env = {"AWS_ACCESS_KEY_ID": server.access_key, "AWS_SECRET_ACCESS_KEY": server.secret_key}
     pg_env = {**os.environ, "PGHOST": "127.0.0.1", "PGUSER": "postgres"}
@@ -72,7 +84,7 @@ destinations = ["local", "offsite"]
     rows = {}
     try:
         with safehold(work / "safehold", targets, env) as s:
-            for target in ("gzip", "zstd", "age", "fanout"):
+            for target in ("gzip", "zstd", "age", "twolocal", "fanout", "s3only"):
                 best, peak, stored = float("inf"), 0, 0
                 for _ in range(a.runs):
                     Path(f"/proc/{s.rss.pid}/clear_refs").write_text("5")  # reset VmHWM
@@ -92,7 +104,8 @@ destinations = ["local", "offsite"]
           f"{'MiB/s plain':>12}{'peak RSS MiB':>14}")
     for target, (took, peak, stored, raw) in rows.items():
         label = {"gzip": "local gzip", "zstd": "local zstd", "age": "local gzip+age",
-                 "fanout": "local+S3 gzip"}[target]
+                 "twolocal": "local+local gzip", "fanout": "local+S3 gzip",
+                 "s3only": "S3 only gzip"}[target]
         print(f"{label:<22}{took:>8.1f}{base / took:>9.2f}{shell / took:>9.2f}"
               f"{stored / 1e6:>11.1f}{raw / MiB / took:>12.1f}{peak / MiB:>14.0f}")
 
