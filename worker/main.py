@@ -147,8 +147,22 @@ async def _tasks_done(worker: Worker) -> None:
         await asyncio.sleep(0.2)
 
 
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each thread that allocates its own malloc arena; the pipeline's threads
+    (compression, encryption, file and S3 writes) each keep freed 1 MiB buffers in theirs.
+    Two arenas cut the worker's peak RSS by 10-30 MiB per backup (bench/storage.py) at no
+    measurable cost. The same as MALLOC_ARENA_MAX=2; a no-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX
+
+
 async def serve_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Run a worker until SIGTERM/SIGINT (or `stop`), then shut down gracefully."""
+    limit_malloc_arenas()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
