@@ -382,7 +382,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     status, kind = q.get("status"), q.get("kind")
     if status and status not in ("queued", "running", "succeeded", "failed", "cancelled"):
         raise BadRequest(f"unknown status '{status}'", code="invalid_query")
-    if kind and kind not in ("backup", "restore", "stats"):
+    if kind and kind not in ("backup", "restore", "stats", "prune"):
         raise BadRequest(f"unknown kind '{kind}'", code="invalid_query")
     limit = int(query_float(request, "limit", 1, 1000) or 100)
     p = principal_of(request)
@@ -421,6 +421,49 @@ async def audit(request: web.Request) -> web.Response:
         action=q.get("action"), result=q.get("result"), job=q.get("job"),
         since=q.get("since"))
     return web.json_response({"entries": entries, "count": len(entries)})
+
+
+async def prune(request: web.Request) -> web.Response:
+    """Apply the target's retention policy now (a prune job); `dry_run=true` plans only."""
+    s = svc(request)
+    target = s.settings.target(request.match_info["target"])
+    dry_run = query_bool(request, "dry_run", False)
+    if target.retention.empty and not dry_run:
+        raise BadRequest(f"target '{target.id}' has no retention policy: nothing would be "
+                         "deleted (set [targets.<id>.retention])", code="no_retention")
+    job, _ = await submit(request, "prune", target.id, {"dry_run": dry_run,
+                                                        "reason": "requested"})
+    return job_response(job)
+
+
+async def schedules_view(request: web.Request) -> web.Response:
+    """Each visible target's schedule: next run, last slot and job, its outcome."""
+    from datetime import UTC, datetime
+
+    from shared import schedules
+
+    s = svc(request)
+    p = principal_of(request)
+    now = datetime.now(UTC)
+    out = []
+    for tid in p.targets_visible(list(s.settings.targets)):
+        t = s.settings.targets[tid]
+        state = {k.decode(): v.decode() for k, v in
+                 (await s.redis.hgetall(s.keys.schedule(tid))).items()}  # type: ignore[misc]
+        entry: dict[str, Any] = {
+            "target": tid, "schedule": t.schedule or None, "timezone": t.timezone,
+            "catch_up": t.catch_up, "retention": t.retention.public(),
+            "next_run": None, "last_slot": state.get("last_slot"),
+            "last_job": state.get("last_job"), "last_status": None}
+        if t.schedule:
+            tz = schedules.zone(t.timezone, "timezone")
+            entry["next_run"] = schedules.next_due(
+                t.schedule, tz, now, schedules.jitter(tid, t.schedule_jitter)).isoformat()
+        if entry["last_job"] and (job := await s.store.find(entry["last_job"])):
+            entry["last_status"] = job.status
+            entry["last_error"] = (job.error or {}).get("code")
+        out.append(entry)
+    return web.json_response({"schedules": out})
 
 
 async def destinations(request: web.Request) -> web.Response:

@@ -91,6 +91,12 @@ ROUTES: list[Route] = [
     Route("GET", "/api/v1/jobs/{job_id}/events", job_events, Role.VIEWER,
           "Server-sent events of a job (resumable with Last-Event-ID)",
           query={"last_event_id": "resume after this event id (same as the header)"}),
+    Route("POST", f"{T}/prune", h.prune, Role.ADMIN,
+          "Apply the target's retention policy now (a prune job, audited per deletion)",
+          query={"dry_run": "true: return the plan (keep/delete and why), delete nothing",
+                 **_WAIT}, responses=_JOB),
+    Route("GET", "/api/v1/schedules", h.schedules_view, Role.VIEWER,
+          "Each target's schedule: next run, last slot and job, last outcome"),
     Route("GET", "/api/v1/destinations", h.destinations, Role.ADMIN,
           "Where backups are stored: each destination's health (reachable, writable, free "
           "space where knowable, backups and bytes) and the targets using it"),

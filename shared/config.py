@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from shared import schedules
 from shared.errors import ConfigError
 from shared.naming import ENGINE_EXTENSIONS
+from shared.retention import Policy, parse_policy
 
 TARGET_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -194,8 +196,11 @@ class TargetConfig:
     url: str = ""
     path: str = ""  # sqlite
     password: Secret | None = field(default=None, compare=False)
-    schedule: str = ""
-    retention: Mapping[str, int] = field(default_factory=dict)
+    schedule: str = ""  # crontab (validated), in `timezone`
+    timezone: str = "UTC"
+    schedule_jitter: int = 0  # seconds: a fixed per-target delay spreads many targets
+    catch_up: str = "latest"  # a slot missed while everything was down: run it once, or not
+    retention: Policy = field(default_factory=Policy)
     compression: str = "gzip"  # "gzip" | "zstd" | "none"
     compression_level: int | None = None  # default: gzip 1 (isal), zstd 3
     destinations: tuple[str, ...] = ("local",)
@@ -217,7 +222,8 @@ class TargetConfig:
             "url": self.url or None,
             "path": self.path or None,
             "schedule": self.schedule or None,
-            "retention": dict(self.retention),
+            "timezone": self.timezone,
+            "retention": self.retention.public(),
             "compress": self.compress,
             "compression": self.compression,
             "destinations": list(self.destinations),
@@ -368,6 +374,7 @@ def _target(tid: str, raw: Any, env: Mapping[str, str], base: Path) -> TargetCon
     if not isinstance(raw, Mapping):
         raise ConfigError(f"[targets.{tid}] must be a table")
     known = {"engine", "url", "path", "password_env", "password_file", "schedule",
+             "timezone", "schedule_jitter", "catch_up",
              "retention", "compress", "compression", "compression_level", "destinations",
              "encryption"}
     unknown = set(raw) - known - {"password"}
@@ -398,18 +405,31 @@ def _target(tid: str, raw: Any, env: Mapping[str, str], base: Path) -> TargetCon
         if not parts.scheme or not parts.hostname:
             raise ConfigError(f"target '{tid}': url must look like scheme://user@host:port/db")
     retention = raw.get("retention", {})
-    if not isinstance(retention, Mapping) or not all(
-        isinstance(v, int) and v >= 0 for v in retention.values()
-    ):
-        raise ConfigError(f"target '{tid}': retention must map names to whole numbers")
+    if not isinstance(retention, Mapping):
+        raise ConfigError(f"[targets.{tid}.retention] must be a table")
+    policy = parse_policy(retention, f"targets.{tid}.retention")
+    tz = str(raw.get("timezone", "UTC"))
+    schedules.zone(tz, f"targets.{tid}.timezone")
+    schedule = str(raw.get("schedule", ""))
+    if schedule:
+        schedules.validate(schedule, f"targets.{tid}.schedule")
+    catch_up = str(raw.get("catch_up", "latest"))
+    if catch_up not in ("latest", "none"):
+        raise ConfigError(f"targets.{tid}.catch_up must be \"latest\" or \"none\"")
+    jitter = _cast(f"targets.{tid}.schedule_jitter", raw.get("schedule_jitter", 0), 0)
+    if not 0 <= jitter <= 86400:
+        raise ConfigError(f"targets.{tid}.schedule_jitter must be 0-86400 seconds")
     return TargetConfig(
         id=tid,
         engine=engine,
         url=url,
         path=path,
         password=_password(tid, raw, env, base),
-        schedule=str(raw.get("schedule", "")),
-        retention=dict(retention),
+        schedule=schedule,
+        timezone=tz,
+        schedule_jitter=jitter,
+        catch_up=catch_up,
+        retention=policy,
         compression=_compression(tid, raw),
         compression_level=_level(tid, raw),
         destinations=_destination_names(tid, raw),

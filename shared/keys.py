@@ -49,6 +49,10 @@ class Keys:
         """Hash: worker id -> its ephemeral age public key (identities are sealed to it)."""
         return f"{self.prefix}:worker_keys"
 
+    def schedule(self, target: str) -> str:
+        """Hash: first_seen, last_slot, last_job of a target's schedule."""
+        return f"{self.prefix}:schedule:{target}"
+
     def name_claim(self, target: str, filename: str) -> str:
         """Held by whoever is writing a backup of that name (no two writers, ever)."""
         return f"{self.prefix}:name:{target}:{filename}"

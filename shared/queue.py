@@ -12,7 +12,8 @@ from shared.errors import ConfigError
 from shared.jobs import Job
 from shared.keys import Keys
 
-FUNCTIONS = {"backup": "run_backup", "restore": "run_restore", "stats": "run_stats"}
+FUNCTIONS = {"backup": "run_backup", "restore": "run_restore", "stats": "run_stats",
+             "prune": "run_prune"}
 
 
 def redis_settings(url: str) -> RedisSettings:

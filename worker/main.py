@@ -19,6 +19,7 @@ from shared.keys import Keys
 from shared.queue import FUNCTIONS, redis_settings
 from shared.reaper import reap_orphans
 from worker.runner import JobRunner, ensure_engines
+from worker.scheduler import Scheduler
 
 log = logging.getLogger("safehold.worker")
 WORKER_BEAT = 10.0  # seconds between worker-liveness beats and reaper sweeps
@@ -30,6 +31,11 @@ async def run_backup(ctx: dict[str, Any], job_id: str) -> dict[str, Any]:
 
 
 async def run_restore(ctx: dict[str, Any], job_id: str) -> dict[str, Any]:
+    runner: JobRunner = ctx["runner"]
+    return await runner.run(job_id)
+
+
+async def run_prune(ctx: dict[str, Any], job_id: str) -> dict[str, Any]:
     runner: JobRunner = ctx["runner"]
     return await runner.run(job_id)
 
@@ -51,6 +57,19 @@ async def _housekeeping(runner: JobRunner) -> None:
         except Exception:  # keep beating through transient Redis errors
             log.exception("housekeeping failed")
         await asyncio.sleep(min(WORKER_BEAT, w.orphan_after / 2))
+
+
+SCHEDULER_TICK = 15.0  # seconds; a slot starts within this (plus its jitter) of its time
+
+
+async def _schedule_forever(scheduler: Scheduler) -> None:
+    """Every worker ticks; deterministic job ids make the extra ticks no-ops."""
+    while True:
+        try:
+            await scheduler.tick()
+        except Exception:  # Redis down: the next tick catches up
+            log.exception("scheduler tick failed")
+        await asyncio.sleep(SCHEDULER_TICK)
 
 
 async def _sweep_temps(runner: JobRunner) -> None:
@@ -77,12 +96,15 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     runner = JobRunner(settings, ctx["redis"], worker_id)
     ctx["runner"] = runner
     ctx["sweep"] = asyncio.create_task(_sweep_temps(runner))  # a slow bucket: not a wait
+    scheduler = Scheduler(settings, ctx["redis"], runner.store)
+    runner.after_backup = scheduler.after_backup
+    ctx["scheduler"] = asyncio.create_task(_schedule_forever(scheduler))
     ctx["housekeeping"] = asyncio.create_task(_housekeeping(runner))
     log.info("worker %s ready (targets: %s)", worker_id, ", ".join(settings.targets))
 
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:
-    for name in ("housekeeping", "sweep"):
+    for name in ("housekeeping", "sweep", "scheduler"):
         if task := ctx.get(name):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -107,6 +129,7 @@ def build_worker(settings: Settings, *, redis_pool: ArqRedis | None = None,
             func(run_restore, name=FUNCTIONS["restore"], timeout=w.restore_timeout,
                  max_tries=1),
             func(run_stats, name=FUNCTIONS["stats"], timeout=120, max_tries=1),
+            func(run_prune, name=FUNCTIONS["prune"], timeout=3600, max_tries=1),
         ],
         queue_name=keys.queue,
         redis_settings=redis_settings(settings.redis.url),

@@ -16,12 +16,12 @@ import contextlib
 import functools
 import os
 import time
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from shared import codecs, formats, naming
+from shared import codecs, formats, naming, retention
 from shared.backupstore import BackupStore, BlockingStream, Catalog
 from shared.codecs import plain_limit
 from shared.config import Settings, TargetConfig
@@ -41,6 +41,15 @@ from shared.naming import ENGINE_FORMATS
 from worker import pipeline
 from worker.engines import Engine
 from worker.progress import Progress
+
+AUX_RETENTION = retention.Policy(max_age=timedelta(days=7))  # safety backups, uploads
+
+
+def _created(manifest: dict[str, Any]) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(manifest.get("created_at")).replace("Z", "+00:00"))
+    except ValueError:
+        return None
 
 
 class Procedures:
@@ -169,6 +178,51 @@ class Procedures:
             "duration_s": manifest["duration_s"],
             "warnings": progress.warnings or None,
         }
+
+    # ----------------------------------------------------------------- prune
+    async def prune(self, job: Job, target: TargetConfig, progress: Progress,
+                    on_delete: Callable[[str, str, list[str]], Awaitable[None]]
+                    ) -> dict[str, Any]:
+        """Apply the target's retention on each of its destinations (regular backups by the
+        policy; safety backups and uploads: younger than 7 days, or the newest, are kept).
+        Runs under the target lock, so no restore of this target reads meanwhile; a backup
+        a queued restore names is kept too. `dry_run` returns the plan only."""
+        dry_run = bool(job.params.get("dry_run"))
+        progress.set_phase("planning")
+        busy = {str(j.params.get("backup")) for j in await self.store.active_for_target(target.id)
+                if j.kind == "restore" and j.id != job.id}
+        now = datetime.now(UTC)
+        out: dict[str, Any] = {"dry_run": dry_run, "policy": target.retention.public(),
+                               "destinations": {}}
+        for store in self.catalog.stores_of(target):
+            manifests = await store.list_manifests(target.id)
+            decisions = []
+            for kind, policy in (("backup", target.retention), ("other", AUX_RETENTION)):
+                group = [(str(m["filename"]), _created(m)) for m in manifests
+                         if (m.get("kind") == "backup") == (kind == "backup")
+                         and m.get("filename") and _created(m) is not None]
+                decisions += retention.plan(group, policy, now, target.timezone)  # type: ignore[arg-type]
+            for d in decisions:
+                if not d.keep and d.filename in busy:
+                    d.keep, d.reasons = True, ["a queued restore names it"]
+            deleted = []
+            if not dry_run:
+                progress.set_phase("deleting")
+                for d in decisions:
+                    if d.keep:
+                        continue
+                    try:
+                        await store.delete(target.id, d.filename)
+                    except NotFound:
+                        continue
+                    deleted.append(d.filename)
+                    await on_delete(store.name, d.filename, d.reasons)
+            out["destinations"][store.name] = {
+                "plan": [d.public() for d in decisions],
+                "kept": sum(d.keep for d in decisions),
+                "deleted": deleted if not dry_run else
+                [d.filename for d in decisions if not d.keep]}
+        return out
 
     # ----------------------------------------------------------------- restore
     async def restore(self, job: Job, target: TargetConfig, engine: Engine,

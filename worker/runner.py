@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -42,6 +43,8 @@ class JobRunner:
         self.worker_id = worker_id
         self.audit = AuditLog(redis, self.keys)
         self.procedures = Procedures(settings, self.store, self.catalog)
+        # set by the worker: what follows a successful backup (a scheduled one is pruned)
+        self.after_backup: Callable[[Job], Awaitable[Any]] | None = None
         self._secrets = [t.password.reveal() for t in settings.targets.values() if t.password]
         import pyrage
 
@@ -144,6 +147,11 @@ class JobRunner:
             await self.audit.record(action=f"job.{job.kind}", result=status, **who,
                                     target=job.target, job=job.id, backup=backup,
                                     detail=(error or {}).get("code"))
+            if status == "succeeded" and job.kind == "backup" and self.after_backup:
+                try:
+                    await self.after_backup(job)
+                except Exception:
+                    log.exception("job %s: the follow-up after the backup failed", job.id)
             if (result or {}).get("partial"):
                 missing = [n for n, o in (result or {}).get("destinations", {}).items()
                            if n not in result.get("stored_on", [])]  # type: ignore[union-attr]
@@ -233,6 +241,13 @@ class JobRunner:
             await self.store.publish(job.id, "log", {
                 "message": f"waiting for job {holder} on target {target.id} to finish"})
         await lock.acquire()
+        if job.kind == "prune":
+            async def on_delete(destination: str, filename: str, reasons: list[str]) -> None:
+                await self.audit.record(
+                    action="prune.deleted", result="ok", subject=job.requested_by.get("subject"),
+                    client=job.requested_by.get("client"), target=job.target, job=job.id,
+                    backup=filename, detail=f"{destination}: {'; '.join(reasons)}")
+            return await self.procedures.prune(job, target, progress, on_delete)
         if job.kind == "backup":
             return await self.procedures.backup(
                 job, target, engine, progress, kind="backup",

@@ -1,0 +1,113 @@
+"""The scheduler tick every worker runs: due slots of target schedules become backup jobs.
+
+Any number of workers tick; a slot's job is created through the idempotency path with a
+deterministic key (`sched:<target>:<slot>`), so a slot runs once whatever the number of
+workers and restarts. Per target, Redis keeps when the schedule was first seen (slots before
+that are never run: configuring a nightly schedule at noon does not start a backup at once)
+and the last slot handled. A slot missed while everything was down runs once at start-up
+with `catch_up = "latest"` — the newest missed slot only, never one per missed slot — and
+not at all with `catch_up = "none"`. After a scheduled backup succeeds, a prune job follows
+(when the target has a retention policy); a daily prune runs too.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from redis.asyncio import Redis
+
+from shared import schedules
+from shared.config import Settings, TargetConfig
+from shared.jobs import Job, JobStore
+from shared.keys import Keys
+from shared.queue import enqueue
+
+log = logging.getLogger("safehold.scheduler")
+SCHEDULER = {"subject": "schedule", "client": "schedule"}
+LATE_AFTER = timedelta(minutes=5)  # catch_up="none": a slot older than this is skipped
+PRUNE_SLOT = "04:00"  # the daily prune, in each target's zone
+
+
+class Scheduler:
+    def __init__(self, settings: Settings, redis: Redis, store: JobStore) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.store = store
+        self.keys = Keys(settings.redis.prefix)
+
+    async def tick(self, now: datetime | None = None) -> list[str]:
+        """Create the jobs of every due slot; returns their ids (empty when none is due)."""
+        now = now or datetime.now(UTC)
+        created = []
+        for target in self.settings.targets.values():
+            try:
+                if target.schedule and (job := await self._backup_slot(target, now)):
+                    created.append(job.id)
+                if not target.retention.empty and (job := await self._daily_prune(target,
+                                                                                   now)):
+                    created.append(job.id)
+            except Exception:  # one target's trouble never stops the others
+                log.exception("scheduling target %s failed", target.id)
+        return created
+
+    async def _backup_slot(self, target: TargetConfig, now: datetime) -> Job | None:
+        tz = schedules.zone(target.timezone, "timezone")
+        delay = schedules.jitter(target.id, target.schedule_jitter)
+        key = self.keys.schedule(target.id)
+        await self.redis.hsetnx(key, "first_seen", now.isoformat())  # type: ignore[misc]
+        state = {k.decode(): v.decode() for k, v in
+                 (await self.redis.hgetall(key)).items()}  # type: ignore[misc]
+        slot = schedules.latest_due(target.schedule, tz, now, delay)
+        if slot is None:
+            return None
+        name = schedules.slot_name(slot)
+        due = schedules.to_utc(slot, tz) + delay
+        if state.get("last_slot") == name or due < datetime.fromisoformat(state["first_seen"]):
+            return None
+        if state.get("last_slot", "") > name:
+            return None  # another worker already handled a newer slot
+        if target.catch_up == "none" and now - due > LATE_AFTER:
+            await self.redis.hset(key, mapping={"last_slot": name,  # type: ignore[misc]
+                                                "last_skipped": name})
+            log.warning("target %s: slot %s missed while down; skipped (catch_up=none)",
+                        target.id, name)
+            return None
+        job = await self._create(target, "backup", f"sched:{target.id}:{name}",
+                                 {"compress": target.compress,
+                                  "note": f"scheduled {name} {target.timezone}",
+                                  "scheduled_slot": name,
+                                  "scheduled_for": due.isoformat().replace("+00:00", "Z")})
+        await self.redis.hset(key, mapping={"last_slot": name,  # type: ignore[misc]
+                                            "last_job": job.id})
+        return job
+
+    async def _daily_prune(self, target: TargetConfig, now: datetime) -> Job | None:
+        tz = schedules.zone(target.timezone, "timezone")
+        hour, minute = (int(x) for x in PRUNE_SLOT.split(":"))
+        slot = schedules.latest_due(f"{minute} {hour} * * *", tz, now)
+        if slot is None or now - schedules.to_utc(slot, tz) > timedelta(hours=1):
+            return None
+        return await self._create(target, "prune", f"prune:{target.id}:{slot:%Y-%m-%d}",
+                                  {"dry_run": False, "reason": "daily"})
+
+    async def after_backup(self, job: Job) -> Job | None:
+        """A scheduled backup succeeded: prune by the target's policy."""
+        target = self.settings.targets.get(job.target)
+        if target is None or target.retention.empty or not job.params.get("scheduled_slot"):
+            return None
+        return await self._create(target, "prune", f"prune-after:{job.id}",
+                                  {"dry_run": False, "reason": f"after {job.id}"})
+
+    async def _create(self, target: TargetConfig, kind: str, idem: str,
+                      params: dict[str, Any]) -> Job:
+        job, created = await self.store.create(kind, target.id, params, SCHEDULER,
+                                               idempotency_key=idem)
+        if created or job.status == "queued":
+            # again when only the create got through last time (arq ignores a job id it
+            # already has, so this never runs a job twice)
+            await enqueue(self.redis, self.keys, job)  # type: ignore[arg-type]
+        if created:
+            log.info("scheduled %s job %s for target %s (%s)", kind, job.id, target.id, idem)
+        return job
