@@ -69,6 +69,21 @@ async def metrics(request: web.Request) -> web.Response:
     metric("safehold_backup_bytes", "gauge", "Bytes of listed backups per target.", size)
     metric("safehold_last_backup_timestamp_seconds", "gauge",
            "Creation time of the newest complete regular backup per target.", last)
+    missed, last_ok = [], []
+    for target in visible:
+        state = await s.redis.hgetall(s.keys.schedule(target))  # type: ignore[misc]
+        if not s.settings.targets[target].schedule:
+            continue
+        missed.append(({"target": target}, 1 if state.get(b"missed_alerted") else 0))
+        if (ok := _ts(state.get(b"last_success", b"").decode())) is not None:
+            last_ok.append(({"target": target}, f"{ok:.0f}"))
+    metric("safehold_schedule_missed", "gauge",
+           "1 while a scheduled target has had no successful backup within its grace.", missed)
+    metric("safehold_last_success_timestamp_seconds", "gauge",
+           "When the last backup of a scheduled target succeeded.", last_ok)
+    failed = int(await s.redis.get(s.keys.counter("notifications_failed")) or 0)
+    metric("safehold_notifications_failed_total", "counter",
+           "Notification deliveries that failed after every retry.", [({}, failed)])
     return web.Response(text="\n".join(lines) + "\n",
                         content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})

@@ -157,6 +157,28 @@ class LimitSettings:
 
 
 @dataclass(frozen=True)
+class NotificationSettings:
+    """Where job outcomes and alerts go (see shared/notify.py). Channel URLs and the webhook
+    secret carry credentials: they come from the environment or a file, never the TOML."""
+
+    apprise_urls_env: str = ""  # name of a variable holding Apprise URLs, space-separated
+    apprise_urls_file: str = ""  # or a file of them, one per line
+    webhook_url: str = ""
+    webhook_secret_env: str = ""  # name of the variable holding the HMAC secret
+    min_severity: str = "warning"  # info | warning | error
+    events: str = ""  # comma-separated event names; empty = all
+    timeout: float = 10.0
+    retries: int = 3
+    retry_delay: float = 1.0  # doubled after each failed try
+    apprise_urls: Secret | None = field(default=None, compare=False, repr=False)
+    webhook_secret: Secret | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def event_list(self) -> list[str]:
+        return [e.strip() for e in self.events.split(",") if e.strip()]
+
+
+@dataclass(frozen=True)
 class AuthSettings:
     """Bearer JWT verification. With no issuer, a local dev key signs and verifies tokens."""
 
@@ -200,6 +222,8 @@ class TargetConfig:
     timezone: str = "UTC"
     schedule_jitter: int = 0  # seconds: a fixed per-target delay spreads many targets
     catch_up: str = "latest"  # a slot missed while everything was down: run it once, or not
+    missed_grace: float = 2.0  # no successful backup for this many schedule intervals: alert
+    heartbeat_url: str = ""  # healthchecks.io-style pings around scheduled backups
     retention: Policy = field(default_factory=Policy)
     compression: str = "gzip"  # "gzip" | "zstd" | "none"
     compression_level: int | None = None  # default: gzip 1 (isal), zstd 3
@@ -241,6 +265,7 @@ class Settings:
     worker: WorkerSettings = WorkerSettings()
     auth: AuthSettings = AuthSettings()
     limits: LimitSettings = LimitSettings()
+    notifications: NotificationSettings = NotificationSettings()
     destinations: Mapping[str, DestinationConfig] = field(default_factory=dict)
     source: str = "<defaults>"
 
@@ -266,6 +291,7 @@ _SECTIONS: dict[str, type] = {
     "worker": WorkerSettings,
     "auth": AuthSettings,
     "limits": LimitSettings,
+    "notifications": NotificationSettings,
 }
 
 DEFAULT_TOML = """
@@ -374,7 +400,7 @@ def _target(tid: str, raw: Any, env: Mapping[str, str], base: Path) -> TargetCon
     if not isinstance(raw, Mapping):
         raise ConfigError(f"[targets.{tid}] must be a table")
     known = {"engine", "url", "path", "password_env", "password_file", "schedule",
-             "timezone", "schedule_jitter", "catch_up",
+             "timezone", "schedule_jitter", "catch_up", "missed_grace", "heartbeat_url",
              "retention", "compress", "compression", "compression_level", "destinations",
              "encryption"}
     unknown = set(raw) - known - {"password"}
@@ -429,12 +455,40 @@ def _target(tid: str, raw: Any, env: Mapping[str, str], base: Path) -> TargetCon
         timezone=tz,
         schedule_jitter=jitter,
         catch_up=catch_up,
+        missed_grace=_cast(f"targets.{tid}.missed_grace", raw.get("missed_grace", 2.0), 2.0),
+        heartbeat_url=str(raw.get("heartbeat_url", "")),
         retention=policy,
         compression=_compression(tid, raw),
         compression_level=_level(tid, raw),
         destinations=_destination_names(tid, raw),
         encryption=_encryption(tid, raw.get("encryption"), base),
     )
+
+
+def _notifications(raw: Any, n: NotificationSettings, env: Mapping[str, str],
+                   base: Path) -> NotificationSettings:
+    for key in ("apprise_urls", "webhook_secret"):
+        if isinstance(raw, Mapping) and key in raw:
+            raise ConfigError(f"notifications.{key} may not be written in the config file "
+                              f"(it carries credentials): use {key}_env")
+    if n.min_severity not in ("info", "warning", "error"):
+        raise ConfigError("notifications.min_severity must be info, warning or error")
+    if n.webhook_url and not n.webhook_url.startswith(("http://", "https://")):
+        raise ConfigError("notifications.webhook_url must be an http(s) URL")
+    values: dict[str, Any] = {
+        k: Secret(v) for k in ("apprise_urls", "webhook_secret")  # from SAFEHOLD_* overrides
+        if isinstance(v := getattr(n, k), str)}
+    for key, secret in (("apprise_urls_env", "apprise_urls"),
+                        ("webhook_secret_env", "webhook_secret")):
+        name = getattr(n, key)
+        if name:
+            if name not in env:
+                raise ConfigError(f"notifications.{key}: environment variable {name} is not "
+                                  "set")
+            values[secret] = Secret(env[name])
+    if n.apprise_urls_file and not Path(n.apprise_urls_file).is_absolute():
+        values["apprise_urls_file"] = str(base / n.apprise_urls_file)
+    return replace(n, **values)
 
 
 COMPRESSIONS = ("gzip", "zstd", "none")
@@ -609,6 +663,8 @@ def parse_settings(
     storage = sections["storage"]
     if not Path(storage.path).is_absolute():
         sections["storage"] = replace(storage, path=str((base / storage.path).resolve()))
+    sections["notifications"] = _notifications(raw.get("notifications", {}),
+                                               sections["notifications"], env, base)
     destinations = _destinations(raw_storage, env, base)
     known_dest = {"local", *destinations}
     for t in targets.values():

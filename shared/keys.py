@@ -49,6 +49,10 @@ class Keys:
         """Hash: worker id -> its ephemeral age public key (identities are sealed to it)."""
         return f"{self.prefix}:worker_keys"
 
+    def counter(self, name: str) -> str:
+        """A plain counter for /metrics (e.g. notifications_failed)."""
+        return f"{self.prefix}:counter:{name}"
+
     def schedule(self, target: str) -> str:
         """Hash: first_seen, last_slot, last_job of a target's schedule."""
         return f"{self.prefix}:schedule:{target}"

@@ -96,7 +96,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     runner = JobRunner(settings, ctx["redis"], worker_id)
     ctx["runner"] = runner
     ctx["sweep"] = asyncio.create_task(_sweep_temps(runner))  # a slow bucket: not a wait
-    scheduler = Scheduler(settings, ctx["redis"], runner.store)
+    scheduler = Scheduler(settings, ctx["redis"], runner.store, runner.notifier, runner.audit)
     runner.after_backup = scheduler.after_backup
     ctx["scheduler"] = asyncio.create_task(_schedule_forever(scheduler))
     ctx["housekeeping"] = asyncio.create_task(_housekeeping(runner))
@@ -112,6 +112,7 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
     if runner:
         await runner.redis.zrem(runner.keys.workers, runner.worker_id)
         await runner.redis.hdel(runner.keys.worker_keys, runner.worker_id)  # type: ignore[misc]
+        await runner.close()
         await runner.catalog.close()
 
 

@@ -23,6 +23,7 @@ from shared.errors import (
 from shared.jobs import Job, JobStore, now_iso, restore_cancellable
 from shared.keys import Keys
 from shared.locks import TargetLock
+from shared.notify import Notifier
 from shared.redact import redact
 from worker.engines import ENGINE_CLASSES, Engine, get_engines
 from worker.procedures import Procedures
@@ -45,6 +46,8 @@ class JobRunner:
         self.procedures = Procedures(settings, self.store, self.catalog)
         # set by the worker: what follows a successful backup (a scheduled one is pruned)
         self.after_backup: Callable[[Job], Awaitable[Any]] | None = None
+        self.notifier = Notifier(settings, record_failure=self._notification_failed)
+        self._deliveries: set[asyncio.Task[None]] = set()
         self._secrets = [t.password.reveal() for t in settings.targets.values() if t.password]
         import pyrage
 
@@ -65,6 +68,9 @@ class JobRunner:
             return {"skipped": "no longer queued"}
         job = await self.store.get(job_id)
         await self._heartbeat(job_id)
+        target_cfg = self.settings.targets.get(job.target)
+        if target_cfg and target_cfg.heartbeat_url and job.params.get("scheduled_slot"):
+            self._deliver(self.notifier.heartbeat(target_cfg.heartbeat_url, "start"))
         progress = Progress()
         if job.kind == "restore":
             await self.store.set_fields(job_id, restore_state="untouched")
@@ -147,6 +153,9 @@ class JobRunner:
             await self.audit.record(action=f"job.{job.kind}", result=status, **who,
                                     target=job.target, job=job.id, backup=backup,
                                     detail=(error or {}).get("code"))
+            self._notify_outcome(job, status, result, error)
+            if status == "succeeded" and job.kind == "backup":
+                await self._backup_succeeded(job)
             if status == "succeeded" and job.kind == "backup" and self.after_backup:
                 try:
                     await self.after_backup(job)
@@ -158,6 +167,55 @@ class JobRunner:
                 await self.audit.record(action="backup.partial", result="warning", **who,
                                         target=job.target, job=job.id, backup=backup,
                                         detail="missing on " + ",".join(missing))
+
+    def _deliver(self, coro: Awaitable[None]) -> None:
+        """Notifications go out in the background: delivery never delays or changes a job."""
+        task = asyncio.ensure_future(coro)
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    def _notify_outcome(self, job: Job, status: str, result: dict[str, Any] | None,
+                        error: dict[str, Any] | None) -> None:
+        if job.kind == "stats":
+            return
+        event = f"{job.kind}.{status}"
+        if status == "succeeded" and (result or {}).get("partial"):
+            event = "backup.partial"
+        what = (result or {}).get("filename") or job.params.get("backup") or ""
+        message = f"{job.kind} of target {job.target} {status}" + (f": {what}" if what else "")
+        if error:
+            message += f" — {error.get('code')}: {error.get('message')}"
+            if error.get("database_state"):
+                message += f" (database {error['database_state']})"
+        self._deliver(self.notifier.event(event, job.target, message, {
+            "job": job.id, "kind": job.kind, "status": status, "backup": what or None,
+            "error": {k: error.get(k) for k in ("code", "message", "database_state")}
+            if error else None}))
+        target = self.settings.targets.get(job.target)
+        if target and target.heartbeat_url and job.params.get("scheduled_slot"):
+            self._deliver(self.notifier.heartbeat(
+                target.heartbeat_url, "success" if status == "succeeded" else "fail"))
+
+    async def _backup_succeeded(self, job: Job) -> None:
+        """Remember the success (missed-run detection) and clear a missed-run alert."""
+        key = self.keys.schedule(job.target)
+        await self.redis.hset(key, "last_success", now_iso())  # type: ignore[misc]
+        if await self.redis.hdel(key, "missed_alerted"):  # type: ignore[misc]
+            await self.audit.record(action="schedule.recovered", result="ok",
+                                    target=job.target, job=job.id)
+            self._deliver(self.notifier.event(
+                "schedule.recovered", job.target,
+                f"target {job.target} has a successful backup again ({job.id})"))
+
+    async def _notification_failed(self, channel: str, event: str, error: str) -> None:
+        await self.redis.incr(self.keys.counter("notifications_failed"))
+        await self.audit.record(action="notification.failed", result="error",
+                                detail=f"{channel} {event}: {error}")
+
+    async def close(self) -> None:
+        """Let notifications in flight finish (briefly) before the worker exits."""
+        if self._deliveries:
+            await asyncio.wait(self._deliveries, timeout=5)
 
     async def _cleanup(self, job_id: str, lock: TargetLock) -> None:
         await lock.release()

@@ -19,9 +19,11 @@ from typing import Any
 from redis.asyncio import Redis
 
 from shared import schedules
+from shared.audit import AuditLog
 from shared.config import Settings, TargetConfig
 from shared.jobs import Job, JobStore
 from shared.keys import Keys
+from shared.notify import Notifier
 from shared.queue import enqueue
 
 log = logging.getLogger("safehold.scheduler")
@@ -31,11 +33,14 @@ PRUNE_SLOT = "04:00"  # the daily prune, in each target's zone
 
 
 class Scheduler:
-    def __init__(self, settings: Settings, redis: Redis, store: JobStore) -> None:
+    def __init__(self, settings: Settings, redis: Redis, store: JobStore,
+                 notifier: Notifier | None = None, audit: AuditLog | None = None) -> None:
         self.settings = settings
         self.redis = redis
         self.store = store
         self.keys = Keys(settings.redis.prefix)
+        self.notifier = notifier
+        self.audit = audit
 
     async def tick(self, now: datetime | None = None) -> list[str]:
         """Create the jobs of every due slot; returns their ids (empty when none is due)."""
@@ -45,6 +50,8 @@ class Scheduler:
             try:
                 if target.schedule and (job := await self._backup_slot(target, now)):
                     created.append(job.id)
+                if target.schedule:
+                    await self._check_missed(target, now)
                 if not target.retention.empty and (job := await self._daily_prune(target,
                                                                                    now)):
                     created.append(job.id)
@@ -82,6 +89,36 @@ class Scheduler:
         await self.redis.hset(key, mapping={"last_slot": name,  # type: ignore[misc]
                                             "last_job": job.id})
         return job
+
+    async def _check_missed(self, target: TargetConfig, now: datetime) -> None:
+        """No successful backup for `missed_grace` schedule intervals: alert once (audit,
+        notification, metric); a success clears it (the runner does)."""
+        tz = schedules.zone(target.timezone, "timezone")
+        prev = schedules.latest_due(target.schedule, tz, now)
+        if prev is None:
+            return
+        interval = schedules.next_due(target.schedule, tz, now) - schedules.to_utc(prev, tz)
+        key = self.keys.schedule(target.id)
+        state = {k.decode(): v.decode() for k, v in
+                 (await self.redis.hgetall(key)).items()}  # type: ignore[misc]
+        since = state.get("last_success") or state.get("first_seen")
+        if not since or state.get("missed_alerted"):
+            return
+        quiet = now - datetime.fromisoformat(since.replace("Z", "+00:00"))
+        if quiet <= interval * target.missed_grace + timedelta(minutes=5):
+            return
+        if not await self.redis.hsetnx(key, "missed_alerted", now.isoformat()):  # type: ignore[misc]
+            return  # another worker alerted
+        hours = quiet.total_seconds() / 3600
+        message = (f"target {target.id} has had no successful backup for {hours:.1f} h "
+                   f"(schedule {target.schedule!r} {target.timezone}, grace "
+                   f"{target.missed_grace:g} intervals)")
+        log.error(message)
+        if self.audit is not None:
+            await self.audit.record(action="schedule.missed", result="error",
+                                    subject="schedule", target=target.id, detail=message)
+        if self.notifier is not None:
+            await self.notifier.event("schedule.missed", target.id, message)
 
     async def _daily_prune(self, target: TargetConfig, now: datetime) -> Job | None:
         tz = schedules.zone(target.timezone, "timezone")
