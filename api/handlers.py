@@ -382,7 +382,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     status, kind = q.get("status"), q.get("kind")
     if status and status not in ("queued", "running", "succeeded", "failed", "cancelled"):
         raise BadRequest(f"unknown status '{status}'", code="invalid_query")
-    if kind and kind not in ("backup", "restore", "stats", "prune"):
+    if kind and kind not in ("backup", "restore", "stats", "prune", "verify"):
         raise BadRequest(f"unknown kind '{kind}'", code="invalid_query")
     limit = int(query_float(request, "limit", 1, 1000) or 100)
     p = principal_of(request)
@@ -433,6 +433,19 @@ async def prune(request: web.Request) -> web.Response:
                          "deleted (set [targets.<id>.retention])", code="no_retention")
     job, _ = await submit(request, "prune", target.id, {"dry_run": dry_run,
                                                         "reason": "requested"})
+    return job_response(job)
+
+
+async def verify(request: web.Request) -> web.Response:
+    """A restore drill of the newest (or the given) backup into a scratch place."""
+    s = svc(request)
+    target = s.settings.target(request.match_info["target"])
+    body = await read_json(request, {"backup": str})
+    params: dict[str, Any] = {}
+    if "backup" in body:
+        name, _ = await manifest_of(request, target.id, body["backup"])
+        params["backup"] = name.filename
+    job, _ = await submit(request, "verify", target.id, params)
     return job_response(job)
 
 

@@ -95,6 +95,11 @@ ROUTES: list[Route] = [
           "Apply the target's retention policy now (a prune job, audited per deletion)",
           query={"dry_run": "true: return the plan (keep/delete and why), delete nothing",
                  **_WAIT}, responses=_JOB),
+    Route("POST", f"{T}/verify", h.verify, Role.OPERATOR,
+          "Restore drill: restore the newest (or the given) backup into a scratch place, "
+          "compare exact counts with the dump's, run verify_checks, record the outcome",
+          query=_WAIT, body={"type": "object", "additionalProperties": False,
+                             "properties": {"backup": {"type": "string"}}}, responses=_JOB),
     Route("GET", "/api/v1/schedules", h.schedules_view, Role.VIEWER,
           "Each target's schedule: next run, last slot and job, last outcome"),
     Route("GET", "/api/v1/destinations", h.destinations, Role.ADMIN,

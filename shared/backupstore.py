@@ -59,6 +59,8 @@ class BackupStore(Protocol):
       unfinished multipart uploads) of pending backups not in `keep`.
     * `health()`: reachable / writable / free space / objects, for `GET /destinations`.
     * `presigned_url(...)`: a short-lived download URL, or None when the store has none.
+    * `annotate(target, filename, fields)`: merge facts learnt later (a drill's outcome)
+      into the manifest; the data is never touched.
     """
 
     name: str
@@ -76,6 +78,7 @@ class BackupStore(Protocol):
     async def sweep_temps(self, keep: set[str], min_age: float) -> list[str]: ...
     async def health(self) -> dict[str, Any]: ...
     async def presigned_url(self, target: str, filename: str, ttl: int) -> str | None: ...
+    async def annotate(self, target: str, filename: str, fields: dict[str, Any]) -> None: ...
     async def close(self) -> None: ...
 
 
@@ -280,6 +283,16 @@ class Catalog:
 
     async def manifest(self, target: str, name: naming.BackupName) -> dict[str, Any]:
         return (await self.copies(target, name))[0][1]
+
+    async def annotate(self, target: str, name: naming.BackupName,
+                       fields: dict[str, Any]) -> None:
+        """Merge `fields` into the manifest of every copy (best effort per destination)."""
+        for store, _ in await self.copies(target, name):
+            try:
+                await store.annotate(target, name.filename, fields)
+            except Exception as exc:
+                log.warning("destination %s: could not annotate %s: %s", store.name,
+                            name.filename, exc)
 
     async def delete(self, target: str, name: naming.BackupName) -> list[str]:
         """Delete every copy; returns where it was deleted."""

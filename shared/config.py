@@ -224,6 +224,8 @@ class TargetConfig:
     catch_up: str = "latest"  # a slot missed while everything was down: run it once, or not
     missed_grace: float = 2.0  # no successful backup for this many schedule intervals: alert
     heartbeat_url: str = ""  # healthchecks.io-style pings around scheduled backups
+    verify_schedule: str = ""  # crontab of restore drills of the newest backup
+    verify_checks: tuple[str, ...] = ()  # SQL that must return true on the drill's copy
     retention: Policy = field(default_factory=Policy)
     compression: str = "gzip"  # "gzip" | "zstd" | "none"
     compression_level: int | None = None  # default: gzip 1 (isal), zstd 3
@@ -401,6 +403,7 @@ def _target(tid: str, raw: Any, env: Mapping[str, str], base: Path) -> TargetCon
         raise ConfigError(f"[targets.{tid}] must be a table")
     known = {"engine", "url", "path", "password_env", "password_file", "schedule",
              "timezone", "schedule_jitter", "catch_up", "missed_grace", "heartbeat_url",
+             "verify_schedule", "verify_checks",
              "retention", "compress", "compression", "compression_level", "destinations",
              "encryption"}
     unknown = set(raw) - known - {"password"}
@@ -457,6 +460,8 @@ def _target(tid: str, raw: Any, env: Mapping[str, str], base: Path) -> TargetCon
         catch_up=catch_up,
         missed_grace=_cast(f"targets.{tid}.missed_grace", raw.get("missed_grace", 2.0), 2.0),
         heartbeat_url=str(raw.get("heartbeat_url", "")),
+        verify_schedule=_verify_schedule(tid, raw),
+        verify_checks=_verify_checks(tid, raw),
         retention=policy,
         compression=_compression(tid, raw),
         compression_level=_level(tid, raw),
@@ -489,6 +494,22 @@ def _notifications(raw: Any, n: NotificationSettings, env: Mapping[str, str],
     if n.apprise_urls_file and not Path(n.apprise_urls_file).is_absolute():
         values["apprise_urls_file"] = str(base / n.apprise_urls_file)
     return replace(n, **values)
+
+
+def _verify_schedule(tid: str, raw: Mapping[str, Any]) -> str:
+    expr = str(raw.get("verify_schedule", ""))
+    if expr:
+        schedules.validate(expr, f"targets.{tid}.verify_schedule")
+    return expr
+
+
+def _verify_checks(tid: str, raw: Mapping[str, Any]) -> tuple[str, ...]:
+    checks = raw.get("verify_checks", [])
+    if not isinstance(checks, list) or not all(isinstance(c, str) and c.strip()
+                                               for c in checks):
+        raise ConfigError(f"targets.{tid}.verify_checks must be a list of SQL queries that "
+                          "return true, e.g. [\"SELECT count(*) > 0 FROM orders\"]")
+    return tuple(checks)
 
 
 COMPRESSIONS = ("gzip", "zstd", "none")

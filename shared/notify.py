@@ -35,6 +35,7 @@ EVENT_SEVERITY = {
     "backup.succeeded": "info", "backup.partial": "warning", "backup.failed": "error",
     "restore.succeeded": "info", "restore.failed": "error", "restore.cancelled": "warning",
     "prune.succeeded": "info", "prune.failed": "error",
+    "verify.succeeded": "info", "verify.failed": "error",
     "schedule.missed": "error", "schedule.recovered": "info",
 }
 

@@ -13,7 +13,7 @@ from shared.jobs import Job
 from shared.keys import Keys
 
 FUNCTIONS = {"backup": "run_backup", "restore": "run_restore", "stats": "run_stats",
-             "prune": "run_prune"}
+             "prune": "run_prune", "verify": "run_verify"}
 
 
 def redis_settings(url: str) -> RedisSettings:

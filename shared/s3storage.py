@@ -404,6 +404,16 @@ class S3Storage:
         keys = await self._list_keys(key)
         return key in keys or f"{key}.json" in keys
 
+    async def annotate(self, target: str, filename: str, fields: dict[str, Any]) -> None:
+        key = f"{self.key(target, filename)}.json"
+        doc = {**await self._get_json(key), **fields}
+        s3 = await self.client()
+        body = json.dumps(doc, indent=2, sort_keys=True).encode()
+        extra = {"ContentMD5": _b64md5(body)} if self.config.object_lock_mode else {}
+        await s3.put_object(Bucket=self.bucket, Key=key, Body=body,  # a new version
+                            ContentType="application/json", **self._object_params(), **extra)
+        self._manifest_cache.pop(key, None)
+
     async def presigned_url(self, target: str, filename: str, ttl: int) -> str | None:
         s3 = await self.client()
         url: str = await s3.generate_presigned_url(

@@ -202,6 +202,14 @@ class LocalStorage:
     async def presigned_url(self, target: str, filename: str, ttl: int) -> str | None:
         return None
 
+    async def annotate(self, target: str, filename: str, fields: dict[str, Any]) -> None:
+        def _annotate() -> None:
+            data = self._file(target, filename)
+            man = data.with_name(f"{data.name}.json")
+            doc = json.loads(man.read_text())
+            self._write_json(man, {**doc, **fields})
+        await asyncio.to_thread(_annotate)
+
     # ------------------------------------------------------------------ writing
     async def begin(self, target: str, name: naming.BackupName, tag: str) -> LocalPending:
         def _begin() -> LocalPending:

@@ -40,6 +40,11 @@ async def run_prune(ctx: dict[str, Any], job_id: str) -> dict[str, Any]:
     return await runner.run(job_id)
 
 
+async def run_verify(ctx: dict[str, Any], job_id: str) -> dict[str, Any]:
+    runner: JobRunner = ctx["runner"]
+    return await runner.run(job_id)
+
+
 async def run_stats(ctx: dict[str, Any], job_id: str) -> dict[str, Any]:
     runner: JobRunner = ctx["runner"]
     return await runner.run(job_id)
@@ -131,6 +136,8 @@ def build_worker(settings: Settings, *, redis_pool: ArqRedis | None = None,
                  max_tries=1),
             func(run_stats, name=FUNCTIONS["stats"], timeout=120, max_tries=1),
             func(run_prune, name=FUNCTIONS["prune"], timeout=3600, max_tries=1),
+            func(run_verify, name=FUNCTIONS["verify"], timeout=w.restore_timeout,
+                 max_tries=1),
         ],
         queue_name=keys.queue,
         redis_settings=redis_settings(settings.redis.url),

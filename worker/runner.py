@@ -299,6 +299,8 @@ class JobRunner:
             await self.store.publish(job.id, "log", {
                 "message": f"waiting for job {holder} on target {target.id} to finish"})
         await lock.acquire()
+        if job.kind == "verify":
+            return await self.procedures.verify(job, target, engine, progress)
         if job.kind == "prune":
             async def on_delete(destination: str, filename: str, reasons: list[str]) -> None:
                 await self.audit.record(

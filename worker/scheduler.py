@@ -52,6 +52,8 @@ class Scheduler:
                     created.append(job.id)
                 if target.schedule:
                     await self._check_missed(target, now)
+                if target.verify_schedule and (job := await self._verify_slot(target, now)):
+                    created.append(job.id)
                 if not target.retention.empty and (job := await self._daily_prune(target,
                                                                                    now)):
                     created.append(job.id)
@@ -60,34 +62,44 @@ class Scheduler:
         return created
 
     async def _backup_slot(self, target: TargetConfig, now: datetime) -> Job | None:
+        return await self._slot(target, now, "backup", target.schedule, "")
+
+    async def _verify_slot(self, target: TargetConfig, now: datetime) -> Job | None:
+        return await self._slot(target, now, "verify", target.verify_schedule, "verify_")
+
+    async def _slot(self, target: TargetConfig, now: datetime, kind: str, expr: str,
+                    field: str) -> Job | None:
+        """The due slot of one schedule of a target (backups, or drills: `field` prefixes
+        its state in the target's schedule hash) as a job, once."""
         tz = schedules.zone(target.timezone, "timezone")
         delay = schedules.jitter(target.id, target.schedule_jitter)
         key = self.keys.schedule(target.id)
-        await self.redis.hsetnx(key, "first_seen", now.isoformat())  # type: ignore[misc]
+        await self.redis.hsetnx(key, f"{field}first_seen", now.isoformat())  # type: ignore[misc]
         state = {k.decode(): v.decode() for k, v in
                  (await self.redis.hgetall(key)).items()}  # type: ignore[misc]
-        slot = schedules.latest_due(target.schedule, tz, now, delay)
+        slot = schedules.latest_due(expr, tz, now, delay)
         if slot is None:
             return None
         name = schedules.slot_name(slot)
         due = schedules.to_utc(slot, tz) + delay
-        if state.get("last_slot") == name or due < datetime.fromisoformat(state["first_seen"]):
-            return None
-        if state.get("last_slot", "") > name:
-            return None  # another worker already handled a newer slot
+        last = state.get(f"{field}last_slot", "")
+        if last >= name or due < datetime.fromisoformat(state[f"{field}first_seen"]):
+            return None  # handled (maybe by another worker), or before the schedule existed
         if target.catch_up == "none" and now - due > LATE_AFTER:
-            await self.redis.hset(key, mapping={"last_slot": name,  # type: ignore[misc]
-                                                "last_skipped": name})
-            log.warning("target %s: slot %s missed while down; skipped (catch_up=none)",
-                        target.id, name)
+            await self.redis.hset(key, mapping={  # type: ignore[misc]
+                f"{field}last_slot": name, f"{field}last_skipped": name})
+            log.warning("target %s: %s slot %s missed while down; skipped (catch_up=none)",
+                        target.id, kind, name)
             return None
-        job = await self._create(target, "backup", f"sched:{target.id}:{name}",
-                                 {"compress": target.compress,
-                                  "note": f"scheduled {name} {target.timezone}",
-                                  "scheduled_slot": name,
-                                  "scheduled_for": due.isoformat().replace("+00:00", "Z")})
-        await self.redis.hset(key, mapping={"last_slot": name,  # type: ignore[misc]
-                                            "last_job": job.id})
+        params: dict[str, Any] = {"scheduled_slot": name,
+                                  "scheduled_for": due.isoformat().replace("+00:00", "Z")}
+        if kind == "backup":
+            params.update(compress=target.compress,
+                          note=f"scheduled {name} {target.timezone}")
+        prefix = "sched" if kind == "backup" else "drill"
+        job = await self._create(target, kind, f"{prefix}:{target.id}:{name}", params)
+        await self.redis.hset(key, mapping={f"{field}last_slot": name,  # type: ignore[misc]
+                                            f"{field}last_job": job.id})
         return job
 
     async def _check_missed(self, target: TargetConfig, now: datetime) -> None:

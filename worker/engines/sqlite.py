@@ -106,6 +106,10 @@ class SQLite:
         conn = await asyncio.to_thread(_open, target.path)
         conn.close()
 
+    @property
+    def drill(self) -> SQLiteDrill:
+        return SQLiteDrill()
+
     async def stats(self, target: TargetConfig) -> dict[str, Any]:
         def collect() -> dict[str, Any]:
             conn = _open(target.path)
@@ -183,3 +187,33 @@ class SQLite:
             await asyncio.to_thread(_replace, target.path, temp)
         finally:
             await asyncio.to_thread(temp.unlink, missing_ok=True)
+
+
+class SQLiteDrill:
+    """Restore drills: a temp file; exact counts of every table; user checks read-only."""
+
+    @asynccontextmanager
+    async def scratch(self, target: TargetConfig) -> AsyncIterator[TargetConfig]:
+        from dataclasses import replace
+
+        with tempfile.TemporaryDirectory(prefix="safehold-drill-") as tmp:
+            yield replace(target, path=str(Path(tmp) / "drill.db"))
+
+    async def exact_counts(self, target: TargetConfig) -> dict[str, int]:
+        def count() -> dict[str, int]:
+            conn = _open(target.path)
+            try:
+                return dict(_facts(conn)["counts"])
+            finally:
+                conn.close()
+        return await asyncio.to_thread(count)
+
+    async def check(self, target: TargetConfig, sql: str) -> bool:
+        def run() -> bool:
+            conn = _open(target.path)  # read-only
+            try:
+                row = conn.execute(sql).fetchone()
+            finally:
+                conn.close()
+            return bool(row and row[0])
+        return await asyncio.to_thread(run)

@@ -1,0 +1,150 @@
+"""Restore drills: a good backup passes (restored into a scratch database, exact counts from
+the dump stream compared), a checksum-valid but wrong backup is caught, user checks run,
+the scratch copy is always dropped, and the outcome lands in the manifest."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from api.app import create_app
+from shared.config import Settings, parse_settings
+from tests import pg
+from tests.conftest import bearer, make_raw_config
+from tests.helpers import backup, running_worker
+
+
+@pytest.fixture
+async def drill_role(pg_db: str) -> AsyncIterator[str]:
+    """A role that may create (scratch) databases and reads the test role's tables."""
+    role = f"safehold_drill_{uuid.uuid4().hex[:8]}"
+    conn = await pg.admin_conn()
+    await conn.execute(f"CREATE ROLE {role} LOGIN CREATEDB PASSWORD '{pg.TEST_PASSWORD}' "
+                       f"IN ROLE {pg.TEST_USER}")
+    await conn.close()
+    yield role
+    conn = await pg.admin_conn()
+    for (db,) in await conn.fetch("SELECT datname FROM pg_database d JOIN pg_roles r ON "
+                                  "r.oid = d.datdba WHERE r.rolname = $1", role):
+        await conn.execute(f'DROP DATABASE "{db}" WITH (FORCE)')
+    await conn.execute(f"DROP ROLE {role}")
+    await conn.close()
+
+
+def drill_settings(prefix: str, tmp_path: Path, pg_db: str, test_env: dict[str, str],
+                   role: str, **target: Any) -> Settings:
+    raw = make_raw_config(prefix, tmp_path / "backups", pg_db)
+    raw["targets"]["main"]["url"] = raw["targets"]["main"]["url"].replace(
+        f"{pg.TEST_USER}@", f"{role}@")
+    raw["targets"]["main"].update(target)
+    return parse_settings(raw, test_env, base=tmp_path, source="<test>")
+
+
+async def scratch_databases(role: str) -> list[str]:
+    conn = await pg.admin_conn()
+    try:
+        return [r[0] for r in await conn.fetch(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'safehold_drill_%'")]
+    finally:
+        await conn.close()
+
+
+async def test_drill_passes_on_a_good_backup(
+        aiohttp_client: Any, redis: Redis, prefix: str, tmp_path: Path, pg_db: str,
+        test_env: dict[str, str], drill_role: str) -> None:
+    settings = drill_settings(prefix, tmp_path, pg_db, test_env, drill_role,
+                              verify_checks=["SELECT count(*) > 0 FROM everything"])
+    api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
+    async with running_worker(settings):
+        await pg.load_rich(pg_db)
+        name = (await backup(api))["result"]["filename"]
+        job = await (await api.post("/api/v1/targets/main/verify?wait=120", json={})).json()
+    assert job["status"] == "succeeded", job.get("error")
+    result = job["result"]
+    assert result["backup"] == name and result["mode"] == "scratch-restore"
+    assert result["outcome"] == "passed" and result["counts_compared"] >= 3
+    assert result["mismatches"] is None and result["checks"][0]["ok"] is True
+    assert result["rto_s"] > 0
+    conn = await pg.user_conn(pg_db)
+    real = await conn.fetchval("SELECT count(*) FROM everything")
+    await conn.close()
+    manifest = json.loads((tmp_path / "backups" / "main" / f"{name}.json").read_text())
+    assert manifest["exact_counts"]["public.everything"] == real
+    assert manifest["verification"]["outcome"] == "passed" and manifest["verified_at"]
+    assert await scratch_databases(drill_role) == []
+
+
+async def test_drill_catches_a_checksum_valid_but_wrong_backup(
+        aiohttp_client: Any, redis: Redis, prefix: str, tmp_path: Path, pg_db: str,
+        test_env: dict[str, str], drill_role: str) -> None:
+    """Rows cut out of one table's COPY data and the manifest's checksum redone: every
+    checksum agrees, the restore runs, the counts do not — the drill fails and says where;
+    a failing user check fails it too."""
+    settings = drill_settings(prefix, tmp_path, pg_db, test_env, drill_role,
+                              verify_checks=["SELECT count(*) > 1000000 FROM everything"])
+    api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
+    async with running_worker(settings):
+        await pg.load_rich(pg_db)
+        name = (await backup(api))["result"]["filename"]
+        d = tmp_path / "backups" / "main"
+        sql = gzip.decompress((d / name).read_bytes())
+        head, rest = sql.split(b"COPY public.everything ", 1)
+        header, data = rest.split(b"\n", 1)
+        rows, tail = data.split(b"\n\\.\n", 1)
+        kept = b"\n".join(rows.split(b"\n")[: -5])  # five rows gone
+        forged = head + b"COPY public.everything " + header + b"\n" + kept + b"\n\\.\n" + tail
+        blob = gzip.compress(forged)
+        (d / name).write_bytes(blob)
+        manifest = json.loads((d / f"{name}.json").read_text())
+        manifest.update(sha256=hashlib.sha256(blob).hexdigest(), size_bytes=len(blob),
+                        raw_bytes=len(forged))
+        (d / f"{name}.json").write_text(json.dumps(manifest))
+        job = await (await api.post("/api/v1/targets/main/verify?wait=120",
+                                    json={"backup": name})).json()
+    assert job["status"] == "failed" and job["error"]["code"] == "drill_failed", job
+    verification = job["error"]["verification"]
+    assert verification["mismatches"]["public.everything"]["restored"] == \
+        verification["mismatches"]["public.everything"]["expected"] - 5
+    assert verification["checks"][0]["ok"] is False
+    assert "public.everything" in job["error"]["message"]
+    manifest = json.loads((d / f"{name}.json").read_text())
+    assert manifest["verification"]["outcome"] == "failed"
+    assert await scratch_databases(drill_role) == []
+
+
+async def test_drill_without_createdb_says_what_to_grant(
+        api: Any, worker: Any, pg_db: str) -> None:
+    await pg.load_rich(pg_db)
+    await backup(api)
+    job = await (await api.post("/api/v1/targets/main/verify?wait=60", json={})).json()
+    assert job["status"] == "failed" and job["error"]["code"] == "drill_unavailable", job
+    assert f"grant CREATEDB to {pg.TEST_USER}" in job["error"]["message"]
+
+
+async def test_sqlite_drill(aiohttp_client: Any, redis: Redis, prefix: str,
+                            tmp_path: Path, test_env: dict[str, str]) -> None:
+    db = tmp_path / "app.db"
+    conn = sqlite3.connect(db)
+    conn.executescript("CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (1), (2), (3);"
+                       "CREATE TABLE u (y TEXT); INSERT INTO u VALUES ('a');")
+    conn.commit()
+    conn.close()
+    raw = make_raw_config(prefix, tmp_path / "backups", None)
+    raw["targets"] = {"main": {"engine": "sqlite", "path": str(db),
+                               "verify_checks": ["SELECT count(*) = 3 FROM t"]}}
+    settings = parse_settings(raw, test_env, base=tmp_path, source="<test>")
+    api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
+    async with running_worker(settings):
+        await backup(api)
+        job = await (await api.post("/api/v1/targets/main/verify?wait=60", json={})).json()
+    assert job["status"] == "succeeded", job.get("error")
+    assert job["result"]["counts_compared"] == 2 and job["result"]["rows_restored"] == 4
