@@ -25,27 +25,9 @@ log = logging.getLogger("safehold.worker")
 WORKER_BEAT = 10.0  # seconds between worker-liveness beats and reaper sweeps
 
 
-async def run_backup(ctx: dict[str, Any], job_id: str) -> dict[str, Any]:
-    runner: JobRunner = ctx["runner"]
-    return await runner.run(job_id)
-
-
-async def run_restore(ctx: dict[str, Any], job_id: str) -> dict[str, Any]:
-    runner: JobRunner = ctx["runner"]
-    return await runner.run(job_id)
-
-
-async def run_prune(ctx: dict[str, Any], job_id: str) -> dict[str, Any]:
-    runner: JobRunner = ctx["runner"]
-    return await runner.run(job_id)
-
-
-async def run_verify(ctx: dict[str, Any], job_id: str) -> dict[str, Any]:
-    runner: JobRunner = ctx["runner"]
-    return await runner.run(job_id)
-
-
-async def run_stats(ctx: dict[str, Any], job_id: str) -> dict[str, Any]:
+async def run_job(ctx: dict[str, Any], job_id: str) -> dict[str, Any]:
+    """Every job kind: the job record says what to do (one arq function name per kind, so
+    each gets its own timeout)."""
     runner: JobRunner = ctx["runner"]
     return await runner.run(job_id)
 
@@ -131,13 +113,10 @@ def build_worker(settings: Settings, *, redis_pool: ArqRedis | None = None,
         functions=[
             # backups publish nothing until complete, restores must never re-run: one try each;
             # an interrupted job is failed `interrupted` and can be resubmitted.
-            func(run_backup, name=FUNCTIONS["backup"], timeout=w.backup_timeout, max_tries=1),
-            func(run_restore, name=FUNCTIONS["restore"], timeout=w.restore_timeout,
-                 max_tries=1),
-            func(run_stats, name=FUNCTIONS["stats"], timeout=120, max_tries=1),
-            func(run_prune, name=FUNCTIONS["prune"], timeout=3600, max_tries=1),
-            func(run_verify, name=FUNCTIONS["verify"], timeout=w.restore_timeout,
-                 max_tries=1),
+            func(run_job, name=FUNCTIONS[kind], timeout=timeout, max_tries=1)
+            for kind, timeout in (("backup", w.backup_timeout), ("restore", w.restore_timeout),
+                                  ("stats", 120), ("prune", 3600),
+                                  ("verify", w.restore_timeout))
         ],
         queue_name=keys.queue,
         redis_settings=redis_settings(settings.redis.url),
