@@ -38,7 +38,10 @@ async def ensure_user() -> None:
                           f"CREATE USER IF NOT EXISTS '{USER}'@'{host}'",
                           f"ALTER USER '{USER}'@'{host}' IDENTIFIED BY "
                           f"{conn.escape(PASSWORD)}",
-                          f"GRANT ALL PRIVILEGES ON `sh\\_%`.* TO '{USER}'@'{host}'")
+                          f"GRANT ALL PRIVILEGES ON `sh\\_%`.* TO '{USER}'@'{host}'",
+                          # restore drills create scratch databases
+                          f"GRANT ALL PRIVILEGES ON `safehold\\_drill\\_%`.* TO "
+                          f"'{USER}'@'{host}'")
     finally:
         conn.close()
 

@@ -338,3 +338,22 @@ async def test_a_worker_lost_mid_restore_says_unknown_and_one_call_undoes_it(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_restore_drill_into_a_scratch_database(api: Any, worker: Any, my_db: str
+                                                     ) -> None:
+    """A drill restores into `safehold_drill_…`, finds every table, runs the checks, and
+    drops the scratch database; the live database is untouched."""
+    await my.load_rich(my_db)
+    before = await my.fingerprint(my_db)
+    await backup(api)
+    job = await (await api.post("/api/v1/targets/main/verify?wait=120", json={})).json()
+    assert job["status"] == "succeeded", job.get("error")
+    result = job["result"]
+    assert result["mode"] == "scratch-restore" and result["tables_compared"] >= 3
+    assert result["mismatches"] is None and result["rows_restored"] > 0
+    assert await my.fingerprint(my_db) == before
+    conn = await my.admin()
+    left = await my.execute(conn, "SHOW DATABASES LIKE 'safehold\\_drill\\_%'")
+    conn.close()
+    assert left == [()]  # no scratch database left

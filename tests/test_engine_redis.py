@@ -396,3 +396,18 @@ async def test_a_rollback_also_empties_databases_the_safety_backup_does_not_hold
     job = await restore(api, bad)
     assert job["status"] == "failed" and job["error"]["database_state"] == "rolled_back", job
     assert await fingerprint(redis_port) == before
+
+
+async def test_restore_drill_into_a_throwaway_server(api: Any, worker: Any, redis_port: int
+                                                     ) -> None:
+    """A drill replays the backup into a private redis-server and compares keys per
+    database with the dump's; the live server is untouched."""
+    await load(redis_port)
+    before = await fingerprint(redis_port)
+    await backup(api)
+    job = await (await api.post("/api/v1/targets/main/verify?wait=120", json={})).json()
+    assert job["status"] == "succeeded", job.get("error")
+    result = job["result"]
+    assert result["mode"] == "scratch-restore" and result["counts_compared"] == 2
+    assert result["mismatches"] is None and result["rows_restored"] > 0
+    assert await fingerprint(redis_port) == before

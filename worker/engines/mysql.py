@@ -120,6 +120,10 @@ class MySQL:
     extension: ClassVar[str] = "sql"
     atomic_restore: ClassVar[bool] = False
 
+    @property
+    def drill(self) -> MySQLDrill:
+        return MySQLDrill()
+
     @asynccontextmanager
     async def _connect(self, target: TargetConfig) -> AsyncIterator[aiomysql.Connection]:
         c = _conn(target)
@@ -279,3 +283,44 @@ class MySQL:
             raise RestoreFailed(f"{tool} exited with code {rc}: {child.error_text()}")
 
 
+
+
+class MySQLDrill:
+    """Restore drills: a `safehold_drill_…` database on the same server (the target's user
+    needs CREATE and DROP on it), exact rows per table counted there, dropped afterwards.
+    MySQL's dump-time counts are estimates, so the drill compares which tables exist."""
+
+    @asynccontextmanager
+    async def scratch(self, target: TargetConfig) -> AsyncIterator[TargetConfig]:
+        import secrets as _secrets
+        from dataclasses import replace
+
+        name = f"safehold_drill_{_secrets.token_hex(6)}"
+        async with MySQL()._connect(target) as conn:
+            try:
+                await MySQL()._query(conn, f"CREATE DATABASE {_quote(name)}")
+            except pymysql.err.MySQLError as exc:
+                raise EngineError(
+                    f"the drill could not create a scratch database ({exc.args[-1]}); grant "
+                    f"CREATE and DROP on `safehold_drill_%`.* to {_conn(target)['user']}",
+                    code="drill_unavailable") from None
+        u = urlsplit(target.url)
+        try:
+            yield replace(target, url=u._replace(path=f"/{name}").geturl())
+        finally:
+            async with MySQL()._connect(target) as conn:
+                await MySQL()._query(conn, f"DROP DATABASE IF EXISTS {_quote(name)}")
+
+    async def exact_counts(self, target: TargetConfig) -> dict[str, int]:
+        db = _conn(target)["database"]
+        async with MySQL()._connect(target) as conn:
+            tables = await MySQL()._query(
+                conn, "SELECT table_name FROM information_schema.tables WHERE "
+                "table_schema = %s AND table_type = 'BASE TABLE'", db)
+            return {t[0]: int((await MySQL()._query(
+                conn, f"SELECT COUNT(*) FROM {_quote(t[0])}"))[0][0]) for t in tables}
+
+    async def check(self, target: TargetConfig, sql: str) -> bool:
+        async with MySQL()._connect(target) as conn:
+            rows = await MySQL()._query(conn, sql)
+        return bool(rows and rows[0][0])

@@ -67,6 +67,10 @@ class RedisEngine:
     extension: ClassVar[str] = "resp"
     atomic_restore: ClassVar[bool] = False
 
+    @property
+    def drill(self) -> RedisDrill:
+        return RedisDrill()
+
     def client(self, target: TargetConfig, db: int) -> Redis:
         return Redis.from_url(target.url, db=db, socket_timeout=60, socket_connect_timeout=10,
                               password=target.password.reveal() if target.password else None)
@@ -279,3 +283,56 @@ class RedisEngine:
             writer.close()
             with contextlib.suppress(OSError, ConnectionError):
                 await writer.wait_closed()
+
+
+class RedisDrill:
+    """Restore drills: a throwaway `redis-server` on a free loopback port (no persistence,
+    256 databases), exact keys per database, stopped afterwards."""
+
+    @asynccontextmanager
+    async def scratch(self, target: TargetConfig) -> AsyncIterator[TargetConfig]:
+        import shutil
+        import socket
+        import tempfile
+        from dataclasses import replace
+
+        from shared.errors import EngineError
+
+        server = shutil.which("redis-server")
+        if server is None:
+            raise EngineError("the drill needs `redis-server` on the worker (a throwaway "
+                              "one is started)", code="drill_unavailable")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with tempfile.TemporaryDirectory(prefix="safehold-drill-") as tmp:
+            proc = await asyncio.create_subprocess_exec(
+                server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--databases", "256", "--dir", tmp,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            try:
+                scratch = replace(target, password=None,
+                                  url=f"redis://127.0.0.1:{port}{urlsplit(target.url).path}")
+                for _ in range(100):
+                    try:
+                        async with RedisEngine()._session(scratch) as r:
+                            await r.ping()
+                        break
+                    except Exception:
+                        await asyncio.sleep(0.05)
+                yield scratch
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                await proc.wait()
+
+    async def exact_counts(self, target: TargetConfig) -> dict[str, int]:
+        async with RedisEngine()._session(target) as r:
+            info = await r.info("keyspace")
+        return {k: int(v["keys"]) for k, v in info.items()
+                if k.startswith("db") and isinstance(v, dict)}
+
+    async def check(self, target: TargetConfig, sql: str) -> bool:
+        from shared.errors import EngineError
+
+        raise EngineError("verify_checks are SQL; Redis drills compare keys per database")
