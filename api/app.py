@@ -20,6 +20,7 @@ from api.context import (
     STREAMS,
     services_ctx,
 )
+from api.metrics import CATALOG_CACHE
 from api.roles import Role
 from api.routes import ROUTES, add_routes, route_of
 from shared.config import Settings
@@ -117,6 +118,7 @@ def create_app(settings: Settings) -> web.Application:
                           client_max_size=1 << 20)
     app[SETTINGS] = settings
     app[STREAMS] = weakref.WeakSet()
+    app[CATALOG_CACHE] = {}
     app.cleanup_ctx.append(services_ctx)
     add_routes(app, ROUTES)
     return app

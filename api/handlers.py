@@ -14,7 +14,7 @@ from api.auth import Principal, require
 from api.context import AUDIT_INFO, PRINCIPAL, SERVICES, Services
 from api.files import send_stream
 from api.roles import Role
-from shared import codecs, naming
+from shared import codecs, naming, stats
 from shared.config import TargetConfig
 from shared.errors import BadRequest, Conflict, NotFound, SafeholdError, Unavailable
 from shared.jobs import TERMINAL, Job
@@ -297,6 +297,7 @@ async def delete_file(request: web.Request, target: str, file: str) -> str:
             raise Conflict(f"{name.filename} is the safety backup of restore job {job.id}, "
                            "which is still running", code="backup_in_use")
     await s.catalog.delete(target, name)
+    await stats.catalog_changed(s.redis, s.keys)
     return name.filename
 
 

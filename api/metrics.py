@@ -1,89 +1,181 @@
-"""`GET /metrics`: Prometheus text exposition of what an operator alerts on.
+"""`GET /metrics`: Prometheus exposition (prometheus-client) of what an operator alerts on.
 
-Public unless `auth.public_metrics = false` (then a viewer token is needed). Figures come
-from the job records (the last `worker.job_ttl`), the live-worker set and the storage
-manifests — the same sources the API answers from.
+Public unless `auth.public_metrics = false` (then a viewer token is needed; a target-scoped
+token sees its targets only). A scrape reads a few Redis hashes kept by the workers
+(`shared/stats.py`) and the backup catalog from a per-process cache that is refreshed only
+when the catalog generation changes (a job finished, an upload, a delete) — never every
+manifest per scrape (`bench/metrics.py`: 10,000 backups).
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 
 from api.auth import bearer_token, require
-from api.context import SERVICES
+from api.context import SERVICES, Services
 from api.handlers import live_workers
 from api.roles import Role
+from shared.stats import DURATION_BUCKETS
+
+CATALOG_CACHE = web.AppKey("catalog_cache", dict)
 
 
-def _esc(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+@dataclass
+class _Cached:
+    generation: bytes | None = b"never read"
+    at: float = 0.0
+    manifests: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _ts(iso: str) -> float | None:
+def _ts(iso: Any) -> float | None:
     try:
-        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+        return datetime.fromisoformat(str(iso).replace("Z", "+00:00")).timestamp()
     except (ValueError, AttributeError):
         return None
+
+
+async def _manifests(request: web.Request, s: Services, target: str) -> list[dict[str, Any]]:
+    """The target's listing, re-read only when the catalog changed (or after 10 minutes:
+    files put in place by hand)."""
+    cache: dict[str, _Cached] = request.app[CATALOG_CACHE]
+    gen = await s.redis.get(s.keys.metric("catalog_generation"))
+    entry = cache.setdefault(target, _Cached())
+    if entry.generation != gen or time.monotonic() - entry.at > 600:
+        entry.manifests = await s.catalog.list_backups(target)
+        entry.generation, entry.at = gen, time.monotonic()
+    return entry.manifests
+
+
+class _Snapshot:
+    """The figures of one scrape, collected beforehand (collectors are synchronous)."""
+
+    def __init__(self) -> None:
+        self.families: list[Any] = []
+
+    def collect(self) -> list[Any]:
+        return self.families
 
 
 async def metrics(request: web.Request) -> web.Response:
     s = request.app[SERVICES]
     visible = list(s.settings.targets)
-    if not s.settings.auth.public_metrics:  # then a target-scoped token sees its targets only
+    if not s.settings.auth.public_metrics:
         principal = await s.verifier.verify(bearer_token(request.headers.get("Authorization")))
         require(principal, Role.VIEWER, None)
         visible = principal.targets_visible(visible)
-    lines: list[str] = []
+    snap = _Snapshot()
+    add = snap.families.append
 
-    def metric(name: str, kind: str, help_: str, samples: list[tuple[dict[str, str], Any]]
-               ) -> None:
-        lines.append(f"# HELP {name} {help_}")
-        lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            label_text = ",".join(f'{k}="{_esc(v)}"' for k, v in sorted(labels.items()))
-            lines.append(f"{name}{{{label_text}}} {value}" if labels else f"{name} {value}")
+    jobs = CounterMetricFamily("safehold_jobs", "Jobs finished, by kind, status and target.",
+                               labels=["kind", "status", "target"])
+    for field_, n in (await s.redis.hgetall(s.keys.metric("jobs"))).items():  # type: ignore[misc]
+        kind, status, target = field_.decode().split("|", 2)
+        if target in visible:
+            jobs.add_metric([kind, status, target], int(n))
+    add(jobs)
 
-    jobs = await s.store.list_jobs(limit=10_000, targets=set(visible))
-    counts = Counter((j.kind, j.status, j.target) for j in jobs)
-    metric("safehold_jobs", "gauge", "Jobs kept in Redis, by kind, status and target.",
-           [({"kind": k, "status": st, "target": t}, n)
-            for (k, st, t), n in sorted(counts.items())])
-    workers = await live_workers(s)
-    metric("safehold_workers_alive", "gauge", "Workers that heartbeat in the last 30 s.",
-           [({}, workers)])
-    count, size, last = [], [], []
+    hist = HistogramMetricFamily("safehold_job_duration_seconds",
+                                 "Job durations, by kind and engine.", labels=["kind", "engine"])
+    engines = {s.settings.targets[t].engine for t in visible}
+    for kind in ("backup", "restore", "verify", "prune"):
+        for engine in sorted(engines):
+            raw = await s.redis.hgetall(  # type: ignore[misc]
+                s.keys.metric(f"duration:{kind}|{engine}"))
+            if not raw:
+                continue
+            got = {k.decode(): v for k, v in raw.items()}
+            buckets = [(f"{le:g}", int(got.get(f"{le:g}", 0))) for le in DURATION_BUCKETS]
+            buckets.append(("+Inf", int(got.get("count", 0))))
+            hist.add_metric([kind, engine], buckets, float(got.get("sum", 0)))
+    add(hist)
+
+    written = CounterMetricFamily("safehold_backup_bytes_written",
+                                  "Stored bytes of finished backups, by target.",
+                                  labels=["target"])
+    for target, n in (await s.redis.hgetall(  # type: ignore[misc]
+            s.keys.metric("bytes_written"))).items():
+        if target.decode() in visible:
+            written.add_metric([target.decode()], int(n))
+    add(written)
+
+    add(GaugeMetricFamily("safehold_workers_alive", "Workers that heartbeat in the last 30 s.",
+                          value=await live_workers(s)))
+    add(GaugeMetricFamily("safehold_queue_depth", "Jobs waiting in the queue.",
+                          value=await s.redis.zcard(s.keys.queue)))
+    add(CounterMetricFamily("safehold_notifications_failed",
+                            "Notification deliveries that failed after every retry.",
+                            value=int(await s.redis.get(s.keys.counter(
+                                "notifications_failed")) or 0)))
+
+    count = GaugeMetricFamily("safehold_backups", "Listed backups (all kinds).",
+                              labels=["target"])
+    size = GaugeMetricFamily("safehold_backup_bytes", "Bytes of listed backups.",
+                             labels=["target"])
+    per_dest = GaugeMetricFamily("safehold_destination_backups",
+                                 "Listed backups per destination.",
+                                 labels=["target", "destination"])
+    last = GaugeMetricFamily("safehold_last_backup_timestamp_seconds",
+                             "Creation time of the newest regular backup.", labels=["target"])
+    last_size = GaugeMetricFamily("safehold_last_backup_size_bytes",
+                                  "Stored size of the newest regular backup.",
+                                  labels=["target"])
+    verified = GaugeMetricFamily("safehold_last_verify_timestamp_seconds",
+                                 "When the newest drill ran.", labels=["target"])
+    passed = GaugeMetricFamily("safehold_last_verify_passed",
+                               "1 if the newest drill passed, 0 if it failed.",
+                               labels=["target"])
+    rto = GaugeMetricFamily("safehold_last_verify_rto_seconds",
+                            "Restore time measured by the newest drill.", labels=["target"])
+    missed = GaugeMetricFamily("safehold_schedule_missed",
+                               "1 while a scheduled target has had no successful backup "
+                               "within its grace.", labels=["target"])
+    last_ok = GaugeMetricFamily("safehold_last_success_timestamp_seconds",
+                                "When the last backup of a scheduled target succeeded.",
+                                labels=["target"])
     for target in visible:
-        manifests = await s.catalog.list_backups(target)
+        manifests = await _manifests(request, s, target)
+        count.add_metric([target], len(manifests))
+        size.add_metric([target], sum(int(m.get("size_bytes") or 0) for m in manifests))
+        dests: dict[str, int] = {}
+        for m in manifests:
+            for d in m.get("stored_on") or []:
+                dests[d] = dests.get(d, 0) + 1
+        for d, n in sorted(dests.items()):
+            per_dest.add_metric([target, d], n)
         regular = [m for m in manifests if m.get("kind") == "backup"]
-        count.append(({"target": target}, len(manifests)))
-        size.append(({"target": target}, sum(int(m.get("size_bytes") or 0) for m in manifests)))
-        newest = max((t for m in regular if (t := _ts(str(m.get("created_at", ""))))),
-                     default=None)
-        if newest is not None:
-            last.append(({"target": target}, f"{newest:.0f}"))
-    metric("safehold_backups", "gauge", "Listed backups per target (all kinds).", count)
-    metric("safehold_backup_bytes", "gauge", "Bytes of listed backups per target.", size)
-    metric("safehold_last_backup_timestamp_seconds", "gauge",
-           "Creation time of the newest complete regular backup per target.", last)
-    missed, last_ok = [], []
-    for target in visible:
-        state = await s.redis.hgetall(s.keys.schedule(target))  # type: ignore[misc]
-        if not s.settings.targets[target].schedule:
-            continue
-        missed.append(({"target": target}, 1 if state.get(b"missed_alerted") else 0))
-        if (ok := _ts(state.get(b"last_success", b"").decode())) is not None:
-            last_ok.append(({"target": target}, f"{ok:.0f}"))
-    metric("safehold_schedule_missed", "gauge",
-           "1 while a scheduled target has had no successful backup within its grace.", missed)
-    metric("safehold_last_success_timestamp_seconds", "gauge",
-           "When the last backup of a scheduled target succeeded.", last_ok)
-    failed = int(await s.redis.get(s.keys.counter("notifications_failed")) or 0)
-    metric("safehold_notifications_failed_total", "counter",
-           "Notification deliveries that failed after every retry.", [({}, failed)])
-    return web.Response(text="\n".join(lines) + "\n",
-                        content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+        if regular and (t := _ts(regular[0].get("created_at"))) is not None:
+            last.add_metric([target], t)
+            last_size.add_metric([target], int(regular[0].get("size_bytes") or 0))
+        drills = sorted((m for m in manifests if m.get("verified_at")),
+                        key=lambda m: str(m["verified_at"]), reverse=True)
+        if drills and (t := _ts(drills[0]["verified_at"])) is not None:
+            v = drills[0].get("verification") or {}
+            verified.add_metric([target], t)
+            passed.add_metric([target], 1 if v.get("outcome") == "passed" else 0)
+            if v.get("rto_s") is not None:
+                rto.add_metric([target], float(v["rto_s"]))
+        if s.settings.targets[target].schedule:
+            state = await s.redis.hgetall(s.keys.schedule(target))  # type: ignore[misc]
+            missed.add_metric([target], 1 if state.get(b"missed_alerted") else 0)
+            if (t := _ts(state.get(b"last_success", b"").decode())) is not None:
+                last_ok.add_metric([target], t)
+    for family in (count, size, per_dest, last, last_size, verified, passed, rto, missed,
+                   last_ok):
+        add(family)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(snap)  # type: ignore[arg-type]
+    return web.Response(body=generate_latest(registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST,
+                                 "X-Content-Type-Options": "nosniff"})

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from api.files import UploadSink, receive_upload
 from api.handlers import job_view, principal, query_bool, submit, svc
-from shared import codecs, formats, naming
+from shared import codecs, formats, naming, stats
 from shared.codecs import plain_limit
 from shared.config import TargetConfig
 from shared.errors import BadRequest, PipelineError
@@ -157,6 +157,7 @@ async def store_upload(request: web.Request, target: TargetConfig) -> dict[str, 
             **info,
         }
         await fan.publish(manifest)
+        await stats.catalog_changed(s.redis, s.keys)
     except BaseException:
         if fan is not None:
             await asyncio.shield(fan.abort())

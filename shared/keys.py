@@ -49,6 +49,10 @@ class Keys:
         """Hash: worker id -> its ephemeral age public key (identities are sealed to it)."""
         return f"{self.prefix}:worker_keys"
 
+    def metric(self, name: str) -> str:
+        """Hashes and counters behind /metrics (shared/stats.py)."""
+        return f"{self.prefix}:metric:{name}"
+
     def counter(self, name: str) -> str:
         """A plain counter for /metrics (e.g. notifications_failed)."""
         return f"{self.prefix}:counter:{name}"

@@ -221,11 +221,16 @@ async def test_metrics(api: Any, anon: Any, worker: Any, pg_db: str, settings: A
 
     job = await backup(api)
     text = await (await anon.get("/metrics")).text()
-    assert 'safehold_jobs{kind="backup",status="succeeded",target="main"} 1' in text
-    assert "safehold_workers_alive 1" in text
-    assert 'safehold_backups{target="main"} 1' in text
-    assert f'safehold_backup_bytes{{target="main"}} {job["result"]["size_bytes"]}' in text
+    assert 'safehold_jobs_total{kind="backup",status="succeeded",target="main"} 1.0' in text
+    assert "safehold_workers_alive 1.0" in text
+    assert 'safehold_backups{target="main"} 1.0' in text
+    assert f'safehold_backup_bytes{{target="main"}} {job["result"]["size_bytes"]}.0' in text
     assert 'safehold_last_backup_timestamp_seconds{target="main"}' in text
+    assert 'safehold_job_duration_seconds_count{engine="postgresql",kind="backup"} 1.0' \
+        in text
+    assert f'safehold_backup_bytes_written_total{{target="main"}} ' \
+        f'{job["result"]["size_bytes"]}.0' in text
+    assert 'safehold_destination_backups{destination="local",target="main"} 1.0' in text
     private = replace(settings, auth=replace(settings.auth, public_metrics=False))
     c = await aiohttp_client(create_app(private))
     assert (await c.get("/metrics")).status == 401

@@ -81,6 +81,9 @@ async def test_drill_passes_on_a_good_backup(
     assert manifest["exact_counts"]["public.everything"] == real
     assert manifest["verification"]["outcome"] == "passed" and manifest["verified_at"]
     assert await scratch_databases(drill_role) == []
+    text = await (await api.get("/metrics")).text()
+    assert 'safehold_last_verify_passed{target="main"} 1.0' in text
+    assert 'safehold_last_verify_rto_seconds{target="main"}' in text
 
 
 async def test_drill_catches_a_checksum_valid_but_wrong_backup(

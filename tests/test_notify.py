@@ -99,7 +99,7 @@ async def test_failed_delivery_never_changes_the_job(
     assert job["status"] == "succeeded"
     assert "webhook backup.succeeded" in entries[0]["detail"]
     text = await (await api.get("/metrics")).text()
-    assert "safehold_notifications_failed_total 1" in text
+    assert "safehold_notifications_failed_total 1.0" in text
 
 
 async def test_apprise_json_path_and_severity_filter(
@@ -162,10 +162,12 @@ async def test_missed_schedule_alerts_once_and_clears(
     entries = (await (await api.get("/api/v1/audit?action=schedule.missed")).json())["entries"]
     assert len(entries) == 1 and "no successful backup" in entries[0]["detail"]
     assert [json.loads(b)["event"] for _, _, b in receiver.requests] == ["schedule.missed"]
-    assert 'safehold_schedule_missed{target="main"} 1' in await (await api.get("/metrics")).text()
+    assert 'safehold_schedule_missed{target="main"} 1.0' in \
+        await (await api.get("/metrics")).text()
     async with running_worker(settings):
         await pg.load_rich(pg_db)
         await backup(api)
         await wait_for(lambda: any(json.loads(b)["event"] == "schedule.recovered"
                                    for _, _, b in receiver.requests), 30, "recovered")
-    assert 'safehold_schedule_missed{target="main"} 0' in await (await api.get("/metrics")).text()
+    assert 'safehold_schedule_missed{target="main"} 0.0' in \
+        await (await api.get("/metrics")).text()

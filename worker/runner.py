@@ -8,11 +8,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from shared import stats
 from shared.audit import AuditLog
 from shared.backupstore import Catalog
 from shared.config import Settings
@@ -154,6 +156,7 @@ class JobRunner:
                                     target=job.target, job=job.id, backup=backup,
                                     detail=(error or {}).get("code"))
             self._notify_outcome(job, status, result, error)
+            await self._record_stats(job, status, result)
             if status == "succeeded" and job.kind == "backup":
                 await self._backup_succeeded(job)
             if status == "succeeded" and job.kind == "backup" and self.after_backup:
@@ -167,6 +170,21 @@ class JobRunner:
                 await self.audit.record(action="backup.partial", result="warning", **who,
                                         target=job.target, job=job.id, backup=backup,
                                         detail="missing on " + ",".join(missing))
+
+    async def _record_stats(self, job: Job, status: str,
+                            result: dict[str, Any] | None) -> None:
+        started = job.started_at or now_iso()
+        took = (datetime.now(UTC) - datetime.fromisoformat(started.replace("Z", "+00:00"))
+                ).total_seconds()
+        target = self.settings.targets.get(job.target)
+        try:
+            await stats.job_finished(
+                self.redis, self.keys, kind=job.kind, status=status, target=job.target,
+                engine=target.engine if target else "unknown", duration=max(took, 0.0),
+                stored_bytes=int((result or {}).get("size_bytes") or 0)
+                if job.kind == "backup" else 0)
+        except Exception:  # figures are never worth failing a job over
+            log.exception("job %s: recording metrics failed", job.id)
 
     def _deliver(self, coro: Awaitable[None]) -> None:
         """Notifications go out in the background: delivery never delays or changes a job."""
