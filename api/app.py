@@ -23,6 +23,7 @@ from api.context import (
 from api.metrics import CATALOG_CACHE
 from api.roles import Role
 from api.routes import ROUTES, add_routes, route_of
+from shared import logs
 from shared.config import Settings
 from shared.errors import SafeholdError
 from shared.redact import redact
@@ -39,7 +40,10 @@ def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error leaves as `{"error": {"code", "message"}}` with the right status."""
     request_id = request.headers.get("X-Request-ID") or secrets.token_hex(8)
+    if len(request_id) > 64 or not request_id.isprintable():
+        request_id = secrets.token_hex(8)
     request[REQUEST_ID] = request_id
+    logs.request_id.set(request_id)
     try:
         resp = await handler(request)
     except SafeholdError as exc:

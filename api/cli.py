@@ -33,13 +33,10 @@ log = logging.getLogger("safehold")
 
 
 # ---------------------------------------------------------------------- servers
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from shared import logs
+
+    logs.setup(level, fmt)
 
 
 def _redis_host_port(url: str) -> tuple[str, int]:
@@ -294,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="safehold", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="config file (default: $SAFEHOLD_CONFIG or ./safehold.toml)")
     p.add_argument("--log-level", default=os.environ.get("SAFEHOLD_LOG_LEVEL", "info"))
+    p.add_argument("--log-format", choices=("text", "json"),
+                   default=os.environ.get("SAFEHOLD_LOG_FORMAT", "text"),
+                   help="text (default) or one JSON object per line, with job and request "
+                        "ids")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("api", help="run the HTTP API")
     sub.add_parser("worker", help="run a worker")
@@ -332,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, args.log_format)
     try:
         settings = load_settings(args.config, os.environ)
         if args.command == "token":

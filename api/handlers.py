@@ -429,7 +429,7 @@ async def prune(request: web.Request) -> web.Response:
     s = svc(request)
     target = s.settings.target(request.match_info["target"])
     dry_run = query_bool(request, "dry_run", False)
-    if target.retention.empty and not dry_run:
+    if not s.settings.retains(target) and not dry_run:
         raise BadRequest(f"target '{target.id}' has no retention policy: nothing would be "
                          "deleted (set [targets.<id>.retention])", code="no_retention")
     job, _ = await submit(request, "prune", target.id, {"dry_run": dry_run,

@@ -94,6 +94,7 @@ class DestinationConfig:
     download: str = "stream"  # "stream" through the API, or "redirect" to a presigned URL
     presign_ttl: int = 300
     max_concurrency: int = 2  # parts uploading at once (memory: this × part size)
+    retention: Policy | None = None  # overrides each target's policy on this destination
     access_key: Secret | None = field(default=None, compare=False, repr=False)
     secret_key: Secret | None = field(default=None, compare=False, repr=False)
 
@@ -270,6 +271,12 @@ class Settings:
     notifications: NotificationSettings = NotificationSettings()
     destinations: Mapping[str, DestinationConfig] = field(default_factory=dict)
     source: str = "<defaults>"
+
+    def retains(self, target: TargetConfig) -> bool:
+        """Whether prune has anything to apply: the target's policy or a destination's."""
+        configs = self.destination_configs()
+        return not target.retention.empty or any(
+            configs[d].retention is not None for d in target.destinations if d in configs)
 
     def destination_configs(self) -> dict[str, DestinationConfig]:
         """Every destination, `local` (storage.path) included unless redefined."""
@@ -593,8 +600,13 @@ def _destinations(raw: Mapping[str, Any], env: Mapping[str, str], base: Path
                               f"{', '.join(sorted(unknown))} (known: "
                               f"{', '.join(sorted(_DEST_KEYS))})")
         defaults = DestinationConfig(name)
-        values = {k: _cast(f"storage.{name}.{k}", v, getattr(defaults, k))
-                  for k, v in table.items()}
+        values: dict[str, Any] = {k: _cast(f"storage.{name}.{k}", v, getattr(defaults, k))
+                                  for k, v in table.items() if k != "retention"}
+        if "retention" in table:
+            if not isinstance(table["retention"], Mapping):
+                raise ConfigError(f"[storage.{name}.retention] must be a table")
+            values["retention"] = parse_policy(table["retention"],
+                                               f"storage.{name}.retention")
         d = replace(defaults, **values)
         if d.type == "local":
             if not d.path:

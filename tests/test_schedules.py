@@ -200,3 +200,34 @@ async def test_scheduled_backup_runs_then_prunes_by_policy(
     sched = (await (await api.get("/api/v1/schedules")).json())["schedules"]
     assert sched[0]["target"] == "main" and sched[0]["next_run"]
     assert sched[0]["last_status"] == "succeeded"
+
+
+async def test_a_destination_may_keep_more_than_the_target(
+        aiohttp_client: Any, redis: Redis, prefix: str, tmp_path: Path, pg_db: str,
+        test_env: dict[str, str]) -> None:
+    """keep_last=1 on the target, keep_last=2 on an archive destination: a prune leaves one
+    copy locally and two in the archive."""
+    from api.app import create_app
+    from tests import pg
+    from tests.conftest import bearer
+    from tests.helpers import running_worker
+
+    raw = make_raw_config(prefix, tmp_path / "backups", pg_db)
+    raw["storage"]["archive"] = {"type": "local", "path": str(tmp_path / "archive"),
+                                 "retention": {"keep_last": 2}}
+    raw["targets"]["main"].update(destinations=["local", "archive"],
+                                  retention={"keep_last": 1})
+    settings = parse_settings(raw, test_env, base=tmp_path, source="<test>")
+    api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
+    async with running_worker(settings):
+        await pg.load_rich(pg_db)
+        names = [(await backup(api))["result"]["filename"] for _ in range(3)]
+        job = await (await api.post("/api/v1/targets/main/prune?wait=30")).json()
+    assert job["status"] == "succeeded", job.get("error")
+    dests = job["result"]["destinations"]
+    assert sorted(dests["local"]["deleted"]) == sorted(names[:2])
+    assert dests["archive"]["deleted"] == [names[0]]
+    assert dests["archive"]["policy"] == {"keep_last": 2}
+    listed = (await (await api.get("/api/v1/targets/main/backups")).json())["backups"]
+    assert {b["filename"]: b["stored_on"] for b in listed} == {
+        names[2]: ["local", "archive"], names[1]: ["archive"]}

@@ -206,7 +206,8 @@ class Procedures:
         for store in self.catalog.stores_of(target):
             manifests = await store.list_manifests(target.id)
             decisions = []
-            for kind, policy in (("backup", target.retention), ("other", AUX_RETENTION)):
+            mine = store.config.retention or target.retention  # a destination may keep more
+            for kind, policy in (("backup", mine), ("other", AUX_RETENTION)):
                 group = [(str(m["filename"]), _created(m)) for m in manifests
                          if (m.get("kind") == "backup") == (kind == "backup")
                          and m.get("filename") and _created(m) is not None]
@@ -227,6 +228,7 @@ class Procedures:
                     deleted.append(d.filename)
                     await on_delete(store.name, d.filename, d.reasons)
             out["destinations"][store.name] = {
+                "policy": mine.public(),
                 "plan": [d.public() for d in decisions],
                 "kept": sum(d.keep for d in decisions),
                 "deleted": deleted if not dry_run else

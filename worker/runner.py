@@ -14,7 +14,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import stats
+from shared import logs, stats
 from shared.audit import AuditLog
 from shared.backupstore import Catalog
 from shared.config import Settings
@@ -59,6 +59,7 @@ class JobRunner:
 
     # ----------------------------------------------------------------- job lifecycle
     async def run(self, job_id: str) -> dict[str, Any]:
+        logs.job_id.set(job_id)  # every log line of this job's task (and its children)
         job = await self.store.find(job_id)
         if job is None or job.status != "queued":
             return {"skipped": job.status if job else "unknown job"}

@@ -54,7 +54,7 @@ class Scheduler:
                     await self._check_missed(target, now)
                 if target.verify_schedule and (job := await self._verify_slot(target, now)):
                     created.append(job.id)
-                if not target.retention.empty and (job := await self._daily_prune(target,
+                if self.settings.retains(target) and (job := await self._daily_prune(target,
                                                                                    now)):
                     created.append(job.id)
             except Exception:  # one target's trouble never stops the others
@@ -144,7 +144,8 @@ class Scheduler:
     async def after_backup(self, job: Job) -> Job | None:
         """A scheduled backup succeeded: prune by the target's policy."""
         target = self.settings.targets.get(job.target)
-        if target is None or target.retention.empty or not job.params.get("scheduled_slot"):
+        if target is None or not self.settings.retains(target) or \
+                not job.params.get("scheduled_slot"):
             return None
         return await self._create(target, "prune", f"prune-after:{job.id}",
                                   {"dry_run": False, "reason": f"after {job.id}"})
