@@ -273,3 +273,21 @@ async def test_hostile_archives_are_refused_before_anything_is_dropped(
     assert job["status"] == "failed" and job["error"]["code"] == "unsafe_backup", job
     assert job["error"]["database_state"] == "unchanged"
     assert await fingerprint(mongo, dbs) == before
+
+
+async def test_restore_drill_into_temporary_databases(api: Any, worker: Any, mongo: Any,
+                                                      dbs: list[str]) -> None:
+    """A drill restores every database under a `safehold_drill_…_` prefix, compares the
+    documents per collection with the dump's, and drops them; the live ones are untouched."""
+    await load(mongo, dbs)
+    before = await fingerprint(mongo, dbs)
+    await backup(api)
+    job = await (await api.post("/api/v1/targets/main/verify?wait=180", json={})).json()
+    assert job["status"] == "succeeded", job.get("error")
+    result = job["result"]
+    assert result["mode"] == "scratch-restore" and result["counts_compared"] >= 3
+    assert result["mismatches"] is None and result["rows_restored"] > 0
+    assert await fingerprint(mongo, dbs) == before
+    prefix = result["scratch"].split()[-1].replace("<db>", "")
+    for db in dbs:  # dropped (listDatabases is not needed, nor asked of the stand-in)
+        assert await mongo[f"{prefix}{db}"].list_collection_names() == []

@@ -269,7 +269,7 @@ class Procedures:
             record["mode"] = "scratch-restore"
             kind = str(manifest.get("count_kind", ""))
             expected = manifest.get("exact_counts") or (
-                manifest.get("counts") if kind in ("rows", "keys") else None)
+                manifest.get("counts") if kind in ("rows", "keys", "documents") else None)
             # estimates (MySQL's information_schema) cannot be compared: the tables can
             names_only = expected is None and kind.endswith("_estimate")
             if names_only:
@@ -286,6 +286,7 @@ class Procedures:
                 finally:
                     await chunks.aclose()  # type: ignore[attr-defined]
                 record["rto_s"] = round(time.monotonic() - t0, 3)
+                record["scratch"] = getattr(drill, "last_scratch", None)
                 progress.set_phase("checking")
                 got = await drill.exact_counts(scratch)
                 if expected is None:

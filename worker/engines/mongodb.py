@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -89,6 +90,12 @@ def _metadata(name: str, info: dict[str, Any], indexes: list[dict[str, Any]]) ->
     if uuid is not None:
         doc["uuid"] = uuid.hex if hasattr(uuid, "hex") else str(uuid)
     return json_util.dumps(doc, json_options=JSON_OPTS).encode()
+
+
+# set by a drill: restore every database of the backup under this prefix instead, and
+# collect the scratch databases' names (no listDatabases privilege needed)
+DRILL_DB_PREFIX: ContextVar[str | None] = ContextVar("safehold_drill_db_prefix", default=None)
+DRILL_DBS: ContextVar[set[str] | None] = ContextVar("safehold_drill_dbs", default=None)
 
 
 class MongoDB:
@@ -252,6 +259,10 @@ class MongoDB:
                 yield block
             yield _padding(size)
 
+    @property
+    def drill(self) -> MongoDBDrill:
+        return MongoDBDrill()
+
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
                       progress: Progress, *, clean: bool, manifest: dict[str, Any]) -> None:
         async with self._session(target) as client:
@@ -340,6 +351,9 @@ class _Restorer:
         if where is None:
             return  # prelude.json
         db, coll, kind = where
+        db = f"{prefix}{db}" if (prefix := DRILL_DB_PREFIX.get()) else db
+        if (scratch := DRILL_DBS.get()) is not None:
+            scratch.add(db)
         self.databases.add(db)
         if kind == ".metadata.json":
             if stream.left > 16 << 20:
@@ -412,3 +426,44 @@ class _Restorer:
                     await self.client[db].drop_collection(coll)
 
 
+class MongoDBDrill:
+    """Restore drills: every database of the backup restored as `safehold_drill_<hex>_<db>`
+    on the same server (the target's user needs readWrite on those), exact documents per
+    collection, dropped afterwards."""
+
+    @asynccontextmanager
+    async def scratch(self, target: TargetConfig) -> AsyncIterator[TargetConfig]:
+        import secrets as _secrets
+
+        prefix = f"safehold_drill_{_secrets.token_hex(4)}_"
+        self.last_scratch = f"databases {prefix}<db>"
+        token = DRILL_DB_PREFIX.set(prefix)
+        made: set[str] = set()
+        dbs_token = DRILL_DBS.set(made)
+        try:
+            yield target
+        finally:
+            DRILL_DB_PREFIX.reset(token)
+            DRILL_DBS.reset(dbs_token)
+            async with MongoDB()._session(target) as client:
+                for db in sorted(made):
+                    await client.drop_database(db)
+
+    async def exact_counts(self, target: TargetConfig) -> dict[str, int]:
+        prefix = DRILL_DB_PREFIX.get() or ""
+        out: dict[str, int] = {}
+        async with MongoDB()._session(target) as client:
+            for db in sorted(DRILL_DBS.get() or ()):
+                for info in await (await client[db].list_collections()).to_list(None):
+                    if info.get("type") == "view" or info["name"].startswith("system."):
+                        continue
+                    n = 0  # counted from the documents themselves, not collection stats
+                    async for batch in client[db][info["name"]].find_raw_batches(
+                            {}, {"_id": 1}):
+                        n += _count_docs(batch)
+                    out[f"{db[len(prefix):]}.{info['name']}"] = n
+        return out
+
+    async def check(self, target: TargetConfig, sql: str) -> bool:
+        raise EngineError("verify_checks are SQL; MongoDB drills compare documents per "
+                          "collection")

@@ -296,6 +296,7 @@ class MySQLDrill:
         from dataclasses import replace
 
         name = f"safehold_drill_{_secrets.token_hex(6)}"
+        self.last_scratch = f"database {name}"
         async with MySQL()._connect(target) as conn:
             try:
                 await MySQL()._query(conn, f"CREATE DATABASE {_quote(name)}")

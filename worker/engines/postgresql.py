@@ -515,6 +515,7 @@ class PostgreSQLDrill:
         from dataclasses import replace
 
         name = f"safehold_drill_{_secrets.token_hex(6)}"
+        self.last_scratch = f"database {name}"
         async with PostgreSQL()._connect(target) as conn:
             try:
                 await conn.execute(f"CREATE DATABASE {_ident(name)}")

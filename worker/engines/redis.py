@@ -305,6 +305,7 @@ class RedisDrill:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
+        self.last_scratch = f"redis-server on 127.0.0.1:{port}"
         with tempfile.TemporaryDirectory(prefix="safehold-drill-") as tmp:
             proc = await asyncio.create_subprocess_exec(
                 server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",

@@ -197,6 +197,7 @@ class SQLiteDrill:
         from dataclasses import replace
 
         with tempfile.TemporaryDirectory(prefix="safehold-drill-") as tmp:
+            self.last_scratch = f"file {Path(tmp) / 'drill.db'}"
             yield replace(target, path=str(Path(tmp) / "drill.db"))
 
     async def exact_counts(self, target: TargetConfig) -> dict[str, int]:
