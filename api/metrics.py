@@ -140,6 +140,9 @@ async def metrics(request: web.Request) -> web.Response:
     missed = GaugeMetricFamily("safehold_schedule_missed",
                                "1 while a scheduled target has had no successful backup "
                                "within its grace.", labels=["target"])
+    lag = GaugeMetricFamily("safehold_schedule_lag_seconds",
+                            "How late the last scheduled job started (so far, if waiting).",
+                            labels=["target"])
     last_ok = GaugeMetricFamily("safehold_last_success_timestamp_seconds",
                                 "When the last backup of a scheduled target succeeded.",
                                 labels=["target"])
@@ -168,10 +171,16 @@ async def metrics(request: web.Request) -> web.Response:
         if s.settings.targets[target].schedule:
             state = await s.redis.hgetall(s.keys.schedule(target))  # type: ignore[misc]
             missed.add_metric([target], 1 if state.get(b"missed_alerted") else 0)
+            if state.get(b"last_job") and (job := await s.store.find(
+                    state[b"last_job"].decode())) and job.params.get("scheduled_for"):
+                due = _ts(job.params["scheduled_for"])
+                began = _ts(job.started_at) if job.started_at else time.time()
+                if due is not None and began is not None:
+                    lag.add_metric([target], max(began - due, 0.0))
             if (t := _ts(state.get(b"last_success", b"").decode())) is not None:
                 last_ok.add_metric([target], t)
     for family in (count, size, per_dest, last, last_size, verified, passed, rto, missed,
-                   last_ok):
+                   lag, last_ok):
         add(family)
 
     registry = CollectorRegistry(auto_describe=False)

@@ -227,6 +227,7 @@ class TargetConfig:
     heartbeat_url: str = ""  # healthchecks.io-style pings around scheduled backups
     verify_schedule: str = ""  # crontab of restore drills of the newest backup
     verify_checks: tuple[str, ...] = ()  # SQL that must return true on the drill's copy
+    notify_min_severity: str = ""  # overrides notifications.min_severity for this target
     retention: Policy = field(default_factory=Policy)
     compression: str = "gzip"  # "gzip" | "zstd" | "none"
     compression_level: int | None = None  # default: gzip 1 (isal), zstd 3
@@ -410,7 +411,7 @@ def _target(tid: str, raw: Any, env: Mapping[str, str], base: Path) -> TargetCon
         raise ConfigError(f"[targets.{tid}] must be a table")
     known = {"engine", "url", "path", "password_env", "password_file", "schedule",
              "timezone", "schedule_jitter", "catch_up", "missed_grace", "heartbeat_url",
-             "verify_schedule", "verify_checks",
+             "verify_schedule", "verify_checks", "notify_min_severity",
              "retention", "compress", "compression", "compression_level", "destinations",
              "encryption"}
     unknown = set(raw) - known - {"password"}
@@ -469,6 +470,7 @@ def _target(tid: str, raw: Any, env: Mapping[str, str], base: Path) -> TargetCon
         heartbeat_url=str(raw.get("heartbeat_url", "")),
         verify_schedule=_verify_schedule(tid, raw),
         verify_checks=_verify_checks(tid, raw),
+        notify_min_severity=_severity(tid, raw),
         retention=policy,
         compression=_compression(tid, raw),
         compression_level=_level(tid, raw),
@@ -501,6 +503,13 @@ def _notifications(raw: Any, n: NotificationSettings, env: Mapping[str, str],
     if n.apprise_urls_file and not Path(n.apprise_urls_file).is_absolute():
         values["apprise_urls_file"] = str(base / n.apprise_urls_file)
     return replace(n, **values)
+
+
+def _severity(tid: str, raw: Mapping[str, Any]) -> str:
+    value = str(raw.get("notify_min_severity", ""))
+    if value not in ("", "info", "warning", "error"):
+        raise ConfigError(f"targets.{tid}.notify_min_severity must be info, warning or error")
+    return value
 
 
 def _verify_schedule(tid: str, raw: Mapping[str, Any]) -> str:

@@ -34,7 +34,7 @@ SEVERITIES = {"info": 0, "warning": 1, "error": 2}
 EVENT_SEVERITY = {
     "backup.succeeded": "info", "backup.partial": "warning", "backup.failed": "error",
     "restore.succeeded": "info", "restore.failed": "error", "restore.cancelled": "warning",
-    "prune.succeeded": "info", "prune.failed": "error",
+    "prune.deleted": "info", "prune.failed": "error",
     "verify.succeeded": "info", "verify.failed": "error",
     "schedule.missed": "error", "schedule.recovered": "info",
 }
@@ -80,7 +80,9 @@ class Notifier:
         """Send one event to every channel whose minimum severity it reaches."""
         n = self.settings.notifications
         severity = EVENT_SEVERITY.get(event, "info")
-        if not self.enabled or SEVERITIES[severity] < SEVERITIES[n.min_severity]:
+        t = self.settings.targets.get(target)
+        floor = t.notify_min_severity if t and t.notify_min_severity else n.min_severity
+        if not self.enabled or SEVERITIES[severity] < SEVERITIES[floor]:
             return
         if n.event_list and event not in n.event_list:
             return

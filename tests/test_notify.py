@@ -171,3 +171,23 @@ async def test_missed_schedule_alerts_once_and_clears(
                                    for _, _, b in receiver.requests), 30, "recovered")
     assert 'safehold_schedule_missed{target="main"} 0.0' in \
         await (await api.get("/metrics")).text()
+
+
+async def test_a_target_may_raise_its_own_floor(aiohttp_server: Any, prefix: str,
+                                                tmp_path: Path, pg_db: str,
+                                                test_env: dict[str, str]) -> None:
+    """Global min_severity info, target notify_min_severity error: only errors go out."""
+    from dataclasses import replace
+
+    from shared.notify import Notifier
+
+    receiver = Receiver()
+    server = await aiohttp_server(receiver.app())
+    settings = notify_settings(prefix, tmp_path, pg_db, test_env, str(server.make_url("/h")))
+    quiet = replace(settings, targets={"main": replace(settings.targets["main"],
+                                                       notify_min_severity="error")})
+    notifier = Notifier(quiet)
+    await notifier.event("backup.succeeded", "main", "fine")
+    await notifier.event("backup.partial", "main", "half")
+    await notifier.event("backup.failed", "main", "broken")
+    assert [json.loads(b)["event"] for _, _, b in receiver.requests] == ["backup.failed"]

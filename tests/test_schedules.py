@@ -197,6 +197,8 @@ async def test_scheduled_backup_runs_then_prunes_by_policy(
     audit = (await (await api.get("/api/v1/audit?action=prune.deleted")).json())["entries"]
     assert sorted(e["backup"] for e in audit) == sorted(old)
     assert all("local:" in e["detail"] for e in audit)
+    assert 'safehold_schedule_lag_seconds{target="main"}' in \
+        await (await api.get("/metrics")).text()
     sched = (await (await api.get("/api/v1/schedules")).json())["schedules"]
     assert sched[0]["target"] == "main" and sched[0]["next_run"]
     assert sched[0]["last_status"] == "succeeded"

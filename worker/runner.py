@@ -200,6 +200,13 @@ class JobRunner:
         event = f"{job.kind}.{status}"
         if status == "succeeded" and (result or {}).get("partial"):
             event = "backup.partial"
+        if job.kind == "prune" and status == "succeeded":
+            deleted = [f for d in (result or {}).get("destinations", {}).values()
+                       for f in d.get("deleted", [])]
+            if (result or {}).get("dry_run") or not deleted:
+                return
+            event = "prune.deleted"
+            result = {**(result or {}), "filename": f"{len(deleted)} backup copies deleted"}
         what = (result or {}).get("filename") or job.params.get("backup") or ""
         message = f"{job.kind} of target {job.target} {status}" + (f": {what}" if what else "")
         if error:
