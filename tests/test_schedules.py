@@ -233,3 +233,27 @@ async def test_a_destination_may_keep_more_than_the_target(
     listed = (await (await api.get("/api/v1/targets/main/backups")).json())["backups"]
     assert {b["filename"]: b["stored_on"] for b in listed} == {
         names[2]: ["local", "archive"], names[1]: ["archive"]}
+
+
+async def test_prune_keeps_what_a_queued_restore_names(
+        aiohttp_client: Any, redis: Redis, prefix: str, tmp_path: Path, pg_db: str,
+        test_env: dict[str, str]) -> None:
+    """A restore waiting in the queue names an old backup: the prune keeps it, and says why."""
+    from api.app import create_app
+    from tests import pg
+    from tests.conftest import bearer
+    from tests.helpers import running_worker
+
+    settings = with_schedule(prefix, tmp_path, pg_db, test_env, retention={"keep_last": 1})
+    api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
+    async with running_worker(settings):
+        await pg.load_rich(pg_db)
+        old, new = [(await backup(api))["result"]["filename"] for _ in range(2)]
+        store = JobStore(redis, Keys(prefix), ttl=3600)  # queued, never handed to arq
+        await store.create("restore", "main", {"backup": old}, {"subject": "someone"})
+        job = await (await api.post("/api/v1/targets/main/prune?wait=30")).json()
+    assert job["status"] == "succeeded", job.get("error")
+    local = job["result"]["destinations"]["local"]
+    assert local["deleted"] == []
+    kept = {p["filename"]: p["reasons"] for p in local["plan"]}
+    assert kept[old] == ["a queued restore names it"] and kept[new] == ["last 1"]
