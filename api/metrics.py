@@ -125,6 +125,12 @@ async def metrics(request: web.Request) -> web.Response:
     per_dest = GaugeMetricFamily("safehold_destination_backups",
                                  "Listed backups per destination.",
                                  labels=["target", "destination"])
+    dest_last = GaugeMetricFamily("safehold_destination_last_backup_timestamp_seconds",
+                                  "Creation time of the newest regular backup a destination "
+                                  "holds.", labels=["target", "destination"])
+    dest_size = GaugeMetricFamily("safehold_destination_last_backup_size_bytes",
+                                  "Stored size of that backup.",
+                                  labels=["target", "destination"])
     last = GaugeMetricFamily("safehold_last_backup_timestamp_seconds",
                              "Creation time of the newest regular backup.", labels=["target"])
     last_size = GaugeMetricFamily("safehold_last_backup_size_bytes",
@@ -151,11 +157,18 @@ async def metrics(request: web.Request) -> web.Response:
         count.add_metric([target], len(manifests))
         size.add_metric([target], sum(int(m.get("size_bytes") or 0) for m in manifests))
         dests: dict[str, int] = {}
+        newest_on: dict[str, dict[str, Any]] = {}  # manifests are newest first
         for m in manifests:
             for d in m.get("stored_on") or []:
                 dests[d] = dests.get(d, 0) + 1
+                if m.get("kind") == "backup":
+                    newest_on.setdefault(d, m)
         for d, n in sorted(dests.items()):
             per_dest.add_metric([target, d], n)
+        for d, m in sorted(newest_on.items()):
+            if (t := _ts(m.get("created_at"))) is not None:
+                dest_last.add_metric([target, d], t)
+                dest_size.add_metric([target, d], int(m.get("size_bytes") or 0))
         regular = [m for m in manifests if m.get("kind") == "backup"]
         if regular and (t := _ts(regular[0].get("created_at"))) is not None:
             last.add_metric([target], t)
@@ -179,8 +192,8 @@ async def metrics(request: web.Request) -> web.Response:
                     lag.add_metric([target], max(began - due, 0.0))
             if (t := _ts(state.get(b"last_success", b"").decode())) is not None:
                 last_ok.add_metric([target], t)
-    for family in (count, size, per_dest, last, last_size, verified, passed, rto, missed,
-                   lag, last_ok):
+    for family in (count, size, per_dest, dest_last, dest_size, last, last_size, verified,
+                   passed, rto, missed, lag, last_ok):
         add(family)
 
     registry = CollectorRegistry(auto_describe=False)

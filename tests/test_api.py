@@ -231,6 +231,8 @@ async def test_metrics(api: Any, anon: Any, worker: Any, pg_db: str, settings: A
     assert f'safehold_backup_bytes_written_total{{target="main"}} ' \
         f'{job["result"]["size_bytes"]}.0' in text
     assert 'safehold_destination_backups{destination="local",target="main"} 1.0' in text
+    assert 'safehold_destination_last_backup_size_bytes{destination="local",target="main"} ' \
+        f'{job["result"]["size_bytes"]}.0' in text
     private = replace(settings, auth=replace(settings.auth, public_metrics=False))
     c = await aiohttp_client(create_app(private))
     assert (await c.get("/metrics")).status == 401
