@@ -87,7 +87,8 @@ class UploadSink:
         self.head = b""  # the first bytes, to sniff the format
 
     async def __aenter__(self) -> UploadSink:
-        self._f = await aiofiles.open(self.path, "xb")
+        self._f = await aiofiles.open(  # private: the upload may be a copy of a database
+            self.path, "xb", opener=lambda p, flags: os.open(p, flags, 0o600))
         return self
 
     async def __aexit__(self, *exc: object) -> None:

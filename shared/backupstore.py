@@ -89,7 +89,8 @@ def open_store(config: DestinationConfig) -> BackupStore:
         return S3Storage(config)
     from shared.storage import LocalStorage
 
-    return LocalStorage(config.path, name=config.name, config=config)
+    return LocalStorage(config.path, name=config.name, config=config,
+                        file_mode=int(config.file_mode, 8))
 
 
 # ---------------------------------------------------------------------------- fan-out
@@ -357,8 +358,10 @@ class Catalog:
 
         if "/" in target or target.startswith("."):
             raise NotFound(f"unknown target '{target}'", code="target_not_found")
+        from shared.storage import make_private_dir
+
         d = Path(self.settings.storage.path) / target
-        d.mkdir(parents=True, exist_ok=True)
+        make_private_dir(d)
         return d / f"{TEMP_PREFIX}{tag}-{secrets.token_hex(4)}.partial"
 
     async def remove_temp(self, handle: str) -> None:

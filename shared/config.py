@@ -67,6 +67,7 @@ class StorageSettings:
 
     path: str = "./backups"
     read_order: str = ""  # comma-separated destination names tried first by restores/downloads
+    file_mode: str = "0600"  # backups and manifests on local destinations (directories 0700)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class DestinationConfig:
     download: str = "stream"  # "stream" through the API, or "redirect" to a presigned URL
     presign_ttl: int = 300
     max_concurrency: int = 2  # parts uploading at once (memory: this × part size)
+    file_mode: str = "0600"  # local: mode of backups and manifests
     retention: Policy | None = None  # overrides each target's policy on this destination
     access_key: Secret | None = field(default=None, compare=False, repr=False)
     secret_key: Secret | None = field(default=None, compare=False, repr=False)
@@ -281,7 +283,8 @@ class Settings:
 
     def destination_configs(self) -> dict[str, DestinationConfig]:
         """Every destination, `local` (storage.path) included unless redefined."""
-        out = {"local": DestinationConfig("local", "local", self.storage.path)}
+        out = {"local": DestinationConfig("local", "local", self.storage.path,
+                                          file_mode=self.storage.file_mode)}
         out.update(self.destinations)
         return out
 
@@ -715,6 +718,11 @@ def parse_settings(
             raise ConfigError(f"target '{t.id}': unknown destination(s) "
                               f"{', '.join(unknown_dest)} (declared: "
                               f"{', '.join(sorted(known_dest))})")
+    for where, mode in [("storage.file_mode", sections["storage"].file_mode)] + [
+            (f"storage.{d.name}.file_mode", d.file_mode) for d in destinations.values()]:
+        if not re.fullmatch(r"0?[0-7]{3}", mode) or int(mode, 8) & 0o111:
+            raise ConfigError(f"{where} must be an octal file mode without execute bits, "
+                              f"like 0600 or 0640; got {mode!r}")
     order = [n.strip() for n in sections["storage"].read_order.split(",") if n.strip()]
     if bad := [n for n in order if n not in known_dest]:
         raise ConfigError(f"storage.read_order names unknown destination(s) {', '.join(bad)}")

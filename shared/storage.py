@@ -40,6 +40,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_private_dir(d: Path) -> None:
+    """Create `d` (and missing parents) readable by the service user only (0700)."""
+    for parent in reversed([d, *d.parents]):
+        if not parent.exists():
+            try:
+                parent.mkdir(mode=0o700)
+            except FileExistsError:
+                pass
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -113,10 +123,11 @@ class LocalPending:
 
 class LocalStorage:
     def __init__(self, root: str | os.PathLike[str], *, name: str = "local",
-                 config: DestinationConfig | None = None) -> None:
+                 config: DestinationConfig | None = None, file_mode: int = 0o600) -> None:
         self.root = Path(root)
         self.name = name
         self.config = config or DestinationConfig(name, "local", str(root))
+        self.file_mode = file_mode  # backups and manifests; directories are 0700
 
     def _dir(self, target: str) -> Path:
         if "/" in target or target.startswith("."):
@@ -214,15 +225,17 @@ class LocalStorage:
     async def begin(self, target: str, name: naming.BackupName, tag: str) -> LocalPending:
         def _begin() -> LocalPending:
             d = self._dir(target)
-            d.mkdir(parents=True, exist_ok=True)
+            make_private_dir(d)
             path = d / f"{TEMP_PREFIX}{tag}-{secrets.token_hex(4)}.partial"
-            return LocalPending(self, target, name, path, open(path, "xb"))  # noqa: SIM115
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.file_mode)
+            return LocalPending(self, target, name, path, os.fdopen(fd, "wb"))
         return await asyncio.to_thread(_begin)
 
     def _write_json(self, path: Path, doc: dict[str, Any]) -> None:
         tmp = path.with_name(f"{TEMP_PREFIX}{secrets.token_hex(4)}.json.partial")
         doc = {"format_version": MANIFEST_VERSION, **doc}
-        with open(tmp, "w") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.file_mode)
+        with os.fdopen(fd, "w") as f:
             json.dump(doc, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
@@ -284,7 +297,7 @@ class LocalStorage:
 
     async def health(self) -> dict[str, Any]:
         def _health() -> dict[str, Any]:
-            self.root.mkdir(parents=True, exist_ok=True)
+            make_private_dir(self.root)
             probe = self.root / f"{TEMP_PREFIX}probe-{secrets.token_hex(4)}.partial"
             try:
                 probe.write_bytes(b"ok")

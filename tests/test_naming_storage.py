@@ -147,3 +147,31 @@ async def test_delete_removes_manifest_and_data(tmp_path: Path) -> None:
     assert await s.list_manifests("main") == []
     with pytest.raises(NotFound):
         await s.delete("main", name.filename)
+
+
+async def test_files_are_private_by_default(tmp_path: Path) -> None:
+    """Backups and manifests 0600, directories 0700 (a backup is a copy of the database);
+    a configured mode is honoured."""
+    import stat
+
+    s = LocalStorage(tmp_path / "root")
+    name = await publish(s, datetime(2024, 1, 1, tzinfo=UTC))
+    d = tmp_path / "root" / "main"
+    assert stat.S_IMODE((d / name.filename).stat().st_mode) == 0o600
+    assert stat.S_IMODE((d / f"{name.filename}.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "root").stat().st_mode) == 0o700
+    shared = LocalStorage(tmp_path / "shared", file_mode=0o640)
+    name = await publish(shared, datetime(2024, 1, 1, tzinfo=UTC))
+    assert stat.S_IMODE((tmp_path / "shared" / "main" / name.filename).stat().st_mode) == 0o640
+
+
+@pytest.mark.parametrize("mode", ["0755", "777", "rw", "06000"])
+def test_file_mode_is_validated(tmp_path: Path, mode: str) -> None:
+    from shared.config import parse_settings
+    from shared.errors import ConfigError
+
+    raw = {"storage": {"file_mode": mode},
+           "targets": {"t": {"engine": "sqlite", "path": "x.db"}}}
+    with pytest.raises(ConfigError, match="storage.file_mode"):
+        parse_settings(raw, {}, base=tmp_path, source="<t>")
