@@ -225,3 +225,33 @@ async def test_restore_twice_over_the_live_database(api: Any, worker: Any,
         return fingerprint(db_path)
 
     await restore_twice_unchanged(api, name, current, before)
+
+
+async def test_restore_keeps_mode_and_leaves_no_temp_files(api: Any, worker: Any,
+                                                           db_path: Path) -> None:
+    """A WAL-mode database shared with a group (0664): after a restore the file has the
+    same mode (and owner), and no `.…safehold-restore-…` file, -wal or -shm is left."""
+    import os
+    import sqlite3
+    import stat
+
+    build(db_path)
+    conn = sqlite3.connect(db_path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.close()
+    os.chmod(db_path, 0o664)
+    before = fingerprint(db_path)
+    owner = (db_path.stat().st_uid, db_path.stat().st_gid)
+    job = await (await api.post("/api/v1/targets/main/backups?wait=60")).json()
+    name = job["result"]["filename"]
+    conn = sqlite3.connect(db_path)
+    conn.execute("DELETE FROM thing WHERE id % 3 = 0")
+    conn.commit()
+    conn.close()
+    job = await (await api.post("/api/v1/targets/main/restores?wait=60",
+                                json={"backup": name})).json()
+    assert job["status"] == "succeeded", job.get("error")
+    assert fingerprint(db_path) == before
+    assert stat.S_IMODE(db_path.stat().st_mode) == 0o664
+    assert (db_path.stat().st_uid, db_path.stat().st_gid) == owner
+    assert [p.name for p in db_path.parent.iterdir() if "safehold-restore" in p.name] == []

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import stat
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -81,6 +82,12 @@ def _replace(target: str, new_file: Path) -> None:
     """Blocking: fold the target's WAL, swap the file in atomically, drop stale WAL/SHM."""
     tp = Path(target)
     if tp.exists():
+        # the restored file keeps the database file's owner, group and mode: an application
+        # running as another user must not lose access
+        st = tp.stat()
+        os.chmod(new_file, stat.S_IMODE(st.st_mode))
+        with contextlib.suppress(PermissionError):
+            os.chown(new_file, st.st_uid, st.st_gid)
         with contextlib.suppress(sqlite3.Error):
             conn = sqlite3.connect(target, timeout=30)
             try:
@@ -186,7 +193,8 @@ class SQLite:
             await progress.enter_stage("committing")  # from here the file may be the new one
             await asyncio.to_thread(_replace, target.path, temp)
         finally:
-            await asyncio.to_thread(temp.unlink, missing_ok=True)
+            for leftover in (temp, *(Path(f"{temp}{x}") for x in ("-wal", "-shm", "-journal"))):
+                await asyncio.to_thread(leftover.unlink, missing_ok=True)
 
 
 class SQLiteDrill:
