@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run Safehold for real: API + worker in one process on ./safehold.toml, or the built-in
-# default config (a local PostgreSQL `postgres` database, backups in ./backups). Starts a
-# private redis-server when none answers on 127.0.0.1:6379.
+# default config (target `example`: a bundled SQLite database in ./data/example.db, backups
+# in ./backups). Starts a private redis-server when none answers on 127.0.0.1:6379.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v uv >/dev/null 2>&1; then

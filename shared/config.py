@@ -335,6 +335,9 @@ def ensure_example_database(settings: Settings) -> Path | None:
     return path
 
 
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
 def _cast(name: str, value: Any, template: Any) -> Any:
     try:
         if isinstance(template, bool):
@@ -353,7 +356,8 @@ def _cast(name: str, value: Any, template: Any) -> Any:
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(
-            f"config '{name}' must be a {type(template).__name__}, got {value!r}"
+            f"config '{name}' must be {_KIND_NAMES.get(type(template), 'a string')}, "
+            f"got {value!r}"
         ) from None
 
 
@@ -419,7 +423,8 @@ def _target(tid: str, raw: Any, env: Mapping[str, str], base: Path) -> TargetCon
              "encryption"}
     unknown = set(raw) - known - {"password"}
     if unknown:
-        raise ConfigError(f"unknown key(s) in [targets.{tid}]: {', '.join(sorted(unknown))}")
+        raise ConfigError(f"unknown key(s) in [targets.{tid}]: {', '.join(sorted(unknown))} "
+                          f"(known: {', '.join(sorted(known))})")
     engine = raw.get("engine")
     if engine not in ENGINE_EXTENSIONS:
         raise ConfigError(

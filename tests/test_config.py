@@ -39,7 +39,7 @@ def test_defaults_and_password_from_env() -> None:
     ({"targets": {"main": {"engine": "postgresql", "url": "postgresql://h/d",
                            "colour": "red"}}}, {}, "unknown key(s) in [targets.main]: colour"),
     ({**BASE, "server": {"prot": 1}}, {"APP_PW": "x"}, "unknown key(s) in [server]: prot"),
-    ({**BASE, "server": {"port": "eighty"}}, {"APP_PW": "x"}, "'server.port' must be a int"),
+    ({**BASE, "server": {"port": "eighty"}}, {"APP_PW": "x"}, "'server.port' must be an integer"),
     ({"targets": {}}, {}, "no targets configured"),
     ({**BASE, "default_target": "other"}, {"APP_PW": "x"}, "default_target 'other'"),
     ({"targets": {"Bad Name": {"engine": "sqlite", "path": "x.db"}}}, {}, "target id"),
