@@ -475,7 +475,7 @@ def _target(tid: str, raw: Any, env: Mapping[str, str], base: Path) -> TargetCon
         schedule_jitter=jitter,
         catch_up=catch_up,
         missed_grace=_cast(f"targets.{tid}.missed_grace", raw.get("missed_grace", 2.0), 2.0),
-        heartbeat_url=str(raw.get("heartbeat_url", "")),
+        heartbeat_url=_http_url(tid, "heartbeat_url", raw),
         verify_schedule=_verify_schedule(tid, raw),
         verify_checks=_verify_checks(tid, raw),
         notify_min_severity=_severity(tid, raw),
@@ -513,6 +513,13 @@ def _notifications(raw: Any, n: NotificationSettings, env: Mapping[str, str],
     return replace(n, **values)
 
 
+def _http_url(tid: str, key: str, raw: Mapping[str, Any]) -> str:
+    value = str(raw.get(key, ""))
+    if value and not value.startswith(("http://", "https://")):
+        raise ConfigError(f"targets.{tid}.{key} must be an http(s) URL")
+    return value
+
+
 def _severity(tid: str, raw: Mapping[str, Any]) -> str:
     value = str(raw.get("notify_min_severity", ""))
     if value not in ("", "info", "warning", "error"):
@@ -529,6 +536,10 @@ def _verify_schedule(tid: str, raw: Mapping[str, Any]) -> str:
 
 def _verify_checks(tid: str, raw: Mapping[str, Any]) -> tuple[str, ...]:
     checks = raw.get("verify_checks", [])
+    if checks and raw.get("engine") not in ("postgresql", "mysql", "sqlite"):
+        raise ConfigError(f"targets.{tid}.verify_checks are SQL queries: only postgresql, "
+                          "mysql and sqlite targets take them (drills of the other engines "
+                          "compare keys, documents or entities)")
     if not isinstance(checks, list) or not all(isinstance(c, str) and c.strip()
                                                for c in checks):
         raise ConfigError(f"targets.{tid}.verify_checks must be a list of SQL queries that "

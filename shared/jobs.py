@@ -11,6 +11,7 @@ atomically, so a reader never sees a status without its event or the reverse.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -225,11 +226,18 @@ class JobStore:
         if idempotency_key:
             ikey = self.keys.idempotency(f"{kind}:{target}:{idempotency_key}")
             if not await self.redis.set(ikey, job_id, nx=True, ex=self.ttl):
-                existing = await self.redis.get(ikey)
-                if existing:
+                # the first caller may not have written its job record yet: wait for it
+                # rather than take the key over (that would make a second job)
+                for _ in range(50):
+                    existing = await self.redis.get(ikey)
+                    if existing is None:
+                        break  # expired meanwhile: take it below
                     found = await self.find(existing.decode())
                     if found is not None:
                         return found, False
+                    await asyncio.sleep(0.1)
+                else:
+                    pass  # a key whose job never appeared (its creator died): take it over
                 await self.redis.set(ikey, job_id, ex=self.ttl)
         job = Job(id=job_id, kind=kind, target=target, status="queued",
                   created_at=now_iso(), params=dict(params), requested_by=dict(requested_by))

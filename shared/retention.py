@@ -3,7 +3,8 @@
 Semantics are restic's `forget --keep-*`:
 
 * `keep_last = n`: the n newest backups.
-* `max_age = "30d"`: every backup younger than that (restic's `--keep-within`).
+* `max_age = "30d"`: every backup within that of the newest one (restic's
+  `--keep-within`: measured from the newest backup, so an outage never empties the store).
 * `hourly`/`daily`/`weekly`/`monthly`/`yearly = n`: walking from the newest backup to the
   oldest, the first (newest) backup of each hour/day/ISO week/month/year is kept, for the
   n most recent periods that have a backup; `-1` means every period, forever.
@@ -121,7 +122,10 @@ def plan(backups: Sequence[tuple[str, datetime]], policy: Policy, now: datetime,
     for i, d in enumerate(decisions):
         if i < policy.keep_last:
             d.reasons.append(f"last {policy.keep_last}")
-        if policy.max_age is not None and now - d.created_at < policy.max_age:
+        # restic's --keep-within: measured from the newest backup, not from now, so an
+        # outage longer than max_age never empties the store
+        if policy.max_age is not None and decisions[0].created_at - d.created_at < \
+                policy.max_age:
             d.reasons.append(f"younger than {policy.public()['max_age']}")
     for bucket in BUCKETS:
         n = getattr(policy, bucket)

@@ -126,11 +126,17 @@ async def test_drill_catches_a_checksum_valid_but_wrong_backup(
 
 async def test_drill_without_createdb_says_what_to_grant(
         api: Any, worker: Any, pg_db: str) -> None:
+    """…and the drill counts as failed (the metric alerts: no drill ran)."""
     await pg.load_rich(pg_db)
-    await backup(api)
+    name = (await backup(api))["result"]["filename"]
     job = await (await api.post("/api/v1/targets/main/verify?wait=60", json={})).json()
     assert job["status"] == "failed" and job["error"]["code"] == "drill_unavailable", job
     assert f"grant CREATEDB to {pg.TEST_USER}" in job["error"]["message"]
+    manifest = (await (await api.get(f"/api/v1/targets/main/backups/{name}")).json())
+    assert manifest["verification"]["outcome"] == "failed"
+    assert manifest["verification"]["error"] == "drill_unavailable"
+    assert 'safehold_last_verify_passed{target="main"} 0.0' in \
+        await (await api.get("/metrics")).text()
 
 
 async def test_sqlite_drill(aiohttp_client: Any, redis: Redis, prefix: str,

@@ -132,3 +132,10 @@ def test_policy_errors_name_the_key(raw: dict[str, object], message: str) -> Non
 def test_empty_policy_keeps_everything() -> None:
     items = backups([1, 2, 3])
     assert kept(plan(items, Policy(), NOW)) == {"b1", "b2", "b3"}
+
+
+def test_max_age_counts_from_the_newest_backup() -> None:
+    """Backups stopped 60 days ago: max_age 30d still keeps the last 30 days of them."""
+    items = [(f"d{i}", datetime(2026, 8, 1, tzinfo=UTC) + timedelta(days=i)) for i in range(90)]
+    kept_now = kept(plan(items, Policy(max_age=timedelta(days=30)), NOW + timedelta(days=60)))
+    assert len(kept_now) == 30 and "d89" in kept_now and "d59" not in kept_now

@@ -58,12 +58,15 @@ def schedulers(settings: Settings, redis: Redis, n: int = 2) -> list[Scheduler]:
 
 async def run_clock(workers: list[Scheduler], start: datetime, end: datetime,
                     step: timedelta = timedelta(minutes=1)) -> list[str]:
-    """Tick every worker at every step of a simulated clock; return the jobs created."""
+    """Tick every worker at every step of a simulated clock; return the jobs created (each
+    is marked done at once, as a worker would finish it before the next slot)."""
     made: list[str] = []
     now = start
     while now <= end:
         for w in workers:
-            made += await w.tick(now)
+            for job_id in await w.tick(now):
+                made.append(job_id)
+                await w.store.transition(job_id, ["queued"], "succeeded")
         now += step
     return made
 
@@ -257,3 +260,17 @@ async def test_prune_keeps_what_a_queued_restore_names(
     assert local["deleted"] == []
     kept = {p["filename"]: p["reasons"] for p in local["plan"]}
     assert kept[old] == ["a queued restore names it"] and kept[new] == ["last 1"]
+
+
+async def test_a_slow_backup_never_piles_up_slots(
+        redis: Redis, prefix: str, tmp_path: Path, test_env: dict[str, str]) -> None:
+    """While a scheduled backup is still queued or running, its next slots are skipped."""
+    settings = with_schedule(prefix, tmp_path, None, test_env, schedule="*/5 * * * *")
+    w = schedulers(settings, redis, 1)[0]
+    t0 = datetime(2026, 6, 1, 8, 1, tzinfo=UTC)
+    await w.tick(t0)
+    first = await w.tick(t0 + timedelta(minutes=5))
+    assert len(first) == 1
+    assert await w.tick(t0 + timedelta(minutes=10)) == []  # the first is still queued
+    await w.store.transition(first[0], ["queued"], "succeeded")
+    assert len(await w.tick(t0 + timedelta(minutes=15))) == 1

@@ -51,6 +51,11 @@ async def _counted(chunks: AsyncIterator[bytes], counter: Any) -> AsyncIterator[
         yield chunk
 
 
+def _plain(name: str) -> str:
+    """A table name without identifier quoting (dump-time estimates are unquoted)."""
+    return name.replace('"', "").replace("`", "")
+
+
 def _created(manifest: dict[str, Any]) -> datetime | None:
     try:
         return datetime.fromisoformat(str(manifest.get("created_at")).replace("Z", "+00:00"))
@@ -257,16 +262,32 @@ class Procedures:
         ids = self.identities(target)
         progress.plan = {"verifying": (0, 20), "restoring": (20, 90), "checking": (90, 100)}
         t0 = time.monotonic()
-        (store, manifest), facts = await self._verify(target, engine, name, copies, progress,
-                                                      ids)
-        manifest = {**manifest, **facts}
         drill = getattr(engine, "drill", None)
         record: dict[str, Any] = {"backup": name.filename, "job": job.id,
-                                  "mode": "content-check", "destination": store.name}
+                                  "mode": "content-check" if drill is None
+                                  else "scratch-restore"}
+        try:  # any failure (a damaged copy, a failed restore) is recorded as a failed drill
+            (store, manifest), facts = await self._verify(target, engine, name, copies,
+                                                          progress, ids)
+            record["destination"] = store.name
+            return await self._drill(job, target, engine, name, store,
+                                     {**manifest, **facts}, drill, record, ids, progress, t0)
+        except SafeholdError as exc:
+            if exc.code != "drill_failed":  # the restore itself failed: a failed drill too
+                with contextlib.suppress(Exception):
+                    await self.catalog.annotate(target.id, name, {
+                        "verified_at": now_iso(), "verification": {
+                            **{k: v for k, v in record.items() if k != "backup"},
+                            "outcome": "failed", "error": exc.code}})
+            raise
+
+    async def _drill(self, job: Job, target: TargetConfig, engine: Engine,
+                     name: naming.BackupName, store: BackupStore, manifest: dict[str, Any],
+                     drill: Any, record: dict[str, Any], ids: Sequence[Any],
+                     progress: Progress, t0: float) -> dict[str, Any]:
         mismatches: dict[str, Any] = {}
         checks: list[dict[str, Any]] = []
         if drill is not None:
-            record["mode"] = "scratch-restore"
             kind = str(manifest.get("count_kind", ""))
             expected = manifest.get("exact_counts") or (
                 manifest.get("counts") if kind in ("rows", "keys", "documents") else None)
@@ -292,8 +313,9 @@ class Procedures:
                 if expected is None:
                     record["counts"] = "not recorded at dump time: compared nothing"
                 elif names_only:
+                    present = {_plain(t) for t in got}
                     mismatches = {t: {"expected": "present", "restored": None}
-                                  for t in expected if t not in got}
+                                  for t in expected if _plain(t) not in present}
                     record["counts"] = ("dump-time counts are estimates: compared which "
                                         "tables exist")
                     record["tables_compared"] = len(expected)

@@ -72,7 +72,8 @@ class JobRunner:
         job = await self.store.get(job_id)
         await self._heartbeat(job_id)
         target_cfg = self.settings.targets.get(job.target)
-        if target_cfg and target_cfg.heartbeat_url and job.params.get("scheduled_slot"):
+        if target_cfg and target_cfg.heartbeat_url and job.kind == "backup" and \
+                job.params.get("scheduled_slot"):
             self._deliver(self.notifier.heartbeat(target_cfg.heartbeat_url, "start"))
         progress = Progress()
         if job.kind == "restore":
@@ -218,7 +219,8 @@ class JobRunner:
             "error": {k: error.get(k) for k in ("code", "message", "database_state")}
             if error else None}))
         target = self.settings.targets.get(job.target)
-        if target and target.heartbeat_url and job.params.get("scheduled_slot"):
+        if target and target.heartbeat_url and job.kind == "backup" and \
+                job.params.get("scheduled_slot"):
             self._deliver(self.notifier.heartbeat(
                 target.heartbeat_url, "success" if status == "succeeded" else "fail"))
 

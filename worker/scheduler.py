@@ -12,7 +12,9 @@ not at all with `catch_up = "none"`. After a scheduled backup succeeds, a prune 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -41,6 +43,7 @@ class Scheduler:
         self.keys = Keys(settings.redis.prefix)
         self.notifier = notifier
         self.audit = audit
+        self._alerts: set[asyncio.Future[None]] = set()
 
     async def tick(self, now: datetime | None = None) -> list[str]:
         """Create the jobs of every due slot; returns their ids (empty when none is due)."""
@@ -91,6 +94,14 @@ class Scheduler:
             log.warning("target %s: %s slot %s missed while down; skipped (catch_up=none)",
                         target.id, kind, name)
             return None
+        busy = [j for j in await self.store.active_for_target(target.id)
+                if j.kind == kind and j.params.get("scheduled_slot")]
+        if busy:  # a slow backup never piles up slots behind it
+            await self.redis.hset(key, mapping={  # type: ignore[misc]
+                f"{field}last_slot": name, f"{field}last_skipped": name})
+            log.warning("target %s: %s slot %s skipped: the scheduled job %s is still %s",
+                        target.id, kind, name, busy[0].id, busy[0].status)
+            return None
         params: dict[str, Any] = {"scheduled_slot": name,
                                   "scheduled_for": due.isoformat().replace("+00:00", "Z")}
         if kind == "backup":
@@ -103,34 +114,41 @@ class Scheduler:
         return job
 
     async def _check_missed(self, target: TargetConfig, now: datetime) -> None:
-        """No successful backup for `missed_grace` schedule intervals: alert once (audit,
-        notification, metric); a success clears it (the runner does)."""
+        """Alert once when `missed_grace` (rounded up) scheduled slots have come due since
+        the last successful backup — counted on the schedule itself, so a weekday or
+        business-hours schedule does not alert over its quiet days. A success clears it."""
         tz = schedules.zone(target.timezone, "timezone")
-        prev = schedules.latest_due(target.schedule, tz, now)
-        if prev is None:
-            return
-        interval = schedules.next_due(target.schedule, tz, now) - schedules.to_utc(prev, tz)
         key = self.keys.schedule(target.id)
         state = {k.decode(): v.decode() for k, v in
                  (await self.redis.hgetall(key)).items()}  # type: ignore[misc]
         since = state.get("last_success") or state.get("first_seen")
         if not since or state.get("missed_alerted"):
             return
-        quiet = now - datetime.fromisoformat(since.replace("Z", "+00:00"))
-        if quiet <= interval * target.missed_grace + timedelta(minutes=5):
-            return
-        if not await self.redis.hsetnx(key, "missed_alerted", now.isoformat()):  # type: ignore[misc]
+        start = datetime.fromisoformat(since.replace("Z", "+00:00"))
+        needed = max(1, math.ceil(target.missed_grace))
+        horizon = now - timedelta(minutes=5)  # a backup gets a few minutes to finish
+        due, missed = start, 0
+        while missed < needed:
+            due = schedules.next_due(target.schedule, tz, due)
+            if due > horizon:
+                return
+            missed += 1
+        if not await self.redis.hsetnx(key, "missed_alerted",  # type: ignore[misc]
+                                       now.isoformat()):
             return  # another worker alerted
-        hours = quiet.total_seconds() / 3600
-        message = (f"target {target.id} has had no successful backup for {hours:.1f} h "
-                   f"(schedule {target.schedule!r} {target.timezone}, grace "
-                   f"{target.missed_grace:g} intervals)")
+        hours = (now - start).total_seconds() / 3600
+        message = (f"target {target.id} has had no successful backup for {hours:.1f} h: "
+                   f"{missed} scheduled slots came due since (schedule {target.schedule!r} "
+                   f"{target.timezone}, grace {target.missed_grace:g})")
         log.error(message)
         if self.audit is not None:
             await self.audit.record(action="schedule.missed", result="error",
                                     subject="schedule", target=target.id, detail=message)
-        if self.notifier is not None:
-            await self.notifier.event("schedule.missed", target.id, message)
+        if self.notifier is not None:  # in the background: a slow channel never delays ticks
+            task = asyncio.ensure_future(self.notifier.event("schedule.missed", target.id,
+                                                             message))
+            self._alerts.add(task)
+            task.add_done_callback(self._alerts.discard)
 
     async def _daily_prune(self, target: TargetConfig, now: datetime) -> Job | None:
         tz = schedules.zone(target.timezone, "timezone")

@@ -35,6 +35,9 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+die_with_parent = _die_with_parent  # for children not started through `spawn`
+
+
 def child_env(env: Mapping[str, str]) -> dict[str, str]:
     base = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
     base.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")

@@ -323,5 +323,9 @@ class MySQLDrill:
 
     async def check(self, target: TargetConfig, sql: str) -> bool:
         async with MySQL()._connect(target) as conn:
-            rows = await MySQL()._query(conn, sql)
+            await MySQL()._query(conn, "START TRANSACTION READ ONLY")
+            try:
+                rows = await MySQL()._query(conn, sql)
+            finally:
+                await MySQL()._query(conn, "ROLLBACK")
         return bool(rows and rows[0][0])

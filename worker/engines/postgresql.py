@@ -9,6 +9,7 @@ the whole thing back and the database is left exactly as it was.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import secrets
 from collections.abc import AsyncIterator
@@ -457,48 +458,107 @@ async def require_restrict_psql() -> None:
 
 
 class CopyRows:
-    """Exact row counts of a plain pg_dump, taken from the stream as it is dumped: lines
-    between each `COPY … FROM stdin;` and its `\\.` (C-speed find/count, no line split)."""
+    r"""Exact row counts of a plain pg_dump, taken from the stream as it is dumped: the lines
+    of each table-data `COPY … FROM stdin;` block up to its `\.` (C-speed find/count; a
+    block's rows are never kept, so a 1 GiB value costs one pass). Only a COPY header that
+    follows pg_dump's `-- Data for Name: …; Type: TABLE DATA` comment counts: the same text
+    inside a function body or a comment does not."""
+
+    _MARK = b"\n-- Data for Name: "
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
         self._table: str | None = None
+        self._armed = False  # a TABLE DATA comment was seen: the next COPY header is data
         self._tail = b"\n"
 
     def feed(self, data: bytes) -> None:
         buf = self._tail + data
         pos = 0
         while True:
-            if self._table is None:
-                i = buf.find(b"\nCOPY ", pos)
+            if self._table is not None:
+                k = buf.find(b"\n\\.\n", pos)
+                if k < 0:
+                    keep = max(pos, len(buf) - 3)  # a terminator may straddle the edge
+                    self.counts[self._table] += buf.count(b"\n", pos, keep)
+                    self._tail = buf[keep:]
+                    return
+                self.counts[self._table] += buf.count(b"\n", pos, k)
+                self._table = None
+                pos = k + 3
+                continue
+            if not self._armed:
+                i = buf.find(self._MARK, pos)
                 if i < 0:
-                    last = buf.rfind(b"\n", pos)
-                    self._tail = buf[last:] if last >= 0 else buf[-8:]
+                    self._tail = buf[max(pos, len(buf) - len(self._MARK)):]
                     return
                 j = buf.find(b"\n", i + 1)
                 if j < 0:
                     self._tail = buf[i:]
                     return
-                header = buf[i + 1:j]
-                if header.endswith(b" FROM stdin;"):
-                    end = header.find(b" (")
-                    end = end if end > 0 else header.rfind(b" FROM stdin;")
-                    self._table = header[5:end].decode("utf-8", "replace")
-                    self.counts[self._table] = 0
+                self._armed = b"Type: TABLE DATA;" in buf[i:j]
                 pos = j
-            else:
-                k = buf.find(b"\n\\.\n", pos)
-                if k < 0:
-                    last = buf.rfind(b"\n", pos)
-                    self.counts[self._table] += buf.count(b"\n", pos, last)
-                    self._tail = buf[last:]
-                    return
-                self.counts[self._table] += buf.count(b"\n", pos, k)
-                self._table = None
-                pos = k + 3
+                continue
+            i = buf.find(b"\nCOPY ", pos)
+            nxt = buf.find(b"\n-- ", pos)  # the next section comes first: no data here
+            if 0 <= nxt < i or i < 0:
+                if nxt >= 0 and (i < 0 or nxt < i):
+                    self._armed = False
+                    pos = nxt
+                    continue
+                self._tail = buf[max(pos, len(buf) - 8):]
+                return
+            j = buf.find(b"\n", i + 1)
+            if j < 0:
+                self._tail = buf[i:]
+                return
+            header = buf[i + 1:j]
+            self._armed = False
+            if header.endswith(b" FROM stdin;"):
+                self._table = _copy_table(header[5:].decode("utf-8", "replace"))
+                self.counts[self._table] = 0
+            pos = j
 
     def result(self) -> dict[str, Any]:
         return {"exact_counts": self.counts, "exact_count_kind": "rows"}
+
+
+def _copy_table(rest: str) -> str:
+    """The (quoted) table name at the start of a COPY header's remainder."""
+    out, quoted, i = [], False, 0
+    while i < len(rest):
+        c = rest[i]
+        if c == '"':
+            if quoted and rest[i + 1:i + 2] == '"':
+                out.append('""')
+                i += 2
+                continue
+            quoted = not quoted
+        elif c == " " and not quoted:
+            break
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+async def _drop_scratch(target: TargetConfig, scratch: TargetConfig, name: str) -> None:
+    """Drop a drill's database: detach any subscription the dump brought (they block DROP
+    DATABASE), then DROP … WITH (FORCE), or end its sessions first before PostgreSQL 13."""
+    with contextlib.suppress(Exception):
+        async with PostgreSQL()._connect(scratch) as conn:
+            for (sub,) in await conn.fetch(
+                    "SELECT quote_ident(subname) FROM pg_subscription WHERE subdbid = "
+                    "(SELECT oid FROM pg_database WHERE datname = current_database())"):
+                await conn.execute(f"ALTER SUBSCRIPTION {sub} DISABLE")
+                await conn.execute(f"ALTER SUBSCRIPTION {sub} SET (slot_name = NONE)")
+                await conn.execute(f"DROP SUBSCRIPTION {sub}")
+    async with PostgreSQL()._connect(target) as conn:
+        try:
+            await conn.execute(f"DROP DATABASE IF EXISTS {_ident(name)} WITH (FORCE)")
+        except asyncpg.PostgresSyntaxError:
+            await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                               "WHERE datname = $1", name)
+            await conn.execute(f"DROP DATABASE IF EXISTS {_ident(name)}")
 
 
 def _ident(name: str) -> str:
@@ -529,8 +589,7 @@ class PostgreSQLDrill:
         try:
             yield scratch
         finally:
-            async with PostgreSQL()._connect(target) as conn:
-                await conn.execute(f"DROP DATABASE IF EXISTS {_ident(name)} WITH (FORCE)")
+            await _drop_scratch(target, scratch, name)
 
     async def exact_counts(self, target: TargetConfig) -> dict[str, int]:
         async with PostgreSQL()._connect(target) as conn:

@@ -291,12 +291,16 @@ class RedisDrill:
 
     @asynccontextmanager
     async def scratch(self, target: TargetConfig) -> AsyncIterator[TargetConfig]:
+        import secrets as _secrets
         import shutil
         import socket
         import tempfile
         from dataclasses import replace
+        from pathlib import Path
 
+        from shared.config import Secret
         from shared.errors import EngineError
+        from worker.subproc import child_env, die_with_parent
 
         server = shutil.which("redis-server")
         if server is None:
@@ -307,12 +311,19 @@ class RedisDrill:
             port = s.getsockname()[1]
         self.last_scratch = f"redis-server on 127.0.0.1:{port}"
         with tempfile.TemporaryDirectory(prefix="safehold-drill-") as tmp:
+            # the copy is production data: a random password (from a config file in the
+            # 0700 temp dir, never argv), loopback only, and dies with the worker
+            password = _secrets.token_hex(24)
+            conf = Path(tmp) / "redis.conf"
+            conf.write_text(f"requirepass {password}\n")
+            conf.chmod(0o600)
             proc = await asyncio.create_subprocess_exec(
-                server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                server, str(conf), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--databases", "256", "--dir", tmp,
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                env=child_env({}), preexec_fn=die_with_parent)
             try:
-                scratch = replace(target, password=None,
+                scratch = replace(target, password=Secret(password),
                                   url=f"redis://127.0.0.1:{port}{urlsplit(target.url).path}")
                 for _ in range(100):
                     try:
