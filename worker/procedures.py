@@ -203,8 +203,12 @@ class Procedures:
         a queued restore names is kept too. `dry_run` returns the plan only."""
         dry_run = bool(job.params.get("dry_run"))
         progress.set_phase("planning")
-        busy = {str(j.params.get("backup")) for j in await self.store.active_for_target(target.id)
-                if j.kind == "restore" and j.id != job.id}
+        async def named_by_jobs() -> set[str]:
+            return {str(j.params.get("backup"))
+                    for j in await self.store.active_for_target(target.id)
+                    if j.kind in ("restore", "verify") and j.id != job.id}
+
+        busy = await named_by_jobs()
         now = datetime.now(UTC)
         out: dict[str, Any] = {"dry_run": dry_run, "policy": target.retention.public(),
                                "destinations": {}}
@@ -225,6 +229,9 @@ class Procedures:
                 progress.set_phase("deleting")
                 for d in decisions:
                     if d.keep:
+                        continue
+                    if d.filename in await named_by_jobs():  # submitted while we planned
+                        d.keep, d.reasons = True, ["a queued restore names it"]
                         continue
                     try:
                         await store.delete(target.id, d.filename)
