@@ -39,6 +39,11 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
     logs.setup(level, fmt)
 
 
+def _warn(job: Any) -> None:
+    for warning in (job.get("warnings") or []) if isinstance(job, dict) else []:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
 def _redis_host_port(url: str) -> tuple[str, int]:
     u = urlsplit(url)
     return u.hostname or "127.0.0.1", u.port or 6379
@@ -232,12 +237,14 @@ async def cmd_client(args: argparse.Namespace, settings: Settings) -> int:
         if args.command == "backup":
             body = {"compress": not args.no_compress, "note": args.note or ""}
             job = await c.call("POST", f"/api/v1/targets/{args.target}/backups", json=body)
+            _warn(job)
             return await follow(c, job) if args.follow else _print(job)
         if args.command == "restore":
             body = {"backup": args.backup, "create_safety_backup": not args.no_safety_backup}
             if args.identity_file:  # sent once, sealed by the API for the workers
                 body["identity"] = await asyncio.to_thread(Path(args.identity_file).read_text)
             job = await c.call("POST", f"/api/v1/targets/{args.target}/restores", json=body)
+            _warn(job)
             return await follow(c, job) if args.follow else _print(job)
         if args.command == "jobs":
             params = {k: v for k, v in (("target", args.target), ("status", args.status),

@@ -138,6 +138,17 @@ async def submit(request: web.Request, kind: str, target: str, params: dict[str,
                  before_enqueue: Callable[[Job], Awaitable[None]] | None = None
                  ) -> tuple[Job, bool]:
     s = svc(request)
+    if kind != "stats" and not await live_workers(s):
+        if ttl_wait is not None:  # the seed surface waits for the outcome: say so soon
+            for _ in range(25):  # a worker starting right now announces itself within 5 s
+                await asyncio.sleep(0.2)
+                if await live_workers(s):
+                    break
+            else:
+                raise Unavailable(f"no live worker: the {kind} was not started (start one "
+                                  "with `safehold worker`)", code="no_worker")
+        else:
+            request[NO_WORKER] = True  # queued anyway; the answer says why nothing happens
     job, created = await s.store.create(
         kind, target, params, principal(request),
         idempotency_key=request.headers.get("Idempotency-Key") or None)
@@ -152,8 +163,16 @@ async def submit(request: web.Request, kind: str, target: str, params: dict[str,
     return job, created
 
 
-def job_response(job: Job) -> web.Response:
-    return web.json_response(job_view(job), status=200 if job.terminal else 202,
+NO_WORKER = web.RequestKey("no_worker", bool)
+NO_WORKER_WARNING = ("no live worker: the job waits in the queue until one runs (start one "
+                     "with `safehold worker`)")
+
+
+def job_response(job: Job, request: web.Request | None = None) -> web.Response:
+    view = job_view(job)
+    if request is not None and request.get(NO_WORKER) and not job.terminal:
+        view["warnings"] = [NO_WORKER_WARNING]
+    return web.json_response(view, status=200 if job.terminal else 202,
                              headers={"Location": f"/api/v1/jobs/{job.id}"})
 
 
@@ -209,7 +228,7 @@ async def stats_of(request: web.Request, target: str) -> web.Response:
     if job.status == "failed" and job.error:
         raise SafeholdError(job.error.get("message", "stats failed"),
                             code=job.error.get("code", "stats_failed"))
-    return job_response(job)
+    return job_response(job, request)
 
 
 async def target_stats(request: web.Request) -> web.Response:
@@ -245,7 +264,7 @@ async def create_backup(request: web.Request) -> web.Response:
             raise BadRequest("use_apoc applies to neo4j targets only", code="invalid_body")
         params["use_apoc"] = True
     job, _ = await submit(request, "backup", target.id, params)
-    return job_response(job)
+    return job_response(job, request)
 
 
 async def list_backups(request: web.Request) -> web.Response:
@@ -373,7 +392,7 @@ async def create_restore(request: web.Request) -> web.Response:
     job = await submit_restore(request, target, body["backup"],
                                body.get("create_safety_backup", True),
                                identity=body.get("identity"))
-    return job_response(job)
+    return job_response(job, request)
 
 
 # ---------------------------------------------------------------------- jobs
@@ -434,7 +453,7 @@ async def prune(request: web.Request) -> web.Response:
                          "deleted (set [targets.<id>.retention])", code="no_retention")
     job, _ = await submit(request, "prune", target.id, {"dry_run": dry_run,
                                                         "reason": "requested"})
-    return job_response(job)
+    return job_response(job, request)
 
 
 async def verify(request: web.Request) -> web.Response:
@@ -447,7 +466,7 @@ async def verify(request: web.Request) -> web.Response:
         name, _ = await manifest_of(request, target.id, body["backup"])
         params["backup"] = name.filename
     job, _ = await submit(request, "verify", target.id, params)
-    return job_response(job)
+    return job_response(job, request)
 
 
 async def schedules_view(request: web.Request) -> web.Response:

@@ -237,3 +237,16 @@ async def test_metrics(api: Any, anon: Any, worker: Any, pg_db: str, settings: A
     c = await aiohttp_client(create_app(private))
     assert (await c.get("/metrics")).status == 401
     assert (await c.get("/metrics", headers=bearer(private, "viewer"))).status == 200
+
+
+async def test_without_a_worker_the_answer_says_so(api: Any, settings: Any) -> None:
+    """No live worker: a REST submit is queued with a warning; the seed surface, which
+    waits for the outcome, answers 503 at once and starts nothing."""
+    resp = await api.post("/api/v1/targets/main/backups", json={})
+    body = await resp.json()
+    assert resp.status == 202 and "no live worker" in body["warnings"][0]
+    resp = await api.post("/backup/create")
+    body = await resp.json()
+    assert resp.status == 503 and body["error"]["code"] == "no_worker"
+    jobs = (await (await api.get("/api/v1/jobs")).json())["jobs"]
+    assert len(jobs) == 1  # only the REST one

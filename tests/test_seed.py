@@ -170,9 +170,15 @@ async def test_delete_stats_roles_and_database_param(api: Any, anon: Any, worker
 async def test_timeout_answers_202_with_the_job(aiohttp_client: Any, settings: Any,
                                                 redis: Any) -> None:
     """If the job outlives server.wait_timeout, the answer is 202 with the job's URL."""
+    import time
+
+    from shared.keys import Keys
+
     quick = replace(settings, server=replace(settings.server, wait_timeout=0.2))
     c = await aiohttp_client(create_app(quick), headers=bearer(quick, "operator"))
-    resp = await c.post("/backup/create")  # no worker: it stays queued
+    # a worker that announced itself but takes nothing (busy elsewhere): the job stays queued
+    await redis.zadd(Keys(settings.redis.prefix).workers, {"busy-worker": time.time()})
+    resp = await c.post("/backup/create")
     body = await resp.json()
     assert resp.status == 202 and body["success"] is False
     assert body["job"] == f"/api/v1/jobs/{body['job_id']}" == resp.headers["Location"]
