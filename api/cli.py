@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import importlib
 import json
 import logging
@@ -115,6 +116,10 @@ async def cmd_api(settings: Settings) -> None:
 
 
 async def cmd_worker(settings: Settings) -> None:
+    from shared.queue import connect
+
+    pool = await connect(settings.redis.url)  # unreachable: one clear line, exit 2
+    await pool.aclose()
     worker_main = importlib.import_module("worker.main")
     await worker_main.serve_worker(settings, _stop_event())
 
@@ -362,6 +367,13 @@ def main(argv: list[str] | None = None) -> int:
     except aiohttp.ClientConnectionError as exc:
         print(f"safehold: cannot reach the API: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        print(f"safehold: {settings.server.host}:{settings.server.port} is already in use "
+              "(another Safehold?); set [server] port or SAFEHOLD_SERVER_PORT",
+              file=sys.stderr)
+        return 2
     return 0
 
 

@@ -114,9 +114,27 @@ async def test_unreachable_redis_is_explained(tmp_path: Path, pg_db: str) -> Non
     cfg = tmp_path / "safehold.toml"
     write_toml(cfg, raw)
     env = {**os.environ, PASSWORD_ENV: pg.TEST_PASSWORD}
-    rc, _, err = await cli("--config", str(cfg), "api", env=env)
-    assert rc == 2
-    assert f"127.0.0.1:{port}" in err and "not reachable" in err
+    for command in ("api", "worker"):
+        rc, _, err = await cli("--config", str(cfg), command, env=env)
+        assert rc == 2, (command, err)
+        assert f"127.0.0.1:{port}" in err and "not reachable" in err
+        assert "Traceback" not in err
+
+
+async def test_port_in_use_is_one_line_and_exit_2(tmp_path: Path, pg_db: str) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        raw: dict[str, Any] = make_raw_config("x", tmp_path / "b", pg_db)
+        raw["server"]["port"] = port
+        cfg = tmp_path / "safehold.toml"
+        write_toml(cfg, raw)
+        env = {**os.environ, PASSWORD_ENV: pg.TEST_PASSWORD}
+        rc, _, err = await cli("--config", str(cfg), "api", env=env)
+    assert rc == 2 and "already in use" in err and "Traceback" not in err, err
 
 
 async def test_fresh_run_backs_up_the_bundled_example(prefix: str, tmp_path: Path) -> None:
