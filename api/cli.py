@@ -308,10 +308,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text (default) or one JSON object per line, with job and request "
                         "ids")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("api", help="run the HTTP API")
-    sub.add_parser("worker", help="run a worker")
-    sub.add_parser("run", help="run API + worker in one process (starts Redis if needed)")
-    tp = sub.add_parser("token", help="dev mode: print a bearer token signed by the local key")
+    # the global options also work after the subcommand (`safehold worker --config x.toml`)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--log-format", choices=("text", "json"), default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
+    sub.add_parser("api", help="run the HTTP API", parents=[common])
+    sub.add_parser("worker", help="run a worker", parents=[common])
+    sub.add_parser("run", help="run API + worker in one process (starts Redis if needed)",
+                   parents=[common])
+    tp = sub.add_parser("token", help="dev mode: print a bearer token signed by the local key",
+                        parents=[common])
     tp.add_argument("--role", choices=["viewer", "operator", "admin", "none"],
                     default="admin", help="global role (none: only --scoped roles)")
     tp.add_argument("--ttl", default="1h", help="lifetime, e.g. 15m, 1h, 7d (default 1h)")
@@ -319,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--scoped", action="append", default=[], metavar="ROLE:TARGET",
                     help="an extra role on one target only, e.g. operator:main")
     for name in ("backup", "restore", "jobs", "backups", "follow"):
-        sp = sub.add_parser(name)
+        sp = sub.add_parser(name, parents=[common])
         sp.add_argument("--url", help="API base URL (default: $SAFEHOLD_URL or the config)")
         if name in ("backup", "restore", "backups"):
             sp.add_argument("target")

@@ -167,3 +167,15 @@ async def test_fresh_run_backs_up_the_bundled_example(prefix: str, tmp_path: Pat
     assert (tmp_path / "data" / "example.db").exists()
     assert (tmp_path / "backups" / "example" / job["result"]["filename"]).exists()
     assert "created the example SQLite database" in err.decode()
+
+
+def test_global_options_also_work_after_the_subcommand() -> None:
+    from api.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["worker", "--config", "b.toml"]).config == "b.toml"
+    assert parser.parse_args(["--config", "a.toml", "worker"]).config == "a.toml"
+    assert parser.parse_args(["backup", "t", "--config", "c.toml", "--follow"]).config == \
+        "c.toml"
+    args = parser.parse_args(["api", "--log-format", "json"])
+    assert args.log_format == "json" and args.config is None
