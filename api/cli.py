@@ -356,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level, args.log_format)
     try:
         settings = load_settings(args.config, os.environ)
+        for warning in settings.warnings:
+            log.warning("%s", warning)
         if args.command == "token":
             return cmd_token(args, settings)
         if args.command == "api":

@@ -274,6 +274,7 @@ class Settings:
     notifications: NotificationSettings = NotificationSettings()
     destinations: Mapping[str, DestinationConfig] = field(default_factory=dict)
     source: str = "<defaults>"
+    warnings: tuple[str, ...] = ()  # said at start-up (e.g. a misspelled SAFEHOLD_* variable)
 
     def retains(self, target: TargetConfig) -> bool:
         """Whether prune has anything to apply: the target's policy or a destination's."""
@@ -743,7 +744,43 @@ def parse_settings(
     if bad := [n for n in order if n not in known_dest]:
         raise ConfigError(f"storage.read_order names unknown destination(s) {', '.join(bad)}")
     return Settings(targets=targets, default_target=default, source=source,
-                    destinations=destinations, **sections)
+                    destinations=destinations,
+                    warnings=_unknown_env(env, raw_targets, raw_storage, raw), **sections)
+
+
+# SAFEHOLD_* variables that are not config overrides
+_OWN_VARIABLES = {"SAFEHOLD_CONFIG", "SAFEHOLD_DEFAULT_TARGET", "SAFEHOLD_TOKEN",
+                  "SAFEHOLD_URL", "SAFEHOLD_LOG_LEVEL", "SAFEHOLD_LOG_FORMAT"}
+
+
+def _unknown_env(env: Mapping[str, str], raw_targets: Any, raw_storage: Any,
+                 raw: Mapping[str, Any]) -> tuple[str, ...]:
+    """SAFEHOLD_* variables that nothing reads: most likely a misspelled override."""
+    import difflib
+
+    known = set(_OWN_VARIABLES)
+    for section, cls in _SECTIONS.items():
+        known |= {f"SAFEHOLD_{section.upper()}_{f.name.upper()}" for f in fields(cls)}
+    referenced: set[str] = set()
+
+    def collect(node: Any) -> None:  # variables the config names (password_env, …_env)
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                if isinstance(k, str) and k.endswith("_env") and isinstance(v, str):
+                    referenced.add(v)
+                collect(v)
+
+    collect({"t": raw_targets, "s": raw_storage, "n": raw.get("notifications", {})})
+    out = []
+    for name in sorted(env):
+        if not name.startswith("SAFEHOLD_") or name in known or name in referenced:
+            continue
+        if name.startswith("SAFEHOLD_TEST_"):
+            continue  # the test suite's own
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+        out.append(f"environment variable {name} is not a Safehold setting and is ignored"
+                   + (f" (did you mean {close[0]}?)" if close else ""))
+    return tuple(out)
 
 
 def load_settings(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Settings:

@@ -84,3 +84,16 @@ def test_load_settings_file_errors(tmp_path: Path) -> None:
     bad.write_text("this is = = not toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(bad, {})
+
+
+def test_misspelled_overrides_are_reported(tmp_path: Path) -> None:
+    """A SAFEHOLD_* variable nothing reads is said at start-up, with the likely meaning;
+    variables the config names (password_env…) and real overrides are not."""
+    raw = {"targets": {"t": {"engine": "postgresql", "url": "postgresql://u@h/d",
+                             "password_env": "SAFEHOLD_APP_PW"}}}
+    env = {"SAFEHOLD_SERVER_PROT": "9000", "SAFEHOLD_SERVER_PORT": "9001",
+           "SAFEHOLD_APP_PW": "x", "SAFEHOLD_TOKEN": "t"}
+    s = parse_settings(raw, env, base=tmp_path, source="<t>")
+    assert s.server.port == 9001
+    assert s.warnings == ("environment variable SAFEHOLD_SERVER_PROT is not a Safehold "
+                          "setting and is ignored (did you mean SAFEHOLD_SERVER_PORT?)",)
