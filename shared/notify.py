@@ -20,6 +20,7 @@ import hmac
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,8 @@ class Notifier:
             return
         if n.event_list and event not in n.event_list:
             return
-        doc = {"event": event, "severity": severity, "target": target, "message": message,
+        doc = {"id": uuid.uuid4().hex,  # the same on every retry: receivers drop duplicates
+               "event": event, "severity": severity, "target": target, "message": message,
                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                **({"data": data} if data else {})}
         await asyncio.gather(self._webhook(doc), self._apprise(doc))
@@ -116,7 +118,7 @@ class Notifier:
 
         async def post() -> None:
             headers = {"Content-Type": "application/json", "X-Safehold-Event": doc["event"],
-                       "User-Agent": "safehold"}
+                       "X-Safehold-Delivery": doc["id"], "User-Agent": "safehold"}
             if self._secret is not None:
                 headers["X-Safehold-Signature"] = signature(self._secret.reveal(),
                                                             int(time.time()), body)

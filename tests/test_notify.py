@@ -65,6 +65,7 @@ async def test_signed_webhook_with_retries(aiohttp_server: Any, aiohttp_client: 
         name = (await backup(api))["result"]["filename"]
         await wait_for(lambda: len(receiver.requests) >= 3, 30, "the webhook")
     assert len(receiver.requests) == 3
+    assert len({r[1]["X-Safehold-Delivery"] for r in receiver.requests}) == 1  # one delivery
     path, headers, body = receiver.requests[-1]
     doc = json.loads(body)
     assert path == "/hooks/safehold" and headers["X-Safehold-Event"] == "backup.succeeded"
