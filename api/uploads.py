@@ -46,8 +46,8 @@ def _chain(path: Path, head: bytes, target: TargetConfig
     ids: list[Any] = []
     enc = target.encryption
     if enc is not None and enc.identity_file:
-        with contextlib.suppress(OSError, BadRequest):
-            ids = codecs.load_identities(Path(enc.identity_file).read_text())
+        with contextlib.suppress(PipelineError, BadRequest):
+            ids = codecs.identities_from_file(enc.identity_file)
     opaque = [{"codec": "auto"}, {"codec": "age"}]
     if not ids:
         return opaque, [], ("age-encrypted and no identity is configured on this server "

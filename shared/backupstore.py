@@ -14,7 +14,7 @@ import concurrent.futures
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -442,15 +442,3 @@ async def _next(chunks: AsyncIterator[bytes]) -> bytes | None:
         return await chunks.__anext__()
     except StopAsyncIteration:
         return None
-
-
-def unique(names: Iterable[str]) -> list[str]:
-    seen: list[str] = []
-    for n in names:
-        if n not in seen:
-            seen.append(n)
-    return seen
-
-
-def where_stored(outcomes: dict[str, dict[str, Any]]) -> Sequence[str]:
-    return [n for n, o in outcomes.items() if o.get("status") == "stored"]

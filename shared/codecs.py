@@ -282,6 +282,17 @@ def recipient_fingerprint(recipient: str) -> str:
     return "sha256:" + hashlib.sha256(recipient.strip().encode()).hexdigest()[:16]
 
 
+def identities_from_file(path: str) -> list[Any]:
+    """The identities in an `encryption.identity_file`; unreadable: `identity_required`."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as exc:
+        raise PipelineError(f"the identity_file {path} cannot be read ({exc.strerror})",
+                            code="identity_required") from None
+    return load_identities(text)
+
+
 def load_identities(text: str) -> list[Any]:
     """age X25519 identities (AGE-SECRET-KEY-… lines) or one unencrypted SSH private key."""
     import pyrage
@@ -564,7 +575,6 @@ DECODERS: dict[str, Callable[[Readable, Step, Sequence[Any]], Readable]] = {
     "age": AgeReader,
     "auto": AutoReader,
 }
-SUFFIXES = {"gzip": ".gz", "zstd": ".zst", "age": ".age"}
 CONTENT_TYPES = {"gzip": "application/gzip", "zstd": "application/zstd",
                  "age": "application/octet-stream"}
 

@@ -18,7 +18,6 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from shared import codecs, formats, naming, retention
@@ -130,10 +129,8 @@ class Procedures:
         except BaseException:
             await asyncio.shield(fan.abort())
             raise
-        stored_on = [n for n, o in outcomes.items() if o["status"] == "stored"]
         failed = {n: o["error"]["message"] for n, o in outcomes.items()
                   if o["status"] != "stored"}
-        dump.info.pop("extension", None)
         manifest = {
             "engine": engine.name,
             "kind": kind,
@@ -173,7 +170,7 @@ class Procedures:
             raise
         await self.store.set_fields(job.id, temp_handles="")
         stored_on = fan.live()
-        if failed or len(stored_on) < len(outcomes):
+        if len(stored_on) < len(outcomes):  # a failure, or a manifest not written
             lost = {n: o.get("error", {}).get("message", "manifest not written")
                     for n, o in outcomes.items() if n not in stored_on}
             progress.warn(f"backup {name.filename} is stored on {', '.join(stored_on)} only; "
@@ -407,12 +404,7 @@ class Procedures:
         enc = target.encryption
         if enc is None or not enc.identity_file:
             return []
-        try:
-            text = Path(enc.identity_file).read_text()
-        except OSError as exc:
-            raise PipelineError(f"the identity_file of target '{target.id}' cannot be read "
-                                f"({exc.strerror})", code="identity_required") from None
-        return codecs.load_identities(text)
+        return codecs.identities_from_file(enc.identity_file)
 
     def _check_rollback_possible(self, target: TargetConfig, ids: Sequence[Any]) -> None:
         """The safety backup is encrypted to the target's recipients: when none of the
