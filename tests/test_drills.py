@@ -21,6 +21,7 @@ from shared.config import Settings, parse_settings
 from tests import pg
 from tests.conftest import bearer, make_raw_config
 from tests.helpers import backup, running_worker
+from worker.engines import drill_name
 
 
 @pytest.fixture
@@ -64,11 +65,22 @@ async def test_drill_passes_on_a_good_backup(
     settings = drill_settings(prefix, tmp_path, pg_db, test_env, drill_role,
                               verify_checks=["SELECT count(*) > 0 FROM everything"])
     api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
+    # scratch databases a killed drill left: one from long ago, one that may be in use
+    leaked, recent = "safehold_drill_00000010_abcdef12", drill_name()
+    conn = await pg.admin_conn()
+    for db in (leaked, recent):
+        await conn.execute(f'CREATE DATABASE "{db}" OWNER {drill_role}')
+    await conn.close()
     async with running_worker(settings):
         await pg.load_rich(pg_db)
         name = (await backup(api))["result"]["filename"]
         job = await (await api.post("/api/v1/targets/main/verify?wait=120", json={})).json()
     assert job["status"] == "succeeded", job.get("error")
+    assert job["result"]["swept_scratch"] == [leaked]
+    assert await scratch_databases(drill_role) == [recent]
+    conn = await pg.admin_conn()
+    await conn.execute(f'DROP DATABASE "{recent}"')
+    await conn.close()
     result = job["result"]
     assert result["backup"] == name and result["mode"] == "scratch-restore"
     assert result["outcome"] == "passed" and result["counts_compared"] >= 3

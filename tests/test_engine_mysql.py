@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -340,20 +341,55 @@ async def test_a_worker_lost_mid_restore_says_unknown_and_one_call_undoes_it(
             await proc.wait()
 
 
-async def test_restore_drill_into_a_scratch_database(api: Any, worker: Any, my_db: str
-                                                     ) -> None:
-    """A drill restores into `safehold_drill_…`, finds every table, runs the checks, and
-    drops the scratch database; the live database is untouched."""
+async def test_restore_drill_into_a_scratch_database(api: Any, worker: Any, my_db: str,
+                                                     tmp_path: Path) -> None:
+    """A drill restores into `safehold_drill_…`, compares every table's rows with the
+    exact counts taken from the dump stream, runs the checks, drops the scratch database
+    and one a killed drill left long ago; the live database is untouched."""
     await my.load_rich(my_db)
     before = await my.fingerprint(my_db)
-    await backup(api)
+    leaked = "safehold_drill_00000010_abcdef12"
+    conn = await my.admin()
+    await my.execute(conn, f"CREATE DATABASE `{leaked}`")
+    conn.close()
+    name = (await backup(api))["result"]["filename"]
+    manifest = json.loads((tmp_path / "backups" / "main" / f"{name}.json").read_text())
+    assert manifest["exact_counts"] == {"owner": 3, "item": 690, "audit": 700}
+    assert manifest["exact_count_kind"] == "rows"
     job = await (await api.post("/api/v1/targets/main/verify?wait=120", json={})).json()
     assert job["status"] == "succeeded", job.get("error")
     result = job["result"]
-    assert result["mode"] == "scratch-restore" and result["tables_compared"] >= 3
-    assert result["mismatches"] is None and result["rows_restored"] > 0
+    assert result["mode"] == "scratch-restore" and result["counts_compared"] == 3
+    assert result["mismatches"] is None and result["rows_restored"] == 3 + 690 + 700
+    assert result["swept_scratch"] == [leaked]
     assert await my.fingerprint(my_db) == before
     conn = await my.admin()
     left = await my.execute(conn, "SHOW DATABASES LIKE 'safehold\\_drill\\_%'")
     conn.close()
     assert left == [()]  # no scratch database left
+
+
+async def test_drill_catches_rows_cut_from_a_checksum_valid_backup(
+        api: Any, worker: Any, my_db: str, tmp_path: Path) -> None:
+    """Rows cut out of one INSERT and the manifest's checksum redone: every checksum agrees
+    and the restore runs, but the counts from the dump stream do not — the drill fails."""
+    await my.load_rich(my_db)
+    name = (await backup(api))["result"]["filename"]
+    d = tmp_path / "backups" / "main"
+    sql = gzip.decompress((d / name).read_bytes())
+    start = sql.index(b"INSERT INTO `item` VALUES")
+    end = sql.index(b";\n", start)
+    rows = sql[start:end].split(b"),\n(")
+    assert len(rows) == 690, len(rows)  # mariadb-dump: one row per line
+    forged = sql[:start] + b"),\n(".join(rows[:-4]) + b")" + sql[end:]
+    blob = gzip.compress(forged)
+    (d / name).write_bytes(blob)
+    manifest = json.loads((d / f"{name}.json").read_text())
+    manifest.update(sha256=hashlib.sha256(blob).hexdigest(), size_bytes=len(blob),
+                    raw_bytes=len(forged))
+    (d / f"{name}.json").write_text(json.dumps(manifest))
+    job = await (await api.post("/api/v1/targets/main/verify?wait=120",
+                                json={"backup": name})).json()
+    assert job["status"] == "failed" and job["error"]["code"] == "drill_failed", job
+    assert job["error"]["verification"]["mismatches"] == {
+        "item": {"expected": 690, "restored": 686}}

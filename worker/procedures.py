@@ -299,6 +299,14 @@ class Procedures:
             names_only = expected is None and kind.endswith("_estimate")
             if names_only:
                 expected = manifest.get("counts")
+            if sweep := getattr(drill, "sweep", None):
+                # scratch copies a killed drill left: older than any verify job may run
+                with contextlib.suppress(Exception):
+                    if swept := await sweep(target, self.settings.worker.restore_timeout
+                                            + 600):
+                        record["swept_scratch"] = swept
+                        progress.warn("dropped scratch copies an interrupted drill left "
+                                      "behind: " + ", ".join(swept))
             async with drill.scratch(target) as scratch:
                 progress.set_phase("restoring", bytes_total=manifest.get("raw_bytes"))
                 chunks = pipeline.stored_plain(

@@ -9,6 +9,9 @@ a load. Messages are redacted of the target's secrets.
 from __future__ import annotations
 
 import importlib
+import re
+import secrets
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -43,6 +46,28 @@ def restore_errors(target: TargetConfig, engine: str,
     except driver_errors as exc:
         raise RestoreFailed(f"{engine} restore failed: "
                             f"{redact(str(exc), target.secrets())[:500]}") from None
+
+
+DRILL_PREFIX = "safehold_drill_"
+_DRILL_NAME = re.compile(rf"{DRILL_PREFIX}([0-9a-f]{{8,}})_[0-9a-f]{{8}}(?:_.*)?", re.S)
+
+
+def drill_name() -> str:
+    """A scratch database name for a restore drill that carries its creation time, so a
+    later drill can tell a copy leaked by a killed worker (older than any verify job may
+    run) from one still in use: `safehold_drill_<unix time, hex>_<random>`."""
+    return f"{DRILL_PREFIX}{int(time.time()):08x}_{secrets.token_hex(4)}"
+
+
+def stale_drills(names: Iterable[str], max_age: float) -> list[str]:
+    """The drill scratch names among `names` created more than `max_age` seconds ago."""
+    now = time.time()
+    out = []
+    for name in names:
+        m = _DRILL_NAME.fullmatch(name)
+        if m and now - int(m.group(1), 16) > max_age:
+            out.append(name)
+    return sorted(out)
 
 
 @dataclass

@@ -45,7 +45,7 @@ from shared.errors import DumpFailed, EngineError, PipelineError
 from shared.formats import check_mongo_member, check_mongo_metadata
 from shared.redact import redact
 from shared.tarstream import TarReader
-from worker.engines import Dump, restore_errors, unreachable
+from worker.engines import Dump, drill_name, restore_errors, stale_drills, unreachable
 from worker.progress import Progress
 
 SYSTEM_DBS = {"admin", "local", "config"}
@@ -431,11 +431,17 @@ class MongoDBDrill:
     on the same server (the target's user needs readWrite on those), exact documents per
     collection, dropped afterwards."""
 
+    async def sweep(self, target: TargetConfig, max_age: float) -> list[str]:
+        """Drop scratch databases a killed drill left behind (older than any drill runs)."""
+        async with MongoDB()._session(target) as client:
+            stale = stale_drills(await client.list_database_names(), max_age)
+            for db in stale:
+                await client.drop_database(db)
+        return stale
+
     @asynccontextmanager
     async def scratch(self, target: TargetConfig) -> AsyncIterator[TargetConfig]:
-        import secrets as _secrets
-
-        prefix = f"safehold_drill_{_secrets.token_hex(4)}_"
+        prefix = f"{drill_name()}_"
         self.last_scratch = f"databases {prefix}<db>"
         token = DRILL_DB_PREFIX.set(prefix)
         made: set[str] = set()

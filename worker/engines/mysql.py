@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import replace
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -26,7 +27,7 @@ import pymysql
 
 from shared.config import TargetConfig
 from shared.errors import DumpFailed, EngineError, RestoreFailed
-from worker.engines import Dump, restore_errors, unreachable
+from worker.engines import Dump, drill_name, restore_errors, stale_drills, unreachable
 from worker.progress import Progress
 from worker.subproc import feed_stdin, spawn
 
@@ -115,6 +116,117 @@ async def client_guard_flags(tool: str) -> list[str]:
     return flags
 
 
+class InsertRows:
+    r"""Exact row counts of a mysqldump / mariadb-dump, taken from the stream as it is
+    dumped: the tuples of every `INSERT INTO `t` [(cols)] VALUES (…),(…);` statement of a
+    table's data section (after `-- Dumping data for table`, before `UNLOCK TABLES`).
+    Outside string literals a value holds no parenthesis (numbers, NULL, 0x… with
+    --hex-blob), so each `(` there opens one row; string literals are skipped with their
+    backslash escapes, across chunk edges, at C speed. Both layouts are read: MySQL's one
+    line per statement and MariaDB 10.11's one line per row (where rows are counted as line
+    starts, as a dumped string never holds a raw newline). Nothing of a row is kept."""
+
+    _DATA = b"-- Dumping data for table "
+    _HEADER = re.compile(rb"INSERT INTO (`(?:[^`]|``)*`) (?:\((?:[^`)]|`(?:[^`]|``)*`)*\) )?"
+                         rb"VALUES")
+    _STRING_BODY = re.compile(rb"[^'\\]*(?:\\.[^'\\]*)*", re.S)
+    _NAME = re.compile(rb"`(?:[^`]|``)*`")
+    _STRING = re.compile(rb"'[^'\\]*(?:\\.[^'\\]*)*'", re.S)
+    _VALUES_RUN = re.compile(rb"[^';]*(?:'[^'\\]*(?:\\.[^'\\]*)*'[^';]*)*", re.S)
+    _LINE_MAX = 65536  # a line start is kept across chunks up to this many bytes
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self._table: str | None = None  # inside this table's VALUES
+        self._in_string = False
+        self._row_per_line = False  # mariadb-dump 10.11+: "VALUES\n(…),\n(…);"
+        self._armed = False
+        self._tail = b"\n"
+
+    def feed(self, data: bytes) -> None:
+        buf = self._tail + data
+        self._tail = b""
+        pos, n = 0, len(buf)
+        while pos < n:
+            if self._in_string:
+                end = self._STRING_BODY.match(buf, pos).end()  # type: ignore[union-attr]
+                if end < n and buf[end] == 0x27:  # the closing quote
+                    self._in_string = False
+                    pos = end + 1
+                    continue
+                self._tail = buf[end:]  # "" or a lone backslash escaping the next byte
+                return
+            if self._table is not None and self._row_per_line:
+                # a raw newline never occurs inside a dumped string: each "\n(" is a row
+                # and the first ";\n" ends the statement (at C speed, no string parsing)
+                stop = buf.find(b";\n", pos)
+                self.counts[self._table] += buf.count(b"\n(", pos, n if stop < 0 else stop)
+                if stop < 0:
+                    self._tail = buf[-1:]  # a "\n(" or ";\n" may straddle the edge
+                    return
+                self._table = None
+                pos = stop + 1
+                continue
+            if self._table is not None:
+                # values up to the statement's `;`, or up to a string the chunk cuts
+                end = self._VALUES_RUN.match(buf, pos).end()  # type: ignore[union-attr]
+                run = buf[pos:end]
+                if b"'" in run:
+                    run = self._STRING.sub(b"", run)
+                self.counts[self._table] += run.count(b"(")
+                if end == n:
+                    return
+                if buf[end] == 0x27:
+                    self._in_string = True
+                else:
+                    self._table = None
+                pos = end + 1
+                continue
+            i = buf.find(b"\n", pos)
+            if i < 0:
+                return  # mid-line: the next line start is in a later chunk
+            if n - i <= len(self._DATA):
+                self._tail = buf[i:]  # too little to tell what the line is
+                return
+            # (a quoted name may hold a newline: headers are matched across lines, bounded)
+            bound = min(n, i + 1 + self._LINE_MAX)
+            if self._armed and buf.startswith(b"INSERT INTO ", i + 1):
+                h = self._HEADER.match(buf, i + 1, bound)
+                if h is None and bound == n and n - i < self._LINE_MAX:
+                    self._tail = buf[i:]  # the header continues in the next chunk
+                    return
+                if h and h.end() < n:
+                    self._table = _unquote(h.group(1).decode("utf-8", "replace"))
+                    self.counts.setdefault(self._table, 0)
+                    pos = h.end()
+                    self._row_per_line = buf[pos] == 0x0A
+                    continue
+                if h:
+                    self._tail = buf[i:]  # the layout is told by the next byte
+                    return
+            elif buf.startswith(self._DATA, i + 1):
+                h = self._NAME.match(buf, i + 1 + len(self._DATA), bound)
+                cut = h is None or h.end() == n or buf[h.end()] == 0x60  # "``" may go on
+                if cut and bound == n and n - i < self._LINE_MAX:
+                    self._tail = buf[i:]
+                    return
+                self._armed = True
+                if h:
+                    self.counts.setdefault(_unquote(h.group().decode("utf-8", "replace")), 0)
+            elif buf.startswith((b"-- ", b"UNLOCK TABLES", b"DELIMITER"), i + 1):
+                self._armed = False
+            pos = i + 1
+
+    def result(self) -> dict[str, Any]:
+        return {"exact_counts": self.counts, "exact_count_kind": "rows"}
+
+
+def _unquote(name: str) -> str:
+    if len(name) >= 2 and name[0] == name[-1] == "`":
+        return name[1:-1].replace("``", "`")
+    return name
+
+
 class MySQL:
     name: ClassVar[str] = "mysql"
     extension: ClassVar[str] = "sql"
@@ -123,6 +235,9 @@ class MySQL:
     @property
     def drill(self) -> MySQLDrill:
         return MySQLDrill()
+
+    def row_counter(self) -> InsertRows:
+        return InsertRows()
 
     @asynccontextmanager
     async def _connect(self, target: TargetConfig) -> AsyncIterator[aiomysql.Connection]:
@@ -288,14 +403,21 @@ class MySQL:
 class MySQLDrill:
     """Restore drills: a `safehold_drill_…` database on the same server (the target's user
     needs CREATE and DROP on it), exact rows per table counted there, dropped afterwards.
-    MySQL's dump-time counts are estimates, so the drill compares which tables exist."""
+    Compared with the rows counted in the dump stream (`InsertRows`)."""
+
+    async def sweep(self, target: TargetConfig, max_age: float) -> list[str]:
+        """Drop scratch databases a killed drill left behind (older than any drill runs)."""
+        async with MySQL()._connect(target) as conn:
+            names = [r[0] for r in await MySQL()._query(
+                conn, "SHOW DATABASES LIKE 'safehold\\_drill\\_%'")]
+            stale = stale_drills(names, max_age)
+            for name in stale:
+                await MySQL()._query(conn, f"DROP DATABASE IF EXISTS {_quote(name)}")
+        return stale
 
     @asynccontextmanager
     async def scratch(self, target: TargetConfig) -> AsyncIterator[TargetConfig]:
-        import secrets as _secrets
-        from dataclasses import replace
-
-        name = f"safehold_drill_{_secrets.token_hex(6)}"
+        name = drill_name()
         self.last_scratch = f"database {name}"
         async with MySQL()._connect(target) as conn:
             try:

@@ -14,6 +14,7 @@ import re
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -29,7 +30,7 @@ from shared.errors import (
     ToolTooOld,
 )
 from shared.pgscript import PgScriptGuard, UnsafeScript
-from worker.engines import Dump, unreachable
+from worker.engines import Dump, drill_name, stale_drills, unreachable
 from worker.progress import Progress
 from worker.subproc import Child, feed_stdin, spawn
 
@@ -569,12 +570,21 @@ class PostgreSQLDrill:
     """Restore drills: a scratch database on the target's server (the target's role needs
     CREATEDB), exact row counts of every table, user checks, dropped afterwards."""
 
+    async def sweep(self, target: TargetConfig, max_age: float) -> list[str]:
+        """Drop scratch databases a killed drill left behind (older than any drill runs)."""
+        async with PostgreSQL()._connect(target) as conn:
+            names = [r[0] for r in await conn.fetch(
+                "SELECT datname FROM pg_database WHERE datname LIKE 'safehold\\_drill\\_%'")]
+        stale = stale_drills(names, max_age)
+        for name in stale:
+            u = urlsplit(target.url)
+            await _drop_scratch(target, replace(target, url=u._replace(path=f"/{name}")
+                                                .geturl()), name)
+        return stale
+
     @asynccontextmanager
     async def scratch(self, target: TargetConfig) -> AsyncIterator[TargetConfig]:
-        import secrets as _secrets
-        from dataclasses import replace
-
-        name = f"safehold_drill_{_secrets.token_hex(6)}"
+        name = drill_name()
         self.last_scratch = f"database {name}"
         async with PostgreSQL()._connect(target) as conn:
             try:
