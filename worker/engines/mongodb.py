@@ -434,7 +434,10 @@ class MongoDBDrill:
     async def sweep(self, target: TargetConfig, max_age: float) -> list[str]:
         """Drop scratch databases a killed drill left behind (older than any drill runs)."""
         async with MongoDB()._session(target) as client:
-            stale = stale_drills(await client.list_database_names(), max_age)
+            listed = await client.admin.command(
+                "listDatabases", nameOnly=True,
+                filter={"name": {"$regex": "^safehold_drill_"}})
+            stale = stale_drills([d["name"] for d in listed["databases"]], max_age)
             for db in stale:
                 await client.drop_database(db)
         return stale
