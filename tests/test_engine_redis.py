@@ -404,7 +404,11 @@ async def test_restore_drill_into_a_throwaway_server(api: Any, worker: Any, redi
     database with the dump's; the live server is untouched."""
     await load(redis_port)
     before = await fingerprint(redis_port)
+    r = Redis(port=redis_port, password=PW)
+    await r.set("session:short", b"x", px=400)  # expires between the dump and the drill
+    await r.aclose()
     await backup(api)
+    await asyncio.sleep(0.6)
     job = await (await api.post("/api/v1/targets/main/verify?wait=120", json={})).json()
     assert job["status"] == "succeeded", job.get("error")
     result = job["result"]

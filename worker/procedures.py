@@ -313,8 +313,12 @@ class Procedures:
                     store.open(target.id, name.filename), codecs.chain_of(manifest),
                     limit=self._limit(manifest), expect_sha256=str(manifest.get("sha256")),
                     identities=ids)
+                loaded = chunks
+                if restore_filter := getattr(drill, "restore_filter", None):
+                    loaded = restore_filter(chunks)
+                    record["not_restored"] = drill.skipped
                 try:
-                    await engine.restore(scratch, chunks, progress, clean=True,
+                    await engine.restore(scratch, loaded, progress, clean=True,
                                          manifest=manifest)
                 finally:
                     await chunks.aclose()  # type: ignore[attr-defined]
@@ -353,9 +357,11 @@ class Procedures:
             "verified_at": now_iso(), "verification": {
                 k: v for k, v in record.items() if k not in ("backup",)}})
         if not passed:
+            unit = {"keys": "keys", "documents": "documents"}.get(
+                str(manifest.get("exact_count_kind") or manifest.get("count_kind")), "rows")
             err = EngineError(
                 f"the restore drill of {name.filename} FAILED: " + "; ".join(
-                    [f"{t}: {m['restored']} rows restored, {m['expected']} dumped"
+                    [f"{t}: {m['restored']} {unit} restored, {m['expected']} dumped"
                      for t, m in list(mismatches.items())[:5]]
                     + [f"check failed: {c['sql']}" for c in checks if not c["ok"]]),
                 code="drill_failed")

@@ -315,7 +315,11 @@ class RedisDrill:
             # 0700 temp dir, never argv), loopback only, and dies with the worker
             password = _secrets.token_hex(24)
             conf = Path(tmp) / "redis.conf"
-            conf.write_text(f"requirepass {password}\n")
+            # a replica of nothing: a replica neither refuses a RESTORE whose absolute TTL
+            # has passed nor expires keys, so keys that expired since the dump still count
+            # (the comparison stays exact for caches and sessions) and none vanish mid-count
+            conf.write_text(f"requirepass {password}\nreplicaof 127.0.0.1 1\n"
+                            "replica-read-only no\n")
             conf.chmod(0o600)
             proc = await asyncio.create_subprocess_exec(
                 server, str(conf), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
