@@ -406,7 +406,11 @@ class _Restorer:
 
     async def finish(self) -> None:
         self.progress.set_phase("indexing")
+        drill = DRILL_DB_PREFIX.get() is not None
         for db, coll, indexes in self.pending_indexes:
+            if drill:  # a TTL index would delete documents from the copy while it is counted
+                indexes = [{k: v for k, v in ix.items() if k != "expireAfterSeconds"}
+                           for ix in indexes]
             await self.client[db].command("createIndexes", coll, indexes=indexes)
         for db, coll, options in self.views:
             if self.clean:
