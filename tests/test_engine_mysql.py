@@ -17,7 +17,6 @@ import pytest
 from shared.config import Settings, parse_settings
 from tests import my
 from tests.conftest import make_raw_config
-from worker.engines.mysql import MySQLDrill
 from tests.helpers import (
     flip_byte,
     form,
@@ -30,6 +29,7 @@ from tests.helpers import (
     wait_for_terminal,
     worker_process,
 )
+from worker.engines.mysql import MySQLDrill
 
 PW_ENV = "SAFEHOLD_TEST_MY_PASSWORD"
 
