@@ -20,6 +20,7 @@ from api.context import (
     STREAMS,
     services_ctx,
 )
+from api.handlers import CALLER
 from api.metrics import CATALOG_CACHE
 from api.roles import Role
 from api.routes import ROUTES, add_routes, route_of
@@ -75,7 +76,8 @@ MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 async def audit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Audit every mutating request, refused ones included, after it has been answered."""
     resp = await handler(request)
-    if request.method in MUTATING:
+    done = request.get(CALLER)
+    if request.method in MUTATING and not (done is not None and done.audited):
         principal = request.get(PRINCIPAL)
         route = route_of(request)
         info = request.get(AUDIT_INFO) or {}

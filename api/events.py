@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp_sse import sse_response
 
 from api.context import PRINCIPAL, SERVICES, STREAMS
-from api.handlers import for_reader, job_for
+from api.handlers import caller, for_reader, ops
 from api.roles import Role
 from shared.jobs import TERMINAL
 
@@ -24,7 +24,8 @@ BLOCK_MS = 5000
 
 async def job_events(request: web.Request) -> web.StreamResponse:
     s = request.app[SERVICES]
-    job = await job_for(request, Role.VIEWER)  # 404/403 as JSON before the stream starts
+    # 404/403 as JSON before the stream starts
+    job = await ops(request).job(caller(request), request.match_info["job_id"])
     job_id = job.id
     ping = s.settings.server.sse_ping_interval
     async with sse_response(request, ping_interval=ping) as resp:

@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from api.auth import Principal, require
-from api.context import AUDIT_INFO, PRINCIPAL, SERVICES, Services
+from api.context import PRINCIPAL, REQUEST_ID, SERVICES, Services
 from api.files import send_stream
+from api.operations import MAX_WAIT, Caller, Operations
 from api.roles import Role
-from shared import codecs, naming, stats
-from shared.config import TargetConfig
-from shared.errors import BadRequest, Conflict, NotFound, SafeholdError, Unavailable
-from shared.jobs import TERMINAL, Job
-from shared.naming import ENGINE_FORMATS
-from shared.queue import enqueue
+from shared import codecs, naming
+from shared.errors import BadRequest, NotFound, SafeholdError, Unavailable
+from shared.jobs import Job
 
-MAX_WAIT = 3600.0
+CALLER = web.RequestKey("caller", Caller)
 STATS_WAIT = 60.0
 
 
@@ -57,13 +53,6 @@ def principal(request: web.Request) -> dict[str, Any]:
 
 def principal_of(request: web.Request) -> Principal:
     return request[PRINCIPAL]
-
-
-async def job_for(request: web.Request, role: Role) -> Job:
-    """The job named in the path, if the token holds `role` on its target."""
-    job = await svc(request).store.get(request.match_info["job_id"])
-    require(principal_of(request), role, job.target)
-    return job
 
 
 async def read_json(request: web.Request, allowed: dict[str, type | tuple[type, ...]]
@@ -116,69 +105,40 @@ def query_bool(request: web.Request, name: str, default: bool) -> bool:
     raise BadRequest(f"query parameter '{name}' must be true or false", code="invalid_query")
 
 
-async def wait_for_job(s: Services, job_id: str, timeout: float) -> Job:
-    """Follow the job's event stream until a terminal event or `timeout`; return the job."""
-    deadline = time.monotonic() + timeout
-    last = "0-0"
-    while (left := deadline - time.monotonic()) > 0:
-        events = await s.blocking_store.events(job_id, after=last,
-                                               block_ms=max(1, int(min(left, 5.0) * 1000)))
-        for ev in events:
-            last = ev.id
-            if ev.type in TERMINAL:
-                return await s.store.get(job_id)
-        job = await s.store.get(job_id)
-        if job.terminal:
-            return job
-    return await s.store.get(job_id)
+def caller(request: web.Request, surface: str = "rest") -> Caller:
+    """This request as an operations caller (one per request: it carries the audit mark
+    and the warnings the answer shows)."""
+    c = request.get(CALLER)
+    if c is None:
+        c = Caller(request[PRINCIPAL], surface, request.get(REQUEST_ID), request.remote,
+                   request.method, request.path)
+        request[CALLER] = c
+    return c
 
 
-async def submit(request: web.Request, kind: str, target: str, params: dict[str, Any],
-                 *, ttl_wait: float | None = None,
-                 before_enqueue: Callable[[Job], Awaitable[None]] | None = None
-                 ) -> tuple[Job, bool]:
-    s = svc(request)
-    if kind != "stats" and not await live_workers(s):
-        if ttl_wait is not None:  # the seed surface waits for the outcome: say so soon
-            for _ in range(25):  # a worker starting right now announces itself within 5 s
-                await asyncio.sleep(0.2)
-                if await live_workers(s):
-                    break
-            else:
-                raise Unavailable(f"no live worker: the {kind} was not started (start one "
-                                  "with `safehold worker`)", code="no_worker")
-        else:
-            request[NO_WORKER] = True  # queued anyway; the answer says why nothing happens
-    job, created = await s.store.create(
-        kind, target, params, principal(request),
-        idempotency_key=request.headers.get("Idempotency-Key") or None)
-    request[AUDIT_INFO] = {"job": job.id, "target": target, "backup": params.get("backup")}
-    if created:
-        if before_enqueue is not None:
-            await before_enqueue(job)
-        await enqueue(s.redis, s.keys, job)
-    wait = query_float(request, "wait", 0, MAX_WAIT) if ttl_wait is None else ttl_wait
-    if wait:
-        job = await wait_for_job(s, job.id, wait)
-    return job, created
+def ops(request: web.Request) -> Operations:
+    return Operations(svc(request))
 
 
-NO_WORKER = web.RequestKey("no_worker", bool)
-NO_WORKER_WARNING = ("no live worker: the job waits in the queue until one runs (start one "
-                     "with `safehold worker`)")
+def idempotency_key(request: web.Request) -> str | None:
+    return request.headers.get("Idempotency-Key") or None
+
+
+def wait_param(request: web.Request) -> float | None:
+    return query_float(request, "wait", 0, MAX_WAIT)
 
 
 def job_response(job: Job, request: web.Request | None = None) -> web.Response:
     view = job_view(job)
-    if request is not None and request.get(NO_WORKER) and not job.terminal:
-        view["warnings"] = [NO_WORKER_WARNING]
+    c = request.get(CALLER) if request is not None else None
+    if c is not None and c.warnings and not job.terminal:
+        view["warnings"] = list(c.warnings)
     return web.json_response(view, status=200 if job.terminal else 202,
                              headers={"Location": f"/api/v1/jobs/{job.id}"})
 
 
 async def live_workers(s: Services) -> int:
-    """Workers that announced themselves in the last 30 s."""
-    return int(await s.redis.zcount(s.keys.workers, time.time() - 30, "+inf"))
+    return await Operations(s).live_workers()
 
 
 # ---------------------------------------------------------------------- health
@@ -222,7 +182,7 @@ async def stats_of(request: web.Request, target: str) -> web.Response:
     if not await live_workers(s):
         raise Unavailable("no worker is running to query the database; start one with "
                           "`safehold worker`", code="no_worker")
-    job, _ = await submit(request, "stats", target, {}, ttl_wait=STATS_WAIT)
+    job = await ops(request).submit(caller(request), "stats", target, {}, {}, wait=STATS_WAIT)
     if job.status == "succeeded":
         return web.json_response(job.result)
     if job.status == "failed" and job.error:
@@ -236,51 +196,22 @@ async def target_stats(request: web.Request) -> web.Response:
 
 
 # ---------------------------------------------------------------------- backups
-def backup_view(m: dict[str, Any]) -> dict[str, Any]:
-    size = int(m.get("size_bytes") or 0)
-    return {**m, "size_mb": round(size / (1024 * 1024), 2),
-            "compressed": any(c.get("codec") in ("gzip", "zstd")
-                              for c in codecs.chain_of(m)),
-            "encrypted": any(c.get("codec") == "age" for c in codecs.chain_of(m)),
-            "safety": m.get("kind") == "safety_backup"}
-
-
 async def create_backup(request: web.Request) -> web.Response:
-    s = svc(request)
-    target = s.settings.target(request.match_info["target"])
     body = await read_json(request, {"compress": bool, "note": str, "format": str,
                                      "use_apoc": bool})
-    if len(body.get("note", "")) > 500:
-        raise BadRequest("note is longer than 500 characters", code="invalid_body")
-    params = {"compress": body.get("compress", target.compress), "note": body.get("note", "")}
-    if "format" in body:
-        formats = ENGINE_FORMATS.get(target.engine, ())
-        if body["format"] not in formats:
-            raise BadRequest(f"format {body['format']!r} is not offered for {target.engine} "
-                             f"(one of: {', '.join(formats) or 'none'})", code="invalid_body")
-        params["format"] = body["format"]
-    if body.get("use_apoc"):
-        if target.engine != "neo4j":
-            raise BadRequest("use_apoc applies to neo4j targets only", code="invalid_body")
-        params["use_apoc"] = True
-    job, _ = await submit(request, "backup", target.id, params)
+    job = await ops(request).start_backup(
+        caller(request), request.match_info["target"], compress=body.get("compress"),
+        note=body.get("note", ""), fmt=body.get("format"),
+        use_apoc=bool(body.get("use_apoc")), idempotency_key=idempotency_key(request),
+        wait=wait_param(request))
     return job_response(job, request)
 
 
 async def list_backups(request: web.Request) -> web.Response:
-    s = svc(request)
-    target = s.settings.target(request.match_info["target"]).id
-    manifests = await s.catalog.list_backups(target)
-    return web.json_response({"target": target, "total_count": len(manifests),
-                              "backups": [backup_view(m) for m in manifests]})
-
-
-async def manifest_of(request: web.Request, target: str, file: str
-                      ) -> tuple[naming.BackupName, dict[str, Any]]:
-    """A client-named backup: parsed by the grammar (400), then looked up (404)."""
-    name = naming.parse(file)
-    manifest = await svc(request).catalog.manifest(target, name)
-    return name, manifest
+    target = svc(request).settings.target(request.match_info["target"]).id
+    backups = await ops(request).backups(caller(request), target)
+    return web.json_response({"target": target, "total_count": len(backups),
+                              "backups": backups})
 
 
 async def download(request: web.Request, target: str, file: str) -> web.StreamResponse:
@@ -303,27 +234,9 @@ async def download(request: web.Request, target: str, file: str) -> web.StreamRe
         extra_headers={"X-Safehold-Destination": store.name})
 
 
-async def delete_file(request: web.Request, target: str, file: str) -> str:
-    """Delete a backup unless a restore of it is queued or running (409)."""
-    s = svc(request)
-    name, manifest = await manifest_of(request, target, file)
-    for job in await s.store.active_for_target(target):
-        if job.kind == "restore" and job.params.get("backup") == name.filename:
-            raise Conflict(f"backup {name.filename} is being restored by job {job.id}",
-                           code="backup_in_use")
-        made_for = manifest.get("parent") == job.id or name.filename == job.safety_backup
-        if job.kind == "restore" and made_for:
-            raise Conflict(f"{name.filename} is the safety backup of restore job {job.id}, "
-                           "which is still running", code="backup_in_use")
-    await s.catalog.delete(target, name)
-    await stats.catalog_changed(s.redis, s.keys)
-    return name.filename
-
-
 async def get_backup(request: web.Request) -> web.Response:
-    target = svc(request).settings.target(request.match_info["target"]).id
-    _, manifest = await manifest_of(request, target, request.match_info["file"])
-    return web.json_response(backup_view(manifest))
+    return web.json_response(await ops(request).backup(
+        caller(request), request.match_info["target"], request.match_info["file"]))
 
 
 async def download_backup(request: web.Request) -> web.StreamResponse:
@@ -333,65 +246,21 @@ async def download_backup(request: web.Request) -> web.StreamResponse:
 
 async def delete_backup(request: web.Request) -> web.Response:
     target = svc(request).settings.target(request.match_info["target"]).id
-    deleted = await delete_file(request, target, request.match_info["file"])
+    deleted = await ops(request).delete_backup(caller(request), target,
+                                               request.match_info["file"])
     return web.json_response({"deleted": deleted, "target": target})
 
 
 # ---------------------------------------------------------------------- restores
-async def submit_restore(request: web.Request, target: TargetConfig, file: str,
-                         safety: bool, *, wait: float | None = None,
-                         identity: str | None = None) -> Job:
-    name, manifest = await manifest_of(request, target.id, file)
-    if manifest.get("engine") != target.engine:
-        raise BadRequest(f"{name.filename} is a {manifest.get('engine')} backup; target "
-                         f"'{target.id}' is {target.engine}", code="engine_mismatch")
-    params: dict[str, Any] = {"backup": name.filename, "create_safety_backup": safety}
-    seal = None
-    if identity is not None:
-        sealed = await seal_identity(svc(request), identity)
-        params["identity_supplied"] = True
-
-        async def seal(job: Job) -> None:
-            s = svc(request)
-            await s.redis.set(s.keys.sealed_identity(job.id), sealed,
-                              ex=int(s.settings.worker.job_ttl))
-
-    job, _ = await submit(request, "restore", target.id, params, ttl_wait=wait,
-                          before_enqueue=seal)
-    return job
-
-
-async def seal_identity(s: Services, identity: str) -> bytes:
-    """An age identity sent with a restore is never stored or logged as such: it is
-    encrypted to the ephemeral keys of the live workers (each holds its private half in
-    memory only), so only a worker process alive now can open it."""
-    if len(identity) > 64 * 1024:
-        raise BadRequest("identity is too long", code="invalid_identity")
-    codecs.load_identities(identity)  # 400 when it is not an identity
-    since = time.time() - 30
-    workers = [w.decode() for w in await s.redis.zrangebyscore(s.keys.workers, since, "+inf")]
-    keys = []
-    if workers:
-        found = await s.redis.hmget(s.keys.worker_keys, workers)  # type: ignore[misc]
-        keys = [k for k in found if k]
-    if not keys:
-        raise Unavailable("no live worker to hand the identity to: start one with "
-                          "`safehold worker`", code="no_worker")
-    import pyrage
-
-    recipients = [pyrage.x25519.Recipient.from_str(k.decode()) for k in keys]
-    return bytes(await asyncio.to_thread(pyrage.encrypt, identity.encode(), recipients))
-
-
 async def create_restore(request: web.Request) -> web.Response:
-    target = svc(request).settings.target(request.match_info["target"])
     body = await read_json(request, {"backup": str, "create_safety_backup": bool,
                                      "identity": str})
     if "backup" not in body:
         raise BadRequest("field 'backup' (a backup file name) is required", code="invalid_body")
-    job = await submit_restore(request, target, body["backup"],
-                               body.get("create_safety_backup", True),
-                               identity=body.get("identity"))
+    job = await ops(request).start_restore(
+        caller(request), request.match_info["target"], body["backup"],
+        safety=body.get("create_safety_backup", True), identity=body.get("identity"),
+        idempotency_key=idempotency_key(request), wait=wait_param(request))
     return job_response(job, request)
 
 
@@ -415,17 +284,12 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 
 async def get_job(request: web.Request) -> web.Response:
-    return web.json_response(job_view(await job_for(request, Role.VIEWER), principal_of(request)))
+    job = await ops(request).job(caller(request), request.match_info["job_id"])
+    return web.json_response(job_view(job, principal_of(request)))
 
 
 async def cancel_job(request: web.Request) -> web.Response:
-    s = svc(request)
-    job = await job_for(request, Role.OPERATOR)
-    if not job.terminal and not job.cancellable:
-        raise Conflict("this restore is changing the database and cannot be cancelled safely "
-                       f"now ({job.restore_state}); it either completes or rolls back by "
-                       "itself", code="restore_running")
-    job = await s.store.request_cancel(job.id)
+    job = await ops(request).cancel(caller(request), request.match_info["job_id"])
     return web.json_response(job_view(job), status=200 if job.terminal else 202)
 
 
@@ -445,27 +309,19 @@ async def audit(request: web.Request) -> web.Response:
 
 async def prune(request: web.Request) -> web.Response:
     """Apply the target's retention policy now (a prune job); `dry_run=true` plans only."""
-    s = svc(request)
-    target = s.settings.target(request.match_info["target"])
-    dry_run = query_bool(request, "dry_run", False)
-    if not s.settings.retains(target) and not dry_run:
-        raise BadRequest(f"target '{target.id}' has no retention policy: nothing would be "
-                         "deleted (set [targets.<id>.retention])", code="no_retention")
-    job, _ = await submit(request, "prune", target.id, {"dry_run": dry_run,
-                                                        "reason": "requested"})
+    job = await ops(request).start_prune(
+        caller(request), request.match_info["target"],
+        dry_run=query_bool(request, "dry_run", False),
+        idempotency_key=idempotency_key(request), wait=wait_param(request))
     return job_response(job, request)
 
 
 async def verify(request: web.Request) -> web.Response:
     """A restore drill of the newest (or the given) backup into a scratch place."""
-    s = svc(request)
-    target = s.settings.target(request.match_info["target"])
     body = await read_json(request, {"backup": str})
-    params: dict[str, Any] = {}
-    if "backup" in body:
-        name, _ = await manifest_of(request, target.id, body["backup"])
-        params["backup"] = name.filename
-    job, _ = await submit(request, "verify", target.id, params)
+    job = await ops(request).start_verify(
+        caller(request), request.match_info["target"], body.get("backup"),
+        idempotency_key=idempotency_key(request), wait=wait_param(request))
     return job_response(job, request)
 
 

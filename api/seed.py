@@ -13,17 +13,8 @@ from typing import Any
 
 from aiohttp import web
 
-from api.handlers import (
-    backup_view,
-    delete_file,
-    download,
-    job_view,
-    query_bool,
-    stats_of,
-    submit,
-    submit_restore,
-    svc,
-)
+from api.handlers import caller, download, job_view, ops, query_bool, stats_of, svc
+from api.operations import backup_view
 from api.uploads import store_upload
 from shared.config import TargetConfig
 from shared.errors import BadRequest
@@ -63,14 +54,13 @@ def _not_done(job: Job) -> web.Response | None:
 
 async def create(request: web.Request) -> web.Response:
     target = seed_target(request)
-    compress = query_bool(request, "compress", True)
-    params: dict[str, Any] = {"compress": compress, "note": ""}
-    if query_bool(request, "use_apoc", False):
-        if target.engine != "neo4j":
-            raise BadRequest("use_apoc applies to neo4j targets only", code="invalid_query")
-        params["use_apoc"] = True
-    wait = svc(request).settings.server.wait_timeout
-    job, _ = await submit(request, "backup", target.id, params, ttl_wait=wait)
+    use_apoc = query_bool(request, "use_apoc", False)
+    if use_apoc and target.engine != "neo4j":
+        raise BadRequest("use_apoc applies to neo4j targets only", code="invalid_query")
+    job = await ops(request).start_backup(
+        caller(request, "seed"), target.id, compress=query_bool(request, "compress", True),
+        use_apoc=use_apoc, idempotency_key=request.headers.get("Idempotency-Key") or None,
+        wait=svc(request).settings.server.wait_timeout, fail_fast=True)
     if (other := _not_done(job)) is not None:
         return other
     result: dict[str, Any] = job.result or {}
@@ -96,8 +86,9 @@ def _restored(job: Job, message: str) -> web.Response:
 async def restore(request: web.Request) -> web.Response:
     target = seed_target(request)
     safety = query_bool(request, "create_safety_backup", True)
-    job = await submit_restore(request, target, request.match_info["filename"], safety,
-                               wait=svc(request).settings.server.wait_timeout)
+    job = await ops(request).start_restore(
+        caller(request, "seed"), target.id, request.match_info["filename"], safety=safety,
+        wait=svc(request).settings.server.wait_timeout, fail_fast=True)
     if (other := _not_done(job)) is not None:
         return other
     return _restored(job, f"Database restored successfully from: {job.params['backup']}")
@@ -107,8 +98,9 @@ async def restore_upload(request: web.Request) -> web.Response:
     target = seed_target(request)
     safety = query_bool(request, "create_safety_backup", True)
     manifest = await store_upload(request, target)
-    job = await submit_restore(request, target, manifest["filename"], safety,
-                               wait=svc(request).settings.server.wait_timeout)
+    job = await ops(request).start_restore(
+        caller(request, "seed"), target.id, manifest["filename"], safety=safety,
+        wait=svc(request).settings.server.wait_timeout, fail_fast=True)
     if (other := _not_done(job)) is not None:
         return other
     shown = manifest.get("original_filename") or manifest["filename"]
@@ -143,8 +135,8 @@ async def list_backups(request: web.Request) -> web.Response:
 
 
 async def delete(request: web.Request) -> web.Response:
-    deleted = await delete_file(request, seed_target(request).id,
-                                request.match_info["filename"])
+    deleted = await ops(request).delete_backup(caller(request, "seed"), seed_target(request).id,
+                                               request.match_info["filename"])
     return web.json_response({"success": True,
                               "message": f"Backup deleted successfully: {deleted}"})
 

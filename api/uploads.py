@@ -16,7 +16,8 @@ import aiofiles
 from aiohttp import web
 
 from api.files import UploadSink, receive_upload
-from api.handlers import job_view, principal, query_bool, submit, svc
+from api.handlers import caller, job_view, ops, principal, query_bool, query_float, svc
+from api.operations import MAX_WAIT
 from shared import codecs, formats, naming, stats
 from shared.codecs import plain_limit
 from shared.config import TargetConfig
@@ -175,11 +176,15 @@ async def upload_backup(request: web.Request) -> web.Response:
     target = s.settings.target(request.match_info["target"])
     restore = query_bool(request, "restore", False)
     safety = query_bool(request, "create_safety_backup", True)
-    manifest = await store_upload(request, target)
+    who = caller(request)
+    async with ops(request).audited(who, "upload_backup", target.id, {}) as info:
+        manifest = await store_upload(request, target)
+        info["backup"] = manifest["filename"]
     if not restore:
         return web.json_response(manifest, status=201)
-    job, _ = await submit(request, "restore", target.id,
-                          {"backup": manifest["filename"], "create_safety_backup": safety})
+    job = await ops(request).start_restore(
+        who, target.id, manifest["filename"], safety=safety,
+        wait=query_float(request, "wait", 0, MAX_WAIT))
     return web.json_response({"upload": manifest, "job": job_view(job)},
                              status=200 if job.terminal else 202,
                              headers={"Location": f"/api/v1/jobs/{job.id}"})

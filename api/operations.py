@@ -1,0 +1,306 @@
+"""The operations every surface calls: REST v1, the seed `/backup/*` surface, MCP.
+
+Each operation checks the caller's role on the target itself and writes the audit entry
+itself (with the surface it came through: `client: rest | seed | mcp`), so no surface can
+skip either. Surfaces only translate: HTTP query/body or MCP tool arguments in, JSON out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from api.auth import Principal, require
+from api.context import Services
+from api.roles import Role
+from shared import codecs, naming, stats
+from shared.config import TargetConfig
+from shared.errors import BadRequest, Conflict, SafeholdError, Unavailable
+from shared.jobs import TERMINAL, Job
+from shared.naming import ENGINE_FORMATS
+
+MAX_WAIT = 3600.0
+NO_WORKER_WARNING = ("no live worker: the job waits in the queue until one runs (start one "
+                     "with `safehold worker`)")
+
+
+@dataclass
+class Caller:
+    """Who calls, through which surface, and where from (for the audit entry)."""
+
+    principal: Principal
+    surface: str = "rest"  # rest | seed | mcp
+    request_id: str | None = None
+    remote: str | None = None
+    method: str | None = None
+    path: str | None = None
+    audited: bool = False  # an operation wrote this call's audit entry
+    warnings: list[str] = field(default_factory=list)
+
+    def requested_by(self) -> dict[str, Any]:
+        return {**self.principal.to_dict(), "via": self.surface}
+
+
+def backup_view(m: dict[str, Any]) -> dict[str, Any]:
+    size = int(m.get("size_bytes") or 0)
+    return {**m, "size_mib": round(size / (1024 * 1024), 2),
+            "size_mb": round(size / (1024 * 1024), 2),  # seed name; the unit is MiB
+            "compressed": any(c.get("codec") in ("gzip", "zstd")
+                              for c in codecs.chain_of(m)),
+            "encrypted": any(c.get("codec") == "age" for c in codecs.chain_of(m)),
+            "safety": m.get("kind") == "safety_backup"}
+
+
+class Operations:
+    def __init__(self, services: Services) -> None:
+        self.s = services
+
+    # ------------------------------------------------------------------ plumbing
+    @contextlib.asynccontextmanager
+    async def audited(self, caller: Caller, action: str, target: str | None,
+                       info: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Record the outcome of a mutating operation (refusals included) once."""
+        status, result = 200, "ok"
+        try:
+            yield info
+        except SafeholdError as exc:
+            status = exc.status
+            result = ("denied" if status in (401, 403) else "rejected" if status < 500
+                      else "error")
+            raise
+        except BaseException:
+            status, result = 500, "error"
+            raise
+        finally:
+            caller.audited = True
+            p = caller.principal
+            try:
+                await self.s.audit.record(
+                    action=action, result=result, status=status, subject=p.subject,
+                    client=caller.surface if caller.surface != "rest" else p.client,
+                    target=info.get("target", target), backup=info.get("backup"),
+                    job=info.get("job"), request_id=caller.request_id,
+                    remote=caller.remote, method=caller.method, path=caller.path)
+            except Exception:  # an audit outage is logged by the caller's error path
+                import logging
+
+                logging.getLogger("safehold.api").exception(
+                    "could not write the audit entry for %s", action)
+
+    def target(self, caller: Caller, target_id: str, role: Role) -> TargetConfig:
+        """The configured target (404 listing the known ones), if `caller` holds `role`."""
+        target = self.s.settings.target(target_id)
+        require(caller.principal, role, target.id)
+        return target
+
+    async def live_workers(self) -> int:
+        """Workers that announced themselves in the last 30 s."""
+        return int(await self.s.redis.zcount(self.s.keys.workers, time.time() - 30, "+inf"))
+
+    async def wait(self, job_id: str, timeout: float,
+                   on_event: Callable[[Any], Awaitable[None]] | None = None) -> Job:
+        """Follow the job's event stream until a terminal event or `timeout`."""
+        deadline = time.monotonic() + timeout
+        last = "0-0"
+        while (left := deadline - time.monotonic()) > 0:
+            events = await self.s.blocking_store.events(
+                job_id, after=last, block_ms=max(1, int(min(left, 5.0) * 1000)))
+            for ev in events:
+                last = ev.id
+                if on_event is not None:
+                    await on_event(ev)
+                if ev.type in TERMINAL:
+                    return await self.s.store.get(job_id)
+            job = await self.s.store.get(job_id)
+            if job.terminal:
+                return job
+        return await self.s.store.get(job_id)
+
+    async def submit(self, caller: Caller, kind: str, target: str, params: dict[str, Any],
+                     info: dict[str, Any], *, idempotency_key: str | None = None,
+                     wait: float | None = None, fail_fast: bool = False,
+                     before_enqueue: Callable[[Job], Awaitable[None]] | None = None) -> Job:
+        """Create (or find, by idempotency key) a job and enqueue it; with no live worker
+        it is queued anyway with a warning, or refused (503) when the caller must wait."""
+        from shared.queue import enqueue
+
+        if kind != "stats" and not await self.live_workers():
+            if fail_fast:  # a worker starting right now announces itself within 5 s
+                for _ in range(25):
+                    await asyncio.sleep(0.2)
+                    if await self.live_workers():
+                        break
+                else:
+                    raise Unavailable(f"no live worker: the {kind} was not started (start "
+                                      "one with `safehold worker`)", code="no_worker")
+            else:
+                caller.warnings.append(NO_WORKER_WARNING)
+        job, created = await self.s.store.create(kind, target, params, caller.requested_by(),
+                                                 idempotency_key=idempotency_key)
+        info.update(job=job.id, target=target)
+        if created:
+            if before_enqueue is not None:
+                await before_enqueue(job)
+            await enqueue(self.s.redis, self.s.keys, job)
+        if wait:
+            job = await self.wait(job.id, min(wait, MAX_WAIT))
+        return job
+
+    # ------------------------------------------------------------------ reads
+    def targets(self, caller: Caller) -> list[dict[str, Any]]:
+        visible = caller.principal.targets_visible(list(self.s.settings.targets))
+        return [self.s.settings.targets[t].public() for t in visible]
+
+    async def backups(self, caller: Caller, target_id: str) -> list[dict[str, Any]]:
+        target = self.target(caller, target_id, Role.VIEWER)
+        return [backup_view(m) for m in await self.s.catalog.list_backups(target.id)]
+
+    async def manifest(self, target: str, file: str) -> tuple[naming.BackupName,
+                                                                dict[str, Any]]:
+        """A client-named backup: parsed by the grammar (400), then looked up (404)."""
+        name = naming.parse(file)
+        return name, await self.s.catalog.manifest(target, name)
+
+    async def backup(self, caller: Caller, target_id: str, file: str) -> dict[str, Any]:
+        target = self.target(caller, target_id, Role.VIEWER)
+        return backup_view((await self.manifest(target.id, file))[1])
+
+    async def job(self, caller: Caller, job_id: str, role: Role = Role.VIEWER) -> Job:
+        job = await self.s.store.get(job_id)
+        require(caller.principal, role, job.target)
+        return job
+
+    # ------------------------------------------------------------------ jobs
+    async def start_backup(self, caller: Caller, target_id: str, *, compress: bool | None = None,
+                           note: str = "", fmt: str | None = None, use_apoc: bool = False,
+                           idempotency_key: str | None = None, wait: float | None = None,
+                           fail_fast: bool = False) -> Job:
+        async with self.audited(caller, "create_backup", target_id, {}) as info:
+            target = self.target(caller, target_id, Role.OPERATOR)
+            if len(note) > 500:
+                raise BadRequest("note is longer than 500 characters", code="invalid_body")
+            params: dict[str, Any] = {
+                "compress": target.compress if compress is None else compress, "note": note}
+            if fmt is not None:
+                formats = ENGINE_FORMATS.get(target.engine, ())
+                if fmt not in formats:
+                    raise BadRequest(f"format {fmt!r} is not offered for {target.engine} "
+                                     f"(one of: {', '.join(formats) or 'none'})",
+                                     code="invalid_body")
+                params["format"] = fmt
+            if use_apoc:
+                if target.engine != "neo4j":
+                    raise BadRequest("use_apoc applies to neo4j targets only",
+                                     code="invalid_body")
+                params["use_apoc"] = True
+            return await self.submit(caller, "backup", target.id, params, info,
+                                     idempotency_key=idempotency_key, wait=wait,
+                                     fail_fast=fail_fast)
+
+    async def start_restore(self, caller: Caller, target_id: str, file: str, *,
+                            safety: bool = True, identity: str | None = None,
+                            idempotency_key: str | None = None, wait: float | None = None,
+                            fail_fast: bool = False) -> Job:
+        async with self.audited(caller, "create_restore", target_id,
+                                 {"backup": file}) as info:
+            target = self.target(caller, target_id, Role.OPERATOR)
+            name, manifest = await self.manifest(target.id, file)
+            info["backup"] = name.filename
+            if manifest.get("engine") != target.engine:
+                raise BadRequest(f"{name.filename} is a {manifest.get('engine')} backup; "
+                                 f"target '{target.id}' is {target.engine}",
+                                 code="engine_mismatch")
+            params: dict[str, Any] = {"backup": name.filename, "create_safety_backup": safety}
+            seal = None
+            if identity is not None:
+                sealed = await self.seal_identity(identity)
+                params["identity_supplied"] = True
+
+                async def seal(job: Job) -> None:
+                    await self.s.redis.set(self.s.keys.sealed_identity(job.id), sealed,
+                                           ex=int(self.s.settings.worker.job_ttl))
+
+            return await self.submit(caller, "restore", target.id, params, info,
+                                     idempotency_key=idempotency_key, wait=wait,
+                                     fail_fast=fail_fast, before_enqueue=seal)
+
+    async def seal_identity(self, identity: str) -> bytes:
+        """An age identity sent with a restore is never stored or logged as such: it is
+        encrypted to the ephemeral keys of the live workers (each holds its private half in
+        memory only), so only a worker process alive now can open it."""
+        if len(identity) > 64 * 1024:
+            raise BadRequest("identity is too long", code="invalid_identity")
+        codecs.load_identities(identity)  # 400 when it is not an identity
+        s = self.s
+        workers = [w.decode() for w in
+                   await s.redis.zrangebyscore(s.keys.workers, time.time() - 30, "+inf")]
+        keys = []
+        if workers:
+            found = await s.redis.hmget(s.keys.worker_keys, workers)  # type: ignore[misc]
+            keys = [k for k in found if k]
+        if not keys:
+            raise Unavailable("no live worker to hand the identity to: start one with "
+                              "`safehold worker`", code="no_worker")
+        import pyrage
+
+        recipients = [pyrage.x25519.Recipient.from_str(k.decode()) for k in keys]
+        return bytes(await asyncio.to_thread(pyrage.encrypt, identity.encode(), recipients))
+
+    async def start_verify(self, caller: Caller, target_id: str, backup: str | None = None,
+                           *, idempotency_key: str | None = None,
+                           wait: float | None = None) -> Job:
+        async with self.audited(caller, "verify", target_id, {"backup": backup}) as info:
+            target = self.target(caller, target_id, Role.OPERATOR)
+            params: dict[str, Any] = {}
+            if backup:
+                name, _ = await self.manifest(target.id, backup)
+                params["backup"] = info["backup"] = name.filename
+            return await self.submit(caller, "verify", target.id, params, info,
+                                     idempotency_key=idempotency_key, wait=wait)
+
+    async def start_prune(self, caller: Caller, target_id: str, *, dry_run: bool,
+                          idempotency_key: str | None = None,
+                          wait: float | None = None) -> Job:
+        async with self.audited(caller, "prune", target_id, {}) as info:
+            target = self.target(caller, target_id, Role.ADMIN)
+            if not self.s.settings.retains(target) and not dry_run:
+                raise BadRequest(f"target '{target.id}' has no retention policy: nothing "
+                                 "would be deleted (set [targets.<id>.retention])",
+                                 code="no_retention")
+            return await self.submit(caller, "prune", target.id,
+                                     {"dry_run": dry_run, "reason": "requested"}, info,
+                                     idempotency_key=idempotency_key, wait=wait)
+
+    async def cancel(self, caller: Caller, job_id: str) -> Job:
+        async with self.audited(caller, "cancel_job", None, {"job": job_id}) as info:
+            job = await self.job(caller, job_id, Role.OPERATOR)
+            info["target"] = job.target
+            if not job.terminal and not job.cancellable:
+                raise Conflict("this restore is changing the database and cannot be "
+                               f"cancelled safely now ({job.restore_state}); it either "
+                               "completes or rolls back by itself", code="restore_running")
+            return await self.s.store.request_cancel(job.id)
+
+    async def delete_backup(self, caller: Caller, target_id: str, file: str) -> str:
+        """Delete a backup everywhere unless a restore of it is queued or running (409)."""
+        async with self.audited(caller, "delete_backup", target_id,
+                                 {"backup": file}) as info:
+            target = self.target(caller, target_id, Role.ADMIN)
+            name, manifest = await self.manifest(target.id, file)
+            info["backup"] = name.filename
+            for job in await self.s.store.active_for_target(target.id):
+                if job.kind == "restore" and job.params.get("backup") == name.filename:
+                    raise Conflict(f"backup {name.filename} is being restored by job "
+                                   f"{job.id}", code="backup_in_use")
+                made_for = manifest.get("parent") == job.id or name.filename == \
+                    job.safety_backup
+                if job.kind == "restore" and made_for:
+                    raise Conflict(f"{name.filename} is the safety backup of restore job "
+                                   f"{job.id}, which is still running", code="backup_in_use")
+            await self.s.catalog.delete(target.id, name)
+            await stats.catalog_changed(self.s.redis, self.s.keys)
+            return name.filename
