@@ -21,6 +21,7 @@ from api.context import (
     services_ctx,
 )
 from api.handlers import CALLER
+from api.mcp_server import mcp_ctx
 from api.metrics import CATALOG_CACHE
 from api.roles import Role
 from api.routes import ROUTES, add_routes, route_of
@@ -126,5 +127,6 @@ def create_app(settings: Settings) -> web.Application:
     app[STREAMS] = weakref.WeakSet()
     app[CATALOG_CACHE] = {}
     app.cleanup_ctx.append(services_ctx)
+    app.cleanup_ctx.append(mcp_ctx)
     add_routes(app, ROUTES)
     return app

@@ -235,10 +235,8 @@ async def follow(client: Client, job: dict[str, Any]) -> int:
 
 
 async def cmd_client(args: argparse.Namespace, settings: Settings) -> int:
-    base = args.url or os.environ.get("SAFEHOLD_URL") or \
-        f"http://{settings.server.host}:{settings.server.port}"
     token = os.environ.get("SAFEHOLD_TOKEN")
-    async with Client(base, token) as c:
+    async with Client(api_base(args, settings), token) as c:
         if args.command == "backup":
             body = {"compress": not args.no_compress, "note": args.note or ""}
             job = await c.call("POST", f"/api/v1/targets/{args.target}/backups", json=body)
@@ -294,6 +292,25 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def api_base(args: argparse.Namespace, settings: Settings) -> str:
+    return args.url or os.environ.get("SAFEHOLD_URL") or \
+        f"http://{settings.server.host}:{settings.server.port}"
+
+
+def cmd_mcp(args: argparse.Namespace, settings: Settings) -> int:
+    import anyio
+
+    from api.mcp_stdio import bridge
+
+    token = os.environ.get("SAFEHOLD_TOKEN")
+    if not token:
+        print("safehold mcp: set SAFEHOLD_TOKEN (a bearer token for the Safehold server)",
+              file=sys.stderr)
+        return 3
+    anyio.run(bridge, api_base(args, settings), token)
+    return 0
+
+
 def _print(doc: Any) -> int:
     print(json.dumps(doc, indent=2))
     return 0
@@ -326,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--subject", default=os.environ.get("USER", "dev"))
     tp.add_argument("--scoped", action="append", default=[], metavar="ROLE:TARGET",
                     help="an extra role on one target only, e.g. operator:main")
+    mp = sub.add_parser("mcp", parents=[common],
+                        help="an MCP server on stdio, bridged to the Safehold server's /mcp "
+                             "(token from $SAFEHOLD_TOKEN)")
+    mp.add_argument("--url", help="API base URL (default: $SAFEHOLD_URL or the config)")
     for name in ("backup", "restore", "jobs", "backups", "follow"):
         sp = sub.add_parser(name, parents=[common])
         sp.add_argument("--url", help="API base URL (default: $SAFEHOLD_URL or the config)")
@@ -366,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(cmd_worker(settings))
         elif args.command == "run":
             asyncio.run(cmd_run(settings))
+        elif args.command == "mcp":
+            return cmd_mcp(args, settings)
         else:
             return asyncio.run(cmd_client(args, settings))
     except ConfigError as exc:

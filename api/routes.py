@@ -11,6 +11,7 @@ from aiohttp import web
 from api import handlers as h
 from api import seed
 from api.events import all_events, job_events
+from api.mcp_server import mcp_endpoint
 from api.metrics import metrics
 from api.openapi import openapi
 from api.roles import Role
@@ -127,6 +128,9 @@ ROUTES: list[Route] = [
          "Seed: delete a backup", _DB),
         ("GET", "/backup/stats", seed.stats, Role.VIEWER, "Seed: database statistics", _DB),
     ]],
+    *[Route(method, "/mcp", mcp_endpoint, Role.VIEWER,
+            "MCP (streamable HTTP, stateless): the seed ADR's resources and tools; the same "
+            "bearer token and roles") for method in ("POST", "GET", "DELETE")],
     Route("GET", "/api/v1/events", all_events, Role.VIEWER,
           "Server-sent events of every job's status changes (dashboards, webhooks)",
           query={"last_event_id": "replay after this event id (same as the header)"}),

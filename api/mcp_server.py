@@ -1,0 +1,321 @@
+"""The MCP server of the seed ADR ("Backup Management"), on the `mcp` SDK's MCPServer.
+
+Resources are the ADR's URIs — `resources://coolify/backups/databases/{id}` (a database's
+backups) and `…/{id}/restore` (restore options and the latest restorable backups) — plus
+`resources://safehold/databases` and `resources://safehold/jobs/{job_id}`. The ADR's verbs
+are tools. A restore is two calls: `plan_restore` says what will happen and returns a
+confirmation token bound to the caller, target and backup (5 minutes, one use);
+`execute_restore(token)` runs it. Long jobs report MCP progress from the job's events.
+
+Mounted by the API at `/mcp` (streamable HTTP, stateless): each request carries the same
+bearer token as REST; tools a token's role cannot use are not listed; every call goes
+through `api.operations` (role and target scope checked, audited with `client: mcp`).
+`safehold mcp` bridges stdio to this endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
+from typing import Any
+
+from aiohttp import web
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.transport_security import TransportSecuritySettings
+
+from api.asgi import call_asgi
+from api.auth import Principal, bearer_token
+from api.context import Services
+from api.operations import Caller, Operations
+from api.roles import Role
+from shared.errors import SafeholdError, Unauthorized
+from shared.jobs import Job
+
+PLAN_TTL = 300  # seconds a restore confirmation token lives
+WAIT_MAX = 3600.0
+_principal: ContextVar[Principal | None] = ContextVar("safehold_mcp_principal", default=None)
+
+# tool -> the role it needs somewhere (listing hides the others from a token)
+TOOL_ROLES = {
+    "list_databases": Role.VIEWER, "list_backups": Role.VIEWER, "job_status": Role.VIEWER,
+    "create_backup": Role.OPERATOR, "verify_backup": Role.OPERATOR,
+    "plan_restore": Role.OPERATOR, "execute_restore": Role.OPERATOR,
+    "cancel_job": Role.OPERATOR, "delete_backup": Role.ADMIN,
+}
+
+
+def job_summary(job: Job) -> dict[str, Any]:
+    d = job.to_dict()
+    return {k: d.get(k) for k in ("id", "kind", "target", "status", "created_at",
+                                  "started_at", "finished_at", "progress", "result", "error",
+                                  "safety_backup") if d.get(k) is not None}
+
+
+class TokenMiddleware:
+    """Verify the request's bearer token before anything runs (an MCP request without
+    a valid token gets an error, never data); hide tools the token's role cannot use."""
+
+    def __init__(self, services: Callable[[], Services]) -> None:
+        self.services = services
+
+    async def __call__(self, ctx: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
+        request = getattr(ctx, "request", None)
+        headers = getattr(request, "headers", None) or {}
+        principal = await self.services().verifier.verify(
+            bearer_token(headers.get("authorization")))
+        token = _principal.set(principal)
+        try:
+            result = await call_next(ctx)
+        finally:
+            _principal.reset(token)
+        if ctx.method == "tools/list":  # the wire form: a dict with "tools"
+            tools = result.get("tools") if isinstance(result, dict) else None
+            if isinstance(tools, list):
+                result["tools"] = [t for t in tools if principal.best_role >= TOOL_ROLES.get(
+                    str(t.get("name")) if isinstance(t, dict) else "", Role.ADMIN)]
+        return result
+
+
+def build_mcp(services: Callable[[], Services]) -> MCPServer:
+    server: MCPServer = MCPServer(
+        name="safehold", title="Safehold backups",
+        instructions="Back up and restore databases. Every operation is a job; restores "
+                     "need plan_restore then execute_restore with its token.",
+        middleware=[TokenMiddleware(services)])
+
+    def caller() -> tuple[Operations, Caller]:
+        principal = _principal.get()
+        if principal is None:
+            raise Unauthorized("this needs a bearer token")
+        return Operations(services()), Caller(principal, "mcp")
+
+    async def run(tool: str, target: str | None,
+                  body: Callable[[Operations, Caller], Awaitable[Any]]) -> Any:
+        """Run a tool's operation; a read is audited here (operations audit the rest);
+        Safehold errors become tool errors with their code."""
+        ops, who = caller()
+        try:
+            if TOOL_ROLES[tool] == Role.VIEWER:
+                async with ops.audited(who, f"mcp.{tool}", target, {}):
+                    return await body(ops, who)
+            return await body(ops, who)
+        except SafeholdError as exc:
+            raise ToolError(f"{exc.code}: {exc.message}") from None
+
+    async def follow(ops: Operations, job: Job, ctx: Context, wait: float) -> dict[str, Any]:
+        """Report the job's progress to the client until it ends or `wait` passes."""
+        async def on_event(ev: Any) -> None:
+            if ev.type == "progress" and ev.data.get("percent") is not None:
+                await ctx.report_progress(float(ev.data["percent"]), 100.0,
+                                          str(ev.data.get("phase") or ""))
+            elif ev.type == "phase":
+                await ctx.report_progress(float(ev.data.get("percent") or 0), 100.0,
+                                          str(ev.data.get("phase") or ""))
+        if wait > 0 and not job.terminal:
+            job = await ops.wait(job.id, min(wait, WAIT_MAX), on_event)
+        if job.status == "succeeded":
+            await ctx.report_progress(100.0, 100.0, "succeeded")
+        return job_summary(job)
+
+    # ------------------------------------------------------------------ tools
+    @server.tool(description="The databases (targets) this token may see, with engine and "
+                             "schedule.")
+    async def list_databases() -> dict[str, Any]:
+        return await run("list_databases", None,
+                         lambda ops, who: _async({"databases": ops.targets(who)}))
+
+    @server.tool(description="A database's backups, newest first: file name, kind, size, "
+                             "created_at, sha256, where stored, verification.")
+    async def list_backups(database_id: str) -> dict[str, Any]:
+        async def body(ops: Operations, who: Caller) -> dict[str, Any]:
+            return {"database_id": database_id,
+                    "backups": [_brief(m) for m in await ops.backups(who, database_id)]}
+        return await run("list_backups", database_id, body)
+
+    @server.tool(description="Start a backup of a database; waits up to wait_seconds "
+                             "(default 600) reporting progress, then returns the job.")
+    async def create_backup(database_id: str, ctx: Context, note: str = "",
+                            wait_seconds: float = 600) -> dict[str, Any]:
+        async def body(ops: Operations, who: Caller) -> dict[str, Any]:
+            job = await ops.start_backup(who, database_id, note=note)
+            return await follow(ops, job, ctx, wait_seconds)
+        return await run("create_backup", database_id, body)
+
+    @server.tool(description="Delete one backup everywhere it is stored (admin).")
+    async def delete_backup(database_id: str, backup: str) -> dict[str, Any]:
+        async def body(ops: Operations, who: Caller) -> dict[str, Any]:
+            return {"deleted": await ops.delete_backup(who, database_id, backup),
+                    "database_id": database_id}
+        return await run("delete_backup", database_id, body)
+
+    @server.tool(description="A job's status, progress, result or error.")
+    async def job_status(job_id: str) -> dict[str, Any]:
+        async def body(ops: Operations, who: Caller) -> dict[str, Any]:
+            return job_summary(await ops.job(who, job_id))
+        return await run("job_status", None, body)
+
+    @server.tool(description="Cancel a queued or running job (a restore that is already "
+                             "changing the database cannot be cancelled).")
+    async def cancel_job(job_id: str) -> dict[str, Any]:
+        async def body(ops: Operations, who: Caller) -> dict[str, Any]:
+            return job_summary(await ops.cancel(who, job_id))
+        return await run("cancel_job", None, body)
+
+    @server.tool(description="Restore drill: restore the newest (or the given) backup into a "
+                             "scratch place, compare exact counts, drop it; waits up to "
+                             "wait_seconds reporting progress.")
+    async def verify_backup(database_id: str, ctx: Context, backup: str = "",
+                            wait_seconds: float = 600) -> dict[str, Any]:
+        async def body(ops: Operations, who: Caller) -> dict[str, Any]:
+            job = await ops.start_verify(who, database_id, backup or None)
+            return await follow(ops, job, ctx, wait_seconds)
+        return await run("verify_backup", database_id, body)
+
+    @server.tool(description="Step 1 of a restore: what will happen (target, backup, its age "
+                             "and size, the safety backup taken first) and a confirmation "
+                             "token for execute_restore, valid 5 minutes, once.")
+    async def plan_restore(database_id: str, backup: str,
+                           create_safety_backup: bool = True) -> dict[str, Any]:
+        async def body(ops: Operations, who: Caller) -> dict[str, Any]:
+            target = ops.target(who, database_id, Role.OPERATOR)
+            name, manifest = await ops.manifest(target.id, backup)
+            if manifest.get("engine") != target.engine:
+                raise ToolError(f"engine_mismatch: {name.filename} is a "
+                                f"{manifest.get('engine')} backup; {target.id} is "
+                                f"{target.engine}")
+            token = secrets.token_urlsafe(24)
+            plan = {"target": target.id, "backup": name.filename,
+                    "sha256": manifest.get("sha256"), "subject": who.principal.subject,
+                    "create_safety_backup": create_safety_backup}
+            s = services()
+            await s.redis.set(_plan_key(s, token), json.dumps(plan), ex=PLAN_TTL)
+            return {
+                "database_id": target.id, "engine": target.engine, "backup": name.filename,
+                "created_at": manifest.get("created_at"),
+                "size_bytes": manifest.get("size_bytes"), "sha256": manifest.get("sha256"),
+                "verification": (manifest.get("verification") or {}).get("outcome"),
+                "what_happens": (
+                    ("a safety backup of the current database is taken first; then "
+                     if create_safety_backup else "NO safety backup is taken; ")
+                    + f"{target.id} is replaced by the content of {name.filename} (the backup "
+                    "is verified before anything is dropped; a failed restore rolls back)"),
+                "confirmation_token": token, "expires_in_seconds": PLAN_TTL}
+        return await run("plan_restore", database_id, body)
+
+    @server.tool(description="Step 2 of a restore: run the plan a confirmation token names; "
+                             "waits up to wait_seconds reporting progress.")
+    async def execute_restore(confirmation_token: str, ctx: Context,
+                              wait_seconds: float = 1800) -> dict[str, Any]:
+        async def body(ops: Operations, who: Caller) -> dict[str, Any]:
+            s = services()
+            key = _plan_key(s, confirmation_token)
+            raw = await s.redis.get(key)
+            plan = json.loads(raw) if raw is not None else None
+            if plan is not None and plan["subject"] != who.principal.subject:
+                raise ToolError("invalid_confirmation: the token was issued to another "
+                                "caller")
+            if plan is None or not await s.redis.delete(key):  # one use, even when racing
+                raise ToolError("invalid_confirmation: the token is unknown, used or expired "
+                                "(plan_restore gives a new one)")
+            _, manifest = await ops.manifest(plan["target"], plan["backup"])
+            if manifest.get("sha256") != plan["sha256"]:
+                raise ToolError("invalid_confirmation: the backup changed since it was "
+                                "planned")
+            job = await ops.start_restore(who, plan["target"], plan["backup"],
+                                          safety=plan["create_safety_backup"])
+            return await follow(ops, job, ctx, wait_seconds)
+        return await run("execute_restore", None, body)
+
+    # ------------------------------------------------------------------ resources
+    @server.resource("resources://safehold/databases", mime_type="application/json",
+                     description="The databases this token may see")
+    async def databases_resource() -> str:
+        return json.dumps(await list_databases())
+
+    @server.resource("resources://coolify/backups/databases/{id}",
+                     mime_type="application/json",
+                     description="A database's backups with metadata, newest first")
+    async def backups_resource(id: str) -> str:  # noqa: A002 - the ADR's parameter name
+        return json.dumps(await list_backups(id))
+
+    @server.resource("resources://coolify/backups/databases/{id}/restore",
+                     mime_type="application/json",
+                     description="Restore options and the latest restorable backups")
+    async def restore_resource(id: str) -> str:  # noqa: A002
+        listing = await list_backups(id)
+        restorable = [b for b in listing["backups"] if b.get("kind") != "safety_backup"
+                      or b.get("filename")][:10]
+        return json.dumps({
+            "database_id": id,
+            "options": {"create_safety_backup": {"type": "boolean", "default": True,
+                                                 "description": "take a backup of the "
+                                                 "current database first"}},
+            "how": "plan_restore(database_id, backup) → execute_restore(confirmation_token)",
+            "latest_restorable_backups": restorable})
+
+    @server.resource("resources://safehold/jobs/{job_id}", mime_type="application/json",
+                     description="One job: status, progress, result or error")
+    async def job_resource(job_id: str) -> str:
+        return json.dumps(await job_status(job_id))
+
+    return server
+
+
+async def _async(value: Any) -> Any:
+    return value
+
+
+def _brief(m: dict[str, Any]) -> dict[str, Any]:
+    keys = ("filename", "kind", "created_at", "size_bytes", "size_mib", "sha256", "engine",
+            "stored_on", "encrypted", "compressed", "partial", "note", "verified_at")
+    out = {k: m.get(k) for k in keys if m.get(k) is not None}
+    if isinstance(m.get("verification"), dict):
+        out["verification"] = m["verification"].get("outcome")
+    return out
+
+
+def _plan_key(s: Services, token: str) -> str:
+    return f"{s.keys.prefix}:mcp:plan:{hashlib.sha256(token.encode()).hexdigest()}"
+
+
+
+# ---------------------------------------------------------------------- mounting
+MCP_MANAGER = web.AppKey("mcp_manager", object)
+
+
+async def mcp_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Run the SDK's session manager for the app's lifetime, in a task of its own (its
+    anyio task group must be entered and left by one task; aiohttp's start-up and
+    clean-up may run in two)."""
+    from api.context import SERVICES
+
+    server = build_mcp(lambda: app[SERVICES])
+    server.streamable_http_app(
+        stateless_http=True,
+        # bearer tokens, never cookies: a rebinding page cannot act as anyone
+        transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False))
+    manager = server.session_manager
+    started, stop = asyncio.Event(), asyncio.Event()
+
+    async def hold() -> None:
+        async with manager.run():
+            started.set()
+            await stop.wait()
+
+    task = asyncio.create_task(hold())
+    await started.wait()
+    app[MCP_MANAGER] = manager
+    yield
+    stop.set()
+    await task
+
+
+async def mcp_endpoint(request: web.Request) -> web.StreamResponse:
+    """POST/GET/DELETE /mcp: the streamable HTTP transport (through the ASGI bridge)."""
+    manager: Any = request.app[MCP_MANAGER]
+    return await call_asgi(manager.handle_request, request)
