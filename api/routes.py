@@ -10,6 +10,7 @@ from aiohttp import web
 
 from api import handlers as h
 from api import seed
+from api.docs import docs_file, docs_index
 from api.events import all_events, job_events
 from api.mcp_server import mcp_endpoint
 from api.metrics import metrics
@@ -60,7 +61,10 @@ ROUTES: list[Route] = [
           "Prometheus metrics (public unless auth.public_metrics = false: then viewer)"),
     Route("GET", "/.well-known/jwks.json", h.jwks, Role.PUBLIC,
           "Dev mode only: the public key that verifies `safehold token` tokens"),
-    Route("GET", "/api/v1/openapi.json", openapi, Role.VIEWER, "This document"),
+    Route("GET", "/api/v1/openapi.json", openapi, Role.PUBLIC,
+          "This document (public: it names routes, never targets or data)"),
+    Route("GET", "/docs", docs_index, Role.PUBLIC, "Interactive API documentation"),
+    Route("GET", "/docs/{file}", docs_file, Role.PUBLIC, "Swagger UI's files"),
     Route("GET", "/api/v1/targets", h.list_targets, Role.VIEWER, "Configured targets"),
     Route("GET", f"{T}/stats", h.target_stats, Role.VIEWER,
           "Database size, tables with row estimates, server version"),

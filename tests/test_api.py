@@ -32,6 +32,27 @@ async def test_healthz_and_openapi(api: Any) -> None:
         assert op["x-required-role"] == r.role.name.lower()
 
 
+async def test_docs_are_served_from_the_package_without_a_token(anon: Any) -> None:
+    """/docs (the seed README's link) is Swagger UI from packaged files, no CDN, no inline
+    script; it reads the public OpenAPI document, which documents the bearer scheme and
+    the seed surface."""
+    page = await anon.get("/docs")
+    assert page.status == 200 and page.content_type == "text/html"
+    html = await page.text()
+    assert "<script>" not in html and "http://" not in html and "https://" not in html
+    csp = page.headers["Content-Security-Policy"]
+    assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    js = await anon.get("/docs/swagger-ui-bundle.js")
+    assert js.status == 200 and len(await js.read()) > 100_000
+    init = await (await anon.get("/docs/safehold-docs.js")).text()
+    assert '"/api/v1/openapi.json"' in init
+    assert (await anon.get("/docs/..%2Fpyproject.toml")).status == 404
+    assert (await anon.get("/docs/index.j2")).status == 404
+    doc = await (await anon.get("/api/v1/openapi.json")).json()
+    assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert "/backup/create" in doc["paths"] and "/mcp" in doc["paths"]
+
+
 async def test_readyz_needs_a_live_worker(api: Any) -> None:
     """/readyz is 503 with a reason when no worker is alive."""
     resp = await api.get("/readyz")
