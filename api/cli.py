@@ -12,21 +12,20 @@ import asyncio
 import contextlib
 import errno
 import importlib
-import json
 import logging
 import os
 import shutil
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
 
+from api.client import ApiError
+from api.commands import add_client_commands
 from shared.config import Settings, ensure_example_database, load_settings
 from shared.errors import ConfigError, SafeholdError
 
@@ -38,11 +37,6 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
     from shared import logs
 
     logs.setup(level, fmt)
-
-
-def _warn(job: Any) -> None:
-    for warning in (job.get("warnings") or []) if isinstance(job, dict) else []:
-        print(f"warning: {warning}", file=sys.stderr)
 
 
 def _redis_host_port(url: str) -> tuple[str, int]:
@@ -142,131 +136,13 @@ async def cmd_run(settings: Settings) -> None:
 
 
 # ---------------------------------------------------------------------- client
-class Client:
-    def __init__(self, base: str, token: str | None) -> None:
-        self.base = base.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
-
-    async def __aenter__(self) -> Client:
-        self.session = aiohttp.ClientSession(headers=self.headers,
-                                             timeout=aiohttp.ClientTimeout(total=None,
-                                                                           sock_connect=10))
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.session.close()
-
-    async def call(self, method: str, path: str, **kw: Any) -> Any:
-        async with self.session.request(method, self.base + path, **kw) as resp:
-            body = await resp.json(content_type=None)
-            if resp.status >= 400:
-                err = (body or {}).get("error", {})
-                raise SafeholdError(f"{resp.status} {err.get('code')}: {err.get('message')}")
-            return body
-
-    async def events(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
-        """Follow a job's SSE stream, reconnecting with Last-Event-ID if it drops."""
-        last: str | None = None
-        while True:
-            headers = {"Last-Event-ID": last} if last else {}
-            try:
-                async with self.session.get(f"{self.base}/api/v1/jobs/{job_id}/events",
-                                            headers=headers) as resp:
-                    if resp.status != 200:
-                        raise SafeholdError(f"event stream answered {resp.status}")
-                    data: list[str] = []
-                    async for raw in resp.content:
-                        line = raw.decode().rstrip("\r\n")
-                        if line.startswith("id:"):
-                            last = line[3:].strip()
-                        elif line.startswith("data:"):
-                            data.append(line[5:].lstrip())
-                        elif line == "" and data:
-                            event = json.loads("\n".join(data))
-                            data = []
-                            yield event
-                            if event.get("type") in ("succeeded", "failed", "cancelled"):
-                                return
-                    return
-            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
-                    aiohttp.ClientConnectionError):
-                await asyncio.sleep(1)
-
-
-def _human(n: float | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
-def render_progress(p: dict[str, Any], width: int = 30) -> str:
-    pct = p.get("percent")
-    filled = int(width * (pct or 0) / 100)
-    bar = "#" * filled + "." * (width - filled)
-    items = ""
-    if p.get("items_total"):
-        items = f" {p.get('items_done', 0)}/{p['items_total']} {p.get('item_kind', '')}"
-    eta = f" ETA {p['eta_s']:.0f}s" if p.get("eta_s") is not None else ""
-    pct_s = f"{pct:5.1f}%" if pct is not None else "  ?  %"
-    return (f"[{bar}] {pct_s} {p.get('phase', ''):<14} {_human(p.get('bytes_done'))}"
-            f" {_human(p.get('rate_bps'))}/s{items}{eta}")
-
-
-async def follow(client: Client, job: dict[str, Any]) -> int:
-    tty = sys.stderr.isatty()
-    async for ev in client.events(job["id"]):
-        t = ev.get("type")
-        if t == "progress":
-            line = render_progress(ev.get("progress", {}))
-            print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr,
-                  flush=True)
-        elif t in ("phase", "log", "started", "running", "queued"):
-            msg = ev.get("message") or ev.get("phase") or t
-            print(("\r\033[K" if tty else "") + f"· {msg}", file=sys.stderr)
-    final = await client.call("GET", f"/api/v1/jobs/{job['id']}")
-    if tty:
-        print(file=sys.stderr)
-    print(json.dumps(final, indent=2))
-    return 0 if final["status"] == "succeeded" else 1
-
-
 async def cmd_client(args: argparse.Namespace, settings: Settings) -> int:
+    from api.client import Client
+    from api.commands import run
+
     token = os.environ.get("SAFEHOLD_TOKEN")
     async with Client(api_base(args, settings), token) as c:
-        if args.command == "backup":
-            body = {"compress": not args.no_compress, "note": args.note or ""}
-            job = await c.call("POST", f"/api/v1/targets/{args.target}/backups", json=body)
-            _warn(job)
-            return await follow(c, job) if args.follow else _print(job)
-        if args.command == "restore":
-            body = {"backup": args.backup, "create_safety_backup": not args.no_safety_backup}
-            if args.identity_file:  # sent once, sealed by the API for the workers
-                body["identity"] = await asyncio.to_thread(Path(args.identity_file).read_text)
-            job = await c.call("POST", f"/api/v1/targets/{args.target}/restores", json=body)
-            _warn(job)
-            return await follow(c, job) if args.follow else _print(job)
-        if args.command == "jobs":
-            params = {k: v for k, v in (("target", args.target), ("status", args.status),
-                                        ("kind", args.kind)) if v}
-            res = await c.call("GET", "/api/v1/jobs", params=params)
-            for j in res["jobs"]:
-                err = (j.get("error") or {}).get("code", "")
-                print(f"{j['id']}  {j['kind']:<8} {j['target']:<12} {j['status']:<10} "
-                      f"{j['created_at']}  {err}")
-            return 0
-        if args.command == "backups":
-            res = await c.call("GET", f"/api/v1/targets/{args.target}/backups")
-            for b in res["backups"]:
-                print(f"{b['filename']:<56} {_human(b.get('size_bytes')):>10}  "
-                      f"{b.get('created_at')}{'  (safety)' if b.get('safety') else ''}")
-            return 0
-        if args.command == "follow":
-            return await follow(c, {"id": args.job_id})
-    return 2
+        return await run(c, args)
 
 
 def parse_ttl(text: str) -> float:
@@ -311,11 +187,6 @@ def cmd_mcp(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _print(doc: Any) -> int:
-    print(json.dumps(doc, indent=2))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="safehold", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="config file (default: $SAFEHOLD_CONFIG or ./safehold.toml)")
@@ -347,28 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="an MCP server on stdio, bridged to the Safehold server's /mcp "
                              "(token from $SAFEHOLD_TOKEN)")
     mp.add_argument("--url", help="API base URL (default: $SAFEHOLD_URL or the config)")
-    for name in ("backup", "restore", "jobs", "backups", "follow"):
-        sp = sub.add_parser(name, parents=[common])
-        sp.add_argument("--url", help="API base URL (default: $SAFEHOLD_URL or the config)")
-        if name in ("backup", "restore", "backups"):
-            sp.add_argument("target")
-        if name == "backup":
-            sp.add_argument("--no-compress", action="store_true")
-            sp.add_argument("--note")
-        if name == "restore":
-            sp.add_argument("backup")
-            sp.add_argument("--no-safety-backup", action="store_true")
-            sp.add_argument("--identity-file", metavar="KEY",
-                            help="age identity that decrypts an encrypted backup (when the "
-                                 "worker has no encryption.identity_file)")
-        if name in ("backup", "restore"):
-            sp.add_argument("--follow", action="store_true", help="show live progress")
-        if name == "jobs":
-            sp.add_argument("--target")
-            sp.add_argument("--status")
-            sp.add_argument("--kind")
-        if name == "follow":
-            sp.add_argument("job_id")
+    add_client_commands(sub, common)
     return p
 
 
@@ -394,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"safehold: configuration error: {exc.message}", file=sys.stderr)
         return 2
+    except ApiError as exc:
+        hint = ""
+        if exc.http_status == 401 and not os.environ.get("SAFEHOLD_TOKEN"):
+            hint = " (set SAFEHOLD_TOKEN; in dev mode `safehold token` prints one)"
+        print(f"safehold: {exc.message}{hint}", file=sys.stderr)
+        return exc.exit_code
     except SafeholdError as exc:
         print(f"safehold: {exc.message}", file=sys.stderr)
         return 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import socket
@@ -68,13 +69,13 @@ async def test_run_starts_redis_and_backup_follow_shows_progress(
         await wait_ready(base)
         rc, out, err = await cli("--config", str(cfg), "backup", "main", "--url", base,
                                  env=env)
-        assert rc == 1 and "401 unauthorized" in err
+        assert rc == 3 and "401 unauthorized" in err
         rc, out, err = await cli("--config", str(cfg), "token", "--role", "operator",
                                  "--ttl", "10m", env=env)
         assert rc == 0
         env["SAFEHOLD_TOKEN"] = out.strip()
         rc, out, err = await cli("--config", str(cfg), "backup", "main", "--follow",
-                                 "--url", base, env=env)
+                                 "--json", "--url", base, env=env)
         assert rc == 0, err
         job = json.loads(out)
         assert job["status"] == "succeeded"
@@ -84,7 +85,7 @@ async def test_run_starts_redis_and_backup_follow_shows_progress(
         rc, out, _ = await cli("--config", str(cfg), "jobs", "--url", base, env=env)
         assert rc == 0 and job["id"] in out and "succeeded" in out
         rc, _, err = await cli("--config", str(cfg), "backup", "nope", "--url", base, env=env)
-        assert rc == 1 and "target_not_found" in err
+        assert rc == 4 and "target_not_found" in err
     finally:
         server.terminate()
         _, server_err = await asyncio.wait_for(server.communicate(), 30)
@@ -179,3 +180,137 @@ def test_global_options_also_work_after_the_subcommand() -> None:
         "c.toml"
     args = parser.parse_args(["api", "--log-format", "json"])
     assert args.log_format == "json" and args.config is None
+
+
+async def test_client_commands_as_a_person_and_a_script_use_them(
+        pg_db: str, prefix: str, tmp_path: Path) -> None:
+    """Every client command against a running server: tables and one-line results for a
+    person, the API's JSON with --json; exit codes 0/1/2/3/4; destructive commands need
+    --yes without a terminal; download resumes and checks the sha256; --follow under a
+    pseudo-terminal draws a bar and ends with one line."""
+    import pty
+
+    await pg.load_rich(pg_db)
+    before = await pg.fingerprint(pg_db)
+    api_port = free_port()
+    raw = make_raw_config(prefix, tmp_path / "backups", pg_db)
+    raw["server"] = {"port": api_port}
+    cfg = tmp_path / "safehold.toml"
+    write_toml(cfg, raw)
+    env = {**os.environ, PASSWORD_ENV: pg.TEST_PASSWORD}
+    env.pop("SAFEHOLD_TOKEN", None)
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "api.cli", "--config", str(cfg), "run", cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{api_port}"
+
+    async def sh(*args: str, who: str | None = "admin") -> tuple[int, str, str]:
+        e = dict(env)
+        if who:
+            e["SAFEHOLD_TOKEN"] = token_for[who]
+        return await cli("--config", str(cfg), *args, "--url", base, env=e)
+
+    try:
+        await wait_ready(base)
+        token_for = {}
+        for role in ("admin", "viewer"):
+            rc, out, _ = await cli("--config", str(cfg), "token", "--role", role, env=env)
+            token_for[role] = out.strip()
+        rc, _, err = await sh("targets", who=None)
+        assert rc == 3 and "SAFEHOLD_TOKEN" in err  # auth: exit 3, with the fix
+        rc, out, _ = await sh("targets")
+        assert rc == 0 and out.split()[:3] == ["TARGET", "ENGINE", "SCHEDULE"] and "main" in out
+        rc, out, _ = await sh("targets", "--json")
+        assert json.loads(out)["targets"][0]["id"] == "main"
+        rc, out, _ = await sh("stats", "main")
+        assert rc == 0 and "postgresql" in out and "everything" in out
+        rc, _, err = await sh("backups", "nope")
+        assert rc == 4 and "target_not_found" in err
+        rc, out, err = await sh("backup", "main", "--wait")
+        assert rc == 0 and out.startswith("✓ backup backup_postgresql_") and "KiB in" in out, err
+        name = out.split()[2]
+        rc, out, _ = await sh("backups", "main", "--json")
+        assert json.loads(out)["backups"][0]["filename"] == name
+        rc, _, _ = await sh("backup", "main", who="viewer")
+        assert rc == 3
+
+        # download: resumes a cut .part, then checks the sha256
+        dest = tmp_path / "copy.sql.gz"
+        rc, out, err = await sh("download", "main", name, "-o", str(dest))
+        assert rc == 0 and "sha256 verified" in out, err
+        whole = dest.read_bytes()
+        dest.unlink()
+        (tmp_path / "copy.sql.gz.part").write_bytes(whole[: len(whole) // 2])
+        rc, out, _ = await sh("download", "main", name, "-o", str(dest), "--json")
+        assert rc == 0 and dest.read_bytes() == whole
+        assert json.loads(out)["sha256"] == hashlib.sha256(whole).hexdigest()
+        (tmp_path / "copy.sql.gz.part").write_bytes(b"\0" * 10)  # a .part that lies
+        dest.unlink()
+        rc, _, err = await sh("download", "main", name, "-o", str(dest))
+        assert rc == 1 and "checksum_mismatch" in err and not dest.exists()
+
+        # upload, then a restore of it: refused without --yes (no TTY), done with it
+        rc, out, err = await sh("upload", "main", str(tmp_path / "nope.gz"))
+        assert rc == 2
+        (tmp_path / "mine.sql.gz").write_bytes(whole)
+        rc, out, err = await sh("upload", "main", str(tmp_path / "mine.sql.gz"), "--json")
+        assert rc == 0, err
+        uploaded = json.loads(out)["filename"]
+        assert uploaded.startswith("upload_postgresql_")
+        rc, _, err = await sh("restore", "main", uploaded)
+        assert rc == 2 and "--yes" in err
+        conn = await pg.user_conn(pg_db)
+        await conn.execute("DROP TABLE everything CASCADE")
+        await conn.close()
+        rc, out, err = await sh("restore", "main", uploaded, "--yes", "--follow")
+        assert rc == 0, err
+        assert out.startswith("✓ restore") and "safety backup safety_" in out
+        assert await pg.fingerprint(pg_db) == before
+
+        # jobs, job, cancel (a finished job stays finished), audit, delete
+        rc, out, _ = await sh("jobs", "--kind", "restore")
+        assert rc == 0 and "restore" in out and "succeeded" in out
+        job_id = out.splitlines()[1].split()[0]
+        rc, out, _ = await sh("job", job_id)
+        assert rc == 0 and out.startswith("✓ restore")
+        rc, _, err = await sh("cancel", job_id)
+        assert rc == 1 and "job_finished" in err and "already succeeded" in err
+        rc, out, _ = await sh("verify", "main", "--wait")
+        assert rc == 1 and out.startswith("✗ drill_unavailable")  # the role lacks CREATEDB
+        rc, _, err = await sh("delete", "main", uploaded)
+        assert rc == 2
+        rc, out, _ = await sh("delete", "main", uploaded, "--yes")
+        assert rc == 0 and out == f"✓ deleted {uploaded}\n"
+        rc, out, _ = await sh("audit", "--limit", "100")
+        assert rc == 0 and "delete_backup" in out and "create_restore" in out
+        rc, _, err = await sh("job", "no-such-job")
+        assert rc == 4
+
+        # what a person sees: --follow with stderr on a terminal
+        master, slave = pty.openpty()
+        e = {**env, "SAFEHOLD_TOKEN": token_for["admin"], "TERM": "xterm"}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "api.cli", "--config", str(cfg), "backup", "main",
+            "--follow", "--url", base, cwd=REPO, env=e, stdin=slave, stdout=slave,
+            stderr=slave)
+        os.close(slave)
+        screen = b""
+        while True:
+            try:
+                chunk = await asyncio.to_thread(os.read, master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            screen += chunk
+        await proc.wait()
+        os.close(master)
+        text = screen.decode()
+        assert proc.returncode == 0, text
+        assert "· dumping" in text  # the phases as they happen, then a bar that completes
+        assert "\x1b[K[" + "#" * 30 + "] 100.0%" in text
+        last = text.strip().splitlines()[-1]
+        assert last.startswith("✓ backup backup_postgresql_") and "(sha256 " in last
+    finally:
+        server.terminate()
+        await asyncio.wait_for(server.communicate(), 30)

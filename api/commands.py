@@ -1,0 +1,286 @@
+"""The CLI's client commands: each is one or two API calls and a rendering (a table or
+one line for a person, the API's JSON with `--json`). Destructive commands (restore,
+delete) ask on a terminal and need `--yes` otherwise."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from api.client import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    Client,
+    final_line,
+    mib,
+    render_progress,
+)
+
+JOB_WAIT = 3600
+
+
+def add_client_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The client subcommands, each with --url and --json."""
+    client = argparse.ArgumentParser(add_help=False, parents=[common])
+    client.add_argument("--url", help="API base URL (default: $SAFEHOLD_URL or the config)")
+    client.add_argument("--json", action="store_true", help="print the API's JSON")
+
+    def cmd(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[client], help=help_text)  # type: ignore[no-any-return]
+
+    cmd("targets", "the configured targets")
+    cmd("stats", "a target's database size, tables, server version").add_argument("target")
+    cmd("backups", "a target's backups, newest first").add_argument("target")
+    b = cmd("backup", "start a backup")
+    b.add_argument("target")
+    b.add_argument("--no-compress", action="store_true")
+    b.add_argument("--note")
+    r = cmd("restore", "restore a backup over the target (a safety backup is taken first)")
+    r.add_argument("target")
+    r.add_argument("backup")
+    r.add_argument("--no-safety-backup", action="store_true")
+    r.add_argument("--identity-file", metavar="KEY",
+                   help="age identity that decrypts an encrypted backup (when the worker "
+                        "has no encryption.identity_file)")
+    r.add_argument("--yes", action="store_true", help="do not ask (needed without a TTY)")
+    up = cmd("upload", "upload a backup file (validated before it is listed)")
+    up.add_argument("target")
+    up.add_argument("file")
+    up.add_argument("--restore", action="store_true", help="restore it right after")
+    up.add_argument("--no-safety-backup", action="store_true")
+    up.add_argument("--yes", action="store_true", help="with --restore: do not ask")
+    dl = cmd("download", "download a backup (resumable; sha256 checked)")
+    dl.add_argument("target")
+    dl.add_argument("backup")
+    dl.add_argument("-o", "--output", help="file to write (default: the backup's name)")
+    d = cmd("delete", "delete a backup everywhere it is stored")
+    d.add_argument("target")
+    d.add_argument("backup")
+    d.add_argument("--yes", action="store_true", help="do not ask (needed without a TTY)")
+    j = cmd("jobs", "jobs, newest first")
+    j.add_argument("--target")
+    j.add_argument("--status")
+    j.add_argument("--kind")
+    one = cmd("job", "one job")
+    one.add_argument("job_id")
+    one.add_argument("--follow", action="store_true", help="show live progress")
+    cmd("follow", "follow a job's progress until it ends").add_argument("job_id")
+    cmd("cancel", "cancel a job").add_argument("job_id")
+    v = cmd("verify", "restore drill of the newest (or --backup) backup")
+    v.add_argument("target")
+    v.add_argument("--backup")
+    a = cmd("audit", "the audit trail (admin)")
+    a.add_argument("--target")
+    a.add_argument("--subject")
+    a.add_argument("--limit", type=int, default=50)
+    for p in (b, r, up, v):
+        p.add_argument("--follow", action="store_true", help="show live progress")
+        p.add_argument("--wait", action="store_true",
+                       help="wait for the job to end (no progress shown)")
+
+
+def confirm(args: argparse.Namespace, question: str) -> bool:
+    """Yes on --yes; on a terminal, ask; otherwise refuse (the caller exits 2)."""
+    if getattr(args, "yes", False):
+        return True
+    if not sys.stdin.isatty():
+        print(f"safehold: {question} — refusing without a terminal; pass --yes",
+              file=sys.stderr)
+        return False
+    answer = input(f"{question} [y/N] ").strip().lower()
+    return answer in ("y", "yes")
+
+
+def _warn(job: Any) -> None:
+    for warning in (job.get("warnings") or []) if isinstance(job, dict) else []:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [header] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in cells)
+
+
+async def follow(client: Client, job: dict[str, Any], as_json: bool) -> int:
+    tty = sys.stderr.isatty()
+    async for ev in client.events(job["id"]):
+        t = ev.get("type")
+        if t == "progress":
+            line = render_progress(ev.get("progress", {}))
+            print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr,
+                  flush=True)
+        elif t in ("phase", "log", "started", "running", "queued"):
+            msg = ev.get("message") or ev.get("phase") or t
+            print(("\r\033[K" if tty else "") + f"· {msg}", file=sys.stderr)
+    final = await client.call("GET", f"/api/v1/jobs/{job['id']}")
+    if tty:
+        if final.get("status") == "succeeded":  # even a job too quick for a progress event
+            done = {**(final.get("progress") or {}), "percent": 100.0, "phase": "done",
+                    "eta_s": None}
+            print("\r\033[K" + render_progress(done), end="", file=sys.stderr)
+        print(file=sys.stderr)
+    return finish(final, as_json)
+
+
+def finish(job: dict[str, Any], as_json: bool) -> int:
+    print(json.dumps(job, indent=2) if as_json else final_line(job))
+    return EXIT_OK if job.get("status") == "succeeded" else EXIT_FAILED
+
+
+async def job_started(client: Client, job: dict[str, Any], args: argparse.Namespace) -> int:
+    """After a submit: follow it, wait for it, or show it."""
+    _warn(job)
+    if getattr(args, "follow", False):
+        return await follow(client, job, args.json)
+    if getattr(args, "wait", False) and job.get("status") not in (
+            "succeeded", "failed", "cancelled"):
+        job = await client.call("GET", f"/api/v1/jobs/{job['id']}?wait={JOB_WAIT}")
+        while job.get("status") not in ("succeeded", "failed", "cancelled"):
+            async for _ in client.events(job["id"]):
+                pass
+            job = await client.call("GET", f"/api/v1/jobs/{job['id']}")
+    if job.get("status") in ("succeeded", "failed", "cancelled"):
+        return finish(job, args.json)
+    print(json.dumps(job, indent=2) if args.json else
+          f"{job['kind']} job {job['id']} {job['status']} (safehold follow {job['id']})")
+    return EXIT_OK
+
+
+async def run(client: Client, args: argparse.Namespace) -> int:  # noqa: C901 - a dispatch
+    c, out = args.command, (lambda doc: print(json.dumps(doc, indent=2)))
+    if c == "targets":
+        doc = await client.call("GET", "/api/v1/targets")
+        if args.json:
+            out(doc)
+        else:
+            print(_table([[t["id"], t["engine"], t.get("schedule") or "-",
+                           "default" if t["id"] == doc.get("default_target") else ""]
+                          for t in doc["targets"]], ["TARGET", "ENGINE", "SCHEDULE", ""]))
+        return EXIT_OK
+    if c == "stats":
+        doc = await client.call("GET", f"/api/v1/targets/{args.target}/stats")
+        if args.json:
+            out(doc)
+        else:
+            print(f"{doc.get('engine')} {doc.get('server_version', '')}: "
+                  f"{mib(doc.get('size_bytes'))}, {doc.get('table_count', '?')} tables")
+            rows = [[t["name"], t.get("rows_estimate"), mib(t.get("size_bytes"))]
+                    for t in doc.get("tables", [])]
+            if rows:
+                print(_table(rows, ["TABLE", "ROWS (est.)", "SIZE"]))
+        return EXIT_OK
+    if c == "backups":
+        doc = await client.call("GET", f"/api/v1/targets/{args.target}/backups")
+        if args.json:
+            out(doc)
+        else:
+            print(_table([[b["filename"], b.get("kind"), mib(b.get("size_bytes")),
+                           b.get("created_at"), ",".join(b.get("stored_on") or []),
+                           (b.get("verification") or {}).get("outcome", "")]
+                          for b in doc["backups"]],
+                         ["BACKUP", "KIND", "SIZE", "CREATED", "STORED ON", "DRILL"]))
+        return EXIT_OK
+    if c == "backup":
+        body = {"compress": not args.no_compress, "note": args.note or ""}
+        job = await client.call("POST", f"/api/v1/targets/{args.target}/backups", json=body)
+        return await job_started(client, job, args)
+    if c == "restore":
+        if not confirm(args, f"Replace the database of target '{args.target}' with "
+                             f"{args.backup}?"):
+            return EXIT_USAGE
+        req: dict[str, Any] = {"backup": args.backup,
+                               "create_safety_backup": not args.no_safety_backup}
+        if args.identity_file:  # sent once, sealed by the API for the workers
+            req["identity"] = await asyncio.to_thread(Path(args.identity_file).read_text)
+        job = await client.call("POST", f"/api/v1/targets/{args.target}/restores", json=req)
+        return await job_started(client, job, args)
+    if c == "upload":
+        if args.restore and not confirm(args, f"Upload {args.file} and replace the database "
+                                              f"of target '{args.target}' with it?"):
+            return EXIT_USAGE
+        path = Path(args.file)
+        if not await asyncio.to_thread(path.is_file):
+            print(f"safehold: no such file: {path}", file=sys.stderr)
+            return EXIT_USAGE
+        doc = await client.upload(f"/api/v1/targets/{args.target}/uploads", args.target, path,
+                                  restore=args.restore, safety=not args.no_safety_backup)
+        if args.restore:
+            return await job_started(client, doc["job"], args)
+        if args.json:
+            out(doc)
+        else:
+            print(f"✓ uploaded {doc['filename']} {mib(doc.get('size_bytes'))} "
+                  f"(sha256 {str(doc.get('sha256'))[:16]}…)")
+        return EXIT_OK
+    if c == "download":
+        target = Path(args.output or Path(args.backup).name)
+        doc = await client.download(args.target, args.backup, target)
+        if args.json:
+            out(doc)
+        else:
+            print(f"✓ {doc['file']} {mib(doc['size_bytes'])} (sha256 verified)")
+        return EXIT_OK
+    if c == "delete":
+        if not confirm(args, f"Delete {args.backup} of target '{args.target}' everywhere it "
+                             "is stored?"):
+            return EXIT_USAGE
+        doc = await client.call("DELETE", f"/api/v1/targets/{args.target}/backups/"
+                                          f"{args.backup}")
+        if args.json:
+            out(doc)
+        else:
+            print(f"✓ deleted {doc['deleted']}")
+        return EXIT_OK
+    if c == "jobs":
+        query = "&".join(f"{k}={getattr(args, k)}" for k in ("target", "status", "kind")
+                         if getattr(args, k))
+        doc = await client.call("GET", "/api/v1/jobs" + (f"?{query}" if query else ""))
+        if args.json:
+            out(doc)
+        else:
+            print(_table([[j["id"], j["kind"], j["target"], j["status"], j.get("created_at"),
+                           (j.get("error") or {}).get("code", "")] for j in doc["jobs"]],
+                         ["JOB", "KIND", "TARGET", "STATUS", "CREATED", "ERROR"]))
+        return EXIT_OK
+    if c in ("job", "follow"):
+        job = await client.call("GET", f"/api/v1/jobs/{args.job_id}")
+        if c == "follow" or args.follow:
+            return await follow(client, job, args.json)
+        if args.json or job.get("status") not in ("succeeded", "failed", "cancelled"):
+            out(job)
+            return EXIT_OK
+        return finish(job, False)
+    if c == "cancel":
+        job = await client.call("DELETE", f"/api/v1/jobs/{args.job_id}")
+        if args.json:
+            out(job)
+        else:
+            print(f"{job['kind']} job {job['id']}: {job['status']}"
+                  + (" (cancel requested)" if job.get("status") not in
+                     ("cancelled", "succeeded", "failed") else ""))
+        return EXIT_OK
+    if c == "verify":
+        job = await client.call("POST", f"/api/v1/targets/{args.target}/verify",
+                                json={"backup": args.backup} if args.backup else {})
+        return await job_started(client, job, args)
+    if c == "audit":
+        query = "&".join([f"limit={args.limit}"] + [
+            f"{k}={getattr(args, k)}" for k in ("target", "subject") if getattr(args, k)])
+        doc = await client.call("GET", f"/api/v1/audit?{query}")
+        if args.json:
+            out(doc)
+        else:
+            print(_table([[e.get("ts"), e.get("subject"), e.get("client"), e.get("action"),
+                           e.get("result"), e.get("target"), e.get("backup") or e.get("job")]
+                          for e in doc["entries"]],
+                         ["TIME", "WHO", "VIA", "ACTION", "RESULT", "TARGET", "WHAT"]))
+        return EXIT_OK
+    print(f"safehold: unknown command {c}", file=sys.stderr)
+    return EXIT_USAGE
