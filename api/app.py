@@ -23,6 +23,7 @@ from api.context import (
 from api.handlers import CALLER
 from api.mcp_server import mcp_ctx
 from api.metrics import CATALOG_CACHE
+from api.page import redeem_ticket
 from api.roles import Role
 from api.routes import ROUTES, add_routes, route_of
 from shared import logs
@@ -67,6 +68,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                                      f"{type(exc).__name__}")), status=500)
     if not resp.prepared:
         resp.headers["X-Request-ID"] = request_id
+        if request.path.startswith(("/api/", "/backup/")):
+            resp.headers.setdefault("Cache-Control", "no-store")
     return resp
 
 
@@ -111,7 +114,12 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     request[REQUIRED_ROLE] = route.role
     verifier = request.app[SERVICES].verifier
-    principal = await verifier.verify(bearer_token(request.headers.get("Authorization")))
+    header = request.headers.get("Authorization")
+    if header is None and route.ticket and "ticket" in request.query:
+        token = await redeem_ticket(request, request.query["ticket"])
+    else:
+        token = bearer_token(header)
+    principal = await verifier.verify(token)
     target = request.match_info.get("target")
     if target is None and route.target_from_query:
         target = request.query.get("database") or request.app[SETTINGS].default_target

@@ -1,7 +1,7 @@
 """The CLI's HTTP and SSE client of a running Safehold API, and what a person sees of a
 job (progress bar, one final line). Exit codes: 0 success, 1 the job failed (or another
-error, a conflict included), 2 bad usage or a request the API refused as invalid, 3 authentication or
-permission, 4 not found."""
+error, a conflict included), 2 bad usage or a request the API refused as invalid,
+3 authentication or permission, 4 not found."""
 
 from __future__ import annotations
 

@@ -53,6 +53,7 @@ REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)
 REQUIRED_ROLE = web.RequestKey("required_role", int)
 AUDIT_INFO = web.RequestKey("audit_info", dict)  # handlers add job / backup to the entry
+ROUTE_TABLE = web.AppKey("route_table", dict)  # (method, path) -> api.routes.Route
 
 
 async def services_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -9,7 +9,8 @@ from typing import Any
 from aiohttp import web
 
 from api import handlers as h
-from api import seed
+from api import page, seed
+from api.context import ROUTE_TABLE
 from api.docs import docs_file, docs_index
 from api.events import all_events, job_events
 from api.mcp_server import mcp_endpoint
@@ -32,6 +33,7 @@ class Route:
     body: dict[str, Any] | None = None  # JSON schema of the request body
     responses: dict[str, str] = field(default_factory=dict)
     target_from_query: bool = False  # seed routes: `?database=<target>` or the default
+    ticket: bool = False  # also reachable with a one-use `?ticket=` (browser downloads)
 
 
 T = "/api/v1/targets/{target}"
@@ -75,7 +77,19 @@ ROUTES: list[Route] = [
     Route("GET", f"{T}/backups/{{file}}", h.get_backup, Role.VIEWER, "One backup's manifest"),
     Route("GET", f"{T}/backups/{{file}}/download", h.download_backup, Role.OPERATOR,
           "Download a backup from the first destination holding it (supports Range; S3 "
-          "destinations may redirect to a presigned URL)"),
+          "destinations may redirect to a presigned URL). A browser passes `?ticket=` "
+          "from POST /api/v1/tickets instead of the Authorization header",
+          query={"ticket": "one-use download ticket (60 s) instead of a bearer token"},
+          ticket=True),
+    Route("POST", "/api/v1/tickets", page.create_ticket, Role.VIEWER,
+          "A one-use, 60-second ticket for one download path (for links in a browser, "
+          "which cannot send Authorization); the roles are checked when it is used",
+          body={"type": "object", "required": ["path"], "additionalProperties": False,
+                "properties": {"path": {"type": "string"}}}),
+    Route("GET", "/api/v1/whoami", page.whoami, Role.VIEWER,
+          "The token's subject, global role and role per visible target"),
+    Route("GET", "/", page.index, Role.PUBLIC, "The web page"),
+    Route("GET", "/static/{file}", page.static, Role.PUBLIC, "The web page's files"),
     Route("DELETE", f"{T}/backups/{{file}}", h.delete_backup, Role.ADMIN, "Delete a backup"),
     Route("POST", f"{T}/uploads", upload_backup, Role.OPERATOR,
           "Upload a backup (multipart field `file`, or the raw body): streamed, size-capped, "
@@ -139,9 +153,6 @@ ROUTES: list[Route] = [
           "Server-sent events of every job's status changes (dashboards, webhooks)",
           query={"last_event_id": "replay after this event id (same as the header)"}),
 ]
-
-
-ROUTE_TABLE = web.AppKey("route_table", dict)
 
 
 def add_routes(app: web.Application, routes: list[Route]) -> None:

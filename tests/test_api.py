@@ -74,13 +74,13 @@ async def test_readyz_ok_with_worker(api: Any, worker: Any) -> None:
 
 
 def test_every_route_declares_a_role() -> None:
-    """No route is added without a role; only health checks, metrics, the dev JWKS and
-    the API's own documentation are public."""
+    """No route is added without a role; only health checks, metrics, the dev JWKS, the
+    API's own documentation and the web page's static files are public."""
     for r in ROUTES:
         assert isinstance(r.role, Role)
     assert {r.path for r in ROUTES if r.role is Role.PUBLIC} == {
         "/healthz", "/readyz", "/.well-known/jwks.json", "/metrics", "/api/v1/openapi.json",
-        "/docs", "/docs/{file}"}
+        "/docs", "/docs/{file}", "/", "/static/{file}"}
 
 
 @pytest.mark.parametrize(("method", "path", "body", "status", "code"), [

@@ -1,0 +1,88 @@
+"""The web page at `/` (static files in `api/web/`, no build step, no CDN), the identity
+it shows (`/api/v1/whoami`), and download tickets: a browser link cannot carry an
+`Authorization` header, and a long-lived token must never sit in a URL, so the page asks
+for a ticket — one use, 60 seconds, bound to one download path and to the token that asked
+(which is verified again, with its roles, when the ticket is used)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from pathlib import Path
+
+from aiohttp import web
+
+from api.context import PRINCIPAL, SERVICES
+from api.roles import Role
+from shared.errors import BadRequest, Unauthorized
+
+WEB_DIR = Path(__file__).with_name("web")
+TICKET_TTL = 60
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self' data:; connect-src 'self'; "
+                               "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+_STATIC = {"app.js": "text/javascript", "app.css": "text/css"}
+
+
+async def index(request: web.Request) -> web.Response:
+    return web.Response(body=(WEB_DIR / "index.html").read_bytes(), content_type="text/html",
+                        headers=PAGE_HEADERS)
+
+
+async def static(request: web.Request) -> web.Response:
+    name = request.match_info["file"]
+    if name not in _STATIC:
+        raise web.HTTPNotFound()
+    return web.Response(body=(WEB_DIR / name).read_bytes(), content_type=_STATIC[name],
+                        headers=PAGE_HEADERS)
+
+
+async def whoami(request: web.Request) -> web.Response:
+    """The token's subject, global role and role on each target it may see."""
+    p = request[PRINCIPAL]
+    names = {Role.VIEWER: "viewer", Role.OPERATOR: "operator", Role.ADMIN: "admin"}
+    targets = request.app[SERVICES].settings.targets
+    return web.json_response({
+        "subject": p.subject, "client": p.client,
+        "role": names.get(p.global_role),
+        "targets": {t: names[p.role_for(t)] for t in p.targets_visible(list(targets))}})
+
+
+def _ticket_key(request: web.Request, ticket: str) -> str:
+    prefix = request.app[SERVICES].keys.prefix
+    return f"{prefix}:ticket:{hashlib.sha256(ticket.encode()).hexdigest()}"
+
+
+async def create_ticket(request: web.Request) -> web.Response:
+    """POST {"path": "/api/v1/targets/t/backups/f/download"} -> {"url": path?ticket=…}."""
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequest("request body is not valid JSON", code="invalid_json") from None
+    path = body.get("path") if isinstance(body, dict) else None
+    if not isinstance(path, str) or not path.startswith("/api/v1/targets/") or \
+            not path.endswith("/download") or "?" in path or len(path) > 1000:
+        raise BadRequest("path must be a backup's /download path", code="invalid_body")
+    ticket = secrets.token_urlsafe(32)
+    token = request.headers["Authorization"].partition(" ")[2].strip()
+    await request.app[SERVICES].redis.set(
+        _ticket_key(request, ticket), json.dumps({"path": path, "token": token}),
+        ex=TICKET_TTL)
+    return web.json_response({"url": f"{path}?ticket={ticket}", "expires_in": TICKET_TTL})
+
+
+async def redeem_ticket(request: web.Request, ticket: str) -> str:
+    """The bearer token a ticket stands for (the ticket is gone afterwards); 401 unless it
+    is live and for this very path."""
+    raw = await request.app[SERVICES].redis.getdel(_ticket_key(request, ticket))
+    doc = json.loads(raw) if raw else None
+    if not doc or doc.get("path") != request.path:
+        raise Unauthorized("the download ticket is unknown, used, expired or for another "
+                           "file", code="invalid_ticket")
+    return str(doc["token"])

@@ -1,0 +1,163 @@
+"""The web page in a real browser (Debian's chromium driven headless by Playwright): log in
+with a token, back up and watch the bar complete, download through a ticket, upload with a
+progress bar, restore after a confirmation naming target and backup, see the safety backup
+listed; a viewer sees no destructive buttons. Screenshots go to test-artifacts/."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api.app import create_app
+from shared.config import Settings
+from tests import pg
+from tests.conftest import token
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is needed (scripts/test.sh installs it with apt)")
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        await b.close()
+
+
+async def open_page(browser: Any, base: str, bearer: str) -> tuple[Any, Any, list[str]]:
+    context = await browser.new_context(accept_downloads=True)
+    page = await context.new_page()
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    await page.goto(base + "/")
+    await page.fill("#token", bearer)
+    await page.click("#login-form button[type=submit]")
+    await page.wait_for_selector("#targets tbody tr[data-target=main]")
+    return context, page, problems
+
+
+async def test_the_page_backs_up_downloads_uploads_and_restores(
+        aiohttp_server: Any, settings: Settings, redis: Any, worker: Any, pg_db: str,
+        browser: Any, tmp_path: Path) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    await pg.load_rich(pg_db)
+    before = await pg.fingerprint(pg_db)
+    server = await aiohttp_server(create_app(settings))
+    base = str(server.make_url("")).rstrip("/")
+
+    # the page's own headers: no inline script possible, no framing
+    resp = await (await browser.new_context()).request.get(base + "/")
+    csp = resp.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+
+    context, page, problems = await open_page(browser, base,
+                                              token(settings, "admin", subject="ada"))
+    assert await page.text_content("#who") == "ada (admin)"
+    await page.click("#targets a:text('main')")
+    await page.click("#backup-now")
+    row = page.locator("#jobs tbody tr[data-status=succeeded]").first
+    await row.wait_for(timeout=60_000)
+    assert await row.locator("progress").get_attribute("value") == "100"
+    await page.screenshot(path=str(ARTIFACTS / "web-1-backup-done.png"), full_page=True)
+    backup_row = page.locator("#backups tbody tr").first
+    await backup_row.wait_for()
+    name = await backup_row.get_attribute("data-backup")
+    assert name and name.startswith("backup_postgresql_")
+
+    # download through a one-use ticket: the bytes are the stored backup's
+    async with page.expect_download() as info:
+        await backup_row.locator("button:text('Download')").click()
+    download = await info.value
+    saved = tmp_path / "downloaded.gz"
+    await download.save_as(saved)
+    stored = (Path(settings.storage.path) / "main" / name).read_bytes()
+    assert hashlib.sha256(saved.read_bytes()).digest() == hashlib.sha256(stored).digest()
+
+    # upload with a progress bar
+    (tmp_path / "copy.sql.gz").write_bytes(stored)
+    await page.set_input_files("#upload-file", str(tmp_path / "copy.sql.gz"))
+    await page.click("#upload-form button[type=submit]")
+    await page.wait_for_selector("#upload-status.ok")
+    assert await page.get_attribute("#upload-progress", "value") == "100"
+    await page.wait_for_selector("#backups tbody tr[data-backup^=upload_postgresql_]")
+
+    # restore after the damage people make, confirmed in a dialog naming both
+    conn = await pg.user_conn(pg_db)
+    await conn.execute("DROP TABLE everything CASCADE")
+    await conn.close()
+    await page.locator(f"#backups tbody tr[data-backup='{name}'] button:text('Restore')").click()
+    text = await page.text_content("#confirm-text")
+    assert name in text and '"main"' in text and "safety backup" in text
+    await page.screenshot(path=str(ARTIFACTS / "web-2-confirm-restore.png"))
+    await page.click("#confirm-ok")
+    restored = page.locator("#jobs tbody tr[data-status=succeeded]", has_text="restore")
+    await restored.first.wait_for(timeout=120_000)
+    outcome = await restored.first.locator(".outcome").text_content()
+    assert outcome.startswith(f"Restored from {name}; safety backup safety_")
+    await page.wait_for_selector("#backups tbody tr[data-backup^=safety_]")
+    assert await pg.fingerprint(pg_db) == before
+    assert await page.is_visible("#audit-view")
+    audit = page.locator("#audit tbody tr", has_text="create_restore")
+    await audit.first.wait_for()
+    assert "ada" in (await audit.first.text_content() or "")
+    last = page.locator("#targets tbody tr[data-target=main] .last-backup")
+    assert "ago" in (await last.text_content() or "")
+    await page.screenshot(path=str(ARTIFACTS / "web-3-restored.png"), full_page=True)
+    assert problems == []
+    await context.close()
+
+    # a viewer: the same lists, no button that changes anything
+    context, page, problems = await open_page(browser, base, token(settings, "viewer"))
+    await page.click("#targets a:text('main')")
+    await page.wait_for_selector("#backups tbody tr")
+    for label in ("Restore", "Delete", "Download"):
+        assert await page.locator(f"#backups button:text('{label}')").count() == 0
+    assert not await page.is_visible("#backup-now")
+    assert not await page.is_visible("#upload-form")
+    assert not await page.is_visible("#audit-view")
+    await page.screenshot(path=str(ARTIFACTS / "web-4-viewer.png"), full_page=True)
+    assert problems == []
+    await context.close()
+
+
+async def test_a_bad_token_and_a_replayed_ticket_are_refused(
+        aiohttp_server: Any, settings: Settings, redis: Any, browser: Any) -> None:
+    server = await aiohttp_server(create_app(settings))
+    base = str(server.make_url("")).rstrip("/")
+    context = await browser.new_context()
+    page = await context.new_page()
+    await page.goto(base + "/")
+    await page.fill("#token", "not-a-token")
+    await page.click("#login-form button[type=submit]")
+    await page.wait_for_selector("#login-error:not(:empty)")
+    assert "invalid_token" in (await page.text_content("#login-error") or "")
+    assert await page.is_hidden("#app")
+    # tickets: one use, for the path they name
+    api = context.request
+    headers = {"Authorization": f"Bearer {token(settings, 'operator')}"}
+    path = "/api/v1/targets/main/backups/backup_postgresql_20260101_000000.sql.gz/download"
+    ticket = await (await api.post(base + "/api/v1/tickets", data={"path": path},
+                                   headers=headers)).json()
+    first = await api.get(base + ticket["url"])
+    assert first.status == 404  # authorised, and the backup does not exist
+    again = await api.get(base + ticket["url"])
+    assert again.status == 401 and (await again.json())["error"]["code"] == "invalid_ticket"
+    other = await (await api.post(base + "/api/v1/tickets", data={"path": path},
+                                  headers=headers)).json()
+    moved = other["url"].replace("20260101", "20260102")
+    assert (await api.get(base + moved)).status == 401
+    bad = await api.post(base + "/api/v1/tickets", data={"path": "/api/v1/audit"},
+                         headers=headers)
+    assert bad.status == 400
+    await context.close()
