@@ -11,11 +11,12 @@ import json
 import secrets
 from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 
 from api.context import PRINCIPAL, SERVICES
 from api.roles import Role
-from shared.errors import BadRequest, Unauthorized
+from shared.errors import BadRequest, Forbidden, Unauthorized, Unavailable
 
 WEB_DIR = Path(__file__).with_name("web")
 TICKET_TTL = 60
@@ -86,3 +87,80 @@ async def redeem_ticket(request: web.Request, ticket: str) -> str:
         raise Unauthorized("the download ticket is unknown, used, expired or for another "
                            "file", code="invalid_ticket")
     return str(doc["token"])
+
+
+# ---------------------------------------------------------------------- SSO (PKCE)
+_DISCOVERY: dict[str, dict[str, str]] = {}
+
+
+async def _endpoints(request: web.Request) -> dict[str, str]:
+    """The issuer's authorization and token endpoints (OpenID discovery, cached)."""
+    auth = request.app[SERVICES].settings.auth
+    if auth.issuer not in _DISCOVERY:
+        session = request.app[SERVICES].http["session"]
+        url = auth.issuer.rstrip("/") + "/.well-known/openid-configuration"
+        try:
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                doc = await resp.json(content_type=None)
+                resp.raise_for_status()
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise Unavailable(f"the identity provider's discovery document ({url}) could "
+                              f"not be read: {type(exc).__name__}", code="idp_unreachable") \
+                from None
+        _DISCOVERY[auth.issuer] = {k: str(doc[k]) for k in
+                                   ("authorization_endpoint", "token_endpoint") if k in doc}
+    return _DISCOVERY[auth.issuer]
+
+
+async def login_config(request: web.Request) -> web.Response:
+    """What the page offers: SSO through the issuer (authorization code + PKCE) when
+    `auth.web_client_id` is configured, else pasting a token."""
+    auth = request.app[SERVICES].settings.auth
+    if auth.dev_mode or not auth.web_client_id:
+        return web.json_response({"oidc": None, "dev_mode": auth.dev_mode})
+    ends = await _endpoints(request)
+    return web.json_response({"dev_mode": False, "oidc": {
+        "issuer": auth.issuer, "client_id": auth.web_client_id,
+        "authorization_endpoint": ends.get("authorization_endpoint")}})
+
+
+async def login_token(request: web.Request) -> web.Response:
+    """Exchange the page's authorization code (with its PKCE verifier) at the issuer's
+    token endpoint — from here, so the page needs no cross-origin call — and hand back
+    the access token once Safehold itself accepts it."""
+    s = request.app[SERVICES]
+    auth = s.settings.auth
+    if auth.dev_mode or not auth.web_client_id:
+        raise BadRequest("SSO login is not configured (auth.issuer, auth.web_client_id)",
+                         code="sso_disabled")
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequest("request body is not valid JSON", code="invalid_json") from None
+    fields = {k: body.get(k) if isinstance(body, dict) else None
+              for k in ("code", "code_verifier", "redirect_uri")}
+    if not all(isinstance(v, str) and 0 < len(v) < 4096 for v in fields.values()):
+        raise BadRequest("code, code_verifier and redirect_uri are required",
+                         code="invalid_body")
+    if fields["redirect_uri"] != f"{request.scheme}://{request.host}/":
+        raise BadRequest("redirect_uri must be this page", code="invalid_body")
+    ends = await _endpoints(request)
+    form = {"grant_type": "authorization_code", "client_id": auth.web_client_id, **fields}
+    try:
+        async with s.http["session"].post(ends["token_endpoint"], data=form,
+                                          timeout=aiohttp.ClientTimeout(total=15)) as resp:
+            doc = await resp.json(content_type=None)
+            status = resp.status
+    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+        raise Unavailable(f"the identity provider's token endpoint failed: "
+                          f"{type(exc).__name__}", code="idp_unreachable") from None
+    if status >= 400 or not isinstance(doc, dict) or "access_token" not in doc:
+        reason = doc.get("error") if isinstance(doc, dict) else None
+        raise Unauthorized(f"the identity provider refused the login ({reason or status})",
+                           code="login_refused")
+    principal = await s.verifier.verify(str(doc["access_token"]))
+    if principal.best_role < Role.VIEWER:
+        raise Forbidden(f"{principal.subject} has no Safehold role (viewer, operator or "
+                        "admin) — ask an admin to grant one", code="forbidden")
+    return web.json_response({"access_token": doc["access_token"],
+                              "expires_in": doc.get("expires_in")})

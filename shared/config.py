@@ -190,6 +190,7 @@ class AuthSettings:
     allowed_azp: str = ""  # …or come from one of these clients (`azp`), Keycloak-style
     jwks_url: str = ""  # default: {issuer}/protocol/openid-connect/certs
     client_id: str = ""  # for resource_access.<client>.roles; default: first audience
+    web_client_id: str = ""  # a public client (PKCE) for the web page's SSO login
     role_claims: str = "realm_access.roles,resource_access.{client}.roles"
     role_viewer: str = "viewer"
     role_operator: str = "operator"

@@ -161,3 +161,79 @@ async def test_a_bad_token_and_a_replayed_ticket_are_refused(
                          headers=headers)
     assert bad.status == 400
     await context.close()
+
+
+async def test_single_sign_on_with_pkce(aiohttp_server: Any, settings: Settings, redis: Any,
+                                        browser: Any) -> None:
+    """With an issuer and `web_client_id`, the page logs in through the authorization-code
+    flow with PKCE (S256): a fake identity provider checks the challenge against the
+    verifier; a wrong verifier is refused; the code never stays in the address bar."""
+    import base64
+    import secrets as _secrets
+    from dataclasses import replace
+    from urllib.parse import urlencode
+
+    from aiohttp import web
+
+    from shared.config import AuthSettings
+    from tests.test_auth import ISSUER_PATH, Issuer
+
+    idp = Issuer()
+    codes: dict[str, dict[str, str]] = {}
+
+    async def discovery(_: web.Request) -> web.Response:
+        base = idp.url + ISSUER_PATH
+        return web.json_response({"issuer": base, "authorization_endpoint": base + "/auth",
+                                  "token_endpoint": base + "/token"})
+
+    async def authorize(request: web.Request) -> web.Response:
+        q = request.query
+        assert q["response_type"] == "code" and q["client_id"] == "safehold-web"
+        assert q["code_challenge_method"] == "S256" and len(q["code_challenge"]) == 43
+        code = _secrets.token_urlsafe(16)
+        codes[code] = {"challenge": q["code_challenge"], "redirect_uri": q["redirect_uri"]}
+        raise web.HTTPFound(q["redirect_uri"] + "?" + urlencode(
+            {"code": code, "state": q["state"]}))
+
+    async def token_endpoint(request: web.Request) -> web.Response:
+        form = await request.post()
+        grant = codes.pop(str(form.get("code")), None)
+        verifier = str(form.get("code_verifier", "")).encode()
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier).digest()).rstrip(b"=")
+        if grant is None or challenge.decode() != grant["challenge"] or \
+                form.get("redirect_uri") != grant["redirect_uri"]:
+            return web.json_response({"error": "invalid_grant"}, status=400)
+        return web.json_response({"access_token": idp.token(
+            roles=["admin"], sub="sso-user", aud="safehold-api", azp="safehold-web"),
+            "expires_in": 300})
+
+    async def certs(_: web.Request) -> web.Response:
+        return web.json_response(idp.jwks())
+
+    app = web.Application()
+    app.router.add_get(f"{ISSUER_PATH}/.well-known/openid-configuration", discovery)
+    app.router.add_get(f"{ISSUER_PATH}/auth", authorize)
+    app.router.add_post(f"{ISSUER_PATH}/token", token_endpoint)
+    app.router.add_get(f"{ISSUER_PATH}/protocol/openid-connect/certs", certs)
+    idp_server = await aiohttp_server(app)
+    idp.url = str(idp_server.make_url("")).rstrip("/")
+    sso = replace(settings, auth=AuthSettings(
+        issuer=idp.url + ISSUER_PATH, audience="safehold-api", allowed_azp="safehold-web",
+        client_id="safehold", web_client_id="safehold-web"))
+    server = await aiohttp_server(create_app(sso))
+    base = str(server.make_url("")).rstrip("/")
+
+    context = await browser.new_context()
+    page = await context.new_page()
+    await page.goto(base + "/")
+    await page.click("#sso-login")
+    await page.wait_for_selector("#app:not([hidden])")
+    assert await page.text_content("#who") == "sso-user (admin)"
+    assert page.url == base + "/"  # no code left in the address bar
+    # a code with the wrong verifier is refused by the provider, and so by Safehold
+    codes["stolen"] = {"challenge": "x" * 43, "redirect_uri": base + "/"}
+    refused = await context.request.post(base + "/api/v1/login/token", data={
+        "code": "stolen", "code_verifier": "guess", "redirect_uri": base + "/"})
+    assert refused.status == 401
+    assert (await refused.json())["error"]["code"] == "login_refused"
+    await context.close()

@@ -408,6 +408,71 @@ async function loadAudit() {
     el("td", { class: "mono" }, e.backup || e.job || ""))));
 }
 
+// ------------------------------------------------------------------ SSO (PKCE)
+function b64url(bytes) {
+  return btoa(String.fromCharCode(...new Uint8Array(bytes)))
+    .replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+async function startSso(oidc) {
+  if (!window.crypto || !crypto.subtle) {
+    $("#login-error").textContent = "single sign-on needs HTTPS (or localhost) in this browser";
+    return;
+  }
+  const verifier = b64url(crypto.getRandomValues(new Uint8Array(32)));
+  const state = b64url(crypto.getRandomValues(new Uint8Array(16)));
+  const challenge = b64url(await crypto.subtle.digest("SHA-256",
+                                                      new TextEncoder().encode(verifier)));
+  sessionStorage.setItem("safehold-pkce", JSON.stringify({ verifier, state }));
+  const url = new URL(oidc.authorization_endpoint);
+  const params = { response_type: "code", client_id: oidc.client_id, scope: "openid",
+    redirect_uri: location.origin + "/", state, code_challenge: challenge,
+    code_challenge_method: "S256" };
+  for (const [k, v] of Object.entries(params)) url.searchParams.set(k, v);
+  location.assign(url.toString());
+}
+
+async function finishSso(query) {
+  const saved = JSON.parse(sessionStorage.getItem("safehold-pkce") || "null");
+  sessionStorage.removeItem("safehold-pkce");
+  history.replaceState(null, "", "/");  // the code leaves the address bar at once
+  if (!saved || query.get("state") !== saved.state) {
+    $("#login-error").textContent = "the login came back with an unknown state: try again";
+    return;
+  }
+  const res = await fetch("/api/v1/login/token", { method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ code: query.get("code"), code_verifier: saved.verifier,
+                           redirect_uri: location.origin + "/" }) });
+  const doc = await res.json().catch(() => ({}));
+  if (!res.ok) {
+    $("#login-error").textContent = `${doc.error.code}: ${doc.error.message}`;
+    return;
+  }
+  await login(doc.access_token);
+}
+
+async function start() {
+  const query = new URLSearchParams(location.search);
+  if (query.get("error")) {
+    history.replaceState(null, "", "/");
+    $("#login-error").textContent = `the identity provider said: ${query.get("error")}`;
+  } else if (query.get("code")) {
+    await finishSso(query);
+    return;
+  }
+  if (token) {
+    await login(token);
+    return;
+  }
+  const config = await fetch("/api/v1/login-config").then((r) => r.json()).catch(() => ({}));
+  if (config.oidc) {
+    $("#sso").hidden = false;
+    $("#sso-issuer").textContent = config.oidc.issuer;
+    $("#sso-login").addEventListener("click", () => startSso(config.oidc));
+  }
+}
+
 // ------------------------------------------------------------------ wiring
 $("#login-form").addEventListener("submit", (e) => { e.preventDefault(); login($("#token").value); });
 $("#logout").addEventListener("click", logout);
@@ -416,4 +481,4 @@ $("#backup-now").addEventListener("click", () =>
   startJob("POST", `/api/v1/targets/${encodeURIComponent(selected)}/backups`, {}));
 $("#verify-now").addEventListener("click", () =>
   startJob("POST", `/api/v1/targets/${encodeURIComponent(selected)}/verify`, {}));
-if (token) login(token);
+start();
