@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import errno
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -118,6 +119,30 @@ async def cmd_worker(settings: Settings) -> None:
     await worker_main.serve_worker(settings, _stop_event())
 
 
+async def cmd_worker_check(settings: Settings) -> int:
+    """A worker process on this host (its id starts with the host name: the container's
+    own, in Docker) announced itself in the last 30 s."""
+    import time
+
+    from shared.keys import Keys
+    from shared.queue import connect
+
+    pool = await connect(settings.redis.url)
+    try:
+        since = time.time() - 30
+        live = [w.decode() for w in await pool.zrangebyscore(
+            Keys(settings.redis.prefix).workers, since, "+inf")]
+    finally:
+        await pool.aclose()
+    mine = [w for w in live if w.split(":", 1)[0] == socket.gethostname()]
+    if mine:
+        print(f"ok: {len(mine)} live worker(s) on {socket.gethostname()}")
+        return 0
+    print(f"unhealthy: no worker on {socket.gethostname()} heartbeated in the last 30 s "
+          f"({len(live)} elsewhere)", file=sys.stderr)
+    return 1
+
+
 async def cmd_run(settings: Settings) -> None:
     """API + worker in one process (first run, small installs)."""
     created = ensure_example_database(settings)
@@ -164,8 +189,35 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
                           "`safehold token` (that is for dev mode only)")
     roles = [args.role] if args.role != "none" else []
     roles += [f"{r}:{t}" for r, t in (s.split(":", 1) for s in args.scoped)]
+    mismatch = _server_key_mismatch(api_base(args, settings), settings.auth.dev_key_path)
+    if mismatch:
+        print(f"safehold token: {mismatch}", file=sys.stderr)
+        return 2
     print(mint_dev_token(settings.auth, roles, ttl=parse_ttl(args.ttl), subject=args.subject))
     return 0
+
+
+def _server_key_mismatch(base: str, key_path: str) -> str | None:
+    """If a Safehold server answers at `base`, the reason a token signed with the key at
+    `key_path` would be refused there (another key, or none yet here), else None."""
+    import urllib.request
+
+    from api.auth import _kid, load_or_create_dev_key
+
+    try:
+        with urllib.request.urlopen(f"{base}/.well-known/jwks.json", timeout=2) as resp:
+            kids = {k.get("kid") for k in json.load(resp).get("keys", [])}
+    except (OSError, ValueError):
+        return None  # no server there (or not in dev mode): nothing to disagree with
+    if not Path(key_path).exists():
+        return (f"the server at {base} signs with its own key, and there is no key at "
+                f"{key_path}: run this with the server's config (--config) or from its "
+                "directory, so both use one key")
+    if _kid(load_or_create_dev_key(key_path)) not in kids:
+        return (f"the key at {key_path} is not the one the server at {base} uses: its "
+                "tokens would be refused (unknown key). Run this with the server's config "
+                "(--config) or from its directory")
+    return None
 
 
 def api_base(args: argparse.Namespace, settings: Settings) -> str:
@@ -203,7 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--log-format", choices=("text", "json"), default=argparse.SUPPRESS,
                         help=argparse.SUPPRESS)
     sub.add_parser("api", help="run the HTTP API", parents=[common])
-    sub.add_parser("worker", help="run a worker", parents=[common])
+    wp = sub.add_parser("worker", help="run a worker", parents=[common])
+    wp.add_argument("--check", action="store_true",
+                    help="health check: exit 0 if a worker on this host heartbeated in the "
+                         "last 30 s (a container's health check), else 1")
     sub.add_parser("run", help="run API + worker in one process (starts Redis if needed)",
                    parents=[common])
     tp = sub.add_parser("token", help="dev mode: print a bearer token signed by the local key",
@@ -214,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--subject", default=os.environ.get("USER", "dev"))
     tp.add_argument("--scoped", action="append", default=[], metavar="ROLE:TARGET",
                     help="an extra role on one target only, e.g. operator:main")
+    tp.add_argument("--url", help="the server whose key must match (default: $SAFEHOLD_URL "
+                                  "or the config)")
     mp = sub.add_parser("mcp", parents=[common],
                         help="an MCP server on stdio, bridged to the Safehold server's /mcp "
                              "(token from $SAFEHOLD_TOKEN)")
@@ -233,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_token(args, settings)
         if args.command == "api":
             asyncio.run(cmd_api(settings))
+        elif args.command == "worker" and args.check:
+            return asyncio.run(cmd_worker_check(settings))
         elif args.command == "worker":
             asyncio.run(cmd_worker(settings))
         elif args.command == "run":

@@ -216,6 +216,11 @@ async def test_client_commands_as_a_person_and_a_script_use_them(
         for role in ("admin", "viewer"):
             rc, out, _ = await cli("--config", str(cfg), "token", "--role", role, env=env)
             token_for[role] = out.strip()
+        # `safehold token` without the server's config would sign with another key: it
+        # says so instead of printing a token the server refuses as "unknown key"
+        elsewhere = {k: v for k, v in env.items() if k != "SAFEHOLD_CONFIG"}
+        rc, out, err = await cli("token", "--url", base, env=elsewhere)
+        assert rc == 2 and out == "" and f"the server at {base}" in err, err
         rc, _, err = await sh("targets", who=None)
         assert rc == 3 and "SAFEHOLD_TOKEN" in err  # auth: exit 3, with the fix
         rc, out, _ = await sh("targets")
