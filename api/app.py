@@ -8,6 +8,8 @@ import weakref
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.auth import bearer_token, require
 from api.context import (
@@ -60,6 +62,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         resp = web.json_response(error_body(code, exc.reason), status=exc.status,
                                  headers={k: v for k, v in exc.headers.items()
                                           if k.lower() in ("allow", "www-authenticate")})
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        log.warning("Redis unreachable for %s %s (request %s): %s", request.method,
+                    request.path, request_id, type(exc).__name__)
+        resp = web.json_response(error_body(
+            "redis_unavailable", "Redis (the job queue) is unreachable: nothing was started "
+            "or changed; try again shortly"), status=503, headers={"Retry-After": "5"})
     except Exception as exc:
         log.exception("unhandled error in %s %s (request %s)", request.method, request.path,
                       request_id)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from redis.exceptions import RedisError
 
 from api.auth import Principal, require
 from api.context import Services
@@ -23,6 +26,7 @@ from shared.errors import BadRequest, Conflict, SafeholdError, Unavailable
 from shared.jobs import TERMINAL, Job
 from shared.naming import ENGINE_FORMATS
 
+log = logging.getLogger("safehold.api")
 MAX_WAIT = 3600.0
 NO_WORKER_WARNING = ("no live worker: the job waits in the queue until one runs (start one "
                      "with `safehold worker`)")
@@ -85,17 +89,18 @@ class Operations:
                     target=info.get("target", target), backup=info.get("backup"),
                     job=info.get("job"), request_id=caller.request_id,
                     remote=caller.remote, method=caller.method, path=caller.path)
-            except Exception:  # an audit outage is logged by the caller's error path
-                import logging
-
-                logging.getLogger("safehold.api").exception(
-                    "could not write the audit entry for %s", action)
+            except (RedisError, OSError) as exc:  # an outage: the answer says so anyway
+                log.warning("could not write the audit entry for %s: Redis unreachable (%s)",
+                            action, type(exc).__name__)
+            except Exception:
+                log.exception("could not write the audit entry for %s", action)
 
     def target(self, caller: Caller, target_id: str, role: Role) -> TargetConfig:
-        """The configured target (404 listing the known ones), if `caller` holds `role`."""
-        target = self.s.settings.target(target_id)
-        require(caller.principal, role, target.id)
-        return target
+        """The configured target (404 listing the known ones), if `caller` holds `role`.
+        The role is checked first: a token scoped to some targets learns nothing of the
+        others, not even their names."""
+        require(caller.principal, role, target_id)
+        return self.s.settings.target(target_id)
 
     async def live_workers(self) -> int:
         """Workers that announced themselves in the last 30 s."""

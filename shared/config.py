@@ -296,7 +296,9 @@ class Settings:
         try:
             return self.targets[target_id]
         except KeyError:
-            raise NotFound(f"unknown target '{target_id}'", code="target_not_found") from None
+            known = ", ".join(sorted(self.targets)) or "none"
+            raise NotFound(f"unknown target '{target_id}' (configured: {known})",
+                           code="target_not_found") from None
 
 
 _SECTIONS: dict[str, type] = {

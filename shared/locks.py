@@ -31,6 +31,10 @@ class TargetLock:
         self.ttl_ms = int(ttl_s * 1000)
         self.held = False
 
+    async def try_acquire(self) -> bool:
+        self.held = bool(await self.redis.set(self.key, self.owner, nx=True, px=self.ttl_ms))
+        return self.held
+
     async def acquire(self, poll: float = 0.25) -> None:
         while not await self.redis.set(self.key, self.owner, nx=True, px=self.ttl_ms):
             await asyncio.sleep(poll)

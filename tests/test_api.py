@@ -75,12 +75,13 @@ async def test_readyz_ok_with_worker(api: Any, worker: Any) -> None:
 
 def test_every_route_declares_a_role() -> None:
     """No route is added without a role; only health checks, metrics, the dev JWKS, the
-    API's own documentation and the web page's static files are public."""
+    API's own documentation, the web page's static files and its SSO login are public."""
     for r in ROUTES:
         assert isinstance(r.role, Role)
     assert {r.path for r in ROUTES if r.role is Role.PUBLIC} == {
         "/healthz", "/readyz", "/.well-known/jwks.json", "/metrics", "/api/v1/openapi.json",
-        "/docs", "/docs/{file}", "/", "/static/{file}"}
+        "/docs", "/docs/{file}", "/", "/static/{file}", "/api/v1/login-config",
+        "/api/v1/login/token"}
 
 
 @pytest.mark.parametrize(("method", "path", "body", "status", "code"), [
@@ -187,9 +188,18 @@ async def test_jobs_filters(api: Any, worker: Any, pg_db: str) -> None:
 
 
 async def test_stats(api: Any, worker: Any, pg_db: str) -> None:
-    """Stats report server version, size and tables with row estimates."""
+    """Stats report server version, size and tables with row estimates — null, not 0, for
+    a table never analysed, in /stats as in the manifest."""
     await pg.load_rich(pg_db)
     conn = await pg.user_conn(pg_db)
+    await conn.execute("CREATE TABLE never_analysed (x int)")
+    await conn.execute("INSERT INTO never_analysed SELECT generate_series(1, 10)")
+    fresh = (await (await api.get("/api/v1/targets/main/stats")).json())["tables"]
+    assert next(t for t in fresh if t["name"] == "never_analysed")["rows_estimate"] is None
+    made = (await (await api.post("/api/v1/targets/main/backups?wait=60")).json())["result"]
+    manifest = await (await api.get(f"/api/v1/targets/main/backups/{made['filename']}")).json()
+    assert manifest["counts"]["public.never_analysed"] is None
+    assert manifest["exact_counts"]['public.never_analysed'] == 10
     await conn.execute("ANALYZE")
     await conn.close()
     stats = await (await api.get("/api/v1/targets/main/stats")).json()

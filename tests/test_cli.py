@@ -230,7 +230,7 @@ async def test_client_commands_as_a_person_and_a_script_use_them(
         rc, out, _ = await sh("stats", "main")
         assert rc == 0 and "postgresql" in out and "everything" in out
         rc, _, err = await sh("backups", "nope")
-        assert rc == 4 and "target_not_found" in err
+        assert rc == 4 and "target_not_found" in err and "(configured: main)" in err
         rc, out, err = await sh("backup", "main", "--wait")
         assert rc == 0 and out.startswith("✓ backup backup_postgresql_") and "KiB in" in out, err
         name = out.split()[2]

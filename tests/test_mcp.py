@@ -82,6 +82,8 @@ async def test_resources_tools_and_the_two_step_restore(
         assert options["latest_restorable_backups"][0]["filename"] == name
         status = data(await client.call_tool("job_status", {"job_id": job["id"]}))
         assert status["status"] == "succeeded"
+        late = await client.call_tool("cancel_job", {"job_id": job["id"]})
+        assert late.is_error and "job_finished" in late.content[0].text
         assert (await resource(client, f"resources://safehold/jobs/{job['id']}"))["id"] == \
             job["id"]
 

@@ -72,3 +72,32 @@ async def test_global_stream_carries_every_jobs_transitions(api: Any, worker: An
     again = await read_events(resp, until=lambda e: e["event"] == "succeeded")
     resp.close()
     assert [e["id"] for e in again] == [e["id"] for e in mine[1:]]
+
+
+async def test_phases_come_in_order_and_no_lock_wait_without_contention(
+        api: Any, worker: Any, pg_db: str) -> None:
+    """Phases and log lines arrive in the order they happened; `waiting_for_lock` (and its
+    line) appear only when another job holds the target."""
+    await pg.load_rich(pg_db)
+    job = (await (await api.post("/api/v1/targets/main/backups?wait=60")).json())
+    events = await read_events(await api.get(f"/api/v1/jobs/{job['id']}/events"))
+    phases = [e["data"]["phase"] for e in events if e["event"] == "phase"]
+    assert "waiting_for_lock" not in phases
+    assert phases.index("dumping") < phases.index("publishing") if "publishing" in phases \
+        else "dumping" in phases
+    # now with contention: the second job waits, says for whom, then dumps
+    async with table_lock(pg_db, "everything", "ACCESS EXCLUSIVE"):
+        first = (await (await api.post("/api/v1/targets/main/backups")).json())["id"]
+        second = (await (await api.post("/api/v1/targets/main/backups")).json())["id"]
+        resp = await api.get(f"/api/v1/jobs/{second}/events")
+        seen = await read_events(resp, until=lambda e: e["event"] == "log")
+        resp.close()
+    await wait_for_terminal(api, first)
+    await wait_for_terminal(api, second)
+    events = await read_events(await api.get(f"/api/v1/jobs/{second}/events"))
+    order = [(e["event"], e["data"].get("phase") or e["data"].get("message", ""))
+             for e in events if e["event"] in ("phase", "log")]
+    wait_at = order.index(("phase", "waiting_for_lock"))
+    assert order[wait_at + 1] == ("log", f"waiting for job {first} on target main to finish")
+    assert ("phase", "dumping") in order[wait_at + 2:]
+    assert seen[-1]["data"]["message"].startswith("waiting for job")

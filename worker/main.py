@@ -13,6 +13,9 @@ from typing import Any
 
 from arq import Worker, func
 from arq.connections import ArqRedis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.config import Settings
 from shared.keys import Keys
@@ -41,7 +44,9 @@ async def _housekeeping(runner: JobRunner) -> None:
             await runner.redis.hset(keys.worker_keys,  # type: ignore[misc]
                                     runner.worker_id, runner.transport_recipient)
             await reap_orphans(runner.store, runner.catalog, w.orphan_after)
-        except Exception:  # keep beating through transient Redis errors
+        except (RedisError, OSError) as exc:  # an outage: the poll loop reports it
+            log.debug("housekeeping: Redis unreachable (%s)", type(exc).__name__)
+        except Exception:  # keep beating through anything else, loudly
             log.exception("housekeeping failed")
         await asyncio.sleep(min(WORKER_BEAT, w.orphan_after / 2))
 
@@ -54,7 +59,9 @@ async def _schedule_forever(scheduler: Scheduler) -> None:
     while True:
         try:
             await scheduler.tick()
-        except Exception:  # Redis down: the next tick catches up
+        except (RedisError, OSError) as exc:  # Redis down: the next tick catches up
+            log.debug("scheduler tick: Redis unreachable (%s)", type(exc).__name__)
+        except Exception:
             log.exception("scheduler tick failed")
         await asyncio.sleep(SCHEDULER_TICK)
 
@@ -103,13 +110,38 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
         await runner.catalog.close()
 
 
+class ResilientWorker(Worker):
+    """arq's Worker, riding out Redis outages: a poll that cannot reach Redis is logged
+    (once per outage) and retried with backoff instead of ending the process; jobs already
+    running carry on (their own Redis writes retry), and polling resumes when Redis is
+    back."""
+
+    _outage_since: float | None = None
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            now = time.monotonic()
+            if self._outage_since is None:
+                self._outage_since = now
+                log.warning("Redis is unreachable (%s: %s); running jobs go on, polling "
+                            "again with backoff", type(exc).__name__, exc)
+            await asyncio.sleep(min(5.0, 0.5 + (now - self._outage_since) / 4))
+            return
+        if self._outage_since is not None:
+            log.warning("Redis is reachable again after %.0fs; picking jobs",
+                        time.monotonic() - self._outage_since)
+            self._outage_since = None
+
+
 def build_worker(settings: Settings, *, redis_pool: ArqRedis | None = None,
                  burst: bool = False, poll_delay: float | None = None) -> Worker:
     """An arq Worker for these settings; signals are handled by `serve_worker`/the CLI."""
     ensure_engines(settings)
     w = settings.worker
     keys = Keys(settings.redis.prefix)
-    return Worker(
+    return ResilientWorker(
         functions=[
             # backups publish nothing until complete, restores must never re-run: one try each;
             # an interrupted job is failed `interrupted` and can be resubmitted.

@@ -31,8 +31,9 @@ class Progress:
     _last_bytes: int = 0
     _last_time: float = field(default_factory=time.monotonic)
     _rate: float = 0.0
-    new_phases: list[str] = field(default_factory=list)  # not yet published
-    new_warnings: list[str] = field(default_factory=list)  # not yet published
+    # phase and log events not yet published, in the order they happened (one queue, so a
+    # log line never overtakes the phase it belongs to)
+    outbox: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     # restore stages (e.g. "committing") are written to the job record before they happen,
     # so whoever finds the job orphaned can say what state the database is in
@@ -47,7 +48,7 @@ class Progress:
                   items_total: int | None = None) -> None:
         """Start a new phase; counters restart. Every phase is published, however short."""
         self.phase = phase
-        self.new_phases.append(phase)
+        self.outbox.append(("phase", {"phase": phase}))
         self.bytes_done = 0
         self.bytes_total = bytes_total
         self.items_done = 0
@@ -70,7 +71,11 @@ class Progress:
     def warn(self, message: str) -> None:
         """Something the operator must know (published as a `log` event, kept in results)."""
         self.warnings.append(message)
-        self.new_warnings.append(message)
+        self.outbox.append(("log", {"level": "warning", "message": message}))
+
+    def log(self, message: str) -> None:
+        """A line for whoever follows the job (published in order with the phases)."""
+        self.outbox.append(("log", {"message": message}))
 
     def add_bytes(self, n: int) -> None:
         self.bytes_done += n

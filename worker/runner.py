@@ -32,6 +32,7 @@ from worker.procedures import Procedures
 from worker.progress import Progress
 
 log = logging.getLogger("safehold.worker")
+REDIS_OUTAGE_MAX = 600.0  # seconds a finished job waits for Redis to record its outcome
 
 
 class JobRunner:
@@ -134,6 +135,24 @@ class JobRunner:
         await asyncio.shield(self._finish(job, progress, "succeeded", result=result))
         return {"status": "succeeded"}
 
+    async def _until_redis_answers(self, job_id: str, call: Callable[[], Awaitable[Any]],
+                                   give_up_after: float = REDIS_OUTAGE_MAX) -> Any:
+        """A job's outcome is written even across a Redis outage: retried with backoff for
+        up to REDIS_OUTAGE_MAX seconds (the work is done; losing its record would make a
+        stored backup look failed)."""
+        delay, waited = 0.5, 0.0
+        while True:
+            try:
+                return await call()
+            except (RedisError, OSError) as exc:
+                if waited >= give_up_after:
+                    raise
+                log.warning("job %s: cannot record its outcome, Redis unreachable (%s); "
+                            "retrying in %.0fs", job_id, type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 10.0)
+
     async def _finish(self, job: Job, progress: Progress, status: str, *,
                       result: dict[str, Any] | None = None,
                       error: dict[str, Any] | None = None) -> None:
@@ -150,28 +169,42 @@ class JobRunner:
             fields["result"] = data["result"] = result
         if error is not None:
             fields["error"] = data["error"] = error
-        if await self.store.transition(job.id, ["running"], status, fields=fields, data=data):
-            who = {"subject": job.requested_by.get("subject"),
-                   "client": job.requested_by.get("client")}
-            backup = (result or {}).get("filename") or job.params.get("backup")
-            await self.audit.record(action=f"job.{job.kind}", result=status, **who,
-                                    target=job.target, job=job.id, backup=backup,
-                                    detail=(error or {}).get("code"))
-            self._notify_outcome(job, status, result, error)
-            await self._record_stats(job, status, result)
-            if status == "succeeded" and job.kind == "backup":
-                await self._backup_succeeded(job)
-            if status == "succeeded" and job.kind == "backup" and self.after_backup:
-                try:
-                    await self.after_backup(job)
-                except Exception:
-                    log.exception("job %s: the follow-up after the backup failed", job.id)
-            if (result or {}).get("partial"):
-                missing = [n for n, o in (result or {}).get("destinations", {}).items()
-                           if n not in result.get("stored_on", [])]  # type: ignore[union-attr]
-                await self.audit.record(action="backup.partial", result="warning", **who,
-                                        target=job.target, job=job.id, backup=backup,
-                                        detail="missing on " + ",".join(missing))
+        if await self._until_redis_answers(
+                job.id, lambda: self.store.transition(job.id, ["running"], status,
+                                                      fields=fields, data=data)):
+            await self._follow_ups(job, status, result, error)
+
+    async def _follow_ups(self, job: Job, status: str, result: dict[str, Any] | None,
+                          error: dict[str, Any] | None) -> None:
+        """What follows a recorded outcome: the audit entry, notifications, stats, the
+        missed-schedule state, the prune after a scheduled backup. Each retries across a
+        Redis outage on its own (so none runs twice), and none changes the outcome."""
+        who = {"subject": job.requested_by.get("subject"),
+               "client": job.requested_by.get("client")}
+        backup = (result or {}).get("filename") or job.params.get("backup")
+        steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+            ("audit", lambda: self.audit.record(
+                action=f"job.{job.kind}", result=status, **who, target=job.target,
+                job=job.id, backup=backup, detail=(error or {}).get("code"))),
+            ("stats", lambda: self._record_stats(job, status, result))]
+        if status == "succeeded" and job.kind == "backup":
+            steps.append(("schedule state", lambda: self._backup_succeeded(job)))
+            if self.after_backup is not None:
+                after = self.after_backup
+                steps.append(("prune after the backup", lambda: after(job)))
+        if (result or {}).get("partial"):
+            missing = [n for n, o in (result or {}).get("destinations", {}).items()
+                       if n not in result.get("stored_on", [])]  # type: ignore[union-attr]
+            steps.append(("audit", lambda: self.audit.record(
+                action="backup.partial", result="warning", **who, target=job.target,
+                job=job.id, backup=backup, detail="missing on " + ",".join(missing))))
+        self._notify_outcome(job, status, result, error)
+        for what, step in steps:
+            try:
+                await self._until_redis_answers(job.id, step, give_up_after=60.0)
+            except Exception:
+                log.exception("job %s: its outcome is recorded; the %s after it failed",
+                              job.id, what)
 
     async def _record_stats(self, job: Job, status: str,
                             result: dict[str, Any] | None) -> None:
@@ -179,14 +212,11 @@ class JobRunner:
         took = (datetime.now(UTC) - datetime.fromisoformat(started.replace("Z", "+00:00"))
                 ).total_seconds()
         target = self.settings.targets.get(job.target)
-        try:
-            await stats.job_finished(
-                self.redis, self.keys, kind=job.kind, status=status, target=job.target,
-                engine=target.engine if target else "unknown", duration=max(took, 0.0),
-                stored_bytes=int((result or {}).get("size_bytes") or 0)
-                if job.kind == "backup" else 0)
-        except Exception:  # figures are never worth failing a job over
-            log.exception("job %s: recording metrics failed", job.id)
+        await stats.job_finished(  # a failure is logged by _follow_ups; the job stands
+            self.redis, self.keys, kind=job.kind, status=status, target=job.target,
+            engine=target.engine if target else "unknown", duration=max(took, 0.0),
+            stored_bytes=int((result or {}).get("size_bytes") or 0)
+            if job.kind == "backup" else 0)
 
     def _deliver(self, coro: Awaitable[None]) -> None:
         """Notifications go out in the background: delivery never delays or changes a job."""
@@ -266,11 +296,11 @@ class JobRunner:
                 await asyncio.wait({work}, timeout=1.0)
 
     async def _publish_phases(self, job: Job, progress: Progress) -> None:
-        while progress.new_phases:
-            await self.store.publish(job.id, "phase", {"phase": progress.new_phases.pop(0)})
-        while progress.new_warnings:
-            await self.store.publish(job.id, "log", {"level": "warning",
-                                                     "message": progress.new_warnings.pop(0)})
+        """Phases and log lines, in the order they happened."""
+        while progress.outbox:
+            kind, data = progress.outbox[0]
+            await self.store.publish(job.id, kind, data)
+            progress.outbox.pop(0)  # only once published: a Redis error retries it
 
     async def _watch(self, job: Job, progress: Progress, lock: TargetLock,
                      work: asyncio.Task[Any], state: dict[str, bool]) -> None:
@@ -321,12 +351,12 @@ class JobRunner:
         if job.kind == "stats":  # read-only: no lock
             progress.set_phase("querying")
             return await engine.stats(target)
-        progress.set_phase("waiting_for_lock")
-        holder = await lock.holder()
-        if holder and holder != job.id:
-            await self.store.publish(job.id, "log", {
-                "message": f"waiting for job {holder} on target {target.id} to finish"})
-        await lock.acquire()
+        if not await lock.try_acquire():  # the phase (and its line) only when there is a wait
+            progress.set_phase("waiting_for_lock")
+            holder = await lock.holder()
+            if holder and holder != job.id:
+                progress.log(f"waiting for job {holder} on target {target.id} to finish")
+            await lock.acquire()
         if job.kind == "verify":
             return await self.procedures.verify(job, target, engine, progress)
         if job.kind == "prune":

@@ -221,6 +221,12 @@ class InsertRows:
         return {"exact_counts": self.counts, "exact_count_kind": "rows"}
 
 
+def _estimate(rows: Any) -> int | None:
+    """information_schema's row estimate; null when the server has none (never 0 for
+    unknown)."""
+    return None if rows is None else int(rows)
+
+
 def _unquote(name: str) -> str:
     if len(name) >= 2 and name[0] == name[-1] == "`":
         return name[1:-1].replace("``", "`")
@@ -264,7 +270,7 @@ class MySQL:
     async def _catalog(self, conn: aiomysql.Connection, db: str) -> dict[str, Any]:
         version = (await self._query(conn, "SELECT VERSION()"))[0][0]
         tables = await self._query(
-            conn, "SELECT TABLE_NAME, TABLE_TYPE, COALESCE(TABLE_ROWS, 0), "
+            conn, "SELECT TABLE_NAME, TABLE_TYPE, TABLE_ROWS, "
             "COALESCE(DATA_LENGTH, 0) + COALESCE(INDEX_LENGTH, 0), COALESCE(DATA_LENGTH, 0), "
             "ENGINE FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s ORDER BY 1", db)
         routines = await self._query(
@@ -293,7 +299,7 @@ class MySQL:
             "views": [t[0] for t in cat["tables"] if t[1] == "VIEW"],
             "routines": len(cat["routines"]),
             "events": len(cat["events"]),
-            "tables": [{"name": t[0], "rows_estimate": int(t[2]), "size_bytes": int(t[3]),
+            "tables": [{"name": t[0], "rows_estimate": _estimate(t[2]), "size_bytes": int(t[3]),
                         "storage_engine": t[5]} for t in base],
         }
 
@@ -341,7 +347,8 @@ class MySQL:
                     "server_version": cat["version"], "tool": tool, "tool_version": version,
                     "options": flags, "database": db,
                     "invalid_views": sorted(invalid) or None,
-                    "counts": {t[0]: int(t[2]) for t in base}, "count_kind": "rows_estimate",
+                    "counts": {t[0]: _estimate(t[2]) for t in base},
+                    "count_kind": "rows_estimate",
                 })
                 rc = await child.wait()
                 if rc != 0:

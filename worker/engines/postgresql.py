@@ -204,8 +204,13 @@ class PostgreSQL:
                 f"'{target.id}'; install postgresql-client-{server_major} or newer"
             )
         leaf_tables = [t for t in cat["tables"] if t["kind"] == "r"]
+        estimate = sum(t["bytes"] for t in leaf_tables)
+        if not estimate and leaf_tables:  # never vacuumed or analysed: relpages are 0
+            async with self._connect(target) as conn:
+                estimate = int(await conn.fetchval(
+                    "SELECT pg_database_size(current_database())"))
         progress.item_kind = "tables"
-        progress.set_phase("dumping", bytes_total=sum(t["bytes"] for t in leaf_tables) or None,
+        progress.set_phase("dumping", bytes_total=estimate or None,
                            items_total=len(leaf_tables))
 
         def on_line(line: str) -> None:
@@ -225,8 +230,9 @@ class PostgreSQL:
                 "tool_version": tool_version,
                 "options": flags,
                 "schemas": cat["schemas"],
-                "counts": {f"{t['schema']}.{t['name']}": max(int(t["rows"]), 0)
-                           for t in leaf_tables},
+                # estimates; null for a table never analysed (reltuples -1), never 0
+                "counts": {f"{t['schema']}.{t['name']}":
+                           int(t["rows"]) if t["rows"] >= 0 else None for t in leaf_tables},
                 "count_kind": "rows_estimate",
             })
             rc = await child.wait()

@@ -1,0 +1,109 @@
+"""Redis goes away and comes back (a private redis-server on a free port, killed with
+SIGKILL and restarted): the worker process rides it out, the API answers 503 with a code
+while it is down (never 500), and both recover by themselves."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api.app import create_app
+from shared.config import parse_settings
+from tests import pg
+from tests.conftest import PASSWORD_ENV, bearer, make_raw_config
+from tests.helpers import REPO, wait_for, write_toml
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrivateRedis:
+    def __init__(self, port: int, directory: Path) -> None:
+        self.port, self.dir = port, directory
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        server = shutil.which("redis-server")
+        assert server, "redis-server is needed (scripts/test.sh installs it)"
+        self.proc = await asyncio.create_subprocess_exec(
+            server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(self.dir),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+        def answers() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+        await wait_for(answers, 10, "redis-server to listen")
+
+    async def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
+    r = PrivateRedis(free_port(), tmp_path)
+    await r.start()
+    yield r
+    if r.proc is not None and r.proc.returncode is None:
+        await r.kill()
+
+
+async def test_worker_and_api_ride_out_a_redis_restart(
+        aiohttp_client: Any, private_redis: PrivateRedis, prefix: str, tmp_path: Path,
+        pg_db: str, test_env: dict[str, str]) -> None:
+    await pg.load_rich(pg_db)
+    raw = make_raw_config(prefix, tmp_path / "backups", pg_db)
+    raw["redis"]["url"] = f"redis://127.0.0.1:{private_redis.port}/0"
+    cfg = tmp_path / "safehold.toml"
+    write_toml(cfg, raw)
+    settings = parse_settings(raw, test_env, base=tmp_path, source="<test>")
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as sink:
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "api.cli", "--config", str(cfg), "worker", cwd=REPO,
+            env={**os.environ, PASSWORD_ENV: pg.TEST_PASSWORD}, stdout=sink, stderr=sink)
+    api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
+    try:
+        async def ready() -> bool:
+            return (await api.get("/readyz")).status == 200
+        await wait_for(ready, 30, "the worker to announce itself")
+        job = await (await api.post("/api/v1/targets/main/backups?wait=60")).json()
+        assert job["status"] == "succeeded", job
+
+        await private_redis.kill()
+        for path in ("/api/v1/jobs", f"/api/v1/jobs/{job['id']}", "/metrics"):
+            resp = await api.get(path)
+            assert resp.status == 503, (path, await resp.text())
+            assert (await resp.json())["error"]["code"] == "redis_unavailable"
+        submit = await api.post("/api/v1/targets/main/backups")
+        assert submit.status == 503 and submit.headers["Retry-After"] == "5"
+        ready_now = await api.get("/readyz")
+        assert ready_now.status == 503
+        await asyncio.sleep(4)  # several poll intervals with Redis gone
+        assert worker.returncode is None, log.read_text()[-2000:]
+
+        await private_redis.start()  # an empty Redis: as after a restart without persistence
+        await wait_for(ready, 30, "the worker to come back by itself")
+        again = await (await api.post("/api/v1/targets/main/backups?wait=60")).json()
+        assert again["status"] == "succeeded", again
+        text = log.read_text()
+        assert "Redis is unreachable" in text and "Redis is reachable again" in text
+        assert "Traceback" not in text, text[-3000:]
+    finally:
+        if worker.returncode is None:
+            worker.terminate()
+            await asyncio.wait_for(worker.wait(), 30)
