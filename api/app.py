@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import secrets
 import weakref
@@ -68,6 +69,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         resp = web.json_response(error_body(
             "redis_unavailable", "Redis (the job queue) is unreachable: nothing was started "
             "or changed; try again shortly"), status=503, headers={"Retry-After": "5"})
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            log.exception("unhandled error in %s %s (request %s)", request.method,
+                          request.path, request_id)
+            resp = web.json_response(error_body(
+                "internal_error", f"internal error (request {request_id}): OSError"),
+                status=500)
+        else:  # a full disk is the operator's to fix, and nothing was kept
+            log.error("storage full during %s %s (request %s)", request.method,
+                      request.path, request_id)
+            resp = web.json_response(error_body(
+                "storage_full", "no space left on the server's storage: nothing was kept; "
+                "free space (or prune) and try again"), status=507)
     except Exception as exc:
         log.exception("unhandled error in %s %s (request %s)", request.method, request.path,
                       request_id)

@@ -6,7 +6,6 @@ error, a conflict included), 2 bad usage or a request the API refused as invalid
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import sys
@@ -18,6 +17,7 @@ import aiofiles
 import aiohttp
 
 from shared.errors import SafeholdError
+from shared.storage import sha256_file
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
 CHUNK = 1 << 20
@@ -133,7 +133,7 @@ class Client:
                         await asyncio.to_thread(f.write, block)
                         bar.add(len(block))
         bar.done()
-        got = await asyncio.to_thread(_sha256_of, part)
+        got = await asyncio.to_thread(sha256_file, part)
         if got != expected:
             await asyncio.to_thread(part.unlink)
             raise ApiError(502, "checksum_mismatch",
@@ -145,14 +145,6 @@ class Client:
 
 def _size_or_zero(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Bar:

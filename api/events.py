@@ -8,9 +8,10 @@ job's terminal event (`succeeded`, `failed`, `cancelled`).
 from __future__ import annotations
 
 import json
+import logging
 import re
 
-from aiohttp import web
+from aiohttp import ClientConnectionResetError, web
 from aiohttp_sse import sse_response
 
 from api.context import PRINCIPAL, SERVICES, STREAMS
@@ -18,11 +19,34 @@ from api.handlers import caller, for_reader, ops
 from api.roles import Role
 from shared.jobs import TERMINAL
 
+log = logging.getLogger("safehold.api")
+# a client that disconnects mid-stream is normal, not an error
+CLIENT_GONE = (ConnectionResetError, ClientConnectionResetError, BrokenPipeError)
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 BLOCK_MS = 5000
 
 
 async def job_events(request: web.Request) -> web.StreamResponse:
+    try:
+        return await _job_events(request)
+    except CLIENT_GONE:
+        log.debug("SSE client of %s went away", request.path)
+        return web.Response()  # never sent: the connection is gone
+
+
+async def all_events(request: web.Request) -> web.StreamResponse:
+    """Every job's transitions (queued, started, succeeded, failed, cancelled), live.
+
+    Without Last-Event-ID it starts with what happens next; with one it replays from there
+    (the global stream keeps the last ~100k transitions)."""
+    try:
+        return await _all_events(request)
+    except CLIENT_GONE:
+        log.debug("SSE client of %s went away", request.path)
+        return web.Response()
+
+
+async def _job_events(request: web.Request) -> web.StreamResponse:
     s = request.app[SERVICES]
     # 404/403 as JSON before the stream starts
     job = await ops(request).job(caller(request), request.match_info["job_id"])
@@ -49,11 +73,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-async def all_events(request: web.Request) -> web.StreamResponse:
-    """Every job's transitions (queued, started, succeeded, failed, cancelled), live.
-
-    Without Last-Event-ID it starts with what happens next; with one it replays from there
-    (the global stream keeps the last ~100k transitions)."""
+async def _all_events(request: web.Request) -> web.StreamResponse:
     s = request.app[SERVICES]
     async with sse_response(request, ping_interval=s.settings.server.sse_ping_interval) as resp:
         request.app[STREAMS].add(resp)

@@ -55,15 +55,20 @@ def principal_of(request: web.Request) -> Principal:
     return request[PRINCIPAL]
 
 
+async def json_body(request: web.Request) -> Any:
+    """The request's JSON (400 for anything else, a 100,000-deep nesting included)."""
+    try:
+        return json.loads(await request.read())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError):
+        raise BadRequest("request body is not valid JSON", code="invalid_json") from None
+
+
 async def read_json(request: web.Request, allowed: dict[str, type | tuple[type, ...]]
                     ) -> dict[str, Any]:
     """A JSON object body (or none) with only `allowed` keys of the given types."""
     if not request.can_read_body:
         return {}
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequest("request body is not valid JSON", code="invalid_json") from None
+    body = await json_body(request)
     if body is None:
         return {}
     if not isinstance(body, dict):
@@ -343,7 +348,8 @@ async def schedules_view(request: web.Request) -> web.Response:
             "target": tid, "schedule": t.schedule or None, "timezone": t.timezone,
             "catch_up": t.catch_up, "retention": t.retention.public(),
             "next_run": None, "last_slot": state.get("last_slot"),
-            "last_job": state.get("last_job"), "last_status": None}
+            "last_job": state.get("last_job"), "last_status": None,
+            "missed_since": state.get("missed_alerted")}  # a missed-schedule alert is open
         if t.schedule:
             tz = schedules.zone(t.timezone, "timezone")
             entry["next_run"] = schedules.next_due(

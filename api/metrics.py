@@ -9,6 +9,7 @@ manifest per scrape (`bench/metrics.py`: 10,000 backups).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -36,6 +37,8 @@ class _Cached:
     generation: bytes | None = b"never read"
     at: float = 0.0
     manifests: list[dict[str, Any]] = field(default_factory=list)
+    # one re-read at a time: 100 concurrent scrapes of a changed catalog read it once
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def _ts(iso: Any) -> float | None:
@@ -52,8 +55,10 @@ async def _manifests(request: web.Request, s: Services, target: str) -> list[dic
     gen = await s.redis.get(s.keys.metric("catalog_generation"))
     entry = cache.setdefault(target, _Cached())
     if entry.generation != gen or time.monotonic() - entry.at > 600:
-        entry.manifests = await s.catalog.list_backups(target)
-        entry.generation, entry.at = gen, time.monotonic()
+        async with entry.lock:
+            if entry.generation != gen or time.monotonic() - entry.at > 600:
+                entry.manifests = await s.catalog.list_backups(target)
+                entry.generation, entry.at = gen, time.monotonic()
     return entry.manifests
 
 

@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from api.context import PRINCIPAL, SERVICES
+from api.handlers import json_body
 from api.roles import Role
 from shared.errors import BadRequest, Forbidden, Unauthorized, Unavailable
 
@@ -62,10 +63,7 @@ def _ticket_key(request: web.Request, ticket: str) -> str:
 
 async def create_ticket(request: web.Request) -> web.Response:
     """POST {"path": "/api/v1/targets/t/backups/f/download"} -> {"url": path?ticket=…}."""
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequest("request body is not valid JSON", code="invalid_json") from None
+    body = await json_body(request)
     path = body.get("path") if isinstance(body, dict) else None
     if not isinstance(path, str) or not path.startswith("/api/v1/targets/") or \
             not path.endswith("/download") or "?" in path or len(path) > 1000:
@@ -133,10 +131,7 @@ async def login_token(request: web.Request) -> web.Response:
     if auth.dev_mode or not auth.web_client_id:
         raise BadRequest("SSO login is not configured (auth.issuer, auth.web_client_id)",
                          code="sso_disabled")
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequest("request body is not valid JSON", code="invalid_json") from None
+    body = await json_body(request)
     fields = {k: body.get(k) if isinstance(body, dict) else None
               for k in ("code", "code_verifier", "redirect_uri")}
     if not all(isinstance(v, str) and 0 < len(v) < 4096 for v in fields.values()):

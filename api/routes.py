@@ -169,6 +169,10 @@ def add_routes(app: web.Application, routes: list[Route]) -> None:
     for r in routes:
         app.router.add_route(r.method, r.path, r.handler)
         table[(r.method, r.path)] = r
+        if r.method == "GET" and (r.ticket or r.path.startswith("/backup/download/")):
+            # downloads answer HEAD too (size, ETag/checksum, ranges: no body)
+            app.router.add_route("HEAD", r.path, r.handler)
+            table[("HEAD", r.path)] = r
     app[ROUTE_TABLE] = table
 
 

@@ -219,12 +219,17 @@ class JobStore:
         idempotency_key: str | None = None,
     ) -> tuple[Job, bool]:
         """Create a queued job; with an idempotency key a repeat returns the first job.
+        Keys belong to the caller (`requested_by.subject`): another caller's same key is
+        another job, never a peek at theirs; the same key with other parameters is refused
+        (409 `idempotency_key_reused`).
 
         Returns (job, created).
         """
         job_id = new_job_id()
         if idempotency_key:
-            ikey = self.keys.idempotency(f"{kind}:{target}:{idempotency_key}")
+            subject = str(requested_by.get("subject") or "")
+            ikey = self.keys.idempotency(
+                f"{len(subject)}:{subject}:{kind}:{target}:{idempotency_key}")
             if not await self.redis.set(ikey, job_id, nx=True, ex=self.ttl):
                 # the first caller may not have written its job record yet: wait for it
                 # rather than take the key over (that would make a second job)
@@ -234,6 +239,11 @@ class JobStore:
                         break  # expired meanwhile: take it below
                     found = await self.find(existing.decode())
                     if found is not None:
+                        if found.params != json.loads(json.dumps(dict(params))):
+                            raise Conflict(
+                                "this Idempotency-Key was used for a request with other "
+                                f"parameters (job {found.id}); use a new key",
+                                code="idempotency_key_reused")
                         return found, False
                     await asyncio.sleep(0.1)
                 else:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from api.context import SETTINGS
 from api.roles import Role
 from api.routes import ROUTES
 from tests import pg
@@ -71,6 +72,13 @@ async def test_readyz_ok_with_worker(api: Any, worker: Any) -> None:
         await asyncio.sleep(0.1)
     assert resp.status == 200
     assert (await resp.json())["checks"]["workers"] == 1
+
+
+def bearer_of(api: Any, *roles: str, subject: str) -> dict[str, str]:
+    from tests.conftest import token
+
+    settings = api.server.app[SETTINGS]
+    return {"Authorization": f"Bearer {token(settings, *roles, subject=subject)}"}
 
 
 def test_every_route_declares_a_role() -> None:
@@ -144,6 +152,28 @@ async def test_idempotency_key_returns_the_same_job(api: Any, worker: Any, pg_db
     assert a["id"] == b["id"]
     c = await (await api.post("/api/v1/targets/main/backups", json={})).json()
     assert c["id"] != a["id"]
+    # the same key with another body is refused, not answered with the first job
+    other = await api.post("/api/v1/targets/main/backups", json={"note": "else"}, headers=h)
+    assert other.status == 409
+    assert (await error_of(other))["code"] == "idempotency_key_reused"
+    # keys belong to their caller: another subject's same key is another job
+    them = {**h, **bearer_of(api, "operator", subject="someone-else")}
+    d = await (await api.post("/api/v1/targets/main/backups", json={}, headers=them)).json()
+    assert d["id"] != a["id"]
+
+
+async def test_hostile_bodies_and_head(api: Any, worker: Any, pg_db: str) -> None:
+    """A JSON body nested 100,000 deep is a 400, not a 500; downloads answer HEAD."""
+    deep = "[" * 100_000 + "]" * 100_000
+    resp = await api.post("/api/v1/targets/main/backups", data=deep,
+                          headers={"Content-Type": "application/json"})
+    assert resp.status == 400 and (await error_of(resp))["code"] == "invalid_json"
+    name = (await (await api.post("/api/v1/targets/main/backups?wait=60")).json()
+            )["result"]["filename"]
+    head = await api.head(f"/api/v1/targets/main/backups/{name}/download")
+    assert head.status == 200 and int(head.headers["Content-Length"]) > 0
+    assert head.headers["X-Checksum-SHA256"] and await head.read() == b""
+    assert (await api.head(f"/backup/download/{name}")).status == 200
 
 
 async def test_list_download_range_and_delete(api: Any, worker: Any, pg_db: str,

@@ -5,7 +5,6 @@ the scratch copy is always dropped, and the outcome lands in the manifest."""
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import sqlite3
 import uuid
@@ -20,7 +19,7 @@ from api.app import create_app
 from shared.config import Settings, parse_settings
 from tests import pg
 from tests.conftest import bearer, make_raw_config
-from tests.helpers import backup, running_worker
+from tests.helpers import backup, republish, running_worker
 from worker.engines import drill_name
 
 
@@ -116,13 +115,8 @@ async def test_drill_catches_a_checksum_valid_but_wrong_backup(
         header, data = rest.split(b"\n", 1)
         rows, tail = data.split(b"\n\\.\n", 1)
         kept = b"\n".join(rows.split(b"\n")[: -5])  # five rows gone
-        forged = head + b"COPY public.everything " + header + b"\n" + kept + b"\n\\.\n" + tail
-        blob = gzip.compress(forged)
-        (d / name).write_bytes(blob)
-        manifest = json.loads((d / f"{name}.json").read_text())
-        manifest.update(sha256=hashlib.sha256(blob).hexdigest(), size_bytes=len(blob),
-                        raw_bytes=len(forged))
-        (d / f"{name}.json").write_text(json.dumps(manifest))
+        republish(d, name, head + b"COPY public.everything " + header + b"\n" + kept
+                  + b"\n\\.\n" + tail)
         job = await (await api.post("/api/v1/targets/main/verify?wait=120",
                                     json={"backup": name})).json()
     assert job["status"] == "failed" and job["error"]["code"] == "drill_failed", job

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import hashlib
 import json
 import os
 import re
@@ -23,6 +22,7 @@ from tests.helpers import (
     publish_bomb,
     publish_plain,
     read_events,
+    republish,
     restore,
     restore_twice_unchanged,
     wait_for,
@@ -396,13 +396,7 @@ async def test_drill_catches_rows_cut_from_a_checksum_valid_backup(
     end = sql.index(b";\n", start)
     rows = sql[start:end].split(b"),\n(")
     assert len(rows) == 690, len(rows)  # mariadb-dump: one row per line
-    forged = sql[:start] + b"),\n(".join(rows[:-4]) + b")" + sql[end:]
-    blob = gzip.compress(forged)
-    (d / name).write_bytes(blob)
-    manifest = json.loads((d / f"{name}.json").read_text())
-    manifest.update(sha256=hashlib.sha256(blob).hexdigest(), size_bytes=len(blob),
-                    raw_bytes=len(forged))
-    (d / f"{name}.json").write_text(json.dumps(manifest))
+    republish(d, name, sql[:start] + b"),\n(".join(rows[:-4]) + b")" + sql[end:])
     job = await (await api.post("/api/v1/targets/main/verify?wait=120",
                                 json={"backup": name})).json()
     assert job["status"] == "failed" and job["error"]["code"] == "drill_failed", job

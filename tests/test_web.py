@@ -64,6 +64,11 @@ async def test_the_page_backs_up_downloads_uploads_and_restores(
     context, page, problems = await open_page(browser, base,
                                               token(settings, "admin", subject="ada"))
     assert await page.text_content("#who") == "ada (admin)"
+    health = page.locator("#targets tbody tr[data-target=main] .health")
+    await page.wait_for_function(
+        "document.querySelector('#targets tbody tr[data-target=main] .health')"
+        ".textContent !== '…'")
+    assert await health.text_content() == "no backup yet"
     await page.click("#targets a:text('main')")
     await page.click("#backup-now")
     row = page.locator("#jobs tbody tr[data-status=succeeded]").first
@@ -113,6 +118,7 @@ async def test_the_page_backs_up_downloads_uploads_and_restores(
     assert "ada" in (await audit.first.text_content() or "")
     last = page.locator("#targets tbody tr[data-target=main] .last-backup")
     assert "ago" in (await last.text_content() or "")
+    assert await page.text_content("#targets tbody tr[data-target=main] .health") == "ok"
     await page.screenshot(path=str(ARTIFACTS / "web-3-restored.png"), full_page=True)
     assert problems == []
     await context.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -120,9 +121,17 @@ class JobRunner:
             await asyncio.shield(self._finish(job, progress, "failed", error=error))
             return {"status": "failed"}
         except Exception as exc:
-            log.exception("job %s crashed", job_id)
-            error = {"code": "internal_error",
-                     "message": redact(f"{type(exc).__name__}: {exc}", self._secrets)}
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                log.error("job %s: no space left on the storage (%s)", job_id, exc)
+                error = {"code": "storage_full",
+                         "message": redact(f"no space left on the storage ({exc}); the "
+                                           "partial file was removed and nothing is listed; "
+                                           "free space (or prune) and try again",
+                                           self._secrets)}
+            else:
+                log.exception("job %s crashed", job_id)
+                error = {"code": "internal_error",
+                         "message": redact(f"{type(exc).__name__}: {exc}", self._secrets)}
             await asyncio.shield(self._finish(job, progress, "failed", error=error))
             return {"status": "failed"}
         finally:

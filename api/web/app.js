@@ -131,8 +131,7 @@ async function loadTargets() {
                               : "—"),
       el("td", { class: "last-backup" }, "…"),
       el("td", { class: "last-drill" }, "…"),
-      el("td", {}, s.last_status || "—"),
-      el("td", {}));
+      el("td", { class: "health" }, "…"));
     body.append(row);
     api("GET", `/api/v1/targets/${encodeURIComponent(t.id)}/backups`).then((doc) => {
       const newest = doc.backups.find((b) => b.kind === "backup");
@@ -141,6 +140,15 @@ async function loadTargets() {
       const drilled = doc.backups.find((b) => b.verification);
       row.querySelector(".last-drill").textContent = drilled
         ? `${drilled.verification.outcome} ${age(drilled.verified_at)}` : "none";
+      // health in words: what an operator must act on first
+      const health = row.querySelector(".health");
+      const problems = [];
+      if (s.missed_since) problems.push(`scheduled backups missed (alert ${age(s.missed_since)})`);
+      if (s.last_status === "failed") problems.push(`last scheduled backup failed (${s.last_error})`);
+      if (drilled && drilled.verification.outcome !== "passed") problems.push("last drill failed");
+      if (!newest) problems.push("no backup yet");
+      health.textContent = problems.length ? problems.join("; ") : "ok";
+      health.className = "health " + (problems.length ? "error" : "ok");
     }).catch(() => { row.querySelector(".last-backup").textContent = "?"; });
   }
 }
