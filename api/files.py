@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiofiles
+import aiohttp
+import aiohttp.http_exceptions
 from aiohttp import web
 
 from shared.errors import BadRequest
@@ -111,6 +113,19 @@ class UploadSink:
         os.fsync(self._f.fileno())
 
 
+async def _receive_multipart(request: web.Request, sink: UploadSink) -> str | None:
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        if getattr(part, "name", None) != "file":
+            continue
+        filename = getattr(part, "filename", None)
+        while block := await part.read_chunk(CHUNK):  # type: ignore[union-attr]
+            await sink.write(block)
+        await sink.finish()
+        return filename
+    raise BadRequest("multipart upload has no 'file' field", code="invalid_upload")
+
+
 async def receive_upload(request: web.Request, sink: UploadSink) -> str | None:
     """Stream the request body into `sink`: multipart (field `file`) or a raw body.
 
@@ -122,17 +137,14 @@ async def receive_upload(request: web.Request, sink: UploadSink) -> str | None:
         raise TooLarge(f"upload of {declared} bytes exceeds the limit of {sink.limit} bytes "
                        "(server.max_upload_bytes)")
     if request.content_type.startswith("multipart/"):
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            name = getattr(part, "name", None)
-            if name != "file":
-                continue
-            filename = getattr(part, "filename", None)
-            while block := await part.read_chunk(CHUNK):  # type: ignore[union-attr]
-                await sink.write(block)
-            await sink.finish()
-            return filename
-        raise BadRequest("multipart upload has no 'file' field", code="invalid_upload")
+        try:
+            return await _receive_multipart(request, sink)
+        except (ValueError, aiohttp.http_exceptions.HttpProcessingError,
+                RuntimeWarning) as exc:  # aiohttp's BadContentDisposition* (when raised)
+            # a NUL or a line break in a part's headers, a broken Content-Disposition,
+            # a body that is not the multipart it claims: the client's fault, said so
+            raise BadRequest(f"malformed multipart upload ({type(exc).__name__})",
+                             code="invalid_upload") from None
     async for block in request.content.iter_chunked(CHUNK):
         await sink.write(block)
     await sink.finish()

@@ -207,3 +207,20 @@ async def test_concurrent_uploads_in_one_second_get_distinct_names(
     for name in names:
         assert hashlib.sha256((storage_dir / name).read_bytes()).hexdigest() == \
             hashlib.sha256(blob).hexdigest()
+
+
+@pytest.mark.parametrize("headers", [
+    b'Content-Disposition: form-data; name="file"; filename="a\x00b.sql.gz"\r\n',
+    b'Content-Disposition: form-data; name="file"; filename="a\r\nX-Evil: 1"\r\n',
+    b'Content-Disposition: form-data; name="file"; filename*=bogus\'\'%ZZ\r\n',
+])
+async def test_lying_multipart_headers_are_a_400(api: Any, headers: bytes,
+                                                 storage_dir: Path) -> None:
+    """A NUL or a line break in a part's headers, or a broken Content-Disposition, is the
+    client's error (400 invalid_upload), never a 500, and leaves nothing behind."""
+    body = b"--XYZ\r\n" + headers + b"\r\nhello\r\n--XYZ--\r\n"
+    resp = await api.post("/api/v1/targets/main/uploads", data=body,
+                          headers={"Content-Type": "multipart/form-data; boundary=XYZ"})
+    assert resp.status == 400, await resp.text()
+    assert (await resp.json())["error"]["code"] == "invalid_upload"
+    assert [p for p in storage_dir.rglob("*") if p.is_file()] == []
