@@ -402,3 +402,35 @@ async def test_drill_catches_rows_cut_from_a_checksum_valid_backup(
     assert job["status"] == "failed" and job["error"]["code"] == "drill_failed", job
     assert job["error"]["verification"]["mismatches"] == {
         "item": {"expected": 690, "restored": 686}}
+
+
+async def test_a_dump_whose_connection_is_killed_fails_and_keeps_nothing(
+        api: Any, worker: Any, my_db: str, storage_dir: Path) -> None:
+    """MariaDB `KILL` of the dump's connection (here while it waits on a table another
+    session holds): the job fails with the cause, nothing is listed, no file is left."""
+    await my.load_rich(my_db)
+    holder = await my.admin()
+    await my.execute(holder, f"USE `{my_db}`", "LOCK TABLES item WRITE")
+    try:
+        job_id = (await (await api.post("/api/v1/targets/main/backups")).json())["id"]
+        killer = await my.admin()
+
+        async def waiting_dump() -> list[Any]:
+            rows = (await my.execute(killer, "SELECT ID FROM information_schema.PROCESSLIST "
+                                             f"WHERE DB = '{my_db}' AND USER = '{my.USER}' "
+                                             "AND STATE LIKE 'Waiting for table%'"))[0]
+            return list(rows)
+        rows = await wait_for(waiting_dump, 30, "the dump to wait on the locked table")
+        for (thread,) in rows:
+            await my.execute(killer, f"KILL {int(thread)}")
+        killer.close()
+    finally:
+        await my.execute(holder, "UNLOCK TABLES")
+        holder.close()
+    job = await wait_for_terminal(api, job_id)
+    assert job["status"] == "failed" and job["error"]["code"] == "dump_failed", job
+    assert "lost connection" in job["error"]["message"].lower() or \
+        "killed" in job["error"]["message"].lower(), job["error"]
+    listed = (await (await api.get("/api/v1/targets/main/backups")).json())["backups"]
+    assert listed == []
+    assert [p for p in storage_dir.rglob("*") if p.is_file()] == []
