@@ -26,9 +26,18 @@ REDIS_URL = os.environ.get("SAFEHOLD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"
 PASSWORD_ENV = "SAFEHOLD_TEST_PG_PASSWORD"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _pg_role() -> None:
+_PG_ROLE_READY = False
+
+
+@pytest.fixture(autouse=True)
+def _pg_role(request: Any) -> None:
+    """The password-protected test role, made once per session — not for the fast layer,
+    which must run with no server at all."""
+    global _PG_ROLE_READY
+    if _PG_ROLE_READY or request.node.get_closest_marker("fast"):
+        return
     asyncio.run(pg.ensure_test_role())
+    _PG_ROLE_READY = True
 
 
 @pytest.fixture
@@ -261,3 +270,28 @@ async def bucket(s3_server: Any) -> str:
     name = f"t-{uuid.uuid4().hex[:12]}"
     await s3server.make_bucket(s3_server, name)
     return name
+
+
+# ---------------------------------------------------------------------- the fast layer
+# Tests that need no server at all (no database, no Redis, no HTTP app, no subprocess):
+# `uv run pytest -m fast` answers in seconds. Marked here from the fixtures each test uses,
+# so a new test lands in the right layer by itself.
+NEEDS_A_SERVER = {
+    "redis", "pg_db", "my_db", "api", "anon", "worker", "aiohttp_client", "aiohttp_server",
+    "mongo_server", "neo4j_server", "s3_server", "bucket", "settings", "storage_dir",
+    "wait_job", "redis_port", "mongo", "browser", "private_redis", "small_disk", "client",
+    "drill_role", "issuer", "oidc_settings",
+}
+SLOW_MODULES = {"test_readme", "test_cli", "test_deploy"}  # subprocesses, tool runs
+
+
+def pytest_configure(config: Any) -> None:
+    config.addinivalue_line("markers", "fast: needs no server (uv run pytest -m fast)")
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if not (set(getattr(item, "fixturenames", ())) & NEEDS_A_SERVER) and \
+                module not in SLOW_MODULES:
+            item.add_marker(pytest.mark.fast)
