@@ -83,8 +83,10 @@ class GzipDecompress:
         self._d = _gz.decompressobj(GZIP_WBITS)
         self._in_member = False
         self._pending = b""
+        self._seen = False  # any input at all: an empty file is no gzip stream
 
     def push(self, data: bytes) -> None:
+        self._seen = self._seen or bool(data)
         self._pending = self._pending + data if self._pending else data
 
     def pull(self, max_out: int) -> bytes:
@@ -108,6 +110,8 @@ class GzipDecompress:
     def flush(self) -> bytes:
         if self._in_member:
             raise _corrupt("the backup's gzip stream is truncated")
+        if not self._seen:
+            raise _corrupt("the backup is empty: not even a gzip header")
         return b""
 
 
