@@ -67,8 +67,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.warning("Redis unreachable for %s %s (request %s): %s", request.method,
                     request.path, request_id, type(exc).__name__)
         resp = web.json_response(error_body(
-            "redis_unavailable", "Redis (the job queue) is unreachable: nothing was started "
-            "or changed; try again shortly"), status=503, headers={"Retry-After": "5"})
+            "redis_unavailable", "Redis (the job queue) is unreachable or saturated; a job "
+            "may or may not have been created: look at /api/v1/jobs, or repeat with the "
+            "same Idempotency-Key"), status=503, headers={"Retry-After": "5"})
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             log.exception("unhandled error in %s %s (request %s)", request.method,
@@ -103,9 +104,10 @@ async def audit_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Audit every mutating request, refused ones included, after it has been answered."""
     resp = await handler(request)
     done = request.get(CALLER)
-    if request.method in MUTATING and not (done is not None and done.audited):
+    route = route_of(request)
+    if request.method in MUTATING and not (done is not None and done.audited) and \
+            (route is None or route.audit):
         principal = request.get(PRINCIPAL)
-        route = route_of(request)
         info = request.get(AUDIT_INFO) or {}
         status = resp.status
         result = ("ok" if status < 400 else "denied" if status in (401, 403)
@@ -138,10 +140,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     verifier = request.app[SERVICES].verifier
     header = request.headers.get("Authorization")
     if header is None and route.ticket and "ticket" in request.query:
-        token = await redeem_ticket(request, request.query["ticket"])
+        principal = await redeem_ticket(request, request.query["ticket"])
     else:
-        token = bearer_token(header)
-    principal = await verifier.verify(token)
+        principal = await verifier.verify(bearer_token(header))
     target = request.match_info.get("target")
     if target is None and route.target_from_query:
         target = request.query.get("database") or request.app[SETTINGS].default_target

@@ -38,7 +38,8 @@ async def call_asgi(app: ASGIApp, request: web.Request) -> web.StreamResponse:
             chunk = await request.content.read(CHUNK)
             body_done = request.content.at_eof()
             return {"type": "http.request", "body": chunk, "more_body": not body_done}
-        await asyncio.Event().wait()  # until cancelled: the client went away
+        while request.transport is not None and not request.transport.is_closing():
+            await asyncio.sleep(0.5)  # the app listens for a disconnect: tell it when
         return {"type": "http.disconnect"}
 
     async def send(message: Message) -> None:

@@ -325,7 +325,8 @@ def bearer_token(header: str | None) -> str:
 
 
 def require(principal: Principal, needed: Role, target: str | None) -> None:
-    have = principal.role_for(target) if target else principal.best_role
+    # "" is a target name (an unknown one), not "no target": never the token's best role
+    have = principal.role_for(target) if target is not None else principal.best_role
     if have < needed:
         where = f" on target '{target}'" if target else ""
         raise Forbidden(f"this needs the {ROLE_NAMES[needed]} role{where}; the token has "

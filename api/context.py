@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import logging
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -20,6 +20,7 @@ from api.auth import Principal, build_verifier
 from shared.audit import AuditLog
 from shared.backupstore import Catalog
 from shared.config import Settings
+from shared.errors import TooMany
 from shared.jobs import JobStore
 from shared.keys import Keys
 from shared.queue import connect
@@ -27,6 +28,7 @@ from shared.reaper import reap_orphans
 
 log = logging.getLogger("safehold.api")
 REAP_EVERY = 10.0
+MAX_LONG_REQUESTS_PER_SUBJECT = 16  # of the blocking pool's 64 connections
 
 
 @dataclass
@@ -44,6 +46,22 @@ class Services:
     # upload validation decompresses and scans whole files: its own small pool, so a burst
     # of uploads (or bombs) queues there and never takes the threads other requests use
     validation_pool: ThreadPoolExecutor
+    # long-lived requests (SSE streams, ?wait) per subject: each holds a connection of the
+    # bounded blocking pool, so one caller may not take them all
+    held: dict[str, int] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def long_request(self, subject: str) -> Iterator[None]:
+        if self.held.get(subject, 0) >= MAX_LONG_REQUESTS_PER_SUBJECT:
+            raise TooMany(f"{subject} already has {MAX_LONG_REQUESTS_PER_SUBJECT} event "
+                          "streams or waiting requests open; close some (or poll the job)")
+        self.held[subject] = self.held.get(subject, 0) + 1
+        try:
+            yield
+        finally:
+            self.held[subject] -= 1
+            if not self.held[subject]:
+                del self.held[subject]
 
 
 SETTINGS = web.AppKey("settings", Settings)

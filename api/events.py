@@ -28,7 +28,8 @@ BLOCK_MS = 5000
 
 async def job_events(request: web.Request) -> web.StreamResponse:
     try:
-        return await _job_events(request)
+        with request.app[SERVICES].long_request(request[PRINCIPAL].subject):
+            return await _job_events(request)
     except CLIENT_GONE:
         log.debug("SSE client of %s went away", request.path)
         return web.Response()  # never sent: the connection is gone
@@ -40,7 +41,8 @@ async def all_events(request: web.Request) -> web.StreamResponse:
     Without Last-Event-ID it starts with what happens next; with one it replays from there
     (the global stream keeps the last ~100k transitions)."""
     try:
-        return await _all_events(request)
+        with request.app[SERVICES].long_request(request[PRINCIPAL].subject):
+            return await _all_events(request)
     except CLIENT_GONE:
         log.debug("SSE client of %s went away", request.path)
         return web.Response()

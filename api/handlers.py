@@ -362,7 +362,18 @@ async def schedules_view(request: web.Request) -> web.Response:
 
 
 async def destinations(request: web.Request) -> web.Response:
-    return web.json_response({"destinations": await svc(request).catalog.health()})
+    """Destinations' health; a token that is admin of some targets only sees those targets
+    (names, counts and bytes of the others stay hidden)."""
+    p = principal_of(request)
+    health = await svc(request).catalog.health()
+    if not (p.global_role >= Role.ADMIN and p.restricted_to is None):
+        mine = {t for t in svc(request).settings.targets if p.role_for(t) >= Role.ADMIN}
+        for d in health:
+            d["targets"] = [t for t in d.get("targets") or [] if t in mine]
+            for key in ("backups", "bytes"):  # totals over targets it may not see
+                if key in d:
+                    d[key] = None
+    return web.json_response({"destinations": health})
 
 
 async def jwks(request: web.Request) -> web.Response:

@@ -33,7 +33,7 @@ from api.auth import Principal, bearer_token
 from api.context import Services
 from api.operations import Caller, Operations
 from api.roles import Role
-from shared.errors import SafeholdError, Unauthorized
+from shared.errors import BadRequest, Conflict, Forbidden, SafeholdError, Unauthorized
 from shared.jobs import Job
 
 PLAN_TTL = 300  # seconds a restore confirmation token lives
@@ -49,8 +49,11 @@ TOOL_ROLES = {
 }
 
 
-def job_summary(job: Job) -> dict[str, Any]:
-    d = job.to_dict()
+def job_summary(job: Job, reader: Principal) -> dict[str, Any]:
+    """The job as `reader` may see it (a restore's error text only for its operators)."""
+    from api.handlers import for_reader
+
+    d = for_reader(job.to_dict(), reader, job.kind, job.target)
     return {k: d.get(k) for k in ("id", "kind", "target", "status", "created_at",
                                   "started_at", "finished_at", "progress", "result", "error",
                                   "safety_backup") if d.get(k) is not None}
@@ -99,15 +102,14 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
         """Run a tool's operation; a read is audited here (operations audit the rest);
         Safehold errors become tool errors with their code."""
         ops, who = caller()
-        try:
-            if TOOL_ROLES[tool] == Role.VIEWER:
-                async with ops.audited(who, f"mcp.{tool}", target, {}):
-                    return await body(ops, who)
-            return await body(ops, who)
+        try:  # every call is audited once: by its operation, or here (reads, refusals)
+            async with ops.audited(who, f"mcp.{tool}", target, {}, unless_recorded=True):
+                return await body(ops, who)
         except SafeholdError as exc:
             raise ToolError(f"{exc.code}: {exc.message}") from None
 
-    async def follow(ops: Operations, job: Job, ctx: Context, wait: float) -> dict[str, Any]:
+    async def follow(ops: Operations, who: Caller, job: Job, ctx: Context,
+                     wait: float) -> dict[str, Any]:
         """Report the job's progress to the client until it ends or `wait` passes."""
         async def on_event(ev: Any) -> None:
             if ev.type == "progress" and ev.data.get("percent") is not None:
@@ -120,7 +122,7 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
             job = await ops.wait(job.id, min(wait, WAIT_MAX), on_event)
         if job.status == "succeeded":
             await ctx.report_progress(100.0, 100.0, "succeeded")
-        return job_summary(job)
+        return job_summary(job, who.principal)
 
     # ------------------------------------------------------------------ tools
     @server.tool(description="The databases (targets) this token may see, with engine and "
@@ -143,7 +145,7 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
                             wait_seconds: float = 600) -> dict[str, Any]:
         async def body(ops: Operations, who: Caller) -> dict[str, Any]:
             job = await ops.start_backup(who, database_id, note=note)
-            return await follow(ops, job, ctx, wait_seconds)
+            return await follow(ops, who, job, ctx, wait_seconds)
         return await run("create_backup", database_id, body)
 
     @server.tool(description="Delete one backup everywhere it is stored (admin).")
@@ -156,14 +158,14 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
     @server.tool(description="A job's status, progress, result or error.")
     async def job_status(job_id: str) -> dict[str, Any]:
         async def body(ops: Operations, who: Caller) -> dict[str, Any]:
-            return job_summary(await ops.job(who, job_id))
+            return job_summary(await ops.job(who, job_id), who.principal)
         return await run("job_status", None, body)
 
     @server.tool(description="Cancel a queued or running job (a restore that is already "
                              "changing the database cannot be cancelled).")
     async def cancel_job(job_id: str) -> dict[str, Any]:
         async def body(ops: Operations, who: Caller) -> dict[str, Any]:
-            return job_summary(await ops.cancel(who, job_id))
+            return job_summary(await ops.cancel(who, job_id), who.principal)
         return await run("cancel_job", None, body)
 
     @server.tool(description="Restore drill: restore the newest (or the given) backup into a "
@@ -173,7 +175,7 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
                             wait_seconds: float = 600) -> dict[str, Any]:
         async def body(ops: Operations, who: Caller) -> dict[str, Any]:
             job = await ops.start_verify(who, database_id, backup or None)
-            return await follow(ops, job, ctx, wait_seconds)
+            return await follow(ops, who, job, ctx, wait_seconds)
         return await run("verify_backup", database_id, body)
 
     @server.tool(description="Step 1 of a restore: what will happen (target, backup, its age "
@@ -185,9 +187,8 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
             target = ops.target(who, database_id, Role.OPERATOR)
             name, manifest = await ops.manifest(target.id, backup)
             if manifest.get("engine") != target.engine:
-                raise ToolError(f"engine_mismatch: {name.filename} is a "
-                                f"{manifest.get('engine')} backup; {target.id} is "
-                                f"{target.engine}")
+                raise BadRequest(f"{name.filename} is a {manifest.get('engine')} backup; "
+                                 f"{target.id} is {target.engine}", code="engine_mismatch")
             token = secrets.token_urlsafe(24)
             plan = {"target": target.id, "backup": name.filename,
                     "sha256": manifest.get("sha256"), "subject": who.principal.subject,
@@ -217,18 +218,18 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
             raw = await s.redis.get(key)
             plan = json.loads(raw) if raw is not None else None
             if plan is not None and plan["subject"] != who.principal.subject:
-                raise ToolError("invalid_confirmation: the token was issued to another "
-                                "caller")
+                raise Forbidden("the token was issued to another caller",
+                                code="invalid_confirmation")
             if plan is None or not await s.redis.delete(key):  # one use, even when racing
-                raise ToolError("invalid_confirmation: the token is unknown, used or expired "
-                                "(plan_restore gives a new one)")
+                raise BadRequest("the token is unknown, used or expired (plan_restore gives "
+                                 "a new one)", code="invalid_confirmation")
             _, manifest = await ops.manifest(plan["target"], plan["backup"])
             if manifest.get("sha256") != plan["sha256"]:
-                raise ToolError("invalid_confirmation: the backup changed since it was "
-                                "planned")
+                raise Conflict("the backup changed since it was planned",
+                               code="invalid_confirmation")
             job = await ops.start_restore(who, plan["target"], plan["backup"],
                                           safety=plan["create_safety_backup"])
-            return await follow(ops, job, ctx, wait_seconds)
+            return await follow(ops, who, job, ctx, wait_seconds)
         return await run("execute_restore", None, body)
 
     # ------------------------------------------------------------------ resources

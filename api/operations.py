@@ -22,7 +22,7 @@ from api.context import Services
 from api.roles import Role
 from shared import codecs, naming, stats
 from shared.config import TargetConfig
-from shared.errors import BadRequest, Conflict, SafeholdError, Unavailable
+from shared.errors import BadRequest, Conflict, SafeholdError, TooMany, Unavailable
 from shared.jobs import TERMINAL, Job
 from shared.naming import ENGINE_FORMATS
 
@@ -66,8 +66,12 @@ class Operations:
     # ------------------------------------------------------------------ plumbing
     @contextlib.asynccontextmanager
     async def audited(self, caller: Caller, action: str, target: str | None,
-                       info: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Record the outcome of a mutating operation (refusals included) once."""
+                       info: dict[str, Any], *, unless_recorded: bool = False
+                       ) -> AsyncIterator[dict[str, Any]]:
+        """Record the outcome of a mutating operation (refusals included) once. With
+        `unless_recorded` (a surface's wrapper around a call), nothing is added when an
+        operation inside already wrote the call's entry."""
+        recorded_before = caller.audited
         status, result = 200, "ok"
         try:
             yield info
@@ -76,24 +80,32 @@ class Operations:
             result = ("denied" if status in (401, 403) else "rejected" if status < 500
                       else "error")
             raise
+        except (RedisError, OSError):
+            status, result = 503, "error"
+            raise
         except BaseException:
             status, result = 500, "error"
             raise
         finally:
-            caller.audited = True
-            p = caller.principal
-            try:
-                await self.s.audit.record(
-                    action=action, result=result, status=status, subject=p.subject,
-                    client=caller.surface if caller.surface != "rest" else p.client,
-                    target=info.get("target", target), backup=info.get("backup"),
-                    job=info.get("job"), request_id=caller.request_id,
-                    remote=caller.remote, method=caller.method, path=caller.path)
-            except (RedisError, OSError) as exc:  # an outage: the answer says so anyway
-                log.warning("could not write the audit entry for %s: Redis unreachable (%s)",
-                            action, type(exc).__name__)
-            except Exception:
-                log.exception("could not write the audit entry for %s", action)
+            if not (unless_recorded and caller.audited and not recorded_before):
+                caller.audited = True
+                await self._record(caller, action, target, info, status, result)
+
+    async def _record(self, caller: Caller, action: str, target: str | None,
+                      info: dict[str, Any], status: int, result: str) -> None:
+        p = caller.principal
+        try:
+            await self.s.audit.record(
+                action=action, result=result, status=status, subject=p.subject,
+                client=caller.surface if caller.surface != "rest" else p.client,
+                target=info.get("target", target), backup=info.get("backup"),
+                job=info.get("job"), request_id=caller.request_id,
+                remote=caller.remote, method=caller.method, path=caller.path)
+        except (RedisError, OSError) as exc:  # an outage: the answer says so anyway
+            log.warning("could not write the audit entry for %s: Redis unreachable (%s)",
+                        action, type(exc).__name__)
+        except Exception:
+            log.exception("could not write the audit entry for %s", action)
 
     def target(self, caller: Caller, target_id: str, role: Role) -> TargetConfig:
         """The configured target (404 listing the known ones), if `caller` holds `role`.
@@ -152,7 +164,12 @@ class Operations:
                 await before_enqueue(job)
             await enqueue(self.s.redis, self.s.keys, job)
         if wait:
-            job = await self.wait(job.id, min(wait, MAX_WAIT))
+            try:
+                with self.s.long_request(caller.principal.subject):
+                    job = await self.wait(job.id, min(wait, MAX_WAIT))
+            except TooMany:  # the job stands: answered at once (202), to be followed
+                caller.warnings.append("not waited for: this caller has too many event "
+                                       "streams or waiting requests open; follow the job")
         return job
 
     # ------------------------------------------------------------------ reads

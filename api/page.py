@@ -1,8 +1,8 @@
 """The web page at `/` (static files in `api/web/`, no build step, no CDN), the identity
 it shows (`/api/v1/whoami`), and download tickets: a browser link cannot carry an
 `Authorization` header, and a long-lived token must never sit in a URL, so the page asks
-for a ticket — one use, 60 seconds, bound to one download path and to the token that asked
-(which is verified again, with its roles, when the ticket is used)."""
+for a ticket — one use, 60 seconds, bound to one download path and to who asked (kept as
+the verified identity and roles, never the token; the roles are checked again on use)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from api.auth import Principal
 from api.context import PRINCIPAL, SERVICES
 from api.handlers import json_body
 from api.roles import Role
@@ -69,22 +70,32 @@ async def create_ticket(request: web.Request) -> web.Response:
             not path.endswith("/download") or "?" in path or len(path) > 1000:
         raise BadRequest("path must be a backup's /download path", code="invalid_body")
     ticket = secrets.token_urlsafe(32)
-    token = request.headers["Authorization"].partition(" ")[2].strip()
+    p = request[PRINCIPAL]  # who asked, as verified now (never the token itself)
     await request.app[SERVICES].redis.set(
-        _ticket_key(request, ticket), json.dumps({"path": path, "token": token}),
-        ex=TICKET_TTL)
+        _ticket_key(request, ticket), json.dumps({
+            "path": path, "subject": p.subject, "client": p.client,
+            "role": int(p.global_role), "scoped": {t: int(r) for t, r in p.scoped.items()},
+            "restricted_to": sorted(p.restricted_to) if p.restricted_to is not None
+            else None}), ex=TICKET_TTL)
     return web.json_response({"url": f"{path}?ticket={ticket}", "expires_in": TICKET_TTL})
 
 
-async def redeem_ticket(request: web.Request, ticket: str) -> str:
-    """The bearer token a ticket stands for (the ticket is gone afterwards); 401 unless it
-    is live and for this very path."""
-    raw = await request.app[SERVICES].redis.getdel(_ticket_key(request, ticket))
+async def redeem_ticket(request: web.Request, ticket: str) -> Principal:
+    """Who a ticket stands for (its roles are checked on the route as for a token); the
+    ticket is gone afterwards (a HEAD does not use it up); 401 unless it is live and for
+    this very path."""
+    redis = request.app[SERVICES].redis
+    key = _ticket_key(request, ticket)
+    raw = await (redis.get(key) if request.method == "HEAD" else redis.getdel(key))
     doc = json.loads(raw) if raw else None
     if not doc or doc.get("path") != request.path:
         raise Unauthorized("the download ticket is unknown, used, expired or for another "
                            "file", code="invalid_ticket")
-    return str(doc["token"])
+    restricted = doc.get("restricted_to")
+    return Principal(subject=str(doc["subject"]), client=doc.get("client"),
+                     global_role=Role(int(doc["role"])),
+                     scoped={str(t): Role(int(r)) for t, r in doc["scoped"].items()},
+                     restricted_to=frozenset(restricted) if restricted is not None else None)
 
 
 # ---------------------------------------------------------------------- SSO (PKCE)

@@ -34,6 +34,7 @@ class Route:
     responses: dict[str, str] = field(default_factory=dict)
     target_from_query: bool = False  # seed routes: `?database=<target>` or the default
     ticket: bool = False  # also reachable with a one-use `?ticket=` (browser downloads)
+    audit: bool = True  # False: the handler audits each call itself (MCP tools)
 
 
 T = "/api/v1/targets/{target}"
@@ -154,9 +155,9 @@ ROUTES: list[Route] = [
          "Seed: delete a backup", _DB),
         ("GET", "/backup/stats", seed.stats, Role.VIEWER, "Seed: database statistics", _DB),
     ]],
-    *[Route(method, "/mcp", mcp_endpoint, Role.VIEWER,
-            "MCP (streamable HTTP, stateless): the seed ADR's resources and tools; the same "
-            "bearer token and roles") for method in ("POST", "GET", "DELETE")],
+    Route("POST", "/mcp", mcp_endpoint, Role.VIEWER,
+          "MCP (streamable HTTP, stateless): the seed ADR's resources and tools; the same "
+          "bearer token and roles; every tool call is audited by itself", audit=False),
     Route("GET", "/api/v1/events", all_events, Role.VIEWER,
           "Server-sent events of every job's status changes (dashboards, webhooks)",
           query={"last_event_id": "replay after this event id (same as the header)"}),

@@ -97,9 +97,12 @@ async def restore(request: web.Request) -> web.Response:
 async def restore_upload(request: web.Request) -> web.Response:
     target = seed_target(request)
     safety = query_bool(request, "create_safety_backup", True)
-    manifest = await store_upload(request, target)
+    who = caller(request, "seed")
+    async with ops(request).audited(who, "upload_backup", target.id, {}) as info:
+        manifest = await store_upload(request, target)
+        info["backup"] = manifest["filename"]
     job = await ops(request).start_restore(
-        caller(request, "seed"), target.id, manifest["filename"], safety=safety,
+        who, target.id, manifest["filename"], safety=safety,
         wait=svc(request).settings.server.wait_timeout, fail_fast=True)
     if (other := _not_done(job)) is not None:
         return other

@@ -80,6 +80,13 @@ class TooLarge(SafeholdError):
     status = 413
 
 
+class TooMany(SafeholdError):
+    """Raised when a caller holds too many long-lived requests (streams, waits) at once."""
+
+    code = "too_many_streams"
+    status = 429
+
+
 class BadRequest(SafeholdError):
     """Raised when a client's request is malformed."""
 

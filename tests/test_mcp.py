@@ -128,10 +128,16 @@ async def test_resources_tools_and_the_two_step_restore(
     # every call is audited as the agent, through mcp
     entries = [json.loads(e[1][b"entry"]) for e in await redis.xrange(
         f"{settings.redis.prefix}:audit")]
-    mine = [e for e in entries if e.get("client") == "mcp"]
-    assert {e["subject"] for e in mine} == {"agent-1"}
-    assert {"create_backup", "create_restore", "delete_backup", "mcp.list_backups"} <= \
-        {e["action"] for e in mine}
+    via_mcp = [e for e in entries if e.get("client") == "mcp"]
+    assert {(e["action"], e["result"]) for e in via_mcp if e["subject"] == "someone-else"} \
+        == {("mcp.execute_restore", "denied")}  # the stolen token, refused and recorded
+    mine = [e for e in via_mcp if e["subject"] == "agent-1"]
+    actions = [e["action"] for e in mine]
+    assert {"create_backup", "create_restore", "delete_backup", "mcp.list_backups",
+            "mcp.plan_restore"} <= set(actions)
+    assert ("mcp.execute_restore", "rejected") in {(e["action"], e["result"]) for e in mine}
+    assert actions.count("create_backup") == 1  # once, by the operation, not twice
+    assert not [e for e in entries if e["action"] == "mcp_endpoint"]
 
 
 async def test_roles_scope_and_no_token(aiohttp_server: Any, settings: Settings,
@@ -150,6 +156,14 @@ async def test_roles_scope_and_no_token(aiohttp_server: Any, settings: Settings,
             r = await http.post(f"{base}/mcp", json={"jsonrpc": "2.0", "id": 1,
                                                      "method": "tools/list"})
             assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+            # stateless: no standalone stream to leave hanging
+            r = await http.get(f"{base}/mcp", headers={
+                "Authorization": f"Bearer {token(settings, 'viewer')}"})
+            assert r.status_code == 405
+    entries = [json.loads(e[1][b"entry"]) for e in await redis.xrange(
+        f"{settings.redis.prefix}:audit")]
+    denied = {(e["action"], e["result"]) for e in entries if e.get("client") == "mcp"}
+    assert ("create_backup", "denied") in denied and ("mcp.list_backups", "denied") in denied
 
 
 async def test_stdio_bridge_is_the_same_server(aiohttp_server: Any, settings: Settings,

@@ -124,6 +124,23 @@ async def test_scoped_admins_and_viewers_see_only_what_is_theirs(
         listed = await (await http.get(url("/api/v1/jobs?limit=100"),
                                        headers=as_("viewer"))).json()
         assert all("secret-looking" not in str(j.get("error")) for j in listed["jobs"])
+        # destinations: an admin of `other` only sees `other`, and no cross-target totals
+        dests = (await (await http.get(url("/api/v1/destinations"),
+                                       headers=as_("admin:other"))).json())["destinations"]
+        assert all(d["targets"] == ["other"] and d.get("backups") is None for d in dests)
+        # MCP shows a viewer the same redacted error as REST does
+        import httpx2
+        from mcp import Client
+        from mcp.client.streamable_http import streamable_http_client
+
+        async with httpx2.AsyncClient(headers=as_("viewer:main")) as mcp_http, \
+                Client(streamable_http_client(str(url("/mcp")), http_client=mcp_http)) as mcp:
+            got = await mcp.call_tool("job_status", {"job_id": job["id"]})
+            assert not got.is_error and "secret-looking-value" not in str(got.content)
+            assert "database_state" in str(got.content)
+            empty = await mcp.call_tool("list_backups", {"database_id": ""})
+            assert empty.is_error and "forbidden" in empty.content[0].text
+            assert "other" not in empty.content[0].text  # no names of other targets
 
 
 async def test_restore_progress_rises_to_100_and_never_overruns(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tests import pg
-from tests.helpers import read_events, table_lock, wait_for_terminal
+from tests.helpers import read_events, table_lock, wait_for, wait_for_terminal
 
 
 async def test_resume_with_last_event_id_gets_each_event_once(api: Any, worker: Any,
@@ -101,3 +101,27 @@ async def test_phases_come_in_order_and_no_lock_wait_without_contention(
     assert order[wait_at + 1] == ("log", f"waiting for job {first} on target main to finish")
     assert ("phase", "dumping") in order[wait_at + 2:]
     assert seen[-1]["data"]["message"].startswith("waiting for job")
+
+
+async def test_one_caller_cannot_hold_every_stream(api: Any, pg_db: str) -> None:
+    """Each open stream holds a connection of a bounded pool: a caller gets 16 at once,
+    the 17th is a 429 (others are not starved), and one closing frees a place."""
+    from api.context import MAX_LONG_REQUESTS_PER_SUBJECT
+
+    opened = [await api.get("/api/v1/events") for _ in range(MAX_LONG_REQUESTS_PER_SUBJECT)]
+    assert all(r.status == 200 for r in opened)
+    extra = await api.get("/api/v1/events")
+    assert extra.status == 429 and (await extra.json())["error"]["code"] == "too_many_streams"
+    # a submit with ?wait is not refused: it answers at once, with the job to follow
+    job = await api.post("/api/v1/targets/main/backups?wait=30")
+    assert job.status == 202 and "not waited for" in str((await job.json())["warnings"])
+    opened[0].close()
+
+    async def freed() -> bool:
+        r = await api.get("/api/v1/events")
+        ok = r.status == 200
+        r.close()
+        return ok
+    await wait_for(freed, 10, "a place to free up")
+    for r in opened[1:]:
+        r.close()

@@ -155,6 +155,10 @@ async def test_a_bad_token_and_a_replayed_ticket_are_refused(
     path = "/api/v1/targets/main/backups/backup_postgresql_20260101_000000.sql.gz/download"
     ticket = await (await api.post(base + "/api/v1/tickets", data={"path": path},
                                    headers=headers)).json()
+    kept = [v for k in await redis.keys(f"{settings.redis.prefix}:ticket:*")
+            for v in [await redis.get(k)]]
+    assert kept and all(b"eyJ" not in v and b"token" not in v for v in kept)  # no token
+    assert (await api.head(base + ticket["url"])).status == 404  # HEAD: not used up
     first = await api.get(base + ticket["url"])
     assert first.status == 404  # authorised, and the backup does not exist
     again = await api.get(base + ticket["url"])
