@@ -148,8 +148,11 @@ async def login_token(request: web.Request) -> web.Response:
     if not all(isinstance(v, str) and 0 < len(v) < 4096 for v in fields.values()):
         raise BadRequest("code, code_verifier and redirect_uri are required",
                          code="invalid_body")
-    if fields["redirect_uri"] != f"{request.scheme}://{request.host}/":
-        raise BadRequest("redirect_uri must be this page", code="invalid_body")
+    public = s.settings.server.public_url.rstrip("/")
+    page_url = (public or f"{request.scheme}://{request.host}") + "/"
+    if fields["redirect_uri"] != page_url:
+        raise BadRequest(f"redirect_uri must be this page ({page_url}; behind a proxy set "
+                         "[server] public_url)", code="invalid_body")
     ends = await _endpoints(request)
     form = {"grant_type": "authorization_code", "client_id": auth.web_client_id, **fields}
     try:

@@ -53,6 +53,8 @@ class ServerSettings:
     wait_timeout: float = 300.0  # how long the seed surface waits for a job
     sse_ping_interval: float = 15.0
     max_upload_bytes: int = 20 * 1024**3  # uploads beyond this get 413
+    # the address people use (behind a TLS-terminating proxy): the SSO redirect URI
+    public_url: str = ""
 
 
 @dataclass(frozen=True)

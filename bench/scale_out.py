@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Scale-out on one queue: 100 backups of 10 targets drained by 1, 2 and 4 worker
+processes sharing one Redis and one storage; then 4 workers with one SIGKILLed mid-run.
+
+    uv run python bench/scale_out.py [--jobs 100] [--targets 10] [--mb 20]
+
+Checks, every run: every job ends once (none lost, none twice), each target holds exactly
+its jobs' backups with distinct names, no two jobs of one target ran at the same time (the
+per-target lock); with a worker killed, its jobs end `worker_lost` and all others succeed.
+Prints throughput (jobs/s) per worker count and the ratio to one worker. Separate network
+namespaces are not used: this machine's workers share its loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, free_port  # noqa: E402
+
+
+def make_db(path: Path, mb: int) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body BLOB)")
+    rows = mb * 1024 // 4
+    conn.executemany("INSERT INTO t (body) VALUES (?)",
+                     ((os.urandom(2048) + b"x" * 2048,) for _ in range(rows)))
+    conn.commit()
+    conn.close()
+
+
+def call(base: str, token: str, method: str, path: str) -> Any:
+    req = urllib.request.Request(base + path, method=method, headers={
+        "Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        data=b"{}" if method == "POST" else None)
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        return json.loads(resp.read())
+
+
+def run(work: Path, targets: int, jobs: int, workers: int, kill_one: bool) -> dict[str, Any]:
+    port = free_port()
+    prefix = f"bench-scale-{os.getpid()}-{workers}-{int(kill_one)}"
+    cfg = work / f"safehold-{workers}-{int(kill_one)}.toml"
+    storage = work / f"backups-{workers}-{int(kill_one)}"
+    lines = [f"[server]\nport = {port}", f'[redis]\nprefix = "{prefix}"',
+             f'[storage]\npath = "{storage}"', f'[auth]\ndev_key_path = "{work}/key.pem"',
+             "[worker]\norphan_after = 6.0\nheartbeat_interval = 1.0\nmax_jobs = 2"]
+    for i in range(targets):
+        lines.append(f'[targets.t{i}]\nengine = "sqlite"\npath = "{work}/db{i}.db"')
+    cfg.write_text("\n".join(lines) + "\n")
+    cli = [sys.executable, "-m", "api.cli", "--config", str(cfg)]
+    env = dict(os.environ)
+    token = subprocess.run([*cli, "token", "--role", "admin", "--ttl", "2h"], cwd=REPO,
+                           env=env, check=True, capture_output=True, text=True).stdout.strip()
+    api = subprocess.Popen([*cli, "api"], cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+    procs = [subprocess.Popen([*cli, "worker"], cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+             for _ in range(workers)]
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                ready = call(base, token, "GET", "/readyz")
+                if ready.get("checks", {}).get("workers") == workers:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        t0 = time.monotonic()
+        ids = [call(base, token, "POST", f"/api/v1/targets/t{n % targets}/backups")["id"]
+               for n in range(jobs)]
+        killed = False
+        while True:
+            listed = call(base, token, "GET", f"/api/v1/jobs?kind=backup&limit={jobs + 10}")
+            done = [j for j in listed["jobs"] if j["status"] in ("succeeded", "failed")]
+            if kill_one and not killed and len(done) >= jobs // 4:
+                procs[0].send_signal(signal.SIGKILL)  # as the OOM killer does
+                killed = True
+            if len(done) == jobs:
+                break
+            time.sleep(0.25)
+        took = time.monotonic() - t0
+        jobs_now = {j["id"]: j for j in listed["jobs"]}
+        assert set(jobs_now) == set(ids), "lost or extra jobs"
+        ok = [j for j in jobs_now.values() if j["status"] == "succeeded"]
+        lost = [j for j in jobs_now.values() if j["status"] == "failed"]
+        assert all(j["error"]["code"] in ("worker_lost", "interrupted") for j in lost), \
+            [j["error"] for j in lost]
+        if not kill_one:
+            assert not lost, [j["error"] for j in lost]
+        # each target: exactly its succeeded jobs' backups, distinct names
+        for i in range(targets):
+            names = [b["filename"] for b in call(base, token, "GET",
+                                                 f"/api/v1/targets/t{i}/backups")["backups"]]
+            mine = [j for j in ok if j["target"] == f"t{i}"]
+            assert len(names) == len(set(names)) == len(mine), (i, len(names), len(mine))
+            spans = sorted((datetime.fromisoformat(j["started_at"].replace("Z", "+00:00")),
+                            datetime.fromisoformat(j["finished_at"].replace("Z", "+00:00")))
+                           for j in mine)
+            assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), \
+                f"two jobs of t{i} overlapped"
+        return {"workers": workers, "killed": kill_one, "seconds": round(took, 2),
+                "jobs_per_s": round(len(ok) / took, 2), "succeeded": len(ok),
+                "worker_lost": len(lost)}
+    finally:
+        for p in [api, *procs]:
+            if p.poll() is None:
+                p.terminate()
+        for p in [api, *procs]:
+            p.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", type=int, default=100)
+    ap.add_argument("--targets", type=int, default=10)
+    ap.add_argument("--mb", type=int, default=20, help="size of each SQLite database")
+    a = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    for i in range(a.targets):
+        make_db(work / f"db{i}.db", a.mb)
+    results = [run(work, a.targets, a.jobs, n, False) for n in (1, 2, 4)]
+    results.append(run(work, a.targets, a.jobs, 4, True))
+    one = results[0]["jobs_per_s"]
+    print(f"{'workers':>8} {'killed':>7} {'seconds':>8} {'jobs/s':>7} {'vs 1':>5} "
+          f"{'ok':>4} {'lost':>5}")
+    for r in results:
+        print(f"{r['workers']:>8} {str(r['killed']):>7} {r['seconds']:>8} "
+              f"{r['jobs_per_s']:>7} {r['jobs_per_s'] / one:>5.2f} {r['succeeded']:>4} "
+              f"{r['worker_lost']:>5}")
+
+
+if __name__ == "__main__":
+    main()
