@@ -17,6 +17,7 @@ from arq.connections import ArqRedis
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from api.auth import Principal, build_verifier
+from api.streamhub import StreamHub
 from shared.audit import AuditLog
 from shared.backupstore import Catalog
 from shared.config import Settings
@@ -46,6 +47,7 @@ class Services:
     # upload validation decompresses and scans whole files: its own small pool, so a burst
     # of uploads (or bombs) queues there and never takes the threads other requests use
     validation_pool: ThreadPoolExecutor
+    hub: StreamHub  # one blocking read for every followed event stream
     # long-lived requests (SSE streams, ?wait) per subject: each holds a connection of the
     # bounded blocking pool, so one caller may not take them all
     held: dict[str, int] = field(default_factory=dict)
@@ -87,7 +89,8 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
                         JobStore(blocking, keys, ttl=ttl), Catalog(settings),
                         verifier, jwks_doc, http, AuditLog(redis, keys),
                         ThreadPoolExecutor(settings.limits.max_concurrent_validations,
-                                           thread_name_prefix="validate"))
+                                           thread_name_prefix="validate"),
+                        StreamHub(blocking, redis))
     app[SERVICES] = services
     reaper = asyncio.create_task(_reap_forever(services))
     yield
@@ -97,6 +100,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     for resp in list(streams):
         with contextlib.suppress(Exception):
             resp.stop_streaming()
+    await services.hub.close()
     services.validation_pool.shutdown(wait=False, cancel_futures=True)
     await services.catalog.close()
     await http["session"].close()

@@ -59,19 +59,19 @@ async def _job_events(request: web.Request) -> web.StreamResponse:
         last = resp.last_event_id or request.query.get("last_event_id") or "0-0"
         if not _STREAM_ID.match(last):
             last = "0-0"
-        while resp.is_connected():
-            events = await s.blocking_store.events(job_id, after=last, block_ms=BLOCK_MS)
-            for ev in events:
-                doc = for_reader(ev.to_dict(), request[PRINCIPAL], job.kind, job.target)
-                await resp.send(json.dumps(doc), id=ev.id, event=ev.type)
-                last = ev.id
-                if ev.type in TERMINAL:
-                    return resp
-            if not events:
+        async for ev in s.hub.follow(s.keys.events(job_id), last, idle=BLOCK_MS / 1000):
+            if not resp.is_connected():
+                break
+            if ev is None:  # quiet for a while: is there anything left to wait for?
                 current = await s.store.find(job_id)
                 if current is None or current.terminal:
                     # already past the terminal event (a reconnect after the end) or expired
                     return resp
+                continue
+            doc = for_reader(ev.to_dict(), request[PRINCIPAL], job.kind, job.target)
+            await resp.send(json.dumps(doc), id=ev.id, event=ev.type)
+            if ev.type in TERMINAL:
+                return resp
     return resp
 
 
@@ -85,17 +85,18 @@ async def _all_events(request: web.Request) -> web.StreamResponse:
             last = await s.store.latest_global_event_id()
         principal = request[PRINCIPAL]
         jobs: dict[str, tuple[str, str]] = {}  # job -> (kind, target), for scoped tokens
-        while resp.is_connected():
-            events = await s.blocking_store.global_events(after=last, block_ms=BLOCK_MS)
-            for ev in events:
-                last = ev.id
-                if ev.job not in jobs:
-                    found = await s.store.find(ev.job)
-                    jobs[ev.job] = (found.kind, found.target) if found else ("", "")
-                kind, target = jobs[ev.job]
-                if principal.role_for(target) < Role.VIEWER:
-                    continue
-                doc = for_reader(ev.to_dict(), principal, kind, target)
-                await resp.send(json.dumps(doc), id=ev.id, event=ev.type)
+        async for ev in s.hub.follow(s.keys.global_events, last, idle=BLOCK_MS / 1000):
+            if not resp.is_connected():
+                break
+            if ev is None:
+                continue
+            if ev.job not in jobs:
+                found = await s.store.find(ev.job)
+                jobs[ev.job] = (found.kind, found.target) if found else ("", "")
+            kind, target = jobs[ev.job]
+            if principal.role_for(target) < Role.VIEWER:
+                continue
+            doc = for_reader(ev.to_dict(), principal, kind, target)
+            await resp.send(json.dumps(doc), id=ev.id, event=ev.type)
     return resp
 

@@ -122,19 +122,20 @@ class Operations:
                    on_event: Callable[[Any], Awaitable[None]] | None = None) -> Job:
         """Follow the job's event stream until a terminal event or `timeout`."""
         deadline = time.monotonic() + timeout
-        last = "0-0"
-        while (left := deadline - time.monotonic()) > 0:
-            events = await self.s.blocking_store.events(
-                job_id, after=last, block_ms=max(1, int(min(left, 5.0) * 1000)))
-            for ev in events:
-                last = ev.id
-                if on_event is not None:
-                    await on_event(ev)
-                if ev.type in TERMINAL:
-                    return await self.s.store.get(job_id)
-            job = await self.s.store.get(job_id)
-            if job.terminal:
-                return job
+        events = self.s.hub.follow(self.s.keys.events(job_id), "0-0", idle=1.0)
+        try:
+            async for ev in events:
+                if ev is not None:
+                    if on_event is not None:
+                        await on_event(ev)
+                    if ev.type in TERMINAL:
+                        break
+                elif (await self.s.store.get(job_id)).terminal:
+                    break
+                if time.monotonic() >= deadline:
+                    break
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
         return await self.s.store.get(job_id)
 
     async def submit(self, caller: Caller, kind: str, target: str, params: dict[str, Any],
