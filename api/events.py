@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import OrderedDict
+from typing import Any
 
 from aiohttp import ClientConnectionResetError, web
 from aiohttp_sse import sse_response
@@ -75,6 +77,38 @@ async def _job_events(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+_META: OrderedDict[str, tuple[str, str]] = OrderedDict()  # job -> (kind, target)
+_TEXT: OrderedDict[tuple[str, str, str, bool], str] = OrderedDict()  # -> JSON
+_CACHE_MAX = 4096
+
+
+async def _job_meta(request: web.Request, job_id: str) -> tuple[str, str]:
+    """A job's kind and target (they never change): read once for all followers."""
+    key = f"{request.app[SERVICES].keys.prefix}:{job_id}"
+    if key not in _META:
+        found = await request.app[SERVICES].store.find(job_id)
+        if found is None:
+            return ("", "")  # not cached: it may appear a moment later
+        _META[key] = (found.kind, found.target)
+        if len(_META) > _CACHE_MAX:
+            _META.popitem(last=False)
+    return _META[key]
+
+
+def _rendered(request: web.Request, ev: Any, principal: Any, kind: str, target: str) -> str:
+    """The event's JSON as this reader may see it, serialized once per event and view
+    (a thousand followers share two strings, not a thousand)."""
+    doc = for_reader(ev.to_dict(), principal, kind, target)
+    redacted = "error" in doc and doc.get("error") is not ev.data.get("error")
+    # stream ids are unique within one stream only: the prefix and job make the key unique
+    key = (request.app[SERVICES].keys.prefix, ev.job, ev.id, redacted)
+    if key not in _TEXT:
+        _TEXT[key] = json.dumps(doc)
+        if len(_TEXT) > _CACHE_MAX:
+            _TEXT.popitem(last=False)
+    return _TEXT[key]
+
+
 async def _all_events(request: web.Request) -> web.StreamResponse:
     s = request.app[SERVICES]
     async with sse_response(request, ping_interval=s.settings.server.sse_ping_interval) as resp:
@@ -91,12 +125,11 @@ async def _all_events(request: web.Request) -> web.StreamResponse:
             if ev is None:
                 continue
             if ev.job not in jobs:
-                found = await s.store.find(ev.job)
-                jobs[ev.job] = (found.kind, found.target) if found else ("", "")
+                jobs[ev.job] = await _job_meta(request, ev.job)
             kind, target = jobs[ev.job]
             if principal.role_for(target) < Role.VIEWER:
                 continue
-            doc = for_reader(ev.to_dict(), principal, kind, target)
-            await resp.send(json.dumps(doc), id=ev.id, event=ev.type)
+            await resp.send(_rendered(request, ev, principal, kind, target), id=ev.id,
+                            event=ev.type)
     return resp
 
