@@ -101,13 +101,15 @@ def run(work: Path, targets: int, jobs: int, workers: int, kill_one: bool) -> di
             assert not lost, [j["error"] for j in lost]
         # each target: exactly its succeeded jobs' backups, distinct names
         for i in range(targets):
-            names = [b["filename"] for b in call(base, token, "GET",
-                                                 f"/api/v1/targets/t{i}/backups")["backups"]]
+            listed_b = call(base, token, "GET", f"/api/v1/targets/t{i}/backups")["backups"]
+            names = [b["filename"] for b in listed_b]
             mine = [j for j in ok if j["target"] == f"t{i}"]
             assert len(names) == len(set(names)) == len(mine), (i, len(names), len(mine))
-            spans = sorted((datetime.fromisoformat(j["started_at"].replace("Z", "+00:00")),
-                            datetime.fromisoformat(j["finished_at"].replace("Z", "+00:00")))
-                           for j in mine)
+            # each backup's own span (from after its target lock to its manifest): a job's
+            # started_at also counts its wait for the lock
+            spans = sorted((datetime.fromisoformat(b["created_at"].replace("Z", "+00:00")),
+                            datetime.fromisoformat(b["finished_at"].replace("Z", "+00:00")))
+                           for b in listed_b)
             assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), \
                 f"two jobs of t{i} overlapped"
         return {"workers": workers, "killed": kill_one, "seconds": round(took, 2),
