@@ -20,7 +20,7 @@ from shared.errors import ConfigError
 from shared.naming import ENGINE_EXTENSIONS
 from shared.retention import Policy, parse_policy
 
-TARGET_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+TARGET_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
 
 
 class Secret:

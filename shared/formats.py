@@ -339,8 +339,8 @@ def validate_neo4j(chunks: Iterator[bytes]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ MongoDB
-_MONGO_NAME = re.compile(r"^[^/\\. \"$\0][^/\\ \"$\0]{0,63}$")
-_MONGO_COLL = re.compile(r"^[^$\0/][^$\0/]{0,200}$")
+_MONGO_NAME = re.compile(r"^[^/\\. \"$\0][^/\\ \"$\0]{0,63}\Z")
+_MONGO_COLL = re.compile(r"^[^$\0/][^$\0/]{0,200}\Z")
 MONGO_SYSTEM_DBS = frozenset({"admin", "local", "config"})
 
 

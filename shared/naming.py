@@ -39,7 +39,7 @@ _NAME_RE = re.compile(
     r"(?P<engine>postgresql|mysql|sqlite|mongodb|redis|neo4j)_"
     r"(?P<stamp>\d{8}_\d{6})(?:_(?P<seq>[2-9]|[1-9]\d{1,3}))?"
     r"\.(?P<ext>sql|db|tar|resp|rdb|cypher|dump)"
-    r"(?P<suffix>(?:\.gz|\.zst)?(?:\.age)?)$"
+    r"(?P<suffix>(?:\.gz|\.zst)?(?:\.age)?)\Z"  # \Z: `$` would allow a final newline
 )
 
 

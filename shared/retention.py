@@ -28,7 +28,7 @@ from shared.errors import ConfigError
 
 BUCKETS = ("hourly", "daily", "weekly", "monthly", "yearly")
 KEYS = ("keep_last", "max_age", *BUCKETS)
-_AGE = re.compile(r"^(\d+)([hdwmy])$")
+_AGE = re.compile(r"^(\d+)([hdwmy])\Z")
 _AGE_UNITS = {"h": 1 / 24, "d": 1, "w": 7, "m": 30, "y": 365}
 
 

@@ -212,3 +212,14 @@ def test_names_carry_utc_whatever_the_zone_of_the_time_given() -> None:
     local = datetime(2026, 3, 29, 4, 30, tzinfo=timezone(timedelta(hours=2)))
     assert naming.new_name("backup", "postgresql", local).filename == \
         "backup_postgresql_20260329_023000.sql.gz"
+
+
+def test_a_final_newline_is_not_part_of_any_grammar() -> None:
+    """Found by the insertion property: Python's `$` also matches before a final newline,
+    so `…sql.gz\\n` parsed. Every grammar anchors with `\\Z`."""
+    from shared.config import TARGET_ID_RE
+    from shared.retention import _AGE
+
+    with pytest.raises(InvalidBackupName):
+        naming.parse("backup_postgresql_20241110_120000.sql.gz\n")
+    assert TARGET_ID_RE.match("main\n") is None and _AGE.match("30d\n") is None
