@@ -295,3 +295,12 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
         if not (set(getattr(item, "fixturenames", ())) & NEEDS_A_SERVER) and \
                 module not in SLOW_MODULES:
             item.add_marker(pytest.mark.fast)
+
+
+# Hypothesis: the same examples on every run (a landing is never failed by a new random
+# draw); `HYPOTHESIS_PROFILE=explore` draws new ones, to hunt for bugs on purpose.
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("repeatable", derandomize=True)
+_hypothesis_settings.register_profile("explore", derandomize=False, max_examples=1000)
+_hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
