@@ -14,7 +14,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.auth import bearer_token, require
 from api.context import (
-    AUDIT_INFO,
     PRINCIPAL,
     REQUEST_ID,
     REQUIRED_ROLE,
@@ -108,7 +107,6 @@ async def audit_middleware(request: web.Request, handler: Handler) -> web.Stream
     if request.method in MUTATING and not (done is not None and done.audited) and \
             (route is None or route.audit):
         principal = request.get(PRINCIPAL)
-        info = request.get(AUDIT_INFO) or {}
         status = resp.status
         result = ("ok" if status < 400 else "denied" if status in (401, 403)
                   else "rejected" if status < 500 else "error")
@@ -118,10 +116,9 @@ async def audit_middleware(request: web.Request, handler: Handler) -> web.Stream
                 result=result, status=status,
                 subject=principal.subject if principal else None,
                 client=principal.client if principal else None,
-                target=request.match_info.get("target") or info.get("target"),
-                backup=request.match_info.get("file") or request.match_info.get("filename")
-                or info.get("backup"),
-                job=info.get("job"), request_id=request.get(REQUEST_ID),
+                target=request.match_info.get("target"),
+                backup=request.match_info.get("file") or request.match_info.get("filename"),
+                request_id=request.get(REQUEST_ID),
                 remote=request.remote, method=request.method, path=request.path)
         except Exception:  # an audit outage must be loud, but not lose the answer
             log.exception("could not write the audit entry for %s %s", request.method,

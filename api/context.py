@@ -38,7 +38,6 @@ class Services:
     keys: Keys
     redis: ArqRedis
     store: JobStore
-    blocking_store: JobStore  # its own bounded pool: blocked XREADs never starve requests
     catalog: Catalog  # where backups live (every destination)
     verifier: Any  # api.auth.TokenVerifier
     dev_jwks: dict[str, Any] | None
@@ -47,7 +46,7 @@ class Services:
     # upload validation decompresses and scans whole files: its own small pool, so a burst
     # of uploads (or bombs) queues there and never takes the threads other requests use
     validation_pool: ThreadPoolExecutor
-    hub: StreamHub  # one blocking read for every followed event stream
+    hub: StreamHub  # one blocking read (its own bounded pool) for every followed stream
     # long-lived requests (SSE streams, ?wait) per subject: each holds a connection of the
     # bounded blocking pool, so one caller may not take them all
     held: dict[str, int] = field(default_factory=dict)
@@ -72,7 +71,6 @@ STREAMS: web.AppKey[weakref.WeakSet[Any]] = web.AppKey("streams")
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)
 REQUIRED_ROLE = web.RequestKey("required_role", int)
-AUDIT_INFO = web.RequestKey("audit_info", dict)  # handlers add job / backup to the entry
 ROUTE_TABLE = web.AppKey("route_table", dict)  # (method, path) -> api.routes.Route
 
 
@@ -85,8 +83,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     ttl = settings.worker.job_ttl
     http = {"session": aiohttp.ClientSession()}
     verifier, jwks_doc = build_verifier(settings, http)
-    services = Services(settings, keys, redis, JobStore(redis, keys, ttl=ttl),
-                        JobStore(blocking, keys, ttl=ttl), Catalog(settings),
+    services = Services(settings, keys, redis, JobStore(redis, keys, ttl=ttl), Catalog(settings),
                         verifier, jwks_doc, http, AuditLog(redis, keys),
                         ThreadPoolExecutor(settings.limits.max_concurrent_validations,
                                            thread_name_prefix="validate"),

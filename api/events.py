@@ -25,7 +25,7 @@ log = logging.getLogger("safehold.api")
 # a client that disconnects mid-stream is normal, not an error
 CLIENT_GONE = (ConnectionResetError, ClientConnectionResetError, BrokenPipeError)
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
-BLOCK_MS = 5000
+IDLE_S = 5.0  # quiet this long: check whether the job is over
 
 
 async def job_events(request: web.Request) -> web.StreamResponse:
@@ -61,7 +61,7 @@ async def _job_events(request: web.Request) -> web.StreamResponse:
         last = resp.last_event_id or request.query.get("last_event_id") or "0-0"
         if not _STREAM_ID.match(last):
             last = "0-0"
-        async for ev in s.hub.follow(s.keys.events(job_id), last, idle=BLOCK_MS / 1000):
+        async for ev in s.hub.follow(s.keys.events(job_id), last, idle=IDLE_S):
             if not resp.is_connected():
                 break
             if ev is None:  # quiet for a while: is there anything left to wait for?
@@ -119,7 +119,7 @@ async def _all_events(request: web.Request) -> web.StreamResponse:
             last = await s.store.latest_global_event_id()
         principal = request[PRINCIPAL]
         jobs: dict[str, tuple[str, str]] = {}  # job -> (kind, target), for scoped tokens
-        async for ev in s.hub.follow(s.keys.global_events, last, idle=BLOCK_MS / 1000):
+        async for ev in s.hub.follow(s.keys.global_events, last, idle=IDLE_S):
             if not resp.is_connected():
                 break
             if ev is None:

@@ -380,24 +380,6 @@ class JobStore:
         jobs = await self.list_jobs(target=target, limit=1000)
         return [j for j in jobs if not j.terminal]
 
-    async def events(self, job_id: str, after: str = "0-0", *, block_ms: int | None = None,
-                     count: int = 500) -> list[Event]:
-        """Events of a job strictly after `after` (a stream id), optionally blocking."""
-        key = self.keys.events(job_id)
-        if block_ms is None:
-            rows = await self.redis.xrange(key, min=f"({after}" if after != "0-0" else "-",
-                                           count=count)
-            return [_event(i, f) for i, f in rows]
-        res = await self.redis.xread({key: after}, count=count, block=block_ms)
-        return [_event(i, f) for _, entries in res for i, f in entries]
-
-    async def global_events(self, after: str = "$", *, block_ms: int = 5000,
-                            count: int = 500) -> list[Event]:
-        """Transitions of every job after `after` ("$" = only new ones), blocking."""
-        res = await self.redis.xread({self.keys.global_events: after}, count=count,
-                                     block=block_ms)
-        return [_event(i, f) for _, entries in res for i, f in entries]
-
     async def latest_global_event_id(self) -> str:
         rows = await self.redis.xrevrange(self.keys.global_events, count=1)
         return rows[0][0].decode() if rows else "0-0"
