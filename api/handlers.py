@@ -14,6 +14,7 @@ from api.files import send_stream
 from api.operations import MAX_WAIT, Caller, Operations
 from api.roles import Role
 from shared import codecs, naming
+from shared.config import TARGET_ID_RE
 from shared.errors import BadRequest, NotFound, SafeholdError, Unavailable
 from shared.jobs import Job
 
@@ -65,13 +66,11 @@ async def json_body(request: web.Request) -> Any:
 
 async def read_json(request: web.Request, allowed: dict[str, type | tuple[type, ...]]
                     ) -> dict[str, Any]:
-    """A JSON object body (or none) with only `allowed` keys of the given types."""
+    """A JSON object body (or no body at all) with only `allowed` keys of the given types."""
     if not request.can_read_body:
         return {}
     body = await json_body(request)
-    if body is None:
-        return {}
-    if not isinstance(body, dict):
+    if not isinstance(body, dict):  # `null` too: a body, when sent, is an object
         raise BadRequest("request body must be a JSON object", code="invalid_body")
     unknown = set(body) - set(allowed)
     if unknown:
@@ -125,8 +124,15 @@ def ops(request: web.Request) -> Operations:
     return Operations(svc(request))
 
 
+MAX_IDEMPOTENCY_KEY = 200
+
+
 def idempotency_key(request: web.Request) -> str | None:
-    return request.headers.get("Idempotency-Key") or None
+    key = request.headers.get("Idempotency-Key") or None
+    if key is not None and len(key) > MAX_IDEMPOTENCY_KEY:
+        raise BadRequest(f"Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY} characters",
+                         code="invalid_header")
+    return key
 
 
 def wait_param(request: web.Request) -> float | None:
@@ -280,7 +286,9 @@ async def list_jobs(request: web.Request) -> web.Response:
         raise BadRequest(f"unknown kind '{kind}'", code="invalid_query")
     limit = int(query_float(request, "limit", 1, 1000) or 100)
     p = principal_of(request)
-    if q.get("target"):
+    if "target" in q:
+        if not TARGET_ID_RE.match(q["target"]):
+            raise BadRequest("query parameter 'target' is not a target id", code="invalid_query")
         require(p, Role.VIEWER, q["target"])
     visible = set(p.targets_visible(list(s.settings.targets)))
     jobs = await s.store.list_jobs(target=q.get("target"), status=status, kind=kind,

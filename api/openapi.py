@@ -1,4 +1,5 @@
-"""OpenAPI 3.1 document generated from the route table."""
+"""OpenAPI 3.1 document generated from the route table: every parameter typed, every
+request body and every answer (success and error) with its schema."""
 
 from __future__ import annotations
 
@@ -8,43 +9,69 @@ from typing import Any
 from aiohttp import web
 
 from api.context import ROUTE_TABLE
+from api.schemas import ERROR, PATH_PARAMS, STR
 
-ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
-    "type": "object", "required": ["code", "message"],
-    "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}}
+_UPLOAD_BODY = {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary"}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+_ERRORS = {
+    "400": "bad request (the code says what)", "401": "no or invalid bearer token",
+    "403": "the token's role does not allow this", "404": "no such target, backup or job",
+    "409": "conflict (e.g. an Idempotency-Key reused with another request)",
+    "413": "too large", "429": "too many concurrent requests of this subject",
+    "503": "Redis or the workers are unavailable (the code says which)",
+    "507": "a destination is full",
+}
+
+
+def _answer(a: Any) -> dict[str, Any]:
+    if a.schema is None and a.media == ("application/json",):
+        return {"description": a.description}
+    return {"description": a.description,
+            "content": {m: ({"schema": a.schema} if a.schema is not None else {})
+                        for m in a.media}}
+
+
+def operation(r: Any) -> dict[str, Any]:
+    path_schemas = {**PATH_PARAMS, **r.path_params}
+    error = {"content": {"application/json": {"schema": ERROR}}}
+    op: dict[str, Any] = {
+        "summary": r.summary,
+        "operationId": r.handler.__name__ if r.method != "HEAD" else "head_" + r.handler.__name__,
+        "x-required-role": r.role.name.lower(),
+        "parameters": [
+            {"name": p, "in": "path", "required": True, "schema": path_schemas.get(p, STR)}
+            for p in re.findall(r"{(\w+)}", r.path)
+        ] + [
+            {"name": q, "in": "query", "required": False, "description": d, "schema": schema}
+            for q, (d, schema) in r.query.items()
+        ],
+        "responses": {
+            **{code: _answer(a) for code, a in (r.responses or {}).items()},
+            **{code: {"description": d, **error} for code, d in _ERRORS.items()},
+            "default": {"description": "error", **error},
+        },
+    }
+    if r.role.name != "PUBLIC":
+        op["security"] = [{"bearer": []}]
+    if r.upload:
+        op["requestBody"] = _UPLOAD_BODY
+    elif r.body:
+        op["requestBody"] = {"required": bool(r.body.get("required")),
+                             "content": {"application/json": {"schema": r.body}}}
+    if r.idempotent:
+        op["parameters"].append({
+            "name": "Idempotency-Key", "in": "header", "required": False,
+            "description": "the same key from the same subject: the same job, not another",
+            "schema": {"type": "string", "maxLength": 200}})  # "": no key
+    return op
 
 
 def build(routes: list[Any]) -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for r in routes:
-        op: dict[str, Any] = {
-            "summary": r.summary,
-            "operationId": r.handler.__name__,
-            "x-required-role": r.role.name.lower(),
-            "parameters": [
-                {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
-                for p in re.findall(r"{(\w+)}", r.path)
-            ] + [
-                {"name": q, "in": "query", "required": False, "description": d,
-                 "schema": {"type": "string"}}
-                for q, d in r.query.items()
-            ],
-            "responses": {
-                **{code: {"description": d} for code, d in (r.responses or {
-                    "200": "OK"}).items()},
-                "default": {"description": "error",
-                            "content": {"application/json": {"schema": ERROR_SCHEMA}}},
-            },
-        }
-        if r.role.name != "PUBLIC":
-            op["security"] = [{"bearer": []}]
-        if r.body:
-            op["requestBody"] = {"required": False,
-                                 "content": {"application/json": {"schema": r.body}}}
-        if r.method == "POST":
-            op["parameters"].append({"name": "Idempotency-Key", "in": "header",
-                                     "required": False, "schema": {"type": "string"}})
-        paths.setdefault(r.path, {})[r.method.lower()] = op
+        paths.setdefault(r.path, {})[r.method.lower()] = operation(r)
     return {
         "openapi": "3.1.0",
         "info": {"title": "Safehold", "version": "1",

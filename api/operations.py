@@ -22,7 +22,14 @@ from api.context import Services
 from api.roles import Role
 from shared import codecs, naming, stats
 from shared.config import TargetConfig
-from shared.errors import BadRequest, Conflict, SafeholdError, TooMany, Unavailable
+from shared.errors import (
+    BadRequest,
+    Conflict,
+    SafeholdError,
+    TooMany,
+    Unavailable,
+    Unprocessable,
+)
 from shared.jobs import TERMINAL, Job
 from shared.naming import ENGINE_FORMATS
 
@@ -211,14 +218,15 @@ class Operations:
             if fmt is not None:
                 formats = ENGINE_FORMATS.get(target.engine, ())
                 if fmt not in formats:
-                    raise BadRequest(f"format {fmt!r} is not offered for {target.engine} "
-                                     f"(one of: {', '.join(formats) or 'none'})",
-                                     code="invalid_body")
+                    known = any(fmt in f for f in ENGINE_FORMATS.values())
+                    raise (Unprocessable if known else BadRequest)(
+                        f"format {fmt!r} is not offered for {target.engine} "
+                        f"(one of: {', '.join(formats) or 'none'})", code="invalid_body")
                 params["format"] = fmt
             if use_apoc:
                 if target.engine != "neo4j":
-                    raise BadRequest("use_apoc applies to neo4j targets only",
-                                     code="invalid_body")
+                    raise Unprocessable("use_apoc applies to neo4j targets only",
+                                        code="invalid_body")
                 params["use_apoc"] = True
             return await self.submit(caller, "backup", target.id, params, info,
                                      idempotency_key=idempotency_key, wait=wait,
@@ -279,7 +287,7 @@ class Operations:
         async with self.audited(caller, "verify", target_id, {"backup": backup}) as info:
             target = self.target(caller, target_id, Role.OPERATOR)
             params: dict[str, Any] = {}
-            if backup:
+            if backup is not None:  # "" is a bad name, not "the newest"
                 name, _ = await self.manifest(target.id, backup)
                 params["backup"] = info["backup"] = name.filename
             return await self.submit(caller, "verify", target.id, params, info,
@@ -291,9 +299,9 @@ class Operations:
         async with self.audited(caller, "prune", target_id, {}) as info:
             target = self.target(caller, target_id, Role.ADMIN)
             if not self.s.settings.retains(target) and not dry_run:
-                raise BadRequest(f"target '{target.id}' has no retention policy: nothing "
-                                 "would be deleted (set [targets.<id>.retention])",
-                                 code="no_retention")
+                raise Unprocessable(f"target '{target.id}' has no retention policy: "
+                                    "nothing would be deleted (set [targets.<id>.retention])",
+                                    code="no_retention")
             return await self.submit(caller, "prune", target.id,
                                      {"dry_run": dry_run, "reason": "requested"}, info,
                                      idempotency_key=idempotency_key, wait=wait)

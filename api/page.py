@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 from pathlib import Path
 
@@ -16,9 +17,10 @@ from aiohttp import web
 
 from api.auth import Principal
 from api.context import PRINCIPAL, SERVICES
-from api.handlers import json_body
+from api.handlers import json_body, read_json
 from api.roles import Role
-from shared.errors import BadRequest, Forbidden, Unauthorized, Unavailable
+from api.schemas import DOWNLOAD_PATH
+from shared.errors import BadRequest, Forbidden, NotFound, Unauthorized, Unavailable
 
 WEB_DIR = Path(__file__).with_name("web")
 TICKET_TTL = 60
@@ -57,6 +59,9 @@ async def whoami(request: web.Request) -> web.Response:
         "targets": {t: names[p.role_for(t)] for t in p.targets_visible(list(targets))}})
 
 
+_DOWNLOAD_PATH = re.compile(DOWNLOAD_PATH["pattern"])
+
+
 def _ticket_key(request: web.Request, ticket: str) -> str:
     prefix = request.app[SERVICES].keys.prefix
     return f"{prefix}:ticket:{hashlib.sha256(ticket.encode()).hexdigest()}"
@@ -64,11 +69,10 @@ def _ticket_key(request: web.Request, ticket: str) -> str:
 
 async def create_ticket(request: web.Request) -> web.Response:
     """POST {"path": "/api/v1/targets/t/backups/f/download"} -> {"url": path?ticket=…}."""
-    body = await json_body(request)
-    path = body.get("path") if isinstance(body, dict) else None
-    if not isinstance(path, str) or not path.startswith("/api/v1/targets/") or \
-            not path.endswith("/download") or "?" in path or len(path) > 1000:
-        raise BadRequest("path must be a backup's /download path", code="invalid_body")
+    path = (await read_json(request, {"path": str})).get("path")
+    if not isinstance(path, str) or not _DOWNLOAD_PATH.match(path):
+        raise BadRequest("path must be a backup's download path: /api/v1/targets/<target>/"
+                         "backups/<backup>/download", code="invalid_body")
     ticket = secrets.token_urlsafe(32)
     p = request[PRINCIPAL]  # who asked, as verified now (never the token itself)
     await request.app[SERVICES].redis.set(
@@ -140,8 +144,8 @@ async def login_token(request: web.Request) -> web.Response:
     s = request.app[SERVICES]
     auth = s.settings.auth
     if auth.dev_mode or not auth.web_client_id:
-        raise BadRequest("SSO login is not configured (auth.issuer, auth.web_client_id)",
-                         code="sso_disabled")
+        raise NotFound("SSO login is not configured (auth.issuer, auth.web_client_id)",
+                       code="sso_disabled")
     body = await json_body(request)
     fields = {k: body.get(k) if isinstance(body, dict) else None
               for k in ("code", "code_verifier", "redirect_uri")}

@@ -13,11 +13,20 @@ from typing import Any
 
 from aiohttp import web
 
-from api.handlers import caller, download, job_view, ops, query_bool, stats_of, svc
+from api.handlers import (
+    caller,
+    download,
+    idempotency_key,
+    job_view,
+    ops,
+    query_bool,
+    stats_of,
+    svc,
+)
 from api.operations import backup_view
 from api.uploads import store_upload
 from shared.config import TargetConfig
-from shared.errors import BadRequest
+from shared.errors import Unprocessable
 from shared.jobs import Job
 
 # job failures caused by the request itself (answered 400, not 500)
@@ -56,10 +65,10 @@ async def create(request: web.Request) -> web.Response:
     target = seed_target(request)
     use_apoc = query_bool(request, "use_apoc", False)
     if use_apoc and target.engine != "neo4j":
-        raise BadRequest("use_apoc applies to neo4j targets only", code="invalid_query")
+        raise Unprocessable("use_apoc applies to neo4j targets only", code="invalid_query")
     job = await ops(request).start_backup(
         caller(request, "seed"), target.id, compress=query_bool(request, "compress", True),
-        use_apoc=use_apoc, idempotency_key=request.headers.get("Idempotency-Key") or None,
+        use_apoc=use_apoc, idempotency_key=idempotency_key(request),
         wait=svc(request).settings.server.wait_timeout, fail_fast=True)
     if (other := _not_done(job)) is not None:
         return other

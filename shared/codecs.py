@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
-from shared.errors import BadRequest, IntegrityError, PipelineError
+from shared.errors import IntegrityError, PipelineError, Unprocessable
 
 CHUNK = 1 << 20
 READ_BLOCK = 256 * 1024  # compressed input per read: bounds the output of one pull
@@ -310,11 +310,11 @@ def load_identities(text: str) -> list[Any]:
                 if line.strip().startswith("AGE-SECRET-KEY-"):
                     ids.append(pyrage.x25519.Identity.from_str(line.strip()))
     except Exception:
-        raise BadRequest("the age identity could not be read (expected AGE-SECRET-KEY-… "
+        raise Unprocessable("the age identity could not be read (expected AGE-SECRET-KEY-… "
                          "lines or an unencrypted SSH private key)",
                          code="invalid_identity") from None
     if not ids:
-        raise BadRequest("no age identity found (expected AGE-SECRET-KEY-… lines)",
+        raise Unprocessable("no age identity found (expected AGE-SECRET-KEY-… lines)",
                          code="invalid_identity")
     return ids
 

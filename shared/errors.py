@@ -7,7 +7,9 @@ SafeholdError                    base; carries a stable `code` and an HTTP `stat
 ├── Forbidden           (403)    a valid token without the role the route needs
 ├── BadRequest          (400)    client input is malformed
 │   └── InvalidBackupName        a backup name does not follow the naming grammar
+│       └── ImpossibleBackupName (404) in the grammar, but its timestamp cannot exist
 ├── NotFound            (404)    unknown target, backup or job
+├── Unprocessable       (422)    well-formed, but not for this target (e.g. no retention)
 ├── Conflict            (409)    the request clashes with the current state
 ├── EngineError         (500)    a driver or subprocess failed
 │   ├── ToolTooOld               the dump tool is older than the server
@@ -100,11 +102,27 @@ class InvalidBackupName(BadRequest):
     code = "invalid_backup_name"
 
 
+class ImpossibleBackupName(InvalidBackupName):
+    """A name in the grammar whose timestamp no clock shows (a 30th of February): no such
+    backup can exist, so it is not found rather than malformed."""
+
+    code = "backup_not_found"
+    status = 404
+
+
 class NotFound(SafeholdError):
     """Raised when a target, backup or job does not exist."""
 
     code = "not_found"
     status = 404
+
+
+class Unprocessable(SafeholdError):
+    """Raised for a well-formed request this target cannot do (an option of another engine,
+    a prune without a retention policy)."""
+
+    code = "unprocessable"
+    status = 422
 
 
 class Conflict(SafeholdError):

@@ -45,6 +45,23 @@ class TextFormatter(logging.Formatter):
         return f"{text} [{ids}]" if ids else text
 
 
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a request its parser refuses (a NUL in a header, a broken request line)
+    at ERROR with a traceback, though the client was answered 400 and nothing failed here:
+    anyone could flood the error log so. One INFO line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and any(c.__name__ == "HttpProcessingError"
+                                   for c in type(exc).__mro__):
+            first = str(getattr(exc, "message", "") or exc).strip().splitlines()[:1]
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = "malformed HTTP request refused with %s: %s"
+            record.args = (getattr(exc, "code", 400), first[0][:200] if first else "")
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def setup(level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_Ids())
@@ -54,3 +71,6 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _MalformedRequests) for f in server.filters):
+        server.addFilter(_MalformedRequests())

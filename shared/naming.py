@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from shared.errors import InvalidBackupName
+from shared.errors import ImpossibleBackupName, InvalidBackupName
 
 # engine -> plain (uncompressed) extension of its dump
 ENGINE_EXTENSIONS: dict[str, str] = {
@@ -74,7 +74,8 @@ def parse(name: str) -> BackupName:
     try:
         created = datetime.strptime(m["stamp"], "%Y%m%d_%H%M%S").replace(tzinfo=UTC)
     except ValueError:
-        raise InvalidBackupName("backup name has an impossible timestamp") from None
+        raise ImpossibleBackupName(f"no backup {name!r}: its timestamp is impossible") \
+            from None
     return BackupName(
         kind=m["kind"],
         engine=m["engine"],

@@ -220,7 +220,7 @@ async def test_identity_sent_with_the_restore_is_never_stored(
         assert job["error"]["database_state"] == "unchanged"
         resp = await api.post("/api/v1/targets/main/restores",
                               json={"backup": name, "identity": "AGE-SECRET-KEY-1NOPE"})
-        assert resp.status == 400 and (await resp.json())["error"]["code"] == \
+        assert resp.status == 422 and (await resp.json())["error"]["code"] == \
             "invalid_identity"
         job = await restore(api, name, identity=f"# mine\n{OPS[0]}\n")
         assert job["status"] == "succeeded", job.get("error")
