@@ -415,3 +415,38 @@ async def test_restore_drill_into_a_throwaway_server(api: Any, worker: Any, redi
     assert result["mode"] == "scratch-restore" and result["counts_compared"] == 2
     assert result["mismatches"] is None and result["rows_restored"] > 0
     assert await fingerprint(redis_port) == before
+
+
+async def test_a_dump_whose_connection_is_killed_fails_and_keeps_nothing(
+        api: Any, worker: Any, redis_port: int, storage_dir: Path) -> None:
+    """`CLIENT KILL` of the dump's connection mid-scan (as a failover or an admin does):
+    the job fails with the cause, nothing is listed, no temporary file stays; the next
+    backup works."""
+    r = Redis(port=redis_port, password=PW)
+    for start in range(0, 400_000, 20_000):
+        await r.mset({f"k:{i}": f"value-{i}" for i in range(start, start + 20_000)})
+    resp = await api.post("/api/v1/targets/main/backups")
+    job_id = (await resp.json())["id"]
+    for _ in range(400):  # until the dump has read some keys
+        job = await (await api.get(f"/api/v1/jobs/{job_id}")).json()
+        if (job["progress"] or {}).get("items_done") or job["status"] != "queued" and \
+                job["status"] != "running":
+            break
+        await asyncio.sleep(0.02)
+    assert job["status"] == "running", job
+    killed = await r.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    assert int(killed) >= 1
+    for _ in range(300):
+        job = await (await api.get(f"/api/v1/jobs/{job_id}")).json()
+        if job["status"] not in ("queued", "running"):
+            break
+        await asyncio.sleep(0.1)
+    assert job["status"] == "failed", job
+    assert job["progress"]["items_done"] < 400_000  # killed mid-scan, not after
+    assert job["error"]["code"] in ("dump_failed", "database_unreachable"), job["error"]
+    assert "connection" in job["error"]["message"].lower(), job["error"]
+    listed = await (await api.get("/api/v1/targets/main/backups")).json()
+    assert listed["backups"] == []
+    assert not storage_dir.exists() or list(storage_dir.iterdir()) == []  # no temp file
+    await r.aclose()
+    assert (await backup(api))["result"]["size_bytes"] > 0
