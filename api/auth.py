@@ -26,6 +26,7 @@ import json
 import os
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,8 +146,17 @@ def _claim(claims: dict[str, Any], path: str) -> Any:
 
 
 class TokenVerifier:
+    """Verifies bearer tokens. A token that verified is remembered for at most
+    VERIFIED_TTL seconds (and never past its `exp`): a client sending the same token on
+    every request costs one signature check a minute, and a key withdrawn from the JWKS
+    stops working within that minute."""
+
+    VERIFIED_TTL = 60.0
+    VERIFIED_MAX = 4096
+
     def __init__(self, auth: AuthSettings, jwks: JWKSCache, *, issuer: str,
                  audiences: list[str], azps: list[str]) -> None:
+        self._verified: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
         self.auth = auth
         self.jwks = jwks
         self.issuer = issuer
@@ -159,6 +169,18 @@ class TokenVerifier:
                            auth.role_admin: Role.ADMIN}
 
     async def verify(self, token: str) -> Principal:
+        now = time.time()
+        hit = self._verified.get(token)
+        if hit is not None and now < hit[0]:
+            self._verified.move_to_end(token)
+            return hit[1]
+        principal, exp = await self._verify(token)
+        self._verified[token] = (min(now + self.VERIFIED_TTL, exp), principal)
+        if len(self._verified) > self.VERIFIED_MAX:
+            self._verified.popitem(last=False)
+        return principal
+
+    async def _verify(self, token: str) -> tuple[Principal, float]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.DecodeError:
@@ -191,7 +213,7 @@ class TokenVerifier:
         except jwt.PyJWTError as exc:
             raise Unauthorized(f"token rejected: {exc}", code="invalid_token") from None
         self._check_audience(claims)
-        return self._principal(claims)
+        return self._principal(claims), float(claims["exp"])
 
     def _check_audience(self, claims: dict[str, Any]) -> None:
         aud = claims.get("aud")

@@ -50,6 +50,9 @@ class Services:
     # long-lived requests (SSE streams, ?wait) per subject: each holds a connection of the
     # bounded blocking pool, so one caller may not take them all
     held: dict[str, int] = field(default_factory=dict)
+    # (monotonic time, count) of the last nonzero live-worker count: every submit asks,
+    # and a heartbeat window is 30 s wide, so a second-old answer is as true
+    workers_seen: tuple[float, int] = (0.0, 0)
 
     @contextlib.contextmanager
     def long_request(self, subject: str) -> Iterator[None]:

@@ -122,8 +122,14 @@ class Operations:
         return self.s.settings.target(target_id)
 
     async def live_workers(self) -> int:
-        """Workers that announced themselves in the last 30 s."""
-        return int(await self.s.redis.zcount(self.s.keys.workers, time.time() - 30, "+inf"))
+        """Workers that announced themselves in the last 30 s (a nonzero count is reused
+        for a second; none is asked again every time)."""
+        at, count = self.s.workers_seen
+        if count and time.monotonic() - at < 1.0:
+            return count
+        count = int(await self.s.redis.zcount(self.s.keys.workers, time.time() - 30, "+inf"))
+        self.s.workers_seen = (time.monotonic(), count)
+        return count
 
     async def wait(self, job_id: str, timeout: float,
                    on_event: Callable[[Any], Awaitable[None]] | None = None) -> Job:
@@ -151,7 +157,7 @@ class Operations:
                      before_enqueue: Callable[[Job], Awaitable[None]] | None = None) -> Job:
         """Create (or find, by idempotency key) a job and enqueue it; with no live worker
         it is queued anyway with a warning, or refused (503) when the caller must wait."""
-        from shared.queue import enqueue
+        from shared.queue import enqueue, stage_enqueue
 
         if kind != "stats" and not await self.live_workers():
             if fail_fast:  # a worker starting right now announces itself within 5 s
@@ -164,13 +170,14 @@ class Operations:
                                       "one with `safehold worker`)", code="no_worker")
             else:
                 caller.warnings.append(NO_WORKER_WARNING)
-        job, created = await self.s.store.create(kind, target, params, caller.requested_by(),
-                                                 idempotency_key=idempotency_key)
+        keys = self.s.keys
+        job, created = await self.s.store.create(
+            kind, target, params, caller.requested_by(), idempotency_key=idempotency_key,
+            stage=None if before_enqueue else lambda pipe, j: stage_enqueue(pipe, keys, j))
         info.update(job=job.id, target=target)
-        if created:
-            if before_enqueue is not None:
-                await before_enqueue(job)
-            await enqueue(self.s.redis, self.s.keys, job)
+        if created and before_enqueue is not None:  # it must run before a worker starts
+            await before_enqueue(job)
+            await enqueue(self.s.redis, keys, job)
         if wait:
             try:
                 with self.s.long_request(caller.principal.subject):

@@ -125,3 +125,15 @@ dev_key_path = "{work / 'dev-key.pem'}"
         worker.terminate()
         api.wait()
         worker.wait()
+
+
+RESULT_MARK = "BENCH-RESULT "
+
+
+def report(bench: str, figures: dict[str, Any],
+           goal: dict[str, tuple[str, float]] | None = None) -> None:
+    """One machine-readable line of a bench's figures (bench/all.py collects them into one
+    table); `goal` names figures with a bound, e.g. {"p99_ms": ("<", 25)}."""
+    print(RESULT_MARK + json.dumps({"bench": bench, "figures": figures,
+                                    "goal": {k: list(v) for k, v in (goal or {}).items()}}),
+          flush=True)

@@ -217,11 +217,15 @@ class JobStore:
         requested_by: Mapping[str, Any],
         *,
         idempotency_key: str | None = None,
+        stage: Callable[[Any, Job], None] | None = None,
     ) -> tuple[Job, bool]:
         """Create a queued job; with an idempotency key a repeat returns the first job.
         Keys belong to the caller (`requested_by.subject`): another caller's same key is
         another job, never a peek at theirs; the same key with other parameters is refused
         (409 `idempotency_key_reused`).
+
+        `stage(pipe, job)` adds commands to the transaction that writes a new job (its
+        queue entry: the record and the queue are written together or not at all).
 
         Returns (job, created).
         """
@@ -267,6 +271,8 @@ class JobStore:
                 pipe.xadd(stream, {"type": "queued", "job": job_id, "ts": ts, "data": data},
                           maxlen=maxlen, approximate=True)
             pipe.expire(self.keys.events(job_id), self.ttl)
+            if stage is not None:
+                stage(pipe, job)
             await pipe.execute()
         return job, True
 
@@ -350,12 +356,14 @@ class JobStore:
         await self.redis.zremrangebyscore(self.keys.job_index, "-inf", time.time() - self.ttl)
         out: list[Job] = []
         start = 0
-        page = 200
+        filtered = any(f is not None for f in (target, status, kind, targets))
+        page = 200 if filtered else limit  # unfiltered: exactly the jobs asked for
         while len(out) < limit:
             ids = await self.redis.zrevrange(self.keys.job_index, start, start + page - 1)
             if not ids:
                 break
             start += page
+            page = min(page * 2, 1000)
             async with self.redis.pipeline(transaction=False) as pipe:
                 for i in ids:
                     pipe.hgetall(self.keys.job(i.decode()))

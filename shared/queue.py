@@ -6,6 +6,8 @@ payload is only that id: the worker reads everything else from the job record.
 
 from __future__ import annotations
 
+from typing import Any
+
 from arq.connections import ArqRedis, RedisSettings, create_pool
 
 from shared.errors import ConfigError
@@ -38,6 +40,20 @@ async def connect(url: str) -> ArqRedis:
             "Start it (e.g. `redis-server --port 6379`) or set [redis] url / SAFEHOLD_REDIS_URL."
         ) from None
     return pool
+
+
+def stage_enqueue(pipe: Any, keys: Keys, job: Job) -> None:
+    """Queue `job` inside a caller's MULTI (JobStore.create's), so a job record and its
+    queue entry are written together or not at all — what `ArqRedis.enqueue_job` writes,
+    minus its WATCH/EXISTS round trips, needless for a job id that was just made."""
+    from arq.constants import expires_extra_ms, job_key_prefix
+    from arq.jobs import serialize_job
+    from arq.utils import timestamp_ms
+
+    now = timestamp_ms()
+    pipe.psetex(job_key_prefix + job.id, expires_extra_ms,
+                serialize_job(FUNCTIONS[job.kind], (job.id,), {}, None, now))
+    pipe.zadd(keys.queue, {job.id: now})
 
 
 async def enqueue(pool: ArqRedis, keys: Keys, job: Job) -> None:
