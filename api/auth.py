@@ -55,6 +55,9 @@ class Principal:
     global_role: Role  # PUBLIC when the token has no global role
     scoped: dict[str, Role] = field(default_factory=dict)  # target -> role
     restricted_to: frozenset[str] | None = None  # group-claim limit on the global role
+    # the login session (`sid`) or, without one, the token (`jti`): what a one-use
+    # confirmation is bound to besides the subject (dev tokens all say `dev`)
+    session: str = ""
 
     def role_for(self, target: str) -> Role:
         base = self.global_role
@@ -249,7 +252,8 @@ class TokenVerifier:
             if isinstance(groups, list):
                 restricted = frozenset(str(g).rstrip("/").rsplit("/", 1)[-1] for g in groups)
         return Principal(subject=str(claims.get("sub")), client=claims.get("azp"),
-                         global_role=global_role, scoped=scoped, restricted_to=restricted)
+                         global_role=global_role, scoped=scoped, restricted_to=restricted,
+                         session=str(claims.get("sid") or claims.get("jti") or ""))
 
 
 # ---------------------------------------------------------------------- dev mode

@@ -192,6 +192,7 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
             token = secrets.token_urlsafe(24)
             plan = {"target": target.id, "backup": name.filename,
                     "sha256": manifest.get("sha256"), "subject": who.principal.subject,
+                    "session": who.principal.session,
                     "create_safety_backup": create_safety_backup}
             s = services()
             await s.redis.set(_plan_key(s, token), json.dumps(plan), ex=PLAN_TTL)
@@ -217,7 +218,8 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
             key = _plan_key(s, confirmation_token)
             raw = await s.redis.get(key)
             plan = json.loads(raw) if raw is not None else None
-            if plan is not None and plan["subject"] != who.principal.subject:
+            if plan is not None and (plan["subject"], plan.get("session")) != (
+                    who.principal.subject, who.principal.session):
                 raise Forbidden("the token was issued to another caller",
                                 code="invalid_confirmation")
             if plan is None or not await s.redis.delete(key):  # one use, even when racing

@@ -340,3 +340,17 @@ async def test_issuer_down_is_503_not_401(aiohttp_client: Any, oidc_settings: Se
     c = await aiohttp_client(create_app(down))
     resp = await c.get("/api/v1/targets", headers=auth(issuer.token(["viewer"])))
     assert await status_and_code(resp) == (503, "jwks_unavailable")
+
+
+async def test_a_remembered_token_still_ends_at_its_exp(
+        aiohttp_client: Any, oidc_settings: Settings, issuer: Issuer, redis: Any) -> None:
+    """Verified tokens are remembered (one signature check a minute), never past `exp`."""
+    settings = replace(oidc_settings, auth=replace(oidc_settings.auth, leeway=0))
+    client = await aiohttp_client(create_app(settings))
+    now = int(time.time())
+    token = issuer.token(["viewer"], exp=now + 2)
+    for _ in range(3):
+        assert (await client.get("/api/v1/targets", headers=auth(token))).status == 200
+    await asyncio.sleep(now + 2.3 - time.time())
+    resp = await client.get("/api/v1/targets", headers=auth(token))
+    assert await status_and_code(resp) == (401, "invalid_token")

@@ -97,6 +97,12 @@ async def test_resources_tools_and_the_two_step_restore(
             stolen = await other.call_tool("execute_restore",
                                            {"confirmation_token": plan["confirmation_token"]})
             assert stolen.is_error and "another caller" in stolen.content[0].text
+        # the same subject with another token (dev tokens all say one subject; in an
+        # identity provider, another login session) is another caller too
+        async with mcp_client(base, token(settings, "admin", subject="agent-1")) as twin:
+            stolen = await twin.call_tool("execute_restore",
+                                          {"confirmation_token": plan["confirmation_token"]})
+            assert stolen.is_error and "another caller" in stolen.content[0].text
         expired = data(await client.call_tool("plan_restore", {"database_id": "main",
                                                                "backup": name}))
         await redis.delete(f"{settings.redis.prefix}:mcp:plan:" + hashlib.sha256(
