@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import safehold  # noqa: E402
+from common import report, safehold  # noqa: E402
 
 
 def scrape(url: str) -> float:
@@ -62,6 +62,10 @@ def main() -> None:
           f"{statistics.median(warm) * 1000:.1f} ms (max {max(warm) * 1000:.1f} ms); "
           f"100 concurrent scrapes: median {statistics.median(took) * 1000:.0f} ms, "
           f"/healthz meanwhile {max(health) * 1000:.0f} ms at worst")
+    report(f"metrics {a.backups} backups", {
+        "warm_scrape_ms": round(statistics.median(warm) * 1000, 1),
+        "concurrent_scrape_median_ms": round(statistics.median(took) * 1000),
+        "healthz_worst_ms": round(max(health) * 1000)})
 
 
 if __name__ == "__main__":

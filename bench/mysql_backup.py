@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_backup, safehold, sh  # noqa: E402
+from common import copy_backup, report, safehold, sh  # noqa: E402
 
 SOCKET = "/run/mysqld/mysqld.sock"
 
@@ -119,6 +119,13 @@ url = "{url.format(db + '_restore')}"
     print(f"restore vs gunzip|mariadb   : "
           f"{r['gunzip -c | mariadb'] / r['safehold restore']:.2f}x")
     print(f"worker RSS idle / peak      : {idle / 2**20:.0f} / {peak / 2**20:.0f} MB")
+    report(f"mysql_backup {args.size_mb} MB", {
+        "backup_vs_mariadb_dump": round(r["mariadb-dump > /dev/null"] / r["safehold backup"], 2),
+        "backup_vs_dump_gzip": round(r["mariadb-dump | gzip -6"] / r["safehold backup"], 2),
+        "size_vs_gzip6": round(ours / gz_bytes, 3),
+        "restore_vs_mariadb": round(r["gunzip -c | mariadb"] / r["safehold restore"], 2),
+        "worker_peak_rss_mib": round(peak / 2**20)},
+        goal={"backup_vs_mariadb_dump": (">=", 0.9), "worker_peak_rss_mib": ("<", 150)})
 
 
 if __name__ == "__main__":

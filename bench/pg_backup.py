@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_backup, safehold, sh  # noqa: E402
+from common import copy_backup, report, safehold, sh  # noqa: E402
 
 PG = ["-h", "127.0.0.1", "-U", "postgres"]
 
@@ -129,6 +129,13 @@ url = "postgresql://postgres@127.0.0.1:5432/{restore_db}"
           f"{results['gunzip -c | psql'] / results['safehold restore']:.2f}x  (target >= 0.95)")
     print(f"worker RSS idle / peak in backup / peak in restore: {idle_rss / 2**20:.0f} / "
           f"{backup_rss / 2**20:.0f} / {peak_rss / 2**20:.0f} MB  (target < 150)")
+    report(f"pg_backup {size / 2**20:.0f} MB", {
+        "backup_vs_pg_dump": round(bare / ours, 2), "backup_vs_pg_dump_gzip": round(
+            gzip_t / ours, 2), "size_vs_gzip6": round(backup_bytes / gz_bytes, 3),
+        "restore_vs_psql": round(results["gunzip -c | psql"] / results["safehold restore"], 2),
+        "worker_peak_rss_mib": round(max(backup_rss, peak_rss) / 2**20)},
+        goal={"backup_vs_pg_dump": (">=", 0.9), "restore_vs_psql": (">=", 0.95),
+              "worker_peak_rss_mib": ("<", 150)})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_backup, free_port, safehold, sh  # noqa: E402
+from common import copy_backup, free_port, report, safehold, sh  # noqa: E402
 
 
 def start(work: Path, name: str) -> tuple[subprocess.Popen[bytes], int]:
@@ -90,6 +90,12 @@ url = "redis://127.0.0.1:{port2}"
     for k, v in results.items():
         print(f"  {k:<30} {v:7.2f} s  ({n / v:,.0f} keys/s)")
     print(f"worker peak RSS: {peak / 2**20:.0f} MB")
+    report(f"redis_backup {n} keys", {
+        "backup_keys_per_s": round(n / results["safehold backup (RESP)"]),
+        "restore_vs_redis_cli_pipe": round(results["gunzip -c | redis-cli --pipe"]
+                                           / results["safehold restore"], 2),
+        "worker_peak_rss_mib": round(peak / 2**20)},
+        goal={"backup_keys_per_s": (">=", 300_000), "worker_peak_rss_mib": ("<", 150)})
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, free_port  # noqa: E402
+from common import REPO, free_port, report  # noqa: E402
 
 
 def make_db(path: Path, mb: int) -> None:
@@ -141,6 +141,12 @@ def main() -> None:
         print(f"{r['workers']:>8} {str(r['killed']):>7} {r['seconds']:>8} "
               f"{r['jobs_per_s']:>7} {r['jobs_per_s'] / one:>5.2f} {r['succeeded']:>4} "
               f"{r['worker_lost']:>5}")
+    by = {(r["workers"], r["killed"]): r for r in results}
+    report(f"scale_out {a.jobs} jobs", {
+        "jobs_per_s_1": one, "speedup_2": round(by[(2, False)]["jobs_per_s"] / one, 2),
+        "speedup_4": round(by[(4, False)]["jobs_per_s"] / one, 2),
+        "killed_run_lost": by[(4, True)]["worker_lost"],
+        "killed_run_ok": by[(4, True)]["succeeded"]})
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import PeakRSS, safehold  # noqa: E402
+from common import PeakRSS, report, safehold  # noqa: E402
 
 
 async def follower(session: aiohttp.ClientSession, url: str, token: str,
@@ -41,7 +41,7 @@ async def follower(session: aiohttp.ClientSession, url: str, token: str,
                     seen.setdefault(f"{doc['job']}/{id(resp)}", time.monotonic())
 
 
-async def run(base: str, tokens: list[str], admin: str, jobs: int) -> None:
+async def run(base: str, tokens: list[str], admin: str, jobs: int) -> dict[str, float]:
     seen: dict[str, float] = {}
     ready = asyncio.Event()
     count = [0, len(tokens)]
@@ -74,6 +74,9 @@ async def run(base: str, tokens: list[str], admin: str, jobs: int) -> None:
     print(f"followers {len(tokens)}, jobs {jobs}: {len(delays)}/{expected} deliveries; "
           f"delay p50 {q[49]:.0f} ms, p99 {q[98]:.0f} ms; submit p50 {sq[49]:.1f} ms, "
           f"p99 {sq[98]:.1f} ms")
+    return {"followers": len(tokens), "delivered": len(delays), "expected": expected,
+            "delay_p50_ms": round(q[49]), "delay_p99_ms": round(q[98]),
+            "submit_p50_ms": round(sq[49], 1), "submit_p99_ms": round(sq[98], 1)}
 
 
 def main() -> None:
@@ -95,9 +98,11 @@ def main() -> None:
                   for i in range(a.clients)]
         rss = PeakRSS(s.api_pid)
         rss.start()
-        asyncio.run(run(s.base, tokens, s.token, a.jobs))
+        figures = asyncio.run(run(s.base, tokens, s.token, a.jobs))
         rss.stop.set()
         print(f"API peak RSS {rss.peak / 2**20:.0f} MiB")
+    report("sse_fanout", {**figures, "api_peak_rss_mib": round(rss.peak / 2**20)},
+           goal={"delay_p99_ms": ("<", 500)})
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hiredis
+
 from shared.errors import PipelineError
 
 
@@ -14,6 +16,9 @@ def resp(*parts: bytes) -> bytes:
 
 
 MAX_BULK = 512 << 20  # Redis's own limit on one bulk string (proto-max-bulk-len)
+# the C parser holds a command until it is complete: past this many pending bytes (a big
+# key's payload, or a lie in a header) the streaming parser takes over that command
+FAST_MAX_PENDING = 1 << 20
 
 
 class RespReader:
@@ -23,8 +28,10 @@ class RespReader:
     kept (it reads as None; a DUMP payload need not be held to check a command's shape),
     and header lines are capped."""
 
-    def __init__(self, max_parts: int = 64, keep: int = 256) -> None:
+    def __init__(self, max_parts: int = 64, keep: int = 256, *, fast: bool = True,
+                 fast_max_pending: int = FAST_MAX_PENDING) -> None:
         self.max_parts, self.keep = max_parts, keep
+        self.use_fast, self.fast_max_pending = fast, fast_max_pending
         self._line = b""  # a header line cut by a chunk boundary
         self._state = "array"  # array | bulk | data
         self._parts: list[bytes | None] = []
@@ -32,6 +39,8 @@ class RespReader:
         self._data: bytearray | None = None
         self._data_left = 0
         self._last2 = b""  # the last bytes of the current bulk (its CRLF terminator)
+        self._fast: hiredis.Reader | None = hiredis.Reader() if fast else None
+        self._pending = b""  # what the C parser holds (the start of an unfinished command)
 
     @staticmethod
     def _bad(what: str) -> PipelineError:
@@ -43,6 +52,50 @@ class RespReader:
         return int(line[1:])
 
     def feed(self, data: bytes) -> list[list[bytes | None]]:
+        """Whole commands of `data` (and what came before it), in order.
+
+        Most commands go through hiredis' C parser (about 15 times faster); a command
+        whose bytes pile up past FAST_MAX_PENDING is handed, from its first byte, to the
+        streaming parser below, which never holds a long argument; after it, the C parser
+        takes over again. Both refuse the same inputs: only arrays of bulk strings."""
+        if self._fast is None and self.use_fast and self._state == "array" \
+                and not self._line:
+            self._fast, self._pending = hiredis.Reader(), b""
+        if self._fast is None:
+            return self._feed_streaming(data)
+        fast = self._fast
+        fast.feed(data)
+        commands: list[list[bytes | None]] = []
+        buf = self._pending + data if self._pending else data  # from the first unreturned
+        pos = 0  # where in `buf` the next command starts
+        try:
+            while (cmd := fast.gets()) is not False:
+                if type(cmd) is not list or not 0 < len(cmd) <= self.max_parts \
+                        or set(map(type, cmd)) != {bytes}:
+                    raise self._bad(f"a reply that is not a command of bulk strings: "
+                                    f"{str(cmd)[:40]!r}")
+                # hiredis reads only canonical numbers, so the sizes give each bulk's end;
+                # it skips the two bytes after a bulk unread (as Redis does): check them
+                pos += 3 + len(str(len(cmd)))
+                for part in cmd:
+                    pos += 3 + len(str(len(part))) + len(part)
+                    if buf[pos:pos + 2] != b"\r\n":
+                        raise self._bad("a bulk string without its CRLF")
+                    pos += 2
+                commands.append(cmd if max(map(len, cmd)) <= self.keep else
+                                [p if len(p) <= self.keep else None for p in cmd])
+        except PipelineError:
+            raise
+        except Exception as exc:  # hiredis.ProtocolError; TypeError on a RESP3 map's key
+            raise self._bad(f"{type(exc).__name__}: {str(exc)[:80]}") from None
+        left = len(buf) - pos  # what hiredis holds: the start of an unfinished command
+        self._pending = buf[pos:] if left else b""
+        if left > self.fast_max_pending:
+            held, self._fast, self._pending = self._pending, None, b""
+            commands += self._feed_streaming(held)
+        return commands
+
+    def _feed_streaming(self, data: bytes) -> list[list[bytes | None]]:
         commands: list[list[bytes | None]] = []
         i, n = 0, len(data)
         while i < n:
@@ -90,6 +143,6 @@ class RespReader:
         return commands
 
     def finish(self) -> None:
-        if self._state != "array" or self._line:
+        if self._state != "array" or self._line or self._pending:
             raise PipelineError("the RESP backup ends in the middle of a command",
                                 code="corrupt_backup")

@@ -116,6 +116,52 @@ def test_resp_round_trips_arbitrary_bytes_under_any_chunking(
 
 
 @FAST
+@given(commands, st.integers(0, 2**32), st.integers(0, 40), st.integers(0, 400))
+def test_resp_hands_long_commands_to_the_streaming_parser_and_back(
+        cmds: list[list[bytes]], seed: int, n: int, threshold: int) -> None:
+    """The C parser hands a command whose bytes pile up past the threshold to the streaming
+    parser (which never holds a long argument), then takes over again: same commands."""
+    stream = b"".join(resp(*c) for c in cmds)
+    reader = RespReader(keep=1 << 20, fast_max_pending=threshold)
+    got: list[list[bytes | None]] = []
+    for chunk in cuts(stream, seed, n):
+        got += reader.feed(bytes(chunk))
+    reader.finish()
+    assert got == cmds
+
+
+def _outcome(reader: RespReader, chunks: list[bytes]) -> object:
+    got: list[list[bytes | None]] = []
+    try:
+        for chunk in chunks:
+            got += reader.feed(chunk)
+        reader.finish()
+    except PipelineError:
+        return ("refused", got)
+    return ("read", got)
+
+
+@FAST
+@given(commands, st.binary(max_size=40), st.integers(0, 2**32), st.integers(0, 12),
+       st.integers(0, 2**16), st.integers(0, 300))
+def test_resp_fast_and_streaming_parsers_agree_on_hostile_bytes(
+        cmds: list[list[bytes]], junk: bytes, seed: int, n: int, at: int,
+        threshold: int) -> None:
+    """Valid commands with bytes spliced in anywhere (a lie in a length, a stray CRLF, an
+    integer or error reply, nesting…): the C parser refuses exactly what the streaming
+    parser refuses, after the same commands."""
+    stream = b"".join(resp(*c) for c in cmds)
+    at %= len(stream) + 1
+    hostile = stream[:at] + junk + stream[at:]
+    chunks = [bytes(c) for c in cuts(hostile, seed, n)]
+    slow = _outcome(RespReader(keep=64, fast=False), chunks)
+    quick = _outcome(RespReader(keep=64, fast_max_pending=threshold), chunks)
+    assert quick[0] == slow[0]
+    if slow[0] == "read":
+        assert quick == slow
+
+
+@FAST
 @given(commands.filter(bool), st.integers(1, 200))
 def test_a_resp_stream_cut_inside_a_command_is_refused(cmds: list[list[bytes]],
                                                        cut: int) -> None:
