@@ -40,13 +40,19 @@ from worker.progress import Progress
 from worker.subproc import spawn
 
 SCAN_COUNT = 1000
-BATCH_KEYS = 1000
-# DUMP + PTTL of a batch of keys, read-only (`false` for a key that vanished)
-_DUMP_BATCH = """
-local out = {}
-for i, k in ipairs(KEYS) do
-  out[2 * i - 1] = redis.call('DUMP', k)
-  out[2 * i] = redis.call('PTTL', k)
+# One SCAN step and the DUMP + PTTL of the keys it found, in one read-only call: the keys
+# never travel to the client and back. Returns {cursor, key, payload, pttl, …}; a key that
+# vanished between SCAN and DUMP is left out.
+_SCAN_DUMP = """
+local step = redis.call('SCAN', ARGV[1], 'COUNT', ARGV[2])
+local out = {step[1]}
+for _, k in ipairs(step[2]) do
+  local payload = redis.call('DUMP', k)
+  if payload then
+    out[#out + 1] = k
+    out[#out + 1] = payload
+    out[#out + 1] = redis.call('PTTL', k)
+  end
 end
 return out
 """
@@ -156,30 +162,37 @@ class RedisEngine:
                 from None
 
     async def _dump_db(self, r: Redis) -> AsyncIterator[tuple[bytes, int]]:
-        """SCAN the database; DUMP and PTTL each batch of keys in one server-side call
-        (a read-only script: one round trip and one command to pack per batch)."""
-        dump_batch = r.register_script(_DUMP_BATCH)
-        cursor = 0
-        while True:
-            cursor, keys = await r.scan(cursor=cursor, count=SCAN_COUNT)
-            for i in range(0, len(keys), BATCH_KEYS):
-                batch = keys[i:i + BATCH_KEYS]
-                results = await dump_batch(keys=batch)
+        """SCAN the database with a server-side script that also DUMPs and PTTLs what each
+        step finds (one round trip per ~1000 keys); the next step runs on the server while
+        this one is written out."""
+        scan_dump = r.register_script(_SCAN_DUMP)
+        step = asyncio.ensure_future(scan_dump(args=[0, SCAN_COUNT]))
+        try:
+            while True:
+                reply = await step
+                cursor = int(reply[0])
+                if cursor:
+                    step = asyncio.ensure_future(scan_dump(args=[cursor, SCAN_COUNT]))
                 now_ms = int(time.time() * 1000)
-                out, n = [], 0
-                for k, payload, pttl in zip(batch, results[::2], results[1::2], strict=True):
-                    if not payload or pttl == -2:
-                        continue  # vanished or expired during the scan
+                out = []
+                for k, payload, pttl in zip(reply[1::3], reply[2::3], reply[3::3],
+                                            strict=True):
+                    if pttl == -2:
+                        continue  # expired between DUMP and PTTL
                     if pttl > 0:
                         out.append(_RESTORE_ABSTTL % (len(k), k, len(ttl := b"%d" % (
                             now_ms + pttl)), ttl, len(payload), payload))
                     else:
                         out.append(_RESTORE % (len(k), k, len(payload), payload))
-                    n += 1
                 if out:
-                    yield b"".join(out), n
-            if cursor == 0:
-                return
+                    yield b"".join(out), len(out)
+                if not cursor:
+                    return
+        finally:
+            if not step.done():
+                step.cancel()
+                with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+                    await step
 
     @asynccontextmanager
     async def _dump_rdb(self, target: TargetConfig, progress: Progress) -> AsyncIterator[Dump]:
