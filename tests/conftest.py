@@ -283,10 +283,22 @@ NEEDS_A_SERVER = {
     "drill_role", "issuer", "oidc_settings",
 }
 SLOW_MODULES = {"test_readme", "test_cli", "test_deploy"}  # subprocesses, tool runs
+# The slow layer: a real browser, whole-README runs, the fuzzer, processes killed at each
+# point of a restore, big data. `./scripts/test.sh -m "not slow"` leaves them out (CI
+# runs everything).
+SLOW = {
+    "test_readme", "test_cli", "test_deploy", "test_web", "test_schemathesis",
+    "test_kill_restore_pg", "test_restore_by_hand", "test_redis_outage",
+    "test_engine_redis.py::test_round_trip_with_big_key_and_ttls",  # a 55 MB key
+    "test_engine_neo4j.py::test_round_trip_20k_nodes",
+    "test_failures_pg.py::test_sigterm_lets_a_running_backup_finish",
+    "test_failures_pg.py::test_sigkill_worker_mid_backup_is_reaped",
+}
 
 
 def pytest_configure(config: Any) -> None:
     config.addinivalue_line("markers", "fast: needs no server (uv run pytest -m fast)")
+    config.addinivalue_line("markers", "slow: minutes, not seconds (-m 'not slow' skips)")
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
@@ -295,6 +307,9 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
         if not (set(getattr(item, "fixturenames", ())) & NEEDS_A_SERVER) and \
                 module not in SLOW_MODULES:
             item.add_marker(pytest.mark.fast)
+        test = item.nodeid.split("/")[-1].split("[")[0]
+        if module in SLOW or test in SLOW:
+            item.add_marker(pytest.mark.slow)
 
 
 # Hypothesis: the same examples on every run (a landing is never failed by a new random
