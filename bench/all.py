@@ -34,6 +34,7 @@ RUNS: list[tuple[str, list[str], list[str]]] = [
                                                                "3"]),
     ("sse_fanout", ["--clients", "1000", "--jobs", "20"], ["--clients", "100", "--jobs", "5"]),
     ("scale_out", ["--jobs", "100"], ["--jobs", "20", "--mb", "2"]),
+    ("scale_out", ["--jobs", "100", "--netns"], []),  # root: workers in network namespaces
     ("metrics", ["--backups", "10000"], ["--backups", "1000"]),
 ]
 
