@@ -91,12 +91,15 @@ async def load(port: int, big: bool = False) -> None:
     await r.set("ttl-key", "expires", ex=300)
     await r.hset("ttl-hash", "a", "b")
     await r.pexpire("ttl-hash", 120_000)
-    if big:
+    if big:  # past STREAMED_KEY: their DUMPs are streamed on a connection of their own
         await r.set("big", b"0123456789abcdef" * (BIG // 16))
+        await r.pexpire("big", 600_000)  # … with its expiry
     await r.execute_command("SELECT", 3)
     await r.aclose()
     r3 = Redis(port=port, password=PW, db=3)
     await r3.set("in-db-3", "yes")
+    if big:  # … and in another database than 0, incompressible
+        await r3.set("big-3", os.urandom(9 << 20))
     await r3.rpush("list3", "a", "b")
     await r3.aclose()
 

@@ -37,6 +37,14 @@ async def _prefetch(source: AsyncIterator[bytes], queue: asyncio.Queue[bytes | N
     size = 0
     async for chunk in source:
         count(len(chunk))
+        if len(chunk) > 2 * CHUNK:  # one big piece (a Redis key's payload): in CHUNK slices,
+            if buf:                 # so no stage makes a copy of its whole size
+                await queue.put(b"".join(buf))
+                buf, size = [], 0
+            view = memoryview(chunk)
+            for i in range(0, len(chunk), CHUNK):
+                await queue.put(bytes(view[i:i + CHUNK]))
+            continue
         buf.append(chunk)
         size += len(chunk)
         if size >= CHUNK:

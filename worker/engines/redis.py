@@ -43,11 +43,21 @@ SCAN_COUNT = 1000
 # One SCAN step and the DUMP + PTTL of the keys it found, in one read-only call: the keys
 # never travel to the client and back. Returns {cursor, key, payload, pttl, …}; a key that
 # vanished between SCAN and DUMP is left out.
+#
+# A key using more than ARGV[3] bytes of memory is not DUMPed here (its payload would be
+# held whole, twice, by the client): it comes back with the payload `0`, and is DUMPed on
+# a connection of our own that streams the reply (RedisEngine._stream_key).
 _SCAN_DUMP = """
 local step = redis.call('SCAN', ARGV[1], 'COUNT', ARGV[2])
 local out = {step[1]}
+local big = tonumber(ARGV[3])
 for _, k in ipairs(step[2]) do
-  local payload = redis.call('DUMP', k)
+  local payload
+  if (redis.call('MEMORY', 'USAGE', k) or 0) > big then
+    payload = 0
+  else
+    payload = redis.call('DUMP', k)
+  end
   if payload then
     out[#out + 1] = k
     out[#out + 1] = payload
@@ -56,9 +66,16 @@ for _, k in ipairs(step[2]) do
 end
 return out
 """
-_RESTORE = b"*5\r\n$7\r\nRESTORE\r\n$%d\r\n%b\r\n$1\r\n0\r\n$%d\r\n%b\r\n$7\r\nREPLACE\r\n"
-_RESTORE_ABSTTL = (b"*6\r\n$7\r\nRESTORE\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
-                   b"$7\r\nREPLACE\r\n$6\r\nABSTTL\r\n")
+# RESTORE key 0|abs-ms payload REPLACE [ABSTTL], cut around the payload: a big payload is
+# written as it came, never copied into one more buffer of its size
+_HEAD = b"*5\r\n$7\r\nRESTORE\r\n$%d\r\n%b\r\n$1\r\n0\r\n$%d\r\n"
+_TAIL = b"\r\n$7\r\nREPLACE\r\n"
+_HEAD_ABSTTL = b"*6\r\n$7\r\nRESTORE\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n"
+_TAIL_ABSTTL = b"\r\n$7\r\nREPLACE\r\n$6\r\nABSTTL\r\n"
+_RESTORE = _HEAD + b"%b" + _TAIL
+_RESTORE_ABSTTL = _HEAD_ABSTTL + b"%b" + _TAIL_ABSTTL
+BIG_PAYLOAD = 1 << 20
+STREAMED_KEY = 8 << 20  # memory usage from which a key's DUMP is streamed
 _KEYSPACE = re.compile(r"^db(\d+)$")
 
 
@@ -147,7 +164,7 @@ class RedisEngine:
                 yield resp(b"SELECT", str(db).encode())
                 counts[f"db{db}"] = 0
                 async with self._session(target, db) as r:
-                    async for block, n in self._dump_db(r):
+                    async for block, n in self._dump_db(r, target, db):
                         counts[f"db{db}"] += n
                         progress.items_done += n
                         yield block
@@ -161,25 +178,47 @@ class RedisEngine:
             raise DumpFailed(f"Redis dump failed: {redact(str(exc), target.secrets())}") \
                 from None
 
-    async def _dump_db(self, r: Redis) -> AsyncIterator[tuple[bytes, int]]:
+    async def _dump_db(self, r: Redis, target: TargetConfig, db: int
+                       ) -> AsyncIterator[tuple[bytes, int]]:
         """SCAN the database with a server-side script that also DUMPs and PTTLs what each
         step finds (one round trip per ~1000 keys); the next step runs on the server while
         this one is written out."""
         scan_dump = r.register_script(_SCAN_DUMP)
-        step = asyncio.ensure_future(scan_dump(args=[0, SCAN_COUNT]))
+        step = asyncio.ensure_future(scan_dump(args=[0, SCAN_COUNT, STREAMED_KEY]))
         try:
             while True:
                 reply = await step
                 cursor = int(reply[0])
                 if cursor:
-                    step = asyncio.ensure_future(scan_dump(args=[cursor, SCAN_COUNT]))
+                    step = asyncio.ensure_future(
+                        scan_dump(args=[cursor, SCAN_COUNT, STREAMED_KEY]))
                 now_ms = int(time.time() * 1000)
-                out = []
+                out: list[bytes] = []
                 for k, payload, pttl in zip(reply[1::3], reply[2::3], reply[3::3],
                                             strict=True):
                     if pttl == -2:
                         continue  # expired between DUMP and PTTL
-                    if pttl > 0:
+                    if payload == 0:  # a big key: its DUMP streamed, never held whole
+                        if out:
+                            yield b"".join(out), len(out)
+                            out = []
+                        async for piece, n in self._stream_key(target, db, k, pttl):
+                            yield piece, n
+                        continue
+                    if len(payload) > BIG_PAYLOAD:  # head, the payload itself, tail
+                        if out:
+                            yield b"".join(out), len(out)
+                            out = []
+                        if pttl > 0:
+                            ttl = b"%d" % (now_ms + pttl)
+                            yield _HEAD_ABSTTL % (len(k), k, len(ttl), ttl, len(payload)), 0
+                            yield payload, 0
+                            yield _TAIL_ABSTTL, 1
+                        else:
+                            yield _HEAD % (len(k), k, len(payload)), 0
+                            yield payload, 0
+                            yield _TAIL, 1
+                    elif pttl > 0:
                         out.append(_RESTORE_ABSTTL % (len(k), k, len(ttl := b"%d" % (
                             now_ms + pttl)), ttl, len(payload), payload))
                     else:
@@ -193,6 +232,43 @@ class RedisEngine:
                 step.cancel()
                 with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
                     await step
+
+    async def _stream_key(self, target: TargetConfig, db: int, key: bytes, pttl: int
+                          ) -> AsyncIterator[tuple[bytes, int]]:
+        """`DUMP key` on a connection of our own, its reply passed on in slices as it
+        arrives: a RESTORE command whose payload is never in memory whole. A key gone
+        meanwhile (a nil reply) is left out, as the scan leaves out vanished keys."""
+        reader, writer = await self._raw(target, db)
+        try:
+            writer.write(resp(b"DUMP", key))
+            header = await asyncio.wait_for(reader.readline(), 60)
+            if header.startswith(b"-"):
+                raise RedisError(header[1:].decode(errors="replace").strip()[:200])
+            if not header.startswith(b"$") or not header.endswith(b"\r\n"):
+                raise RedisError(f"unexpected DUMP reply {header[:20]!r}")
+            size = int(header[1:-2])
+            if size < 0:
+                return
+            if pttl > 0:
+                ttl = b"%d" % (int(time.time() * 1000) + pttl)
+                head, tail = _HEAD_ABSTTL % (len(key), key, len(ttl), ttl, size), _TAIL_ABSTTL
+            else:
+                head, tail = _HEAD % (len(key), key, size), _TAIL
+            yield head, 0
+            left = size
+            while left:
+                piece = await asyncio.wait_for(reader.read(min(left, BIG_PAYLOAD)), 60)
+                if not piece:
+                    raise RedisError("Redis closed the connection during a DUMP")
+                left -= len(piece)
+                yield piece, 0
+            if await asyncio.wait_for(reader.readexactly(2), 60) != b"\r\n":
+                raise RedisError("a DUMP reply without its CRLF")
+            yield tail, 1
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ConnectionError):
+                await writer.wait_closed()
 
     @asynccontextmanager
     async def _dump_rdb(self, target: TargetConfig, progress: Progress) -> AsyncIterator[Dump]:
@@ -234,15 +310,35 @@ class RedisEngine:
                         await r.flushdb()
             await self._replay(target, chunks, progress, RedisScriptCheck(databases))
 
+    async def _raw(self, target: TargetConfig, db: int | None = None
+                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A plain protocol connection of our own (authenticated, on `db`), for what
+        redis-py would hold whole in memory: a restore's stream, a big key's DUMP."""
+        u = urlsplit(target.url)
+        ssl_ctx = ssl.create_default_context() if u.scheme == "rediss" else None
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            u.hostname or "127.0.0.1", u.port or 6379, ssl=ssl_ctx, limit=1 << 20), 10)
+        try:
+            if target.password is not None:
+                auth = [b"AUTH"] + ([unquote(u.username).encode()] if u.username else [])
+                writer.write(resp(*auth, target.password.reveal().encode()))
+                if not (await asyncio.wait_for(reader.readline(), 10)).startswith(b"+OK"):
+                    raise RedisError("Redis refused the credentials")
+            if db is not None:
+                writer.write(resp(b"SELECT", b"%d" % db))
+                if not (await asyncio.wait_for(reader.readline(), 10)).startswith(b"+OK"):
+                    raise RedisError(f"Redis refused SELECT {db}")
+        except BaseException:
+            writer.close()
+            raise
+        return reader, writer
+
     async def _replay(self, target: TargetConfig, chunks: AsyncIterator[bytes],
                       progress: Progress, check: RedisScriptCheck) -> None:
         """Replay the RESP stream verbatim on a connection of our own while a second task
         reads the replies — what `redis-cli --pipe` does: a final ECHO marker tells when
         every reply has arrived. The first error reply fails the restore."""
-        u = urlsplit(target.url)
-        ssl_ctx = ssl.create_default_context() if u.scheme == "rediss" else None
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(
-            u.hostname or "127.0.0.1", u.port or 6379, ssl=ssl_ctx, limit=1 << 20), 10)
+        reader, writer = await self._raw(target)
         marker = os.urandom(20).hex().encode()
         error: list[bytes] = []
 
@@ -264,12 +360,6 @@ class RedisEngine:
                         return
 
         try:
-            if target.password is not None:
-                auth = [b"AUTH"] + ([unquote(u.username).encode()] if u.username else [])
-                writer.write(resp(*auth, target.password.reveal().encode()))
-                line = await asyncio.wait_for(reader.readline(), 10)
-                if not line.startswith(b"+OK"):
-                    raise RestoreFailed("Redis refused the credentials for the restore")
             replies = asyncio.create_task(read_replies())
             try:
                 async for chunk in chunks:
