@@ -7,6 +7,7 @@ job's terminal event (`succeeded`, `failed`, `cancelled`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -78,35 +79,68 @@ async def _job_events(request: web.Request) -> web.StreamResponse:
 
 
 _META: OrderedDict[str, tuple[str, str]] = OrderedDict()  # job -> (kind, target)
-_TEXT: OrderedDict[tuple[str, str, str, bool], str] = OrderedDict()  # -> JSON
+_TEXT: OrderedDict[tuple[str, str, str, bool], bytes] = OrderedDict()  # -> SSE frame
+SEND_TIMEOUT = 10.0
 _CACHE_MAX = 4096
 
 
+_READING: dict[str, asyncio.Task[tuple[str, str]]] = {}  # key -> the one read under way
+
+
 async def _job_meta(request: web.Request, job_id: str) -> tuple[str, str]:
-    """A job's kind and target (they never change): read once for all followers."""
+    """A job's kind and target (they never change): read once for all followers — a
+    thousand of them meeting a new job at the same moment share one read (its own task:
+    a follower that leaves cancels only its wait)."""
     key = f"{request.app[SERVICES].keys.prefix}:{job_id}"
-    if key not in _META:
-        found = await request.app[SERVICES].store.find(job_id)
-        if found is None:
-            return ("", "")  # not cached: it may appear a moment later
-        _META[key] = (found.kind, found.target)
-        if len(_META) > _CACHE_MAX:
-            _META.popitem(last=False)
+    if key in _META:
+        return _META[key]
+    task = _READING.get(key)
+    if task is None:
+        task = asyncio.ensure_future(_read_meta(request.app[SERVICES].store, job_id, key))
+        _READING[key] = task
+        task.add_done_callback(lambda _: _READING.pop(key, None))
+    return await asyncio.shield(task)
+
+
+async def _read_meta(store: Any, job_id: str, key: str) -> tuple[str, str]:
+    found = await store.find(job_id)
+    if found is None:
+        return ("", "")  # not cached: it may appear a moment later
+    _META[key] = (found.kind, found.target)
+    if len(_META) > _CACHE_MAX:
+        _META.popitem(last=False)
     return _META[key]
 
 
-def _rendered(request: web.Request, ev: Any, principal: Any, kind: str, target: str) -> str:
-    """The event's JSON as this reader may see it, serialized once per event and view
-    (a thousand followers share two strings, not a thousand)."""
+def _frame(request: web.Request, ev: Any, principal: Any, kind: str, target: str) -> bytes:
+    """The event as this reader may see it, as the whole SSE frame, rendered once per event
+    and view (a thousand followers share two frames, not a thousand)."""
     doc = for_reader(ev.to_dict(), principal, kind, target)
     redacted = "error" in doc and doc.get("error") is not ev.data.get("error")
     # stream ids are unique within one stream only: the prefix and job make the key unique
     key = (request.app[SERVICES].keys.prefix, ev.job, ev.id, redacted)
-    if key not in _TEXT:
-        _TEXT[key] = json.dumps(doc)
+    if key not in _TEXT:  # json.dumps escapes newlines: one data line
+        _TEXT[key] = f"id: {ev.id}\r\nevent: {ev.type}\r\ndata: {json.dumps(doc)}\r\n\r\n" \
+            .encode()
         if len(_TEXT) > _CACHE_MAX:
             _TEXT.popitem(last=False)
     return _TEXT[key]
+
+
+async def _send_frame(request: web.Request, resp: Any, frame: bytes) -> None:
+    """aiohttp-sse's `send` for a frame rendered beforehand: a client that stalls longer
+    than SEND_TIMEOUT is cut off (and counts as gone)."""
+    try:
+        async with asyncio.timeout(SEND_TIMEOUT):
+            await resp.write(frame)
+    except TimeoutError:
+        resp.stop_streaming()
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionResetError("the client stopped reading") from None
+    except ConnectionResetError:
+        resp.stop_streaming()
+        raise
 
 
 async def _all_events(request: web.Request) -> web.StreamResponse:
@@ -129,7 +163,6 @@ async def _all_events(request: web.Request) -> web.StreamResponse:
             kind, target = jobs[ev.job]
             if principal.role_for(target) < Role.VIEWER:
                 continue
-            await resp.send(_rendered(request, ev, principal, kind, target), id=ev.id,
-                            event=ev.type)
+            await _send_frame(request, resp, _frame(request, ev, principal, kind, target))
     return resp
 
