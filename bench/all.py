@@ -32,7 +32,8 @@ RUNS: list[tuple[str, list[str], list[str]]] = [
     ("redis_backup", ["--keys", "1000000"], ["--keys", "100000"]),
     ("submit_latency", ["--rate", "300", "--seconds", "10"], ["--rate", "100", "--seconds",
                                                                "3"]),
-    ("sse_fanout", ["--clients", "1000", "--jobs", "20"], ["--clients", "100", "--jobs", "5"]),
+    ("sse_fanout", ["--clients", "1000", "--jobs", "20", "--procs", "2"],
+     ["--clients", "100", "--jobs", "5"]),
     ("scale_out", ["--jobs", "100"], ["--jobs", "20", "--mb", "2"]),
     ("scale_out", ["--jobs", "100", "--netns"], []),  # root: workers in network namespaces
     ("metrics", ["--backups", "10000"], ["--backups", "1000"]),
