@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.conftest import DEV_KEY, REDIS_URL
 from tests.helpers import write_toml
@@ -35,6 +36,7 @@ async def schemathesis(base: str, cfg: Path, token: str | None, *extra: str) -> 
     return text
 
 
+@pytest.mark.timeout(900)  # four fuzzer runs of ~30 s each on an idle machine
 async def test_fuzz_every_operation_as_each_role(prefix: str, tmp_path: Path) -> None:
     db = tmp_path / "example.db"
     with sqlite3.connect(db) as conn:
