@@ -163,6 +163,8 @@ async def _all_events(request: web.Request) -> web.StreamResponse:
             kind, target = jobs[ev.job]
             if principal.role_for(target) < Role.VIEWER:
                 continue
+            if not kind:  # the job's record expired: show its errors as a restore's
+                kind = "restore"  # (operators of its target only), the cautious reading
             await _send_frame(request, resp, _frame(request, ev, principal, kind, target))
     return resp
 

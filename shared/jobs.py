@@ -356,8 +356,10 @@ class JobStore:
         await self.redis.zremrangebyscore(self.keys.job_index, "-inf", time.time() - self.ttl)
         out: list[Job] = []
         start = 0
-        filtered = any(f is not None for f in (target, status, kind, targets))
-        page = 200 if filtered else limit  # unfiltered: exactly the jobs asked for
+        # no filter but the caller's visible targets (which most jobs pass): start with the
+        # jobs asked for; the page doubles while matches are missing
+        filtered = any(f is not None for f in (target, status, kind))
+        page = 200 if filtered else max(limit, 10)
         while len(out) < limit:
             ids = await self.redis.zrevrange(self.keys.job_index, start, start + page - 1)
             if not ids:

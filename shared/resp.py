@@ -19,6 +19,7 @@ MAX_BULK = 512 << 20  # Redis's own limit on one bulk string (proto-max-bulk-len
 # the C parser holds a command until it is complete: past this many pending bytes (a big
 # key's payload, or a lie in a header) the streaming parser takes over that command
 FAST_MAX_PENDING = 1 << 20
+_INCOMPLETE = object()  # hiredis' "no whole reply yet" (its default, False, is also `#f`)
 
 
 class RespReader:
@@ -39,7 +40,8 @@ class RespReader:
         self._data: bytearray | None = None
         self._data_left = 0
         self._last2 = b""  # the last bytes of the current bulk (its CRLF terminator)
-        self._fast: hiredis.Reader | None = hiredis.Reader() if fast else None
+        self._fast: hiredis.Reader | None = (hiredis.Reader(notEnoughData=_INCOMPLETE)
+                                             if fast else None)
         self._pending = b""  # what the C parser holds (the start of an unfinished command)
 
     @staticmethod
@@ -57,10 +59,16 @@ class RespReader:
         Most commands go through hiredis' C parser (about 15 times faster); a command
         whose bytes pile up past FAST_MAX_PENDING is handed, from its first byte, to the
         streaming parser below, which never holds a long argument; after it, the C parser
-        takes over again. Both refuse the same inputs: only arrays of bulk strings."""
+        takes over again. Both refuse the same inputs: only arrays of bulk strings.
+
+        hiredis also reads RESP3 (sets `~`, attributes `|`, booleans `#f`, verbatim
+        strings…) into the same Python values as a RESP2 array of bulks, and Redis would
+        read such bytes as inline commands, line by line. So what hiredis returns is
+        accepted only when the bytes it came from are, to the byte, the RESP2 encoding of
+        that command: `*n` CRLF, then `$len` CRLF data CRLF per argument."""
         if self._fast is None and self.use_fast and self._state == "array" \
                 and not self._line:
-            self._fast, self._pending = hiredis.Reader(), b""
+            self._fast, self._pending = hiredis.Reader(notEnoughData=_INCOMPLETE), b""
         if self._fast is None:
             return self._feed_streaming(data)
         fast = self._fast
@@ -69,17 +77,21 @@ class RespReader:
         buf = self._pending + data if self._pending else data  # from the first unreturned
         pos = 0  # where in `buf` the next command starts
         try:
-            while (cmd := fast.gets()) is not False:
+            while (cmd := fast.gets()) is not _INCOMPLETE:
                 if type(cmd) is not list or not 0 < len(cmd) <= self.max_parts \
                         or set(map(type, cmd)) != {bytes}:
                     raise self._bad(f"a reply that is not a command of bulk strings: "
                                     f"{str(cmd)[:40]!r}")
-                # hiredis reads only canonical numbers, so the sizes give each bulk's end;
-                # it skips the two bytes after a bulk unread (as Redis does): check them
-                pos += 3 + len(str(len(cmd)))
+                head = b"*%d\r\n" % len(cmd)
+                if not buf.startswith(head, pos):
+                    raise self._bad(f"expected an array, got {buf[pos:pos + 20]!r}")
+                pos += len(head)
                 for part in cmd:
-                    pos += 3 + len(str(len(part))) + len(part)
-                    if buf[pos:pos + 2] != b"\r\n":
+                    head = b"$%d\r\n" % len(part)
+                    if not buf.startswith(head, pos):
+                        raise self._bad(f"expected a bulk string, got {buf[pos:pos + 20]!r}")
+                    pos += len(head) + len(part)
+                    if not buf.startswith(b"\r\n", pos):  # hiredis skips these unread
                         raise self._bad("a bulk string without its CRLF")
                     pos += 2
                 commands.append(cmd if max(map(len, cmd)) <= self.keep else

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from shared import codecs, naming
 from shared.cypher import StatementSplitter, split_statements
-from shared.errors import InvalidBackupName, PipelineError
+from shared.errors import InvalidBackupName, PipelineError, SafeholdError
+from shared.formats import RedisScriptCheck
 from shared.resp import RespReader, resp
 from shared.tarstream import TarReader
 from tests.test_pipeline import Collect, chunks_of
@@ -141,8 +142,39 @@ def _outcome(reader: RespReader, chunks: list[bytes]) -> object:
     return ("read", got)
 
 
+# RESP3 and inline framings hiredis reads into the same Python values as a RESP2 array of
+# bulks, while Redis would run the bytes as inline commands, line by line
+RESP3_SMUGGLING = {
+    "set": b"~5\r\n$7\r\nRESTORE\r\n$1\r\nk\r\n$1\r\n0\r\n$33\r\n\r\nFLUSHALL\r\n"
+           b"CONFIG SET dir /tmp\r\n\r\n$7\r\nREPLACE\r\n",
+    "attribute": b"|1\r\n$1\r\na\r\n$1\r\nb\r\n",
+    "push": b">1\r\n$8\r\nFLUSHALL\r\n",
+    "false": b"#f\r\n",
+    "verbatim element": b"*2\r\n$6\r\nSELECT\r\n=5\r\nA\r\n:0\r\n",
+    "simple-string element": b"*2\r\n$6\r\nSELECT\r\n+0\r\n",
+    "integer element": b"*2\r\n$6\r\nSELECT\r\n:0\r\n",
+    "double": b",1.5\r\n",
+    "map": b"%1\r\n$1\r\na\r\n$1\r\nb\r\n",
+    "inline": b"FLUSHALL\r\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESP3_SMUGGLING))
+@pytest.mark.parametrize("fast", [True, False])
+def test_resp3_and_inline_framings_are_refused(name: str, fast: bool) -> None:
+    """Found by review: a RESP3 set (`~5`) whose bulk held `\r\nFLUSHALL\r\n…` passed
+    the C parser's check while Redis would have run FLUSHALL and CONFIG SET inline."""
+    stream = resp(b"SELECT", b"0") + RESP3_SMUGGLING[name] + resp(b"SELECT", b"0")
+    check = RedisScriptCheck()
+    check.reader = RespReader(max_parts=6, fast=fast)
+    with pytest.raises(SafeholdError):
+        check.feed(stream)
+        check.finish()
+
+
 @FAST
-@given(commands, st.binary(max_size=40), st.integers(0, 2**32), st.integers(0, 12),
+@given(commands, st.one_of(st.binary(max_size=40), st.sampled_from(
+           sorted(RESP3_SMUGGLING.values()))), st.integers(0, 2**32), st.integers(0, 12),
        st.integers(0, 2**16), st.integers(0, 300))
 def test_resp_fast_and_streaming_parsers_agree_on_hostile_bytes(
         cmds: list[list[bytes]], junk: bytes, seed: int, n: int, at: int,

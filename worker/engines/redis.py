@@ -21,11 +21,10 @@ import contextlib
 import os
 import re
 import ssl
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -41,22 +40,29 @@ from worker.subproc import spawn
 
 SCAN_COUNT = 1000
 # One SCAN step and the DUMP + PTTL of the keys it found, in one read-only call: the keys
-# never travel to the client and back. Returns {cursor, key, payload, pttl, …}; a key that
-# vanished between SCAN and DUMP is left out.
+# never travel to the client and back. Returns {cursor, now_ms, key, payload, pttl, …}; a key that
+# vanished between SCAN and DUMP is left out. The server's clock (ms) comes second: a
+# key's absolute expiry is that plus its PTTL, however long the step waits client-side.
 #
 # A key using more than ARGV[3] bytes of memory is not DUMPed here (its payload would be
 # held whole, twice, by the client): it comes back with the payload `0`, and is DUMPed on
-# a connection of our own that streams the reply (RedisEngine._stream_key).
+# a connection of our own that streams the reply (RedisEngine._stream_key). So are the
+# keys after the step's payloads reach twice that: one reply stays ~16 MiB, whatever the
+# keys (MEMORY USAGE samples big collections, an estimate).
 _SCAN_DUMP = """
 local step = redis.call('SCAN', ARGV[1], 'COUNT', ARGV[2])
-local out = {step[1]}
+local now = redis.call('TIME')
+local out = {step[1], now[1] * 1000 + math.floor(now[2] / 1000)}
 local big = tonumber(ARGV[3])
+local held = 0
 for _, k in ipairs(step[2]) do
   local payload
-  if (redis.call('MEMORY', 'USAGE', k) or 0) > big then
+  local size = redis.call('MEMORY', 'USAGE', k) or 0
+  if size > big or held + size > 2 * big then
     payload = 0
   else
     payload = redis.call('DUMP', k)
+    if payload then held = held + #payload end
   end
   if payload then
     out[#out + 1] = k
@@ -78,6 +84,23 @@ BIG_PAYLOAD = 1 << 20
 STREAMED_KEY = 8 << 20  # memory usage from which a key's DUMP is streamed
 _KEYSPACE = re.compile(r"^db(\d+)$")
 
+
+
+def _tls(u: Any) -> ssl.SSLContext | None:
+    """TLS for our own connections as redis-py sets it up from the same URL: the chain
+    verified (`ssl_cert_reqs`, `ssl_ca_certs`), no hostname check unless asked
+    (`ssl_check_hostname`), a client certificate if given (`ssl_certfile`, `ssl_keyfile`)."""
+    if u.scheme != "rediss":
+        return None
+    q = {k: v[-1] for k, v in parse_qs(u.query).items()}
+    ctx = ssl.create_default_context(cafile=q.get("ssl_ca_certs"))
+    ctx.check_hostname = q.get("ssl_check_hostname", "").lower() in ("1", "true", "yes")
+    if q.get("ssl_cert_reqs", "required").lower() in ("none", "cert_none"):
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if q.get("ssl_certfile"):
+        ctx.load_cert_chain(q["ssl_certfile"], q.get("ssl_keyfile"))
+    return ctx
 
 
 def _url_db(target: TargetConfig) -> int | None:
@@ -188,29 +211,29 @@ class RedisEngine:
         try:
             while True:
                 reply = await step
-                cursor = int(reply[0])
+                cursor, now_ms = int(reply[0]), int(reply[1])
                 if cursor:
                     step = asyncio.ensure_future(
                         scan_dump(args=[cursor, SCAN_COUNT, STREAMED_KEY]))
-                now_ms = int(time.time() * 1000)
                 out: list[bytes] = []
-                for k, payload, pttl in zip(reply[1::3], reply[2::3], reply[3::3],
+                for k, payload, pttl in zip(reply[2::3], reply[3::3], reply[4::3],
                                             strict=True):
                     if pttl == -2:
                         continue  # expired between DUMP and PTTL
+                    expire_at = now_ms + pttl if pttl > 0 else None
                     if payload == 0:  # a big key: its DUMP streamed, never held whole
                         if out:
                             yield b"".join(out), len(out)
                             out = []
-                        async for piece, n in self._stream_key(target, db, k, pttl):
+                        async for piece, n in self._stream_key(target, db, k, expire_at):
                             yield piece, n
                         continue
                     if len(payload) > BIG_PAYLOAD:  # head, the payload itself, tail
                         if out:
                             yield b"".join(out), len(out)
                             out = []
-                        if pttl > 0:
-                            ttl = b"%d" % (now_ms + pttl)
+                        if expire_at is not None:
+                            ttl = b"%d" % expire_at
                             yield _HEAD_ABSTTL % (len(k), k, len(ttl), ttl, len(payload)), 0
                             yield payload, 0
                             yield _TAIL_ABSTTL, 1
@@ -218,9 +241,9 @@ class RedisEngine:
                             yield _HEAD % (len(k), k, len(payload)), 0
                             yield payload, 0
                             yield _TAIL, 1
-                    elif pttl > 0:
-                        out.append(_RESTORE_ABSTTL % (len(k), k, len(ttl := b"%d" % (
-                            now_ms + pttl)), ttl, len(payload), payload))
+                    elif expire_at is not None:
+                        out.append(_RESTORE_ABSTTL % (len(k), k, len(ttl := b"%d" % expire_at),
+                                                      ttl, len(payload), payload))
                     else:
                         out.append(_RESTORE % (len(k), k, len(payload), payload))
                 if out:
@@ -233,8 +256,8 @@ class RedisEngine:
                 with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
                     await step
 
-    async def _stream_key(self, target: TargetConfig, db: int, key: bytes, pttl: int
-                          ) -> AsyncIterator[tuple[bytes, int]]:
+    async def _stream_key(self, target: TargetConfig, db: int, key: bytes,
+                          expire_at: int | None) -> AsyncIterator[tuple[bytes, int]]:
         """`DUMP key` on a connection of our own, its reply passed on in slices as it
         arrives: a RESTORE command whose payload is never in memory whole. A key gone
         meanwhile (a nil reply) is left out, as the scan leaves out vanished keys."""
@@ -244,13 +267,13 @@ class RedisEngine:
             header = await asyncio.wait_for(reader.readline(), 60)
             if header.startswith(b"-"):
                 raise RedisError(header[1:].decode(errors="replace").strip()[:200])
-            if not header.startswith(b"$") or not header.endswith(b"\r\n"):
+            if not re.fullmatch(rb"\$(-1|\d{1,12})\r\n", header):
                 raise RedisError(f"unexpected DUMP reply {header[:20]!r}")
             size = int(header[1:-2])
             if size < 0:
                 return
-            if pttl > 0:
-                ttl = b"%d" % (int(time.time() * 1000) + pttl)
+            if expire_at is not None:
+                ttl = b"%d" % expire_at
                 head, tail = _HEAD_ABSTTL % (len(key), key, len(ttl), ttl, size), _TAIL_ABSTTL
             else:
                 head, tail = _HEAD % (len(key), key, size), _TAIL
@@ -262,7 +285,11 @@ class RedisEngine:
                     raise RedisError("Redis closed the connection during a DUMP")
                 left -= len(piece)
                 yield piece, 0
-            if await asyncio.wait_for(reader.readexactly(2), 60) != b"\r\n":
+            try:
+                end = await asyncio.wait_for(reader.readexactly(2), 60)
+            except asyncio.IncompleteReadError:
+                end = b""
+            if end != b"\r\n":
                 raise RedisError("a DUMP reply without its CRLF")
             yield tail, 1
         finally:
@@ -315,9 +342,8 @@ class RedisEngine:
         """A plain protocol connection of our own (authenticated, on `db`), for what
         redis-py would hold whole in memory: a restore's stream, a big key's DUMP."""
         u = urlsplit(target.url)
-        ssl_ctx = ssl.create_default_context() if u.scheme == "rediss" else None
         reader, writer = await asyncio.wait_for(asyncio.open_connection(
-            u.hostname or "127.0.0.1", u.port or 6379, ssl=ssl_ctx, limit=1 << 20), 10)
+            u.hostname or "127.0.0.1", u.port or 6379, ssl=_tls(u), limit=1 << 20), 10)
         try:
             if target.password is not None:
                 auth = [b"AUTH"] + ([unquote(u.username).encode()] if u.username else [])
