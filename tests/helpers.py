@@ -227,3 +227,23 @@ def republish(directory: Path, name: str, forged: bytes) -> None:
     manifest.update(sha256=hashlib.sha256(blob).hexdigest(), size_bytes=len(blob),
                     raw_bytes=len(forged))
     (directory / f"{name}.json").write_text(json.dumps(manifest))
+
+
+# ---------------------------------------------------------------------- the storage seam
+# Tests read what a backup stored through shared.storage (the code the service itself
+# reads with), never by knowing where a file or its manifest lies: a layout change stays
+# in one place. (Tests that plant hostile files by hand do that on purpose.)
+def _store(storage_dir: Path) -> tuple[Any, str]:
+    from shared.storage import LocalStorage
+
+    return LocalStorage(storage_dir.parent), storage_dir.name
+
+
+async def stored_manifest(storage_dir: Path, name: str) -> dict[str, Any]:
+    store, target = _store(storage_dir)
+    return await store.read_manifest(target, name)
+
+
+async def stored_bytes(storage_dir: Path, name: str) -> bytes:
+    store, target = _store(storage_dir)
+    return b"".join([block async for block in store.open(target, name)])

@@ -19,7 +19,15 @@ from api.app import create_app
 from shared.config import Settings, parse_settings
 from tests import pg
 from tests.conftest import bearer, make_raw_config
-from tests.helpers import backup, form, restore, restore_twice_unchanged, running_worker
+from tests.helpers import (
+    backup,
+    form,
+    restore,
+    restore_twice_unchanged,
+    running_worker,
+    stored_bytes,
+    stored_manifest,
+)
 
 
 def keypair() -> tuple[str, str]:
@@ -68,13 +76,13 @@ async def test_encrypted_zstd_round_trip_readable_by_stock_tools(
     result = (await backup(api))["result"]
     name = result["filename"]
     assert name.endswith(".sql.zst.age") and result["codecs"] == ["zstd", "age"]
-    manifest = json.loads((storage_dir / f"{name}.json").read_text())
+    manifest = await stored_manifest(storage_dir, name)
     assert [c["codec"] for c in manifest["codecs"]] == ["zstd", "age"]
     fps = manifest["encryption"]["recipients"]
     assert len(fps) == 2 and all(f.startswith("sha256:") for f in fps)
     text = json.dumps(manifest)
     assert "age1" not in text and "AGE-SECRET" not in text
-    stored = (storage_dir / name).read_bytes()
+    stored = await stored_bytes(storage_dir, name)
     assert stored.startswith(b"age-encryption.org/v1\n") and b"CREATE TABLE" not in stored
     for key in (OPS[0], ESCROW[0]):
         plain = stock_decrypt(storage_dir / name, key, tmp_path)
@@ -292,7 +300,7 @@ async def test_plain_upload_to_an_encrypted_target_is_stored_encrypted(
     assert up["filename"].endswith(".sql.gz.age")
     assert [c["codec"] for c in up["codecs"]] == ["gzip", "age"]
     assert up["uploaded_sha256"] == hashlib.sha256(sent).hexdigest() != up["sha256"]
-    stored = (storage_dir / up["filename"]).read_bytes()
+    stored = await stored_bytes(storage_dir, up["filename"])
     assert stored.startswith(b"age-encryption.org/v1\n")
     assert hashlib.sha256(stored).hexdigest() == up["sha256"]
     conn = await pg.user_conn(pg_db)

@@ -6,7 +6,6 @@ import datetime as dt
 import gzip
 import hashlib
 import io
-import json
 import tarfile
 import uuid
 from pathlib import Path
@@ -26,6 +25,7 @@ from tests.helpers import (
     read_events,
     restore,
     restore_twice_unchanged,
+    stored_manifest,
 )
 
 PW_ENV = "SAFEHOLD_TEST_MONGO_PASSWORD"
@@ -166,7 +166,7 @@ async def test_mongodump_layout(api: Any, worker: Any, mongo: Any, dbs: list[str
         assert by_name["ttl"]["expireAfterSeconds"] == 3600
         view = json_util.loads(tar.extractfile(f"{dbs[0]}/big_things.metadata.json").read())
         assert view["type"] == "view" and view["options"]["viewOn"] == "things"
-    manifest = json.loads((storage_dir / f"{job['result']['filename']}.json").read_text())
+    manifest = await stored_manifest(storage_dir, job['result']['filename'])
     assert manifest["counts"][f"{dbs[0]}.things"] == 300
     assert manifest["consistency"]
 
@@ -177,7 +177,7 @@ async def test_failing_restore_rolls_back(api: Any, worker: Any, mongo: Any, dbs
     await load(mongo, dbs)
     good = (await backup(api))["result"]["filename"]
     before = await fingerprint(mongo, dbs)
-    manifest = json.loads((storage_dir / f"{good}.json").read_text())
+    manifest = await stored_manifest(storage_dir, good)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         def add(name: str, data: bytes) -> None:
@@ -247,7 +247,7 @@ async def test_hostile_archives_are_refused_before_anything_is_dropped(
         case: str) -> None:
     await load(mongo, dbs)
     good = (await backup(api))["result"]["filename"]
-    manifest = json.loads((storage_dir / f"{good}.json").read_text())
+    manifest = await stored_manifest(storage_dir, good)
     meta = b'{"indexes": [], "type": "collection", "options": {}}'
     members = {
         "$where validator": {f"{dbs[0]}/evil.metadata.json":

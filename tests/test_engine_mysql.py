@@ -25,6 +25,8 @@ from tests.helpers import (
     republish,
     restore,
     restore_twice_unchanged,
+    stored_bytes,
+    stored_manifest,
     wait_for,
     wait_for_terminal,
     worker_process,
@@ -71,7 +73,7 @@ async def test_round_trip(api: Any, worker: Any, my_db: str, storage_dir: Path) 
     job = await backup(api)
     name = job["result"]["filename"]
     assert name.startswith("backup_mysql_") and name.endswith(".sql.gz")
-    manifest = json.loads((storage_dir / f"{name}.json").read_text())
+    manifest = await stored_manifest(storage_dir, name)
     assert manifest["tool"] in ("mariadb-dump", "mysqldump") and "--hex-blob" in manifest["options"]
     conn = await my.user_conn(my_db)
     await my.execute(conn, "DELETE FROM item WHERE id % 2 = 0", "DROP VIEW happy_items",
@@ -111,8 +113,8 @@ async def test_failing_restore_rolls_back_from_the_safety_backup(
     await my.execute(conn, "UPDATE item SET title = 'changed since' WHERE id < 10")
     conn.close()
     current = await my.fingerprint(my_db)
-    manifest = json.loads((storage_dir / f"{good}.json").read_text())
-    sql = gzip.decompress((storage_dir / good).read_bytes())
+    manifest = await stored_manifest(storage_dir, good)
+    sql = gzip.decompress(await stored_bytes(storage_dir, good))
     cut = sql.index(b"INSERT INTO `item`")
     bad = "backup_mysql_20200101_000000.sql.gz"
     await publish_plain(storage_dir, bad, sql[:cut] + b"THIS IS NOT SQL;\n" + sql[cut:], manifest)
@@ -198,10 +200,10 @@ async def test_restore_after_a_table_was_dropped_under_a_view(
     assert job["status"] == "succeeded", job
     assert await my.fingerprint(my_db) == before
     safety = job["result"]["safety_backup"]
-    manifest = json.loads((storage_dir / f"{safety}.json").read_text())
+    manifest = await stored_manifest(storage_dir, safety)
     assert manifest["invalid_views"] == ["happy_items", "happy_titles"]
     assert any("happy_items" in w for w in manifest["warnings"])
-    kept = gzip.decompress((storage_dir / safety).read_bytes())
+    kept = gzip.decompress(await stored_bytes(storage_dir, safety))
     assert b"-- view `happy_items`" in kept and b"VIEW `happy_items` AS" in kept
     events = await read_events(await api.get(f"/api/v1/jobs/{job['id']}/events"))
     logs = " ".join(e["data"].get("message", "") for e in events if e["event"] == "log")
@@ -269,7 +271,7 @@ async def test_client_commands_in_a_backup_are_refused(
     assert resp.status == 400 and body["error"]["code"] == "unsafe_backup", body
     assert "line 4:" in body["error"]["message"], body
     before = await my.fingerprint(my_db)
-    manifest = json.loads((storage_dir / f"{good}.json").read_text())
+    manifest = await stored_manifest(storage_dir, good)
     bad = "upload_mysql_20200101_000000.sql.gz"
     await publish_plain(storage_dir, bad, sql, manifest)
     job = await restore(api, bad)
@@ -285,7 +287,7 @@ async def test_a_bomb_placed_in_storage_stops_before_anything_is_dropped(
     check before the clean stops at 100 × the stored size; the database is untouched."""
     await my.load_rich(my_db)
     good = (await backup(api))["result"]["filename"]
-    manifest = json.loads((storage_dir / f"{good}.json").read_text())
+    manifest = await stored_manifest(storage_dir, good)
     before = await my.fingerprint(my_db)
     bad = "upload_mysql_20200101_000000.sql.gz"
     await publish_bomb(storage_dir, bad, HEADER, FOOTER, manifest)

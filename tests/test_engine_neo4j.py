@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,8 @@ from tests.helpers import (
     read_events,
     restore,
     restore_twice_unchanged,
+    stored_bytes,
+    stored_manifest,
 )
 
 PW_ENV = "SAFEHOLD_TEST_NEO4J_PASSWORD"
@@ -143,7 +144,7 @@ async def test_script_shape(api: Any, worker: Any, graph: Any, storage_dir: Path
     with `;` inside strings."""
     await load(graph)
     job = await backup(api)
-    text = gzip.decompress((storage_dir / job["result"]["filename"]).read_bytes()).decode()
+    text = gzip.decompress(await stored_bytes(storage_dir, job["result"]["filename"])).decode()
     stmts = split_statements(text)
     assert stmts[0].startswith("CREATE CONSTRAINT person_uid IF NOT EXISTS")
     creates = [s for s in stmts if s.startswith("UNWIND") and "CREATE (n:" in s]
@@ -160,8 +161,8 @@ async def test_failing_restore_rolls_back(api: Any, worker: Any, graph: Any,
     good = (await backup(api))["result"]["filename"]
     await run(graph, "CREATE (:Person {uid: 'late', name: 'added since'})")
     before = await fingerprint(graph)
-    manifest = json.loads((storage_dir / f"{good}.json").read_text())
-    text = gzip.decompress((storage_dir / good).read_bytes())
+    manifest = await stored_manifest(storage_dir, good)
+    text = gzip.decompress(await stored_bytes(storage_dir, good))
     cut = text.index(b"// 3. relationships")
     bad = "backup_neo4j_20200101_000000.cypher.gz"
     clash = (b"UNWIND [{p: {uid: 'same'}}, {p: {uid: 'same'}}] AS row CREATE (n:Person) "
@@ -224,8 +225,8 @@ async def test_statements_outside_the_exporter_shapes_are_refused(
         api: Any, worker: Any, graph: Any, storage_dir: Path, statement: str) -> None:
     await load(graph)
     good = (await backup(api))["result"]["filename"]
-    manifest = json.loads((storage_dir / f"{good}.json").read_text())
-    text = gzip.decompress((storage_dir / good).read_bytes())
+    manifest = await stored_manifest(storage_dir, good)
+    text = gzip.decompress(await stored_bytes(storage_dir, good))
     hostile = text + statement.encode() + b";\n"
     resp = await api.post("/api/v1/targets/main/uploads",
                           data=form(gzip.compress(hostile), "x.cypher.gz"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
-import json
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -25,6 +24,8 @@ from tests.helpers import (
     read_events,
     restore,
     restore_twice_unchanged,
+    stored_bytes,
+    stored_manifest,
 )
 
 PW = "R3dis-Test-Pw-91c"
@@ -154,7 +155,7 @@ async def test_round_trip_with_big_key_and_ttls(api: Any, worker: Any, redis_por
     job = await backup(api)
     name = job["result"]["filename"]
     assert name.startswith("backup_redis_") and name.endswith(".resp.gz")
-    manifest = json.loads((storage_dir / f"{name}.json").read_text())
+    manifest = await stored_manifest(storage_dir, name)
     assert manifest["databases"] == [0, 3] and manifest["server_version"].startswith("7")
     r = Redis(port=redis_port, password=PW)
     await r.flushall()
@@ -210,8 +211,8 @@ async def test_failing_restore_rolls_back(api: Any, worker: Any, redis_port: int
     await r.set("added-since", "1")
     await r.aclose()
     current = await fingerprint(redis_port)
-    manifest = json.loads((storage_dir / f"{good}.json").read_text())
-    plain = gzip.decompress((storage_dir / good).read_bytes())
+    manifest = await stored_manifest(storage_dir, good)
+    plain = gzip.decompress(await stored_bytes(storage_dir, good))
     bad_cmd = resp(b"RESTORE", b"broken", b"0", b"not a dump payload", b"REPLACE")
     bad = "backup_redis_20200101_000000.resp.gz"
     await publish_plain(storage_dir, bad, plain + bad_cmd, manifest)
@@ -247,7 +248,7 @@ async def test_rdb_format(api: Any, worker: Any, redis_port: int, storage_dir: P
     job = await backup(api, format="rdb")
     name = job["result"]["filename"]
     assert name.endswith(".rdb.gz")
-    assert gzip.decompress((storage_dir / name).read_bytes()).startswith(b"REDIS")
+    assert gzip.decompress(await stored_bytes(storage_dir, name)).startswith(b"REDIS")
     job = await (await api.post("/api/v1/targets/main/restores?wait=60",
                                 json={"backup": name})).json()
     assert job["status"] == "failed" and "dump.rdb" in job["error"]["message"]
@@ -317,8 +318,8 @@ async def test_commands_outside_the_backup_shape_are_refused_before_any_flush(
         command: list[bytes]) -> None:
     await load(redis_port)
     good = (await backup(api))["result"]["filename"]
-    manifest = json.loads((storage_dir / f"{good}.json").read_text())
-    plain = gzip.decompress((storage_dir / good).read_bytes())
+    manifest = await stored_manifest(storage_dir, good)
+    plain = gzip.decompress(await stored_bytes(storage_dir, good))
     hostile = plain + resp(*command)
     resp_ = await api.post("/api/v1/targets/main/uploads", data=form(gzip.compress(hostile)))
     body = await resp_.json()
@@ -386,7 +387,7 @@ async def test_a_rollback_also_empties_databases_the_safety_backup_does_not_hold
     db 7): the rollback flushes it too, and the data is exactly as before."""
     await load(redis_port)
     good = (await backup(api))["result"]["filename"]
-    manifest = json.loads((storage_dir / f"{good}.json").read_text())
+    manifest = await stored_manifest(storage_dir, good)
     r = Redis(port=redis_port, password=PW)
     payload = await r.dump("ünïcode")
     await r.aclose()

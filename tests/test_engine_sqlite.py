@@ -13,7 +13,13 @@ import pytest
 
 from shared.config import Settings, parse_settings
 from tests.conftest import make_raw_config
-from tests.helpers import flip_byte, read_events, restore_twice_unchanged
+from tests.helpers import (
+    flip_byte,
+    read_events,
+    restore_twice_unchanged,
+    stored_bytes,
+    stored_manifest,
+)
 
 
 @pytest.fixture
@@ -142,7 +148,7 @@ async def test_backup_is_consistent_under_concurrent_writes(
     assert written[0] > 0
     for name in names:
         copy = storage_dir.parent / f"{name}.check.db"
-        copy.write_bytes(gzip.decompress((storage_dir / name).read_bytes()))
+        copy.write_bytes(gzip.decompress(await stored_bytes(storage_dir, name)))
         conn = sqlite3.connect(copy)
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         a = conn.execute("SELECT count(*) FROM pair_a").fetchone()[0]
@@ -170,7 +176,7 @@ async def test_bad_backups_are_refused_and_data_stays(api: Any, worker: Any, db_
     bad = "backup_sqlite_20200101_000000.db.gz"
     junk = gzip.compress(b"SQLite format 3\x00" + b"\xff" * 8192)
     (storage_dir / bad).write_bytes(junk)
-    manifest = json.loads((storage_dir / f"{good}.json").read_text())
+    manifest = await stored_manifest(storage_dir, good)
     manifest.update(filename=bad, sha256=hashlib.sha256(junk).hexdigest(), size_bytes=len(junk))
     (storage_dir / f"{bad}.json").write_text(json.dumps(manifest))
     job = await (await api.post("/api/v1/targets/main/restores?wait=60",

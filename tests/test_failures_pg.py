@@ -18,6 +18,8 @@ from tests.helpers import (
     listing,
     publish_plain,
     start_backup_until_pg_dump,
+    stored_bytes,
+    stored_manifest,
     table_lock,
     temp_files,
     wait_for,
@@ -53,8 +55,8 @@ async def test_broken_sql_fails_and_data_survives(api: Any, worker: Any, pg_db: 
     """An SQL error mid-file fails the job (no false success) and the data is intact."""
     await pg.load_rich(pg_db)
     good = (await backup(api))["result"]["filename"]
-    manifest = json.loads((storage_dir / f"{good}.json").read_text())
-    sql = gzip.decompress((storage_dir / good).read_bytes())
+    manifest = await stored_manifest(storage_dir, good)
+    sql = gzip.decompress(await stored_bytes(storage_dir, good))
     cut = sql.index(b"COPY public.everything")
     broken = sql[:cut] + b"SELECT * FROM this_table_does_not_exist;\n" + sql[cut:]
     bad = "backup_postgresql_20200101_000000.sql.gz"

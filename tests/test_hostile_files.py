@@ -16,7 +16,15 @@ import pytest
 
 from shared.pgscript import PgScriptGuard, UnsafeScript
 from tests import pg
-from tests.helpers import backup, form, gzip_bomb, publish_plain, restore
+from tests.helpers import (
+    backup,
+    form,
+    gzip_bomb,
+    publish_plain,
+    restore,
+    stored_bytes,
+    stored_manifest,
+)
 
 HEADER = b"--\n-- PostgreSQL database dump\n--\n\n\\restrict abc123\n\nSET lock_timeout = 0;\n"
 FOOTER = b"\n--\n-- PostgreSQL database dump complete\n--\n\n\\unrestrict abc123\n"
@@ -74,7 +82,7 @@ async def test_hostile_postgresql_scripts_are_refused_everywhere(
     assert not marker.exists()
 
     good = (await backup(api))["result"]["filename"]
-    manifest = json.loads((storage_dir / f"{good}.json").read_text())
+    manifest = await stored_manifest(storage_dir, good)
     before = await pg.fingerprint(pg_db)
     bad = "upload_postgresql_20200101_000000.sql.gz"
     await publish_plain(storage_dir, bad, sql, manifest)
@@ -144,12 +152,12 @@ async def test_restore_refuses_a_file_that_inflates_past_its_manifest(
     manifest) stops at the declared size: nothing committed, database unchanged."""
     await pg.load_rich(pg_db)
     good = (await backup(api))["result"]["filename"]
-    manifest = json.loads((storage_dir / f"{good}.json").read_text())
-    plain = gzip.decompress((storage_dir / good).read_bytes())
+    manifest = await stored_manifest(storage_dir, good)
+    plain = gzip.decompress(await stored_bytes(storage_dir, good))
     before = await pg.fingerprint(pg_db)
     bad = "upload_postgresql_20200101_000000.sql.gz"
     await publish_plain(storage_dir, bad, plain, manifest)
-    lying = json.loads((storage_dir / f"{bad}.json").read_text())
+    lying = await stored_manifest(storage_dir, bad)
     lying["raw_bytes"] = len(plain) // 2
     (storage_dir / f"{bad}.json").write_text(json.dumps(lying))
     job = await restore(api, bad)
@@ -217,7 +225,7 @@ async def test_a_transaction_ended_behind_the_guards_back_is_caught_and_rolled_b
     monkeypatch.setattr(pgscript, "_TXN_CONTROL", re.compile(rb"(?!x)x"))  # a blind guard
     await pg.load_rich(pg_db)
     good = (await backup(api))["result"]["filename"]
-    manifest = json.loads((storage_dir / f"{good}.json").read_text())
+    manifest = await stored_manifest(storage_dir, good)
     before = await pg.fingerprint(pg_db)
     sql = HEADER + b"CREATE TABLE leaked (x int);\ncommit;\nCREATE TABLE after_commit (y int);\n" \
         + FOOTER

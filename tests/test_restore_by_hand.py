@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tests import pg
-from tests.helpers import backup
+from tests.helpers import backup, stored_bytes
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -47,7 +47,7 @@ async def test_the_by_hand_recipes_work_as_pasted(api: Any, worker: Any, pg_db: 
     await conn.close()
     before = await pg.fingerprint(pg_db)
     name = (await backup(api))["result"]["filename"]
-    (tmp_path / name).write_bytes((storage_dir / name).read_bytes())
+    (tmp_path / name).write_bytes(await stored_bytes(storage_dir, name))
 
     # into a new, empty database
     fresh = f"sh_byhand_{uuid.uuid4().hex[:8]}"

@@ -15,7 +15,7 @@ from api.app import create_app
 from shared.config import Settings, parse_settings
 from tests import pg
 from tests.conftest import bearer, make_raw_config
-from tests.helpers import backup, wait_for_terminal
+from tests.helpers import backup, stored_bytes, wait_for_terminal
 
 # Everything a plain pg_dump holds that DROP SCHEMA … CASCADE does not reach, plus ordinary
 # objects depending on them (needs a superuser target: event triggers, subscriptions, FDWs).
@@ -133,7 +133,7 @@ async def test_torture_backup_restores_by_hand_into_an_empty_database(
             "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", pg.PG_HOST, "-p",
             str(pg.PG_PORT), "-U", pg.ADMIN_USER, other, stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-        _, err = await proc.communicate(gzip.decompress((storage_dir / name).read_bytes()))
+        _, err = await proc.communicate(gzip.decompress(await stored_bytes(storage_dir, name)))
         assert proc.returncode == 0, err.decode()
         assert await pg.fingerprint(other) == before
     finally:
@@ -168,7 +168,7 @@ async def test_failed_restore_names_line_and_leaves_database_unchanged(
     """An SQL error late in the file: psql's line number is the file's, nothing changed."""
     await admin_exec(pg_db, TORTURE)
     name = (await backup(api))["result"]["filename"]
-    plain = gzip.decompress((storage_dir / name).read_bytes())
+    plain = gzip.decompress(await stored_bytes(storage_dir, name))
     broken = plain.replace(b"CREATE VIEW public.doc_view2",
                            b"CREATE VIEW public.doc_view2_broken AS SELECT nope;\n"
                            b"CREATE VIEW public.doc_view2")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import json
 from pathlib import Path
 from typing import Any
 
 from tests import pg
-from tests.helpers import backup
+from tests.helpers import backup, stored_manifest
 
 
 async def test_roundtrip_rich_database(api: Any, worker: Any, pg_db: str,
@@ -38,7 +37,7 @@ async def test_roundtrip_rich_database(api: Any, worker: Any, pg_db: str,
     listing = await (await api.get("/api/v1/targets/main/backups")).json()
     flagged = {b["filename"]: b["safety"] for b in listing["backups"]}
     assert flagged == {filename: False, safety: True}
-    manifest = json.loads((storage_dir / f"{safety}.json").read_text())
+    manifest = await stored_manifest(storage_dir, safety)
     assert manifest["parent"] == job["id"] and manifest["kind"] == "safety_backup"
 
 

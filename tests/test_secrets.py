@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from shared.redact import redact, redact_url
 from tests import pg
-from tests.helpers import backup, publish_plain
+from tests.helpers import backup, publish_plain, stored_bytes, stored_manifest
 
 PW = pg.TEST_PASSWORD
 
@@ -57,8 +57,8 @@ async def test_no_secret_anywhere_after_success_and_failures(
     resp = await api.post("/api/v1/targets/main/restores?wait=60", json={"backup": name})
     answers.append(await resp.json())
     # a restore whose SQL error message would quote the password
-    manifest = json.loads((storage_dir / f"{name}.json").read_text())
-    sql = gzip.decompress((storage_dir / name).read_bytes())
+    manifest = await stored_manifest(storage_dir, name)
+    sql = gzip.decompress(await stored_bytes(storage_dir, name))
     bad = "backup_postgresql_20200101_000000.sql.gz"
     await publish_plain(storage_dir, bad, sql + f'SELECT * FROM "{PW}";\n'.encode(), manifest)
     resp = await api.post("/api/v1/targets/main/restores?wait=60", json={"backup": bad})

@@ -17,7 +17,7 @@ from typing import Any
 from api.app import create_app
 from tests import pg
 from tests.conftest import bearer, token
-from tests.helpers import flip_byte, publish_plain
+from tests.helpers import flip_byte, publish_plain, stored_bytes, stored_manifest
 
 SCRIPTS = Path(__file__).resolve().parent / "seed_scripts"
 
@@ -60,7 +60,7 @@ async def test_quick_start(api: Any, worker: Any, settings: Any, pg_db: str, tmp
     assert created["message"] == f"Backup created successfully: {name}"
     assert isinstance(created["size_mb"], float)
     assert hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() == \
-        json.loads((storage_dir / f"{name}.json").read_text())["sha256"]
+        (await stored_manifest(storage_dir, name))["sha256"]
     restored = json.loads(out)
     assert restored["success"] is True
     assert restored["message"] == f"Database restored successfully from: {name}"
@@ -124,9 +124,9 @@ async def test_rotation_script_corrected(api: Any, worker: Any, settings: Any, p
         stderr=asyncio.subprocess.DEVNULL)
     assert await proc.wait() != 0  # the seed's line, as printed, fails on GNU date
     fresh = (await (await api.post("/backup/create")).json())["filename"]
-    manifest = json.loads((storage_dir / f"{fresh}.json").read_text())
+    manifest = await stored_manifest(storage_dir, fresh)
     old = ["backup_postgresql_20200101_000000.sql.gz", "backup_postgresql_20231231_235959.sql.gz"]
-    sql = gzip.decompress((storage_dir / fresh).read_bytes())
+    sql = gzip.decompress(await stored_bytes(storage_dir, fresh))
     for name in old:
         await publish_plain(storage_dir, name, sql, manifest)
     rc, out, err = await run_script(api, settings, "rotation.sh", tmp_path)

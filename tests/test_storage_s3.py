@@ -27,6 +27,7 @@ from tests.helpers import (
     restore,
     running_worker,
     start_backup_until_pg_dump,
+    stored_bytes,
     table_lock,
     wait_for,
     wait_for_terminal,
@@ -244,7 +245,7 @@ async def test_restore_uses_the_second_copy_when_the_first_is_lost(
     name = (await backup(api))["result"]["filename"]
     other = (await backup(api))["result"]["filename"]
     (storage_dir / name).unlink()
-    blob = bytearray((storage_dir / other).read_bytes())
+    blob = bytearray(await stored_bytes(storage_dir, other))
     blob[len(blob) // 2] ^= 0xFF
     (storage_dir / other).write_bytes(bytes(blob))
     conn = await pg.user_conn(pg_db)

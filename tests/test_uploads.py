@@ -13,13 +13,13 @@ import pytest
 from api.app import create_app
 from tests import pg
 from tests.conftest import bearer
-from tests.helpers import backup, form
+from tests.helpers import backup, form, stored_bytes
 
 
 async def dump_of(api: Any, storage_dir: Path) -> bytes:
     """A real pg_dump of the test database, as Safehold stored it (gzip)."""
     job = await backup(api)
-    return (storage_dir / job["result"]["filename"]).read_bytes()
+    return await stored_bytes(storage_dir, job["result"]["filename"])
 
 
 def leftovers(storage_dir: Path) -> list[str]:
@@ -205,7 +205,7 @@ async def test_concurrent_uploads_in_one_second_get_distinct_names(
     names = {b["filename"] for b in bodies}
     assert len(names) == 5
     for name in names:
-        assert hashlib.sha256((storage_dir / name).read_bytes()).hexdigest() == \
+        assert hashlib.sha256(await stored_bytes(storage_dir, name)).hexdigest() == \
             hashlib.sha256(blob).hexdigest()
 
 
