@@ -38,7 +38,7 @@ def operation(r: Any) -> dict[str, Any]:
     error = {"content": {"application/json": {"schema": ERROR}}}
     op: dict[str, Any] = {
         "summary": r.summary,
-        "operationId": r.handler.__name__ if r.method != "HEAD" else "head_" + r.handler.__name__,
+        "operationId": r.handler.__name__,
         "x-required-role": r.role.name.lower(),
         "parameters": [
             {"name": p, "in": "path", "required": True, "schema": path_schemas.get(p, STR)}

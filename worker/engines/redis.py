@@ -40,8 +40,8 @@ from worker.subproc import spawn
 
 SCAN_COUNT = 1000
 # One SCAN step and the DUMP + PTTL of the keys it found, in one read-only call: the keys
-# never travel to the client and back. Returns {cursor, now_ms, key, payload, pttl, …}; a key that
-# vanished between SCAN and DUMP is left out. The server's clock (ms) comes second: a
+# never travel to the client and back. Returns {cursor, now_ms, key, payload, pttl, …};
+# a key that vanished between SCAN and DUMP is left out. The server's clock (ms) comes second: a
 # key's absolute expiry is that plus its PTTL, however long the step waits client-side.
 #
 # A key using more than ARGV[3] bytes of memory is not DUMPed here (its payload would be
@@ -84,6 +84,14 @@ BIG_PAYLOAD = 1 << 20
 STREAMED_KEY = 8 << 20  # memory usage from which a key's DUMP is streamed
 _KEYSPACE = re.compile(r"^db(\d+)$")
 
+
+
+def _framing(key: bytes, size: int, expire_at: int | None) -> tuple[bytes, bytes]:
+    """The RESTORE command around a payload of `size` bytes: (head, tail)."""
+    if expire_at is None:
+        return _HEAD % (len(key), key, size), _TAIL
+    ttl = b"%d" % expire_at
+    return _HEAD_ABSTTL % (len(key), key, len(ttl), ttl, size), _TAIL_ABSTTL
 
 
 def _tls(u: Any) -> ssl.SSLContext | None:
@@ -232,15 +240,10 @@ class RedisEngine:
                         if out:
                             yield b"".join(out), len(out)
                             out = []
-                        if expire_at is not None:
-                            ttl = b"%d" % expire_at
-                            yield _HEAD_ABSTTL % (len(k), k, len(ttl), ttl, len(payload)), 0
-                            yield payload, 0
-                            yield _TAIL_ABSTTL, 1
-                        else:
-                            yield _HEAD % (len(k), k, len(payload)), 0
-                            yield payload, 0
-                            yield _TAIL, 1
+                        head, tail = _framing(k, len(payload), expire_at)
+                        yield head, 0
+                        yield payload, 0
+                        yield tail, 1
                     elif expire_at is not None:
                         out.append(_RESTORE_ABSTTL % (len(k), k, len(ttl := b"%d" % expire_at),
                                                       ttl, len(payload), payload))
@@ -272,11 +275,7 @@ class RedisEngine:
             size = int(header[1:-2])
             if size < 0:
                 return
-            if expire_at is not None:
-                ttl = b"%d" % expire_at
-                head, tail = _HEAD_ABSTTL % (len(key), key, len(ttl), ttl, size), _TAIL_ABSTTL
-            else:
-                head, tail = _HEAD % (len(key), key, size), _TAIL
+            head, tail = _framing(key, size, expire_at)
             yield head, 0
             left = size
             while left:
