@@ -30,6 +30,7 @@ RUNS: list[tuple[str, list[str], list[str]]] = [
     ("pg_backup", ["--size-mb", "2000"], []),
     ("mysql_backup", ["--size-mb", "300"], ["--size-mb", "30"]),
     ("redis_backup", ["--keys", "1000000"], ["--keys", "100000"]),
+    ("redis_backup", ["--keys", "1000000", "--ttl-percent", "50"], []),
     ("submit_latency", ["--rate", "300", "--seconds", "10"], ["--rate", "100", "--seconds",
                                                                "3"]),
     ("sse_fanout", ["--clients", "1000", "--jobs", "20", "--procs", "2"],

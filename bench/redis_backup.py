@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark: Safehold's Redis backup (SCAN + DUMP → RESP) in keys/s, on 1M small keys.
 
-Starts a private redis-server, fills it with `DEBUG POPULATE` (--keys, 1M by default),
+Starts a private redis-server, fills it with `DEBUG POPULATE` (--keys, 1M by default;
+--ttl-percent gives that share an expiry),
 then times: `redis-cli --rdb - | gzip -6` (the server's own snapshot, the shell baseline),
 a Safehold RESP backup through the API, `gunzip -c | redis-cli --pipe` into an empty
 server, and a Safehold restore into an empty server. Prints keys/s and ratios.
@@ -49,6 +50,9 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=1_000_000)
     ap.add_argument("--big-mb", type=int, default=0,
                     help="add one string key of this many MB (worker RSS with a big key)")
+    ap.add_argument("--ttl-percent", type=int, default=0,
+                    help="give this share of the keys an expiry (1 h): the scan then asks "
+                         "each key's PTTL, which a database without expiries skips")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="safehold-bench-redis-"))
     src, port = start(work, "src")
@@ -56,6 +60,10 @@ def main() -> None:
     results: dict[str, float] = {}
     try:
         cli(port, "DEBUG", "POPULATE", str(args.keys), "key", "20")
+        if args.ttl_percent:
+            cli(port, "EVAL", "for i = 0, tonumber(ARGV[1]) - 1 do "
+                "if i % 100 < tonumber(ARGV[2]) then redis.call('PEXPIRE', 'key:' .. i, "
+                "3600000) end end", "0", str(args.keys), str(args.ttl_percent))
         if args.big_mb:  # random bytes: neither DUMP's LZF nor gzip can shrink them
             blob = work / "big.bin"
             blob.write_bytes(os.urandom(args.big_mb * 2**20))
@@ -99,7 +107,9 @@ url = "redis://127.0.0.1:{port2}"
         print(f"  {k:<30} {v:7.2f} s  ({n / v:,.0f} keys/s)")
     print(f"worker peak RSS: backup {backup_peak / 2**20:.0f} MB, "
           f"backup + restore {peak / 2**20:.0f} MB")
-    report(f"redis_backup {n} keys" + (f" + {args.big_mb} MB key" if args.big_mb else ""), {
+    label = f"redis_backup {n} keys" + (f", {args.ttl_percent}% expiring" if args.ttl_percent
+                                        else "")
+    report(label + (f" + {args.big_mb} MB key" if args.big_mb else ""), {
         "backup_keys_per_s": round(n / results["safehold backup (RESP)"]),
         "restore_vs_redis_cli_pipe": round(results["gunzip -c | redis-cli --pipe"]
                                            / results["safehold restore"], 2),

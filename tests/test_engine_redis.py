@@ -170,6 +170,34 @@ async def test_round_trip_with_big_key_and_ttls(api: Any, worker: Any, redis_por
         assert abs(ttl_after[k] - v) < 1500, (k, v, ttl_after[k])
 
 
+async def test_expiries_are_read_per_database(api: Any, worker: Any, redis_port: int,
+                                              storage_dir: Path) -> None:
+    """The scan skips PTTL in a database where INFO says no key expires: db1 (none) next
+    to db11 (one key expiring; its INFO line also starts with "db1") and db0 (an expiry in
+    the year 9999): each database's keys come back with their own expiry, or none."""
+    clients = {db: Redis(port=redis_port, password=PW, db=db) for db in (0, 1, 11)}
+    try:
+        await clients[1].mset({f"plain:{i}": i for i in range(2500)})
+        await clients[11].mset({f"plain:{i}": i for i in range(2500)})
+        await clients[11].set("soon", "x", px=400_000)
+        await clients[0].set("far", "y")
+        await clients[0].pexpireat("far", 253402300799000)  # 9999-12-31: 15 digits of ms
+        name = (await backup(api))["result"]["filename"]
+        assert (await stored_manifest(storage_dir, name))["databases"] == [0, 1, 11]
+        await clients[0].flushall()
+        job = await (await api.post("/api/v1/targets/main/restores?wait=120",
+                                    json={"backup": name})).json()
+        assert job["status"] == "succeeded", job
+        assert 390_000 < await clients[11].pttl("soon") <= 400_000
+        assert await clients[0].pexpiretime("far") == 253402300799000
+        for db in (1, 11):
+            assert await clients[db].dbsize() == 2500 + (db == 11)
+            assert {await clients[db].pttl(f"plain:{i}") for i in range(0, 2500, 97)} == {-1}
+    finally:
+        for c in clients.values():
+            await c.aclose()
+
+
 async def test_stock_redis_cli_pipe_restores_it(api: Any, worker: Any, redis_port: int,
                                                 storage_dir: Path, tmp_path: Path) -> None:
     """`gunzip -c f | redis-cli --pipe` into an empty server reproduces the data."""

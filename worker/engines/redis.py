@@ -26,6 +26,7 @@ from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import hiredis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -43,17 +44,18 @@ SCAN_COUNT = 1000
 # never travel to the client and back. Returns {cursor, now_ms, key, payload, pttl, …};
 # a key that vanished between SCAN and DUMP is left out. The server's clock (ms) comes second: a
 # key's absolute expiry is that plus its PTTL, however long the step waits client-side.
+# When the database holds no key with an expiry (INFO keyspace, read in the same atomic
+# step, ARGV[4] is its number), every PTTL would answer -1: none is asked (a third fewer
+# calls on the server, whose CPU bounds a backup's speed).
 #
-# A key using more than ARGV[3] bytes of memory is not DUMPed here (its payload would be
-# held whole, twice, by the client): it comes back with the payload `0`, and is DUMPed on
-# a connection of our own that streams the reply (RedisEngine._stream_key). So are the
-# keys after the step's payloads reach twice that: one reply stays ~16 MiB, whatever the
-# keys (MEMORY USAGE samples big collections, an estimate).
 _SCAN_DUMP = """
 local step = redis.call('SCAN', ARGV[1], 'COUNT', ARGV[2])
 local now = redis.call('TIME')
 local out = {step[1], now[1] * 1000 + math.floor(now[2] / 1000)}
 local big = tonumber(ARGV[3])
+local keyspace = redis.call('INFO', 'keyspace')
+local expiring = tonumber(string.match(keyspace, '\\ndb' .. ARGV[4] .. ':keys=%d+,expires=(%d+)'))
+local any_ttl = expiring == nil or expiring > 0
 local held = 0
 for _, k in ipairs(step[2]) do
   local payload
@@ -67,7 +69,7 @@ for _, k in ipairs(step[2]) do
   if payload then
     out[#out + 1] = k
     out[#out + 1] = payload
-    out[#out + 1] = redis.call('PTTL', k)
+    out[#out + 1] = any_ttl and redis.call('PTTL', k) or -1
   end
 end
 return out
@@ -82,6 +84,8 @@ _RESTORE = _HEAD + b"%b" + _TAIL
 _RESTORE_ABSTTL = _HEAD_ABSTTL + b"%b" + _TAIL_ABSTTL
 BIG_PAYLOAD = 1 << 20
 STREAMED_KEY = 8 << 20  # memory usage from which a key's DUMP is streamed
+_SCAN_DUMP_SRC = _SCAN_DUMP.encode()
+_STEP_ARGS, _BIG_ARG = b"%d" % SCAN_COUNT, b"%d" % STREAMED_KEY
 _KEYSPACE = re.compile(r"^db(\d+)$")
 
 
@@ -194,11 +198,10 @@ class RedisEngine:
             for db in spaces:
                 yield resp(b"SELECT", str(db).encode())
                 counts[f"db{db}"] = 0
-                async with self._session(target, db) as r:
-                    async for block, n in self._dump_db(r, target, db):
-                        counts[f"db{db}"] += n
-                        progress.items_done += n
-                        yield block
+                async for block, n in self._dump_db(target, db):
+                    counts[f"db{db}"] += n
+                    progress.items_done += n
+                    yield block
 
         info = {"server_version": version, "format": "resp", "databases": list(spaces),
                 "counts": counts, "count_kind": "keys", "tool": "SCAN+DUMP+PTTL",
@@ -209,23 +212,40 @@ class RedisEngine:
             raise DumpFailed(f"Redis dump failed: {redact(str(exc), target.secrets())}") \
                 from None
 
-    async def _dump_db(self, r: Redis, target: TargetConfig, db: int
+    async def _dump_db(self, target: TargetConfig, db: int
                        ) -> AsyncIterator[tuple[bytes, int]]:
         """SCAN the database with a server-side script that also DUMPs and PTTLs what each
-        step finds (one round trip per ~1000 keys); the next step runs on the server while
-        this one is written out."""
-        scan_dump = r.register_script(_SCAN_DUMP)
-        step = asyncio.ensure_future(scan_dump(args=[0, SCAN_COUNT, STREAMED_KEY]))
+        step finds (one round trip per ~1000 keys), on a connection of our own: the next
+        step is sent the moment a reply's cursor is known, before that reply is written
+        out, so the server (whose CPU bounds the backup) never waits for the client."""
+        reader, writer = await self._raw(target, db)
+        replies = hiredis.Reader()
+
+        def step(cursor: bytes) -> None:
+            writer.write(resp(b"EVAL", _SCAN_DUMP_SRC, b"0", cursor, _STEP_ARGS, _BIG_ARG,
+                              b"%d" % db))
+
+        async def reply() -> list[Any]:
+            while (got := replies.gets()) is False:
+                data = await asyncio.wait_for(reader.read(1 << 20), 60)
+                if not data:
+                    raise RedisError("Redis closed the connection during the backup")
+                replies.feed(data)
+            if isinstance(got, hiredis.ReplyError):
+                raise RedisError(str(got)[:300])
+            if not isinstance(got, list) or len(got) < 2 or (len(got) - 2) % 3:
+                raise RedisError("unexpected reply to the scan step")
+            return got
+
         try:
+            step(b"0")
             while True:
-                reply = await step
-                cursor, now_ms = int(reply[0]), int(reply[1])
-                if cursor:
-                    step = asyncio.ensure_future(
-                        scan_dump(args=[cursor, SCAN_COUNT, STREAMED_KEY]))
+                got = await reply()
+                cursor, now_ms = got[0], int(got[1])
+                if cursor != b"0":
+                    step(cursor)
                 out: list[bytes] = []
-                for k, payload, pttl in zip(reply[2::3], reply[3::3], reply[4::3],
-                                            strict=True):
+                for k, payload, pttl in zip(got[2::3], got[3::3], got[4::3], strict=True):
                     if pttl == -2:
                         continue  # expired between DUMP and PTTL
                     expire_at = now_ms + pttl if pttl > 0 else None
@@ -251,13 +271,12 @@ class RedisEngine:
                         out.append(_RESTORE % (len(k), k, len(payload), payload))
                 if out:
                     yield b"".join(out), len(out)
-                if not cursor:
+                if cursor == b"0":
                     return
         finally:
-            if not step.done():
-                step.cancel()
-                with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
-                    await step
+            writer.close()
+            with contextlib.suppress(OSError, ConnectionError):
+                await writer.wait_closed()
 
     async def _stream_key(self, target: TargetConfig, db: int, key: bytes,
                           expire_at: int | None) -> AsyncIterator[tuple[bytes, int]]:
