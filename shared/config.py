@@ -141,7 +141,7 @@ class EncryptionConfig:
 @dataclass(frozen=True)
 class WorkerSettings:
     max_jobs: int = 4
-    poll_delay: float = 0.2  # how often an idle worker looks for new jobs
+    poll_delay: float = 0.2  # longest wait between polls (a queued job wakes a worker)
     shutdown_grace: float = 600.0  # seconds running jobs may finish after SIGTERM
     backup_timeout: float = 6 * 3600.0
     restore_timeout: float = 12 * 3600.0

@@ -15,6 +15,12 @@ class Keys:
         return f"{self.prefix}:queue"
 
     @property
+    def doorbell(self) -> str:
+        """A short list an idle worker blocks on between polls of the queue: one entry per
+        job queued wakes a worker at once instead of at its next poll."""
+        return f"{self.prefix}:doorbell"
+
+    @property
     def job_index(self) -> str:
         """Sorted set of job ids scored by creation time."""
         return f"{self.prefix}:jobs"

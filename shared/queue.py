@@ -54,7 +54,22 @@ def stage_enqueue(pipe: Any, keys: Keys, job: Job) -> None:
     pipe.psetex(job_key_prefix + job.id, expires_extra_ms,
                 serialize_job(FUNCTIONS[job.kind], (job.id,), {}, None, now))
     pipe.zadd(keys.queue, {job.id: now})
+    ring_doorbell(pipe, keys)
+
+
+def ring_doorbell(pipe: Any, keys: Keys) -> None:
+    """Wake one idle worker (see `Keys.doorbell`); bounded and short-lived, as entries
+    nobody takes mean only that no worker was idle."""
+    pipe.lpush(keys.doorbell, b"1")
+    pipe.ltrim(keys.doorbell, 0, DOORBELL_MAX - 1)
+    pipe.pexpire(keys.doorbell, DOORBELL_TTL_MS)
+
+
+DOORBELL_MAX, DOORBELL_TTL_MS = 64, 60_000
 
 
 async def enqueue(pool: ArqRedis, keys: Keys, job: Job) -> None:
     await pool.enqueue_job(FUNCTIONS[job.kind], job.id, _job_id=job.id, _queue_name=keys.queue)
+    async with pool.pipeline(transaction=False) as pipe:
+        ring_doorbell(pipe, keys)
+        await pipe.execute()

@@ -1,6 +1,6 @@
 """Faults an unlucky operator meets, each ending with nothing lost and an honest job: the
 database connection of a running dump is killed on the server; fifty clients send one
-Idempotency-Key at once."""
+Idempotency-Key at once. Also: a queued job wakes an idle worker at once."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from shared.config import Settings
+from shared.jobs import JobStore
+from shared.queue import connect, enqueue
 from tests import pg
 from tests.helpers import (
     listing,
@@ -52,3 +55,37 @@ async def test_fifty_clients_with_one_idempotency_key_make_one_job(api: Any,
     assert len(ids) == 1
     jobs = (await (await api.get("/api/v1/jobs?kind=backup")).json())["jobs"]
     assert [j["id"] for j in jobs] == list(ids)
+
+
+async def test_a_queued_job_wakes_an_idle_worker_at_once(api: Any, settings: Settings,
+                                                         redis: Any, pg_db: str) -> None:
+    """A worker polls the queue at most every `poll_delay` seconds; between polls it waits
+    on the doorbell, which every job queued rings (by the API, or `enqueue` as the
+    scheduler does): with a 30 s poll delay, jobs still start at once, one after the
+    other (each answered within 20 s), and the doorbell stays bounded and expiring."""
+    from shared.keys import Keys
+    from shared.queue import DOORBELL_MAX, DOORBELL_TTL_MS
+    from worker.main import build_worker, stop_gracefully
+
+    w = build_worker(settings, poll_delay=30)
+    task = asyncio.create_task(w.main())
+    try:
+        await asyncio.sleep(1)  # the worker is idle, inside its wait
+        for _ in range(2):
+            job = await (await api.post("/api/v1/targets/main/backups?wait=20",
+                                        json={})).json()
+            assert job["status"] == "succeeded", job
+        keys = Keys(settings.redis.prefix)
+        store = JobStore(redis, keys)
+        queued, _ = await store.create("stats", "main", {}, {"subject": "scheduler"})
+        pool = await connect(settings.redis.url)  # the scheduler's kind of connection
+        try:
+            await enqueue(pool, keys, queued)
+        finally:
+            await pool.aclose()
+        assert (await wait_for_terminal(api, queued.id, timeout=20))["status"] == "succeeded"
+        # what no idle worker took stays bounded and short-lived
+        assert await redis.llen(keys.doorbell) <= DOORBELL_MAX
+        assert await redis.pttl(keys.doorbell) in range(-2, DOORBELL_TTL_MS + 1)
+    finally:
+        await stop_gracefully(w, 10, task)

@@ -117,10 +117,16 @@ class ResilientWorker(Worker):
     back."""
 
     _outage_since: float | None = None
+    doorbell: str = ""  # Keys.doorbell: waited on between polls (arq's own sleep is 0)
+    idle_s: float = 0.2  # the longest wait between two polls
 
     async def _poll_iteration(self) -> None:
         try:
             await super()._poll_iteration()
+            if self.allow_pick_jobs and self.job_counter < self.max_jobs and self.doorbell:
+                await self.pool.execute_command("BLPOP", self.doorbell, self.idle_s)
+            else:
+                await asyncio.sleep(self.idle_s)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             now = time.monotonic()
             if self._outage_since is None:
@@ -163,8 +169,11 @@ def build_worker(settings: Settings, *, redis_pool: ArqRedis | None = None,
         job_completion_wait=int(w.shutdown_grace),
         handle_signals=False,
         burst=burst,
-        poll_delay=w.poll_delay if poll_delay is None else poll_delay,
+        poll_delay=0,  # ResilientWorker waits on the doorbell between polls instead
     )
+    worker.doorbell = keys.doorbell
+    worker.idle_s = w.poll_delay if poll_delay is None else poll_delay
+    return worker
 
 
 async def stop_gracefully(worker: Worker, grace: float,
