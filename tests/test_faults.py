@@ -68,6 +68,7 @@ async def test_a_queued_job_wakes_an_idle_worker_at_once(api: Any, settings: Set
     from worker.main import build_worker, stop_gracefully
 
     w = build_worker(settings, poll_delay=30)
+    assert w.idle_s == 30 and w.doorbell  # type: ignore[attr-defined]
     task = asyncio.create_task(w.main())
     try:
         await asyncio.sleep(1)  # the worker is idle, inside its wait

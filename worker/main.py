@@ -147,7 +147,7 @@ def build_worker(settings: Settings, *, redis_pool: ArqRedis | None = None,
     ensure_engines(settings)
     w = settings.worker
     keys = Keys(settings.redis.prefix)
-    return ResilientWorker(
+    worker = ResilientWorker(
         functions=[
             # backups publish nothing until complete, restores must never re-run: one try each;
             # an interrupted job is failed `interrupted` and can be resubmitted.
