@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import hiredis
 
 from shared.errors import PipelineError
@@ -76,26 +78,21 @@ class RespReader:
         commands: list[list[bytes | None]] = []
         buf = self._pending + data if self._pending else data  # from the first unreturned
         pos = 0  # where in `buf` the next command starts
+        pack, keep = hiredis.pack_command, self.keep
         try:
             while (cmd := fast.gets()) is not _INCOMPLETE:
-                if type(cmd) is not list or not 0 < len(cmd) <= self.max_parts \
-                        or set(map(type, cmd)) != {bytes}:
+                if type(cmd) is not list or not 0 < len(cmd) <= self.max_parts:
                     raise self._bad(f"a reply that is not a command of bulk strings: "
                                     f"{str(cmd)[:40]!r}")
-                head = b"*%d\r\n" % len(cmd)
-                if not buf.startswith(head, pos):
-                    raise self._bad(f"expected an array, got {buf[pos:pos + 20]!r}")
-                pos += len(head)
-                for part in cmd:
-                    head = b"$%d\r\n" % len(part)
-                    if not buf.startswith(head, pos):
-                        raise self._bad(f"expected a bulk string, got {buf[pos:pos + 20]!r}")
-                    pos += len(head) + len(part)
-                    if not buf.startswith(b"\r\n", pos):  # hiredis skips these unread
-                        raise self._bad("a bulk string without its CRLF")
-                    pos += 2
-                commands.append(cmd if max(map(len, cmd)) <= self.keep else
-                                [p if len(p) <= self.keep else None for p in cmd])
+                # the RESP2 encoding of what hiredis read, made in C, must be the very
+                # bytes it read: this also refuses any element that is not a bulk string
+                # (an integer, a status, a nested array encode otherwise, or not at all)
+                encoded = pack(tuple(cmd))
+                if not buf.startswith(encoded, pos):
+                    raise self._bad(self._unlike_resp2(cmd, buf, pos))
+                pos += len(encoded)
+                commands.append(cmd if len(encoded) <= keep or max(map(len, cmd)) <= keep
+                                else [p if len(p) <= keep else None for p in cmd])
         except PipelineError:
             raise
         except Exception as exc:  # hiredis.ProtocolError; TypeError on a RESP3 map's key
@@ -106,6 +103,25 @@ class RespReader:
             held, self._fast, self._pending = self._pending, None, b""
             commands += self._feed_streaming(held)
         return commands
+
+    @staticmethod
+    def _unlike_resp2(cmd: list[Any], buf: bytes, pos: int) -> str:
+        """What differs between the bytes at `pos` and the RESP2 encoding of `cmd`."""
+        head = b"*%d\r\n" % len(cmd)
+        if not buf.startswith(head, pos):
+            return f"expected an array, got {buf[pos:pos + 20]!r}"
+        pos += len(head)
+        for part in cmd:
+            if type(part) is not bytes:
+                return f"a reply that is not a command of bulk strings: {str(cmd)[:40]!r}"
+            head = b"$%d\r\n" % len(part)
+            if not buf.startswith(head, pos):
+                return f"expected a bulk string, got {buf[pos:pos + 20]!r}"
+            pos += len(head) + len(part)
+            if not buf.startswith(b"\r\n", pos):
+                return "a bulk string without its CRLF"
+            pos += 2
+        return "a command not in the RESP2 encoding"
 
     def _feed_streaming(self, data: bytes) -> list[list[bytes | None]]:
         commands: list[list[bytes | None]] = []
