@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from shared.codecs import PlainReader, Readable, Step
+from shared.codecs import PlainReader, Readable, Step, WindowDigests
 from shared.cypher import StatementSplitter, check_command, check_statement
 from shared.errors import BadRequest, PipelineError
 from shared.pgscript import PgScriptGuard, UnsafeScript
@@ -518,20 +518,30 @@ VALIDATORS: dict[str, Callable[[Iterator[bytes]], dict[str, Any]]] = {
 def validate(engine: str, raw: Readable, chain: Sequence[Step], *, limit: int | None,
              expect_sha256: str | None = None,
              on_stored: Callable[[int], None] | None = None,
-             identities: Sequence[Any] = ()) -> dict[str, Any]:
+             identities: Sequence[Any] = (),
+             windows: WindowDigests | None = None) -> dict[str, Any]:
     """Check stored bytes (`raw`, decoded by `chain`) for `engine` (see the module
     docstring). With `expect_sha256` the stored bytes must also match it (IntegrityError).
-    Blocking: runs in a thread."""
+    `windows`, if given, is fed the plain bytes checked (a restore's load proves it loads
+    those). Blocking: runs in a thread."""
     validator = VALIDATORS.get(engine)
     if validator is None:
         raise BadRequest(f"uploads for {engine} targets are not supported",
                          code="upload_unsupported")
     reader = PlainReader(raw, chain, limit=limit, expect_sha256=expect_sha256,
                          on_stored=on_stored, identities=identities)
+
+    def plain() -> Iterator[bytes]:
+        for chunk in reader:
+            if windows is not None:
+                windows.feed(chunk)
+            yield chunk
+
     try:
-        info = validator(iter(reader))
-        while reader.next_chunk() is not None:  # the rest (tar padding…): bounded, hashed
-            pass
+        info = validator(plain())
+        while (chunk := reader.next_chunk()) is not None:  # the rest (tar padding…)
+            if windows is not None:
+                windows.feed(chunk)
         return info
     except UnsafeScript:
         raise

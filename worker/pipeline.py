@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
-from shared.codecs import CHUNK, PlainReader, Stage, Step
+from shared.codecs import CHUNK, PlainReader, Stage, Step, WindowDigests
+from shared.errors import IntegrityError
 
 QUEUE_DEPTH = 8  # chunks of ~1 MiB between the reader and the encoders
 
@@ -130,3 +131,52 @@ async def stored_plain(chunks: AsyncIterator[bytes], chain: Sequence[Step], *,
             await asyncio.wait({pending})
         await asyncio.gather(pending, return_exceptions=True)
         await asyncio.to_thread(reader.close)
+
+
+class SameAsChecked(AsyncIterator[bytes]):
+    """A restore's plain stream, passed on in whole windows (`WindowDigests.WINDOW`) only
+    once each hashes to what the check before the restore read (`digests`): a backup
+    changed between the two reads is refused before a byte of the change reaches the
+    database, so an engine need not check the content a second time on its way in."""
+
+    same_as_checked = True
+
+    def __init__(self, chunks: AsyncIterator[bytes], digests: bytes,
+                 window: int = WindowDigests.WINDOW) -> None:
+        self.chunks, self.digests, self.window = chunks, digests, window
+        self._stream = self._windows()
+
+    def __aiter__(self) -> SameAsChecked:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._stream.__anext__()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    def _check(self, window: bytes, index: int) -> None:
+        expected = self.digests[32 * index:32 * index + 32]
+        if hashlib.sha256(window).digest() != expected:
+            raise IntegrityError("the backup changed since it was checked (window "
+                                 f"{index}); nothing of the change was loaded")
+
+    async def _windows(self) -> AsyncGenerator[bytes, None]:
+        size = self.window
+        buf, index = bytearray(), 0
+        async for chunk in self.chunks:
+            buf += chunk
+            while len(buf) >= size:
+                window = bytes(buf[:size])
+                del buf[:size]
+                self._check(window, index)
+                index += 1
+                yield window
+        if buf:
+            window = bytes(buf)
+            self._check(window, index)
+            index += 1
+            yield window
+        if 32 * index != len(self.digests):
+            raise IntegrityError("the backup changed since it was checked (it is shorter); "
+                                 "refusing to finish the restore")

@@ -330,14 +330,18 @@ class Procedures:
                     store.open(target.id, name.filename), codecs.chain_of(manifest),
                     limit=self._limit(manifest), expect_sha256=str(manifest.get("sha256")),
                     identities=ids)
-                loaded = chunks
+                windows = manifest.get("plain_windows")
+                checked = chunks if windows is None else pipeline.SameAsChecked(chunks, windows)
+                loaded = checked
                 if restore_filter := getattr(drill, "restore_filter", None):
-                    loaded = restore_filter(chunks)
+                    loaded = restore_filter(checked)
                     record["not_restored"] = drill.skipped
                 try:
                     await engine.restore(scratch, loaded, progress, clean=True,
                                          manifest=manifest)
                 finally:
+                    if isinstance(checked, pipeline.SameAsChecked):
+                        await checked.aclose()
                     await chunks.aclose()  # type: ignore[attr-defined]
                 record["rto_s"] = round(time.monotonic() - t0, 3)
                 record["scratch"] = getattr(drill, "last_scratch", None)
@@ -515,10 +519,12 @@ class Procedures:
         if not engine.atomic_restore:
             stream = raw()
             try:
+                windows = codecs.WindowDigests()
                 facts = await asyncio.to_thread(functools.partial(
                     formats.validate, engine.name, stream, chain,
                     limit=self._limit(manifest), expect_sha256=expected,
-                    on_stored=progress.add_bytes, identities=identities))
+                    on_stored=progress.add_bytes, identities=identities, windows=windows))
+                facts["plain_windows"] = windows.finish()  # in memory only (see _load)
                 formats.check_scope(engine.name, target.url or "", facts)
             except SafeholdError as exc:
                 if exc.code in ("wrong_identity", "identity_required"):
@@ -533,7 +539,7 @@ class Procedures:
                                     database_unchanged=True, code=exc.code) from None
             finally:
                 await asyncio.to_thread(stream.close)
-            return {k: facts[k] for k in ("databases",) if k in facts}
+            return {k: facts[k] for k in ("databases", "plain_windows") if k in facts}
         digest = await self._digest(store, target, name, progress.add_bytes,
                                     chain if any(s["codec"] == "age" for s in chain) else None,
                                     identities)
@@ -616,9 +622,13 @@ class Procedures:
             store.open(target.id, name.filename), codecs.chain_of(manifest),
             limit=self._limit(manifest), expect_sha256=str(manifest.get("sha256")),
             identities=identities)
+        windows = manifest.get("plain_windows")
+        loaded = chunks if windows is None else pipeline.SameAsChecked(chunks, windows)
         try:
-            await engine.restore(target, chunks, progress, clean=True, manifest=manifest)
+            await engine.restore(target, loaded, progress, clean=True, manifest=manifest)
         finally:
+            if isinstance(loaded, pipeline.SameAsChecked):
+                await loaded.aclose()
             await chunks.aclose()  # type: ignore[attr-defined]
 
     async def _after_failed_restore(self, job: Job, target: TargetConfig, engine: Engine,

@@ -353,7 +353,11 @@ class RedisEngine:
                 for db in sorted(databases | {int(d) for d in manifest.get("also_clean", [])}):
                     async with self._session(target, db) as r:
                         await r.flushdb()
-            await self._replay(target, chunks, progress, RedisScriptCheck(databases))
+            # the content was checked whole before anything was flushed; it is checked
+            # again on its way in unless the stream proves it is those very bytes
+            check = None if getattr(chunks, "same_as_checked", False) \
+                else RedisScriptCheck(databases)
+            await self._replay(target, chunks, progress, check)
 
     async def _raw(self, target: TargetConfig, db: int | None = None
                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -378,7 +382,7 @@ class RedisEngine:
         return reader, writer
 
     async def _replay(self, target: TargetConfig, chunks: AsyncIterator[bytes],
-                      progress: Progress, check: RedisScriptCheck) -> None:
+                      progress: Progress, check: RedisScriptCheck | None) -> None:
         """Replay the RESP stream verbatim on a connection of our own while a second task
         reads the replies — what `redis-cli --pipe` does: a final ECHO marker tells when
         every reply has arrived. The first error reply fails the restore."""
@@ -409,7 +413,8 @@ class RedisEngine:
                 async for chunk in chunks:
                     if replies.done() or error:
                         break
-                    check.feed(chunk)  # the file was checked whole; it may not change since
+                    if check is not None:
+                        check.feed(chunk)
                     writer.write(chunk)
                     await writer.drain()
                     progress.bytes_done += len(chunk)
