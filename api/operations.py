@@ -157,7 +157,7 @@ class Operations:
                      before_enqueue: Callable[[Job], Awaitable[None]] | None = None) -> Job:
         """Create (or find, by idempotency key) a job and enqueue it; with no live worker
         it is queued anyway with a warning, or refused (503) when the caller must wait."""
-        from shared.queue import enqueue, stage_enqueue
+        from shared.queue import enqueue, stage_enqueue, wake_worker
 
         if kind != "stats" and not await self.live_workers():
             if fail_fast:  # a worker starting right now announces itself within 5 s
@@ -178,6 +178,8 @@ class Operations:
         if created and before_enqueue is not None:  # it must run before a worker starts
             await before_enqueue(job)
             await enqueue(self.s.redis, keys, job)
+        elif created:
+            await wake_worker(self.s.redis, keys, job.id)
         if wait:
             try:
                 with self.s.long_request(caller.principal.subject):

@@ -721,6 +721,10 @@ def parse_settings(
         default = next(iter(targets))
     if default not in targets:
         raise ConfigError(f"default_target '{default}' is not a configured target")
+    worker = sections["worker"]
+    if not 0 < worker.poll_delay <= 60:
+        raise ConfigError("worker.poll_delay must be more than 0 and at most 60 seconds "
+                          "(a queued job wakes an idle worker at once anyway)")
     auth = sections["auth"]
     if auth.issuer and not (auth.audiences() or auth.azps()):
         raise ConfigError("[auth] issuer is set: also set audience and/or allowed_azp, so "

@@ -6,13 +6,17 @@ payload is only that id: the worker reads everything else from the job record.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from redis.exceptions import RedisError
 
 from shared.errors import ConfigError
 from shared.jobs import Job
 from shared.keys import Keys
+
+log = logging.getLogger("safehold.queue")
 
 FUNCTIONS = {"backup": "run_backup", "restore": "run_restore", "stats": "run_stats",
              "prune": "run_prune", "verify": "run_verify"}
@@ -54,22 +58,26 @@ def stage_enqueue(pipe: Any, keys: Keys, job: Job) -> None:
     pipe.psetex(job_key_prefix + job.id, expires_extra_ms,
                 serialize_job(FUNCTIONS[job.kind], (job.id,), {}, None, now))
     pipe.zadd(keys.queue, {job.id: now})
-    ring_doorbell(pipe, keys)
-
-
-def ring_doorbell(pipe: Any, keys: Keys) -> None:
-    """Wake one idle worker (see `Keys.doorbell`); bounded and short-lived, as entries
-    nobody takes mean only that no worker was idle."""
-    pipe.lpush(keys.doorbell, b"1")
-    pipe.ltrim(keys.doorbell, 0, DOORBELL_MAX - 1)
-    pipe.pexpire(keys.doorbell, DOORBELL_TTL_MS)
 
 
 DOORBELL_MAX, DOORBELL_TTL_MS = 64, 60_000
 
 
+async def wake_worker(redis: Any, keys: Keys, job_id: str) -> None:
+    """Ring the doorbell (see `Keys.doorbell`) after a job was queued: one idle worker
+    picks it at once. Bounded and short-lived, as entries nobody takes mean only that no
+    worker was idle; best effort, as the job is queued whatever happens here (a worker's
+    next poll finds it)."""
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.lpush(keys.doorbell, b"1")
+            pipe.ltrim(keys.doorbell, 0, DOORBELL_MAX - 1)
+            pipe.pexpire(keys.doorbell, DOORBELL_TTL_MS)
+            await pipe.execute()
+    except RedisError as exc:
+        log.warning("job %s is queued; waking a worker failed (%s)", job_id, exc)
+
+
 async def enqueue(pool: ArqRedis, keys: Keys, job: Job) -> None:
     await pool.enqueue_job(FUNCTIONS[job.kind], job.id, _job_id=job.id, _queue_name=keys.queue)
-    async with pool.pipeline(transaction=False) as pipe:
-        ring_doorbell(pipe, keys)
-        await pipe.execute()
+    await wake_worker(pool, keys, job.id)

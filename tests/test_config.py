@@ -41,6 +41,8 @@ def test_defaults_and_password_from_env() -> None:
     ({**BASE, "server": {"prot": 1}}, {"APP_PW": "x"}, "unknown key(s) in [server]: prot"),
     ({**BASE, "server": {"port": "eighty"}}, {"APP_PW": "x"}, "'server.port' must be an integer"),
     ({"targets": {}}, {}, "no targets configured"),
+    ({**BASE, "worker": {"poll_delay": 0}}, {"APP_PW": "x"}, "worker.poll_delay must be more"),
+    ({**BASE, "worker": {"poll_delay": -1}}, {"APP_PW": "x"}, "worker.poll_delay must be more"),
     ({**BASE, "default_target": "other"}, {"APP_PW": "x"}, "default_target 'other'"),
     ({"targets": {"Bad Name": {"engine": "sqlite", "path": "x.db"}}}, {}, "target id"),
     ({"targets": {"s": {"engine": "sqlite"}}}, {}, "needs path"),

@@ -26,6 +26,8 @@ from tests.helpers import (
     restore_twice_unchanged,
     stored_bytes,
     stored_manifest,
+    wait_for,
+    wait_for_terminal,
 )
 
 PW = "R3dis-Test-Pw-91c"
@@ -247,6 +249,39 @@ async def test_failing_restore_rolls_back(api: Any, worker: Any, redis_port: int
     job = await (await api.post("/api/v1/targets/main/restores?wait=120",
                                 json={"backup": bad})).json()
     assert job["status"] == "failed"
+    assert job["error"]["database_state"] == "rolled_back", job["error"]
+    assert await fingerprint(redis_port) == current
+
+
+async def test_a_backup_changed_between_its_check_and_its_load_is_refused(
+        api: Any, worker: Any, redis_port: int, storage_dir: Path) -> None:
+    """A restore reads the file twice: checked whole, then loaded. Another valid backup
+    put in its place in between (here while the safety backup waits on a paused server)
+    is refused at its first 4 MiB, before any of it is sent (not at the end, where the
+    sha256 of the whole file would catch it after the fact): the job fails saying so, and
+    the safety backup puts the data back."""
+    await load(redis_port)
+    r = Redis(port=redis_port, password=PW)
+    await r.set("incompressible", os.urandom(6 << 20))  # the stream is over one window
+    good = (await backup(api))["result"]["filename"]
+    await r.set("only-in-the-swap", "x")
+    swap = await stored_bytes(storage_dir, (await backup(api))["result"]["filename"])
+    await r.delete("only-in-the-swap")
+    await r.set("added-since", "1")
+    current = await fingerprint(redis_port)
+    await r.execute_command("CLIENT", "PAUSE", 4000, "ALL")
+    await r.aclose()
+    job_id = (await (await api.post("/api/v1/targets/main/restores",
+                                    json={"backup": good})).json())["id"]
+
+    async def in_safety_backup() -> bool:
+        job = await (await api.get(f"/api/v1/jobs/{job_id}")).json()
+        return job["progress"].get("phase") in ("safety_backup", "dumping")
+    await wait_for(in_safety_backup, 3, "the safety backup")
+    (storage_dir / good).write_bytes(swap)
+    job = await wait_for_terminal(api, job_id, timeout=60)
+    assert job["status"] == "failed", job
+    assert "changed since it was checked (window 0)" in job["error"]["message"], job
     assert job["error"]["database_state"] == "rolled_back", job["error"]
     assert await fingerprint(redis_port) == current
 

@@ -90,3 +90,33 @@ async def test_a_queued_job_wakes_an_idle_worker_at_once(api: Any, settings: Set
         assert await redis.pttl(keys.doorbell) in range(-2, DOORBELL_TTL_MS + 1)
     finally:
         await stop_gracefully(w, 10, task)
+
+
+async def test_a_doorbell_redis_refuses_leaves_the_worker_polling(
+        api: Any, settings: Settings, redis: Any, pg_db: str, caplog: Any) -> None:
+    """Something else holds the doorbell's key (WRONGTYPE for BLPOP, as an ACL without
+    blocking commands would refuse it): the worker says so once and polls instead; jobs
+    still run."""
+    from shared.keys import Keys
+    from worker.main import build_worker, stop_gracefully
+
+    keys = Keys(settings.redis.prefix)
+    await redis.set(keys.doorbell, "not a list")
+    w = build_worker(settings, poll_delay=0.05)
+    task = asyncio.create_task(w.main())
+    try:
+        await asyncio.sleep(0.3)
+        assert not task.done()
+        assert "waiting on the doorbell" in caplog.text
+        job = await (await api.post("/api/v1/targets/main/backups?wait=20", json={})).json()
+        assert job["status"] == "succeeded", job  # the API's ring failed: logged, job queued
+        store = JobStore(redis, keys)
+        queued, _ = await store.create("stats", "main", {}, {"subject": "tester"})
+        pool = await connect(settings.redis.url)
+        try:
+            await enqueue(pool, keys, queued)  # its ring fails too: logged, the job queued
+        finally:
+            await pool.aclose()
+        assert (await wait_for_terminal(api, queued.id, timeout=20))["status"] == "succeeded"
+    finally:
+        await stop_gracefully(w, 10, task)

@@ -15,6 +15,7 @@ from arq import Worker, func
 from arq.connections import ArqRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.config import Settings
@@ -123,10 +124,7 @@ class ResilientWorker(Worker):
     async def _poll_iteration(self) -> None:
         try:
             await super()._poll_iteration()
-            if self.allow_pick_jobs and self.job_counter < self.max_jobs and self.doorbell:
-                await self.pool.execute_command("BLPOP", self.doorbell, self.idle_s)
-            else:
-                await asyncio.sleep(self.idle_s)
+            await self._wait_for_work()
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             now = time.monotonic()
             if self._outage_since is None:
@@ -139,6 +137,20 @@ class ResilientWorker(Worker):
             log.warning("Redis is reachable again after %.0fs; picking jobs",
                         time.monotonic() - self._outage_since)
             self._outage_since = None
+
+    async def _wait_for_work(self) -> None:
+        """Until a job is queued (the doorbell) or `idle_s` passes; a worker that cannot
+        take a job now, or whose Redis refuses BLPOP (an ACL, the key taken by something
+        else), just waits."""
+        if self.allow_pick_jobs and self.job_counter < self.max_jobs and self.doorbell:
+            try:
+                await self.pool.execute_command("BLPOP", self.doorbell, max(0.01, self.idle_s))
+                return
+            except RedisResponseError as exc:
+                log.warning("waiting on the doorbell %s failed (%s); polling every %.2fs "
+                            "instead", self.doorbell, exc, self.idle_s)
+                self.doorbell = ""
+        await asyncio.sleep(self.idle_s)
 
 
 def build_worker(settings: Settings, *, redis_pool: ArqRedis | None = None,

@@ -139,8 +139,6 @@ class SameAsChecked(AsyncIterator[bytes]):
     changed between the two reads is refused before a byte of the change reaches the
     database, so an engine need not check the content a second time on its way in."""
 
-    same_as_checked = True
-
     def __init__(self, chunks: AsyncIterator[bytes], digests: bytes,
                  window: int = WindowDigests.WINDOW) -> None:
         self.chunks, self.digests, self.window = chunks, digests, window

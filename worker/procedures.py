@@ -291,8 +291,10 @@ class Procedures:
             (store, manifest), facts = await self._verify(target, engine, name, copies,
                                                           progress, ids)
             record["destination"] = store.name
+            windows = facts.pop("plain_windows", None)
             return await self._drill(job, target, engine, name, store,
-                                     {**manifest, **facts}, drill, record, ids, progress, t0)
+                                     {**manifest, **facts}, drill, record, ids, progress, t0,
+                                     windows)
         except SafeholdError as exc:
             if exc.code != "drill_failed":  # the restore itself failed: a failed drill too
                 with contextlib.suppress(Exception):
@@ -305,7 +307,8 @@ class Procedures:
     async def _drill(self, job: Job, target: TargetConfig, engine: Engine,
                      name: naming.BackupName, store: BackupStore, manifest: dict[str, Any],
                      drill: Any, record: dict[str, Any], ids: Sequence[Any],
-                     progress: Progress, t0: float) -> dict[str, Any]:
+                     progress: Progress, t0: float,
+                     windows: bytes | None = None) -> dict[str, Any]:
         mismatches: dict[str, Any] = {}
         checks: list[dict[str, Any]] = []
         if drill is not None:
@@ -330,7 +333,6 @@ class Procedures:
                     store.open(target.id, name.filename), codecs.chain_of(manifest),
                     limit=self._limit(manifest), expect_sha256=str(manifest.get("sha256")),
                     identities=ids)
-                windows = manifest.get("plain_windows")
                 checked = chunks if windows is None else pipeline.SameAsChecked(chunks, windows)
                 loaded = checked
                 if restore_filter := getattr(drill, "restore_filter", None):
@@ -411,6 +413,7 @@ class Procedures:
         n0 = len(progress.warnings)
         source, facts = await self._verify(target, engine, name, copies, progress, ids)
         verify_warnings = progress.warnings[n0:]
+        windows = facts.pop("plain_windows", None)
         manifest = {**source[1], **facts}
         if len(copies) > 1 or source[0] is not copies[0][0]:
             await self.store.publish(job.id, "log", {
@@ -420,7 +423,8 @@ class Procedures:
         t0 = time.monotonic()
         warnings_before = len(progress.warnings)
         try:
-            await self._load(job, target, engine, name, source[0], manifest, progress, ids)
+            await self._load(job, target, engine, name, source[0], manifest, progress, ids,
+                             windows=windows)
         except (EngineError, PipelineError, BadRequest) as exc:
             raise await self._after_failed_restore(
                 job, target, engine, exc, safety, progress, manifest, ids) from exc
@@ -614,7 +618,9 @@ class Procedures:
     async def _load(self, job: Job, target: TargetConfig, engine: Engine,
                     name: naming.BackupName, store: BackupStore, manifest: dict[str, Any],
                     progress: Progress, identities: Sequence[Any], *,
-                    rollback: bool = False) -> None:
+                    rollback: bool = False, windows: bytes | None = None) -> None:
+        """Load the backup; `windows`: the digests its check recorded (what the load may
+        pass on, see `pipeline.SameAsChecked`), when the engine's check read it whole."""
         progress.set_phase("restoring", bytes_total=manifest.get("raw_bytes"))
         if not rollback:  # a rollback stays `rolling_back`: its outcome is never "unchanged"
             await progress.enter_stage("uncommitted" if engine.atomic_restore else "partial")
@@ -622,7 +628,6 @@ class Procedures:
             store.open(target.id, name.filename), codecs.chain_of(manifest),
             limit=self._limit(manifest), expect_sha256=str(manifest.get("sha256")),
             identities=identities)
-        windows = manifest.get("plain_windows")
         loaded = chunks if windows is None else pipeline.SameAsChecked(chunks, windows)
         try:
             await engine.restore(target, loaded, progress, clean=True, manifest=manifest)
@@ -658,12 +663,13 @@ class Procedures:
                 scopies = await self.catalog.copies(target.id, sname)
                 (sstore, smanifest), sfacts = await self._verify(
                     target, engine, sname, scopies, progress, identities)
+                swindows = sfacts.pop("plain_windows", None)
                 smanifest = {**smanifest, **sfacts}
                 # the failed load may have written where the safety backup has nothing (an
                 # empty database then): the rollback's clean covers those too
                 smanifest["also_clean"] = failed.get("databases") or []
                 await self._load(job, target, engine, sname, sstore, smanifest, progress,
-                                 identities, rollback=True)
+                                 identities, rollback=True, windows=swindows)
             except SafeholdError as exc2:
                 details["database_state"] = "unknown"
                 details["rollback"] = {"status": "failed", "backup": safety,

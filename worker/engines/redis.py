@@ -36,16 +36,18 @@ from shared.formats import RedisScriptCheck
 from shared.redact import redact
 from shared.resp import resp
 from worker.engines import Dump, restore_errors, unreachable
+from worker.pipeline import SameAsChecked
 from worker.progress import Progress
 from worker.subproc import spawn
 
 SCAN_COUNT = 1000
-# One SCAN step and the DUMP + PTTL of the keys it found, in one read-only call: the keys
-# never travel to the client and back. Returns {cursor, now_ms, key, payload, pttl, …};
-# a key that vanished between SCAN and DUMP is left out. The server's clock (ms) comes second: a
-# key's absolute expiry is that plus its PTTL, however long the step waits client-side.
+# One SCAN step and the DUMP + expiry of the keys it found, in one read-only call: the keys
+# never travel to the client and back. Returns {cursor, now_ms, key, payload, ttl, …};
+# a key that vanished between SCAN and DUMP is left out. A key's expiry is absolute: its
+# PEXPIRETIME (Redis 7+, ARGV[5] = 1, exact), else the server's clock (TIME, second in
+# the reply) plus its PTTL (to a millisecond), however long the step waits client-side.
 # When the database holds no key with an expiry (INFO keyspace, read in the same atomic
-# step, ARGV[4] is its number), every PTTL would answer -1: none is asked (a third fewer
+# step, ARGV[4] is its number), every one would answer -1: none is asked (a third fewer
 # calls on the server, whose CPU bounds a backup's speed).
 #
 _SCAN_DUMP = """
@@ -56,6 +58,7 @@ local big = tonumber(ARGV[3])
 local keyspace = redis.call('INFO', 'keyspace')
 local expiring = tonumber(string.match(keyspace, '\\ndb' .. ARGV[4] .. ':keys=%d+,expires=(%d+)'))
 local any_ttl = expiring == nil or expiring > 0
+local ttl_command = ARGV[5] == '1' and 'PEXPIRETIME' or 'PTTL'
 local held = 0
 for _, k in ipairs(step[2]) do
   local payload
@@ -69,7 +72,7 @@ for _, k in ipairs(step[2]) do
   if payload then
     out[#out + 1] = k
     out[#out + 1] = payload
-    out[#out + 1] = any_ttl and redis.call('PTTL', k) or -1
+    out[#out + 1] = any_ttl and redis.call(ttl_command, k) or -1
   end
 end
 return out
@@ -193,12 +196,14 @@ class RedisEngine:
         progress.set_phase("dumping", items_total=sum(v.get("keys", 0)
                                                       for v in spaces.values()))
         counts: dict[str, int] = {}
+        major = re.match(r"\d+", str(version or ""))
+        absolute = major is not None and int(major.group()) >= 7  # PEXPIRETIME
 
         async def chunks() -> AsyncIterator[bytes]:
             for db in spaces:
                 yield resp(b"SELECT", str(db).encode())
                 counts[f"db{db}"] = 0
-                async for block, n in self._dump_db(target, db):
+                async for block, n in self._dump_db(target, db, absolute):
                     counts[f"db{db}"] += n
                     progress.items_done += n
                     yield block
@@ -212,7 +217,7 @@ class RedisEngine:
             raise DumpFailed(f"Redis dump failed: {redact(str(exc), target.secrets())}") \
                 from None
 
-    async def _dump_db(self, target: TargetConfig, db: int
+    async def _dump_db(self, target: TargetConfig, db: int, absolute: bool
                        ) -> AsyncIterator[tuple[bytes, int]]:
         """SCAN the database with a server-side script that also DUMPs and PTTLs what each
         step finds (one round trip per ~1000 keys), on a connection of our own: the next
@@ -223,14 +228,19 @@ class RedisEngine:
 
         def step(cursor: bytes) -> None:
             writer.write(resp(b"EVAL", _SCAN_DUMP_SRC, b"0", cursor, _STEP_ARGS, _BIG_ARG,
-                              b"%d" % db))
+                              b"%d" % db, b"1" if absolute else b"0"))
 
         async def reply() -> list[Any]:
-            while (got := replies.gets()) is False:
-                data = await asyncio.wait_for(reader.read(1 << 20), 60)
-                if not data:
-                    raise RedisError("Redis closed the connection during the backup")
-                replies.feed(data)
+            try:
+                while (got := replies.gets()) is False:
+                    data = await asyncio.wait_for(reader.read(1 << 20), 60)
+                    if not data:
+                        raise RedisError("Redis closed the connection during the backup")
+                    replies.feed(data)
+            except TimeoutError:
+                raise RedisError("no reply to a scan step within 60 s") from None
+            except hiredis.ProtocolError as exc:
+                raise RedisError(f"a reply that is not Redis protocol ({exc})") from None
             if isinstance(got, hiredis.ReplyError):
                 raise RedisError(str(got)[:300])
             if not isinstance(got, list) or len(got) < 2 or (len(got) - 2) % 3:
@@ -245,10 +255,12 @@ class RedisEngine:
                 if cursor != b"0":
                     step(cursor)
                 out: list[bytes] = []
-                for k, payload, pttl in zip(got[2::3], got[3::3], got[4::3], strict=True):
-                    if pttl == -2:
+                for k, payload, ttl in zip(got[2::3], got[3::3], got[4::3], strict=True):
+                    if ttl == -2:
                         continue  # expired between DUMP and PTTL
-                    expire_at = now_ms + pttl if pttl > 0 else None
+                    # -1: no expiry; a PTTL of 0 expires this very millisecond (an ABSTTL
+                    # in the past is not restored)
+                    expire_at = None if ttl < 0 else ttl if absolute else now_ms + ttl
                     if payload == 0:  # a big key: its DUMP streamed, never held whole
                         if out:
                             yield b"".join(out), len(out)
@@ -355,8 +367,7 @@ class RedisEngine:
                         await r.flushdb()
             # the content was checked whole before anything was flushed; it is checked
             # again on its way in unless the stream proves it is those very bytes
-            check = None if getattr(chunks, "same_as_checked", False) \
-                else RedisScriptCheck(databases)
+            check = None if isinstance(chunks, SameAsChecked) else RedisScriptCheck(databases)
             await self._replay(target, chunks, progress, check)
 
     async def _raw(self, target: TargetConfig, db: int | None = None
@@ -470,8 +481,10 @@ class RedisDrill:
             # a replica of nothing: a replica neither refuses a RESTORE whose absolute TTL
             # has passed nor expires keys, so keys that expired since the dump still count
             # (the comparison stays exact for caches and sessions) and none vanish mid-count
+            # and every DUMP payload is validated deeply before it is loaded (the one part
+            # of a RESTORE a hostile file still controls)
             conf.write_text(f"requirepass {password}\nreplicaof 127.0.0.1 1\n"
-                            "replica-read-only no\n")
+                            "replica-read-only no\nsanitize-dump-payload yes\n")
             conf.chmod(0o600)
             proc = await asyncio.create_subprocess_exec(
                 server, str(conf), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
