@@ -41,6 +41,12 @@ from worker.progress import Progress
 from worker.subproc import spawn
 
 SCAN_COUNT = 1000
+SCAN_RECONNECTS = 3  # connections lost mid-scan that a backup rides out
+
+
+class _ConnectionLost(RedisError):
+    """The scan's connection closed or broke (the step in flight can be sent again)."""
+
 # One SCAN step and the DUMP + expiry of the keys it found, in one read-only call: the keys
 # never travel to the client and back. Returns {cursor, now_ms, key, payload, ttl, …};
 # a key that vanished between SCAN and DUMP is left out. A key's expiry is absolute: its
@@ -203,7 +209,7 @@ class RedisEngine:
             for db in spaces:
                 yield resp(b"SELECT", str(db).encode())
                 counts[f"db{db}"] = 0
-                async for block, n in self._dump_db(target, db, absolute):
+                async for block, n in self._dump_db(target, db, absolute, progress):
                     counts[f"db{db}"] += n
                     progress.items_done += n
                     yield block
@@ -217,28 +223,45 @@ class RedisEngine:
             raise DumpFailed(f"Redis dump failed: {redact(str(exc), target.secrets())}") \
                 from None
 
-    async def _dump_db(self, target: TargetConfig, db: int, absolute: bool
-                       ) -> AsyncIterator[tuple[bytes, int]]:
+    async def _dump_db(self, target: TargetConfig, db: int, absolute: bool,
+                       progress: Progress) -> AsyncIterator[tuple[bytes, int]]:
         """SCAN the database with a server-side script that also DUMPs and PTTLs what each
         step finds (one round trip per ~1000 keys), on a connection of our own: the next
         step is sent the moment a reply's cursor is known, before that reply is written
-        out, so the server (whose CPU bounds the backup) never waits for the client."""
-        reader, writer = await self._raw(target, db)
-        replies = hiredis.Reader()
+        out, so the server (whose CPU bounds the backup) never waits for the client.
+
+        A connection lost while a step is in flight (a failover, a proxy, CLIENT KILL) is
+        replaced and that step sent again, up to SCAN_RECONNECTS times: SCAN's cursor lives
+        in the client and a step's reply is used only once whole, so no key is missed or
+        doubled. One more loss fails the backup."""
+        conn: list[Any] = []  # reader, writer, reply parser
+        in_flight = b"0"  # the cursor of the step sent last
+
+        async def connect() -> None:
+            if conn:
+                conn[1].close()
+            reader, writer = await self._raw(target, db)
+            conn[:] = [reader, writer, hiredis.Reader()]
 
         def step(cursor: bytes) -> None:
-            writer.write(resp(b"EVAL", _SCAN_DUMP_SRC, b"0", cursor, _STEP_ARGS, _BIG_ARG,
-                              b"%d" % db, b"1" if absolute else b"0"))
+            nonlocal in_flight
+            in_flight = cursor
+            conn[1].write(resp(b"EVAL", _SCAN_DUMP_SRC, b"0", cursor, _STEP_ARGS, _BIG_ARG,
+                               b"%d" % db, b"1" if absolute else b"0"))
 
         async def reply() -> list[Any]:
+            reader, _, replies = conn
             try:
                 while (got := replies.gets()) is False:
                     data = await asyncio.wait_for(reader.read(1 << 20), 60)
                     if not data:
-                        raise RedisError("Redis closed the connection during the backup")
+                        raise _ConnectionLost("Redis closed the connection during the backup")
                     replies.feed(data)
             except TimeoutError:
                 raise RedisError("no reply to a scan step within 60 s") from None
+            except (ConnectionError, OSError) as exc:
+                raise _ConnectionLost(f"the connection to Redis was lost during the backup "
+                                      f"({type(exc).__name__})") from None
             except hiredis.ProtocolError as exc:
                 raise RedisError(f"a reply that is not Redis protocol ({exc})") from None
             if isinstance(got, hiredis.ReplyError):
@@ -247,10 +270,22 @@ class RedisEngine:
                 raise RedisError("unexpected reply to the scan step")
             return got
 
+        await connect()
+        lost = 0
         try:
             step(b"0")
             while True:
-                got = await reply()
+                try:
+                    got = await reply()
+                except _ConnectionLost as exc:
+                    lost += 1
+                    if lost > SCAN_RECONNECTS:
+                        raise RedisError(f"{exc}, {SCAN_RECONNECTS} times over") from None
+                    progress.warn(f"{exc}; reconnected and resumed the scan where it was "
+                                  "(nothing missed)")
+                    await connect()
+                    step(in_flight)
+                    continue
                 cursor, now_ms = got[0], int(got[1])
                 if cursor != b"0":
                     step(cursor)
@@ -286,9 +321,9 @@ class RedisEngine:
                 if cursor == b"0":
                     return
         finally:
-            writer.close()
+            conn[1].close()
             with contextlib.suppress(OSError, ConnectionError):
-                await writer.wait_closed()
+                await conn[1].wait_closed()
 
     async def _stream_key(self, target: TargetConfig, db: int, key: bytes,
                           expire_at: int | None) -> AsyncIterator[tuple[bytes, int]]:
