@@ -165,7 +165,8 @@ class SameAsChecked(AsyncIterator[bytes]):
         async for chunk in self.chunks:
             buf += chunk
             while len(buf) >= size:
-                window = bytes(buf[:size])
+                with memoryview(buf) as view:
+                    window = bytes(view[:size])  # one copy, not two
                 del buf[:size]
                 self._check(window, index)
                 index += 1
