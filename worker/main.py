@@ -120,6 +120,7 @@ class ResilientWorker(Worker):
     _outage_since: float | None = None
     doorbell: str = ""  # Keys.doorbell: waited on between polls (arq's own sleep is 0)
     idle_s: float = 0.2  # the longest wait between two polls
+    _doorbell_off_until: float = 0.0  # after Redis refused BLPOP: poll until then
 
     async def _poll_iteration(self) -> None:
         try:
@@ -140,16 +141,19 @@ class ResilientWorker(Worker):
 
     async def _wait_for_work(self) -> None:
         """Until a job is queued (the doorbell) or `idle_s` passes; a worker that cannot
-        take a job now, or whose Redis refuses BLPOP (an ACL, the key taken by something
-        else), just waits."""
-        if self.allow_pick_jobs and self.job_counter < self.max_jobs and self.doorbell:
+        take a job now just waits. When Redis refuses BLPOP (an ACL, the key taken by
+        something else, LOADING…) the worker polls for a minute, then tries again."""
+        can_take = self.allow_pick_jobs and self.job_counter < self.max_jobs
+        if can_take and self.doorbell and time.monotonic() >= self._doorbell_off_until:
             try:
                 await self.pool.execute_command("BLPOP", self.doorbell, max(0.01, self.idle_s))
                 return
             except RedisResponseError as exc:
-                log.warning("waiting on the doorbell %s failed (%s); polling every %.2fs "
-                            "instead", self.doorbell, exc, self.idle_s)
-                self.doorbell = ""
+                if not self._doorbell_off_until:  # said once, not every minute
+                    log.warning("waiting on the doorbell %s failed (%s); polling every "
+                                "%.2fs instead, trying again each minute", self.doorbell,
+                                exc, self.idle_s)
+                self._doorbell_off_until = time.monotonic() + 60
         await asyncio.sleep(self.idle_s)
 
 
