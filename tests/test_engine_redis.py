@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import os
@@ -62,7 +63,8 @@ async def start_server(tmp: Path) -> tuple[asyncio.subprocess.Process, int]:
 async def redis_port(tmp_path: Path) -> AsyncIterator[int]:
     proc, port = await start_server(tmp_path / "redis-a")
     yield port
-    proc.terminate()
+    with contextlib.suppress(ProcessLookupError):  # a test may have shut it down
+        proc.terminate()
     await proc.wait()
 
 
@@ -198,6 +200,29 @@ async def test_expiries_are_read_per_database(api: Any, worker: Any, redis_port:
     finally:
         for c in clients.values():
             await c.aclose()
+
+
+async def test_a_stored_manifest_cannot_widen_what_a_restore_flushes(
+        api: Any, worker: Any, redis_port: int, storage_dir: Path) -> None:
+    """`also_clean` (the databases a rollback also empties) is the worker's own, in
+    memory: written into a manifest beside a backup (anyone who can write the bucket), it
+    is ignored — the restore flushes only the databases the checked file selects."""
+    r0, r5 = Redis(port=redis_port, password=PW), Redis(port=redis_port, password=PW, db=5)
+    try:
+        await r0.set("in-db-0", "x")
+        good = (await backup(api))["result"]["filename"]
+        await r5.set("keep", "me")
+        manifest = await stored_manifest(storage_dir, good)
+        plain = gzip.decompress(await stored_bytes(storage_dir, good))
+        edited = "backup_redis_20200101_000000.resp.gz"
+        await publish_plain(storage_dir, edited, plain, {**manifest, "also_clean": [5]})
+        job = await (await api.post("/api/v1/targets/main/restores?wait=60",
+                                    json={"backup": edited})).json()
+        assert job["status"] == "succeeded", job
+        assert await r5.get("keep") == b"me" and await r0.get("in-db-0") == b"x"
+    finally:
+        await r0.aclose()
+        await r5.aclose()
 
 
 async def test_stock_redis_cli_pipe_restores_it(api: Any, worker: Any, redis_port: int,
@@ -546,7 +571,7 @@ async def test_a_scan_rides_out_a_lost_connection(api: Any, worker: Any, redis_p
     await r.aclose()
     assert killed == 1 and running == "running", (killed, running)
     assert job["status"] == "succeeded", job
-    assert any("reconnected and resumed the scan" in w for w in job["result"]["warnings"])
+    assert any("resumed the scan where it was" in w for w in job["result"]["warnings"])
     name = job["result"]["filename"]
     assert (await stored_manifest(storage_dir, name))["counts"] == {"db0": total}
     reader, restored = RespReader(keep=64), []
@@ -555,3 +580,37 @@ async def test_a_scan_rides_out_a_lost_connection(api: Any, worker: Any, redis_p
         restored += [cmd[1] for cmd in reader.feed(plain[i:i + (1 << 20)])
                      if cmd[0] == b"RESTORE"]
     assert len(restored) == len(set(restored)) == total  # each key once
+
+
+async def test_a_scan_never_resumes_on_another_server_process(
+        api: Any, worker: Any, redis_port: int, tmp_path: Path) -> None:
+    """Redis restarted mid-scan (its data saved and loaded back: same keys, a new process):
+    a SCAN cursor means nothing to another process (its hash seed differs: keys would be
+    missed and doubled), so the scan does not resume there; the backup fails and says
+    why, nothing is listed."""
+    r = Redis(port=redis_port, password=PW)
+    total = 1_000_000
+    for start in range(0, total, 25_000):
+        await r.mset({f"k:{i}": i for i in range(start, start + 25_000)})
+    job_id = (await (await api.post("/api/v1/targets/main/backups")).json())["id"]
+
+    async def scanning() -> dict[str, Any] | None:
+        job = await (await api.get(f"/api/v1/jobs/{job_id}")).json()
+        return job if (job["progress"] or {}).get("items_done") else None
+    await wait_for(scanning, 30, "the scan")
+    with contextlib.suppress(Exception):
+        await r.execute_command("SHUTDOWN", "SAVE")
+    await r.aclose()
+    proc = await asyncio.create_subprocess_exec(
+        "redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+        "--appendonly", "no", "--dir", str(tmp_path / "redis-a"), "--requirepass", PW,
+        stdout=asyncio.subprocess.DEVNULL)
+    try:
+        job = await wait_for_terminal(api, job_id, timeout=60)
+        assert job["status"] == "failed", job
+        assert "another Redis server process answers" in job["error"]["message"], job
+        listed = await (await api.get("/api/v1/targets/main/backups")).json()
+        assert listed["backups"] == []
+    finally:
+        proc.terminate()
+        await proc.wait()

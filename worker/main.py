@@ -146,7 +146,10 @@ class ResilientWorker(Worker):
         can_take = self.allow_pick_jobs and self.job_counter < self.max_jobs
         if can_take and self.doorbell and time.monotonic() >= self._doorbell_off_until:
             try:
-                await self.pool.execute_command("BLPOP", self.doorbell, max(0.01, self.idle_s))
+                # bounded client-side too: a half-open connection never answers (an
+                # OSError then, handled as an outage; the connection is dropped)
+                await asyncio.wait_for(self.pool.execute_command(
+                    "BLPOP", self.doorbell, max(0.01, self.idle_s)), self.idle_s + 5)
                 return
             except RedisResponseError as exc:
                 if not self._doorbell_off_until:  # said once, not every minute

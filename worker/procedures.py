@@ -62,6 +62,17 @@ def _created(manifest: dict[str, Any]) -> datetime | None:
         return None
 
 
+# keys only a worker sets, in memory, on the manifest a load is given: one found in a stored
+# manifest (anyone able to write a .json beside a backup) is dropped, never obeyed
+_IN_MEMORY_ONLY = ("also_clean", "plain_windows")
+
+
+def _checked(stored: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
+    """The manifest a load goes by: the stored one, with what the check found in the file
+    over it, and none of the keys a worker alone may set."""
+    return {**{k: v for k, v in stored.items() if k not in _IN_MEMORY_ONLY}, **facts}
+
+
 class Procedures:
     def __init__(self, settings: Settings, store: JobStore, catalog: Catalog) -> None:
         self.settings = settings
@@ -293,7 +304,7 @@ class Procedures:
             record["destination"] = store.name
             windows = facts.pop("plain_windows", None)
             return await self._drill(job, target, engine, name, store,
-                                     {**manifest, **facts}, drill, record, ids, progress, t0,
+                                     _checked(manifest, facts), drill, record, ids, progress, t0,
                                      windows)
         except SafeholdError as exc:
             if exc.code != "drill_failed":  # the restore itself failed: a failed drill too
@@ -414,7 +425,7 @@ class Procedures:
         source, facts = await self._verify(target, engine, name, copies, progress, ids)
         verify_warnings = progress.warnings[n0:]
         windows = facts.pop("plain_windows", None)
-        manifest = {**source[1], **facts}
+        manifest = _checked(source[1], facts)
         if len(copies) > 1 or source[0] is not copies[0][0]:
             await self.store.publish(job.id, "log", {
                 "message": f"restoring {name.filename} from destination {source[0].name}"})
@@ -664,7 +675,7 @@ class Procedures:
                 (sstore, smanifest), sfacts = await self._verify(
                     target, engine, sname, scopies, progress, identities)
                 swindows = sfacts.pop("plain_windows", None)
-                smanifest = {**smanifest, **sfacts}
+                smanifest = _checked(smanifest, sfacts)
                 # the failed load may have written where the safety backup has nothing (an
                 # empty database then): the rollback's clean covers those too
                 smanifest["also_clean"] = failed.get("databases") or []

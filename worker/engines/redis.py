@@ -23,6 +23,7 @@ import re
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -46,6 +47,15 @@ SCAN_RECONNECTS = 3  # connections lost mid-scan that a backup rides out
 
 class _ConnectionLost(RedisError):
     """The scan's connection closed or broke (the step in flight can be sent again)."""
+
+
+@dataclass
+class _Scan:
+    """One backup's scan, across its databases."""
+
+    server: str  # the run_id of the server process it began on ("" if unknown)
+    absolute: bool  # PEXPIRETIME (Redis 7+), else TIME + PTTL
+    lost: int = 0  # connections lost so far
 
 # One SCAN step and the DUMP + expiry of the keys it found, in one read-only call: the keys
 # never travel to the client and back. Returns {cursor, now_ms, key, payload, ttl, …};
@@ -196,20 +206,22 @@ class RedisEngine:
         if fmt != "resp":
             raise BadRequest(f"unknown redis backup format {fmt!r} (resp or rdb)")
         async with self._session(target) as r:
-            version = (await r.info("server")).get("redis_version")
+            server = await r.info("server")
+            version = server.get("redis_version")
             spaces = await self._keyspace(r, _url_db(target))
         progress.item_kind = "keys"
         progress.set_phase("dumping", items_total=sum(v.get("keys", 0)
                                                       for v in spaces.values()))
         counts: dict[str, int] = {}
         major = re.match(r"\d+", str(version or ""))
-        absolute = major is not None and int(major.group()) >= 7  # PEXPIRETIME
+        scan = _Scan(server=str(server.get("run_id") or ""),
+                     absolute=major is not None and int(major.group()) >= 7)
 
         async def chunks() -> AsyncIterator[bytes]:
             for db in spaces:
                 yield resp(b"SELECT", str(db).encode())
                 counts[f"db{db}"] = 0
-                async for block, n in self._dump_db(target, db, absolute, progress):
+                async for block, n in self._dump_db(target, db, scan, progress):
                     counts[f"db{db}"] += n
                     progress.items_done += n
                     yield block
@@ -223,33 +235,23 @@ class RedisEngine:
             raise DumpFailed(f"Redis dump failed: {redact(str(exc), target.secrets())}") \
                 from None
 
-    async def _dump_db(self, target: TargetConfig, db: int, absolute: bool,
+    async def _dump_db(self, target: TargetConfig, db: int, scan: _Scan,
                        progress: Progress) -> AsyncIterator[tuple[bytes, int]]:
         """SCAN the database with a server-side script that also DUMPs and PTTLs what each
         step finds (one round trip per ~1000 keys), on a connection of our own: the next
         step is sent the moment a reply's cursor is known, before that reply is written
         out, so the server (whose CPU bounds the backup) never waits for the client.
 
-        A connection lost while a step is in flight (a failover, a proxy, CLIENT KILL) is
-        replaced and that step sent again, up to SCAN_RECONNECTS times: SCAN's cursor lives
-        in the client and a step's reply is used only once whole, so no key is missed or
-        doubled. One more loss fails the backup."""
+        A connection lost while a step is in flight (a proxy, an idle timeout, CLIENT
+        KILL) is replaced and that step sent again, up to SCAN_RECONNECTS times per backup:
+        SCAN's cursor lives in the client and a step's reply is used only once whole, so no
+        key is missed or doubled — on the same server process only (its run_id): a cursor
+        means nothing to a restarted server or a promoted replica, so that fails the
+        backup."""
         conn: list[Any] = []  # reader, writer, reply parser
         in_flight = b"0"  # the cursor of the step sent last
 
-        async def connect() -> None:
-            if conn:
-                conn[1].close()
-            reader, writer = await self._raw(target, db)
-            conn[:] = [reader, writer, hiredis.Reader()]
-
-        def step(cursor: bytes) -> None:
-            nonlocal in_flight
-            in_flight = cursor
-            conn[1].write(resp(b"EVAL", _SCAN_DUMP_SRC, b"0", cursor, _STEP_ARGS, _BIG_ARG,
-                               b"%d" % db, b"1" if absolute else b"0"))
-
-        async def reply() -> list[Any]:
+        async def read(what: str) -> Any:
             reader, _, replies = conn
             try:
                 while (got := replies.gets()) is False:
@@ -258,7 +260,7 @@ class RedisEngine:
                         raise _ConnectionLost("Redis closed the connection during the backup")
                     replies.feed(data)
             except TimeoutError:
-                raise RedisError("no reply to a scan step within 60 s") from None
+                raise RedisError(f"no reply to {what} within 60 s") from None
             except (ConnectionError, OSError) as exc:
                 raise _ConnectionLost(f"the connection to Redis was lost during the backup "
                                       f"({type(exc).__name__})") from None
@@ -266,24 +268,54 @@ class RedisEngine:
                 raise RedisError(f"a reply that is not Redis protocol ({exc})") from None
             if isinstance(got, hiredis.ReplyError):
                 raise RedisError(str(got)[:300])
+            return got
+
+        async def connect() -> None:
+            if conn:
+                conn[1].close()
+            reader, writer = await self._raw(target, db)
+            conn[:] = [reader, writer, hiredis.Reader()]
+            writer.write(resp(b"INFO", b"server"))
+            info = await read("INFO")
+            run_id = re.search(rb"^run_id:(\w+)", info if isinstance(info, bytes) else b"",
+                               re.M)
+            if scan.server and (run_id is None or run_id[1].decode() != scan.server):
+                raise RedisError("another Redis server process answers than the one the "
+                                 "backup began on (restarted, or failed over): a scan cannot "
+                                 "resume there; run the backup again")
+
+        def step(cursor: bytes) -> None:
+            nonlocal in_flight
+            in_flight = cursor
+            conn[1].write(resp(b"EVAL", _SCAN_DUMP_SRC, b"0", cursor, _STEP_ARGS, _BIG_ARG,
+                               b"%d" % db, b"1" if scan.absolute else b"0"))
+
+        async def reply() -> list[Any]:
+            got = await read("a scan step")
             if not isinstance(got, list) or len(got) < 2 or (len(got) - 2) % 3:
                 raise RedisError("unexpected reply to the scan step")
             return got
 
         await connect()
-        lost = 0
         try:
             step(b"0")
             while True:
                 try:
                     got = await reply()
                 except _ConnectionLost as exc:
-                    lost += 1
-                    if lost > SCAN_RECONNECTS:
+                    scan.lost += 1
+                    if scan.lost > SCAN_RECONNECTS:
                         raise RedisError(f"{exc}, {SCAN_RECONNECTS} times over") from None
-                    progress.warn(f"{exc}; reconnected and resumed the scan where it was "
-                                  "(nothing missed)")
-                    await connect()
+                    for wait in (0.0, 0.5, 1.0, 2.0):  # a proxy or server coming back
+                        await asyncio.sleep(wait)
+                        try:
+                            await connect()
+                            break
+                        except OSError:
+                            if wait == 2.0:
+                                raise
+                    progress.warn(f"{exc}; reconnected to the same server process and "
+                                  "resumed the scan where it was (nothing missed)")
                     step(in_flight)
                     continue
                 cursor, now_ms = got[0], int(got[1])
@@ -295,7 +327,7 @@ class RedisEngine:
                         continue  # expired between DUMP and PTTL
                     # -1: no expiry; a PTTL of 0 expires this very millisecond (an ABSTTL
                     # in the past is not restored)
-                    expire_at = None if ttl < 0 else ttl if absolute else now_ms + ttl
+                    expire_at = None if ttl < 0 else ttl if scan.absolute else now_ms + ttl
                     if payload == 0:  # a big key: its DUMP streamed, never held whole
                         if out:
                             yield b"".join(out), len(out)
