@@ -550,6 +550,20 @@ async def test_a_dump_whose_connection_is_killed_fails_and_keeps_nothing(
     assert (await backup(api))["result"]["size_bytes"] > 0
 
 
+async def backup_mid_scan(api: Any, r: Redis, keys: int) -> str:
+    """Fill db0 with `keys` small keys, start a backup, return its job id once its scan
+    has read some."""
+    for start in range(0, keys, 25_000):
+        await r.mset({f"k:{i}": i for i in range(start, min(keys, start + 25_000))})
+    job_id: str = (await (await api.post("/api/v1/targets/main/backups")).json())["id"]
+
+    async def scanning() -> dict[str, Any] | None:
+        job = await (await api.get(f"/api/v1/jobs/{job_id}")).json()
+        return job if (job["progress"] or {}).get("items_done") else None
+    await wait_for(scanning, 30, "the scan")
+    return job_id
+
+
 async def test_a_scan_rides_out_a_lost_connection(api: Any, worker: Any, redis_port: int,
                                                   storage_dir: Path) -> None:
     """One `CLIENT KILL` of the scan's connection mid-dump: the step in flight is sent
@@ -557,14 +571,7 @@ async def test_a_scan_rides_out_a_lost_connection(api: Any, worker: Any, redis_p
     what happened in its warnings."""
     r = Redis(port=redis_port, password=PW)
     total = 1_000_000
-    for start in range(0, total, 25_000):
-        await r.mset({f"k:{i}": i for i in range(start, start + 25_000)})
-    job_id = (await (await api.post("/api/v1/targets/main/backups")).json())["id"]
-
-    async def scanning() -> dict[str, Any] | None:
-        job = await (await api.get(f"/api/v1/jobs/{job_id}")).json()
-        return job if (job["progress"] or {}).get("items_done") else None
-    await wait_for(scanning, 30, "the scan")
+    job_id = await backup_mid_scan(api, r, total)
     killed = int(await r.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"))
     running = (await (await api.get(f"/api/v1/jobs/{job_id}")).json())["status"]
     job = await wait_for_terminal(api, job_id, timeout=120)
@@ -590,14 +597,7 @@ async def test_a_scan_never_resumes_on_another_server_process(
     why, nothing is listed."""
     r = Redis(port=redis_port, password=PW)
     total = 1_000_000
-    for start in range(0, total, 25_000):
-        await r.mset({f"k:{i}": i for i in range(start, start + 25_000)})
-    job_id = (await (await api.post("/api/v1/targets/main/backups")).json())["id"]
-
-    async def scanning() -> dict[str, Any] | None:
-        job = await (await api.get(f"/api/v1/jobs/{job_id}")).json()
-        return job if (job["progress"] or {}).get("items_done") else None
-    await wait_for(scanning, 30, "the scan")
+    job_id = await backup_mid_scan(api, r, total)
     with contextlib.suppress(Exception):
         await r.execute_command("SHUTDOWN", "SAVE")
     await r.aclose()

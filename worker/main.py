@@ -147,9 +147,12 @@ class ResilientWorker(Worker):
         if can_take and self.doorbell and time.monotonic() >= self._doorbell_off_until:
             try:
                 # bounded client-side too: a half-open connection never answers (an
-                # OSError then, handled as an outage; the connection is dropped)
-                await asyncio.wait_for(self.pool.execute_command(
-                    "BLPOP", self.doorbell, max(0.01, self.idle_s)), self.idle_s + 5)
+                # OSError then, handled as an outage; the connection is dropped).
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the
+                # cancellation that stops the worker when BLPOP answers at that moment
+                async with asyncio.timeout(self.idle_s + 5):
+                    await self.pool.execute_command("BLPOP", self.doorbell,
+                                                    max(0.01, self.idle_s))
                 return
             except RedisResponseError as exc:
                 if not self._doorbell_off_until:  # said once, not every minute
@@ -203,7 +206,9 @@ async def stop_gracefully(worker: Worker, grace: float,
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(_tasks_done(worker), grace)
     if main is not None:  # before close(): a poll must not be mid-read on a closed pool
-        main.cancel()
+        while not main.done():  # again if a cancellation was lost (3.11's wait_for can)
+            main.cancel()
+            await asyncio.wait({main}, timeout=1)
         await asyncio.gather(main, return_exceptions=True)
     for task in worker.tasks.values():
         task.cancel()

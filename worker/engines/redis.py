@@ -255,7 +255,8 @@ class RedisEngine:
             reader, _, replies = conn
             try:
                 while (got := replies.gets()) is False:
-                    data = await asyncio.wait_for(reader.read(1 << 20), 60)
+                    async with asyncio.timeout(60):  # (wait_for can lose a cancellation)
+                        data = await reader.read(1 << 20)
                     if not data:
                         raise _ConnectionLost("Redis closed the connection during the backup")
                     replies.feed(data)
