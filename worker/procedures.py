@@ -340,22 +340,14 @@ class Procedures:
                                       "behind: " + ", ".join(swept))
             async with drill.scratch(target) as scratch:
                 progress.set_phase("restoring", bytes_total=manifest.get("raw_bytes"))
-                chunks = pipeline.stored_plain(
-                    store.open(target.id, name.filename), codecs.chain_of(manifest),
-                    limit=self._limit(manifest), expect_sha256=str(manifest.get("sha256")),
-                    identities=ids)
-                checked = chunks if windows is None else pipeline.SameAsChecked(chunks, windows)
-                loaded = checked
-                if restore_filter := getattr(drill, "restore_filter", None):
-                    loaded = restore_filter(checked)
-                    record["not_restored"] = drill.skipped
-                try:
+                async with self._plain(store, target, name, manifest, ids,
+                                       windows) as checked:
+                    loaded = checked
+                    if restore_filter := getattr(drill, "restore_filter", None):
+                        loaded = restore_filter(checked)
+                        record["not_restored"] = drill.skipped
                     await engine.restore(scratch, loaded, progress, clean=True,
                                          manifest=manifest)
-                finally:
-                    if isinstance(checked, pipeline.SameAsChecked):
-                        await checked.aclose()
-                    await chunks.aclose()  # type: ignore[attr-defined]
                 record["rto_s"] = round(time.monotonic() - t0, 3)
                 record["scratch"] = getattr(drill, "last_scratch", None)
                 progress.set_phase("checking")
@@ -635,16 +627,26 @@ class Procedures:
         progress.set_phase("restoring", bytes_total=manifest.get("raw_bytes"))
         if not rollback:  # a rollback stays `rolling_back`: its outcome is never "unchanged"
             await progress.enter_stage("uncommitted" if engine.atomic_restore else "partial")
+        async with self._plain(store, target, name, manifest, identities, windows) as chunks:
+            await engine.restore(target, chunks, progress, clean=True, manifest=manifest)
+
+    @contextlib.asynccontextmanager
+    async def _plain(self, store: BackupStore, target: TargetConfig, name: naming.BackupName,
+                     manifest: dict[str, Any], identities: Sequence[Any],
+                     windows: bytes | None) -> AsyncIterator[AsyncIterator[bytes]]:
+        """A stored backup's plain content for a load: bounded and sha256-checked (see
+        `pipeline.stored_plain`), and with `windows` (what the check before the load read)
+        passed on only as those very bytes (`pipeline.SameAsChecked`); closed after."""
         chunks = pipeline.stored_plain(
             store.open(target.id, name.filename), codecs.chain_of(manifest),
             limit=self._limit(manifest), expect_sha256=str(manifest.get("sha256")),
             identities=identities)
-        loaded = chunks if windows is None else pipeline.SameAsChecked(chunks, windows)
+        checked = None if windows is None else pipeline.SameAsChecked(chunks, windows)
         try:
-            await engine.restore(target, loaded, progress, clean=True, manifest=manifest)
+            yield chunks if checked is None else checked
         finally:
-            if isinstance(loaded, pipeline.SameAsChecked):
-                await loaded.aclose()
+            if checked is not None:
+                await checked.aclose()
             await chunks.aclose()  # type: ignore[attr-defined]
 
     async def _after_failed_restore(self, job: Job, target: TargetConfig, engine: Engine,
