@@ -24,6 +24,7 @@ from shared.config import Settings
 from shared.errors import TooMany
 from shared.jobs import JobStore
 from shared.keys import Keys
+from shared.outcomes import Outcomes
 from shared.queue import connect
 from shared.reaper import reap_orphans
 
@@ -47,6 +48,7 @@ class Services:
     # of uploads (or bombs) queues there and never takes the threads other requests use
     validation_pool: ThreadPoolExecutor
     hub: StreamHub  # one blocking read (its own bounded pool) for every followed stream
+    outcomes: Outcomes  # the one terminal path: cancels before start, reaped jobs
     # long-lived requests (SSE streams, ?wait) per subject: each holds a connection of the
     # bounded blocking pool, so one caller may not take them all
     held: dict[str, int] = field(default_factory=dict)
@@ -86,11 +88,14 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     ttl = settings.worker.job_ttl
     http = {"session": aiohttp.ClientSession()}
     verifier, jwks_doc = build_verifier(settings, http)
-    services = Services(settings, keys, redis, JobStore(redis, keys, ttl=ttl), Catalog(settings),
-                        verifier, jwks_doc, http, AuditLog(redis, keys),
+    store = JobStore(redis, keys, ttl=ttl)
+    audit = AuditLog(redis, keys)
+    outcomes = Outcomes(settings, redis, store, audit)
+    services = Services(settings, keys, redis, store, Catalog(settings),
+                        verifier, jwks_doc, http, audit,
                         ThreadPoolExecutor(settings.limits.max_concurrent_validations,
                                            thread_name_prefix="validate"),
-                        StreamHub(blocking, redis))
+                        StreamHub(blocking, redis), outcomes)
     app[SERVICES] = services
     reaper = asyncio.create_task(_reap_forever(services))
     yield
@@ -100,6 +105,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     for resp in list(streams):
         with contextlib.suppress(Exception):
             resp.stop_streaming()
+    await services.outcomes.close()
     await services.hub.close()
     services.validation_pool.shutdown(wait=False, cancel_futures=True)
     await services.catalog.close()
@@ -113,7 +119,7 @@ async def _reap_forever(services: Services) -> None:
     """The API reaps orphans too, so a job whose only worker died still fails in time."""
     while True:
         try:
-            await reap_orphans(services.store, services.catalog,
+            await reap_orphans(services.outcomes, services.catalog,
                                services.settings.worker.orphan_after)
         except Exception:
             log.exception("reaper failed")

@@ -323,7 +323,7 @@ class Operations:
                 raise Conflict("this restore is changing the database and cannot be "
                                f"cancelled safely now ({job.restore_state}); it either "
                                "completes or rolls back by itself", code="restore_running")
-            return await self.s.store.request_cancel(job.id)
+            return await self.s.outcomes.cancel(job.id)
 
     async def delete_backup(self, caller: Caller, target_id: str, file: str) -> str:
         """Delete a backup everywhere unless a restore of it is queued or running (409)."""

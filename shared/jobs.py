@@ -328,21 +328,6 @@ class JobStore:
                       maxlen=EVENT_MAXLEN, approximate=True)
             await pipe.execute()
 
-    async def request_cancel(self, job_id: str) -> Job:
-        """Cancel a queued job at once; flag a running one for its worker to stop."""
-        job = await self.get(job_id)
-        if job.terminal:
-            raise Conflict(f"job {job_id} already {job.status}", code="job_finished")
-        if job.status == "queued" and await self.transition(
-            job_id, ["queued"], "cancelled",
-            fields={"finished_at": now_iso(), "cancel_requested": "1"},
-            data={"reason": "cancelled before it started"},
-        ):
-            return await self.get(job_id)
-        await self.redis.hset(self.keys.job(job_id), "cancel_requested", "1")  # type: ignore[misc]
-        await self.publish(job_id, "log", {"message": "cancellation requested"})
-        return await self.get(job_id)
-
     async def list_jobs(
         self,
         *,

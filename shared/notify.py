@@ -105,7 +105,8 @@ class Notifier:
                     log.warning("notification %s via %s failed after %d tries: %s", event,
                                 channel, i + 1, exc)
                     if self.record_failure is not None:
-                        await self.record_failure(channel, event, str(exc)[:300])
+                        await self.record_failure(channel, event,
+                                                  (str(exc) or type(exc).__name__)[:300])
                     return
                 await asyncio.sleep(delay)
                 delay *= 2

@@ -14,8 +14,9 @@ import time
 from datetime import datetime
 
 from shared.backupstore import Catalog
-from shared.jobs import RESTORE_STATES, Job, JobStore, now_iso, undo_hint
+from shared.jobs import RESTORE_STATES, Job, undo_hint
 from shared.locks import release_if_held_by
+from shared.outcomes import Outcomes
 
 log = logging.getLogger("safehold.reaper")
 
@@ -26,7 +27,10 @@ def _age(iso: str | None) -> float:
     return time.time() - datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
-async def reap_orphans(store: JobStore, catalog: Catalog, orphan_after: float) -> list[str]:
+async def reap_orphans(outcomes: Outcomes, catalog: Catalog,
+                       orphan_after: float) -> list[str]:
+    """Fail each orphaned job through the one terminal path (audited, counted, notified)."""
+    store = outcomes.store
     reaped = []
     for job_id in await store.running_ids():
         if await store.redis.exists(store.keys.heartbeat(job_id)):
@@ -44,11 +48,7 @@ async def reap_orphans(store: JobStore, catalog: Catalog, orphan_after: float) -
             message, extra = _lost_restore(job, message)
             error.update(extra)
         error["message"] = message
-        if await store.transition(
-            job_id, ["running"], "failed",
-            fields={"finished_at": now_iso(), "error": error},
-            data={"error": error},
-        ):
+        if await outcomes.end(job, ["running"], "failed", error=error):
             for handle in (job.temp_handles or "").split():
                 try:  # a temp file, or an unfinished multipart upload
                     await catalog.remove_temp(handle)

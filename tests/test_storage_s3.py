@@ -216,8 +216,10 @@ async def test_failed_stream_aborts_and_reaper_aborts_dead_workers_uploads(
     await fan.abort()  # what backup() does when the dump fails
     assert await unfinished(s3, bucket) == [] and await objects(s3, bucket) == {}
 
+    from shared.audit import AuditLog
     from shared.jobs import JobStore
     from shared.keys import Keys
+    from shared.outcomes import Outcomes
     from shared.reaper import reap_orphans
 
     store = JobStore(redis, Keys(settings.redis.prefix), ttl=60)
@@ -230,7 +232,8 @@ async def test_failed_stream_aborts_and_reaper_aborts_dead_workers_uploads(
                                    "temp_handles": " ".join(orphan.handles)})
     for task in orphan._tasks.values():  # the worker "dies": nothing of it runs on
         task.cancel()
-    assert await reap_orphans(store, catalog, orphan_after=1) == [job.id]
+    outcomes = Outcomes(settings, redis, store, AuditLog(redis, store.keys))
+    assert await reap_orphans(outcomes, catalog, orphan_after=1) == [job.id]
     assert await unfinished(s3, bucket) == []
     assert not any(Path(settings.storage.path).glob("main/.tmp-*"))
     await catalog.close()

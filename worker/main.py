@@ -44,7 +44,7 @@ async def _housekeeping(runner: JobRunner) -> None:
             await runner.redis.zadd(keys.workers, {runner.worker_id: time.time()})
             await runner.redis.hset(keys.worker_keys,  # type: ignore[misc]
                                     runner.worker_id, runner.transport_recipient)
-            await reap_orphans(runner.store, runner.catalog, w.orphan_after)
+            await reap_orphans(runner.outcomes, runner.catalog, w.orphan_after)
         except (RedisError, OSError) as exc:  # an outage: the poll loop reports it
             log.debug("housekeeping: Redis unreachable (%s)", type(exc).__name__)
         except Exception:  # keep beating through anything else, loudly

@@ -9,13 +9,12 @@ import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import logs, stats
+from shared import logs
 from shared.audit import AuditLog
 from shared.backupstore import Catalog
 from shared.config import Settings
@@ -27,6 +26,7 @@ from shared.jobs import Job, JobStore, now_iso, restore_cancellable
 from shared.keys import Keys
 from shared.locks import TargetLock
 from shared.notify import Notifier
+from shared.outcomes import Outcomes
 from shared.redact import redact
 from worker.engines import ENGINE_CLASSES, Engine, get_engines
 from worker.procedures import Procedures
@@ -50,8 +50,8 @@ class JobRunner:
         self.procedures = Procedures(settings, self.store, self.catalog)
         # set by the worker: what follows a successful backup (a scheduled one is pruned)
         self.after_backup: Callable[[Job], Awaitable[Any]] | None = None
-        self.notifier = Notifier(settings, record_failure=self._notification_failed)
-        self._deliveries: set[asyncio.Task[None]] = set()
+        self.outcomes = Outcomes(settings, redis, self.store, self.audit)
+        self.notifier: Notifier = self.outcomes.notifier
         self._secrets = [t.password.reveal() for t in settings.targets.values() if t.password]
         import pyrage
 
@@ -76,7 +76,7 @@ class JobRunner:
         target_cfg = self.settings.targets.get(job.target)
         if target_cfg and target_cfg.heartbeat_url and job.kind == "backup" and \
                 job.params.get("scheduled_slot"):
-            self._deliver(self.notifier.heartbeat(target_cfg.heartbeat_url, "start"))
+            self.outcomes.deliver(self.notifier.heartbeat(target_cfg.heartbeat_url, "start"))
         progress = Progress()
         if job.kind == "restore":
             await self.store.set_fields(job_id, restore_state="untouched")
@@ -144,24 +144,6 @@ class JobRunner:
         await asyncio.shield(self._finish(job, progress, "succeeded", result=result))
         return {"status": "succeeded"}
 
-    async def _until_redis_answers(self, job_id: str, call: Callable[[], Awaitable[Any]],
-                                   give_up_after: float = REDIS_OUTAGE_MAX) -> Any:
-        """A job's outcome is written even across a Redis outage: retried with backoff for
-        up to REDIS_OUTAGE_MAX seconds (the work is done; losing its record would make a
-        stored backup look failed)."""
-        delay, waited = 0.5, 0.0
-        while True:
-            try:
-                return await call()
-            except (RedisError, OSError) as exc:
-                if waited >= give_up_after:
-                    raise
-                log.warning("job %s: cannot record its outcome, Redis unreachable (%s); "
-                            "retrying in %.0fs", job_id, type(exc).__name__, delay)
-                await asyncio.sleep(delay)
-                waited += delay
-                delay = min(delay * 2, 10.0)
-
     async def _finish(self, job: Job, progress: Progress, status: str, *,
                       result: dict[str, Any] | None = None,
                       error: dict[str, Any] | None = None) -> None:
@@ -172,96 +154,16 @@ class JobRunner:
         if status == "succeeded":
             snap["percent"] = 100.0
             snap["eta_s"] = 0.0
-        fields: dict[str, Any] = {"finished_at": now_iso(), "progress": snap}
-        data: dict[str, Any] = {}
-        if result is not None:
-            fields["result"] = data["result"] = result
-        if error is not None:
-            fields["error"] = data["error"] = error
-        if await self._until_redis_answers(
-                job.id, lambda: self.store.transition(job.id, ["running"], status,
-                                                      fields=fields, data=data)):
-            await self._follow_ups(job, status, result, error)
-
-    async def _follow_ups(self, job: Job, status: str, result: dict[str, Any] | None,
-                          error: dict[str, Any] | None) -> None:
-        """What follows a recorded outcome: the audit entry, notifications, stats, the
-        missed-schedule state, the prune after a scheduled backup. Each retries across a
-        Redis outage on its own (so none runs twice), and none changes the outcome."""
-        who = {"subject": job.requested_by.get("subject"),
-               "client": job.requested_by.get("client")}
-        backup = (result or {}).get("filename") or job.params.get("backup")
-        steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
-            ("audit", lambda: self.audit.record(
-                action=f"job.{job.kind}", result=status, **who, target=job.target,
-                job=job.id, backup=backup, detail=(error or {}).get("code"))),
-            ("stats", lambda: self._record_stats(job, status, result))]
+        also: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
         if status == "succeeded" and job.kind == "backup":
-            steps.append(("schedule state", lambda: self._backup_succeeded(job)))
+            also.append(("schedule state", lambda: self._backup_succeeded(job)))
             if self.after_backup is not None:
                 after = self.after_backup
-                steps.append(("prune after the backup", lambda: after(job)))
-        if (result or {}).get("partial"):
-            missing = [n for n, o in (result or {}).get("destinations", {}).items()
-                       if n not in result.get("stored_on", [])]  # type: ignore[union-attr]
-            steps.append(("audit", lambda: self.audit.record(
-                action="backup.partial", result="warning", **who, target=job.target,
-                job=job.id, backup=backup, detail="missing on " + ",".join(missing))))
-        self._notify_outcome(job, status, result, error)
-        for what, step in steps:
-            try:
-                await self._until_redis_answers(job.id, step, give_up_after=60.0)
-            except Exception:
-                log.exception("job %s: its outcome is recorded; the %s after it failed",
-                              job.id, what)
-
-    async def _record_stats(self, job: Job, status: str,
-                            result: dict[str, Any] | None) -> None:
-        started = job.started_at or now_iso()
-        took = (datetime.now(UTC) - datetime.fromisoformat(started.replace("Z", "+00:00"))
-                ).total_seconds()
-        target = self.settings.targets.get(job.target)
-        await stats.job_finished(  # a failure is logged by _follow_ups; the job stands
-            self.redis, self.keys, kind=job.kind, status=status, target=job.target,
-            engine=target.engine if target else "unknown", duration=max(took, 0.0),
-            stored_bytes=int((result or {}).get("size_bytes") or 0)
-            if job.kind == "backup" else 0)
-
-    def _deliver(self, coro: Awaitable[None]) -> None:
-        """Notifications go out in the background: delivery never delays or changes a job."""
-        task = asyncio.ensure_future(coro)
-        self._deliveries.add(task)
-        task.add_done_callback(self._deliveries.discard)
-
-    def _notify_outcome(self, job: Job, status: str, result: dict[str, Any] | None,
-                        error: dict[str, Any] | None) -> None:
-        if job.kind == "stats":
-            return
-        event = f"{job.kind}.{status}"
-        if status == "succeeded" and (result or {}).get("partial"):
-            event = "backup.partial"
-        if job.kind == "prune" and status == "succeeded":
-            deleted = [f for d in (result or {}).get("destinations", {}).values()
-                       for f in d.get("deleted", [])]
-            if (result or {}).get("dry_run") or not deleted:
-                return
-            event = "prune.deleted"
-            result = {**(result or {}), "filename": f"{len(deleted)} backup copies deleted"}
-        what = (result or {}).get("filename") or job.params.get("backup") or ""
-        message = f"{job.kind} of target {job.target} {status}" + (f": {what}" if what else "")
-        if error:
-            message += f" — {error.get('code')}: {error.get('message')}"
-            if error.get("database_state"):
-                message += f" (database {error['database_state']})"
-        self._deliver(self.notifier.event(event, job.target, message, {
-            "job": job.id, "kind": job.kind, "status": status, "backup": what or None,
-            "error": {k: error.get(k) for k in ("code", "message", "database_state")}
-            if error else None}))
-        target = self.settings.targets.get(job.target)
-        if target and target.heartbeat_url and job.kind == "backup" and \
-                job.params.get("scheduled_slot"):
-            self._deliver(self.notifier.heartbeat(
-                target.heartbeat_url, "success" if status == "succeeded" else "fail"))
+                also.append(("prune after the backup", lambda: after(job)))
+        # the work is done: losing its record would make a stored backup look failed
+        await self.outcomes.end(job, ["running"], status, result=result, error=error,
+                                fields={"progress": snap}, retry_for=REDIS_OUTAGE_MAX,
+                                also=also)
 
     async def _backup_succeeded(self, job: Job) -> None:
         """Remember the success (missed-run detection) and clear a missed-run alert."""
@@ -270,19 +172,13 @@ class JobRunner:
         if await self.redis.hdel(key, "missed_alerted"):  # type: ignore[misc]
             await self.audit.record(action="schedule.recovered", result="ok",
                                     target=job.target, job=job.id)
-            self._deliver(self.notifier.event(
+            self.outcomes.deliver(self.notifier.event(
                 "schedule.recovered", job.target,
                 f"target {job.target} has a successful backup again ({job.id})"))
 
-    async def _notification_failed(self, channel: str, event: str, error: str) -> None:
-        await self.redis.incr(self.keys.counter("notifications_failed"))
-        await self.audit.record(action="notification.failed", result="error",
-                                detail=f"{channel} {event}: {error}")
-
     async def close(self) -> None:
         """Let notifications in flight finish (briefly) before the worker exits."""
-        if self._deliveries:
-            await asyncio.wait(self._deliveries, timeout=5)
+        await self.outcomes.close()
 
     async def _cleanup(self, job_id: str, lock: TargetLock) -> None:
         await lock.release()

@@ -1,0 +1,193 @@
+"""The one terminal path (DESIGN.md §2): whoever ends a job — its worker, the reaper that
+finds it orphaned, a cancel before it started, a shutdown — ends it here, and the outcome
+is recorded (one atomic transition), audited, counted in `/metrics` and notified. Nothing
+else may move a job to `succeeded`, `failed` or `cancelled`.
+
+Each follow-up is retried across a Redis outage on its own (so none runs twice) and none
+changes the recorded outcome. Notifications go out in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared import stats
+from shared.audit import AuditLog
+from shared.config import Settings
+from shared.errors import Conflict
+from shared.jobs import Job, JobStore, now_iso
+from shared.keys import Keys
+from shared.notify import Notifier
+
+log = logging.getLogger("safehold.outcomes")
+FOLLOW_UP_RETRY_FOR = 60.0  # seconds each follow-up retries across a Redis outage
+
+Step = tuple[str, Callable[[], Awaitable[Any]]]
+
+
+async def until_redis_answers(what: str, call: Callable[[], Awaitable[Any]],
+                              give_up_after: float) -> Any:
+    """`call()`, retried with backoff while Redis is unreachable, for up to
+    `give_up_after` seconds (then the last error is raised)."""
+    delay, waited = 0.5, 0.0
+    while True:
+        try:
+            return await call()
+        except (RedisError, OSError) as exc:
+            if waited >= give_up_after:
+                raise
+            log.warning("%s: Redis unreachable (%s); retrying in %.1fs", what,
+                        type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 10.0)
+
+
+class Outcomes:
+    def __init__(self, settings: Settings, redis: Redis, store: JobStore,
+                 audit: AuditLog, notifier: Notifier | None = None) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.keys: Keys = store.keys
+        self.store = store
+        self.audit = audit
+        self.notifier = notifier or Notifier(settings, record_failure=self.notification_failed)
+        if self.notifier.record_failure is None:
+            self.notifier.record_failure = self.notification_failed
+        self._deliveries: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ ending a job
+    async def end(self, job: Job, allowed_from: Iterable[str], status: str, *,
+                  result: dict[str, Any] | None = None,
+                  error: dict[str, Any] | None = None,
+                  fields: dict[str, Any] | None = None,
+                  data: dict[str, Any] | None = None,
+                  retry_for: float = 0.0,
+                  also: Sequence[Step] = ()) -> bool:
+        """Move `job` to `status` if it is still in `allowed_from`; then audit, count and
+        notify it (and run `also`). False when someone else ended it first (nothing then
+        is audited twice)."""
+        allowed = list(allowed_from)
+        all_fields: dict[str, Any] = {"finished_at": now_iso(), **(fields or {})}
+        payload: dict[str, Any] = dict(data or {})
+        if result is not None:
+            all_fields["result"] = payload["result"] = result
+        if error is not None:
+            all_fields["error"] = payload["error"] = error
+        ended = await until_redis_answers(
+            f"job {job.id}: recording its outcome",
+            lambda: self.store.transition(job.id, allowed, status, fields=all_fields,
+                                          data=payload),
+            retry_for)
+        if ended:
+            await self.follow_ups(job, status, result, error, also)
+        return bool(ended)
+
+    async def cancel(self, job_id: str) -> Job:
+        """Cancel a queued job at once (an outcome like any other); flag a running one for
+        its worker, which ends it."""
+        job = await self.store.get(job_id)
+        if job.terminal:
+            raise Conflict(f"job {job_id} already {job.status}", code="job_finished")
+        error = {"code": "cancelled", "message": "cancelled before it started"}
+        if job.kind == "restore":
+            error["database_state"] = "unchanged"
+        if job.status == "queued" and await self.end(
+                job, ["queued"], "cancelled", error=error,
+                fields={"cancel_requested": "1"},
+                data={"reason": "cancelled before it started"}):
+            return await self.store.get(job_id)
+        await self.redis.hset(self.keys.job(job_id), "cancel_requested", "1")  # type: ignore[misc]
+        await self.store.publish(job_id, "log", {"message": "cancellation requested"})
+        return await self.store.get(job_id)
+
+    # ------------------------------------------------------------------ follow-ups
+    async def follow_ups(self, job: Job, status: str, result: dict[str, Any] | None,
+                         error: dict[str, Any] | None, also: Sequence[Step] = ()) -> None:
+        who = {"subject": job.requested_by.get("subject"),
+               "client": job.requested_by.get("client")}
+        backup = (result or {}).get("filename") or job.params.get("backup")
+        steps: list[Step] = [
+            ("audit", lambda: self.audit.record(
+                action=f"job.{job.kind}", result=status, **who, target=job.target,
+                job=job.id, backup=backup, detail=(error or {}).get("code"))),
+            ("stats", lambda: self._count(job, status, result))]
+        if (result or {}).get("partial"):
+            stored = set((result or {}).get("stored_on") or [])
+            missing = [n for n in (result or {}).get("destinations", {}) if n not in stored]
+            steps.append(("audit", lambda: self.audit.record(
+                action="backup.partial", result="warning", **who, target=job.target,
+                job=job.id, backup=backup, detail="missing on " + ",".join(missing))))
+        steps.extend(also)
+        self._notify(job, status, result, error)
+        for what, step in steps:
+            try:
+                await until_redis_answers(f"job {job.id}: {what}", step, FOLLOW_UP_RETRY_FOR)
+            except Exception:
+                log.exception("job %s: its outcome is recorded; the %s after it failed",
+                              job.id, what)
+
+    async def _count(self, job: Job, status: str, result: dict[str, Any] | None) -> None:
+        took = 0.0
+        if job.started_at:
+            took = (datetime.now(UTC) - datetime.fromisoformat(
+                job.started_at.replace("Z", "+00:00"))).total_seconds()
+        target = self.settings.targets.get(job.target)
+        await stats.job_finished(
+            self.redis, self.keys, kind=job.kind, status=status, target=job.target,
+            engine=target.engine if target else "unknown", duration=max(took, 0.0),
+            stored_bytes=int((result or {}).get("size_bytes") or 0)
+            if job.kind == "backup" else 0)
+
+    def _notify(self, job: Job, status: str, result: dict[str, Any] | None,
+                error: dict[str, Any] | None) -> None:
+        if job.kind == "stats":
+            return
+        event = f"{job.kind}.{status}"
+        if status == "succeeded" and (result or {}).get("partial"):
+            event = "backup.partial"
+        if job.kind == "prune" and status == "succeeded":
+            deleted = [f for d in (result or {}).get("destinations", {}).values()
+                       for f in d.get("deleted", [])]
+            if (result or {}).get("dry_run") or not deleted:
+                return
+            event = "prune.deleted"
+            result = {**(result or {}), "filename": f"{len(deleted)} backup copies deleted"}
+        what = (result or {}).get("filename") or job.params.get("backup") or ""
+        message = f"{job.kind} of target {job.target} {status}" + (f": {what}" if what else "")
+        if error:
+            message += f" — {error.get('code')}: {error.get('message')}"
+            if error.get("database_state"):
+                message += f" (database {error['database_state']})"
+        self.deliver(self.notifier.event(event, job.target, message, {
+            "job": job.id, "kind": job.kind, "status": status, "backup": what or None,
+            "error": {k: error.get(k) for k in ("code", "message", "database_state")}
+            if error else None}))
+        target = self.settings.targets.get(job.target)
+        if target and target.heartbeat_url and job.kind == "backup" and \
+                job.params.get("scheduled_slot"):
+            self.deliver(self.notifier.heartbeat(
+                target.heartbeat_url, "success" if status == "succeeded" else "fail"))
+
+    def deliver(self, coro: Awaitable[None]) -> None:
+        """Notifications go out in the background: delivery never delays or changes a job."""
+        task = asyncio.ensure_future(coro)
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    async def notification_failed(self, channel: str, event: str, error: str) -> None:
+        await self.redis.incr(self.keys.counter("notifications_failed"))
+        await self.audit.record(action="notification.failed", result="error",
+                                detail=f"{channel} {event}: {error or 'no cause given'}")
+
+    async def close(self) -> None:
+        """Let notifications in flight finish (briefly) before the process exits."""
+        if self._deliveries:
+            await asyncio.wait(self._deliveries, timeout=5)
