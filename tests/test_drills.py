@@ -163,3 +163,57 @@ async def test_sqlite_drill(aiohttp_client: Any, redis: Redis, prefix: str,
         job = await (await api.post("/api/v1/targets/main/verify?wait=60", json={})).json()
     assert job["status"] == "succeeded", job.get("error")
     assert job["result"]["counts_compared"] == 2 and job["result"]["rows_restored"] == 4
+
+
+INHERITANCE = """
+CREATE TABLE parent (id int, note text);
+CREATE TABLE child (extra int) INHERITS (parent);
+CREATE TABLE grandchild (more int) INHERITS (child);
+INSERT INTO parent VALUES (1, 'own'), (2, 'own');
+INSERT INTO child VALUES (3, 'c', 1), (4, 'c', 1), (5, 'c', 1);
+INSERT INTO grandchild VALUES (6, 'g', 1, 1);
+CREATE TABLE lonely_parent (id int);
+CREATE TABLE lonely_child () INHERITS (lonely_parent);
+INSERT INTO lonely_child VALUES (1), (2);
+CREATE TABLE measurements (at date NOT NULL, v int) PARTITION BY RANGE (at);
+CREATE TABLE measurements_2025 PARTITION OF measurements
+    FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+CREATE TABLE measurements_2026 PARTITION OF measurements
+    FOR VALUES FROM ('2026-01-01') TO ('2027-01-01') PARTITION BY RANGE (at);
+CREATE TABLE measurements_2026h1 PARTITION OF measurements_2026
+    FOR VALUES FROM ('2026-01-01') TO ('2026-07-01');
+CREATE TABLE measurements_2026h2 PARTITION OF measurements_2026
+    FOR VALUES FROM ('2026-07-01') TO ('2027-01-01');
+INSERT INTO measurements SELECT d, 1 FROM generate_series('2025-01-01'::date,
+    '2026-12-31'::date, '1 day') d;
+"""
+
+
+async def test_drill_passes_with_inheritance_and_partitions(
+        aiohttp_client: Any, redis: Redis, prefix: str, tmp_path: Path, pg_db: str,
+        test_env: dict[str, str], drill_role: str) -> None:
+    """Issue 20.2: a parent's count(*) includes its children's rows while the dump holds
+    each table's own rows; the drill counts each table alone (ONLY), so a healthy backup
+    with (multi-level) inheritance, a parent with rows of its own, an empty parent and
+    (sub-)partitions passes with every table's exact count."""
+    settings = drill_settings(prefix, tmp_path, pg_db, test_env, drill_role)
+    api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
+    conn = await pg.user_conn(pg_db)
+    await conn.execute(INHERITANCE)
+    await conn.close()
+    async with running_worker(settings):
+        name = (await backup(api))["result"]["filename"]
+        job = await (await api.post("/api/v1/targets/main/verify?wait=120",
+                                    json={"backup": name})).json()
+    assert job["status"] == "succeeded", job.get("error")
+    assert job["result"]["outcome"] == "passed", job["result"]
+    assert job["result"]["mismatches"] is None
+    manifest = json.loads((tmp_path / "backups" / "main" / f"{name}.json").read_text())
+    counts = manifest["exact_counts"]
+    assert {k: counts[k] for k in ("public.parent", "public.child", "public.grandchild",
+                                   "public.lonely_parent", "public.lonely_child")} == {
+        "public.parent": 2, "public.child": 3, "public.grandchild": 1,
+        "public.lonely_parent": 0, "public.lonely_child": 2}
+    assert counts["public.measurements_2025"] == 365
+    assert counts["public.measurements_2026h1"] + counts["public.measurements_2026h2"] == 365
+    assert job["result"]["counts_compared"] >= 8

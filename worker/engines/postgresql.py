@@ -618,7 +618,7 @@ class PostgreSQLDrill:
                 qualified = f"{_ident(r['nspname'])}.{_ident(r['relname'])}"
                 out[await conn.fetchval("SELECT format('%I.%I', $1::text, $2::text)",
                                         r["nspname"], r["relname"])] = \
-                    await conn.fetchval(f"SELECT count(*) FROM {qualified}")
+                    await conn.fetchval(f"SELECT count(*) FROM ONLY {qualified}")
             return out
 
     async def check(self, target: TargetConfig, sql: str) -> bool:
