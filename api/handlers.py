@@ -220,9 +220,10 @@ async def create_backup(request: web.Request) -> web.Response:
 
 async def list_backups(request: web.Request) -> web.Response:
     target = svc(request).settings.target(request.match_info["target"]).id
-    backups = await ops(request).backups(caller(request), target)
+    backups, unavailable = await ops(request).backups(caller(request), target)
     return web.json_response({"target": target, "total_count": len(backups),
-                              "backups": backups})
+                              "backups": backups,
+                              **({"unavailable": unavailable} if unavailable else {})})
 
 
 async def download(request: web.Request, target: str, file: str) -> web.StreamResponse:

@@ -33,7 +33,7 @@ from api.auth import Principal, bearer_token
 from api.context import Services
 from api.operations import Caller, Operations
 from api.roles import Role
-from shared.errors import BadRequest, Conflict, Forbidden, SafeholdError, Unauthorized
+from shared.errors import BadRequest, Forbidden, SafeholdError, Unauthorized
 from shared.jobs import Job
 
 PLAN_TTL = 300  # seconds a restore confirmation token lives
@@ -135,8 +135,9 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
                              "created_at, sha256, where stored, verification.")
     async def list_backups(database_id: str) -> dict[str, Any]:
         async def body(ops: Operations, who: Caller) -> dict[str, Any]:
-            return {"database_id": database_id,
-                    "backups": [_brief(m) for m in await ops.backups(who, database_id)]}
+            found, unavailable = await ops.backups(who, database_id)
+            return {"database_id": database_id, "backups": [_brief(m) for m in found],
+                    **({"unavailable": unavailable} if unavailable else {})}
         return await run("list_backups", database_id, body)
 
     @server.tool(description="Start a backup of a database; waits up to wait_seconds "
@@ -225,12 +226,9 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
             if plan is None or not await s.redis.delete(key):  # one use, even when racing
                 raise BadRequest("the token is unknown, used or expired (plan_restore gives "
                                  "a new one)", code="invalid_confirmation")
-            _, manifest = await ops.manifest(plan["target"], plan["backup"])
-            if manifest.get("sha256") != plan["sha256"]:
-                raise Conflict("the backup changed since it was planned",
-                               code="invalid_confirmation")
             job = await ops.start_restore(who, plan["target"], plan["backup"],
-                                          safety=plan["create_safety_backup"])
+                                          safety=plan["create_safety_backup"],
+                                          expect_sha256=plan["sha256"])
             return await follow(ops, who, job, ctx, wait_seconds)
         return await run("execute_restore", None, body)
 
@@ -251,8 +249,8 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
                      description="Restore options and the latest restorable backups")
     async def restore_resource(id: str) -> str:  # noqa: A002
         listing = await list_backups(id)
-        restorable = [b for b in listing["backups"] if b.get("kind") != "safety_backup"
-                      or b.get("filename")][:10]
+        restorable = [b for b in listing["backups"]
+                      if b.get("kind") != "safety_backup" and not b.get("damaged")][:10]
         return json.dumps({
             "database_id": id,
             "options": {"create_safety_backup": {"type": "boolean", "default": True,
@@ -275,7 +273,8 @@ async def _async(value: Any) -> Any:
 
 def _brief(m: dict[str, Any]) -> dict[str, Any]:
     keys = ("filename", "kind", "created_at", "size_bytes", "size_mib", "sha256", "engine",
-            "stored_on", "encrypted", "compressed", "partial", "note", "verified_at")
+            "stored_on", "encrypted", "compressed", "partial", "note", "verified_at",
+            "damaged", "damaged_on")
     out = {k: m.get(k) for k in keys if m.get(k) is not None}
     if isinstance(m.get("verification"), dict):
         out["verification"] = m["verification"].get("outcome")

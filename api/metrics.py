@@ -27,6 +27,7 @@ from api.auth import bearer_token, require
 from api.context import SERVICES, Services
 from api.handlers import live_workers
 from api.roles import Role
+from shared.errors import Unavailable
 from shared.stats import DURATION_BUCKETS
 
 CATALOG_CACHE = web.AppKey("catalog_cache", dict)
@@ -37,6 +38,7 @@ class _Cached:
     generation: bytes | None = b"never read"
     at: float = 0.0
     manifests: list[dict[str, Any]] = field(default_factory=list)
+    unavailable: list[str] = field(default_factory=list)
     # one re-read at a time: 100 concurrent scrapes of a changed catalog read it once
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -48,18 +50,29 @@ def _ts(iso: Any) -> float | None:
         return None
 
 
-async def _manifests(request: web.Request, s: Services, target: str) -> list[dict[str, Any]]:
-    """The target's listing, re-read only when the catalog changed (or after 10 minutes:
-    files put in place by hand)."""
+async def _manifests(request: web.Request, s: Services, target: str
+                     ) -> tuple[list[dict[str, Any]], list[str]] | None:
+    """The target's listing and its unreachable destinations (None: none answers),
+    re-read only when the catalog changed (or after 10 minutes: files put in place by
+    hand); a listing that missed a destination is read again at the next scrape."""
     cache: dict[str, _Cached] = request.app[CATALOG_CACHE]
     gen = await s.redis.get(s.keys.metric("catalog_generation"))
     entry = cache.setdefault(target, _Cached())
-    if entry.generation != gen or time.monotonic() - entry.at > 600:
+
+    def stale() -> bool:
+        return bool(entry.generation != gen or time.monotonic() - entry.at > 600
+                    or entry.unavailable)
+
+    if stale():
         async with entry.lock:
-            if entry.generation != gen or time.monotonic() - entry.at > 600:
-                entry.manifests = await s.catalog.list_backups(target)
+            if stale():
+                try:
+                    entry.manifests, entry.unavailable = await s.catalog.listing(target)
+                except Unavailable:
+                    entry.generation = b"never read"
+                    return None
                 entry.generation, entry.at = gen, time.monotonic()
-    return entry.manifests
+    return entry.manifests, entry.unavailable
 
 
 class _Snapshot:
@@ -157,10 +170,22 @@ async def metrics(request: web.Request) -> web.Response:
     last_ok = GaugeMetricFamily("safehold_last_success_timestamp_seconds",
                                 "When the last backup of a scheduled target succeeded.",
                                 labels=["target"])
+    up = GaugeMetricFamily("safehold_destination_up",
+                           "1 if the destination answered the last listing of the target, "
+                           "0 if not (its backups are then not counted: no false 0).",
+                           labels=["target", "destination"])
+    damaged = GaugeMetricFamily("safehold_backups_damaged",
+                                "Listed backups whose manifest disagrees with the backup.",
+                                labels=["target"])
     for target in visible:
-        manifests = await _manifests(request, s, target)
-        count.add_metric([target], len(manifests))
-        size.add_metric([target], sum(int(m.get("size_bytes") or 0) for m in manifests))
+        listed = await _manifests(request, s, target)
+        for d in s.settings.targets[target].destinations:
+            up.add_metric([target, d], 0 if listed is None or d in listed[1] else 1)
+        manifests = listed[0] if listed is not None else []
+        if listed is not None:
+            count.add_metric([target], len(manifests))
+            size.add_metric([target], sum(int(m.get("size_bytes") or 0) for m in manifests))
+            damaged.add_metric([target], sum(1 for m in manifests if m.get("damaged")))
         dests: dict[str, int] = {}
         newest_on: dict[str, dict[str, Any]] = {}  # manifests are newest first
         for m in manifests:
@@ -197,8 +222,8 @@ async def metrics(request: web.Request) -> web.Response:
                     lag.add_metric([target], max(began - due, 0.0))
             if (t := _ts(state.get(b"last_success", b"").decode())) is not None:
                 last_ok.add_metric([target], t)
-    for family in (count, size, per_dest, dest_last, dest_size, last, last_size, verified,
-                   passed, rto, missed, lag, last_ok):
+    for family in (count, size, up, damaged, per_dest, dest_last, dest_size, last, last_size,
+                   verified, passed, rto, missed, lag, last_ok):
         add(family)
 
     registry = CollectorRegistry(auto_describe=False)

@@ -58,7 +58,7 @@ class Caller:
 
 def backup_view(m: dict[str, Any]) -> dict[str, Any]:
     size = int(m.get("size_bytes") or 0)
-    return {**m, "size_mib": round(size / (1024 * 1024), 2),
+    return {**m, "size_bytes": size, "size_mib": round(size / (1024 * 1024), 2),
             "size_mb": round(size / (1024 * 1024), 2),  # seed name; the unit is MiB
             "compressed": any(c.get("codec") in ("gzip", "zstd")
                               for c in codecs.chain_of(m)),
@@ -194,9 +194,13 @@ class Operations:
         visible = caller.principal.targets_visible(list(self.s.settings.targets))
         return [self.s.settings.targets[t].public() for t in visible]
 
-    async def backups(self, caller: Caller, target_id: str) -> list[dict[str, Any]]:
+    async def backups(self, caller: Caller, target_id: str
+                      ) -> tuple[list[dict[str, Any]], list[str]]:
+        """The target's backups (damaged ones flagged) and the destinations that did not
+        answer; 503 `storage_unavailable` when none does."""
         target = self.target(caller, target_id, Role.VIEWER)
-        return [backup_view(m) for m in await self.s.catalog.list_backups(target.id)]
+        found, unavailable = await self.s.catalog.listing(target.id)
+        return [backup_view(m) for m in found], unavailable
 
     async def manifest(self, target: str, file: str) -> tuple[naming.BackupName,
                                                                 dict[str, Any]]:
@@ -244,17 +248,27 @@ class Operations:
     async def start_restore(self, caller: Caller, target_id: str, file: str, *,
                             safety: bool = True, identity: str | None = None,
                             idempotency_key: str | None = None, wait: float | None = None,
-                            fail_fast: bool = False) -> Job:
+                            fail_fast: bool = False, expect_sha256: str | None = None) -> Job:
+        """A restore job bound to the backup's sha256 as it is now (or `expect_sha256`, what
+        the caller was shown): the worker refuses a file that no longer matches."""
         async with self.audited(caller, "create_restore", target_id,
                                  {"backup": file}) as info:
             target = self.target(caller, target_id, Role.OPERATOR)
-            name, manifest = await self.manifest(target.id, file)
-            info["backup"] = name.filename
-            if manifest.get("engine") != target.engine:
-                raise BadRequest(f"{name.filename} is a {manifest.get('engine')} backup; "
+            parsed = naming.parse(file)
+            info["backup"] = parsed.filename
+            if parsed.engine != target.engine:  # the name proves the engine
+                raise BadRequest(f"{parsed.filename} is a {parsed.engine} backup; "
                                  f"target '{target.id}' is {target.engine}",
                                  code="engine_mismatch")
-            params: dict[str, Any] = {"backup": name.filename, "create_safety_backup": safety}
+            name, manifest = await self.manifest(target.id, file)
+            if expect_sha256 is not None and manifest["sha256"] != expect_sha256:
+                raise Conflict(f"{name.filename} changed since it was shown (its sha256 is "
+                               "not the one planned); look at it again",
+                               code="backup_changed")
+            # bound to the bytes the caller saw: a file replaced while the job waits in the
+            # queue is refused by the worker, never restored under this name
+            params: dict[str, Any] = {"backup": name.filename, "create_safety_backup": safety,
+                                      "sha256": manifest["sha256"]}
             seal = None
             if identity is not None:
                 sealed = await self.seal_identity(identity)
@@ -330,8 +344,11 @@ class Operations:
         async with self.audited(caller, "delete_backup", target_id,
                                  {"backup": file}) as info:
             target = self.target(caller, target_id, Role.ADMIN)
-            name, manifest = await self.manifest(target.id, file)
+            name = naming.parse(file)
             info["backup"] = name.filename
+            # a damaged backup may be deleted too (its manifest is then only looked at)
+            manifest = (await self.s.catalog.copies(target.id, name,
+                                                   include_damaged=True))[0][1]
             for job in await self.s.store.active_for_target(target.id):
                 if job.kind == "restore" and job.params.get("backup") == name.filename:
                     raise Conflict(f"backup {name.filename} is being restored by job "

@@ -23,7 +23,6 @@ from api.handlers import (
     stats_of,
     svc,
 )
-from api.operations import backup_view
 from api.uploads import store_upload
 from shared.config import TargetConfig
 from shared.errors import Unprocessable
@@ -129,10 +128,9 @@ def _seed_time(iso: str) -> str:
 
 async def list_backups(request: web.Request) -> web.Response:
     target = seed_target(request)
-    manifests = await svc(request).catalog.list_backups(target.id)
+    views, unavailable = await ops(request).backups(caller(request, "seed"), target.id)
     backups = []
-    for m in manifests:
-        view = backup_view(m)
+    for view in views:
         backups.append({
             "filename": view["filename"],
             "size_bytes": view["size_bytes"],
@@ -142,8 +140,10 @@ async def list_backups(request: web.Request) -> web.Response:
             "kind": view.get("kind"),
             "safety": view["safety"],
             "sha256": view.get("sha256"),
+            **({"damaged": view["damaged"]} if view.get("damaged") else {}),
         })
-    return web.json_response({"backups": backups, "total_count": len(backups)})
+    return web.json_response({"backups": backups, "total_count": len(backups),
+                              **({"unavailable": unavailable} if unavailable else {})})
 
 
 async def delete(request: web.Request) -> web.Response:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from shared import naming
+from shared import manifests, naming
 from shared.config import DestinationConfig, Settings, TargetConfig
 from shared.errors import NotFound, PipelineError, SafeholdError, Unavailable
 
@@ -241,28 +241,60 @@ class Catalog:
         return [self.store(n) for n in names]
 
     async def list_backups(self, target: str) -> list[dict[str, Any]]:
-        """Manifests of complete backups on any destination, newest first, each once, with
-        `stored_on` (where a complete copy is now) in read order."""
+        """`listing(target)`'s backups (raises when no destination answers)."""
+        return (await self.listing(target))[0]
+
+    async def listing(self, target: str) -> tuple[list[dict[str, Any]], list[str]]:
+        """Complete backups on any destination, newest first (by the time in their names),
+        each once, with `stored_on` (where a usable copy is now) in read order, and the
+        destinations that could not be listed. A backup whose every copy has a damaged
+        manifest is listed as damaged (`damaged_on`); a good copy elsewhere wins.
+        Unavailable(`storage_unavailable`) when no destination answers: an unreachable
+        bucket is not an empty one."""
         stores = self.stores_of(target)
         listed = await asyncio.gather(*(s.list_manifests(target) for s in stores),
                                       return_exceptions=True)
-        merged: dict[str, dict[str, Any]] = {}
+        good: dict[str, dict[str, Any]] = {}
+        bad: dict[str, dict[str, Any]] = {}
+        unavailable: dict[str, str] = {}
         for store, result in zip(stores, listed, strict=True):
             if isinstance(result, BaseException):
                 log.warning("destination %s could not be listed: %s", store.name, result)
+                unavailable[store.name] = f"{type(result).__name__}: {result}"
                 continue
             for m in result:
-                key = str(m.get("filename"))
-                if key not in merged:
-                    merged[key] = {**m, "stored_on": []}
-                merged[key]["stored_on"].append(store.name)
-        out = list(merged.values())
-        out.sort(key=lambda m: (m.get("created_at", ""), m.get("filename", "")), reverse=True)
-        return out
+                key = str(m["filename"])
+                pile = bad if m.get("damaged") else good
+                pile.setdefault(key, {**m, "stored_on": [], "damaged_on": []})
+                pile[key]["damaged_on" if m.get("damaged") else "stored_on"].append(store.name)
+        if stores and len(unavailable) == len(stores):
+            raise Unavailable(
+                f"no destination of target '{target}' answers, so its backups cannot be "
+                "listed: " + "; ".join(f"{n}: {why}"[:300] for n, why in unavailable.items()),
+                code="storage_unavailable")
+        for key, entry in bad.items():
+            if key in good:
+                good[key]["damaged_on"] += entry["damaged_on"]
+            else:
+                good[key] = {**entry, "stored_on": []}
+        out = list(good.values())
+        for entry in out:
+            if not entry["damaged_on"]:
+                del entry["damaged_on"]
 
-    async def copies(self, target: str, name: naming.BackupName
+        def newest(m: dict[str, Any]) -> tuple[Any, int]:
+            name = naming.parse(str(m["filename"]))
+            return name.created_at, name.seq
+
+        out.sort(key=newest, reverse=True)
+        return out, list(unavailable)
+
+    async def copies(self, target: str, name: naming.BackupName, *,
+                     include_damaged: bool = False
                      ) -> list[tuple[BackupStore, dict[str, Any]]]:
-        """Every complete copy of a backup, in read order; NotFound when there is none."""
+        """Every complete copy of a backup, in read order; NotFound when there is none.
+        Copies whose manifest is damaged are left out (DamagedManifest when no other copy
+        is left) unless `include_damaged` (to delete them)."""
         found = []
         errors = []
         for store in self.stores_of(target):
@@ -279,6 +311,11 @@ class Catalog:
                 raise Unavailable(f"{msg} on any reachable destination; unreachable: "
                                   f"{'; '.join(errors)}", code="storage_unavailable")
             raise NotFound(msg, code="backup_not_found")
+        if not include_damaged:
+            usable = [(s, m) for s, m in found if not m.get("damaged")]
+            if not usable:
+                manifests.usable(found[0][1])  # raises, saying why
+            found = usable
         where = [s.name for s, _ in found]
         return [(s, {**m, "stored_on": where}) for s, m in found]
 
@@ -297,7 +334,7 @@ class Catalog:
 
     async def delete(self, target: str, name: naming.BackupName) -> list[str]:
         """Delete every copy; returns where it was deleted."""
-        copies = await self.copies(target, name)
+        copies = await self.copies(target, name, include_damaged=True)
         for store, _ in copies:
             await store.delete(target, name.filename)
         return [s.name for s, _ in copies]

@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO
 
-from shared import naming
+from shared import manifests, naming
 from shared.config import DestinationConfig
 from shared.errors import NotFound, PipelineError
 
@@ -332,13 +332,16 @@ class S3Storage:
                 wanted.append((key, str(obj.get("ETag", ""))))
 
         async def one(key: str, etag: str) -> dict[str, Any] | None:
+            filename = key[: -len(".json")].rsplit("/", 1)[-1]
             cached = self._manifest_cache.get(key)
             if cached and cached[0] == etag:
                 return cached[1]
             try:
-                doc = await self._get_json(key)
-            except (NotFound, ValueError):
-                return None
+                doc = manifests.vet(await self._get_json(key), filename)
+            except NotFound:
+                return None  # deleted meanwhile
+            except ValueError as exc:
+                doc = manifests.damaged(naming.parse(filename), str(exc))
             self._manifest_cache[key] = (etag, doc)
             return doc
 
@@ -349,24 +352,36 @@ class S3Storage:
         s3 = await self.client()
         try:
             r = await s3.get_object(Bucket=self.bucket, Key=key)
+            if int(r.get("ContentLength") or 0) > manifests.MAX_MANIFEST_BYTES:
+                r["Body"].close()
+                raise ValueError("the manifest is larger than any manifest Safehold writes")
             async with r["Body"] as body:
-                raw = await body.read()
+                raw = await body.read(manifests.MAX_MANIFEST_BYTES + 1)
+        except ValueError:
+            raise
         except Exception as exc:
             if _missing(exc):
                 raise NotFound(f"{key} not found", code="backup_not_found") from None
             raise
-        doc = json.loads(raw)
+        if len(raw) > manifests.MAX_MANIFEST_BYTES:
+            raise ValueError("the manifest is larger than any manifest Safehold writes")
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            raise ValueError("the manifest is not valid JSON") from None
         if not isinstance(doc, dict):
-            raise ValueError("manifest is not an object")
+            raise ValueError("the manifest is not a JSON object")
         return doc
 
     async def read_manifest(self, target: str, filename: str) -> dict[str, Any]:
         key = self.key(target, filename)
         try:
-            doc = await self._get_json(f"{key}.json")
+            doc = manifests.vet(await self._get_json(f"{key}.json"), filename)
         except NotFound:
             raise NotFound(f"no backup '{filename}' for target '{target}'",
                            code="backup_not_found") from None
+        except ValueError as exc:
+            doc = manifests.damaged(naming.parse(filename), str(exc))
         await self.size(target, filename)
         return doc
 

@@ -23,13 +23,25 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from shared import naming
+from shared import manifests, naming
 from shared.config import DestinationConfig
 from shared.errors import NotFound, PipelineError
 
 MANIFEST_VERSION = 1
 TEMP_PREFIX = ".tmp-"
 CHUNK = 1 << 20
+
+
+def _read_json(path: Path) -> Any:
+    """A manifest's JSON, bounded (ValueError when it is not JSON or too large)."""
+    with path.open("rb") as f:
+        raw = f.read(manifests.MAX_MANIFEST_BYTES + 1)
+    if len(raw) > manifests.MAX_MANIFEST_BYTES:
+        raise ValueError("the manifest is larger than any manifest Safehold writes")
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise ValueError("the manifest is not valid JSON") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -156,9 +168,11 @@ class LocalStorage:
             if not (d / name.filename).exists():
                 continue
             try:
-                out.append(json.loads(entry.read_text()))
-            except (OSError, ValueError):
-                continue
+                out.append(manifests.vet(_read_json(entry), name.filename))
+            except OSError:
+                continue  # gone meanwhile (deleted by a prune)
+            except ValueError as exc:
+                out.append(manifests.damaged(name, str(exc)))
         return out
 
     async def read_manifest(self, target: str, filename: str) -> dict[str, Any]:
@@ -167,14 +181,18 @@ class LocalStorage:
     def _manifest(self, target: str, filename: str) -> dict[str, Any]:
         data = self._file(target, filename)
         try:
-            doc: dict[str, Any] = json.loads(data.with_name(f"{data.name}.json").read_text())
+            doc = _read_json(data.with_name(f"{data.name}.json"))
         except FileNotFoundError:
             raise NotFound(f"no backup '{filename}' for target '{target}'",
                            code="backup_not_found") from None
+        except ValueError as exc:
+            doc = exc
         if not data.exists():
             raise NotFound(f"backup '{filename}' has a manifest but no data file",
                            code="backup_not_found")
-        return doc
+        if isinstance(doc, ValueError):
+            return manifests.damaged(naming.parse(data.name), str(doc))
+        return manifests.vet(doc, data.name)
 
     async def size(self, target: str, filename: str) -> int:
         try:

@@ -75,11 +75,21 @@ def flip_byte(path: Path, at: int) -> None:
     path.write_bytes(bytes(blob))
 
 
+def named_like(like: dict[str, Any], name: str) -> dict[str, Any]:
+    """`like` (another backup's manifest) made to agree with the object `name`: its file,
+    engine, kind and time are the name's, as shared/manifests.py requires."""
+    from shared import naming
+
+    parsed = naming.parse(name)
+    return {**like, "filename": name, "kind": parsed.kind, "engine": parsed.engine,
+            "created_at": parsed.created_at.isoformat().replace("+00:00", "Z")}
+
+
 async def publish_plain(storage_dir: Path, name: str, sql: bytes, like: dict[str, Any]) -> None:
     """Store a hand-made backup with a correct manifest (what an operator might upload)."""
     blob = gzip.compress(sql)
     (storage_dir / name).write_bytes(blob)
-    manifest = {**like, "filename": name, "sha256": hashlib.sha256(blob).hexdigest(),
+    manifest = {**named_like(like, name), "sha256": hashlib.sha256(blob).hexdigest(),
                 "size_bytes": len(blob), "raw_bytes": len(sql)}
     (storage_dir / f"{name}.json").write_text(json.dumps(manifest))
 
@@ -104,7 +114,11 @@ def write_toml(path: Path, raw: dict[str, Any]) -> None:
         if section == "targets":
             for tid, t in body.items():
                 lines.append(f"[targets.{tid}]")
-                lines += [f"{k} = {value(v)}" for k, v in t.items()]
+                lines += [f"{k} = {value(v)}" for k, v in t.items() if not isinstance(v, dict)]
+                for k, sub in t.items():
+                    if isinstance(sub, dict):  # e.g. [targets.main.encryption]
+                        lines.append(f"[targets.{tid}.{k}]")
+                        lines += [f"{sk} = {value(sv)}" for sk, sv in sub.items()]
         else:
             lines.append(f"[{section}]")
             lines += [f"{k} = {value(v)}" for k, v in body.items()]
@@ -199,7 +213,7 @@ async def publish_bomb(storage_dir: Path, name: str, head: bytes, tail: bytes,
     into storage with a hand-written manifest would be)."""
     blob = await asyncio.to_thread(gzip_bomb, head, size, tail)
     (storage_dir / name).write_bytes(blob)
-    manifest = {**like, "filename": name, "sha256": hashlib.sha256(blob).hexdigest(),
+    manifest = {**named_like(like, name), "sha256": hashlib.sha256(blob).hexdigest(),
                 "size_bytes": len(blob)}
     manifest.pop("raw_bytes", None)
     (storage_dir / f"{name}.json").write_text(json.dumps(manifest))

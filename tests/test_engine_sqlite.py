@@ -15,6 +15,7 @@ from shared.config import Settings, parse_settings
 from tests.conftest import make_raw_config
 from tests.helpers import (
     flip_byte,
+    named_like,
     read_events,
     restore_twice_unchanged,
     stored_bytes,
@@ -177,7 +178,8 @@ async def test_bad_backups_are_refused_and_data_stays(api: Any, worker: Any, db_
     junk = gzip.compress(b"SQLite format 3\x00" + b"\xff" * 8192)
     (storage_dir / bad).write_bytes(junk)
     manifest = await stored_manifest(storage_dir, good)
-    manifest.update(filename=bad, sha256=hashlib.sha256(junk).hexdigest(), size_bytes=len(junk))
+    manifest = named_like(manifest, bad)
+    manifest.update(sha256=hashlib.sha256(junk).hexdigest(), size_bytes=len(junk))
     (storage_dir / f"{bad}.json").write_text(json.dumps(manifest))
     job = await (await api.post("/api/v1/targets/main/restores?wait=60",
                                 json={"backup": bad})).json()

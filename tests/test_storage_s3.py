@@ -168,12 +168,22 @@ async def test_partial_fan_out_succeeds_loudly(
     manifest = (await (await api.get(
         f"/api/v1/targets/main/backups/{result['filename']}")).json())
     assert manifest["partial"] is True and manifest["stored_on"] == ["local"]
+    # issue 20.6: the listing names the destination that did not answer, metrics say it
+    listing = await (await api.get("/api/v1/targets/main/backups")).json()
+    assert [b["filename"] for b in listing["backups"]] == [result["filename"]]
+    assert listing["unavailable"] == ["offsite"]
+    seed = await (await api.get("/backup/list")).json()
+    assert seed["unavailable"] == ["offsite"], seed
+    metrics = await (await api.get("/metrics")).text()
+    assert 'safehold_destination_up{destination="offsite",target="main"} 0.0' in metrics
+    assert 'safehold_destination_up{destination="local",target="main"} 1.0' in metrics
 
 
 async def test_no_destination_at_all_fails(
         aiohttp_client: Any, redis: Redis, prefix: str, tmp_path: Path, pg_db: str,
         test_env: dict[str, str], s3_server: Any) -> None:
-    """Stored nowhere is a failed job, and nothing is listed."""
+    """Stored nowhere is a failed job; a listing with no destination answering is 503
+    `storage_unavailable`, never an empty 200 (issue 20.6), and metrics count no backups."""
     raw = s3_raw(prefix, tmp_path, pg_db, dead_s3(s3_server), "backups")
     raw["targets"]["main"]["destinations"] = ["offsite"]
     settings = parse_settings(raw, s3_env(test_env, s3_server), base=tmp_path, source="<t>")
@@ -183,7 +193,14 @@ async def test_no_destination_at_all_fails(
         job = await resp.json()
     assert job["status"] == "failed", job
     assert "Could not connect" in job["error"]["message"]
-    assert (await (await api.get("/api/v1/targets/main/backups")).json())["backups"] == []
+    resp = await api.get("/api/v1/targets/main/backups")
+    assert resp.status == 503, await resp.text()
+    assert (await resp.json())["error"]["code"] == "storage_unavailable"
+    resp = await api.get("/backup/list")
+    assert resp.status == 503 and "storage_unavailable" in await resp.text()
+    metrics = await (await api.get("/metrics")).text()
+    assert 'safehold_destination_up{destination="offsite",target="main"} 0.0' in metrics
+    assert 'safehold_backups{target="main"' not in metrics  # unknown, not a false 0
 
 
 # ---------------------------------------------------------------------------- aborts
