@@ -15,9 +15,11 @@ import aiohttp
 from aiohttp import web
 from arq.connections import ArqRedis
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import RedisError
 
 from api.auth import Principal, build_verifier
 from api.streamhub import StreamHub
+from shared import scratch
 from shared.audit import AuditLog
 from shared.backupstore import Catalog
 from shared.config import Settings
@@ -26,7 +28,7 @@ from shared.jobs import JobStore
 from shared.keys import Keys
 from shared.outcomes import Outcomes
 from shared.queue import connect
-from shared.reaper import reap_orphans
+from shared.reaper import Reaper
 
 log = logging.getLogger("safehold.api")
 REAP_EVERY = 10.0
@@ -97,6 +99,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
                                            thread_name_prefix="validate"),
                         StreamHub(blocking, redis), outcomes)
     app[SERVICES] = services
+    await asyncio.to_thread(scratch.sweep)  # upload checks a killed API left behind
     reaper = asyncio.create_task(_reap_forever(services))
     yield
     reaper.cancel()
@@ -117,10 +120,12 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _reap_forever(services: Services) -> None:
     """The API reaps orphans too, so a job whose only worker died still fails in time."""
+    reaper = Reaper(services.outcomes, services.catalog, services.settings.worker)
     while True:
         try:
-            await reap_orphans(services.outcomes, services.catalog,
-                               services.settings.worker.orphan_after)
+            await reaper.sweep()
+        except RedisError as exc:  # an outage: requests say it (503 redis_unavailable)
+            log.debug("reaper: Redis unreachable (%s)", type(exc).__name__)
         except Exception:
             log.exception("reaper failed")
-        await asyncio.sleep(REAP_EVERY)
+        await asyncio.sleep(reaper.next_pass_in(REAP_EVERY))

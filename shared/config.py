@@ -147,6 +147,7 @@ class WorkerSettings:
     restore_timeout: float = 12 * 3600.0
     heartbeat_interval: float = 5.0
     orphan_after: float = 20.0  # a running job without heartbeat for this long is reaped
+    redis_grace: float = 60.0  # a running job rides out a Redis outage this long (outage.py)
     job_ttl: float = 7 * 86400.0  # how long job records and their events are kept
     progress_interval: float = 0.5
     compress_level: int = 1  # isal level 0-3 (1: smaller than gzip -6 and fastest on SQL dumps)

@@ -15,11 +15,11 @@ import json
 import re
 import sqlite3
 import struct
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from shared import scratch
 from shared.codecs import PlainReader, Readable, Step, WindowDigests
 from shared.cypher import StatementSplitter, check_command, check_statement
 from shared.errors import BadRequest, PipelineError
@@ -291,8 +291,8 @@ def check_sqlite_file(path: Path) -> None:
 def validate_sqlite(chunks: Iterator[bytes]) -> dict[str, Any]:
     """A whole SQLite database file that passes integrity and foreign-key checks. The plain
     file is written to a temp directory, never past the inflation bound of `chunks`."""
-    with tempfile.TemporaryDirectory(prefix="safehold-upload-") as tmp:
-        plain = Path(tmp) / "upload.db"
+    with scratch.private_dir("upload") as tmp:
+        plain = scratch.private_file(tmp, "upload.db")
         size = 0
         with open(plain, "wb") as out:
             for chunk in chunks:

@@ -18,12 +18,15 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 
 from shared.errors import Conflict, NotFound
 from shared.keys import Keys
+from shared.outage import ride_out
+
+T = TypeVar("T")
 
 KINDS = ("backup", "restore", "stats")
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -195,18 +198,33 @@ def _event(entry_id: bytes, fields: Mapping[bytes, bytes]) -> Event:
 class JobStore:
     """Create, read, transition and list jobs; append and read their events."""
 
-    def __init__(self, redis: Redis, keys: Keys, *, ttl: float = 7 * 86400) -> None:
+    def __init__(self, redis: Redis, keys: Keys, *, ttl: float = 7 * 86400,
+                 grace: float = 0.0) -> None:
         self.redis = redis
         self.keys = keys
         self.ttl = int(ttl)
+        # a worker's store rides out a Redis outage this long (shared/outage.py); the
+        # API's answers at once (a request is retried by its client)
+        self.grace = grace
         self._transition = redis.register_script(_TRANSITION)
+
+    async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        if self.grace <= 0:
+            return await call()
+        return await ride_out(what, call, self.grace)
 
     def name_claimer(self, target: str, owner: str) -> Callable[[str], Awaitable[bool]]:
         """A `Catalog.reserve` claim: SET NX on the name for a day (a backup never takes
         longer to publish than the job timeouts allow)."""
         async def claim(filename: str) -> bool:
-            return bool(await self.redis.set(self.keys.name_claim(target, filename), owner,
-                                             nx=True, ex=86400))
+            # a retry after a lost answer finds its own claim, and takes it as won
+            key = self.keys.name_claim(target, filename)
+
+            async def once() -> bool:
+                if await self.redis.set(key, owner, nx=True, ex=86400):
+                    return True
+                return bool(await self.redis.get(key) == owner.encode())
+            return await self._call(f"claiming the name {filename}", once)
         return claim
 
     async def create(
@@ -277,7 +295,9 @@ class JobStore:
         return job, True
 
     async def find(self, job_id: str) -> Job | None:
-        h = await self.redis.hgetall(self.keys.job(job_id))  # type: ignore[misc]
+        async def once() -> dict[bytes, bytes]:
+            return await self.redis.hgetall(self.keys.job(job_id))  # type: ignore[misc,no-any-return]
+        h = await self._call(f"reading job {job_id}", once)
         return Job.from_hash(h) if h else None
 
     async def get(self, job_id: str) -> Job:
@@ -304,29 +324,33 @@ class JobStore:
         for k, v in (fields or {}).items():
             flat += [k, json.dumps(v) if isinstance(v, dict | list) or v is None else str(v)]
         payload = {"status": new, **(data or {})}
-        ok, _ = await self._transition(
+        ok, _ = await self._call(f"moving job {job_id} to {new}", lambda: self._transition(
             keys=[self.keys.job(job_id), self.keys.running, self.keys.events(job_id),
                   self.keys.global_events],
             args=[",".join(allowed_from), new, job_id, now_iso(), json.dumps(payload),
                   len(flat), *flat, EVENT_MAXLEN, GLOBAL_EVENT_MAXLEN, self.ttl],
-        )
+        ))
         return bool(ok)
 
     async def set_fields(self, job_id: str, **fields: Any) -> None:
         enc = {k: json.dumps(v) if isinstance(v, dict | list) else str(v)
                for k, v in fields.items()}
-        await self.redis.hset(self.keys.job(job_id), mapping=enc)  # type: ignore[arg-type,misc]
+        async def once() -> None:
+            await self.redis.hset(self.keys.job(job_id), mapping=enc)  # type: ignore[arg-type,misc]
+        await self._call(f"recording {', '.join(fields)} of job {job_id}", once)
 
     async def publish(self, job_id: str, type_: str, data: Mapping[str, Any],
                       *, progress: Mapping[str, Any] | None = None) -> None:
         """Append a non-transition event (`progress`, `phase`, `log`); optionally save progress."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            if progress is not None:
-                pipe.hset(self.keys.job(job_id), "progress", json.dumps(progress))
-            pipe.xadd(self.keys.events(job_id),
-                      {"type": type_, "job": job_id, "ts": now_iso(), "data": json.dumps(data)},
-                      maxlen=EVENT_MAXLEN, approximate=True)
-            await pipe.execute()
+        async def once() -> None:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                if progress is not None:
+                    pipe.hset(self.keys.job(job_id), "progress", json.dumps(progress))
+                pipe.xadd(self.keys.events(job_id), {"type": type_, "job": job_id,
+                                                     "ts": now_iso(), "data": json.dumps(data)},
+                          maxlen=EVENT_MAXLEN, approximate=True)
+                await pipe.execute()
+        await self._call(f"publishing a {type_} event of job {job_id}", once)
 
     async def list_jobs(
         self,

@@ -14,6 +14,17 @@ class Keys:
         """The arq queue (a sorted set arq owns)."""
         return f"{self.prefix}:queue"
 
+    def queued(self, job_id: str) -> str:
+        """The job's id in the arq queue: arq's own keys (`arq:job:<this>`,
+        `arq:in-progress:<this>`, `arq:retry:<this>`, `arq:result:<this>`) have a fixed
+        `arq:` start, so they carry the prefix inside."""
+        return f"{self.prefix}:{job_id}"
+
+    @staticmethod
+    def job_of_queued(queued_id: str) -> str:
+        """Our job id from an arq queue member (older members are the bare job id)."""
+        return queued_id.rsplit(":", 1)[-1]
+
     @property
     def doorbell(self) -> str:
         """A short list an idle worker blocks on between polls of the queue: one entry per

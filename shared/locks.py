@@ -12,9 +12,12 @@ import asyncio
 
 from redis.asyncio import Redis
 
+# a lock that lapsed while Redis was away (or was lost in a restart) is taken back if
+# nobody else took it meanwhile: 1 held, 0 taken by another job
 _REFRESH = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
 return 0
 """
 _RELEASE = """
@@ -32,17 +35,23 @@ class TargetLock:
         self.held = False
 
     async def try_acquire(self) -> bool:
-        self.held = bool(await self.redis.set(self.key, self.owner, nx=True, px=self.ttl_ms))
+        """Take the lock if free (or already ours: a retry after an answer lost in an
+        outage finds its own SET)."""
+        self.held = bool(await self.redis.set(self.key, self.owner, nx=True, px=self.ttl_ms)
+                         or await self.redis.get(self.key) == self.owner.encode())
         return self.held
 
     async def acquire(self, poll: float = 0.25) -> None:
-        while not await self.redis.set(self.key, self.owner, nx=True, px=self.ttl_ms):
+        while not await self.try_acquire():
             await asyncio.sleep(poll)
-        self.held = True
 
-    async def refresh(self) -> None:
-        if self.held:
-            await self.redis.eval(_REFRESH, 1, self.key, self.owner, str(self.ttl_ms))  # type: ignore[misc]
+    async def refresh(self) -> bool:
+        """Extend the lock; False if another job holds it now (ours lapsed in an outage
+        longer than its TTL and was taken)."""
+        if not self.held:
+            return True
+        return bool(await self.redis.eval(  # type: ignore[misc]
+            _REFRESH, 1, self.key, self.owner, str(self.ttl_ms)))
 
     async def release(self) -> None:
         if self.held:

@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from shared import stats
 from shared.audit import AuditLog
@@ -25,29 +24,12 @@ from shared.errors import Conflict
 from shared.jobs import Job, JobStore, now_iso
 from shared.keys import Keys
 from shared.notify import Notifier
+from shared.outage import ride_out
 
 log = logging.getLogger("safehold.outcomes")
 FOLLOW_UP_RETRY_FOR = 60.0  # seconds each follow-up retries across a Redis outage
 
 Step = tuple[str, Callable[[], Awaitable[Any]]]
-
-
-async def until_redis_answers(what: str, call: Callable[[], Awaitable[Any]],
-                              give_up_after: float) -> Any:
-    """`call()`, retried with backoff while Redis is unreachable, for up to
-    `give_up_after` seconds (then the last error is raised)."""
-    delay, waited = 0.5, 0.0
-    while True:
-        try:
-            return await call()
-        except (RedisError, OSError) as exc:
-            if waited >= give_up_after:
-                raise
-            log.warning("%s: Redis unreachable (%s); retrying in %.1fs", what,
-                        type(exc).__name__, delay)
-            await asyncio.sleep(delay)
-            waited += delay
-            delay = min(delay * 2, 10.0)
 
 
 class Outcomes:
@@ -81,7 +63,7 @@ class Outcomes:
             all_fields["result"] = payload["result"] = result
         if error is not None:
             all_fields["error"] = payload["error"] = error
-        ended = await until_redis_answers(
+        ended = await ride_out(
             f"job {job.id}: recording its outcome",
             lambda: self.store.transition(job.id, allowed, status, fields=all_fields,
                                           data=payload),
@@ -129,7 +111,7 @@ class Outcomes:
         self._notify(job, status, result, error)
         for what, step in steps:
             try:
-                await until_redis_answers(f"job {job.id}: {what}", step, FOLLOW_UP_RETRY_FOR)
+                await ride_out(f"job {job.id}: {what}", step, FOLLOW_UP_RETRY_FOR)
             except Exception:
                 log.exception("job %s: its outcome is recorded; the %s after it failed",
                               job.id, what)

@@ -20,7 +20,14 @@ from api.app import create_app
 from shared.config import parse_settings
 from tests import pg
 from tests.conftest import PASSWORD_ENV, bearer, make_raw_config
-from tests.helpers import REPO, wait_for, write_toml
+from tests.helpers import (
+    REPO,
+    start_backup_until_pg_dump,
+    table_lock,
+    wait_for,
+    wait_for_terminal,
+    write_toml,
+)
 
 
 def free_port() -> int:
@@ -30,8 +37,8 @@ def free_port() -> int:
 
 
 class PrivateRedis:
-    def __init__(self, port: int, directory: Path) -> None:
-        self.port, self.dir = port, directory
+    def __init__(self, port: int, directory: Path, *, aof: bool = False) -> None:
+        self.port, self.dir, self.aof = port, directory, aof
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
@@ -39,7 +46,8 @@ class PrivateRedis:
         assert server, "redis-server is needed (scripts/test.sh installs it)"
         self.proc = await asyncio.create_subprocess_exec(
             server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(self.dir),
+            "--appendonly", "yes" if self.aof else "no", "--appendfsync", "always",
+            "--dir", str(self.dir),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
 
         def answers() -> bool:
@@ -107,3 +115,109 @@ async def test_worker_and_api_ride_out_a_redis_restart(
         if worker.returncode is None:
             worker.terminate()
             await asyncio.wait_for(worker.wait(), 30)
+
+
+async def _worker_on(cfg: Path, log: Path) -> asyncio.subprocess.Process:
+    with open(log, "wb") as sink:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "api.cli", "--config", str(cfg), "worker", cwd=REPO,
+            env={**os.environ, PASSWORD_ENV: pg.TEST_PASSWORD}, stdout=sink, stderr=sink)
+
+
+async def _stop(worker: asyncio.subprocess.Process) -> None:
+    if worker.returncode is None:
+        worker.terminate()
+        await asyncio.wait_for(worker.wait(), 30)
+
+
+async def test_a_running_backup_rides_out_a_redis_restart(
+        aiohttp_client: Any, prefix: str, tmp_path: Path, pg_db: str,
+        test_env: dict[str, str]) -> None:
+    """Issue 20.3: Redis (AOF on) killed while a backup runs and back 7 s later — longer
+    than the job's heartbeat TTL, so its heartbeat is gone when Redis returns. The dump
+    finishes during the outage (its publishing, bookkeeping and outcome wait for Redis);
+    the job ends `succeeded` as it would have, is not reaped, and its backup is listed."""
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    private = PrivateRedis(free_port(), redis_dir, aof=True)
+    await private.start()
+    await pg.load_rich(pg_db)
+    raw = make_raw_config(prefix, tmp_path / "backups", pg_db)
+    raw["redis"]["url"] = f"redis://127.0.0.1:{private.port}/0"
+    write_toml(cfg := tmp_path / "safehold.toml", raw)
+    settings = parse_settings(raw, test_env, base=tmp_path, source="<test>")
+    worker = await _worker_on(cfg, log := tmp_path / "worker.log")
+    api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
+    try:
+        await wait_for(lambda: _ready(api), 30, "the worker to announce itself")
+        async with table_lock(pg_db, "everything", "ACCESS EXCLUSIVE"):
+            job_id, _ = await start_backup_until_pg_dump(api, pg_db)
+            await asyncio.sleep(1.5)
+            await private.kill()
+        # the lock is released: pg_dump finishes while Redis is away
+        await asyncio.sleep(7)
+        await private.start()
+        job = await wait_for_terminal(api, job_id, timeout=90)
+        assert job["status"] == "succeeded", job
+        listed = await (await api.get("/api/v1/targets/main/backups")).json()
+        assert [b["filename"] for b in listed["backups"]] == [job["result"]["filename"]]
+        audit = await (await api.get("/api/v1/audit", params={"job": job_id})).json()
+        assert [e["result"] for e in audit["entries"] if e["action"] == "job.backup"] == [
+            "succeeded"]
+        text = log.read_text()
+        assert "Redis unreachable" in text and "Traceback" not in text, text[-3000:]
+    finally:
+        await _stop(worker)
+        await private.kill()
+
+
+async def test_past_the_grace_a_job_fails_redis_unavailable(
+        aiohttp_client: Any, prefix: str, tmp_path: Path, pg_db: str,
+        test_env: dict[str, str]) -> None:
+    """A job that needs Redis (here: waiting for its target's lock) and cannot reach it
+    for longer than `[worker] redis_grace` fails with the named code `redis_unavailable`
+    — never `internal_error` — recorded, audited and counted once Redis is back."""
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    private = PrivateRedis(free_port(), redis_dir, aof=True)
+    await private.start()
+    raw = make_raw_config(prefix, tmp_path / "backups", pg_db, redis_grace=2.0)
+    raw["redis"]["url"] = f"redis://127.0.0.1:{private.port}/0"
+    write_toml(cfg := tmp_path / "safehold.toml", raw)
+    settings = parse_settings(raw, test_env, base=tmp_path, source="<test>")
+    worker = await _worker_on(cfg, tmp_path / "worker.log")
+    api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
+    try:
+        await wait_for(lambda: _ready(api), 30, "the worker to announce itself")
+        from redis.asyncio import Redis
+
+        from shared.keys import Keys
+
+        r = Redis.from_url(raw["redis"]["url"])
+        await r.set(Keys(prefix).lock("main"), "another-job")  # held by someone else
+        await r.aclose()
+        job_id = (await (await api.post("/api/v1/targets/main/backups")).json())["id"]
+
+        async def waiting() -> bool:
+            job = await (await api.get(f"/api/v1/jobs/{job_id}")).json()
+            return job["progress"].get("phase") == "waiting_for_lock"
+        await wait_for(waiting, 30, "the job to wait for the lock")
+        await private.kill()
+        await asyncio.sleep(5)  # over the 2 s grace
+        await private.start()
+        job = await wait_for_terminal(api, job_id, timeout=60)
+        assert job["status"] == "failed", job
+        assert job["error"]["code"] == "redis_unavailable", job["error"]
+        assert "redis_grace" in job["error"]["message"]
+        listed = await (await api.get("/api/v1/targets/main/backups")).json()
+        assert listed["backups"] == []
+        audit = await (await api.get("/api/v1/audit", params={"job": job_id})).json()
+        assert any(e["action"] == "job.backup" and e["detail"] == "redis_unavailable"
+                   for e in audit["entries"]), audit
+    finally:
+        await _stop(worker)
+        await private.kill()
+
+
+async def _ready(api: Any) -> bool:
+    return bool((await api.get("/readyz")).status == 200)

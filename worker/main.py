@@ -18,10 +18,11 @@ from redis.exceptions import RedisError
 from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared import scratch
 from shared.config import Settings
 from shared.keys import Keys
-from shared.queue import FUNCTIONS, redis_settings
-from shared.reaper import reap_orphans
+from shared.queue import FUNCTIONS, function_timeouts, redis_settings
+from shared.reaper import Reaper
 from worker.runner import JobRunner, ensure_engines
 from worker.scheduler import Scheduler
 
@@ -39,17 +40,19 @@ async def run_job(ctx: dict[str, Any], job_id: str) -> dict[str, Any]:
 async def _housekeeping(runner: JobRunner) -> None:
     """Announce this worker as live and reap orphaned jobs of dead workers."""
     keys, w = runner.keys, runner.settings.worker
+    reaper = Reaper(runner.reaper_outcomes, runner.catalog, w)
     while True:
         try:
             await runner.redis.zadd(keys.workers, {runner.worker_id: time.time()})
             await runner.redis.hset(keys.worker_keys,  # type: ignore[misc]
                                     runner.worker_id, runner.transport_recipient)
-            await reap_orphans(runner.outcomes, runner.catalog, w.orphan_after)
+            await reaper.sweep()
+            await asyncio.to_thread(scratch.sweep)  # what killed processes left on this host
         except (RedisError, OSError) as exc:  # an outage: the poll loop reports it
             log.debug("housekeeping: Redis unreachable (%s)", type(exc).__name__)
         except Exception:  # keep beating through anything else, loudly
             log.exception("housekeeping failed")
-        await asyncio.sleep(min(WORKER_BEAT, w.orphan_after / 2))
+        await asyncio.sleep(reaper.next_pass_in(min(WORKER_BEAT, w.orphan_after / 2)))
 
 
 SCHEDULER_TICK = 15.0  # seconds; a slot starts within this (plus its jitter) of its time
@@ -174,9 +177,7 @@ def build_worker(settings: Settings, *, redis_pool: ArqRedis | None = None,
             # backups publish nothing until complete, restores must never re-run: one try each;
             # an interrupted job is failed `interrupted` and can be resubmitted.
             func(run_job, name=FUNCTIONS[kind], timeout=timeout, max_tries=1)
-            for kind, timeout in (("backup", w.backup_timeout), ("restore", w.restore_timeout),
-                                  ("stats", 120), ("prune", 3600),
-                                  ("verify", w.restore_timeout))
+            for kind, timeout in function_timeouts(w).items()
         ],
         queue_name=keys.queue,
         redis_settings=redis_settings(settings.redis.url),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -26,6 +27,7 @@ from shared.codecs import plain_limit
 from shared.config import Settings, TargetConfig
 from shared.errors import (
     BadRequest,
+    Conflict,
     EngineError,
     IntegrityError,
     NotFound,
@@ -37,11 +39,14 @@ from shared.errors import (
 )
 from shared.jobs import Job, JobStore, now_iso, undo_hint
 from shared.naming import ENGINE_FORMATS
+from shared.outage import RedisUnavailable
 from worker import pipeline
 from worker.engines import Engine
 from worker.progress import Progress
 
 AUX_RETENTION = retention.Policy(max_age=timedelta(days=7))  # safety backups, uploads
+
+log = logging.getLogger("safehold.worker")
 
 
 async def _counted(chunks: AsyncIterator[bytes], counter: Any) -> AsyncIterator[bytes]:
@@ -53,13 +58,6 @@ async def _counted(chunks: AsyncIterator[bytes], counter: Any) -> AsyncIterator[
 def _plain(name: str) -> str:
     """A table name without identifier quoting (dump-time estimates are unquoted)."""
     return name.replace('"', "").replace("`", "")
-
-
-def _created(manifest: dict[str, Any]) -> datetime | None:
-    try:
-        return datetime.fromisoformat(str(manifest.get("created_at")).replace("Z", "+00:00"))
-    except ValueError:
-        return None
 
 
 # keys only a worker sets, in memory, on the manifest a load is given: one found in a stored
@@ -185,7 +183,10 @@ class Procedures:
         except BaseException:
             await asyncio.shield(fan.abort())
             raise
-        await self.store.set_fields(job.id, temp_handles="")
+        try:  # bookkeeping only: the backup is complete and published
+            await self.store.set_fields(job.id, temp_handles="")
+        except RedisUnavailable:
+            log.warning("job %s: its temp handles stay recorded (Redis away)", job.id)
         stored_on = fan.live()
         if len(stored_on) < len(outcomes):  # a failure, or a manifest not written
             lost = {n: o.get("error", {}).get("message", "manifest not written")
@@ -242,10 +243,12 @@ class Procedures:
             decisions = []
             mine = store.config.retention or target.retention  # a destination may keep more
             for kind, policy in (("backup", mine), ("other", AUX_RETENTION)):
-                group = [(str(m["filename"]), _created(m)) for m in manifests
-                         if (m.get("kind") == "backup") == (kind == "backup")
-                         and m.get("filename") and _created(m) is not None]
-                decisions += retention.plan(group, policy, now, target.timezone)  # type: ignore[arg-type]
+                # time from the name (a manifest only agrees with it); a damaged manifest
+                # decides nothing: its backup is neither kept nor deleted by a policy
+                group = [(str(m["filename"]), naming.parse(str(m["filename"])).created_at)
+                         for m in manifests if not m.get("damaged")
+                         and (m.get("kind") == "backup") == (kind == "backup")]
+                decisions += retention.plan(group, policy, now, target.timezone)
             for d in decisions:
                 if not d.keep and d.filename in busy:
                     d.keep, d.reasons = True, ["a queued restore names it"]
@@ -285,7 +288,7 @@ class Procedures:
             name = naming.parse(str(wanted))
         else:
             regular = [m for m in await self.catalog.list_backups(target.id)
-                       if m.get("kind") == "backup"]
+                       if m.get("kind") == "backup" and m.get("stored_on")]
             if not regular:
                 raise NotFound(f"target '{target.id}' has no backup to verify",
                                code="backup_not_found")
@@ -401,6 +404,17 @@ class Procedures:
         """Verify -> safety backup -> clean restore -> (on failure) automatic rollback."""
         name = naming.parse(str(job.params.get("backup", "")))
         copies = await self.catalog.copies(target.id, name)
+        bound = job.params.get("sha256")
+        if bound:  # the bytes the caller chose at submit; the check below proves the file
+            same = [(s, m) for s, m in copies if m.get("sha256") == bound]
+            if not same:
+                raise Conflict(
+                    f"{name.filename} is no longer the backup this restore was submitted for "
+                    f"(sha256 {str(bound)[:16]}… then, {str(copies[0][1].get('sha256'))[:16]}"
+                    "… now): it was replaced while the job waited; nothing was changed. "
+                    "Look at the backup again and submit a new restore if it is the one",
+                    code="backup_changed")
+            copies = same
         manifest = copies[0][1]
         if manifest.get("engine") != target.engine:
             raise BadRequest(f"backup {name.filename} is a {manifest.get('engine')} backup; "

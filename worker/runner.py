@@ -26,6 +26,7 @@ from shared.jobs import Job, JobStore, now_iso, restore_cancellable
 from shared.keys import Keys
 from shared.locks import TargetLock
 from shared.notify import Notifier
+from shared.outage import UNREACHABLE, RedisUnavailable, ride_out
 from shared.outcomes import Outcomes
 from shared.redact import redact
 from worker.engines import ENGINE_CLASSES, Engine, get_engines
@@ -41,7 +42,9 @@ class JobRunner:
         self.settings = settings
         self.redis = redis
         self.keys = Keys(settings.redis.prefix)
-        self.store = JobStore(redis, self.keys, ttl=settings.worker.job_ttl)
+        self.grace = settings.worker.redis_grace
+        # a job's own Redis writes ride out an outage of up to `redis_grace` (outage.py)
+        self.store = JobStore(redis, self.keys, ttl=settings.worker.job_ttl, grace=self.grace)
         self.catalog = Catalog(settings)
         self.engines: dict[str, Engine] = get_engines(
             {t.engine for t in settings.targets.values()})
@@ -52,6 +55,10 @@ class JobRunner:
         self.after_backup: Callable[[Job], Awaitable[Any]] | None = None
         self.outcomes = Outcomes(settings, redis, self.store, self.audit)
         self.notifier: Notifier = self.outcomes.notifier
+        # the reaper's passes never wait out an outage (the next pass comes soon)
+        self.reaper_outcomes = Outcomes(
+            settings, redis, JobStore(redis, self.keys, ttl=settings.worker.job_ttl),
+            self.audit, self.notifier)
         self._secrets = [t.password.reveal() for t in settings.targets.values() if t.password]
         import pyrage
 
@@ -72,7 +79,7 @@ class JobRunner:
         ):
             return {"skipped": "no longer queued"}
         job = await self.store.get(job_id)
-        await self._heartbeat(job_id)
+        await ride_out("starting its heartbeat", lambda: self._heartbeat(job_id), self.grace)
         target_cfg = self.settings.targets.get(job.target)
         if target_cfg and target_cfg.heartbeat_url and job.kind == "backup" and \
                 job.params.get("scheduled_slot"):
@@ -128,6 +135,12 @@ class JobRunner:
                                            "partial file was removed and nothing is listed; "
                                            "free space (or prune) and try again",
                                            self._secrets)}
+            elif isinstance(exc, RedisError):
+                log.warning("job %s: Redis failed (%s: %s)", job_id, type(exc).__name__, exc)
+                error = {"code": "redis_unavailable",
+                         "message": redact(f"Redis failed while the job ran "
+                                           f"({type(exc).__name__}: {exc}); nothing was kept",
+                                           self._secrets)}
             else:
                 log.exception("job %s crashed", job_id)
                 error = {"code": "internal_error",
@@ -160,10 +173,27 @@ class JobRunner:
             if self.after_backup is not None:
                 after = self.after_backup
                 also.append(("prune after the backup", lambda: after(job)))
-        # the work is done: losing its record would make a stored backup look failed
-        await self.outcomes.end(job, ["running"], status, result=result, error=error,
-                                fields={"progress": snap}, retry_for=REDIS_OUTAGE_MAX,
-                                also=also)
+        # the work is done: losing its record would make a stored backup look failed, so
+        # the outcome waits for Redis longer than the work would (REDIS_OUTAGE_MAX), and
+        # the job keeps beating meanwhile (else a reaper would take it for dead)
+        beating = asyncio.create_task(self._keep_beating(job.id))
+        try:
+            await self.outcomes.end(job, ["running"], status, result=result, error=error,
+                                    fields={"progress": snap}, retry_for=REDIS_OUTAGE_MAX,
+                                    also=also)
+        finally:
+            beating.cancel()
+            await asyncio.gather(beating, return_exceptions=True)
+            with contextlib.suppress(RedisError, OSError):
+                await self.redis.delete(self.keys.heartbeat(job.id))
+
+    async def _keep_beating(self, job_id: str) -> None:
+        while True:
+            try:
+                await self._heartbeat(job_id)
+                await asyncio.sleep(self.settings.worker.heartbeat_interval)
+            except (RedisError, OSError):
+                await asyncio.sleep(0.5)
 
     async def _backup_succeeded(self, job: Job) -> None:
         """Remember the success (missed-run detection) and clear a missed-run alert."""
@@ -181,8 +211,13 @@ class JobRunner:
         await self.outcomes.close()
 
     async def _cleanup(self, job_id: str, lock: TargetLock) -> None:
-        await lock.release()
-        await self.redis.delete(self.keys.heartbeat(job_id))
+        async def release() -> None:
+            await lock.release()
+            await self.redis.delete(self.keys.heartbeat(job_id))
+        try:
+            await ride_out("releasing its lock", release, self.grace)
+        except RedisUnavailable:  # both lapse by themselves (TTLs)
+            log.warning("job %s: lock and heartbeat left to expire (Redis away)", job_id)
 
     async def _heartbeat(self, job_id: str) -> None:
         ttl = int(self.settings.worker.orphan_after * 1000)
@@ -195,7 +230,7 @@ class JobRunner:
         while not work.done():
             try:
                 await self._watch(job, progress, lock, work, state)
-            except RedisError as exc:
+            except UNREACHABLE + (RedisError,) as exc:
                 log.warning("job %s: Redis error while reporting progress (%s); retrying",
                             job.id, exc)
                 await asyncio.wait({work}, timeout=1.0)
@@ -211,7 +246,8 @@ class JobRunner:
                      work: asyncio.Task[Any], state: dict[str, bool]) -> None:
         """Publish progress, heartbeat, refresh the lock, and honour cancel requests."""
         w = self.settings.worker
-        last_beat = last_publish = last_cancel_check = time.monotonic()
+        last_publish = last_cancel_check = time.monotonic()
+        last_beat = 0.0  # beat at once: after an outage, before any reaper's second look
         last: dict[str, Any] = {}
         volatile = ("elapsed_s", "rate_bps", "eta_s")
         while not work.done():
@@ -220,6 +256,12 @@ class JobRunner:
             if work.done():
                 break
             now = time.monotonic()
+            if now - last_beat >= w.heartbeat_interval:
+                await self._heartbeat(job.id)
+                if not await lock.refresh():
+                    progress.warn(f"the lock on target {job.target} lapsed while Redis was "
+                                  "away and another job holds it now")
+                last_beat = time.monotonic()
             if now - last_publish >= w.progress_interval:
                 snap = progress.snapshot()
                 if any(snap[k] != last.get(k) for k in snap if k not in volatile):
@@ -229,10 +271,6 @@ class JobRunner:
             if now - last_cancel_check < w.progress_interval:
                 continue
             last_cancel_check = now
-            if now - last_beat >= w.heartbeat_interval:
-                last_beat = time.monotonic()
-                await self._heartbeat(job.id)
-                await lock.refresh()
             flag = await self.redis.hget(  # type: ignore[misc]
                 self.keys.job(job.id), "cancel_requested")
             if flag == b"1" and not state["cancel_requested"]:
@@ -256,12 +294,12 @@ class JobRunner:
         if job.kind == "stats":  # read-only: no lock
             progress.set_phase("querying")
             return await engine.stats(target)
-        if not await lock.try_acquire():  # the phase (and its line) only when there is a wait
-            progress.set_phase("waiting_for_lock")
-            holder = await lock.holder()
+        if not await ride_out("taking the target lock", lock.try_acquire, self.grace):
+            progress.set_phase("waiting_for_lock")  # (and its line) only when there is a wait
+            holder = await ride_out("reading the lock", lock.holder, self.grace)
             if holder and holder != job.id:
                 progress.log(f"waiting for job {holder} on target {target.id} to finish")
-            await lock.acquire()
+            await ride_out("waiting for the target lock", lock.acquire, self.grace)
         if job.kind == "verify":
             return await self.procedures.verify(job, target, engine, progress)
         if job.kind == "prune":
@@ -289,7 +327,8 @@ class JobRunner:
 
         sealed = None
         for _ in range(50):  # written just before the job was enqueued
-            sealed = await self.redis.getdel(self.keys.sealed_identity(job.id))
+            sealed = await ride_out("reading the sealed identity", lambda: self.redis.getdel(
+                self.keys.sealed_identity(job.id)), self.grace)
             if sealed is not None:
                 break
             await asyncio.sleep(0.1)

@@ -15,7 +15,6 @@ import asyncio
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
@@ -25,6 +24,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import aiomysql
 import pymysql
 
+from shared import scratch
 from shared.config import TargetConfig
 from shared.errors import DumpFailed, EngineError, RestoreFailed
 from worker.engines import Dump, drill_name, restore_errors, stale_drills, unreachable
@@ -62,15 +62,12 @@ def _defaults_file(target: TargetConfig) -> Iterator[str]:
         lines.append(f"socket={c['unix_socket']}")
     if target.password is not None:
         lines.append(f"password={_option_value(target.password.reveal())}")
-    directory = tempfile.mkdtemp(prefix="safehold-my-")
-    path = os.path.join(directory, "client.cnf")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    try:
+    with scratch.private_dir("mysql") as directory:  # swept if the worker is SIGKILLed
+        path = os.path.join(directory, "client.cnf")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
         yield path
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _invalid_views_trailer(invalid: dict[str, tuple[str, str]]) -> bytes:

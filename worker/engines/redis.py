@@ -36,6 +36,7 @@ from shared.errors import BadRequest, DumpFailed, RestoreFailed
 from shared.formats import RedisScriptCheck
 from shared.redact import redact
 from shared.resp import resp
+from shared.scratch import private_dir
 from worker.engines import Dump, restore_errors, unreachable
 from worker.pipeline import SameAsChecked
 from worker.progress import Progress
@@ -525,7 +526,6 @@ class RedisDrill:
         import secrets as _secrets
         import shutil
         import socket
-        import tempfile
         from dataclasses import replace
         from pathlib import Path
 
@@ -541,7 +541,8 @@ class RedisDrill:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.last_scratch = f"redis-server on 127.0.0.1:{port}"
-        with tempfile.TemporaryDirectory(prefix="safehold-drill-") as tmp:
+        with private_dir("drill") as tmp_dir:
+            tmp = str(tmp_dir)
             # the copy is production data: a random password (from a config file in the
             # 0700 temp dir, never argv), loopback only, and dies with the worker
             password = _secrets.token_hex(24)

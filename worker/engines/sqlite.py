@@ -24,6 +24,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
+from shared import scratch
 from shared.config import TargetConfig
 from shared.errors import DumpFailed, EngineError, PipelineError, RestoreFailed
 from shared.formats import check_sqlite_file
@@ -145,8 +146,10 @@ class SQLite:
                    options: dict[str, Any] | None = None) -> AsyncIterator[Dump]:
         progress.item_kind = "pages"
         progress.set_phase("snapshot")
-        with tempfile.TemporaryDirectory(prefix="safehold-sqlite-") as tmp:
-            snap = Path(tmp) / "snapshot.db"
+        # plaintext on the worker's disk (even for an encrypted backup): in Safehold's
+        # private 0700 temp space, the file 0600, swept if the worker is killed
+        with scratch.private_dir("sqlite") as tmp:
+            snap = scratch.private_file(tmp, "snapshot.db")
             facts = await asyncio.to_thread(_snapshot, target.path, snap)
             size = (await asyncio.to_thread(snap.stat)).st_size
             progress.set_phase("dumping", bytes_total=size)
@@ -204,9 +207,9 @@ class SQLiteDrill:
     async def scratch(self, target: TargetConfig) -> AsyncIterator[TargetConfig]:
         from dataclasses import replace
 
-        with tempfile.TemporaryDirectory(prefix="safehold-drill-") as tmp:
-            self.last_scratch = f"file {Path(tmp) / 'drill.db'}"
-            yield replace(target, path=str(Path(tmp) / "drill.db"))
+        with scratch.private_dir("drill") as tmp:
+            self.last_scratch = f"file {tmp / 'drill.db'}"
+            yield replace(target, path=str(scratch.private_file(tmp, "drill.db")))
 
     async def exact_counts(self, target: TargetConfig) -> dict[str, int]:
         def count() -> dict[str, int]:
