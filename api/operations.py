@@ -247,6 +247,7 @@ class Operations:
 
     async def start_restore(self, caller: Caller, target_id: str, file: str, *,
                             safety: bool = True, identity: str | None = None,
+                            terminate: bool = False,
                             idempotency_key: str | None = None, wait: float | None = None,
                             fail_fast: bool = False, expect_sha256: str | None = None) -> Job:
         """A restore job bound to the backup's sha256 as it is now (or `expect_sha256`, what
@@ -269,6 +270,12 @@ class Operations:
             # queue is refused by the worker, never restored under this name
             params: dict[str, Any] = {"backup": name.filename, "create_safety_backup": safety,
                                       "sha256": manifest["sha256"]}
+            if terminate:
+                if target.engine not in ("postgresql", "mysql"):
+                    raise Unprocessable("terminate_connections applies to PostgreSQL and "
+                                        f"MySQL/MariaDB targets, not {target.engine}",
+                                        code="invalid_body")
+                params["terminate_connections"] = True
             seal = None
             if identity is not None:
                 sealed = await self.seal_identity(identity)

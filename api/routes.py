@@ -108,6 +108,12 @@ _BACKUP_BODY = {"type": "object", "additionalProperties": False, "properties": {
 _RESTORE_BODY = {"type": "object", "additionalProperties": False, "required": ["backup"],
                  "properties": {"backup": BACKUP_NAME,
                                 "create_safety_backup": {"type": "boolean", "default": True},
+                                "terminate_connections": {
+                                    "type": "boolean", "default": False,
+                                    "description": "PostgreSQL, MySQL/MariaDB: end the "
+                                    "application's sessions on the database (those there "
+                                    "at the start, and any that blocks the restore) "
+                                    "instead of waiting for their locks"},
                                 "identity": {"type": "string", "maxLength": 65536,
                                              "description": "age identity for an encrypted "
                                              "backup (AGE-SECRET-KEY-… lines or an "

@@ -239,6 +239,8 @@ class TargetConfig:
     compression_level: int | None = None  # default: gzip 1 (isal), zstd 3
     destinations: tuple[str, ...] = ("local",)
     encryption: EncryptionConfig | None = None
+    # seconds a restore waits for the application's locks (then rolls back, unchanged)
+    lock_timeout: float = 60.0
 
     @property
     def compress(self) -> bool:
@@ -427,7 +429,7 @@ def _target(tid: str, raw: Any, env: Mapping[str, str], base: Path) -> TargetCon
              "timezone", "schedule_jitter", "catch_up", "missed_grace", "heartbeat_url",
              "verify_schedule", "verify_checks", "notify_min_severity",
              "retention", "compress", "compression", "compression_level", "destinations",
-             "encryption"}
+             "encryption", "lock_timeout"}
     unknown = set(raw) - known - {"password"}
     if unknown:
         raise ConfigError(f"unknown key(s) in [targets.{tid}]: {', '.join(sorted(unknown))} "
@@ -471,6 +473,9 @@ def _target(tid: str, raw: Any, env: Mapping[str, str], base: Path) -> TargetCon
     jitter = _cast(f"targets.{tid}.schedule_jitter", raw.get("schedule_jitter", 0), 0)
     if not 0 <= jitter <= 86400:
         raise ConfigError(f"targets.{tid}.schedule_jitter must be 0-86400 seconds")
+    lock_timeout = _cast(f"targets.{tid}.lock_timeout", raw.get("lock_timeout", 60.0), 60.0)
+    if not 0.1 <= lock_timeout <= 86400:
+        raise ConfigError(f"targets.{tid}.lock_timeout must be 0.1-86400 seconds")
     return TargetConfig(
         id=tid,
         engine=engine,
@@ -491,6 +496,7 @@ def _target(tid: str, raw: Any, env: Mapping[str, str], base: Path) -> TargetCon
         compression_level=_level(tid, raw),
         destinations=_destination_names(tid, raw),
         encryption=_encryption(tid, raw.get("encryption"), base),
+        lock_timeout=lock_timeout,
     )
 
 

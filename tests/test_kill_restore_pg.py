@@ -33,7 +33,7 @@ KILL_POINTS = {
 async def restore_backend(conn: Any, db: str) -> tuple[str, str] | None:
     row = await conn.fetchrow(
         "SELECT state, query FROM pg_stat_activity WHERE datname = $1 "
-        "AND application_name = 'safehold' AND backend_type = 'client backend'", db)
+        "AND application_name LIKE 'safehold-restore-%' AND backend_type = 'client backend'", db)
     return (row["state"], row["query"]) if row else None
 
 

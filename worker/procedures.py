@@ -642,7 +642,8 @@ class Procedures:
         if not rollback:  # a rollback stays `rolling_back`: its outcome is never "unchanged"
             await progress.enter_stage("uncommitted" if engine.atomic_restore else "partial")
         async with self._plain(store, target, name, manifest, identities, windows) as chunks:
-            await engine.restore(target, chunks, progress, clean=True, manifest=manifest)
+            await engine.restore(target, chunks, progress, clean=True, manifest=manifest,
+                                 terminate=bool(job.params.get("terminate_connections")))
 
     @contextlib.asynccontextmanager
     async def _plain(self, store: BackupStore, target: TargetConfig, name: naming.BackupName,

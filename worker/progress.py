@@ -43,6 +43,8 @@ class Progress:
     plan: dict[str, tuple[float, float]] = field(default_factory=dict)
     _range: tuple[float, float] = (0.0, 100.0)
     _job_percent: float = 0.0
+    # sessions of the application holding locks the restore waits for (engines' watchers)
+    waiting_for: list[dict[str, Any]] | None = None
 
     def set_phase(self, phase: str, *, bytes_total: int | None = None,
                   items_total: int | None = None) -> None:
@@ -103,7 +105,7 @@ class Progress:
         eta = None
         if self.bytes_total and self._rate > 0:
             eta = max(0.0, (self.bytes_total - self.bytes_done) / self._rate)
-        return {
+        snap: dict[str, Any] = {
             "phase": self.phase,
             "bytes_done": self.bytes_done,
             "bytes_total": self.bytes_total,
@@ -116,3 +118,6 @@ class Progress:
             "eta_s": None if eta is None else round(eta, 1),
             "elapsed_s": round(now - self._phase_started, 1),
         }
+        if self.waiting_for:
+            snap["waiting_for"] = self.waiting_for
+        return snap

@@ -8,11 +8,12 @@ a load. Messages are redacted of the target's secrets.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -70,6 +71,56 @@ def stale_drills(names: Iterable[str], max_age: float) -> list[str]:
     return sorted(out)
 
 
+Blocker = dict[str, Any]  # a session holding a lock the restore waits for
+
+
+def describe(blockers: list[Blocker]) -> str:
+    """`pid 4711 (user app, application "web", idle in transaction since 12:00:01)`…"""
+    out = []
+    for b in blockers:
+        facts = [f"user {b.get('user') or '?'}"]
+        if b.get("application"):
+            facts.append(f"application {b['application']!r}")
+        if b.get("client"):
+            facts.append(f"from {b['client']}")
+        if b.get("state"):
+            facts.append(str(b["state"]) + (f" since {b['since']}" if b.get("since") else ""))
+        out.append(f"session {b.get('id')} ({', '.join(facts)})")
+    return "; ".join(out)
+
+
+async def watch_blockers(find: Callable[[], Awaitable[list[Blocker]]],
+                         end: Callable[[list[Blocker]], Awaitable[None]] | None,
+                         progress: Progress, seen: list[Blocker],
+                         every: float = 1.0) -> None:
+    """Until cancelled: ask `find()` which sessions block the restore; show them in the
+    job's progress (`waiting_for`) and events when they change; with `end` (the caller
+    asked to terminate connections), end them. `seen` keeps the last ones found, for the
+    error if the wait times out."""
+    shown: list[Any] = []
+    while True:
+        try:
+            blockers = await find()
+        except Exception as exc:  # a look that failed is no reason to fail the restore
+            progress.log(f"could not look for sessions blocking the restore: {exc}")
+            return
+        ids = sorted(str(b.get("id")) for b in blockers)
+        if blockers:
+            seen[:] = blockers
+        progress.waiting_for = blockers or None
+        if ids != shown:
+            if blockers:
+                progress.log("the restore waits for locks held by "
+                             f"{describe(blockers)}"
+                             + ("; ending them (terminate_connections)" if end else ""))
+            elif shown:
+                progress.log("the restore has the locks it waited for")
+            shown = ids
+        if blockers and end is not None:
+            await end(blockers)
+        await asyncio.sleep(every)
+
+
 @dataclass
 class Dump:
     """An open dump: `chunks` yields the plain dump; `info` goes into the manifest."""
@@ -94,8 +145,12 @@ class Engine(Protocol):
         ...
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
-                      progress: Progress, *, clean: bool, manifest: dict[str, Any]) -> None:
-        """Load a plain dump; raises RestoreFailed (with `database_unchanged` when known)."""
+                      progress: Progress, *, clean: bool, manifest: dict[str, Any],
+                      terminate: bool = False) -> None:
+        """Load a plain dump; raises RestoreFailed (with `database_unchanged` when known).
+        Where the application's locks can hold a load up (PostgreSQL, MySQL), it waits at
+        most `target.lock_timeout` for them, naming the sessions that hold them
+        (`watch_blockers`); `terminate` ends those sessions instead."""
         ...
 
     async def stats(self, target: TargetConfig) -> dict[str, Any]: ...

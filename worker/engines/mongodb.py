@@ -264,7 +264,8 @@ class MongoDB:
         return MongoDBDrill()
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
-                      progress: Progress, *, clean: bool, manifest: dict[str, Any]) -> None:
+                      progress: Progress, *, clean: bool, manifest: dict[str, Any],
+                      terminate: bool = False) -> None:
         async with self._session(target) as client:
             restorer = _Restorer(client, clean, progress)
             restorer.databases |= set(manifest.get("also_clean") or [])  # a rollback's reach

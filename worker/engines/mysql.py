@@ -12,6 +12,7 @@ in an unknown state: the job runner then restores the safety backup automaticall
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -27,7 +28,16 @@ import pymysql
 from shared import scratch
 from shared.config import TargetConfig
 from shared.errors import DumpFailed, EngineError, RestoreFailed
-from worker.engines import Dump, drill_name, restore_errors, stale_drills, unreachable
+from worker.engines import (
+    Blocker,
+    Dump,
+    describe,
+    drill_name,
+    restore_errors,
+    stale_drills,
+    unreachable,
+    watch_blockers,
+)
 from worker.progress import Progress
 from worker.subproc import feed_stdin, spawn
 
@@ -373,14 +383,24 @@ class MySQL:
         return out
 
     async def _clean_sql(self, target: TargetConfig) -> str:
+        """Empties the database. Its first statements take a write lock on every table at
+        once, waiting at most `target.lock_timeout` for the application's metadata locks:
+        an error up to `CLEAN_LOCK_LINE` left the database unchanged."""
         db = _conn(target)["database"]
         async with self._connect(target) as conn:
             cat = await self._catalog(conn, db)
         kinds = {"BASE TABLE": "TABLE", "VIEW": "VIEW", "SEQUENCE": "SEQUENCE",
                  "SYSTEM VERSIONED": "TABLE"}
-        sql = ["SET FOREIGN_KEY_CHECKS = 0;"]
-        for name, ttype, *_ in sorted(cat["tables"], key=lambda t: t[1] != "VIEW"):
-            sql.append(f"DROP {kinds.get(ttype, 'TABLE')} IF EXISTS {_quote(name)};")
+        tables = [t[0] for t in cat["tables"] if t[1] in ("BASE TABLE", "SYSTEM VERSIONED")]
+        sql = [f"SET SESSION lock_wait_timeout = {max(1, round(target.lock_timeout))};",
+               "SET FOREIGN_KEY_CHECKS = 0;",
+               ("LOCK TABLES " + ", ".join(f"{_quote(t)} WRITE" for t in tables) + ";")
+               if tables else "DO 0;"]
+        sql += [f"DROP TABLE IF EXISTS {_quote(t)};" for t in tables]
+        sql.append("UNLOCK TABLES;")
+        for name, ttype, *_ in cat["tables"]:
+            if name not in tables:
+                sql.append(f"DROP {kinds.get(ttype, 'TABLE')} IF EXISTS {_quote(name)};")
         for name, rtype in cat["routines"]:
             sql.append(f"DROP {rtype} IF EXISTS {_quote(name)};")
         sql += [f"DROP EVENT IF EXISTS {_quote(e)};" for e in cat["events"]]
@@ -388,18 +408,129 @@ class MySQL:
         return "\n".join(sql) + "\n"
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
-                      progress: Progress, *, clean: bool, manifest: dict[str, Any]) -> None:
+                      progress: Progress, *, clean: bool, manifest: dict[str, Any],
+                      terminate: bool = False) -> None:
         db = _conn(target)["database"]
-        prelude = await self._clean_sql(target) if clean else ""
+        try:
+            prelude = await self._clean_sql(target) if clean else ""
+        except EngineError as exc:
+            raise RestoreFailed(exc.message, database_unchanged=True, code=exc.code) from None
         tool = find_tool("mariadb", "mysql")
+        seen: list[Blocker] = []
         with _defaults_file(target) as cnf:
             argv = [tool, f"--defaults-file={cnf}", *await client_guard_flags(tool), db]
-            async with spawn(argv, env={}, secrets=target.secrets(), stdin=True) as child:
+            async with self._blockers(target, progress, seen, terminate), \
+                    spawn(argv, env={}, secrets=target.secrets(), stdin=True) as child:
                 with restore_errors(target, "MySQL"):
                     await feed_stdin(child, prelude.encode(), chunks, progress.add_bytes)
                 rc = await child.wait()
-        if rc != 0:
-            raise RestoreFailed(f"{tool} exited with code {rc}: {child.error_text()}")
+        if rc == 0:
+            return
+        text = child.error_text()
+        at = _ERROR_LINE.search(text)
+        unchanged = bool(clean and at and int(at.group(2)) <= CLEAN_LOCK_LINE)
+        if unchanged and at and at.group(1) == "1205":
+            raise RestoreFailed(
+                f"the restore waited {target.lock_timeout:g} s for the metadata locks of "
+                f"{describe(seen) or 'other sessions'} and gave up before changing "
+                "anything. End those sessions (or restore with \"terminate_connections\": "
+                f"true, or raise [targets.{target.id}] lock_timeout) and restore again",
+                database_unchanged=True, code="lock_timeout")
+        raise RestoreFailed(f"{tool} exited with code {rc}: {text}",
+                            database_unchanged=unchanged)
+
+    @asynccontextmanager
+    async def _blockers(self, target: TargetConfig, progress: Progress, seen: list[Blocker],
+                        terminate: bool) -> AsyncIterator[None]:
+        """While the load runs: when it waits for a metadata lock, the sessions on this
+        database with an open transaction (what holds such locks; MariaDB has no
+        per-lock view without performance_schema), shown in the job's progress; with
+        `terminate`, the database's other sessions are ended (KILL) at the start and any
+        such session while the load waits."""
+        db = _conn(target)["database"]
+        user = _conn(target)["user"]
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                conn = await stack.enter_async_context(self._connect(target))
+                await conn.autocommit(True)
+            except (EngineError, pymysql.err.MySQLError) as exc:
+                message = exc.message if isinstance(exc, EngineError) else str(exc)
+                raise RestoreFailed(message, database_unchanged=True) from None
+
+            async def find() -> list[Blocker]:
+                waiting = await self._query(
+                    conn, "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = %s "
+                    "AND DB = %s AND STATE LIKE 'Waiting for %%metadata lock' "
+                    "AND INFO LIKE 'LOCK TABLES %%' AND ID <> CONNECTION_ID()", user, db)
+                if not waiting:
+                    return []
+                try:
+                    rows = await self._query(conn, _MY_BLOCKERS, db, waiting[0][0])
+                except pymysql.err.OperationalError as exc:
+                    if exc.args[0] != ACCESS_DENIED_PROCESS:
+                        raise
+                    # without PROCESS, transactions cannot be seen: every other session
+                    # on the database (of this user: all it may see) is a suspect
+                    rows = [r for r in await self._query(conn, _MY_SESSIONS_NO_TRX, db)
+                            if r[0] != waiting[0][0]]
+                return [_my_blocker(r) for r in rows]
+
+            async def end(blockers: list[Blocker]) -> None:
+                for b in blockers:
+                    try:
+                        await self._query(conn, f"KILL CONNECTION {int(b['id'])}")
+                    except pymysql.err.MySQLError as exc:
+                        progress.warn(f"could not end session {b['id']}: {exc.args[-1]} "
+                                      f"(the user {user} needs CONNECTION ADMIN or SUPER)")
+                    else:
+                        progress.log(f"ended session {b['id']}")
+
+            if terminate:
+                try:
+                    listed = await self._query(conn, _MY_SESSIONS, db)
+                except pymysql.err.OperationalError as exc:
+                    if exc.args[0] != ACCESS_DENIED_PROCESS:
+                        raise
+                    listed = await self._query(conn, _MY_SESSIONS_NO_TRX, db)
+                others = [_my_blocker(r) for r in listed]
+                if others:
+                    progress.log(f"ending {len(others)} session(s) on the database "
+                                 f"(terminate_connections): {describe(others)}")
+                    await end(others)
+            watcher = asyncio.ensure_future(
+                watch_blockers(find, end if terminate else None, progress, seen))
+            try:
+                yield
+            finally:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+                progress.waiting_for = None
+
+
+CLEAN_LOCK_LINE = 3  # the clean's LOCK TABLES: an error at or before it changed nothing
+_ERROR_LINE = re.compile(r"ERROR (\d+) \(\w+\) at line (\d+)")
+_MY_COLUMNS = ("p.ID, p.USER, p.HOST, p.COMMAND, p.TIME, t.trx_started")
+_MY_BLOCKERS = (f"SELECT {_MY_COLUMNS} FROM information_schema.INNODB_TRX t "
+                "JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id "
+                "WHERE p.DB = %s AND p.ID <> %s AND p.ID <> CONNECTION_ID()")
+_MY_SESSIONS = (f"SELECT {_MY_COLUMNS} FROM information_schema.PROCESSLIST p "
+                "LEFT JOIN information_schema.INNODB_TRX t ON t.trx_mysql_thread_id = p.ID "
+                "WHERE p.DB = %s AND p.ID <> CONNECTION_ID()")
+
+
+_MY_SESSIONS_NO_TRX = ("SELECT p.ID, p.USER, p.HOST, p.COMMAND, p.TIME, NULL "
+                       "FROM information_schema.PROCESSLIST p "
+                       "WHERE p.DB = %s AND p.ID <> CONNECTION_ID()")
+ACCESS_DENIED_PROCESS = 1227  # INNODB_TRX needs the PROCESS privilege
+
+
+def _my_blocker(r: tuple[Any, ...]) -> Blocker:
+    pid, user, host, command, secs, trx_started = r
+    state = "idle" if command == "Sleep" else str(command).lower()
+    if trx_started is not None:
+        state += " in transaction"
+    return {"id": pid, "user": user, "application": None, "client": host, "state": state,
+            "since": trx_started.isoformat(timespec="seconds") if trx_started else None}
 
 
 

@@ -351,7 +351,8 @@ class Neo4j:
                                  f"SET {what} += $props", id=row["id"], props=props)
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
-                      progress: Progress, *, clean: bool, manifest: dict[str, Any]) -> None:
+                      progress: Progress, *, clean: bool, manifest: dict[str, Any],
+                      terminate: bool = False) -> None:
         decoder = codecs.getincrementaldecoder("utf-8")()
         splitter = StatementSplitter()
         async with self._driver(target) as (driver, db):

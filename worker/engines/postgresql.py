@@ -30,7 +30,15 @@ from shared.errors import (
     ToolTooOld,
 )
 from shared.pgscript import PgScriptGuard, UnsafeScript
-from worker.engines import Dump, drill_name, stale_drills, unreachable
+from worker.engines import (
+    Blocker,
+    Dump,
+    describe,
+    drill_name,
+    stale_drills,
+    unreachable,
+    watch_blockers,
+)
 from worker.progress import Progress
 from worker.subproc import Child, feed_stdin, spawn
 
@@ -315,7 +323,8 @@ class PostgreSQL:
         return " ".join(sql)
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
-                      progress: Progress, *, clean: bool, manifest: dict[str, Any]) -> None:
+                      progress: Progress, *, clean: bool, manifest: dict[str, Any],
+                      terminate: bool = False) -> None:
         """Feed the guarded script to psql inside one transaction that Safehold opens and
         commits itself, only after the whole stream was read, checked and verified.
 
@@ -323,6 +332,7 @@ class PostgreSQL:
         file can run), with ON_ERROR_STOP. If the worker dies, psql dies with it (or reads
         end-of-input without a COMMIT): the server rolls the transaction back."""
         key = secrets.token_hex(24)
+        tag = f"safehold-restore-{secrets.token_hex(6)}"  # psql's application_name
         try:  # nothing has been touched yet
             await require_restrict_psql()
             clean_sql = await self._clean_sql(target) if clean else ""
@@ -332,13 +342,18 @@ class PostgreSQL:
         # script, `safehold-ready-KEY|<txid>`: the same txid proves that nothing in the
         # script ended Safehold's transaction (the key is unknown to the file; the calls are
         # schema-qualified so the file cannot shadow them)
-        prelude = (f"\\restrict {key}\nBEGIN; SELECT 'safehold-begin-{key}', "
+        # the clean takes every table's lock: it waits at most lock_timeout for the
+        # application's sessions, then fails, and the transaction rolls back (unchanged)
+        prelude = (f"\\restrict {key}\nBEGIN; SET LOCAL lock_timeout = "
+                   f"{int(target.lock_timeout * 1000)}; SELECT 'safehold-begin-{key}', "
                    f"pg_catalog.txid_current(); {clean_sql}\n").encode()
         guard = PgScriptGuard()
         argv = ["psql", "-X", "-q", "-A", "-t", "--no-password", "-v", "ON_ERROR_STOP=1",
                 "-f", "-"]
-        async with spawn(argv, env=_env(target), secrets=target.secrets(), stdin=True,
-                         stdout=True) as child:
+        seen: list[Blocker] = []
+        async with self._blockers(target, tag, progress, seen, terminate), \
+                spawn(argv, env={**_env(target), "PGAPPNAME": tag},
+                      secrets=target.secrets(), stdin=True, stdout=True) as child:
             markers = asyncio.ensure_future(_read_markers(child, key))
 
             async def guarded() -> AsyncIterator[bytes]:
@@ -381,11 +396,88 @@ class PostgreSQL:
                                   "SUBSCRIPTION … ENABLE and REFRESH PUBLICATION")
             return
         detail = _backup_lines(child.error_text(), PRELUDE_LINES)
+        if rc == PSQL_SCRIPT_ERROR and "due to lock timeout" in detail:
+            raise RestoreFailed(
+                f"the restore waited {target.lock_timeout:g} s for locks held by "
+                f"{describe(seen) or 'other sessions'} and gave up; its transaction was "
+                "rolled back. End those sessions (or restore with "
+                "\"terminate_connections\": true, or raise "
+                f"[targets.{target.id}] lock_timeout) and restore again",
+                database_unchanged=True, code="lock_timeout")
         if rc == PSQL_SCRIPT_ERROR:
             raise RestoreFailed(f"psql stopped on an SQL error and rolled back: {detail}",
                                 database_unchanged=True)
         raise RestoreFailed(f"psql exited with code {rc}: {detail}",
                             database_unchanged=not progress.stage_reached("committing"))
+
+
+    @asynccontextmanager
+    async def _blockers(self, target: TargetConfig, tag: str, progress: Progress,
+                        seen: list[Blocker], terminate: bool) -> AsyncIterator[None]:
+        """While the load runs: the sessions that block psql (`tag`), from
+        `pg_blocking_pids`, shown in the job's progress; with `terminate`, the database's
+        other sessions are ended at the start and any blocker as it appears. (New
+        sessions are not refused with ALLOW_CONNECTIONS: a worker killed meanwhile would
+        leave the database closed. They cannot hold the restore up: their lock requests
+        queue behind the restore's, and one that blocks it is ended too.)"""
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                conn = await stack.enter_async_context(self._connect(target))
+            except EngineError as exc:  # before psql started: nothing touched
+                raise RestoreFailed(exc.message, database_unchanged=True,
+                                    code=exc.code) from None
+
+            async def find() -> list[Blocker]:
+                return [_blocker(r) for r in await conn.fetch(_BLOCKERS, tag)]
+
+            async def end(blockers: list[Blocker]) -> None:
+                await _terminate(conn, [int(b["id"]) for b in blockers], progress, target)
+
+            if terminate:
+                others = [_blocker(r) for r in await conn.fetch(_SESSIONS, tag)]
+                if others:
+                    progress.log(f"ending {len(others)} session(s) on the database "
+                                 f"(terminate_connections): {describe(others)}")
+                    await end(others)
+            watcher = asyncio.ensure_future(
+                watch_blockers(find, end if terminate else None, progress, seen))
+            try:
+                yield
+            finally:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+                progress.waiting_for = None
+
+
+_SESSION_COLUMNS = ("b.pid, b.usename, b.application_name, host(b.client_addr) AS client, "
+                    "b.state, coalesce(b.xact_start, b.state_change) AS since")
+_BLOCKERS = (f"SELECT DISTINCT {_SESSION_COLUMNS} FROM pg_stat_activity w "
+             "CROSS JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS x(pid) "
+             "JOIN pg_stat_activity b ON b.pid = x.pid WHERE w.application_name = $1")
+_SESSIONS = (f"SELECT {_SESSION_COLUMNS} FROM pg_stat_activity b "
+             "WHERE b.datname = current_database() AND b.pid <> pg_backend_pid() "
+             "AND b.backend_type = 'client backend' AND b.application_name <> $1")
+
+
+def _blocker(r: Any) -> Blocker:
+    since = r["since"]
+    return {"id": r["pid"], "user": r["usename"], "application": r["application_name"] or None,
+            "client": r["client"], "state": r["state"],
+            "since": since.isoformat(timespec="seconds") if since else None}
+
+
+async def _terminate(conn: asyncpg.Connection, pids: list[int], progress: Progress,
+                     target: TargetConfig) -> None:
+    try:
+        ended = await conn.fetchval(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM unnest($1::int[]) "
+            "AS x(pid)", pids)
+    except asyncpg.InsufficientPrivilegeError:
+        progress.warn(f"could not end sessions {pids}: the role {_conn(target)['user']} may "
+                      "not; GRANT pg_signal_backend TO it (or make it their owner)")
+        return
+    if ended:
+        progress.log(f"ended {ended} session(s): {', '.join(map(str, pids))}")
 
 
 STUCK_CHECKS = 3  # looks, a second apart, at a psql blocked reading its empty input

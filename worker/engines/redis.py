@@ -422,7 +422,8 @@ class RedisEngine:
                 raise DumpFailed(f"redis-cli --rdb exited with code {rc}: {child.error_text()}")
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
-                      progress: Progress, *, clean: bool, manifest: dict[str, Any]) -> None:
+                      progress: Progress, *, clean: bool, manifest: dict[str, Any],
+                      terminate: bool = False) -> None:
         if manifest.get("format") == "rdb":
             raise RestoreFailed(
                 "RDB backups are restored by stopping Redis and putting the file in place as "

@@ -166,7 +166,8 @@ class SQLite:
                 await asyncio.to_thread(f.close)
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
-                      progress: Progress, *, clean: bool, manifest: dict[str, Any]) -> None:
+                      progress: Progress, *, clean: bool, manifest: dict[str, Any],
+                      terminate: bool = False) -> None:
         directory = Path(target.path).parent
         await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
         fd, name = await asyncio.to_thread(
