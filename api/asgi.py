@@ -18,7 +18,9 @@ ASGIApp = Callable[[Message, Callable[[], Awaitable[Message]],
 CHUNK = 1 << 16
 
 
-async def call_asgi(app: ASGIApp, request: web.Request) -> web.StreamResponse:
+async def call_asgi(app: ASGIApp, request: web.Request,
+                    state: dict[str, Any] | None = None) -> web.StreamResponse:
+    """`state` reaches the app as the scope's `state` (e.g. the request id)."""
     host, port = (request.url.host or "127.0.0.1"), (request.url.port or 80)
     scope: Message = {
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -27,7 +29,7 @@ async def call_asgi(app: ASGIApp, request: web.Request) -> web.StreamResponse:
         "raw_path": request.raw_path.split("?", 1)[0].encode(),
         "query_string": request.query_string.encode(), "root_path": "",
         "headers": [(k.lower(), v) for k, v in request.raw_headers],
-        "client": (request.remote or "", 0), "server": (host, port), "state": {},
+        "client": (request.remote or "", 0), "server": (host, port), "state": dict(state or {}),
     }
     body_done = False
     response: web.StreamResponse | None = None
@@ -42,7 +44,18 @@ async def call_asgi(app: ASGIApp, request: web.Request) -> web.StreamResponse:
             await asyncio.sleep(0.5)  # the app listens for a disconnect: tell it when
         return {"type": "http.disconnect"}
 
+    gone = False  # the client went away mid-answer: the rest is dropped, quietly
+
     async def send(message: Message) -> None:
+        nonlocal response, gone
+        if gone:
+            return
+        try:
+            await _send(message)
+        except ConnectionResetError:
+            gone = True
+
+    async def _send(message: Message) -> None:
         nonlocal response
         if message["type"] == "http.response.start":
             headers: CIMultiDict[str] = CIMultiDict()

@@ -20,12 +20,28 @@ from aiohttp_sse import sse_response
 from api.context import PRINCIPAL, SERVICES, STREAMS
 from api.handlers import caller, for_reader, ops
 from api.roles import Role
+from shared.errors import BadRequest
 from shared.jobs import TERMINAL
 
 log = logging.getLogger("safehold.api")
 # a client that disconnects mid-stream is normal, not an error
 CLIENT_GONE = (ConnectionResetError, ClientConnectionResetError, BrokenPipeError)
-_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_STREAM_ID = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+_U64 = 1 << 64
+
+
+def resume_from(request: web.Request) -> str | None:
+    """The event id to resume after (Last-Event-ID, or ?last_event_id=), checked before
+    the stream starts: anything but a stream id Redis can hold is a 400, never a broken
+    stream."""
+    raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    if not raw:
+        return None
+    m = _STREAM_ID.match(raw)
+    if not m or int(m.group(1)) >= _U64 or int(m.group(2)) >= _U64:
+        raise BadRequest("Last-Event-ID must be an event id as sent in `id:` (such as "
+                         "1700000000000-0)", code="invalid_last_event_id")
+    return raw
 IDLE_S = 5.0  # quiet this long: check whether the job is over
 
 
@@ -57,11 +73,9 @@ async def _job_events(request: web.Request) -> web.StreamResponse:
     job = await ops(request).job(caller(request), request.match_info["job_id"])
     job_id = job.id
     ping = s.settings.server.sse_ping_interval
+    last = resume_from(request) or "0-0"
     async with sse_response(request, ping_interval=ping) as resp:
         request.app[STREAMS].add(resp)
-        last = resp.last_event_id or request.query.get("last_event_id") or "0-0"
-        if not _STREAM_ID.match(last):
-            last = "0-0"
         async for ev in s.hub.follow(s.keys.events(job_id), last, idle=IDLE_S):
             if not resp.is_connected():
                 break
@@ -145,12 +159,10 @@ async def _send_frame(request: web.Request, resp: Any, frame: bytes) -> None:
 
 async def _all_events(request: web.Request) -> web.StreamResponse:
     s = request.app[SERVICES]
+    # without one, "now" pinned to a concrete id, so nothing slips between two reads
+    last = resume_from(request) or await s.store.latest_global_event_id()
     async with sse_response(request, ping_interval=s.settings.server.sse_ping_interval) as resp:
         request.app[STREAMS].add(resp)
-        last = resp.last_event_id or request.query.get("last_event_id") or "$"
-        if not _STREAM_ID.match(last):
-            # pin "now" to a concrete id, so nothing slips between two blocking reads
-            last = await s.store.latest_global_event_id()
         principal = request[PRINCIPAL]
         jobs: dict[str, tuple[str, str]] = {}  # job -> (kind, target), for scoped tokens
         async for ev in s.hub.follow(s.keys.global_events, last, idle=IDLE_S):

@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.server.transport_security import TransportSecuritySettings
 
 from api.asgi import call_asgi
@@ -39,6 +39,8 @@ from shared.jobs import Job
 PLAN_TTL = 300  # seconds a restore confirmation token lives
 WAIT_MAX = 3600.0
 _principal: ContextVar[Principal | None] = ContextVar("safehold_mcp_principal", default=None)
+# the HTTP request behind the call (request id, remote address), for the audit entry
+_origin: ContextVar[dict[str, Any]] = ContextVar("safehold_mcp_origin", default={})  # noqa: B039
 
 # tool -> the role it needs somewhere (listing hides the others from a token)
 TOOL_ROLES = {
@@ -72,10 +74,13 @@ class TokenMiddleware:
         principal = await self.services().verifier.verify(
             bearer_token(headers.get("authorization")))
         token = _principal.set(principal)
+        scope = getattr(request, "scope", None) or {}
+        origin = _origin.set(dict((scope.get("state") or {}).get("safehold") or {}))
         try:
             result = await call_next(ctx)
         finally:
             _principal.reset(token)
+            _origin.reset(origin)
         if ctx.method == "tools/list":  # the wire form: a dict with "tools"
             tools = result.get("tools") if isinstance(result, dict) else None
             if isinstance(tools, list):
@@ -95,18 +100,25 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
         principal = _principal.get()
         if principal is None:
             raise Unauthorized("this needs a bearer token")
-        return Operations(services()), Caller(principal, "mcp")
+        o = _origin.get()
+        return Operations(services()), Caller(principal, "mcp", o.get("request_id"),
+                                              o.get("remote"), "POST", "/mcp")
 
     async def run(tool: str, target: str | None,
-                  body: Callable[[Operations, Caller], Awaitable[Any]]) -> Any:
-        """Run a tool's operation; a read is audited here (operations audit the rest);
-        Safehold errors become tool errors with their code."""
+                  body: Callable[[Operations, Caller], Awaitable[Any]],
+                  info: dict[str, Any] | None = None) -> Any:
+        """Run a tool's operation; a read is audited here (operations audit the rest),
+        with what `body` put in `info` (target, backup) by then; Safehold errors become
+        tool errors with their code."""
         ops, who = caller()
         try:  # every call is audited once: by its operation, or here (reads, refusals)
-            async with ops.audited(who, f"mcp.{tool}", target, {}, unless_recorded=True):
+            async with ops.audited(who, f"mcp.{tool}", target, info if info is not None
+                                   else {}, unless_recorded=True):
                 return await body(ops, who)
         except SafeholdError as exc:
-            raise ToolError(f"{exc.code}: {exc.message}") from None
+            err = ToolError(f"{exc.code}: {exc.message}")
+            err.status = exc.status  # type: ignore[attr-defined]  # for resource reads
+            raise err from None
 
     async def follow(ops: Operations, who: Caller, job: Job, ctx: Context,
                      wait: float) -> dict[str, Any]:
@@ -184,6 +196,8 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
                              "token for execute_restore, valid 5 minutes, once.")
     async def plan_restore(database_id: str, backup: str,
                            create_safety_backup: bool = True) -> dict[str, Any]:
+        info: dict[str, Any] = {"backup": backup[:200]}
+
         async def body(ops: Operations, who: Caller) -> dict[str, Any]:
             target = ops.target(who, database_id, Role.OPERATOR)
             name, manifest = await ops.manifest(target.id, backup)
@@ -208,17 +222,21 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
                     + f"{target.id} is replaced by the content of {name.filename} (the backup "
                     "is verified before anything is dropped; a failed restore rolls back)"),
                 "confirmation_token": token, "expires_in_seconds": PLAN_TTL}
-        return await run("plan_restore", database_id, body)
+        return await run("plan_restore", database_id, body, info)
 
     @server.tool(description="Step 2 of a restore: run the plan a confirmation token names; "
                              "waits up to wait_seconds reporting progress.")
     async def execute_restore(confirmation_token: str, ctx: Context,
                               wait_seconds: float = 1800) -> dict[str, Any]:
+        info: dict[str, Any] = {}
+
         async def body(ops: Operations, who: Caller) -> dict[str, Any]:
             s = services()
             key = _plan_key(s, confirmation_token)
             raw = await s.redis.get(key)
             plan = json.loads(raw) if raw is not None else None
+            if plan is not None:  # a refusal below still names what was planned
+                info.update(target=plan["target"], backup=plan["backup"])
             if plan is not None and (plan["subject"], plan.get("session")) != (
                     who.principal.subject, who.principal.session):
                 raise Forbidden("the token was issued to another caller",
@@ -230,25 +248,25 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
                                           safety=plan["create_safety_backup"],
                                           expect_sha256=plan["sha256"])
             return await follow(ops, who, job, ctx, wait_seconds)
-        return await run("execute_restore", None, body)
+        return await run("execute_restore", None, body, info)
 
     # ------------------------------------------------------------------ resources
     @server.resource("resources://safehold/databases", mime_type="application/json",
                      description="The databases this token may see")
     async def databases_resource() -> str:
-        return json.dumps(await list_databases())
+        return await read(list_databases())
 
     @server.resource("resources://coolify/backups/databases/{id}",
                      mime_type="application/json",
                      description="A database's backups with metadata, newest first")
     async def backups_resource(id: str) -> str:  # noqa: A002 - the ADR's parameter name
-        return json.dumps(await list_backups(id))
+        return await read(list_backups(id))
 
     @server.resource("resources://coolify/backups/databases/{id}/restore",
                      mime_type="application/json",
                      description="Restore options and the latest restorable backups")
     async def restore_resource(id: str) -> str:  # noqa: A002
-        listing = await list_backups(id)
+        listing = json.loads(await read(list_backups(id)))
         restorable = [b for b in listing["backups"]
                       if b.get("kind") != "safety_backup" and not b.get("damaged")][:10]
         return json.dumps({
@@ -262,9 +280,20 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
     @server.resource("resources://safehold/jobs/{job_id}", mime_type="application/json",
                      description="One job: status, progress, result or error")
     async def job_resource(job_id: str) -> str:
-        return json.dumps(await job_status(job_id))
+        return await read(job_status(job_id))
 
     return server
+
+
+async def read(answer: Awaitable[dict[str, Any]]) -> str:
+    """A resource's JSON; a refusal (scope, role, unknown id) is a clean resource error
+    with its code and message, not a crash with a traceback."""
+    try:
+        return json.dumps(await answer)
+    except ToolError as exc:
+        if getattr(exc, "status", 500) == 404:
+            raise ResourceNotFoundError(str(exc)) from None
+        raise ResourceError(str(exc)) from None
 
 
 async def _async(value: Any) -> Any:
@@ -319,5 +348,8 @@ async def mcp_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def mcp_endpoint(request: web.Request) -> web.StreamResponse:
     """POST/GET/DELETE /mcp: the streamable HTTP transport (through the ASGI bridge)."""
+    from api.context import REQUEST_ID
+
     manager: Any = request.app[MCP_MANAGER]
-    return await call_asgi(manager.handle_request, request)
+    return await call_asgi(manager.handle_request, request, state={"safehold": {
+        "request_id": request.get(REQUEST_ID), "remote": request.remote}})

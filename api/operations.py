@@ -25,6 +25,7 @@ from shared.config import TargetConfig
 from shared.errors import (
     BadRequest,
     Conflict,
+    NotFound,
     SafeholdError,
     TooMany,
     Unavailable,
@@ -214,6 +215,10 @@ class Operations:
 
     async def job(self, caller: Caller, job_id: str, role: Role = Role.VIEWER) -> Job:
         job = await self.s.store.get(job_id)
+        if caller.principal.role_for(job.target) < Role.VIEWER:
+            # a job of a target the caller may not see does not exist for it (a 403 would
+            # name that target)
+            raise NotFound(f"no job '{job_id}'", code="job_not_found")
         require(caller.principal, role, job.target)
         return job
 

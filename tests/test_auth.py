@@ -245,7 +245,16 @@ async def test_jobs_of_other_targets_are_hidden(client: Any, issuer: Issuer) -> 
     body = await (await client.get("/api/v1/jobs", headers=auth(tok))).json()
     assert other_job not in [j["id"] for j in body["jobs"]]
     resp = await client.get(f"/api/v1/jobs/{other_job}", headers=auth(tok))
-    assert resp.status == 403
+    # not even a 403 naming the other target (issue 20): to this token it does not exist
+    assert resp.status == 404 and "other" not in await resp.text()
+    for path in (f"/api/v1/jobs/{other_job}/events",):
+        resp = await client.get(path, headers=auth(tok))
+        assert resp.status == 404, path
+    resp = await client.delete(f"/api/v1/jobs/{other_job}", headers=auth(tok))
+    assert resp.status in (403, 404) and "other" not in await resp.text()
+    op = issuer.token(["operator:main"])
+    resp = await client.delete(f"/api/v1/jobs/{other_job}", headers=auth(op))
+    assert resp.status == 404 and "other" not in await resp.text()
 
 
 async def test_key_rotation_refreshes_once(client: Any, issuer: Issuer) -> None:

@@ -206,3 +206,171 @@ async def test_stdio_bridge_is_the_same_server(aiohttp_server: Any, settings: Se
         f"{settings.redis.prefix}:audit")]
     assert any(e.get("client") == "mcp" and e.get("subject") == "agent-2"
                and e["action"] == "create_backup" for e in entries)
+
+
+async def _bridge(base: str, bearer_token: str, tmp_path: Any) -> Any:
+    import asyncio
+    import os
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "api.cli", "mcp", "--url", base, cwd=str(tmp_path),
+        env={**os.environ, "SAFEHOLD_TOKEN": bearer_token, "PYTHONPATH": str(repo)},
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+
+
+async def _answer(proc: Any) -> dict[str, Any]:
+    import asyncio
+
+    line = await asyncio.wait_for(proc.stdout.readline(), 30)
+    assert line, (await proc.stderr.read()).decode()[-2000:]
+    answer: dict[str, Any] = json.loads(line)
+    return answer
+
+
+INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                   "clientInfo": {"name": "raw", "version": "0"}}}
+
+
+async def test_stdio_bridge_answers_like_a_json_rpc_server(
+        aiohttp_server: Any, settings: Settings, redis: Any, tmp_path: Any) -> None:
+    """Issue 20 weak spots: a non-JSON line gets a JSON-RPC parse error (-32700, id
+    null), a refused token is said as such (not "Server returned an error response"), and
+    the bridge exits when the agent closes its stdin."""
+    import asyncio
+
+    async with server(aiohttp_server, settings) as base:
+        proc = await _bridge(base, token(settings, "viewer"), tmp_path)
+        try:
+            proc.stdin.write(b"this is not json\n")
+            await proc.stdin.drain()
+            err = await _answer(proc)
+            assert err["id"] is None and err["error"]["code"] == -32700, err
+            proc.stdin.write(json.dumps(INIT).encode() + b"\n")
+            await proc.stdin.drain()
+            assert (await _answer(proc))["result"]["serverInfo"]["name"] == "safehold"
+            proc.stdin.close()  # the agent goes away
+            assert await asyncio.wait_for(proc.wait(), 10) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+        proc = await _bridge(base, "not-a-valid-token", tmp_path)
+        try:
+            proc.stdin.write(json.dumps(INIT).encode() + b"\n")
+            await proc.stdin.drain()
+            refused = await _answer(proc)
+            assert refused["id"] == 1, refused
+            assert "token" in refused["error"]["message"].lower() and "refused" in \
+                refused["error"]["message"].lower(), refused
+            proc.stdin.close()
+            await asyncio.wait_for(proc.wait(), 10)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+async def test_a_read_refused_by_scope_is_a_clean_error(
+        aiohttp_server: Any, settings: Settings, redis: Any,
+        caplog: Any) -> None:
+    """Issue 20 weak spot: a resource read a scoped token may not make was an "unexpected
+    exception" (-32603 naming only the URI) with a traceback in the log."""
+    from mcp.shared.exceptions import MCPError
+
+    async with server(aiohttp_server, settings) as base:
+        async with mcp_client(base, token(settings, "operator:other")) as scoped:
+            for uri in ("resources://coolify/backups/databases/main",
+                        "resources://coolify/backups/databases/main/restore"):
+                try:
+                    await scoped.read_resource(uri)
+                except MCPError as exc:
+                    assert "forbidden" in str(exc), exc
+                else:
+                    raise AssertionError(f"{uri} was read with a token scoped elsewhere")
+            try:
+                await scoped.read_resource("resources://safehold/jobs/no-such-job")
+            except MCPError as exc:
+                assert exc.error.code == -32602 and "job_not_found" in str(exc), exc
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], \
+        [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_a_client_gone_mid_answer_is_no_error(
+        aiohttp_server: Any, settings: Settings, redis: Any, caplog: Any, worker: Any,
+        pg_db: str) -> None:
+    """Issue 20 weak spot: an MCP client that disconnects while its answer is on the way
+    left an ERROR traceback in the server's log."""
+    import asyncio
+
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {token(settings, 'operator')}",
+               "Accept": "application/json, text/event-stream",
+               "MCP-Protocol-Version": "2025-06-18"}
+    call = {"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+            "params": {"name": "create_backup", "_meta": {"progressToken": 1},
+                       "arguments": {"database_id": "main", "wait_seconds": 30}}}
+    await pg.load_rich(pg_db)
+    async with server(aiohttp_server, settings) as base:
+        async with aiohttp.ClientSession(headers=headers) as http:
+            resp = await http.post(f"{base}/mcp", json=call)
+            assert resp.status == 200
+            await resp.content.readany()  # the stream has started
+            resp.close()  # gone while progress and the answer are on their way
+        await asyncio.sleep(3.5)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert not errors, errors
+
+
+async def test_mcp_calls_are_audited_like_rest_calls(
+        aiohttp_server: Any, settings: Settings, redis: Any, worker: Any, pg_db: str,
+        aiohttp_client: Any) -> None:
+    """Issue 20 weak spots: MCP entries carry remote and request_id; plan_restore records
+    the backup; a refused execute_restore names the planned target and backup; the outcome
+    of an MCP-started restore names the surface (`mcp`); a scoped token asking for a job
+    of a target it cannot see gets 404, not a 403 naming that target."""
+    from api.app import create_app as make
+    from tests.conftest import bearer
+
+    await pg.load_rich(pg_db)
+    async with server(aiohttp_server, settings) as base:
+        async with mcp_client(base, token(settings, "operator", subject="agent-a")) as a, \
+                mcp_client(base, token(settings, "operator", subject="agent-b")) as b:
+            made = data(await a.call_tool("create_backup", {"database_id": "main"}))
+            name = made["result"]["filename"]
+            plan = data(await a.call_tool("plan_restore", {"database_id": "main",
+                                                           "backup": name}))
+            stolen = await b.call_tool("execute_restore",
+                                       {"confirmation_token": plan["confirmation_token"]})
+            assert stolen.is_error and "invalid_confirmation" in stolen.content[0].text
+            plan = data(await a.call_tool("plan_restore", {"database_id": "main",
+                                                           "backup": name}))
+            done = data(await a.call_tool("execute_restore",
+                                          {"confirmation_token": plan["confirmation_token"]}))
+            assert done["status"] == "succeeded", done
+    entries = [json.loads(e[1][b"entry"]) for e in await redis.xrange(
+        f"{settings.redis.prefix}:audit")]
+    mcp = [e for e in entries if e.get("client") == "mcp"]
+    assert mcp and all(e.get("remote") and e.get("request_id") for e in mcp
+                       if e["action"] != "job.restore" and e["action"] != "job.backup"), mcp
+    planned = [e for e in mcp if e["action"] == "mcp.plan_restore"]
+    assert planned and all(e["backup"] == name for e in planned), planned
+    refused = [e for e in mcp if e["action"] == "mcp.execute_restore"
+               and e["result"] == "denied"]
+    assert refused and refused[0]["target"] == "main" and refused[0]["backup"] == name
+    outcome = [e for e in entries if e["action"] == "job.restore"]
+    assert outcome and outcome[0]["client"] == "mcp", outcome
+
+    api = await aiohttp_client(make(settings))
+    job_id = done["id"]
+    scoped = {"Authorization": f"Bearer {token(settings, 'viewer:other')}"}
+    resp = await api.get(f"/api/v1/jobs/{job_id}", headers=scoped)
+    assert resp.status == 404 and "main" not in await resp.text()
+    resp = await api.get(f"/api/v1/jobs/{job_id}", headers=bearer(settings, "viewer"))
+    assert resp.status == 200

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from tests import pg
 from tests.helpers import read_events, table_lock, wait_for, wait_for_terminal
 
@@ -125,3 +127,23 @@ async def test_one_caller_cannot_hold_every_stream(api: Any, pg_db: str) -> None
     await wait_for(freed, 10, "a place to free up")
     for r in opened[1:]:
         r.close()
+
+
+@pytest.mark.parametrize("bad", ["18446744073709551616-0", "0-18446744073709551616",
+                                 "abc", "1-2-3", "-1-0"])
+async def test_an_impossible_last_event_id_is_a_400_not_a_broken_stream(
+        api: Any, bad: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 20 weak spot: an id past Redis's 64-bit range was answered 200, then the
+    stream broke with an ERROR traceback in the log."""
+    job = (await (await api.post("/api/v1/targets/main/backups")).json())["id"]
+    for path in ("/api/v1/events", f"/api/v1/jobs/{job}/events"):
+        for how in ({"headers": {"Last-Event-ID": bad}}, {"params": {"last_event_id": bad}}):
+            resp = await api.get(path, **how)
+            assert resp.status == 400, (path, how, await resp.text())
+            assert (await resp.json())["error"]["code"] == "invalid_last_event_id"
+    # the largest real id is fine
+    resp = await api.get("/api/v1/events",
+                         headers={"Last-Event-ID": "18446744073709551615-18446744073709551615"})
+    assert resp.status == 200
+    resp.close()
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
