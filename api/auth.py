@@ -126,13 +126,24 @@ class JWKSCache:
         return self._keys[kid]
 
 
+async def bounded_json(resp: aiohttp.ClientResponse, limit: int) -> Any:
+    """An identity provider's JSON answer, read to at most `limit` bytes (a provider, or
+    whatever answers in its place, does not get to fill the API's memory)."""
+    raw = await resp.content.read(limit + 1)
+    if len(raw) > limit:
+        raise ValueError(f"the answer is larger than {limit >> 10} KiB")
+    return json.loads(raw) if raw else None
+
+
 def http_jwks_fetcher(url: str, session_holder: dict[str, aiohttp.ClientSession]
                       ) -> Callable[[], Awaitable[dict[str, Any]]]:
     async def fetch() -> dict[str, Any]:
         session = session_holder["session"]
         async with session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
             resp.raise_for_status()
-            doc: dict[str, Any] = await resp.json(content_type=None)
+            doc = await bounded_json(resp, 1 << 20)
+            if not isinstance(doc, dict):
+                raise ValueError("the JWKS is not a JSON object")
             return doc
 
     return fetch

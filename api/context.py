@@ -57,6 +57,8 @@ class Services:
     # (monotonic time, count) of the last nonzero live-worker count: every submit asks,
     # and a heartbeat window is 30 s wide, so a second-old answer is as true
     workers_seen: tuple[float, int] = (0.0, 0)
+    # SSO code exchanges under way (at most LOGIN_EXCHANGES; more are a 429)
+    logins: int = 0
 
     @contextlib.contextmanager
     def long_request(self, subject: str) -> Iterator[None]:
@@ -78,6 +80,7 @@ STREAMS: web.AppKey[weakref.WeakSet[Any]] = web.AppKey("streams")
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)
 REQUIRED_ROLE = web.RequestKey("required_role", int)
+LOGIN_EXCHANGES = 8  # SSO code exchanges at once (each may wait 15 s on the provider)
 ROUTE_TABLE = web.AppKey("route_table", dict)  # (method, path) -> api.routes.Route
 
 
@@ -88,7 +91,11 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     pool = BlockingConnectionPool.from_url(settings.redis.url, max_connections=64, timeout=30)
     blocking = Redis(connection_pool=pool)
     ttl = settings.worker.job_ttl
-    http = {"session": aiohttp.ClientSession()}
+    # logins exchange codes on a pool of their own: a hanging identity provider cannot
+    # take the connections that signing-key refreshes (every token check) need
+    http = {"session": aiohttp.ClientSession(),
+            "login": aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+                limit=LOGIN_EXCHANGES))}
     verifier, jwks_doc = build_verifier(settings, http)
     store = JobStore(redis, keys, ttl=ttl)
     audit = AuditLog(redis, keys)
@@ -113,6 +120,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     services.validation_pool.shutdown(wait=False, cancel_futures=True)
     await services.catalog.close()
     await http["session"].close()
+    await http["login"].close()
     await blocking.aclose()
     await pool.disconnect()
     await redis.aclose()

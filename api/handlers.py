@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 from aiohttp import web
@@ -32,11 +33,24 @@ def job_view(job: Job, reader: Principal | None = None) -> dict[str, Any]:
     return d
 
 
+_QUOTED_PATH = re.compile(r"""(['"])/[^'"\n]*\1""")
+
+
+def hide_paths(text: str) -> str:
+    """Server file paths (as OSError quotes them) out of what non-admins read."""
+    return _QUOTED_PATH.sub(r"\1<server path>\1", text)
+
+
 def for_reader(doc: dict[str, Any], reader: Principal | None, kind: str,
                target: str) -> dict[str, Any]:
     """A restore's error quotes what the restored file made the database say (user SQL can
-    echo anything it reads): only operators and admins of the target see that text."""
+    echo anything it reads): only operators and admins of the target see that text. Below
+    admin, server file paths in any job's error are hidden."""
     error = doc.get("error")
+    if reader is not None and isinstance(error, dict) and \
+            reader.role_for(target) < Role.ADMIN and isinstance(error.get("message"), str):
+        error = {**error, "message": hide_paths(error["message"])}
+        doc = {**doc, "error": error}
     if (reader is None or kind != "restore" or not isinstance(error, dict)
             or reader.role_for(target) >= Role.OPERATOR):
         return doc
@@ -140,7 +154,7 @@ def wait_param(request: web.Request) -> float | None:
 
 
 def job_response(job: Job, request: web.Request | None = None) -> web.Response:
-    view = job_view(job)
+    view = job_view(job, request.get(PRINCIPAL) if request is not None else None)
     c = request.get(CALLER) if request is not None else None
     if c is not None and c.warnings and not job.terminal:
         view["warnings"] = list(c.warnings)
@@ -195,7 +209,10 @@ async def stats_of(request: web.Request, target: str) -> web.Response:
                           "`safehold worker`", code="no_worker")
     job = await ops(request).submit(caller(request), "stats", target, {}, {}, wait=STATS_WAIT)
     if job.status == "succeeded":
-        return web.json_response(job.result)
+        result = dict(job.result or {})
+        if request[PRINCIPAL].role_for(target) < Role.ADMIN:
+            result.pop("path", None)  # where the file lives on the server: admins only
+        return web.json_response(result)
     if job.status == "failed" and job.error:
         raise SafeholdError(job.error.get("message", "stats failed"),
                             code=job.error.get("code", "stats_failed"))
@@ -305,7 +322,8 @@ async def get_job(request: web.Request) -> web.Response:
 
 async def cancel_job(request: web.Request) -> web.Response:
     job = await ops(request).cancel(caller(request), request.match_info["job_id"])
-    return web.json_response(job_view(job), status=200 if job.terminal else 202)
+    return web.json_response(job_view(job, principal_of(request)),
+                             status=200 if job.terminal else 202)
 
 
 async def audit(request: web.Request) -> web.Response:

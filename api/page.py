@@ -10,17 +10,26 @@ import hashlib
 import json
 import re
 import secrets
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
 
-from api.auth import Principal
-from api.context import PRINCIPAL, SERVICES
+from api.auth import Principal, bounded_json
+from api.context import LOGIN_EXCHANGES, PRINCIPAL, SERVICES
 from api.handlers import json_body, read_json
 from api.roles import Role
 from api.schemas import DOWNLOAD_PATH
-from shared.errors import BadRequest, Forbidden, NotFound, Unauthorized, Unavailable
+from shared.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    TooMany,
+    Unauthorized,
+    Unavailable,
+)
 
 WEB_DIR = Path(__file__).with_name("web")
 TICKET_TTL = 60
@@ -103,26 +112,44 @@ async def redeem_ticket(request: web.Request, ticket: str) -> Principal:
 
 
 # ---------------------------------------------------------------------- SSO (PKCE)
-_DISCOVERY: dict[str, dict[str, str]] = {}
+_DISCOVERY: dict[str, tuple[float, dict[str, str]]] = {}  # issuer -> (when, endpoints)
+DISCOVERY_TTL = 3600.0  # a provider that moves its endpoints is followed within the hour
+DISCOVERY_MAX, TOKEN_ANSWER_MAX = 256 << 10, 64 << 10
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    u = urlsplit(url)
+    return u.scheme.lower(), (u.hostname or "").lower(), u.port
 
 
 async def _endpoints(request: web.Request) -> dict[str, str]:
-    """The issuer's authorization and token endpoints (OpenID discovery, cached)."""
+    """The issuer's authorization and token endpoints (OpenID discovery, cached an hour).
+    Both must be on the issuer's own origin: a discovery document (or whatever answered
+    in its place) does not get to send login codes elsewhere."""
     auth = request.app[SERVICES].settings.auth
-    if auth.issuer not in _DISCOVERY:
-        session = request.app[SERVICES].http["session"]
-        url = auth.issuer.rstrip("/") + "/.well-known/openid-configuration"
-        try:
-            async with session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
-                doc = await resp.json(content_type=None)
-                resp.raise_for_status()
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise Unavailable(f"the identity provider's discovery document ({url}) could "
-                              f"not be read: {type(exc).__name__}", code="idp_unreachable") \
-                from None
-        _DISCOVERY[auth.issuer] = {k: str(doc[k]) for k in
-                                   ("authorization_endpoint", "token_endpoint") if k in doc}
-    return _DISCOVERY[auth.issuer]
+    cached = _DISCOVERY.get(auth.issuer)
+    if cached is not None and time.monotonic() - cached[0] < DISCOVERY_TTL:
+        return cached[1]
+    session = request.app[SERVICES].http["login"]
+    url = auth.issuer.rstrip("/") + "/.well-known/openid-configuration"
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            resp.raise_for_status()
+            doc = await bounded_json(resp, DISCOVERY_MAX)
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        raise Unavailable(f"the identity provider's discovery document ({url}) could "
+                          f"not be read: {type(exc).__name__}", code="idp_unreachable") \
+            from None
+    ends = {k: str(doc[k]) for k in ("authorization_endpoint", "token_endpoint") if k in doc}
+    for k, v in ends.items():
+        if _origin(v) != _origin(auth.issuer):
+            raise Unavailable(f"the identity provider's {k} ({v[:200]}) is not on the "
+                              f"issuer's origin ({auth.issuer}); Safehold sends login codes "
+                              "to the issuer's origin only", code="idp_misconfigured")
+    _DISCOVERY[auth.issuer] = (time.monotonic(), ends)
+    return ends
 
 
 async def login_config(request: web.Request) -> web.Response:
@@ -131,6 +158,9 @@ async def login_config(request: web.Request) -> web.Response:
     auth = request.app[SERVICES].settings.auth
     if auth.dev_mode or not auth.web_client_id:
         return web.json_response({"oidc": None, "dev_mode": auth.dev_mode})
+    if not request.app[SERVICES].settings.server.public_url:
+        return web.json_response({"oidc": None, "dev_mode": False,
+                                  "sso_unavailable": "SSO needs [server] public_url"})
     ends = await _endpoints(request)
     return web.json_response({"dev_mode": False, "oidc": {
         "issuer": auth.issuer, "client_id": auth.web_client_id,
@@ -153,20 +183,31 @@ async def login_token(request: web.Request) -> web.Response:
         raise BadRequest("code, code_verifier and redirect_uri are required",
                          code="invalid_body")
     public = s.settings.server.public_url.rstrip("/")
-    page_url = (public or f"{request.scheme}://{request.host}") + "/"
+    if not public:  # the Host header is the client's to choose: never the page's address
+        raise NotFound("SSO login needs [server] public_url (the address users open the "
+                       "page at, registered as the redirect URI)", code="sso_disabled")
+    page_url = public + "/"
     if fields["redirect_uri"] != page_url:
-        raise BadRequest(f"redirect_uri must be this page ({page_url}; behind a proxy set "
-                         "[server] public_url)", code="invalid_body")
-    ends = await _endpoints(request)
-    form = {"grant_type": "authorization_code", "client_id": auth.web_client_id, **fields}
+        raise BadRequest(f"redirect_uri must be this page ({page_url})", code="invalid_body")
+    if s.logins >= LOGIN_EXCHANGES:
+        err = TooMany(f"{LOGIN_EXCHANGES} logins are being exchanged with the identity "
+                      "provider already; try again in a moment", code="too_many_logins")
+        err.headers = {"Retry-After": "2"}
+        raise err
+    s.logins += 1
     try:
-        async with s.http["session"].post(ends["token_endpoint"], data=form,
-                                          timeout=aiohttp.ClientTimeout(total=15)) as resp:
-            doc = await resp.json(content_type=None)
+        ends = await _endpoints(request)
+        form = {"grant_type": "authorization_code", "client_id": auth.web_client_id,
+                **fields}
+        async with s.http["login"].post(ends["token_endpoint"], data=form,
+                                        timeout=aiohttp.ClientTimeout(total=15)) as resp:
             status = resp.status
+            doc = await bounded_json(resp, TOKEN_ANSWER_MAX)
     except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
         raise Unavailable(f"the identity provider's token endpoint failed: "
                           f"{type(exc).__name__}", code="idp_unreachable") from None
+    finally:
+        s.logins -= 1
     if status >= 400 or not isinstance(doc, dict) or "access_token" not in doc:
         reason = doc.get("error") if isinstance(doc, dict) else None
         raise Unauthorized(f"the identity provider refused the login ({reason or status})",

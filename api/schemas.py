@@ -90,7 +90,7 @@ TARGETS: Schema = obj({"default_target": nullable(TARGET_ID),
 STATS: Schema = obj({"engine": STR}, server_version=nullable(STR), size_bytes=nullable(INT))
 WHOAMI: Schema = obj({"subject": STR, "role": nullable(STR), "targets": OBJ})
 TICKET: Schema = obj({"url": STR, "expires_in": INT})
-LOGIN_CONFIG: Schema = obj({"oidc": nullable(OBJ), "dev_mode": BOOL})
+LOGIN_CONFIG: Schema = obj({"oidc": nullable(OBJ), "dev_mode": BOOL}, sso_unavailable=STR)
 LOGIN_TOKEN: Schema = obj({"access_token": STR})
 SCHEDULES: Schema = obj({"schedules": {"type": "array", "items": obj({
     "target": TARGET_ID, "schedule": nullable(STR), "next_run": nullable(TIME),

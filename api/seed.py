@@ -13,9 +13,12 @@ from typing import Any
 
 from aiohttp import web
 
+from api.auth import Principal
+from api.context import PRINCIPAL
 from api.handlers import (
     caller,
     download,
+    for_reader,
     idempotency_key,
     job_view,
     ops,
@@ -41,7 +44,7 @@ def _size_mb(size: int) -> float:
     return round(size / (1024 * 1024), 2)
 
 
-def _not_done(job: Job) -> web.Response | None:
+def _not_done(job: Job, reader: Principal) -> web.Response | None:
     """The answer for a job that did not succeed: 500 with its error, or 202 while running."""
     if job.status == "succeeded":
         return None
@@ -51,13 +54,15 @@ def _not_done(job: Job) -> web.Response | None:
             {"success": False, "message": f"the {job.kind} is still running: follow {url}",
              "job": url, "job_id": job.id, "status": job.status},
             status=202, headers={"Location": url})
-    err = job.error or {"code": job.status, "message": f"the {job.kind} was {job.status}"}
+    err = for_reader(job.to_dict(), reader, job.kind, job.target).get("error") or {
+        "code": job.status, "message": f"the {job.kind} was {job.status}"}
     status = 500 if job.status == "failed" else 409
     if err.get("code") in CLIENT_ERRORS:
         status = 400
     return web.json_response(
         {"success": False, "message": f"{job.kind.capitalize()} failed: {err['message']}",
-         "detail": err["message"], "error": err, "job": job_view(job)}, status=status)
+         "detail": err["message"], "error": err, "job": job_view(job, reader)},
+        status=status)
 
 
 async def create(request: web.Request) -> web.Response:
@@ -69,7 +74,7 @@ async def create(request: web.Request) -> web.Response:
         caller(request, "seed"), target.id, compress=query_bool(request, "compress", True),
         use_apoc=use_apoc, idempotency_key=idempotency_key(request),
         wait=svc(request).settings.server.wait_timeout, fail_fast=True)
-    if (other := _not_done(job)) is not None:
+    if (other := _not_done(job, request[PRINCIPAL])) is not None:
         return other
     result: dict[str, Any] = job.result or {}
     return web.json_response({
@@ -97,7 +102,7 @@ async def restore(request: web.Request) -> web.Response:
     job = await ops(request).start_restore(
         caller(request, "seed"), target.id, request.match_info["filename"], safety=safety,
         wait=svc(request).settings.server.wait_timeout, fail_fast=True)
-    if (other := _not_done(job)) is not None:
+    if (other := _not_done(job, request[PRINCIPAL])) is not None:
         return other
     return _restored(job, f"Database restored successfully from: {job.params['backup']}")
 
@@ -112,7 +117,7 @@ async def restore_upload(request: web.Request) -> web.Response:
     job = await ops(request).start_restore(
         who, target.id, manifest["filename"], safety=safety,
         wait=svc(request).settings.server.wait_timeout, fail_fast=True)
-    if (other := _not_done(job)) is not None:
+    if (other := _not_done(job, request[PRINCIPAL])) is not None:
         return other
     shown = manifest.get("original_filename") or manifest["filename"]
     return _restored(job, f"Database restored successfully from uploaded file: {shown}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 import sqlite3
 import threading
 from pathlib import Path
@@ -263,3 +264,19 @@ async def test_restore_keeps_mode_and_leaves_no_temp_files(api: Any, worker: Any
     assert stat.S_IMODE(db_path.stat().st_mode) == 0o664
     assert (db_path.stat().st_uid, db_path.stat().st_gid) == owner
     assert [p.name for p in db_path.parent.iterdir() if "safehold-restore" in p.name] == []
+
+
+async def test_the_database_path_is_shown_to_admins_only(
+        aiohttp_client: Any, settings: Settings, redis: Any, worker: Any,
+        db_path: Path) -> None:
+    """Issue 20 weak spot: /backup/stats showed viewers where the file lives."""
+    from api.app import create_app
+    from tests.conftest import bearer
+
+    build(db_path)
+    for role, shown in (("viewer", False), ("operator", False), ("admin", True)):
+        c = await aiohttp_client(create_app(settings), headers=bearer(settings, role))
+        for path in ("/api/v1/targets/main/stats", "/backup/stats"):
+            body = await (await c.get(path)).json()
+            assert ("path" in body) is shown and (str(db_path) in json.dumps(body)) is shown, \
+                (role, path, body)

@@ -194,3 +194,28 @@ async def test_failed_restore_is_500_with_the_reason(api: Any, worker: Any, pg_d
     body = await resp.json()
     assert resp.status == 500 and body["success"] is False
     assert body["error"]["code"] == "checksum_mismatch"
+
+
+async def test_server_paths_are_for_admins_only(aiohttp_client: Any, settings: Any,
+                                                redis: Any, worker: Any,
+                                                storage_dir: Any) -> None:
+    """Issue 20 weak spot: a failed /backup/create quoted the storage path (an OSError's
+    text) to operators, and job errors showed it to viewers; admins still see it."""
+    from api.app import create_app
+    from tests.conftest import bearer
+
+    storage_dir.parent.mkdir(parents=True, exist_ok=True)
+    storage_dir.write_text("a file where the target's directory should be")
+    op = await aiohttp_client(create_app(settings), headers=bearer(settings, "operator"))
+    resp = await op.post("/backup/create")
+    body = await resp.json()
+    assert resp.status >= 400 and body["success"] is False, body
+    assert str(storage_dir.parent) not in json.dumps(body), body
+    assert "<server path>" in json.dumps(body)
+    job_id = body["job"]["id"]
+    admin = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
+    seen = await (await admin.get(f"/api/v1/jobs/{job_id}")).json()
+    assert str(storage_dir.parent) in seen["error"]["message"]
+    viewer = await aiohttp_client(create_app(settings), headers=bearer(settings, "viewer"))
+    seen = await (await viewer.get(f"/api/v1/jobs/{job_id}")).json()
+    assert str(storage_dir.parent) not in json.dumps(seen)

@@ -227,11 +227,16 @@ async def test_single_sign_on_with_pkce(aiohttp_server: Any, settings: Settings,
     app.router.add_get(f"{ISSUER_PATH}/protocol/openid-connect/certs", certs)
     idp_server = await aiohttp_server(app)
     idp.url = str(idp_server.make_url("")).rstrip("/")
+    from tests.s3server import free_port
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"  # SSO needs public_url: the page's own address
     sso = replace(settings, auth=AuthSettings(
         issuer=idp.url + ISSUER_PATH, audience="safehold-api", allowed_azp="safehold-web",
-        client_id="safehold", web_client_id="safehold-web"))
-    server = await aiohttp_server(create_app(sso))
-    base = str(server.make_url("")).rstrip("/")
+        client_id="safehold", web_client_id="safehold-web"),
+        server=replace(settings.server, public_url=base))
+    server = await aiohttp_server(create_app(sso), port=port)
+    assert str(server.make_url("")).rstrip("/") == base
 
     context = await browser.new_context()
     page = await context.new_page()
