@@ -194,8 +194,8 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
     @server.tool(description="Step 1 of a restore: what will happen (target, backup, its age "
                              "and size, the safety backup taken first) and a confirmation "
                              "token for execute_restore, valid 5 minutes, once.")
-    async def plan_restore(database_id: str, backup: str,
-                           create_safety_backup: bool = True) -> dict[str, Any]:
+    async def plan_restore(database_id: str, backup: str, create_safety_backup: bool = True,
+                           terminate_connections: bool = False) -> dict[str, Any]:
         info: dict[str, Any] = {"backup": backup[:200]}
 
         async def body(ops: Operations, who: Caller) -> dict[str, Any]:
@@ -208,7 +208,8 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
             plan = {"target": target.id, "backup": name.filename,
                     "sha256": manifest.get("sha256"), "subject": who.principal.subject,
                     "session": who.principal.session,
-                    "create_safety_backup": create_safety_backup}
+                    "create_safety_backup": create_safety_backup,
+                    "terminate_connections": terminate_connections}
             s = services()
             await s.redis.set(_plan_key(s, token), json.dumps(plan), ex=PLAN_TTL)
             return {
@@ -246,6 +247,7 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
                                  "a new one)", code="invalid_confirmation")
             job = await ops.start_restore(who, plan["target"], plan["backup"],
                                           safety=plan["create_safety_backup"],
+                                          terminate=bool(plan.get("terminate_connections")),
                                           expect_sha256=plan["sha256"])
             return await follow(ops, who, job, ctx, wait_seconds)
         return await run("execute_restore", None, body, info)

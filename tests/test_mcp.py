@@ -127,6 +127,10 @@ async def test_resources_tools_and_the_two_step_restore(
             client, "resources://coolify/backups/databases/main"))["backups"]
             if b["kind"] == "safety_backup"]
         assert safety
+        # the restore resource offers restorable backups only (issue 20): no safety backups
+        offered = (await resource(client, "resources://coolify/backups/databases/main/"
+                                  "restore"))["latest_restorable_backups"]
+        assert offered and all(b["kind"] == "backup" for b in offered), offered
         gone = data(await client.call_tool("delete_backup", {"database_id": "main",
                                                              "backup": safety[0]["filename"]}))
         assert gone["deleted"] == safety[0]["filename"]
