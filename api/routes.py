@@ -98,6 +98,8 @@ class Route:
 
 
 T = "/api/v1/targets/{target}"
+# a Redis stream id (milliseconds-sequence); 19 digits a part always fit Redis's 64 bits
+EVENT_ID = {"type": "string", "pattern": r"^[0-9]{1,19}-[0-9]{1,19}$"}
 _BACKUP_BODY = {"type": "object", "additionalProperties": False, "properties": {
     "compress": {"type": "boolean", "default": True,
                  "description": "false: no compression (else the target's gzip or zstd)"},
@@ -224,7 +226,8 @@ ROUTES: list[Route] = [
                      "202": Answer("cancel requested: the worker stops it", JOB)}),
     Route("GET", "/api/v1/jobs/{job_id}/events", job_events, Role.VIEWER,
           "Server-sent events of a job (resumable with Last-Event-ID)",
-          query={"last_event_id": ("resume after this event id (same as the header)", STR)},
+          query={"last_event_id": ("resume after this event id (same as the header; "
+                                   "400 invalid_last_event_id for anything else)", EVENT_ID)},
           responses={"200": Answer("an event stream", media=("text/event-stream",))}),
     Route("POST", f"{T}/prune", h.prune, Role.ADMIN,
           "Apply the target's retention policy now (a prune job, audited per deletion)",
@@ -282,7 +285,8 @@ ROUTES: list[Route] = [
               "application/json", "text/event-stream"))}),
     Route("GET", "/api/v1/events", all_events, Role.VIEWER,
           "Server-sent events of every job's status changes (dashboards, webhooks)",
-          query={"last_event_id": ("replay after this event id (same as the header)", STR)},
+          query={"last_event_id": ("replay after this event id (same as the header; "
+                                   "400 invalid_last_event_id for anything else)", EVENT_ID)},
           responses={"200": Answer("an event stream", media=("text/event-stream",))}),
 ]
 

@@ -14,7 +14,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from contextlib import AbstractAsyncContextManager, contextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -119,6 +119,28 @@ async def watch_blockers(find: Callable[[], Awaitable[list[Blocker]]],
         if blockers and end is not None:
             await end(blockers)
         await asyncio.sleep(every)
+
+
+@asynccontextmanager
+async def blockers_watched(progress: Progress, seen: list[Blocker],
+                           find: Callable[[], Awaitable[list[Blocker]]],
+                           end: Callable[[list[Blocker]], Awaitable[None]],
+                           others: Callable[[], Awaitable[list[Blocker]]] | None
+                           ) -> AsyncIterator[None]:
+    """Around a load: `watch_blockers` runs; with `others` (terminate_connections asked),
+    the database's other sessions are ended first and blockers as they appear."""
+    if others is not None and (found := await others()):
+        progress.log(f"ending {len(found)} session(s) on the database "
+                     f"(terminate_connections): {describe(found)}")
+        await end(found)
+    watcher = asyncio.ensure_future(
+        watch_blockers(find, end if others is not None else None, progress, seen))
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        progress.waiting_for = None
 
 
 @dataclass

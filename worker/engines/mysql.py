@@ -31,12 +31,12 @@ from shared.errors import DumpFailed, EngineError, RestoreFailed
 from worker.engines import (
     Blocker,
     Dump,
+    blockers_watched,
     describe,
     drill_name,
     restore_errors,
     stale_drills,
     unreachable,
-    watch_blockers,
 )
 from worker.progress import Progress
 from worker.subproc import feed_stdin, spawn
@@ -485,26 +485,18 @@ class MySQL:
                     else:
                         progress.log(f"ended session {b['id']}")
 
-            if terminate:
+            async def others() -> list[Blocker]:
                 try:
                     listed = await self._query(conn, _MY_SESSIONS, db)
                 except pymysql.err.OperationalError as exc:
                     if exc.args[0] != ACCESS_DENIED_PROCESS:
                         raise
                     listed = await self._query(conn, _MY_SESSIONS_NO_TRX, db)
-                others = [_my_blocker(r) for r in listed]
-                if others:
-                    progress.log(f"ending {len(others)} session(s) on the database "
-                                 f"(terminate_connections): {describe(others)}")
-                    await end(others)
-            watcher = asyncio.ensure_future(
-                watch_blockers(find, end if terminate else None, progress, seen))
-            try:
+                return [_my_blocker(r) for r in listed]
+
+            async with blockers_watched(progress, seen, find, end,
+                                        others if terminate else None):
                 yield
-            finally:
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
-                progress.waiting_for = None
 
 
 CLEAN_LOCK_LINE = 3  # the clean's LOCK TABLES: an error at or before it changed nothing

@@ -33,11 +33,11 @@ from shared.pgscript import PgScriptGuard, UnsafeScript
 from worker.engines import (
     Blocker,
     Dump,
+    blockers_watched,
     describe,
     drill_name,
     stale_drills,
     unreachable,
-    watch_blockers,
 )
 from worker.progress import Progress
 from worker.subproc import Child, feed_stdin, spawn
@@ -433,20 +433,12 @@ class PostgreSQL:
             async def end(blockers: list[Blocker]) -> None:
                 await _terminate(conn, [int(b["id"]) for b in blockers], progress, target)
 
-            if terminate:
-                others = [_blocker(r) for r in await conn.fetch(_SESSIONS, tag)]
-                if others:
-                    progress.log(f"ending {len(others)} session(s) on the database "
-                                 f"(terminate_connections): {describe(others)}")
-                    await end(others)
-            watcher = asyncio.ensure_future(
-                watch_blockers(find, end if terminate else None, progress, seen))
-            try:
+            async def others() -> list[Blocker]:
+                return [_blocker(r) for r in await conn.fetch(_SESSIONS, tag)]
+
+            async with blockers_watched(progress, seen, find, end,
+                                        others if terminate else None):
                 yield
-            finally:
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
-                progress.waiting_for = None
 
 
 _SESSION_COLUMNS = ("b.pid, b.usename, b.application_name, host(b.client_addr) AS client, "
