@@ -129,10 +129,21 @@ class JWKSCache:
 async def bounded_json(resp: aiohttp.ClientResponse, limit: int) -> Any:
     """An identity provider's JSON answer, read to at most `limit` bytes (a provider, or
     whatever answers in its place, does not get to fill the API's memory)."""
-    raw = await resp.content.read(limit + 1)
-    if len(raw) > limit:
+    parts: list[bytes] = []
+    got = 0
+    while got <= limit:  # read(n) answers with what has arrived: read to the end
+        part = await resp.content.read(limit + 1 - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    if got > limit:
         raise ValueError(f"the answer is larger than {limit >> 10} KiB")
-    return json.loads(raw) if raw else None
+    raw = b"".join(parts)
+    try:
+        return json.loads(raw) if raw else None
+    except RecursionError:
+        raise ValueError("the answer is nested too deep") from None
 
 
 def http_jwks_fetcher(url: str, session_holder: dict[str, aiohttp.ClientSession]

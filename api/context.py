@@ -26,6 +26,7 @@ from shared.config import Settings
 from shared.errors import TooMany
 from shared.jobs import JobStore
 from shared.keys import Keys
+from shared.outage import RedisUnavailable
 from shared.outcomes import Outcomes
 from shared.queue import connect
 from shared.reaper import Reaper
@@ -132,7 +133,7 @@ async def _reap_forever(services: Services) -> None:
     while True:
         try:
             await reaper.sweep()
-        except RedisError as exc:  # an outage: requests say it (503 redis_unavailable)
+        except (RedisError, RedisUnavailable) as exc:  # an outage: requests say it (503)
             log.debug("reaper: Redis unreachable (%s)", type(exc).__name__)
         except Exception:
             log.exception("reaper failed")

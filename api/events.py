@@ -94,7 +94,7 @@ async def _job_events(request: web.Request) -> web.StreamResponse:
 
 
 _META: OrderedDict[str, tuple[str, str]] = OrderedDict()  # job -> (kind, target)
-_TEXT: OrderedDict[tuple[str, str, str, bool], bytes] = OrderedDict()  # -> SSE frame
+_TEXT: OrderedDict[tuple[str, str, str, int], bytes] = OrderedDict()  # -> SSE frame
 SEND_TIMEOUT = 10.0
 _CACHE_MAX = 4096
 
@@ -130,11 +130,13 @@ async def _read_meta(store: Any, job_id: str, key: str) -> tuple[str, str]:
 def _frame(request: web.Request, ev: Any, principal: Any, kind: str, target: str) -> bytes:
     """The event as this reader may see it, as the whole SSE frame, rendered once per event
     and view (a thousand followers share two frames, not a thousand)."""
-    doc = for_reader(ev.to_dict(), principal, kind, target)
-    redacted = "error" in doc and doc.get("error") is not ev.data.get("error")
+    # what a reader sees depends on its role on the target (viewer, operator, admin):
+    # one frame per role, never one role's frame served to another
+    level = min(int(principal.role_for(target)), int(Role.ADMIN))
     # stream ids are unique within one stream only: the prefix and job make the key unique
-    key = (request.app[SERVICES].keys.prefix, ev.job, ev.id, redacted)
+    key = (request.app[SERVICES].keys.prefix, ev.job, ev.id, level)
     if key not in _TEXT:  # json.dumps escapes newlines: one data line
+        doc = for_reader(ev.to_dict(), principal, kind, target)
         _TEXT[key] = f"id: {ev.id}\r\nevent: {ev.type}\r\ndata: {json.dumps(doc)}\r\n\r\n" \
             .encode()
         if len(_TEXT) > _CACHE_MAX:

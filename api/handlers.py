@@ -46,6 +46,9 @@ def for_reader(doc: dict[str, Any], reader: Principal | None, kind: str,
     """A restore's error quotes what the restored file made the database say (user SQL can
     echo anything it reads): only operators and admins of the target see that text. Below
     admin, server file paths in any job's error are hidden."""
+    if reader is not None and kind == "stats" and reader.role_for(target) < Role.ADMIN and \
+            isinstance(doc.get("result"), dict) and "path" in doc["result"]:
+        doc = {**doc, "result": {k: v for k, v in doc["result"].items() if k != "path"}}
     error = doc.get("error")
     if reader is not None and isinstance(error, dict) and \
             reader.role_for(target) < Role.ADMIN and isinstance(error.get("message"), str):

@@ -29,6 +29,8 @@ async def bridge(base_url: str, token: str) -> None:
     refused: dict[str, str] = {}
 
     async def note_refusal(response: httpx2.Response) -> None:
+        if response.status_code < 400:
+            refused.clear()  # a later error is not about the token
         if response.status_code in (401, 403):
             await response.aread()
             try:

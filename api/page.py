@@ -118,8 +118,9 @@ DISCOVERY_MAX, TOKEN_ANSWER_MAX = 256 << 10, 64 << 10
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
-    u = urlsplit(url)
-    return u.scheme.lower(), (u.hostname or "").lower(), u.port
+    u = urlsplit(url.strip())
+    scheme = u.scheme.lower()
+    return scheme, (u.hostname or "").lower(), u.port or {"https": 443, "http": 80}.get(scheme)
 
 
 async def _endpoints(request: web.Request) -> dict[str, str]:
@@ -143,11 +144,14 @@ async def _endpoints(request: web.Request) -> dict[str, str]:
                           f"not be read: {type(exc).__name__}", code="idp_unreachable") \
             from None
     ends = {k: str(doc[k]) for k in ("authorization_endpoint", "token_endpoint") if k in doc}
+    allowed = {_origin(auth.issuer)} | {_origin(o) for o in
+                                        auth.idp_endpoint_origins.split(",") if o.strip()}
     for k, v in ends.items():
-        if _origin(v) != _origin(auth.issuer):
+        if _origin(v) not in allowed:
             raise Unavailable(f"the identity provider's {k} ({v[:200]}) is not on the "
                               f"issuer's origin ({auth.issuer}); Safehold sends login codes "
-                              "to the issuer's origin only", code="idp_misconfigured")
+                              "there only, or to [auth] idp_endpoint_origins",
+                              code="idp_misconfigured")
     _DISCOVERY[auth.issuer] = (time.monotonic(), ends)
     return ends
 

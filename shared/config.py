@@ -194,6 +194,9 @@ class AuthSettings:
     jwks_url: str = ""  # default: {issuer}/protocol/openid-connect/certs
     client_id: str = ""  # for resource_access.<client>.roles; default: first audience
     web_client_id: str = ""  # a public client (PKCE) for the web page's SSO login
+    # origins besides the issuer's where its discovered login endpoints may be (Google's
+    # token endpoint is oauth2.googleapis.com), comma-separated
+    idp_endpoint_origins: str = ""
     role_claims: str = "realm_access.roles,resource_access.{client}.roles"
     role_viewer: str = "viewer"
     role_operator: str = "operator"

@@ -65,11 +65,15 @@ local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {0, ''} end
 local ok = false
 for s in string.gmatch(ARGV[1], '[^,]+') do if s == cur then ok = true end end
-if not ok then return {0, cur} end
+local nfields = tonumber(ARGV[6])
+if not ok then
+  -- a retry of this very transition (its answer was lost in an outage) succeeded already
+  if redis.call('HGET', KEYS[1], 'transition_token') == ARGV[10 + nfields] then
+    return {1, 'again'} end
+  return {0, cur} end
 local new = ARGV[2]
 local etype = new
 if new == 'running' then etype = 'started' end
-local nfields = tonumber(ARGV[6])
 if nfields > 0 then redis.call('HSET', KEYS[1], 'status', new, unpack(ARGV, 7, 6 + nfields)) else
   redis.call('HSET', KEYS[1], 'status', new) end
 if new == 'running' then redis.call('SADD', KEYS[2], ARGV[3])
@@ -323,12 +327,14 @@ class JobStore:
         flat: list[str] = []
         for k, v in (fields or {}).items():
             flat += [k, json.dumps(v) if isinstance(v, dict | list) or v is None else str(v)]
+        token = secrets.token_hex(8)  # the same for every retry of this one transition
+        flat += ["transition_token", token]
         payload = {"status": new, **(data or {})}
         ok, _ = await self._call(f"moving job {job_id} to {new}", lambda: self._transition(
             keys=[self.keys.job(job_id), self.keys.running, self.keys.events(job_id),
                   self.keys.global_events],
             args=[",".join(allowed_from), new, job_id, now_iso(), json.dumps(payload),
-                  len(flat), *flat, EVENT_MAXLEN, GLOBAL_EVENT_MAXLEN, self.ttl],
+                  len(flat), *flat, EVENT_MAXLEN, GLOBAL_EVENT_MAXLEN, self.ttl, token],
         ))
         return bool(ok)
 

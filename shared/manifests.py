@@ -45,7 +45,7 @@ def problems(doc: Any, name: naming.BackupName) -> list[str]:
     """Why `doc` cannot be the manifest of the object `name` (empty: it can)."""
     if not isinstance(doc, dict):
         return ["the manifest is not a JSON object"]
-    out = []
+    out: list[str] = []
     if doc.get("filename") != name.filename:
         out.append(f"it names the file {str(doc.get('filename'))[:80]!r}, not its own")
     if doc.get("engine") != name.engine:
@@ -58,14 +58,14 @@ def problems(doc: Any, name: naming.BackupName) -> list[str]:
             raise ValueError
         off = (created - name.created_at).total_seconds()
         if not -CLOCK_SLACK_S < off < CLOCK_SLACK_S:
-            out.append(f"its created_at {doc.get('created_at')} is not the name's time "
-                       f"{name_time(name)}")
+            out.append(f"its created_at {str(doc.get('created_at'))[:40]} is not the "
+                       f"name's time {name_time(name)}")
     except (ValueError, TypeError, OverflowError):
         out.append("it has no valid created_at")
     try:
         codecs.chain_of(doc)
     except PipelineError as exc:
-        out.append(exc.message)
+        out.append(exc.message[:200])
     if not isinstance(doc.get("sha256"), str) or not _SHA256.match(doc["sha256"]):
         out.append("it has no valid sha256")
     size = doc.get("size_bytes")
@@ -76,11 +76,14 @@ def problems(doc: Any, name: naming.BackupName) -> list[str]:
 
 def vet(doc: Any, filename: str) -> dict[str, Any]:
     """The manifest of the object `filename` (already proven by the grammar), or the
-    damaged entry that stands for it."""
+    damaged entry that stands for it. Never raises for what the manifest holds."""
     name = naming.parse(filename)
-    found = problems(doc, name)
+    try:
+        found = problems(doc, name)
+    except Exception as exc:  # a shape no check foresaw (types, depth): damaged, not a 500
+        found = [f"it cannot be read ({type(exc).__name__})"]
     if found:
-        return damaged(name, "; ".join(found))
+        return damaged(name, "; ".join(found)[:500])
     assert isinstance(doc, dict)
     return doc
 

@@ -38,6 +38,11 @@ class RedisUnavailable(SafeholdError):
     status = 503
 
 
+class JobTakenOver(RedisUnavailable):
+    """While this worker could not reach Redis, others took its job for lost (failed it
+    `worker_lost`): the job must not publish or commit anything now."""
+
+
 _RIDDEN: tuple[type[BaseException], ...] = (*UNREACHABLE, RedisUnavailable)  # nested: go on
 
 

@@ -356,7 +356,12 @@ class S3Storage:
                 r["Body"].close()
                 raise ValueError("the manifest is larger than any manifest Safehold writes")
             async with r["Body"] as body:
-                raw = await body.read(manifests.MAX_MANIFEST_BYTES + 1)
+                raw = b""  # read() may answer with what has arrived: read to the end
+                while len(raw) <= manifests.MAX_MANIFEST_BYTES:
+                    part = await body.read(manifests.MAX_MANIFEST_BYTES + 1 - len(raw))
+                    if not part:
+                        break
+                    raw += part
         except ValueError:
             raise
         except Exception as exc:
@@ -367,7 +372,7 @@ class S3Storage:
             raise ValueError("the manifest is larger than any manifest Safehold writes")
         try:
             doc = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past Python's depth
             raise ValueError("the manifest is not valid JSON") from None
         if not isinstance(doc, dict):
             raise ValueError("the manifest is not a JSON object")

@@ -3,10 +3,12 @@
 Some steps need a file on the worker's disk: a SQLite snapshot (plaintext, even when the
 backup is encrypted), a drill's throwaway database, a MySQL client option file holding a
 password, an upload being validated. They all go in `<tmp>/safehold-<uid>/` (mode 0700,
-owned by this user — refused otherwise), each in a directory named after the process that
-made it (`<kind>-<pid>-<random>`, 0700; files 0600). A process killed with SIGKILL cannot
-clean up, so `sweep()` (run when a worker or the API starts, and by the worker's
-housekeeping) removes the directories of processes that are gone.
+owned by this user — refused otherwise), each in a directory of its own
+(`<kind>-<pid>-<random>`, 0700; files 0600) whose `.lock` its process holds locked
+(flock) while it uses it. A process killed with SIGKILL cannot clean up, but the kernel
+drops its lock, so `sweep()` (run when a worker or the API starts, and by the worker's
+housekeeping) removes every directory whose lock is free — a pid reused in a restarted
+container changes nothing.
 
 `<tmp>` is `$TMPDIR` or `/tmp`; put it on an encrypted or memory-backed filesystem if
 plaintext must never touch a disk.
@@ -15,12 +17,14 @@ plaintext must never touch a disk.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,15 +48,22 @@ def root() -> Path:
     return path
 
 
+LOCK = ".lock"
+
+
 @contextlib.contextmanager
 def private_dir(kind: str) -> Iterator[Path]:
-    """A fresh 0700 directory for this process's temp files, removed afterwards."""
+    """A fresh 0700 directory for this process's temp files, locked while in use and
+    removed afterwards."""
     path = root() / f"{kind}-{os.getpid()}-{secrets.token_hex(4)}"
     path.mkdir(mode=0o700)
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+        os.close(fd)
 
 
 def private_file(directory: Path, name: str) -> Path:
@@ -62,14 +73,24 @@ def private_file(directory: Path, name: str) -> Path:
     return path
 
 
-def _alive(pid: int) -> bool:
+def _in_use(directory: Path) -> bool:
+    """Whether a live process holds the directory's lock (one without a lock file: while
+    it is being made, for a minute)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        fd = os.open(directory / LOCK, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        try:
+            return time.time() - directory.stat().st_mtime < 60
+        except FileNotFoundError:
+            return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # free, but maybe made a moment ago by a process about to lock it
+        return time.time() - os.fstat(fd).st_mtime < 10
+    except BlockingIOError:
         return True
-    return True
+    finally:
+        os.close(fd)  # (closing drops a lock taken here)
 
 
 def sweep() -> list[str]:
@@ -81,11 +102,7 @@ def sweep() -> list[str]:
         return []
     removed = []
     for entry in base.iterdir():
-        try:
-            pid = int(entry.name.split("-")[-2])
-        except (IndexError, ValueError):
-            continue
-        if pid == os.getpid() or _alive(pid):
+        if not entry.is_dir() or entry.is_symlink() or _in_use(entry):
             continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry.name)

@@ -40,7 +40,7 @@ def _read_json(path: Path) -> Any:
         raise ValueError("the manifest is larger than any manifest Safehold writes")
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past Python's depth
         raise ValueError("the manifest is not valid JSON") from None
 
 

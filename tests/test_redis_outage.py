@@ -5,6 +5,7 @@ while it is down (never 500), and both recover by themselves."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ import pytest
 
 from api.app import create_app
 from shared.config import parse_settings
-from tests import pg
+from tests import pg, procs
 from tests.conftest import PASSWORD_ENV, bearer, make_raw_config
 from tests.helpers import (
     REPO,
@@ -221,3 +222,128 @@ async def test_past_the_grace_a_job_fails_redis_unavailable(
 
 async def _ready(api: Any) -> bool:
     return bool((await api.get("/readyz")).status == 200)
+
+
+async def test_redis_lost_at_commit_leaves_a_pg_restore_unchanged(
+        api: Any, worker: Any, pg_db: str, settings: Any, storage_dir: Path) -> None:
+    """The stage `committing` is written to the job record before COMMIT is sent; when
+    Redis stays away past the grace right then, the load fails `redis_unavailable` with
+    the database unchanged (no COMMIT was sent), never `internal_error` (which would roll a
+    never-changed database back from the safety backup)."""
+    from shared.errors import RestoreFailed
+    from shared.outage import RedisUnavailable
+    from tests.helpers import backup
+    from worker.engines.postgresql import PostgreSQL
+    from worker.pipeline import stored_plain
+    from worker.progress import Progress
+
+    await pg.load_rich(pg_db)
+    name = (await backup(api))["result"]["filename"]
+    conn = await pg.user_conn(pg_db)
+    await conn.execute("DELETE FROM everything WHERE id < 50")  # a state to keep
+    await conn.close()
+    before = await pg.fingerprint(pg_db)
+
+    async def lost(stage: str) -> None:
+        if stage == "committing":
+            raise RedisUnavailable("Redis was unreachable for over 60s while recording it")
+
+    manifest = json.loads((storage_dir / f"{name}.json").read_text())
+    from shared import codecs
+    from shared.storage import LocalStorage
+
+    store = LocalStorage(settings.storage.path)
+    chunks = stored_plain(store.open("main", name), codecs.chain_of(manifest),
+                          limit=1 << 30, expect_sha256=manifest["sha256"], identities=[])
+    with pytest.raises(RestoreFailed) as caught:
+        await PostgreSQL().restore(settings.target("main"), chunks,
+                                   Progress(on_stage=lost), clean=True, manifest=manifest)
+    assert caught.value.code == "redis_unavailable" and caught.value.database_unchanged
+    assert await pg.fingerprint(pg_db) == before
+
+
+class Proxy:
+    """A TCP relay between the worker and Redis: cutting it isolates the worker alone."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream, self.port = upstream, free_port()
+        self.server: asyncio.base_events.Server | None = None
+        self.links: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                writer.close()
+
+        async def accept(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream)
+            self.links.update({w, uw})
+            await asyncio.gather(relay(r, uw), relay(ur, w))
+
+        self.server = await asyncio.start_server(accept, "127.0.0.1", self.port)
+
+    async def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in self.links:
+            w.transport.abort()
+        self.links.clear()
+        await self.server.wait_closed()
+
+
+async def test_a_worker_cut_off_alone_commits_nothing_after_being_taken_for_lost(
+        aiohttp_client: Any, private_redis: PrivateRedis, prefix: str, tmp_path: Path,
+        pg_db: str, test_env: dict[str, str]) -> None:
+    """Only the worker loses Redis (a partition) while its restore waits for an
+    application's lock: the API, which still reaches Redis, fails the job `worker_lost`
+    with `database_state: unchanged`. The application lets go, the load runs on — and at
+    COMMIT the job finds it is no longer its own and commits nothing: the record stays
+    true. (Without that check the database was replaced behind an "unchanged".)"""
+    await pg.load_rich(pg_db)
+    proxy = Proxy(private_redis.port)
+    await proxy.start()
+    raw = make_raw_config(prefix, tmp_path / "backups", pg_db)
+    raw["redis"]["url"] = f"redis://127.0.0.1:{proxy.port}/0"
+    write_toml(cfg := tmp_path / "safehold.toml", raw)
+    worker = await _worker_on(cfg, tmp_path / "worker.log")
+    raw["redis"]["url"] = f"redis://127.0.0.1:{private_redis.port}/0"  # the API: direct
+    settings = parse_settings(raw, test_env, base=tmp_path, source="<test>")
+    api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
+    try:
+        await wait_for(lambda: _ready(api), 30, "the worker to announce itself")
+        job = await (await api.post("/api/v1/targets/main/backups?wait=60")).json()
+        assert job["status"] == "succeeded", job
+        conn = await pg.user_conn(pg_db)
+        await conn.execute("DELETE FROM everything WHERE id < 100")  # the state to keep
+        await conn.close()
+        before = await pg.fingerprint(pg_db)
+        async with table_lock(pg_db, "everything", "ACCESS SHARE"):
+            job_id = (await (await api.post("/api/v1/targets/main/restores", json={
+                "backup": job["result"]["filename"]})).json())["id"]
+
+            async def waiting() -> bool:
+                j = await (await api.get(f"/api/v1/jobs/{job_id}")).json()
+                return bool(j["progress"].get("waiting_for"))
+            await wait_for(waiting, 60, "the restore to wait for the application's lock")
+            await proxy.cut()
+            lost = await wait_for_terminal(api, job_id, timeout=60)  # reaped by the API
+            assert lost["error"]["code"] == "worker_lost", lost
+            assert lost["error"]["database_state"] == "unchanged", lost
+        old_port = proxy.port  # the application let go; the worker's link comes back
+        proxy = Proxy(private_redis.port)
+        proxy.port = old_port
+        await proxy.start()
+        await wait_for(lambda: not procs.find("psql", {"PGDATABASE": pg_db}), 60,
+                       "the restore's psql to end")
+        assert await pg.fingerprint(pg_db) == before  # nothing committed
+        final = await (await api.get(f"/api/v1/jobs/{job_id}")).json()
+        assert final["error"]["database_state"] == "unchanged", final
+        assert "taken for lost" in (tmp_path / "worker.log").read_text()
+    finally:
+        await _stop(worker)

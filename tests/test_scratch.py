@@ -94,12 +94,22 @@ def test_a_planted_root_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def test_sweep_keeps_live_processes_dirs(tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory is swept when no live process holds its lock — whatever pid its name
+    carries (a restarted container's worker is pid 1 again, like the one killed)."""
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with scratch.private_dir("drill") as mine:
-        dead = scratch.root() / "drill-999999999-abcd"
-        dead.mkdir()
-        (dead / "redis.conf").write_text("requirepass x\n")
-        assert scratch.sweep() == ["drill-999999999-abcd"]
-        assert mine.exists() and not dead.exists()
+        left = []
+        for name in ("drill-999999999-abcd", f"sqlite-{os.getpid()}-dead"):
+            d = scratch.root() / name
+            d.mkdir()
+            (d / "redis.conf").write_text("requirepass x\n")
+            (d / scratch.LOCK).touch()
+            os.utime(d / scratch.LOCK, (1, 1))  # made long ago, its process gone
+            left.append(name)
+        fresh = scratch.root() / "upload-1-fresh"
+        fresh.mkdir()  # being made right now: its lock file not there yet
+        assert sorted(scratch.sweep()) == sorted(left)
+        assert mine.exists() and fresh.exists()
+    assert not mine.exists()

@@ -147,3 +147,38 @@ async def test_an_impossible_last_event_id_is_a_400_not_a_broken_stream(
     assert resp.status == 200
     resp.close()
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_each_role_gets_its_own_view_of_a_failed_restore(
+        aiohttp_client: Any, settings: Any, redis: Any, worker: Any, pg_db: str,
+        storage_dir: Any) -> None:
+    """A failed restore's error quotes what the database said (user SQL can echo any
+    data): on the shared event stream an operator sees it, a viewer following at the
+    same moment does not (frames are cached per role, never served across roles)."""
+    import asyncio
+
+    from api.app import create_app
+    from tests.conftest import bearer
+    from tests.helpers import backup, publish_plain, stored_manifest
+
+    app = create_app(settings)
+    op = await aiohttp_client(app, headers=bearer(settings, "operator"))
+    await pg.load_rich(pg_db)
+    good = (await backup(op))["result"]["filename"]
+    bad = "upload_postgresql_20200101_000000.sql.gz"
+    secret = "card-4111-1111-1111-1111"
+    sql = (f"SELECT 1/0 AS \"{secret}\";\n-- PostgreSQL database dump complete\n").encode()
+    await publish_plain(storage_dir, bad, sql, await stored_manifest(storage_dir, good))
+    op_stream = await op.get("/api/v1/events")
+    viewer_stream = await op.get("/api/v1/events", headers=bearer(settings, "viewer"))
+    job = (await (await op.post("/api/v1/targets/main/restores",
+                                json={"backup": bad})).json())["id"]
+
+    def ended(e: dict[str, Any]) -> bool:
+        return e["data"].get("job") == job and e["event"] in ("failed", "succeeded")
+    seen_op, seen_viewer = await asyncio.wait_for(asyncio.gather(
+        read_events(op_stream, until=ended), read_events(viewer_stream, until=ended)), 90)
+    op_view, viewer_view = seen_op[-1], seen_viewer[-1]
+    assert op_view["event"] == "failed" and viewer_view["id"] == op_view["id"]
+    assert "division by zero" in op_view["data"]["error"]["message"], op_view
+    assert "division by zero" not in str(viewer_view) and secret not in str(viewer_view)

@@ -6,6 +6,7 @@ provider's endpoints must be on the issuer's origin (and are looked up again hou
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import replace
 from typing import Any
 
@@ -44,8 +45,15 @@ class Provider:
                 for _i in range(100):
                     await resp.write(b"A" * (1 << 20))
                 return resp
-            return web.json_response({"access_token": self.issuer.token(
-                roles=["admin"], aud="safehold-api", azp="safehold-web")})
+            # the answer in two writes a moment apart, as over a real network
+            body = json.dumps({"access_token": self.issuer.token(
+                roles=["admin"], aud="safehold-api", azp="safehold-web")}).encode()
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await resp.prepare(_)
+            await resp.write(body[:20])
+            await asyncio.sleep(0.2)
+            await resp.write(body[20:])
+            return resp
 
         async def certs(_: web.Request) -> web.Response:
             return web.json_response(self.issuer.jwks())
@@ -58,16 +66,19 @@ class Provider:
 
 
 async def setup(aiohttp_server: Any, aiohttp_client: Any, settings: Settings,
-                public_url: str = PAGE) -> tuple[Provider, Any]:
+                public_url: str = PAGE, origins: str = "",
+                provider: Provider | None = None) -> tuple[Provider, Any]:
     import api.page
 
     api.page._DISCOVERY.clear()
-    p = Provider()
-    srv = await aiohttp_server(p.app())
-    p.issuer.url = str(srv.make_url("")).rstrip("/")
+    p = provider or Provider()
+    if provider is None:
+        srv = await aiohttp_server(p.app())
+        p.issuer.url = str(srv.make_url("")).rstrip("/")
     sso = replace(settings, auth=AuthSettings(
         issuer=p.issuer.url + ISSUER_PATH, audience="safehold-api",
-        allowed_azp="safehold-web", client_id="safehold", web_client_id="safehold-web"),
+        allowed_azp="safehold-web", client_id="safehold", web_client_id="safehold-web",
+        idp_endpoint_origins=origins),
         server=replace(settings.server, public_url=public_url))
     return p, await aiohttp_client(create_app(sso))
 
@@ -139,3 +150,21 @@ async def test_a_token_endpoint_off_the_issuers_origin_is_refused(
     assert resp.status == 503
     body = await resp.json()
     assert body["error"]["code"] == "idp_misconfigured" and "origin" in body["error"]["message"]
+
+
+async def test_endpoint_origins_allowed_by_config_and_default_ports(
+        aiohttp_server: Any, aiohttp_client: Any, settings: Settings, redis: Any) -> None:
+    """An explicit default port is the same origin; a provider whose token endpoint lives
+    elsewhere (Google's) is allowed by `auth.idp_endpoint_origins`."""
+    from api.page import _origin
+
+    assert _origin("https://sso.example.com:443/t") == _origin("https://sso.example.com/r")
+    for origins, status in (("", 503), ("http://localhost:{port}", 200)):
+        p, api = await setup(aiohttp_server, aiohttp_client, settings)
+        other = await aiohttp_server(p.app())  # the same provider on another origin
+        p.token_endpoint = f"http://localhost:{other.port}{ISSUER_PATH}/t"
+        if origins:
+            p, api = await setup(aiohttp_server, aiohttp_client, settings,
+                                 origins=origins.format(port=other.port), provider=p)
+        resp = await api.post("/api/v1/login/token", json=login())
+        assert resp.status == status, await resp.text()

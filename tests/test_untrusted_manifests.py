@@ -110,6 +110,8 @@ async def test_a_manifest_naming_another_file_is_damaged(
     (b"\x00\xff not json", "not valid JSON"),
     (b"[1, 2]", "not a JSON object"),
     (b'{"filename": 1}', "not its own"),
+    (b'{"codecs": [{"codec": []}]}', "cannot be read (TypeError)"),  # unhashable codec
+    (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),  # nested past Python's depth
 ])
 async def test_unreadable_manifests_are_listed_as_damaged(
         api: Any, worker: Any, pg_db: str, storage_dir: Path, content: bytes,
@@ -120,6 +122,10 @@ async def test_unreadable_manifests_are_listed_as_damaged(
     backups = await listed(api)
     assert set(backups) == {good, bad}
     assert why in backups[bad]["damaged"] and not backups[good].get("damaged")
+    job = await (await api.post("/api/v1/targets/main/prune?wait=60")).json()
+    assert job["status"] == "succeeded", job  # a damaged manifest never stops retention
+    resp = await api.delete(f"/api/v1/targets/main/backups/{bad}")
+    assert resp.status == 200, await resp.text()  # and it can be removed
 
 
 def test_vet_accepts_what_safehold_writes_and_refuses_lies() -> None:

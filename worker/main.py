@@ -21,6 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from shared import scratch
 from shared.config import Settings
 from shared.keys import Keys
+from shared.outage import RedisUnavailable
 from shared.queue import FUNCTIONS, function_timeouts, redis_settings
 from shared.reaper import Reaper
 from worker.runner import JobRunner, ensure_engines
@@ -48,8 +49,8 @@ async def _housekeeping(runner: JobRunner) -> None:
                                     runner.worker_id, runner.transport_recipient)
             await reaper.sweep()
             await asyncio.to_thread(scratch.sweep)  # what killed processes left on this host
-        except (RedisError, OSError) as exc:  # an outage: the poll loop reports it
-            log.debug("housekeeping: Redis unreachable (%s)", type(exc).__name__)
+        except (RedisError, OSError, RedisUnavailable) as exc:  # an outage: the poll loop
+            log.debug("housekeeping: Redis unreachable (%s)", type(exc).__name__)  # says it
         except Exception:  # keep beating through anything else, loudly
             log.exception("housekeeping failed")
         await asyncio.sleep(reaper.next_pass_in(min(WORKER_BEAT, w.orphan_after / 2)))

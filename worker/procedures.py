@@ -39,7 +39,7 @@ from shared.errors import (
 )
 from shared.jobs import Job, JobStore, now_iso, undo_hint
 from shared.naming import ENGINE_FORMATS
-from shared.outage import RedisUnavailable
+from shared.outage import JobTakenOver, RedisUnavailable
 from worker import pipeline
 from worker.engines import Engine
 from worker.progress import Progress
@@ -76,6 +76,18 @@ class Procedures:
         self.settings = settings
         self.store = store
         self.catalog = catalog
+
+    async def still_ours(self, job: Job) -> None:
+        """JobTakenOver unless the job is still running on the worker that started it (a
+        worker cut off from Redis alone is taken for dead, and its job failed, by others;
+        waiting for Redis here is ridden out like any of the job's Redis calls)."""
+        current = await self.store.find(job.id)
+        if current is None or current.status != "running" or current.worker != job.worker:
+            log.warning("job %s was taken for lost by others while this worker could not "
+                        "reach Redis; its work stops here", job.id)
+            raise JobTakenOver(
+                f"job {job.id} was taken for lost while this worker could not reach Redis "
+                f"({'gone' if current is None else current.status}); nothing was kept")
 
     # ----------------------------------------------------------------- backup
     def chain(self, target: TargetConfig, compress: bool = True) -> list[dict[str, Any]]:
@@ -171,6 +183,11 @@ class Procedures:
             "parent": parent,
             "note": note or None,
         }
+        try:  # publishing is the backup's commit: only while the job is still this one's
+            await self.still_ours(job)
+        except BaseException:
+            await asyncio.shield(fan.abort())
+            raise
         publishing = asyncio.ensure_future(fan.publish(manifest))
         try:
             await asyncio.shield(publishing)
@@ -435,8 +452,8 @@ class Procedures:
         if len(copies) > 1 or source[0] is not copies[0][0]:
             await self.store.publish(job.id, "log", {
                 "message": f"restoring {name.filename} from destination {source[0].name}"})
-        safety = await self._safety_backup(job, target, engine, name, progress) \
-            if make_safety else None
+        safety, safety_sha256 = await self._safety_backup(job, target, engine, name, progress) \
+            if make_safety else (None, None)
         t0 = time.monotonic()
         warnings_before = len(progress.warnings)
         try:
@@ -444,11 +461,13 @@ class Procedures:
                              windows=windows)
         except (EngineError, PipelineError, BadRequest) as exc:
             raise await self._after_failed_restore(
-                job, target, engine, exc, safety, progress, manifest, ids) from exc
+                job, target, engine, exc, safety, progress, manifest, ids,
+                safety_sha256) from exc
         except Exception as exc:  # a bug mid-load: still say what state the database is in
             error = RestoreFailed(f"{type(exc).__name__}: {exc}", code="internal_error")
             raise await self._after_failed_restore(
-                job, target, engine, error, safety, progress, manifest, ids) from exc
+                job, target, engine, error, safety, progress, manifest, ids,
+                safety_sha256) from exc
         return {"restored": name.filename, "safety_backup": safety,
                 "restored_from": source[0].name,
                 "raw_bytes": manifest.get("raw_bytes"),
@@ -610,7 +629,10 @@ class Procedures:
                               "refusing to restore, nothing was touched")
 
     async def _safety_backup(self, job: Job, target: TargetConfig, engine: Engine,
-                             restoring: naming.BackupName, progress: Progress) -> str:
+                             restoring: naming.BackupName, progress: Progress
+                             ) -> tuple[str, str]:
+        """The safety backup's name and the sha256 of what this job wrote (a rollback
+        loads those bytes only)."""
         progress.set_phase("safety_backup")
         try:
             made = await self.backup(job, target, engine, progress, kind="safety_backup",
@@ -630,7 +652,7 @@ class Procedures:
         if made.get("warnings"):
             message += " with warnings: " + "; ".join(made["warnings"])
         await self.store.publish(job.id, "log", {"message": message})
-        return safety
+        return safety, str(made["sha256"])
 
     async def _load(self, job: Job, target: TargetConfig, engine: Engine,
                     name: naming.BackupName, store: BackupStore, manifest: dict[str, Any],
@@ -640,7 +662,12 @@ class Procedures:
         pass on, see `pipeline.SameAsChecked`), when the engine's check read it whole."""
         progress.set_phase("restoring", bytes_total=manifest.get("raw_bytes"))
         if not rollback:  # a rollback stays `rolling_back`: its outcome is never "unchanged"
-            await progress.enter_stage("uncommitted" if engine.atomic_restore else "partial")
+            try:
+                await progress.enter_stage("uncommitted" if engine.atomic_restore else
+                                           "partial")
+            except RedisUnavailable as exc:  # nothing loaded yet
+                raise RestoreFailed(exc.message, database_unchanged=True,
+                                    code=exc.code) from None
         async with self._plain(store, target, name, manifest, identities, windows) as chunks:
             await engine.restore(target, chunks, progress, clean=True, manifest=manifest,
                                  terminate=bool(job.params.get("terminate_connections")))
@@ -667,7 +694,8 @@ class Procedures:
     async def _after_failed_restore(self, job: Job, target: TargetConfig, engine: Engine,
                                     exc: SafeholdError, safety: str | None,
                                     progress: Progress, failed: dict[str, Any],
-                                    identities: Sequence[Any]) -> RestoreFailed:
+                                    identities: Sequence[Any],
+                                    safety_sha256: str | None = None) -> RestoreFailed:
         """Say exactly what state the database is in; roll back from the safety backup
         when the engine cannot promise the database was left unchanged."""
         msg = exc.message
@@ -688,7 +716,13 @@ class Procedures:
                 "message": f"restore failed; rolling back from safety backup {safety}"})
             sname = naming.parse(safety)
             try:
-                scopies = await self.catalog.copies(target.id, sname)
+                # only the bytes this job wrote: a safety backup swapped in storage
+                # meanwhile is not loaded over the database
+                scopies = [(st, m) for st, m in await self.catalog.copies(target.id, sname)
+                           if safety_sha256 is None or m.get("sha256") == safety_sha256]
+                if not scopies:
+                    raise IntegrityError(f"safety backup {safety} was replaced in storage "
+                                         "since this job wrote it; it is not loaded")
                 (sstore, smanifest), sfacts = await self._verify(
                     target, engine, sname, scopies, progress, identities)
                 swindows = sfacts.pop("plain_windows", None)

@@ -89,12 +89,18 @@ class JobRunner:
             await self.store.set_fields(job_id, restore_state="untouched")
 
             async def on_stage(stage: str) -> None:
+                if stage == "committing":  # the point of no return: still this job's?
+                    await self.procedures.still_ours(job)
                 await self.store.set_fields(job_id, restore_state=stage)
 
             progress.on_stage = on_stage
-        lock = TargetLock(self.redis, self.keys.lock(job.target), job_id)
+        w = self.settings.worker
+        # the lock outlives an outage the job rides out (the reaper releases a dead job's)
+        lock = TargetLock(self.redis, self.keys.lock(job.target), job_id,
+                          ttl_s=max(30.0, w.redis_grace + w.orphan_after))
         work = asyncio.create_task(self._execute(job, progress, lock))
-        state = {"cancel_requested": False}
+        state: dict[str, Any] = {"cancel_requested": False, "lost": None,
+                                 "beat_ok": time.monotonic()}
         monitor = asyncio.create_task(self._monitor(job, progress, lock, work, state))
         try:
             result = await work
@@ -102,7 +108,13 @@ class JobRunner:
             if not work.done():
                 work.cancel()
             await asyncio.gather(work, return_exceptions=True)
-            if state["cancel_requested"]:
+            if state["lost"]:
+                # ended by others meanwhile (reaped), or its lock taken: recorded as such
+                # if the record is still ours, else left as the reaper wrote it
+                await asyncio.shield(self._finish(
+                    job, progress, "failed",
+                    error={"code": "redis_unavailable", "message": state["lost"]}))
+            elif state["cancel_requested"]:
                 message = "cancelled on request; nothing was kept"
                 if job.kind == "restore":
                     message = ("cancelled on request before the restore changed anything: "
@@ -224,7 +236,7 @@ class JobRunner:
         await self.redis.set(self.keys.heartbeat(job_id), self.worker_id, px=ttl)
 
     async def _monitor(self, job: Job, progress: Progress, lock: TargetLock,
-                       work: asyncio.Task[Any], state: dict[str, bool]) -> None:
+                       work: asyncio.Task[Any], state: dict[str, Any]) -> None:
         """Keep watching the job through transient Redis errors (a dead monitor would stop
         the heartbeat and get a healthy job reaped)."""
         while not work.done():
@@ -243,7 +255,7 @@ class JobRunner:
             progress.outbox.pop(0)  # only once published: a Redis error retries it
 
     async def _watch(self, job: Job, progress: Progress, lock: TargetLock,
-                     work: asyncio.Task[Any], state: dict[str, bool]) -> None:
+                     work: asyncio.Task[Any], state: dict[str, Any]) -> None:
         """Publish progress, heartbeat, refresh the lock, and honour cancel requests."""
         w = self.settings.worker
         last_publish = last_cancel_check = time.monotonic()
@@ -258,10 +270,10 @@ class JobRunner:
             now = time.monotonic()
             if now - last_beat >= w.heartbeat_interval:
                 await self._heartbeat(job.id)
-                if not await lock.refresh():
-                    progress.warn(f"the lock on target {job.target} lapsed while Redis was "
-                                  "away and another job holds it now")
-                last_beat = time.monotonic()
+                away = time.monotonic() - state["beat_ok"]
+                state["beat_ok"] = last_beat = time.monotonic()
+                if await self._fenced(job, progress, lock, work, state, away):
+                    continue
             if now - last_publish >= w.progress_interval:
                 snap = progress.snapshot()
                 if any(snap[k] != last.get(k) for k in snap if k not in volatile):
@@ -284,6 +296,33 @@ class JobRunner:
                     continue
                 state["cancel_requested"] = True
                 work.cancel()
+
+    async def _fenced(self, job: Job, progress: Progress, lock: TargetLock,
+                      work: asyncio.Task[Any], state: dict[str, Any], away: float) -> bool:
+        """After Redis comes back: if others took this job for dead (a worker cut off alone
+        for longer than `orphan_after` is reaped) or took its target's lock, its work stops
+        at once where stopping is safe. True when it was stopped."""
+        why = None
+        if away > self.settings.worker.orphan_after:
+            current = await self.store.find(job.id)
+            if current is None or current.status != "running" or \
+                    current.worker != self.worker_id:
+                why = (f"this worker could not reach Redis for {away:.0f}s and the job was "
+                       "taken for lost meanwhile; its work stopped when Redis answered again")
+        if why is None and not await lock.refresh():
+            why = (f"the lock on target {job.target} lapsed while Redis was away and another "
+                   "job holds it now; this job stopped, nothing was kept")
+        if why is None:
+            return False
+        stage = progress.stages[-1] if progress.stages else None
+        if job.kind == "restore" and not restore_cancellable(stage):
+            progress.warn(why.split(";")[0] + "; the restore is changing the database and "
+                          "goes on to its end (or its rollback)")
+            return False
+        log.warning("job %s: %s", job.id, why)
+        state["lost"] = why
+        work.cancel()
+        return True
 
     async def _execute(self, job: Job, progress: Progress, lock: TargetLock) -> dict[str, Any]:
         target = self.settings.target(job.target)

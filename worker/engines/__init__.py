@@ -128,13 +128,22 @@ async def blockers_watched(progress: Progress, seen: list[Blocker],
                            others: Callable[[], Awaitable[list[Blocker]]] | None
                            ) -> AsyncIterator[None]:
     """Around a load: `watch_blockers` runs; with `others` (terminate_connections asked),
-    the database's other sessions are ended first and blockers as they appear."""
+    the database's other sessions are ended first and blockers as they appear (each
+    session once: one that cannot be ended is said once, not every second)."""
+    tried: set[Any] = set()
+
+    async def end_once(blockers: list[Blocker]) -> None:
+        new = [b for b in blockers if b.get("id") not in tried]
+        tried.update(b.get("id") for b in new)
+        if new:
+            await end(new)
+
     if others is not None and (found := await others()):
         progress.log(f"ending {len(found)} session(s) on the database "
                      f"(terminate_connections): {describe(found)}")
-        await end(found)
+        await end_once(found)
     watcher = asyncio.ensure_future(
-        watch_blockers(find, end if others is not None else None, progress, seen))
+        watch_blockers(find, end_once if others is not None else None, progress, seen))
     try:
         yield
     finally:

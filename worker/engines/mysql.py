@@ -397,7 +397,8 @@ class MySQL:
                ("LOCK TABLES " + ", ".join(f"{_quote(t)} WRITE" for t in tables) + ";")
                if tables else "DO 0;"]
         sql += [f"DROP TABLE IF EXISTS {_quote(t)};" for t in tables]
-        sql.append("UNLOCK TABLES;")
+        # the bound is for the clean's wait on the application: the load goes on as before
+        sql += ["UNLOCK TABLES;", "SET SESSION lock_wait_timeout = DEFAULT;"]
         for name, ttype, *_ in cat["tables"]:
             if name not in tables:
                 sql.append(f"DROP {kinds.get(ttype, 'TABLE')} IF EXISTS {_quote(name)};")
@@ -457,11 +458,22 @@ class MySQL:
                 message = exc.message if isinstance(exc, EngineError) else str(exc)
                 raise RestoreFailed(message, database_unchanged=True) from None
 
+            # the restore's own session: the first of this user's sessions on the database
+            # that did not exist before the client started
+            before = {r[0] for r in await self._query(conn, _MY_USER_SESSIONS, user, db)}
+            ours: list[int] = []
+
             async def find() -> list[Blocker]:
+                if not ours:
+                    new = sorted(r[0] for r in await self._query(conn, _MY_USER_SESSIONS,
+                                                                 user, db)
+                                 if r[0] not in before)
+                    if not new:
+                        return []
+                    ours.append(new[0])
                 waiting = await self._query(
-                    conn, "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = %s "
-                    "AND DB = %s AND STATE LIKE 'Waiting for %%metadata lock' "
-                    "AND INFO LIKE 'LOCK TABLES %%' AND ID <> CONNECTION_ID()", user, db)
+                    conn, "SELECT ID FROM information_schema.PROCESSLIST WHERE ID = %s "
+                    "AND STATE LIKE 'Waiting for %%lock%%'", ours[0])
                 if not waiting:
                     return []
                 try:
@@ -510,6 +522,8 @@ _MY_SESSIONS = (f"SELECT {_MY_COLUMNS} FROM information_schema.PROCESSLIST p "
                 "WHERE p.DB = %s AND p.ID <> CONNECTION_ID()")
 
 
+_MY_USER_SESSIONS = ("SELECT ID FROM information_schema.PROCESSLIST WHERE USER = %s "
+                     "AND DB = %s AND ID <> CONNECTION_ID()")
 _MY_SESSIONS_NO_TRX = ("SELECT p.ID, p.USER, p.HOST, p.COMMAND, p.TIME, NULL "
                        "FROM information_schema.PROCESSLIST p "
                        "WHERE p.DB = %s AND p.ID <> CONNECTION_ID()")

@@ -29,6 +29,7 @@ from shared.errors import (
     SafeholdError,
     ToolTooOld,
 )
+from shared.outage import RedisUnavailable
 from shared.pgscript import PgScriptGuard, UnsafeScript
 from worker.engines import (
     Blocker,
@@ -385,6 +386,9 @@ class PostgreSQL:
                 raise RestoreFailed(f"reading the backup failed ({exc.message}); "
                                     "the transaction was not committed",
                                     database_unchanged=True, code=exc.code) from None
+            except RedisUnavailable as exc:  # recording "committing" failed: no COMMIT sent
+                raise RestoreFailed(f"{exc.message}; the transaction was not committed",
+                                    database_unchanged=True, code=exc.code) from None
             finally:
                 markers.cancel()
             rc = await child.wait()
@@ -460,16 +464,17 @@ def _blocker(r: Any) -> Blocker:
 
 async def _terminate(conn: asyncpg.Connection, pids: list[int], progress: Progress,
                      target: TargetConfig) -> None:
-    try:
-        ended = await conn.fetchval(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM unnest($1::int[]) "
-            "AS x(pid)", pids)
-    except asyncpg.InsufficientPrivilegeError:
-        progress.warn(f"could not end sessions {pids}: the role {_conn(target)['user']} may "
-                      "not; GRANT pg_signal_backend TO it (or make it their owner)")
-        return
+    ended = []
+    for pid in pids:  # one at a time: a superuser's session refused does not stop the rest
+        try:
+            if await conn.fetchval("SELECT pg_terminate_backend($1)", pid):
+                ended.append(pid)
+        except asyncpg.InsufficientPrivilegeError as exc:
+            progress.warn(f"could not end session {pid} ({exc}): the role "
+                          f"{_conn(target)['user']} needs pg_signal_backend (or to be that "
+                          "session's role)")
     if ended:
-        progress.log(f"ended {ended} session(s): {', '.join(map(str, pids))}")
+        progress.log(f"ended {len(ended)} session(s): {', '.join(map(str, ended))}")
 
 
 STUCK_CHECKS = 3  # looks, a second apart, at a psql blocked reading its empty input

@@ -28,6 +28,7 @@ from shared import scratch
 from shared.config import TargetConfig
 from shared.errors import DumpFailed, EngineError, PipelineError, RestoreFailed
 from shared.formats import check_sqlite_file
+from shared.outage import RedisUnavailable
 from worker.engines import Dump
 from worker.progress import Progress
 
@@ -194,7 +195,11 @@ class SQLite:
                                     "database was not touched", database_unchanged=True) \
                     from None
             progress.set_phase("replacing")
-            await progress.enter_stage("committing")  # from here the file may be the new one
+            try:
+                await progress.enter_stage("committing")  # from here the file may be new
+            except RedisUnavailable as exc:  # not replaced yet
+                raise RestoreFailed(f"{exc.message}; the database was not touched",
+                                    database_unchanged=True, code=exc.code) from None
             await asyncio.to_thread(_replace, target.path, temp)
         finally:
             for leftover in (temp, *(Path(f"{temp}{x}") for x in ("-wal", "-shm", "-journal"))):
@@ -209,7 +214,7 @@ class SQLiteDrill:
         from dataclasses import replace
 
         with scratch.private_dir("drill") as tmp:
-            self.last_scratch = f"file {tmp / 'drill.db'}"
+            self.last_scratch = "a file in the worker's private temp space"
             yield replace(target, path=str(scratch.private_file(tmp, "drill.db")))
 
     async def exact_counts(self, target: TargetConfig) -> dict[str, int]:
