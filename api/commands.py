@@ -44,6 +44,9 @@ def add_client_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     r.add_argument("target")
     r.add_argument("backup")
     r.add_argument("--no-safety-backup", action="store_true")
+    r.add_argument("--roles", choices=("create", "skip"),
+                   help="PostgreSQL: roles the backup names that the server lacks are "
+                        "created (NOLOGIN) or their owners and grants left out")
     r.add_argument("--terminate-connections", action="store_true",
                    help="PostgreSQL, MySQL: end the application's sessions on the database "
                         "instead of waiting (lock_timeout) for their locks")
@@ -202,6 +205,8 @@ async def run(client: Client, args: argparse.Namespace) -> int:  # noqa: C901 - 
                                "create_safety_backup": not args.no_safety_backup}
         if args.terminate_connections:
             req["terminate_connections"] = True
+        if args.roles:
+            req["roles"] = args.roles
         if args.identity_file:  # sent once, sealed by the API for the workers
             req["identity"] = await asyncio.to_thread(Path(args.identity_file).read_text)
         job = await client.call("POST", f"/api/v1/targets/{args.target}/restores", json=req)

@@ -252,7 +252,7 @@ class Operations:
 
     async def start_restore(self, caller: Caller, target_id: str, file: str, *,
                             safety: bool = True, identity: str | None = None,
-                            terminate: bool = False,
+                            terminate: bool = False, roles: str | None = None,
                             idempotency_key: str | None = None, wait: float | None = None,
                             fail_fast: bool = False, expect_sha256: str | None = None) -> Job:
         """A restore job bound to the backup's sha256 as it is now (or `expect_sha256`, what
@@ -260,6 +260,11 @@ class Operations:
         async with self.audited(caller, "create_restore", target_id,
                                  {"backup": file}) as info:
             target = self.target(caller, target_id, Role.OPERATOR)
+            if roles is not None and roles not in ("create", "skip"):
+                raise BadRequest("roles must be \"create\" or \"skip\"", code="invalid_body")
+            if roles is not None and target.engine != "postgresql":
+                raise Unprocessable(f"roles applies to PostgreSQL targets (not yet to "
+                                    f"{target.engine})", code="invalid_body")
             parsed = naming.parse(file)
             info["backup"] = parsed.filename
             if parsed.engine != target.engine:  # the name proves the engine
@@ -281,6 +286,8 @@ class Operations:
                                         f"MySQL/MariaDB targets, not {target.engine}",
                                         code="invalid_body")
                 params["terminate_connections"] = True
+            if roles is not None:
+                params["roles"] = roles
             seal = None
             if identity is not None:
                 sealed = await self.seal_identity(identity)

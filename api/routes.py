@@ -110,6 +110,13 @@ _BACKUP_BODY = {"type": "object", "additionalProperties": False, "properties": {
 _RESTORE_BODY = {"type": "object", "additionalProperties": False, "required": ["backup"],
                  "properties": {"backup": BACKUP_NAME,
                                 "create_safety_backup": {"type": "boolean", "default": True},
+                                "roles": {
+                                    "enum": ["create", "skip"],
+                                    "description": "PostgreSQL: roles the backup's owners and "
+                                    "grants name that this server lacks are created "
+                                    "(NOLOGIN, no password) or their owners and grants "
+                                    "left out; without it such a restore is refused "
+                                    "(roles_missing) before anything changes"},
                                 "terminate_connections": {
                                     "type": "boolean", "default": False,
                                     "description": "PostgreSQL, MySQL/MariaDB: end the "

@@ -94,8 +94,17 @@ def _show(text: bytes, limit: int = 60) -> str:
     return shown if len(shown) <= limit else shown[:limit] + "…"
 
 
+# owners and grants as pg_dump writes them: one statement on one line
+_PRIVILEGES = re.compile(rb"(?is)^(?:GRANT\s|REVOKE\s|ALTER\s+DEFAULT\s+PRIVILEGES\s|"
+                         rb"ALTER\s+\S.*\sOWNER\s+TO\s)")
+_PLAIN_STATEMENT = re.compile(rb"^[^'$;\\]*;$")  # no literal, comment start or second `;`
+
+
 class PgScriptGuard:
-    def __init__(self) -> None:
+    def __init__(self, *, skip_privileges: bool = False) -> None:
+        # roles = "skip": owners and grants are left out (and listed in `skipped`)
+        self.skip_privileges = skip_privileges
+        self.skipped: list[str] = []
         self.line = 0  # complete lines seen
         self.footer = False
         self.restrict_key: bytes | None = None
@@ -235,6 +244,11 @@ class PgScriptGuard:
                 self._raw_set = True
             if stripped in _BLANKED:
                 return b"\n"  # pg_dump's large-object BEGIN/COMMIT: Safehold's transaction
+            if self.skip_privileges and _PRIVILEGES.match(stripped) and \
+                    _PLAIN_STATEMENT.match(stripped) and b"--" not in stripped and \
+                    b"/*" not in stripped:
+                self.skipped.append(stripped.decode("utf-8", "replace")[:300])
+                return b"\n"
             if stripped == FOOTER:
                 self.footer = True
                 return line

@@ -41,7 +41,7 @@ from shared.jobs import Job, JobStore, now_iso, undo_hint
 from shared.naming import ENGINE_FORMATS
 from shared.outage import JobTakenOver, RedisUnavailable
 from worker import pipeline
-from worker.engines import Engine
+from worker.engines import Engine, RestoreOptions
 from worker.progress import Progress
 
 AUX_RETENTION = retention.Policy(max_age=timedelta(days=7))  # safety backups, uploads
@@ -670,7 +670,9 @@ class Procedures:
                                     code=exc.code) from None
         async with self._plain(store, target, name, manifest, identities, windows) as chunks:
             await engine.restore(target, chunks, progress, clean=True, manifest=manifest,
-                                 terminate=bool(job.params.get("terminate_connections")))
+                                 options=RestoreOptions(
+                                     terminate=bool(job.params.get("terminate_connections")),
+                                     roles=job.params.get("roles") or None))
 
     @contextlib.asynccontextmanager
     async def _plain(self, store: BackupStore, target: TargetConfig, name: naming.BackupName,

@@ -71,6 +71,17 @@ def stale_drills(names: Iterable[str], max_age: float) -> list[str]:
     return sorted(out)
 
 
+@dataclass(frozen=True)
+class RestoreOptions:
+    """What the caller chose for a load (the job's parameters, never the backup's)."""
+
+    terminate: bool = False  # end the application's sessions instead of waiting for them
+    # roles the backup names and the server lacks: "create" them (NOLOGIN), or "skip"
+    # owners and grants; None: refuse before anything changes (PostgreSQL)
+    roles: str | None = None
+
+
+NO_OPTIONS = RestoreOptions()
 Blocker = dict[str, Any]  # a session holding a lock the restore waits for
 
 
@@ -177,11 +188,11 @@ class Engine(Protocol):
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
                       progress: Progress, *, clean: bool, manifest: dict[str, Any],
-                      terminate: bool = False) -> None:
+                      options: RestoreOptions = NO_OPTIONS) -> None:
         """Load a plain dump; raises RestoreFailed (with `database_unchanged` when known).
         Where the application's locks can hold a load up (PostgreSQL, MySQL), it waits at
         most `target.lock_timeout` for them, naming the sessions that hold them
-        (`watch_blockers`); `terminate` ends those sessions instead."""
+        (`watch_blockers`); `options` are the caller's choices (RestoreOptions)."""
         ...
 
     async def stats(self, target: TargetConfig) -> dict[str, Any]: ...

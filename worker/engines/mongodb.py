@@ -45,7 +45,15 @@ from shared.errors import DumpFailed, EngineError, PipelineError
 from shared.formats import check_mongo_member, check_mongo_metadata
 from shared.redact import redact
 from shared.tarstream import TarReader
-from worker.engines import Dump, drill_name, restore_errors, stale_drills, unreachable
+from worker.engines import (
+    NO_OPTIONS,
+    Dump,
+    RestoreOptions,
+    drill_name,
+    restore_errors,
+    stale_drills,
+    unreachable,
+)
 from worker.progress import Progress
 
 SYSTEM_DBS = {"admin", "local", "config"}
@@ -265,7 +273,7 @@ class MongoDB:
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
                       progress: Progress, *, clean: bool, manifest: dict[str, Any],
-                      terminate: bool = False) -> None:
+                      options: RestoreOptions = NO_OPTIONS) -> None:
         async with self._session(target) as client:
             restorer = _Restorer(client, clean, progress)
             restorer.databases |= set(manifest.get("also_clean") or [])  # a rollback's reach

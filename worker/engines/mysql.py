@@ -29,8 +29,10 @@ from shared import scratch
 from shared.config import TargetConfig
 from shared.errors import DumpFailed, EngineError, RestoreFailed
 from worker.engines import (
+    NO_OPTIONS,
     Blocker,
     Dump,
+    RestoreOptions,
     blockers_watched,
     describe,
     drill_name,
@@ -410,7 +412,7 @@ class MySQL:
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
                       progress: Progress, *, clean: bool, manifest: dict[str, Any],
-                      terminate: bool = False) -> None:
+                      options: RestoreOptions = NO_OPTIONS) -> None:
         db = _conn(target)["database"]
         try:
             prelude = await self._clean_sql(target) if clean else ""
@@ -420,7 +422,7 @@ class MySQL:
         seen: list[Blocker] = []
         with _defaults_file(target) as cnf:
             argv = [tool, f"--defaults-file={cnf}", *await client_guard_flags(tool), db]
-            async with self._blockers(target, progress, seen, terminate), \
+            async with self._blockers(target, progress, seen, options.terminate), \
                     spawn(argv, env={}, secrets=target.secrets(), stdin=True) as child:
                 with restore_errors(target, "MySQL"):
                     await feed_stdin(child, prelude.encode(), chunks, progress.add_bytes)

@@ -41,7 +41,7 @@ from shared.config import TargetConfig
 from shared.cypher import FIX_BYTES_MARKER, StatementSplitter, check_statement
 from shared.errors import BadRequest, DumpFailed, RestoreFailed
 from shared.redact import redact
-from worker.engines import Dump, restore_errors, unreachable
+from worker.engines import NO_OPTIONS, Dump, RestoreOptions, restore_errors, unreachable
 from worker.progress import Progress
 
 BATCH = 1000
@@ -352,7 +352,7 @@ class Neo4j:
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
                       progress: Progress, *, clean: bool, manifest: dict[str, Any],
-                      terminate: bool = False) -> None:
+                      options: RestoreOptions = NO_OPTIONS) -> None:
         decoder = codecs.getincrementaldecoder("utf-8")()
         splitter = StatementSplitter()
         async with self._driver(target) as (driver, db):

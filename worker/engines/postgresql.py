@@ -32,8 +32,10 @@ from shared.errors import (
 from shared.outage import RedisUnavailable
 from shared.pgscript import PgScriptGuard, UnsafeScript
 from worker.engines import (
+    NO_OPTIONS,
     Blocker,
     Dump,
+    RestoreOptions,
     blockers_watched,
     describe,
     drill_name,
@@ -226,7 +228,11 @@ class PostgreSQL:
             if _TABLE_DONE.match(line):
                 progress.items_done += 1
 
-        flags = ["--format=plain", "--no-owner", "--no-acl", "--verbose", "--no-password"]
+        # owners, grants, default privileges and policies as pg_dump writes them by
+        # default: a restore gives the application its access back (issue 21)
+        flags = ["--format=plain", "--verbose", "--no-password"]
+        async with self._connect(target) as conn:
+            roles = [r[0] for r in await conn.fetch(_ROLES_REFERENCED)]
         async with spawn(["pg_dump", *flags], env=_env(target), secrets=target.secrets(),
                          stdout=True, on_line=on_line) as child:
             async def chunks() -> AsyncIterator[bytes]:
@@ -243,6 +249,9 @@ class PostgreSQL:
                 "counts": {f"{t['schema']}.{t['name']}":
                            int(t["rows"]) if t["rows"] >= 0 else None for t in leaf_tables},
                 "count_kind": "rows_estimate",
+                # the roles its owners, grants and policies name (a restore on a server
+                # lacking some needs a choice: roles = "create" | "skip")
+                "roles": roles,
             })
             rc = await child.wait()
             if rc != 0:
@@ -325,7 +334,7 @@ class PostgreSQL:
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
                       progress: Progress, *, clean: bool, manifest: dict[str, Any],
-                      terminate: bool = False) -> None:
+                      options: RestoreOptions = NO_OPTIONS) -> None:
         """Feed the guarded script to psql inside one transaction that Safehold opens and
         commits itself, only after the whole stream was read, checked and verified.
 
@@ -336,9 +345,12 @@ class PostgreSQL:
         tag = f"safehold-restore-{secrets.token_hex(6)}"  # psql's application_name
         try:  # nothing has been touched yet
             await require_restrict_psql()
+            create_roles = await self._missing_roles(target, manifest, options, progress)
             clean_sql = await self._clean_sql(target) if clean else ""
         except SafeholdError as exc:
             raise RestoreFailed(exc.message, database_unchanged=True, code=exc.code) from None
+        clean_sql = "".join(f"CREATE ROLE {_quote_ident(r)} NOLOGIN; "
+                            for r in create_roles) + clean_sql
         # psql prints `safehold-begin-KEY|<txid>` right after BEGIN and, after the whole
         # script, `safehold-ready-KEY|<txid>`: the same txid proves that nothing in the
         # script ended Safehold's transaction (the key is unknown to the file; the calls are
@@ -348,11 +360,11 @@ class PostgreSQL:
         prelude = (f"\\restrict {key}\nBEGIN; SET LOCAL lock_timeout = "
                    f"{int(target.lock_timeout * 1000)}; SELECT 'safehold-begin-{key}', "
                    f"pg_catalog.txid_current(); {clean_sql}\n").encode()
-        guard = PgScriptGuard()
+        guard = PgScriptGuard(skip_privileges=options.roles == "skip")
         argv = ["psql", "-X", "-q", "-A", "-t", "--no-password", "-v", "ON_ERROR_STOP=1",
                 "-f", "-"]
         seen: list[Blocker] = []
-        async with self._blockers(target, tag, progress, seen, terminate), \
+        async with self._blockers(target, tag, progress, seen, options.terminate), \
                 spawn(argv, env={**_env(target), "PGAPPNAME": tag},
                       secrets=target.secrets(), stdin=True, stdout=True) as child:
             markers = asyncio.ensure_future(_read_markers(child, key))
@@ -393,6 +405,15 @@ class PostgreSQL:
                 markers.cancel()
             rc = await child.wait()
         if rc == 0:
+            if guard.skipped:
+                progress.warn(f"roles = \"skip\": {len(guard.skipped)} owner and grant "
+                              "statement(s) of the backup were left out: "
+                              + "; ".join(guard.skipped[:200])
+                              + (" …" if len(guard.skipped) > 200 else ""))
+            if create_roles:
+                progress.warn(f"roles = \"create\": created {', '.join(create_roles)} "
+                              "(NOLOGIN, no password: give them a password and LOGIN where "
+                              "the application logs in as them)")
             for kind, n in sorted(guard.counts.items()):
                 if kind == "CREATE SUBSCRIPTION":
                     progress.warn(f"{n} subscription(s) restored DISABLED (pg_dump creates them "
@@ -414,6 +435,30 @@ class PostgreSQL:
         raise RestoreFailed(f"psql exited with code {rc}: {detail}",
                             database_unchanged=not progress.stage_reached("committing"))
 
+
+    async def _missing_roles(self, target: TargetConfig, manifest: dict[str, Any],
+                             options: RestoreOptions, progress: Progress) -> list[str]:
+        """The roles to create before the load (roles = "create"); refuses the restore
+        before anything changes when the backup names roles the server lacks and no
+        choice was made. The list comes from the manifest (untrusted: names only; a role
+        it left out fails the load, which rolls back)."""
+        named = manifest.get("roles")
+        if options.roles == "skip" or not isinstance(named, list):
+            return []
+        wanted = sorted({r for r in named if isinstance(r, str) and 0 < len(r) <= 63
+                         and "\0" not in r})[:10_000]
+        async with self._connect(target) as conn:
+            have = {r[0] for r in await conn.fetch(
+                "SELECT rolname FROM pg_roles WHERE rolname = ANY($1::text[])", wanted)}
+        missing = [r for r in wanted if r not in have]
+        if not missing or options.roles == "create":
+            return missing
+        raise RestoreFailed(
+            f"the backup's owners and grants name roles this server does not have: "
+            f"{', '.join(missing[:50])}{' …' if len(missing) > 50 else ''}. Nothing was "
+            "changed. Choose: \"roles\": \"create\" (created NOLOGIN, without passwords) "
+            "or \"roles\": \"skip\" (owners and grants left out, listed in the result)",
+            database_unchanged=True, code="roles_missing")
 
     @asynccontextmanager
     async def _blockers(self, target: TargetConfig, tag: str, progress: Progress,
@@ -445,6 +490,46 @@ class PostgreSQL:
                 yield
 
 
+_USER_SCHEMAS = ("NOT IN ('pg_catalog', 'information_schema', 'pg_toast') "
+                 "AND n.nspname NOT LIKE 'pg_temp_%' AND n.nspname NOT LIKE 'pg_toast_temp_%'")
+# every role the database's dump names: owners, grantees (column grants and default
+# privileges too), policy roles (grantee 0 is PUBLIC: no role)
+_ROLES_REFERENCED = f"""
+WITH refs(r) AS (
+  SELECT n.nspowner FROM pg_namespace n WHERE n.nspname {_USER_SCHEMAS}
+  UNION SELECT (aclexplode(n.nspacl)).grantee FROM pg_namespace n
+    WHERE n.nspacl IS NOT NULL AND n.nspname {_USER_SCHEMAS}
+  UNION SELECT c.relowner FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname {_USER_SCHEMAS}
+  UNION SELECT (aclexplode(c.relacl)).grantee FROM pg_class c
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relacl IS NOT NULL AND n.nspname {_USER_SCHEMAS}
+  UNION SELECT (aclexplode(a.attacl)).grantee FROM pg_attribute a
+    JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE a.attacl IS NOT NULL AND n.nspname {_USER_SCHEMAS}
+  UNION SELECT p.proowner FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+    WHERE n.nspname {_USER_SCHEMAS}
+  UNION SELECT (aclexplode(p.proacl)).grantee FROM pg_proc p
+    JOIN pg_namespace n ON n.oid = p.pronamespace
+    WHERE p.proacl IS NOT NULL AND n.nspname {_USER_SCHEMAS}
+  UNION SELECT t.typowner FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+    WHERE n.nspname {_USER_SCHEMAS}
+  UNION SELECT (aclexplode(t.typacl)).grantee FROM pg_type t
+    JOIN pg_namespace n ON n.oid = t.typnamespace
+    WHERE t.typacl IS NOT NULL AND n.nspname {_USER_SCHEMAS}
+  UNION SELECT unnest(polroles) FROM pg_policy
+  UNION SELECT defaclrole FROM pg_default_acl
+  UNION SELECT (aclexplode(defaclacl)).grantee FROM pg_default_acl
+  UNION SELECT evtowner FROM pg_event_trigger
+  UNION SELECT pubowner FROM pg_publication
+  UNION SELECT lomowner FROM pg_largeobject_metadata
+  UNION SELECT (aclexplode(lomacl)).grantee FROM pg_largeobject_metadata
+    WHERE lomacl IS NOT NULL
+  UNION SELECT srvowner FROM pg_foreign_server
+  UNION SELECT fdwowner FROM pg_foreign_data_wrapper
+  UNION SELECT umuser FROM pg_user_mappings
+)
+SELECT rolname FROM pg_roles WHERE oid IN (SELECT r FROM refs) ORDER BY 1"""
 _SESSION_COLUMNS = ("b.pid, b.usename, b.application_name, host(b.client_addr) AS client, "
                     "b.state, coalesce(b.xact_start, b.state_change) AS since")
 _BLOCKERS = (f"SELECT DISTINCT {_SESSION_COLUMNS} FROM pg_stat_activity w "
@@ -682,8 +767,16 @@ class PostgreSQLDrill:
         name = drill_name()
         self.last_scratch = f"database {name}"
         async with PostgreSQL()._connect(target) as conn:
+            # owned like the target's database: a backup's objects in `public` may belong
+            # to the database owner, who needs CREATE there to own them (pg_database_owner)
+            owner = await conn.fetchval("SELECT pg_get_userbyid(datdba) FROM pg_database "
+                                        "WHERE datname = current_database()")
             try:
-                await conn.execute(f"CREATE DATABASE {_ident(name)}")
+                try:
+                    await conn.execute(f"CREATE DATABASE {_ident(name)} OWNER "
+                                       f"{_quote_ident(owner)}")
+                except asyncpg.InsufficientPrivilegeError:  # not a member of that owner
+                    await conn.execute(f"CREATE DATABASE {_ident(name)}")
             except asyncpg.PostgresError as exc:
                 raise EngineError(
                     f"the drill could not create a scratch database ({exc}); grant CREATEDB "

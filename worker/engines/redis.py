@@ -37,7 +37,7 @@ from shared.formats import RedisScriptCheck
 from shared.redact import redact
 from shared.resp import resp
 from shared.scratch import private_dir
-from worker.engines import Dump, restore_errors, unreachable
+from worker.engines import NO_OPTIONS, Dump, RestoreOptions, restore_errors, unreachable
 from worker.pipeline import SameAsChecked
 from worker.progress import Progress
 from worker.subproc import spawn
@@ -423,7 +423,7 @@ class RedisEngine:
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
                       progress: Progress, *, clean: bool, manifest: dict[str, Any],
-                      terminate: bool = False) -> None:
+                      options: RestoreOptions = NO_OPTIONS) -> None:
         if manifest.get("format") == "rdb":
             raise RestoreFailed(
                 "RDB backups are restored by stopping Redis and putting the file in place as "

@@ -29,7 +29,7 @@ from shared.config import TargetConfig
 from shared.errors import DumpFailed, EngineError, PipelineError, RestoreFailed
 from shared.formats import check_sqlite_file
 from shared.outage import RedisUnavailable
-from worker.engines import Dump
+from worker.engines import NO_OPTIONS, Dump, RestoreOptions
 from worker.progress import Progress
 
 CHUNK = 1 << 20
@@ -168,7 +168,7 @@ class SQLite:
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
                       progress: Progress, *, clean: bool, manifest: dict[str, Any],
-                      terminate: bool = False) -> None:
+                      options: RestoreOptions = NO_OPTIONS) -> None:
         directory = Path(target.path).parent
         await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
         fd, name = await asyncio.to_thread(
