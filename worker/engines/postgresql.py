@@ -345,12 +345,11 @@ class PostgreSQL:
         tag = f"safehold-restore-{secrets.token_hex(6)}"  # psql's application_name
         try:  # nothing has been touched yet
             await require_restrict_psql()
-            create_roles = await self._missing_roles(target, manifest, options, progress)
+            create_sql, create_roles = await self._missing_roles(target, manifest, options)
             clean_sql = await self._clean_sql(target) if clean else ""
         except SafeholdError as exc:
             raise RestoreFailed(exc.message, database_unchanged=True, code=exc.code) from None
-        clean_sql = "".join(f"CREATE ROLE {_quote_ident(r)} NOLOGIN; "
-                            for r in create_roles) + clean_sql
+        clean_sql = create_sql + clean_sql
         # psql prints `safehold-begin-KEY|<txid>` right after BEGIN and, after the whole
         # script, `safehold-ready-KEY|<txid>`: the same txid proves that nothing in the
         # script ended Safehold's transaction (the key is unknown to the file; the calls are
@@ -437,22 +436,29 @@ class PostgreSQL:
 
 
     async def _missing_roles(self, target: TargetConfig, manifest: dict[str, Any],
-                             options: RestoreOptions, progress: Progress) -> list[str]:
-        """The roles to create before the load (roles = "create"); refuses the restore
+                             options: RestoreOptions) -> tuple[str, list[str]]:
+        """The SQL creating the roles to create before the load (roles = "create") and
+        their names; refuses the restore
         before anything changes when the backup names roles the server lacks and no
         choice was made. The list comes from the manifest (untrusted: names only; a role
         it left out fails the load, which rolls back)."""
         named = manifest.get("roles")
         if options.roles == "skip" or not isinstance(named, list):
-            return []
+            return "", []
         wanted = sorted({r for r in named if isinstance(r, str) and 0 < len(r) <= 63
                          and "\0" not in r})[:10_000]
         async with self._connect(target) as conn:
             have = {r[0] for r in await conn.fetch(
                 "SELECT rolname FROM pg_roles WHERE rolname = ANY($1::text[])", wanted)}
+            superuser = bool(await conn.fetchval(
+                "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"))
         missing = [r for r in wanted if r not in have]
         if not missing or options.roles == "create":
-            return missing
+            # a restoring role that is no superuser must be a member of a role to give it
+            # objects (PostgreSQL 15): it is made one of each role it creates
+            return "".join(f"CREATE ROLE {_quote_ident(r)} NOLOGIN; "
+                           + ("" if superuser else f"GRANT {_quote_ident(r)} TO CURRENT_USER; ")
+                           for r in missing), missing
         raise RestoreFailed(
             f"the backup's owners and grants name roles this server does not have: "
             f"{', '.join(missing[:50])}{' …' if len(missing) > 50 else ''}. Nothing was "
