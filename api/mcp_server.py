@@ -195,11 +195,14 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
                              "and size, the safety backup taken first) and a confirmation "
                              "token for execute_restore, valid 5 minutes, once.")
     async def plan_restore(database_id: str, backup: str, create_safety_backup: bool = True,
-                           terminate_connections: bool = False) -> dict[str, Any]:
+                           terminate_connections: bool = False,
+                           roles: str | None = None) -> dict[str, Any]:
         info: dict[str, Any] = {"backup": backup[:200]}
 
         async def body(ops: Operations, who: Caller) -> dict[str, Any]:
             target = ops.target(who, database_id, Role.OPERATOR)
+            if roles not in (None, "create", "skip"):
+                raise BadRequest("roles must be \"create\" or \"skip\"", code="invalid_body")
             name, manifest = await ops.manifest(target.id, backup)
             if manifest.get("engine") != target.engine:
                 raise BadRequest(f"{name.filename} is a {manifest.get('engine')} backup; "
@@ -209,7 +212,7 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
                     "sha256": manifest.get("sha256"), "subject": who.principal.subject,
                     "session": who.principal.session,
                     "create_safety_backup": create_safety_backup,
-                    "terminate_connections": terminate_connections}
+                    "terminate_connections": terminate_connections, "roles": roles}
             s = services()
             await s.redis.set(_plan_key(s, token), json.dumps(plan), ex=PLAN_TTL)
             return {
@@ -248,6 +251,7 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
             job = await ops.start_restore(who, plan["target"], plan["backup"],
                                           safety=plan["create_safety_backup"],
                                           terminate=bool(plan.get("terminate_connections")),
+                                          roles=plan.get("roles"),
                                           expect_sha256=plan["sha256"])
             return await follow(ops, who, job, ctx, wait_seconds)
         return await run("execute_restore", None, body, info)

@@ -378,3 +378,13 @@ async def test_mcp_calls_are_audited_like_rest_calls(
     assert resp.status == 404 and "main" not in await resp.text()
     resp = await api.get(f"/api/v1/jobs/{job_id}", headers=bearer(settings, "viewer"))
     assert resp.status == 200
+
+
+async def test_plan_restore_checks_its_roles_choice(
+        aiohttp_server: Any, settings: Settings, redis: Any) -> None:
+    async with server(aiohttp_server, settings) as base:
+        async with mcp_client(base, token(settings, "operator")) as client:
+            bad = await client.call_tool("plan_restore", {
+                "database_id": "main", "backup": "backup_postgresql_20240101_000000.sql.gz",
+                "roles": "maybe"})
+            assert bad.is_error and "invalid_body" in bad.content[0].text
