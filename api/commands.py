@@ -44,9 +44,12 @@ def add_client_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     r.add_argument("target")
     r.add_argument("backup")
     r.add_argument("--no-safety-backup", action="store_true")
-    r.add_argument("--roles", choices=("create", "skip"),
+    r.add_argument("--roles", choices=("create", "map", "skip"),
                    help="PostgreSQL: roles the backup names that the server lacks are "
-                        "created (NOLOGIN) or their owners and grants left out")
+                        "created (NOLOGIN), renamed (--owner-map) or their owners and "
+                        "grants left out")
+    r.add_argument("--owner-map", action="append", metavar="OLD=NEW", default=[],
+                   help="with --roles map: give OLD's objects and grants to NEW (repeat)")
     r.add_argument("--terminate-connections", action="store_true",
                    help="PostgreSQL, MySQL: end the application's sessions on the database "
                         "instead of waiting (lock_timeout) for their locks")
@@ -207,6 +210,12 @@ async def run(client: Client, args: argparse.Namespace) -> int:  # noqa: C901 - 
             req["terminate_connections"] = True
         if args.roles:
             req["roles"] = args.roles
+        if args.owner_map:
+            pairs = [m.split("=", 1) for m in args.owner_map]
+            if any(len(p) != 2 or not all(p) for p in pairs):
+                print("--owner-map takes OLD=NEW", file=sys.stderr)
+                return EXIT_USAGE
+            req["owner_map"] = dict(pairs)
         if args.identity_file:  # sent once, sealed by the API for the workers
             req["identity"] = await asyncio.to_thread(Path(args.identity_file).read_text)
         job = await client.call("POST", f"/api/v1/targets/{args.target}/restores", json=req)

@@ -196,13 +196,16 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
                              "token for execute_restore, valid 5 minutes, once.")
     async def plan_restore(database_id: str, backup: str, create_safety_backup: bool = True,
                            terminate_connections: bool = False,
-                           roles: str | None = None) -> dict[str, Any]:
+                           roles: str | None = None,
+                           owner_map: dict[str, str] | None = None) -> dict[str, Any]:
         info: dict[str, Any] = {"backup": backup[:200]}
 
         async def body(ops: Operations, who: Caller) -> dict[str, Any]:
             target = ops.target(who, database_id, Role.OPERATOR)
-            if roles not in (None, "create", "skip"):
-                raise BadRequest("roles must be \"create\" or \"skip\"", code="invalid_body")
+            if roles not in (None, "create", "skip", "map") or (roles == "map") != bool(
+                    owner_map):
+                raise BadRequest("roles must be \"create\", \"skip\" or \"map\" (with "
+                                 "owner_map)", code="invalid_body")
             name, manifest = await ops.manifest(target.id, backup)
             if manifest.get("engine") != target.engine:
                 raise BadRequest(f"{name.filename} is a {manifest.get('engine')} backup; "
@@ -212,7 +215,8 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
                     "sha256": manifest.get("sha256"), "subject": who.principal.subject,
                     "session": who.principal.session,
                     "create_safety_backup": create_safety_backup,
-                    "terminate_connections": terminate_connections, "roles": roles}
+                    "terminate_connections": terminate_connections, "roles": roles,
+                    "owner_map": owner_map}
             s = services()
             await s.redis.set(_plan_key(s, token), json.dumps(plan), ex=PLAN_TTL)
             return {
@@ -252,6 +256,7 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
                                           safety=plan["create_safety_backup"],
                                           terminate=bool(plan.get("terminate_connections")),
                                           roles=plan.get("roles"),
+                                          owner_map=plan.get("owner_map"),
                                           expect_sha256=plan["sha256"])
             return await follow(ops, who, job, ctx, wait_seconds)
         return await run("execute_restore", None, body, info)

@@ -253,6 +253,7 @@ class Operations:
     async def start_restore(self, caller: Caller, target_id: str, file: str, *,
                             safety: bool = True, identity: str | None = None,
                             terminate: bool = False, roles: str | None = None,
+                            owner_map: dict[str, Any] | None = None,
                             idempotency_key: str | None = None, wait: float | None = None,
                             fail_fast: bool = False, expect_sha256: str | None = None) -> Job:
         """A restore job bound to the backup's sha256 as it is now (or `expect_sha256`, what
@@ -260,8 +261,17 @@ class Operations:
         async with self.audited(caller, "create_restore", target_id,
                                  {"backup": file}) as info:
             target = self.target(caller, target_id, Role.OPERATOR)
-            if roles is not None and roles not in ("create", "skip"):
-                raise BadRequest("roles must be \"create\" or \"skip\"", code="invalid_body")
+            if roles is not None and roles not in ("create", "skip", "map"):
+                raise BadRequest("roles must be \"create\", \"map\" or \"skip\"",
+                                 code="invalid_body")
+            if (roles == "map") != (owner_map is not None) or owner_map is not None and not (
+                    0 < len(owner_map) <= 1000 and all(
+                        isinstance(k, str) and isinstance(v, str) and 0 < len(k) <= 63
+                        and 0 < len(v) <= 63 and "\0" not in k + v
+                        for k, v in owner_map.items())):
+                raise BadRequest("owner_map goes with \"roles\": \"map\": an object of "
+                                 "role names, {\"old\": \"new\"} (1-63 characters each)",
+                                 code="invalid_body")
             if roles is not None and target.engine != "postgresql":
                 raise Unprocessable(f"roles applies to PostgreSQL targets (not yet to "
                                     f"{target.engine})", code="invalid_body")
@@ -288,6 +298,8 @@ class Operations:
                 params["terminate_connections"] = True
             if roles is not None:
                 params["roles"] = roles
+            if owner_map is not None:
+                params["owner_map"] = dict(owner_map)
             seal = None
             if identity is not None:
                 sealed = await self.seal_identity(identity)

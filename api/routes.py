@@ -108,10 +108,24 @@ _BACKUP_BODY = {"type": "object", "additionalProperties": False, "properties": {
                "`rdb`"},
     "use_apoc": {"type": "boolean", "description": "neo4j only: export with APOC"}}}
 _RESTORE_BODY = {"type": "object", "additionalProperties": False, "required": ["backup"],
+                 # owner_map goes with roles = "map", and roles = "map" needs one
+                 "dependentRequired": {"owner_map": ["roles"]},
+                 "if": {"required": ["roles"], "properties": {"roles": {"const": "map"}}},
+                 "then": {"required": ["owner_map"]},
+                 "else": {"not": {"required": ["owner_map"]}},
                  "properties": {"backup": BACKUP_NAME,
                                 "create_safety_backup": {"type": "boolean", "default": True},
+                                "owner_map": {
+                                    "type": "object", "minProperties": 1,
+                                    "maxProperties": 1000,
+                                    "propertyNames": {"minLength": 1, "maxLength": 63,
+                                                      "pattern": "^[^\\x00]+$"},
+                                    "additionalProperties": {
+                                        "type": "string", "minLength": 1, "maxLength": 63,
+                                        "pattern": "^[^\\x00]+$"},
+                                    "description": "with roles = map: {old role: new role}"},
                                 "roles": {
-                                    "enum": ["create", "skip"],
+                                    "enum": ["create", "skip", "map"],
                                     "description": "PostgreSQL: roles the backup's owners and "
                                     "grants name that this server lacks are created "
                                     "(NOLOGIN, no password) or their owners and grants "

@@ -98,13 +98,47 @@ def _show(text: bytes, limit: int = 60) -> str:
 _PRIVILEGES = re.compile(rb"(?is)^(?:GRANT\s|REVOKE\s|ALTER\s+DEFAULT\s+PRIVILEGES\s|"
                          rb"ALTER\s+\S.*\sOWNER\s+TO\s)")
 _PLAIN_STATEMENT = re.compile(rb"^[^'$;\\]*;$")  # no literal, comment start or second `;`
+_IDENT = rb'(?:[A-Za-z_\x80-\xff][\w$\x80-\xff]*|"(?:[^"]|"")+")'
+# the role list after TO / FROM / OWNER TO / FOR ROLE (where a statement names roles)
+_ROLE_LIST = re.compile(rb"(?i)(\b(?:TO|FROM|FOR\s+ROLE)\s+)(" + _IDENT +
+                        rb"(?:\s*,\s*" + _IDENT + rb")*)")
+_POLICY = re.compile(rb"(?is)^CREATE\s+POLICY\s")
+_POLICY_BODY = re.compile(rb"(?i)\s(?:USING|WITH\s+CHECK)\s*\(")
+
+
+def quote_ident(name: str) -> bytes:
+    """`name` as PostgreSQL prints an identifier (quoted unless plain lowercase)."""
+    if re.fullmatch(r"[a-z_][a-z0-9_$]*", name):
+        return name.encode()
+    return b'"' + name.replace('"', '""').encode() + b'"'
+
+
+def _unquote(token: bytes) -> str:
+    t = token.decode("utf-8", "replace")
+    return t[1:-1].replace('""', '"') if t.startswith('"') else t.lower()
+
+
+def map_roles(statement: bytes, role_map: dict[str, str]) -> bytes:
+    """The statement with the roles it grants to, revokes from or gives ownership to
+    renamed by `role_map` (only in those positions: a table or schema that happens to
+    carry a role's name keeps it)."""
+    def one_list(m: re.Match[bytes]) -> bytes:
+        names = re.findall(_IDENT, m.group(2))
+        mapped = [quote_ident(role_map[_unquote(n)]) if _unquote(n) in role_map else n
+                  for n in names]
+        return m.group(1) + b", ".join(mapped)
+    return _ROLE_LIST.sub(one_list, statement)
 
 
 class PgScriptGuard:
-    def __init__(self, *, skip_privileges: bool = False) -> None:
+    def __init__(self, *, skip_privileges: bool = False,
+                 role_map: dict[str, str] | None = None) -> None:
         # roles = "skip": owners and grants are left out (and listed in `skipped`)
         self.skip_privileges = skip_privileges
         self.skipped: list[str] = []
+        # roles = "map": the roles owners, grants and policies name are renamed
+        self.role_map = role_map or {}
+        self.mapped = 0
         self.line = 0  # complete lines seen
         self.footer = False
         self.restrict_key: bytes | None = None
@@ -249,6 +283,11 @@ class PgScriptGuard:
                     b"/*" not in stripped:
                 self.skipped.append(stripped.decode("utf-8", "replace")[:300])
                 return b"\n"
+            if self.role_map and stripped.endswith(b";") and (
+                    (_PRIVILEGES.match(stripped) and _PLAIN_STATEMENT.match(stripped)
+                     and b"--" not in stripped and b"/*" not in stripped)
+                    or _POLICY.match(stripped)):
+                line = self._mapped(line)
             if stripped == FOOTER:
                 self.footer = True
                 return line
@@ -264,6 +303,20 @@ class PgScriptGuard:
         if copy_after:
             self._copy, self._bol, self._hold = True, True, b""
         return line
+
+    def _mapped(self, line: bytes) -> bytes:
+        """A privilege statement, or a policy's head (before USING / WITH CHECK: the rest
+        holds expressions and literals), with its roles renamed."""
+        cut = _POLICY_BODY.search(line) if _POLICY.match(line.strip()) else None
+        head, tail = (line[:cut.start()], line[cut.start():]) if cut else (line, b"")
+        if cut is None and _POLICY.match(line.strip()) and (b"'" in head or b"$" in head):
+            return line
+        if b"'" in head or b"$" in head or b"--" in head or b"/*" in head:
+            return line  # not plain enough to rewrite safely: left as it is
+        new = map_roles(head, self.role_map) + tail
+        if new != line:
+            self.mapped += 1
+        return new
 
     def _check_set_config(self, body: bytes) -> None:
         """set_config outside literals: only with a literal name pg_dump uses (a computed

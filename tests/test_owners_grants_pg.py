@@ -309,3 +309,51 @@ async def test_roles_is_checked(api: Any) -> None:
     resp = await api.post("/api/v1/targets/main/restores", json={
         "backup": "backup_postgresql_20240101_000000.sql.gz", "roles": "maybe"})
     assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_body"
+
+
+async def test_map_gives_the_backups_objects_to_the_new_servers_roles(
+        aiohttp_client: Any, redis: Any, prefix: str, tmp_path: Path, pg_db: str,
+        test_env: dict[str, str], fresh_server: int) -> None:
+    """`roles = "map"` with `owner_map`: owners, grants, default privileges and policy roles
+    are renamed to roles the new server already has; a map that leaves a missing role out,
+    or names a role that does not exist, is refused before anything changes."""
+    r = await build(pg_db)
+    admin = await pg.admin_conn(pg_db)
+    before = await acls(admin)
+    await admin.close()
+    settings = two_targets(prefix, tmp_path, pg_db, fresh_server, test_env)
+    api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
+    new = await asyncpg.connect(host="127.0.0.1", port=fresh_server, user="postgres",
+                                database="app")
+    await new.execute("CREATE ROLE owner2 NOLOGIN; CREATE ROLE readers2 NOLOGIN; "
+                      "CREATE ROLE reader2 LOGIN PASSWORD 'rd-pw' IN ROLE readers2")
+    try:
+        async with running_worker(settings):
+            made = (await backup(api))["result"]
+            src, dst = tmp_path / "backups" / "main", tmp_path / "backups" / "fresh"
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in (made["filename"], f"{made['filename']}.json"):
+                shutil.copy2(src / f, dst / f)
+            for bad_map, why in (({r["owner"]: "owner2"}, r["readers"]),
+                                 ({r["owner"]: "owner2", r["readers"]: "nobody9"},
+                                  "nobody9")):
+                refused = await restore(api, made["filename"], target="fresh",
+                                        roles="map", owner_map=bad_map,
+                                        create_safety_backup=False)
+                assert refused["error"]["code"] == "roles_missing", refused["error"]
+                assert why in refused["error"]["message"]
+                assert refused["error"]["database_state"] == "unchanged"
+            job = await restore(api, made["filename"], target="fresh", roles="map",
+                                owner_map={r["owner"]: "owner2", r["readers"]: "readers2"},
+                                create_safety_backup=False)
+            assert job["status"] == "succeeded", job
+        renamed = [line.replace(r["owner"], "owner2").replace(r["readers"], "readers2")
+                   for line in before]
+        assert await acls(new) == sorted(renamed) or await acls(new) == renamed
+    finally:
+        await new.close()
+    assert await what_the_reader_sees("127.0.0.1", fresh_server, "app", "reader2") == {
+        "orders": 20, "tenants": "a", "names": "ann,bob", "card": "denied"}
+    resp = await api.post("/api/v1/targets/main/restores", json={
+        "backup": made["filename"], "roles": "map"})  # a map is needed
+    assert resp.status == 400

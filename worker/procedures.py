@@ -672,7 +672,9 @@ class Procedures:
             await engine.restore(target, chunks, progress, clean=True, manifest=manifest,
                                  options=RestoreOptions(
                                      terminate=bool(job.params.get("terminate_connections")),
-                                     roles=job.params.get("roles") or None))
+                                     roles=job.params.get("roles") or None,
+                                     owner_map=tuple(sorted(
+                                         (job.params.get("owner_map") or {}).items()))))
 
     @contextlib.asynccontextmanager
     async def _plain(self, store: BackupStore, target: TargetConfig, name: naming.BackupName,

@@ -79,6 +79,7 @@ class RestoreOptions:
     # roles the backup names and the server lacks: "create" them (NOLOGIN), or "skip"
     # owners and grants; None: refuse before anything changes (PostgreSQL)
     roles: str | None = None
+    owner_map: tuple[tuple[str, str], ...] = ()  # roles = "map": (old, new) pairs
 
 
 NO_OPTIONS = RestoreOptions()

@@ -359,7 +359,9 @@ class PostgreSQL:
         prelude = (f"\\restrict {key}\nBEGIN; SET LOCAL lock_timeout = "
                    f"{int(target.lock_timeout * 1000)}; SELECT 'safehold-begin-{key}', "
                    f"pg_catalog.txid_current(); {clean_sql}\n").encode()
-        guard = PgScriptGuard(skip_privileges=options.roles == "skip")
+        guard = PgScriptGuard(skip_privileges=options.roles == "skip",
+                              role_map=dict(options.owner_map) if options.roles == "map"
+                              else None)
         argv = ["psql", "-X", "-q", "-A", "-t", "--no-password", "-v", "ON_ERROR_STOP=1",
                 "-f", "-"]
         seen: list[Blocker] = []
@@ -409,6 +411,10 @@ class PostgreSQL:
                               "statement(s) of the backup were left out: "
                               + "; ".join(guard.skipped[:200])
                               + (" …" if len(guard.skipped) > 200 else ""))
+            if guard.mapped:
+                progress.log(f"roles = \"map\": {guard.mapped} owner, grant and policy "
+                             "statement(s) renamed their roles ("
+                             + ", ".join(f"{a} → {b}" for a, b in options.owner_map) + ")")
             if create_roles:
                 progress.warn(f"roles = \"create\": created {', '.join(create_roles)} "
                               "(NOLOGIN, no password: give them a password and LOGIN where "
@@ -453,6 +459,23 @@ class PostgreSQL:
             superuser = bool(await conn.fetchval(
                 "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"))
         missing = [r for r in wanted if r not in have]
+        if options.roles == "map":
+            mapping = dict(options.owner_map)
+            async with self._connect(target) as conn:
+                there = {r[0] for r in await conn.fetch(
+                    "SELECT rolname FROM pg_roles WHERE rolname = ANY($1::text[])",
+                    sorted(set(mapping.values())))}
+            absent = sorted(set(mapping.values()) - there)
+            unmapped = [r for r in missing if r not in mapping]
+            if absent or unmapped:
+                raise RestoreFailed(
+                    "owner_map does not cover this server: "
+                    + (f"roles it maps to do not exist: {', '.join(absent)}; " if absent
+                       else "")
+                    + (f"roles the backup names that the server lacks and the map leaves "
+                       f"out: {', '.join(unmapped[:50])}" if unmapped else "")
+                    + ". Nothing was changed", database_unchanged=True, code="roles_missing")
+            return "", []
         if not missing or options.roles == "create":
             # a restoring role that is no superuser must be a member of a role to give it
             # objects (PostgreSQL 15): it is made one of each role it creates
@@ -462,8 +485,9 @@ class PostgreSQL:
         raise RestoreFailed(
             f"the backup's owners and grants name roles this server does not have: "
             f"{', '.join(missing[:50])}{' …' if len(missing) > 50 else ''}. Nothing was "
-            "changed. Choose: \"roles\": \"create\" (created NOLOGIN, without passwords) "
-            "or \"roles\": \"skip\" (owners and grants left out, listed in the result)",
+            "changed. Choose: \"roles\": \"create\" (created NOLOGIN, without passwords), "
+            "\"roles\": \"map\" with \"owner_map\": {\"old\": \"new\"}, or \"roles\": "
+            "\"skip\" (owners and grants left out, listed in the result)",
             database_unchanged=True, code="roles_missing")
 
     @asynccontextmanager
