@@ -54,6 +54,13 @@ _COPY_STDIN = re.compile(rb"(?is)^\s*COPY\s+(?!BINARY\b)[^;]*?\sFROM\s+stdin\s*;
 _TXN_CONTROL = re.compile(
     rb"(?i)^\s*(BEGIN|START|COMMIT|END|ROLLBACK|ABORT|PREPARE\s+TRANSACTION)\b")
 _BLANKED = {b"BEGIN;", b"COMMIT;"}
+# what a dump of one database never holds: statements about the whole server (roles and
+# memberships, databases, tablespaces, server settings); run by a superuser they would
+# reach beyond the database restored
+_SERVER_WIDE = re.compile(
+    rb"(?i)^\s*(?:(?:CREATE|ALTER|DROP)\s+(?:ROLE|USER(?!\s+MAPPING)|GROUP|DATABASE|"
+    rb"TABLESPACE)\b|ALTER\s+SYSTEM\b|(?:REASSIGN|DROP)\s+OWNED\b|LOAD\b|CHECKPOINT\b|"
+    rb"GRANT\s(?:(?!\sON\s).)*\sTO\s)", re.S)
 # what pg_dump SETs (and set_config's); values are free but for these two
 SETTINGS = frozenset({
     b"statement_timeout", b"lock_timeout", b"idle_in_transaction_session_timeout",
@@ -532,6 +539,10 @@ class PgScriptGuard:
         if _TXN_CONTROL.match(head):
             raise UnsafeScript(self.line, f"transaction control {_show(head)!r} (Safehold "
                                "runs the whole restore as one transaction it commits itself)")
+        if _SERVER_WIDE.match(head):
+            raise UnsafeScript(self.line, f"{_show(head)!r}: a statement about the whole "
+                               "server (roles, memberships, databases, tablespaces, server "
+                               "settings), which a backup of one database never holds")
         raw_checked, self._raw_set = self._raw_set, False
         if m := _SET.match(head):
             name = m.group(1).lower()

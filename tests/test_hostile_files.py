@@ -56,6 +56,14 @@ HOSTILE = {
     "risky encoding": (b"SET client_encoding = 'SJIS';\n", "client encoding"),
     "fake marker": (b"SELECT set_config('safehold.txn', 'open', false);\n", "setting"),
     "backslash quote": (b"SELECT 'a\\' '; COMMIT; -- ';\n", "backslash before a quote"),
+    # statements about the whole server, which a database's dump never holds (a superuser
+    # running them reaches beyond the database restored)
+    "superuser role": (b"ALTER ROLE safehold_test SUPERUSER;\n", "whole server"),
+    "new role": (b"CREATE ROLE intruder LOGIN PASSWORD 'x';\n", "whole server"),
+    "membership": (b"GRANT pg_execute_server_program\n  TO safehold_test;\n", "whole server"),
+    "server setting": (b"ALTER SYSTEM SET archive_command = 'touch {marker}';\n",
+                       "whole server"),
+    "other database": (b"DROP DATABASE postgres;\n", "whole server"),
 }
 
 
