@@ -224,6 +224,15 @@ def two_targets(prefix: str, tmp_path: Path, pg_db: str, port: int,
     return parse_settings(raw, test_env, base=tmp_path, source="<test>")
 
 
+def carry_to_fresh(tmp_path: Path, filename: str) -> None:
+    """The disaster: the backup (file and manifest) is all there is, on the new server's
+    side of the storage."""
+    src, dst = tmp_path / "backups" / "main", tmp_path / "backups" / "fresh"
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in (filename, f"{filename}.json"):
+        shutil.copy2(src / f, dst / f)
+
+
 async def test_a_new_server_needs_a_choice_for_its_missing_roles(
         aiohttp_client: Any, redis: Any, prefix: str, tmp_path: Path, pg_db: str,
         test_env: dict[str, str], fresh_server: int) -> None:
@@ -239,11 +248,7 @@ async def test_a_new_server_needs_a_choice_for_its_missing_roles(
         manifest = await (await api.get(
             f"/api/v1/targets/main/backups/{made['filename']}")).json()
         assert {r["owner"], r["readers"]} <= set(manifest["roles"]), manifest["roles"]
-        # the disaster: the backup is all there is, on the new server's storage
-        src, dst = tmp_path / "backups" / "main", tmp_path / "backups" / "fresh"
-        dst.mkdir(parents=True, exist_ok=True)
-        for f in (made["filename"], f"{made['filename']}.json"):
-            shutil.copy2(src / f, dst / f)
+        carry_to_fresh(tmp_path, made["filename"])
         refused = await restore(api, made["filename"], target="fresh")
         assert refused["status"] == "failed", refused
         assert refused["error"]["code"] == "roles_missing", refused["error"]
@@ -283,10 +288,7 @@ async def test_skip_leaves_owners_and_grants_out_and_says_which(
     api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
     async with running_worker(settings):
         made = (await backup(api))["result"]
-        src, dst = tmp_path / "backups" / "main", tmp_path / "backups" / "fresh"
-        dst.mkdir(parents=True, exist_ok=True)
-        for f in (made["filename"], f"{made['filename']}.json"):
-            shutil.copy2(src / f, dst / f)
+        carry_to_fresh(tmp_path, made["filename"])
         job = await restore(api, made["filename"], target="fresh", roles="skip",
                             create_safety_backup=False)
     assert job["status"] == "succeeded", job
@@ -330,10 +332,7 @@ async def test_map_gives_the_backups_objects_to_the_new_servers_roles(
     try:
         async with running_worker(settings):
             made = (await backup(api))["result"]
-            src, dst = tmp_path / "backups" / "main", tmp_path / "backups" / "fresh"
-            dst.mkdir(parents=True, exist_ok=True)
-            for f in (made["filename"], f"{made['filename']}.json"):
-                shutil.copy2(src / f, dst / f)
+            carry_to_fresh(tmp_path, made["filename"])
             for bad_map, why in (({r["owner"]: "owner2"}, r["readers"]),
                                  ({r["owner"]: "owner2", r["readers"]: "nobody9"},
                                   "nobody9")):

@@ -453,19 +453,16 @@ class PostgreSQL:
             return "", []
         wanted = sorted({r for r in named if isinstance(r, str) and 0 < len(r) <= 63
                          and "\0" not in r})[:10_000]
-        async with self._connect(target) as conn:
+        mapping = dict(options.owner_map) if options.roles == "map" else {}
+        async with self._connect(target) as conn:  # the backup's roles and the map's
             have = {r[0] for r in await conn.fetch(
-                "SELECT rolname FROM pg_roles WHERE rolname = ANY($1::text[])", wanted)}
+                "SELECT rolname FROM pg_roles WHERE rolname = ANY($1::text[])",
+                sorted({*wanted, *mapping.values()}))}
             superuser = bool(await conn.fetchval(
                 "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"))
         missing = [r for r in wanted if r not in have]
         if options.roles == "map":
-            mapping = dict(options.owner_map)
-            async with self._connect(target) as conn:
-                there = {r[0] for r in await conn.fetch(
-                    "SELECT rolname FROM pg_roles WHERE rolname = ANY($1::text[])",
-                    sorted(set(mapping.values())))}
-            absent = sorted(set(mapping.values()) - there)
+            absent = sorted(set(mapping.values()) - have)
             unmapped = [r for r in missing if r not in mapping]
             if absent or unmapped:
                 raise RestoreFailed(
