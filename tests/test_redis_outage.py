@@ -186,7 +186,7 @@ async def test_past_the_grace_a_job_fails_redis_unavailable(
     raw["redis"]["url"] = f"redis://127.0.0.1:{private.port}/0"
     write_toml(cfg := tmp_path / "safehold.toml", raw)
     settings = parse_settings(raw, test_env, base=tmp_path, source="<test>")
-    worker = await _worker_on(cfg, tmp_path / "worker.log")
+    worker = await _worker_on(cfg, log := tmp_path / "worker.log")
     api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
     try:
         await wait_for(lambda: _ready(api), 30, "the worker to announce itself")
@@ -208,7 +208,8 @@ async def test_past_the_grace_a_job_fails_redis_unavailable(
         await private.start()
         job = await wait_for_terminal(api, job_id, timeout=60)
         assert job["status"] == "failed", job
-        assert job["error"]["code"] == "redis_unavailable", job["error"]
+        assert job["error"]["code"] == "redis_unavailable", (job["error"],
+                                                             log.read_text()[-4000:])
         assert "redis_grace" in job["error"]["message"]
         listed = await (await api.get("/api/v1/targets/main/backups")).json()
         assert listed["backups"] == []

@@ -249,8 +249,12 @@ async def serve_worker(settings: Settings, stop: asyncio.Event | None = None) ->
     main = asyncio.create_task(worker.main())
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    if main in done:
+    if main in done:  # the poll loop ended by itself: say why, then let jobs finish
         stopper.cancel()
+        if main.cancelled() or main.exception() is not None:
+            log.error("the worker's poll loop stopped unexpectedly; stopping the worker",
+                      exc_info=None if main.cancelled() else main.exception())
+        await stop_gracefully(worker, settings.worker.shutdown_grace)
         main.result()
         return
     log.info("stopping: waiting up to %.0fs for running jobs", settings.worker.shutdown_grace)
