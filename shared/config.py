@@ -244,6 +244,9 @@ class TargetConfig:
     encryption: EncryptionConfig | None = None
     # seconds a restore waits for the application's locks (then rolls back, unchanged)
     lock_timeout: float = 60.0
+    # PostgreSQL: the server's roles, memberships, role settings and tablespaces travel
+    # with each backup (pg_dumpall --globals-only) for a restore on a new server
+    globals: bool = False
 
     @property
     def compress(self) -> bool:
@@ -267,6 +270,7 @@ class TargetConfig:
             "compression": self.compression,
             "destinations": list(self.destinations),
             "encrypted": self.encryption is not None,
+            "globals": self.globals,
         }
 
 
@@ -432,7 +436,7 @@ def _target(tid: str, raw: Any, env: Mapping[str, str], base: Path) -> TargetCon
              "timezone", "schedule_jitter", "catch_up", "missed_grace", "heartbeat_url",
              "verify_schedule", "verify_checks", "notify_min_severity",
              "retention", "compress", "compression", "compression_level", "destinations",
-             "encryption", "lock_timeout"}
+             "encryption", "lock_timeout", "globals"}
     unknown = set(raw) - known - {"password"}
     if unknown:
         raise ConfigError(f"unknown key(s) in [targets.{tid}]: {', '.join(sorted(unknown))} "
@@ -479,6 +483,12 @@ def _target(tid: str, raw: Any, env: Mapping[str, str], base: Path) -> TargetCon
     lock_timeout = _cast(f"targets.{tid}.lock_timeout", raw.get("lock_timeout", 60.0), 60.0)
     if not 0.1 <= lock_timeout <= 86400:
         raise ConfigError(f"targets.{tid}.lock_timeout must be 0.1-86400 seconds")
+    with_globals = raw.get("globals", False)
+    if not isinstance(with_globals, bool):
+        raise ConfigError(f"targets.{tid}.globals must be true or false")
+    if with_globals and engine != "postgresql":
+        raise ConfigError(f"targets.{tid}.globals: only PostgreSQL targets have globals "
+                          "(roles, memberships, tablespaces)")
     return TargetConfig(
         id=tid,
         engine=engine,
@@ -500,6 +510,7 @@ def _target(tid: str, raw: Any, env: Mapping[str, str], base: Path) -> TargetCon
         destinations=_destination_names(tid, raw),
         encryption=_encryption(tid, raw.get("encryption"), base),
         lock_timeout=lock_timeout,
+        globals=with_globals,
     )
 
 

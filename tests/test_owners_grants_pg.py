@@ -356,3 +356,126 @@ async def test_map_gives_the_backups_objects_to_the_new_servers_roles(
     resp = await api.post("/api/v1/targets/main/restores", json={
         "backup": made["filename"], "roles": "map"})  # a map is needed
     assert resp.status == 400
+
+
+# ------------------------------------------------------------------ the server's globals
+async def password_hash(host: str, port: int, role: str, db: str = "postgres") -> Any:
+    conn = await asyncpg.connect(host=host, port=port, user="postgres", database=db)
+    try:
+        return await conn.fetchval("SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+                                   role)
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("connect_as", ["member", "superuser"])
+async def test_globals_bring_the_application_roles_to_a_new_server(
+        aiohttp_client: Any, redis: Any, prefix: str, tmp_path: Path, pg_db: str,
+        test_env: dict[str, str], fresh_server: int, connect_as: str) -> None:
+    """`globals = true`: the backup carries pg_dumpall --globals-only; `roles = "create"` on
+    a new server creates the roles the database needs — the owners and grantees, and the
+    application's login role that is only a member of one — with LOGIN, settings,
+    memberships, and their passwords when the backup's role could read them."""
+    r = await build(pg_db)
+    admin = await pg.admin_conn(pg_db)
+    await admin.execute(f"ALTER ROLE {r['reader']} SET search_path TO app, public; "
+                        f"ALTER ROLE {r['reader']} WITH CONNECTION LIMIT 7; "
+                        f"COMMENT ON ROLE {r['reader']} IS 'the app''s reader'; "
+                        f"ALTER ROLE {r['readers']} WITH BYPASSRLS")
+    before = await acls(admin)
+    await admin.close()
+    seen_before = await what_the_reader_sees(pg.PG_HOST, pg.PG_PORT, pg_db, r["reader"])
+    raw = make_raw_config(prefix, tmp_path / "backups", pg_db)
+    raw["targets"]["main"]["globals"] = True
+    if connect_as == "superuser":
+        raw["targets"]["main"]["url"] = f"postgresql://postgres@{pg.PG_HOST}:{pg.PG_PORT}/{pg_db}"
+    raw["targets"]["fresh"] = {"engine": "postgresql",
+                               "url": f"postgresql://postgres@127.0.0.1:{fresh_server}/app"}
+    settings = parse_settings(raw, test_env, base=tmp_path, source="<test>")
+    api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
+    async with running_worker(settings):
+        made = (await backup(api))["result"]
+        manifest = await (await api.get(
+            f"/api/v1/targets/main/backups/{made['filename']}")).json()
+        assert manifest["globals"] == {"tool": "pg_dumpall --globals-only",
+                                       "role_passwords": connect_as == "superuser"}
+        carry_to_fresh(tmp_path, made["filename"])
+        job = await restore(api, made["filename"], target="fresh", roles="create",
+                            create_safety_backup=False)
+    assert job["status"] == "succeeded", job
+    warnings = " ".join(job["result"]["warnings"] or [])
+    assert r["reader"] in warnings and "as the backup's globals describe them" in warnings
+    assert f"BYPASSRLS not given to {r['readers']}" in warnings, warnings
+    new = await asyncpg.connect(host="127.0.0.1", port=fresh_server, user="postgres",
+                                database="app")
+    try:
+        assert await acls(new) == before
+        reader = await new.fetchrow(
+            "SELECT rolcanlogin, rolconnlimit, rolbypassrls, rolsuper, "
+            "shobj_description(oid, 'pg_authid') AS comment FROM pg_roles "
+            "WHERE rolname = $1", r["reader"])
+        assert dict(reader) == {"rolcanlogin": True, "rolconnlimit": 7,
+                                "rolbypassrls": False, "rolsuper": False,
+                                "comment": "the app's reader"}
+        assert not await new.fetchval("SELECT rolbypassrls FROM pg_roles WHERE rolname = $1",
+                                      r["readers"])
+        settings_row = await new.fetchval(
+            "SELECT setconfig FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = "
+            "s.setrole WHERE r.rolname = $1", r["reader"])
+        assert settings_row == ["search_path=app, public"]
+        assert await new.fetchval(
+            "SELECT pg_has_role($1, $2, 'MEMBER')", r["reader"], r["readers"])
+        # roles of the old server that do not reach this database are not brought
+        assert not await new.fetchval("SELECT 1 FROM pg_roles WHERE rolname = 'root'")
+    finally:
+        await new.close()
+    if connect_as == "superuser":  # the password came with the backup
+        assert await password_hash("127.0.0.1", fresh_server, r["reader"]) == \
+            await password_hash(pg.PG_HOST, pg.PG_PORT, r["reader"])
+    else:  # --no-role-passwords: the operator sets it again
+        assert await password_hash("127.0.0.1", fresh_server, r["reader"]) is None
+    assert await what_the_reader_sees("127.0.0.1", fresh_server, "app",
+                                      r["reader"]) == seen_before
+
+
+async def test_globals_by_hand_on_a_new_server(
+        aiohttp_client: Any, redis: Any, prefix: str, tmp_path: Path, pg_db: str,
+        test_env: dict[str, str], fresh_server: int) -> None:
+    """The README's recipe for a new server, run as pasted with stock gunzip, awk and
+    psql: the globals first, then the database; the application's reader reads what it
+    did, owners and grants are the backup's."""
+    from tests.test_restore_by_hand import fill, recipes
+
+    r = await build(pg_db)
+    admin = await pg.admin_conn(pg_db)
+    before = await acls(admin)
+    await admin.close()
+    seen_before = await what_the_reader_sees(pg.PG_HOST, pg.PG_PORT, pg_db, r["reader"])
+    raw = make_raw_config(prefix, tmp_path / "backups", pg_db)
+    raw["targets"]["main"]["globals"] = True
+    settings = parse_settings(raw, test_env, base=tmp_path, source="<test>")
+    api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
+    async with running_worker(settings):
+        name = (await backup(api))["result"]["filename"]
+    work = tmp_path / "by-hand"
+    work.mkdir()
+    shutil.copy2(tmp_path / "backups" / "main" / name, work / name)
+    script = fill(recipes()[2], F=name, DB="restored")
+    env = {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(fresh_server),
+           "PGUSER": "postgres"}
+    done = await asyncio.create_subprocess_exec(
+        "sh", "-c", "set -e\n" + script, cwd=work, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out = (await done.communicate())[0].decode()
+    assert done.returncode == 0, out
+    assert "ERROR" not in out, out
+    new = await asyncpg.connect(host="127.0.0.1", port=fresh_server, user="postgres",
+                                database="restored")
+    try:
+        assert await acls(new) == before
+        assert await new.fetchval("SELECT rolcanlogin FROM pg_roles WHERE rolname = $1",
+                                  r["reader"])
+    finally:
+        await new.close()
+    assert await what_the_reader_sees("127.0.0.1", fresh_server, "restored",
+                                      r["reader"]) == seen_before

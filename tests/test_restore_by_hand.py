@@ -40,7 +40,7 @@ def fill(script: str, **values: str) -> str:
 
 async def test_the_by_hand_recipes_work_as_pasted(api: Any, worker: Any, pg_db: str,
                                                  storage_dir: Path, tmp_path: Path) -> None:
-    new_db, over = recipes()
+    new_db, over, _on_a_new_server = recipes()
     await pg.load_rich(pg_db)
     conn = await pg.user_conn(pg_db)
     await conn.execute("SELECT lo_from_bytea(0, 'a large object'::bytea)")

@@ -14,7 +14,7 @@ import re
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -39,6 +39,7 @@ from worker.engines import (
     blockers_watched,
     describe,
     drill_name,
+    pg_globals,
     stale_drills,
     unreachable,
 )
@@ -119,6 +120,16 @@ def _grants(schema: str, acl: list[str], owner: str) -> list[str]:
             who = "PUBLIC" if grantee == "" else _quote_ident(grantee)
             out.append(f"GRANT {', '.join(names)} ON SCHEMA {_quote_ident(schema)} TO {who};")
     return out
+
+
+@dataclass
+class RoleFacts:
+    """What a restore learnt about roles before it changed anything."""
+
+    with_globals: bool = False  # the manifest says the backup carries the server's globals
+    wanted: list[str] = field(default_factory=list)  # the roles the backup names
+    missing: list[str] = field(default_factory=list)  # … that the server lacks
+    superuser: bool = False  # the restoring role
 
 
 class PostgreSQL:
@@ -233,9 +244,20 @@ class PostgreSQL:
         flags = ["--format=plain", "--verbose", "--no-password"]
         async with self._connect(target) as conn:
             roles = [r[0] for r in await conn.fetch(_ROLES_REFERENCED)]
+            # without SELECT on pg_authid, pg_dumpall reads pg_roles (no passwords)
+            passwords = bool(await conn.fetchval(
+                "SELECT has_table_privilege('pg_catalog.pg_authid', 'SELECT')"))
+        globals_argv = ["pg_dumpall", "--globals-only", "--no-password",
+                        "-l", _conn(target)["database"],
+                        *([] if passwords else ["--no-role-passwords"])]
         async with spawn(["pg_dump", *flags], env=_env(target), secrets=target.secrets(),
                          stdout=True, on_line=on_line) as child:
             async def chunks() -> AsyncIterator[bytes]:
+                if target.globals:  # first, as comments (see pg_globals)
+                    yield pg_globals.header(passwords)
+                    async for data in pg_globals.commented(self._globals(target,
+                                                                         globals_argv)):
+                        yield data
                 while data := await child.read():
                     yield data
 
@@ -252,12 +274,25 @@ class PostgreSQL:
                 # the roles its owners, grants and policies name (a restore on a server
                 # lacking some needs a choice: roles = "create" | "skip")
                 "roles": roles,
+                **({"globals": {"tool": " ".join(globals_argv[:2]),
+                                "role_passwords": passwords}} if target.globals else {}),
             })
             rc = await child.wait()
             if rc != 0:
                 raise DumpFailed(f"pg_dump exited with code {rc}: "
                                  f"{child.error_text(skip=lambda ln: bool(_VERBOSE.match(ln)))}")
             progress.items_done = progress.items_total or progress.items_done
+
+    async def _globals(self, target: TargetConfig, argv: list[str]) -> AsyncIterator[bytes]:
+        """pg_dumpall --globals-only's output, streamed."""
+        async with spawn(argv, env=_env(target), secrets=target.secrets(),
+                         stdout=True) as child:
+            while data := await child.read():
+                yield data
+            rc = await child.wait()
+            if rc != 0:
+                raise DumpFailed(f"pg_dumpall --globals-only exited with code {rc}: "
+                                 f"{child.error_text()}")
 
     async def _clean_sql(self, target: TargetConfig) -> str:
         """SQL that empties the database of everything a plain pg_dump can hold, as one line
@@ -345,20 +380,26 @@ class PostgreSQL:
         tag = f"safehold-restore-{secrets.token_hex(6)}"  # psql's application_name
         try:  # nothing has been touched yet
             await require_restrict_psql()
-            create_sql, create_roles = await self._missing_roles(target, manifest, options)
+            facts = await self._missing_roles(target, manifest, options)
             clean_sql = await self._clean_sql(target) if clean else ""
         except SafeholdError as exc:
             raise RestoreFailed(exc.message, database_unchanged=True, code=exc.code) from None
-        clean_sql = create_sql + clean_sql
-        # psql prints `safehold-begin-KEY|<txid>` right after BEGIN and, after the whole
-        # script, `safehold-ready-KEY|<txid>`: the same txid proves that nothing in the
-        # script ended Safehold's transaction (the key is unknown to the file; the calls are
-        # schema-qualified so the file cannot shadow them)
-        # the clean takes every table's lock: it waits at most lock_timeout for the
-        # application's sessions, then fails, and the transaction rolls back (unchanged)
-        prelude = (f"\\restrict {key}\nBEGIN; SET LOCAL lock_timeout = "
-                   f"{int(target.lock_timeout * 1000)}; SELECT 'safehold-begin-{key}', "
-                   f"pg_catalog.txid_current(); {clean_sql}\n").encode()
+        roles_plan = pg_globals.Plan()
+
+        async def prelude(head: pg_globals.GlobalsHead | None) -> bytes:
+            """psql prints `safehold-begin-KEY|<txid>` right after BEGIN and, after the
+            whole script, `safehold-ready-KEY|<txid>`: the same txid proves that nothing in
+            the script ended Safehold's transaction (the key is unknown to the file; the
+            calls are schema-qualified so the file cannot shadow them). The clean takes
+            every table's lock: it waits at most lock_timeout for the application's
+            sessions, then fails, and the transaction rolls back (unchanged). Roles to
+            create (from the backup's globals when it has them) come first."""
+            nonlocal roles_plan
+            if head is not None:
+                roles_plan = await self._roles_plan(target, facts, head)
+            return (f"\\restrict {key}\nBEGIN; SET LOCAL lock_timeout = "
+                    f"{int(target.lock_timeout * 1000)}; SELECT 'safehold-begin-{key}', "
+                    f"pg_catalog.txid_current(); {roles_plan.sql} {clean_sql}\n").encode()
         guard = PgScriptGuard(skip_privileges=options.roles == "skip",
                               role_map=dict(options.owner_map) if options.roles == "map"
                               else None)
@@ -371,9 +412,26 @@ class PostgreSQL:
             markers = asyncio.ensure_future(_read_markers(child, key))
 
             async def guarded() -> AsyncIterator[bytes]:
+                # roles = "create" reads the backup's globals (its head) before BEGIN
+                head = pg_globals.GlobalsHead() if options.roles == "create" else None
+                opened = False
                 async for chunk in chunks:  # ends only after the stored sha256 was verified
                     progress.add_bytes(len(chunk))
+                    if not opened:
+                        if head is not None:
+                            head.feed(chunk)
+                            if not head.done:
+                                continue
+                            chunk = bytes(head.held)
+                        yield await prelude(head)
+                        opened = True
                     if out := guard.feed(chunk):
+                        yield out
+                if not opened:
+                    if head is not None:
+                        head.finish()
+                    yield await prelude(head)
+                    if head is not None and (out := guard.feed(bytes(head.held))):
                         yield out
                 # everything before COMMIT must have run: psql answers the marker only then,
                 # so a worker lost before this point always leaves the database unchanged
@@ -391,7 +449,7 @@ class PostgreSQL:
                 yield b"COMMIT;\n"
 
             try:
-                await feed_stdin(child, prelude, guarded(), lambda n: None)
+                await feed_stdin(child, b"", guarded(), lambda n: None)
             except UnsafeScript as exc:
                 raise RestoreFailed(f"the backup was refused: {exc.message}",
                                     database_unchanged=True, code=exc.code) from None
@@ -415,10 +473,15 @@ class PostgreSQL:
                 progress.log(f"roles = \"map\": {guard.mapped} owner, grant and policy "
                              "statement(s) renamed their roles ("
                              + ", ".join(f"{a} → {b}" for a, b in options.owner_map) + ")")
-            if create_roles:
-                progress.warn(f"roles = \"create\": created {', '.join(create_roles)} "
-                              "(NOLOGIN, no password: give them a password and LOGIN where "
-                              "the application logs in as them)")
+            if roles_plan.created:
+                progress.warn(f"roles = \"create\": created {', '.join(roles_plan.created)}"
+                              + (" as the backup's globals describe them" if
+                                 facts.with_globals else " (NOLOGIN, no password: give them "
+                                 "a password and LOGIN where the application logs in as "
+                                 "them; a backup taken with [targets.<t>] globals = true "
+                                 "carries them)"))
+            for warning in roles_plan.warnings:
+                progress.warn(f"roles = \"create\": {warning}")
             for kind, n in sorted(guard.counts.items()):
                 if kind == "CREATE SUBSCRIPTION":
                     progress.warn(f"{n} subscription(s) restored DISABLED (pg_dump creates them "
@@ -442,28 +505,28 @@ class PostgreSQL:
 
 
     async def _missing_roles(self, target: TargetConfig, manifest: dict[str, Any],
-                             options: RestoreOptions) -> tuple[str, list[str]]:
-        """The SQL creating the roles to create before the load (roles = "create") and
-        their names; refuses the restore
-        before anything changes when the backup names roles the server lacks and no
-        choice was made. The list comes from the manifest (untrusted: names only; a role
-        it left out fails the load, which rolls back)."""
+                             options: RestoreOptions) -> RoleFacts:
+        """The roles the backup names that the server lacks; refuses the restore before
+        anything changes when there are some and no choice was made (or the map does not
+        cover them). The list comes from the manifest (untrusted: names only; a role it
+        left out fails the load, which rolls back)."""
         named = manifest.get("roles")
+        facts = RoleFacts(with_globals=isinstance(manifest.get("globals"), dict))
         if options.roles == "skip" or not isinstance(named, list):
-            return "", []
-        wanted = sorted({r for r in named if isinstance(r, str) and 0 < len(r) <= 63
-                         and "\0" not in r})[:10_000]
+            return facts
+        facts.wanted = sorted({r for r in named if isinstance(r, str) and 0 < len(r) <= 63
+                               and "\0" not in r})[:10_000]
         mapping = dict(options.owner_map) if options.roles == "map" else {}
         async with self._connect(target) as conn:  # the backup's roles and the map's
             have = {r[0] for r in await conn.fetch(
                 "SELECT rolname FROM pg_roles WHERE rolname = ANY($1::text[])",
-                sorted({*wanted, *mapping.values()}))}
-            superuser = bool(await conn.fetchval(
+                sorted({*facts.wanted, *mapping.values()}))}
+            facts.superuser = bool(await conn.fetchval(
                 "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"))
-        missing = [r for r in wanted if r not in have]
+        facts.missing = [r for r in facts.wanted if r not in have]
         if options.roles == "map":
             absent = sorted(set(mapping.values()) - have)
-            unmapped = [r for r in missing if r not in mapping]
+            unmapped = [r for r in facts.missing if r not in mapping]
             if absent or unmapped:
                 raise RestoreFailed(
                     "owner_map does not cover this server: "
@@ -472,20 +535,35 @@ class PostgreSQL:
                     + (f"roles the backup names that the server lacks and the map leaves "
                        f"out: {', '.join(unmapped[:50])}" if unmapped else "")
                     + ". Nothing was changed", database_unchanged=True, code="roles_missing")
-            return "", []
-        if not missing or options.roles == "create":
-            # a restoring role that is no superuser must be a member of a role to give it
-            # objects (PostgreSQL 15): it is made one of each role it creates
-            return "".join(f"CREATE ROLE {_quote_ident(r)} NOLOGIN; "
-                           + ("" if superuser else f"GRANT {_quote_ident(r)} TO CURRENT_USER; ")
-                           for r in missing), missing
+            return facts
+        if not facts.missing or options.roles == "create":
+            return facts
         raise RestoreFailed(
             f"the backup's owners and grants name roles this server does not have: "
-            f"{', '.join(missing[:50])}{' …' if len(missing) > 50 else ''}. Nothing was "
-            "changed. Choose: \"roles\": \"create\" (created NOLOGIN, without passwords), "
-            "\"roles\": \"map\" with \"owner_map\": {\"old\": \"new\"}, or \"roles\": "
-            "\"skip\" (owners and grants left out, listed in the result)",
+            f"{', '.join(facts.missing[:50])}{' …' if len(facts.missing) > 50 else ''}. "
+            "Nothing was changed. Choose: \"roles\": \"create\" (as the backup's globals "
+            "describe them, else NOLOGIN without passwords), \"roles\": \"map\" with "
+            "\"owner_map\": {\"old\": \"new\"}, or \"roles\": \"skip\" (owners and grants "
+            "left out, listed in the result)",
             database_unchanged=True, code="roles_missing")
+
+    async def _roles_plan(self, target: TargetConfig, facts: RoleFacts,
+                          head: pg_globals.GlobalsHead) -> pg_globals.Plan:
+        """roles = "create": the SQL creating what the database needs that the server
+        lacks — from the backup's globals when its head has them (attributes, passwords,
+        memberships, settings), else the missing roles NOLOGIN."""
+        database = _conn(target)["database"]
+        if not head.lines:
+            return pg_globals.plan(pg_globals.Globals(), facts.missing, {},
+                                   database=database, superuser=facts.superuser)
+        found = pg_globals.parse(head.lines, head.first_line)
+        names = sorted({*found.roles, *facts.wanted})
+        async with self._connect(target) as conn:
+            existing = {r[0]: bool(r[1]) or r[0].startswith("pg_") for r in await conn.fetch(
+                "SELECT rolname, rolsuper FROM pg_roles WHERE rolname = ANY($1::text[])",
+                names)}
+        return pg_globals.plan(found, facts.wanted, existing, database=database,
+                               superuser=facts.superuser)
 
     @asynccontextmanager
     async def _blockers(self, target: TargetConfig, tag: str, progress: Progress,
