@@ -142,11 +142,11 @@ def test_anything_else_is_refused(head: bytes) -> None:
 
 
 def test_the_head_is_only_the_head() -> None:
-    """`--G` lines count only before the dump's first line: the same text further down
+    """`-- G` lines count only before the dump's first line: the same text further down
     (a comment, a COPY row) is the database's, never a role."""
     head = G.GlobalsHead()
-    body = (b"--\n-- Safehold: globals\n--\n--G CREATE ROLE a;\n--G\n--G GRANT x TO a;\n"
-            b"--\n-- PostgreSQL database dump\n--G CREATE ROLE later;\n")
+    body = (b"--\n-- Safehold: globals\n--\n-- G CREATE ROLE a;\n-- G\n-- G GRANT x TO a;\n"
+            b"--\n-- PostgreSQL database dump\n-- G CREATE ROLE later;\n")
     for i in range(0, len(body), 7):  # any chunking
         head.feed(body[i:i + 7])
     assert head.done and head.first_line == 4
@@ -162,7 +162,7 @@ async def test_commented_round_trips_through_the_head() -> None:
         for piece in (b"CREATE ROLE a;\nALTER ROLE a WITH LO", b"GIN;\n\nGRANT", b" a TO a"):
             yield piece
     out = b"".join([c async for c in G.commented(source())])
-    assert out == b"--G CREATE ROLE a;\n--G ALTER ROLE a WITH LOGIN;\n--G \n--G GRANT a TO a\n"
+    assert out == b"-- G CREATE ROLE a;\n-- G ALTER ROLE a WITH LOGIN;\n-- G \n-- G GRANT a TO a\n"
     head = G.GlobalsHead()
     head.feed(out + b"SELECT 1;\n")
     assert head.lines == [b"CREATE ROLE a;", b"ALTER ROLE a WITH LOGIN;", b"",
@@ -181,9 +181,9 @@ async def test_a_hostile_head_changes_nothing(api: Any, worker: Any, pg_db: str,
     before = await pg.fingerprint(pg_db)
     intruder = f"intruder_{pg_db[-8:]}"
     for n, head in enumerate([
-            f"--G CREATE ROLE {intruder};\n--G ALTER ROLE {intruder} WITH LOGIN "
-            f"PASSWORD 'x';\n--G DROP DATABASE postgres;\n",
-            f"--G CREATE ROLE {intruder};\n--G \\! touch /tmp/safehold-x\n"]):
+            f"-- G CREATE ROLE {intruder};\n-- G ALTER ROLE {intruder} WITH LOGIN "
+            f"PASSWORD 'x';\n-- G DROP DATABASE postgres;\n",
+            f"-- G CREATE ROLE {intruder};\n-- G \\! touch /tmp/safehold-x\n"]):
         name = f"upload_postgresql_2020010{n + 1}_000000.sql.gz"
         await publish_plain(storage_dir, name, head.encode() + plain,
                             {**manifest, "roles": [intruder, *manifest.get("roles", [])]})

@@ -2,11 +2,11 @@
 passwords, memberships, role settings and tablespaces, as `pg_dumpall --globals-only` writes
 them.
 
-They travel at the head of the backup's plain SQL, each line commented out as `--G <line>`,
-so that `psql -f backup.sql` on the same server leaves roles alone (no password reset to
-the backup's) while the recipe for a new server stays one command:
+They travel at the head of the backup's plain SQL, each line commented out as `-- G <line>`
+(see globals_head), so that `psql -f backup.sql` on the same server leaves roles alone (no
+password reset to the backup's) while the recipe for a new server stays two commands:
 
-    awk '/^--G/ {sub(/^--G ?/, ""); print; n++; next} n {exit}' backup.sql > globals.sql
+    awk '/^-- G/ {sub(/^-- G ?/, ""); print; n++; next} n {exit}' backup.sql > globals.sql
     psql -f globals.sql postgres    # "role … already exists" for postgres: harmless
 
 A restore with `roles = "create"` reads that head and creates the roles the database needs
@@ -24,13 +24,14 @@ superuser nor predefined (`pg_*`) to a role this restore created.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from shared.pgscript import UnsafeScript
+from worker.engines.globals_head import AWK, GlobalsHead, commented
 
-PREFIX = b"--G "
-HEAD_MAX = 64 << 20  # the head's bytes; a cluster's globals are kilobytes to a few MiB
+__all__ = ["GlobalsHead", "commented", "header", "parse", "plan"]
+
 MAX_ROLES = 100_000
 # what a restore never gives a role it creates (they reach beyond the database restored)
 WITHHELD = ("SUPERUSER", "REPLICATION", "BYPASSRLS", "CREATEROLE")
@@ -57,63 +58,9 @@ def header(role_passwords: bool) -> bytes:
             "tablespaces) from\n-- pg_dumpall --globals-only"
             + ("" if role_passwords else " --no-role-passwords (the backup's role could "
                "not read\n-- the passwords)")
-            + ", commented out as '--G ' lines.\n-- To recreate them on a new server:"
-            "\n--   awk '/^--G/ {sub(/^--G ?/, \"\"); print; n++; next} n {exit}' THIS.sql "
-            "> globals.sql\n--   psql -f globals.sql postgres\n--\n").encode()
-
-
-async def commented(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """`chunks` with every line prefixed by `--G ` (streaming; a last line without its
-    newline gets one)."""
-    carry = b""
-    async for data in chunks:
-        data = carry + data
-        cut = data.rfind(b"\n") + 1
-        carry = data[cut:]
-        if cut:
-            yield b"".join(PREFIX + line + b"\n" for line in data[:cut - 1].split(b"\n"))
-    if carry:
-        yield PREFIX + carry + b"\n"
-
-
-class GlobalsHead:
-    """Collects the `--G` lines at the head of a script (after leading `--` comments and
-    blank lines); `done` once the first other line is seen. Everything fed stays in
-    `held` for the caller to pass on unchanged (the lines are comments to psql)."""
-
-    def __init__(self) -> None:
-        self.held = bytearray()
-        self.lines: list[bytes] = []
-        self.done = False
-        self.first_line = 0  # of the first `--G` line (1-based)
-        self._at = 0
-        self._seen = 0
-
-    def feed(self, data: bytes) -> None:
-        self.held += data
-        while not self.done:
-            end = self.held.find(b"\n", self._at)
-            if end < 0:
-                break
-            self._line(bytes(self.held[self._at:end]))
-            self._at = end + 1
-        if not self.done and len(self.held) > HEAD_MAX:
-            raise UnsafeScript(self.first_line or 1, f"the globals at the head of the "
-                               f"backup exceed {HEAD_MAX >> 20} MiB", code="unsafe_backup")
-
-    def finish(self) -> None:
-        """End of input: a last line without a newline is still a line."""
-        if not self.done and self._at < len(self.held):
-            self._line(bytes(self.held[self._at:]))
-        self.done = True
-
-    def _line(self, line: bytes) -> None:
-        self._seen += 1
-        if line == PREFIX.rstrip() or line.startswith(PREFIX):
-            self.first_line = self.first_line or self._seen
-            self.lines.append(line[len(PREFIX):])
-        elif self.lines or not (line.startswith(b"--") or not line.strip()):
-            self.done = True  # the first line of the database's dump
+            + ", commented out as '-- G ' lines.\n-- To recreate them on a new server:"
+            f"\n--   {AWK} THIS.sql > globals.sql\n--   psql -f globals.sql postgres\n--\n"
+            ).encode()
 
 
 @dataclass
