@@ -272,9 +272,12 @@ class Operations:
                 raise BadRequest("owner_map goes with \"roles\": \"map\": an object of "
                                  "role names, {\"old\": \"new\"} (1-63 characters each)",
                                  code="invalid_body")
-            if roles is not None and target.engine != "postgresql":
-                raise Unprocessable(f"roles applies to PostgreSQL targets (not yet to "
-                                    f"{target.engine})", code="invalid_body")
+            if roles is not None and target.engine not in ("postgresql", "mysql") or \
+                    roles == "map" and target.engine != "postgresql":
+                which = ("roles = \"map\" applies to PostgreSQL" if roles == "map" else
+                         "roles applies to PostgreSQL and MySQL/MariaDB")
+                raise Unprocessable(f"{which} targets (not yet to {target.engine})",
+                                    code="invalid_body")
             parsed = naming.parse(file)
             info["backup"] = parsed.filename
             if parsed.engine != target.engine:  # the name proves the engine

@@ -244,8 +244,9 @@ class TargetConfig:
     encryption: EncryptionConfig | None = None
     # seconds a restore waits for the application's locks (then rolls back, unchanged)
     lock_timeout: float = 60.0
-    # PostgreSQL: the server's roles, memberships, role settings and tablespaces travel
-    # with each backup (pg_dumpall --globals-only) for a restore on a new server
+    # the server's accounts travel with each backup, for a restore on a new server:
+    # PostgreSQL's roles, memberships, role settings (pg_dumpall --globals-only), MySQL's
+    # users and roles that hold privileges on the database, with their grants on it
     globals: bool = False
 
     @property
@@ -486,9 +487,10 @@ def _target(tid: str, raw: Any, env: Mapping[str, str], base: Path) -> TargetCon
     with_globals = raw.get("globals", False)
     if not isinstance(with_globals, bool):
         raise ConfigError(f"targets.{tid}.globals must be true or false")
-    if with_globals and engine != "postgresql":
-        raise ConfigError(f"targets.{tid}.globals: only PostgreSQL targets have globals "
-                          "(roles, memberships, tablespaces)")
+    if with_globals and engine not in ("postgresql", "mysql"):
+        raise ConfigError(f"targets.{tid}.globals applies to PostgreSQL (roles, memberships, "
+                          "role settings) and MySQL/MariaDB targets (the accounts and grants "
+                          f"of the database), not to {engine}")
     return TargetConfig(
         id=tid,
         engine=engine,

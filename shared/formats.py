@@ -66,6 +66,7 @@ def validate_postgresql(chunks: Iterator[bytes]) -> dict[str, Any]:
 # ------------------------------------------------------------------ MySQL / MariaDB
 _MY_HEADERS = (b"-- MariaDB dump", b"-- MySQL dump")
 _MY_FOOTER = b"-- Dump completed"
+HEADER_WITHIN = 64 << 20  # the accounts head (worker.engines.globals_head) is at most this
 # client commands the mysql/mariadb client runs from its input: backslash commands anywhere
 # outside statements, long forms at the start of a line (mysqldump escapes newlines inside
 # string data, so a raw line start is never data)
@@ -102,6 +103,7 @@ class MySQLScriptCheck:
         self.open_len = 0  # length of the open (unterminated) line so far
         self.carry = b""  # that open line, while it is short enough to rescan
         self.head = b""
+        self.header_seen = False
         self.tail = b""
         self.size = 0
 
@@ -110,8 +112,11 @@ class MySQLScriptCheck:
             line = self.line + chunk.count(b"\n", 0, nul)
             raise Unsafe(f"line {line}: a NUL byte in SQL text")
         self.size += len(chunk)
-        if len(self.head) < 4096:
-            self.head += chunk[:4096 - len(self.head)]
+        if not self.header_seen and self.size - len(chunk) < HEADER_WITHIN:
+            # the tool's header, after the accounts Safehold may put first ('-- G' lines)
+            window = self.head + chunk
+            self.header_seen = any(h in window for h in _MY_HEADERS)
+            self.head = window[-32:]
         self.tail = (self.tail + chunk)[-4096:]
         self._check_local(chunk)
         if self.open_len > len(self.carry):  # the open line's start was checked already
@@ -165,7 +170,7 @@ class MySQLScriptCheck:
     local_tail = b""
 
     def finish(self) -> dict[str, Any]:
-        if not any(h in self.head for h in _MY_HEADERS):
+        if not self.header_seen:
             raise BadRequest("not a MariaDB/MySQL dump (no '-- MariaDB dump' or '-- MySQL "
                              "dump' header)", code="invalid_upload")
         if _MY_FOOTER not in self.tail:

@@ -367,7 +367,8 @@ class Procedures:
                         loaded = restore_filter(checked)
                         record["not_restored"] = drill.skipped
                     await engine.restore(scratch, loaded, progress, clean=True,
-                                         manifest=manifest)
+                                         manifest=manifest,
+                                         options=RestoreOptions(scratch=True))
                 record["rto_s"] = round(time.monotonic() - t0, 3)
                 record["scratch"] = getattr(drill, "last_scratch", None)
                 progress.set_phase("checking")

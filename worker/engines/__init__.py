@@ -80,6 +80,9 @@ class RestoreOptions:
     # owners and grants; None: refuse before anything changes (PostgreSQL)
     roles: str | None = None
     owner_map: tuple[tuple[str, str], ...] = ()  # roles = "map": (old, new) pairs
+    # a drill's scratch copy: the server's accounts and grants are never touched (MySQL
+    # grants live outside the database and would outlive the copy)
+    scratch: bool = False
 
 
 NO_OPTIONS = RestoreOptions()

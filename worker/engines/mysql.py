@@ -28,6 +28,7 @@ import pymysql
 from shared import scratch
 from shared.config import TargetConfig
 from shared.errors import DumpFailed, EngineError, RestoreFailed
+from shared.pgscript import UnsafeScript
 from worker.engines import (
     NO_OPTIONS,
     Blocker,
@@ -40,6 +41,8 @@ from worker.engines import (
     stale_drills,
     unreachable,
 )
+from worker.engines import mysql_accounts as accts
+from worker.engines.globals_head import AWK, GlobalsHead, commented
 from worker.progress import Progress
 from worker.subproc import feed_stdin, spawn
 
@@ -90,6 +93,29 @@ def _invalid_views_trailer(invalid: dict[str, tuple[str, str]]) -> bytes:
         lines += [f"--   {line}" for line in create.splitlines()]
     lines.append(f"-- Dump completed (Safehold: {len(invalid)} invalid view(s) kept above)")
     return ("\n".join(lines) + "\n").encode()
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value or "")
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+def _kept_grant(line: str, db: str, wanted: set[str]) -> str | None:
+    """A `SHOW GRANTS` line about `db` (or a role grant or default role among `wanted`),
+    as Safehold writes it in the head; None for the rest (server-wide, other databases)."""
+    try:
+        found = accts.parse_one(line, db)
+    except accts.BadAccounts:
+        return None
+    if isinstance(found, accts.Grant):
+        return found.sql(db)
+    if isinstance(found, (accts.RoleGrant, accts.DefaultRole)) and \
+            found.role in wanted and found.to in wanted:
+        return found.sql()
+    return None
 
 
 def _quote(name: str) -> str:
@@ -338,6 +364,8 @@ class MySQL:
 
         async with self._connect(target) as conn:
             invalid = await self._invalid_views(conn, db, cat)
+            head, facts = (await self._accounts_head(conn, db, str(cat["version"]))
+                           if target.globals else (b"", None))
         skip = [f"--ignore-table={db}.{name}" for name in invalid]
         for name, (why, _) in invalid.items():
             progress.warn(f"view `{name}` is invalid ({why}); it is kept in the backup as its "
@@ -347,6 +375,8 @@ class MySQL:
             async with spawn(argv, env={}, secrets=target.secrets(), stdout=True,
                              on_line=on_line) as child:
                 async def chunks() -> AsyncIterator[bytes]:
+                    if head:
+                        yield head
                     while data := await child.read():
                         yield data
                     if invalid and await child.wait() == 0:
@@ -358,11 +388,78 @@ class MySQL:
                     "invalid_views": sorted(invalid) or None,
                     "counts": {t[0]: _estimate(t[2]) for t in base},
                     "count_kind": "rows_estimate",
+                    **({"globals": facts} if facts is not None else {}),
                 })
                 rc = await child.wait()
                 if rc != 0:
                     detail = child.error_text(skip=lambda ln: bool(_VERBOSE.match(ln)))
                     raise DumpFailed(f"{tool} exited with code {rc}: {detail}")
+
+    async def _accounts_head(self, conn: aiomysql.Connection, db: str, version: str
+                             ) -> tuple[bytes, dict[str, Any]]:
+        """The accounts that reach `db` — holders of a privilege on it, and every account
+        granted one of those roles — as the head of the dump (see mysql_accounts), and
+        what the manifest says of them."""
+        try:
+            holders = await self._query(conn, " UNION ".join(
+                f"SELECT User, Host FROM mysql.{t} WHERE Db = %s"
+                for t in ("db", "tables_priv", "columns_priv", "procs_priv")), db, db, db, db)
+            users = await self._query(conn, "SELECT User, Host, plugin, authentication_string, "
+                                      + ("is_role" if "mariadb" in version.lower()
+                                         else "'N'") + " FROM mysql.user")
+        except pymysql.err.MySQLError as exc:
+            raise DumpFailed(f"globals = true needs to read the server's accounts "
+                             f"({exc.args[-1] if exc.args else exc}): GRANT SELECT ON mysql.* "
+                             "TO the backup's user, or set globals = false") from None
+        try:  # role grants: MariaDB's roles_mapping, MySQL 8's role_edges
+            edges = [(role, "", user, host, admin == "Y") for host, user, role, admin in
+                     await self._query(conn, "SELECT Host, User, Role, Admin_option "
+                                       "FROM mysql.roles_mapping")]
+        except pymysql.err.MySQLError:
+            try:
+                edges = [tuple(r[:4]) + (r[4] == "Y",) for r in await self._query(
+                    conn, "SELECT FROM_USER, FROM_HOST, TO_USER, TO_HOST, WITH_ADMIN_OPTION "
+                    "FROM mysql.role_edges")]
+            except pymysql.err.MySQLError:
+                edges = []
+        info = {(_text(u), _text(h)): (_text(p), _text(a), _text(r) == "Y")
+                for u, h, p, a, r in users}
+
+        def name(user: str, host: str) -> str:
+            is_role = info.get((user, host), ("", "", False))[2]
+            return accts.account(user, None if is_role else host)
+        reach = {(_text(u), _text(h)) for u, h in holders}
+        grown = True
+        while grown:  # members of a role that reaches the database, transitively
+            # (a role's creator holds it WITH ADMIN OPTION: administration, not use)
+            more = {(_text(tu), _text(th)) for ru, rh, tu, th, admin in edges
+                    if (_text(ru), _text(rh)) in reach and not admin}
+            grown = not more <= reach
+            reach |= more
+        wanted = {name(u, h) for u, h in reach}
+        creates, grants, left_out = [], [], []
+        for user, host in sorted(reach):
+            plugin, auth, is_role = info.get((user, host), ("", "", False))
+            acc = accts.Account(user, None if is_role else host, plugin, auth)
+            if plugin and plugin not in accts.PLUGINS or any(
+                    c in auth for c in "\\\0\n") or not auth.isprintable():
+                left_out.append(f"{acc.name}: login ({plugin or 'none'}) not kept")
+                acc.plugin, acc.auth = "", ""
+            creates.append(acc.create_sql(mysql="mariadb" not in version.lower()))
+            for (line,) in await self._query(conn, f"SHOW GRANTS FOR {acc.name}"):
+                kept = _kept_grant(_text(line), db, wanted)
+                if kept:
+                    grants.append(kept)
+                elif " ON *.* " in _text(line) and not _text(line).startswith("GRANT USAGE "):
+                    left_out.append(f"{acc.name}: server-wide privileges")
+        body = "\n".join(creates + grants) + "\n" if creates else ""
+        header = ("--\n-- Safehold: the accounts that reach this database (users, roles, "
+                  "their logins and\n-- grants on it), commented out as '-- G ' lines. On "
+                  f"a new server, after the load:\n--   {AWK} THIS.sql > accounts.sql\n"
+                  "--   mysql < accounts.sql\n--\n")
+        chunks = [c async for c in commented(_one(body.encode()))]
+        return (header.encode() + b"".join(chunks) if body else b""), {
+            "accounts": sorted(wanted), "left_out": sorted(set(left_out))}
 
     async def _invalid_views(self, conn: aiomysql.Connection, db: str,
                              cat: dict[str, Any]) -> dict[str, tuple[str, str]]:
@@ -420,14 +517,50 @@ class MySQL:
             raise RestoreFailed(exc.message, database_unchanged=True, code=exc.code) from None
         tool = find_tool("mariadb", "mysql")
         seen: list[Blocker] = []
+        accounts = accts.Plan()
+
+        async def source() -> AsyncIterator[bytes]:
+            """The clean, then the dump — once its head (the backup's accounts, if any)
+            was read and the roles choice checked, before anything is sent — then the
+            accounts and grants (after the data: a column grant needs its table)."""
+            nonlocal accounts
+            head = GlobalsHead()
+            opened = False
+            async for chunk in chunks:  # ends only after the stored sha256 was verified
+                progress.add_bytes(len(chunk))
+                if not opened:
+                    head.feed(chunk)
+                    if not head.done:
+                        continue
+                    chunk = bytes(head.held)
+                    accounts = await self._accounts_plan(target, manifest, options, head)
+                    yield prelude.encode()
+                    opened = True
+                yield chunk
+            if not opened:
+                head.finish()
+                accounts = await self._accounts_plan(target, manifest, options, head)
+                yield prelude.encode() + bytes(head.held)
+            if accounts.sql:
+                yield f"\n{accounts.sql}\n".encode()
+
         with _defaults_file(target) as cnf:
             argv = [tool, f"--defaults-file={cnf}", *await client_guard_flags(tool), db]
             async with self._blockers(target, progress, seen, options.terminate), \
                     spawn(argv, env={}, secrets=target.secrets(), stdin=True) as child:
                 with restore_errors(target, "MySQL"):
-                    await feed_stdin(child, prelude.encode(), chunks, progress.add_bytes)
+                    try:
+                        await feed_stdin(child, b"", source(), lambda n: None)
+                    except UnsafeScript as exc:
+                        raise RestoreFailed(f"the backup was refused: {exc.message}",
+                                            database_unchanged=True, code=exc.code) from None
                 rc = await child.wait()
         if rc == 0:
+            if accounts.created:
+                progress.warn(f"roles = \"create\": created {', '.join(accounts.created)} "
+                              "as the backup describes them")
+            for warning in accounts.warnings:
+                progress.warn(warning)
             return
         text = child.error_text()
         at = _ERROR_LINE.search(text)
@@ -441,6 +574,44 @@ class MySQL:
                 database_unchanged=True, code="lock_timeout")
         raise RestoreFailed(f"{tool} exited with code {rc}: {text}",
                             database_unchanged=unchanged)
+
+    async def _accounts_plan(self, target: TargetConfig, manifest: dict[str, Any],
+                             options: RestoreOptions, head: GlobalsHead) -> accts.Plan:
+        """What to do with the accounts at the backup's head, decided before anything is
+        sent: refused (`roles_missing`) when the server lacks some and no choice was made."""
+        if not head.lines or options.scratch:
+            return accts.Plan()
+        backup_db = manifest.get("database")
+        found = accts.parse(head.lines, backup_db if isinstance(backup_db, str) and backup_db
+                            else _conn(target)["database"], head.first_line)
+        if options.roles == "skip":
+            return accts.plan(found, set(), database="", choice="skip", mysql=False)
+        try:
+            async with self._connect(target) as conn:
+                version = str((await self._query(conn, "SELECT VERSION()"))[0][0])
+                mariadb = "mariadb" in version.lower()
+                rows = await self._query(conn, "SELECT User, Host, "
+                                         + ("is_role" if mariadb else "'N'")
+                                         + " FROM mysql.user")
+        except pymysql.err.MySQLError as exc:
+            raise RestoreFailed(
+                f"the backup carries accounts and grants, and the restoring user cannot "
+                f"read the server's ({exc.args[-1] if exc.args else exc}); nothing was "
+                "changed. Restore as a user that can (SELECT ON mysql.*, CREATE USER), or "
+                "with \"roles\": \"skip\"", database_unchanged=True,
+                code="roles_missing") from None
+        existing = {accts.account(_text(u), None if _text(r) == "Y" else _text(h))
+                    for u, h, r in rows}
+        missing = accts.missing(found, existing)
+        if missing and options.roles != "create":
+            raise RestoreFailed(
+                f"the backup's grants name accounts this server does not have: "
+                f"{', '.join(missing[:50])}{' …' if len(missing) > 50 else ''}. Nothing was "
+                "changed. Choose: \"roles\": \"create\" (created as the backup describes "
+                "them, with their password hashes) or \"roles\": \"skip\" (no account or "
+                "grant is touched)", database_unchanged=True, code="roles_missing")
+        return accts.plan(found, existing, database=_conn(target)["database"],
+                          choice=options.roles, mysql=not mariadb)
 
     @asynccontextmanager
     async def _blockers(self, target: TargetConfig, progress: Progress, seen: list[Blocker],
