@@ -45,9 +45,11 @@ def add_client_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     r.add_argument("backup")
     r.add_argument("--no-safety-backup", action="store_true")
     r.add_argument("--roles", choices=("create", "map", "skip"),
-                   help="PostgreSQL: roles the backup names that the server lacks are "
-                        "created (NOLOGIN), renamed (--owner-map) or their owners and "
-                        "grants left out")
+                   help="PostgreSQL, MySQL: roles/accounts the backup names that the server "
+                        "lacks are created (as its globals describe them), renamed "
+                        "(--owner-map, PostgreSQL) or their owners and grants left out")
+    r.add_argument("--database", help="a server target's backup set: restore only this "
+                                      "database of it")
     r.add_argument("--owner-map", action="append", metavar="OLD=NEW", default=[],
                    help="with --roles map: give OLD's objects and grants to NEW (repeat)")
     r.add_argument("--terminate-connections", action="store_true",
@@ -210,6 +212,8 @@ async def run(client: Client, args: argparse.Namespace) -> int:  # noqa: C901 - 
             req["terminate_connections"] = True
         if args.roles:
             req["roles"] = args.roles
+        if args.database:
+            req["database"] = args.database
         if args.owner_map:
             pairs = [m.split("=", 1) for m in args.owner_map]
             if any(len(p) != 2 or not all(p) for p in pairs):

@@ -287,14 +287,14 @@ async def delete_backup(request: web.Request) -> web.Response:
 async def create_restore(request: web.Request) -> web.Response:
     body = await read_json(request, {"backup": str, "create_safety_backup": bool,
                                      "identity": str, "terminate_connections": bool,
-                                     "roles": str, "owner_map": dict})
+                                     "roles": str, "owner_map": dict, "database": str})
     if "backup" not in body:
         raise BadRequest("field 'backup' (a backup file name) is required", code="invalid_body")
     job = await ops(request).start_restore(
         caller(request), request.match_info["target"], body["backup"],
         safety=body.get("create_safety_backup", True), identity=body.get("identity"),
         terminate=body.get("terminate_connections", False), roles=body.get("roles"),
-        owner_map=body.get("owner_map"),
+        owner_map=body.get("owner_map"), database=body.get("database"),
         idempotency_key=idempotency_key(request), wait=wait_param(request))
     return job_response(job, request)
 

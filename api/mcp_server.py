@@ -197,7 +197,8 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
     async def plan_restore(database_id: str, backup: str, create_safety_backup: bool = True,
                            terminate_connections: bool = False,
                            roles: str | None = None,
-                           owner_map: dict[str, str] | None = None) -> dict[str, Any]:
+                           owner_map: dict[str, str] | None = None,
+                           database: str | None = None) -> dict[str, Any]:
         info: dict[str, Any] = {"backup": backup[:200]}
 
         async def body(ops: Operations, who: Caller) -> dict[str, Any]:
@@ -216,7 +217,7 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
                     "session": who.principal.session,
                     "create_safety_backup": create_safety_backup,
                     "terminate_connections": terminate_connections, "roles": roles,
-                    "owner_map": owner_map}
+                    "owner_map": owner_map, "database": database}
             s = services()
             await s.redis.set(_plan_key(s, token), json.dumps(plan), ex=PLAN_TTL)
             return {
@@ -257,6 +258,7 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
                                           terminate=bool(plan.get("terminate_connections")),
                                           roles=plan.get("roles"),
                                           owner_map=plan.get("owner_map"),
+                                          database=plan.get("database"),
                                           expect_sha256=plan["sha256"])
             return await follow(ops, who, job, ctx, wait_seconds)
         return await run("execute_restore", None, body, info)

@@ -254,6 +254,7 @@ class Operations:
                             safety: bool = True, identity: str | None = None,
                             terminate: bool = False, roles: str | None = None,
                             owner_map: dict[str, Any] | None = None,
+                            database: str | None = None,
                             idempotency_key: str | None = None, wait: float | None = None,
                             fail_fast: bool = False, expect_sha256: str | None = None) -> Job:
         """A restore job bound to the backup's sha256 as it is now (or `expect_sha256`, what
@@ -299,6 +300,20 @@ class Operations:
                                         f"MySQL/MariaDB targets, not {target.engine}",
                                         code="invalid_body")
                 params["terminate_connections"] = True
+            if database is not None:  # one database of a backup set
+                members = [m.get("database") for m in (manifest.get("set") or {}).get(
+                    "members", []) if isinstance(m, dict)] if isinstance(
+                    manifest.get("set"), dict) else None
+                if members is None:
+                    raise Unprocessable(f"{name.filename} is not a backup set: \"database\" "
+                                        "picks one database of a server target's backup",
+                                        code="invalid_body")
+                if database not in members:
+                    raise NotFound(f"the backup set {name.filename} has no database "
+                                   f"{database!r} (it holds: "
+                                   f"{', '.join(str(m) for m in members)})",
+                                   code="database_missing")
+                params["database"] = database
             if roles is not None:
                 params["roles"] = roles
             if owner_map is not None:

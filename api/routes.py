@@ -126,11 +126,16 @@ _RESTORE_BODY = {"type": "object", "additionalProperties": False, "required": ["
                                     "description": "with roles = map: {old role: new role}"},
                                 "roles": {
                                     "enum": ["create", "skip", "map"],
-                                    "description": "PostgreSQL: roles the backup's owners and "
-                                    "grants name that this server lacks are created "
-                                    "(NOLOGIN, no password) or their owners and grants "
-                                    "left out; without it such a restore is refused "
+                                    "description": "PostgreSQL, MySQL/MariaDB: roles or "
+                                    "accounts the backup names that this server lacks are "
+                                    "created (as the backup's globals describe them), "
+                                    "mapped (PostgreSQL) or their owners and grants left "
+                                    "out; without it such a restore is refused "
                                     "(roles_missing) before anything changes"},
+                                "database": {
+                                    "type": "string", "minLength": 1, "maxLength": 255,
+                                    "description": "a server target's backup set: restore "
+                                    "only this database of it (else every one)"},
                                 "terminate_connections": {
                                     "type": "boolean", "default": False,
                                     "description": "PostgreSQL, MySQL/MariaDB: end the "

@@ -27,6 +27,8 @@ command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || need_pkgs+=(
 command -v age >/dev/null 2>&1 || need_pkgs+=(age)
 command -v zstd >/dev/null 2>&1 || need_pkgs+=(zstd)
 command -v ssh-keygen >/dev/null 2>&1 || need_pkgs+=(openssh-client)
+# the README's recipes read manifests with jq
+command -v jq >/dev/null 2>&1 || need_pkgs+=(jq)
 # the web page is tested in a real browser: Debian's chromium, driven by Playwright
 command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
 if [ ${#need_pkgs[@]} -gt 0 ]; then

@@ -248,6 +248,14 @@ class TargetConfig:
     # PostgreSQL's roles, memberships, role settings (pg_dumpall --globals-only), MySQL's
     # users and roles that hold privileges on the database, with their grants on it
     globals: bool = False
+    # a server target (issue 21): every database of the server ("*",) or these, less
+    # `exclude`, as one backup set; the URL's database is only where Safehold connects
+    databases: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    @property
+    def is_set(self) -> bool:
+        return bool(self.databases)
 
     @property
     def compress(self) -> bool:
@@ -272,6 +280,7 @@ class TargetConfig:
             "destinations": list(self.destinations),
             "encrypted": self.encryption is not None,
             "globals": self.globals,
+            "databases": list(self.databases) or None,
         }
 
 
@@ -437,7 +446,7 @@ def _target(tid: str, raw: Any, env: Mapping[str, str], base: Path) -> TargetCon
              "timezone", "schedule_jitter", "catch_up", "missed_grace", "heartbeat_url",
              "verify_schedule", "verify_checks", "notify_min_severity",
              "retention", "compress", "compression", "compression_level", "destinations",
-             "encryption", "lock_timeout", "globals"}
+             "encryption", "lock_timeout", "globals", "databases", "exclude"}
     unknown = set(raw) - known - {"password"}
     if unknown:
         raise ConfigError(f"unknown key(s) in [targets.{tid}]: {', '.join(sorted(unknown))} "
@@ -491,6 +500,12 @@ def _target(tid: str, raw: Any, env: Mapping[str, str], base: Path) -> TargetCon
         raise ConfigError(f"targets.{tid}.globals applies to PostgreSQL (roles, memberships, "
                           "role settings) and MySQL/MariaDB targets (the accounts and grants "
                           f"of the database), not to {engine}")
+    databases, exclude = _server_set(tid, engine, raw)
+    if databases:
+        if raw.get("globals") is False:
+            raise ConfigError(f"targets.{tid}: a server target (databases) always carries "
+                              "the server's globals; remove globals = false")
+        with_globals = True
     return TargetConfig(
         id=tid,
         engine=engine,
@@ -513,7 +528,38 @@ def _target(tid: str, raw: Any, env: Mapping[str, str], base: Path) -> TargetCon
         encryption=_encryption(tid, raw.get("encryption"), base),
         lock_timeout=lock_timeout,
         globals=with_globals,
+        databases=databases,
+        exclude=exclude,
     )
+
+
+def _server_set(tid: str, engine: str, raw: Mapping[str, Any]
+                ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """`databases = "*"` or a list of names, and `exclude = [...]`."""
+    wanted, exclude = raw.get("databases"), raw.get("exclude", [])
+    if wanted is None:
+        if "exclude" in raw:
+            raise ConfigError(f"targets.{tid}.exclude goes with databases = \"*\"")
+        return (), ()
+    if engine not in ("postgresql", "mysql"):
+        raise ConfigError(f"targets.{tid}.databases: server targets are PostgreSQL and "
+                          f"MySQL/MariaDB targets (a MongoDB target names its databases in "
+                          f"its URL), not {engine}")
+
+    def names(value: Any, key: str) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(
+                isinstance(v, str) and 0 < len(v) <= 255 and "\0" not in v for v in value):
+            raise ConfigError(f"targets.{tid}.{key} must be a list of database names")
+        if len(set(value)) != len(value):
+            raise ConfigError(f"targets.{tid}.{key} names a database twice")
+        return tuple(value)
+    if wanted == "*":
+        found: tuple[str, ...] = ("*",)
+    else:
+        found = names(wanted, "databases")
+        if not found:
+            raise ConfigError(f"targets.{tid}.databases is empty (\"*\" for every database)")
+    return found, names(exclude, "exclude")
 
 
 def _notifications(raw: Any, n: NotificationSettings, env: Mapping[str, str],

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from shared import scratch
+from shared import backup_sets, scratch
 from shared.codecs import PlainReader, Readable, Step, WindowDigests
 from shared.cypher import StatementSplitter, check_command, check_statement
 from shared.errors import BadRequest, PipelineError
@@ -524,15 +524,19 @@ def validate(engine: str, raw: Readable, chain: Sequence[Step], *, limit: int | 
              expect_sha256: str | None = None,
              on_stored: Callable[[int], None] | None = None,
              identities: Sequence[Any] = (),
-             windows: WindowDigests | None = None) -> dict[str, Any]:
+             windows: WindowDigests | None = None,
+             set_token: str | None = None) -> dict[str, Any]:
     """Check stored bytes (`raw`, decoded by `chain`) for `engine` (see the module
     docstring). With `expect_sha256` the stored bytes must also match it (IntegrityError).
     `windows`, if given, is fed the plain bytes checked (a restore's load proves it loads
-    those). Blocking: runs in a thread."""
+    those). `set_token`: a backup set, each member checked by the engine's validator.
+    Blocking: runs in a thread."""
     validator = VALIDATORS.get(engine)
     if validator is None:
         raise BadRequest(f"uploads for {engine} targets are not supported",
                          code="upload_unsupported")
+    if set_token is not None:
+        validator = backup_sets.validate_set(validator, set_token)
     reader = PlainReader(raw, chain, limit=limit, expect_sha256=expect_sha256,
                          on_stored=on_stored, identities=identities)
 

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+import shutil
+import socket
+import tempfile
 import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -182,3 +188,58 @@ async def fingerprint(database: str) -> dict[str, Any]:
     schema = await schema_dump(database)
     return {"schema": hashlib.sha256(schema.encode()).hexdigest(), "data": data,
             "sequences": seqs, "large_objects": large_objects}
+
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def private_cluster(databases: tuple[str, ...] = ("app",)) -> AsyncIterator[int]:
+    """A private PostgreSQL cluster (initdb on a free port, trust, superuser `postgres`):
+    a new server. Yields its port."""
+    import pytest
+
+    if not (PG_BIN / "initdb").exists():
+        pytest.skip("PostgreSQL 15 server binaries are needed (scripts/test.sh installs them)")
+    d = Path(tempfile.mkdtemp(prefix="safehold-newpg-"))
+    d.chmod(0o755)
+    data = d / "data"
+    port = _free_port()
+    user = [] if os.geteuid() != 0 else ["runuser", "-u", "postgres", "--"]
+    if user:
+        shutil.chown(d, "postgres")
+    init = await asyncio.create_subprocess_exec(
+        *user, str(PG_BIN / "initdb"), "-A", "trust", "-U", "postgres", "-D", str(data),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    assert await init.wait() == 0
+    with open(data / "postgresql.conf", "a") as f:
+        f.write(f"port = {port}\nlisten_addresses = '127.0.0.1'\n"
+                f"unix_socket_directories = '{d}'\nfsync = off\n")
+    server = await asyncio.create_subprocess_exec(
+        *user, str(PG_BIN / "postgres"), "-D", str(data),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+    async def up() -> bool:
+        try:
+            c = await asyncpg.connect(host="127.0.0.1", port=port, user="postgres")
+        except (OSError, asyncpg.PostgresError):
+            return False
+        for name in databases:
+            await c.execute(f'CREATE DATABASE "{name}"')
+        await c.close()
+        return True
+    try:
+        from tests.helpers import wait_for
+
+        await wait_for(up, 30, "the private cluster")
+        yield port
+    finally:
+        server.terminate()
+        await server.wait()
+        shutil.rmtree(d, ignore_errors=True)

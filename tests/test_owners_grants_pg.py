@@ -10,8 +10,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from api.app import create_app
 from shared.config import Settings, parse_settings
 from tests import pg
 from tests.conftest import bearer, make_raw_config
-from tests.helpers import backup, restore, running_worker, wait_for
+from tests.helpers import backup, restore, running_worker
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -170,50 +168,11 @@ async def test_same_server_restore_brings_owners_and_grants_back(
 
 
 # ------------------------------------------------------------------ a new server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 async def fresh_server() -> AsyncIterator[int]:
     """A private PostgreSQL cluster (initdb on a free port): a server without the roles."""
-    if not (PG_BIN / "initdb").exists():
-        pytest.skip("PostgreSQL 15 server binaries are needed (scripts/test.sh installs them)")
-    d = Path(tempfile.mkdtemp(prefix="safehold-newpg-"))
-    d.chmod(0o755)
-    data = d / "data"
-    port = _free_port()
-    user = [] if os.geteuid() != 0 else ["runuser", "-u", "postgres", "--"]
-    if user:
-        shutil.chown(d, "postgres")
-    init = await asyncio.create_subprocess_exec(
-        *user, str(PG_BIN / "initdb"), "-A", "trust", "-U", "postgres", "-D", str(data),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-    assert await init.wait() == 0
-    with open(data / "postgresql.conf", "a") as f:
-        f.write(f"port = {port}\nlisten_addresses = '127.0.0.1'\n"
-                f"unix_socket_directories = '{d}'\nfsync = off\n")
-    server = await asyncio.create_subprocess_exec(
-        *user, str(PG_BIN / "postgres"), "-D", str(data),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-
-    async def up() -> bool:
-        try:
-            c = await asyncpg.connect(host="127.0.0.1", port=port, user="postgres")
-        except (OSError, asyncpg.PostgresError):
-            return False
-        await c.execute("CREATE DATABASE app")
-        await c.close()
-        return True
-    try:
-        await wait_for(up, 30, "the private cluster")
+    async with pg.private_cluster() as port:
         yield port
-    finally:
-        server.terminate()
-        await server.wait()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def two_targets(prefix: str, tmp_path: Path, pg_db: str, port: int,

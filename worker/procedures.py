@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from shared import codecs, formats, naming, retention
+from shared import backup_sets, codecs, formats, naming, retention
 from shared.backupstore import BackupStore, BlockingStream, Catalog
 from shared.codecs import plain_limit
 from shared.config import Settings, TargetConfig
@@ -41,7 +41,7 @@ from shared.jobs import Job, JobStore, now_iso, undo_hint
 from shared.naming import ENGINE_FORMATS
 from shared.outage import JobTakenOver, RedisUnavailable
 from worker import pipeline
-from worker.engines import Engine, RestoreOptions
+from worker.engines import Engine, RestoreOptions, server_sets
 from worker.progress import Progress
 
 AUX_RETENTION = retention.Policy(max_age=timedelta(days=7))  # safety backups, uploads
@@ -63,6 +63,12 @@ def _plain(name: str) -> str:
 # keys only a worker sets, in memory, on the manifest a load is given: one found in a stored
 # manifest (anyone able to write a .json beside a backup) is dropped, never obeyed
 _IN_MEMORY_ONLY = ("also_clean", "plain_windows")
+
+
+async def _whole(chunks: AsyncIterator[bytes]
+                 ) -> AsyncIterator[tuple[str | None, AsyncIterator[bytes]]]:
+    """A one-database backup, shaped like a set's members."""
+    yield None, chunks
 
 
 def _checked(stored: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
@@ -142,6 +148,8 @@ class Procedures:
             counter = getattr(engine, "row_counter", lambda: None)()
             ratio = await self._learned_ratio(target)
             async with engine.dump(target, progress, options) as dump:
+                if "set" in dump.info:  # a server target counts each database apart
+                    counter = None
                 estimate = progress.bytes_total  # the engine's (on-disk) size estimate
                 if estimate:
                     # dump bytes per estimated byte, learned from the previous backup
@@ -343,13 +351,6 @@ class Procedures:
         mismatches: dict[str, Any] = {}
         checks: list[dict[str, Any]] = []
         if drill is not None:
-            kind = str(manifest.get("count_kind", ""))
-            expected = manifest.get("exact_counts") or (
-                manifest.get("counts") if kind in ("rows", "keys", "documents") else None)
-            # estimates (MySQL's information_schema) cannot be compared: the tables can
-            names_only = expected is None and kind.endswith("_estimate")
-            if names_only:
-                expected = manifest.get("counts")
             if sweep := getattr(drill, "sweep", None):
                 # scratch copies a killed drill left: older than any verify job may run
                 with contextlib.suppress(Exception):
@@ -358,43 +359,35 @@ class Procedures:
                         record["swept_scratch"] = swept
                         progress.warn("dropped scratch copies an interrupted drill left "
                                       "behind: " + ", ".join(swept))
-            async with drill.scratch(target) as scratch:
-                progress.set_phase("restoring", bytes_total=manifest.get("raw_bytes"))
-                async with self._plain(store, target, name, manifest, ids,
-                                       windows) as checked:
-                    loaded = checked
-                    if restore_filter := getattr(drill, "restore_filter", None):
-                        loaded = restore_filter(checked)
-                        record["not_restored"] = drill.skipped
-                    await engine.restore(scratch, loaded, progress, clean=True,
-                                         manifest=manifest,
-                                         options=RestoreOptions(scratch=True))
-                record["rto_s"] = round(time.monotonic() - t0, 3)
-                record["scratch"] = getattr(drill, "last_scratch", None)
-                progress.set_phase("checking")
-                got = await drill.exact_counts(scratch)
-                if expected is None:
-                    record["counts"] = "not recorded at dump time: compared nothing"
-                elif names_only:
-                    present = {_plain(t) for t in got}
-                    mismatches = {t: {"expected": "present", "restored": None}
-                                  for t in expected if _plain(t) not in present}
-                    record["counts"] = ("dump-time counts are estimates: compared which "
-                                        "tables exist")
-                    record["tables_compared"] = len(expected)
-                    record["rows_restored"] = sum(got.values())
-                else:
-                    mismatches = {t: {"expected": n, "restored": got.get(t, 0)}
-                                  for t, n in expected.items() if got.get(t, 0) != n}
-                    record["counts_compared"] = len(expected)
-                    record["rows_restored"] = sum(got.values())
-                for sql in target.verify_checks:
-                    try:
-                        ok = await drill.check(scratch, sql)
-                        checks.append({"sql": sql, "ok": ok})
-                    except Exception as exc:
-                        checks.append({"sql": sql, "ok": False,
-                                       "error": f"{type(exc).__name__}: {exc}"[:300]})
+            token = backup_sets.token_of(manifest)
+            members = {m["database"]: m for m in (manifest.get("set") or {}).get("members", [])
+                       if isinstance(m, dict) and isinstance(m.get("database"), str)
+                       } if token else {}
+            progress.set_phase("restoring", bytes_total=manifest.get("raw_bytes"))
+            async with self._plain(store, target, name, manifest, ids, windows) as checked:
+                parts = _whole(checked) if token is None else backup_sets.members(checked,
+                                                                                  token)
+                compared = 0
+                async for database, body in parts:
+                    facts = manifest if database is None else \
+                        {**members.get(database, {}), "database": database}
+                    where = target if database is None else \
+                        server_sets.member_target(target, database)
+                    found = await self._drill_one(where, engine, drill, body, facts, record,
+                                                  progress, t0)
+                    prefix = "" if database is None else f"{database}/"
+                    mismatches.update({prefix + t: m for t, m in found["mismatches"].items()})
+                    checks += [{**c, **({"database": database} if database else {})}
+                               for c in found["checks"]]
+                    compared += 1
+                if token is not None:
+                    record["databases"] = compared
+                    # a set's check is about one of its databases: passed where it ran true
+                    by_sql: dict[str, list[dict[str, Any]]] = {}
+                    for c in checks:
+                        by_sql.setdefault(c["sql"], []).append(c)
+                    checks = [next((c for c in group if c["ok"]), group[0])
+                              for group in by_sql.values()]
         record["duration_s"] = round(time.monotonic() - t0, 3)
         record["mismatches"] = mismatches or None
         record["checks"] = checks or None
@@ -415,6 +408,55 @@ class Procedures:
             err.details = {"verification": record}
             raise err
         return record
+
+    async def _drill_one(self, target: TargetConfig, engine: Engine, drill: Any,
+                         chunks: AsyncIterator[bytes], manifest: dict[str, Any],
+                         record: dict[str, Any], progress: Progress, t0: float
+                         ) -> dict[str, Any]:
+        """One database into a scratch copy: restored, counted, checked, dropped."""
+        kind = str(manifest.get("count_kind", ""))
+        expected = manifest.get("exact_counts") or (
+            manifest.get("counts") if kind in ("rows", "keys", "documents") else None)
+        # estimates (MySQL's information_schema) cannot be compared: the tables can
+        names_only = expected is None and kind.endswith("_estimate")
+        if names_only:
+            expected = manifest.get("counts")
+        mismatches: dict[str, Any] = {}
+        checks: list[dict[str, Any]] = []
+        async with drill.scratch(target) as scratch:
+            loaded = chunks
+            if restore_filter := getattr(drill, "restore_filter", None):
+                loaded = restore_filter(chunks)
+                record["not_restored"] = drill.skipped
+            await engine.restore(scratch, loaded, progress, clean=True, manifest=manifest,
+                                 options=RestoreOptions(scratch=True))
+            record["rto_s"] = round(time.monotonic() - t0, 3)
+            record["scratch"] = getattr(drill, "last_scratch", None)
+            progress.set_phase("checking")
+            got = await drill.exact_counts(scratch)
+            if expected is None:
+                record["counts"] = "not recorded at dump time: compared nothing"
+            elif names_only:
+                present = {_plain(t) for t in got}
+                mismatches = {t: {"expected": "present", "restored": None}
+                              for t in expected if _plain(t) not in present}
+                record["counts"] = ("dump-time counts are estimates: compared which "
+                                    "tables exist")
+                record["tables_compared"] = record.get("tables_compared", 0) + len(expected)
+                record["rows_restored"] = record.get("rows_restored", 0) + sum(got.values())
+            else:
+                mismatches = {t: {"expected": n, "restored": got.get(t, 0)}
+                              for t, n in expected.items() if got.get(t, 0) != n}
+                record["counts_compared"] = record.get("counts_compared", 0) + len(expected)
+                record["rows_restored"] = record.get("rows_restored", 0) + sum(got.values())
+            for sql in target.verify_checks:
+                try:
+                    ok = await drill.check(scratch, sql)
+                    checks.append({"sql": sql, "ok": ok})
+                except Exception as exc:
+                    checks.append({"sql": sql, "ok": False,
+                                   "error": f"{type(exc).__name__}: {exc}"[:300]})
+        return {"mismatches": mismatches, "checks": checks}
 
     # ----------------------------------------------------------------- restore
     async def restore(self, job: Job, target: TargetConfig, engine: Engine,
@@ -557,14 +599,17 @@ class Procedures:
         def raw() -> BlockingStream:
             return BlockingStream(store.open(target.id, name.filename), loop)
 
-        if not engine.atomic_restore:
+        set_token = backup_sets.token_of(manifest)
+        # a set commits database by database: every byte is checked before the first
+        if not engine.atomic_restore or set_token is not None:
             stream = raw()
             try:
                 windows = codecs.WindowDigests()
                 facts = await asyncio.to_thread(functools.partial(
                     formats.validate, engine.name, stream, chain,
                     limit=self._limit(manifest), expect_sha256=expected,
-                    on_stored=progress.add_bytes, identities=identities, windows=windows))
+                    on_stored=progress.add_bytes, identities=identities, windows=windows,
+                    set_token=set_token))
                 facts["plain_windows"] = windows.finish()  # in memory only (see _load)
                 formats.check_scope(engine.name, target.url or "", facts)
             except SafeholdError as exc:
@@ -580,7 +625,8 @@ class Procedures:
                                     database_unchanged=True, code=exc.code) from None
             finally:
                 await asyncio.to_thread(stream.close)
-            return {k: facts[k] for k in ("databases", "plain_windows") if k in facts}
+            return {k: facts[k] for k in ("databases", "plain_windows", "set_members")
+                    if k in facts}
         digest = await self._digest(store, target, name, progress.add_bytes,
                                     chain if any(s["codec"] == "age" for s in chain) else None,
                                     identities)
@@ -674,6 +720,7 @@ class Procedures:
                                  options=RestoreOptions(
                                      terminate=bool(job.params.get("terminate_connections")),
                                      roles=job.params.get("roles") or None,
+                                     database=job.params.get("database") or None,
                                      owner_map=tuple(sorted(
                                          (job.params.get("owner_map") or {}).items()))))
 

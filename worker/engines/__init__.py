@@ -83,6 +83,7 @@ class RestoreOptions:
     # a drill's scratch copy: the server's accounts and grants are never touched (MySQL
     # grants live outside the database and would outlive the copy)
     scratch: bool = False
+    database: str | None = None  # a backup set: restore only this database of it
 
 
 NO_OPTIONS = RestoreOptions()

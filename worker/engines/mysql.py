@@ -38,6 +38,7 @@ from worker.engines import (
     describe,
     drill_name,
     restore_errors,
+    server_sets,
     stale_drills,
     unreachable,
 )
@@ -285,7 +286,7 @@ class MySQL:
         c = _conn(target)
         try:
             conn = await aiomysql.connect(
-                host=c["host"], port=c["port"], user=c["user"], db=c["database"],
+                host=c["host"], port=c["port"], user=c["user"], db=c["database"] or None,
                 password=target.password.reveal() if target.password else "",
                 unix_socket=c["unix_socket"], charset="utf8mb4", connect_timeout=10)
         except (TimeoutError, OSError, pymysql.err.MySQLError) as exc:
@@ -341,9 +342,16 @@ class MySQL:
     @asynccontextmanager
     async def dump(self, target: TargetConfig, progress: Progress,
                    options: dict[str, Any] | None = None) -> AsyncIterator[Dump]:
+        if target.is_set:  # a server target: every database, one set (server_sets)
+            async with server_sets.dump_set(self, target, progress, options) as dumped:
+                yield dumped
+            return
         db = _conn(target)["database"]
         async with self._connect(target) as conn:
             cat = await self._catalog(conn, db)
+            schema = await self._query(
+                conn, "SELECT DEFAULT_CHARACTER_SET_NAME, DEFAULT_COLLATION_NAME FROM "
+                "information_schema.SCHEMATA WHERE SCHEMA_NAME = %s", db)
         tool = find_tool("mariadb-dump", "mysqldump")
         version = await tool_version(tool)
         flags = ["--single-transaction", "--routines", "--triggers", "--events",
@@ -388,12 +396,41 @@ class MySQL:
                     "invalid_views": sorted(invalid) or None,
                     "counts": {t[0]: _estimate(t[2]) for t in base},
                     "count_kind": "rows_estimate",
+                    "database_options": ({"character_set": schema[0][0],
+                                          "collation": schema[0][1]} if schema else None),
                     **({"globals": facts} if facts is not None else {}),
                 })
                 rc = await child.wait()
                 if rc != 0:
                     detail = child.error_text(skip=lambda ln: bool(_VERBOSE.match(ln)))
                     raise DumpFailed(f"{tool} exited with code {rc}: {detail}")
+
+    async def server_databases(self, target: TargetConfig) -> list[str]:
+        async with self._connect(target) as conn:
+            rows = await self._query(conn, "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA "
+                                     "ORDER BY 1")
+        system = {"information_schema", "performance_schema", "mysql", "sys"}
+        return [_text(r[0]) for r in rows if _text(r[0]) not in system]
+
+    async def ensure_database(self, target: TargetConfig, name: str, facts: dict[str, Any],
+                              progress: Progress) -> None:
+        """A set's database on a server that lacks it: created with its character set and
+        collation."""
+        opts = facts.get("database_options")
+        opts = opts if isinstance(opts, dict) else {}
+        spec = " ".join(f"{k} {v}" for k, v in (
+            ("CHARACTER SET", opts.get("character_set")), ("COLLATE", opts.get("collation")))
+            if isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_]{1,64}", v))
+        async with self._connect(target) as conn:
+            if await self._query(conn, "SELECT 1 FROM information_schema.SCHEMATA WHERE "
+                                 "SCHEMA_NAME = %s", name):
+                return
+            try:
+                await self._query(conn, f"CREATE DATABASE IF NOT EXISTS {_quote(name)} {spec}")
+            except pymysql.err.MySQLError as exc:
+                raise RestoreFailed(f"cannot create database {name}: {exc}",
+                                    database_unchanged=True) from None
+        progress.log(f"created database {name}")
 
     async def _accounts_head(self, conn: aiomysql.Connection, db: str, version: str
                              ) -> tuple[bytes, dict[str, Any]]:
@@ -510,6 +547,10 @@ class MySQL:
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
                       progress: Progress, *, clean: bool, manifest: dict[str, Any],
                       options: RestoreOptions = NO_OPTIONS) -> None:
+        if target.is_set:  # every database of the set, or the one asked for
+            await server_sets.restore_set(self, target, chunks, progress, clean=clean,
+                                          manifest=manifest, options=options)
+            return
         db = _conn(target)["database"]
         try:
             prelude = await self._clean_sql(target) if clean else ""

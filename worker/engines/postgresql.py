@@ -40,6 +40,7 @@ from worker.engines import (
     describe,
     drill_name,
     pg_globals,
+    server_sets,
     stale_drills,
     unreachable,
 )
@@ -216,8 +217,16 @@ class PostgreSQL:
     @asynccontextmanager
     async def dump(self, target: TargetConfig, progress: Progress,
                    options: dict[str, Any] | None = None) -> AsyncIterator[Dump]:
+        if target.is_set:  # a server target: every database, one set (server_sets)
+            async with server_sets.dump_set(self, target, progress, options) as dumped:
+                yield dumped
+            return
         async with self._connect(target) as conn:
             cat = await self._catalog(conn)
+            database = await conn.fetchrow(
+                "SELECT pg_get_userbyid(datdba) AS owner, pg_encoding_to_char(encoding) AS "
+                "encoding, datcollate, datctype FROM pg_database "
+                "WHERE datname = current_database()")
         major, tool_version = await tool_major("pg_dump")
         server_major = cat["version_num"] // 10000
         if major < server_major:
@@ -274,6 +283,10 @@ class PostgreSQL:
                 # the roles its owners, grants and policies name (a restore on a server
                 # lacking some needs a choice: roles = "create" | "skip")
                 "roles": roles,
+                "database_owner": database["owner"],
+                "database_options": {"encoding": database["encoding"],
+                                     "lc_collate": database["datcollate"],
+                                     "lc_ctype": database["datctype"]},
                 **({"globals": {"tool": " ".join(globals_argv[:2]),
                                 "role_passwords": passwords}} if target.globals else {}),
             })
@@ -282,6 +295,51 @@ class PostgreSQL:
                 raise DumpFailed(f"pg_dump exited with code {rc}: "
                                  f"{child.error_text(skip=lambda ln: bool(_VERBOSE.match(ln)))}")
             progress.items_done = progress.items_total or progress.items_done
+
+    async def server_databases(self, target: TargetConfig) -> list[str]:
+        async with self._connect(target) as conn:
+            return [r[0] for r in await conn.fetch(
+                "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate "
+                "ORDER BY datname")]
+
+    async def ensure_database(self, target: TargetConfig, name: str, facts: dict[str, Any],
+                              progress: Progress) -> None:
+        """A set's database on a server that lacks it (a new server): created as it was
+        (encoding, locale); given to its owner when that role exists (called again after
+        the load, which may have created the role)."""
+        async with self._connect(target) as conn:
+            owner = facts.get("database_owner")
+            current = await conn.fetchval(
+                "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = $1", name)
+            if current is not None:
+                if isinstance(owner, str) and owner and owner != current and \
+                        await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", owner):
+                    with contextlib.suppress(asyncpg.PostgresError):
+                        await conn.execute(f"ALTER DATABASE {_quote_ident(name)} OWNER TO "
+                                           f"{_quote_ident(owner)}")
+                return
+            opts = facts.get("database_options")
+            opts = opts if isinstance(opts, dict) else {}
+            clauses = " ".join(f"{k.upper()} {_quote_literal(str(opts[k]))}"
+                               for k in ("encoding", "lc_collate", "lc_ctype")
+                               if isinstance(opts.get(k), str) and opts[k]
+                               and len(opts[k]) < 64)
+            try:
+                await conn.execute(f"CREATE DATABASE {_quote_ident(name)} TEMPLATE template0 "
+                                   + clauses)
+            except asyncpg.PostgresError as exc:
+                if not clauses:
+                    raise RestoreFailed(f"cannot create database {name}: {exc}",
+                                        database_unchanged=True) from None
+                progress.warn(f"database {name} created with this server's default encoding "
+                              f"and locale: its own ({clauses}) failed here ({exc})")
+                await conn.execute(f"CREATE DATABASE {_quote_ident(name)}")
+            progress.log(f"created database {name}")
+            if isinstance(owner, str) and owner and await conn.fetchval(
+                    "SELECT 1 FROM pg_roles WHERE rolname = $1", owner):
+                with contextlib.suppress(asyncpg.PostgresError):
+                    await conn.execute(f"ALTER DATABASE {_quote_ident(name)} OWNER TO "
+                                       f"{_quote_ident(owner)}")
 
     async def _globals(self, target: TargetConfig, argv: list[str]) -> AsyncIterator[bytes]:
         """pg_dumpall --globals-only's output, streamed."""
@@ -376,6 +434,10 @@ class PostgreSQL:
         psql runs under a `\\restrict` key only this process knows (no meta-command from the
         file can run), with ON_ERROR_STOP. If the worker dies, psql dies with it (or reads
         end-of-input without a COMMIT): the server rolls the transaction back."""
+        if target.is_set:  # every database of the set, or the one asked for
+            await server_sets.restore_set(self, target, chunks, progress, clean=clean,
+                                          manifest=manifest, options=options)
+            return
         key = secrets.token_hex(24)
         tag = f"safehold-restore-{secrets.token_hex(6)}"  # psql's application_name
         try:  # nothing has been touched yet

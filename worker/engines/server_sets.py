@@ -1,0 +1,158 @@
+"""Server targets (issue 21): a PostgreSQL or MySQL/MariaDB target with `databases = "*"`
+(or a list, less `exclude`) is backed up as one set — each database dumped in turn, each
+consistent in itself, exactly as a one-database backup of it (its globals head included),
+in one file (format and checks: shared/backup_sets.py). The databases are listed at each
+backup: one created since the last is in the next set, without a config change.
+
+A restore loads every member, or only `database`, each into the database of the same name
+(created first when the server lacks it: a new server), each with the engine's own
+one-database restore (its clean, guard, roles choice, transaction). Databases of the server
+that are not in the set are never touched. The bytes were all checked before the first
+member loads (procedures), because a set commits database by database.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import Any, ClassVar, Protocol
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from shared import backup_sets
+from shared.config import TargetConfig
+from shared.errors import DumpFailed, RestoreFailed
+from worker.engines import DRILL_PREFIX, Dump, RestoreOptions
+from worker.progress import Progress
+
+# what a member's manifest entry keeps of its one-database dump
+MEMBER_FACTS = ("roles", "globals", "counts", "count_kind", "exact_counts", "exact_count_kind",
+                "invalid_views", "server_version",
+                "database_owner", "database_options")
+
+
+class SetEngine(Protocol):
+    name: ClassVar[str]
+
+    async def server_databases(self, target: TargetConfig) -> list[str]: ...
+
+    async def ensure_database(self, target: TargetConfig, name: str, facts: dict[str, Any],
+                              progress: Progress) -> None:
+        """Create database `name` on the set `target`'s server if it lacks it."""
+
+    def dump(self, target: TargetConfig, progress: Progress,
+             options: dict[str, Any] | None = None) -> Any: ...
+
+    async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
+                      progress: Progress, *, clean: bool, manifest: dict[str, Any],
+                      options: RestoreOptions = ...) -> None: ...
+
+    def row_counter(self) -> Any: ...
+
+
+def member_target(target: TargetConfig, name: str) -> TargetConfig:
+    """The set's target, pointed at one of its databases (a one-database target)."""
+    u = urlsplit(target.url)
+    return replace(target, url=urlunsplit((u.scheme, u.netloc, "/" + quote(name, safe=""),
+                                           u.query, "")),
+                   databases=(), exclude=(), globals=True)
+
+
+async def members_of(engine: SetEngine, target: TargetConfig) -> list[str]:
+    """The databases this backup takes: every one of the server (less drills' scratch
+    copies) or the ones named, less `exclude`, in a stable order."""
+    present = [d for d in await engine.server_databases(target)
+               if not d.startswith(DRILL_PREFIX)]
+    if target.databases == ("*",):
+        wanted = present
+    else:
+        absent = [d for d in target.databases if d not in present]
+        if absent:
+            raise DumpFailed(f"target '{target.id}' names database(s) the server does not "
+                             f"have: {', '.join(absent)}", code="database_missing")
+        wanted = list(target.databases)
+    names = [d for d in wanted if d not in target.exclude]
+    if not names:
+        raise DumpFailed(f"target '{target.id}' has no database to back up (all excluded)",
+                         code="database_missing")
+    return names
+
+
+@asynccontextmanager
+async def dump_set(engine: SetEngine, target: TargetConfig, progress: Progress,
+                   options: dict[str, Any] | None = None) -> AsyncIterator[Dump]:
+    names = await members_of(engine, target)
+    token = secrets.token_hex(8)
+    members: list[dict[str, Any]] = []
+    info: dict[str, Any] = {"set": {"token": token, "members": members},
+                            "count_kind": None}
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield backup_sets.header(token, engine.name, names)
+        for n, name in enumerate(names, 1):
+            progress.log(f"database {name} ({n} of {len(names)})")
+            yield backup_sets.member_line(token, name)
+            counter = engine.row_counter()
+            last = b"\n"
+            async with engine.dump(member_target(target, name), progress, options) as d:
+                async for chunk in d.chunks:
+                    counter.feed(chunk)
+                    last = chunk[-1:] or last
+                    yield chunk
+            if last != b"\n":
+                yield b"\n"  # the next marker starts a line
+            facts = {**d.info, **counter.result()}
+            members.append({"database": name,
+                            **{k: facts[k] for k in MEMBER_FACTS if k in facts}})
+            for k in ("server_version", "tool", "tool_version", "options"):
+                info.setdefault(k, d.info.get(k))
+        yield backup_sets.end_line(token)
+
+    yield Dump(chunks(), info)
+
+
+def _members(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The manifest's member entries by database (hostile: only dicts with a name)."""
+    found = (manifest.get("set") or {}).get("members") if isinstance(
+        manifest.get("set"), dict) else None
+    return {m["database"]: m for m in found or []
+            if isinstance(m, dict) and isinstance(m.get("database"), str)}
+
+
+async def restore_set(engine: SetEngine, target: TargetConfig, chunks: AsyncIterator[bytes],
+                      progress: Progress, *, clean: bool, manifest: dict[str, Any],
+                      options: RestoreOptions) -> None:
+    token = backup_sets.token_of(manifest)
+    assert token is not None
+    known = _members(manifest)
+    only = options.database
+    if only is not None and only not in known:
+        raise RestoreFailed(f"the backup set has no database {only!r} (it holds "
+                            f"{', '.join(sorted(known)) or 'none'}); nothing was changed",
+                            database_unchanged=True, code="database_missing")
+    done: list[str] = []
+    member_options = replace(options, database=None)
+    async for name, body in backup_sets.members(chunks, token):
+        if only is not None and name != only:
+            continue  # its bytes pass unread (they were checked with the rest)
+        facts = {**known.get(name, {}), "database": name}
+        member = member_target(target, name)
+        progress.log(f"restoring database {name}")
+        try:
+            await engine.ensure_database(target, name, facts, progress)
+            await engine.restore(member, body, progress, clean=clean, manifest=facts,
+                                 options=member_options)
+            await engine.ensure_database(target, name, facts, progress)  # its owner now
+        except RestoreFailed as exc:
+            unchanged = exc.database_unchanged and not done
+            raise RestoreFailed(
+                f"database {name}: {exc.message}"
+                + (f" (restored before it: {', '.join(done)})" if done else ""),
+                database_unchanged=unchanged, code=exc.code) from None
+        done.append(name)
+    if only is not None and only not in done:
+        raise RestoreFailed(f"the backup set holds no database {only!r}; nothing was "
+                            "changed", database_unchanged=True, code="database_missing")
+    if only is None:
+        progress.log(f"restored {len(done)} database(s): {', '.join(done)}")
