@@ -64,7 +64,11 @@ def backup_view(m: dict[str, Any]) -> dict[str, Any]:
             "compressed": any(c.get("codec") in ("gzip", "zstd")
                               for c in codecs.chain_of(m)),
             "encrypted": any(c.get("codec") == "age" for c in codecs.chain_of(m)),
-            "safety": m.get("kind") == "safety_backup"}
+            "safety": m.get("kind") == "safety_backup",
+            **({"databases": [x.get("database") for x in m["set"].get("members", [])
+                              if isinstance(x, dict)]}
+               if isinstance(m.get("set"), dict) and isinstance(m["set"].get("members"), list)
+               else {})}
 
 
 class Operations:

@@ -92,6 +92,7 @@ async def test_a_postgresql_server_is_one_set(
             listed = await (await api.get("/api/v1/targets/srv/backups")).json()
             assert [b["filename"] for b in listed["backups"]] == [
                 made["filename"], first["filename"]]  # a set is one backup
+            assert listed["backups"][0]["databases"] == ["db1", "db2", "db3", "postgres"]
             manifest = await (await api.get(
                 f"/api/v1/targets/srv/backups/{made['filename']}")).json()
             members = {m["database"]: m for m in manifest["set"]["members"]}

@@ -445,9 +445,11 @@ class MySQL:
                                       + ("is_role" if "mariadb" in version.lower()
                                          else "'N'") + " FROM mysql.user")
         except pymysql.err.MySQLError as exc:
-            raise DumpFailed(f"globals = true needs to read the server's accounts "
+            raise DumpFailed(f"the backup carries the accounts that reach the database "
+                             f"(globals = true, or a server target) and cannot read them "
                              f"({exc.args[-1] if exc.args else exc}): GRANT SELECT ON mysql.* "
-                             "TO the backup's user, or set globals = false") from None
+                             "TO the backup's user (or, for one database, globals = false)"
+                             ) from None
         try:  # role grants: MariaDB's roles_mapping, MySQL 8's role_edges
             edges = [(role, "", user, host, admin == "Y") for host, user, role, admin in
                      await self._query(conn, "SELECT Host, User, Role, Admin_option "
