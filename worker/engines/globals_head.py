@@ -9,7 +9,8 @@ the head back with `GlobalsHead` (bounded, streaming) and parse it as untrusted 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from shared.pgscript import UnsafeScript
 
@@ -73,3 +74,45 @@ class GlobalsHead:
             self.done = True  # the first line of the database's dump
 
 
+
+
+Token = tuple[str, str]  # (kind, value)
+
+
+def statements(lines: list[bytes], token: re.Pattern[str], trailer: re.Pattern[str],
+               normalize: Callable[[str, str], Token], bad: Callable[[str], Exception],
+               skip: Callable[[str], bool] = lambda line: False) -> Iterator[list[Token]]:
+    """The head's text as statements of tokens (split at `;`), for an engine's parser:
+    `token` matches one token (leading blanks and comments included) with named groups,
+    `trailer` what may end the text, `normalize(group, text)` gives the token, `bad(what)`
+    the exception refusing the head; lines `skip` says are left out."""
+    text: list[str] = []
+    for raw in lines:
+        if b"\0" in raw or b"\r" in raw:
+            raise bad("a NUL or carriage return")
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad("text that is not UTF-8") from None
+        if not skip(line):
+            text.append(line)
+    joined = "\n".join(text)
+    statement: list[Token] = []
+    at = 0
+    while at < len(joined) and not trailer.fullmatch(joined, at):
+        m = token.match(joined, at)
+        if not m:
+            raise bad(f"text it cannot read ({joined[at:at + 40]!r})")
+        kind = m.lastgroup or ""
+        tok = normalize(kind, m.group(kind))
+        at = m.end()
+        if tok == ("punct", ";"):
+            if statement:
+                yield statement
+            statement = []
+            continue
+        statement.append(tok)
+        if len(statement) > 10_000:
+            raise bad("a statement of over 10,000 tokens")
+    if statement:
+        raise bad("a statement without its ';'")

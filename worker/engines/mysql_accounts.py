@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from shared.pgscript import UnsafeScript
+from worker.engines.globals_head import statements
 
 MAX_ACCOUNTS = 100_000
 # privileges a grant on one database or one of its objects may carry
@@ -132,26 +133,14 @@ class Accounts:
     default_roles: list[DefaultRole] = field(default_factory=list)
 
 
-def _tokens(text: str) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-    at = 0
-    while at < len(text):
-        if _TRAILER.fullmatch(text, at):
-            break
-        m = _TOKEN.match(text, at)
-        if not m:
-            raise BadAccounts(f"text it cannot read ({text[at:at + 40]!r})")
-        kind = m.lastgroup or ""
-        value = m.group(kind)
-        if kind == "ident":
-            value = value.replace("``", "`")
-        elif kind == "string":
-            value = value.replace("''", "'")
-        elif kind == "word":
-            value = value.upper()
-        out.append((kind, value))
-        at = m.end()
-    return out
+def _normalize(kind: str, value: str) -> tuple[str, str]:
+    if kind == "ident":
+        return kind, value.replace("``", "`")
+    if kind == "string":
+        return kind, value.replace("''", "'")
+    if kind == "word":
+        return kind, value.upper()
+    return kind, value
 
 
 class _Reader:
@@ -195,26 +184,7 @@ class _Reader:
 
 
 def _statements(lines: list[bytes]) -> Iterable[list[tuple[str, str]]]:
-    text: list[str] = []
-    for raw in lines:
-        if b"\0" in raw or b"\r" in raw:
-            raise BadAccounts("a NUL or carriage return")
-        try:
-            text.append(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise BadAccounts("text that is not UTF-8") from None
-    statement: list[tuple[str, str]] = []
-    for tok in _tokens("\n".join(text)):
-        if tok == ("punct", ";"):
-            if statement:
-                yield statement
-            statement = []
-        else:
-            statement.append(tok)
-            if len(statement) > 10_000:
-                raise BadAccounts("a statement of over 10,000 tokens")
-    if statement:
-        raise BadAccounts("a statement without its ';'")
+    return statements(lines, _TOKEN, _TRAILER, _normalize, BadAccounts)
 
 
 def parse(lines: list[bytes], database: str, first_line: int = 1) -> Accounts:

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from shared.pgscript import UnsafeScript
-from worker.engines.globals_head import AWK, GlobalsHead, commented
+from worker.engines.globals_head import AWK, GlobalsHead, commented, statements
 
 __all__ = ["GlobalsHead", "commented", "header", "parse", "plan"]
 
@@ -102,53 +102,22 @@ def _bad(what: str) -> BadGlobals:
     return BadGlobals(what)
 
 
-def _tokens(text: str) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-    at = 0
-    while at < len(text):
-        if _TRAILER.fullmatch(text, at):
-            break
-        m = _TOKEN.match(text, at)
-        if not m:
-            raise _bad(f"text it cannot read ({text[at:at + 40]!r})")
-        kind = m.lastgroup or ""
-        value = m.group(kind)
-        if kind == "ident":
-            value = value.lower()
-        elif kind == "qident":
-            kind, value = "ident", value.replace('""', '"')
-        elif kind == "string":
-            value = value.replace("''", "'")
-        out.append((kind, value))
-        at = m.end()
-    return out
+def _normalize(kind: str, value: str) -> tuple[str, str]:
+    if kind == "ident":
+        return kind, value.lower()
+    if kind == "qident":
+        return "ident", value.replace('""', '"')
+    if kind == "string":
+        return kind, value.replace("''", "'")
+    return kind, value
 
 
 def _statements(lines: list[bytes]) -> Iterable[list[tuple[str, str]]]:
     """The head's statements, tokenized; pg_dump's `\\restrict` bracket lines skipped (any
     other backslash is text the tokenizer refuses)."""
-    text: list[str] = []
-    for raw in lines:
-        if b"\0" in raw or b"\r" in raw:
-            raise _bad("a NUL or carriage return")
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _bad("text that is not UTF-8") from None
-        if not re.fullmatch(r"\\(un)?restrict [A-Za-z0-9]+\s*", line):
-            text.append(line)
-    statement: list[tuple[str, str]] = []
-    for tok in _tokens("\n".join(text)):
-        if tok == ("punct", ";"):
-            if statement:
-                yield statement
-            statement = []
-        else:
-            statement.append(tok)
-            if len(statement) > 10_000:
-                raise _bad("a statement of over 10,000 tokens")
-    if statement:
-        raise _bad("a statement without its ';'")
+    return statements(lines, _TOKEN, _TRAILER, _normalize, _bad,
+                      skip=lambda line: bool(re.fullmatch(r"\\(un)?restrict [A-Za-z0-9]+\s*",
+                                                          line)))
 
 
 def _words(st: list[tuple[str, str]], n: int) -> list[str]:
