@@ -100,6 +100,9 @@ async def test_a_postgresql_server_is_one_set(
             assert members["db2"]["exact_counts"] == {"public.t": 50, "public.only_b": 2}
             assert members["db3"]["exact_counts"] == {"public.t": 7}
             before = {db: await pg_fingerprint(port, db) for db in ("db1", "db2", "db3")}
+            stats = await (await api.get("/api/v1/targets/srv/stats")).json()
+            assert [d["database"] for d in stats["databases"]] == [
+                "db1", "db2", "db3", "postgres"], stats
 
             # the damage: in all three
             await pg_exec(port, "db1", "DROP TABLE t")

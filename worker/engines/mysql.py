@@ -322,6 +322,8 @@ class MySQL:
             await self._query(conn, "SELECT 1")
 
     async def stats(self, target: TargetConfig) -> dict[str, Any]:
+        if target.is_set:
+            return await server_sets.stats_set(self, target)
         db = _conn(target)["database"]
         async with self._connect(target) as conn:
             cat = await self._catalog(conn, db)

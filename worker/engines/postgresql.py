@@ -194,6 +194,8 @@ class PostgreSQL:
                 "tables": [dict(r) for r in tables]}
 
     async def stats(self, target: TargetConfig) -> dict[str, Any]:
+        if target.is_set:
+            return await server_sets.stats_set(self, target)
         async with self._connect(target) as conn:
             cat = await self._catalog(conn, exact_sizes=True)
             size = await conn.fetchval("SELECT pg_database_size(current_database())")

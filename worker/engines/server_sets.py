@@ -50,6 +50,8 @@ class SetEngine(Protocol):
 
     def row_counter(self) -> Any: ...
 
+    async def stats(self, target: TargetConfig) -> dict[str, Any]: ...
+
 
 def member_target(target: TargetConfig, name: str) -> TargetConfig:
     """The set's target, pointed at one of its databases (a one-database target)."""
@@ -77,6 +79,18 @@ async def members_of(engine: SetEngine, target: TargetConfig) -> list[str]:
         raise DumpFailed(f"target '{target.id}' has no database to back up (all excluded)",
                          code="database_missing")
     return names
+
+
+async def stats_set(engine: SetEngine, target: TargetConfig) -> dict[str, Any]:
+    """What the next set would hold: each database's size and tables."""
+    found = [await engine.stats(member_target(target, name))
+             for name in await members_of(engine, target)]
+    return {"engine": engine.name,
+            "server_version": found[0].get("server_version") if found else None,
+            "size_bytes": sum(int(f.get("size_bytes") or 0) for f in found),
+            "table_count": sum(int(f.get("table_count") or 0) for f in found),
+            "databases": [{"database": f.get("database"), "size_bytes": f.get("size_bytes"),
+                           "table_count": f.get("table_count")} for f in found]}
 
 
 @asynccontextmanager
