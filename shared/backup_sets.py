@@ -47,7 +47,8 @@ def prefix(token: str) -> bytes:
 
 
 def member_line(token: str, name: str) -> bytes:
-    return prefix(token) + b"member " + json.dumps(name).encode() + b"\n"
+    # JSON keeps any name on one line; non-ASCII stays as it is (UTF-8)
+    return prefix(token) + b"member " + json.dumps(name, ensure_ascii=False).encode() + b"\n"
 
 
 def end_line(token: str) -> bytes:

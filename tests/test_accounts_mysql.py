@@ -71,7 +71,9 @@ async def build(db: str) -> dict[str, str]:
 
 async def grants(conn: aiomysql.Connection, db: str, of: str = "") -> dict[str, Any]:
     """The logins and grants of the accounts of database `of` (default: `db`), with the
-    database's name neutral."""
+    database's name neutral. Database-level grants are compared by what they give: a
+    grant on `my_db` (a pattern) and one on `my\\_db` (exactly it, as a restore writes
+    it) give the same on that database, so their privileges are merged."""
     out: dict[str, Any] = {}
     for acc in accounts_of(of or db):
         try:
@@ -79,9 +81,20 @@ async def grants(conn: aiomysql.Connection, db: str, of: str = "") -> dict[str, 
         except pymysql.err.MySQLError:
             out[acc] = None
             continue
-        out[acc] = sorted(re.sub(  # a column list's order is the server's hash order
-            r"\(([^)]*)\)", lambda m: "(" + ", ".join(sorted(m[1].split(", "))) + ")",
-            r[0].replace(f"`{db}`", "`DB`")) for r in rows[0])
+        lines, on_db = [], set()
+        for (line,) in rows[0]:
+            line = line.replace(f"`{db}`", "`DB`").replace(
+                "`" + db.replace("_", "\\_") + "`", "`DB`")
+            m = re.fullmatch(r"GRANT (.+) ON `DB`\.\* TO (\S+)", line)
+            if m:
+                on_db |= set(m[1].split(", "))
+                continue
+            lines.append(re.sub(  # a column list's order is the server's hash order
+                r"\(([^)]*)\)", lambda m: "(" + ", ".join(sorted(m[1].split(", "))) + ")",
+                line))
+        if on_db:
+            lines.append("ON DB: " + ", ".join(sorted(on_db)))
+        out[acc] = sorted(lines)
     return out
 
 
@@ -284,6 +297,8 @@ HOSTILE_HEADS = {
     "a setting": "SET GLOBAL general_log = 1;",
     "a plugin": "CREATE USER IF NOT EXISTS `{u}`@`%` IDENTIFIED VIA unix_socket;",
     "a file privilege": "GRANT FILE ON `{db}`.* TO `{u}`@`%`;",
+    "every account": "GRANT SELECT ON `{db}`.* TO `PUBLIC`;",
+    "a wildcard database": "GRANT SELECT ON `sh\\_%`.* TO `{u}`@`%`;",
 }
 
 

@@ -84,8 +84,8 @@ def test_what_pg_dumpall_writes_is_read() -> None:
     assert reader.connection_limit == 5 and reader.valid_until == "2030-01-01 00:00:00+00"
     assert reader.comment == "it's the\nreader"
     assert reader.settings[0] == (None, "search_path", ["app", "public"])
-    assert ("app_owner", "app reader", False) in g.memberships
-    assert ("admin", "app reader", True) in g.memberships
+    assert G.Membership("app_owner", "app reader") in g.memberships
+    assert G.Membership("admin", "app reader", admin=True) in g.memberships
     assert any("fast" in x for x in g.left_out)
     assert any("parameter work_mem" in x for x in g.left_out)
 
@@ -93,8 +93,8 @@ def test_what_pg_dumpall_writes_is_read() -> None:
 def test_the_plan_creates_what_the_database_needs_and_withholds_the_rest() -> None:
     g = G.parse(lines(DUMPALL))
     # the new server has admin (a superuser) and the predefined roles
-    p = G.plan(g, ["app_owner"], {"admin": True, "pg_read_all_data": True},
-               database="shop", superuser=False)
+    p = G.plan(g, ["app_owner"], {"admin", "pg_read_all_data"}, database="shop",
+               superuser=False, settable=lambda name: name in ("search_path", "work_mem"))
     # the owner, and the reader that is a member of it; not other_app, not admin
     assert p.created == ["app reader", "app_owner"]
     assert "\n" not in p.sql  # one line: psql's line numbers stay the file's
@@ -116,7 +116,7 @@ def test_the_plan_creates_what_the_database_needs_and_withholds_the_rest() -> No
 def test_attributes_that_reach_beyond_the_database_are_never_given() -> None:
     g = G.parse(lines(b"CREATE ROLE boss;\nALTER ROLE boss WITH SUPERUSER REPLICATION "
                       b"BYPASSRLS CREATEROLE LOGIN PASSWORD 'x';\n"))
-    p = G.plan(g, ["boss"], {}, database="d", superuser=True)
+    p = G.plan(g, ["boss"], set(), database="d", superuser=True)
     assert p.sql == "CREATE ROLE \"boss\" WITH LOGIN PASSWORD 'x';"
     assert all(f"{a} not given to boss" in " ".join(p.warnings) for a in G.WITHHELD)
 
@@ -198,3 +198,34 @@ async def test_a_hostile_head_changes_nothing(api: Any, worker: Any, pg_db: str,
                                             intruder)
         finally:
             await admin.close()
+
+
+def test_no_membership_in_an_existing_role_and_no_superuser_setting() -> None:
+    """An existing role may hold CREATEROLE (which grants anything, pg_execute_server_program
+    included, on PostgreSQL 15): a created login role never becomes its member; a setting
+    only a superuser may set (session_replication_role) is never given."""
+    g = G.parse(lines(b"CREATE ROLE ops;\nCREATE ROLE evil;\nALTER ROLE evil WITH LOGIN "
+                      b"PASSWORD 'pw';\nGRANT ops TO evil GRANTED BY postgres;\n"
+                      b"ALTER ROLE evil SET session_replication_role TO 'replica';\n"))
+    p = G.plan(g, ["ops"], {"ops"}, database="d", superuser=True,
+               settable=lambda name: name == "search_path")
+    assert p.created == ["evil"]
+    assert p.sql == "CREATE ROLE \"evil\" WITH LOGIN PASSWORD 'pw';"
+    said = " ".join(p.warnings)
+    assert "ops to evil" in said and "session_replication_role of evil" in said
+
+
+def test_postgresql_16_memberships_are_read_and_never_widened() -> None:
+    g = G.parse(lines(
+        b"CREATE ROLE owner;\nCREATE ROLE app;\nCREATE ROLE narrow;\n"
+        b"GRANT owner TO app WITH ADMIN OPTION, INHERIT TRUE GRANTED BY postgres;\n"
+        b"GRANT owner TO narrow WITH INHERIT FALSE, SET FALSE GRANTED BY postgres;\n"
+        b"COMMENT ON ROLE app IS E'C:\\\\data ''x''';\n"))
+    assert G.Membership("owner", "app", admin=True) in g.memberships
+    assert G.Membership("owner", "narrow", limited=True) in g.memberships
+    assert g.roles["app"].comment == "C:\\data 'x'"
+    p = G.plan(g, ["owner"], set(), database="d", superuser=True)
+    assert 'GRANT "owner" TO "app" WITH ADMIN OPTION;' in p.sql
+    assert 'CREATE ROLE "narrow"' in p.sql and 'TO "narrow"' not in p.sql
+    assert "owner to narrow (INHERIT/SET FALSE)" in " ".join(p.warnings)
+    assert "E'C:\\\\data ''x'''" in p.sql

@@ -325,3 +325,60 @@ async def test_a_set_by_hand_on_a_new_server(
                                            "WHERE relname = 't'") == "app_owner"
             finally:
                 await conn.close()
+
+
+async def test_a_set_writes_only_what_its_target_may(
+        aiohttp_client: Any, redis: Any, prefix: str, tmp_path: Path) -> None:
+    """Refused before anything changes: a member this target may not write (a template, a
+    database outside its list), a file and manifest that disagree on the databases, a set
+    onto a one-database target, and a member whose roles the server lacks when no choice
+    was made (found before the first member loads)."""
+    async with pg.private_cluster(("app", "db1", "db2")) as port:
+        await pg_exec(port, "db1", SCHEMA.format(n=5))
+        await pg_exec(port, "db2", SCHEMA.format(n=5))
+        one = {"engine": "postgresql", "url": f"postgresql://postgres@127.0.0.1:{port}/db1"}
+        settings = server_settings(prefix, tmp_path, port, one=one)
+        api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
+        storage = tmp_path / "backups" / "srv"
+        async with running_worker(settings):
+            made = await backup_of(api)
+            manifest = json.loads((storage / f"{made['filename']}.json").read_text())
+            plain = gzip.decompress((storage / made["filename"]).read_bytes())
+            token = manifest["set"]["token"]
+            await pg_exec(port, "db1", "INSERT INTO t VALUES (100, 'after')")
+            before = {db: await pg_fingerprint(port, db) for db in ("db1", "db2")}
+
+            def renamed(blob: bytes, old: str, new: str) -> bytes:
+                return blob.replace(backup_sets.member_line(token, old),
+                                    backup_sets.member_line(token, new))
+
+            def listed(m: dict[str, Any], old: str, new: str, **extra: Any) -> dict[str, Any]:
+                members = [{**x, "database": new, **extra} if x["database"] == old else x
+                           for x in m["set"]["members"]]
+                return {**m, "set": {**m["set"], "members": members}}
+            cases = {
+                "database_refused": (renamed(plain, "db2", "template1"),
+                                     listed(manifest, "db2", "template1")),
+                "corrupt_backup": (renamed(plain, "db2", "app"), manifest),
+                "roles_missing": (plain, listed(manifest, "db2", "db2",
+                                                roles=["postgres", "nobody_here"])),
+            }
+            for n, (code, (blob, m)) in enumerate(cases.items()):
+                name = f"backup_postgresql_2020010{n + 1}_000000.sql.gz"
+                from tests.helpers import publish_plain
+
+                await publish_plain(storage, name, blob, m)
+                job = await restore(api, name, target="srv")
+                assert job["status"] == "failed", (code, job)
+                assert job["error"]["code"] == code, (code, job["error"])
+                assert job["error"]["database_state"] == "unchanged", job["error"]
+                assert {db: await pg_fingerprint(port, db) for db in ("db1", "db2")} == before
+            # a set onto a one-database target
+            dst = tmp_path / "backups" / "one"
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in (made["filename"], f"{made['filename']}.json"):
+                shutil.copy2(storage / f, dst / f)
+            job = await restore(api, made["filename"], target="one")
+            assert job["error"]["code"] == "engine_mismatch", job["error"]
+            assert job["error"]["database_state"] == "unchanged"
+            assert {db: await pg_fingerprint(port, db) for db in ("db1", "db2")} == before

@@ -491,7 +491,9 @@ class Procedures:
         source, facts = await self._verify(target, engine, name, copies, progress, ids)
         verify_warnings = progress.warnings[n0:]
         windows = facts.pop("plain_windows", None)
+        in_file = [m.get("database") for m in facts.pop("set_members", None) or []]
         manifest = _checked(source[1], facts)
+        self._check_set(target, engine, manifest, in_file)
         if len(copies) > 1 or source[0] is not copies[0][0]:
             await self.store.publish(job.id, "log", {
                 "message": f"restoring {name.filename} from destination {source[0].name}"})
@@ -554,6 +556,31 @@ class Procedures:
         return plain_limit(int(manifest.get("size_bytes") or 0),
                            max_bytes=limits.max_restore_bytes, ratio=limits.max_expansion_ratio,
                            declared=int(declared) if isinstance(declared, int) else None)
+
+    @staticmethod
+    def _check_set(target: TargetConfig, engine: Engine, manifest: dict[str, Any],
+                   in_file: list[Any]) -> None:
+        """A set restores onto a server target only (and a server target takes only sets);
+        its file and its manifest list the same databases, every one this target may
+        write. Refused before anything changes."""
+        token = backup_sets.token_of(manifest)
+        if (token is not None) != target.is_set:
+            kind = "a backup set of a server" if token else "the backup of one database"
+            mine = "a server target" if target.is_set else "one database"
+            raise RestoreFailed(f"{manifest.get('filename')} is {kind} and target "
+                                f"'{target.id}' is {mine}; restore it onto a target of its "
+                                "kind. Nothing was changed", database_unchanged=True,
+                                code="engine_mismatch")
+        if token is None:
+            return
+        listed = [m.get("database") for m in (manifest.get("set") or {}).get("members", [])
+                  if isinstance(m, dict)]
+        if in_file != listed:
+            raise RestoreFailed("the set's file and its manifest list different databases "
+                                f"({in_file[:10]} in the file, {listed[:10]} in the "
+                                "manifest); nothing was changed", database_unchanged=True,
+                                code="corrupt_backup")
+        server_sets.check_members(target, engine.name, [str(n) for n in in_file])
 
     async def _verify(self, target: TargetConfig, engine: Engine, name: naming.BackupName,
                       copies: list[tuple[BackupStore, dict[str, Any]]], progress: Progress,

@@ -17,7 +17,10 @@ from shared.pgscript import UnsafeScript
 PREFIX = b"-- G "
 HEAD_MAX = 64 << 20  # the head's bytes; a server's globals are kilobytes to a few MiB
 # the by-hand recipe: the head's lines, unprefixed, up to the dump's first line
-AWK = "awk '/^-- G/ {sub(/^-- G ?/, \"\"); print; n++; next} n {exit}'"
+# (only the head: leading comment lines, then `-- G` lines; the first other line ends it,
+# so a `-- G` text in the data further down is never taken)
+AWK = ("awk '/^-- G/ {sub(/^-- G ?/, \"\"); print; n++; next} /^--|^$/ && !n {next} "
+       "{exit}'")
 
 
 async def commented(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

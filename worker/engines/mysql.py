@@ -381,7 +381,8 @@ class MySQL:
             progress.warn(f"view `{name}` is invalid ({why}); it is kept in the backup as its "
                           "definition in a comment and will not exist after a restore")
         with _defaults_file(target) as cnf:
-            argv = [tool, f"--defaults-file={cnf}", *flags, *skip, db]
+            # `--`: a database named like an option (`--result-file=…`) stays a name
+            argv = [tool, f"--defaults-file={cnf}", *flags, *skip, "--", db]
             async with spawn(argv, env={}, secrets=target.secrets(), stdout=True,
                              on_line=on_line) as child:
                 async def chunks() -> AsyncIterator[bytes]:
@@ -414,10 +415,10 @@ class MySQL:
         system = {"information_schema", "performance_schema", "mysql", "sys"}
         return [_text(r[0]) for r in rows if _text(r[0]) not in system]
 
-    async def ensure_database(self, target: TargetConfig, name: str, facts: dict[str, Any],
-                              progress: Progress) -> None:
+    async def create_database(self, target: TargetConfig, name: str, facts: dict[str, Any],
+                              progress: Progress) -> bool:
         """A set's database on a server that lacks it: created with its character set and
-        collation."""
+        collation. True when it was created."""
         opts = facts.get("database_options")
         opts = opts if isinstance(opts, dict) else {}
         spec = " ".join(f"{k} {v}" for k, v in (
@@ -426,13 +427,47 @@ class MySQL:
         async with self._connect(target) as conn:
             if await self._query(conn, "SELECT 1 FROM information_schema.SCHEMATA WHERE "
                                  "SCHEMA_NAME = %s", name):
-                return
+                return False
             try:
-                await self._query(conn, f"CREATE DATABASE IF NOT EXISTS {_quote(name)} {spec}")
+                await self._query(conn, f"CREATE DATABASE {_quote(name)} {spec}")
             except pymysql.err.MySQLError as exc:
                 raise RestoreFailed(f"cannot create database {name}: {exc}",
                                     database_unchanged=True) from None
         progress.log(f"created database {name}")
+        return True
+
+    async def drop_database(self, target: TargetConfig, name: str) -> None:
+        async with self._connect(target) as conn:
+            await self._query(conn, f"DROP DATABASE IF EXISTS {_quote(name)}")
+
+    async def database_restored(self, target: TargetConfig, name: str,
+                                facts: dict[str, Any]) -> None:
+        return None  # a MySQL database has no owner
+
+    async def precheck(self, target: TargetConfig, facts: dict[str, Any],
+                       options: RestoreOptions) -> None:
+        """Accounts the member's manifest names that the server lacks, with no choice made:
+        refused before anything changes (its head is checked again when it loads)."""
+        named = (facts.get("globals") or {}).get("accounts") if isinstance(
+            facts.get("globals"), dict) else None
+        if not isinstance(named, list) or options.roles in ("create", "skip"):
+            return
+        async with self._connect(target) as conn:
+            existing = await self._existing_accounts(conn)
+        missing = sorted(str(n) for n in named if isinstance(n, str) and n not in existing)
+        if missing:
+            raise RestoreFailed(
+                f"the backup's grants name accounts this server does not have: "
+                f"{', '.join(missing[:50])}. Nothing was changed. Choose: \"roles\": "
+                "\"create\" or \"roles\": \"skip\"", database_unchanged=True,
+                code="roles_missing")
+
+    async def _existing_accounts(self, conn: aiomysql.Connection) -> set[str]:
+        version = str((await self._query(conn, "SELECT VERSION()"))[0][0])
+        rows = await self._query(conn, "SELECT User, Host, " + (
+            "is_role" if "mariadb" in version.lower() else "'N'") + " FROM mysql.user")
+        return {accts.account(_text(u), None if _text(r) == "Y" else _text(h))
+                for u, h, r in rows}
 
     async def _accounts_head(self, conn: aiomysql.Connection, db: str, version: str
                              ) -> tuple[bytes, dict[str, Any]]:
@@ -440,9 +475,12 @@ class MySQL:
         granted one of those roles — as the head of the dump (see mysql_accounts), and
         what the manifest says of them."""
         try:
+            exact = accts.escape_db(db)  # a database-level grant on exactly this one
             holders = await self._query(conn, " UNION ".join(
-                f"SELECT User, Host FROM mysql.{t} WHERE Db = %s"
-                for t in ("db", "tables_priv", "columns_priv", "procs_priv")), db, db, db, db)
+                f"SELECT User, Host FROM mysql.{t} WHERE Db = %s" + (" OR Db = %s" if t == "db"
+                                                                   else "")
+                for t in ("db", "tables_priv", "columns_priv", "procs_priv")),
+                db, exact, db, db, db)
             users = await self._query(conn, "SELECT User, Host, plugin, authentication_string, "
                                       + ("is_role" if "mariadb" in version.lower()
                                          else "'N'") + " FROM mysql.user")
@@ -590,7 +628,7 @@ class MySQL:
                 yield f"\n{accounts.sql}\n".encode()
 
         with _defaults_file(target) as cnf:
-            argv = [tool, f"--defaults-file={cnf}", *await client_guard_flags(tool), db]
+            argv = [tool, f"--defaults-file={cnf}", *await client_guard_flags(tool), "--", db]
             async with self._blockers(target, progress, seen, options.terminate), \
                     spawn(argv, env={}, secrets=target.secrets(), stdin=True) as child:
                 with restore_errors(target, "MySQL"):

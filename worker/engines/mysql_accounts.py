@@ -7,7 +7,8 @@ Safehold writes itself — `CREATE USER IF NOT EXISTS … IDENTIFIED VIA plugin 
 (MySQL: `IDENTIFIED WITH 'plugin' AS 'hash'`), `CREATE ROLE IF NOT EXISTS`, the server's
 own `SHOW GRANTS` lines about this database — so that by hand on a new server:
 
-    awk '/^-- G/ {sub(/^-- G ?/, ""); print; n++; next} n {exit}' backup.sql > accounts.sql
+    awk '/^-- G/ {sub(/^-- G ?/, ""); print; n++; next} /^--|^$/ && !n {next} {exit}' \\
+        backup.sql > accounts.sql
     mysql app < backup.sql && mysql < accounts.sql
 
 A restore reads the head as untrusted input: anything but those statements is refused,
@@ -74,21 +75,33 @@ class Account:
     host: str | None  # None: a role
     plugin: str = ""
     auth: str = ""
+    locked: bool = False  # ACCOUNT LOCK: its login was not carried
 
     @property
     def name(self) -> str:
         return account(self.user, self.host)
 
+    @property
+    def can_log_in(self) -> bool:
+        """A user with a plugin and a credential: anything else is created locked (a
+        backup never makes an account that logs in without a password)."""
+        return bool(self.plugin and self.auth and not self.locked)
+
     def create_sql(self, mysql: bool = False) -> str:
         if self.host is None:
             return f"CREATE ROLE IF NOT EXISTS {self.name};"
-        how = ""
-        if self.plugin:
-            how = (f" IDENTIFIED WITH {quote_string(self.plugin)}"
-                   + (f" AS {quote_string(self.auth)}" if self.auth else "")) if mysql else \
-                (f" IDENTIFIED VIA {self.plugin}"
-                 + (f" USING {quote_string(self.auth)}" if self.auth else ""))
+        if not self.can_log_in:
+            return f"CREATE USER IF NOT EXISTS {self.name} ACCOUNT LOCK;"
+        how = (f" IDENTIFIED WITH {quote_string(self.plugin)} AS {quote_string(self.auth)}"
+               if mysql else
+               f" IDENTIFIED VIA {self.plugin} USING {quote_string(self.auth)}")
         return f"CREATE USER IF NOT EXISTS {self.name}{how};"
+
+
+def escape_db(name: str) -> str:
+    """A database name as a database-level GRANT means it exactly: `_` and `%` are
+    wildcards there."""
+    return name.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%")
 
 
 @dataclass
@@ -100,8 +113,9 @@ class Grant:
     grant_option: bool
 
     def sql(self, database: str) -> str:
-        on = f"{self.kind + ' ' if self.kind else ''}{quote_ident(database)}." + \
-            (quote_ident(self.obj) if self.obj is not None else "*")
+        on = (f"{self.kind + ' ' if self.kind else ''}{quote_ident(database)}."
+              + quote_ident(self.obj)) if self.obj is not None else \
+            f"{quote_ident(escape_db(database))}.*"
         return (f"GRANT {self.privileges} ON {on} TO {self.grantee}"
                 + (" WITH GRANT OPTION" if self.grant_option else "") + ";")
 
@@ -177,6 +191,8 @@ class _Reader:
         user = self.name()
         if self.punct("@"):
             return account(user, self.name())
+        if user.upper() == "PUBLIC":  # MariaDB 10.11: every account on the server
+            raise BadAccounts("a grant to or of PUBLIC")
         return account(user, None)
 
     def end(self) -> bool:
@@ -234,6 +250,8 @@ def _statement(r: _Reader, database: str) -> Account | Grant | RoleGrant | Defau
     found: Account | Grant | RoleGrant | DefaultRole
     if r.word("CREATE", "ROLE", "IF", "NOT", "EXISTS"):
         found = Account(r.name(), None)
+        if found.user.upper() == "PUBLIC":
+            raise BadAccounts("the PUBLIC role")
     elif r.word("CREATE", "USER", "IF", "NOT", "EXISTS"):
         found = _user(r)
     elif r.word("GRANT"):
@@ -266,6 +284,9 @@ def _user(r: _Reader) -> Account:
             acc.auth = _string(r)
     if acc.plugin and acc.plugin not in PLUGINS:
         raise BadAccounts(f"an authentication plugin it does not accept ({acc.plugin[:40]!r})")
+    acc.locked = r.word("ACCOUNT", "LOCK")
+    if acc.name.lower() == "`public`":
+        raise BadAccounts("the PUBLIC role")
     return acc
 
 
@@ -278,8 +299,10 @@ def _string(r: _Reader) -> str:
 
 
 def _grant(r: _Reader, database: str) -> Grant | RoleGrant:
-    # a role grant: GRANT `role` TO account [WITH ADMIN OPTION]
-    if r.peek()[0] in ("ident", "string") and r.peek(1) == ("word", "TO"):
+    # a role grant: GRANT `role`[@`host`] TO account [WITH ADMIN OPTION]
+    if r.peek()[0] in ("ident", "string") and (
+            r.peek(1) == ("word", "TO") or r.peek(1) == ("punct", "@")
+            and r.peek(3) == ("word", "TO")):
         role = r.account()
         r.expect("TO")
         to = r.account()
@@ -305,11 +328,15 @@ def _grant(r: _Reader, database: str) -> Grant | RoleGrant:
             break
     r.expect("ON")
     kind = next((k for k in ("TABLE", "PROCEDURE", "FUNCTION") if r.word(k)), "")
-    if r.name() != database:
+    on = r.name()
+    # database-level: `_`/`%` are wildcards, so the exact name is escaped (`my\_app`)
+    if on != database and (kind or on != escape_db(database)):
         raise BadAccounts("a grant on another database than the backup's")
     if not r.punct("."):
         raise BadAccounts("a grant on a database without '.'")
     obj = None if r.punct("*") else r.name()
+    if obj is not None and on != database:
+        raise BadAccounts("a grant on another database than the backup's")
     r.expect("TO")
     grantee = r.account()
     return Grant(", ".join(privileges), kind, obj, grantee, r.word("WITH", "GRANT", "OPTION"))
@@ -341,6 +368,11 @@ def plan(a: Accounts, existing: set[str], *, database: str, choice: str | None,
     if choice == "create":
         p.created = missing(a, existing)
         out += [a.accounts[n].create_sql(mysql) for n in p.created]
+        if locked := [n for n in p.created
+                      if a.accounts[n].host is not None and not a.accounts[n].can_log_in]:
+            p.warnings.append("created LOCKED, their login was not in the backup (another "
+                              "plugin, or no password): " + ", ".join(locked[:50])
+                              + " — ALTER USER … IDENTIFIED BY …, then ACCOUNT UNLOCK")
     alive = existing | set(p.created)
     out += [g.sql(database) for g in a.grants if g.grantee in alive]
     skipped = []

@@ -6,7 +6,8 @@ They travel at the head of the backup's plain SQL, each line commented out as `-
 (see globals_head), so that `psql -f backup.sql` on the same server leaves roles alone (no
 password reset to the backup's) while the recipe for a new server stays two commands:
 
-    awk '/^-- G/ {sub(/^-- G ?/, ""); print; n++; next} n {exit}' backup.sql > globals.sql
+    awk '/^-- G/ {sub(/^-- G ?/, ""); print; n++; next} /^--|^$/ && !n {next} {exit}' \\
+        backup.sql > globals.sql
     psql -f globals.sql postgres    # "role … already exists" for postgres: harmless
 
 A restore with `roles = "create"` reads that head and creates the roles the database needs
@@ -16,15 +17,17 @@ member of a role that does) — with their LOGIN, passwords, settings and member
 head is untrusted input like the rest of the file: it is parsed against the grammar
 `pg_dumpall` writes, anything else is refused, and Safehold writes the SQL it runs itself.
 Attributes that reach beyond one database (SUPERUSER, REPLICATION, BYPASSRLS, CREATEROLE)
-are never given: the warning names them. Roles that exist are never altered; a membership
-is granted only in a role this restore created, or by an existing role that is neither a
-superuser nor predefined (`pg_*`) to a role this restore created.
+are never given, nor settings only a superuser may set: the warning names them. A role
+that exists is never altered, except by becoming a member of a role this restore created
+when the backup says so; memberships are granted only in roles this restore created
+(never in an existing, superuser or predefined role: one with CREATEROLE could grant
+anything), and not when PostgreSQL 16's INHERIT/SET FALSE would make them narrower.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 from shared.pgscript import UnsafeScript
@@ -41,7 +44,8 @@ _KEPT = {"LOGIN", "NOLOGIN", "INHERIT", "NOINHERIT", "CREATEDB", "NOCREATEDB",
 _UNSAFE_SETTINGS = {"session_preload_libraries", "local_preload_libraries",
                     "shared_preload_libraries", "dynamic_library_path"}
 _TOKEN = re.compile(r"""(?:\s|--[^\n]*)*(?:
-    (?P<ident>[A-Za-z_][A-Za-z0-9_$]*)
+    [Ee]'(?P<estring>(?:[^'\\]|''|\\\\)*)'
+  | (?P<ident>[A-Za-z_][A-Za-z0-9_$]*)
   | "(?P<qident>(?:[^"]|"")*)"
   | '(?P<string>(?:[^']|'')*)'
   | (?P<number>-?[0-9]+(?:\.[0-9]+)?)
@@ -75,22 +79,30 @@ class Role:
 
 
 @dataclass
+class Membership:
+    role: str
+    member: str
+    admin: bool = False
+    limited: bool = False  # INHERIT FALSE or SET FALSE (PostgreSQL 16+)
+
+
+@dataclass
 class Globals:
     roles: dict[str, Role] = field(default_factory=dict)
-    memberships: list[tuple[str, str, bool]] = field(default_factory=list)  # role, member, admin
+    memberships: list[Membership] = field(default_factory=list)
     left_out: list[str] = field(default_factory=list)  # tablespaces, parameter grants…
 
     def members_closure(self, roles: Iterable[str]) -> set[str]:
         """`roles` and every role that is a member of one of them, directly or not."""
         members: dict[str, set[str]] = {}
-        for role, member, _ in self.memberships:
-            members.setdefault(role, set()).add(member)
+        for grant in self.memberships:
+            members.setdefault(grant.role, set()).add(grant.member)
         seen, todo = set(roles), list(roles)
         while todo:
-            for m in members.get(todo.pop(), ()):
-                if m not in seen:
-                    seen.add(m)
-                    todo.append(m)
+            for name in members.get(todo.pop(), ()):
+                if name not in seen:
+                    seen.add(name)
+                    todo.append(name)
         return seen
 
 
@@ -109,6 +121,8 @@ def _normalize(kind: str, value: str) -> tuple[str, str]:
         return "ident", value.replace('""', '"')
     if kind == "string":
         return kind, value.replace("''", "'")
+    if kind == "estring":  # pg_dumpall's E'' doubles backslashes and quotes, nothing else
+        return "string", re.sub(r"''|\\\\", lambda m: m[0][0], value)
     return kind, value
 
 
@@ -231,19 +245,28 @@ def _setting(role: Role, database: str | None, rest: list[tuple[str, str]]) -> N
 
 
 def _membership(g: Globals, st: list[tuple[str, str]]) -> None:
-    """`GRANT role TO member [WITH ADMIN OPTION | WITH … TRUE/FALSE, …] [GRANTED BY r]`."""
+    """`GRANT role TO member [WITH ADMIN OPTION | WITH ADMIN|INHERIT|SET TRUE|FALSE, …]
+    [GRANTED BY r]` (PostgreSQL 16+ writes the option list)."""
     role, member = st[1][1], st[3][1]
-    admin = False
-    rest = st[4:]
-    words = [v.upper() if k == "ident" else v for k, v in rest]
-    if words[:2] == ["WITH", "ADMIN"] and words[2:3] in (["OPTION"], ["TRUE"]):
-        admin, words = True, words[3:]
-    elif words[:1] == ["WITH"]:
+    admin = limited = False
+    words = [v.upper() if k == "ident" else v for k, v in st[4:]]
+    if words[:1] == ["WITH"]:
         opts = words[1:]
-        while len(opts) >= 2 and opts[0] in ("ADMIN", "INHERIT", "SET") and \
-                opts[1] in ("TRUE", "FALSE", "OPTION"):
-            admin = admin or (opts[0] == "ADMIN" and opts[1] != "FALSE")
-            opts = opts[3:] if opts[2:3] == [","] else opts[2:]
+        while True:
+            if opts[:2] == ["ADMIN", "OPTION"]:
+                admin, opts = True, opts[2:]
+            elif len(opts) >= 2 and opts[0] in ("ADMIN", "INHERIT", "SET") and \
+                    opts[1] in ("TRUE", "FALSE"):
+                if opts[0] == "ADMIN":
+                    admin = opts[1] == "TRUE"
+                elif opts[1] == "FALSE":
+                    limited = True  # no INHERIT or no SET: narrower than a plain grant
+                opts = opts[2:]
+            else:
+                raise _bad(f"a membership it cannot read ({role!r} to {member!r})")
+            if opts[:1] != [","]:
+                break
+            opts = opts[1:]
         words = opts
     if words[:2] == ["GRANTED", "BY"] and len(words) == 3:
         words = []
@@ -252,7 +275,7 @@ def _membership(g: Globals, st: list[tuple[str, str]]) -> None:
     # pg_dumpall never creates predefined roles (pg_*) but writes memberships in them
     if (role not in g.roles and not role.startswith("pg_")) or member not in g.roles:
         raise _bad(f"a membership of a role it never created ({role!r} to {member!r})")
-    g.memberships.append((role, member, admin))
+    g.memberships.append(Membership(role, member, admin, limited))
 
 
 def quote_ident(name: str) -> str:
@@ -275,12 +298,14 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
 
 
-def plan(g: Globals, referenced: Iterable[str], existing: dict[str, bool], *,
-         database: str, superuser: bool) -> Plan:
+def plan(g: Globals, referenced: Iterable[str], existing: Collection[str], *,
+         database: str, superuser: bool,
+         settable: Callable[[str], bool] = lambda name: False) -> Plan:
     """The SQL (one line) creating the roles the database needs that the server lacks.
 
     `referenced`: the roles the dump names; `existing`: the server's roles among every name
-    involved → whether each is a superuser (or predefined)."""
+    involved; `settable(name)`: whether any user may set that setting (only those are
+    given to a role)."""
     referenced = set(referenced)
     needed = g.members_closure(referenced)
     create = sorted(r for r in needed if r not in existing)
@@ -305,14 +330,15 @@ def plan(g: Globals, referenced: Iterable[str], existing: dict[str, bool], *,
         if not superuser:  # to own its objects (PostgreSQL 15) the restorer is a member
             out.append(f"GRANT {quote_ident(name)} TO CURRENT_USER;")
     created = set(create)
+    left: list[str] = []
     for name in create:
         if (described := g.roles.get(name)) is None:
             continue
         for db, setting, values in described.settings:
-            if setting in _UNSAFE_SETTINGS:
-                p.warnings.append(f"setting {setting} of role {name} left out (it loads code)")
-                continue
             if db is not None and db != database:
+                continue
+            if setting in _UNSAFE_SETTINGS or not settable(setting):
+                left.append(f"{setting} of {name}")
                 continue
             where = f" IN DATABASE {quote_ident(db)}" if db else ""
             out.append(f"ALTER ROLE {quote_ident(name)}{where} SET {setting} TO "
@@ -321,24 +347,26 @@ def plan(g: Globals, referenced: Iterable[str], existing: dict[str, bool], *,
             out.append(f"COMMENT ON ROLE {quote_ident(name)} IS "
                        f"{quote_literal(described.comment)};")
     skipped: list[str] = []
-    for role_name, member, admin in g.memberships:
-        if member not in created and role_name not in created:
+    for m in g.memberships:
+        if m.role not in created:
+            if m.member in created:  # an existing, superuser or predefined role: never
+                skipped.append(f"{m.role} to {m.member}")
             continue  # between roles that exist: left as the server has it
-        if role_name in created or (role_name in existing and not existing[role_name]):
-            out.append(f"GRANT {quote_ident(role_name)} TO {quote_ident(member)}"
-                       + (" WITH ADMIN OPTION" if admin and role_name in created else "")
-                       + ";")
-        else:
-            skipped.append(f"{role_name} to {member}")
-    if present := sorted(r for r in referenced if r in g.roles and r not in existing
-                         and r not in created):
-        p.warnings.append("roles not created: " + ", ".join(present))  # (cannot happen)
+        if m.limited:
+            skipped.append(f"{m.role} to {m.member} (INHERIT/SET FALSE)")
+            continue
+        out.append(f"GRANT {quote_ident(m.role)} TO {quote_ident(m.member)}"
+                   + (" WITH ADMIN OPTION" if m.admin else "") + ";")
     for attr, names in sorted(withheld.items()):
         p.warnings.append(f"{attr} not given to {', '.join(names)} (give it by hand if "
                           "the new server needs it)")
     if skipped:
-        p.warnings.append("memberships not granted (the role is a superuser, predefined or "
-                          "absent): " + "; ".join(skipped[:50]))
+        p.warnings.append("memberships not granted (only memberships in roles this restore "
+                          "created are; grant these by hand if they are wanted): "
+                          + "; ".join(skipped[:50]))
+    if left:
+        p.warnings.append("role settings left out (only settings any user may set are "
+                          "restored): " + "; ".join(left[:50]))
     if g.left_out:
         p.warnings.append("left out of the globals (restore them by hand): "
                           + "; ".join(g.left_out[:50]))

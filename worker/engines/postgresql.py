@@ -304,22 +304,13 @@ class PostgreSQL:
                 "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate "
                 "ORDER BY datname")]
 
-    async def ensure_database(self, target: TargetConfig, name: str, facts: dict[str, Any],
-                              progress: Progress) -> None:
+    async def create_database(self, target: TargetConfig, name: str, facts: dict[str, Any],
+                              progress: Progress) -> bool:
         """A set's database on a server that lacks it (a new server): created as it was
-        (encoding, locale); given to its owner when that role exists (called again after
-        the load, which may have created the role)."""
+        (encoding, locale). True when it was created."""
         async with self._connect(target) as conn:
-            owner = facts.get("database_owner")
-            current = await conn.fetchval(
-                "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = $1", name)
-            if current is not None:
-                if isinstance(owner, str) and owner and owner != current and \
-                        await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", owner):
-                    with contextlib.suppress(asyncpg.PostgresError):
-                        await conn.execute(f"ALTER DATABASE {_quote_ident(name)} OWNER TO "
-                                           f"{_quote_ident(owner)}")
-                return
+            if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+                return False
             opts = facts.get("database_options")
             opts = opts if isinstance(opts, dict) else {}
             clauses = " ".join(f"{k.upper()} {_quote_literal(str(opts[k]))}"
@@ -335,13 +326,33 @@ class PostgreSQL:
                                         database_unchanged=True) from None
                 progress.warn(f"database {name} created with this server's default encoding "
                               f"and locale: its own ({clauses}) failed here ({exc})")
-                await conn.execute(f"CREATE DATABASE {_quote_ident(name)}")
-            progress.log(f"created database {name}")
-            if isinstance(owner, str) and owner and await conn.fetchval(
+                await conn.execute(f"CREATE DATABASE {_quote_ident(name)} TEMPLATE template0")
+        progress.log(f"created database {name}")
+        return True
+
+    async def drop_database(self, target: TargetConfig, name: str) -> None:
+        async with self._connect(target) as conn:
+            await conn.execute(f"DROP DATABASE IF EXISTS {_quote_ident(name)} WITH (FORCE)")
+
+    async def database_restored(self, target: TargetConfig, name: str,
+                                facts: dict[str, Any]) -> None:
+        """The database back to its owner (when that role exists: a restore with
+        roles = "create" has just made it)."""
+        owner = facts.get("database_owner")
+        if not isinstance(owner, str) or not owner:
+            return
+        async with self._connect(target) as conn:
+            current = await conn.fetchval(
+                "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = $1", name)
+            if current not in (None, owner) and await conn.fetchval(
                     "SELECT 1 FROM pg_roles WHERE rolname = $1", owner):
                 with contextlib.suppress(asyncpg.PostgresError):
                     await conn.execute(f"ALTER DATABASE {_quote_ident(name)} OWNER TO "
                                        f"{_quote_ident(owner)}")
+
+    async def precheck(self, target: TargetConfig, facts: dict[str, Any],
+                       options: RestoreOptions) -> None:
+        await self._missing_roles(target, facts, options)  # roles are the server's
 
     async def _globals(self, target: TargetConfig, argv: list[str]) -> AsyncIterator[bytes]:
         """pg_dumpall --globals-only's output, streamed."""
@@ -618,16 +629,20 @@ class PostgreSQL:
         memberships, settings), else the missing roles NOLOGIN."""
         database = _conn(target)["database"]
         if not head.lines:
-            return pg_globals.plan(pg_globals.Globals(), facts.missing, {},
+            return pg_globals.plan(pg_globals.Globals(), facts.missing, set(),
                                    database=database, superuser=facts.superuser)
         found = pg_globals.parse(head.lines, head.first_line)
         names = sorted({*found.roles, *facts.wanted})
         async with self._connect(target) as conn:
-            existing = {r[0]: bool(r[1]) or r[0].startswith("pg_") for r in await conn.fetch(
-                "SELECT rolname, rolsuper FROM pg_roles WHERE rolname = ANY($1::text[])",
-                names)}
+            existing = {r[0] for r in await conn.fetch(
+                "SELECT rolname FROM pg_roles WHERE rolname = ANY($1::text[])", names)}
+            contexts = {r[0]: r[1] for r in await conn.fetch(
+                "SELECT name, context FROM pg_settings")}
+
+        def settable(name: str) -> bool:  # by any user; or an extension's placeholder
+            return contexts.get(name, "user" if "." in name else "") == "user"
         return pg_globals.plan(found, facts.wanted, existing, database=database,
-                               superuser=facts.superuser)
+                               superuser=facts.superuser, settable=settable)
 
     @asynccontextmanager
     async def _blockers(self, target: TargetConfig, tag: str, progress: Progress,

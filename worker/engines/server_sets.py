@@ -37,9 +37,21 @@ class SetEngine(Protocol):
 
     async def server_databases(self, target: TargetConfig) -> list[str]: ...
 
-    async def ensure_database(self, target: TargetConfig, name: str, facts: dict[str, Any],
-                              progress: Progress) -> None:
-        """Create database `name` on the set `target`'s server if it lacks it."""
+    async def create_database(self, target: TargetConfig, name: str, facts: dict[str, Any],
+                              progress: Progress) -> bool:
+        """Create database `name` on the set `target`'s server if it lacks it (True)."""
+
+    async def drop_database(self, target: TargetConfig, name: str) -> None:
+        """Drop database `name` (one this restore created)."""
+
+    async def database_restored(self, target: TargetConfig, name: str,
+                                facts: dict[str, Any]) -> None:
+        """After a member's load: what the database itself carries (its owner)."""
+
+    async def precheck(self, target: TargetConfig, facts: dict[str, Any],
+                       options: RestoreOptions) -> None:
+        """Refuse (RestoreFailed, unchanged) what the member's load would refuse about
+        roles or accounts, from its manifest entry, before any member loads."""
 
     def dump(self, target: TargetConfig, progress: Progress,
              options: dict[str, Any] | None = None) -> Any: ...
@@ -61,19 +73,60 @@ def member_target(target: TargetConfig, name: str) -> TargetConfig:
                    databases=(), exclude=(), globals=True)
 
 
-async def members_of(engine: SetEngine, target: TargetConfig) -> list[str]:
-    """The databases this backup takes: every one of the server (less drills' scratch
-    copies) or the ones named, less `exclude`, in a stable order."""
-    present = [d for d in await engine.server_databases(target)
-               if not d.startswith(DRILL_PREFIX)]
+SYSTEM = {"postgresql": {"template0", "template1"},
+          "mysql": {"mysql", "sys", "information_schema", "performance_schema"}}
+
+
+def refused(target: TargetConfig, engine: str, name: str) -> str | None:
+    """Why database `name` is outside what this server target may write, or None."""
+    if name in SYSTEM.get(engine, ()):
+        return "a system database"
+    if name.startswith(DRILL_PREFIX):
+        return "a drill's scratch copy"
+    if name.startswith("-"):
+        return "a name that reads like a command-line option"
+    if target.databases != ("*",) and name not in target.databases:
+        return f"not one of target '{target.id}''s databases"
+    if name in target.exclude:
+        return f"excluded by target '{target.id}'"
+    return None
+
+
+def check_members(target: TargetConfig, engine: str, names: list[str]) -> None:
+    """A set's databases (from its file or its manifest, both untrusted) must all be ones
+    this target may write: else the restore is refused before anything changes."""
+    bad = {n: why for n in names if (why := refused(target, engine, n))}
+    if bad:
+        raise RestoreFailed("the backup set holds database(s) this target may not write: "
+                            + "; ".join(f"{n!r} ({why})" for n, why in list(bad.items())[:20])
+                            + ". Nothing was changed", database_unchanged=True,
+                            code="database_refused")
+
+
+async def members_of(engine: SetEngine, target: TargetConfig,
+                     progress: Progress | None = None) -> list[str]:
+    """The databases this backup takes: every one of the server (less system databases,
+    drills' scratch copies and names that read like options) or the ones named, less
+    `exclude`, in a stable order."""
+    present = await engine.server_databases(target)
     if target.databases == ("*",):
-        wanted = present
+        wanted = []
+        for d in present:
+            why = refused(target, engine.name, d)
+            if why is None:
+                wanted.append(d)
+            elif why.startswith("a name that") and progress is not None:
+                progress.warn(f"database {d!r} left out of the set: {why}")
     else:
         absent = [d for d in target.databases if d not in present]
         if absent:
             raise DumpFailed(f"target '{target.id}' names database(s) the server does not "
                              f"have: {', '.join(absent)}", code="database_missing")
         wanted = list(target.databases)
+        if odd := [d for d in wanted if refused(target, engine.name, d) and
+                   d not in target.exclude]:
+            raise DumpFailed(f"target '{target.id}' names database(s) a set cannot hold: "
+                             f"{', '.join(odd)}", code="database_refused")
     names = [d for d in wanted if d not in target.exclude]
     if not names:
         raise DumpFailed(f"target '{target.id}' has no database to back up (all excluded)",
@@ -96,7 +149,7 @@ async def stats_set(engine: SetEngine, target: TargetConfig) -> dict[str, Any]:
 @asynccontextmanager
 async def dump_set(engine: SetEngine, target: TargetConfig, progress: Progress,
                    options: dict[str, Any] | None = None) -> AsyncIterator[Dump]:
-    names = await members_of(engine, target)
+    names = await members_of(engine, target, progress)
     token = secrets.token_hex(8)
     members: list[dict[str, Any]] = []
     info: dict[str, Any] = {"set": {"token": token, "members": members},
@@ -134,37 +187,78 @@ def _members(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
             if isinstance(m, dict) and isinstance(m.get("database"), str)}
 
 
+def _names(manifest: dict[str, Any]) -> list[str]:
+    found = manifest.get("set")
+    members = found.get("members") if isinstance(found, dict) else None
+    return [m["database"] for m in members or []
+            if isinstance(m, dict) and isinstance(m.get("database"), str)]
+
+
 async def restore_set(engine: SetEngine, target: TargetConfig, chunks: AsyncIterator[bytes],
                       progress: Progress, *, clean: bool, manifest: dict[str, Any],
                       options: RestoreOptions) -> None:
+    """Every member (or `options.database`), in file order. Before any loads: the names
+    (file and manifest agree, procedures checked) are ones this target may write, and each
+    member's roles choice holds. A member that fails after others loaded leaves the set
+    partly restored (the runner rolls it back from the safety backup); a database this
+    restore created is dropped again."""
     token = backup_sets.token_of(manifest)
-    assert token is not None
+    if token is None:
+        raise RestoreFailed(f"target '{target.id}' is a server target and this backup is "
+                            "not a set; nothing was changed", database_unchanged=True,
+                            code="engine_mismatch")
     known = _members(manifest)
+    names = _names(manifest)
     only = options.database
     if only is not None and only not in known:
         raise RestoreFailed(f"the backup set has no database {only!r} (it holds "
                             f"{', '.join(sorted(known)) or 'none'}); nothing was changed",
                             database_unchanged=True, code="database_missing")
-    done: list[str] = []
+    wanted = [only] if only is not None else names
+    check_members(target, engine.name, wanted)
     member_options = replace(options, database=None)
-    async for name, body in backup_sets.members(chunks, token):
-        if only is not None and name != only:
-            continue  # its bytes pass unread (they were checked with the rest)
-        facts = {**known.get(name, {}), "database": name}
-        member = member_target(target, name)
-        progress.log(f"restoring database {name}")
+    for name in wanted:  # the roles choice of every member, before any loads
         try:
-            await engine.ensure_database(target, name, facts, progress)
-            await engine.restore(member, body, progress, clean=clean, manifest=facts,
-                                 options=member_options)
-            await engine.ensure_database(target, name, facts, progress)  # its owner now
+            await engine.precheck(target, {**known[name], "database": name}, member_options)
         except RestoreFailed as exc:
-            unchanged = exc.database_unchanged and not done
-            raise RestoreFailed(
-                f"database {name}: {exc.message}"
-                + (f" (restored before it: {', '.join(done)})" if done else ""),
-                database_unchanged=unchanged, code=exc.code) from None
-        done.append(name)
+            raise RestoreFailed(f"database {name}: {exc.message}", database_unchanged=True,
+                                code=exc.code) from None
+    done: list[str] = []
+    created: list[str] = []
+    try:
+        async for name, body in backup_sets.members(chunks, token):
+            if name not in known:
+                raise RestoreFailed(f"the set's file holds database {name!r}, which its "
+                                    "manifest does not list", code="corrupt_backup",
+                                    database_unchanged=not done and not created)
+            if name not in wanted:
+                continue  # its bytes pass unread (they were checked with the rest)
+            facts = {**known[name], "database": name}
+            progress.log(f"restoring database {name}")
+            try:
+                if await engine.create_database(target, name, facts, progress):
+                    created.append(name)
+                await engine.restore(member_target(target, name), body, progress,
+                                     clean=clean, manifest=facts, options=member_options)
+                await engine.database_restored(target, name, facts)
+            except RestoreFailed as exc:
+                if not done and exc.database_unchanged and name not in created:
+                    raise RestoreFailed(f"database {name}: {exc.message}",
+                                        database_unchanged=True, code=exc.code) from None
+                raise RestoreFailed(
+                    f"database {name} failed ({exc.message})"
+                    + (f"; restored before it: {', '.join(done)}" if done else ""),
+                    code=exc.code) from None
+            done.append(name)
+    except BaseException:
+        for name in created:  # it did not exist before this restore
+            try:
+                await engine.drop_database(target, name)
+                progress.warn(f"dropped database {name}, which this failed restore created")
+            except Exception as exc:  # noqa: BLE001 — said, never hidden
+                progress.warn(f"database {name}, created by this failed restore, could not "
+                              f"be dropped ({type(exc).__name__}: {exc})")
+        raise
     if only is not None and only not in done:
         raise RestoreFailed(f"the backup set holds no database {only!r}; nothing was "
                             "changed", database_unchanged=True, code="database_missing")
