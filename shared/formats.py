@@ -23,6 +23,7 @@ from shared import backup_sets, scratch
 from shared.codecs import PlainReader, Readable, Step, WindowDigests
 from shared.cypher import StatementSplitter, check_command, check_statement
 from shared.errors import BadRequest, PipelineError
+from shared.mysqlscan import StatementStarts
 from shared.pgscript import PgScriptGuard, UnsafeScript
 from shared.resp import RespReader
 from shared.tarstream import TarReader
@@ -88,6 +89,18 @@ _MY_ELSEWHERE = re.compile(
     rb"REVOKE|SET\s+PASSWORD|INSTALL\s+(?:PLUGIN|SONAME)|UNINSTALL|SHUTDOWN|KILL|"
     rb"CHANGE\s+(?:MASTER|REPLICATION)|START\s+SLAVE|STOP\s+SLAVE|RESET\s+(?:MASTER|SLAVE)|"
     rb"PURGE|FLUSH)\b)")
+# the same, at the start of every statement as the client splits them (shared/mysqlscan):
+# `SELECT 1; GRANT …` on one line; also what runs stored or dynamic code, and settings
+# beyond the session — mysqldump writes none of them outside routine bodies
+_MY_STATEMENT = re.compile(
+    rb"(?is)(?:USE|CREATE\s+(?:DATABASE|SCHEMA|USER|SERVER|ROLE)|"
+    rb"DROP\s+(?:DATABASE|SCHEMA|USER|SERVER|ROLE)|"
+    rb"ALTER\s+(?:DATABASE|SCHEMA|USER|SERVER|INSTANCE)|RENAME\s+USER|GRANT|REVOKE|"
+    rb"SET\s+(?:PASSWORD|ROLE|DEFAULT\s+ROLE|GLOBAL|PERSIST|@@GLOBAL|@@PERSIST)|"
+    rb"INSTALL|UNINSTALL|SHUTDOWN|KILL|CHANGE\s+(?:MASTER|REPLICATION)|"
+    rb"(?:START|STOP)\s+(?:ALL\s+)?(?:SLAVE|REPLICA)|RESET\s+(?:MASTER|SLAVE|REPLICA)|"
+    rb"PURGE|FLUSH|BINLOG|PREPARE|EXECUTE|CALL|HANDLER|CACHE\s+INDEX|"
+    rb"LOAD\s+(?:DATA|XML|INDEX))\b")
 _MY_FILE_WORDS = (b"outfile", b"dumpfile", b"load_file", b"infile")
 _MY_FILES = re.compile(rb"(?i)\bINTO\s+(?:OUTFILE|DUMPFILE)\b|\bLOAD_FILE\s*\(|"
                        rb"\bLOAD\s+(?:DATA|XML)\b")
@@ -106,6 +119,7 @@ class MySQLScriptCheck:
         self.header_seen = False
         self.tail = b""
         self.size = 0
+        self.statements = StatementStarts(self._statement)
 
     def feed(self, chunk: bytes) -> None:
         if (nul := chunk.find(b"\0")) >= 0:
@@ -119,6 +133,10 @@ class MySQLScriptCheck:
             self.head = window[-32:]
         self.tail = (self.tail + chunk)[-4096:]
         self._check_local(chunk)
+        try:
+            self.statements.feed(chunk)
+        except ValueError as exc:
+            raise Unsafe(f"line {self.statements.line}: {exc}") from None
         if self.open_len > len(self.carry):  # the open line's start was checked already
             nl = chunk.find(b"\n")
             if nl < 0:
@@ -152,6 +170,9 @@ class MySQLScriptCheck:
         a case-folded `find` for candidates, the regex only around each."""
         text = self.local_tail + chunk
         folded = text.lower()
+        if (nbe := folded.find(b"no_backslash_escapes")) >= 0:  # strings read otherwise
+            self._refuse(text, nbe, "a setting that changes how strings are read",
+                         skip=len(self.local_tail))
         at = folded.find(b"local")
         while at >= 0:
             start = max(0, at - 96)
@@ -160,6 +181,12 @@ class MySQLScriptCheck:
                 self._refuse(text, m.start(), "LOAD … LOCAL", skip=len(self.local_tail))
             at = folded.find(b"local", at + 5)
         self.local_tail = text[-96:]
+
+    def _statement(self, head: bytes, line: int) -> None:
+        if _MY_STATEMENT.match(head):
+            shown = head[:40].split(b"\n", 1)[0].strip().decode("utf-8", "replace")
+            raise Unsafe(f"line {line}: a statement outside the target database {shown!r} "
+                         "(never from a backup)")
 
     def _refuse(self, text: bytes, at: int, what: str, skip: int = 0) -> None:
         line = self.line + text.count(b"\n", skip, max(at, skip))
@@ -170,6 +197,7 @@ class MySQLScriptCheck:
     local_tail = b""
 
     def finish(self) -> dict[str, Any]:
+        self.statements.finish()
         if not self.header_seen:
             raise BadRequest("not a MariaDB/MySQL dump (no '-- MariaDB dump' or '-- MySQL "
                              "dump' header)", code="invalid_upload")

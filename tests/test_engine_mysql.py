@@ -255,6 +255,10 @@ FOOTER = b"\n-- Dump completed on 2026-11-30  3:47:21\n"
     b"GRANT ALL ON *.* TO 'eve'@'%';\n",
     b"SELECT 'x' INTO OUTFILE '{marker}';\n",
     b"/*!50000 USE mysql */;\n",  # executable comments run on the server
+    # a statement after another on the same line: the client splits them, so does the check
+    b"INSERT INTO x VALUES (1);  GRANT ALL ON *.* TO 'eve'@'%';\n",
+    b"SELECT 'a;\\'; --'; /*!50000 CREATE USER eve */;\n",
+    b"SET @s = 'SELECT 1'; PREPARE s FROM @s; EXECUTE s;\n",
 ])
 async def test_client_commands_in_a_backup_are_refused(
         api: Any, worker: Any, my_db: str, storage_dir: Path, tmp_path: Path,

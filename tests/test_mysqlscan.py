@@ -1,0 +1,79 @@
+"""The MySQL file check finds every statement as the mysql client splits them (quotes,
+backticks, comments, executable comments, DELIMITER), whatever the chunking: a statement
+hidden after another on one line, or inside an executable comment, is refused; what
+mysqldump writes (strings full of `;`, routines between `DELIMITER ;;`) passes."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.errors import BadRequest
+from shared.formats import validate_mysql
+from shared.mysqlscan import StatementStarts
+
+HEADER = b"-- MariaDB dump 10.19  Distrib 10.11.19-MariaDB\n"
+FOOTER = b"\n-- Dump completed on 2026-12-06 19:00:00\n"
+DUMPLIKE = (
+    b"/*!40101 SET @OLD_CHARACTER_SET_CLIENT=@@CHARACTER_SET_CLIENT */;\n"
+    b"/*M!999999\\- enable the sandbox mode */ \n"
+    b"DROP TABLE IF EXISTS `t`;\nCREATE TABLE `t` (`a` text) ENGINE=InnoDB;\n"
+    b"INSERT INTO `t` VALUES ('x; GRANT ALL ON *.* TO y'),('it\\'s; DROP DATABASE z'),"
+    b"(\"q;\"),('-- not a comment; KILL 1'),('/* ; */');\n"
+    b"DELIMITER ;;\n/*!50003 CREATE*/ /*!50017 DEFINER=`root`@`localhost`*/ /*!50003 TRIGGER "
+    b"tr BEFORE INSERT ON t FOR EACH ROW BEGIN SET NEW.a = 'b'; END */;;\nDELIMITER ;\n"
+    b"DELIMITER ;;\nCREATE DEFINER=`root`@`localhost` PROCEDURE `p`()\nBEGIN\n"
+    b"  SELECT 1; GRANT SELECT ON x.* TO y;\nEND ;;\nDELIMITER ;\n"
+    b"# a hash comment; GRANT\n/* a block; GRANT */\n"
+    b"/*!40101 SET SQL_MODE=@OLD_SQL_MODE */;\n")
+
+
+def statements(data: bytes, step: int) -> list[tuple[bytes, int]]:
+    out: list[tuple[bytes, int]] = []
+    scan = StatementStarts(lambda head, line: out.append((head[:30], line)))
+    for i in range(0, len(data), step):
+        scan.feed(data[i:i + step])
+    scan.finish()
+    return out
+
+
+def test_the_same_statements_whatever_the_chunking() -> None:
+    whole = statements(DUMPLIKE, len(DUMPLIKE))
+    assert [h.split()[0] for h, _ in whole] == [
+        b"SET", b"DROP", b"CREATE", b"INSERT", b"CREATE*/", b"CREATE", b"SET"]
+    for step in (1, 2, 3, 5, 17, 64):
+        assert statements(DUMPLIKE, step) == whole
+
+
+def test_what_mysqldump_writes_passes() -> None:
+    assert validate_mysql(iter([HEADER, DUMPLIKE, FOOTER]))["raw_bytes"] > 0
+
+
+@pytest.mark.parametrize("hidden, line", [
+    (b"SELECT 1; GRANT ALL ON *.* TO x@y;\n", 2),
+    (b"INSERT INTO t VALUES ('a');  SET GLOBAL general_log = 1;\n", 2),
+    (b"/*!50000 SELECT 1; CREATE USER x IDENTIFIED BY 'p' */;\n", 2),
+    (b"SELECT 'a\\';'; DROP DATABASE mysql;\n", 2),
+    (b"DELIMITER $$\nSELECT 1$$ CALL mysql.evil()$$\n", 3),
+    (b"SET @s = 'x'; PREPARE s FROM @s;\n", 2),
+    (b"/* a */ KILL 1;\n", 2),
+    (b"/*M!999999\\- enable the sandbox mode */ GRANT ALL ON *.* TO x;\n", 2),
+    (b"SET sql_mode = 'NO_BACKSLASH_ESCAPES';\n", 2),
+])
+def test_a_hidden_statement_is_refused(hidden: bytes, line: int) -> None:
+    with pytest.raises(BadRequest) as err:
+        validate_mysql(iter([HEADER, hidden, FOOTER]))
+    assert err.value.code == "unsafe_backup" and f"line {line}:" in err.value.message, \
+        err.value.message
+
+
+PIECES = [b"a", b" ", b"\n", b";", b"'", b'"', b"`", b"\\", b"-", b"--", b"-- ", b"#", b"/*",
+          b"*/", b"/*!50000 ", b"GRANT", b"DELIMITER ;;\n", b"DELIMITER ;\n", b";;", b"x"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=60), st.integers(1, 13))
+def test_chunking_never_changes_what_is_found(pieces: list[bytes], step: int) -> None:
+    data = b"".join(pieces)
+    assert statements(data, step) == statements(data, max(1, len(data)))
