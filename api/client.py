@@ -198,7 +198,9 @@ def final_line(job: dict[str, Any]) -> str:
     result = job.get("result") or {}
     if job.get("status") == "succeeded":
         took = result.get("duration_s")
-        what = result.get("filename") or result.get("backup") or job.get("kind")
+        # a backup's file, a restore's backup (`restored`), a drill's backup
+        what = (result.get("filename") or result.get("restored") or result.get("backup")
+                or job.get("kind"))
         parts = [f"✓ {job.get('kind')} {what}"]
         if result.get("size_bytes") is not None:
             parts.append(mib(result["size_bytes"]))

@@ -104,7 +104,19 @@ def confirm(args: argparse.Namespace, question: str) -> bool:
               file=sys.stderr)
         return False
     answer = input(f"{question} [y/N] ").strip().lower()
-    return answer in ("y", "yes")
+    if answer in ("y", "yes"):
+        return True
+    print("safehold: not confirmed; nothing was done", file=sys.stderr)
+    return False
+
+
+def _rows(table: dict[str, Any]) -> str:
+    """A table's rows: exact where the engine counts them (SQLite), `~n` for an estimate
+    (PostgreSQL, MySQL), `?` for a table never analysed."""
+    if "rows_estimate" in table:
+        n = table["rows_estimate"]
+        return "?" if n is None else f"~{n}"
+    return str(table.get("rows", ""))
 
 
 def _warn(job: Any) -> None:
@@ -182,10 +194,14 @@ async def run(client: Client, args: argparse.Namespace) -> int:  # noqa: C901 - 
         else:
             print(f"{doc.get('engine')} {doc.get('server_version', '')}: "
                   f"{mib(doc.get('size_bytes'))}, {doc.get('table_count', '?')} tables")
-            rows = [[t["name"], t.get("rows_estimate"), mib(t.get("size_bytes"))]
+            rows = [[t["name"], _rows(t), mib(t.get("size_bytes"))]
                     for t in doc.get("tables", [])]
             if rows:
-                print(_table(rows, ["TABLE", "ROWS (est.)", "SIZE"]))
+                print(_table(rows, ["TABLE", "ROWS", "SIZE"]))
+            databases = [[d.get("database"), d.get("table_count"), mib(d.get("size_bytes"))]
+                         for d in doc.get("databases") or [] if isinstance(d, dict)]
+            if databases:  # a server target: what its next set holds
+                print(_table(databases, ["DATABASE", "TABLES", "SIZE"]))
         return EXIT_OK
     if c == "backups":
         doc = await client.call("GET", f"/api/v1/targets/{args.target}/backups")
@@ -244,6 +260,10 @@ async def run(client: Client, args: argparse.Namespace) -> int:  # noqa: C901 - 
         return EXIT_OK
     if c == "download":
         target = Path(args.output or Path(args.backup).name)
+        if not target.parent.is_dir():
+            print(f"safehold: cannot write {target}: the directory {target.parent} does not "
+                  "exist (create it first)", file=sys.stderr)
+            return EXIT_USAGE
         doc = await client.download(args.target, args.backup, target)
         if args.json:
             out(doc)

@@ -160,6 +160,12 @@ async def test_fresh_run_backs_up_the_bundled_example(prefix: str, tmp_path: Pat
             async with http.post(f"{base}/api/v1/targets/example/backups?wait=30",
                                  headers={"Authorization": f"Bearer {tok}"}) as resp:
                 job = await resp.json()
+            # SQLite counts rows exactly: the ROWS column shows them, not blanks
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "api.cli", "stats", "example", cwd=tmp_path,
+                env={**env, "SAFEHOLD_TOKEN": tok}, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE)
+            stats_out, stats_err = await proc.communicate()
     finally:
         server.terminate()
         _, err = await asyncio.wait_for(server.communicate(), 30)
@@ -168,6 +174,9 @@ async def test_fresh_run_backs_up_the_bundled_example(prefix: str, tmp_path: Pat
     assert (tmp_path / "data" / "example.db").exists()
     assert (tmp_path / "backups" / "example" / job["result"]["filename"]).exists()
     assert "created the example SQLite database" in err.decode()
+    table = stats_out.decode().splitlines()[1:]
+    assert proc.returncode == 0 and table[0].split()[:2] == ["TABLE", "ROWS"], stats_err
+    assert all(line.split()[1].isdigit() for line in table[1:]), stats_out
 
 
 def test_global_options_also_work_after_the_subcommand() -> None:
@@ -239,6 +248,9 @@ async def test_client_commands_as_a_person_and_a_script_use_them(
         rc, _, _ = await sh("backup", "main", who="viewer")
         assert rc == 3
 
+        # download: into a directory that does not exist, a clear refusal (no traceback)
+        rc, out, err = await sh("download", "main", name, "-o", str(tmp_path / "no/dir/x"))
+        assert rc == 2 and "does not exist" in err and "Traceback" not in err, err
         # download: resumes a cut .part, then checks the sha256
         dest = tmp_path / "copy.sql.gz"
         rc, out, err = await sh("download", "main", name, "-o", str(dest))
@@ -269,7 +281,7 @@ async def test_client_commands_as_a_person_and_a_script_use_them(
         await conn.close()
         rc, out, err = await sh("restore", "main", uploaded, "--yes", "--follow")
         assert rc == 0, err
-        assert out.startswith("✓ restore") and "safety backup safety_" in out
+        assert out.startswith(f"✓ restore {uploaded} in ") and "safety backup safety_" in out
         assert await pg.fingerprint(pg_db) == before
 
         # jobs, job, cancel (a finished job stays finished), audit, delete
