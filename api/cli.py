@@ -97,12 +97,22 @@ async def _serve_api(settings: Settings, stop: asyncio.Event) -> None:
         await runner.cleanup()
 
 
-def _stop_event() -> asyncio.Event:
-    stop = asyncio.Event()
+class StopEvent(asyncio.Event):
+    """Set by SIGTERM/SIGINT; `reason` names the signal (said in the shutdown log)."""
+
+    reason = "stop requested"
+
+
+def _stop_event() -> StopEvent:
+    stop = StopEvent()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        stop.reason = sig.name
+        stop.set()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
     return stop
 
 

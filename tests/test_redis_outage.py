@@ -112,6 +112,10 @@ async def test_worker_and_api_ride_out_a_redis_restart(
         text = log.read_text()
         assert "Redis is unreachable" in text and "Redis is reachable again" in text
         assert "Traceback" not in text, text[-3000:]
+        worker.terminate()  # the shutdown says why (not arq's "shutdown on SIGUSR1")
+        await asyncio.wait_for(worker.wait(), 30)
+        text = log.read_text()
+        assert "stopping (SIGTERM)" in text and "SIGUSR1" not in text, text[-2000:]
     finally:
         if worker.returncode is None:
             worker.terminate()

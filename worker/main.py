@@ -122,6 +122,21 @@ class ResilientWorker(Worker):
     back."""
 
     _outage_since: float | None = None
+    stop_reason = "stop requested"  # what serve_worker was told (SIGTERM…), for the log
+
+    def handle_sig(self, signum: int) -> None:
+        """arq's close() calls this with SIGUSR1 when it does not handle signals itself
+        (and logs `shutdown on SIGUSR1`): say the real reason instead."""
+        log.info("worker stopping (%s): %d job(s) complete, %d failed, %d to cancel",
+                 self.stop_reason, self.jobs_complete, self.jobs_failed,
+                 sum(not t.done() for t in self.tasks.values()))
+        for task in self.tasks.values():
+            if not task.done():
+                task.cancel()
+        if self.main_task:
+            self.main_task.cancel()
+        if self.on_stop:
+            self.on_stop(signal.Signals(signum))
     doorbell: str = ""  # Keys.doorbell: waited on between polls (arq's own sleep is 0)
     idle_s: float = 0.2  # the longest wait between two polls
     _doorbell_off_until: float = 0.0  # after Redis refused BLPOP: poll until then
@@ -242,9 +257,13 @@ async def serve_worker(settings: Settings, stop: asyncio.Event | None = None) ->
     limit_malloc_arenas()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        stop.reason = sig.name  # type: ignore[attr-defined]  # said in the shutdown log
+        stop.set()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
     worker = build_worker(settings)
     main = asyncio.create_task(worker.main())
     stopper = asyncio.create_task(stop.wait())
@@ -254,8 +273,13 @@ async def serve_worker(settings: Settings, stop: asyncio.Event | None = None) ->
         if main.cancelled() or main.exception() is not None:
             log.error("the worker's poll loop stopped unexpectedly; stopping the worker",
                       exc_info=None if main.cancelled() else main.exception())
+        if isinstance(worker, ResilientWorker):
+            worker.stop_reason = "its poll loop stopped"
         await stop_gracefully(worker, settings.worker.shutdown_grace)
         main.result()
         return
-    log.info("stopping: waiting up to %.0fs for running jobs", settings.worker.shutdown_grace)
+    if isinstance(worker, ResilientWorker):
+        worker.stop_reason = getattr(stop, "reason", worker.stop_reason)
+    log.info("stopping (%s): waiting up to %.0fs for running jobs",
+             getattr(stop, "reason", "stop requested"), settings.worker.shutdown_grace)
     await stop_gracefully(worker, settings.worker.shutdown_grace, main)
