@@ -152,6 +152,9 @@ def idempotency_key(request: web.Request) -> str | None:
     return key
 
 
+DRY_RUN_WAIT = 30.0  # seconds a prune's dry run is waited for: its answer is the plan
+
+
 def wait_param(request: web.Request) -> float | None:
     return query_float(request, "wait", 0, MAX_WAIT)
 
@@ -346,11 +349,15 @@ async def audit(request: web.Request) -> web.Response:
 
 
 async def prune(request: web.Request) -> web.Response:
-    """Apply the target's retention policy now (a prune job); `dry_run=true` plans only."""
+    """Apply the target's retention policy now (a prune job); `dry_run=true` plans only,
+    and answers with the plan (it waits up to DRY_RUN_WAIT unless `wait` says otherwise)."""
+    dry_run = query_bool(request, "dry_run", False)
+    wait = wait_param(request)
+    if dry_run and "wait" not in request.query:
+        wait = DRY_RUN_WAIT
     job = await ops(request).start_prune(
-        caller(request), request.match_info["target"],
-        dry_run=query_bool(request, "dry_run", False),
-        idempotency_key=idempotency_key(request), wait=wait_param(request))
+        caller(request), request.match_info["target"], dry_run=dry_run,
+        idempotency_key=idempotency_key(request), wait=wait)
     return job_response(job, request)
 
 
