@@ -9,5 +9,7 @@ if ! command -v uv >/dev/null 2>&1; then
     || python3 -m pip install --quiet --user --break-system-packages uv
   export PATH="$HOME/.local/bin:$PATH"
 fi
-uv sync --frozen --no-dev --quiet
-exec uv run --frozen --no-dev safehold "$@" run
+# one environment with the tests' (a --no-dev sync here would remove pytest, and every
+# later `uv run` would put 30 packages back)
+uv sync --frozen --quiet
+exec uv run --frozen safehold "$@" run
