@@ -101,6 +101,65 @@ _MY_STATEMENT = re.compile(
     rb"(?:START|STOP)\s+(?:ALL\s+)?(?:SLAVE|REPLICA)|RESET\s+(?:MASTER|SLAVE|REPLICA)|"
     rb"PURGE|FLUSH|BINLOG|PREPARE|EXECUTE|CALL|HANDLER|CACHE\s+INDEX|"
     rb"LOAD\s+(?:DATA|XML|INDEX))\b")
+# a table of a system database named in a statement (the restore user is often root)
+_MY_SYSTEM_SCHEMA = re.compile(
+    rb"(?i)(?<![\w$`])`?(?:mysql|sys|performance_schema|information_schema)`?\s*\.\s*[`\w]")
+# the settings that change how the server reads the rest (string escapes, quotes, the
+# client character set): only the values mysqldump writes, or a saved value put back
+_MY_SETTING = re.compile(rb"(?i)\b(?:sql_mode|character_set_\w+|collation_connection|names|"
+                         rb"character\s+set|charset)\b")
+_MY_ASSIGNMENT = re.compile(
+    rb"(?is)\s*(?:(@@(?:session\.|local\.)?|(?:session|local)\s+)|(@))?([\w$]+)\s*:?=\s*"
+    rb"('(?:[^'\\]|\\.|'')*'|@@?[\w$.]+|[\w$]+)\s*")
+_MY_NAMES = re.compile(rb"(?is)\s*(?:names|character\s+set|charset)\s+'?([\w$]+)'?"
+                       rb"(?:\s+collate\s+'?([\w$]+)'?)?\s*")
+_SAFE_CHARSETS = re.compile(rb"(?i)(?:utf8mb4|utf8mb3|utf8|latin1|ascii|binary)(?:_\w+)?")
+_SAVED = {b"old_sql_mode", b"saved_sql_mode", b"old_character_set_client",
+          b"old_character_set_results", b"old_collation_connection", b"saved_cs_client",
+          b"saved_cs_results", b"saved_col_connection"}
+
+
+def _setting_refused(head: bytes) -> str | None:
+    """Why a SET statement's settings are not what mysqldump writes, or None."""
+    text = head.rstrip().removesuffix(b"*/").rstrip()
+    if not re.match(rb"(?i)SET\b", text):
+        return None
+    if not _MY_SETTING.search(text) and not re.search(rb"@(?!@)", text):
+        return None  # settings that do not change how text is read
+    if len(head) >= 256:
+        return "a long SET of the session's reading settings"
+    body = text[3:]
+    if re.match(rb"(?i)\s*STATEMENT\b", body):
+        return "SET STATEMENT"
+    # the assignments, split at commas outside quotes (a quoted sql_mode holds commas)
+    items = re.split(rb",(?=(?:[^']*'[^']*')*[^']*$)", body)
+    for item in items:
+        if m := _MY_NAMES.fullmatch(item):
+            if not all(_SAFE_CHARSETS.fullmatch(v) for v in m.groups() if v):
+                return "a character set mysqldump does not write"
+            continue
+        m = _MY_ASSIGNMENT.fullmatch(item)
+        if m is None:
+            if _MY_SETTING.search(item) or b"@" in item:
+                return "a SET it cannot read"
+            continue
+        user, name, value = m.group(2), m.group(3).lower(), m.group(4)
+        if user:
+            if name in _SAVED and not value.startswith(b"@@"):
+                return f"@{name.decode()} set to something else than the server's setting"
+            continue
+        saved = value.startswith(b"@") and not value.startswith(b"@@") and \
+            value[1:].lower() in _SAVED
+        if name == b"sql_mode":
+            if not (saved or (value.startswith(b"'") and not re.search(
+                    rb"(?i)no_backslash_escapes|ansi_quotes|ansi\b", value))):
+                return "an sql_mode mysqldump does not write"
+        elif name.startswith(b"character_set_") or name == b"collation_connection":
+            if not (saved or _SAFE_CHARSETS.fullmatch(value.strip(b"'"))):
+                return "a character set mysqldump does not write"
+    return None
+
+
 _MY_FILE_WORDS = (b"outfile", b"dumpfile", b"load_file", b"infile")
 _MY_FILES = re.compile(rb"(?i)\bINTO\s+(?:OUTFILE|DUMPFILE)\b|\bLOAD_FILE\s*\(|"
                        rb"\bLOAD\s+(?:DATA|XML)\b")
@@ -170,9 +229,10 @@ class MySQLScriptCheck:
         a case-folded `find` for candidates, the regex only around each."""
         text = self.local_tail + chunk
         folded = text.lower()
-        if (nbe := folded.find(b"no_backslash_escapes")) >= 0:  # strings read otherwise
-            self._refuse(text, nbe, "a setting that changes how strings are read",
-                         skip=len(self.local_tail))
+        for word in (b"no_backslash_escapes", b"ansi_quotes"):  # strings read otherwise
+            if (found := folded.find(word)) >= 0:
+                self._refuse(text, found, "a setting that changes how strings are read",
+                             skip=len(self.local_tail))
         at = folded.find(b"local")
         while at >= 0:
             start = max(0, at - 96)
@@ -183,10 +243,13 @@ class MySQLScriptCheck:
         self.local_tail = text[-96:]
 
     def _statement(self, head: bytes, line: int) -> None:
-        if _MY_STATEMENT.match(head):
-            shown = head[:40].split(b"\n", 1)[0].strip().decode("utf-8", "replace")
+        shown = head[:40].split(b"\n", 1)[0].strip().decode("utf-8", "replace")
+        if _MY_STATEMENT.match(head) or _MY_SYSTEM_SCHEMA.search(head):
             raise Unsafe(f"line {line}: a statement outside the target database {shown!r} "
                          "(never from a backup)")
+        if why := _setting_refused(head):
+            raise Unsafe(f"line {line}: {why} {shown!r} (the server would read the rest of "
+                         "the file otherwise than this check; never from a backup)")
 
     def _refuse(self, text: bytes, at: int, what: str, skip: int = 0) -> None:
         line = self.line + text.count(b"\n", skip, max(at, skip))
@@ -197,7 +260,10 @@ class MySQLScriptCheck:
     local_tail = b""
 
     def finish(self) -> dict[str, Any]:
-        self.statements.finish()
+        try:
+            self.statements.finish()
+        except ValueError as exc:
+            raise Unsafe(f"line {self.statements.line}: {exc}") from None
         if not self.header_seen:
             raise BadRequest("not a MariaDB/MySQL dump (no '-- MariaDB dump' or '-- MySQL "
                              "dump' header)", code="invalid_upload")

@@ -199,7 +199,9 @@ def gzip_bomb(head: bytes, zeros: int, tail: bytes) -> bytes:
     """head + `zeros` NUL-free filler + tail, gzip-compressed in a stream (never in memory)."""
     c = zlib.compressobj(9, zlib.DEFLATED, 31)
     out = [c.compress(head)]
-    block = (b"-" * 1023 + b"\n") * 1024  # 1 MiB of SQL comment lines: compresses like zeros
+    # 1 MiB of SQL comment lines (`-- ` and dashes: a comment to PostgreSQL, the mysql
+    # client and the MySQL server alike): compresses like zeros
+    block = (b"-- " + b"-" * 1020 + b"\n") * 1024
     for _ in range(zeros >> 20):
         out.append(c.compress(block))
     out.append(c.compress(b"\n" + tail))

@@ -37,8 +37,8 @@ __all__ = ["GlobalsHead", "commented", "header", "parse", "plan"]
 
 MAX_ROLES = 100_000
 # what a restore never gives a role it creates (they reach beyond the database restored)
-WITHHELD = ("SUPERUSER", "REPLICATION", "BYPASSRLS", "CREATEROLE")
-_KEPT = {"LOGIN", "NOLOGIN", "INHERIT", "NOINHERIT", "CREATEDB", "NOCREATEDB",
+WITHHELD = ("SUPERUSER", "REPLICATION", "BYPASSRLS", "CREATEROLE", "CREATEDB")
+_KEPT = {"LOGIN", "NOLOGIN", "INHERIT", "NOINHERIT", "NOCREATEDB",
          "NOSUPERUSER", "NOREPLICATION", "NOBYPASSRLS", "NOCREATEROLE"}
 # settings that load code: never set on a role from a backup
 _UNSAFE_SETTINGS = {"session_preload_libraries", "local_preload_libraries",
@@ -91,19 +91,6 @@ class Globals:
     roles: dict[str, Role] = field(default_factory=dict)
     memberships: list[Membership] = field(default_factory=list)
     left_out: list[str] = field(default_factory=list)  # tablespaces, parameter grants…
-
-    def members_closure(self, roles: Iterable[str]) -> set[str]:
-        """`roles` and every role that is a member of one of them, directly or not."""
-        members: dict[str, set[str]] = {}
-        for grant in self.memberships:
-            members.setdefault(grant.role, set()).add(grant.member)
-        seen, todo = set(roles), list(roles)
-        while todo:
-            for name in members.get(todo.pop(), ()):
-                if name not in seen:
-                    seen.add(name)
-                    todo.append(name)
-        return seen
 
 
 class BadGlobals(Exception):
@@ -307,7 +294,20 @@ def plan(g: Globals, referenced: Iterable[str], existing: Collection[str], *,
     involved; `settable(name)`: whether any user may set that setting (only those are
     given to a role)."""
     referenced = set(referenced)
-    needed = g.members_closure(referenced)
+    # the members of a role reach the database only through a membership this restore
+    # grants, i.e. in a role it creates: an existing role's members are not followed
+    members: dict[str, set[str]] = {}
+    for grant in g.memberships:
+        members.setdefault(grant.role, set()).add(grant.member)
+    needed, todo = set(referenced), list(referenced)
+    while todo:
+        parent = todo.pop()
+        if parent in existing:
+            continue
+        for member in members.get(parent, ()):
+            if member not in needed:
+                needed.add(member)
+                todo.append(member)
     create = sorted(r for r in needed if r not in existing)
     p = Plan(created=create)
     out: list[str] = []

@@ -639,8 +639,8 @@ class PostgreSQL:
             contexts = {r[0]: r[1] for r in await conn.fetch(
                 "SELECT name, context FROM pg_settings")}
 
-        def settable(name: str) -> bool:  # by any user; or an extension's placeholder
-            return contexts.get(name, "user" if "." in name else "") == "user"
+        def settable(name: str) -> bool:  # by any user (an extension not loaded now
+            return contexts.get(name) == "user"  # may make its setting superuser-only)
         return pg_globals.plan(found, facts.wanted, existing, database=database,
                                superuser=facts.superuser, settable=settable)
 

@@ -78,16 +78,19 @@ SYSTEM = {"postgresql": {"template0", "template1"},
 
 
 def refused(target: TargetConfig, engine: str, name: str) -> str | None:
-    """Why database `name` is outside what this server target may write, or None."""
-    if name in SYSTEM.get(engine, ()):
+    """Why database `name` is outside what this server target may write, or None. MySQL
+    names are compared case-folded (with lower_case_table_names, `MySQL` is `mysql`)."""
+    def fold(n: str) -> str:
+        return n.lower() if engine == "mysql" else n
+    if fold(name) in SYSTEM.get(engine, ()):
         return "a system database"
-    if name.startswith(DRILL_PREFIX):
+    if fold(name).startswith(DRILL_PREFIX):
         return "a drill's scratch copy"
     if name.startswith("-"):
         return "a name that reads like a command-line option"
-    if target.databases != ("*",) and name not in target.databases:
+    if target.databases != ("*",) and fold(name) not in {fold(d) for d in target.databases}:
         return f"not one of target '{target.id}''s databases"
-    if name in target.exclude:
+    if fold(name) in {fold(d) for d in target.exclude}:
         return f"excluded by target '{target.id}'"
     return None
 
