@@ -23,6 +23,7 @@ from shared import backup_sets, scratch
 from shared.codecs import PlainReader, Readable, Step, WindowDigests
 from shared.cypher import StatementSplitter, check_command, check_statement
 from shared.errors import BadRequest, PipelineError
+from shared.mysqlscan import HEAD as HEAD_MYSQL
 from shared.mysqlscan import StatementStarts
 from shared.pgscript import PgScriptGuard, UnsafeScript
 from shared.resp import RespReader
@@ -101,6 +102,48 @@ _MY_STATEMENT = re.compile(
     rb"(?:START|STOP)\s+(?:ALL\s+)?(?:SLAVE|REPLICA)|RESET\s+(?:MASTER|SLAVE|REPLICA)|"
     rb"PURGE|FLUSH|BINLOG|PREPARE|EXECUTE|CALL|HANDLER|CACHE\s+INDEX|"
     rb"LOAD\s+(?:DATA|XML|INDEX))\b")
+# what mysqldump/mariadb-dump write as statements, and nothing else (a deny-list of what
+# reaches beyond the database is always one form short: `CREATE OR REPLACE USER`,
+# `CREATE/**/USER`, `BEGIN NOT ATOMIC …`, `SET STATEMENT … FOR GRANT`). Matched on the
+# statement's start with comments and executable-comment markers taken out.
+_IDENT = rb"(?:`(?:[^`]|``)+`|[\w$]+)"
+_DEFINER = rb"(?:DEFINER\s*=\s*(?:" + _IDENT + rb"|'[^']*')\s*@\s*(?:" + _IDENT + \
+    rb"|'[^']*')\s+)?"
+_MY_ALLOWED = re.compile(
+    rb"(?is)(?:"
+    rb"CREATE\s+(?:OR\s+REPLACE\s+)?(?:TEMPORARY\s+)?TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?"
+    + _IDENT + rb"\s*[(\s]|"
+    rb"CREATE\s+(?:OR\s+REPLACE\s+)?(?:ALGORITHM\s*=\s*\w+\s+)?" + _DEFINER +
+    rb"(?:SQL\s+SECURITY\s+\w+\s+)?VIEW\s+" + _IDENT + rb"\s|"
+    rb"CREATE\s+" + _DEFINER + rb"(?:PROCEDURE|FUNCTION|TRIGGER|EVENT)\s+" + _IDENT +
+    rb"\s*[(\s]|"
+    rb"CREATE\s+SEQUENCE\s+" + _IDENT + rb"\s|"
+    rb"DROP\s+(?:TABLE|VIEW|PROCEDURE|FUNCTION|TRIGGER|EVENT|SEQUENCE)\s+IF\s+EXISTS\s+"
+    + _IDENT + rb"\s*(?:,\s*" + _IDENT + rb"\s*)*$|"
+    rb"(?:INSERT|REPLACE)\s+(?:IGNORE\s+)?INTO\s+" + _IDENT + rb"\s*[(\sV]|"
+    rb"LOCK\s+TABLES\s+" + _IDENT + rb"\s+(?:READ|WRITE)|UNLOCK\s+TABLES\s*$|"
+    rb"ALTER\s+TABLE\s+" + _IDENT + rb"\s+(?:DISABLE|ENABLE)\s+KEYS\s*$|"
+    rb"(?:SELECT|DO)\s+SETVAL\s*\(\s*" + _IDENT + rb"\s*,|"
+    rb"SET\s|COMMIT\s*$|START\s+TRANSACTION\s*$)")
+_MY_TRIGGER_ON = re.compile(rb"(?is)CREATE\s+" + _DEFINER + rb"TRIGGER\s+" + _IDENT +
+                            rb"\s+(?:BEFORE|AFTER)\s+\w+\s+ON\s+(" + _IDENT + rb")")
+_MY_INSERT_INTO = re.compile(rb"(?is)(?:INSERT|REPLACE)\s+(?:IGNORE\s+)?INTO\s+(" + _IDENT +
+                             rb")")
+
+
+def _unquoted(ident: bytes) -> bytes:
+    return (ident[1:-1].replace(b"``", b"`") if ident.startswith(b"`") else ident).lower()
+
+
+_INNER_COMMENT = re.compile(rb"/\*(?![!M])(?:[^*]|\*(?!/))*\*/|/\*M?!\d*|\*/")
+
+
+def _normalized(head: bytes) -> bytes:
+    """A statement's start without comments and executable-comment markers, blanks
+    collapsed (`CREATE/**/USER` is `CREATE USER`)."""
+    return re.sub(rb"\s+", b" ", _INNER_COMMENT.sub(b" ", head)).strip()
+
+
 # a table of a system database named in a statement (the restore user is often root)
 _MY_SYSTEM_SCHEMA = re.compile(
     rb"(?i)(?<![\w$`])`?(?:mysql|sys|performance_schema|information_schema)`?\s*\.\s*[`\w]")
@@ -124,13 +167,14 @@ def _setting_refused(head: bytes) -> str | None:
     text = head.rstrip().removesuffix(b"*/").rstrip()
     if not re.match(rb"(?i)SET\b", text):
         return None
+    body = _normalized(text)[3:]
+    if re.match(rb"(?i)\s*STATEMENT\b", body):
+        return "SET STATEMENT (a statement inside a SET)"
     if not _MY_SETTING.search(text) and not re.search(rb"@(?!@)", text):
         return None  # settings that do not change how text is read
     if len(head) >= 256:
         return "a long SET of the session's reading settings"
     body = text[3:]
-    if re.match(rb"(?i)\s*STATEMENT\b", body):
-        return "SET STATEMENT"
     # the assignments, split at commas outside quotes (a quoted sql_mode holds commas)
     items = re.split(rb",(?=(?:[^']*'[^']*')*[^']*$)", body)
     for item in items:
@@ -179,6 +223,7 @@ class MySQLScriptCheck:
         self.tail = b""
         self.size = 0
         self.statements = StatementStarts(self._statement)
+        self.triggered: set[bytes] = set()  # tables with a trigger created so far
 
     def feed(self, chunk: bytes) -> None:
         if (nul := chunk.find(b"\0")) >= 0:
@@ -244,9 +289,23 @@ class MySQLScriptCheck:
 
     def _statement(self, head: bytes, line: int) -> None:
         shown = head[:40].split(b"\n", 1)[0].strip().decode("utf-8", "replace")
-        if _MY_STATEMENT.match(head) or _MY_SYSTEM_SCHEMA.search(head):
+        norm = _normalized(head)
+        if _MY_STATEMENT.match(norm) or _MY_SYSTEM_SCHEMA.search(norm) or \
+                re.search(rb"(?i)\b(?:GLOBAL|PERSIST(?:_ONLY)?)\b|@@(?:global|persist)",
+                          norm) and norm[:3].upper() == b"SET":
             raise Unsafe(f"line {line}: a statement outside the target database {shown!r} "
                          "(never from a backup)")
+        if not _MY_ALLOWED.match(norm if len(head) >= HEAD_MYSQL else norm + b" "):
+            raise Unsafe(f"line {line}: a statement mysqldump does not write {shown!r} "
+                         "(never from a backup)")
+        # mysqldump loads a table's rows before its triggers: rows loaded after one would
+        # run its body (as its DEFINER) during the restore
+        if trigger := _MY_TRIGGER_ON.match(norm):
+            self.triggered.add(_unquoted(trigger.group(1)))
+        elif (insert := _MY_INSERT_INTO.match(norm)) and \
+                _unquoted(insert.group(1)) in self.triggered:
+            raise Unsafe(f"line {line}: rows loaded into a table after its trigger was "
+                         f"created {shown!r} (they would run it; mysqldump never does that)")
         if why := _setting_refused(head):
             raise Unsafe(f"line {line}: {why} {shown!r} (the server would read the rest of "
                          "the file otherwise than this check; never from a backup)")

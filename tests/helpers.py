@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import time
 import zlib
@@ -263,3 +264,22 @@ async def stored_manifest(storage_dir: Path, name: str) -> dict[str, Any]:
 async def stored_bytes(storage_dir: Path, name: str) -> bytes:
     store, target = _store(storage_dir)
     return b"".join([block async for block in store.open(target, name)])
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_blocks(section: str) -> list[str]:
+    """The ```sh blocks of the README section titled `section` (its `## ` heading)."""
+    text = README.read_text().split(f"\n## {section}", 1)[1].split("\n## ", 1)[0]
+    return [str(b) for b in re.findall(r"^```sh\n(.*?)^```", text, flags=re.S | re.M)]
+
+
+async def run_recipe(script: str, cwd: Path, env: dict[str, str]) -> str:
+    """A README recipe run as pasted (`sh -e`); its output, after asserting it succeeded."""
+    done = await asyncio.create_subprocess_exec(
+        "sh", "-c", "set -e\n" + script, cwd=cwd, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out = (await done.communicate())[0].decode()
+    assert done.returncode == 0, out
+    return out

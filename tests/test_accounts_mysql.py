@@ -27,7 +27,16 @@ from api.app import create_app
 from shared.config import Settings, parse_settings
 from tests import my
 from tests.conftest import bearer, make_raw_config
-from tests.helpers import form, publish_plain, restore, running_worker, stored_manifest, wait_for
+from tests.helpers import (
+    form,
+    publish_plain,
+    readme_blocks,
+    restore,
+    run_recipe,
+    running_worker,
+    stored_manifest,
+    wait_for,
+)
 
 MARIADBD = Path("/usr/sbin/mariadbd")
 
@@ -337,14 +346,6 @@ async def test_a_hostile_head_changes_nothing(
         conn.close()
 
 
-def mysql_recipe() -> str:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("\n## Engines", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"^```sh\n(.*?)^```", section, flags=re.S | re.M)
-    assert len(blocks) == 1, blocks
-    return str(blocks[0])
-
-
 async def test_accounts_by_hand_on_a_new_server(
         aiohttp_client: Any, redis: Any, prefix: str, tmp_path: Path, my_db: str,
         drop_accounts: None, fresh_mariadb: int) -> None:
@@ -364,14 +365,10 @@ async def test_accounts_by_hand_on_a_new_server(
     work = tmp_path / "by-hand"
     work.mkdir()
     shutil.copy2(tmp_path / "backups" / "main" / name, work / name)
-    script = fill(mysql_recipe(), F=name, DB="restored")
-    env = {**os.environ, "MYSQL_HOST": "127.0.0.1", "MYSQL_TCP_PORT": str(fresh_mariadb),
-           "USER": "root"}
-    done = await asyncio.create_subprocess_exec(
-        "sh", "-c", "set -e\n" + script, cwd=work, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out = (await done.communicate())[0].decode()
-    assert done.returncode == 0, out
+    [recipe] = readme_blocks("Engines")
+    await run_recipe(fill(recipe, F=name, DB="restored"), work, {
+        **os.environ, "MYSQL_HOST": "127.0.0.1", "MYSQL_TCP_PORT": str(fresh_mariadb),
+        "USER": "root"})
     new = await aiomysql.connect(host="127.0.0.1", port=fresh_mariadb, user="root",
                                  autocommit=True)
     try:

@@ -78,6 +78,22 @@ def test_what_mysqldump_writes_passes() -> None:
     (b"SET @saved_cs_client='gbk'; SET character_set_client=@saved_cs_client;\n", 2),
     (b"INSERT INTO mysql.global_priv VALUES ('%','x','{}');\n", 2),
     (b"DROP TABLE IF EXISTS `mysql` . `user`;\n", 2),
+    # what a deny-list misses (a third review): only mysqldump's statements are allowed
+    (b"DELIMITER ;;\nBEGIN NOT ATOMIC CREATE OR REPLACE USER x@y; END ;;\nDELIMITER ;\n", 3),
+    (b"CREATE OR REPLACE USER x@localhost IDENTIFIED BY 'x';\n", 2),
+    (b"CREATE/**/USER x@localhost;\n", 2),
+    (b"CREATE OR REPLACE SERVER s FOREIGN DATA WRAPPER mysql OPTIONS (HOST 'h');\n", 2),
+    (b"SET STATEMENT max_statement_time=100 FOR GRANT SELECT ON *.* TO x;\n", 2),
+    (b"SET autocommit=1, GLOBAL max_connections=4242;\n", 2),
+    (b"SET/**/GLOBAL event_scheduler=ON;\n", 2),
+    (b"CREATE TABLE other_db.t (a int);\n", 2),
+    (b"INSERT INTO" + b" " * 300 + b"mysql.global_priv VALUES (1);\n", 2),
+    (b"INSERT INTO mysql/**/.global_priv VALUES (1);\n", 2),
+    (b"SELECT f();\n", 2),
+    (b"DO SLEEP(1);\n", 2),
+    (b"CREATE TABLE `t` (a int);\nDELIMITER ;;\n/*!50003 CREATE*/ /*!50017 DEFINER=`root`@"
+     b"`localhost`*/ /*!50003 TRIGGER tr BEFORE INSERT ON `t` FOR EACH ROW SET NEW.a = 1 */;;"
+     b"\nDELIMITER ;\nINSERT INTO `t` VALUES (1);\n", 6),
     (b"SET sql_mode = 'NO_BACKSLASH_ESCAPES';\n", 2),
 ])
 def test_a_hidden_statement_is_refused(hidden: bytes, line: int) -> None:

@@ -6,7 +6,6 @@ halfway."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
@@ -21,7 +20,7 @@ from api.app import create_app
 from shared.config import Settings, parse_settings
 from tests import pg
 from tests.conftest import bearer, make_raw_config
-from tests.helpers import backup, restore, running_worker
+from tests.helpers import backup, restore, run_recipe, running_worker
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -419,14 +418,9 @@ async def test_globals_by_hand_on_a_new_server(
     work = tmp_path / "by-hand"
     work.mkdir()
     shutil.copy2(tmp_path / "backups" / "main" / name, work / name)
-    script = fill(recipes()[2], F=name, DB="restored")
-    env = {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(fresh_server),
-           "PGUSER": "postgres"}
-    done = await asyncio.create_subprocess_exec(
-        "sh", "-c", "set -e\n" + script, cwd=work, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out = (await done.communicate())[0].decode()
-    assert done.returncode == 0, out
+    out = await run_recipe(fill(recipes()[2], F=name, DB="restored"), work, {
+        **os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(fresh_server),
+        "PGUSER": "postgres"})
     assert "ERROR" not in out, out
     new = await asyncpg.connect(host="127.0.0.1", port=fresh_server, user="postgres",
                                 database="restored")

@@ -6,11 +6,9 @@ untrusted input like any backup."""
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from shared.config import parse_settings
 from shared.errors import PipelineError
 from tests import my, pg
 from tests.conftest import bearer, make_raw_config
-from tests.helpers import restore, running_worker
+from tests.helpers import readme_blocks, restore, run_recipe, running_worker
 
 SCHEMA = """
 CREATE TABLE t (id int PRIMARY KEY, v text);
@@ -281,14 +279,6 @@ async def test_a_forged_set_changes_nothing(
         assert not Path("/tmp/safehold-forged").exists()
 
 
-def set_recipe() -> str:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("\n## Server targets", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"^```sh\n(.*?)^```", section, flags=re.S | re.M)
-    assert len(blocks) == 1, blocks
-    return str(blocks[0])
-
-
 async def test_a_set_by_hand_on_a_new_server(
         aiohttp_client: Any, redis: Any, prefix: str, tmp_path: Path) -> None:
     """The README's recipe, as pasted (jq, gunzip, awk, psql, createdb): a set split into
@@ -309,13 +299,10 @@ async def test_a_set_by_hand_on_a_new_server(
         for f in (name, f"{name}.json"):
             shutil.copy2(tmp_path / "backups" / "srv" / f, work / f)
         async with pg.private_cluster(()) as new_port:
-            env = {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(new_port),
-                   "PGUSER": "postgres"}
-            done = await asyncio.create_subprocess_exec(
-                "sh", "-c", "set -e\n" + fill(set_recipe(), F=name), cwd=work, env=env,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-            out = (await done.communicate())[0].decode()
-            assert done.returncode == 0, out
+            [recipe] = readme_blocks("Server targets")
+            out = await run_recipe(fill(recipe, F=name), work, {
+                **os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(new_port),
+                "PGUSER": "postgres"})
             assert "ERROR" not in out, out
             assert {db: await pg_fingerprint(new_port, db) for db in ("db1", "db2")} == before
             conn = await asyncpg.connect(host="127.0.0.1", port=new_port, user="postgres",
