@@ -8,6 +8,7 @@ stdout; diagnostics go to stderr.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import anyio
@@ -16,6 +17,8 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.server.stdio import stdio_server
 
 PARSE_ERROR, TOKEN_REFUSED = -32700, -32001
+# one INFO line per HTTP request on stderr drowns what the bridge has to say (issue 22.8)
+logging.getLogger("httpx2").setLevel(logging.WARNING)
 _GENERIC = "Server returned an error response"  # the SDK's words for any HTTP error
 
 

@@ -99,3 +99,18 @@ def test_misspelled_overrides_are_reported(tmp_path: Path) -> None:
     assert s.server.port == 9001
     assert s.warnings == ("environment variable SAFEHOLD_SERVER_PROT is not a Safehold "
                           "setting and is ignored (did you mean SAFEHOLD_SERVER_PORT?)",)
+
+
+def test_the_deployment_example_config_parses() -> None:
+    """deploy/safehold.example.toml is what operators copy: it must be a valid config, in
+    today's keys (compression, globals…), with its secrets from the environment only."""
+    import re
+    import tomllib
+
+    path = Path(__file__).resolve().parents[1] / "deploy" / "safehold.example.toml"
+    text = path.read_text()
+    envs = set(re.findall(r'_env\s*=\s*"([A-Z0-9_]+)"', text))
+    settings = parse_settings(tomllib.loads(text), {e: "x" for e in envs}, base=path.parent,
+                              source=str(path))
+    main = settings.targets["main"]
+    assert main.compression == "zstd" and main.globals and main.password is not None

@@ -259,6 +259,8 @@ async def test_stdio_bridge_answers_like_a_json_rpc_server(
             assert (await _answer(proc))["result"]["serverInfo"]["name"] == "safehold"
             proc.stdin.close()  # the agent goes away
             assert await asyncio.wait_for(proc.wait(), 10) == 0
+            noise = (await proc.stderr.read()).decode()
+            assert "HTTP Request" not in noise, noise  # no line per message on stderr
         finally:
             if proc.returncode is None:
                 proc.kill()
