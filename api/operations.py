@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from api.auth import Principal, require
 from api.context import Services
 from api.roles import Role
-from shared import codecs, naming, stats
+from shared import backup_sets, codecs, naming, stats
 from shared.config import TargetConfig
 from shared.errors import (
     BadRequest,
@@ -65,10 +65,8 @@ def backup_view(m: dict[str, Any]) -> dict[str, Any]:
                               for c in codecs.chain_of(m)),
             "encrypted": any(c.get("codec") == "age" for c in codecs.chain_of(m)),
             "safety": m.get("kind") == "safety_backup",
-            **({"databases": [x.get("database") for x in m["set"].get("members", [])
-                              if isinstance(x, dict)]}
-               if isinstance(m.get("set"), dict) and isinstance(m["set"].get("members"), list)
-               else {})}
+            **({"databases": [x.get("database") for x in entries]}
+               if (entries := backup_sets.member_entries(m)) is not None else {})}
 
 
 class Operations:
@@ -305,13 +303,12 @@ class Operations:
                                         code="invalid_body")
                 params["terminate_connections"] = True
             if database is not None:  # one database of a backup set
-                members = [m.get("database") for m in (manifest.get("set") or {}).get(
-                    "members", []) if isinstance(m, dict)] if isinstance(
-                    manifest.get("set"), dict) else None
-                if members is None:
+                entries = backup_sets.member_entries(manifest)
+                if entries is None:
                     raise Unprocessable(f"{name.filename} is not a backup set: \"database\" "
                                         "picks one database of a server target's backup",
                                         code="invalid_body")
+                members = [m.get("database") for m in entries]
                 if database not in members:
                     raise NotFound(f"the backup set {name.filename} has no database "
                                    f"{database!r} (it holds: "

@@ -74,6 +74,14 @@ def token_of(manifest: dict[str, Any]) -> str | None:
     return token
 
 
+def member_entries(manifest: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """A (hostile) manifest's member entries as listed, dicts only; None when it holds no
+    set (or its members are not a list). The one reading of `set.members`."""
+    found = manifest.get("set")
+    members = found.get("members") if isinstance(found, dict) else None
+    return [m for m in members if isinstance(m, dict)] if isinstance(members, list) else None
+
+
 class SetSplitter:
     """Push bytes, get events. Data of a member is passed on as it comes, except the last
     bytes that could be the start of a marker."""

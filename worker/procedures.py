@@ -360,9 +360,8 @@ class Procedures:
                         progress.warn("dropped scratch copies an interrupted drill left "
                                       "behind: " + ", ".join(swept))
             token = backup_sets.token_of(manifest)
-            members = {m["database"]: m for m in (manifest.get("set") or {}).get("members", [])
-                       if isinstance(m, dict) and isinstance(m.get("database"), str)
-                       } if token else {}
+            members = {m["database"]: m for m in backup_sets.member_entries(manifest) or []
+                       if isinstance(m.get("database"), str)} if token else {}
             progress.set_phase("restoring", bytes_total=manifest.get("raw_bytes"))
             async with self._plain(store, target, name, manifest, ids, windows) as checked:
                 parts = _whole(checked) if token is None else backup_sets.members(checked,
@@ -573,8 +572,7 @@ class Procedures:
                                 code="engine_mismatch")
         if token is None:
             return
-        listed = [m.get("database") for m in (manifest.get("set") or {}).get("members", [])
-                  if isinstance(m, dict)]
+        listed = [m.get("database") for m in backup_sets.member_entries(manifest) or []]
         if in_file != listed:
             raise RestoreFailed("the set's file and its manifest list different databases "
                                 f"({in_file[:10]} in the file, {listed[:10]} in the "

@@ -452,8 +452,7 @@ class MySQL:
             facts.get("globals"), dict) else None
         if not isinstance(named, list) or options.roles in ("create", "skip"):
             return
-        async with self._connect(target) as conn:
-            existing = await self._existing_accounts(conn)
+        existing, _ = await self._existing_accounts(target)
         missing = sorted(str(n) for n in named if isinstance(n, str) and n not in existing)
         if missing:
             raise RestoreFailed(
@@ -462,12 +461,25 @@ class MySQL:
                 "\"create\" or \"roles\": \"skip\"", database_unchanged=True,
                 code="roles_missing")
 
-    async def _existing_accounts(self, conn: aiomysql.Connection) -> set[str]:
-        version = str((await self._query(conn, "SELECT VERSION()"))[0][0])
-        rows = await self._query(conn, "SELECT User, Host, " + (
-            "is_role" if "mariadb" in version.lower() else "'N'") + " FROM mysql.user")
+    async def _existing_accounts(self, target: TargetConfig) -> tuple[set[str], bool]:
+        """The server's accounts (as `user`@`host`, roles as `role`) and whether it is
+        MariaDB; refused before anything changes when the restoring user cannot read them."""
+        try:
+            async with self._connect(target) as conn:
+                version = str((await self._query(conn, "SELECT VERSION()"))[0][0])
+                mariadb = "mariadb" in version.lower()
+                rows = await self._query(conn, "SELECT User, Host, "
+                                         + ("is_role" if mariadb else "'N'")
+                                         + " FROM mysql.user")
+        except pymysql.err.MySQLError as exc:
+            raise RestoreFailed(
+                f"the backup carries accounts and grants, and the restoring user cannot "
+                f"read the server's ({exc.args[-1] if exc.args else exc}); nothing was "
+                "changed. Restore as a user that can (SELECT ON mysql.*, CREATE USER), or "
+                "with \"roles\": \"skip\"", database_unchanged=True,
+                code="roles_missing") from None
         return {accts.account(_text(u), None if _text(r) == "Y" else _text(h))
-                for u, h, r in rows}
+                for u, h, r in rows}, mariadb
 
     async def _accounts_head(self, conn: aiomysql.Connection, db: str, version: str
                              ) -> tuple[bytes, dict[str, Any]]:
@@ -669,22 +681,7 @@ class MySQL:
                             else _conn(target)["database"], head.first_line)
         if options.roles == "skip":
             return accts.plan(found, set(), database="", choice="skip", mysql=False)
-        try:
-            async with self._connect(target) as conn:
-                version = str((await self._query(conn, "SELECT VERSION()"))[0][0])
-                mariadb = "mariadb" in version.lower()
-                rows = await self._query(conn, "SELECT User, Host, "
-                                         + ("is_role" if mariadb else "'N'")
-                                         + " FROM mysql.user")
-        except pymysql.err.MySQLError as exc:
-            raise RestoreFailed(
-                f"the backup carries accounts and grants, and the restoring user cannot "
-                f"read the server's ({exc.args[-1] if exc.args else exc}); nothing was "
-                "changed. Restore as a user that can (SELECT ON mysql.*, CREATE USER), or "
-                "with \"roles\": \"skip\"", database_unchanged=True,
-                code="roles_missing") from None
-        existing = {accts.account(_text(u), None if _text(r) == "Y" else _text(h))
-                    for u, h, r in rows}
+        existing, mariadb = await self._existing_accounts(target)
         missing = accts.missing(found, existing)
         if missing and options.roles != "create":
             raise RestoreFailed(

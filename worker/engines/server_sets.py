@@ -182,21 +182,6 @@ async def dump_set(engine: SetEngine, target: TargetConfig, progress: Progress,
     yield Dump(chunks(), info)
 
 
-def _members(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The manifest's member entries by database (hostile: only dicts with a name)."""
-    found = (manifest.get("set") or {}).get("members") if isinstance(
-        manifest.get("set"), dict) else None
-    return {m["database"]: m for m in found or []
-            if isinstance(m, dict) and isinstance(m.get("database"), str)}
-
-
-def _names(manifest: dict[str, Any]) -> list[str]:
-    found = manifest.get("set")
-    members = found.get("members") if isinstance(found, dict) else None
-    return [m["database"] for m in members or []
-            if isinstance(m, dict) and isinstance(m.get("database"), str)]
-
-
 async def restore_set(engine: SetEngine, target: TargetConfig, chunks: AsyncIterator[bytes],
                       progress: Progress, *, clean: bool, manifest: dict[str, Any],
                       options: RestoreOptions) -> None:
@@ -210,8 +195,10 @@ async def restore_set(engine: SetEngine, target: TargetConfig, chunks: AsyncIter
         raise RestoreFailed(f"target '{target.id}' is a server target and this backup is "
                             "not a set; nothing was changed", database_unchanged=True,
                             code="engine_mismatch")
-    known = _members(manifest)
-    names = _names(manifest)
+    entries = [m for m in backup_sets.member_entries(manifest) or []
+               if isinstance(m.get("database"), str)]
+    known = {m["database"]: m for m in entries}
+    names = [m["database"] for m in entries]
     only = options.database
     if only is not None and only not in known:
         raise RestoreFailed(f"the backup set has no database {only!r} (it holds "
