@@ -27,7 +27,24 @@ from aiohttp import web
 
 from api.client import ApiError
 from api.commands import add_client_commands
-from shared.config import Settings, ensure_example_database, load_settings
+from api.login import (
+    StoredLogin,
+    bearer_token,
+    normalize_url,
+    plain_http_elsewhere,
+    read_login,
+    remove_login,
+    save_login,
+    server_url,
+    token_expiry,
+)
+from shared.config import (
+    ClientSettings,
+    Settings,
+    ensure_example_database,
+    load_client_settings,
+    load_settings,
+)
 from shared.errors import ConfigError, SafeholdError
 
 log = logging.getLogger("safehold")
@@ -80,14 +97,30 @@ async def ensure_local_redis(settings: Settings) -> asyncio.subprocess.Process |
     raise ConfigError(f"started redis-server on port {port} but it does not answer")
 
 
-async def _serve_api(settings: Settings, stop: asyncio.Event) -> None:
-    from api.app import create_app
-    from api.auth import check_dev_bind
+def _listen(settings: Settings) -> socket.socket:
+    """The API's listening socket, bound before anything else starts (Redis, a worker): a
+    second `safehold run` on a taken port stops here, having run nothing."""
+    host, port = settings.server.host, settings.server.port
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp does
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
-    check_dev_bind(settings)
+
+async def _serve_api(settings: Settings, stop: asyncio.Event, sock: socket.socket) -> None:
+    from api.app import create_app
+
     runner = web.AppRunner(create_app(settings), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, settings.server.host, settings.server.port)
+    site = web.SockSite(runner, sock)
     await site.start()
     log.info("API listening on http://%s:%d (config: %s)", settings.server.host,
              settings.server.port, settings.source)
@@ -117,7 +150,10 @@ def _stop_event() -> StopEvent:
 
 
 async def cmd_api(settings: Settings) -> None:
-    await _serve_api(settings, _stop_event())
+    from api.auth import check_dev_bind
+
+    check_dev_bind(settings)
+    await _serve_api(settings, _stop_event(), _listen(settings))
 
 
 async def cmd_worker(settings: Settings) -> None:
@@ -155,6 +191,10 @@ async def cmd_worker_check(settings: Settings) -> int:
 
 async def cmd_run(settings: Settings) -> None:
     """API + worker in one process (first run, small installs)."""
+    from api.auth import check_dev_bind
+
+    check_dev_bind(settings)
+    sock = _listen(settings)  # the port first: a second instance runs nothing
     created = ensure_example_database(settings)
     if created:
         log.warning("no config file: created the example SQLite database %s (target "
@@ -163,7 +203,8 @@ async def cmd_run(settings: Settings) -> None:
     worker_main = importlib.import_module("worker.main")
     stop = _stop_event()
     try:
-        await asyncio.gather(_serve_api(settings, stop), worker_main.serve_worker(settings, stop))
+        await asyncio.gather(_serve_api(settings, stop, sock),
+                             worker_main.serve_worker(settings, stop))
     finally:
         if redis_proc is not None and redis_proc.returncode is None:
             redis_proc.terminate()
@@ -171,12 +212,19 @@ async def cmd_run(settings: Settings) -> None:
 
 
 # ---------------------------------------------------------------------- client
-async def cmd_client(args: argparse.Namespace, settings: Settings) -> int:
+def _client_target(args: argparse.Namespace, settings: ClientSettings) -> tuple[str, str | None]:
+    """The server a client command talks to and the token it sends there."""
+    stored = read_login(os.environ)
+    url = server_url(getattr(args, "url", None), os.environ, settings, stored)
+    return url, bearer_token(url, os.environ, stored)
+
+
+async def cmd_client(args: argparse.Namespace, settings: ClientSettings) -> int:
     from api.client import Client
     from api.commands import run
 
-    token = os.environ.get("SAFEHOLD_TOKEN")
-    async with Client(api_base(args, settings), token) as c:
+    url, token = _client_target(args, settings)
+    async with Client(url, token) as c:
         return await run(c, args)
 
 
@@ -190,7 +238,7 @@ def parse_ttl(text: str) -> float:
         raise ConfigError(f"--ttl {text!r}: use e.g. 90s, 15m, 1h, 7d") from None
 
 
-def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+def cmd_token(args: argparse.Namespace, settings: ClientSettings) -> int:
     """Dev mode: print a token signed with the local key (the API verifies it like any)."""
     from api.auth import mint_dev_token
 
@@ -199,7 +247,9 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
                           "`safehold token` (that is for dev mode only)")
     roles = [args.role] if args.role != "none" else []
     roles += [f"{r}:{t}" for r, t in (s.split(":", 1) for s in args.scoped)]
-    mismatch = _server_key_mismatch(api_base(args, settings), settings.auth.dev_key_path)
+    url = args.url or os.environ.get("SAFEHOLD_URL") or \
+        f"http://{settings.server.host}:{settings.server.port}"
+    mismatch = _server_key_mismatch(url.rstrip("/"), settings.auth.dev_key_path)
     if mismatch:
         print(f"safehold token: {mismatch}", file=sys.stderr)
         return 2
@@ -230,22 +280,64 @@ def _server_key_mismatch(base: str, key_path: str) -> str | None:
     return None
 
 
-def api_base(args: argparse.Namespace, settings: Settings) -> str:
-    return args.url or os.environ.get("SAFEHOLD_URL") or \
-        f"http://{settings.server.host}:{settings.server.port}"
+def _read_token_for_login(url: str) -> str:
+    """The token to store: piped on stdin, else $SAFEHOLD_TOKEN, else asked (not echoed)."""
+    import getpass
+
+    if not sys.stdin.isatty():
+        token = sys.stdin.readline().strip()
+    elif os.environ.get("SAFEHOLD_TOKEN"):
+        token = os.environ["SAFEHOLD_TOKEN"]
+    else:
+        token = getpass.getpass(f"bearer token for {url} (input hidden): ").strip()
+    if not token:
+        raise ConfigError("no token given: pipe one in (`… | safehold login --url URL`), "
+                          "set SAFEHOLD_TOKEN, or paste it at the prompt")
+    return token
 
 
-def cmd_mcp(args: argparse.Namespace, settings: Settings) -> int:
+async def cmd_login(args: argparse.Namespace) -> int:
+    """Check a token against the server (whoami), then store URL and token, 0600."""
+    import time
+
+    from api.client import Client
+
+    url = normalize_url(args.url)
+    token = _read_token_for_login(url)
+    async with Client(url, token) as c:
+        me = await c.call("GET", "/api/v1/whoami")
+    path = save_login(os.environ, StoredLogin(url=url, token=token))
+    role = me.get("role") or "no global role"
+    scoped = ", ".join(f"{t}: {r}" for t, r in sorted((me.get("targets") or {}).items()))
+    print(f"logged in to {url} as {me.get('subject')} ({role}; targets: {scoped or 'none'}); "
+          f"stored in {path}")
+    exp = token_expiry(token)
+    if exp is not None:
+        left = exp - time.time()
+        print(f"the token expires in {left / 3600:.1f} h: log in again then", file=sys.stderr)
+    if plain_http_elsewhere(url):
+        print(f"warning: {url} is plain http to another machine: the token crosses the "
+              "network in clear text; put the server behind TLS", file=sys.stderr)
+    return 0
+
+
+def cmd_logout() -> int:
+    path = remove_login(os.environ)
+    print(f"removed {path}" if path else "not logged in (no stored login)")
+    return 0
+
+
+def cmd_mcp(args: argparse.Namespace, settings: ClientSettings) -> int:
     import anyio
 
     from api.mcp_stdio import bridge
 
-    token = os.environ.get("SAFEHOLD_TOKEN")
+    url, token = _client_target(args, settings)
     if not token:
-        print("safehold mcp: set SAFEHOLD_TOKEN (a bearer token for the Safehold server)",
-              file=sys.stderr)
+        print("safehold mcp: set SAFEHOLD_TOKEN (a bearer token for the Safehold server) "
+              "or run `safehold login --url URL` first", file=sys.stderr)
         return 3
-    anyio.run(bridge, api_base(args, settings), token)
+    anyio.run(bridge, url, token)
     return 0
 
 
@@ -283,56 +375,78 @@ def build_parser() -> argparse.ArgumentParser:
                                   "or the config)")
     mp = sub.add_parser("mcp", parents=[common],
                         help="an MCP server on stdio, bridged to the Safehold server's /mcp "
-                             "(token from $SAFEHOLD_TOKEN)")
-    mp.add_argument("--url", help="API base URL (default: $SAFEHOLD_URL or the config)")
+                             "(token from $SAFEHOLD_TOKEN or the stored login)")
+    mp.add_argument("--url", help="API base URL (default: $SAFEHOLD_URL, the stored login "
+                                  "or the config)")
+    lp = sub.add_parser("login", parents=[common],
+                        help="check a bearer token against a server and store URL and token "
+                             "(0600, in ~/.config/safehold) for the client commands")
+    lp.add_argument("--url", required=True, help="the server's base URL")
+    sub.add_parser("logout", parents=[common], help="remove the stored login")
     add_client_commands(sub, common)
     return p
+
+
+SERVER_COMMANDS = ("api", "worker", "run")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level, args.log_format)
+    port = "the port"
     try:
+        if args.command not in SERVER_COMMANDS:
+            return _client_main(args)
         settings = load_settings(args.config, os.environ)
+        port = f"{settings.server.host}:{settings.server.port}"
         for warning in settings.warnings:
             log.warning("%s", warning)
-        if args.command == "token":
-            return cmd_token(args, settings)
         if args.command == "api":
             asyncio.run(cmd_api(settings))
         elif args.command == "worker" and args.check:
             return asyncio.run(cmd_worker_check(settings))
         elif args.command == "worker":
             asyncio.run(cmd_worker(settings))
-        elif args.command == "run":
-            asyncio.run(cmd_run(settings))
-        elif args.command == "mcp":
-            return cmd_mcp(args, settings)
         else:
-            return asyncio.run(cmd_client(args, settings))
+            asyncio.run(cmd_run(settings))
     except ConfigError as exc:
         print(f"safehold: configuration error: {exc.message}", file=sys.stderr)
         return 2
-    except ApiError as exc:
-        hint = ""
-        if exc.http_status == 401 and not os.environ.get("SAFEHOLD_TOKEN"):
-            hint = " (set SAFEHOLD_TOKEN; in dev mode `safehold token` prints one)"
-        print(f"safehold: {exc.message}{hint}", file=sys.stderr)
-        return exc.exit_code
     except SafeholdError as exc:
         print(f"safehold: {exc.message}", file=sys.stderr)
-        return 1
-    except aiohttp.ClientConnectionError as exc:
-        print(f"safehold: cannot reach the API: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise
-        print(f"safehold: {settings.server.host}:{settings.server.port} is already in use "
-              "(another Safehold?); set [server] port or SAFEHOLD_SERVER_PORT",
-              file=sys.stderr)
+        print(f"safehold: {port} is already in use (another Safehold?); set [server] port "
+              "or SAFEHOLD_SERVER_PORT", file=sys.stderr)
         return 2
     return 0
+
+
+def _client_main(args: argparse.Namespace) -> int:
+    """Client commands: a URL and a token, never a target's secrets."""
+    try:
+        if args.command == "login":
+            return asyncio.run(cmd_login(args))
+        if args.command == "logout":
+            return cmd_logout()
+        settings = load_client_settings(args.config, os.environ)
+        if args.command == "token":
+            return cmd_token(args, settings)
+        if args.command == "mcp":
+            return cmd_mcp(args, settings)
+        return asyncio.run(cmd_client(args, settings))
+    except ApiError as exc:
+        hint = ""
+        if exc.http_status == 401 and not os.environ.get("SAFEHOLD_TOKEN"):
+            hint = (" (set SAFEHOLD_TOKEN or run `safehold login --url URL`; in dev mode "
+                    "`safehold token` prints one)")
+        print(f"safehold: {exc.message}{hint}", file=sys.stderr)
+        return exc.exit_code
+    except aiohttp.ClientConnectionError as exc:
+        print(f"safehold: cannot reach the API: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

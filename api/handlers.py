@@ -363,10 +363,11 @@ async def prune(request: web.Request) -> web.Response:
 
 async def verify(request: web.Request) -> web.Response:
     """A restore drill of the newest (or the given) backup into a scratch place."""
-    body = await read_json(request, {"backup": str})
+    body = await read_json(request, {"backup": str, "identity": str})
     job = await ops(request).start_verify(
         caller(request), request.match_info["target"], body.get("backup"),
-        idempotency_key=idempotency_key(request), wait=wait_param(request))
+        identity=body.get("identity"), idempotency_key=idempotency_key(request),
+        wait=wait_param(request))
     return job_response(job, request)
 
 

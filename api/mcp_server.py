@@ -89,9 +89,18 @@ class TokenMiddleware:
         return result
 
 
+def safehold_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("safehold")
+    except PackageNotFoundError:  # a source tree run without installing
+        return "0+unknown"
+
+
 def build_mcp(services: Callable[[], Services]) -> MCPServer:
     server: MCPServer = MCPServer(
-        name="safehold", title="Safehold backups",
+        name="safehold", title="Safehold backups", version=safehold_version(),
         instructions="Back up and restore databases. Every operation is a job; restores "
                      "need plan_restore then execute_restore with its token.",
         middleware=[TokenMiddleware(services)])

@@ -319,18 +319,24 @@ class Operations:
                 params["roles"] = roles
             if owner_map is not None:
                 params["owner_map"] = dict(owner_map)
-            seal = None
-            if identity is not None:
-                sealed = await self.seal_identity(identity)
-                params["identity_supplied"] = True
-
-                async def seal(job: Job) -> None:
-                    await self.s.redis.set(self.s.keys.sealed_identity(job.id), sealed,
-                                           ex=int(self.s.settings.worker.job_ttl))
-
             return await self.submit(caller, "restore", target.id, params, info,
                                      idempotency_key=idempotency_key, wait=wait,
-                                     fail_fast=fail_fast, before_enqueue=seal)
+                                     fail_fast=fail_fast,
+                                     before_enqueue=await self._sealer(identity, params))
+
+    async def _sealer(self, identity: str | None, params: dict[str, Any]
+                      ) -> Callable[[Job], Awaitable[None]] | None:
+        """With an identity: seal it now (refused here when it is not one, or no worker
+        lives to open it) and return what stores it under the job's id before enqueueing."""
+        if identity is None:
+            return None
+        sealed = await self.seal_identity(identity)
+        params["identity_supplied"] = True
+
+        async def seal(job: Job) -> None:
+            await self.s.redis.set(self.s.keys.sealed_identity(job.id), sealed,
+                                   ex=int(self.s.settings.worker.job_ttl))
+        return seal
 
     async def seal_identity(self, identity: str) -> bytes:
         """An age identity sent with a restore is never stored or logged as such: it is
@@ -355,8 +361,11 @@ class Operations:
         return bytes(await asyncio.to_thread(pyrage.encrypt, identity.encode(), recipients))
 
     async def start_verify(self, caller: Caller, target_id: str, backup: str | None = None,
-                           *, idempotency_key: str | None = None,
+                           *, identity: str | None = None,
+                           idempotency_key: str | None = None,
                            wait: float | None = None) -> Job:
+        """A drill; `identity` opens an encrypted backup whose key the worker does not hold
+        (sealed to the live workers, as for a restore)."""
         async with self.audited(caller, "verify", target_id, {"backup": backup}) as info:
             target = self.target(caller, target_id, Role.OPERATOR)
             params: dict[str, Any] = {}
@@ -364,7 +373,8 @@ class Operations:
                 name, _ = await self.manifest(target.id, backup)
                 params["backup"] = info["backup"] = name.filename
             return await self.submit(caller, "verify", target.id, params, info,
-                                     idempotency_key=idempotency_key, wait=wait)
+                                     idempotency_key=idempotency_key, wait=wait,
+                                     before_enqueue=await self._sealer(identity, params))
 
     async def start_prune(self, caller: Caller, target_id: str, *, dry_run: bool,
                           idempotency_key: str | None = None,

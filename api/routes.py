@@ -107,6 +107,10 @@ _BACKUP_BODY = {"type": "object", "additionalProperties": False, "properties": {
     "format": {"enum": ["resp", "rdb"], "description": "redis only: `resp` (default) or "
                "`rdb`"},
     "use_apoc": {"type": "boolean", "description": "neo4j only: export with APOC"}}}
+IDENTITY = {"type": "string", "maxLength": 65536,
+            "description": "age identity for an encrypted backup (AGE-SECRET-KEY-… lines or "
+            "an unencrypted SSH private key; 422 invalid_identity if none can be read); "
+            "sealed to the live workers, never stored"}
 _RESTORE_BODY = {"type": "object", "additionalProperties": False, "required": ["backup"],
                  # owner_map goes with roles = "map", and roles = "map" needs one
                  "dependentRequired": {"owner_map": ["roles"]},
@@ -142,12 +146,7 @@ _RESTORE_BODY = {"type": "object", "additionalProperties": False, "required": ["
                                     "application's sessions on the database (those there "
                                     "at the start, and any that blocks the restore) "
                                     "instead of waiting for their locks"},
-                                "identity": {"type": "string", "maxLength": 65536,
-                                             "description": "age identity for an encrypted "
-                                             "backup (AGE-SECRET-KEY-… lines or an "
-                                             "unencrypted SSH private key; 422 "
-                                             "invalid_identity if none can be read); sealed "
-                                             "to the live workers, never stored"}}}
+                                "identity": IDENTITY}}
 _DB: dict[str, Param] = {"database": ("target id (default: the configured default_target)",
                                       SEED_DATABASE)}
 _WAIT: dict[str, Param] = {
@@ -263,7 +262,7 @@ ROUTES: list[Route] = [
           "Restore drill: restore the newest (or the given) backup into a scratch place, "
           "compare exact counts with the dump's, run verify_checks, record the outcome",
           query=_WAIT, body={"type": "object", "additionalProperties": False,
-                             "properties": {"backup": BACKUP_NAME}},
+                             "properties": {"backup": BACKUP_NAME, "identity": IDENTITY}},
           idempotent=True, responses=_JOB),
     Route("GET", "/api/v1/schedules", h.schedules_view, Role.VIEWER,
           "Each target's schedule: next run, last slot and job, last outcome",

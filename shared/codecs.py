@@ -440,7 +440,9 @@ class AgeReader:
         if not identities:
             raise PipelineError("the backup is age-encrypted and no identity is available: "
                                 "set the target's encryption.identity_file on the worker, "
-                                "or send the identity with the restore", code="identity_required")
+                                "or send the identity with the restore or drill (\"identity\" "
+                                "in the body; the CLI's --identity-file)",
+                                code="identity_required")
         self._src = src
         self._q: queue.Queue[Any] = queue.Queue(maxsize=8)
         self._buf = b""

@@ -861,14 +861,15 @@ def _unknown_env(env: Mapping[str, str], raw_targets: Any, raw_storage: Any,
     return tuple(out)
 
 
-def load_settings(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Settings:
-    """Load the config named by `path`, `SAFEHOLD_CONFIG`, or ./safehold.toml, else defaults."""
+def _read_config(path: str | os.PathLike[str] | None, env: Mapping[str, str]
+                 ) -> tuple[Mapping[str, Any], Path, str]:
+    """The TOML document named by `path`, `SAFEHOLD_CONFIG` or ./safehold.toml (else the
+    built-in default), the directory relative paths start from, and where it came from."""
     chosen = path or env.get("SAFEHOLD_CONFIG")
     if chosen is None and Path("safehold.toml").exists():
         chosen = "safehold.toml"
     if chosen is None:
-        raw = tomllib.loads(DEFAULT_TOML)
-        return parse_settings(raw, env, base=Path.cwd(), source="<built-in default>")
+        return tomllib.loads(DEFAULT_TOML), Path.cwd(), "<built-in default>"
     p = Path(chosen)
     try:
         raw = tomllib.loads(p.read_text())
@@ -876,4 +877,32 @@ def load_settings(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -
         raise ConfigError(f"config file {p} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
-    return parse_settings(raw, env, base=p.resolve().parent, source=str(p))
+    return raw, p.resolve().parent, str(p)
+
+
+def load_settings(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Settings:
+    """Load the config named by `path`, `SAFEHOLD_CONFIG`, or ./safehold.toml, else defaults."""
+    raw, base, source = _read_config(path, env)
+    return parse_settings(raw, env, base=base, source=source)
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """What a client command reads of the config: where the server listens and how dev
+    tokens are signed. No target, no secret: a client needs a URL and a token only."""
+
+    server: ServerSettings
+    auth: AuthSettings
+    source: str
+
+
+def load_client_settings(path: str | os.PathLike[str] | None, env: Mapping[str, str]
+                         ) -> ClientSettings:
+    """The [server] and [auth] sections of the config `load_settings` would read (with
+    their SAFEHOLD_* overrides); targets, storage and their credentials are not resolved."""
+    raw, base, source = _read_config(path, env)
+    server = _section("server", ServerSettings, raw.get("server", {}), env)
+    auth = _section("auth", AuthSettings, raw.get("auth", {}), env)
+    if not Path(auth.dev_key_path).is_absolute():
+        auth = replace(auth, dev_key_path=str(base / auth.dev_key_path))
+    return ClientSettings(server=server, auth=auth, source=source)

@@ -331,3 +331,132 @@ async def test_client_commands_as_a_person_and_a_script_use_them(
     finally:
         server.terminate()
         await asyncio.wait_for(server.communicate(), 30)
+
+
+async def test_a_client_needs_a_url_and_a_token_only(
+        pg_db: str, prefix: str, tmp_path: Path) -> None:
+    """Issue 22, item 1: from the server's own directory, with none of the targets' secrets
+    in the environment, client commands, `token` and `mcp` work; `safehold login` checks a
+    token, stores it 0600 for its URL only, and a laptop then needs no variable at all."""
+    from aiohttp import web
+
+    api_port = free_port()
+    raw = make_raw_config(prefix, tmp_path / "backups", pg_db)
+    raw["server"] = {"port": api_port}
+    write_toml(tmp_path / "safehold.toml", raw)
+    server_env = {**os.environ, PASSWORD_ENV: pg.TEST_PASSWORD}
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "api.cli", "run", cwd=tmp_path, env=server_env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{api_port}"
+    laptop = tmp_path / "laptop"
+    laptop.mkdir()
+    # an operator's shell: no database password, no SAFEHOLD_* at all
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SAFEHOLD_") and k != PASSWORD_ENV}
+    env.update(XDG_CONFIG_HOME=str(laptop / "config"), PYTHONPATH=str(REPO))
+
+    async def run_in(cwd: Path, *args: str, stdin: bytes = b"",
+                     extra: dict[str, str] | None = None) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "api.cli", *args, cwd=cwd, env={**env, **(extra or {})},
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
+    seen: list[str | None] = []
+
+    async def capture(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return web.json_response({"targets": []})
+
+    other = web.Application()
+    other.router.add_get("/api/v1/targets", capture)
+    other_runner = web.AppRunner(other)
+    await other_runner.setup()
+    other_port = free_port()
+    await web.TCPSite(other_runner, "127.0.0.1", other_port).start()
+    try:
+        await wait_ready(base)
+        # in the server's directory: its safehold.toml gives the URL and the dev key
+        rc, out, err = await run_in(tmp_path, "token", "--role", "operator")
+        assert rc == 0 and out.count(".") == 2, err
+        tok = out.strip()
+        rc, out, err = await run_in(tmp_path, "targets", extra={"SAFEHOLD_TOKEN": tok})
+        assert rc == 0 and "main" in out, err
+        rc, out, err = await run_in(tmp_path, "stats", "main", extra={"SAFEHOLD_TOKEN": tok})
+        assert rc == 0 and "postgresql" in out, err
+
+        # login: a refused token is not stored
+        rc, _, err = await run_in(laptop, "login", "--url", base, stdin=b"not.a.token\n")
+        assert rc == 3 and "401" in err
+        login_file = laptop / "config" / "safehold" / "login.json"
+        assert not login_file.exists()
+        rc, _, err = await run_in(laptop, "login", "--url", "ftp://x", stdin=tok.encode())
+        assert rc == 2 and "base URL" in err
+        rc, out, err = await run_in(laptop, "login", "--url", base + "/", stdin=tok.encode())
+        assert rc == 0 and "logged in to" in out and "(operator;" in out, err
+        assert "expires in" in err
+        assert login_file.stat().st_mode & 0o777 == 0o600
+        assert login_file.parent.stat().st_mode & 0o777 == 0o700
+        assert tok not in out + err  # the token is never echoed
+        # a laptop with no config and no variable: the stored login is enough
+        rc, out, err = await run_in(laptop, "targets")
+        assert rc == 0 and "main" in out, err
+        rc, out, err = await run_in(laptop, "backup", "main", "--wait")
+        assert rc == 0 and out.startswith("✓ backup backup_postgresql_"), err
+        # MCP on stdio from the server's directory, without the password or a variable
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "api.cli", "mcp", cwd=tmp_path, env=env,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        assert proc.stdin and proc.stdout
+        proc.stdin.write(json.dumps({
+            "jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                       "clientInfo": {"name": "raw", "version": "0"}}}).encode() + b"\n")
+        await proc.stdin.drain()
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        proc.stdin.close()
+        await asyncio.wait_for(proc.wait(), 30)
+        info = json.loads(line)["result"]["serverInfo"]
+        assert info["name"] == "safehold" and info["version"], info
+
+        # the stored token goes to its own server only
+        rc, _, err = await run_in(laptop, "targets",
+                                  extra={"SAFEHOLD_URL": f"http://127.0.0.1:{other_port}"})
+        assert rc == 0 and seen == [None], (seen, err)
+        # a login file others can read is refused, not used
+        login_file.chmod(0o644)
+        rc, _, err = await run_in(laptop, "targets")
+        assert rc == 2 and "readable by others" in err
+        login_file.chmod(0o600)
+        rc, out, _ = await run_in(laptop, "logout")
+        assert rc == 0 and not login_file.exists()
+        rc, _, err = await run_in(laptop, "targets", extra={"SAFEHOLD_URL": base})
+        assert rc == 3 and "safehold login" in err
+    finally:
+        await other_runner.cleanup()
+        server.terminate()
+        await asyncio.wait_for(server.wait(), 30)
+
+
+async def test_a_second_server_on_a_taken_port_starts_nothing(
+        pg_db: str, prefix: str, tmp_path: Path) -> None:
+    """Issue 22, item 3: `safehold run` binds its port first; when the port is taken it
+    exits 2 before starting Redis or a worker (which would take jobs with its config)."""
+    redis_port = free_port()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        raw = make_raw_config(prefix, tmp_path / "backups", pg_db)
+        raw["server"] = {"port": busy.getsockname()[1]}
+        raw["redis"]["url"] = f"redis://127.0.0.1:{redis_port}/0"  # none there: would start
+        write_toml(tmp_path / "safehold.toml", raw)
+        env = {**os.environ, PASSWORD_ENV: pg.TEST_PASSWORD}
+        rc, _, err = await cli("--config", str(tmp_path / "safehold.toml"), "run", env=env)
+    assert rc == 2 and "already in use" in err and "Traceback" not in err, err
+    assert "redis-server" not in err and "worker" not in err.lower(), err
+    assert not (tmp_path / ".safehold-redis").exists()

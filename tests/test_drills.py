@@ -132,15 +132,17 @@ async def test_drill_catches_a_checksum_valid_but_wrong_backup(
 
 async def test_drill_without_createdb_says_what_to_grant(
         api: Any, worker: Any, pg_db: str) -> None:
-    """…and the drill counts as failed (the metric alerts: no drill ran)."""
+    """…and the drill is recorded as not run (the backup is not called bad), while the
+    metric still alerts: the last drill did not pass."""
     await pg.load_rich(pg_db)
     name = (await backup(api))["result"]["filename"]
     job = await (await api.post("/api/v1/targets/main/verify?wait=60", json={})).json()
     assert job["status"] == "failed" and job["error"]["code"] == "drill_unavailable", job
     assert f"grant CREATEDB to {pg.TEST_USER}" in job["error"]["message"]
     manifest = (await (await api.get(f"/api/v1/targets/main/backups/{name}")).json())
-    assert manifest["verification"]["outcome"] == "failed"
+    assert manifest["verification"]["outcome"] == "not_run"
     assert manifest["verification"]["error"] == "drill_unavailable"
+    assert "CREATEDB" in manifest["verification"]["why"]
     assert 'safehold_last_verify_passed{target="main"} 0.0' in \
         await (await api.get("/metrics")).text()
 
@@ -217,3 +219,61 @@ async def test_drill_passes_with_inheritance_and_partitions(
     assert counts["public.measurements_2025"] == 365
     assert counts["public.measurements_2026h1"] + counts["public.measurements_2026h2"] == 365
     assert job["result"]["counts_compared"] >= 8
+
+
+async def test_an_offline_key_backup_is_drilled_with_the_identity_sent(
+        aiohttp_client: Any, redis: Redis, prefix: str, tmp_path: Path, pg_db: str,
+        test_env: dict[str, str], drill_role: str) -> None:
+    """Issue 22, item 4: the worker holds no key (an offline escrow key): a drill without
+    one is recorded `not_run` with why — not `failed`, which means a bad backup —; the
+    identity sent with the drill (sealed to the workers, never stored) lets it run and
+    pass; a wrong one is `not_run` too; a non-identity is a 422 before any job."""
+    import pyrage
+
+    key = pyrage.x25519.Identity.generate()
+    stranger = pyrage.x25519.Identity.generate()
+    settings = drill_settings(prefix, tmp_path, pg_db, test_env, drill_role,
+                              compression="zstd",
+                              encryption={"recipients": [str(key.to_public())]})
+    api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
+
+    async def drill(**body: Any) -> dict[str, Any]:
+        resp = await api.post("/api/v1/targets/main/verify?wait=120",
+                              json={"backup": name, **body})
+        doc: dict[str, Any] = await resp.json()
+        return doc
+
+    def recorded() -> dict[str, Any]:
+        doc = json.loads((tmp_path / "backups" / "main" / f"{name}.json").read_text())
+        return dict(doc["verification"])
+
+    async with running_worker(settings):
+        await pg.load_rich(pg_db)
+        name = (await backup(api))["result"]["filename"]
+        job = await drill()
+        assert job["status"] == "failed" and job["error"]["code"] == "identity_required"
+        assert "restore or drill" in job["error"]["message"]
+        v = recorded()
+        assert v["outcome"] == "not_run" and v["error"] == "identity_required"
+        assert "no identity" in v["why"]
+        listed = (await (await api.get("/api/v1/targets/main/backups")).json())["backups"]
+        assert listed[0]["verification"]["outcome"] == "not_run"
+        text = await (await api.get("/metrics")).text()  # still alerts: no drill passed
+        assert 'safehold_last_verify_passed{target="main"} 0.0' in text
+
+        resp = await api.post("/api/v1/targets/main/verify",
+                              json={"backup": name, "identity": "AGE-SECRET-KEY-1NOPE"})
+        assert resp.status == 422 and (await resp.json())["error"]["code"] == \
+            "invalid_identity"
+        job = await drill(identity=f"{stranger}\n")
+        assert job["status"] == "failed" and job["error"]["code"] == "wrong_identity", job
+        assert recorded()["outcome"] == "not_run"
+        job = await drill(identity=f"# escrow\n{key}\n")
+        assert job["status"] == "succeeded", job.get("error")
+        assert job["result"]["outcome"] == "passed" and job["result"]["counts_compared"] >= 3
+    assert recorded()["outcome"] == "passed"
+    assert not [k async for k in redis.scan_iter(f"{prefix}:*sealed_identity*")]
+    secret = str(key).split("-")[-1].encode()
+    async for k in redis.scan_iter(f"{prefix}:*"):
+        if (await redis.type(k)) == b"string":
+            assert secret not in (await redis.get(k) or b"")

@@ -303,6 +303,18 @@ async def test_a_read_refused_by_scope_is_a_clean_error(
                 await scoped.read_resource("resources://safehold/jobs/no-such-job")
             except MCPError as exc:
                 assert exc.error.code == -32602 and "job_not_found" in str(exc), exc
+        async with mcp_client(base, token(settings, "admin")) as admin:
+            # issue 22, item 8: an unknown id names the target and the configured ones
+            for uri in ("resources://coolify/backups/databases/nope",
+                        "resources://coolify/backups/databases/nope/restore"):
+                try:
+                    await admin.read_resource(uri)
+                except MCPError as exc:
+                    assert "target_not_found" in str(exc) and "'nope'" in str(exc) \
+                        and "main" in str(exc), exc
+                    assert "Error creating resource" not in str(exc)
+                else:
+                    raise AssertionError(f"{uri} was read")
     assert not [r for r in caplog.records if r.levelname == "ERROR"], \
         [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
 

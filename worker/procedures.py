@@ -77,6 +77,9 @@ def _checked(stored: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in stored.items() if k not in _IN_MEMORY_ONLY}, **facts}
 
 
+# a drill stopped by these proved nothing about the backup: `not_run`, never `failed`
+DRILL_NOT_RUN = frozenset({"identity_required", "wrong_identity", "drill_unavailable"})
+
 class Procedures:
     def __init__(self, settings: Settings, store: JobStore, catalog: Catalog) -> None:
         self.settings = settings
@@ -302,12 +305,16 @@ class Procedures:
 
     # ----------------------------------------------------------------- drill
     async def verify(self, job: Job, target: TargetConfig, engine: Engine,
-                     progress: Progress) -> dict[str, Any]:
+                     progress: Progress, supplied: Sequence[Any] = ()) -> dict[str, Any]:
         """A restore drill: verify the backup (checksum, content, identity), restore it into
         a scratch place, compare exact counts with those recorded at dump time, run the
         target's `verify_checks`, time it (RTO), drop the scratch copy; the outcome goes
         into the backup's manifest. Engines without a scratch restore get the content check
-        only, and the result says so (`mode`)."""
+        only, and the result says so (`mode`). A drill that could not run (no identity for
+        an encrypted backup, a role that may not create the scratch database) is recorded
+        as `not_run` with the reason: it says nothing about the backup, unlike `failed`.
+        `supplied`: identities sent with this drill (sealed to the workers, as for a
+        restore), tried before the worker's own."""
         wanted = job.params.get("backup")
         if wanted:
             name = naming.parse(str(wanted))
@@ -319,7 +326,7 @@ class Procedures:
                                code="backup_not_found")
             name = naming.parse(str(regular[0]["filename"]))
         copies = await self.catalog.copies(target.id, name)
-        ids = self.identities(target)
+        ids = [*supplied, *self.identities(target)]
         progress.plan = {"verifying": (0, 20), "restoring": (20, 90), "checking": (90, 100)}
         t0 = time.monotonic()
         drill = getattr(engine, "drill", None)
@@ -336,11 +343,14 @@ class Procedures:
                                      windows)
         except SafeholdError as exc:
             if exc.code != "drill_failed":  # the restore itself failed: a failed drill too
+                not_run = exc.code in DRILL_NOT_RUN
+                outcome = {"outcome": "not_run", "why": exc.message[:500]} if not_run \
+                    else {"outcome": "failed"}
                 with contextlib.suppress(Exception):
                     await self.catalog.annotate(target.id, name, {
                         "verified_at": now_iso(), "verification": {
                             **{k: v for k, v in record.items() if k != "backup"},
-                            "outcome": "failed", "error": exc.code}})
+                            **outcome, "error": exc.code}})
             raise
 
     async def _drill(self, job: Job, target: TargetConfig, engine: Engine,

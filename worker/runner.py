@@ -339,8 +339,10 @@ class JobRunner:
             if holder and holder != job.id:
                 progress.log(f"waiting for job {holder} on target {target.id} to finish")
             await ride_out("waiting for the target lock", lock.acquire, self.grace)
+        supplied = await self._supplied_identity(job) \
+            if job.params.get("identity_supplied") else []
         if job.kind == "verify":
-            return await self.procedures.verify(job, target, engine, progress)
+            return await self.procedures.verify(job, target, engine, progress, supplied)
         if job.kind == "prune":
             async def on_delete(destination: str, filename: str, reasons: list[str]) -> None:
                 await self.audit.record(
@@ -353,13 +355,11 @@ class JobRunner:
                 job, target, engine, progress, kind="backup",
                 compress=bool(job.params.get("compress", target.compress)),
                 note=str(job.params.get("note") or ""))
-        identities = await self._supplied_identity(job) \
-            if job.params.get("identity_supplied") else []
-        return await self.procedures.restore(job, target, engine, progress, identities)
+        return await self.procedures.restore(job, target, engine, progress, supplied)
 
     async def _supplied_identity(self, job: Job) -> list[Any]:
-        """Open the identity sent with this restore (sealed by the API to the live workers'
-        keys) and forget the sealed copy; it stays in this process's memory only."""
+        """Open the identity sent with this restore or drill (sealed by the API to the live
+        workers' keys) and forget the sealed copy; it stays in this process's memory only."""
         import pyrage
 
         from shared.codecs import load_identities
@@ -372,13 +372,14 @@ class JobRunner:
                 break
             await asyncio.sleep(0.1)
         if sealed is None:
-            raise EngineError("the identity sent with this restore is gone (expired or "
-                              "already used); send the restore again", code="identity_required")
+            raise EngineError(f"the identity sent with this {job.kind} is gone (expired or "
+                              f"already used); send the {job.kind} again",
+                              code="identity_required")
         try:
             text = (await asyncio.to_thread(pyrage.decrypt, sealed, [self.transport_key]))
         except Exception:
-            raise EngineError("the identity sent with this restore was sealed for workers "
-                              "that are no longer running; send the restore again",
+            raise EngineError(f"the identity sent with this {job.kind} was sealed for workers "
+                              f"that are no longer running; send the {job.kind} again",
                               code="identity_required") from None
         return load_identities(bytes(text).decode())
 
