@@ -304,12 +304,49 @@ def pytest_configure(config: Any) -> None:
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
-        if not (set(getattr(item, "fixturenames", ())) & NEEDS_A_SERVER) and \
+        test = item.nodeid.split("/")[-1].split("[")[0]
+        slow = module in SLOW or test in SLOW
+        if slow:
+            item.add_marker(pytest.mark.slow)
+        elif not (set(getattr(item, "fixturenames", ())) & NEEDS_A_SERVER) and \
                 module not in SLOW_MODULES:
             item.add_marker(pytest.mark.fast)
-        test = item.nodeid.split("/")[-1].split("[")[0]
-        if module in SLOW or test in SLOW:
-            item.add_marker(pytest.mark.slow)
+
+
+class NotFast(AssertionError):
+    """A test in the fast layer reached for a server or a process."""
+
+
+@pytest.fixture(autouse=True)
+def _fast_means_no_server(request: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fast test may not open a network connection or start a process: one that does
+    fails (here, in every run, CI included) instead of quietly making `-m fast` slow. Such
+    a test needs a server fixture (which moves it out of the layer) or a SLOW entry."""
+    if request.node.get_closest_marker("fast") is None:
+        return
+    import socket
+    import subprocess
+
+    where = request.node.nodeid
+
+    def refuse(what: str) -> Any:
+        def refused(*args: Any, **kwargs: Any) -> Any:
+            raise NotFast(f"{where} is in the fast layer but {what}: use a server fixture "
+                          "(see NEEDS_A_SERVER in tests/conftest.py) or list it in SLOW")
+        return refused
+
+    monkeypatch.setattr(socket.socket, "connect", refuse("opens a connection"))
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse("opens a connection"))
+    popen = subprocess.Popen.__init__
+
+    def no_process(self: Any, args: Any, *rest: Any, **kwargs: Any) -> None:
+        argv = [args] if isinstance(args, (str, bytes)) else list(args)
+        if argv and argv[0] == "file":  # platform.architecture()'s probe, via a library
+            popen(self, args, *rest, **kwargs)
+            return
+        refuse(f"starts a process ({argv[:1]})")()
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", no_process)
 
 
 # Hypothesis: the same examples on every run (a landing is never failed by a new random

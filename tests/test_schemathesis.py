@@ -21,14 +21,16 @@ from tests.test_cli import REPO, cli, free_port, wait_ready
 CONFIG = REPO / "tests" / "fuzz" / "schemathesis.toml"
 
 
-async def schemathesis(base: str, cfg: Path, token: str | None, *extra: str) -> str:
+async def schemathesis(base: str, cfg: Path, token: str | None, *extra: str,
+                       cwd: Path) -> str:
     """Run `st run` against `base`; return its output, failing the test on any finding."""
     auth = ["-H", f"Authorization: Bearer {token}"] if token else []
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "schemathesis.cli", "--config-file", str(cfg), "run",
         f"{base}/api/v1/openapi.json", *auth, "--phases", "examples,coverage,fuzzing",
         "--no-color", "--seed", os.environ.get("SAFEHOLD_FUZZ_SEED", "1"), *extra,
-        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        cwd=cwd,  # its .schemathesis/ cache goes there, never into the repository
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await asyncio.wait_for(proc.communicate(), 600)
     text = out.decode(errors="replace")
     assert proc.returncode == 0, text[-12000:]
@@ -74,10 +76,12 @@ async def test_fuzz_every_operation_as_each_role(prefix: str, tmp_path: Path) ->
         # fuzz the target grammar itself (and meet 403/401 where their role stops)
         admin_cfg = tmp_path / "admin.toml"
         admin_cfg.write_text(CONFIG.read_text() + '\n[parameters]\n"path.target" = "example"\n')
-        await schemathesis(base, admin_cfg, tokens["admin"])
-        await schemathesis(base, CONFIG, tokens["operator"], "--max-examples", "10")
-        await schemathesis(base, CONFIG, tokens["viewer"], "--max-examples", "10")
-        await schemathesis(base, CONFIG, None, "--max-examples", "5")
+        await schemathesis(base, admin_cfg, tokens["admin"], cwd=tmp_path)
+        await schemathesis(base, CONFIG, tokens["operator"], "--max-examples", "10",
+                          cwd=tmp_path)
+        await schemathesis(base, CONFIG, tokens["viewer"], "--max-examples", "10",
+                          cwd=tmp_path)
+        await schemathesis(base, CONFIG, None, "--max-examples", "5", cwd=tmp_path)
         assert server.returncode is None, "the server died under the fuzzer"
     finally:
         server.terminate()
