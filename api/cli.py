@@ -131,29 +131,60 @@ async def _serve_api(settings: Settings, stop: asyncio.Event, sock: socket.socke
 
 
 class StopEvent(asyncio.Event):
-    """Set by SIGTERM/SIGINT; `reason` names the signal (said in the shutdown log)."""
+    """Set by SIGTERM/SIGINT, or SIGHUP with a valid new config; `reason` names the signal
+    (said in the shutdown log)."""
 
     reason = "stop requested"
 
 
-def _stop_event() -> StopEvent:
+def _stop_event(settings: Settings) -> StopEvent:
+    """SIGTERM/SIGINT stop (running jobs get the shutdown grace). SIGHUP reloads: the config
+    is read again and, when valid, the process stops the same graceful way and starts again
+    on it (main re-executes); when not, it says why and runs on with the config it has."""
     stop = StopEvent()
     loop = asyncio.get_running_loop()
 
     def on_signal(sig: signal.Signals) -> None:
         stop.reason = sig.name
         stop.set()
+
+    def on_hangup() -> None:
+        path = None if settings.source.startswith("<") else settings.source
+        try:
+            load_settings(path, os.environ)
+        except ConfigError as exc:
+            log.error("SIGHUP: the config was not reloaded, it has an error (still running "
+                      "on the one loaded at start): %s", exc.message)
+            return
+        log.warning("SIGHUP: the config is valid; restarting on it once running jobs finish")
+        stop.reason = "SIGHUP"
+        stop.set()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, on_signal, sig)
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    _LAST_STOP.append(stop)
     return stop
+
+
+_LAST_STOP: list[StopEvent] = []  # main reads whether a SIGHUP ended the serving
+
+
+def _reexec_if_reloading() -> None:
+    """After a SIGHUP stop: the same command again, on the config as it is now."""
+    if _LAST_STOP and _LAST_STOP[-1].reason == "SIGHUP":
+        log.warning("restarting: %s", " ".join(["safehold", *sys.argv[1:]]))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "api.cli", *sys.argv[1:]])
 
 
 async def cmd_api(settings: Settings) -> None:
     from api.auth import check_dev_bind
 
     check_dev_bind(settings)
-    await _serve_api(settings, _stop_event(), _listen(settings))
+    await _serve_api(settings, _stop_event(settings), _listen(settings))
 
 
 async def cmd_worker(settings: Settings) -> None:
@@ -162,7 +193,7 @@ async def cmd_worker(settings: Settings) -> None:
     pool = await connect(settings.redis.url)  # unreachable: one clear line, exit 2
     await pool.aclose()
     worker_main = importlib.import_module("worker.main")
-    await worker_main.serve_worker(settings, _stop_event())
+    await worker_main.serve_worker(settings, _stop_event(settings))
 
 
 async def cmd_worker_check(settings: Settings) -> int:
@@ -189,6 +220,46 @@ async def cmd_worker_check(settings: Settings) -> int:
     return 1
 
 
+async def cmd_config_check(settings: Settings, connect: bool) -> int:
+    """What the config sets up, each part in one line; with `connect`, Redis and every
+    target reached as a worker would. Exit 0 when all is well, 1 when something answered
+    no (a config error never gets here: it is exit 2 with the key at fault)."""
+    print(f"config {settings.source}: valid")
+    print(f"  API on http://{settings.server.host}:{settings.server.port}, "
+          + ("dev-mode tokens (local key " + settings.auth.dev_key_path + ")"
+             if settings.auth.dev_mode else f"tokens from {settings.auth.issuer}"))
+    print(f"  storage: local {settings.storage.path}"
+          + "".join(f", {d.name} ({d.type})" for d in settings.destination_configs().values()
+                    if d.name != "local"))
+    for t in settings.targets.values():
+        extras = [f"schedule {t.schedule} ({t.timezone})" if t.schedule else "no schedule",
+                  "retention " + (", ".join(f"{k}={v}" for k, v in t.retention.public().items())
+                                  if settings.retains(t) else "none (keeps everything)"),
+                  "to " + ", ".join(t.destinations or ("local",))]
+        if t.encryption is not None:
+            extras.append("age-encrypted")
+        print(f"  target {t.id}: {t.engine}; " + "; ".join(extras))
+    for warning in settings.warnings:
+        print(f"  warning: {warning}")
+    if not connect:
+        return 0
+    from shared.queue import connect as redis_connect
+
+    failed = 0
+    try:
+        pool = await redis_connect(settings.redis.url)
+        await pool.aclose()
+        print(f"  redis {urlsplit(settings.redis.url).hostname}: ok")
+    except ConfigError as exc:
+        failed += 1
+        print(f"  redis: {exc.message}")
+    runner = importlib.import_module("worker.runner")
+    for tid, problem in await runner.check_targets(settings):
+        failed += problem is not None
+        print(f"  target {tid}: " + ("reached" if problem is None else f"NOT reached: {problem}"))
+    return 1 if failed else 0
+
+
 async def cmd_run(settings: Settings) -> None:
     """API + worker in one process (first run, small installs)."""
     from api.auth import check_dev_bind
@@ -201,7 +272,7 @@ async def cmd_run(settings: Settings) -> None:
                     "'example'); write a safehold.toml to back up your own", created)
     redis_proc = await ensure_local_redis(settings)
     worker_main = importlib.import_module("worker.main")
-    stop = _stop_event()
+    stop = _stop_event(settings)
     try:
         await asyncio.gather(_serve_api(settings, stop, sock),
                              worker_main.serve_worker(settings, stop))
@@ -378,6 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "(token from $SAFEHOLD_TOKEN or the stored login)")
     mp.add_argument("--url", help="API base URL (default: $SAFEHOLD_URL, the stored login "
                                   "or the config)")
+    cp = sub.add_parser("config", parents=[common],
+                        help="check the config as `api`/`worker` would load it (secrets "
+                             "resolved), and say what it configures")
+    cp.add_argument("action", choices=["check"])
+    cp.add_argument("--connect", action="store_true",
+                    help="also reach Redis and every target with its credentials")
     lp = sub.add_parser("login", parents=[common],
                         help="check a bearer token against a server and store URL and token "
                              "(0600, in ~/.config/safehold) for the client commands")
@@ -387,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-SERVER_COMMANDS = ("api", "worker", "run")
+SERVER_COMMANDS = ("api", "worker", "run", "config")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -407,8 +484,11 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(cmd_worker_check(settings))
         elif args.command == "worker":
             asyncio.run(cmd_worker(settings))
+        elif args.command == "config":
+            return asyncio.run(cmd_config_check(settings, args.connect))
         else:
             asyncio.run(cmd_run(settings))
+        _reexec_if_reloading()
     except ConfigError as exc:
         print(f"safehold: configuration error: {exc.message}", file=sys.stderr)
         return 2

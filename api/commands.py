@@ -92,6 +92,13 @@ def add_client_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     a.add_argument("--target")
     a.add_argument("--subject")
     a.add_argument("--limit", type=int, default=50)
+    pr = cmd("prune", "apply the target's retention policy now (admin); --dry-run shows "
+                      "what it would delete and why")
+    pr.add_argument("target")
+    pr.add_argument("--dry-run", action="store_true", help="plan only: delete nothing")
+    pr.add_argument("--yes", action="store_true", help="do not ask (needed without a TTY)")
+    cmd("schedules", "each target's schedule: next run, last scheduled job and its outcome")
+    cmd("destinations", "where backups are stored: reachable, writable, free space (admin)")
     for p in (b, r, up, v):
         p.add_argument("--follow", action="store_true", help="show live progress")
         p.add_argument("--wait", action="store_true",
@@ -340,5 +347,74 @@ async def run(client: Client, args: argparse.Namespace) -> int:  # noqa: C901 - 
                           for e in doc["entries"]],
                          ["TIME", "WHO", "VIA", "ACTION", "RESULT", "TARGET", "WHAT"]))
         return EXIT_OK
+    if c == "prune":
+        return await _prune(client, args)
+    if c == "schedules":
+        doc = await client.call("GET", "/api/v1/schedules")
+        if args.json:
+            out(doc)
+        else:
+            print(_table([[e["target"], e.get("schedule") or "-", e.get("next_run") or "-",
+                           e.get("last_job") or "-",
+                           (e.get("last_status") or "-") + (f" ({e['last_error']})"
+                                                            if e.get("last_error") else ""),
+                           f"missed since {e['missed_since']}" if e.get("missed_since")
+                           else "", _policy(e.get("retention"))]
+                          for e in doc["schedules"]],
+                         ["TARGET", "SCHEDULE", "NEXT RUN", "LAST JOB", "LAST STATUS", "ALERT",
+                          "RETENTION"]))
+        return EXIT_OK
+    if c == "destinations":
+        doc = await client.call("GET", "/api/v1/destinations")
+        if args.json:
+            out(doc)
+        else:
+            print(_table([[d.get("name"), d.get("type"), d.get("bucket") or d.get("path"),
+                           "yes" if d.get("reachable") else f"NO ({d.get('error')})",
+                           {True: "yes", False: "NO", None: "?"}[d.get("writable")],
+                           mib(d.get("free_bytes")), d.get("backups"), mib(d.get("bytes")),
+                           ",".join(d.get("targets") or [])]
+                          for d in doc["destinations"]],
+                         ["DESTINATION", "TYPE", "WHERE", "REACHABLE", "WRITABLE", "FREE",
+                          "BACKUPS", "SIZE", "TARGETS"]))
+        ok = all(d.get("reachable") and d.get("writable") is not False
+                 for d in doc["destinations"])
+        return EXIT_OK if ok else EXIT_FAILED
     print(f"safehold: unknown command {c}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def _policy(policy: Any) -> str:
+    if not isinstance(policy, dict) or not policy:
+        return "keep everything"
+    return ", ".join(f"{k}={v}" for k, v in policy.items())
+
+
+async def _prune(client: Client, args: argparse.Namespace) -> int:
+    """A dry run prints the plan (what goes, what stays and why); a real prune asks
+    first, then says what it deleted where."""
+    if not args.dry_run and not confirm(args, f"Delete the backups of target "
+                                              f"'{args.target}' its retention policy no "
+                                              "longer keeps?"):
+        return EXIT_USAGE
+    query = "dry_run=true" if args.dry_run else f"wait={JOB_WAIT}"
+    job = await client.call("POST", f"/api/v1/targets/{args.target}/prune?{query}")
+    if job.get("status") not in ("succeeded", "failed", "cancelled"):
+        job = await client.call("GET", f"/api/v1/jobs/{job['id']}?wait={JOB_WAIT}")
+    if args.json or job.get("status") != "succeeded":
+        return finish(job, args.json)
+    result = job.get("result") or {}
+    rows = []
+    for dest, d in (result.get("destinations") or {}).items():
+        for p in d.get("plan") or []:
+            if p.get("action") == "delete" or args.dry_run:
+                rows.append([dest, p.get("filename"), p.get("action"),
+                             "; ".join(p.get("reasons") or [])])
+    if rows:
+        print(_table(rows, ["DESTINATION", "BACKUP", "ACTION", "WHY"]))
+    deleted = sum(len(d.get("deleted") or []) for d in (result.get("destinations") or
+                                                       {}).values())
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"✓ prune {args.target}: {verb} {deleted} backup(s) "
+          f"(policy: {_policy(result.get('policy'))})")
+    return EXIT_OK

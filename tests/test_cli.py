@@ -460,3 +460,113 @@ async def test_a_second_server_on_a_taken_port_starts_nothing(
     assert rc == 2 and "already in use" in err and "Traceback" not in err, err
     assert "redis-server" not in err and "worker" not in err.lower(), err
     assert not (tmp_path / ".safehold-redis").exists()
+
+
+async def test_operator_commands_and_a_reload_on_sighup(
+        pg_db: str, prefix: str, tmp_path: Path) -> None:
+    """Issue 22, item 5: `prune --dry-run` prints the plan and deletes nothing, `prune`
+    asks, then deletes what the policy drops; `schedules`, `destinations`, `config check
+    [--connect]`; SIGHUP with a broken config changes nothing, with a valid one the same
+    process (same pid) serves the new config once running jobs are done."""
+    import signal
+
+    await pg.load_rich(pg_db)
+    api_port = free_port()
+    raw = make_raw_config(prefix, tmp_path / "backups", pg_db)
+    raw["server"] = {"port": api_port}
+    raw["targets"]["main"].update(schedule="0 3 * * *", retention={"keep_last": 1})
+    cfg = tmp_path / "safehold.toml"
+    write_toml(cfg, raw)
+    env = {**os.environ, PASSWORD_ENV: pg.TEST_PASSWORD}
+    env.pop("SAFEHOLD_TOKEN", None)
+    with (tmp_path / "server.log").open("wb") as log:
+        server = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "api.cli", "--config", str(cfg), "run", cwd=tmp_path,
+            env=env, stdout=log, stderr=log)
+    base = f"http://127.0.0.1:{api_port}"
+    try:
+        await wait_ready(base)
+        rc, out, _ = await cli("--config", str(cfg), "token", env=env)
+        e = {**env, "SAFEHOLD_TOKEN": out.strip()}
+
+        async def sh(*args: str) -> tuple[int, str, str]:
+            return await cli("--config", str(cfg), *args, env=e)
+
+        names = []
+        for _ in range(3):
+            rc, out, err = await sh("backup", "main", "--wait")
+            assert rc == 0, err
+            names.append(out.split()[2])
+        newest = names[-1]
+        rc, out, err = await sh("prune", "main", "--dry-run")
+        assert rc == 0, err
+        assert out.splitlines()[0].split() == ["DESTINATION", "BACKUP", "ACTION", "WHY"]
+        assert "would delete 2 backup(s)" in out and "keep_last=1" in out
+        assert all(n in out for n in names)
+        assert len(list((tmp_path / "backups" / "main").glob("backup_*.gz"))) == 3
+        rc, _, err = await sh("prune", "main")  # no terminal: refuses without --yes
+        assert rc == 2 and "--yes" in err
+        rc, out, err = await sh("prune", "main", "--yes")
+        assert rc == 0 and "deleted 2 backup(s)" in out, err
+        left = [p.name for p in (tmp_path / "backups" / "main").glob("backup_*.gz")]
+        assert left == [newest]
+
+        rc, out, err = await sh("schedules")
+        assert rc == 0, err
+        row = out.splitlines()[1].split()
+        assert row[0] == "main" and "0 3 * * *" in out and "keep_last=1" in out
+        rc, out, err = await sh("schedules", "--json")
+        assert json.loads(out)["schedules"][0]["next_run"]
+        rc, out, err = await sh("destinations")
+        assert rc == 0 and out.split()[:3] == ["DESTINATION", "TYPE", "WHERE"], err
+        assert "local" in out and str(tmp_path / "backups") in out
+
+        rc, out, err = await cli("--config", str(cfg), "config", "check", env=env)
+        assert rc == 0 and "valid" in out and "target main: postgresql" in out, err
+        rc, out, err = await cli("--config", str(cfg), "config", "check", "--connect",
+                                 env=env)
+        assert rc == 0 and "target main: reached" in out and "redis" in out, err
+        down = tmp_path / "down.toml"  # a target whose server does not answer
+        write_toml(down, make_raw_config(prefix, tmp_path / "backups", None))
+        rc, out, err = await cli("--config", str(down), "config", "check", "--connect",
+                                 env={**env, PASSWORD_ENV: "secret-password-xyz"})
+        assert rc == 1 and "target main: NOT reached" in out, out
+        assert "secret-password-xyz" not in out + err
+        rc, _, err = await cli("--config", str(cfg), "config", "check",
+                               env={k: v for k, v in env.items() if k != PASSWORD_ENV})
+        assert rc == 2 and PASSWORD_ENV in err
+
+        # SIGHUP: a broken config is refused, the server runs on unchanged
+        good = cfg.read_text()
+        cfg.write_text(good + "\n[nonsense]\nx = 1\n")
+        server.send_signal(signal.SIGHUP)
+        for _ in range(50):
+            if "not reloaded" in (tmp_path / "server.log").read_text():
+                break
+            await asyncio.sleep(0.1)
+        assert "unknown top-level key" in (tmp_path / "server.log").read_text()
+        rc, out, _ = await sh("targets")
+        assert rc == 0 and "second" not in out
+        # a valid one: the same process restarts on it
+        db2 = tmp_path / "second.db"
+        raw["targets"]["second"] = {"engine": "sqlite", "path": str(db2)}
+        import sqlite3
+        with sqlite3.connect(db2) as conn:
+            conn.execute("CREATE TABLE t (x)")
+        write_toml(cfg, raw)
+        server.send_signal(signal.SIGHUP)
+        for _ in range(150):
+            rc, out, _ = await sh("targets")
+            if rc == 0 and "second" in out:
+                break
+            await asyncio.sleep(0.2)
+        assert "second" in out, (tmp_path / "server.log").read_text()[-3000:]
+        assert server.returncode is None  # the same pid, exec'ed
+        rc, out, err = await sh("backup", "second", "--wait")
+        assert rc == 0 and "backup_sqlite_" in out, err
+    finally:
+        server.terminate()
+        await asyncio.wait_for(server.wait(), 30)
+    text = (tmp_path / "server.log").read_text()
+    assert server.returncode == 0, text[-3000:]
+    assert "restarting on it once running jobs finish" in text and "Traceback" not in text

@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from shared import logs
 from shared.audit import AuditLog
 from shared.backupstore import Catalog
-from shared.config import Settings
+from shared.config import Settings, TargetConfig
 from shared.errors import (
     EngineError,
     SafeholdError,
@@ -393,3 +393,22 @@ def ensure_engines(settings: Settings) -> None:
                           f"yet (available: {', '.join(sorted(ENGINE_CLASSES))})")
 
 
+
+
+async def check_targets(settings: Settings, timeout: float = 15.0
+                        ) -> list[tuple[str, str | None]]:
+    """Each target reached with its own credentials (`safehold config check --connect`):
+    (target id, None) when it answered, else (target id, why not)."""
+    ensure_engines(settings)
+    engines = get_engines({t.engine for t in settings.targets.values()})
+
+    async def one(target: TargetConfig) -> tuple[str, str | None]:
+        try:
+            await asyncio.wait_for(engines[target.engine].ping(target), timeout)
+        except TimeoutError:
+            return target.id, f"no answer within {timeout:.0f} s"
+        except Exception as exc:  # any failure is the answer here
+            message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+            return target.id, redact(str(message), target.secrets())
+        return target.id, None
+    return list(await asyncio.gather(*(one(t) for t in settings.targets.values())))
