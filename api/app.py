@@ -22,7 +22,7 @@ from api.context import (
     STREAMS,
     services_ctx,
 )
-from api.handlers import CALLER
+from api.handlers import CALLER, rest_surface
 from api.mcp_server import mcp_ctx
 from api.metrics import CATALOG_CACHE
 from api.page import redeem_ticket
@@ -116,6 +116,7 @@ async def audit_middleware(request: web.Request, handler: Handler) -> web.Stream
                 result=result, status=status,
                 subject=principal.subject if principal else None,
                 client=principal.client if principal else None,
+                via=rest_surface(request),
                 target=request.match_info.get("target"),
                 backup=request.match_info.get("file") or request.match_info.get("filename"),
                 request_id=request.get(REQUEST_ID),

@@ -16,6 +16,7 @@ from typing import Any
 import aiofiles
 import aiohttp
 
+from shared import safehold_version
 from shared.errors import SafeholdError
 from shared.storage import sha256_file
 
@@ -34,10 +35,15 @@ class ApiError(SafeholdError):
                           else EXIT_FAILED)
 
 
+CLI_AGENT = "safehold-cli/"  # api.handlers.rest_surface reads it: the audit's "via"
+
+
 class Client:
     def __init__(self, base: str, token: str | None) -> None:
         self.base = base.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.headers = {"User-Agent": f"{CLI_AGENT}{safehold_version()}"}
+        if token:
+            self.headers["Authorization"] = f"Bearer {token}"
 
     async def __aenter__(self) -> Client:
         self.session = aiohttp.ClientSession(headers=self.headers,

@@ -342,7 +342,8 @@ async def run(client: Client, args: argparse.Namespace) -> int:  # noqa: C901 - 
         if args.json:
             out(doc)
         else:
-            print(_table([[e.get("ts"), e.get("subject"), e.get("client"), e.get("action"),
+            print(_table([[e.get("ts"), e.get("subject"), e.get("via") or e.get("client"),
+                           e.get("action"),
                            e.get("result"), e.get("target"), e.get("backup") or e.get("job")]
                           for e in doc["entries"]],
                          ["TIME", "WHO", "VIA", "ACTION", "RESULT", "TARGET", "WHAT"]))

@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from api.auth import Principal, require
+from api.client import CLI_AGENT
 from api.context import PRINCIPAL, REQUEST_ID, SERVICES, Services
 from api.files import send_stream
 from api.operations import MAX_WAIT, Caller, Operations
@@ -126,11 +127,31 @@ def query_bool(request: web.Request, name: str, default: bool) -> bool:
     raise BadRequest(f"query parameter '{name}' must be true or false", code="invalid_query")
 
 
+WEB_CLIENT = "web"  # the page's X-Safehold-Client header
+
+
+def rest_surface(request: web.Request) -> str:
+    """Which surface a request came through, for the audit's "via" (informational: who
+    acted is the token's subject): MCP, the seed surface, the CLI, the web page, or any
+    other HTTP client (curl, a script)."""
+    if request.path == "/mcp":
+        return "mcp"
+    if request.path.startswith("/backup/"):
+        return "seed"
+    if request.headers.get("User-Agent", "").startswith(CLI_AGENT):
+        return "cli"
+    if request.headers.get("X-Safehold-Client") == WEB_CLIENT:
+        return "web"
+    return "rest"
+
+
 def caller(request: web.Request, surface: str = "rest") -> Caller:
     """This request as an operations caller (one per request: it carries the audit mark
     and the warnings the answer shows)."""
     c = request.get(CALLER)
     if c is None:
+        if surface == "rest":
+            surface = rest_surface(request)
         c = Caller(request[PRINCIPAL], surface, request.get(REQUEST_ID), request.remote,
                    request.method, request.path)
         request[CALLER] = c
@@ -344,7 +365,7 @@ async def audit(request: web.Request) -> web.Response:
     entries = await svc(request).audit.query(
         limit=limit, targets=targets, subject=q.get("subject"), target=q.get("target"),
         action=q.get("action"), result=q.get("result"), job=q.get("job"),
-        since=q.get("since"))
+        via=q.get("via"), since=q.get("since"))
     return web.json_response({"entries": entries, "count": len(entries)})
 
 

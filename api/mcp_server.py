@@ -33,6 +33,7 @@ from api.auth import Principal, bearer_token
 from api.context import Services
 from api.operations import Caller, Operations
 from api.roles import Role
+from shared import safehold_version
 from shared.errors import BadRequest, Forbidden, SafeholdError, Unauthorized
 from shared.jobs import Job
 
@@ -87,15 +88,6 @@ class TokenMiddleware:
                 result["tools"] = [t for t in tools if principal.best_role >= TOOL_ROLES.get(
                     str(t.get("name")) if isinstance(t, dict) else "", Role.ADMIN)]
         return result
-
-
-def safehold_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("safehold")
-    except PackageNotFoundError:  # a source tree run without installing
-        return "0+unknown"
 
 
 def build_mcp(services: Callable[[], Services]) -> MCPServer:

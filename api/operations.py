@@ -45,7 +45,7 @@ class Caller:
     """Who calls, through which surface, and where from (for the audit entry)."""
 
     principal: Principal
-    surface: str = "rest"  # rest | seed | mcp
+    surface: str = "rest"  # cli | web | rest (any other HTTP client) | seed | mcp
     request_id: str | None = None
     remote: str | None = None
     method: str | None = None
@@ -107,7 +107,7 @@ class Operations:
         try:
             await self.s.audit.record(
                 action=action, result=result, status=status, subject=p.subject,
-                client=caller.surface if caller.surface != "rest" else p.client,
+                client=p.client, via=caller.surface,
                 target=info.get("target", target), backup=info.get("backup"),
                 job=info.get("job"), request_id=caller.request_id,
                 remote=caller.remote, method=caller.method, path=caller.path)

@@ -277,6 +277,7 @@ ROUTES: list[Route] = [
                  "action": ("e.g. create_backup, job.restore", STR),
                  "result": ("ok, denied, rejected, error, succeeded, failed…", STR),
                  "job": ("job id", STR), "since": ("entries at or after this ISO time", TIME),
+                 "via": ("the surface: cli, web, rest (curl, scripts), seed, mcp", STR),
                  "limit": ("at most (default 100)", LIMIT)},
           responses=ok(AUDIT)),
     # the seed-compatible surface (../shared/seed-backup-api.md)

@@ -18,8 +18,10 @@ from shared.keys import Keys
 
 log = logging.getLogger("safehold.audit")
 AUDIT_MAXLEN = 100_000
-FIELDS = ("ts", "action", "result", "status", "subject", "client", "target", "backup", "job",
-          "request_id", "remote", "method", "path", "detail")
+# client: the token's client (its azp); via: the surface the request came through (cli, web,
+# rest for any other HTTP client such as curl, seed, mcp)
+FIELDS = ("ts", "action", "result", "status", "subject", "client", "via", "target", "backup",
+          "job", "request_id", "remote", "method", "path", "detail")
 
 
 class AuditLog:

@@ -93,9 +93,8 @@ class Outcomes:
     # ------------------------------------------------------------------ follow-ups
     async def follow_ups(self, job: Job, status: str, result: dict[str, Any] | None,
                          error: dict[str, Any] | None, also: Sequence[Step] = ()) -> None:
-        via = job.requested_by.get("via")  # the surface (mcp, seed) names the client
         who = {"subject": job.requested_by.get("subject"),
-               "client": via if via not in (None, "rest") else job.requested_by.get("client")}
+               "client": job.requested_by.get("client"), "via": job.requested_by.get("via")}
         backup = (result or {}).get("filename") or job.params.get("backup")
         steps: list[Step] = [
             ("audit", lambda: self.audit.record(

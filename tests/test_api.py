@@ -271,6 +271,19 @@ async def test_audit_trail_records_requests_and_outcomes(api: Any, anon: Any, wo
     assert outcome["backup"] == job["result"]["filename"]
     mine = (await (await api.get(f"/api/v1/audit?job={job['id']}")).json())["entries"]
     assert {e["action"] for e in mine} == {"create_backup", "job.backup"}
+    # issue 22, item 10: "via" is the surface (not the token's client, safehold-cli for
+    # every dev token); the job's outcome says the same
+    assert {e["via"] for e in mine} == {"rest"} and mine[0]["client"] == "safehold-cli"
+    for headers, via in (({"User-Agent": "curl/8.5.0"}, "rest"),
+                         ({"User-Agent": "safehold-cli/0.1.0"}, "cli"),
+                         ({"X-Safehold-Client": "web"}, "web")):
+        job = await (await api.post("/api/v1/targets/main/backups?wait=60",
+                                    headers=headers)).json()
+        mine = (await (await api.get(f"/api/v1/audit?job={job['id']}")).json())["entries"]
+        assert {e["action"]: e["via"] for e in mine} == {"create_backup": via,
+                                                          "job.backup": via}, mine
+    web = (await (await api.get("/api/v1/audit?via=web")).json())["entries"]
+    assert web and all(e["via"] == "web" for e in web)
 
 
 async def test_metrics(api: Any, anon: Any, worker: Any, pg_db: str, settings: Any,

@@ -30,14 +30,31 @@ def dockerfile_steps() -> list[tuple[str, str]]:
 def test_the_volume_exists_owned_by_the_service_user_before_volume() -> None:
     steps = dockerfile_steps()
     volume = next(i for i, (w, _) in enumerate(steps) if w == "VOLUME")
-    path = re.search(r'"([^"]+)"', steps[volume][1])
-    assert path is not None
-    made = [i for i, (w, r) in enumerate(steps) if w == "RUN" and f"mkdir -p {path[1]}" in r
-            and "chown -R safehold:safehold" in r]
-    assert made and made[0] < volume
+    paths = re.findall(r'"([^"]+)"', steps[volume][1])
+    assert "/var/lib/safehold/backups" in paths
+    for path in paths:
+        made = [i for i, (w, r) in enumerate(steps) if w == "RUN" and "mkdir -p" in r
+                and f" {path}" in r and "chown -R safehold:safehold" in r]
+        assert made and made[0] < volume, path
     user = next(i for i, (w, r) in enumerate(steps) if w == "USER")
     assert steps[user][1] == "safehold" and user < volume
     assert any(w == "HEALTHCHECK" for w, _ in steps)
+
+
+def test_the_image_can_drill_redis_and_keeps_the_dev_key_off_the_backups_volume() -> None:
+    """Issue 22, item 10: a Redis drill needs redis-server in the image; the dev signing
+    key lives on a volume of its own (a copy of the backups must not mint tokens)."""
+    steps = dockerfile_steps()
+    assert any(w == "RUN" and re.search(r"apt-get install .*\bredis-server\b", r)
+               for w, r in steps)
+    env = " ".join(r for w, r in steps if w == "ENV")
+    key = re.search(r"SAFEHOLD_AUTH_DEV_KEY_PATH=(\S+)", env)
+    assert key and not key[1].startswith("/var/lib/safehold/backups/")
+    doc = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    shared = doc["x-safehold"]
+    assert "SAFEHOLD_AUTH_DEV_KEY_PATH" not in shared["environment"]  # the image's
+    mounts = {m.split(":")[1] for m in shared["volumes"]}
+    assert str(Path(key[1]).parent) in mounts and "/var/lib/safehold/backups" in mounts
 
 
 def test_dockerignore_keeps_the_build_context_small() -> None:

@@ -138,7 +138,7 @@ async def test_resources_tools_and_the_two_step_restore(
     # every call is audited as the agent, through mcp
     entries = [json.loads(e[1][b"entry"]) for e in await redis.xrange(
         f"{settings.redis.prefix}:audit")]
-    via_mcp = [e for e in entries if e.get("client") == "mcp"]
+    via_mcp = [e for e in entries if e.get("via") == "mcp"]
     assert {(e["action"], e["result"]) for e in via_mcp if e["subject"] == "someone-else"} \
         == {("mcp.execute_restore", "denied")}  # the stolen token, refused and recorded
     mine = [e for e in via_mcp if e["subject"] == "agent-1"]
@@ -172,7 +172,7 @@ async def test_roles_scope_and_no_token(aiohttp_server: Any, settings: Settings,
             assert r.status_code == 405
     entries = [json.loads(e[1][b"entry"]) for e in await redis.xrange(
         f"{settings.redis.prefix}:audit")]
-    denied = {(e["action"], e["result"]) for e in entries if e.get("client") == "mcp"}
+    denied = {(e["action"], e["result"]) for e in entries if e.get("via") == "mcp"}
     assert ("create_backup", "denied") in denied and ("mcp.list_backups", "denied") in denied
 
 
@@ -208,7 +208,7 @@ async def test_stdio_bridge_is_the_same_server(aiohttp_server: Any, settings: Se
             assert listed["backups"][0]["filename"] == job["result"]["filename"]
     entries = [json.loads(e[1][b"entry"]) for e in await redis.xrange(
         f"{settings.redis.prefix}:audit")]
-    assert any(e.get("client") == "mcp" and e.get("subject") == "agent-2"
+    assert any(e.get("via") == "mcp" and e.get("subject") == "agent-2"
                and e["action"] == "create_backup" for e in entries)
 
 
@@ -374,7 +374,7 @@ async def test_mcp_calls_are_audited_like_rest_calls(
             assert done["status"] == "succeeded", done
     entries = [json.loads(e[1][b"entry"]) for e in await redis.xrange(
         f"{settings.redis.prefix}:audit")]
-    mcp = [e for e in entries if e.get("client") == "mcp"]
+    mcp = [e for e in entries if e.get("via") == "mcp"]
     assert mcp and all(e.get("remote") and e.get("request_id") for e in mcp
                        if e["action"] != "job.restore" and e["action"] != "job.backup"), mcp
     planned = [e for e in mcp if e["action"] == "mcp.plan_restore"]
@@ -383,7 +383,7 @@ async def test_mcp_calls_are_audited_like_rest_calls(
                and e["result"] == "denied"]
     assert refused and refused[0]["target"] == "main" and refused[0]["backup"] == name
     outcome = [e for e in entries if e["action"] == "job.restore"]
-    assert outcome and outcome[0]["client"] == "mcp", outcome
+    assert outcome and outcome[0]["via"] == "mcp", outcome
 
     api = await aiohttp_client(make(settings))
     job_id = done["id"]

@@ -347,7 +347,8 @@ class JobRunner:
             async def on_delete(destination: str, filename: str, reasons: list[str]) -> None:
                 await self.audit.record(
                     action="prune.deleted", result="ok", subject=job.requested_by.get("subject"),
-                    client=job.requested_by.get("client"), target=job.target, job=job.id,
+                    client=job.requested_by.get("client"), via=job.requested_by.get("via"),
+                    target=job.target, job=job.id,
                     backup=filename, detail=f"{destination}: {'; '.join(reasons)}")
             return await self.procedures.prune(job, target, progress, on_delete)
         if job.kind == "backup":

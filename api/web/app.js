@@ -27,7 +27,7 @@ function el(tag, attrs, ...children) {
 }
 
 async function api(method, path, body) {
-  const headers = { Authorization: "Bearer " + token };
+  const headers = { Authorization: "Bearer " + token, "X-Safehold-Client": "web" };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const res = await fetch(path, { method, headers,
     body: body === undefined ? undefined : JSON.stringify(body) });
@@ -411,7 +411,7 @@ async function loadAudit() {
   if ($("#audit-view").hidden) return;
   const doc = await api("GET", "/api/v1/audit?limit=50");
   $("#audit tbody").replaceChildren(...doc.entries.map((e) => el("tr", {},
-    el("td", {}, e.ts), el("td", {}, e.subject || ""), el("td", {}, e.client || ""),
+    el("td", {}, e.ts), el("td", {}, e.subject || ""), el("td", { title: e.client || "" }, e.via || e.client || ""),
     el("td", {}, e.action), el("td", {}, e.result), el("td", {}, e.target || ""),
     el("td", { class: "mono" }, e.backup || e.job || ""))));
 }
