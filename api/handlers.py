@@ -262,6 +262,12 @@ async def create_backup(request: web.Request) -> web.Response:
     return job_response(job, request)
 
 
+async def retention_preview(request: web.Request) -> web.Response:
+    """What the retention policy would delete next (a plan, nothing deleted)."""
+    return web.json_response(await ops(request).retention_preview(
+        caller(request), request.match_info["target"]))
+
+
 async def list_backups(request: web.Request) -> web.Response:
     target = svc(request).settings.target(request.match_info["target"]).id
     backups, unavailable = await ops(request).backups(caller(request), target)
@@ -340,8 +346,11 @@ async def list_jobs(request: web.Request) -> web.Response:
         require(p, Role.VIEWER, q["target"])
     visible = set(p.targets_visible(list(s.settings.targets)))
     jobs = await s.store.list_jobs(target=q.get("target"), status=status, kind=kind,
-                                   limit=limit, targets=visible)
-    return web.json_response({"jobs": [job_view(j, p) for j in jobs], "count": len(jobs)})
+                                   limit=limit, targets=visible, before=q.get("before"))
+    page: dict[str, Any] = {"jobs": [job_view(j, p) for j in jobs], "count": len(jobs)}
+    if len(jobs) == limit:  # maybe more: the next page starts after the last one
+        page["next_before"] = jobs[-1].id
+    return web.json_response(page)
 
 
 async def get_job(request: web.Request) -> web.Response:
@@ -365,8 +374,11 @@ async def audit(request: web.Request) -> web.Response:
     entries = await svc(request).audit.query(
         limit=limit, targets=targets, subject=q.get("subject"), target=q.get("target"),
         action=q.get("action"), result=q.get("result"), job=q.get("job"),
-        via=q.get("via"), since=q.get("since"))
-    return web.json_response({"entries": entries, "count": len(entries)})
+        via=q.get("via"), since=q.get("since"), before=q.get("before"))
+    page: dict[str, Any] = {"entries": entries, "count": len(entries)}
+    if len(entries) == limit:
+        page["next_before"] = entries[-1]["id"]
+    return web.json_response(page)
 
 
 async def prune(request: web.Request) -> web.Response:

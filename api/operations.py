@@ -205,6 +205,31 @@ class Operations:
         found, unavailable = await self.s.catalog.listing(target.id)
         return [backup_view(m) for m in found], unavailable
 
+    async def retention_preview(self, caller: Caller, target_id: str) -> dict[str, Any]:
+        """What a prune would delete now on each destination, and why the rest stays —
+        read from the listings, nothing deleted, no job (the page shows it)."""
+        from datetime import UTC, datetime
+
+        from shared import retention
+
+        target = self.target(caller, target_id, Role.VIEWER)
+        now = datetime.now(UTC)
+        out: dict[str, Any] = {"target": target.id, "policy": target.retention.public(),
+                               "destinations": {}}
+        for store in self.s.catalog.stores_of(target):
+            try:
+                manifests = await store.list_manifests(target.id)
+            except Exception as exc:  # one unreachable destination: said, not fatal
+                out["destinations"][store.name] = {"error": type(exc).__name__}
+                continue
+            policy = store.config.retention or target.retention
+            decisions = retention.plan_destination(manifests, policy, now, target.timezone)
+            out["destinations"][store.name] = {
+                "policy": policy.public(),
+                "delete": [d.public() for d in decisions if not d.keep],
+                "kept": sum(d.keep for d in decisions)}
+        return out
+
     async def manifest(self, target: str, file: str) -> tuple[naming.BackupName,
                                                                 dict[str, Any]]:
         """A client-named backup: parsed by the grammar (400), then looked up (404)."""

@@ -38,6 +38,7 @@ from api.schemas import (
     MANIFEST,
     OPENAPI,
     READY,
+    RETENTION,
     SCHEDULES,
     SEED_CREATED,
     SEED_DATABASE,
@@ -185,6 +186,9 @@ ROUTES: list[Route] = [
           responses={**ok(STATS), "202": Answer("still running: follow the job", JOB)}),
     Route("POST", f"{T}/backups", h.create_backup, Role.OPERATOR, "Start a backup job",
           query=_WAIT, body=_BACKUP_BODY, idempotent=True, responses=_JOB),
+    Route("GET", f"{T}/retention", h.retention_preview, Role.VIEWER,
+          "What the retention policy would delete now on each destination, and why the "
+          "rest is kept (a plan: nothing is deleted, no job)", responses=ok(RETENTION)),
     Route("GET", f"{T}/backups", h.list_backups, Role.VIEWER,
           "Backups (manifests), newest first; safety backups flagged", responses=ok(BACKUPS)),
     Route("GET", f"{T}/backups/{{file}}", h.get_backup, Role.VIEWER, "One backup's manifest",
@@ -241,7 +245,9 @@ ROUTES: list[Route] = [
           query={"target": ("filter by target", TARGET_ID),
                  "status": ("filter by status", JOB_STATUS),
                  "kind": ("filter by kind", JOB_KIND),
-                 "limit": ("at most this many (default 100)", LIMIT)},
+                 "limit": ("at most this many (default 100)", LIMIT),
+                 "before": ("a job id: the jobs older than it (the answer's next_before "
+                            "pages on)", JOB_ID)},
           responses=ok(JOBS)),
     Route("GET", "/api/v1/jobs/{job_id}", h.get_job, Role.VIEWER, "One job",
           responses=ok(JOB)),
@@ -278,6 +284,8 @@ ROUTES: list[Route] = [
                  "result": ("ok, denied, rejected, error, succeeded, failed…", STR),
                  "job": ("job id", STR), "since": ("entries at or after this ISO time", TIME),
                  "via": ("the surface: cli, web, rest (curl, scripts), seed, mcp", STR),
+                 "before": ("an entry id: the entries older than it (the answer's "
+                            "next_before pages on)", EVENT_ID),
                  "limit": ("at most (default 100)", LIMIT)},
           responses=ok(AUDIT)),
     # the seed-compatible surface (../shared/seed-backup-api.md)

@@ -71,7 +71,8 @@ JOB: Schema = obj({
     "started_at": nullable(TIME), "finished_at": nullable(TIME),
     "links": obj({"self": STR, "events": STR})},
     warnings={"type": "array", "items": STR})
-JOBS: Schema = obj({"jobs": {"type": "array", "items": JOB}, "count": INT})
+JOBS: Schema = obj({"jobs": {"type": "array", "items": JOB}, "count": INT},
+                   next_before=JOB_ID)
 
 MANIFEST: Schema = obj({
     "filename": BACKUP_NAME, "target": TARGET_ID, "engine": STR,
@@ -81,6 +82,7 @@ MANIFEST: Schema = obj({
     size_mib=NUM, raw_bytes=nullable(INT), destinations=OBJ, codecs={"type": "array"})
 BACKUPS: Schema = obj({"target": TARGET_ID, "total_count": INT,
                        "backups": {"type": "array", "items": MANIFEST}})
+RETENTION: Schema = obj({"target": TARGET_ID, "policy": OBJ, "destinations": OBJ})
 DELETED: Schema = obj({"deleted": {"type": "array", "items": STR}, "target": TARGET_ID})
 
 TARGET: Schema = obj({"id": TARGET_ID, "engine": STR, "schedule": nullable(STR),
@@ -100,7 +102,7 @@ DESTINATIONS: Schema = obj({"destinations": {"type": "array", "items": obj({
     "targets": {"type": "array", "items": STR}})}})
 AUDIT: Schema = obj({"entries": {"type": "array", "items": obj(
     {"id": STR, "action": STR, "result": STR, "ts": TIME},
-    subject=STR)}, "count": INT})  # no subject: a request that never showed a valid token
+    subject=STR)}, "count": INT}, next_before=STR)  # no subject: never a valid token
 HEALTH: Schema = obj({"status": {"const": "ok"}})
 READY: Schema = obj({"status": {"enum": ["ready", "not_ready"]}, "checks": obj(
     {"redis": STR, "workers": nullable(INT)})})

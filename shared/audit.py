@@ -39,12 +39,14 @@ class AuditLog:
 
     async def query(self, *, limit: int = 100, targets: set[str] | None = None,
                     **filters: str | None) -> list[dict[str, Any]]:
-        """Newest first; each filter must equal the entry's field (`since`: ts >= value).
+        """Newest first; each filter must equal the entry's field (`since`: ts >= value;
+        `before`: entries older than that entry id).
         With `targets`, only entries about those targets (none without a target)."""
         since = filters.pop("since", None)
+        before = filters.pop("before", None)  # an entry id: the page after one ending there
         wanted = {k: v for k, v in filters.items() if v}
         out: list[dict[str, Any]] = []
-        upper = "+"
+        upper = f"({before}" if before else "+"
         while len(out) < limit:
             rows = await self.redis.xrevrange(self.key, max=upper, min="-", count=500)
             if not rows:

@@ -366,8 +366,17 @@ class JobStore:
         kind: str | None = None,
         limit: int = 100,
         targets: set[str] | None = None,
+        before: str | None = None,
     ) -> list[Job]:
-        """Newest first, filtered; drops index entries whose record expired."""
+        """Newest first, filtered; drops index entries whose record expired. `before`: a
+        job id; only jobs created before it (the next page after a page ending there)."""
+        upper: float | str = "+inf"
+        if before is not None:
+            score = await self.redis.zscore(self.keys.job_index, before)
+            if score is None:
+                raise NotFound(f"no job {before!r} to page from (expired, or not a job id)",
+                               code="job_not_found")
+            upper = f"({score!r}"
         await self.redis.zremrangebyscore(self.keys.job_index, "-inf", time.time() - self.ttl)
         out: list[Job] = []
         start = 0
@@ -376,7 +385,8 @@ class JobStore:
         filtered = any(f is not None for f in (target, status, kind))
         page = 200 if filtered else max(limit, 10)
         while len(out) < limit:
-            ids = await self.redis.zrevrange(self.keys.job_index, start, start + page - 1)
+            ids = await self.redis.zrevrangebyscore(self.keys.job_index, upper, "-inf",
+                                                    start=start, num=page)
             if not ids:
                 break
             start += page

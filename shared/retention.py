@@ -145,3 +145,23 @@ def plan(backups: Sequence[tuple[str, datetime]], policy: Policy, now: datetime,
     for d in decisions:
         d.keep = bool(d.reasons)
     return decisions
+
+
+# safety backups and uploads: kept 7 days (and the newest always), whatever the policy
+AUX_POLICY = Policy(max_age=timedelta(days=7))
+
+
+def plan_destination(manifests: Sequence[Mapping[str, Any]], policy: Policy, now: datetime,
+                     tz: str = "UTC") -> list[Decision]:
+    """What a prune would do on one destination: regular backups by `policy`, safety
+    backups and uploads by AUX_POLICY. Time comes from the name (a manifest only agrees
+    with it); a damaged manifest decides nothing: its backup is neither kept nor deleted."""
+    from shared import naming
+
+    decisions: list[Decision] = []
+    for regular, rule in ((True, policy), (False, AUX_POLICY)):
+        group = [(str(m["filename"]), naming.parse(str(m["filename"])).created_at)
+                 for m in manifests if not m.get("damaged")
+                 and (m.get("kind") == "backup") == regular]
+        decisions += plan(group, rule, now, tz)
+    return decisions

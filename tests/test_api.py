@@ -326,3 +326,55 @@ async def test_without_a_worker_the_answer_says_so(api: Any, settings: Any) -> N
     assert resp.status == 503 and body["error"]["code"] == "no_worker"
     jobs = (await (await api.get("/api/v1/jobs")).json())["jobs"]
     assert len(jobs) == 1  # only the REST one
+
+
+async def test_jobs_and_audit_page_on_and_retention_previews(
+        aiohttp_client: Any, redis: Any, prefix: str, tmp_path: Path, pg_db: str,
+        test_env: dict[str, str]) -> None:
+    """Issue 22, item 9 (what the page needs): jobs and audit come in pages (next_before,
+    each entry once, in order); /retention says what a prune would delete now and why the
+    rest stays — and deletes nothing."""
+    from api.app import create_app
+    from shared.config import parse_settings
+    from tests.conftest import bearer, make_raw_config
+    from tests.helpers import running_worker
+
+    raw = make_raw_config(prefix, tmp_path / "backups", pg_db)
+    raw["targets"]["main"]["retention"] = {"keep_last": 2}
+    settings = parse_settings(raw, test_env, base=tmp_path, source="<test>")
+    api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
+    async with running_worker(settings):
+        names = [(await backup(api))["result"]["filename"] for _ in range(4)]
+    seen: list[str] = []
+    query = "/api/v1/jobs?limit=3&kind=backup"
+    while True:
+        doc = await (await api.get(query)).json()
+        seen += [j["id"] for j in doc["jobs"]]
+        if "next_before" not in doc:
+            break
+        query = f"/api/v1/jobs?limit=3&kind=backup&before={doc['next_before']}"
+    assert len(seen) == 4 == len(set(seen))
+    created = [(await (await api.get(f"/api/v1/jobs/{i}")).json())["created_at"] for i in seen]
+    assert created == sorted(created, reverse=True)
+    resp = await api.get("/api/v1/jobs?before=nope-nope")
+    assert resp.status in (400, 404)
+
+    ids: list[str] = []
+    query = "/api/v1/audit?limit=2&action=job.backup"
+    while True:
+        doc = await (await api.get(query)).json()
+        ids += [e["id"] for e in doc["entries"]]
+        if "next_before" not in doc:
+            break
+        query = f"/api/v1/audit?limit=2&action=job.backup&before={doc['next_before']}"
+    assert len(ids) == 4 == len(set(ids)) and ids == sorted(ids, reverse=True)
+
+    plan = await (await api.get("/api/v1/targets/main/retention")).json()
+    local = plan["destinations"]["local"]
+    assert plan["policy"] == {"keep_last": 2} and local["kept"] == 2
+    assert sorted(d["filename"] for d in local["delete"]) == sorted(names[:2])
+    assert all(d["reasons"] == ["no rule keeps it"] for d in local["delete"])
+    assert len(list((tmp_path / "backups" / "main").glob("backup_*.gz"))) == 4  # none gone
+    viewer = await aiohttp_client(create_app(settings), headers=bearer(settings, "viewer"))
+    assert (await viewer.get("/api/v1/targets/main/retention")).status == 200
+    assert (await viewer.get("/api/v1/targets/nope/retention")).status == 404

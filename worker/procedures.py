@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from shared import backup_sets, codecs, formats, naming, retention
@@ -43,8 +43,6 @@ from shared.outage import JobTakenOver, RedisUnavailable
 from worker import pipeline
 from worker.engines import Engine, RestoreOptions, server_sets
 from worker.progress import Progress
-
-AUX_RETENTION = retention.Policy(max_age=timedelta(days=7))  # safety backups, uploads
 
 log = logging.getLogger("safehold.worker")
 
@@ -268,15 +266,8 @@ class Procedures:
                                "destinations": {}}
         for store in self.catalog.stores_of(target):
             manifests = await store.list_manifests(target.id)
-            decisions = []
             mine = store.config.retention or target.retention  # a destination may keep more
-            for kind, policy in (("backup", mine), ("other", AUX_RETENTION)):
-                # time from the name (a manifest only agrees with it); a damaged manifest
-                # decides nothing: its backup is neither kept nor deleted by a policy
-                group = [(str(m["filename"]), naming.parse(str(m["filename"])).created_at)
-                         for m in manifests if not m.get("damaged")
-                         and (m.get("kind") == "backup") == (kind == "backup")]
-                decisions += retention.plan(group, policy, now, target.timezone)
+            decisions = retention.plan_destination(manifests, mine, now, target.timezone)
             for d in decisions:
                 if not d.keep and d.filename in busy:
                     d.keep, d.reasons = True, ["a queued restore names it"]
