@@ -8,8 +8,12 @@ const ROLES = { viewer: 1, operator: 2, admin: 3 };
 const TERMINAL = ["succeeded", "failed", "cancelled"];
 let token = sessionStorage.getItem("safehold-token") || "";
 let me = null;
+let bySchedule = {};
 let selected = null;
 const following = new Set();
+// paging: the cursor of the page shown (null: the newest), and the next one's
+const pages = { jobs: { before: null, next: null, trail: [] },
+                audit: { before: null, next: null, trail: [] } };
 
 const $ = (sel) => document.querySelector(sel);
 
@@ -118,20 +122,25 @@ async function refresh() {
 async function loadTargets() {
   const [targets, schedules] = await Promise.all([
     api("GET", "/api/v1/targets"), api("GET", "/api/v1/schedules")]);
-  const bySchedule = Object.fromEntries(schedules.schedules.map((s) => [s.target, s]));
+  bySchedule = Object.fromEntries(schedules.schedules.map((s) => [s.target, s]));
+  fillTargetFilters(targets.targets.map((t) => t.id));
   const body = $("#targets tbody");
   body.replaceChildren();
   for (const t of targets.targets) {
     const s = bySchedule[t.id] || {};
-    const row = el("tr", { "data-target": t.id, class: t.id === selected ? "selected" : null },
-      el("td", {}, el("a", { href: "#", onclick: (e) => { e.preventDefault(); selectTarget(t.id); } },
-                      t.id)),
-      el("td", {}, t.engine),
-      el("td", {}, t.schedule ? `${t.schedule} (next ${age(s.next_run).replace(" ago", "")})`
-                              : "—"),
+    const row = el("tr", { "data-target": t.id, tabindex: "0",
+                           class: t.id === selected ? "selected" : null },
+      el("td", {}, el("a", { href: "#" }, t.id)),
+      el("td", { class: "wide" }, t.engine),
+      el("td", { class: "wide" }, t.schedule ? `${t.schedule} (${until(s.next_run)})` : "—"),
       el("td", { class: "last-backup" }, "…"),
       el("td", { class: "last-drill" }, "…"),
       el("td", { class: "health" }, "…"));
+    // the whole row selects the target (mouse, or Enter/Space from the keyboard)
+    row.addEventListener("click", (e) => { e.preventDefault(); selectTarget(t.id); });
+    row.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" || e.key === " ") { e.preventDefault(); selectTarget(t.id); }
+    });
     body.append(row);
     api("GET", `/api/v1/targets/${encodeURIComponent(t.id)}/backups`).then((doc) => {
       const newest = doc.backups.find((b) => b.kind === "backup");
@@ -139,13 +148,16 @@ async function loadTargets() {
         newest ? `${age(newest.created_at)} (${mib(newest.size_bytes)})` : "none yet";
       const drilled = doc.backups.find((b) => b.verification);
       row.querySelector(".last-drill").textContent = drilled
-        ? `${drilled.verification.outcome} ${age(drilled.verified_at)}` : "none";
+        ? `${drillWord(drilled.verification)} ${age(drilled.verified_at)}` : "none";
       // health in words: what an operator must act on first
       const health = row.querySelector(".health");
       const problems = [];
       if (s.missed_since) problems.push(`scheduled backups missed (alert ${age(s.missed_since)})`);
       if (s.last_status === "failed") problems.push(`last scheduled backup failed (${s.last_error})`);
-      if (drilled && drilled.verification.outcome !== "passed") problems.push("last drill failed");
+      if (drilled && drilled.verification.outcome === "failed") problems.push("last drill failed");
+      if (drilled && drilled.verification.outcome === "not_run") {
+        problems.push(`last drill could not run (${drilled.verification.error})`);
+      }
       if (!newest) problems.push("no backup yet");
       health.textContent = problems.length ? problems.join("; ") : "ok";
       health.className = "health " + (problems.length ? "error" : "ok");
@@ -162,29 +174,144 @@ async function selectTarget(id) {
   $("#target-name").textContent = id;
   const role = roleOn(id);
   showForRole($("#target-view"), role);
-  const doc = await api("GET", `/api/v1/targets/${encodeURIComponent(id)}/backups`);
+  const path = `/api/v1/targets/${encodeURIComponent(id)}`;
+  const [doc, plan] = await Promise.all([api("GET", `${path}/backups`),
+                                         api("GET", `${path}/retention`).catch(() => null)]);
+  if (selected !== id) return;  // another target was chosen meanwhile
+  showFacts(id, plan);
+  const regular = doc.backups.filter((b) => b.kind === "backup");
+  drawChart($("#chart-size"), regular, (b) => b.size_bytes, mib);
+  drawChart($("#chart-duration"), regular, (b) => b.duration_s,
+            (v) => (v === null || v === undefined ? "?" : `${v.toFixed(1)} s`));
+  const showSafety = $("#show-safety").checked;
+  const safety = doc.backups.filter((b) => b.kind === "safety_backup").length;
+  $("#safety-count").textContent = safety ? `(${safety})` : "";
   const body = $("#backups tbody");
   body.replaceChildren();
   for (const b of doc.backups) {
-    const actions = el("td", {});
+    if (b.kind === "safety_backup" && !showSafety) continue;
+    const actions = el("td", { class: "row-actions" });
     if (role >= ROLES.operator) {
       actions.append(el("button", { onclick: () => download(id, b.filename) }, "Download"),
                      " ",
                      el("button", { onclick: () => restore(id, b.filename) }, "Restore"));
     }
     if (role >= ROLES.admin) {
-      actions.append(" ", el("button", { class: "danger",
-                                         onclick: () => remove(id, b.filename) }, "Delete"));
+      const more = el("details", { class: "more" }, el("summary", { title: "more" }, "⋯"),
+        el("div", { class: "menu" },
+           el("button", { class: "danger", onclick: () => remove(id, b.filename) },
+              "Delete…")));
+      actions.append(" ", more);
     }
+    const drill = b.verification;
     body.append(el("tr", { "data-backup": b.filename },
       el("td", { class: "mono" }, b.filename),
       el("td", {}, b.kind === "safety_backup" ? "safety backup" : b.kind),
       el("td", {}, mib(b.size_bytes)),
       el("td", { title: b.created_at }, age(b.created_at)),
-      el("td", {}, (b.stored_on || []).join(", ")),
-      el("td", { class: "mono", title: b.sha256 }, (b.sha256 || "").slice(0, 12) + "…"),
-      el("td", {}, b.verification ? b.verification.outcome : "—"),
+      el("td", { class: "wide" }, (b.stored_on || []).join(", ")),
+      el("td", { class: "mono wide", title: b.sha256 }, (b.sha256 || "").slice(0, 12) + "…"),
+      el("td", { class: drill ? { passed: "ok", failed: "error", not_run: "warn" }[
+                   drill.outcome] || "" : "",
+                 title: drill && drill.why ? drill.why : null },
+         drill ? drillWord(drill) : "—"),
       actions));
+  }
+  labelCells($("#backups"));
+}
+
+// each cell names its column (shown before the value when a narrow screen stacks a row)
+function labelCells(table) {
+  const heads = [...table.querySelectorAll("thead th")].map((th) => th.textContent.trim());
+  for (const row of table.querySelectorAll("tbody tr")) {
+    [...row.children].forEach((td, i) => {
+      if (heads[i] && td.colSpan === 1) td.setAttribute("data-label", heads[i]);
+    });
+  }
+}
+
+function drillWord(v) {
+  return v.outcome === "not_run" ? `not run: ${v.error}` : v.outcome;
+}
+
+function until(iso) {
+  if (!iso) return "not scheduled";
+  const s = (Date.parse(iso) - Date.now()) / 1000;
+  if (s < 90) return "next in a minute";
+  if (s < 5400) return `next in ${Math.round(s / 60)} min`;
+  if (s < 129600) return `next in ${Math.round(s / 3600)} h`;
+  return `next in ${Math.round(s / 86400)} days`;
+}
+
+function policyText(p) {
+  const parts = Object.entries(p || {}).map(([k, v]) => `${k.replace("_", " ")} ${v}`);
+  return parts.length ? parts.join(", ") : "none: every backup is kept";
+}
+
+function showFacts(id, plan) {
+  const s = bySchedule[id] || {};
+  const facts = $("#target-facts");
+  const item = (term, ...value) => [el("dt", {}, term), el("dd", {}, ...value)];
+  const rows = [
+    ...item("Next backup", s.schedule ? `${until(s.next_run)} (${s.schedule}, ${s.timezone})`
+                                      : "no schedule: back up by hand"),
+    ...item("Retention", policyText(s.retention)),
+  ];
+  if (plan) {
+    const doomed = [];
+    for (const [dest, d] of Object.entries(plan.destinations)) {
+      for (const x of d.delete || []) doomed.push([dest, x]);
+    }
+    const list = el("ul", {}, ...doomed.slice(0, 5).map(([dest, x]) =>
+      el("li", {}, el("span", { class: "mono" }, x.filename), ` on ${dest} — `,
+         x.reasons.join("; "))));
+    rows.push(...item("Next prune deletes",
+      doomed.length ? `${doomed.length} backup(s)` : "nothing",
+      doomed.length > 5 ? ` (first 5 shown)` : "", doomed.length ? list : null));
+  }
+  facts.replaceChildren(...rows);
+}
+
+// a small SVG chart, oldest → newest: one bar per backup, its value on hover
+function drawChart(svg, backups, value, label) {
+  const NS = "http://www.w3.org/2000/svg";
+  const node = (tag, attrs, text) => {
+    const n = document.createElementNS(NS, tag);
+    for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v);
+    if (text !== undefined) n.textContent = text;
+    return n;
+  };
+  const points = backups.slice(0, 30).reverse()
+    .map((b) => ({ b, v: value(b) })).filter((p) => typeof p.v === "number");
+  const W = 320, H = 120, left = 4, bottom = 16, top = 14;
+  const children = [node("line", { class: "axis", x1: left, y1: H - bottom, x2: W,
+                                   y2: H - bottom })];
+  if (!points.length) {
+    children.push(node("text", { x: W / 2, y: H / 2, "text-anchor": "middle" },
+                       "no backups yet"));
+    svg.replaceChildren(...children);
+    return;
+  }
+  const max = Math.max(...points.map((p) => p.v)) || 1;
+  const step = (W - left) / points.length;
+  points.forEach((p, i) => {
+    const h = Math.max(1, ((H - bottom - top) * p.v) / max);
+    const bar = node("rect", { class: "bar", x: left + i * step + step * 0.15,
+                               y: H - bottom - h, width: Math.max(1, step * 0.7), height: h });
+    bar.append(node("title", {}, `${p.b.filename}: ${label(p.v)}`));
+    children.push(bar);
+  });
+  children.push(node("text", { x: left + 2, y: 10 }, `max ${label(max)}`),
+                node("text", { x: left, y: H - 3 }, age(points[0].b.created_at)),
+                node("text", { x: W - 2, y: H - 3, "text-anchor": "end" },
+                     `${label(points[points.length - 1].v)} (latest)`));
+  svg.replaceChildren(...children);
+}
+
+function fillTargetFilters(ids) {
+  for (const sel of [$("#job-target"), $("#audit-target")]) {
+    if (sel.options.length > 1) continue;
+    for (const id of ids) sel.append(el("option", { value: id }, id));
   }
 }
 
@@ -330,13 +457,50 @@ function jobRow(job) {
     el("td", { class: job.status === "failed" ? "error outcome" : "outcome" }, outcome(job)));
 }
 
+const JOBS_PAGE = 20;
+const AUDIT_PAGE = 25;
+
+function query(params) {
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) if (v) q.set(k, v);
+  return q.toString();
+}
+
 async function loadJobs() {
-  const doc = await api("GET", "/api/v1/jobs?limit=20");
+  const page = pages.jobs;
+  const doc = await api("GET", "/api/v1/jobs?" + query({
+    limit: JOBS_PAGE, target: $("#job-target").value, kind: $("#job-kind").value,
+    status: $("#job-status").value, before: page.before }));
+  page.next = doc.next_before || null;
   const body = $("#jobs tbody");
   body.replaceChildren(...doc.jobs.filter((j) => j.kind !== "stats").map(jobRow));
+  if (!doc.jobs.length) body.append(el("tr", {}, el("td", { colspan: "6", class: "muted" },
+                                                      "no job matches")));
+  labelCells($("#jobs"));
+  showPager("jobs", doc.jobs.length);
   for (const job of doc.jobs) {
     if (!TERMINAL.includes(job.status)) track(job.id);
   }
+}
+
+function showPager(name, shown) {
+  const page = pages[name];
+  $(`#${name}-older`).disabled = !page.next;
+  $(`#${name}-newest`).disabled = page.before === null;
+  $(`#${name}-page`).textContent = `page ${page.trail.length + 1}` +
+    (shown ? ` · ${shown} shown` : "");
+}
+
+function pageTo(name, load, direction) {
+  const page = pages[name];
+  if (direction === "older" && page.next) {
+    page.trail.push(page.before);
+    page.before = page.next;
+  } else {
+    page.before = null;
+    page.trail = [];
+  }
+  return load();
 }
 
 async function track(jobId) {
@@ -354,7 +518,7 @@ async function track(jobId) {
     });
     const job = await api("GET", `/api/v1/jobs/${encodeURIComponent(jobId)}`);
     const row = document.querySelector(`tr[data-job="${CSS.escape(jobId)}"]`);
-    if (row) row.replaceWith(jobRow(job));
+    if (row) { row.replaceWith(jobRow(job)); labelCells($("#jobs")); }
     await Promise.all([loadTargets(), loadAudit()]);  // last backup, last drill, the trail
     if (selected) await selectTarget(selected);
   } finally {
@@ -409,11 +573,26 @@ async function followEvents(jobId, onEvent) {
 // ------------------------------------------------------------------ audit
 async function loadAudit() {
   if ($("#audit-view").hidden) return;
-  const doc = await api("GET", "/api/v1/audit?limit=50");
+  const page = pages.audit;
+  const doc = await api("GET", "/api/v1/audit?" + query({
+    limit: AUDIT_PAGE, target: $("#audit-target").value, result: $("#audit-result").value,
+    via: $("#audit-via").value, action: $("#audit-action").value.trim(),
+    before: page.before }));
+  page.next = doc.next_before || null;
   $("#audit tbody").replaceChildren(...doc.entries.map((e) => el("tr", {},
-    el("td", {}, e.ts), el("td", {}, e.subject || ""), el("td", { title: e.client || "" }, e.via || e.client || ""),
-    el("td", {}, e.action), el("td", {}, e.result), el("td", {}, e.target || ""),
-    el("td", { class: "mono" }, e.backup || e.job || ""))));
+    el("td", { title: e.ts }, age(e.ts)), el("td", {}, e.subject || ""),
+    el("td", { title: e.client ? `token client: ${e.client}` : null }, e.via || e.client || ""),
+    el("td", {}, e.action),
+    el("td", { class: { denied: "error", error: "error", failed: "error" }[e.result] || "" },
+       e.result),
+    el("td", {}, e.target || ""),
+    el("td", { class: "mono wide" }, e.backup || e.job || ""))));
+  if (!doc.entries.length) {
+    $("#audit tbody").append(el("tr", {}, el("td", { colspan: "7", class: "muted" },
+                                              "no entry matches")));
+  }
+  labelCells($("#audit"));
+  showPager("audit", doc.entries.length);
 }
 
 // ------------------------------------------------------------------ SSO (PKCE)
@@ -489,4 +668,12 @@ $("#backup-now").addEventListener("click", () =>
   startJob("POST", `/api/v1/targets/${encodeURIComponent(selected)}/backups`, {}));
 $("#verify-now").addEventListener("click", () =>
   startJob("POST", `/api/v1/targets/${encodeURIComponent(selected)}/verify`, {}));
+$("#show-safety").addEventListener("change", () => selected && selectTarget(selected));
+for (const [name, load] of [["jobs", loadJobs], ["audit", loadAudit]]) {
+  $(`#${name}-older`).addEventListener("click", () => pageTo(name, load, "older"));
+  $(`#${name}-newest`).addEventListener("click", () => pageTo(name, load, "newest"));
+  const filters = $(name === "jobs" ? "#job-filters" : "#audit-filters");
+  filters.addEventListener("change", () => pageTo(name, load, "newest"));
+  filters.addEventListener("submit", (e) => { e.preventDefault(); pageTo(name, load, "newest"); });
+}
 start();
