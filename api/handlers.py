@@ -15,6 +15,7 @@ from api.context import PRINCIPAL, REQUEST_ID, SERVICES, Services
 from api.files import send_stream
 from api.operations import MAX_WAIT, Caller, Operations
 from api.roles import Role
+from api.schemas import JOB_ID
 from shared import codecs, naming
 from shared.config import TARGET_ID_RE
 from shared.errors import BadRequest, NotFound, SafeholdError, Unavailable
@@ -330,6 +331,19 @@ async def create_restore(request: web.Request) -> web.Response:
 
 
 # ---------------------------------------------------------------------- jobs
+JOB_ID_RE = re.compile(JOB_ID["pattern"])
+AUDIT_ID_RE = re.compile(r"^[0-9]{1,19}-[0-9]{1,19}$")
+
+
+def cursor(request: web.Request, grammar: re.Pattern[str], what: str) -> str | None:
+    """A paging cursor (`before`) from the query, in its grammar, else 400."""
+    value = request.query.get("before")
+    if value is not None and not grammar.fullmatch(value):
+        raise BadRequest(f"query parameter 'before' must be {what} (the previous page's "
+                         "next_before)", code="invalid_query")
+    return value
+
+
 async def list_jobs(request: web.Request) -> web.Response:
     s = svc(request)
     q = request.query
@@ -346,7 +360,8 @@ async def list_jobs(request: web.Request) -> web.Response:
         require(p, Role.VIEWER, q["target"])
     visible = set(p.targets_visible(list(s.settings.targets)))
     jobs = await s.store.list_jobs(target=q.get("target"), status=status, kind=kind,
-                                   limit=limit, targets=visible, before=q.get("before"))
+                                   limit=limit, targets=visible,
+                                   before=cursor(request, JOB_ID_RE, "a job id"))
     page: dict[str, Any] = {"jobs": [job_view(j, p) for j in jobs], "count": len(jobs)}
     if len(jobs) == limit:  # maybe more: the next page starts after the last one
         page["next_before"] = jobs[-1].id
@@ -374,7 +389,8 @@ async def audit(request: web.Request) -> web.Response:
     entries = await svc(request).audit.query(
         limit=limit, targets=targets, subject=q.get("subject"), target=q.get("target"),
         action=q.get("action"), result=q.get("result"), job=q.get("job"),
-        via=q.get("via"), since=q.get("since"), before=q.get("before"))
+        via=q.get("via"), since=q.get("since"),
+        before=cursor(request, AUDIT_ID_RE, "an audit entry id (its `id`)"))
     page: dict[str, Any] = {"entries": entries, "count": len(entries)}
     if len(entries) == limit:
         page["next_before"] = entries[-1]["id"]

@@ -46,6 +46,8 @@ class AuditLog:
         before = filters.pop("before", None)  # an entry id: the page after one ending there
         wanted = {k: v for k, v in filters.items() if v}
         out: list[dict[str, Any]] = []
+        if before is not None and before.strip("0-") == "":
+            return out  # nothing is older than the stream's first possible id, 0-0
         upper = f"({before}" if before else "+"
         while len(out) < limit:
             rows = await self.redis.xrevrange(self.key, max=upper, min="-", count=500)

@@ -368,6 +368,14 @@ async def test_jobs_and_audit_page_on_and_retention_previews(
             break
         query = f"/api/v1/audit?limit=2&action=job.backup&before={doc['next_before']}"
     assert len(ids) == 4 == len(set(ids)) and ids == sorted(ids, reverse=True)
+    for first in ("0-0", "0-1"):  # nothing before the stream's start (fuzzer-found 500)
+        resp = await api.get(f"/api/v1/audit?before={first}")
+        assert resp.status == 200 and (await resp.json())["entries"] == []
+    for bad in ("", "0", "1-2-3", "1-2%0A"):
+        for path in ("/api/v1/audit", "/api/v1/jobs"):
+            resp = await api.get(f"{path}?before={bad}")
+            assert resp.status == 400, (path, bad)
+            assert (await resp.json())["error"]["code"] == "invalid_query"
 
     plan = await (await api.get("/api/v1/targets/main/retention")).json()
     local = plan["destinations"]["local"]
