@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import secrets
 import weakref
@@ -30,7 +29,7 @@ from api.roles import Role
 from api.routes import ROUTES, add_routes, route_of
 from shared import logs
 from shared.config import Settings
-from shared.errors import SafeholdError
+from shared.errors import SafeholdError, disk_full
 from shared.redact import redact
 
 log = logging.getLogger("safehold.api")
@@ -70,7 +69,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             "may or may not have been created: look at /api/v1/jobs, or repeat with the "
             "same Idempotency-Key"), status=503, headers={"Retry-After": "5"})
     except OSError as exc:
-        if exc.errno != errno.ENOSPC:
+        if not disk_full(exc):
             log.exception("unhandled error in %s %s (request %s)", request.method,
                           request.path, request_id)
             resp = web.json_response(error_body(

@@ -18,6 +18,7 @@ import aiohttp
 
 from shared import safehold_version
 from shared.errors import SafeholdError
+from shared.jobs import TERMINAL
 from shared.storage import sha256_file
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
@@ -84,7 +85,7 @@ class Client:
                             event = json.loads("\n".join(data))
                             data = []
                             yield event
-                            if event.get("type") in ("succeeded", "failed", "cancelled"):
+                            if event.get("type") in TERMINAL:
                                 return
                     return
             except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,

@@ -20,6 +20,7 @@ from api.client import (
     mib,
     render_progress,
 )
+from shared.jobs import TERMINAL
 
 JOB_WAIT = 3600
 
@@ -182,14 +183,13 @@ async def job_started(client: Client, job: dict[str, Any], args: argparse.Namesp
     _warn(job)
     if getattr(args, "follow", False):
         return await follow(client, job, args.json)
-    if getattr(args, "wait", False) and job.get("status") not in (
-            "succeeded", "failed", "cancelled"):
+    if getattr(args, "wait", False) and job.get("status") not in TERMINAL:
         job = await client.call("GET", f"/api/v1/jobs/{job['id']}?wait={JOB_WAIT}")
-        while job.get("status") not in ("succeeded", "failed", "cancelled"):
+        while job.get("status") not in TERMINAL:
             async for _ in client.events(job["id"]):
                 pass
             job = await client.call("GET", f"/api/v1/jobs/{job['id']}")
-    if job.get("status") in ("succeeded", "failed", "cancelled"):
+    if job.get("status") in TERMINAL:
         return finish(job, args.json)
     print(json.dumps(job, indent=2) if args.json else
           f"{job['kind']} job {job['id']} {job['status']} (safehold follow {job['id']})")
@@ -316,7 +316,7 @@ async def run(client: Client, args: argparse.Namespace) -> int:  # noqa: C901 - 
         job = await client.call("GET", f"/api/v1/jobs/{args.job_id}")
         if c == "follow" or args.follow:
             return await follow(client, job, args.json)
-        if args.json or job.get("status") not in ("succeeded", "failed", "cancelled"):
+        if args.json or job.get("status") not in TERMINAL:
             out(job)
             return EXIT_OK
         return finish(job, False)
@@ -400,7 +400,7 @@ async def _prune(client: Client, args: argparse.Namespace) -> int:
         return EXIT_USAGE
     query = "dry_run=true" if args.dry_run else f"wait={JOB_WAIT}"
     job = await client.call("POST", f"/api/v1/targets/{args.target}/prune?{query}")
-    if job.get("status") not in ("succeeded", "failed", "cancelled"):
+    if job.get("status") not in TERMINAL:
         job = await client.call("GET", f"/api/v1/jobs/{job['id']}?wait={JOB_WAIT}")
     if args.json or job.get("status") != "succeeded":
         return finish(job, args.json)

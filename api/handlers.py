@@ -19,7 +19,7 @@ from api.schemas import JOB_ID
 from shared import codecs, naming
 from shared.config import TARGET_ID_RE
 from shared.errors import BadRequest, NotFound, SafeholdError, Unavailable
-from shared.jobs import Job
+from shared.jobs import Job, JobKind, JobStatus
 
 CALLER = web.RequestKey("caller", Caller)
 STATS_WAIT = 60.0
@@ -48,7 +48,7 @@ def for_reader(doc: dict[str, Any], reader: Principal | None, kind: str,
     """A restore's error quotes what the restored file made the database say (user SQL can
     echo anything it reads): only operators and admins of the target see that text. Below
     admin, server file paths in any job's error are hidden."""
-    if reader is not None and kind == "stats" and reader.role_for(target) < Role.ADMIN and \
+    if reader is not None and kind == JobKind.STATS and reader.role_for(target) < Role.ADMIN and \
             isinstance(doc.get("result"), dict) and "path" in doc["result"]:
         doc = {**doc, "result": {k: v for k, v in doc["result"].items() if k != "path"}}
     error = doc.get("error")
@@ -56,7 +56,7 @@ def for_reader(doc: dict[str, Any], reader: Principal | None, kind: str,
             reader.role_for(target) < Role.ADMIN and isinstance(error.get("message"), str):
         error = {**error, "message": hide_paths(error["message"])}
         doc = {**doc, "error": error}
-    if (reader is None or kind != "restore" or not isinstance(error, dict)
+    if (reader is None or kind != JobKind.RESTORE or not isinstance(error, dict)
             or reader.role_for(target) >= Role.OPERATOR):
         return doc
     shown = {k: v for k, v in error.items() if k != "message"}
@@ -236,12 +236,12 @@ async def stats_of(request: web.Request, target: str) -> web.Response:
         raise Unavailable("no worker is running to query the database; start one with "
                           "`safehold worker`", code="no_worker")
     job = await ops(request).submit(caller(request), "stats", target, {}, {}, wait=STATS_WAIT)
-    if job.status == "succeeded":
+    if job.status == JobStatus.SUCCEEDED:
         result = dict(job.result or {})
         if request[PRINCIPAL].role_for(target) < Role.ADMIN:
             result.pop("path", None)  # where the file lives on the server: admins only
         return web.json_response(result)
-    if job.status == "failed" and job.error:
+    if job.status == JobStatus.FAILED and job.error:
         raise SafeholdError(job.error.get("message", "stats failed"),
                             code=job.error.get("code", "stats_failed"))
     return job_response(job, request)
@@ -348,9 +348,9 @@ async def list_jobs(request: web.Request) -> web.Response:
     s = svc(request)
     q = request.query
     status, kind = q.get("status"), q.get("kind")
-    if status and status not in ("queued", "running", "succeeded", "failed", "cancelled"):
+    if status and status not in set(JobStatus):
         raise BadRequest(f"unknown status '{status}'", code="invalid_query")
-    if kind and kind not in ("backup", "restore", "stats", "prune", "verify"):
+    if kind and kind not in set(JobKind):
         raise BadRequest(f"unknown kind '{kind}'", code="invalid_query")
     limit = int(query_float(request, "limit", 1, 1000) or 100)
     p = principal_of(request)

@@ -35,7 +35,7 @@ from api.operations import Caller, Operations
 from api.roles import Role
 from shared import safehold_version
 from shared.errors import BadRequest, Forbidden, SafeholdError, Unauthorized
-from shared.jobs import Job
+from shared.jobs import Job, JobStatus
 
 PLAN_TTL = 300  # seconds a restore confirmation token lives
 WAIT_MAX = 3600.0
@@ -133,7 +133,7 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
                                           str(ev.data.get("phase") or ""))
         if wait > 0 and not job.terminal:
             job = await ops.wait(job.id, min(wait, WAIT_MAX), on_event)
-        if job.status == "succeeded":
+        if job.status == JobStatus.SUCCEEDED:
             await ctx.report_progress(100.0, 100.0, "succeeded")
         return job_summary(job, who.principal)
 

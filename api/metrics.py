@@ -28,6 +28,7 @@ from api.context import SERVICES, Services
 from api.handlers import live_workers
 from api.roles import Role
 from shared.errors import Unavailable
+from shared.jobs import JobKind
 from shared.stats import DURATION_BUCKETS
 
 CATALOG_CACHE = web.AppKey("catalog_cache", dict)
@@ -106,7 +107,7 @@ async def metrics(request: web.Request) -> web.Response:
     hist = HistogramMetricFamily("safehold_job_duration_seconds",
                                  "Job durations, by kind and engine.", labels=["kind", "engine"])
     engines = {s.settings.targets[t].engine for t in visible}
-    for kind in ("backup", "restore", "verify", "prune"):
+    for kind in (k for k in JobKind if k != JobKind.STATS):
         for engine in sorted(engines):
             raw = await s.redis.hgetall(  # type: ignore[misc]
                 s.keys.metric(f"duration:{kind}|{engine}"))

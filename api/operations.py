@@ -31,7 +31,7 @@ from shared.errors import (
     Unavailable,
     Unprocessable,
 )
-from shared.jobs import TERMINAL, Job
+from shared.jobs import TERMINAL, Job, JobKind
 from shared.naming import ENGINE_FORMATS
 
 log = logging.getLogger("safehold.api")
@@ -162,7 +162,7 @@ class Operations:
         it is queued anyway with a warning, or refused (503) when the caller must wait."""
         from shared.queue import enqueue, stage_enqueue, wake_worker
 
-        if kind != "stats" and not await self.live_workers():
+        if kind != JobKind.STATS and not await self.live_workers():
             if fail_fast:  # a worker starting right now announces itself within 5 s
                 for _ in range(25):
                     await asyncio.sleep(0.2)
@@ -435,12 +435,12 @@ class Operations:
             manifest = (await self.s.catalog.copies(target.id, name,
                                                    include_damaged=True))[0][1]
             for job in await self.s.store.active_for_target(target.id):
-                if job.kind == "restore" and job.params.get("backup") == name.filename:
+                if job.kind == JobKind.RESTORE and job.params.get("backup") == name.filename:
                     raise Conflict(f"backup {name.filename} is being restored by job "
                                    f"{job.id}", code="backup_in_use")
                 made_for = manifest.get("parent") == job.id or name.filename == \
                     job.safety_backup
-                if job.kind == "restore" and made_for:
+                if job.kind == JobKind.RESTORE and made_for:
                     raise Conflict(f"{name.filename} is the safety backup of restore job "
                                    f"{job.id}, which is still running", code="backup_in_use")
             await self.s.catalog.delete(target.id, name)

@@ -10,6 +10,7 @@ import re
 from typing import Any
 
 from shared.config import TARGET_ID_RE
+from shared.jobs import JobKind, JobStatus
 from shared.naming import _NAME_RE
 
 Schema = dict[str, Any]
@@ -47,8 +48,8 @@ DOWNLOAD_PATH: Schema = {
     "pattern": f"^/api/v1/targets/{_pattern(TARGET_ID_RE)[1:-1]}/backups/"
                f"{_pattern(_NAME_RE)[1:-1]}/download$"}
 JOB_ID: Schema = {"type": "string", "pattern": "^[0-9a-f]{1,16}-[0-9a-f]{12}$"}
-JOB_STATUS: Schema = {"enum": ["queued", "running", "succeeded", "failed", "cancelled"]}
-JOB_KIND: Schema = {"enum": ["backup", "restore", "stats", "prune", "verify"]}
+JOB_STATUS: Schema = {"enum": [s.value for s in JobStatus]}
+JOB_KIND: Schema = {"enum": [k.value for k in JobKind]}
 
 PATH_PARAMS: dict[str, Schema] = {"target": TARGET_ID, "file": BACKUP_NAME,
                                   "filename": BACKUP_NAME, "job_id": JOB_ID}

@@ -29,7 +29,7 @@ from api.handlers import (
 from api.uploads import store_upload
 from shared.config import TargetConfig
 from shared.errors import Unprocessable
-from shared.jobs import Job
+from shared.jobs import Job, JobStatus
 
 # job failures caused by the request itself (answered 400, not 500)
 CLIENT_ERRORS = frozenset({"apoc_unavailable", "engine_mismatch", "bad_request"})
@@ -46,7 +46,7 @@ def _size_mb(size: int) -> float:
 
 def _not_done(job: Job, reader: Principal) -> web.Response | None:
     """The answer for a job that did not succeed: 500 with its error, or 202 while running."""
-    if job.status == "succeeded":
+    if job.status == JobStatus.SUCCEEDED:
         return None
     url = f"/api/v1/jobs/{job.id}"
     if not job.terminal:
@@ -56,7 +56,7 @@ def _not_done(job: Job, reader: Principal) -> web.Response | None:
             status=202, headers={"Location": url})
     err = for_reader(job.to_dict(), reader, job.kind, job.target).get("error") or {
         "code": job.status, "message": f"the {job.kind} was {job.status}"}
-    status = 500 if job.status == "failed" else 409
+    status = 500 if job.status == JobStatus.FAILED else 409
     if err.get("code") in CLIENT_ERRORS:
         status = 400
     return web.json_response(

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from shared import manifests, naming
 from shared.config import DestinationConfig, Settings, TargetConfig
-from shared.errors import NotFound, PipelineError, SafeholdError, Unavailable
+from shared.errors import NotFound, PipelineError, SafeholdError, Unavailable, disk_full
 
 log = logging.getLogger("safehold.storage")
 QUEUE_DEPTH = 2  # stored chunks (~1 MiB) waiting per destination
@@ -202,7 +202,7 @@ class Fanout:
 def _as_error(exc: BaseException, name: str) -> SafeholdError:
     if isinstance(exc, SafeholdError):
         return exc
-    if isinstance(exc, OSError) and exc.errno == 28:
+    if disk_full(exc):
         return PipelineError(f"destination {name}: no space left on the device",
                              code="storage_full")
     return PipelineError(f"destination {name}: {type(exc).__name__}: {exc}",

@@ -182,3 +182,11 @@ class IntegrityError(PipelineError):
 
     code = "checksum_mismatch"
     status = 422
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` is a write that found no space left (ENOSPC): the operator's to fix
+    (free space or prune), answered as `storage_full`, never an internal error."""
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC

@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
@@ -28,9 +29,28 @@ from shared.outage import ride_out
 
 T = TypeVar("T")
 
-KINDS = ("backup", "restore", "stats")
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+class JobKind(StrEnum):
+    """What a job does: the one list of kinds (the API's enum, filters and metrics read
+    it). Members equal their strings, so records and query values compare directly."""
+
+    BACKUP = "backup"
+    RESTORE = "restore"
+    STATS = "stats"
+    PRUNE = "prune"
+    VERIFY = "verify"
+
+
+class JobStatus(StrEnum):
+    """Where a job stands; the transitions are in the module docstring."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 EVENT_MAXLEN = 10_000
 GLOBAL_EVENT_MAXLEN = 100_000
 # where a restore stands, written to the job record BEFORE each step, so whoever finds the
@@ -122,11 +142,11 @@ class Job:
     def cancellable(self) -> bool:
         """Queued, or a restore that has not changed the database (or changed it only
         inside a transaction that a cancel rolls back)."""
-        if self.status == "queued":
+        if self.status == JobStatus.QUEUED:
             return True
-        if self.status != "running":
+        if self.status != JobStatus.RUNNING:
             return False
-        return self.kind != "restore" or restore_cancellable(self.restore_state)
+        return self.kind != JobKind.RESTORE or restore_cancellable(self.restore_state)
 
     @property
     def terminal(self) -> bool:
@@ -148,7 +168,7 @@ class Job:
             "finished_at": self.finished_at,
             "cancel_requested": self.cancel_requested,
             **({"safety_backup": self.safety_backup, "restore_state": self.restore_state}
-               if self.kind == "restore" else {}),
+               if self.kind == JobKind.RESTORE else {}),
         }
 
     @classmethod

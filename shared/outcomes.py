@@ -21,7 +21,7 @@ from shared import stats
 from shared.audit import AuditLog
 from shared.config import Settings
 from shared.errors import Conflict
-from shared.jobs import Job, JobStore, now_iso
+from shared.jobs import Job, JobKind, JobStatus, JobStore, now_iso
 from shared.keys import Keys
 from shared.notify import Notifier
 from shared.outage import ride_out
@@ -79,9 +79,9 @@ class Outcomes:
         if job.terminal:
             raise Conflict(f"job {job_id} already {job.status}", code="job_finished")
         error = {"code": "cancelled", "message": "cancelled before it started"}
-        if job.kind == "restore":
+        if job.kind == JobKind.RESTORE:
             error["database_state"] = "unchanged"
-        if job.status == "queued" and await self.end(
+        if job.status == JobStatus.QUEUED and await self.end(
                 job, ["queued"], "cancelled", error=error,
                 fields={"cancel_requested": "1"},
                 data={"reason": "cancelled before it started"}):
@@ -126,16 +126,16 @@ class Outcomes:
             self.redis, self.keys, kind=job.kind, status=status, target=job.target,
             engine=target.engine if target else "unknown", duration=max(took, 0.0),
             stored_bytes=int((result or {}).get("size_bytes") or 0)
-            if job.kind == "backup" else 0)
+            if job.kind == JobKind.BACKUP else 0)
 
     def _notify(self, job: Job, status: str, result: dict[str, Any] | None,
                 error: dict[str, Any] | None) -> None:
-        if job.kind == "stats":
+        if job.kind == JobKind.STATS:
             return
         event = f"{job.kind}.{status}"
-        if status == "succeeded" and (result or {}).get("partial"):
+        if status == JobStatus.SUCCEEDED and (result or {}).get("partial"):
             event = "backup.partial"
-        if job.kind == "prune" and status == "succeeded":
+        if job.kind == JobKind.PRUNE and status == JobStatus.SUCCEEDED:
             deleted = [f for d in (result or {}).get("destinations", {}).values()
                        for f in d.get("deleted", [])]
             if (result or {}).get("dry_run") or not deleted:
@@ -153,10 +153,10 @@ class Outcomes:
             "error": {k: error.get(k) for k in ("code", "message", "database_state")}
             if error else None}))
         target = self.settings.targets.get(job.target)
-        if target and target.heartbeat_url and job.kind == "backup" and \
+        if target and target.heartbeat_url and job.kind == JobKind.BACKUP and \
                 job.params.get("scheduled_slot"):
             self.deliver(self.notifier.heartbeat(
-                target.heartbeat_url, "success" if status == "succeeded" else "fail"))
+                target.heartbeat_url, "success" if status == JobStatus.SUCCEEDED else "fail"))
 
     def deliver(self, coro: Awaitable[None]) -> None:
         """Notifications go out in the background: delivery never delays or changes a job."""

@@ -16,7 +16,7 @@ from datetime import datetime
 
 from shared.backupstore import Catalog
 from shared.config import WorkerSettings
-from shared.jobs import RESTORE_STATES, Job, undo_hint
+from shared.jobs import RESTORE_STATES, Job, JobKind, JobStatus, undo_hint
 from shared.locks import release_if_held_by
 from shared.outcomes import Outcomes
 from shared.queue import requeue_dead_claims
@@ -56,7 +56,7 @@ class Reaper:
             if await store.redis.exists(store.keys.heartbeat(job_id)):
                 return False
             job = await store.find(job_id)
-            return job is not None and job.status == "queued"
+            return job is not None and job.status == JobStatus.QUEUED
         for job_id in await requeue_dead_claims(store.redis, store.keys, self.w, unstarted):
             await store.publish(job_id, "log", {
                 "level": "warning",
@@ -100,7 +100,7 @@ async def reap_orphans(outcomes: Outcomes, catalog: Catalog, orphan_after: float
         message = (f"the worker running this {job.kind} ({job.worker or 'unknown'}) stopped "
                    f"heartbeating for over {orphan_after:.0f}s and is presumed dead")
         error: dict[str, object] = {"code": "worker_lost"}
-        if job.kind == "restore":
+        if job.kind == JobKind.RESTORE:
             message, extra = _lost_restore(job, message)
             error.update(extra)
         error["message"] = message

@@ -37,11 +37,11 @@ from shared.errors import (
     SafetyBackupFailed,
     Unavailable,
 )
-from shared.jobs import Job, JobStore, now_iso, undo_hint
+from shared.jobs import Job, JobKind, JobStatus, JobStore, now_iso, undo_hint
 from shared.naming import ENGINE_FORMATS
 from shared.outage import JobTakenOver, RedisUnavailable
 from worker import pipeline
-from worker.engines import Engine, RestoreOptions, server_sets
+from worker.engines import Drill, Drillable, Engine, RestoreOptions, RowCounting, server_sets
 from worker.progress import Progress
 
 log = logging.getLogger("safehold.worker")
@@ -89,7 +89,7 @@ class Procedures:
         worker cut off from Redis alone is taken for dead, and its job failed, by others;
         waiting for Redis here is ridden out like any of the job's Redis calls)."""
         current = await self.store.find(job.id)
-        if current is None or current.status != "running" or current.worker != job.worker:
+        if current is None or current.status != JobStatus.RUNNING or current.worker != job.worker:
             log.warning("job %s was taken for lost by others while this worker could not "
                         "reach Redis; its work stops here", job.id)
             raise JobTakenOver(
@@ -146,7 +146,7 @@ class Procedures:
                     await asyncio.to_thread(close)
             raise
         try:
-            counter = getattr(engine, "row_counter", lambda: None)()
+            counter = engine.row_counter() if isinstance(engine, RowCounting) else None
             ratio = await self._learned_ratio(target)
             async with engine.dump(target, progress, options) as dump:
                 if "set" in dump.info:  # a server target counts each database apart
@@ -258,7 +258,7 @@ class Procedures:
         async def named_by_jobs() -> set[str]:
             return {str(j.params.get("backup"))
                     for j in await self.store.active_for_target(target.id)
-                    if j.kind in ("restore", "verify") and j.id != job.id}
+                    if j.kind in (JobKind.RESTORE, JobKind.VERIFY) and j.id != job.id}
 
         busy = await named_by_jobs()
         now = datetime.now(UTC)
@@ -320,7 +320,7 @@ class Procedures:
         ids = [*supplied, *self.identities(target)]
         progress.plan = {"verifying": (0, 20), "restoring": (20, 90), "checking": (90, 100)}
         t0 = time.monotonic()
-        drill = getattr(engine, "drill", None)
+        drill = engine.drill if isinstance(engine, Drillable) else None
         record: dict[str, Any] = {"backup": name.filename, "job": job.id,
                                   "mode": "content-check" if drill is None
                                   else "scratch-restore"}
@@ -346,20 +346,19 @@ class Procedures:
 
     async def _drill(self, job: Job, target: TargetConfig, engine: Engine,
                      name: naming.BackupName, store: BackupStore, manifest: dict[str, Any],
-                     drill: Any, record: dict[str, Any], ids: Sequence[Any],
+                     drill: Drill | None, record: dict[str, Any], ids: Sequence[Any],
                      progress: Progress, t0: float,
                      windows: bytes | None = None) -> dict[str, Any]:
         mismatches: dict[str, Any] = {}
         checks: list[dict[str, Any]] = []
         if drill is not None:
-            if sweep := getattr(drill, "sweep", None):
-                # scratch copies a killed drill left: older than any verify job may run
-                with contextlib.suppress(Exception):
-                    if swept := await sweep(target, self.settings.worker.restore_timeout
-                                            + 600):
-                        record["swept_scratch"] = swept
-                        progress.warn("dropped scratch copies an interrupted drill left "
-                                      "behind: " + ", ".join(swept))
+            # scratch copies a killed drill left: older than any verify job may run
+            with contextlib.suppress(Exception):
+                if swept := await drill.sweep(target, self.settings.worker.restore_timeout
+                                              + 600):
+                    record["swept_scratch"] = swept
+                    progress.warn("dropped scratch copies an interrupted drill left "
+                                  "behind: " + ", ".join(swept))
             token = backup_sets.token_of(manifest)
             members = {m["database"]: m for m in backup_sets.member_entries(manifest) or []
                        if isinstance(m.get("database"), str)} if token else {}
@@ -409,7 +408,7 @@ class Procedures:
             raise err
         return record
 
-    async def _drill_one(self, target: TargetConfig, engine: Engine, drill: Any,
+    async def _drill_one(self, target: TargetConfig, engine: Engine, drill: Drill,
                          chunks: AsyncIterator[bytes], manifest: dict[str, Any],
                          record: dict[str, Any], progress: Progress, t0: float
                          ) -> dict[str, Any]:
@@ -424,14 +423,13 @@ class Procedures:
         mismatches: dict[str, Any] = {}
         checks: list[dict[str, Any]] = []
         async with drill.scratch(target) as scratch:
-            loaded = chunks
-            if restore_filter := getattr(drill, "restore_filter", None):
-                loaded = restore_filter(chunks)
+            loaded = drill.restore_filter(chunks)
+            if drill.skipped:
                 record["not_restored"] = drill.skipped
             await engine.restore(scratch, loaded, progress, clean=True, manifest=manifest,
                                  options=RestoreOptions(scratch=True))
             record["rto_s"] = round(time.monotonic() - t0, 3)
-            record["scratch"] = getattr(drill, "last_scratch", None)
+            record["scratch"] = drill.last_scratch
             progress.set_phase("checking")
             got = await drill.exact_counts(scratch)
             if expected is None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,8 +20,9 @@ from shared.config import Settings, TargetConfig
 from shared.errors import (
     EngineError,
     SafeholdError,
+    disk_full,
 )
-from shared.jobs import Job, JobStore, now_iso, restore_cancellable
+from shared.jobs import Job, JobKind, JobStatus, JobStore, now_iso, restore_cancellable
 from shared.keys import Keys
 from shared.locks import TargetLock
 from shared.notify import Notifier
@@ -70,7 +70,7 @@ class JobRunner:
     async def run(self, job_id: str) -> dict[str, Any]:
         logs.job_id.set(job_id)  # every log line of this job's task (and its children)
         job = await self.store.find(job_id)
-        if job is None or job.status != "queued":
+        if job is None or job.status != JobStatus.QUEUED:
             return {"skipped": job.status if job else "unknown job"}
         if not await self.store.transition(
             job_id, ["queued"], "running",
@@ -81,11 +81,11 @@ class JobRunner:
         job = await self.store.get(job_id)
         await ride_out("starting its heartbeat", lambda: self._heartbeat(job_id), self.grace)
         target_cfg = self.settings.targets.get(job.target)
-        if target_cfg and target_cfg.heartbeat_url and job.kind == "backup" and \
+        if target_cfg and target_cfg.heartbeat_url and job.kind == JobKind.BACKUP and \
                 job.params.get("scheduled_slot"):
             self.outcomes.deliver(self.notifier.heartbeat(target_cfg.heartbeat_url, "start"))
         progress = Progress()
-        if job.kind == "restore":
+        if job.kind == JobKind.RESTORE:
             await self.store.set_fields(job_id, restore_state="untouched")
 
             async def on_stage(stage: str) -> None:
@@ -116,13 +116,13 @@ class JobRunner:
                     error={"code": "redis_unavailable", "message": state["lost"]}))
             elif state["cancel_requested"]:
                 message = "cancelled on request; nothing was kept"
-                if job.kind == "restore":
+                if job.kind == JobKind.RESTORE:
                     message = ("cancelled on request before the restore changed anything: "
                                "the database is unchanged")
                 await asyncio.shield(self._finish(
                     job, progress, "cancelled",
                     error={"code": "cancelled", "message": message,
-                           **({"database_state": "unchanged"} if job.kind == "restore"
+                           **({"database_state": "unchanged"} if job.kind == JobKind.RESTORE
                               else {})}))
             else:
                 await asyncio.shield(self._finish(
@@ -140,7 +140,7 @@ class JobRunner:
             await asyncio.shield(self._finish(job, progress, "failed", error=error))
             return {"status": "failed"}
         except Exception as exc:
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            if disk_full(exc):
                 log.error("job %s: no space left on the storage (%s)", job_id, exc)
                 error = {"code": "storage_full",
                          "message": redact(f"no space left on the storage ({exc}); the "
@@ -172,15 +172,15 @@ class JobRunner:
     async def _finish(self, job: Job, progress: Progress, status: str, *,
                       result: dict[str, Any] | None = None,
                       error: dict[str, Any] | None = None) -> None:
-        if error is not None and job.kind == "restore" and "database_state" not in error:
+        if error is not None and job.kind == JobKind.RESTORE and "database_state" not in error:
             # a restore that never reached loading has changed nothing
             error["database_state"] = "unchanged" if not progress.stages else "unknown"
         snap = progress.snapshot()
-        if status == "succeeded":
+        if status == JobStatus.SUCCEEDED:
             snap["percent"] = 100.0
             snap["eta_s"] = 0.0
         also: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
-        if status == "succeeded" and job.kind == "backup":
+        if status == JobStatus.SUCCEEDED and job.kind == JobKind.BACKUP:
             also.append(("schedule state", lambda: self._backup_succeeded(job)))
             if self.after_backup is not None:
                 after = self.after_backup
@@ -287,7 +287,7 @@ class JobRunner:
                 self.keys.job(job.id), "cancel_requested")
             if flag == b"1" and not state["cancel_requested"]:
                 stage = progress.stages[-1] if progress.stages else None
-                if job.kind == "restore" and not restore_cancellable(stage):
+                if job.kind == JobKind.RESTORE and not restore_cancellable(stage):
                     await self.redis.hdel(self.keys.job(job.id),  # type: ignore[misc]
                                           "cancel_requested")
                     await self.store.publish(job.id, "log", {
@@ -305,7 +305,7 @@ class JobRunner:
         why = None
         if away > self.settings.worker.orphan_after:
             current = await self.store.find(job.id)
-            if current is None or current.status != "running" or \
+            if current is None or current.status != JobStatus.RUNNING or \
                     current.worker != self.worker_id:
                 why = (f"this worker could not reach Redis for {away:.0f}s and the job was "
                        "taken for lost meanwhile; its work stopped when Redis answered again")
@@ -315,7 +315,7 @@ class JobRunner:
         if why is None:
             return False
         stage = progress.stages[-1] if progress.stages else None
-        if job.kind == "restore" and not restore_cancellable(stage):
+        if job.kind == JobKind.RESTORE and not restore_cancellable(stage):
             progress.warn(why.split(";")[0] + "; the restore is changing the database and "
                           "goes on to its end (or its rollback)")
             return False
@@ -330,7 +330,7 @@ class JobRunner:
         if engine is None:
             raise EngineError(f"engine {target.engine} is not available in this worker",
                               code="engine_unavailable")
-        if job.kind == "stats":  # read-only: no lock
+        if job.kind == JobKind.STATS:  # read-only: no lock
             progress.set_phase("querying")
             return await engine.stats(target)
         if not await ride_out("taking the target lock", lock.try_acquire, self.grace):
@@ -341,9 +341,9 @@ class JobRunner:
             await ride_out("waiting for the target lock", lock.acquire, self.grace)
         supplied = await self._supplied_identity(job) \
             if job.params.get("identity_supplied") else []
-        if job.kind == "verify":
+        if job.kind == JobKind.VERIFY:
             return await self.procedures.verify(job, target, engine, progress, supplied)
-        if job.kind == "prune":
+        if job.kind == JobKind.PRUNE:
             async def on_delete(destination: str, filename: str, reasons: list[str]) -> None:
                 await self.audit.record(
                     action="prune.deleted", result="ok", subject=job.requested_by.get("subject"),
@@ -351,7 +351,7 @@ class JobRunner:
                     target=job.target, job=job.id,
                     backup=filename, detail=f"{destination}: {'; '.join(reasons)}")
             return await self.procedures.prune(job, target, progress, on_delete)
-        if job.kind == "backup":
+        if job.kind == JobKind.BACKUP:
             return await self.procedures.backup(
                 job, target, engine, progress, kind="backup",
                 compress=bool(job.params.get("compress", target.compress)),

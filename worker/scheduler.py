@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from shared import schedules
 from shared.audit import AuditLog
 from shared.config import Settings, TargetConfig
-from shared.jobs import Job, JobStore
+from shared.jobs import Job, JobKind, JobStatus, JobStore
 from shared.keys import Keys
 from shared.notify import Notifier
 from shared.queue import enqueue
@@ -104,10 +104,10 @@ class Scheduler:
             return None
         params: dict[str, Any] = {"scheduled_slot": name,
                                   "scheduled_for": due.isoformat().replace("+00:00", "Z")}
-        if kind == "backup":
+        if kind == JobKind.BACKUP:
             params.update(compress=target.compress,
                           note=f"scheduled {name} {target.timezone}")
-        prefix = "sched" if kind == "backup" else "drill"
+        prefix = "sched" if kind == JobKind.BACKUP else "drill"
         job = await self._create(target, kind, f"{prefix}:{target.id}:{name}", params)
         await self.redis.hset(key, mapping={f"{field}last_slot": name,  # type: ignore[misc]
                                             f"{field}last_job": job.id})
@@ -172,7 +172,7 @@ class Scheduler:
                       params: dict[str, Any]) -> Job:
         job, created = await self.store.create(kind, target.id, params, SCHEDULER,
                                                idempotency_key=idem)
-        if created or job.status == "queued":
+        if created or job.status == JobStatus.QUEUED:
             # again when only the create got through last time (arq ignores a job id it
             # already has, so this never runs a job twice)
             await enqueue(self.redis, self.keys, job)  # type: ignore[arg-type]

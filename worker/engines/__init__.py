@@ -16,10 +16,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from shared.config import TargetConfig
-from shared.errors import EngineError, PipelineError, RestoreFailed
+from shared.errors import DumpFailed, EngineError, PipelineError, RestoreFailed
 from shared.redact import redact
 from worker.progress import Progress
 
@@ -31,6 +31,18 @@ def unreachable(target: TargetConfig, engine: str, exc: BaseException,
     return EngineError(f"cannot connect to {engine} target '{target.id}'"
                        f"{' at ' + where if where else ''}: {detail}",
                        code="target_unreachable")
+
+
+@contextmanager
+def dump_errors(target: TargetConfig, engine: str,
+                *driver_errors: type[BaseException]) -> Iterator[None]:
+    """Around a dump read through a driver: its errors become DumpFailed, with the
+    target's secrets taken out of the message."""
+    try:
+        yield
+    except driver_errors as exc:
+        raise DumpFailed(f"{engine} dump failed: "
+                         f"{redact(str(exc), target.secrets())[:500]}") from None
 
 
 @contextmanager
@@ -174,6 +186,63 @@ class Dump:
 
     chunks: AsyncIterator[bytes]
     info: dict[str, Any] = field(default_factory=dict)
+
+
+class RowCounter(Protocol):
+    """Exact counts taken from a dump stream as it passes (PostgreSQL's COPY blocks,
+    MySQL's INSERT tuples): fed every chunk, asked once at the end for the manifest's
+    facts (`exact_counts`, `count_kind`)."""
+
+    def feed(self, data: bytes) -> None: ...
+
+    def result(self) -> dict[str, Any]: ...
+
+
+class Drill:
+    """A restore drill's scratch place, for engines that have one (see `Drillable`).
+
+    An engine's drill subclasses this and implements `scratch` (an async context that
+    yields a TargetConfig pointing at a fresh scratch copy and removes it on exit),
+    `exact_counts` and `check`. The defaults cover what only some engines need."""
+
+    last_scratch: str | None = None  # where the last scratch copy was (said in the result)
+    skipped: str | None = None  # what a drill leaves out of the restore, if anything
+
+    async def sweep(self, target: TargetConfig, max_age: float) -> list[str]:
+        """Drop scratch copies a killed drill left behind (older than `max_age` seconds);
+        return their names. Default: nothing to sweep (the place dies with the worker)."""
+        return []
+
+    def restore_filter(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """The dump as the scratch restore gets it (default: unchanged; MySQL leaves
+        events out, and says so in `skipped`)."""
+        return chunks
+
+    def scratch(self, target: TargetConfig) -> AbstractAsyncContextManager[TargetConfig]:
+        raise NotImplementedError
+
+    async def exact_counts(self, target: TargetConfig) -> dict[str, int]:
+        raise NotImplementedError
+
+    async def check(self, target: TargetConfig, sql: str) -> bool:
+        """A `verify_checks` statement run against the scratch copy: true or false."""
+        raise NotImplementedError
+
+
+@runtime_checkable
+class Drillable(Protocol):
+    """An engine whose backups can be restored into a scratch place and counted. Engines
+    without one (Neo4j Community: one database) get the content check only."""
+
+    @property
+    def drill(self) -> Drill: ...
+
+
+@runtime_checkable
+class RowCounting(Protocol):
+    """An engine that counts rows from its own dump stream at backup time."""
+
+    def row_counter(self) -> RowCounter: ...
 
 
 class Engine(Protocol):

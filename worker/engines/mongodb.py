@@ -41,15 +41,16 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
 from shared.config import TargetConfig
-from shared.errors import DumpFailed, EngineError, PipelineError
+from shared.errors import EngineError, PipelineError
 from shared.formats import check_mongo_member, check_mongo_metadata
-from shared.redact import redact
 from shared.tarstream import TarReader
 from worker.engines import (
     NO_OPTIONS,
+    Drill,
     Dump,
     RestoreOptions,
     drill_name,
+    dump_errors,
     restore_errors,
     stale_drills,
     unreachable,
@@ -121,7 +122,7 @@ class MongoDB:
         return AsyncMongoClient(url, **kwargs)
 
     @asynccontextmanager
-    async def _session(self, target: TargetConfig) -> AsyncIterator[AsyncMongoClient[Any]]:
+    async def connect(self, target: TargetConfig) -> AsyncIterator[AsyncMongoClient[Any]]:
         client = self.client(target)
         try:
             await client.admin.command("ping")
@@ -149,11 +150,11 @@ class MongoDB:
         return str(info.get("version", "unknown"))
 
     async def ping(self, target: TargetConfig) -> None:
-        async with self._session(target):
+        async with self.connect(target):
             pass
 
     async def stats(self, target: TargetConfig) -> dict[str, Any]:
-        async with self._session(target) as client:
+        async with self.connect(target) as client:
             out: dict[str, Any] = {"engine": self.name, "server_version":
                                    await self._version(client), "databases": [],
                                    "partial": False}
@@ -182,7 +183,7 @@ class MongoDB:
     @asynccontextmanager
     async def dump(self, target: TargetConfig, progress: Progress,
                    options: dict[str, Any] | None = None) -> AsyncIterator[Dump]:
-        async with self._session(target) as client:
+        async with self.connect(target) as client:
             version = await self._version(client)
             plan: list[tuple[str, dict[str, Any]]] = []
             total_docs = 0
@@ -219,10 +220,8 @@ class MongoDB:
                 yield b"\0" * (BLOCK * 2)
 
             try:
-                yield Dump(chunks(), facts)
-            except PyMongoError as exc:
-                raise DumpFailed(f"MongoDB dump failed: {redact(str(exc), target.secrets())}") \
-                    from None
+                with dump_errors(target, "MongoDB", PyMongoError):
+                    yield Dump(chunks(), facts)
             finally:
                 await session.end_session()
 
@@ -274,7 +273,7 @@ class MongoDB:
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
                       progress: Progress, *, clean: bool, manifest: dict[str, Any],
                       options: RestoreOptions = NO_OPTIONS) -> None:
-        async with self._session(target) as client:
+        async with self.connect(target) as client:
             restorer = _Restorer(client, clean, progress)
             restorer.databases |= set(manifest.get("also_clean") or [])  # a rollback's reach
             # metadata that passed the checks can still fail to apply (an invalid ObjectId,
@@ -439,14 +438,14 @@ class _Restorer:
                     await self.client[db].drop_collection(coll)
 
 
-class MongoDBDrill:
+class MongoDBDrill(Drill):
     """Restore drills: every database of the backup restored as `safehold_drill_<hex>_<db>`
     on the same server (the target's user needs readWrite on those), exact documents per
     collection, dropped afterwards."""
 
     async def sweep(self, target: TargetConfig, max_age: float) -> list[str]:
         """Drop scratch databases a killed drill left behind (older than any drill runs)."""
-        async with MongoDB()._session(target) as client:
+        async with MongoDB().connect(target) as client:
             listed = await client.admin.command(
                 "listDatabases", nameOnly=True,
                 filter={"name": {"$regex": "^safehold_drill_"}})
@@ -467,14 +466,14 @@ class MongoDBDrill:
         finally:
             DRILL_DB_PREFIX.reset(token)
             DRILL_DBS.reset(dbs_token)
-            async with MongoDB()._session(target) as client:
+            async with MongoDB().connect(target) as client:
                 for db in sorted(made):
                     await client.drop_database(db)
 
     async def exact_counts(self, target: TargetConfig) -> dict[str, int]:
         prefix = DRILL_DB_PREFIX.get() or ""
         out: dict[str, int] = {}
-        async with MongoDB()._session(target) as client:
+        async with MongoDB().connect(target) as client:
             for db in sorted(DRILL_DBS.get() or ()):
                 for info in await (await client[db].list_collections()).to_list(None):
                     if info.get("type") == "view" or info["name"].startswith("system."):

@@ -32,6 +32,7 @@ from shared.pgscript import UnsafeScript
 from worker.engines import (
     NO_OPTIONS,
     Blocker,
+    Drill,
     Dump,
     RestoreOptions,
     blockers_watched,
@@ -282,7 +283,7 @@ class MySQL:
         return InsertRows()
 
     @asynccontextmanager
-    async def _connect(self, target: TargetConfig) -> AsyncIterator[aiomysql.Connection]:
+    async def connect(self, target: TargetConfig) -> AsyncIterator[aiomysql.Connection]:
         c = _conn(target)
         try:
             conn = await aiomysql.connect(
@@ -297,35 +298,35 @@ class MySQL:
         finally:
             conn.close()
 
-    async def _query(self, conn: aiomysql.Connection, sql: str, *args: Any
+    async def query(self, conn: aiomysql.Connection, sql: str, *args: Any
                      ) -> list[tuple[Any, ...]]:
         async with conn.cursor() as cur:
             await cur.execute(sql, args or None)
             return list(await cur.fetchall())
 
     async def _catalog(self, conn: aiomysql.Connection, db: str) -> dict[str, Any]:
-        version = (await self._query(conn, "SELECT VERSION()"))[0][0]
-        tables = await self._query(
+        version = (await self.query(conn, "SELECT VERSION()"))[0][0]
+        tables = await self.query(
             conn, "SELECT TABLE_NAME, TABLE_TYPE, TABLE_ROWS, "
             "COALESCE(DATA_LENGTH, 0) + COALESCE(INDEX_LENGTH, 0), COALESCE(DATA_LENGTH, 0), "
             "ENGINE FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s ORDER BY 1", db)
-        routines = await self._query(
+        routines = await self.query(
             conn, "SELECT ROUTINE_NAME, ROUTINE_TYPE FROM information_schema.ROUTINES "
             "WHERE ROUTINE_SCHEMA = %s", db)
-        events = await self._query(
+        events = await self.query(
             conn, "SELECT EVENT_NAME FROM information_schema.EVENTS WHERE EVENT_SCHEMA = %s", db)
         return {"version": version, "tables": tables, "routines": routines,
                 "events": [e[0] for e in events]}
 
     async def ping(self, target: TargetConfig) -> None:
-        async with self._connect(target) as conn:
-            await self._query(conn, "SELECT 1")
+        async with self.connect(target) as conn:
+            await self.query(conn, "SELECT 1")
 
     async def stats(self, target: TargetConfig) -> dict[str, Any]:
         if target.is_set:
             return await server_sets.stats_set(self, target)
         db = _conn(target)["database"]
-        async with self._connect(target) as conn:
+        async with self.connect(target) as conn:
             cat = await self._catalog(conn, db)
         base = [t for t in cat["tables"] if t[1] == "BASE TABLE"]
         return {
@@ -349,9 +350,9 @@ class MySQL:
                 yield dumped
             return
         db = _conn(target)["database"]
-        async with self._connect(target) as conn:
+        async with self.connect(target) as conn:
             cat = await self._catalog(conn, db)
-            schema = await self._query(
+            schema = await self.query(
                 conn, "SELECT DEFAULT_CHARACTER_SET_NAME, DEFAULT_COLLATION_NAME FROM "
                 "information_schema.SCHEMATA WHERE SCHEMA_NAME = %s", db)
         tool = find_tool("mariadb-dump", "mysqldump")
@@ -372,7 +373,7 @@ class MySQL:
             if _TABLE_DONE.match(line) and progress.items_done < (progress.items_total or 0):
                 progress.items_done += 1
 
-        async with self._connect(target) as conn:
+        async with self.connect(target) as conn:
             invalid = await self._invalid_views(conn, db, cat)
             head, facts = (await self._accounts_head(conn, db, str(cat["version"]))
                            if target.globals else (b"", None))
@@ -409,8 +410,8 @@ class MySQL:
                     raise DumpFailed(f"{tool} exited with code {rc}: {detail}")
 
     async def server_databases(self, target: TargetConfig) -> list[str]:
-        async with self._connect(target) as conn:
-            rows = await self._query(conn, "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA "
+        async with self.connect(target) as conn:
+            rows = await self.query(conn, "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA "
                                      "ORDER BY 1")
         system = {"information_schema", "performance_schema", "mysql", "sys"}
         return [_text(r[0]) for r in rows if _text(r[0]) not in system]
@@ -424,12 +425,12 @@ class MySQL:
         spec = " ".join(f"{k} {v}" for k, v in (
             ("CHARACTER SET", opts.get("character_set")), ("COLLATE", opts.get("collation")))
             if isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_]{1,64}", v))
-        async with self._connect(target) as conn:
-            if await self._query(conn, "SELECT 1 FROM information_schema.SCHEMATA WHERE "
+        async with self.connect(target) as conn:
+            if await self.query(conn, "SELECT 1 FROM information_schema.SCHEMATA WHERE "
                                  "SCHEMA_NAME = %s", name):
                 return False
             try:
-                await self._query(conn, f"CREATE DATABASE {_quote(name)} {spec}")
+                await self.query(conn, f"CREATE DATABASE {_quote(name)} {spec}")
             except pymysql.err.MySQLError as exc:
                 raise RestoreFailed(f"cannot create database {name}: {exc}",
                                     database_unchanged=True) from None
@@ -437,8 +438,8 @@ class MySQL:
         return True
 
     async def drop_database(self, target: TargetConfig, name: str) -> None:
-        async with self._connect(target) as conn:
-            await self._query(conn, f"DROP DATABASE IF EXISTS {_quote(name)}")
+        async with self.connect(target) as conn:
+            await self.query(conn, f"DROP DATABASE IF EXISTS {_quote(name)}")
 
     async def database_restored(self, target: TargetConfig, name: str,
                                 facts: dict[str, Any]) -> None:
@@ -465,10 +466,10 @@ class MySQL:
         """The server's accounts (as `user`@`host`, roles as `role`) and whether it is
         MariaDB; refused before anything changes when the restoring user cannot read them."""
         try:
-            async with self._connect(target) as conn:
-                version = str((await self._query(conn, "SELECT VERSION()"))[0][0])
+            async with self.connect(target) as conn:
+                version = str((await self.query(conn, "SELECT VERSION()"))[0][0])
                 mariadb = "mariadb" in version.lower()
-                rows = await self._query(conn, "SELECT User, Host, "
+                rows = await self.query(conn, "SELECT User, Host, "
                                          + ("is_role" if mariadb else "'N'")
                                          + " FROM mysql.user")
         except pymysql.err.MySQLError as exc:
@@ -488,12 +489,12 @@ class MySQL:
         what the manifest says of them."""
         try:
             exact = accts.escape_db(db)  # a database-level grant on exactly this one
-            holders = await self._query(conn, " UNION ".join(
+            holders = await self.query(conn, " UNION ".join(
                 f"SELECT User, Host FROM mysql.{t} WHERE Db = %s" + (" OR Db = %s" if t == "db"
                                                                    else "")
                 for t in ("db", "tables_priv", "columns_priv", "procs_priv")),
                 db, exact, db, db, db)
-            users = await self._query(conn, "SELECT User, Host, plugin, authentication_string, "
+            users = await self.query(conn, "SELECT User, Host, plugin, authentication_string, "
                                       + ("is_role" if "mariadb" in version.lower()
                                          else "'N'") + " FROM mysql.user")
         except pymysql.err.MySQLError as exc:
@@ -504,11 +505,11 @@ class MySQL:
                              ) from None
         try:  # role grants: MariaDB's roles_mapping, MySQL 8's role_edges
             edges = [(role, "", user, host, admin == "Y") for host, user, role, admin in
-                     await self._query(conn, "SELECT Host, User, Role, Admin_option "
+                     await self.query(conn, "SELECT Host, User, Role, Admin_option "
                                        "FROM mysql.roles_mapping")]
         except pymysql.err.MySQLError:
             try:
-                edges = [tuple(r[:4]) + (r[4] == "Y",) for r in await self._query(
+                edges = [tuple(r[:4]) + (r[4] == "Y",) for r in await self.query(
                     conn, "SELECT FROM_USER, FROM_HOST, TO_USER, TO_HOST, WITH_ADMIN_OPTION "
                     "FROM mysql.role_edges")]
             except pymysql.err.MySQLError:
@@ -537,7 +538,7 @@ class MySQL:
                 left_out.append(f"{acc.name}: login ({plugin or 'none'}) not kept")
                 acc.plugin, acc.auth = "", ""
             creates.append(acc.create_sql(mysql="mariadb" not in version.lower()))
-            for (line,) in await self._query(conn, f"SHOW GRANTS FOR {acc.name}"):
+            for (line,) in await self.query(conn, f"SHOW GRANTS FOR {acc.name}"):
                 kept = _kept_grant(_text(line), db, wanted)
                 if kept:
                     grants.append(kept)
@@ -562,10 +563,10 @@ class MySQL:
             if ttype != "VIEW":
                 continue
             try:
-                await self._query(conn, f"SHOW FIELDS FROM {_quote(db)}.{_quote(name)}")
+                await self.query(conn, f"SHOW FIELDS FROM {_quote(db)}.{_quote(name)}")
             except pymysql.err.MySQLError as exc:
                 try:
-                    create = (await self._query(
+                    create = (await self.query(
                         conn, f"SHOW CREATE VIEW {_quote(db)}.{_quote(name)}"))[0][1]
                 except pymysql.err.MySQLError:
                     create = "(definition unavailable)"
@@ -577,7 +578,7 @@ class MySQL:
         once, waiting at most `target.lock_timeout` for the application's metadata locks:
         an error up to `CLEAN_LOCK_LINE` left the database unchanged."""
         db = _conn(target)["database"]
-        async with self._connect(target) as conn:
+        async with self.connect(target) as conn:
             cat = await self._catalog(conn, db)
         kinds = {"BASE TABLE": "TABLE", "VIEW": "VIEW", "SEQUENCE": "SEQUENCE",
                  "SYSTEM VERSIONED": "TABLE"}
@@ -705,7 +706,7 @@ class MySQL:
         user = _conn(target)["user"]
         async with contextlib.AsyncExitStack() as stack:
             try:
-                conn = await stack.enter_async_context(self._connect(target))
+                conn = await stack.enter_async_context(self.connect(target))
                 await conn.autocommit(True)
             except (EngineError, pymysql.err.MySQLError) as exc:
                 message = exc.message if isinstance(exc, EngineError) else str(exc)
@@ -713,37 +714,37 @@ class MySQL:
 
             # the restore's own session: the first of this user's sessions on the database
             # that did not exist before the client started
-            before = {r[0] for r in await self._query(conn, _MY_USER_SESSIONS, user, db)}
+            before = {r[0] for r in await self.query(conn, _MY_USER_SESSIONS, user, db)}
             ours: list[int] = []
 
             async def find() -> list[Blocker]:
                 if not ours:
-                    new = sorted(r[0] for r in await self._query(conn, _MY_USER_SESSIONS,
+                    new = sorted(r[0] for r in await self.query(conn, _MY_USER_SESSIONS,
                                                                  user, db)
                                  if r[0] not in before)
                     if not new:
                         return []
                     ours.append(new[0])
-                waiting = await self._query(
+                waiting = await self.query(
                     conn, "SELECT ID FROM information_schema.PROCESSLIST WHERE ID = %s "
                     "AND STATE LIKE 'Waiting for %%lock%%'", ours[0])
                 if not waiting:
                     return []
                 try:
-                    rows = await self._query(conn, _MY_BLOCKERS, db, waiting[0][0])
+                    rows = await self.query(conn, _MY_BLOCKERS, db, waiting[0][0])
                 except pymysql.err.OperationalError as exc:
                     if exc.args[0] != ACCESS_DENIED_PROCESS:
                         raise
                     # without PROCESS, transactions cannot be seen: every other session
                     # on the database (of this user: all it may see) is a suspect
-                    rows = [r for r in await self._query(conn, _MY_SESSIONS_NO_TRX, db)
+                    rows = [r for r in await self.query(conn, _MY_SESSIONS_NO_TRX, db)
                             if r[0] != waiting[0][0]]
                 return [_my_blocker(r) for r in rows]
 
             async def end(blockers: list[Blocker]) -> None:
                 for b in blockers:
                     try:
-                        await self._query(conn, f"KILL CONNECTION {int(b['id'])}")
+                        await self.query(conn, f"KILL CONNECTION {int(b['id'])}")
                     except pymysql.err.MySQLError as exc:
                         progress.warn(f"could not end session {b['id']}: {exc.args[-1]} "
                                       f"(the user {user} needs CONNECTION ADMIN or SUPER)")
@@ -752,11 +753,11 @@ class MySQL:
 
             async def others() -> list[Blocker]:
                 try:
-                    listed = await self._query(conn, _MY_SESSIONS, db)
+                    listed = await self.query(conn, _MY_SESSIONS, db)
                 except pymysql.err.OperationalError as exc:
                     if exc.args[0] != ACCESS_DENIED_PROCESS:
                         raise
-                    listed = await self._query(conn, _MY_SESSIONS_NO_TRX, db)
+                    listed = await self.query(conn, _MY_SESSIONS_NO_TRX, db)
                 return [_my_blocker(r) for r in listed]
 
             async with blockers_watched(progress, seen, find, end,
@@ -798,7 +799,7 @@ _NEXT_SECTION = re.compile(rb"\n--\n-- Dumping routines for database |\n-- Dump 
 _SECTION_MAX = len(b"\n--\n-- Dumping routines for database ")
 
 
-class MySQLDrill:
+class MySQLDrill(Drill):
     """Restore drills: a `safehold_drill_…` database on the same server (the target's user
     needs CREATE and DROP on it), exact rows per table counted there, dropped afterwards.
     Compared with the rows counted in the dump stream (`InsertRows`)."""
@@ -834,21 +835,21 @@ class MySQLDrill:
 
     async def sweep(self, target: TargetConfig, max_age: float) -> list[str]:
         """Drop scratch databases a killed drill left behind (older than any drill runs)."""
-        async with MySQL()._connect(target) as conn:
-            names = [r[0] for r in await MySQL()._query(
+        async with MySQL().connect(target) as conn:
+            names = [r[0] for r in await MySQL().query(
                 conn, "SHOW DATABASES LIKE 'safehold\\_drill\\_%'")]
             stale = stale_drills(names, max_age)
             for name in stale:
-                await MySQL()._query(conn, f"DROP DATABASE IF EXISTS {_quote(name)}")
+                await MySQL().query(conn, f"DROP DATABASE IF EXISTS {_quote(name)}")
         return stale
 
     @asynccontextmanager
     async def scratch(self, target: TargetConfig) -> AsyncIterator[TargetConfig]:
         name = drill_name()
         self.last_scratch = f"database {name}"
-        async with MySQL()._connect(target) as conn:
+        async with MySQL().connect(target) as conn:
             try:
-                await MySQL()._query(conn, f"CREATE DATABASE {_quote(name)}")
+                await MySQL().query(conn, f"CREATE DATABASE {_quote(name)}")
             except pymysql.err.MySQLError as exc:
                 raise EngineError(
                     f"the drill could not create a scratch database ({exc.args[-1]}); grant "
@@ -858,23 +859,23 @@ class MySQLDrill:
         try:
             yield replace(target, url=u._replace(path=f"/{name}").geturl())
         finally:
-            async with MySQL()._connect(target) as conn:
-                await MySQL()._query(conn, f"DROP DATABASE IF EXISTS {_quote(name)}")
+            async with MySQL().connect(target) as conn:
+                await MySQL().query(conn, f"DROP DATABASE IF EXISTS {_quote(name)}")
 
     async def exact_counts(self, target: TargetConfig) -> dict[str, int]:
         db = _conn(target)["database"]
-        async with MySQL()._connect(target) as conn:
-            tables = await MySQL()._query(
+        async with MySQL().connect(target) as conn:
+            tables = await MySQL().query(
                 conn, "SELECT table_name FROM information_schema.tables WHERE "
                 "table_schema = %s AND table_type = 'BASE TABLE'", db)
-            return {t[0]: int((await MySQL()._query(
+            return {t[0]: int((await MySQL().query(
                 conn, f"SELECT COUNT(*) FROM {_quote(t[0])}"))[0][0]) for t in tables}
 
     async def check(self, target: TargetConfig, sql: str) -> bool:
-        async with MySQL()._connect(target) as conn:
-            await MySQL()._query(conn, "START TRANSACTION READ ONLY")
+        async with MySQL().connect(target) as conn:
+            await MySQL().query(conn, "START TRANSACTION READ ONLY")
             try:
-                rows = await MySQL()._query(conn, sql)
+                rows = await MySQL().query(conn, sql)
             finally:
-                await MySQL()._query(conn, "ROLLBACK")
+                await MySQL().query(conn, "ROLLBACK")
         return bool(rows and rows[0][0])

@@ -40,8 +40,14 @@ from neo4j.time import Date, DateTime, Duration, Time
 from shared.config import TargetConfig
 from shared.cypher import FIX_BYTES_MARKER, StatementSplitter, check_statement
 from shared.errors import BadRequest, DumpFailed, RestoreFailed
-from shared.redact import redact
-from worker.engines import NO_OPTIONS, Dump, RestoreOptions, restore_errors, unreachable
+from worker.engines import (
+    NO_OPTIONS,
+    Dump,
+    RestoreOptions,
+    dump_errors,
+    restore_errors,
+    unreachable,
+)
 from worker.progress import Progress
 
 BATCH = 1000
@@ -225,11 +231,8 @@ class Neo4j:
                     "tool": "apoc.export.cypher.all" if use_apoc else "neo4j driver export"}
             chunks = (self._apoc_chunks(driver, db, progress) if use_apoc
                       else self._chunks(driver, db, progress))
-            try:
+            with dump_errors(target, "Neo4j", Neo4jError):
                 yield Dump(chunks, info)
-            except Neo4jError as exc:
-                raise DumpFailed(f"Neo4j dump failed: {redact(str(exc), target.secrets())}") \
-                    from None
 
     async def _apoc_chunks(self, driver: AsyncDriver, db: str | None, progress: Progress
                            ) -> AsyncIterator[bytes]:

@@ -34,6 +34,7 @@ from shared.pgscript import PgScriptGuard, UnsafeScript
 from worker.engines import (
     NO_OPTIONS,
     Blocker,
+    Drill,
     Dump,
     RestoreOptions,
     blockers_watched,
@@ -139,7 +140,7 @@ class PostgreSQL:
     atomic_restore: ClassVar[bool] = True
 
     @asynccontextmanager
-    async def _connect(self, target: TargetConfig) -> AsyncIterator[asyncpg.Connection]:
+    async def connect(self, target: TargetConfig) -> AsyncIterator[asyncpg.Connection]:
         c = _conn(target)
         try:
             conn = await asyncpg.connect(
@@ -165,7 +166,7 @@ class PostgreSQL:
         return PostgreSQLDrill()
 
     async def ping(self, target: TargetConfig) -> None:
-        async with self._connect(target) as conn:
+        async with self.connect(target) as conn:
             await conn.fetchval("SELECT 1")
 
     async def _catalog(self, conn: asyncpg.Connection, *, exact_sizes: bool = False
@@ -196,7 +197,7 @@ class PostgreSQL:
     async def stats(self, target: TargetConfig) -> dict[str, Any]:
         if target.is_set:
             return await server_sets.stats_set(self, target)
-        async with self._connect(target) as conn:
+        async with self.connect(target) as conn:
             cat = await self._catalog(conn, exact_sizes=True)
             size = await conn.fetchval("SELECT pg_database_size(current_database())")
             name = await conn.fetchval("SELECT current_database()")
@@ -223,7 +224,7 @@ class PostgreSQL:
             async with server_sets.dump_set(self, target, progress, options) as dumped:
                 yield dumped
             return
-        async with self._connect(target) as conn:
+        async with self.connect(target) as conn:
             cat = await self._catalog(conn)
             database = await conn.fetchrow(
                 "SELECT pg_get_userbyid(datdba) AS owner, pg_encoding_to_char(encoding) AS "
@@ -239,7 +240,7 @@ class PostgreSQL:
         leaf_tables = [t for t in cat["tables"] if t["kind"] == "r"]
         estimate = sum(t["bytes"] for t in leaf_tables)
         if not estimate and leaf_tables:  # never vacuumed or analysed: relpages are 0
-            async with self._connect(target) as conn:
+            async with self.connect(target) as conn:
                 estimate = int(await conn.fetchval(
                     "SELECT pg_database_size(current_database())"))
         progress.item_kind = "tables"
@@ -253,7 +254,7 @@ class PostgreSQL:
         # owners, grants, default privileges and policies as pg_dump writes them by
         # default: a restore gives the application its access back (issue 21)
         flags = ["--format=plain", "--verbose", "--no-password"]
-        async with self._connect(target) as conn:
+        async with self.connect(target) as conn:
             roles = [r[0] for r in await conn.fetch(_ROLES_REFERENCED)]
             # without SELECT on pg_authid, pg_dumpall reads pg_roles (no passwords)
             passwords = bool(await conn.fetchval(
@@ -299,7 +300,7 @@ class PostgreSQL:
             progress.items_done = progress.items_total or progress.items_done
 
     async def server_databases(self, target: TargetConfig) -> list[str]:
-        async with self._connect(target) as conn:
+        async with self.connect(target) as conn:
             return [r[0] for r in await conn.fetch(
                 "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate "
                 "ORDER BY datname")]
@@ -308,7 +309,7 @@ class PostgreSQL:
                               progress: Progress) -> bool:
         """A set's database on a server that lacks it (a new server): created as it was
         (encoding, locale). True when it was created."""
-        async with self._connect(target) as conn:
+        async with self.connect(target) as conn:
             if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
                 return False
             opts = facts.get("database_options")
@@ -331,7 +332,7 @@ class PostgreSQL:
         return True
 
     async def drop_database(self, target: TargetConfig, name: str) -> None:
-        async with self._connect(target) as conn:
+        async with self.connect(target) as conn:
             await conn.execute(f"DROP DATABASE IF EXISTS {_quote_ident(name)} WITH (FORCE)")
 
     async def database_restored(self, target: TargetConfig, name: str,
@@ -341,7 +342,7 @@ class PostgreSQL:
         owner = facts.get("database_owner")
         if not isinstance(owner, str) or not owner:
             return
-        async with self._connect(target) as conn:
+        async with self.connect(target) as conn:
             current = await conn.fetchval(
                 "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = $1", name)
             if current not in (None, owner) and await conn.fetchval(
@@ -378,7 +379,7 @@ class PostgreSQL:
         it), so it is recreated as it is now: owner, comment and grants."""
         not_ext = ("NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = '{cat}'::regclass "
                    "AND d.objid = x.oid AND d.deptype = 'e')")
-        async with self._connect(target) as conn:
+        async with self.connect(target) as conn:
             schemas = (await self._catalog(conn))["schemas"]
             public = await conn.fetchrow(
                 "SELECT pg_get_userbyid(nspowner) AS owner, "
@@ -592,7 +593,7 @@ class PostgreSQL:
         facts.wanted = sorted({r for r in named if isinstance(r, str) and 0 < len(r) <= 63
                                and "\0" not in r})[:10_000]
         mapping = dict(options.owner_map) if options.roles == "map" else {}
-        async with self._connect(target) as conn:  # the backup's roles and the map's
+        async with self.connect(target) as conn:  # the backup's roles and the map's
             have = {r[0] for r in await conn.fetch(
                 "SELECT rolname FROM pg_roles WHERE rolname = ANY($1::text[])",
                 sorted({*facts.wanted, *mapping.values()}))}
@@ -633,7 +634,7 @@ class PostgreSQL:
                                    database=database, superuser=facts.superuser)
         found = pg_globals.parse(head.lines, head.first_line)
         names = sorted({*found.roles, *facts.wanted})
-        async with self._connect(target) as conn:
+        async with self.connect(target) as conn:
             existing = {r[0] for r in await conn.fetch(
                 "SELECT rolname FROM pg_roles WHERE rolname = ANY($1::text[])", names)}
             contexts = {r[0]: r[1] for r in await conn.fetch(
@@ -655,7 +656,7 @@ class PostgreSQL:
         queue behind the restore's, and one that blocks it is ended too.)"""
         async with contextlib.AsyncExitStack() as stack:
             try:
-                conn = await stack.enter_async_context(self._connect(target))
+                conn = await stack.enter_async_context(self.connect(target))
             except EngineError as exc:  # before psql started: nothing touched
                 raise RestoreFailed(exc.message, database_unchanged=True,
                                     code=exc.code) from None
@@ -910,14 +911,14 @@ async def _drop_scratch(target: TargetConfig, scratch: TargetConfig, name: str) 
     """Drop a drill's database: detach any subscription the dump brought (they block DROP
     DATABASE), then DROP … WITH (FORCE), or end its sessions first before PostgreSQL 13."""
     with contextlib.suppress(Exception):
-        async with PostgreSQL()._connect(scratch) as conn:
+        async with PostgreSQL().connect(scratch) as conn:
             for (sub,) in await conn.fetch(
                     "SELECT quote_ident(subname) FROM pg_subscription WHERE subdbid = "
                     "(SELECT oid FROM pg_database WHERE datname = current_database())"):
                 await conn.execute(f"ALTER SUBSCRIPTION {sub} DISABLE")
                 await conn.execute(f"ALTER SUBSCRIPTION {sub} SET (slot_name = NONE)")
                 await conn.execute(f"DROP SUBSCRIPTION {sub}")
-    async with PostgreSQL()._connect(target) as conn:
+    async with PostgreSQL().connect(target) as conn:
         try:
             await conn.execute(f"DROP DATABASE IF EXISTS {_ident(name)} WITH (FORCE)")
         except asyncpg.PostgresSyntaxError:
@@ -930,13 +931,13 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-class PostgreSQLDrill:
+class PostgreSQLDrill(Drill):
     """Restore drills: a scratch database on the target's server (the target's role needs
     CREATEDB), exact row counts of every table, user checks, dropped afterwards."""
 
     async def sweep(self, target: TargetConfig, max_age: float) -> list[str]:
         """Drop scratch databases a killed drill left behind (older than any drill runs)."""
-        async with PostgreSQL()._connect(target) as conn:
+        async with PostgreSQL().connect(target) as conn:
             names = [r[0] for r in await conn.fetch(
                 "SELECT datname FROM pg_database WHERE datname LIKE 'safehold\\_drill\\_%'")]
         stale = stale_drills(names, max_age)
@@ -950,7 +951,7 @@ class PostgreSQLDrill:
     async def scratch(self, target: TargetConfig) -> AsyncIterator[TargetConfig]:
         name = drill_name()
         self.last_scratch = f"database {name}"
-        async with PostgreSQL()._connect(target) as conn:
+        async with PostgreSQL().connect(target) as conn:
             # owned like the target's database: a backup's objects in `public` may belong
             # to the database owner, who needs CREATE there to own them (pg_database_owner)
             owner = await conn.fetchval("SELECT pg_get_userbyid(datdba) FROM pg_database "
@@ -974,7 +975,7 @@ class PostgreSQLDrill:
             await _drop_scratch(target, scratch, name)
 
     async def exact_counts(self, target: TargetConfig) -> dict[str, int]:
-        async with PostgreSQL()._connect(target) as conn:
+        async with PostgreSQL().connect(target) as conn:
             rows = await conn.fetch(
                 "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n "
                 "ON n.oid = c.relnamespace WHERE c.relkind = 'r' AND n.nspname NOT IN "
@@ -988,5 +989,5 @@ class PostgreSQLDrill:
             return out
 
     async def check(self, target: TargetConfig, sql: str) -> bool:
-        async with PostgreSQL()._connect(target) as conn, conn.transaction(readonly=True):
+        async with PostgreSQL().connect(target) as conn, conn.transaction(readonly=True):
             return bool(await conn.fetchval(sql))

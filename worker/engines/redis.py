@@ -34,10 +34,17 @@ from redis.exceptions import RedisError
 from shared.config import TargetConfig
 from shared.errors import BadRequest, DumpFailed, RestoreFailed
 from shared.formats import RedisScriptCheck
-from shared.redact import redact
 from shared.resp import resp
 from shared.scratch import private_dir
-from worker.engines import NO_OPTIONS, Dump, RestoreOptions, restore_errors, unreachable
+from worker.engines import (
+    NO_OPTIONS,
+    Drill,
+    Dump,
+    RestoreOptions,
+    dump_errors,
+    restore_errors,
+    unreachable,
+)
 from worker.pipeline import SameAsChecked
 from worker.progress import Progress
 from worker.subproc import spawn
@@ -154,7 +161,7 @@ class RedisEngine:
                               password=target.password.reveal() if target.password else None)
 
     @asynccontextmanager
-    async def _session(self, target: TargetConfig, db: int = 0) -> AsyncIterator[Redis]:
+    async def connect(self, target: TargetConfig, db: int = 0) -> AsyncIterator[Redis]:
         r = self.client(target, db)
         try:
             await r.ping()
@@ -179,11 +186,11 @@ class RedisEngine:
         return dict(sorted(spaces.items()))
 
     async def ping(self, target: TargetConfig) -> None:
-        async with self._session(target):
+        async with self.connect(target):
             pass
 
     async def stats(self, target: TargetConfig) -> dict[str, Any]:
-        async with self._session(target) as r:
+        async with self.connect(target) as r:
             server = await r.info("server")
             memory = await r.info("memory")
             spaces = await self._keyspace(r, _url_db(target))
@@ -206,7 +213,7 @@ class RedisEngine:
             return
         if fmt != "resp":
             raise BadRequest(f"unknown redis backup format {fmt!r} (resp or rdb)")
-        async with self._session(target) as r:
+        async with self.connect(target) as r:
             server = await r.info("server")
             version = server.get("redis_version")
             spaces = await self._keyspace(r, _url_db(target))
@@ -230,11 +237,8 @@ class RedisEngine:
         info = {"server_version": version, "format": "resp", "databases": list(spaces),
                 "counts": counts, "count_kind": "keys", "tool": "SCAN+DUMP+PTTL",
                 "options": ["RESTORE … REPLACE ABSTTL"]}
-        try:
+        with dump_errors(target, "Redis", RedisError, OSError):
             yield Dump(chunks(), info)
-        except (RedisError, OSError) as exc:
-            raise DumpFailed(f"Redis dump failed: {redact(str(exc), target.secrets())}") \
-                from None
 
     async def _dump_db(self, target: TargetConfig, db: int, scan: _Scan,
                        progress: Progress) -> AsyncIterator[tuple[bytes, int]]:
@@ -406,7 +410,7 @@ class RedisEngine:
             argv.append("--tls")
         argv += ["--rdb", "-"]
         env = {"REDISCLI_AUTH": target.password.reveal()} if target.password else {}
-        async with self._session(target) as r:
+        async with self.connect(target) as r:
             version = (await r.info("server")).get("redis_version")
         progress.set_phase("dumping")
         async with spawn(argv, env=env, secrets=target.secrets(), stdout=True) as child:
@@ -433,7 +437,7 @@ class RedisEngine:
         with restore_errors(target, "Redis", RedisError, OSError):
             if clean:  # the checked file's databases (and a failed restore's, on rollback)
                 for db in sorted(databases | {int(d) for d in manifest.get("also_clean", [])}):
-                    async with self._session(target, db) as r:
+                    async with self.connect(target, db) as r:
                         await r.flushdb()
             # the content was checked whole before anything was flushed; it is checked
             # again on its way in unless the stream proves it is those very bytes
@@ -518,7 +522,7 @@ class RedisEngine:
                 await writer.wait_closed()
 
 
-class RedisDrill:
+class RedisDrill(Drill):
     """Restore drills: a throwaway `redis-server` on a free loopback port (no persistence,
     256 databases), exact keys per database, stopped afterwards."""
 
@@ -566,7 +570,7 @@ class RedisDrill:
                                   url=f"redis://127.0.0.1:{port}{urlsplit(target.url).path}")
                 for _ in range(100):
                     try:
-                        async with RedisEngine()._session(scratch) as r:
+                        async with RedisEngine().connect(scratch) as r:
                             await r.ping()
                         break
                     except Exception:
@@ -578,7 +582,7 @@ class RedisDrill:
                 await proc.wait()
 
     async def exact_counts(self, target: TargetConfig) -> dict[str, int]:
-        async with RedisEngine()._session(target) as r:
+        async with RedisEngine().connect(target) as r:
             info = await r.info("keyspace")
         return {k: int(v["keys"]) for k, v in info.items()
                 if k.startswith("db") and isinstance(v, dict)}

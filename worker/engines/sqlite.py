@@ -29,7 +29,7 @@ from shared.config import TargetConfig
 from shared.errors import DumpFailed, EngineError, PipelineError, RestoreFailed
 from shared.formats import check_sqlite_file
 from shared.outage import RedisUnavailable
-from worker.engines import NO_OPTIONS, Dump, RestoreOptions
+from worker.engines import NO_OPTIONS, Drill, Dump, RestoreOptions
 from worker.progress import Progress
 
 CHUNK = 1 << 20
@@ -206,7 +206,7 @@ class SQLite:
                 await asyncio.to_thread(leftover.unlink, missing_ok=True)
 
 
-class SQLiteDrill:
+class SQLiteDrill(Drill):
     """Restore drills: a temp file; exact counts of every table; user checks read-only."""
 
     @asynccontextmanager
