@@ -13,7 +13,7 @@ from neo4j.spatial import CartesianPoint, WGS84Point
 from neo4j.time import Date, DateTime, Duration, Time
 
 from shared.config import Settings, parse_settings
-from shared.cypher import split_statements
+from shared.formats.cypher import split_statements
 from tests.conftest import ARCADE_PASSWORD, make_raw_config
 from tests.helpers import (
     flip_byte,

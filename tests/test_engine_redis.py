@@ -16,7 +16,7 @@ import pytest
 from redis.asyncio import Redis
 
 from shared.config import Settings, parse_settings
-from shared.resp import RespReader, resp
+from shared.formats.resp import RespReader, resp
 from tests.conftest import make_raw_config
 from tests.helpers import (
     flip_byte,

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from shared.pgscript import PgScriptGuard, UnsafeScript
+from shared.formats.pgscript import PgScriptGuard, UnsafeScript
 from tests import pg
 from tests.helpers import (
     backup,
@@ -228,7 +228,7 @@ async def test_a_transaction_ended_behind_the_guards_back_is_caught_and_rolled_b
     restores the safety backup."""
     import re
 
-    from shared import pgscript
+    from shared.formats import pgscript
 
     monkeypatch.setattr(pgscript, "_TXN_CONTROL", re.compile(rb"(?!x)x"))  # a blind guard
     await pg.load_rich(pg_db)

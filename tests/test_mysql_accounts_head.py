@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.pgscript import UnsafeScript
+from shared.formats.pgscript import UnsafeScript
 from worker.engines import mysql_accounts as A
 
 

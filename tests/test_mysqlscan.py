@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.errors import BadRequest
-from shared.formats import validate_mysql
-from shared.mysqlscan import StatementStarts
+from shared.formats.mysql import validate_mysql
+from shared.formats.mysqlscan import StatementStarts
 
 HEADER = b"-- MariaDB dump 10.19  Distrib 10.11.19-MariaDB\n"
 FOOTER = b"\n-- Dump completed on 2026-12-06 19:00:00\n"

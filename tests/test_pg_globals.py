@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from shared.pgscript import UnsafeScript
+from shared.formats.pgscript import UnsafeScript
 from tests import pg
 from tests.helpers import backup, publish_plain, restore, stored_manifest
 from worker.engines import pg_globals as G

@@ -97,7 +97,7 @@ async def test_decompression_output_is_bounded(chain: list[dict[str, object]]) -
 
 
 def test_resp_reader_streams_at_any_chunk_size_and_keeps_no_large_argument() -> None:
-    from shared.resp import RespReader, resp
+    from shared.formats.resp import RespReader, resp
 
     big = b"x" * 100_000
     stream = resp(b"SELECT", b"3") + resp(b"RESTORE", b"k", b"0", big, b"REPLACE")
@@ -113,7 +113,7 @@ def test_resp_reader_streams_at_any_chunk_size_and_keeps_no_large_argument() -> 
                                  b"*1\r\n$600000000\r\n", b"*1\r\n" + b"$" * 100])
 def test_resp_reader_refuses_lies_in_headers(bad: bytes) -> None:
     from shared.errors import PipelineError
-    from shared.resp import RespReader
+    from shared.formats.resp import RespReader
 
     with pytest.raises(PipelineError):
         reader = RespReader(max_parts=6)
@@ -138,7 +138,7 @@ def _tar(members: dict[str, bytes], fmt: int) -> bytes:
 def test_tar_reader_at_any_chunk_size(fmt: str) -> None:
     import tarfile
 
-    from shared.tarstream import TarReader
+    from shared.formats.tarstream import TarReader
 
     long = "db/" + "c" * 150 + ".bson"
     members = {"prelude.json": b"{}", "db/x.bson": b"\x05\x00\x00\x00\x00" * 300,
@@ -170,7 +170,7 @@ def test_tar_reader_refuses_huge_or_broken_headers() -> None:
     import tarfile
 
     from shared.errors import PipelineError
-    from shared.tarstream import TarReader
+    from shared.formats.tarstream import TarReader
 
     info = tarfile.TarInfo("././@LongLink")
     info.type, info.size = tarfile.GNUTYPE_LONGNAME, 256 << 20

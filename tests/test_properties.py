@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from shared import codecs, naming
-from shared.cypher import StatementSplitter, split_statements
 from shared.errors import InvalidBackupName, PipelineError, SafeholdError
-from shared.formats import RedisScriptCheck
-from shared.resp import RespReader, resp
-from shared.tarstream import TarReader
+from shared.formats.cypher import StatementSplitter, split_statements
+from shared.formats.redis import RedisScriptCheck
+from shared.formats.resp import RespReader, resp
+from shared.formats.tarstream import TarReader
 from tests.test_pipeline import Collect, chunks_of
 from worker import pipeline
 

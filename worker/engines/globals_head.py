@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
 
-from shared.pgscript import UnsafeScript
+from shared.formats.pgscript import UnsafeScript
 
 PREFIX = b"-- G "
 HEAD_MAX = 64 << 20  # the head's bytes; a server's globals are kilobytes to a few MiB

@@ -42,8 +42,8 @@ from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
 from shared.config import TargetConfig
 from shared.errors import EngineError, PipelineError
-from shared.formats import check_mongo_member, check_mongo_metadata
-from shared.tarstream import TarReader
+from shared.formats.mongodb import check_mongo_member, check_mongo_metadata
+from shared.formats.tarstream import TarReader
 from worker.engines import (
     NO_OPTIONS,
     Drill,
@@ -314,7 +314,7 @@ class _Stream:
 
 
 async def _untar(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, _Stream]]:
-    """Members of a tar stream, in order (`shared.tarstream`: bounded headers)."""
+    """Members of a tar stream, in order (`shared.formats.tarstream`: bounded headers)."""
     reader = TarReader()
 
     async def next_event() -> tuple[str, Any]:

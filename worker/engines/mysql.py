@@ -28,7 +28,7 @@ import pymysql
 from shared import scratch
 from shared.config import TargetConfig
 from shared.errors import DumpFailed, EngineError, RestoreFailed
-from shared.pgscript import UnsafeScript
+from shared.formats.pgscript import UnsafeScript
 from worker.engines import (
     NO_OPTIONS,
     Blocker,

@@ -28,7 +28,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from shared.pgscript import UnsafeScript
+from shared.formats.pgscript import UnsafeScript
 from worker.engines.globals_head import statements
 
 MAX_ACCOUNTS = 100_000

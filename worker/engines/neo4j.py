@@ -38,8 +38,8 @@ from neo4j.spatial import CartesianPoint, Point, WGS84Point
 from neo4j.time import Date, DateTime, Duration, Time
 
 from shared.config import TargetConfig
-from shared.cypher import FIX_BYTES_MARKER, StatementSplitter, check_statement
 from shared.errors import BadRequest, DumpFailed, RestoreFailed
+from shared.formats.cypher import FIX_BYTES_MARKER, StatementSplitter, check_statement
 from worker.engines import (
     NO_OPTIONS,
     Dump,

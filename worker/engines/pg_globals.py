@@ -30,7 +30,7 @@ import re
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
-from shared.pgscript import UnsafeScript
+from shared.formats.pgscript import UnsafeScript
 from worker.engines.globals_head import AWK, GlobalsHead, commented, statements
 
 __all__ = ["GlobalsHead", "commented", "header", "parse", "plan"]

@@ -29,8 +29,8 @@ from shared.errors import (
     SafeholdError,
     ToolTooOld,
 )
+from shared.formats.pgscript import PgScriptGuard, UnsafeScript
 from shared.outage import RedisUnavailable
-from shared.pgscript import PgScriptGuard, UnsafeScript
 from worker.engines import (
     NO_OPTIONS,
     Blocker,

@@ -33,8 +33,8 @@ from redis.exceptions import RedisError
 
 from shared.config import TargetConfig
 from shared.errors import BadRequest, DumpFailed, RestoreFailed
-from shared.formats import RedisScriptCheck
-from shared.resp import resp
+from shared.formats.redis import RedisScriptCheck
+from shared.formats.resp import resp
 from shared.scratch import private_dir
 from worker.engines import (
     NO_OPTIONS,

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 from shared import scratch
 from shared.config import TargetConfig
 from shared.errors import DumpFailed, EngineError, PipelineError, RestoreFailed
-from shared.formats import check_sqlite_file
+from shared.formats.sqlite import check_sqlite_file
 from shared.outage import RedisUnavailable
 from worker.engines import NO_OPTIONS, Drill, Dump, RestoreOptions
 from worker.progress import Progress

@@ -13,7 +13,7 @@ outside strings (client commands such as `\\C gbk`), a `DELIMITER` the client re
 differently, a character set or `sql_mode` that changes how strings end. So the scanner
 accepts only what mysqldump/mariadb-dump write there and refuses the rest (ValueError);
 the settings (sql_mode, character sets) are checked by the caller on each statement
-(formats.MySQLScriptCheck), which gets the first bytes of every statement, comments and
+(formats.mysql.MySQLScriptCheck), which gets the first bytes of every statement, comments and
 executable-comment markers removed, with its line number.
 
 Memory stays bounded by one statement's head; any chunking gives the same result.
