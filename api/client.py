@@ -19,7 +19,7 @@ import aiohttp
 from shared import safehold_version
 from shared.errors import SafeholdError
 from shared.jobs import TERMINAL
-from shared.storage import sha256_file
+from shared.storage.local import sha256_file
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
 CHUNK = 1 << 20

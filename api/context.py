@@ -21,7 +21,6 @@ from api.auth import Principal, build_verifier
 from api.streamhub import StreamHub
 from shared import scratch
 from shared.audit import AuditLog
-from shared.backupstore import Catalog
 from shared.config import Settings
 from shared.errors import TooMany
 from shared.jobs import JobStore
@@ -30,6 +29,7 @@ from shared.outage import RedisUnavailable
 from shared.outcomes import Outcomes
 from shared.queue import connect
 from shared.reaper import Reaper
+from shared.storage.catalog import Catalog
 
 log = logging.getLogger("safehold.api")
 REAP_EVERY = 10.0

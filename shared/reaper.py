@@ -14,12 +14,12 @@ import logging
 import time
 from datetime import datetime
 
-from shared.backupstore import Catalog
 from shared.config import WorkerSettings
 from shared.jobs import RESTORE_STATES, Job, JobKind, JobStatus, undo_hint
 from shared.locks import release_if_held_by
 from shared.outcomes import Outcomes
 from shared.queue import requeue_dead_claims
+from shared.storage.catalog import Catalog
 
 log = logging.getLogger("safehold.reaper")
 

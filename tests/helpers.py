@@ -247,11 +247,11 @@ def republish(directory: Path, name: str, forged: bytes) -> None:
 
 
 # ---------------------------------------------------------------------- the storage seam
-# Tests read what a backup stored through shared.storage (the code the service itself
+# Tests read what a backup stored through shared.storage.local (the code the service itself
 # reads with), never by knowing where a file or its manifest lies: a layout change stays
 # in one place. (Tests that plant hostile files by hand do that on purpose.)
 def _store(storage_dir: Path) -> tuple[Any, str]:
-    from shared.storage import LocalStorage
+    from shared.storage.local import LocalStorage
 
     return LocalStorage(storage_dir.parent), storage_dir.name
 

@@ -13,7 +13,7 @@ import pytest
 
 from shared import naming
 from shared.errors import InvalidBackupName, NotFound, PipelineError
-from shared.storage import LocalStorage
+from shared.storage.local import LocalStorage
 
 
 @pytest.mark.parametrize("name", [

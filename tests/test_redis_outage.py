@@ -255,7 +255,7 @@ async def test_redis_lost_at_commit_leaves_a_pg_restore_unchanged(
 
     manifest = json.loads((storage_dir / f"{name}.json").read_text())
     from shared import codecs
-    from shared.storage import LocalStorage
+    from shared.storage.local import LocalStorage
 
     store = LocalStorage(settings.storage.path)
     chunks = stored_plain(store.open("main", name), codecs.chain_of(manifest),

@@ -16,9 +16,10 @@ import pytest
 from redis.asyncio import Redis
 
 from api.app import create_app
-from shared import naming, s3storage
-from shared.backupstore import Catalog
+from shared import naming
 from shared.config import Settings, parse_settings
+from shared.storage import s3 as s3storage
+from shared.storage.catalog import Catalog
 from tests import pg
 from tests.conftest import bearer, make_raw_config
 from tests.helpers import (

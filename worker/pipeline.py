@@ -113,7 +113,7 @@ async def stored_plain(chunks: AsyncIterator[bytes], chain: Sequence[Step], *,
     chunks of at most ~1 MiB; decoding runs in a thread, one chunk ahead of the consumer.
     See `PlainReader` for `limit` and `expect_sha256` (the stream ends only after the
     digest matched)."""
-    from shared.backupstore import BlockingStream
+    from shared.storage.catalog import BlockingStream
 
     raw = BlockingStream(chunks, asyncio.get_running_loop())
     reader = await asyncio.to_thread(PlainReader, raw, chain, limit=limit,

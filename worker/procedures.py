@@ -22,7 +22,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from shared import backup_sets, codecs, formats, naming, retention
-from shared.backupstore import BackupStore, BlockingStream, Catalog
 from shared.codecs import plain_limit
 from shared.config import Settings, TargetConfig
 from shared.errors import (
@@ -40,6 +39,8 @@ from shared.errors import (
 from shared.jobs import Job, JobKind, JobStatus, JobStore, now_iso, undo_hint
 from shared.naming import ENGINE_FORMATS
 from shared.outage import JobTakenOver, RedisUnavailable
+from shared.storage.base import BackupStore
+from shared.storage.catalog import BlockingStream, Catalog
 from worker import pipeline
 from worker.engines import Drill, Drillable, Engine, RestoreOptions, RowCounting, server_sets
 from worker.progress import Progress

@@ -15,7 +15,6 @@ from redis.exceptions import RedisError
 
 from shared import logs
 from shared.audit import AuditLog
-from shared.backupstore import Catalog
 from shared.config import Settings, TargetConfig
 from shared.errors import (
     EngineError,
@@ -29,6 +28,7 @@ from shared.notify import Notifier
 from shared.outage import UNREACHABLE, RedisUnavailable, ride_out
 from shared.outcomes import Outcomes
 from shared.redact import redact
+from shared.storage.catalog import Catalog
 from worker.engines import ENGINE_CLASSES, Engine, get_engines
 from worker.procedures import Procedures
 from worker.progress import Progress

@@ -1,11 +1,6 @@
-"""Where backups live: the `BackupStore` contract, and the `Catalog` that fans one backup
-out to a target's destinations and finds it again.
-
-Nothing outside the store implementations sees where a backup's bytes are (a path, a
-bucket key): callers name backups by target and file name, read them as byte streams, and
-write them through a `PendingBackup`. A job records its pending backups' opaque *handles*
-so that a reaper can remove what a dead worker left.
-"""
+"""The `Catalog` of a target's destinations: it fans one backup out to all of them at once
+(`Fanout`), lists and finds backups again across them, and bridges async streams to
+blocking readers (`BlockingStream`)."""
 
 from __future__ import annotations
 
@@ -16,81 +11,15 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from shared import manifests, naming
-from shared.config import DestinationConfig, Settings, TargetConfig
+from shared.config import Settings, TargetConfig
 from shared.errors import NotFound, PipelineError, SafeholdError, Unavailable, disk_full
+from shared.storage.base import BackupStore, PendingBackup, open_store
 
 log = logging.getLogger("safehold.storage")
 QUEUE_DEPTH = 2  # stored chunks (~1 MiB) waiting per destination
-
-
-class PendingBackup(Protocol):
-    """A backup being written to one destination under a name chosen in advance.
-
-    `write` receives the stored (encoded) bytes in order. `complete(size, sha256)` makes
-    them durable under the final name and reads back what the destination holds (size and
-    a checksum as stored), raising PipelineError, with nothing left behind, if it differs.
-    The backup is not listed until `write_manifest` — always the last write. `abort`
-    removes whatever was written, at any point before the manifest (idempotent)."""
-
-    handle: str  # opaque; `BackupStore.remove_temp(handle)` cleans up after a crash
-
-    async def write(self, data: bytes) -> None: ...
-    async def complete(self, size: int, sha256: str) -> dict[str, Any]: ...
-    async def write_manifest(self, manifest: dict[str, Any]) -> None: ...
-    async def abort(self) -> None: ...
-
-
-class BackupStore(Protocol):
-    """One destination. All methods are async and safe to call concurrently.
-
-    * `list_manifests(target)`: manifests of complete backups (manifest *and* data present).
-    * `read_manifest(target, filename)` / `size(...)`: NotFound(`backup_not_found`) when
-      either the manifest or the data is missing.
-    * `open(target, filename, start, end)`: the stored bytes [start, end] (inclusive) as an
-      async iterator of chunks of at most ~1 MiB.
-    * `exists(target, filename)`: anything (data, manifest or a reservation) under the name.
-    * `begin(target, name, tag)`: a PendingBackup writing `name` (never overwriting).
-    * `delete(target, filename)`: the manifest first (the backup leaves listings), then
-      the data. NotFound when there is no manifest.
-    * `remove_temp(handle)` / `sweep_temps(keep, min_age)`: crash leftovers (temp files,
-      unfinished multipart uploads) of pending backups not in `keep`.
-    * `health()`: reachable / writable / free space / objects, for `GET /destinations`.
-    * `presigned_url(...)`: a short-lived download URL, or None when the store has none.
-    * `annotate(target, filename, fields)`: merge facts learnt later (a drill's outcome)
-      into the manifest; the data is never touched.
-    """
-
-    name: str
-    config: DestinationConfig
-
-    async def list_manifests(self, target: str) -> list[dict[str, Any]]: ...
-    async def read_manifest(self, target: str, filename: str) -> dict[str, Any]: ...
-    async def size(self, target: str, filename: str) -> int: ...
-    def open(self, target: str, filename: str, start: int = 0,
-             end: int | None = None) -> AsyncIterator[bytes]: ...
-    async def exists(self, target: str, filename: str) -> bool: ...
-    async def begin(self, target: str, name: naming.BackupName, tag: str) -> PendingBackup: ...
-    async def delete(self, target: str, filename: str) -> None: ...
-    async def remove_temp(self, handle: str) -> None: ...
-    async def sweep_temps(self, keep: set[str], min_age: float) -> list[str]: ...
-    async def health(self) -> dict[str, Any]: ...
-    async def presigned_url(self, target: str, filename: str, ttl: int) -> str | None: ...
-    async def annotate(self, target: str, filename: str, fields: dict[str, Any]) -> None: ...
-    async def close(self) -> None: ...
-
-
-def open_store(config: DestinationConfig) -> BackupStore:
-    if config.type == "s3":
-        from shared.s3storage import S3Storage
-
-        return S3Storage(config)
-    from shared.storage import LocalStorage
-
-    return LocalStorage(config.path, name=config.name, config=config,
-                        file_mode=int(config.file_mode, 8))
 
 
 # ---------------------------------------------------------------------------- fan-out
@@ -391,11 +320,11 @@ class Catalog:
     def spool_path(self, target: str, tag: str) -> Path:
         """A fresh local spool file for bytes not yet a backup (an upload being checked);
         under the local root, so a crash leftover is swept like any temp file. Blocking."""
-        from shared.storage import TEMP_PREFIX
+        from shared.storage.local import TEMP_PREFIX
 
         if "/" in target or target.startswith("."):
             raise NotFound(f"unknown target '{target}'", code="target_not_found")
-        from shared.storage import make_private_dir
+        from shared.storage.local import make_private_dir
 
         d = Path(self.settings.storage.path) / target
         make_private_dir(d)
