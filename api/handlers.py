@@ -10,13 +10,12 @@ from typing import Any
 from aiohttp import web
 
 from api.auth import Principal, require
-from api.client import CLI_AGENT
 from api.context import PRINCIPAL, REQUEST_ID, SERVICES, Services
 from api.files import send_stream
 from api.operations import MAX_WAIT, Caller, Operations
 from api.roles import Role
 from api.schemas import JOB_ID
-from shared import codecs, naming
+from shared import CLI_AGENT, codecs, naming
 from shared.config import TARGET_ID_RE
 from shared.errors import BadRequest, NotFound, SafeholdError, Unavailable
 from shared.jobs import Job, JobKind, JobStatus

@@ -180,7 +180,7 @@ async def test_fresh_run_backs_up_the_bundled_example(prefix: str, tmp_path: Pat
 
 
 def test_global_options_also_work_after_the_subcommand() -> None:
-    from api.cli import build_parser
+    from api.cli.launcher import build_parser
 
     parser = build_parser()
     assert parser.parse_args(["worker", "--config", "b.toml"]).config == "b.toml"

@@ -16,7 +16,7 @@ from typing import Any
 import aiofiles
 import aiohttp
 
-from shared import safehold_version
+from shared import CLI_AGENT, safehold_version
 from shared.errors import SafeholdError
 from shared.jobs import TERMINAL
 from shared.storage.local import sha256_file
@@ -34,9 +34,6 @@ class ApiError(SafeholdError):
         self.exit_code = (EXIT_AUTH if status in (401, 403) else EXIT_NOT_FOUND
                           if status == 404 else EXIT_USAGE if status in (400, 413, 422)
                           else EXIT_FAILED)
-
-
-CLI_AGENT = "safehold-cli/"  # api.handlers.rest_surface reads it: the audit's "via"
 
 
 class Client:

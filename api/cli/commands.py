@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from api.client import (
+from api.cli.client import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,

@@ -25,9 +25,9 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from api.client import ApiError
-from api.commands import add_client_commands
-from api.login import (
+from api.cli.client import ApiError
+from api.cli.commands import add_client_commands
+from api.cli.login import (
     StoredLogin,
     bearer_token,
     normalize_url,
@@ -291,8 +291,8 @@ def _client_target(args: argparse.Namespace, settings: ClientSettings) -> tuple[
 
 
 async def cmd_client(args: argparse.Namespace, settings: ClientSettings) -> int:
-    from api.client import Client
-    from api.commands import run
+    from api.cli.client import Client
+    from api.cli.commands import run
 
     url, token = _client_target(args, settings)
     async with Client(url, token) as c:
@@ -371,7 +371,7 @@ async def cmd_login(args: argparse.Namespace) -> int:
     """Check a token against the server (whoami), then store URL and token, 0600."""
     import time
 
-    from api.client import Client
+    from api.cli.client import Client
 
     url = normalize_url(args.url)
     token = _read_token_for_login(url)
@@ -401,7 +401,7 @@ def cmd_logout() -> int:
 def cmd_mcp(args: argparse.Namespace, settings: ClientSettings) -> int:
     import anyio
 
-    from api.mcp_stdio import bridge
+    from api.cli.mcp_stdio import bridge
 
     url, token = _client_target(args, settings)
     if not token:
