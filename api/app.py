@@ -21,12 +21,12 @@ from api.context import (
     STREAMS,
     services_ctx,
 )
-from api.handlers import CALLER, rest_surface
-from api.mcp_server import mcp_ctx
-from api.metrics import CATALOG_CACHE
-from api.page import redeem_ticket
+from api.http import CALLER, rest_surface
 from api.roles import Role
 from api.routes import ROUTES, add_routes, route_of
+from api.surfaces.mcp import mcp_ctx
+from api.surfaces.metrics import CATALOG_CACHE
+from api.surfaces.web import redeem_ticket
 from shared import logs
 from shared.config import Settings
 from shared.errors import SafeholdError, disk_full

@@ -8,13 +8,8 @@ from typing import Any
 
 from aiohttp import web
 
-from api import handlers as h
-from api import page, seed
 from api.context import ROUTE_TABLE
 from api.docs import docs_file, docs_index
-from api.events import all_events, job_events
-from api.mcp_server import mcp_endpoint
-from api.metrics import metrics
 from api.openapi import openapi
 from api.roles import Role
 from api.schemas import (
@@ -56,7 +51,13 @@ from api.schemas import (
     Schema,
     obj,
 )
-from api.uploads import upload_backup
+from api.surfaces import rest as h
+from api.surfaces import seed
+from api.surfaces import web as page
+from api.surfaces.events import all_events, job_events
+from api.surfaces.mcp import mcp_endpoint
+from api.surfaces.metrics import metrics
+from api.surfaces.uploads import upload_backup
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Param = tuple[str, Schema]  # (description, JSON schema of the value)

@@ -69,9 +69,9 @@ class Provider:
 async def setup(aiohttp_server: Any, aiohttp_client: Any, settings: Settings,
                 public_url: str = PAGE, origins: str = "",
                 provider: Provider | None = None) -> tuple[Provider, Any]:
-    import api.page
+    import api.surfaces.web
 
-    api.page._DISCOVERY.clear()
+    api.surfaces.web._DISCOVERY.clear()
     p = provider or Provider()
     if provider is None:
         srv = await aiohttp_server(p.app())
@@ -160,7 +160,7 @@ async def test_endpoint_origins_allowed_by_config_and_default_ports(
         aiohttp_server: Any, aiohttp_client: Any, settings: Settings, redis: Any) -> None:
     """An explicit default port is the same origin; a provider whose token endpoint lives
     elsewhere (Google's) is allowed by `auth.idp_endpoint_origins`."""
-    from api.page import _origin
+    from api.surfaces.web import _origin
 
     assert _origin("https://sso.example.com:443/t") == _origin("https://sso.example.com/r")
     for origins, status in (("", 503), ("http://localhost:{port}", 200)):

@@ -16,7 +16,7 @@ import aiofiles
 from aiohttp import web
 
 from api.files import UploadSink, receive_upload
-from api.handlers import caller, job_view, ops, principal, query_bool, query_float, svc
+from api.http import caller, job_view, ops, principal, query_bool, query_float, svc
 from api.operations import MAX_WAIT
 from shared import codecs, formats, naming, stats
 from shared.codecs import plain_limit

@@ -1,196 +1,42 @@
-"""REST v1 handlers: targets, backups, restores, jobs, health."""
+"""The REST v1 surface: health, targets, backups, restores, jobs, audit, prune, drills,
+schedules, destinations. Each view reads its request with api.http and acts through
+api.operations."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 from typing import Any
 
 from aiohttp import web
 
-from api.auth import Principal, require
-from api.context import PRINCIPAL, REQUEST_ID, SERVICES, Services
+from api.auth import require
+from api.context import PRINCIPAL
 from api.files import send_stream
-from api.operations import MAX_WAIT, Caller, Operations
+from api.http import (
+    AUDIT_ID_RE,
+    JOB_ID_RE,
+    caller,
+    cursor,
+    idempotency_key,
+    job_response,
+    job_view,
+    live_workers,
+    ops,
+    principal_of,
+    query_bool,
+    query_float,
+    read_json,
+    svc,
+    wait_param,
+)
 from api.roles import Role
-from api.schemas import JOB_ID
-from shared import CLI_AGENT, codecs, naming
+from shared import codecs, naming
 from shared.config import TARGET_ID_RE
 from shared.errors import BadRequest, NotFound, SafeholdError, Unavailable
-from shared.jobs import Job, JobKind, JobStatus
+from shared.jobs import JobKind, JobStatus
 
-CALLER = web.RequestKey("caller", Caller)
 STATS_WAIT = 60.0
-
-
-def svc(request: web.Request) -> Services:
-    return request.app[SERVICES]
-
-
-def job_view(job: Job, reader: Principal | None = None) -> dict[str, Any]:
-    d = for_reader(job.to_dict(), reader, job.kind, job.target)
-    d["links"] = {"self": f"/api/v1/jobs/{job.id}", "events": f"/api/v1/jobs/{job.id}/events"}
-    return d
-
-
-_QUOTED_PATH = re.compile(r"""(['"])/[^'"\n]*\1""")
-
-
-def hide_paths(text: str) -> str:
-    """Server file paths (as OSError quotes them) out of what non-admins read."""
-    return _QUOTED_PATH.sub(r"\1<server path>\1", text)
-
-
-def for_reader(doc: dict[str, Any], reader: Principal | None, kind: str,
-               target: str) -> dict[str, Any]:
-    """A restore's error quotes what the restored file made the database say (user SQL can
-    echo anything it reads): only operators and admins of the target see that text. Below
-    admin, server file paths in any job's error are hidden."""
-    if reader is not None and kind == JobKind.STATS and reader.role_for(target) < Role.ADMIN and \
-            isinstance(doc.get("result"), dict) and "path" in doc["result"]:
-        doc = {**doc, "result": {k: v for k, v in doc["result"].items() if k != "path"}}
-    error = doc.get("error")
-    if reader is not None and isinstance(error, dict) and \
-            reader.role_for(target) < Role.ADMIN and isinstance(error.get("message"), str):
-        error = {**error, "message": hide_paths(error["message"])}
-        doc = {**doc, "error": error}
-    if (reader is None or kind != JobKind.RESTORE or not isinstance(error, dict)
-            or reader.role_for(target) >= Role.OPERATOR):
-        return doc
-    shown = {k: v for k, v in error.items() if k != "message"}
-    shown["message"] = (f"the restore failed ({error.get('code')}); database "
-                        f"{error.get('database_state', 'unknown')}. The details are shown to "
-                        "operators and admins of this target")
-    return {**doc, "error": shown}
-
-
-def principal(request: web.Request) -> dict[str, Any]:
-    p = request.get(PRINCIPAL)
-    return p.to_dict() if p is not None else {"subject": "anonymous"}
-
-
-def principal_of(request: web.Request) -> Principal:
-    return request[PRINCIPAL]
-
-
-async def json_body(request: web.Request) -> Any:
-    """The request's JSON (400 for anything else, a 100,000-deep nesting included)."""
-    try:
-        return json.loads(await request.read())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError):
-        raise BadRequest("request body is not valid JSON", code="invalid_json") from None
-
-
-async def read_json(request: web.Request, allowed: dict[str, type | tuple[type, ...]]
-                    ) -> dict[str, Any]:
-    """A JSON object body (or no body at all) with only `allowed` keys of the given types."""
-    if not request.can_read_body:
-        return {}
-    body = await json_body(request)
-    if not isinstance(body, dict):  # `null` too: a body, when sent, is an object
-        raise BadRequest("request body must be a JSON object", code="invalid_body")
-    unknown = set(body) - set(allowed)
-    if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}",
-                         code="invalid_body")
-    for key, typ in allowed.items():
-        if key in body and not isinstance(body[key], typ):
-            raise BadRequest(f"field '{key}' has the wrong type", code="invalid_body")
-    return body
-
-
-def query_float(request: web.Request, name: str, lo: float, hi: float) -> float | None:
-    raw = request.query.get(name)
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise BadRequest(f"query parameter '{name}' must be a number", code="invalid_query") \
-            from None
-    if not lo <= value <= hi:
-        raise BadRequest(f"query parameter '{name}' must be between {lo:g} and {hi:g}",
-                         code="invalid_query")
-    return value
-
-
-def query_bool(request: web.Request, name: str, default: bool) -> bool:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    low = raw.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise BadRequest(f"query parameter '{name}' must be true or false", code="invalid_query")
-
-
-WEB_CLIENT = "web"  # the page's X-Safehold-Client header
-
-
-def rest_surface(request: web.Request) -> str:
-    """Which surface a request came through, for the audit's "via" (informational: who
-    acted is the token's subject): MCP, the seed surface, the CLI, the web page, or any
-    other HTTP client (curl, a script)."""
-    if request.path == "/mcp":
-        return "mcp"
-    if request.path.startswith("/backup/"):
-        return "seed"
-    if request.headers.get("User-Agent", "").startswith(CLI_AGENT):
-        return "cli"
-    if request.headers.get("X-Safehold-Client") == WEB_CLIENT:
-        return "web"
-    return "rest"
-
-
-def caller(request: web.Request, surface: str = "rest") -> Caller:
-    """This request as an operations caller (one per request: it carries the audit mark
-    and the warnings the answer shows)."""
-    c = request.get(CALLER)
-    if c is None:
-        if surface == "rest":
-            surface = rest_surface(request)
-        c = Caller(request[PRINCIPAL], surface, request.get(REQUEST_ID), request.remote,
-                   request.method, request.path)
-        request[CALLER] = c
-    return c
-
-
-def ops(request: web.Request) -> Operations:
-    return Operations(svc(request))
-
-
-MAX_IDEMPOTENCY_KEY = 200
-
-
-def idempotency_key(request: web.Request) -> str | None:
-    key = request.headers.get("Idempotency-Key") or None
-    if key is not None and len(key) > MAX_IDEMPOTENCY_KEY:
-        raise BadRequest(f"Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY} characters",
-                         code="invalid_header")
-    return key
-
-
 DRY_RUN_WAIT = 30.0  # seconds a prune's dry run is waited for: its answer is the plan
-
-
-def wait_param(request: web.Request) -> float | None:
-    return query_float(request, "wait", 0, MAX_WAIT)
-
-
-def job_response(job: Job, request: web.Request | None = None) -> web.Response:
-    view = job_view(job, request.get(PRINCIPAL) if request is not None else None)
-    c = request.get(CALLER) if request is not None else None
-    if c is not None and c.warnings and not job.terminal:
-        view["warnings"] = list(c.warnings)
-    return web.json_response(view, status=200 if job.terminal else 202,
-                             headers={"Location": f"/api/v1/jobs/{job.id}"})
-
-
-async def live_workers(s: Services) -> int:
-    return await Operations(s).live_workers()
 
 
 # ---------------------------------------------------------------------- health
@@ -330,19 +176,6 @@ async def create_restore(request: web.Request) -> web.Response:
 
 
 # ---------------------------------------------------------------------- jobs
-JOB_ID_RE = re.compile(JOB_ID["pattern"])
-AUDIT_ID_RE = re.compile(r"^[0-9]{1,19}-[0-9]{1,19}$")
-
-
-def cursor(request: web.Request, grammar: re.Pattern[str], what: str) -> str | None:
-    """A paging cursor (`before`) from the query, in its grammar, else 400."""
-    value = request.query.get("before")
-    if value is not None and not grammar.fullmatch(value):
-        raise BadRequest(f"query parameter 'before' must be {what} (the previous page's "
-                         "next_before)", code="invalid_query")
-    return value
-
-
 async def list_jobs(request: web.Request) -> web.Response:
     s = svc(request)
     q = request.query

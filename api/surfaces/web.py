@@ -19,7 +19,7 @@ from aiohttp import web
 
 from api.auth import Principal, bounded_json
 from api.context import LOGIN_EXCHANGES, PRINCIPAL, SERVICES
-from api.handlers import json_body, read_json
+from api.http import json_body, read_json
 from api.roles import Role
 from api.schemas import DOWNLOAD_PATH
 from shared.errors import (
@@ -31,7 +31,7 @@ from shared.errors import (
     Unavailable,
 )
 
-WEB_DIR = Path(__file__).with_name("web")
+WEB_DIR = Path(__file__).resolve().parents[1] / "web"  # api/web: the page's files
 TICKET_TTL = 60
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "

@@ -25,7 +25,7 @@ from prometheus_client.core import (
 
 from api.auth import bearer_token, require
 from api.context import SERVICES, Services
-from api.handlers import live_workers
+from api.http import live_workers
 from api.roles import Role
 from shared.errors import Unavailable
 from shared.jobs import JobKind

@@ -54,7 +54,7 @@ TOOL_ROLES = {
 
 def job_summary(job: Job, reader: Principal) -> dict[str, Any]:
     """The job as `reader` may see it (a restore's error text only for its operators)."""
-    from api.handlers import for_reader
+    from api.http import for_reader
 
     d = for_reader(job.to_dict(), reader, job.kind, job.target)
     return {k: d.get(k) for k in ("id", "kind", "target", "status", "created_at",

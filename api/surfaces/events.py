@@ -18,7 +18,7 @@ from aiohttp import ClientConnectionResetError, web
 from aiohttp_sse import sse_response
 
 from api.context import PRINCIPAL, SERVICES, STREAMS
-from api.handlers import caller, for_reader, ops
+from api.http import caller, for_reader, ops
 from api.roles import Role
 from shared.errors import BadRequest
 from shared.jobs import TERMINAL

@@ -15,18 +15,17 @@ from aiohttp import web
 
 from api.auth import Principal
 from api.context import PRINCIPAL
-from api.handlers import (
+from api.http import (
     caller,
-    download,
     for_reader,
     idempotency_key,
     job_view,
     ops,
     query_bool,
-    stats_of,
     svc,
 )
-from api.uploads import store_upload
+from api.surfaces.rest import download, stats_of
+from api.surfaces.uploads import store_upload
 from shared.config import TargetConfig
 from shared.errors import Unprocessable
 from shared.jobs import Job, JobStatus
