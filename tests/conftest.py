@@ -280,7 +280,7 @@ NEEDS_A_SERVER = {
     "redis", "pg_db", "my_db", "api", "anon", "worker", "aiohttp_client", "aiohttp_server",
     "mongo_server", "neo4j_server", "s3_server", "bucket", "settings", "storage_dir",
     "wait_job", "redis_port", "mongo", "browser", "private_redis", "small_disk", "client",
-    "drill_role", "issuer", "oidc_settings",
+    "drill_role", "issuer", "oidc_settings", "s3_store",
 }
 SLOW_MODULES = {"test_readme", "test_cli", "test_deploy"}  # subprocesses, tool runs
 # The slow layer: a real browser, whole-README runs, the fuzzer, processes killed at each
@@ -305,11 +305,14 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         test = item.nodeid.split("/")[-1].split("[")[0]
-        slow = module in SLOW or test in SLOW
-        if slow:
+        if module in SLOW or test in SLOW:
             item.add_marker(pytest.mark.slow)
-        elif not (set(getattr(item, "fixturenames", ())) & NEEDS_A_SERVER) and \
-                module not in SLOW_MODULES:
+            continue
+        # a parametrized fixture that picks a server fixture by name counts as using it
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        picked = {v for v in params.values() if isinstance(v, str)}
+        uses = (set(getattr(item, "fixturenames", ())) | picked) & NEEDS_A_SERVER
+        if not uses and module not in SLOW_MODULES:
             item.add_marker(pytest.mark.fast)
 
 
