@@ -33,6 +33,7 @@ from shared.errors import (
 )
 from shared.jobs import TERMINAL, Job, JobKind
 from shared.naming import ENGINE_FORMATS
+from shared.storage.base import BackupStore
 
 log = logging.getLogger("safehold.api")
 MAX_WAIT = 3600.0
@@ -204,6 +205,81 @@ class Operations:
         target = self.target(caller, target_id, Role.VIEWER)
         found, unavailable = await self.s.catalog.listing(target.id)
         return [backup_view(m) for m in found], unavailable
+
+    # ------------------------------------------------------------------ reads
+    async def jobs(self, caller: Caller, *, target: str | None, status: str | None,
+                   kind: str | None, limit: int, before: str | None) -> list[Job]:
+        """Jobs the caller may see, newest first (`before`: the page after that job)."""
+        p = caller.principal
+        if target is not None:
+            require(p, Role.VIEWER, target)
+        visible = set(p.targets_visible(list(self.s.settings.targets)))
+        return await self.s.store.list_jobs(target=target, status=status, kind=kind,
+                                            limit=limit, targets=visible, before=before)
+
+    def _admin_of(self, caller: Caller) -> set[str] | None:
+        """The targets the caller administers (None: all of them, and beyond)."""
+        p = caller.principal
+        if p.global_role >= Role.ADMIN and p.restricted_to is None:
+            return None
+        return {t for t in self.s.settings.targets if p.role_for(t) >= Role.ADMIN}
+
+    async def audit_entries(self, caller: Caller, *, limit: int, before: str | None,
+                            **filters: str | None) -> list[dict[str, Any]]:
+        """The audit trail, newest first, of the targets the caller administers."""
+        return await self.s.audit.query(limit=limit, targets=self._admin_of(caller),
+                                        before=before, **filters)
+
+    async def schedules(self, caller: Caller) -> list[dict[str, Any]]:
+        """Each visible target's schedule: next run, last slot and job, its outcome."""
+        from datetime import UTC, datetime
+
+        from shared import schedules
+
+        s = self.s
+        now = datetime.now(UTC)
+        out = []
+        for tid in caller.principal.targets_visible(list(s.settings.targets)):
+            t = s.settings.targets[tid]
+            state = {k.decode(): v.decode() for k, v in
+                     (await s.redis.hgetall(s.keys.schedule(tid))).items()}  # type: ignore[misc]
+            entry: dict[str, Any] = {
+                "target": tid, "schedule": t.schedule or None, "timezone": t.timezone,
+                "catch_up": t.catch_up, "retention": t.retention.public(),
+                "next_run": None, "last_slot": state.get("last_slot"),
+                "last_job": state.get("last_job"), "last_status": None,
+                "missed_since": state.get("missed_alerted")}  # an open missed-run alert
+            if t.schedule:
+                tz = schedules.zone(t.timezone, "timezone")
+                entry["next_run"] = schedules.next_due(
+                    t.schedule, tz, now, schedules.jitter(tid, t.schedule_jitter)).isoformat()
+            if entry["last_job"] and (job := await s.store.find(entry["last_job"])):
+                entry["last_status"] = job.status
+                entry["last_error"] = (job.error or {}).get("code")
+            out.append(entry)
+        return out
+
+    async def destinations(self, caller: Caller) -> list[dict[str, Any]]:
+        """Destinations' health; a token admin of some targets only sees those targets
+        (names, counts and bytes of the others stay hidden)."""
+        health = await self.s.catalog.health()
+        mine = self._admin_of(caller)
+        if mine is not None:
+            for d in health:
+                d["targets"] = [t for t in d.get("targets") or [] if t in mine]
+                for key in ("backups", "bytes"):  # totals over targets it may not see
+                    if key in d:
+                        d[key] = None
+        return health
+
+    async def download_source(self, caller: Caller, target_id: str, file: str
+                              ) -> tuple[BackupStore, naming.BackupName, dict[str, Any]]:
+        """Where a download reads from: the first destination (in read order) holding a
+        usable copy, with the name and its manifest (operator: a download is the data)."""
+        target = self.target(caller, target_id, Role.OPERATOR)
+        name = naming.parse(file)
+        store, manifest = (await self.s.catalog.copies(target.id, name))[0]
+        return store, name, manifest
 
     async def retention_preview(self, caller: Caller, target_id: str) -> dict[str, Any]:
         """What a prune would delete now on each destination, and why the rest stays —

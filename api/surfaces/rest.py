@@ -9,7 +9,6 @@ from typing import Any
 
 from aiohttp import web
 
-from api.auth import require
 from api.context import PRINCIPAL
 from api.files import send_stream
 from api.http import (
@@ -30,7 +29,7 @@ from api.http import (
     wait_param,
 )
 from api.roles import Role
-from shared import codecs, naming
+from shared import codecs
 from shared.config import TARGET_ID_RE
 from shared.errors import BadRequest, NotFound, SafeholdError, Unavailable
 from shared.jobs import JobKind, JobStatus
@@ -126,9 +125,7 @@ async def download(request: web.Request, target: str, file: str) -> web.StreamRe
     """Stream a backup from the first destination holding it (`X-Safehold-Destination`
     says which), with Range; or redirect to a presigned URL where the destination is an
     S3 bucket configured with `download = "redirect"`."""
-    name = naming.parse(file)
-    copies = await svc(request).catalog.copies(target, name)
-    store, manifest = copies[0]
+    store, name, manifest = await ops(request).download_source(caller(request), target, file)
     if store.config.download == "redirect" and request.method == "GET":
         url = await store.presigned_url(target, name.filename, store.config.presign_ttl)
         if url:
@@ -177,23 +174,19 @@ async def create_restore(request: web.Request) -> web.Response:
 
 # ---------------------------------------------------------------------- jobs
 async def list_jobs(request: web.Request) -> web.Response:
-    s = svc(request)
     q = request.query
     status, kind = q.get("status"), q.get("kind")
     if status and status not in set(JobStatus):
         raise BadRequest(f"unknown status '{status}'", code="invalid_query")
     if kind and kind not in set(JobKind):
         raise BadRequest(f"unknown kind '{kind}'", code="invalid_query")
+    if "target" in q and not TARGET_ID_RE.match(q["target"]):
+        raise BadRequest("query parameter 'target' is not a target id", code="invalid_query")
     limit = int(query_float(request, "limit", 1, 1000) or 100)
+    jobs = await ops(request).jobs(
+        caller(request), target=q.get("target"), status=status, kind=kind, limit=limit,
+        before=cursor(request, JOB_ID_RE, "a job id"))
     p = principal_of(request)
-    if "target" in q:
-        if not TARGET_ID_RE.match(q["target"]):
-            raise BadRequest("query parameter 'target' is not a target id", code="invalid_query")
-        require(p, Role.VIEWER, q["target"])
-    visible = set(p.targets_visible(list(s.settings.targets)))
-    jobs = await s.store.list_jobs(target=q.get("target"), status=status, kind=kind,
-                                   limit=limit, targets=visible,
-                                   before=cursor(request, JOB_ID_RE, "a job id"))
     page: dict[str, Any] = {"jobs": [job_view(j, p) for j in jobs], "count": len(jobs)}
     if len(jobs) == limit:  # maybe more: the next page starts after the last one
         page["next_before"] = jobs[-1].id
@@ -214,15 +207,11 @@ async def cancel_job(request: web.Request) -> web.Response:
 async def audit(request: web.Request) -> web.Response:
     q = request.query
     limit = int(query_float(request, "limit", 1, 1000) or 100)
-    p = principal_of(request)
-    everything = p.global_role >= Role.ADMIN and p.restricted_to is None
-    targets = None if everything else {
-        t for t in svc(request).settings.targets if p.role_for(t) >= Role.ADMIN}
-    entries = await svc(request).audit.query(
-        limit=limit, targets=targets, subject=q.get("subject"), target=q.get("target"),
-        action=q.get("action"), result=q.get("result"), job=q.get("job"),
-        via=q.get("via"), since=q.get("since"),
-        before=cursor(request, AUDIT_ID_RE, "an audit entry id (its `id`)"))
+    entries = await ops(request).audit_entries(
+        caller(request), limit=limit,
+        before=cursor(request, AUDIT_ID_RE, "an audit entry id (its `id`)"),
+        **{k: q.get(k) for k in ("subject", "target", "action", "result", "job", "via",
+                                 "since")})
     page: dict[str, Any] = {"entries": entries, "count": len(entries)}
     if len(entries) == limit:
         page["next_before"] = entries[-1]["id"]
@@ -254,48 +243,13 @@ async def verify(request: web.Request) -> web.Response:
 
 async def schedules_view(request: web.Request) -> web.Response:
     """Each visible target's schedule: next run, last slot and job, its outcome."""
-    from datetime import UTC, datetime
-
-    from shared import schedules
-
-    s = svc(request)
-    p = principal_of(request)
-    now = datetime.now(UTC)
-    out = []
-    for tid in p.targets_visible(list(s.settings.targets)):
-        t = s.settings.targets[tid]
-        state = {k.decode(): v.decode() for k, v in
-                 (await s.redis.hgetall(s.keys.schedule(tid))).items()}  # type: ignore[misc]
-        entry: dict[str, Any] = {
-            "target": tid, "schedule": t.schedule or None, "timezone": t.timezone,
-            "catch_up": t.catch_up, "retention": t.retention.public(),
-            "next_run": None, "last_slot": state.get("last_slot"),
-            "last_job": state.get("last_job"), "last_status": None,
-            "missed_since": state.get("missed_alerted")}  # a missed-schedule alert is open
-        if t.schedule:
-            tz = schedules.zone(t.timezone, "timezone")
-            entry["next_run"] = schedules.next_due(
-                t.schedule, tz, now, schedules.jitter(tid, t.schedule_jitter)).isoformat()
-        if entry["last_job"] and (job := await s.store.find(entry["last_job"])):
-            entry["last_status"] = job.status
-            entry["last_error"] = (job.error or {}).get("code")
-        out.append(entry)
-    return web.json_response({"schedules": out})
+    return web.json_response({"schedules": await ops(request).schedules(caller(request))})
 
 
 async def destinations(request: web.Request) -> web.Response:
-    """Destinations' health; a token that is admin of some targets only sees those targets
-    (names, counts and bytes of the others stay hidden)."""
-    p = principal_of(request)
-    health = await svc(request).catalog.health()
-    if not (p.global_role >= Role.ADMIN and p.restricted_to is None):
-        mine = {t for t in svc(request).settings.targets if p.role_for(t) >= Role.ADMIN}
-        for d in health:
-            d["targets"] = [t for t in d.get("targets") or [] if t in mine]
-            for key in ("backups", "bytes"):  # totals over targets it may not see
-                if key in d:
-                    d[key] = None
-    return web.json_response({"destinations": health})
+    """Destinations' health (a token admin of some targets only sees those)."""
+    return web.json_response({"destinations": await ops(request).destinations(
+        caller(request))})
 
 
 async def jwks(request: web.Request) -> web.Response:
