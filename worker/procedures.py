@@ -59,8 +59,9 @@ def _plain(name: str) -> str:
     return name.replace('"', "").replace("`", "")
 
 
-# keys only a worker sets, in memory, on the manifest a load is given: one found in a stored
-# manifest (anyone able to write a .json beside a backup) is dropped, never obeyed
+# keys a worker once set, in memory, on the manifest a load is given (its control data now
+# travels in RestoreOptions and the windows argument): one found in a stored manifest
+# (anyone able to write a .json beside a backup) is still dropped, never passed on
 _IN_MEMORY_ONLY = ("also_clean", "plain_windows")
 
 
@@ -729,9 +730,11 @@ class Procedures:
     async def _load(self, job: Job, target: TargetConfig, engine: Engine,
                     name: naming.BackupName, store: BackupStore, manifest: dict[str, Any],
                     progress: Progress, identities: Sequence[Any], *,
-                    rollback: bool = False, windows: bytes | None = None) -> None:
+                    rollback: bool = False, windows: bytes | None = None,
+                    also_clean: tuple[str, ...] = ()) -> None:
         """Load the backup; `windows`: the digests its check recorded (what the load may
-        pass on, see `pipeline.SameAsChecked`), when the engine's check read it whole."""
+        pass on, see `pipeline.SameAsChecked`), when the engine's check read it whole;
+        `also_clean`: a rollback's extra reach (RestoreOptions.also_clean)."""
         progress.set_phase("restoring", bytes_total=manifest.get("raw_bytes"))
         if not rollback:  # a rollback stays `rolling_back`: its outcome is never "unchanged"
             try:
@@ -747,7 +750,8 @@ class Procedures:
                                      roles=job.params.get("roles") or None,
                                      database=job.params.get("database") or None,
                                      owner_map=tuple(sorted(
-                                         (job.params.get("owner_map") or {}).items()))))
+                                         (job.params.get("owner_map") or {}).items())),
+                                     also_clean=also_clean))
 
     @contextlib.asynccontextmanager
     async def _plain(self, store: BackupStore, target: TargetConfig, name: naming.BackupName,
@@ -806,9 +810,10 @@ class Procedures:
                 smanifest = _checked(smanifest, sfacts)
                 # the failed load may have written where the safety backup has nothing (an
                 # empty database then): the rollback's clean covers those too
-                smanifest["also_clean"] = failed.get("databases") or []
                 await self._load(job, target, engine, sname, sstore, smanifest, progress,
-                                 identities, rollback=True, windows=swindows)
+                                 identities, rollback=True, windows=swindows,
+                                 also_clean=tuple(str(d) for d in
+                                                  failed.get("databases") or []))
             except SafeholdError as exc2:
                 details["database_state"] = "unknown"
                 details["rollback"] = {"status": "failed", "backup": safety,

@@ -96,6 +96,10 @@ class RestoreOptions:
     # grants live outside the database and would outlive the copy)
     scratch: bool = False
     database: str | None = None  # a backup set: restore only this database of it
+    # a rollback's reach: databases the failed load may have written where the safety
+    # backup has nothing (Redis db numbers, MongoDB names); they are cleaned too. Worker
+    # control data, so it travels here, never in a (stored, untrusted) manifest
+    also_clean: tuple[str, ...] = ()
 
 
 NO_OPTIONS = RestoreOptions()

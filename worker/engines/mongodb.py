@@ -275,7 +275,7 @@ class MongoDB:
                       options: RestoreOptions = NO_OPTIONS) -> None:
         async with self.connect(target) as client:
             restorer = _Restorer(client, clean, progress)
-            restorer.databases |= set(manifest.get("also_clean") or [])  # a rollback's reach
+            restorer.databases |= set(options.also_clean)  # a rollback's reach
             # metadata that passed the checks can still fail to apply (an invalid ObjectId,
             # an option of the wrong type): every such failure is a failed restore
             with restore_errors(target, "MongoDB", PyMongoError, BulkWriteError, BSONError,

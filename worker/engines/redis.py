@@ -436,7 +436,7 @@ class RedisEngine:
         databases = {int(db) for db in manifest.get("databases", [])}
         with restore_errors(target, "Redis", RedisError, OSError):
             if clean:  # the checked file's databases (and a failed restore's, on rollback)
-                for db in sorted(databases | {int(d) for d in manifest.get("also_clean", [])}):
+                for db in sorted(databases | {int(d) for d in options.also_clean}):
                     async with self.connect(target, db) as r:
                         await r.flushdb()
             # the content was checked whole before anything was flushed; it is checked
