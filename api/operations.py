@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from api.auth import Principal, require
 from api.context import Services
 from api.roles import Role
-from shared import backup_sets, codecs, naming, stats
+from shared import backup_sets, codecs, naming, rcmd, stats
 from shared.config import TargetConfig
 from shared.errors import (
     BadRequest,
@@ -242,7 +242,7 @@ class Operations:
         for tid in caller.principal.targets_visible(list(s.settings.targets)):
             t = s.settings.targets[tid]
             state = {k.decode(): v.decode() for k, v in
-                     (await s.redis.hgetall(s.keys.schedule(tid))).items()}  # type: ignore[misc]
+                     (await rcmd.hgetall(s.redis, s.keys.schedule(tid))).items()}
             entry: dict[str, Any] = {
                 "target": tid, "schedule": t.schedule or None, "timezone": t.timezone,
                 "catch_up": t.catch_up, "retention": t.retention.public(),
@@ -451,7 +451,7 @@ class Operations:
                    await s.redis.zrangebyscore(s.keys.workers, time.time() - 30, "+inf")]
         keys = []
         if workers:
-            found = await s.redis.hmget(s.keys.worker_keys, workers)  # type: ignore[misc]
+            found = await rcmd.hmget(s.redis, s.keys.worker_keys, workers)
             keys = [k for k in found if k]
         if not keys:
             raise Unavailable("no live worker to hand the identity to: start one with "

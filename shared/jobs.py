@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 
+from shared import rcmd
 from shared.errors import Conflict, NotFound
 from shared.keys import Keys
 from shared.outage import ride_out
@@ -320,7 +321,7 @@ class JobStore:
 
     async def find(self, job_id: str) -> Job | None:
         async def once() -> dict[bytes, bytes]:
-            return await self.redis.hgetall(self.keys.job(job_id))  # type: ignore[misc,no-any-return]
+            return await rcmd.hgetall(self.redis, self.keys.job(job_id))
         h = await self._call(f"reading job {job_id}", once)
         return Job.from_hash(h) if h else None
 
@@ -362,7 +363,7 @@ class JobStore:
         enc = {k: json.dumps(v) if isinstance(v, dict | list) else str(v)
                for k, v in fields.items()}
         async def once() -> None:
-            await self.redis.hset(self.keys.job(job_id), mapping=enc)  # type: ignore[arg-type,misc]
+            await rcmd.hset(self.redis, self.keys.job(job_id), mapping=enc)
         await self._call(f"recording {', '.join(fields)} of job {job_id}", once)
 
     async def publish(self, job_id: str, type_: str, data: Mapping[str, Any],
@@ -440,5 +441,5 @@ class JobStore:
         return rows[0][0].decode() if rows else "0-0"
 
     async def running_ids(self) -> list[str]:
-        members = await self.redis.smembers(self.keys.running)  # type: ignore[misc]
+        members = await rcmd.smembers(self.redis, self.keys.running)
         return [i.decode() for i in members]

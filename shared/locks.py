@@ -12,6 +12,8 @@ import asyncio
 
 from redis.asyncio import Redis
 
+from shared import rcmd
+
 # a lock that lapsed while Redis was away (or was lost in a restart) is taken back if
 # nobody else took it meanwhile: 1 held, 0 taken by another job
 _REFRESH = """
@@ -50,7 +52,7 @@ class TargetLock:
         longer than its TTL and was taken)."""
         if not self.held:
             return True
-        return bool(await self.redis.eval(  # type: ignore[misc]
+        return bool(await rcmd.eval_script(self.redis,
             _REFRESH, 1, self.key, self.owner, str(self.ttl_ms)))
 
     async def release(self) -> None:
@@ -65,4 +67,4 @@ class TargetLock:
 
 async def release_if_held_by(redis: Redis, key: str, owner: str) -> None:
     """Release `key` if `owner` (a job id) still holds it (the reaper, for a dead job)."""
-    await redis.eval(_RELEASE, 1, key, owner)  # type: ignore[misc]
+    await rcmd.eval_script(redis, _RELEASE, 1, key, owner)

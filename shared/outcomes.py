@@ -17,7 +17,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from shared import stats
+from shared import rcmd, stats
 from shared.audit import AuditLog
 from shared.config import Settings
 from shared.errors import Conflict
@@ -86,7 +86,7 @@ class Outcomes:
                 fields={"cancel_requested": "1"},
                 data={"reason": "cancelled before it started"}):
             return await self.store.get(job_id)
-        await self.redis.hset(self.keys.job(job_id), "cancel_requested", "1")  # type: ignore[misc]
+        await rcmd.hset(self.redis, self.keys.job(job_id), "cancel_requested", "1")
         await self.store.publish(job_id, "log", {"message": "cancellation requested"})
         return await self.store.get(job_id)
 

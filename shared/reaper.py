@@ -14,6 +14,7 @@ import logging
 import time
 from datetime import datetime
 
+from shared import rcmd
 from shared.config import WorkerSettings
 from shared.jobs import RESTORE_STATES, Job, JobKind, JobStatus, undo_hint
 from shared.locks import release_if_held_by
@@ -88,7 +89,7 @@ async def reap_orphans(outcomes: Outcomes, catalog: Catalog, orphan_after: float
             continue
         job = await store.find(job_id)
         if job is None:
-            await store.redis.srem(store.keys.running, job_id)  # type: ignore[misc]
+            await rcmd.srem(store.redis, store.keys.running, job_id)
             continue
         if _age(job.started_at) < orphan_after:
             continue  # just started; its first heartbeat may be on its way

@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared import scratch
+from shared import rcmd, scratch
 from shared.config import Settings
 from shared.keys import Keys
 from shared.outage import RedisUnavailable
@@ -45,7 +45,7 @@ async def _housekeeping(runner: JobRunner) -> None:
     while True:
         try:
             await runner.redis.zadd(keys.workers, {runner.worker_id: time.time()})
-            await runner.redis.hset(keys.worker_keys,  # type: ignore[misc]
+            await rcmd.hset(runner.redis, keys.worker_keys,
                                     runner.worker_id, runner.transport_recipient)
             await reaper.sweep()
             await asyncio.to_thread(scratch.sweep)  # what killed processes left on this host
@@ -110,7 +110,7 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
     runner: JobRunner | None = ctx.get("runner")
     if runner:
         await runner.redis.zrem(runner.keys.workers, runner.worker_id)
-        await runner.redis.hdel(runner.keys.worker_keys, runner.worker_id)  # type: ignore[misc]
+        await rcmd.hdel(runner.redis, runner.keys.worker_keys, runner.worker_id)
         await runner.close()
         await runner.catalog.close()
 

@@ -13,7 +13,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import logs
+from shared import logs, rcmd
 from shared.audit import AuditLog
 from shared.config import Settings, TargetConfig
 from shared.errors import (
@@ -210,8 +210,8 @@ class JobRunner:
     async def _backup_succeeded(self, job: Job) -> None:
         """Remember the success (missed-run detection) and clear a missed-run alert."""
         key = self.keys.schedule(job.target)
-        await self.redis.hset(key, "last_success", now_iso())  # type: ignore[misc]
-        if await self.redis.hdel(key, "missed_alerted"):  # type: ignore[misc]
+        await rcmd.hset(self.redis, key, "last_success", now_iso())
+        if await rcmd.hdel(self.redis, key, "missed_alerted"):
             await self.audit.record(action="schedule.recovered", result="ok",
                                     target=job.target, job=job.id)
             self.outcomes.deliver(self.notifier.event(
@@ -283,12 +283,12 @@ class JobRunner:
             if now - last_cancel_check < w.progress_interval:
                 continue
             last_cancel_check = now
-            flag = await self.redis.hget(  # type: ignore[misc]
+            flag = await rcmd.hget(self.redis,
                 self.keys.job(job.id), "cancel_requested")
             if flag == b"1" and not state["cancel_requested"]:
                 stage = progress.stages[-1] if progress.stages else None
                 if job.kind == JobKind.RESTORE and not restore_cancellable(stage):
-                    await self.redis.hdel(self.keys.job(job.id),  # type: ignore[misc]
+                    await rcmd.hdel(self.redis, self.keys.job(job.id),
                                           "cancel_requested")
                     await self.store.publish(job.id, "log", {
                         "message": "too late to cancel: the restore is changing the database; "

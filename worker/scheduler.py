@@ -20,7 +20,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from shared import schedules
+from shared import rcmd, schedules
 from shared.audit import AuditLog
 from shared.config import Settings, TargetConfig
 from shared.jobs import Job, JobKind, JobStatus, JobStore
@@ -77,9 +77,9 @@ class Scheduler:
         tz = schedules.zone(target.timezone, "timezone")
         delay = schedules.jitter(target.id, target.schedule_jitter)
         key = self.keys.schedule(target.id)
-        await self.redis.hsetnx(key, f"{field}first_seen", now.isoformat())  # type: ignore[misc]
+        await rcmd.hsetnx(self.redis, key, f"{field}first_seen", now.isoformat())
         state = {k.decode(): v.decode() for k, v in
-                 (await self.redis.hgetall(key)).items()}  # type: ignore[misc]
+                 (await rcmd.hgetall(self.redis, key)).items()}
         slot = schedules.latest_due(expr, tz, now, delay)
         if slot is None:
             return None
@@ -89,7 +89,7 @@ class Scheduler:
         if last >= name or due < datetime.fromisoformat(state[f"{field}first_seen"]):
             return None  # handled (maybe by another worker), or before the schedule existed
         if target.catch_up == "none" and now - due > LATE_AFTER:
-            await self.redis.hset(key, mapping={  # type: ignore[misc]
+            await rcmd.hset(self.redis, key, mapping={
                 f"{field}last_slot": name, f"{field}last_skipped": name})
             log.warning("target %s: %s slot %s missed while down; skipped (catch_up=none)",
                         target.id, kind, name)
@@ -97,7 +97,7 @@ class Scheduler:
         busy = [j for j in await self.store.active_for_target(target.id)
                 if j.kind == kind and j.params.get("scheduled_slot")]
         if busy:  # a slow backup never piles up slots behind it
-            await self.redis.hset(key, mapping={  # type: ignore[misc]
+            await rcmd.hset(self.redis, key, mapping={
                 f"{field}last_slot": name, f"{field}last_skipped": name})
             log.warning("target %s: %s slot %s skipped: the scheduled job %s is still %s",
                         target.id, kind, name, busy[0].id, busy[0].status)
@@ -109,7 +109,7 @@ class Scheduler:
                           note=f"scheduled {name} {target.timezone}")
         prefix = "sched" if kind == JobKind.BACKUP else "drill"
         job = await self._create(target, kind, f"{prefix}:{target.id}:{name}", params)
-        await self.redis.hset(key, mapping={f"{field}last_slot": name,  # type: ignore[misc]
+        await rcmd.hset(self.redis, key, mapping={f"{field}last_slot": name,
                                             f"{field}last_job": job.id})
         return job
 
@@ -120,7 +120,7 @@ class Scheduler:
         tz = schedules.zone(target.timezone, "timezone")
         key = self.keys.schedule(target.id)
         state = {k.decode(): v.decode() for k, v in
-                 (await self.redis.hgetall(key)).items()}  # type: ignore[misc]
+                 (await rcmd.hgetall(self.redis, key)).items()}
         since = state.get("last_success") or state.get("first_seen")
         if not since or state.get("missed_alerted"):
             return
@@ -133,7 +133,7 @@ class Scheduler:
             if due > horizon:
                 return
             missed += 1
-        if not await self.redis.hsetnx(key, "missed_alerted",  # type: ignore[misc]
+        if not await rcmd.hsetnx(self.redis, key, "missed_alerted",
                                        now.isoformat()):
             return  # another worker alerted
         hours = (now - start).total_seconds() / 3600

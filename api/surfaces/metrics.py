@@ -27,6 +27,7 @@ from api.auth import bearer_token, require
 from api.context import SERVICES, Services
 from api.http import live_workers
 from api.roles import Role
+from shared import rcmd
 from shared.errors import Unavailable
 from shared.jobs import JobKind
 from shared.stats import DURATION_BUCKETS
@@ -98,10 +99,10 @@ async def metrics(request: web.Request) -> web.Response:
 
     jobs = CounterMetricFamily("safehold_jobs", "Jobs finished, by kind, status and target.",
                                labels=["kind", "status", "target"])
-    for field_, n in (await s.redis.hgetall(s.keys.metric("jobs"))).items():  # type: ignore[misc]
+    for field_, done in (await rcmd.hgetall(s.redis, s.keys.metric("jobs"))).items():
         kind, status, target = field_.decode().split("|", 2)
         if target in visible:
-            jobs.add_metric([kind, status, target], int(n))
+            jobs.add_metric([kind, status, target], int(done))
     add(jobs)
 
     hist = HistogramMetricFamily("safehold_job_duration_seconds",
@@ -109,8 +110,7 @@ async def metrics(request: web.Request) -> web.Response:
     engines = {s.settings.targets[t].engine for t in visible}
     for kind in (k for k in JobKind if k != JobKind.STATS):
         for engine in sorted(engines):
-            raw = await s.redis.hgetall(  # type: ignore[misc]
-                s.keys.metric(f"duration:{kind}|{engine}"))
+            raw = await rcmd.hgetall(s.redis, s.keys.metric(f"duration:{kind}|{engine}"))
             if not raw:
                 continue
             got = {k.decode(): v for k, v in raw.items()}
@@ -122,10 +122,9 @@ async def metrics(request: web.Request) -> web.Response:
     written = CounterMetricFamily("safehold_backup_bytes_written",
                                   "Stored bytes of finished backups, by target.",
                                   labels=["target"])
-    for target, n in (await s.redis.hgetall(  # type: ignore[misc]
-            s.keys.metric("bytes_written"))).items():
-        if target.decode() in visible:
-            written.add_metric([target.decode()], int(n))
+    for tkey, total in (await rcmd.hgetall(s.redis, s.keys.metric("bytes_written"))).items():
+        if tkey.decode() in visible:
+            written.add_metric([tkey.decode()], int(total))
     add(written)
 
     add(GaugeMetricFamily("safehold_workers_alive", "Workers that heartbeat in the last 30 s.",
@@ -213,7 +212,7 @@ async def metrics(request: web.Request) -> web.Response:
             if v.get("rto_s") is not None:
                 rto.add_metric([target], float(v["rto_s"]))
         if s.settings.targets[target].schedule:
-            state = await s.redis.hgetall(s.keys.schedule(target))  # type: ignore[misc]
+            state = await rcmd.hgetall(s.redis, s.keys.schedule(target))
             missed.add_metric([target], 1 if state.get(b"missed_alerted") else 0)
             if state.get(b"last_job") and (job := await s.store.find(
                     state[b"last_job"].decode())) and job.params.get("scheduled_for"):
