@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from api.auth import Principal
-from api.context import PRINCIPAL, REQUEST_ID, SERVICES, Services
+from api.context import PRINCIPAL, REQUEST_ID, ROUTE_TABLE, SERVICES, Services
 from api.operations import MAX_WAIT, Caller, Operations
 from api.roles import Role
 from api.schemas import JOB_ID
@@ -80,21 +80,73 @@ async def json_body(request: web.Request) -> Any:
         raise BadRequest("request body is not valid JSON", code="invalid_json") from None
 
 
-async def read_json(request: web.Request, allowed: dict[str, type | tuple[type, ...]]
-                    ) -> dict[str, Any]:
-    """A JSON object body (or no body at all) with only `allowed` keys of the given types."""
+def declared_body(request: web.Request) -> dict[str, Any] | None:
+    """The JSON schema the request's route declares for its body (api.routes `Route.body`,
+    the same declaration the OpenAPI document shows)."""
+    resource = request.match_info.route.resource
+    if resource is None:
+        return None
+    route = request.app[ROUTE_TABLE].get((request.method, resource.canonical))
+    body = getattr(route, "body", None)
+    return body if isinstance(body, dict) else None
+
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,), "boolean": (bool,), "object": (dict,), "array": (list,),
+    "integer": (int,), "number": (int, float)}
+
+
+def _field_problem(value: Any, schema: dict[str, Any]) -> str | None:
+    """Why `value` does not fit `schema` (the keywords the route table uses), or None.
+    A `pattern` is left to the grammar it comes from (a backup name's is naming.parse,
+    whose error names what is wrong), checked by the operation."""
+    kind = schema.get("type")
+    if kind is not None:
+        if not isinstance(value, _JSON_TYPES[kind]) or \
+                kind in ("integer", "number") and isinstance(value, bool):
+            return "has the wrong type"
+    if "enum" in schema and value not in schema["enum"]:
+        return "must be one of " + ", ".join(json.dumps(v) for v in schema["enum"])
+    if "const" in schema and value != schema["const"]:
+        return f"must be {json.dumps(schema['const'])}"
+    if isinstance(value, str):
+        if len(value) > schema.get("maxLength", len(value)):
+            return f"is longer than {schema['maxLength']} characters"
+        if len(value) < schema.get("minLength", 0):
+            return f"is shorter than {schema['minLength']} characters"
+    if isinstance(value, dict):
+        if len(value) > schema.get("maxProperties", len(value)):
+            return f"has more than {schema['maxProperties']} entries"
+        inner = schema.get("additionalProperties")
+        if isinstance(inner, dict):
+            for v in value.values():
+                if (why := _field_problem(v, inner)) is not None:
+                    return f"holds a value that {why}"
+    return None
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """A JSON object body (or no body at all), checked against the route's declared schema:
+    no field it does not declare, each of the declared type and form, the required ones
+    present. What the schema cannot say (which engine an option fits) is the operation's."""
+    schema = declared_body(request) or {"properties": {}}
+    fields: dict[str, Any] = schema.get("properties", {})
     if not request.can_read_body:
-        return {}
-    body = await json_body(request)
+        body: Any = {}
+    else:
+        body = await json_body(request)
     if not isinstance(body, dict):  # `null` too: a body, when sent, is an object
         raise BadRequest("request body must be a JSON object", code="invalid_body")
-    unknown = set(body) - set(allowed)
+    unknown = set(body) - set(fields)
     if unknown:
         raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}",
                          code="invalid_body")
-    for key, typ in allowed.items():
-        if key in body and not isinstance(body[key], typ):
-            raise BadRequest(f"field '{key}' has the wrong type", code="invalid_body")
+    for key in schema.get("required", []):
+        if key not in body:
+            raise BadRequest(f"field '{key}' is required", code="invalid_body")
+    for key, value in body.items():
+        if (why := _field_problem(value, fields[key])) is not None:
+            raise BadRequest(f"field '{key}' {why}", code="invalid_body")
     return body
 
 

@@ -97,8 +97,7 @@ async def target_stats(request: web.Request) -> web.Response:
 
 # ---------------------------------------------------------------------- backups
 async def create_backup(request: web.Request) -> web.Response:
-    body = await read_json(request, {"compress": bool, "note": str, "format": str,
-                                     "use_apoc": bool})
+    body = await read_json(request)
     job = await ops(request).start_backup(
         caller(request), request.match_info["target"], compress=body.get("compress"),
         note=body.get("note", ""), fmt=body.get("format"),
@@ -158,11 +157,7 @@ async def delete_backup(request: web.Request) -> web.Response:
 
 # ---------------------------------------------------------------------- restores
 async def create_restore(request: web.Request) -> web.Response:
-    body = await read_json(request, {"backup": str, "create_safety_backup": bool,
-                                     "identity": str, "terminate_connections": bool,
-                                     "roles": str, "owner_map": dict, "database": str})
-    if "backup" not in body:
-        raise BadRequest("field 'backup' (a backup file name) is required", code="invalid_body")
+    body = await read_json(request)
     job = await ops(request).start_restore(
         caller(request), request.match_info["target"], body["backup"],
         safety=body.get("create_safety_backup", True), identity=body.get("identity"),
@@ -233,7 +228,7 @@ async def prune(request: web.Request) -> web.Response:
 
 async def verify(request: web.Request) -> web.Response:
     """A restore drill of the newest (or the given) backup into a scratch place."""
-    body = await read_json(request, {"backup": str, "identity": str})
+    body = await read_json(request)
     job = await ops(request).start_verify(
         caller(request), request.match_info["target"], body.get("backup"),
         identity=body.get("identity"), idempotency_key=idempotency_key(request),

@@ -78,7 +78,7 @@ def _ticket_key(request: web.Request, ticket: str) -> str:
 
 async def create_ticket(request: web.Request) -> web.Response:
     """POST {"path": "/api/v1/targets/t/backups/f/download"} -> {"url": path?ticket=…}."""
-    path = (await read_json(request, {"path": str})).get("path")
+    path = (await read_json(request)).get("path")
     if not isinstance(path, str) or not _DOWNLOAD_PATH.fullmatch(path):  # no final \n
         raise BadRequest("path must be a backup's download path: /api/v1/targets/<target>/"
                          "backups/<backup>/download", code="invalid_body")
