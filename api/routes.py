@@ -58,6 +58,7 @@ from api.surfaces.events import all_events, job_events
 from api.surfaces.mcp import mcp_endpoint
 from api.surfaces.metrics import metrics
 from api.surfaces.uploads import upload_backup
+from shared.engines import ENGINES
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Param = tuple[str, Schema]  # (description, JSON schema of the value)
@@ -106,8 +107,8 @@ _BACKUP_BODY = {"type": "object", "additionalProperties": False, "properties": {
     "compress": {"type": "boolean", "default": True,
                  "description": "false: no compression (else the target's gzip or zstd)"},
     "note": {"type": "string", "maxLength": 500},
-    "format": {"enum": ["resp", "rdb"], "description": "redis only: `resp` (default) or "
-               "`rdb`"},
+    "format": {"enum": list(ENGINES["redis"].formats),
+               "description": "redis only: `resp` (default) or `rdb`"},
     "use_apoc": {"type": "boolean", "description": "neo4j only: export with APOC"}}}
 IDENTITY = {"type": "string", "maxLength": 65536,
             "description": "age identity for an encrypted backup (AGE-SECRET-KEY-… lines or "

@@ -30,6 +30,7 @@ import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+from shared.engines import ENGINES
 from shared.errors import PipelineError
 
 TOKEN = re.compile(r"[0-9a-f]{16,64}")
@@ -56,8 +57,7 @@ def end_line(token: str) -> bytes:
 
 
 def header(token: str, engine: str, names: list[str]) -> bytes:
-    how = ("psql -X -v ON_ERROR_STOP=1 -d <db> -f <db>.sql" if engine == "postgresql" else
-           "mariadb --binary-mode <db> < <db>.sql")
+    how = ENGINES[engine].by_hand.replace("<file>", "<db>.sql")
     return (f"--\n-- Safehold backup set {token}: {len(names)} database(s), each a complete "
             f"one-database backup\n-- after its marker line. By hand: split it "
             f"(see the README, \"Server targets\"), then\n-- {how}\n--\n").encode()

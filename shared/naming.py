@@ -18,27 +18,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from shared.engines import ENGINES, extensions
 from shared.errors import ImpossibleBackupName, InvalidBackupName
 
-# engine -> plain (uncompressed) extension of its dump
-ENGINE_EXTENSIONS: dict[str, str] = {
-    "postgresql": "sql",
-    "mysql": "sql",
-    "sqlite": "db",
-    "mongodb": "tar",
-    "redis": "resp",
-    "neo4j": "cypher",
-}
+# engine -> plain (uncompressed) extension of its dump; engine -> formats a client may ask
+# for (the first is the default): both from the one table of engine facts
+ENGINE_EXTENSIONS: dict[str, str] = {n: f.extension for n, f in ENGINES.items()}
+ENGINE_FORMATS: dict[str, tuple[str, ...]] = {n: f.formats for n, f in ENGINES.items()
+                                              if f.formats}
 KINDS = ("backup", "safety_backup", "upload")
-# engine -> backup formats a client may ask for (the first is the default)
-ENGINE_FORMATS: dict[str, tuple[str, ...]] = {"redis": ("resp", "rdb")}
 MAX_NAME = 128
 
 _NAME_RE = re.compile(
     r"^(?P<kind>backup|safety_backup|upload)_"
-    r"(?P<engine>postgresql|mysql|sqlite|mongodb|redis|neo4j)_"
+    rf"(?P<engine>{'|'.join(ENGINES)})_"
     r"(?P<stamp>\d{8}_\d{6})(?:_(?P<seq>[2-9]|[1-9]\d{1,3}))?"
-    r"\.(?P<ext>sql|db|tar|resp|rdb|cypher|dump)"
+    rf"\.(?P<ext>{'|'.join((*extensions(), 'dump'))})"
     r"(?P<suffix>(?:\.gz|\.zst)?(?:\.age)?)\Z"  # \Z: `$` would allow a final newline
 )
 

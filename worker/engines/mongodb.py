@@ -41,6 +41,7 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
 from shared.config import TargetConfig
+from shared.engines import ENGINES
 from shared.errors import EngineError, PipelineError
 from shared.formats.mongodb import check_mongo_member, check_mongo_metadata
 from shared.formats.tarstream import TarReader
@@ -109,7 +110,7 @@ DRILL_DBS: ContextVar[set[str] | None] = ContextVar("safehold_drill_dbs", defaul
 
 class MongoDB:
     name: ClassVar[str] = "mongodb"
-    extension: ClassVar[str] = "tar"
+    extension: ClassVar[str] = ENGINES["mongodb"].extension
     atomic_restore: ClassVar[bool] = False
 
     def client(self, target: TargetConfig) -> AsyncMongoClient[Any]:

@@ -27,6 +27,7 @@ import pymysql
 
 from shared import scratch
 from shared.config import TargetConfig
+from shared.engines import ENGINES
 from shared.errors import DumpFailed, EngineError, RestoreFailed
 from shared.formats.pgscript import UnsafeScript
 from worker.engines import (
@@ -272,7 +273,7 @@ def _unquote(name: str) -> str:
 
 class MySQL:
     name: ClassVar[str] = "mysql"
-    extension: ClassVar[str] = "sql"
+    extension: ClassVar[str] = ENGINES["mysql"].extension
     atomic_restore: ClassVar[bool] = False
 
     @property

@@ -38,6 +38,7 @@ from neo4j.spatial import CartesianPoint, Point, WGS84Point
 from neo4j.time import Date, DateTime, Duration, Time
 
 from shared.config import TargetConfig
+from shared.engines import ENGINES
 from shared.errors import BadRequest, DumpFailed, RestoreFailed
 from shared.formats.cypher import FIX_BYTES_MARKER, StatementSplitter, check_statement
 from worker.engines import (
@@ -121,7 +122,7 @@ def _labels(labels: list[str]) -> str:
 
 class Neo4j:
     name: ClassVar[str] = "neo4j"
-    extension: ClassVar[str] = "cypher"
+    extension: ClassVar[str] = ENGINES["neo4j"].extension
     atomic_restore: ClassVar[bool] = False
 
     def _conn(self, target: TargetConfig) -> tuple[str, str, str | None]:

@@ -21,6 +21,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import asyncpg
 
 from shared.config import TargetConfig
+from shared.engines import ENGINES
 from shared.errors import (
     DumpFailed,
     EngineError,
@@ -136,7 +137,7 @@ class RoleFacts:
 
 class PostgreSQL:
     name: ClassVar[str] = "postgresql"
-    extension: ClassVar[str] = "sql"
+    extension: ClassVar[str] = ENGINES["postgresql"].extension
     atomic_restore: ClassVar[bool] = True
 
     @asynccontextmanager

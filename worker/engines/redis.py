@@ -32,6 +32,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.config import TargetConfig
+from shared.engines import ENGINES
 from shared.errors import BadRequest, DumpFailed, RestoreFailed
 from shared.formats.redis import RedisScriptCheck
 from shared.formats.resp import resp
@@ -149,7 +150,7 @@ def _url_db(target: TargetConfig) -> int | None:
 
 class RedisEngine:
     name: ClassVar[str] = "redis"
-    extension: ClassVar[str] = "resp"
+    extension: ClassVar[str] = ENGINES["redis"].extension
     atomic_restore: ClassVar[bool] = False
 
     @property

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 from shared import scratch
 from shared.config import TargetConfig
+from shared.engines import ENGINES
 from shared.errors import DumpFailed, EngineError, PipelineError, RestoreFailed
 from shared.formats.sqlite import check_sqlite_file
 from shared.outage import RedisUnavailable
@@ -108,7 +109,7 @@ def _replace(target: str, new_file: Path) -> None:
 
 class SQLite:
     name: ClassVar[str] = "sqlite"
-    extension: ClassVar[str] = "db"
+    extension: ClassVar[str] = ENGINES["sqlite"].extension
     atomic_restore: ClassVar[bool] = True
 
     async def ping(self, target: TargetConfig) -> None:
