@@ -122,9 +122,9 @@ def new_job_id() -> str:
 @dataclass
 class Job:
     id: str
-    kind: str
+    kind: JobKind
     target: str
-    status: str
+    status: JobStatus
     created_at: str
     params: dict[str, Any] = field(default_factory=dict)
     requested_by: dict[str, Any] = field(default_factory=dict)
@@ -179,9 +179,9 @@ class Job:
             d[f] = json.loads(d[f]) if d.get(f) else None
         return cls(
             id=d["id"],
-            kind=d["kind"],
+            kind=JobKind(d["kind"]),
             target=d["target"],
-            status=d["status"],
+            status=JobStatus(d["status"]),
             created_at=d["created_at"],
             params=d["params"] or {},
             requested_by=d["requested_by"] or {},
@@ -296,10 +296,11 @@ class JobStore:
                 else:
                     pass  # a key whose job never appeared (its creator died): take it over
                 await self.redis.set(ikey, job_id, ex=self.ttl)
-        job = Job(id=job_id, kind=kind, target=target, status="queued",
+        job = Job(id=job_id, kind=JobKind(kind), target=target, status=JobStatus.QUEUED,
                   created_at=now_iso(), params=dict(params), requested_by=dict(requested_by))
         mapping = {
-            "id": job.id, "kind": kind, "target": target, "status": "queued",
+            "id": job.id, "kind": job.kind.value, "target": target,
+            "status": job.status.value,
             "created_at": job.created_at, "params": json.dumps(job.params),
             "requested_by": json.dumps(job.requested_by), "progress": json.dumps({}),
         }
