@@ -372,8 +372,12 @@ async def test_a_client_needs_a_url_and_a_token_only(
         seen.append(request.headers.get("Authorization"))
         return web.json_response({"targets": []})
 
+    async def whoami(request: web.Request) -> web.Response:
+        return web.json_response({"subject": "elsewhere", "role": "viewer", "targets": {}})
+
     other = web.Application()
     other.router.add_get("/api/v1/targets", capture)
+    other.router.add_get("/api/v1/whoami", whoami)
     other_runner = web.AppRunner(other)
     await other_runner.setup()
     other_port = free_port()
@@ -437,6 +441,14 @@ async def test_a_client_needs_a_url_and_a_token_only(
         assert rc == 0 and not login_file.exists()
         rc, _, err = await run_in(laptop, "targets", extra={"SAFEHOLD_URL": base})
         assert rc == 3 and "safehold login" in err
+        # a login stored for another server, a production token in the environment: the
+        # login's server gets the login's token, never the environment's
+        elsewhere = f"http://127.0.0.1:{other_port}"
+        rc, _, err = await run_in(laptop, "login", "--url", elsewhere, stdin=b"stored.tok.en\n")
+        assert rc == 0, err
+        seen.clear()
+        rc, _, err = await run_in(laptop, "targets", extra={"SAFEHOLD_TOKEN": tok})
+        assert rc == 0 and seen == ["Bearer stored.tok.en"], (seen, err)
     finally:
         await other_runner.cleanup()
         server.terminate()

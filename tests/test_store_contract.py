@@ -170,3 +170,23 @@ async def test_a_manifest_that_lies_is_listed_as_damaged(store: BackupStore) -> 
     assert "names the file" in listed[0]["damaged"]
     got = await store.read_manifest(TARGET, name.filename)
     assert got.get("damaged")
+
+
+async def test_a_refused_writer_leaves_the_winners_object_alone(store: BackupStore) -> None:
+    """Two writers of one name: the second's completion is refused (name_taken) while the
+    first has not written its manifest yet; the loser's abort must not take the winner's
+    object with it (a review found S3 did, after a change to its leftover cleanup)."""
+    data = b"winner" * 100
+    name = new_name(8)
+    winner = await store.begin(TARGET, name, "job6")
+    await winner.write(data)
+    await winner.complete(len(data), hashlib.sha256(data).hexdigest())
+    loser = await store.begin(TARGET, name, "job7")
+    await loser.write(b"loser")
+    with pytest.raises(PipelineError) as taken:
+        await loser.complete(5, hashlib.sha256(b"loser").hexdigest())
+    assert taken.value.code == "name_taken"
+    await loser.abort()
+    await winner.write_manifest(manifest_for(name, data))
+    assert [m["filename"] for m in await store.list_manifests(TARGET)] == [name.filename]
+    assert await read_all(store, name.filename) == data

@@ -97,31 +97,38 @@ async def ensure_local_redis(settings: Settings) -> asyncio.subprocess.Process |
     raise ConfigError(f"started redis-server on port {port} but it does not answer")
 
 
-def _listen(settings: Settings) -> socket.socket:
-    """The API's listening socket, bound before anything else starts (Redis, a worker): a
-    second `safehold run` on a taken port stops here, having run nothing."""
+def _listen(settings: Settings) -> list[socket.socket]:
+    """The API's listening sockets (every address the host name has, as aiohttp's own
+    TCPSite binds), bound before anything else starts (Redis, a worker): a second
+    `safehold run` on a taken port stops here, having run nothing."""
     host, port = settings.server.host, settings.server.port
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    socks: list[socket.socket] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp does
-        sock.bind(addr)
-        sock.listen(128)
+        for family, _, _, _, addr in dict.fromkeys((i[0], 0, 0, "", i[4]) for i in infos):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp does
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(128)
+            sock.setblocking(False)
     except OSError:
-        sock.close()
+        for sock in socks:
+            sock.close()
         raise
-    sock.setblocking(False)
-    return sock
+    return socks
 
 
-async def _serve_api(settings: Settings, stop: asyncio.Event, sock: socket.socket) -> None:
+async def _serve_api(settings: Settings, stop: asyncio.Event,
+                     socks: list[socket.socket]) -> None:
     from api.app import create_app
 
     runner = web.AppRunner(create_app(settings), access_log=None)
     await runner.setup()
-    site = web.SockSite(runner, sock)
-    await site.start()
+    for sock in socks:
+        await web.SockSite(runner, sock).start()
     log.info("API listening on http://%s:%d (config: %s)", settings.server.host,
              settings.server.port, settings.source)
     try:
@@ -149,6 +156,8 @@ def _stop_event(settings: Settings) -> StopEvent:
         stop.set()
 
     def on_hangup() -> None:
+        if stop.is_set():  # already stopping (SIGTERM, or a reload under way): no restart
+            return
         path = None if settings.source.startswith("<") else settings.source
         try:
             load_settings(path, os.environ)
@@ -177,7 +186,10 @@ def _reexec_if_reloading() -> None:
         log.warning("restarting: %s", " ".join(["safehold", *sys.argv[1:]]))
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execv(sys.executable, [sys.executable, "-m", "api.cli", *sys.argv[1:]])
+        # a second SIGHUP before the new process installs its handler must not kill it
+        # (the ignore survives exec); the very command line it started with, flags included
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        os.execv(sys.executable, sys.orig_argv)
 
 
 async def cmd_api(settings: Settings) -> None:
@@ -265,7 +277,7 @@ async def cmd_run(settings: Settings) -> None:
     from api.auth import check_dev_bind
 
     check_dev_bind(settings)
-    sock = _listen(settings)  # the port first: a second instance runs nothing
+    socks = _listen(settings)  # the port first: a second instance runs nothing
     created = ensure_example_database(settings)
     if created:
         log.warning("no config file: created the example SQLite database %s (target "
@@ -274,7 +286,7 @@ async def cmd_run(settings: Settings) -> None:
     worker_main = importlib.import_module("worker.main")
     stop = _stop_event(settings)
     try:
-        await asyncio.gather(_serve_api(settings, stop, sock),
+        await asyncio.gather(_serve_api(settings, stop, socks),
                              worker_main.serve_worker(settings, stop))
     finally:
         if redis_proc is not None and redis_proc.returncode is None:
@@ -287,7 +299,9 @@ def _client_target(args: argparse.Namespace, settings: ClientSettings) -> tuple[
     """The server a client command talks to and the token it sends there."""
     stored = read_login(os.environ)
     url = server_url(getattr(args, "url", None), os.environ, settings, stored)
-    return url, bearer_token(url, os.environ, stored)
+    from_login = stored is not None and not getattr(args, "url", None) and \
+        not os.environ.get("SAFEHOLD_URL")
+    return url, bearer_token(url, os.environ, stored, url_from_login=from_login)
 
 
 async def cmd_client(args: argparse.Namespace, settings: ClientSettings) -> int:
@@ -374,6 +388,9 @@ async def cmd_login(args: argparse.Namespace) -> int:
     from api.cli.client import Client
 
     url = normalize_url(args.url)
+    if plain_http_elsewhere(url):  # said before the token is sent anywhere
+        print(f"warning: {url} is plain http to another machine: the token crosses the "
+              "network in clear text; put the server behind TLS", file=sys.stderr)
     token = _read_token_for_login(url)
     async with Client(url, token) as c:
         me = await c.call("GET", "/api/v1/whoami")
@@ -386,9 +403,6 @@ async def cmd_login(args: argparse.Namespace) -> int:
     if exp is not None:
         left = exp - time.time()
         print(f"the token expires in {left / 3600:.1f} h: log in again then", file=sys.stderr)
-    if plain_http_elsewhere(url):
-        print(f"warning: {url} is plain http to another machine: the token crosses the "
-              "network in clear text; put the server behind TLS", file=sys.stderr)
     return 0
 
 

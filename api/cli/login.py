@@ -55,11 +55,22 @@ def read_login(env: Mapping[str, str]) -> StoredLogin | None:
         st = path.stat()
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read ({exc.strerror}): run `safehold logout` "
+                          "or remove it") from None
+    if st.st_uid != os.getuid():
+        raise ConfigError(f"{path} belongs to another user (uid {st.st_uid}): it is not "
+                          "used. Remove it, then `safehold login` again")
     if st.st_mode & 0o077:
         raise ConfigError(f"{path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o})"
                           f": it holds a token. Run `chmod 600 {path}` or `safehold logout`")
     try:
-        doc = json.loads(path.read_text())
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read ({exc.strerror}): run `safehold logout` "
+                          "or remove it") from None
+    try:
+        doc = json.loads(text)
         login = StoredLogin(url=normalize_url(doc["url"]), token=str(doc["token"]))
     except (ValueError, KeyError, TypeError, ConfigError):
         raise ConfigError(f"{path} is not a Safehold login: run `safehold login` again "
@@ -102,7 +113,13 @@ def server_url(arg_url: str | None, env: Mapping[str, str], settings: ClientSett
     return f"http://{settings.server.host}:{settings.server.port}"
 
 
-def bearer_token(url: str, env: Mapping[str, str], login: StoredLogin | None) -> str | None:
+def bearer_token(url: str, env: Mapping[str, str], login: StoredLogin | None,
+                 url_from_login: bool = False) -> str | None:
+    """The token for `url`: the stored login's when the URL is the login's own choice
+    (so $SAFEHOLD_TOKEN, meant for another server, never goes there), else
+    $SAFEHOLD_TOKEN, else the stored login's when it was stored for this very URL."""
+    if url_from_login and login is not None:
+        return login.token
     if env.get("SAFEHOLD_TOKEN"):
         return env["SAFEHOLD_TOKEN"]
     if login is not None and login.url == url:

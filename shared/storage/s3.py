@@ -217,9 +217,12 @@ class S3Pending:
         await asyncio.gather(*self._inflight, return_exceptions=True)
         self._part.close()
         if not self._completed:
-            # also covers a completion the server made while we were cancelled: the upload
-            # is gone, the object is there without a manifest, and it is removed
-            await self.store.remove_temp(self.handle)
+            # a completion the server made while we were cancelled: the upload is gone, the
+            # object is there without a manifest, and it is removed. An upload still open
+            # (our completion refused: name_taken) leaves the key alone: the object there
+            # is another writer's
+            if await self.store.abort_upload(self.key, self.upload_id):
+                await self.store.remove_orphan(self.key)
         else:
             s3 = await self.store.client()
             await s3.delete_object(Bucket=self.store.bucket, Key=self.key)
@@ -479,21 +482,34 @@ class S3Storage:
         return bool(target) and "/" not in filename
 
     async def remove_temp(self, handle: str) -> None:
+        """A dead job's upload (the reaper's call): aborted, and its object removed if it
+        completed but never got a manifest. The orphan is looked for even when the abort
+        "succeeded": some servers (SeaweedFS) accept aborting an upload that already
+        completed (found by tests/test_store_contract.py)."""
         _, _, rest = handle.partition(":")
         key, _, upload_id = rest.partition("?")
         if not key or not upload_id or not self._ours(key):
             return
+        await self.abort_upload(key, upload_id)
+        await self.remove_orphan(key)
+
+    async def abort_upload(self, key: str, upload_id: str) -> bool:
+        """Abort a multipart upload; True when the server no longer knew it (completed
+        or aborted already)."""
         s3 = await self.client()
         try:
             await s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
         except Exception as exc:
             if not _missing(exc):
                 raise
-        # completed before its worker died, but never given a manifest: an orphan. Looked
-        # for even when the abort "succeeded": some servers (SeaweedFS) accept aborting an
-        # upload that already completed (found by tests/test_store_contract.py)
+            return True
+        return False
+
+    async def remove_orphan(self, key: str) -> None:
+        """Delete the object at `key` if it has no manifest (data nothing lists)."""
         keys = await self._list_keys(key)
         if key in keys and f"{key}.json" not in keys:
+            s3 = await self.client()
             await s3.delete_object(Bucket=self.bucket, Key=key)
 
     async def _uploads(self) -> list[dict[str, Any]]:
