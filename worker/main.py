@@ -17,6 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError as RedisWatchError
 
 from shared import rcmd, scratch
 from shared.config import Settings
@@ -145,7 +146,9 @@ class ResilientWorker(Worker):
         try:
             await super()._poll_iteration()
             await self._wait_for_work()
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except (RedisConnectionError, RedisTimeoutError, RedisWatchError, OSError) as exc:
+            # (redis-py raises WatchError for a connection lost while arq's job pick holds
+            # a WATCH: an outage too — it once ended the poll loop, and the worker with it)
             now = time.monotonic()
             if self._outage_since is None:
                 self._outage_since = now
