@@ -7,16 +7,23 @@ timestamp, a codec chain Safehold knows, a sha256 and a size. One that does not 
 *damaged*: it is listed as such (with the name's facts only — nothing it claims), a
 restore refuses it, and a prune never lets it decide (it is neither kept nor deleted by a
 policy). One damaged manifest never hides the others.
+
+`Manifest` is the one way a manifest is written (a backup Safehold made, an upload): core
+facts as typed fields, the engine's own facts in `facts`, never merged over a core key.
 """
 
 from __future__ import annotations
 
 import re
-from datetime import datetime
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeAlias
 
 from shared import codecs, naming
 from shared.errors import PipelineError
+
+JsonValue: TypeAlias = "str | int | float | bool | None | list[JsonValue] | dict[str, JsonValue]"
 
 MAX_MANIFEST_BYTES = 16 << 20  # larger than any honest manifest (exact counts included)
 CLOCK_SLACK_S = 2.0  # a name's stamp is its start time truncated to the second
@@ -95,3 +102,105 @@ def usable(manifest: dict[str, Any]) -> dict[str, Any]:
                               f"with its backup ({manifest['damaged']}); it is not used. "
                               "Delete this backup, or restore its manifest from another copy")
     return manifest
+
+
+def _stamp(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class DumpFacts:
+    """What only a backup Safehold dumped itself records."""
+
+    duration_s: float
+    job: str
+    parent: str | None = None
+    warnings: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class UploadFacts:
+    """What only an uploaded file records."""
+
+    uploaded_sha256: str
+    validated: bool
+    original_filename: str | None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A complete backup's manifest, as written beside its object on every destination.
+
+    Exactly one of `dump` / `upload` says how the object came to be. `facts` are the
+    engine's (server version, exact counts, a server set's members…): they are written
+    after the core keys and may not name one — a collision is a programming error, raised
+    here, so no engine can ever override `sha256` or `filename`."""
+
+    name: naming.BackupName
+    target: str
+    created_at: datetime
+    finished_at: datetime
+    size_bytes: int
+    sha256: str
+    raw_bytes: int | None
+    chain: Sequence[codecs.Step]
+    destinations: Mapping[str, Mapping[str, Any]]
+    requested_by: Mapping[str, Any] | None
+    note: str | None = None
+    facts: Mapping[str, Any] = field(default_factory=dict)
+    dump: DumpFacts | None = None
+    upload: UploadFacts | None = None
+
+    CORE_KEYS = frozenset({
+        "engine", "kind", "filename", "target", "created_at", "finished_at", "duration_s",
+        "size_bytes", "raw_bytes", "sha256", "uploaded_sha256", "codecs", "compression",
+        "encryption", "validated", "destinations", "partial", "warnings", "requested_by",
+        "job", "parent", "note", "original_filename", "damaged"})
+
+    def __post_init__(self) -> None:
+        if (self.dump is None) == (self.upload is None):
+            raise ValueError("a manifest is either a dump's or an upload's")
+        clash = self.CORE_KEYS & set(self.facts)
+        if clash:
+            raise ValueError(f"engine facts may not name core manifest keys: {sorted(clash)}")
+
+    @property
+    def partial(self) -> bool:
+        return any(o.get("status") != "stored" for o in self.destinations.values())
+
+    def document(self) -> dict[str, Any]:
+        """The JSON object stored as `<file>.json` (the stored format, unchanged)."""
+        steps = codecs.recorded(self.chain)
+        squeeze = next((s for s in steps if s["codec"] in ("gzip", "zstd")), None)
+        seal = next((s for s in steps if s["codec"] == "age"), None)
+        doc: dict[str, Any] = {
+            "engine": self.name.engine, "kind": self.name.kind,
+            "filename": self.name.filename, "target": self.target,
+            "created_at": _stamp(self.created_at), "finished_at": _stamp(self.finished_at)}
+        if self.dump is not None:
+            doc["duration_s"] = round(self.dump.duration_s, 3)
+        doc["size_bytes"] = self.size_bytes
+        if self.raw_bytes is not None:
+            doc["raw_bytes"] = self.raw_bytes
+        doc["sha256"] = self.sha256
+        if self.upload is not None:
+            doc["uploaded_sha256"] = self.upload.uploaded_sha256
+        doc["codecs"] = steps
+        doc["compression"] = None if squeeze is None else {
+            "algorithm": squeeze["codec"], "level": squeeze.get("level")}
+        doc["encryption"] = None if seal is None else {
+            "algorithm": "age", "recipients": list(seal.get("recipients", []))}
+        if self.upload is not None:
+            doc["validated"] = self.upload.validated
+        doc["destinations"] = {k: dict(v) for k, v in self.destinations.items()}
+        doc["partial"] = self.partial
+        doc.update(self.facts)
+        if self.dump is not None:
+            doc["warnings"] = list(self.dump.warnings) or None
+        doc["requested_by"] = self.requested_by
+        if self.dump is not None:
+            doc["job"], doc["parent"] = self.dump.job, self.dump.parent
+        doc["note"] = self.note or None
+        if self.upload is not None:
+            doc["original_filename"] = self.upload.original_filename
+        return doc

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from shared import backup_sets, codecs, formats, naming, retention
+from shared import backup_sets, codecs, formats, manifests, naming, retention
 from shared.codecs import plain_limit
 from shared.config import Settings, TargetConfig
 from shared.errors import (
@@ -167,33 +167,14 @@ class Procedures:
         except BaseException:
             await asyncio.shield(fan.abort())
             raise
-        failed = {n: o["error"]["message"] for n, o in outcomes.items()
-                  if o["status"] != "stored"}
-        manifest = {
-            "engine": engine.name,
-            "kind": kind,
-            "filename": name.filename,
-            "target": target.id,
-            "created_at": started.isoformat().replace("+00:00", "Z"),
-            "finished_at": now_iso(),
-            "duration_s": round(time.monotonic() - t0, 3),
-            "size_bytes": out["size_bytes"],
-            "raw_bytes": out["raw_bytes"],
-            "sha256": out["sha256"],
-            "codecs": codecs.recorded(chain),
-            "compression": next(({"algorithm": s["codec"], "level": s.get("level")}
-                                 for s in chain if s["codec"] in ("gzip", "zstd")), None),
-            "encryption": next(({"algorithm": "age", "recipients": s["recipients"]}
-                                for s in chain if s["codec"] == "age"), None),
-            "destinations": outcomes,
-            "partial": bool(failed),
-            **dump.info,
-            "warnings": progress.warnings or None,
-            "requested_by": job.requested_by,
-            "job": job.id,
-            "parent": parent,
-            "note": note or None,
-        }
+        manifest = manifests.Manifest(
+            name=name, target=target.id, created_at=started, finished_at=datetime.now(UTC),
+            size_bytes=out["size_bytes"], sha256=out["sha256"], raw_bytes=out["raw_bytes"],
+            chain=chain,
+            destinations=outcomes, requested_by=job.requested_by, note=note,
+            facts=dump.info, dump=manifests.DumpFacts(
+                duration_s=time.monotonic() - t0, job=job.id,
+                parent=parent, warnings=progress.warnings))
         try:  # publishing is the backup's commit: only while the job is still this one's
             await self.still_ours(job)
         except BaseException:
@@ -232,7 +213,7 @@ class Procedures:
             "stored_on": stored_on,
             "destinations": outcomes,
             "partial": len(stored_on) < len(outcomes),
-            "duration_s": manifest["duration_s"],
+            "duration_s": round(manifest.dump.duration_s, 3) if manifest.dump else None,
             "warnings": progress.warnings or None,
         }
 

@@ -18,11 +18,10 @@ from aiohttp import web
 from api.files import UploadSink, receive_upload
 from api.http import caller, job_view, ops, principal, query_bool, query_float, svc
 from api.operations import MAX_WAIT
-from shared import codecs, formats, naming, stats
+from shared import codecs, formats, manifests, naming, stats
 from shared.codecs import plain_limit
 from shared.config import TargetConfig
 from shared.errors import BadRequest, PipelineError
-from shared.jobs import now_iso
 
 _UNSAFE = re.compile(r"[^\w.\- ()+]")
 CHUNK = 1 << 20
@@ -133,30 +132,14 @@ async def store_upload(request: web.Request, target: TargetConfig) -> dict[str, 
         fan = await s.catalog.begin(target, name, "upload")
         sha256, size = await _store_spool(spool, fan, seal)
         outcomes = await fan.finish(size, sha256)
-        manifest = {
-            "engine": target.engine,
-            "kind": "upload",
-            "filename": name.filename,
-            "target": target.id,
-            "created_at": started.isoformat().replace("+00:00", "Z"),
-            "finished_at": now_iso(),
-            "size_bytes": size,
-            "sha256": sha256,
-            "uploaded_sha256": sink.digest.hexdigest(),
-            "codecs": chain,
-            "compression": next(({"algorithm": c["codec"]} for c in chain
-                                 if c["codec"] in ("gzip", "zstd")), None),
-            "encryption": {"algorithm": "age"} if chain and chain[-1]["codec"] == "age"
-            else None,
-            "validated": note is None,
-            "note": note,
-            "destinations": outcomes,
-            "partial": any(o["status"] != "stored" for o in outcomes.values()),
-            "original_filename": _client_name(client_name),
-            "requested_by": principal(request),
-            "server_version": None,
-            **info,
-        }
+        manifest = manifests.Manifest(
+            name=name, target=target.id, created_at=started, finished_at=datetime.now(UTC),
+            size_bytes=size, sha256=sha256, raw_bytes=info.pop("raw_bytes", None),
+            chain=chain, destinations=outcomes,
+            requested_by=principal(request), note=note,
+            facts={"server_version": None, **info}, upload=manifests.UploadFacts(
+                uploaded_sha256=sink.digest.hexdigest(), validated=note is None,
+                original_filename=_client_name(client_name)))
         await fan.publish(manifest)
         await stats.catalog_changed(s.redis, s.keys)
     except BaseException:

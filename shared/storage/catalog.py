@@ -97,12 +97,14 @@ class Fanout:
             raise self._none_left()
         return outcomes
 
-    async def publish(self, manifest: dict[str, Any]) -> None:
+    async def publish(self, manifest: manifests.Manifest) -> None:
         """Write the manifest (last) on every destination that stored the data; one
         failing here loses that copy (aborted), the others stand."""
+        doc = manifest.document()
+
         async def one(name: str) -> None:
             try:
-                await self.pendings[name].write_manifest(manifest)
+                await self.pendings[name].write_manifest(doc)
             except Exception as exc:
                 self.errors[name] = _as_error(exc, name)
                 await _quietly(self.pendings[name].abort())
