@@ -99,10 +99,10 @@ class Procedures:
                 f"({'gone' if current is None else current.status}); nothing was kept")
 
     # ----------------------------------------------------------------- backup
-    def chain(self, target: TargetConfig, compress: bool = True) -> list[dict[str, Any]]:
+    def chain(self, target: TargetConfig, compress: bool = True) -> list[codecs.Step]:
         """The codec chain of a new backup of `target` (with the recipients' keys, which
         `codecs.recorded` leaves out of the manifest)."""
-        chain: list[dict[str, Any]] = []
+        chain: list[codecs.Step] = []
         algorithm = target.compression if target.compression != "none" else "gzip"
         if compress and algorithm == "gzip":
             level = target.compression_level

@@ -36,7 +36,7 @@ def _client_name(name: str | None) -> str | None:
 
 
 def _chain(path: Path, head: bytes, target: TargetConfig
-           ) -> tuple[list[dict[str, Any]], list[Any], str | None]:
+           ) -> tuple[list[codecs.Step], list[Any], str | None]:
     """The codec chain of an uploaded file from its bytes (never its name), the identities
     that open it, and a note when it is encrypted to a key this server does not hold.
     Blocking."""
@@ -48,7 +48,7 @@ def _chain(path: Path, head: bytes, target: TargetConfig
     if enc is not None and enc.identity_file:
         with contextlib.suppress(PipelineError, BadRequest):
             ids = codecs.identities_from_file(enc.identity_file)
-    opaque = [{"codec": "auto"}, {"codec": "age"}]
+    opaque: list[codecs.Step] = [{"codec": "auto"}, {"codec": "age"}]
     if not ids:
         return opaque, [], ("age-encrypted and no identity is configured on this server "
                             "(encryption.identity_file): accepted unverified; it is checked "
@@ -65,10 +65,11 @@ def _chain(path: Path, head: bytes, target: TargetConfig
         finally:
             reader.close()
     inner = codecs.sniff(first)
-    return ([{"codec": inner}] if inner else []) + [{"codec": "age"}], ids, None
+    sealed: list[codecs.Step] = [{"codec": inner}] if inner else []
+    return [*sealed, {"codec": "age"}], ids, None
 
 
-def _validate(engine: str, path: Path, chain: list[dict[str, Any]], limit: int,
+def _validate(engine: str, path: Path, chain: list[codecs.Step], limit: int,
               identities: list[Any]) -> dict[str, Any]:
     with open(path, "rb") as f:
         return formats.validate(engine, f, chain, limit=limit, identities=identities)
