@@ -108,28 +108,8 @@ class JobRunner:
             if not work.done():
                 work.cancel()
             await asyncio.gather(work, return_exceptions=True)
-            if state["lost"]:
-                # ended by others meanwhile (reaped), or its lock taken: recorded as such
-                # if the record is still ours, else left as the reaper wrote it
-                await asyncio.shield(self._finish(
-                    job, progress, "failed",
-                    error={"code": "redis_unavailable", "message": state["lost"]}))
-            elif state["cancel_requested"]:
-                message = "cancelled on request; nothing was kept"
-                if job.kind == JobKind.RESTORE:
-                    message = ("cancelled on request before the restore changed anything: "
-                               "the database is unchanged")
-                await asyncio.shield(self._finish(
-                    job, progress, "cancelled",
-                    error={"code": "cancelled", "message": message,
-                           **({"database_state": "unchanged"} if job.kind == JobKind.RESTORE
-                              else {})}))
-            else:
-                await asyncio.shield(self._finish(
-                    job, progress, "failed",
-                    error={"code": "interrupted",
-                           "message": "the worker stopped (shutdown or job timeout) before "
-                                      "the job finished; nothing was kept"}))
+            status, error = _stopped(job, state)
+            await asyncio.shield(self._finish(job, progress, status, error=error))
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise
@@ -140,23 +120,7 @@ class JobRunner:
             await asyncio.shield(self._finish(job, progress, "failed", error=error))
             return {"status": "failed"}
         except Exception as exc:
-            if disk_full(exc):
-                log.error("job %s: no space left on the storage (%s)", job_id, exc)
-                error = {"code": "storage_full",
-                         "message": redact(f"no space left on the storage ({exc}); the "
-                                           "partial file was removed and nothing is listed; "
-                                           "free space (or prune) and try again",
-                                           self._secrets)}
-            elif isinstance(exc, RedisError):
-                log.warning("job %s: Redis failed (%s: %s)", job_id, type(exc).__name__, exc)
-                error = {"code": "redis_unavailable",
-                         "message": redact(f"Redis failed while the job ran "
-                                           f"({type(exc).__name__}: {exc}); nothing was kept",
-                                           self._secrets)}
-            else:
-                log.exception("job %s crashed", job_id)
-                error = {"code": "internal_error",
-                         "message": redact(f"{type(exc).__name__}: {exc}", self._secrets)}
+            error = self._crashed(job_id, exc)
             await asyncio.shield(self._finish(job, progress, "failed", error=error))
             return {"status": "failed"}
         finally:
@@ -168,6 +132,25 @@ class JobRunner:
             await asyncio.shield(self._cleanup(job_id, lock))
         await asyncio.shield(self._finish(job, progress, "succeeded", result=result))
         return {"status": "succeeded"}
+
+    def _crashed(self, job_id: str, exc: Exception) -> dict[str, Any]:
+        """The error of a job that ended on an exception Safehold did not raise itself."""
+        if disk_full(exc):
+            log.error("job %s: no space left on the storage (%s)", job_id, exc)
+            return {"code": "storage_full",
+                    "message": redact(f"no space left on the storage ({exc}); the partial "
+                                      "file was removed and nothing is listed; free space "
+                                      "(or prune) and try again", self._secrets)}
+        if isinstance(exc, RedisError):
+            log.warning("job %s: Redis failed (%s: %s)", job_id, type(exc).__name__, exc)
+            return {"code": "redis_unavailable",
+                    "message": redact(f"Redis failed while the job ran "
+                                      f"({type(exc).__name__}: {exc}); nothing was kept",
+                                      self._secrets)}
+        log.exception("job %s crashed", job_id)
+        return {"code": "internal_error",
+                "message": redact(f"{type(exc).__name__}: {exc}", self._secrets)}
+
 
     async def _finish(self, job: Job, progress: Progress, status: str, *,
                       result: dict[str, Any] | None = None,
@@ -413,3 +396,20 @@ async def check_targets(settings: Settings, timeout: float = 15.0
             return target.id, redact(str(message), target.secrets())
         return target.id, None
     return list(await asyncio.gather(*(one(t) for t in settings.targets.values())))
+
+
+def _stopped(job: Job, state: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """How a job whose task was cancelled ends: lost to others (reaped, or its lock taken),
+    cancelled on request, or interrupted (shutdown, job timeout)."""
+    if state["lost"]:
+        return "failed", {"code": "redis_unavailable", "message": state["lost"]}
+    if state["cancel_requested"]:
+        if job.kind == JobKind.RESTORE:
+            return "cancelled", {"code": "cancelled", "database_state": "unchanged",
+                                 "message": "cancelled on request before the restore "
+                                            "changed anything: the database is unchanged"}
+        return "cancelled", {"code": "cancelled",
+                             "message": "cancelled on request; nothing was kept"}
+    return "failed", {"code": "interrupted",
+                      "message": "the worker stopped (shutdown or job timeout) before the "
+                                 "job finished; nothing was kept"}

@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -196,193 +197,253 @@ async def job_started(client: Client, job: dict[str, Any], args: argparse.Namesp
     return EXIT_OK
 
 
-async def run(client: Client, args: argparse.Namespace) -> int:  # noqa: C901 - a dispatch
-    c, out = args.command, (lambda doc: print(json.dumps(doc, indent=2)))
-    if c == "targets":
-        doc = await client.call("GET", "/api/v1/targets")
-        if args.json:
-            out(doc)
-        else:
-            print(_table([[t["id"], t["engine"], t.get("schedule") or "-",
-                           "default" if t["id"] == doc.get("default_target") else ""]
-                          for t in doc["targets"]], ["TARGET", "ENGINE", "SCHEDULE", ""]))
-        return EXIT_OK
-    if c == "stats":
-        doc = await client.call("GET", f"/api/v1/targets/{args.target}/stats")
-        if args.json:
-            out(doc)
-        else:
-            print(f"{doc.get('engine')} {doc.get('server_version', '')}: "
-                  f"{mib(doc.get('size_bytes'))}, {doc.get('table_count', '?')} tables")
-            rows = [[t["name"], _rows(t), mib(t.get("size_bytes"))]
-                    for t in doc.get("tables", [])]
-            if rows:
-                print(_table(rows, ["TABLE", "ROWS", "SIZE"]))
-            databases = [[d.get("database"), d.get("table_count"), mib(d.get("size_bytes"))]
-                         for d in doc.get("databases") or [] if isinstance(d, dict)]
-            if databases:  # a server target: what its next set holds
-                print(_table(databases, ["DATABASE", "TABLES", "SIZE"]))
-        return EXIT_OK
-    if c == "backups":
-        doc = await client.call("GET", f"/api/v1/targets/{args.target}/backups")
-        if args.json:
-            out(doc)
-        else:
-            print(_table([[b["filename"], b.get("kind"), mib(b.get("size_bytes")),
-                           b.get("created_at"), ",".join(b.get("stored_on") or []),
-                           _drill(b.get("verification"))]
-                          for b in doc["backups"]],
-                         ["BACKUP", "KIND", "SIZE", "CREATED", "STORED ON", "DRILL"]))
-        return EXIT_OK
-    if c == "backup":
-        body = {"compress": not args.no_compress, "note": args.note or ""}
-        job = await client.call("POST", f"/api/v1/targets/{args.target}/backups", json=body)
-        return await job_started(client, job, args)
-    if c == "restore":
-        if not confirm(args, f"Replace the database of target '{args.target}' with "
-                             f"{args.backup}?"):
+def _print_json(doc: Any) -> None:
+    print(json.dumps(doc, indent=2))
+
+
+async def _cmd_targets(client: Client, args: argparse.Namespace) -> int:
+    doc = await client.call("GET", "/api/v1/targets")
+    if args.json:
+        _print_json(doc)
+    else:
+        print(_table([[t["id"], t["engine"], t.get("schedule") or "-",
+                       "default" if t["id"] == doc.get("default_target") else ""]
+                      for t in doc["targets"]], ["TARGET", "ENGINE", "SCHEDULE", ""]))
+    return EXIT_OK
+
+
+async def _cmd_stats(client: Client, args: argparse.Namespace) -> int:
+    doc = await client.call("GET", f"/api/v1/targets/{args.target}/stats")
+    if args.json:
+        _print_json(doc)
+    else:
+        print(f"{doc.get('engine')} {doc.get('server_version', '')}: "
+              f"{mib(doc.get('size_bytes'))}, {doc.get('table_count', '?')} tables")
+        rows = [[t["name"], _rows(t), mib(t.get("size_bytes"))]
+                for t in doc.get("tables", [])]
+        if rows:
+            print(_table(rows, ["TABLE", "ROWS", "SIZE"]))
+        databases = [[d.get("database"), d.get("table_count"), mib(d.get("size_bytes"))]
+                     for d in doc.get("databases") or [] if isinstance(d, dict)]
+        if databases:  # a server target: what its next set holds
+            print(_table(databases, ["DATABASE", "TABLES", "SIZE"]))
+    return EXIT_OK
+
+
+async def _cmd_backups(client: Client, args: argparse.Namespace) -> int:
+    doc = await client.call("GET", f"/api/v1/targets/{args.target}/backups")
+    if args.json:
+        _print_json(doc)
+    else:
+        print(_table([[b["filename"], b.get("kind"), mib(b.get("size_bytes")),
+                       b.get("created_at"), ",".join(b.get("stored_on") or []),
+                       _drill(b.get("verification"))]
+                      for b in doc["backups"]],
+                     ["BACKUP", "KIND", "SIZE", "CREATED", "STORED ON", "DRILL"]))
+    return EXIT_OK
+
+
+async def _cmd_backup(client: Client, args: argparse.Namespace) -> int:
+    body = {"compress": not args.no_compress, "note": args.note or ""}
+    job = await client.call("POST", f"/api/v1/targets/{args.target}/backups", json=body)
+    return await job_started(client, job, args)
+
+
+async def _cmd_restore(client: Client, args: argparse.Namespace) -> int:
+    if not confirm(args, f"Replace the database of target '{args.target}' with "
+                         f"{args.backup}?"):
+        return EXIT_USAGE
+    req: dict[str, Any] = {"backup": args.backup,
+                           "create_safety_backup": not args.no_safety_backup}
+    if args.terminate_connections:
+        req["terminate_connections"] = True
+    if args.roles:
+        req["roles"] = args.roles
+    if args.database:
+        req["database"] = args.database
+    if args.owner_map:
+        pairs = [m.split("=", 1) for m in args.owner_map]
+        if any(len(p) != 2 or not all(p) for p in pairs):
+            print("--owner-map takes OLD=NEW", file=sys.stderr)
             return EXIT_USAGE
-        req: dict[str, Any] = {"backup": args.backup,
-                               "create_safety_backup": not args.no_safety_backup}
-        if args.terminate_connections:
-            req["terminate_connections"] = True
-        if args.roles:
-            req["roles"] = args.roles
-        if args.database:
-            req["database"] = args.database
-        if args.owner_map:
-            pairs = [m.split("=", 1) for m in args.owner_map]
-            if any(len(p) != 2 or not all(p) for p in pairs):
-                print("--owner-map takes OLD=NEW", file=sys.stderr)
-                return EXIT_USAGE
-            req["owner_map"] = dict(pairs)
-        if args.identity_file:  # sent once, sealed by the API for the workers
-            req["identity"] = await asyncio.to_thread(Path(args.identity_file).read_text)
-        job = await client.call("POST", f"/api/v1/targets/{args.target}/restores", json=req)
-        return await job_started(client, job, args)
-    if c == "upload":
-        if args.restore and not confirm(args, f"Upload {args.file} and replace the database "
-                                              f"of target '{args.target}' with it?"):
-            return EXIT_USAGE
-        path = Path(args.file)
-        if not await asyncio.to_thread(path.is_file):
-            print(f"safehold: no such file: {path}", file=sys.stderr)
-            return EXIT_USAGE
-        doc = await client.upload(f"/api/v1/targets/{args.target}/uploads", args.target, path,
-                                  restore=args.restore, safety=not args.no_safety_backup)
-        if args.restore:
-            return await job_started(client, doc["job"], args)
-        if args.json:
-            out(doc)
-        else:
-            print(f"✓ uploaded {doc['filename']} {mib(doc.get('size_bytes'))} "
-                  f"(sha256 {str(doc.get('sha256'))[:16]}…)")
+        req["owner_map"] = dict(pairs)
+    if args.identity_file:  # sent once, sealed by the API for the workers
+        req["identity"] = await asyncio.to_thread(Path(args.identity_file).read_text)
+    job = await client.call("POST", f"/api/v1/targets/{args.target}/restores", json=req)
+    return await job_started(client, job, args)
+
+
+async def _cmd_upload(client: Client, args: argparse.Namespace) -> int:
+    if args.restore and not confirm(args, f"Upload {args.file} and replace the database "
+                                          f"of target '{args.target}' with it?"):
+        return EXIT_USAGE
+    path = Path(args.file)
+    if not await asyncio.to_thread(path.is_file):
+        print(f"safehold: no such file: {path}", file=sys.stderr)
+        return EXIT_USAGE
+    doc = await client.upload(f"/api/v1/targets/{args.target}/uploads", args.target, path,
+                              restore=args.restore, safety=not args.no_safety_backup)
+    if args.restore:
+        return await job_started(client, doc["job"], args)
+    if args.json:
+        _print_json(doc)
+    else:
+        print(f"✓ uploaded {doc['filename']} {mib(doc.get('size_bytes'))} "
+              f"(sha256 {str(doc.get('sha256'))[:16]}…)")
+    return EXIT_OK
+
+
+async def _cmd_download(client: Client, args: argparse.Namespace) -> int:
+    target = Path(args.output or Path(args.backup).name)
+    if not target.parent.is_dir():
+        print(f"safehold: cannot write {target}: the directory {target.parent} does not "
+              "exist (create it first)", file=sys.stderr)
+        return EXIT_USAGE
+    doc = await client.download(args.target, args.backup, target)
+    if args.json:
+        _print_json(doc)
+    else:
+        print(f"✓ {doc['file']} {mib(doc['size_bytes'])} (sha256 verified)")
+    return EXIT_OK
+
+
+async def _cmd_delete(client: Client, args: argparse.Namespace) -> int:
+    if not confirm(args, f"Delete {args.backup} of target '{args.target}' everywhere it "
+                         "is stored?"):
+        return EXIT_USAGE
+    doc = await client.call("DELETE", f"/api/v1/targets/{args.target}/backups/"
+                                      f"{args.backup}")
+    if args.json:
+        _print_json(doc)
+    else:
+        print(f"✓ deleted {doc['deleted']}")
+    return EXIT_OK
+
+
+async def _cmd_jobs(client: Client, args: argparse.Namespace) -> int:
+    query = "&".join(f"{k}={getattr(args, k)}" for k in ("target", "status", "kind")
+                     if getattr(args, k))
+    doc = await client.call("GET", "/api/v1/jobs" + (f"?{query}" if query else ""))
+    if args.json:
+        _print_json(doc)
+    else:
+        print(_table([[j["id"], j["kind"], j["target"], j["status"], j.get("created_at"),
+                       (j.get("error") or {}).get("code", "")] for j in doc["jobs"]],
+                     ["JOB", "KIND", "TARGET", "STATUS", "CREATED", "ERROR"]))
+    return EXIT_OK
+
+
+async def _cmd_job(client: Client, args: argparse.Namespace) -> int:
+    job = await client.call("GET", f"/api/v1/jobs/{args.job_id}")
+    if args.command == "follow" or args.follow:
+        return await follow(client, job, args.json)
+    if args.json or job.get("status") not in TERMINAL:
+        _print_json(job)
         return EXIT_OK
-    if c == "download":
-        target = Path(args.output or Path(args.backup).name)
-        if not target.parent.is_dir():
-            print(f"safehold: cannot write {target}: the directory {target.parent} does not "
-                  "exist (create it first)", file=sys.stderr)
-            return EXIT_USAGE
-        doc = await client.download(args.target, args.backup, target)
-        if args.json:
-            out(doc)
-        else:
-            print(f"✓ {doc['file']} {mib(doc['size_bytes'])} (sha256 verified)")
-        return EXIT_OK
-    if c == "delete":
-        if not confirm(args, f"Delete {args.backup} of target '{args.target}' everywhere it "
-                             "is stored?"):
-            return EXIT_USAGE
-        doc = await client.call("DELETE", f"/api/v1/targets/{args.target}/backups/"
-                                          f"{args.backup}")
-        if args.json:
-            out(doc)
-        else:
-            print(f"✓ deleted {doc['deleted']}")
-        return EXIT_OK
-    if c == "jobs":
-        query = "&".join(f"{k}={getattr(args, k)}" for k in ("target", "status", "kind")
-                         if getattr(args, k))
-        doc = await client.call("GET", "/api/v1/jobs" + (f"?{query}" if query else ""))
-        if args.json:
-            out(doc)
-        else:
-            print(_table([[j["id"], j["kind"], j["target"], j["status"], j.get("created_at"),
-                           (j.get("error") or {}).get("code", "")] for j in doc["jobs"]],
-                         ["JOB", "KIND", "TARGET", "STATUS", "CREATED", "ERROR"]))
-        return EXIT_OK
-    if c in ("job", "follow"):
-        job = await client.call("GET", f"/api/v1/jobs/{args.job_id}")
-        if c == "follow" or args.follow:
-            return await follow(client, job, args.json)
-        if args.json or job.get("status") not in TERMINAL:
-            out(job)
-            return EXIT_OK
-        return finish(job, False)
-    if c == "cancel":
-        job = await client.call("DELETE", f"/api/v1/jobs/{args.job_id}")
-        if args.json:
-            out(job)
-        else:
-            print(f"{job['kind']} job {job['id']}: {job['status']}"
-                  + (" (cancel requested)" if job.get("status") not in
-                     ("cancelled", "succeeded", "failed") else ""))
-        return EXIT_OK
-    if c == "verify":
-        drill: dict[str, Any] = {"backup": args.backup} if args.backup else {}
-        if args.identity_file:  # sent once, sealed by the API for the workers
-            drill["identity"] = await asyncio.to_thread(Path(args.identity_file).read_text)
-        job = await client.call("POST", f"/api/v1/targets/{args.target}/verify", json=drill)
-        return await job_started(client, job, args)
-    if c == "audit":
-        query = "&".join([f"limit={args.limit}"] + [
-            f"{k}={getattr(args, k)}" for k in ("target", "subject") if getattr(args, k)])
-        doc = await client.call("GET", f"/api/v1/audit?{query}")
-        if args.json:
-            out(doc)
-        else:
-            print(_table([[e.get("ts"), e.get("subject"), e.get("via") or e.get("client"),
-                           e.get("action"),
-                           e.get("result"), e.get("target"), e.get("backup") or e.get("job")]
-                          for e in doc["entries"]],
-                         ["TIME", "WHO", "VIA", "ACTION", "RESULT", "TARGET", "WHAT"]))
-        return EXIT_OK
-    if c == "prune":
-        return await _prune(client, args)
-    if c == "schedules":
-        doc = await client.call("GET", "/api/v1/schedules")
-        if args.json:
-            out(doc)
-        else:
-            print(_table([[e["target"], e.get("schedule") or "-", e.get("next_run") or "-",
-                           e.get("last_job") or "-",
-                           (e.get("last_status") or "-") + (f" ({e['last_error']})"
-                                                            if e.get("last_error") else ""),
-                           f"missed since {e['missed_since']}" if e.get("missed_since")
-                           else "", _policy(e.get("retention"))]
-                          for e in doc["schedules"]],
-                         ["TARGET", "SCHEDULE", "NEXT RUN", "LAST JOB", "LAST STATUS", "ALERT",
-                          "RETENTION"]))
-        return EXIT_OK
-    if c == "destinations":
-        doc = await client.call("GET", "/api/v1/destinations")
-        if args.json:
-            out(doc)
-        else:
-            print(_table([[d.get("name"), d.get("type"), d.get("bucket") or d.get("path"),
-                           "yes" if d.get("reachable") else f"NO ({d.get('error')})",
-                           {True: "yes", False: "NO", None: "?"}[d.get("writable")],
-                           mib(d.get("free_bytes")), d.get("backups"), mib(d.get("bytes")),
-                           ",".join(d.get("targets") or [])]
-                          for d in doc["destinations"]],
-                         ["DESTINATION", "TYPE", "WHERE", "REACHABLE", "WRITABLE", "FREE",
-                          "BACKUPS", "SIZE", "TARGETS"]))
-        ok = all(d.get("reachable") and d.get("writable") is not False
-                 for d in doc["destinations"])
-        return EXIT_OK if ok else EXIT_FAILED
-    print(f"safehold: unknown command {c}", file=sys.stderr)
-    return EXIT_USAGE
+    return finish(job, False)
+
+
+async def _cmd_cancel(client: Client, args: argparse.Namespace) -> int:
+    job = await client.call("DELETE", f"/api/v1/jobs/{args.job_id}")
+    if args.json:
+        _print_json(job)
+    else:
+        print(f"{job['kind']} job {job['id']}: {job['status']}"
+              + (" (cancel requested)" if job.get("status") not in
+                 ("cancelled", "succeeded", "failed") else ""))
+    return EXIT_OK
+
+
+async def _cmd_verify(client: Client, args: argparse.Namespace) -> int:
+    drill: dict[str, Any] = {"backup": args.backup} if args.backup else {}
+    if args.identity_file:  # sent once, sealed by the API for the workers
+        drill["identity"] = await asyncio.to_thread(Path(args.identity_file).read_text)
+    job = await client.call("POST", f"/api/v1/targets/{args.target}/verify", json=drill)
+    return await job_started(client, job, args)
+
+
+async def _cmd_audit(client: Client, args: argparse.Namespace) -> int:
+    query = "&".join([f"limit={args.limit}"] + [
+        f"{k}={getattr(args, k)}" for k in ("target", "subject") if getattr(args, k)])
+    doc = await client.call("GET", f"/api/v1/audit?{query}")
+    if args.json:
+        _print_json(doc)
+    else:
+        print(_table([[e.get("ts"), e.get("subject"), e.get("via") or e.get("client"),
+                       e.get("action"),
+                       e.get("result"), e.get("target"), e.get("backup") or e.get("job")]
+                      for e in doc["entries"]],
+                     ["TIME", "WHO", "VIA", "ACTION", "RESULT", "TARGET", "WHAT"]))
+    return EXIT_OK
+
+
+async def _cmd_prune(client: Client, args: argparse.Namespace) -> int:
+    return await _prune(client, args)
+
+
+async def _cmd_schedules(client: Client, args: argparse.Namespace) -> int:
+    doc = await client.call("GET", "/api/v1/schedules")
+    if args.json:
+        _print_json(doc)
+    else:
+        print(_table([[e["target"], e.get("schedule") or "-", e.get("next_run") or "-",
+                       e.get("last_job") or "-",
+                       (e.get("last_status") or "-") + (f" ({e['last_error']})"
+                                                        if e.get("last_error") else ""),
+                       f"missed since {e['missed_since']}" if e.get("missed_since")
+                       else "", _policy(e.get("retention"))]
+                      for e in doc["schedules"]],
+                     ["TARGET", "SCHEDULE", "NEXT RUN", "LAST JOB", "LAST STATUS", "ALERT",
+                      "RETENTION"]))
+    return EXIT_OK
+
+
+async def _cmd_destinations(client: Client, args: argparse.Namespace) -> int:
+    doc = await client.call("GET", "/api/v1/destinations")
+    if args.json:
+        _print_json(doc)
+    else:
+        print(_table([[d.get("name"), d.get("type"), d.get("bucket") or d.get("path"),
+                       "yes" if d.get("reachable") else f"NO ({d.get('error')})",
+                       {True: "yes", False: "NO", None: "?"}[d.get("writable")],
+                       mib(d.get("free_bytes")), d.get("backups"), mib(d.get("bytes")),
+                       ",".join(d.get("targets") or [])]
+                      for d in doc["destinations"]],
+                     ["DESTINATION", "TYPE", "WHERE", "REACHABLE", "WRITABLE", "FREE",
+                      "BACKUPS", "SIZE", "TARGETS"]))
+    ok = all(d.get("reachable") and d.get("writable") is not False
+             for d in doc["destinations"])
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+Command = Callable[[Client, argparse.Namespace], Awaitable[int]]
+COMMANDS: dict[str, Command] = {
+    "targets": _cmd_targets,
+    "stats": _cmd_stats,
+    "backups": _cmd_backups,
+    "backup": _cmd_backup,
+    "restore": _cmd_restore,
+    "upload": _cmd_upload,
+    "download": _cmd_download,
+    "delete": _cmd_delete,
+    "jobs": _cmd_jobs,
+    "job": _cmd_job,
+    "follow": _cmd_job,
+    "cancel": _cmd_cancel,
+    "verify": _cmd_verify,
+    "audit": _cmd_audit,
+    "prune": _cmd_prune,
+    "schedules": _cmd_schedules,
+    "destinations": _cmd_destinations,
+}
+
+
+async def run(client: Client, args: argparse.Namespace) -> int:
+    command = COMMANDS.get(args.command)
+    if command is None:
+        print(f"safehold: unknown command {args.command}", file=sys.stderr)
+        return EXIT_USAGE
+    return await command(client, args)
 
 
 def _policy(policy: Any) -> str:

@@ -21,6 +21,7 @@ import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -90,28 +91,28 @@ class TokenMiddleware:
         return result
 
 
-def build_mcp(services: Callable[[], Services]) -> MCPServer:
-    server: MCPServer = MCPServer(
-        name="safehold", title="Safehold backups", version=safehold_version(),
-        instructions="Back up and restore databases. Every operation is a job; restores "
-                     "need plan_restore then execute_restore with its token.",
-        middleware=[TokenMiddleware(services)])
+class _Kit:
+    """What every tool needs: the caller from the request's context, one audited run,
+    a job followed with progress reports."""
 
-    def caller() -> tuple[Operations, Caller]:
+    def __init__(self, services: Callable[[], Services]) -> None:
+        self.services = services
+
+    def caller(self) -> tuple[Operations, Caller]:
         principal = _principal.get()
         if principal is None:
             raise Unauthorized("this needs a bearer token")
         o = _origin.get()
-        return Operations(services()), Caller(principal, "mcp", o.get("request_id"),
+        return Operations(self.services()), Caller(principal, "mcp", o.get("request_id"),
                                               o.get("remote"), "POST", "/mcp")
 
-    async def run(tool: str, target: str | None,
+    async def run(self, tool: str, target: str | None,
                   body: Callable[[Operations, Caller], Awaitable[Any]],
                   info: dict[str, Any] | None = None) -> Any:
         """Run a tool's operation; a read is audited here (operations audit the rest),
         with what `body` put in `info` (target, backup) by then; Safehold errors become
         tool errors with their code."""
-        ops, who = caller()
+        ops, who = self.caller()
         try:  # every call is audited once: by its operation, or here (reads, refusals)
             async with ops.audited(who, f"mcp.{tool}", target, info if info is not None
                                    else {}, unless_recorded=True):
@@ -121,7 +122,7 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
             err.status = exc.status  # type: ignore[attr-defined]  # for resource reads
             raise err from None
 
-    async def follow(ops: Operations, who: Caller, job: Job, ctx: Context,
+    async def follow(self, ops: Operations, who: Caller, job: Job, ctx: Context,
                      wait: float) -> dict[str, Any]:
         """Report the job's progress to the client until it ends or `wait` passes."""
         async def on_event(ev: Any) -> None:
@@ -137,11 +138,20 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
             await ctx.report_progress(100.0, 100.0, "succeeded")
         return job_summary(job, who.principal)
 
-    # ------------------------------------------------------------------ tools
+
+@dataclass(frozen=True)
+class _Reads:
+    list_databases: Callable[[], Awaitable[dict[str, Any]]]
+    list_backups: Callable[[str], Awaitable[dict[str, Any]]]
+    job_status: Callable[[str], Awaitable[dict[str, Any]]]
+
+
+def _read_tools(server: MCPServer, kit: _Kit) -> _Reads:
+    """What a viewer may call."""
     @server.tool(description="The databases (targets) this token may see, with engine and "
                              "schedule.")
     async def list_databases() -> dict[str, Any]:
-        return await run("list_databases", None,
+        return await kit.run("list_databases", None,
                          lambda ops, who: _async({"databases": ops.targets(who)}))
 
     @server.tool(description="A database's backups, newest first: file name, kind, size, "
@@ -151,36 +161,41 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
             found, unavailable = await ops.backups(who, database_id)
             return {"database_id": database_id, "backups": [_brief(m) for m in found],
                     **({"unavailable": unavailable} if unavailable else {})}
-        return await run("list_backups", database_id, body)
+        return await kit.run("list_backups", database_id, body)
 
+    @server.tool(description="A job's status, progress, result or error.")
+    async def job_status(job_id: str) -> dict[str, Any]:
+        async def body(ops: Operations, who: Caller) -> dict[str, Any]:
+            return job_summary(await ops.job(who, job_id), who.principal)
+        return await kit.run("job_status", None, body)
+
+    return _Reads(list_databases=list_databases, list_backups=list_backups, job_status=job_status)
+
+
+def _job_tools(server: MCPServer, kit: _Kit) -> None:
+    """Backups, deletes, cancels, drills."""
     @server.tool(description="Start a backup of a database; waits up to wait_seconds "
                              "(default 600) reporting progress, then returns the job.")
     async def create_backup(database_id: str, ctx: Context, note: str = "",
                             wait_seconds: float = 600) -> dict[str, Any]:
         async def body(ops: Operations, who: Caller) -> dict[str, Any]:
             job = await ops.start_backup(who, database_id, note=note)
-            return await follow(ops, who, job, ctx, wait_seconds)
-        return await run("create_backup", database_id, body)
+            return await kit.follow(ops, who, job, ctx, wait_seconds)
+        return await kit.run("create_backup", database_id, body)
 
     @server.tool(description="Delete one backup everywhere it is stored (admin).")
     async def delete_backup(database_id: str, backup: str) -> dict[str, Any]:
         async def body(ops: Operations, who: Caller) -> dict[str, Any]:
             return {"deleted": await ops.delete_backup(who, database_id, backup),
                     "database_id": database_id}
-        return await run("delete_backup", database_id, body)
-
-    @server.tool(description="A job's status, progress, result or error.")
-    async def job_status(job_id: str) -> dict[str, Any]:
-        async def body(ops: Operations, who: Caller) -> dict[str, Any]:
-            return job_summary(await ops.job(who, job_id), who.principal)
-        return await run("job_status", None, body)
+        return await kit.run("delete_backup", database_id, body)
 
     @server.tool(description="Cancel a queued or running job (a restore that is already "
                              "changing the database cannot be cancelled).")
     async def cancel_job(job_id: str) -> dict[str, Any]:
         async def body(ops: Operations, who: Caller) -> dict[str, Any]:
             return job_summary(await ops.cancel(who, job_id), who.principal)
-        return await run("cancel_job", None, body)
+        return await kit.run("cancel_job", None, body)
 
     @server.tool(description="Restore drill: restore the newest (or the given) backup into a "
                              "scratch place, compare exact counts, drop it; waits up to "
@@ -189,9 +204,12 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
                             wait_seconds: float = 600) -> dict[str, Any]:
         async def body(ops: Operations, who: Caller) -> dict[str, Any]:
             job = await ops.start_verify(who, database_id, backup or None)
-            return await follow(ops, who, job, ctx, wait_seconds)
-        return await run("verify_backup", database_id, body)
+            return await kit.follow(ops, who, job, ctx, wait_seconds)
+        return await kit.run("verify_backup", database_id, body)
 
+
+def _restore_tools(server: MCPServer, kit: _Kit) -> None:
+    """A restore in two steps: plan, then execute with the plan's token."""
     @server.tool(description="Step 1 of a restore: what will happen (target, backup, its age "
                              "and size, the safety backup taken first) and a confirmation "
                              "token for execute_restore, valid 5 minutes, once.")
@@ -219,7 +237,7 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
                     "create_safety_backup": create_safety_backup,
                     "terminate_connections": terminate_connections, "roles": roles,
                     "owner_map": owner_map, "database": database}
-            s = services()
+            s = kit.services()
             await s.redis.set(_plan_key(s, token), json.dumps(plan), ex=PLAN_TTL)
             return {
                 "database_id": target.id, "engine": target.engine, "backup": name.filename,
@@ -232,7 +250,7 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
                     + f"{target.id} is replaced by the content of {name.filename} (the backup "
                     "is verified before anything is dropped; a failed restore rolls back)"),
                 "confirmation_token": token, "expires_in_seconds": PLAN_TTL}
-        return await run("plan_restore", database_id, body, info)
+        return await kit.run("plan_restore", database_id, body, info)
 
     @server.tool(description="Step 2 of a restore: run the plan a confirmation token names; "
                              "waits up to wait_seconds reporting progress.")
@@ -241,7 +259,7 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
         info: dict[str, Any] = {}
 
         async def body(ops: Operations, who: Caller) -> dict[str, Any]:
-            s = services()
+            s = kit.services()
             key = _plan_key(s, confirmation_token)
             raw = await s.redis.get(key)
             plan = json.loads(raw) if raw is not None else None
@@ -261,26 +279,28 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
                                           owner_map=plan.get("owner_map"),
                                           database=plan.get("database"),
                                           expect_sha256=plan["sha256"])
-            return await follow(ops, who, job, ctx, wait_seconds)
-        return await run("execute_restore", None, body, info)
+            return await kit.follow(ops, who, job, ctx, wait_seconds)
+        return await kit.run("execute_restore", None, body, info)
 
-    # ------------------------------------------------------------------ resources
+
+def _resources(server: MCPServer, reads: _Reads) -> None:
+    """The read tools as resources (and the Coolify ADR's URIs)."""
     @server.resource("resources://safehold/databases", mime_type="application/json",
                      description="The databases this token may see")
     async def databases_resource() -> str:
-        return await read(list_databases())
+        return await read(reads.list_databases())
 
     @server.resource("resources://coolify/backups/databases/{id}",
                      mime_type="application/json",
                      description="A database's backups with metadata, newest first")
     async def backups_resource(id: str) -> str:  # noqa: A002 - the ADR's parameter name
-        return await read(list_backups(id))
+        return await read(reads.list_backups(id))
 
     @server.resource("resources://coolify/backups/databases/{id}/restore",
                      mime_type="application/json",
                      description="Restore options and the latest restorable backups")
     async def restore_resource(id: str) -> str:  # noqa: A002
-        listing = json.loads(await read(list_backups(id)))
+        listing = json.loads(await read(reads.list_backups(id)))
         restorable = [b for b in listing["backups"]
                       if b.get("kind") != "safety_backup" and not b.get("damaged")][:10]
         return json.dumps({
@@ -294,8 +314,20 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
     @server.resource("resources://safehold/jobs/{job_id}", mime_type="application/json",
                      description="One job: status, progress, result or error")
     async def job_resource(job_id: str) -> str:
-        return await read(job_status(job_id))
+        return await read(reads.job_status(job_id))
 
+
+def build_mcp(services: Callable[[], Services]) -> MCPServer:
+    server: MCPServer = MCPServer(
+        name="safehold", title="Safehold backups", version=safehold_version(),
+        instructions="Back up and restore databases. Every operation is a job; restores "
+                     "need plan_restore then execute_restore with its token.",
+        middleware=[TokenMiddleware(services)])
+    kit = _Kit(services)
+    reads = _read_tools(server, kit)
+    _job_tools(server, kit)
+    _restore_tools(server, kit)
+    _resources(server, reads)
     return server
 
 

@@ -87,15 +87,10 @@ class _Snapshot:
         return self.families
 
 
-async def metrics(request: web.Request) -> web.Response:
-    s = request.app[SERVICES]
-    visible = list(s.settings.targets)
-    if not s.settings.auth.public_metrics:
-        principal = await s.verifier.verify(bearer_token(request.headers.get("Authorization")))
-        require(principal, Role.VIEWER, None)
-        visible = principal.targets_visible(visible)
-    snap = _Snapshot()
-    add = snap.families.append
+async def _job_families(s: Services, visible: list[str]) -> list[Any]:
+    """Jobs finished and their durations, bytes written: counted as jobs end."""
+    out: list[Any] = []
+    add = out.append
 
     jobs = CounterMetricFamily("safehold_jobs", "Jobs finished, by kind, status and target.",
                                labels=["kind", "status", "target"])
@@ -126,7 +121,13 @@ async def metrics(request: web.Request) -> web.Response:
         if tkey.decode() in visible:
             written.add_metric([tkey.decode()], int(total))
     add(written)
+    return out
 
+
+async def _service_families(s: Services) -> list[Any]:
+    """Workers alive, queue depth, notifications lost."""
+    out: list[Any] = []
+    add = out.append
     add(GaugeMetricFamily("safehold_workers_alive", "Workers that heartbeat in the last 30 s.",
                           value=await live_workers(s)))
     add(GaugeMetricFamily("safehold_queue_depth", "Jobs waiting in the queue.",
@@ -135,57 +136,70 @@ async def metrics(request: web.Request) -> web.Response:
                             "Notification deliveries that failed after every retry.",
                             value=int(await s.redis.get(s.keys.counter(
                                 "notifications_failed")) or 0)))
+    return out
 
-    count = GaugeMetricFamily("safehold_backups", "Listed backups (all kinds).",
-                              labels=["target"])
-    size = GaugeMetricFamily("safehold_backup_bytes", "Bytes of listed backups.",
-                             labels=["target"])
-    per_dest = GaugeMetricFamily("safehold_destination_backups",
-                                 "Listed backups per destination.",
-                                 labels=["target", "destination"])
-    dest_last = GaugeMetricFamily("safehold_destination_last_backup_timestamp_seconds",
-                                  "Creation time of the newest regular backup a destination "
-                                  "holds.", labels=["target", "destination"])
-    dest_size = GaugeMetricFamily("safehold_destination_last_backup_size_bytes",
-                                  "Stored size of that backup.",
-                                  labels=["target", "destination"])
-    last = GaugeMetricFamily("safehold_last_backup_timestamp_seconds",
-                             "Creation time of the newest regular backup.", labels=["target"])
-    last_size = GaugeMetricFamily("safehold_last_backup_size_bytes",
-                                  "Stored size of the newest regular backup.",
+
+class _TargetFamilies:
+    """Per target: what its destinations list (never a false 0 for one that did not
+    answer), the newest backup and drill, the schedule's health."""
+
+    def __init__(self) -> None:
+        self.count = GaugeMetricFamily("safehold_backups", "Listed backups (all kinds).",
                                   labels=["target"])
-    verified = GaugeMetricFamily("safehold_last_verify_timestamp_seconds",
-                                 "When the newest drill ran.", labels=["target"])
-    passed = GaugeMetricFamily("safehold_last_verify_passed",
-                               "1 if the newest drill passed, 0 if it failed.",
-                               labels=["target"])
-    rto = GaugeMetricFamily("safehold_last_verify_rto_seconds",
-                            "Restore time measured by the newest drill.", labels=["target"])
-    missed = GaugeMetricFamily("safehold_schedule_missed",
-                               "1 while a scheduled target has had no successful backup "
-                               "within its grace.", labels=["target"])
-    lag = GaugeMetricFamily("safehold_schedule_lag_seconds",
-                            "How late the last scheduled job started (so far, if waiting).",
-                            labels=["target"])
-    last_ok = GaugeMetricFamily("safehold_last_success_timestamp_seconds",
-                                "When the last backup of a scheduled target succeeded.",
+        self.size = GaugeMetricFamily("safehold_backup_bytes", "Bytes of listed backups.",
+                                 labels=["target"])
+        self.per_dest = GaugeMetricFamily("safehold_destination_backups",
+                                     "Listed backups per destination.",
+                                     labels=["target", "destination"])
+        self.dest_last = GaugeMetricFamily("safehold_destination_last_backup_timestamp_seconds",
+                                      "Creation time of the newest regular backup a destination "
+                                      "holds.", labels=["target", "destination"])
+        self.dest_size = GaugeMetricFamily("safehold_destination_last_backup_size_bytes",
+                                      "Stored size of that backup.",
+                                      labels=["target", "destination"])
+        self.last = GaugeMetricFamily("safehold_last_backup_timestamp_seconds",
+                                 "Creation time of the newest regular backup.", labels=["target"])
+        self.last_size = GaugeMetricFamily("safehold_last_backup_size_bytes",
+                                      "Stored size of the newest regular backup.",
+                                      labels=["target"])
+        self.verified = GaugeMetricFamily("safehold_last_verify_timestamp_seconds",
+                                     "When the newest drill ran.", labels=["target"])
+        self.passed = GaugeMetricFamily("safehold_last_verify_passed",
+                                   "1 if the newest drill passed, 0 if it failed.",
+                                   labels=["target"])
+        self.rto = GaugeMetricFamily("safehold_last_verify_rto_seconds",
+                                "Restore time measured by the newest drill.", labels=["target"])
+        self.missed = GaugeMetricFamily("safehold_schedule_missed",
+                                   "1 while a scheduled target has had no successful backup "
+                                   "within its grace.", labels=["target"])
+        self.lag = GaugeMetricFamily("safehold_schedule_lag_seconds",
+                                "How late the last scheduled job started (so far, if waiting).",
                                 labels=["target"])
-    up = GaugeMetricFamily("safehold_destination_up",
-                           "1 if the destination answered the last listing of the target, "
-                           "0 if not (its backups are then not counted: no false 0).",
-                           labels=["target", "destination"])
-    damaged = GaugeMetricFamily("safehold_backups_damaged",
-                                "Listed backups whose manifest disagrees with the backup.",
-                                labels=["target"])
-    for target in visible:
-        listed = await _manifests(request, s, target)
+        self.last_ok = GaugeMetricFamily("safehold_last_success_timestamp_seconds",
+                                    "When the last backup of a scheduled target succeeded.",
+                                    labels=["target"])
+        self.up = GaugeMetricFamily("safehold_destination_up",
+                               "1 if the destination answered the last listing of the target, "
+                               "0 if not (its backups are then not counted: no false 0).",
+                               labels=["target", "destination"])
+        self.damaged = GaugeMetricFamily("safehold_backups_damaged",
+                                    "Listed backups whose manifest disagrees with the backup.",
+                                    labels=["target"])
+
+    def families(self) -> list[Any]:
+        return [self.count, self.size, self.up, self.damaged, self.per_dest, self.dest_last,
+                self.dest_size, self.last, self.last_size, self.verified, self.passed,
+                self.rto, self.missed, self.lag, self.last_ok]
+
+    def storage(self, s: Services, target: str,
+                listed: tuple[list[dict[str, Any]], list[str]] | None) -> None:
         for d in s.settings.targets[target].destinations:
-            up.add_metric([target, d], 0 if listed is None or d in listed[1] else 1)
+            self.up.add_metric([target, d], 0 if listed is None or d in listed[1] else 1)
         manifests = listed[0] if listed is not None else []
         if listed is not None:
-            count.add_metric([target], len(manifests))
-            size.add_metric([target], sum(int(m.get("size_bytes") or 0) for m in manifests))
-            damaged.add_metric([target], sum(1 for m in manifests if m.get("damaged")))
+            self.count.add_metric([target], len(manifests))
+            self.size.add_metric([target], sum(int(m.get("size_bytes") or 0) for m in manifests))
+            self.damaged.add_metric([target], sum(1 for m in manifests if m.get("damaged")))
         dests: dict[str, int] = {}
         newest_on: dict[str, dict[str, Any]] = {}  # manifests are newest first
         for m in manifests:
@@ -194,37 +208,53 @@ async def metrics(request: web.Request) -> web.Response:
                 if m.get("kind") == "backup":
                     newest_on.setdefault(d, m)
         for d, n in sorted(dests.items()):
-            per_dest.add_metric([target, d], n)
+            self.per_dest.add_metric([target, d], n)
         for d, m in sorted(newest_on.items()):
             if (t := _ts(m.get("created_at"))) is not None:
-                dest_last.add_metric([target, d], t)
-                dest_size.add_metric([target, d], int(m.get("size_bytes") or 0))
+                self.dest_last.add_metric([target, d], t)
+                self.dest_size.add_metric([target, d], int(m.get("size_bytes") or 0))
         regular = [m for m in manifests if m.get("kind") == "backup"]
         if regular and (t := _ts(regular[0].get("created_at"))) is not None:
-            last.add_metric([target], t)
-            last_size.add_metric([target], int(regular[0].get("size_bytes") or 0))
+            self.last.add_metric([target], t)
+            self.last_size.add_metric([target], int(regular[0].get("size_bytes") or 0))
         drills = sorted((m for m in manifests if m.get("verified_at")),
                         key=lambda m: str(m["verified_at"]), reverse=True)
         if drills and (t := _ts(drills[0]["verified_at"])) is not None:
             v = drills[0].get("verification") or {}
-            verified.add_metric([target], t)
-            passed.add_metric([target], 1 if v.get("outcome") == "passed" else 0)
+            self.verified.add_metric([target], t)
+            self.passed.add_metric([target], 1 if v.get("outcome") == "passed" else 0)
             if v.get("rto_s") is not None:
-                rto.add_metric([target], float(v["rto_s"]))
+                self.rto.add_metric([target], float(v["rto_s"]))
+
+    async def schedule(self, s: Services, target: str) -> None:
+        state = await rcmd.hgetall(s.redis, s.keys.schedule(target))
+        self.missed.add_metric([target], 1 if state.get(b"missed_alerted") else 0)
+        if state.get(b"last_job") and (job := await s.store.find(
+                state[b"last_job"].decode())) and job.params.get("scheduled_for"):
+            due = _ts(job.params["scheduled_for"])
+            began = _ts(job.started_at) if job.started_at else time.time()
+            if due is not None and began is not None:
+                self.lag.add_metric([target], max(began - due, 0.0))
+        if (t := _ts(state.get(b"last_success", b"").decode())) is not None:
+            self.last_ok.add_metric([target], t)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    s = request.app[SERVICES]
+    visible = list(s.settings.targets)
+    if not s.settings.auth.public_metrics:
+        principal = await s.verifier.verify(bearer_token(request.headers.get("Authorization")))
+        require(principal, Role.VIEWER, None)
+        visible = principal.targets_visible(visible)
+    snap = _Snapshot()
+    snap.families += await _job_families(s, visible)
+    snap.families += await _service_families(s)
+    per_target = _TargetFamilies()
+    for target in visible:
+        per_target.storage(s, target, await _manifests(request, s, target))
         if s.settings.targets[target].schedule:
-            state = await rcmd.hgetall(s.redis, s.keys.schedule(target))
-            missed.add_metric([target], 1 if state.get(b"missed_alerted") else 0)
-            if state.get(b"last_job") and (job := await s.store.find(
-                    state[b"last_job"].decode())) and job.params.get("scheduled_for"):
-                due = _ts(job.params["scheduled_for"])
-                began = _ts(job.started_at) if job.started_at else time.time()
-                if due is not None and began is not None:
-                    lag.add_metric([target], max(began - due, 0.0))
-            if (t := _ts(state.get(b"last_success", b"").decode())) is not None:
-                last_ok.add_metric([target], t)
-    for family in (count, size, up, damaged, per_dest, dest_last, dest_size, last, last_size,
-                   verified, passed, rto, missed, lag, last_ok):
-        add(family)
+            await per_target.schedule(s, target)
+    snap.families += per_target.families()
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(snap)  # type: ignore[arg-type]

@@ -11,21 +11,15 @@ in an unknown state: the job runner then restores the safety backup automaticall
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
 import re
-import shutil
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from dataclasses import replace
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, ClassVar
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiomysql
 import pymysql
 
-from shared import scratch
 from shared.config import TargetConfig
 from shared.engines import ENGINES
 from shared.errors import DumpFailed, EngineError, RestoreFailed
@@ -33,66 +27,40 @@ from shared.formats.pgscript import UnsafeScript
 from worker.engines import (
     NO_OPTIONS,
     Blocker,
-    Drill,
     Dump,
     RestoreOptions,
-    blockers_watched,
     describe,
-    drill_name,
+    my_blockers,
     restore_errors,
     server_sets,
-    stale_drills,
-    unreachable,
 )
 from worker.engines import mysql_accounts as accts
 from worker.engines.globals_head import AWK, GlobalsHead, commented
+from worker.engines.my_connection import (
+    client_guard_flags,
+    conn_params,
+    connect,
+    defaults_file,
+    find_tool,
+    query,
+    quote,
+    tool_version,
+)
+from worker.engines.my_drill import InsertRows, MySQLDrill
 from worker.progress import Progress
 from worker.subproc import feed_stdin, spawn
 
 _TABLE_DONE = re.compile(r"^-- Retrieving rows")
+
+
 _VERBOSE = re.compile(r"^-- ")
-
-
-def _conn(target: TargetConfig) -> dict[str, Any]:
-    u = urlsplit(target.url)
-    q = parse_qs(u.query)
-    return {
-        "host": u.hostname or "127.0.0.1",
-        "port": u.port or 3306,
-        "user": unquote(u.username or "root"),
-        "database": unquote(u.path.lstrip("/")),
-        "unix_socket": q.get("unix_socket", [None])[0],
-    }
-
-
-
-def _option_value(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-@contextmanager
-def _defaults_file(target: TargetConfig) -> Iterator[str]:
-    """A private 0600 option file with the connection and password; removed afterwards."""
-    c = _conn(target)
-    lines = ["[client]", f"user={_option_value(c['user'])}", f"host={c['host']}",
-             f"port={c['port']}", "default-character-set=utf8mb4"]
-    if c["unix_socket"]:
-        lines.append(f"socket={c['unix_socket']}")
-    if target.password is not None:
-        lines.append(f"password={_option_value(target.password.reveal())}")
-    with scratch.private_dir("mysql") as directory:  # swept if the worker is SIGKILLed
-        path = os.path.join(directory, "client.cnf")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write("\n".join(lines) + "\n")
-        yield path
 
 
 def _invalid_views_trailer(invalid: dict[str, tuple[str, str]]) -> bytes:
     lines = ["", "-- Safehold: views that were invalid when this backup was made (the server",
              "-- could not resolve them), kept as their definitions; they are not restored:"]
     for name, (why, create) in sorted(invalid.items()):
-        lines.append(f"-- view {_quote(name)}: {why}")
+        lines.append(f"-- view {quote(name)}: {why}")
         lines += [f"--   {line}" for line in create.splitlines()]
     lines.append(f"-- Dump completed (Safehold: {len(invalid)} invalid view(s) kept above)")
     return ("\n".join(lines) + "\n").encode()
@@ -121,154 +89,10 @@ def _kept_grant(line: str, db: str, wanted: set[str]) -> str | None:
     return None
 
 
-def _quote(name: str) -> str:
-    return "`" + name.replace("`", "``") + "`"
-
-
-def find_tool(*names: str) -> str:
-    for name in names:
-        if shutil.which(name):
-            return name
-    raise EngineError(f"none of {', '.join(names)} is installed (install mariadb-client or "
-                      "mysql-client)", code="tool_missing")
-
-
-async def tool_version(tool: str) -> str:
-    proc = await asyncio.create_subprocess_exec(tool, "--version",
-                                                stdout=asyncio.subprocess.PIPE)
-    out, _ = await proc.communicate()
-    return out.decode().strip()
-
-
-async def client_guard_flags(tool: str) -> list[str]:
-    """Flags that keep a restored file from reaching the worker host: --binary-mode (client
-    commands off except DELIMITER and \\C), --local-infile=0 (no LOAD DATA LOCAL), and
-    MariaDB's --sandbox (no system/source/tee/pager) where the client has it."""
-    flags = ["--binary-mode", "--local-infile=0"]
-    proc = await asyncio.create_subprocess_exec(tool, "--help", "--verbose",
-                                                stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.DEVNULL)
-    out, _ = await proc.communicate()
-    if b"--sandbox" in out:
-        flags.append("--sandbox")
-    return flags
-
-
-class InsertRows:
-    r"""Exact row counts of a mysqldump / mariadb-dump, taken from the stream as it is
-    dumped: the tuples of every `INSERT INTO `t` [(cols)] VALUES (…),(…);` statement of a
-    table's data section (after `-- Dumping data for table`, before `UNLOCK TABLES`).
-    Outside string literals a value holds no parenthesis (numbers, NULL, 0x… with
-    --hex-blob), so each `(` there opens one row; string literals are skipped with their
-    backslash escapes, across chunk edges, at C speed. Both layouts are read: MySQL's one
-    line per statement and MariaDB 10.11's one line per row (where rows are counted as line
-    starts, as a dumped string never holds a raw newline). Nothing of a row is kept."""
-
-    _DATA = b"-- Dumping data for table "
-    _HEADER = re.compile(rb"INSERT INTO (`(?:[^`]|``)*`) (?:\((?:[^`)]|`(?:[^`]|``)*`)*\) )?"
-                         rb"VALUES")
-    _STRING_BODY = re.compile(rb"[^'\\]*(?:\\.[^'\\]*)*", re.S)
-    _NAME = re.compile(rb"`(?:[^`]|``)*`")
-    _STRING = re.compile(rb"'[^'\\]*(?:\\.[^'\\]*)*'", re.S)
-    _VALUES_RUN = re.compile(rb"[^';]*(?:'[^'\\]*(?:\\.[^'\\]*)*'[^';]*)*", re.S)
-    _LINE_MAX = 65536  # a line start is kept across chunks up to this many bytes
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-        self._table: str | None = None  # inside this table's VALUES
-        self._in_string = False
-        self._row_per_line = False  # mariadb-dump 10.11+: "VALUES\n(…),\n(…);"
-        self._armed = False
-        self._tail = b"\n"
-
-    def feed(self, data: bytes) -> None:
-        buf = self._tail + data
-        self._tail = b""
-        pos, n = 0, len(buf)
-        while pos < n:
-            if self._in_string:
-                end = self._STRING_BODY.match(buf, pos).end()  # type: ignore[union-attr]
-                if end < n and buf[end] == 0x27:  # the closing quote
-                    self._in_string = False
-                    pos = end + 1
-                    continue
-                self._tail = buf[end:]  # "" or a lone backslash escaping the next byte
-                return
-            if self._table is not None and self._row_per_line:
-                # a raw newline never occurs inside a dumped string: each "\n(" is a row
-                # and the first ";\n" ends the statement (at C speed, no string parsing)
-                stop = buf.find(b";\n", pos)
-                self.counts[self._table] += buf.count(b"\n(", pos, n if stop < 0 else stop)
-                if stop < 0:
-                    self._tail = buf[-1:]  # a "\n(" or ";\n" may straddle the edge
-                    return
-                self._table = None
-                pos = stop + 1
-                continue
-            if self._table is not None:
-                # values up to the statement's `;`, or up to a string the chunk cuts
-                end = self._VALUES_RUN.match(buf, pos).end()  # type: ignore[union-attr]
-                run = buf[pos:end]
-                if b"'" in run:
-                    run = self._STRING.sub(b"", run)
-                self.counts[self._table] += run.count(b"(")
-                if end == n:
-                    return
-                if buf[end] == 0x27:
-                    self._in_string = True
-                else:
-                    self._table = None
-                pos = end + 1
-                continue
-            i = buf.find(b"\n", pos)
-            if i < 0:
-                return  # mid-line: the next line start is in a later chunk
-            if n - i <= len(self._DATA):
-                self._tail = buf[i:]  # too little to tell what the line is
-                return
-            # (a quoted name may hold a newline: headers are matched across lines, bounded)
-            bound = min(n, i + 1 + self._LINE_MAX)
-            if self._armed and buf.startswith(b"INSERT INTO ", i + 1):
-                h = self._HEADER.match(buf, i + 1, bound)
-                if h is None and bound == n and n - i < self._LINE_MAX:
-                    self._tail = buf[i:]  # the header continues in the next chunk
-                    return
-                if h and h.end() < n:
-                    self._table = _unquote(h.group(1).decode("utf-8", "replace"))
-                    self.counts.setdefault(self._table, 0)
-                    pos = h.end()
-                    self._row_per_line = buf[pos] == 0x0A
-                    continue
-                if h:
-                    self._tail = buf[i:]  # the layout is told by the next byte
-                    return
-            elif buf.startswith(self._DATA, i + 1):
-                h = self._NAME.match(buf, i + 1 + len(self._DATA), bound)
-                cut = h is None or h.end() == n or buf[h.end()] == 0x60  # "``" may go on
-                if cut and bound == n and n - i < self._LINE_MAX:
-                    self._tail = buf[i:]
-                    return
-                self._armed = True
-                if h:
-                    self.counts.setdefault(_unquote(h.group().decode("utf-8", "replace")), 0)
-            elif buf.startswith((b"-- ", b"UNLOCK TABLES", b"DELIMITER"), i + 1):
-                self._armed = False
-            pos = i + 1
-
-    def result(self) -> dict[str, Any]:
-        return {"exact_counts": self.counts, "exact_count_kind": "rows"}
-
-
 def _estimate(rows: Any) -> int | None:
     """information_schema's row estimate; null when the server has none (never 0 for
     unknown)."""
     return None if rows is None else int(rows)
-
-
-def _unquote(name: str) -> str:
-    if len(name) >= 2 and name[0] == name[-1] == "`":
-        return name[1:-1].replace("``", "`")
-    return name
 
 
 class MySQL:
@@ -276,34 +100,20 @@ class MySQL:
     extension: ClassVar[str] = ENGINES["mysql"].extension
     atomic_restore: ClassVar[bool] = False
 
+    def connect(self, target: TargetConfig) -> contextlib.AbstractAsyncContextManager[
+            aiomysql.Connection]:
+        return connect(target)
+
+    async def query(self, conn: aiomysql.Connection, sql: str, *args: Any
+                    ) -> list[tuple[Any, ...]]:
+        return await query(conn, sql, *args)
+
     @property
     def drill(self) -> MySQLDrill:
         return MySQLDrill()
 
     def row_counter(self) -> InsertRows:
         return InsertRows()
-
-    @asynccontextmanager
-    async def connect(self, target: TargetConfig) -> AsyncIterator[aiomysql.Connection]:
-        c = _conn(target)
-        try:
-            conn = await aiomysql.connect(
-                host=c["host"], port=c["port"], user=c["user"], db=c["database"] or None,
-                password=target.password.reveal() if target.password else "",
-                unix_socket=c["unix_socket"], charset="utf8mb4", connect_timeout=10)
-        except (TimeoutError, OSError, pymysql.err.MySQLError) as exc:
-            raise unreachable(target, "MySQL", exc,
-                              f"{c['host']}:{c['port']}/{c['database']}") from None
-        try:
-            yield conn
-        finally:
-            conn.close()
-
-    async def query(self, conn: aiomysql.Connection, sql: str, *args: Any
-                     ) -> list[tuple[Any, ...]]:
-        async with conn.cursor() as cur:
-            await cur.execute(sql, args or None)
-            return list(await cur.fetchall())
 
     async def _catalog(self, conn: aiomysql.Connection, db: str) -> dict[str, Any]:
         version = (await self.query(conn, "SELECT VERSION()"))[0][0]
@@ -326,7 +136,7 @@ class MySQL:
     async def stats(self, target: TargetConfig) -> dict[str, Any]:
         if target.is_set:
             return await server_sets.stats_set(self, target)
-        db = _conn(target)["database"]
+        db = conn_params(target)["database"]
         async with self.connect(target) as conn:
             cat = await self._catalog(conn, db)
         base = [t for t in cat["tables"] if t[1] == "BASE TABLE"]
@@ -350,7 +160,7 @@ class MySQL:
             async with server_sets.dump_set(self, target, progress, options) as dumped:
                 yield dumped
             return
-        db = _conn(target)["database"]
+        db = conn_params(target)["database"]
         async with self.connect(target) as conn:
             cat = await self._catalog(conn, db)
             schema = await self.query(
@@ -382,7 +192,7 @@ class MySQL:
         for name, (why, _) in invalid.items():
             progress.warn(f"view `{name}` is invalid ({why}); it is kept in the backup as its "
                           "definition in a comment and will not exist after a restore")
-        with _defaults_file(target) as cnf:
+        with defaults_file(target) as cnf:
             # `--`: a database named like an option (`--result-file=…`) stays a name
             argv = [tool, f"--defaults-file={cnf}", *flags, *skip, "--", db]
             async with spawn(argv, env={}, secrets=target.secrets(), stdout=True,
@@ -431,7 +241,7 @@ class MySQL:
                                  "SCHEMA_NAME = %s", name):
                 return False
             try:
-                await self.query(conn, f"CREATE DATABASE {_quote(name)} {spec}")
+                await self.query(conn, f"CREATE DATABASE {quote(name)} {spec}")
             except pymysql.err.MySQLError as exc:
                 raise RestoreFailed(f"cannot create database {name}: {exc}",
                                     database_unchanged=True) from None
@@ -440,7 +250,7 @@ class MySQL:
 
     async def drop_database(self, target: TargetConfig, name: str) -> None:
         async with self.connect(target) as conn:
-            await self.query(conn, f"DROP DATABASE IF EXISTS {_quote(name)}")
+            await self.query(conn, f"DROP DATABASE IF EXISTS {quote(name)}")
 
     async def database_restored(self, target: TargetConfig, name: str,
                                 facts: dict[str, Any]) -> None:
@@ -564,11 +374,11 @@ class MySQL:
             if ttype != "VIEW":
                 continue
             try:
-                await self.query(conn, f"SHOW FIELDS FROM {_quote(db)}.{_quote(name)}")
+                await self.query(conn, f"SHOW FIELDS FROM {quote(db)}.{quote(name)}")
             except pymysql.err.MySQLError as exc:
                 try:
                     create = (await self.query(
-                        conn, f"SHOW CREATE VIEW {_quote(db)}.{_quote(name)}"))[0][1]
+                        conn, f"SHOW CREATE VIEW {quote(db)}.{quote(name)}"))[0][1]
                 except pymysql.err.MySQLError:
                     create = "(definition unavailable)"
                 out[name] = (str(exc.args[-1]) if exc.args else str(exc), str(create))
@@ -578,7 +388,7 @@ class MySQL:
         """Empties the database. Its first statements take a write lock on every table at
         once, waiting at most `target.lock_timeout` for the application's metadata locks:
         an error up to `CLEAN_LOCK_LINE` left the database unchanged."""
-        db = _conn(target)["database"]
+        db = conn_params(target)["database"]
         async with self.connect(target) as conn:
             cat = await self._catalog(conn, db)
         kinds = {"BASE TABLE": "TABLE", "VIEW": "VIEW", "SEQUENCE": "SEQUENCE",
@@ -586,17 +396,17 @@ class MySQL:
         tables = [t[0] for t in cat["tables"] if t[1] in ("BASE TABLE", "SYSTEM VERSIONED")]
         sql = [f"SET SESSION lock_wait_timeout = {max(1, round(target.lock_timeout))};",
                "SET FOREIGN_KEY_CHECKS = 0;",
-               ("LOCK TABLES " + ", ".join(f"{_quote(t)} WRITE" for t in tables) + ";")
+               ("LOCK TABLES " + ", ".join(f"{quote(t)} WRITE" for t in tables) + ";")
                if tables else "DO 0;"]
-        sql += [f"DROP TABLE IF EXISTS {_quote(t)};" for t in tables]
+        sql += [f"DROP TABLE IF EXISTS {quote(t)};" for t in tables]
         # the bound is for the clean's wait on the application: the load goes on as before
         sql += ["UNLOCK TABLES;", "SET SESSION lock_wait_timeout = DEFAULT;"]
         for name, ttype, *_ in cat["tables"]:
             if name not in tables:
-                sql.append(f"DROP {kinds.get(ttype, 'TABLE')} IF EXISTS {_quote(name)};")
+                sql.append(f"DROP {kinds.get(ttype, 'TABLE')} IF EXISTS {quote(name)};")
         for name, rtype in cat["routines"]:
-            sql.append(f"DROP {rtype} IF EXISTS {_quote(name)};")
-        sql += [f"DROP EVENT IF EXISTS {_quote(e)};" for e in cat["events"]]
+            sql.append(f"DROP {rtype} IF EXISTS {quote(name)};")
+        sql += [f"DROP EVENT IF EXISTS {quote(e)};" for e in cat["events"]]
         sql.append("SET FOREIGN_KEY_CHECKS = 1;")
         return "\n".join(sql) + "\n"
 
@@ -607,7 +417,7 @@ class MySQL:
             await server_sets.restore_set(self, target, chunks, progress, clean=clean,
                                           manifest=manifest, options=options)
             return
-        db = _conn(target)["database"]
+        db = conn_params(target)["database"]
         try:
             prelude = await self._clean_sql(target) if clean else ""
         except EngineError as exc:
@@ -641,9 +451,9 @@ class MySQL:
             if accounts.sql:
                 yield f"\n{accounts.sql}\n".encode()
 
-        with _defaults_file(target) as cnf:
+        with defaults_file(target) as cnf:
             argv = [tool, f"--defaults-file={cnf}", *await client_guard_flags(tool), "--", db]
-            async with self._blockers(target, progress, seen, options.terminate), \
+            async with my_blockers.watch_blockers(target, progress, seen, options.terminate), \
                     spawn(argv, env={}, secrets=target.secrets(), stdin=True) as child:
                 with restore_errors(target, "MySQL"):
                     try:
@@ -680,7 +490,7 @@ class MySQL:
             return accts.Plan()
         backup_db = manifest.get("database")
         found = accts.parse(head.lines, backup_db if isinstance(backup_db, str) and backup_db
-                            else _conn(target)["database"], head.first_line)
+                            else conn_params(target)["database"], head.first_line)
         if options.roles == "skip":
             return accts.plan(found, set(), database="", choice="skip", mysql=False)
         existing, mariadb = await self._existing_accounts(target)
@@ -692,191 +502,12 @@ class MySQL:
                 "changed. Choose: \"roles\": \"create\" (created as the backup describes "
                 "them, with their password hashes) or \"roles\": \"skip\" (no account or "
                 "grant is touched)", database_unchanged=True, code="roles_missing")
-        return accts.plan(found, existing, database=_conn(target)["database"],
+        return accts.plan(found, existing, database=conn_params(target)["database"],
                           choice=options.roles, mysql=not mariadb)
 
-    @asynccontextmanager
-    async def _blockers(self, target: TargetConfig, progress: Progress, seen: list[Blocker],
-                        terminate: bool) -> AsyncIterator[None]:
-        """While the load runs: when it waits for a metadata lock, the sessions on this
-        database with an open transaction (what holds such locks; MariaDB has no
-        per-lock view without performance_schema), shown in the job's progress; with
-        `terminate`, the database's other sessions are ended (KILL) at the start and any
-        such session while the load waits."""
-        db = _conn(target)["database"]
-        user = _conn(target)["user"]
-        async with contextlib.AsyncExitStack() as stack:
-            try:
-                conn = await stack.enter_async_context(self.connect(target))
-                await conn.autocommit(True)
-            except (EngineError, pymysql.err.MySQLError) as exc:
-                message = exc.message if isinstance(exc, EngineError) else str(exc)
-                raise RestoreFailed(message, database_unchanged=True) from None
-
-            # the restore's own session: the first of this user's sessions on the database
-            # that did not exist before the client started
-            before = {r[0] for r in await self.query(conn, _MY_USER_SESSIONS, user, db)}
-            ours: list[int] = []
-
-            async def find() -> list[Blocker]:
-                if not ours:
-                    new = sorted(r[0] for r in await self.query(conn, _MY_USER_SESSIONS,
-                                                                 user, db)
-                                 if r[0] not in before)
-                    if not new:
-                        return []
-                    ours.append(new[0])
-                waiting = await self.query(
-                    conn, "SELECT ID FROM information_schema.PROCESSLIST WHERE ID = %s "
-                    "AND STATE LIKE 'Waiting for %%lock%%'", ours[0])
-                if not waiting:
-                    return []
-                try:
-                    rows = await self.query(conn, _MY_BLOCKERS, db, waiting[0][0])
-                except pymysql.err.OperationalError as exc:
-                    if exc.args[0] != ACCESS_DENIED_PROCESS:
-                        raise
-                    # without PROCESS, transactions cannot be seen: every other session
-                    # on the database (of this user: all it may see) is a suspect
-                    rows = [r for r in await self.query(conn, _MY_SESSIONS_NO_TRX, db)
-                            if r[0] != waiting[0][0]]
-                return [_my_blocker(r) for r in rows]
-
-            async def end(blockers: list[Blocker]) -> None:
-                for b in blockers:
-                    try:
-                        await self.query(conn, f"KILL CONNECTION {int(b['id'])}")
-                    except pymysql.err.MySQLError as exc:
-                        progress.warn(f"could not end session {b['id']}: {exc.args[-1]} "
-                                      f"(the user {user} needs CONNECTION ADMIN or SUPER)")
-                    else:
-                        progress.log(f"ended session {b['id']}")
-
-            async def others() -> list[Blocker]:
-                try:
-                    listed = await self.query(conn, _MY_SESSIONS, db)
-                except pymysql.err.OperationalError as exc:
-                    if exc.args[0] != ACCESS_DENIED_PROCESS:
-                        raise
-                    listed = await self.query(conn, _MY_SESSIONS_NO_TRX, db)
-                return [_my_blocker(r) for r in listed]
-
-            async with blockers_watched(progress, seen, find, end,
-                                        others if terminate else None):
-                yield
 
 
 CLEAN_LOCK_LINE = 3  # the clean's LOCK TABLES: an error at or before it changed nothing
+
+
 _ERROR_LINE = re.compile(r"ERROR (\d+) \(\w+\) at line (\d+)")
-_MY_COLUMNS = ("p.ID, p.USER, p.HOST, p.COMMAND, p.TIME, t.trx_started")
-_MY_BLOCKERS = (f"SELECT {_MY_COLUMNS} FROM information_schema.INNODB_TRX t "
-                "JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id "
-                "WHERE p.DB = %s AND p.ID <> %s AND p.ID <> CONNECTION_ID()")
-_MY_SESSIONS = (f"SELECT {_MY_COLUMNS} FROM information_schema.PROCESSLIST p "
-                "LEFT JOIN information_schema.INNODB_TRX t ON t.trx_mysql_thread_id = p.ID "
-                "WHERE p.DB = %s AND p.ID <> CONNECTION_ID()")
-
-
-_MY_USER_SESSIONS = ("SELECT ID FROM information_schema.PROCESSLIST WHERE USER = %s "
-                     "AND DB = %s AND ID <> CONNECTION_ID()")
-_MY_SESSIONS_NO_TRX = ("SELECT p.ID, p.USER, p.HOST, p.COMMAND, p.TIME, NULL "
-                       "FROM information_schema.PROCESSLIST p "
-                       "WHERE p.DB = %s AND p.ID <> CONNECTION_ID()")
-ACCESS_DENIED_PROCESS = 1227  # INNODB_TRX needs the PROCESS privilege
-
-
-def _my_blocker(r: tuple[Any, ...]) -> Blocker:
-    pid, user, host, command, secs, trx_started = r
-    state = "idle" if command == "Sleep" else str(command).lower()
-    if trx_started is not None:
-        state += " in transaction"
-    return {"id": pid, "user": user, "application": None, "client": host, "state": state,
-            "since": trx_started.isoformat(timespec="seconds") if trx_started else None}
-
-
-
-
-_NEXT_SECTION = re.compile(rb"\n--\n-- Dumping routines for database |\n-- Dump completed")
-_SECTION_MAX = len(b"\n--\n-- Dumping routines for database ")
-
-
-class MySQLDrill(Drill):
-    """Restore drills: a `safehold_drill_…` database on the same server (the target's user
-    needs CREATE and DROP on it), exact rows per table counted there, dropped afterwards.
-    Compared with the rows counted in the dump stream (`InsertRows`)."""
-
-    skipped = "events (a restored event would run against the scratch copy, or beyond it)"
-
-    async def restore_filter(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """The dump without its events section: with the event scheduler on (MySQL 8's
-        default) a restored event runs at once, and its body may name other databases."""
-        start, tail, skipping = b"\n-- Dumping events for database ", b"", False
-        async for data in chunks:
-            buf, out, pos = tail + data, [], 0
-            while True:
-                if not skipping:
-                    i = buf.find(start, pos)
-                    if i < 0:
-                        keep = max(pos, len(buf) - len(start) + 1)
-                        out.append(buf[pos:keep])
-                        tail = buf[keep:]
-                        break
-                    out.append(buf[pos:i + 1])
-                    skipping, pos = True, i + 1
-                else:
-                    m = _NEXT_SECTION.search(buf, pos)
-                    if m is None:
-                        tail = buf[max(pos, len(buf) - _SECTION_MAX + 1):]
-                        break
-                    skipping, pos = False, m.start() + 1
-            if out:
-                yield b"".join(out)
-        if tail and not skipping:
-            yield tail
-
-    async def sweep(self, target: TargetConfig, max_age: float) -> list[str]:
-        """Drop scratch databases a killed drill left behind (older than any drill runs)."""
-        async with MySQL().connect(target) as conn:
-            names = [r[0] for r in await MySQL().query(
-                conn, "SHOW DATABASES LIKE 'safehold\\_drill\\_%'")]
-            stale = stale_drills(names, max_age)
-            for name in stale:
-                await MySQL().query(conn, f"DROP DATABASE IF EXISTS {_quote(name)}")
-        return stale
-
-    @asynccontextmanager
-    async def scratch(self, target: TargetConfig) -> AsyncIterator[TargetConfig]:
-        name = drill_name()
-        self.last_scratch = f"database {name}"
-        async with MySQL().connect(target) as conn:
-            try:
-                await MySQL().query(conn, f"CREATE DATABASE {_quote(name)}")
-            except pymysql.err.MySQLError as exc:
-                raise EngineError(
-                    f"the drill could not create a scratch database ({exc.args[-1]}); grant "
-                    f"CREATE and DROP on `safehold_drill_%`.* to {_conn(target)['user']}",
-                    code="drill_unavailable") from None
-        u = urlsplit(target.url)
-        try:
-            yield replace(target, url=u._replace(path=f"/{name}").geturl())
-        finally:
-            async with MySQL().connect(target) as conn:
-                await MySQL().query(conn, f"DROP DATABASE IF EXISTS {_quote(name)}")
-
-    async def exact_counts(self, target: TargetConfig) -> dict[str, int]:
-        db = _conn(target)["database"]
-        async with MySQL().connect(target) as conn:
-            tables = await MySQL().query(
-                conn, "SELECT table_name FROM information_schema.tables WHERE "
-                "table_schema = %s AND table_type = 'BASE TABLE'", db)
-            return {t[0]: int((await MySQL().query(
-                conn, f"SELECT COUNT(*) FROM {_quote(t[0])}"))[0][0]) for t in tables}
-
-    async def check(self, target: TargetConfig, sql: str) -> bool:
-        async with MySQL().connect(target) as conn:
-            await MySQL().query(conn, "START TRANSACTION READ ONLY")
-            try:
-                rows = await MySQL().query(conn, sql)
-            finally:
-                await MySQL().query(conn, "ROLLBACK")
-        return bool(rows and rows[0][0])

@@ -285,17 +285,10 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
 
 
-def plan(g: Globals, referenced: Iterable[str], existing: Collection[str], *,
-         database: str, superuser: bool,
-         settable: Callable[[str], bool] = lambda name: False) -> Plan:
-    """The SQL (one line) creating the roles the database needs that the server lacks.
-
-    `referenced`: the roles the dump names; `existing`: the server's roles among every name
-    involved; `settable(name)`: whether any user may set that setting (only those are
-    given to a role)."""
-    referenced = set(referenced)
-    # the members of a role reach the database only through a membership this restore
-    # grants, i.e. in a role it creates: an existing role's members are not followed
+def _needed(g: Globals, referenced: Iterable[str], existing: Collection[str]) -> set[str]:
+    """The roles the dump names, and the members of those this restore creates: members
+    of a role reach the database only through a membership this restore grants, i.e. in
+    a role it creates (an existing role's members are not followed)."""
     members: dict[str, set[str]] = {}
     for grant in g.memberships:
         members.setdefault(grant.role, set()).add(grant.member)
@@ -308,7 +301,18 @@ def plan(g: Globals, referenced: Iterable[str], existing: Collection[str], *,
             if member not in needed:
                 needed.add(member)
                 todo.append(member)
-    create = sorted(r for r in needed if r not in existing)
+    return needed
+
+
+def plan(g: Globals, referenced: Iterable[str], existing: Collection[str], *,
+         database: str, superuser: bool,
+         settable: Callable[[str], bool] = lambda name: False) -> Plan:
+    """The SQL (one line) creating the roles the database needs that the server lacks.
+
+    `referenced`: the roles the dump names; `existing`: the server's roles among every name
+    involved; `settable(name)`: whether any user may set that setting (only those are
+    given to a role)."""
+    create = sorted(r for r in _needed(g, referenced, existing) if r not in existing)
     p = Plan(created=create)
     out: list[str] = []
     withheld: dict[str, list[str]] = {}

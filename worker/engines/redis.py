@@ -23,11 +23,9 @@ import re
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import hiredis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -46,84 +44,21 @@ from worker.engines import (
     restore_errors,
     unreachable,
 )
+from worker.engines.redis_scan import (
+    BIG_PAYLOAD,
+    RESTORE,
+    RESTORE_ABSTTL,
+    ConnectionLost,
+    Scan,
+    ScanLink,
+    framing,
+)
 from worker.pipeline import SameAsChecked
 from worker.progress import Progress
 from worker.subproc import spawn
 
-SCAN_COUNT = 1000
-SCAN_RECONNECTS = 3  # connections lost mid-scan that a backup rides out
-
-
-class _ConnectionLost(RedisError):
-    """The scan's connection closed or broke (the step in flight can be sent again)."""
-
-
-@dataclass
-class _Scan:
-    """One backup's scan, across its databases."""
-
-    server: str  # the run_id of the server process it began on ("" if unknown)
-    absolute: bool  # PEXPIRETIME (Redis 7+), else TIME + PTTL
-    lost: int = 0  # connections lost so far
-
-# One SCAN step and the DUMP + expiry of the keys it found, in one read-only call: the keys
-# never travel to the client and back. Returns {cursor, now_ms, key, payload, ttl, …};
-# a key that vanished between SCAN and DUMP is left out. A key's expiry is absolute: its
-# PEXPIRETIME (Redis 7+, ARGV[5] = 1, exact), else the server's clock (TIME, second in
-# the reply) plus its PTTL (to a millisecond), however long the step waits client-side.
-# When the database holds no key with an expiry (INFO keyspace, read in the same atomic
-# step, ARGV[4] is its number), every one would answer -1: none is asked (a third fewer
-# calls on the server, whose CPU bounds a backup's speed).
-#
-_SCAN_DUMP = """
-local step = redis.call('SCAN', ARGV[1], 'COUNT', ARGV[2])
-local now = redis.call('TIME')
-local out = {step[1], now[1] * 1000 + math.floor(now[2] / 1000)}
-local big = tonumber(ARGV[3])
-local keyspace = redis.call('INFO', 'keyspace')
-local expiring = tonumber(string.match(keyspace, '\\ndb' .. ARGV[4] .. ':keys=%d+,expires=(%d+)'))
-local any_ttl = expiring == nil or expiring > 0
-local ttl_command = ARGV[5] == '1' and 'PEXPIRETIME' or 'PTTL'
-local held = 0
-for _, k in ipairs(step[2]) do
-  local payload
-  local size = redis.call('MEMORY', 'USAGE', k) or 0
-  if size > big or held + size > 2 * big then
-    payload = 0
-  else
-    payload = redis.call('DUMP', k)
-    if payload then held = held + #payload end
-  end
-  if payload then
-    out[#out + 1] = k
-    out[#out + 1] = payload
-    out[#out + 1] = any_ttl and redis.call(ttl_command, k) or -1
-  end
-end
-return out
-"""
-# RESTORE key 0|abs-ms payload REPLACE [ABSTTL], cut around the payload: a big payload is
-# written as it came, never copied into one more buffer of its size
-_HEAD = b"*5\r\n$7\r\nRESTORE\r\n$%d\r\n%b\r\n$1\r\n0\r\n$%d\r\n"
-_TAIL = b"\r\n$7\r\nREPLACE\r\n"
-_HEAD_ABSTTL = b"*6\r\n$7\r\nRESTORE\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n"
-_TAIL_ABSTTL = b"\r\n$7\r\nREPLACE\r\n$6\r\nABSTTL\r\n"
-_RESTORE = _HEAD + b"%b" + _TAIL
-_RESTORE_ABSTTL = _HEAD_ABSTTL + b"%b" + _TAIL_ABSTTL
-BIG_PAYLOAD = 1 << 20
-STREAMED_KEY = 8 << 20  # memory usage from which a key's DUMP is streamed
-_SCAN_DUMP_SRC = _SCAN_DUMP.encode()
-_STEP_ARGS, _BIG_ARG = b"%d" % SCAN_COUNT, b"%d" % STREAMED_KEY
 _KEYSPACE = re.compile(r"^db(\d+)$")
 
-
-
-def _framing(key: bytes, size: int, expire_at: int | None) -> tuple[bytes, bytes]:
-    """The RESTORE command around a payload of `size` bytes: (head, tail)."""
-    if expire_at is None:
-        return _HEAD % (len(key), key, size), _TAIL
-    ttl = b"%d" % expire_at
-    return _HEAD_ABSTTL % (len(key), key, len(ttl), ttl, size), _TAIL_ABSTTL
 
 
 def _tls(u: Any) -> ssl.SSLContext | None:
@@ -223,7 +158,7 @@ class RedisEngine:
                                                       for v in spaces.values()))
         counts: dict[str, int] = {}
         major = re.match(r"\d+", str(version or ""))
-        scan = _Scan(server=str(server.get("run_id") or ""),
+        scan = Scan(server=str(server.get("run_id") or ""),
                      absolute=major is not None and int(major.group()) >= 7)
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -241,7 +176,7 @@ class RedisEngine:
         with dump_errors(target, "Redis", RedisError, OSError):
             yield Dump(chunks(), info)
 
-    async def _dump_db(self, target: TargetConfig, db: int, scan: _Scan,
+    async def _dump_db(self, target: TargetConfig, db: int, scan: Scan,
                        progress: Progress) -> AsyncIterator[tuple[bytes, int]]:
         """SCAN the database with a server-side script that also DUMPs and PTTLs what each
         step finds (one round trip per ~1000 keys), on a connection of our own: the next
@@ -254,115 +189,59 @@ class RedisEngine:
         key is missed or doubled — on the same server process only (its run_id): a cursor
         means nothing to a restarted server or a promoted replica, so that fails the
         backup."""
-        conn: list[Any] = []  # reader, writer, reply parser
-        in_flight = b"0"  # the cursor of the step sent last
-
-        async def read(what: str) -> Any:
-            reader, _, replies = conn
-            try:
-                while (got := replies.gets()) is False:
-                    async with asyncio.timeout(60):  # (wait_for can lose a cancellation)
-                        data = await reader.read(1 << 20)
-                    if not data:
-                        raise _ConnectionLost("Redis closed the connection during the backup")
-                    replies.feed(data)
-            except TimeoutError:
-                raise RedisError(f"no reply to {what} within 60 s") from None
-            except (ConnectionError, OSError) as exc:
-                raise _ConnectionLost(f"the connection to Redis was lost during the backup "
-                                      f"({type(exc).__name__})") from None
-            except hiredis.ProtocolError as exc:
-                raise RedisError(f"a reply that is not Redis protocol ({exc})") from None
-            if isinstance(got, hiredis.ReplyError):
-                raise RedisError(str(got)[:300])
-            return got
-
-        async def connect() -> None:
-            if conn:
-                conn[1].close()
-            reader, writer = await self._raw(target, db)
-            conn[:] = [reader, writer, hiredis.Reader()]
-            writer.write(resp(b"INFO", b"server"))
-            info = await read("INFO")
-            run_id = re.search(rb"^run_id:(\w+)", info if isinstance(info, bytes) else b"",
-                               re.M)
-            if scan.server and (run_id is None or run_id[1].decode() != scan.server):
-                raise RedisError("another Redis server process answers than the one the "
-                                 "backup began on (restarted, or failed over): a scan cannot "
-                                 "resume there; run the backup again")
-
-        def step(cursor: bytes) -> None:
-            nonlocal in_flight
-            in_flight = cursor
-            conn[1].write(resp(b"EVAL", _SCAN_DUMP_SRC, b"0", cursor, _STEP_ARGS, _BIG_ARG,
-                               b"%d" % db, b"1" if scan.absolute else b"0"))
-
-        async def reply() -> list[Any]:
-            got = await read("a scan step")
-            if not isinstance(got, list) or len(got) < 2 or (len(got) - 2) % 3:
-                raise RedisError("unexpected reply to the scan step")
-            return got
-
-        await connect()
+        link = ScanLink(self, target, db, scan)
+        await link.connect()
         try:
-            step(b"0")
+            link.step(b"0")
             while True:
                 try:
-                    got = await reply()
-                except _ConnectionLost as exc:
-                    scan.lost += 1
-                    if scan.lost > SCAN_RECONNECTS:
-                        raise RedisError(f"{exc}, {SCAN_RECONNECTS} times over") from None
-                    for wait in (0.0, 0.5, 1.0, 2.0):  # a proxy or server coming back
-                        await asyncio.sleep(wait)
-                        try:
-                            await connect()
-                            break
-                        except OSError:
-                            if wait == 2.0:
-                                raise
-                    progress.warn(f"{exc}; reconnected to the same server process and "
-                                  "resumed the scan where it was (nothing missed)")
-                    step(in_flight)
+                    got = await link.reply()
+                except ConnectionLost as exc:
+                    await link.reconnect(exc, progress)
                     continue
                 cursor, now_ms = got[0], int(got[1])
                 if cursor != b"0":
-                    step(cursor)
-                out: list[bytes] = []
-                for k, payload, ttl in zip(got[2::3], got[3::3], got[4::3], strict=True):
-                    if ttl == -2:
-                        continue  # expired between DUMP and PTTL
-                    # -1: no expiry; a PTTL of 0 expires this very millisecond (an ABSTTL
-                    # in the past is not restored)
-                    expire_at = None if ttl < 0 else ttl if scan.absolute else now_ms + ttl
-                    if payload == 0:  # a big key: its DUMP streamed, never held whole
-                        if out:
-                            yield b"".join(out), len(out)
-                            out = []
-                        async for piece, n in self._stream_key(target, db, k, expire_at):
-                            yield piece, n
-                        continue
-                    if len(payload) > BIG_PAYLOAD:  # head, the payload itself, tail
-                        if out:
-                            yield b"".join(out), len(out)
-                            out = []
-                        head, tail = _framing(k, len(payload), expire_at)
-                        yield head, 0
-                        yield payload, 0
-                        yield tail, 1
-                    elif expire_at is not None:
-                        out.append(_RESTORE_ABSTTL % (len(k), k, len(ttl := b"%d" % expire_at),
-                                                      ttl, len(payload), payload))
-                    else:
-                        out.append(_RESTORE % (len(k), k, len(payload), payload))
-                if out:
-                    yield b"".join(out), len(out)
+                    link.step(cursor)
+                async for piece in self._records(target, db, scan, got, now_ms):
+                    yield piece
                 if cursor == b"0":
                     return
         finally:
-            conn[1].close()
-            with contextlib.suppress(OSError, ConnectionError):
-                await conn[1].wait_closed()
+            await link.close()
+
+    async def _records(self, target: TargetConfig, db: int, scan: Scan, got: list[Any],
+                       now_ms: int) -> AsyncIterator[tuple[bytes, int]]:
+        """A scan step's keys as RESTORE commands (with their expiry), batched; a big key's
+        DUMP is streamed, never held whole."""
+        out: list[bytes] = []
+        for k, payload, ttl in zip(got[2::3], got[3::3], got[4::3], strict=True):
+            if ttl == -2:
+                continue  # expired between DUMP and PTTL
+            # -1: no expiry; a PTTL of 0 expires this very millisecond (an ABSTTL in the
+            # past is not restored)
+            expire_at = None if ttl < 0 else ttl if scan.absolute else now_ms + ttl
+            if payload == 0:  # a big key: its DUMP streamed, never held whole
+                if out:
+                    yield b"".join(out), len(out)
+                    out = []
+                async for piece, n in self._stream_key(target, db, k, expire_at):
+                    yield piece, n
+                continue
+            if len(payload) > BIG_PAYLOAD:  # head, the payload itself, tail
+                if out:
+                    yield b"".join(out), len(out)
+                    out = []
+                head, tail = framing(k, len(payload), expire_at)
+                yield head, 0
+                yield payload, 0
+                yield tail, 1
+            elif expire_at is not None:
+                out.append(RESTORE_ABSTTL % (len(k), k, len(ttl := b"%d" % expire_at),
+                                              ttl, len(payload), payload))
+            else:
+                out.append(RESTORE % (len(k), k, len(payload), payload))
+        if out:
+            yield b"".join(out), len(out)
 
     async def _stream_key(self, target: TargetConfig, db: int, key: bytes,
                           expire_at: int | None) -> AsyncIterator[tuple[bytes, int]]:
@@ -380,7 +259,7 @@ class RedisEngine:
             size = int(header[1:-2])
             if size < 0:
                 return
-            head, tail = _framing(key, size, expire_at)
+            head, tail = framing(key, size, expire_at)
             yield head, 0
             left = size
             while left:

@@ -1,0 +1,159 @@
+"""What the procedures share: the services they use and the checks of a stored copy."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from shared import codecs, naming
+from shared.codecs import plain_limit
+from shared.config import Settings, TargetConfig
+from shared.errors import (
+    IntegrityError,
+    PipelineError,
+    RestoreFailed,
+)
+from shared.jobs import Job, JobStatus, JobStore
+from shared.outage import JobTakenOver
+from shared.storage.base import BackupStore
+from shared.storage.catalog import BlockingStream, Catalog
+from worker import pipeline
+
+log = logging.getLogger("safehold.worker")
+
+
+async def counted(chunks: AsyncIterator[bytes], counter: Any) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        counter.feed(chunk)
+        yield chunk
+
+
+def unquoted(name: str) -> str:
+    """A table name without identifier quoting (dump-time estimates are unquoted)."""
+    return name.replace('"', "").replace("`", "")
+
+
+# keys a worker once set, in memory, on the manifest a load is given (its control data now
+# travels in RestoreOptions and the windows argument): one found in a stored manifest
+# (anyone able to write a .json beside a backup) is still dropped, never passed on
+
+
+_IN_MEMORY_ONLY = ("also_clean", "plain_windows")
+
+
+async def whole(chunks: AsyncIterator[bytes]
+                 ) -> AsyncIterator[tuple[str | None, AsyncIterator[bytes]]]:
+    """A one-database backup, shaped like a set's members."""
+    yield None, chunks
+
+
+def checked(stored: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
+    """The manifest a load goes by: the stored one, with what the check found in the file
+    over it, and none of the keys a worker alone may set."""
+    return {**{k: v for k, v in stored.items() if k not in _IN_MEMORY_ONLY}, **facts}
+
+
+# a drill stopped by these proved nothing about the backup: `not_run`, never `failed`
+
+
+DRILL_NOT_RUN = frozenset({"identity_required", "wrong_identity", "drill_unavailable"})
+
+
+class ProcedureBase:
+    """What every procedure shares: the services, the job still being this worker's, the
+    identities that open a target's backups, the checks of a stored copy."""
+
+    def __init__(self, settings: Settings, store: JobStore, catalog: Catalog) -> None:
+        self.settings = settings
+        self.store = store
+        self.catalog = catalog
+
+    async def still_ours(self, job: Job) -> None:
+        """JobTakenOver unless the job is still running on the worker that started it (a
+        worker cut off from Redis alone is taken for dead, and its job failed, by others;
+        waiting for Redis here is ridden out like any of the job's Redis calls)."""
+        current = await self.store.find(job.id)
+        if current is None or current.status != JobStatus.RUNNING or current.worker != job.worker:
+            log.warning("job %s was taken for lost by others while this worker could not "
+                        "reach Redis; its work stops here", job.id)
+            raise JobTakenOver(
+                f"job {job.id} was taken for lost while this worker could not reach Redis "
+                f"({'gone' if current is None else current.status}); nothing was kept")
+
+    # ----------------------------------------------------------------- backup
+    def identities(self, target: TargetConfig) -> list[Any]:
+        """The worker's age identities for `target` (encryption.identity_file), if any."""
+        enc = target.encryption
+        if enc is None or not enc.identity_file:
+            return []
+        return codecs.identities_from_file(enc.identity_file)
+
+    def _limit(self, manifest: dict[str, Any]) -> int:
+        limits = self.settings.limits
+        declared = manifest.get("raw_bytes")
+        return plain_limit(int(manifest.get("size_bytes") or 0),
+                           max_bytes=limits.max_restore_bytes, ratio=limits.max_expansion_ratio,
+                           declared=int(declared) if isinstance(declared, int) else None)
+
+    async def _digest(self, store: BackupStore, target: TargetConfig, name: naming.BackupName,
+                      on_bytes: Callable[[int], None] | None = None,
+                      probe_chain: Sequence[codecs.Step] | None = None,
+                      identities: Sequence[Any] = ()) -> str:
+        """sha256 of a copy's stored bytes; with `probe_chain`, its first plain block is
+        decoded first, from a stream of its own (a wrong age identity fails here, before
+        anything is dropped)."""
+        loop = asyncio.get_running_loop()
+        if probe_chain:
+            probe = BlockingStream(store.open(target.id, name.filename), loop)
+
+            def first_block() -> None:
+                reader = codecs.PlainReader(probe, probe_chain, identities=identities)
+                try:
+                    reader.next_chunk()
+                except PipelineError as exc:
+                    if exc.code in ("wrong_identity", "identity_required"):
+                        raise RestoreFailed(exc.message, database_unchanged=True,
+                                            code=exc.code) from None
+                    raise
+                finally:
+                    reader.close()  # stops and joins the decoder's thread
+
+            await asyncio.to_thread(first_block)
+        stream = BlockingStream(store.open(target.id, name.filename), loop)
+
+        def run() -> str:
+            reader = codecs.PlainReader(stream, [], on_stored=on_bytes)
+            reader.drain_stored()
+            return reader.sha256
+
+        try:
+            return await asyncio.to_thread(run)
+        finally:
+            await asyncio.to_thread(stream.close)
+
+    @staticmethod
+    def _mismatch(name: naming.BackupName) -> IntegrityError:
+        return IntegrityError(f"backup {name.filename} does not match its manifest's sha256; "
+                              "refusing to restore, nothing was touched")
+
+    @contextlib.asynccontextmanager
+    async def _plain(self, store: BackupStore, target: TargetConfig, name: naming.BackupName,
+                     manifest: dict[str, Any], identities: Sequence[Any],
+                     windows: bytes | None) -> AsyncIterator[AsyncIterator[bytes]]:
+        """A stored backup's plain content for a load: bounded and sha256-checked (see
+        `pipeline.stored_plain`), and with `windows` (what the check before the load read)
+        passed on only as those very bytes (`pipeline.SameAsChecked`); closed after."""
+        chunks = pipeline.stored_plain(
+            store.open(target.id, name.filename), codecs.chain_of(manifest),
+            limit=self._limit(manifest), expect_sha256=str(manifest.get("sha256")),
+            identities=identities)
+        checked = None if windows is None else pipeline.SameAsChecked(chunks, windows)
+        try:
+            yield chunks if checked is None else checked
+        finally:
+            if checked is not None:
+                await checked.aclose()
+            await chunks.aclose()  # type: ignore[attr-defined]

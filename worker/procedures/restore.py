@@ -1,0 +1,227 @@
+"""Restore: verify -> safety backup -> load -> on failure, say exactly what state the
+database is in, rolling back from the safety backup when the engine cannot promise the
+database was left unchanged."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from shared import naming
+from shared.config import TargetConfig
+from shared.errors import (
+    BadRequest,
+    Conflict,
+    EngineError,
+    IntegrityError,
+    PipelineError,
+    RestoreFailed,
+    SafeholdError,
+    SafetyBackupFailed,
+)
+from shared.jobs import Job, undo_hint
+from shared.outage import RedisUnavailable
+from shared.storage.base import BackupStore
+from worker.engines import Engine, RestoreOptions
+from worker.procedures.backup import Backups
+from worker.procedures.base import checked
+from worker.procedures.verify import Verification
+from worker.progress import Progress
+
+
+class Restores(Verification, Backups):
+    async def restore(self, job: Job, target: TargetConfig, engine: Engine,
+                      progress: Progress, identities: Sequence[Any] = ()) -> dict[str, Any]:
+        """Verify -> safety backup -> clean restore -> (on failure) automatic rollback."""
+        name = naming.parse(str(job.params.get("backup", "")))
+        copies = await self.catalog.copies(target.id, name)
+        bound = job.params.get("sha256")
+        if bound:  # the bytes the caller chose at submit; the check below proves the file
+            same = [(s, m) for s, m in copies if m.get("sha256") == bound]
+            if not same:
+                raise Conflict(
+                    f"{name.filename} is no longer the backup this restore was submitted for "
+                    f"(sha256 {str(bound)[:16]}… then, {str(copies[0][1].get('sha256'))[:16]}"
+                    "… now): it was replaced while the job waited; nothing was changed. "
+                    "Look at the backup again and submit a new restore if it is the one",
+                    code="backup_changed")
+            copies = same
+        manifest = copies[0][1]
+        if manifest.get("engine") != target.engine:
+            raise BadRequest(f"backup {name.filename} is a {manifest.get('engine')} backup; "
+                             f"target '{target.id}' is {target.engine}",
+                             code="engine_mismatch")
+        ids = list(identities) + self.identities(target)
+        make_safety = bool(job.params.get("create_safety_backup", True))
+        if make_safety:
+            self._check_rollback_possible(target, ids)
+        progress.plan = ({"verifying": (0, 5), "safety_backup": (5, 40), "restoring": (40, 100)}
+                         if make_safety else {"verifying": (0, 5), "restoring": (5, 100)})
+        # what the file really holds (checked), not what its manifest says, drives the load
+        n0 = len(progress.warnings)
+        source, facts = await self._verify(target, engine, name, copies, progress, ids)
+        verify_warnings = progress.warnings[n0:]
+        windows = facts.pop("plain_windows", None)
+        in_file = [m.get("database") for m in facts.pop("set_members", None) or []]
+        manifest = checked(source[1], facts)
+        self._check_set(target, engine, manifest, in_file)
+        if len(copies) > 1 or source[0] is not copies[0][0]:
+            await self.store.publish(job.id, "log", {
+                "message": f"restoring {name.filename} from destination {source[0].name}"})
+        safety, safety_sha256 = await self._safety_backup(job, target, engine, name, progress) \
+            if make_safety else (None, None)
+        t0 = time.monotonic()
+        warnings_before = len(progress.warnings)
+        try:
+            await self._load(job, target, engine, name, source[0], manifest, progress, ids,
+                             windows=windows)
+        except (EngineError, PipelineError, BadRequest) as exc:
+            raise await self._after_failed_restore(
+                job, target, engine, exc, safety, progress, manifest, ids,
+                safety_sha256) from exc
+        except Exception as exc:  # a bug mid-load: still say what state the database is in
+            error = RestoreFailed(f"{type(exc).__name__}: {exc}", code="internal_error")
+            raise await self._after_failed_restore(
+                job, target, engine, error, safety, progress, manifest, ids,
+                safety_sha256) from exc
+        return {"restored": name.filename, "safety_backup": safety,
+                "restored_from": source[0].name,
+                "raw_bytes": manifest.get("raw_bytes"),
+                "duration_s": round(time.monotonic() - t0, 3),
+                "warnings": verify_warnings + progress.warnings[warnings_before:] or None}
+
+    def _check_rollback_possible(self, target: TargetConfig, ids: Sequence[Any]) -> None:
+        """The safety backup is encrypted to the target's recipients: when none of the
+        identities at hand matches one of them (age X25519 keys can be compared), a rollback
+        could not decrypt it, so the restore does not start."""
+        if target.encryption is None:
+            return
+        recipients = target.encryption.recipient_lines()
+        if not recipients or not all(r.startswith("age1") for r in recipients):
+            return  # SSH recipients: proven at the safety backup's verification instead
+        publics = set()
+        for ident in ids:
+            to_public = getattr(ident, "to_public", None)
+            if to_public is None:
+                return  # an SSH identity: cannot be compared here
+            publics.add(str(to_public()))
+        if not publics & set(recipients):
+            raise RestoreFailed(
+                f"target '{target.id}' encrypts its safety backups to its recipients, and no "
+                "identity this restore holds matches one: a rollback could not decrypt the "
+                "safety backup, so the restore did not start. Set encryption.identity_file "
+                "on the worker, send the identity with the restore, or restore with "
+                "create_safety_backup=false", database_unchanged=True,
+                code="identity_required")
+
+    async def _safety_backup(self, job: Job, target: TargetConfig, engine: Engine,
+                             restoring: naming.BackupName, progress: Progress
+                             ) -> tuple[str, str]:
+        """The safety backup's name and the sha256 of what this job wrote (a rollback
+        loads those bytes only)."""
+        progress.set_phase("safety_backup")
+        try:
+            made = await self.backup(job, target, engine, progress, kind="safety_backup",
+                                     compress=True, note=f"before restoring {restoring.filename}",
+                                     parent=job.id)
+        except SafeholdError as exc:
+            err = SafetyBackupFailed(
+                f"the safety backup of target '{target.id}' failed, so the restore did not "
+                f"start and the database is unchanged. Cause: {exc.message}. Way out: "
+                "download a current backup if you can, then restore with "
+                "create_safety_backup=false")
+            err.details = {"database_state": "unchanged", "cause": exc.code}
+            raise err from None
+        safety = str(made["filename"])
+        await self.store.set_fields(job.id, safety_backup=safety)
+        message = f"safety backup {safety} created"
+        if made.get("warnings"):
+            message += " with warnings: " + "; ".join(made["warnings"])
+        await self.store.publish(job.id, "log", {"message": message})
+        return safety, str(made["sha256"])
+
+    async def _load(self, job: Job, target: TargetConfig, engine: Engine,
+                    name: naming.BackupName, store: BackupStore, manifest: dict[str, Any],
+                    progress: Progress, identities: Sequence[Any], *,
+                    rollback: bool = False, windows: bytes | None = None,
+                    also_clean: tuple[str, ...] = ()) -> None:
+        """Load the backup; `windows`: the digests its check recorded (what the load may
+        pass on, see `pipeline.SameAsChecked`), when the engine's check read it whole;
+        `also_clean`: a rollback's extra reach (RestoreOptions.also_clean)."""
+        progress.set_phase("restoring", bytes_total=manifest.get("raw_bytes"))
+        if not rollback:  # a rollback stays `rolling_back`: its outcome is never "unchanged"
+            try:
+                await progress.enter_stage("uncommitted" if engine.atomic_restore else
+                                           "partial")
+            except RedisUnavailable as exc:  # nothing loaded yet
+                raise RestoreFailed(exc.message, database_unchanged=True,
+                                    code=exc.code) from None
+        async with self._plain(store, target, name, manifest, identities, windows) as chunks:
+            await engine.restore(target, chunks, progress, clean=True, manifest=manifest,
+                                 options=RestoreOptions(
+                                     terminate=bool(job.params.get("terminate_connections")),
+                                     roles=job.params.get("roles") or None,
+                                     database=job.params.get("database") or None,
+                                     owner_map=tuple(sorted(
+                                         (job.params.get("owner_map") or {}).items())),
+                                     also_clean=also_clean))
+
+    async def _after_failed_restore(self, job: Job, target: TargetConfig, engine: Engine,
+                                    exc: SafeholdError, safety: str | None,
+                                    progress: Progress, failed: dict[str, Any],
+                                    identities: Sequence[Any],
+                                    safety_sha256: str | None = None) -> RestoreFailed:
+        """Say exactly what state the database is in; roll back from the safety backup
+        when the engine cannot promise the database was left unchanged."""
+        msg = exc.message
+        details: dict[str, Any] = {"safety_backup": safety, "rollback": None}
+        if isinstance(exc, RestoreFailed) and exc.database_unchanged:
+            details["database_state"] = "unchanged"
+            text = f"{msg}. The database was left unchanged."
+            if safety:
+                text += f" (Safety backup {safety} was taken and kept.)"
+        elif safety is None:
+            details["database_state"] = "unknown"
+            text = (f"{msg}. No safety backup was made (create_safety_backup=false): the "
+                    "database may be partially restored.")
+        else:
+            progress.set_phase("rolling_back")
+            await progress.enter_stage("rolling_back")
+            await self.store.publish(job.id, "log", {
+                "message": f"restore failed; rolling back from safety backup {safety}"})
+            sname = naming.parse(safety)
+            try:
+                # only the bytes this job wrote: a safety backup swapped in storage
+                # meanwhile is not loaded over the database
+                scopies = [(st, m) for st, m in await self.catalog.copies(target.id, sname)
+                           if safety_sha256 is None or m.get("sha256") == safety_sha256]
+                if not scopies:
+                    raise IntegrityError(f"safety backup {safety} was replaced in storage "
+                                         "since this job wrote it; it is not loaded")
+                (sstore, smanifest), sfacts = await self._verify(
+                    target, engine, sname, scopies, progress, identities)
+                swindows = sfacts.pop("plain_windows", None)
+                smanifest = checked(smanifest, sfacts)
+                # the failed load may have written where the safety backup has nothing (an
+                # empty database then): the rollback's clean covers those too
+                await self._load(job, target, engine, sname, sstore, smanifest, progress,
+                                 identities, rollback=True, windows=swindows,
+                                 also_clean=tuple(str(d) for d in
+                                                  failed.get("databases") or []))
+            except SafeholdError as exc2:
+                details["database_state"] = "unknown"
+                details["rollback"] = {"status": "failed", "backup": safety,
+                                       "error": exc2.to_dict()}
+                text = (f"{msg}. The automatic rollback from safety backup {safety} ALSO "
+                        f"failed ({exc2.message}); restore {safety} by hand.")
+            else:
+                details["database_state"] = "rolled_back"
+                details["rollback"] = {"status": "succeeded", "backup": safety}
+                text = (f"{msg}. Rolled back automatically: safety backup {safety} was "
+                        "restored, so the database is as it was before this restore.")
+        if safety and details["database_state"] == "unknown":
+            details["undo"] = undo_hint(target.id, safety)
+        err = RestoreFailed(text, code=exc.code if exc.code != "engine_error" else None)
+        err.details = details
+        return err
