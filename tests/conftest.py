@@ -7,6 +7,7 @@ own PostgreSQL database; all are removed afterwards. Nothing flushes the shared 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -272,48 +273,41 @@ async def bucket(s3_server: Any) -> str:
     return name
 
 
-# ---------------------------------------------------------------------- the fast layer
-# Tests that need no server at all (no database, no Redis, no HTTP app, no subprocess):
-# `uv run pytest -m fast` answers in seconds. Marked here from the fixtures each test uses,
-# so a new test lands in the right layer by itself.
-NEEDS_A_SERVER = {
-    "redis", "pg_db", "my_db", "api", "anon", "worker", "aiohttp_client", "aiohttp_server",
-    "mongo_server", "neo4j_server", "s3_server", "bucket", "settings", "storage_dir",
-    "wait_job", "redis_port", "mongo", "browser", "private_redis", "small_disk", "client",
-    "drill_role", "issuer", "oidc_settings", "s3_store",
-}
-SLOW_MODULES = {"test_readme", "test_cli", "test_deploy"}  # subprocesses, tool runs
-# The slow layer: a real browser, whole-README runs, the fuzzer, processes killed at each
-# point of a restore, big data. `./scripts/test.sh -m "not slow"` leaves them out (CI
-# runs everything).
-SLOW = {
-    "test_readme", "test_cli", "test_deploy", "test_web", "test_schemathesis",
-    "test_kill_restore_pg", "test_restore_by_hand", "test_redis_outage",
-    "test_engine_redis.py::test_round_trip_with_big_key_and_ttls",  # a 55 MB key
-    "test_engine_neo4j.py::test_round_trip_20k_nodes",
-    "test_failures_pg.py::test_sigterm_lets_a_running_backup_finish",
-    "test_failures_pg.py::test_sigkill_worker_mid_backup_is_reaped",
-}
+@pytest.fixture
+def restore_logging() -> Any:
+    """The root logger put back as a test found it."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    yield
+    root.handlers[:], level = saved
+    root.setLevel(level)
+
+
+# ---------------------------------------------------------------------- the layers
+# A test's folder is its layer: tests/fast (no server, no process: `uv run pytest tests/fast`
+# answers in seconds), tests/servers (the real servers of ../shared/SERVICES.md), tests/slow
+# (a real browser, whole-README runs, the fuzzer, processes killed at each point of a
+# restore, big data: `./scripts/test.sh -m "not slow"` leaves them out; CI runs everything).
+# A test in tests/servers may carry @pytest.mark.slow itself (a big-data variant beside its
+# module's other tests). What the layers share lives in tests/support and tests/*.py.
+LAYERS = ("fast", "servers", "slow")
 
 
 def pytest_configure(config: Any) -> None:
-    config.addinivalue_line("markers", "fast: needs no server (uv run pytest -m fast)")
+    config.addinivalue_line("markers", "fast: in tests/fast, needs no server")
     config.addinivalue_line("markers", "slow: minutes, not seconds (-m 'not slow' skips)")
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
-        test = item.nodeid.split("/")[-1].split("[")[0]
-        if module in SLOW or test in SLOW:
-            item.add_marker(pytest.mark.slow)
-            continue
-        # a parametrized fixture that picks a server fixture by name counts as using it
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        picked = {v for v in params.values() if isinstance(v, str)}
-        uses = (set(getattr(item, "fixturenames", ())) | picked) & NEEDS_A_SERVER
-        if not uses and module not in SLOW_MODULES:
+        layer = Path(str(item.path)).parent.name
+        if layer not in LAYERS:
+            raise pytest.UsageError(f"{item.nodeid}: every test lives in tests/fast, "
+                                    "tests/servers or tests/slow (its layer)")
+        if layer == "fast":
             item.add_marker(pytest.mark.fast)
+        elif layer == "slow":
+            item.add_marker(pytest.mark.slow)
 
 
 class NotFast(AssertionError):
@@ -323,8 +317,8 @@ class NotFast(AssertionError):
 @pytest.fixture(autouse=True)
 def _fast_means_no_server(request: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A fast test may not open a network connection or start a process: one that does
-    fails (here, in every run, CI included) instead of quietly making `-m fast` slow. Such
-    a test needs a server fixture (which moves it out of the layer) or a SLOW entry."""
+    fails (here, in every run, CI included) instead of quietly making the layer slow: it
+    belongs in tests/servers or tests/slow."""
     if request.node.get_closest_marker("fast") is None:
         return
     import socket
@@ -334,8 +328,8 @@ def _fast_means_no_server(request: Any, monkeypatch: pytest.MonkeyPatch) -> None
 
     def refuse(what: str) -> Any:
         def refused(*args: Any, **kwargs: Any) -> Any:
-            raise NotFast(f"{where} is in the fast layer but {what}: use a server fixture "
-                          "(see NEEDS_A_SERVER in tests/conftest.py) or list it in SLOW")
+            raise NotFast(f"{where} is in the fast layer but {what}: move it to "
+                          "tests/servers or tests/slow")
         return refused
 
     monkeypatch.setattr(socket.socket, "connect", refuse("opens a connection"))

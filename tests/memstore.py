@@ -1,6 +1,6 @@
 """An in-memory BackupStore: the contract of shared.storage.base kept in a dict, for tests
 of what sits above a store (catalog, retention, listings) that need no disk and no bucket.
-tests/test_store_contract.py holds it to the same contract as the local and S3 stores."""
+tests/support/store_contract.py holds it to the same contract as the local and S3 stores."""
 
 from __future__ import annotations
 

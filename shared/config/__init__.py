@@ -35,14 +35,10 @@ from shared.errors import ConfigError
 from shared.retention import parse_policy
 
 DEFAULT_TOML = """
-
-
 default_target = "example"
 
-
+[targets.example]
 engine = "sqlite"
-
-
 path = "./data/example.db"
 """
 
