@@ -307,7 +307,7 @@ class JobStore:
         data = json.dumps({"status": "queued", "kind": kind, "target": target})
         ts = now_iso()
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.keys.job(job_id), mapping=mapping)  # type: ignore[arg-type]
+            pipe.hset(self.keys.job(job_id), mapping=mapping)
             pipe.expire(self.keys.job(job_id), self.ttl)
             pipe.zadd(self.keys.job_index, {job_id: time.time()})
             for stream, maxlen in ((self.keys.events(job_id), EVENT_MAXLEN),

@@ -26,10 +26,12 @@ class GzipCompress:
         self._c = _gz.compressobj(min(level, MAX_LEVEL), zlib.DEFLATED, GZIP_WBITS)
 
     def feed(self, data: bytes) -> bytes:
-        return self._c.compress(data)
+        out: bytes = self._c.compress(data)
+        return out
 
     def flush(self) -> bytes:
-        return self._c.flush()
+        out: bytes = self._c.flush()
+        return out
 
 
 class GzipDecompress:
@@ -52,7 +54,7 @@ class GzipDecompress:
         while self._pending:
             self._in_member = True
             try:
-                out = self._d.decompress(self._pending, max_out)
+                out: bytes = self._d.decompress(self._pending, max_out)
             except _GZ_ERRORS as exc:
                 raise corrupt(f"the backup is not valid gzip: {exc}") from None
             if self._d.eof:

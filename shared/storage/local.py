@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 
 from shared import manifests, naming
 from shared.config import DestinationConfig
-from shared.errors import NotFound, PipelineError
+from shared.errors import InvalidBackupName, NotFound, PipelineError
 
 MANIFEST_VERSION = 1
 TEMP_PREFIX = ".tmp-"
@@ -163,7 +163,7 @@ class LocalStorage:
                 continue
             try:
                 name = naming.parse(entry.name[: -len(".json")])
-            except naming.InvalidBackupName:
+            except InvalidBackupName:
                 continue
             if not (d / name.filename).exists():
                 continue

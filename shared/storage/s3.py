@@ -35,7 +35,7 @@ from typing import Any, BinaryIO
 
 from shared import manifests, naming
 from shared.config import DestinationConfig
-from shared.errors import NotFound, PipelineError
+from shared.errors import InvalidBackupName, NotFound, PipelineError
 
 log = logging.getLogger("safehold.s3")
 MiB = 1 << 20
@@ -329,7 +329,7 @@ class S3Storage:
             data_key = key[: -len(".json")]
             try:
                 naming.parse(data_key.rsplit("/", 1)[-1])
-            except naming.InvalidBackupName:
+            except InvalidBackupName:
                 continue
             if data_key in keys:
                 wanted.append((key, str(obj.get("ETag", ""))))
@@ -477,7 +477,7 @@ class S3Storage:
         target, _, filename = rest.partition("/")
         try:
             naming.parse(filename)
-        except naming.InvalidBackupName:
+        except InvalidBackupName:
             return False
         return bool(target) and "/" not in filename
 
