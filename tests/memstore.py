@@ -27,6 +27,8 @@ class MemoryPending:
         self.final = False
 
     async def write(self, data: bytes) -> None:
+        if self.store.fail_writes:
+            raise OSError(28, "No space left on device (a test's full destination)")
         self.store.temps[self.temp][1].extend(data)
         self.store.temps[self.temp] = (time.monotonic(), self.store.temps[self.temp][1])
 
@@ -62,6 +64,11 @@ class MemoryStore:
         self.data: dict[tuple[str, str], bytes] = {}
         self.manifests: dict[tuple[str, str], str] = {}  # as stored: text, hostile on read
         self.temps: dict[str, tuple[float, bytearray]] = {}
+        self.fail_writes = False  # a test's full destination: every write raises ENOSPC
+
+    def objects_of(self, target: str) -> list[str]:
+        """Every object held for `target`, complete or not (what a crash could leave)."""
+        return sorted([f for t, f in self.data if t == target] + list(self.temps))
 
     def _key(self, target: str, filename: str) -> tuple[str, str]:
         return target, naming.parse(filename).filename

@@ -152,10 +152,12 @@ class Catalog:
     """A target's backups across its destinations: merged listings, lookups in read order,
     fan-out writes, deletion everywhere. Stores are opened lazily (S3 clients need a loop)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings,
+                 stores: dict[str, BackupStore] | None = None) -> None:
+        """`stores`: destinations already open, by name (a test's in-memory double)."""
         self.settings = settings
         self.configs = settings.destination_configs()
-        self._stores: dict[str, BackupStore] = {}
+        self._stores: dict[str, BackupStore] = dict(stores or {})
         order = settings.storage.read_order
         self._read_first = [n.strip() for n in order.split(",") if n.strip()]
 
