@@ -51,20 +51,56 @@ class JobStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+class Phase(StrEnum):
+    """What a running job is doing now (its `phase` events and progress): the one list."""
+
+    STARTING = "starting"
+    QUERYING = "querying"  # stats
+    WAITING_FOR_LOCK = "waiting_for_lock"
+    SNAPSHOT = "snapshot"  # sqlite: the online backup into a private copy
+    DUMPING = "dumping"
+    PUBLISHING = "publishing"  # manifests written: the backup's commit
+    PLANNING = "planning"  # prune
+    DELETING = "deleting"
+    VERIFYING = "verifying"
+    CHECKING = "checking"
+    SAFETY_BACKUP = "safety_backup"
+    CLEANING = "cleaning"
+    RESTORING = "restoring"
+    INDEXING = "indexing"
+    REPLACING = "replacing"
+    ROLLING_BACK = "rolling_back"
+
+
+class RestoreStage(StrEnum):
+    """Where a restore stands, written to the job record BEFORE each step
+    (`restore_state`): what RESTORE_STATES says the database is in if the worker dies."""
+
+    UNTOUCHED = "untouched"
+    UNCOMMITTED = "uncommitted"
+    COMMITTING = "committing"
+    PARTIAL = "partial"
+    ROLLING_BACK = "rolling_back"
+
+
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 EVENT_MAXLEN = 10_000
 GLOBAL_EVENT_MAXLEN = 100_000
 # where a restore stands, written to the job record BEFORE each step, so whoever finds the
 # job orphaned (worker_lost) can say what state the database is in
-RESTORE_STATES = {
-    "untouched": ("unchanged", "the restore had not started loading"),
-    "uncommitted": ("unchanged", "the restore was loading inside a transaction that was "
-                                 "never committed; the server rolled it back"),
-    "committing": ("unknown", "the worker died while committing: the database holds either "
-                              "the whole backup or its previous state"),
-    "partial": ("unknown", "the restore was loading and this engine cannot load in one "
-                           "transaction: the database may be partially restored"),
-    "rolling_back": ("unknown", "the worker died while rolling back from the safety backup"),
+RESTORE_STATES: dict[str, tuple[str, str]] = {
+    RestoreStage.UNTOUCHED: ("unchanged", "the restore had not started loading"),
+    RestoreStage.UNCOMMITTED: (
+        "unchanged", "the restore was loading inside a transaction that was never "
+                     "committed; the server rolled it back"),
+    RestoreStage.COMMITTING: (
+        "unknown", "the worker died while committing: the database holds either the whole "
+                   "backup or its previous state"),
+    RestoreStage.PARTIAL: (
+        "unknown", "the restore was loading and this engine cannot load in one "
+                   "transaction: the database may be partially restored"),
+    RestoreStage.ROLLING_BACK: (
+        "unknown", "the worker died while rolling back from the safety backup"),
 }
 
 

@@ -13,14 +13,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.jobs import Phase, RestoreStage
 
-async def _no_stage(stage: str) -> None:
+
+async def _no_stage(stage: RestoreStage) -> None:
     return None
 
 
 @dataclass
 class Progress:
-    phase: str = "starting"
+    phase: Phase = Phase.STARTING
     bytes_done: int = 0
     bytes_total: int | None = None
     items_done: int = 0
@@ -37,16 +39,16 @@ class Progress:
     warnings: list[str] = field(default_factory=list)
     # restore stages (e.g. "committing") are written to the job record before they happen,
     # so whoever finds the job orphaned can say what state the database is in
-    on_stage: Callable[[str], Awaitable[None]] = _no_stage
-    stages: list[str] = field(default_factory=list)
+    on_stage: Callable[[RestoreStage], Awaitable[None]] = _no_stage
+    stages: list[RestoreStage] = field(default_factory=list)
     _last_percent: float = 0.0
-    plan: dict[str, tuple[float, float]] = field(default_factory=dict)
+    plan: dict[Phase, tuple[float, float]] = field(default_factory=dict)
     _range: tuple[float, float] = (0.0, 100.0)
     _job_percent: float = 0.0
     # sessions of the application holding locks the restore waits for (engines' watchers)
     waiting_for: list[dict[str, Any]] | None = None
 
-    def set_phase(self, phase: str, *, bytes_total: int | None = None,
+    def set_phase(self, phase: Phase, *, bytes_total: int | None = None,
                   items_total: int | None = None) -> None:
         """Start a new phase; counters restart. Every phase is published, however short."""
         self.phase = phase
@@ -62,12 +64,12 @@ class Progress:
         if phase in self.plan:
             self._range = self.plan[phase]
 
-    async def enter_stage(self, stage: str) -> None:
+    async def enter_stage(self, stage: RestoreStage) -> None:
         """Record a stage durably (awaited: it is in the job record before we go on)."""
         self.stages.append(stage)
         await self.on_stage(stage)
 
-    def stage_reached(self, stage: str) -> bool:
+    def stage_reached(self, stage: RestoreStage) -> bool:
         return stage in self.stages
 
     def warn(self, message: str) -> None:

@@ -21,7 +21,16 @@ from shared.errors import (
     SafeholdError,
     disk_full,
 )
-from shared.jobs import Job, JobKind, JobStatus, JobStore, now_iso, restore_cancellable
+from shared.jobs import (
+    Job,
+    JobKind,
+    JobStatus,
+    JobStore,
+    Phase,
+    RestoreStage,
+    now_iso,
+    restore_cancellable,
+)
 from shared.keys import Keys
 from shared.locks import TargetLock
 from shared.notify import Notifier
@@ -86,10 +95,10 @@ class JobRunner:
             self.outcomes.deliver(self.notifier.heartbeat(target_cfg.heartbeat_url, "start"))
         progress = Progress()
         if job.kind == JobKind.RESTORE:
-            await self.store.set_fields(job_id, restore_state="untouched")
+            await self.store.set_fields(job_id, restore_state=RestoreStage.UNTOUCHED)
 
-            async def on_stage(stage: str) -> None:
-                if stage == "committing":  # the point of no return: still this job's?
+            async def on_stage(stage: RestoreStage) -> None:
+                if stage == RestoreStage.COMMITTING:  # the point of no return: still ours?
                     await self.procedures.still_ours(job)
                 await self.store.set_fields(job_id, restore_state=stage)
 
@@ -314,10 +323,10 @@ class JobRunner:
             raise EngineError(f"engine {target.engine} is not available in this worker",
                               code="engine_unavailable")
         if job.kind == JobKind.STATS:  # read-only: no lock
-            progress.set_phase("querying")
+            progress.set_phase(Phase.QUERYING)
             return await engine.stats(target)
         if not await ride_out("taking the target lock", lock.try_acquire, self.grace):
-            progress.set_phase("waiting_for_lock")  # (and its line) only when there is a wait
+            progress.set_phase(Phase.WAITING_FOR_LOCK)  # (and its line) only when there is a wait
             holder = await ride_out("reading the lock", lock.holder, self.grace)
             if holder and holder != job.id:
                 progress.log(f"waiting for job {holder} on target {target.id} to finish")

@@ -45,6 +45,7 @@ from shared.engines import ENGINES
 from shared.errors import EngineError, PipelineError
 from shared.formats.mongodb import check_mongo_member, check_mongo_metadata
 from shared.formats.tarstream import TarReader
+from shared.jobs import Phase
 from worker.engines import (
     NO_OPTIONS,
     Drill,
@@ -198,7 +199,7 @@ class MongoDB:
                         total_docs += await client[dbname][info["name"]] \
                             .estimated_document_count()
             progress.item_kind = "collections"
-            progress.set_phase("dumping", items_total=len(plan))
+            progress.set_phase(Phase.DUMPING, items_total=len(plan))
             counts: dict[str, int] = {}
             facts: dict[str, Any] = {"server_version": version, "documents_estimate": total_docs,
                                      "tool": "pymongo find_raw_batches",
@@ -414,7 +415,7 @@ class _Restorer:
             self.progress.items_done += len(batch)
 
     async def finish(self) -> None:
-        self.progress.set_phase("indexing")
+        self.progress.set_phase(Phase.INDEXING)
         drill = DRILL_DB_PREFIX.get() is not None
         for db, coll, indexes in self.pending_indexes:
             if drill:  # a TTL index would delete documents from the copy while it is counted

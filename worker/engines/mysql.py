@@ -24,6 +24,7 @@ from shared.config import TargetConfig
 from shared.engines import ENGINES
 from shared.errors import DumpFailed, EngineError, RestoreFailed
 from shared.formats.pgscript import UnsafeScript
+from shared.jobs import Phase
 from worker.engines import (
     NO_OPTIONS,
     Blocker,
@@ -177,7 +178,7 @@ class MySQL:
                 flags.append("--column-statistics=0")
         base = [t for t in cat["tables"] if t[1] == "BASE TABLE"]
         progress.item_kind = "tables"
-        progress.set_phase("dumping", bytes_total=sum(int(t[4]) for t in base) or None,
+        progress.set_phase(Phase.DUMPING, bytes_total=sum(int(t[4]) for t in base) or None,
                            items_total=len(base))
 
         def on_line(line: str) -> None:

@@ -41,6 +41,7 @@ from shared.config import TargetConfig
 from shared.engines import ENGINES
 from shared.errors import BadRequest, DumpFailed, RestoreFailed
 from shared.formats.cypher import FIX_BYTES_MARKER, StatementSplitter, check_statement
+from shared.jobs import Phase
 from worker.engines import (
     NO_OPTIONS,
     Dump,
@@ -225,7 +226,7 @@ class Neo4j:
             rel_count = (await self._data(driver, db,
                                           "MATCH ()-[r]->() RETURN count(r) AS c"))[0]["c"]
             progress.item_kind = "nodes+relationships"
-            progress.set_phase("dumping", items_total=counts + rel_count)
+            progress.set_phase(Phase.DUMPING, items_total=counts + rel_count)
             info = {"server_version": version, "counts": {"nodes": counts,
                                                           "relationships": rel_count},
                     "count_kind": "entities", "database": db,
@@ -322,7 +323,7 @@ class Neo4j:
                 f"->(b) SET r = row.p, r.{BYTES_TAG} = row.b;\n").encode()
 
     async def _clean(self, driver: AsyncDriver, db: str | None, progress: Progress) -> None:
-        progress.set_phase("cleaning")
+        progress.set_phase(Phase.CLEANING)
         try:
             async with driver.session(database=db) as s:
                 result = await s.run("MATCH (n) CALL { WITH n DETACH DELETE n } "
@@ -363,7 +364,7 @@ class Neo4j:
             with restore_errors(target, "Neo4j", Neo4jError, DriverError, UnicodeDecodeError):
                 if clean:
                     await self._clean(driver, db, progress)
-                progress.set_phase("restoring", bytes_total=manifest.get("raw_bytes"))
+                progress.set_phase(Phase.RESTORING, bytes_total=manifest.get("raw_bytes"))
                 async for chunk in chunks:
                     progress.bytes_done += len(chunk)
                     for stmt in splitter.feed(decoder.decode(chunk)):

@@ -28,6 +28,7 @@ from shared.errors import (
     ToolTooOld,
 )
 from shared.formats.pgscript import PgScriptGuard, UnsafeScript
+from shared.jobs import Phase, RestoreStage
 from shared.outage import RedisUnavailable
 from worker.engines import (
     NO_OPTIONS,
@@ -163,7 +164,7 @@ class PostgreSQL:
                 estimate = int(await conn.fetchval(
                     "SELECT pg_database_size(current_database())"))
         progress.item_kind = "tables"
-        progress.set_phase("dumping", bytes_total=estimate or None,
+        progress.set_phase(Phase.DUMPING, bytes_total=estimate or None,
                            items_total=len(leaf_tables))
 
         def on_line(line: str) -> None:
@@ -474,7 +475,7 @@ class _Load:
                 "the script ended Safehold's transaction before its end (a statement the "
                 "guard did not recognise as transaction control): what followed was "
                 "committed statement by statement", code="unsafe_backup")
-        await self.progress.enter_stage("committing")
+        await self.progress.enter_stage(RestoreStage.COMMITTING)
         yield b"COMMIT;\n"
 
 
@@ -523,4 +524,4 @@ def _psql_failed(rc: int, stderr: str, target: TargetConfig, seen: list[Blocker]
         return RestoreFailed(f"psql stopped on an SQL error and rolled back: {detail}",
                              database_unchanged=True)
     return RestoreFailed(f"psql exited with code {rc}: {detail}",
-                         database_unchanged=not progress.stage_reached("committing"))
+                         database_unchanged=not progress.stage_reached(RestoreStage.COMMITTING))

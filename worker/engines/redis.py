@@ -34,6 +34,7 @@ from shared.engines import ENGINES
 from shared.errors import BadRequest, DumpFailed, RestoreFailed
 from shared.formats.redis import RedisScriptCheck
 from shared.formats.resp import resp
+from shared.jobs import Phase
 from shared.scratch import private_dir
 from worker.engines import (
     NO_OPTIONS,
@@ -154,7 +155,7 @@ class RedisEngine:
             version = server.get("redis_version")
             spaces = await self._keyspace(r, _url_db(target))
         progress.item_kind = "keys"
-        progress.set_phase("dumping", items_total=sum(v.get("keys", 0)
+        progress.set_phase(Phase.DUMPING, items_total=sum(v.get("keys", 0)
                                                       for v in spaces.values()))
         counts: dict[str, int] = {}
         major = re.match(r"\d+", str(version or ""))
@@ -292,7 +293,7 @@ class RedisEngine:
         env = {"REDISCLI_AUTH": target.password.reveal()} if target.password else {}
         async with self.connect(target) as r:
             version = (await r.info("server")).get("redis_version")
-        progress.set_phase("dumping")
+        progress.set_phase(Phase.DUMPING)
         async with spawn(argv, env=env, secrets=target.secrets(), stdout=True) as child:
             async def chunks() -> AsyncIterator[bytes]:
                 while data := await child.read():

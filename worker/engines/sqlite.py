@@ -29,6 +29,7 @@ from shared.config import TargetConfig
 from shared.engines import ENGINES
 from shared.errors import DumpFailed, EngineError, PipelineError, RestoreFailed
 from shared.formats.sqlite import check_sqlite_file
+from shared.jobs import Phase, RestoreStage
 from shared.outage import RedisUnavailable
 from worker.engines import NO_OPTIONS, Drill, Dump, RestoreOptions
 from worker.progress import Progress
@@ -147,14 +148,14 @@ class SQLite:
     async def dump(self, target: TargetConfig, progress: Progress,
                    options: dict[str, Any] | None = None) -> AsyncIterator[Dump]:
         progress.item_kind = "pages"
-        progress.set_phase("snapshot")
+        progress.set_phase(Phase.SNAPSHOT)
         # plaintext on the worker's disk (even for an encrypted backup): in Safehold's
         # private 0700 temp space, the file 0600, swept if the worker is killed
         with scratch.private_dir("sqlite") as tmp:
             snap = scratch.private_file(tmp, "snapshot.db")
             facts = await asyncio.to_thread(_snapshot, target.path, snap)
             size = (await asyncio.to_thread(snap.stat)).st_size
-            progress.set_phase("dumping", bytes_total=size)
+            progress.set_phase(Phase.DUMPING, bytes_total=size)
             f = await asyncio.to_thread(open, snap, "rb")
             try:
                 async def chunks() -> AsyncIterator[bytes]:
@@ -188,16 +189,16 @@ class SQLite:
                                         database_unchanged=True, code=exc.code) from None
                 await asyncio.to_thread(out.flush)
                 await asyncio.to_thread(os.fsync, out.fileno())
-            progress.set_phase("checking")
+            progress.set_phase(Phase.CHECKING)
             try:
                 await asyncio.to_thread(check_sqlite_file, temp)
             except ValueError as exc:
                 raise RestoreFailed(f"the backup is not a sound SQLite database ({exc}); the "
                                     "database was not touched", database_unchanged=True) \
                     from None
-            progress.set_phase("replacing")
+            progress.set_phase(Phase.REPLACING)
             try:
-                await progress.enter_stage("committing")  # from here the file may be new
+                await progress.enter_stage(RestoreStage.COMMITTING)  # from here the file may be new
             except RedisUnavailable as exc:  # not replaced yet
                 raise RestoreFailed(f"{exc.message}; the database was not touched",
                                     database_unchanged=True, code=exc.code) from None

@@ -16,7 +16,7 @@ from shared.config import TargetConfig
 from shared.errors import (
     NotFound,
 )
-from shared.jobs import Job, JobKind
+from shared.jobs import Job, JobKind, Phase
 from shared.naming import ENGINE_FORMATS
 from shared.outage import RedisUnavailable
 from shared.storage.catalog import Fanout
@@ -90,7 +90,7 @@ class Backups(ProcedureBase):
                 out = await pipeline.store(chunks, fan, stages, on_bytes=progress.add_bytes)
             if counter is not None:
                 dump.info.update(counter.result())
-            progress.phase = "publishing"
+            progress.phase = Phase.PUBLISHING
             outcomes = await fan.finish(out["size_bytes"], out["sha256"])
         except BaseException:
             await asyncio.shield(fan.abort())
@@ -172,7 +172,7 @@ class Backups(ProcedureBase):
         Runs under the target lock, so no restore of this target reads meanwhile; a backup
         a queued restore names is kept too. `dry_run` returns the plan only."""
         dry_run = bool(job.params.get("dry_run"))
-        progress.set_phase("planning")
+        progress.set_phase(Phase.PLANNING)
         async def named_by_jobs() -> set[str]:
             return {str(j.params.get("backup"))
                     for j in await self.store.active_for_target(target.id)
@@ -191,7 +191,7 @@ class Backups(ProcedureBase):
                     d.keep, d.reasons = True, ["a queued restore names it"]
             deleted = []
             if not dry_run:
-                progress.set_phase("deleting")
+                progress.set_phase(Phase.DELETING)
                 for d in decisions:
                     if d.keep:
                         continue

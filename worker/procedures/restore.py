@@ -20,7 +20,7 @@ from shared.errors import (
     SafeholdError,
     SafetyBackupFailed,
 )
-from shared.jobs import Job, undo_hint
+from shared.jobs import Job, Phase, RestoreStage, undo_hint
 from shared.outage import RedisUnavailable
 from shared.storage.base import BackupStore
 from worker.engines import Engine, RestoreOptions
@@ -56,8 +56,9 @@ class Restores(Verification, Backups):
         make_safety = bool(job.params.get("create_safety_backup", True))
         if make_safety:
             self._check_rollback_possible(target, ids)
-        progress.plan = ({"verifying": (0, 5), "safety_backup": (5, 40), "restoring": (40, 100)}
-                         if make_safety else {"verifying": (0, 5), "restoring": (5, 100)})
+        progress.plan = ({Phase.VERIFYING: (0, 5), Phase.SAFETY_BACKUP: (5, 40),
+                          Phase.RESTORING: (40, 100)} if make_safety else
+                         {Phase.VERIFYING: (0, 5), Phase.RESTORING: (5, 100)})
         # what the file really holds (checked), not what its manifest says, drives the load
         n0 = len(progress.warnings)
         source, facts = await self._verify(target, engine, name, copies, progress, ids)
@@ -120,7 +121,7 @@ class Restores(Verification, Backups):
                              ) -> tuple[str, str]:
         """The safety backup's name and the sha256 of what this job wrote (a rollback
         loads those bytes only)."""
-        progress.set_phase("safety_backup")
+        progress.set_phase(Phase.SAFETY_BACKUP)
         try:
             made = await self.backup(job, target, engine, progress, kind="safety_backup",
                                      compress=True, note=f"before restoring {restoring.filename}",
@@ -149,11 +150,11 @@ class Restores(Verification, Backups):
         """Load the backup; `windows`: the digests its check recorded (what the load may
         pass on, see `pipeline.SameAsChecked`), when the engine's check read it whole;
         `also_clean`: a rollback's extra reach (RestoreOptions.also_clean)."""
-        progress.set_phase("restoring", bytes_total=manifest.get("raw_bytes"))
+        progress.set_phase(Phase.RESTORING, bytes_total=manifest.get("raw_bytes"))
         if not rollback:  # a rollback stays `rolling_back`: its outcome is never "unchanged"
             try:
-                await progress.enter_stage("uncommitted" if engine.atomic_restore else
-                                           "partial")
+                await progress.enter_stage(RestoreStage.UNCOMMITTED if engine.atomic_restore
+                                           else RestoreStage.PARTIAL)
             except RedisUnavailable as exc:  # nothing loaded yet
                 raise RestoreFailed(exc.message, database_unchanged=True,
                                     code=exc.code) from None
@@ -186,8 +187,8 @@ class Restores(Verification, Backups):
             text = (f"{msg}. No safety backup was made (create_safety_backup=false): the "
                     "database may be partially restored.")
         else:
-            progress.set_phase("rolling_back")
-            await progress.enter_stage("rolling_back")
+            progress.set_phase(Phase.ROLLING_BACK)
+            await progress.enter_stage(RestoreStage.ROLLING_BACK)
             await self.store.publish(job.id, "log", {
                 "message": f"restore failed; rolling back from safety backup {safety}"})
             sname = naming.parse(safety)

@@ -21,7 +21,7 @@ from shared.errors import (
     SafeholdError,
     Unavailable,
 )
-from shared.jobs import Job, now_iso
+from shared.jobs import Job, Phase, now_iso
 from shared.storage.base import BackupStore
 from shared.storage.catalog import BlockingStream
 from worker.engines import Drill, Drillable, Engine, RestoreOptions, server_sets
@@ -53,7 +53,8 @@ class Verification(ProcedureBase):
             name = naming.parse(str(regular[0]["filename"]))
         copies = await self.catalog.copies(target.id, name)
         ids = [*supplied, *self.identities(target)]
-        progress.plan = {"verifying": (0, 20), "restoring": (20, 90), "checking": (90, 100)}
+        progress.plan = {Phase.VERIFYING: (0, 20), Phase.RESTORING: (20, 90),
+                         Phase.CHECKING: (90, 100)}
         t0 = time.monotonic()
         drill = engine.drill if isinstance(engine, Drillable) else None
         record: dict[str, Any] = {"backup": name.filename, "job": job.id,
@@ -97,7 +98,7 @@ class Verification(ProcedureBase):
             token = backup_sets.token_of(manifest)
             members = {m["database"]: m for m in backup_sets.member_entries(manifest) or []
                        if isinstance(m.get("database"), str)} if token else {}
-            progress.set_phase("restoring", bytes_total=manifest.get("raw_bytes"))
+            progress.set_phase(Phase.RESTORING, bytes_total=manifest.get("raw_bytes"))
             async with self._plain(store, target, name, manifest, ids, windows) as checked:
                 parts = whole(checked) if token is None else backup_sets.members(checked,
                                                                                   token)
@@ -165,7 +166,7 @@ class Verification(ProcedureBase):
                                  options=RestoreOptions(scratch=True))
             record["rto_s"] = round(time.monotonic() - t0, 3)
             record["scratch"] = drill.last_scratch
-            progress.set_phase("checking")
+            progress.set_phase(Phase.CHECKING)
             got = await drill.exact_counts(scratch)
             if expected is None:
                 record["counts"] = "not recorded at dump time: compared nothing"
@@ -202,7 +203,7 @@ class Verification(ProcedureBase):
         inside one transaction also gets the whole content checked here (inflation bound,
         only what its restore may run) before anything is touched: same checks as
         uploads. An encrypted backup is decrypted far enough to prove the identity."""
-        progress.set_phase("verifying", bytes_total=copies[0][1].get("size_bytes"))
+        progress.set_phase(Phase.VERIFYING, bytes_total=copies[0][1].get("size_bytes"))
         problems: list[str] = []
         last: BaseException | None = None
         for store, manifest in copies:
