@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from shared import codecs, naming
@@ -37,23 +38,43 @@ def unquoted(name: str) -> str:
 
 
 # keys a worker once set, in memory, on the manifest a load is given (its control data now
-# travels in RestoreOptions and the windows argument): one found in a stored manifest
-# (anyone able to write a .json beside a backup) is still dropped, never passed on
-
-
+# travels in RestorePlan and RestoreOptions): one found in a stored manifest (anyone able
+# to write a .json beside a backup) is still dropped, never passed on
 _IN_MEMORY_ONLY = ("also_clean", "plain_windows")
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    """A copy of a backup that proved itself, and what the worker learnt reading it: the
+    worker's own data, kept apart from the stored manifest (untrusted, read-only here).
+
+    `databases`: the databases the check found in the file (they override what the
+    manifest claims); `windows`: digests of the plain bytes the check read, which the load
+    must see again (`pipeline.SameAsChecked`), when the engine's check read it whole;
+    `set_members`: a backup set's members as checked."""
+
+    store: BackupStore
+    stored: Mapping[str, Any]
+    databases: tuple[str, ...] | None = None
+    windows: bytes | None = None
+    set_members: tuple[Mapping[str, Any], ...] = ()
+
+    def load_manifest(self) -> dict[str, Any]:
+        """What an engine's load goes by: the stored manifest without any key only a worker
+        may set, with what the check found in the file over it."""
+        out = {k: v for k, v in self.stored.items() if k not in _IN_MEMORY_ONLY}
+        if self.databases is not None:
+            out["databases"] = list(self.databases)
+        return out
+
+    def databases_in_file(self) -> list[str | None]:
+        return [m.get("database") for m in self.set_members]
 
 
 async def whole(chunks: AsyncIterator[bytes]
                  ) -> AsyncIterator[tuple[str | None, AsyncIterator[bytes]]]:
     """A one-database backup, shaped like a set's members."""
     yield None, chunks
-
-
-def checked(stored: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
-    """The manifest a load goes by: the stored one, with what the check found in the file
-    over it, and none of the keys a worker alone may set."""
-    return {**{k: v for k, v in stored.items() if k not in _IN_MEMORY_ONLY}, **facts}
 
 
 # a drill stopped by these proved nothing about the backup: `not_run`, never `failed`

@@ -25,7 +25,6 @@ from shared.outage import RedisUnavailable
 from shared.storage.base import BackupStore
 from worker.engines import Engine, RestoreOptions
 from worker.procedures.backup import Backups
-from worker.procedures.base import checked
 from worker.procedures.verify import Verification
 from worker.progress import Progress
 
@@ -61,22 +60,20 @@ class Restores(Verification, Backups):
                          {Phase.VERIFYING: (0, 5), Phase.RESTORING: (5, 100)})
         # what the file really holds (checked), not what its manifest says, drives the load
         n0 = len(progress.warnings)
-        source, facts = await self._verify(target, engine, name, copies, progress, ids)
+        plan = await self._verify(target, engine, name, copies, progress, ids)
         verify_warnings = progress.warnings[n0:]
-        windows = facts.pop("plain_windows", None)
-        in_file = [m.get("database") for m in facts.pop("set_members", None) or []]
-        manifest = checked(source[1], facts)
-        self._check_set(target, engine, manifest, in_file)
-        if len(copies) > 1 or source[0] is not copies[0][0]:
+        manifest = plan.load_manifest()
+        self._check_set(target, engine, manifest, plan.databases_in_file())
+        if len(copies) > 1 or plan.store is not copies[0][0]:
             await self.store.publish(job.id, "log", {
-                "message": f"restoring {name.filename} from destination {source[0].name}"})
+                "message": f"restoring {name.filename} from destination {plan.store.name}"})
         safety, safety_sha256 = await self._safety_backup(job, target, engine, name, progress) \
             if make_safety else (None, None)
         t0 = time.monotonic()
         warnings_before = len(progress.warnings)
         try:
-            await self._load(job, target, engine, name, source[0], manifest, progress, ids,
-                             windows=windows)
+            await self._load(job, target, engine, name, plan.store, manifest, progress, ids,
+                             windows=plan.windows)
         except (EngineError, PipelineError, BadRequest) as exc:
             raise await self._after_failed_restore(
                 job, target, engine, exc, safety, progress, manifest, ids,
@@ -87,7 +84,7 @@ class Restores(Verification, Backups):
                 job, target, engine, error, safety, progress, manifest, ids,
                 safety_sha256) from exc
         return {"restored": name.filename, "safety_backup": safety,
-                "restored_from": source[0].name,
+                "restored_from": plan.store.name,
                 "raw_bytes": manifest.get("raw_bytes"),
                 "duration_s": round(time.monotonic() - t0, 3),
                 "warnings": verify_warnings + progress.warnings[warnings_before:] or None}
@@ -200,14 +197,13 @@ class Restores(Verification, Backups):
                 if not scopies:
                     raise IntegrityError(f"safety backup {safety} was replaced in storage "
                                          "since this job wrote it; it is not loaded")
-                (sstore, smanifest), sfacts = await self._verify(
-                    target, engine, sname, scopies, progress, identities)
-                swindows = sfacts.pop("plain_windows", None)
-                smanifest = checked(smanifest, sfacts)
+                splan = await self._verify(target, engine, sname, scopies, progress,
+                                           identities)
                 # the failed load may have written where the safety backup has nothing (an
                 # empty database then): the rollback's clean covers those too
-                await self._load(job, target, engine, sname, sstore, smanifest, progress,
-                                 identities, rollback=True, windows=swindows,
+                await self._load(job, target, engine, sname, splan.store,
+                                 splan.load_manifest(), progress, identities, rollback=True,
+                                 windows=splan.windows,
                                  also_clean=tuple(str(d) for d in
                                                   failed.get("databases") or []))
             except SafeholdError as exc2:

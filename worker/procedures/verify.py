@@ -25,7 +25,7 @@ from shared.jobs import Job, Phase, now_iso
 from shared.storage.base import BackupStore
 from shared.storage.catalog import BlockingStream
 from worker.engines import Drill, Drillable, Engine, RestoreOptions, server_sets
-from worker.procedures.base import DRILL_NOT_RUN, ProcedureBase, checked, unquoted, whole
+from worker.procedures.base import DRILL_NOT_RUN, ProcedureBase, RestorePlan, unquoted, whole
 from worker.progress import Progress
 
 
@@ -61,13 +61,11 @@ class Verification(ProcedureBase):
                                   "mode": "content-check" if drill is None
                                   else "scratch-restore"}
         try:  # any failure (a damaged copy, a failed restore) is recorded as a failed drill
-            (store, manifest), facts = await self._verify(target, engine, name, copies,
-                                                          progress, ids)
-            record["destination"] = store.name
-            windows = facts.pop("plain_windows", None)
-            return await self._drill(job, target, engine, name, store,
-                                     checked(manifest, facts), drill, record, ids, progress, t0,
-                                     windows)
+            plan = await self._verify(target, engine, name, copies, progress, ids)
+            record["destination"] = plan.store.name
+            return await self._drill(job, target, engine, name, plan.store,
+                                     plan.load_manifest(), drill, record, ids, progress, t0,
+                                     plan.windows)
         except SafeholdError as exc:
             if exc.code != "drill_failed":  # the restore itself failed: a failed drill too
                 not_run = exc.code in DRILL_NOT_RUN
@@ -196,8 +194,7 @@ class Verification(ProcedureBase):
 
     async def _verify(self, target: TargetConfig, engine: Engine, name: naming.BackupName,
                       copies: list[tuple[BackupStore, dict[str, Any]]], progress: Progress,
-                      identities: Sequence[Any]
-                      ) -> tuple[tuple[BackupStore, dict[str, Any]], dict[str, Any]]:
+                      identities: Sequence[Any]) -> RestorePlan:
         """Find the first copy whose stored bytes match its manifest's sha256 (a copy that
         is missing or damaged is passed over, and said so). An engine that cannot load
         inside one transaction also gets the whole content checked here (inflation bound,
@@ -208,8 +205,8 @@ class Verification(ProcedureBase):
         last: BaseException | None = None
         for store, manifest in copies:
             try:
-                facts = await self._verify_copy(target, engine, name, store, manifest,
-                                                progress, identities)
+                plan = await self._verify_copy(target, engine, name, store, manifest,
+                                               progress, identities)
             except (IntegrityError, NotFound, Unavailable) as exc:
                 why, last = exc.message, exc
             except SafeholdError:
@@ -217,7 +214,7 @@ class Verification(ProcedureBase):
             except Exception as exc:  # the destination failed mid-read (network, disk)
                 why, last = f"{type(exc).__name__}: {exc}", exc
             else:
-                return (store, manifest), facts
+                return plan
             problems.append(f"{store.name}: {why}")
             progress.warn(f"the copy of {name.filename} on {store.name} is unusable "
                           f"({why}); trying the next destination")
@@ -230,7 +227,7 @@ class Verification(ProcedureBase):
     async def _verify_copy(self, target: TargetConfig, engine: Engine,
                            name: naming.BackupName, store: BackupStore,
                            manifest: dict[str, Any], progress: Progress,
-                           identities: Sequence[Any]) -> dict[str, Any]:
+                           identities: Sequence[Any]) -> RestorePlan:
         expected = str(manifest.get("sha256"))
         chain = codecs.chain_of(manifest)
         loop = asyncio.get_running_loop()
@@ -249,7 +246,6 @@ class Verification(ProcedureBase):
                     limit=self._limit(manifest), expect_sha256=expected,
                     on_stored=progress.add_bytes, identities=identities, windows=windows,
                     set_token=set_token))
-                facts["plain_windows"] = windows.finish()  # in memory only (see _load)
                 formats.check_scope(engine.name, target.url or "", facts)
             except SafeholdError as exc:
                 if exc.code in ("wrong_identity", "identity_required"):
@@ -264,14 +260,17 @@ class Verification(ProcedureBase):
                                     database_unchanged=True, code=exc.code) from None
             finally:
                 await asyncio.to_thread(stream.close)
-            return {k: facts[k] for k in ("databases", "plain_windows", "set_members")
-                    if k in facts}
+            found = facts.get("databases")
+            return RestorePlan(store, manifest,
+                               databases=None if found is None else tuple(found),
+                               windows=windows.finish(),
+                               set_members=tuple(facts.get("set_members") or ()))
         digest = await self._digest(store, target, name, progress.add_bytes,
                                     chain if any(s["codec"] == "age" for s in chain) else None,
                                     identities)
         if digest != expected:
             raise self._mismatch(name)
-        return {}
+        return RestorePlan(store, manifest)
 
     @staticmethod
     def _check_set(target: TargetConfig, engine: Engine, manifest: dict[str, Any],
