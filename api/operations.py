@@ -31,7 +31,7 @@ from shared.errors import (
     Unavailable,
     Unprocessable,
 )
-from shared.jobs import TERMINAL, Job, JobKind
+from shared.jobs import TERMINAL, Job, JobKind, JobParams
 from shared.naming import ENGINE_FORMATS
 from shared.storage.base import BackupStore
 
@@ -155,7 +155,7 @@ class Operations:
             await events.aclose()  # type: ignore[attr-defined]
         return await self.s.store.get(job_id)
 
-    async def submit(self, caller: Caller, kind: str, target: str, params: dict[str, Any],
+    async def submit(self, caller: Caller, kind: str, target: str, params: JobParams,
                      info: dict[str, Any], *, idempotency_key: str | None = None,
                      wait: float | None = None, fail_fast: bool = False,
                      before_enqueue: Callable[[Job], Awaitable[None]] | None = None) -> Job:
@@ -334,7 +334,7 @@ class Operations:
             target = self.target(caller, target_id, Role.OPERATOR)
             if len(note) > 500:
                 raise BadRequest("note is longer than 500 characters", code="invalid_body")
-            params: dict[str, Any] = {
+            params: JobParams = {
                 "compress": target.compress if compress is None else compress, "note": note}
             if fmt is not None:
                 formats = ENGINE_FORMATS.get(target.engine, ())
@@ -395,7 +395,7 @@ class Operations:
                                code="backup_changed")
             # bound to the bytes the caller saw: a file replaced while the job waits in the
             # queue is refused by the worker, never restored under this name
-            params: dict[str, Any] = {"backup": name.filename, "create_safety_backup": safety,
+            params: JobParams = {"backup": name.filename, "create_safety_backup": safety,
                                       "sha256": manifest["sha256"]}
             if terminate:
                 if target.engine not in ("postgresql", "mysql"):
@@ -425,7 +425,7 @@ class Operations:
                                      fail_fast=fail_fast,
                                      before_enqueue=await self._sealer(identity, params))
 
-    async def _sealer(self, identity: str | None, params: dict[str, Any]
+    async def _sealer(self, identity: str | None, params: JobParams
                       ) -> Callable[[Job], Awaitable[None]] | None:
         """With an identity: seal it now (refused here when it is not one, or no worker
         lives to open it) and return what stores it under the job's id before enqueueing."""
@@ -469,7 +469,7 @@ class Operations:
         (sealed to the live workers, as for a restore)."""
         async with self.audited(caller, "verify", target_id, {"backup": backup}) as info:
             target = self.target(caller, target_id, Role.OPERATOR)
-            params: dict[str, Any] = {}
+            params: JobParams = {}
             if backup is not None:  # "" is a bad name, not "the newest"
                 name, _ = await self.manifest(target.id, backup)
                 params["backup"] = info["backup"] = name.filename

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, cast
 
 from redis.asyncio import Redis
 
@@ -81,6 +81,28 @@ class RestoreStage(StrEnum):
     COMMITTING = "committing"
     PARTIAL = "partial"
     ROLLING_BACK = "rolling_back"
+
+
+class JobParams(TypedDict, total=False):
+    """What a job was asked to do, as submitted (every surface builds these through
+    api.operations; the worker reads them)."""
+
+    backup: str  # restore, verify: the backup's file name
+    sha256: str  # restore: the bytes the caller chose (a replaced file is refused)
+    create_safety_backup: bool
+    terminate_connections: bool
+    roles: str  # restore: create | map | skip
+    owner_map: dict[str, str]
+    database: str  # restore: one database of a server target's set
+    identity_supplied: bool  # an age identity was sealed for this job
+    compress: bool  # backup
+    note: str
+    format: str  # backup: an engine's other format (naming.ENGINE_FORMATS)
+    use_apoc: bool
+    dry_run: bool  # prune
+    reason: str  # prune: requested, daily, after <job>
+    scheduled_slot: str  # a scheduled job: its slot and when it was due
+    scheduled_for: str
 
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
@@ -162,7 +184,7 @@ class Job:
     target: str
     status: JobStatus
     created_at: str
-    params: dict[str, Any] = field(default_factory=dict)
+    params: JobParams = field(default_factory=lambda: JobParams())
     requested_by: dict[str, Any] = field(default_factory=dict)
     progress: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] | None = None
@@ -219,7 +241,7 @@ class Job:
             target=d["target"],
             status=JobStatus(d["status"]),
             created_at=d["created_at"],
-            params=d["params"] or {},
+            params=cast(JobParams, d["params"] or {}),  # written by create() below
             requested_by=d["requested_by"] or {},
             progress=d["progress"] or {},
             result=d["result"],
@@ -292,7 +314,7 @@ class JobStore:
         self,
         kind: str,
         target: str,
-        params: Mapping[str, Any],
+        params: JobParams,
         requested_by: Mapping[str, Any],
         *,
         idempotency_key: str | None = None,
@@ -333,7 +355,7 @@ class JobStore:
                     pass  # a key whose job never appeared (its creator died): take it over
                 await self.redis.set(ikey, job_id, ex=self.ttl)
         job = Job(id=job_id, kind=JobKind(kind), target=target, status=JobStatus.QUEUED,
-                  created_at=now_iso(), params=dict(params), requested_by=dict(requested_by))
+                  created_at=now_iso(), params=params.copy(), requested_by=dict(requested_by))
         mapping = {
             "id": job.id, "kind": job.kind.value, "target": target,
             "status": job.status.value,

@@ -16,14 +16,13 @@ import asyncio
 import logging
 import math
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from redis.asyncio import Redis
 
 from shared import rcmd, schedules
 from shared.audit import AuditLog
 from shared.config import Settings, TargetConfig
-from shared.jobs import Job, JobKind, JobStatus, JobStore
+from shared.jobs import Job, JobKind, JobParams, JobStatus, JobStore
 from shared.keys import Keys
 from shared.notify import Notifier
 from shared.queue import enqueue
@@ -102,11 +101,11 @@ class Scheduler:
             log.warning("target %s: %s slot %s skipped: the scheduled job %s is still %s",
                         target.id, kind, name, busy[0].id, busy[0].status)
             return None
-        params: dict[str, Any] = {"scheduled_slot": name,
+        params: JobParams = {"scheduled_slot": name,
                                   "scheduled_for": due.isoformat().replace("+00:00", "Z")}
         if kind == JobKind.BACKUP:
-            params.update(compress=target.compress,
-                          note=f"scheduled {name} {target.timezone}")
+            params["compress"] = target.compress
+            params["note"] = f"scheduled {name} {target.timezone}"
         prefix = "sched" if kind == JobKind.BACKUP else "drill"
         job = await self._create(target, kind, f"{prefix}:{target.id}:{name}", params)
         await rcmd.hset(self.redis, key, mapping={f"{field}last_slot": name,
@@ -169,7 +168,7 @@ class Scheduler:
                                   {"dry_run": False, "reason": f"after {job.id}"})
 
     async def _create(self, target: TargetConfig, kind: str, idem: str,
-                      params: dict[str, Any]) -> Job:
+                      params: JobParams) -> Job:
         job, created = await self.store.create(kind, target.id, params, SCHEDULER,
                                                idempotency_key=idem)
         if created or job.status == JobStatus.QUEUED:
