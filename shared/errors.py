@@ -24,6 +24,15 @@ Messages are shown to clients: they must never contain a secret (see `shared.red
 
 from __future__ import annotations
 
+from typing import TypedDict
+
+
+class ErrorDoc(TypedDict):
+    """An error as every surface answers it: `{"error": {"code", "message"}}`."""
+
+    code: str
+    message: str
+
 
 class SafeholdError(Exception):
     """Base of every deliberate Safehold error."""
@@ -39,7 +48,7 @@ class SafeholdError(Exception):
         if code is not None:
             self.code = code
 
-    def to_dict(self) -> dict[str, str]:
+    def to_dict(self) -> ErrorDoc:
         return {"code": self.code, "message": self.message}
 
 

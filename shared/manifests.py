@@ -22,6 +22,7 @@ from typing import Any, TypeAlias
 
 from shared import codecs, naming
 from shared.errors import PipelineError
+from shared.storage.base import Outcome
 
 JsonValue: TypeAlias = "str | int | float | bool | None | list[JsonValue] | dict[str, JsonValue]"
 
@@ -144,7 +145,7 @@ class Manifest:
     sha256: str
     raw_bytes: int | None
     chain: Sequence[codecs.Step]
-    destinations: Mapping[str, Mapping[str, Any]]
+    destinations: Mapping[str, Outcome]
     requested_by: Mapping[str, Any] | None
     note: str | None = None
     facts: Mapping[str, Any] = field(default_factory=dict)

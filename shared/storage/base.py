@@ -10,10 +10,44 @@ so that a reaper can remove what a dead worker left.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, Required, TypedDict
 
 from shared import naming
 from shared.config import DestinationConfig
+from shared.errors import ErrorDoc
+
+
+class Readback(TypedDict, total=False):
+    """What `complete` proved the destination holds."""
+
+    size_bytes: Required[int]
+    check: Required[str]  # sha256 (read back whole) or etag (S3's own per-part digests)
+    etag: str
+    parts: int
+
+
+class Outcome(TypedDict, total=False):
+    """One destination's part in a backup, as its manifest records it: stored (with its
+    read-back) or failed (with why)."""
+
+    status: Required[Literal["stored", "failed"]]
+    size_bytes: int
+    check: str
+    etag: str
+    parts: int
+    error: ErrorDoc
+
+
+class Health(TypedDict, total=False):
+    """A destination's answer to `health()` (the catalog adds its config and targets)."""
+
+    reachable: Required[bool]
+    writable: bool | None
+    free_bytes: int | None
+    backups: int
+    bytes: int
+    unfinished_uploads: int
+    error: str
 
 
 class PendingBackup(Protocol):
@@ -28,7 +62,7 @@ class PendingBackup(Protocol):
     handle: str  # opaque; `BackupStore.remove_temp(handle)` cleans up after a crash
 
     async def write(self, data: bytes) -> None: ...
-    async def complete(self, size: int, sha256: str) -> dict[str, Any]: ...
+    async def complete(self, size: int, sha256: str) -> Readback: ...
     async def write_manifest(self, manifest: dict[str, Any]) -> None: ...
     async def abort(self) -> None: ...
 
@@ -66,7 +100,7 @@ class BackupStore(Protocol):
     async def delete(self, target: str, filename: str) -> None: ...
     async def remove_temp(self, handle: str) -> None: ...
     async def sweep_temps(self, keep: set[str], min_age: float) -> list[str]: ...
-    async def health(self) -> dict[str, Any]: ...
+    async def health(self) -> Health: ...
     async def presigned_url(self, target: str, filename: str, ttl: int) -> str | None: ...
     async def annotate(self, target: str, filename: str, fields: dict[str, Any]) -> None: ...
     async def close(self) -> None: ...

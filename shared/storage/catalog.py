@@ -16,7 +16,7 @@ from typing import Any
 from shared import manifests, naming
 from shared.config import Settings, TargetConfig
 from shared.errors import NotFound, PipelineError, SafeholdError, Unavailable, disk_full
-from shared.storage.base import BackupStore, PendingBackup, open_store
+from shared.storage.base import BackupStore, Outcome, PendingBackup, Readback, open_store
 
 log = logging.getLogger("safehold.storage")
 QUEUE_DEPTH = 2  # stored chunks (~1 MiB) waiting per destination
@@ -71,7 +71,7 @@ class Fanout:
                     if self._tasks[name].done():
                         break
 
-    async def finish(self, size: int, sha256: str) -> dict[str, dict[str, Any]]:
+    async def finish(self, size: int, sha256: str) -> dict[str, Outcome]:
         """End every stream, complete and read back each; return each destination's
         outcome ({"status": "stored" | "failed", …}). Raises if none stored it."""
         for name in self.live():
@@ -86,12 +86,19 @@ class Fanout:
                 log.warning("destination %s failed to complete: %s", name, exc)
                 await _quietly(self.pendings[name].abort())
 
-        self.readback: dict[str, dict[str, Any]] = {}
+        self.readback: dict[str, Readback] = {}
         await asyncio.gather(*(complete(n) for n in self.live()))
-        outcomes = {n: {"status": "stored", **self.readback[n]} for n in self.live()}
+        outcomes: dict[str, Outcome] = {}
+        for n in self.live():
+            rb = self.readback[n]
+            outcomes[n] = {"status": "stored", "size_bytes": rb["size_bytes"],
+                           "check": rb["check"]}
+            if "etag" in rb:
+                outcomes[n]["etag"] = rb["etag"]
+            if "parts" in rb:
+                outcomes[n]["parts"] = rb["parts"]
         for n, err in self.errors.items():
-            outcomes[n] = {"status": "failed", "error": {"code": err.code,
-                                                         "message": err.message}}
+            outcomes[n] = {"status": "failed", "error": err.to_dict()}
         if not self.live():
             await self.abort()
             raise self._none_left()

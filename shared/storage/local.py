@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 from shared import manifests, naming
 from shared.config import DestinationConfig
 from shared.errors import InvalidBackupName, NotFound, PipelineError
+from shared.storage.base import Health, Readback
 
 MANIFEST_VERSION = 1
 TEMP_PREFIX = ".tmp-"
@@ -81,17 +82,17 @@ class LocalPending:
         # the final name too: a worker that dies between link and manifest leaves data the
         # reaper must find
         self.handle = f"{store.name}:{target}/{path.name}/{name.filename}"
-        self._completing: asyncio.Future[dict[str, Any]] | None = None
+        self._completing: asyncio.Future[Readback] | None = None
 
     async def write(self, data: bytes) -> None:
         await asyncio.to_thread(self._f.write, data)
 
-    async def complete(self, size: int, sha256: str) -> dict[str, Any]:
+    async def complete(self, size: int, sha256: str) -> Readback:
         self._completing = asyncio.ensure_future(
             asyncio.to_thread(self._complete, size, sha256))
         return await self._completing
 
-    def _complete(self, size: int, sha256: str) -> dict[str, Any]:
+    def _complete(self, size: int, sha256: str) -> Readback:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
@@ -313,8 +314,8 @@ class LocalStorage:
             return removed
         return await asyncio.to_thread(_sweep)
 
-    async def health(self) -> dict[str, Any]:
-        def _health() -> dict[str, Any]:
+    async def health(self) -> Health:
+        def _health() -> Health:
             make_private_dir(self.root)
             probe = self.root / f"{TEMP_PREFIX}probe-{secrets.token_hex(4)}.partial"
             try:

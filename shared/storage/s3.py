@@ -36,6 +36,7 @@ from typing import Any, BinaryIO
 from shared import manifests, naming
 from shared.config import DestinationConfig
 from shared.errors import InvalidBackupName, NotFound, PipelineError
+from shared.storage.base import Health, Readback
 
 log = logging.getLogger("safehold.s3")
 MiB = 1 << 20
@@ -156,7 +157,7 @@ class S3Pending:
         finally:
             part.close()
 
-    async def complete(self, size: int, sha256: str) -> dict[str, Any]:
+    async def complete(self, size: int, sha256: str) -> Readback:
         if self._part.length or not self._done and not self._inflight:
             await self._send(self._part)
         if self._inflight:
@@ -536,7 +537,7 @@ class S3Storage:
             removed.append(handle)
         return removed
 
-    async def health(self) -> dict[str, Any]:
+    async def health(self) -> Health:
         s3 = await self.client()
         await s3.head_bucket(Bucket=self.bucket)
         probe = f"{self.prefix}/.safehold-probe-{secrets.token_hex(4)}".lstrip("/")
