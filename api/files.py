@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
 import aiofiles
@@ -35,7 +35,7 @@ def _byte_range(header: str, size: int) -> tuple[int, int] | None:
 
 
 async def send_stream(request: web.Request,
-                      open_range: Callable[[int, int], AsyncIterator[bytes]], *, size: int,
+                      open_range: Callable[[int, int], AsyncGenerator[bytes, None]], *, size: int,
                       filename: str, sha256: str, content_type: str,
                       extra_headers: dict[str, str] | None = None) -> web.StreamResponse:
     """Stream a stored backup (`open_range(start, end)` gives its bytes) with
@@ -73,7 +73,7 @@ async def send_stream(request: web.Request,
         async for block in chunks:
             await resp.write(block)
     finally:
-        await chunks.aclose()  # type: ignore[attr-defined]
+        await chunks.aclose()
     await resp.write_eof()
     return resp
 

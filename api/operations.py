@@ -152,7 +152,7 @@ class Operations:
                 if time.monotonic() >= deadline:
                     break
         finally:
-            await events.aclose()  # type: ignore[attr-defined]
+            await events.aclose()
         return await self.s.store.get(job_id)
 
     async def submit(self, caller: Caller, kind: str, target: str, params: JobParams,

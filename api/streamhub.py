@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from redis.asyncio import Redis
@@ -58,7 +58,7 @@ class StreamHub:
             after = rows[-1][0].decode()
 
     async def follow(self, stream: str, after: str = "0-0", *, idle: float = 5.0
-                     ) -> AsyncIterator[Event | None]:
+                     ) -> AsyncGenerator[Event | None, None]:
         """Events of `stream` strictly after `after`, then live; None after `idle`
         seconds without one (the caller may check whether to go on)."""
         last = after

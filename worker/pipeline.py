@@ -108,7 +108,7 @@ async def stored_plain(chunks: AsyncIterator[bytes], chain: Sequence[Step], *,
                        identities: Sequence[Any] = (),
                        on_bytes: Callable[[int], None] | None = None,
                        on_open: Callable[[PlainReader], Awaitable[None]] | None = None
-                       ) -> AsyncIterator[bytes]:
+                       ) -> AsyncGenerator[bytes, None]:
     """Yield the plain content of a stored backup (its stored byte stream `chunks`) in
     chunks of at most ~1 MiB; decoding runs in a thread, one chunk ahead of the consumer.
     See `PlainReader` for `limit` and `expect_sha256` (the stream ends only after the

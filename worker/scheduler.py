@@ -17,7 +17,7 @@ import logging
 import math
 from datetime import UTC, datetime, timedelta
 
-from redis.asyncio import Redis
+from arq.connections import ArqRedis
 
 from shared import rcmd, schedules
 from shared.audit import AuditLog
@@ -34,7 +34,7 @@ PRUNE_SLOT = "04:00"  # the daily prune, in each target's zone
 
 
 class Scheduler:
-    def __init__(self, settings: Settings, redis: Redis, store: JobStore,
+    def __init__(self, settings: Settings, redis: ArqRedis, store: JobStore,
                  notifier: Notifier | None = None, audit: AuditLog | None = None) -> None:
         self.settings = settings
         self.redis = redis
@@ -174,7 +174,7 @@ class Scheduler:
         if created or job.status == JobStatus.QUEUED:
             # again when only the create got through last time (arq ignores a job id it
             # already has, so this never runs a job twice)
-            await enqueue(self.redis, self.keys, job)  # type: ignore[arg-type]
+            await enqueue(self.redis, self.keys, job)
         if created:
             log.info("scheduled %s job %s for target %s (%s)", kind, job.id, target.id, idem)
         return job

@@ -33,7 +33,8 @@ def add_client_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     client.add_argument("--json", action="store_true", help="print the API's JSON")
 
     def cmd(name: str, help_text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[client], help=help_text)  # type: ignore[no-any-return]
+        parser: argparse.ArgumentParser = sub.add_parser(name, parents=[client], help=help_text)
+        return parser
 
     cmd("targets", "the configured targets")
     cmd("stats", "a target's database size, tables, server version").add_argument("target")

@@ -91,6 +91,15 @@ class TokenMiddleware:
         return result
 
 
+class SafeholdToolError(ToolError):
+    """A Safehold error as a tool error ("code: message"), keeping its HTTP status for
+    resource reads (404 → ResourceNotFoundError)."""
+
+    def __init__(self, exc: SafeholdError) -> None:
+        super().__init__(f"{exc.code}: {exc.message}")
+        self.status = exc.status
+
+
 class _Kit:
     """What every tool needs: the caller from the request's context, one audited run,
     a job followed with progress reports."""
@@ -118,9 +127,7 @@ class _Kit:
                                    else {}, unless_recorded=True):
                 return await body(ops, who)
         except SafeholdError as exc:
-            err = ToolError(f"{exc.code}: {exc.message}")
-            err.status = exc.status  # type: ignore[attr-defined]  # for resource reads
-            raise err from None
+            raise SafeholdToolError(exc) from None
 
     async def follow(self, ops: Operations, who: Caller, job: Job, ctx: Context,
                      wait: float) -> dict[str, Any]:
@@ -337,7 +344,7 @@ async def read(answer: Awaitable[dict[str, Any]]) -> str:
     try:
         return json.dumps(await answer)
     except ToolError as exc:
-        if getattr(exc, "status", 500) == 404:
+        if isinstance(exc, SafeholdToolError) and exc.status == 404:
             raise ResourceNotFoundError(str(exc)) from None
         raise ResourceError(str(exc)) from None
 

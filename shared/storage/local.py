@@ -19,7 +19,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -203,7 +203,7 @@ class LocalStorage:
                            code="backup_not_found") from None
 
     async def open(self, target: str, filename: str, start: int = 0,
-                   end: int | None = None) -> AsyncIterator[bytes]:
+                   end: int | None = None) -> AsyncGenerator[bytes, None]:
         path = self._file(target, filename)
         try:
             f = await asyncio.to_thread(open, path, "rb")

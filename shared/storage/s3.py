@@ -29,7 +29,7 @@ import logging
 import secrets
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO
 
@@ -406,7 +406,7 @@ class S3Storage:
         return int(head["ContentLength"])
 
     async def open(self, target: str, filename: str, start: int = 0,
-                   end: int | None = None) -> AsyncIterator[bytes]:
+                   end: int | None = None) -> AsyncGenerator[bytes, None]:
         s3 = await self.client()
         kwargs: dict[str, Any] = {}
         if start or end is not None:

@@ -51,7 +51,9 @@ class InsertRows:
         pos, n = 0, len(buf)
         while pos < n:
             if self._in_string:
-                end = self._STRING_BODY.match(buf, pos).end()  # type: ignore[union-attr]
+                body = self._STRING_BODY.match(buf, pos)
+                assert body is not None  # the pattern matches the empty string
+                end = body.end()
                 if end < n and buf[end] == 0x27:  # the closing quote
                     self._in_string = False
                     pos = end + 1
@@ -71,7 +73,9 @@ class InsertRows:
                 continue
             if self._table is not None:
                 # values up to the statement's `;`, or up to a string the chunk cuts
-                end = self._VALUES_RUN.match(buf, pos).end()  # type: ignore[union-attr]
+                values = self._VALUES_RUN.match(buf, pos)
+                assert values is not None  # the pattern matches the empty string
+                end = values.end()
                 run = buf[pos:end]
                 if b"'" in run:
                     run = self._STRING.sub(b"", run)

@@ -392,8 +392,10 @@ class RedisEngine:
                 if not replies.done():
                     replies.cancel()
                 await asyncio.gather(replies, return_exceptions=True)
-            if replies.done() and not replies.cancelled() and replies.exception():
-                raise replies.exception()  # type: ignore[misc]
+            failure = replies.exception() if replies.done() and not replies.cancelled() \
+                else None
+            if failure is not None:
+                raise failure
             if error:
                 raise RestoreFailed(f"Redis refused a command of the backup: "
                                     f"{error[0].decode(errors='replace')[:300]}")

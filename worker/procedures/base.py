@@ -177,4 +177,4 @@ class ProcedureBase:
         finally:
             if checked is not None:
                 await checked.aclose()
-            await chunks.aclose()  # type: ignore[attr-defined]
+            await chunks.aclose()
