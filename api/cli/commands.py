@@ -202,22 +202,29 @@ def _print_json(doc: Any) -> None:
     print(json.dumps(doc, indent=2))
 
 
-async def _cmd_targets(client: Client, args: argparse.Namespace) -> int:
-    doc = await client.call("GET", "/api/v1/targets")
+async def _show(client: Client, args: argparse.Namespace, path: str,
+                render: Callable[[Any], None]) -> Any:
+    """GET `path`: the JSON as it came with --json, else `render(doc)` (tables)."""
+    doc = await client.call("GET", path)
     if args.json:
         _print_json(doc)
     else:
+        render(doc)
+    return doc
+
+
+async def _cmd_targets(client: Client, args: argparse.Namespace) -> int:
+    def render(doc: Any) -> None:
         print(_table([[t["id"], t["engine"], t.get("schedule") or "-",
                        "default" if t["id"] == doc.get("default_target") else ""]
                       for t in doc["targets"]], ["TARGET", "ENGINE", "SCHEDULE", ""]))
+
+    await _show(client, args, "/api/v1/targets", render)
     return EXIT_OK
 
 
 async def _cmd_stats(client: Client, args: argparse.Namespace) -> int:
-    doc = await client.call("GET", f"/api/v1/targets/{args.target}/stats")
-    if args.json:
-        _print_json(doc)
-    else:
+    def render(doc: Any) -> None:
         print(f"{doc.get('engine')} {doc.get('server_version', '')}: "
               f"{mib(doc.get('size_bytes'))}, {doc.get('table_count', '?')} tables")
         rows = [[t["name"], _rows(t), mib(t.get("size_bytes"))]
@@ -228,19 +235,20 @@ async def _cmd_stats(client: Client, args: argparse.Namespace) -> int:
                      for d in doc.get("databases") or [] if isinstance(d, dict)]
         if databases:  # a server target: what its next set holds
             print(_table(databases, ["DATABASE", "TABLES", "SIZE"]))
+
+    await _show(client, args, f"/api/v1/targets/{args.target}/stats", render)
     return EXIT_OK
 
 
 async def _cmd_backups(client: Client, args: argparse.Namespace) -> int:
-    doc = await client.call("GET", f"/api/v1/targets/{args.target}/backups")
-    if args.json:
-        _print_json(doc)
-    else:
+    def render(doc: Any) -> None:
         print(_table([[b["filename"], b.get("kind"), mib(b.get("size_bytes")),
                        b.get("created_at"), ",".join(b.get("stored_on") or []),
                        _drill(b.get("verification"))]
                       for b in doc["backups"]],
                      ["BACKUP", "KIND", "SIZE", "CREATED", "STORED ON", "DRILL"]))
+
+    await _show(client, args, f"/api/v1/targets/{args.target}/backups", render)
     return EXIT_OK
 
 
@@ -383,10 +391,7 @@ async def _cmd_prune(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _cmd_schedules(client: Client, args: argparse.Namespace) -> int:
-    doc = await client.call("GET", "/api/v1/schedules")
-    if args.json:
-        _print_json(doc)
-    else:
+    def render(doc: Any) -> None:
         print(_table([[e["target"], e.get("schedule") or "-", e.get("next_run") or "-",
                        e.get("last_job") or "-",
                        (e.get("last_status") or "-") + (f" ({e['last_error']})"
@@ -396,14 +401,13 @@ async def _cmd_schedules(client: Client, args: argparse.Namespace) -> int:
                       for e in doc["schedules"]],
                      ["TARGET", "SCHEDULE", "NEXT RUN", "LAST JOB", "LAST STATUS", "ALERT",
                       "RETENTION"]))
+
+    await _show(client, args, "/api/v1/schedules", render)
     return EXIT_OK
 
 
 async def _cmd_destinations(client: Client, args: argparse.Namespace) -> int:
-    doc = await client.call("GET", "/api/v1/destinations")
-    if args.json:
-        _print_json(doc)
-    else:
+    def render(doc: Any) -> None:
         print(_table([[d.get("name"), d.get("type"), d.get("bucket") or d.get("path"),
                        "yes" if d.get("reachable") else f"NO ({d.get('error')})",
                        {True: "yes", False: "NO", None: "?"}[d.get("writable")],
@@ -412,6 +416,8 @@ async def _cmd_destinations(client: Client, args: argparse.Namespace) -> int:
                       for d in doc["destinations"]],
                      ["DESTINATION", "TYPE", "WHERE", "REACHABLE", "WRITABLE", "FREE",
                       "BACKUPS", "SIZE", "TARGETS"]))
+
+    doc = await _show(client, args, "/api/v1/destinations", render)
     ok = all(d.get("reachable") and d.get("writable") is not False
              for d in doc["destinations"])
     return EXIT_OK if ok else EXIT_FAILED
