@@ -155,7 +155,7 @@ class Operations:
             await events.aclose()
         return await self.s.store.get(job_id)
 
-    async def submit(self, caller: Caller, kind: str, target: str, params: JobParams,
+    async def submit(self, caller: Caller, kind: JobKind, target: str, params: JobParams,
                      info: dict[str, Any], *, idempotency_key: str | None = None,
                      wait: float | None = None, fail_fast: bool = False,
                      before_enqueue: Callable[[Job], Awaitable[None]] | None = None) -> Job:
@@ -349,7 +349,7 @@ class Operations:
                     raise Unprocessable("use_apoc applies to neo4j targets only",
                                         code="invalid_body")
                 params["use_apoc"] = True
-            return await self.submit(caller, "backup", target.id, params, info,
+            return await self.submit(caller, JobKind.BACKUP, target.id, params, info,
                                      idempotency_key=idempotency_key, wait=wait,
                                      fail_fast=fail_fast)
 
@@ -420,7 +420,7 @@ class Operations:
                 params["roles"] = roles
             if owner_map is not None:
                 params["owner_map"] = dict(owner_map)
-            return await self.submit(caller, "restore", target.id, params, info,
+            return await self.submit(caller, JobKind.RESTORE, target.id, params, info,
                                      idempotency_key=idempotency_key, wait=wait,
                                      fail_fast=fail_fast,
                                      before_enqueue=await self._sealer(identity, params))
@@ -473,7 +473,7 @@ class Operations:
             if backup is not None:  # "" is a bad name, not "the newest"
                 name, _ = await self.manifest(target.id, backup)
                 params["backup"] = info["backup"] = name.filename
-            return await self.submit(caller, "verify", target.id, params, info,
+            return await self.submit(caller, JobKind.VERIFY, target.id, params, info,
                                      idempotency_key=idempotency_key, wait=wait,
                                      before_enqueue=await self._sealer(identity, params))
 
@@ -486,7 +486,7 @@ class Operations:
                 raise Unprocessable(f"target '{target.id}' has no retention policy: "
                                     "nothing would be deleted (set [targets.<id>.retention])",
                                     code="no_retention")
-            return await self.submit(caller, "prune", target.id,
+            return await self.submit(caller, JobKind.PRUNE, target.id,
                                      {"dry_run": dry_run, "reason": "requested"}, info,
                                      idempotency_key=idempotency_key, wait=wait)
 

@@ -312,7 +312,7 @@ class JobStore:
 
     async def create(
         self,
-        kind: str,
+        kind: JobKind,
         target: str,
         params: JobParams,
         requested_by: Mapping[str, Any],
@@ -393,8 +393,8 @@ class JobStore:
     async def transition(
         self,
         job_id: str,
-        allowed_from: Iterable[str],
-        new: str,
+        allowed_from: Iterable[JobStatus],
+        new: JobStatus,
         *,
         fields: Mapping[str, Any] | None = None,
         data: Mapping[str, Any] | None = None,

@@ -46,7 +46,7 @@ class Outcomes:
         self._deliveries: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ ending a job
-    async def end(self, job: Job, allowed_from: Iterable[str], status: str, *,
+    async def end(self, job: Job, allowed_from: Iterable[JobStatus], status: JobStatus, *,
                   result: dict[str, Any] | None = None,
                   error: dict[str, Any] | None = None,
                   fields: dict[str, Any] | None = None,
@@ -82,7 +82,7 @@ class Outcomes:
         if job.kind == JobKind.RESTORE:
             error["database_state"] = "unchanged"
         if job.status == JobStatus.QUEUED and await self.end(
-                job, ["queued"], "cancelled", error=error,
+                job, [JobStatus.QUEUED], JobStatus.CANCELLED, error=error,
                 fields={"cancel_requested": "1"},
                 data={"reason": "cancelled before it started"}):
             return await self.store.get(job_id)

@@ -15,19 +15,18 @@ from redis.exceptions import RedisError
 
 from shared.config import WorkerSettings
 from shared.errors import ConfigError
-from shared.jobs import Job
+from shared.jobs import Job, JobKind
 from shared.keys import Keys
 
 log = logging.getLogger("safehold.queue")
 
-FUNCTIONS = {"backup": "run_backup", "restore": "run_restore", "stats": "run_stats",
-             "prune": "run_prune", "verify": "run_verify"}
+FUNCTIONS: dict[JobKind, str] = {kind: f"run_{kind.value}" for kind in JobKind}
 
 
-def function_timeouts(w: WorkerSettings) -> dict[str, float]:
+def function_timeouts(w: WorkerSettings) -> dict[JobKind, float]:
     """Each job kind's arq timeout (seconds)."""
-    return {"backup": w.backup_timeout, "restore": w.restore_timeout, "stats": 120.0,
-            "prune": 3600.0, "verify": w.restore_timeout}
+    return {JobKind.BACKUP: w.backup_timeout, JobKind.RESTORE: w.restore_timeout,
+            JobKind.STATS: 120.0, JobKind.PRUNE: 3600.0, JobKind.VERIFY: w.restore_timeout}
 
 
 def claim_ttl(w: WorkerSettings) -> float:

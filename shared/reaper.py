@@ -105,7 +105,7 @@ async def reap_orphans(outcomes: Outcomes, catalog: Catalog, orphan_after: float
             message, extra = _lost_restore(job, message)
             error.update(extra)
         error["message"] = message
-        if await outcomes.end(job, ["running"], "failed", error=error):
+        if await outcomes.end(job, [JobStatus.RUNNING], JobStatus.FAILED, error=error):
             for handle in (job.temp_handles or "").split():
                 try:  # a temp file, or an unfinished multipart upload
                     await catalog.remove_temp(handle)

@@ -82,7 +82,7 @@ class JobRunner:
         if job is None or job.status != JobStatus.QUEUED:
             return {"skipped": job.status if job else "unknown job"}
         if not await self.store.transition(
-            job_id, ["queued"], "running",
+            job_id, [JobStatus.QUEUED], JobStatus.RUNNING,
             fields={"started_at": now_iso(), "worker": self.worker_id},
             data={"worker": self.worker_id},
         ):
@@ -122,16 +122,16 @@ class JobRunner:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise
-            return {"status": "cancelled"}
+            return {"status": JobStatus.CANCELLED.value}
         except SafeholdError as exc:
             error = {**exc.to_dict(), **exc.details}
             error["message"] = redact(str(error["message"]), self._secrets)
-            await asyncio.shield(self._finish(job, progress, "failed", error=error))
-            return {"status": "failed"}
+            await asyncio.shield(self._finish(job, progress, JobStatus.FAILED, error=error))
+            return {"status": JobStatus.FAILED.value}
         except Exception as exc:
             error = self._crashed(job_id, exc)
-            await asyncio.shield(self._finish(job, progress, "failed", error=error))
-            return {"status": "failed"}
+            await asyncio.shield(self._finish(job, progress, JobStatus.FAILED, error=error))
+            return {"status": JobStatus.FAILED.value}
         finally:
             # the monitor ends by itself once the work is done (publishing the last phases)
             with contextlib.suppress(asyncio.TimeoutError):
@@ -139,8 +139,8 @@ class JobRunner:
             monitor.cancel()
             await asyncio.gather(monitor, return_exceptions=True)
             await asyncio.shield(self._cleanup(job_id, lock))
-        await asyncio.shield(self._finish(job, progress, "succeeded", result=result))
-        return {"status": "succeeded"}
+        await asyncio.shield(self._finish(job, progress, JobStatus.SUCCEEDED, result=result))
+        return {"status": JobStatus.SUCCEEDED.value}
 
     def _crashed(self, job_id: str, exc: Exception) -> dict[str, Any]:
         """The error of a job that ended on an exception Safehold did not raise itself."""
@@ -161,7 +161,7 @@ class JobRunner:
                 "message": redact(f"{type(exc).__name__}: {exc}", self._secrets)}
 
 
-    async def _finish(self, job: Job, progress: Progress, status: str, *,
+    async def _finish(self, job: Job, progress: Progress, status: JobStatus, *,
                       result: dict[str, Any] | None = None,
                       error: dict[str, Any] | None = None) -> None:
         if error is not None and job.kind == JobKind.RESTORE and "database_state" not in error:
@@ -182,7 +182,7 @@ class JobRunner:
         # the job keeps beating meanwhile (else a reaper would take it for dead)
         beating = asyncio.create_task(self._keep_beating(job.id))
         try:
-            await self.outcomes.end(job, ["running"], status, result=result, error=error,
+            await self.outcomes.end(job, [JobStatus.RUNNING], status, result=result, error=error,
                                     fields={"progress": snap}, retry_for=REDIS_OUTAGE_MAX,
                                     also=also)
         finally:
@@ -407,18 +407,18 @@ async def check_targets(settings: Settings, timeout: float = 15.0
     return list(await asyncio.gather(*(one(t) for t in settings.targets.values())))
 
 
-def _stopped(job: Job, state: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def _stopped(job: Job, state: dict[str, Any]) -> tuple[JobStatus, dict[str, Any]]:
     """How a job whose task was cancelled ends: lost to others (reaped, or its lock taken),
     cancelled on request, or interrupted (shutdown, job timeout)."""
     if state["lost"]:
-        return "failed", {"code": "redis_unavailable", "message": state["lost"]}
+        return JobStatus.FAILED, {"code": "redis_unavailable", "message": state["lost"]}
     if state["cancel_requested"]:
         if job.kind == JobKind.RESTORE:
-            return "cancelled", {"code": "cancelled", "database_state": "unchanged",
+            return JobStatus.CANCELLED, {"code": "cancelled", "database_state": "unchanged",
                                  "message": "cancelled on request before the restore "
                                             "changed anything: the database is unchanged"}
-        return "cancelled", {"code": "cancelled",
+        return JobStatus.CANCELLED, {"code": "cancelled",
                              "message": "cancelled on request; nothing was kept"}
-    return "failed", {"code": "interrupted",
+    return JobStatus.FAILED, {"code": "interrupted",
                       "message": "the worker stopped (shutdown or job timeout) before the "
                                  "job finished; nothing was kept"}

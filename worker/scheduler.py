@@ -64,12 +64,12 @@ class Scheduler:
         return created
 
     async def _backup_slot(self, target: TargetConfig, now: datetime) -> Job | None:
-        return await self._slot(target, now, "backup", target.schedule, "")
+        return await self._slot(target, now, JobKind.BACKUP, target.schedule, "")
 
     async def _verify_slot(self, target: TargetConfig, now: datetime) -> Job | None:
-        return await self._slot(target, now, "verify", target.verify_schedule, "verify_")
+        return await self._slot(target, now, JobKind.VERIFY, target.verify_schedule, "verify_")
 
-    async def _slot(self, target: TargetConfig, now: datetime, kind: str, expr: str,
+    async def _slot(self, target: TargetConfig, now: datetime, kind: JobKind, expr: str,
                     field: str) -> Job | None:
         """The due slot of one schedule of a target (backups, or drills: `field` prefixes
         its state in the target's schedule hash) as a job, once."""
@@ -155,7 +155,7 @@ class Scheduler:
         slot = schedules.latest_due(f"{minute} {hour} * * *", tz, now)
         if slot is None or now - schedules.to_utc(slot, tz) > timedelta(hours=1):
             return None
-        return await self._create(target, "prune", f"prune:{target.id}:{slot:%Y-%m-%d}",
+        return await self._create(target, JobKind.PRUNE, f"prune:{target.id}:{slot:%Y-%m-%d}",
                                   {"dry_run": False, "reason": "daily"})
 
     async def after_backup(self, job: Job) -> Job | None:
@@ -164,10 +164,10 @@ class Scheduler:
         if target is None or not self.settings.retains(target) or \
                 not job.params.get("scheduled_slot"):
             return None
-        return await self._create(target, "prune", f"prune-after:{job.id}",
+        return await self._create(target, JobKind.PRUNE, f"prune-after:{job.id}",
                                   {"dry_run": False, "reason": f"after {job.id}"})
 
-    async def _create(self, target: TargetConfig, kind: str, idem: str,
+    async def _create(self, target: TargetConfig, kind: JobKind, idem: str,
                       params: JobParams) -> Job:
         job, created = await self.store.create(kind, target.id, params, SCHEDULER,
                                                idempotency_key=idem)

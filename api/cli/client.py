@@ -18,7 +18,7 @@ import aiohttp
 
 from shared import CLI_AGENT, safehold_version
 from shared.errors import SafeholdError
-from shared.jobs import TERMINAL
+from shared.jobs import TERMINAL, JobStatus
 from shared.storage.local import sha256_file
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
@@ -200,7 +200,7 @@ def render_progress(p: dict[str, Any]) -> str:
 def final_line(job: dict[str, Any]) -> str:
     """`✓ backup_… 98.9 MiB in 4.2 s (sha256 …)` or `✗ <code>: <message>`."""
     result = job.get("result") or {}
-    if job.get("status") == "succeeded":
+    if job.get("status") == JobStatus.SUCCEEDED:
         took = result.get("duration_s")
         # a backup's file, a restore's backup (`restored`), a drill's backup
         what = (result.get("filename") or result.get("restored") or result.get("backup")

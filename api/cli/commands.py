@@ -21,7 +21,7 @@ from api.cli.client import (
     mib,
     render_progress,
 )
-from shared.jobs import TERMINAL
+from shared.jobs import TERMINAL, JobStatus
 
 JOB_WAIT = 3600
 
@@ -162,12 +162,12 @@ async def follow(client: Client, job: dict[str, Any], as_json: bool) -> int:
             line = render_progress(ev.get("progress", {}))
             print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr,
                   flush=True)
-        elif t in ("phase", "log", "started", "running", "queued"):
+        elif t in ("phase", "log", "started", JobStatus.RUNNING, JobStatus.QUEUED):
             msg = ev.get("message") or ev.get("phase") or t
             print(("\r\033[K" if tty else "") + f"· {msg}", file=sys.stderr)
     final = await client.call("GET", f"/api/v1/jobs/{job['id']}")
     if tty:
-        if final.get("status") == "succeeded":  # even a job too quick for a progress event
+        if final.get("status") == JobStatus.SUCCEEDED:  # even a job too quick for a progress event
             done = {**(final.get("progress") or {}), "percent": 100.0, "phase": "done",
                     "eta_s": None}
             print("\r\033[K" + render_progress(done), end="", file=sys.stderr)
@@ -177,7 +177,7 @@ async def follow(client: Client, job: dict[str, Any], as_json: bool) -> int:
 
 def finish(job: dict[str, Any], as_json: bool) -> int:
     print(json.dumps(job, indent=2) if as_json else final_line(job))
-    return EXIT_OK if job.get("status") == "succeeded" else EXIT_FAILED
+    return EXIT_OK if job.get("status") == JobStatus.SUCCEEDED else EXIT_FAILED
 
 
 async def job_started(client: Client, job: dict[str, Any], args: argparse.Namespace) -> int:
@@ -359,7 +359,7 @@ async def _cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     else:
         print(f"{job['kind']} job {job['id']}: {job['status']}"
               + (" (cancel requested)" if job.get("status") not in
-                 ("cancelled", "succeeded", "failed") else ""))
+                 TERMINAL else ""))
     return EXIT_OK
 
 
@@ -470,7 +470,7 @@ async def _prune(client: Client, args: argparse.Namespace) -> int:
     job = await client.call("POST", f"/api/v1/targets/{args.target}/prune?{query}")
     if job.get("status") not in TERMINAL:
         job = await client.call("GET", f"/api/v1/jobs/{job['id']}?wait={JOB_WAIT}")
-    if args.json or job.get("status") != "succeeded":
+    if args.json or job.get("status") != JobStatus.SUCCEEDED:
         return finish(job, args.json)
     result = job.get("result") or {}
     rows = []

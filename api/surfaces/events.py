@@ -21,7 +21,7 @@ from api.context import PRINCIPAL, SERVICES, STREAMS
 from api.http import caller, for_reader, ops
 from api.roles import Role
 from shared.errors import BadRequest
-from shared.jobs import TERMINAL
+from shared.jobs import TERMINAL, JobKind
 
 log = logging.getLogger("safehold.api")
 # a client that disconnects mid-stream is normal, not an error
@@ -179,7 +179,7 @@ async def _all_events(request: web.Request) -> web.StreamResponse:
             if principal.role_for(target) < Role.VIEWER:
                 continue
             if not kind:  # the job's record expired: show its errors as a restore's
-                kind = "restore"  # (operators of its target only), the cautious reading
+                kind = JobKind.RESTORE  # (operators of its target only), the cautious one
             await _send_frame(request, resp, _frame(request, ev, principal, kind, target))
     return resp
 

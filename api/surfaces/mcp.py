@@ -142,7 +142,7 @@ class _Kit:
         if wait > 0 and not job.terminal:
             job = await ops.wait(job.id, min(wait, WAIT_MAX), on_event)
         if job.status == JobStatus.SUCCEEDED:
-            await ctx.report_progress(100.0, 100.0, "succeeded")
+            await ctx.report_progress(100.0, 100.0, JobStatus.SUCCEEDED.value)
         return job_summary(job, who.principal)
 
 

@@ -79,7 +79,8 @@ async def stats_of(request: web.Request, target: str) -> web.Response:
     if not await live_workers(s):
         raise Unavailable("no worker is running to query the database; start one with "
                           "`safehold worker`", code="no_worker")
-    job = await ops(request).submit(caller(request), "stats", target, {}, {}, wait=STATS_WAIT)
+    job = await ops(request).submit(caller(request), JobKind.STATS, target, {}, {},
+                                    wait=STATS_WAIT)
     if job.status == JobStatus.SUCCEEDED:
         result = dict(job.result or {})
         if request[PRINCIPAL].role_for(target) < Role.ADMIN:
