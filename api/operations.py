@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from api.auth import Principal, require
 from api.context import Services
 from api.roles import Role
+from api.upload_store import Receive, store_upload
 from shared import backup_sets, codecs, naming, rcmd, stats
 from shared.config import TargetConfig
 from shared.errors import (
@@ -476,6 +477,16 @@ class Operations:
             return await self.submit(caller, JobKind.VERIFY, target.id, params, info,
                                      idempotency_key=idempotency_key, wait=wait,
                                      before_enqueue=await self._sealer(identity, params))
+
+    async def upload(self, caller: Caller, target_id: str, receive: Receive
+                     ) -> dict[str, Any]:
+        """An uploaded backup file, received by `receive`, checked and stored like a
+        backup (operator on the target; audited as upload_backup)."""
+        async with self.audited(caller, "upload_backup", target_id, {}) as info:
+            target = self.target(caller, target_id, Role.OPERATOR)
+            manifest = await store_upload(self.s, target, receive, caller.requested_by())
+            info["backup"] = manifest["filename"]
+            return manifest
 
     async def start_prune(self, caller: Caller, target_id: str, *, dry_run: bool,
                           idempotency_key: str | None = None,

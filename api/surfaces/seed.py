@@ -15,6 +15,7 @@ from aiohttp import web
 
 from api.auth import Principal
 from api.context import PRINCIPAL
+from api.files import receive_upload
 from api.http import (
     caller,
     for_reader,
@@ -25,7 +26,6 @@ from api.http import (
     svc,
 )
 from api.surfaces.rest import download, stats_of
-from api.surfaces.uploads import store_upload
 from shared.config import TargetConfig
 from shared.errors import Unprocessable
 from shared.jobs import Job, JobStatus
@@ -110,9 +110,8 @@ async def restore_upload(request: web.Request) -> web.Response:
     target = seed_target(request)
     safety = query_bool(request, "create_safety_backup", True)
     who = caller(request, "seed")
-    async with ops(request).audited(who, "upload_backup", target.id, {}) as info:
-        manifest = await store_upload(request, target)
-        info["backup"] = manifest["filename"]
+    manifest = await ops(request).upload(who, target.id,
+                                         lambda sink: receive_upload(request, sink))
     job = await ops(request).start_restore(
         who, target.id, manifest["filename"], safety=safety,
         wait=svc(request).settings.server.wait_timeout, fail_fast=True)
