@@ -14,7 +14,7 @@ from api.auth import Principal
 from api.context import PRINCIPAL, REQUEST_ID, ROUTE_TABLE, SERVICES, Services
 from api.operations import MAX_WAIT, Caller, Operations
 from api.roles import Role
-from api.schemas import JOB_ID
+from api.schemas import EVENT_ID, JOB_ID
 from shared import CLI_AGENT
 from shared.errors import BadRequest
 from shared.jobs import Job, JobKind
@@ -241,7 +241,7 @@ async def live_workers(s: Services) -> int:
 
 
 JOB_ID_RE = re.compile(JOB_ID["pattern"])
-AUDIT_ID_RE = re.compile(r"^[0-9]{1,19}-[0-9]{1,19}$")
+EVENT_ID_RE = re.compile(EVENT_ID["pattern"])
 
 
 def cursor(request: web.Request, grammar: re.Pattern[str], what: str) -> str | None:

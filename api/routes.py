@@ -20,6 +20,7 @@ from api.schemas import (
     DELETED,
     DESTINATIONS,
     DOWNLOAD_PATH,
+    EVENT_ID,
     HEALTH,
     JOB,
     JOB_ID,
@@ -102,7 +103,6 @@ class Route:
 
 T = "/api/v1/targets/{target}"
 # a Redis stream id (milliseconds-sequence); 19 digits a part always fit Redis's 64 bits
-EVENT_ID = {"type": "string", "pattern": r"^[0-9]{1,19}-[0-9]{1,19}$"}
 _BACKUP_BODY = {"type": "object", "additionalProperties": False, "properties": {
     "compress": {"type": "boolean", "default": True,
                  "description": "false: no compression (else the target's gzip or zstd)"},

@@ -48,6 +48,8 @@ DOWNLOAD_PATH: Schema = {
     "pattern": f"^/api/v1/targets/{_pattern(TARGET_ID_RE)[1:-1]}/backups/"
                f"{_pattern(_NAME_RE)[1:-1]}/download$"}
 JOB_ID: Schema = {"type": "string", "pattern": "^[0-9a-f]{1,16}-[0-9a-f]{12}$"}
+# a Redis stream entry id: an event's `id:` (Last-Event-ID) and an audit entry's id
+EVENT_ID: Schema = {"type": "string", "pattern": r"^[0-9]{1,19}-[0-9]{1,19}$"}
 JOB_STATUS: Schema = {"enum": [s.value for s in JobStatus]}
 JOB_KIND: Schema = {"enum": [k.value for k in JobKind]}
 

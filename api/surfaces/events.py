@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 from collections import OrderedDict
 from typing import Any
 
@@ -18,7 +17,7 @@ from aiohttp import ClientConnectionResetError, web
 from aiohttp_sse import sse_response
 
 from api.context import PRINCIPAL, SERVICES, STREAMS
-from api.http import caller, for_reader, ops
+from api.http import EVENT_ID_RE, caller, for_reader, ops
 from api.roles import Role
 from shared.errors import BadRequest
 from shared.jobs import TERMINAL, JobKind
@@ -27,7 +26,6 @@ log = logging.getLogger("safehold.api")
 # a client that disconnects mid-stream is normal, not an error
 CLIENT_GONE = (ConnectionResetError, ClientConnectionResetError, BrokenPipeError)
 # a Redis stream id; 19 digits a part always fit its 64 bits (and the API schema says so)
-_STREAM_ID = re.compile(r"^([0-9]{1,19})-([0-9]{1,19})$")
 
 
 def resume_from(request: web.Request) -> str | None:
@@ -39,7 +37,7 @@ def resume_from(request: web.Request) -> str | None:
         raw = request.query.get("last_event_id")
     if raw is None:
         return None
-    if not _STREAM_ID.match(raw):
+    if not EVENT_ID_RE.match(raw):
         raise BadRequest("Last-Event-ID must be an event id as sent in `id:` (such as "
                          "1700000000000-0)", code="invalid_last_event_id")
     return raw

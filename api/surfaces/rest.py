@@ -12,7 +12,7 @@ from aiohttp import web
 from api.context import PRINCIPAL
 from api.files import send_stream
 from api.http import (
-    AUDIT_ID_RE,
+    EVENT_ID_RE,
     JOB_ID_RE,
     caller,
     cursor,
@@ -205,7 +205,7 @@ async def audit(request: web.Request) -> web.Response:
     limit = int(query_float(request, "limit", 1, 1000) or 100)
     entries = await ops(request).audit_entries(
         caller(request), limit=limit,
-        before=cursor(request, AUDIT_ID_RE, "an audit entry id (its `id`)"),
+        before=cursor(request, EVENT_ID_RE, "an audit entry id (its `id`)"),
         **{k: q.get(k) for k in ("subject", "target", "action", "result", "job", "via",
                                  "since")})
     page: dict[str, Any] = {"entries": entries, "count": len(entries)}
