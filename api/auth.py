@@ -41,6 +41,7 @@ from jwt.algorithms import RSAAlgorithm
 from api.roles import Role
 from shared.config import AuthSettings, Settings
 from shared.errors import ConfigError, Forbidden, Unauthorized, Unavailable
+from shared.jobs import Requester
 
 DEV_ISSUER = "safehold-dev"
 DEV_AUDIENCE = "safehold"
@@ -72,7 +73,7 @@ class Principal:
     def targets_visible(self, all_targets: list[str]) -> list[str]:
         return [t for t in all_targets if self.role_for(t) >= Role.VIEWER]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> Requester:
         return {
             "subject": self.subject,
             "client": self.client,

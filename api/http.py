@@ -63,11 +63,6 @@ def for_reader(doc: dict[str, Any], reader: Principal | None, kind: str,
     return {**doc, "error": shown}
 
 
-def principal(request: web.Request) -> dict[str, Any]:
-    p = request.get(PRINCIPAL)
-    return p.to_dict() if p is not None else {"subject": "anonymous"}
-
-
 def principal_of(request: web.Request) -> Principal:
     return request[PRINCIPAL]
 

@@ -32,7 +32,7 @@ from shared.errors import (
     Unavailable,
     Unprocessable,
 )
-from shared.jobs import TERMINAL, Job, JobKind, JobParams
+from shared.jobs import TERMINAL, Job, JobKind, JobParams, Requester
 from shared.naming import ENGINE_FORMATS
 from shared.storage.base import BackupStore
 
@@ -55,7 +55,7 @@ class Caller:
     audited: bool = False  # an operation wrote this call's audit entry
     warnings: list[str] = field(default_factory=list)
 
-    def requested_by(self) -> dict[str, Any]:
+    def requested_by(self) -> Requester:
         return {**self.principal.to_dict(), "via": self.surface}
 
 

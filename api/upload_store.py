@@ -23,6 +23,7 @@ from shared import codecs, formats, manifests, naming, stats
 from shared.codecs import plain_limit
 from shared.config import TargetConfig
 from shared.errors import BadRequest, PipelineError
+from shared.jobs import Requester
 
 _UNSAFE = re.compile(r"[^\w.\- ()+]")
 CHUNK = 1 << 20
@@ -101,7 +102,7 @@ Receive = Callable[[UploadSink], Awaitable[str | None]]  # fills the sink; the c
 
 
 async def store_upload(s: Services, target: TargetConfig, receive: Receive,
-                       requested_by: dict[str, Any]) -> dict[str, Any]:
+                       requested_by: Requester) -> dict[str, Any]:
     """Receive (`receive`), validate and store an upload on the target's destinations."""
     spool = await asyncio.to_thread(s.catalog.spool_path, target.id, "upload")
     started = datetime.now(UTC)

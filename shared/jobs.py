@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, TypedDict, TypeVar, cast
+from typing import Any, Required, TypedDict, TypeVar, cast
 
 from redis.asyncio import Redis
 
@@ -81,6 +81,18 @@ class RestoreStage(StrEnum):
     COMMITTING = "committing"
     PARTIAL = "partial"
     ROLLING_BACK = "rolling_back"
+
+
+class Requester(TypedDict, total=False):
+    """Who asked for a job (or a backup, in its manifest): the principal as the API saw
+    it, and the surface it came through."""
+
+    subject: Required[str]
+    client: str | None
+    role: str | None  # the global role (api.roles names)
+    scoped: dict[str, str]  # target -> role, for scoped tokens
+    restricted_to: list[str] | None
+    via: str  # cli | web | rest | seed | mcp
 
 
 class JobParams(TypedDict, total=False):
@@ -185,7 +197,7 @@ class Job:
     status: JobStatus
     created_at: str
     params: JobParams = field(default_factory=lambda: JobParams())
-    requested_by: dict[str, Any] = field(default_factory=dict)
+    requested_by: Requester = field(default_factory=lambda: Requester(subject="unknown"))
     progress: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
@@ -242,7 +254,7 @@ class Job:
             status=JobStatus(d["status"]),
             created_at=d["created_at"],
             params=cast(JobParams, d["params"] or {}),  # written by create() below
-            requested_by=d["requested_by"] or {},
+            requested_by=cast(Requester, d["requested_by"] or {"subject": "unknown"}),
             progress=d["progress"] or {},
             result=d["result"],
             error=d["error"],
@@ -315,7 +327,7 @@ class JobStore:
         kind: JobKind,
         target: str,
         params: JobParams,
-        requested_by: Mapping[str, Any],
+        requested_by: Requester,
         *,
         idempotency_key: str | None = None,
         stage: Callable[[Any, Job], None] | None = None,
@@ -355,7 +367,7 @@ class JobStore:
                     pass  # a key whose job never appeared (its creator died): take it over
                 await self.redis.set(ikey, job_id, ex=self.ttl)
         job = Job(id=job_id, kind=JobKind(kind), target=target, status=JobStatus.QUEUED,
-                  created_at=now_iso(), params=params.copy(), requested_by=dict(requested_by))
+                  created_at=now_iso(), params=params.copy(), requested_by=requested_by.copy())
         mapping = {
             "id": job.id, "kind": job.kind.value, "target": target,
             "status": job.status.value,

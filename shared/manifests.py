@@ -22,6 +22,7 @@ from typing import Any, TypeAlias
 
 from shared import codecs, naming
 from shared.errors import PipelineError
+from shared.jobs import Requester
 from shared.storage.base import Outcome
 
 JsonValue: TypeAlias = "str | int | float | bool | None | list[JsonValue] | dict[str, JsonValue]"
@@ -146,7 +147,7 @@ class Manifest:
     raw_bytes: int | None
     chain: Sequence[codecs.Step]
     destinations: Mapping[str, Outcome]
-    requested_by: Mapping[str, Any] | None
+    requested_by: Requester | None
     note: str | None = None
     facts: Mapping[str, Any] = field(default_factory=dict)
     dump: DumpFacts | None = None

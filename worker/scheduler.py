@@ -22,13 +22,13 @@ from arq.connections import ArqRedis
 from shared import rcmd, schedules
 from shared.audit import AuditLog
 from shared.config import Settings, TargetConfig
-from shared.jobs import Job, JobKind, JobParams, JobStatus, JobStore
+from shared.jobs import Job, JobKind, JobParams, JobStatus, JobStore, Requester
 from shared.keys import Keys
 from shared.notify import Notifier
 from shared.queue import enqueue
 
 log = logging.getLogger("safehold.scheduler")
-SCHEDULER = {"subject": "schedule", "client": "schedule"}
+SCHEDULER: Requester = {"subject": "schedule", "client": "schedule"}
 LATE_AFTER = timedelta(minutes=5)  # catch_up="none": a slot older than this is skipped
 PRUNE_SLOT = "04:00"  # the daily prune, in each target's zone
 
