@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypedDict, runtime_checkable
 
 from shared.config import TargetConfig
 from shared.errors import DumpFailed, EngineError, PipelineError, RestoreFailed
@@ -249,6 +249,13 @@ class RowCounting(Protocol):
     def row_counter(self) -> RowCounter: ...
 
 
+class DumpOptions(TypedDict, total=False):
+    """What a backup job may ask of an engine's dump (JobParams carries them)."""
+
+    format: str  # another format the engine offers (naming.ENGINE_FORMATS), e.g. redis rdb
+    use_apoc: bool  # neo4j: export through APOC
+
+
 class Engine(Protocol):
     name: ClassVar[str]
     extension: ClassVar[str]
@@ -258,7 +265,7 @@ class Engine(Protocol):
     atomic_restore: ClassVar[bool]
 
     def dump(self, target: TargetConfig, progress: Progress,
-             options: dict[str, Any] | None = None) -> AbstractAsyncContextManager[Dump]:
+             options: DumpOptions | None = None) -> AbstractAsyncContextManager[Dump]:
         """Stream a dump; leaving the context reaps every child and raises DumpFailed if the
         dump did not complete. `options` are engine-specific (e.g. redis `format`, which
         is also the file extension: `naming.ENGINE_FORMATS`)."""

@@ -50,6 +50,7 @@ from worker.engines import (
     NO_OPTIONS,
     Drill,
     Dump,
+    DumpOptions,
     RestoreOptions,
     drill_name,
     dump_errors,
@@ -184,7 +185,7 @@ class MongoDB:
 
     @asynccontextmanager
     async def dump(self, target: TargetConfig, progress: Progress,
-                   options: dict[str, Any] | None = None) -> AsyncIterator[Dump]:
+                   options: DumpOptions | None = None) -> AsyncIterator[Dump]:
         async with self.connect(target) as client:
             version = await self._version(client)
             plan: list[tuple[str, dict[str, Any]]] = []

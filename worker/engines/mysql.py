@@ -29,6 +29,7 @@ from worker.engines import (
     NO_OPTIONS,
     Blocker,
     Dump,
+    DumpOptions,
     RestoreOptions,
     describe,
     my_blockers,
@@ -156,7 +157,7 @@ class MySQL:
 
     @asynccontextmanager
     async def dump(self, target: TargetConfig, progress: Progress,
-                   options: dict[str, Any] | None = None) -> AsyncIterator[Dump]:
+                   options: DumpOptions | None = None) -> AsyncIterator[Dump]:
         if target.is_set:  # a server target: every database, one set (server_sets)
             async with server_sets.dump_set(self, target, progress, options) as dumped:
                 yield dumped

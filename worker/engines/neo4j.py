@@ -45,6 +45,7 @@ from shared.jobs import Phase
 from worker.engines import (
     NO_OPTIONS,
     Dump,
+    DumpOptions,
     RestoreOptions,
     dump_errors,
     restore_errors,
@@ -218,7 +219,7 @@ class Neo4j:
 
     @asynccontextmanager
     async def dump(self, target: TargetConfig, progress: Progress,
-                   options: dict[str, Any] | None = None) -> AsyncIterator[Dump]:
+                   options: DumpOptions | None = None) -> AsyncIterator[Dump]:
         use_apoc = bool((options or {}).get("use_apoc"))
         async with self._driver(target) as (driver, db):
             version = await self._version(driver)

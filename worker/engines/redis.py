@@ -40,6 +40,7 @@ from worker.engines import (
     NO_OPTIONS,
     Drill,
     Dump,
+    DumpOptions,
     RestoreOptions,
     dump_errors,
     restore_errors,
@@ -142,7 +143,7 @@ class RedisEngine:
 
     @asynccontextmanager
     async def dump(self, target: TargetConfig, progress: Progress,
-                   options: dict[str, Any] | None = None) -> AsyncIterator[Dump]:
+                   options: DumpOptions | None = None) -> AsyncIterator[Dump]:
         fmt = (options or {}).get("format") or "resp"
         if fmt == "rdb":
             async with self._dump_rdb(target, progress) as d:

@@ -23,7 +23,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from shared import backup_sets
 from shared.config import TargetConfig
 from shared.errors import DumpFailed, RestoreFailed
-from worker.engines import DRILL_PREFIX, Dump, RestoreOptions
+from worker.engines import DRILL_PREFIX, Dump, DumpOptions, RestoreOptions
 from worker.progress import Progress
 
 # what a member's manifest entry keeps of its one-database dump
@@ -54,7 +54,7 @@ class SetEngine(Protocol):
         roles or accounts, from its manifest entry, before any member loads."""
 
     def dump(self, target: TargetConfig, progress: Progress,
-             options: dict[str, Any] | None = None) -> Any: ...
+             options: DumpOptions | None = None) -> Any: ...
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
                       progress: Progress, *, clean: bool, manifest: dict[str, Any],
@@ -151,7 +151,7 @@ async def stats_set(engine: SetEngine, target: TargetConfig) -> dict[str, Any]:
 
 @asynccontextmanager
 async def dump_set(engine: SetEngine, target: TargetConfig, progress: Progress,
-                   options: dict[str, Any] | None = None) -> AsyncIterator[Dump]:
+                   options: DumpOptions | None = None) -> AsyncIterator[Dump]:
     names = await members_of(engine, target, progress)
     token = secrets.token_hex(8)
     members: list[dict[str, Any]] = []

@@ -31,7 +31,7 @@ from shared.errors import DumpFailed, EngineError, PipelineError, RestoreFailed
 from shared.formats.sqlite import check_sqlite_file
 from shared.jobs import Phase, RestoreStage
 from shared.outage import RedisUnavailable
-from worker.engines import NO_OPTIONS, Drill, Dump, RestoreOptions
+from worker.engines import NO_OPTIONS, Drill, Dump, DumpOptions, RestoreOptions
 from worker.progress import Progress
 
 CHUNK = 1 << 20
@@ -146,7 +146,7 @@ class SQLite:
 
     @asynccontextmanager
     async def dump(self, target: TargetConfig, progress: Progress,
-                   options: dict[str, Any] | None = None) -> AsyncIterator[Dump]:
+                   options: DumpOptions | None = None) -> AsyncIterator[Dump]:
         progress.item_kind = "pages"
         progress.set_phase(Phase.SNAPSHOT)
         # plaintext on the worker's disk (even for an encrypted backup): in Safehold's

@@ -21,7 +21,7 @@ from shared.naming import ENGINE_FORMATS
 from shared.outage import RedisUnavailable
 from shared.storage.catalog import Fanout
 from worker import pipeline
-from worker.engines import Engine, RowCounting
+from worker.engines import DumpOptions, Engine, RowCounting
 from worker.procedures.base import ProcedureBase, counted, log
 from worker.progress import Progress
 
@@ -58,7 +58,11 @@ class Backups(ProcedureBase):
         # encoders first: recipients that cannot be loaded fail the backup before a byte
         # is written anywhere (never stored unencrypted)
         stages = codecs.encoders(chain)
-        options = {k: job.params[k] for k in ("format", "use_apoc") if job.params.get(k)}
+        options = DumpOptions()
+        if job.params.get("format"):
+            options["format"] = job.params["format"]
+        if job.params.get("use_apoc"):
+            options["use_apoc"] = True
         fmt = options.get("format")
         ext = fmt if fmt in ENGINE_FORMATS.get(engine.name, ()) else engine.extension
 
