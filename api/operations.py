@@ -33,6 +33,7 @@ from shared.errors import (
     Unprocessable,
 )
 from shared.jobs import TERMINAL, Job, JobKind, JobParams, Requester
+from shared.manifests import ManifestDoc
 from shared.naming import ENGINE_FORMATS
 from shared.storage.base import BackupStore
 
@@ -59,7 +60,7 @@ class Caller:
         return {**self.principal.to_dict(), "via": self.surface}
 
 
-def backup_view(m: dict[str, Any]) -> dict[str, Any]:
+def backup_view(m: ManifestDoc) -> dict[str, Any]:
     size = int(m.get("size_bytes") or 0)
     return {**m, "size_bytes": size, "size_mib": round(size / (1024 * 1024), 2),
             "size_mb": round(size / (1024 * 1024), 2),  # seed name; the unit is MiB
@@ -274,7 +275,7 @@ class Operations:
         return health
 
     async def download_source(self, caller: Caller, target_id: str, file: str
-                              ) -> tuple[BackupStore, naming.BackupName, dict[str, Any]]:
+                              ) -> tuple[BackupStore, naming.BackupName, ManifestDoc]:
         """Where a download reads from: the first destination (in read order) holding a
         usable copy, with the name and its manifest (operator: a download is the data)."""
         target = self.target(caller, target_id, Role.OPERATOR)
@@ -307,8 +308,8 @@ class Operations:
                 "kept": sum(d.keep for d in decisions)}
         return out
 
-    async def manifest(self, target: str, file: str) -> tuple[naming.BackupName,
-                                                                dict[str, Any]]:
+    async def manifest(self, target: str, file: str
+                       ) -> tuple[naming.BackupName, ManifestDoc]:
         """A client-named backup: parsed by the grammar (400), then looked up (404)."""
         name = naming.parse(file)
         return name, await self.s.catalog.manifest(target, name)
@@ -479,7 +480,7 @@ class Operations:
                                      before_enqueue=await self._sealer(identity, params))
 
     async def upload(self, caller: Caller, target_id: str, receive: Receive
-                     ) -> dict[str, Any]:
+                     ) -> ManifestDoc:
         """An uploaded backup file, received by `receive`, checked and stored like a
         backup (operator on the target; audited as upload_backup)."""
         async with self.audited(caller, "upload_backup", target_id, {}) as info:

@@ -24,6 +24,7 @@ from shared.codecs import plain_limit
 from shared.config import TargetConfig
 from shared.errors import BadRequest, PipelineError
 from shared.jobs import Requester
+from shared.manifests import ManifestDoc
 
 _UNSAFE = re.compile(r"[^\w.\- ()+]")
 CHUNK = 1 << 20
@@ -102,7 +103,7 @@ Receive = Callable[[UploadSink], Awaitable[str | None]]  # fills the sink; the c
 
 
 async def store_upload(s: Services, target: TargetConfig, receive: Receive,
-                       requested_by: Requester) -> dict[str, Any]:
+                       requested_by: Requester) -> ManifestDoc:
     """Receive (`receive`), validate and store an upload on the target's destinations."""
     spool = await asyncio.to_thread(s.catalog.spool_path, target.id, "upload")
     started = datetime.now(UTC)

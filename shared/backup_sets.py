@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 from shared.engines import ENGINES
@@ -63,7 +63,7 @@ def header(token: str, engine: str, names: list[str]) -> bytes:
             f"(see the README, \"Server targets\"), then\n-- {how}\n--\n").encode()
 
 
-def token_of(manifest: dict[str, Any]) -> str | None:
+def token_of(manifest: Mapping[str, object]) -> str | None:
     """The set's token from a (hostile) manifest; None when it is no set."""
     found = manifest.get("set")
     if found is None:
@@ -74,7 +74,7 @@ def token_of(manifest: dict[str, Any]) -> str | None:
     return token
 
 
-def member_entries(manifest: dict[str, Any]) -> list[dict[str, Any]] | None:
+def member_entries(manifest: Mapping[str, object]) -> list[dict[str, Any]] | None:
     """A (hostile) manifest's member entries as listed, dicts only; None when it holds no
     set (or its members are not a list). The one reading of `set.members`."""
     found = manifest.get("set")

@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeAlias
+from typing import Any, Required, TypeAlias, TypedDict, cast
 
 from shared import codecs, naming
 from shared.errors import PipelineError
@@ -30,6 +30,57 @@ JsonValue: TypeAlias = "str | int | float | bool | None | list[JsonValue] | dict
 MAX_MANIFEST_BYTES = 16 << 20  # larger than any honest manifest (exact counts included)
 CLOCK_SLACK_S = 2.0  # a name's stamp is its start time truncated to the second
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+
+
+class ManifestDoc(TypedDict, total=False):
+    """A manifest as read back and vetted (`vet`), or as listed: the keys vet proves are
+    typed; the rest is what the file says — `object` until a reader narrows it (a manifest
+    is hostile input). A listing adds `stored_on`; a damaged entry holds only the name's
+    facts and `damaged`; a drill adds `verified_at` / `verification` (annotate)."""
+
+    filename: Required[str]
+    kind: Required[str]
+    engine: Required[str]
+    created_at: Required[str]
+    damaged: str
+    sha256: str
+    size_bytes: int
+    stored_on: list[str]  # the catalog's own: where a usable copy is now
+    damaged_on: list[str]  # the catalog's: destinations whose copy's manifest is damaged
+    target: object
+    finished_at: object
+    duration_s: object
+    raw_bytes: object
+    codecs: object
+    compression: object
+    encryption: object
+    destinations: object
+    partial: object
+    warnings: object
+    requested_by: object
+    job: object
+    parent: object
+    note: object
+    uploaded_sha256: object
+    validated: object
+    original_filename: object
+    verified_at: object
+    verification: object
+    format_version: object
+    # engine facts, as the engines write them (see each engine's dump)
+    server_version: object
+    tool: object
+    format: object
+    set: object
+    databases: object
+    database: object
+    roles: object
+    globals: object
+    counts: object
+    count_kind: object
+    exact_counts: object
+    exact_count_kind: object
+    size_estimate: object
 
 
 class DamagedManifest(PipelineError):
@@ -44,7 +95,7 @@ def name_time(name: naming.BackupName) -> str:
     return name.created_at.isoformat().replace("+00:00", "Z")
 
 
-def damaged(name: naming.BackupName, why: str) -> dict[str, Any]:
+def damaged(name: naming.BackupName, why: str) -> ManifestDoc:
     """What a listing shows of a backup whose manifest failed: the name's facts only."""
     return {"filename": name.filename, "kind": name.kind, "engine": name.engine,
             "created_at": name_time(name), "damaged": why}
@@ -83,7 +134,7 @@ def problems(doc: Any, name: naming.BackupName) -> list[str]:
     return out
 
 
-def vet(doc: Any, filename: str) -> dict[str, Any]:
+def vet(doc: Any, filename: str) -> ManifestDoc:
     """The manifest of the object `filename` (already proven by the grammar), or the
     damaged entry that stands for it. Never raises for what the manifest holds."""
     name = naming.parse(filename)
@@ -94,10 +145,10 @@ def vet(doc: Any, filename: str) -> dict[str, Any]:
     if found:
         return damaged(name, "; ".join(found)[:500])
     assert isinstance(doc, dict)
-    return doc
+    return cast(ManifestDoc, doc)  # its core keys proven above
 
 
-def usable(manifest: dict[str, Any]) -> dict[str, Any]:
+def usable(manifest: ManifestDoc) -> ManifestDoc:
     """`manifest` if it is not damaged; else DamagedManifest naming why."""
     if manifest.get("damaged"):
         raise DamagedManifest(f"the manifest of {manifest.get('filename')} does not agree "

@@ -250,7 +250,8 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                 "database_id": target.id, "engine": target.engine, "backup": name.filename,
                 "created_at": manifest.get("created_at"),
                 "size_bytes": manifest.get("size_bytes"), "sha256": manifest.get("sha256"),
-                "verification": (manifest.get("verification") or {}).get("outcome"),
+                "verification": verification.get("outcome")
+                if isinstance(verification := manifest.get("verification"), dict) else None,
                 "what_happens": (
                     ("a safety backup of the current database is taken first; then "
                      if create_safety_backup else "NO safety backup is taken; ")

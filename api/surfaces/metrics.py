@@ -30,6 +30,7 @@ from api.roles import Role
 from shared import rcmd
 from shared.errors import Unavailable
 from shared.jobs import JobKind
+from shared.manifests import ManifestDoc
 from shared.stats import DURATION_BUCKETS
 
 CATALOG_CACHE = web.AppKey("catalog_cache", dict)
@@ -39,7 +40,7 @@ CATALOG_CACHE = web.AppKey("catalog_cache", dict)
 class _Cached:
     generation: bytes | None = b"never read"
     at: float = 0.0
-    manifests: list[dict[str, Any]] = field(default_factory=list)
+    manifests: list[ManifestDoc] = field(default_factory=list)
     unavailable: list[str] = field(default_factory=list)
     # one re-read at a time: 100 concurrent scrapes of a changed catalog read it once
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -53,7 +54,7 @@ def _ts(iso: Any) -> float | None:
 
 
 async def _manifests(request: web.Request, s: Services, target: str
-                     ) -> tuple[list[dict[str, Any]], list[str]] | None:
+                     ) -> tuple[list[ManifestDoc], list[str]] | None:
     """The target's listing and its unreachable destinations (None: none answers),
     re-read only when the catalog changed (or after 10 minutes: files put in place by
     hand); a listing that missed a destination is read again at the next scrape."""
@@ -192,7 +193,7 @@ class _TargetFamilies:
                 self.rto, self.missed, self.lag, self.last_ok]
 
     def storage(self, s: Services, target: str,
-                listed: tuple[list[dict[str, Any]], list[str]] | None) -> None:
+                listed: tuple[list[ManifestDoc], list[str]] | None) -> None:
         for d in s.settings.targets[target].destinations:
             self.up.add_metric([target, d], 0 if listed is None or d in listed[1] else 1)
         manifests = listed[0] if listed is not None else []
@@ -201,7 +202,7 @@ class _TargetFamilies:
             self.size.add_metric([target], sum(int(m.get("size_bytes") or 0) for m in manifests))
             self.damaged.add_metric([target], sum(1 for m in manifests if m.get("damaged")))
         dests: dict[str, int] = {}
-        newest_on: dict[str, dict[str, Any]] = {}  # manifests are newest first
+        newest_on: dict[str, ManifestDoc] = {}  # manifests are newest first
         for m in manifests:
             for d in m.get("stored_on") or []:
                 dests[d] = dests.get(d, 0) + 1
@@ -220,11 +221,12 @@ class _TargetFamilies:
         drills = sorted((m for m in manifests if m.get("verified_at")),
                         key=lambda m: str(m["verified_at"]), reverse=True)
         if drills and (t := _ts(drills[0]["verified_at"])) is not None:
-            v = drills[0].get("verification") or {}
+            found = drills[0].get("verification")
+            v = found if isinstance(found, dict) else {}
             self.verified.add_metric([target], t)
             self.passed.add_metric([target], 1 if v.get("outcome") == "passed" else 0)
-            if v.get("rto_s") is not None:
-                self.rto.add_metric([target], float(v["rto_s"]))
+            if isinstance(rto := v.get("rto_s"), int | float):
+                self.rto.add_metric([target], float(rto))
 
     async def schedule(self, s: Services, target: str) -> None:
         state = await rcmd.hgetall(s.redis, s.keys.schedule(target))

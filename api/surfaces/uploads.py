@@ -20,7 +20,7 @@ async def upload_backup(request: web.Request) -> web.Response:
     if not restore:
         return web.json_response(manifest, status=201)
     job = await ops(request).start_restore(
-        who, manifest["target"], manifest["filename"], safety=safety,
+        who, request.match_info["target"], manifest["filename"], safety=safety,
         wait=query_float(request, "wait", 0, MAX_WAIT))
     return web.json_response({"upload": manifest, "job": job_view(job)},
                              status=200 if job.terminal else 202,

@@ -10,12 +10,14 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from shared import manifests, naming
 from shared.config import Settings, TargetConfig
 from shared.errors import NotFound, PipelineError, SafeholdError, Unavailable, disk_full
+from shared.manifests import ManifestDoc
 from shared.storage.base import BackupStore, Outcome, PendingBackup, Readback, open_store
 
 log = logging.getLogger("safehold.storage")
@@ -180,11 +182,11 @@ class Catalog:
         names += [n for n in t.destinations if n not in names]
         return [self.store(n) for n in names]
 
-    async def list_backups(self, target: str) -> list[dict[str, Any]]:
+    async def list_backups(self, target: str) -> list[ManifestDoc]:
         """`listing(target)`'s backups (raises when no destination answers)."""
         return (await self.listing(target))[0]
 
-    async def listing(self, target: str) -> tuple[list[dict[str, Any]], list[str]]:
+    async def listing(self, target: str) -> tuple[list[ManifestDoc], list[str]]:
         """Complete backups on any destination, newest first (by the time in their names),
         each once, with `stored_on` (where a usable copy is now) in read order, and the
         destinations that could not be listed. A backup whose every copy has a damaged
@@ -194,8 +196,8 @@ class Catalog:
         stores = self.stores_of(target)
         listed = await asyncio.gather(*(s.list_manifests(target) for s in stores),
                                       return_exceptions=True)
-        good: dict[str, dict[str, Any]] = {}
-        bad: dict[str, dict[str, Any]] = {}
+        good: dict[str, ManifestDoc] = {}
+        bad: dict[str, ManifestDoc] = {}
         unavailable: dict[str, str] = {}
         for store, result in zip(stores, listed, strict=True):
             if isinstance(result, BaseException):
@@ -205,8 +207,9 @@ class Catalog:
             for m in result:
                 key = str(m["filename"])
                 pile = bad if m.get("damaged") else good
-                pile.setdefault(key, {**m, "stored_on": [], "damaged_on": []})
-                pile[key]["damaged_on" if m.get("damaged") else "stored_on"].append(store.name)
+                entry = pile.setdefault(key, {**m, "stored_on": [], "damaged_on": []})
+                (entry["damaged_on"] if m.get("damaged") else entry["stored_on"]).append(
+                    store.name)
         if stores and len(unavailable) == len(stores):
             raise Unavailable(
                 f"no destination of target '{target}' answers, so its backups cannot be "
@@ -222,7 +225,7 @@ class Catalog:
             if not entry["damaged_on"]:
                 del entry["damaged_on"]
 
-        def newest(m: dict[str, Any]) -> tuple[Any, int]:
+        def newest(m: ManifestDoc) -> tuple[datetime, int]:
             name = naming.parse(str(m["filename"]))
             return name.created_at, name.seq
 
@@ -231,7 +234,7 @@ class Catalog:
 
     async def copies(self, target: str, name: naming.BackupName, *,
                      include_damaged: bool = False
-                     ) -> list[tuple[BackupStore, dict[str, Any]]]:
+                     ) -> list[tuple[BackupStore, ManifestDoc]]:
         """Every complete copy of a backup, in read order; NotFound when there is none.
         Copies whose manifest is damaged are left out (DamagedManifest when no other copy
         is left) unless `include_damaged` (to delete them)."""
@@ -259,7 +262,7 @@ class Catalog:
         where = [s.name for s, _ in found]
         return [(s, {**m, "stored_on": where}) for s, m in found]
 
-    async def manifest(self, target: str, name: naming.BackupName) -> dict[str, Any]:
+    async def manifest(self, target: str, name: naming.BackupName) -> ManifestDoc:
         return (await self.copies(target, name))[0][1]
 
     async def annotate(self, target: str, name: naming.BackupName,

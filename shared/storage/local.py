@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 from shared import manifests, naming
 from shared.config import DestinationConfig
 from shared.errors import InvalidBackupName, NotFound, PipelineError
+from shared.manifests import ManifestDoc
 from shared.storage.base import Health, Readback
 
 MANIFEST_VERSION = 1
@@ -151,10 +152,10 @@ class LocalStorage:
         return self._dir(target) / naming.parse(filename).filename
 
     # ------------------------------------------------------------------ reading
-    async def list_manifests(self, target: str) -> list[dict[str, Any]]:
+    async def list_manifests(self, target: str) -> list[ManifestDoc]:
         return await asyncio.to_thread(self._list, target)
 
-    def _list(self, target: str) -> list[dict[str, Any]]:
+    def _list(self, target: str) -> list[ManifestDoc]:
         d = self._dir(target)
         if not d.is_dir():
             return []
@@ -176,10 +177,10 @@ class LocalStorage:
                 out.append(manifests.damaged(name, str(exc)))
         return out
 
-    async def read_manifest(self, target: str, filename: str) -> dict[str, Any]:
+    async def read_manifest(self, target: str, filename: str) -> ManifestDoc:
         return await asyncio.to_thread(self._manifest, target, filename)
 
-    def _manifest(self, target: str, filename: str) -> dict[str, Any]:
+    def _manifest(self, target: str, filename: str) -> ManifestDoc:
         data = self._file(target, filename)
         try:
             doc = _read_json(data.with_name(f"{data.name}.json"))

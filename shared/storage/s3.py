@@ -36,6 +36,7 @@ from typing import Any, BinaryIO
 from shared import manifests, naming
 from shared.config import DestinationConfig
 from shared.errors import InvalidBackupName, NotFound, PipelineError
+from shared.manifests import ManifestDoc
 from shared.storage.base import Health, Readback
 
 log = logging.getLogger("safehold.s3")
@@ -239,7 +240,7 @@ class S3Storage:
         self._client: Any = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._lock = asyncio.Lock()
-        self._manifest_cache: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._manifest_cache: dict[str, tuple[str, ManifestDoc]] = {}
 
     async def client(self) -> Any:
         if self._client is None:
@@ -320,7 +321,7 @@ class S3Storage:
                 out[obj["Key"]] = obj
         return out
 
-    async def list_manifests(self, target: str) -> list[dict[str, Any]]:
+    async def list_manifests(self, target: str) -> list[ManifestDoc]:
         base = self.key(target, "backup_sqlite_20000101_000000.db").rsplit("/", 1)[0] + "/"
         keys = await self._list_keys(base)
         wanted = []
@@ -335,7 +336,7 @@ class S3Storage:
             if data_key in keys:
                 wanted.append((key, str(obj.get("ETag", ""))))
 
-        async def one(key: str, etag: str) -> dict[str, Any] | None:
+        async def one(key: str, etag: str) -> ManifestDoc | None:
             filename = key[: -len(".json")].rsplit("/", 1)[-1]
             cached = self._manifest_cache.get(key)
             if cached and cached[0] == etag:
@@ -382,7 +383,7 @@ class S3Storage:
             raise ValueError("the manifest is not a JSON object")
         return doc
 
-    async def read_manifest(self, target: str, filename: str) -> dict[str, Any]:
+    async def read_manifest(self, target: str, filename: str) -> ManifestDoc:
         key = self.key(target, filename)
         try:
             doc = manifests.vet(await self._get_json(f"{key}.json"), filename)

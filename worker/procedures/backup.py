@@ -161,9 +161,10 @@ class Backups(ProcedureBase):
         means something, instead of sitting at 99 %)."""
         with contextlib.suppress(Exception):
             for m in await self.catalog.list_backups(target.id):
-                est = (m.get("size_estimate") or {}).get("bytes")
-                if est and m.get("raw_bytes"):
-                    return min(50.0, max(0.02, float(m["raw_bytes"]) / float(est)))
+                estimate, raw = m.get("size_estimate"), m.get("raw_bytes")
+                est = estimate.get("bytes") if isinstance(estimate, dict) else None
+                if isinstance(est, int | float) and isinstance(raw, int | float) and est and raw:
+                    return min(50.0, max(0.02, float(raw) / float(est)))
         return None
 
     # ----------------------------------------------------------------- prune

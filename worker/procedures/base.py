@@ -112,10 +112,10 @@ class ProcedureBase:
             return []
         return codecs.identities_from_file(enc.identity_file)
 
-    def _limit(self, manifest: dict[str, Any]) -> int:
+    def _limit(self, manifest: Mapping[str, object]) -> int:
         limits = self.settings.limits
-        declared = manifest.get("raw_bytes")
-        return plain_limit(int(manifest.get("size_bytes") or 0),
+        declared, stored = manifest.get("raw_bytes"), manifest.get("size_bytes")
+        return plain_limit(stored if isinstance(stored, int) else 0,
                            max_bytes=limits.max_restore_bytes, ratio=limits.max_expansion_ratio,
                            declared=int(declared) if isinstance(declared, int) else None)
 

@@ -62,8 +62,8 @@ class Restores(Verification, Backups):
         n0 = len(progress.warnings)
         plan = await self._verify(target, engine, name, copies, progress, ids)
         verify_warnings = progress.warnings[n0:]
-        manifest = plan.load_manifest()
-        self._check_set(target, engine, manifest, plan.databases_in_file())
+        loading = plan.load_manifest()
+        self._check_set(target, engine, loading, plan.databases_in_file())
         if len(copies) > 1 or plan.store is not copies[0][0]:
             await self.store.publish(job.id, "log", {
                 "message": f"restoring {name.filename} from destination {plan.store.name}"})
@@ -72,20 +72,20 @@ class Restores(Verification, Backups):
         t0 = time.monotonic()
         warnings_before = len(progress.warnings)
         try:
-            await self._load(job, target, engine, name, plan.store, manifest, progress, ids,
+            await self._load(job, target, engine, name, plan.store, loading, progress, ids,
                              windows=plan.windows)
         except (EngineError, PipelineError, BadRequest) as exc:
             raise await self._after_failed_restore(
-                job, target, engine, exc, safety, progress, manifest, ids,
+                job, target, engine, exc, safety, progress, loading, ids,
                 safety_sha256) from exc
         except Exception as exc:  # a bug mid-load: still say what state the database is in
             error = RestoreFailed(f"{type(exc).__name__}: {exc}", code="internal_error")
             raise await self._after_failed_restore(
-                job, target, engine, error, safety, progress, manifest, ids,
+                job, target, engine, error, safety, progress, loading, ids,
                 safety_sha256) from exc
         return {"restored": name.filename, "safety_backup": safety,
                 "restored_from": plan.store.name,
-                "raw_bytes": manifest.get("raw_bytes"),
+                "raw_bytes": loading.get("raw_bytes"),
                 "duration_s": round(time.monotonic() - t0, 3),
                 "warnings": verify_warnings + progress.warnings[warnings_before:] or None}
 

@@ -22,6 +22,7 @@ from shared.errors import (
     Unavailable,
 )
 from shared.jobs import Job, Phase, now_iso
+from shared.manifests import ManifestDoc
 from shared.storage.base import BackupStore
 from shared.storage.catalog import BlockingStream
 from worker.engines import Drill, Drillable, Engine, RestoreOptions, server_sets
@@ -193,7 +194,7 @@ class Verification(ProcedureBase):
     # ----------------------------------------------------------------- restore
 
     async def _verify(self, target: TargetConfig, engine: Engine, name: naming.BackupName,
-                      copies: list[tuple[BackupStore, dict[str, Any]]], progress: Progress,
+                      copies: list[tuple[BackupStore, ManifestDoc]], progress: Progress,
                       identities: Sequence[Any]) -> RestorePlan:
         """Find the first copy whose stored bytes match its manifest's sha256 (a copy that
         is missing or damaged is passed over, and said so). An engine that cannot load
@@ -226,7 +227,7 @@ class Verification(ProcedureBase):
 
     async def _verify_copy(self, target: TargetConfig, engine: Engine,
                            name: naming.BackupName, store: BackupStore,
-                           manifest: dict[str, Any], progress: Progress,
+                           manifest: ManifestDoc, progress: Progress,
                            identities: Sequence[Any]) -> RestorePlan:
         expected = str(manifest.get("sha256"))
         chain = codecs.chain_of(manifest)
