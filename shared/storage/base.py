@@ -10,12 +10,14 @@ so that a reaper can remove what a dead worker left.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from typing import Any, Literal, Protocol, Required, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Required, TypedDict
 
 from shared import naming
 from shared.config import DestinationConfig
 from shared.errors import ErrorDoc
-from shared.manifests import ManifestDoc
+
+if TYPE_CHECKING:  # manifests import this module's Outcome
+    from shared.manifests import ManifestDoc
 
 
 class Readback(TypedDict, total=False):
