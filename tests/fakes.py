@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any, ClassVar
 
 from shared.config import TargetConfig
@@ -19,7 +20,7 @@ from shared.engines import ENGINES
 from shared.errors import RestoreFailed
 from shared.formats.resp import RespReader, resp
 from shared.jobs import Job
-from worker.engines import NO_OPTIONS, Dump, RestoreOptions
+from worker.engines import NO_OPTIONS, Drill, Dump, RestoreOptions
 from worker.progress import Progress
 
 
@@ -33,6 +34,8 @@ class FakeEngine:
 
     def __init__(self, data: dict[bytes, bytes]) -> None:
         self.data = data
+        self.scratches: dict[str, dict[bytes, bytes]] = {}  # a drill's, by scratch url
+        self.lose_in_scratch: bytes | None = None  # a key a scratch restore "loses"
         self.fail_loads_after: list[int | None] = []  # per load, in order: keys before failing
         self.refuse_loads = 0  # loads that fail before touching anything
         self.dump_gate: asyncio.Event | None = None  # a dump waits here before each key
@@ -52,7 +55,9 @@ class FakeEngine:
                     await self.dump_gate.wait()
                 yield resp(b"RESTORE", key, b"0", value, b"REPLACE")
 
-        yield Dump(chunks(), {"server_version": "fake 1.0", "keys": len(snapshot)})
+        yield Dump(chunks(), {"server_version": "fake 1.0", "keys": len(snapshot),
+                              "exact_counts": counts_of(snapshot),
+                              "exact_count_kind": "keys"})
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
                       progress: Progress, *, clean: bool, manifest: dict[str, Any],
@@ -62,9 +67,12 @@ class FakeEngine:
             self.refuse_loads -= 1
             raise RestoreFailed("the fake server refused the load before it began",
                                 database_unchanged=True)
-        fail_after = self.fail_loads_after.pop(0) if self.fail_loads_after else None
+        scratch = target.url in self.scratches
+        space = self.scratches[target.url] if scratch else self.data
+        fail_after = None if scratch or not self.fail_loads_after else \
+            self.fail_loads_after.pop(0)
         if clean:
-            self.data.clear()
+            space.clear()
         reader, loaded = RespReader(max_parts=6, keep=1 << 20), 0
         async for chunk in chunks:
             for command in reader.feed(chunk):
@@ -72,14 +80,52 @@ class FakeEngine:
                     continue
                 if fail_after is not None and loaded >= fail_after:
                     raise RestoreFailed("the fake server went away in the middle of the load")
-                self.data[command[1]] = command[3]
+                if not (scratch and command[1] == self.lose_in_scratch):
+                    space[command[1]] = command[3]
                 loaded += 1
+
+    @property
+    def drill(self) -> FakeDrill:
+        return FakeDrill(self)
 
     async def stats(self, target: TargetConfig) -> dict[str, Any]:
         return {"engine": self.name, "keys": len(self.data)}
 
     async def ping(self, target: TargetConfig) -> None:
         return None
+
+
+def counts_of(space: Mapping[bytes, bytes]) -> dict[str, int]:
+    """Keys per "table" (the part of a key before its first `:`)."""
+    out: dict[str, int] = {}
+    for key in space:
+        table = key.split(b":", 1)[0].decode()
+        out[table] = out.get(table, 0) + 1
+    return out
+
+
+class FakeDrill(Drill):
+    """Scratch keyspaces beside the live one: restored into, counted, checked, dropped."""
+
+    def __init__(self, engine: FakeEngine) -> None:
+        self.engine = engine
+
+    @asynccontextmanager
+    async def scratch(self, target: TargetConfig) -> AsyncIterator[TargetConfig]:
+        url = f"redis://scratch-{len(self.engine.scratches)}/0"
+        self.engine.scratches[url] = {}
+        self.last_scratch = url
+        try:
+            yield replace(target, url=url)
+        finally:
+            del self.engine.scratches[url]
+
+    async def exact_counts(self, target: TargetConfig) -> dict[str, int]:
+        return counts_of(self.engine.scratches[target.url])
+
+    async def check(self, target: TargetConfig, sql: str) -> bool:
+        """A "check" here names a key that must exist in the scratch copy."""
+        return sql.encode() in self.engine.scratches[target.url]
 
 
 class MemoryJobs:

@@ -334,7 +334,7 @@ class JobRunner:
         supplied = await self._supplied_identity(job) \
             if job.params.get("identity_supplied") else []
         if job.kind == JobKind.VERIFY:
-            return await self.procedures.verify(job, target, engine, progress, supplied)
+            return dict(await self.procedures.verify(job, target, engine, progress, supplied))
         if job.kind == JobKind.PRUNE:
             async def on_delete(destination: str, filename: str, reasons: list[str]) -> None:
                 await self.audit.record(

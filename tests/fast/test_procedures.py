@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from shared.config import Settings, TargetConfig, parse_settings
-from shared.errors import RestoreFailed, SafetyBackupFailed
+from shared.errors import EngineError, RestoreFailed, SafetyBackupFailed
 from shared.jobs import Job, JobKind, JobStatus, now_iso
 from shared.outage import JobTakenOver
 from shared.storage.catalog import Catalog
@@ -168,3 +168,32 @@ async def test_a_backup_whose_job_was_taken_over_is_not_published(rig: Rig) -> N
     with pytest.raises(JobTakenOver):
         await task
     assert await rig.listed() == [] and rig.store.objects_of("main") == []
+
+
+async def test_a_drill_restores_into_a_scratch_copy_and_compares_exact_counts(
+        rig: Rig) -> None:
+    name = await rig.backup()
+    job = rig.job(JobKind.VERIFY, "v1", backup=name)
+    record = await rig.procedures.verify(job, rig.target, rig.engine, Progress())
+    assert record["outcome"] == "passed" and record["mode"] == "scratch-restore"
+    assert record["counts_compared"] == 2 and record["rows_restored"] == 3
+    assert rig.engine.scratches == {} and rig.engine.data == ORIGINAL  # dropped; live as is
+    stored = await rig.store.read_manifest("main", name)
+    assert stored["verification"]["outcome"] == "passed"  # type: ignore[index]
+
+
+async def test_a_drill_that_restores_less_than_was_dumped_fails_and_says_what(
+        rig: Rig) -> None:
+    name = await rig.backup()
+    rig.engine.lose_in_scratch = b"user:2"
+    job = rig.job(JobKind.VERIFY, "v2", backup=name)
+    with pytest.raises(EngineError) as failed:
+        await rig.procedures.verify(job, rig.target, rig.engine, Progress())
+    assert failed.value.code == "drill_failed"
+    assert "user: 1 keys restored, 2 dumped" in failed.value.message
+    stored = await rig.store.read_manifest("main", name)
+    verification = stored["verification"]
+    assert verification["outcome"] == "failed"  # type: ignore[index]
+    assert verification["mismatches"] == {  # type: ignore[index]
+        "user": {"expected": 2, "restored": 1}}
+    assert rig.engine.scratches == {} and rig.engine.data == ORIGINAL

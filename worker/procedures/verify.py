@@ -9,7 +9,7 @@ import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, Required, TypedDict
 
 from shared import backup_sets, codecs, formats, naming
 from shared.config import TargetConfig
@@ -30,9 +30,52 @@ from worker.procedures.base import DRILL_NOT_RUN, ProcedureBase, RestorePlan, un
 from worker.progress import Progress
 
 
+class DrillCheck(TypedDict, total=False):
+    """One of the target's `verify_checks`, run on the scratch copy."""
+
+    sql: Required[str]
+    ok: Required[bool]
+    error: str  # the check itself failed to run
+    database: str  # a server target's: the member it ran on
+
+
+class Mismatch(TypedDict):
+    """A table whose restored count is not what the dump recorded."""
+
+    expected: int | str  # "present" when dump-time counts were estimates
+    restored: int | None
+
+
+class DrillFound(TypedDict):
+    mismatches: dict[str, Mismatch]
+    checks: list[DrillCheck]
+
+
+class DrillRecord(TypedDict, total=False):
+    """What a drill records in the backup's manifest (`verification`) and returns."""
+
+    backup: Required[str]
+    job: Required[str]
+    mode: Required[str]  # scratch-restore | content-check
+    destination: str
+    swept_scratch: list[str]
+    databases: int  # a set: how many of its databases were compared
+    duration_s: float
+    rto_s: float
+    scratch: str | None
+    not_restored: str
+    counts: str
+    counts_compared: int
+    tables_compared: int
+    rows_restored: int
+    mismatches: dict[str, Mismatch] | None
+    checks: list[DrillCheck] | None
+    outcome: str  # passed | failed | not_run
+
+
 class Verification(ProcedureBase):
     async def verify(self, job: Job, target: TargetConfig, engine: Engine,
-                     progress: Progress, supplied: Sequence[Any] = ()) -> dict[str, Any]:
+                     progress: Progress, supplied: Sequence[Any] = ()) -> DrillRecord:
         """A restore drill: verify the backup (checksum, content, identity), restore it into
         a scratch place, compare exact counts with those recorded at dump time, run the
         target's `verify_checks`, time it (RTO), drop the scratch copy; the outcome goes
@@ -58,9 +101,9 @@ class Verification(ProcedureBase):
                          Phase.CHECKING: (90, 100)}
         t0 = time.monotonic()
         drill = engine.drill if isinstance(engine, Drillable) else None
-        record: dict[str, Any] = {"backup": name.filename, "job": job.id,
-                                  "mode": "content-check" if drill is None
-                                  else "scratch-restore"}
+        record: DrillRecord = {"backup": name.filename, "job": job.id,
+                               "mode": "content-check" if drill is None
+                               else "scratch-restore"}
         try:  # any failure (a damaged copy, a failed restore) is recorded as a failed drill
             plan = await self._verify(target, engine, name, copies, progress, ids)
             record["destination"] = plan.store.name
@@ -81,11 +124,11 @@ class Verification(ProcedureBase):
 
     async def _drill(self, job: Job, target: TargetConfig, engine: Engine,
                      name: naming.BackupName, store: BackupStore, manifest: dict[str, Any],
-                     drill: Drill | None, record: dict[str, Any], ids: Sequence[Any],
+                     drill: Drill | None, record: DrillRecord, ids: Sequence[Any],
                      progress: Progress, t0: float,
-                     windows: bytes | None = None) -> dict[str, Any]:
-        mismatches: dict[str, Any] = {}
-        checks: list[dict[str, Any]] = []
+                     windows: bytes | None = None) -> DrillRecord:
+        mismatches: dict[str, Mismatch] = {}
+        checks: list[DrillCheck] = []
         if drill is not None:
             # scratch copies a killed drill left: older than any verify job may run
             with contextlib.suppress(Exception):
@@ -111,13 +154,13 @@ class Verification(ProcedureBase):
                                                   progress, t0)
                     prefix = "" if database is None else f"{database}/"
                     mismatches.update({prefix + t: m for t, m in found["mismatches"].items()})
-                    checks += [{**c, **({"database": database} if database else {})}
-                               for c in found["checks"]]
+                    for c in found["checks"]:
+                        checks.append({**c, "database": database} if database else c)
                     compared += 1
                 if token is not None:
                     record["databases"] = compared
                     # a set's check is about one of its databases: passed where it ran true
-                    by_sql: dict[str, list[dict[str, Any]]] = {}
+                    by_sql: dict[str, list[DrillCheck]] = {}
                     for c in checks:
                         by_sql.setdefault(c["sql"], []).append(c)
                     checks = [next((c for c in group if c["ok"]), group[0])
@@ -145,8 +188,8 @@ class Verification(ProcedureBase):
 
     async def _drill_one(self, target: TargetConfig, engine: Engine, drill: Drill,
                          chunks: AsyncIterator[bytes], manifest: dict[str, Any],
-                         record: dict[str, Any], progress: Progress, t0: float
-                         ) -> dict[str, Any]:
+                         record: DrillRecord, progress: Progress, t0: float
+                         ) -> DrillFound:
         """One database into a scratch copy: restored, counted, checked, dropped."""
         kind = str(manifest.get("count_kind", ""))
         expected = manifest.get("exact_counts") or (
@@ -155,8 +198,8 @@ class Verification(ProcedureBase):
         names_only = expected is None and kind.endswith("_estimate")
         if names_only:
             expected = manifest.get("counts")
-        mismatches: dict[str, Any] = {}
-        checks: list[dict[str, Any]] = []
+        mismatches: dict[str, Mismatch] = {}
+        checks: list[DrillCheck] = []
         async with drill.scratch(target) as scratch:
             loaded = drill.restore_filter(chunks)
             if drill.skipped:
