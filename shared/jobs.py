@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Required, TypedDict, TypeVar, cast
+from typing import Any, TypedDict, TypeVar, cast
 
 from redis.asyncio import Redis
 
@@ -87,7 +87,7 @@ class Requester(TypedDict, total=False):
     """Who asked for a job (or a backup, in its manifest): the principal as the API saw
     it, and the surface it came through."""
 
-    subject: Required[str]
+    subject: str  # absent only in a record written before requesters were recorded
     client: str | None
     role: str | None  # the global role (api.roles names)
     scoped: dict[str, str]  # target -> role, for scoped tokens
@@ -197,7 +197,7 @@ class Job:
     status: JobStatus
     created_at: str
     params: JobParams = field(default_factory=lambda: JobParams())
-    requested_by: Requester = field(default_factory=lambda: Requester(subject="unknown"))
+    requested_by: Requester = field(default_factory=lambda: Requester())
     progress: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
@@ -254,7 +254,7 @@ class Job:
             status=JobStatus(d["status"]),
             created_at=d["created_at"],
             params=cast(JobParams, d["params"] or {}),  # written by create() below
-            requested_by=cast(Requester, d["requested_by"] or {"subject": "unknown"}),
+            requested_by=cast(Requester, d["requested_by"] or {}),
             progress=d["progress"] or {},
             result=d["result"],
             error=d["error"],

@@ -157,8 +157,8 @@ def usable(manifest: ManifestDoc) -> ManifestDoc:
     return manifest
 
 
-def _stamp(at: datetime) -> str:
-    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+def _stamp(at: datetime, timespec: str = "auto") -> str:
+    return at.astimezone(UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -229,7 +229,8 @@ class Manifest:
         doc: dict[str, Any] = {
             "engine": self.name.engine, "kind": self.name.kind,
             "filename": self.name.filename, "target": self.target,
-            "created_at": _stamp(self.created_at), "finished_at": _stamp(self.finished_at)}
+            "created_at": _stamp(self.created_at),
+            "finished_at": _stamp(self.finished_at, "milliseconds")}
         if self.dump is not None:
             doc["duration_s"] = round(self.dump.duration_s, 3)
         doc["size_bytes"] = self.size_bytes

@@ -198,3 +198,14 @@ def test_postgresql_16_memberships_are_read_and_never_widened() -> None:
     assert 'CREATE ROLE "narrow"' in p.sql and 'TO "narrow"' not in p.sql
     assert "owner to narrow (INHERIT/SET FALSE)" in " ".join(p.warnings)
     assert "E'C:\\\\data ''x'''" in p.sql
+
+
+def test_a_plan_reads_the_referenced_roles_once_whatever_iterable_it_is_given() -> None:
+    """The members of a role the restore creates come too, from a generator as from a list
+    (a refactor once read a generator twice: the second read was empty)."""
+    from worker.engines import pg_globals
+
+    g = pg_globals.Globals(memberships=[pg_globals.Membership("owner", "alice")])
+    for referenced in (["owner"], (r for r in ["owner"])):
+        plan = pg_globals.plan(g, referenced, set(), database="d", superuser=True)
+        assert plan.created == ["alice", "owner"]

@@ -289,6 +289,7 @@ def _needed(g: Globals, referenced: Iterable[str], existing: Collection[str]) ->
     """The roles the dump names, and the members of those this restore creates: members
     of a role reach the database only through a membership this restore grants, i.e. in
     a role it creates (an existing role's members are not followed)."""
+    referenced = set(referenced)  # read twice below: a generator would be empty the second time
     members: dict[str, set[str]] = {}
     for grant in g.memberships:
         members.setdefault(grant.role, set()).add(grant.member)
