@@ -257,7 +257,7 @@ class Operations:
                     t.schedule, tz, now, schedules.jitter(tid, t.schedule_jitter)).isoformat()
             if entry["last_job"] and (job := await s.store.find(entry["last_job"])):
                 entry["last_status"] = job.status
-                entry["last_error"] = (job.error or {}).get("code")
+                entry["last_error"] = job.error["code"] if job.error else None
             out.append(entry)
         return out
 

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, TypedDict, TypeVar, cast
+from typing import Any, Required, TypedDict, TypeVar, cast
 
 from redis.asyncio import Redis
 
@@ -143,7 +143,30 @@ def restore_cancellable(state: str | None) -> bool:
     return RESTORE_STATES.get(state or "untouched", ("unknown", ""))[0] == "unchanged"
 
 
-def undo_hint(target: str, safety: str) -> dict[str, Any]:
+class UndoHint(TypedDict):
+    """The one API call that puts a database back as it was before a restore."""
+
+    method: str
+    path: str
+    body: dict[str, object]
+
+
+class JobError(TypedDict, total=False):
+    """A failed or cancelled job's `error`: an ErrorDoc, and what the failure left behind
+    (a restore's: the database's state, its safety backup, the rollback, the undo)."""
+
+    code: Required[str]
+    message: Required[str]
+    database_state: str  # unchanged | rolled_back | unknown
+    safety_backup: str | None
+    rollback: dict[str, object] | None
+    undo: UndoHint
+    cause: str  # a safety backup's failure: what stopped it
+    verification: dict[str, object]  # a failed drill's record
+    line: int
+
+
+def undo_hint(target: str, safety: str) -> UndoHint:
     """The one call that puts a database back as it was before a restore."""
     return {"method": "POST", "path": f"/api/v1/targets/{target}/restores",
             "body": {"backup": safety, "create_safety_backup": False}}
@@ -200,7 +223,7 @@ class Job:
     requested_by: Requester = field(default_factory=lambda: Requester())
     progress: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
+    error: JobError | None = None
     started_at: str | None = None
     finished_at: str | None = None
     worker: str | None = None

@@ -21,7 +21,7 @@ from shared import rcmd, stats
 from shared.audit import AuditLog
 from shared.config import Settings
 from shared.errors import Conflict
-from shared.jobs import Job, JobKind, JobStatus, JobStore, now_iso
+from shared.jobs import Job, JobError, JobKind, JobStatus, JobStore, now_iso
 from shared.keys import Keys
 from shared.notify import Notifier
 from shared.outage import ride_out
@@ -48,7 +48,7 @@ class Outcomes:
     # ------------------------------------------------------------------ ending a job
     async def end(self, job: Job, allowed_from: Iterable[JobStatus], status: JobStatus, *,
                   result: dict[str, Any] | None = None,
-                  error: dict[str, Any] | None = None,
+                  error: JobError | None = None,
                   fields: dict[str, Any] | None = None,
                   data: dict[str, Any] | None = None,
                   retry_for: float = 0.0,
@@ -78,7 +78,7 @@ class Outcomes:
         job = await self.store.get(job_id)
         if job.terminal:
             raise Conflict(f"job {job_id} already {job.status}", code="job_finished")
-        error = {"code": "cancelled", "message": "cancelled before it started"}
+        error: JobError = {"code": "cancelled", "message": "cancelled before it started"}
         if job.kind == JobKind.RESTORE:
             error["database_state"] = "unchanged"
         if job.status == JobStatus.QUEUED and await self.end(
@@ -92,14 +92,14 @@ class Outcomes:
 
     # ------------------------------------------------------------------ follow-ups
     async def follow_ups(self, job: Job, status: str, result: dict[str, Any] | None,
-                         error: dict[str, Any] | None, also: Sequence[Step] = ()) -> None:
+                         error: JobError | None, also: Sequence[Step] = ()) -> None:
         who = {"subject": job.requested_by.get("subject"),
                "client": job.requested_by.get("client"), "via": job.requested_by.get("via")}
         backup = (result or {}).get("filename") or job.params.get("backup")
         steps: list[Step] = [
             ("audit", lambda: self.audit.record(
                 action=f"job.{job.kind}", result=status, **who, target=job.target,
-                job=job.id, backup=backup, detail=(error or {}).get("code"))),
+                job=job.id, backup=backup, detail=error["code"] if error else None)),
             ("stats", lambda: self._count(job, status, result))]
         if (result or {}).get("partial"):
             stored = set((result or {}).get("stored_on") or [])
@@ -129,7 +129,7 @@ class Outcomes:
             if job.kind == JobKind.BACKUP else 0)
 
     def _notify(self, job: Job, status: str, result: dict[str, Any] | None,
-                error: dict[str, Any] | None) -> None:
+                error: JobError | None) -> None:
         if job.kind == JobKind.STATS:
             return
         event = f"{job.kind}.{status}"

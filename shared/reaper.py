@@ -13,10 +13,11 @@ from __future__ import annotations
 import logging
 import time
 from datetime import datetime
+from typing import cast
 
 from shared import rcmd
 from shared.config import WorkerSettings
-from shared.jobs import RESTORE_STATES, Job, JobKind, JobStatus, undo_hint
+from shared.jobs import RESTORE_STATES, Job, JobError, JobKind, JobStatus, undo_hint
 from shared.locks import release_if_held_by
 from shared.outcomes import Outcomes
 from shared.queue import requeue_dead_claims
@@ -100,11 +101,11 @@ async def reap_orphans(outcomes: Outcomes, catalog: Catalog, orphan_after: float
             del suspects[job_id]
         message = (f"the worker running this {job.kind} ({job.worker or 'unknown'}) stopped "
                    f"heartbeating for over {orphan_after:.0f}s and is presumed dead")
-        error: dict[str, object] = {"code": "worker_lost"}
+        error: JobError = {"code": "worker_lost", "message": message}
         if job.kind == JobKind.RESTORE:
             message, extra = _lost_restore(job, message)
             error.update(extra)
-        error["message"] = message
+            error["message"] = message
         if await outcomes.end(job, [JobStatus.RUNNING], JobStatus.FAILED, error=error):
             for handle in (job.temp_handles or "").split():
                 try:  # a temp file, or an unfinished multipart upload
@@ -117,10 +118,11 @@ async def reap_orphans(outcomes: Outcomes, catalog: Catalog, orphan_after: float
     return reaped
 
 
-def _lost_restore(job: Job, message: str) -> tuple[str, dict[str, object]]:
-    """What a lost restore left behind, from the state it recorded before each step."""
+def _lost_restore(job: Job, message: str) -> tuple[str, JobError]:
+    """What a lost restore left behind, from the state it recorded before each step (a
+    partial JobError: code and message are the caller's)."""
     state, why = RESTORE_STATES.get(job.restore_state or "untouched", RESTORE_STATES["partial"])
-    extra: dict[str, object] = {"database_state": state, "safety_backup": job.safety_backup}
+    extra = cast(JobError, {"database_state": state, "safety_backup": job.safety_backup})
     message += f"; the restore was NOT re-run. Database {state}: {why}."
     if job.safety_backup:
         message += (f" Safety backup {job.safety_backup} holds the state before this "

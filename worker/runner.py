@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -23,6 +23,7 @@ from shared.errors import (
 )
 from shared.jobs import (
     Job,
+    JobError,
     JobKind,
     JobStatus,
     JobStore,
@@ -124,8 +125,8 @@ class JobRunner:
                 raise
             return {"status": JobStatus.CANCELLED.value}
         except SafeholdError as exc:
-            error = {**exc.to_dict(), **exc.details}
-            error["message"] = redact(str(error["message"]), self._secrets)
+            error = cast(JobError, {**exc.details, **exc.to_dict()})
+            error["message"] = redact(error["message"], self._secrets)
             await asyncio.shield(self._finish(job, progress, JobStatus.FAILED, error=error))
             return {"status": JobStatus.FAILED.value}
         except Exception as exc:
@@ -142,7 +143,7 @@ class JobRunner:
         await asyncio.shield(self._finish(job, progress, JobStatus.SUCCEEDED, result=result))
         return {"status": JobStatus.SUCCEEDED.value}
 
-    def _crashed(self, job_id: str, exc: Exception) -> dict[str, Any]:
+    def _crashed(self, job_id: str, exc: Exception) -> JobError:
         """The error of a job that ended on an exception Safehold did not raise itself."""
         if disk_full(exc):
             log.error("job %s: no space left on the storage (%s)", job_id, exc)
@@ -163,7 +164,7 @@ class JobRunner:
 
     async def _finish(self, job: Job, progress: Progress, status: JobStatus, *,
                       result: dict[str, Any] | None = None,
-                      error: dict[str, Any] | None = None) -> None:
+                      error: JobError | None = None) -> None:
         if error is not None and job.kind == JobKind.RESTORE and "database_state" not in error:
             # a restore that never reached loading has changed nothing
             error["database_state"] = "unchanged" if not progress.stages else "unknown"
@@ -407,7 +408,7 @@ async def check_targets(settings: Settings, timeout: float = 15.0
     return list(await asyncio.gather(*(one(t) for t in settings.targets.values())))
 
 
-def _stopped(job: Job, state: dict[str, Any]) -> tuple[JobStatus, dict[str, Any]]:
+def _stopped(job: Job, state: dict[str, Any]) -> tuple[JobStatus, JobError]:
     """How a job whose task was cancelled ends: lost to others (reaped, or its lock taken),
     cancelled on request, or interrupted (shutdown, job timeout)."""
     if state["lost"]:
