@@ -345,10 +345,10 @@ class JobRunner:
                     backup=filename, detail=f"{destination}: {'; '.join(reasons)}")
             return await self.procedures.prune(job, target, progress, on_delete)
         if job.kind == JobKind.BACKUP:
-            return await self.procedures.backup(
+            return dict(await self.procedures.backup(
                 job, target, engine, progress, kind="backup",
                 compress=bool(job.params.get("compress", target.compress)),
-                note=str(job.params.get("note") or ""))
+                note=str(job.params.get("note") or "")))
         return await self.procedures.restore(job, target, engine, progress, supplied)
 
     async def _supplied_identity(self, job: Job) -> list[Any]:

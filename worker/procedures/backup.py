@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypedDict
 
 from shared import codecs, manifests, naming, retention
 from shared.config import TargetConfig
@@ -19,11 +19,29 @@ from shared.errors import (
 from shared.jobs import Job, JobKind, Phase
 from shared.naming import ENGINE_FORMATS
 from shared.outage import RedisUnavailable
+from shared.storage.base import Outcome
 from shared.storage.catalog import Fanout
 from worker import pipeline
 from worker.engines import DumpOptions, Engine, RowCounting
 from worker.procedures.base import ProcedureBase, counted, log
 from worker.progress import Progress
+
+
+class BackupResult(TypedDict):
+    """A backup job's `result` (and what a restore learns of its safety backup)."""
+
+    filename: str
+    kind: str
+    size_bytes: int
+    raw_bytes: int
+    sha256: str
+    compressed: bool
+    codecs: list[str]
+    stored_on: list[str]
+    destinations: dict[str, Outcome]
+    partial: bool
+    duration_s: float | None
+    warnings: list[str] | None
 
 
 class Backups(ProcedureBase):
@@ -50,7 +68,7 @@ class Backups(ProcedureBase):
 
     async def backup(self, job: Job, target: TargetConfig, engine: Engine, progress: Progress,
                      *, kind: str, compress: bool, note: str = "",
-                     parent: str | None = None) -> dict[str, Any]:
+                     parent: str | None = None) -> BackupResult:
         """Dump -> codec chain -> sha256 -> every destination -> read-back -> manifests."""
         started = datetime.now(UTC)
         t0 = time.monotonic()

@@ -131,13 +131,13 @@ class Restores(Verification, Backups):
                 "create_safety_backup=false")
             err.details = {"database_state": "unchanged", "cause": exc.code}
             raise err from None
-        safety = str(made["filename"])
+        safety = made["filename"]
         await self.store.set_fields(job.id, safety_backup=safety)
         message = f"safety backup {safety} created"
-        if made.get("warnings"):
-            message += " with warnings: " + "; ".join(made["warnings"])
+        if warnings := made["warnings"]:
+            message += " with warnings: " + "; ".join(warnings)
         await self.store.publish(job.id, "log", {"message": message})
-        return safety, str(made["sha256"])
+        return safety, made["sha256"]
 
     async def _load(self, job: Job, target: TargetConfig, engine: Engine,
                     name: naming.BackupName, store: BackupStore, manifest: dict[str, Any],
