@@ -349,7 +349,7 @@ class JobRunner:
                 job, target, engine, progress, kind="backup",
                 compress=bool(job.params.get("compress", target.compress)),
                 note=str(job.params.get("note") or "")))
-        return await self.procedures.restore(job, target, engine, progress, supplied)
+        return dict(await self.procedures.restore(job, target, engine, progress, supplied))
 
     async def _supplied_identity(self, job: Job) -> list[Any]:
         """Open the identity sent with this restore or drill (sealed by the API to the live

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 from shared import naming
 from shared.config import TargetConfig
@@ -29,9 +29,20 @@ from worker.procedures.verify import Verification
 from worker.progress import Progress
 
 
+class RestoreResult(TypedDict):
+    """A restore job's `result`."""
+
+    restored: str  # the backup's file name
+    safety_backup: str | None
+    restored_from: str  # the destination whose copy was loaded
+    raw_bytes: object  # as its manifest records it
+    duration_s: float
+    warnings: list[str] | None
+
+
 class Restores(Verification, Backups):
     async def restore(self, job: Job, target: TargetConfig, engine: Engine,
-                      progress: Progress, identities: Sequence[Any] = ()) -> dict[str, Any]:
+                      progress: Progress, identities: Sequence[Any] = ()) -> RestoreResult:
         """Verify -> safety backup -> clean restore -> (on failure) automatic rollback."""
         name = naming.parse(str(job.params.get("backup", "")))
         copies = await self.catalog.copies(target.id, name)
