@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from redis.exceptions import RedisError
 
@@ -60,6 +60,15 @@ class Caller:
         return {**self.principal.to_dict(), "via": self.surface}
 
 
+class AuditInfo(TypedDict, total=False):
+    """What an operation learns as it goes that its audit entry names (the backup it
+    resolved, the job it created, the target a job id led to)."""
+
+    target: str
+    backup: str
+    job: str
+
+
 def backup_view(m: ManifestDoc) -> dict[str, Any]:
     size = int(m.get("size_bytes") or 0)
     return {**m, "size_bytes": size, "size_mib": round(size / (1024 * 1024), 2),
@@ -79,8 +88,8 @@ class Operations:
     # ------------------------------------------------------------------ plumbing
     @contextlib.asynccontextmanager
     async def audited(self, caller: Caller, action: str, target: str | None,
-                       info: dict[str, Any], *, unless_recorded: bool = False
-                       ) -> AsyncIterator[dict[str, Any]]:
+                       info: AuditInfo, *, unless_recorded: bool = False
+                       ) -> AsyncIterator[AuditInfo]:
         """Record the outcome of a mutating operation (refusals included) once. With
         `unless_recorded` (a surface's wrapper around a call), nothing is added when an
         operation inside already wrote the call's entry."""
@@ -105,7 +114,7 @@ class Operations:
                 await self._record(caller, action, target, info, status, result)
 
     async def _record(self, caller: Caller, action: str, target: str | None,
-                      info: dict[str, Any], status: int, result: str) -> None:
+                      info: AuditInfo, status: int, result: str) -> None:
         p = caller.principal
         try:
             await self.s.audit.record(
@@ -158,7 +167,7 @@ class Operations:
         return await self.s.store.get(job_id)
 
     async def submit(self, caller: Caller, kind: JobKind, target: str, params: JobParams,
-                     info: dict[str, Any], *, idempotency_key: str | None = None,
+                     info: AuditInfo, *, idempotency_key: str | None = None,
                      wait: float | None = None, fail_fast: bool = False,
                      before_enqueue: Callable[[Job], Awaitable[None]] | None = None) -> Job:
         """Create (or find, by idempotency key) a job and enqueue it; with no live worker
@@ -180,7 +189,7 @@ class Operations:
         job, created = await self.s.store.create(
             kind, target, params, caller.requested_by(), idempotency_key=idempotency_key,
             stage=None if before_enqueue else lambda pipe, j: stage_enqueue(pipe, keys, j))
-        info.update(job=job.id, target=target)
+        info["job"], info["target"] = job.id, target
         if created and before_enqueue is not None:  # it must run before a worker starts
             await before_enqueue(job)
             await enqueue(self.s.redis, keys, job)
@@ -469,7 +478,8 @@ class Operations:
                            wait: float | None = None) -> Job:
         """A drill; `identity` opens an encrypted backup whose key the worker does not hold
         (sealed to the live workers, as for a restore)."""
-        async with self.audited(caller, "verify", target_id, {"backup": backup}) as info:
+        async with self.audited(caller, "verify", target_id,
+                                {} if backup is None else {"backup": backup}) as info:
             target = self.target(caller, target_id, Role.OPERATOR)
             params: JobParams = {}
             if backup is not None:  # "" is a bad name, not "the newest"

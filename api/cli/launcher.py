@@ -285,9 +285,15 @@ async def cmd_run(settings: Settings) -> None:
     redis_proc = await ensure_local_redis(settings)
     worker_main = importlib.import_module("worker.main")
     stop = _stop_event(settings)
+    api_stop = asyncio.Event()  # the API outlives the worker's drain (reload or stop):
+
+    async def worker_then_api() -> None:  # clients follow the jobs to their end
+        try:
+            await worker_main.serve_worker(settings, stop)
+        finally:
+            api_stop.set()
     try:
-        await asyncio.gather(_serve_api(settings, stop, socks),
-                             worker_main.serve_worker(settings, stop))
+        await asyncio.gather(_serve_api(settings, api_stop, socks), worker_then_api())
     finally:
         if redis_proc is not None and redis_proc.returncode is None:
             redis_proc.terminate()

@@ -32,7 +32,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 from api.asgi import call_asgi
 from api.auth import Principal, bearer_token
 from api.context import Services
-from api.operations import Caller, Operations
+from api.operations import AuditInfo, Caller, Operations
 from api.roles import Role
 from shared import safehold_version
 from shared.errors import BadRequest, Forbidden, SafeholdError, Unauthorized
@@ -117,7 +117,7 @@ class _Kit:
 
     async def run(self, tool: str, target: str | None,
                   body: Callable[[Operations, Caller], Awaitable[Any]],
-                  info: dict[str, Any] | None = None) -> Any:
+                  info: AuditInfo | None = None) -> Any:
         """Run a tool's operation; a read is audited here (operations audit the rest),
         with what `body` put in `info` (target, backup) by then; Safehold errors become
         tool errors with their code."""
@@ -225,7 +225,7 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                            roles: str | None = None,
                            owner_map: dict[str, str] | None = None,
                            database: str | None = None) -> dict[str, Any]:
-        info: dict[str, Any] = {"backup": backup[:200]}
+        info: AuditInfo = {"backup": backup[:200]}
 
         async def body(ops: Operations, who: Caller) -> dict[str, Any]:
             target = ops.target(who, database_id, Role.OPERATOR)
@@ -264,7 +264,7 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                              "waits up to wait_seconds reporting progress.")
     async def execute_restore(confirmation_token: str, ctx: Context,
                               wait_seconds: float = 1800) -> dict[str, Any]:
-        info: dict[str, Any] = {}
+        info: AuditInfo = {}
 
         async def body(ops: Operations, who: Caller) -> dict[str, Any]:
             s = kit.services()
@@ -272,7 +272,7 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
             raw = await s.redis.get(key)
             plan = json.loads(raw) if raw is not None else None
             if plan is not None:  # a refusal below still names what was planned
-                info.update(target=plan["target"], backup=plan["backup"])
+                info["target"], info["backup"] = plan["target"], plan["backup"]
             if plan is not None and (plan["subject"], plan.get("session")) != (
                     who.principal.subject, who.principal.session):
                 raise Forbidden("the token was issued to another caller",

@@ -582,3 +582,66 @@ async def test_operator_commands_and_a_reload_on_sighup(
     text = (tmp_path / "server.log").read_text()
     assert server.returncode == 0, text[-3000:]
     assert "restarting on it once running jobs finish" in text and "Traceback" not in text
+
+
+async def test_the_api_answers_while_a_reload_waits_for_a_running_job(
+        pg_db: str, prefix: str, tmp_path: Path) -> None:
+    """Under `safehold run`, a SIGHUP restarts only once running jobs are done — and the
+    API keeps answering meanwhile, so a client following the job sees it end instead of a
+    refused connection for as long as the job runs (it used to stop at once)."""
+    import signal
+
+    conn = await pg.user_conn(pg_db)
+    await conn.execute("CREATE TABLE big AS SELECT g AS id, md5(g::text) || repeat('x', 400) "
+                       "AS body FROM generate_series(1, 400000) g")  # ~170 MB: seconds
+    await conn.close()
+    api_port = free_port()
+    raw = make_raw_config(prefix, tmp_path / "backups", pg_db)
+    raw["server"] = {"port": api_port}
+    cfg = tmp_path / "safehold.toml"
+    write_toml(cfg, raw)
+    env = {**os.environ, PASSWORD_ENV: pg.TEST_PASSWORD}
+    env.pop("SAFEHOLD_TOKEN", None)
+    with (tmp_path / "server.log").open("wb") as log:
+        server = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "api.cli", "--config", str(cfg), "run", cwd=tmp_path,
+            env=env, stdout=log, stderr=log)
+    base = f"http://127.0.0.1:{api_port}"
+    try:
+        await wait_ready(base)
+        rc, out, _ = await cli("--config", str(cfg), "token", env=env)
+        auth = {"Authorization": f"Bearer {out.strip()}"}
+        async with aiohttp.ClientSession(headers=auth) as http:
+            async with http.post(f"{base}/api/v1/targets/main/backups") as resp:
+                job = await resp.json()
+            for _ in range(200):  # running, and past its start
+                async with http.get(f"{base}/api/v1/jobs/{job['id']}") as resp:
+                    now = await resp.json()
+                if now["status"] == "running" and (now.get("progress") or {}).get(
+                        "bytes_done"):
+                    break
+                await asyncio.sleep(0.05)
+            assert now["status"] == "running", now
+            server.send_signal(signal.SIGHUP)
+            seen = []
+            for _ in range(1200):  # answered while the job runs (the API goes down only
+                try:               # once it has ended, for the restart)
+                    async with http.get(f"{base}/api/v1/jobs/{job['id']}") as resp:
+                        assert resp.status == 200
+                        seen.append((await resp.json())["status"])
+                except aiohttp.ClientConnectionError:
+                    break
+                if seen[-1] != "running":
+                    break
+                await asyncio.sleep(0.1)
+            # before the fix the API stopped at the signal: no answer during the drain
+            assert seen.count("running") >= 3, seen
+            await wait_ready(base)  # the new process serves, and says how the job ended
+            async with http.get(f"{base}/api/v1/jobs/{job['id']}") as resp:
+                assert (await resp.json())["status"] == "succeeded"
+        text = (tmp_path / "server.log").read_text()
+        assert "restarting on it once running jobs finish" in text
+    finally:
+        server.terminate()
+        await asyncio.wait_for(server.wait(), 30)
+    assert server.returncode == 0, (tmp_path / "server.log").read_text()[-3000:]
