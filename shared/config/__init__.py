@@ -64,7 +64,7 @@ def ensure_example_database(settings: Settings) -> Path | None:
     return path
 
 
-def _section(name: str, cls: type, raw: Mapping[str, Any], env: Mapping[str, str]) -> Any:
+def _section(name: str, cls: type, raw: object, env: Mapping[str, str]) -> Any:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config section [{name}] must be a table")
     defaults = cls()
@@ -114,7 +114,7 @@ def _notifications(raw: Any, n: NotificationSettings, env: Mapping[str, str],
 _DEST_KEYS = {f.name for f in fields(DestinationConfig)} - {"name", "access_key", "secret_key"}
 
 
-def _destinations(raw: Mapping[str, Any], env: Mapping[str, str], base: Path
+def _destinations(raw: Mapping[str, object], env: Mapping[str, str], base: Path
                   ) -> dict[str, DestinationConfig]:
     out = {}
     for name, table in raw.items():
@@ -200,7 +200,7 @@ def _s3_destination(d: DestinationConfig, env: Mapping[str, str], base: Path
 
 
 def parse_settings(
-    raw: Mapping[str, Any], env: Mapping[str, str], *, base: Path, source: str
+    raw: Mapping[str, object], env: Mapping[str, str], *, base: Path, source: str
 ) -> Settings:
     """Validate a parsed TOML document plus environment overrides into Settings."""
     allowed = {"default_target", "targets", *_SECTIONS}
@@ -218,6 +218,8 @@ def parse_settings(
         raise ConfigError("no targets configured: add at least one [targets.<id>] table")
     targets = {tid: parse_target(tid, t, env, base) for tid, t in raw_targets.items()}
     default = env.get("SAFEHOLD_DEFAULT_TARGET", raw.get("default_target", ""))
+    if not isinstance(default, str):
+        raise ConfigError("default_target must be a string (a target id)")
     if not default:
         default = next(iter(targets))
     if default not in targets:
@@ -266,7 +268,7 @@ _OWN_VARIABLES = {"SAFEHOLD_CONFIG", "SAFEHOLD_DEFAULT_TARGET", "SAFEHOLD_TOKEN"
 
 
 def _unknown_env(env: Mapping[str, str], raw_targets: Any, raw_storage: Any,
-                 raw: Mapping[str, Any]) -> tuple[str, ...]:
+                 raw: Mapping[str, object]) -> tuple[str, ...]:
     """SAFEHOLD_* variables that nothing reads: most likely a misspelled override."""
     import difflib
 
@@ -296,7 +298,7 @@ def _unknown_env(env: Mapping[str, str], raw_targets: Any, raw_storage: Any,
 
 
 def _read_config(path: str | os.PathLike[str] | None, env: Mapping[str, str]
-                 ) -> tuple[Mapping[str, Any], Path, str]:
+                 ) -> tuple[Mapping[str, object], Path, str]:
     """The TOML document named by `path`, `SAFEHOLD_CONFIG` or ./safehold.toml (else the
     built-in default), the directory relative paths start from, and where it came from."""
     chosen = path or env.get("SAFEHOLD_CONFIG")

@@ -42,7 +42,7 @@ def cast_value(name: str, value: Any, template: Any) -> Any:
 
 
 def password(
-    tid: str, raw: Mapping[str, Any], env: Mapping[str, str], base: Path
+    tid: str, raw: Mapping[str, object], env: Mapping[str, str], base: Path
 ) -> Secret | None:
     if "password" in raw:
         raise ConfigError(
@@ -51,13 +51,16 @@ def password(
         )
     if raw.get("password_env") and raw.get("password_file"):
         raise ConfigError(f"target '{tid}': set password_env or password_file, not both")
-    if name := raw.get("password_env"):
+    for key in ("password_env", "password_file"):
+        if key in raw and not isinstance(raw[key], str):
+            raise ConfigError(f"targets.{tid}.{key} must be a string")
+    if (name := raw.get("password_env")) and isinstance(name, str):
         if name not in env:
             raise ConfigError(
                 f"target '{tid}': environment variable {name} (password_env) is not set"
             )
         return Secret(env[name])
-    if pfile := raw.get("password_file"):
+    if (pfile := raw.get("password_file")) and isinstance(pfile, str):
         p = Path(pfile) if Path(pfile).is_absolute() else base / pfile
         try:
             return Secret(p.read_text().rstrip("\r\n"))
@@ -127,7 +130,7 @@ def parse_target(tid: str, raw: Any, env: Mapping[str, str], base: Path) -> Targ
     )
 
 
-def _where(tid: str, engine: str, raw: Mapping[str, Any], base: Path) -> tuple[str, str]:
+def _where(tid: str, engine: str, raw: Mapping[str, object], base: Path) -> tuple[str, str]:
     """The target's url (servers: never with a password in it) or path (sqlite)."""
     url = str(raw.get("url", ""))
     path = str(raw.get("path", ""))
@@ -150,7 +153,7 @@ def _where(tid: str, engine: str, raw: Mapping[str, Any], base: Path) -> tuple[s
     return url, path
 
 
-def _schedule(tid: str, raw: Mapping[str, Any]) -> tuple[str, str, str, Any]:
+def _schedule(tid: str, raw: Mapping[str, object]) -> tuple[str, str, str, Any]:
     """timezone, schedule, catch_up and schedule_jitter, checked."""
     tz = str(raw.get("timezone", "UTC"))
     schedules.zone(tz, f"targets.{tid}.timezone")
@@ -166,7 +169,7 @@ def _schedule(tid: str, raw: Mapping[str, Any]) -> tuple[str, str, str, Any]:
     return tz, schedule, catch_up, jitter
 
 
-def _globals(tid: str, engine: str, raw: Mapping[str, Any]
+def _globals(tid: str, engine: str, raw: Mapping[str, object]
              ) -> tuple[bool, tuple[str, ...], tuple[str, ...]]:
     """globals, and a server target's databases/exclude (which always carry globals)."""
     with_globals = raw.get("globals", False)
@@ -185,7 +188,7 @@ def _globals(tid: str, engine: str, raw: Mapping[str, Any]
     return with_globals, databases, exclude
 
 
-def _server_set(tid: str, engine: str, raw: Mapping[str, Any]
+def _server_set(tid: str, engine: str, raw: Mapping[str, object]
                 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """`databases = "*"` or a list of names, and `exclude = [...]`."""
     wanted, exclude = raw.get("databases"), raw.get("exclude", [])
@@ -214,28 +217,28 @@ def _server_set(tid: str, engine: str, raw: Mapping[str, Any]
     return found, names(exclude, "exclude")
 
 
-def _http_url(tid: str, key: str, raw: Mapping[str, Any]) -> str:
+def _http_url(tid: str, key: str, raw: Mapping[str, object]) -> str:
     value = str(raw.get(key, ""))
     if value and not value.startswith(("http://", "https://")):
         raise ConfigError(f"targets.{tid}.{key} must be an http(s) URL")
     return value
 
 
-def _severity(tid: str, raw: Mapping[str, Any]) -> str:
+def _severity(tid: str, raw: Mapping[str, object]) -> str:
     value = str(raw.get("notify_min_severity", ""))
     if value not in ("", "info", "warning", "error"):
         raise ConfigError(f"targets.{tid}.notify_min_severity must be info, warning or error")
     return value
 
 
-def _verify_schedule(tid: str, raw: Mapping[str, Any]) -> str:
+def _verify_schedule(tid: str, raw: Mapping[str, object]) -> str:
     expr = str(raw.get("verify_schedule", ""))
     if expr:
         schedules.validate(expr, f"targets.{tid}.verify_schedule")
     return expr
 
 
-def _verify_checks(tid: str, raw: Mapping[str, Any]) -> tuple[str, ...]:
+def _verify_checks(tid: str, raw: Mapping[str, object]) -> tuple[str, ...]:
     checks = raw.get("verify_checks", [])
     if checks and raw.get("engine") not in ("postgresql", "mysql", "sqlite"):
         raise ConfigError(f"targets.{tid}.verify_checks are SQL queries: only postgresql, "
@@ -251,7 +254,7 @@ def _verify_checks(tid: str, raw: Mapping[str, Any]) -> tuple[str, ...]:
 COMPRESSIONS = ("gzip", "zstd", "none")
 
 
-def _compression(tid: str, raw: Mapping[str, Any]) -> str:
+def _compression(tid: str, raw: Mapping[str, object]) -> str:
     if "compression" in raw:
         value = raw["compression"]
         if value not in COMPRESSIONS:
@@ -262,7 +265,7 @@ def _compression(tid: str, raw: Mapping[str, Any]) -> str:
         else "none"
 
 
-def _level(tid: str, raw: Mapping[str, Any]) -> int | None:
+def _level(tid: str, raw: Mapping[str, object]) -> int | None:
     if "compression_level" not in raw:
         return None
     level = cast_value(f"targets.{tid}.compression_level", raw["compression_level"], 0)
@@ -271,7 +274,7 @@ def _level(tid: str, raw: Mapping[str, Any]) -> int | None:
     return int(level)
 
 
-def _destination_names(tid: str, raw: Mapping[str, Any]) -> tuple[str, ...]:
+def _destination_names(tid: str, raw: Mapping[str, object]) -> tuple[str, ...]:
     value = raw.get("destinations", ["local"])
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"targets.{tid}.destinations must be a non-empty list of "

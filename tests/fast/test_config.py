@@ -127,3 +127,24 @@ def test_the_built_in_default_is_the_example_sqlite_target(tmp_path: Path) -> No
     assert settings.default_target == "example"
     assert settings.targets["example"].engine == "sqlite"
     assert settings.targets["example"].path == str(tmp_path / "data" / "example.db")
+
+
+@pytest.mark.parametrize("key, value", [("password_env", 5), ("password_env", ["A"]),
+                                        ("password_file", {"x": 1})])
+def test_a_password_source_that_is_not_a_string_is_a_config_error(
+        tmp_path: Path, key: str, value: Any) -> None:
+    raw = {"targets": {"s": {"engine": "postgresql", "url": "postgresql://u@h/db",
+                             key: value}}}
+    with pytest.raises(ConfigError, match=f"targets.s.{key} must be a string"):
+        parse_settings(raw, {}, base=tmp_path, source="<t>")
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"server": 5}, r"\[server\] must be a table"),
+    ({"default_target": 5}, "default_target must be a string"),
+])
+def test_a_section_or_default_target_of_the_wrong_type_is_a_config_error(
+        tmp_path: Path, raw: dict[str, Any], message: str) -> None:
+    doc = {"targets": {"s": {"engine": "sqlite", "path": "x.db"}}, **raw}
+    with pytest.raises(ConfigError, match=message):
+        parse_settings(doc, {}, base=tmp_path, source="<t>")
