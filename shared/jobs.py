@@ -431,8 +431,8 @@ class JobStore:
         allowed_from: Iterable[JobStatus],
         new: JobStatus,
         *,
-        fields: Mapping[str, Any] | None = None,
-        data: Mapping[str, Any] | None = None,
+        fields: Mapping[str, object] | None = None,
+        data: Mapping[str, object] | None = None,
     ) -> bool:
         """Atomically move a job to `new` if its status is in `allowed_from`.
 
@@ -460,8 +460,8 @@ class JobStore:
             await rcmd.hset(self.redis, self.keys.job(job_id), mapping=enc)
         await self._call(f"recording {', '.join(fields)} of job {job_id}", once)
 
-    async def publish(self, job_id: str, type_: str, data: Mapping[str, Any],
-                      *, progress: Mapping[str, Any] | None = None) -> None:
+    async def publish(self, job_id: str, type_: str, data: Mapping[str, object],
+                      *, progress: Mapping[str, object] | None = None) -> None:
         """Append a non-transition event (`progress`, `phase`, `log`); optionally save progress."""
         async def once() -> None:
             async with self.redis.pipeline(transaction=True) as pipe:

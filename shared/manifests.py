@@ -200,7 +200,7 @@ class Manifest:
     destinations: Mapping[str, Outcome]
     requested_by: Requester | None
     note: str | None = None
-    facts: Mapping[str, Any] = field(default_factory=dict)
+    facts: Mapping[str, object] = field(default_factory=dict)
     dump: DumpFacts | None = None
     upload: UploadFacts | None = None
 

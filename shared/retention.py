@@ -54,14 +54,14 @@ class Policy:
         return out
 
 
-def parse_age(value: str, where: str) -> timedelta:
+def parse_age(value: object, where: str) -> timedelta:
     m = _AGE.match(str(value).strip())
     if not m:
         raise ConfigError(f"{where} must look like 36h, 30d, 8w, 6m or 1y, got {value!r}")
     return timedelta(days=int(m[1]) * _AGE_UNITS[m[2]])
 
 
-def parse_policy(raw: Mapping[str, Any], where: str) -> Policy:
+def parse_policy(raw: Mapping[str, object], where: str) -> Policy:
     """A policy from its config table; every error names the key."""
     unknown = set(raw) - set(KEYS)
     if unknown:
@@ -151,7 +151,7 @@ def plan(backups: Sequence[tuple[str, datetime]], policy: Policy, now: datetime,
 AUX_POLICY = Policy(max_age=timedelta(days=7))
 
 
-def plan_destination(manifests: Sequence[Mapping[str, Any]], policy: Policy, now: datetime,
+def plan_destination(manifests: Sequence[Mapping[str, object]], policy: Policy, now: datetime,
                      tz: str = "UTC") -> list[Decision]:
     """What a prune would do on one destination: regular backups by `policy`, safety
     backups and uploads by AUX_POLICY. Time comes from the name (a manifest only agrees

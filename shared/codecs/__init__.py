@@ -116,7 +116,7 @@ def recorded(chain: Sequence[Step]) -> list[Step]:
     return out
 
 
-def _step(raw: Mapping[str, Any]) -> Step:
+def _step(raw: Mapping[str, object]) -> Step:
     """A recorded step, read back: a codec Safehold knows, and of its parameters only those
     of the right type (a decoder needs none of them: they are the record of how it was
     made)."""
@@ -129,15 +129,15 @@ def _step(raw: Mapping[str, Any]) -> Step:
         step["level"] = level
     if isinstance(threads, int) and not isinstance(threads, bool):
         step["threads"] = threads
-    if isinstance(raw.get("implementation"), str):
-        step["implementation"] = raw["implementation"]
+    if isinstance(implementation := raw.get("implementation"), str):
+        step["implementation"] = implementation
     recipients = raw.get("recipients")
     if isinstance(recipients, list) and all(isinstance(r, str) for r in recipients):
         step["recipients"] = list(recipients)
     return step
 
 
-def chain_of(manifest: Mapping[str, Any]) -> list[Step]:
+def chain_of(manifest: Mapping[str, object]) -> list[Step]:
     """The decoding chain of a stored backup, from its manifest: `codecs`, or an older
     manifest's `compression` ({"algorithm": "gzip"} or null). Only a hand-written manifest
     silent on both falls back to the file name's suffixes."""

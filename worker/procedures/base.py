@@ -54,10 +54,10 @@ class RestorePlan:
     `set_members`: a backup set's members as checked."""
 
     store: BackupStore
-    stored: Mapping[str, Any]
+    stored: Mapping[str, object]
     databases: tuple[str, ...] | None = None
     windows: bytes | None = None
-    set_members: tuple[Mapping[str, Any], ...] = ()
+    set_members: tuple[Mapping[str, object], ...] = ()
 
     def load_manifest(self) -> dict[str, Any]:
         """What an engine's load goes by: the stored manifest without any key only a worker
@@ -68,7 +68,8 @@ class RestorePlan:
         return out
 
     def databases_in_file(self) -> list[str | None]:
-        return [m.get("database") for m in self.set_members]
+        return [d if isinstance(d := m.get("database"), str) else None
+                for m in self.set_members]
 
 
 async def whole(chunks: AsyncIterator[bytes]
