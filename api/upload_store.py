@@ -21,6 +21,7 @@ from api.context import Services
 from api.files import UploadSink
 from shared import codecs, formats, manifests, naming, stats
 from shared.codecs import plain_limit
+from shared.codecs.base import AgeKey
 from shared.config import TargetConfig
 from shared.errors import BadRequest, PipelineError
 from shared.jobs import Requester
@@ -39,14 +40,14 @@ def _client_name(name: str | None) -> str | None:
 
 
 def _chain(path: Path, head: bytes, target: TargetConfig
-           ) -> tuple[list[codecs.Step], list[Any], str | None]:
+           ) -> tuple[list[codecs.Step], list[AgeKey], str | None]:
     """The codec chain of an uploaded file from its bytes (never its name), the identities
     that open it, and a note when it is encrypted to a key this server does not hold.
     Blocking."""
     outer = codecs.sniff(head)
     if outer != "age":
         return ([{"codec": outer}] if outer else []), [], None
-    ids: list[Any] = []
+    ids: list[AgeKey] = []
     enc = target.encryption
     if enc is not None and enc.identity_file:
         with contextlib.suppress(PipelineError, BadRequest):
@@ -73,7 +74,7 @@ def _chain(path: Path, head: bytes, target: TargetConfig
 
 
 def _validate(engine: str, path: Path, chain: list[codecs.Step], limit: int,
-              identities: list[Any]) -> dict[str, Any]:
+              identities: list[AgeKey]) -> dict[str, Any]:
     with open(path, "rb") as f:
         return formats.validate(engine, f, chain, limit=limit, identities=identities)
 

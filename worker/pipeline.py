@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from typing import Any, Protocol
 
 from shared.codecs import CHUNK, PlainReader, Stage, Step, WindowDigests
+from shared.codecs.base import AgeKey
 from shared.errors import IntegrityError
 
 QUEUE_DEPTH = 8  # chunks of ~1 MiB between the reader and the encoders
@@ -105,7 +106,7 @@ async def store(source: AsyncIterator[bytes], sink: Sink, stages: Sequence[Stage
 
 async def stored_plain(chunks: AsyncIterator[bytes], chain: Sequence[Step], *,
                        limit: int | None = None, expect_sha256: str | None = None,
-                       identities: Sequence[Any] = (),
+                       identities: Sequence[AgeKey] = (),
                        on_bytes: Callable[[int], None] | None = None,
                        on_open: Callable[[PlainReader], Awaitable[None]] | None = None
                        ) -> AsyncGenerator[bytes, None]:

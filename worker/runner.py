@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 
 from shared import logs, rcmd
 from shared.audit import AuditLog
+from shared.codecs.base import AgeKey
 from shared.config import Settings, TargetConfig
 from shared.errors import (
     EngineError,
@@ -351,7 +352,7 @@ class JobRunner:
                 note=str(job.params.get("note") or "")))
         return dict(await self.procedures.restore(job, target, engine, progress, supplied))
 
-    async def _supplied_identity(self, job: Job) -> list[Any]:
+    async def _supplied_identity(self, job: Job) -> list[AgeKey]:
         """Open the identity sent with this restore or drill (sealed by the API to the live
         workers' keys) and forget the sealed copy; it stays in this process's memory only."""
         import pyrage

@@ -37,6 +37,7 @@ from shared.codecs.base import (
     GZIP_MAGIC,
     READ_BLOCK,
     ZSTD_MAGIC,
+    AgeKey,
     Readable,
     Stage,
     Step,
@@ -47,7 +48,8 @@ from shared.codecs.zstd import ZstdCompress, ZstdFrames, ZstdReader
 from shared.errors import IntegrityError, PipelineError
 
 __all__ = [
-    "AGE_MAGIC", "CHUNK", "GZIP_MAGIC", "READ_BLOCK", "ZSTD_MAGIC", "AgeEncrypt", "AgeReader",
+    "AGE_MAGIC", "CHUNK", "GZIP_MAGIC", "READ_BLOCK", "ZSTD_MAGIC", "AgeEncrypt", "AgeKey",
+    "AgeReader",
     "GZIP_IMPL", "GzipCompress", "GzipDecompress", "GzipReader", "Readable", "Stage", "Step",
     "ZstdCompress", "ZstdFrames", "ZstdReader", "identities_from_file", "load_identities",
     "recipient_fingerprint",
@@ -58,7 +60,7 @@ class AutoReader:
     """Inside an encrypted upload that could not be opened when it arrived: decode gzip or
     zstd when the first bytes say so, else pass the bytes through."""
 
-    def __init__(self, src: Readable, step: Step, identities: Sequence[Any]) -> None:
+    def __init__(self, src: Readable, step: Step, identities: Sequence[AgeKey]) -> None:
         head = b""
         while len(head) < 4:
             more = src.read(4 - len(head))
@@ -92,7 +94,7 @@ ENCODERS: dict[str, Callable[[Step], Stage]] = {
     "zstd": lambda s: ZstdCompress(int(s.get("level", 3)), int(s.get("threads", 0))),
     "age": lambda s: AgeEncrypt(s["recipient_keys"]),
 }
-DECODERS: dict[str, Callable[[Readable, Step, Sequence[Any]], Readable]] = {
+DECODERS: dict[str, Callable[[Readable, Step, Sequence[AgeKey]], Readable]] = {
     "gzip": GzipReader,
     "zstd": ZstdReader,
     "age": AgeReader,
@@ -255,7 +257,7 @@ class PlainReader:
     def __init__(self, raw: Readable, chain: Sequence[Step], *, limit: int | None = None,
                  expect_sha256: str | None = None,
                  on_stored: Callable[[int], None] | None = None,
-                 identities: Sequence[Any] = (), close: Callable[[], None] | None = None
+                 identities: Sequence[AgeKey] = (), close: Callable[[], None] | None = None
                  ) -> None:
         self._hashing = _Hashing(raw, on_stored)
         self._chain = list(chain)

@@ -9,12 +9,12 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from shared.codecs.base import CHUNK, Readable, Step, corrupt
+from shared.codecs.base import CHUNK, AgeKey, Readable, Step, corrupt
 from shared.errors import PipelineError, Unprocessable
 
 
 # ---------------------------------------------------------------------------- age
-def _load_recipients(lines: Sequence[str]) -> list[Any]:
+def _load_recipients(lines: Sequence[str]) -> list[AgeKey]:
     import pyrage
 
     out = []
@@ -44,7 +44,7 @@ def recipient_fingerprint(recipient: str) -> str:
     return "sha256:" + hashlib.sha256(recipient.strip().encode()).hexdigest()[:16]
 
 
-def identities_from_file(path: str) -> list[Any]:
+def identities_from_file(path: str) -> list[AgeKey]:
     """The identities in an `encryption.identity_file`; unreadable: `identity_required`."""
     try:
         with open(path) as f:
@@ -55,11 +55,11 @@ def identities_from_file(path: str) -> list[Any]:
     return load_identities(text)
 
 
-def load_identities(text: str) -> list[Any]:
+def load_identities(text: str) -> list[AgeKey]:
     """age X25519 identities (AGE-SECRET-KEY-… lines) or one unencrypted SSH private key."""
     import pyrage
 
-    ids: list[Any] = []
+    ids: list[AgeKey] = []
     try:
         if "PRIVATE KEY-----" in text:
             ids.append(pyrage.ssh.Identity.from_buffer(text.encode()))
@@ -192,7 +192,7 @@ class AgeReader:
     age authenticates every 64 KiB chunk and the final one, so bytes come out only after
     their tag checked and a truncated file fails at its end."""
 
-    def __init__(self, src: Readable, step: Step, identities: Sequence[Any]) -> None:
+    def __init__(self, src: Readable, step: Step, identities: Sequence[AgeKey]) -> None:
         import pyrage
 
         if not identities:
@@ -210,7 +210,7 @@ class AgeReader:
                                         daemon=True, name="age-decrypt")
         self._thread.start()
 
-    def _run(self, pyrage: Any, identities: list[Any]) -> None:
+    def _run(self, pyrage: Any, identities: list[AgeKey]) -> None:
         try:
             pyrage.decrypt_io(_ReadOnly(self._src), _QueueWriter(self), identities)
             self._q.put(_EOF)

@@ -3,7 +3,7 @@ shapes, the magic numbers that name a stored file's outer layer."""
 
 from __future__ import annotations
 
-from typing import Protocol, Required, TypedDict
+from typing import Protocol, Required, TypeAlias, TypedDict
 
 from shared.errors import PipelineError
 
@@ -26,6 +26,10 @@ class Step(TypedDict, total=False):
     implementation: str  # gzip: isal or zlib
     recipients: list[str]  # age: recipient fingerprints
     recipient_keys: list[str]  # age: the recipients, for the encoder only
+
+
+# an age identity or recipient as pyrage makes it: opaque here, only handed back to pyrage
+AgeKey: TypeAlias = object
 
 
 class Stage(Protocol):

@@ -5,9 +5,8 @@ from __future__ import annotations
 import types
 import zlib
 from collections.abc import Sequence
-from typing import Any
 
-from shared.codecs.base import GZIP_WBITS, READ_BLOCK, Readable, Step, corrupt
+from shared.codecs.base import GZIP_WBITS, READ_BLOCK, AgeKey, Readable, Step, corrupt
 
 # ---------------------------------------------------------------------------- gzip
 _gz: types.ModuleType
@@ -76,7 +75,7 @@ class GzipDecompress:
 
 
 class GzipReader:
-    def __init__(self, src: Readable, step: Step, identities: Sequence[Any]) -> None:
+    def __init__(self, src: Readable, step: Step, identities: Sequence[AgeKey]) -> None:
         self._src = src
         self._d = GzipDecompress()
 

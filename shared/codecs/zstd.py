@@ -4,9 +4,8 @@ walks frames (a truncated or padded file is refused)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-from shared.codecs.base import READ_BLOCK, Readable, Step, corrupt
+from shared.codecs.base import READ_BLOCK, AgeKey, Readable, Step, corrupt
 
 
 # ---------------------------------------------------------------------------- zstd
@@ -114,7 +113,7 @@ class _FrameWatch:
 
 
 class ZstdReader:
-    def __init__(self, src: Readable, step: Step, identities: Sequence[Any]) -> None:
+    def __init__(self, src: Readable, step: Step, identities: Sequence[AgeKey]) -> None:
         import zstandard
 
         self._zstd = zstandard

@@ -21,6 +21,7 @@ from typing import Any
 
 from shared import backup_sets
 from shared.codecs import PlainReader, Readable, Step, WindowDigests
+from shared.codecs.base import AgeKey
 from shared.errors import BadRequest, PipelineError
 from shared.formats.common import Unsafe
 from shared.formats.mongodb import validate_mongodb
@@ -63,7 +64,7 @@ VALIDATORS: dict[str, Callable[[Iterator[bytes]], dict[str, Any]]] = {
 def validate(engine: str, raw: Readable, chain: Sequence[Step], *, limit: int | None,
              expect_sha256: str | None = None,
              on_stored: Callable[[int], None] | None = None,
-             identities: Sequence[Any] = (),
+             identities: Sequence[AgeKey] = (),
              windows: WindowDigests | None = None,
              set_token: str | None = None) -> dict[str, Any]:
     """Check stored bytes (`raw`, decoded by `chain`) for `engine` (see the module

@@ -11,6 +11,7 @@ from typing import Any
 
 from shared import codecs, naming
 from shared.codecs import plain_limit
+from shared.codecs.base import AgeKey
 from shared.config import Settings, TargetConfig
 from shared.errors import (
     IntegrityError,
@@ -106,7 +107,7 @@ class ProcedureBase:
                 f"({'gone' if current is None else current.status}); nothing was kept")
 
     # ----------------------------------------------------------------- backup
-    def identities(self, target: TargetConfig) -> list[Any]:
+    def identities(self, target: TargetConfig) -> list[AgeKey]:
         """The worker's age identities for `target` (encryption.identity_file), if any."""
         enc = target.encryption
         if enc is None or not enc.identity_file:
@@ -123,7 +124,7 @@ class ProcedureBase:
     async def _digest(self, store: BackupStore, target: TargetConfig, name: naming.BackupName,
                       on_bytes: Callable[[int], None] | None = None,
                       probe_chain: Sequence[codecs.Step] | None = None,
-                      identities: Sequence[Any] = ()) -> str:
+                      identities: Sequence[AgeKey] = ()) -> str:
         """sha256 of a copy's stored bytes; with `probe_chain`, its first plain block is
         decoded first, from a stream of its own (a wrong age identity fails here, before
         anything is dropped)."""
@@ -163,7 +164,7 @@ class ProcedureBase:
 
     @contextlib.asynccontextmanager
     async def _plain(self, store: BackupStore, target: TargetConfig, name: naming.BackupName,
-                     manifest: dict[str, Any], identities: Sequence[Any],
+                     manifest: dict[str, Any], identities: Sequence[AgeKey],
                      windows: bytes | None) -> AsyncIterator[AsyncIterator[bytes]]:
         """A stored backup's plain content for a load: bounded and sha256-checked (see
         `pipeline.stored_plain`), and with `windows` (what the check before the load read)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any, TypedDict
 
 from shared import naming
+from shared.codecs.base import AgeKey
 from shared.config import TargetConfig
 from shared.errors import (
     BadRequest,
@@ -42,7 +43,7 @@ class RestoreResult(TypedDict):
 
 class Restores(Verification, Backups):
     async def restore(self, job: Job, target: TargetConfig, engine: Engine,
-                      progress: Progress, identities: Sequence[Any] = ()) -> RestoreResult:
+                      progress: Progress, identities: Sequence[AgeKey] = ()) -> RestoreResult:
         """Verify -> safety backup -> clean restore -> (on failure) automatic rollback."""
         name = naming.parse(str(job.params.get("backup", "")))
         copies = await self.catalog.copies(target.id, name)
@@ -100,7 +101,7 @@ class Restores(Verification, Backups):
                 "duration_s": round(time.monotonic() - t0, 3),
                 "warnings": verify_warnings + progress.warnings[warnings_before:] or None}
 
-    def _check_rollback_possible(self, target: TargetConfig, ids: Sequence[Any]) -> None:
+    def _check_rollback_possible(self, target: TargetConfig, ids: Sequence[AgeKey]) -> None:
         """The safety backup is encrypted to the target's recipients: when none of the
         identities at hand matches one of them (age X25519 keys can be compared), a rollback
         could not decrypt it, so the restore does not start."""
@@ -152,7 +153,7 @@ class Restores(Verification, Backups):
 
     async def _load(self, job: Job, target: TargetConfig, engine: Engine,
                     name: naming.BackupName, store: BackupStore, manifest: dict[str, Any],
-                    progress: Progress, identities: Sequence[Any], *,
+                    progress: Progress, identities: Sequence[AgeKey], *,
                     rollback: bool = False, windows: bytes | None = None,
                     also_clean: tuple[str, ...] = ()) -> None:
         """Load the backup; `windows`: the digests its check recorded (what the load may
@@ -179,7 +180,7 @@ class Restores(Verification, Backups):
     async def _after_failed_restore(self, job: Job, target: TargetConfig, engine: Engine,
                                     exc: SafeholdError, safety: str | None,
                                     progress: Progress, failed: dict[str, Any],
-                                    identities: Sequence[Any],
+                                    identities: Sequence[AgeKey],
                                     safety_sha256: str | None = None) -> RestoreFailed:
         """Say exactly what state the database is in; roll back from the safety backup
         when the engine cannot promise the database was left unchanged."""

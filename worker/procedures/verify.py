@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, Required, TypedDict
 
 from shared import backup_sets, codecs, formats, naming
+from shared.codecs.base import AgeKey
 from shared.config import TargetConfig
 from shared.errors import (
     EngineError,
@@ -75,7 +76,7 @@ class DrillRecord(TypedDict, total=False):
 
 class Verification(ProcedureBase):
     async def verify(self, job: Job, target: TargetConfig, engine: Engine,
-                     progress: Progress, supplied: Sequence[Any] = ()) -> DrillRecord:
+                     progress: Progress, supplied: Sequence[AgeKey] = ()) -> DrillRecord:
         """A restore drill: verify the backup (checksum, content, identity), restore it into
         a scratch place, compare exact counts with those recorded at dump time, run the
         target's `verify_checks`, time it (RTO), drop the scratch copy; the outcome goes
@@ -124,7 +125,7 @@ class Verification(ProcedureBase):
 
     async def _drill(self, job: Job, target: TargetConfig, engine: Engine,
                      name: naming.BackupName, store: BackupStore, manifest: dict[str, Any],
-                     drill: Drill | None, record: DrillRecord, ids: Sequence[Any],
+                     drill: Drill | None, record: DrillRecord, ids: Sequence[AgeKey],
                      progress: Progress, t0: float,
                      windows: bytes | None = None) -> DrillRecord:
         mismatches: dict[str, Mismatch] = {}
@@ -238,7 +239,7 @@ class Verification(ProcedureBase):
 
     async def _verify(self, target: TargetConfig, engine: Engine, name: naming.BackupName,
                       copies: list[tuple[BackupStore, ManifestDoc]], progress: Progress,
-                      identities: Sequence[Any]) -> RestorePlan:
+                      identities: Sequence[AgeKey]) -> RestorePlan:
         """Find the first copy whose stored bytes match its manifest's sha256 (a copy that
         is missing or damaged is passed over, and said so). An engine that cannot load
         inside one transaction also gets the whole content checked here (inflation bound,
@@ -271,7 +272,7 @@ class Verification(ProcedureBase):
     async def _verify_copy(self, target: TargetConfig, engine: Engine,
                            name: naming.BackupName, store: BackupStore,
                            manifest: ManifestDoc, progress: Progress,
-                           identities: Sequence[Any]) -> RestorePlan:
+                           identities: Sequence[AgeKey]) -> RestorePlan:
         expected = str(manifest.get("sha256"))
         chain = codecs.chain_of(manifest)
         loop = asyncio.get_running_loop()
