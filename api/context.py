@@ -17,7 +17,7 @@ from arq.connections import ArqRedis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
-from api.auth import Principal, build_verifier
+from api.auth import Principal, TokenVerifier, build_verifier
 from api.streamhub import StreamHub
 from shared import scratch
 from shared.audit import AuditLog
@@ -43,7 +43,7 @@ class Services:
     redis: ArqRedis
     store: JobStore
     catalog: Catalog  # where backups live (every destination)
-    verifier: Any  # api.auth.TokenVerifier
+    verifier: TokenVerifier
     dev_jwks: dict[str, Any] | None
     http: dict[str, aiohttp.ClientSession]
     audit: AuditLog

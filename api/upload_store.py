@@ -26,6 +26,7 @@ from shared.config import TargetConfig
 from shared.errors import BadRequest, PipelineError
 from shared.jobs import Requester
 from shared.manifests import ManifestDoc
+from shared.storage.catalog import Fanout
 
 _UNSAFE = re.compile(r"[^\w.\- ()+]")
 CHUNK = 1 << 20
@@ -79,7 +80,7 @@ def _validate(engine: str, path: Path, chain: list[codecs.Step], limit: int,
         return formats.validate(engine, f, chain, limit=limit, identities=identities)
 
 
-async def _store_spool(spool: Path, fan: Any, seal: codecs.AgeEncrypt | None
+async def _store_spool(spool: Path, fan: Fanout, seal: codecs.AgeEncrypt | None
                        ) -> tuple[str, int]:
     """Stream the checked spool to the destinations (through age when `seal`); returns the
     stored bytes' sha256 and size."""

@@ -101,7 +101,7 @@ def damaged(name: naming.BackupName, why: str) -> ManifestDoc:
             "created_at": name_time(name), "damaged": why}
 
 
-def problems(doc: Any, name: naming.BackupName) -> list[str]:
+def problems(doc: object, name: naming.BackupName) -> list[str]:
     """Why `doc` cannot be the manifest of the object `name` (empty: it can)."""
     if not isinstance(doc, dict):
         return ["the manifest is not a JSON object"]
@@ -134,7 +134,7 @@ def problems(doc: Any, name: naming.BackupName) -> list[str]:
     return out
 
 
-def vet(doc: Any, filename: str) -> ManifestDoc:
+def vet(doc: object, filename: str) -> ManifestDoc:
     """The manifest of the object `filename` (already proven by the grammar), or the
     damaged entry that stands for it. Never raises for what the manifest holds."""
     name = naming.parse(filename)

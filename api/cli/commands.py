@@ -132,7 +132,7 @@ def _rows(table: dict[str, Any]) -> str:
     return str(table.get("rows", ""))
 
 
-def _drill(verification: Any) -> str:
+def _drill(verification: object) -> str:
     """The last drill in a word: passed, failed, or `not run: <why>` (no key, no rights:
     nothing learnt about the backup)."""
     if not isinstance(verification, dict):
@@ -453,7 +453,7 @@ async def run(client: Client, args: argparse.Namespace) -> int:
     return await command(client, args)
 
 
-def _policy(policy: Any) -> str:
+def _policy(policy: object) -> str:
     if not isinstance(policy, dict) or not policy:
         return "keep everything"
     return ", ".join(f"{k}={v}" for k, v in policy.items())

@@ -11,16 +11,16 @@ import asyncio
 import json
 import logging
 from collections import OrderedDict
-from typing import Any
 
 from aiohttp import ClientConnectionResetError, web
-from aiohttp_sse import sse_response
+from aiohttp_sse import EventSourceResponse, sse_response
 
+from api.auth import Principal
 from api.context import PRINCIPAL, SERVICES, STREAMS
 from api.http import EVENT_ID_RE, caller, for_reader, ops
 from api.roles import Role
 from shared.errors import BadRequest
-from shared.jobs import TERMINAL, JobKind
+from shared.jobs import TERMINAL, Event, JobKind, JobStore
 
 log = logging.getLogger("safehold.api")
 # a client that disconnects mid-stream is normal, not an error
@@ -115,7 +115,7 @@ async def _job_meta(request: web.Request, job_id: str) -> tuple[str, str]:
     return await asyncio.shield(task)
 
 
-async def _read_meta(store: Any, job_id: str, key: str) -> tuple[str, str]:
+async def _read_meta(store: JobStore, job_id: str, key: str) -> tuple[str, str]:
     found = await store.find(job_id)
     if found is None:
         return ("", "")  # not cached: it may appear a moment later
@@ -125,7 +125,8 @@ async def _read_meta(store: Any, job_id: str, key: str) -> tuple[str, str]:
     return _META[key]
 
 
-def _frame(request: web.Request, ev: Any, principal: Any, kind: str, target: str) -> bytes:
+def _frame(request: web.Request, ev: Event, principal: Principal, kind: str,
+           target: str) -> bytes:
     """The event as this reader may see it, as the whole SSE frame, rendered once per event
     and view (a thousand followers share two frames, not a thousand)."""
     # what a reader sees depends on its role on the target (viewer, operator, admin):
@@ -142,7 +143,7 @@ def _frame(request: web.Request, ev: Any, principal: Any, kind: str, target: str
     return _TEXT[key]
 
 
-async def _send_frame(request: web.Request, resp: Any, frame: bytes) -> None:
+async def _send_frame(request: web.Request, resp: EventSourceResponse, frame: bytes) -> None:
     """aiohttp-sse's `send` for a frame rendered beforehand: a client that stalls longer
     than SEND_TIMEOUT is cut off (and counts as gone)."""
     try:

@@ -46,7 +46,7 @@ class _Cached:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-def _ts(iso: Any) -> float | None:
+def _ts(iso: object) -> float | None:
     try:
         return datetime.fromisoformat(str(iso).replace("Z", "+00:00")).timestamp()
     except (ValueError, AttributeError):

@@ -85,7 +85,7 @@ def _section(name: str, cls: type, raw: object, env: Mapping[str, str]) -> Any:
     return replace(defaults, **values)
 
 
-def _notifications(raw: Any, n: NotificationSettings, env: Mapping[str, str],
+def _notifications(raw: object, n: NotificationSettings, env: Mapping[str, str],
                    base: Path) -> NotificationSettings:
     for key in ("apprise_urls", "webhook_secret"):
         if isinstance(raw, Mapping) and key in raw:
@@ -267,7 +267,7 @@ _OWN_VARIABLES = {"SAFEHOLD_CONFIG", "SAFEHOLD_DEFAULT_TARGET", "SAFEHOLD_TOKEN"
                   "SAFEHOLD_URL", "SAFEHOLD_LOG_LEVEL", "SAFEHOLD_LOG_FORMAT"}
 
 
-def _unknown_env(env: Mapping[str, str], raw_targets: Any, raw_storage: Any,
+def _unknown_env(env: Mapping[str, str], raw_targets: object, raw_storage: object,
                  raw: Mapping[str, object]) -> tuple[str, ...]:
     """SAFEHOLD_* variables that nothing reads: most likely a misspelled override."""
     import difflib
@@ -277,7 +277,7 @@ def _unknown_env(env: Mapping[str, str], raw_targets: Any, raw_storage: Any,
         known |= {f"SAFEHOLD_{section.upper()}_{f.name.upper()}" for f in fields(cls)}
     referenced: set[str] = set()
 
-    def collect(node: Any) -> None:  # variables the config names (password_env, …_env)
+    def collect(node: object) -> None:  # variables the config names (password_env, …_env)
         if isinstance(node, Mapping):
             for k, v in node.items():
                 if isinstance(k, str) and k.endswith("_env") and isinstance(v, str):

@@ -71,7 +71,7 @@ def password(
     return None
 
 
-def parse_target(tid: str, raw: Any, env: Mapping[str, str], base: Path) -> TargetConfig:
+def parse_target(tid: str, raw: object, env: Mapping[str, str], base: Path) -> TargetConfig:
     if not TARGET_ID_RE.match(tid):
         raise ConfigError(
             f"target id '{tid}' must be 1-63 characters of a-z, 0-9, '_' or '-'"
@@ -201,7 +201,7 @@ def _server_set(tid: str, engine: str, raw: Mapping[str, object]
                           f"MySQL/MariaDB targets (a MongoDB target names its databases in "
                           f"its URL), not {engine}")
 
-    def names(value: Any, key: str) -> tuple[str, ...]:
+    def names(value: object, key: str) -> tuple[str, ...]:
         if not isinstance(value, list) or not all(
                 isinstance(v, str) and 0 < len(v) <= 255 and "\0" not in v for v in value):
             raise ConfigError(f"targets.{tid}.{key} must be a list of database names")
@@ -284,7 +284,7 @@ def _destination_names(tid: str, raw: Mapping[str, object]) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _encryption(tid: str, raw: Any, base: Path) -> EncryptionConfig | None:
+def _encryption(tid: str, raw: object, base: Path) -> EncryptionConfig | None:
     if raw is None:
         return None
     if not isinstance(raw, Mapping):

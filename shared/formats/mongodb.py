@@ -62,7 +62,7 @@ def check_mongo_metadata(name: str, raw: bytes) -> None:
             raise Unsafe(f"{name}: storage-engine configuration is refused")
 
 
-def _json_keys(value: Any) -> Iterator[str]:
+def _json_keys(value: object) -> Iterator[str]:
     stack = [value]
     while stack:
         item = stack.pop()

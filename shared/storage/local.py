@@ -34,7 +34,7 @@ TEMP_PREFIX = ".tmp-"
 CHUNK = 1 << 20
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path) -> object:
     """A manifest's JSON, bounded (ValueError when it is not JSON or too large)."""
     with path.open("rb") as f:
         raw = f.read(manifests.MAX_MANIFEST_BYTES + 1)

@@ -68,7 +68,7 @@ def _invalid_views_trailer(invalid: dict[str, tuple[str, str]]) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def _text(value: Any) -> str:
+def _text(value: object) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value or "")
 
 

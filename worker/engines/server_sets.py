@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 from typing import Any, ClassVar, Protocol
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -23,7 +23,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from shared import backup_sets
 from shared.config import TargetConfig
 from shared.errors import DumpFailed, RestoreFailed
-from worker.engines import DRILL_PREFIX, Dump, DumpOptions, RestoreOptions
+from worker.engines import DRILL_PREFIX, Dump, DumpOptions, RestoreOptions, RowCounter
 from worker.progress import Progress
 
 # what a member's manifest entry keeps of its one-database dump
@@ -54,13 +54,13 @@ class SetEngine(Protocol):
         roles or accounts, from its manifest entry, before any member loads."""
 
     def dump(self, target: TargetConfig, progress: Progress,
-             options: DumpOptions | None = None) -> Any: ...
+             options: DumpOptions | None = None) -> AbstractAsyncContextManager[Dump]: ...
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
                       progress: Progress, *, clean: bool, manifest: dict[str, Any],
                       options: RestoreOptions = ...) -> None: ...
 
-    def row_counter(self) -> Any: ...
+    def row_counter(self) -> RowCounter: ...
 
     async def stats(self, target: TargetConfig) -> dict[str, Any]: ...
 

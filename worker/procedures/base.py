@@ -23,11 +23,13 @@ from shared.outage import JobTakenOver
 from shared.storage.base import BackupStore
 from shared.storage.catalog import BlockingStream, Catalog
 from worker import pipeline
+from worker.engines import RowCounter
 
 log = logging.getLogger("safehold.worker")
 
 
-async def counted(chunks: AsyncIterator[bytes], counter: Any) -> AsyncIterator[bytes]:
+async def counted(chunks: AsyncIterator[bytes], counter: RowCounter
+                  ) -> AsyncIterator[bytes]:
     async for chunk in chunks:
         counter.feed(chunk)
         yield chunk
