@@ -156,7 +156,7 @@ class MongoDB:
         async with self.connect(target):
             pass
 
-    async def stats(self, target: TargetConfig) -> dict[str, Any]:
+    async def stats(self, target: TargetConfig) -> dict[str, object]:
         async with self.connect(target) as client:
             out: dict[str, Any] = {"engine": self.name, "server_version":
                                    await self._version(client), "databases": [],

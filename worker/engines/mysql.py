@@ -135,7 +135,7 @@ class MySQL:
         async with self.connect(target) as conn:
             await self.query(conn, "SELECT 1")
 
-    async def stats(self, target: TargetConfig) -> dict[str, Any]:
+    async def stats(self, target: TargetConfig) -> dict[str, object]:
         if target.is_set:
             return await server_sets.stats_set(self, target)
         db = conn_params(target)["database"]

@@ -165,7 +165,7 @@ class Neo4j:
         info = await driver.get_server_info()
         return str(info.agent)
 
-    async def stats(self, target: TargetConfig) -> dict[str, Any]:
+    async def stats(self, target: TargetConfig) -> dict[str, object]:
         async with self._driver(target) as (driver, db):
             nodes = (await self._data(driver, db, "MATCH (n) RETURN count(n) AS c"))[0]["c"]
             rels = (await self._data(driver, db, "MATCH ()-[r]->() RETURN count(r) AS c"))[0]["c"]

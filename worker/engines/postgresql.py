@@ -115,7 +115,7 @@ class PostgreSQL:
         return {"version": version, "version_num": version_num, "schemas": schemas,
                 "tables": [dict(r) for r in tables]}
 
-    async def stats(self, target: TargetConfig) -> dict[str, Any]:
+    async def stats(self, target: TargetConfig) -> dict[str, object]:
         if target.is_set:
             return await server_sets.stats_set(self, target)
         async with self.connect(target) as conn:

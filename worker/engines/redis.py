@@ -127,7 +127,7 @@ class RedisEngine:
         async with self.connect(target):
             pass
 
-    async def stats(self, target: TargetConfig) -> dict[str, Any]:
+    async def stats(self, target: TargetConfig) -> dict[str, object]:
         async with self.connect(target) as r:
             server = await r.info("server")
             memory = await r.info("memory")

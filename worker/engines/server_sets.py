@@ -62,7 +62,7 @@ class SetEngine(Protocol):
 
     def row_counter(self) -> RowCounter: ...
 
-    async def stats(self, target: TargetConfig) -> dict[str, Any]: ...
+    async def stats(self, target: TargetConfig) -> dict[str, object]: ...
 
 
 def member_target(target: TargetConfig, name: str) -> TargetConfig:
@@ -137,14 +137,19 @@ async def members_of(engine: SetEngine, target: TargetConfig,
     return names
 
 
-async def stats_set(engine: SetEngine, target: TargetConfig) -> dict[str, Any]:
+def _whole(value: object) -> int:
+    """A count an engine reported, or 0 when it has none."""
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
+
+
+async def stats_set(engine: SetEngine, target: TargetConfig) -> dict[str, object]:
     """What the next set would hold: each database's size and tables."""
     found = [await engine.stats(member_target(target, name))
              for name in await members_of(engine, target)]
     return {"engine": engine.name,
             "server_version": found[0].get("server_version") if found else None,
-            "size_bytes": sum(int(f.get("size_bytes") or 0) for f in found),
-            "table_count": sum(int(f.get("table_count") or 0) for f in found),
+            "size_bytes": sum(_whole(f.get("size_bytes")) for f in found),
+            "table_count": sum(_whole(f.get("table_count")) for f in found),
             "databases": [{"database": f.get("database"), "size_bytes": f.get("size_bytes"),
                            "table_count": f.get("table_count")} for f in found]}
 

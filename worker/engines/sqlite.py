@@ -121,7 +121,7 @@ class SQLite:
     def drill(self) -> SQLiteDrill:
         return SQLiteDrill()
 
-    async def stats(self, target: TargetConfig) -> dict[str, Any]:
+    async def stats(self, target: TargetConfig) -> dict[str, object]:
         def collect() -> dict[str, Any]:
             conn = _open(target.path)
             try:
