@@ -47,6 +47,11 @@ class Progress:
     _job_percent: float = 0.0
     # sessions of the application holding locks the restore waits for (engines' watchers)
     waiting_for: list[dict[str, Any]] | None = None
+    # a dump's size: the engine estimates on-disk bytes; the procedure knows how many dump
+    # bytes the last backup made per estimated byte. Applied as the phase starts, so no
+    # progress event ever shows the unscaled estimate.
+    estimate_scale: float = 1.0
+    estimated_bytes: int | None = None  # the engine's own estimate, unscaled
 
     def set_phase(self, phase: Phase, *, bytes_total: int | None = None,
                   items_total: int | None = None) -> None:
@@ -55,6 +60,10 @@ class Progress:
         self.outbox.append(("phase", {"phase": phase}))
         self.bytes_done = 0
         self.bytes_total = bytes_total
+        if phase == Phase.DUMPING:
+            self.estimated_bytes = bytes_total
+            if bytes_total:
+                self.bytes_total = max(1, int(bytes_total * self.estimate_scale))
         self.items_done = 0
         self.items_total = items_total
         self._phase_started = self._last_time = time.monotonic()

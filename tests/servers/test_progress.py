@@ -27,9 +27,8 @@ async def test_percent_follows_bytes_against_a_size_learned_from_the_last_backup
     conn = await pg.user_conn(pg_db)
     await conn.execute("CREATE TABLE big AS SELECT g AS id, md5(g::text) || repeat('x', 200) "
                        "AS body FROM generate_series(1, 200000) g")  # ~50 MB, not analysed
-    # and never analysed between the two backups: an autovacuum run in between changes the
-    # estimate's basis (pg_class pages instead of the database size), which made the
-    # learned ratio miss by 30 % in two loaded CI runs
+    # and never analysed between the two backups either: an autovacuum run in between
+    # would change the estimate's basis (pg_class pages instead of the database size)
     await conn.execute("ALTER TABLE big SET (autovacuum_enabled = false)")
     await conn.close()
     settings = parse_settings(make_raw_config(prefix, tmp_path / "backups", pg_db,

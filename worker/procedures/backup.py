@@ -99,14 +99,13 @@ class Backups(ProcedureBase):
             raise
         try:
             counter = engine.row_counter() if isinstance(engine, RowCounting) else None
+            # dump bytes per estimated byte, learned from the previous backup
             ratio = await self._learned_ratio(target)
+            progress.estimate_scale = ratio or 1.0
             async with engine.dump(target, progress, options) as dump:
                 if "set" in dump.info:  # a server target counts each database apart
                     counter = None
-                estimate = progress.bytes_total  # the engine's (on-disk) size estimate
-                if estimate:
-                    # dump bytes per estimated byte, learned from the previous backup
-                    progress.bytes_total = max(1, int(estimate * (ratio or 1.0)))
+                if estimate := progress.estimated_bytes:  # the engine's on-disk estimate
                     dump.info["size_estimate"] = {"bytes": estimate, "ratio_used": ratio}
                 chunks = dump.chunks if counter is None else counted(dump.chunks, counter)
                 out = await pipeline.store(chunks, fan, stages, on_bytes=progress.add_bytes)
