@@ -40,7 +40,7 @@ class BackupResult(TypedDict):
     stored_on: list[str]
     destinations: dict[str, Outcome]
     partial: bool
-    duration_s: float | None
+    duration_s: float
     warnings: list[str] | None
 
 
@@ -116,14 +116,13 @@ class Backups(ProcedureBase):
         except BaseException:
             await asyncio.shield(fan.abort())
             raise
+        made = manifests.DumpFacts(duration_s=time.monotonic() - t0, job=job.id,
+                                   parent=parent, warnings=progress.warnings)
         manifest = manifests.Manifest(
             name=name, target=target.id, created_at=started, finished_at=datetime.now(UTC),
             size_bytes=out["size_bytes"], sha256=out["sha256"], raw_bytes=out["raw_bytes"],
-            chain=chain,
-            destinations=outcomes, requested_by=job.requested_by, note=note,
-            facts=dump.info, dump=manifests.DumpFacts(
-                duration_s=time.monotonic() - t0, job=job.id,
-                parent=parent, warnings=progress.warnings))
+            chain=chain, destinations=outcomes, requested_by=job.requested_by, note=note,
+            facts=dump.info, dump=made)
         await self._publish(job, target, name, fan, manifest)
         try:  # bookkeeping only: the backup is complete and published
             await self.store.set_fields(job.id, temp_handles="")
@@ -146,7 +145,7 @@ class Backups(ProcedureBase):
             "stored_on": stored_on,
             "destinations": outcomes,
             "partial": len(stored_on) < len(outcomes),
-            "duration_s": round(manifest.dump.duration_s, 3) if manifest.dump else None,
+            "duration_s": round(made.duration_s, 3),
             "warnings": progress.warnings or None,
         }
 
