@@ -474,6 +474,21 @@ async def test_a_second_server_on_a_taken_port_starts_nothing(
     assert not (tmp_path / ".safehold-redis").exists()
 
 
+async def _run_on_config(tmp_path: Path, raw: dict[str, Any]
+                         ) -> tuple[Path, dict[str, str], asyncio.subprocess.Process]:
+    """`safehold --config <file> run` on `raw` (the test role's password in the
+    environment, no SAFEHOLD_TOKEN), its output in tmp_path/server.log."""
+    cfg = tmp_path / "safehold.toml"
+    write_toml(cfg, raw)
+    env = {**os.environ, PASSWORD_ENV: pg.TEST_PASSWORD}
+    env.pop("SAFEHOLD_TOKEN", None)
+    with (tmp_path / "server.log").open("wb") as log:
+        server = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "api.cli", "--config", str(cfg), "run", cwd=tmp_path,
+            env=env, stdout=log, stderr=log)
+    return cfg, env, server
+
+
 async def test_operator_commands_and_a_reload_on_sighup(
         pg_db: str, prefix: str, tmp_path: Path) -> None:
     """Issue 22, item 5: `prune --dry-run` prints the plan and deletes nothing, `prune`
@@ -487,14 +502,7 @@ async def test_operator_commands_and_a_reload_on_sighup(
     raw = make_raw_config(prefix, tmp_path / "backups", pg_db)
     raw["server"] = {"port": api_port}
     raw["targets"]["main"].update(schedule="0 3 * * *", retention={"keep_last": 1})
-    cfg = tmp_path / "safehold.toml"
-    write_toml(cfg, raw)
-    env = {**os.environ, PASSWORD_ENV: pg.TEST_PASSWORD}
-    env.pop("SAFEHOLD_TOKEN", None)
-    with (tmp_path / "server.log").open("wb") as log:
-        server = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "api.cli", "--config", str(cfg), "run", cwd=tmp_path,
-            env=env, stdout=log, stderr=log)
+    cfg, env, server = await _run_on_config(tmp_path, raw)
     base = f"http://127.0.0.1:{api_port}"
     try:
         await wait_ready(base)
@@ -598,14 +606,7 @@ async def test_the_api_answers_while_a_reload_waits_for_a_running_job(
     api_port = free_port()
     raw = make_raw_config(prefix, tmp_path / "backups", pg_db)
     raw["server"] = {"port": api_port}
-    cfg = tmp_path / "safehold.toml"
-    write_toml(cfg, raw)
-    env = {**os.environ, PASSWORD_ENV: pg.TEST_PASSWORD}
-    env.pop("SAFEHOLD_TOKEN", None)
-    with (tmp_path / "server.log").open("wb") as log:
-        server = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "api.cli", "--config", str(cfg), "run", cwd=tmp_path,
-            env=env, stdout=log, stderr=log)
+    cfg, env, server = await _run_on_config(tmp_path, raw)
     base = f"http://127.0.0.1:{api_port}"
     try:
         await wait_ready(base)
