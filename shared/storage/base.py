@@ -10,7 +10,7 @@ so that a reaper can remove what a dead worker left.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Required, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Required, TypeAlias, TypedDict
 
 from shared import naming
 from shared.config import DestinationConfig
@@ -29,16 +29,21 @@ class Readback(TypedDict, total=False):
     parts: int
 
 
-class Outcome(TypedDict, total=False):
-    """One destination's part in a backup, as its manifest records it: stored (with its
-    read-back) or failed (with why)."""
+class StoredOutcome(Readback):
+    """A destination that stored the backup, with what its read-back proved."""
 
-    status: Required[Literal["stored", "failed"]]
-    size_bytes: int
-    check: str
-    etag: str
-    parts: int
+    status: Required[Literal["stored"]]
+
+
+class FailedOutcome(TypedDict):
+    """A destination that could not store the backup, and why."""
+
+    status: Literal["failed"]
     error: ErrorDoc
+
+
+# one destination's part in a backup, as its manifest records it
+Outcome: TypeAlias = StoredOutcome | FailedOutcome
 
 
 class Health(TypedDict, total=False):

@@ -18,7 +18,14 @@ from shared import manifests, naming
 from shared.config import Settings, TargetConfig
 from shared.errors import NotFound, PipelineError, SafeholdError, Unavailable, disk_full
 from shared.manifests import ManifestDoc
-from shared.storage.base import BackupStore, Outcome, PendingBackup, Readback, open_store
+from shared.storage.base import (
+    BackupStore,
+    Outcome,
+    PendingBackup,
+    Readback,
+    StoredOutcome,
+    open_store,
+)
 
 log = logging.getLogger("safehold.storage")
 QUEUE_DEPTH = 2  # stored chunks (~1 MiB) waiting per destination
@@ -92,13 +99,7 @@ class Fanout:
         await asyncio.gather(*(complete(n) for n in self.live()))
         outcomes: dict[str, Outcome] = {}
         for n in self.live():
-            rb = self.readback[n]
-            outcomes[n] = {"status": "stored", "size_bytes": rb["size_bytes"],
-                           "check": rb["check"]}
-            if "etag" in rb:
-                outcomes[n]["etag"] = rb["etag"]
-            if "parts" in rb:
-                outcomes[n]["parts"] = rb["parts"]
+            outcomes[n] = StoredOutcome(status="stored", **self.readback[n])
         for n, err in self.errors.items():
             outcomes[n] = {"status": "failed", "error": err.to_dict()}
         if not self.live():

@@ -130,7 +130,8 @@ class Backups(ProcedureBase):
             log.warning("job %s: its temp handles stay recorded (Redis away)", job.id)
         stored_on = fan.live()
         if len(stored_on) < len(outcomes):  # a failure, or a manifest not written
-            lost = {n: o.get("error", {}).get("message", "manifest not written")
+            lost = {n: o["error"]["message"] if o["status"] == "failed"
+                    else "manifest not written"
                     for n, o in outcomes.items() if n not in stored_on}
             progress.warn(f"backup {name.filename} is stored on {', '.join(stored_on)} only; "
                           + "; ".join(f"{n} failed: {m}" for n, m in lost.items()))
