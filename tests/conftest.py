@@ -84,8 +84,10 @@ def make_raw_config(prefix: str, storage: Path, pg_db: str | None, **worker: Any
         "default_target": "main",
         "redis": {"url": REDIS_URL, "prefix": prefix},
         "storage": {"path": str(storage)},
+        # no daily prune: it would delete what a test made whenever a run crosses 04:00
+        # UTC (tests of the daily prune set it)
         "worker": {"orphan_after": 6.0, "heartbeat_interval": 1.0, "shutdown_grace": 5.0,
-                   **worker},
+                   "daily_prune": "off", **worker},
         "server": {"sse_ping_interval": 1.0},
         "auth": {"dev_key_path": str(DEV_KEY)},
         "targets": targets,

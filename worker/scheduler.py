@@ -30,7 +30,6 @@ from shared.queue import enqueue
 log = logging.getLogger("safehold.scheduler")
 SCHEDULER: Requester = {"subject": "schedule", "client": "schedule"}
 LATE_AFTER = timedelta(minutes=5)  # catch_up="none": a slot older than this is skipped
-PRUNE_SLOT = "04:00"  # the daily prune, in each target's zone
 
 
 class Scheduler:
@@ -150,8 +149,11 @@ class Scheduler:
             task.add_done_callback(self._alerts.discard)
 
     async def _daily_prune(self, target: TargetConfig, now: datetime) -> Job | None:
+        at = self.settings.worker.daily_prune  # HH:MM in the target's zone, or "off"
+        if at == "off":
+            return None
         tz = schedules.zone(target.timezone, "timezone")
-        hour, minute = (int(x) for x in PRUNE_SLOT.split(":"))
+        hour, minute = (int(x) for x in at.split(":"))
         slot = schedules.latest_due(f"{minute} {hour} * * *", tz, now)
         if slot is None or now - schedules.to_utc(slot, tz) > timedelta(hours=1):
             return None

@@ -225,6 +225,9 @@ def parse_settings(
     if default not in targets:
         raise ConfigError(f"default_target '{default}' is not a configured target")
     worker = sections["worker"]
+    if not re.fullmatch(r"off|([01][0-9]|2[0-3]):[0-5][0-9]", worker.daily_prune):
+        raise ConfigError("worker.daily_prune must be a time HH:MM (in each target's "
+                          f"timezone) or \"off\"; got {worker.daily_prune!r}")
     if not 0 < worker.poll_delay <= 60:
         raise ConfigError("worker.poll_delay must be more than 0 and at most 60 seconds "
                           "(a queued job wakes an idle worker at once anyway)")

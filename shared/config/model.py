@@ -142,6 +142,8 @@ class WorkerSettings:
     job_ttl: float = 7 * 86400.0  # how long job records and their events are kept
     progress_interval: float = 0.5
     compress_level: int = 1  # isal level 0-3 (1: smaller than gzip -6 and fastest on SQL dumps)
+    # when the daily prune runs (HH:MM in each target's zone), or "off"
+    daily_prune: str = "04:00"
 
 
 @dataclass(frozen=True)

@@ -148,3 +148,15 @@ def test_a_section_or_default_target_of_the_wrong_type_is_a_config_error(
     doc = {"targets": {"s": {"engine": "sqlite", "path": "x.db"}}, **raw}
     with pytest.raises(ConfigError, match=message):
         parse_settings(doc, {}, base=tmp_path, source="<t>")
+
+
+@pytest.mark.parametrize("value, ok", [("04:00", True), ("23:59", True), ("off", True),
+                                       ("24:00", False), ("4:00", False), ("never", False)])
+def test_the_daily_prune_is_a_time_or_off(tmp_path: Path, value: str, ok: bool) -> None:
+    doc = {"worker": {"daily_prune": value},
+           "targets": {"s": {"engine": "sqlite", "path": "x.db"}}}
+    if ok:
+        assert parse_settings(doc, {}, base=tmp_path, source="<t>").worker.daily_prune == value
+    else:
+        with pytest.raises(ConfigError, match="worker.daily_prune"):
+            parse_settings(doc, {}, base=tmp_path, source="<t>")

@@ -249,3 +249,23 @@ async def test_a_slow_backup_never_piles_up_slots(
     assert await w.tick(t0 + timedelta(minutes=10)) == []  # the first is still queued
     await w.store.transition(first[0], ["queued"], "succeeded")
     assert len(await w.tick(t0 + timedelta(minutes=15))) == 1
+
+
+async def test_the_daily_prune_runs_at_its_configured_time_and_not_when_off(
+        redis: Redis, prefix: str, tmp_path: Path, test_env: dict[str, str]) -> None:
+    """worker.daily_prune: a prune job within the hour after its time (in the target's
+    zone), none outside it, none at all with "off"."""
+    def settings_with(at: str) -> Settings:
+        raw = make_raw_config(prefix, tmp_path / "backups", None, daily_prune=at)
+        raw["targets"]["main"]["retention"] = {"keep_last": 2}
+        return parse_settings(raw, test_env, base=tmp_path, source="<test>")
+
+    on = settings_with("13:30")
+    target = on.targets["main"]
+    (s,) = schedulers(on, redis, 1)
+    assert await s._daily_prune(target, datetime(2026, 12, 7, 13, 0, tzinfo=UTC)) is None
+    job = await s._daily_prune(target, datetime(2026, 12, 7, 13, 45, tzinfo=UTC))
+    assert job is not None and job.kind == "prune" and job.params["reason"] == "daily"
+    assert await s._daily_prune(target, datetime(2026, 12, 7, 14, 31, tzinfo=UTC)) is None
+    (off,) = schedulers(settings_with("off"), redis, 1)
+    assert await off._daily_prune(target, datetime(2026, 12, 7, 13, 45, tzinfo=UTC)) is None
