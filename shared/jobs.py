@@ -22,6 +22,7 @@ from enum import StrEnum
 from typing import Any, Required, TypedDict, TypeVar, cast
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from shared import rcmd
 from shared.errors import Conflict, NotFound
@@ -212,6 +213,11 @@ def new_job_id() -> str:
     return f"{int(time.time() * 1000):x}-{secrets.token_hex(6)}"
 
 
+# what a job ended with (BackupResult, RestoreResult, a drill's record, a prune's report):
+# JSON, kept in the job's hash and read back from it
+JobResult = Mapping[str, object]
+
+
 @dataclass
 class Job:
     id: str
@@ -221,8 +227,8 @@ class Job:
     created_at: str
     params: JobParams = field(default_factory=lambda: JobParams())
     requested_by: Requester = field(default_factory=lambda: Requester())
-    progress: dict[str, Any] = field(default_factory=dict)
-    result: dict[str, Any] | None = None
+    progress: dict[str, object] = field(default_factory=dict)
+    result: JobResult | None = None
     error: JobError | None = None
     started_at: str | None = None
     finished_at: str | None = None
@@ -246,7 +252,7 @@ class Job:
     def terminal(self) -> bool:
         return self.status in TERMINAL
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return {
             "id": self.id,
             "kind": self.kind,
@@ -297,9 +303,9 @@ class Event:
     type: str
     job: str
     ts: str
-    data: dict[str, Any]
+    data: dict[str, object]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return {"id": self.id, "type": self.type, "job": self.job, "ts": self.ts, **self.data}
 
 
@@ -353,7 +359,7 @@ class JobStore:
         requested_by: Requester,
         *,
         idempotency_key: str | None = None,
-        stage: Callable[[Any, Job], None] | None = None,
+        stage: Callable[[Pipeline, Job], None] | None = None,
     ) -> tuple[Job, bool]:
         """Create a queued job; with an idempotency key a repeat returns the first job.
         Keys belong to the caller (`requested_by.subject`): another caller's same key is
@@ -453,7 +459,7 @@ class JobStore:
         ))
         return bool(ok)
 
-    async def set_fields(self, job_id: str, **fields: Any) -> None:
+    async def set_fields(self, job_id: str, **fields: object) -> None:
         enc = {k: json.dumps(v) if isinstance(v, dict | list) else str(v)
                for k, v in fields.items()}
         async def once() -> None:

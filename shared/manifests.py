@@ -148,6 +148,15 @@ def vet(doc: object, filename: str) -> ManifestDoc:
     return cast(ManifestDoc, doc)  # its core keys proven above
 
 
+def count_in(doc: Mapping[str, object], key: str) -> int | None:
+    """A manifest's non-negative integer fact (`raw_bytes`…), or None when it holds none
+    or something else (a manifest is read back, never believed)."""
+    value = doc.get(key)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
 def usable(manifest: ManifestDoc) -> ManifestDoc:
     """`manifest` if it is not damaged; else DamagedManifest naming why."""
     if manifest.get("damaged"):

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
 
 from redis.asyncio import Redis
 
@@ -21,15 +20,16 @@ from shared import rcmd, stats
 from shared.audit import AuditLog
 from shared.config import Settings
 from shared.errors import Conflict
-from shared.jobs import Job, JobError, JobKind, JobStatus, JobStore, now_iso
+from shared.jobs import Job, JobError, JobKind, JobResult, JobStatus, JobStore, now_iso
 from shared.keys import Keys
+from shared.manifests import count_in
 from shared.notify import Notifier
 from shared.outage import ride_out
 
 log = logging.getLogger("safehold.outcomes")
 FOLLOW_UP_RETRY_FOR = 60.0  # seconds each follow-up retries across a Redis outage
 
-Step = tuple[str, Callable[[], Awaitable[Any]]]
+Step = tuple[str, Callable[[], Awaitable[object]]]
 
 
 class Outcomes:
@@ -47,18 +47,18 @@ class Outcomes:
 
     # ------------------------------------------------------------------ ending a job
     async def end(self, job: Job, allowed_from: Iterable[JobStatus], status: JobStatus, *,
-                  result: dict[str, Any] | None = None,
+                  result: JobResult | None = None,
                   error: JobError | None = None,
-                  fields: dict[str, Any] | None = None,
-                  data: dict[str, Any] | None = None,
+                  fields: Mapping[str, object] | None = None,
+                  data: Mapping[str, object] | None = None,
                   retry_for: float = 0.0,
                   also: Sequence[Step] = ()) -> bool:
         """Move `job` to `status` if it is still in `allowed_from`; then audit, count and
         notify it (and run `also`). False when someone else ended it first (nothing then
         is audited twice)."""
         allowed = list(allowed_from)
-        all_fields: dict[str, Any] = {"finished_at": now_iso(), **(fields or {})}
-        payload: dict[str, Any] = dict(data or {})
+        all_fields: dict[str, object] = {"finished_at": now_iso(), **(fields or {})}
+        payload: dict[str, object] = dict(data or {})
         if result is not None:
             all_fields["result"] = payload["result"] = result
         if error is not None:
@@ -91,19 +91,20 @@ class Outcomes:
         return await self.store.get(job_id)
 
     # ------------------------------------------------------------------ follow-ups
-    async def follow_ups(self, job: Job, status: str, result: dict[str, Any] | None,
+    async def follow_ups(self, job: Job, status: str, result: JobResult | None,
                          error: JobError | None, also: Sequence[Step] = ()) -> None:
         who = {"subject": job.requested_by.get("subject"),
                "client": job.requested_by.get("client"), "via": job.requested_by.get("via")}
-        backup = (result or {}).get("filename") or job.params.get("backup")
+        result = result or {}
+        backup = _text(result.get("filename")) or job.params.get("backup")
         steps: list[Step] = [
             ("audit", lambda: self.audit.record(
                 action=f"job.{job.kind}", result=status, **who, target=job.target,
                 job=job.id, backup=backup, detail=error["code"] if error else None)),
             ("stats", lambda: self._count(job, status, result))]
-        if (result or {}).get("partial"):
-            stored = set((result or {}).get("stored_on") or [])
-            missing = [n for n in (result or {}).get("destinations", {}) if n not in stored]
+        if result.get("partial"):
+            stored = _listed(result.get("stored_on"))
+            missing = [n for n in _listed(result.get("destinations")) if n not in stored]
             steps.append(("audit", lambda: self.audit.record(
                 action="backup.partial", result="warning", **who, target=job.target,
                 job=job.id, backup=backup, detail="missing on " + ",".join(missing))))
@@ -116,7 +117,7 @@ class Outcomes:
                 log.exception("job %s: its outcome is recorded; the %s after it failed",
                               job.id, what)
 
-    async def _count(self, job: Job, status: str, result: dict[str, Any] | None) -> None:
+    async def _count(self, job: Job, status: str, result: JobResult) -> None:
         took = 0.0
         if job.started_at:
             took = (datetime.now(UTC) - datetime.fromisoformat(
@@ -125,24 +126,26 @@ class Outcomes:
         await stats.job_finished(
             self.redis, self.keys, kind=job.kind, status=status, target=job.target,
             engine=target.engine if target else "unknown", duration=max(took, 0.0),
-            stored_bytes=int((result or {}).get("size_bytes") or 0)
+            stored_bytes=(count_in(result, "size_bytes") or 0)
             if job.kind == JobKind.BACKUP else 0)
 
-    def _notify(self, job: Job, status: str, result: dict[str, Any] | None,
+    def _notify(self, job: Job, status: str, result: JobResult,
                 error: JobError | None) -> None:
         if job.kind == JobKind.STATS:
             return
         event = f"{job.kind}.{status}"
-        if status == JobStatus.SUCCEEDED and (result or {}).get("partial"):
+        what = _text(result.get("filename")) or job.params.get("backup") or ""
+        if status == JobStatus.SUCCEEDED and result.get("partial"):
             event = "backup.partial"
         if job.kind == JobKind.PRUNE and status == JobStatus.SUCCEEDED:
-            deleted = [f for d in (result or {}).get("destinations", {}).values()
-                       for f in d.get("deleted", [])]
-            if (result or {}).get("dry_run") or not deleted:
+            per_destination = result.get("destinations")
+            deleted = [f for d in (per_destination.values()
+                                   if isinstance(per_destination, dict) else [])
+                       if isinstance(d, dict) for f in _listed(d.get("deleted"))]
+            if result.get("dry_run") or not deleted:
                 return
             event = "prune.deleted"
-            result = {**(result or {}), "filename": f"{len(deleted)} backup copies deleted"}
-        what = (result or {}).get("filename") or job.params.get("backup") or ""
+            what = f"{len(deleted)} backup copies deleted"
         message = f"{job.kind} of target {job.target} {status}" + (f": {what}" if what else "")
         if error:
             message += f" — {error.get('code')}: {error.get('message')}"
@@ -173,3 +176,12 @@ class Outcomes:
         """Let notifications in flight finish (briefly) before the process exits."""
         if self._deliveries:
             await asyncio.wait(self._deliveries, timeout=5)
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _listed(value: object) -> list[str]:
+    """The names a result lists (a list of them, or a dict keyed by them)."""
+    return [str(v) for v in value] if isinstance(value, list | dict) else []

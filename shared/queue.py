@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from shared.config import WorkerSettings
@@ -59,7 +60,7 @@ async def connect(url: str) -> ArqRedis:
     return pool
 
 
-def stage_enqueue(pipe: Any, keys: Keys, job: Job) -> None:
+def stage_enqueue(pipe: Pipeline, keys: Keys, job: Job) -> None:
     """Queue `job` inside a caller's MULTI (JobStore.create's), so a job record and its
     queue entry are written together or not at all — what `ArqRedis.enqueue_job` writes,
     minus its WATCH/EXISTS round trips, needless for a job id that was just made."""

@@ -8,7 +8,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -26,6 +27,7 @@ from shared.jobs import (
     Job,
     JobError,
     JobKind,
+    JobResult,
     JobStatus,
     JobStore,
     Phase,
@@ -63,7 +65,7 @@ class JobRunner:
         self.audit = AuditLog(redis, self.keys)
         self.procedures = Procedures(settings, self.store, self.catalog)
         # set by the worker: what follows a successful backup (a scheduled one is pruned)
-        self.after_backup: Callable[[Job], Awaitable[Any]] | None = None
+        self.after_backup: Callable[[Job], Awaitable[object]] | None = None
         self.outcomes = Outcomes(settings, redis, self.store, self.audit)
         self.notifier: Notifier = self.outcomes.notifier
         # the reaper's passes never wait out an outage (the next pass comes soon)
@@ -78,7 +80,7 @@ class JobRunner:
         self.transport_recipient = str(self.transport_key.to_public())
 
     # ----------------------------------------------------------------- job lifecycle
-    async def run(self, job_id: str) -> dict[str, Any]:
+    async def run(self, job_id: str) -> dict[str, str]:
         logs.job_id.set(job_id)  # every log line of this job's task (and its children)
         job = await self.store.find(job_id)
         if job is None or job.status != JobStatus.QUEUED:
@@ -110,8 +112,7 @@ class JobRunner:
         lock = TargetLock(self.redis, self.keys.lock(job.target), job_id,
                           ttl_s=max(30.0, w.redis_grace + w.orphan_after))
         work = asyncio.create_task(self._execute(job, progress, lock))
-        state: dict[str, Any] = {"cancel_requested": False, "lost": None,
-                                 "beat_ok": time.monotonic()}
+        state = _Watch(beat_ok=time.monotonic())
         monitor = asyncio.create_task(self._monitor(job, progress, lock, work, state))
         try:
             result = await work
@@ -164,7 +165,7 @@ class JobRunner:
 
 
     async def _finish(self, job: Job, progress: Progress, status: JobStatus, *,
-                      result: dict[str, Any] | None = None,
+                      result: JobResult | None = None,
                       error: JobError | None = None) -> None:
         if error is not None and job.kind == JobKind.RESTORE and "database_state" not in error:
             # a restore that never reached loading has changed nothing
@@ -173,7 +174,7 @@ class JobRunner:
         if status == JobStatus.SUCCEEDED:
             snap["percent"] = 100.0
             snap["eta_s"] = 0.0
-        also: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
+        also: list[tuple[str, Callable[[], Awaitable[object]]]] = []
         if status == JobStatus.SUCCEEDED and job.kind == JobKind.BACKUP:
             also.append(("schedule state", lambda: self._backup_succeeded(job)))
             if self.after_backup is not None:
@@ -230,7 +231,7 @@ class JobRunner:
         await self.redis.set(self.keys.heartbeat(job_id), self.worker_id, px=ttl)
 
     async def _monitor(self, job: Job, progress: Progress, lock: TargetLock,
-                       work: asyncio.Task[Any], state: dict[str, Any]) -> None:
+                       work: asyncio.Task[JobResult], state: _Watch) -> None:
         """Keep watching the job through transient Redis errors (a dead monitor would stop
         the heartbeat and get a healthy job reaped)."""
         while not work.done():
@@ -249,12 +250,12 @@ class JobRunner:
             progress.outbox.pop(0)  # only once published: a Redis error retries it
 
     async def _watch(self, job: Job, progress: Progress, lock: TargetLock,
-                     work: asyncio.Task[Any], state: dict[str, Any]) -> None:
+                     work: asyncio.Task[JobResult], state: _Watch) -> None:
         """Publish progress, heartbeat, refresh the lock, and honour cancel requests."""
         w = self.settings.worker
         last_publish = last_cancel_check = time.monotonic()
         last_beat = 0.0  # beat at once: after an outage, before any reaper's second look
-        last: dict[str, Any] = {}
+        last: dict[str, object] = {}
         volatile = ("elapsed_s", "rate_bps", "eta_s")
         while not work.done():
             await asyncio.wait({work}, timeout=0.1)
@@ -264,8 +265,8 @@ class JobRunner:
             now = time.monotonic()
             if now - last_beat >= w.heartbeat_interval:
                 await self._heartbeat(job.id)
-                away = time.monotonic() - state["beat_ok"]
-                state["beat_ok"] = last_beat = time.monotonic()
+                away = time.monotonic() - state.beat_ok
+                state.beat_ok = last_beat = time.monotonic()
                 if await self._fenced(job, progress, lock, work, state, away):
                     continue
             if now - last_publish >= w.progress_interval:
@@ -279,7 +280,7 @@ class JobRunner:
             last_cancel_check = now
             flag = await rcmd.hget(self.redis,
                 self.keys.job(job.id), "cancel_requested")
-            if flag == b"1" and not state["cancel_requested"]:
+            if flag == b"1" and not state.cancel_requested:
                 stage = progress.stages[-1] if progress.stages else None
                 if job.kind == JobKind.RESTORE and not restore_cancellable(stage):
                     await rcmd.hdel(self.redis, self.keys.job(job.id),
@@ -288,11 +289,11 @@ class JobRunner:
                         "message": "too late to cancel: the restore is changing the database; "
                                    "it completes or rolls back by itself"})
                     continue
-                state["cancel_requested"] = True
+                state.cancel_requested = True
                 work.cancel()
 
     async def _fenced(self, job: Job, progress: Progress, lock: TargetLock,
-                      work: asyncio.Task[Any], state: dict[str, Any], away: float) -> bool:
+                      work: asyncio.Task[JobResult], state: _Watch, away: float) -> bool:
         """After Redis comes back: if others took this job for dead (a worker cut off alone
         for longer than `orphan_after` is reaped) or took its target's lock, its work stops
         at once where stopping is safe. True when it was stopped."""
@@ -314,11 +315,11 @@ class JobRunner:
                           "goes on to its end (or its rollback)")
             return False
         log.warning("job %s: %s", job.id, why)
-        state["lost"] = why
+        state.lost = why
         work.cancel()
         return True
 
-    async def _execute(self, job: Job, progress: Progress, lock: TargetLock) -> dict[str, Any]:
+    async def _execute(self, job: Job, progress: Progress, lock: TargetLock) -> JobResult:
         target = self.settings.target(job.target)
         engine = self.engines.get(target.engine)
         if engine is None:
@@ -409,12 +410,21 @@ async def check_targets(settings: Settings, timeout: float = 15.0
     return list(await asyncio.gather(*(one(t) for t in settings.targets.values())))
 
 
-def _stopped(job: Job, state: dict[str, Any]) -> tuple[JobStatus, JobError]:
+@dataclass
+class _Watch:
+    """What the monitor learns while a job runs: how its task, if cancelled, must end."""
+
+    beat_ok: float  # when a heartbeat last reached Redis (monotonic)
+    cancel_requested: bool = False
+    lost: str | None = None  # why others took the job (or its lock) while Redis was away
+
+
+def _stopped(job: Job, state: _Watch) -> tuple[JobStatus, JobError]:
     """How a job whose task was cancelled ends: lost to others (reaped, or its lock taken),
     cancelled on request, or interrupted (shutdown, job timeout)."""
-    if state["lost"]:
-        return JobStatus.FAILED, {"code": "redis_unavailable", "message": state["lost"]}
-    if state["cancel_requested"]:
+    if state.lost:
+        return JobStatus.FAILED, {"code": "redis_unavailable", "message": state.lost}
+    if state.cancel_requested:
         if job.kind == JobKind.RESTORE:
             return JobStatus.CANCELLED, {"code": "cancelled", "database_state": "unchanged",
                                  "message": "cancelled on request before the restore "

@@ -19,14 +19,15 @@ import asyncio
 import hashlib
 import json
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
 
 from api.asgi import call_asgi
@@ -36,13 +37,16 @@ from api.operations import AuditInfo, Caller, Operations
 from api.roles import Role
 from shared import safehold_version
 from shared.errors import BadRequest, Forbidden, SafeholdError, Unauthorized
-from shared.jobs import Job, JobStatus
+from shared.jobs import Event, Job, JobStatus
 
 PLAN_TTL = 300  # seconds a restore confirmation token lives
 WAIT_MAX = 3600.0
 _principal: ContextVar[Principal | None] = ContextVar("safehold_mcp_principal", default=None)
 # the HTTP request behind the call (request id, remote address), for the audit entry
-_origin: ContextVar[dict[str, Any]] = ContextVar("safehold_mcp_origin", default={})  # noqa: B039
+_origin: ContextVar[dict[str, str | None]] = ContextVar("safehold_mcp_origin", default={})  # noqa: B039
+
+# what a tool answers: JSON built here, never read back by this code
+ToolResult = dict[str, object]
 
 # tool -> the role it needs somewhere (listing hides the others from a token)
 TOOL_ROLES = {
@@ -53,7 +57,7 @@ TOOL_ROLES = {
 }
 
 
-def job_summary(job: Job, reader: Principal) -> dict[str, Any]:
+def job_summary(job: Job, reader: Principal) -> ToolResult:
     """The job as `reader` may see it (a restore's error text only for its operators)."""
     from api.http import for_reader
 
@@ -70,7 +74,8 @@ class TokenMiddleware:
     def __init__(self, services: Callable[[], Services]) -> None:
         self.services = services
 
-    async def __call__(self, ctx: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
+    async def __call__(self, ctx: ServerRequestContext[object, object],
+                       call_next: CallNext) -> HandlerResult:
         request = getattr(ctx, "request", None)
         headers = getattr(request, "headers", None) or {}
         principal = await self.services().verifier.verify(
@@ -85,7 +90,7 @@ class TokenMiddleware:
             _origin.reset(origin)
         if ctx.method == "tools/list":  # the wire form: a dict with "tools"
             tools = result.get("tools") if isinstance(result, dict) else None
-            if isinstance(tools, list):
+            if isinstance(result, dict) and isinstance(tools, list):
                 result["tools"] = [t for t in tools if principal.best_role >= TOOL_ROLES.get(
                     str(t.get("name")) if isinstance(t, dict) else "", Role.ADMIN)]
         return result
@@ -116,8 +121,8 @@ class _Kit:
                                               o.get("remote"), "POST", "/mcp")
 
     async def run(self, tool: str, target: str | None,
-                  body: Callable[[Operations, Caller], Awaitable[Any]],
-                  info: AuditInfo | None = None) -> Any:
+                  body: Callable[[Operations, Caller], Awaitable[ToolResult]],
+                  info: AuditInfo | None = None) -> ToolResult:
         """Run a tool's operation; a read is audited here (operations audit the rest),
         with what `body` put in `info` (target, backup) by then; Safehold errors become
         tool errors with their code."""
@@ -130,15 +135,19 @@ class _Kit:
             raise SafeholdToolError(exc) from None
 
     async def follow(self, ops: Operations, who: Caller, job: Job, ctx: Context,
-                     wait: float) -> dict[str, Any]:
+                     wait: float) -> ToolResult:
         """Report the job's progress to the client until it ends or `wait` passes."""
-        async def on_event(ev: Any) -> None:
-            if ev.type == "progress" and ev.data.get("percent") is not None:
-                await ctx.report_progress(float(ev.data["percent"]), 100.0,
-                                          str(ev.data.get("phase") or ""))
-            elif ev.type == "phase":
-                await ctx.report_progress(float(ev.data.get("percent") or 0), 100.0,
-                                          str(ev.data.get("phase") or ""))
+        reported = [0.0]
+
+        async def on_event(ev: Event) -> None:
+            """The job's overall percent (a progress event's snapshot; never backwards),
+            its phase as the message."""
+            snap = ev.data.get("progress") if ev.type == "progress" else ev.data
+            if ev.type not in ("progress", "phase") or not isinstance(snap, dict):
+                return
+            if isinstance(pct := snap.get("percent"), int | float):
+                reported[0] = max(reported[0], float(pct))
+            await ctx.report_progress(reported[0], 100.0, str(snap.get("phase") or ""))
         if wait > 0 and not job.terminal:
             job = await ops.wait(job.id, min(wait, WAIT_MAX), on_event)
         if job.status == JobStatus.SUCCEEDED:
@@ -148,31 +157,31 @@ class _Kit:
 
 @dataclass(frozen=True)
 class _Reads:
-    list_databases: Callable[[], Awaitable[dict[str, Any]]]
-    list_backups: Callable[[str], Awaitable[dict[str, Any]]]
-    job_status: Callable[[str], Awaitable[dict[str, Any]]]
+    list_databases: Callable[[], Awaitable[ToolResult]]
+    list_backups: Callable[[str], Awaitable[ToolResult]]
+    job_status: Callable[[str], Awaitable[ToolResult]]
 
 
 def _read_tools(server: MCPServer, kit: _Kit) -> _Reads:
     """What a viewer may call."""
     @server.tool(description="The databases (targets) this token may see, with engine and "
                              "schedule.")
-    async def list_databases() -> dict[str, Any]:
+    async def list_databases() -> ToolResult:
         return await kit.run("list_databases", None,
                          lambda ops, who: _async({"databases": ops.targets(who)}))
 
     @server.tool(description="A database's backups, newest first: file name, kind, size, "
                              "created_at, sha256, where stored, verification.")
-    async def list_backups(database_id: str) -> dict[str, Any]:
-        async def body(ops: Operations, who: Caller) -> dict[str, Any]:
+    async def list_backups(database_id: str) -> ToolResult:
+        async def body(ops: Operations, who: Caller) -> ToolResult:
             found, unavailable = await ops.backups(who, database_id)
             return {"database_id": database_id, "backups": [_brief(m) for m in found],
                     **({"unavailable": unavailable} if unavailable else {})}
         return await kit.run("list_backups", database_id, body)
 
     @server.tool(description="A job's status, progress, result or error.")
-    async def job_status(job_id: str) -> dict[str, Any]:
-        async def body(ops: Operations, who: Caller) -> dict[str, Any]:
+    async def job_status(job_id: str) -> ToolResult:
+        async def body(ops: Operations, who: Caller) -> ToolResult:
             return job_summary(await ops.job(who, job_id), who.principal)
         return await kit.run("job_status", None, body)
 
@@ -184,23 +193,23 @@ def _job_tools(server: MCPServer, kit: _Kit) -> None:
     @server.tool(description="Start a backup of a database; waits up to wait_seconds "
                              "(default 600) reporting progress, then returns the job.")
     async def create_backup(database_id: str, ctx: Context, note: str = "",
-                            wait_seconds: float = 600) -> dict[str, Any]:
-        async def body(ops: Operations, who: Caller) -> dict[str, Any]:
+                            wait_seconds: float = 600) -> ToolResult:
+        async def body(ops: Operations, who: Caller) -> ToolResult:
             job = await ops.start_backup(who, database_id, note=note)
             return await kit.follow(ops, who, job, ctx, wait_seconds)
         return await kit.run("create_backup", database_id, body)
 
     @server.tool(description="Delete one backup everywhere it is stored (admin).")
-    async def delete_backup(database_id: str, backup: str) -> dict[str, Any]:
-        async def body(ops: Operations, who: Caller) -> dict[str, Any]:
+    async def delete_backup(database_id: str, backup: str) -> ToolResult:
+        async def body(ops: Operations, who: Caller) -> ToolResult:
             return {"deleted": await ops.delete_backup(who, database_id, backup),
                     "database_id": database_id}
         return await kit.run("delete_backup", database_id, body)
 
     @server.tool(description="Cancel a queued or running job (a restore that is already "
                              "changing the database cannot be cancelled).")
-    async def cancel_job(job_id: str) -> dict[str, Any]:
-        async def body(ops: Operations, who: Caller) -> dict[str, Any]:
+    async def cancel_job(job_id: str) -> ToolResult:
+        async def body(ops: Operations, who: Caller) -> ToolResult:
             return job_summary(await ops.cancel(who, job_id), who.principal)
         return await kit.run("cancel_job", None, body)
 
@@ -208,8 +217,8 @@ def _job_tools(server: MCPServer, kit: _Kit) -> None:
                              "scratch place, compare exact counts, drop it; waits up to "
                              "wait_seconds reporting progress.")
     async def verify_backup(database_id: str, ctx: Context, backup: str = "",
-                            wait_seconds: float = 600) -> dict[str, Any]:
-        async def body(ops: Operations, who: Caller) -> dict[str, Any]:
+                            wait_seconds: float = 600) -> ToolResult:
+        async def body(ops: Operations, who: Caller) -> ToolResult:
             job = await ops.start_verify(who, database_id, backup or None)
             return await kit.follow(ops, who, job, ctx, wait_seconds)
         return await kit.run("verify_backup", database_id, body)
@@ -224,10 +233,10 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                            terminate_connections: bool = False,
                            roles: str | None = None,
                            owner_map: dict[str, str] | None = None,
-                           database: str | None = None) -> dict[str, Any]:
+                           database: str | None = None) -> ToolResult:
         info: AuditInfo = {"backup": backup[:200]}
 
-        async def body(ops: Operations, who: Caller) -> dict[str, Any]:
+        async def body(ops: Operations, who: Caller) -> ToolResult:
             target = ops.target(who, database_id, Role.OPERATOR)
             if roles not in (None, "create", "skip", "map") or (roles == "map") != bool(
                     owner_map):
@@ -263,10 +272,10 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
     @server.tool(description="Step 2 of a restore: run the plan a confirmation token names; "
                              "waits up to wait_seconds reporting progress.")
     async def execute_restore(confirmation_token: str, ctx: Context,
-                              wait_seconds: float = 1800) -> dict[str, Any]:
+                              wait_seconds: float = 1800) -> ToolResult:
         info: AuditInfo = {}
 
-        async def body(ops: Operations, who: Caller) -> dict[str, Any]:
+        async def body(ops: Operations, who: Caller) -> ToolResult:
             s = kit.services()
             key = _plan_key(s, confirmation_token)
             raw = await s.redis.get(key)
@@ -339,7 +348,7 @@ def build_mcp(services: Callable[[], Services]) -> MCPServer:
     return server
 
 
-async def read(answer: Awaitable[dict[str, Any]]) -> str:
+async def read(answer: Awaitable[ToolResult]) -> str:
     """A resource's JSON; a refusal (scope, role, unknown id) is a clean resource error
     with its code and message, not a crash with a traceback."""
     try:
@@ -350,17 +359,17 @@ async def read(answer: Awaitable[dict[str, Any]]) -> str:
         raise ResourceError(str(exc)) from None
 
 
-async def _async(value: Any) -> Any:
+async def _async(value: ToolResult) -> ToolResult:
     return value
 
 
-def _brief(m: dict[str, Any]) -> dict[str, Any]:
+def _brief(m: Mapping[str, object]) -> ToolResult:
     keys = ("filename", "kind", "created_at", "size_bytes", "size_mib", "sha256", "engine",
             "stored_on", "encrypted", "compressed", "partial", "note", "verified_at",
             "damaged", "damaged_on")
     out = {k: m.get(k) for k in keys if m.get(k) is not None}
-    if isinstance(m.get("verification"), dict):
-        out["verification"] = m["verification"].get("outcome")
+    if isinstance(verification := m.get("verification"), dict):
+        out["verification"] = verification.get("outcome")
     return out
 
 
@@ -370,7 +379,7 @@ def _plan_key(s: Services, token: str) -> str:
 
 
 # ---------------------------------------------------------------------- mounting
-MCP_MANAGER = web.AppKey("mcp_manager", object)
+MCP_MANAGER = web.AppKey("mcp_manager", StreamableHTTPSessionManager)
 
 
 async def mcp_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -404,6 +413,6 @@ async def mcp_endpoint(request: web.Request) -> web.StreamResponse:
     """POST/GET/DELETE /mcp: the streamable HTTP transport (through the ASGI bridge)."""
     from api.context import REQUEST_ID
 
-    manager: Any = request.app[MCP_MANAGER]
+    manager = request.app[MCP_MANAGER]
     return await call_asgi(manager.handle_request, request, state={"safehold": {
         "request_id": request.get(REQUEST_ID), "remote": request.remote}})

@@ -9,7 +9,6 @@ URL, so a script can poll `/api/v1/jobs/{id}`.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from aiohttp import web
 
@@ -29,6 +28,7 @@ from api.surfaces.rest import download, stats_of
 from shared.config import TargetConfig
 from shared.errors import Unprocessable
 from shared.jobs import Job, JobStatus
+from shared.manifests import count_in
 
 # job failures caused by the request itself (answered 400, not 500)
 CLIENT_ERRORS = frozenset({"apoc_unavailable", "engine_mismatch", "bad_request"})
@@ -75,12 +75,12 @@ async def create(request: web.Request) -> web.Response:
         wait=svc(request).settings.server.wait_timeout, fail_fast=True)
     if (other := _not_done(job, request[PRINCIPAL])) is not None:
         return other
-    result: dict[str, Any] = job.result or {}
+    result = job.result or {}
     return web.json_response({
         "success": True,
         "message": f"Backup created successfully: {result['filename']}",
         "filename": result["filename"],
-        "size_mb": _size_mb(int(result["size_bytes"])),
+        "size_mb": _size_mb(count_in(result, "size_bytes") or 0),
     })
 
 

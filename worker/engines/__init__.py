@@ -13,7 +13,7 @@ import importlib
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypedDict, runtime_checkable
@@ -272,7 +272,7 @@ class Engine(Protocol):
         ...
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
-                      progress: Progress, *, clean: bool, manifest: dict[str, Any],
+                      progress: Progress, *, clean: bool, manifest: Mapping[str, object],
                       options: RestoreOptions = NO_OPTIONS) -> None:
         """Load a plain dump; raises RestoreFailed (with `database_unchanged` when known).
         Where the application's locks can hold a load up (PostgreSQL, MySQL), it waits at

@@ -28,7 +28,7 @@ import struct
 import tarfile
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import Any, ClassVar
@@ -274,7 +274,7 @@ class MongoDB:
         return MongoDBDrill()
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
-                      progress: Progress, *, clean: bool, manifest: dict[str, Any],
+                      progress: Progress, *, clean: bool, manifest: Mapping[str, object],
                       options: RestoreOptions = NO_OPTIONS) -> None:
         async with self.connect(target) as client:
             restorer = _Restorer(client, clean, progress)

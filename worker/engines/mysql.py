@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
@@ -229,7 +229,7 @@ class MySQL:
         system = {"information_schema", "performance_schema", "mysql", "sys"}
         return [_text(r[0]) for r in rows if _text(r[0]) not in system]
 
-    async def create_database(self, target: TargetConfig, name: str, facts: dict[str, Any],
+    async def create_database(self, target: TargetConfig, name: str, facts: Mapping[str, object],
                               progress: Progress) -> bool:
         """A set's database on a server that lacks it: created with its character set and
         collation. True when it was created."""
@@ -255,15 +255,15 @@ class MySQL:
             await self.query(conn, f"DROP DATABASE IF EXISTS {quote(name)}")
 
     async def database_restored(self, target: TargetConfig, name: str,
-                                facts: dict[str, Any]) -> None:
+                                facts: Mapping[str, object]) -> None:
         return None  # a MySQL database has no owner
 
-    async def precheck(self, target: TargetConfig, facts: dict[str, Any],
+    async def precheck(self, target: TargetConfig, facts: Mapping[str, object],
                        options: RestoreOptions) -> None:
         """Accounts the member's manifest names that the server lacks, with no choice made:
         refused before anything changes (its head is checked again when it loads)."""
-        named = (facts.get("globals") or {}).get("accounts") if isinstance(
-            facts.get("globals"), dict) else None
+        named = globals_.get("accounts") if isinstance(
+            globals_ := facts.get("globals"), dict) else None
         if not isinstance(named, list) or options.roles in ("create", "skip"):
             return
         existing, _ = await self._existing_accounts(target)
@@ -413,7 +413,7 @@ class MySQL:
         return "\n".join(sql) + "\n"
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
-                      progress: Progress, *, clean: bool, manifest: dict[str, Any],
+                      progress: Progress, *, clean: bool, manifest: Mapping[str, object],
                       options: RestoreOptions = NO_OPTIONS) -> None:
         if target.is_set:  # every database of the set, or the one asked for
             await server_sets.restore_set(self, target, chunks, progress, clean=clean,
@@ -484,7 +484,7 @@ class MySQL:
         raise RestoreFailed(f"{tool} exited with code {rc}: {text}",
                             database_unchanged=unchanged)
 
-    async def _accounts_plan(self, target: TargetConfig, manifest: dict[str, Any],
+    async def _accounts_plan(self, target: TargetConfig, manifest: Mapping[str, object],
                              options: RestoreOptions, head: GlobalsHead) -> accts.Plan:
         """What to do with the accounts at the backup's head, decided before anything is
         sent: refused (`roles_missing`) when the server lacks some and no choice was made."""

@@ -27,7 +27,7 @@ import asyncio
 import codecs
 import math
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -42,6 +42,7 @@ from shared.engines import ENGINES
 from shared.errors import BadRequest, DumpFailed, RestoreFailed
 from shared.formats.cypher import FIX_BYTES_MARKER, StatementSplitter, check_statement
 from shared.jobs import Phase
+from shared.manifests import count_in
 from worker.engines import (
     NO_OPTIONS,
     Dump,
@@ -357,7 +358,7 @@ class Neo4j:
                                  f"SET {what} += $props", id=row["id"], props=props)
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
-                      progress: Progress, *, clean: bool, manifest: dict[str, Any],
+                      progress: Progress, *, clean: bool, manifest: Mapping[str, object],
                       options: RestoreOptions = NO_OPTIONS) -> None:
         decoder = codecs.getincrementaldecoder("utf-8")()
         splitter = StatementSplitter()
@@ -365,7 +366,7 @@ class Neo4j:
             with restore_errors(target, "Neo4j", Neo4jError, DriverError, UnicodeDecodeError):
                 if clean:
                     await self._clean(driver, db, progress)
-                progress.set_phase(Phase.RESTORING, bytes_total=manifest.get("raw_bytes"))
+                progress.set_phase(Phase.RESTORING, bytes_total=count_in(manifest, "raw_bytes"))
                 async for chunk in chunks:
                     progress.bytes_done += len(chunk)
                     for stmt in splitter.feed(decoder.decode(chunk)):

@@ -4,8 +4,8 @@ SQL creating them from the backup's globals, a schema's grants re-created."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from shared.config import TargetConfig
 from shared.errors import (
@@ -85,7 +85,7 @@ class RoleFacts:
     superuser: bool = False  # the restoring role
 
 
-async def missing_roles(target: TargetConfig, manifest: dict[str, Any],
+async def missing_roles(target: TargetConfig, manifest: Mapping[str, object],
                          options: RestoreOptions) -> RoleFacts:
     """The roles the backup names that the server lacks; refuses the restore before
     anything changes when there are some and no choice was made (or the map does not

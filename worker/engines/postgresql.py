@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
@@ -226,7 +226,7 @@ class PostgreSQL:
                 "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate "
                 "ORDER BY datname")]
 
-    async def create_database(self, target: TargetConfig, name: str, facts: dict[str, Any],
+    async def create_database(self, target: TargetConfig, name: str, facts: Mapping[str, object],
                               progress: Progress) -> bool:
         """A set's database on a server that lacks it (a new server): created as it was
         (encoding, locale). True when it was created."""
@@ -257,7 +257,7 @@ class PostgreSQL:
             await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
 
     async def database_restored(self, target: TargetConfig, name: str,
-                                facts: dict[str, Any]) -> None:
+                                facts: Mapping[str, object]) -> None:
         """The database back to its owner (when that role exists: a restore with
         roles = "create" has just made it)."""
         owner = facts.get("database_owner")
@@ -272,7 +272,7 @@ class PostgreSQL:
                     await conn.execute(f"ALTER DATABASE {quote_ident(name)} OWNER TO "
                                        f"{quote_ident(owner)}")
 
-    async def precheck(self, target: TargetConfig, facts: dict[str, Any],
+    async def precheck(self, target: TargetConfig, facts: Mapping[str, object],
                        options: RestoreOptions) -> None:
         await pg_roles.missing_roles(target, facts, options)  # roles are the server's
 
@@ -361,7 +361,7 @@ class PostgreSQL:
         return " ".join(sql)
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
-                      progress: Progress, *, clean: bool, manifest: dict[str, Any],
+                      progress: Progress, *, clean: bool, manifest: Mapping[str, object],
                       options: RestoreOptions = NO_OPTIONS) -> None:
         """Feed the guarded script to psql inside one transaction that Safehold opens and
         commits itself, only after the whole stream was read, checked and verified.

@@ -21,7 +21,7 @@ import contextlib
 import os
 import re
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -308,14 +308,15 @@ class RedisEngine:
                 raise DumpFailed(f"redis-cli --rdb exited with code {rc}: {child.error_text()}")
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
-                      progress: Progress, *, clean: bool, manifest: dict[str, Any],
+                      progress: Progress, *, clean: bool, manifest: Mapping[str, object],
                       options: RestoreOptions = NO_OPTIONS) -> None:
         if manifest.get("format") == "rdb":
             raise RestoreFailed(
                 "RDB backups are restored by stopping Redis and putting the file in place as "
                 "its dump.rdb (see the README); Safehold restores RESP backups",
                 database_unchanged=True)
-        databases = {int(db) for db in manifest.get("databases", [])}
+        listed = manifest.get("databases")  # the checked file's (RestorePlan), as strings
+        databases = {int(str(db)) for db in (listed if isinstance(listed, list) else [])}
         with restore_errors(target, "Redis", RedisError, OSError):
             if clean:  # the checked file's databases (and a failed restore's, on rollback)
                 for db in sorted(databases | {int(d) for d in options.also_clean}):

@@ -14,7 +14,7 @@ member loads (procedures), because a set commits database by database.
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 from typing import Any, ClassVar, Protocol
@@ -37,7 +37,7 @@ class SetEngine(Protocol):
 
     async def server_databases(self, target: TargetConfig) -> list[str]: ...
 
-    async def create_database(self, target: TargetConfig, name: str, facts: dict[str, Any],
+    async def create_database(self, target: TargetConfig, name: str, facts: Mapping[str, object],
                               progress: Progress) -> bool:
         """Create database `name` on the set `target`'s server if it lacks it (True)."""
 
@@ -45,10 +45,10 @@ class SetEngine(Protocol):
         """Drop database `name` (one this restore created)."""
 
     async def database_restored(self, target: TargetConfig, name: str,
-                                facts: dict[str, Any]) -> None:
+                                facts: Mapping[str, object]) -> None:
         """After a member's load: what the database itself carries (its owner)."""
 
-    async def precheck(self, target: TargetConfig, facts: dict[str, Any],
+    async def precheck(self, target: TargetConfig, facts: Mapping[str, object],
                        options: RestoreOptions) -> None:
         """Refuse (RestoreFailed, unchanged) what the member's load would refuse about
         roles or accounts, from its manifest entry, before any member loads."""
@@ -57,7 +57,7 @@ class SetEngine(Protocol):
              options: DumpOptions | None = None) -> AbstractAsyncContextManager[Dump]: ...
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
-                      progress: Progress, *, clean: bool, manifest: dict[str, Any],
+                      progress: Progress, *, clean: bool, manifest: Mapping[str, object],
                       options: RestoreOptions = ...) -> None: ...
 
     def row_counter(self) -> RowCounter: ...
@@ -188,7 +188,7 @@ async def dump_set(engine: SetEngine, target: TargetConfig, progress: Progress,
 
 
 async def restore_set(engine: SetEngine, target: TargetConfig, chunks: AsyncIterator[bytes],
-                      progress: Progress, *, clean: bool, manifest: dict[str, Any],
+                      progress: Progress, *, clean: bool, manifest: Mapping[str, object],
                       options: RestoreOptions) -> None:
     """Every member (or `options.database`), in file order. Before any loads: the names
     (file and manifest agree, procedures checked) are ones this target may write, and each

@@ -19,7 +19,7 @@ import os
 import sqlite3
 import stat
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, ClassVar
@@ -169,7 +169,7 @@ class SQLite:
                 await asyncio.to_thread(f.close)
 
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
-                      progress: Progress, *, clean: bool, manifest: dict[str, Any],
+                      progress: Progress, *, clean: bool, manifest: Mapping[str, object],
                       options: RestoreOptions = NO_OPTIONS) -> None:
         directory = Path(target.path).parent
         await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)

@@ -62,7 +62,7 @@ class RestorePlan:
     windows: bytes | None = None
     set_members: tuple[Mapping[str, object], ...] = ()
 
-    def load_manifest(self) -> dict[str, Any]:
+    def load_manifest(self) -> dict[str, object]:
         """What an engine's load goes by: the stored manifest without any key only a worker
         may set, with what the check found in the file over it."""
         out = {k: v for k, v in self.stored.items() if k not in _IN_MEMORY_ONLY}

@@ -22,6 +22,7 @@ from shared.errors import (
     SafetyBackupFailed,
 )
 from shared.jobs import Job, Phase, RestoreStage, undo_hint
+from shared.manifests import count_in
 from shared.outage import RedisUnavailable
 from shared.storage.base import BackupStore
 from worker.engines import Engine, RestoreOptions
@@ -159,7 +160,7 @@ class Restores(Verification, Backups):
         """Load the backup; `windows`: the digests its check recorded (what the load may
         pass on, see `pipeline.SameAsChecked`), when the engine's check read it whole;
         `also_clean`: a rollback's extra reach (RestoreOptions.also_clean)."""
-        progress.set_phase(Phase.RESTORING, bytes_total=manifest.get("raw_bytes"))
+        progress.set_phase(Phase.RESTORING, bytes_total=count_in(manifest, "raw_bytes"))
         if not rollback:  # a rollback stays `rolling_back`: its outcome is never "unchanged"
             try:
                 await progress.enter_stage(RestoreStage.UNCOMMITTED if engine.atomic_restore
