@@ -13,7 +13,6 @@ import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import aiofiles
 
@@ -24,6 +23,7 @@ from shared.codecs import plain_limit
 from shared.codecs.base import AgeKey
 from shared.config import TargetConfig
 from shared.errors import BadRequest, PipelineError
+from shared.formats.common import FileFacts
 from shared.jobs import Requester
 from shared.manifests import ManifestDoc
 from shared.storage.catalog import Fanout
@@ -75,7 +75,7 @@ def _chain(path: Path, head: bytes, target: TargetConfig
 
 
 def _validate(engine: str, path: Path, chain: list[codecs.Step], limit: int,
-              identities: list[AgeKey]) -> dict[str, Any]:
+              identities: list[AgeKey]) -> FileFacts:
     with open(path, "rb") as f:
         return formats.validate(engine, f, chain, limit=limit, identities=identities)
 
@@ -122,11 +122,13 @@ async def store_upload(s: Services, target: TargetConfig, receive: Receive,
         loop = asyncio.get_running_loop()
         chain, ids, note = await loop.run_in_executor(
             s.validation_pool, _chain, spool, sink.head, target)
-        info: dict[str, Any] = {}
+        info: FileFacts | None = None
         if note is None:
-            info = await loop.run_in_executor(s.validation_pool, functools.partial(
-                _validate, target.engine, spool, chain, limit, ids))
-            formats.check_scope(target.engine, target.url or "", info)
+            found: FileFacts = await loop.run_in_executor(
+                s.validation_pool, functools.partial(_validate, target.engine, spool, chain,
+                                                     limit, ids))
+            formats.check_scope(target.engine, target.url or "", found)
+            info = found
         # a target whose backups are encrypted gets its uploads encrypted too
         seal = None
         if target.encryption is not None and (not chain or chain[-1]["codec"] != "age"):
@@ -143,10 +145,11 @@ async def store_upload(s: Services, target: TargetConfig, receive: Receive,
         outcomes = await fan.finish(size, sha256)
         manifest = manifests.Manifest(
             name=name, target=target.id, created_at=started, finished_at=datetime.now(UTC),
-            size_bytes=size, sha256=sha256, raw_bytes=info.pop("raw_bytes", None),
+            size_bytes=size, sha256=sha256, raw_bytes=info["raw_bytes"] if info else None,
             chain=chain, destinations=outcomes,
             requested_by=requested_by, note=note,
-            facts={"server_version": None, **info}, upload=manifests.UploadFacts(
+            facts={"server_version": None, **{k: v for k, v in (info or {}).items()
+                                                if k != "raw_bytes"}}, upload=manifests.UploadFacts(
                 uploaded_sha256=sink.digest.hexdigest(), validated=note is None,
                 original_filename=_client_name(client_name)))
         await fan.publish(manifest)

@@ -28,15 +28,18 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 from shared.engines import ENGINES
 from shared.errors import PipelineError
 
+if TYPE_CHECKING:  # shared.formats checks sets through this module
+    from shared.formats.common import FileFacts, MemberFacts
+
 TOKEN = re.compile(r"[0-9a-f]{16,64}")
 HEADER_MAX = 64 << 10
 LINE_MAX = 4096
-Event = tuple[str, Any]  # ("member", name) | ("data", bytes) | ("end", None)
+Event = tuple[str, str | bytes | None]  # ("member", name) | ("data", bytes) | ("end", None)
 
 
 def _bad(what: str) -> PipelineError:
@@ -74,7 +77,7 @@ def token_of(manifest: Mapping[str, object]) -> str | None:
     return token
 
 
-def member_entries(manifest: Mapping[str, object]) -> list[dict[str, Any]] | None:
+def member_entries(manifest: Mapping[str, object]) -> list[dict[str, object]] | None:
     """A (hostile) manifest's member entries as listed, dicts only; None when it holds no
     set (or its members are not a list). The one reading of `set.members`."""
     found = manifest.get("set")
@@ -197,7 +200,9 @@ def iter_members(chunks: Iterator[bytes], token: str
                     return
             if pending[0][0] != "data":
                 return
-            yield pending.pop(0)[1]
+            data = pending.pop(0)[1]
+            assert isinstance(data, bytes)
+            yield data
 
     while True:
         while not pending:
@@ -208,7 +213,7 @@ def iter_members(chunks: Iterator[bytes], token: str
             while pull():  # whatever follows is checked (and must be nothing)
                 pending.clear()
             return
-        if kind == "member":
+        if kind == "member" and isinstance(value, str):
             it = body()
             yield value, it
             for _ in it:  # the caller did not read it all
@@ -243,7 +248,9 @@ async def members(chunks: AsyncIterator[bytes], token: str
                     return
             if pending[0][0] != "data":
                 return
-            yield pending.pop(0)[1]
+            data = pending.pop(0)[1]
+            assert isinstance(data, bytes)
+            yield data
 
     while True:
         while not pending:
@@ -254,18 +261,18 @@ async def members(chunks: AsyncIterator[bytes], token: str
             while await pull():
                 pending.clear()
             return
-        if kind == "member":
+        if kind == "member" and isinstance(value, str):
             it = body()
             yield value, it
             async for _ in it:
                 pass
 
 
-def validate_set(validator: Callable[[Iterator[bytes]], dict[str, Any]], token: str
-                 ) -> Callable[[Iterator[bytes]], dict[str, Any]]:
+def validate_set(validator: Callable[[Iterator[bytes]], FileFacts], token: str
+                 ) -> Callable[[Iterator[bytes]], FileFacts]:
     """A validator for a set: each member checked by the engine's own `validator`."""
-    def check(chunks: Iterator[bytes]) -> dict[str, Any]:
-        found: list[dict[str, Any]] = []
+    def check(chunks: Iterator[bytes]) -> FileFacts:
+        found: list[MemberFacts] = []
         size = 0
 
         def counted(it: Iterator[bytes]) -> Iterator[bytes]:
@@ -275,8 +282,12 @@ def validate_set(validator: Callable[[Iterator[bytes]], dict[str, Any]], token: 
                 yield chunk
         for name, body in iter_members(counted(chunks), token):
             facts = validator(body)
-            found.append({"database": name, **{k: v for k, v in facts.items()
-                                               if k in ("counts", "count_kind")}})
+            member: MemberFacts = {"database": name}
+            if "counts" in facts:
+                member["counts"] = facts["counts"]
+            if "count_kind" in facts:
+                member["count_kind"] = facts["count_kind"]
+            found.append(member)
         if not found:
             raise _bad("no database in it")
         return {"raw_bytes": size, "set_members": found}

@@ -17,13 +17,12 @@ line to VALIDATORS.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 from shared import backup_sets
 from shared.codecs import PlainReader, Readable, Step, WindowDigests
 from shared.codecs.base import AgeKey
 from shared.errors import BadRequest, PipelineError
-from shared.formats.common import Unsafe
+from shared.formats.common import FileFacts, Unsafe
 from shared.formats.mongodb import validate_mongodb
 from shared.formats.mysql import validate_mysql
 from shared.formats.neo4j import validate_neo4j
@@ -33,25 +32,25 @@ from shared.formats.redis import validate_redis
 from shared.formats.sqlite import validate_sqlite
 
 
-def check_scope(engine: str, url: str, info: dict[str, Any]) -> None:
+def check_scope(engine: str, url: str, info: FileFacts) -> None:
     """A backup may only touch what its target names: a Redis target scoped to one logical
     database, a MongoDB target scoped to databases in its URL's path."""
     from urllib.parse import unquote, urlsplit
 
     path = unquote(urlsplit(url).path.strip("/"))
     if engine == "redis" and path.isdigit():
-        allowed: set[Any] = {int(path)}
+        allowed: set[int] | set[str] = {int(path)}
     elif engine == "mongodb" and path:
         allowed = {d for d in path.split(",") if d}
     else:
         return
-    outside = sorted(set(info.get("databases") or []) - allowed)
+    outside = sorted(str(d) for d in set(info.get("databases") or []) - allowed)
     if outside:
         raise Unsafe(f"the backup writes to database(s) {outside}, outside this target "
                      f"({sorted(allowed)}); restore it into the target it came from")
 
 
-VALIDATORS: dict[str, Callable[[Iterator[bytes]], dict[str, Any]]] = {
+VALIDATORS: dict[str, Callable[[Iterator[bytes]], FileFacts]] = {
     "postgresql": validate_postgresql,
     "sqlite": validate_sqlite,
     "mysql": validate_mysql,
@@ -66,7 +65,7 @@ def validate(engine: str, raw: Readable, chain: Sequence[Step], *, limit: int | 
              on_stored: Callable[[int], None] | None = None,
              identities: Sequence[AgeKey] = (),
              windows: WindowDigests | None = None,
-             set_token: str | None = None) -> dict[str, Any]:
+             set_token: str | None = None) -> FileFacts:
     """Check stored bytes (`raw`, decoded by `chain`) for `engine` (see the module
     docstring). With `expect_sha256` the stored bytes must also match it (IntegrityError).
     `windows`, if given, is fed the plain bytes checked (a restore's load proves it loads

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from shared.errors import BadRequest
-from shared.formats.common import Unsafe, sized
+from shared.formats.common import FileFacts, Unsafe, sized
 from shared.formats.tarstream import TarReader
 
 _MONGO_NAME = re.compile(r"^[^/\\. \"$\0][^/\\ \"$\0]{0,63}\Z")
@@ -117,7 +117,7 @@ class BsonCounter:
         return self.count
 
 
-def validate_mongodb(chunks: Iterator[bytes]) -> dict[str, Any]:
+def validate_mongodb(chunks: Iterator[bytes]) -> FileFacts:
     """A tar stream in mongodump's layout with well-formed BSON documents."""
     box = [0]
     counts: dict[str, int] = {}

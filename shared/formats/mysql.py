@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Any
 
 from shared.errors import BadRequest
-from shared.formats.common import Unsafe
+from shared.formats.common import FileFacts, Unsafe
 from shared.formats.mysqlscan import HEAD as HEAD_MYSQL
 from shared.formats.mysqlscan import StatementStarts
 
@@ -263,7 +262,7 @@ class MySQLScriptCheck:
 
     local_tail = b""
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self) -> FileFacts:
         try:
             self.statements.finish()
         except ValueError as exc:
@@ -296,7 +295,7 @@ def _outside_mysql_strings(prefix: bytes) -> bool:
     return not quote
 
 
-def validate_mysql(chunks: Iterator[bytes]) -> dict[str, Any]:
+def validate_mysql(chunks: Iterator[bytes]) -> FileFacts:
     """A complete mariadb-dump/mysqldump SQL file without client commands."""
     check = MySQLScriptCheck()
     for chunk in chunks:

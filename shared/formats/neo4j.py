@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 from shared.errors import BadRequest
-from shared.formats.common import Unsafe
+from shared.formats.common import FileFacts, Unsafe
 from shared.formats.cypher import StatementSplitter, check_command, check_statement
 
 
-def validate_neo4j(chunks: Iterator[bytes]) -> dict[str, Any]:
+def validate_neo4j(chunks: Iterator[bytes]) -> FileFacts:
     """A UTF-8 Cypher script of the statement shapes the exporters write."""
     import codecs
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 from shared.errors import BadRequest
+from shared.formats.common import FileFacts
 from shared.formats.pgscript import PgScriptGuard
 
 _PG_CUSTOM_MAGIC = b"PGDMP"
 
-def validate_postgresql(chunks: Iterator[bytes]) -> dict[str, Any]:
+def validate_postgresql(chunks: Iterator[bytes]) -> FileFacts:
     """A complete plain-SQL pg_dump (footer present) with no psql meta-commands, no
     transaction control and no COPY other than FROM stdin (see `shared.formats.pgscript`)."""
     guard = PgScriptGuard()

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 from shared.errors import BadRequest, PipelineError
-from shared.formats.common import Unsafe
+from shared.formats.common import FileFacts, Unsafe
 from shared.formats.resp import RespReader
 
 
@@ -56,7 +55,7 @@ class RedisScriptCheck:
                 raise Unsafe(f"command {self.commands}: {shown!r} is not in a Safehold Redis "
                              "backup (only SELECT n, then RESTORE … REPLACE [ABSTTL])")
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self) -> FileFacts:
         try:
             self.reader.finish()
         except PipelineError as exc:
@@ -68,7 +67,7 @@ class RedisScriptCheck:
                 "counts": {"keys": self.keys}, "tool": "RESP (uploaded)"}
 
 
-def validate_redis(chunks: Iterator[bytes]) -> dict[str, Any]:
+def validate_redis(chunks: Iterator[bytes]) -> FileFacts:
     """A RESP stream of SELECT and RESTORE commands (see RedisScriptCheck)."""
     check = RedisScriptCheck()
     for chunk in chunks:

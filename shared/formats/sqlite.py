@@ -5,10 +5,10 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from shared import scratch
 from shared.errors import BadRequest
+from shared.formats.common import FileFacts
 
 
 def check_sqlite_file(path: Path) -> None:
@@ -30,7 +30,7 @@ def check_sqlite_file(path: Path) -> None:
         conn.close()
 
 
-def validate_sqlite(chunks: Iterator[bytes]) -> dict[str, Any]:
+def validate_sqlite(chunks: Iterator[bytes]) -> FileFacts:
     """A whole SQLite database file that passes integrity and foreign-key checks. The plain
     file is written to a temp directory, never past the inflation bound of `chunks`."""
     with scratch.private_dir("upload") as tmp:

@@ -189,7 +189,7 @@ class Dump:
     """An open dump: `chunks` yields the plain dump; `info` goes into the manifest."""
 
     chunks: AsyncIterator[bytes]
-    info: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, object] = field(default_factory=dict)
 
 
 class RowCounter(Protocol):
@@ -199,7 +199,7 @@ class RowCounter(Protocol):
 
     def feed(self, data: bytes) -> None: ...
 
-    def result(self) -> dict[str, Any]: ...
+    def result(self) -> dict[str, object]: ...
 
 
 class Drill:

@@ -31,19 +31,22 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from bson import json_util
 from bson.errors import BSONError
 from bson.raw_bson import RawBSONDocument
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.cursor import AsyncRawBatchCursor
 from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
 from shared.config import TargetConfig
 from shared.engines import ENGINES
 from shared.errors import EngineError, PipelineError
 from shared.formats.mongodb import check_mongo_member, check_mongo_metadata
+from shared.formats.tarstream import Event as TarEvent
 from shared.formats.tarstream import TarReader
 from shared.jobs import Phase
 from worker.engines import (
@@ -92,12 +95,16 @@ def _padding(size: int) -> bytes:
     return b"\0" * ((BLOCK - size % BLOCK) % BLOCK)
 
 
-def _metadata(name: str, info: dict[str, Any], indexes: list[dict[str, Any]]) -> bytes:
+# a document as PyMongo gives it (document_class=dict): BSON values, typed by the server
+MongoDoc = dict[str, Any]
+
+
+def _metadata(name: str, info: MongoDoc, indexes: list[MongoDoc]) -> bytes:
     options = dict(info.get("options") or {})
     kind = "view" if info.get("type") == "view" or "viewOn" in options else info.get(
         "type", "collection")
-    doc: dict[str, Any] = {"indexes": indexes if kind != "view" else [], "collectionName": name,
-                           "type": kind, "options": options}
+    doc: dict[str, object] = {"indexes": indexes if kind != "view" else [],
+                              "collectionName": name, "type": kind, "options": options}
     uuid = (info.get("info") or {}).get("uuid")
     if uuid is not None:
         doc["uuid"] = uuid.hex if hasattr(uuid, "hex") else str(uuid)
@@ -115,17 +122,14 @@ class MongoDB:
     extension: ClassVar[str] = ENGINES["mongodb"].extension
     atomic_restore: ClassVar[bool] = False
 
-    def client(self, target: TargetConfig) -> AsyncMongoClient[Any]:
+    def client(self, target: TargetConfig) -> AsyncMongoClient[MongoDoc]:
         url, user, _ = _split_url(target)
-        kwargs: dict[str, Any] = {"serverSelectionTimeoutMS": 10_000, "document_class": dict}
-        if user:
-            kwargs["username"] = user
-        if target.password is not None:
-            kwargs["password"] = target.password.reveal()
-        return AsyncMongoClient(url, **kwargs)
+        return AsyncMongoClient(
+            url, serverSelectionTimeoutMS=10_000, document_class=dict, username=user or None,
+            password=target.password.reveal() if target.password is not None else None)
 
     @asynccontextmanager
-    async def connect(self, target: TargetConfig) -> AsyncIterator[AsyncMongoClient[Any]]:
+    async def connect(self, target: TargetConfig) -> AsyncIterator[AsyncMongoClient[MongoDoc]]:
         client = self.client(target)
         try:
             await client.admin.command("ping")
@@ -137,7 +141,8 @@ class MongoDB:
         finally:
             await client.close()
 
-    async def _databases(self, client: AsyncMongoClient[Any], target: TargetConfig) -> list[str]:
+    async def _databases(self, client: AsyncMongoClient[MongoDoc], target: TargetConfig
+                         ) -> list[str]:
         named = _split_url(target)[2]
         if named:
             return named
@@ -148,7 +153,7 @@ class MongoDB:
                               "URL's path: mongodb://host:27017/app,other",
                               code="list_databases_failed") from None
 
-    async def _version(self, client: AsyncMongoClient[Any]) -> str:
+    async def _version(self, client: AsyncMongoClient[MongoDoc]) -> str:
         info = await client.admin.command("buildInfo")
         return str(info.get("version", "unknown"))
 
@@ -158,14 +163,16 @@ class MongoDB:
 
     async def stats(self, target: TargetConfig) -> dict[str, object]:
         async with self.connect(target) as client:
-            out: dict[str, Any] = {"engine": self.name, "server_version":
-                                   await self._version(client), "databases": [],
-                                   "partial": False}
+            databases: list[dict[str, object]] = []
+            out: dict[str, object] = {"engine": self.name, "server_version":
+                                      await self._version(client), "databases": databases,
+                                      "partial": False}
             for dbname in await self._databases(client, target):
                 db = client[dbname]
                 colls = []
                 async for info in await db.list_collections():
-                    entry: dict[str, Any] = {"name": info["name"], "type": info.get("type")}
+                    entry: dict[str, object] = {"name": info["name"],
+                                                "type": info.get("type")}
                     if "viewOn" in (info.get("options") or {}):
                         entry["type"] = "view"
                     else:
@@ -180,7 +187,7 @@ class MongoDB:
                             entry["note"] = f"collStats unavailable: {exc}"[:200]
                             out["partial"] = True
                     colls.append(entry)
-                out["databases"].append({"name": dbname, "collections": colls})
+                databases.append({"name": dbname, "collections": colls})
         return out
 
     @asynccontextmanager
@@ -188,7 +195,7 @@ class MongoDB:
                    options: DumpOptions | None = None) -> AsyncIterator[Dump]:
         async with self.connect(target) as client:
             version = await self._version(client)
-            plan: list[tuple[str, dict[str, Any]]] = []
+            plan: list[tuple[str, MongoDoc]] = []
             total_docs = 0
             for dbname in await self._databases(client, target):
                 async for info in await client[dbname].list_collections():
@@ -202,12 +209,12 @@ class MongoDB:
             progress.item_kind = "collections"
             progress.set_phase(Phase.DUMPING, items_total=len(plan))
             counts: dict[str, int] = {}
-            facts: dict[str, Any] = {"server_version": version, "documents_estimate": total_docs,
-                                     "tool": "pymongo find_raw_batches",
-                                     "layout": "mongodump directory in a tar",
-                                     "databases": sorted({d for d, _ in plan}),
-                                     "collections": [f"{d}.{i['name']}" for d, i in plan],
-                                     "counts": counts, "count_kind": "documents"}
+            facts: dict[str, object] = {
+                "server_version": version, "documents_estimate": total_docs,
+                "tool": "pymongo find_raw_batches", "layout": "mongodump directory in a tar",
+                "databases": sorted({d for d, _ in plan}),
+                "collections": [f"{d}.{i['name']}" for d, i in plan],
+                "counts": counts, "count_kind": "documents"}
             session = client.start_session(snapshot=True)
             facts["consistency"] = "snapshot"
 
@@ -228,8 +235,9 @@ class MongoDB:
             finally:
                 await session.end_session()
 
-    async def _dump_collection(self, client: AsyncMongoClient[Any], session: Any,
-                               facts: dict[str, Any], dbname: str, info: dict[str, Any],
+    async def _dump_collection(self, client: AsyncMongoClient[MongoDoc],
+                               session: AsyncClientSession, facts: dict[str, object],
+                               dbname: str, info: MongoDoc,
                                counts: dict[str, int]) -> AsyncIterator[bytes]:
         name = info["name"]
         coll = client[dbname][name]
@@ -246,7 +254,7 @@ class MongoDB:
             snapshot = facts.get("consistency") == "snapshot"
             try:
                 cursor = coll.find_raw_batches(session=session if snapshot else None)
-                async for batch in cursor:
+                async for batch in _raw(cursor):
                     await asyncio.to_thread(spool.write, batch)
                     docs += _count_docs(batch)
             except OperationFailure as exc:
@@ -258,7 +266,7 @@ class MongoDB:
                 await asyncio.to_thread(spool.seek, 0)
                 await asyncio.to_thread(spool.truncate)
                 docs = 0
-                async for batch in coll.find_raw_batches():
+                async for batch in _raw(coll.find_raw_batches()):
                     await asyncio.to_thread(spool.write, batch)
                     docs += _count_docs(batch)
             size = await asyncio.to_thread(spool.tell)
@@ -288,6 +296,12 @@ class MongoDB:
                 await restorer.finish()
 
 
+async def _raw(cursor: AsyncRawBatchCursor[MongoDoc]) -> AsyncIterator[bytes]:
+    """A raw batch cursor's batches: BSON bytes (PyMongo's types say documents)."""
+    async for batch in cursor:
+        yield cast(bytes, batch)
+
+
 def _count_docs(batch: bytes) -> int:
     n, at = 0, 0
     while at + 4 <= len(batch):
@@ -299,13 +313,13 @@ def _count_docs(batch: bytes) -> int:
 class _Stream:
     """The content of one tar member, pulled from the shared tar parser."""
 
-    def __init__(self, next_event: Callable[[], Awaitable[tuple[str, Any]]], size: int) -> None:
+    def __init__(self, next_event: Callable[[], Awaitable[TarEvent]], size: int) -> None:
         self._next, self.left, self.ended = next_event, size, False
 
     async def chunks(self) -> AsyncIterator[bytes]:
         while not self.ended:
             kind, data = await self._next()
-            if kind == "end":
+            if kind == "end" or not isinstance(data, bytes):
                 self.ended = True
                 return
             self.left -= len(data)
@@ -320,7 +334,7 @@ async def _untar(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, _Stre
     """Members of a tar stream, in order (`shared.formats.tarstream`: bounded headers)."""
     reader = TarReader()
 
-    async def next_event() -> tuple[str, Any]:
+    async def next_event() -> TarEvent:
         while (event := reader.next_event()) is None:
             chunk = await anext(chunks, None)
             if chunk is None:
@@ -332,7 +346,7 @@ async def _untar(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, _Stre
         kind, payload = await next_event()
         if kind == "eof":
             return
-        if kind == "file":
+        if kind == "file" and isinstance(payload, tuple):
             name, size = payload
             stream = _Stream(next_event, size)
             yield name, stream
@@ -340,15 +354,15 @@ async def _untar(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, _Stre
 
 
 class _Restorer:
-    def __init__(self, client: AsyncMongoClient[Any], clean: bool, progress: Progress) -> None:
+    def __init__(self, client: AsyncMongoClient[MongoDoc], clean: bool, progress: Progress) -> None:
         self.client, self.clean, self.progress = client, clean, progress
-        self.pending_indexes: list[tuple[str, str, list[dict[str, Any]]]] = []
-        self.views: list[tuple[str, str, dict[str, Any]]] = []
+        self.pending_indexes: list[tuple[str, str, list[MongoDoc]]] = []
+        self.views: list[tuple[str, str, MongoDoc]] = []
         self.prepared: set[tuple[str, str]] = set()
         self.databases: set[str] = set()
         progress.item_kind = "documents"
 
-    async def _prepare(self, db: str, coll: str, options: dict[str, Any] | None) -> None:
+    async def _prepare(self, db: str, coll: str, options: MongoDoc | None) -> None:
         if (db, coll) in self.prepared:
             return
         self.prepared.add((db, coll))
@@ -482,8 +496,8 @@ class MongoDBDrill(Drill):
                     if info.get("type") == "view" or info["name"].startswith("system."):
                         continue
                     n = 0  # counted from the documents themselves, not collection stats
-                    async for batch in client[db][info["name"]].find_raw_batches(
-                            {}, {"_id": 1}):
+                    async for batch in _raw(client[db][info["name"]].find_raw_batches(
+                            {}, {"_id": 1})):
                         n += _count_docs(batch)
                     out[f"{db[len(prefix):]}.{info['name']}"] = n
         return out

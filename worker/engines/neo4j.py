@@ -32,7 +32,7 @@ from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from neo4j import AsyncDriver, AsyncGraphDatabase
+from neo4j import AsyncDriver, AsyncGraphDatabase, AsyncManagedTransaction
 from neo4j.exceptions import ClientError, DriverError, Neo4jError, ServiceUnavailable
 from neo4j.spatial import CartesianPoint, Point, WGS84Point
 from neo4j.time import Date, DateTime, Duration, Time
@@ -65,7 +65,7 @@ def q(name: str) -> str:
     return name if _IDENT.match(name) else "`" + name.replace("`", "``") + "`"
 
 
-def literal(value: Any) -> str:
+def literal(value: object) -> str:
     """A property value as a Cypher literal."""
     if value is None:
         return "null"
@@ -111,7 +111,7 @@ def _point(coords: list[str], value: Point) -> str:
     return "point({" + ", ".join(parts) + f", srid: {value.srid}" + "})"
 
 
-def _row(ids: dict[str, str], props: dict[str, Any]) -> str:
+def _row(ids: dict[str, str], props: Mapping[str, object]) -> str:
     """One UNWIND row: the import id(s), the properties, and which of them are bytes."""
     byte_props = [k for k, v in props.items() if isinstance(v, bytes | bytearray)]
     extra = f", b: {literal(byte_props)}" if byte_props else ""
@@ -229,7 +229,7 @@ class Neo4j:
                                           "MATCH ()-[r]->() RETURN count(r) AS c"))[0]["c"]
             progress.item_kind = "nodes+relationships"
             progress.set_phase(Phase.DUMPING, items_total=counts + rel_count)
-            info = {"server_version": version, "counts": {"nodes": counts,
+            info: dict[str, object] = {"server_version": version, "counts": {"nodes": counts,
                                                           "relationships": rel_count},
                     "count_kind": "entities", "database": db,
                     "tool": "apoc.export.cypher.all" if use_apoc else "neo4j driver export"}
@@ -394,7 +394,7 @@ class Neo4j:
             await s.execute_write(_run, stmt)
 
 
-async def _run(tx: Any, stmt: str) -> None:
+async def _run(tx: AsyncManagedTransaction, stmt: str) -> None:
     result = await tx.run(stmt)
     await result.consume()
 

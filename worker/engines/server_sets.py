@@ -200,10 +200,9 @@ async def restore_set(engine: SetEngine, target: TargetConfig, chunks: AsyncIter
         raise RestoreFailed(f"target '{target.id}' is a server target and this backup is "
                             "not a set; nothing was changed", database_unchanged=True,
                             code="engine_mismatch")
-    entries = [m for m in backup_sets.member_entries(manifest) or []
-               if isinstance(m.get("database"), str)]
-    known = {m["database"]: m for m in entries}
-    names = [m["database"] for m in entries]
+    known = {name: m for m in backup_sets.member_entries(manifest) or []
+             if isinstance(name := m.get("database"), str)}
+    names = list(known)
     only = options.database
     if only is not None and only not in known:
         raise RestoreFailed(f"the backup set has no database {only!r} (it holds "

@@ -307,7 +307,7 @@ class Verification(ProcedureBase):
                 await asyncio.to_thread(stream.close)
             found = facts.get("databases")
             return RestorePlan(store, manifest,
-                               databases=None if found is None else tuple(found),
+                               databases=None if found is None else tuple(str(d) for d in found),
                                windows=windows.finish(),
                                set_members=tuple(facts.get("set_members") or ()))
         digest = await self._digest(store, target, name, progress.add_bytes,
