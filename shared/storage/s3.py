@@ -29,15 +29,23 @@ import logging
 import secrets
 import tempfile
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from shared import manifests, naming
 from shared.config import DestinationConfig
 from shared.errors import InvalidBackupName, NotFound, PipelineError
 from shared.manifests import ManifestDoc
 from shared.storage.base import Health, Readback
+
+if TYPE_CHECKING:  # the client's types (a dev dependency: types-aiobotocore-s3)
+    from types_aiobotocore_s3 import S3Client
+    from types_aiobotocore_s3.type_defs import (
+        CompletedPartTypeDef,
+        MultipartUploadTypeDef,
+        ObjectTypeDef,
+    )
 
 log = logging.getLogger("safehold.s3")
 MiB = 1 << 20
@@ -119,7 +127,7 @@ class S3Pending:
         self.key, self.upload_id = key, upload_id
         self.handle = f"{store.name}:{key}?{upload_id}"
         self._part = _Part(1)
-        self._done: list[dict[str, Any]] = []
+        self._done: list[CompletedPartTypeDef] = []
         self._md5s: list[bytes] = []
         self._inflight: set[asyncio.Task[None]] = set()
         self._completed = False
@@ -149,11 +157,10 @@ class S3Pending:
     async def _upload(self, part: _Part) -> None:
         try:
             s3 = await self.store.client()
-            extra = {"ContentMD5": base64.b64encode(part.md5.digest()).decode()} \
-                if self.store.config.object_lock_mode else {}
             r = await s3.upload_part(Bucket=self.store.bucket, Key=self.key,
                                      PartNumber=part.number, UploadId=self.upload_id,
-                                     Body=part.body(), ContentLength=part.length, **extra)
+                                     Body=part.body(), ContentLength=part.length,
+                                     **self.store.md5_param(part.md5.digest()))
             self._done.append({"PartNumber": part.number, "ETag": r["ETag"]})
         finally:
             part.close()
@@ -237,12 +244,12 @@ class S3Storage:
         self.bucket = config.bucket
         self.prefix = config.prefix.strip("/")
         self.conditional = True  # cleared when the server refuses If-None-Match
-        self._client: Any = None
+        self._client: S3Client | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._lock = asyncio.Lock()
         self._manifest_cache: dict[str, tuple[str, ManifestDoc]] = {}
 
-    async def client(self) -> Any:
+    async def client(self) -> S3Client:
         if self._client is None:
             async with self._lock:
                 if self._client is None:
@@ -275,7 +282,15 @@ class S3Storage:
         name = naming.parse(filename).filename
         return f"{self.prefix}/{target}/{name}" if self.prefix else f"{target}/{name}"
 
+    def md5_param(self, digest: bytes) -> dict[str, Any]:
+        """ContentMD5 (botocore keyword arguments), which S3 requires with Object Lock."""
+        if not self.config.object_lock_mode:
+            return {}
+        return {"ContentMD5": base64.b64encode(digest).decode()}
+
     def _object_params(self) -> dict[str, Any]:
+        """What every object written gets (botocore keyword arguments): encryption,
+        storage class, Object Lock."""
         c = self.config
         out: dict[str, Any] = {}
         if c.sse:
@@ -292,14 +307,15 @@ class S3Storage:
 
     async def put_small(self, key: str, body: bytes, content_type: str) -> None:
         s3 = await self.client()
-        kwargs = {"Bucket": self.bucket, "Key": key, "Body": body,
-                  "ContentType": content_type, **self._object_params()}
-        if self.config.object_lock_mode:
-            kwargs["ContentMD5"] = _b64md5(body)  # S3 requires it with Object Lock
+        kwargs: dict[str, Any] = {
+            "Bucket": self.bucket, "Key": key, "Body": body, "ContentType": content_type,
+            **self._object_params(), **self.md5_param(_md5(body))}
         try:
             try:
-                await s3.put_object(**kwargs,
-                                    **({"IfNoneMatch": "*"} if self.conditional else {}))
+                if self.conditional:
+                    await s3.put_object(**kwargs, IfNoneMatch="*")
+                else:
+                    await s3.put_object(**kwargs)
             except Exception as exc:
                 if not (self.conditional and _unsupported(exc)):
                     raise
@@ -312,9 +328,9 @@ class S3Storage:
             raise
 
     # ------------------------------------------------------------------ reading
-    async def _list_keys(self, prefix: str) -> dict[str, dict[str, Any]]:
+    async def _list_keys(self, prefix: str) -> dict[str, ObjectTypeDef]:
         s3 = await self.client()
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, ObjectTypeDef] = {}
         paginator = s3.get_paginator("list_objects_v2")
         async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
             for obj in page.get("Contents", []) or []:
@@ -353,7 +369,7 @@ class S3Storage:
         docs = await asyncio.gather(*(one(k, e) for k, e in wanted))
         return [d for d in docs if d is not None]
 
-    async def _get_json(self, key: str) -> dict[str, Any]:
+    async def _get_json(self, key: str) -> dict[str, object]:
         s3 = await self.client()
         try:
             r = await s3.get_object(Bucket=self.bucket, Key=key)
@@ -429,14 +445,14 @@ class S3Storage:
         keys = await self._list_keys(key)
         return key in keys or f"{key}.json" in keys
 
-    async def annotate(self, target: str, filename: str, fields: dict[str, Any]) -> None:
+    async def annotate(self, target: str, filename: str, fields: Mapping[str, object]) -> None:
         key = f"{self.key(target, filename)}.json"
         doc = {**await self._get_json(key), **fields}
         s3 = await self.client()
         body = json.dumps(doc, indent=2, sort_keys=True).encode()
-        extra = {"ContentMD5": _b64md5(body)} if self.config.object_lock_mode else {}
         await s3.put_object(Bucket=self.bucket, Key=key, Body=body,  # a new version
-                            ContentType="application/json", **self._object_params(), **extra)
+                            ContentType="application/json", **self._object_params(),
+                            **self.md5_param(_md5(body)))
         self._manifest_cache.pop(key, None)
 
     async def presigned_url(self, target: str, filename: str, ttl: int) -> str | None:
@@ -514,9 +530,9 @@ class S3Storage:
             s3 = await self.client()
             await s3.delete_object(Bucket=self.bucket, Key=key)
 
-    async def _uploads(self) -> list[dict[str, Any]]:
+    async def _uploads(self) -> list[MultipartUploadTypeDef]:
         s3 = await self.client()
-        out: list[dict[str, Any]] = []
+        out: list[MultipartUploadTypeDef] = []
         paginator = s3.get_paginator("list_multipart_uploads")
         async for page in paginator.paginate(Bucket=self.bucket,
                                              Prefix=f"{self.prefix}/" if self.prefix else ""):
@@ -562,5 +578,5 @@ class S3Storage:
         self._stack = None
 
 
-def _b64md5(body: bytes) -> str:
-    return base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
+def _md5(body: bytes) -> bytes:
+    return hashlib.md5(body, usedforsecurity=False).digest()
