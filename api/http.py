@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
 
 from aiohttp import web
 
@@ -14,7 +13,7 @@ from api.auth import Principal
 from api.context import PRINCIPAL, REQUEST_ID, ROUTE_TABLE, SERVICES, Services
 from api.operations import MAX_WAIT, Caller, Operations
 from api.roles import Role
-from api.schemas import EVENT_ID, JOB_ID
+from api.schemas import EVENT_ID, JOB_ID, Body, Schema
 from shared import CLI_AGENT
 from shared.errors import BadRequest
 from shared.jobs import Job, JobKind
@@ -26,7 +25,7 @@ def svc(request: web.Request) -> Services:
     return request.app[SERVICES]
 
 
-def job_view(job: Job, reader: Principal | None = None) -> dict[str, Any]:
+def job_view(job: Job, reader: Principal | None = None) -> dict[str, object]:
     d = for_reader(job.to_dict(), reader, job.kind, job.target)
     d["links"] = {"self": f"/api/v1/jobs/{job.id}", "events": f"/api/v1/jobs/{job.id}/events"}
     return d
@@ -40,14 +39,15 @@ def hide_paths(text: str) -> str:
     return _QUOTED_PATH.sub(r"\1<server path>\1", text)
 
 
-def for_reader(doc: dict[str, Any], reader: Principal | None, kind: str,
-               target: str) -> dict[str, Any]:
+def for_reader(doc: dict[str, object], reader: Principal | None, kind: str,
+               target: str) -> dict[str, object]:
     """A restore's error quotes what the restored file made the database say (user SQL can
     echo anything it reads): only operators and admins of the target see that text. Below
     admin, server file paths in any job's error are hidden."""
+    result = doc.get("result")
     if reader is not None and kind == JobKind.STATS and reader.role_for(target) < Role.ADMIN and \
-            isinstance(doc.get("result"), dict) and "path" in doc["result"]:
-        doc = {**doc, "result": {k: v for k, v in doc["result"].items() if k != "path"}}
+            isinstance(result, dict) and "path" in result:
+        doc = {**doc, "result": {k: v for k, v in result.items() if k != "path"}}
     error = doc.get("error")
     if reader is not None and isinstance(error, dict) and \
             reader.role_for(target) < Role.ADMIN and isinstance(error.get("message"), str):
@@ -67,7 +67,7 @@ def principal_of(request: web.Request) -> Principal:
     return request[PRINCIPAL]
 
 
-async def json_body(request: web.Request) -> Any:
+async def json_body(request: web.Request) -> object:
     """The request's JSON (400 for anything else, a 100,000-deep nesting included)."""
     try:
         return json.loads(await request.read())
@@ -75,7 +75,7 @@ async def json_body(request: web.Request) -> Any:
         raise BadRequest("request body is not valid JSON", code="invalid_json") from None
 
 
-def declared_body(request: web.Request) -> dict[str, Any] | None:
+def declared_body(request: web.Request) -> Schema | None:
     """The JSON schema the request's route declares for its body (api.routes `Route.body`,
     the same declaration the OpenAPI document shows)."""
     resource = request.match_info.route.resource
@@ -91,7 +91,7 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "integer": (int,), "number": (int, float)}
 
 
-def _field_problem(value: Any, schema: dict[str, Any]) -> str | None:
+def _field_problem(value: object, schema: Schema) -> str | None:
     """Why `value` does not fit `schema` (the keywords the route table uses), or None.
     A `pattern` is left to the grammar it comes from (a backup name's is naming.parse,
     whose error names what is wrong), checked by the operation."""
@@ -120,16 +120,13 @@ def _field_problem(value: Any, schema: dict[str, Any]) -> str | None:
     return None
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
+async def read_json(request: web.Request) -> Body:
     """A JSON object body (or no body at all), checked against the route's declared schema:
     no field it does not declare, each of the declared type and form, the required ones
     present. What the schema cannot say (which engine an option fits) is the operation's."""
     schema = declared_body(request) or {"properties": {}}
-    fields: dict[str, Any] = schema.get("properties", {})
-    if not request.can_read_body:
-        body: Any = {}
-    else:
-        body = await json_body(request)
+    fields: dict[str, Schema] = schema.get("properties", {})
+    body = await json_body(request) if request.can_read_body else {}
     if not isinstance(body, dict):  # `null` too: a body, when sent, is an object
         raise BadRequest("request body must be a JSON object", code="invalid_body")
     unknown = set(body) - set(fields)

@@ -11,9 +11,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import TypedDict
 
 from redis.exceptions import RedisError
 
@@ -32,7 +32,7 @@ from shared.errors import (
     Unavailable,
     Unprocessable,
 )
-from shared.jobs import TERMINAL, Job, JobKind, JobParams, Requester
+from shared.jobs import TERMINAL, Event, Job, JobKind, JobParams, Requester
 from shared.manifests import ManifestDoc
 from shared.naming import ENGINE_FORMATS
 from shared.storage.base import BackupStore
@@ -69,7 +69,7 @@ class AuditInfo(TypedDict, total=False):
     job: str
 
 
-def backup_view(m: ManifestDoc) -> dict[str, Any]:
+def backup_view(m: ManifestDoc) -> dict[str, object]:
     size = int(m.get("size_bytes") or 0)
     return {**m, "size_bytes": size, "size_mib": round(size / (1024 * 1024), 2),
             "size_mb": round(size / (1024 * 1024), 2),  # seed name; the unit is MiB
@@ -147,7 +147,7 @@ class Operations:
         return count
 
     async def wait(self, job_id: str, timeout: float,
-                   on_event: Callable[[Any], Awaitable[None]] | None = None) -> Job:
+                   on_event: Callable[[Event], Awaitable[None]] | None = None) -> Job:
         """Follow the job's event stream until a terminal event or `timeout`."""
         deadline = time.monotonic() + timeout
         events = self.s.hub.follow(self.s.keys.events(job_id), "0-0", idle=1.0)
@@ -205,12 +205,12 @@ class Operations:
         return job
 
     # ------------------------------------------------------------------ reads
-    def targets(self, caller: Caller) -> list[dict[str, Any]]:
+    def targets(self, caller: Caller) -> list[dict[str, object]]:
         visible = caller.principal.targets_visible(list(self.s.settings.targets))
         return [self.s.settings.targets[t].public() for t in visible]
 
     async def backups(self, caller: Caller, target_id: str
-                      ) -> tuple[list[dict[str, Any]], list[str]]:
+                      ) -> tuple[list[dict[str, object]], list[str]]:
         """The target's backups (damaged ones flagged) and the destinations that did not
         answer; 503 `storage_unavailable` when none does."""
         target = self.target(caller, target_id, Role.VIEWER)
@@ -236,12 +236,12 @@ class Operations:
         return {t for t in self.s.settings.targets if p.role_for(t) >= Role.ADMIN}
 
     async def audit_entries(self, caller: Caller, *, limit: int, before: str | None,
-                            **filters: str | None) -> list[dict[str, Any]]:
+                            **filters: str | None) -> list[dict[str, object]]:
         """The audit trail, newest first, of the targets the caller administers."""
         return await self.s.audit.query(limit=limit, targets=self._admin_of(caller),
                                         before=before, **filters)
 
-    async def schedules(self, caller: Caller) -> list[dict[str, Any]]:
+    async def schedules(self, caller: Caller) -> list[dict[str, object]]:
         """Each visible target's schedule: next run, last slot and job, its outcome."""
         from datetime import UTC, datetime
 
@@ -254,7 +254,7 @@ class Operations:
             t = s.settings.targets[tid]
             state = {k.decode(): v.decode() for k, v in
                      (await rcmd.hgetall(s.redis, s.keys.schedule(tid))).items()}
-            entry: dict[str, Any] = {
+            entry: dict[str, object] = {
                 "target": tid, "schedule": t.schedule or None, "timezone": t.timezone,
                 "catch_up": t.catch_up, "retention": t.retention.public(),
                 "next_run": None, "last_slot": state.get("last_slot"),
@@ -264,20 +264,22 @@ class Operations:
                 tz = schedules.zone(t.timezone, "timezone")
                 entry["next_run"] = schedules.next_due(
                     t.schedule, tz, now, schedules.jitter(tid, t.schedule_jitter)).isoformat()
-            if entry["last_job"] and (job := await s.store.find(entry["last_job"])):
+            if (last := state.get("last_job")) and (job := await s.store.find(last)):
                 entry["last_status"] = job.status
                 entry["last_error"] = job.error["code"] if job.error else None
             out.append(entry)
         return out
 
-    async def destinations(self, caller: Caller) -> list[dict[str, Any]]:
+    async def destinations(self, caller: Caller) -> list[dict[str, object]]:
         """Destinations' health; a token admin of some targets only sees those targets
         (names, counts and bytes of the others stay hidden)."""
         health = await self.s.catalog.health()
         mine = self._admin_of(caller)
         if mine is not None:
             for d in health:
-                d["targets"] = [t for t in d.get("targets") or [] if t in mine]
+                listed = d.get("targets")
+                d["targets"] = [t for t in listed if t in mine] if isinstance(listed, list) \
+                    else []
                 for key in ("backups", "bytes"):  # totals over targets it may not see
                     if key in d:
                         d[key] = None
@@ -292,7 +294,7 @@ class Operations:
         store, manifest = (await self.s.catalog.copies(target.id, name))[0]
         return store, name, manifest
 
-    async def retention_preview(self, caller: Caller, target_id: str) -> dict[str, Any]:
+    async def retention_preview(self, caller: Caller, target_id: str) -> dict[str, object]:
         """What a prune would delete now on each destination, and why the rest stays —
         read from the listings, nothing deleted, no job (the page shows it)."""
         from datetime import UTC, datetime
@@ -301,17 +303,18 @@ class Operations:
 
         target = self.target(caller, target_id, Role.VIEWER)
         now = datetime.now(UTC)
-        out: dict[str, Any] = {"target": target.id, "policy": target.retention.public(),
-                               "destinations": {}}
+        per_destination: dict[str, object] = {}
+        out: dict[str, object] = {"target": target.id, "policy": target.retention.public(),
+                                  "destinations": per_destination}
         for store in self.s.catalog.stores_of(target):
             try:
                 manifests = await store.list_manifests(target.id)
             except Exception as exc:  # one unreachable destination: said, not fatal
-                out["destinations"][store.name] = {"error": type(exc).__name__}
+                per_destination[store.name] = {"error": type(exc).__name__}
                 continue
             policy = store.config.retention or target.retention
             decisions = retention.plan_destination(manifests, policy, now, target.timezone)
-            out["destinations"][store.name] = {
+            per_destination[store.name] = {
                 "policy": policy.public(),
                 "delete": [d.public() for d in decisions if not d.keep],
                 "kept": sum(d.keep for d in decisions)}
@@ -323,7 +326,7 @@ class Operations:
         name = naming.parse(file)
         return name, await self.s.catalog.manifest(target, name)
 
-    async def backup(self, caller: Caller, target_id: str, file: str) -> dict[str, Any]:
+    async def backup(self, caller: Caller, target_id: str, file: str) -> dict[str, object]:
         target = self.target(caller, target_id, Role.VIEWER)
         return backup_view((await self.manifest(target.id, file))[1])
 
@@ -367,7 +370,7 @@ class Operations:
     async def start_restore(self, caller: Caller, target_id: str, file: str, *,
                             safety: bool = True, identity: str | None = None,
                             terminate: bool = False, roles: str | None = None,
-                            owner_map: dict[str, Any] | None = None,
+                            owner_map: Mapping[str, str] | None = None,
                             database: str | None = None,
                             idempotency_key: str | None = None, wait: float | None = None,
                             fail_fast: bool = False, expect_sha256: str | None = None) -> Job:

@@ -13,10 +13,13 @@ from shared.config import TARGET_ID_RE
 from shared.jobs import JobKind, JobStatus
 from shared.naming import _NAME_RE
 
-Schema = dict[str, Any]
+Schema = dict[str, Any]  # a JSON schema, as written here (its values are of many kinds)
+# a request body that passed its route's schema (api.http.read_json): each field is of the
+# declared type, so a handler reads them as such
+Body = dict[str, Any]
 
 
-def _pattern(compiled: Any) -> str:
+def _pattern(compiled: re.Pattern[str]) -> str:
     """A Python grammar as an ECMA-262 pattern (JSON Schema has no `\\Z`)."""
     return re.sub(r"\(\?P<\w+>", "(", str(compiled.pattern)).replace(r"\Z", "$")
 

@@ -29,7 +29,7 @@ class AuditLog:
         self.redis = redis
         self.key = keys.audit
 
-    async def record(self, **entry: Any) -> dict[str, Any]:
+    async def record(self, **entry: Any) -> dict[str, object]:
         doc = {k: entry.get(k) for k in FIELDS if entry.get(k) is not None}
         doc.setdefault("ts", now_iso())
         log.info(json.dumps(doc, sort_keys=True))
@@ -38,14 +38,14 @@ class AuditLog:
         return doc
 
     async def query(self, *, limit: int = 100, targets: set[str] | None = None,
-                    **filters: str | None) -> list[dict[str, Any]]:
+                    **filters: str | None) -> list[dict[str, object]]:
         """Newest first; each filter must equal the entry's field (`since`: ts >= value;
         `before`: entries older than that entry id).
         With `targets`, only entries about those targets (none without a target)."""
         since = filters.pop("since", None)
         before = filters.pop("before", None)  # an entry id: the page after one ending there
         wanted = {k: v for k, v in filters.items() if v}
-        out: list[dict[str, Any]] = []
+        out: list[dict[str, object]] = []
         if before is not None and before.strip("0-") == "":
             return out  # nothing is older than the stream's first possible id, 0-0
         upper = f"({before}" if before else "+"

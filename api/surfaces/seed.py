@@ -53,7 +53,8 @@ def _not_done(job: Job, reader: Principal) -> web.Response | None:
             {"success": False, "message": f"the {job.kind} is still running: follow {url}",
              "job": url, "job_id": job.id, "status": job.status},
             status=202, headers={"Location": url})
-    err = for_reader(job.to_dict(), reader, job.kind, job.target).get("error") or {
+    shown = for_reader(job.to_dict(), reader, job.kind, job.target).get("error")
+    err: dict[str, object] = shown if isinstance(shown, dict) else {
         "code": job.status, "message": f"the {job.kind} was {job.status}"}
     status = 500 if job.status == JobStatus.FAILED else 409
     if err.get("code") in CLIENT_ERRORS:

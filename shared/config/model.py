@@ -7,7 +7,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from shared.retention import Policy
 
@@ -93,7 +92,7 @@ class DestinationConfig:
     access_key: Secret | None = field(default=None, compare=False, repr=False)
     secret_key: Secret | None = field(default=None, compare=False, repr=False)
 
-    def public(self) -> dict[str, Any]:
+    def public(self) -> dict[str, object]:
         if self.type == "local":
             return {"name": self.name, "type": "local", "path": self.path}
         return {"name": self.name, "type": "s3", "endpoint": self.endpoint or None,
@@ -258,7 +257,7 @@ class TargetConfig:
         """Values to redact from anything this target's tools or drivers say."""
         return [self.password.reveal()] if self.password is not None else []
 
-    def public(self) -> dict[str, Any]:
+    def public(self) -> dict[str, object]:
         """What the API may show about this target (no secrets)."""
         return {
             "id": self.id,

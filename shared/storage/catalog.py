@@ -267,7 +267,7 @@ class Catalog:
         return (await self.copies(target, name))[0][1]
 
     async def annotate(self, target: str, name: naming.BackupName,
-                       fields: dict[str, Any]) -> None:
+                       fields: dict[str, object]) -> None:
         """Merge `fields` into the manifest of every copy (best effort per destination)."""
         for store, _ in await self.copies(target, name):
             try:
@@ -359,8 +359,8 @@ class Catalog:
                 log.warning("destination %s: sweeping temps failed: %s", name, exc)
         return removed
 
-    async def health(self) -> list[dict[str, Any]]:
-        async def one(name: str) -> dict[str, Any]:
+    async def health(self) -> list[dict[str, object]]:
+        async def one(name: str) -> dict[str, object]:
             store = self.store(name)
             try:
                 h = await store.health()
