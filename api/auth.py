@@ -30,7 +30,6 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import jwt
@@ -87,7 +86,7 @@ class Principal:
 class JWKSCache:
     """Keys by kid; refresh on an unknown kid with a cooldown and a single fetch in flight."""
 
-    def __init__(self, fetch: Callable[[], Awaitable[dict[str, Any]]], cooldown: float) -> None:
+    def __init__(self, fetch: Callable[[], Awaitable[dict[str, object]]], cooldown: float) -> None:
         self._fetch = fetch
         self._cooldown = cooldown
         self._keys: dict[str, jwt.PyJWK] = {}
@@ -127,7 +126,7 @@ class JWKSCache:
         return self._keys[kid]
 
 
-async def bounded_json(resp: aiohttp.ClientResponse, limit: int) -> Any:
+async def bounded_json(resp: aiohttp.ClientResponse, limit: int) -> object:
     """An identity provider's JSON answer, read to at most `limit` bytes (a provider, or
     whatever answers in its place, does not get to fill the API's memory)."""
     parts: list[bytes] = []
@@ -148,8 +147,8 @@ async def bounded_json(resp: aiohttp.ClientResponse, limit: int) -> Any:
 
 
 def http_jwks_fetcher(url: str, session_holder: dict[str, aiohttp.ClientSession]
-                      ) -> Callable[[], Awaitable[dict[str, Any]]]:
-    async def fetch() -> dict[str, Any]:
+                      ) -> Callable[[], Awaitable[dict[str, object]]]:
+    async def fetch() -> dict[str, object]:
         session = session_holder["session"]
         async with session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
             resp.raise_for_status()
@@ -162,8 +161,8 @@ def http_jwks_fetcher(url: str, session_holder: dict[str, aiohttp.ClientSession]
 
 
 # ---------------------------------------------------------------------- verifier
-def _claim(claims: dict[str, Any], path: str) -> Any:
-    node: Any = claims
+def _claim(claims: dict[str, object], path: str) -> object:
+    node: object = claims
     for part in path.split("."):
         if not isinstance(node, dict):
             return None
@@ -223,7 +222,7 @@ class TokenVerifier:
             raise Unauthorized(f"token algorithm {alg} does not match its key "
                                f"({key.algorithm_name})", code="invalid_token")
         try:
-            claims: dict[str, Any] = jwt.decode(
+            claims: dict[str, object] = jwt.decode(
                 token, key=key, algorithms=[key.algorithm_name], issuer=self.issuer,
                 leeway=self.auth.leeway,
                 options={"require": ["exp", "iat", "iss", "sub"], "verify_aud": False})
@@ -239,11 +238,15 @@ class TokenVerifier:
         except jwt.PyJWTError as exc:
             raise Unauthorized(f"token rejected: {exc}", code="invalid_token") from None
         self._check_audience(claims)
-        return self._principal(claims), float(claims["exp"])
+        exp = claims["exp"]  # PyJWT checked it is a number; the type says so here
+        if not isinstance(exp, int | float):
+            raise Unauthorized("token has no valid expiry", code="invalid_token")
+        return self._principal(claims), float(exp)
 
-    def _check_audience(self, claims: dict[str, Any]) -> None:
+    def _check_audience(self, claims: dict[str, object]) -> None:
         aud = claims.get("aud")
-        auds = {aud} if isinstance(aud, str) else set(aud or [])
+        auds = {aud} if isinstance(aud, str) else \
+            {a for a in aud if isinstance(a, str)} if isinstance(aud, list) else set()
         if self.audiences and auds & set(self.audiences):
             return
         if self.azps and claims.get("azp") in self.azps:
@@ -251,7 +254,7 @@ class TokenVerifier:
         raise Unauthorized("token was not issued for Safehold (audience/azp)",
                            code="invalid_token")
 
-    def _principal(self, claims: dict[str, Any]) -> Principal:
+    def _principal(self, claims: dict[str, object]) -> Principal:
         global_role = Role.PUBLIC
         scoped: dict[str, Role] = {}
         for path in self.role_paths:
@@ -274,7 +277,9 @@ class TokenVerifier:
             groups = _claim(claims, self.auth.target_claim)
             if isinstance(groups, list):
                 restricted = frozenset(str(g).rstrip("/").rsplit("/", 1)[-1] for g in groups)
-        return Principal(subject=str(claims.get("sub")), client=claims.get("azp"),
+        azp = claims.get("azp")
+        return Principal(subject=str(claims.get("sub")),
+                         client=azp if isinstance(azp, str) else None,
                          global_role=global_role, scoped=scoped, restricted_to=restricted,
                          session=str(claims.get("sid") or claims.get("jti") or ""))
 
@@ -304,8 +309,8 @@ def load_or_create_dev_key(path: str) -> rsa.RSAPrivateKey:
     return load_or_create_dev_key(path)
 
 
-def dev_jwks(key: rsa.RSAPrivateKey) -> dict[str, Any]:
-    jwk: dict[str, Any] = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
+def dev_jwks(key: rsa.RSAPrivateKey) -> dict[str, object]:
+    jwk: dict[str, object] = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
     jwk.update({"kid": _kid(key), "alg": "RS256", "use": "sig"})
     return {"keys": [jwk]}
 
@@ -346,13 +351,13 @@ def check_dev_bind(settings: Settings) -> None:
 
 
 def build_verifier(settings: Settings, session_holder: dict[str, aiohttp.ClientSession]
-                   ) -> tuple[TokenVerifier, dict[str, Any] | None]:
+                   ) -> tuple[TokenVerifier, dict[str, object] | None]:
     """The verifier for these settings, and the dev JWKS to serve (None unless dev mode)."""
     auth = settings.auth
     if auth.dev_mode:
         jwks_doc = dev_jwks(load_or_create_dev_key(auth.dev_key_path))
 
-        async def fetch() -> dict[str, Any]:
+        async def fetch() -> dict[str, object]:
             return jwks_doc
 
         cache = JWKSCache(fetch, auth.jwks_cooldown)

@@ -134,6 +134,9 @@ def bad_tokens(iss: Issuer) -> dict[str, str]:
         "HS256 signed with the public key": hs,
         "tampered payload": f"{head}.{b64(tampered_claims)}.{sig}",
         "unknown kid": _with_new_key(iss, "k-unknown", admin),
+        # signed by the issuer, but claims of the wrong shape: refused, never a 500
+        "audience a number": iss.token(admin, aud=5, azp=7),
+        "audience an object": iss.token(admin, aud={"safehold-api": 1}, azp=None),
         "no exp": jwt.encode({k: v for k, v in iss.claims(
             resource_access={"safehold": {"roles": admin}}).items() if k != "exp"},
             iss.keys["k1"], algorithm="RS256", headers={"kid": "k1"}),
