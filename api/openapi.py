@@ -4,12 +4,15 @@ request body and every answer (success and error) with its schema."""
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from api.context import ROUTE_TABLE
-from api.schemas import ERROR, PATH_PARAMS, STR
+from api.schemas import ERROR, PATH_PARAMS, STR, Schema
+
+if TYPE_CHECKING:  # api.routes serves this document
+    from api.routes import Answer, Route
 
 _UPLOAD_BODY = {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
@@ -25,7 +28,7 @@ _ERRORS = {
 }
 
 
-def _answer(a: Any) -> dict[str, Any]:
+def _answer(a: Answer) -> Schema:
     if a.schema is None and a.media == ("application/json",):
         return {"description": a.description}
     return {"description": a.description,
@@ -33,10 +36,10 @@ def _answer(a: Any) -> dict[str, Any]:
                         for m in a.media}}
 
 
-def operation(r: Any) -> dict[str, Any]:
+def operation(r: Route) -> Schema:
     path_schemas = {**PATH_PARAMS, **r.path_params}
     error = {"content": {"application/json": {"schema": ERROR}}}
-    op: dict[str, Any] = {
+    op: Schema = {
         "summary": r.summary,
         "operationId": r.handler.__name__,
         "x-required-role": r.role.name.lower(),
@@ -68,8 +71,8 @@ def operation(r: Any) -> dict[str, Any]:
     return op
 
 
-def build(routes: list[Any]) -> dict[str, Any]:
-    paths: dict[str, Any] = {}
+def build(routes: list[Route]) -> Schema:
+    paths: dict[str, Schema] = {}
     for r in routes:
         paths.setdefault(r.path, {})[r.method.lower()] = operation(r)
     return {

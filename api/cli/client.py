@@ -22,6 +22,9 @@ from shared.jobs import TERMINAL, JobStatus
 from shared.storage.local import sha256_file
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
+# a JSON object the API answered (its shapes: api/schemas.py, the OpenAPI document): the
+# CLI prints what it holds, and a key an older server leaves out shows as empty
+ApiDoc = dict[str, Any]
 CHUNK = 1 << 20
 
 
@@ -52,15 +55,18 @@ class Client:
     async def __aexit__(self, *exc: object) -> None:
         await self.session.close()
 
-    async def call(self, method: str, path: str, **kw: Any) -> Any:
+    async def call(self, method: str, path: str, **kw: Any) -> ApiDoc:
         async with self.session.request(method, self.base + path, **kw) as resp:
             body = await resp.json(content_type=None)
             if resp.status >= 400:
                 err = (body or {}).get("error", {}) if isinstance(body, dict) else {}
                 raise ApiError(resp.status, str(err.get("code")), str(err.get("message")))
+            if not isinstance(body, dict):
+                raise ApiError(resp.status, "invalid_answer",
+                               f"the server answered {method} {path} with no JSON object")
             return body
 
-    async def events(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
+    async def events(self, job_id: str) -> AsyncIterator[ApiDoc]:
         """Follow a job's SSE stream, reconnecting with Last-Event-ID if it drops."""
         last: str | None = None
         while True:
@@ -90,7 +96,7 @@ class Client:
                 await asyncio.sleep(1)
 
     async def upload(self, path: str, target: str, file: Path, *, restore: bool,
-                     safety: bool) -> Any:
+                     safety: bool) -> ApiDoc:
         """Stream a file as the raw request body, with a progress bar on stderr."""
         size = (await asyncio.to_thread(file.stat)).st_size
         bar = Bar(size)
@@ -108,7 +114,7 @@ class Client:
             "Content-Type": "application/octet-stream", "Content-Length": str(size),
             "X-Filename": file.name})
 
-    async def download(self, target: str, name: str, out: Path) -> dict[str, Any]:
+    async def download(self, target: str, name: str, out: Path) -> ApiDoc:
         """Download into `out` (resuming a `.part` left by an interrupted run with Range),
         verify the sha256 against the manifest, then move it into place."""
         manifest = await self.call("GET", f"/api/v1/targets/{target}/backups/{name}")
@@ -186,7 +192,7 @@ def bar(percent: float | None, width: int = 30) -> str:
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
-def render_progress(p: dict[str, Any]) -> str:
+def render_progress(p: ApiDoc) -> str:
     pct = p.get("percent")
     items = ""
     if p.get("items_total"):
@@ -197,7 +203,7 @@ def render_progress(p: dict[str, Any]) -> str:
             f" {mib(p.get('rate_bps'))}/s{items}{eta}")
 
 
-def final_line(job: dict[str, Any]) -> str:
+def final_line(job: ApiDoc) -> str:
     """`✓ backup_… 98.9 MiB in 4.2 s (sha256 …)` or `✗ <code>: <message>`."""
     result = job.get("result") or {}
     if job.get("status") == JobStatus.SUCCEEDED:

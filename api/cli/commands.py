@@ -10,12 +10,12 @@ import json
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 from api.cli.client import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
+    ApiDoc,
     Client,
     final_line,
     mib,
@@ -26,7 +26,8 @@ from shared.jobs import TERMINAL, JobStatus
 JOB_WAIT = 3600
 
 
-def add_client_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                        common: argparse.ArgumentParser) -> None:
     """The client subcommands, each with --url and --json."""
     client = argparse.ArgumentParser(add_help=False, parents=[common])
     client.add_argument("--url", help="API base URL (default: $SAFEHOLD_URL or the config)")
@@ -123,7 +124,7 @@ def confirm(args: argparse.Namespace, question: str) -> bool:
     return False
 
 
-def _rows(table: dict[str, Any]) -> str:
+def _rows(table: ApiDoc) -> str:
     """A table's rows: exact where the engine counts them (SQLite), `~n` for an estimate
     (PostgreSQL, MySQL), `?` for a table never analysed."""
     if "rows_estimate" in table:
@@ -142,19 +143,19 @@ def _drill(verification: object) -> str:
     return str(verification.get("outcome") or "")
 
 
-def _warn(job: Any) -> None:
+def _warn(job: object) -> None:
     for warning in (job.get("warnings") or []) if isinstance(job, dict) else []:
         print(f"warning: {warning}", file=sys.stderr)
 
 
-def _table(rows: list[list[Any]], header: list[str]) -> str:
+def _table(rows: list[list[object]], header: list[str]) -> str:
     cells = [header] + [["" if c is None else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                      for r in cells)
 
 
-async def follow(client: Client, job: dict[str, Any], as_json: bool) -> int:
+async def follow(client: Client, job: ApiDoc, as_json: bool) -> int:
     tty = sys.stderr.isatty()
     async for ev in client.events(job["id"]):
         t = ev.get("type")
@@ -175,12 +176,12 @@ async def follow(client: Client, job: dict[str, Any], as_json: bool) -> int:
     return finish(final, as_json)
 
 
-def finish(job: dict[str, Any], as_json: bool) -> int:
+def finish(job: ApiDoc, as_json: bool) -> int:
     print(json.dumps(job, indent=2) if as_json else final_line(job))
     return EXIT_OK if job.get("status") == JobStatus.SUCCEEDED else EXIT_FAILED
 
 
-async def job_started(client: Client, job: dict[str, Any], args: argparse.Namespace) -> int:
+async def job_started(client: Client, job: ApiDoc, args: argparse.Namespace) -> int:
     """After a submit: follow it, wait for it, or show it."""
     _warn(job)
     if getattr(args, "follow", False):
@@ -198,12 +199,12 @@ async def job_started(client: Client, job: dict[str, Any], args: argparse.Namesp
     return EXIT_OK
 
 
-def _print_json(doc: Any) -> None:
+def _print_json(doc: object) -> None:
     print(json.dumps(doc, indent=2))
 
 
 async def _show(client: Client, args: argparse.Namespace, path: str,
-                render: Callable[[Any], None]) -> Any:
+                render: Callable[[ApiDoc], None]) -> ApiDoc:
     """GET `path`: the JSON as it came with --json, else `render(doc)` (tables)."""
     doc = await client.call("GET", path)
     if args.json:
@@ -214,7 +215,7 @@ async def _show(client: Client, args: argparse.Namespace, path: str,
 
 
 async def _cmd_targets(client: Client, args: argparse.Namespace) -> int:
-    def render(doc: Any) -> None:
+    def render(doc: ApiDoc) -> None:
         print(_table([[t["id"], t["engine"], t.get("schedule") or "-",
                        "default" if t["id"] == doc.get("default_target") else ""]
                       for t in doc["targets"]], ["TARGET", "ENGINE", "SCHEDULE", ""]))
@@ -224,7 +225,7 @@ async def _cmd_targets(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _cmd_stats(client: Client, args: argparse.Namespace) -> int:
-    def render(doc: Any) -> None:
+    def render(doc: ApiDoc) -> None:
         print(f"{doc.get('engine')} {doc.get('server_version', '')}: "
               f"{mib(doc.get('size_bytes'))}, {doc.get('table_count', '?')} tables")
         rows = [[t["name"], _rows(t), mib(t.get("size_bytes"))]
@@ -241,7 +242,7 @@ async def _cmd_stats(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _cmd_backups(client: Client, args: argparse.Namespace) -> int:
-    def render(doc: Any) -> None:
+    def render(doc: ApiDoc) -> None:
         print(_table([[b["filename"], b.get("kind"), mib(b.get("size_bytes")),
                        b.get("created_at"), ",".join(b.get("stored_on") or []),
                        _drill(b.get("verification"))]
@@ -262,7 +263,7 @@ async def _cmd_restore(client: Client, args: argparse.Namespace) -> int:
     if not confirm(args, f"Replace the database of target '{args.target}' with "
                          f"{args.backup}?"):
         return EXIT_USAGE
-    req: dict[str, Any] = {"backup": args.backup,
+    req: ApiDoc = {"backup": args.backup,
                            "create_safety_backup": not args.no_safety_backup}
     if args.terminate_connections:
         req["terminate_connections"] = True
@@ -364,7 +365,7 @@ async def _cmd_cancel(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _cmd_verify(client: Client, args: argparse.Namespace) -> int:
-    drill: dict[str, Any] = {"backup": args.backup} if args.backup else {}
+    drill: ApiDoc = {"backup": args.backup} if args.backup else {}
     if args.identity_file:  # sent once, sealed by the API for the workers
         drill["identity"] = await asyncio.to_thread(Path(args.identity_file).read_text)
     job = await client.call("POST", f"/api/v1/targets/{args.target}/verify", json=drill)
@@ -391,7 +392,7 @@ async def _cmd_prune(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _cmd_schedules(client: Client, args: argparse.Namespace) -> int:
-    def render(doc: Any) -> None:
+    def render(doc: ApiDoc) -> None:
         print(_table([[e["target"], e.get("schedule") or "-", e.get("next_run") or "-",
                        e.get("last_job") or "-",
                        (e.get("last_status") or "-") + (f" ({e['last_error']})"
@@ -407,7 +408,7 @@ async def _cmd_schedules(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _cmd_destinations(client: Client, args: argparse.Namespace) -> int:
-    def render(doc: Any) -> None:
+    def render(doc: ApiDoc) -> None:
         print(_table([[d.get("name"), d.get("type"), d.get("bucket") or d.get("path"),
                        "yes" if d.get("reachable") else f"NO ({d.get('error')})",
                        {True: "yes", False: "NO", None: "?"}[d.get("writable")],

@@ -13,7 +13,6 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -21,6 +20,7 @@ from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
+    Metric,
 )
 
 from api.auth import bearer_token, require
@@ -82,15 +82,15 @@ class _Snapshot:
     """The figures of one scrape, collected beforehand (collectors are synchronous)."""
 
     def __init__(self) -> None:
-        self.families: list[Any] = []
+        self.families: list[Metric] = []
 
-    def collect(self) -> list[Any]:
+    def collect(self) -> list[Metric]:
         return self.families
 
 
-async def _job_families(s: Services, visible: list[str]) -> list[Any]:
+async def _job_families(s: Services, visible: list[str]) -> list[Metric]:
     """Jobs finished and their durations, bytes written: counted as jobs end."""
-    out: list[Any] = []
+    out: list[Metric] = []
     add = out.append
 
     jobs = CounterMetricFamily("safehold_jobs", "Jobs finished, by kind, status and target.",
@@ -125,9 +125,9 @@ async def _job_families(s: Services, visible: list[str]) -> list[Any]:
     return out
 
 
-async def _service_families(s: Services) -> list[Any]:
+async def _service_families(s: Services) -> list[Metric]:
     """Workers alive, queue depth, notifications lost."""
-    out: list[Any] = []
+    out: list[Metric] = []
     add = out.append
     add(GaugeMetricFamily("safehold_workers_alive", "Workers that heartbeat in the last 30 s.",
                           value=await live_workers(s)))
@@ -187,7 +187,7 @@ class _TargetFamilies:
                                     "Listed backups whose manifest disagrees with the backup.",
                                     labels=["target"])
 
-    def families(self) -> list[Any]:
+    def families(self) -> list[Metric]:
         return [self.count, self.size, self.up, self.damaged, self.per_dest, self.dest_last,
                 self.dest_size, self.last, self.last_size, self.verified, self.passed,
                 self.rto, self.missed, self.lag, self.last_ok]
