@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
 
 from redis.asyncio import Redis
 
@@ -29,7 +28,7 @@ class AuditLog:
         self.redis = redis
         self.key = keys.audit
 
-    async def record(self, **entry: Any) -> dict[str, object]:
+    async def record(self, **entry: object) -> dict[str, object]:
         doc = {k: entry.get(k) for k in FIELDS if entry.get(k) is not None}
         doc.setdefault("ts", now_iso())
         log.info(json.dumps(doc, sort_keys=True))

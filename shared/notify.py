@@ -21,9 +21,10 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import NotRequired, TypedDict
 
 import aiohttp
 
@@ -59,10 +60,26 @@ def verify_signature(secret: str, header: str, body: bytes, *, now: float | None
     return hmac.compare_digest(signature(secret, ts, body), header)
 
 
+class Notification(TypedDict):
+    """One event as every channel gets it (the webhook's JSON body)."""
+
+    id: str  # the same on every retry: receivers drop duplicates
+    event: str
+    severity: str
+    target: str
+    message: str
+    time: str
+    data: NotRequired[Mapping[str, object]]
+
+
+# (channel, event, error): a delivery given up on is audited and counted
+FailureRecorder = Callable[[str, str, str], Awaitable[None]]
+
+
 @dataclass
 class Notifier:
     settings: Settings
-    record_failure: Any = None  # async (channel, event, error) -> None: audit + counter
+    record_failure: FailureRecorder | None = None
     _apprise_urls: list[str] = field(default_factory=list)
     _secret: Secret | None = None
 
@@ -77,7 +94,7 @@ class Notifier:
         return bool(self._apprise_urls or n.webhook_url)
 
     async def event(self, event: str, target: str, message: str,
-                    data: dict[str, Any] | None = None) -> None:
+                    data: Mapping[str, object] | None = None) -> None:
         """Send one event to every channel whose minimum severity it reaches."""
         n = self.settings.notifications
         severity = EVENT_SEVERITY.get(event, "info")
@@ -87,13 +104,15 @@ class Notifier:
             return
         if n.event_list and event not in n.event_list:
             return
-        doc = {"id": uuid.uuid4().hex,  # the same on every retry: receivers drop duplicates
-               "event": event, "severity": severity, "target": target, "message": message,
-               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               **({"data": data} if data else {})}
+        doc: Notification = {
+            "id": uuid.uuid4().hex, "event": event, "severity": severity, "target": target,
+            "message": message, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if data:
+            doc["data"] = data
         await asyncio.gather(self._webhook(doc), self._apprise(doc))
 
-    async def _retry(self, channel: str, event: str, attempt: Any) -> None:
+    async def _retry(self, channel: str, event: str,
+                     attempt: Callable[[], Awaitable[None]]) -> None:
         n = self.settings.notifications
         delay = n.retry_delay
         for i in range(n.retries + 1):
@@ -111,7 +130,7 @@ class Notifier:
                 await asyncio.sleep(delay)
                 delay *= 2
 
-    async def _webhook(self, doc: dict[str, Any]) -> None:
+    async def _webhook(self, doc: Notification) -> None:
         n = self.settings.notifications
         if not n.webhook_url:
             return
@@ -131,7 +150,7 @@ class Notifier:
 
         await self._retry("webhook", doc["event"], post)
 
-    async def _apprise(self, doc: dict[str, Any]) -> None:
+    async def _apprise(self, doc: Notification) -> None:
         if not self._apprise_urls:
             return
         import apprise

@@ -46,8 +46,8 @@ class Policy:
     def empty(self) -> bool:
         return not (self.keep_last or self.max_age or any(getattr(self, b) for b in BUCKETS))
 
-    def public(self) -> dict[str, Any]:
-        out: dict[str, Any] = {k: getattr(self, k) for k in ("keep_last", *BUCKETS)
+    def public(self) -> dict[str, object]:
+        out: dict[str, object] = {k: getattr(self, k) for k in ("keep_last", *BUCKETS)
                                if getattr(self, k)}
         if self.max_age is not None:
             out["max_age"] = f"{int(self.max_age.total_seconds() // 3600)}h"
@@ -102,7 +102,7 @@ class Decision:
     keep: bool = False
     reasons: list[str] = field(default_factory=list)
 
-    def public(self) -> dict[str, Any]:
+    def public(self) -> dict[str, object]:
         return {"filename": self.filename, "created_at": self.created_at.isoformat(),
                 "action": "keep" if self.keep else "delete",
                 "reasons": self.reasons or ["no rule keeps it"]}

@@ -9,9 +9,8 @@ verify, safety backup, load), and a phase outside the plan (an engine's sub-phas
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from shared.jobs import Phase, RestoreStage
 
@@ -35,7 +34,7 @@ class Progress:
     _rate: float = 0.0
     # phase and log events not yet published, in the order they happened (one queue, so a
     # log line never overtakes the phase it belongs to)
-    outbox: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    outbox: list[tuple[str, dict[str, object]]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     # restore stages (e.g. "committing") are written to the job record before they happen,
     # so whoever finds the job orphaned can say what state the database is in
@@ -46,7 +45,7 @@ class Progress:
     _range: tuple[float, float] = (0.0, 100.0)
     _job_percent: float = 0.0
     # sessions of the application holding locks the restore waits for (engines' watchers)
-    waiting_for: list[dict[str, Any]] | None = None
+    waiting_for: Sequence[Mapping[str, object]] | None = None  # engines.Blocker
     # a dump's size: the engine estimates on-disk bytes; the procedure knows how many dump
     # bytes the last backup made per estimated byte. Applied as the phase starts, so no
     # progress event ever shows the unscaled estimate.
@@ -93,7 +92,7 @@ class Progress:
     def add_bytes(self, n: int) -> None:
         self.bytes_done += n
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, object]:
         now = time.monotonic()
         dt = now - self._last_time
         if dt >= 0.2:
@@ -116,7 +115,7 @@ class Progress:
         eta = None
         if self.bytes_total and self._rate > 0:
             eta = max(0.0, (self.bytes_total - self.bytes_done) / self._rate)
-        snap: dict[str, Any] = {
+        snap: dict[str, object] = {
             "phase": self.phase,
             "bytes_done": self.bytes_done,
             "bytes_total": self.bytes_total,

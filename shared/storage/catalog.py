@@ -12,7 +12,6 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from shared import manifests, naming
 from shared.config import Settings, TargetConfig
@@ -150,7 +149,7 @@ def _as_error(exc: BaseException, name: str) -> SafeholdError:
                          code="storage_failed")
 
 
-async def _quietly(aw: Awaitable[Any]) -> None:
+async def _quietly(aw: Awaitable[object]) -> None:
     try:
         await aw
     except Exception as exc:  # cleanup of a failure: report the first error, not this one

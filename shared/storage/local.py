@@ -19,9 +19,9 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from shared import manifests, naming
 from shared.config import DestinationConfig
@@ -117,7 +117,7 @@ class LocalPending:
         _fsync_dir(final.parent)
         return {"size_bytes": stored, "check": "sha256"}
 
-    async def write_manifest(self, manifest: dict[str, Any]) -> None:
+    async def write_manifest(self, manifest: Mapping[str, object]) -> None:
         assert self.final is not None
         await asyncio.to_thread(self.store._write_json,
                                 self.final.with_name(f"{self.name.filename}.json"), manifest)
@@ -233,7 +233,8 @@ class LocalStorage:
     async def presigned_url(self, target: str, filename: str, ttl: int) -> str | None:
         return None
 
-    async def annotate(self, target: str, filename: str, fields: dict[str, Any]) -> None:
+    async def annotate(self, target: str, filename: str, fields: Mapping[str, object]
+                       ) -> None:
         def _annotate() -> None:
             data = self._file(target, filename)
             man = data.with_name(f"{data.name}.json")
@@ -251,7 +252,7 @@ class LocalStorage:
             return LocalPending(self, target, name, path, os.fdopen(fd, "wb"))
         return await asyncio.to_thread(_begin)
 
-    def _write_json(self, path: Path, doc: dict[str, Any]) -> None:
+    def _write_json(self, path: Path, doc: Mapping[str, object]) -> None:
         tmp = path.with_name(f"{TEMP_PREFIX}{secrets.token_hex(4)}.json.partial")
         doc = {"format_version": MANIFEST_VERSION, **doc}
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.file_mode)

@@ -215,7 +215,7 @@ class S3Pending:
                                 code="readback_mismatch")
         return {"size_bytes": stored, "check": check, "etag": etag, "parts": len(parts)}
 
-    async def write_manifest(self, manifest: dict[str, Any]) -> None:
+    async def write_manifest(self, manifest: Mapping[str, object]) -> None:
         body = json.dumps({"format_version": 1, **manifest}, indent=2,
                           sort_keys=True).encode()
         await self.store.put_small(f"{self.key}.json", body, "application/json")

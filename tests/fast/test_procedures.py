@@ -197,3 +197,23 @@ async def test_a_drill_that_restores_less_than_was_dumped_fails_and_says_what(
     assert verification["mismatches"] == {  # type: ignore[index]
         "user": {"expected": 2, "restored": 1}}
     assert rig.engine.scratches == {} and rig.engine.data == ORIGINAL
+
+
+@pytest.mark.parametrize("planted", [[1, 2], {"user": "2"}, "all", {"user": True}])
+async def test_a_drill_never_passes_on_counts_that_are_not_counts(rig: Rig,
+                                                                  planted: object) -> None:
+    """A manifest's exact_counts are read back, so checked: a shape that is no count per
+    table (planted, or damaged) fails the drill and says why — it crashed the drill with
+    an internal error before (`.items()` of a list), and must never pass comparing
+    nothing."""
+    name = await rig.backup()
+    await rig.store.annotate("main", name, {"exact_counts": planted})
+    job = rig.job(JobKind.VERIFY, "v3", backup=name)
+    with pytest.raises(EngineError) as failed:
+        await rig.procedures.verify(job, rig.target, rig.engine, Progress())
+    assert failed.value.code == "drill_failed"
+    stored = await rig.store.read_manifest("main", name)
+    verification = stored["verification"]
+    assert verification["mismatches"] == {  # type: ignore[index]
+        "(manifest exact_counts)": {"expected": "a count per table", "restored": None}}
+    assert "not counts" in verification["counts"]  # type: ignore[index]

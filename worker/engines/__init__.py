@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, TypedDict, runtime_checkable
+from typing import ClassVar, Protocol, TypedDict, runtime_checkable
 
 from shared.config import TargetConfig
 from shared.errors import DumpFailed, EngineError, PipelineError, RestoreFailed
@@ -103,7 +103,15 @@ class RestoreOptions:
 
 
 NO_OPTIONS = RestoreOptions()
-Blocker = dict[str, Any]  # a session holding a lock the restore waits for
+class Blocker(TypedDict):
+    """A session holding a lock the restore waits for (shown in `waiting_for`)."""
+
+    id: int  # the server's session id (pid, connection id)
+    user: str | None
+    application: str | None
+    client: str | None  # where it connects from
+    state: str | None
+    since: str | None  # when its transaction (or state) began, RFC 3339
 
 
 def describe(blockers: list[Blocker]) -> str:
@@ -129,7 +137,7 @@ async def watch_blockers(find: Callable[[], Awaitable[list[Blocker]]],
     job's progress (`waiting_for`) and events when they change; with `end` (the caller
     asked to terminate connections), end them. `seen` keeps the last ones found, for the
     error if the wait times out."""
-    shown: list[Any] = []
+    shown: list[str] = []
     while True:
         try:
             blockers = await find()
@@ -162,7 +170,7 @@ async def blockers_watched(progress: Progress, seen: list[Blocker],
     """Around a load: `watch_blockers` runs; with `others` (terminate_connections asked),
     the database's other sessions are ended first and blockers as they appear (each
     session once: one that cannot be ended is said once, not every second)."""
-    tried: set[Any] = set()
+    tried: set[int] = set()
 
     async def end_once(blockers: list[Blocker]) -> None:
         new = [b for b in blockers if b.get("id") not in tried]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from datetime import datetime
 
 import pymysql
 
@@ -41,13 +41,19 @@ MY_SESSIONS_NO_TRX = ("SELECT p.ID, p.USER, p.HOST, p.COMMAND, p.TIME, NULL "
 ACCESS_DENIED_PROCESS = 1227  # INNODB_TRX needs the PROCESS privilege
 
 
-def my_blocker(r: tuple[Any, ...]) -> Blocker:
+def my_blocker(r: tuple[object, ...]) -> Blocker:
     pid, user, host, command, secs, trx_started = r
     state = "idle" if command == "Sleep" else str(command).lower()
     if trx_started is not None:
         state += " in transaction"
-    return {"id": pid, "user": user, "application": None, "client": host, "state": state,
-            "since": trx_started.isoformat(timespec="seconds") if trx_started else None}
+    return {"id": int(str(pid)), "user": _text(user), "application": None,
+            "client": _text(host), "state": state,
+            "since": trx_started.isoformat(timespec="seconds")
+            if isinstance(trx_started, datetime) else None}
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 @asynccontextmanager

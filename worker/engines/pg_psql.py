@@ -10,7 +10,6 @@ import contextlib
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import asyncpg
 
@@ -35,7 +34,7 @@ SESSIONS = (f"SELECT {SESSION_COLUMNS} FROM pg_stat_activity b "
              "AND b.backend_type = 'client backend' AND b.application_name <> $1")
 
 
-def blocker(r: Any) -> Blocker:
+def blocker(r: asyncpg.Record) -> Blocker:
     since = r["since"]
     return {"id": r["pid"], "user": r["usename"], "application": r["application_name"] or None,
             "client": r["client"], "state": r["state"],

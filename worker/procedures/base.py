@@ -7,7 +7,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from shared import codecs, naming
 from shared.codecs import plain_limit
@@ -166,7 +165,7 @@ class ProcedureBase:
 
     @contextlib.asynccontextmanager
     async def _plain(self, store: BackupStore, target: TargetConfig, name: naming.BackupName,
-                     manifest: dict[str, Any], identities: Sequence[AgeKey],
+                     manifest: Mapping[str, object], identities: Sequence[AgeKey],
                      windows: bytes | None) -> AsyncIterator[AsyncIterator[bytes]]:
         """A stored backup's plain content for a load: bounded and sha256-checked (see
         `pipeline.stored_plain`), and with `windows` (what the check before the load read)

@@ -5,7 +5,7 @@ database was left unchanged."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict
 
 from shared import naming
@@ -153,7 +153,7 @@ class Restores(Verification, Backups):
         return safety, made["sha256"]
 
     async def _load(self, job: Job, target: TargetConfig, engine: Engine,
-                    name: naming.BackupName, store: BackupStore, manifest: dict[str, Any],
+                    name: naming.BackupName, store: BackupStore, manifest: Mapping[str, object],
                     progress: Progress, identities: Sequence[AgeKey], *,
                     rollback: bool = False, windows: bytes | None = None,
                     also_clean: tuple[str, ...] = ()) -> None:

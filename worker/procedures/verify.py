@@ -8,8 +8,8 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, Required, TypedDict
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Required, TypedDict
 
 from shared import backup_sets, codecs, formats, naming
 from shared.codecs.base import AgeKey
@@ -23,7 +23,7 @@ from shared.errors import (
     Unavailable,
 )
 from shared.jobs import Job, Phase, now_iso
-from shared.manifests import ManifestDoc
+from shared.manifests import ManifestDoc, count_in
 from shared.storage.base import BackupStore
 from shared.storage.catalog import BlockingStream
 from worker.engines import Drill, Drillable, Engine, RestoreOptions, server_sets
@@ -124,7 +124,7 @@ class Verification(ProcedureBase):
             raise
 
     async def _drill(self, job: Job, target: TargetConfig, engine: Engine,
-                     name: naming.BackupName, store: BackupStore, manifest: dict[str, Any],
+                     name: naming.BackupName, store: BackupStore, manifest: Mapping[str, object],
                      drill: Drill | None, record: DrillRecord, ids: Sequence[AgeKey],
                      progress: Progress, t0: float,
                      windows: bytes | None = None) -> DrillRecord:
@@ -141,7 +141,7 @@ class Verification(ProcedureBase):
             token = backup_sets.token_of(manifest)
             members = {m["database"]: m for m in backup_sets.member_entries(manifest) or []
                        if isinstance(m.get("database"), str)} if token else {}
-            progress.set_phase(Phase.RESTORING, bytes_total=manifest.get("raw_bytes"))
+            progress.set_phase(Phase.RESTORING, bytes_total=count_in(manifest, "raw_bytes"))
             async with self._plain(store, target, name, manifest, ids, windows) as checked:
                 parts = whole(checked) if token is None else backup_sets.members(checked,
                                                                                   token)
@@ -188,18 +188,24 @@ class Verification(ProcedureBase):
         return record
 
     async def _drill_one(self, target: TargetConfig, engine: Engine, drill: Drill,
-                         chunks: AsyncIterator[bytes], manifest: dict[str, Any],
+                         chunks: AsyncIterator[bytes], manifest: Mapping[str, object],
                          record: DrillRecord, progress: Progress, t0: float
                          ) -> DrillFound:
         """One database into a scratch copy: restored, counted, checked, dropped."""
         kind = str(manifest.get("count_kind", ""))
-        expected = manifest.get("exact_counts") or (
-            manifest.get("counts") if kind in ("rows", "keys", "documents") else None)
+        expected = _counts(manifest.get("exact_counts")) or (
+            _counts(manifest.get("counts")) if kind in ("rows", "keys", "documents") else None)
         # estimates (MySQL's information_schema) cannot be compared: the tables can
         names_only = expected is None and kind.endswith("_estimate")
-        if names_only:
-            expected = manifest.get("counts")
+        if names_only:  # only the names are compared
+            listed = manifest.get("counts")
+            expected = {str(t): 0 for t in listed} if isinstance(listed, dict) and listed \
+                else None
         mismatches: dict[str, Mismatch] = {}
+        if expected is None and manifest.get("exact_counts") is not None:
+            # counts were recorded, but not as counts: nothing can prove this backup
+            mismatches["(manifest exact_counts)"] = {"expected": "a count per table",
+                                                     "restored": None}
         checks: list[DrillCheck] = []
         async with drill.scratch(target) as scratch:
             loaded = drill.restore_filter(chunks)
@@ -212,7 +218,9 @@ class Verification(ProcedureBase):
             progress.set_phase(Phase.CHECKING)
             got = await drill.exact_counts(scratch)
             if expected is None:
-                record["counts"] = "not recorded at dump time: compared nothing"
+                record["counts"] = ("the manifest's exact_counts are not counts: compared "
+                                    "nothing" if mismatches else
+                                    "not recorded at dump time: compared nothing")
             elif names_only:
                 present = {unquoted(t) for t in got}
                 mismatches = {t: {"expected": "present", "restored": None}
@@ -318,8 +326,8 @@ class Verification(ProcedureBase):
         return RestorePlan(store, manifest)
 
     @staticmethod
-    def _check_set(target: TargetConfig, engine: Engine, manifest: dict[str, Any],
-                   in_file: list[Any]) -> None:
+    def _check_set(target: TargetConfig, engine: Engine, manifest: Mapping[str, object],
+                   in_file: list[str | None]) -> None:
         """A set restores onto a server target only (and a server target takes only sets);
         its file and its manifest list the same databases, every one this target may
         write. Refused before anything changes."""
@@ -340,3 +348,16 @@ class Verification(ProcedureBase):
                                 "manifest); nothing was changed", database_unchanged=True,
                                 code="corrupt_backup")
         server_sets.check_members(target, engine.name, [str(n) for n in in_file])
+
+
+def _counts(value: object) -> dict[str, int] | None:
+    """A manifest's exact counts per table (read back, so checked): None unless every
+    entry is a name and a count."""
+    if not isinstance(value, dict) or not value:
+        return None
+    out: dict[str, int] = {}
+    for name, n in value.items():
+        if not isinstance(name, str) or not isinstance(n, int) or isinstance(n, bool):
+            return None
+        out[name] = n
+    return out
