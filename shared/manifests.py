@@ -137,7 +137,7 @@ def problems(doc: object, name: naming.BackupName) -> list[str]:
 def vet(doc: object, filename: str) -> ManifestDoc:
     """The manifest of the object `filename` (already proven by the grammar), or the
     damaged entry that stands for it. Never raises for what the manifest holds."""
-    name = naming.parse(filename)
+    name = naming.parse_stored(filename)
     try:
         found = problems(doc, name)
     except Exception as exc:  # a shape no check foresaw (types, depth): damaged, not a 500

@@ -71,7 +71,7 @@ class MemoryStore:
         return sorted([f for t, f in self.data if t == target] + list(self.temps))
 
     def _key(self, target: str, filename: str) -> tuple[str, str]:
-        return target, naming.parse(filename).filename
+        return target, naming.parse_in(target, filename).filename
 
     async def list_manifests(self, target: str) -> list[dict[str, Any]]:
         out = []
@@ -85,7 +85,7 @@ class MemoryStore:
         try:
             doc = json.loads(text)
         except ValueError as exc:
-            return manifests.damaged(naming.parse(filename), str(exc))
+            return manifests.damaged(naming.parse_stored(filename), str(exc))
         return manifests.vet(doc, filename)
 
     async def read_manifest(self, target: str, filename: str) -> dict[str, Any]:
@@ -118,6 +118,7 @@ class MemoryStore:
         return key in self.data or key in self.manifests
 
     async def begin(self, target: str, name: naming.BackupName, tag: str) -> MemoryPending:
+        self._key(target, name.filename)  # the name fits where it goes
         temp = f".safehold-{tag}-{secrets.token_hex(4)}.partial"
         self.temps[temp] = (time.monotonic(), bytearray())
         return MemoryPending(self, target, name, temp)

@@ -226,7 +226,7 @@ class Catalog:
                 del entry["damaged_on"]
 
         def newest(m: ManifestDoc) -> tuple[datetime, int]:
-            name = naming.parse(str(m["filename"]))
+            name = naming.parse_stored(str(m["filename"]))
             return name.created_at, name.seq
 
         out.sort(key=newest, reverse=True)

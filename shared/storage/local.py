@@ -149,7 +149,7 @@ class LocalStorage:
         return self.root / target
 
     def _file(self, target: str, filename: str) -> Path:
-        return self._dir(target) / naming.parse(filename).filename
+        return self._dir(target) / naming.parse_in(target, filename).filename
 
     # ------------------------------------------------------------------ reading
     async def list_manifests(self, target: str) -> list[ManifestDoc]:
@@ -164,7 +164,7 @@ class LocalStorage:
             if not entry.name.endswith(".json") or entry.name.startswith(TEMP_PREFIX):
                 continue
             try:
-                name = naming.parse(entry.name[: -len(".json")])
+                name = naming.parse_in(target, entry.name[: -len(".json")])
             except InvalidBackupName:
                 continue
             if not (d / name.filename).exists():
@@ -193,7 +193,7 @@ class LocalStorage:
             raise NotFound(f"backup '{filename}' has a manifest but no data file",
                            code="backup_not_found")
         if isinstance(doc, ValueError):
-            return manifests.damaged(naming.parse(data.name), str(doc))
+            return manifests.damaged(naming.parse_in(target, data.name), str(doc))
         return manifests.vet(doc, data.name)
 
     async def size(self, target: str, filename: str) -> int:
@@ -245,7 +245,7 @@ class LocalStorage:
     # ------------------------------------------------------------------ writing
     async def begin(self, target: str, name: naming.BackupName, tag: str) -> LocalPending:
         def _begin() -> LocalPending:
-            d = self._dir(target)
+            d = self._file(target, name.filename).parent  # the name fits where it goes
             make_private_dir(d)
             path = d / f"{TEMP_PREFIX}{tag}-{secrets.token_hex(4)}.partial"
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.file_mode)

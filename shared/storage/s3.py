@@ -279,7 +279,7 @@ class S3Storage:
     def key(self, target: str, filename: str) -> str:
         if "/" in target or target.startswith("."):
             raise NotFound(f"unknown target '{target}'", code="target_not_found")
-        name = naming.parse(filename).filename
+        name = naming.parse_in(target, filename).filename
         return f"{self.prefix}/{target}/{name}" if self.prefix else f"{target}/{name}"
 
     def md5_param(self, digest: bytes) -> dict[str, Any]:
@@ -346,7 +346,7 @@ class S3Storage:
                 continue
             data_key = key[: -len(".json")]
             try:
-                naming.parse(data_key.rsplit("/", 1)[-1])
+                naming.parse_in(target, data_key.rsplit("/", 1)[-1])
             except InvalidBackupName:
                 continue
             if data_key in keys:
@@ -362,7 +362,7 @@ class S3Storage:
             except NotFound:
                 return None  # deleted meanwhile
             except ValueError as exc:
-                doc = manifests.damaged(naming.parse(filename), str(exc))
+                doc = manifests.damaged(naming.parse_in(target, filename), str(exc))
             self._manifest_cache[key] = (etag, doc)
             return doc
 
@@ -407,7 +407,7 @@ class S3Storage:
             raise NotFound(f"no backup '{filename}' for target '{target}'",
                            code="backup_not_found") from None
         except ValueError as exc:
-            doc = manifests.damaged(naming.parse(filename), str(exc))
+            doc = manifests.damaged(naming.parse_in(target, filename), str(exc))
         await self.size(target, filename)
         return doc
 
@@ -494,7 +494,7 @@ class S3Storage:
             return False
         target, _, filename = rest.partition("/")
         try:
-            naming.parse(filename)
+            naming.parse_in(target, filename)
         except InvalidBackupName:
             return False
         return bool(target) and "/" not in filename

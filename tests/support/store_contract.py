@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from shared import naming
-from shared.errors import NotFound, PipelineError
+from shared.errors import InvalidBackupName, NotFound, PipelineError
 from shared.storage.base import BackupStore
 
 TARGET = "main"
@@ -162,3 +162,31 @@ class StoreContract:
         await winner.write_manifest(manifest_for(name, data))
         assert [m["filename"] for m in await store.list_manifests(TARGET)] == [name.filename]
         assert await read_all(store, name.filename) == data
+
+    async def test_a_targets_archive_is_a_namespace_of_its_own(
+            self, store: BackupStore) -> None:
+        """A PITR archive (`<target>.pitr`) holds archive objects only, listed and read
+        like backups (manifest last, read back, vetted), never beside the target's
+        backups; a backup name is refused there and an archive name in the target."""
+        archive = f"{TARGET}{naming.PITR_SUFFIX}"
+        at = datetime(2026, 12, 6, 10, 0, 0, tzinfo=UTC)
+        seg = naming.archive_name("wal", at, "000000010000000000000003", codecs=["zstd"])
+        part = naming.archive_name("walpart", at, "000000010000000000000004_00000000-00001000")
+        data = os.urandom(5000)
+        for name in (seg, part):
+            pending = await store.begin(archive, name, "streamer")
+            await pending.write(data)
+            await pending.complete(len(data), hashlib.sha256(data).hexdigest())
+            await pending.write_manifest({**manifest_for(name, data), "target": TARGET,
+                                          "codecs": []})
+        listed = await store.list_manifests(archive)
+        assert sorted(m["filename"] for m in listed) == sorted([seg.filename, part.filename])
+        assert not any(m.get("damaged") for m in listed)
+        assert b"".join([c async for c in store.open(archive, seg.filename)]) == data
+        assert await store.list_manifests(TARGET) == []  # the target's backups: none
+        with pytest.raises(InvalidBackupName):
+            await store.begin(archive, new_name(), "job1")
+        with pytest.raises(InvalidBackupName):
+            await store.read_manifest(TARGET, seg.filename)
+        await store.delete(archive, seg.filename)
+        assert [m["filename"] for m in await store.list_manifests(archive)] == [part.filename]
