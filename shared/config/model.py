@@ -212,6 +212,25 @@ class AuthSettings:
 
 
 @dataclass(frozen=True)
+class PitrConfig:
+    """`[targets.<t>.pitr]`: a PostgreSQL target's WAL archive, streamed continuously from
+    a physical replication slot, with a base backup on a schedule (README, "Point-in-time
+    recovery")."""
+
+    enabled: bool = False
+    slot: str = ""  # the physical replication slot (default safehold_<target>)
+    base_schedule: str = "0 3 * * *"  # crontab of base backups, in the target's zone
+    keep_days: float = 7.0  # the recovery window kept
+    ship_interval: float = 1.0  # seconds between shipments of the WAL being written
+    lag_alarm_mb: int = 1024  # WAL the slot holds on the server before `pitr.lagging`
+    pg_bindir: str = ""  # pg_receivewal, pg_basebackup… (default: `pg_config --bindir`)
+
+    def public(self) -> dict[str, object]:
+        return {"enabled": self.enabled, "slot": self.slot,
+                "base_schedule": self.base_schedule, "keep_days": self.keep_days}
+
+
+@dataclass(frozen=True)
 class TargetConfig:
     """One database Safehold backs up. The password never comes from the TOML itself."""
 
@@ -244,6 +263,7 @@ class TargetConfig:
     # `exclude`, as one backup set; the URL's database is only where Safehold connects
     databases: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    pitr: PitrConfig | None = None  # point-in-time recovery (postgresql)
 
     @property
     def is_set(self) -> bool:
@@ -272,6 +292,7 @@ class TargetConfig:
             "destinations": list(self.destinations),
             "encrypted": self.encryption is not None,
             "globals": self.globals,
+            "pitr": self.pitr.public() if self.pitr is not None else None,
             "databases": list(self.databases) or None,
         }
 

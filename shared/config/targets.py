@@ -4,13 +4,20 @@ Every error names the target and the key at fault."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from shared import schedules
-from shared.config.model import TARGET_ID_RE, EncryptionConfig, Secret, TargetConfig
+from shared.config.model import (
+    TARGET_ID_RE,
+    EncryptionConfig,
+    PitrConfig,
+    Secret,
+    TargetConfig,
+)
 from shared.errors import ConfigError
 from shared.naming import ENGINE_EXTENSIONS
 from shared.retention import parse_policy
@@ -82,7 +89,7 @@ def parse_target(tid: str, raw: object, env: Mapping[str, str], base: Path) -> T
              "timezone", "schedule_jitter", "catch_up", "missed_grace", "heartbeat_url",
              "verify_schedule", "verify_checks", "notify_min_severity",
              "retention", "compress", "compression", "compression_level", "destinations",
-             "encryption", "lock_timeout", "globals", "databases", "exclude"}
+             "encryption", "lock_timeout", "globals", "databases", "exclude", "pitr"}
     unknown = set(raw) - known - {"password"}
     if unknown:
         raise ConfigError(f"unknown key(s) in [targets.{tid}]: {', '.join(sorted(unknown))} "
@@ -127,7 +134,55 @@ def parse_target(tid: str, raw: object, env: Mapping[str, str], base: Path) -> T
         globals=with_globals,
         databases=databases,
         exclude=exclude,
+        pitr=_pitr(tid, engine, raw.get("pitr")),
     )
+
+
+_SLOT_RE = re.compile(r"^[a-z0-9_]{1,63}\Z")
+PITR_KEYS = ("enabled", "slot", "base_schedule", "keep_days", "ship_interval",
+             "lag_alarm_mb", "pg_bindir")
+
+
+def _pitr(tid: str, engine: str, raw: object) -> PitrConfig | None:
+    """The target's `pitr` table, checked; None when it has none."""
+    if raw is None:
+        return None
+    where = f"targets.{tid}.pitr"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"[{where}] must be a table")
+    unknown = set(raw) - set(PITR_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in [{where}]: {', '.join(sorted(unknown))} "
+                          f"(known: {', '.join(PITR_KEYS)})")
+    enabled = raw.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{where}.enabled must be true or false")
+    if engine != "postgresql":
+        raise ConfigError(f"[{where}]: point-in-time recovery is built for postgresql "
+                          f"targets (target '{tid}' is {engine})")
+    slot = raw.get("slot", "safehold_" + tid.replace("-", "_"))
+    if not isinstance(slot, str) or not _SLOT_RE.match(slot):
+        raise ConfigError(f"{where}.slot must be 1-63 characters of a-z, 0-9 and '_' (a "
+                          "replication slot's name)")
+    base_schedule = raw.get("base_schedule", PitrConfig.base_schedule)
+    if not isinstance(base_schedule, str):
+        raise ConfigError(f"{where}.base_schedule must be a crontab line")
+    schedules.validate(base_schedule, f"{where}.base_schedule")
+    keep_days = cast_value(f"{where}.keep_days", raw.get("keep_days", 7.0), 7.0)
+    if not 0.01 <= keep_days <= 3650:
+        raise ConfigError(f"{where}.keep_days must be 0.01-3650 days")
+    interval = cast_value(f"{where}.ship_interval", raw.get("ship_interval", 1.0), 1.0)
+    if not 0.2 <= interval <= 60:
+        raise ConfigError(f"{where}.ship_interval must be 0.2-60 seconds")
+    alarm = cast_value(f"{where}.lag_alarm_mb", raw.get("lag_alarm_mb", 1024), 1024)
+    if not 16 <= alarm <= 10_000_000:
+        raise ConfigError(f"{where}.lag_alarm_mb must be 16-10000000 (MiB of WAL)")
+    bindir = raw.get("pg_bindir", "")
+    if not isinstance(bindir, str):
+        raise ConfigError(f"{where}.pg_bindir must be a directory path")
+    return PitrConfig(enabled=enabled, slot=slot, base_schedule=base_schedule,
+                      keep_days=float(keep_days), ship_interval=float(interval),
+                      lag_alarm_mb=int(alarm), pg_bindir=bindir)
 
 
 def _where(tid: str, engine: str, raw: Mapping[str, object], base: Path) -> tuple[str, str]:

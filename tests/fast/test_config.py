@@ -160,3 +160,31 @@ def test_the_daily_prune_is_a_time_or_off(tmp_path: Path, value: str, ok: bool) 
     else:
         with pytest.raises(ConfigError, match="worker.daily_prune"):
             parse_settings(doc, {}, base=tmp_path, source="<t>")
+
+
+@pytest.mark.parametrize(("pitr", "engine", "why"), [
+    ({"enabled": "yes"}, "postgresql", "enabled must be true or false"),
+    ({"enabled": True}, "mysql", "built for postgresql"),
+    ({"slot": "Bad-Slot"}, "postgresql", "slot must be"),
+    ({"base_schedule": "every day"}, "postgresql", "base_schedule"),
+    ({"keep_days": 0}, "postgresql", "keep_days must be"),
+    ({"ship_interval": 0.01}, "postgresql", "ship_interval must be"),
+    ({"lag_alarm_mb": 1}, "postgresql", "lag_alarm_mb must be"),
+    ({"pg_bindir": 5}, "postgresql", "pg_bindir must be"),
+    ({"slots": "x"}, "postgresql", "unknown key"),
+    ("on", "postgresql", "must be a table"),
+])
+def test_a_pitr_table_is_checked(tmp_path: Path, pitr: object, engine: str,
+                                  why: str) -> None:
+    raw = {"targets": {"app": {"engine": engine, "url": f"{engine}://u@h/db",
+                               "pitr": pitr}}}
+    with pytest.raises(ConfigError, match=why):
+        parse_settings(raw, {}, base=tmp_path, source="<t>")
+
+
+def test_a_pitr_table_defaults(tmp_path: Path) -> None:
+    raw = {"targets": {"my-app": {"engine": "postgresql", "url": "postgresql://u@h/db",
+                                  "pitr": {"enabled": True, "keep_days": 2}}}}
+    pitr = parse_settings(raw, {}, base=tmp_path, source="<t>").targets["my-app"].pitr
+    assert pitr is not None and pitr.enabled and pitr.slot == "safehold_my_app"
+    assert pitr.keep_days == 2.0 and pitr.ship_interval == 1.0
