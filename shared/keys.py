@@ -94,3 +94,8 @@ class Keys:
 
     def lock(self, target: str) -> str:
         return f"{self.prefix}:lock:{target}"
+
+    def pitr(self, target: str, what: str) -> str:
+        """A target's WAL archive: `lease` (the streaming worker), `fence` (the lease's
+        counter), `state` (what the streamer does now)."""
+        return f"{self.prefix}:pitr:{target}:{what}"

@@ -25,6 +25,7 @@ from shared.keys import Keys
 from shared.outage import RedisUnavailable
 from shared.queue import FUNCTIONS, function_timeouts, redis_settings
 from shared.reaper import Reaper
+from worker.pitr import PitrService
 from worker.runner import JobRunner, ensure_engines
 from worker.scheduler import Scheduler
 
@@ -100,11 +101,13 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     runner.after_backup = scheduler.after_backup
     ctx["scheduler"] = asyncio.create_task(_schedule_forever(scheduler))
     ctx["housekeeping"] = asyncio.create_task(_housekeeping(runner))
+    ctx["pitr"] = asyncio.create_task(PitrService(
+        settings, ctx["redis"], runner.catalog, runner.notifier, worker_id).run())
     log.info("worker %s ready (targets: %s)", worker_id, ", ".join(settings.targets))
 
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:
-    for name in ("housekeeping", "sweep", "scheduler"):
+    for name in ("pitr", "housekeeping", "sweep", "scheduler"):
         if task := ctx.get(name):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

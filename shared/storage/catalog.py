@@ -177,6 +177,8 @@ class Catalog:
 
     def stores_of(self, target: TargetConfig | str) -> list[BackupStore]:
         """The target's destinations in read order (storage.read_order first)."""
+        if isinstance(target, str) and target.endswith(naming.PITR_SUFFIX):
+            target = target[: -len(naming.PITR_SUFFIX)]  # a target's archive: its stores
         t = self.settings.target(target) if isinstance(target, str) else target
         names = [n for n in self._read_first if n in t.destinations]
         names += [n for n in t.destinations if n not in names]

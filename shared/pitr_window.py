@@ -1,0 +1,164 @@
+"""A target's recovery window, read from its archive (`<target>.pitr`): what WAL every
+listed object proves it holds, where it is continuous, and until when.
+
+Every manifest is hostile input until it agrees with its own name (the segment and byte
+range are in the name; the LSNs and sizes in the manifest must match them), so a planted or
+damaged manifest can only ever make the window smaller — shown as a gap — never claim WAL
+that is not there. The API, the page, MCP, the CLI and /metrics all read this one answer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from shared import naming
+from shared.errors import InvalidBackupName
+
+_LSN = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})\Z")
+
+
+def lsn_int(text: str) -> int:
+    m = _LSN.match(text)
+    if not m:
+        raise ValueError(f"not an LSN: {text[:40]!r}")
+    return (int(m[1], 16) << 32) | int(m[2], 16)
+
+
+def lsn_text(lsn: int) -> str:
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def segment_name(timeline: int, lsn: int, seg_bytes: int) -> str:
+    """PostgreSQL's name of the WAL segment holding `lsn` (XLogFileName)."""
+    seg = lsn // seg_bytes
+    per_id = 0x100000000 // seg_bytes
+    return f"{timeline:08X}{seg // per_id:08X}{seg % per_id:08X}"
+
+
+def segment_start(name: str, seg_bytes: int) -> int:
+    """The LSN a segment name begins at (its timeline aside)."""
+    per_id = 0x100000000 // seg_bytes
+    return (int(name[8:16], 16) * per_id + int(name[16:24], 16)) * seg_bytes
+
+
+@dataclass(frozen=True)
+class ArchivedPiece:
+    """WAL bytes [start, end) of one timeline that an archive object holds."""
+
+    filename: str
+    kind: str  # "wal" (a whole segment) or "walpart"
+    timeline: int
+    segment: str
+    start: int  # LSN
+    end: int  # LSN
+    covers_until: datetime | None  # all the server had flushed by then is archived
+    created_at: datetime
+    system_id: str
+
+
+def _when(value: object) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        at = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return at.astimezone(UTC) if at.tzinfo is not None else None
+
+
+def piece(doc: Mapping[str, object]) -> ArchivedPiece | None:
+    """The WAL an archive manifest proves, or None (not WAL, damaged, or disagreeing with
+    its own name)."""
+    if doc.get("damaged") or doc.get("kind") not in ("wal", "walpart"):
+        return None
+    try:
+        name = naming.parse_archive(str(doc.get("filename")))
+        seg_bytes = doc.get("seg_bytes")
+        if not isinstance(seg_bytes, int) or seg_bytes < 1 << 20 or seg_bytes & (seg_bytes - 1):
+            return None
+        segment = name.ref[:24]
+        lo, hi = (0, seg_bytes) if name.kind == "wal" else (
+            int(name.ref[25:33], 16), int(name.ref[34:42], 16))
+        base = segment_start(segment, seg_bytes)
+        start, end = lsn_int(str(doc.get("start_lsn"))), lsn_int(str(doc.get("end_lsn")))
+        timeline = int(segment[:8], 16)
+        if (start, end) != (base + lo, base + hi) or not lo < hi <= seg_bytes or \
+                doc.get("timeline") != timeline or doc.get("segment") != segment:
+            return None
+        raw = doc.get("raw_bytes")
+        if raw is not None and raw != hi - lo:
+            return None
+    except (ValueError, IndexError, InvalidBackupName):
+        return None
+    return ArchivedPiece(filename=name.filename, kind=name.kind, timeline=timeline,
+                         segment=segment, start=start, end=end,
+                         covers_until=_when(doc.get("covers_until")),
+                         created_at=name.created_at, system_id=str(doc.get("system_id")))
+
+
+def pieces(listing: Iterable[Mapping[str, object]]) -> list[ArchivedPiece]:
+    """Every piece of WAL a listing proves, by timeline and position."""
+    found = [p for doc in listing if (p := piece(doc)) is not None]
+    return sorted(found, key=lambda p: (p.timeline, p.start, -p.end))
+
+
+@dataclass(frozen=True)
+class Run:
+    """Continuous WAL of one timeline."""
+
+    timeline: int
+    start: int
+    end: int
+    covers_until: datetime | None
+    first_at: datetime  # when its first piece was archived
+
+
+def runs(found: list[ArchivedPiece]) -> list[Run]:
+    """Continuous stretches of archived WAL; between two of them, a gap."""
+    out: list[Run] = []
+    for p in found:
+        last = out[-1] if out else None
+        if last is not None and last.timeline == p.timeline and p.start <= last.end:
+            if p.end > last.end or (p.end == last.end and p.covers_until and (
+                    last.covers_until is None or p.covers_until > last.covers_until)):
+                covers = p.covers_until or last.covers_until
+                if last.covers_until and covers and last.covers_until > covers:
+                    covers = last.covers_until
+                out[-1] = Run(last.timeline, last.start, max(last.end, p.end), covers,
+                              last.first_at)
+            continue
+        out.append(Run(p.timeline, p.start, p.end, p.covers_until, p.created_at))
+    return out
+
+
+def _iso(at: datetime | None) -> str | None:
+    return None if at is None else at.isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def window(listing: Iterable[Mapping[str, object]], now: datetime) -> dict[str, object]:
+    """`GET …/recovery-window`'s answer from the archive's listing: the continuous WAL
+    ending last (`latest`: everything the server flushed by then is archived; `lag_s`:
+    how far behind now), the gaps before it, and the bases (none until base backups
+    are archived: `earliest` stays null, nothing can be recovered from WAL alone)."""
+    found = runs(pieces(listing))
+    last = found[-1] if found else None
+    gaps = [{"timeline": b.timeline, "from_lsn": lsn_text(a.end), "to_lsn": lsn_text(b.start)
+             if a.timeline == b.timeline else None,
+             "after": _iso(a.covers_until), "why": "WAL missing from the archive"
+             if a.timeline == b.timeline else f"new timeline {b.timeline}"}
+            for a, b in zip(found, found[1:], strict=False)]
+    latest = last.covers_until if last else None
+    return {
+        "earliest": None,
+        "latest": _iso(latest),
+        "lag_s": None if latest is None else round((now - latest).total_seconds(), 3),
+        "timeline": last.timeline if last else None,
+        "wal": {"from_lsn": lsn_text(last.start), "to_lsn": lsn_text(last.end)}
+        if last else None,
+        "bases": [],
+        "gaps": gaps,
+    }

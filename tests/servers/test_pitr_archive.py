@@ -1,0 +1,203 @@
+"""The PostgreSQL WAL archive (issue 24) against a private cluster per test
+(tests/support/pgcluster.py): what the server must allow (named fixes), WAL shipped to the
+target's destinations within seconds of a commit, the window read from the archive, one
+streamer per target, a killed streamer's successor resuming with no gap, a dropped slot
+shown as a gap, a damaged piece making the window smaller, never larger."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from shared.config import Settings, parse_settings
+from shared.errors import EngineError
+from shared.keys import Keys
+from shared.notify import Notifier
+from shared.pitr_window import window
+from shared.storage.catalog import Catalog
+from tests.conftest import make_raw_config
+from tests.support.pgcluster import Cluster, private_cluster
+from worker.engines import pg_pitr
+from worker.pitr import PitrService, archive_of
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    with private_cluster() as c:
+        c.psql("CREATE TABLE t (i int PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())")
+        yield c
+
+
+def pitr_settings(prefix: str, tmp_path: Path, cluster: Cluster, **pitr: Any) -> Settings:
+    raw = make_raw_config(prefix, tmp_path / "backups", None)
+    raw["targets"] = {"main": {"engine": "postgresql", "url": cluster.url(),
+                               "pitr": {"enabled": True, "ship_interval": 0.5, **pitr}}}
+    return parse_settings(raw, {}, base=tmp_path, source="<test>")
+
+
+@contextlib.asynccontextmanager
+async def streaming(settings: Settings, redis: Redis, worker_id: str = "w1"
+                    ) -> AsyncIterator[PitrService]:
+    catalog = Catalog(settings)
+    service = PitrService(settings, redis, catalog, Notifier(settings), worker_id)
+    task = asyncio.create_task(service.run())
+    try:
+        yield service
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await catalog.close()
+
+
+async def archive_window(settings: Settings) -> dict[str, Any]:
+    catalog = Catalog(settings)
+    try:
+        listing = await catalog.list_backups(archive_of(settings.targets["main"]).id)
+    finally:
+        await catalog.close()
+    return window(listing, datetime.now(UTC))
+
+
+async def wait_until(check: Any, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := await check():
+            return found
+        await asyncio.sleep(0.25)
+    raise AssertionError("not reached in time")
+
+
+async def state(redis: Redis, settings: Settings) -> dict[str, str]:
+    raw = await redis.hgetall(Keys(settings.redis.prefix).pitr("main", "state"))  # type: ignore[misc]
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+async def test_wal_is_archived_within_seconds_and_the_window_follows(
+        cluster: Cluster, prefix: str, redis: Redis, tmp_path: Path) -> None:
+    settings = pitr_settings(prefix, tmp_path, cluster)
+    async with streaming(settings, redis):
+        await wait_until(lambda: _streaming(redis, settings))
+        for i in range(20):
+            cluster.psql(f"INSERT INTO t(i) VALUES ({i})")
+        committed = datetime.now(UTC)
+
+        async def caught_up() -> dict[str, Any] | None:
+            w = await archive_window(settings)
+            latest = w["latest"]
+            return w if latest and datetime.fromisoformat(
+                latest.replace("Z", "+00:00")) >= committed else None
+        w = await wait_until(caught_up, 15)
+        assert not (await state(redis, settings)).get("error")
+    assert w["gaps"] == [] and w["timeline"] == 1 and w["earliest"] is None
+    assert w["lag_s"] < 30
+    # what is archived is PostgreSQL's own WAL: the parts of a segment, read back and
+    # joined, are the bytes pg_waldump reads (the last insert is in them)
+    stored = tmp_path / "backups" / "main.pitr"
+    parts = sorted(stored.glob("walpart_postgresql_*.wal.zst"))
+    assert parts, list(stored.iterdir())
+    doc = json.loads((stored / f"{parts[-1].name}.json").read_text())
+    assert doc["kind"] == "walpart" and doc["codecs"][0]["codec"] == "zstd"
+    assert doc["target"] == "main" and doc["covers_until"] and doc["fence"] >= 1
+    slot = cluster.psql("SELECT restart_lsn FROM pg_replication_slots "
+                        "WHERE slot_name = 'safehold_main'")
+    assert pg_pitr.lsn_int(slot) <= pg_pitr.lsn_int(w["wal"]["to_lsn"])
+
+
+async def _streaming(redis: Redis, settings: Settings) -> bool:
+    s = await state(redis, settings)
+    return bool(s.get("streamer")) and bool(s.get("updated_at"))
+
+
+async def test_one_streamer_per_target_and_a_killed_ones_successor_leaves_no_gap(
+        cluster: Cluster, prefix: str, redis: Redis, tmp_path: Path) -> None:
+    settings = pitr_settings(prefix, tmp_path, cluster)
+    async with streaming(settings, redis, "w1"), streaming(settings, redis, "w2"):
+        await wait_until(lambda: _streaming(redis, settings))
+        holder = (await state(redis, settings))["streamer"]
+        for i in range(10):
+            cluster.psql(f"INSERT INTO t(i) VALUES ({i})")
+        await asyncio.sleep(2)
+        assert (await state(redis, settings))["streamer"] == holder  # never both
+    # the holder is gone without a word (its lease lapses); writes go on meanwhile
+    for i in range(10, 30):
+        cluster.psql(f"INSERT INTO t(i) VALUES ({i})")
+    async with streaming(settings, redis, "w3"):
+        async def taken_over() -> bool:
+            s = await state(redis, settings)
+            return s.get("streamer", "").startswith("w3#")
+        await wait_until(taken_over, 40)
+        last = datetime.now(UTC)
+        for i in range(30, 40):
+            cluster.psql(f"INSERT INTO t(i) VALUES ({i})")
+
+        async def caught_up() -> dict[str, Any] | None:
+            w = await archive_window(settings)
+            return w if w["latest"] and w["latest"] >= last.isoformat()[:19] else None
+        w = await wait_until(caught_up, 20)
+    assert w["gaps"] == [], w
+    fences = {json.loads(p.read_text())["fence"] for p in
+              (tmp_path / "backups" / "main.pitr").glob("*.json")}
+    assert len(fences) >= 2  # two holders shipped, one after the other
+
+
+async def test_a_dropped_slot_is_a_gap_shown_and_notified(
+        cluster: Cluster, prefix: str, redis: Redis, tmp_path: Path) -> None:
+    settings = pitr_settings(prefix, tmp_path, cluster)
+    async with streaming(settings, redis):
+        await wait_until(lambda: _streaming(redis, settings))
+        cluster.psql("INSERT INTO t(i) VALUES (1)")
+        await wait_until(lambda: _has_pieces(settings))
+    cluster.psql("SELECT pg_drop_replication_slot('safehold_main')")
+    for i in range(2, 200):  # WAL the archive never sees
+        cluster.psql(f"INSERT INTO t(i) VALUES ({i})")
+    cluster.psql("SELECT pg_switch_wal()")
+    cluster.psql("CHECKPOINT")
+    async with streaming(settings, redis):
+        async def gap_said() -> dict[str, str] | None:
+            s = await state(redis, settings)
+            return s if "missing" in s.get("last_gap", "") else None
+        said = await wait_until(gap_said, 30)
+        cluster.psql("INSERT INTO t(i) VALUES (1000)")
+
+        async def two_runs() -> dict[str, Any] | None:
+            w = await archive_window(settings)
+            return w if w["gaps"] else None
+        w = await wait_until(two_runs, 20)
+    assert "safehold_main" in said["last_gap"]
+    assert w["gaps"][0]["why"] == "WAL missing from the archive"
+
+
+async def _has_pieces(settings: Settings) -> bool:
+    w = await archive_window(settings)
+    return w["wal"] is not None
+
+
+async def test_a_role_without_replication_or_hba_line_is_told_the_exact_fix(
+        tmp_path: Path, prefix: str) -> None:
+    with private_cluster("") as c:  # no replication line in pg_hba.conf
+        c.psql("CREATE ROLE app LOGIN")
+        raw = make_raw_config(prefix, tmp_path / "b", None)
+        raw["targets"] = {"main": {"engine": "postgresql", "url": c.url("app"),
+                                   "pitr": {"enabled": True}}}
+        target = parse_settings(raw, {}, base=tmp_path, source="<t>").targets["main"]
+        with pytest.raises(EngineError) as refused:
+            await pg_pitr.preflight(target)
+        assert 'ALTER ROLE "app" REPLICATION' in refused.value.message
+        c.psql("ALTER ROLE app REPLICATION")
+        with pytest.raises(EngineError) as refused:
+            await pg_pitr.preflight(target)
+        assert "host replication app 127.0.0.1/32 trust" in refused.value.message
+        c.hba("host replication app 127.0.0.1/32 trust\n")
+        facts = await pg_pitr.preflight(target)
+        assert facts.timeline == 1 and facts.seg_bytes == 16 << 20

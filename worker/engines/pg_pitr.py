@@ -1,0 +1,200 @@
+"""PostgreSQL's side of point-in-time recovery: what the archive needs of the server
+(a role with REPLICATION, a `replication` line in pg_hba.conf, `wal_level = replica`), the
+physical replication slot that keeps WAL until it is archived, and the stock
+`pg_receivewal` that streams it.
+
+The slot is Safehold's, advanced only to what every destination holds (never by
+pg_receivewal, which streams without it): a worker killed with WAL on its local disk that
+no destination has yet costs nothing, since the next streamer asks the server for it
+again. pg_receivewal starts at the segment of its spool's newest file, so a streamer
+resumes by seeding an empty (zero-filled) `<segment>.partial` — the server streams that
+segment again from its start, and bytes already archived are not shipped twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+from shared.config import TargetConfig
+from shared.errors import EngineError
+from shared.pitr_window import lsn_int, lsn_text, segment_name, segment_start
+from worker.engines.pg_connection import conn_params, connect, tool_env
+from worker.subproc import Child, spawn
+
+__all__ = ["lsn_int", "lsn_text", "segment_name", "segment_start"]
+
+
+@dataclass(frozen=True)
+class ServerFacts:
+    """What the archive records of the server it streams (a restore from elsewhere, or a
+    new timeline, shows as a gap)."""
+
+    system_id: str
+    timeline: int
+    seg_bytes: int
+    major: int
+    user: str
+
+
+def _pg_hba_line(target: TargetConfig, client: str) -> str:
+    c = conn_params(target)
+    method = "scram-sha-256" if target.password is not None else "trust"
+    return f"host replication {c['user']} {client}/32 {method}"
+
+
+async def bindir(target: TargetConfig) -> Path:
+    """Where the stock tools of the server's major version are (pg_bindir, else
+    `pg_config --bindir`, else Debian's /usr/lib/postgresql/<major>/bin)."""
+    assert target.pitr is not None
+    if target.pitr.pg_bindir:
+        return Path(target.pitr.pg_bindir)
+    async with connect(target) as conn:
+        major = int(str(await conn.fetchval("SHOW server_version_num"))) // 10000
+    debian = Path(f"/usr/lib/postgresql/{major}/bin")
+    if (debian / "pg_receivewal").exists():
+        return debian
+    found = shutil.which("pg_config")
+    if found:
+        proc = await asyncio.create_subprocess_exec(
+            found, "--bindir", stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL)
+        out, _ = await proc.communicate()
+        if (Path(out.decode().strip()) / "pg_receivewal").exists():
+            return Path(out.decode().strip())
+    raise EngineError(f"pg_receivewal of PostgreSQL {major} is not installed (the server's "
+                      f"major version): install postgresql-{major} or set "
+                      f"targets.{target.id}.pitr.pg_bindir", code="tool_missing")
+
+
+async def preflight(target: TargetConfig) -> ServerFacts:
+    """Check what streaming needs of the server, naming the exact fix for what is missing:
+    the role's REPLICATION, `wal_level`, a wal sender free, a pg_hba.conf replication
+    line (tried with a replication connection, as pg_receivewal will)."""
+    async with connect(target) as conn:
+        user = str(await conn.fetchval("SELECT current_user"))
+        may = await conn.fetchval(
+            "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user")
+        if not may:
+            raise EngineError(
+                f"role {user} may not stream WAL: run ALTER ROLE \"{user}\" REPLICATION; "
+                "as a superuser", code="pitr_not_allowed")
+        wal_level = str(await conn.fetchval("SHOW wal_level"))
+        if wal_level not in ("replica", "logical"):
+            raise EngineError(f"the server's wal_level is {wal_level}: set wal_level = "
+                              "replica in postgresql.conf and restart PostgreSQL",
+                              code="pitr_not_allowed")
+        if int(str(await conn.fetchval("SHOW max_wal_senders"))) < 1:
+            raise EngineError("the server's max_wal_senders is 0: set max_wal_senders = 10 "
+                              "in postgresql.conf and restart PostgreSQL",
+                              code="pitr_not_allowed")
+        seg_bytes = int(str(await conn.fetchval(
+            "SELECT setting::bigint * CASE unit WHEN 'B' THEN 1 WHEN 'kB' THEN 1024 "
+            "WHEN 'MB' THEN 1048576 ELSE 1 END FROM pg_settings "
+            "WHERE name = 'wal_segment_size'")))
+        major = int(str(await conn.fetchval("SHOW server_version_num"))) // 10000
+        client = str(await conn.fetchval("SELECT host(inet_client_addr())") or "127.0.0.1")
+    tools = await bindir(target)
+    ident = await replication_command(target, tools, "IDENTIFY_SYSTEM", client)
+    parts = ident.split("|")
+    if len(parts) < 3 or not parts[1].isdigit():
+        raise EngineError(f"IDENTIFY_SYSTEM answered {ident[:100]!r}", code="pitr_failed")
+    return ServerFacts(system_id=parts[0], timeline=int(parts[1]), seg_bytes=seg_bytes,
+                       major=major, user=user)
+
+
+async def replication_command(target: TargetConfig, tools: Path, command: str,
+                              client: str = "127.0.0.1") -> str:
+    """One command on a replication connection (psql, `replication=true`)."""
+    c = conn_params(target)
+    env = {**tool_env(target), "PGDATABASE": "replication", "PGAPPNAME": "safehold_pitr"}
+    argv = [str(tools / "psql"), "-X", "-A", "-t", "-c", command,
+            f"host={c['host']} port={c['port']} user={c['user']} replication=true"]
+    async with spawn(argv, env=env, secrets=target.secrets(), stdout=True) as child:
+        out = b""
+        while chunk := await child.read():
+            out += chunk
+        rc = await child.wait()
+    if rc != 0:
+        why = child.error_text()
+        if "pg_hba.conf" in why:
+            raise EngineError(
+                f"the server refuses replication connections from Safehold: add the line "
+                f"`{_pg_hba_line(target, client)}` to pg_hba.conf and reload PostgreSQL "
+                f"(SELECT pg_reload_conf()); it said: {why}", code="pitr_not_allowed")
+        raise EngineError(f"a replication connection failed: {why}", code="pitr_failed")
+    return out.decode().strip()
+
+
+async def ensure_slot(conn: asyncpg.Connection, slot: str) -> tuple[bool, int | None]:
+    """The physical slot (created reserving WAL from now when missing): (created,
+    restart LSN)."""
+    row = await conn.fetchrow("SELECT slot_type, restart_lsn::text FROM pg_replication_slots "
+                              "WHERE slot_name = $1", slot)
+    if row is not None:
+        if row["slot_type"] != "physical":
+            raise EngineError(f"replication slot {slot} exists and is {row['slot_type']}: "
+                              "name another in pitr.slot", code="pitr_failed")
+        return False, lsn_int(row["restart_lsn"]) if row["restart_lsn"] else None
+    await conn.execute("SELECT pg_create_physical_replication_slot($1, true)", slot)
+    lsn = await conn.fetchval("SELECT restart_lsn::text FROM pg_replication_slots "
+                              "WHERE slot_name = $1", slot)
+    return True, lsn_int(lsn) if lsn else None
+
+
+async def advance_slot(conn: asyncpg.Connection, slot: str, lsn: int) -> None:
+    """Let the server recycle WAL before `lsn` (archived on every destination)."""
+    await conn.execute("SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)", slot,
+                       lsn_text(lsn))
+
+
+async def drop_slot(target: TargetConfig, slot: str) -> bool:
+    async with connect(target) as conn:
+        if await conn.fetchval("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                               slot):
+            await conn.execute("SELECT pg_drop_replication_slot($1)", slot)
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class Position:
+    """The server's WAL and what the receiver holds, read together."""
+
+    server_flush: int
+    received: int | None  # pg_receivewal's flushed LSN (None: not streaming)
+    slot_restart: int | None
+    timeline: int
+
+
+async def position(conn: asyncpg.Connection, app: str, slot: str) -> Position:
+    row = await conn.fetchrow(
+        "SELECT pg_current_wal_flush_lsn()::text AS server, "
+        "(SELECT flush_lsn::text FROM pg_stat_replication WHERE application_name = $1 "
+        " ORDER BY backend_start DESC LIMIT 1) AS received, "
+        "(SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = $2) AS slot, "
+        "(SELECT timeline_id FROM pg_control_checkpoint()) AS timeline", app, slot)
+    assert row is not None
+    return Position(server_flush=lsn_int(row["server"]),
+                    received=lsn_int(row["received"]) if row["received"] else None,
+                    slot_restart=lsn_int(row["slot"]) if row["slot"] else None,
+                    timeline=int(row["timeline"]))
+
+
+@asynccontextmanager
+async def receiving(target: TargetConfig, tools: Path, spool: Path, app: str
+                    ) -> AsyncIterator[Child]:
+    """pg_receivewal into `spool`, flushing every write (`--synchronous`), ending on a
+    lost connection (`--no-loop`: the streamer decides what comes next)."""
+    c = conn_params(target)
+    argv = [str(tools / "pg_receivewal"), "-D", str(spool), "--synchronous", "--no-loop",
+            "-s", "1", "-d",
+            f"host={c['host']} port={c['port']} user={c['user']} application_name={app}"]
+    async with spawn(argv, env=tool_env(target), secrets=target.secrets()) as child:
+        yield child

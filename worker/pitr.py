@@ -1,0 +1,406 @@
+"""The WAL archive of PostgreSQL targets with `[targets.<t>.pitr] enabled = true`.
+
+Every worker runs `PitrService`; for each such target exactly one of them holds its
+*lease* (a Redis key, refreshed every second, with a fencing number from a counter that
+only grows) and streams: `pg_receivewal` writes WAL into a private spool, and every
+`ship_interval` the bytes the receiver has flushed since the last shipment go to every
+destination of the target as one archive object (`walpart`: the segment's name and byte
+range in its name) through the codec chain, sha256, read-back and a manifest — the same
+seam as a backup. A segment complete in the spool is shipped whole (`wal`) and its parts
+are deleted. Only when every destination holds a shipment does the slot advance to its
+end: WAL nobody archived yet stays on the server (see worker/engines/pg_pitr.py).
+
+Each shipment's manifest records `covers_until`: the last instant at which everything the
+server had flushed is archived (samples of pg_current_wal_flush_lsn() taken each tick).
+The recovery window is read from the archive itself (shared/pitr_window.py); Redis holds
+only what the streamer is doing now (`Keys.pitr`), for the lag and the page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import secrets
+import shutil
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared import codecs, manifests, naming, rcmd
+from shared.config import Settings, TargetConfig
+from shared.errors import PipelineError, SafeholdError
+from shared.keys import Keys
+from shared.notify import Notifier
+from shared.pitr_window import pieces
+from shared.storage.catalog import Catalog
+from worker import pipeline
+from worker.engines import pg_pitr
+from worker.engines.pg_connection import connect
+from worker.subproc import Child
+
+log = logging.getLogger("safehold.pitr")
+LEASE_S = 15.0
+# refresh a lease only while it is ours (a lapsed one is never taken back silently: another
+# streamer may have shipped meanwhile)
+_REFRESH = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def archive_of(target: TargetConfig) -> TargetConfig:
+    """The target as its archive's namespace on the same destinations (`<id>.pitr`)."""
+    return dataclasses.replace(target, id=target.id + naming.PITR_SUFFIX)
+
+
+class LeaseLost(Exception):
+    """Another worker streams this target now (or Redis lost the lease)."""
+
+
+class Lease:
+    def __init__(self, redis: Redis, keys: Keys, target: str, worker_id: str) -> None:
+        self.redis, self.key = redis, keys.pitr(target, "lease")
+        self.fence_key = keys.pitr(target, "fence")
+        self.worker_id = worker_id
+        self.owner = ""
+        self.fence = 0
+
+    async def try_acquire(self) -> bool:
+        if await self.redis.exists(self.key):
+            return False
+        fence = int(await self.redis.incr(self.fence_key))
+        owner = f"{self.worker_id}#{fence}"
+        if not await self.redis.set(self.key, owner, nx=True, px=int(LEASE_S * 1000)):
+            return False
+        self.owner, self.fence = owner, fence
+        return True
+
+    async def refresh(self) -> None:
+        if not await rcmd.eval_script(self.redis, _REFRESH, 1, self.key, self.owner,
+                                      str(int(LEASE_S * 1000))):
+            raise LeaseLost(f"the lease on {self.key} is not ours any more")
+
+    async def release(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await rcmd.eval_script(self.redis, _RELEASE, 1, self.key, self.owner)
+
+
+@dataclasses.dataclass
+class Shipped:
+    """The end of the contiguous WAL every destination holds, on one timeline."""
+
+    timeline: int
+    lsn: int
+    covers_until: datetime | None = None
+
+
+class Streamer:
+    """One target's archive while this worker holds its lease."""
+
+    def __init__(self, settings: Settings, target: TargetConfig, redis: Redis, keys: Keys,
+                 catalog: Catalog, notifier: Notifier, lease: Lease) -> None:
+        assert target.pitr is not None
+        self.settings, self.target, self.pitr = settings, target, target.pitr
+        self.redis, self.keys, self.catalog = redis, keys, catalog
+        self.notifier, self.lease = notifier, lease
+        self.archive = archive_of(target)
+        self.app = f"safehold_pitr_{secrets.token_hex(4)}"
+        self.samples: collections.deque[tuple[datetime, int]] = collections.deque(maxlen=600)
+        self.chain = self._chain()
+        self.lagging = False
+
+    def _chain(self) -> list[codecs.Step]:
+        chain: list[codecs.Step] = [{"codec": "zstd", "level": 3, "threads": 0}]
+        if self.target.encryption is not None:
+            keys = self.target.encryption.recipient_lines()
+            chain.append({"codec": "age",
+                          "recipients": [codecs.recipient_fingerprint(k) for k in keys],
+                          "recipient_keys": keys})
+        return chain
+
+    async def state(self, **fields: object) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await rcmd.hset(self.redis, self.keys.pitr(self.target.id, "state"), mapping=
+                                 {k: "" if v is None else str(v) for k, v in fields.items()})
+
+    # ------------------------------------------------------------------ run
+    async def run(self) -> None:
+        facts = await pg_pitr.preflight(self.target)
+        tools = await pg_pitr.bindir(self.target)
+        spool = Path(tempfile.mkdtemp(prefix=f"safehold-wal-{self.target.id}-"))
+        try:
+            async with connect(self.target) as conn:
+                created, restart = await pg_pitr.ensure_slot(conn, self.pitr.slot)
+                shipped = await self._resume(facts, created, restart)
+                seg = pg_pitr.segment_name(shipped.timeline, shipped.lsn, facts.seg_bytes)
+                await asyncio.to_thread(_seed, spool / f"{seg}.partial", facts.seg_bytes)
+                await self.state(streamer=self.lease.owner, system_id=facts.system_id,
+                                 timeline=shipped.timeline, error="",
+                                 shipped_lsn=pg_pitr.lsn_text(shipped.lsn),
+                                 started_at=_iso(datetime.now(UTC)))
+                log.info("pitr %s: streaming from %s (timeline %d) as %s", self.target.id,
+                         pg_pitr.lsn_text(shipped.lsn), shipped.timeline, self.lease.owner)
+                async with pg_pitr.receiving(self.target, tools, spool, self.app) as child:
+                    await self._loop(conn, child, spool, facts, shipped)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, spool, True)
+
+    async def _resume(self, facts: pg_pitr.ServerFacts, created: bool,
+                      restart: int | None) -> Shipped:
+        """Where the archive ends (from the archive itself), checked against the slot: a
+        slot that was dropped, or moved past what was archived, is a gap."""
+        archived = pieces(await self.catalog.list_backups(self.archive.id))
+        last = max((p for p in archived if p.timeline == facts.timeline),
+                   key=lambda p: p.end, default=None)
+        here = restart if restart is not None else 0
+        if last is None:
+            return Shipped(facts.timeline, here)
+        if created or (restart is not None and restart > last.end):
+            await self._gap(f"the replication slot {self.pitr.slot} was "
+                            + ("missing (dropped?)" if created else "moved past the archive")
+                            + f": WAL {pg_pitr.lsn_text(last.end)}..{pg_pitr.lsn_text(here)} "
+                            "is not archived", last.end, here)
+            return Shipped(facts.timeline, here)
+        return Shipped(facts.timeline, last.end, last.covers_until)
+
+    async def _gap(self, why: str, start: int, end: int) -> None:
+        log.warning("pitr %s: gap: %s", self.target.id, why)
+        await self.state(last_gap=why, last_gap_at=_iso(datetime.now(UTC)))
+        with contextlib.suppress(Exception):
+            await self.notifier.event("pitr.gap", self.target.id,
+                                      f"point-in-time archive of {self.target.id}: {why}",
+                                      {"from_lsn": pg_pitr.lsn_text(start),
+                                       "to_lsn": pg_pitr.lsn_text(end)})
+
+    async def _loop(self, conn: asyncpg.Connection, child: Child, spool: Path,
+                    facts: pg_pitr.ServerFacts, shipped: Shipped) -> None:
+        while True:
+            tick = time.monotonic()
+            await self.lease.refresh()
+            if child.proc.returncode is not None:
+                raise PipelineError(f"pg_receivewal ended: {child.error_text()}",
+                                    code="pitr_receiver_stopped")
+            pos = await pg_pitr.position(conn, self.app, self.pitr.slot)
+            self.samples.append((datetime.now(UTC), pos.server_flush))
+            if pos.timeline != shipped.timeline:
+                raise PipelineError(f"the server is on timeline {pos.timeline} now "
+                                    f"(archived: {shipped.timeline})", code="pitr_timeline")
+            if pos.received is not None and pos.received > shipped.lsn:
+                await self._ship_upto(spool, facts, shipped, pos.received)
+                await pg_pitr.advance_slot(conn, self.pitr.slot, shipped.lsn)
+            elif pos.received is not None and pos.server_flush <= shipped.lsn:
+                shipped.covers_until = self.samples[-1][0]  # idle: all archived
+            await self._report(pos, shipped)
+            await asyncio.sleep(max(0.05, self.pitr.ship_interval - (time.monotonic() - tick)))
+
+    async def _report(self, pos: pg_pitr.Position, shipped: Shipped) -> None:
+        held = pos.server_flush - (pos.slot_restart or pos.server_flush)
+        await self.state(shipped_lsn=pg_pitr.lsn_text(shipped.lsn),
+                         server_lsn=pg_pitr.lsn_text(pos.server_flush),
+                         covers_until=_iso(shipped.covers_until) if shipped.covers_until
+                         else "", slot_bytes=held, updated_at=_iso(datetime.now(UTC)))
+        alarm = held > self.pitr.lag_alarm_mb << 20
+        if alarm and not self.lagging:
+            with contextlib.suppress(Exception):
+                await self.notifier.event(
+                    "pitr.lagging", self.target.id,
+                    f"replication slot {self.pitr.slot} holds {held >> 20} MiB of WAL on "
+                    f"the server (alarm at {self.pitr.lag_alarm_mb} MiB): the archive is "
+                    "behind; the server's disk fills until it catches up or PITR is "
+                    "disabled", {"slot_bytes": held})
+        self.lagging = alarm
+
+    def _covered(self, lsn: int) -> datetime | None:
+        """The last sampled instant whose server position is within `lsn`."""
+        found = None
+        for at, server in self.samples:
+            if server <= lsn:
+                found = at
+        return found
+
+    # ------------------------------------------------------------------ shipping
+    async def _ship_upto(self, spool: Path, facts: pg_pitr.ServerFacts, shipped: Shipped,
+                         upto: int) -> None:
+        seg_bytes = facts.seg_bytes
+        while shipped.lsn < upto:
+            seg = pg_pitr.segment_name(shipped.timeline, shipped.lsn, seg_bytes)
+            start = pg_pitr.segment_start(seg, seg_bytes)
+            end = min(upto, start + seg_bytes)
+            done, partial = spool / seg, spool / f"{seg}.partial"
+            source = done if done.exists() else partial
+            lo, hi = shipped.lsn - start, end - start
+            data = await asyncio.to_thread(_read_range, source, lo, hi)
+            covers = self._covered(end)
+            await self._put("walpart", f"{seg}_{lo:08X}-{hi:08X}", data,
+                            {"timeline": shipped.timeline, "segment": seg, "start": lo,
+                             "end": hi, "start_lsn": pg_pitr.lsn_text(shipped.lsn),
+                             "end_lsn": pg_pitr.lsn_text(end),
+                             "covers_until": _iso(covers) if covers else None,
+                             "system_id": facts.system_id, "seg_bytes": seg_bytes,
+                             "fence": self.lease.fence})
+            shipped.lsn = end
+            if covers is not None:
+                shipped.covers_until = covers
+            if hi == seg_bytes and done.exists():
+                await self._compact(seg, done, facts, shipped)
+
+    async def _compact(self, seg: str, done: Path, facts: pg_pitr.ServerFacts,
+                       shipped: Shipped) -> None:
+        """A complete segment: shipped whole (what a stock restore_command fetches), its
+        parts deleted, the spool's copy removed."""
+        data = await asyncio.to_thread(done.read_bytes)
+        await self._put("wal", seg, data,
+                        {"timeline": shipped.timeline, "segment": seg, "start": 0,
+                         "end": len(data),
+                         "start_lsn": pg_pitr.lsn_text(pg_pitr.segment_start(seg, len(data))),
+                         "end_lsn": pg_pitr.lsn_text(
+                             pg_pitr.segment_start(seg, len(data)) + len(data)),
+                         "covers_until": _iso(shipped.covers_until)
+                         if shipped.covers_until else None,
+                         "system_id": facts.system_id, "seg_bytes": facts.seg_bytes,
+                         "fence": self.lease.fence})
+        for piece in pieces(await self.catalog.list_backups(self.archive.id)):
+            if piece.kind == "walpart" and piece.segment == seg:
+                with contextlib.suppress(SafeholdError):
+                    await self.catalog.delete(self.archive.id,
+                                              naming.parse_stored(piece.filename))
+        await asyncio.to_thread(done.unlink, True)
+
+    async def _put(self, kind: str, ref: str, data: bytes, facts: dict[str, object]) -> None:
+        """One archive object on every destination (all of them, or it is not shipped:
+        aborted, and the next tick sends the range again)."""
+        await self.lease.refresh()  # fencing: no write after the lease is gone
+        started = datetime.now(UTC)
+        t0 = time.monotonic()
+        stages = codecs.encoders(self.chain)
+        name = naming.archive_name(kind, started, ref,
+                                   codecs=[s["codec"] for s in self.chain])
+        for seq in range(1, 100):
+            try:
+                fan = await self.catalog.begin(self.archive, name.with_seq(seq), "pitr")
+                name = name.with_seq(seq)
+                break
+            except PipelineError as exc:
+                if exc.code != "name_taken":
+                    raise
+        else:
+            raise PipelineError(f"no free name for {name.filename}", code="name_taken")
+        try:
+            out = await pipeline.store(_once(data), fan, stages, on_bytes=lambda n: None)
+            outcomes = await fan.finish(out["size_bytes"], out["sha256"])
+            if len(fan.live()) < len(outcomes):
+                failed = ", ".join(n for n in outcomes if n not in fan.live())
+                raise PipelineError(f"not stored on {failed}: retried at the next shipment",
+                                    code="storage_failed")
+            manifest = manifests.Manifest(
+                name=name, target=self.target.id, created_at=started,
+                finished_at=datetime.now(UTC), size_bytes=out["size_bytes"],
+                sha256=out["sha256"], raw_bytes=out["raw_bytes"], chain=self.chain,
+                destinations=outcomes, requested_by={"subject": "pitr", "via": "worker"},
+                facts={**facts, "plain_sha256": hashlib.sha256(data).hexdigest()},
+                dump=manifests.DumpFacts(duration_s=time.monotonic() - t0,
+                                         job=f"pitr:{self.lease.owner}"))
+            await fan.publish(manifest)
+            if len(fan.live()) < len(outcomes):
+                raise PipelineError("a manifest could not be written everywhere",
+                                    code="storage_failed")
+        except BaseException:
+            await asyncio.shield(fan.abort())
+            with contextlib.suppress(Exception):  # a copy that published before the error
+                await self.catalog.delete(self.archive.id, name)
+            raise
+
+
+def _seed(path: Path, size: int) -> None:
+    """A zero-filled `<segment>.partial`: pg_receivewal starts streaming at its segment."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def _read_range(path: Path, lo: int, hi: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(lo)
+        data = f.read(hi - lo)
+    if len(data) != hi - lo:
+        raise PipelineError(f"{path.name} holds {lo + len(data)} bytes, not {hi}",
+                            code="pitr_spool")
+    return data
+
+
+async def _once(data: bytes) -> collections.abc.AsyncIterator[bytes]:
+    for i in range(0, len(data), 1 << 20):
+        yield data[i:i + (1 << 20)]
+
+
+def _iso(at: datetime | None) -> str:
+    return "" if at is None else at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class PitrService:
+    """Every PITR target of this worker's config: take the lease when it is free, stream
+    while it is held, let go on any failure (another worker, or this one, retries)."""
+
+    def __init__(self, settings: Settings, redis: Redis, catalog: Catalog,
+                 notifier: Notifier, worker_id: str) -> None:
+        self.settings, self.redis, self.catalog = settings, redis, catalog
+        self.notifier, self.worker_id = notifier, worker_id
+        self.keys = Keys(settings.redis.prefix)
+        self.targets = [t for t in settings.targets.values()
+                        if t.pitr is not None and t.pitr.enabled]
+
+    async def run(self) -> None:
+        for target in self.settings.targets.values():
+            if target.pitr is not None and not target.pitr.enabled:
+                await self._disabled(target)
+        if self.targets:
+            await asyncio.gather(*(self._hold(t) for t in self.targets))
+
+    async def _disabled(self, target: TargetConfig) -> None:
+        """PITR switched off: its slot is dropped, so the server keeps no WAL for it."""
+        assert target.pitr is not None
+        try:
+            if await pg_pitr.drop_slot(target, target.pitr.slot):
+                log.warning("pitr %s: disabled; replication slot %s dropped", target.id,
+                            target.pitr.slot)
+        except (SafeholdError, asyncpg.PostgresError, OSError) as exc:
+            log.warning("pitr %s: disabled, but its slot %s could not be dropped: %s",
+                        target.id, target.pitr.slot, exc)
+
+    async def _hold(self, target: TargetConfig) -> None:
+        while True:
+            lease = Lease(self.redis, self.keys, target.id, self.worker_id)
+            try:
+                if await lease.try_acquire():
+                    streamer = Streamer(self.settings, target, self.redis, self.keys,
+                                        self.catalog, self.notifier, lease)
+                    try:
+                        await streamer.run()
+                    finally:
+                        await asyncio.shield(lease.release())
+            except asyncio.CancelledError:
+                raise
+            except LeaseLost as exc:
+                log.warning("pitr %s: %s", target.id, exc)
+            except (SafeholdError, asyncpg.PostgresError, OSError, RedisError) as exc:
+                why = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+                log.warning("pitr %s: streaming stopped: %s", target.id, why)
+                with contextlib.suppress(RedisError, OSError):
+                    await rcmd.hset(self.redis, self.keys.pitr(target.id, "state"), mapping=
+                                         {"error": str(why)[:500],
+                                          "error_at": _iso(datetime.now(UTC))})
+            except Exception:
+                log.exception("pitr %s: streaming failed", target.id)
+            await asyncio.sleep(2.0)
