@@ -320,6 +320,30 @@ class Operations:
                 "kept": sum(d.keep for d in decisions)}
         return out
 
+    async def recovery_window(self, caller: Caller, target_id: str) -> dict[str, object]:
+        """A PITR target's window, from its archive on every destination (one that does
+        not answer is named in `unavailable`), with its streamer's state from Redis."""
+        from datetime import UTC, datetime
+
+        from shared.pitr_window import window
+
+        target = self.target(caller, target_id, Role.VIEWER)
+        if target.pitr is None or not target.pitr.enabled:
+            raise Conflict(f"target '{target.id}' has no point-in-time recovery (set "
+                           f"[targets.{target.id}.pitr] enabled = true)",
+                           code="pitr_not_enabled")
+        listing, unavailable = await self.s.catalog.listing(target.id + naming.PITR_SUFFIX)
+        state = {k.decode(): v.decode() for k, v in (await rcmd.hgetall(
+            self.s.redis, self.s.keys.pitr(target.id, "state"))).items()}
+        streaming: dict[str, object] = {k: state.get(k) or None for k in (
+            "streamer", "started_at", "updated_at", "shipped_lsn", "server_lsn",
+            "error", "error_at", "last_gap", "last_gap_at")}
+        streaming["slot"] = target.pitr.slot
+        streaming["slot_bytes"] = int(state["slot_bytes"]) if state.get(
+            "slot_bytes", "").isdigit() else None
+        return {"target": target.id, **window(listing, datetime.now(UTC)),
+                "streaming": streaming, "unavailable": unavailable}
+
     async def manifest(self, target: str, file: str
                        ) -> tuple[naming.BackupName, ManifestDoc]:
         """A client-named backup: parsed by the grammar (400), then looked up (404)."""

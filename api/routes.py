@@ -34,6 +34,7 @@ from api.schemas import (
     MANIFEST,
     OPENAPI,
     READY,
+    RECOVERY_WINDOW,
     RETENTION,
     SCHEDULES,
     SEED_CREATED,
@@ -191,6 +192,10 @@ ROUTES: list[Route] = [
     Route("GET", f"{T}/retention", h.retention_preview, Role.VIEWER,
           "What the retention policy would delete now on each destination, and why the "
           "rest is kept (a plan: nothing is deleted, no job)", responses=ok(RETENTION)),
+    Route("GET", f"{T}/recovery-window", h.recovery_window, Role.VIEWER,
+          "Point-in-time recovery: the window a restore can reach (earliest, latest, how "
+          "far the archive is behind, bases, gaps), read from the archive itself, and what "
+          "its streamer is doing now", responses=ok(RECOVERY_WINDOW)),
     Route("GET", f"{T}/backups", h.list_backups, Role.VIEWER,
           "Backups (manifests), newest first; safety backups flagged", responses=ok(BACKUPS)),
     Route("GET", f"{T}/backups/{{file}}", h.get_backup, Role.VIEWER, "One backup's manifest",

@@ -89,6 +89,11 @@ MANIFEST: Schema = obj({
 BACKUPS: Schema = obj({"target": TARGET_ID, "total_count": INT,
                        "backups": {"type": "array", "items": MANIFEST}})
 RETENTION: Schema = obj({"target": TARGET_ID, "policy": OBJ, "destinations": OBJ})
+RECOVERY_WINDOW: Schema = obj({
+    "target": TARGET_ID, "earliest": nullable(TIME), "latest": nullable(TIME),
+    "lag_s": nullable(NUM), "bases": {"type": "array", "items": OBJ},
+    "gaps": {"type": "array", "items": OBJ}, "streaming": OBJ},
+    timeline=nullable(INT), wal=nullable(OBJ), unavailable={"type": "array", "items": STR})
 DELETED: Schema = obj({"deleted": {"type": "array", "items": STR}, "target": TARGET_ID})
 
 TARGET: Schema = obj({"id": TARGET_ID, "engine": STR, "schedule": nullable(STR),

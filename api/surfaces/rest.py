@@ -113,6 +113,12 @@ async def retention_preview(request: web.Request) -> web.Response:
         caller(request), request.match_info["target"]))
 
 
+async def recovery_window(request: web.Request) -> web.Response:
+    """The target's point-in-time recovery window (PITR targets)."""
+    return web.json_response(await ops(request).recovery_window(
+        caller(request), request.match_info["target"]))
+
+
 async def list_backups(request: web.Request) -> web.Response:
     target = svc(request).settings.target(request.match_info["target"]).id
     backups, unavailable = await ops(request).backups(caller(request), target)

@@ -201,3 +201,40 @@ async def test_a_role_without_replication_or_hba_line_is_told_the_exact_fix(
         c.hba("host replication app 127.0.0.1/32 trust\n")
         facts = await pg_pitr.preflight(target)
         assert facts.timeline == 1 and facts.seg_bytes == 16 << 20
+
+
+@pytest.fixture
+def settings(cluster: Cluster, prefix: str, tmp_path: Path) -> Settings:
+    """The conftest's `worker` and `api` run on this: a PITR target on the private
+    cluster, and a plain one beside it."""
+    raw = make_raw_config(prefix, tmp_path / "backups", None)
+    raw["targets"] = {
+        "main": {"engine": "postgresql", "url": cluster.url(),
+                 "pitr": {"enabled": True, "ship_interval": 0.5}},
+        "plain": {"engine": "sqlite", "path": str(tmp_path / "plain.db")}}
+    return parse_settings(raw, {}, base=tmp_path, source="<test>")
+
+
+async def test_the_worker_streams_and_the_api_shows_the_window(
+        cluster: Cluster, settings: Settings, worker: Any, anon: Any) -> None:
+    """End to end: the real worker streams, `GET …/recovery-window` (viewer) answers from
+    the archive; a target without PITR answers 409 pitr_not_enabled."""
+    from tests.conftest import bearer
+
+    viewer = bearer(settings, "viewer")
+    for i in range(5):
+        cluster.psql(f"INSERT INTO t(i) VALUES ({i})")
+    committed = datetime.now(UTC)
+
+    async def shown() -> dict[str, Any] | None:
+        resp = await anon.get("/api/v1/targets/main/recovery-window", headers=viewer)
+        assert resp.status == 200, await resp.text()
+        doc = await resp.json()
+        return doc if doc["latest"] and doc["latest"] >= committed.isoformat()[:19] else None
+    doc = await wait_until(shown, 30)
+    assert doc["streaming"]["streamer"] and doc["streaming"]["slot"] == "safehold_main"
+    assert doc["gaps"] == [] and doc["unavailable"] == [] and doc["lag_s"] < 30
+    resp = await anon.get("/api/v1/targets/plain/recovery-window", headers=viewer)
+    assert resp.status == 409 and (await resp.json())["error"]["code"] == "pitr_not_enabled"
+    resp = await anon.get("/api/v1/targets/main/recovery-window")
+    assert resp.status == 401
