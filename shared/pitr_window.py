@@ -106,6 +106,43 @@ def pieces(listing: Iterable[Mapping[str, object]]) -> list[ArchivedPiece]:
 
 
 @dataclass(frozen=True)
+class ArchivedBase:
+    """A base backup in the archive: restorable from `consistent_at` on, given WAL from
+    its start."""
+
+    filename: str
+    timeline: int
+    start: int  # LSN
+    end: int  # LSN
+    consistent_at: datetime
+    created_at: datetime
+    size_bytes: int
+
+
+def base(doc: Mapping[str, object]) -> ArchivedBase | None:
+    if doc.get("damaged") or doc.get("kind") != "base":
+        return None
+    try:
+        name = naming.parse_archive(str(doc.get("filename")))
+        start, end = lsn_int(str(doc.get("start_lsn"))), lsn_int(str(doc.get("end_lsn")))
+    except (ValueError, InvalidBackupName):
+        return None
+    timeline, at, size = doc.get("timeline"), _when(doc.get("consistent_at")), doc.get(
+        "size_bytes")
+    if name.kind != "base" or not isinstance(timeline, int) or at is None or \
+            not isinstance(size, int) or not start <= end:
+        return None
+    return ArchivedBase(filename=name.filename, timeline=timeline, start=start, end=end,
+                        consistent_at=at, created_at=name.created_at, size_bytes=size)
+
+
+def bases(listing: Iterable[Mapping[str, object]]) -> list[ArchivedBase]:
+    """The archive's base backups, oldest first."""
+    return sorted((b for doc in listing if (b := base(doc)) is not None),
+                  key=lambda b: b.start)
+
+
+@dataclass(frozen=True)
 class Run:
     """Continuous WAL of one timeline."""
 
@@ -142,10 +179,16 @@ def _iso(at: datetime | None) -> str | None:
 def window(listing: Iterable[Mapping[str, object]], now: datetime) -> dict[str, object]:
     """`GET …/recovery-window`'s answer from the archive's listing: the continuous WAL
     ending last (`latest`: everything the server flushed by then is archived; `lag_s`:
-    how far behind now), the gaps before it, and the bases (none until base backups
-    are archived: `earliest` stays null, nothing can be recovered from WAL alone)."""
+    how far behind now), the gaps before it, and the bases; `earliest` is the first
+    instant a base whose WAL is continuous up to `latest` reaches (null without one:
+    nothing is recovered from WAL alone)."""
+    listing = list(listing)
     found = runs(pieces(listing))
     last = found[-1] if found else None
+    # a base counts once WAL from its start is archived up to past its consistent point
+    usable = [b for b in bases(listing) if last is not None and b.timeline == last.timeline
+              and last.start <= b.start and b.end <= last.end
+              and last.covers_until is not None and b.consistent_at <= last.covers_until]
     gaps = [{"timeline": b.timeline, "from_lsn": lsn_text(a.end), "to_lsn": lsn_text(b.start)
              if a.timeline == b.timeline else None,
              "after": _iso(a.covers_until), "why": "WAL missing from the archive"
@@ -153,12 +196,15 @@ def window(listing: Iterable[Mapping[str, object]], now: datetime) -> dict[str, 
             for a, b in zip(found, found[1:], strict=False)]
     latest = last.covers_until if last else None
     return {
-        "earliest": None,
+        "earliest": _iso(min((b.consistent_at for b in usable), default=None)),
         "latest": _iso(latest),
         "lag_s": None if latest is None else round((now - latest).total_seconds(), 3),
         "timeline": last.timeline if last else None,
         "wal": {"from_lsn": lsn_text(last.start), "to_lsn": lsn_text(last.end)}
         if last else None,
-        "bases": [],
+        "bases": [{"filename": b.filename, "timeline": b.timeline,
+                   "start_lsn": lsn_text(b.start), "end_lsn": lsn_text(b.end),
+                   "consistent_at": _iso(b.consistent_at), "size_bytes": b.size_bytes,
+                   "usable": b in usable} for b in bases(listing)],
         "gaps": gaps,
     }

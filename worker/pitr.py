@@ -28,6 +28,7 @@ import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -35,12 +36,12 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import codecs, manifests, naming, rcmd
+from shared import codecs, manifests, naming, rcmd, schedules
 from shared.config import Settings, TargetConfig
 from shared.errors import PipelineError, SafeholdError
 from shared.keys import Keys
 from shared.notify import Notifier
-from shared.pitr_window import pieces
+from shared.pitr_window import bases, pieces
 from shared.storage.catalog import Catalog
 from worker import pipeline
 from worker.engines import pg_pitr
@@ -153,8 +154,10 @@ class Streamer:
                                  started_at=_iso(datetime.now(UTC)))
                 log.info("pitr %s: streaming from %s (timeline %d) as %s", self.target.id,
                          pg_pitr.lsn_text(shipped.lsn), shipped.timeline, self.lease.owner)
-                async with pg_pitr.receiving(self.target, tools, spool, self.app) as child:
-                    await self._loop(conn, child, spool, facts, shipped)
+                async with pg_pitr.receiving(self.target, tools, spool, self.app) as child, \
+                        asyncio.TaskGroup() as group:
+                    group.create_task(self._loop(conn, child, spool, facts, shipped))
+                    group.create_task(self._bases(tools, facts))
         finally:
             await asyncio.to_thread(shutil.rmtree, spool, True)
 
@@ -168,12 +171,16 @@ class Streamer:
         here = restart if restart is not None else 0
         if last is None:
             return Shipped(facts.timeline, here)
-        if created or (restart is not None and restart > last.end):
+        if here > last.end:  # the server no longer keeps what follows the archive
             await self._gap(f"the replication slot {self.pitr.slot} was "
                             + ("missing (dropped?)" if created else "moved past the archive")
                             + f": WAL {pg_pitr.lsn_text(last.end)}..{pg_pitr.lsn_text(here)} "
                             "is not archived", last.end, here)
             return Shipped(facts.timeline, here)
+        if created:
+            log.warning("pitr %s: replication slot %s was missing and is created again; "
+                        "the server still had the WAL after the archive's end (no gap)",
+                        self.target.id, self.pitr.slot)
         return Shipped(facts.timeline, last.end, last.covers_until)
 
     async def _gap(self, why: str, start: int, end: int) -> None:
@@ -244,8 +251,9 @@ class Streamer:
             lo, hi = shipped.lsn - start, end - start
             data = await asyncio.to_thread(_read_range, source, lo, hi)
             covers = self._covered(end)
-            await self._put("walpart", f"{seg}_{lo:08X}-{hi:08X}", data,
-                            {"timeline": shipped.timeline, "segment": seg, "start": lo,
+            await self._put("walpart", f"{seg}_{lo:08X}-{hi:08X}", _once(data),
+                            {"plain_sha256": hashlib.sha256(data).hexdigest(),
+                             "timeline": shipped.timeline, "segment": seg, "start": lo,
                              "end": hi, "start_lsn": pg_pitr.lsn_text(shipped.lsn),
                              "end_lsn": pg_pitr.lsn_text(end),
                              "covers_until": _iso(covers) if covers else None,
@@ -262,8 +270,9 @@ class Streamer:
         """A complete segment: shipped whole (what a stock restore_command fetches), its
         parts deleted, the spool's copy removed."""
         data = await asyncio.to_thread(done.read_bytes)
-        await self._put("wal", seg, data,
-                        {"timeline": shipped.timeline, "segment": seg, "start": 0,
+        await self._put("wal", seg, _once(data),
+                        {"plain_sha256": hashlib.sha256(data).hexdigest(),
+                         "timeline": shipped.timeline, "segment": seg, "start": 0,
                          "end": len(data),
                          "start_lsn": pg_pitr.lsn_text(pg_pitr.segment_start(seg, len(data))),
                          "end_lsn": pg_pitr.lsn_text(
@@ -279,7 +288,8 @@ class Streamer:
                                               naming.parse_stored(piece.filename))
         await asyncio.to_thread(done.unlink, True)
 
-    async def _put(self, kind: str, ref: str, data: bytes, facts: dict[str, object]) -> None:
+    async def _put(self, kind: str, ref: str, chunks: AsyncIterator[bytes],
+                   facts: dict[str, object]) -> None:
         """One archive object on every destination (all of them, or it is not shipped:
         aborted, and the next tick sends the range again)."""
         await self.lease.refresh()  # fencing: no write after the lease is gone
@@ -299,7 +309,7 @@ class Streamer:
         else:
             raise PipelineError(f"no free name for {name.filename}", code="name_taken")
         try:
-            out = await pipeline.store(_once(data), fan, stages, on_bytes=lambda n: None)
+            out = await pipeline.store(chunks, fan, stages, on_bytes=lambda n: None)
             outcomes = await fan.finish(out["size_bytes"], out["sha256"])
             if len(fan.live()) < len(outcomes):
                 failed = ", ".join(n for n in outcomes if n not in fan.live())
@@ -310,7 +320,7 @@ class Streamer:
                 finished_at=datetime.now(UTC), size_bytes=out["size_bytes"],
                 sha256=out["sha256"], raw_bytes=out["raw_bytes"], chain=self.chain,
                 destinations=outcomes, requested_by={"subject": "pitr", "via": "worker"},
-                facts={**facts, "plain_sha256": hashlib.sha256(data).hexdigest()},
+                facts=facts,
                 dump=manifests.DumpFacts(duration_s=time.monotonic() - t0,
                                          job=f"pitr:{self.lease.owner}"))
             await fan.publish(manifest)
@@ -322,6 +332,48 @@ class Streamer:
             with contextlib.suppress(Exception):  # a copy that published before the error
                 await self.catalog.delete(self.archive.id, name)
             raise
+
+
+    # ------------------------------------------------------------------ bases
+    async def _bases(self, tools: Path, facts: pg_pitr.ServerFacts) -> None:
+        """A base backup at once when the archive has none, then on base_schedule."""
+        tz = schedules.zone(self.target.timezone, f"targets.{self.target.id}.timezone")
+        while True:
+            listing = await self.catalog.list_backups(self.archive.id)
+            newest = max((b.created_at for b in bases(listing)), default=None)
+            now = datetime.now(UTC)
+            slot = schedules.latest_due(self.pitr.base_schedule, tz, now)
+            if newest is None or (slot is not None and schedules.to_utc(slot, tz) > newest):
+                await self.base(tools, facts)
+            await asyncio.sleep(30)
+
+    async def base(self, tools: Path, facts: pg_pitr.ServerFacts) -> None:
+        """pg_basebackup → pg_verifybackup → tar → the archive (a `base` object)."""
+        started = datetime.now(UTC)
+        await self.state(base_running=_iso(started))
+        work = Path(tempfile.mkdtemp(prefix=f"safehold-base-{self.target.id}-"))
+        try:
+            made = await pg_pitr.base_backup(self.target, tools, work / "data")
+            async with pg_pitr.tar_stream(work / "data") as child:
+                async def chunks() -> AsyncIterator[bytes]:
+                    while block := await child.read():
+                        yield block
+                    if await child.wait() != 0:
+                        raise PipelineError(f"tar failed: {child.error_text()}",
+                                            code="pitr_base_failed")
+                await self._put("base", "", chunks(), {
+                    "timeline": made.timeline, "start_lsn": pg_pitr.lsn_text(made.start_lsn),
+                    "end_lsn": pg_pitr.lsn_text(made.end_lsn),
+                    "consistent_at": _iso(datetime.now(UTC)), "started_at": _iso(started),
+                    "files": made.files, "verified": "pg_verifybackup",
+                    "system_id": facts.system_id, "server_major": facts.major,
+                    "layout": "tar of a pg_basebackup plain data directory (-X stream)",
+                    "fence": self.lease.fence})
+            log.info("pitr %s: base backup %s..%s archived", self.target.id,
+                     pg_pitr.lsn_text(made.start_lsn), pg_pitr.lsn_text(made.end_lsn))
+        finally:
+            await asyncio.to_thread(shutil.rmtree, work, True)
+            await self.state(base_running="")
 
 
 def _seed(path: Path, size: int) -> None:
@@ -340,7 +392,7 @@ def _read_range(path: Path, lo: int, hi: int) -> bytes:
     return data
 
 
-async def _once(data: bytes) -> collections.abc.AsyncIterator[bytes]:
+async def _once(data: bytes) -> AsyncIterator[bytes]:
     for i in range(0, len(data), 1 << 20):
         yield data[i:i + (1 << 20)]
 

@@ -121,6 +121,11 @@ class Child:
 
     async def kill(self) -> None:
         if self.proc.returncode is None:
+            # the whole process group (the child not reaped yet: its pid is still its
+            # group's): what the tool forked (pg_basebackup's WAL streamer, a parallel
+            # dump's workers) dies with it and closes the pipes it inherited
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
         await self.proc.wait()
@@ -179,6 +184,7 @@ async def spawn(argv: Sequence[str], *, env: Mapping[str, str], secrets: Sequenc
             stderr=asyncio.subprocess.PIPE,
             env=full_env,
             preexec_fn=_die_with_parent,
+            process_group=0,  # its own group: kill() reaches what it forks
         )
     except BaseException:
         for fd in (read_fd, write_fd):

@@ -14,6 +14,7 @@ segment again from its start, and bytes already archived are not shipped twice.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -197,4 +198,50 @@ async def receiving(target: TargetConfig, tools: Path, spool: Path, app: str
             "-s", "1", "-d",
             f"host={c['host']} port={c['port']} user={c['user']} application_name={app}"]
     async with spawn(argv, env=tool_env(target), secrets=target.secrets()) as child:
+        yield child
+
+
+@dataclass(frozen=True)
+class BaseFacts:
+    """A base backup as pg_basebackup's own manifest records it (verified)."""
+
+    timeline: int
+    start_lsn: int
+    end_lsn: int
+    files: int
+
+
+async def _run(argv: list[str], target: TargetConfig, what: str) -> None:
+    async with spawn(argv, env=tool_env(target), secrets=target.secrets()) as child:
+        rc = await child.wait()
+    if rc != 0:
+        raise EngineError(f"{what} failed (exit {rc}): {child.error_text()}",
+                          code="pitr_base_failed")
+
+
+async def base_backup(target: TargetConfig, tools: Path, into: Path) -> BaseFacts:
+    """A base backup with the stock pg_basebackup into `into` (plain format, the WAL it
+    needs included, a SHA-256 manifest), checked with pg_verifybackup before it counts."""
+    c = conn_params(target)
+    await _run([str(tools / "pg_basebackup"), "-D", str(into), "-F", "p", "-X", "stream",
+                "-c", "fast", "--manifest-checksums=SHA256", "-l", "safehold pitr base",
+                "-d", f"host={c['host']} port={c['port']} user={c['user']} "
+                      "application_name=safehold_base"], target, "pg_basebackup")
+    await _run([str(tools / "pg_verifybackup"), str(into)], target, "pg_verifybackup")
+    manifest = json.loads((into / "backup_manifest").read_text())
+    ranges = manifest.get("WAL-Ranges") or []
+    if not ranges:
+        raise EngineError("pg_basebackup's manifest names no WAL range",
+                          code="pitr_base_failed")
+    return BaseFacts(timeline=int(ranges[-1]["Timeline"]),
+                     start_lsn=lsn_int(ranges[0]["Start-LSN"]),
+                     end_lsn=lsn_int(ranges[-1]["End-LSN"]),
+                     files=len(manifest.get("Files") or []))
+
+
+@asynccontextmanager
+async def tar_stream(directory: Path) -> AsyncIterator[Child]:
+    """`directory` as a tar stream (stock tar: `tar -x` puts it back)."""
+    async with spawn(["tar", "-C", str(directory), "-cf", "-", "."], env={},
+                     stdout=True) as child:
         yield child

@@ -193,7 +193,9 @@ class Verification(ProcedureBase):
                          ) -> DrillFound:
         """One database into a scratch copy: restored, counted, checked, dropped."""
         kind = str(manifest.get("count_kind", ""))
-        expected = _counts(manifest.get("exact_counts")) or (
+        exact = manifest.get("exact_counts")
+        malformed = exact is not None and _counts(exact) is None
+        expected = _counts(exact) or (
             _counts(manifest.get("counts")) if kind in ("rows", "keys", "documents") else None)
         # estimates (MySQL's information_schema) cannot be compared: the tables can
         names_only = expected is None and kind.endswith("_estimate")
@@ -202,7 +204,7 @@ class Verification(ProcedureBase):
             expected = {str(t): 0 for t in listed} if isinstance(listed, dict) and listed \
                 else None
         mismatches: dict[str, Mismatch] = {}
-        if expected is None and manifest.get("exact_counts") is not None:
+        if malformed:
             # counts were recorded, but not as counts: nothing can prove this backup
             mismatches["(manifest exact_counts)"] = {"expected": "a count per table",
                                                      "restored": None}
@@ -353,7 +355,7 @@ class Verification(ProcedureBase):
 def _counts(value: object) -> dict[str, int] | None:
     """A manifest's exact counts per table (read back, so checked): None unless every
     entry is a name and a count."""
-    if not isinstance(value, dict) or not value:
+    if not isinstance(value, dict):
         return None
     out: dict[str, int] = {}
     for name, n in value.items():
