@@ -27,6 +27,7 @@ from shared.errors import (
     BadRequest,
     Conflict,
     NotFound,
+    OutsideWindow,
     SafeholdError,
     TooMany,
     Unavailable,
@@ -461,6 +462,46 @@ class Operations:
             return await self.submit(caller, JobKind.RESTORE, target.id, params, info,
                                      idempotency_key=idempotency_key, wait=wait,
                                      fail_fast=fail_fast,
+                                     before_enqueue=await self._sealer(identity, params))
+
+    async def start_pitr_restore(self, caller: Caller, target_id: str, point_in_time: str,
+                                 *, safety: bool = True, identity: str | None = None,
+                                 terminate: bool = False, idempotency_key: str | None = None,
+                                 wait: float | None = None) -> Job:
+        """A restore to an instant of the target's recovery window ("latest": its end);
+        an instant outside it is refused (422 outside_window, with the window)."""
+        from datetime import UTC, datetime
+
+        async with self.audited(caller, "create_restore", target_id, {}) as info:
+            target = self.target(caller, target_id, Role.OPERATOR)
+            window = await self.recovery_window(caller, target.id)
+            try:
+                at = None if point_in_time == "latest" else datetime.fromisoformat(
+                    point_in_time.replace("Z", "+00:00"))
+            except ValueError:
+                at = None
+                point_in_time = ""
+            if point_in_time != "latest" and (at is None or at.tzinfo is None):
+                raise BadRequest("point_in_time is an RFC 3339 instant with its zone "
+                                 "(2026-12-07T10:15:00Z) or \"latest\"",
+                                 code="invalid_point_in_time")
+            shown = {k: window[k] for k in ("earliest", "latest", "gaps")}
+            earliest, latest = window["earliest"], window["latest"]
+            when = (at.astimezone(UTC).isoformat(timespec="microseconds")
+                    .replace("+00:00", "Z") if at is not None else None)
+            if not isinstance(earliest, str) or not isinstance(latest, str) or \
+                    when is not None and not earliest <= when[:23] + "Z" <= latest:
+                raise OutsideWindow(
+                    f"{point_in_time} is outside the recovery window of '{target.id}' "
+                    f"({earliest or 'no base yet'} .. {latest or 'nothing archived'})",
+                    shown)
+            info["backup"] = f"point in time {when or 'latest'}"
+            params: JobParams = {"point_in_time": when or "latest",
+                                 "create_safety_backup": safety}
+            if terminate:
+                params["terminate_connections"] = True
+            return await self.submit(caller, JobKind.RESTORE, target.id, params, info,
+                                     idempotency_key=idempotency_key, wait=wait,
                                      before_enqueue=await self._sealer(identity, params))
 
     async def _sealer(self, identity: str | None, params: JobParams

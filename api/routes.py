@@ -115,13 +115,16 @@ IDENTITY = {"type": "string", "maxLength": 65536,
             "description": "age identity for an encrypted backup (AGE-SECRET-KEY-… lines or "
             "an unencrypted SSH private key; 422 invalid_identity if none can be read); "
             "sealed to the live workers, never stored"}
-_RESTORE_BODY = {"type": "object", "additionalProperties": False, "required": ["backup"],
+_RESTORE_BODY = {"type": "object", "additionalProperties": False,
+                 # a backup, or (PITR targets) an instant of the recovery window
+                 "oneOf": [{"required": ["backup"]}, {"required": ["point_in_time"]}],
                  # owner_map goes with roles = "map", and roles = "map" needs one
                  "dependentRequired": {"owner_map": ["roles"]},
                  "if": {"required": ["roles"], "properties": {"roles": {"const": "map"}}},
                  "then": {"required": ["owner_map"]},
                  "else": {"not": {"required": ["owner_map"]}},
                  "properties": {"backup": BACKUP_NAME,
+                                "point_in_time": {"type": "string", "maxLength": 40},
                                 "create_safety_backup": {"type": "boolean", "default": True},
                                 "owner_map": {
                                     "type": "object", "minProperties": 1,

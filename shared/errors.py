@@ -24,7 +24,7 @@ Messages are shown to clients: they must never contain a secret (see `shared.red
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 
 class ErrorDoc(TypedDict):
@@ -32,6 +32,7 @@ class ErrorDoc(TypedDict):
 
     code: str
     message: str
+    window: NotRequired[dict[str, object]]  # outside_window: the recovery window
 
 
 class SafeholdError(Exception):
@@ -132,6 +133,19 @@ class Unprocessable(SafeholdError):
 
     code = "unprocessable"
     status = 422
+
+
+class OutsideWindow(Unprocessable):
+    """A point in time the archive cannot reach: the answer carries the window."""
+
+    code = "outside_window"
+
+    def __init__(self, message: str, window: dict[str, object]) -> None:
+        super().__init__(message)
+        self.window = window
+
+    def to_dict(self) -> ErrorDoc:
+        return {**super().to_dict(), "window": self.window}
 
 
 class Conflict(SafeholdError):

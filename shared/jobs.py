@@ -64,6 +64,7 @@ class Phase(StrEnum):
     PLANNING = "planning"  # prune
     DELETING = "deleting"
     VERIFYING = "verifying"
+    RECOVERING = "recovering"  # point in time: a scratch server replays the archive
     CHECKING = "checking"
     SAFETY_BACKUP = "safety_backup"
     CLEANING = "cleaning"
@@ -107,6 +108,7 @@ class JobParams(TypedDict, total=False):
     roles: str  # restore: create | map | skip
     owner_map: dict[str, str]
     database: str  # restore: one database of a server target's set
+    point_in_time: str  # restore: RFC 3339 UTC instant, or "latest" (PITR targets)
     identity_supplied: bool  # an age identity was sealed for this job
     compress: bool  # backup
     note: str

@@ -57,6 +57,7 @@ class ArchivedPiece:
     covers_until: datetime | None  # all the server had flushed by then is archived
     created_at: datetime
     system_id: str
+    seg_bytes: int
 
 
 def _when(value: object) -> datetime | None:
@@ -96,7 +97,8 @@ def piece(doc: Mapping[str, object]) -> ArchivedPiece | None:
     return ArchivedPiece(filename=name.filename, kind=name.kind, timeline=timeline,
                          segment=segment, start=start, end=end,
                          covers_until=_when(doc.get("covers_until")),
-                         created_at=name.created_at, system_id=str(doc.get("system_id")))
+                         created_at=name.created_at, system_id=str(doc.get("system_id")),
+                         seg_bytes=seg_bytes)
 
 
 def pieces(listing: Iterable[Mapping[str, object]]) -> list[ArchivedPiece]:

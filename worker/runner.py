@@ -351,6 +351,9 @@ class JobRunner:
                 job, target, engine, progress, kind="backup",
                 compress=bool(job.params.get("compress", target.compress)),
                 note=str(job.params.get("note") or "")))
+        if job.params.get("point_in_time"):
+            return dict(await self.procedures.restore_to_time(job, target, engine, progress,
+                                                              supplied))
         return dict(await self.procedures.restore(job, target, engine, progress, supplied))
 
     async def _supplied_identity(self, job: Job) -> list[AgeKey]:

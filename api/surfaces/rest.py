@@ -31,7 +31,7 @@ from api.http import (
 from api.roles import Role
 from shared import codecs
 from shared.config import TARGET_ID_RE
-from shared.errors import BadRequest, NotFound, SafeholdError, Unavailable
+from shared.errors import BadRequest, NotFound, SafeholdError, Unavailable, Unprocessable
 from shared.jobs import JobKind, JobStatus
 
 STATS_WAIT = 60.0
@@ -165,6 +165,18 @@ async def delete_backup(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------- restores
 async def create_restore(request: web.Request) -> web.Response:
     body = await read_json(request)
+    if ("backup" in body) == ("point_in_time" in body):
+        raise BadRequest("name either \"backup\" or \"point_in_time\"", code="invalid_body")
+    if "point_in_time" in body:
+        if any(k in body for k in ("roles", "owner_map", "database")):
+            raise Unprocessable("roles, owner_map and database apply to a backup's restore, "
+                                "not (yet) to a point in time", code="invalid_body")
+        job = await ops(request).start_pitr_restore(
+            caller(request), request.match_info["target"], body["point_in_time"],
+            safety=body.get("create_safety_backup", True), identity=body.get("identity"),
+            terminate=body.get("terminate_connections", False),
+            idempotency_key=idempotency_key(request), wait=wait_param(request))
+        return job_response(job, request)
     job = await ops(request).start_restore(
         caller(request), request.match_info["target"], body["backup"],
         safety=body.get("create_safety_backup", True), identity=body.get("identity"),

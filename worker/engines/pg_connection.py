@@ -26,7 +26,8 @@ def conn_params(target: TargetConfig) -> dict[str, Any]:
     u = urlsplit(target.url)
     q = parse_qs(u.query)
     return {
-        "host": u.hostname or "127.0.0.1",
+        # libpq's `?host=/socket/dir` (a scratch server's private socket) wins
+        "host": q.get("host", [None])[0] or u.hostname or "127.0.0.1",
         "port": u.port or 5432,
         "user": unquote(u.username or "postgres"),
         "database": unquote(u.path.lstrip("/")) or unquote(u.username or "postgres"),

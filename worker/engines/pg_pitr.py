@@ -15,10 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pwd
+import re
 import shutil
+import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -27,7 +33,7 @@ from shared.config import TargetConfig
 from shared.errors import EngineError
 from shared.pitr_window import lsn_int, lsn_text, segment_name, segment_start
 from worker.engines.pg_connection import conn_params, connect, tool_env
-from worker.subproc import Child, spawn
+from worker.subproc import Child, feed_stdin, spawn
 
 __all__ = ["lsn_int", "lsn_text", "segment_name", "segment_start"]
 
@@ -245,3 +251,121 @@ async def tar_stream(directory: Path) -> AsyncIterator[Child]:
     async with spawn(["tar", "-C", str(directory), "-cf", "-", "."], env={},
                      stdout=True) as child:
         yield child
+
+
+# ---------------------------------------------------------------------- recovery
+_COMMIT = re.compile(r"desc: COMMIT (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
+
+
+async def last_commit(tools: Path, segments: list[Path]) -> datetime | None:
+    """The newest commit time in staged WAL (pg_waldump, newest segment first): a target
+    time after it is reached by replaying everything (PostgreSQL refuses a target it
+    never passes)."""
+    for seg in sorted(segments, reverse=True):
+        async with spawn([str(tools / "pg_waldump"), str(seg)], env={},
+                         stdout=True) as child:
+            out = bytearray()
+            while chunk := await child.read():
+                out += chunk
+            await child.wait()
+        found = _COMMIT.findall(out.decode("utf-8", "replace"))
+        if found:
+            return max(datetime.fromisoformat(t).replace(tzinfo=UTC) for t in found)
+    return None
+
+
+async def untar(chunks: AsyncIterator[bytes], into: Path) -> None:
+    """A base backup's tar stream into a data directory (stock tar)."""
+    await asyncio.to_thread(into.mkdir, mode=0o700, parents=True)
+    async with spawn(["tar", "-x", "-C", str(into), "-f", "-"], env={}, stdin=True) as child:
+        await feed_stdin(child, b"", chunks, lambda n: None)
+        rc = await child.wait()
+    if rc != 0:
+        raise EngineError(f"the base backup did not unpack: {child.error_text()}",
+                          code="pitr_restore_failed")
+
+
+def _runner() -> tuple[list[str], str | None]:
+    """How the scratch server runs unprivileged: as `postgres` when this is root."""
+    if os.geteuid() != 0:
+        return [], None
+    for user in ("postgres", "nobody"):
+        try:
+            pwd.getpwnam(user)
+            return ["runuser", "-u", user, "--"], user
+        except KeyError:
+            continue
+    raise EngineError("no unprivileged user to run the scratch PostgreSQL as",
+                      code="pitr_restore_failed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@asynccontextmanager
+async def recovered(tools: Path, work: Path, data: Path, wal: Path, stop: datetime | None
+                    ) -> AsyncIterator[tuple[Path, int]]:
+    """A scratch server recovered from the base in `data` and the WAL staged in `wal`, to
+    `stop` (inclusive) or to the end of that WAL; loopback-free (a private socket only),
+    unprivileged; removed with `work` by the caller. Yields (socket dir, port)."""
+    prefix, user = _runner()
+    sock = work / "sock"
+    await asyncio.to_thread(_prepare, work, data, wal, sock, user)
+    port = _free_port()
+    opts = [f"port={port}", "listen_addresses=", f"unix_socket_directories={sock}",
+            f"restore_command=cp {wal}/%f %p", "recovery_target_action=promote",
+            "hba_file=" + str(data / "pg_hba.conf"), "archive_mode=off",
+            "max_wal_senders=0", "wal_level=replica", "hot_standby=off",
+            "shared_preload_libraries=", "max_connections=20", "fsync=off",
+            "logging_collector=off"]
+    if stop is not None:
+        opts += [f"recovery_target_time={stop.isoformat()}", "recovery_target_inclusive=on"]
+    argv = [*prefix, str(tools / "postgres"), "-D", str(data)]
+    for o in opts:
+        argv += ["-c", o]
+    async with spawn(argv, env={}) as server:
+        deadline = time.monotonic() + 600
+        while True:
+            if server.proc.returncode is not None:
+                raise EngineError(f"the scratch recovery stopped: {server.error_text(last=6)}",
+                                  code="pitr_restore_failed")
+            try:
+                conn = await asyncpg.connect(host=str(sock), port=port, user="postgres",
+                                             database="postgres", timeout=5)
+            except (OSError, asyncpg.PostgresError):
+                conn = None
+            if conn is not None:
+                try:
+                    if not await conn.fetchval("SELECT pg_is_in_recovery()"):
+                        break
+                finally:
+                    await conn.close()
+            if time.monotonic() > deadline:
+                raise EngineError("the scratch recovery did not finish in 10 minutes",
+                                  code="pitr_restore_failed")
+            await asyncio.sleep(0.3)
+        yield sock, port
+
+
+def _prepare(work: Path, data: Path, wal: Path, sock: Path, user: str | None) -> None:
+    """The base's data directory made a scratch server's: recovery requested, the live
+    server's settings and access rules left out (only a private socket, trust), owned by
+    the user it runs as."""
+    sock.mkdir(mode=0o700)
+    (data / "recovery.signal").write_text("")
+    for leftover in ("postmaster.pid", "postmaster.opts", "postgresql.auto.conf",
+                     "standby.signal"):
+        (data / leftover).unlink(missing_ok=True)
+    (data / "postgresql.conf").write_text("# Safehold scratch recovery\n")
+    (data / "pg_hba.conf").write_text("local all all trust\n")
+    if user is not None:
+        for path in (work, data, wal, sock):
+            _chown_tree(path, user)
+
+
+def _chown_tree(path: Path, user: str) -> None:
+    for p in [path, *path.rglob("*")]:
+        shutil.chown(p, user)

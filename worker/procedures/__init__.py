@@ -14,10 +14,10 @@ share in `base`.
 from __future__ import annotations
 
 from worker.procedures.base import DRILL_NOT_RUN, ProcedureBase
-from worker.procedures.restore import Restores
+from worker.procedures.pitr import PitrRestores
 
 
-class Procedures(Restores):
+class Procedures(PitrRestores):
     """Every procedure a job runs: backup, prune, verify (with its drill), restore."""
 
 
