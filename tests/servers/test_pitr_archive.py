@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -26,7 +28,7 @@ from shared.notify import Notifier
 from shared.pitr_window import window
 from shared.storage.catalog import Catalog
 from tests.conftest import make_raw_config
-from tests.support.pgcluster import BINDIR, Cluster, private_cluster
+from tests.support.pgcluster import BINDIR, Cluster, free_port, private_cluster
 from worker.engines import pg_pitr
 from worker.pitr import PitrService, archive_of
 
@@ -252,3 +254,64 @@ async def test_the_worker_streams_and_the_api_shows_the_window(
     assert resp.status == 409 and (await resp.json())["error"]["code"] == "pitr_not_enabled"
     resp = await anon.get("/api/v1/targets/main/recovery-window")
     assert resp.status == 401
+
+
+async def test_stock_tools_recover_the_archive_without_safehold(
+        cluster: Cluster, prefix: str, redis: Redis, tmp_path: Path) -> None:
+    """The README's by-hand recovery: `zstd -d | tar -x` of a base, then PostgreSQL's own
+    recovery with deploy/safehold-wal-fetch as restore_command — every row committed
+    before the archive was read comes back (the last segment from its parts)."""
+    settings = pitr_settings(prefix, tmp_path, cluster)
+    async with streaming(settings, redis):
+        done = datetime.now(UTC)
+
+        async def archived() -> dict[str, Any] | None:
+            w = await archive_window(settings)
+            return w if w["earliest"] and w["latest"] and datetime.fromisoformat(
+                w["latest"].replace("Z", "+00:00")) > done else None
+        await wait_until(archived, 60)  # the base first: the rows are in WAL only
+        for i in range(10):
+            cluster.psql(f"INSERT INTO t(i) VALUES ({i})")
+        done = datetime.now(UTC)
+        w = await wait_until(archived, 60)
+    assert list((tmp_path / "backups" / "main.pitr").glob("walpart_*.wal.zst"))
+    root = Path(tempfile.mkdtemp(prefix="safehold-byhand-"))
+    try:
+        archive = root / "main.pitr"
+        shutil.copytree(tmp_path / "backups" / "main.pitr", archive)
+        fetch = root / "safehold-wal-fetch"
+        shutil.copy(Path(__file__).parents[2] / "deploy" / "safehold-wal-fetch", fetch)
+        data = root / "data"
+        data.mkdir(mode=0o700)
+        base = archive / w["bases"][-1]["filename"]
+        port = free_port()
+        script = (f'zstd -dc "{base}" | tar -x -C "{data}"\n'
+                  f'rm -f "{data}/postgresql.auto.conf" "{data}/postmaster.pid"\n'
+                  f'touch "{data}/recovery.signal"\n'
+                  f"cat >> \"{data}/postgresql.conf\" <<CONF\nport = {port}\n"
+                  f"listen_addresses = ''\nunix_socket_directories = '{root}'\n"
+                  f"restore_command = '{fetch} {archive} %f %p'\nCONF\n"
+                  f'chown -R postgres "{root}"\n')
+        subprocess.run(["sh", "-ec", script], check=True, capture_output=True, timeout=120)
+        server = subprocess.Popen(["runuser", "-u", "postgres", "--", str(BINDIR / "postgres"),
+                                   "-D", str(data)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE)
+        try:
+            async def promoted() -> bool:
+                out = subprocess.run([str(BINDIR / "psql"), "-X", "-A", "-t", "-h", str(root),
+                                      "-p", str(port), "-U", "postgres", "-c",
+                                      "SELECT pg_is_in_recovery()"],
+                                     capture_output=True, text=True, check=False)
+                assert server.poll() is None, server.stderr.read() if server.stderr else ""
+                return out.stdout.strip() == "f"
+            await wait_until(promoted, 60)
+            count = subprocess.run([str(BINDIR / "psql"), "-X", "-A", "-t", "-h", str(root),
+                                    "-p", str(port), "-U", "postgres", "-c",
+                                    "SELECT count(*) FROM t"], capture_output=True,
+                                   text=True, check=True).stdout.strip()
+            assert count == "10"
+        finally:
+            server.terminate()
+            server.wait(30)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
