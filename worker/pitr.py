@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -345,7 +345,28 @@ class Streamer:
             slot = schedules.latest_due(self.pitr.base_schedule, tz, now)
             if newest is None or (slot is not None and schedules.to_utc(slot, tz) > newest):
                 await self.base(tools, facts)
+            await self.prune(now)
             await asyncio.sleep(30)
+
+    async def prune(self, now: datetime) -> list[str]:
+        """Keep the window `keep_days` long: bases consistent before its start go, but the
+        newest of them (the window starts there); WAL before the oldest kept base goes."""
+        listing = await self.catalog.list_backups(self.archive.id)
+        kept = bases(listing)
+        cutoff = now - timedelta(days=self.pitr.keep_days)
+        old = [b for b in kept if b.consistent_at < cutoff]
+        doomed = [b.filename for b in old[:-1]]  # the newest old base still opens it
+        oldest = [b for b in kept if b.filename not in doomed]
+        if oldest:
+            start = min(b.start for b in oldest)
+            doomed += [p.filename for p in pieces(listing) if p.end <= start]
+        for filename in doomed:
+            with contextlib.suppress(SafeholdError):
+                await self.catalog.delete(self.archive.id, naming.parse_stored(filename))
+        if doomed:
+            log.info("pitr %s: pruned %d archive object(s) older than %.1f days",
+                     self.target.id, len(doomed), self.pitr.keep_days)
+        return doomed
 
     async def base(self, tools: Path, facts: pg_pitr.ServerFacts) -> None:
         """pg_basebackup → pg_verifybackup → tar → the archive (a `base` object)."""

@@ -46,3 +46,65 @@ def test_the_window_ends_where_the_continuous_wal_ends_and_says_its_gaps() -> No
     assert window([], datetime.now(UTC))["latest"] is None
     # overlapping shipments (a successor re-sending a range) are one run
     assert len(runs(pieces([doc(0, 0x2000), doc(0x1000, 0x3000)]))) == 1
+
+
+async def test_pruning_keeps_keep_days_of_window_and_the_base_that_opens_it(
+        tmp_path: Any) -> None:
+    """Bases consistent before the cutoff go except the newest of them; WAL before the
+    oldest kept base goes; nothing newer is touched."""
+    import hashlib
+    from datetime import timedelta
+
+    from shared.config import parse_settings
+    from shared.keys import Keys
+    from shared.notify import Notifier
+    from shared.storage.catalog import Catalog
+    from tests.memstore import MemoryStore
+    from worker.pitr import Lease, Streamer
+
+    settings = parse_settings({
+        "storage": {"path": str(tmp_path)},
+        "targets": {"main": {"engine": "postgresql", "url": "postgresql://u@h/db",
+                             "pitr": {"enabled": True, "keep_days": 1}}}},
+        {}, base=tmp_path, source="<t>")
+    store = MemoryStore()
+    catalog = Catalog(settings, stores={"local": store})
+    now = datetime(2026, 12, 10, tzinfo=UTC)
+
+    async def put(doc: dict[str, Any], at: datetime) -> None:
+        name = naming.parse_archive(doc["filename"])
+        pending = await store.begin("main.pitr", name, "t")
+        await pending.write(b"x")
+        await pending.complete(1, hashlib.sha256(b"x").hexdigest())
+        await pending.write_manifest({**doc, "engine": "postgresql", "target": "main",
+                                      "created_at": at.isoformat().replace("+00:00", "Z"),
+                                      "sha256": hashlib.sha256(b"x").hexdigest(),
+                                      "size_bytes": 1, "codecs": []})
+
+    def base_doc(day: int, seg: int) -> tuple[dict[str, Any], datetime]:
+        at = datetime(2026, 12, day, 3, tzinfo=UTC)
+        start = segment_start(f"00000001000000000000{seg:04X}", 16 << 20)
+        return {"filename": naming.archive_name("base", at).filename, "kind": "base",
+                "timeline": 1, "start_lsn": lsn_text(start), "end_lsn": lsn_text(start + 99),
+                "consistent_at": at.isoformat()}, at
+
+    for day, seg in ((7, 1), (8, 3), (9, 5), (10, 7)):  # cutoff: 12-09 00:00
+        await put(*base_doc(day, seg))
+    for seg in range(1, 9):
+        name = f"00000001000000000000{seg:04X}"
+        at = datetime(2026, 12, 6, tzinfo=UTC) + timedelta(hours=seg * 12)
+        d = doc(0, 0x1000, name)
+        d["filename"] = naming.archive_name("walpart", at, f"{name}_00000000-00001000").filename
+        await put(d, at)
+    streamer = Streamer(settings, settings.targets["main"], None, Keys(),  # type: ignore[arg-type]
+                        catalog, Notifier(settings), Lease(None, Keys(), "main", "w"))  # type: ignore[arg-type]
+    await streamer.prune(now)
+    left = await catalog.list_backups("main.pitr")
+    kinds = sorted((m["kind"], m.get("segment") or m.get("start_lsn")) for m in left)
+    # the 12-07 base went; the 12-08 base (newest before the cutoff) stays, and with it
+    # the WAL from its segment (3) on; segments 1 and 2 went
+    assert [k for k in kinds if k[0] == "base"] == [
+        ("base", lsn_text(segment_start(f"00000001000000000000{s:04X}", 16 << 20)))
+        for s in (3, 5, 7)]
+    assert sorted(str(s) for k, s in kinds if k == "walpart") == [
+        f"00000001000000000000{s:04X}" for s in range(3, 9)]
