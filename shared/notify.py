@@ -39,6 +39,7 @@ EVENT_SEVERITY = {
     "prune.deleted": "info", "prune.failed": "error",
     "verify.succeeded": "info", "verify.failed": "error",
     "schedule.missed": "error", "schedule.recovered": "info",
+    "pitr.gap": "error", "pitr.lagging": "warning",
 }
 
 
