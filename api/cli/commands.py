@@ -101,9 +101,18 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     pr.add_argument("target")
     pr.add_argument("--dry-run", action="store_true", help="plan only: delete nothing")
     pr.add_argument("--yes", action="store_true", help="do not ask (needed without a TTY)")
+    pt = cmd("pitr", "point-in-time recovery (PostgreSQL): `status TARGET` shows the window, "
+                     "`restore TARGET --to T` restores to an instant of it")
+    pt.add_argument("action", choices=("status", "restore"))
+    pt.add_argument("target")
+    pt.add_argument("--to", metavar="T", help="restore: an RFC 3339 instant with its zone "
+                                              "(2026-12-07T10:14:59Z) or \"latest\"")
+    pt.add_argument("--no-safety-backup", action="store_true")
+    pt.add_argument("--terminate-connections", action="store_true")
+    pt.add_argument("--yes", action="store_true", help="do not ask (needed without a TTY)")
     cmd("schedules", "each target's schedule: next run, last scheduled job and its outcome")
     cmd("destinations", "where backups are stored: reachable, writable, free space (admin)")
-    for p in (b, r, up, v):
+    for p in (b, r, up, v, pt):
         p.add_argument("--follow", action="store_true", help="show live progress")
         p.add_argument("--wait", action="store_true",
                        help="wait for the job to end (no progress shown)")
@@ -283,6 +292,42 @@ async def _cmd_restore(client: Client, args: argparse.Namespace) -> int:
     return await job_started(client, job, args)
 
 
+async def _cmd_pitr(client: Client, args: argparse.Namespace) -> int:
+    if args.action == "status":
+        def render(doc: ApiDoc) -> None:
+            s = doc.get("streaming") or {}
+            print(f"window   {doc.get('earliest') or '(no base yet)'} .. "
+                  f"{doc.get('latest') or '(nothing archived)'}"
+                  + (f"  ({doc['lag_s']:.1f} s behind)" if doc.get("lag_s") is not None
+                     else ""))
+            print(f"streamer {s.get('streamer') or '-'}  slot {s.get('slot')} holds "
+                  f"{mib(s.get('slot_bytes'))}")
+            if s.get("error"):
+                print(f"error    {s['error']} ({s.get('error_at')})")
+            for g in doc.get("gaps") or []:
+                print(f"gap      after {g.get('after')}: {g.get('from_lsn')}.."
+                      f"{g.get('to_lsn')} ({g.get('why')})")
+            rows = [[b["filename"], b["consistent_at"], mib(b.get("size_bytes")),
+                     "yes" if b.get("usable") else "no"] for b in doc.get("bases") or []]
+            if rows:
+                print(_table(rows, ["BASE", "CONSISTENT AT", "SIZE", "USABLE"]))
+
+        await _show(client, args, f"/api/v1/targets/{args.target}/recovery-window", render)
+        return EXIT_OK
+    if not args.to:
+        print("safehold: pitr restore needs --to T (an instant, or latest)", file=sys.stderr)
+        return EXIT_USAGE
+    if not confirm(args, f"Replace the database of target '{args.target}' with its state "
+                         f"at {args.to}?"):
+        return EXIT_USAGE
+    req: ApiDoc = {"point_in_time": args.to,
+                   "create_safety_backup": not args.no_safety_backup}
+    if args.terminate_connections:
+        req["terminate_connections"] = True
+    job = await client.call("POST", f"/api/v1/targets/{args.target}/restores", json=req)
+    return await job_started(client, job, args)
+
+
 async def _cmd_upload(client: Client, args: argparse.Namespace) -> int:
     if args.restore and not confirm(args, f"Upload {args.file} and replace the database "
                                           f"of target '{args.target}' with it?"):
@@ -441,6 +486,7 @@ COMMANDS: dict[str, Command] = {
     "verify": _cmd_verify,
     "audit": _cmd_audit,
     "prune": _cmd_prune,
+    "pitr": _cmd_pitr,
     "schedules": _cmd_schedules,
     "destinations": _cmd_destinations,
 }

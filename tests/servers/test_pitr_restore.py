@@ -126,3 +126,40 @@ async def test_an_instant_outside_the_window_is_refused_with_the_window(
         "point_in_time": "latest", "backup": "backup_postgresql_20261207_100000.sql.gz"})
     assert resp.status == 400
     assert await rows(cluster) == []  # nothing ran
+
+
+async def test_the_cli_shows_the_window_and_restores_to_an_instant(
+        cluster: Cluster, settings: Settings, worker: Any, api: Any, wait_job: JobWaiter,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`safehold pitr status` / `safehold pitr restore --to`, against the running API."""
+    import argparse
+
+    from api.cli.client import Client
+    from api.cli.commands import COMMANDS
+    from tests.conftest import token
+
+    async def opened() -> dict[str, Any] | None:
+        w = await window(api)
+        return w if w["earliest"] else None
+    await until(opened, 60)
+    cluster.psql("INSERT INTO t VALUES (1, now())", db="app")
+    done = datetime.now(UTC)
+
+    async def archived() -> bool:
+        latest = (await window(api))["latest"]
+        return bool(latest) and datetime.fromisoformat(latest.replace("Z", "+00:00")) > done
+    await until(archived, 30)
+    cluster.psql("DELETE FROM t", db="app")
+    base = str(api.make_url("")).rstrip("/")
+    async with Client(base, token(settings, "operator")) as client:
+        status = argparse.Namespace(command="pitr", action="status", target="main",
+                                    json=False)
+        assert await COMMANDS["pitr"](client, status) == 0
+        shown = capsys.readouterr().out
+        assert "window   20" in shown and "USABLE" in shown and "safehold_main" in shown
+        restore = argparse.Namespace(command="pitr", action="restore", target="main",
+                                     to=done.isoformat(), no_safety_backup=False,
+                                     terminate_connections=False, yes=True, json=True,
+                                     follow=False, wait=True)
+        assert await COMMANDS["pitr"](client, restore) == 0
+    assert await rows(cluster) == [1]
