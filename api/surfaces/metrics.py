@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -140,6 +140,41 @@ async def _service_families(s: Services) -> list[Metric]:
     return out
 
 
+async def _pitr_families(s: Services, visible: list[str]) -> list[Metric]:
+    """PITR targets: how far the archive is behind, the WAL the slot holds on the server,
+    whether a streamer reports (what its streamer last wrote to Redis)."""
+    lag = GaugeMetricFamily("safehold_pitr_lag_seconds", "Seconds the WAL archive is behind "
+                            "(now minus the last instant fully archived).", labels=["target"])
+    slot = GaugeMetricFamily("safehold_pitr_slot_bytes", "WAL the replication slot holds on "
+                             "the server (grows while the archive is down).",
+                             labels=["target"])
+    streaming = GaugeMetricFamily("safehold_pitr_streaming", "1 while a worker streams the "
+                                  "target's WAL (reported in the last 10 s).", labels=["target"])
+    now = datetime.now(UTC)
+    for tid in visible:
+        pitr = s.settings.targets[tid].pitr
+        if pitr is None or not pitr.enabled:
+            continue
+        state = {k.decode(): v.decode() for k, v in
+                 (await rcmd.hgetall(s.redis, s.keys.pitr(tid, "state"))).items()}
+        if at := _when(state.get("covers_until")):
+            lag.add_metric([tid], max(0.0, (now - at).total_seconds()))
+        if state.get("slot_bytes", "").isdigit():
+            slot.add_metric([tid], int(state["slot_bytes"]))
+        beat = _when(state.get("updated_at"))
+        streaming.add_metric([tid], 1 if beat and (now - beat).total_seconds() < 10 else 0)
+    return [lag, slot, streaming]
+
+
+def _when(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
 class _TargetFamilies:
     """Per target: what its destinations list (never a false 0 for one that did not
     answer), the newest backup and drill, the schedule's health."""
@@ -251,6 +286,7 @@ async def metrics(request: web.Request) -> web.Response:
     snap = _Snapshot()
     snap.families += await _job_families(s, visible)
     snap.families += await _service_families(s)
+    snap.families += await _pitr_families(s, visible)
     per_target = _TargetFamilies()
     for target in visible:
         per_target.storage(s, target, await _manifests(request, s, target))

@@ -250,6 +250,12 @@ async def test_the_worker_streams_and_the_api_shows_the_window(
     doc = await wait_until(shown, 30)
     assert doc["streaming"]["streamer"] and doc["streaming"]["slot"] == "safehold_main"
     assert doc["gaps"] == [] and doc["unavailable"] == [] and doc["lag_s"] < 30
+    async def metrics() -> str | None:
+        text = await (await anon.get("/metrics", headers=viewer)).text()
+        return text if 'safehold_pitr_lag_seconds{target="main"}' in text else None
+    text = await wait_until(metrics, 15)
+    assert 'safehold_pitr_streaming{target="main"} 1.0' in text
+    assert 'safehold_pitr_slot_bytes{target="main"}' in text
     resp = await anon.get("/api/v1/targets/plain/recovery-window", headers=viewer)
     assert resp.status == 409 and (await resp.json())["error"]["code"] == "pitr_not_enabled"
     resp = await anon.get("/api/v1/targets/main/recovery-window")
