@@ -82,6 +82,37 @@ def backup_view(m: ManifestDoc) -> dict[str, object]:
                if (entries := backup_sets.member_entries(m)) is not None else {})}
 
 
+def within(window: Mapping[str, object], point_in_time: str) -> str | None:
+    """`point_in_time` as the worker takes it (UTC, microseconds; None for "latest"), once
+    it is an instant with its zone inside the recovery window: else 400
+    invalid_point_in_time, or 422 outside_window with the window."""
+    from datetime import UTC, datetime
+
+    try:
+        at = None if point_in_time == "latest" else datetime.fromisoformat(
+            point_in_time.replace("Z", "+00:00"))
+    except ValueError:
+        at = None
+        point_in_time = ""
+    if point_in_time != "latest" and (at is None or at.tzinfo is None):
+        raise BadRequest("point_in_time is an RFC 3339 instant with its zone "
+                         "(2026-12-07T10:15:00Z) or \"latest\"", code="invalid_point_in_time")
+    earliest, latest = window.get("earliest"), window.get("latest")
+    when = None if at is None else at.astimezone(UTC)
+
+    def instant(text: object) -> datetime | None:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")) \
+            if isinstance(text, str) else None
+    first, last = instant(earliest), instant(latest)
+    if first is None or last is None or when is not None and not first <= when <= last:
+        raise OutsideWindow(
+            f"{point_in_time} is outside the recovery window of '{window.get('target')}' "
+            f"({earliest or 'no base yet'} .. {latest or 'nothing archived'})",
+            {k: window.get(k) for k in ("earliest", "latest", "gaps")})
+    return None if when is None else when.isoformat(timespec="microseconds").replace(
+        "+00:00", "Z")
+
+
 class Operations:
     def __init__(self, services: Services) -> None:
         self.s = services
@@ -470,31 +501,9 @@ class Operations:
                                  wait: float | None = None) -> Job:
         """A restore to an instant of the target's recovery window ("latest": its end);
         an instant outside it is refused (422 outside_window, with the window)."""
-        from datetime import UTC, datetime
-
         async with self.audited(caller, "create_restore", target_id, {}) as info:
             target = self.target(caller, target_id, Role.OPERATOR)
-            window = await self.recovery_window(caller, target.id)
-            try:
-                at = None if point_in_time == "latest" else datetime.fromisoformat(
-                    point_in_time.replace("Z", "+00:00"))
-            except ValueError:
-                at = None
-                point_in_time = ""
-            if point_in_time != "latest" and (at is None or at.tzinfo is None):
-                raise BadRequest("point_in_time is an RFC 3339 instant with its zone "
-                                 "(2026-12-07T10:15:00Z) or \"latest\"",
-                                 code="invalid_point_in_time")
-            shown = {k: window[k] for k in ("earliest", "latest", "gaps")}
-            earliest, latest = window["earliest"], window["latest"]
-            when = (at.astimezone(UTC).isoformat(timespec="microseconds")
-                    .replace("+00:00", "Z") if at is not None else None)
-            if not isinstance(earliest, str) or not isinstance(latest, str) or \
-                    when is not None and not earliest <= when[:23] + "Z" <= latest:
-                raise OutsideWindow(
-                    f"{point_in_time} is outside the recovery window of '{target.id}' "
-                    f"({earliest or 'no base yet'} .. {latest or 'nothing archived'})",
-                    shown)
+            when = within(await self.recovery_window(caller, target.id), point_in_time)
             info["backup"] = f"point in time {when or 'latest'}"
             params: JobParams = {"point_in_time": when or "latest",
                                  "create_safety_backup": safety}

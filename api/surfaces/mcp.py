@@ -33,7 +33,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 from api.asgi import call_asgi
 from api.auth import Principal, bearer_token
 from api.context import Services
-from api.operations import AuditInfo, Caller, Operations
+from api.operations import AuditInfo, Caller, Operations, within
 from api.roles import Role
 from shared import safehold_version
 from shared.errors import BadRequest, Forbidden, SafeholdError, Unauthorized
@@ -51,6 +51,7 @@ ToolResult = dict[str, object]
 # tool -> the role it needs somewhere (listing hides the others from a token)
 TOOL_ROLES = {
     "list_databases": Role.VIEWER, "list_backups": Role.VIEWER, "job_status": Role.VIEWER,
+    "recovery_window": Role.VIEWER,
     "create_backup": Role.OPERATOR, "verify_backup": Role.OPERATOR,
     "plan_restore": Role.OPERATOR, "execute_restore": Role.OPERATOR,
     "cancel_job": Role.OPERATOR, "delete_backup": Role.ADMIN,
@@ -160,6 +161,7 @@ class _Reads:
     list_databases: Callable[[], Awaitable[ToolResult]]
     list_backups: Callable[[str], Awaitable[ToolResult]]
     job_status: Callable[[str], Awaitable[ToolResult]]
+    recovery_window: Callable[[str], Awaitable[ToolResult]]
 
 
 def _read_tools(server: MCPServer, kit: _Kit) -> _Reads:
@@ -185,7 +187,16 @@ def _read_tools(server: MCPServer, kit: _Kit) -> _Reads:
             return job_summary(await ops.job(who, job_id), who.principal)
         return await kit.run("job_status", None, body)
 
-    return _Reads(list_databases=list_databases, list_backups=list_backups, job_status=job_status)
+    @server.tool(description="A PITR database's recovery window: earliest and latest instant "
+                             "a restore can reach, how far the archive is behind, bases, "
+                             "gaps (plan_restore takes an instant of it as point_in_time).")
+    async def recovery_window(database_id: str) -> ToolResult:
+        async def body(ops: Operations, who: Caller) -> ToolResult:
+            return await ops.recovery_window(who, database_id)
+        return await kit.run("recovery_window", database_id, body)
+
+    return _Reads(list_databases=list_databases, list_backups=list_backups,
+                  job_status=job_status, recovery_window=recovery_window)
 
 
 def _job_tools(server: MCPServer, kit: _Kit) -> None:
@@ -228,16 +239,24 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
     """A restore in two steps: plan, then execute with the plan's token."""
     @server.tool(description="Step 1 of a restore: what will happen (target, backup, its age "
                              "and size, the safety backup taken first) and a confirmation "
-                             "token for execute_restore, valid 5 minutes, once.")
-    async def plan_restore(database_id: str, backup: str, create_safety_backup: bool = True,
+                             "token for execute_restore, valid 5 minutes, once. Name a "
+                             "backup, or (PITR databases) a point_in_time: an RFC 3339 "
+                             "instant of the recovery window, or \"latest\".")
+    async def plan_restore(database_id: str, backup: str = "", point_in_time: str = "",
+                           create_safety_backup: bool = True,
                            terminate_connections: bool = False,
                            roles: str | None = None,
                            owner_map: dict[str, str] | None = None,
                            database: str | None = None) -> ToolResult:
-        info: AuditInfo = {"backup": backup[:200]}
+        info: AuditInfo = {"backup": (backup or f"point in time {point_in_time}")[:200]}
 
         async def body(ops: Operations, who: Caller) -> ToolResult:
             target = ops.target(who, database_id, Role.OPERATOR)
+            if bool(backup) == bool(point_in_time):
+                raise BadRequest("name either backup or point_in_time", code="invalid_body")
+            if point_in_time:
+                return await _plan_point_in_time(kit, ops, who, target.id, point_in_time,
+                                                 create_safety_backup, terminate_connections)
             if roles not in (None, "create", "skip", "map") or (roles == "map") != bool(
                     owner_map):
                 raise BadRequest("roles must be \"create\", \"skip\" or \"map\" (with "
@@ -289,6 +308,12 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
             if plan is None or not await s.redis.delete(key):  # one use, even when racing
                 raise BadRequest("the token is unknown, used or expired (plan_restore gives "
                                  "a new one)", code="invalid_confirmation")
+            if plan.get("point_in_time"):
+                job = await ops.start_pitr_restore(
+                    who, plan["target"], plan["point_in_time"],
+                    safety=plan["create_safety_backup"],
+                    terminate=bool(plan.get("terminate_connections")))
+                return await kit.follow(ops, who, job, ctx, wait_seconds)
             job = await ops.start_restore(who, plan["target"], plan["backup"],
                                           safety=plan["create_safety_backup"],
                                           terminate=bool(plan.get("terminate_connections")),
@@ -298,6 +323,31 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                                           expect_sha256=plan["sha256"])
             return await kit.follow(ops, who, job, ctx, wait_seconds)
         return await kit.run("execute_restore", None, body, info)
+
+
+async def _plan_point_in_time(kit: _Kit, ops: Operations, who: Caller, target: str,
+                              point_in_time: str, safety: bool, terminate: bool
+                              ) -> ToolResult:
+    """A restore to an instant: checked against the window now (and again when it runs)."""
+    window = await ops.recovery_window(who, target)
+    point_in_time = within(window, point_in_time) or "latest"
+    earliest, latest = window.get("earliest"), window.get("latest")
+    token = secrets.token_urlsafe(24)
+    plan = {"target": target, "backup": f"point in time {point_in_time}",
+            "point_in_time": point_in_time, "subject": who.principal.subject,
+            "session": who.principal.session, "create_safety_backup": safety,
+            "terminate_connections": terminate}
+    s = kit.services()
+    await s.redis.set(_plan_key(s, token), json.dumps(plan), ex=PLAN_TTL)
+    return {"database_id": target, "point_in_time": point_in_time,
+            "window": {"earliest": earliest, "latest": latest},
+            "what_happens": (
+                ("a safety backup of the current database is taken first; then "
+                 if safety else "NO safety backup is taken; ")
+                + f"{target} is replaced by its state at {point_in_time}, recovered from the "
+                "archive in a scratch server (verified before anything is dropped; a failed "
+                "restore rolls back)"),
+            "confirmation_token": token, "expires_in_seconds": PLAN_TTL}
 
 
 def _resources(server: MCPServer, reads: _Reads) -> None:
@@ -327,6 +377,12 @@ def _resources(server: MCPServer, reads: _Reads) -> None:
                                                  "current database first"}},
             "how": "plan_restore(database_id, backup) → execute_restore(confirmation_token)",
             "latest_restorable_backups": restorable})
+
+    @server.resource("resources://safehold/databases/{id}/recovery-window",
+                     mime_type="application/json",
+                     description="A PITR database's recovery window")
+    async def window_resource(id: str) -> str:  # noqa: A002
+        return await read(reads.recovery_window(id))
 
     @server.resource("resources://safehold/jobs/{job_id}", mime_type="application/json",
                      description="One job: status, progress, result or error")

@@ -53,7 +53,8 @@ async def test_resources_tools_and_the_two_step_restore(
     async with server(aiohttp_server, settings) as base, \
             mcp_client(base, token(settings, "admin", subject="agent-1")) as client:
         tools = {t.name for t in (await client.list_tools()).tools}
-        assert tools == {"list_databases", "list_backups", "job_status", "create_backup",
+        assert tools == {"list_databases", "list_backups", "job_status", "recovery_window",
+                         "create_backup",
                          "verify_backup", "plan_restore", "execute_restore", "cancel_job",
                          "delete_backup"}
         templates = {t.uri_template for t in
@@ -155,7 +156,7 @@ async def test_roles_scope_and_no_token(aiohttp_server: Any, settings: Settings,
     async with server(aiohttp_server, settings) as base:
         async with mcp_client(base, token(settings, "viewer")) as viewer:
             tools = {t.name for t in (await viewer.list_tools()).tools}
-            assert tools == {"list_databases", "list_backups", "job_status"}
+            assert tools == {"list_databases", "list_backups", "job_status", "recovery_window"}
             denied = await viewer.call_tool("create_backup", {"database_id": "main"})
             assert denied.is_error and "forbidden" in denied.content[0].text
         async with mcp_client(base, token(settings, "operator:other")) as scoped:

@@ -163,3 +163,41 @@ async def test_the_cli_shows_the_window_and_restores_to_an_instant(
                                      follow=False, wait=True)
         assert await COMMANDS["pitr"](client, restore) == 0
     assert await rows(cluster) == [1]
+
+
+async def test_an_agent_plans_and_executes_a_restore_to_an_instant_over_mcp(
+        cluster: Cluster, settings: Settings, worker: Any, api: Any,
+        aiohttp_server: Any) -> None:
+    """MCP: the window as a tool and a resource; plan_restore with point_in_time (an
+    instant outside the window refused), execute_restore with the plan's token."""
+    from tests.conftest import token
+    from tests.servers.test_mcp import data, mcp_client, resource, server
+
+    async def opened() -> dict[str, Any] | None:
+        w = await window(api)
+        return w if w["earliest"] else None
+    await until(opened, 60)
+    cluster.psql("INSERT INTO t VALUES (7, now())", db="app")
+    done = datetime.now(UTC)
+
+    async def archived() -> bool:
+        latest = (await window(api))["latest"]
+        return bool(latest) and datetime.fromisoformat(latest.replace("Z", "+00:00")) > done
+    await until(archived, 30)
+    cluster.psql("DELETE FROM t", db="app")
+    async with server(aiohttp_server, settings) as base, \
+            mcp_client(base, token(settings, "operator", subject="agent")) as client:
+        shown = data(await client.call_tool("recovery_window", {"database_id": "main"}))
+        assert shown["earliest"] and shown["latest"]
+        assert (await resource(client, "resources://safehold/databases/main/recovery-window")
+                )["latest"]
+        refused = await client.call_tool("plan_restore", {
+            "database_id": "main", "point_in_time": "2000-01-01T00:00:00Z"})
+        assert refused.is_error and "outside_window" in refused.content[0].text
+        plan = data(await client.call_tool("plan_restore", {
+            "database_id": "main", "point_in_time": done.isoformat()}))
+        assert "state at" in plan["what_happens"]
+        job = data(await client.call_tool("execute_restore", {
+            "confirmation_token": plan["confirmation_token"], "wait_seconds": 240}))
+        assert job["status"] == "succeeded", job
+    assert await rows(cluster) == [7]
