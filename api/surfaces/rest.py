@@ -166,7 +166,8 @@ async def delete_backup(request: web.Request) -> web.Response:
 async def create_restore(request: web.Request) -> web.Response:
     body = await read_json(request)
     if ("backup" in body) == ("point_in_time" in body):
-        raise BadRequest("name either \"backup\" or \"point_in_time\"", code="invalid_body")
+        raise BadRequest("field 'backup' is required (or, on a point-in-time target, "
+                         "'point_in_time' instead): name one of them", code="invalid_body")
     if "point_in_time" in body:
         if any(k in body for k in ("roles", "owner_map", "database")):
             raise Unprocessable("roles, owner_map and database apply to a backup's restore, "

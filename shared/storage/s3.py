@@ -338,7 +338,9 @@ class S3Storage:
         return out
 
     async def list_manifests(self, target: str) -> list[ManifestDoc]:
-        base = self.key(target, "backup_sqlite_20000101_000000.db").rsplit("/", 1)[0] + "/"
+        if "/" in target or target.startswith("."):
+            raise NotFound(f"unknown target '{target}'", code="target_not_found")
+        base = f"{self.prefix}/{target}/" if self.prefix else f"{target}/"
         keys = await self._list_keys(base)
         wanted = []
         for key, obj in keys.items():
