@@ -28,7 +28,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -154,10 +154,9 @@ class Streamer:
                                  started_at=_iso(datetime.now(UTC)))
                 log.info("pitr %s: streaming from %s (timeline %d) as %s", self.target.id,
                          pg_pitr.lsn_text(shipped.lsn), shipped.timeline, self.lease.owner)
-                async with pg_pitr.receiving(self.target, tools, spool, self.app) as child, \
-                        asyncio.TaskGroup() as group:
-                    group.create_task(self._loop(conn, child, spool, facts, shipped))
-                    group.create_task(self._bases(tools, facts))
+                async with pg_pitr.receiving(self.target, tools, spool, self.app) as child:
+                    await _together(self._loop(conn, child, spool, facts, shipped),
+                                    self._bases(tools, facts))
         finally:
             await asyncio.to_thread(shutil.rmtree, spool, True)
 
@@ -211,6 +210,7 @@ class Streamer:
             elif pos.received is not None and pos.server_flush <= shipped.lsn:
                 shipped.covers_until = self.samples[-1][0]  # idle: all archived
             await self._report(pos, shipped)
+            _still_wanted()
             await asyncio.sleep(max(0.05, self.pitr.ship_interval - (time.monotonic() - tick)))
 
     async def _report(self, pos: pg_pitr.Position, shipped: Shipped) -> None:
@@ -346,6 +346,7 @@ class Streamer:
             if newest is None or (slot is not None and schedules.to_utc(slot, tz) > newest):
                 await self.base(tools, facts)
             await self.prune(now)
+            _still_wanted()
             await asyncio.sleep(30)
 
     async def prune(self, now: datetime) -> list[str]:
@@ -395,6 +396,30 @@ class Streamer:
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
             await self.state(base_running="")
+
+
+def _still_wanted() -> None:
+    """A loop asked to stop stops here, even if a library it awaited swallowed the
+    CancelledError (a cancelled task must never start another round)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def _together(*coros: Coroutine[object, object, None]) -> None:
+    """Run side by side until one ends: the others are cancelled (and awaited), and the
+    first one's error is raised as itself (not wrapped in an ExceptionGroup, which the
+    service's error handling would not recognise)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.wait(tasks, timeout=30)
+    for t in done:
+        if not t.cancelled() and (exc := t.exception()) is not None:
+            raise exc
 
 
 def _seed(path: Path, size: int) -> None:
@@ -476,4 +501,5 @@ class PitrService:
                                           "error_at": _iso(datetime.now(UTC))})
             except Exception:
                 log.exception("pitr %s: streaming failed", target.id)
+            _still_wanted()
             await asyncio.sleep(2.0)
