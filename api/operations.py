@@ -17,6 +17,7 @@ from typing import TypedDict
 
 from redis.exceptions import RedisError
 
+from api import recovery
 from api.auth import Principal, require
 from api.context import Services
 from api.roles import Role
@@ -27,7 +28,6 @@ from shared.errors import (
     BadRequest,
     Conflict,
     NotFound,
-    OutsideWindow,
     SafeholdError,
     TooMany,
     Unavailable,
@@ -80,37 +80,6 @@ def backup_view(m: ManifestDoc) -> dict[str, object]:
             "safety": m.get("kind") == "safety_backup",
             **({"databases": [x.get("database") for x in entries]}
                if (entries := backup_sets.member_entries(m)) is not None else {})}
-
-
-def within(window: Mapping[str, object], point_in_time: str) -> str | None:
-    """`point_in_time` as the worker takes it (UTC, microseconds; None for "latest"), once
-    it is an instant with its zone inside the recovery window: else 400
-    invalid_point_in_time, or 422 outside_window with the window."""
-    from datetime import UTC, datetime
-
-    try:
-        at = None if point_in_time == "latest" else datetime.fromisoformat(
-            point_in_time.replace("Z", "+00:00"))
-    except ValueError:
-        at = None
-        point_in_time = ""
-    if point_in_time != "latest" and (at is None or at.tzinfo is None):
-        raise BadRequest("point_in_time is an RFC 3339 instant with its zone "
-                         "(2026-12-07T10:15:00Z) or \"latest\"", code="invalid_point_in_time")
-    earliest, latest = window.get("earliest"), window.get("latest")
-    when = None if at is None else at.astimezone(UTC)
-
-    def instant(text: object) -> datetime | None:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")) \
-            if isinstance(text, str) else None
-    first, last = instant(earliest), instant(latest)
-    if first is None or last is None or when is not None and not first <= when <= last:
-        raise OutsideWindow(
-            f"{point_in_time} is outside the recovery window of '{window.get('target')}' "
-            f"({earliest or 'no base yet'} .. {latest or 'nothing archived'})",
-            {k: window.get(k) for k in ("earliest", "latest", "gaps")})
-    return None if when is None else when.isoformat(timespec="microseconds").replace(
-        "+00:00", "Z")
 
 
 class Operations:
@@ -353,28 +322,8 @@ class Operations:
         return out
 
     async def recovery_window(self, caller: Caller, target_id: str) -> dict[str, object]:
-        """A PITR target's window, from its archive on every destination (one that does
-        not answer is named in `unavailable`), with its streamer's state from Redis."""
-        from datetime import UTC, datetime
-
-        from shared.pitr_window import window
-
-        target = self.target(caller, target_id, Role.VIEWER)
-        if target.pitr is None or not target.pitr.enabled:
-            raise Conflict(f"target '{target.id}' has no point-in-time recovery (set "
-                           f"[targets.{target.id}.pitr] enabled = true)",
-                           code="pitr_not_enabled")
-        listing, unavailable = await self.s.catalog.listing(target.id + naming.PITR_SUFFIX)
-        state = {k.decode(): v.decode() for k, v in (await rcmd.hgetall(
-            self.s.redis, self.s.keys.pitr(target.id, "state"))).items()}
-        streaming: dict[str, object] = {k: state.get(k) or None for k in (
-            "streamer", "started_at", "updated_at", "shipped_lsn", "server_lsn",
-            "error", "error_at", "last_gap", "last_gap_at")}
-        streaming["slot"] = target.pitr.slot
-        streaming["slot_bytes"] = int(state["slot_bytes"]) if state.get(
-            "slot_bytes", "").isdigit() else None
-        return {"target": target.id, **window(listing, datetime.now(UTC)),
-                "streaming": streaming, "unavailable": unavailable}
+        """A PITR target's window (api.recovery), for viewers of the target."""
+        return await recovery.window_of(self.s, self.target(caller, target_id, Role.VIEWER))
 
     async def manifest(self, target: str, file: str
                        ) -> tuple[naming.BackupName, ManifestDoc]:
@@ -503,7 +452,7 @@ class Operations:
         an instant outside it is refused (422 outside_window, with the window)."""
         async with self.audited(caller, "create_restore", target_id, {}) as info:
             target = self.target(caller, target_id, Role.OPERATOR)
-            when = within(await self.recovery_window(caller, target.id), point_in_time)
+            when = recovery.within(await recovery.window_of(self.s, target), point_in_time)
             info["backup"] = f"point in time {when or 'latest'}"
             params: JobParams = {"point_in_time": when or "latest",
                                  "create_safety_backup": safety}

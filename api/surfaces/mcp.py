@@ -33,7 +33,8 @@ from mcp.server.transport_security import TransportSecuritySettings
 from api.asgi import call_asgi
 from api.auth import Principal, bearer_token
 from api.context import Services
-from api.operations import AuditInfo, Caller, Operations, within
+from api.operations import AuditInfo, Caller, Operations
+from api.recovery import within
 from api.roles import Role
 from shared import safehold_version
 from shared.errors import BadRequest, Forbidden, SafeholdError, Unauthorized

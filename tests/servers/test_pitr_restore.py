@@ -53,6 +53,23 @@ async def until(check: Any, timeout: float) -> Any:
     raise AssertionError("not reached in time")
 
 
+async def committed_and_archived(api: Any, cluster: Cluster, row: int) -> datetime:
+    """Once the window is open: a row committed, and archived; returns an instant after
+    its commit."""
+    async def opened() -> dict[str, Any] | None:
+        w = await window(api)
+        return w if w["earliest"] else None
+    await until(opened, 60)
+    cluster.psql(f"INSERT INTO t VALUES ({row}, now())", db="app")
+    done = datetime.now(UTC)
+
+    async def archived() -> bool:
+        latest = (await window(api))["latest"]
+        return bool(latest) and datetime.fromisoformat(latest.replace("Z", "+00:00")) > done
+    await until(archived, 30)
+    return done
+
+
 async def rows(cluster: Cluster) -> list[int]:
     conn = await asyncpg.connect(cluster.url(db="app"))
     try:
@@ -138,17 +155,7 @@ async def test_the_cli_shows_the_window_and_restores_to_an_instant(
     from api.cli.commands import COMMANDS
     from tests.conftest import token
 
-    async def opened() -> dict[str, Any] | None:
-        w = await window(api)
-        return w if w["earliest"] else None
-    await until(opened, 60)
-    cluster.psql("INSERT INTO t VALUES (1, now())", db="app")
-    done = datetime.now(UTC)
-
-    async def archived() -> bool:
-        latest = (await window(api))["latest"]
-        return bool(latest) and datetime.fromisoformat(latest.replace("Z", "+00:00")) > done
-    await until(archived, 30)
+    done = await committed_and_archived(api, cluster, 1)
     cluster.psql("DELETE FROM t", db="app")
     base = str(api.make_url("")).rstrip("/")
     async with Client(base, token(settings, "operator")) as client:
@@ -173,17 +180,7 @@ async def test_an_agent_plans_and_executes_a_restore_to_an_instant_over_mcp(
     from tests.conftest import token
     from tests.servers.test_mcp import data, mcp_client, resource, server
 
-    async def opened() -> dict[str, Any] | None:
-        w = await window(api)
-        return w if w["earliest"] else None
-    await until(opened, 60)
-    cluster.psql("INSERT INTO t VALUES (7, now())", db="app")
-    done = datetime.now(UTC)
-
-    async def archived() -> bool:
-        latest = (await window(api))["latest"]
-        return bool(latest) and datetime.fromisoformat(latest.replace("Z", "+00:00")) > done
-    await until(archived, 30)
+    done = await committed_and_archived(api, cluster, 7)
     cluster.psql("DELETE FROM t", db="app")
     async with server(aiohttp_server, settings) as base, \
             mcp_client(base, token(settings, "operator", subject="agent")) as client:

@@ -1,0 +1,63 @@
+"""Point-in-time recovery as the API sees it: a PITR target's window (from its archive on
+every destination, with its streamer's state from Redis), and the one check of an instant
+against it — REST, MCP and the CLI all go through `api.operations`, which uses these."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+from api.context import Services
+from shared import naming, rcmd
+from shared.config import TargetConfig
+from shared.errors import BadRequest, Conflict, OutsideWindow
+from shared.pitr_window import window
+
+STREAMING_KEYS = ("streamer", "started_at", "updated_at", "shipped_lsn", "server_lsn",
+                  "error", "error_at", "last_gap", "last_gap_at")
+
+
+async def window_of(s: Services, target: TargetConfig) -> dict[str, object]:
+    """The window (`shared.pitr_window.window`); a destination that does not answer is
+    named in `unavailable`; 409 pitr_not_enabled for a target without PITR."""
+    if target.pitr is None or not target.pitr.enabled:
+        raise Conflict(f"target '{target.id}' has no point-in-time recovery (set "
+                       f"[targets.{target.id}.pitr] enabled = true)", code="pitr_not_enabled")
+    listing, unavailable = await s.catalog.listing(target.id + naming.PITR_SUFFIX)
+    state = {k.decode(): v.decode() for k, v in (await rcmd.hgetall(
+        s.redis, s.keys.pitr(target.id, "state"))).items()}
+    streaming: dict[str, object] = {k: state.get(k) or None for k in STREAMING_KEYS}
+    streaming["slot"] = target.pitr.slot
+    streaming["slot_bytes"] = int(state["slot_bytes"]) if state.get(
+        "slot_bytes", "").isdigit() else None
+    return {"target": target.id, **window(listing, datetime.now(UTC)),
+            "streaming": streaming, "unavailable": unavailable}
+
+
+def within(window: Mapping[str, object], point_in_time: str) -> str | None:
+    """`point_in_time` as the worker takes it (UTC, microseconds; None for "latest"), once
+    it is an instant with its zone inside the recovery window: else 400
+    invalid_point_in_time, or 422 outside_window with the window."""
+    try:
+        at = None if point_in_time == "latest" else datetime.fromisoformat(
+            point_in_time.replace("Z", "+00:00"))
+    except ValueError:
+        at = None
+        point_in_time = ""
+    if point_in_time != "latest" and (at is None or at.tzinfo is None):
+        raise BadRequest("point_in_time is an RFC 3339 instant with its zone "
+                         "(2026-12-07T10:15:00Z) or \"latest\"", code="invalid_point_in_time")
+    earliest, latest = window.get("earliest"), window.get("latest")
+    when = None if at is None else at.astimezone(UTC)
+
+    def instant(text: object) -> datetime | None:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")) \
+            if isinstance(text, str) else None
+    first, last = instant(earliest), instant(latest)
+    if first is None or last is None or when is not None and not first <= when <= last:
+        raise OutsideWindow(
+            f"{point_in_time} is outside the recovery window of '{window.get('target')}' "
+            f"({earliest or 'no base yet'} .. {latest or 'nothing archived'})",
+            {k: window.get(k) for k in ("earliest", "latest", "gaps")})
+    return None if when is None else when.isoformat(timespec="microseconds").replace(
+        "+00:00", "Z")
