@@ -198,3 +198,25 @@ async def test_an_agent_plans_and_executes_a_restore_to_an_instant_over_mcp(
             "confirmation_token": plan["confirmation_token"], "wait_seconds": 240}))
         assert job["status"] == "succeeded", job
     assert await rows(cluster) == [7]
+
+
+async def test_a_damaged_wal_object_refuses_the_restore_and_changes_nothing(
+        cluster: Cluster, settings: Settings, worker: Any, api: Any, wait_job: JobWaiter,
+        tmp_path: Path) -> None:
+    """A WAL object damaged in storage: the restore past it fails on its checksum before
+    anything is touched; the live database is as it was."""
+    done = await committed_and_archived(api, cluster, 3)
+    archive = tmp_path / "backups" / "main.pitr"
+    newest = max((p for p in archive.glob("wal*_postgresql_*.wal.zst")),
+                  key=lambda p: p.stat().st_mtime)
+    raw = bytearray(newest.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    newest.write_bytes(bytes(raw))
+    resp = await api.post("/api/v1/targets/main/restores", json={
+        "point_in_time": done.isoformat()})
+    job = await wait_job((await resp.json())["id"], timeout=240)
+    assert job["status"] == "failed", job
+    assert job["error"]["database_state"] == "unchanged", job["error"]
+    assert job["error"]["code"] == "archive_damaged", job["error"]
+    assert newest.name in job["error"]["message"]
+    assert await rows(cluster) == [3]

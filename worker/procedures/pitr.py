@@ -27,7 +27,7 @@ from urllib.parse import quote
 from shared import codecs, naming
 from shared.codecs.base import AgeKey
 from shared.config import TargetConfig
-from shared.errors import RestoreFailed
+from shared.errors import PipelineError, RestoreFailed
 from shared.jobs import Job, Phase
 from shared.pitr_window import ArchivedBase, ArchivedPiece, bases, pieces, runs
 from shared.storage.base import BackupStore
@@ -130,11 +130,17 @@ class PitrRestores(Restores):
         name = naming.parse_archive(filename)
         store, manifest = (await self.catalog.copies(archive, name))[0]
         plain = hashlib.sha256()
-        async for chunk in pipeline.stored_plain(
-                _opened(store, archive, filename), codecs.chain_of(manifest),
-                expect_sha256=str(manifest.get("sha256")), identities=ids):
-            plain.update(chunk)
-            yield chunk
+        try:
+            async for chunk in pipeline.stored_plain(
+                    _opened(store, archive, filename), codecs.chain_of(manifest),
+                    expect_sha256=str(manifest.get("sha256")), identities=ids):
+                plain.update(chunk)
+                yield chunk
+        except PipelineError as exc:  # a codec often breaks before the digest is reached
+            raise RestoreFailed(f"the archive object {filename} on {store.name} is damaged "
+                                f"({exc.message}); the restore stopped before changing "
+                                "anything", database_unchanged=True,
+                                code="archive_damaged") from None
         recorded = manifest.get("plain_sha256")
         if isinstance(recorded, str) and recorded != plain.hexdigest():
             raise RestoreFailed(f"{filename}: its content is not what was archived",
