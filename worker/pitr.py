@@ -209,6 +209,7 @@ class Streamer:
                 await pg_pitr.advance_slot(conn, self.pitr.slot, shipped.lsn)
             elif pos.received is not None and pos.server_flush <= shipped.lsn:
                 shipped.covers_until = self.samples[-1][0]  # idle: all archived
+            await self._compact_done(spool, facts, shipped)
             await self._report(pos, shipped)
             _still_wanted()
             await asyncio.sleep(max(0.05, self.pitr.ship_interval - (time.monotonic() - tick)))
@@ -262,8 +263,17 @@ class Streamer:
             shipped.lsn = end
             if covers is not None:
                 shipped.covers_until = covers
-            if hi == seg_bytes and done.exists():
-                await self._compact(seg, done, facts, shipped)
+
+    async def _compact_done(self, spool: Path, facts: pg_pitr.ServerFacts,
+                            shipped: Shipped) -> None:
+        """Every segment pg_receivewal has completed (renamed from .partial) and whose
+        bytes are all shipped: stored whole, its parts and spool copy removed. Looked
+        for on every tick: the rename may come after its last bytes were shipped."""
+        names = await asyncio.to_thread(lambda: sorted(p.name for p in spool.iterdir()))
+        for name in names:
+            if pg_pitr.SEGMENT_RE.match(name) and pg_pitr.segment_start(
+                    name, facts.seg_bytes) + facts.seg_bytes <= shipped.lsn:
+                await self._compact(name, spool / name, facts, shipped)
 
     async def _compact(self, seg: str, done: Path, facts: pg_pitr.ServerFacts,
                        shipped: Shipped) -> None:

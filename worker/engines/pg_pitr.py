@@ -36,6 +36,7 @@ from worker.engines.pg_connection import conn_params, connect, tool_env
 from worker.subproc import Child, feed_stdin, spawn
 
 __all__ = ["lsn_int", "lsn_text", "segment_name", "segment_start"]
+SEGMENT_RE = re.compile(r"^[0-9A-F]{24}\Z")  # a completed segment in the spool
 
 
 @dataclass(frozen=True)
