@@ -499,18 +499,29 @@ class Operations:
         return bytes(await asyncio.to_thread(pyrage.encrypt, identity.encode(), recipients))
 
     async def start_verify(self, caller: Caller, target_id: str, backup: str | None = None,
-                           *, identity: str | None = None,
+                           *, point_in_time: str | None = None, identity: str | None = None,
                            idempotency_key: str | None = None,
                            wait: float | None = None) -> Job:
         """A drill; `identity` opens an encrypted backup whose key the worker does not hold
-        (sealed to the live workers, as for a restore)."""
+        (sealed to the live workers, as for a restore). `point_in_time` (a PITR target's
+        instant, "latest" or "random"): a PITR drill of that instant instead of a backup."""
         async with self.audited(caller, "verify", target_id,
                                 {} if backup is None else {"backup": backup}) as info:
             target = self.target(caller, target_id, Role.OPERATOR)
             params: JobParams = {}
+            if backup is not None and point_in_time is not None:
+                raise BadRequest("a drill is of a \"backup\" or of a \"point_in_time\", "
+                                 "not both", code="invalid_body")
             if backup is not None:  # "" is a bad name, not "the newest"
                 name, _ = await self.manifest(target.id, backup)
                 params["backup"] = info["backup"] = name.filename
+            if point_in_time is not None:
+                window = await recovery.window_of(self.s, target)
+                when = recovery.within(window, "latest" if point_in_time == "random"
+                                       else point_in_time)
+                params["point_in_time"] = "random" if point_in_time == "random" \
+                    else when or "latest"
+                info["backup"] = f"point in time {params['point_in_time']}"
             return await self.submit(caller, JobKind.VERIFY, target.id, params, info,
                                      idempotency_key=idempotency_key, wait=wait,
                                      before_enqueue=await self._sealer(identity, params))

@@ -276,9 +276,13 @@ ROUTES: list[Route] = [
                              BOOL), **_WAIT}, idempotent=True, responses=_JOB),
     Route("POST", f"{T}/verify", h.verify, Role.OPERATOR,
           "Restore drill: restore the newest (or the given) backup into a scratch place, "
-          "compare exact counts with the dump's, run verify_checks, record the outcome",
+          "compare exact counts with the dump's, run verify_checks, record the outcome; "
+          "with point_in_time (a PITR target's instant, \"latest\" or \"random\"): "
+          "recover that instant in a scratch server and drill its dump",
           query=_WAIT, body={"type": "object", "additionalProperties": False,
-                             "properties": {"backup": BACKUP_NAME, "identity": IDENTITY}},
+                             "properties": {"backup": BACKUP_NAME, "identity": IDENTITY,
+                                            "point_in_time": {"type": "string",
+                                                              "maxLength": 40}}},
           idempotent=True, responses=_JOB),
     Route("GET", "/api/v1/schedules", h.schedules_view, Role.VIEWER,
           "Each target's schedule: next run, last slot and job, last outcome",

@@ -106,6 +106,9 @@ def problems(doc: object, name: naming.BackupName) -> list[str]:
     if not isinstance(doc, dict):
         return ["the manifest is not a JSON object"]
     out: list[str] = []
+    failed = doc.get("read_failed")
+    if failed is not None:  # a reading found the object's bytes are not what it records
+        out.append(f"its object was found damaged: {str(failed)[:200]}")
     if doc.get("filename") != name.filename:
         out.append(f"it names the file {str(doc.get('filename'))[:80]!r}, not its own")
     if doc.get("engine") != name.engine:

@@ -101,6 +101,22 @@ def piece(doc: Mapping[str, object]) -> ArchivedPiece | None:
                          seg_bytes=seg_bytes)
 
 
+def named_range(filename: str, seg_bytes: int) -> tuple[int, int, int] | None:
+    """(timeline, start, end) of the WAL a wal/walpart object's name says it holds — all
+    that is known of a damaged one."""
+    try:
+        name = naming.parse_archive(filename)
+        if name.kind not in ("wal", "walpart"):
+            return None
+        segment = name.ref[:24]
+        lo, hi = (0, seg_bytes) if name.kind == "wal" else (
+            int(name.ref[25:33], 16), int(name.ref[34:42], 16))
+        base = segment_start(segment, seg_bytes)
+        return int(segment[:8], 16), base + lo, base + hi
+    except (ValueError, IndexError, InvalidBackupName):
+        return None
+
+
 def pieces(listing: Iterable[Mapping[str, object]]) -> list[ArchivedPiece]:
     """Every piece of WAL a listing proves, by timeline and position."""
     found = [p for doc in listing if (p := piece(doc)) is not None]
@@ -119,6 +135,22 @@ class ArchivedBase:
     consistent_at: datetime
     created_at: datetime
     size_bytes: int
+    last_drill: dict[str, object] | None = None  # the last PITR drill that started here
+
+
+DRILL_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "point_in_time": str, "outcome": str, "at": str, "job": str, "error": str,
+    "rto_s": (int, float)}
+
+
+def _drill(value: object) -> dict[str, object] | None:
+    """A base's `last_drill` as recorded by a drill: only its known fields, each of its
+    type and short (a manifest is read back, never believed)."""
+    if not isinstance(value, dict):
+        return None
+    out = {k: (v[:80] if isinstance(v, str) else v) for k, v in value.items()
+           if k in DRILL_FIELDS and isinstance(v, DRILL_FIELDS[k]) and not isinstance(v, bool)}
+    return out if "outcome" in out else None
 
 
 def base(doc: Mapping[str, object]) -> ArchivedBase | None:
@@ -135,7 +167,8 @@ def base(doc: Mapping[str, object]) -> ArchivedBase | None:
             not isinstance(size, int) or not start <= end:
         return None
     return ArchivedBase(filename=name.filename, timeline=timeline, start=start, end=end,
-                        consistent_at=at, created_at=name.created_at, size_bytes=size)
+                        consistent_at=at, created_at=name.created_at, size_bytes=size,
+                        last_drill=_drill(doc.get("last_drill")))
 
 
 def bases(listing: Iterable[Mapping[str, object]]) -> list[ArchivedBase]:
@@ -185,16 +218,27 @@ def window(listing: Iterable[Mapping[str, object]], now: datetime) -> dict[str, 
     instant a base whose WAL is continuous up to `latest` reaches (null without one:
     nothing is recovered from WAL alone)."""
     listing = list(listing)
-    found = runs(pieces(listing))
+    held = pieces(listing)
+    found = runs(held)
     last = found[-1] if found else None
     # a base counts once WAL from its start is archived up to past its consistent point
     usable = [b for b in bases(listing) if last is not None and b.timeline == last.timeline
               and last.start <= b.start and b.end <= last.end
               and last.covers_until is not None and b.consistent_at <= last.covers_until]
+    seg_bytes = held[0].seg_bytes if held else 16 << 20
+    damaged = [(str(d.get("filename")), r) for d in listing if d.get("damaged")
+               and (r := named_range(str(d.get("filename")), seg_bytes)) is not None]
+
+    def why(a: Run, b: Run) -> str:
+        if a.timeline != b.timeline:
+            return f"new timeline {b.timeline}"
+        inside = [f for f, (tl, lo, hi) in damaged
+                  if tl == a.timeline and lo < b.start and hi > a.end]
+        return f"WAL damaged in storage: {', '.join(inside[:3])}" if inside \
+            else "WAL missing from the archive"
     gaps = [{"timeline": b.timeline, "from_lsn": lsn_text(a.end), "to_lsn": lsn_text(b.start)
              if a.timeline == b.timeline else None,
-             "after": _iso(a.covers_until), "why": "WAL missing from the archive"
-             if a.timeline == b.timeline else f"new timeline {b.timeline}"}
+             "after": _iso(a.covers_until), "why": why(a, b)}
             for a, b in zip(found, found[1:], strict=False)]
     latest = last.covers_until if last else None
     return {
@@ -207,6 +251,7 @@ def window(listing: Iterable[Mapping[str, object]], now: datetime) -> dict[str, 
         "bases": [{"filename": b.filename, "timeline": b.timeline,
                    "start_lsn": lsn_text(b.start), "end_lsn": lsn_text(b.end),
                    "consistent_at": _iso(b.consistent_at), "size_bytes": b.size_bytes,
-                   "usable": b in usable} for b in bases(listing)],
+                   "usable": b in usable, "last_drill": b.last_drill}
+                  for b in bases(listing)],
         "gaps": gaps,
     }

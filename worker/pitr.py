@@ -41,7 +41,7 @@ from shared.config import Settings, TargetConfig
 from shared.errors import PipelineError, SafeholdError
 from shared.keys import Keys
 from shared.notify import Notifier
-from shared.pitr_window import bases, pieces
+from shared.pitr_window import ArchivedPiece, bases, pieces
 from shared.storage.catalog import Catalog
 from worker import pipeline
 from worker.engines import pg_pitr
@@ -147,7 +147,9 @@ class Streamer:
                 created, restart = await pg_pitr.ensure_slot(conn, self.pitr.slot)
                 shipped = await self._resume(facts, created, restart)
                 seg = pg_pitr.segment_name(shipped.timeline, shipped.lsn, facts.seg_bytes)
-                await asyncio.to_thread(_seed, spool / f"{seg}.partial", facts.seg_bytes)
+                # a zero-filled `<segment>.partial`: pg_receivewal starts streaming there
+                await asyncio.to_thread(pg_pitr.zero_file, spool / f"{seg}.partial",
+                                        facts.seg_bytes)
                 await self.state(streamer=self.lease.owner, system_id=facts.system_id,
                                  timeline=shipped.timeline, error="",
                                  shipped_lsn=pg_pitr.lsn_text(shipped.lsn),
@@ -270,13 +272,18 @@ class Streamer:
         bytes are all shipped: stored whole, its parts and spool copy removed. Looked
         for on every tick: the rename may come after its last bytes were shipped."""
         names = await asyncio.to_thread(lambda: sorted(p.name for p in spool.iterdir()))
-        for name in names:
-            if pg_pitr.SEGMENT_RE.match(name) and pg_pitr.segment_start(
-                    name, facts.seg_bytes) + facts.seg_bytes <= shipped.lsn:
-                await self._compact(name, spool / name, facts, shipped)
+        ready = [name for name in names if pg_pitr.SEGMENT_RE.match(name) and
+                 pg_pitr.segment_start(name, facts.seg_bytes) + facts.seg_bytes <= shipped.lsn]
+        if not ready:
+            return
+        archived = pieces(await self.catalog.list_backups(self.archive.id))
+        for name in ready:
+            await self._compact(name, spool / name, facts, shipped,
+                                [p for p in archived if p.kind == "walpart"
+                                 and p.segment == name])
 
     async def _compact(self, seg: str, done: Path, facts: pg_pitr.ServerFacts,
-                       shipped: Shipped) -> None:
+                       shipped: Shipped, parts: list[ArchivedPiece]) -> None:
         """A complete segment: shipped whole (what a stock restore_command fetches), its
         parts deleted, the spool's copy removed."""
         data = await asyncio.to_thread(done.read_bytes)
@@ -291,11 +298,9 @@ class Streamer:
                          if shipped.covers_until else None,
                          "system_id": facts.system_id, "seg_bytes": facts.seg_bytes,
                          "fence": self.lease.fence})
-        for piece in pieces(await self.catalog.list_backups(self.archive.id)):
-            if piece.kind == "walpart" and piece.segment == seg:
-                with contextlib.suppress(SafeholdError):
-                    await self.catalog.delete(self.archive.id,
-                                              naming.parse_stored(piece.filename))
+        for piece in parts:
+            with contextlib.suppress(SafeholdError):
+                await self.catalog.delete(self.archive.id, naming.parse_stored(piece.filename))
         await asyncio.to_thread(done.unlink, True)
 
     async def _put(self, kind: str, ref: str, chunks: AsyncIterator[bytes],
@@ -430,12 +435,6 @@ async def _together(*coros: Coroutine[object, object, None]) -> None:
     for t in done:
         if not t.cancelled() and (exc := t.exception()) is not None:
             raise exc
-
-
-def _seed(path: Path, size: int) -> None:
-    """A zero-filled `<segment>.partial`: pg_receivewal starts streaming at its segment."""
-    with open(path, "wb") as f:
-        f.truncate(size)
 
 
 def _read_range(path: Path, lo: int, hi: int) -> bytes:

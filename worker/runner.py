@@ -336,6 +336,9 @@ class JobRunner:
             await ride_out("waiting for the target lock", lock.acquire, self.grace)
         supplied = await self._supplied_identity(job) \
             if job.params.get("identity_supplied") else []
+        if job.kind == JobKind.VERIFY and job.params.get("point_in_time"):
+            return dict(await self.procedures.drill_to_time(job, target, engine, progress,
+                                                            supplied))
         if job.kind == JobKind.VERIFY:
             return dict(await self.procedures.verify(job, target, engine, progress, supplied))
         if job.kind == JobKind.PRUNE:

@@ -55,6 +55,13 @@ class Scheduler:
                     await self._check_missed(target, now)
                 if target.verify_schedule and (job := await self._verify_slot(target, now)):
                     created.append(job.id)
+                    if target.pitr is not None and target.pitr.enabled:
+                        # a PITR target's drill slot also recovers a random instant of
+                        # its recovery window
+                        created.append((await self._create(
+                            target, JobKind.VERIFY,
+                            f"pitrdrill:{target.id}:{job.params.get('scheduled_slot')}",
+                            {**job.params, "point_in_time": "random"})).id)
                 if self.settings.retains(target) and (job := await self._daily_prune(target,
                                                                                    now)):
                     created.append(job.id)

@@ -102,11 +102,14 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     pr.add_argument("--dry-run", action="store_true", help="plan only: delete nothing")
     pr.add_argument("--yes", action="store_true", help="do not ask (needed without a TTY)")
     pt = cmd("pitr", "point-in-time recovery (PostgreSQL): `status TARGET` shows the window, "
-                     "`restore TARGET --to T` restores to an instant of it")
-    pt.add_argument("action", choices=("status", "restore"))
+                     "`restore TARGET --to T` restores to an instant of it, `drill TARGET "
+                     "[--to T]` recovers an instant (default: a random one) in scratch and "
+                     "checks it")
+    pt.add_argument("action", choices=("status", "restore", "drill"))
     pt.add_argument("target")
-    pt.add_argument("--to", metavar="T", help="restore: an RFC 3339 instant with its zone "
-                                              "(2026-12-07T10:14:59Z) or \"latest\"")
+    pt.add_argument("--to", metavar="T", help="an RFC 3339 instant with its zone "
+                                              "(2026-12-07T10:14:59Z), \"latest\", or "
+                                              "(drill) \"random\"")
     pt.add_argument("--no-safety-backup", action="store_true")
     pt.add_argument("--terminate-connections", action="store_true")
     pt.add_argument("--yes", action="store_true", help="do not ask (needed without a TTY)")
@@ -292,6 +295,15 @@ async def _cmd_restore(client: Client, args: argparse.Namespace) -> int:
     return await job_started(client, job, args)
 
 
+def _drill_text(drill: object) -> str:
+    """A base's last PITR drill, in a few words."""
+    if not isinstance(drill, dict):
+        return "-"
+    rto = drill.get("rto_s")
+    return (f"{drill.get('outcome')} to {drill.get('point_in_time')}"
+            + (f", RTO {rto} s" if isinstance(rto, (int, float)) else ""))
+
+
 async def _cmd_pitr(client: Client, args: argparse.Namespace) -> int:
     if args.action == "status":
         def render(doc: ApiDoc) -> None:
@@ -308,12 +320,18 @@ async def _cmd_pitr(client: Client, args: argparse.Namespace) -> int:
                 print(f"gap      after {g.get('after')}: {g.get('from_lsn')}.."
                       f"{g.get('to_lsn')} ({g.get('why')})")
             rows = [[b["filename"], b["consistent_at"], mib(b.get("size_bytes")),
-                     "yes" if b.get("usable") else "no"] for b in doc.get("bases") or []]
+                     "yes" if b.get("usable") else "no", _drill_text(b.get("last_drill"))]
+                    for b in doc.get("bases") or []]
             if rows:
-                print(_table(rows, ["BASE", "CONSISTENT AT", "SIZE", "USABLE"]))
+                print(_table(rows, ["BASE", "CONSISTENT AT", "SIZE", "USABLE",
+                                    "LAST DRILL"]))
 
         await _show(client, args, f"/api/v1/targets/{args.target}/recovery-window", render)
         return EXIT_OK
+    if args.action == "drill":
+        job = await client.call("POST", f"/api/v1/targets/{args.target}/verify",
+                                json={"point_in_time": args.to or "random"})
+        return await job_started(client, job, args)
     if not args.to:
         print("safehold: pitr restore needs --to T (an instant, or latest)", file=sys.stderr)
         return EXIT_USAGE

@@ -251,6 +251,7 @@ async def verify(request: web.Request) -> web.Response:
     body = await read_json(request)
     job = await ops(request).start_verify(
         caller(request), request.match_info["target"], body.get("backup"),
+        point_in_time=body.get("point_in_time"),
         identity=body.get("identity"), idempotency_key=idempotency_key(request),
         wait=wait_param(request))
     return job_response(job, request)

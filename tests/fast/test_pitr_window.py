@@ -48,6 +48,20 @@ def test_the_window_ends_where_the_continuous_wal_ends_and_says_its_gaps() -> No
     assert len(runs(pieces([doc(0, 0x2000), doc(0x1000, 0x3000)]))) == 1
 
 
+def test_a_gap_over_an_object_found_damaged_names_it() -> None:
+    """An object whose bytes a reading found damaged is listed as damaged (its manifest
+    fails its check from then on): the window shows the hole and names the object."""
+    from shared.manifests import problems
+
+    bad = doc(0x1000, 0x3000, read_failed={"at": "2026-12-06T10:05:00Z", "why": "sha256"})
+    assert problems(bad, naming.parse_archive(bad["filename"]))[0].startswith(
+        "its object was found damaged")
+    stands_for = {"filename": bad["filename"], "kind": "walpart", "damaged": "found damaged"}
+    w = window([doc(0, 0x1000), stands_for, doc(0x3000, 0x4000)],
+               datetime(2026, 12, 6, 10, 1, tzinfo=UTC))
+    assert w["gaps"][0]["why"] == f"WAL damaged in storage: {bad['filename']}", w["gaps"]
+
+
 async def test_pruning_keeps_keep_days_of_window_and_the_base_that_opens_it(
         tmp_path: Any) -> None:
     """Bases consistent before the cutoff go except the newest of them; WAL before the

@@ -34,7 +34,10 @@ def cluster() -> Iterator[Cluster]:
 def settings(cluster: Cluster, prefix: str, tmp_path: Path) -> Settings:
     raw = make_raw_config(prefix, tmp_path / "backups", None)
     raw["targets"] = {"main": {"engine": "postgresql", "url": cluster.url(db="app"),
-                               "pitr": {"enabled": True, "ship_interval": 0.5}}}
+                               "pitr": {"enabled": True, "ship_interval": 0.5},
+                               # the operator's own check, run on every drill's copy
+                               "verify_checks": ["SELECT NOT EXISTS (SELECT 1 FROM t "
+                                                 "WHERE i = 666)"]}}
     return parse_settings(raw, {}, base=tmp_path, source="<test>")
 
 
@@ -203,12 +206,20 @@ async def test_an_agent_plans_and_executes_a_restore_to_an_instant_over_mcp(
 async def test_a_damaged_wal_object_refuses_the_restore_and_changes_nothing(
         cluster: Cluster, settings: Settings, worker: Any, api: Any, wait_job: JobWaiter,
         tmp_path: Path) -> None:
-    """A WAL object damaged in storage: the restore past it fails on its checksum before
-    anything is touched; the live database is as it was."""
-    done = await committed_and_archived(api, cluster, 3)
+    """A whole WAL segment damaged in storage: the restore past it fails on its checksum
+    before anything is touched; the live database is as it was; from then on the object is
+    listed as damaged and the window shows the hole, naming it."""
+    await committed_and_archived(api, cluster, 3)
+    cluster.psql("SELECT pg_switch_wal()", db="app")  # row 3's segment is complete
     archive = tmp_path / "backups" / "main.pitr"
-    newest = max((p for p in archive.glob("wal*_postgresql_*.wal.zst")),
-                  key=lambda p: p.stat().st_mtime)
+    switched = datetime.now().timestamp()
+
+    async def compacted() -> Path | None:
+        return max((p for p in archive.glob("wal_postgresql_*.wal.zst")
+                    if p.stat().st_mtime >= switched), default=None,
+                   key=lambda p: p.stat().st_mtime)
+    newest = await until(compacted, 30)
+    done = await committed_and_archived(api, cluster, 4)  # WAL after it keeps coming
     raw = bytearray(newest.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     newest.write_bytes(bytes(raw))
@@ -219,4 +230,50 @@ async def test_a_damaged_wal_object_refuses_the_restore_and_changes_nothing(
     assert job["error"]["database_state"] == "unchanged", job["error"]
     assert job["error"]["code"] == "archive_damaged", job["error"]
     assert newest.name in job["error"]["message"]
-    assert await rows(cluster) == [3]
+    assert await rows(cluster) == [3, 4]
+    w = await window(api)
+    assert any(newest.name in g["why"] for g in w["gaps"]), w["gaps"]
+    assert w["earliest"] is None or w["earliest"] > done.isoformat()  # no base before it
+
+
+async def test_a_pitr_drill_recovers_an_instant_in_scratch_and_records_it(
+        cluster: Cluster, settings: Settings, worker: Any, api: Any,
+        wait_job: JobWaiter) -> None:
+    """POST …/verify {"point_in_time": "random"}: an instant of the window recovered in a
+    scratch server, its dump restored into a scratch database, counts compared, the
+    target's verify_checks run, RTO recorded on the base (the window shows it); the live
+    database untouched and no backup left behind. A check that fails on the recovered copy
+    fails the drill and the base says so. Bad instants are refused before any job."""
+    await committed_and_archived(api, cluster, 1)
+    for body, status, code in [
+            ({"point_in_time": "yesterday"}, 400, "invalid_point_in_time"),
+            ({"point_in_time": "2000-01-01T00:00:00Z"}, 422, "outside_window"),
+            ({"point_in_time": "random",
+              "backup": "backup_postgresql_20260101T000000Z.sql.gz"}, 400, "invalid_body")]:
+        resp = await api.post("/api/v1/targets/main/verify", json=body)
+        assert resp.status == status, (body, await resp.text())
+        assert (await resp.json())["error"]["code"] == code
+    resp = await api.post("/api/v1/targets/main/verify", json={"point_in_time": "random"})
+    assert resp.status == 202, await resp.text()
+    job = await wait_job((await resp.json())["id"], timeout=240)
+    assert job["status"] == "succeeded", job.get("error")
+    r = job["result"]
+    assert r["mode"] == "pitr-scratch-recovery" and r["outcome"] == "passed", r
+    assert r["counts_compared"] >= 1 and r["rto_s"] > 0, r
+    assert r["checks"] and all(c["ok"] for c in r["checks"]), r
+    w = await window(api)
+    assert w["earliest"] <= r["point_in_time"] <= w["latest"], (r, w)
+    drilled = [b["last_drill"] for b in w["bases"] if b["last_drill"]]
+    assert drilled and drilled[0]["outcome"] == "passed" and drilled[0]["job"] == job["id"]
+    listed = await (await api.get("/api/v1/targets/main/backups")).json()
+    assert listed["backups"] == [], listed  # the drill's intermediate dump is gone
+
+    cluster.psql("INSERT INTO t VALUES (666, now())", db="app")  # the check now fails
+    await committed_and_archived(api, cluster, 2)
+    resp = await api.post("/api/v1/targets/main/verify", json={"point_in_time": "latest"})
+    job = await wait_job((await resp.json())["id"], timeout=240)
+    assert job["status"] == "failed" and job["error"]["code"] == "drill_failed", job
+    assert "check failed" in job["error"]["message"]
+    drilled = [b["last_drill"] for b in (await window(api))["bases"] if b["last_drill"]]
+    assert drilled[0]["outcome"] == "failed" and drilled[0]["job"] == job["id"], drilled
+    assert await rows(cluster) == [1, 2, 666]  # a drill never touches the live database

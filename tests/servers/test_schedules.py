@@ -269,3 +269,22 @@ async def test_the_daily_prune_runs_at_its_configured_time_and_not_when_off(
     assert await s._daily_prune(target, datetime(2026, 12, 7, 14, 31, tzinfo=UTC)) is None
     (off,) = schedulers(settings_with("off"), redis, 1)
     assert await off._daily_prune(target, datetime(2026, 12, 7, 13, 45, tzinfo=UTC)) is None
+
+
+async def test_a_pitr_targets_drill_slot_also_drills_a_random_instant(
+        redis: Redis, prefix: str, tmp_path: Path, test_env: dict[str, str]) -> None:
+    """verify_schedule on a target with PITR: each slot drills the newest backup and
+    recovers a random instant of the window (two verify jobs, once per slot); a target
+    without PITR gets the backup drill only."""
+    settings = with_schedule(prefix, tmp_path, None, test_env, verify_schedule="0 3 * * *",
+                             engine="postgresql", url="postgresql://app@localhost/app",
+                             pitr={"enabled": True})
+    workers = schedulers(settings, redis)
+    t0 = datetime(2026, 6, 1, 2, tzinfo=UTC)
+    assert await run_clock(workers, t0, t0) == []
+    made = await run_clock(workers, t0 + timedelta(minutes=59), t0 + timedelta(hours=2))
+    store = JobStore(redis, Keys(prefix), ttl=3600)
+    jobs = [await store.get(i) for i in made]
+    assert [(j.kind, j.params.get("point_in_time")) for j in jobs] == [
+        ("verify", None), ("verify", "random")]
+    assert {j.params.get("scheduled_slot") for j in jobs} == {"2026-06-01T03:00"}

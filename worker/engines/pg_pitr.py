@@ -275,6 +275,12 @@ async def last_commit(tools: Path, segments: list[Path]) -> datetime | None:
     return None
 
 
+def zero_file(path: Path, size: int) -> None:
+    """A file of `size` zero bytes (sparse): a WAL segment's shape before its bytes."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
 async def untar(chunks: AsyncIterator[bytes], into: Path) -> None:
     """A base backup's tar stream into a data directory (stock tar)."""
     await asyncio.to_thread(into.mkdir, mode=0o700, parents=True)

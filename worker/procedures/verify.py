@@ -57,7 +57,9 @@ class DrillRecord(TypedDict, total=False):
 
     backup: Required[str]
     job: Required[str]
-    mode: Required[str]  # scratch-restore | content-check
+    mode: Required[str]  # scratch-restore | content-check | pitr-scratch-recovery
+    point_in_time: str  # a PITR drill: the instant recovered, and from which base
+    base: str
     destination: str
     swept_scratch: list[str]
     databases: int  # a set: how many of its databases were compared
@@ -76,7 +78,8 @@ class DrillRecord(TypedDict, total=False):
 
 class Verification(ProcedureBase):
     async def verify(self, job: Job, target: TargetConfig, engine: Engine,
-                     progress: Progress, supplied: Sequence[AgeKey] = ()) -> DrillRecord:
+                     progress: Progress, supplied: Sequence[AgeKey] = (), *,
+                     keep_plan: bool = False) -> DrillRecord:
         """A restore drill: verify the backup (checksum, content, identity), restore it into
         a scratch place, compare exact counts with those recorded at dump time, run the
         target's `verify_checks`, time it (RTO), drop the scratch copy; the outcome goes
@@ -98,8 +101,9 @@ class Verification(ProcedureBase):
             name = naming.parse(str(regular[0]["filename"]))
         copies = await self.catalog.copies(target.id, name)
         ids = [*supplied, *self.identities(target)]
-        progress.plan = {Phase.VERIFYING: (0, 20), Phase.RESTORING: (20, 90),
-                         Phase.CHECKING: (90, 100)}
+        if not keep_plan:  # (a PITR drill's plan has its recovery before this)
+            progress.plan = {Phase.VERIFYING: (0, 20), Phase.RESTORING: (20, 90),
+                             Phase.CHECKING: (90, 100)}
         t0 = time.monotonic()
         drill = engine.drill if isinstance(engine, Drillable) else None
         record: DrillRecord = {"backup": name.filename, "job": job.id,
