@@ -104,12 +104,20 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     pt = cmd("pitr", "point-in-time recovery (PostgreSQL): `status TARGET` shows the window, "
                      "`restore TARGET --to T` restores to an instant of it, `drill TARGET "
                      "[--to T]` recovers an instant (default: a random one) in scratch and "
-                     "checks it")
-    pt.add_argument("action", choices=("status", "restore", "drill"))
+                     "checks it; `restore-cluster TARGET --to T --data-dir D` (on the new "
+                     "server, with the config: reads the archive from storage directly) "
+                     "writes a data directory that starts as the server was at T")
+    pt.add_argument("action", choices=("status", "restore", "drill", "restore-cluster"))
     pt.add_argument("target")
     pt.add_argument("--to", metavar="T", help="an RFC 3339 instant with its zone "
                                               "(2026-12-07T10:14:59Z), \"latest\", or "
                                               "(drill) \"random\"")
+    pt.add_argument("--data-dir", metavar="D", help="restore-cluster: a new or empty "
+                                                   "directory")
+    pt.add_argument("--pg-bindir", metavar="DIR", help="restore-cluster: PostgreSQL's tools "
+                    "(default: the base's major version, Debian's layout or pg_config)")
+    pt.add_argument("--owner", help="restore-cluster: the user owning D (default as root: "
+                                    "postgres)")
     pt.add_argument("--no-safety-backup", action="store_true")
     pt.add_argument("--terminate-connections", action="store_true")
     pt.add_argument("--yes", action="store_true", help="do not ask (needed without a TTY)")

@@ -432,6 +432,20 @@ def cmd_mcp(args: argparse.Namespace, settings: ClientSettings) -> int:
     return 0
 
 
+def cmd_restore_cluster(args: argparse.Namespace) -> int:
+    """`safehold pitr restore-cluster`: runs here, with the config's storage credentials
+    (loaded by name, like the worker: `api` never imports `worker`)."""
+    if not args.to or not args.data_dir:
+        print("safehold: pitr restore-cluster needs --to T (an instant, or latest) and "
+              "--data-dir D", file=sys.stderr)
+        return 2
+    settings = load_settings(args.config, os.environ)
+    cluster = importlib.import_module("worker.cluster_restore")
+    asyncio.run(cluster.restore_cluster(settings, args.target, args.to, Path(args.data_dir),
+                                        pg_bindir=args.pg_bindir, owner=args.owner))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="safehold", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="config file (default: $SAFEHOLD_CONFIG or ./safehold.toml)")
@@ -492,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level, args.log_format)
     port = "the port"
     try:
+        if args.command == "pitr" and args.action == "restore-cluster":
+            return cmd_restore_cluster(args)
         if args.command not in SERVER_COMMANDS:
             return _client_main(args)
         settings = load_settings(args.config, os.environ)

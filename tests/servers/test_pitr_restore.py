@@ -31,13 +31,18 @@ def cluster() -> Iterator[Cluster]:
 
 
 @pytest.fixture
-def settings(cluster: Cluster, prefix: str, tmp_path: Path) -> Settings:
+def raw(cluster: Cluster, prefix: str, tmp_path: Path) -> dict[str, Any]:
     raw = make_raw_config(prefix, tmp_path / "backups", None)
     raw["targets"] = {"main": {"engine": "postgresql", "url": cluster.url(db="app"),
                                "pitr": {"enabled": True, "ship_interval": 0.5},
                                # the operator's own check, run on every drill's copy
                                "verify_checks": ["SELECT NOT EXISTS (SELECT 1 FROM t "
                                                  "WHERE i = 666)"]}}
+    return raw
+
+
+@pytest.fixture
+def settings(raw: dict[str, Any], tmp_path: Path) -> Settings:
     return parse_settings(raw, {}, base=tmp_path, source="<test>")
 
 
@@ -277,3 +282,58 @@ async def test_a_pitr_drill_recovers_an_instant_in_scratch_and_records_it(
     drilled = [b["last_drill"] for b in (await window(api))["bases"] if b["last_drill"]]
     assert drilled[0]["outcome"] == "failed" and drilled[0]["job"] == job["id"], drilled
     assert await rows(cluster) == [1, 2, 666]  # a drill never touches the live database
+
+
+async def test_restore_cluster_writes_a_data_directory_that_starts_as_the_server_was_at_t(
+        cluster: Cluster, raw: dict[str, Any], settings: Settings, worker: Any, api: Any,
+        tmp_path: Path) -> None:
+    """`safehold pitr restore-cluster main --to T --data-dir D` with the config only (no
+    API): D starts with PostgreSQL's own server, replays to T and promotes: the rows
+    committed by T, none after. A non-empty D, a malformed instant and one outside the
+    window are refused with nothing written."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from tests.helpers import write_toml
+    from tests.support.pgcluster import free_port
+
+    await committed_and_archived(api, cluster, 1)
+    at = await committed_and_archived(api, cluster, 2)
+    await committed_and_archived(api, cluster, 3)  # after T: must not come back
+    cfg = tmp_path / "safehold.toml"
+    write_toml(cfg, raw)
+    root = Path(tempfile.mkdtemp(prefix="safehold-pg-restored-"))
+    os.chmod(root, 0o755)
+    (root / "pg").mkdir()
+    shutil.chown(root / "pg", "postgres")  # its socket goes there
+    restored = Cluster(root, free_port())
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "api.cli", "--config", str(cfg), "pitr",
+                               "restore-cluster", "main", *args], capture_output=True,
+                              text=True, timeout=300, check=False)
+    try:
+        for to, why in [("yesterday", "RFC 3339"), ("2000-01-01T00:00:00Z", "outside")]:
+            out = cli("--to", to, "--data-dir", str(restored.data))
+            assert out.returncode == 1 and why in out.stderr, out
+            assert not restored.data.exists()
+        out = cli("--to", at.isoformat(), "--data-dir", str(restored.data))
+        assert out.returncode == 0, out.stderr
+        assert "pg_ctl" in out.stdout and (restored.data / "recovery.signal").exists()
+        assert cli("--to", "latest", "--data-dir", str(restored.data)).returncode == 1
+        with open(restored.data / "postgresql.conf", "a") as f:  # the new server's place
+            f.write(f"port = {restored.port}\nunix_socket_directories = '{root / 'pg'}'\n")
+        restored.start()
+
+        async def promoted() -> bool:
+            return restored.psql("SELECT pg_is_in_recovery()") == "f"
+        await until(promoted, 60)
+        assert restored.psql("SELECT string_agg(i::text, ',' ORDER BY i) FROM t",
+                             db="app") == "1,2"
+        assert restored.psql("SELECT n FROM v", db="app") == "2"
+    finally:
+        restored.stop()
+        shutil.rmtree(root, ignore_errors=True)

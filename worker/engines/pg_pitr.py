@@ -65,6 +65,11 @@ async def bindir(target: TargetConfig) -> Path:
         return Path(target.pitr.pg_bindir)
     async with connect(target) as conn:
         major = int(str(await conn.fetchval("SHOW server_version_num"))) // 10000
+    return await tools_of(major, f"targets.{target.id}.pitr.pg_bindir")
+
+
+async def tools_of(major: int, setting: str) -> Path:
+    """The stock tools of PostgreSQL `major` (Debian's layout, else `pg_config`)."""
     debian = Path(f"/usr/lib/postgresql/{major}/bin")
     if (debian / "pg_receivewal").exists():
         return debian
@@ -77,8 +82,8 @@ async def bindir(target: TargetConfig) -> Path:
         if (Path(out.decode().strip()) / "pg_receivewal").exists():
             return Path(out.decode().strip())
     raise EngineError(f"pg_receivewal of PostgreSQL {major} is not installed (the server's "
-                      f"major version): install postgresql-{major} or set "
-                      f"targets.{target.id}.pitr.pg_bindir", code="tool_missing")
+                      f"major version): install postgresql-{major} or set {setting}",
+                      code="tool_missing")
 
 
 async def preflight(target: TargetConfig) -> ServerFacts:
@@ -283,7 +288,7 @@ def zero_file(path: Path, size: int) -> None:
 
 async def untar(chunks: AsyncIterator[bytes], into: Path) -> None:
     """A base backup's tar stream into a data directory (stock tar)."""
-    await asyncio.to_thread(into.mkdir, mode=0o700, parents=True)
+    await asyncio.to_thread(into.mkdir, mode=0o700, parents=True, exist_ok=True)
     async with spawn(["tar", "-x", "-C", str(into), "-f", "-"], env={}, stdin=True) as child:
         await feed_stdin(child, b"", chunks, lambda n: None)
         rc = await child.wait()

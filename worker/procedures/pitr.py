@@ -17,40 +17,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
-import random
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
 
-from shared import codecs, naming
+from shared import naming
 from shared.codecs.base import AgeKey
 from shared.config import TargetConfig
-from shared.errors import IntegrityError, PipelineError, RestoreFailed, SafeholdError
+from shared.errors import RestoreFailed, SafeholdError
 from shared.jobs import Job, Phase, now_iso
-from shared.manifests import ManifestDoc
-from shared.pitr_window import ArchivedBase, ArchivedPiece, bases, pieces, runs
-from shared.storage.base import BackupStore
-from worker import pipeline
+from shared.pitr_window import ArchivedBase
+from worker.archive_read import ArchiveReader, Recovery, choose
 from worker.engines import Engine, pg_pitr
 from worker.engines.pg_connection import conn_params
 from worker.procedures.restore import RestoreResult, Restores
 from worker.procedures.verify import DrillRecord
 from worker.progress import Progress
-
-
-def when_of(value: str) -> datetime | None:
-    """A point in time as submitted ("latest": None)."""
-    if value == "latest":
-        return None
-    at = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    if at.tzinfo is None:
-        raise ValueError("a point in time needs its zone (…Z or +hh:mm)")
-    return at.astimezone(UTC)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,59 +124,29 @@ class PitrRestores(Restores):
             raise RestoreFailed(f"target '{target.id}' has no point-in-time recovery",
                                 database_unchanged=True, code="pitr_not_enabled")
         archive = target.id + naming.PITR_SUFFIX
-        listing = await self.catalog.list_backups(archive)
-        found = runs(pieces(listing))
-        last = found[-1] if found else None
-        if last is None or last.covers_until is None:
-            raise RestoreFailed(f"target '{target.id}' has no archived WAL yet",
-                                database_unchanged=True, code="outside_window")
-        covered = [b for b in bases(listing) if b.timeline == last.timeline
-                   and last.start <= b.start and b.end <= last.end
-                   and b.consistent_at <= last.covers_until]
-        if asked == "random" and covered:
-            first = min(b.consistent_at for b in covered)
-            at: datetime | None = first + (last.covers_until - first) * random.random()
-        else:
-            at = when_of(asked) if asked != "random" else None
-        stop = at if at is not None else last.covers_until
-        usable = [b for b in covered if b.consistent_at <= stop]
-        if not usable or stop > last.covers_until:
-            earliest = min((b.consistent_at for b in covered), default=None)
-            raise RestoreFailed(
-                f"{asked} is outside the recovery window of '{target.id}' (from "
-                f"{earliest.isoformat() if earliest else 'no base yet'} to "
-                f"{last.covers_until.isoformat()}); nothing was changed",
-                database_unchanged=True, code="outside_window")
-        base = max(usable, key=lambda b: b.consistent_at)
+        plan = choose(await self.catalog.list_backups(archive), asked, target.id)
         ids = list(identities) + self.identities(target)
         progress.set_phase(Phase.RECOVERING)
         work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="safehold-pitr-"))
         try:
             filename, sha256 = await self._recover_and_dump(
-                job, target, engine, progress, base,
-                [p for p in pieces(listing) if p.timeline == last.timeline
-                 and p.end > base.start and p.start < last.end], at, work, ids, note)
+                job, target, engine, progress, plan, work,
+                ArchiveReader(self.catalog, archive, ids), note)
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
-        return PointBackup(filename, sha256, base, at)
+        return PointBackup(filename, sha256, plan.base, plan.at)
 
     async def _recover_and_dump(self, job: Job, target: TargetConfig, engine: Engine,
-                                progress: Progress, base: ArchivedBase,
-                                wal: list[ArchivedPiece], at: datetime | None, work: Path,
-                                ids: Sequence[AgeKey], note: str) -> tuple[str, str]:
+                                progress: Progress, plan: Recovery, work: Path,
+                                reader: ArchiveReader, note: str) -> tuple[str, str]:
         tools = await pg_pitr.bindir(target)
-        archive = target.id + naming.PITR_SUFFIX
         data, staged = work / "data", work / "wal"
         await asyncio.to_thread(staged.mkdir)
-        async def unpack(chunks: AsyncIterator[bytes]) -> None:
-            await pg_pitr.untar(chunks, data)
-
-        async def emptied() -> None:
-            await asyncio.to_thread(shutil.rmtree, data, True)
-        await self._read(archive, base.filename, ids, unpack, emptied)
-        segments = await self._stage(archive, wal, staged, ids)
+        await reader.unpack_base(plan.base, data)
+        segments = await reader.stage(plan.wal, staged)
         newest = await pg_pitr.last_commit(tools, segments)
         # past the archive's last commit there is nothing to stop before: replay it all
+        at = plan.at
         stop = at if at is not None and newest is not None and at < newest else None
         async with pg_pitr.recovered(tools, work, data, staged, stop) as (sock, port):
             c = conn_params(target)
@@ -201,75 +157,6 @@ class PitrRestores(Restores):
             made = await self.backup(
                 job, scratch, engine, progress, kind="backup", compress=True,
                 note=f"{note} {at.isoformat() if at else 'latest'}: base "
-                     f"{base.filename}, WAL to {pg_pitr.lsn_text(wal[-1].end) if wal else '-'}")
+                     f"{plan.base.filename}, WAL to "
+                     f"{pg_pitr.lsn_text(plan.wal[-1].end) if plan.wal else '-'}")
         return made["filename"], made["sha256"]
-
-    async def _read(self, archive: str, filename: str, ids: Sequence[AgeKey],
-                    consume: Callable[[AsyncIterator[bytes]], Awaitable[None]],
-                    reset: Callable[[], Awaitable[None]] | None = None) -> None:
-        """Give `consume` an archive object's plain bytes from its first sound copy: the
-        stored sha256 is checked as it streams (a codec usually breaks before the digest is
-        reached) and the plain sha256 at the end. A copy found damaged is marked so
-        (`read_failed`: listed as damaged from then on, so the window shows the hole until
-        it is archived again) and the next destination's copy is read after `reset`; with
-        none left the restore stops before changing anything (archive_damaged)."""
-        name = naming.parse_archive(filename)
-        problems: list[str] = []
-        for store, manifest in await self.catalog.copies(archive, name):
-            plain = hashlib.sha256()
-
-            async def checked(store: BackupStore = store, manifest: ManifestDoc = manifest,
-                              plain: hashlib._Hash = plain) -> AsyncIterator[bytes]:
-                async for chunk in pipeline.stored_plain(
-                        _opened(store, archive, filename), codecs.chain_of(manifest),
-                        expect_sha256=str(manifest.get("sha256")), identities=ids):
-                    plain.update(chunk)
-                    yield chunk
-            try:
-                await consume(checked())
-                recorded = manifest.get("plain_sha256")
-                if isinstance(recorded, str) and recorded != plain.hexdigest():
-                    raise IntegrityError("its content is not what was archived")
-                return
-            except (PipelineError, IntegrityError) as exc:
-                if exc.code in ("wrong_identity", "identity_required"):
-                    raise RestoreFailed(exc.message, database_unchanged=True,
-                                        code=exc.code) from None
-                problems.append(f"{store.name}: {exc.message}")
-                with contextlib.suppress(Exception):
-                    await store.annotate(archive, filename, {"read_failed": {
-                        "at": now_iso(), "why": exc.message[:300]}})
-                if reset is not None:
-                    await reset()
-        raise RestoreFailed(f"the archive object {filename} is damaged on every destination "
-                            f"({'; '.join(problems)[:600]}); the restore stopped before "
-                            "changing anything", database_unchanged=True,
-                            code="archive_damaged")
-
-    async def _stage(self, archive: str, wal: list[ArchivedPiece], staged: Path,
-                     ids: Sequence[AgeKey]) -> list[Path]:
-        """Each WAL segment under its own name, as restore_command fetches it: a whole
-        segment as archived, or its parts written at their offsets (the rest zeros, where
-        recovery ends)."""
-        out: dict[str, Path] = {}
-        for p in wal:
-            path = staged / p.segment
-            if p.segment not in out:
-                await asyncio.to_thread(pg_pitr.zero_file, path, p.seg_bytes)
-                out[p.segment] = path
-            offset = p.start - pg_pitr.segment_start(p.segment, p.seg_bytes)
-
-            async def write(chunks: AsyncIterator[bytes], path: Path = path,
-                            offset: int = offset) -> None:
-                with open(path, "r+b") as f:  # noqa: ASYNC230 - local disk, small writes
-                    f.seek(offset)
-                    async for chunk in chunks:
-                        await asyncio.to_thread(f.write, chunk)
-            await self._read(archive, p.filename, ids, write)
-        return list(out.values())
-
-
-async def _opened(store: BackupStore, target: str, filename: str
-                  ) -> AsyncIterator[bytes]:
-    async for chunk in store.open(target, filename):
-        yield chunk
