@@ -10,6 +10,8 @@ let token = sessionStorage.getItem("safehold-token") || "";
 let me = null;
 let bySchedule = {};
 let selected = null;
+let targetsById = {};
+let pitrWindow = null;  // the selected target's recovery window, when it has PITR
 const following = new Set();
 // paging: the cursor of the page shown (null: the newest), and the next one's
 const pages = { jobs: { before: null, next: null, trail: [] },
@@ -123,6 +125,7 @@ async function loadTargets() {
   const [targets, schedules] = await Promise.all([
     api("GET", "/api/v1/targets"), api("GET", "/api/v1/schedules")]);
   bySchedule = Object.fromEntries(schedules.schedules.map((s) => [s.target, s]));
+  targetsById = Object.fromEntries(targets.targets.map((t) => [t.id, t]));
   fillTargetFilters(targets.targets.map((t) => t.id));
   const body = $("#targets tbody");
   body.replaceChildren();
@@ -179,6 +182,7 @@ async function selectTarget(id) {
                                          api("GET", `${path}/retention`).catch(() => null)]);
   if (selected !== id) return;  // another target was chosen meanwhile
   showFacts(id, plan);
+  await showPitr(id);
   const regular = doc.backups.filter((b) => b.kind === "backup");
   drawChart($("#chart-size"), regular, (b) => b.size_bytes, mib);
   drawChart($("#chart-duration"), regular, (b) => b.duration_s,
@@ -270,6 +274,140 @@ function showFacts(id, plan) {
       doomed.length > 5 ? ` (first 5 shown)` : "", doomed.length ? list : null));
   }
   facts.replaceChildren(...rows);
+}
+
+// ------------------------------------------------------------------ PITR timeline
+async function showPitr(id) {
+  const t = targetsById[id];
+  const view = $("#pitr-view");
+  if (!t || !t.pitr || !t.pitr.enabled) {
+    view.hidden = true;
+    pitrWindow = null;
+    return;
+  }
+  view.hidden = false;
+  let w;
+  try {
+    w = await api("GET", `/api/v1/targets/${encodeURIComponent(id)}/recovery-window`);
+  } catch (e) {
+    $("#pitr-summary").textContent = `the recovery window cannot be read: ${e.message}`;
+    return;
+  }
+  if (selected !== id) return;
+  pitrWindow = w;
+  const s = w.streaming || {};
+  const parts = [w.earliest ? `Recoverable from ${w.earliest} to ${w.latest}` :
+                 "Not recoverable yet: " + (w.latest ? "no base backup opens the window"
+                                                      : "nothing archived")];
+  if (w.lag_s !== null && w.lag_s !== undefined) parts.push(`${w.lag_s.toFixed(1)} s behind`);
+  if (s.error) parts.push(`streamer: ${s.error}`);
+  if (w.gaps.length) parts.push(`${w.gaps.length} gap(s)`);
+  const summary = $("#pitr-summary");
+  summary.textContent = parts.join(" · ");
+  summary.className = s.error || w.gaps.length ? "error" : "";
+  drawTimeline($("#pitr-timeline"), w, $("#pitr-at").value);
+}
+
+function instants(w) {
+  const all = [w.earliest, w.latest, ...w.bases.map((b) => b.consistent_at),
+               ...w.gaps.map((g) => g.after)].filter(Boolean).map(Date.parse);
+  if (!all.length) return null;
+  const t0 = Math.min(...all), t1 = Math.max(...all);
+  return [t0, t1 > t0 ? t1 : t0 + 1000];
+}
+
+// bases (blue ticks; grey: not usable), archived WAL (green), gaps (red), each base's
+// last drill (a dot: green passed, red failed) and the picked instant (dashed)
+function drawTimeline(svg, w, picked) {
+  const NS = "http://www.w3.org/2000/svg";
+  const node = (tag, attrs, title) => {
+    const n = document.createElementNS(NS, tag);
+    for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v);
+    if (title) {
+      const tt = document.createElementNS(NS, "title");
+      tt.textContent = title;
+      n.append(tt);
+    }
+    return n;
+  };
+  const W = 640, L = 6, R = 634, Y = 30;
+  const span = instants(w);
+  const children = [node("line", { class: "axis", x1: L, y1: Y + 12, x2: R, y2: Y + 12 })];
+  if (!span) {
+    const text = node("text", { x: W / 2, y: Y, "text-anchor": "middle" });
+    text.textContent = "nothing archived yet";
+    svg.replaceChildren(text);
+    return;
+  }
+  const x = (iso) => L + ((Date.parse(iso) - span[0]) / (span[1] - span[0])) * (R - L);
+  if (w.earliest && w.latest) {
+    children.push(node("rect", { class: "wal", x: x(w.earliest), y: Y,
+                                 width: Math.max(2, x(w.latest) - x(w.earliest)), height: 12 },
+                       `WAL archived: recoverable from ${w.earliest} to ${w.latest}`));
+  }
+  for (const g of w.gaps) {
+    if (!g.after) continue;
+    children.push(node("rect", { class: "gap", x: x(g.after) - 2, y: Y - 4, width: 4,
+                                 height: 20 }, `gap after ${g.after}: ${g.why}`));
+  }
+  for (const b of w.bases) {
+    const bx = x(b.consistent_at);
+    children.push(node("line", { class: "base" + (b.usable ? "" : " unusable"), x1: bx,
+                                 y1: Y - 10, x2: bx, y2: Y + 16 },
+                       `base ${b.filename}, consistent at ${b.consistent_at}, ` +
+                       `${mib(b.size_bytes)}${b.usable ? "" : " (not usable)"}`));
+    const d = b.last_drill;
+    if (d) {
+      children.push(node("circle", { class: `drill-${d.outcome === "passed" ? "passed"
+                                                                             : "failed"}`,
+                                     cx: bx, cy: Y - 14, r: 4 },
+                         `drill to ${d.point_in_time}: ${d.outcome}` +
+                         (d.rto_s !== undefined ? `, RTO ${d.rto_s} s` : "") +
+                         (d.error ? ` (${d.error})` : "")));
+    }
+  }
+  if (picked && !Number.isNaN(Date.parse(picked))) {
+    const px = Math.min(R, Math.max(L, x(picked)));
+    children.push(node("line", { class: "pick", x1: px, y1: 4, x2: px, y2: Y + 24 },
+                       `restore to ${picked}`));
+  }
+  const label = (ms, anchor, at) => {
+    const n = node("text", { x: at, y: 70, "text-anchor": anchor });
+    n.textContent = new Date(ms).toISOString().replace("T", " ").slice(0, 19) + "Z";
+    return n;
+  };
+  children.push(label(span[0], "start", L), label(span[1], "end", R));
+  svg.replaceChildren(...children);
+}
+
+// a click on the timeline picks that instant (kept inside the window)
+function pickInstant(event) {
+  const w = pitrWindow;
+  const span = w && instants(w);
+  if (!span || !w.earliest) return;
+  const box = event.currentTarget.getBoundingClientRect();
+  const frac = (event.clientX - box.left) / box.width;
+  const L = 6 / 640, R = 634 / 640;
+  let ms = span[0] + ((frac - L) / (R - L)) * (span[1] - span[0]);
+  ms = Math.min(Date.parse(w.latest), Math.max(Date.parse(w.earliest), ms));
+  $("#pitr-at").value = new Date(ms).toISOString();
+  drawTimeline($("#pitr-timeline"), w, $("#pitr-at").value);
+}
+
+async function restoreToInstant(event) {
+  event.preventDefault();
+  const at = $("#pitr-at").value.trim();
+  if (!at) {
+    say("pick an instant on the timeline, or type one (UTC, e.g. 2026-12-07T10:14:59Z)",
+        "error");
+    return;
+  }
+  const ok = await confirmAction(
+    `Restore the database of target "${selected}" to its state at ${at}? It is recovered ` +
+    "from the archive in a scratch server first; a safety backup of the current database " +
+    "is taken before anything is replaced.");
+  if (ok) await startJob("POST", `/api/v1/targets/${encodeURIComponent(selected)}/restores`,
+                         { point_in_time: at });
 }
 
 // a small SVG chart, oldest → newest: one bar per backup, its value on hover
@@ -669,6 +807,13 @@ $("#backup-now").addEventListener("click", () =>
 $("#verify-now").addEventListener("click", () =>
   startJob("POST", `/api/v1/targets/${encodeURIComponent(selected)}/verify`, {}));
 $("#show-safety").addEventListener("change", () => selected && selectTarget(selected));
+$("#pitr-timeline").addEventListener("click", pickInstant);
+$("#pitr-form").addEventListener("submit", restoreToInstant);
+$("#pitr-at").addEventListener("change", () =>
+  pitrWindow && drawTimeline($("#pitr-timeline"), pitrWindow, $("#pitr-at").value));
+$("#pitr-drill").addEventListener("click", () =>
+  startJob("POST", `/api/v1/targets/${encodeURIComponent(selected)}/verify`,
+           { point_in_time: "random" }));
 for (const [name, load] of [["jobs", loadJobs], ["audit", loadAudit]]) {
   $(`#${name}-older`).addEventListener("click", () => pageTo(name, load, "older"));
   $(`#${name}-newest`).addEventListener("click", () => pageTo(name, load, "newest"));

@@ -6,45 +6,14 @@ listed; a viewer sees no destructive buttons. Screenshots go to test-artifacts/.
 from __future__ import annotations
 
 import hashlib
-import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from api.app import create_app
 from shared.config import Settings
 from tests import pg
 from tests.conftest import token
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail("chromium is needed (scripts/test.sh installs it with apt)")
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as p:
-        b = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield b
-        await b.close()
-
-
-async def open_page(browser: Any, base: str, bearer: str) -> tuple[Any, Any, list[str]]:
-    context = await browser.new_context(accept_downloads=True)
-    page = await context.new_page()
-    problems: list[str] = []
-    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: problems.append(str(e)))
-    await page.goto(base + "/")
-    await page.fill("#token", bearer)
-    await page.click("#login-form button[type=submit]")
-    await page.wait_for_selector("#targets tbody tr[data-target=main]")
-    return context, page, problems
+from tests.support.browser import ARTIFACTS, open_page
 
 
 async def test_the_page_backs_up_downloads_uploads_and_restores(
