@@ -37,6 +37,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared import codecs, manifests, naming, rcmd, schedules
+from shared.audit import AuditLog
 from shared.config import Settings, TargetConfig
 from shared.errors import PipelineError, SafeholdError
 from shared.keys import Keys
@@ -112,7 +113,8 @@ class Streamer:
     """One target's archive while this worker holds its lease."""
 
     def __init__(self, settings: Settings, target: TargetConfig, redis: Redis, keys: Keys,
-                 catalog: Catalog, notifier: Notifier, lease: Lease) -> None:
+                 catalog: Catalog, notifier: Notifier, lease: Lease,
+                 alarms: set[str] | None = None) -> None:
         assert target.pitr is not None
         self.settings, self.target, self.pitr = settings, target, target.pitr
         self.redis, self.keys, self.catalog = redis, keys, catalog
@@ -121,7 +123,18 @@ class Streamer:
         self.app = f"safehold_pitr_{secrets.token_hex(4)}"
         self.samples: collections.deque[tuple[datetime, int]] = collections.deque(maxlen=600)
         self.chain = self._chain()
-        self.lagging = False
+        self.alarms = alarms if alarms is not None else set()  # targets lagging now
+        self.audit = AuditLog(redis, keys)
+
+    async def _alert(self, event: str, message: str, data: dict[str, object]) -> None:
+        """A streamer event (pitr.gap, pitr.lagging): notified and audited, best effort
+        (the archive goes on when a receiver or Redis fails)."""
+        with contextlib.suppress(Exception):
+            await self.notifier.event(event, self.target.id, message, data)
+        with contextlib.suppress(Exception):
+            await self.audit.record(action=event, result="alert", subject="pitr-streamer",
+                                    client=self.lease.owner, target=self.target.id,
+                                    detail=message[:500])
 
     def _chain(self) -> list[codecs.Step]:
         chain: list[codecs.Step] = [{"codec": "zstd", "level": 3, "threads": 0}]
@@ -151,7 +164,7 @@ class Streamer:
                 await asyncio.to_thread(pg_pitr.zero_file, spool / f"{seg}.partial",
                                         facts.seg_bytes)
                 await self.state(streamer=self.lease.owner, system_id=facts.system_id,
-                                 timeline=shipped.timeline, error="",
+                                 timeline=shipped.timeline,
                                  shipped_lsn=pg_pitr.lsn_text(shipped.lsn),
                                  started_at=_iso(datetime.now(UTC)))
                 log.info("pitr %s: streaming from %s (timeline %d) as %s", self.target.id,
@@ -187,11 +200,9 @@ class Streamer:
     async def _gap(self, why: str, start: int, end: int) -> None:
         log.warning("pitr %s: gap: %s", self.target.id, why)
         await self.state(last_gap=why, last_gap_at=_iso(datetime.now(UTC)))
-        with contextlib.suppress(Exception):
-            await self.notifier.event("pitr.gap", self.target.id,
-                                      f"point-in-time archive of {self.target.id}: {why}",
-                                      {"from_lsn": pg_pitr.lsn_text(start),
-                                       "to_lsn": pg_pitr.lsn_text(end)})
+        await self._alert("pitr.gap", f"point-in-time archive of {self.target.id}: {why}",
+                          {"from_lsn": pg_pitr.lsn_text(start),
+                           "to_lsn": pg_pitr.lsn_text(end)})
 
     async def _loop(self, conn: asyncpg.Connection, child: Child, spool: Path,
                     facts: pg_pitr.ServerFacts, shipped: Shipped) -> None:
@@ -206,32 +217,43 @@ class Streamer:
             if pos.timeline != shipped.timeline:
                 raise PipelineError(f"the server is on timeline {pos.timeline} now "
                                     f"(archived: {shipped.timeline})", code="pitr_timeline")
+            # said before shipping: the alarm matters most when the archive is down
+            await self._lag_alarm(pos)
+            healthy = False  # shipped, or nothing to ship: whatever stopped it is over
             if pos.received is not None and pos.received > shipped.lsn:
                 await self._ship_upto(spool, facts, shipped, pos.received)
                 await pg_pitr.advance_slot(conn, self.pitr.slot, shipped.lsn)
+                healthy = True
             elif pos.received is not None and pos.server_flush <= shipped.lsn:
                 shipped.covers_until = self.samples[-1][0]  # idle: all archived
+                healthy = True
             await self._compact_done(spool, facts, shipped)
-            await self._report(pos, shipped)
+            await self._report(pos, shipped, healthy)
             _still_wanted()
             await asyncio.sleep(max(0.05, self.pitr.ship_interval - (time.monotonic() - tick)))
 
-    async def _report(self, pos: pg_pitr.Position, shipped: Shipped) -> None:
+    async def _report(self, pos: pg_pitr.Position, shipped: Shipped, healthy: bool) -> None:
         held = pos.server_flush - (pos.slot_restart or pos.server_flush)
         await self.state(shipped_lsn=pg_pitr.lsn_text(shipped.lsn),
                          server_lsn=pg_pitr.lsn_text(pos.server_flush),
                          covers_until=_iso(shipped.covers_until) if shipped.covers_until
-                         else "", slot_bytes=held, updated_at=_iso(datetime.now(UTC)))
+                         else "", slot_bytes=held, updated_at=_iso(datetime.now(UTC)),
+                         **({"error": ""} if healthy else {}))
+
+    async def _lag_alarm(self, pos: pg_pitr.Position) -> None:
+        """pitr.lagging once when the slot holds more than lag_alarm_mb (again after it
+        came back under): this worker's alarms outlive a streamer that fails and restarts
+        while the archive is down."""
+        held = pos.server_flush - (pos.slot_restart or pos.server_flush)
         alarm = held > self.pitr.lag_alarm_mb << 20
-        if alarm and not self.lagging:
-            with contextlib.suppress(Exception):
-                await self.notifier.event(
-                    "pitr.lagging", self.target.id,
-                    f"replication slot {self.pitr.slot} holds {held >> 20} MiB of WAL on "
-                    f"the server (alarm at {self.pitr.lag_alarm_mb} MiB): the archive is "
-                    "behind; the server's disk fills until it catches up or PITR is "
-                    "disabled", {"slot_bytes": held})
-        self.lagging = alarm
+        if alarm and self.target.id not in self.alarms:
+            await self._alert(
+                "pitr.lagging",
+                f"replication slot {self.pitr.slot} holds {held >> 20} MiB of WAL on the "
+                f"server (alarm at {self.pitr.lag_alarm_mb} MiB): the archive is behind; "
+                "the server's disk fills until it catches up or PITR is disabled",
+                {"slot_bytes": held})
+        (self.alarms.add if alarm else self.alarms.discard)(self.target.id)
 
     def _covered(self, lsn: int) -> datetime | None:
         """The last sampled instant whose server position is within `lsn`."""
@@ -464,6 +486,7 @@ class PitrService:
                  notifier: Notifier, worker_id: str) -> None:
         self.settings, self.redis, self.catalog = settings, redis, catalog
         self.notifier, self.worker_id = notifier, worker_id
+        self.alarms: set[str] = set()
         self.keys = Keys(settings.redis.prefix)
         self.targets = [t for t in settings.targets.values()
                         if t.pitr is not None and t.pitr.enabled]
@@ -492,7 +515,7 @@ class PitrService:
             try:
                 if await lease.try_acquire():
                     streamer = Streamer(self.settings, target, self.redis, self.keys,
-                                        self.catalog, self.notifier, lease)
+                                        self.catalog, self.notifier, lease, self.alarms)
                     try:
                         await streamer.run()
                     finally:

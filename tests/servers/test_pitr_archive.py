@@ -195,6 +195,10 @@ async def test_a_dropped_slot_is_a_gap_shown_and_notified(
         w = await wait_until(two_runs, 20)
     assert "safehold_main" in said["last_gap"]
     assert w["gaps"][0]["why"] == "WAL missing from the archive"
+    from shared.audit import AuditLog
+
+    audited = await AuditLog(redis, Keys(prefix)).query(action="pitr.gap")
+    assert audited and "safehold_main" in str(audited[0]["detail"]), audited
 
 
 async def _has_pieces(settings: Settings) -> bool:
@@ -324,3 +328,44 @@ async def test_stock_tools_recover_the_archive_without_safehold(
             server.wait(30)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_the_archive_down_raises_lagging_says_why_and_catches_up_with_no_gap(
+        cluster: Cluster, prefix: str, redis: Redis, tmp_path: Path) -> None:
+    """The destination cannot be written (its archive directory replaced by a file): the
+    window stops growing, the streamer's state says why, and once the slot holds more
+    than lag_alarm_mb a pitr.lagging alert is notified and audited (once, though the
+    streamer restarts meanwhile); back, it catches up: a commit made during the outage is
+    inside the window, with no gap."""
+    from shared.audit import AuditLog
+
+    settings = pitr_settings(prefix, tmp_path, cluster, lag_alarm_mb=16)
+    archive = tmp_path / "backups" / "main.pitr"
+    async with streaming(settings, redis):
+        async def opened() -> bool:
+            return (await archive_window(settings))["earliest"] is not None
+        await wait_until(opened, 60)
+        away = archive.with_name("main.pitr.away")
+        archive.rename(away)
+        archive.write_text("not a directory")
+        cluster.psql("CREATE TABLE big AS SELECT g, repeat('x', 1000) AS pad "
+                     "FROM generate_series(1, 30000) g")  # ~35 MB of WAL
+        cluster.psql("INSERT INTO t(i) VALUES (7)")
+        during = datetime.now(UTC)
+
+        async def lagging() -> list[dict[str, object]]:
+            return await AuditLog(redis, Keys(prefix)).query(action="pitr.lagging")
+        alerts = await wait_until(lagging, 60)
+        assert (await state(redis, settings)).get("error"), "the state says why"
+        await asyncio.sleep(3)  # restarts meanwhile do not alert again
+        assert len(await lagging()) == 1
+        archive.unlink()
+        away.rename(archive)
+
+        async def caught_up() -> dict[str, Any] | None:
+            w = await archive_window(settings)
+            latest = w["latest"] and datetime.fromisoformat(w["latest"].replace("Z", "+00:00"))
+            return w if latest and latest > during else None
+        w = await wait_until(caught_up, 90)
+    assert w["gaps"] == [] and w["earliest"] is not None, w
+    assert alerts[0]["target"] == "main" and "MiB of WAL" in str(alerts[0]["detail"])
