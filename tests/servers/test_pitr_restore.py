@@ -15,9 +15,9 @@ import asyncpg
 import pytest
 
 from shared.config import Settings, parse_settings
-from tests.conftest import JobWaiter, make_raw_config
+from tests.conftest import JobWaiter
 from tests.support.pgcluster import Cluster
-from tests.support.pitr import app_cluster, committed_and_archived, rows, until, window
+from tests.support.pitr import app_cluster, app_config, committed_and_archived, rows, until, window
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -30,13 +30,9 @@ def cluster() -> Iterator[Cluster]:
 
 @pytest.fixture
 def raw(cluster: Cluster, prefix: str, tmp_path: Path) -> dict[str, Any]:
-    raw = make_raw_config(prefix, tmp_path / "backups", None)
-    raw["targets"] = {"main": {"engine": "postgresql", "url": cluster.url(db="app"),
-                               "pitr": {"enabled": True, "ship_interval": 0.5},
-                               # the operator's own check, run on every drill's copy
-                               "verify_checks": ["SELECT NOT EXISTS (SELECT 1 FROM t "
-                                                 "WHERE i = 666)"]}}
-    return raw
+    # the operator's own check, run on every drill's copy
+    return app_config(cluster, prefix, tmp_path, verify_checks=[
+        "SELECT NOT EXISTS (SELECT 1 FROM t WHERE i = 666)"])
 
 
 @pytest.fixture

@@ -13,10 +13,10 @@ import pytest
 
 from api.app import create_app
 from shared.config import Settings, parse_settings
-from tests.conftest import make_raw_config, token
+from tests.conftest import token
 from tests.support.browser import ARTIFACTS, open_page
 from tests.support.pgcluster import Cluster
-from tests.support.pitr import app_cluster, committed_and_archived, rows
+from tests.support.pitr import app_cluster, app_config, committed_and_archived, rows
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -29,10 +29,8 @@ def cluster() -> Iterator[Cluster]:
 
 @pytest.fixture
 def settings(cluster: Cluster, prefix: str, tmp_path: Path) -> Settings:
-    raw = make_raw_config(prefix, tmp_path / "backups", None)
-    raw["targets"] = {"main": {"engine": "postgresql", "url": cluster.url(db="app"),
-                               "pitr": {"enabled": True, "ship_interval": 0.5}}}
-    return parse_settings(raw, {}, base=tmp_path, source="<test>")
+    return parse_settings(app_config(cluster, prefix, tmp_path), {}, base=tmp_path,
+                          source="<test>")
 
 
 async def test_the_timeline_drills_and_restores_to_a_picked_instant(

@@ -7,10 +7,12 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 
+from tests.conftest import make_raw_config
 from tests.support.pgcluster import Cluster, private_cluster
 
 
@@ -21,6 +23,15 @@ def app_cluster() -> Iterator[Cluster]:
         c.psql("CREATE TABLE t (i int PRIMARY KEY, at timestamptz NOT NULL)", db="app")
         c.psql("CREATE VIEW v AS SELECT count(*) AS n FROM t", db="app")
         yield c
+
+
+def app_config(cluster: Cluster, prefix: str, tmp_path: Path, **target: Any
+               ) -> dict[str, Any]:
+    """A raw config whose target `main` is the cluster's app database, with PITR on."""
+    raw = make_raw_config(prefix, tmp_path / "backups", None)
+    raw["targets"] = {"main": {"engine": "postgresql", "url": cluster.url(db="app"),
+                               "pitr": {"enabled": True, "ship_interval": 0.5}, **target}}
+    return raw
 
 
 async def window(api: Any) -> dict[str, Any]:
