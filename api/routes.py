@@ -280,6 +280,8 @@ ROUTES: list[Route] = [
           "with point_in_time (a PITR target's instant, \"latest\" or \"random\"): "
           "recover that instant in a scratch server and drill its dump",
           query=_WAIT, body={"type": "object", "additionalProperties": False,
+                             # a backup's drill or an instant's, not both
+                             "not": {"required": ["backup", "point_in_time"]},
                              "properties": {"backup": BACKUP_NAME, "identity": IDENTITY,
                                             "point_in_time": {"type": "string",
                                                               "maxLength": 40}}},

@@ -58,6 +58,8 @@ class Safehold:
         self.config, self.env, self.token, self.base = config, env, token, base
         self.rss = PeakRSS(worker_pid)
         self.api_pid = 0
+        self.prefix = ""
+        self.workers: list[subprocess.Popen[bytes]] = []
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         req = urllib.request.Request(
@@ -86,8 +88,8 @@ def copy_backup(work: Path, name: str, src: str, dst: str) -> None:
 
 
 @contextmanager
-def safehold(work: Path, targets_toml: str, env: dict[str, str] | None = None
-             ) -> Iterator[Safehold]:
+def safehold(work: Path, targets_toml: str, env: dict[str, str] | None = None,
+             workers: int = 1) -> Iterator[Safehold]:
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cfg = work / "safehold.toml"
@@ -107,7 +109,9 @@ dev_key_path = "{work / 'dev-key.pem'}"
     token = subprocess.run([*cli, "token", "--role", "admin", "--ttl", "4h"], cwd=REPO,
                            env=env, check=True, capture_output=True, text=True).stdout.strip()
     api = subprocess.Popen([*cli, "api"], cwd=REPO, env=env, stderr=subprocess.DEVNULL)
-    worker = subprocess.Popen([*cli, "worker"], cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+    procs = [subprocess.Popen([*cli, "worker"], cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+             for _ in range(workers)]
+    worker = procs[0]
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(150):
@@ -117,14 +121,16 @@ dev_key_path = "{work / 'dev-key.pem'}"
             except OSError:
                 time.sleep(0.2)
         s = Safehold(cfg, env, token, base, worker.pid)
-        s.api_pid = api.pid
+        s.api_pid, s.workers, s.prefix = api.pid, procs, f"safehold-bench-{os.getpid()}"
         s.rss.start()
         yield s
     finally:
         api.terminate()
-        worker.terminate()
+        for w in procs:
+            w.terminate()
         api.wait()
-        worker.wait()
+        for w in procs:
+            w.wait()
 
 
 RESULT_MARK = "BENCH-RESULT "

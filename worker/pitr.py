@@ -42,7 +42,7 @@ from shared.config import Settings, TargetConfig
 from shared.errors import PipelineError, SafeholdError
 from shared.keys import Keys
 from shared.notify import Notifier
-from shared.pitr_window import ArchivedPiece, bases, pieces
+from shared.pitr_window import ArchivedPiece, bases, pieces, runs
 from shared.storage.catalog import Catalog
 from worker import pipeline
 from worker.engines import pg_pitr
@@ -50,7 +50,8 @@ from worker.engines.pg_connection import connect
 from worker.subproc import Child
 
 log = logging.getLogger("safehold.pitr")
-LEASE_S = 15.0
+LEASE_S = 4.0  # kept alive every second by its holder; a dead holder's lapses this fast
+WAIT_S = 0.5  # how often a worker without the lease looks whether it is free
 # refresh a lease only while it is ours (a lapsed one is never taken back silently: another
 # streamer may have shipped meanwhile)
 _REFRESH = """
@@ -98,6 +99,20 @@ class Lease:
     async def release(self) -> None:
         with contextlib.suppress(RedisError, OSError):
             await rcmd.eval_script(self.redis, _RELEASE, 1, self.key, self.owner)
+
+    async def keep(self) -> None:
+        """Refresh the lease every second while its holder works (a base backup or a
+        slow upload never lets it lapse); LeaseLost when it is gone, a Redis error only
+        once the lease would have lapsed anyway."""
+        ok = time.monotonic()
+        while True:
+            await asyncio.sleep(LEASE_S / 4)
+            try:
+                await self.refresh()
+                ok = time.monotonic()
+            except (RedisError, OSError):
+                if time.monotonic() - ok > LEASE_S:
+                    raise
 
 
 @dataclasses.dataclass
@@ -183,6 +198,16 @@ class Streamer:
         last = max((p for p in archived if p.timeline == facts.timeline),
                    key=lambda p: p.end, default=None)
         here = restart if restart is not None else 0
+        before = max(archived, key=lambda p: (p.timeline, p.end), default=None)
+        if last is None and before is not None:
+            # promoted, or restored (restore-cluster, a PITR elsewhere): the archive of the
+            # old timeline cannot be continued; the window starts again at a new base
+            await self._gap(f"the server is on a new timeline {facts.timeline} (promoted, or "
+                            f"restored from a backup); the archive of timeline "
+                            f"{before.timeline} ends at {pg_pitr.lsn_text(before.end)}: WAL "
+                            f"is archived on timeline {facts.timeline} from "
+                            f"{pg_pitr.lsn_text(here)} and a new base backup is taken",
+                            before.end, here)
         if last is None:
             return Shipped(facts.timeline, here)
         if here > last.end:  # the server no longer keeps what follows the archive
@@ -199,6 +224,11 @@ class Streamer:
 
     async def _gap(self, why: str, start: int, end: int) -> None:
         log.warning("pitr %s: gap: %s", self.target.id, why)
+        with contextlib.suppress(RedisError, OSError):
+            said = await rcmd.hget(self.redis, self.keys.pitr(self.target.id, "state"),
+                                   "last_gap")
+            if said is not None and said.decode() == why:
+                return  # a streamer restarting before it shipped anything: said once
         await self.state(last_gap=why, last_gap_at=_iso(datetime.now(UTC)))
         await self._alert("pitr.gap", f"point-in-time archive of {self.target.id}: {why}",
                           {"from_lsn": pg_pitr.lsn_text(start),
@@ -373,11 +403,16 @@ class Streamer:
 
     # ------------------------------------------------------------------ bases
     async def _bases(self, tools: Path, facts: pg_pitr.ServerFacts) -> None:
-        """A base backup at once when the archive has none, then on base_schedule."""
+        """A base backup at once when the archive's current stretch of WAL has none (a new
+        archive, or after a gap or a new timeline: older bases cannot reach it), then on
+        base_schedule."""
         tz = schedules.zone(self.target.timezone, f"targets.{self.target.id}.timezone")
         while True:
             listing = await self.catalog.list_backups(self.archive.id)
-            newest = max((b.created_at for b in bases(listing)), default=None)
+            found = runs(pieces(listing))
+            start = found[-1].start if found and found[-1].timeline == facts.timeline else 0
+            newest = max((b.created_at for b in bases(listing)
+                          if b.timeline == facts.timeline and b.start >= start), default=None)
             now = datetime.now(UTC)
             slot = schedules.latest_due(self.pitr.base_schedule, tz, now)
             if newest is None or (slot is not None and schedules.to_utc(slot, tz) > newest):
@@ -513,13 +548,15 @@ class PitrService:
         while True:
             lease = Lease(self.redis, self.keys, target.id, self.worker_id)
             try:
-                if await lease.try_acquire():
-                    streamer = Streamer(self.settings, target, self.redis, self.keys,
-                                        self.catalog, self.notifier, lease, self.alarms)
-                    try:
-                        await streamer.run()
-                    finally:
-                        await asyncio.shield(lease.release())
+                if not await lease.try_acquire():
+                    await asyncio.sleep(WAIT_S)
+                    continue
+                streamer = Streamer(self.settings, target, self.redis, self.keys,
+                                    self.catalog, self.notifier, lease, self.alarms)
+                try:
+                    await _together(streamer.run(), lease.keep())
+                finally:
+                    await asyncio.shield(lease.release())
             except asyncio.CancelledError:
                 raise
             except LeaseLost as exc:

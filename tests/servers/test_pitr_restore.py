@@ -291,3 +291,66 @@ async def test_restore_cluster_writes_a_data_directory_that_starts_as_the_server
     finally:
         restored.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_a_server_on_a_new_timeline_is_a_gap_said_and_the_archive_goes_on(
+        cluster: Cluster, raw: dict[str, Any], settings: Settings, worker: Any, api: Any,
+        wait_job: JobWaiter, tmp_path: Path) -> None:
+    """The server is restored from its own archive (restore-cluster to T) and started in
+    its place: it is on timeline 2. The streamer says so (a gap, notified once, shown in
+    the window), archives timeline 2 and takes a new base at once, so the window opens
+    again; a restore to "latest" brings back what was committed on the new timeline."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from tests.helpers import write_toml
+
+    await committed_and_archived(api, cluster, 1)
+    at = await committed_and_archived(api, cluster, 2)
+    await committed_and_archived(api, cluster, 3)  # the branch the restore abandons
+    cluster.stop()
+    cfg = tmp_path / "safehold.toml"
+    write_toml(cfg, raw)
+    root = Path(tempfile.mkdtemp(prefix="safehold-pg-tl2-"))
+    os.chmod(root, 0o755)
+    (root / "pg").mkdir()
+    shutil.chown(root / "pg", "postgres")
+    replaced = Cluster(root, cluster.port)  # in the old server's place
+    try:
+        out = subprocess.run([sys.executable, "-m", "api.cli", "--config", str(cfg), "pitr",
+                              "restore-cluster", "main", "--to", at.isoformat(),
+                              "--data-dir", str(replaced.data)],
+                             capture_output=True, text=True, timeout=300, check=False)
+        assert out.returncode == 0, out.stderr
+        with open(replaced.data / "postgresql.conf", "a") as f:
+            f.write(f"unix_socket_directories = '{root / 'pg'}'\n")
+        replaced.start()
+
+        async def promoted() -> bool:
+            return replaced.psql("SELECT pg_is_in_recovery()") == "f"
+        await until(promoted, 60)
+        replaced.psql("INSERT INTO t VALUES (4, now())", db="app")
+        done = datetime.now(UTC)
+
+        async def reopened() -> dict[str, Any] | None:
+            w = await window(api)
+            ok = w["timeline"] == 2 and w["earliest"] and w["latest"] and \
+                datetime.fromisoformat(w["latest"].replace("Z", "+00:00")) > done
+            return w if ok else None
+        w = await until(reopened, 90)
+        assert any(g["why"] == "new timeline 2" for g in w["gaps"]), w["gaps"]
+        assert "new timeline 2" in w["streaming"]["last_gap"]
+        audit = await (await api.get("/api/v1/audit?action=pitr.gap")).json()
+        assert len([e for e in audit["entries"] if "timeline 2" in e["detail"]]) == 1, audit
+
+        resp = await api.post("/api/v1/targets/main/restores", json={"point_in_time": "latest"})
+        job = await wait_job((await resp.json())["id"], timeout=240)
+        assert job["status"] == "succeeded", job.get("error")
+        assert replaced.psql("SELECT string_agg(i::text, ',' ORDER BY i) FROM t",
+                             db="app") == "1,2,4"
+    finally:
+        replaced.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.support.browser import CHROMIUM
+from tests.support.redis_server import PrivateRedis, free_port
 
 
 @pytest.fixture
@@ -21,3 +22,12 @@ async def browser() -> AsyncIterator[Any]:
         b = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield b
         await b.close()
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
+    r = PrivateRedis(free_port(), tmp_path)
+    await r.start()
+    yield r
+    if r.proc is not None and r.proc.returncode is None:
+        await r.kill()

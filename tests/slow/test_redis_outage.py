@@ -7,11 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import signal
-import socket
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,46 +25,7 @@ from tests.helpers import (
     wait_for_terminal,
     write_toml,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class PrivateRedis:
-    def __init__(self, port: int, directory: Path, *, aof: bool = False) -> None:
-        self.port, self.dir, self.aof = port, directory, aof
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        server = shutil.which("redis-server")
-        assert server, "redis-server is needed (scripts/test.sh installs it)"
-        self.proc = await asyncio.create_subprocess_exec(
-            server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "yes" if self.aof else "no", "--appendfsync", "always",
-            "--dir", str(self.dir),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-
-        def answers() -> bool:
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", self.port)) == 0
-        await wait_for(answers, 10, "redis-server to listen")
-
-    async def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        await self.proc.wait()
-
-
-@pytest.fixture
-async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
-    r = PrivateRedis(free_port(), tmp_path)
-    await r.start()
-    yield r
-    if r.proc is not None and r.proc.returncode is None:
-        await r.kill()
+from tests.support.redis_server import PrivateRedis, free_port
 
 
 async def test_worker_and_api_ride_out_a_redis_restart(
