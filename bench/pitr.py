@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,8 @@ from tests.support.pgcluster import BINDIR, Cluster, private_cluster  # noqa: E4
 
 
 def pct(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] \
+        if len(values) > 1 else values[0]
 
 
 def wal_bytes(cluster: Cluster) -> int:
@@ -83,16 +84,18 @@ def main(args: argparse.Namespace) -> None:
                     time.sleep(0.5)
                 figures["first_base_s"] = round(time.monotonic() - t0, 1)
                 print(f"first base archived and the window open in {figures['first_base_s']} s")
-                _recovery_point(args, cluster, pgbench, s, state, figures)
+                ended = _recovery_point(args, cluster, pgbench, s, state, figures)
                 if args.wal_mb:
-                    _wal_volume(args, cluster, pgbench, state, figures)
+                    ended = _wal_volume(args, cluster, pgbench, state, figures)
+                # T: a second before the load ended (PostgreSQL stops at the first commit
+                # after T, so one must follow it), all of the WAL before it replayed
+                at = ended - timedelta(seconds=1)
                 w = s.call("GET", "/api/v1/targets/main/recovery-window")
-                at = datetime.fromisoformat(w["latest"].replace("Z", "+00:00"))
                 base = [b for b in w["bases"] if b["usable"]][-1]["filename"]
                 figures["restore_by_hand_s"] = round(_by_hand(work, base, at), 1)
                 figures["restore_cluster_s"] = round(_restore_cluster(s, at), 1)
                 took, job = s.job("/api/v1/targets/main/restores",
-                                  {"point_in_time": w["latest"]})
+                                  {"point_in_time": at.isoformat()})
                 figures["restore_job_s"] = round(took, 1)
                 redis.close()
         finally:
@@ -110,7 +113,7 @@ State = Callable[[], dict[str, str]]
 
 
 def _recovery_point(args: argparse.Namespace, cluster: Cluster, pgbench: list[str],
-                    s: Safehold, state: State, figures: dict[str, object]) -> None:
+                    s: Safehold, state: State, figures: dict[str, object]) -> datetime:
     wal_before = wal_bytes(cluster)
     load = subprocess.Popen([*pgbench, "-T", str(args.seconds), "-R", str(args.tps), "-c", "4",
                              "-n", "postgres"], stdout=subprocess.DEVNULL,
@@ -133,6 +136,7 @@ def _recovery_point(args: argparse.Namespace, cluster: Cluster, pgbench: list[st
                 f":{victim.pid}:" not in st["streamer"]:
             taken_at = now
         time.sleep(0.5)
+    ended = datetime.now(UTC)
     generated = wal_bytes(cluster) - wal_before
     time.sleep(3)
     archive = s.config.parent / "backups" / "main.pitr"
@@ -152,17 +156,18 @@ def _recovery_point(args: argparse.Namespace, cluster: Cluster, pgbench: list[st
     print(f"WAL generated {figures['wal_generated_mb']} MB, stored (zstd) "
           f"{figures['wal_stored_mb']} MB; first worker's peak RSS "
           f"{figures['worker_peak_rss_mib']} MiB")
+    return ended
 
 
 def _wal_volume(args: argparse.Namespace, cluster: Cluster, pgbench: list[str],
-                state: State, figures: dict[str, object]) -> None:
+                state: State, figures: dict[str, object]) -> datetime:
     before = wal_bytes(cluster)
     t0 = time.monotonic()
     while wal_bytes(cluster) - before < args.wal_mb * 1e6:
         subprocess.run([*pgbench, "-T", "10", "-c", "4", "-n", "postgres"], check=True,
                        capture_output=True)
     written = time.monotonic() - t0
-    end = datetime.now(UTC)
+    end = datetime.now(UTC)  # (the last pgbench has ended)
     t1 = time.monotonic()
     while True:
         st = state()
@@ -175,6 +180,7 @@ def _wal_volume(args: argparse.Namespace, cluster: Cluster, pgbench: list[str],
                    archive_catch_up_s=round(time.monotonic() - t1, 1))
     print(f"{figures['wal_volume_mb']} MB of WAL written unthrottled in {written:.0f} s; the "
           f"archive had all of it {figures['archive_catch_up_s']} s after")
+    return end
 
 
 def _start_and_wait(data: Path, sock: Path, port: int) -> float:
@@ -182,13 +188,15 @@ def _start_and_wait(data: Path, sock: Path, port: int) -> float:
     server = subprocess.Popen(["runuser", "-u", "postgres", "--", str(BINDIR / "postgres"),
                                "-D", str(data), "-c", f"port={port}", "-c",
                                "listen_addresses=", "-c", f"unix_socket_directories={sock}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         while subprocess.run([str(BINDIR / "psql"), "-X", "-tA", "-h", str(sock), "-p",
                               str(port), "-U", "postgres", "-c", "SELECT pg_is_in_recovery()"],
                              capture_output=True, text=True).stdout.strip() != "f":
             if server.poll() is not None:
-                raise SystemExit("the recovery stopped (see PostgreSQL's log)")
+                assert server.stderr is not None
+                raise SystemExit("the recovery stopped: "
+                                 + server.stderr.read().decode()[-2000:])
             time.sleep(0.2)
         return time.monotonic() - t0
     finally:
@@ -210,7 +218,7 @@ def _by_hand(work: Path, base: str, at: datetime) -> float:
                   f"restore_command = '{REPO / 'deploy' / 'safehold-wal-fetch'} {archive} "
                   f"%f %p'\nrecovery_target_time = '{at.isoformat()}'\n"
                   "recovery_target_action = 'promote'\nCONF\n"
-                  f'chmod -R a+rX "{work}" && chmod 755 "{root}" && chown -R postgres "{data}"\n')
+                  f'chmod -R a+rX "{work}" && chown -R postgres "{root}"\n')
         subprocess.run(["sh", "-ec", script], check=True)
         unpacked = time.monotonic() - t0
         return unpacked + _start_and_wait(data, root, free_port())
