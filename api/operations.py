@@ -21,9 +21,11 @@ from api import recovery
 from api.auth import Principal, require
 from api.context import Services
 from api.roles import Role
+from api.scope import scope_params
 from api.upload_store import Receive, store_upload
 from shared import backup_sets, codecs, naming, rcmd, stats
 from shared.config import TargetConfig
+from shared.contents import contents
 from shared.errors import (
     BadRequest,
     Conflict,
@@ -335,6 +337,12 @@ class Operations:
         target = self.target(caller, target_id, Role.VIEWER)
         return backup_view((await self.manifest(target.id, file))[1])
 
+    async def backup_contents(self, caller: Caller, target_id: str, file: str
+                              ) -> dict[str, object]:
+        """What the backup holds, from its manifest (shared.contents), for viewers."""
+        target = self.target(caller, target_id, Role.VIEWER)
+        return contents((await self.manifest(target.id, file))[1])
+
     async def job(self, caller: Caller, job_id: str, role: Role = Role.VIEWER) -> Job:
         job = await self.s.store.get(job_id)
         if caller.principal.role_for(job.target) < Role.VIEWER:
@@ -376,7 +384,8 @@ class Operations:
                             safety: bool = True, identity: str | None = None,
                             terminate: bool = False, roles: str | None = None,
                             owner_map: Mapping[str, str] | None = None,
-                            database: str | None = None,
+                            database: str | None = None, into_database: str | None = None,
+                            replace: bool = False,
                             idempotency_key: str | None = None, wait: float | None = None,
                             fail_fast: bool = False, expect_sha256: str | None = None) -> Job:
         """A restore job bound to the backup's sha256 as it is now (or `expect_sha256`, what
@@ -415,7 +424,8 @@ class Operations:
             # bound to the bytes the caller saw: a file replaced while the job waits in the
             # queue is refused by the worker, never restored under this name
             params: JobParams = {"backup": name.filename, "create_safety_backup": safety,
-                                      "sha256": manifest["sha256"]}
+                                 "sha256": manifest["sha256"],
+                                 **scope_params(self.s.settings, target, into_database, replace)}
             if terminate:
                 if target.engine not in ("postgresql", "mysql"):
                     raise Unprocessable("terminate_connections applies to PostgreSQL and "
@@ -446,7 +456,8 @@ class Operations:
 
     async def start_pitr_restore(self, caller: Caller, target_id: str, point_in_time: str,
                                  *, safety: bool = True, identity: str | None = None,
-                                 terminate: bool = False, idempotency_key: str | None = None,
+                                 terminate: bool = False, into_database: str | None = None,
+                                 replace: bool = False, idempotency_key: str | None = None,
                                  wait: float | None = None) -> Job:
         """A restore to an instant of the target's recovery window ("latest": its end);
         an instant outside it is refused (422 outside_window, with the window)."""
@@ -455,7 +466,8 @@ class Operations:
             when = recovery.within(await recovery.window_of(self.s, target), point_in_time)
             info["backup"] = f"point in time {when or 'latest'}"
             params: JobParams = {"point_in_time": when or "latest",
-                                 "create_safety_backup": safety}
+                                 "create_safety_backup": safety,
+                                 **scope_params(self.s.settings, target, into_database, replace)}
             if terminate:
                 params["terminate_connections"] = True
             return await self.submit(caller, JobKind.RESTORE, target.id, params, info,

@@ -17,6 +17,7 @@ from api.schemas import (
     BACKUP_NAME,
     BACKUPS,
     BOOL,
+    CONTENTS,
     DELETED,
     DESTINATIONS,
     DOWNLOAD_PATH,
@@ -119,12 +120,22 @@ _RESTORE_BODY = {"type": "object", "additionalProperties": False,
                  # a backup, or (PITR targets) an instant of the recovery window
                  "oneOf": [{"required": ["backup"]}, {"required": ["point_in_time"]}],
                  # owner_map goes with roles = "map", and roles = "map" needs one
-                 "dependentRequired": {"owner_map": ["roles"]},
+                 "dependentRequired": {"owner_map": ["roles"], "replace": ["into_database"]},
                  "if": {"required": ["roles"], "properties": {"roles": {"const": "map"}}},
                  "then": {"required": ["owner_map"]},
                  "else": {"not": {"required": ["owner_map"]}},
                  "properties": {"backup": BACKUP_NAME,
                                 "point_in_time": {"type": "string", "maxLength": 40},
+                                "into_database": {
+                                    "type": "string",
+                                    "pattern": "^[A-Za-z0-9_][A-Za-z0-9_.-]*$",
+                                    "maxLength": 118, "description": "restore into this new "
+                                    "database beside the live one (PostgreSQL, MySQL: a "
+                                    "database name; SQLite: a file name next to the "
+                                    "target's)"},
+                                "replace": {"type": "boolean", "default": False,
+                                            "description": "with into_database: restore "
+                                            "over it when it exists"},
                                 "create_safety_backup": {"type": "boolean", "default": True},
                                 "owner_map": {
                                     "type": "object", "minProperties": 1,
@@ -203,6 +214,10 @@ ROUTES: list[Route] = [
           "Backups (manifests), newest first; safety backups flagged", responses=ok(BACKUPS)),
     Route("GET", f"{T}/backups/{{file}}", h.get_backup, Role.VIEWER, "One backup's manifest",
           responses=ok(MANIFEST)),
+    Route("GET", f"{T}/backups/{{file}}/contents", h.backup_contents, Role.VIEWER,
+          "What a backup holds, as recorded when it was made: its tables (collections, key "
+          "spaces) with their row counts, exact where the dump was counted as it passed; "
+          "no byte of the backup is read", responses=ok(CONTENTS)),
     Route("GET", f"{T}/backups/{{file}}/download", h.download_backup, Role.OPERATOR,
           "Download a backup from the first destination holding it (supports Range; S3 "
           "destinations may redirect to a presigned URL). A browser passes `?ticket=` "

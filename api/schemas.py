@@ -94,6 +94,11 @@ RECOVERY_WINDOW: Schema = obj({
     "lag_s": nullable(NUM), "bases": {"type": "array", "items": OBJ},
     "gaps": {"type": "array", "items": OBJ}, "streaming": OBJ},
     timeline=nullable(INT), wal=nullable(OBJ), unavailable={"type": "array", "items": STR})
+CONTENT_ITEM: Schema = obj({"name": STR, "count": nullable(INT)})
+CONTENTS: Schema = obj({"backup": STR, "engine": STR},
+                       created_at=TIME, raw_bytes=nullable(INT), unit=nullable(STR),
+                       exact=BOOL, total=INT, items={"type": "array", "items": CONTENT_ITEM},
+                       databases={"type": "array", "items": OBJ})
 DELETED: Schema = obj({"deleted": {"type": "array", "items": STR}, "target": TARGET_ID})
 
 TARGET: Schema = obj({"id": TARGET_ID, "engine": STR, "schedule": nullable(STR),

@@ -109,6 +109,8 @@ class JobParams(TypedDict, total=False):
     owner_map: dict[str, str]
     database: str  # restore: one database of a server target's set
     point_in_time: str  # restore: RFC 3339 UTC instant, or "latest" (PITR targets)
+    into_database: str  # restore: into this new database beside the live one
+    replace: bool  # restore into_database: over it when it exists
     identity_supplied: bool  # an age identity was sealed for this job
     compress: bool  # backup
     note: str

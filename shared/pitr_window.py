@@ -136,6 +136,7 @@ class ArchivedBase:
     created_at: datetime
     size_bytes: int
     last_drill: dict[str, object] | None = None  # the last PITR drill that started here
+    system_id: str = ""
 
 
 DRILL_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -168,7 +169,8 @@ def base(doc: Mapping[str, object]) -> ArchivedBase | None:
         return None
     return ArchivedBase(filename=name.filename, timeline=timeline, start=start, end=end,
                         consistent_at=at, created_at=name.created_at, size_bytes=size,
-                        last_drill=_drill(doc.get("last_drill")))
+                        last_drill=_drill(doc.get("last_drill")),
+                        system_id=str(doc.get("system_id") or ""))
 
 
 def bases(listing: Iterable[Mapping[str, object]]) -> list[ArchivedBase]:
@@ -211,6 +213,39 @@ def _iso(at: datetime | None) -> str | None:
         "+00:00", "Z")
 
 
+@dataclass(frozen=True)
+class Current:
+    """The archive of the server streamed now: WAL and bases of one system (a server
+    replaced at the same address — a new cluster, another machine — starts a new archive:
+    its LSNs have nothing to do with the old ones), and what an older system left."""
+
+    pieces: list[ArchivedPiece]
+    bases: list[ArchivedBase]
+    replaced: list[dict[str, object]]  # gaps: one per system that came before
+
+
+def current(listing: Iterable[Mapping[str, object]]) -> Current:
+    listing = list(listing)
+    held = pieces(listing)
+    newest = max(held, key=lambda p: (p.created_at, p.end), default=None)
+    if newest is None:
+        return Current([], bases(listing), [])
+    system = newest.system_id
+    before: dict[str, datetime | None] = {}
+    for p in held:
+        if p.system_id != system:
+            ends = before.get(p.system_id)
+            before[p.system_id] = max((t for t in (ends, p.covers_until) if t), default=None)
+    replaced: list[dict[str, object]] = [
+        {"timeline": None, "from_lsn": None, "to_lsn": None, "after": _iso(ends),
+         "why": f"the server was replaced (system identifier {system}; the archive before "
+                f"it is of {other})"}
+        for other, ends in sorted(before.items(), key=lambda kv: kv[1] or datetime.min.replace(
+            tzinfo=UTC))]
+    return Current([p for p in held if p.system_id == system],
+                   [b for b in bases(listing) if b.system_id in ("", system)], replaced)
+
+
 def window(listing: Iterable[Mapping[str, object]], now: datetime) -> dict[str, object]:
     """`GET …/recovery-window`'s answer from the archive's listing: the continuous WAL
     ending last (`latest`: everything the server flushed by then is archived; `lag_s`:
@@ -218,11 +253,12 @@ def window(listing: Iterable[Mapping[str, object]], now: datetime) -> dict[str, 
     instant a base whose WAL is continuous up to `latest` reaches (null without one:
     nothing is recovered from WAL alone)."""
     listing = list(listing)
-    held = pieces(listing)
+    now_archived = current(listing)
+    held = now_archived.pieces
     found = runs(held)
     last = found[-1] if found else None
     # a base counts once WAL from its start is archived up to past its consistent point
-    usable = [b for b in bases(listing) if last is not None and b.timeline == last.timeline
+    usable = [b for b in now_archived.bases if last is not None and b.timeline == last.timeline
               and last.start <= b.start and b.end <= last.end
               and last.covers_until is not None and b.consistent_at <= last.covers_until]
     seg_bytes = held[0].seg_bytes if held else 16 << 20
@@ -236,10 +272,12 @@ def window(listing: Iterable[Mapping[str, object]], now: datetime) -> dict[str, 
                   if tl == a.timeline and lo < b.start and hi > a.end]
         return f"WAL damaged in storage: {', '.join(inside[:3])}" if inside \
             else "WAL missing from the archive"
-    gaps = [{"timeline": b.timeline, "from_lsn": lsn_text(a.end), "to_lsn": lsn_text(b.start)
-             if a.timeline == b.timeline else None,
-             "after": _iso(a.covers_until), "why": why(a, b)}
-            for a, b in zip(found, found[1:], strict=False)]
+    gaps: list[dict[str, object]] = [
+        {"timeline": b.timeline, "from_lsn": lsn_text(a.end),
+         "to_lsn": lsn_text(b.start) if a.timeline == b.timeline else None,
+         "after": _iso(a.covers_until), "why": why(a, b)}
+        for a, b in zip(found, found[1:], strict=False)]
+    gaps = now_archived.replaced + gaps
     latest = last.covers_until if last else None
     return {
         "earliest": _iso(min((b.consistent_at for b in usable), default=None)),
@@ -252,6 +290,6 @@ def window(listing: Iterable[Mapping[str, object]], now: datetime) -> dict[str, 
                    "start_lsn": lsn_text(b.start), "end_lsn": lsn_text(b.end),
                    "consistent_at": _iso(b.consistent_at), "size_bytes": b.size_bytes,
                    "usable": b in usable, "last_drill": b.last_drill}
-                  for b in bases(listing)],
+                  for b in now_archived.bases],
         "gaps": gaps,
     }

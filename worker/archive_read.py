@@ -20,7 +20,7 @@ from shared.codecs.base import AgeKey
 from shared.errors import IntegrityError, PipelineError, RestoreFailed
 from shared.jobs import now_iso
 from shared.manifests import ManifestDoc
-from shared.pitr_window import ArchivedBase, ArchivedPiece, bases, pieces, runs
+from shared.pitr_window import ArchivedBase, ArchivedPiece, current, runs
 from shared.storage.base import BackupStore
 from shared.storage.catalog import Catalog
 from worker import pipeline
@@ -51,14 +51,14 @@ def choose(listing: Iterable[Mapping[str, object]], asked: str, target: str) -> 
     """The recovery of `asked` (an instant, "latest", or "random": anywhere in the
     window) from an archive's listing; outside_window (nothing changed) when the window
     does not hold it."""
-    listing = list(listing)
-    held = pieces(listing)
+    now_archived = current(listing)
+    held = now_archived.pieces
     found = runs(held)
     last = found[-1] if found else None
     if last is None or last.covers_until is None:
         raise RestoreFailed(f"target '{target}' has no archived WAL yet",
                             database_unchanged=True, code="outside_window")
-    covered = [b for b in bases(listing) if b.timeline == last.timeline
+    covered = [b for b in now_archived.bases if b.timeline == last.timeline
                and last.start <= b.start and b.end <= last.end
                and b.consistent_at <= last.covers_until]
     if asked == "random" and covered:

@@ -42,7 +42,7 @@ from shared.config import Settings, TargetConfig
 from shared.errors import PipelineError, SafeholdError
 from shared.keys import Keys
 from shared.notify import Notifier
-from shared.pitr_window import ArchivedPiece, bases, pieces, runs
+from shared.pitr_window import ArchivedPiece, bases, current, pieces, runs
 from shared.storage.catalog import Catalog
 from worker import pipeline
 from worker.engines import pg_pitr
@@ -194,10 +194,19 @@ class Streamer:
                       restart: int | None) -> Shipped:
         """Where the archive ends (from the archive itself), checked against the slot: a
         slot that was dropped, or moved past what was archived, is a gap."""
-        archived = pieces(await self.catalog.list_backups(self.archive.id))
+        everything = pieces(await self.catalog.list_backups(self.archive.id))
+        archived = [p for p in everything if p.system_id == facts.system_id]
         last = max((p for p in archived if p.timeline == facts.timeline),
                    key=lambda p: p.end, default=None)
         here = restart if restart is not None else 0
+        if not archived and everything:
+            # another cluster at the target's address (a new server, initdb'd again): its
+            # WAL has nothing to do with the archive's; a new archive starts beside it
+            await self._gap(f"the server was replaced: system identifier {facts.system_id}, "
+                            f"the archive so far is of {everything[-1].system_id}; WAL is "
+                            f"archived from {pg_pitr.lsn_text(here)} and a new base backup "
+                            "is taken", 0, here)
+            return Shipped(facts.timeline, here)
         before = max(archived, key=lambda p: (p.timeline, p.end), default=None)
         if last is None and before is not None:
             # promoted, or restored (restore-cluster, a PITR elsewhere): the archive of the
@@ -409,10 +418,11 @@ class Streamer:
         tz = schedules.zone(self.target.timezone, f"targets.{self.target.id}.timezone")
         while True:
             listing = await self.catalog.list_backups(self.archive.id)
-            found = runs(pieces(listing))
+            found = runs([p for p in pieces(listing) if p.system_id == facts.system_id])
             start = found[-1].start if found and found[-1].timeline == facts.timeline else 0
             newest = max((b.created_at for b in bases(listing)
-                          if b.timeline == facts.timeline and b.start >= start), default=None)
+                          if b.system_id == facts.system_id and b.timeline == facts.timeline
+                          and b.start >= start), default=None)
             now = datetime.now(UTC)
             slot = schedules.latest_due(self.pitr.base_schedule, tz, now)
             if newest is None or (slot is not None and schedules.to_utc(slot, tz) > newest):
@@ -425,14 +435,21 @@ class Streamer:
         """Keep the window `keep_days` long: bases consistent before its start go, but the
         newest of them (the window starts there); WAL before the oldest kept base goes."""
         listing = await self.catalog.list_backups(self.archive.id)
-        kept = bases(listing)
+        now_archived = current(listing)
+        kept = now_archived.bases
         cutoff = now - timedelta(days=self.pitr.keep_days)
         old = [b for b in kept if b.consistent_at < cutoff]
         doomed = [b.filename for b in old[:-1]]  # the newest old base still opens it
         oldest = [b for b in kept if b.filename not in doomed]
         if oldest:
             start = min(b.start for b in oldest)
-            doomed += [p.filename for p in pieces(listing) if p.end <= start]
+            doomed += [p.filename for p in now_archived.pieces if p.end <= start]
+        # a replaced server's archive (its LSNs are not comparable): by age alone
+        mine = {p.filename for p in now_archived.pieces} | {b.filename for b in kept}
+        doomed += [p.filename for p in pieces(listing) if p.filename not in mine
+                   and p.created_at < cutoff]
+        doomed += [b.filename for b in bases(listing) if b.filename not in mine
+                   and b.consistent_at < cutoff]
         for filename in doomed:
             with contextlib.suppress(SafeholdError):
                 await self.catalog.delete(self.archive.id, naming.parse_stored(filename))

@@ -357,7 +357,8 @@ class JobRunner:
         if job.params.get("point_in_time"):
             return dict(await self.procedures.restore_to_time(job, target, engine, progress,
                                                               supplied))
-        return dict(await self.procedures.restore(job, target, engine, progress, supplied))
+        return dict(await self.procedures.restore_as_asked(job, target, engine, progress,
+                                                           supplied))
 
     async def _supplied_identity(self, job: Job) -> list[AgeKey]:
         """Open the identity sent with this restore or drill (sealed by the API to the live

@@ -10,6 +10,7 @@ import json
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from urllib.parse import quote
 
 from api.cli.client import (
     EXIT_FAILED,
@@ -40,6 +41,10 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     cmd("targets", "the configured targets")
     cmd("stats", "a target's database size, tables, server version").add_argument("target")
     cmd("backups", "a target's backups, newest first").add_argument("target")
+    ct = cmd("contents", "what a backup holds (tables and their rows, as recorded when it "
+                         "was made; nothing is read from the backup)")
+    ct.add_argument("target")
+    ct.add_argument("backup")
     b = cmd("backup", "start a backup")
     b.add_argument("target")
     b.add_argument("--no-compress", action="store_true")
@@ -54,6 +59,12 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                         "(--owner-map, PostgreSQL) or their owners and grants left out")
     r.add_argument("--database", help="a server target's backup set: restore only this "
                                       "database of it")
+    r.add_argument("--into-database", metavar="NAME",
+                   help="restore into this new database beside the live one, which is not "
+                        "touched (PostgreSQL, MySQL; SQLite: a file name next to the "
+                        "target's)")
+    r.add_argument("--replace", action="store_true",
+                   help="with --into-database: restore over it when it exists")
     r.add_argument("--owner-map", action="append", metavar="OLD=NEW", default=[],
                    help="with --roles map: give OLD's objects and grants to NEW (repeat)")
     r.add_argument("--terminate-connections", action="store_true",
@@ -273,6 +284,26 @@ async def _cmd_backups(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _cmd_contents(client: Client, args: argparse.Namespace) -> int:
+    def table(part: ApiDoc) -> str:
+        unit = part.get("unit") or "count"
+        rows = [[i["name"], "?" if i.get("count") is None else
+                 (str(i["count"]) if part.get("exact") else f"~{i['count']}")]
+                for i in part.get("items") or []]
+        return _table(rows, ["NAME", unit.upper()]) if rows else "(nothing recorded)"
+
+    def render(doc: ApiDoc) -> None:
+        for member in doc.get("databases") or []:
+            print(f"database {member.get('database')}")
+            print(table(member))
+        if "databases" not in doc:
+            print(table(doc))
+
+    await _show(client, args, f"/api/v1/targets/{args.target}/backups/"
+                              f"{quote(args.backup, safe='')}/contents", render)
+    return EXIT_OK
+
+
 async def _cmd_backup(client: Client, args: argparse.Namespace) -> int:
     body = {"compress": not args.no_compress, "note": args.note or ""}
     job = await client.call("POST", f"/api/v1/targets/{args.target}/backups", json=body)
@@ -280,11 +311,19 @@ async def _cmd_backup(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _cmd_restore(client: Client, args: argparse.Namespace) -> int:
-    if not confirm(args, f"Replace the database of target '{args.target}' with "
-                         f"{args.backup}?"):
+    question = (f"Restore {args.backup} into database {args.into_database} beside target "
+                f"'{args.target}''s (which is not touched)"
+                + (", replacing it if it exists?" if args.replace else "?")
+                if args.into_database else
+                f"Replace the database of target '{args.target}' with {args.backup}?")
+    if not confirm(args, question):
         return EXIT_USAGE
     req: ApiDoc = {"backup": args.backup,
-                           "create_safety_backup": not args.no_safety_backup}
+                   "create_safety_backup": not args.no_safety_backup}
+    if args.into_database:
+        req["into_database"] = args.into_database
+    if args.replace:
+        req["replace"] = True
     if args.terminate_connections:
         req["terminate_connections"] = True
     if args.roles:
@@ -500,6 +539,7 @@ COMMANDS: dict[str, Command] = {
     "targets": _cmd_targets,
     "stats": _cmd_stats,
     "backups": _cmd_backups,
+    "contents": _cmd_contents,
     "backup": _cmd_backup,
     "restore": _cmd_restore,
     "upload": _cmd_upload,

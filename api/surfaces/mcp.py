@@ -36,6 +36,7 @@ from api.context import Services
 from api.operations import AuditInfo, Caller, Operations
 from api.recovery import within
 from api.roles import Role
+from api.scope import scope_params
 from shared import safehold_version
 from shared.errors import BadRequest, Forbidden, SafeholdError, Unauthorized
 from shared.jobs import Event, Job, JobStatus
@@ -52,7 +53,7 @@ ToolResult = dict[str, object]
 # tool -> the role it needs somewhere (listing hides the others from a token)
 TOOL_ROLES = {
     "list_databases": Role.VIEWER, "list_backups": Role.VIEWER, "job_status": Role.VIEWER,
-    "recovery_window": Role.VIEWER,
+    "recovery_window": Role.VIEWER, "backup_contents": Role.VIEWER,
     "create_backup": Role.OPERATOR, "verify_backup": Role.OPERATOR,
     "plan_restore": Role.OPERATOR, "execute_restore": Role.OPERATOR,
     "cancel_job": Role.OPERATOR, "delete_backup": Role.ADMIN,
@@ -163,6 +164,7 @@ class _Reads:
     list_backups: Callable[[str], Awaitable[ToolResult]]
     job_status: Callable[[str], Awaitable[ToolResult]]
     recovery_window: Callable[[str], Awaitable[ToolResult]]
+    backup_contents: Callable[[str, str], Awaitable[ToolResult]]
 
 
 def _read_tools(server: MCPServer, kit: _Kit) -> _Reads:
@@ -196,8 +198,17 @@ def _read_tools(server: MCPServer, kit: _Kit) -> _Reads:
             return await ops.recovery_window(who, database_id)
         return await kit.run("recovery_window", database_id, body)
 
+    @server.tool(description="What a backup holds, as recorded when it was made: its "
+                             "tables (collections, key spaces) with row counts, exact where "
+                             "counted as the dump passed. Reads no byte of the backup.")
+    async def backup_contents(database_id: str, backup: str) -> ToolResult:
+        async def body(ops: Operations, who: Caller) -> ToolResult:
+            return await ops.backup_contents(who, database_id, backup)
+        return await kit.run("backup_contents", database_id, body)
+
     return _Reads(list_databases=list_databases, list_backups=list_backups,
-                  job_status=job_status, recovery_window=recovery_window)
+                  job_status=job_status, recovery_window=recovery_window,
+                  backup_contents=backup_contents)
 
 
 def _job_tools(server: MCPServer, kit: _Kit) -> None:
@@ -242,22 +253,30 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                              "and size, the safety backup taken first) and a confirmation "
                              "token for execute_restore, valid 5 minutes, once. Name a "
                              "backup, or (PITR databases) a point_in_time: an RFC 3339 "
-                             "instant of the recovery window, or \"latest\".")
+                             "instant of the recovery window, or \"latest\". into_database: "
+                             "restore beside the live database, into a new one of that name "
+                             "(the live one is not touched; replace: over it if it exists).")
     async def plan_restore(database_id: str, backup: str = "", point_in_time: str = "",
                            create_safety_backup: bool = True,
                            terminate_connections: bool = False,
                            roles: str | None = None,
                            owner_map: dict[str, str] | None = None,
-                           database: str | None = None) -> ToolResult:
+                           database: str | None = None, into_database: str | None = None,
+                           replace: bool = False) -> ToolResult:
         info: AuditInfo = {"backup": (backup or f"point in time {point_in_time}")[:200]}
 
         async def body(ops: Operations, who: Caller) -> ToolResult:
             target = ops.target(who, database_id, Role.OPERATOR)
             if bool(backup) == bool(point_in_time):
                 raise BadRequest("name either backup or point_in_time", code="invalid_body")
+            scope = scope_params(kit.services().settings, target, into_database, replace)
+            where = (f"the new database {into_database} beside {target.id} (which is not "
+                     "touched)" + (", replacing it if it exists," if replace else "")
+                     if into_database else target.id)
             if point_in_time:
                 return await _plan_point_in_time(kit, ops, who, target.id, point_in_time,
-                                                 create_safety_backup, terminate_connections)
+                                                 create_safety_backup, terminate_connections,
+                                                 dict(scope), where)
             if roles not in (None, "create", "skip", "map") or (roles == "map") != bool(
                     owner_map):
                 raise BadRequest("roles must be \"create\", \"skip\" or \"map\" (with "
@@ -272,7 +291,7 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                     "session": who.principal.session,
                     "create_safety_backup": create_safety_backup,
                     "terminate_connections": terminate_connections, "roles": roles,
-                    "owner_map": owner_map, "database": database}
+                    "owner_map": owner_map, "database": database, **scope}
             s = kit.services()
             await s.redis.set(_plan_key(s, token), json.dumps(plan), ex=PLAN_TTL)
             return {
@@ -284,7 +303,7 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                 "what_happens": (
                     ("a safety backup of the current database is taken first; then "
                      if create_safety_backup else "NO safety backup is taken; ")
-                    + f"{target.id} is replaced by the content of {name.filename} (the backup "
+                    + f"{where} is replaced by the content of {name.filename} (the backup "
                     "is verified before anything is dropped; a failed restore rolls back)"),
                 "confirmation_token": token, "expires_in_seconds": PLAN_TTL}
         return await kit.run("plan_restore", database_id, body, info)
@@ -313,7 +332,9 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                 job = await ops.start_pitr_restore(
                     who, plan["target"], plan["point_in_time"],
                     safety=plan["create_safety_backup"],
-                    terminate=bool(plan.get("terminate_connections")))
+                    terminate=bool(plan.get("terminate_connections")),
+                    into_database=plan.get("into_database"),
+                    replace=bool(plan.get("replace")))
                 return await kit.follow(ops, who, job, ctx, wait_seconds)
             job = await ops.start_restore(who, plan["target"], plan["backup"],
                                           safety=plan["create_safety_backup"],
@@ -321,14 +342,16 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                                           roles=plan.get("roles"),
                                           owner_map=plan.get("owner_map"),
                                           database=plan.get("database"),
+                                          into_database=plan.get("into_database"),
+                                          replace=bool(plan.get("replace")),
                                           expect_sha256=plan["sha256"])
             return await kit.follow(ops, who, job, ctx, wait_seconds)
         return await kit.run("execute_restore", None, body, info)
 
 
 async def _plan_point_in_time(kit: _Kit, ops: Operations, who: Caller, target: str,
-                              point_in_time: str, safety: bool, terminate: bool
-                              ) -> ToolResult:
+                              point_in_time: str, safety: bool, terminate: bool,
+                              scope: dict[str, object], where: str) -> ToolResult:
     """A restore to an instant: checked against the window now (and again when it runs)."""
     window = await ops.recovery_window(who, target)
     point_in_time = within(window, point_in_time) or "latest"
@@ -337,7 +360,7 @@ async def _plan_point_in_time(kit: _Kit, ops: Operations, who: Caller, target: s
     plan = {"target": target, "backup": f"point in time {point_in_time}",
             "point_in_time": point_in_time, "subject": who.principal.subject,
             "session": who.principal.session, "create_safety_backup": safety,
-            "terminate_connections": terminate}
+            "terminate_connections": terminate, **scope}
     s = kit.services()
     await s.redis.set(_plan_key(s, token), json.dumps(plan), ex=PLAN_TTL)
     return {"database_id": target, "point_in_time": point_in_time,
@@ -345,7 +368,7 @@ async def _plan_point_in_time(kit: _Kit, ops: Operations, who: Caller, target: s
             "what_happens": (
                 ("a safety backup of the current database is taken first; then "
                  if safety else "NO safety backup is taken; ")
-                + f"{target} is replaced by its state at {point_in_time}, recovered from the "
+                + f"{where} is replaced by its state at {point_in_time}, recovered from the "
                 "archive in a scratch server (verified before anything is dropped; a failed "
                 "restore rolls back)"),
             "confirmation_token": token, "expires_in_seconds": PLAN_TTL}
@@ -384,6 +407,12 @@ def _resources(server: MCPServer, reads: _Reads) -> None:
                      description="A PITR database's recovery window")
     async def window_resource(id: str) -> str:  # noqa: A002
         return await read(reads.recovery_window(id))
+
+    @server.resource("resources://safehold/databases/{id}/backups/{backup}/contents",
+                     mime_type="application/json",
+                     description="What a backup holds (tables and counts at backup time)")
+    async def contents_resource(id: str, backup: str) -> str:  # noqa: A002
+        return await read(reads.backup_contents(id, backup))
 
     @server.resource("resources://safehold/jobs/{job_id}", mime_type="application/json",
                      description="One job: status, progress, result or error")

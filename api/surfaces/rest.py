@@ -150,6 +150,11 @@ async def get_backup(request: web.Request) -> web.Response:
         caller(request), request.match_info["target"], request.match_info["file"]))
 
 
+async def backup_contents(request: web.Request) -> web.Response:
+    return web.json_response(await ops(request).backup_contents(
+        caller(request), request.match_info["target"], request.match_info["file"]))
+
+
 async def download_backup(request: web.Request) -> web.StreamResponse:
     target = svc(request).settings.target(request.match_info["target"]).id
     return await download(request, target, request.match_info["file"])
@@ -176,6 +181,7 @@ async def create_restore(request: web.Request) -> web.Response:
             caller(request), request.match_info["target"], body["point_in_time"],
             safety=body.get("create_safety_backup", True), identity=body.get("identity"),
             terminate=body.get("terminate_connections", False),
+            into_database=body.get("into_database"), replace=body.get("replace", False),
             idempotency_key=idempotency_key(request), wait=wait_param(request))
         return job_response(job, request)
     job = await ops(request).start_restore(
@@ -183,6 +189,7 @@ async def create_restore(request: web.Request) -> web.Response:
         safety=body.get("create_safety_backup", True), identity=body.get("identity"),
         terminate=body.get("terminate_connections", False), roles=body.get("roles"),
         owner_map=body.get("owner_map"), database=body.get("database"),
+        into_database=body.get("into_database"), replace=body.get("replace", False),
         idempotency_key=idempotency_key(request), wait=wait_param(request))
     return job_response(job, request)
 

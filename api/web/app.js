@@ -72,9 +72,10 @@ function showForRole(root, role) {
   }
 }
 
-function confirmAction(text) {
+function confirmAction(text, where = false) {
   const dialog = $("#confirm");
-  $("#confirm-text").textContent = text;
+  if (text !== null) $("#confirm-text").textContent = text;  // null: already written
+  $("#restore-where").hidden = !where;
   return new Promise((resolve) => {
     dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"),
                             { once: true });
@@ -481,12 +482,38 @@ async function download(target, name) {
   }
 }
 
+// the restore dialog's plan in words, as its choices change
+function restorePlan(target, name) {
+  const beside = document.querySelector("input[name=where]:checked").value === "beside";
+  const into = $("#beside-name").value.trim();
+  $("#confirm-text").textContent = beside
+    ? `Restore ${name} into a new database "${into || "…"}" beside the database of target ` +
+      `"${target}", which is not touched. It is refused if that database exists; the ` +
+      "backup is verified first."
+    : `Restore ${name} over the database of target "${target}"? A safety backup of the ` +
+      "current database is taken first; the backup is verified before anything is dropped.";
+  return beside ? into : null;
+}
+
 async function restore(target, name) {
-  const ok = await confirmAction(
-    `Restore ${name} over the database of target "${target}"? A safety backup of the ` +
-    "current database is taken first; the backup is verified before anything is dropped.");
-  if (ok) await startJob("POST", `/api/v1/targets/${encodeURIComponent(target)}/restores`,
-                         { backup: name });
+  const t = targetsById[target];
+  const canBeside = t && ["postgresql", "mysql", "sqlite"].includes(t.engine) && !t.databases;
+  document.querySelector("input[name=where][value=replace]").checked = true;
+  $("#beside-name").value = "";
+  const update = () => restorePlan(target, name);
+  const fields = [...document.querySelectorAll("input[name=where]"), $("#beside-name")];
+  for (const f of fields) f.addEventListener("input", update);
+  update();
+  const ok = await confirmAction(null, canBeside);
+  const into = restorePlan(target, name);
+  for (const f of fields) f.removeEventListener("input", update);
+  if (!ok) return;
+  const body = { backup: name };
+  if (into !== null) {
+    if (!into) { say("name the new database", "error"); return; }
+    body.into_database = into;
+  }
+  await startJob("POST", `/api/v1/targets/${encodeURIComponent(target)}/restores`, body);
 }
 
 async function remove(target, name) {

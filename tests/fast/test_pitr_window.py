@@ -122,3 +122,33 @@ async def test_pruning_keeps_keep_days_of_window_and_the_base_that_opens_it(
         for s in (3, 5, 7)]
     assert sorted(str(s) for k, s in kinds if k == "walpart") == [
         f"00000001000000000000{s:04X}" for s in range(3, 9)]
+
+
+def test_a_replaced_server_starts_a_new_window_and_its_lsns_never_mix() -> None:
+    """Another cluster at the target's address (another system identifier): its WAL has
+    nothing to do with the old archive's, though the LSNs overlap; the window is the new
+    server's, the old archive is a gap that says so, and a restore picks from the new
+    server's WAL and bases only."""
+    from datetime import timedelta
+
+    from worker.archive_read import choose
+
+    old = [doc(0, 0x3000, system_id="111", covers_until="2026-12-06T10:00:03Z")]
+    later = naming.archive_name("walpart", AT + timedelta(minutes=5),
+                                f"{SEG}_{0:08X}-{0x1000:08X}")
+    new = [{**doc(0, 0x1000, system_id="222", covers_until="2026-12-06T10:05:01Z"),
+            "filename": later.filename}]
+    base = {"filename": naming.archive_name("base", AT).filename,
+            "kind": "base", "timeline": 1, "start_lsn": lsn_text(BASE), "end_lsn":
+            lsn_text(BASE + 0x100), "consistent_at": "2026-12-06T10:00:01Z",
+            "size_bytes": 10, "system_id": "111"}
+    w = window([*old, *new, base], datetime(2026, 12, 6, 10, 6, tzinfo=UTC))
+    assert w["latest"] == "2026-12-06T10:05:01.000Z" and w["earliest"] is None, w
+    assert "replaced" in str(w["gaps"][0]["why"]) and "222" in str(w["gaps"][0]["why"])
+    assert w["bases"] == []  # the old server's base cannot open the new window
+    import pytest
+
+    from shared.errors import RestoreFailed
+    with pytest.raises(RestoreFailed) as refused:
+        choose([*old, *new, base], "2026-12-06T10:00:02Z", "main")
+    assert refused.value.code == "outside_window"

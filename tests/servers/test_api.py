@@ -195,6 +195,37 @@ async def test_list_download_range_and_delete(api: Any, worker: Any, pg_db: str,
     assert resp.status == 404
 
 
+async def test_contents_of_a_backup_from_its_manifest(
+        api: Any, anon: Any, worker: Any, pg_db: str, settings: Any) -> None:
+    """GET …/backups/{file}/contents (viewer): each table with the rows the dump held,
+    exact (counted as the dump passed), from the manifest alone; bad and unknown names
+    answer 400 / 404; a manifest's hostile counts are shown as nothing, never echoed."""
+    from shared.contents import contents
+    from tests.conftest import bearer
+
+    await pg.load_rich(pg_db)
+    name = (await backup(api))["result"]["filename"]
+    resp = await anon.get(f"/api/v1/targets/main/backups/{name}/contents",
+                          headers=bearer(settings, "viewer"))
+    assert resp.status == 200, await resp.text()
+    doc = await resp.json()
+    counted = {i["name"]: i["count"] for i in doc["items"]}
+    conn = await pg.user_conn(pg_db)
+    rows = int(await conn.fetchval("SELECT count(*) FROM everything"))
+    await conn.close()
+    assert doc["exact"] and doc["unit"] == "rows" and counted["public.everything"] == rows
+    assert doc["total"] == sum(counted.values()) and doc["backup"] == name
+    for bad, status in [("backup_postgresql_20000101_000000.sql.gz", 404),
+                        ("..%2F..%2Fetc%2Fpasswd", 400)]:
+        resp = await api.get(f"/api/v1/targets/main/backups/{bad}/contents")
+        assert resp.status == status, (bad, await resp.text())
+    hostile = contents({"filename": name, "engine": "postgresql", "exact_count_kind": "rows",
+                        "exact_counts": {"ok": 3, "neg": -1, "b": True, "\x00": 1,
+                                         "x" * 600: 2, "s": "DROP"}})
+    assert hostile["items"] == [{"name": "ok", "count": 3}, {"name": "neg", "count": None},
+                                {"name": "b", "count": None}, {"name": "s", "count": None}]
+
+
 async def test_jobs_filters(api: Any, worker: Any, pg_db: str) -> None:
     """Jobs can be filtered by target, status and kind."""
     job = await backup(api)

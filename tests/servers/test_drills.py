@@ -7,12 +7,9 @@ from __future__ import annotations
 import gzip
 import json
 import sqlite3
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from redis.asyncio import Redis
 
 from api.app import create_app
@@ -21,23 +18,6 @@ from tests import pg
 from tests.conftest import bearer, make_raw_config
 from tests.helpers import backup, republish, running_worker
 from worker.engines import drill_name
-
-
-@pytest.fixture
-async def drill_role(pg_db: str) -> AsyncIterator[str]:
-    """A role that may create (scratch) databases and reads the test role's tables."""
-    role = f"safehold_drill_{uuid.uuid4().hex[:8]}"
-    conn = await pg.admin_conn()
-    await conn.execute(f"CREATE ROLE {role} LOGIN CREATEDB PASSWORD '{pg.TEST_PASSWORD}' "
-                       f"IN ROLE {pg.TEST_USER}")
-    await conn.close()
-    yield role
-    conn = await pg.admin_conn()
-    for (db,) in await conn.fetch("SELECT datname FROM pg_database d JOIN pg_roles r ON "
-                                  "r.oid = d.datdba WHERE r.rolname = $1", role):
-        await conn.execute(f'DROP DATABASE "{db}" WITH (FORCE)')
-    await conn.execute(f"DROP ROLE {role}")
-    await conn.close()
 
 
 def drill_settings(prefix: str, tmp_path: Path, pg_db: str, test_env: dict[str, str],
@@ -60,15 +40,15 @@ async def scratch_databases(role: str) -> list[str]:
 
 async def test_drill_passes_on_a_good_backup(
         aiohttp_client: Any, redis: Redis, prefix: str, tmp_path: Path, pg_db: str,
-        test_env: dict[str, str], drill_role: str) -> None:
-    settings = drill_settings(prefix, tmp_path, pg_db, test_env, drill_role,
+        test_env: dict[str, str], createdb_role: str) -> None:
+    settings = drill_settings(prefix, tmp_path, pg_db, test_env, createdb_role,
                               verify_checks=["SELECT count(*) > 0 FROM everything"])
     api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
     # scratch databases a killed drill left: one from long ago, one that may be in use
     leaked, recent = "safehold_drill_00000010_abcdef12", drill_name()
     conn = await pg.admin_conn()
     for db in (leaked, recent):
-        await conn.execute(f'CREATE DATABASE "{db}" OWNER {drill_role}')
+        await conn.execute(f'CREATE DATABASE "{db}" OWNER {createdb_role}')
     await conn.close()
     async with running_worker(settings):
         await pg.load_rich(pg_db)
@@ -76,7 +56,7 @@ async def test_drill_passes_on_a_good_backup(
         job = await (await api.post("/api/v1/targets/main/verify?wait=120", json={})).json()
     assert job["status"] == "succeeded", job.get("error")
     assert job["result"]["swept_scratch"] == [leaked]
-    assert await scratch_databases(drill_role) == [recent]
+    assert await scratch_databases(createdb_role) == [recent]
     conn = await pg.admin_conn()
     await conn.execute(f'DROP DATABASE "{recent}"')
     await conn.close()
@@ -91,7 +71,7 @@ async def test_drill_passes_on_a_good_backup(
     manifest = json.loads((tmp_path / "backups" / "main" / f"{name}.json").read_text())
     assert manifest["exact_counts"]["public.everything"] == real
     assert manifest["verification"]["outcome"] == "passed" and manifest["verified_at"]
-    assert await scratch_databases(drill_role) == []
+    assert await scratch_databases(createdb_role) == []
     text = await (await api.get("/metrics")).text()
     assert 'safehold_last_verify_passed{target="main"} 1.0' in text
     assert 'safehold_last_verify_rto_seconds{target="main"}' in text
@@ -99,11 +79,11 @@ async def test_drill_passes_on_a_good_backup(
 
 async def test_drill_catches_a_checksum_valid_but_wrong_backup(
         aiohttp_client: Any, redis: Redis, prefix: str, tmp_path: Path, pg_db: str,
-        test_env: dict[str, str], drill_role: str) -> None:
+        test_env: dict[str, str], createdb_role: str) -> None:
     """Rows cut out of one table's COPY data and the manifest's checksum redone: every
     checksum agrees, the restore runs, the counts do not — the drill fails and says where;
     a failing user check fails it too."""
-    settings = drill_settings(prefix, tmp_path, pg_db, test_env, drill_role,
+    settings = drill_settings(prefix, tmp_path, pg_db, test_env, createdb_role,
                               verify_checks=["SELECT count(*) > 1000000 FROM everything"])
     api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
     async with running_worker(settings):
@@ -127,7 +107,7 @@ async def test_drill_catches_a_checksum_valid_but_wrong_backup(
     assert "public.everything" in job["error"]["message"]
     manifest = json.loads((d / f"{name}.json").read_text())
     assert manifest["verification"]["outcome"] == "failed"
-    assert await scratch_databases(drill_role) == []
+    assert await scratch_databases(createdb_role) == []
 
 
 async def test_drill_without_createdb_says_what_to_grant(
@@ -193,12 +173,12 @@ INSERT INTO measurements SELECT d, 1 FROM generate_series('2025-01-01'::date,
 
 async def test_drill_passes_with_inheritance_and_partitions(
         aiohttp_client: Any, redis: Redis, prefix: str, tmp_path: Path, pg_db: str,
-        test_env: dict[str, str], drill_role: str) -> None:
+        test_env: dict[str, str], createdb_role: str) -> None:
     """Issue 20.2: a parent's count(*) includes its children's rows while the dump holds
     each table's own rows; the drill counts each table alone (ONLY), so a healthy backup
     with (multi-level) inheritance, a parent with rows of its own, an empty parent and
     (sub-)partitions passes with every table's exact count."""
-    settings = drill_settings(prefix, tmp_path, pg_db, test_env, drill_role)
+    settings = drill_settings(prefix, tmp_path, pg_db, test_env, createdb_role)
     api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))
     conn = await pg.user_conn(pg_db)
     await conn.execute(INHERITANCE)
@@ -223,7 +203,7 @@ async def test_drill_passes_with_inheritance_and_partitions(
 
 async def test_an_offline_key_backup_is_drilled_with_the_identity_sent(
         aiohttp_client: Any, redis: Redis, prefix: str, tmp_path: Path, pg_db: str,
-        test_env: dict[str, str], drill_role: str) -> None:
+        test_env: dict[str, str], createdb_role: str) -> None:
     """Issue 22, item 4: the worker holds no key (an offline escrow key): a drill without
     one is recorded `not_run` with why — not `failed`, which means a bad backup —; the
     identity sent with the drill (sealed to the workers, never stored) lets it run and
@@ -232,7 +212,7 @@ async def test_an_offline_key_backup_is_drilled_with_the_identity_sent(
 
     key = pyrage.x25519.Identity.generate()
     stranger = pyrage.x25519.Identity.generate()
-    settings = drill_settings(prefix, tmp_path, pg_db, test_env, drill_role,
+    settings = drill_settings(prefix, tmp_path, pg_db, test_env, createdb_role,
                               compression="zstd",
                               encryption={"recipients": [str(key.to_public())]})
     api = await aiohttp_client(create_app(settings), headers=bearer(settings, "admin"))

@@ -280,3 +280,52 @@ async def test_the_database_path_is_shown_to_admins_only(
             body = await (await c.get(path)).json()
             assert ("path" in body) is shown and (str(db_path) in json.dumps(body)) is shown, \
                 (role, path, body)
+
+
+def _rows(path: Path) -> list[Any]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT id, i, t FROM thing ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
+async def test_a_restore_beside_writes_a_new_file_with_the_live_files_mode(
+        api: Any, worker: Any, db_path: Path) -> None:
+    """into_database on SQLite: a new file next to the target's, with its mode, holding the
+    backup; the live file untouched; an existing file refused unless replace; a path, the
+    live file's own name or a hostile name refused before any job."""
+    import os
+
+    build(db_path)
+    db_path.chmod(0o640)
+    name = (await (await api.post("/api/v1/targets/main/backups?wait=60")).json())[
+        "result"]["filename"]
+    backed_up = _rows(db_path)
+    conn = sqlite3.connect(db_path)
+    conn.execute("DELETE FROM thing WHERE id % 2 = 0")
+    conn.commit()
+    conn.close()
+    live = _rows(db_path)
+
+    async def restore(**body: Any) -> dict[str, Any]:
+        resp = await api.post("/api/v1/targets/main/restores?wait=60",
+                              json={"backup": name, **body})
+        assert resp.status in (200, 202), await resp.text()
+        return dict(await resp.json())
+    job = await restore(into_database="app-copy.db")
+    assert job["status"] == "succeeded", job.get("error")
+    copy = db_path.parent / "app-copy.db"
+    assert _rows(copy) == backed_up and _rows(db_path) == live
+    assert oct(os.stat(copy).st_mode & 0o777) == "0o640"
+    job = await restore(into_database="app-copy.db")
+    assert job["status"] == "failed" and job["error"]["code"] == "database_exists", job
+    job = await restore(into_database="app-copy.db", replace=True)
+    assert job["status"] == "succeeded" and job["result"]["safety_backup"], job
+    for bad, status in [("../escape.db", 400), ("a/b.db", 400), ("app.db", 422),
+                        (".hidden", 400), ("x" * 200, 400), ("nul\x00.db", 400)]:
+        resp = await api.post("/api/v1/targets/main/restores",
+                              json={"backup": name, "into_database": bad})
+        assert resp.status == status, (bad, await resp.text())
+    assert sorted(p.name for p in db_path.parent.iterdir() if p.suffix == ".db") == [
+        "app-copy.db", "app.db"]

@@ -54,7 +54,7 @@ async def test_resources_tools_and_the_two_step_restore(
             mcp_client(base, token(settings, "admin", subject="agent-1")) as client:
         tools = {t.name for t in (await client.list_tools()).tools}
         assert tools == {"list_databases", "list_backups", "job_status", "recovery_window",
-                         "create_backup",
+                         "backup_contents", "create_backup",
                          "verify_backup", "plan_restore", "execute_restore", "cancel_job",
                          "delete_backup"}
         templates = {t.uri_template for t in
@@ -81,6 +81,12 @@ async def test_resources_tools_and_the_two_step_restore(
         assert listed["backups"][0]["filename"] == name
         options = await resource(client, "resources://coolify/backups/databases/main/restore")
         assert options["latest_restorable_backups"][0]["filename"] == name
+        inside = data(await client.call_tool("backup_contents", {"database_id": "main",
+                                                                 "backup": name}))
+        counted = {i["name"]: i["count"] for i in inside["items"]}
+        assert inside["exact"] and inside["unit"] == "rows" and counted["public.everything"] > 0
+        assert inside == await resource(
+            client, f"resources://safehold/databases/main/backups/{name}/contents")
         status = data(await client.call_tool("job_status", {"job_id": job["id"]}))
         assert status["status"] == "succeeded"
         late = await client.call_tool("cancel_job", {"job_id": job["id"]})
@@ -156,7 +162,8 @@ async def test_roles_scope_and_no_token(aiohttp_server: Any, settings: Settings,
     async with server(aiohttp_server, settings) as base:
         async with mcp_client(base, token(settings, "viewer")) as viewer:
             tools = {t.name for t in (await viewer.list_tools()).tools}
-            assert tools == {"list_databases", "list_backups", "job_status", "recovery_window"}
+            assert tools == {"list_databases", "list_backups", "job_status", "recovery_window",
+                             "backup_contents"}
             denied = await viewer.call_tool("create_backup", {"database_id": "main"})
             assert denied.is_error and "forbidden" in denied.content[0].text
         async with mcp_client(base, token(settings, "operator:other")) as scoped:

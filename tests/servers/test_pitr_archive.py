@@ -397,3 +397,35 @@ async def test_a_postgresql_restart_mid_stream_leaves_no_gap(
         w = await wait_until(caught_up, 60)
     assert w["gaps"] == [] and w["earliest"] is not None, w
     assert (await state(redis, settings)).get("last_gap", "") == ""
+
+
+async def test_a_server_replaced_at_the_same_address_starts_a_new_archive(
+        cluster: Cluster, prefix: str, redis: Redis, tmp_path: Path) -> None:
+    """A new cluster (initdb'd, another system identifier) where the target's server was:
+    its LSNs overlap the old archive's but are another history. A gap that says so,
+    notified and audited; the window is the new server's, opened by a new base at once."""
+    from shared.audit import AuditLog
+
+    settings = pitr_settings(prefix, tmp_path, cluster)
+    async with streaming(settings, redis):
+        async def opened() -> dict[str, Any] | None:
+            w = await archive_window(settings)
+            return w if w["earliest"] else None
+        first = await wait_until(opened, 60)
+        cluster.psql("INSERT INTO t(i) VALUES (1)")
+        cluster.stop()
+        with private_cluster(port=cluster.port) as replacement:
+            replacement.psql("CREATE TABLE t (i int PRIMARY KEY)")
+            replacement.psql("INSERT INTO t(i) VALUES (2)")
+            after = datetime.now(UTC)
+
+            async def reopened() -> dict[str, Any] | None:
+                w = await archive_window(settings)
+                ok = w["earliest"] and w["earliest"] > first["latest"] and w["latest"] and \
+                    w["latest"] > after.isoformat()[:23]
+                return w if ok else None
+            w = await wait_until(reopened, 60)
+    assert "replaced" in w["gaps"][0]["why"], w["gaps"]
+    assert all(b["consistent_at"] > first["latest"] for b in w["bases"]), w["bases"]
+    audited = await AuditLog(redis, Keys(prefix)).query(action="pitr.gap")
+    assert len(audited) == 1 and "replaced" in str(audited[0]["detail"]), audited

@@ -354,3 +354,19 @@ async def test_a_server_on_a_new_timeline_is_a_gap_said_and_the_archive_goes_on(
     finally:
         replaced.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_a_point_in_time_beside_the_live_database(
+        cluster: Cluster, settings: Settings, worker: Any, api: Any,
+        wait_job: JobWaiter) -> None:
+    """point_in_time with into_database: the state at T in a new database, the live one as
+    it is now (the same path as a restore over it, ending in the beside load)."""
+    at = await committed_and_archived(api, cluster, 1)
+    await committed_and_archived(api, cluster, 2)
+    resp = await api.post("/api/v1/targets/main/restores", json={
+        "point_in_time": at.isoformat(), "into_database": "app_then"})
+    assert resp.status == 202, await resp.text()
+    job = await wait_job((await resp.json())["id"], timeout=240)
+    assert job["status"] == "succeeded", job.get("error")
+    assert cluster.psql("SELECT string_agg(i::text, ',') FROM t", db="app_then") == "1"
+    assert await rows(cluster) == [1, 2]

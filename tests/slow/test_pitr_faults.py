@@ -161,3 +161,51 @@ async def test_the_archive_rides_out_a_redis_restart(
         await asyncio.gather(task, return_exceptions=True)
         await catalog.close()
         await redis.aclose()
+
+
+async def test_the_s3_destination_down_for_a_minute_stops_the_window_and_loses_nothing(
+        cluster: Cluster, redis: Redis, prefix: str, tmp_path: Path, s3_server: Any,
+        bucket: str) -> None:
+    """The target's only destination is an S3 bucket reached through a relay, cut for
+    60 s while commits go on: the window stops growing and the streamer's state says why;
+    the relay back, the archive catches up past the last commit made meanwhile, with no
+    gap (the slot kept the WAL on the server)."""
+    from urllib.parse import urlsplit
+
+    from tests.support.relay import Proxy
+
+    relay = Proxy(int(urlsplit(s3_server.endpoint).port or 0))
+    await relay.start()
+    raw = app_config(cluster, prefix, tmp_path, destinations=["offsite"])
+    raw["storage"]["offsite"] = {"type": "s3", "endpoint": f"http://127.0.0.1:{relay.port}",
+                                 "bucket": bucket, "prefix": "safehold"}
+    settings = parse_settings(raw, {**os.environ, "AWS_ACCESS_KEY_ID": s3_server.access_key,
+                                    "AWS_SECRET_ACCESS_KEY": s3_server.secret_key},
+                              base=tmp_path, source="<test>")
+    catalog = Catalog(settings)
+    service = PitrService(settings, redis, catalog, Notifier(settings), f"w{os.getpid()}")
+    task = asyncio.create_task(service.run())
+    key = Keys(prefix).pitr("main", "state")
+    try:
+        async def opened() -> bool:
+            return bool((await archive_window(settings))["earliest"])
+        await wait_for(opened, 90, "the first base and its WAL")
+        await relay.cut()
+        down = datetime.now(UTC)
+        for i in range(30):  # a commit every 2 s for a minute
+            cluster.psql(f"INSERT INTO t VALUES ({i}, now())", db="app")
+            await asyncio.sleep(2)
+        last = datetime.now(UTC)
+        st = {k.decode(): v.decode() for k, v in (await rcmd.hgetall(redis, key)).items()}
+        covers = datetime.fromisoformat(st["covers_until"].replace("Z", "+00:00"))
+        assert covers < down + (last - down) / 4, st  # the window stopped growing
+        assert st.get("error"), st  # and says why
+        await relay.start()
+        w = await covered(settings, last, 90)
+        assert w["gaps"] == [], w["gaps"]
+        assert int(cluster.psql("SELECT count(*) FROM t", db="app")) == 30
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await catalog.close()
+        await relay.cut()

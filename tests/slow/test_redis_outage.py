@@ -26,6 +26,7 @@ from tests.helpers import (
     write_toml,
 )
 from tests.support.redis_server import PrivateRedis, free_port
+from tests.support.relay import Proxy
 
 
 async def test_worker_and_api_ride_out_a_redis_restart(
@@ -222,41 +223,6 @@ async def test_redis_lost_at_commit_leaves_a_pg_restore_unchanged(
                                    Progress(on_stage=lost), clean=True, manifest=manifest)
     assert caught.value.code == "redis_unavailable" and caught.value.database_unchanged
     assert await pg.fingerprint(pg_db) == before
-
-
-class Proxy:
-    """A TCP relay between the worker and Redis: cutting it isolates the worker alone."""
-
-    def __init__(self, upstream: int) -> None:
-        self.upstream, self.port = upstream, free_port()
-        self.server: asyncio.base_events.Server | None = None
-        self.links: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                while data := await reader.read(65536):
-                    writer.write(data)
-                    await writer.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                writer.close()
-
-        async def accept(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream)
-            self.links.update({w, uw})
-            await asyncio.gather(relay(r, uw), relay(ur, w))
-
-        self.server = await asyncio.start_server(accept, "127.0.0.1", self.port)
-
-    async def cut(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for w in self.links:
-            w.transport.abort()
-        self.links.clear()
-        await self.server.wait_closed()
 
 
 async def test_a_worker_cut_off_alone_commits_nothing_after_being_taken_for_lost(

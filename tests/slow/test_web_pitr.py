@@ -1,7 +1,8 @@
-"""The page's point-in-time recovery timeline in a real browser, on a private cluster with
+"""The page on a private cluster: its point-in-time recovery timeline in a real browser, with
 PITR (issue 24): bases, archived WAL and drills drawn; a drill of a random instant started
 from the page and shown on its base; an instant picked by clicking the timeline and
-restored over a damaged database after a confirmation naming it."""
+restored over a damaged database after a confirmation naming it; and the restore dialog's
+choice to restore beside the live database (issue 25)."""
 
 from __future__ import annotations
 
@@ -75,5 +76,37 @@ async def test_the_timeline_drills_and_restores_to_a_picked_instant(
     await page.click("#targets a:text('main')")
     await page.wait_for_selector("#pitr-timeline rect.wal")
     assert not await page.is_visible("#pitr-form")
+    assert problems == []
+    await context.close()
+
+
+async def test_the_restore_dialog_restores_beside_the_live_database(
+        aiohttp_server: Any, settings: Settings, redis: Any, worker: Any, api: Any,
+        browser: Any, cluster: Cluster) -> None:
+    """The restore dialog's other choice: beside the live database, as a new one named in
+    the dialog, the plan in words following the choice; the live database is untouched."""
+    cluster.psql("INSERT INTO t VALUES (1, now()), (2, now())", db="app")
+    server = await aiohttp_server(create_app(settings))
+    base = str(server.make_url("")).rstrip("/")
+    context, page, problems = await open_page(browser, base, token(settings, "admin"))
+    await page.click("#targets a:text('main')")
+    await page.click("#backup-now")
+    row = page.locator("#backups tbody tr").first
+    await row.wait_for(timeout=60_000)
+    name = await row.get_attribute("data-backup")
+    cluster.psql("DELETE FROM t WHERE i = 2", db="app")
+    await row.locator("button:text('Restore')").click()
+    assert "over the database" in (await page.text_content("#confirm-text") or "")
+    await page.check("input[name=where][value=beside]")
+    await page.fill("#beside-name", "app_copy")
+    text = await page.text_content("#confirm-text") or ""
+    assert 'new database "app_copy"' in text and "not touched" in text and str(name) in text
+    await page.screenshot(path=str(ARTIFACTS / "web-7-restore-beside.png"))
+    await page.click("#confirm-ok")
+    done = page.locator("#jobs tbody tr[data-status=succeeded]", has_text="restore")
+    await done.first.wait_for(timeout=120_000)
+    assert cluster.psql("SELECT string_agg(i::text, ',' ORDER BY i) FROM t",
+                        db="app_copy") == "1,2"
+    assert await rows(cluster) == [1]  # the live database as it was
     assert problems == []
     await context.close()

@@ -78,13 +78,13 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def private_cluster(replication_line: str = "host replication all 127.0.0.1/32 trust\n"
-                    ) -> Iterator[Cluster]:
+def private_cluster(replication_line: str = "host replication all 127.0.0.1/32 trust\n",
+                    port: int | None = None) -> Iterator[Cluster]:
     root = Path(tempfile.mkdtemp(prefix="safehold-pg-"))
     os.chmod(root, 0o755)
     (root / "pg").mkdir()
     shutil.chown(root / "pg", "postgres")
-    cluster = Cluster(root, free_port())
+    cluster = Cluster(root, port or free_port())
     try:
         subprocess.run(["runuser", "-u", "postgres", "--", str(BINDIR / "initdb"), "-A",
                         "trust", "-U", "postgres", "-D", str(cluster.data)],

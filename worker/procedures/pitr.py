@@ -34,7 +34,8 @@ from shared.pitr_window import ArchivedBase
 from worker.archive_read import ArchiveReader, Recovery, choose
 from worker.engines import Engine, pg_pitr
 from worker.engines.pg_connection import conn_params
-from worker.procedures.restore import RestoreResult, Restores
+from worker.procedures.restore import RestoreResult
+from worker.procedures.scoped import ScopedRestores
 from worker.procedures.verify import DrillRecord
 from worker.progress import Progress
 
@@ -50,7 +51,7 @@ class PointBackup:
     at: datetime | None  # None: the archive's end
 
 
-class PitrRestores(Restores):
+class PitrRestores(ScopedRestores):
     async def restore_to_time(self, job: Job, target: TargetConfig, engine: Engine,
                               progress: Progress, identities: Sequence[AgeKey] = ()
                               ) -> RestoreResult:
@@ -62,8 +63,8 @@ class PitrRestores(Restores):
                                         "point in time")
         params = job.params.copy()
         params["backup"], params["sha256"] = made.filename, made.sha256
-        result = await self.restore(dataclasses.replace(job, params=params), target, engine,
-                                    progress, identities)
+        result = await self.restore_as_asked(dataclasses.replace(job, params=params), target,
+                                             engine, progress, identities)
         result["warnings"] = [f"restored to {asked} through {made.filename}",
                               *(result["warnings"] or [])]
         return result

@@ -1,0 +1,147 @@
+"""Restores that touch only what is asked (issue 25): into a new database beside the live
+one (`into_database`), which is never touched.
+
+PostgreSQL and MySQL/MariaDB: the database is created on the same server as it was dumped
+(encoding, locale), the backup loaded into it through the ordinary guarded restore (verified
+input, the engine's own transaction and guards), its owner set after the load; a failure
+drops the database again, so the server is as it was. An existing database is refused
+(database_exists) unless `replace`: then it is restored like a live one, its safety backup
+first. SQLite: a new file next to the target's, with its mode and owner."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+from typing import cast
+
+from shared import naming
+from shared.codecs.base import AgeKey
+from shared.config import TargetConfig
+from shared.errors import RestoreFailed, SafeholdError
+from shared.jobs import Job
+from worker.engines import Engine, server_sets
+from worker.engines.pg_connection import conn_params
+from worker.procedures.restore import RestoreResult, Restores
+from worker.progress import Progress
+
+BESIDE = ("postgresql", "mysql")  # servers whose restore can go into another database
+
+
+class ScopedRestores(Restores):
+    async def restore_as_asked(self, job: Job, target: TargetConfig, engine: Engine,
+                               progress: Progress, identities: Sequence[AgeKey] = ()
+                               ) -> RestoreResult:
+        """The restore the job asks for: over the live database, or beside it."""
+        if job.params.get("into_database"):
+            return await self.restore_beside(job, target, engine, progress, identities)
+        return await self.restore(job, target, engine, progress, identities)
+
+    async def restore_beside(self, job: Job, target: TargetConfig, engine: Engine,
+                             progress: Progress, identities: Sequence[AgeKey] = ()
+                             ) -> RestoreResult:
+        name = str(job.params.get("into_database"))
+        if target.engine == "sqlite":
+            return await self._beside_file(job, target, engine, progress, identities, name)
+        if target.engine not in BESIDE or target.databases:
+            kind = "a server target" if target.databases else target.engine
+            raise RestoreFailed(f"into_database is not available for target '{target.id}' "
+                                f"({kind})", database_unchanged=True, code="invalid_body")
+        sets = cast(server_sets.SetEngine, engine)
+        if name == live_database(target) or server_sets.refused(
+                dataclasses.replace(target, databases=("*",)), target.engine, name):
+            raise RestoreFailed(f"database {name!r} cannot be restored into (the target's own "
+                                "database, a system database or a drill's)",
+                                database_unchanged=True, code="database_refused")
+        beside = server_sets.member_target(target, name)
+        beside = dataclasses.replace(beside, databases=(), globals=target.globals)
+        exists = name in await sets.server_databases(target)
+        if exists and not job.params.get("replace"):
+            raise RestoreFailed(f"database {name!r} already exists on the server of target "
+                                f"'{target.id}': nothing was changed (\"replace\": true "
+                                "restores over it, its safety backup first)",
+                                database_unchanged=True, code="database_exists")
+        if exists:
+            result = await self.restore(job, beside, engine, progress, identities)
+            result["warnings"] = [f"restored into database {name} (replaced), beside the "
+                                  "live database", *(result["warnings"] or [])]
+            return result
+        manifest = await self.catalog.manifest(target.id, naming.parse(
+            str(job.params.get("backup", ""))))
+        facts = {**manifest, "database": name}
+        await sets.create_database(target, name, facts, progress)
+        try:
+            params = job.params.copy()
+            params["create_safety_backup"] = False  # nothing was there to keep
+            result = await self.restore(dataclasses.replace(job, params=params), beside,
+                                        engine, progress, identities)
+            await sets.database_restored(target, name, facts)
+        except BaseException as failure:
+            try:
+                await sets.drop_database(target, name)
+            except Exception as exc:  # noqa: BLE001 - said, never hidden
+                progress.warn(f"database {name}, created by this failed restore, could not "
+                              f"be dropped ({type(exc).__name__}: {exc})")
+                raise
+            progress.warn(f"dropped database {name}, which this failed restore created")
+            if isinstance(failure, SafeholdError):  # the server is as it was
+                raise RestoreFailed(f"{failure.message}; the database {name} it created was "
+                                    "dropped again, the live database was never touched",
+                                    database_unchanged=True, code=failure.code) from None
+            raise
+        result["warnings"] = [f"restored into the new database {name}, beside the live "
+                              "database (untouched)", *(result["warnings"] or [])]
+        return result
+
+
+    async def _beside_file(self, job: Job, target: TargetConfig, engine: Engine,
+                           progress: Progress, identities: Sequence[AgeKey], name: str
+                           ) -> RestoreResult:
+        """SQLite: a new file next to the target's, with its mode and owner (the restore
+        writes it whole, then renames it in: a failure leaves no file)."""
+        live = Path(target.path)
+        path = live.parent / name
+        if "/" in name or name in (".", "..") or await asyncio.to_thread(
+                lambda: path.resolve() == live.resolve()):
+            raise RestoreFailed(f"{name!r} is not a file name beside the target's database",
+                                database_unchanged=True, code="database_refused")
+        beside = dataclasses.replace(target, path=str(path))
+        exists = await asyncio.to_thread(path.exists)
+        if exists and not job.params.get("replace"):
+            raise RestoreFailed(f"{path.name} already exists beside target '{target.id}''s "
+                                "database: nothing was changed (\"replace\": true restores "
+                                "over it, its safety backup first)", database_unchanged=True,
+                                code="database_exists")
+        params = job.params.copy()
+        if not exists:
+            params["create_safety_backup"] = False  # nothing was there to keep
+        result = await self.restore(dataclasses.replace(job, params=params), beside, engine,
+                                    progress, identities)
+        if not exists:
+            await asyncio.to_thread(_same_mode, live, path)
+        result["warnings"] = [f"restored into {path.name}, beside the live database file "
+                              "(untouched)", *(result["warnings"] or [])]
+        return result
+
+
+def _same_mode(live: Path, copy: Path) -> None:
+    """The copy gets the live file's mode and, where allowed, its owner."""
+    if not live.exists():
+        return
+    st = live.stat()
+    os.chmod(copy, stat.S_IMODE(st.st_mode))
+    with contextlib.suppress(PermissionError):
+        os.chown(copy, st.st_uid, st.st_gid)
+
+
+def live_database(target: TargetConfig) -> str:
+    """The database a one-database target's URL names."""
+    if target.engine == "postgresql":
+        return conn_params(target)["database"]
+    from urllib.parse import unquote, urlsplit
+
+    return unquote(urlsplit(target.url).path.lstrip("/"))
