@@ -393,6 +393,7 @@ class Operations:
         async with self.audited(caller, "create_restore", target_id,
                                  {"backup": file}) as info:
             target = self.target(caller, target_id, Role.OPERATOR)
+            scope = scope_params(self.s.settings, target, into_database, replace)
             if roles is not None and roles not in ("create", "skip", "map"):
                 raise BadRequest("roles must be \"create\", \"map\" or \"skip\"",
                                  code="invalid_body")
@@ -424,8 +425,7 @@ class Operations:
             # bound to the bytes the caller saw: a file replaced while the job waits in the
             # queue is refused by the worker, never restored under this name
             params: JobParams = {"backup": name.filename, "create_safety_backup": safety,
-                                 "sha256": manifest["sha256"],
-                                 **scope_params(self.s.settings, target, into_database, replace)}
+                                 "sha256": manifest["sha256"], **scope}
             if terminate:
                 if target.engine not in ("postgresql", "mysql"):
                     raise Unprocessable("terminate_connections applies to PostgreSQL and "

@@ -239,6 +239,14 @@ class PostgreSQL:
                                for k in ("encoding", "lc_collate", "lc_ctype")
                                if isinstance(opts.get(k), str) and opts[k]
                                and len(opts[k]) < 64)
+            # owned by its dumped owner from the start where this role may: giving objects
+            # to that owner needs its CREATE on `public`, which PostgreSQL 15 grants only to
+            # the database's owner (else database_restored gives it over after the load)
+            owner = facts.get("database_owner")
+            if isinstance(owner, str) and 0 < len(owner) < 64 and await conn.fetchval(
+                    "SELECT pg_has_role(current_user, r.oid, 'MEMBER') FROM pg_roles r "
+                    "WHERE r.rolname = $1", owner):
+                clauses = f"OWNER {quote_ident(owner)} {clauses}"
             try:
                 await conn.execute(f"CREATE DATABASE {quote_ident(name)} TEMPLATE template0 "
                                    + clauses)

@@ -89,9 +89,12 @@ class ScopedRestores(Restores):
                 raise
             progress.warn(f"dropped database {name}, which this failed restore created")
             if isinstance(failure, SafeholdError):  # the server is as it was
-                raise RestoreFailed(f"{failure.message}; the database {name} it created was "
-                                    "dropped again, the live database was never touched",
-                                    database_unchanged=True, code=failure.code) from None
+                told = RestoreFailed(f"{failure.message}; the database {name} it created was "
+                                     "dropped again, the live database was never touched",
+                                     database_unchanged=True, code=failure.code)
+                told.details = {**(getattr(failure, "details", None) or {}),
+                                "database_state": "unchanged"}
+                raise told from None
             raise
         result["warnings"] = [f"restored into the new database {name}, beside the live "
                               "database (untouched)", *(result["warnings"] or [])]
