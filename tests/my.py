@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from pathlib import Path
 from typing import Any
 
 import aiomysql
+
+from shared.config import Settings, parse_settings
 
 SOCKET = os.environ.get("SAFEHOLD_TEST_MYSQL_SOCKET", "/run/mysqld/mysqld.sock")
 HOST = "127.0.0.1"
@@ -154,3 +157,16 @@ async def fingerprint(db: str) -> dict[str, Any]:
         conn.close()
     out["digest"] = hashlib.sha256(repr(sorted(out.items())).encode()).hexdigest()
     return out
+
+
+PW_ENV = "SAFEHOLD_TEST_MY_PASSWORD"
+
+
+def target_settings(prefix: str, tmp_path: Path, db: str) -> Settings:
+    """Settings whose target `main` is MariaDB database `db`, reached as the test user."""
+    from tests.conftest import make_raw_config
+
+    raw = make_raw_config(prefix, tmp_path / "backups", None)
+    raw["targets"] = {"main": {"engine": "mysql", "password_env": PW_ENV,
+                               "url": f"mysql://{USER}@{HOST}:{PORT}/{db}"}}
+    return parse_settings(raw, {PW_ENV: PASSWORD}, base=tmp_path, source="<test>")

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests import pg
+from tests import my, pg
 
 
 @pytest.fixture
@@ -26,3 +26,12 @@ async def createdb_role(pg_db: str) -> AsyncIterator[str]:
         await conn.execute(f'DROP DATABASE "{db}" WITH (FORCE)')
     await conn.execute(f"DROP ROLE {role}")
     await conn.close()
+
+
+@pytest.fixture
+async def my_db() -> AsyncIterator[str]:
+    """A fresh MariaDB database the password-protected test user may use."""
+    await my.ensure_user()
+    name = await my.create_database()
+    yield name
+    await my.drop_database(name)

@@ -13,9 +13,8 @@ from typing import Any
 
 import pytest
 
-from shared.config import Settings, parse_settings
+from shared.config import Settings
 from tests import my
-from tests.conftest import make_raw_config
 from tests.helpers import (
     flip_byte,
     form,
@@ -33,28 +32,13 @@ from tests.helpers import (
 )
 from worker.engines.mysql import MySQLDrill
 
-PW_ENV = "SAFEHOLD_TEST_MY_PASSWORD"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _user() -> None:
-    asyncio.run(my.ensure_user())
-
-
-@pytest.fixture
-async def my_db() -> AsyncIterator[str]:
-    name = await my.create_database()
-    yield name
-    await my.drop_database(name)
+PW_ENV = my.PW_ENV
 
 
 @pytest.fixture
 def settings(prefix: str, tmp_path: Path, my_db: str) -> Settings:
     """Override: target `main` is a MariaDB database reached as a password-protected user."""
-    raw = make_raw_config(prefix, tmp_path / "backups", None)
-    raw["targets"] = {"main": {"engine": "mysql", "password_env": PW_ENV,
-                               "url": f"mysql://{my.USER}@{my.HOST}:{my.PORT}/{my_db}"}}
-    return parse_settings(raw, {PW_ENV: my.PASSWORD}, base=tmp_path, source="<test>")
+    return my.target_settings(prefix, tmp_path, my_db)
 
 
 async def backup(api: Any) -> dict[str, Any]:

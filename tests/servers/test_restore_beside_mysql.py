@@ -4,38 +4,19 @@ existing database is refused unless `replace`."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from shared.config import Settings, parse_settings
+from shared.config import Settings
 from tests import my
-from tests.conftest import JobWaiter, make_raw_config
-
-PW_ENV = "SAFEHOLD_TEST_MY_PASSWORD"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _user() -> None:
-    asyncio.run(my.ensure_user())
-
-
-@pytest.fixture
-async def my_db() -> AsyncIterator[str]:
-    name = await my.create_database()
-    yield name
-    await my.drop_database(name)
+from tests.conftest import JobWaiter
 
 
 @pytest.fixture
 def settings(prefix: str, tmp_path: Path, my_db: str) -> Settings:
-    raw = make_raw_config(prefix, tmp_path / "backups", None)
-    raw["targets"] = {"main": {"engine": "mysql", "password_env": PW_ENV,
-                               "url": f"mysql://{my.USER}@{my.HOST}:{my.PORT}/{my_db}"}}
-    return parse_settings(raw, {PW_ENV: my.PASSWORD}, base=tmp_path, source="<test>")
+    return my.target_settings(prefix, tmp_path, my_db)
 
 
 async def test_a_restore_beside_leaves_the_live_database_alone(
