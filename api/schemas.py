@@ -94,7 +94,7 @@ RECOVERY_WINDOW: Schema = obj({
     "lag_s": nullable(NUM), "bases": {"type": "array", "items": OBJ},
     "gaps": {"type": "array", "items": OBJ}, "streaming": OBJ},
     timeline=nullable(INT), wal=nullable(OBJ), unavailable={"type": "array", "items": STR})
-CONTENT_ITEM: Schema = obj({"name": STR, "count": nullable(INT)})
+CONTENT_ITEM: Schema = obj({"name": STR, "count": nullable(INT)}, bytes=INT)
 CONTENTS: Schema = obj({"backup": STR, "engine": STR},
                        created_at=TIME, raw_bytes=nullable(INT), unit=nullable(STR),
                        exact=BOOL, total=INT, items={"type": "array", "items": CONTENT_ITEM},

@@ -1,5 +1,6 @@
 """What a backup holds, as recorded at backup time (issue 25): its tables, collections or
-key spaces with their counts, read from the manifest alone — no byte of the backup is read,
+key spaces with their counts (and, for PostgreSQL, the bytes of each table's data as
+dumped), read from the manifest alone — no byte of the backup is read,
 so a viewer may look. Exact counts (taken from the dump stream as it passed) are preferred;
 an engine that only had estimates says so. The manifest is read back, never believed: only
 names and non-negative integers are shown, bounded."""
@@ -37,6 +38,12 @@ def _one(manifest: Mapping[str, object]) -> dict[str, object]:
     kind = str(manifest.get("exact_count_kind") if isinstance(exact, Mapping)
                else manifest.get("count_kind") or "")
     items = _items(exact if isinstance(exact, Mapping) else manifest.get("counts"))
+    sizes = manifest.get("exact_sizes")  # each table's data as dumped (PostgreSQL)
+    if isinstance(sizes, Mapping):
+        for item in items:
+            n = sizes.get(item["name"])
+            if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+                item["bytes"] = n
     return {"unit": UNITS.get(kind, kind or None),
             "exact": isinstance(exact, Mapping) or kind in ("keys", "documents"),
             "items": items,

@@ -288,9 +288,10 @@ async def _cmd_contents(client: Client, args: argparse.Namespace) -> int:
     def table(part: ApiDoc) -> str:
         unit = part.get("unit") or "count"
         rows = [[i["name"], "?" if i.get("count") is None else
-                 (str(i["count"]) if part.get("exact") else f"~{i['count']}")]
+                 (str(i["count"]) if part.get("exact") else f"~{i['count']}"),
+                 mib(i["bytes"]) if isinstance(i.get("bytes"), int) else "-"]
                 for i in part.get("items") or []]
-        return _table(rows, ["NAME", unit.upper()]) if rows else "(nothing recorded)"
+        return _table(rows, ["NAME", unit.upper(), "DATA"]) if rows else "(nothing recorded)"
 
     def render(doc: ApiDoc) -> None:
         for member in doc.get("databases") or []:

@@ -96,3 +96,30 @@ def test_a_table_without_rows_counts_zero_and_a_long_value_costs_no_memory() -> 
         counter.feed(data[i:i + 65536])
         assert len(counter._tail) < 70_000
     assert counter.counts == {"empty": 0, "big": 2}
+
+
+def test_copy_rows_counts_rows_and_data_bytes_of_each_table_in_any_chunking() -> None:
+    """PostgreSQL's `CopyRows`: rows and the bytes of each table's COPY data (what
+    …/contents shows), the same however the stream is cut; a COPY inside a function body
+    is not data."""
+    from worker.engines.pg_drill import CopyRows
+
+    a_rows = [b"1\tx\n", b"2\t\\\\.\n", b"3\t" + b"y" * 5000 + b"\n"]
+    dump = (b"--\n-- Name: f; Type: FUNCTION; Schema: public; Owner: o\n--\n\n"
+            b"CREATE FUNCTION f() RETURNS void AS $$\nCOPY fake FROM stdin;\n$$;\n\n"
+            b"--\n-- Data for Name: a; Type: TABLE DATA; Schema: public; Owner: o\n--\n\n"
+            b"COPY public.a (i, t) FROM stdin;\n" + b"".join(a_rows) + b"\\.\n\n\n"
+            b"--\n-- Data for Name: b; Type: TABLE DATA; Schema: public; Owner: o\n--\n\n"
+            b"COPY public.b (i) FROM stdin;\n\\.\n\n\n")
+    rng = random.Random(7)
+    for _ in range(200):
+        counter = CopyRows()
+        i = 0
+        while i < len(dump):
+            n = rng.randint(1, 64)
+            counter.feed(dump[i:i + n])
+            i += n
+        found = counter.result()
+        assert found["exact_counts"] == {"public.a": 3, "public.b": 0}, found
+        assert found["exact_sizes"] == {"public.a": len(b"".join(a_rows)),
+                                        "public.b": 0}, found

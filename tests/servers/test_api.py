@@ -215,6 +215,8 @@ async def test_contents_of_a_backup_from_its_manifest(
     await conn.close()
     assert doc["exact"] and doc["unit"] == "rows" and counted["public.everything"] == rows
     assert doc["total"] == sum(counted.values()) and doc["backup"] == name
+    sized = {i["name"]: i.get("bytes") for i in doc["items"]}
+    assert sized["public.everything"] > 0  # its data as dumped
     for bad, status in [("backup_postgresql_20000101_000000.sql.gz", 404),
                         ("..%2F..%2Fetc%2Fpasswd", 400)]:
         resp = await api.get(f"/api/v1/targets/main/backups/{bad}/contents")

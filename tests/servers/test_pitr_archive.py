@@ -429,3 +429,20 @@ async def test_a_server_replaced_at_the_same_address_starts_a_new_archive(
     assert all(b["consistent_at"] > first["latest"] for b in w["bases"]), w["bases"]
     audited = await AuditLog(redis, Keys(prefix)).query(action="pitr.gap")
     assert len(audited) == 1 and "replaced" in str(audited[0]["detail"]), audited
+
+
+async def test_disabling_pitr_drops_the_slot_and_the_archive_stays(
+        cluster: Cluster, prefix: str, redis: Redis, tmp_path: Path) -> None:
+    """`enabled = false`: the next worker start drops Safehold's replication slot (the
+    server keeps no WAL for an archive nobody streams any more); what was archived stays."""
+    settings = pitr_settings(prefix, tmp_path, cluster)
+    async with streaming(settings, redis):
+        await wait_until(lambda: _has_pieces(settings))
+    slots = "SELECT string_agg(slot_name, ',') FROM pg_replication_slots"
+    assert cluster.psql(slots) == "safehold_main"
+    off = pitr_settings(prefix, tmp_path, cluster, enabled=False)
+    async with streaming(off, redis):
+        async def dropped() -> bool:
+            return cluster.psql(slots) == ""
+        await wait_until(dropped, 20)
+    assert (await archive_window(settings))["wal"] is not None

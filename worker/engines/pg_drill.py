@@ -31,6 +31,7 @@ class CopyRows:
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}  # bytes of each table's COPY data, as dumped
         self._table: str | None = None
         self._armed = False  # a TABLE DATA comment was seen: the next COPY header is data
         self._tail = b"\n"
@@ -44,9 +45,11 @@ class CopyRows:
                 if k < 0:
                     keep = max(pos, len(buf) - 3)  # a terminator may straddle the edge
                     self.counts[self._table] += buf.count(b"\n", pos, keep)
+                    self.sizes[self._table] += keep - pos
                     self._tail = buf[keep:]
                     return
                 self.counts[self._table] += buf.count(b"\n", pos, k)
+                self.sizes[self._table] += k - pos
                 self._table = None
                 pos = k + 3
                 continue
@@ -80,10 +83,12 @@ class CopyRows:
             if header.endswith(b" FROM stdin;"):
                 self._table = copy_table(header[5:].decode("utf-8", "replace"))
                 self.counts[self._table] = 0
+                self.sizes[self._table] = 0
             pos = j
 
     def result(self) -> dict[str, Any]:
-        return {"exact_counts": self.counts, "exact_count_kind": "rows"}
+        return {"exact_counts": self.counts, "exact_count_kind": "rows",
+                "exact_sizes": self.sizes}
 
 
 def copy_table(rest: str) -> str:

@@ -28,6 +28,7 @@ from worker.progress import Progress
 
 # what a member's manifest entry keeps of its one-database dump
 MEMBER_FACTS = ("roles", "globals", "counts", "count_kind", "exact_counts", "exact_count_kind",
+                "exact_sizes",
                 "invalid_views", "server_version",
                 "database_owner", "database_options")
 
