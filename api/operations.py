@@ -412,7 +412,7 @@ class Operations:
                 raise Unprocessable(f"{which} targets (not yet to {target.engine})",
                                     code="invalid_body")
             parsed = naming.parse(file)
-            info["backup"] = parsed.filename
+            info["backup"] = parsed.filename + (f" into {into_database}" if scope else "")
             if parsed.engine != target.engine:  # the name proves the engine
                 raise BadRequest(f"{parsed.filename} is a {parsed.engine} backup; "
                                  f"target '{target.id}' is {target.engine}",
@@ -464,7 +464,8 @@ class Operations:
         async with self.audited(caller, "create_restore", target_id, {}) as info:
             target = self.target(caller, target_id, Role.OPERATOR)
             when = recovery.within(await recovery.window_of(self.s, target), point_in_time)
-            info["backup"] = f"point in time {when or 'latest'}"
+            info["backup"] = f"point in time {when or 'latest'}" + (
+                f" into {into_database}" if into_database else "")
             params: JobParams = {"point_in_time": when or "latest",
                                  "create_safety_backup": safety,
                                  **scope_params(self.s.settings, target, into_database, replace)}

@@ -171,10 +171,13 @@ class JobError(TypedDict, total=False):
     line: int
 
 
-def undo_hint(target: str, safety: str) -> UndoHint:
-    """The one call that puts a database back as it was before a restore."""
-    return {"method": "POST", "path": f"/api/v1/targets/{target}/restores",
-            "body": {"backup": safety, "create_safety_backup": False}}
+def undo_hint(target: str, safety: str, into_database: object = None) -> UndoHint:
+    """The one call that puts a database back as it was before a restore (a restore beside
+    the live database: that database, never the live one)."""
+    body: dict[str, object] = {"backup": safety, "create_safety_backup": False}
+    if isinstance(into_database, str) and into_database:
+        body.update(into_database=into_database, replace=True)
+    return {"method": "POST", "path": f"/api/v1/targets/{target}/restores", "body": body}
 
 
 _JSON_FIELDS = ("params", "requested_by", "progress", "result", "error")

@@ -129,7 +129,8 @@ def _lost_restore(job: Job, message: str) -> tuple[str, JobError]:
                     "restore")
         if state != "unchanged":
             message += "; restore it to undo (see `undo`)"
-            extra["undo"] = undo_hint(job.target, job.safety_backup)
+            extra["undo"] = undo_hint(job.target, job.safety_backup,
+                                      job.params.get("into_database"))
         message += "."
     elif state != "unchanged":
         message += " No safety backup was made for this restore."

@@ -217,3 +217,14 @@ async def test_a_drill_never_passes_on_counts_that_are_not_counts(rig: Rig,
     assert verification["mismatches"] == {  # type: ignore[index]
         "(manifest exact_counts)": {"expected": "a count per table", "restored": None}}
     assert "not counts" in verification["counts"]  # type: ignore[index]
+
+
+def test_the_undo_of_a_restore_beside_names_that_database_never_the_live_one() -> None:
+    """A failed restore over a database beside the live one says how to undo it: its safety
+    backup back into that database (a plain undo would load it over the live database)."""
+    from shared.jobs import undo_hint
+
+    assert undo_hint("main", "safety_postgresql_20261207_100000.sql.gz")["body"] == {
+        "backup": "safety_postgresql_20261207_100000.sql.gz", "create_safety_backup": False}
+    beside = undo_hint("main", "safety_postgresql_20261207_100000.sql.gz", "app_copy")
+    assert beside["body"]["into_database"] == "app_copy" and beside["body"]["replace"] is True

@@ -322,6 +322,11 @@ async def test_a_restore_beside_writes_a_new_file_with_the_live_files_mode(
     assert job["status"] == "failed" and job["error"]["code"] == "database_exists", job
     job = await restore(into_database="app-copy.db", replace=True)
     assert job["status"] == "succeeded" and job["result"]["safety_backup"], job
+    (db_path.parent / "alias.db").symlink_to(db_path)  # the live file under another name
+    job = await restore(into_database="alias.db", replace=True)
+    assert job["status"] == "failed" and job["error"]["code"] == "database_refused", job
+    assert _rows(db_path) == live
+    (db_path.parent / "alias.db").unlink()
     for bad, status in [("../escape.db", 400), ("a/b.db", 400), ("app.db", 422),
                         (".hidden", 400), ("x" * 200, 400), ("nul\x00.db", 400)]:
         resp = await api.post("/api/v1/targets/main/restores",

@@ -120,3 +120,25 @@ async def test_a_failed_load_beside_drops_the_database_it_created(
         assert job["status"] == "succeeded", job.get("error")
     finally:
         await pg.drop_database(beside)
+
+
+async def test_a_database_the_listing_leaves_out_is_never_loaded_into_or_dropped(
+        api: Any, worker: Any, pg_db: str, wait_job: JobWaiter) -> None:
+    """A database that exists but takes no connections (so no listing shows it): the
+    restore beside finds it at CREATE and refuses, and it is still there afterwards."""
+    conn = await pg.user_conn(pg_db)
+    await conn.execute("CREATE TABLE t (i int); INSERT INTO t VALUES (1)")
+    await conn.close()
+    name = (await backup(api))["result"]["filename"]
+    hidden = f"{pg_db}_closed"
+    admin = await pg.admin_conn()
+    await admin.execute(f'CREATE DATABASE "{hidden}"')
+    await admin.execute(f'ALTER DATABASE "{hidden}" ALLOW_CONNECTIONS false')
+    try:
+        job = await restore(api, wait_job, backup=name, into_database=hidden)
+        assert job["status"] == "failed" and job["error"]["code"] == "database_exists", job
+        assert job["error"]["database_state"] == "unchanged"
+        assert await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", hidden)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{hidden}"')
+        await admin.close()

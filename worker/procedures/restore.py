@@ -231,7 +231,7 @@ class Restores(Verification, Backups):
                 text = (f"{msg}. Rolled back automatically: safety backup {safety} was "
                         "restored, so the database is as it was before this restore.")
         if safety and details["database_state"] == "unknown":
-            details["undo"] = undo_hint(target.id, safety)
+            details["undo"] = undo_hint(target.id, safety, job.params.get("into_database"))
         err = RestoreFailed(text, code=exc.code if exc.code != "engine_error" else None)
         err.details = details
         return err

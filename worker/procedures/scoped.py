@@ -73,7 +73,12 @@ class ScopedRestores(Restores):
         manifest = await self.catalog.manifest(target.id, naming.parse(
             str(job.params.get("backup", ""))))
         facts = {**manifest, "database": name}
-        await sets.create_database(target, name, facts, progress)
+        if not await sets.create_database(target, name, facts, progress):
+            # there after all (a database our listing leaves out, another letter case, or
+            # one made a moment ago): never loaded into, never dropped by this restore
+            raise RestoreFailed(f"database {name!r} already exists on the server of target "
+                                f"'{target.id}': nothing was changed", database_unchanged=True,
+                                code="database_exists")
         try:
             params = job.params.copy()
             params["create_safety_backup"] = False  # nothing was there to keep
@@ -107,10 +112,13 @@ class ScopedRestores(Restores):
         """SQLite: a new file next to the target's, with its mode and owner (the restore
         writes it whole, then renames it in: a failure leaves no file)."""
         live = Path(target.path)
-        path = live.parent / name
+        # the directory the API checked too
+        path = await asyncio.to_thread(lambda: live.resolve().parent / name)
         if "/" in name or name in (".", "..") or await asyncio.to_thread(
-                lambda: path.resolve() == live.resolve()):
-            raise RestoreFailed(f"{name!r} is not a file name beside the target's database",
+                _taken, path, [Path(t.path) for t in self.settings.targets.values()
+                               if t.engine == "sqlite"]):
+            raise RestoreFailed(f"{name!r} is not a file name beside the target's database "
+                                "(it is, or is linked to, a target's database file)",
                                 database_unchanged=True, code="database_refused")
         beside = dataclasses.replace(target, path=str(path))
         exists = await asyncio.to_thread(path.exists)
@@ -129,6 +137,19 @@ class ScopedRestores(Restores):
         result["warnings"] = [f"restored into {path.name}, beside the live database file "
                               "(untouched)", *(result["warnings"] or [])]
         return result
+
+
+def _taken(path: Path, databases: list[Path]) -> bool:
+    """`path` is (or links to, or on a case-insensitive file system names) a configured
+    SQLite target's database file or one of its -wal/-shm/-journal companions."""
+    if path.is_symlink():
+        return True
+    for db in databases:
+        for f in (db, *(Path(f"{db}{x}") for x in ("-wal", "-shm", "-journal"))):
+            if path.resolve() == f.resolve() or (
+                    path.exists() and f.exists() and os.path.samefile(path, f)):
+                return True
+    return False
 
 
 def _same_mode(live: Path, copy: Path) -> None:
