@@ -341,7 +341,7 @@ class Streamer:
         for name in ready:
             await self._compact(name, spool / name, facts, shipped,
                                 [p for p in archived if p.kind == "walpart"
-                                 and p.segment == name])
+                                 and p.segment == name and p.system_id == facts.system_id])
 
     async def _compact(self, seg: str, done: Path, facts: pg_pitr.ServerFacts,
                        shipped: Shipped, parts: list[ArchivedPiece]) -> None:
@@ -551,15 +551,22 @@ class PitrService:
             await asyncio.gather(*(self._hold(t) for t in self.targets))
 
     async def _disabled(self, target: TargetConfig) -> None:
-        """PITR switched off: its slot is dropped, so the server keeps no WAL for it."""
+        """PITR switched off: its slot is dropped, so the server keeps no WAL for it (tried
+        again for a minute: a session that last advanced it may still hold it a moment,
+        or the server may be restarting)."""
         assert target.pitr is not None
-        try:
-            if await pg_pitr.drop_slot(target, target.pitr.slot):
-                log.warning("pitr %s: disabled; replication slot %s dropped", target.id,
-                            target.pitr.slot)
-        except (SafeholdError, asyncpg.PostgresError, OSError) as exc:
-            log.warning("pitr %s: disabled, but its slot %s could not be dropped: %s",
-                        target.id, target.pitr.slot, exc)
+        for attempt in range(30):
+            try:
+                if await pg_pitr.drop_slot(target, target.pitr.slot):
+                    log.warning("pitr %s: disabled; replication slot %s dropped", target.id,
+                                target.pitr.slot)
+                return
+            except (SafeholdError, asyncpg.PostgresError, OSError) as exc:
+                if attempt == 29:
+                    log.warning("pitr %s: disabled, but its slot %s could not be dropped: %s",
+                                target.id, target.pitr.slot, exc)
+                    return
+            await asyncio.sleep(2.0)
 
     async def _hold(self, target: TargetConfig) -> None:
         while True:
