@@ -9,7 +9,6 @@ goes through."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -140,14 +139,6 @@ async def test_terminate_connections_is_refused_where_it_means_nothing(
 
 # ----------------------------------------------------------------------- MySQL/MariaDB
 MY_PW_ENV = "SAFEHOLD_TEST_MY_PASSWORD"
-
-
-@pytest.fixture
-async def my_db() -> AsyncIterator[str]:
-    await my.ensure_user()
-    name = await my.create_database()
-    yield name
-    await my.drop_database(name)
 
 
 def my_settings(prefix: str, tmp_path: Path, my_db: str, lock_timeout: float) -> Settings:
