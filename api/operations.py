@@ -21,7 +21,7 @@ from api import recovery
 from api.auth import Principal, require
 from api.context import Services
 from api.roles import Role
-from api.scope import scope_params
+from api.scope import check_tables, scope_params, scope_words
 from api.upload_store import Receive, store_upload
 from shared import backup_sets, codecs, naming, rcmd, stats
 from shared.config import TargetConfig
@@ -385,7 +385,7 @@ class Operations:
                             terminate: bool = False, roles: str | None = None,
                             owner_map: Mapping[str, str] | None = None,
                             database: str | None = None, into_database: str | None = None,
-                            replace: bool = False,
+                            replace: bool = False, tables: list[str] | None = None,
                             idempotency_key: str | None = None, wait: float | None = None,
                             fail_fast: bool = False, expect_sha256: str | None = None) -> Job:
         """A restore job bound to the backup's sha256 as it is now (or `expect_sha256`, what
@@ -393,7 +393,7 @@ class Operations:
         async with self.audited(caller, "create_restore", target_id,
                                  {"backup": file}) as info:
             target = self.target(caller, target_id, Role.OPERATOR)
-            scope = scope_params(self.s.settings, target, into_database, replace)
+            scope = scope_params(self.s.settings, target, into_database, replace, tables)
             if roles is not None and roles not in ("create", "skip", "map"):
                 raise BadRequest("roles must be \"create\", \"map\" or \"skip\"",
                                  code="invalid_body")
@@ -412,7 +412,7 @@ class Operations:
                 raise Unprocessable(f"{which} targets (not yet to {target.engine})",
                                     code="invalid_body")
             parsed = naming.parse(file)
-            info["backup"] = parsed.filename + (f" into {into_database}" if scope else "")
+            info["backup"] = scope_words(parsed.filename, scope)
             if parsed.engine != target.engine:  # the name proves the engine
                 raise BadRequest(f"{parsed.filename} is a {parsed.engine} backup; "
                                  f"target '{target.id}' is {target.engine}",
@@ -426,6 +426,7 @@ class Operations:
             # queue is refused by the worker, never restored under this name
             params: JobParams = {"backup": name.filename, "create_safety_backup": safety,
                                  "sha256": manifest["sha256"], **scope}
+            check_tables(params, manifest)
             if terminate:
                 if target.engine not in ("postgresql", "mysql"):
                     raise Unprocessable("terminate_connections applies to PostgreSQL and "
@@ -457,18 +458,18 @@ class Operations:
     async def start_pitr_restore(self, caller: Caller, target_id: str, point_in_time: str,
                                  *, safety: bool = True, identity: str | None = None,
                                  terminate: bool = False, into_database: str | None = None,
-                                 replace: bool = False, idempotency_key: str | None = None,
+                                 replace: bool = False, tables: list[str] | None = None,
+                                 idempotency_key: str | None = None,
                                  wait: float | None = None) -> Job:
         """A restore to an instant of the target's recovery window ("latest": its end);
         an instant outside it is refused (422 outside_window, with the window)."""
         async with self.audited(caller, "create_restore", target_id, {}) as info:
             target = self.target(caller, target_id, Role.OPERATOR)
             when = recovery.within(await recovery.window_of(self.s, target), point_in_time)
-            info["backup"] = f"point in time {when or 'latest'}" + (
-                f" into {into_database}" if into_database else "")
+            scope = scope_params(self.s.settings, target, into_database, replace, tables)
+            info["backup"] = scope_words(f"point in time {when or 'latest'}", scope)
             params: JobParams = {"point_in_time": when or "latest",
-                                 "create_safety_backup": safety,
-                                 **scope_params(self.s.settings, target, into_database, replace)}
+                                 "create_safety_backup": safety, **scope}
             if terminate:
                 params["terminate_connections"] = True
             return await self.submit(caller, JobKind.RESTORE, target.id, params, info,

@@ -133,6 +133,12 @@ _RESTORE_BODY = {"type": "object", "additionalProperties": False,
                                     "database beside the live one (PostgreSQL, MySQL: a "
                                     "database name; SQLite: a file name next to the "
                                     "target's)"},
+                                "tables": {
+                                    "type": "array", "minItems": 1, "maxItems": 100,
+                                    "uniqueItems": True,
+                                    "items": {"type": "string", "maxLength": 127},
+                                    "description": "only these tables (PostgreSQL: "
+                                    "schema.table); everything else is left as it is"},
                                 "replace": {"type": "boolean", "default": False,
                                             "description": "with into_database: restore "
                                             "over it when it exists"},

@@ -8,11 +8,13 @@ target's data behind its lock and audit). The worker checks again on the server.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from shared.config import Settings, TargetConfig
 from shared.errors import BadRequest, Unprocessable
+from shared.formats.pgtables import parse_table_name
 from shared.jobs import JobParams
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}\Z")
@@ -21,6 +23,8 @@ BESIDE = ("postgresql", "mysql", "sqlite")
 SYSTEM = {"postgresql": {"postgres", "template0", "template1"},
           "mysql": {"mysql", "sys", "information_schema", "performance_schema"}}
 LOOPBACK = {"localhost", "127.0.0.1", "::1", ""}
+TABLES = ("postgresql",)
+MAX_TABLES = 100
 
 
 def _where(target: TargetConfig) -> tuple[str, int | None, str]:
@@ -31,8 +35,67 @@ def _where(target: TargetConfig) -> tuple[str, int | None, str]:
 
 
 def scope_params(settings: Settings, target: TargetConfig, into_database: object,
-                 replace: object) -> JobParams:
+                 replace: object, tables: object = None) -> JobParams:
     """The job parameters of a restore's scope (empty: over the live database)."""
+    params = _tables(target, tables)
+    return {**params, **_into(settings, target, into_database, replace)}
+
+
+def scope_words(what: str, scope: JobParams) -> str:
+    """The audit's words for a restore: what, and where it goes."""
+    if into := scope.get("into_database"):
+        what += f" into {into}"
+    if tables := scope.get("tables"):
+        what += " tables " + ", ".join(tables)
+    return what
+
+
+def _tables(target: TargetConfig, tables: object) -> JobParams:
+    """`tables`: some tables only, named `schema.table` (PostgreSQL) with plain identifiers
+    (letters, digits, _ and $): never quotes, more dots, NUL or a path."""
+    if tables is None:
+        return {}
+    if target.engine not in TABLES or target.is_set:
+        kind = "a server target" if target.is_set else target.engine
+        raise Unprocessable(f"\"tables\" restores some tables of a PostgreSQL target, not "
+                            f"of {kind} (not yet)", code="invalid_body")
+    if not isinstance(tables, list) or not 0 < len(tables) <= MAX_TABLES or \
+            len(set(map(str, tables))) != len(tables):
+        raise BadRequest(f"\"tables\" is a list of 1-{MAX_TABLES} different table names",
+                         code="invalid_body")
+    for t in tables:
+        if not isinstance(t, str) or parse_table_name(t) is None:
+            shown = repr(t)[:80]
+            raise BadRequest(f"{shown} is not a table name: schema.table, each part 1-63 "
+                             "letters, digits, _ or $, not starting with a digit (names that "
+                             "need quotes are restored with the whole database)",
+                             code="invalid_body")
+    return {"tables": list(tables)}
+
+
+def check_tables(params: JobParams, manifest: Mapping[str, object]) -> None:
+    """Every table named is one the backup holds (its manifest's counts, as recorded)."""
+    only = manifest.get("only_tables")
+    if isinstance(only, list) and only and not params.get("tables"):
+        raise Unprocessable(f"{manifest.get('filename')} holds only some tables ("
+                            + ", ".join(map(str, only))[:300] + "): restore it with "
+                            "\"tables\", never over the whole database",
+                            code="partial_backup")
+    held: set[str] = set()
+    for key in ("counts", "exact_counts"):
+        if isinstance(counts := manifest.get(key), dict):
+            held |= {k.replace('"', "") for k in counts}
+    if not held or not params.get("tables"):
+        return
+    if missing := [t for t in params["tables"] if t not in held]:
+        raise Unprocessable(f"{manifest.get('filename')} holds no table "
+                            + ", ".join(missing) + " (it holds: "
+                            + ", ".join(sorted(held)[:30]) + (" …" if len(held) > 30 else "")
+                            + ")", code="table_missing")
+
+
+def _into(settings: Settings, target: TargetConfig, into_database: object,
+          replace: object) -> JobParams:
     if into_database is None:
         if replace:
             raise BadRequest("\"replace\" goes with \"into_database\"", code="invalid_body")

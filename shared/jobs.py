@@ -111,6 +111,7 @@ class JobParams(TypedDict, total=False):
     point_in_time: str  # restore: RFC 3339 UTC instant, or "latest" (PITR targets)
     into_database: str  # restore: into this new database beside the live one
     replace: bool  # restore into_database: over it when it exists
+    tables: list[str]  # restore: only these tables (PostgreSQL schema.table)
     identity_supplied: bool  # an age identity was sealed for this job
     compress: bool  # backup
     note: str
@@ -171,12 +172,15 @@ class JobError(TypedDict, total=False):
     line: int
 
 
-def undo_hint(target: str, safety: str, into_database: object = None) -> UndoHint:
+def undo_hint(target: str, safety: str, into_database: object = None,
+              tables: object = None) -> UndoHint:
     """The one call that puts a database back as it was before a restore (a restore beside
     the live database: that database, never the live one)."""
     body: dict[str, object] = {"backup": safety, "create_safety_backup": False}
     if isinstance(into_database, str) and into_database:
         body.update(into_database=into_database, replace=True)
+    if isinstance(tables, list) and tables:  # a safety backup of those tables only
+        body["tables"] = tables
     return {"method": "POST", "path": f"/api/v1/targets/{target}/restores", "body": body}
 
 

@@ -130,7 +130,8 @@ def _lost_restore(job: Job, message: str) -> tuple[str, JobError]:
         if state != "unchanged":
             message += "; restore it to undo (see `undo`)"
             extra["undo"] = undo_hint(job.target, job.safety_backup,
-                                      job.params.get("into_database"))
+                                      job.params.get("into_database"),
+                                      job.params.get("tables"))
         message += "."
     elif state != "unchanged":
         message += " No safety backup was made for this restore."

@@ -182,6 +182,7 @@ async def create_restore(request: web.Request) -> web.Response:
             safety=body.get("create_safety_backup", True), identity=body.get("identity"),
             terminate=body.get("terminate_connections", False),
             into_database=body.get("into_database"), replace=body.get("replace", False),
+            tables=body.get("tables"),
             idempotency_key=idempotency_key(request), wait=wait_param(request))
         return job_response(job, request)
     job = await ops(request).start_restore(
@@ -190,6 +191,7 @@ async def create_restore(request: web.Request) -> web.Response:
         terminate=body.get("terminate_connections", False), roles=body.get("roles"),
         owner_map=body.get("owner_map"), database=body.get("database"),
         into_database=body.get("into_database"), replace=body.get("replace", False),
+        tables=body.get("tables"),
         idempotency_key=idempotency_key(request), wait=wait_param(request))
     return job_response(job, request)
 

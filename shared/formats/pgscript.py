@@ -35,6 +35,7 @@ import re
 from collections import Counter
 
 from shared.errors import BadRequest
+from shared.formats.pgtables import TableCut
 
 FOOTER = b"-- PostgreSQL database dump complete"
 MAX_LINE = 64 << 20  # a single line of SQL text (not COPY data) above this is refused
@@ -139,7 +140,10 @@ def map_roles(statement: bytes, role_map: dict[str, str]) -> bytes:
 
 class PgScriptGuard:
     def __init__(self, *, skip_privileges: bool = False,
-                 role_map: dict[str, str] | None = None) -> None:
+                 role_map: dict[str, str] | None = None, cut: TableCut | None = None
+                 ) -> None:
+        # `tables` restores: only the sections of those tables go on (pgtables)
+        self.cut = cut
         # roles = "skip": owners and grants are left out (and listed in `skipped`)
         self.skip_privileges = skip_privileges
         self.skipped: list[str] = []
@@ -222,6 +226,9 @@ class PgScriptGuard:
         if not self.footer:
             raise UnsafeScript(self.line, "no '-- PostgreSQL database dump complete' footer: "
                                "the dump was cut off", code=CUT_OFF)
+        if self.cut is not None:
+            self.cut.finish()
+            out = self.cut.route(out)
         return out
 
     def _refuse_nul(self, data: bytes, at: int) -> None:
@@ -273,16 +280,25 @@ class PgScriptGuard:
         if end > start:
             piece = data[start:end]
             self.line += piece.count(b"\n")
+            if self.cut is not None:
+                piece = self.cut.copy_data(piece)
             out.append(piece)
 
     # ------------------------------------------------------------------ SQL text
     def _sql_line(self, line: bytes) -> bytes:
         body = line.rstrip(b"\r\n")
-        if self._mode == _NORMAL and not self._in_statement and self._cont is None:
+        between = self._mode == _NORMAL and not self._in_statement and self._cont is None
+        set_line = False
+        if self.cut is not None:
+            self.cut.line_start(between, self.line)
+            if between and body.startswith(b"-- "):
+                self.cut.header(body.strip())
+            self.cut.capture(line)
+        if between:
             stripped = body.strip()
             if m := _SET.match(stripped):  # a SET's value may be a literal: check it raw
                 self._check_setting(m.group(1).lower(), m.group(2) or b"")
-                self._raw_set = True
+                self._raw_set = set_line = True
             if stripped in _BLANKED:
                 return b"\n"  # pg_dump's large-object BEGIN/COMMIT: Safehold's transaction
             if self.skip_privileges and _PRIVILEGES.match(stripped) and \
@@ -309,7 +325,7 @@ class PgScriptGuard:
             self._cont_nl = True  # a newline passed after a closed string
         if copy_after:
             self._copy, self._bol, self._hold = True, True, b""
-        return line
+        return line if self.cut is None else self.cut.route(line, set_line=set_line)
 
     def _mapped(self, line: bytes) -> bytes:
         """A privilege statement, or a policy's head (before USING / WITH CHECK: the rest
@@ -521,6 +537,8 @@ class PgScriptGuard:
 
     def _start_statement(self) -> None:
         if not self._in_statement:
+            if self.cut is not None:
+                self.cut.statement_start()
             self._in_statement = True
             self._any_sql = True
             self._head.clear()
@@ -549,6 +567,8 @@ class PgScriptGuard:
                 raise UnsafeScript(self.line, f"SET {name.decode()} over several lines")
         elif re.match(rb"(?i)\s*(SET|RESET)\b", head):
             raise UnsafeScript(self.line, f"{_show(head)!r}: a SET pg_dump does not write")
+        if self.cut is not None:
+            self.cut.statement()
         word = head.split(None, 2)
         kind = b" ".join(w.upper() for w in word[:2]).decode("ascii", "replace")
         if kind in ("CREATE SUBSCRIPTION", "CREATE PUBLICATION", "CREATE EXTENSION"):

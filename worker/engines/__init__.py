@@ -100,6 +100,7 @@ class RestoreOptions:
     # backup has nothing (Redis db numbers, MongoDB names); they are cleaned too. Worker
     # control data, so it travels here, never in a (stored, untrusted) manifest
     also_clean: tuple[str, ...] = ()
+    tables: tuple[str, ...] = ()  # only these tables (issue 25), schema.table
 
 
 NO_OPTIONS = RestoreOptions()
@@ -262,6 +263,7 @@ class DumpOptions(TypedDict, total=False):
 
     format: str  # another format the engine offers (naming.ENGINE_FORMATS), e.g. redis rdb
     use_apoc: bool  # neo4j: export through APOC
+    tables: list[str]  # only these tables (a safety backup before a tables restore)
 
 
 class Engine(Protocol):

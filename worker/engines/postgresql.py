@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import re
 import secrets
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
@@ -28,6 +28,7 @@ from shared.errors import (
     ToolTooOld,
 )
 from shared.formats.pgscript import PgScriptGuard, UnsafeScript
+from shared.formats.pgtables import RefusedSection, TableCut
 from shared.jobs import Phase, RestoreStage
 from shared.outage import RedisUnavailable
 from worker.engines import (
@@ -40,6 +41,7 @@ from worker.engines import (
     pg_globals,
     pg_psql,
     pg_roles,
+    pg_tables,
     server_sets,
 )
 from worker.engines.pg_connection import (
@@ -175,6 +177,11 @@ class PostgreSQL:
         # owners, grants, default privileges and policies as pg_dump writes them by
         # default: a restore gives the application its access back (issue 21)
         flags = ["--format=plain", "--verbose", "--no-password"]
+        only = list((options or {}).get("tables") or [])  # a safety backup of some tables
+        if only:
+            flags += pg_tables.dump_flags(only)
+            wanted = {tuple(r) for r in pg_tables.rels(only)}
+            leaf_tables = [t for t in leaf_tables if (t["schema"], t["name"]) in wanted]
         async with self.connect(target) as conn:
             roles = [r[0] for r in await conn.fetch(pg_roles.ROLES_REFERENCED)]
             # without SELECT on pg_authid, pg_dumpall reads pg_roles (no passwords)
@@ -186,7 +193,7 @@ class PostgreSQL:
         async with spawn(["pg_dump", *flags], env=tool_env(target), secrets=target.secrets(),
                          stdout=True, on_line=on_line) as child:
             async def chunks() -> AsyncIterator[bytes]:
-                if target.globals:  # first, as comments (see pg_globals)
+                if target.globals and not only:  # first, as comments (pg_globals)
                     yield pg_globals.header(passwords)
                     async for data in pg_globals.commented(self._globals(target,
                                                                          globals_argv)):
@@ -212,7 +219,9 @@ class PostgreSQL:
                                      "lc_collate": database["datcollate"],
                                      "lc_ctype": database["datctype"]},
                 **({"globals": {"tool": " ".join(globals_argv[:2]),
-                                "role_passwords": passwords}} if target.globals else {}),
+                                "role_passwords": passwords}}
+                   if target.globals and not only else {}),
+                **({"only_tables": only} if only else {}),
             })
             rc = await child.wait()
             if rc != 0:
@@ -279,6 +288,9 @@ class PostgreSQL:
                 with contextlib.suppress(asyncpg.PostgresError):
                     await conn.execute(f"ALTER DATABASE {quote_ident(name)} OWNER TO "
                                        f"{quote_ident(owner)}")
+
+    async def tables_present(self, target: TargetConfig, tables: Sequence[str]) -> list[str]:
+        return await pg_tables.present(target, tables)
 
     async def precheck(self, target: TargetConfig, facts: Mapping[str, object],
                        options: RestoreOptions) -> None:
@@ -386,10 +398,13 @@ class PostgreSQL:
         try:  # nothing has been touched yet
             await require_restrict_psql()
             facts = await pg_roles.missing_roles(target, manifest, options)
-            clean_sql = await self._clean_sql(target) if clean else ""
+            tables = await pg_tables.plan(target, options.tables, manifest) \
+                if options.tables else None
+            clean_sql = tables.prelude if tables else \
+                await self._clean_sql(target) if clean else ""
         except SafeholdError as exc:
             raise RestoreFailed(exc.message, database_unchanged=True, code=exc.code) from None
-        load = _Load(target, key, facts, clean_sql, options, progress)
+        load = _Load(target, key, facts, clean_sql, options, progress, tables)
         argv = ["psql", "-X", "-q", "-A", "-t", "--no-password", "-v", "ON_ERROR_STOP=1",
                 "-f", "-"]
         seen: list[Blocker] = []
@@ -400,7 +415,7 @@ class PostgreSQL:
             try:
                 await feed_stdin(child, b"", load.script(chunks, child, markers),
                                  lambda n: None)
-            except UnsafeScript as exc:
+            except (UnsafeScript, RefusedSection) as exc:
                 raise RestoreFailed(f"the backup was refused: {exc.message}",
                                     database_unchanged=True, code=exc.code) from None
             except PipelineError as exc:  # psql was killed before COMMIT: nothing committed
@@ -415,6 +430,10 @@ class PostgreSQL:
             rc = await child.wait()
         if rc == 0:
             _report(load.guard, load.roles_plan, facts, options, progress)
+            if tables is not None and load.guard.cut is not None:
+                progress.log(f"tables restored: {tables.describe()}" + (
+                    "; foreign keys put back: " + ", ".join(load.guard.cut.incoming_fks)
+                    if load.guard.cut.incoming_fks else ""))
             return
         raise _psql_failed(rc, child.error_text(), target, seen, progress)
 
@@ -425,13 +444,17 @@ class _Load:
     everything before it ran inside Safehold's own transaction."""
 
     def __init__(self, target: TargetConfig, key: str, facts: pg_roles.RoleFacts,
-                 clean_sql: str, options: RestoreOptions, progress: Progress) -> None:
+                 clean_sql: str, options: RestoreOptions, progress: Progress,
+                 tables: pg_tables.TablePlan | None = None) -> None:
         self.target, self.key, self.facts, self.clean_sql = target, key, facts, clean_sql
         self.options, self.progress = options, progress
         self.roles_plan = pg_globals.Plan()
+        # some tables only: their sections pass, then the plan's proof runs before COMMIT
+        self.postlude = (tables.postlude + "\n").encode() if tables else b""
         self.guard = PgScriptGuard(skip_privileges=options.roles == "skip",
                                    role_map=dict(options.owner_map)
-                                   if options.roles == "map" else None)
+                                   if options.roles == "map" else None,
+                                   cut=TableCut(tables.selection) if tables else None)
 
     async def prelude(self, head: pg_globals.GlobalsHead | None) -> bytes:
         """psql prints `safehold-begin-KEY|<txid>` right after BEGIN and, after the whole
@@ -474,7 +497,10 @@ class _Load:
                 yield out
         # everything before COMMIT must have run: psql answers the marker only then, so a
         # worker lost before this point always leaves the database unchanged
-        yield self.guard.finish() + (f"\nSELECT 'safehold-ready-{self.key}', "
+        cut = self.guard.cut
+        yield self.guard.finish() + b"\n" + self.postlude + (
+            b"".join(cut.deferred) if cut else b"") + (
+            f"SELECT 'safehold-ready-{self.key}', "
                                      "pg_catalog.txid_current();\n").encode()
         found = await await_markers(child, markers)
         if found is None:

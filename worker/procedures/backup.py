@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypedDict
 
@@ -68,7 +68,8 @@ class Backups(ProcedureBase):
 
     async def backup(self, job: Job, target: TargetConfig, engine: Engine, progress: Progress,
                      *, kind: str, compress: bool, note: str = "",
-                     parent: str | None = None) -> BackupResult:
+                     parent: str | None = None, tables: Sequence[str] = ()
+                     ) -> BackupResult:
         """Dump -> codec chain -> sha256 -> every destination -> read-back -> manifests."""
         started = datetime.now(UTC)
         t0 = time.monotonic()
@@ -81,6 +82,8 @@ class Backups(ProcedureBase):
             options["format"] = job.params["format"]
         if job.params.get("use_apoc"):
             options["use_apoc"] = True
+        if tables:  # a safety backup of what a tables restore will change
+            options["tables"] = list(tables)
         fmt = options.get("format")
         ext = fmt if fmt in ENGINE_FORMATS.get(engine.name, ()) else engine.extension
 

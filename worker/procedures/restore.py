@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 from shared import naming
 from shared.codecs.base import AgeKey
@@ -60,12 +60,26 @@ class Restores(Verification, Backups):
                     code="backup_changed")
             copies = same
         manifest = copies[0][1]
+        tables = tuple(str(t) for t in job.params.get("tables") or ())
+        only = cast(Mapping[str, object], manifest).get("only_tables")
+        if isinstance(only, list) and only and not tables:
+            raise BadRequest(f"{name.filename} holds only some tables ("
+                             + ", ".join(str(t) for t in only)[:500]
+                             + "): restore it with \"tables\", never over the whole "
+                             "database", code="partial_backup")
         if manifest.get("engine") != target.engine:
             raise BadRequest(f"backup {name.filename} is a {manifest.get('engine')} backup; "
                              f"target '{target.id}' is {target.engine}",
                              code="engine_mismatch")
         ids = list(identities) + self.identities(target)
         make_safety = bool(job.params.get("create_safety_backup", True))
+        present: list[str] = []
+        if tables and make_safety and (find := getattr(engine, "tables_present", None)):
+            present = await find(target, tables)  # what the restore will change
+            if not present:
+                make_safety = False
+                progress.log("none of the tables exists in the live database: no safety "
+                             "backup (nothing there to keep)")
         if make_safety:
             self._check_rollback_possible(target, ids)
         progress.plan = ({Phase.VERIFYING: (0, 5), Phase.SAFETY_BACKUP: (5, 40),
@@ -80,13 +94,13 @@ class Restores(Verification, Backups):
         if len(copies) > 1 or plan.store is not copies[0][0]:
             await self.store.publish(job.id, "log", {
                 "message": f"restoring {name.filename} from destination {plan.store.name}"})
-        safety, safety_sha256 = await self._safety_backup(job, target, engine, name, progress) \
-            if make_safety else (None, None)
+        safety, safety_sha256 = await self._safety_backup(
+            job, target, engine, name, progress, present) if make_safety else (None, None)
         t0 = time.monotonic()
         warnings_before = len(progress.warnings)
         try:
             await self._load(job, target, engine, name, plan.store, loading, progress, ids,
-                             windows=plan.windows)
+                             windows=plan.windows, tables=tables)
         except (EngineError, PipelineError, BadRequest) as exc:
             raise await self._after_failed_restore(
                 job, target, engine, exc, safety, progress, loading, ids,
@@ -127,15 +141,15 @@ class Restores(Verification, Backups):
                 code="identity_required")
 
     async def _safety_backup(self, job: Job, target: TargetConfig, engine: Engine,
-                             restoring: naming.BackupName, progress: Progress
-                             ) -> tuple[str, str]:
+                             restoring: naming.BackupName, progress: Progress,
+                             tables: Sequence[str] = ()) -> tuple[str, str]:
         """The safety backup's name and the sha256 of what this job wrote (a rollback
         loads those bytes only)."""
         progress.set_phase(Phase.SAFETY_BACKUP)
         try:
             made = await self.backup(job, target, engine, progress, kind="safety_backup",
                                      compress=True, note=f"before restoring {restoring.filename}",
-                                     parent=job.id)
+                                     parent=job.id, tables=tables)
         except SafeholdError as exc:
             err = SafetyBackupFailed(
                 f"the safety backup of target '{target.id}' failed, so the restore did not "
@@ -156,7 +170,7 @@ class Restores(Verification, Backups):
                     name: naming.BackupName, store: BackupStore, manifest: Mapping[str, object],
                     progress: Progress, identities: Sequence[AgeKey], *,
                     rollback: bool = False, windows: bytes | None = None,
-                    also_clean: tuple[str, ...] = ()) -> None:
+                    also_clean: tuple[str, ...] = (), tables: tuple[str, ...] = ()) -> None:
         """Load the backup; `windows`: the digests its check recorded (what the load may
         pass on, see `pipeline.SameAsChecked`), when the engine's check read it whole;
         `also_clean`: a rollback's extra reach (RestoreOptions.also_clean)."""
@@ -176,7 +190,7 @@ class Restores(Verification, Backups):
                                      database=job.params.get("database") or None,
                                      owner_map=tuple(sorted(
                                          (job.params.get("owner_map") or {}).items())),
-                                     also_clean=also_clean))
+                                     also_clean=also_clean, tables=tables))
 
     async def _after_failed_restore(self, job: Job, target: TargetConfig, engine: Engine,
                                     exc: SafeholdError, safety: str | None,
@@ -214,8 +228,11 @@ class Restores(Verification, Backups):
                                            identities)
                 # the failed load may have written where the safety backup has nothing (an
                 # empty database then): the rollback's clean covers those too
+                sloading = splan.load_manifest()
                 await self._load(job, target, engine, sname, splan.store,
-                                 splan.load_manifest(), progress, identities, rollback=True,
+                                 sloading, progress, identities, rollback=True,
+                                 tables=tuple(str(t) for t in cast(
+                                     list[object], sloading.get("only_tables") or [])),
                                  windows=splan.windows,
                                  also_clean=tuple(str(d) for d in
                                                   failed.get("databases") or []))
@@ -231,7 +248,8 @@ class Restores(Verification, Backups):
                 text = (f"{msg}. Rolled back automatically: safety backup {safety} was "
                         "restored, so the database is as it was before this restore.")
         if safety and details["database_state"] == "unknown":
-            details["undo"] = undo_hint(target.id, safety, job.params.get("into_database"))
+            details["undo"] = undo_hint(target.id, safety, job.params.get("into_database"),
+                                        job.params.get("tables"))
         err = RestoreFailed(text, code=exc.code if exc.code != "engine_error" else None)
         err.details = details
         return err

@@ -1,0 +1,203 @@
+"""Restoring some tables only (issue 25, `tables`), PostgreSQL: after a too-wide UPDATE the
+table equals the backup's and every other table is exactly as it was (fingerprints), the
+foreign keys that point at it stay and hold, its trigger neither fires nor stays off;
+twice in a row; a dropped table comes back with its indexes, constraints, trigger, policy,
+sequence and the foreign keys that pointed at it; a restore that would break a foreign
+key changes nothing; the safety backup holds that table only and is its undo; hostile or
+unknown names are refused before any job."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests import pg
+from tests.conftest import JobWaiter
+from tests.helpers import backup
+
+SCHEMA = """
+CREATE SCHEMA app;
+CREATE TABLE app.customers (id serial PRIMARY KEY, name text NOT NULL);
+CREATE TABLE app.orders (id serial PRIMARY KEY,
+    customer_id int NOT NULL REFERENCES app.customers(id),
+    total numeric NOT NULL CHECK (total >= 0), note text);
+CREATE TABLE app.items (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    order_id int NOT NULL REFERENCES app.orders(id) ON DELETE CASCADE, qty int NOT NULL);
+CREATE TABLE app.audit (id serial PRIMARY KEY, what text);
+CREATE FUNCTION app.log_order() RETURNS trigger LANGUAGE plpgsql AS
+    $$BEGIN INSERT INTO app.audit (what) VALUES ('order ' || NEW.id); RETURN NEW; END$$;
+CREATE TRIGGER orders_log AFTER INSERT OR UPDATE ON app.orders
+    FOR EACH ROW EXECUTE FUNCTION app.log_order();
+CREATE INDEX orders_customer ON app.orders (customer_id);
+ALTER TABLE app.orders ENABLE ROW LEVEL SECURITY;
+CREATE POLICY everyone ON app.orders USING (true);
+CREATE VIEW app.big_orders AS SELECT * FROM app.orders WHERE total > 100;
+COMMENT ON TABLE app.orders IS 'one row per order';
+INSERT INTO app.customers (name) SELECT 'customer ' || i FROM generate_series(1, 20) i;
+INSERT INTO app.orders (customer_id, total, note)
+    SELECT i % 20 + 1, i * 1.5, 'order ' || i FROM generate_series(1, 200) i;
+INSERT INTO app.items (order_id, qty) SELECT i % 200 + 1, i FROM generate_series(1, 400) i;
+"""
+ORDERS = "app.orders"
+
+
+async def restore(api: Any, wait_job: JobWaiter, **body: Any) -> dict[str, Any]:
+    resp = await api.post("/api/v1/targets/main/restores", json=body)
+    assert resp.status == 202, await resp.text()
+    return await wait_job((await resp.json())["id"], timeout=120)
+
+
+async def run(database: str, sql: str) -> None:
+    conn = await pg.user_conn(database)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+async def catalog(database: str) -> dict[str, Any]:
+    conn = await pg.user_conn(database)
+    try:
+        return {
+            "fks": sorted(tuple(r) for r in await conn.fetch(
+                "SELECT conrelid::regclass::text, conname, convalidated FROM pg_constraint "
+                "WHERE contype = 'f'")),
+            "triggers": sorted(tuple(r) for r in await conn.fetch(
+                "SELECT tgname, tgenabled::text FROM pg_trigger WHERE NOT tgisinternal")),
+            "indexes": sorted(r[0] for r in await conn.fetch(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = 'app'")),
+            "policies": [r[0] for r in await conn.fetch("SELECT policyname FROM pg_policies")],
+            "rls": await conn.fetchval("SELECT relrowsecurity FROM pg_class "
+                                       "WHERE oid = 'app.orders'::regclass"),
+            "owned": await conn.fetchval("SELECT pg_get_serial_sequence('app.orders', 'id')"),
+        }
+    finally:
+        await conn.close()
+
+
+def others(fp: dict[str, Any]) -> dict[str, Any]:
+    return {t: v for t, v in fp["data"].items() if t != ORDERS}
+
+
+async def test_one_table_after_a_too_wide_update(
+        api: Any, worker: Any, pg_db: str, wait_job: JobWaiter) -> None:
+    await run(pg_db, SCHEMA)
+    name = (await backup(api))["result"]["filename"]
+    backed_up = await pg.fingerprint(pg_db)
+    # the incident: every order's total zeroed (its trigger logs 200 rows into audit); life
+    # goes on elsewhere: a new customer, an item changed
+    await run(pg_db, "UPDATE app.orders SET total = 0; INSERT INTO app.customers (name) "
+                     "VALUES ('new'); UPDATE app.items SET qty = qty + 1 WHERE id = 1")
+    live = await pg.fingerprint(pg_db)
+    shape = await catalog(pg_db)
+    for _ in range(2):  # twice in a row: the same outcome
+        job = await restore(api, wait_job, backup=name, tables=[ORDERS])
+        assert job["status"] == "succeeded", job.get("error")
+        now = await pg.fingerprint(pg_db)
+        assert now["data"][ORDERS] == backed_up["data"][ORDERS]
+        assert others(now) == others(live)  # audit too: the trigger did not fire
+        assert now["schema"] == live["schema"]  # keys, trigger, policy, view: as they were
+        assert now["sequences"]['"app"."orders_id_seq"'] == \
+            backed_up["sequences"]['"app"."orders_id_seq"']
+        assert await catalog(pg_db) == shape  # every foreign key back and validated
+    safety = job["result"]["safety_backup"]
+    assert safety
+    manifest = await (await api.get(f"/api/v1/targets/main/backups/{safety}")).json()
+    assert manifest["only_tables"] == [ORDERS]
+    assert list(manifest["counts"]) == [ORDERS]
+
+    # the safety backup holds one table: never restored over the whole database …
+    resp = await api.post("/api/v1/targets/main/restores", json={"backup": safety})
+    assert resp.status == 422 and (await resp.json())["error"]["code"] == "partial_backup"
+    # … but it is the undo of the table restore
+    job = await restore(api, wait_job, backup=safety, tables=[ORDERS],
+                        create_safety_backup=False)
+    assert job["status"] == "succeeded", job.get("error")
+    assert (await pg.fingerprint(pg_db))["data"][ORDERS] == \
+        backed_up["data"][ORDERS]  # the safety backup was taken after the first restore
+
+
+async def test_a_dropped_table_comes_back_whole(
+        api: Any, worker: Any, pg_db: str, wait_job: JobWaiter) -> None:
+    await run(pg_db, SCHEMA)
+    name = (await backup(api))["result"]["filename"]
+    backed_up = await pg.fingerprint(pg_db)
+    shape = await catalog(pg_db)
+    # the damage people really make: the table dropped with what hangs on it
+    await run(pg_db, "DROP TABLE app.orders CASCADE")
+    live = await pg.fingerprint(pg_db)
+    job = await restore(api, wait_job, backup=name, tables=[ORDERS])
+    assert job["status"] == "succeeded", job.get("error")
+    assert job["result"]["safety_backup"] is None  # nothing of it was there to keep
+    now = await pg.fingerprint(pg_db)
+    assert now["data"][ORDERS] == backed_up["data"][ORDERS]
+    assert others(now) == others(live)
+    assert now["sequences"] == backed_up["sequences"]
+    assert await catalog(pg_db) == shape  # index, trigger, policy, RLS, owned sequence, and
+    # items' foreign key to it, validated
+    events = await (await api.get(f"/api/v1/jobs/{job['id']}/events")).text()
+    assert "app.items.items_order_id_fkey" in events
+
+
+async def test_a_restore_that_would_break_a_foreign_key_changes_nothing(
+        api: Any, worker: Any, pg_db: str, wait_job: JobWaiter) -> None:
+    await run(pg_db, SCHEMA)
+    name = (await backup(api))["result"]["filename"]
+    # an order the backup does not have, with an item pointing at it
+    await run(pg_db, "INSERT INTO app.orders (customer_id, total) VALUES (1, 5); "
+                     "INSERT INTO app.items (order_id, qty) VALUES (201, 1)")
+    live = await pg.fingerprint(pg_db)
+    job = await restore(api, wait_job, backup=name, tables=[ORDERS])
+    assert job["status"] == "failed", job
+    assert job["error"]["database_state"] == "unchanged", job["error"]
+    assert "items_order_id_fkey" in job["error"]["message"]
+    assert await pg.fingerprint(pg_db) == live
+
+
+async def test_another_tables_rows_are_never_touched_by_the_load(
+        api: Any, worker: Any, pg_db: str, wait_job: JobWaiter) -> None:
+    """Restoring orders and items together (items point at orders, in either order of
+    load) works; restoring a table whose rows the live table's own foreign key cannot
+    find fails unchanged."""
+    await run(pg_db, SCHEMA)
+    name = (await backup(api))["result"]["filename"]
+    backed_up = await pg.fingerprint(pg_db)
+    await run(pg_db, "DELETE FROM app.items; DELETE FROM app.orders; "
+                     "UPDATE app.customers SET name = upper(name)")
+    live = await pg.fingerprint(pg_db)
+    job = await restore(api, wait_job, backup=name, tables=["app.items", ORDERS])
+    assert job["status"] == "succeeded", job.get("error")
+    now = await pg.fingerprint(pg_db)
+    for t in ("app.items", ORDERS):
+        assert now["data"][t] == backed_up["data"][t]
+    assert now["data"]["app.customers"] == live["data"]["app.customers"]
+    assert now["data"]["app.audit"] == live["data"]["app.audit"]
+
+    await run(pg_db, "DELETE FROM app.items; DELETE FROM app.orders; "
+                     "DELETE FROM app.customers WHERE id = 1")
+    live = await pg.fingerprint(pg_db)
+    job = await restore(api, wait_job, backup=name, tables=[ORDERS])
+    assert job["status"] == "failed" and job["error"]["database_state"] == "unchanged"
+    assert await pg.fingerprint(pg_db) == live
+
+
+@pytest.mark.parametrize("tables, status, code", [
+    (['app.orders"; DROP TABLE app.items; --'], 400, "invalid_body"),
+    (["app.orders.x"], 400, "invalid_body"), (["orders"], 400, "invalid_body"),
+    ([".."], 400, "invalid_body"), (["app.ord\x00ers"], 400, "invalid_body"),
+    (["app." + "x" * 10_000], 400, "invalid_body"), ([], 400, "invalid_body"),
+    ("app.orders", 400, "invalid_body"), (["app.orders", "app.orders"], 400, "invalid_body"),
+    (["app.nothere"], 422, "table_missing"),
+])
+async def test_hostile_or_unknown_table_names_are_refused_before_any_job(
+        api: Any, worker: Any, pg_db: str, tables: Any, status: int, code: str,
+        wait_job: JobWaiter) -> None:
+    await run(pg_db, SCHEMA)
+    name = (await backup(api))["result"]["filename"]
+    jobs_before = (await (await api.get("/api/v1/jobs")).json())["jobs"]
+    resp = await api.post("/api/v1/targets/main/restores",
+                          json={"backup": name, "tables": tables})
+    assert resp.status == status, await resp.text()
+    assert (await resp.json())["error"]["code"] == code
+    assert (await (await api.get("/api/v1/jobs")).json())["jobs"] == jobs_before
