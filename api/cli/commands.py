@@ -63,6 +63,9 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                    help="restore into this new database beside the live one, which is not "
                         "touched (PostgreSQL, MySQL; SQLite: a file name next to the "
                         "target's)")
+    r.add_argument("--table", action="append", metavar="SCHEMA.TABLE", dest="tables",
+                   help="only this table (repeat; PostgreSQL): every other table is left "
+                        "exactly as it is")
     r.add_argument("--replace", action="store_true",
                    help="with --into-database: restore over it when it exists")
     r.add_argument("--owner-map", action="append", metavar="OLD=NEW", default=[],
@@ -317,6 +320,11 @@ async def _cmd_restore(client: Client, args: argparse.Namespace) -> int:
                 + (", replacing it if it exists?" if args.replace else "?")
                 if args.into_database else
                 f"Replace the database of target '{args.target}' with {args.backup}?")
+    if args.tables:
+        question = question.replace("the database of", "table(s) " + ", ".join(
+            args.tables) + " of the database of").replace(
+            f"Restore {args.backup}", f"Restore table(s) {', '.join(args.tables)} of "
+            f"{args.backup}")
     if not confirm(args, question):
         return EXIT_USAGE
     req: ApiDoc = {"backup": args.backup,
@@ -325,6 +333,8 @@ async def _cmd_restore(client: Client, args: argparse.Namespace) -> int:
         req["into_database"] = args.into_database
     if args.replace:
         req["replace"] = True
+    if args.tables:
+        req["tables"] = args.tables
     if args.terminate_connections:
         req["terminate_connections"] = True
     if args.roles:

@@ -36,7 +36,7 @@ from api.context import Services
 from api.operations import AuditInfo, Caller, Operations
 from api.recovery import within
 from api.roles import Role
-from api.scope import scope_params
+from api.scope import check_tables, scope_params
 from shared import safehold_version
 from shared.errors import BadRequest, Forbidden, SafeholdError, Unauthorized
 from shared.jobs import Event, Job, JobStatus
@@ -255,24 +255,31 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                              "backup, or (PITR databases) a point_in_time: an RFC 3339 "
                              "instant of the recovery window, or \"latest\". into_database: "
                              "restore beside the live database, into a new one of that name "
-                             "(the live one is not touched; replace: over it if it exists).")
+                             "(the live one is not touched; replace: over it if it exists). "
+                             "tables: only these tables (PostgreSQL schema.table); every "
+                             "other table is left exactly as it is.")
     async def plan_restore(database_id: str, backup: str = "", point_in_time: str = "",
                            create_safety_backup: bool = True,
                            terminate_connections: bool = False,
                            roles: str | None = None,
                            owner_map: dict[str, str] | None = None,
                            database: str | None = None, into_database: str | None = None,
-                           replace: bool = False) -> ToolResult:
+                           replace: bool = False, tables: list[str] | None = None
+                           ) -> ToolResult:
         info: AuditInfo = {"backup": (backup or f"point in time {point_in_time}")[:200]}
 
         async def body(ops: Operations, who: Caller) -> ToolResult:
             target = ops.target(who, database_id, Role.OPERATOR)
             if bool(backup) == bool(point_in_time):
                 raise BadRequest("name either backup or point_in_time", code="invalid_body")
-            scope = scope_params(kit.services().settings, target, into_database, replace)
+            scope = scope_params(kit.services().settings, target, into_database, replace,
+                                 tables)
             where = (f"the new database {into_database} beside {target.id} (which is not "
                      "touched)" + (", replacing it if it exists," if replace else "")
                      if into_database else target.id)
+            if tables:
+                where = (f"table(s) {', '.join(tables)} of {where} (every other table is "
+                         "left as it is; the safety backup holds those tables)")
             if point_in_time:
                 return await _plan_point_in_time(kit, ops, who, target.id, point_in_time,
                                                  create_safety_backup, terminate_connections,
@@ -282,6 +289,7 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                 raise BadRequest("roles must be \"create\", \"skip\" or \"map\" (with "
                                  "owner_map)", code="invalid_body")
             name, manifest = await ops.manifest(target.id, backup)
+            check_tables(scope, manifest)
             if manifest.get("engine") != target.engine:
                 raise BadRequest(f"{name.filename} is a {manifest.get('engine')} backup; "
                                  f"{target.id} is {target.engine}", code="engine_mismatch")
@@ -334,7 +342,7 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                     safety=plan["create_safety_backup"],
                     terminate=bool(plan.get("terminate_connections")),
                     into_database=plan.get("into_database"),
-                    replace=bool(plan.get("replace")))
+                    replace=bool(plan.get("replace")), tables=plan.get("tables"))
                 return await kit.follow(ops, who, job, ctx, wait_seconds)
             job = await ops.start_restore(who, plan["target"], plan["backup"],
                                           safety=plan["create_safety_backup"],
@@ -344,6 +352,7 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                                           database=plan.get("database"),
                                           into_database=plan.get("into_database"),
                                           replace=bool(plan.get("replace")),
+                                          tables=plan.get("tables"),
                                           expect_sha256=plan["sha256"])
             return await kit.follow(ops, who, job, ctx, wait_seconds)
         return await kit.run("execute_restore", None, body, info)

@@ -172,7 +172,8 @@ class TableCut:
         self._type = b""
         self._held: list[bytes] = []
         self._held_size = 0
-        self._release = False  # the preamble: pass on what is held (a setting)
+        # the preamble: pass on what is held (a setting: True) or drop it (None)
+        self._release: bool | None = False
         self._seq: Rel | None = None  # a SEQUENCE section's sequence, owner unknown yet
         self._raw: list[bytes] = []
         self._raw_size = 0
@@ -214,10 +215,7 @@ class TableCut:
         st = classify(b"".join(self._raw).decode("utf-8", "replace"))
         self._raw, self._raw_size = [], 0
         if self._state == _PREAMBLE:  # settings pass, anything else never does
-            if st.kind == "neutral":
-                self._release = True
-            else:
-                self._held, self._held_size = [], 0
+            self._release = True if st.kind == "neutral" else None
             return
         if st.kind == "neutral":
             return
@@ -247,9 +245,9 @@ class TableCut:
             return line if set_line else b""  # a setting pg_dump put between sections
         self._held.append(line)
         self._held_size += len(line)
-        if self._release:
+        if self._release is not False:
+            out = b"".join(self._held) if self._release else b""
             self._release = False
-            out = b"".join(self._held)
             self._held, self._held_size = [], 0
             return out
         if self._held_size > HOLD_MAX:

@@ -410,3 +410,33 @@ async def test_plan_restore_checks_its_roles_choice(
                 "database_id": "main", "backup": "backup_postgresql_20240101_000000.sql.gz",
                 "roles": "maybe"})
             assert bad.is_error and "invalid_body" in bad.content[0].text
+
+
+async def test_plan_restore_of_one_table(aiohttp_server: Any, settings: Settings, redis: Any,
+                                         worker: Any, pg_db: str) -> None:
+    """Issue 25: the plan names the table and says the rest is left as it is; executed, only
+    that table changes; a table the backup lacks is refused at the plan."""
+    conn = await pg.user_conn(pg_db)
+    await conn.execute("CREATE TABLE a (i int); CREATE TABLE b (i int); "
+                       "INSERT INTO a VALUES (1); INSERT INTO b VALUES (1)")
+    await conn.close()
+    async with server(aiohttp_server, settings) as base, \
+            mcp_client(base, token(settings, "admin", subject="agent-1")) as client:
+        job = data(await client.call_tool("create_backup", {"database_id": "main"}))
+        name = job["result"]["filename"]
+        conn = await pg.user_conn(pg_db)
+        await conn.execute("UPDATE a SET i = 2; UPDATE b SET i = 2")
+        await conn.close()
+        missing = await client.call_tool("plan_restore", {
+            "database_id": "main", "backup": name, "tables": ["public.nothere"]})
+        assert missing.is_error and "table_missing" in missing.content[0].text
+        plan = data(await client.call_tool("plan_restore", {
+            "database_id": "main", "backup": name, "tables": ["public.a"]}))
+        assert "public.a" in plan["what_happens"]
+        assert "every other table is left as it is" in plan["what_happens"]
+        done = data(await client.call_tool("execute_restore",
+                                           {"confirmation_token": plan["confirmation_token"]}))
+        assert done["status"] == "succeeded", done
+    conn = await pg.user_conn(pg_db)
+    assert [await conn.fetchval(f"SELECT i FROM {t}") for t in "ab"] == [1, 2]
+    await conn.close()

@@ -1,0 +1,160 @@
+"""The cut of a plain pg_dump to some tables (shared.formats.pgtables), fed hostile
+scripts: a section header inside a function body or a string is no header; a section of a
+restored table that holds anything about another table is refused; statements glued on
+one line, non-settings in the preamble and sections that never say what they are about
+are refused or dropped; nothing outside the tables' sections reaches psql."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.formats.pgscript import PgScriptGuard
+from shared.formats.pgtables import HOLD_MAX, RefusedSection, Selection, TableCut, classify
+
+HEAD = """--
+-- PostgreSQL database dump
+--
+
+SET statement_timeout = 0;
+SET standard_conforming_strings = on;
+SELECT pg_catalog.set_config('search_path', '', false);
+"""
+FOOT = """
+--
+-- PostgreSQL database dump complete
+--
+"""
+
+
+def section(kind: str, tag: str, body: str, data: bool = False) -> str:
+    lead = "Data for Name" if data else "Name"
+    return f"\n--\n-- {lead}: {tag}; Type: {kind}; Schema: app; Owner: app\n--\n\n{body}\n"
+
+
+ORDERS_DATA = section("TABLE DATA", "orders", "COPY app.orders (id, total) FROM stdin;\n"
+                      "1\t10\n2\t20\n\\.\n", data=True)
+CUSTOMERS_DATA = section("TABLE DATA", "customers", "COPY app.customers (id) FROM stdin;\n"
+                         "1\n\\.\n", data=True)
+SEQ_SET = section("SEQUENCE SET", "orders_id_seq",
+                  "SELECT pg_catalog.setval('app.orders_id_seq', 2, true);")
+ORDERS = ("app", "orders")
+
+
+def cut(script: str, sel: Selection | None = None, chunk: int = 5) -> tuple[bytes, TableCut]:
+    tc = TableCut(sel or Selection(data={ORDERS}, create=set(),
+                                   sequences={("app", "orders_id_seq")}))
+    guard = PgScriptGuard(cut=tc)
+    data = script.encode()
+    out = b"".join(guard.feed(data[i:i + chunk]) for i in range(0, len(data), chunk))
+    return out + guard.finish(), tc
+
+
+def test_only_the_tables_data_and_its_sequence_pass() -> None:
+    out, tc = cut(HEAD + CUSTOMERS_DATA + ORDERS_DATA + SEQ_SET + FOOT)
+    assert b"COPY app.orders" in out and b"1\t10\n2\t20\n" in out
+    assert b"customers" not in out
+    assert b"setval" not in out  # held back: sent after every check
+    assert b"setval('app.orders_id_seq', 2, true)" in b"".join(tc.deferred)
+    assert b"SET standard_conforming_strings = on;" in out
+    assert tc.loaded == {ORDERS}
+
+
+def test_a_header_inside_a_function_body_or_string_is_no_header() -> None:
+    body = ("CREATE FUNCTION app.f() RETURNS void LANGUAGE sql AS $$\n"
+            "--\n-- Data for Name: orders; Type: TABLE DATA; Schema: app; Owner: app\n--\n"
+            "SELECT 1;\n$$;\n"
+            "COMMENT ON FUNCTION app.f() IS '\n"
+            "-- Data for Name: orders; Type: TABLE DATA; Schema: app; Owner: app\n"
+            "';")
+    out, _ = cut(HEAD + section("FUNCTION", "f()", body) + ORDERS_DATA + FOOT)
+    assert b"SELECT 1" not in out and b"FUNCTION" not in out.replace(b"-- ", b"")
+    assert b"COPY app.orders" in out
+
+
+def test_a_section_that_lies_about_its_table_is_not_taken() -> None:
+    lie = section("TABLE DATA", "orders", "COPY app.customers (id) FROM stdin;\n9\n\\.\n",
+                  data=True)
+    with pytest.raises(RefusedSection, match="no data for app.orders"):
+        cut(HEAD + lie + FOOT)
+
+
+@pytest.mark.parametrize("extra", [
+    "DELETE FROM app.customers;",  # a second statement in the orders section
+    "UPDATE app.orders SET total = 0 FROM app.customers;",
+    "SELECT pg_catalog.setval('app.customers_id_seq', 99, true);",
+])
+def test_a_kept_section_about_anything_else_is_refused(extra: str) -> None:
+    bad = ORDERS_DATA.rstrip("\n") + "\n" + extra + "\n"
+    with pytest.raises(RefusedSection, match="something else"):
+        cut(HEAD + bad + FOOT)
+
+
+@pytest.mark.parametrize("glued", [
+    "SELECT pg_catalog.setval('app.orders_id_seq', 2, true); DELETE FROM app.customers;",
+    "SELECT pg_catalog.setval('app.orders_id_seq', 2, true); DELETE\nFROM app.customers;",
+])
+def test_statements_glued_on_one_line_are_refused(glued: str) -> None:
+    with pytest.raises(RefusedSection, match="begins on the line"):
+        cut(HEAD + section("SEQUENCE SET", "orders_id_seq", glued) + FOOT)
+
+
+def test_the_preamble_passes_settings_only() -> None:
+    out, _ = cut(HEAD + "DELETE FROM app.customers;\nSET lock_timeout = 0;\n"
+                 + ORDERS_DATA + FOOT)
+    assert b"DELETE" not in out and b"SET lock_timeout = 0;" in out
+
+
+def test_a_section_that_never_says_what_it_is_about_is_bounded() -> None:
+    filler = "".join(f"-- {'x' * 1000}\n" for _ in range(HOLD_MAX // 1000 + 10))
+    with pytest.raises(RefusedSection, match="before a statement"):
+        cut(HEAD + section("TABLE DATA", "orders", filler, data=True) + FOOT,
+            chunk=1 << 16)
+
+
+def test_a_dropped_table_takes_its_sections_and_the_keys_that_pointed_at_it() -> None:
+    script = HEAD + "".join([
+        section("TABLE", "orders", "CREATE TABLE app.orders (\n    id integer NOT NULL\n);"
+                "\n\nALTER TABLE app.orders OWNER TO app;"),
+        section("TABLE", "customers", "CREATE TABLE app.customers (id int);"),
+        section("SEQUENCE", "orders_id_seq", "CREATE SEQUENCE app.orders_id_seq\n    AS "
+                "integer;\n\nALTER TABLE app.orders_id_seq OWNER TO app;"),
+        section("SEQUENCE OWNED BY", "orders_id_seq",
+                "ALTER SEQUENCE app.orders_id_seq OWNED BY app.orders.id;"),
+        section("SEQUENCE", "customers_id_seq", "CREATE SEQUENCE app.customers_id_seq;"),
+        section("SEQUENCE OWNED BY", "customers_id_seq",
+                "ALTER SEQUENCE app.customers_id_seq OWNED BY app.customers.id;"),
+        ORDERS_DATA, CUSTOMERS_DATA, SEQ_SET,
+        section("INDEX", "orders_total", 'CREATE INDEX orders_total ON app.orders USING '
+                'btree (total);'),
+        section("INDEX", "customers_x", "CREATE INDEX customers_x ON app.customers (id);"),
+        section("COMMENT", "INDEX orders_total", "COMMENT ON INDEX app.orders_total IS 'i';"),
+        section("FK CONSTRAINT", "items items_fk", "ALTER TABLE ONLY app.items\n    ADD "
+                "CONSTRAINT items_fk FOREIGN KEY (o) REFERENCES app.orders(id);"),
+        section("FK CONSTRAINT", "lines lines_fk", "ALTER TABLE ONLY app.lines\n    ADD "
+                "CONSTRAINT lines_fk FOREIGN KEY (o) REFERENCES app.orders(id);"),
+    ]) + FOOT
+    sel = Selection(data=set(), create={ORDERS}, live_tables={("app", "items")})
+    out, tc = cut(script, sel)
+    text = out.decode()
+    for kept in ("CREATE TABLE app.orders", "CREATE SEQUENCE app.orders_id_seq",
+                 "OWNED BY app.orders.id", "COPY app.orders", "CREATE INDEX orders_total",
+                 "COMMENT ON INDEX app.orders_total", "items_fk"):
+        assert kept in text, kept
+    for dropped in ("customers", "lines_fk"):  # lines is not a live table
+        assert dropped not in text, dropped
+    assert tc.created == {ORDERS} and tc.incoming_fks == ["app.items.items_fk"]
+    assert tc.owned == {("app", "orders_id_seq")}
+
+
+@pytest.mark.parametrize("sql, kind, rel", [
+    ('ALTER TABLE ONLY "My Schema"."Or""ders"\n    ADD CONSTRAINT x CHECK (true);', "alter",
+     ("My Schema", 'Or"ders')),
+    ("CREATE TRIGGER t AFTER UPDATE OF \"on\" ON app.orders FOR EACH ROW EXECUTE "
+     "FUNCTION app.f();", "table", ORDERS),
+    ("GRANT SELECT(total) ON TABLE app.orders TO reader;", "table", ORDERS),
+    ("DELETE FROM app.orders;", "other", None),
+    ("SET search_path = app;", "neutral", None),
+])
+def test_statements_say_what_they_are_about(sql: str, kind: str, rel: object) -> None:
+    st = classify(sql)
+    assert (st.kind, st.rel) == (kind, rel)
