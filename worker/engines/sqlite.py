@@ -19,7 +19,7 @@ import os
 import sqlite3
 import stat
 import tempfile
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,7 +31,7 @@ from shared.errors import DumpFailed, EngineError, PipelineError, RestoreFailed
 from shared.formats.sqlite import check_sqlite_file
 from shared.jobs import Phase, RestoreStage
 from shared.outage import RedisUnavailable
-from worker.engines import NO_OPTIONS, Drill, Dump, DumpOptions, RestoreOptions
+from worker.engines import NO_OPTIONS, Drill, Dump, DumpOptions, RestoreOptions, sqlite_tables
 from worker.progress import Progress
 
 CHUNK = 1 << 20
@@ -168,9 +168,15 @@ class SQLite:
             finally:
                 await asyncio.to_thread(f.close)
 
+    async def tables_present(self, target: TargetConfig, tables: Sequence[str]) -> list[str]:
+        return await asyncio.to_thread(sqlite_tables.present, target.path, tables)
+
     async def restore(self, target: TargetConfig, chunks: AsyncIterator[bytes],
                       progress: Progress, *, clean: bool, manifest: Mapping[str, object],
                       options: RestoreOptions = NO_OPTIONS) -> None:
+        if options.tables:
+            await self._restore_tables(target, chunks, progress, manifest, options.tables)
+            return
         directory = Path(target.path).parent
         await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
         fd, name = await asyncio.to_thread(
@@ -206,6 +212,42 @@ class SQLite:
         finally:
             for leftover in (temp, *(Path(f"{temp}{x}") for x in ("-wal", "-shm", "-journal"))):
                 await asyncio.to_thread(leftover.unlink, missing_ok=True)
+
+    async def _restore_tables(self, target: TargetConfig, chunks: AsyncIterator[bytes],
+                              progress: Progress, manifest: Mapping[str, object],
+                              tables: Sequence[str]) -> None:
+        """Some tables only (sqlite_tables): the backup goes to a private file, is
+        checked, then attached read-only; the live file is changed in one transaction."""
+        with scratch.private_dir("sqlite") as tmp:
+            backup = scratch.private_file(tmp, "backup.db")
+            try:
+                out = await asyncio.to_thread(open, backup, "wb")
+                try:
+                    async for chunk in chunks:
+                        await asyncio.to_thread(out.write, chunk)
+                        progress.bytes_done += len(chunk)
+                finally:
+                    await asyncio.to_thread(out.close)
+            except PipelineError as exc:
+                raise RestoreFailed(f"reading the backup failed ({exc.message}); the "
+                                    "database was not touched",
+                                    database_unchanged=True, code=exc.code) from None
+            progress.set_phase(Phase.CHECKING)
+            try:
+                await asyncio.to_thread(check_sqlite_file, backup)
+            except ValueError as exc:
+                raise RestoreFailed(f"the backup is not a sound SQLite database ({exc}); the "
+                                    "database was not touched", database_unchanged=True) \
+                    from None
+            progress.set_phase(Phase.RESTORING)
+            try:
+                await progress.enter_stage(RestoreStage.COMMITTING)
+            except RedisUnavailable as exc:
+                raise RestoreFailed(f"{exc.message}; the database was not touched",
+                                    database_unchanged=True, code=exc.code) from None
+            for said in await asyncio.to_thread(sqlite_tables.load, target.path, backup,
+                                                tables, manifest, target.lock_timeout):
+                progress.log(said)
 
 
 class SQLiteDrill(Drill):
