@@ -59,44 +59,81 @@ async def test_sigkill_worker_at_each_point_of_a_restore_leaves_the_old_database
     seen: dict[str, str] = {}
 
     for point, predicate in KILL_POINTS.items():
-        proc = await worker_process(tmp_path, prefix, pg_db)
-        try:
-            job_id = (await (await api.post("/api/v1/targets/main/restores",
-                                            json={"backup": name})).json())["id"]
-
-            async def loading(job_id: str = job_id) -> bool:
-                job = await (await api.get(f"/api/v1/jobs/{job_id}")).json()
-                assert job["status"] in ("queued", "running"), job
-                return bool(job.get("restore_state") == "uncommitted")
-
-            await wait_for(loading, 120, f"{point}: the restore to start loading")
-            watcher = await pg.admin_conn()
-            try:
-                polls = 0
-                while True:
-                    row = await restore_backend(watcher, pg_db)
-                    if row and predicate(*row):
-                        break
-                    polls += 1
-                    if polls % 50 == 0:
-                        job = await (await api.get(f"/api/v1/jobs/{job_id}")).json()
-                        assert job["status"] == "running", (point, "never reached", job)
-                proc.send_signal(signal.SIGKILL)  # the worker alone: psql is not signalled
-            finally:
-                await watcher.close()
-            await proc.wait()
-            seen[point] = row[1][:40]
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        # the restore tool dies with the worker (PR_SET_PDEATHSIG)
-        await wait_for(lambda: not procs.find("psql", {"PGDATABASE": pg_db}), 10,
-                       "psql to die with the worker")
-        job = await wait_for_terminal(api, job_id, timeout=90)
-        err = job["error"]
-        assert job["status"] == "failed" and err["code"] == "worker_lost", (point, err)
-        assert err["database_state"] == "unchanged", (point, err)
-        assert err["safety_backup"] and err["safety_backup"] in err["message"], (point, err)
+        seen[point] = await kill_restore_at(api, tmp_path, prefix, pg_db, {"backup": name},
+                                            point, predicate)
         assert await pg.fingerprint(pg_db) == damaged, point
     assert set(seen) == set(KILL_POINTS), seen
+
+
+async def kill_restore_at(api: Any, tmp_path: Path, prefix: str, pg_db: str,
+                          body: dict[str, Any], point: str, predicate: Any) -> str:
+    """Start a restore in a worker process of its own, SIGKILL that worker when the
+    restore's backend matches `predicate`, and check what the job says: worker lost, the
+    database unchanged, the safety backup named. Returns the statement it was killed in."""
+    proc = await worker_process(tmp_path, prefix, pg_db)
+    try:
+        job_id = (await (await api.post("/api/v1/targets/main/restores",
+                                        json=body)).json())["id"]
+
+        async def loading(job_id: str = job_id) -> bool:
+            job = await (await api.get(f"/api/v1/jobs/{job_id}")).json()
+            assert job["status"] in ("queued", "running"), job
+            return bool(job.get("restore_state") == "uncommitted")
+
+        await wait_for(loading, 120, f"{point}: the restore to start loading")
+        watcher = await pg.admin_conn()
+        try:
+            polls = 0
+            while True:
+                row = await restore_backend(watcher, pg_db)
+                if row and predicate(*row):
+                    break
+                polls += 1
+                if polls % 50 == 0:
+                    job = await (await api.get(f"/api/v1/jobs/{job_id}")).json()
+                    assert job["status"] == "running", (point, "never reached", job)
+            proc.send_signal(signal.SIGKILL)  # the worker alone: psql is not signalled
+        finally:
+            await watcher.close()
+        await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    # the restore tool dies with the worker (PR_SET_PDEATHSIG)
+    await wait_for(lambda: not procs.find("psql", {"PGDATABASE": pg_db}), 10,
+                   "psql to die with the worker")
+    job = await wait_for_terminal(api, job_id, timeout=90)
+    err = job["error"]
+    assert job["status"] == "failed" and err["code"] == "worker_lost", (point, err)
+    assert err["database_state"] == "unchanged", (point, err)
+    assert err["safety_backup"] and err["safety_backup"] in err["message"], (point, err)
+    return str(row[1][:40])
+
+
+async def test_sigkill_worker_during_a_one_table_restore_leaves_every_table_as_it_was(
+        api: Any, pg_db: str, prefix: str, tmp_path: Path) -> None:
+    """Issue 25: a restore of `big` alone, killed mid-COPY and while its foreign keys are
+    put back: every table as it was, the job names the safety backup (of `big` only)."""
+    conn = await pg.user_conn(pg_db)
+    await conn.execute(BIG)
+    await conn.close()
+    proc = await worker_process(tmp_path, prefix, pg_db)
+    try:
+        job = await (await api.post("/api/v1/targets/main/backups?wait=120")).json()
+        assert job["status"] == "succeeded", job
+        name = job["result"]["filename"]
+    finally:
+        proc.kill()
+        await proc.wait()
+    conn = await pg.user_conn(pg_db)
+    await conn.execute("UPDATE big SET n = 0 WHERE id % 7 = 0; DELETE FROM child WHERE id > 900")
+    await conn.close()
+    damaged = await pg.fingerprint(pg_db)
+    points = {"mid-COPY": KILL_POINTS["mid-COPY"],
+              "foreign keys put back": lambda state, query: state == "active"
+              and "ADD CONSTRAINT" in query}
+    for point, predicate in points.items():
+        await kill_restore_at(api, tmp_path, prefix, pg_db,
+                              {"backup": name, "tables": ["public.big"]}, point, predicate)
+        assert await pg.fingerprint(pg_db) == damaged, point
