@@ -167,6 +167,7 @@ class JobError(TypedDict, total=False):
     safety_backup: str | None
     rollback: dict[str, object] | None
     undo: UndoHint
+    leftover_database: str  # a restore beside: the new database it may have left behind
     cause: str  # a safety backup's failure: what stopped it
     verification: dict[str, object]  # a failed drill's record
     line: int

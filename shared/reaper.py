@@ -135,4 +135,11 @@ def _lost_restore(job: Job, message: str) -> tuple[str, JobError]:
         message += "."
     elif state != "unchanged":
         message += " No safety backup was made for this restore."
+    into = job.params.get("into_database")
+    if into and not job.params.get("replace") and not job.safety_backup:
+        # a restore beside into a new database: the worker may have created it
+        message += (f" The new database {into} this restore was making beside the live "
+                    "one (which it never touched) may be left behind, empty or partly "
+                    "loaded: drop it, or restore into it again with \"replace\": true.")
+        extra["leftover_database"] = str(into)
     return message, extra

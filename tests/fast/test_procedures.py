@@ -228,3 +228,29 @@ def test_the_undo_of_a_restore_beside_names_that_database_never_the_live_one() -
         "backup": "safety_postgresql_20261207_100000.sql.gz", "create_safety_backup": False}
     beside = undo_hint("main", "safety_postgresql_20261207_100000.sql.gz", "app_copy")
     assert beside["body"]["into_database"] == "app_copy" and beside["body"]["replace"] is True
+
+
+def test_a_lost_restore_beside_names_the_database_it_may_have_left() -> None:
+    """A worker lost while restoring into a new database beside the live one: the job names
+    that database (maybe created, empty or partly loaded) and how to be rid of it; a restore
+    over the live database or with replace names none."""
+    from shared.jobs import Job, JobKind, JobStatus
+    from shared.reaper import _lost_restore
+
+    def lost(**params: object) -> tuple[str, dict[str, object]]:
+        job = Job(id="j", kind=JobKind.RESTORE, target="main", status=JobStatus.RUNNING,
+                  created_at="2026-12-07T00:00:00Z", params=params,  # type: ignore[arg-type]
+                  restore_state="uncommitted")
+        message, extra = _lost_restore(job, "lost")
+        return message, dict(extra)
+
+    message, extra = lost(backup="b.sql.gz", into_database="app_copy")
+    assert extra["leftover_database"] == "app_copy" and "drop it" in message
+    assert extra["database_state"] == "unchanged"
+    for params in ({"backup": "b.sql.gz"},
+                   {"backup": "b.sql.gz", "into_database": "app_copy", "replace": True}):
+        assert "leftover_database" not in lost(**params)[1]
+    from shared.jobs import undo_hint
+    hint = undo_hint(
+        "main", "safety_postgresql_20261207_100000.sql.gz", None, ["app.orders"])
+    assert hint["body"]["tables"] == ["app.orders"]  # the undo of a tables restore

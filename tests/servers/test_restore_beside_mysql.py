@@ -48,3 +48,31 @@ async def test_a_restore_beside_leaves_the_live_database_alone(
         assert await my.fingerprint(beside) == backed_up
     finally:
         await my.drop_database(beside)
+
+
+async def test_the_copys_scheduled_events_are_disabled(
+        api: Any, worker: Any, my_db: str, wait_job: JobWaiter) -> None:
+    """A copy beside the live database must not act on its own: an enabled event (which
+    could name the live database) is disabled in the copy, and stays enabled in the live
+    one."""
+    conn = await my.user_conn(my_db)
+    await my.execute(conn, "CREATE TABLE t (i int)",
+                     f"CREATE EVENT purge_t ON SCHEDULE EVERY 1 DAY STARTS '2030-01-01' "
+                     f"ENABLE DO DELETE FROM `{my_db}`.t")
+    conn.close()
+    job = await (await api.post("/api/v1/targets/main/backups?wait=60")).json()
+    beside = f"{my_db}_quiet"
+    try:
+        resp = await api.post("/api/v1/targets/main/restores", json={
+            "backup": job["result"]["filename"], "into_database": beside})
+        job = await wait_job((await resp.json())["id"], timeout=120)
+        assert job["status"] == "succeeded", job.get("error")
+        assert any("event(s) of the copy" in w for w in job["result"]["warnings"])
+        conn = await my.user_conn(my_db)
+        status = dict((await my.execute(
+            conn, "SELECT EVENT_SCHEMA, STATUS FROM information_schema.EVENTS WHERE "
+                  f"EVENT_NAME = 'purge_t' AND EVENT_SCHEMA IN ('{my_db}', '{beside}')"))[0])
+        conn.close()
+        assert status == {my_db: "ENABLED", beside: "DISABLED"}
+    finally:
+        await my.drop_database(beside)

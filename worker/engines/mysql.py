@@ -254,6 +254,17 @@ class MySQL:
         async with self.connect(target) as conn:
             await self.query(conn, f"DROP DATABASE IF EXISTS {quote(name)}")
 
+    async def quiet_copy(self, target: TargetConfig, name: str) -> list[str]:
+        """A copy beside the live database: its scheduled events are disabled (they would
+        run against the copy — or, naming the live database, against that)."""
+        async with self.connect(target) as conn:
+            events = await self.query(conn, "SELECT EVENT_NAME FROM information_schema.EVENTS "
+                                      "WHERE EVENT_SCHEMA = %s AND STATUS = 'ENABLED'", name)
+            for (event,) in events:
+                await self.query(conn, f"ALTER EVENT {quote(name)}.{quote(event)} DISABLE")
+        return [f"{len(events)} scheduled event(s) of the copy {name} were disabled (ALTER "
+                "EVENT … ENABLE to run them there)"] if events else []
+
     async def database_restored(self, target: TargetConfig, name: str,
                                 facts: Mapping[str, object]) -> None:
         return None  # a MySQL database has no owner

@@ -85,13 +85,21 @@ class ScopedRestores(Restores):
             result = await self.restore(dataclasses.replace(job, params=params), beside,
                                         engine, progress, identities)
             await sets.database_restored(target, name, facts)
+            if quiet := getattr(sets, "quiet_copy", None):  # a copy does not act on its own
+                result["warnings"] = [*(result["warnings"] or []),
+                                      *await quiet(target, name)]
         except BaseException as failure:
             try:
                 await sets.drop_database(target, name)
             except Exception as exc:  # noqa: BLE001 - said, never hidden
                 progress.warn(f"database {name}, created by this failed restore, could not "
                               f"be dropped ({type(exc).__name__}: {exc})")
-                raise
+                if isinstance(failure, SafeholdError):  # the restore's own failure first
+                    failure.details = {**(getattr(failure, "details", None) or {}),
+                                       "leftover_database": name}
+                    failure.message += (f"; the database {name} it created could not be "
+                                        f"dropped ({type(exc).__name__}): drop it by hand")
+                raise failure from exc
             progress.warn(f"dropped database {name}, which this failed restore created")
             if isinstance(failure, SafeholdError):  # the server is as it was
                 told = RestoreFailed(f"{failure.message}; the database {name} it created was "
