@@ -386,14 +386,16 @@ class Operations:
                             owner_map: Mapping[str, str] | None = None,
                             database: str | None = None, into_database: str | None = None,
                             replace: bool = False, tables: list[str] | None = None,
-                            idempotency_key: str | None = None, wait: float | None = None,
-                            fail_fast: bool = False, expect_sha256: str | None = None) -> Job:
+                            into_target: str | None = None, idempotency_key: str | None = None,
+                            wait: float | None = None, fail_fast: bool = False,
+                            expect_sha256: str | None = None) -> Job:
         """A restore job bound to the backup's sha256 as it is now (or `expect_sha256`, what
         the caller was shown): the worker refuses a file that no longer matches."""
         async with self.audited(caller, "create_restore", target_id,
                                  {"backup": file}) as info:
             target = self.target(caller, target_id, Role.OPERATOR)
-            scope = scope_params(self.s.settings, target, into_database, replace, tables)
+            dest = self.target(caller, str(into_target), Role.OPERATOR) if into_target else target
+            scope = scope_params(self.s.settings, target, into_database, replace, tables, dest)
             if roles is not None and roles not in ("create", "skip", "map"):
                 raise BadRequest("roles must be \"create\", \"map\" or \"skip\"",
                                  code="invalid_body")
@@ -412,7 +414,7 @@ class Operations:
                 raise Unprocessable(f"{which} targets (not yet to {target.engine})",
                                     code="invalid_body")
             parsed = naming.parse(file)
-            info["backup"] = scope_words(parsed.filename, scope)
+            info["backup"] = scope_words(parsed.filename, scope, dest.id)
             if parsed.engine != target.engine:  # the name proves the engine
                 raise BadRequest(f"{parsed.filename} is a {parsed.engine} backup; "
                                  f"target '{target.id}' is {target.engine}",
@@ -450,7 +452,7 @@ class Operations:
                 params["roles"] = roles
             if owner_map is not None:
                 params["owner_map"] = dict(owner_map)
-            return await self.submit(caller, JobKind.RESTORE, target.id, params, info,
+            return await self.submit(caller, JobKind.RESTORE, dest.id, params, info,
                                      idempotency_key=idempotency_key, wait=wait,
                                      fail_fast=fail_fast,
                                      before_enqueue=await self._sealer(identity, params))

@@ -133,6 +133,12 @@ _RESTORE_BODY = {"type": "object", "additionalProperties": False,
                                     "database beside the live one (PostgreSQL, MySQL: a "
                                     "database name; SQLite: a file name next to the "
                                     "target's)"},
+                                "into_target": {
+                                    "type": "string", "maxLength": 64,
+                                    "pattern": "^[A-Za-z0-9_-]+$",
+                                    "description": "restore into this other target of the "
+                                    "same engine (its credentials, lock, safety backup); "
+                                    "operator on both"},
                                 "tables": {
                                     "type": "array", "minItems": 1, "maxItems": 100,
                                     "uniqueItems": True,

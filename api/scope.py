@@ -36,14 +36,36 @@ def _where(target: TargetConfig) -> tuple[str, int | None, str]:
 
 
 def scope_params(settings: Settings, target: TargetConfig, into_database: object,
-                 replace: object, tables: object = None) -> JobParams:
-    """The job parameters of a restore's scope (empty: over the live database)."""
+                 replace: object, tables: object = None, dest: TargetConfig | None = None
+                 ) -> JobParams:
+    """The job parameters of a restore's scope (empty: over the live database); `dest`:
+    the target it goes into (into_target), if not `target`."""
     params = _tables(target, tables)
-    return {**params, **_into(settings, target, into_database, replace)}
+    return {**params, **_into(settings, target, into_database, replace),
+            **_clone(target, dest or target, into_database)}
 
 
-def scope_words(what: str, scope: JobParams) -> str:
+def _clone(source: TargetConfig, dest: TargetConfig, into_database: object
+                 ) -> JobParams:
+    """`into_target`: a backup of `source` restored into another configured target of the
+    same engine (prod -> staging), with that target's credentials, lock, safety backup and
+    audit (the caller holds operator on both: checked by the caller of this)."""
+    if dest.id == source.id:
+        return {}
+    if dest.engine != source.engine:
+        raise Unprocessable(f"target '{dest.id}' is {dest.engine}; a {source.engine} backup "
+                            "goes into a target of its own engine", code="engine_mismatch")
+    if source.is_set or dest.is_set or into_database is not None:
+        raise Unprocessable("into_target restores a one-database target's backup into "
+                            "another one-database target (not a server target, not with "
+                            "into_database)", code="invalid_body")
+    return {"from_target": source.id}
+
+
+def scope_words(what: str, scope: JobParams, dest: str = "") -> str:
     """The audit's words for a restore: what, and where it goes."""
+    if scope.get("from_target"):
+        what += f" from target {scope['from_target']} into target {dest}"
     if into := scope.get("into_database"):
         what += f" into {into}"
     if tables := scope.get("tables"):

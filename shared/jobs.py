@@ -112,6 +112,7 @@ class JobParams(TypedDict, total=False):
     into_database: str  # restore: into this new database beside the live one
     replace: bool  # restore into_database: over it when it exists
     tables: list[str]  # restore: only these tables (PostgreSQL schema.table)
+    from_target: str  # restore into_target: the target whose backup this is
     identity_supplied: bool  # an age identity was sealed for this job
     compress: bool  # backup
     note: str

@@ -63,6 +63,9 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                    help="restore into this new database beside the live one, which is not "
                         "touched (PostgreSQL, MySQL; SQLite: a file name next to the "
                         "target's)")
+    r.add_argument("--into-target", metavar="TARGET",
+                   help="restore into this other target of the same engine (its "
+                        "credentials, lock and safety backup), e.g. prod -> staging")
     r.add_argument("--table", action="append", metavar="SCHEMA.TABLE", dest="tables",
                    help="only this table (repeat; PostgreSQL): every other table is left "
                         "exactly as it is")
@@ -320,6 +323,9 @@ async def _cmd_restore(client: Client, args: argparse.Namespace) -> int:
                 + (", replacing it if it exists?" if args.replace else "?")
                 if args.into_database else
                 f"Replace the database of target '{args.target}' with {args.backup}?")
+    if args.into_target:
+        question = (f"Replace the database of target '{args.into_target}' with "
+                    f"{args.backup}, a backup of target '{args.target}'?")
     if args.tables:
         question = question.replace("the database of", "table(s) " + ", ".join(
             args.tables) + " of the database of").replace(
@@ -335,6 +341,8 @@ async def _cmd_restore(client: Client, args: argparse.Namespace) -> int:
         req["replace"] = True
     if args.tables:
         req["tables"] = args.tables
+    if args.into_target:
+        req["into_target"] = args.into_target
     if args.terminate_connections:
         req["terminate_connections"] = True
     if args.roles:

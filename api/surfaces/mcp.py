@@ -257,26 +257,34 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                              "restore beside the live database, into a new one of that name "
                              "(the live one is not touched; replace: over it if it exists). "
                              "tables: only these tables (PostgreSQL schema.table); every "
-                             "other table is left exactly as it is.")
+                             "other table is left exactly as it is. into_target: into "
+                             "another database of the same engine (prod -> staging).")
     async def plan_restore(database_id: str, backup: str = "", point_in_time: str = "",
                            create_safety_backup: bool = True,
                            terminate_connections: bool = False,
                            roles: str | None = None,
                            owner_map: dict[str, str] | None = None,
                            database: str | None = None, into_database: str | None = None,
-                           replace: bool = False, tables: list[str] | None = None
-                           ) -> ToolResult:
+                           replace: bool = False, tables: list[str] | None = None,
+                           into_target: str | None = None) -> ToolResult:
         info: AuditInfo = {"backup": (backup or f"point in time {point_in_time}")[:200]}
 
         async def body(ops: Operations, who: Caller) -> ToolResult:
             target = ops.target(who, database_id, Role.OPERATOR)
             if bool(backup) == bool(point_in_time):
                 raise BadRequest("name either backup or point_in_time", code="invalid_body")
+            dest = ops.target(who, into_target, Role.OPERATOR) if into_target else target
             scope = scope_params(kit.services().settings, target, into_database, replace,
-                                 tables)
+                                 tables, dest)
             where = (f"the new database {into_database} beside {target.id} (which is not "
                      "touched)" + (", replacing it if it exists," if replace else "")
-                     if into_database else target.id)
+                     if into_database else dest.id)
+            if dest.id != target.id:
+                where = f"target {dest.id} (a copy of {target.id}'s backup; {target.id} is " \
+                        "not touched)"
+                if point_in_time:
+                    raise BadRequest("into_target takes a backup, not a point_in_time",
+                                     code="invalid_body")
             if tables:
                 where = (f"table(s) {', '.join(tables)} of {where} (every other table is "
                          "left as it is; the safety backup holds those tables)")
@@ -299,7 +307,8 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                     "session": who.principal.session,
                     "create_safety_backup": create_safety_backup,
                     "terminate_connections": terminate_connections, "roles": roles,
-                    "owner_map": owner_map, "database": database, **scope}
+                    "owner_map": owner_map, "database": database,
+                    "into_target": into_target, **scope}
             s = kit.services()
             await s.redis.set(_plan_key(s, token), json.dumps(plan), ex=PLAN_TTL)
             return {
@@ -353,6 +362,7 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                                           into_database=plan.get("into_database"),
                                           replace=bool(plan.get("replace")),
                                           tables=plan.get("tables"),
+                                          into_target=plan.get("into_target"),
                                           expect_sha256=plan["sha256"])
             return await kit.follow(ops, who, job, ctx, wait_seconds)
         return await kit.run("execute_restore", None, body, info)

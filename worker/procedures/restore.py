@@ -4,6 +4,7 @@ database was left unchanged."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict, cast
@@ -47,7 +48,13 @@ class Restores(Verification, Backups):
                       progress: Progress, identities: Sequence[AgeKey] = ()) -> RestoreResult:
         """Verify -> safety backup -> clean restore -> (on failure) automatic rollback."""
         name = naming.parse(str(job.params.get("backup", "")))
-        copies = await self.catalog.copies(target.id, name)
+        # into_target: another target's backup, loaded here with this target's credentials
+        source = self.settings.target(str(job.params.get("from_target") or target.id))
+        copies = await self.catalog.copies(source.id, name)
+        # what is read from storage is under the source's name; what it is checked against
+        # and loaded into is this target
+        reading = target if source.id == target.id else dataclasses.replace(target,
+                                                                            id=source.id)
         bound = job.params.get("sha256")
         if bound:  # the bytes the caller chose at submit; the check below proves the file
             same = [(s, m) for s, m in copies if m.get("sha256") == bound]
@@ -71,7 +78,8 @@ class Restores(Verification, Backups):
             raise BadRequest(f"backup {name.filename} is a {manifest.get('engine')} backup; "
                              f"target '{target.id}' is {target.engine}",
                              code="engine_mismatch")
-        ids = list(identities) + self.identities(target)
+        ids = list(identities) + self.identities(target) + (
+            self.identities(source) if source.id != target.id else [])
         make_safety = bool(job.params.get("create_safety_backup", True))
         present: list[str] = []
         if tables and make_safety and (find := getattr(engine, "tables_present", None)):
@@ -87,7 +95,7 @@ class Restores(Verification, Backups):
                          {Phase.VERIFYING: (0, 5), Phase.RESTORING: (5, 100)})
         # what the file really holds (checked), not what its manifest says, drives the load
         n0 = len(progress.warnings)
-        plan = await self._verify(target, engine, name, copies, progress, ids)
+        plan = await self._verify(reading, engine, name, copies, progress, ids)
         verify_warnings = progress.warnings[n0:]
         loading = plan.load_manifest()
         self._check_set(target, engine, loading, plan.databases_in_file())
@@ -100,7 +108,7 @@ class Restores(Verification, Backups):
         warnings_before = len(progress.warnings)
         try:
             await self._load(job, target, engine, name, plan.store, loading, progress, ids,
-                             windows=plan.windows, tables=tables)
+                             windows=plan.windows, tables=tables, stored_under=source.id)
         except (EngineError, PipelineError, BadRequest) as exc:
             raise await self._after_failed_restore(
                 job, target, engine, exc, safety, progress, loading, ids,
@@ -170,7 +178,8 @@ class Restores(Verification, Backups):
                     name: naming.BackupName, store: BackupStore, manifest: Mapping[str, object],
                     progress: Progress, identities: Sequence[AgeKey], *,
                     rollback: bool = False, windows: bytes | None = None,
-                    also_clean: tuple[str, ...] = (), tables: tuple[str, ...] = ()) -> None:
+                    also_clean: tuple[str, ...] = (), tables: tuple[str, ...] = (),
+                    stored_under: str | None = None) -> None:
         """Load the backup; `windows`: the digests its check recorded (what the load may
         pass on, see `pipeline.SameAsChecked`), when the engine's check read it whole;
         `also_clean`: a rollback's extra reach (RestoreOptions.also_clean)."""
@@ -182,7 +191,9 @@ class Restores(Verification, Backups):
             except RedisUnavailable as exc:  # nothing loaded yet
                 raise RestoreFailed(exc.message, database_unchanged=True,
                                     code=exc.code) from None
-        async with self._plain(store, target, name, manifest, identities, windows) as chunks:
+        reading = target if stored_under in (None, target.id) else dataclasses.replace(
+            target, id=stored_under)  # another target's backup (into_target)
+        async with self._plain(store, reading, name, manifest, identities, windows) as chunks:
             await engine.restore(target, chunks, progress, clean=True, manifest=manifest,
                                  options=RestoreOptions(
                                      terminate=bool(job.params.get("terminate_connections")),
