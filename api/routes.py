@@ -11,6 +11,7 @@ from aiohttp import web
 from api.context import ROUTE_TABLE
 from api.docs import docs_file, docs_index
 from api.openapi import openapi
+from api.preview import preview_rows
 from api.roles import Role
 from api.schemas import (
     AUDIT,
@@ -23,6 +24,7 @@ from api.schemas import (
     DOWNLOAD_PATH,
     EVENT_ID,
     HEALTH,
+    INT,
     JOB,
     JOB_ID,
     JOB_KIND,
@@ -34,6 +36,7 @@ from api.schemas import (
     LOGIN_TOKEN,
     MANIFEST,
     OPENAPI,
+    PREVIEW,
     READY,
     RECOVERY_WINDOW,
     RETENTION,
@@ -230,6 +233,13 @@ ROUTES: list[Route] = [
           "What a backup holds, as recorded when it was made: its tables (collections, key "
           "spaces) with their row counts, exact where the dump was counted as it passed; "
           "no byte of the backup is read", responses=ok(CONTENTS)),
+    Route("GET", f"{T}/backups/{{file}}/contents/{{table}}", preview_rows, Role.OPERATOR,
+          "Rows of one table read from the backup itself, nothing restored (PostgreSQL: "
+          "schema.table, the stream read until `limit` rows match; SQLite). Audited: it "
+          "shows data", path_params={"table": STR},
+          query={"limit": ("rows at most, 1-500 (default 50)", INT),
+                 "where": ("column=value: only rows whose column reads value", STR)},
+          responses={**ok(PREVIEW), "202": Answer("still reading: follow the job", JOB)}),
     Route("GET", f"{T}/backups/{{file}}/download", h.download_backup, Role.OPERATOR,
           "Download a backup from the first destination holding it (supports Range; S3 "
           "destinations may redirect to a presigned URL). A browser passes `?ticket=` "

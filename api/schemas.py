@@ -99,6 +99,12 @@ CONTENTS: Schema = obj({"backup": STR, "engine": STR},
                        created_at=TIME, raw_bytes=nullable(INT), unit=nullable(STR),
                        exact=BOOL, total=INT, items={"type": "array", "items": CONTENT_ITEM},
                        databases={"type": "array", "items": OBJ})
+PREVIEW: Schema = obj({"backup": STR, "table": STR, "rows": {"type": "array", "items": {
+    "type": "array", "items": nullable(STR)}}}, columns={"type": ["array", "null"],
+                                                        "items": STR},
+    where=nullable(STR), limit=INT, complete=nullable(BOOL), checksum_verified=BOOL,
+    scanned_rows=INT, truncated_values=BOOL, read_plain_bytes=nullable(INT),
+    **{"from": STR})
 DELETED: Schema = obj({"deleted": {"type": "array", "items": STR}, "target": TARGET_ID})
 
 TARGET: Schema = obj({"id": TARGET_ID, "engine": STR, "schedule": nullable(STR),

@@ -40,6 +40,7 @@ class JobKind(StrEnum):
     STATS = "stats"
     PRUNE = "prune"
     VERIFY = "verify"
+    PREVIEW = "preview"  # rows of one table read from a backup (nothing restored)
 
 
 class JobStatus(StrEnum):
@@ -57,6 +58,7 @@ class Phase(StrEnum):
 
     STARTING = "starting"
     QUERYING = "querying"  # stats
+    READING = "reading"  # preview: a backup's rows
     WAITING_FOR_LOCK = "waiting_for_lock"
     SNAPSHOT = "snapshot"  # sqlite: the online backup into a private copy
     DUMPING = "dumping"
@@ -113,6 +115,9 @@ class JobParams(TypedDict, total=False):
     replace: bool  # restore into_database: over it when it exists
     tables: list[str]  # restore: only these tables (PostgreSQL schema.table)
     from_target: str  # restore into_target: the target whose backup this is
+    table: str  # preview: the table read
+    where: str  # preview: column=value
+    limit: int  # preview: rows at most
     identity_supplied: bool  # an age identity was sealed for this job
     compress: bool  # backup
     note: str

@@ -131,8 +131,9 @@ class Outcomes:
 
     def _notify(self, job: Job, status: str, result: JobResult,
                 error: JobError | None) -> None:
-        if job.kind == JobKind.STATS:
-            return
+        if job.kind == JobKind.STATS or (job.kind == JobKind.PREVIEW and
+                                         status == JobStatus.SUCCEEDED):
+            return  # a question answered is no news; a preview that failed is
         event = f"{job.kind}.{status}"
         what = _text(result.get("filename")) or job.params.get("backup") or ""
         if status == JobStatus.SUCCEEDED and result.get("partial"):

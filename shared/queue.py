@@ -27,7 +27,8 @@ FUNCTIONS: dict[JobKind, str] = {kind: f"run_{kind.value}" for kind in JobKind}
 def function_timeouts(w: WorkerSettings) -> dict[JobKind, float]:
     """Each job kind's arq timeout (seconds)."""
     return {JobKind.BACKUP: w.backup_timeout, JobKind.RESTORE: w.restore_timeout,
-            JobKind.STATS: 120.0, JobKind.PRUNE: 3600.0, JobKind.VERIFY: w.restore_timeout}
+            JobKind.STATS: 120.0, JobKind.PRUNE: 3600.0, JobKind.VERIFY: w.restore_timeout,
+            JobKind.PREVIEW: w.restore_timeout}
 
 
 def claim_ttl(w: WorkerSettings) -> float:

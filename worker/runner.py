@@ -328,6 +328,9 @@ class JobRunner:
         if job.kind == JobKind.STATS:  # read-only: no lock
             progress.set_phase(Phase.QUERYING)
             return await engine.stats(target)
+        if job.kind == JobKind.PREVIEW:  # reads a backup, never the database: no lock
+            return await self.procedures.preview(job, target, progress, await (
+                self._supplied_identity(job)) if job.params.get("identity_supplied") else [])
         if not await ride_out("taking the target lock", lock.try_acquire, self.grace):
             progress.set_phase(Phase.WAITING_FOR_LOCK)  # (and its line) only when there is a wait
             holder = await ride_out("reading the lock", lock.holder, self.grace)

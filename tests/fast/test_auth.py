@@ -15,7 +15,7 @@ from shared.errors import ConfigError
 def test_every_path_parameter_is_probed() -> None:
     """The matrix fills every path parameter the table uses (a new one must be added)."""
     params = {p for r in ROUTES for p in re.findall(r"{(\w+)}", r.path)}
-    assert params <= {"target", "file", "job_id", "filename"}
+    assert params <= {"target", "file", "job_id", "filename", "table"}
 
 
 def test_issuer_without_audience_is_a_config_error(tmp_path: Path) -> None:

@@ -281,7 +281,8 @@ async def test_key_rotation_refreshes_once(client: Any, issuer: Issuer) -> None:
 
 def _fill(path: str) -> str:
     return (path.replace("{target}", "main").replace("{file}", BACKUP)
-            .replace("{job_id}", "no-such-job").replace("{filename}", BACKUP))
+            .replace("{job_id}", "no-such-job").replace("{filename}", BACKUP)
+            .replace("{table}", "public.t"))
 
 
 async def test_role_matrix_over_the_route_table(client: Any, issuer: Issuer) -> None:

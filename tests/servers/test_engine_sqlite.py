@@ -399,3 +399,25 @@ async def test_one_table_restored_the_rest_left_as_it_is(
                               json={"backup": name, "tables": bad})
         assert resp.status == status, (bad, await resp.text())
         assert (await resp.json())["error"]["code"] == code
+
+
+async def test_rows_of_one_table_read_from_a_sqlite_backup(
+        api: Any, worker: Any, db_path: Path) -> None:
+    build(db_path, rows=50)
+    name = (await backup(api))["result"]["filename"]
+    conn = sqlite3.connect(db_path)
+    conn.execute("DELETE FROM thing")
+    conn.commit()
+    conn.close()
+    base = f"/api/v1/targets/main/backups/{name}/contents/thing"
+    got = await (await api.get(f"{base}?where=id=7")).json()
+    assert got["columns"][:3] == ["id", "owner_id", "i"] and len(got["rows"]) == 1
+    assert got["rows"][0][0] == "7" and got["rows"][0][5] == "\\x" + (bytes([0, 6, 0]) * 5).hex()
+    assert got["checksum_verified"] is True
+    got = await (await api.get(f"{base}?limit=10")).json()
+    assert len(got["rows"]) == 10 and got["complete"] is False
+    for query, status in [("?where=nope=1", 422), ("?where=x%22=1", 400)]:
+        resp = await api.get(base + query)
+        assert resp.status == status, (query, await resp.text())
+    resp = await api.get(f"/api/v1/targets/main/backups/{name}/contents/nothere")
+    assert resp.status == 422

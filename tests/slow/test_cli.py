@@ -200,6 +200,9 @@ async def test_client_commands_as_a_person_and_a_script_use_them(
     import pty
 
     await pg.load_rich(pg_db)
+    conn = await pg.user_conn(pg_db)  # a value that would drive a terminal, if printed raw
+    await conn.execute("CREATE TABLE esc (v text); INSERT INTO esc VALUES (E'\\x1b[2Jgone')")
+    await conn.close()
     before = await pg.fingerprint(pg_db)
     api_port = free_port()
     raw = make_raw_config(prefix, tmp_path / "backups", pg_db)
@@ -247,6 +250,15 @@ async def test_client_commands_as_a_person_and_a_script_use_them(
         assert json.loads(out)["backups"][0]["filename"] == name
         rc, _, _ = await sh("backup", "main", who="viewer")
         assert rc == 3
+        # a look inside the backup: a table's rows, control characters shown, never sent
+        rc, out, err = await sh("contents", "main", name, "--table", "public.esc")
+        assert rc == 0 and "\\x1b[2Jgone" in out and "\x1b" not in out, (out, err)
+        assert "1 rows; the whole table read" in out
+        rc, _, err = await sh("contents", "main", name, "--table", "public.esc", who="viewer")
+        assert rc == 3
+        rc, out, err = await sh("restore", "main", name, "--table", "public.esc", "--yes",
+                                "--wait")
+        assert rc == 0, err
 
         # download: into a directory that does not exist, a clear refusal (no traceback)
         rc, out, err = await sh("download", "main", name, "-o", str(tmp_path / "no/dir/x"))

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from worker.procedures.base import DRILL_NOT_RUN, ProcedureBase
 from worker.procedures.pitr import PitrRestores
+from worker.procedures.preview import Previews
 
 
-class Procedures(PitrRestores):
+class Procedures(PitrRestores, Previews):
     """Every procedure a job runs: backup, prune, verify (with its drill), restore."""
 
 
