@@ -76,6 +76,7 @@ function confirmAction(text, where = false) {
   const dialog = $("#confirm");
   if (text !== null) $("#confirm-text").textContent = text;  // null: already written
   $("#restore-where").hidden = !where;
+  if (!where) $("#restore-what").hidden = true;
   return new Promise((resolve) => {
     dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"),
                             { once: true });
@@ -482,37 +483,81 @@ async function download(target, name) {
   }
 }
 
-// the restore dialog's plan in words, as its choices change
+// the restore dialog's choices as a request body, and its plan in words as they change
 function restorePlan(target, name) {
-  const beside = document.querySelector("input[name=where]:checked").value === "beside";
+  const where = document.querySelector("input[name=where]:checked").value;
   const into = $("#beside-name").value.trim();
-  $("#confirm-text").textContent = beside
-    ? `Restore ${name} into a new database "${into || "…"}" beside the database of target ` +
-      `"${target}", which is not touched. It is refused if that database exists; the ` +
-      "backup is verified first."
-    : `Restore ${name} over the database of target "${target}"? A safety backup of the ` +
-      "current database is taken first; the backup is verified before anything is dropped.";
-  return beside ? into : null;
+  const other = $("#other-target").value;
+  const some = document.querySelector("input[name=what]:checked").value === "tables";
+  const tables = some ? [...document.querySelectorAll("#table-choices input:checked")]
+    .map((c) => c.value) : [];
+  const what = some ? `table(s) ${tables.join(", ") || "…"} of ${name} (every other table ` +
+    "is left as it is)" : name;
+  const body = { backup: name };
+  if (some) body.tables = tables;
+  let text;
+  if (where === "beside") {
+    body.into_database = into;
+    text = `Restore ${what} into a new database "${into || "…"}" beside the database of ` +
+      `target "${target}", which is not touched. It is refused if that database exists; ` +
+      "the backup is verified first.";
+  } else if (where === "target") {
+    body.into_target = other;
+    text = `Restore ${what} over the database of target "${other}" (a copy of target ` +
+      `"${target}"'s backup; "${target}" is not touched)? A safety backup of "${other}" is ` +
+      "taken first; the backup is verified before anything is dropped.";
+  } else {
+    text = `Restore ${what} over the database of target "${target}"? A safety backup of ` +
+      (some ? "those tables" : "the current database") + " is taken first; the backup is " +
+      "verified before anything is dropped.";
+  }
+  $("#confirm-text").textContent = text;
+  return body;
+}
+
+// the tables a backup holds, as checkboxes (from its manifest: nothing is read)
+async function tableChoices(target, name) {
+  const box = $("#table-choices");
+  box.replaceChildren();
+  try {
+    const inside = await api("GET", `/api/v1/targets/${encodeURIComponent(target)}/backups/` +
+                             `${encodeURIComponent(name)}/contents`);
+    for (const item of inside.items || []) {
+      const check = el("input", { type: "checkbox", value: item.name });
+      box.append(el("label", {}, check, ` ${item.name}`), el("br"));
+    }
+  } catch (e) { /* no list: the whole database only */ }
+  return box.childElementCount > 0;
 }
 
 async function restore(target, name) {
   const t = targetsById[target];
   const canBeside = t && ["postgresql", "mysql", "sqlite"].includes(t.engine) && !t.databases;
+  const others = Object.values(targetsById).filter(
+    (o) => t && o.id !== target && o.engine === t.engine && !o.databases);
+  $("#other-target").replaceChildren(...others.map((o) => el("option", { value: o.id }, o.id)));
+  $("#where-target-row").hidden = others.length === 0;
+  $("#where-beside-row").hidden = !canBeside;
   document.querySelector("input[name=where][value=replace]").checked = true;
+  document.querySelector("input[name=what][value=all]").checked = true;
   $("#beside-name").value = "";
+  $("#table-choices").replaceChildren();
+  restorePlan(target, name);  // at once: the choices below come from the server
+  const canTables = canBeside && ["postgresql", "sqlite"].includes(t.engine) &&
+    await tableChoices(target, name);
   const update = () => restorePlan(target, name);
-  const fields = [...document.querySelectorAll("input[name=where]"), $("#beside-name")];
+  const fields = [...document.querySelectorAll("input[name=where], input[name=what]"),
+                  $("#beside-name"), $("#other-target"), $("#table-choices")];
   for (const f of fields) f.addEventListener("input", update);
   update();
-  const ok = await confirmAction(null, canBeside);
-  const into = restorePlan(target, name);
+  const shown = confirmAction(null, canBeside || others.length > 0);
+  $("#restore-what").hidden = !canTables;
+  const ok = await shown;
+  const body = restorePlan(target, name);
   for (const f of fields) f.removeEventListener("input", update);
   if (!ok) return;
-  const body = { backup: name };
-  if (into !== null) {
-    if (!into) { say("name the new database", "error"); return; }
-    body.into_database = into;
-  }
+  if (body.into_database === "") { say("name the new database", "error"); return; }
+  if (body.tables && !body.tables.length) { say("choose the tables", "error"); return; }
   await startJob("POST", `/api/v1/targets/${encodeURIComponent(target)}/restores`, body);
 }
 

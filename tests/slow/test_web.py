@@ -318,3 +318,40 @@ async def test_single_sign_on_with_pkce(aiohttp_server: Any, settings: Settings,
     assert refused.status == 401
     assert (await refused.json())["error"]["code"] == "login_refused"
     await context.close()
+
+
+async def test_the_restore_dialog_restores_one_table(
+        aiohttp_server: Any, settings: Settings, redis: Any, worker: Any, pg_db: str,
+        browser: Any) -> None:
+    """Issue 25 on the page: the restore dialog lists the backup's tables; choosing one, the
+    plan in words names it and says the rest is left as it is; only that table changes."""
+    conn = await pg.user_conn(pg_db)
+    await conn.execute("CREATE TABLE a (i int); CREATE TABLE b (i int); "
+                       "INSERT INTO a VALUES (1); INSERT INTO b VALUES (1)")
+    await conn.close()
+    server = await aiohttp_server(create_app(settings))
+    base = str(server.make_url("")).rstrip("/")
+    context, page, problems = await open_page(browser, base, token(settings, "admin"))
+    await page.click("#targets a:text('main')")
+    await page.click("#backup-now")
+    row = page.locator("#backups tbody tr").first
+    await row.wait_for(timeout=60_000)
+    conn = await pg.user_conn(pg_db)
+    await conn.execute("UPDATE a SET i = 2; UPDATE b SET i = 2")
+    await conn.close()
+    await row.locator("button:text('Restore')").click()
+    await page.wait_for_selector("#table-choices input[value='public.a']")
+    await page.check("input[name=what][value=tables]")
+    await page.check("#table-choices input[value='public.a']")
+    text = await page.text_content("#confirm-text") or ""
+    assert "table(s) public.a of" in text and "every other table is left as it is" in text
+    assert "safety backup of those tables" in text
+    await page.screenshot(path=str(ARTIFACTS / "web-8-restore-one-table.png"))
+    await page.click("#confirm-ok")
+    done = page.locator("#jobs tbody tr[data-status=succeeded]", has_text="restore")
+    await done.first.wait_for(timeout=120_000)
+    conn = await pg.user_conn(pg_db)
+    assert [await conn.fetchval(f"SELECT i FROM {t}") for t in "ab"] == [1, 2]
+    await conn.close()
+    assert problems == []
+    await context.close()
