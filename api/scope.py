@@ -23,7 +23,7 @@ BESIDE = ("postgresql", "mysql", "sqlite")
 SYSTEM = {"postgresql": {"postgres", "template0", "template1"},
           "mysql": {"mysql", "sys", "information_schema", "performance_schema"}}
 LOOPBACK = {"localhost", "127.0.0.1", "::1", ""}
-TABLES = ("postgresql", "sqlite")
+TABLES = ("postgresql", "sqlite", "mysql")
 PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,63}\Z")  # a table of one database
 MAX_TABLES = 100
 
@@ -80,8 +80,8 @@ def _tables(target: TargetConfig, tables: object) -> JobParams:
         return {}
     if target.engine not in TABLES or target.is_set:
         kind = "a server target" if target.is_set else target.engine
-        raise Unprocessable(f"\"tables\" restores some tables of a PostgreSQL or SQLite "
-                            "target, not "
+        raise Unprocessable(f"\"tables\" restores some tables of a PostgreSQL, MySQL or "
+                            "SQLite target, not "
                             f"of {kind} (not yet)", code="invalid_body")
     if not isinstance(tables, list) or not 0 < len(tables) <= MAX_TABLES or \
             len(set(map(str, tables))) != len(tables):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
@@ -23,6 +23,7 @@ import pymysql
 from shared.config import TargetConfig
 from shared.engines import ENGINES
 from shared.errors import DumpFailed, EngineError, RestoreFailed
+from shared.formats.mytables import MyTableCut, RefusedStatement
 from shared.formats.pgscript import UnsafeScript
 from shared.jobs import Phase
 from worker.engines import (
@@ -178,6 +179,9 @@ class MySQL:
             if "mariadb" in str(cat["version"]).lower():
                 flags.append("--column-statistics=0")
         base = [t for t in cat["tables"] if t[1] == "BASE TABLE"]
+        only = list((options or {}).get("tables") or [])  # a safety backup of some tables
+        if only:
+            base = [t for t in base if t[0] in only]
         progress.item_kind = "tables"
         progress.set_phase(Phase.DUMPING, bytes_total=sum(int(t[4]) for t in base) or None,
                            items_total=len(base))
@@ -189,14 +193,14 @@ class MySQL:
         async with self.connect(target) as conn:
             invalid = await self._invalid_views(conn, db, cat)
             head, facts = (await self._accounts_head(conn, db, str(cat["version"]))
-                           if target.globals else (b"", None))
+                           if target.globals and not only else (b"", None))
         skip = [f"--ignore-table={db}.{name}" for name in invalid]
         for name, (why, _) in invalid.items():
             progress.warn(f"view `{name}` is invalid ({why}); it is kept in the backup as its "
                           "definition in a comment and will not exist after a restore")
         with defaults_file(target) as cnf:
             # `--`: a database named like an option (`--result-file=…`) stays a name
-            argv = [tool, f"--defaults-file={cnf}", *flags, *skip, "--", db]
+            argv = [tool, f"--defaults-file={cnf}", *flags, *skip, "--", db, *only]
             async with spawn(argv, env={}, secrets=target.secrets(), stdout=True,
                              on_line=on_line) as child:
                 async def chunks() -> AsyncIterator[bytes]:
@@ -216,6 +220,7 @@ class MySQL:
                     "database_options": ({"character_set": schema[0][0],
                                           "collation": schema[0][1]} if schema else None),
                     **({"globals": facts} if facts is not None else {}),
+                    **({"only_tables": only} if only else {}),
                 })
                 rc = await child.wait()
                 if rc != 0:
@@ -431,6 +436,9 @@ class MySQL:
                                           manifest=manifest, options=options)
             return
         db = conn_params(target)["database"]
+        if options.tables:
+            await self._restore_tables(target, chunks, progress, options)
+            return
         try:
             prelude = await self._clean_sql(target) if clean else ""
         except EngineError as exc:
@@ -494,6 +502,48 @@ class MySQL:
                 database_unchanged=True, code="lock_timeout")
         raise RestoreFailed(f"{tool} exited with code {rc}: {text}",
                             database_unchanged=unchanged)
+
+    async def tables_present(self, target: TargetConfig, tables: Sequence[str]) -> list[str]:
+        async with self.connect(target) as conn:
+            have = {_text(r[0]) for r in await self.query(
+                conn, "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = "
+                "%s AND TABLE_TYPE = 'BASE TABLE'", conn_params(target)["database"])}
+        return [t for t in tables if t in have]
+
+    async def _restore_tables(self, target: TargetConfig, chunks: AsyncIterator[bytes],
+                              progress: Progress, options: RestoreOptions) -> None:
+        """Some tables only (shared.formats.mytables): their sections as the dump wrote
+        them (DROP TABLE, CREATE TABLE, rows, triggers), nothing else reaches the client.
+        Not one transaction (MySQL commits each DDL): a failure is rolled back from the
+        safety backup of those tables by the procedure."""
+        cut = MyTableCut(set(options.tables))
+        tool = find_tool("mariadb", "mysql")
+        seen: list[Blocker] = []
+
+        async def source() -> AsyncIterator[bytes]:
+            async for chunk in chunks:
+                progress.add_bytes(len(chunk))
+                if out := cut.feed(chunk):
+                    yield out
+            yield cut.finish()
+
+        with defaults_file(target) as cnf:
+            argv = [tool, f"--defaults-file={cnf}", *await client_guard_flags(tool), "--",
+                    conn_params(target)["database"]]
+            async with my_blockers.watch_blockers(target, progress, seen, options.terminate), \
+                    spawn(argv, env={}, secrets=target.secrets(), stdin=True) as child:
+                with restore_errors(target, "MySQL"):
+                    try:
+                        await feed_stdin(child, b"", source(), lambda n: None)
+                    except (UnsafeScript, RefusedStatement) as exc:
+                        raise RestoreFailed(f"the backup was refused: {exc.message}",
+                                            database_unchanged=not cut.sent,
+                                            code=exc.code) from None
+                rc = await child.wait()
+        if rc != 0:
+            raise RestoreFailed(f"{tool} exited with code {rc}: {child.error_text()}",
+                                database_unchanged=not cut.sent)
+        progress.log("tables restored as dumped: " + ", ".join(sorted(options.tables)))
 
     async def _accounts_plan(self, target: TargetConfig, manifest: Mapping[str, object],
                              options: RestoreOptions, head: GlobalsHead) -> accts.Plan:
