@@ -370,3 +370,22 @@ async def test_a_point_in_time_beside_the_live_database(
     assert job["status"] == "succeeded", job.get("error")
     assert cluster.psql("SELECT string_agg(i::text, ',') FROM t", db="app_then") == "1"
     assert await rows(cluster) == [1, 2]
+
+
+async def test_one_table_back_to_an_instant(
+        cluster: Cluster, settings: Settings, worker: Any, api: Any,
+        wait_job: JobWaiter) -> None:
+    """point_in_time with tables: table t as it was at T, a table written since left as it
+    is now (issue 25 on the PITR path)."""
+    cluster.psql("CREATE TABLE other (i int); INSERT INTO other VALUES (1)", db="app")
+    at = await committed_and_archived(api, cluster, 1)
+    cluster.psql("INSERT INTO other VALUES (2)", db="app")
+    await committed_and_archived(api, cluster, 2)
+    resp = await api.post("/api/v1/targets/main/restores", json={
+        "point_in_time": at.isoformat(), "tables": ["public.t"]})
+    assert resp.status == 202, await resp.text()
+    job = await wait_job((await resp.json())["id"], timeout=240)
+    assert job["status"] == "succeeded", job.get("error")
+    assert await rows(cluster) == [1]
+    assert cluster.psql("SELECT string_agg(i::text, ',' ORDER BY i) FROM other",
+                        db="app") == "1,2"
