@@ -23,7 +23,9 @@ BESIDE = ("postgresql", "mysql", "sqlite")
 SYSTEM = {"postgresql": {"postgres", "template0", "template1"},
           "mysql": {"mysql", "sys", "information_schema", "performance_schema"}}
 LOOPBACK = {"localhost", "127.0.0.1", "::1", ""}
-TABLES = ("postgresql", "sqlite", "mysql")
+TABLES = ("postgresql", "sqlite", "mysql", "mongodb")
+# MongoDB: db.collection (a database name has no dot; a collection's may)
+MONGO = re.compile(r"[A-Za-z0-9_-]{1,63}\.(?!system\.)[A-Za-z0-9_][A-Za-z0-9_.-]{0,119}\Z")
 PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,63}\Z")  # a table of one database
 MAX_TABLES = 100
 
@@ -80,17 +82,18 @@ def _tables(target: TargetConfig, tables: object) -> JobParams:
         return {}
     if target.engine not in TABLES or target.is_set:
         kind = "a server target" if target.is_set else target.engine
-        raise Unprocessable(f"\"tables\" restores some tables of a PostgreSQL, MySQL or "
-                            "SQLite target, not "
+        raise Unprocessable(f"\"tables\" restores some tables of a PostgreSQL, MySQL, "
+                            "SQLite or MongoDB target, not "
                             f"of {kind} (not yet)", code="invalid_body")
     if not isinstance(tables, list) or not 0 < len(tables) <= MAX_TABLES or \
             len(set(map(str, tables))) != len(tables):
         raise BadRequest(f"\"tables\" is a list of 1-{MAX_TABLES} different table names",
                          code="invalid_body")
     pg = target.engine == "postgresql"
+    plain = MONGO if target.engine == "mongodb" else PLAIN
     for t in tables:
         if not isinstance(t, str) or (parse_table_name(t) is None if pg
-                                      else not PLAIN.match(t)):
+                                      else not plain.match(t)):
             shown = repr(t)[:80]
             raise BadRequest(f"{shown} is not a table name: "
                              + ("schema.table, each part" if pg else "")

@@ -543,7 +543,8 @@ async function restore(target, name) {
   $("#beside-name").value = "";
   $("#table-choices").replaceChildren();
   restorePlan(target, name);  // at once: the choices below come from the server
-  const canTables = canBeside && ["postgresql", "sqlite"].includes(t.engine) &&
+  const canTables = t && !t.databases &&
+    ["postgresql", "sqlite", "mysql", "mongodb"].includes(t.engine) &&
     await tableChoices(target, name);
   const update = () => restorePlan(target, name);
   const fields = [...document.querySelectorAll("input[name=where], input[name=what]"),

@@ -291,3 +291,37 @@ async def test_restore_drill_into_temporary_databases(api: Any, worker: Any, mon
     prefix = result["scratch"].split()[-1].replace("<db>", "")
     for db in dbs:  # dropped (listDatabases is not needed, nor asked of the stand-in)
         assert await mongo[f"{prefix}{db}"].list_collection_names() == []
+
+
+async def test_one_collection_restored_the_rest_left_as_it_is(
+        api: Any, worker: Any, mongo: Any, dbs: list[str]) -> None:
+    """Issue 25 `tables` on MongoDB (`db.collection`): `things` is the backup's again (its
+    documents and indexes) while the other collections — and a collection made since —
+    are exactly as they are now; twice; the safety backup holds that collection only; a
+    collection the backup lacks and hostile names are refused before any job."""
+    await load(mongo, dbs)
+    name = (await backup(api))["result"]["filename"]
+    backed_up = await fingerprint(mongo, dbs)
+    await mongo[dbs[0]].things.update_many({}, {"$set": {"group": 0}})
+    await mongo[dbs[0]].things.drop_index("group_n")
+    await mongo[dbs[1]].notes.delete_many({"_id": {"$lt": 10}})
+    await mongo[dbs[1]].since.insert_one({"x": 1})
+    live = await fingerprint(mongo, dbs)
+    things = f"{dbs[0]}.things"
+    for _ in range(2):
+        job = await (await api.post("/api/v1/targets/main/restores?wait=180", json={
+            "backup": name, "tables": [things]})).json()
+        assert job["status"] == "succeeded", job.get("error")
+        now = await fingerprint(mongo, dbs)
+        for key, value in now.items():
+            expected = backed_up if key.startswith(things + ":") else live
+            assert value == expected[key], key
+        assert set(now) == set(live)
+    safety = job["result"]["safety_backup"]
+    manifest = await (await api.get(f"/api/v1/targets/main/backups/{safety}")).json()
+    assert manifest["only_tables"] == [things] and list(manifest["counts"]) == [things]
+    for tables, status in [([f"{dbs[0]}.nothere"], 422), ([f"{dbs[0]}.system.users"], 400),
+                           (["things"], 400), ([f"{dbs[0]}/../x.things"], 400)]:
+        resp = await api.post("/api/v1/targets/main/restores",
+                              json={"backup": name, "tables": tables})
+        assert resp.status == status, (tables, await resp.text())

@@ -28,7 +28,7 @@ import struct
 import tarfile
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import Any, ClassVar, cast
@@ -44,7 +44,7 @@ from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
 from shared.config import TargetConfig
 from shared.engines import ENGINES
-from shared.errors import EngineError, PipelineError
+from shared.errors import EngineError, PipelineError, RestoreFailed
 from shared.formats.mongodb import check_mongo_member, check_mongo_metadata
 from shared.formats.tarstream import Event as TarEvent
 from shared.formats.tarstream import TarReader
@@ -197,9 +197,11 @@ class MongoDB:
             version = await self._version(client)
             plan: list[tuple[str, MongoDoc]] = []
             total_docs = 0
+            only = set((options or {}).get("tables") or [])  # a safety backup of some
             for dbname in await self._databases(client, target):
                 async for info in await client[dbname].list_collections():
-                    if info["name"].startswith("system."):
+                    if info["name"].startswith("system.") or \
+                            only and f"{dbname}.{info['name']}" not in only:
                         continue
                     plan.append((dbname, dict(info)))
                     if "viewOn" not in (info.get("options") or {}) and \
@@ -214,7 +216,8 @@ class MongoDB:
                 "tool": "pymongo find_raw_batches", "layout": "mongodump directory in a tar",
                 "databases": sorted({d for d, _ in plan}),
                 "collections": [f"{d}.{i['name']}" for d, i in plan],
-                "counts": counts, "count_kind": "documents"}
+                "counts": counts, "count_kind": "documents",
+                **({"only_tables": sorted(only)} if only else {})}
             session = client.start_session(snapshot=True)
             facts["consistency"] = "snapshot"
 
@@ -287,6 +290,8 @@ class MongoDB:
         async with self.connect(target) as client:
             restorer = _Restorer(client, clean, progress)
             restorer.databases |= set(options.also_clean)  # a rollback's reach
+            # some collections only (issue 25): the others are neither read nor dropped
+            restorer.only = {tuple(t.split(".", 1)) for t in options.tables} or None
             # metadata that passed the checks can still fail to apply (an invalid ObjectId,
             # an option of the wrong type): every such failure is a failed restore
             with restore_errors(target, "MongoDB", PyMongoError, BulkWriteError, BSONError,
@@ -294,6 +299,17 @@ class MongoDB:
                 async for name, stream in _untar(chunks):
                     await restorer.entry(name, stream)
                 await restorer.finish()
+            if restorer.only and (missing := restorer.only - restorer.prepared - {
+                    (d, c) for d, c, _ in restorer.views}):
+                raise RestoreFailed("the backup holds no collection " + ", ".join(
+                    sorted(".".join(m) for m in missing)), code="table_missing",
+                    database_unchanged=not restorer.prepared)
+
+    async def tables_present(self, target: TargetConfig, tables: Sequence[str]) -> list[str]:
+        async with self.connect(target) as client:
+            have = {f"{d}.{c}" for d in {t.split(".", 1)[0] for t in tables}
+                    for c in await client[d].list_collection_names()}
+        return [t for t in tables if t in have]
 
 
 async def _raw(cursor: AsyncRawBatchCursor[MongoDoc]) -> AsyncIterator[bytes]:
@@ -360,6 +376,7 @@ class _Restorer:
         self.views: list[tuple[str, str, MongoDoc]] = []
         self.prepared: set[tuple[str, str]] = set()
         self.databases: set[str] = set()
+        self.only: set[tuple[str, ...]] | None = None  # (db, collection) restored, if some
         progress.item_kind = "documents"
 
     async def _prepare(self, db: str, coll: str, options: MongoDoc | None) -> None:
@@ -376,6 +393,8 @@ class _Restorer:
         if where is None:
             return  # prelude.json
         db, coll, kind = where
+        if self.only is not None and (db, coll) not in self.only:
+            return  # not asked for: left as it is
         db = f"{prefix}{db}" if (prefix := DRILL_DB_PREFIX.get()) else db
         if (scratch := DRILL_DBS.get()) is not None:
             scratch.add(db)
@@ -441,7 +460,7 @@ class _Restorer:
             if self.clean:
                 await self.client[db].drop_collection(coll)
             await self.client[db].command({"create": coll, **options})
-        if self.clean:
+        if self.clean and self.only is None:
             await self._drop_extra()
 
     async def _drop_extra(self) -> None:
