@@ -43,14 +43,7 @@ async def test_sigkill_worker_at_each_point_of_a_restore_leaves_the_old_database
     conn = await pg.user_conn(pg_db)
     await conn.execute(BIG)
     await conn.close()
-    proc = await worker_process(tmp_path, prefix, pg_db)
-    try:
-        job = await (await api.post("/api/v1/targets/main/backups?wait=120")).json()
-        assert job["status"] == "succeeded", job
-        name = job["result"]["filename"]
-    finally:
-        proc.kill()
-        await proc.wait()
+    name = await backup_in_a_worker_of_its_own(api, tmp_path, prefix, pg_db)
     conn = await pg.user_conn(pg_db)
     await conn.execute("DELETE FROM child WHERE id > 500; DELETE FROM big WHERE id % 3 = 0; "
                        "DROP TABLE audit CASCADE")
@@ -63,6 +56,18 @@ async def test_sigkill_worker_at_each_point_of_a_restore_leaves_the_old_database
                                             point, predicate)
         assert await pg.fingerprint(pg_db) == damaged, point
     assert set(seen) == set(KILL_POINTS), seen
+
+
+async def backup_in_a_worker_of_its_own(api: Any, tmp_path: Path, prefix: str,
+                                        pg_db: str) -> str:
+    proc = await worker_process(tmp_path, prefix, pg_db)
+    try:
+        job = await (await api.post("/api/v1/targets/main/backups?wait=120")).json()
+        assert job["status"] == "succeeded", job
+        return str(job["result"]["filename"])
+    finally:
+        proc.kill()
+        await proc.wait()
 
 
 async def kill_restore_at(api: Any, tmp_path: Path, prefix: str, pg_db: str,
@@ -118,14 +123,7 @@ async def test_sigkill_worker_during_a_one_table_restore_leaves_every_table_as_i
     conn = await pg.user_conn(pg_db)
     await conn.execute(BIG)
     await conn.close()
-    proc = await worker_process(tmp_path, prefix, pg_db)
-    try:
-        job = await (await api.post("/api/v1/targets/main/backups?wait=120")).json()
-        assert job["status"] == "succeeded", job
-        name = job["result"]["filename"]
-    finally:
-        proc.kill()
-        await proc.wait()
+    name = await backup_in_a_worker_of_its_own(api, tmp_path, prefix, pg_db)
     conn = await pg.user_conn(pg_db)
     await conn.execute("UPDATE big SET n = 0 WHERE id % 7 = 0; DELETE FROM child WHERE id > 900")
     await conn.close()

@@ -108,6 +108,31 @@ def _replace(target: str, new_file: Path) -> None:
         os.close(fd)
 
 
+async def _take_in(chunks: AsyncIterator[bytes], path: Path, progress: Progress) -> None:
+    """The backup's stream written to `path` (fsynced) and proven a sound SQLite database
+    (`PRAGMA integrity_check`, `foreign_key_check`); the live database is not touched."""
+    out = await asyncio.to_thread(open, path, "wb")
+    try:
+        try:
+            async for chunk in chunks:
+                await asyncio.to_thread(out.write, chunk)
+                progress.bytes_done += len(chunk)
+        except PipelineError as exc:
+            raise RestoreFailed(f"reading the backup failed ({exc.message}); the database "
+                                "was not touched", database_unchanged=True,
+                                code=exc.code) from None
+        await asyncio.to_thread(out.flush)
+        await asyncio.to_thread(os.fsync, out.fileno())
+    finally:
+        await asyncio.to_thread(out.close)
+    progress.set_phase(Phase.CHECKING)
+    try:
+        await asyncio.to_thread(check_sqlite_file, path)
+    except ValueError as exc:
+        raise RestoreFailed(f"the backup is not a sound SQLite database ({exc}); the "
+                            "database was not touched", database_unchanged=True) from None
+
+
 class SQLite:
     name: ClassVar[str] = "sqlite"
     extension: ClassVar[str] = ENGINES["sqlite"].extension
@@ -183,25 +208,9 @@ class SQLite:
             tempfile.mkstemp, prefix=f".{Path(target.path).name}.safehold-restore-",
             dir=directory)
         temp = Path(name)
+        os.close(fd)
         try:
-            with os.fdopen(fd, "wb") as out:
-                try:
-                    async for chunk in chunks:
-                        await asyncio.to_thread(out.write, chunk)
-                        progress.bytes_done += len(chunk)
-                except PipelineError as exc:
-                    raise RestoreFailed(f"reading the backup failed ({exc.message}); the "
-                                        "database was not touched",
-                                        database_unchanged=True, code=exc.code) from None
-                await asyncio.to_thread(out.flush)
-                await asyncio.to_thread(os.fsync, out.fileno())
-            progress.set_phase(Phase.CHECKING)
-            try:
-                await asyncio.to_thread(check_sqlite_file, temp)
-            except ValueError as exc:
-                raise RestoreFailed(f"the backup is not a sound SQLite database ({exc}); the "
-                                    "database was not touched", database_unchanged=True) \
-                    from None
+            await _take_in(chunks, temp, progress)
             progress.set_phase(Phase.REPLACING)
             try:
                 await progress.enter_stage(RestoreStage.COMMITTING)  # from here the file may be new
@@ -220,25 +229,7 @@ class SQLite:
         checked, then attached read-only; the live file is changed in one transaction."""
         with scratch.private_dir("sqlite") as tmp:
             backup = scratch.private_file(tmp, "backup.db")
-            try:
-                out = await asyncio.to_thread(open, backup, "wb")
-                try:
-                    async for chunk in chunks:
-                        await asyncio.to_thread(out.write, chunk)
-                        progress.bytes_done += len(chunk)
-                finally:
-                    await asyncio.to_thread(out.close)
-            except PipelineError as exc:
-                raise RestoreFailed(f"reading the backup failed ({exc.message}); the "
-                                    "database was not touched",
-                                    database_unchanged=True, code=exc.code) from None
-            progress.set_phase(Phase.CHECKING)
-            try:
-                await asyncio.to_thread(check_sqlite_file, backup)
-            except ValueError as exc:
-                raise RestoreFailed(f"the backup is not a sound SQLite database ({exc}); the "
-                                    "database was not touched", database_unchanged=True) \
-                    from None
+            await _take_in(chunks, backup, progress)
             progress.set_phase(Phase.RESTORING)
             try:
                 await progress.enter_stage(RestoreStage.COMMITTING)
