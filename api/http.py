@@ -45,6 +45,13 @@ def for_reader(doc: dict[str, object], reader: Principal | None, kind: str,
     echo anything it reads): only operators and admins of the target see that text. Below
     admin, server file paths in any job's error are hidden."""
     result = doc.get("result")
+    if reader is not None and kind == JobKind.PREVIEW and \
+            reader.role_for(target) < Role.OPERATOR:  # rows of a backup: operators only
+        params = doc.get("params")
+        doc = {**doc, "result": {k: v for k, v in result.items() if k not in (
+            "rows", "columns", "where")} if isinstance(result, dict) else result,
+            "params": {k: v for k, v in params.items() if k != "where"}
+            if isinstance(params, dict) else params}
     if reader is not None and kind == JobKind.STATS and reader.role_for(target) < Role.ADMIN and \
             isinstance(result, dict) and "path" in result:
         doc = {**doc, "result": {k: v for k, v in result.items() if k != "path"}}

@@ -26,7 +26,8 @@ LOOPBACK = {"localhost", "127.0.0.1", "::1", ""}
 TABLES = ("postgresql", "sqlite", "mysql", "mongodb")
 # MongoDB: db.collection (a database name has no dot; a collection's may)
 MONGO = re.compile(r"[A-Za-z0-9_-]{1,63}\.(?!system\.)[A-Za-z0-9_][A-Za-z0-9_.-]{0,119}\Z")
-PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,63}\Z")  # a table of one database
+# a table of one database: plain letters, digits and _ (never SQLite's own sqlite_ tables)
+PLAIN = re.compile(r"(?!sqlite_)[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 MAX_TABLES = 100
 
 
@@ -97,7 +98,7 @@ def _tables(target: TargetConfig, tables: object) -> JobParams:
             shown = repr(t)[:80]
             raise BadRequest(f"{shown} is not a table name: "
                              + ("schema.table, each part" if pg else "")
-                             + " 1-63 letters, digits, _ or $, not starting with a digit "
+                             + " 1-63 letters, digits or _, not starting with a digit "
                              "(names that need quotes are restored with the whole database)",
                              code="invalid_body")
     return {"tables": list(tables)}

@@ -17,6 +17,8 @@ from shared.formats.pgtables import Rel, Selection, TableCut
 
 MAX_ROW = 8 << 20  # one COPY line held at most
 MAX_VALUE = 2000  # characters of one value shown
+MAX_FIELDS = 1600  # PostgreSQL's own limit of columns in a table
+MAX_RESULT = 4 << 20  # characters of values in one answer
 _ESCAPE = re.compile(rb"\\(?:([0-7]{1,3})|x([0-9A-Fa-f]{1,2})|(.))", re.S)
 _PLAIN = {b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"v": b"\v"}
 _COLUMN = re.compile(r'"(?:[^"]|"")*"|[^,\s]+')
@@ -60,6 +62,7 @@ class RowReader:
         self._buf = bytearray()
         self._skipping = False
         self._copy = False
+        self._shown = 0
 
     def feed(self, chunk: bytes) -> None:
         if self.done:
@@ -112,6 +115,9 @@ class RowReader:
             self.done = True
             return
         self.scanned += 1
+        if line.count(b"\t") >= MAX_FIELDS:  # no table has that many columns: not shown
+            self.truncated = True
+            return
         fields = line.split(b"\t")
         if self._at is not None and self.where is not None and (
                 self._at >= len(fields) or decode_field(fields[self._at]) != self.where[1]):
@@ -122,5 +128,7 @@ class RowReader:
                 row[i] = v[:MAX_VALUE] + "…"
                 self.truncated = True
         self.rows.append(row)
-        if len(self.rows) >= self.limit:
+        self._shown += sum(len(v) for v in row if v is not None)
+        if len(self.rows) >= self.limit or self._shown > MAX_RESULT:
+            self.truncated = self.truncated or self._shown > MAX_RESULT
             self.done = True

@@ -174,6 +174,8 @@ class PgScriptGuard:
         self._any_sql = False
         self._set_config_seen = False
         self._raw_set = False  # the current SET statement was checked on its raw line
+        self._line_dirty = False  # the current line has held code, a quote or a comment
+        self._stmt_comment = False  # the current statement holds a comment
 
     # ------------------------------------------------------------------ streaming
     def feed(self, data: bytes) -> bytes:
@@ -288,7 +290,7 @@ class PgScriptGuard:
     def _sql_line(self, line: bytes) -> bytes:
         body = line.rstrip(b"\r\n")
         between = self._mode == _NORMAL and not self._in_statement and self._cont is None
-        set_line = False
+        self._line_dirty = not between  # what a statement starting here follows on its line
         if self.cut is not None:
             self.cut.line_start(between, self.line)
             if between and body.startswith(b"-- "):
@@ -298,7 +300,7 @@ class PgScriptGuard:
             stripped = body.strip()
             if m := _SET.match(stripped):  # a SET's value may be a literal: check it raw
                 self._check_setting(m.group(1).lower(), m.group(2) or b"")
-                self._raw_set = set_line = True
+                self._raw_set = True
             if stripped in _BLANKED:
                 return b"\n"  # pg_dump's large-object BEGIN/COMMIT: Safehold's transaction
             if self.skip_privileges and _PRIVILEGES.match(stripped) and \
@@ -325,7 +327,7 @@ class PgScriptGuard:
             self._cont_nl = True  # a newline passed after a closed string
         if copy_after:
             self._copy, self._bol, self._hold = True, True, b""
-        return line if self.cut is None else self.cut.route(line, set_line=set_line)
+        return line if self.cut is None else self.cut.route(line)
 
     def _mapped(self, line: bytes) -> bytes:
         """A privilege statement, or a policy's head (before USING / WITH CHECK: the rest
@@ -411,11 +413,13 @@ class PgScriptGuard:
                     self._mode, self._tag = _DOLLAR, tok
                     self._text(b" ")
                 elif tok == b"--":
+                    self._commented()
                     if b"\r" in s[i:]:
                         raise UnsafeScript(self.line, "a carriage return inside a comment "
                                            "(psql ends the comment there)")
                     break  # comment to the end of the line
                 elif tok == b"/*":
+                    self._commented()
                     self._mode, self._depth = _COMMENT, 1
                 elif tok == b"\\":
                     raise UnsafeScript(self.line, "psql meta-command "
@@ -469,6 +473,11 @@ class PgScriptGuard:
             self._text(b" ")
         return False
 
+    def _commented(self) -> None:
+        self._line_dirty = True
+        if self._in_statement:
+            self._stmt_comment = True
+
     def _close_quote(self, mode: int) -> None:
         self._mode = _NORMAL
         if mode != _DQUOTE:  # 'a'<newline>'b' is one string, with the first one's escapes
@@ -501,6 +510,8 @@ class PgScriptGuard:
             return
         self._start_statement()
         self._head_add(t)
+        if t.strip():
+            self._line_dirty = True
         for m in _WORDS.finditer(t):
             self._word(m.group())
 
@@ -538,7 +549,8 @@ class PgScriptGuard:
     def _start_statement(self) -> None:
         if not self._in_statement:
             if self.cut is not None:
-                self.cut.statement_start()
+                self.cut.statement_start(first_on_line=not self._line_dirty)
+            self._stmt_comment = False
             self._in_statement = True
             self._any_sql = True
             self._head.clear()
@@ -568,7 +580,7 @@ class PgScriptGuard:
         elif re.match(rb"(?i)\s*(SET|RESET)\b", head):
             raise UnsafeScript(self.line, f"{_show(head)!r}: a SET pg_dump does not write")
         if self.cut is not None:
-            self.cut.statement()
+            self.cut.statement(head, self._stmt_comment)
         word = head.split(None, 2)
         kind = b" ".join(w.upper() for w in word[:2]).decode("ascii", "replace")
         if kind in ("CREATE SUBSCRIPTION", "CREATE PUBLICATION", "CREATE EXTENSION"):

@@ -35,42 +35,67 @@ DATA_TYPES = frozenset({b"TABLE DATA", b"SEQUENCE SET"})
 CREATE_TYPES = DATA_TYPES | {
     b"TABLE", b"SEQUENCE", b"SEQUENCE OWNED BY", b"DEFAULT", b"CONSTRAINT",
     b"CHECK CONSTRAINT", b"FK CONSTRAINT", b"INDEX", b"TRIGGER", b"POLICY", b"ROW SECURITY",
-    b"RULE", b"ACL", b"COMMENT", b"TABLE ATTACH"}
+    b"ACL", b"COMMENT"}  # never rules (their actions reach any table) nor partitions
 
-_ID = r'(?:[A-Za-z_\x80-\uffff][\w$\x80-\uffff]*|"(?:[^"]|"")+")'
+# identifiers as pg_dump prints them: lowercase plain, or double-quoted
+_ID = r'(?:[a-z_][a-z0-9_$]*|"(?:[^"]|"")+")'
 _Q = rf"(?P<s>{_ID})\.(?P<n>{_ID})"
-_WS = r"\s+"
-_FORMS: list[tuple[str, re.Pattern[str]]] = [(kind, re.compile(rx, re.S | re.I)) for kind, rx in [
-    ("create", rf"CREATE{_WS}(?:UNLOGGED{_WS})?TABLE{_WS}{_Q}[\s(]"),
-    ("alter", rf"ALTER{_WS}TABLE{_WS}(?:ONLY{_WS})?{_Q}\s"),
-    ("copy", rf"COPY{_WS}{_Q}[\s(]"),
-    ("index", rf"CREATE{_WS}(?:UNIQUE{_WS})?INDEX{_WS}(?P<x>{_ID}){_WS}ON{_WS}(?:ONLY{_WS})?"
-              rf"{_Q}\s"),
-    ("table", rf"CREATE{_WS}(?:CONSTRAINT{_WS})?TRIGGER{_WS}{_ID}\s.*?\sON{_WS}{_Q}\s"),
-    ("table", rf"CREATE{_WS}POLICY{_WS}{_ID}{_WS}ON{_WS}{_Q}[\s;]"),
-    ("table", rf"CREATE{_WS}RULE{_WS}{_ID}{_WS}AS{_WS}ON{_WS}\w+{_WS}TO{_WS}{_Q}\s"),
-    ("sequence", rf"CREATE{_WS}SEQUENCE{_WS}{_Q}[\s;]"),
-    ("owned", rf"ALTER{_WS}SEQUENCE{_WS}{_Q}{_WS}OWNED{_WS}BY{_WS}"
-              rf"(?P<os>{_ID})\.(?P<on>{_ID})\.{_ID}\s*;"),
-    ("sequence", rf"ALTER{_WS}SEQUENCE{_WS}{_Q}\s"),
-    ("setval", rf"SELECT{_WS}pg_catalog\.setval\('(?P<lit>(?:[^']|'')*)',"),
-    ("table", rf"(?:GRANT|REVOKE)\s[^;]*?\sON{_WS}TABLE{_WS}{_Q}\s"),
-    ("sequence", rf"(?:GRANT|REVOKE)\s[^;]*?\sON{_WS}SEQUENCE{_WS}{_Q}\s"),
-    ("table", rf"COMMENT{_WS}ON{_WS}(?:TABLE|COLUMN){_WS}{_Q}[\s.]"),
-    ("sequence", rf"COMMENT{_WS}ON{_WS}SEQUENCE{_WS}{_Q}\s"),
-    ("comment_index", rf"COMMENT{_WS}ON{_WS}INDEX{_WS}{_Q}\s"),
-    ("table", rf"COMMENT{_WS}ON{_WS}(?:CONSTRAINT|TRIGGER|POLICY|RULE){_WS}{_ID}{_WS}ON{_WS}"
-              rf"{_Q}\s"),
+_LIT = r"E?'(?:[^'\\]|''|\\.)*'"
+_INT = r"-?\d+"
+_EVENTS = rf"(?:INSERT|DELETE|TRUNCATE|UPDATE(?: OF {_ID}(?:, {_ID})*)?)"
+# every statement a kept section may hold, whole (whitespace collapsed, no comments): the
+# relation each is about sits at a fixed place, never found by skipping ahead
+_FORMS: list[tuple[str, re.Pattern[str]]] = [(kind, re.compile(rx, re.S)) for kind, rx in [
+    ("neutral", r"SET (?:statement_timeout|lock_timeout|idle_in_transaction_session_timeout|"
+                r"client_encoding|standard_conforming_strings|check_function_bodies|xmloption|"
+                r"client_min_messages|row_security|default_tablespace|"
+                r"default_table_access_method|default_with_oids) = (?:'[A-Za-z0-9_ -]*'|"
+                r"[A-Za-z0-9_]+);"),
+    ("neutral", r"SELECT pg_catalog\.set_config\('search_path', '', false\);"),
+    ("create", rf"CREATE (?:UNLOGGED )?TABLE {_Q} \(.*\);"),
+    ("copy", rf"COPY {_Q} \((?P<cols>{_ID}(?:, {_ID})*)\) FROM stdin;"),
+    ("owner", rf"ALTER (?:TABLE|SEQUENCE) (?:ONLY )?{_Q} OWNER TO {_ID};"),
+    ("table", rf"ALTER TABLE ONLY {_Q} ALTER COLUMN {_ID} SET DEFAULT .*;"),
+    ("table", rf"ALTER TABLE (?:ONLY )?{_Q} (?:ENABLE|FORCE) ROW LEVEL SECURITY;"),
+    ("table", rf"ALTER TABLE (?:ONLY )?{_Q} REPLICA IDENTITY (?:FULL|NOTHING|DEFAULT|"
+              rf"USING INDEX {_ID});"),
+    ("identity", rf"ALTER TABLE (?:ONLY )?{_Q} ALTER COLUMN {_ID} ADD GENERATED "
+                 rf"(?:ALWAYS|BY DEFAULT) AS IDENTITY \( SEQUENCE NAME "
+                 rf"(?P<qs>{_ID})\.(?P<qn>{_ID})(?: [A-Z]+(?: [A-Z]+)*(?: {_INT})?)* \);"),
+    ("fk", rf"ALTER TABLE (?:ONLY )?{_Q} ADD CONSTRAINT (?P<c>{_ID}) FOREIGN KEY "
+           rf"\({_ID}(?:, {_ID})*\) REFERENCES (?P<rs>{_ID})\.(?P<rn>{_ID})"
+           rf"\({_ID}(?:, {_ID})*\)(?: MATCH (?:FULL|SIMPLE))?"
+           r"(?: ON (?:DELETE|UPDATE) (?:CASCADE|RESTRICT|SET NULL|SET DEFAULT|NO ACTION)"
+           rf"(?: \({_ID}(?:, {_ID})*\))?)*(?: (?:NOT )?DEFERRABLE)?"
+           r"(?: INITIALLY (?:DEFERRED|IMMEDIATE))?(?: NOT VALID)?;"),
+    ("table", rf"ALTER TABLE (?:ONLY )?{_Q} ADD CONSTRAINT {_ID} (?:PRIMARY KEY|UNIQUE"
+              r"(?: NULLS NOT DISTINCT)?|CHECK|EXCLUDE) .*;"),
+    ("index", rf"CREATE (?:UNIQUE )?INDEX (?P<x>{_ID}) ON (?:ONLY )?{_Q} USING [a-z_]+ \(.*;"),
+    ("table", rf"CREATE (?:CONSTRAINT )?TRIGGER {_ID} (?:BEFORE|AFTER|INSTEAD OF) "
+              rf"{_EVENTS}(?: OR {_EVENTS})* ON {_Q} .*;"),
+    ("table", rf"CREATE POLICY {_ID} ON {_Q}(?: AS (?:PERMISSIVE|RESTRICTIVE))?"
+              rf"(?: FOR (?:ALL|SELECT|INSERT|UPDATE|DELETE))?(?: TO .*| USING .*| WITH "
+              r"CHECK .*)?;"),
+    ("sequence", rf"CREATE SEQUENCE {_Q}(?: AS [a-z]+)?(?: [A-Z]+(?: [A-Z]+)*(?: {_INT})?)*;"),
+    ("owned", rf"ALTER SEQUENCE {_Q} OWNED BY (?P<os>{_ID})\.(?P<on>{_ID})\.{_ID};"),
+    ("setval", rf"SELECT pg_catalog\.setval\('(?P<lit>(?:[^']|'')*)', (?P<v>{_INT}), "
+               r"(?P<b>true|false)\);"),
+    ("table", rf"(?:GRANT|REVOKE) [A-Z, ()a-z_\"]+ ON TABLE {_Q} (?:TO|FROM) [^;]*;"),
+    ("sequence", rf"(?:GRANT|REVOKE) [A-Z, ]+ ON SEQUENCE {_Q} (?:TO|FROM) [^;]*;"),
+    ("table", rf"COMMENT ON TABLE {_Q} IS {_LIT};"),
+    ("table", rf"COMMENT ON COLUMN {_Q}\.{_ID} IS {_LIT};"),
+    ("table", rf"COMMENT ON (?:CONSTRAINT|TRIGGER|POLICY) {_ID} ON {_Q} IS {_LIT};"),
+    ("sequence", rf"COMMENT ON SEQUENCE {_Q} IS {_LIT};"),
+    ("comment_index", rf"COMMENT ON INDEX {_Q} IS {_LIT};"),
 ]]
-_NEUTRAL = re.compile(r"(?is)\s*(?:SET\s|RESET\s|SELECT\s+pg_catalog\.set_config\()")
-_FK = re.compile(rf"(?is)\sADD{_WS}CONSTRAINT{_WS}(?P<c>{_ID}){_WS}FOREIGN{_WS}KEY\s.*?"
-                 rf"\sREFERENCES{_WS}{_Q}\s*\(")
-_IDENTITY = re.compile(rf"(?is)\sADD{_WS}GENERATED\s.*?\sSEQUENCE{_WS}NAME{_WS}{_Q}\s")
-_ATTACH = re.compile(rf"(?is)\sATTACH{_WS}PARTITION{_WS}{_Q}\s")
+# words that never belong in the statements above outside quotes and literals (the guard's
+# view of the statement: strings blanked, quoted names as X)
+_FOREIGN = re.compile(rb"(?i)\b(?:INHERITS|PARTITION|ATTACH|DETACH|DROP|RENAME|DISABLE|"
+                      rb"NO\s+INHERIT|SET\s+SCHEMA)\b")
 
 
 def unquote(token: str) -> str:
-    return token[1:-1].replace('""', '"') if token.startswith('"') else token.lower()
+    return token[1:-1].replace('""', '"') if token.startswith('"') else token
 
 
 def parse_literal_name(lit: str) -> Rel | None:
@@ -82,10 +107,14 @@ def parse_literal_name(lit: str) -> Rel | None:
 def parse_table_name(name: str) -> Rel | None:
     """`schema.table` as an operator names it (plain identifiers, taken literally)."""
     parts = name.split(".")
-    if len(parts) != 2 or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$]{0,62}", p)
+    if len(parts) != 2 or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", p)
                                   for p in parts):
         return None
     return parts[0], parts[1]
+
+
+def quoted(rel: Rel) -> str:
+    return ".".join('"' + p.replace('"', '""') + '"' for p in rel)
 
 
 class RefusedSection(BadRequest):
@@ -96,39 +125,46 @@ class RefusedSection(BadRequest):
 class Statement:
     """What one statement is about: its relation and, for some, more."""
 
-    # create | copy | table | alter | index | sequence | owned | comment_index | neutral
-    # | other
+    # neutral | create | copy | owner | table | identity | fk | index | sequence | owned
+    # | setval | comment_index | other
     kind: str
     rel: Rel | None = None
     by: Rel | None = None  # ALTER SEQUENCE … OWNED BY this table
     index: Rel | None = None  # CREATE INDEX: the index made
     fk: tuple[str, Rel] | None = None  # ADD CONSTRAINT c FOREIGN KEY … REFERENCES t
     identity: Rel | None = None  # ADD GENERATED … AS IDENTITY (SEQUENCE NAME s)
-    attach: Rel | None = None  # ATTACH PARTITION t
+    columns: list[str] = field(default_factory=list)  # COPY's column list
+    setval: tuple[int, bool] | None = None
 
 
-def classify(raw: str) -> Statement:
-    text = raw.lstrip()
-    if _NEUTRAL.match(text):
-        return Statement("neutral")
+def classify(raw: str, head: bytes = b"") -> Statement:
+    """The statement, whole: one of _FORMS or `other`. `head`: the guard's view of it
+    (literals blanked), where words that would change something else are looked for."""
+    text = re.sub(r"\s+", " ", raw).strip()
     for kind, rx in _FORMS:
-        m = rx.match(text)
+        m = rx.fullmatch(text)
         if not m:
             continue
+        if kind == "neutral":
+            return Statement("neutral")
+        if kind not in ("setval",) and _FOREIGN.search(head):
+            return Statement("other")
         if kind == "setval":
-            return Statement("sequence", parse_literal_name(m["lit"]))
+            return Statement("sequence", parse_literal_name(m["lit"]),
+                             setval=(int(m["v"]), m["b"] == "true"))
         st = Statement(kind, (unquote(m["s"]), unquote(m["n"])))
         if kind == "owned":
-            st.by = (unquote(m["os"]), unquote(m["on"]))
+            st.kind, st.by = "owned", (unquote(m["os"]), unquote(m["on"]))
         elif kind == "index":
             st.index = (unquote(m["s"]), unquote(m["x"]))
-        elif kind == "alter":
-            if fk := _FK.search(text):
-                st.fk = (unquote(fk["c"]), (unquote(fk["s"]), unquote(fk["n"])))
-            if ident := _IDENTITY.search(text):
-                st.identity = (unquote(ident["s"]), unquote(ident["n"]))
-            if att := _ATTACH.search(text):
-                st.attach = (unquote(att["s"]), unquote(att["n"]))
+        elif kind == "fk":
+            st.fk = (unquote(m["c"]), (unquote(m["rs"]), unquote(m["rn"])))
+        elif kind == "identity":
+            st.identity = (unquote(m["qs"]), unquote(m["qn"]))
+        elif kind == "copy":
+            st.columns = [unquote(c) for c in re.findall(_ID, m["cols"])]
+        elif kind == "owner":
+            st.kind = "owner"
         return st
     return Statement("other")
 
@@ -149,13 +185,18 @@ class Selection:
 
 _PREAMBLE, _DROP, _PENDING, _KEEP = range(4)
 _UNDECIDED = None
+DEFERRED_MAX = 1 << 20  # the sequences' setval held back for the end
 
 
 class TableCut:
     """Routes the guard's output. The guard calls `header` for each section comment met
     between statements, `line_start` / `capture` / `route` for every SQL line,
     `statement_start` and `statement` as statements begin and end, and `copy_data` for
-    COPY blocks; `finish` checks every table got what it needs."""
+    COPY blocks; `finish` checks every table got what it needs.
+
+    A statement of a kept section must begin its line, hold no comment, and be one of the
+    whole shapes pg_dump writes for a table (`classify`); the COPY header and the setval
+    calls are not passed on as written but written anew from what was parsed."""
 
     def __init__(self, sel: Selection) -> None:
         self.sel = sel
@@ -167,17 +208,20 @@ class TableCut:
         # the sequences' setval, sent after every check: a sequence change is the one thing
         # a rolled back transaction does not undo
         self.deferred: list[bytes] = []
+        self._deferred_size = 0
         self.sections = 0
         self._state = _PREAMBLE
         self._type = b""
         self._held: list[bytes] = []
         self._held_size = 0
-        # the preamble: pass on what is held (a setting: True) or drop it (None)
-        self._release: bool | None = False
+        self._release: bool | None = False  # the preamble: pass what is held, or drop it
         self._seq: Rel | None = None  # a SEQUENCE section's sequence, owner unknown yet
         self._raw: list[bytes] = []
         self._raw_size = 0
-        self._ends_on_line = 0
+        self._line_bytes = b""
+        self._in_statement = False
+        self._lines_in_statement = 0
+        self._replace: bytes | None = None  # the line written anew (COPY, setval)
         self._line = 0
 
     # ------------------------------------------------------------------ guard hooks
@@ -193,26 +237,35 @@ class TableCut:
         self._state = _PENDING if self._type in allowed else _DROP
 
     def line_start(self, at_boundary: bool, line_no: int) -> None:
-        self._line, self._ends_on_line = line_no, 0
-        if at_boundary:
-            self._raw, self._raw_size = [], 0
+        self._line = line_no
+        if self._in_statement:
+            self._lines_in_statement += 1
 
     def capture(self, line: bytes) -> None:
-        """The raw text of the statement under way (its start is what matters)."""
-        if self._state != _DROP and self._raw_size < RAW_MAX:
-            self._raw.append(line[:RAW_MAX])
+        """The line under way (a statement's text runs from its start)."""
+        self._line_bytes = line
+        if self._in_statement and self._state != _DROP and self._raw_size < RAW_MAX:
+            self._raw.append(line)
             self._raw_size += len(line)
 
-    def statement_start(self) -> None:
-        if self._ends_on_line and self._state != _DROP:
-            self._refuse("a statement that begins on the line where another ends")
+    def statement_start(self, first_on_line: bool) -> None:
+        self._in_statement = True
+        self._lines_in_statement = 1
+        self._raw, self._raw_size = [self._line_bytes], len(self._line_bytes)
+        if self._state != _DROP and not first_on_line:
+            self._refuse("a statement that does not begin its line")
 
-    def statement(self) -> None:
+    def statement(self, head: bytes, commented: bool) -> None:
         """A statement ended (decided before the line that ends it is routed)."""
-        self._ends_on_line += 1
+        self._in_statement = False
         if self._state == _DROP:
             return
-        st = classify(b"".join(self._raw).decode("utf-8", "replace"))
+        if commented:
+            self._refuse("a comment inside a statement of a restored table's section")
+        if self._raw_size >= RAW_MAX and self._state != _PREAMBLE:
+            self._refuse(f"a statement longer than {RAW_MAX >> 10} KiB")
+        st = classify(b"".join(self._raw).decode("utf-8", "replace"), head)
+        one_line = self._lines_in_statement == 1
         self._raw, self._raw_size = [], 0
         if self._state == _PREAMBLE:  # settings pass, anything else never does
             self._release = True if st.kind == "neutral" else None
@@ -220,6 +273,10 @@ class TableCut:
         if st.kind == "neutral":
             return
         ours = self._ours(st)
+        if ours and st.kind in ("copy", "sequence") and (st.columns or st.setval):
+            if not one_line:
+                self._refuse("a COPY or setval over several lines")
+            self._rewrite(st)
         if self._state == _KEEP:
             if not ours:
                 self._refuse(f"a {self._type.decode()} section of a restored table holds a "
@@ -231,18 +288,17 @@ class TableCut:
             self._state = _DROP
             self._held, self._held_size = [], 0
 
-    def route(self, line: bytes, *, set_line: bool = False) -> bytes:
+    def route(self, line: bytes) -> bytes:
         """What of this line goes to psql (with what was held for it)."""
+        if self._replace is not None:
+            line, self._replace = self._replace, None
         if self._state == _KEEP:
             if self._held:
                 line = b"".join(self._held) + line
                 self._held, self._held_size = [], 0
-            if self._type == b"SEQUENCE SET":  # setval is never rolled back: it goes last
-                self.deferred.append(line)
-                return b""
             return line
         if self._state == _DROP:
-            return line if set_line else b""  # a setting pg_dump put between sections
+            return b""
         self._held.append(line)
         self._held_size += len(line)
         if self._release is not False:
@@ -270,6 +326,23 @@ class TableCut:
                 code="table_missing")
 
     # ------------------------------------------------------------------ decisions
+    def _rewrite(self, st: Statement) -> None:
+        """COPY and setval as Safehold writes them, from what was parsed."""
+        assert st.rel is not None
+        if st.columns:
+            cols = ", ".join('"' + c.replace('"', '""') + '"' for c in st.columns)
+            self._replace = f"COPY {quoted(st.rel)} ({cols}) FROM stdin;\n".encode()
+            return
+        assert st.setval is not None
+        name = quoted(st.rel).replace("'", "''")
+        call = (f"SELECT pg_catalog.setval('{name}', {st.setval[0]}, "
+                f"{'true' if st.setval[1] else 'false'});\n").encode()
+        self._deferred_size += len(call)
+        if self._deferred_size > DEFERRED_MAX:
+            self._refuse("more sequence values than any table owns")
+        self.deferred.append(call)
+        self._replace = b"\n"
+
     def _ours(self, st: Statement) -> bool | None:
         """Whether the statement is about the tables restored (None: not known yet)."""
         sel, t, rel = self.sel, self._type, st.rel
@@ -281,12 +354,18 @@ class TableCut:
             self.loaded.add(rel)
             return True
         if st.kind == "sequence":
+            if st.setval is not None:
+                return t == b"SEQUENCE SET" and rel in self.owned
+            if data_section:
+                return False
             if rel in self.owned:
                 return True
             if (self._state == _PENDING and t == b"SEQUENCE" and self._seq is None
                     and sel.create and rel is not None):
                 self._seq = rel  # ours if its OWNED BY names a created table
                 return _UNDECIDED
+            return False
+        if data_section:
             return False
         if st.kind == "owned":
             if st.by in sel.create and rel is not None and rel == self._seq:
@@ -295,20 +374,15 @@ class TableCut:
             return False
         if st.kind == "comment_index":
             return rel in self.indexes
-        if data_section:
+        if st.kind == "owner" and rel is not None and rel == self._seq:
+            return True if rel in self.owned else _UNDECIDED  # a sequence's owner
+        if st.kind == "fk" and st.fk is not None and rel not in sel.create:
+            con, ref = st.fk
+            if ref in sel.create and rel in sel.live_tables and rel is not None \
+                    and (rel[0], rel[1], con) not in sel.live_fks:
+                self.incoming_fks.append(f"{rel[0]}.{rel[1]}.{con}")
+                return True
             return False
-        if st.kind == "alter":
-            if rel is not None and rel == self._seq:  # ALTER TABLE <sequence> OWNER TO …
-                return True if rel in self.owned else _UNDECIDED
-            if st.attach is not None:
-                return st.attach in sel.create
-            if st.fk is not None and rel not in sel.create:
-                con, ref = st.fk
-                if ref in sel.create and rel in sel.live_tables and rel is not None \
-                        and (rel[0], rel[1], con) not in sel.live_fks:
-                    self.incoming_fks.append(f"{rel[0]}.{rel[1]}.{con}")
-                    return True
-                return False
         if rel is None or rel not in sel.create:
             return False
         if st.identity is not None:
@@ -317,7 +391,7 @@ class TableCut:
             self.indexes.add(st.index)
         if st.kind == "create":
             self.created.add(rel)
-        return st.kind in ("create", "table", "alter", "index")
+        return st.kind in ("create", "table", "owner", "identity", "fk", "index")
 
     def _refuse(self, what: str) -> None:
         raise RefusedSection(f"line {self._line}: {what}; refused, nothing was changed")

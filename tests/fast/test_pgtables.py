@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from shared.errors import BadRequest
 from shared.formats.pgscript import PgScriptGuard
 from shared.formats.pgtables import HOLD_MAX, RefusedSection, Selection, TableCut, classify
 
@@ -51,10 +52,11 @@ def cut(script: str, sel: Selection | None = None, chunk: int = 5) -> tuple[byte
 
 def test_only_the_tables_data_and_its_sequence_pass() -> None:
     out, tc = cut(HEAD + CUSTOMERS_DATA + ORDERS_DATA + SEQ_SET + FOOT)
-    assert b"COPY app.orders" in out and b"1\t10\n2\t20\n" in out
+    # the COPY header as Safehold writes it, the rows as dumped
+    assert b'COPY "app"."orders" ("id", "total") FROM stdin;\n1\t10\n2\t20\n' in out
     assert b"customers" not in out
     assert b"setval" not in out  # held back: sent after every check
-    assert b"setval('app.orders_id_seq', 2, true)" in b"".join(tc.deferred)
+    assert b"""setval('"app"."orders_id_seq"', 2, true)""" in b"".join(tc.deferred)
     assert b"SET standard_conforming_strings = on;" in out
     assert tc.loaded == {ORDERS}
 
@@ -68,7 +70,7 @@ def test_a_header_inside_a_function_body_or_string_is_no_header() -> None:
             "';")
     out, _ = cut(HEAD + section("FUNCTION", "f()", body) + ORDERS_DATA + FOOT)
     assert b"SELECT 1" not in out and b"FUNCTION" not in out.replace(b"-- ", b"")
-    assert b"COPY app.orders" in out
+    assert b'COPY "app"."orders"' in out
 
 
 def test_a_section_that_lies_about_its_table_is_not_taken() -> None:
@@ -94,8 +96,13 @@ def test_a_kept_section_about_anything_else_is_refused(extra: str) -> None:
     "SELECT pg_catalog.setval('app.orders_id_seq', 2, true); DELETE\nFROM app.customers;",
 ])
 def test_statements_glued_on_one_line_are_refused(glued: str) -> None:
-    with pytest.raises(RefusedSection, match="begins on the line"):
-        cut(HEAD + section("SEQUENCE SET", "orders_id_seq", glued) + FOOT)
+    """A statement must be its line's own: glued to another, it is no pg_dump statement
+    (the section is not taken) or, in a section already taken, the restore is refused."""
+    out, tc = cut(HEAD + ORDERS_DATA + section("SEQUENCE SET", "orders_id_seq", glued) + FOOT)
+    assert b"DELETE" not in out and not tc.deferred
+    with pytest.raises(RefusedSection):
+        cut(HEAD + ORDERS_DATA.replace("\\.\n", "\\.\nSET lock_timeout = 0; DELETE FROM "
+                                       "app.customers;\n") + FOOT)
 
 
 def test_the_preamble_passes_settings_only() -> None:
@@ -137,7 +144,7 @@ def test_a_dropped_table_takes_its_sections_and_the_keys_that_pointed_at_it() ->
     out, tc = cut(script, sel)
     text = out.decode()
     for kept in ("CREATE TABLE app.orders", "CREATE SEQUENCE app.orders_id_seq",
-                 "OWNED BY app.orders.id", "COPY app.orders", "CREATE INDEX orders_total",
+                 "OWNED BY app.orders.id", 'COPY "app"."orders"', "CREATE INDEX orders_total",
                  "COMMENT ON INDEX app.orders_total", "items_fk"):
         assert kept in text, kept
     for dropped in ("customers", "lines_fk"):  # lines is not a live table
@@ -147,14 +154,80 @@ def test_a_dropped_table_takes_its_sections_and_the_keys_that_pointed_at_it() ->
 
 
 @pytest.mark.parametrize("sql, kind, rel", [
-    ('ALTER TABLE ONLY "My Schema"."Or""ders"\n    ADD CONSTRAINT x CHECK (true);', "alter",
+    ('ALTER TABLE ONLY "My Schema"."Or""ders"\n    ADD CONSTRAINT x CHECK (true);', "table",
      ("My Schema", 'Or"ders')),
     ("CREATE TRIGGER t AFTER UPDATE OF \"on\" ON app.orders FOR EACH ROW EXECUTE "
      "FUNCTION app.f();", "table", ORDERS),
     ("GRANT SELECT(total) ON TABLE app.orders TO reader;", "table", ORDERS),
     ("DELETE FROM app.orders;", "other", None),
-    ("SET search_path = app;", "neutral", None),
+    ("SET search_path = app;", "other", None),  # only the settings pg_dump writes, as written
+    ("SELECT pg_catalog.set_config('search_path', '', false);", "neutral", None),
+    ("SELECT pg_catalog.set_config('search_path','',false), pg_catalog.setval('app.c', 1);",
+     "other", None),
+    ("SELECT pg_catalog.setval('app.s', 2, true), app.purge();", "other", None),
+    ("GRANT ALL ON TABLE app.new , app.customers TO PUBLIC;", "other", None),
+    ("CREATE TABLE app.new PARTITION OF app.other DEFAULT;", "other", None),
+    ("CREATE TABLE app.new (i int) INHERITS (app.other);", "other", None),
+    ("ALTER TABLE app.new ATTACH PARTITION app . customers DEFAULT;", "other", None),
+    ("ALTER TABLE ONLY app.customers DROP COLUMN email, ADD CONSTRAINT fk FOREIGN KEY (id) "
+     "REFERENCES app.new(id) NOT VALID;", "other", None),
+    ("CREATE TRIGGER t AFTER UPDATE OF \"a ON app.new b\" ON app.customers FOR EACH ROW "
+     "EXECUTE FUNCTION f();", "table", ("app", "customers")),
+    ("ALTER TABLE ONLY app.orders ADD CONSTRAINT x CHECK (true), DISABLE TRIGGER ALL;",
+     "other", None),
 ])
 def test_statements_say_what_they_are_about(sql: str, kind: str, rel: object) -> None:
-    st = classify(sql)
+    from shared.formats.pgscript import PgScriptGuard
+
+    guard = PgScriptGuard()  # the guard's view of the statement (literals blanked)
+    guard.feed(sql.encode() + b"\n")
+    head = sql.encode()
+    for lit in __import__("re").findall(rb"'[^']*'", head):
+        head = head.replace(lit, b" ")
+    st = classify(sql, head)
     assert (st.kind, st.rel) == (kind, rel)
+
+
+# what a crafted backup might put in a section of a table being made again (a dropped
+# `app.new`); none of it may reach psql
+HOSTILE = [
+    "SET default_tablespace = ''; TRUNCATE app.customers; DROP TABLE app.audit;",
+    "SET statement_timeout = 0; /*\nCOPY app.new (id) FROM stdin x */ TRUNCATE app.customers;",
+    "CREATE TRIGGER t /* ON app.new */ AFTER INSERT ON app.customers FOR EACH ROW EXECUTE "
+    "FUNCTION f();",
+    "ALTER TABLE app.new OWNER TO x /* ADD GENERATED x SEQUENCE NAME app.c_seq */;\n"
+    "SELECT pg_catalog.setval('app.c_seq', 1, true);",
+    "SELECT pg_catalog.setval('app.customers_id_seq', 1, true);",
+    "GRANT ALL ON TABLE app.new , app.customers TO PUBLIC;",
+    "CREATE TABLE app.x (i int);",
+]
+
+
+@pytest.mark.parametrize("bad", HOSTILE)
+@pytest.mark.parametrize("kind", ["TABLE", "TABLE DATA", "FUNCTION", "SEQUENCE SET"])
+def test_nothing_about_another_table_reaches_psql(bad: str, kind: str) -> None:
+    new = ("app", "new")
+    script = HEAD + section("TABLE", "new", "CREATE TABLE app.new (\n    id integer\n);") + \
+        section(kind, "new", bad, data=kind == "TABLE DATA") + \
+        section("TABLE DATA", "new", "COPY app.new (id) FROM stdin;\n1\n\\.\n", data=True) + FOOT
+    try:
+        out, tc = cut(script, Selection(data=set(), create={new},
+                                        live_tables={("app", "customers")}))
+    except RefusedSection:
+        return  # refused: nothing was committed
+    sent = out + b"".join(tc.deferred)
+    for word in (b"TRUNCATE", b"customers", b"audit", b"c_seq", b"app.x", b"PUBLIC"):
+        assert word not in sent, (word, sent)
+
+
+def test_a_statement_after_a_comment_on_its_line_is_refused() -> None:
+    """Reviewer's H3: a comment opened after a statement hides where the next one starts."""
+    bad = ORDERS_DATA.replace("COPY app.orders", "SET statement_timeout = 0; /*\nCOPY app.orders"
+                              ).replace(" FROM stdin;\n", " FROM stdin x */ DELETE FROM "
+                                        "app.customers;\n", 1)
+    with pytest.raises(BadRequest):  # the section is not taken, then the rest is no SQL
+        cut(HEAD + bad + FOOT)
+    tc = TableCut(Selection(data={ORDERS}, create=set()))
+    guard = PgScriptGuard(cut=tc)
+    out = guard.feed((HEAD + bad).split("1\t10")[0].encode())
+    assert b"DELETE" not in out and b"customers" not in out

@@ -69,8 +69,10 @@ async def catalog(database: str) -> dict[str, Any]:
                 "SELECT indexname FROM pg_indexes WHERE schemaname = 'app'")),
             "policies": [r[0] for r in await conn.fetch("SELECT policyname FROM pg_policies")],
             "rls": await conn.fetchval("SELECT relrowsecurity FROM pg_class "
-                                       "WHERE oid = 'app.orders'::regclass"),
-            "owned": await conn.fetchval("SELECT pg_get_serial_sequence('app.orders', 'id')"),
+                                       "WHERE oid = to_regclass('app.orders')"),
+            "owned": await conn.fetchval(
+                "SELECT CASE WHEN to_regclass('app.orders') IS NOT NULL THEN "
+                "pg_get_serial_sequence('app.orders', 'id') END"),
         }
     finally:
         await conn.close()
@@ -232,6 +234,14 @@ async def test_rows_of_one_table_read_from_the_backup(
     from tests.conftest import bearer
     resp = await api.get(base, headers=bearer(settings, "viewer"))
     assert resp.status == 403
+    # the job that read the rows: its rows and its where are an operator's to see
+    jobs = (await (await api.get("/api/v1/jobs?kind=preview")).json())["jobs"]
+    for job in jobs:
+        seen = await (await api.get(f"/api/v1/jobs/{job['id']}",
+                                    headers=bearer(settings, "viewer"))).json()
+        assert "rows" not in (seen.get("result") or {}) and "where" not in seen["params"]
+    full = await (await api.get(f"/api/v1/jobs/{jobs[-1]['id']}")).json()
+    assert "rows" in full["result"]
     audit = await (await api.get("/api/v1/audit?action=preview_rows")).json()
     assert any("where id=42" in (e.get("backup") or "") for e in audit["entries"])
     for query, status in [("?where=nope=1", 422), ("?where=id", 400), ("?limit=0", 400),
@@ -242,3 +252,26 @@ async def test_rows_of_one_table_read_from_the_backup(
                           ("app.%22x%22", 400)]:
         resp = await api.get(f"/api/v1/targets/main/backups/{name}/contents/{table}")
         assert resp.status == status, (table, await resp.text())
+
+
+async def test_a_table_of_public_with_keys_and_a_trigger(
+        api: Any, worker: Any, pg_db: str, wait_job: JobWaiter) -> None:
+    """Names the catalog gives back come schema-qualified: a table of `public` with a
+    foreign key each way and a trigger is restored under pg_dump's empty search_path."""
+    await run(pg_db, """
+        CREATE TABLE cust (id int PRIMARY KEY);
+        CREATE TABLE ord (id int PRIMARY KEY, cust int REFERENCES cust);
+        CREATE TABLE line (ord int REFERENCES ord);
+        CREATE FUNCTION noop() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$;
+        CREATE TRIGGER t BEFORE INSERT ON ord FOR EACH ROW EXECUTE FUNCTION noop();
+        INSERT INTO cust VALUES (1); INSERT INTO ord VALUES (1, 1), (2, 1);
+        INSERT INTO line VALUES (1)""")
+    name = (await backup(api))["result"]["filename"]
+    await run(pg_db, "UPDATE ord SET cust = NULL")
+    shape = await catalog(pg_db)
+    job = await restore(api, wait_job, backup=name, tables=["public.ord"])
+    assert job["status"] == "succeeded", job.get("error")
+    conn = await pg.user_conn(pg_db)
+    assert await conn.fetchval("SELECT count(*) FROM ord WHERE cust = 1") == 2
+    await conn.close()
+    assert await catalog(pg_db) == shape

@@ -14,6 +14,7 @@ backup recorded, and no other table had a row inserted, updated or deleted
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -77,6 +78,9 @@ async def plan(target: TargetConfig, tables: Sequence[str],
     wanted = rels(tables)
     data: dict[Rel, int] = {}
     async with connect(target) as conn:
+        # every name the catalog gives back schema-qualified (the backup's own settings,
+        # search_path included, never decide what the put-back statements reach)
+        await conn.execute("SET search_path = ''")
         for rel in wanted:
             row = await conn.fetchrow(
                 "SELECT c.oid, c.relkind::text FROM pg_class c JOIN pg_namespace n "
@@ -102,8 +106,9 @@ async def plan(target: TargetConfig, tables: Sequence[str],
             "ON n.oid = c.relnamespace WHERE k.contype = 'f' AND (k.conrelid = ANY($1::oid[]) "
             "OR k.confrelid = ANY($1::oid[])) AND k.conparentid = 0 ORDER BY 1, 2", oids)
         triggers = await conn.fetch(
-            "SELECT tgrelid::regclass::text AS tbl, quote_ident(tgname) AS trg, "
-            "tgenabled::text AS state FROM pg_trigger WHERE NOT tgisinternal "
+            "SELECT format('%I.%I', n.nspname, c.relname) AS tbl, quote_ident(tgname) AS trg, "
+            "tgenabled::text AS state FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE NOT tgisinternal "
             "AND tgrelid = ANY($1::oid[]) ORDER BY 1, 2", oids)
         creating = [rel for rel in wanted if rel not in data]
         live_tables: set[Rel] = set()
@@ -117,14 +122,15 @@ async def plan(target: TargetConfig, tables: Sequence[str],
                 "SELECT n.nspname, c.relname, k.conname FROM pg_constraint k JOIN pg_class c "
                 "ON c.oid = k.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
                 "WHERE k.contype = 'f'")}
-    pre = []
+    pre = ["SET LOCAL search_path = '';"]
     if data:
         names = ", ".join(qualified(r) for r in data)
         pre.append(f"LOCK TABLE {names} IN ACCESS EXCLUSIVE MODE;")
         pre += [f"ALTER TABLE {f['tbl']} DROP CONSTRAINT {f['con']};" for f in fks]
         pre += [f"ALTER TABLE {qualified(r)} DISABLE TRIGGER USER;" for r in data]
         pre.append(f"TRUNCATE ONLY {names};")
-    post = [f"ALTER TABLE {f['tbl']} ADD CONSTRAINT {f['con']} {f['def']};" for f in fks]
+    post = ["SET LOCAL search_path = '';"]
+    post += [f"ALTER TABLE {f['tbl']} ADD CONSTRAINT {f['con']} {f['def']};" for f in fks]
     post += [f"ALTER TABLE {t['tbl']} {_ENABLE[t['state']]} {t['trg']};"
              for t in triggers if t["state"] in _ENABLE]
     post.append(_proof(wanted, manifest))
@@ -149,11 +155,12 @@ def _proof(wanted: list[Rel], manifest: Mapping[str, object]) -> str:
                 f"RAISE EXCEPTION 'safehold: % holds % rows after the load; the backup "
                 f"recorded {expect}', {shown}, n; END IF;")
     regs = ", ".join(f"{quote_literal(qualified(r))}::regclass" for r in wanted)
+    tag = f"$sh_{secrets.token_hex(8)}$"  # no name can end the block early
     return (
-        "DO $safehold$ DECLARE n bigint; other text; BEGIN " + " ".join(checks) +
+        f"DO {tag} DECLARE n bigint; other text; BEGIN " + " ".join(checks) +
         " SELECT string_agg(format('%I.%I', schemaname, relname), ', ') INTO other FROM "
         "pg_catalog.pg_stat_xact_all_tables WHERE schemaname NOT IN ('pg_catalog', "
         f"'pg_toast', 'information_schema') AND relid <> ALL (ARRAY[{regs}]) AND "
         "n_tup_ins + n_tup_upd + n_tup_del > 0; IF other IS NOT NULL THEN RAISE EXCEPTION "
         "'safehold: the load wrote rows of tables it was not asked to restore: %', other; "
-        "END IF; END $safehold$;")
+        f"END IF; END {tag};")
