@@ -487,10 +487,19 @@ class PgScriptGuard:
         """Right after a string literal: whitespace, `--` comments, then a quote after a
         newline continues the same string (the server's and psql's `quotecontinue`)."""
         n = len(s)
-        while i < n and s[i:i + 1] in b" \t\r\f\v":
+        while i < n and s[i:i + 1] in b" \t\f\v":
             i += 1
-        if i >= n or s.startswith(b"--", i):
-            return n  # the line ends (or a comment runs to its end): a newline follows
+        if s[i:i + 1] == b"\r":  # psql and the server read it as a line break
+            raise UnsafeScript(self.line, "a carriage return inside a line (psql reads it as "
+                               "a line break)")
+        if i >= n:
+            return n  # the line ends: a newline follows
+        if s.startswith(b"--", i):  # a comment runs to the line's end, as psql reads it
+            if b"\r" in s[i:]:
+                raise UnsafeScript(self.line, "a carriage return inside a comment (psql ends "
+                                   "the comment there)")
+            self._commented()
+            return n
         if s[i:i + 1] == b"'" and self._cont_nl and self._cont is not None:
             if self._cont == _ESTRING:  # the server continues E'' escapes, psql does not
                 raise UnsafeScript(self.line, "an E'' string continued on the next line "

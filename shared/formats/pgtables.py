@@ -76,7 +76,7 @@ _FORMS: list[tuple[str, re.Pattern[str]]] = [(kind, re.compile(rx, re.S)) for ki
     ("table", rf"CREATE POLICY {_ID} ON {_Q}(?: AS (?:PERMISSIVE|RESTRICTIVE))?"
               rf"(?: FOR (?:ALL|SELECT|INSERT|UPDATE|DELETE))?(?: TO .*| USING .*| WITH "
               r"CHECK .*)?;"),
-    ("sequence", rf"CREATE SEQUENCE {_Q}(?: AS [a-z]+)?(?: [A-Z]+(?: [A-Z]+)*(?: {_INT})?)*;"),
+    ("newseq", rf"CREATE SEQUENCE {_Q}(?: AS [a-z]+)?(?: [A-Z]+(?: [A-Z]+)*(?: {_INT})?)*;"),
     ("owned", rf"ALTER SEQUENCE {_Q} OWNED BY (?P<os>{_ID})\.(?P<on>{_ID})\.{_ID};"),
     ("setval", rf"SELECT pg_catalog\.setval\('(?P<lit>(?:[^']|'')*)', (?P<v>{_INT}), "
                r"(?P<b>true|false)\);"),
@@ -222,6 +222,7 @@ class TableCut:
         self._in_statement = False
         self._lines_in_statement = 0
         self._replace: bytes | None = None  # the line written anew (COPY, setval)
+        self._last_raw = b""
         self._line = 0
 
     # ------------------------------------------------------------------ guard hooks
@@ -264,7 +265,8 @@ class TableCut:
             self._refuse("a comment inside a statement of a restored table's section")
         if self._raw_size >= RAW_MAX and self._state != _PREAMBLE:
             self._refuse(f"a statement longer than {RAW_MAX >> 10} KiB")
-        st = classify(b"".join(self._raw).decode("utf-8", "replace"), head)
+        self._last_raw = b"".join(self._raw)
+        st = classify(self._last_raw.decode("utf-8", "replace"), head)
         one_line = self._lines_in_statement == 1
         self._raw, self._raw_size = [], 0
         if self._state == _PREAMBLE:  # settings pass, anything else never does
@@ -273,6 +275,9 @@ class TableCut:
         if st.kind == "neutral":
             return
         ours = self._ours(st)
+        if ours and st.kind in ("create", "table", "index") and not head.lstrip().upper(
+                ).startswith((b"CREATE TRIGGER", b"CREATE CONSTRAINT", b"CREATE POLICY")):
+            self._calls_allowed(head, text_of(self._last_raw))
         if ours and st.kind in ("copy", "sequence") and (st.columns or st.setval):
             if not one_line:
                 self._refuse("a COPY or setval over several lines")
@@ -353,13 +358,11 @@ class TableCut:
                 return False
             self.loaded.add(rel)
             return True
-        if st.kind == "sequence":
+        if st.kind == "sequence":  # setval, ALTER/GRANT/COMMENT ON SEQUENCE: its own only
             if st.setval is not None:
                 return t == b"SEQUENCE SET" and rel in self.owned
-            if data_section:
-                return False
-            if rel in self.owned:
-                return True
+            return not data_section and rel in self.owned
+        if st.kind == "newseq":  # made here (a live one of that name fails the restore)
             if (self._state == _PENDING and t == b"SEQUENCE" and self._seq is None
                     and sel.create and rel is not None):
                 self._seq = rel  # ours if its OWNED BY names a created table
@@ -393,5 +396,48 @@ class TableCut:
             self.created.add(rel)
         return st.kind in ("create", "table", "owner", "identity", "fk", "index")
 
+    def _calls_allowed(self, head: bytes, raw: str) -> None:
+        """A re-created table's definition runs while its rows load (defaults, checks,
+        generated columns, index expressions): it may call only functions without side
+        effects, and nextval only of a sequence made in this restore."""
+        text = _MADE.sub("", head.decode("utf-8", "replace"), count=1)  # the table's name
+        for name in _CALL.findall(text):
+            fn = name.lower().removeprefix("pg_catalog.")
+            if fn in _PURE or fn in _TYPE_WORDS:
+                continue
+            if fn == "nextval":
+                seqs = [parse_literal_name(m) for m in _NEXTVAL.findall(raw)]
+                if seqs and all(s in self.owned for s in seqs):
+                    continue
+            self._refuse(f"the backup's definition of the table calls {name}(), which a "
+                         "tables restore does not run (restore the backup beside the live "
+                         "database, into_database, and copy the table from there)")
+
     def _refuse(self, what: str) -> None:
         raise RefusedSection(f"line {self._line}: {what}; refused, nothing was changed")
+
+
+def text_of(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
+
+
+# `name(` outside literals and quoted names (the guard's head blanks those)
+_CALL = re.compile(r"([A-Za-z_][A-Za-z0-9_$]*(?:\.[A-Za-z_][A-Za-z0-9_$]*)?)\s*\(")
+_MADE = re.compile(r"^\s*CREATE\s+(?:UNLOGGED\s+)?TABLE\s+\S+\s*", re.I)
+_NEXTVAL = re.compile(r"nextval\('((?:[^']|'')*)'::regclass\)")
+# words before a parenthesis that are syntax or a type's size, never a call
+_TYPE_WORDS = frozenset({
+    "numeric", "decimal", "varchar", "varying", "char", "character", "bit", "varbit",
+    "time", "timestamp", "timestamptz", "timetz", "interval", "float", "check", "key",
+    "unique", "in", "any", "all", "some", "array", "row", "using", "with", "include",
+    "exclude", "as", "not", "and", "or", "on", "default", "distinct", "btree", "hash",
+    "gist", "gin", "spgist", "brin", "where", "by", "is", "then", "else", "when", "case"})
+# side-effect-free functions a definition commonly uses
+_PURE = frozenset({
+    "length", "char_length", "character_length", "octet_length", "lower", "upper", "btrim",
+    "ltrim", "rtrim", "trim", "substring", "substr", "left", "right", "abs", "round",
+    "floor", "ceil", "ceiling", "coalesce", "nullif", "greatest", "least", "array_length",
+    "cardinality", "jsonb_typeof", "json_typeof", "date_trunc", "date_part", "extract",
+    "now", "clock_timestamp", "statement_timestamp", "transaction_timestamp",
+    "gen_random_uuid", "md5", "position", "strpos", "replace", "concat", "concat_ws",
+    "to_tsvector", "regexp_replace", "mod", "sign", "trunc", "num_nonnulls", "num_nulls"})

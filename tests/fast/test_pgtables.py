@@ -231,3 +231,70 @@ def test_a_statement_after_a_comment_on_its_line_is_refused() -> None:
     guard = PgScriptGuard(cut=tc)
     out = guard.feed((HEAD + bad).split("1\t10")[0].encode())
     assert b"DELETE" not in out and b"customers" not in out
+
+
+def test_a_carriage_return_after_a_string_hides_nothing() -> None:
+    """Second review, #1: after a string, `--` then a carriage return: psql ends the
+    comment there and runs what follows; the guard refuses it (with or without a cut)."""
+    line = "SELECT 'x' --\r; COMMIT; CREATE ROLE evil SUPERUSER LOGIN;\n;\n"
+    with pytest.raises(BadRequest, match="carriage return"):
+        PgScriptGuard().feed((HEAD + line + FOOT).encode())
+    with pytest.raises(BadRequest, match="carriage return"):
+        PgScriptGuard().feed((HEAD + "SELECT 'x' \r; DROP TABLE t;\n" + FOOT).encode())
+
+
+NEW = ("app", "new")
+NEW_TABLE = section("TABLE", "new", "CREATE TABLE app.new (\n    id integer\n);")
+NEW_DATA = section("TABLE DATA", "new", "COPY app.new (id) FROM stdin;\n1\n\\.\n", data=True)
+
+
+def made(*sections: str) -> tuple[bytes, TableCut]:
+    return cut(HEAD + "".join(sections) + FOOT, Selection(data=set(), create={NEW},
+                                                          live_tables={("app", "customers")}))
+
+
+def test_a_live_sequence_cannot_be_taken_over() -> None:
+    """Second review, #2: a SEQUENCE section that only comments on a live sequence is not
+    a sequence made here; its OWNED BY, setval and grant never pass."""
+    out, tc = made(
+        NEW_TABLE,
+        section("SEQUENCE", "x", "COMMENT ON SEQUENCE app.customers_id_seq IS 'x';"),
+        section("SEQUENCE OWNED BY", "x",
+                "ALTER SEQUENCE app.customers_id_seq OWNED BY app.new.id;"),
+        NEW_DATA,
+        section("SEQUENCE SET", "x", "SELECT pg_catalog.setval('app.customers_id_seq', 1, "
+                "false);"),
+        section("ACL", "x", "GRANT ALL ON SEQUENCE app.customers_id_seq TO PUBLIC;"))
+    assert b"customers_id_seq" not in out + b"".join(tc.deferred)
+    assert ("app", "customers_id_seq") not in tc.owned
+
+
+@pytest.mark.parametrize("definition", [
+    "CREATE TABLE app.new (\n    id integer,\n    x bigint DEFAULT "
+    "pg_catalog.setval('app.customers_id_seq'::regclass, 777)\n);",
+    "CREATE TABLE app.new (\n    id integer,\n    CONSTRAINT c CHECK ((pg_catalog.nextval("
+    "'app.customers_id_seq') > 0))\n);",
+    "CREATE TABLE app.new (\n    id integer CHECK (pg_create_physical_replication_slot("
+    "'s', true) IS NOT NULL)\n);",
+    "CREATE TABLE app.new (\n    id integer GENERATED ALWAYS AS (app.audit_me(id)) STORED\n);",
+])
+def test_a_remade_tables_definition_calls_no_function_with_effects(definition: str) -> None:
+    """Second review, #3: defaults, checks and generated columns run while the rows load;
+    a call beyond side-effect-free functions (or nextval of a sequence not made here) is
+    refused."""
+    with pytest.raises(RefusedSection, match="calls"):
+        made(section("TABLE", "new", definition), NEW_DATA)
+
+
+def test_a_remade_table_keeps_its_own_serial_default_and_checks() -> None:
+    out, _ = made(
+        section("TABLE", "new", "CREATE TABLE app.new (\n    id integer NOT NULL,\n    name "
+                "character varying(50),\n    CONSTRAINT n CHECK ((length((name)::text) > 0))"
+                "\n);"),
+        section("SEQUENCE", "new_id_seq", "CREATE SEQUENCE app.new_id_seq\n    AS integer;"),
+        section("SEQUENCE OWNED BY", "new_id_seq",
+                "ALTER SEQUENCE app.new_id_seq OWNED BY app.new.id;"),
+        section("DEFAULT", "new id", "ALTER TABLE ONLY app.new ALTER COLUMN id SET DEFAULT "
+                "nextval('app.new_id_seq'::regclass);"),
+        NEW_DATA)
+    assert b"SET DEFAULT nextval('app.new_id_seq'::regclass)" in out
