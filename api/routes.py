@@ -142,6 +142,12 @@ _RESTORE_BODY = {"type": "object", "additionalProperties": False,
                                     "description": "restore into this other target of the "
                                     "same engine (its credentials, lock, safety backup); "
                                     "operator on both"},
+                                "keys": {
+                                    "type": "array", "minItems": 1, "maxItems": 100,
+                                    "items": {"type": "string", "maxLength": 512},
+                                    "description": "Redis: only the keys these glob "
+                                    "patterns match (e.g. session:*); every other key is "
+                                    "left as it is"},
                                 "tables": {
                                     "type": "array", "minItems": 1, "maxItems": 100,
                                     "uniqueItems": True,

@@ -39,11 +39,11 @@ def _where(target: TargetConfig) -> tuple[str, int | None, str]:
 
 
 def scope_params(settings: Settings, target: TargetConfig, into_database: object,
-                 replace: object, tables: object = None, dest: TargetConfig | None = None
-                 ) -> JobParams:
+                 replace: object, tables: object = None, dest: TargetConfig | None = None,
+                 keys: object = None) -> JobParams:
     """The job parameters of a restore's scope (empty: over the live database); `dest`:
     the target it goes into (into_target), if not `target`."""
-    params = _tables(target, tables)
+    params: JobParams = {**_tables(target, tables), **keys_params(target, keys)}
     return {**params, **_into(settings, target, into_database, replace),
             **_clone(target, dest or target, into_database)}
 
@@ -74,6 +74,23 @@ def scope_words(what: str, scope: JobParams, dest: str = "") -> str:
     if tables := scope.get("tables"):
         what += " tables " + ", ".join(tables)
     return what
+
+
+def keys_params(target: TargetConfig, keys: object) -> JobParams:
+    """`keys` (Redis): glob patterns of the keys to restore; every other key is left as
+    it is."""
+    if keys is None:
+        return {}
+    if target.engine != "redis" or target.is_set:
+        raise Unprocessable("\"keys\" restores some keys of a Redis target",
+                            code="invalid_body")
+    if not isinstance(keys, list) or not 0 < len(keys) <= MAX_TABLES or not all(
+            isinstance(k, str) and 0 < len(k) <= 512 and not set(k) & {"\0", "\r", "\n"}
+            for k in keys):
+        raise BadRequest(f"\"keys\" is a list of 1-{MAX_TABLES} glob patterns (1-512 "
+                         "characters, no NUL or line breaks), e.g. [\"session:*\"]",
+                         code="invalid_body")
+    return {"keys": list(keys)}
 
 
 def _tables(target: TargetConfig, tables: object) -> JobParams:

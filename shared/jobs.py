@@ -115,6 +115,7 @@ class JobParams(TypedDict, total=False):
     replace: bool  # restore into_database: over it when it exists
     tables: list[str]  # restore: only these tables (PostgreSQL schema.table)
     from_target: str  # restore into_target: the target whose backup this is
+    keys: list[str]  # restore (Redis): only the keys these glob patterns match
     table: str  # preview: the table read
     where: str  # preview: column=value
     limit: int  # preview: rows at most

@@ -70,6 +70,8 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     r.add_argument("--into-target", metavar="TARGET",
                    help="restore into this other target of the same engine (its "
                         "credentials, lock and safety backup), e.g. prod -> staging")
+    r.add_argument("--key", action="append", metavar="PATTERN", dest="keys",
+                   help="Redis: only the keys this glob pattern matches (repeat)")
     r.add_argument("--table", action="append", metavar="SCHEMA.TABLE", dest="tables",
                    help="only this table (repeat; PostgreSQL): every other table is left "
                         "exactly as it is")
@@ -370,6 +372,8 @@ async def _cmd_restore(client: Client, args: argparse.Namespace) -> int:
         req["tables"] = args.tables
     if args.into_target:
         req["into_target"] = args.into_target
+    if args.keys:
+        req["keys"] = args.keys
     if args.terminate_connections:
         req["terminate_connections"] = True
     if args.roles:

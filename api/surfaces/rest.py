@@ -192,7 +192,7 @@ async def create_restore(request: web.Request) -> web.Response:
         terminate=body.get("terminate_connections", False), roles=body.get("roles"),
         owner_map=body.get("owner_map"), database=body.get("database"),
         into_database=body.get("into_database"), replace=body.get("replace", False),
-        tables=body.get("tables"), into_target=body.get("into_target"),
+        tables=body.get("tables"), into_target=body.get("into_target"), keys=body.get("keys"),
         idempotency_key=idempotency_key(request), wait=wait_param(request))
     return job_response(job, request)
 

@@ -615,3 +615,42 @@ async def test_a_scan_never_resumes_on_another_server_process(
     finally:
         proc.terminate()
         await proc.wait()
+
+
+async def test_some_keys_restored_the_rest_left_as_it_is(
+        api: Any, worker: Any, redis_port: int) -> None:
+    """Issue 25 `keys` on Redis: the keys a pattern matches are the backup's again — the
+    changed one restored, the deleted one back, one made since removed — in every database
+    of the backup; every other key is exactly as it is now; twice; bad patterns and other
+    engines' options refused before any job."""
+    r = Redis(port=redis_port, password=PW)
+    for i in range(20):
+        await r.set(f"session:{i}", f"s{i}")
+        await r.set(f"user:{i}", f"u{i}")
+    r2 = Redis(port=redis_port, password=PW, db=2)
+    await r2.set("session:db2", "x")
+    name = (await backup(api))["result"]["filename"]
+    await r2.set("session:db2", "changed")
+    await r.set("session:1", "changed")
+    await r.delete("session:2")
+    await r.set("session:new", "since")
+    await r.set("user:1", "changed too")
+    await r.set("user:new", "made since")
+    for _ in range(2):
+        job = await (await api.post("/api/v1/targets/main/restores?wait=120", json={
+            "backup": name, "keys": ["session:*"]})).json()
+        assert job["status"] == "succeeded", job.get("error")
+        assert await r.get("session:1") == b"s1" and await r.get("session:2") == b"s2"
+        assert await r.get("session:new") is None
+        assert await r.get("user:1") == b"changed too" and await r.get("user:new") == b"made since"
+        assert len(await r.keys("session:*")) == 20 and len(await r.keys("user:*")) == 21
+    assert await r2.get("session:db2") == b"x"  # every database of the backup
+    await r.aclose()
+    await r2.aclose()
+    for keys, status in [(["a\x00b"], 400), ([], 400), ("session:*", 400), (["x" * 600], 400)]:
+        resp = await api.post("/api/v1/targets/main/restores",
+                              json={"backup": name, "keys": keys})
+        assert resp.status == status, (keys, await resp.text())
+    resp = await api.post("/api/v1/targets/main/restores",
+                          json={"backup": name, "tables": ["t"]})
+    assert resp.status == 422

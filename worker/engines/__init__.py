@@ -101,6 +101,7 @@ class RestoreOptions:
     # control data, so it travels here, never in a (stored, untrusted) manifest
     also_clean: tuple[str, ...] = ()
     tables: tuple[str, ...] = ()  # only these tables (issue 25), schema.table
+    keys: tuple[str, ...] = ()  # Redis: only the keys these patterns match (issue 25)
 
 
 NO_OPTIONS = RestoreOptions()

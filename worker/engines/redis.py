@@ -34,6 +34,7 @@ from shared.engines import ENGINES
 from shared.errors import BadRequest, DumpFailed, RestoreFailed
 from shared.formats.redis import RedisScriptCheck
 from shared.formats.resp import resp
+from shared.formats.respkeys import KeyFilter
 from shared.jobs import Phase
 from shared.scratch import private_dir
 from worker.engines import (
@@ -317,6 +318,9 @@ class RedisEngine:
                 database_unchanged=True)
         listed = manifest.get("databases")  # the checked file's (RestorePlan), as strings
         databases = {int(str(db)) for db in (listed if isinstance(listed, list) else [])}
+        if options.keys:
+            await self._restore_keys(target, chunks, progress, databases, options.keys)
+            return
         with restore_errors(target, "Redis", RedisError, OSError):
             if clean:  # the checked file's databases (and a failed restore's, on rollback)
                 for db in sorted(databases | {int(d) for d in options.also_clean}):
@@ -326,6 +330,40 @@ class RedisEngine:
             # again on its way in unless the stream proves it is those very bytes
             check = None if isinstance(chunks, SameAsChecked) else RedisScriptCheck(databases)
             await self._replay(target, chunks, progress, check)
+
+    async def _restore_keys(self, target: TargetConfig, chunks: AsyncIterator[bytes],
+                            progress: Progress, databases: set[int],
+                            patterns: tuple[str, ...]) -> None:
+        """Some keys only (issue 25): in each database of the backup, the live keys the
+        patterns match are removed, then only the backup's keys they match are restored
+        (shared.formats.respkeys); every other key is left as it is. Not one transaction:
+        a failure is rolled back from the safety backup (the whole keyspace)."""
+        check = None if isinstance(chunks, SameAsChecked) else RedisScriptCheck(databases)
+        keys = KeyFilter(list(patterns))
+        removed = 0
+        with restore_errors(target, "Redis", RedisError, OSError):
+            for db in sorted(databases):
+                async with self.connect(target, db) as r:
+                    for pattern in patterns:
+                        batch: list[bytes] = []
+                        async for key in r.scan_iter(match=pattern, count=1000):
+                            batch.append(key)
+                            if len(batch) >= 500:
+                                removed += await r.unlink(*batch)
+                                batch = []
+                        if batch:
+                            removed += await r.unlink(*batch)
+
+            async def only_those() -> AsyncIterator[bytes]:
+                async for chunk in chunks:
+                    if check is not None:
+                        check.feed(chunk)  # the whole stream's shape, as ever
+                    if out := keys.feed(chunk):
+                        yield out
+                keys.finish()
+            await self._replay(target, only_those(), progress, None)
+        progress.log(f"keys matching {', '.join(patterns)}: {removed} removed, "
+                     f"{keys.kept} restored from the backup ({keys.skipped} others left out)")
 
     async def _raw(self, target: TargetConfig, db: int | None = None
                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

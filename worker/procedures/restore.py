@@ -201,7 +201,9 @@ class Restores(Verification, Backups):
                                      database=job.params.get("database") or None,
                                      owner_map=tuple(sorted(
                                          (job.params.get("owner_map") or {}).items())),
-                                     also_clean=also_clean, tables=tables))
+                                     also_clean=also_clean, tables=tables,
+                                     keys=() if rollback else tuple(
+                                         str(k) for k in job.params.get("keys") or ())))
 
     async def _after_failed_restore(self, job: Job, target: TargetConfig, engine: Engine,
                                     exc: SafeholdError, safety: str | None,
