@@ -257,7 +257,9 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                              "restore beside the live database, into a new one of that name "
                              "(the live one is not touched; replace: over it if it exists). "
                              "tables: only these tables (PostgreSQL schema.table); every "
-                             "other table is left exactly as it is. into_target: into "
+                             "other table is left exactly as it is (MySQL, SQLite: table; "
+                             "MongoDB: db.collection; Redis: keys, glob patterns). "
+                             "into_target: into "
                              "another database of the same engine (prod -> staging).")
     async def plan_restore(database_id: str, backup: str = "", point_in_time: str = "",
                            create_safety_backup: bool = True,
@@ -266,7 +268,8 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                            owner_map: dict[str, str] | None = None,
                            database: str | None = None, into_database: str | None = None,
                            replace: bool = False, tables: list[str] | None = None,
-                           into_target: str | None = None) -> ToolResult:
+                           into_target: str | None = None,
+                           keys: list[str] | None = None) -> ToolResult:
         info: AuditInfo = {"backup": (backup or f"point in time {point_in_time}")[:200]}
 
         async def body(ops: Operations, who: Caller) -> ToolResult:
@@ -275,7 +278,7 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                 raise BadRequest("name either backup or point_in_time", code="invalid_body")
             dest = ops.target(who, into_target, Role.OPERATOR) if into_target else target
             scope = scope_params(kit.services().settings, target, into_database, replace,
-                                 tables, dest)
+                                 tables, dest, keys)
             where = (f"the new database {into_database} beside {target.id} (which is not "
                      "touched)" + (", replacing it if it exists," if replace else "")
                      if into_database else dest.id)
@@ -285,9 +288,10 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                 if point_in_time:
                     raise BadRequest("into_target takes a backup, not a point_in_time",
                                      code="invalid_body")
-            if tables:
-                where = (f"table(s) {', '.join(tables)} of {where} (every other table is "
-                         "left as it is; the safety backup holds those tables)")
+            if tables or keys:
+                what = f"table(s) {', '.join(tables)}" if tables else \
+                    f"the keys matching {', '.join(keys or [])}"
+                where = (f"{what} of {where} (everything else is left as it is)")
             if point_in_time:
                 return await _plan_point_in_time(kit, ops, who, target.id, point_in_time,
                                                  create_safety_backup, terminate_connections,
@@ -363,6 +367,7 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                                           replace=bool(plan.get("replace")),
                                           tables=plan.get("tables"),
                                           into_target=plan.get("into_target"),
+                                          keys=plan.get("keys"),
                                           expect_sha256=plan["sha256"])
             return await kit.follow(ops, who, job, ctx, wait_seconds)
         return await kit.run("execute_restore", None, body, info)

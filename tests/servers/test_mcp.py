@@ -433,7 +433,7 @@ async def test_plan_restore_of_one_table(aiohttp_server: Any, settings: Settings
         plan = data(await client.call_tool("plan_restore", {
             "database_id": "main", "backup": name, "tables": ["public.a"]}))
         assert "public.a" in plan["what_happens"]
-        assert "every other table is left as it is" in plan["what_happens"]
+        assert "everything else is left as it is" in plan["what_happens"]
         done = data(await client.call_tool("execute_restore",
                                            {"confirmation_token": plan["confirmation_token"]}))
         assert done["status"] == "succeeded", done
