@@ -24,7 +24,6 @@ from api.schemas import (
     DOWNLOAD_PATH,
     EVENT_ID,
     HEALTH,
-    INT,
     JOB,
     JOB_ID,
     JOB_KIND,
@@ -107,6 +106,11 @@ class Route:
 
 
 T = "/api/v1/targets/{target}"
+# a table as a restore or a preview names it: PostgreSQL schema.table, MySQL/SQLite table,
+# MongoDB db.collection (which form a target takes is checked against its engine: 422)
+TABLE_NAME = {"type": "string", "maxLength": 191,
+              "pattern": "^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}(\\.[A-Za-z0-9_][A-Za-z0-9_.-]{0,119})?$"}
+WHERE_PATTERN = "^[A-Za-z_][A-Za-z0-9_$]{0,62}=[^\\u0000]{0,1000}$"
 # a Redis stream id (milliseconds-sequence); 19 digits a part always fit Redis's 64 bits
 _BACKUP_BODY = {"type": "object", "additionalProperties": False, "properties": {
     "compress": {"type": "boolean", "default": True,
@@ -144,14 +148,15 @@ _RESTORE_BODY = {"type": "object", "additionalProperties": False,
                                     "operator on both"},
                                 "keys": {
                                     "type": "array", "minItems": 1, "maxItems": 100,
-                                    "items": {"type": "string", "maxLength": 512},
+                                    "items": {"type": "string", "minLength": 1,
+                                              "maxLength": 512,
+                                              "pattern": "^[^\\u0000\\r\\n]+$"},
                                     "description": "Redis: only the keys these glob "
                                     "patterns match (e.g. session:*); every other key is "
                                     "left as it is"},
                                 "tables": {
                                     "type": "array", "minItems": 1, "maxItems": 100,
-                                    "uniqueItems": True,
-                                    "items": {"type": "string", "maxLength": 127},
+                                    "uniqueItems": True, "items": TABLE_NAME,
                                     "description": "only these tables (PostgreSQL: "
                                     "schema.table); everything else is left as it is"},
                                 "replace": {"type": "boolean", "default": False,
@@ -242,9 +247,11 @@ ROUTES: list[Route] = [
     Route("GET", f"{T}/backups/{{file}}/contents/{{table}}", preview_rows, Role.OPERATOR,
           "Rows of one table read from the backup itself, nothing restored (PostgreSQL: "
           "schema.table, the stream read until `limit` rows match; SQLite). Audited: it "
-          "shows data", path_params={"table": STR},
-          query={"limit": ("rows at most, 1-500 (default 50)", INT),
-                 "where": ("column=value: only rows whose column reads value", STR)},
+          "shows data", path_params={"table": TABLE_NAME},
+          query={"limit": ("rows at most, 1-500 (default 50)",
+                           {"type": "integer", "minimum": 1, "maximum": 500}),
+                 "where": ("column=value: only rows whose column reads value",
+                           {"type": "string", "pattern": WHERE_PATTERN})},
           responses={**ok(PREVIEW), "202": Answer("still reading: follow the job", JOB)}),
     Route("GET", f"{T}/backups/{{file}}/download", h.download_backup, Role.OPERATOR,
           "Download a backup from the first destination holding it (supports Range; S3 "

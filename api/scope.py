@@ -24,6 +24,7 @@ SYSTEM = {"postgresql": {"postgres", "template0", "template1"},
           "mysql": {"mysql", "sys", "information_schema", "performance_schema"}}
 LOOPBACK = {"localhost", "127.0.0.1", "::1", ""}
 TABLES = ("postgresql", "sqlite", "mysql", "mongodb")
+ANY_FORM = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,62}(\.[A-Za-z0-9_][A-Za-z0-9_.-]{0,119})?\Z")
 # MongoDB: db.collection (a database name has no dot; a collection's may)
 MONGO = re.compile(r"[A-Za-z0-9_-]{1,63}\.(?!system\.)[A-Za-z0-9_][A-Za-z0-9_.-]{0,119}\Z")
 # a table of one database: plain letters, digits and _ (never SQLite's own sqlite_ tables)
@@ -113,7 +114,9 @@ def _tables(target: TargetConfig, tables: object) -> JobParams:
         if not isinstance(t, str) or (parse_table_name(t) is None if pg
                                       else not plain.match(t)):
             shown = repr(t)[:80]
-            raise BadRequest(f"{shown} is not a table name: "
+            # a name of another engine's form is no bad request, only not this target's
+            error = Unprocessable if isinstance(t, str) and ANY_FORM.match(t) else BadRequest
+            raise error(f"{shown} is not a table name of this target: "
                              + ("schema.table, each part" if pg else "")
                              + " 1-63 letters, digits or _, not starting with a digit "
                              "(names that need quotes are restored with the whole database)",
