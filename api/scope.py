@@ -19,9 +19,10 @@ from shared.jobs import JobParams
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}\Z")
 FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,100}(\.[A-Za-z0-9]{1,16})?\Z")
-BESIDE = ("postgresql", "mysql", "sqlite")
+BESIDE = ("postgresql", "mysql", "sqlite", "mongodb")
 SYSTEM = {"postgresql": {"postgres", "template0", "template1"},
-          "mysql": {"mysql", "sys", "information_schema", "performance_schema"}}
+          "mysql": {"mysql", "sys", "information_schema", "performance_schema"},
+          "mongodb": {"admin", "local", "config"}}
 LOOPBACK = {"localhost", "127.0.0.1", "::1", ""}
 TABLES = ("postgresql", "sqlite", "mysql", "mongodb")
 ANY_FORM = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,62}(\.[A-Za-z0-9_][A-Za-z0-9_.-]{0,119})?\Z")
@@ -154,8 +155,11 @@ def _into(settings: Settings, target: TargetConfig, into_database: object,
     if target.engine not in BESIDE or target.databases:
         kind = "a server target" if target.databases else target.engine
         raise Unprocessable("into_database restores beside the live database on PostgreSQL, "
-                            f"MySQL/MariaDB and SQLite targets, not on {kind}",
+                            f"MySQL/MariaDB, SQLite and MongoDB targets, not on {kind}",
                             code="invalid_body")
+    if target.engine == "mongodb" and replace:
+        raise Unprocessable("MongoDB restores beside the live database into a new database "
+                            "only (drop the copy to make it again)", code="invalid_body")
     if target.engine == "sqlite":
         return _beside_file(settings, target, into_database, replace)
     if not isinstance(into_database, str) or not NAME.match(into_database):
@@ -165,7 +169,7 @@ def _into(settings: Settings, target: TargetConfig, into_database: object,
         return n.lower() if target.engine == "mysql" else n
     name = fold(into_database)
     host, port, live = _where(target)
-    if name == fold(live):
+    if name in {fold(d) for d in live.split(",")}:  # MongoDB: the databases it names
         raise Unprocessable(f"{into_database} is target '{target.id}''s own database: a "
                             "restore without into_database replaces it", code="database_refused")
     if name in SYSTEM[target.engine] or name.startswith("safehold_drill_"):
@@ -176,7 +180,8 @@ def _into(settings: Settings, target: TargetConfig, into_database: object,
             continue
         o_host, o_port, o_db = _where(other)
         if (o_host, o_port) == (host, port) and (
-                name == fold(o_db) or name in {fold(d) for d in other.databases}):
+                name in {fold(d) for d in o_db.split(",")} or
+                name in {fold(d) for d in other.databases}):
             raise Unprocessable(f"database {into_database} is what target '{other.id}' backs "
                                 "up: restoring into it would overwrite that target's data",
                                 code="database_refused")

@@ -532,7 +532,8 @@ async function tableChoices(target, name) {
 
 async function restore(target, name) {
   const t = targetsById[target];
-  const canBeside = t && ["postgresql", "mysql", "sqlite"].includes(t.engine) && !t.databases;
+  const canBeside = t && ["postgresql", "mysql", "sqlite", "mongodb"].includes(t.engine) &&
+    !t.databases;
   const others = Object.values(targetsById).filter(
     (o) => t && o.id !== target && o.engine === t.engine && !o.databases);
   $("#other-target").replaceChildren(...others.map((o) => el("option", { value: o.id }, o.id)));

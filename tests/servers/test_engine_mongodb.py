@@ -325,3 +325,4 @@ async def test_one_collection_restored_the_rest_left_as_it_is(
         resp = await api.post("/api/v1/targets/main/restores",
                               json={"backup": name, "tables": tables})
         assert resp.status == status, (tables, await resp.text())
+

@@ -115,6 +115,8 @@ def _metadata(name: str, info: MongoDoc, indexes: list[MongoDoc]) -> bytes:
 # collect the scratch databases' names (no listDatabases privilege needed)
 DRILL_DB_PREFIX: ContextVar[str | None] = ContextVar("safehold_drill_db_prefix", default=None)
 DRILL_DBS: ContextVar[set[str] | None] = ContextVar("safehold_drill_dbs", default=None)
+# a restore beside the live database: the backup's database loaded under another name
+RENAME: ContextVar[dict[str, str] | None] = ContextVar("safehold_rename", default=None)
 
 
 class MongoDB:
@@ -305,6 +307,14 @@ class MongoDB:
                     sorted(".".join(m) for m in missing)), code="table_missing",
                     database_unchanged=not restorer.prepared)
 
+    async def database_exists(self, target: TargetConfig, name: str) -> bool:
+        async with self.connect(target) as client:  # a database is there when it holds some
+            return bool(await client[name].list_collection_names())
+
+    async def drop_database(self, target: TargetConfig, name: str) -> None:
+        async with self.connect(target) as client:
+            await client.drop_database(name)
+
     async def tables_present(self, target: TargetConfig, tables: Sequence[str]) -> list[str]:
         async with self.connect(target) as client:
             have = {f"{d}.{c}" for d in {t.split(".", 1)[0] for t in tables}
@@ -396,6 +406,7 @@ class _Restorer:
         if self.only is not None and (db, coll) not in self.only:
             return  # not asked for: left as it is
         db = f"{prefix}{db}" if (prefix := DRILL_DB_PREFIX.get()) else db
+        db = (RENAME.get() or {}).get(db, db)
         if (scratch := DRILL_DBS.get()) is not None:
             scratch.add(db)
         self.databases.add(db)

@@ -17,7 +17,7 @@ import os
 import stat
 from collections.abc import Sequence
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from shared import naming
 from shared.codecs.base import AgeKey
@@ -47,6 +47,8 @@ class ScopedRestores(Restores):
         name = str(job.params.get("into_database"))
         if target.engine == "sqlite":
             return await self._beside_file(job, target, engine, progress, identities, name)
+        if target.engine == "mongodb":
+            return await self._beside_mongo(job, target, engine, progress, identities, name)
         if target.engine not in BESIDE or target.databases:
             kind = "a server target" if target.databases else target.engine
             raise RestoreFailed(f"into_database is not available for target '{target.id}' "
@@ -113,6 +115,47 @@ class ScopedRestores(Restores):
                               "database (untouched)", *(result["warnings"] or [])]
         return result
 
+
+    async def _beside_mongo(self, job: Job, target: TargetConfig, engine: Engine,
+                            progress: Progress, identities: Sequence[AgeKey], name: str
+                            ) -> RestoreResult:
+        """MongoDB: the backup's one database loaded under a new name (a database that
+        exists is refused); a failure drops what was made."""
+        from worker.engines.mongodb import RENAME
+
+        manifest = await self.catalog.manifest(target.id, naming.parse(
+            str(job.params.get("backup", ""))))
+        held = manifest.get("databases")
+        if not isinstance(held, list) or len(held) != 1 or not isinstance(held[0], str):
+            raise RestoreFailed("into_database takes a MongoDB backup of one database (this "
+                                f"one holds {held})", database_unchanged=True,
+                                code="invalid_body")
+        mongo = cast(Any, engine)
+        if await mongo.database_exists(target, name):
+            raise RestoreFailed(f"database {name!r} already exists on the server of target "
+                                f"'{target.id}': nothing was changed", database_unchanged=True,
+                                code="database_exists")
+        params = job.params.copy()
+        params["create_safety_backup"] = False  # nothing was there to keep
+        token = RENAME.set({held[0]: name})
+        try:
+            result = await self.restore(dataclasses.replace(job, params=params), target,
+                                        engine, progress, identities)
+        except BaseException as failure:
+            await mongo.drop_database(target, name)
+            progress.warn(f"dropped database {name}, which this failed restore created")
+            if isinstance(failure, SafeholdError):
+                told = RestoreFailed(f"{failure.message}; the database {name} it created was "
+                                     "dropped again, the live databases were never touched",
+                                     database_unchanged=True, code=failure.code)
+                told.details = {"database_state": "unchanged"}
+                raise told from None
+            raise
+        finally:
+            RENAME.reset(token)
+        result["warnings"] = [f"restored {held[0]} into the new database {name}, beside the "
+                              "live one (untouched)", *(result["warnings"] or [])]
+        return result
 
     async def _beside_file(self, job: Job, target: TargetConfig, engine: Engine,
                            progress: Progress, identities: Sequence[AgeKey], name: str
