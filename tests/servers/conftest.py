@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from shared.config import Settings, parse_settings
 from tests import my, pg
 
 
@@ -35,3 +38,46 @@ async def my_db() -> AsyncIterator[str]:
     name = await my.create_database()
     yield name
     await my.drop_database(name)
+
+
+# ---------------------------------------------------------------------- MongoDB
+PW_ENV = "SAFEHOLD_TEST_MONGO_PASSWORD"
+
+
+@pytest.fixture
+def dbs() -> list[str]:
+    """Two fresh MongoDB database names."""
+    tag = uuid.uuid4().hex[:8]
+    return [f"app_{tag}", f"other_{tag}"]
+
+
+def client(port: int) -> Any:
+    from pymongo import AsyncMongoClient
+
+    from tests.conftest import MONGO_PASSWORD
+
+    return AsyncMongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true",
+                            username="root", password=MONGO_PASSWORD,
+                            authMechanism="SCRAM-SHA-256")
+
+
+@pytest.fixture
+async def mongo(mongo_server: int, dbs: list[str]) -> AsyncIterator[Any]:
+    """A client of the stand-in; `dbs` dropped afterwards."""
+    c = client(mongo_server)
+    yield c
+    for d in dbs:
+        await c.drop_database(d)
+    await c.close()
+
+
+def mongo_settings(prefix: str, tmp_path: Path, port: int, databases: list[str]) -> Settings:
+    """Target `main`: these databases on the stand-in, as user root."""
+    from tests.conftest import MONGO_PASSWORD, make_raw_config
+
+    raw = make_raw_config(prefix, tmp_path / "backups", None)
+    raw["targets"] = {"main": {
+        "engine": "mongodb", "password_env": PW_ENV,
+        "url": f"mongodb://root@127.0.0.1:{port}/{','.join(databases)}"
+               "?directConnection=true&authMechanism=SCRAM-SHA-256"}}
+    return parse_settings(raw, {PW_ENV: MONGO_PASSWORD}, base=tmp_path, source="<test>")

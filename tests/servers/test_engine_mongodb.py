@@ -16,8 +16,7 @@ import pytest
 from bson import Binary, Decimal128, Int64, ObjectId, Regex, Timestamp, json_util
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
 
-from shared.config import Settings, parse_settings
-from tests.conftest import MONGO_PASSWORD, make_raw_config
+from shared.config import Settings
 from tests.helpers import (
     flip_byte,
     form,
@@ -27,40 +26,13 @@ from tests.helpers import (
     restore_twice_unchanged,
     stored_manifest,
 )
-
-PW_ENV = "SAFEHOLD_TEST_MONGO_PASSWORD"
-
-
-@pytest.fixture
-def dbs() -> list[str]:
-    tag = uuid.uuid4().hex[:8]
-    return [f"app_{tag}", f"other_{tag}"]
-
-
-def client(port: int) -> AsyncMongoClient[Any]:
-    return AsyncMongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true",
-                            username="root", password=MONGO_PASSWORD,
-                            authMechanism="SCRAM-SHA-256")
-
-
-@pytest.fixture
-async def mongo(mongo_server: int, dbs: list[str]) -> Any:
-    c = client(mongo_server)
-    yield c
-    for d in dbs:
-        await c.drop_database(d)
-    await c.close()
+from tests.servers.conftest import mongo_settings  # noqa: E402
 
 
 @pytest.fixture
 def settings(prefix: str, tmp_path: Path, mongo_server: int, dbs: list[str]) -> Settings:
     """Override: target `main` is two databases on the stand-in, as user root."""
-    raw = make_raw_config(prefix, tmp_path / "backups", None)
-    raw["targets"] = {"main": {
-        "engine": "mongodb", "password_env": PW_ENV,
-        "url": f"mongodb://root@127.0.0.1:{mongo_server}/{','.join(dbs)}"
-               "?directConnection=true&authMechanism=SCRAM-SHA-256"}}
-    return parse_settings(raw, {PW_ENV: MONGO_PASSWORD}, base=tmp_path, source="<test>")
+    return mongo_settings(prefix, tmp_path, mongo_server, dbs)
 
 
 async def load(c: AsyncMongoClient[Any], dbs: list[str]) -> None:

@@ -5,47 +5,32 @@ before any job."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from shared.config import Settings, parse_settings
-from tests.conftest import MONGO_PASSWORD, make_raw_config
-from tests.servers.test_engine_mongodb import PW_ENV, backup, client, fingerprint, load
-
-
-@pytest.fixture
-def dbs() -> list[str]:
-    tag = uuid.uuid4().hex[:8]
-    return [f"app_{tag}", f"other_{tag}"]
-
-
-@pytest.fixture
-async def mongo(mongo_server: int, dbs: list[str]) -> AsyncIterator[Any]:
-    c = client(mongo_server)
-    yield c
-    for d in [*dbs, f"copy_{dbs[0]}"]:
-        await c.drop_database(d)
-    await c.close()
+from shared.config import Settings
+from tests.servers.conftest import mongo_settings
+from tests.servers.test_engine_mongodb import backup, fingerprint, load
 
 
 @pytest.fixture
 def settings(prefix: str, tmp_path: Path, mongo_server: int, dbs: list[str]) -> Settings:
     """Target `main` is one database."""
-    raw = make_raw_config(prefix, tmp_path / "backups", None)
-    raw["targets"] = {"main": {
-        "engine": "mongodb", "password_env": PW_ENV,
-        "url": f"mongodb://root@127.0.0.1:{mongo_server}/{dbs[0]}"
-               "?directConnection=true&authMechanism=SCRAM-SHA-256"}}
-    return parse_settings(raw, {PW_ENV: MONGO_PASSWORD}, base=tmp_path, source="<test>")
+    return mongo_settings(prefix, tmp_path, mongo_server, dbs[:1])
 
 
 async def test_a_restore_beside_under_a_new_name(api: Any, worker: Any, mongo: Any,
                                                  dbs: list[str]) -> None:
     app, copy = dbs[0], f"copy_{dbs[0]}"
+    try:
+        await beside(api, mongo, dbs, app, copy)
+    finally:
+        await mongo.drop_database(copy)
+
+
+async def beside(api: Any, mongo: Any, dbs: list[str], app: str, copy: str) -> None:
     await load(mongo, dbs)
     name = (await backup(api))["result"]["filename"]
     backed_up = await fingerprint(mongo, [app])

@@ -13,7 +13,7 @@ from api.app import create_app
 from shared.config import Settings
 from tests import pg
 from tests.conftest import token
-from tests.support.browser import ARTIFACTS, open_page
+from tests.support.browser import ARTIFACTS, backed_up_on_the_page, open_page
 
 
 async def test_the_page_backs_up_downloads_uploads_and_restores(
@@ -330,12 +330,8 @@ async def test_the_restore_dialog_restores_one_table(
                        "INSERT INTO a VALUES (1); INSERT INTO b VALUES (1)")
     await conn.close()
     server = await aiohttp_server(create_app(settings))
-    base = str(server.make_url("")).rstrip("/")
-    context, page, problems = await open_page(browser, base, token(settings, "admin"))
-    await page.click("#targets a:text('main')")
-    await page.click("#backup-now")
-    row = page.locator("#backups tbody tr").first
-    await row.wait_for(timeout=60_000)
+    context, page, problems, row = await backed_up_on_the_page(
+        browser, str(server.make_url("")).rstrip("/"), token(settings, "admin"))
     conn = await pg.user_conn(pg_db)
     await conn.execute("UPDATE a SET i = 2; UPDATE b SET i = 2")
     await conn.close()

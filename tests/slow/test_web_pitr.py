@@ -15,7 +15,7 @@ import pytest
 from api.app import create_app
 from shared.config import Settings, parse_settings
 from tests.conftest import token
-from tests.support.browser import ARTIFACTS, open_page
+from tests.support.browser import ARTIFACTS, backed_up_on_the_page, open_page
 from tests.support.pgcluster import Cluster
 from tests.support.pitr import app_cluster, app_config, committed_and_archived, rows
 
@@ -87,12 +87,8 @@ async def test_the_restore_dialog_restores_beside_the_live_database(
     the dialog, the plan in words following the choice; the live database is untouched."""
     cluster.psql("INSERT INTO t VALUES (1, now()), (2, now())", db="app")
     server = await aiohttp_server(create_app(settings))
-    base = str(server.make_url("")).rstrip("/")
-    context, page, problems = await open_page(browser, base, token(settings, "admin"))
-    await page.click("#targets a:text('main')")
-    await page.click("#backup-now")
-    row = page.locator("#backups tbody tr").first
-    await row.wait_for(timeout=60_000)
+    context, page, problems, row = await backed_up_on_the_page(
+        browser, str(server.make_url("")).rstrip("/"), token(settings, "admin"))
     name = await row.get_attribute("data-backup")
     cluster.psql("DELETE FROM t WHERE i = 2", db="app")
     await row.locator("button:text('Restore')").click()

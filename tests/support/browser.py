@@ -22,3 +22,15 @@ async def open_page(browser: Any, base: str, bearer: str) -> tuple[Any, Any, lis
     await page.click("#login-form button[type=submit]")
     await page.wait_for_selector("#targets tbody tr[data-target=main]")
     return context, page, problems
+
+
+async def backed_up_on_the_page(browser: Any, base: str, bearer: str
+                                ) -> tuple[Any, Any, list[str], Any]:
+    """The page open as `bearer`, target `main` chosen, a backup made from it: the context,
+    the page, the problems it logs, and the new backup's row."""
+    context, page, problems = await open_page(browser, base, bearer)
+    await page.click("#targets a:text('main')")
+    await page.click("#backup-now")
+    row = page.locator("#backups tbody tr").first
+    await row.wait_for(timeout=60_000)
+    return context, page, problems, row
