@@ -18,7 +18,7 @@ import re
 
 from shared.errors import BadRequest
 from shared.formats.mysql import _normalized
-from shared.formats.mysqlscan import StatementStarts
+from shared.formats.mysqlscan import HEAD, StatementStarts
 
 _HEADER = re.compile(rb"^-- (Table structure for table|Dumping data for table|"
                      rb"Temporary (?:table|view) structure for view|Final view structure for "
@@ -27,6 +27,8 @@ _KEPT = (b"Table structure for table", b"Dumping data for table")
 _SETTING = re.compile(rb"(?is)SET\s(?!\s*(?:GLOBAL|PERSIST|@@GLOBAL|@@PERSIST|PASSWORD|ROLE|"
                       rb"DEFAULT\s+ROLE)\b)")
 HOLD_MAX = 1 << 20
+_OPEN_ENDED = re.compile(rb"(?i)(?:INSERT\s+INTO|CREATE\s+TABLE|CREATE\s+(?:DEFINER\s*=\s*\S+\s+)?"
+                         rb"TRIGGER)\s")
 
 
 class RefusedStatement(BadRequest):
@@ -51,10 +53,16 @@ def _forms(name: str) -> list[re.Pattern[bytes]]:
 class LineStatements(StatementStarts):
     """StatementStarts fed whole lines, so the state between two lines is known."""
 
+    raw_head = 0  # bytes of the last statement's head, leading comments included
+
     def feed_line(self, line: bytes) -> None:
         data = self.carry + line
         at = self._scan(data, len(data))
         self.carry = data[at:]
+
+    def _end_statement(self) -> None:
+        self.raw_head = len(self.head)  # with what leads it: at HEAD, it may be cut short
+        super()._end_statement()
 
     @property
     def between(self) -> bool:
@@ -125,11 +133,17 @@ class MyTableCut:
 
     def _statement(self, head: bytes, line: int) -> None:
         text = _normalized(head)
+        # only a statement's first bytes are seen: one that may go on past them is judged
+        # by its start only where that start says all (a row insert, a definition)
+        cut_short = self.scan.raw_head >= HEAD - 1 and not _OPEN_ENDED.match(text)
         if self._state == "preamble":
-            self._verdict = bool(_SETTING.match(text))
+            self._verdict = bool(_SETTING.match(text)) and not cut_short
             return
         if self._state != "keep" or self._table is None:
             return
+        if cut_short:
+            raise RefusedStatement(f"line {line}: a statement of table {self._table}'s "
+                                   f"section longer than its check reads; refused")
         if _SETTING.match(text):
             return
         if not any(f.match(text) for f in self.forms[self._table]):

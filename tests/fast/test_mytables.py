@@ -58,3 +58,15 @@ def test_the_preamble_passes_settings_only_and_a_missing_table_is_named() -> Non
     assert b"DROP TABLE customers" not in out
     with pytest.raises(RefusedStatement, match="no table nothere"):
         cut(HEAD + ORDERS + FOOT, {"orders", "nothere"})
+
+
+def test_a_statement_padded_past_what_its_check_reads_is_refused() -> None:
+    """Only a statement's first bytes are read: `DROP TABLE IF EXISTS `orders`` padded with
+    blanks, then `, customers`, must not pass as the dump's own DROP."""
+    padded = ORDERS.replace("DROP TABLE IF EXISTS `orders`;",
+                            "DROP TABLE IF EXISTS `orders`" + " " * 400 + ", `customers`;")
+    with pytest.raises(RefusedStatement, match="longer than its check reads"):
+        cut(HEAD + padded + FOOT)
+    padded_set = HEAD.replace("SET NAMES utf8mb4 */;", "SET NAMES utf8mb4" + " " * 400 +
+                              ", GLOBAL read_only = 1 */;")
+    assert b"GLOBAL" not in cut(padded_set + ORDERS + FOOT)
