@@ -69,6 +69,10 @@ _MY_ALLOWED = re.compile(
     rb"ALTER\s+TABLE\s+" + _IDENT + rb"\s+(?:DISABLE|ENABLE)\s+KEYS\s*$|"
     rb"(?:SELECT|DO)\s+SETVAL\s*\(\s*" + _IDENT + rb"\s*,|"
     rb"SET\s|COMMIT\s*$|START\s+TRANSACTION\s*$)")
+_OPEN_ENDED = re.compile(
+    rb"(?is)(?:(?:INSERT|REPLACE)\s+(?:IGNORE\s+)?INTO\s|CREATE\s+(?:OR\s+REPLACE\s+)?"
+    rb"(?:TEMPORARY\s+)?TABLE\s|CREATE\s+(?:OR\s+REPLACE\s+)?(?:ALGORITHM\s*=\s*\w+\s+)?"
+    + _DEFINER + rb"(?:SQL\s+SECURITY\s+\w+\s+)?(?:VIEW|PROCEDURE|FUNCTION|TRIGGER|EVENT)\s)")
 _MY_TRIGGER_ON = re.compile(rb"(?is)CREATE\s+" + _DEFINER + rb"TRIGGER\s+" + _IDENT +
                             rb"\s+(?:BEFORE|AFTER)\s+\w+\s+ON\s+(" + _IDENT + rb")")
 _MY_INSERT_INTO = re.compile(rb"(?is)(?:INSERT|REPLACE)\s+(?:IGNORE\s+)?INTO\s+(" + _IDENT +
@@ -234,6 +238,12 @@ class MySQLScriptCheck:
     def _statement(self, head: bytes, line: int) -> None:
         shown = head[:40].split(b"\n", 1)[0].strip().decode("utf-8", "replace")
         norm = _normalized(head)
+        # a statement longer than its head is judged by its start only where the start
+        # says all (rows, a definition): `DROP TABLE IF EXISTS `t`` padded with blanks, then
+        # `, mysql.user`, or `SET @a = 1` padded, then `, GLOBAL …`, must not pass
+        if self.statements.cut_short and not _OPEN_ENDED.match(norm):
+            raise Unsafe(f"line {line}: a statement longer than this check reads "
+                         f"{shown!r} (mysqldump writes no such statement)")
         if _MY_STATEMENT.match(norm) or _MY_SYSTEM_SCHEMA.search(norm) or \
                 re.search(rb"(?i)\b(?:GLOBAL|PERSIST(?:_ONLY)?)\b|@@(?:global|persist)",
                           norm) and norm[:3].upper() == b"SET":

@@ -65,6 +65,7 @@ class StatementStarts:
         self.head_line = 1
         self.carry = b""
         self.quiet = False  # a comment before a statement's first code: not its head
+        self.cut_short = False  # the statement just ended was longer than its head
 
     @staticmethod
     def _compile(delimiter: bytes) -> re.Pattern[bytes]:
@@ -95,6 +96,8 @@ class StatementStarts:
 
     def _end_statement(self) -> None:
         head = bytes(self.head)
+        # only HEAD bytes are kept: a statement that filled them may go on past them
+        self.cut_short = len(head) >= HEAD
         text = strip_leading(head)
         if text:
             skipped = head[:len(head) - len(text)]

@@ -18,7 +18,7 @@ import re
 
 from shared.errors import BadRequest
 from shared.formats.mysql import _normalized
-from shared.formats.mysqlscan import HEAD, StatementStarts
+from shared.formats.mysqlscan import StatementStarts
 
 _HEADER = re.compile(rb"^-- (Table structure for table|Dumping data for table|"
                      rb"Temporary (?:table|view) structure for view|Final view structure for "
@@ -53,16 +53,10 @@ def _forms(name: str) -> list[re.Pattern[bytes]]:
 class LineStatements(StatementStarts):
     """StatementStarts fed whole lines, so the state between two lines is known."""
 
-    raw_head = 0  # bytes of the last statement's head, leading comments included
-
     def feed_line(self, line: bytes) -> None:
         data = self.carry + line
         at = self._scan(data, len(data))
         self.carry = data[at:]
-
-    def _end_statement(self) -> None:
-        self.raw_head = len(self.head)  # with what leads it: at HEAD, it may be cut short
-        super()._end_statement()
 
     @property
     def between(self) -> bool:
@@ -135,7 +129,7 @@ class MyTableCut:
         text = _normalized(head)
         # only a statement's first bytes are seen: one that may go on past them is judged
         # by its start only where that start says all (a row insert, a definition)
-        cut_short = self.scan.raw_head >= HEAD - 1 and not _OPEN_ENDED.match(text)
+        cut_short = self.scan.cut_short and not _OPEN_ENDED.match(text)
         if self._state == "preamble":
             self._verdict = bool(_SETTING.match(text)) and not cut_short
             return

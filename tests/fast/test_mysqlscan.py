@@ -122,3 +122,23 @@ def test_chunking_never_changes_what_is_found(pieces: list[bytes], step: int) ->
         except ValueError:
             return "refused"
     assert outcome(step) == outcome(max(1, len(data)))
+
+
+@pytest.mark.parametrize("padded", [
+    b"DROP TABLE IF EXISTS `t`" + b" " * 300 + b", `mysql`.`user`;\n",
+    b"/*!40101 SET @a = 1" + b" " * 300 + b", GLOBAL general_log_file = '/tmp/x' */;\n",
+    b"UNLOCK TABLES" + b"\t" * 300 + b", `other`.`t` WRITE;\n",
+])
+def test_a_statement_padded_past_its_head_is_refused(padded: bytes) -> None:
+    """Only a statement's first bytes are read: a short statement of mysqldump's padded
+    with blanks past them, then something else, must not pass as it."""
+    with pytest.raises(BadRequest, match="longer than this check reads"):
+        validate_mysql(iter([HEADER + DUMPLIKE + padded + FOOTER]))
+
+
+def test_long_rows_and_definitions_still_pass() -> None:
+    long_rows = b"INSERT INTO `u` VALUES " + b",".join(b"('%d')" % i for i in range(500)) + b";\n"
+    long_view = (b"/*!50001 CREATE ALGORITHM=UNDEFINED */\n/*!50013 DEFINER=`root`@`localhost` "
+                 b"SQL SECURITY DEFINER */\n/*!50001 VIEW `v` AS select " +
+                 b", ".join(b"`a` AS `c%d`" % i for i in range(100)) + b" from `t` */;\n")
+    validate_mysql(iter([HEADER + DUMPLIKE + long_rows + long_view + FOOTER]))
