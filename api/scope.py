@@ -1,5 +1,6 @@
 """Where a restore goes (issue 25), checked by the API before any job exists: a new
-database beside the live one (`into_database`, PostgreSQL and MySQL/MariaDB). A hostile or
+database beside the live one (`into_database`: PostgreSQL, MySQL/MariaDB, MongoDB, a
+Redis database index, a SQLite file). A hostile or
 unlucky name is refused here — quotes, dots, `..`, NUL, any length past the server's, the
 target's own database, a system one, a drill's scratch copy, or the database another
 configured target backs up on the same server (a restore there would overwrite that
@@ -19,7 +20,8 @@ from shared.jobs import JobParams
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}\Z")
 FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,100}(\.[A-Za-z0-9]{1,16})?\Z")
-BESIDE = ("postgresql", "mysql", "sqlite", "mongodb")
+BESIDE = ("postgresql", "mysql", "sqlite", "mongodb", "redis")
+DB_INDEX = re.compile(r"(0|[1-9][0-9]{0,4})\Z")  # Redis: another database index
 SYSTEM = {"postgresql": {"postgres", "template0", "template1"},
           "mysql": {"mysql", "sys", "information_schema", "performance_schema"},
           "mongodb": {"admin", "local", "config"}}
@@ -155,14 +157,15 @@ def _into(settings: Settings, target: TargetConfig, into_database: object,
     if target.engine not in BESIDE or target.databases:
         kind = "a server target" if target.databases else target.engine
         raise Unprocessable("into_database restores beside the live database on PostgreSQL, "
-                            f"MySQL/MariaDB, SQLite and MongoDB targets, not on {kind}",
+                            f"MySQL/MariaDB, SQLite, MongoDB and Redis targets, not on {kind}",
                             code="invalid_body")
-    if target.engine == "mongodb" and replace:
-        raise Unprocessable("MongoDB restores beside the live database into a new database "
-                            "only (drop the copy to make it again)", code="invalid_body")
     if target.engine == "sqlite":
         return _beside_file(settings, target, into_database, replace)
-    if not isinstance(into_database, str) or not NAME.match(into_database):
+    if target.engine == "redis":
+        if not isinstance(into_database, str) or not DB_INDEX.match(into_database):
+            raise BadRequest("into_database is another database index of the Redis server, "
+                             "\"0\"-\"99999\"", code="invalid_body")
+    elif not isinstance(into_database, str) or not NAME.match(into_database):
         raise BadRequest("into_database is a plain database name: letters, digits and _, "
                          "1-63 characters, not starting with a digit", code="invalid_body")
     def fold(n: str) -> str:
@@ -172,7 +175,7 @@ def _into(settings: Settings, target: TargetConfig, into_database: object,
     if name in {fold(d) for d in live.split(",")}:  # MongoDB: the databases it names
         raise Unprocessable(f"{into_database} is target '{target.id}''s own database: a "
                             "restore without into_database replaces it", code="database_refused")
-    if name in SYSTEM[target.engine] or name.startswith("safehold_drill_"):
+    if name in SYSTEM.get(target.engine, ()) or name.startswith("safehold_drill_"):
         raise Unprocessable(f"{into_database} is a system database or a drill's scratch "
                             "copy", code="database_refused")
     for other in settings.targets.values():

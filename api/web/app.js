@@ -485,6 +485,7 @@ async function download(target, name) {
 
 // the restore dialog's choices as a request body, and its plan in words as they change
 function restorePlan(target, name) {
+  const t = targetsById[target];
   const where = document.querySelector("input[name=where]:checked").value;
   const into = $("#beside-name").value.trim();
   const other = $("#other-target").value;
@@ -498,8 +499,13 @@ function restorePlan(target, name) {
   let text;
   if (where === "beside") {
     body.into_database = into;
-    text = `Restore ${what} into a new database "${into || "…"}" beside the database of ` +
-      `target "${target}", which is not touched. It is refused if that database exists; ` +
+    const over = $("#beside-replace").checked;
+    if (over) body.replace = true;
+    const named = t && t.engine === "redis" ? `database index ${into || "…"}` :
+      `a new database "${into || "…"}"`;
+    text = `Restore ${what} into ${named} beside the database of target "${target}", ` +
+      "which is not touched. " + (over ? "If that database exists it is restored over, " +
+      "its safety backup first; " : "It is refused if that database exists; ") +
       "the backup is verified first.";
   } else if (where === "target") {
     body.into_target = other;
@@ -532,7 +538,8 @@ async function tableChoices(target, name) {
 
 async function restore(target, name) {
   const t = targetsById[target];
-  const canBeside = t && ["postgresql", "mysql", "sqlite", "mongodb"].includes(t.engine) &&
+  const canBeside = t && ["postgresql", "mysql", "sqlite", "mongodb", "redis"].includes(
+    t.engine) &&
     !t.databases;
   const others = Object.values(targetsById).filter(
     (o) => t && o.id !== target && o.engine === t.engine && !o.databases);
@@ -542,6 +549,7 @@ async function restore(target, name) {
   document.querySelector("input[name=where][value=replace]").checked = true;
   document.querySelector("input[name=what][value=all]").checked = true;
   $("#beside-name").value = "";
+  $("#beside-replace").checked = false;
   $("#table-choices").replaceChildren();
   restorePlan(target, name);  // at once: the choices below come from the server
   const canTables = t && !t.databases &&
@@ -549,7 +557,8 @@ async function restore(target, name) {
     await tableChoices(target, name);
   const update = () => restorePlan(target, name);
   const fields = [...document.querySelectorAll("input[name=where], input[name=what]"),
-                  $("#beside-name"), $("#other-target"), $("#table-choices")];
+                  $("#beside-name"), $("#beside-replace"), $("#other-target"),
+                  $("#table-choices")];
   for (const f of fields) f.addEventListener("input", update);
   update();
   const shown = confirmAction(null, canBeside || others.length > 0);

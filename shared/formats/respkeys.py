@@ -2,7 +2,10 @@
 commands and the `RESTORE key …` commands whose key matches a pattern pass, byte for byte;
 every other command is skipped. Streaming: a command's first two arguments (its name and
 key) are held to decide, the rest (a DUMP payload of any size) flows through or is skipped
-as it comes. Patterns are Redis's glob (`*`, `?`, `[a-z]`, `[^x]`, `\\` escapes)."""
+as it comes. Patterns are Redis's glob (`*`, `?`, `[a-z]`, `[^x]`, `\\` escapes).
+
+`move` (a restore beside the live database): each `SELECT n` is rewritten to the database
+index it maps n to; a SELECT of a database it does not map is refused."""
 
 from __future__ import annotations
 
@@ -50,8 +53,12 @@ def redis_glob(pattern: bytes) -> re.Pattern[bytes]:
 
 
 class KeyFilter:
-    def __init__(self, patterns: list[str]) -> None:
-        self.patterns = [redis_glob(p.encode()) for p in patterns]
+    def __init__(self, patterns: list[str] | None, move: dict[int, int] | None = None
+                 ) -> None:
+        """`patterns` None: every key."""
+        self.patterns = None if patterns is None else [redis_glob(p.encode())
+                                                       for p in patterns]
+        self.move = move or None
         self.kept = self.skipped = 0
         self._buf = bytearray()
         self._args_left = 0  # of the current command
@@ -138,11 +145,20 @@ class KeyFilter:
 
     def _decide(self) -> None:
         name = self._first[0].upper() if self._first else b""
-        if name == b"SELECT":
+        if name == b"SELECT" and self.move is None:
             self._keep = True
-        elif len(self._first) >= 2:
-            self._keep = name == b"RESTORE" and any(p.match(self._first[1])
-                                                     for p in self.patterns)
+        elif name == b"SELECT" and len(self._first) >= 2:
+            db = self._first[1]
+            into = self.move.get(int(db)) if self.move and db.isdigit() else None
+            if self._args_left or into is None:
+                raise PipelineError(f"SELECT {db[:8]!r} is not the database this restore "
+                                    "moves", code="corrupt_backup")
+            self._keep = True
+            self._held = [b"*2\r\n$6\r\nSELECT\r\n"
+                          + b"$%d\r\n%d\r\n" % (len(b"%d" % into), into)]
+        elif len(self._first) >= 2 and name != b"SELECT":
+            self._keep = name == b"RESTORE" and (self.patterns is None or any(
+                p.match(self._first[1]) for p in self.patterns))
             if self._keep:
                 self.kept += 1
             else:

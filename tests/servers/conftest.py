@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
 from shared.config import Settings, parse_settings
 from tests import my, pg
@@ -81,3 +85,39 @@ def mongo_settings(prefix: str, tmp_path: Path, port: int, databases: list[str])
         "url": f"mongodb://root@127.0.0.1:{port}/{','.join(databases)}"
                "?directConnection=true&authMechanism=SCRAM-SHA-256"}}
     return parse_settings(raw, {PW_ENV: MONGO_PASSWORD}, base=tmp_path, source="<test>")
+
+
+REDIS_PW = "R3dis-Test-Pw-91c"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def start_redis(tmp: Path) -> tuple[asyncio.subprocess.Process, int]:
+    port = free_port()
+    tmp.mkdir(parents=True, exist_ok=True)
+    proc = await asyncio.create_subprocess_exec(
+        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        "--appendonly", "no", "--dir", str(tmp), "--requirepass", REDIS_PW,
+        "--repl-diskless-sync-delay", "0", stdout=asyncio.subprocess.DEVNULL)
+    r = Redis(port=port, password=REDIS_PW)
+    for _ in range(100):
+        try:
+            await r.ping()
+            break
+        except Exception:
+            await asyncio.sleep(0.05)
+    await r.aclose()
+    return proc, port
+
+
+@pytest.fixture
+async def redis_port(tmp_path: Path) -> AsyncIterator[int]:
+    proc, port = await start_redis(tmp_path / "redis-a")
+    yield port
+    with contextlib.suppress(ProcessLookupError):  # a test may have shut it down
+        proc.terminate()
+    await proc.wait()

@@ -7,8 +7,6 @@ import contextlib
 import gzip
 import hashlib
 import os
-import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,42 +28,10 @@ from tests.helpers import (
     wait_for,
     wait_for_terminal,
 )
+from tests.servers.conftest import REDIS_PW as PW
+from tests.servers.conftest import start_redis as start_server
 
-PW = "R3dis-Test-Pw-91c"
 PW_ENV = "SAFEHOLD_TEST_REDIS_PASSWORD"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def start_server(tmp: Path) -> tuple[asyncio.subprocess.Process, int]:
-    port = free_port()
-    tmp.mkdir(parents=True, exist_ok=True)
-    proc = await asyncio.create_subprocess_exec(
-        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-        "--appendonly", "no", "--dir", str(tmp), "--requirepass", PW,
-        "--repl-diskless-sync-delay", "0", stdout=asyncio.subprocess.DEVNULL)
-    r = Redis(port=port, password=PW)
-    for _ in range(100):
-        try:
-            await r.ping()
-            break
-        except Exception:
-            await asyncio.sleep(0.05)
-    await r.aclose()
-    return proc, port
-
-
-@pytest.fixture
-async def redis_port(tmp_path: Path) -> AsyncIterator[int]:
-    proc, port = await start_server(tmp_path / "redis-a")
-    yield port
-    with contextlib.suppress(ProcessLookupError):  # a test may have shut it down
-        proc.terminate()
-    await proc.wait()
 
 
 @pytest.fixture

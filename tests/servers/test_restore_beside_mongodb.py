@@ -5,12 +5,16 @@ before any job."""
 
 from __future__ import annotations
 
+import io
+import tarfile
 from pathlib import Path
 from typing import Any
 
+import bson
 import pytest
 
 from shared.config import Settings
+from tests.helpers import publish_plain, restore, stored_manifest
 from tests.servers.conftest import mongo_settings
 from tests.servers.test_engine_mongodb import backup, fingerprint, load
 
@@ -52,6 +56,48 @@ async def beside(api: Any, mongo: Any, dbs: list[str], app: str, copy: str) -> N
         resp = await api.post("/api/v1/targets/main/restores",
                               json={"backup": name, "into_database": into})
         assert resp.status == status, (into, await resp.text())
-    resp = await api.post("/api/v1/targets/main/restores",
-                          json={"backup": name, "into_database": copy, "replace": True})
-    assert resp.status == 422
+    await mongo[copy].stray.insert_one({"made": "since"})
+    await mongo[copy].things.delete_many({})
+    for _ in range(2):  # replace: over the copy like a live database, its safety backup first
+        job = await (await api.post("/api/v1/targets/main/restores?wait=120", json={
+            "backup": name, "into_database": copy, "replace": True})).json()
+        assert job["status"] == "succeeded", job.get("error")
+        assert job["result"]["safety_backup"], job["result"]
+        assert await fingerprint(mongo, [copy]) == copied
+        assert await fingerprint(mongo, [app]) == live
+
+
+async def test_a_failed_load_beside_leaves_the_server_as_it_was(
+        api: Any, worker: Any, mongo: Any, dbs: list[str], storage_dir: Path) -> None:
+    """Duplicate _ids fail the load mid-way: a new database is dropped again; one restored
+    over with replace is rolled back from its safety backup; the live database (the
+    backup's own) is never touched — a rollback's reach follows the copy's name."""
+    app, copy = dbs[0], f"copy_{dbs[0]}"
+    await load(mongo, dbs)
+    manifest = await stored_manifest(storage_dir, (await backup(api))["result"]["filename"])
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for member, data in [(f"{app}/notes.metadata.json",
+                              b'{"indexes": [], "type": "collection"}'),
+                             (f"{app}/notes.bson",
+                              bson.encode({"_id": 1}) + bson.encode({"_id": 1}))]:
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    bad = "backup_mongodb_20200101_000000.tar.gz"
+    await publish_plain(storage_dir, bad, buf.getvalue(), manifest)
+    live = await fingerprint(mongo, [app])
+    try:
+        job = await restore(api, bad, into_database=copy)
+        assert job["status"] == "failed", job
+        assert job["error"]["database_state"] == "unchanged", job["error"]
+        assert not await mongo[copy].list_collection_names()
+        await mongo[copy].kept.insert_one({"n": 1})
+        before = await fingerprint(mongo, [copy])
+        job = await restore(api, bad, into_database=copy, replace=True)
+        assert job["status"] == "failed", job
+        assert job["error"]["database_state"] == "rolled_back", job["error"]
+        assert await fingerprint(mongo, [copy]) == before
+        assert await fingerprint(mongo, [app]) == live
+    finally:
+        await mongo.drop_database(copy)

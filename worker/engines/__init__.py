@@ -15,6 +15,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, TypedDict, runtime_checkable
 
@@ -105,6 +106,17 @@ class RestoreOptions:
 
 
 NO_OPTIONS = RestoreOptions()
+# a restore beside the live database (issue 25): each database of the backup -> the one the
+# load writes instead (MongoDB names, Redis indexes as text). The load, its flush, a
+# rollback's reach and the check of what the file may write all follow it
+INTO: ContextVar[dict[str, str] | None] = ContextVar("safehold_into", default=None)
+
+
+def written(database: object) -> object:
+    """Where a backup's `database` is loaded (INTO), of the same type."""
+    into = (INTO.get() or {}).get(str(database))
+    return database if into is None else type(database)(into)  # type: ignore[call-arg]
+
 class Blocker(TypedDict):
     """A session holding a lock the restore waits for (shown in `waiting_for`)."""
 

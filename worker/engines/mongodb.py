@@ -60,6 +60,7 @@ from worker.engines import (
     restore_errors,
     stale_drills,
     unreachable,
+    written,
 )
 from worker.progress import Progress
 
@@ -116,7 +117,6 @@ def _metadata(name: str, info: MongoDoc, indexes: list[MongoDoc]) -> bytes:
 DRILL_DB_PREFIX: ContextVar[str | None] = ContextVar("safehold_drill_db_prefix", default=None)
 DRILL_DBS: ContextVar[set[str] | None] = ContextVar("safehold_drill_dbs", default=None)
 # a restore beside the live database: the backup's database loaded under another name
-RENAME: ContextVar[dict[str, str] | None] = ContextVar("safehold_rename", default=None)
 
 
 class MongoDB:
@@ -291,7 +291,8 @@ class MongoDB:
                       options: RestoreOptions = NO_OPTIONS) -> None:
         async with self.connect(target) as client:
             restorer = _Restorer(client, clean, progress)
-            restorer.databases |= set(options.also_clean)  # a rollback's reach
+            # a rollback's reach, where the failed load wrote
+            restorer.databases |= {str(written(d)) for d in options.also_clean}
             # some collections only (issue 25): the others are neither read nor dropped
             restorer.only = {tuple(t.split(".", 1)) for t in options.tables} or None
             # metadata that passed the checks can still fail to apply (an invalid ObjectId,
@@ -406,7 +407,7 @@ class _Restorer:
         if self.only is not None and (db, coll) not in self.only:
             return  # not asked for: left as it is
         db = f"{prefix}{db}" if (prefix := DRILL_DB_PREFIX.get()) else db
-        db = (RENAME.get() or {}).get(db, db)
+        db = str(written(db))
         if (scratch := DRILL_DBS.get()) is not None:
             scratch.add(db)
         self.databases.add(db)

@@ -11,7 +11,8 @@ payloads restore on the same or a newer Redis version: the manifest records the 
 RDB means replacing the server's dump file while it is stopped, so the API refuses it.
 
 Restore parses the RESP stream and pipelines the RESTOREs in batches; a clean restore first
-FLUSHDBs every database the backup contains (and only those).
+FLUSHDBs every database the backup contains (and only those). A restore beside the live
+database (issue 25, `INTO`) rewrites the backup's one `SELECT n` to another database index.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import ssl
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -46,6 +47,7 @@ from worker.engines import (
     dump_errors,
     restore_errors,
     unreachable,
+    written,
 )
 from worker.engines.redis_scan import (
     BIG_PAYLOAD,
@@ -81,7 +83,8 @@ def _tls(u: Any) -> ssl.SSLContext | None:
     return ctx
 
 
-def _url_db(target: TargetConfig) -> int | None:
+def url_db(target: TargetConfig) -> int | None:
+    """The database index a target's URL names (None: every database)."""
     path = urlsplit(target.url).path.strip("/")
     return int(path) if path.isdigit() else None
 
@@ -95,12 +98,19 @@ class RedisEngine:
     def drill(self) -> RedisDrill:
         return RedisDrill()
 
-    def client(self, target: TargetConfig, db: int) -> Redis:
-        return Redis.from_url(target.url, db=db, socket_timeout=60, socket_connect_timeout=10,
+    def client(self, target: TargetConfig, db: int | None = None) -> Redis:
+        """A client on database `db` (default: the URL's; redis-py would let the URL's
+        path win over an explicit one)."""
+        u = urlsplit(target.url)
+        db = url_db(target) or 0 if db is None else db
+        query = "&".join(q for q in u.query.split("&") if q and not q.startswith("db="))
+        return Redis.from_url(urlunsplit((u.scheme, u.netloc, "", query, "")), db=db,
+                              socket_timeout=60, socket_connect_timeout=10,
                               password=target.password.reveal() if target.password else None)
 
     @asynccontextmanager
-    async def connect(self, target: TargetConfig, db: int = 0) -> AsyncIterator[Redis]:
+    async def connect(self, target: TargetConfig, db: int | None = None
+                      ) -> AsyncIterator[Redis]:
         r = self.client(target, db)
         try:
             await r.ping()
@@ -132,7 +142,7 @@ class RedisEngine:
         async with self.connect(target) as r:
             server = await r.info("server")
             memory = await r.info("memory")
-            spaces = await self._keyspace(r, _url_db(target))
+            spaces = await self._keyspace(r, url_db(target))
         return {
             "engine": self.name,
             "server_version": server.get("redis_version"),
@@ -155,7 +165,7 @@ class RedisEngine:
         async with self.connect(target) as r:
             server = await r.info("server")
             version = server.get("redis_version")
-            spaces = await self._keyspace(r, _url_db(target))
+            spaces = await self._keyspace(r, url_db(target))
         progress.item_kind = "keys"
         progress.set_phase(Phase.DUMPING, items_total=sum(v.get("keys", 0)
                                                       for v in spaces.values()))
@@ -317,53 +327,71 @@ class RedisEngine:
                 "its dump.rdb (see the README); Safehold restores RESP backups",
                 database_unchanged=True)
         listed = manifest.get("databases")  # the checked file's (RestorePlan), as strings
-        databases = {int(str(db)) for db in (listed if isinstance(listed, list) else [])}
-        if options.keys:
-            await self._restore_keys(target, chunks, progress, databases, options.keys)
-            return
+        held = {int(str(db)) for db in (listed if isinstance(listed, list) else [])}
+        move = {db: int(str(written(db))) for db in held if written(db) != db}
+        databases = {int(str(written(db))) for db in held}  # where the backup's keys go
+        # the content was checked whole before anything was flushed; it is checked again
+        # on its way in unless the stream proves it is those very bytes
+        check = None if isinstance(chunks, SameAsChecked) else RedisScriptCheck(held)
+        keys = KeyFilter(list(options.keys) or None, move) if options.keys or move else None
+        removed = 0
         with restore_errors(target, "Redis", RedisError, OSError):
-            if clean:  # the checked file's databases (and a failed restore's, on rollback)
-                for db in sorted(databases | {int(d) for d in options.also_clean}):
+            if options.keys:  # some keys only: the live keys they match go first
+                removed = await self._remove_keys(target, databases, options.keys)
+            elif clean:  # the checked file's databases (and a failed restore's, on rollback)
+                for db in sorted(databases | {int(str(written(int(d))))
+                                              for d in options.also_clean}):
                     async with self.connect(target, db) as r:
                         await r.flushdb()
-            # the content was checked whole before anything was flushed; it is checked
-            # again on its way in unless the stream proves it is those very bytes
-            check = None if isinstance(chunks, SameAsChecked) else RedisScriptCheck(databases)
-            await self._replay(target, chunks, progress, check)
 
-    async def _restore_keys(self, target: TargetConfig, chunks: AsyncIterator[bytes],
-                            progress: Progress, databases: set[int],
-                            patterns: tuple[str, ...]) -> None:
+            async def filtered() -> AsyncIterator[bytes]:
+                async for chunk in chunks:
+                    if check is not None:
+                        check.feed(chunk)  # the whole stream's shape, as ever
+                    if keys is None:
+                        yield chunk
+                    elif out := keys.feed(chunk):
+                        yield out
+                if keys is not None:
+                    keys.finish()
+            await self._replay(target, filtered(), progress)
+        if options.keys and keys is not None:
+            progress.log(f"keys matching {', '.join(options.keys)}: {removed} removed, "
+                         f"{keys.kept} restored from the backup ({keys.skipped} others left "
+                         "out)")
+
+    async def _remove_keys(self, target: TargetConfig, databases: set[int],
+                           patterns: tuple[str, ...]) -> int:
         """Some keys only (issue 25): in each database of the backup, the live keys the
         patterns match are removed, then only the backup's keys they match are restored
         (shared.formats.respkeys); every other key is left as it is. Not one transaction:
         a failure is rolled back from the safety backup (the whole keyspace)."""
-        check = None if isinstance(chunks, SameAsChecked) else RedisScriptCheck(databases)
-        keys = KeyFilter(list(patterns))
         removed = 0
-        with restore_errors(target, "Redis", RedisError, OSError):
-            for db in sorted(databases):
-                async with self.connect(target, db) as r:
-                    for pattern in patterns:
-                        batch: list[bytes] = []
-                        async for key in r.scan_iter(match=pattern, count=1000):
-                            batch.append(key)
-                            if len(batch) >= 500:
-                                removed += await r.unlink(*batch)
-                                batch = []
-                        if batch:
+        for db in sorted(databases):
+            async with self.connect(target, db) as r:
+                for pattern in patterns:
+                    batch: list[bytes] = []
+                    async for key in r.scan_iter(match=pattern, count=1000):
+                        batch.append(key)
+                        if len(batch) >= 500:
                             removed += await r.unlink(*batch)
+                            batch = []
+                    if batch:
+                        removed += await r.unlink(*batch)
+        return removed
 
-            async def only_those() -> AsyncIterator[bytes]:
-                async for chunk in chunks:
-                    if check is not None:
-                        check.feed(chunk)  # the whole stream's shape, as ever
-                    if out := keys.feed(chunk):
-                        yield out
-                keys.finish()
-            await self._replay(target, only_those(), progress, None)
-        progress.log(f"keys matching {', '.join(patterns)}: {removed} removed, "
-                     f"{keys.kept} restored from the backup ({keys.skipped} others left out)")
+    async def keys_in(self, target: TargetConfig, db: int) -> int:
+        """How many keys database `db` holds (RedisError: no such database index)."""
+        await self.ping(target)  # a server that cannot be reached is said to be so
+        reader, writer = await self._raw(target, db)
+        try:
+            writer.write(resp(b"DBSIZE"))
+            line = await asyncio.wait_for(reader.readline(), 10)
+            if not line.startswith(b":") or not line[1:].strip().isdigit():
+                raise RedisError(f"DBSIZE answered {line[:60]!r}")
+            return int(line[1:])
+        finally:
+            writer.close()
 
     async def _raw(self, target: TargetConfig, db: int | None = None
                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -388,7 +416,7 @@ class RedisEngine:
         return reader, writer
 
     async def _replay(self, target: TargetConfig, chunks: AsyncIterator[bytes],
-                      progress: Progress, check: RedisScriptCheck | None) -> None:
+                      progress: Progress) -> None:
         """Replay the RESP stream verbatim on a connection of our own while a second task
         reads the replies — what `redis-cli --pipe` does: a final ECHO marker tells when
         every reply has arrived. The first error reply fails the restore."""
@@ -419,8 +447,6 @@ class RedisEngine:
                 async for chunk in chunks:
                     if replies.done() or error:
                         break
-                    if check is not None:
-                        check.feed(chunk)
                     writer.write(chunk)
                     await writer.drain()
                     progress.bytes_done += len(chunk)

@@ -6,7 +6,9 @@ PostgreSQL and MySQL/MariaDB: the database is created on the same server as it w
 input, the engine's own transaction and guards), its owner set after the load; a failure
 drops the database again, so the server is as it was. An existing database is refused
 (database_exists) unless `replace`: then it is restored like a live one, its safety backup
-first. SQLite: a new file next to the target's, with its mode and owner."""
+first. SQLite: a new file next to the target's, with its mode and owner. MongoDB: the
+backup's one database under the new name. Redis: the backup's one database index into
+another index on the same server."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from shared.codecs.base import AgeKey
 from shared.config import TargetConfig
 from shared.errors import RestoreFailed, SafeholdError
 from shared.jobs import Job
-from worker.engines import Engine, server_sets
+from worker.engines import INTO, Engine, server_sets
 from worker.engines.pg_connection import conn_params
 from worker.procedures.restore import RestoreResult, Restores
 from worker.progress import Progress
@@ -49,6 +51,8 @@ class ScopedRestores(Restores):
             return await self._beside_file(job, target, engine, progress, identities, name)
         if target.engine == "mongodb":
             return await self._beside_mongo(job, target, engine, progress, identities, name)
+        if target.engine == "redis":
+            return await self._beside_redis(job, target, engine, progress, identities, name)
         if target.engine not in BESIDE or target.databases:
             kind = "a server target" if target.databases else target.engine
             raise RestoreFailed(f"into_database is not available for target '{target.id}' "
@@ -119,10 +123,9 @@ class ScopedRestores(Restores):
     async def _beside_mongo(self, job: Job, target: TargetConfig, engine: Engine,
                             progress: Progress, identities: Sequence[AgeKey], name: str
                             ) -> RestoreResult:
-        """MongoDB: the backup's one database loaded under a new name (a database that
-        exists is refused); a failure drops what was made."""
-        from worker.engines.mongodb import RENAME
-
+        """MongoDB: the backup's one database loaded under a new name; a failure drops
+        what was made. A database that exists is refused unless `replace`: then it is
+        restored over like a live one (its safety backup first, rolled back on failure)."""
         manifest = await self.catalog.manifest(target.id, naming.parse(
             str(job.params.get("backup", ""))))
         held = manifest.get("databases")
@@ -130,18 +133,30 @@ class ScopedRestores(Restores):
             raise RestoreFailed("into_database takes a MongoDB backup of one database (this "
                                 f"one holds {held})", database_unchanged=True,
                                 code="invalid_body")
+        if name in held or name in ("admin", "local", "config"):
+            raise RestoreFailed(f"database {name!r} cannot be restored into (the backup's "
+                                "own database or a system one)", database_unchanged=True,
+                                code="database_refused")
         mongo = cast(Any, engine)
-        if await mongo.database_exists(target, name):
+        exists = await mongo.database_exists(target, name)
+        if exists and not job.params.get("replace"):
             raise RestoreFailed(f"database {name!r} already exists on the server of target "
-                                f"'{target.id}': nothing was changed", database_unchanged=True,
-                                code="database_exists")
+                                f"'{target.id}': nothing was changed (\"replace\": true "
+                                "restores over it, its safety backup first)",
+                                database_unchanged=True, code="database_exists")
+        # the copy's own target: its safety backup and a rollback's reach are that
+        # database only
+        beside = dataclasses.replace(target, url=_with_path(target.url, name))
         params = job.params.copy()
-        params["create_safety_backup"] = False  # nothing was there to keep
-        token = RENAME.set({held[0]: name})
+        if not exists:
+            params["create_safety_backup"] = False  # nothing was there to keep
+        token = INTO.set({held[0]: name})
         try:
-            result = await self.restore(dataclasses.replace(job, params=params), target,
+            result = await self.restore(dataclasses.replace(job, params=params), beside,
                                         engine, progress, identities)
         except BaseException as failure:
+            if exists:  # restored over: the restore said what state it is in
+                raise
             await mongo.drop_database(target, name)
             progress.warn(f"dropped database {name}, which this failed restore created")
             if isinstance(failure, SafeholdError):
@@ -152,9 +167,78 @@ class ScopedRestores(Restores):
                 raise told from None
             raise
         finally:
-            RENAME.reset(token)
-        result["warnings"] = [f"restored {held[0]} into the new database {name}, beside the "
-                              "live one (untouched)", *(result["warnings"] or [])]
+            INTO.reset(token)
+        result["warnings"] = [f"restored {held[0]} into "
+                              + (f"database {name} (replaced)" if exists else
+                                 f"the new database {name}")
+                              + ", beside the live one (untouched)", *(result["warnings"] or [])]
+        return result
+
+    async def _beside_redis(self, job: Job, target: TargetConfig, engine: Engine,
+                            progress: Progress, identities: Sequence[AgeKey], name: str
+                            ) -> RestoreResult:
+        """Redis: the backup's one database index loaded into another index of the same
+        server (each SELECT rewritten). An index that holds keys is refused unless
+        `replace`: then it is restored over like a live one (its safety backup first); a
+        failure into an empty index empties it again."""
+        from redis.exceptions import RedisError
+
+        from worker.engines.redis import RedisEngine, url_db
+
+        manifest = await self.catalog.manifest(target.id, naming.parse(
+            str(job.params.get("backup", ""))))
+        held = manifest.get("databases")
+        if not isinstance(held, list) or len(held) != 1 or not str(held[0]).isdigit():
+            raise RestoreFailed("into_database takes a Redis backup of one database index "
+                                f"(this one holds {held})", database_unchanged=True,
+                                code="invalid_body")
+        into, source = int(name), int(str(held[0]))
+        taken = {source, url_db(target)} | {
+            url_db(t) for t in self.settings.targets.values()
+            if t.engine == "redis" and t.id != target.id and _server(t) == _server(target)}
+        if not name.isdigit() or into in taken:
+            raise RestoreFailed(f"database {name} cannot be restored into (the backup's own "
+                                "database index, or one a target backs up)",
+                                database_unchanged=True, code="database_refused")
+        redis = cast(RedisEngine, engine)
+        try:
+            exists = await redis.keys_in(target, into) > 0
+        except RedisError as exc:
+            raise RestoreFailed(f"database index {into} cannot be used on the server of "
+                                f"target '{target.id}' ({exc})", database_unchanged=True,
+                                code="database_refused") from None
+        if exists and not job.params.get("replace"):
+            raise RestoreFailed(f"database {into} on the server of target '{target.id}' "
+                                "holds keys: nothing was changed (\"replace\": true restores "
+                                "over it, its safety backup first)", database_unchanged=True,
+                                code="database_exists")
+        beside = dataclasses.replace(target, url=_with_path(target.url, str(into)))
+        params = job.params.copy()
+        if not exists:
+            params["create_safety_backup"] = False  # nothing was there to keep
+        token = INTO.set({str(source): str(into)})
+        try:
+            result = await self.restore(dataclasses.replace(job, params=params), beside,
+                                        engine, progress, identities)
+        except BaseException as failure:
+            if exists:  # restored over: the restore said what state it is in
+                raise
+            async with redis.connect(target, into) as r:  # it was empty
+                await r.flushdb()
+            progress.warn(f"emptied database {into} again, which this failed restore wrote")
+            if isinstance(failure, SafeholdError):
+                told = RestoreFailed(f"{failure.message}; database {into}, empty before, was "
+                                     "emptied again, the live database was never touched",
+                                     database_unchanged=True, code=failure.code)
+                told.details = {"database_state": "unchanged"}
+                raise told from None
+            raise
+        finally:
+            INTO.reset(token)
+        result["warnings"] = [f"restored database {source} into database {into}"
+                              + (" (replaced)" if exists else "")
+                              + ", beside the live one (untouched)",
+                              *(result["warnings"] or [])]
         return result
 
     async def _beside_file(self, job: Job, target: TargetConfig, engine: Engine,
@@ -211,6 +295,21 @@ def _same_mode(live: Path, copy: Path) -> None:
     os.chmod(copy, stat.S_IMODE(st.st_mode))
     with contextlib.suppress(PermissionError):
         os.chown(copy, st.st_uid, st.st_gid)
+
+
+def _with_path(url: str, path: str) -> str:
+    """`url` naming another database (its path)."""
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    u = urlsplit(url)
+    return urlunsplit((u.scheme, u.netloc, "/" + quote(path, safe=""), u.query, u.fragment))
+
+
+def _server(target: TargetConfig) -> tuple[str, int | None]:
+    from urllib.parse import urlsplit
+
+    u = urlsplit(target.url)
+    return (u.hostname or "127.0.0.1").lower(), u.port
 
 
 def live_database(target: TargetConfig) -> str:

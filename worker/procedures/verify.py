@@ -9,7 +9,7 @@ import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Required, TypedDict
+from typing import Required, TypedDict, cast
 
 from shared import backup_sets, codecs, formats, naming
 from shared.codecs.base import AgeKey
@@ -26,7 +26,7 @@ from shared.jobs import Job, Phase, now_iso
 from shared.manifests import ManifestDoc, count_in
 from shared.storage.base import BackupStore
 from shared.storage.catalog import BlockingStream
-from worker.engines import Drill, Drillable, Engine, RestoreOptions, server_sets
+from worker.engines import Drill, Drillable, Engine, RestoreOptions, server_sets, written
 from worker.procedures.base import DRILL_NOT_RUN, ProcedureBase, RestorePlan, unquoted, whole
 from worker.progress import Progress
 
@@ -305,7 +305,9 @@ class Verification(ProcedureBase):
                     limit=self._limit(manifest), expect_sha256=expected,
                     on_stored=progress.add_bytes, identities=identities, windows=windows,
                     set_token=set_token))
-                formats.check_scope(engine.name, target.url or "", facts)
+                # what the load will write (beside the live database: elsewhere)
+                formats.check_scope(engine.name, target.url or "", {**facts, "databases": cast(
+                    list[str], [written(d) for d in facts.get("databases") or []])})
             except SafeholdError as exc:
                 if exc.code in ("wrong_identity", "identity_required"):
                     raise RestoreFailed(exc.message, database_unchanged=True,
