@@ -85,8 +85,10 @@ def _tls(u: Any) -> ssl.SSLContext | None:
 
 def url_db(target: TargetConfig) -> int | None:
     """The database index a target's URL names (None: every database)."""
-    path = urlsplit(target.url).path.strip("/")
-    return int(path) if path.isdigit() else None
+    u = urlsplit(target.url)
+    path = u.path.strip("/")
+    query = parse_qs(u.query).get("db", [""])[-1]  # redis-py lets it win over the path
+    return int(query) if query.isdigit() else int(path) if path.isdigit() else None
 
 
 class RedisEngine:
