@@ -387,6 +387,7 @@ class Operations:
                             database: str | None = None, into_database: str | None = None,
                             replace: bool = False, tables: list[str] | None = None,
                             into_target: str | None = None, keys: list[str] | None = None,
+                            schemas: list[str] | None = None,
                             idempotency_key: str | None = None, wait: float | None = None,
                             fail_fast: bool = False, expect_sha256: str | None = None) -> Job:
         """A restore job bound to the backup's sha256 as it is now (or `expect_sha256`, what
@@ -396,7 +397,7 @@ class Operations:
             target = self.target(caller, target_id, Role.OPERATOR)
             dest = self.target(caller, str(into_target), Role.OPERATOR) if into_target else target
             scope = scope_params(self.s.settings, target, into_database, replace, tables, dest,
-                                 keys)
+                                 keys, schemas)
             if roles is not None and roles not in ("create", "skip", "map"):
                 raise BadRequest("roles must be \"create\", \"map\" or \"skip\"",
                                  code="invalid_body")

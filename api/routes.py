@@ -159,6 +159,13 @@ _RESTORE_BODY = {"type": "object", "additionalProperties": False,
                                     "uniqueItems": True, "items": TABLE_NAME,
                                     "description": "only these tables (PostgreSQL: "
                                     "schema.table); everything else is left as it is"},
+                                "schemas": {
+                                    "type": "array", "minItems": 1, "maxItems": 100,
+                                    "uniqueItems": True,
+                                    "items": {"type": "string", "maxLength": 63,
+                                              "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
+                                    "description": "PostgreSQL: every table the backup "
+                                    "holds in these schemas (as tables restores them)"},
                                 "replace": {"type": "boolean", "default": False,
                                             "description": "with into_database: restore "
                                             "over it when it exists"},

@@ -33,6 +33,8 @@ MONGO = re.compile(r"[A-Za-z0-9_-]{1,63}\.(?!system\.)[A-Za-z0-9_][A-Za-z0-9_.-]
 # a table of one database: plain letters, digits and _ (never SQLite's own sqlite_ tables)
 PLAIN = re.compile(r"(?!sqlite_)[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 MAX_TABLES = 100
+MAX_SCHEMA_TABLES = 2000  # the tables `schemas` may expand to
+SCHEMA = re.compile(r"(?!pg_)[A-Za-z_][A-Za-z0-9_]{0,62}\Z")
 
 
 def _where(target: TargetConfig) -> tuple[str, int | None, str]:
@@ -44,10 +46,12 @@ def _where(target: TargetConfig) -> tuple[str, int | None, str]:
 
 def scope_params(settings: Settings, target: TargetConfig, into_database: object,
                  replace: object, tables: object = None, dest: TargetConfig | None = None,
-                 keys: object = None) -> JobParams:
+                 keys: object = None, schemas: object = None) -> JobParams:
     """The job parameters of a restore's scope (empty: over the live database); `dest`:
-    the target it goes into (into_target), if not `target`."""
-    params: JobParams = {**_tables(target, tables), **keys_params(target, keys)}
+    the target it goes into (into_target), if not `target`. `schemas` become tables once
+    the backup's manifest is at hand (check_tables)."""
+    params: JobParams = {**_tables(target, tables), **keys_params(target, keys),
+                         **_schemas(target, schemas)}
     return {**params, **_into(settings, target, into_database, replace),
             **_clone(target, dest or target, into_database)}
 
@@ -75,9 +79,33 @@ def scope_words(what: str, scope: JobParams, dest: str = "") -> str:
         what += f" from target {scope['from_target']} into target {dest}"
     if into := scope.get("into_database"):
         what += f" into {into}"
+    if schemas := scope.get("schemas"):
+        what += " schemas " + ", ".join(schemas)
     if tables := scope.get("tables"):
         what += " tables " + ", ".join(tables)
     return what
+
+
+def _schemas(target: TargetConfig, schemas: object) -> JobParams:
+    """`schemas` (PostgreSQL): every table the backup holds in these schemas, restored as
+    `tables` restores them (the schema's other objects are left as they are)."""
+    if schemas is None:
+        return {}
+    if target.engine != "postgresql" or target.is_set:
+        raise Unprocessable("\"schemas\" restores the tables of some schemas of a "
+                            "PostgreSQL target", code="invalid_body")
+    if not isinstance(schemas, list) or not 0 < len(schemas) <= MAX_TABLES or \
+            len(set(map(str, schemas))) != len(schemas):
+        raise BadRequest(f"\"schemas\" is a list of 1-{MAX_TABLES} different schema names",
+                         code="invalid_body")
+    for s in schemas:
+        if not isinstance(s, str) or not SCHEMA.match(s) or s == "information_schema":
+            plain = isinstance(s, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", s)
+            raise (Unprocessable if plain else BadRequest)(
+                f"{repr(s)[:80]} is not a schema of the application's (1-63 letters, digits "
+                "or _, not a system schema; names that need quotes are restored with the "
+                "whole database)", code="invalid_body")
+    return {"schemas": list(schemas)}
 
 
 def keys_params(target: TargetConfig, keys: object) -> JobParams:
@@ -128,7 +156,11 @@ def _tables(target: TargetConfig, tables: object) -> JobParams:
 
 
 def check_tables(params: JobParams, manifest: Mapping[str, object]) -> None:
-    """Every table named is one the backup holds (its manifest's counts, as recorded)."""
+    """Every table named is one the backup holds (its manifest's counts, as recorded);
+    `schemas` are expanded into `params["tables"]` here: the tables the backup holds in
+    them."""
+    if params.get("schemas"):
+        _expand_schemas(params, manifest)
     only = manifest.get("only_tables")
     if isinstance(only, list) and only and not params.get("tables"):
         raise Unprocessable(f"{manifest.get('filename')} holds only some tables ("
@@ -146,6 +178,32 @@ def check_tables(params: JobParams, manifest: Mapping[str, object]) -> None:
                             + ", ".join(missing) + " (it holds: "
                             + ", ".join(sorted(held)[:30]) + (" …" if len(held) > 30 else "")
                             + ")", code="table_missing")
+
+
+def _expand_schemas(params: JobParams, manifest: Mapping[str, object]) -> None:
+    recorded: set[str] = set()
+    for key in ("counts", "exact_counts"):
+        if isinstance(counts := manifest.get(key), dict):
+            recorded |= set(map(str, counts))
+    if not recorded:
+        raise Unprocessable(f"{manifest.get('filename')} records no tables: name them with "
+                            "\"tables\"", code="table_missing")
+    tables = set(params.get("tables") or [])
+    for schema in params.get("schemas") or []:
+        mine = sorted(t for t in recorded if t.split(".", 1)[0] == schema)
+        if not mine:
+            raise Unprocessable(f"{manifest.get('filename')} holds no table in schema "
+                                f"{schema}", code="table_missing")
+        if odd := [t for t in mine if parse_table_name(t) is None]:
+            raise Unprocessable(f"schema {schema} holds tables whose names need quotes ("
+                                + ", ".join(odd[:5])[:300] + "): restore the whole database, "
+                                "or beside it, and copy them", code="invalid_body")
+        tables |= set(mine)
+    if len(tables) > MAX_SCHEMA_TABLES:
+        raise Unprocessable(f"the schemas hold {len(tables)} tables (at most "
+                            f"{MAX_SCHEMA_TABLES} in one restore): restore the whole "
+                            "database, or beside it", code="invalid_body")
+    params["tables"] = sorted(tables)
 
 
 def _into(settings: Settings, target: TargetConfig, into_database: object,

@@ -114,6 +114,7 @@ class JobParams(TypedDict, total=False):
     into_database: str  # restore: into this new database beside the live one
     replace: bool  # restore into_database: over it when it exists
     tables: list[str]  # restore: only these tables (PostgreSQL schema.table)
+    schemas: list[str]  # restore (PostgreSQL): the tables of these schemas (in `tables`)
     from_target: str  # restore into_target: the target whose backup this is
     keys: list[str]  # restore (Redis): only the keys these glob patterns match
     table: str  # preview: the table read

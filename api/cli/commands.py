@@ -75,6 +75,8 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     r.add_argument("--table", action="append", metavar="SCHEMA.TABLE", dest="tables",
                    help="only this table (repeat; PostgreSQL): every other table is left "
                         "exactly as it is")
+    r.add_argument("--schema", action="append", metavar="SCHEMA", dest="schemas",
+                   help="every table of this schema the backup holds (repeat; PostgreSQL)")
     r.add_argument("--replace", action="store_true",
                    help="with --into-database: restore over it when it exists")
     r.add_argument("--owner-map", action="append", metavar="OLD=NEW", default=[],
@@ -355,11 +357,12 @@ async def _cmd_restore(client: Client, args: argparse.Namespace) -> int:
     if args.into_target:
         question = (f"Replace the database of target '{args.into_target}' with "
                     f"{args.backup}, a backup of target '{args.target}'?")
-    if args.tables:
-        question = question.replace("the database of", "table(s) " + ", ".join(
-            args.tables) + " of the database of").replace(
-            f"Restore {args.backup}", f"Restore table(s) {', '.join(args.tables)} of "
-            f"{args.backup}")
+    if args.tables or args.schemas:
+        some = " and ".join(([f"table(s) {', '.join(args.tables)}"] if args.tables else [])
+                            + ([f"the tables of schema(s) {', '.join(args.schemas)}"]
+                               if args.schemas else []))
+        question = question.replace("the database of", f"{some} of the database of").replace(
+            f"Restore {args.backup}", f"Restore {some} of {args.backup}")
     if not confirm(args, question):
         return EXIT_USAGE
     req: ApiDoc = {"backup": args.backup,
@@ -370,6 +373,8 @@ async def _cmd_restore(client: Client, args: argparse.Namespace) -> int:
         req["replace"] = True
     if args.tables:
         req["tables"] = args.tables
+    if args.schemas:
+        req["schemas"] = args.schemas
     if args.into_target:
         req["into_target"] = args.into_target
     if args.keys:

@@ -257,6 +257,7 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                              "restore beside the live database, into a new one of that name "
                              "(Redis: another database index; the live one is not touched; "
                              "replace: over it if it exists). "
+                             "schemas (PostgreSQL): every table of these schemas. "
                              "tables: only these tables (PostgreSQL schema.table); every "
                              "other table is left exactly as it is (MySQL, SQLite: table; "
                              "MongoDB: db.collection; Redis: keys, glob patterns). "
@@ -270,7 +271,8 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                            database: str | None = None, into_database: str | None = None,
                            replace: bool = False, tables: list[str] | None = None,
                            into_target: str | None = None,
-                           keys: list[str] | None = None) -> ToolResult:
+                           keys: list[str] | None = None,
+                           schemas: list[str] | None = None) -> ToolResult:
         info: AuditInfo = {"backup": (backup or f"point in time {point_in_time}")[:200]}
 
         async def body(ops: Operations, who: Caller) -> ToolResult:
@@ -279,7 +281,7 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                 raise BadRequest("name either backup or point_in_time", code="invalid_body")
             dest = ops.target(who, into_target, Role.OPERATOR) if into_target else target
             scope = scope_params(kit.services().settings, target, into_database, replace,
-                                 tables, dest, keys)
+                                 tables, dest, keys, schemas)
             where = (f"the new database {into_database} beside {target.id} (which is not "
                      "touched)" + (", replacing it if it exists," if replace else "")
                      if into_database else dest.id)
@@ -289,9 +291,14 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                 if point_in_time:
                     raise BadRequest("into_target takes a backup, not a point_in_time",
                                      code="invalid_body")
-            if tables or keys:
-                what = f"table(s) {', '.join(tables)}" if tables else \
-                    f"the keys matching {', '.join(keys or [])}"
+            if schemas and point_in_time:
+                raise BadRequest("schemas take a backup, not a point_in_time",
+                                 code="invalid_body")
+            if tables or keys or schemas:
+                what = " and ".join(
+                    ([f"the tables of schema(s) {', '.join(schemas)}"] if schemas else [])
+                    + ([f"table(s) {', '.join(tables)}"] if tables else [])
+                    + ([f"the keys matching {', '.join(keys)}"] if keys else []))
                 where = (f"{what} of {where} (everything else is left as it is)")
             if point_in_time:
                 return await _plan_point_in_time(kit, ops, who, target.id, point_in_time,
@@ -369,6 +376,7 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                                           tables=plan.get("tables"),
                                           into_target=plan.get("into_target"),
                                           keys=plan.get("keys"),
+                                          schemas=plan.get("schemas"),
                                           expect_sha256=plan["sha256"])
             return await kit.follow(ops, who, job, ctx, wait_seconds)
         return await kit.run("execute_restore", None, body, info)

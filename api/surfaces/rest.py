@@ -174,8 +174,10 @@ async def create_restore(request: web.Request) -> web.Response:
         raise BadRequest("field 'backup' is required (or, on a point-in-time target, "
                          "'point_in_time' instead): name one of them", code="invalid_body")
     if "point_in_time" in body:
-        if any(k in body for k in ("roles", "owner_map", "database", "into_target")):
-            raise Unprocessable("roles, owner_map, database and into_target apply to a "
+        if any(k in body for k in ("roles", "owner_map", "database", "into_target",
+                                   "schemas")):
+            raise Unprocessable("roles, owner_map, database, into_target and schemas apply "
+                                "to a "
                                 "backup's restore, "
                                 "not (yet) to a point in time", code="invalid_body")
         job = await ops(request).start_pitr_restore(
@@ -193,7 +195,8 @@ async def create_restore(request: web.Request) -> web.Response:
         owner_map=body.get("owner_map"), database=body.get("database"),
         into_database=body.get("into_database"), replace=body.get("replace", False),
         tables=body.get("tables"), into_target=body.get("into_target"), keys=body.get("keys"),
-        idempotency_key=idempotency_key(request), wait=wait_param(request))
+        schemas=body.get("schemas"), idempotency_key=idempotency_key(request),
+        wait=wait_param(request))
     return job_response(job, request)
 
 

@@ -358,10 +358,12 @@ class TableCut:
                 return False
             self.loaded.add(rel)
             return True
+        # sequences made by this restore (a live table's are only ever set, never defined)
+        made = self.owned - sel.sequences
         if st.kind == "sequence":  # setval, ALTER/GRANT/COMMENT ON SEQUENCE: its own only
             if st.setval is not None:
                 return t == b"SEQUENCE SET" and rel in self.owned
-            return not data_section and rel in self.owned
+            return not data_section and rel in made
         if st.kind == "newseq":  # made here (a live one of that name fails the restore)
             if (self._state == _PENDING and t == b"SEQUENCE" and self._seq is None
                     and sel.create and rel is not None):
@@ -378,7 +380,7 @@ class TableCut:
         if st.kind == "comment_index":
             return rel in self.indexes
         if st.kind == "owner" and rel is not None and rel == self._seq:
-            return True if rel in self.owned else _UNDECIDED  # a sequence's owner
+            return True if rel in made else _UNDECIDED  # a sequence's owner
         if st.kind == "fk" and st.fk is not None and rel not in sel.create:
             con, ref = st.fk
             if ref in sel.create and rel in sel.live_tables and rel is not None \

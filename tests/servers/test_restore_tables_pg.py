@@ -276,3 +276,45 @@ async def test_a_table_of_public_with_keys_and_a_trigger(
     assert await conn.fetchval("SELECT count(*) FROM ord WHERE cust = 1") == 2
     await conn.close()
     assert await catalog(pg_db) == shape
+
+
+async def test_the_tables_of_a_schema(api: Any, worker: Any, pg_db: str,
+                                      wait_job: JobWaiter) -> None:
+    """`schemas`: every table the backup holds in schema app comes back as it was (their
+    foreign keys among them and to them kept and valid); a table of another schema, changed
+    since, is left exactly as it is; names that are no schema of the backup's are refused
+    before any job."""
+    await run(pg_db, SCHEMA + "CREATE SCHEMA other; CREATE TABLE other.notes (id int "
+              "PRIMARY KEY, body text); INSERT INTO other.notes VALUES (1, 'kept');")
+    name = (await backup(api))["result"]["filename"]
+    backed_up = await pg.fingerprint(pg_db)
+    await run(pg_db, "UPDATE app.orders SET total = 0; UPDATE app.customers SET name = 'x'; "
+                     "DELETE FROM app.items WHERE id > 10; INSERT INTO other.notes VALUES "
+                     "(2, 'since'); DROP VIEW app.big_orders; DROP TABLE app.audit")
+    live = await pg.fingerprint(pg_db)
+    for attempt in range(2):
+        job = await restore(api, wait_job, backup=name, schemas=["app"])
+        assert job["status"] == "succeeded", (attempt, job["error"]["message"])
+        now = await pg.fingerprint(pg_db)
+        for table, rows in backed_up["data"].items():
+            if table.startswith("app."):
+                assert now["data"][table] == rows, table
+        assert now["data"]["other.notes"] == live["data"]["other.notes"]
+    conn = await pg.user_conn(pg_db)
+    try:  # the foreign keys are there and hold
+        assert await conn.fetchval("SELECT count(*) FROM pg_constraint WHERE contype = 'f' "
+                                   "AND convalidated") == 2
+    finally:
+        await conn.close()
+    safety = job["result"]["safety_backup"]
+    manifest = await (await api.get(f"/api/v1/targets/main/backups/{safety}")).json()
+    assert sorted(manifest["only_tables"]) == ["app.audit", "app.customers", "app.items",
+                                               "app.orders"]
+    jobs_before = (await (await api.get("/api/v1/jobs")).json())["jobs"]
+    for schemas, status in [(["nosuch"], 422), (["pg_catalog"], 422), (["a.b"], 400),
+                            ([""], 400), (["information_schema"], 422), ([], 400),
+                            (["app", "app"], 400), ("app", 400), (["a\x00"], 400)]:
+        resp = await api.post("/api/v1/targets/main/restores",
+                              json={"backup": name, "schemas": schemas})
+        assert resp.status == status, (schemas, await resp.text())
+    assert (await (await api.get("/api/v1/jobs")).json())["jobs"] == jobs_before
