@@ -41,9 +41,11 @@ async def preview_rows(request: web.Request) -> web.Response:
             "backup": f"{file} table {table}"[:300]
             + (f" where {params['where']}"[:300] if params.get("where") else "")}):
         target = o.target(who, target_id, Role.OPERATOR)
-        if target.engine not in ("postgresql", "sqlite") or target.is_set:
-            raise Unprocessable("a preview reads a PostgreSQL or SQLite target's backup "
-                                f"(not {target.engine}, yet)", code="invalid_body")
+        if target.engine not in ("postgresql", "sqlite", "mysql", "mongodb") or \
+                target.is_set:
+            raise Unprocessable("a preview reads a PostgreSQL, MySQL/MariaDB, MongoDB or "
+                                f"SQLite target's backup (not {target.engine}, yet)",
+                                code="invalid_body")
         scope = scope_params(o.s.settings, target, None, False, [table])  # checks the name
         name, manifest = await o.manifest(target.id, file)
         check_tables({**scope, "backup": name.filename}, manifest)

@@ -101,3 +101,25 @@ async def test_a_failed_load_beside_leaves_the_server_as_it_was(
         assert await fingerprint(mongo, [app]) == live
     finally:
         await mongo.drop_database(copy)
+
+
+async def test_documents_of_one_collection_read_from_the_backup(
+        api: Any, worker: Any, mongo: Any, dbs: list[str]) -> None:
+    """Which backup still has document n=7? Read from the backup's tar, nothing restored;
+    stops at `limit`; an unknown collection or field is refused."""
+    app = dbs[0]
+    await load(mongo, dbs)
+    name = (await backup(api))["result"]["filename"]
+    await mongo[app].things.delete_many({})
+    base = f"/api/v1/targets/main/backups/{name}/contents/{app}.things"
+    got = await (await api.get(f"{base}?where=n=7")).json()
+    assert len(got["rows"]) == 1, got
+    row = dict(zip(got["columns"], got["rows"][0], strict=True))
+    assert row["n"] == "7" and row["email"] == "user7@example.com"
+    assert got["complete"] is True
+    got = await (await api.get(f"{base}?limit=3")).json()
+    assert len(got["rows"]) == 3 and got["complete"] is False
+    got = await (await api.get(f"{base}?where=nope=1")).json()
+    assert got["rows"] == []
+    resp = await api.get(f"/api/v1/targets/main/backups/{name}/contents/{app}.nothere")
+    assert resp.status == 422, await resp.text()

@@ -89,3 +89,29 @@ async def test_one_table_after_a_too_wide_update(
                               json={"backup": name, "tables": tables})
         assert resp.status == status, (tables, await resp.text())
         assert (await resp.json())["error"]["code"] == code
+
+
+async def test_rows_of_one_table_read_from_the_backup(
+        api: Any, worker: Any, my_db: str, settings: Settings) -> None:
+    """Which backup still has order 2? MariaDB: rows read from the dump's INSERT lines of
+    that table only (escapes, NULL, binary as hex), stopped at `limit`; bad column 422."""
+    await run(my_db, *SCHEMA, "ALTER TABLE customers ADD COLUMN photo varbinary(8)",
+              "UPDATE customers SET photo = 0x00ff WHERE id = 1",
+              "INSERT INTO customers (name) VALUES ('it''s, (quoted)\\\\ here')")
+    job = await (await api.post("/api/v1/targets/main/backups?wait=60")).json()
+    name = job["result"]["filename"]
+    await run(my_db, "DELETE FROM orders")
+    base = f"/api/v1/targets/main/backups/{name}/contents"
+    got = await (await api.get(f"{base}/orders?where=id=2")).json()
+    assert got["columns"] == ["id", "customer_id", "total", "note"], got
+    assert got["rows"] == [["2", "2", "20.00", "z"]]
+    got = await (await api.get(f"{base}/orders?where=customer_id=1")).json()
+    assert got["rows"] == [["1", "1", "5.00", "x\ny"], ["3", "1", "30.00", None]]
+    got = await (await api.get(f"{base}/customers?limit=5")).json()
+    assert got["rows"][0][2] == "\\x00ff" and got["rows"][2][1] == "it's, (quoted)\\ here", got
+    got = await (await api.get(f"{base}/orders?limit=1")).json()
+    assert len(got["rows"]) == 1 and got["complete"] is False
+    for path, status in [("orders?where=nope=1", 422), ("nothere", 422), ("a.b", 422),
+                         ("%60x%60", 400)]:
+        resp = await api.get(f"{base}/{path}")
+        assert resp.status == status, (path, await resp.text())

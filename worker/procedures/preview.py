@@ -2,7 +2,9 @@
 backup still has customer 4711?"). Read-only: no target lock, the live database is never
 touched. PostgreSQL: the plain stream is decrypted and decompressed as it is read and
 stops as soon as `limit` rows matched (shared.formats.pgrows); its sha256 is checked only
-when the whole file was read, and the answer says which. SQLite: the backup file is
+when the whole file was read, and the answer says which. MySQL/MariaDB the same way
+(shared.formats.myrows); MongoDB: the collection's tar entry, document by document (a
+column per top-level field, values as relaxed extended JSON). SQLite: the backup file is
 written to the worker's private temp space, checked, and queried read-only."""
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from shared import naming, scratch
 from shared.codecs.base import AgeKey
 from shared.config import TargetConfig
 from shared.errors import Conflict, Unprocessable
+from shared.formats.mongodocs import DocReader
+from shared.formats.myrows import MyRowReader
 from shared.formats.pgrows import MAX_VALUE, RowReader
 from shared.formats.pgtables import parse_table_name
 from shared.formats.sqlite import check_sqlite_file
@@ -50,22 +54,31 @@ class Previews(ProcedureBase):
                 result.update(await self._sqlite_rows(chunks, table, where, limit))
                 result["checksum_verified"] = True
                 return result
-            rel = parse_table_name(table)
-            if target.engine != "postgresql" or rel is None:
-                raise Unprocessable(f"a preview reads PostgreSQL and SQLite backups, not "
-                                    f"{target.engine} (not yet)", code="invalid_body")
-            reader = RowReader(rel, where if where is None or len(where) == 2 else None,
-                               limit)
+            pair = (where[0], where[1]) if where is not None and len(where) == 2 else None
+            reader: RowReader | MyRowReader | DocReader
+            if target.engine == "mysql":
+                reader = MyRowReader(table, pair, limit)
+            elif target.engine == "mongodb":
+                reader = DocReader(table, pair, limit)
+            elif target.engine == "postgresql" and (rel := parse_table_name(table)):
+                reader = RowReader(rel, pair, limit)
+            else:
+                raise Unprocessable(f"a preview reads PostgreSQL, MySQL/MariaDB, MongoDB and "
+                                    f"SQLite backups, not {target.engine} (not yet)",
+                                    code="invalid_body")
             read = 0
             async for chunk in chunks:
                 read += len(chunk)
                 progress.add_bytes(len(chunk))
-                reader.feed(chunk)
+                await asyncio.to_thread(reader.feed, chunk)
                 if reader.done:
                     break
             else:
-                reader.finish()
+                await asyncio.to_thread(reader.finish)
                 read = -1  # the whole file: its sha256 was checked at its end
+        if isinstance(reader, DocReader) and not reader.found:
+            raise Unprocessable(f"the backup holds no collection {table}",
+                                code="table_missing")
         result.update(columns=reader.columns, rows=reader.rows, scanned_rows=reader.scanned,
                       truncated_values=reader.truncated, complete=read == -1 or None,
                       checksum_verified=read == -1,
