@@ -142,3 +142,29 @@ async def test_a_database_the_listing_leaves_out_is_never_loaded_into_or_dropped
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{hidden}"')
         await admin.close()
+
+
+async def test_one_table_beside_the_live_database(
+        api: Any, worker: Any, pg_db: str, wait_job: JobWaiter) -> None:
+    """`tables` with `into_database`: a new database that holds just that table as it was
+    backed up (its schema made for it), to compare or copy rows back; live untouched."""
+    from tests.servers.test_restore_tables_pg import SCHEMA
+    conn = await pg.user_conn(pg_db)
+    await conn.execute(SCHEMA)
+    await conn.close()
+    name = (await backup(api))["result"]["filename"]
+    backed_up = await pg.fingerprint(pg_db)
+    conn = await pg.user_conn(pg_db)
+    await conn.execute("UPDATE app.customers SET name = 'oops'")
+    await conn.close()
+    live = await pg.fingerprint(pg_db)
+    beside = f"{pg_db}_one"
+    try:
+        job = await restore(api, wait_job, backup=name, into_database=beside,
+                            tables=["app.customers"])
+        assert job["status"] == "succeeded", job["error"]["message"]
+        copy = await pg.fingerprint(beside)
+        assert copy["data"] == {"app.customers": backed_up["data"]["app.customers"]}
+        assert await pg.fingerprint(pg_db) == live
+    finally:
+        await pg.drop_database(beside)

@@ -289,6 +289,21 @@ class PostgreSQL:
                     await conn.execute(f"ALTER DATABASE {quote_ident(name)} OWNER TO "
                                        f"{quote_ident(owner)}")
 
+    async def make_schemas(self, target: TargetConfig, schemas: Sequence[str],
+                           facts: Mapping[str, object]) -> None:
+        """Schemas a tables restore into a new database needs, owned by the dumped
+        database's owner where this role may (the tables' owners are given them as dumped,
+        which needs their CREATE there)."""
+        owner = facts.get("database_owner")
+        async with self.connect(target) as conn:
+            mine = isinstance(owner, str) and 0 < len(owner) < 64 and await conn.fetchval(
+                "SELECT pg_has_role(current_user, r.oid, 'MEMBER') FROM pg_roles r "
+                "WHERE r.rolname = $1", owner)
+            for schema in schemas:
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}"
+                                   + (f" AUTHORIZATION {quote_ident(str(owner))}"
+                                      if mine else ""))
+
     async def tables_present(self, target: TargetConfig, tables: Sequence[str]) -> list[str]:
         return await pg_tables.present(target, tables)
 

@@ -88,6 +88,9 @@ class ScopedRestores(Restores):
         try:
             params = job.params.copy()
             params["create_safety_backup"] = False  # nothing was there to keep
+            if tables := job.params.get("tables") or ():  # only these: their schemas first
+                if make := getattr(engine, "make_schemas", None):
+                    await make(beside, sorted({t.split(".", 1)[0] for t in tables}), facts)
             result = await self.restore(dataclasses.replace(job, params=params), beside,
                                         engine, progress, identities)
             await sets.database_restored(target, name, facts)
