@@ -392,7 +392,9 @@ class Operations:
                             fail_fast: bool = False, expect_sha256: str | None = None) -> Job:
         """A restore job bound to the backup's sha256 as it is now (or `expect_sha256`, what
         the caller was shown): the worker refuses a file that no longer matches."""
-        async with self.audited(caller, "create_restore", target_id,
+        # recorded under the target whose data it changes (into_target: the destination;
+        # the words name both)
+        async with self.audited(caller, "create_restore", into_target or target_id,
                                  {"backup": file}) as info:
             target = self.target(caller, target_id, Role.OPERATOR)
             dest = self.target(caller, str(into_target), Role.OPERATOR) if into_target else target

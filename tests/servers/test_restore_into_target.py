@@ -58,8 +58,8 @@ async def test_prods_backup_into_staging(api: Any, worker: Any, pg_db: str, stag
     main = await (await api.get("/api/v1/targets/main/backups")).json()
     assert [b["filename"] for b in main["backups"]] == [name]  # nothing written to prod
     audit = await (await api.get("/api/v1/audit?action=create_restore")).json()
-    said = [e.get("backup") for e in audit["entries"]]
-    assert f"{name} from target main into target staging" in said, said
+    said = [(e.get("backup"), e.get("target")) for e in audit["entries"]]
+    assert (f"{name} from target main into target staging", "staging") in said, said
 
     scoped = {"Authorization": f"Bearer {token(settings, 'operator:main')}"}
     resp = await api.post("/api/v1/targets/main/restores", headers=scoped,
