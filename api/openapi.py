@@ -61,7 +61,9 @@ def operation(r: Route) -> Schema:
     if r.upload:
         op["requestBody"] = _UPLOAD_BODY
     elif r.body:
-        op["requestBody"] = {"required": bool(r.body.get("required")),
+        # a body that must name something (required fields, or one of several) is itself
+        # required: an empty POST is refused (400), as the spec then says
+        op["requestBody"] = {"required": bool(r.body.get("required") or r.body.get("oneOf")),
                              "content": {"application/json": {"schema": r.body}}}
     if r.idempotent:
         op["parameters"].append({

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from api.context import Services
-from shared import naming, rcmd
+from shared import binlog_window, naming, rcmd
 from shared.config import TargetConfig
 from shared.errors import BadRequest, Conflict, OutsideWindow
 from shared.pitr_window import window
@@ -27,6 +27,14 @@ async def window_of(s: Services, target: TargetConfig) -> dict[str, object]:
     state = {k.decode(): v.decode() for k, v in (await rcmd.hgetall(
         s.redis, s.keys.pitr(target.id, "state"))).items()}
     streaming: dict[str, object] = {k: state.get(k) or None for k in STREAMING_KEYS}
+    if target.engine == "mysql":  # binlog: positions file:offset, the bases its backups
+        backups, missing = await s.catalog.listing(target.id)
+        streaming["shipped"] = streaming.pop("shipped_lsn")
+        streaming["server"] = streaming.pop("server_lsn")
+        return {"target": target.id,
+                **binlog_window.window(listing, backups, datetime.now(UTC)),
+                "streaming": streaming,
+                "unavailable": sorted(set(unavailable) | set(missing))}
     streaming["slot"] = target.pitr.slot
     streaming["slot_bytes"] = int(state["slot_bytes"]) if state.get(
         "slot_bytes", "").isdigit() else None

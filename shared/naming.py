@@ -10,15 +10,19 @@ Anything else is rejected; a parsed name contains only [a-z0-9_.] so it can neve
 its target's directory. The suffixes are a courtesy to people: what decodes a file is the
 codec chain in its manifest, never its name.
 
-A target's point-in-time archive (PostgreSQL WAL and base backups) lives beside its
-backups in a namespace of its own, `<target>.pitr` (a target id never holds a dot), with
-a grammar of its own that a client never names:
+A target's point-in-time archive (PostgreSQL WAL and base backups, MySQL/MariaDB binlogs)
+lives beside its backups in a namespace of its own, `<target>.pitr` (a target id never
+holds a dot), with a grammar of its own that a client never names:
 
-    archive = akind "_postgresql_" stamp [ "_" seq ] [ "_" ref ] "." aext suffix
+    archive = akind "_" aengine "_" stamp [ "_" seq ] [ "_" ref ] "." aext suffix
     wal     : ref = SEGMENT (24 hex, PostgreSQL's own name)            aext = "wal"
     walpart : ref = SEGMENT "_" START "-" END (8 hex: bytes of it)     aext = "wal"
     history : ref = TIMELINE (8 hex)                                   aext = "history"
     base    : no ref                                                   aext = "tar"
+    binlog     : ref = FILE (8 hex: the binlog file's number)          aext = "binlog"
+    binlogpart : ref = FILE "_" START "-" END (8 hex: its bytes)       aext = "binlog"
+
+(aengine: postgresql for the first four, mysql for the binlog kinds.)
 
 `parse_in(target, name)` is the one way a store turns a name into a file: a backup name
 in a target, an archive name in its archive, nothing else anywhere.
@@ -52,19 +56,24 @@ _NAME_RE = re.compile(
 
 
 PITR_SUFFIX = ".pitr"  # `<target>.pitr`: the namespace of a target's PITR archive
-ARCHIVE_KINDS = ("wal", "walpart", "history", "base")
+ARCHIVE_KINDS = ("wal", "walpart", "history", "base", "binlog", "binlogpart")
 _SEGMENT = r"[0-9A-F]{24}"
 _ARCHIVE_RE = re.compile(
-    r"^(?P<kind>wal|walpart|history|base)_(?P<engine>postgresql)_"
+    r"^(?P<kind>wal|walpart|history|base|binlog|binlogpart)_(?P<engine>postgresql|mysql)_"
     r"(?P<stamp>\d{8}_\d{6})(?:_(?P<seq>[2-9]|[1-9]\d{1,3}))?"
-    rf"(?:_(?P<ref>{_SEGMENT}(?:_[0-9A-F]{{8}}-[0-9A-F]{{8}})?|[0-9A-F]{{8}}))?"
-    r"\.(?P<ext>wal|history|tar)"
+    rf"(?:_(?P<ref>{_SEGMENT}(?:_[0-9A-F]{{8}}-[0-9A-F]{{8}})?|[0-9A-F]{{8}}"
+    r"(?:_[0-9A-F]{8}-[0-9A-F]{8})?))?"
+    r"\.(?P<ext>wal|history|tar|binlog)"
     r"(?P<suffix>(?:\.gz|\.zst)?(?:\.age)?)\Z")
-# an archive kind's reference and extension (the grammar above, per kind)
+# an archive kind's reference, extension and engine (the grammar above, per kind)
 _ARCHIVE_SHAPES = {"wal": (re.compile(rf"{_SEGMENT}\Z"), "wal"),
                    "walpart": (re.compile(rf"{_SEGMENT}_[0-9A-F]{{8}}-[0-9A-F]{{8}}\Z"), "wal"),
                    "history": (re.compile(r"[0-9A-F]{8}\Z"), "history"),
-                   "base": (re.compile(r"\Z"), "tar")}
+                   "base": (re.compile(r"\Z"), "tar"),
+                   "binlog": (re.compile(r"[0-9A-F]{8}\Z"), "binlog"),
+                   "binlogpart": (re.compile(r"[0-9A-F]{8}_[0-9A-F]{8}-[0-9A-F]{8}\Z"),
+                                  "binlog")}
+_ARCHIVE_ENGINE = {"binlog": "mysql", "binlogpart": "mysql"}
 
 
 @dataclass(frozen=True)
@@ -125,7 +134,8 @@ def parse_archive(name: str) -> BackupName:
     m = _ARCHIVE_RE.match(name)
     shape = _ARCHIVE_SHAPES.get(m["kind"]) if m else None
     if m is None or shape is None or not shape[0].match(m["ref"] or "") or \
-            m["ext"] != shape[1]:
+            m["ext"] != shape[1] or m["engine"] != _ARCHIVE_ENGINE.get(m["kind"],
+                                                                       "postgresql"):
         raise InvalidBackupName("not an archive object name: expected e.g. "
                                 "wal_postgresql_20241110_120000_000000010000000000000003.wal")
     try:
@@ -152,7 +162,8 @@ def parse_stored(name: str) -> BackupName:
 def archive_name(kind: str, at: datetime, ref: str = "", *,
                  codecs: Sequence[str] = ()) -> BackupName:
     """The first-choice name of a new archive object (seq 1)."""
-    name = BackupName(kind, "postgresql", at.astimezone(UTC).replace(microsecond=0), 1,
+    name = BackupName(kind, _ARCHIVE_ENGINE.get(kind, "postgresql"),
+                      at.astimezone(UTC).replace(microsecond=0), 1,
                       _ARCHIVE_SHAPES[kind][1], "".join(SUFFIXES[c] for c in codecs), ref)
     return parse_archive(name.filename)  # never makes a name it would refuse
 

@@ -33,6 +33,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
+import pymysql
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -545,7 +546,8 @@ class PitrService:
 
     async def run(self) -> None:
         for target in self.settings.targets.values():
-            if target.pitr is not None and not target.pitr.enabled:
+            if target.pitr is not None and not target.pitr.enabled and \
+                    target.engine == "postgresql":  # (a binlog stream holds nothing)
                 await self._disabled(target)
         if self.targets:
             await asyncio.gather(*(self._hold(t) for t in self.targets))
@@ -575,8 +577,12 @@ class PitrService:
                 if not await lease.try_acquire():
                     await asyncio.sleep(WAIT_S)
                     continue
-                streamer = Streamer(self.settings, target, self.redis, self.keys,
-                                    self.catalog, self.notifier, lease, self.alarms)
+                kind = Streamer
+                if target.engine == "mysql":
+                    from worker.binlog_archive import BinlogStreamer
+                    kind = BinlogStreamer
+                streamer = kind(self.settings, target, self.redis, self.keys,
+                                self.catalog, self.notifier, lease, self.alarms)
                 try:
                     await _together(streamer.run(), lease.keep())
                 finally:
@@ -585,7 +591,8 @@ class PitrService:
                 raise
             except LeaseLost as exc:
                 log.warning("pitr %s: %s", target.id, exc)
-            except (SafeholdError, asyncpg.PostgresError, OSError, RedisError) as exc:
+            except (SafeholdError, asyncpg.PostgresError, pymysql.err.MySQLError, OSError,
+                    RedisError) as exc:
                 why = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
                 log.warning("pitr %s: streaming stopped: %s", target.id, why)
                 with contextlib.suppress(RedisError, OSError):

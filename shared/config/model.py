@@ -214,7 +214,8 @@ class AuthSettings:
 @dataclass(frozen=True)
 class PitrConfig:
     """`[targets.<t>.pitr]`: a PostgreSQL target's WAL archive, streamed continuously from
-    a physical replication slot, with a base backup on a schedule (README, "Point-in-time
+    a physical replication slot, with a base backup on a schedule; a MySQL/MariaDB target's
+    binlog, streamed continuously, its regular backups the bases (README, "Point-in-time
     recovery")."""
 
     enabled: bool = False

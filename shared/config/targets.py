@@ -157,9 +157,14 @@ def _pitr(tid: str, engine: str, raw: object) -> PitrConfig | None:
     enabled = raw.get("enabled", False)
     if not isinstance(enabled, bool):
         raise ConfigError(f"{where}.enabled must be true or false")
-    if engine != "postgresql":
-        raise ConfigError(f"[{where}]: point-in-time recovery is built for postgresql "
-                          f"targets (target '{tid}' is {engine})")
+    if engine not in ("postgresql", "mysql"):
+        raise ConfigError(f"[{where}]: point-in-time recovery is built for postgresql and "
+                          f"mysql targets (target '{tid}' is {engine})")
+    if engine == "mysql" and (pg_only := sorted({"slot", "base_schedule", "pg_bindir"}
+                                                 & set(raw))):
+        raise ConfigError(f"[{where}]: {', '.join(pg_only)} belong to PostgreSQL's archive; a "
+                          "MySQL/MariaDB target's bases are its regular backups (its "
+                          "schedule), its archive is the server's binlog")
     slot = raw.get("slot", "safehold_" + tid.replace("-", "_"))
     if not isinstance(slot, str) or not _SLOT_RE.match(slot):
         raise ConfigError(f"{where}.slot must be 1-63 characters of a-z, 0-9 and '_' (a "

@@ -54,6 +54,7 @@ def strip_leading(head: bytes) -> bytes:
 
 class StatementStarts:
     KEEP = 48  # bytes held back at a chunk's end: no token (sandbox line included) is longer
+    DELIMITER_LINES = _DELIMITER_LINES  # the DELIMITER commands the script may hold
 
     def __init__(self, on_statement: Callable[[bytes, int], None]) -> None:
         self.on_statement = on_statement
@@ -69,7 +70,9 @@ class StatementStarts:
 
     @staticmethod
     def _compile(delimiter: bytes) -> re.Pattern[bytes]:
-        return re.compile(rb"['\"`#\n\\]|--|/\*M?!|/\*|\*/|" + re.escape(delimiter))
+        # the delimiter first: the client looks for it before a comment's start
+        # (mariadb-binlog's `/*!*/;` is a delimiter, not an executable comment)
+        return re.compile(re.escape(delimiter) + rb"|['\"`#\n\\]|--|/\*M?!|/\*|\*/")
 
     def feed(self, chunk: bytes) -> None:
         data = self.carry + chunk
@@ -188,7 +191,7 @@ class StatementStarts:
                 self.line += 1
                 if _DELIMITER_LINE.match(line):  # a client command: the statements' new end
                     found = _DELIMITER.fullmatch(line)
-                    if found is None or line not in _DELIMITER_LINES:
+                    if found is None or line not in self.DELIMITER_LINES:
                         raise ValueError(f"a DELIMITER command mysqldump does not write "
                                          f"({line[:40].decode('utf-8', 'replace')!r})")
                     self.delimiter = found.group(1)

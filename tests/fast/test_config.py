@@ -164,7 +164,8 @@ def test_the_daily_prune_is_a_time_or_off(tmp_path: Path, value: str, ok: bool) 
 
 @pytest.mark.parametrize(("pitr", "engine", "why"), [
     ({"enabled": "yes"}, "postgresql", "enabled must be true or false"),
-    ({"enabled": True}, "mysql", "built for postgresql"),
+    ({"enabled": True}, "redis", "built for postgresql and mysql"),
+    ({"enabled": True, "slot": "x"}, "mysql", "belong to PostgreSQL"),
     ({"slot": "Bad-Slot"}, "postgresql", "slot must be"),
     ({"base_schedule": "every day"}, "postgresql", "base_schedule"),
     ({"keep_days": 0}, "postgresql", "keep_days must be"),

@@ -38,11 +38,12 @@ def option_value(text: str) -> str:
 
 
 @contextmanager
-def defaults_file(target: TargetConfig) -> Iterator[str]:
-    """A private 0600 option file with the connection and password; removed afterwards."""
+def defaults_file(target: TargetConfig, *, charset: bool = True) -> Iterator[str]:
+    """A private 0600 option file with the connection and password; removed afterwards
+    (`charset`: with the client character set, which mariadb-binlog does not take)."""
     c = conn_params(target)
     lines = ["[client]", f"user={option_value(c['user'])}", f"host={c['host']}",
-             f"port={c['port']}", "default-character-set=utf8mb4"]
+             f"port={c['port']}", *(["default-character-set=utf8mb4"] if charset else [])]
     if c["unix_socket"]:
         lines.append(f"socket={c['unix_socket']}")
     if target.password is not None:

@@ -23,6 +23,8 @@ import pymysql
 from shared.config import TargetConfig
 from shared.engines import ENGINES
 from shared.errors import DumpFailed, EngineError, RestoreFailed
+from shared.formats.binlog import DumpPosition as BinlogPosition
+from shared.formats.binlog import file_parts
 from shared.formats.mytables import MyTableCut, RefusedStatement
 from shared.formats.pgscript import UnsafeScript
 from shared.jobs import Phase
@@ -180,6 +182,13 @@ class MySQL:
                 flags.append("--column-statistics=0")
         base = [t for t in cat["tables"] if t[1] == "BASE TABLE"]
         only = list((options or {}).get("tables") or [])  # a safety backup of some tables
+        # a PITR target's backups are its bases: each records the binlog position of its
+        # snapshot (MariaDB: from the consistent snapshot itself, no global lock)
+        position = BinlogPosition() if target.pitr is not None and target.pitr.enabled \
+            and not only else None
+        if position is not None:
+            flags.append("--master-data=2" if "mariadb" in version.lower()
+                         else "--source-data=2")
         if only:
             base = [t for t in base if t[0] in only]
         progress.item_kind = "tables"
@@ -207,11 +216,15 @@ class MySQL:
                     if head:
                         yield head
                     while data := await child.read():
+                        if position is not None and not position.done:
+                            position.feed(data)
                         yield data
                     if invalid and await child.wait() == 0:
                         yield _invalid_views_trailer(invalid)
+                    if position is not None:
+                        info["binlog"] = await self._binlog_facts(target, position)
 
-                yield Dump(chunks(), {
+                info: dict[str, object] = {
                     "server_version": cat["version"], "tool": tool, "tool_version": version,
                     "options": flags, "database": db,
                     "invalid_views": sorted(invalid) or None,
@@ -221,11 +234,35 @@ class MySQL:
                                           "collation": schema[0][1]} if schema else None),
                     **({"globals": facts} if facts is not None else {}),
                     **({"only_tables": only} if only else {}),
-                })
+                }
+                yield Dump(chunks(), info)
                 rc = await child.wait()
                 if rc != 0:
                     detail = child.error_text(skip=lambda ln: bool(_VERBOSE.match(ln)))
                     raise DumpFailed(f"{tool} exited with code {rc}: {detail}")
+
+    async def _binlog_facts(self, target: TargetConfig, position: BinlogPosition
+                            ) -> dict[str, object]:
+        """Where in the binlog the dump's snapshot stands, for the PITR window: the file
+        and offset the dump wrote in its header, the server's id and the GTID position
+        there (MariaDB)."""
+        if position.found is None:
+            raise DumpFailed("the dump of a PITR target wrote no binlog position (CHANGE "
+                             "MASTER TO … in its header): it cannot be a base")
+        name, offset, at = position.found
+        parts = file_parts(name)
+        if parts is None:
+            raise DumpFailed(f"the dump's binlog file {name[:60]!r} is not name.000001")
+        async with self.connect(target) as conn:
+            (server_id,), = await self.query(conn, "SELECT @@server_id")
+            gtid = None
+            with contextlib.suppress(Exception):  # MariaDB only
+                gtid = _text((await self.query(conn, "SELECT BINLOG_GTID_POS(%s, %s)",
+                                               name, offset))[0][0])
+        return {"file": name, "number": parts[1], "position": offset, "gtid": gtid or None,
+                "identity": f"{int(server_id)}:{parts[0]}",
+                "consistent_at": at.isoformat(timespec="milliseconds").replace(
+                    "+00:00", "Z")}
 
     async def server_databases(self, target: TargetConfig) -> list[str]:
         async with self.connect(target) as conn:

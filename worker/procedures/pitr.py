@@ -34,6 +34,7 @@ from shared.pitr_window import ArchivedBase
 from worker.archive_read import ArchiveReader, Recovery, choose
 from worker.engines import Engine, pg_pitr
 from worker.engines.pg_connection import conn_params
+from worker.procedures.pitr_mysql import BinlogPitr
 from worker.procedures.restore import RestoreResult
 from worker.procedures.scoped import ScopedRestores
 from worker.procedures.verify import DrillRecord
@@ -51,7 +52,7 @@ class PointBackup:
     at: datetime | None  # None: the archive's end
 
 
-class PitrRestores(ScopedRestores):
+class PitrRestores(ScopedRestores, BinlogPitr):
     async def restore_to_time(self, job: Job, target: TargetConfig, engine: Engine,
                               progress: Progress, identities: Sequence[AgeKey] = ()
                               ) -> RestoreResult:
@@ -59,13 +60,22 @@ class PitrRestores(ScopedRestores):
         progress.plan = {Phase.RECOVERING: (0, 30), Phase.DUMPING: (30, 45),
                          Phase.VERIFYING: (45, 50), Phase.SAFETY_BACKUP: (50, 70),
                          Phase.RESTORING: (70, 100)}
-        made = await self._point_backup(job, target, engine, progress, asked, identities,
-                                        "point in time")
+        if target.engine == "mysql":  # binlog replayed in a scratch server
+            if target.pitr is None or not target.pitr.enabled:
+                raise RestoreFailed(f"target '{target.id}' has no point-in-time recovery",
+                                    database_unchanged=True, code="pitr_not_enabled")
+            mine = await self.binlog_point_backup(job, target, engine, progress, asked,
+                                                  identities, "point in time")
+            filename, sha256, said = mine.filename, mine.sha256, list(mine.warnings)
+        else:
+            made = await self._point_backup(job, target, engine, progress, asked,
+                                            identities, "point in time")
+            filename, sha256, said = made.filename, made.sha256, []
         params = job.params.copy()
-        params["backup"], params["sha256"] = made.filename, made.sha256
+        params["backup"], params["sha256"] = filename, sha256
         result = await self.restore_as_asked(dataclasses.replace(job, params=params), target,
                                              engine, progress, identities)
-        result["warnings"] = [f"restored to {asked} through {made.filename}",
+        result["warnings"] = [f"restored to {asked} through {filename}", *said,
                               *(result["warnings"] or [])]
         return result
 

@@ -1,0 +1,263 @@
+"""What `mariadb-binlog` decodes from an archived binlog, checked before the client reads it
+(issue 26's replay to a point in time). Binlog bytes are hostile input like any backup:
+the replay runs in a scratch server of its own, and only what the decoder writes for the
+target's database may reach it.
+
+The text is split as the client splits it (`mysqlscan.StatementStarts`, with the
+decoder's `DELIMITER /*!*/;`) and every statement must be one the decoder writes: a session
+setting, a transaction's start or end, `use` of the target's database, a table's DDL or
+DML, grants — never a global setting, a file or plugin loaded, replication or server
+control. The row events inside `BINLOG '…'` are decoded too: only a format description,
+table maps of the target's database, and row events on those tables (a query event in
+there would run unseen). The decoder's `\\C charset` client command, written on a line of
+its own between statements, is replaced by the same `SET NAMES` (only character sets that
+keep quotes and backslashes ASCII); any other client command is refused by the scanner.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+
+from shared.errors import PipelineError
+from shared.formats.binlog import FORMAT_DESCRIPTION, TABLE_MAP, EventReader
+from shared.formats.common import Unsafe
+from shared.formats.mysql import _normalized
+from shared.formats.mytables import _SETTING, LineStatements
+
+_CHARSET_LINE = re.compile(rb"/\*!\\C ([a-z0-9_]{1,32}) \*//\*!\*/;\r?\n")
+HOLD_MAX = 16 << 20
+SAFE_CHARSETS = {b"utf8", b"utf8mb3", b"utf8mb4", b"latin1", b"ascii", b"binary"}
+_B64 = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+ROWS = {23, 24, 25, 30, 31, 32, 39, 166, 167, 168, 169, 170, 171}
+ANNOTATE_ROWS = 160
+_KINDS = re.compile(
+    rb"(?is)(?:ROLLBACK|BEGIN|START TRANSACTION|COMMIT|XA END|SAVEPOINT |RELEASE SAVEPOINT |"
+    rb"BINLOG '|(?:CREATE|ALTER|DROP|TRUNCATE|RENAME|ANALYZE|OPTIMIZE|REPAIR) |"
+    rb"(?:INSERT|UPDATE|DELETE|REPLACE) |(?:GRANT|REVOKE) )")
+_NEVER = re.compile(
+    rb"(?is)(?:CREATE (?:DEFINER ?= ?\S+ )?(?:AGGREGATE )?FUNCTION\b[^(]*\bSONAME\b|"
+    rb"(?:CREATE|ALTER|DROP) SERVER\b|.*\bINTO\s+(?:OUTFILE|DUMPFILE)\b|"
+    rb".*\bLOAD_FILE\s*\()")
+# a session setting line as the decoder writes it, whole (it may run past a head's bytes)
+_ASSIGN = (rb"(?:@@(?:session\.)?[A-Za-z_0-9]{1,64}|TIMESTAMP|INSERT_ID|LAST_INSERT_ID)="
+           rb"(?:-?[0-9][0-9.]{0,40}|[A-Za-z0-9_]{1,64})")
+_SET_LINE = re.compile(rb"SET " + _ASSIGN + rb"(?:, ?" + _ASSIGN + rb"){0,40}/\*!\*/;\r?\n")
+_USE = re.compile(rb"(?is)USE (?:`((?:[^`]|``)+)`|([A-Za-z0-9_$]+))\s*")
+
+
+class BinlogStatements(LineStatements):
+    DELIMITER_LINES = (b"DELIMITER /*!*/;", b"DELIMITER ;")
+
+
+class BinlogSqlCheck:
+    """Feed the decoder's output; returns what the client may read (the same bytes, the
+    `\\C` lines rewritten). Unsafe names the statement and binlog position refused."""
+
+    def __init__(self, database: str) -> None:
+        self.database = database.encode()
+        self.scan = BinlogStatements(self._statement)
+        self._partial = b""
+        self._events: EventReader | None = None  # inside a BINLOG statement
+        self.tables: dict[int, bytes] = {}  # table id -> database, from the table maps
+        self.statements = self.row_events = 0
+        self.at = b"?"  # the binlog position of the event being read (`# at N`)
+        self._whole_setting = False  # the statement under way is a setting line seen whole
+        self._held: list[bytes] = []  # the statement under way, until it is judged
+        self._held_size = 0
+        self._verdicts: list[bool] = []  # of the statements that ended in this line
+        self.skipped: list[str] = []  # statements about other databases, left out
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._partial + chunk
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        return b"".join(self._line(ln + b"\n") for ln in lines)
+
+    def finish(self) -> bytes:
+        out = self._line(self._partial) if self._partial else b""
+        self._partial = b""
+        if self._events is not None:
+            self._refuse("the output ends inside a BINLOG statement")
+        try:
+            self.scan.finish()
+        except ValueError as exc:
+            self._refuse(str(exc))
+        return out
+
+    def _refuse(self, why: str) -> None:
+        raise Unsafe(f"binlog at position {self.at.decode('ascii', 'replace')}: {why}; "
+                     "the point-in-time restore stopped before the live database was "
+                     "touched")
+
+    def _line(self, line: bytes) -> bytes:
+        """One line: checked, then passed on — held while its statement is under way
+        and dropped with it when that statement is about another database. A BINLOG
+        statement's lines stream (its events are checked as they pass)."""
+        streaming = self._events is not None
+        if self._events is not None:
+            body = line.rstrip(b"\r\n")
+            if body.startswith(b"'"):  # the statement's end: `'/*!*/;`
+                if self._events.pending:
+                    self._refuse("a row event cut short inside BINLOG")
+                self._events = None
+            else:
+                self._binlog_line(body)
+        elif self.scan.between:
+            if line.startswith(b"# at "):
+                self.at = line[5:].strip()[:20]
+            elif m := _CHARSET_LINE.fullmatch(line):
+                if m[1] not in SAFE_CHARSETS:
+                    self._refuse(f"the client character set {m[1].decode()} (only "
+                                 "ASCII-safe ones are replayed)")
+                line = b"SET NAMES " + m[1] + b"/*!*/;\n"
+            elif line.rstrip(b"\r\n") == b"BINLOG '":
+                self._events = EventReader(magic=False)
+                streaming = True
+            self._whole_setting = bool(_SET_LINE.fullmatch(line))
+        was_between = self.scan.between and not self._held
+        self._verdicts = []
+        try:
+            self.scan.feed_line(line)  # statements that end here are checked (may raise)
+        except ValueError as exc:
+            self._refuse(str(exc))
+        if streaming:
+            if False in self._verdicts:
+                self._refuse("a BINLOG statement sharing its line with one left out")
+            out, self._held, self._held_size = b"".join(self._held) + line, [], 0
+            return out
+        if not self._verdicts and was_between and self.scan.between:
+            return line  # a comment or a blank line between statements
+        self._held.append(line)
+        self._held_size += len(line)
+        if not self._verdicts:
+            if self._held_size > HOLD_MAX:
+                self._refuse("a statement of over 16 MiB")
+            return b""
+        if all(self._verdicts):
+            out = b"".join(self._held)
+        elif not any(self._verdicts) and self.scan.between:
+            out = b""
+        else:
+            self._refuse("a line holding a statement replayed and one left out")
+        self._held, self._held_size = [], 0
+        return out
+
+    def _binlog_line(self, body: bytes) -> None:
+        if len(body) % 4 or not _B64.fullmatch(body):
+            self._refuse("a BINLOG statement that is not base64 as the decoder writes it")
+        assert self._events is not None
+        try:
+            raw = base64.b64decode(body, validate=True)
+            events = self._events.feed(raw)
+        except (binascii.Error, PipelineError) as exc:
+            self._refuse(f"a BINLOG statement holding no binlog events ({exc})")
+        for ev in events:
+            kind = ev.type
+            if kind in (FORMAT_DESCRIPTION, ANNOTATE_ROWS):
+                continue
+            if kind == TABLE_MAP:
+                table_id, db = _table_map(ev.data)
+                if db != self.database:
+                    self._refuse(f"a row event for database {db.decode('utf-8', 'replace')!r}"
+                                 " (only the target's is replayed)")
+                self.tables[table_id] = db
+            elif kind in ROWS:
+                table_id = int.from_bytes(ev.data[19:25], "little")
+                if self.tables.get(table_id) != self.database:
+                    self._refuse("a row event on a table no table map of the target's "
+                                 "database named")
+                self.row_events += 1
+            else:
+                self._refuse(f"an event of type {kind} inside BINLOG (only row events are "
+                             "replayed that way)")
+
+    def _statement(self, head: bytes, line: int) -> None:
+        self.statements += 1
+        text = _normalized(head)
+        self._verdicts.append(True)
+        if m := _USE.fullmatch(text):
+            name = (m[1] or b"").replace(b"``", b"`") or m[2]
+            if name != self.database:
+                self._refuse(f"a statement for database {name.decode('utf-8', 'replace')!r} "
+                             "(only the target's is replayed)")
+            return
+        if text.upper().startswith(b"SET "):
+            if not self._whole_setting and (not _SETTING.match(text) or
+                                            self.scan.cut_short):
+                self._refuse(f"a setting the decoder does not write ({_shown(text)})")
+            return
+        if not _KINDS.match(text) or _NEVER.match(text):
+            self._refuse(f"a statement a replay never runs ({_shown(text)})")
+        names = _objects(text)
+        others = {db for db in names if db is not None and db != self.database}
+        if others and len(others) == len(names):
+            self._verdicts[-1] = False  # about another database only: left out
+            self.skipped.append(f"{self.at.decode('ascii', 'replace')}: {_shown(text)}")
+        elif others:
+            self._refuse(f"a statement about the target's and another database at once "
+                         f"({_shown(text)})")
+
+
+_NAME = rb"(?:`(?:[^`]|``)+`|[A-Za-z0-9_$]+)"
+_QUALIFIED = re.compile(rb"(" + _NAME + rb")\s*\.\s*" + _NAME + rb"|" + _NAME)
+_OBJECT = re.compile(
+    rb"(?is)(?:(?:CREATE|ALTER|DROP|TRUNCATE|RENAME|ANALYZE|OPTIMIZE|REPAIR)\s+"
+    rb"(?:OR\s+REPLACE\s+)?(?:ONLINE\s+|IGNORE\s+)?(?:DEFINER\s*=\s*\S+\s+)?"
+    rb"(?:SQL\s+SECURITY\s+\w+\s+)?(?:ALGORITHM\s*=\s*\w+\s+)?(?:TEMPORARY\s+)?"
+    rb"(?:TABLES?|VIEW|TRIGGER|PROCEDURE|FUNCTION|EVENT|SEQUENCE|"
+    rb"(?:UNIQUE\s+|FULLTEXT\s+|SPATIAL\s+)?INDEX\s+\S+\s+ON)?\s*"
+    rb"(?:IF\s+(?:NOT\s+)?EXISTS\s+)?|(?:INSERT|REPLACE)\s+(?:(?:LOW_PRIORITY|DELAYED|"
+    rb"HIGH_PRIORITY|IGNORE)\s+)*(?:INTO\s+)?|UPDATE\s+(?:(?:LOW_PRIORITY|IGNORE)\s+)*|"
+    rb"DELETE\s+(?:(?:LOW_PRIORITY|QUICK|IGNORE)\s+)*FROM\s+)")
+_DATABASE = re.compile(rb"(?is)(?:CREATE|DROP|ALTER)\s+(?:DATABASE|SCHEMA)\s+"
+                       rb"(?:IF\s+(?:NOT\s+)?EXISTS\s+)?(" + _NAME + rb")")
+
+
+def _ident(raw: bytes) -> bytes:
+    return raw[1:-1].replace(b"``", b"`") if raw.startswith(b"`") else raw
+
+
+def _objects(text: bytes) -> list[bytes | None]:
+    """The databases of the objects a statement is about (None: unqualified, the `use`d
+    one); DROP TABLE a, b and RENAME TABLE a TO b, c TO d name several."""
+    if m := _DATABASE.match(text):
+        return [_ident(m[1])]
+    m = _OBJECT.match(text)
+    if m is None:
+        return []
+    rest, names = text[m.end():], []
+    several = re.match(rb"(?is)(?:DROP\s+(?:TEMPORARY\s+)?TABLES?|RENAME\s+TABLES?)\b",
+                       text)
+    while (found := _QUALIFIED.match(rest)) is not None:
+        names.append(_ident(found[1]) if found[1] else None)
+        rest = rest[found.end():].lstrip()
+        if not several:
+            break
+        if rest[:3].upper() == b"TO ":
+            rest = rest[3:].lstrip()
+        elif rest[:1] == b",":
+            rest = rest[1:].lstrip()
+        else:
+            break
+    return names
+
+
+def _table_map(data: bytes) -> tuple[int, bytes]:
+    """(table id, database) of a TABLE_MAP event (6-byte ids, as every server since 5.1
+    writes them)."""
+    try:
+        table_id = int.from_bytes(data[19:25], "little")
+        db_len = data[27]
+        db = data[28:28 + db_len]
+        if len(db) != db_len or data[28 + db_len] != 0:
+            raise IndexError
+    except IndexError:
+        raise Unsafe("a table map event that is cut short") from None
+    return table_id, db
+
+
+def _shown(text: bytes) -> str:
+    return repr(text[:80].decode("utf-8", "replace"))
+

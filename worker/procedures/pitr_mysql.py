@@ -1,0 +1,197 @@
+"""A MySQL/MariaDB target's database as it was at an instant (issue 26), made into a regular
+backup that the ordinary restore then loads (worker/procedures/pitr.py).
+
+The newest base (a regular backup recording its binlog position) consistent by then is
+verified and loaded into a scratch server of the worker's own (worker/engines/my_scratch.py);
+the archived binlog from the base's file on is read back (every object's stored and plain
+sha256 checked), staged as the server's files, decoded by the stock `mariadb-binlog`
+(`--database`: the target's only; `--start-position`: the base's; `--stop-datetime`: the
+second after the instant, so every event of that second is in — binlog stamps are whole
+seconds), every statement and row event checked (shared/formats/binlogsql.py), and replayed
+by the stock client with the restore's guard flags. The database is then dumped from the
+scratch server. The target's server is not touched until the ordinary restore."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import quote
+
+from shared import naming
+from shared.binlog_window import BinlogRecovery, choose
+from shared.codecs.base import AgeKey
+from shared.config import TargetConfig
+from shared.errors import RestoreFailed
+from shared.formats.binlog import position_text
+from shared.formats.binlogsql import BinlogSqlCheck
+from shared.jobs import Job, Phase
+from worker.archive_read import ArchiveReader, when_of
+from worker.engines import Engine, RestoreOptions, my_pitr
+from worker.engines.my_connection import (
+    client_guard_flags,
+    conn_params,
+    defaults_file,
+    find_tool,
+)
+from worker.engines.my_scratch import scratch_server
+from worker.procedures.restore import Restores
+from worker.progress import Progress
+from worker.subproc import spawn
+
+
+@dataclasses.dataclass(frozen=True)
+class BinlogPointBackup:
+    filename: str
+    sha256: str
+    base: str  # the base backup's file name
+    at: datetime | None  # None: the archive's end
+    events_to: str  # the binlog position replayed up to (the archive's end, or T's)
+    warnings: tuple[str, ...] = ()
+
+
+class BinlogPitr(Restores):
+    async def binlog_point_backup(self, job: Job, target: TargetConfig, engine: Engine,
+                                  progress: Progress, asked: str,
+                                  identities: Sequence[AgeKey], note: str
+                                  ) -> BinlogPointBackup:
+        archive = target.id + naming.PITR_SUFFIX
+        plan = choose(await self.catalog.list_backups(archive),
+                      await self.catalog.list_backups(target.id),
+                      None if asked in ("latest", "random") else when_of(asked), target.id,
+                      random_point=asked == "random")
+        ids = list(identities) + self.identities(target)
+        progress.set_phase(Phase.RECOVERING)
+        work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="safehold-binlog-pitr-"))
+        try:
+            staged = work / "binlog"
+            await asyncio.to_thread(staged.mkdir)
+            files = await self._stage(plan, ArchiveReader(self.catalog, archive, ids), staged)
+            db = conn_params(target)["database"]
+            async with scratch_server() as url:
+                scratch = dataclasses.replace(
+                    target, password=None, pitr=None, globals=False,
+                    url=url.replace("{database}", quote(db, safe="")))
+                await self._load_base(job, target, scratch, engine, plan, progress, ids, db)
+                stop = None if plan.at is None else (
+                    plan.at.replace(microsecond=0) + timedelta(seconds=1))
+                check = await self._replay(scratch, plan, files, stop, db, progress)
+                progress.log(f"replayed {check.statements} statements and {check.row_events} "
+                             f"row events of the binlog after {plan.base.filename}")
+                said = [f"left out of the replay {len(check.skipped)} statement(s) about "
+                        "other databases only (a point-in-time restore replays the target's "
+                        "database): " + "; ".join(check.skipped[:5])[:600]
+                        ] if check.skipped else []
+                for line in said:
+                    progress.warn(line)
+                made = await self.backup(
+                    job, scratch, engine, progress, kind="backup", compress=True,
+                    note=f"{note} {plan.at.isoformat() if plan.at else 'latest'}: base "
+                         f"{plan.base.filename}, binlog from "
+                         f"{position_text(plan.base.position)}")
+        finally:
+            await asyncio.to_thread(shutil.rmtree, work, True)
+        end = max((p.end for p in plan.pieces), default=plan.base.position)
+        return BinlogPointBackup(made["filename"], made["sha256"], plan.base.filename,
+                                 plan.at, position_text(end), tuple(said))
+
+    async def _stage(self, plan: BinlogRecovery, reader: ArchiveReader, staged: Path
+                     ) -> list[Path]:
+        """The binlog files from the base's on, as the server wrote them, from the
+        archive (each object checked); a hole in them stops the recovery (nothing was
+        changed)."""
+        numbers = sorted({p.number for p in plan.pieces})
+        files = []
+        for number in numbers:
+            path = staged / my_pitr.file_name(plan.basename, number)
+            have = 0
+            out = await asyncio.to_thread(open, path, "wb")
+            try:
+                for piece in sorted((p for p in plan.pieces if p.number == number),
+                                    key=lambda p: (p.start, -p.end)):
+                    if piece.hi <= have:
+                        continue  # within what a whole file already gave
+                    if piece.lo != have:
+                        raise RestoreFailed(f"binlog file {number} is archived from byte "
+                                            f"{piece.lo} but only {have} bytes precede it; "
+                                            "nothing was changed", database_unchanged=True,
+                                            code="archive_damaged")
+
+                    async def write(chunks: AsyncIterator[bytes], f: BinaryIO = out) -> None:
+                        async for chunk in chunks:
+                            await asyncio.to_thread(f.write, chunk)
+
+                    async def rewind(f: BinaryIO = out, at: int = have) -> None:
+                        await asyncio.to_thread(f.seek, at)
+                        await asyncio.to_thread(f.truncate)
+                    await reader.read(piece.filename, write, rewind)
+                    have = out.tell()
+            finally:
+                await asyncio.to_thread(out.close)
+            files.append(path)
+        return files
+
+    async def _load_base(self, job: Job, target: TargetConfig, scratch: TargetConfig,
+                         engine: Engine, plan: BinlogRecovery, progress: Progress,
+                         ids: Sequence[AgeKey], db: str) -> None:
+        """The base backup, verified, loaded into the scratch server's new database."""
+        name = naming.parse(plan.base.filename)
+        copies = await self.catalog.copies(target.id, name)
+        checked = await self._verify(target, engine, name, copies, progress, ids)
+        loading = checked.load_manifest()
+        server = dataclasses.replace(scratch, url=scratch.url.replace(
+            f"/{quote(db, safe='')}?", "/?"))
+        await engine.create_database(server, db, loading, progress)  # type: ignore[attr-defined]
+        async with self._plain(checked.store, target, name, loading, ids,
+                               checked.windows) as chunks:
+            await engine.restore(scratch, chunks, progress, clean=True, manifest=loading,
+                                 options=RestoreOptions(scratch=True))
+
+    async def _replay(self, scratch: TargetConfig, plan: BinlogRecovery, files: list[Path],
+                      stop: datetime | None, db: str, progress: Progress) -> BinlogSqlCheck:
+        """Decode → check → the client, on the scratch server."""
+        check = BinlogSqlCheck(db)
+        if not files:
+            return check
+        decoder = find_tool("mariadb-binlog", "mysqlbinlog")
+        client = find_tool("mariadb", "mysql")
+        argv = [decoder, "--no-defaults", f"--database={db}",
+                f"--start-position={plan.base.position & 0xFFFFFFFF}"]
+        if stop is not None:
+            argv.append(f"--stop-datetime={stop.strftime('%Y-%m-%d %H:%M:%S')}")
+        argv += ["--", *map(str, files)]
+        with defaults_file(scratch) as cnf:
+            replay = [client, f"--defaults-file={cnf}", *await client_guard_flags(client),
+                      "--", db]
+            async with spawn(argv, env={"TZ": "UTC"}, stdout=True) as decoding, \
+                    spawn(replay, env={}, stdin=True) as applying:
+                stdin = applying.proc.stdin
+                assert stdin is not None
+                try:
+                    while data := await decoding.read():
+                        if out := check.feed(data):
+                            stdin.write(out)
+                            await stdin.drain()
+                        progress.add_bytes(len(data))
+                    if out := check.finish():
+                        stdin.write(out)
+                    stdin.close()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client stopped: its exit code says why
+                except BaseException:
+                    applying.proc.kill()  # never commit what follows a refusal
+                    raise
+                if (rc := await decoding.wait()) != 0:
+                    raise RestoreFailed(f"mariadb-binlog exited with code {rc}: "
+                                        f"{decoding.error_text()}", database_unchanged=True,
+                                        code="pitr_replay_failed")
+                if (rc := await applying.wait()) != 0:
+                    raise RestoreFailed(f"replaying the binlog failed (the client exited with "
+                                        f"code {rc}): {applying.error_text()}",
+                                        database_unchanged=True, code="pitr_replay_failed")
+        return check
