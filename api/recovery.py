@@ -31,6 +31,8 @@ async def window_of(s: Services, target: TargetConfig) -> dict[str, object]:
         backups, missing = await s.catalog.listing(target.id)
         streaming["shipped"] = streaming.pop("shipped_lsn")
         streaming["server"] = streaming.pop("server_lsn")
+        streaming["unarchived_bytes"] = int(state["slot_bytes"]) if state.get(
+            "slot_bytes", "").isdigit() else None
         return {"target": target.id,
                 **binlog_window.window(listing, backups, datetime.now(UTC)),
                 "streaming": streaming,

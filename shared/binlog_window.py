@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from shared import naming
 from shared.errors import InvalidBackupName
 from shared.formats.binlog import position, position_text
-from shared.pitr_window import _iso, _when
+from shared.pitr_window import _drill, _iso, _when
 
 KINDS = ("binlog", "binlogpart")
 
@@ -124,6 +124,7 @@ class BinlogBase:
     consistent_at: datetime
     size_bytes: int
     identity: str  # the server's id and binlog files' name
+    last_drill: dict[str, object] | None = None  # the last PITR drill that started here
 
 
 def base(doc: Mapping[str, object]) -> BinlogBase | None:
@@ -139,7 +140,8 @@ def base(doc: Mapping[str, object]) -> BinlogBase | None:
             not 0 < number < 1 << 31 or not 0 < offset < 1 << 32:
         return None
     return BinlogBase(str(doc.get("filename")), position(number, offset),
-                      gtid if isinstance(gtid, str) else None, at, size, identity)
+                      gtid if isinstance(gtid, str) else None, at, size, identity,
+                      _drill(doc.get("last_drill")))
 
 
 def window(archive: Iterable[Mapping[str, object]], backups: Iterable[Mapping[str, object]],
@@ -187,7 +189,8 @@ def window(archive: Iterable[Mapping[str, object]], backups: Iterable[Mapping[st
         if last else None,
         "bases": [{"filename": b.filename, "position": position_text(b.position),
                    "gtid": b.gtid, "consistent_at": _iso(b.consistent_at),
-                   "size_bytes": b.size_bytes, "usable": b in usable}
+                   "size_bytes": b.size_bytes, "usable": b in usable,
+                   "last_drill": b.last_drill}
                   for b in found_bases],
         "gaps": gaps,
     }

@@ -46,6 +46,7 @@ from shared.formats.binlog import (
     Event,
     EventReader,
     file_parts,
+    parse_position,
     position,
     position_text,
 )
@@ -118,8 +119,7 @@ class BinlogStreamer(Streamer):
     async def _resume_binlog(self, conn: aiomysql.Connection,
                              facts: my_pitr.ServerFacts) -> Position:
         """Where the archive ends, checked against the files the server keeps."""
-        listing = await self.catalog.list_backups(self.archive.id)
-        everything = pieces(listing)
+        everything = pieces(await self.catalog.list_backups(self.archive.id))
         prefix = f"{facts.identity}:"
         mine = [p for p in everything if p.identity.startswith(prefix)]
         newest = max(mine, key=lambda p: (p.created_at, p.end), default=None)
@@ -128,7 +128,18 @@ class BinlogStreamer(Streamer):
         if not files or now_at is None:
             raise PipelineError("the server lists no binlog files", code="pitr_not_ready")
         oldest, current = min(files), now_at >> 32
-        if newest is None:
+        if newest is not None:
+            identity = newest.identity
+            stretch = [p for p in mine if p.identity == identity]
+            end = runs(stretch)[-1].end
+            shipped = self._position_of(stretch, end, identity)
+        elif (said := await self._said_end(prefix)) is not None:
+            # the archive lists nothing of this server though its streamer said it shipped
+            # (a destination unreadable now lists as empty): go on from there under the
+            # same identity — a lost archive then shows as what it lacks
+            identity, end = said
+            shipped = self._position_of([], end, identity)
+        else:
             if everything:
                 await self._binlog_gap(
                     f"another server answers at the target's address (server id and "
@@ -136,11 +147,7 @@ class BinlogStreamer(Streamer):
                     f"{everything[-1].identity.rsplit(':', 1)[0]}): a new archive starts at "
                     f"{facts.basename}.{current:06d}", None, position(current, 0))
             return Position(current, 0, identity=f"{prefix}{int(time.time())}")
-        stretch = [p for p in mine if p.identity == newest.identity]
-        last_run = runs(stretch)[-1]
-        end = last_run.end
-        shipped = self._position_of(stretch, end, newest.identity)
-        number, offset = (end >> 32, end & 0xFFFFFFFF)
+        number, offset = end >> 32, end & 0xFFFFFFFF
         if number in files and offset <= files[number] or (offset == 0 and (
                 number in files or number == current + 1)):
             return shipped
@@ -151,9 +158,19 @@ class BinlogStreamer(Streamer):
                "(the binlog was reset: RESET MASTER)")
         await self._binlog_gap(why + f"; the archive goes on from {facts.basename}."
                                f"{oldest:06d}", end, position(oldest, 0))
-        return Position(oldest, 0, identity=newest.identity if purged
+        return Position(oldest, 0, identity=identity if purged
                         else f"{prefix}{int(time.time())}",
                         created=shipped.created if purged else {})
+
+    async def _said_end(self, prefix: str) -> tuple[str, int] | None:
+        """The identity and archive end this target's streamer last said it shipped."""
+        with contextlib.suppress(Exception):
+            state = await self.redis.hgetall(self.keys.pitr(self.target.id, "state"))  # type: ignore[misc]
+            identity = state.get(b"identity", b"").decode()
+            end = parse_position(state.get(b"shipped_lsn", b"").decode())
+            if identity.startswith(prefix) and end is not None and end > 0:
+                return identity, end
+        return None
 
     @staticmethod
     def _position_of(stretch: list[BinlogPiece], end: int, identity: str) -> Position:
@@ -192,12 +209,39 @@ class BinlogStreamer(Streamer):
                 await self._ship(files[number], events, facts, shipped)
             if server is not None and server <= shipped.at and self.bsamples:
                 shipped.covers_until = self.bsamples[-1][0]  # idle: all archived
+            held = await self._unarchived(conn, facts, shipped, server)
+            await self._binlog_lag_alarm(held)
             await self.state(shipped_lsn=position_text(shipped.at),
                              server_lsn=position_text(server) if server else "",
-                             covers_until=_iso(shipped.covers_until),
+                             covers_until=_iso(shipped.covers_until), slot_bytes=held,
                              updated_at=_iso(datetime.now(UTC)), error="")
             _still_wanted()
             await asyncio.sleep(max(0.05, self.pitr.ship_interval - (time.monotonic() - tick)))
+
+    @staticmethod
+    async def _unarchived(conn: aiomysql.Connection, facts: my_pitr.ServerFacts,
+                          shipped: Position, server: int | None) -> int:
+        """Bytes of binlog the server wrote that the archive does not hold yet."""
+        if server is None or server <= shipped.at:
+            return 0
+        if server >> 32 == shipped.at >> 32:
+            return (server - shipped.at) & 0xFFFFFFFF
+        sizes = await my_pitr.server_files(conn, facts.basename)
+        first, last = shipped.at >> 32, server >> 32
+        return (sizes.get(first, 0) - (shipped.at & 0xFFFFFFFF)) + sum(
+            sizes.get(n, 0) for n in range(first + 1, last)) + (server & 0xFFFFFFFF)
+
+    async def _binlog_lag_alarm(self, held: int) -> None:
+        """pitr.lagging once when the server holds more than lag_alarm_mb of binlog the
+        archive lacks (again after it came back under)."""
+        alarm = held > self.pitr.lag_alarm_mb << 20
+        if alarm and self.target.id not in self.alarms:
+            await self._alert(
+                "pitr.lagging",
+                f"the server holds {held >> 20} MiB of binlog the archive lacks (alarm at "
+                f"{self.pitr.lag_alarm_mb} MiB): if it purges them first (expire_logs_days, "
+                "binlog_expire_logs_seconds) the window gets a gap", {"unarchived_bytes": held})
+        (self.alarms.add if alarm else self.alarms.discard)(self.target.id)
 
     def _read_spool(self, spool: Path, facts: my_pitr.ServerFacts,
                     files: dict[int, SpoolFile], shipped: Position

@@ -45,6 +45,10 @@ async def restore_cluster(settings: Settings, target_id: str, asked: str, data_d
     if target.pitr is None:
         raise ConfigError(f"target '{target_id}' has no [targets.{target_id}.pitr]: it has "
                           "no archive to restore a cluster from")
+    if target.engine != "postgresql":
+        raise ConfigError(f"restore-cluster writes a PostgreSQL data directory; target "
+                          f"'{target_id}' is {target.engine}: restore it to an instant with "
+                          "`safehold pitr restore TARGET --to T`")
     try:
         when_of(asked)
     except ValueError:

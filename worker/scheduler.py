@@ -55,8 +55,7 @@ class Scheduler:
                     await self._check_missed(target, now)
                 if target.verify_schedule and (job := await self._verify_slot(target, now)):
                     created.append(job.id)
-                    if target.pitr is not None and target.pitr.enabled and \
-                            target.engine == "postgresql":  # (MySQL's: not yet)
+                    if target.pitr is not None and target.pitr.enabled:
                         # a PITR target's drill slot also recovers a random instant of
                         # its recovery window
                         created.append((await self._create(

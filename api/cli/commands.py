@@ -126,7 +126,8 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     pr.add_argument("target")
     pr.add_argument("--dry-run", action="store_true", help="plan only: delete nothing")
     pr.add_argument("--yes", action="store_true", help="do not ask (needed without a TTY)")
-    pt = cmd("pitr", "point-in-time recovery (PostgreSQL): `status TARGET` shows the window, "
+    pt = cmd("pitr", "point-in-time recovery (PostgreSQL, MySQL/MariaDB): `status TARGET` "
+                     "shows the window, "
                      "`restore TARGET --to T` restores to an instant of it, `drill TARGET "
                      "[--to T]` recovers an instant (default: a random one) in scratch and "
                      "checks it; `restore-cluster TARGET --to T --data-dir D` (on the new "
@@ -414,13 +415,17 @@ async def _cmd_pitr(client: Client, args: argparse.Namespace) -> int:
                   f"{doc.get('latest') or '(nothing archived)'}"
                   + (f"  ({doc['lag_s']:.1f} s behind)" if doc.get("lag_s") is not None
                      else ""))
-            print(f"streamer {s.get('streamer') or '-'}  slot {s.get('slot')} holds "
-                  f"{mib(s.get('slot_bytes'))}")
+            if doc.get("engine") == "mysql":  # binlog positions: file number:offset
+                print(f"streamer {s.get('streamer') or '-'}  shipped {s.get('shipped') or '-'}"
+                      f"  server {s.get('server') or '-'}")
+            else:
+                print(f"streamer {s.get('streamer') or '-'}  slot {s.get('slot')} holds "
+                      f"{mib(s.get('slot_bytes'))}")
             if s.get("error"):
                 print(f"error    {s['error']} ({s.get('error_at')})")
             for g in doc.get("gaps") or []:
-                print(f"gap      after {g.get('after')}: {g.get('from_lsn')}.."
-                      f"{g.get('to_lsn')} ({g.get('why')})")
+                print(f"gap      after {g.get('after')}: {g.get('from_lsn', g.get('from'))}.."
+                      f"{g.get('to_lsn', g.get('to'))} ({g.get('why')})")
             rows = [[b["filename"], b["consistent_at"], mib(b.get("size_bytes")),
                      "yes" if b.get("usable") else "no", _drill_text(b.get("last_drill"))]
                     for b in doc.get("bases") or []]

@@ -345,7 +345,8 @@ function drawTimeline(svg, w, picked) {
   if (w.earliest && w.latest) {
     children.push(node("rect", { class: "wal", x: x(w.earliest), y: Y,
                                  width: Math.max(2, x(w.latest) - x(w.earliest)), height: 12 },
-                       `WAL archived: recoverable from ${w.earliest} to ${w.latest}`));
+                       `${w.engine === "mysql" ? "binlog" : "WAL"} archived: recoverable ` +
+                       `from ${w.earliest} to ${w.latest}`));
   }
   for (const g of w.gaps) {
     if (!g.after) continue;

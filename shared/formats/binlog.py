@@ -126,3 +126,11 @@ class DumpPosition:
             self.done = True
         elif end >= 0 or len(self._head) >= HEAD_MAX:
             self.done = True  # past the header: a later line is no header's
+
+
+def parse_position(text: str) -> int | None:
+    """A position as `position_text` writes it (`000042:1234`), or None."""
+    number, _, offset = text.partition(":")
+    if not (number.isdigit() and offset.isdigit() and len(number) <= 9 and len(offset) <= 10):
+        return None
+    return position(int(number), int(offset)) if int(offset) < 1 << 32 else None

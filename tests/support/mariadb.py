@@ -104,7 +104,7 @@ def private_mariadb() -> Iterator[Server]:
             "DELETE FROM mysql.global_priv WHERE User = ''; FLUSH PRIVILEGES; "
             "CREATE DATABASE app; CREATE DATABASE other; "
             f"CREATE USER rep@'%' IDENTIFIED BY '{REP_PW}'; "
-            "GRANT ALL ON app.* TO rep@'%'; "
+            "GRANT ALL ON app.* TO rep@'%'; GRANT ALL ON `safehold\\_drill\\_%`.* TO rep@'%'; "
             "GRANT REPLICATION SLAVE, BINLOG MONITOR ON *.* TO rep@'%'")
         yield server
     finally:

@@ -94,33 +94,44 @@ class PitrRestores(ScopedRestores, BinlogPitr):
         progress.plan = {Phase.RECOVERING: (0, 40), Phase.DUMPING: (40, 60),
                          Phase.VERIFYING: (60, 65), Phase.RESTORING: (65, 95),
                          Phase.CHECKING: (95, 100)}
-        made = await self._point_backup(job, target, engine, progress, asked, identities,
-                                        "PITR drill to")
+        if target.engine == "mysql":  # the base is a regular backup: its drill is noted there
+            if target.pitr is None or not target.pitr.enabled:
+                raise RestoreFailed(f"target '{target.id}' has no point-in-time recovery",
+                                    database_unchanged=True, code="pitr_not_enabled")
+            mine = await self.binlog_point_backup(job, target, engine, progress, asked,
+                                                  identities, "PITR drill to")
+            filename, base_name, when = mine.filename, mine.base, mine.at
+            archive, base_ref = target.id, naming.parse(mine.base)
+        else:
+            made = await self._point_backup(job, target, engine, progress, asked,
+                                            identities, "PITR drill to")
+            filename, base_name, when = made.filename, made.base.filename, made.at
+            archive = target.id + naming.PITR_SUFFIX
+            base_ref = naming.parse_archive(made.base.filename)
         recovered_s = time.monotonic() - t0
-        at = made.at.isoformat(timespec="milliseconds").replace("+00:00", "Z") \
-            if made.at else "latest"
-        facts: dict[str, object] = {"point_in_time": at, "base": made.base.filename,
+        at = when.isoformat(timespec="milliseconds").replace("+00:00", "Z") \
+            if when else "latest"
+        facts: dict[str, object] = {"point_in_time": at, "base": base_name,
                                     "job": job.id, "at": now_iso()}
-        archive = target.id + naming.PITR_SUFFIX
         try:
             record = await self.verify(
-                dataclasses.replace(job, params={"backup": made.filename}), target, engine,
+                dataclasses.replace(job, params={"backup": filename}), target, engine,
                 progress, identities, keep_plan=True)
         except SafeholdError as exc:
             with contextlib.suppress(Exception):
-                await self.catalog.annotate(archive, naming.parse_archive(made.base.filename),
+                await self.catalog.annotate(archive, base_ref,
                                             {"last_drill": {**facts, "outcome": "failed",
                                                             "error": exc.code}})
             raise
         finally:
             with contextlib.suppress(Exception):  # a by-product: the drill was of the archive
-                await self.catalog.delete(target.id, naming.parse(made.filename))
+                await self.catalog.delete(target.id, naming.parse(filename))
         record["rto_s"] = round(recovered_s + float(record.get("rto_s") or 0), 3)
         record["duration_s"] = round(time.monotonic() - t0, 3)
         record["point_in_time"] = at
-        record["base"] = made.base.filename
+        record["base"] = base_name
         record["mode"] = "pitr-scratch-recovery"
-        await self.catalog.annotate(archive, naming.parse_archive(made.base.filename), {
+        await self.catalog.annotate(archive, base_ref, {
             "last_drill": {**facts, "outcome": record.get("outcome", "passed"),
                            "rto_s": record["rto_s"]}})
         return record
