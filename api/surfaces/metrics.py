@@ -143,10 +143,11 @@ async def _service_families(s: Services) -> list[Metric]:
 async def _pitr_families(s: Services, visible: list[str]) -> list[Metric]:
     """PITR targets: how far the archive is behind, the WAL the slot holds on the server,
     whether a streamer reports (what its streamer last wrote to Redis)."""
-    lag = GaugeMetricFamily("safehold_pitr_lag_seconds", "Seconds the WAL archive is behind "
+    lag = GaugeMetricFamily("safehold_pitr_lag_seconds", "Seconds the WAL or binlog archive is behind "
                             "(now minus the last instant fully archived).", labels=["target"])
     slot = GaugeMetricFamily("safehold_pitr_slot_bytes", "WAL the replication slot holds on "
-                             "the server (grows while the archive is down).",
+                             "the server, or binlog it wrote that the archive lacks (grows "
+                             "while the archive is down).",
                              labels=["target"])
     streaming = GaugeMetricFamily("safehold_pitr_streaming", "1 while a worker streams the "
                                   "target's WAL (reported in the last 10 s).", labels=["target"])
