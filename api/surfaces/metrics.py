@@ -143,8 +143,9 @@ async def _service_families(s: Services) -> list[Metric]:
 async def _pitr_families(s: Services, visible: list[str]) -> list[Metric]:
     """PITR targets: how far the archive is behind, the WAL the slot holds on the server,
     whether a streamer reports (what its streamer last wrote to Redis)."""
-    lag = GaugeMetricFamily("safehold_pitr_lag_seconds", "Seconds the WAL or binlog archive is behind "
-                            "(now minus the last instant fully archived).", labels=["target"])
+    lag = GaugeMetricFamily("safehold_pitr_lag_seconds", "Seconds the WAL or binlog archive "
+                            "is behind (now minus the last instant fully archived).",
+                            labels=["target"])
     slot = GaugeMetricFamily("safehold_pitr_slot_bytes", "WAL the replication slot holds on "
                              "the server, or binlog it wrote that the archive lacks (grows "
                              "while the archive is down).",
