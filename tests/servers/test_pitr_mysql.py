@@ -8,11 +8,10 @@ shown as a gap and notified."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,12 @@ from shared.binlog_window import window
 from shared.config import Settings, parse_settings
 from shared.errors import EngineError
 from shared.keys import Keys
-from shared.notify import Notifier
 from shared.storage.catalog import Catalog
 from tests.conftest import make_raw_config
+from tests.servers.test_pitr_archive import streaming, wait_until
 from tests.support.mariadb import REP_PW, Server, private_mariadb
 from worker.engines import my_pitr
-from worker.pitr import PitrService, archive_of
+from worker.pitr import archive_of
 
 pytestmark = pytest.mark.timeout(240)
 PW_ENV = "SAFEHOLD_TEST_REP_PASSWORD"
@@ -55,20 +54,6 @@ def settings(prefix: str, tmp_path: Path, server: Server) -> Settings:
     return pitr_settings(prefix, tmp_path, server)
 
 
-@contextlib.asynccontextmanager
-async def streaming(settings: Settings, redis: Redis, worker_id: str = "w1"
-                    ) -> AsyncIterator[PitrService]:
-    catalog = Catalog(settings)
-    service = PitrService(settings, redis, catalog, Notifier(settings), worker_id)
-    task = asyncio.create_task(service.run())
-    try:
-        yield service
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await catalog.close()
-
-
 async def listings(settings: Settings) -> tuple[list[Any], list[Any]]:
     catalog = Catalog(settings)
     try:
@@ -81,15 +66,6 @@ async def listings(settings: Settings) -> tuple[list[Any], list[Any]]:
 async def archive_window(settings: Settings) -> dict[str, Any]:
     archive, backups = await listings(settings)
     return window(archive, backups, datetime.now(UTC))
-
-
-async def wait_until(check: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if found := await check():
-            return found
-        await asyncio.sleep(0.25)
-    raise AssertionError("not reached in time")
 
 
 async def state(redis: Redis, settings: Settings) -> dict[str, str]:

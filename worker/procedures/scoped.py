@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,7 +25,7 @@ from shared import naming
 from shared.codecs.base import AgeKey
 from shared.config import TargetConfig
 from shared.errors import RestoreFailed, SafeholdError
-from shared.jobs import Job
+from shared.jobs import Job, JobParams
 from worker.engines import INTO, Engine, server_sets
 from worker.engines.pg_connection import conn_params
 from worker.procedures.restore import RestoreResult, Restores
@@ -153,24 +153,11 @@ class ScopedRestores(Restores):
         params = job.params.copy()
         if not exists:
             params["create_safety_backup"] = False  # nothing was there to keep
-        token = INTO.set({held[0]: name})
-        try:
-            result = await self.restore(dataclasses.replace(job, params=params), beside,
-                                        engine, progress, identities)
-        except BaseException as failure:
-            if exists:  # restored over: the restore said what state it is in
-                raise
+        async def undo() -> str:
             await mongo.drop_database(target, name)
-            progress.warn(f"dropped database {name}, which this failed restore created")
-            if isinstance(failure, SafeholdError):
-                told = RestoreFailed(f"{failure.message}; the database {name} it created was "
-                                     "dropped again, the live databases were never touched",
-                                     database_unchanged=True, code=failure.code)
-                told.details = {"database_state": "unchanged"}
-                raise told from None
-            raise
-        finally:
-            INTO.reset(token)
+            return f"the database {name} it created was dropped again"
+        result = await self._into(job, params, beside, engine, progress, identities,
+                                  {held[0]: name}, None if exists else undo)
         result["warnings"] = [f"restored {held[0]} into "
                               + (f"database {name} (replaced)" if exists else
                                  f"the new database {name}")
@@ -219,30 +206,41 @@ class ScopedRestores(Restores):
         params = job.params.copy()
         if not exists:
             params["create_safety_backup"] = False  # nothing was there to keep
-        token = INTO.set({str(source): str(into)})
-        try:
-            result = await self.restore(dataclasses.replace(job, params=params), beside,
-                                        engine, progress, identities)
-        except BaseException as failure:
-            if exists:  # restored over: the restore said what state it is in
-                raise
+        async def undo() -> str:
             async with redis.connect(target, into) as r:  # it was empty
                 await r.flushdb()
-            progress.warn(f"emptied database {into} again, which this failed restore wrote")
-            if isinstance(failure, SafeholdError):
-                told = RestoreFailed(f"{failure.message}; database {into}, empty before, was "
-                                     "emptied again, the live database was never touched",
-                                     database_unchanged=True, code=failure.code)
-                told.details = {"database_state": "unchanged"}
-                raise told from None
-            raise
-        finally:
-            INTO.reset(token)
+            return f"database {into}, empty before, was emptied again"
+        result = await self._into(job, params, beside, engine, progress, identities,
+                                  {str(source): str(into)}, None if exists else undo)
         result["warnings"] = [f"restored database {source} into database {into}"
                               + (" (replaced)" if exists else "")
                               + ", beside the live one (untouched)",
                               *(result["warnings"] or [])]
         return result
+
+    async def _into(self, job: Job, params: JobParams, beside: TargetConfig, engine: Engine,
+                    progress: Progress, identities: Sequence[AgeKey], into: dict[str, str],
+                    undo: Callable[[], Awaitable[str]] | None) -> RestoreResult:
+        """The restore with the backup's databases written elsewhere (INTO); a failure
+        into a new one runs `undo` (which says what it did): the server is as it was."""
+        token = INTO.set(into)
+        try:
+            return await self.restore(dataclasses.replace(job, params=params), beside,
+                                      engine, progress, identities)
+        except BaseException as failure:
+            if undo is None:  # restored over: the restore said what state it is in
+                raise
+            done = await undo()
+            progress.warn(f"{done}: this restore failed")
+            if isinstance(failure, SafeholdError):
+                told = RestoreFailed(f"{failure.message}; {done}, the live database was "
+                                     "never touched", database_unchanged=True,
+                                     code=failure.code)
+                told.details = {"database_state": "unchanged"}
+                raise told from None
+            raise
+        finally:
+            INTO.reset(token)
 
     async def _beside_file(self, job: Job, target: TargetConfig, engine: Engine,
                            progress: Progress, identities: Sequence[AgeKey], name: str
