@@ -11,6 +11,7 @@ from api.context import Services
 from shared import binlog_window, naming, rcmd
 from shared.config import TargetConfig
 from shared.errors import BadRequest, Conflict, OutsideWindow
+from shared.formats.binlog import BINLOG_AT
 from shared.pitr_window import window
 
 STREAMING_KEYS = ("streamer", "started_at", "updated_at", "shipped_lsn", "server_lsn",
@@ -47,7 +48,11 @@ async def window_of(s: Services, target: TargetConfig) -> dict[str, object]:
 def within(window: Mapping[str, object], point_in_time: str) -> str | None:
     """`point_in_time` as the worker takes it (UTC, microseconds; None for "latest"), once
     it is an instant with its zone inside the recovery window: else 400
-    invalid_point_in_time, or 422 outside_window with the window."""
+    invalid_point_in_time, or 422 outside_window with the window. A MySQL/MariaDB target
+    also takes a binlog position (`binlog.000042:1234`: replayed up to the event there,
+    not including it — where the bad statement starts)."""
+    if window.get("engine") == "mysql" and (m := BINLOG_AT.fullmatch(point_in_time)):
+        return _within_binlog(window, point_in_time, int(m[2]), int(m[3]))
     try:
         at = None if point_in_time == "latest" else datetime.fromisoformat(
             point_in_time.replace("Z", "+00:00"))
@@ -71,3 +76,26 @@ def within(window: Mapping[str, object], point_in_time: str) -> str | None:
             {k: window.get(k) for k in ("earliest", "latest", "gaps")})
     return None if when is None else when.isoformat(timespec="microseconds").replace(
         "+00:00", "Z")
+
+
+def _within_binlog(window: Mapping[str, object], text: str, number: int, offset: int
+                   ) -> str:
+    """A binlog position inside the archived binlog, after a usable base's."""
+    from shared.formats.binlog import parse_position, position
+
+    at = position(number, offset)
+    binlog = window.get("binlog")
+    start = parse_position(str(binlog.get("from"))) if isinstance(binlog, Mapping) else None
+    end = parse_position(str(binlog.get("to"))) if isinstance(binlog, Mapping) else None
+    listed = window.get("bases")
+    bases = [parse_position(str(b.get("position"))) for b in
+             (listed if isinstance(listed, list) else []) if isinstance(b, Mapping)
+             and b.get("usable")]
+    if offset < 4 or start is None or end is None or not start <= at <= end or not any(
+            b is not None and b <= at for b in bases):
+        raise OutsideWindow(
+            f"{text} is outside the archived binlog of '{window.get('target')}' after a "
+            f"usable base ({binlog.get('from') if isinstance(binlog, Mapping) else '-'} .. "
+            f"{binlog.get('to') if isinstance(binlog, Mapping) else '-'})",
+            {k: window.get(k) for k in ("earliest", "latest", "gaps")})
+    return text

@@ -132,7 +132,7 @@ _RESTORE_BODY = {"type": "object", "additionalProperties": False,
                  "then": {"required": ["owner_map"]},
                  "else": {"not": {"required": ["owner_map"]}},
                  "properties": {"backup": BACKUP_NAME,
-                                "point_in_time": {"type": "string", "maxLength": 40},
+                                "point_in_time": {"type": "string", "maxLength": 220},
                                 "into_database": {
                                     "type": "string",
                                     "pattern": "^[A-Za-z0-9_][A-Za-z0-9_.-]*$",

@@ -203,14 +203,17 @@ class BinlogRecovery:
 
     base: BinlogBase
     pieces: list[BinlogPiece]
-    at: datetime | None  # None: the archive's end ("latest")
+    at: datetime | None  # None: the archive's end ("latest"), or a stop position
     basename: str
+    stop: int | None = None  # a binlog position: replayed up to the event there
 
 
 def choose(archive: Iterable[Mapping[str, object]], backups: Iterable[Mapping[str, object]],
-           at: datetime | None, target: str, *, random_point: bool = False) -> BinlogRecovery:
+           at: datetime | None, target: str, *, random_point: bool = False,
+           stop: int | None = None) -> BinlogRecovery:
     """The recovery of `at` (None: the archive's end; `random_point`: anywhere in the
-    window); RestoreFailed outside_window (nothing changed) when the window lacks it."""
+    window; `stop`: up to that binlog position instead); RestoreFailed outside_window
+    (nothing changed) when the window lacks it."""
     import random
 
     from shared.errors import RestoreFailed
@@ -229,9 +232,11 @@ def choose(archive: Iterable[Mapping[str, object]], backups: Iterable[Mapping[st
     if random_point and covered:
         first = min(b.consistent_at for b in covered)
         at = first + (last.covers_until - first) * random.random()
-    stop = at if at is not None else last.covers_until
-    usable = [b for b in covered if b.consistent_at <= stop]
-    if not usable or stop > last.covers_until:
+    until = at if at is not None else last.covers_until
+    usable = [b for b in covered if b.consistent_at <= until and (
+        stop is None or b.position <= stop)]
+    if not usable or until > last.covers_until or stop is not None and not (
+            last.start <= stop <= last.end):
         earliest = min((b.consistent_at for b in covered), default=None)
         raise RestoreFailed(
             f"{_iso(at) or 'latest'} is outside the recovery window of '{target}' (from "
@@ -239,5 +244,6 @@ def choose(archive: Iterable[Mapping[str, object]], backups: Iterable[Mapping[st
             "changed", database_unchanged=True, code="outside_window")
     chosen = max(usable, key=lambda b: (b.consistent_at, b.position))
     first_file = position(chosen.position >> 32, 0)
-    needed = [p for p in mine if p.end > first_file and p.start < last.end]
-    return BinlogRecovery(chosen, needed, at, chosen.identity.split(":", 1)[1])
+    upto = last.end if stop is None else stop
+    needed = [p for p in mine if p.end > first_file and p.start < upto]
+    return BinlogRecovery(chosen, needed, at, chosen.identity.split(":", 1)[1], stop)

@@ -148,10 +148,11 @@ class BinlogStreamer(Streamer):
                     f"{facts.basename}.{current:06d}", None, position(current, 0))
             return Position(current, 0, identity=f"{prefix}{int(time.time())}")
         number, offset = end >> 32, end & 0xFFFFFFFF
-        if number in files and offset <= files[number] or (offset == 0 and (
-                number in files or number == current + 1)):
+        reset = await self._said_reset(identity)
+        if not reset and (number in files and offset <= files[number] or (offset == 0 and (
+                number in files or number == current + 1))):
             return shipped
-        purged = number < oldest  # the server went on: positions still grow
+        purged = number < oldest and not reset  # the server went on: positions still grow
         why = (f"binlog {facts.basename}.{number:06d} from byte {offset} is gone from the "
                "server (purged before it was archived)" if purged else
                f"binlog {facts.basename}.{number:06d} is not on the server as archived "
@@ -161,6 +162,13 @@ class BinlogStreamer(Streamer):
         return Position(oldest, 0, identity=identity if purged
                         else f"{prefix}{int(time.time())}",
                         created=shipped.created if purged else {})
+
+    async def _said_reset(self, identity: str) -> bool:
+        """The last streamer found a file of this stretch made again on the server."""
+        with contextlib.suppress(Exception):
+            state = await self.redis.hgetall(self.keys.pitr(self.target.id, "state"))  # type: ignore[misc]
+            return bool(state.get(b"reset_of", b"").decode() == identity)
+        return False
 
     async def _said_end(self, prefix: str) -> tuple[str, int] | None:
         """The identity and archive end this target's streamer last said it shipped."""
@@ -198,15 +206,17 @@ class BinlogStreamer(Streamer):
         while True:
             tick = time.monotonic()
             await self.lease.refresh()
-            if child.proc.returncode is not None:
-                raise PipelineError(f"mariadb-binlog ended: {child.error_text()}",
-                                    code="pitr_receiver_stopped")
+            ended = child.proc.returncode is not None  # (what it wrote is shipped first)
             server = await my_pitr.server_position(conn)
             if server is not None:
                 self.bsamples.append((datetime.now(UTC), server))
-            for number, events in await asyncio.to_thread(self._read_spool, spool, facts,
-                                                          files, shipped):
+            read = await asyncio.to_thread(self._read_spool, spool, facts, files, shipped)
+            await self._same_files(files, shipped)
+            for number, events in read:
                 await self._ship(files[number], events, facts, shipped)
+            if ended:
+                raise PipelineError(f"mariadb-binlog ended: {child.error_text()}",
+                                    code="pitr_receiver_stopped")
             if server is not None and server <= shipped.at and self.bsamples:
                 shipped.covers_until = self.bsamples[-1][0]  # idle: all archived
             held = await self._unarchived(conn, facts, shipped, server)
@@ -247,19 +257,24 @@ class BinlogStreamer(Streamer):
                     files: dict[int, SpoolFile], shipped: Position
                     ) -> list[tuple[int, list[Event]]]:
         """The complete events the client wrote since the last look, per file, in order
-        (never more than READ_MAX a file: the rest waits for the next tick)."""
+        (never more than READ_MAX a tick: the rest waits for the next one). A file is read
+        to its end before the next one is looked at: a later file's events never pass
+        ahead of an earlier one's."""
         out = []
         names = sorted((n, p) for p in spool.iterdir()
                        if (parts := file_parts(p.name)) and parts[0] == facts.basename
                        for n in [parts[1]])
+        budget = READ_MAX
         for number, path in names:
             if number < shipped.number:
                 continue
             sf = files.setdefault(number, SpoolFile(number))
             with open(path, "rb") as f:
                 f.seek(sf.read)
-                data = f.read(READ_MAX)
+                data = f.read(budget)
+                more = bool(f.read(1))
             sf.read += len(data)
+            budget -= len(data)
             real = []
             for ev in sf.reader.feed(data):
                 if ev.type == FORMAT_DESCRIPTION and sf.created is None:
@@ -271,7 +286,22 @@ class BinlogStreamer(Streamer):
                 real.append(ev)
             if real:
                 out.append((number, real))
+            if more or budget <= 0 or sf.reader.pending:
+                break  # this file first (a pending event: the client writes it still)
         return out
+
+    async def _same_files(self, files: dict[int, SpoolFile], shipped: Position) -> None:
+        """Each file the client writes is the one the archive holds part of (its creation
+        stamp, from its format description — the one the server makes up for a resumed
+        connection says it too): a file made again (RESET MASTER) stops the stream, and
+        the next start begins a new stretch."""
+        for number, sf in files.items():
+            known = shipped.created.get(number)
+            if sf.created is not None and known is not None and known != sf.created:
+                await self.state(reset_of=shipped.identity)
+                raise PipelineError(f"binlog file {number} was made again on the server (its "
+                                    "creation stamp changed): the binlog was reset",
+                                    code="pitr_binlog_reset")
 
     async def _ship(self, sf: SpoolFile, events: list[Event], facts: my_pitr.ServerFacts,
                     shipped: Position) -> None:
@@ -285,14 +315,9 @@ class BinlogStreamer(Streamer):
             previous = None if shipped.complete else shipped.offset
             shipped.number, shipped.offset, shipped.complete = number, 0, False
             shipped.previous_end = previous
-        known = shipped.created.get(number)
         if sf.created is None:
             raise PipelineError(f"binlog file {number}: no format description first",
                                 code="corrupt_binlog")
-        if known is not None and known != sf.created:
-            raise PipelineError(f"binlog file {number} was made again on the server (its "
-                                "creation stamp changed): the binlog was reset",
-                                code="pitr_binlog_reset")
         shipped.created[number] = sf.created
         batch: list[Event] = []
         size = 0

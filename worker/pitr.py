@@ -284,7 +284,9 @@ class Streamer:
         """pitr.lagging once when the slot holds more than lag_alarm_mb (again after it
         came back under): this worker's alarms outlive a streamer that fails and restarts
         while the archive is down."""
-        held = pos.server_flush - (pos.slot_restart or pos.server_flush)
+        if pos.slot_restart is None:
+            return  # not known this tick (the slot between two holders): the alarm stays
+        held = pos.server_flush - pos.slot_restart
         alarm = held > self.pitr.lag_alarm_mb << 20
         if alarm and self.target.id not in self.alarms:
             await self._alert(

@@ -136,8 +136,10 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     pt.add_argument("action", choices=("status", "restore", "drill", "restore-cluster"))
     pt.add_argument("target")
     pt.add_argument("--to", metavar="T", help="an RFC 3339 instant with its zone "
-                                              "(2026-12-07T10:14:59Z), \"latest\", or "
-                                              "(drill) \"random\"")
+                                              "(2026-12-07T10:14:59Z), \"latest\", "
+                                              "(drill) \"random\", or (MySQL) a binlog "
+                                              "position binlog.000042:1234 (up to the "
+                                              "event there, not including it)")
     pt.add_argument("--data-dir", metavar="D", help="restore-cluster: a new or empty "
                                                    "directory")
     pt.add_argument("--pg-bindir", metavar="DIR", help="restore-cluster: PostgreSQL's tools "

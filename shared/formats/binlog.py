@@ -28,6 +28,8 @@ MAX_EVENT = 1 << 30  # max_allowed_packet's ceiling: a larger size is a corrupt 
 STOP, ROTATE, FORMAT_DESCRIPTION, XID, TABLE_MAP = 3, 4, 15, 16, 19
 QUERY = 2
 GTID = 162  # MariaDB's GTID event: a transaction starts
+# a binlog position as an operator names it: `binlog.000042:1234`
+BINLOG_AT = re.compile(r"([A-Za-z0-9_.-]{1,200})\.([0-9]{6,9}):([0-9]{1,10})")
 _FILE = re.compile(r"^(?P<base>[A-Za-z0-9_.-]{1,200})\.(?P<n>[0-9]{6,9})\Z")
 
 

@@ -360,8 +360,12 @@ async def test_the_archive_down_raises_lagging_says_why_and_catches_up_with_no_g
         async def says_why() -> bool:
             return bool((await state(redis, settings)).get("error"))
         await wait_until(says_why, 10)  # (the alarm is said before the failing shipment)
+        # (a shipment in flight when the directory was swapped may still have landed —
+        # in the old one — and let the slot advance under the alarm once: said again then)
+        said = len(await lagging())
+        assert said <= 2
         await asyncio.sleep(3)  # restarts meanwhile do not alert again
-        assert len(await lagging()) == 1
+        assert len(await lagging()) == said
         archive.unlink()
         away.rename(archive)
 

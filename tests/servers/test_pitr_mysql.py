@@ -340,3 +340,70 @@ async def test_lagging_binlog_is_alarmed(server: Server, prefix: str, tmp_path: 
         w = await wait_until(caught_up, 60)
     assert w["gaps"] == [] and len(await lagging()) == 1
     assert "MiB of binlog" in str(alerts[0]["detail"])
+
+
+async def test_restore_up_to_a_binlog_position_beside_the_live_database(
+        server: Server, settings: Settings, redis: Redis, api: Any, worker: Any) -> None:
+    """The operator found where the DROP TABLE starts (SHOW MASTER STATUS just before it,
+    or mariadb-binlog's `# at`): a restore up to that position, into a new database beside
+    the live one, holds every row written before it; the live database is untouched.
+    Positions outside the archived binlog are refused before any job."""
+    server.sql("GRANT ALL ON app_before.* TO rep@'%'")
+    async with streaming(settings, redis):
+        await wait_until(lambda: is_streaming(redis, settings))
+        job = await (await api.post("/api/v1/targets/main/backups?wait=60")).json()
+        assert job["status"] == "succeeded", job.get("error")
+        for i in range(30):
+            server.sql(f"INSERT INTO t (i) VALUES ({i})", "app")
+        file, pos = server.sql("SHOW MASTER STATUS").split()[:2]
+        server.sql("DROP TABLE t", "app")  # the incident starts at `pos`
+        server.sql("CREATE TABLE t (i int PRIMARY KEY, at datetime(6))", "app")
+        after = datetime.now(UTC)
+
+        async def caught_up() -> bool:
+            w = await (await api.get("/api/v1/targets/main/recovery-window")).json()
+            return bool(w["latest"] and w["latest"] >= after.isoformat()[:23])
+        await wait_until(caught_up, 30)
+        job = await (await api.post("/api/v1/targets/main/restores?wait=180", json={
+            "point_in_time": f"{file}:{pos}", "into_database": "app_before"})).json()
+        for bad in (f"{file}:3", "binlog.000099:100", "binlog.1:4"):
+            resp = await api.post("/api/v1/targets/main/restores", json={
+                "point_in_time": bad})
+            assert resp.status in (400, 422), (bad, await resp.text())
+    try:
+        assert job["status"] == "succeeded", job.get("error")
+        got = {int(v) for v in server.sql("SELECT i FROM t", "app_before").split()}
+        assert got == set(range(30))
+        assert server.sql("SELECT COUNT(*) FROM t", "app") == "0"  # live: as it is
+    finally:
+        server.sql("DROP DATABASE IF EXISTS app_before")
+
+
+async def test_a_reset_binlog_starts_a_new_stretch(
+        server: Server, settings: Settings, redis: Redis) -> None:
+    """RESET MASTER makes binlog.000001 again, with more bytes than the archive held of the
+    old one: the streamer sees the file's creation stamp changed, says so as a gap, and a
+    new stretch of archive starts from the new files — never spliced onto the old."""
+    async with streaming(settings, redis):
+        await wait_until(lambda: is_streaming(redis, settings))
+        server.sql("INSERT INTO t (i) VALUES (1)", "app")
+
+        async def shipped() -> bool:
+            return bool((await archive_window(settings))["binlog"])
+        await wait_until(shipped)
+    await asyncio.sleep(1.1)  # the new file's creation stamp is another second
+    server.sql("RESET MASTER")
+    for i in range(2, 60):
+        server.sql(f"INSERT INTO t (i) VALUES ({i})", "app")
+    async with streaming(settings, redis):
+        async def gap_said() -> dict[str, str] | None:
+            s = await state(redis, settings)
+            return s if "reset" in s.get("last_gap", "") else None
+        await wait_until(gap_said, 40)
+        server.sql("INSERT INTO t (i) VALUES (1000)", "app")
+
+        async def new_stretch() -> dict[str, Any] | None:
+            w = await archive_window(settings)
+            return w if w["gaps"] and w["latest"] else None
+        w = await wait_until(new_stretch, 30)
+    assert "reset" in w["gaps"][0]["why"], w["gaps"]

@@ -625,16 +625,21 @@ async def test_the_api_answers_while_a_reload_waits_for_a_running_job(
         rc, out, _ = await cli("--config", str(cfg), "token", env=env)
         auth = {"Authorization": f"Bearer {out.strip()}"}
         async with aiohttp.ClientSession(headers=auth) as http:
+            # the dump waits on a lock this test holds: running for as long as it says
+            holder = await pg.user_conn(pg_db)
+            lock = holder.transaction()
+            await lock.start()
+            await holder.execute("LOCK TABLE big IN ACCESS EXCLUSIVE MODE")
             async with http.post(f"{base}/api/v1/targets/main/backups") as resp:
                 job = await resp.json()
             for _ in range(200):  # running, and past its start
                 async with http.get(f"{base}/api/v1/jobs/{job['id']}") as resp:
                     now = await resp.json()
-                if now["status"] == "running" and (now.get("progress") or {}).get(
-                        "bytes_done"):
+                if now["status"] == "running":
                     break
                 await asyncio.sleep(0.05)
             assert now["status"] == "running", now
+            await asyncio.sleep(0.5)
             server.send_signal(signal.SIGHUP)
             seen = []
             for _ in range(1200):  # answered while the job runs (the API goes down only
@@ -646,7 +651,13 @@ async def test_the_api_answers_while_a_reload_waits_for_a_running_job(
                     break
                 if seen[-1] != "running":
                     break
+                if seen.count("running") == 5:
+                    await lock.rollback()  # the job may end now
+                    await holder.close()
                 await asyncio.sleep(0.1)
+            if not holder.is_closed():
+                await lock.rollback()
+                await holder.close()
             # before the fix the API stopped at the signal: no answer during the drain
             assert seen.count("running") >= 3, seen
             await wait_ready(base)  # the new process serves, and says how the job ended

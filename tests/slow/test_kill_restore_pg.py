@@ -22,6 +22,16 @@ CREATE TABLE child (id int PRIMARY KEY, big_id bigint REFERENCES big (id));
 INSERT INTO child SELECT g, 3 * g + 1 FROM generate_series(1, 1000) g;
 """
 
+# an index whose build takes ~2 s whatever the machine's speed (a sleep per row): the
+# "index build" point is always there to be caught
+SLOW_INDEX = """
+CREATE FUNCTION slow_key(bigint) RETURNS bigint LANGUAGE plpgsql IMMUTABLE
+    AS $$ BEGIN PERFORM pg_sleep(0.002); RETURN $1; END $$;
+CREATE TABLE slow (id bigint);
+INSERT INTO slow SELECT g FROM generate_series(1, 1000) g;
+CREATE INDEX slow_ix ON slow (slow_key(id));
+"""
+
 # where to kill: a predicate over the restore backend's pg_stat_activity row
 KILL_POINTS = {
     "between statements": lambda state, query: state == "idle in transaction",
@@ -41,7 +51,7 @@ async def test_sigkill_worker_at_each_point_of_a_restore_leaves_the_old_database
         api: Any, pg_db: str, prefix: str, tmp_path: Path) -> None:
     await pg.load_rich(pg_db)
     conn = await pg.user_conn(pg_db)
-    await conn.execute(BIG)
+    await conn.execute(BIG + SLOW_INDEX)
     await conn.close()
     name = await backup_in_a_worker_of_its_own(api, tmp_path, prefix, pg_db)
     conn = await pg.user_conn(pg_db)

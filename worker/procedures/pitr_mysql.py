@@ -28,7 +28,7 @@ from shared.binlog_window import BinlogRecovery, choose
 from shared.codecs.base import AgeKey
 from shared.config import TargetConfig
 from shared.errors import RestoreFailed
-from shared.formats.binlog import position_text
+from shared.formats.binlog import BINLOG_AT, position, position_text
 from shared.formats.binlogsql import BinlogSqlCheck
 from shared.jobs import Job, Phase
 from worker.archive_read import ArchiveReader, when_of
@@ -61,10 +61,14 @@ class BinlogPitr(Restores):
                                   identities: Sequence[AgeKey], note: str
                                   ) -> BinlogPointBackup:
         archive = target.id + naming.PITR_SUFFIX
+        stop = None
+        if m := BINLOG_AT.fullmatch(asked):  # a binlog position: up to the event there
+            stop = position(int(m[2]), int(m[3]))
         plan = choose(await self.catalog.list_backups(archive),
                       await self.catalog.list_backups(target.id),
-                      None if asked in ("latest", "random") else when_of(asked), target.id,
-                      random_point=asked == "random")
+                      None if asked in ("latest", "random") or stop is not None
+                      else when_of(asked), target.id, random_point=asked == "random",
+                      stop=stop)
         ids = list(identities) + self.identities(target)
         progress.set_phase(Phase.RECOVERING)
         work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="safehold-binlog-pitr-"))
@@ -78,9 +82,9 @@ class BinlogPitr(Restores):
                     target, password=None, pitr=None, globals=False,
                     url=url.replace("{database}", quote(db, safe="")))
                 await self._load_base(job, target, scratch, engine, plan, progress, ids, db)
-                stop = None if plan.at is None else (
+                until = None if plan.at is None else (
                     plan.at.replace(microsecond=0) + timedelta(seconds=1))
-                check = await self._replay(scratch, plan, files, stop, db, progress)
+                check = await self._replay(scratch, plan, files, until, db, progress)
                 progress.log(f"replayed {check.statements} statements and {check.row_events} "
                              f"row events of the binlog after {plan.base.filename}")
                 said = [f"left out of the replay {len(check.skipped)} statement(s) about "
@@ -91,7 +95,7 @@ class BinlogPitr(Restores):
                     progress.warn(line)
                 made = await self.backup(
                     job, scratch, engine, progress, kind="backup", compress=True,
-                    note=f"{note} {plan.at.isoformat() if plan.at else 'latest'}: base "
+                    note=f"{note} {plan.at.isoformat() if plan.at else asked}: base "
                          f"{plan.base.filename}, binlog from "
                          f"{position_text(plan.base.position)}")
         finally:
@@ -164,6 +168,8 @@ class BinlogPitr(Restores):
                 f"--start-position={plan.base.position & 0xFFFFFFFF}"]
         if stop is not None:
             argv.append(f"--stop-datetime={stop.strftime('%Y-%m-%d %H:%M:%S')}")
+        if plan.stop is not None:  # (the last file given is the stop's)
+            argv.append(f"--stop-position={plan.stop & 0xFFFFFFFF}")
         argv += ["--", *map(str, files)]
         with defaults_file(scratch) as cnf:
             replay = [client, f"--defaults-file={cnf}", *await client_guard_flags(client),
