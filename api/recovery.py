@@ -91,7 +91,9 @@ def _within_binlog(window: Mapping[str, object], text: str, number: int, offset:
     bases = [parse_position(str(b.get("position"))) for b in
              (listed if isinstance(listed, list) else []) if isinstance(b, Mapping)
              and b.get("usable")]
-    if offset < 4 or start is None or end is None or not start <= at <= end or not any(
+    named = text.rsplit(".", 1)[0]
+    if offset < 4 or offset >= 1 << 32 or named != window.get("basename") or \
+            start is None or end is None or not start <= at <= end or not any(
             b is not None and b <= at for b in bases):
         raise OutsideWindow(
             f"{text} is outside the archived binlog of '{window.get('target')}' after a "

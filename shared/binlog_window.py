@@ -156,8 +156,10 @@ def window(archive: Iterable[Mapping[str, object]], backups: Iterable[Mapping[st
     last = found[-1] if found else None
     found_bases = sorted((found_base for doc in backups
                           if (found_base := base(doc)) is not None), key=lambda b: b.position)
+    # (the decoder reads a base's file from its start: the run must hold all of it)
     usable = [b for b in found_bases if last is not None and b.identity == last.server
-              and last.start <= b.position <= last.end and last.covers_until is not None
+              and last.start <= position(b.position >> 32, 0) and b.position <= last.end
+              and last.covers_until is not None
               and last.since <= b.consistent_at <= last.covers_until]
     gaps: list[dict[str, object]] = []
     others = sorted({p.identity for p in held if newest and p.identity != newest.identity})
@@ -187,6 +189,7 @@ def window(archive: Iterable[Mapping[str, object]], backups: Iterable[Mapping[st
         "lag_s": None if latest is None else round((now - latest).total_seconds(), 3),
         "binlog": {"from": position_text(last.start), "to": position_text(last.end)}
         if last else None,
+        "basename": last.identity.split(":")[1] if last else None,
         "bases": [{"filename": b.filename, "position": position_text(b.position),
                    "gtid": b.gtid, "consistent_at": _iso(b.consistent_at),
                    "size_bytes": b.size_bytes, "usable": b in usable,
@@ -227,7 +230,8 @@ def choose(archive: Iterable[Mapping[str, object]], backups: Iterable[Mapping[st
         raise RestoreFailed(f"target '{target}' has no archived binlog yet",
                             database_unchanged=True, code="outside_window")
     covered = [b for doc in backups if (b := base(doc)) is not None
-               and b.identity == last.server and last.start <= b.position <= last.end
+               and b.identity == last.server and last.start <= position(b.position >> 32, 0)
+               and b.position <= last.end
                and last.since <= b.consistent_at <= last.covers_until]
     if random_point and covered:
         first = min(b.consistent_at for b in covered)

@@ -149,6 +149,11 @@ class BinlogStreamer(Streamer):
             return Position(current, 0, identity=f"{prefix}{int(time.time())}")
         number, offset = end >> 32, end & 0xFFFFFFFF
         reset = await self._said_reset(identity)
+        if offset == 0 and newest is not None and number - 1 in files:
+            # a complete file archived: the server's file of that number must be it still
+            held = max((p.hi for p in mine if p.identity == identity
+                        and p.number == number - 1), default=None)
+            reset = reset or (held is not None and files[number - 1] != held)
         if not reset and (number in files and offset <= files[number] or (offset == 0 and (
                 number in files or number == current + 1))):
             return shipped
@@ -207,9 +212,10 @@ class BinlogStreamer(Streamer):
             tick = time.monotonic()
             await self.lease.refresh()
             ended = child.proc.returncode is not None  # (what it wrote is shipped first)
+            sampled = datetime.now(UTC)  # (before: a write after it is never "covered")
             server = await my_pitr.server_position(conn)
             if server is not None:
-                self.bsamples.append((datetime.now(UTC), server))
+                self.bsamples.append((sampled, server))
             read = await asyncio.to_thread(self._read_spool, spool, facts, files, shipped)
             await self._same_files(files, shipped)
             for number, events in read:
@@ -417,8 +423,11 @@ class BinlogStreamer(Streamer):
             return []
         cutoff = now - timedelta(days=self.pitr.keep_days)
         backups = await self.catalog.list_backups(self.target.id)
+        stretch = runs([p for p in held if p.identity == newest.identity])
+        since = min(r.since for r in stretch)  # a base before it is of the old binlog
         old = [b for doc in backups if (b := binlog_base(doc)) is not None
-               and b.identity == newest.identity.rsplit(":", 1)[0] and b.consistent_at < cutoff]
+               and b.identity == newest.identity.rsplit(":", 1)[0]
+               and since <= b.consistent_at < cutoff]
         start = max((b.position for b in old), default=None)
         doomed = [p.filename for p in held
                   if (p.identity == newest.identity and (

@@ -24,7 +24,7 @@ from shared.errors import PipelineError
 from shared.formats.binlog import FORMAT_DESCRIPTION, TABLE_MAP, EventReader
 from shared.formats.common import Unsafe
 from shared.formats.mysql import _normalized
-from shared.formats.mytables import _SETTING, LineStatements
+from shared.formats.mytables import LineStatements
 
 _CHARSET_LINE = re.compile(rb"/\*!\\C ([a-z0-9_]{1,32}) \*//\*!\*/;\r?\n")
 HOLD_MAX = 16 << 20
@@ -33,7 +33,8 @@ _B64 = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}
 ROWS = {23, 24, 25, 30, 31, 32, 39, 166, 167, 168, 169, 170, 171}
 ANNOTATE_ROWS = 160
 _KINDS = re.compile(
-    rb"(?is)(?:ROLLBACK|BEGIN|START TRANSACTION|COMMIT|XA END|SAVEPOINT |RELEASE SAVEPOINT |"
+    rb"(?is)(?:ROLLBACK\s*(?:/\*[^*]*\*/\s*)?$|BEGIN\s*$|START TRANSACTION\s*$|COMMIT\s*$|"
+    rb"SAVEPOINT |RELEASE SAVEPOINT |"
     rb"BINLOG '|(?:CREATE|ALTER|DROP|TRUNCATE|RENAME|ANALYZE|OPTIMIZE|REPAIR) |"
     rb"(?:INSERT|UPDATE|DELETE|REPLACE) |(?:GRANT|REVOKE) )")
 _NEVER = re.compile(
@@ -44,6 +45,49 @@ _NEVER = re.compile(
 _ASSIGN = (rb"(?:@@(?:session\.)?[A-Za-z_0-9]{1,64}|TIMESTAMP|INSERT_ID|LAST_INSERT_ID)="
            rb"(?:-?[0-9][0-9.]{0,40}|[A-Za-z0-9_]{1,64})")
 _SET_LINE = re.compile(rb"SET " + _ASSIGN + rb"(?:, ?" + _ASSIGN + rb"){0,40}/\*!\*/;\r?\n")
+_ONE = re.compile(rb"(@@(?:session\.)?[A-Za-z_0-9]{1,64}|TIMESTAMP|INSERT_ID|LAST_INSERT_ID)="
+                  rb"(-?[0-9][0-9.]{0,40}|[A-Za-z0-9_]{1,64})", re.I)
+# the session variables the decoder sets, and nothing that reaches past the session
+SESSION_VARS = {
+    b"pseudo_thread_id", b"foreign_key_checks", b"sql_auto_is_null", b"unique_checks",
+    b"autocommit", b"check_constraint_checks", b"sql_if_exists",
+    b"explicit_defaults_for_timestamp", b"system_versioning_insert_history", b"sql_mode",
+    b"auto_increment_increment", b"auto_increment_offset", b"character_set_client",
+    b"collation_connection", b"collation_server", b"lc_time_names", b"collation_database",
+    b"skip_parallel_replication", b"gtid_domain_id", b"server_id", b"gtid_seq_no",
+    b"max_delayed_threads", b"pseudo_slave_mode", b"timestamp", b"insert_id",
+    b"last_insert_id", b"rand_seed1", b"rand_seed2"}
+# sql_mode bits that change how the text is read (quotes, escapes, another dialect)
+READING_MODES = 4 | 256 | 512 | 1024 | 2048 | 4096 | 262144 | 1048576
+SAFE_COLLATIONS = {b"8", b"11", b"33", b"45", b"46", b"63", b"83", b"192", b"224", b"DEFAULT"}
+_SAFE_COLLATION = re.compile(rb"(?i)(?:utf8|utf8mb3|utf8mb4|latin1|ascii)_[a-z0-9_]{1,40}|binary")
+# the few settings the decoder writes in another form (its prologue and epilogue)
+_FIXED_SETS = re.compile(
+    rb"(?i)SET (?:@@SESSION\.PSEUDO_SLAVE_MODE=[01]|@@session\.max_delayed_threads=0|"
+    rb"@OLD_COMPLETION_TYPE=@@COMPLETION_TYPE,\s*COMPLETION_TYPE=0|"
+    rb"COMPLETION_TYPE=@OLD_COMPLETION_TYPE|NAMES (?:utf8|utf8mb3|utf8mb4|latin1|ascii|binary)|"
+    rb"@@session\.time_zone='[A-Za-z0-9_+:/-]{1,64}')\s*(?:\*/)?\s*")
+
+
+def _settings_ok(assignments: list[tuple[bytes, bytes]]) -> bool:
+    """Session settings only, none changing how the rest is read."""
+    for name, value in assignments:
+        var = name.lower().removeprefix(b"@@session.").removeprefix(b"@@")
+        if var not in SESSION_VARS:
+            return False
+        if var == b"sql_mode" and not (value.isdigit() and
+                                       not int(value) & READING_MODES):
+            return False
+        if var == b"character_set_client" and value.lower() not in SAFE_CHARSETS:
+            return False
+        if var.startswith(b"collation_") and value.upper() not in SAFE_COLLATIONS and \
+                not _SAFE_COLLATION.fullmatch(value):
+            return False
+    return True
+
+
+_ASSIGNMENTS = re.compile(rb"(?i)SET " + _ASSIGN + rb"(?:,\s?" + _ASSIGN +
+                          rb"){0,40}\s*(?:\*/)?\s*")
 _USE = re.compile(rb"(?is)USE (?:`((?:[^`]|``)+)`|([A-Za-z0-9_$]+))\s*")
 
 
@@ -64,6 +108,7 @@ class BinlogSqlCheck:
         self.statements = self.row_events = 0
         self.at = b"?"  # the binlog position of the event being read (`# at N`)
         self._whole_setting = False  # the statement under way is a setting line seen whole
+        self._sent_partly = False  # a statement under way had its first line passed on
         self._held: list[bytes] = []  # the statement under way, until it is judged
         self._held_size = 0
         self._verdicts: list[bool] = []  # of the statements that ended in this line
@@ -115,17 +160,21 @@ class BinlogSqlCheck:
             elif line.rstrip(b"\r\n") == b"BINLOG '":
                 self._events = EventReader(magic=False)
                 streaming = True
-            self._whole_setting = bool(_SET_LINE.fullmatch(line))
+            self._whole_setting = bool(_SET_LINE.fullmatch(line)) and _settings_ok(
+                [(m[1], m[2]) for m in _ONE.finditer(line)])
         was_between = self.scan.between and not self._held
         self._verdicts = []
         try:
             self.scan.feed_line(line)  # statements that end here are checked (may raise)
         except ValueError as exc:
             self._refuse(str(exc))
+        if False in self._verdicts and self._sent_partly:
+            self._refuse("a statement left out whose start was passed on with another")
         if streaming:
             if False in self._verdicts:
                 self._refuse("a BINLOG statement sharing its line with one left out")
             out, self._held, self._held_size = b"".join(self._held) + line, [], 0
+            self._sent_partly = not self.scan.between
             return out
         if not self._verdicts and was_between and self.scan.between:
             return line  # a comment or a blank line between statements
@@ -137,6 +186,9 @@ class BinlogSqlCheck:
             return b""
         if all(self._verdicts):
             out = b"".join(self._held)
+            # a statement begun on this line after the one judged goes out with it: it
+            # may no longer be left out (refused instead, above)
+            self._sent_partly = not self.scan.between
         elif not any(self._verdicts) and self.scan.between:
             out = b""
         else:
@@ -155,7 +207,10 @@ class BinlogSqlCheck:
             self._refuse(f"a BINLOG statement holding no binlog events ({exc})")
         for ev in events:
             kind = ev.type
-            if kind in (FORMAT_DESCRIPTION, ANNOTATE_ROWS):
+            if kind == FORMAT_DESCRIPTION:
+                _layout_as_read(ev.data)  # the header and table ids as parsed below
+                continue
+            if kind == ANNOTATE_ROWS:
                 continue
             if kind == TABLE_MAP:
                 table_id, db = _table_map(ev.data)
@@ -184,8 +239,10 @@ class BinlogSqlCheck:
                              "(only the target's is replayed)")
             return
         if text.upper().startswith(b"SET "):
-            if not self._whole_setting and (not _SETTING.match(text) or
-                                            self.scan.cut_short):
+            short = not self.scan.cut_short and (_FIXED_SETS.fullmatch(text) or (
+                _ASSIGNMENTS.fullmatch(text) and _settings_ok(
+                    [(m[1], m[2]) for m in _ONE.finditer(text)])))
+            if not (self._whole_setting or short):
                 self._refuse(f"a setting the decoder does not write ({_shown(text)})")
             return
         if not _KINDS.match(text) or _NEVER.match(text):
@@ -242,6 +299,22 @@ def _objects(text: bytes) -> list[bytes | None]:
         else:
             break
     return names
+
+
+def _layout_as_read(data: bytes) -> None:
+    """A format description inside BINLOG must describe the layout this check reads
+    (19-byte headers, 6-byte table ids): another one would have the server read what the
+    check did not."""
+    # body: binlog version (2), server version (50), created (4), header length (1), then
+    # each event type's post-header length (TABLE_MAP's is the 19th, rows' the 23rd…)
+    at = 19 + 2 + 50 + 4
+    try:
+        header, table_map = data[at], data[at + 1 + TABLE_MAP - 1]
+        rows = [data[at + 1 + t - 1] for t in (23, 24, 25)]
+    except IndexError:
+        raise Unsafe("a format description event that is cut short") from None
+    if header != 19 or table_map != 8 or any(r != 8 for r in rows):
+        raise Unsafe("a format description with another event layout than the check reads")
 
 
 def _table_map(data: bytes) -> tuple[int, bytes]:

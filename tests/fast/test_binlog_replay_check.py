@@ -34,7 +34,14 @@ def binlog(*events: bytes) -> bytes:
         b"'/*!*/;\n"
 
 
-FDE = event(15, b"\x04\x00" + b"10.11.19-MariaDB".ljust(50, b"\x00") + b"\x00" * 40)
+def fde(header: int = 19, table_map: int = 8) -> bytes:
+    post = bytearray(40)  # each event type's post-header length, type 1 first
+    post[19 - 1], post[23 - 1], post[24 - 1], post[25 - 1] = table_map, 8, 8, 8
+    return event(15, b"\x04\x00" + b"10.11.19-MariaDB".ljust(50, b"\x00") + b"\x00" * 4
+                 + bytes([header]) + bytes(post))
+
+
+FDE = fde()
 
 
 def script(*middle: bytes) -> bytes:
@@ -94,6 +101,21 @@ def test_a_statement_about_another_database_only_is_left_out(step: int) -> None:
     binlog(table_map(5, b"app", b"t"), rows(6)),  # rows of a table no map named
     b"BINLOG '\nnot base64!\n'/*!*/;\n",
     b"XA START 'x'/*!*/;\n",
+    # settings reaching past the session, or changing how the rest is read
+    b"SET @a=1, @@global.general_log_file='/tmp/x'/*!*/;\n",
+    b"SET @@session.foreign_key_checks=1, @@global.general_log=1/*!*/;\n",
+    b"SET STATEMENT max_statement_time=0 FOR DROP DATABASE mysql/*!*/;\n",
+    b"SET @x=LOAD_FILE('/etc/passwd')/*!*/;\n",
+    b"SET @@session.sql_mode=1048576/*!*/;\n",  # NO_BACKSLASH_ESCAPES
+    b"SET @@session.sql_mode=4/*!*/;\n",  # ANSI_QUOTES
+    b"SET @@session.character_set_client=gbk/*!*/;\n",
+    b"SET NAMES gbk/*!*/;\n",
+    b"BEGIN NOT ATOMIC SET GLOBAL general_log=1; END/*!*/;\n",
+    # a statement begun on a passed line, left out later: refused, never half sent
+    b"COMMIT/*!*/; TRUNCATE other.o\n/*!*/;\n",
+    # a format description describing another layout than the check reads
+    binlog(fde(header=24), table_map(22, b"app", b"t"), rows(22)),
+    binlog(fde(table_map=6), table_map(22, b"app", b"t"), rows(22)),
 ])
 def test_what_a_replay_never_runs_is_refused(middle: bytes) -> None:
     for step in (1, 7, 1 << 20):

@@ -407,3 +407,43 @@ async def test_a_reset_binlog_starts_a_new_stretch(
             return w if w["gaps"] and w["latest"] else None
         w = await wait_until(new_stretch, 30)
     assert "reset" in w["gaps"][0]["why"], w["gaps"]
+
+
+async def test_the_replay_account_of_the_scratch_server_is_walled_in(tmp_path: Path) -> None:
+    """Whatever a binlog statement the check let pass turns out to do, it runs as an
+    account with rights on the target's database and BINLOG REPLAY only: no global
+    setting (the general log is a file), no file read or written, no other database, no
+    plugin; the server itself has no network and no symbolic links."""
+    import aiomysql
+    import pymysql
+
+    from shared.config import TargetConfig
+    from worker.engines.my_connection import connect, query
+    from worker.engines.my_scratch import scratch_server
+    from worker.procedures.pitr_mysql import BinlogPitr
+
+    async with scratch_server() as url:
+        root = TargetConfig(id="scratch", engine="mysql", url=url.replace("{database}", ""))
+        async with connect(root) as conn:
+            await query(conn, "CREATE DATABASE app")
+            (skip_net, links), = await query(conn, "SELECT @@skip_networking, "
+                                                   "@@have_symlink")
+        assert skip_net == 1 and links in ("DISABLED", b"DISABLED")
+        scratch = TargetConfig(id="scratch", engine="mysql",
+                               url=url.replace("{database}", "app"))
+        replayer = await BinlogPitr._replay_user(scratch, "app")
+        async with connect(replayer) as conn:
+            await query(conn, "CREATE TABLE t (a int)")  # its database: every right
+            assert (await query(conn, "SELECT LOAD_FILE('/etc/passwd')"))[0][0] is None
+            for refused in ("SET GLOBAL general_log_file = '/tmp/x'",
+                            "SET GLOBAL general_log = 1",
+                            "CREATE DATABASE other",
+                            "SELECT 1 INTO OUTFILE '/tmp/safehold-replay-test'",
+                            "INSTALL SONAME 'ha_example'"):
+                with pytest.raises((pymysql.err.MySQLError, aiomysql.Error)):
+                    await query(conn, refused)
+            # symbolic links off: a DATA DIRECTORY is ignored, the table stays inside
+            await query(conn, "CREATE TABLE t2 (a int) DATA DIRECTORY = '/tmp'")
+            (_, ddl), = await query(conn, "SHOW CREATE TABLE t2")
+            assert "DIRECTORY" not in str(ddl)
+    assert not Path("/tmp/safehold-replay-test").exists()

@@ -73,7 +73,12 @@ async def _running(server: str, work: Path) -> AsyncIterator[str]:
         "--auth-root-authentication-method=normal", "--skip-test-db",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         env=child_env({}), preexec_fn=die_with_parent)
-    _, err = await install.communicate()
+    try:
+        _, err = await install.communicate()
+    finally:
+        if install.returncode is None:  # cancelled meanwhile
+            install.kill()
+            await install.wait()
     if install.returncode != 0:
         raise EngineError(f"mariadb-install-db failed for the scratch server: "
                           f"{err.decode(errors='replace')[-300:]}", code="pitr_scratch_failed")
@@ -83,6 +88,7 @@ async def _running(server: str, work: Path) -> AsyncIterator[str]:
         f"--socket={sock}", f"--pid-file={data / 'scratch.pid'}",
         f"--secure-file-priv={files}", f"--plugin-dir={plugins}", "--local-infile=0",
         "--event-scheduler=OFF", "--skip-log-bin", "--innodb-buffer-pool-size=128M",
+        "--skip-symbolic-links",  # no DATA/INDEX DIRECTORY outside its own
         "--max-allowed-packet=1G", "--skip-name-resolve", f"--log-error={work / 'error.log'}",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         env=child_env({}), preexec_fn=die_with_parent)

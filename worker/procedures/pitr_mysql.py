@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import secrets
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Sequence
@@ -26,7 +27,7 @@ from urllib.parse import quote
 from shared import naming
 from shared.binlog_window import BinlogRecovery, choose
 from shared.codecs.base import AgeKey
-from shared.config import TargetConfig
+from shared.config import Secret, TargetConfig
 from shared.errors import RestoreFailed
 from shared.formats.binlog import BINLOG_AT, position, position_text
 from shared.formats.binlogsql import BinlogSqlCheck
@@ -36,9 +37,12 @@ from worker.engines import Engine, RestoreOptions, my_pitr
 from worker.engines.my_connection import (
     client_guard_flags,
     conn_params,
+    connect,
     defaults_file,
     find_tool,
+    query,
 )
+from worker.engines.my_connection import quote as my_quote
 from worker.engines.my_scratch import scratch_server
 from worker.procedures.restore import Restores
 from worker.progress import Progress
@@ -63,12 +67,19 @@ class BinlogPitr(Restores):
         archive = target.id + naming.PITR_SUFFIX
         stop = None
         if m := BINLOG_AT.fullmatch(asked):  # a binlog position: up to the event there
+            if not 4 <= int(m[3]) < 1 << 32:
+                raise RestoreFailed(f"{asked}: no such binlog position; nothing was changed",
+                                    database_unchanged=True, code="outside_window")
             stop = position(int(m[2]), int(m[3]))
         plan = choose(await self.catalog.list_backups(archive),
                       await self.catalog.list_backups(target.id),
                       None if asked in ("latest", "random") or stop is not None
                       else when_of(asked), target.id, random_point=asked == "random",
                       stop=stop)
+        if m and m[1] != plan.basename:
+            raise RestoreFailed(f"{asked}: the target's binlog files are {plan.basename}.*; "
+                                "nothing was changed", database_unchanged=True,
+                                code="outside_window")
         ids = list(identities) + self.identities(target)
         progress.set_phase(Phase.RECOVERING)
         work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="safehold-binlog-pitr-"))
@@ -84,7 +95,8 @@ class BinlogPitr(Restores):
                 await self._load_base(job, target, scratch, engine, plan, progress, ids, db)
                 until = None if plan.at is None else (
                     plan.at.replace(microsecond=0) + timedelta(seconds=1))
-                check = await self._replay(scratch, plan, files, until, db, progress)
+                replayer = await self._replay_user(scratch, db)
+                check = await self._replay(replayer, plan, files, until, db, progress)
                 progress.log(f"replayed {check.statements} statements and {check.row_events} "
                              f"row events of the binlog after {plan.base.filename}")
                 said = [f"left out of the replay {len(check.skipped)} statement(s) about "
@@ -156,6 +168,22 @@ class BinlogPitr(Restores):
             await engine.restore(scratch, chunks, progress, clean=True, manifest=loading,
                                  options=RestoreOptions(scratch=True))
 
+    @staticmethod
+    async def _replay_user(scratch: TargetConfig, db: str) -> TargetConfig:
+        """The scratch server's account the binlog is replayed as: every right on the
+        target's database and BINLOG REPLAY (row events, the decoder's session settings),
+        nothing else — no global setting, no file, no plugin, no other database, whatever
+        a statement the check let pass turns out to do."""
+        password = secrets.token_hex(24)
+        async with connect(scratch) as conn:
+            await query(conn, "CREATE USER 'safehold_replay'@'localhost' IDENTIFIED BY %s",
+                        password)
+            await query(conn, f"GRANT ALL PRIVILEGES ON {my_quote(db)}.* TO "
+                              "'safehold_replay'@'localhost'")
+            await query(conn, "GRANT BINLOG REPLAY ON *.* TO 'safehold_replay'@'localhost'")
+        return dataclasses.replace(scratch, url=scratch.url.replace(
+            "//root@", "//safehold_replay@", 1), password=Secret(password))
+
     async def _replay(self, scratch: TargetConfig, plan: BinlogRecovery, files: list[Path],
                       stop: datetime | None, db: str, progress: Progress) -> BinlogSqlCheck:
         """Decode → check → the client, on the scratch server."""
@@ -188,7 +216,8 @@ class BinlogPitr(Restores):
                         stdin.write(out)
                     stdin.close()
                 except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client stopped: its exit code says why
+                    decoding.proc.kill()  # the client stopped (its exit code says why):
+                    # the decoder, blocked on a full pipe, would wait for ever
                 except BaseException:
                     applying.proc.kill()  # never commit what follows a refusal
                     raise
