@@ -28,8 +28,15 @@ from shared import naming
 from shared.binlog_window import BinlogRecovery, choose
 from shared.codecs.base import AgeKey
 from shared.config import Secret, TargetConfig
-from shared.errors import RestoreFailed
-from shared.formats.binlog import BINLOG_AT, position, position_text
+from shared.errors import PipelineError, RestoreFailed
+from shared.formats.binlog import (
+    BINLOG_AT,
+    ROTATE,
+    STOP,
+    EventReader,
+    position,
+    position_text,
+)
 from shared.formats.binlogsql import BinlogSqlCheck
 from shared.jobs import Job, Phase
 from worker.archive_read import ArchiveReader, when_of
@@ -150,6 +157,11 @@ class BinlogPitr(Restores):
             finally:
                 await asyncio.to_thread(out.close)
             files.append(path)
+        for i, path in enumerate(files):  # what the manifests claimed, proved by the bytes
+            later = [p for p in plan.pieces if p.number == numbers[i] + 1 and p.lo == 0]
+            joined = any(p.joins is not None and p.joins & 0xFFFFFFFF == path.stat().st_size
+                         for p in later)
+            await asyncio.to_thread(_check_staged, path, i == len(files) - 1, joined)
         return files
 
     async def _load_base(self, job: Job, target: TargetConfig, scratch: TargetConfig,
@@ -230,3 +242,31 @@ class BinlogPitr(Restores):
                                         f"code {rc}): {applying.error_text()}",
                                         database_unchanged=True, code="pitr_replay_failed")
         return check
+
+
+def _check_staged(path: Path, last: bool, joined: bool) -> None:
+    """A staged binlog file is what its manifests said: events one after the other from
+    the magic on, each ending where its header says; a file the replay goes past ends
+    with its rotate or stop event (or, where the server moved on after a crash, where the
+    next file's first piece says it ended). Else the archive lies: nothing was changed."""
+    reader = EventReader()
+    end, kind = 4, None
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                events = reader.feed(chunk)
+            except PipelineError as exc:
+                raise RestoreFailed(f"{path.name} as archived is not a binlog ({exc.message});"
+                                    " nothing was changed", database_unchanged=True,
+                                    code="archive_damaged") from None
+            for ev in events:
+                if ev.start != end:
+                    raise RestoreFailed(f"{path.name} as archived has an event at byte "
+                                        f"{end} saying it starts at {ev.start}; nothing was "
+                                        "changed", database_unchanged=True,
+                                        code="archive_damaged")
+                end, kind = ev.log_pos, ev.type
+    if reader.pending or (not last and kind not in (ROTATE, STOP) and not joined):
+        raise RestoreFailed(f"{path.name} as archived ends inside an event, or before its "
+                            "rotate event; nothing was changed", database_unchanged=True,
+                            code="archive_damaged")
