@@ -226,7 +226,11 @@ class BinlogStreamer(Streamer):
             if server is not None and server <= shipped.at and self.bsamples:
                 shipped.covers_until = self.bsamples[-1][0]  # idle: all archived
             held = await self._unarchived(conn, facts, shipped, server)
-            await self._binlog_lag_alarm(held)
+            await self._lagging(
+                held, f"the server holds {held >> 20} MiB of binlog the archive lacks (alarm "
+                      f"at {self.pitr.lag_alarm_mb} MiB): if it purges them first "
+                      "(expire_logs_days, binlog_expire_logs_seconds) the window gets a gap",
+                {"unarchived_bytes": held})
             await self.state(shipped_lsn=position_text(shipped.at),
                              server_lsn=position_text(server) if server else "",
                              covers_until=_iso(shipped.covers_until), slot_bytes=held,
@@ -246,18 +250,6 @@ class BinlogStreamer(Streamer):
         first, last = shipped.at >> 32, server >> 32
         return (sizes.get(first, 0) - (shipped.at & 0xFFFFFFFF)) + sum(
             sizes.get(n, 0) for n in range(first + 1, last)) + (server & 0xFFFFFFFF)
-
-    async def _binlog_lag_alarm(self, held: int) -> None:
-        """pitr.lagging once when the server holds more than lag_alarm_mb of binlog the
-        archive lacks (again after it came back under)."""
-        alarm = held > self.pitr.lag_alarm_mb << 20
-        if alarm and self.target.id not in self.alarms:
-            await self._alert(
-                "pitr.lagging",
-                f"the server holds {held >> 20} MiB of binlog the archive lacks (alarm at "
-                f"{self.pitr.lag_alarm_mb} MiB): if it purges them first (expire_logs_days, "
-                "binlog_expire_logs_seconds) the window gets a gap", {"unarchived_bytes": held})
-        (self.alarms.add if alarm else self.alarms.discard)(self.target.id)
 
     def _read_spool(self, spool: Path, facts: my_pitr.ServerFacts,
                     files: dict[int, SpoolFile], shipped: Position

@@ -287,14 +287,18 @@ class Streamer:
         if pos.slot_restart is None:
             return  # not known this tick (the slot between two holders): the alarm stays
         held = pos.server_flush - pos.slot_restart
+        await self._lagging(
+            held, f"replication slot {self.pitr.slot} holds {held >> 20} MiB of WAL on the "
+                  f"server (alarm at {self.pitr.lag_alarm_mb} MiB): the archive is behind; "
+                  "the server's disk fills until it catches up or PITR is disabled",
+            {"slot_bytes": held})
+
+    async def _lagging(self, held: int, message: str, data: dict[str, object]) -> None:
+        """pitr.lagging once when `held` bytes the archive lacks pass lag_alarm_mb (again
+        only after they came back under); `message` is said then."""
         alarm = held > self.pitr.lag_alarm_mb << 20
         if alarm and self.target.id not in self.alarms:
-            await self._alert(
-                "pitr.lagging",
-                f"replication slot {self.pitr.slot} holds {held >> 20} MiB of WAL on the "
-                f"server (alarm at {self.pitr.lag_alarm_mb} MiB): the archive is behind; "
-                "the server's disk fills until it catches up or PITR is disabled",
-                {"slot_bytes": held})
+            await self._alert("pitr.lagging", message, data)
         (self.alarms.add if alarm else self.alarms.discard)(self.target.id)
 
     def _covered(self, lsn: int) -> datetime | None:
