@@ -50,9 +50,12 @@ def within(window: Mapping[str, object], point_in_time: str) -> str | None:
     it is an instant with its zone inside the recovery window: else 400
     invalid_point_in_time, or 422 outside_window with the window. A MySQL/MariaDB target
     also takes a binlog position (`binlog.000042:1234`: replayed up to the event there,
-    not including it — where the bad statement starts)."""
+    not including it — where the bad statement starts) or a MariaDB GTID
+    (`gtid:0-1-42`: replayed through that transaction, its commit included)."""
     if window.get("engine") == "mysql" and (m := BINLOG_AT.fullmatch(point_in_time)):
         return _within_binlog(window, point_in_time, int(m[2]), int(m[3]))
+    if window.get("engine") == "mysql" and point_in_time.startswith("gtid:"):
+        return _within_gtid(window, point_in_time)
     try:
         at = None if point_in_time == "latest" else datetime.fromisoformat(
             point_in_time.replace("Z", "+00:00"))
@@ -100,4 +103,31 @@ def _within_binlog(window: Mapping[str, object], text: str, number: int, offset:
             f"usable base ({binlog.get('from') if isinstance(binlog, Mapping) else '-'} .. "
             f"{binlog.get('to') if isinstance(binlog, Mapping) else '-'})",
             {k: window.get(k) for k in ("earliest", "latest", "gaps")})
+    return text
+
+
+def _within_gtid(window: Mapping[str, object], text: str) -> str:
+    """One GTID the archived binlog reaches in its domain, with a usable base from before
+    it (where exactly it is, the worker finds in the staged binlog)."""
+    from shared.formats.binlog import parse_gtids
+
+    asked = parse_gtids(text[5:]) if len(text) < 80 else None
+    if asked is None or len(asked) != 1:
+        raise BadRequest("a GTID is gtid:domain-server-seq (one of them, as "
+                         "@@gtid_binlog_pos or mariadb-binlog shows it)",
+                         code="invalid_point_in_time")
+    [(domain, (_server, seq))] = asked.items()
+    span = window.get("gtid")
+    reached = parse_gtids(span.get("to")) if isinstance(span, Mapping) else None
+    listed = window.get("bases")
+    before = [held for b in (listed if isinstance(listed, list) else [])
+              if isinstance(b, Mapping) and b.get("usable")
+              and (held := parse_gtids(b.get("gtid"))) is not None
+              and held.get(domain, (0, -1))[1] < seq]
+    if reached is None or domain not in reached or reached[domain][1] < seq or not before:
+        raise OutsideWindow(
+            f"{text} is outside the archived GTIDs of '{window.get('target')}' after a "
+            f"usable base ({span.get('from') if isinstance(span, Mapping) else '-'} .. "
+            f"{span.get('to') if isinstance(span, Mapping) else '-'})",
+            {k: window.get(k) for k in ("earliest", "latest", "gaps", "gtid")})
     return text

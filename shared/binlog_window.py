@@ -10,17 +10,31 @@ one before it ended (`previous_end`: the server moved on from there while one st
 watched) joins it. Anything else between two pieces is a gap — shown, never bridged.
 Pieces of another server (its id and files' name: `identity`), or of a file made again
 under the same number (RESET MASTER: another creation stamp), start a new archive.
+
+Each piece also says the first and last MariaDB GTID of each domain in it, and where the
+GTIDs changed course (a domain began after others, a domain's sequence went back: the
+server's gtid_domain_id or gtid_seq_no was changed, or it writes another primary's
+transactions now). Those are shown with the gaps (`continuous`: the binlog itself goes on
+there, and so does recovery by position or time; GTIDs on either side are of different
+streams).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from shared import naming
 from shared.errors import InvalidBackupName
-from shared.formats.binlog import position, position_text
+from shared.formats.binlog import (
+    Gtids,
+    gtid_text,
+    parse_gtids,
+    parse_position,
+    position,
+    position_text,
+)
 from shared.pitr_window import _drill, _iso, _when
 
 KINDS = ("binlog", "binlogpart")
@@ -40,6 +54,9 @@ class BinlogPiece:
     file_created: int  # the file's format description event's timestamp
     lo: int = 0  # its bytes of the file: [lo, hi)
     hi: int = 0
+    gtid_first: Gtids = field(default_factory=dict)  # its first and last GTID per domain
+    gtid_last: Gtids = field(default_factory=dict)
+    gtid_changes: tuple[tuple[int, str], ...] = ()  # (position, what): a domain began…
 
 
 def piece(doc: Mapping[str, object]) -> BinlogPiece | None:
@@ -67,7 +84,23 @@ def piece(doc: Mapping[str, object]) -> BinlogPiece | None:
     return BinlogPiece(name.filename, name.kind, number, position(number, lo),
                        position(number + 1, 0) if complete else position(number, hi), joins,
                        _when(doc.get("covers_until")), name.created_at, identity, created,
-                       lo, hi)
+                       lo, hi, parse_gtids(doc.get("gtid_first")) or {},
+                       parse_gtids(doc.get("gtid_last")) or {},
+                       _changes(doc.get("gtid_changes"), number, lo, hi))
+
+
+def _changes(listed: object, number: int, lo: int, hi: int) -> tuple[tuple[int, str], ...]:
+    """A piece's GTID changes as its manifest says them: inside its own bytes, a short
+    plain text each, a few at most (a manifest is read back from storage: shown, never
+    obeyed)."""
+    out = []
+    for item in listed[:20] if isinstance(listed, list) else []:
+        at = parse_position(str(item.get("at"))) if isinstance(item, Mapping) else None
+        why = item.get("why") if isinstance(item, Mapping) else None
+        if at is not None and at >> 32 == number and lo <= at & 0xFFFFFFFF < hi and \
+                isinstance(why, str) and why.isprintable() and len(why) <= 300:
+            out.append((at, why))
+    return tuple(out)
 
 
 def pieces(listing: Iterable[Mapping[str, object]]) -> list[BinlogPiece]:
@@ -84,6 +117,9 @@ class Run:
     end: int
     covers_until: datetime | None
     files: dict[int, int]  # file number -> its creation stamp
+    gtid_first: Gtids = field(default_factory=dict)
+    gtid_last: Gtids = field(default_factory=dict)
+    gtid_changes: tuple[tuple[int, str], ...] = ()
 
     @property
     def since(self) -> datetime:
@@ -106,11 +142,18 @@ def runs(found: list[BinlogPiece]) -> list[Run]:
         if last is not None and last.identity == p.identity and same_file and (
                 p.start <= last.end or p.joins == last.end):
             covers = max((t for t in (last.covers_until, p.covers_until) if t), default=None)
+            later = p.end > last.end
+            changes = last.gtid_changes + tuple(c for c in p.gtid_changes
+                                                if c not in last.gtid_changes)
             out[-1] = Run(last.identity, last.start, max(last.end, p.end), covers,
-                          {**last.files, p.number: p.file_created})
+                          {**last.files, p.number: p.file_created},
+                          {**p.gtid_first, **last.gtid_first},
+                          {**last.gtid_last, **p.gtid_last} if later else
+                          {**p.gtid_last, **last.gtid_last}, changes)
             continue
         out.append(Run(p.identity, p.start, p.end, p.covers_until,
-                       {p.number: p.file_created}))
+                       {p.number: p.file_created}, dict(p.gtid_first), dict(p.gtid_last),
+                       p.gtid_changes))
     return out
 
 
@@ -168,7 +211,7 @@ def window(archive: Iterable[Mapping[str, object]], backups: Iterable[Mapping[st
                     default=None)
         same = newest is not None and other.rsplit(":", 1)[0] == newest.identity.rsplit(
             ":", 1)[0]
-        gaps.append({"from": None, "to": None, "after": _iso(ended),
+        gaps.append({"from": None, "to": None, "after": _iso(ended), "continuous": False,
                      "why": "the binlog was reset on the server (RESET MASTER): a new "
                             "stretch of archive starts" if same else
                             f"the server was replaced (now {newest.identity if newest else '?'}"
@@ -176,11 +219,14 @@ def window(archive: Iterable[Mapping[str, object]], backups: Iterable[Mapping[st
     for before, after in zip(found, found[1:], strict=False):
         reset = any(after.files.get(n, c) != c for n, c in before.files.items())
         gaps.append({"from": position_text(before.end), "to": position_text(after.start),
-                     "after": _iso(before.covers_until),
+                     "after": _iso(before.covers_until), "continuous": False,
                      "why": "the binlog was reset on the server (RESET MASTER): its files "
                             "were made again" if reset else
                             "binlog missing from the archive (purged on the server before "
                             "it was archived, or lost in storage)"})
+    for at, why in last.gtid_changes if last else ():  # the binlog goes on: not a hole
+        gaps.append({"from": position_text(at), "to": position_text(at), "after": None,
+                     "why": why, "continuous": True})
     latest = last.covers_until if last else None
     return {
         "engine": "mysql",
@@ -190,6 +236,8 @@ def window(archive: Iterable[Mapping[str, object]], backups: Iterable[Mapping[st
         "binlog": {"from": position_text(last.start), "to": position_text(last.end)}
         if last else None,
         "basename": last.identity.split(":")[1] if last else None,
+        "gtid": {"from": gtid_text(last.gtid_first), "to": gtid_text(last.gtid_last)}
+        if last and last.gtid_first else None,
         "bases": [{"filename": b.filename, "position": position_text(b.position),
                    "gtid": b.gtid, "consistent_at": _iso(b.consistent_at),
                    "size_bytes": b.size_bytes, "usable": b in usable,
@@ -209,14 +257,18 @@ class BinlogRecovery:
     at: datetime | None  # None: the archive's end ("latest"), or a stop position
     basename: str
     stop: int | None = None  # a binlog position: replayed up to the event there
+    gtid: tuple[int, int, int] | None = None  # replayed through that transaction
 
 
 def choose(archive: Iterable[Mapping[str, object]], backups: Iterable[Mapping[str, object]],
            at: datetime | None, target: str, *, random_point: bool = False,
-           stop: int | None = None) -> BinlogRecovery:
+           stop: int | None = None, gtid: tuple[int, int, int] | None = None
+           ) -> BinlogRecovery:
     """The recovery of `at` (None: the archive's end; `random_point`: anywhere in the
-    window; `stop`: up to that binlog position instead); RestoreFailed outside_window
-    (nothing changed) when the window lacks it."""
+    window; `stop`: up to that binlog position instead; `gtid`: (domain, server, seq),
+    through that transaction: the newest base without it, and the pieces up to one that
+    shows a later transaction of its domain — where it is exactly, the staged bytes say);
+    RestoreFailed outside_window (nothing changed) when the window lacks it."""
     import random
 
     from shared.errors import RestoreFailed
@@ -238,9 +290,9 @@ def choose(archive: Iterable[Mapping[str, object]], backups: Iterable[Mapping[st
         at = first + (last.covers_until - first) * random.random()
     until = at if at is not None else last.covers_until
     usable = [b for b in covered if b.consistent_at <= until and (
-        stop is None or b.position <= stop)]
+        stop is None or b.position <= stop) and (gtid is None or before_gtid(b, gtid))]
     if not usable or until > last.covers_until or stop is not None and not (
-            last.start <= stop <= last.end):
+            last.start <= stop <= last.end) or gtid is not None and not in_run(last, gtid):
         earliest = min((b.consistent_at for b in covered), default=None)
         raise RestoreFailed(
             f"{_iso(at) or 'latest'} is outside the recovery window of '{target}' (from "
@@ -249,5 +301,21 @@ def choose(archive: Iterable[Mapping[str, object]], backups: Iterable[Mapping[st
     chosen = max(usable, key=lambda b: (b.consistent_at, b.position))
     first_file = position(chosen.position >> 32, 0)
     upto = last.end if stop is None else stop
+    if gtid is not None:  # up to a piece where a later transaction of its domain began
+        upto = min((p.end for p in mine if p.end > first_file
+                    and p.gtid_last.get(gtid[0], (0, -1))[1] > gtid[2]), default=upto)
     needed = [p for p in mine if p.end > first_file and p.start < upto]
-    return BinlogRecovery(chosen, needed, at, chosen.identity.split(":", 1)[1], stop)
+    return BinlogRecovery(chosen, needed, at, chosen.identity.split(":", 1)[1], stop, gtid)
+
+
+def before_gtid(b: BinlogBase, gtid: tuple[int, int, int]) -> bool:
+    """The base's snapshot does not hold that transaction yet (its GTID position, read
+    with its binlog position, is before it in the domain)."""
+    held = parse_gtids(b.gtid)
+    return held is not None and held.get(gtid[0], (0, -1))[1] < gtid[2]
+
+
+def in_run(run: Run, gtid: tuple[int, int, int]) -> bool:
+    """The run's GTIDs of that domain reach that transaction."""
+    last = run.gtid_last.get(gtid[0])
+    return last is not None and gtid[2] <= last[1]

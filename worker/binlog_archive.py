@@ -15,7 +15,10 @@ at the address, is a gap: shown in the window, notified (`pitr.gap`), and a new 
 archive starts.
 
 Each shipment's manifest records `covers_until`: the last instant at which everything the
-server had written to its binlog is archived (SHOW MASTER STATUS sampled each tick).
+server had written to its binlog is archived (SHOW MASTER STATUS sampled each tick), and
+the first and last MariaDB GTID of each domain in it, with where GTIDs changed course
+against the archive before it (a domain beginning, a sequence going back: shown and
+notified once, the archive goes on).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -45,6 +49,8 @@ from shared.formats.binlog import (
     STOP,
     Event,
     EventReader,
+    GtidRange,
+    Gtids,
     file_parts,
     parse_position,
     position,
@@ -70,6 +76,7 @@ class SpoolFile:
     created: int | None = None  # its format description's timestamp
     from_start: bool = False  # its real events begin at the server file's start
     fake: bool = False  # the client wrote an event the server made up (log_pos 0)
+    gtids: GtidRange = field(default_factory=GtidRange)  # of its shipped events
 
 
 @dataclass
@@ -83,6 +90,7 @@ class Position:
     covers_until: datetime | None = None
     identity: str = ""
     created: dict[int, int] = field(default_factory=dict)  # file -> creation stamp
+    gtids: Gtids = field(default_factory=dict)  # the last GTID of each domain archived
 
     @property
     def at(self) -> int:
@@ -190,19 +198,17 @@ class BinlogStreamer(Streamer):
         last = [p for p in stretch if p.end == end]
         covers = max((p.covers_until for p in last if p.covers_until), default=None)
         created = {p.number: p.file_created for p in stretch}
+        gtids = runs(stretch)[-1].gtid_last if stretch else {}
         number, offset = end >> 32, end & 0xFFFFFFFF
         if offset == 0:  # a complete file: the next one comes
             return Position(number - 1, 0, complete=True, covers_until=covers,
-                            identity=identity, created=created)
+                            identity=identity, created=created, gtids=gtids)
         return Position(number, offset, covers_until=covers, identity=identity,
-                        created=created)
+                        created=created, gtids=gtids)
 
     async def _binlog_gap(self, why: str, start: int | None, end: int) -> None:
-        log.warning("pitr %s: gap: %s", self.target.id, why)
-        await self.state(last_gap=why, last_gap_at=_iso(datetime.now(UTC)))
-        await self._alert("pitr.gap", f"point-in-time archive of {self.target.id}: {why}",
-                          {"from": position_text(start) if start is not None else None,
-                           "to": position_text(end)})
+        await self._gap_alert(why, {"from": position_text(start) if start is not None
+                                    else None, "to": position_text(end)})
 
     # ------------------------------------------------------------------ stream
     async def _stream(self, conn: aiomysql.Connection, child: Child, spool: Path,
@@ -345,6 +351,10 @@ class BinlogStreamer(Streamer):
         complete = batch[-1].type in (ROTATE, STOP)
         end = position(number + 1, 0) if complete else position(number, hi)
         covers = self._binlog_covered(end)
+        seen = GtidRange(shipped.gtids)
+        seen.add(batch)
+        changes = [{"at": position_text(position(number, at)), "why": why}
+                   for at, why in seen.changes]
         facts_doc: dict[str, object] = {
             "plain_sha256": hashlib.sha256(data).hexdigest(), "number": number,
             "start": lo, "end": hi, "complete": complete, "identity": shipped.identity,
@@ -352,7 +362,8 @@ class BinlogStreamer(Streamer):
             "server_id": facts.server_id, "server_version": facts.version,
             "first_event_at": _iso(datetime.fromtimestamp(batch[0].timestamp, UTC)),
             "last_event_at": _iso(datetime.fromtimestamp(batch[-1].timestamp, UTC)),
-            "covers_until": _iso(covers) if covers else None, "fence": self.lease.fence}
+            "covers_until": _iso(covers) if covers else None, "fence": self.lease.fence,
+            **seen.facts(), **({"gtid_changes": changes} if changes else {})}
         if lo == 0 and shipped.previous_end is not None:
             facts_doc["previous_end"] = shipped.previous_end
         await self._put("binlogpart", f"{number:08X}_{lo:08X}-{hi:08X}", _once(data),
@@ -360,6 +371,13 @@ class BinlogStreamer(Streamer):
         shipped.offset, shipped.complete = hi, complete
         if covers is not None:
             shipped.covers_until = covers
+        shipped.gtids = seen.known
+        sf.gtids.merge(seen)  # (the whole file's object says them all again)
+        for change in changes:  # a course change, not a hole: said, the archive goes on
+            await self._gap_alert(f"binlog {facts.basename}.{number:06d} at byte "
+                                  f"{change['at'].split(':')[1]}: {change['why']}",
+                                  {"from": change["at"], "to": change["at"],
+                                   "continuous": True})
 
     def _binlog_covered(self, end: int) -> datetime | None:
         found = None
@@ -377,15 +395,18 @@ class BinlogStreamer(Streamer):
             archived = [p for p in pieces(await self.catalog.list_backups(self.archive.id))
                         if p.kind == "binlogpart" and p.number == number
                         and p.identity == shipped.identity]
-            data = await asyncio.to_thread(path.read_bytes)
-            if len(data) == shipped.offset:
-                await self._put("binlog", f"{number:08X}", _once(data), {
-                    "plain_sha256": hashlib.sha256(data).hexdigest(), "number": number,
-                    "start": 0, "end": len(data), "complete": True,
+            size, digest = await asyncio.to_thread(_file_sha256, path)
+            if size == shipped.offset:
+                await self._put("binlog", f"{number:08X}", _file_chunks(path), {
+                    "plain_sha256": digest, "number": number,
+                    "start": 0, "end": size, "complete": True,
                     "identity": shipped.identity, "file_created": sf.created,
                     "file": my_pitr.file_name(facts.basename, number),
                     "server_id": facts.server_id, "server_version": facts.version,
-                    "covers_until": _iso(shipped.covers_until),
+                    "covers_until": _iso(shipped.covers_until), **sf.gtids.facts(),
+                    **({"gtid_changes": [
+                        {"at": position_text(position(number, at)), "why": why}
+                        for at, why in sf.gtids.changes]} if sf.gtids.changes else {}),
                     **({"previous_end": shipped.previous_end}
                        if shipped.previous_end is not None else {}),
                     "fence": self.lease.fence})
@@ -433,3 +454,23 @@ class BinlogStreamer(Streamer):
             log.info("pitr %s: pruned %d binlog object(s) older than %.1f days",
                      self.target.id, len(doomed), self.pitr.keep_days)
         return doomed
+
+
+def _file_sha256(path: Path) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
+    """A spool file read back a MiB at a time (a binlog file can be 1 GiB: never whole in
+    memory)."""
+    f = await asyncio.to_thread(open, path, "rb")
+    try:
+        while chunk := await asyncio.to_thread(f.read, 1 << 20):
+            yield chunk
+    finally:
+        await asyncio.to_thread(f.close)

@@ -233,16 +233,21 @@ class Streamer:
         return Shipped(facts.timeline, last.end, last.covers_until)
 
     async def _gap(self, why: str, start: int, end: int) -> None:
+        await self._gap_alert(why, {"from_lsn": pg_pitr.lsn_text(start),
+                                    "to_lsn": pg_pitr.lsn_text(end)})
+
+    async def _gap_alert(self, why: str, data: dict[str, object]) -> None:
+        """pitr.gap, said once: a streamer restarting before it shipped anything finds
+        the same gap again and says nothing more."""
         log.warning("pitr %s: gap: %s", self.target.id, why)
         with contextlib.suppress(RedisError, OSError):
             said = await rcmd.hget(self.redis, self.keys.pitr(self.target.id, "state"),
                                    "last_gap")
             if said is not None and said.decode() == why:
-                return  # a streamer restarting before it shipped anything: said once
+                return
         await self.state(last_gap=why, last_gap_at=_iso(datetime.now(UTC)))
         await self._alert("pitr.gap", f"point-in-time archive of {self.target.id}: {why}",
-                          {"from_lsn": pg_pitr.lsn_text(start),
-                           "to_lsn": pg_pitr.lsn_text(end)})
+                          data)
 
     async def _loop(self, conn: asyncpg.Connection, child: Child, spool: Path,
                     facts: pg_pitr.ServerFacts, shipped: Shipped) -> None:

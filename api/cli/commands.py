@@ -139,7 +139,9 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                                               "(2026-12-07T10:14:59Z), \"latest\", "
                                               "(drill) \"random\", or (MySQL) a binlog "
                                               "position binlog.000042:1234 (up to the "
-                                              "event there, not including it)")
+                                              "event there, not including it) or a "
+                                              "MariaDB GTID gtid:0-1-42 (through that "
+                                              "transaction)")
     pt.add_argument("--data-dir", metavar="D", help="restore-cluster: a new or empty "
                                                    "directory")
     pt.add_argument("--pg-bindir", metavar="DIR", help="restore-cluster: PostgreSQL's tools "

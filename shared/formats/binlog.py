@@ -19,6 +19,7 @@ import re
 import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from shared.errors import PipelineError
 
@@ -136,3 +137,130 @@ def parse_position(text: str) -> int | None:
     if not (number.isdigit() and offset.isdigit() and len(number) <= 9 and len(offset) <= 10):
         return None
     return position(int(number), int(offset)) if int(offset) < 1 << 32 else None
+
+
+# MariaDB GTIDs: `domain-server-seq` (a list: one per domain, comma-separated)
+GTID_TEXT = re.compile(r"([0-9]{1,10})-([0-9]{1,10})-([0-9]{1,20})")
+
+
+def gtid_of(ev: Event) -> tuple[int, int, int] | None:
+    """(domain, server id, sequence number) of a MariaDB GTID event (a transaction's
+    first event), else None."""
+    if ev.type != GTID or len(ev.data) < HEADER + 12:
+        return None
+    seq, domain = struct.unpack_from("<QI", ev.data, HEADER)
+    return domain, ev.server_id, seq
+
+
+Gtids = dict[int, tuple[int, int]]  # domain -> (server id, sequence number)
+
+
+def gtid_text(gtids: Gtids) -> str:
+    return ",".join(f"{d}-{s}-{n}" for d, (s, n) in sorted(gtids.items()))
+
+
+def parse_gtids(text: object) -> Gtids | None:
+    """A GTID list as MariaDB writes it (`0-1-42,1-2-7`; empty: none), at most one GTID
+    per domain, every number in range; else None."""
+    if not isinstance(text, str) or len(text) > 4000:
+        return None
+    out: Gtids = {}
+    for item in filter(None, text.split(",")):
+        m = GTID_TEXT.fullmatch(item.strip())
+        if m is None:
+            return None
+        domain, server, seq = int(m[1]), int(m[2]), int(m[3])
+        if domain >= 1 << 32 or server >= 1 << 32 or seq >= 1 << 64 or domain in out:
+            return None
+        out[domain] = (server, seq)
+    return out
+
+
+class GtidRange:
+    """The first and last GTID of each domain in a stretch of events, and where they
+    changed course against what came before (`known`: the last GTID of each domain so
+    far): a domain beginning after others, a domain's sequence going back."""
+
+    def __init__(self, known: Gtids | None = None) -> None:
+        self.known: Gtids = dict(known or {})
+        self._baseline = bool(known)  # (an archive's first events set it: no change yet)
+        self.first: Gtids = {}
+        self.last: Gtids = {}
+        self.changes: list[tuple[int, str]] = []  # (the GTID event's offset, what)
+
+    def add(self, events: list[Event]) -> None:
+        for ev in events:
+            if (g := gtid_of(ev)) is None:
+                continue
+            domain, server, seq = g
+            before = self.known.get(domain)
+            if before is None and self._baseline:
+                self.changes.append((ev.start, (
+                    f"GTID domain {domain} begins ({domain}-{server}-{seq}) after "
+                    f"{gtid_text(self.known)}: the server's gtid_domain_id changed, or it "
+                    "writes another primary's transactions")[:300]))
+            elif before is not None and seq <= before[1]:
+                self.changes.append((ev.start, (
+                    f"GTID sequence of domain {domain} went back ({domain}-{before[0]}-"
+                    f"{before[1]}, then {domain}-{server}-{seq}): gtid_seq_no was set, or "
+                    "another primary's history follows")[:300]))
+            self.known[domain] = (server, seq)
+            self.first.setdefault(domain, (server, seq))
+            self.last[domain] = (server, seq)
+
+    def merge(self, later: GtidRange) -> None:
+        """Take on a later stretch's GTIDs (and its changes, judged against its own)."""
+        for domain, first in later.first.items():
+            self.first.setdefault(domain, first)
+        self.last.update(later.last)
+        self.known.update(later.known)
+        self.changes += later.changes
+
+    def facts(self) -> dict[str, object]:
+        return {"gtid_first": gtid_text(self.first), "gtid_last": gtid_text(self.last)} \
+            if self.first else {}
+
+
+def _query_text(ev: Event) -> bytes:
+    """A query event's statement (its status variables and database name skipped; a
+    checksum's 4 bytes may follow: only its start is read)."""
+    body = ev.data[HEADER:]
+    if len(body) < 13:
+        return b""
+    db_len, status_len = body[8], struct.unpack_from("<H", body, 11)[0]
+    return body[13 + status_len + db_len + 1:]
+
+
+def gtid_stop(paths: list[Path], start: int, want: tuple[int, int, int]
+              ) -> tuple[int, int] | str:
+    """Where the transaction of GTID `want` (domain, server, seq) ends in staged binlog
+    files read from offset `start` of the first: (the file's index, the offset just past
+    its commit — the decoder's exclusive --stop-position). Else why not, as text: not
+    there (the domain went past it), or its commit not archived yet."""
+    found = standalone = False
+    for index, path in enumerate(paths):
+        reader = EventReader()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                for ev in reader.feed(chunk):
+                    if index == 0 and ev.start < start:
+                        continue
+                    g = gtid_of(ev)
+                    if found:
+                        if g is not None:  # the next transaction: this one ended before
+                            return index, ev.start
+                        if standalone or ev.type == XID or ev.type == QUERY and \
+                                _query_text(ev)[:8].upper() in (b"COMMIT", b"ROLLBACK"):
+                            return index, ev.log_pos
+                        continue
+                    if g == want:
+                        found = True
+                        standalone = bool(ev.data[HEADER + 12] & 1) \
+                            if len(ev.data) > HEADER + 12 else False
+                    elif g is not None and g[0] == want[0] and g[2] > want[2]:
+                        return (f"no transaction with GTID {want[0]}-{want[1]}-{want[2]} in "
+                                "the archived binlog (its domain went on to "
+                                f"{g[0]}-{g[1]}-{g[2]})")
+    return (f"the commit of GTID {want[0]}-{want[1]}-{want[2]} is not archived yet"
+            if found else f"GTID {want[0]}-{want[1]}-{want[2]} is not in the archived "
+            "binlog yet")

@@ -447,3 +447,54 @@ async def test_the_replay_account_of_the_scratch_server_is_walled_in(tmp_path: P
             (_, ddl), = await query(conn, "SHOW CREATE TABLE t2")
             assert "DIRECTORY" not in str(ddl)
     assert not Path("/tmp/safehold-replay-test").exists()
+
+
+async def test_restore_through_a_gtid_and_a_gtid_domain_change_is_shown(
+        server: Server, settings: Settings, redis: Redis, api: Any, worker: Any) -> None:
+    """The operator names the last good transaction by its GTID (`gtid:0-1-N`, as
+    mariadb-binlog prints it): the restore replays through its commit and nothing after
+    (the DROP TABLE right after it is left out). A later transaction in another GTID
+    domain (gtid_domain_id changed) is shown in the window with the gaps — the binlog goes
+    on there, so recovery does too — and notified once. A GTID the archive has not reached,
+    one before every base, a list or junk are refused before any job."""
+    server.sql("GRANT ALL ON app_before.* TO rep@'%'")
+    async with streaming(settings, redis):
+        await wait_until(lambda: is_streaming(redis, settings))
+        job = await (await api.post("/api/v1/targets/main/backups?wait=60")).json()
+        assert job["status"] == "succeeded", job.get("error")
+        for i in range(30):
+            server.sql(f"INSERT INTO t (i) VALUES ({i})", "app")
+        good = server.sql("SELECT @@gtid_binlog_pos")  # the 30th insert's GTID
+        server.sql("DROP TABLE t", "app")
+        server.sql("CREATE TABLE t (i int PRIMARY KEY, at datetime(6))", "app")
+        server.sql("SET SESSION gtid_domain_id = 5; INSERT INTO t (i) VALUES (99)", "app")
+        after = datetime.now(UTC)
+
+        async def caught_up() -> dict[str, Any] | None:
+            w = await (await api.get("/api/v1/targets/main/recovery-window")).json()
+            return w if w["latest"] and w["latest"] >= after.isoformat()[:23] else None
+        w = await wait_until(caught_up, 30)
+        said = await state(redis, settings)
+        job = await (await api.post("/api/v1/targets/main/restores?wait=180", json={
+            "point_in_time": f"gtid:{good}", "into_database": "app_before"})).json()
+        domain, server_id, seq = map(int, good.split("-"))
+        for bad, status in ((f"gtid:{domain}-{server_id}-{seq + 1000}", 422),
+                            (f"gtid:{domain}-{server_id}-1", 422), ("gtid:7-1-1", 422),
+                            (f"gtid:{good},5-1-1", 400), ("gtid:x", 400),
+                            ("gtid:1-1-99999999999999999999999", 400)):
+            resp = await api.post("/api/v1/targets/main/restores", json={
+                "point_in_time": bad})
+            assert resp.status == status, (bad, await resp.text())
+    try:
+        assert job["status"] == "succeeded", job.get("error")
+        got = {int(v) for v in server.sql("SELECT i FROM t", "app_before").split()}
+        assert got == set(range(30))
+        assert server.sql("SELECT i FROM t", "app") == "99"  # live: as it is
+    finally:
+        server.sql("DROP DATABASE IF EXISTS app_before")
+    changes = [g for g in w["gaps"] if g["continuous"]]
+    assert len(changes) == 1 and "GTID domain 5 begins" in changes[0]["why"], w["gaps"]
+    assert not [g for g in w["gaps"] if not g["continuous"]], w["gaps"]
+    assert w["gtid"]["to"].startswith(f"{domain}-{server_id}-") and ",5-1-" in w["gtid"]["to"]
+    assert "GTID domain 5 begins" in said.get("last_gap", ""), said
+    assert w["earliest"] and w["bases"][0]["usable"]

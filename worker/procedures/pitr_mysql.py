@@ -34,6 +34,9 @@ from shared.formats.binlog import (
     ROTATE,
     STOP,
     EventReader,
+    file_parts,
+    gtid_stop,
+    parse_gtids,
     position,
     position_text,
 )
@@ -78,11 +81,20 @@ class BinlogPitr(Restores):
                 raise RestoreFailed(f"{asked}: no such binlog position; nothing was changed",
                                     database_unchanged=True, code="outside_window")
             stop = position(int(m[2]), int(m[3]))
+        gtid = None
+        if asked.startswith("gtid:"):  # a MariaDB GTID: through that transaction
+            one = parse_gtids(asked[5:])
+            if one is None or len(one) != 1:
+                raise RestoreFailed(f"{asked[:80]}: not one GTID (gtid:domain-server-seq); "
+                                    "nothing was changed", database_unchanged=True,
+                                    code="outside_window")
+            [(domain, (server, seq))] = one.items()
+            gtid = (domain, server, seq)
         plan = choose(await self.catalog.list_backups(archive),
                       await self.catalog.list_backups(target.id),
                       None if asked in ("latest", "random") or stop is not None
-                      else when_of(asked), target.id, random_point=asked == "random",
-                      stop=stop)
+                      or gtid is not None else when_of(asked), target.id,
+                      random_point=asked == "random", stop=stop, gtid=gtid)
         if m and m[1] != plan.basename:
             raise RestoreFailed(f"{asked}: the target's binlog files are {plan.basename}.*; "
                                 "nothing was changed", database_unchanged=True,
@@ -94,6 +106,8 @@ class BinlogPitr(Restores):
             staged = work / "binlog"
             await asyncio.to_thread(staged.mkdir)
             files = await self._stage(plan, ArchiveReader(self.catalog, archive, ids), staged)
+            if plan.gtid is not None:  # where that transaction ends, from the bytes
+                files, plan = await asyncio.to_thread(_through_gtid, files, plan, asked)
             db = conn_params(target)["database"]
             async with scratch_server() as url:
                 scratch = dataclasses.replace(
@@ -119,7 +133,8 @@ class BinlogPitr(Restores):
                          f"{position_text(plan.base.position)}")
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
-        end = max((p.end for p in plan.pieces), default=plan.base.position)
+        end = plan.stop if plan.stop is not None else max(
+            (p.end for p in plan.pieces), default=plan.base.position)
         return BinlogPointBackup(made["filename"], made["sha256"], plan.base.filename,
                                  plan.at, position_text(end), tuple(said))
 
@@ -270,3 +285,18 @@ def _check_staged(path: Path, last: bool, joined: bool) -> None:
         raise RestoreFailed(f"{path.name} as archived ends inside an event, or before its "
                             "rotate event; nothing was changed", database_unchanged=True,
                             code="archive_damaged")
+
+
+def _through_gtid(files: list[Path], plan: BinlogRecovery, asked: str
+                  ) -> tuple[list[Path], BinlogRecovery]:
+    """The staged files up to the one holding the GTID's transaction, and the plan
+    stopping right after its commit (the decoder's --stop-position on that file)."""
+    assert plan.gtid is not None
+    found = gtid_stop(files, plan.base.position & 0xFFFFFFFF, plan.gtid)
+    if isinstance(found, str):
+        raise RestoreFailed(f"{asked}: {found} (after base {plan.base.filename}); nothing "
+                            "was changed", database_unchanged=True, code="outside_window")
+    index, offset = found
+    parts = file_parts(files[index].name)
+    assert parts is not None
+    return files[:index + 1], dataclasses.replace(plan, stop=position(parts[1], offset))
