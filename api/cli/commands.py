@@ -427,7 +427,12 @@ async def _cmd_pitr(client: Client, args: argparse.Namespace) -> int:
                       f"{mib(s.get('slot_bytes'))}")
             if s.get("error"):
                 print(f"error    {s['error']} ({s.get('error_at')})")
+            if isinstance(doc.get("gtid"), dict):
+                print(f"gtid     {doc['gtid'].get('from')} .. {doc['gtid'].get('to')}")
             for g in doc.get("gaps") or []:
+                if g.get("continuous"):
+                    print(f"gtid     at {g.get('from')}: {g.get('why')}")
+                    continue
                 print(f"gap      after {g.get('after')}: {g.get('from_lsn', g.get('from'))}.."
                       f"{g.get('to_lsn', g.get('to'))} ({g.get('why')})")
             rows = [[b["filename"], b["consistent_at"], mib(b.get("size_bytes")),

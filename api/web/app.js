@@ -303,10 +303,16 @@ async function showPitr(id) {
                                                       : "nothing archived")];
   if (w.lag_s !== null && w.lag_s !== undefined) parts.push(`${w.lag_s.toFixed(1)} s behind`);
   if (s.error) parts.push(`streamer: ${s.error}`);
-  if (w.gaps.length) parts.push(`${w.gaps.length} gap(s)`);
+  // (a continuous one is a GTID course change: the binlog goes on there)
+  const holes = w.gaps.filter((g) => !g.continuous);
+  if (holes.length) parts.push(`${holes.length} gap(s)`);
+  if (holes.length < w.gaps.length) {
+    parts.push(`${w.gaps.length - holes.length} GTID change(s): ` +
+               w.gaps.filter((g) => g.continuous).map((g) => g.why).join("; "));
+  }
   const summary = $("#pitr-summary");
   summary.textContent = parts.join(" · ");
-  summary.className = s.error || w.gaps.length ? "error" : "";
+  summary.className = s.error || holes.length ? "error" : "";
   drawTimeline($("#pitr-timeline"), w, $("#pitr-at").value);
 }
 
