@@ -93,7 +93,8 @@ RECOVERY_WINDOW: Schema = obj({
     "target": TARGET_ID, "earliest": nullable(TIME), "latest": nullable(TIME),
     "lag_s": nullable(NUM), "bases": {"type": "array", "items": OBJ},
     "gaps": {"type": "array", "items": OBJ}, "streaming": OBJ},
-    timeline=nullable(INT), wal=nullable(OBJ), unavailable={"type": "array", "items": STR})
+    timeline=nullable(INT), wal=nullable(OBJ), unavailable={"type": "array", "items": STR},
+    engine=STR, binlog=nullable(OBJ), basename=nullable(STR), gtid=nullable(OBJ))
 CONTENT_ITEM: Schema = obj({"name": STR, "count": nullable(INT)}, bytes=INT)
 CONTENTS: Schema = obj({"backup": STR, "engine": STR},
                        created_at=TIME, raw_bytes=nullable(INT), unit=nullable(STR),
