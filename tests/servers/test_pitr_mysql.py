@@ -12,7 +12,7 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -498,3 +498,56 @@ async def test_restore_through_a_gtid_and_a_gtid_domain_change_is_shown(
     assert w["gtid"]["to"].startswith(f"{domain}-{server_id}-") and ",5-1-" in w["gtid"]["to"]
     assert "GTID domain 5 begins" in said.get("last_gap", ""), said
     assert w["earliest"] and w["bases"][0]["usable"]
+
+
+async def test_restore_to_an_instant_over_the_live_database_twice_then_one_table(
+        server: Server, settings: Settings, redis: Redis, api: Any, worker: Any) -> None:
+    """An unlucky operator restores to T over the live database, then again to the same T
+    (the first restore's own load is in the binlog now: it must change nothing), then —
+    after more writes — only table `t` to T: `t` is as it was at T again, `u` keeps what
+    was written since."""
+    server.sql("CREATE TABLE u (k int PRIMARY KEY, v varchar(20))", "app")
+
+    def fingerprint() -> str:
+        return server.sql("SELECT i FROM t ORDER BY i; SELECT k, v FROM u ORDER BY k", "app")
+
+    async def caught_up(after: datetime) -> None:
+        async def done() -> bool:
+            w = await (await api.get("/api/v1/targets/main/recovery-window")).json()
+            return bool(w["latest"] and w["latest"] >= after.isoformat()[:23])
+        await wait_until(done, 30)
+
+    async def restore(**body: Any) -> dict[str, Any]:
+        job = await (await api.post("/api/v1/targets/main/restores?wait=180", json=body)
+                     ).json()
+        assert job.get("status") == "succeeded", job
+        return dict(job["result"])
+
+    async with streaming(settings, redis):
+        await wait_until(lambda: is_streaming(redis, settings))
+        job = await (await api.post("/api/v1/targets/main/backups?wait=60")).json()
+        assert job["status"] == "succeeded", job.get("error")
+        await asyncio.sleep(1.1)  # T (whole seconds) after the base's snapshot
+        for i in range(20):
+            server.sql(f"INSERT INTO t (i) VALUES ({i}); INSERT INTO u VALUES ({i}, 'v{i}')",
+                       "app")
+        await asyncio.sleep(1.1)
+        at_t = fingerprint()
+        when = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
+        await asyncio.sleep(1.1)
+        server.sql("DELETE FROM t WHERE i < 10; UPDATE u SET v = 'damaged'", "app")
+        await caught_up(datetime.now(UTC))
+        point = when.isoformat().replace("+00:00", "Z")
+        first = await restore(point_in_time=point)
+        assert fingerprint() == at_t and first["safety_backup"]
+        second = await restore(point_in_time=point)
+        assert fingerprint() == at_t and second["safety_backup"] != first["safety_backup"]
+        server.sql("INSERT INTO t (i) VALUES (500); INSERT INTO u VALUES (500, 'later')",
+                   "app")
+        await caught_up(datetime.now(UTC))
+        scoped = await restore(point_in_time=point, tables=["t"])
+    assert scoped["safety_backup"]
+    assert server.sql("SELECT GROUP_CONCAT(i ORDER BY i) FROM t", "app") == \
+        ",".join(map(str, range(20)))
+    assert server.sql("SELECT v FROM u WHERE k = 500", "app") == "later"
+    assert server.sql("SELECT COUNT(*) FROM u", "app") == "21"
