@@ -10,22 +10,30 @@ drops its lock, so `sweep()` (run when a worker or the API starts, and by the wo
 housekeeping) removes every directory whose lock is free — a pid reused in a restarted
 container changes nothing.
 
+Big work that a server running as another user must reach (a scratch MariaDB's or
+PostgreSQL's data directory, staged binlog or WAL, a streamer's spool) goes in
+`<tmp>/safehold-<kind>-<pid>-<random>/work` instead (`work_dir`): the outer directory is
+ours (0711: passed through, not listed) and holds the `.lock`, so `sweep()` removes what a
+killed worker left there too.
+
 `<tmp>` is `$TMPDIR` or `/tmp`; put it on an encrypted or memory-backed filesystem if
 plaintext must never touch a disk.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import logging
 import os
+import re
 import secrets
 import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from shared.errors import ConfigError
@@ -63,6 +71,35 @@ def private_dir(kind: str) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+        os.close(fd)
+
+
+WORK_KINDS = ("scratch", "binlog-pitr", "pitr", "wal", "binlog", "base")
+_WORK = re.compile("safehold-(?:" + "|".join(map(re.escape, WORK_KINDS)) +
+                   r")-[0-9]+-[0-9a-f]{8}\Z")
+
+
+@contextlib.asynccontextmanager
+async def work_dir(kind: str) -> AsyncIterator[Path]:
+    """A fresh 0700 `work` directory under `<tmp>/safehold-<kind>-<pid>-<random>/` (the
+    outer one ours, 0711, locked while in use), removed afterwards; what a SIGKILLed
+    process left is swept."""
+    assert kind in WORK_KINDS, kind
+    outer = Path(tempfile.gettempdir()) / f"safehold-{kind}-{os.getpid()}-" \
+                                          f"{secrets.token_hex(4)}"
+
+    def make() -> int:
+        outer.mkdir(mode=0o700)
+        fd = os.open(outer / LOCK, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        outer.chmod(0o711)
+        (outer / "work").mkdir(mode=0o700)
+        return fd
+    fd = await asyncio.to_thread(make)
+    try:
+        yield outer / "work"
+    finally:
+        await asyncio.to_thread(shutil.rmtree, outer, True)
         os.close(fd)
 
 
@@ -106,6 +143,15 @@ def sweep() -> list[str]:
             continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry.name)
+    for entry in base.parent.iterdir():  # work directories (`work_dir`)
+        with contextlib.suppress(OSError):
+            st = entry.lstat()
+            if not _WORK.match(entry.name) or not stat.S_ISDIR(st.st_mode) or \
+                    st.st_uid != os.geteuid() or not (entry / LOCK).is_file() or \
+                    _in_use(entry):
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
     if removed:
         log.warning("removed %d temp director%s left by dead processes: %s", len(removed),
                     "y" if len(removed) == 1 else "ies", ", ".join(removed))

@@ -28,8 +28,6 @@ import collections
 import contextlib
 import hashlib
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -38,7 +36,7 @@ from pathlib import Path
 
 import aiomysql
 
-from shared import naming
+from shared import naming, scratch
 from shared.binlog_window import BinlogPiece, pieces, runs
 from shared.binlog_window import base as binlog_base
 from shared.errors import PipelineError, SafeholdError
@@ -103,10 +101,9 @@ class BinlogStreamer(Streamer):
 
     async def run(self) -> None:
         facts = await my_pitr.preflight(self.target)
-        spool = Path(tempfile.mkdtemp(prefix=f"safehold-binlog-{self.target.id}-"))
-        self.spool = spool
         self.bsamples: collections.deque[tuple[datetime, int]] = collections.deque(maxlen=600)
-        try:
+        async with scratch.work_dir("binlog") as spool:
+            self.spool = spool
             async with connect(self.target) as conn:
                 shipped = await self._resume_binlog(conn, facts)
                 start = shipped.number + 1 if shipped.complete else shipped.number
@@ -120,8 +117,6 @@ class BinlogStreamer(Streamer):
                                              offset) as child:
                     await _together(self._stream(conn, child, spool, facts, shipped),
                                     self._prune_daily())
-        finally:
-            await asyncio.to_thread(shutil.rmtree, spool, True)
 
     # ------------------------------------------------------------------ resume
     async def _resume_binlog(self, conn: aiomysql.Connection,

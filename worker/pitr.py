@@ -25,8 +25,6 @@ import dataclasses
 import hashlib
 import logging
 import secrets
-import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator, Coroutine
 from datetime import UTC, datetime, timedelta
@@ -37,7 +35,7 @@ import pymysql
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import codecs, manifests, naming, rcmd, schedules
+from shared import codecs, manifests, naming, rcmd, schedules, scratch
 from shared.audit import AuditLog
 from shared.config import Settings, TargetConfig
 from shared.errors import PipelineError, SafeholdError
@@ -170,8 +168,7 @@ class Streamer:
     async def run(self) -> None:
         facts = await pg_pitr.preflight(self.target)
         tools = await pg_pitr.bindir(self.target)
-        spool = Path(tempfile.mkdtemp(prefix=f"safehold-wal-{self.target.id}-"))
-        try:
+        async with scratch.work_dir("wal") as spool:
             async with connect(self.target) as conn:
                 created, restart = await pg_pitr.ensure_slot(conn, self.pitr.slot)
                 shipped = await self._resume(facts, created, restart)
@@ -188,8 +185,6 @@ class Streamer:
                 async with pg_pitr.receiving(self.target, tools, spool, self.app) as child:
                     await _together(self._loop(conn, child, spool, facts, shipped),
                                     self._bases(tools, facts))
-        finally:
-            await asyncio.to_thread(shutil.rmtree, spool, True)
 
     async def _resume(self, facts: pg_pitr.ServerFacts, created: bool,
                       restart: int | None) -> Shipped:
@@ -474,28 +469,29 @@ class Streamer:
         """pg_basebackup → pg_verifybackup → tar → the archive (a `base` object)."""
         started = datetime.now(UTC)
         await self.state(base_running=_iso(started))
-        work = Path(tempfile.mkdtemp(prefix=f"safehold-base-{self.target.id}-"))
         try:
-            made = await pg_pitr.base_backup(self.target, tools, work / "data")
-            async with pg_pitr.tar_stream(work / "data") as child:
-                async def chunks() -> AsyncIterator[bytes]:
-                    while block := await child.read():
-                        yield block
-                    if await child.wait() != 0:
-                        raise PipelineError(f"tar failed: {child.error_text()}",
-                                            code="pitr_base_failed")
-                await self._put("base", "", chunks(), {
-                    "timeline": made.timeline, "start_lsn": pg_pitr.lsn_text(made.start_lsn),
-                    "end_lsn": pg_pitr.lsn_text(made.end_lsn),
-                    "consistent_at": _iso(datetime.now(UTC)), "started_at": _iso(started),
-                    "files": made.files, "verified": "pg_verifybackup",
-                    "system_id": facts.system_id, "server_major": facts.major,
-                    "layout": "tar of a pg_basebackup plain data directory (-X stream)",
-                    "fence": self.lease.fence})
-            log.info("pitr %s: base backup %s..%s archived", self.target.id,
-                     pg_pitr.lsn_text(made.start_lsn), pg_pitr.lsn_text(made.end_lsn))
+            async with scratch.work_dir("base") as work:
+                made = await pg_pitr.base_backup(self.target, tools, work / "data")
+                async with pg_pitr.tar_stream(work / "data") as child:
+                    async def chunks() -> AsyncIterator[bytes]:
+                        while block := await child.read():
+                            yield block
+                        if await child.wait() != 0:
+                            raise PipelineError(f"tar failed: {child.error_text()}",
+                                                code="pitr_base_failed")
+                    await self._put("base", "", chunks(), {
+                        "timeline": made.timeline,
+                        "start_lsn": pg_pitr.lsn_text(made.start_lsn),
+                        "end_lsn": pg_pitr.lsn_text(made.end_lsn),
+                        "consistent_at": _iso(datetime.now(UTC)),
+                        "started_at": _iso(started),
+                        "files": made.files, "verified": "pg_verifybackup",
+                        "system_id": facts.system_id, "server_major": facts.major,
+                        "layout": "tar of a pg_basebackup plain data directory (-X stream)",
+                        "fence": self.lease.fence})
+                log.info("pitr %s: base backup %s..%s archived", self.target.id,
+                         pg_pitr.lsn_text(made.start_lsn), pg_pitr.lsn_text(made.end_lsn))
         finally:
-            await asyncio.to_thread(shutil.rmtree, work, True)
             await self.state(base_running="")
 
 

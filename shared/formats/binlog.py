@@ -29,6 +29,7 @@ MAX_EVENT = 1 << 30  # max_allowed_packet's ceiling: a larger size is a corrupt 
 STOP, ROTATE, FORMAT_DESCRIPTION, XID, TABLE_MAP = 3, 4, 15, 16, 19
 QUERY = 2
 GTID = 162  # MariaDB's GTID event: a transaction starts
+GTID_LIST = 163  # MariaDB: at a file's start, the binlog's GTID state before it
 # a binlog position as an operator names it: `binlog.000042:1234`
 BINLOG_AT = re.compile(r"([A-Za-z0-9_.-]{1,200})\.([0-9]{6,9}):([0-9]{1,10})")
 _FILE = re.compile(r"^(?P<base>[A-Za-z0-9_.-]{1,200})\.(?P<n>[0-9]{6,9})\Z")
@@ -176,25 +177,41 @@ def parse_gtids(text: object) -> Gtids | None:
     return out
 
 
+def _gtid_list(ev: Event) -> Gtids:
+    """A GTID list event's state: the last GTID of each domain (one per domain-server)."""
+    out: Gtids = {}
+    if len(ev.data) < HEADER + 4:
+        return out
+    count = struct.unpack_from("<I", ev.data, HEADER)[0] & 0x0FFFFFFF
+    for i in range(min(count, (len(ev.data) - HEADER - 4) // 16)):
+        domain, server, seq = struct.unpack_from("<IIQ", ev.data, HEADER + 4 + 16 * i)
+        if seq > out.get(domain, (0, -1))[1]:
+            out[domain] = (server, seq)
+    return out
+
+
 class GtidRange:
     """The first and last GTID of each domain in a stretch of events, and where they
     changed course against what came before (`known`: the last GTID of each domain so
-    far): a domain beginning after others, a domain's sequence going back."""
+    far): a domain beginning after others, a domain's sequence going back. An archive's
+    first events know what came before from their file's GTID list event (the server's
+    state when it began the file), else from the first GTID."""
 
     def __init__(self, known: Gtids | None = None) -> None:
         self.known: Gtids = dict(known or {})
-        self._baseline = bool(known)  # (an archive's first events set it: no change yet)
         self.first: Gtids = {}
         self.last: Gtids = {}
         self.changes: list[tuple[int, str]] = []  # (the GTID event's offset, what)
 
     def add(self, events: list[Event]) -> None:
         for ev in events:
+            if ev.type == GTID_LIST and not self.known:  # what came before: no change
+                self.known = _gtid_list(ev)
             if (g := gtid_of(ev)) is None:
                 continue
             domain, server, seq = g
             before = self.known.get(domain)
-            if before is None and self._baseline:
+            if before is None and self.known:
                 self.changes.append((ev.start, (
                     f"GTID domain {domain} begins ({domain}-{server}-{seq}) after "
                     f"{gtid_text(self.known)}: the server's gtid_domain_id changed, or it "

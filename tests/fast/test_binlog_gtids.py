@@ -25,7 +25,7 @@ from shared.formats.binlog import (
 )
 from shared.naming import archive_name
 
-GTID, TABLE_MAP, ROWS, ROTATE, FDE = 162, 19, 30, 4, 15
+GTID, GTID_LIST, TABLE_MAP, ROWS, ROTATE, FDE = 162, 163, 19, 30, 4, 15
 
 
 def event(kind: int, body: bytes, server: int = 1) -> tuple[int, int, bytes]:
@@ -74,10 +74,16 @@ def test_a_domain_beginning_and_a_sequence_going_back_are_changes() -> None:
     assert seen.first == {0: (1, 11), 5: (1, 1)} and seen.last == {0: (1, 13), 5: (1, 1)}
     whats = [why for _, why in seen.changes]
     assert len(whats) == 2 and "domain 5 begins" in whats[0] and "went back" in whats[1]
-    fresh = GtidRange()  # the archive's first events: several domains are no change
-    fresh.add(decoded(binlog(gtid(0, 1), gtid(3, 1), gtid(0, 2))))
-    assert fresh.changes == [] and fresh.facts() == {"gtid_first": "0-1-1,3-1-1",
-                                                     "gtid_last": "0-1-2,3-1-1"}
+    # an archive's first events: their file's GTID list says which domains came before
+    listed = struct.pack("<IIIQIIQ", 2, 0, 1, 7, 3, 2, 4)
+    fresh = GtidRange()
+    fresh.add(decoded(binlog(event(GTID_LIST, listed), gtid(0, 8), gtid(3, 5), gtid(0, 9))))
+    assert fresh.changes == [] and fresh.facts() == {"gtid_first": "0-1-8,3-1-5",
+                                                     "gtid_last": "0-1-9,3-1-5"}
+    unlisted = GtidRange()  # a new server's first file: its first GTID sets the domain
+    unlisted.add(decoded(binlog(event(GTID_LIST, struct.pack("<I", 0)), gtid(0, 1),
+                                gtid(3, 1))))
+    assert [why[:20] for _, why in unlisted.changes] == ["GTID domain 3 begins"]
 
 
 def test_a_manifests_gtid_claims_are_parsed_strictly() -> None:

@@ -48,3 +48,4 @@ def test_sweep_keeps_live_processes_dirs(tmp_path: Path,
         assert sorted(scratch.sweep()) == sorted(left)
         assert mine.exists() and fresh.exists()
     assert not mine.exists()
+

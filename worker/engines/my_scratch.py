@@ -14,11 +14,11 @@ import asyncio
 import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import quote
 
+from shared import scratch
 from shared.errors import EngineError
 from worker.subproc import child_env, die_with_parent
 
@@ -50,12 +50,8 @@ async def scratch_server() -> AsyncIterator[str]:
     """A scratch server in a private directory of its own, removed afterwards; yields
     the URL of its root user over its socket, `{database}` in place of the database."""
     server = server_binary()
-    work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="safehold-scratch-"))
-    try:
-        async with _running(server, work) as url:
-            yield url
-    finally:
-        await asyncio.to_thread(shutil.rmtree, work, True)
+    async with scratch.work_dir("scratch") as work, _running(server, work) as url:
+        yield url
 
 
 @contextlib.asynccontextmanager

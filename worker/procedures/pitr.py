@@ -17,15 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
 
-from shared import naming
+from shared import naming, scratch
 from shared.codecs.base import AgeKey
 from shared.config import TargetConfig
 from shared.errors import RestoreFailed, SafeholdError
@@ -149,13 +147,10 @@ class PitrRestores(ScopedRestores, BinlogPitr):
         plan = choose(await self.catalog.list_backups(archive), asked, target.id)
         ids = list(identities) + self.identities(target)
         progress.set_phase(Phase.RECOVERING)
-        work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="safehold-pitr-"))
-        try:
+        async with scratch.work_dir("pitr") as work:
             filename, sha256 = await self._recover_and_dump(
                 job, target, engine, progress, plan, work,
                 ArchiveReader(self.catalog, archive, ids), note)
-        finally:
-            await asyncio.to_thread(shutil.rmtree, work, True)
         return PointBackup(filename, sha256, plan.base, plan.at)
 
     async def _recover_and_dump(self, job: Job, target: TargetConfig, engine: Engine,

@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import secrets
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -42,6 +40,7 @@ from shared.formats.binlog import (
 )
 from shared.formats.binlogsql import BinlogSqlCheck
 from shared.jobs import Job, Phase
+from shared.scratch import work_dir
 from worker.archive_read import ArchiveReader, when_of
 from worker.engines import Engine, RestoreOptions, my_pitr
 from worker.engines.my_connection import (
@@ -101,8 +100,7 @@ class BinlogPitr(Restores):
                                 code="outside_window")
         ids = list(identities) + self.identities(target)
         progress.set_phase(Phase.RECOVERING)
-        work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="safehold-binlog-pitr-"))
-        try:
+        async with work_dir("binlog-pitr") as work:
             staged = work / "binlog"
             await asyncio.to_thread(staged.mkdir)
             files = await self._stage(plan, ArchiveReader(self.catalog, archive, ids), staged)
@@ -131,8 +129,6 @@ class BinlogPitr(Restores):
                     note=f"{note} {plan.at.isoformat() if plan.at else asked}: base "
                          f"{plan.base.filename}, binlog from "
                          f"{position_text(plan.base.position)}")
-        finally:
-            await asyncio.to_thread(shutil.rmtree, work, True)
         end = plan.stop if plan.stop is not None else max(
             (p.end for p in plan.pieces), default=plan.base.position)
         return BinlogPointBackup(made["filename"], made["sha256"], plan.base.filename,
