@@ -43,6 +43,17 @@ def _die_with_parent() -> None:
 die_with_parent = _die_with_parent  # for children not started through `spawn`
 
 
+def as_user(user: str) -> list[str]:
+    """The argv prefix that runs a program as `user` (a scratch server, when the worker is
+    root) and still lets it die with the worker: a change of uid clears the parent-death
+    signal (runuser's, or a server's own `--user`, would leave it running after a SIGKILL
+    of the worker); setpriv sets it again after the change, as it becomes the program."""
+    import pwd
+
+    return ["setpriv", f"--reuid={user}", f"--regid={pwd.getpwnam(user).pw_gid}",
+            "--init-groups", "--pdeathsig=KILL", "--"]
+
+
 def child_env(env: Mapping[str, str]) -> dict[str, str]:
     base = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
     base.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")

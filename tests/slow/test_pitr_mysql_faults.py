@@ -21,7 +21,7 @@ from shared import rcmd
 from shared.config import parse_settings
 from shared.keys import Keys
 from tests.conftest import make_raw_config
-from tests.helpers import wait_for, worker_process
+from tests.helpers import wait_for, wait_for_terminal, worker_process
 from tests.servers.test_pitr_mysql import PW_ENV, archive_window, archived_bytes, server_file
 from tests.support.mariadb import REP_PW, Server, private_mariadb
 
@@ -129,3 +129,97 @@ async def test_the_streaming_worker_process_killed_is_replaced_with_no_gap(
             if w.returncode is None:
                 w.kill()
                 await w.wait()
+
+
+def children_of(pid: int) -> dict[int, str]:
+    """Live processes whose parent is `pid`: pid -> command line."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = (entry / "stat").read_text()
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid and \
+                    stat[stat.rindex(")") + 2:].split()[0] != "Z":
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(
+                    b"\0", b" ").decode(errors="replace")
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    out = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if (Path("/proc") / str(pid) / "stat").read_text().split(") ", 1)[1][0] != "Z":
+                out.add(pid)
+    return out
+
+
+@pytest.fixture
+def settings(prefix: str, tmp_path: Path, server: Server) -> Any:
+    from tests.servers.test_pitr_mysql import pitr_settings
+    return pitr_settings(prefix, tmp_path, server)
+
+
+async def test_a_worker_killed_while_it_replays_binlog_in_scratch_leaves_nothing_behind(
+        server: Server, redis: Redis, prefix: str, tmp_path: Path, api: Any,
+        settings: Any) -> None:
+    """SIGKILL of the worker alone (as the OOM killer would) while a restore to T replays
+    the binlog in its scratch server: the live database is untouched and the job says so
+    (`worker_lost`, `unchanged`); the scratch mariadbd (run as mysql), the decoder and the
+    client die with the worker; the scratch server's directory and the staged binlog are
+    swept when a worker starts again."""
+    targets: dict[str, Any] = {"main": {"engine": "mysql", "url": server.url(),
+                                        "password_env": PW_ENV,
+                                        "pitr": {"enabled": True, "ship_interval": 0.3}}}
+    server.sql("CREATE TABLE big (k int PRIMARY KEY, v varchar(250))", "app")
+    env = {PW_ENV: REP_PW}
+    proc = await worker_process(tmp_path, prefix, None, targets=targets, env=env)
+    try:
+        await wait_for(lambda: streamer(redis, prefix), 60, "the binlog streamed")
+        job = await (await api.post("/api/v1/targets/main/backups?wait=60")).json()
+        assert job["status"] == "succeeded", job
+        for n in range(10):  # ~60 MB of row events to replay
+            server.sql(f"INSERT INTO big SELECT seq, REPEAT('v', 200) FROM "
+                       f"seq_{n * 30000 + 1}_to_{(n + 1) * 30000}", "app")
+        server.sql("DELETE FROM big WHERE k % 2 = 0", "app")
+        live = server.sql("SELECT COUNT(*), SUM(k) FROM big", "app")
+        after = datetime.now(UTC)
+
+        async def caught_up() -> bool:
+            w = await archive_window(settings)
+            return bool(w["latest"] and w["latest"] >= after.isoformat()[:23])
+        await wait_for(caught_up, 60, "the archive to cover the last write")
+        job_id = (await (await api.post("/api/v1/targets/main/restores", json={
+            "point_in_time": "latest"})).json())["id"]
+        scratch: set[int] = set()
+        replaying: dict[int, str] = {}
+        deadline = asyncio.get_running_loop().time() + 120
+        while not replaying:
+            assert asyncio.get_running_loop().time() < deadline, "never replayed"
+            kids = children_of(proc.pid)
+            scratch |= {p for p, cmd in kids.items() if "--skip-networking" in cmd}
+            replaying = {p: c for p, c in kids.items() if "--sandbox" in c}
+            await asyncio.sleep(0.05)
+        tools = set(replaying) | {p for p, c in children_of(proc.pid).items()
+                                  if c.startswith(("mariadb-binlog", "/usr/bin/mariadb-binlog"))}
+        dirs = {d for d in Path("/tmp").glob(f"safehold-*-{proc.pid}-*")}
+        assert scratch and dirs, (scratch, dirs)
+        proc.send_signal(signal.SIGKILL)  # the worker alone
+        await proc.wait()
+
+        async def gone() -> bool:
+            return not alive(scratch | tools)
+        await wait_for(gone, 15, "the scratch server and the replay to die with the worker")
+        job = await wait_for_terminal(api, job_id, timeout=90)
+        err = job["error"]
+        assert job["status"] == "failed" and err["code"] == "worker_lost", job
+        assert err["database_state"] == "unchanged", err
+        assert server.sql("SELECT COUNT(*), SUM(k) FROM big", "app") == live
+        proc = await worker_process(tmp_path, prefix, None, targets=targets, env=env)
+        await wait_for(lambda: not any(d.exists() for d in dirs), 30,
+                       "the killed worker's work directories swept")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

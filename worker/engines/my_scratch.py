@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 from shared import scratch
 from shared.errors import EngineError
-from worker.subproc import child_env, die_with_parent
+from worker.subproc import as_user, child_env, die_with_parent
 
 SERVERS = ("/usr/sbin/mariadbd", "/usr/sbin/mysqld")
 
@@ -80,7 +80,9 @@ async def _running(server: str, work: Path) -> AsyncIterator[str]:
                           f"{err.decode(errors='replace')[-300:]}", code="pitr_scratch_failed")
     sock = data / "scratch.sock"
     proc = await asyncio.create_subprocess_exec(
-        server, "--no-defaults", *user, f"--datadir={data}", "--skip-networking",
+        # (as mysql through setpriv, not `--user`: it must die with the worker)
+        *(as_user("mysql") if root else []), server, "--no-defaults", f"--datadir={data}",
+        "--skip-networking",
         f"--socket={sock}", f"--pid-file={data / 'scratch.pid'}",
         f"--secure-file-priv={files}", f"--plugin-dir={plugins}", "--local-infile=0",
         "--event-scheduler=OFF", "--skip-log-bin", "--innodb-buffer-pool-size=128M",

@@ -33,7 +33,7 @@ from shared.config import TargetConfig
 from shared.errors import EngineError
 from shared.pitr_window import lsn_int, lsn_text, segment_name, segment_start
 from worker.engines.pg_connection import conn_params, connect, tool_env
-from worker.subproc import Child, feed_stdin, spawn
+from worker.subproc import Child, as_user, feed_stdin, spawn
 
 __all__ = ["lsn_int", "lsn_text", "segment_name", "segment_start"]
 SEGMENT_RE = re.compile(r"^[0-9A-F]{24}\Z")  # a completed segment in the spool
@@ -304,7 +304,7 @@ def _runner() -> tuple[list[str], str | None]:
     for user in ("postgres", "nobody"):
         try:
             pwd.getpwnam(user)
-            return ["runuser", "-u", user, "--"], user
+            return as_user(user), user
         except KeyError:
             continue
     raise EngineError("no unprivileged user to run the scratch PostgreSQL as",
