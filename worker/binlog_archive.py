@@ -128,6 +128,9 @@ class BinlogStreamer(Streamer):
         newest = max(mine, key=lambda p: (p.created_at, p.end), default=None)
         files = await my_pitr.server_files(conn, facts.basename)
         now_at = await my_pitr.server_position(conn)
+        state: dict[bytes, bytes] = {}  # what this target's streamer last said
+        with contextlib.suppress(Exception):
+            state = await self.redis.hgetall(self.keys.pitr(self.target.id, "state"))  # type: ignore[misc]
         if not files or now_at is None:
             raise PipelineError("the server lists no binlog files", code="pitr_not_ready")
         oldest, current = min(files), now_at >> 32
@@ -136,7 +139,7 @@ class BinlogStreamer(Streamer):
             stretch = [p for p in mine if p.identity == identity]
             end = runs(stretch)[-1].end
             shipped = self._position_of(stretch, end, identity)
-        elif (said := await self._said_end(prefix)) is not None:
+        elif (said := self._said_end(state, prefix)) is not None:
             # the archive lists nothing of this server though its streamer said it shipped
             # (a destination unreadable now lists as empty): go on from there under the
             # same identity — a lost archive then shows as what it lacks
@@ -151,7 +154,7 @@ class BinlogStreamer(Streamer):
                     f"{facts.basename}.{current:06d}", None, position(current, 0))
             return Position(current, 0, identity=f"{prefix}{int(time.time())}")
         number, offset = end >> 32, end & 0xFFFFFFFF
-        reset = await self._said_reset(identity)
+        reset = state.get(b"reset_of", b"").decode(errors="replace") == identity  # said before
         if offset == 0 and newest is not None and number - 1 in files:
             # a complete file archived: the server's file of that number must be it still
             held = max((p.hi for p in mine if p.identity == identity
@@ -171,21 +174,13 @@ class BinlogStreamer(Streamer):
                         else f"{prefix}{int(time.time())}",
                         created=shipped.created if purged else {})
 
-    async def _said_reset(self, identity: str) -> bool:
-        """The last streamer found a file of this stretch made again on the server."""
-        with contextlib.suppress(Exception):
-            state = await self.redis.hgetall(self.keys.pitr(self.target.id, "state"))  # type: ignore[misc]
-            return bool(state.get(b"reset_of", b"").decode() == identity)
-        return False
-
-    async def _said_end(self, prefix: str) -> tuple[str, int] | None:
+    @staticmethod
+    def _said_end(state: dict[bytes, bytes], prefix: str) -> tuple[str, int] | None:
         """The identity and archive end this target's streamer last said it shipped."""
-        with contextlib.suppress(Exception):
-            state = await self.redis.hgetall(self.keys.pitr(self.target.id, "state"))  # type: ignore[misc]
-            identity = state.get(b"identity", b"").decode()
-            end = parse_position(state.get(b"shipped_lsn", b"").decode())
-            if identity.startswith(prefix) and end is not None and end > 0:
-                return identity, end
+        identity = state.get(b"identity", b"").decode(errors="replace")
+        end = parse_position(state.get(b"shipped_lsn", b"").decode(errors="replace"))
+        if identity.startswith(prefix) and end is not None and end > 0:
+            return identity, end
         return None
 
     @staticmethod

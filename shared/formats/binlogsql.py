@@ -24,7 +24,7 @@ from shared.errors import PipelineError
 from shared.formats.binlog import FORMAT_DESCRIPTION, TABLE_MAP, EventReader
 from shared.formats.common import Unsafe
 from shared.formats.mysql import _normalized
-from shared.formats.mytables import LineStatements
+from shared.formats.mytables import LineFilter, LineStatements
 
 _CHARSET_LINE = re.compile(rb"/\*!\\C ([a-z0-9_]{1,32}) \*//\*!\*/;\r?\n")
 HOLD_MAX = 16 << 20
@@ -95,14 +95,13 @@ class BinlogStatements(LineStatements):
     DELIMITER_LINES = (b"DELIMITER /*!*/;", b"DELIMITER ;")
 
 
-class BinlogSqlCheck:
+class BinlogSqlCheck(LineFilter):
     """Feed the decoder's output; returns what the client may read (the same bytes, the
     `\\C` lines rewritten). Unsafe names the statement and binlog position refused."""
 
     def __init__(self, database: str) -> None:
         self.database = database.encode()
         self.scan = BinlogStatements(self._statement)
-        self._partial = b""
         self._events: EventReader | None = None  # inside a BINLOG statement
         self.tables: dict[int, bytes] = {}  # table id -> database, from the table maps
         self.statements = self.row_events = 0
@@ -114,15 +113,8 @@ class BinlogSqlCheck:
         self._verdicts: list[bool] = []  # of the statements that ended in this line
         self.skipped: list[str] = []  # statements about other databases, left out
 
-    def feed(self, chunk: bytes) -> bytes:
-        data = self._partial + chunk
-        lines = data.split(b"\n")
-        self._partial = lines.pop()
-        return b"".join(self._line(ln + b"\n") for ln in lines)
-
     def finish(self) -> bytes:
-        out = self._line(self._partial) if self._partial else b""
-        self._partial = b""
+        out = self._rest()
         if self._events is not None:
             self._refuse("the output ends inside a BINLOG statement")
         try:

@@ -63,7 +63,28 @@ class LineStatements(StatementStarts):
         return self.state == b"" and not self.head.strip() and not self.carry
 
 
-class MyTableCut:
+class LineFilter:
+    """Bytes in, each whole line judged by `_line` (what it returns is passed on); the
+    last line, without its newline, at `_rest()`."""
+
+    _partial = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._partial + chunk
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        return b"".join(self._line(ln + b"\n") for ln in lines)
+
+    def _rest(self) -> bytes:
+        out = self._line(self._partial) if self._partial else b""
+        self._partial = b""
+        return out
+
+    def _line(self, line: bytes) -> bytes:
+        raise NotImplementedError
+
+
+class MyTableCut(LineFilter):
     """Feed the dump's bytes; returns what the client may read. `tables`: plain names."""
 
     def __init__(self, tables: set[str]) -> None:
@@ -77,17 +98,9 @@ class MyTableCut:
         self._held: list[bytes] = []  # the preamble's statement under way
         self._held_size = 0
         self._verdict: bool | None = None  # the preamble statement that ended: pass it?
-        self._partial = b""
-
-    def feed(self, chunk: bytes) -> bytes:
-        data = self._partial + chunk
-        lines = data.split(b"\n")
-        self._partial = lines.pop()
-        return b"".join(self._line(ln + b"\n") for ln in lines)
 
     def finish(self) -> bytes:
-        out = self._line(self._partial) if self._partial else b""
-        self._partial = b""
+        out = self._rest()
         self.scan.finish()
         if missing := sorted(self.tables - self.seen):
             raise RefusedStatement("the backup holds no table " + ", ".join(missing),
