@@ -46,7 +46,7 @@ from shared.formats.binlog import (
     ROTATE,
     STOP,
     Event,
-    EventReader,
+    EventScanner,
     GtidRange,
     Gtids,
     file_parts,
@@ -56,12 +56,13 @@ from shared.formats.binlog import (
 )
 from worker.engines import my_pitr
 from worker.engines.my_connection import connect
-from worker.pitr import Streamer, _iso, _once, _still_wanted, _together
+from worker.pitr import Streamer, _iso, _still_wanted, _together
 from worker.subproc import Child
 
 log = logging.getLogger("safehold.pitr")
-PART_MAX = 64 << 20  # one shipment's bytes at most (more wait for the next object)
-READ_MAX = 16 << 20  # spool bytes read per file per tick
+PART_MAX = 64 << 20  # one shipment's bytes at most (more go in the next object)
+READ_MAX = 128 << 20  # spool bytes shipped per tick at most (read back in 1 MiB pieces:
+# memory does not grow with it, nor with an event's size)
 
 
 @dataclass
@@ -69,8 +70,8 @@ class SpoolFile:
     """One file of the spool as the streamer reads it."""
 
     number: int
-    reader: EventReader = field(default_factory=EventReader)
-    read: int = 0  # bytes of the spool file consumed
+    path: Path
+    scanner: EventScanner = field(default_factory=EventScanner)
     created: int | None = None  # its format description's timestamp
     from_start: bool = False  # its real events begin at the server file's start
     fake: bool = False  # the client wrote an event the server made up (log_pos 0)
@@ -262,15 +263,13 @@ class BinlogStreamer(Streamer):
         for number, path in names:
             if number < shipped.number:
                 continue
-            sf = files.setdefault(number, SpoolFile(number))
+            sf = files.setdefault(number, SpoolFile(number, path))
+            start = sf.scanner.offset
             with open(path, "rb") as f:
-                f.seek(sf.read)
-                data = f.read(budget)
-                more = bool(f.read(1))
-            sf.read += len(data)
-            budget -= len(data)
+                events, more = sf.scanner.scan(f, budget)
+            budget -= sf.scanner.offset - start
             real = []
-            for ev in sf.reader.feed(data):
+            for ev in events:
                 if ev.type == FORMAT_DESCRIPTION and sf.created is None:
                     sf.created = ev.timestamp
                     sf.from_start = ev.log_pos != 0
@@ -280,8 +279,8 @@ class BinlogStreamer(Streamer):
                 real.append(ev)
             if real:
                 out.append((number, real))
-            if more or budget <= 0 or sf.reader.pending:
-                break  # this file first (a pending event: the client writes it still)
+            if more:
+                break  # this file first (an event the client writes still, or past budget)
         return out
 
     async def _same_files(self, files: dict[int, SpoolFile], shipped: Position) -> None:
@@ -315,8 +314,8 @@ class BinlogStreamer(Streamer):
         shipped.created[number] = sf.created
         batch: list[Event] = []
         size = 0
-        for ev in events:
-            if size + ev.size > PART_MAX and batch:
+        for ev in events:  # (a part is one stretch of the spool file: a made-up event cuts)
+            if batch and (size + ev.size > PART_MAX or ev.at != batch[-1].at + batch[-1].size):
                 await self._ship_part(number, batch, sf, facts, shipped)
                 batch, size = [], 0
             batch.append(ev)
@@ -328,13 +327,18 @@ class BinlogStreamer(Streamer):
 
     async def _ship_part(self, number: int, batch: list[Event], sf: SpoolFile,
                          facts: my_pitr.ServerFacts, shipped: Position) -> None:
-        lo, data = batch[0].start, b"".join(e.data for e in batch)
+        lo, head = batch[0].start, b""
         if shipped.offset == 0 and lo == 4:  # the file's first part holds its magic too
-            lo, data = 0, MAGIC + data
+            lo, head = 0, MAGIC
         if lo != shipped.offset:
             raise PipelineError(f"binlog file {number}: events from byte {lo}, archived up "
                                 f"to {shipped.offset}", code="pitr_binlog_order")
-        hi = lo + len(data)
+        if any(b.start != a.log_pos for a, b in zip(batch, batch[1:], strict=False)):
+            raise PipelineError(f"binlog file {number}: events do not follow each other",
+                                code="corrupt_binlog")
+        region = (sf.path, batch[0].at, batch[-1].at + batch[-1].size)
+        raw, digest = await asyncio.to_thread(_region_sha256, head, *region)
+        hi = lo + raw
         if hi != batch[-1].log_pos:
             raise PipelineError(f"binlog file {number}: events do not follow each other",
                                 code="corrupt_binlog")
@@ -346,7 +350,7 @@ class BinlogStreamer(Streamer):
         changes = [{"at": position_text(position(number, at)), "why": why}
                    for at, why in seen.changes]
         facts_doc: dict[str, object] = {
-            "plain_sha256": hashlib.sha256(data).hexdigest(), "number": number,
+            "plain_sha256": digest, "number": number,
             "start": lo, "end": hi, "complete": complete, "identity": shipped.identity,
             "file_created": sf.created, "file": my_pitr.file_name(facts.basename, number),
             "server_id": facts.server_id, "server_version": facts.version,
@@ -356,8 +360,8 @@ class BinlogStreamer(Streamer):
             **seen.facts(), **({"gtid_changes": changes} if changes else {})}
         if lo == 0 and shipped.previous_end is not None:
             facts_doc["previous_end"] = shipped.previous_end
-        await self._put("binlogpart", f"{number:08X}_{lo:08X}-{hi:08X}", _once(data),
-                        facts_doc)
+        await self._put("binlogpart", f"{number:08X}_{lo:08X}-{hi:08X}",
+                        _file_chunks(*region, head=head), facts_doc)
         shipped.offset, shipped.complete = hi, complete
         if covers is not None:
             shipped.covers_until = covers
@@ -385,7 +389,7 @@ class BinlogStreamer(Streamer):
             archived = [p for p in pieces(await self.catalog.list_backups(self.archive.id))
                         if p.kind == "binlogpart" and p.number == number
                         and p.identity == shipped.identity]
-            size, digest = await asyncio.to_thread(_file_sha256, path)
+            size, digest = await asyncio.to_thread(_region_sha256, b"", path)
             if size == shipped.offset:
                 await self._put("binlog", f"{number:08X}", _file_chunks(path), {
                     "plain_sha256": digest, "number": number,
@@ -446,21 +450,35 @@ class BinlogStreamer(Streamer):
         return doomed
 
 
-def _file_sha256(path: Path) -> tuple[int, str]:
-    digest, size = hashlib.sha256(), 0
+def _region_sha256(head: bytes, path: Path, start: int = 0, end: int | None = None
+                   ) -> tuple[int, str]:
+    """Size and sha256 of `head` then the file's bytes [start, end) (to its end: None)."""
+    digest, size = hashlib.sha256(head), len(head)
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
+        f.seek(start)
+        left = None if end is None else end - start
+        while chunk := f.read(1 << 20 if left is None else min(1 << 20, left)):
             digest.update(chunk)
             size += len(chunk)
+            if left is not None:
+                left -= len(chunk)
     return size, digest.hexdigest()
 
 
-async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
-    """A spool file read back a MiB at a time (a binlog file can be 1 GiB: never whole in
-    memory)."""
+async def _file_chunks(path: Path, start: int = 0, end: int | None = None, *,
+                       head: bytes = b"") -> AsyncIterator[bytes]:
+    """`head`, then a spool file's bytes [start, end) read back a MiB at a time (a binlog
+    file can be 1 GiB, an event hundreds of MiB: never whole in memory)."""
+    if head:
+        yield head
     f = await asyncio.to_thread(open, path, "rb")
     try:
-        while chunk := await asyncio.to_thread(f.read, 1 << 20):
+        await asyncio.to_thread(f.seek, start)
+        left = None if end is None else end - start
+        while chunk := await asyncio.to_thread(
+                f.read, 1 << 20 if left is None else min(1 << 20, left)):
             yield chunk
+            if left is not None:
+                left -= len(chunk)
     finally:
         await asyncio.to_thread(f.close)

@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from shared.errors import PipelineError
 
@@ -42,7 +43,8 @@ class Event:
     server_id: int
     size: int
     log_pos: int  # its end in the server's file; 0: made up for the connection
-    data: bytes  # the whole event, header included
+    data: bytes  # the whole event, header included (EventScanner: its first HEAD_KEEP)
+    at: int = -1  # EventScanner: where it starts in the file scanned
 
     @property
     def start(self) -> int:
@@ -61,6 +63,47 @@ def position(number: int, offset: int) -> int:
 
 def position_text(pos: int) -> str:
     return f"{pos >> 32:06d}:{pos & 0xFFFFFFFF}"
+
+
+HEAD_KEEP = 8192  # an event's bytes an EventScanner keeps (GTID, GTID list, a query's head)
+
+
+class EventScanner:
+    """A binlog file being written, scanned in place: each call reads the headers of the
+    events complete in it since the last (and each one's first HEAD_KEEP bytes), never an
+    event's whole body — an event of any size costs no memory; its bytes are read from the
+    file again when shipped."""
+
+    def __init__(self) -> None:
+        self.offset = 0  # the next event's start in the file (0: the magic is unchecked)
+
+    def scan(self, f: BinaryIO, budget: int) -> tuple[list[Event], bool]:
+        """Complete events from `offset` on, covering about `budget` bytes at most; and
+        whether the file holds more after them (an event being written, or past the
+        budget)."""
+        end = f.seek(0, 2)
+        if self.offset == 0:
+            if end < 4:
+                return [], False
+            f.seek(0)
+            if f.read(4) != MAGIC:
+                raise PipelineError("not a binlog file (no \\xfebin magic)",
+                                    code="corrupt_binlog")
+            self.offset = 4
+        out: list[Event] = []
+        while end - self.offset >= HEADER and budget > 0:
+            f.seek(self.offset)
+            head = f.read(min(HEAD_KEEP, end - self.offset))
+            ts, kind, server, size, log_pos, _flags = struct.unpack_from("<IBIIIH", head)
+            if not HEADER <= size <= MAX_EVENT or (log_pos and log_pos < size):
+                raise PipelineError(f"a binlog event of {size} bytes ending at {log_pos}: "
+                                    "the file is corrupt", code="corrupt_binlog")
+            if end - self.offset < size:
+                break
+            out.append(Event(ts, kind, server, size, log_pos, head[:size], self.offset))
+            self.offset += size
+            budget -= size
+        return out, self.offset < end
 
 
 class EventReader:

@@ -147,3 +147,28 @@ def test_hostile_bytes_are_refused_not_searched(tmp_path: Path, size: int) -> No
                                                 len(good) + size, 0) + b"\0" * 40)
     with pytest.raises(PipelineError):
         gtid_stop([path], 4, (0, 1, 1))
+
+
+def test_the_spool_scanner_reads_heads_only_and_waits_for_a_whole_event(
+        tmp_path: Path) -> None:
+    """EventScanner: events complete in a growing file, with their offsets, each keeping
+    only its first bytes; an event still being written waits; the budget stops a scan."""
+    from shared.formats.binlog import HEAD_KEEP, EventScanner
+
+    big = event(ROWS, b"r" * (3 * HEAD_KEEP))
+    data = binlog(event(FDE, b"\0" * 20), gtid(0, 1), big, event(XID, b"\0" * 8))
+    path = tmp_path / "binlog.000001"
+    scanner = EventScanner()
+    path.write_bytes(data[:-5])  # the XID event half written
+    with open(path, "rb") as f:
+        got, more = scanner.scan(f, 1 << 20)
+    assert [e.type for e in got] == [FDE, GTID, ROWS] and more
+    assert [e.at for e in got] == offsets(data)[:3]
+    assert len(got[2].data) == HEAD_KEEP and got[2].size == 19 + 3 * HEAD_KEEP
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        got, more = scanner.scan(f, 1)  # one event's worth of budget at least
+    assert [e.type for e in got] == [XID] and not more
+    path.write_bytes(b"\x00bin" + data[4:])
+    with open(path, "rb") as f, pytest.raises(PipelineError):
+        EventScanner().scan(f, 1 << 20)

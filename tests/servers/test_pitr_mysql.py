@@ -551,3 +551,35 @@ async def test_restore_to_an_instant_over_the_live_database_twice_then_one_table
         ",".join(map(str, range(20)))
     assert server.sql("SELECT v FROM u WHERE k = 500", "app") == "later"
     assert server.sql("SELECT COUNT(*) FROM u", "app") == "21"
+
+
+async def test_big_events_and_small_parts_are_archived_byte_for_byte(
+        server: Server, settings: Settings, redis: Redis, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shipments are read back from the spool in pieces, never whole: a 12 MiB row event
+    (one LONGBLOB value) larger than a part, many small events cut into 1 MiB parts, a
+    tick's budget of 3 MiB — the archive is still the server's files byte for byte."""
+    from worker import binlog_archive
+
+    monkeypatch.setattr(binlog_archive, "PART_MAX", 1 << 20)
+    monkeypatch.setattr(binlog_archive, "READ_MAX", 3 << 20)
+    server.sql("SET GLOBAL max_allowed_packet = 64 * 1024 * 1024")
+    server.sql("CREATE TABLE blobs (k int PRIMARY KEY, b longblob)", "app")
+    async with streaming(settings, redis):
+        await wait_until(lambda: is_streaming(redis, settings))
+        server.sql("INSERT INTO blobs VALUES (1, REPEAT('b', 12 * 1024 * 1024))", "app")
+        for n in range(4):
+            server.sql(f"INSERT INTO t (i) SELECT seq FROM seq_{n * 20000 + 1}_to_"
+                       f"{(n + 1) * 20000}", "app")
+        last = datetime.now(UTC)
+
+        async def caught_up() -> dict[str, Any] | None:
+            w = await archive_window(settings)
+            return w if w["latest"] and w["latest"] >= last.isoformat()[:23] else None
+        w = await wait_until(caught_up, 60)
+    assert w["gaps"] == [], w
+    held = archived_bytes(tmp_path)
+    assert server_file(server, 1).startswith(held[1]) and len(held[1]) > 12 << 20
+    sizes = [json.loads(p.read_text())["raw_bytes"]
+             for p in (tmp_path / "backups" / "main.pitr").glob("binlogpart_*.json")]
+    assert max(sizes) > 12 << 20 and len([n for n in sizes if n <= 1 << 20]) >= 2, sizes
