@@ -189,7 +189,11 @@ async def test_a_worker_killed_while_it_replays_binlog_in_scratch_leaves_nothing
         async def caught_up() -> bool:
             w = await archive_window(settings)
             return bool(w["latest"] and w["latest"] >= after.isoformat()[:23])
-        await wait_for(caught_up, 60, "the archive to cover the last write")
+        try:
+            await wait_for(caught_up, 60, "the archive to cover the last write")
+        except AssertionError:  # (say where the streamer stands)
+            said = await rcmd.hgetall(redis, Keys(prefix).pitr("main", "state"))
+            raise AssertionError(f"{await archive_window(settings)} {said}") from None
         job_id = (await (await api.post("/api/v1/targets/main/restores", json={
             "point_in_time": "latest"})).json())["id"]
         scratch: set[int] = set()
