@@ -465,20 +465,27 @@ class Operations:
                                  *, safety: bool = True, identity: str | None = None,
                                  terminate: bool = False, into_database: str | None = None,
                                  replace: bool = False, tables: list[str] | None = None,
+                                 into_target: str | None = None,
                                  idempotency_key: str | None = None,
                                  wait: float | None = None) -> Job:
         """A restore to an instant of the target's recovery window ("latest": its end);
-        an instant outside it is refused (422 outside_window, with the window)."""
-        async with self.audited(caller, "create_restore", target_id, {}) as info:
+        an instant outside it is refused (422 outside_window, with the window).
+        `into_target`: the target's state then, loaded into another target of its engine
+        (the job runs there: its lock, credentials and safety backup)."""
+        async with self.audited(caller, "create_restore", into_target or target_id,
+                                 {}) as info:
             target = self.target(caller, target_id, Role.OPERATOR)
+            dest = self.target(caller, str(into_target), Role.OPERATOR) if into_target \
+                else target
             when = recovery.within(await recovery.window_of(self.s, target), point_in_time)
-            scope = scope_params(self.s.settings, target, into_database, replace, tables)
-            info["backup"] = scope_words(f"point in time {when or 'latest'}", scope)
+            scope = scope_params(self.s.settings, target, into_database, replace, tables,
+                                 dest)
+            info["backup"] = scope_words(f"point in time {when or 'latest'}", scope, dest.id)
             params: JobParams = {"point_in_time": when or "latest",
                                  "create_safety_backup": safety, **scope}
             if terminate:
                 params["terminate_connections"] = True
-            return await self.submit(caller, JobKind.RESTORE, target.id, params, info,
+            return await self.submit(caller, JobKind.RESTORE, dest.id, params, info,
                                      idempotency_key=idempotency_key, wait=wait,
                                      before_enqueue=await self._sealer(identity, params))
 

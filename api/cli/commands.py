@@ -150,6 +150,17 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                                     "postgres)")
     pt.add_argument("--no-safety-backup", action="store_true")
     pt.add_argument("--terminate-connections", action="store_true")
+    pt.add_argument("--into-database", metavar="NAME",
+                    help="restore: into this new database beside the live one, which is "
+                         "not touched")
+    pt.add_argument("--into-target", metavar="TARGET",
+                    help="restore: the target's state at T into this other target of its "
+                         "engine (e.g. prod -> staging)")
+    pt.add_argument("--table", action="append", metavar="TABLE", dest="tables",
+                    help="restore: only this table to T (repeat); the others are left as "
+                         "they are")
+    pt.add_argument("--replace", action="store_true",
+                    help="with --into-database: restore over it when it exists")
     pt.add_argument("--yes", action="store_true", help="do not ask (needed without a TTY)")
     cmd("schedules", "each target's schedule: next run, last scheduled job and its outcome")
     cmd("destinations", "where backups are stored: reachable, writable, free space (admin)")
@@ -451,13 +462,26 @@ async def _cmd_pitr(client: Client, args: argparse.Namespace) -> int:
     if not args.to:
         print("safehold: pitr restore needs --to T (an instant, or latest)", file=sys.stderr)
         return EXIT_USAGE
-    if not confirm(args, f"Replace the database of target '{args.target}' with its state "
-                         f"at {args.to}?"):
+    some = f"table(s) {', '.join(args.tables)} of " if args.tables else ""
+    question = (f"Restore {some}target '{args.target}' as it was at {args.to} into "
+                f"database {args.into_database} beside it (which is not touched)"
+                + (", replacing it if it exists?" if args.replace else "?")
+                if args.into_database else
+                f"Replace {some}the database of target '{args.into_target}' with target "
+                f"'{args.target}' as it was at {args.to}?" if args.into_target else
+                f"Replace {some}the database of target '{args.target}' with its state "
+                f"at {args.to}?")
+    if not confirm(args, question):
         return EXIT_USAGE
     req: ApiDoc = {"point_in_time": args.to,
                    "create_safety_backup": not args.no_safety_backup}
     if args.terminate_connections:
         req["terminate_connections"] = True
+    for key in ("into_database", "into_target", "tables"):
+        if getattr(args, key):
+            req[key] = getattr(args, key)
+    if args.replace:
+        req["replace"] = True
     job = await client.call("POST", f"/api/v1/targets/{args.target}/restores", json=req)
     return await job_started(client, job, args)
 

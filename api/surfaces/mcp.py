@@ -289,11 +289,9 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                      "touched)" + (", replacing it if it exists," if replace else "")
                      if into_database else dest.id)
             if dest.id != target.id:
-                where = f"target {dest.id} (a copy of {target.id}'s backup; {target.id} is " \
-                        "not touched)"
-                if point_in_time:
-                    raise BadRequest("into_target takes a backup, not a point_in_time",
-                                     code="invalid_body")
+                where = f"target {dest.id} (a copy of {target.id}'s " + (
+                    f"state at {point_in_time}" if point_in_time else "backup") + \
+                    f"; {target.id} is not touched)"
             if schemas and point_in_time:
                 raise BadRequest("schemas take a backup, not a point_in_time",
                                  code="invalid_body")
@@ -366,7 +364,8 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                     safety=plan["create_safety_backup"],
                     terminate=bool(plan.get("terminate_connections")),
                     into_database=plan.get("into_database"),
-                    replace=bool(plan.get("replace")), tables=plan.get("tables"))
+                    replace=bool(plan.get("replace")), tables=plan.get("tables"),
+                    into_target=plan.get("into_target"))
                 return await kit.follow(ops, who, job, ctx, wait_seconds)
             job = await ops.start_restore(who, plan["target"], plan["backup"],
                                           safety=plan["create_safety_backup"],

@@ -174,18 +174,15 @@ async def create_restore(request: web.Request) -> web.Response:
         raise BadRequest("field 'backup' is required (or, on a point-in-time target, "
                          "'point_in_time' instead): name one of them", code="invalid_body")
     if "point_in_time" in body:
-        if any(k in body for k in ("roles", "owner_map", "database", "into_target",
-                                   "schemas")):
-            raise Unprocessable("roles, owner_map, database, into_target and schemas apply "
-                                "to a "
-                                "backup's restore, "
-                                "not (yet) to a point in time", code="invalid_body")
+        if any(k in body for k in ("roles", "owner_map", "database", "schemas")):
+            raise Unprocessable("roles, owner_map, database and schemas apply to a backup's "
+                                "restore, not (yet) to a point in time", code="invalid_body")
         job = await ops(request).start_pitr_restore(
             caller(request), request.match_info["target"], body["point_in_time"],
             safety=body.get("create_safety_backup", True), identity=body.get("identity"),
             terminate=body.get("terminate_connections", False),
             into_database=body.get("into_database"), replace=body.get("replace", False),
-            tables=body.get("tables"),
+            tables=body.get("tables"), into_target=body.get("into_target"),
             idempotency_key=idempotency_key(request), wait=wait_param(request))
         return job_response(job, request)
     job = await ops(request).start_restore(

@@ -42,16 +42,28 @@ def server() -> Iterator[Server]:
         yield s
 
 
-def pitr_settings(prefix: str, tmp_path: Path, server: Server, **pitr: Any) -> Settings:
+def pitr_settings(prefix: str, tmp_path: Path, server: Server,
+                  others: dict[str, Any] | None = None, **pitr: Any) -> Settings:
     raw = make_raw_config(prefix, tmp_path / "backups", None)
     raw["targets"] = {"main": {"engine": "mysql", "url": server.url(), "password_env": PW_ENV,
-                               "pitr": {"enabled": True, "ship_interval": 0.3, **pitr}}}
+                               "pitr": {"enabled": True, "ship_interval": 0.3, **pitr}},
+                      **(others or {})}
     return parse_settings(raw, {PW_ENV: REP_PW}, base=tmp_path, source="<test>")
 
 
 @pytest.fixture
-def settings(prefix: str, tmp_path: Path, server: Server) -> Settings:
-    return pitr_settings(prefix, tmp_path, server)
+def settings(prefix: str, tmp_path: Path, server: Server, request: Any) -> Settings:
+    # a test that needs more targets names them in `OTHER_TARGETS[test name]`
+    others = OTHER_TARGETS.get(request.node.originalname)
+    return pitr_settings(prefix, tmp_path, server, others(server) if others else None)
+
+
+OTHER_TARGETS = {
+    "test_restore_to_an_instant_into_another_target": lambda server: {
+        "staging": {"engine": "mysql", "url": server.url(db="staging"),
+                    "password_env": PW_ENV},
+        "pg": {"engine": "postgresql", "url": "postgresql://x@127.0.0.1/none"}},
+}
 
 
 async def listings(settings: Settings) -> tuple[list[Any], list[Any]]:
@@ -583,3 +595,45 @@ async def test_big_events_and_small_parts_are_archived_byte_for_byte(
     sizes = [json.loads(p.read_text())["raw_bytes"]
              for p in (tmp_path / "backups" / "main.pitr").glob("binlogpart_*.json")]
     assert max(sizes) > 12 << 20 and len([n for n in sizes if n <= 1 << 20]) >= 2, sizes
+
+
+async def test_restore_to_an_instant_into_another_target(
+        server: Server, settings: Settings, redis: Redis, api: Any, worker: Any) -> None:
+    """prod -> staging as prod was at T: the state at T of `main` (base + binlog replayed
+    in scratch) loaded into target `staging` — its lock, its credentials, its safety
+    backup — while `main` is not touched; the audit entry is under `staging`. Another
+    engine's target, or with into_database, is refused before any job."""
+    server.sql("CREATE DATABASE staging; GRANT ALL ON staging.* TO rep@'%'")
+    server.sql("CREATE TABLE t (i int PRIMARY KEY, at datetime(6)); INSERT INTO t (i) "
+               "VALUES (-1)", "staging")
+    async with streaming(settings, redis):
+        await wait_until(lambda: is_streaming(redis, settings))
+        job = await (await api.post("/api/v1/targets/main/backups?wait=60")).json()
+        assert job["status"] == "succeeded", job.get("error")
+        for i in range(10):
+            server.sql(f"INSERT INTO t (i) VALUES ({i})", "app")
+        at_t = server.sql("SELECT GROUP_CONCAT(i ORDER BY i) FROM t", "app")
+        file, pos = server.sql("SHOW MASTER STATUS").split()[:2]
+        server.sql("DELETE FROM t WHERE i < 5", "app")
+        after = datetime.now(UTC)
+
+        async def caught_up() -> bool:
+            w = await (await api.get("/api/v1/targets/main/recovery-window")).json()
+            return bool(w["latest"] and w["latest"] >= after.isoformat()[:23])
+        await wait_until(caught_up, 30)
+        live = server.sql("SELECT GROUP_CONCAT(i ORDER BY i) FROM t", "app")
+        job = await (await api.post("/api/v1/targets/main/restores?wait=180", json={
+            "point_in_time": f"{file}:{pos}", "into_target": "staging"})).json()
+        for bad in ({"into_target": "pg"}, {"into_target": "staging", "into_database": "x"},
+                    {"into_target": "nope"}):
+            resp = await api.post("/api/v1/targets/main/restores", json={
+                "point_in_time": "latest", **bad})
+            assert resp.status in (404, 422), (bad, await resp.text())
+    assert job["status"] == "succeeded", job.get("error")
+    assert job["target"] == "staging" and job["result"]["safety_backup"], job
+    assert server.sql("SELECT GROUP_CONCAT(i ORDER BY i) FROM t", "staging") == at_t
+    assert server.sql("SELECT GROUP_CONCAT(i ORDER BY i) FROM t", "app") == live
+    audit = await (await api.get("/api/v1/audit?action=create_restore")).json()
+    said = [(e.get("backup"), e.get("target")) for e in audit["entries"]]
+    assert (f"point in time {file}:{pos} from target main into target staging",
+            "staging") in said, said

@@ -74,6 +74,6 @@ async def test_prods_backup_into_staging(api: Any, worker: Any, pg_db: str, stag
         assert resp.status == status, (body, await resp.text())
         if code:
             assert (await resp.json())["error"]["code"] == code
-    resp = await api.post("/api/v1/targets/main/restores",
+    resp = await api.post("/api/v1/targets/main/restores",  # (main has no PITR here)
                           json={"point_in_time": "latest", "into_target": "staging"})
-    assert resp.status == 422
+    assert resp.status == 409 and (await resp.json())["error"]["code"] == "pitr_not_enabled"

@@ -55,6 +55,9 @@ class PitrRestores(ScopedRestores, BinlogPitr):
                               progress: Progress, identities: Sequence[AgeKey] = ()
                               ) -> RestoreResult:
         asked = str(job.params.get("point_in_time", ""))
+        # into_target: the source target's state at T, loaded here
+        target, dest = self.settings.target(str(job.params.get("from_target") or target.id)), \
+            target
         progress.plan = {Phase.RECOVERING: (0, 30), Phase.DUMPING: (30, 45),
                          Phase.VERIFYING: (45, 50), Phase.SAFETY_BACKUP: (50, 70),
                          Phase.RESTORING: (70, 100)}
@@ -71,7 +74,7 @@ class PitrRestores(ScopedRestores, BinlogPitr):
             filename, sha256, said = made.filename, made.sha256, []
         params = job.params.copy()
         params["backup"], params["sha256"] = filename, sha256
-        result = await self.restore_as_asked(dataclasses.replace(job, params=params), target,
+        result = await self.restore_as_asked(dataclasses.replace(job, params=params), dest,
                                              engine, progress, identities)
         result["warnings"] = [f"restored to {asked} through {filename}", *said,
                               *(result["warnings"] or [])]
