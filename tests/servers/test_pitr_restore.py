@@ -29,10 +29,14 @@ def cluster() -> Iterator[Cluster]:
 
 
 @pytest.fixture
-def raw(cluster: Cluster, prefix: str, tmp_path: Path) -> dict[str, Any]:
+def raw(cluster: Cluster, prefix: str, tmp_path: Path, request: Any) -> dict[str, Any]:
     # the operator's own check, run on every drill's copy
-    return app_config(cluster, prefix, tmp_path, verify_checks=[
+    raw = app_config(cluster, prefix, tmp_path, verify_checks=[
         "SELECT NOT EXISTS (SELECT 1 FROM t WHERE i = 666)"])
+    if request.node.originalname == "test_a_point_in_time_into_another_target":
+        cluster.psql("CREATE DATABASE staging")
+        raw["targets"]["staging"] = {"engine": "postgresql", "url": cluster.url(db="staging")}
+    return raw
 
 
 @pytest.fixture
@@ -389,3 +393,21 @@ async def test_one_table_back_to_an_instant(
     assert await rows(cluster) == [1]
     assert cluster.psql("SELECT string_agg(i::text, ',' ORDER BY i) FROM other",
                         db="app") == "1,2"
+
+
+async def test_a_point_in_time_into_another_target(
+        cluster: Cluster, settings: Settings, worker: Any, api: Any,
+        wait_job: JobWaiter) -> None:
+    """point_in_time with into_target: main's state at T (recovered from main's archive)
+    loaded into target staging, with staging's lock and safety backup; main as it is."""
+    cluster.psql("CREATE TABLE t (i int); INSERT INTO t VALUES (-1)", db="staging")
+    at = await committed_and_archived(api, cluster, 1)
+    await committed_and_archived(api, cluster, 2)
+    resp = await api.post("/api/v1/targets/main/restores", json={
+        "point_in_time": at.isoformat(), "into_target": "staging"})
+    assert resp.status == 202, await resp.text()
+    job = await wait_job((await resp.json())["id"], timeout=240)
+    assert job["status"] == "succeeded", job.get("error")
+    assert job["target"] == "staging" and job["result"]["safety_backup"]
+    assert cluster.psql("SELECT string_agg(i::text, ',') FROM t", db="staging") == "1"
+    assert await rows(cluster) == [1, 2]
