@@ -265,7 +265,8 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
                              "other table is left exactly as it is (MySQL, SQLite: table; "
                              "MongoDB: db.collection; Redis: keys, glob patterns). "
                              "into_target: into "
-                             "another database of the same engine (prod -> staging).")
+                             "another database of the same engine (prod -> staging; a "
+                             "point_in_time too: prod as it was then).")
     async def plan_restore(database_id: str, backup: str = "", point_in_time: str = "",
                            create_safety_backup: bool = True,
                            terminate_connections: bool = False,
