@@ -35,7 +35,8 @@ async def window_of(s: Services, target: TargetConfig) -> dict[str, object]:
         streaming["unarchived_bytes"] = int(state["slot_bytes"]) if state.get(
             "slot_bytes", "").isdigit() else None
         return {"target": target.id,
-                **binlog_window.window(listing, backups, datetime.now(UTC)),
+                **binlog_window.window(listing, backups, datetime.now(UTC),
+                                       binlog_window.said_of(state)),
                 "streaming": streaming,
                 "unavailable": sorted(set(unavailable) | set(missing))}
     streaming["slot"] = target.pitr.slot

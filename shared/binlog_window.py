@@ -22,7 +22,7 @@ streams).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from shared import naming
@@ -187,15 +187,46 @@ def base(doc: Mapping[str, object]) -> BinlogBase | None:
                       _drill(doc.get("last_drill")))
 
 
+@dataclass(frozen=True)
+class Said:
+    """What the target's streamer last said (its Redis state): the archive's end it had
+    shipped, and the last instant by which the server had written nothing past it. An
+    idle server writes no binlog, so no shipment carries that instant: without this the
+    window would end at the last write however long ago it was."""
+
+    identity: str
+    end: int
+    covers_until: datetime
+
+
+def said_of(state: Mapping[str, str]) -> Said | None:
+    end = parse_position(state.get("shipped_lsn", ""))
+    at = _when(state.get("covers_until") or None)
+    identity = state.get("identity", "")
+    return Said(identity, end, at) if end is not None and at is not None and identity \
+        else None
+
+
+def _extended(found: list[Run], said: Said | None) -> list[Run]:
+    """The last run reaches the streamer's last instant when it ends where the streamer
+    said it had shipped (the same stretch, nothing shipped since)."""
+    last = found[-1] if found else None
+    if last is not None and said is not None and last.identity == said.identity and \
+            last.end == said.end and (last.covers_until is None
+                                      or said.covers_until > last.covers_until):
+        return [*found[:-1], replace(last, covers_until=said.covers_until)]
+    return found
+
+
 def window(archive: Iterable[Mapping[str, object]], backups: Iterable[Mapping[str, object]],
-           now: datetime) -> dict[str, object]:
+           now: datetime, said: Said | None = None) -> dict[str, object]:
     """`GET …/recovery-window` for a MySQL/MariaDB target: the continuous binlog ending
     last, the gaps before it, the bases (with `usable`: its position inside that binlog,
     its snapshot before its end); `earliest` is the first instant a usable base reaches."""
     held = pieces(archive)
     newest = max(held, key=lambda p: (p.created_at, p.end), default=None)
     mine = [p for p in held if newest is not None and p.identity == newest.identity]
-    found = runs(mine)
+    found = _extended(runs(mine), said)
     last = found[-1] if found else None
     found_bases = sorted((found_base for doc in backups
                           if (found_base := base(doc)) is not None), key=lambda b: b.position)
@@ -262,8 +293,8 @@ class BinlogRecovery:
 
 def choose(archive: Iterable[Mapping[str, object]], backups: Iterable[Mapping[str, object]],
            at: datetime | None, target: str, *, random_point: bool = False,
-           stop: int | None = None, gtid: tuple[int, int, int] | None = None
-           ) -> BinlogRecovery:
+           stop: int | None = None, gtid: tuple[int, int, int] | None = None,
+           said: Said | None = None) -> BinlogRecovery:
     """The recovery of `at` (None: the archive's end; `random_point`: anywhere in the
     window; `stop`: up to that binlog position instead; `gtid`: (domain, server, seq),
     through that transaction: the newest base without it, and the pieces up to one that
@@ -276,7 +307,7 @@ def choose(archive: Iterable[Mapping[str, object]], backups: Iterable[Mapping[st
     held = pieces(archive)
     newest = max(held, key=lambda p: (p.created_at, p.end), default=None)
     mine = [p for p in held if newest is not None and p.identity == newest.identity]
-    found = runs(mine)
+    found = _extended(runs(mine), said)
     last = found[-1] if found else None
     if last is None or last.covers_until is None:
         raise RestoreFailed(f"target '{target}' has no archived binlog yet",

@@ -637,3 +637,35 @@ async def test_restore_to_an_instant_into_another_target(
     said = [(e.get("backup"), e.get("target")) for e in audit["entries"]]
     assert (f"point in time {file}:{pos} from target main into target staging",
             "staging") in said, said
+
+
+async def test_an_idle_servers_window_goes_on_to_now(
+        server: Server, settings: Settings, redis: Redis, api: Any, worker: Any) -> None:
+    """An idle server writes no binlog, so no shipment says the archive is still complete
+    later on: the streamer's word (its Redis state: the end it shipped, the last instant
+    the server had written nothing past it) carries the window on, and an instant in the
+    quiet time after the last write restores."""
+    server.sql("GRANT ALL ON app_quiet.* TO rep@'%'")
+    async with streaming(settings, redis):
+        await wait_until(lambda: is_streaming(redis, settings))
+        job = await (await api.post("/api/v1/targets/main/backups?wait=60")).json()
+        assert job["status"] == "succeeded", job.get("error")
+        for i in range(5):
+            server.sql(f"INSERT INTO t (i) VALUES ({i})", "app")
+        quiet = datetime.now(UTC) + timedelta(seconds=1.5)
+
+        async def on_to_quiet() -> dict[str, Any] | None:
+            w = await (await api.get("/api/v1/targets/main/recovery-window")).json()
+            return w if w["latest"] and w["latest"] >= (
+                quiet + timedelta(seconds=1)).isoformat()[:23] else None
+        w = await wait_until(on_to_quiet, 30)
+        stored = await archive_window(settings)  # the manifests alone end at the last write
+        assert stored["latest"] < quiet.isoformat()[:23] <= w["latest"], (stored, w)
+        job = await (await api.post("/api/v1/targets/main/restores?wait=180", json={
+            "point_in_time": quiet.isoformat(), "into_database": "app_quiet"})).json()
+    try:
+        assert job["status"] == "succeeded", job.get("error")
+        assert server.sql("SELECT GROUP_CONCAT(i ORDER BY i) FROM t", "app_quiet") == \
+            "0,1,2,3,4"
+    finally:
+        server.sql("DROP DATABASE IF EXISTS app_quiet")

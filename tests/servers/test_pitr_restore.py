@@ -133,7 +133,8 @@ async def test_the_cli_shows_the_window_and_restores_to_an_instant(
         restore = argparse.Namespace(command="pitr", action="restore", target="main",
                                      to=done.isoformat(), no_safety_backup=False,
                                      terminate_connections=False, yes=True, json=True,
-                                     follow=False, wait=True)
+                                     follow=False, wait=True, into_database=None,
+                                     into_target=None, tables=None, replace=False)
         assert await COMMANDS["pitr"](client, restore) == 0
     assert await rows(cluster) == [1]
 

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import quote
 
-from shared import naming
-from shared.binlog_window import BinlogRecovery, choose
+from shared import naming, rcmd
+from shared.binlog_window import BinlogRecovery, choose, said_of
 from shared.codecs.base import AgeKey
 from shared.config import Secret, TargetConfig
 from shared.errors import PipelineError, RestoreFailed
@@ -89,11 +89,15 @@ class BinlogPitr(Restores):
                                     code="outside_window")
             [(domain, (server, seq))] = one.items()
             gtid = (domain, server, seq)
+        state = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (
+            await rcmd.hgetall(self.store.redis, self.store.keys.pitr(target.id, "state"))
+        ).items()}
         plan = choose(await self.catalog.list_backups(archive),
                       await self.catalog.list_backups(target.id),
                       None if asked in ("latest", "random") or stop is not None
                       or gtid is not None else when_of(asked), target.id,
-                      random_point=asked == "random", stop=stop, gtid=gtid)
+                      random_point=asked == "random", stop=stop, gtid=gtid,
+                      said=said_of(state))
         if m and m[1] != plan.basename:
             raise RestoreFailed(f"{asked}: the target's binlog files are {plan.basename}.*; "
                                 "nothing was changed", database_unchanged=True,
