@@ -26,10 +26,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -56,7 +54,7 @@ from shared.formats.binlog import (
 )
 from worker.engines import my_pitr
 from worker.engines.my_connection import connect
-from worker.pitr import Streamer, _iso, _still_wanted, _together
+from worker.pitr import SpoolRange, Streamer, _iso, _still_wanted, _together
 from worker.subproc import Child
 
 log = logging.getLogger("safehold.pitr")
@@ -336,9 +334,14 @@ class BinlogStreamer(Streamer):
         if any(b.start != a.log_pos for a, b in zip(batch, batch[1:], strict=False)):
             raise PipelineError(f"binlog file {number}: events do not follow each other",
                                 code="corrupt_binlog")
-        region = (sf.path, batch[0].at, batch[-1].at + batch[-1].size)
-        raw, digest = await asyncio.to_thread(_region_sha256, head, *region)
-        hi = lo + raw
+        async with SpoolRange(sf.path, batch[0].at, batch[-1].at + batch[-1].size,
+                              head) as region:
+            await self._ship_region(number, lo, region, batch, sf, facts, shipped)
+
+    async def _ship_region(self, number: int, lo: int, region: SpoolRange,
+                           batch: list[Event], sf: SpoolFile, facts: my_pitr.ServerFacts,
+                           shipped: Position) -> None:
+        hi = lo + region.size
         if hi != batch[-1].log_pos:
             raise PipelineError(f"binlog file {number}: events do not follow each other",
                                 code="corrupt_binlog")
@@ -350,7 +353,7 @@ class BinlogStreamer(Streamer):
         changes = [{"at": position_text(position(number, at)), "why": why}
                    for at, why in seen.changes]
         facts_doc: dict[str, object] = {
-            "plain_sha256": digest, "number": number,
+            "plain_sha256": region.sha256, "number": number,
             "start": lo, "end": hi, "complete": complete, "identity": shipped.identity,
             "file_created": sf.created, "file": my_pitr.file_name(facts.basename, number),
             "server_id": facts.server_id, "server_version": facts.version,
@@ -360,8 +363,8 @@ class BinlogStreamer(Streamer):
             **seen.facts(), **({"gtid_changes": changes} if changes else {})}
         if lo == 0 and shipped.previous_end is not None:
             facts_doc["previous_end"] = shipped.previous_end
-        await self._put("binlogpart", f"{number:08X}_{lo:08X}-{hi:08X}",
-                        _file_chunks(*region, head=head), facts_doc)
+        await self._put("binlogpart", f"{number:08X}_{lo:08X}-{hi:08X}", region.chunks(),
+                        facts_doc)
         shipped.offset, shipped.complete = hi, complete
         if covers is not None:
             shipped.covers_until = covers
@@ -389,27 +392,31 @@ class BinlogStreamer(Streamer):
             archived = [p for p in pieces(await self.catalog.list_backups(self.archive.id))
                         if p.kind == "binlogpart" and p.number == number
                         and p.identity == shipped.identity]
-            size, digest = await asyncio.to_thread(_region_sha256, b"", path)
-            if size == shipped.offset:
-                await self._put("binlog", f"{number:08X}", _file_chunks(path), {
-                    "plain_sha256": digest, "number": number,
-                    "start": 0, "end": size, "complete": True,
-                    "identity": shipped.identity, "file_created": sf.created,
-                    "file": my_pitr.file_name(facts.basename, number),
-                    "server_id": facts.server_id, "server_version": facts.version,
-                    "covers_until": _iso(shipped.covers_until), **sf.gtids.facts(),
-                    **({"gtid_changes": [
-                        {"at": position_text(position(number, at)), "why": why}
-                        for at, why in sf.gtids.changes]} if sf.gtids.changes else {}),
-                    **({"previous_end": shipped.previous_end}
-                       if shipped.previous_end is not None else {}),
-                    "fence": self.lease.fence})
-                for piece in archived:
-                    with contextlib.suppress(SafeholdError):
-                        await self.catalog.delete(self.archive.id,
-                                                  naming.parse_stored(piece.filename))
+            async with SpoolRange(path) as whole:
+                if whole.size == shipped.offset:
+                    await self._compact_put(number, whole, sf, facts, shipped)
+                    for piece in archived:
+                        with contextlib.suppress(SafeholdError):
+                            await self.catalog.delete(self.archive.id,
+                                                      naming.parse_stored(piece.filename))
         with contextlib.suppress(OSError):
             await asyncio.to_thread(path.unlink)
+
+    async def _compact_put(self, number: int, whole: SpoolRange, sf: SpoolFile,
+                           facts: my_pitr.ServerFacts, shipped: Position) -> None:
+        await self._put("binlog", f"{number:08X}", whole.chunks(), {
+            "plain_sha256": whole.sha256, "number": number,
+            "start": 0, "end": whole.size, "complete": True,
+            "identity": shipped.identity, "file_created": sf.created,
+            "file": my_pitr.file_name(facts.basename, number),
+            "server_id": facts.server_id, "server_version": facts.version,
+            "covers_until": _iso(shipped.covers_until), **sf.gtids.facts(),
+            **({"gtid_changes": [
+                {"at": position_text(position(number, at)), "why": why}
+                for at, why in sf.gtids.changes]} if sf.gtids.changes else {}),
+            **({"previous_end": shipped.previous_end}
+               if shipped.previous_end is not None else {}),
+            "fence": self.lease.fence})
 
     # ------------------------------------------------------------------ prune
     async def _prune_daily(self) -> None:
@@ -448,37 +455,3 @@ class BinlogStreamer(Streamer):
             log.info("pitr %s: pruned %d binlog object(s) older than %.1f days",
                      self.target.id, len(doomed), self.pitr.keep_days)
         return doomed
-
-
-def _region_sha256(head: bytes, path: Path, start: int = 0, end: int | None = None
-                   ) -> tuple[int, str]:
-    """Size and sha256 of `head` then the file's bytes [start, end) (to its end: None)."""
-    digest, size = hashlib.sha256(head), len(head)
-    with open(path, "rb") as f:
-        f.seek(start)
-        left = None if end is None else end - start
-        while chunk := f.read(1 << 20 if left is None else min(1 << 20, left)):
-            digest.update(chunk)
-            size += len(chunk)
-            if left is not None:
-                left -= len(chunk)
-    return size, digest.hexdigest()
-
-
-async def _file_chunks(path: Path, start: int = 0, end: int | None = None, *,
-                       head: bytes = b"") -> AsyncIterator[bytes]:
-    """`head`, then a spool file's bytes [start, end) read back a MiB at a time (a binlog
-    file can be 1 GiB, an event hundreds of MiB: never whole in memory)."""
-    if head:
-        yield head
-    f = await asyncio.to_thread(open, path, "rb")
-    try:
-        await asyncio.to_thread(f.seek, start)
-        left = None if end is None else end - start
-        while chunk := await asyncio.to_thread(
-                f.read, 1 << 20 if left is None else min(1 << 20, left)):
-            yield chunk
-            if left is not None:
-                left -= len(chunk)
-    finally:
-        await asyncio.to_thread(f.close)

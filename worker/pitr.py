@@ -29,6 +29,7 @@ import time
 from collections.abc import AsyncIterator, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import BinaryIO
 
 import asyncpg
 import pymysql
@@ -320,16 +321,16 @@ class Streamer:
             done, partial = spool / seg, spool / f"{seg}.partial"
             source = done if done.exists() else partial
             lo, hi = shipped.lsn - start, end - start
-            data = await asyncio.to_thread(_read_range, source, lo, hi)
             covers = self._covered(end)
-            await self._put("walpart", f"{seg}_{lo:08X}-{hi:08X}", _once(data),
-                            {"plain_sha256": hashlib.sha256(data).hexdigest(),
-                             "timeline": shipped.timeline, "segment": seg, "start": lo,
-                             "end": hi, "start_lsn": pg_pitr.lsn_text(shipped.lsn),
-                             "end_lsn": pg_pitr.lsn_text(end),
-                             "covers_until": _iso(covers) if covers else None,
-                             "system_id": facts.system_id, "seg_bytes": seg_bytes,
-                             "fence": self.lease.fence})
+            async with SpoolRange(source, lo, hi) as region:
+                await self._put("walpart", f"{seg}_{lo:08X}-{hi:08X}", region.chunks(),
+                                {"plain_sha256": region.sha256,
+                                 "timeline": shipped.timeline, "segment": seg, "start": lo,
+                                 "end": hi, "start_lsn": pg_pitr.lsn_text(shipped.lsn),
+                                 "end_lsn": pg_pitr.lsn_text(end),
+                                 "covers_until": _iso(covers) if covers else None,
+                                 "system_id": facts.system_id, "seg_bytes": seg_bytes,
+                                 "fence": self.lease.fence})
             shipped.lsn = end
             if covers is not None:
                 shipped.covers_until = covers
@@ -354,18 +355,19 @@ class Streamer:
                        shipped: Shipped, parts: list[ArchivedPiece]) -> None:
         """A complete segment: shipped whole (what a stock restore_command fetches), its
         parts deleted, the spool's copy removed."""
-        data = await asyncio.to_thread(done.read_bytes)
-        await self._put("wal", seg, _once(data),
-                        {"plain_sha256": hashlib.sha256(data).hexdigest(),
-                         "timeline": shipped.timeline, "segment": seg, "start": 0,
-                         "end": len(data),
-                         "start_lsn": pg_pitr.lsn_text(pg_pitr.segment_start(seg, len(data))),
-                         "end_lsn": pg_pitr.lsn_text(
-                             pg_pitr.segment_start(seg, len(data)) + len(data)),
-                         "covers_until": _iso(shipped.covers_until)
-                         if shipped.covers_until else None,
-                         "system_id": facts.system_id, "seg_bytes": facts.seg_bytes,
-                         "fence": self.lease.fence})
+        async with SpoolRange(done) as whole:
+            size = whole.size
+            await self._put("wal", seg, whole.chunks(),
+                            {"plain_sha256": whole.sha256,
+                             "timeline": shipped.timeline, "segment": seg, "start": 0,
+                             "end": size,
+                             "start_lsn": pg_pitr.lsn_text(pg_pitr.segment_start(seg, size)),
+                             "end_lsn": pg_pitr.lsn_text(
+                                 pg_pitr.segment_start(seg, size) + size),
+                             "covers_until": _iso(shipped.covers_until)
+                             if shipped.covers_until else None,
+                             "system_id": facts.system_id, "seg_bytes": facts.seg_bytes,
+                             "fence": self.lease.fence})
         for piece in parts:
             with contextlib.suppress(SafeholdError):
                 await self.catalog.delete(self.archive.id, naming.parse_stored(piece.filename))
@@ -519,19 +521,59 @@ async def _together(*coros: Coroutine[object, object, None]) -> None:
             raise exc
 
 
-def _read_range(path: Path, lo: int, hi: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(lo)
-        data = f.read(hi - lo)
-    if len(data) != hi - lo:
-        raise PipelineError(f"{path.name} holds {lo + len(data)} bytes, not {hi}",
-                            code="pitr_spool")
-    return data
+class SpoolRange:
+    """`head`, then bytes [lo, hi) of a spool file (hi None: to its end), read back a MiB
+    at a time — never whole in memory (a WAL segment or a binlog file can be 1 GiB, an
+    event hundreds of MiB). The file is opened once, so a rename (pg_receivewal's
+    `.partial` → the segment) cannot pull it away between its checksum and its upload.
+    `size` and `sha256` are known on entry."""
 
+    def __init__(self, path: Path, lo: int = 0, hi: int | None = None, head: bytes = b""
+                 ) -> None:
+        self.path, self.lo, self.hi, self.head = path, lo, hi, head
+        self.size, self.sha256 = 0, ""
+        self._f: BinaryIO | None = None
 
-async def _once(data: bytes) -> AsyncIterator[bytes]:
-    for i in range(0, len(data), 1 << 20):
-        yield data[i:i + (1 << 20)]
+    async def __aenter__(self) -> SpoolRange:
+        self._f = await asyncio.to_thread(open, self.path, "rb")
+        try:
+            digest, size = hashlib.sha256(self.head), len(self.head)
+            async for chunk in self._read():
+                digest.update(chunk)
+                size += len(chunk)
+        except BaseException:
+            await asyncio.to_thread(self._f.close)
+            raise
+        if self.hi is not None and size != len(self.head) + self.hi - self.lo:
+            await asyncio.to_thread(self._f.close)
+            raise PipelineError(f"{self.path.name} holds {self.lo + size - len(self.head)} "
+                                f"bytes, not {self.hi}", code="pitr_spool")
+        self.size, self.sha256 = size, digest.hexdigest()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._f is not None:
+            await asyncio.to_thread(self._f.close)
+
+    async def _read(self) -> AsyncIterator[bytes]:
+        f = self._f
+        assert f is not None
+        await asyncio.to_thread(f.seek, self.lo)
+        left = None if self.hi is None else self.hi - self.lo
+        while left is None or left > 0:
+            chunk = await asyncio.to_thread(f.read, 1 << 20 if left is None
+                                            else min(1 << 20, left))
+            if not chunk:
+                return
+            if left is not None:
+                left -= len(chunk)
+            yield chunk
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        if self.head:
+            yield self.head
+        async for chunk in self._read():
+            yield chunk
 
 
 def _iso(at: datetime | None) -> str:
