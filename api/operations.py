@@ -397,7 +397,7 @@ class Operations:
         async with self.audited(caller, "create_restore", into_target or target_id,
                                  {"backup": file}) as info:
             target = self.target(caller, target_id, Role.OPERATOR)
-            dest = self.target(caller, str(into_target), Role.OPERATOR) if into_target else target
+            dest = self.destination(caller, target, into_target)
             scope = scope_params(self.s.settings, target, into_database, replace, tables, dest,
                                  keys, schemas)
             if roles is not None and roles not in ("create", "skip", "map"):
@@ -475,8 +475,7 @@ class Operations:
         async with self.audited(caller, "create_restore", into_target or target_id,
                                  {}) as info:
             target = self.target(caller, target_id, Role.OPERATOR)
-            dest = self.target(caller, str(into_target), Role.OPERATOR) if into_target \
-                else target
+            dest = self.destination(caller, target, into_target)
             when = recovery.within(await recovery.window_of(self.s, target), point_in_time)
             scope = scope_params(self.s.settings, target, into_database, replace, tables,
                                  dest)
@@ -488,6 +487,17 @@ class Operations:
             return await self.submit(caller, JobKind.RESTORE, dest.id, params, info,
                                      idempotency_key=idempotency_key, wait=wait,
                                      before_enqueue=await self._sealer(identity, params))
+
+    def destination(self, caller: Caller, target: TargetConfig, into_target: object
+                     ) -> TargetConfig:
+        """The target a restore goes into: `target` itself, or the one `into_target`
+        names (an empty or non-text name is refused: never read as "over the source")."""
+        if into_target is None:
+            return target
+        if not isinstance(into_target, str) or not into_target:
+            raise BadRequest("into_target names another configured target",
+                             code="invalid_body")
+        return self.target(caller, into_target, Role.OPERATOR)
 
     async def _sealer(self, identity: str | None, params: JobParams
                       ) -> Callable[[Job], Awaitable[None]] | None:

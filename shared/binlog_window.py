@@ -203,8 +203,9 @@ def said_of(state: Mapping[str, str]) -> Said | None:
     end = parse_position(state.get("shipped_lsn", ""))
     at = _when(state.get("covers_until") or None)
     identity = state.get("identity", "")
-    return Said(identity, end, at) if end is not None and at is not None and identity \
-        else None
+    if end is None or at is None or not identity or at > datetime.now(UTC):
+        return None  # (an instant not come yet is no one's word)
+    return Said(identity, end, at)
 
 
 def _extended(found: list[Run], said: Said | None) -> list[Run]:

@@ -59,8 +59,8 @@ from worker.subproc import Child
 
 log = logging.getLogger("safehold.pitr")
 PART_MAX = 64 << 20  # one shipment's bytes at most (more go in the next object)
-READ_MAX = 128 << 20  # spool bytes shipped per tick at most (read back in 1 MiB pieces:
-# memory does not grow with it, nor with an event's size)
+READ_MAX = 16 << 20  # spool bytes scanned per tick at most (their events' headers are
+# held until shipped; the bytes are read back in 1 MiB pieces)
 
 
 @dataclass
@@ -107,8 +107,11 @@ class BinlogStreamer(Streamer):
                 shipped = await self._resume_binlog(conn, facts)
                 start = shipped.number + 1 if shipped.complete else shipped.number
                 offset = 0 if shipped.complete else shipped.offset
+                # (covers_until with them: a word left by the last streamer about a
+                # later end must never be read as this end's)
                 await self.state(streamer=self.lease.owner, identity=shipped.identity,
                                  shipped_lsn=position_text(shipped.at),
+                                 covers_until=_iso(shipped.covers_until),
                                  started_at=_iso(datetime.now(UTC)))
                 log.info("pitr %s: streaming binlog from %s as %s", self.target.id,
                          position_text(position(start, offset)), self.lease.owner)

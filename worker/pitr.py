@@ -319,7 +319,8 @@ class Streamer:
             start = pg_pitr.segment_start(seg, seg_bytes)
             end = min(upto, start + seg_bytes)
             done, partial = spool / seg, spool / f"{seg}.partial"
-            source = done if done.exists() else partial
+            # (pg_receivewal renames .partial to the segment when it is complete)
+            source = (done, partial, done)
             lo, hi = shipped.lsn - start, end - start
             covers = self._covered(end)
             async with SpoolRange(source, lo, hi) as region:
@@ -525,17 +526,27 @@ class SpoolRange:
     """`head`, then bytes [lo, hi) of a spool file (hi None: to its end), read back a MiB
     at a time — never whole in memory (a WAL segment or a binlog file can be 1 GiB, an
     event hundreds of MiB). The file is opened once, so a rename (pg_receivewal's
-    `.partial` → the segment) cannot pull it away between its checksum and its upload.
-    `size` and `sha256` are known on entry."""
+    `.partial` → the segment) cannot pull it away between its checksum and its upload
+    (`paths`: the names it may have, tried in order). `size` and `sha256` are known on
+    entry; the upload's bytes are checked against them as they go."""
 
-    def __init__(self, path: Path, lo: int = 0, hi: int | None = None, head: bytes = b""
-                 ) -> None:
-        self.path, self.lo, self.hi, self.head = path, lo, hi, head
+    def __init__(self, paths: Path | tuple[Path, ...], lo: int = 0, hi: int | None = None,
+                 head: bytes = b"") -> None:
+        self.paths = paths if isinstance(paths, tuple) else (paths,)
+        self.path, self.lo, self.hi, self.head = self.paths[0], lo, hi, head
         self.size, self.sha256 = 0, ""
         self._f: BinaryIO | None = None
 
     async def __aenter__(self) -> SpoolRange:
-        self._f = await asyncio.to_thread(open, self.path, "rb")
+        for i, path in enumerate(self.paths):
+            try:
+                self._f = await asyncio.to_thread(open, path, "rb")
+                self.path = path
+                break
+            except FileNotFoundError:
+                if i == len(self.paths) - 1:
+                    raise
+        assert self._f is not None
         try:
             digest, size = hashlib.sha256(self.head), len(self.head)
             async for chunk in self._read():
@@ -570,10 +581,16 @@ class SpoolRange:
             yield chunk
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        digest, size = hashlib.sha256(self.head), len(self.head)
         if self.head:
             yield self.head
         async for chunk in self._read():
+            digest.update(chunk)
+            size += len(chunk)
             yield chunk
+        if (size, digest.hexdigest()) != (self.size, self.sha256):
+            raise PipelineError(f"{self.path.name} changed while it was shipped",
+                                code="pitr_spool")
 
 
 def _iso(at: datetime | None) -> str:

@@ -283,7 +283,7 @@ def _restore_tools(server: MCPServer, kit: _Kit) -> None:
             target = ops.target(who, database_id, Role.OPERATOR)
             if bool(backup) == bool(point_in_time):
                 raise BadRequest("name either backup or point_in_time", code="invalid_body")
-            dest = ops.target(who, into_target, Role.OPERATOR) if into_target else target
+            dest = ops.destination(who, target, into_target)
             scope = scope_params(kit.services().settings, target, into_database, replace,
                                  tables, dest, keys, schemas)
             where = (f"the new database {into_database} beside {target.id} (which is not "

@@ -29,6 +29,8 @@ HEADER = 19
 MAX_EVENT = 1 << 30  # max_allowed_packet's ceiling: a larger size is a corrupt file
 STOP, ROTATE, FORMAT_DESCRIPTION, XID, TABLE_MAP = 3, 4, 15, 16, 19
 QUERY = 2
+XA_PREPARE = 38  # MariaDB: the end of an XA PREPARE group
+FL_STANDALONE, FL_PREPARED_XA = 0x01, 0x40  # a GTID event's flags
 GTID = 162  # MariaDB's GTID event: a transaction starts
 GTID_LIST = 163  # MariaDB: at a file's start, the binlog's GTID state before it
 # a binlog position as an operator names it: `binlog.000042:1234`
@@ -43,7 +45,7 @@ class Event:
     server_id: int
     size: int
     log_pos: int  # its end in the server's file; 0: made up for the connection
-    data: bytes  # the whole event, header included (EventScanner: its first HEAD_KEEP)
+    data: bytes  # the whole event, header included (EventScanner: see there)
     at: int = -1  # EventScanner: where it starts in the file scanned
 
     @property
@@ -65,14 +67,16 @@ def position_text(pos: int) -> str:
     return f"{pos >> 32:06d}:{pos & 0xFFFFFFFF}"
 
 
-HEAD_KEEP = 8192  # an event's bytes an EventScanner keeps (GTID, GTID list, a query's head)
+KEEP_MAX = 64 << 10  # a GTID list event's bytes an EventScanner keeps at most
+SCAN_BLOCK = 1 << 20
 
 
 class EventScanner:
-    """A binlog file being written, scanned in place: each call reads the headers of the
-    events complete in it since the last (and each one's first HEAD_KEEP bytes), never an
-    event's whole body — an event of any size costs no memory; its bytes are read from the
-    file again when shipped."""
+    """A binlog file being written, scanned in place, a MiB at a time: each call yields the
+    events complete in it since the last, each with its offset and only its header (the
+    whole event for a GTID or a GTID list, what GtidRange reads) — never an event's body,
+    so an event of any size costs no memory; its bytes are read from the file again when
+    shipped."""
 
     def __init__(self) -> None:
         self.offset = 0  # the next event's start in the file (0: the magic is unchecked)
@@ -91,16 +95,24 @@ class EventScanner:
                                     code="corrupt_binlog")
             self.offset = 4
         out: list[Event] = []
+        buf, base = b"", self.offset  # buf holds the file's bytes from `base`
         while end - self.offset >= HEADER and budget > 0:
-            f.seek(self.offset)
-            head = f.read(min(HEAD_KEEP, end - self.offset))
-            ts, kind, server, size, log_pos, _flags = struct.unpack_from("<IBIIIH", head)
+            at = self.offset - base
+            if at + HEADER > len(buf):
+                f.seek(self.offset)
+                buf, base, at = f.read(min(SCAN_BLOCK, end - self.offset)), self.offset, 0
+            ts, kind, server, size, log_pos, _flags = struct.unpack_from("<IBIIIH", buf, at)
             if not HEADER <= size <= MAX_EVENT or (log_pos and log_pos < size):
                 raise PipelineError(f"a binlog event of {size} bytes ending at {log_pos}: "
                                     "the file is corrupt", code="corrupt_binlog")
             if end - self.offset < size:
                 break
-            out.append(Event(ts, kind, server, size, log_pos, head[:size], self.offset))
+            keep = min(size, KEEP_MAX) if kind in (GTID, GTID_LIST) else HEADER
+            if at + keep > len(buf):
+                f.seek(self.offset)
+                buf, base, at = f.read(max(keep, min(SCAN_BLOCK, end - self.offset))), \
+                    self.offset, 0
+            out.append(Event(ts, kind, server, size, log_pos, buf[at:at + keep], self.offset))
             self.offset += size
             budget -= size
         return out, self.offset < end
@@ -281,14 +293,20 @@ class GtidRange:
             if self.first else {}
 
 
-def _query_text(ev: Event) -> bytes:
-    """A query event's statement (its status variables and database name skipped; a
-    checksum's 4 bytes may follow: only its start is read)."""
-    body = ev.data[HEADER:]
+def _query_text(ev: Event, checksum: bool) -> bytes:
+    """A query event's statement (its status variables and database name skipped, and
+    the event's CRC32 when the file has checksums)."""
+    body = ev.data[HEADER:len(ev.data) - 4 if checksum else None]
     if len(body) < 13:
         return b""
     db_len, status_len = body[8], struct.unpack_from("<H", body, 11)[0]
     return body[13 + status_len + db_len + 1:]
+
+
+def _checksummed(fde: Event) -> bool:
+    """A format description says whether its file's events end with a CRC32: its
+    checksum algorithm is the byte before its own 4-byte checksum (1: CRC32)."""
+    return len(fde.data) > HEADER + 57 + 5 and fde.data[-5] == 1
 
 
 def gtid_stop(paths: list[Path], start: int, want: tuple[int, int, int]
@@ -297,26 +315,31 @@ def gtid_stop(paths: list[Path], start: int, want: tuple[int, int, int]
     files read from offset `start` of the first: (the file's index, the offset just past
     its commit — the decoder's exclusive --stop-position). Else why not, as text: not
     there (the domain went past it), or its commit not archived yet."""
-    found = standalone = False
+    found = standalone = prepared = checksum = False
     for index, path in enumerate(paths):
         reader = EventReader()
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
                 for ev in reader.feed(chunk):
+                    if ev.type == FORMAT_DESCRIPTION and ev.log_pos:
+                        checksum = _checksummed(ev)
                     if index == 0 and ev.start < start:
                         continue
                     g = gtid_of(ev)
                     if found:
                         if g is not None:  # the next transaction: this one ended before
                             return index, ev.start
-                        if standalone or ev.type == XID or ev.type == QUERY and \
-                                _query_text(ev)[:8].upper() in (b"COMMIT", b"ROLLBACK"):
+                        if standalone or ev.type == XID or prepared and \
+                                ev.type == XA_PREPARE or ev.type == QUERY and \
+                                _query_text(ev, checksum) in (b"COMMIT", b"ROLLBACK"):
                             return index, ev.log_pos
                         continue
                     if g == want:
                         found = True
-                        standalone = bool(ev.data[HEADER + 12] & 1) \
-                            if len(ev.data) > HEADER + 12 else False
+                        flags = ev.data[HEADER + 12] if len(ev.data) > HEADER + 12 else 0
+                        # (an XA PREPARE group ends with its XA_PREPARE event)
+                        prepared = bool(flags & FL_PREPARED_XA)
+                        standalone = bool(flags & FL_STANDALONE) and not prepared
                     elif g is not None and g[0] == want[0] and g[2] > want[2]:
                         return (f"no transaction with GTID {want[0]}-{want[1]}-{want[2]} in "
                                 "the archived binlog (its domain went on to "

@@ -37,9 +37,14 @@ def gtid(domain: int, seq: int, server: int = 1, standalone: bool = False
     return GTID, server, struct.pack("<QIB", seq, domain, 1 if standalone else 0) + b"\0" * 6
 
 
-def query(text: bytes) -> tuple[int, int, bytes]:
+# a format description saying its file's events end with a CRC32 (algorithm 1)
+CRC_FDE = (FDE, 1, b"\0" * 67 + b"\x01crc!")
+
+
+def query(text: bytes, crc: bool = True) -> tuple[int, int, bytes]:
     # thread id, exec time, db length, error code, status vars length; status; db; text
-    return QUERY, 1, struct.pack("<IIBHH", 7, 0, 3, 0, 0) + b"app\0" + text + b"crc!"
+    return QUERY, 1, struct.pack("<IIBHH", 7, 0, 3, 0, 0) + b"app\0" + text + (
+        b"crc!" if crc else b"")
 
 
 def binlog(*events: tuple[int, int, bytes]) -> bytes:
@@ -114,7 +119,7 @@ def files(tmp_path: Path, *datas: bytes) -> list[Path]:
 
 def test_where_a_gtids_transaction_ends(tmp_path: Path) -> None:
     rows = [event(TABLE_MAP, b"\0" * 12), event(ROWS, b"\0" * 12), event(XID, b"\0" * 12)]
-    data = binlog(event(FDE, b"\0" * 20), gtid(0, 1), *rows, gtid(0, 2, standalone=True),
+    data = binlog(CRC_FDE, gtid(0, 1), *rows, gtid(0, 2, standalone=True),
                   query(b"CREATE TABLE x (i int)"), gtid(0, 3), query(b"BEGIN"),
                   query(b"INSERT INTO m VALUES (1)"), query(b"COMMIT"), gtid(0, 4), *rows)
     at = offsets(data)
@@ -129,6 +134,24 @@ def test_where_a_gtids_transaction_ends(tmp_path: Path) -> None:
     assert "not in the archived binlog yet" in str(gtid_stop([path], 4, (0, 1, 9)))
     cut = files(tmp_path, data[:evs[13].start])  # its commit not shipped yet
     assert "commit of GTID 0-1-4 is not archived yet" in str(gtid_stop(cut, 4, (0, 1, 4)))
+    # the last transaction archived (an idle server): its COMMIT ends it, checksum or not
+    last = files(tmp_path, data[:evs[11].start])
+    assert gtid_stop(last, 4, (0, 1, 3)) == (0, evs[10].log_pos)
+    plain = binlog(event(FDE, b"\0" * 67 + b"\0crc!"), gtid(0, 3), query(b"BEGIN", crc=False),
+                   query(b"COMMIT", crc=False))
+    [path] = files(tmp_path, plain)
+    assert gtid_stop([path], 4, (0, 1, 3)) == (0, len(plain))
+    [path] = files(tmp_path, binlog(CRC_FDE, gtid(0, 3), query(b"COMMIT; DROP TABLE t")))
+    assert "not archived yet" in str(gtid_stop([path], 4, (0, 1, 3)))  # not a COMMIT
+
+
+def test_an_xa_prepare_group_ends_with_its_xa_prepare_event(tmp_path: Path) -> None:
+    prepared = (GTID, 1, struct.pack("<QIB", 5, 0, 0x41) + b"\0" * 6)  # standalone + XA
+    data = binlog(CRC_FDE, prepared, query(b"XA START X'01',X'',1"),
+                  event(TABLE_MAP, b"\0" * 12), event(ROWS, b"\0" * 12),
+                  query(b"XA END X'01',X'',1"), event(38, b"\0" * 12))
+    [path] = files(tmp_path, data)
+    assert gtid_stop([path], 4, (0, 1, 5)) == (0, len(data))
 
 
 def test_a_gtid_in_a_later_file(tmp_path: Path) -> None:
@@ -152,10 +175,11 @@ def test_hostile_bytes_are_refused_not_searched(tmp_path: Path, size: int) -> No
 def test_the_spool_scanner_reads_heads_only_and_waits_for_a_whole_event(
         tmp_path: Path) -> None:
     """EventScanner: events complete in a growing file, with their offsets, each keeping
-    only its first bytes; an event still being written waits; the budget stops a scan."""
-    from shared.formats.binlog import HEAD_KEEP, EventScanner
+    only its header (a GTID event whole), an event past the read block skipped over; an
+    event still being written waits; the budget stops a scan."""
+    from shared.formats.binlog import SCAN_BLOCK, EventScanner
 
-    big = event(ROWS, b"r" * (3 * HEAD_KEEP))
+    big = event(ROWS, b"r" * (3 * SCAN_BLOCK))
     data = binlog(event(FDE, b"\0" * 20), gtid(0, 1), big, event(XID, b"\0" * 8))
     path = tmp_path / "binlog.000001"
     scanner = EventScanner()
@@ -164,7 +188,8 @@ def test_the_spool_scanner_reads_heads_only_and_waits_for_a_whole_event(
         got, more = scanner.scan(f, 1 << 20)
     assert [e.type for e in got] == [FDE, GTID, ROWS] and more
     assert [e.at for e in got] == offsets(data)[:3]
-    assert len(got[2].data) == HEAD_KEEP and got[2].size == 19 + 3 * HEAD_KEEP
+    assert len(got[2].data) == 19 and got[2].size == 19 + 3 * SCAN_BLOCK  # its header
+    assert got[1].data == decoded(data)[1].data  # a GTID event whole (GtidRange reads it)
     path.write_bytes(data)
     with open(path, "rb") as f:
         got, more = scanner.scan(f, 1)  # one event's worth of budget at least
