@@ -63,22 +63,11 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                         "(--owner-map, PostgreSQL) or their owners and grants left out")
     r.add_argument("--database", help="a server target's backup set: restore only this "
                                       "database of it")
-    r.add_argument("--into-database", metavar="NAME",
-                   help="restore into this new database beside the live one, which is not "
-                        "touched (PostgreSQL, MySQL; SQLite: a file name next to the "
-                        "target's)")
-    r.add_argument("--into-target", metavar="TARGET",
-                   help="restore into this other target of the same engine (its "
-                        "credentials, lock and safety backup), e.g. prod -> staging")
+    _scope_options(r)
     r.add_argument("--key", action="append", metavar="PATTERN", dest="keys",
                    help="Redis: only the keys this glob pattern matches (repeat)")
-    r.add_argument("--table", action="append", metavar="SCHEMA.TABLE", dest="tables",
-                   help="only this table (repeat; PostgreSQL): every other table is left "
-                        "exactly as it is")
     r.add_argument("--schema", action="append", metavar="SCHEMA", dest="schemas",
                    help="every table of this schema the backup holds (repeat; PostgreSQL)")
-    r.add_argument("--replace", action="store_true",
-                   help="with --into-database: restore over it when it exists")
     r.add_argument("--owner-map", action="append", metavar="OLD=NEW", default=[],
                    help="with --roles map: give OLD's objects and grants to NEW (repeat)")
     r.add_argument("--terminate-connections", action="store_true",
@@ -150,17 +139,7 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                                     "postgres)")
     pt.add_argument("--no-safety-backup", action="store_true")
     pt.add_argument("--terminate-connections", action="store_true")
-    pt.add_argument("--into-database", metavar="NAME",
-                    help="restore: into this new database beside the live one, which is "
-                         "not touched")
-    pt.add_argument("--into-target", metavar="TARGET",
-                    help="restore: the target's state at T into this other target of its "
-                         "engine (e.g. prod -> staging)")
-    pt.add_argument("--table", action="append", metavar="TABLE", dest="tables",
-                    help="restore: only this table to T (repeat); the others are left as "
-                         "they are")
-    pt.add_argument("--replace", action="store_true",
-                    help="with --into-database: restore over it when it exists")
+    _scope_options(pt)
     pt.add_argument("--yes", action="store_true", help="do not ask (needed without a TTY)")
     cmd("schedules", "each target's schedule: next run, last scheduled job and its outcome")
     cmd("destinations", "where backups are stored: reachable, writable, free space (admin)")
@@ -168,6 +147,22 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         p.add_argument("--follow", action="store_true", help="show live progress")
         p.add_argument("--wait", action="store_true",
                        help="wait for the job to end (no progress shown)")
+
+
+def _scope_options(p: argparse.ArgumentParser) -> None:
+    """Where a restore goes and what of it (a backup's, or a point in time's)."""
+    p.add_argument("--into-database", metavar="NAME",
+                   help="restore into this new database beside the live one, which is not "
+                        "touched (PostgreSQL, MySQL; SQLite: a file name next to the "
+                        "target's)")
+    p.add_argument("--into-target", metavar="TARGET",
+                   help="restore into this other target of the same engine (its "
+                        "credentials, lock and safety backup), e.g. prod -> staging")
+    p.add_argument("--table", action="append", metavar="TABLE", dest="tables",
+                   help="only this table (repeat; PostgreSQL schema.table, MySQL, SQLite: "
+                        "table): every other table is left exactly as it is")
+    p.add_argument("--replace", action="store_true",
+                   help="with --into-database: restore over it when it exists")
 
 
 def confirm(args: argparse.Namespace, question: str) -> bool:

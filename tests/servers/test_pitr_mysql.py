@@ -80,6 +80,23 @@ async def archive_window(settings: Settings) -> dict[str, Any]:
     return window(archive, backups, datetime.now(UTC))
 
 
+async def window_past(api: Any, after: datetime, timeout: float = 30) -> dict[str, Any]:
+    """The API's recovery window once its end is past `after`."""
+    async def reached() -> dict[str, Any] | None:
+        w = await (await api.get("/api/v1/targets/main/recovery-window")).json()
+        return w if w["latest"] and w["latest"] >= after.isoformat()[:23] else None
+    return dict(await wait_until(reached, timeout))
+
+
+async def archive_past(settings: Settings, after: datetime, timeout: float = 30
+                       ) -> dict[str, Any]:
+    """The window read from the archive alone once its end is past `after`."""
+    async def reached() -> dict[str, Any] | None:
+        w = await archive_window(settings)
+        return w if w["latest"] and w["latest"] >= after.isoformat()[:23] else None
+    return dict(await wait_until(reached, timeout))
+
+
 async def state(redis: Redis, settings: Settings) -> dict[str, str]:
     raw = await redis.hgetall(Keys(settings.redis.prefix).pitr("main", "state"))  # type: ignore[misc]
     return {k.decode(): v.decode() for k, v in raw.items()}
@@ -146,11 +163,7 @@ async def test_binlog_is_archived_as_the_server_wrote_it_and_a_backup_is_a_base(
         for i in range(30, 60):
             server.sql(f"INSERT INTO t (i) VALUES ({i})", "app")
         last = datetime.now(UTC)
-
-        async def caught_up() -> dict[str, Any] | None:
-            w = await archive_window(settings)
-            return w if w["latest"] and w["latest"] >= last.isoformat()[:23] else None
-        w = await wait_until(caught_up, 30)
+        w = await archive_past(settings, last, 30)
         got = await (await api.get("/api/v1/targets/main/recovery-window")).json()
         assert not (await state(redis, settings)).get("error")
     facts = manifest["binlog"]
@@ -192,11 +205,7 @@ async def test_one_streamer_and_a_killed_ones_successor_leaves_no_gap(
         last = datetime.now(UTC)
         for i in range(51, 60):
             server.sql(f"INSERT INTO t (i) VALUES ({i})", "app")
-
-        async def caught_up() -> dict[str, Any] | None:
-            w = await archive_window(settings)
-            return w if w["latest"] and w["latest"] >= last.isoformat()[:23] else None
-        w = await wait_until(caught_up, 30)
+        w = await archive_past(settings, last, 30)
     assert w["gaps"] == [], w
     held = archived_bytes(tmp_path)
     assert held[1] == server_file(server, 1)
@@ -267,11 +276,7 @@ async def test_restore_to_an_instant_between_two_commits(
         assert 0 < len(expected) < len(rows)
         server.sql("DROP TABLE t", "app")  # the incident
         after = datetime.now(UTC)
-
-        async def caught_up() -> bool:
-            w = await (await api.get("/api/v1/targets/main/recovery-window")).json()
-            return bool(w["latest"] and w["latest"] >= after.isoformat()[:23])
-        await wait_until(caught_up, 30)
+        await window_past(api, after, 30)
         when = datetime.fromtimestamp(second, UTC).isoformat().replace("+00:00", "Z")
         job = await (await api.post("/api/v1/targets/main/restores?wait=180", json={
             "point_in_time": when})).json()
@@ -299,11 +304,7 @@ async def test_a_drill_recovers_a_random_instant_in_scratch(
         for i in range(20):
             server.sql(f"INSERT INTO t (i) VALUES ({i})", "app")
         after = datetime.now(UTC)
-
-        async def caught_up() -> bool:
-            w = await (await api.get("/api/v1/targets/main/recovery-window")).json()
-            return bool(w["latest"] and w["latest"] >= after.isoformat()[:23])
-        await wait_until(caught_up, 30)
+        await window_past(api, after, 30)
         job = await (await api.post("/api/v1/targets/main/verify?wait=180", json={
             "point_in_time": "random"})).json()
         assert job["status"] == "succeeded", job.get("error")
@@ -345,11 +346,7 @@ async def test_lagging_binlog_is_alarmed(server: Server, prefix: str, tmp_path: 
         alerts = await wait_until(lagging, 60)
         archive.unlink()
         away.rename(archive)
-
-        async def caught_up() -> dict[str, Any] | None:
-            w = await archive_window(settings)
-            return w if w["latest"] and w["latest"] >= during.isoformat()[:23] else None
-        w = await wait_until(caught_up, 60)
+        w = await archive_past(settings, during, 60)
     assert w["gaps"] == [] and len(await lagging()) == 1
     assert "MiB of binlog" in str(alerts[0]["detail"])
 
@@ -371,11 +368,7 @@ async def test_restore_up_to_a_binlog_position_beside_the_live_database(
         server.sql("DROP TABLE t", "app")  # the incident starts at `pos`
         server.sql("CREATE TABLE t (i int PRIMARY KEY, at datetime(6))", "app")
         after = datetime.now(UTC)
-
-        async def caught_up() -> bool:
-            w = await (await api.get("/api/v1/targets/main/recovery-window")).json()
-            return bool(w["latest"] and w["latest"] >= after.isoformat()[:23])
-        await wait_until(caught_up, 30)
+        await window_past(api, after, 30)
         job = await (await api.post("/api/v1/targets/main/restores?wait=180", json={
             "point_in_time": f"{file}:{pos}", "into_database": "app_before"})).json()
         for bad in (f"{file}:3", "binlog.000099:100", "binlog.1:4"):
@@ -481,11 +474,7 @@ async def test_restore_through_a_gtid_and_a_gtid_domain_change_is_shown(
         server.sql("CREATE TABLE t (i int PRIMARY KEY, at datetime(6))", "app")
         server.sql("SET SESSION gtid_domain_id = 5; INSERT INTO t (i) VALUES (99)", "app")
         after = datetime.now(UTC)
-
-        async def caught_up() -> dict[str, Any] | None:
-            w = await (await api.get("/api/v1/targets/main/recovery-window")).json()
-            return w if w["latest"] and w["latest"] >= after.isoformat()[:23] else None
-        w = await wait_until(caught_up, 30)
+        w = await window_past(api, after, 30)
         said = await state(redis, settings)
         job = await (await api.post("/api/v1/targets/main/restores?wait=180", json={
             "point_in_time": f"gtid:{good}", "into_database": "app_before"})).json()
@@ -523,12 +512,6 @@ async def test_restore_to_an_instant_over_the_live_database_twice_then_one_table
     def fingerprint() -> str:
         return server.sql("SELECT i FROM t ORDER BY i; SELECT k, v FROM u ORDER BY k", "app")
 
-    async def caught_up(after: datetime) -> None:
-        async def done() -> bool:
-            w = await (await api.get("/api/v1/targets/main/recovery-window")).json()
-            return bool(w["latest"] and w["latest"] >= after.isoformat()[:23])
-        await wait_until(done, 30)
-
     async def restore(**body: Any) -> dict[str, Any]:
         job = await (await api.post("/api/v1/targets/main/restores?wait=180", json=body)
                      ).json()
@@ -548,7 +531,7 @@ async def test_restore_to_an_instant_over_the_live_database_twice_then_one_table
         when = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
         await asyncio.sleep(1.1)
         server.sql("DELETE FROM t WHERE i < 10; UPDATE u SET v = 'damaged'", "app")
-        await caught_up(datetime.now(UTC))
+        await window_past(api, datetime.now(UTC))
         point = when.isoformat().replace("+00:00", "Z")
         first = await restore(point_in_time=point)
         assert fingerprint() == at_t and first["safety_backup"]
@@ -556,7 +539,7 @@ async def test_restore_to_an_instant_over_the_live_database_twice_then_one_table
         assert fingerprint() == at_t and second["safety_backup"] != first["safety_backup"]
         server.sql("INSERT INTO t (i) VALUES (500); INSERT INTO u VALUES (500, 'later')",
                    "app")
-        await caught_up(datetime.now(UTC))
+        await window_past(api, datetime.now(UTC))
         scoped = await restore(point_in_time=point, tables=["t"])
     assert scoped["safety_backup"]
     assert server.sql("SELECT GROUP_CONCAT(i ORDER BY i) FROM t", "app") == \
@@ -584,11 +567,7 @@ async def test_big_events_and_small_parts_are_archived_byte_for_byte(
             server.sql(f"INSERT INTO t (i) SELECT seq FROM seq_{n * 20000 + 1}_to_"
                        f"{(n + 1) * 20000}", "app")
         last = datetime.now(UTC)
-
-        async def caught_up() -> dict[str, Any] | None:
-            w = await archive_window(settings)
-            return w if w["latest"] and w["latest"] >= last.isoformat()[:23] else None
-        w = await wait_until(caught_up, 60)
+        w = await archive_past(settings, last, 60)
     assert w["gaps"] == [], w
     held = archived_bytes(tmp_path)
     assert server_file(server, 1).startswith(held[1]) and len(held[1]) > 12 << 20
@@ -616,11 +595,7 @@ async def test_restore_to_an_instant_into_another_target(
         file, pos = server.sql("SHOW MASTER STATUS").split()[:2]
         server.sql("DELETE FROM t WHERE i < 5", "app")
         after = datetime.now(UTC)
-
-        async def caught_up() -> bool:
-            w = await (await api.get("/api/v1/targets/main/recovery-window")).json()
-            return bool(w["latest"] and w["latest"] >= after.isoformat()[:23])
-        await wait_until(caught_up, 30)
+        await window_past(api, after, 30)
         live = server.sql("SELECT GROUP_CONCAT(i ORDER BY i) FROM t", "app")
         job = await (await api.post("/api/v1/targets/main/restores?wait=180", json={
             "point_in_time": f"{file}:{pos}", "into_target": "staging"})).json()
