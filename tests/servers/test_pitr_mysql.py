@@ -97,6 +97,15 @@ async def archive_past(settings: Settings, after: datetime, timeout: float = 30
     return dict(await wait_until(reached, timeout))
 
 
+async def a_base_once_streaming(api: Any, redis: Redis, settings: Settings
+                                ) -> dict[str, Any]:
+    """Once the binlog streams: a backup taken (a base); its job."""
+    await wait_until(lambda: is_streaming(redis, settings))
+    job = await (await api.post("/api/v1/targets/main/backups?wait=60")).json()
+    assert job["status"] == "succeeded", job.get("error")
+    return dict(job)
+
+
 async def state(redis: Redis, settings: Settings) -> dict[str, str]:
     raw = await redis.hgetall(Keys(settings.redis.prefix).pitr("main", "state"))  # type: ignore[misc]
     return {k.decode(): v.decode() for k, v in raw.items()}
@@ -257,9 +266,7 @@ async def test_restore_to_an_instant_between_two_commits(
     server; the other database's TRUNCATE is left out of the replay (said), the live
     server's other database untouched; a safety backup first."""
     async with streaming(settings, redis):
-        await wait_until(lambda: is_streaming(redis, settings))
-        job = await (await api.post("/api/v1/targets/main/backups?wait=60")).json()
-        assert job["status"] == "succeeded", job.get("error")
+        job = await a_base_once_streaming(api, redis, settings)
         deadline, i = time.monotonic() + 3.5, 0
         while time.monotonic() < deadline:
             server.sql(f"INSERT INTO t (i) VALUES ({i})", "app")
@@ -298,9 +305,7 @@ async def test_a_drill_recovers_a_random_instant_in_scratch(
     server), dumped, that dump restored into a scratch database and its counts compared;
     the RTO is recorded and the base shows its last drill; nothing of the drill stays."""
     async with streaming(settings, redis):
-        await wait_until(lambda: is_streaming(redis, settings))
-        job = await (await api.post("/api/v1/targets/main/backups?wait=60")).json()
-        assert job["status"] == "succeeded", job.get("error")
+        job = await a_base_once_streaming(api, redis, settings)
         for i in range(20):
             server.sql(f"INSERT INTO t (i) VALUES ({i})", "app")
         after = datetime.now(UTC)
@@ -359,9 +364,7 @@ async def test_restore_up_to_a_binlog_position_beside_the_live_database(
     Positions outside the archived binlog are refused before any job."""
     server.sql("GRANT ALL ON app_before.* TO rep@'%'")
     async with streaming(settings, redis):
-        await wait_until(lambda: is_streaming(redis, settings))
-        job = await (await api.post("/api/v1/targets/main/backups?wait=60")).json()
-        assert job["status"] == "succeeded", job.get("error")
+        job = await a_base_once_streaming(api, redis, settings)
         for i in range(30):
             server.sql(f"INSERT INTO t (i) VALUES ({i})", "app")
         file, pos = server.sql("SHOW MASTER STATUS").split()[:2]
@@ -464,9 +467,7 @@ async def test_restore_through_a_gtid_and_a_gtid_domain_change_is_shown(
     one before every base, a list or junk are refused before any job."""
     server.sql("GRANT ALL ON app_before.* TO rep@'%'")
     async with streaming(settings, redis):
-        await wait_until(lambda: is_streaming(redis, settings))
-        job = await (await api.post("/api/v1/targets/main/backups?wait=60")).json()
-        assert job["status"] == "succeeded", job.get("error")
+        job = await a_base_once_streaming(api, redis, settings)
         for i in range(30):
             server.sql(f"INSERT INTO t (i) VALUES ({i})", "app")
         good = server.sql("SELECT @@gtid_binlog_pos")  # the 30th insert's GTID
@@ -519,9 +520,7 @@ async def test_restore_to_an_instant_over_the_live_database_twice_then_one_table
         return dict(job["result"])
 
     async with streaming(settings, redis):
-        await wait_until(lambda: is_streaming(redis, settings))
-        job = await (await api.post("/api/v1/targets/main/backups?wait=60")).json()
-        assert job["status"] == "succeeded", job.get("error")
+        await a_base_once_streaming(api, redis, settings)
         await asyncio.sleep(1.1)  # T (whole seconds) after the base's snapshot
         for i in range(20):
             server.sql(f"INSERT INTO t (i) VALUES ({i}); INSERT INTO u VALUES ({i}, 'v{i}')",
@@ -586,9 +585,7 @@ async def test_restore_to_an_instant_into_another_target(
     server.sql("CREATE TABLE t (i int PRIMARY KEY, at datetime(6)); INSERT INTO t (i) "
                "VALUES (-1)", "staging")
     async with streaming(settings, redis):
-        await wait_until(lambda: is_streaming(redis, settings))
-        job = await (await api.post("/api/v1/targets/main/backups?wait=60")).json()
-        assert job["status"] == "succeeded", job.get("error")
+        job = await a_base_once_streaming(api, redis, settings)
         for i in range(10):
             server.sql(f"INSERT INTO t (i) VALUES ({i})", "app")
         at_t = server.sql("SELECT GROUP_CONCAT(i ORDER BY i) FROM t", "app")
@@ -622,9 +619,7 @@ async def test_an_idle_servers_window_goes_on_to_now(
     quiet time after the last write restores."""
     server.sql("GRANT ALL ON app_quiet.* TO rep@'%'")
     async with streaming(settings, redis):
-        await wait_until(lambda: is_streaming(redis, settings))
-        job = await (await api.post("/api/v1/targets/main/backups?wait=60")).json()
-        assert job["status"] == "succeeded", job.get("error")
+        job = await a_base_once_streaming(api, redis, settings)
         for i in range(5):
             server.sql(f"INSERT INTO t (i) VALUES ({i})", "app")
         quiet = datetime.now(UTC) + timedelta(seconds=1.5)
