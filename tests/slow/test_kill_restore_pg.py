@@ -32,6 +32,18 @@ INSERT INTO slow SELECT g FROM generate_series(1, 1000) g;
 CREATE INDEX slow_ix ON slow (slow_key(id));
 """
 
+# an event trigger that sleeps after an ALTER TABLE … ADD CONSTRAINT … FOREIGN KEY (a
+# superuser's, made after the backup): the "foreign keys put back" point is always there
+# to be caught, even when the check of a thousand rows takes a millisecond
+SLOW_FOREIGN_KEY = """
+CREATE FUNCTION slow_fk() RETURNS event_trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_query() LIKE '%ADD CONSTRAINT%FOREIGN KEY%' THEN PERFORM pg_sleep(2); END IF;
+END $$;
+CREATE EVENT TRIGGER slow_fk ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION slow_fk();
+"""
+
 # where to kill: a predicate over the restore backend's pg_stat_activity row
 KILL_POINTS = {
     "between statements": lambda state, query: state == "idle in transaction",
@@ -137,6 +149,11 @@ async def test_sigkill_worker_during_a_one_table_restore_leaves_every_table_as_i
     conn = await pg.user_conn(pg_db)
     await conn.execute("UPDATE big SET n = 0 WHERE id % 7 = 0; DELETE FROM child WHERE id > 900")
     await conn.close()
+    admin = await pg.admin_conn(pg_db)
+    try:  # the foreign key's ADD CONSTRAINT lasts ~2 s whatever the machine's speed
+        await admin.execute(SLOW_FOREIGN_KEY)
+    finally:
+        await admin.close()
     damaged = await pg.fingerprint(pg_db)
     points = {"mid-COPY": lambda state, query: state == "active"  # the COPY Safehold writes
               and query.startswith('COPY "public"."big"'),
