@@ -255,8 +255,7 @@ class Operations:
         out = []
         for tid in caller.principal.targets_visible(list(s.settings.targets)):
             t = s.settings.targets[tid]
-            state = {k.decode(): v.decode() for k, v in
-                     (await rcmd.hgetall(s.redis, s.keys.schedule(tid))).items()}
+            state = await rcmd.hgetall_text(s.redis, s.keys.schedule(tid))
             entry: dict[str, object] = {
                 "target": tid, "schedule": t.schedule or None, "timezone": t.timezone,
                 "catch_up": t.catch_up, "retention": t.retention.public(),

@@ -25,8 +25,7 @@ async def window_of(s: Services, target: TargetConfig) -> dict[str, object]:
         raise Conflict(f"target '{target.id}' has no point-in-time recovery (set "
                        f"[targets.{target.id}.pitr] enabled = true)", code="pitr_not_enabled")
     listing, unavailable = await s.catalog.listing(target.id + naming.PITR_SUFFIX)
-    state = {k.decode(): v.decode() for k, v in (await rcmd.hgetall(
-        s.redis, s.keys.pitr(target.id, "state"))).items()}
+    state = await rcmd.hgetall_text(s.redis, s.keys.pitr(target.id, "state"))
     streaming: dict[str, object] = {k: state.get(k) or None for k in STREAMING_KEYS}
     if target.engine == "mysql":  # binlog: positions file:offset, the bases its backups
         backups, missing = await s.catalog.listing(target.id)

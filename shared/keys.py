@@ -97,5 +97,5 @@ class Keys:
 
     def pitr(self, target: str, what: str) -> str:
         """A target's WAL archive: `lease` (the streaming worker), `fence` (the lease's
-        counter), `state` (what the streamer does now)."""
+        counter), `state` (what the streamer does now), `gaps_said` (every gap alerted)."""
         return f"{self.prefix}:pitr:{target}:{what}"

@@ -16,6 +16,13 @@ async def hgetall(r: Redis, key: str) -> dict[bytes, bytes]:
     return await cast("Awaitable[dict[bytes, bytes]]", r.hgetall(key))
 
 
+async def hgetall_text(r: Redis, key: str) -> dict[str, str]:
+    """A hash whose fields and values Safehold wrote as text, decoded (a byte that is not
+    UTF-8, which Safehold never writes, shows as U+FFFD rather than failing the reader)."""
+    return {k.decode(errors="replace"): v.decode(errors="replace")
+            for k, v in (await hgetall(r, key)).items()}
+
+
 async def hget(r: Redis, key: str, field: str) -> bytes | None:
     return await cast("Awaitable[bytes | None]", r.hget(key, field))
 
@@ -41,6 +48,10 @@ async def hdel(r: Redis, key: str, *fields: str) -> int:
 
 async def smembers(r: Redis, key: str) -> set[bytes]:
     return await cast("Awaitable[set[bytes]]", r.smembers(key))
+
+
+async def sadd(r: Redis, key: str, *values: Value) -> int:
+    return await cast("Awaitable[int]", r.sadd(key, *values))
 
 
 async def srem(r: Redis, key: str, *values: Value) -> int:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import aiomysql
 
-from shared import naming, scratch
+from shared import naming, rcmd, scratch
 from shared.binlog_window import BinlogPiece, pieces, runs
 from shared.binlog_window import base as binlog_base
 from shared.errors import PipelineError, SafeholdError
@@ -130,9 +130,9 @@ class BinlogStreamer(Streamer):
         newest = max(mine, key=lambda p: (p.created_at, p.end), default=None)
         files = await my_pitr.server_files(conn, facts.basename)
         now_at = await my_pitr.server_position(conn)
-        state: dict[bytes, bytes] = {}  # what this target's streamer last said
+        state: dict[str, str] = {}  # what this target's streamer last said
         with contextlib.suppress(Exception):
-            state = await self.redis.hgetall(self.keys.pitr(self.target.id, "state"))  # type: ignore[misc]
+            state = await rcmd.hgetall_text(self.redis, self.keys.pitr(self.target.id, "state"))
         if not files or now_at is None:
             raise PipelineError("the server lists no binlog files", code="pitr_not_ready")
         oldest, current = min(files), now_at >> 32
@@ -156,7 +156,7 @@ class BinlogStreamer(Streamer):
                     f"{facts.basename}.{current:06d}", None, position(current, 0))
             return Position(current, 0, identity=f"{prefix}{int(time.time())}")
         number, offset = end >> 32, end & 0xFFFFFFFF
-        reset = state.get(b"reset_of", b"").decode(errors="replace") == identity  # said before
+        reset = state.get("reset_of", "") == identity  # said before
         if offset == 0 and newest is not None and number - 1 in files:
             # a complete file archived: the server's file of that number must be it still
             held = max((p.hi for p in mine if p.identity == identity
@@ -177,10 +177,10 @@ class BinlogStreamer(Streamer):
                         created=shipped.created if purged else {})
 
     @staticmethod
-    def _said_end(state: dict[bytes, bytes], prefix: str) -> tuple[str, int] | None:
+    def _said_end(state: dict[str, str], prefix: str) -> tuple[str, int] | None:
         """The identity and archive end this target's streamer last said it shipped."""
-        identity = state.get(b"identity", b"").decode(errors="replace")
-        end = parse_position(state.get(b"shipped_lsn", b"").decode(errors="replace"))
+        identity = state.get("identity", "")
+        end = parse_position(state.get("shipped_lsn", ""))
         if identity.startswith(prefix) and end is not None and end > 0:
             return identity, end
         return None
@@ -366,6 +366,13 @@ class BinlogStreamer(Streamer):
             **seen.facts(), **({"gtid_changes": changes} if changes else {})}
         if lo == 0 and shipped.previous_end is not None:
             facts_doc["previous_end"] = shipped.previous_end
+        for change in changes:  # a course change, not a hole: said (before the shipment
+            # that holds it: a streamer dying between the two leaves its successor to
+            # find it again, and say nothing more), the archive goes on
+            await self._gap_alert(f"binlog {facts.basename}.{number:06d} at byte "
+                                  f"{change['at'].split(':')[1]}: {change['why']}",
+                                  {"from": change["at"], "to": change["at"],
+                                   "continuous": True})
         await self._put("binlogpart", f"{number:08X}_{lo:08X}-{hi:08X}", region.chunks(),
                         facts_doc)
         shipped.offset, shipped.complete = hi, complete
@@ -373,11 +380,6 @@ class BinlogStreamer(Streamer):
             shipped.covers_until = covers
         shipped.gtids = seen.known
         sf.gtids.merge(seen)  # (the whole file's object says them all again)
-        for change in changes:  # a course change, not a hole: said, the archive goes on
-            await self._gap_alert(f"binlog {facts.basename}.{number:06d} at byte "
-                                  f"{change['at'].split(':')[1]}: {change['why']}",
-                                  {"from": change["at"], "to": change["at"],
-                                   "continuous": True})
 
     def _binlog_covered(self, end: int) -> datetime | None:
         found = None

@@ -234,12 +234,14 @@ class Streamer:
 
     async def _gap_alert(self, why: str, data: dict[str, object]) -> None:
         """pitr.gap, said once: a streamer restarting before it shipped anything finds
-        the same gap again and says nothing more."""
+        the same gap again and says nothing more. Every gap said is kept (a set: gaps
+        are rare, and each one's words name where it is), so a course change said
+        before the shipment that holds it, by a streamer that then died, is not said
+        twice by its successor, nor lost if it were said after."""
         log.warning("pitr %s: gap: %s", self.target.id, why)
         with contextlib.suppress(RedisError, OSError):
-            said = await rcmd.hget(self.redis, self.keys.pitr(self.target.id, "state"),
-                                   "last_gap")
-            if said is not None and said.decode() == why:
+            if not await rcmd.sadd(self.redis, self.keys.pitr(self.target.id, "gaps_said"),
+                                   why):
                 return
         await self.state(last_gap=why, last_gap_at=_iso(datetime.now(UTC)))
         await self._alert("pitr.gap", f"point-in-time archive of {self.target.id}: {why}",

@@ -83,8 +83,7 @@ class Scheduler:
         delay = schedules.jitter(target.id, target.schedule_jitter)
         key = self.keys.schedule(target.id)
         await rcmd.hsetnx(self.redis, key, f"{field}first_seen", now.isoformat())
-        state = {k.decode(): v.decode() for k, v in
-                 (await rcmd.hgetall(self.redis, key)).items()}
+        state = await rcmd.hgetall_text(self.redis, key)
         slot = schedules.latest_due(expr, tz, now, delay)
         if slot is None:
             return None
@@ -124,8 +123,7 @@ class Scheduler:
         business-hours schedule does not alert over its quiet days. A success clears it."""
         tz = schedules.zone(target.timezone, "timezone")
         key = self.keys.schedule(target.id)
-        state = {k.decode(): v.decode() for k, v in
-                 (await rcmd.hgetall(self.redis, key)).items()}
+        state = await rcmd.hgetall_text(self.redis, key)
         since = state.get("last_success") or state.get("first_seen")
         if not since or state.get("missed_alerted"):
             return

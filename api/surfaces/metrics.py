@@ -157,8 +157,7 @@ async def _pitr_families(s: Services, visible: list[str]) -> list[Metric]:
         pitr = s.settings.targets[tid].pitr
         if pitr is None or not pitr.enabled:
             continue
-        state = {k.decode(): v.decode() for k, v in
-                 (await rcmd.hgetall(s.redis, s.keys.pitr(tid, "state"))).items()}
+        state = await rcmd.hgetall_text(s.redis, s.keys.pitr(tid, "state"))
         if at := _when(state.get("covers_until")):
             lag.add_metric([tid], max(0.0, (now - at).total_seconds()))
         if state.get("slot_bytes", "").isdigit():

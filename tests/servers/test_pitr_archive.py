@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from shared.audit import AuditLog
 from shared.config import Settings, parse_settings
 from shared.errors import EngineError
 from shared.keys import Keys
@@ -198,8 +199,6 @@ async def test_a_dropped_slot_is_a_gap_shown_and_notified(
         w = await wait_until(two_runs, 20)
     assert "safehold_main" in said["last_gap"]
     assert w["gaps"][0]["why"] == "WAL missing from the archive"
-    from shared.audit import AuditLog
-
     audited = await AuditLog(redis, Keys(prefix)).query(action="pitr.gap")
     assert audited and "safehold_main" in str(audited[0]["detail"]), audited
 
@@ -340,8 +339,6 @@ async def test_the_archive_down_raises_lagging_says_why_and_catches_up_with_no_g
     than lag_alarm_mb a pitr.lagging alert is notified and audited (once, though the
     streamer restarts meanwhile); back, it catches up: a commit made during the outage is
     inside the window, with no gap."""
-    from shared.audit import AuditLog
-
     settings = pitr_settings(prefix, tmp_path, cluster, lag_alarm_mb=16)
     archive = tmp_path / "backups" / "main.pitr"
     async with streaming(settings, redis):
@@ -411,8 +408,6 @@ async def test_a_server_replaced_at_the_same_address_starts_a_new_archive(
     """A new cluster (initdb'd, another system identifier) where the target's server was:
     its LSNs overlap the old archive's but are another history. A gap that says so,
     notified and audited; the window is the new server's, opened by a new base at once."""
-    from shared.audit import AuditLog
-
     settings = pitr_settings(prefix, tmp_path, cluster)
     async with streaming(settings, redis):
         async def opened() -> dict[str, Any] | None:
@@ -453,3 +448,38 @@ async def test_disabling_pitr_drops_the_slot_and_the_archive_stays(
             return cluster.psql(slots) == ""
         await wait_until(dropped, 20)
     assert (await archive_window(settings))["wal"] is not None
+
+
+async def test_each_gap_is_said_once_whichever_streamer_finds_it_again(
+        prefix: str, redis: Redis, tmp_path: Path) -> None:
+    """A gap or course change is alerted before the shipment that holds it is stored: a
+    successor of a streamer that died between the two finds it again, and says nothing
+    more — nor for an earlier gap it finds again after a later one was said."""
+    from tests.memstore import MemoryStore
+    from worker.pitr import Lease, Streamer
+
+    settings = parse_settings({
+        "storage": {"path": str(tmp_path)}, "redis": {"prefix": prefix},
+        "targets": {"main": {"engine": "postgresql", "url": "postgresql://u@h/db",
+                             "pitr": {"enabled": True}}}},
+        {}, base=tmp_path, source="<t>")
+    keys = Keys(prefix)
+
+    def streamer(worker: str) -> Streamer:
+        return Streamer(settings, settings.targets["main"], redis, keys,
+                        Catalog(settings, stores={"local": MemoryStore()}),
+                        Notifier(settings), Lease(redis, keys, "main", worker))
+
+    first, successor = streamer("w1"), streamer("w2")
+    await first._gap_alert("binlog b.000003 at byte 400: GTID domain 5 begins", {})
+    await first._gap_alert("binlog b.000003 at byte 900: GTID domain 6 begins", {})
+    for why in ("binlog b.000003 at byte 400: GTID domain 5 begins",
+                "binlog b.000003 at byte 900: GTID domain 6 begins"):
+        await successor._gap_alert(why, {})
+    await successor._gap_alert("binlog b.000007 from byte 4 is gone from the server", {})
+    audited = await AuditLog(redis, keys).query(action="pitr.gap")
+    assert sorted(str(a["detail"]).rsplit(": ", 1)[-1] for a in audited) == [
+        "GTID domain 5 begins", "GTID domain 6 begins",
+        "binlog b.000007 from byte 4 is gone from the server"], audited
+    said = await state(redis, settings)
+    assert said["last_gap"] == "binlog b.000007 from byte 4 is gone from the server", said

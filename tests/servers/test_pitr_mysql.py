@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from shared.audit import AuditLog
 from shared.binlog_window import window
 from shared.config import Settings, parse_settings
 from shared.errors import EngineError
@@ -252,8 +253,6 @@ async def test_a_binlog_purged_before_it_was_archived_is_a_gap_shown_and_notifie
         w = await wait_until(two_stretches, 20)
     assert "binlog.000001" in said["last_gap"]
     assert "replaced" in w["gaps"][0]["why"] or "purged" in w["gaps"][0]["why"], w["gaps"]
-    from shared.audit import AuditLog
-
     audited = await AuditLog(redis, Keys(prefix)).query(action="pitr.gap")
     assert audited, "the gap is audited"
 
@@ -329,8 +328,6 @@ async def test_lagging_binlog_is_alarmed(server: Server, prefix: str, tmp_path: 
     """The archive cannot be written (its directory replaced by a file) while the server
     writes 20 MiB of binlog: pitr.lagging is notified and audited once; back, it catches
     up with no gap."""
-    from shared.audit import AuditLog
-
     settings = pitr_settings(prefix, tmp_path, server, lag_alarm_mb=16)
     archive = tmp_path / "backups" / "main.pitr"
     async with streaming(settings, redis):
@@ -499,6 +496,8 @@ async def test_restore_through_a_gtid_and_a_gtid_domain_change_is_shown(
     assert not [g for g in w["gaps"] if not g["continuous"]], w["gaps"]
     assert w["gtid"]["to"].startswith(f"{domain}-{server_id}-") and ",5-1-" in w["gtid"]["to"]
     assert "GTID domain 5 begins" in said.get("last_gap", ""), said
+    audited = await AuditLog(redis, Keys(settings.redis.prefix)).query(action="pitr.gap")
+    assert len(audited) == 1 and "GTID domain 5" in str(audited[0]["detail"]), audited
     assert w["earliest"] and w["bases"][0]["usable"]
 
 

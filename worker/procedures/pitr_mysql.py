@@ -89,9 +89,8 @@ class BinlogPitr(Restores):
                                     code="outside_window")
             [(domain, (server, seq))] = one.items()
             gtid = (domain, server, seq)
-        state = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (
-            await rcmd.hgetall(self.store.redis, self.store.keys.pitr(target.id, "state"))
-        ).items()}
+        state = await rcmd.hgetall_text(self.store.redis,
+                                        self.store.keys.pitr(target.id, "state"))
         plan = choose(await self.catalog.list_backups(archive),
                       await self.catalog.list_backups(target.id),
                       None if asked in ("latest", "random") or stop is not None
