@@ -426,3 +426,39 @@ async def test_a_dump_whose_connection_is_killed_fails_and_keeps_nothing(
     listed = (await (await api.get("/api/v1/targets/main/backups")).json())["backups"]
     assert listed == []
     assert [p for p in storage_dir.rglob("*") if p.is_file()] == []
+
+
+async def test_a_user_that_may_create_the_scratch_database_but_not_fill_it_is_told_the_grant(
+        prefix: str, tmp_path: Path, my_db: str) -> None:
+    """CREATE and DROP on `safehold\\_drill\\_%` let the drill make its database, but a
+    dump's load also locks tables and writes rows: proven before the load, the drill is
+    `drill_unavailable` (not run: the backup is not called bad) with the exact grant, and
+    the scratch database is gone."""
+    import uuid
+
+    from shared.config import parse_settings
+    from shared.errors import EngineError
+    from tests.conftest import make_raw_config
+
+    user = f"sh_drill_{uuid.uuid4().hex[:8]}"
+    conn = await my.admin()
+    try:
+        await my.execute(conn, f"CREATE USER '{user}'@'%' IDENTIFIED BY 'pw-{user}'",
+                         f"GRANT ALL ON `{my_db}`.* TO '{user}'@'%'",
+                         f"GRANT CREATE, DROP ON `safehold\\_drill\\_%`.* TO '{user}'@'%'")
+        raw = make_raw_config(prefix, tmp_path / "backups", None)
+        raw["targets"] = {"main": {"engine": "mysql", "password_env": PW_ENV,
+                                   "url": f"mysql://{user}@{my.HOST}:{my.PORT}/{my_db}"}}
+        target = parse_settings(raw, {PW_ENV: f"pw-{user}"}, base=tmp_path,
+                                source="<test>").targets["main"]
+        with pytest.raises(EngineError) as caught:
+            async with MySQLDrill().scratch(target):
+                pytest.fail("the load would have been tried")
+        assert caught.value.code == "drill_unavailable"
+        assert f"GRANT ALL ON `safehold\\_drill\\_%`.* TO `{user}`@`%`" in \
+            caught.value.message, caught.value.message
+        left = await my.execute(conn, "SHOW DATABASES LIKE 'safehold\\_drill\\_%'")
+        assert left == [()], left
+    finally:
+        await my.execute(conn, f"DROP USER IF EXISTS '{user}'@'%'")
+        conn.close()

@@ -152,6 +152,8 @@ async def test_what_the_server_must_allow_is_named(server: Server, tmp_path: Pat
         await my_pitr.preflight(settings.targets["main"])
     said = caught.value.message
     assert "binlog_format = 'ROW'" in said and "REPLICATION SLAVE, BINLOG MONITOR" in said
+    # the exact statement: the account it logged in as, pasted as is
+    assert "GRANT REPLICATION SLAVE, BINLOG MONITOR ON *.* TO `weak`@`%`" in said, said
     assert caught.value.code == "pitr_not_ready"
     raw["targets"]["main"]["pitr"] = {"enabled": True, "slot": "x"}
     with pytest.raises(Exception, match="belong to PostgreSQL"):

@@ -117,3 +117,16 @@ async def query(conn: aiomysql.Connection, sql: str, *args: Any
     async with conn.cursor() as cur:
         await cur.execute(sql, args or None)
         return list(await cur.fetchall())
+
+
+def text_of(value: object) -> str:
+    """A value of a result row as text (the server sends some as bytes)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes | bytearray) \
+        else str(value if value is not None else "")
+
+
+async def current_account(conn: aiomysql.Connection) -> str:
+    """The account the connection logged in as, quoted as a GRANT names it: `app`@`%`."""
+    (current,), = await query(conn, "SELECT CURRENT_USER()")
+    user, _, host = text_of(current).rpartition("@")
+    return f"{quote(user)}@{quote(host)}"

@@ -3,6 +3,7 @@ passes (`InsertRows`), the scratch database a drill restores into (events left o
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +16,14 @@ import pymysql
 from shared.config import TargetConfig
 from shared.errors import EngineError
 from worker.engines import Drill, drill_name, stale_drills
-from worker.engines.my_connection import conn_params, connect, query, quote, unquote_name
+from worker.engines.my_connection import (
+    conn_params,
+    connect,
+    current_account,
+    query,
+    quote,
+    unquote_name,
+)
 
 
 class InsertRows:
@@ -179,16 +187,35 @@ class MySQLDrill(Drill):
 
     @asynccontextmanager
     async def scratch(self, target: TargetConfig) -> AsyncIterator[TargetConfig]:
+        """A scratch database the target's user may load a dump into: created, then proven
+        with what every dump's load does (a table made, keys disabled, locked, a row
+        written, dropped). A user that may create it but not fill it would otherwise fail
+        the load, and the drill would call a good backup bad: it is `drill_unavailable`
+        (not run), with the exact grant."""
         name = drill_name()
         self.last_scratch = f"database {name}"
         async with connect(target) as conn:
+            fix = f"GRANT ALL ON `safehold\\_drill\\_%`.* TO {await current_account(conn)}"
             try:
                 await query(conn, f"CREATE DATABASE {quote(name)}")
             except pymysql.err.MySQLError as exc:
                 raise EngineError(
-                    f"the drill could not create a scratch database ({exc.args[-1]}); grant "
-                    f"CREATE and DROP on `safehold_drill_%`.* to {conn_params(target)['user']}",
+                    f"the drill could not create a scratch database ({exc.args[-1]}): {fix}",
                     code="drill_unavailable") from None
+            probe = f"{quote(name)}.`safehold_probe`"
+            try:
+                for sql in (f"CREATE TABLE {probe} (i int, KEY k (i))",
+                            f"ALTER TABLE {probe} DISABLE KEYS", f"LOCK TABLES {probe} WRITE",
+                            f"INSERT INTO {probe} VALUES (1)", "UNLOCK TABLES",
+                            f"DROP TABLE {probe}"):
+                    await query(conn, sql)
+            except pymysql.err.MySQLError as exc:
+                with contextlib.suppress(pymysql.err.MySQLError):  # (may lack DROP too)
+                    await query(conn, "UNLOCK TABLES")
+                    await query(conn, f"DROP DATABASE IF EXISTS {quote(name)}")
+                raise EngineError(
+                    f"the drill may create its scratch database but not load a dump into "
+                    f"it ({exc.args[-1]}): {fix}", code="drill_unavailable") from None
         u = urlsplit(target.url)
         try:
             yield replace(target, url=u._replace(path=f"/{name}").geturl())

@@ -21,10 +21,11 @@ from shared.formats.binlog import file_parts, position
 from worker.engines.my_connection import (
     conn_params,
     connect,
+    current_account,
     defaults_file,
     find_tool,
-    option_value,
     query,
+    text_of,
 )
 from worker.subproc import Child, spawn
 
@@ -46,24 +47,21 @@ class ServerFacts:
         return f"{self.server_id}:{self.basename}"
 
 
-def _text(v: object) -> str:
-    return v.decode() if isinstance(v, bytes | bytearray) else str(v)
-
-
 async def preflight(target: TargetConfig) -> ServerFacts:
     """The server as PITR needs it, or an EngineError naming every missing piece."""
     user = conn_params(target)["user"]
     async with connect(target) as conn:
         (log_bin, fmt, server_id, version), = await query(
             conn, "SELECT @@log_bin, @@binlog_format, @@server_id, @@version")
-        grants = [_text(r[0]) for r in await query(conn, "SHOW GRANTS FOR CURRENT_USER()")]
-    mariadb = "mariadb" in _text(version).lower()
+        account = await current_account(conn)
+        grants = [text_of(r[0]) for r in await query(conn, "SHOW GRANTS FOR CURRENT_USER()")]
+    mariadb = "mariadb" in text_of(version).lower()
     missing: list[str] = []
     if not int(log_bin):
         missing.append("the binary log is off: start the server with log_bin (my.cnf "
                        "[mysqld] log_bin = binlog, then restart it)")
-    if _text(fmt).upper() != "ROW":
-        missing.append(f"binlog_format is {_text(fmt)}, not ROW: SET GLOBAL binlog_format = "
+    if text_of(fmt).upper() != "ROW":
+        missing.append(f"binlog_format is {text_of(fmt)}, not ROW: SET GLOBAL binlog_format = "
                        "'ROW' and binlog_format = ROW in my.cnf [mysqld]")
     if not int(server_id):
         missing.append("server_id is 0: SET GLOBAL server_id = 1 (and server_id in my.cnf)")
@@ -79,23 +77,23 @@ async def preflight(target: TargetConfig) -> ServerFacts:
         lacking = [p for p in need if p not in have and alias.get(p) not in have]
         if lacking:
             missing.append(f"the user {user} lacks {', '.join(lacking)}: GRANT "
-                           f"{', '.join(lacking)} ON *.* TO {option_value(user)}@<its host>")
+                           f"{', '.join(lacking)} ON *.* TO {account}")
     if missing:
         raise EngineError(f"point-in-time recovery of target '{target.id}' needs: "
                           + "; ".join(missing), code="pitr_not_ready")
     async with connect(target) as conn:
         status = await query(conn, "SHOW MASTER STATUS")
-    parts = file_parts(_text(status[0][0])) if status else None
+    parts = file_parts(text_of(status[0][0])) if status else None
     if parts is None:
         raise EngineError(f"SHOW MASTER STATUS on target '{target.id}' names no binlog file "
                           "of the form name.000001", code="pitr_not_ready")
-    return ServerFacts(int(server_id), _text(version), parts[0], mariadb)
+    return ServerFacts(int(server_id), text_of(version), parts[0], mariadb)
 
 
 async def server_position(conn: aiomysql.Connection) -> int | None:
     """Where the server's binary log ends now (SHOW MASTER STATUS), as one position."""
     rows = await query(conn, "SHOW MASTER STATUS")
-    parts = file_parts(_text(rows[0][0])) if rows else None
+    parts = file_parts(text_of(rows[0][0])) if rows else None
     return position(parts[1], int(rows[0][1])) if parts else None
 
 
@@ -103,7 +101,7 @@ async def server_files(conn: aiomysql.Connection, basename: str) -> dict[int, in
     """The binlog files the server keeps: number -> size."""
     out = {}
     for row in await query(conn, "SHOW BINARY LOGS"):
-        parts = file_parts(_text(row[0]))
+        parts = file_parts(text_of(row[0]))
         if parts and parts[0] == basename:
             out[parts[1]] = int(row[1])
     return out

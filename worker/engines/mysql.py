@@ -49,6 +49,7 @@ from worker.engines.my_connection import (
     find_tool,
     query,
     quote,
+    text_of,
     tool_version,
 )
 from worker.engines.my_drill import InsertRows, MySQLDrill
@@ -69,10 +70,6 @@ def _invalid_views_trailer(invalid: dict[str, tuple[str, str]]) -> bytes:
         lines += [f"--   {line}" for line in create.splitlines()]
     lines.append(f"-- Dump completed (Safehold: {len(invalid)} invalid view(s) kept above)")
     return ("\n".join(lines) + "\n").encode()
-
-
-def _text(value: object) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value or "")
 
 
 async def _one(data: bytes) -> AsyncIterator[bytes]:
@@ -257,7 +254,7 @@ class MySQL:
             (server_id,), = await self.query(conn, "SELECT @@server_id")
             gtid = None
             with contextlib.suppress(Exception):  # MariaDB only
-                gtid = _text((await self.query(conn, "SELECT BINLOG_GTID_POS(%s, %s)",
+                gtid = text_of((await self.query(conn, "SELECT BINLOG_GTID_POS(%s, %s)",
                                                name, offset))[0][0])
         return {"file": name, "number": parts[1], "position": offset, "gtid": gtid or None,
                 "identity": f"{int(server_id)}:{parts[0]}",
@@ -269,7 +266,7 @@ class MySQL:
             rows = await self.query(conn, "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA "
                                      "ORDER BY 1")
         system = {"information_schema", "performance_schema", "mysql", "sys"}
-        return [_text(r[0]) for r in rows if _text(r[0]) not in system]
+        return [text_of(r[0]) for r in rows if text_of(r[0]) not in system]
 
     async def create_database(self, target: TargetConfig, name: str, facts: Mapping[str, object],
                               progress: Progress) -> bool:
@@ -345,7 +342,7 @@ class MySQL:
                 "changed. Restore as a user that can (SELECT ON mysql.*, CREATE USER), or "
                 "with \"roles\": \"skip\"", database_unchanged=True,
                 code="roles_missing") from None
-        return {accts.account(_text(u), None if _text(r) == "Y" else _text(h))
+        return {accts.account(text_of(u), None if text_of(r) == "Y" else text_of(h))
                 for u, h, r in rows}, mariadb
 
     async def _accounts_head(self, conn: aiomysql.Connection, db: str, version: str
@@ -380,18 +377,18 @@ class MySQL:
                     "FROM mysql.role_edges")]
             except pymysql.err.MySQLError:
                 edges = []
-        info = {(_text(u), _text(h)): (_text(p), _text(a), _text(r) == "Y")
+        info = {(text_of(u), text_of(h)): (text_of(p), text_of(a), text_of(r) == "Y")
                 for u, h, p, a, r in users}
 
         def name(user: str, host: str) -> str:
             is_role = info.get((user, host), ("", "", False))[2]
             return accts.account(user, None if is_role else host)
-        reach = {(_text(u), _text(h)) for u, h in holders}
+        reach = {(text_of(u), text_of(h)) for u, h in holders}
         grown = True
         while grown:  # members of a role that reaches the database, transitively
             # (a role's creator holds it WITH ADMIN OPTION: administration, not use)
-            more = {(_text(tu), _text(th)) for ru, rh, tu, th, admin in edges
-                    if (_text(ru), _text(rh)) in reach and not admin}
+            more = {(text_of(tu), text_of(th)) for ru, rh, tu, th, admin in edges
+                    if (text_of(ru), text_of(rh)) in reach and not admin}
             grown = not more <= reach
             reach |= more
         wanted = {name(u, h) for u, h in reach}
@@ -405,10 +402,10 @@ class MySQL:
                 acc.plugin, acc.auth = "", ""
             creates.append(acc.create_sql(mysql="mariadb" not in version.lower()))
             for (line,) in await self.query(conn, f"SHOW GRANTS FOR {acc.name}"):
-                kept = _kept_grant(_text(line), db, wanted)
+                kept = _kept_grant(text_of(line), db, wanted)
                 if kept:
                     grants.append(kept)
-                elif " ON *.* " in _text(line) and not _text(line).startswith("GRANT USAGE "):
+                elif " ON *.* " in text_of(line) and not text_of(line).startswith("GRANT USAGE "):
                     left_out.append(f"{acc.name}: server-wide privileges")
         body = "\n".join(creates + grants) + "\n" if creates else ""
         header = ("--\n-- Safehold: the accounts that reach this database (users, roles, "
@@ -542,7 +539,7 @@ class MySQL:
 
     async def tables_present(self, target: TargetConfig, tables: Sequence[str]) -> list[str]:
         async with self.connect(target) as conn:
-            have = {_text(r[0]) for r in await self.query(
+            have = {text_of(r[0]) for r in await self.query(
                 conn, "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = "
                 "%s AND TABLE_TYPE = 'BASE TABLE'", conn_params(target)["database"])}
         return [t for t in tables if t in have]
