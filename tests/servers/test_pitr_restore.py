@@ -375,6 +375,13 @@ async def test_a_point_in_time_beside_the_live_database(
     assert job["status"] == "succeeded", job.get("error")
     assert cluster.psql("SELECT string_agg(i::text, ',') FROM t", db="app_then") == "1"
     assert await rows(cluster) == [1, 2]
+    # again into it, without replace: refused before anything is recovered or dumped
+    listed = (await (await api.get("/api/v1/targets/main/backups")).json())["backups"]
+    resp = await api.post("/api/v1/targets/main/restores", json={
+        "point_in_time": at.isoformat(), "into_database": "app_then"})
+    job = await wait_job((await resp.json())["id"], timeout=60)
+    assert job["status"] == "failed" and job["error"]["code"] == "database_exists", job
+    assert (await (await api.get("/api/v1/targets/main/backups")).json())["backups"] == listed
 
 
 async def test_one_table_back_to_an_instant(

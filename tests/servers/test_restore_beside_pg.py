@@ -36,7 +36,7 @@ async def restore(api: Any, wait_job: JobWaiter, **body: Any) -> dict[str, Any]:
 
 
 async def test_a_restore_beside_leaves_the_live_database_alone(
-        api: Any, worker: Any, pg_db: str, wait_job: JobWaiter) -> None:
+        api: Any, worker: Any, pg_db: str, wait_job: JobWaiter, createdb_role: str) -> None:
     await pg.load_rich(pg_db)
     name = (await backup(api))["result"]["filename"]
     backed_up = await pg.fingerprint(pg_db)
@@ -65,6 +65,14 @@ async def test_a_restore_beside_leaves_the_live_database_alone(
         assert job["result"]["safety_backup"]  # what was there is kept first
         assert await pg.fingerprint(beside) == backed_up
         assert await pg.fingerprint(pg_db) == live
+
+        admin = await pg.admin_conn()  # a role that may not create databases is told how
+        await admin.execute(f"ALTER ROLE {createdb_role} NOCREATEDB")
+        await admin.close()
+        job = await restore(api, wait_job, backup=name, into_database=f"{pg_db}_other")
+        assert job["status"] == "failed", job
+        assert f'ALTER ROLE "{createdb_role}" CREATEDB' in job["error"]["message"], job
+        assert job["error"]["database_state"] == "unchanged"
     finally:
         await pg.drop_database(beside)
 

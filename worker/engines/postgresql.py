@@ -273,6 +273,16 @@ class PostgreSQL:
         async with self.connect(target) as conn:
             await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
 
+    async def cannot_create_database(self, target: TargetConfig) -> str | None:
+        """Why the target's role may not create a database (None: it may; CREATEDB is an
+        attribute, never inherited, so this is the whole answer)."""
+        async with self.connect(target) as conn:
+            if await conn.fetchval("SELECT rolcreatedb OR rolsuper FROM pg_roles "
+                                   "WHERE rolname = current_user"):
+                return None
+            user = await conn.fetchval("SELECT current_user")
+        return f"the role {user} may not create databases: ALTER ROLE {quote_ident(user)} CREATEDB"
+
     async def database_restored(self, target: TargetConfig, name: str,
                                 facts: Mapping[str, object]) -> None:
         """The database back to its owner (when that role exists: a restore with

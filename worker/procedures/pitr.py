@@ -34,7 +34,7 @@ from worker.engines import Engine, pg_pitr
 from worker.engines.pg_connection import conn_params
 from worker.procedures.pitr_mysql import BinlogPitr
 from worker.procedures.restore import RestoreResult
-from worker.procedures.scoped import ScopedRestores
+from worker.procedures.scoped import BESIDE, ScopedRestores
 from worker.procedures.verify import DrillRecord
 from worker.progress import Progress
 
@@ -61,6 +61,8 @@ class PitrRestores(ScopedRestores, BinlogPitr):
         progress.plan = {Phase.RECOVERING: (0, 30), Phase.DUMPING: (30, 45),
                          Phase.VERIFYING: (45, 50), Phase.SAFETY_BACKUP: (50, 70),
                          Phase.RESTORING: (70, 100)}
+        if job.params.get("into_database") and dest.engine in BESIDE:
+            await self.beside_checks(job, dest, engine)  # refused before the recovery
         if target.engine == "mysql":  # binlog replayed in a scratch server
             if target.pitr is None or not target.pitr.enabled:
                 raise RestoreFailed(f"target '{target.id}' has no point-in-time recovery",

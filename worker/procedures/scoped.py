@@ -43,16 +43,13 @@ class ScopedRestores(Restores):
             return await self.restore_beside(job, target, engine, progress, identities)
         return await self.restore(job, target, engine, progress, identities)
 
-    async def restore_beside(self, job: Job, target: TargetConfig, engine: Engine,
-                             progress: Progress, identities: Sequence[AgeKey] = ()
-                             ) -> RestoreResult:
+    async def beside_checks(self, job: Job, target: TargetConfig, engine: Engine) -> bool:
+        """What a restore into a database beside the live one (PostgreSQL, MySQL) refuses
+        before it loads anything — and a restore to a point in time before it recovers
+        anything: a server target, the target's own, a system or a drill's database, one
+        that exists without `replace`, a role that may not create one. Whether it
+        exists."""
         name = str(job.params.get("into_database"))
-        if target.engine == "sqlite":
-            return await self._beside_file(job, target, engine, progress, identities, name)
-        if target.engine == "mongodb":
-            return await self._beside_mongo(job, target, engine, progress, identities, name)
-        if target.engine == "redis":
-            return await self._beside_redis(job, target, engine, progress, identities, name)
         if target.engine not in BESIDE or target.databases:
             kind = "a server target" if target.databases else target.engine
             raise RestoreFailed(f"into_database is not available for target '{target.id}' "
@@ -63,14 +60,32 @@ class ScopedRestores(Restores):
             raise RestoreFailed(f"database {name!r} cannot be restored into (the target's own "
                                 "database, a system database or a drill's)",
                                 database_unchanged=True, code="database_refused")
-        beside = server_sets.member_target(target, name)
-        beside = dataclasses.replace(beside, databases=(), globals=target.globals)
         exists = name in await sets.server_databases(target)
         if exists and not job.params.get("replace"):
             raise RestoreFailed(f"database {name!r} already exists on the server of target "
                                 f"'{target.id}': nothing was changed (\"replace\": true "
                                 "restores over it, its safety backup first)",
                                 database_unchanged=True, code="database_exists")
+        refusal = getattr(engine, "cannot_create_database", None)
+        if not exists and refusal is not None and (why := await refusal(target)):
+            raise RestoreFailed(f"cannot create database {name}: {why}; nothing was changed",
+                                database_unchanged=True, code="restore_failed")
+        return exists
+
+    async def restore_beside(self, job: Job, target: TargetConfig, engine: Engine,
+                             progress: Progress, identities: Sequence[AgeKey] = ()
+                             ) -> RestoreResult:
+        name = str(job.params.get("into_database"))
+        if target.engine == "sqlite":
+            return await self._beside_file(job, target, engine, progress, identities, name)
+        if target.engine == "mongodb":
+            return await self._beside_mongo(job, target, engine, progress, identities, name)
+        if target.engine == "redis":
+            return await self._beside_redis(job, target, engine, progress, identities, name)
+        exists = await self.beside_checks(job, target, engine)
+        sets = cast(server_sets.SetEngine, engine)
+        beside = server_sets.member_target(target, name)
+        beside = dataclasses.replace(beside, databases=(), globals=target.globals)
         if exists:
             result = await self.restore(job, beside, engine, progress, identities)
             result["warnings"] = [f"restored into database {name} (replaced), beside the "
