@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Callable
 
 from shared.errors import PipelineError
 from shared.formats.binlog import FORMAT_DESCRIPTION, TABLE_MAP, EventReader
@@ -91,8 +92,33 @@ _ASSIGNMENTS = re.compile(rb"(?i)SET " + _ASSIGN + rb"(?:,\s?" + _ASSIGN +
 _USE = re.compile(rb"(?is)USE (?:`((?:[^`]|``)+)`|([A-Za-z0-9_$]+))\s*")
 
 
+# words no statement of a replay may hold anywhere in its code (strings, quoted names and
+# plain comments aside; an executable comment is code): BINLOG outside the one layout the
+# decoder writes (its row events would skip every table privilege), dynamic SQL (which
+# could build one from strings), files and plugins — the check reads all of a statement,
+# not its start: the client sends `INSERT …; BINLOG '…'` as one query
+_CODE_WORDS = re.compile(rb"(?i)(?<![A-Za-z0-9_$])(BINLOG|EXECUTE|PREPARE|DEALLOCATE|SONAME|"
+                         rb"OUTFILE|DUMPFILE|INFILE|LOAD_FILE)(?![A-Za-z0-9_$])")
+_LITERALS = re.compile(rb"""'[^'\\]*(?:\\.[^'\\]*)*'|"[^"\\]*(?:\\.[^"\\]*)*"|`[^`]*`""",
+                       re.S)
+
+
 class BinlogStatements(LineStatements):
+    """The client's statements, and every word of `_CODE_WORDS` in each one's code."""
+
     DELIMITER_LINES = (b"DELIMITER /*!*/;", b"DELIMITER ;")
+
+    def __init__(self, on_statement: Callable[[bytes, int], None]) -> None:
+        super().__init__(on_statement)
+        self.words: list[bytes] = []  # of the statement under way
+
+    def _take(self, piece: bytes) -> None:
+        # code (its complete strings and quoted names blanked); a piece of code ends where
+        # a token does (a quote, a comment, the delimiter, a newline): never inside a word
+        if self.state == b"":
+            self.words += [m[1].upper() for m in _CODE_WORDS.finditer(
+                _LITERALS.sub(b" ", piece))]
+        super()._take(piece)
 
 
 class BinlogSqlCheck(LineFilter):
@@ -111,6 +137,7 @@ class BinlogSqlCheck(LineFilter):
         self._held: list[bytes] = []  # the statement under way, until it is judged
         self._held_size = 0
         self._verdicts: list[bool] = []  # of the statements that ended in this line
+        self._binlog_block = False  # a BINLOG statement in the decoder's layout under way
         self.skipped: list[str] = []  # statements about other databases, left out
 
     def finish(self) -> bytes:
@@ -135,7 +162,10 @@ class BinlogSqlCheck(LineFilter):
         streaming = self._events is not None
         if self._events is not None:
             body = line.rstrip(b"\r\n")
-            if body.startswith(b"'"):  # the statement's end: `'/*!*/;`
+            if body.startswith(b"'"):  # the statement's end: `'/*!*/;`, nothing else (a
+                # second string after it would be read by the server, never decoded here)
+                if body != b"'/*!*/;":
+                    self._refuse("a BINLOG statement not ended as the decoder ends it")
                 if self._events.pending:
                     self._refuse("a row event cut short inside BINLOG")
                 self._events = None
@@ -151,7 +181,7 @@ class BinlogSqlCheck(LineFilter):
                 line = b"SET NAMES " + m[1] + b"/*!*/;\n"
             elif line.rstrip(b"\r\n") == b"BINLOG '":
                 self._events = EventReader(magic=False)
-                streaming = True
+                self._binlog_block = streaming = True
             self._whole_setting = bool(_SET_LINE.fullmatch(line)) and _settings_ok(
                 [(m[1], m[2]) for m in _ONE.finditer(line)])
         was_between = self.scan.between and not self._held
@@ -224,6 +254,16 @@ class BinlogSqlCheck(LineFilter):
         self.statements += 1
         text = _normalized(head)
         self._verdicts.append(True)
+        words, self.scan.words = self.scan.words, []
+        block, self._binlog_block = self._binlog_block, False
+        if block:  # its events were decoded and checked as its lines passed
+            if words != [b"BINLOG"] or not text.startswith(b"BINLOG '"):
+                self._refuse("a BINLOG statement holding more than its events")
+            return
+        if words:
+            self._refuse(f"{words[0].decode()} in a statement ({_shown(text)}): only the "
+                         "decoder's own BINLOG blocks are replayed, no dynamic SQL, file "
+                         "or plugin")
         if m := _USE.fullmatch(text):
             name = (m[1] or b"").replace(b"``", b"`") or m[2]
             if name != self.database:
@@ -240,7 +280,7 @@ class BinlogSqlCheck(LineFilter):
         if not _KINDS.match(text) or _NEVER.match(text):
             self._refuse(f"a statement a replay never runs ({_shown(text)})")
         names = _objects(text)
-        others = {db for db in names if db is not None and db != self.database}
+        others = [db for db in names if db is not None and db != self.database]
         if others and len(others) == len(names):
             self._verdicts[-1] = False  # about another database only: left out
             self.skipped.append(f"{self.at.decode('ascii', 'replace')}: {_shown(text)}")
@@ -264,21 +304,27 @@ _DATABASE = re.compile(rb"(?is)(?:CREATE|DROP|ALTER)\s+(?:DATABASE|SCHEMA)\s+"
                        rb"(?:IF\s+(?:NOT\s+)?EXISTS\s+)?(" + _NAME + rb")")
 
 
+_ALTER_TABLE = re.compile(rb"(?is)ALTER\s+(?:ONLINE\s+|IGNORE\s+)*TABLE\b")
+_RENAMED = re.compile(rb"(?is)\bRENAME\s+(?:TO\s+|AS\s+)?(?!(?:COLUMN|INDEX|KEY)\b)"
+                      rb"(?:(" + _NAME + rb")\s*\.\s*)?" + _NAME)
+
+
 def _ident(raw: bytes) -> bytes:
     return raw[1:-1].replace(b"``", b"`") if raw.startswith(b"`") else raw
 
 
 def _objects(text: bytes) -> list[bytes | None]:
     """The databases of the objects a statement is about (None: unqualified, the `use`d
-    one); DROP TABLE a, b and RENAME TABLE a TO b, c TO d name several."""
+    one); DROP TABLE a, b (VIEW, SEQUENCE), RENAME TABLE a TO b, c TO d and ALTER TABLE a
+    RENAME TO b name several."""
     if m := _DATABASE.match(text):
         return [_ident(m[1])]
     m = _OBJECT.match(text)
     if m is None:
         return []
     rest, names = text[m.end():], []
-    several = re.match(rb"(?is)(?:DROP\s+(?:TEMPORARY\s+)?TABLES?|RENAME\s+TABLES?)\b",
-                       text)
+    several = re.match(rb"(?is)(?:DROP\s+(?:TEMPORARY\s+)?(?:TABLES?|VIEWS?|SEQUENCES?)|"
+                       rb"RENAME\s+TABLES?)\b", text)
     while (found := _QUALIFIED.match(rest)) is not None:
         names.append(_ident(found[1]) if found[1] else None)
         rest = rest[found.end():].lstrip()
@@ -290,6 +336,8 @@ def _objects(text: bytes) -> list[bytes | None]:
             rest = rest[1:].lstrip()
         else:
             break
+    if _ALTER_TABLE.match(text) and (renamed := _RENAMED.search(text)):
+        names.append(_ident(renamed[1]) if renamed[1] else None)  # ALTER TABLE a RENAME TO b
     return names
 
 
