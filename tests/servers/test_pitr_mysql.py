@@ -420,7 +420,8 @@ async def test_the_replay_account_of_the_scratch_server_is_walled_in(tmp_path: P
     """Whatever a binlog statement the check let pass turns out to do, it runs as an
     account with rights on the target's database and BINLOG REPLAY only: no global
     setting (the general log is a file), no file read or written, no other database, no
-    plugin; the server itself has no network and no symbolic links."""
+    plugin; no routine of the base runs as a superuser (its DEFINER root keeps rights on
+    the target's database only); the server itself has no network and no symbolic links."""
     import aiomysql
     import pymysql
 
@@ -438,8 +439,18 @@ async def test_the_replay_account_of_the_scratch_server_is_walled_in(tmp_path: P
         assert skip_net == 1 and links in ("DISABLED", b"DISABLED")
         scratch = TargetConfig(id="scratch", engine="mysql",
                                url=url.replace("{database}", "app"))
-        replayer = await BinlogPitr._replay_user(scratch, "app")
+        async with connect(scratch) as conn:  # a base whose routine runs as root
+            await query(conn, "CREATE DEFINER=root@localhost PROCEDURE app.loud() "
+                              "SET GLOBAL general_log = 1")
+            await query(conn, "CREATE DEFINER=root@localhost VIEW app.v AS SELECT 1 AS one")
+        replayer, dumper = await BinlogPitr._lock_down(scratch, "app")
+        assert "safehold_replay_" in replayer.url and "safehold_admin_" in dumper.url
         async with connect(replayer) as conn:
+            # root's routine runs with root's rights on the target's database only now
+            with pytest.raises((pymysql.err.MySQLError, aiomysql.Error)):
+                await query(conn, "CALL loud()")
+            assert (await query(conn, "SELECT one FROM v"))[0][0] == 1  # its views work
+            assert (await query(conn, "SELECT @@general_log"))[0][0] == 0
             await query(conn, "CREATE TABLE t (a int)")  # its database: every right
             assert (await query(conn, "SELECT LOAD_FILE('/etc/passwd')"))[0][0] is None
             for refused in ("SET GLOBAL general_log_file = '/tmp/x'",

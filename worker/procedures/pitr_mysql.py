@@ -50,6 +50,7 @@ from worker.engines.my_connection import (
     defaults_file,
     find_tool,
     query,
+    text_of,
 )
 from worker.engines.my_connection import quote as my_quote
 from worker.engines.my_scratch import scratch_server
@@ -117,7 +118,7 @@ class BinlogPitr(Restores):
                 await self._load_base(job, target, scratch, engine, plan, progress, ids, db)
                 until = None if plan.at is None else (
                     plan.at.replace(microsecond=0) + timedelta(seconds=1))
-                replayer = await self._replay_user(scratch, db)
+                replayer, dumper = await self._lock_down(scratch, db)
                 check = await self._replay(replayer, plan, files, until, db, progress)
                 progress.log(f"replayed {check.statements} statements and {check.row_events} "
                              f"row events of the binlog after {plan.base.filename}")
@@ -128,7 +129,7 @@ class BinlogPitr(Restores):
                 for line in said:
                     progress.warn(line)
                 made = await self.backup(
-                    job, scratch, engine, progress, kind="backup", compress=True,
+                    job, dumper, engine, progress, kind="backup", compress=True,
                     note=f"{note} {plan.at.isoformat() if plan.at else asked}: base "
                          f"{plan.base.filename}, binlog from "
                          f"{position_text(plan.base.position)}")
@@ -195,20 +196,48 @@ class BinlogPitr(Restores):
                                  options=RestoreOptions(scratch=True))
 
     @staticmethod
-    async def _replay_user(scratch: TargetConfig, db: str) -> TargetConfig:
-        """The scratch server's account the binlog is replayed as: every right on the
-        target's database and BINLOG REPLAY (row events, the decoder's session settings),
-        nothing else — no global setting, no file, no plugin, no other database, whatever
-        a statement the check let pass turns out to do."""
-        password = secrets.token_hex(24)
+    async def _lock_down(scratch: TargetConfig, db: str) -> tuple[TargetConfig, TargetConfig]:
+        """After the base's load, before the replay: the accounts of the scratch server as
+        the binlog may meet them. The replay account (a random name: nothing in a base can
+        name it as a DEFINER) holds every right on the target's database and BINLOG
+        REPLAY, nothing else — no global setting, no file, no plugin, no other database,
+        whatever a statement the check let pass turns out to do. root@localhost keeps its
+        rights on the target's database only: a view, trigger or routine of the base with
+        that DEFINER still works, but no longer sets a global, writes a file or replays
+        binlog events as a superuser (an attack review made one that did); every other
+        account and role goes (a DEFINER naming one fails). A new admin, of a random name,
+        dumps the result. Returns the (replay, admin) targets."""
+        replay, admin = (f"safehold_replay_{secrets.token_hex(6)}",
+                         f"safehold_admin_{secrets.token_hex(6)}")
+        replay_pw, admin_pw = secrets.token_hex(24), secrets.token_hex(24)
         async with connect(scratch) as conn:
-            await query(conn, "CREATE USER 'safehold_replay'@'localhost' IDENTIFIED BY %s",
-                        password)
+            await query(conn, f"CREATE USER '{admin}'@'localhost' IDENTIFIED BY %s", admin_pw)
+            await query(conn, f"GRANT ALL PRIVILEGES ON *.* TO '{admin}'@'localhost' "
+                              "WITH GRANT OPTION")
+        dumper = dataclasses.replace(scratch, url=scratch.url.replace(
+            "//root@", f"//{admin}@", 1), password=Secret(admin_pw))
+        async with connect(dumper) as conn:  # (root cannot take its own rights and go on)
+            await query(conn, f"CREATE USER '{replay}'@'localhost' IDENTIFIED BY %s", replay_pw)
             await query(conn, f"GRANT ALL PRIVILEGES ON {my_quote(db)}.* TO "
-                              "'safehold_replay'@'localhost'")
-            await query(conn, "GRANT BINLOG REPLAY ON *.* TO 'safehold_replay'@'localhost'")
-        return dataclasses.replace(scratch, url=scratch.url.replace(
-            "//root@", "//safehold_replay@", 1), password=Secret(password))
+                              f"'{replay}'@'localhost'")
+            await query(conn, f"GRANT BINLOG REPLAY ON *.* TO '{replay}'@'localhost'")
+            accounts = await query(conn, "SELECT User, Host, is_role FROM mysql.user")
+            for user, host, is_role in accounts:
+                name, where = text_of(user), text_of(host)
+                # (mariadb.sys owns the mysql.user view; it logs in nowhere)
+                if name in (admin, replay, "PUBLIC", "mariadb.sys"):
+                    continue
+                if text_of(is_role) == "Y" or (name, where) != ("root", "localhost"):
+                    # (root at other hosts: the scratch server has no network)
+                    await query(conn, ("DROP ROLE " if text_of(is_role) == "Y" else
+                                       "DROP USER ") + my_quote(name) +
+                                ("" if text_of(is_role) == "Y" else f"@{my_quote(where)}"))
+                    continue
+                await query(conn, "REVOKE ALL PRIVILEGES, GRANT OPTION FROM root@localhost")
+                await query(conn, f"GRANT ALL PRIVILEGES ON {my_quote(db)}.* TO root@localhost")
+        replayer = dataclasses.replace(scratch, url=scratch.url.replace(
+            "//root@", f"//{replay}@", 1), password=Secret(replay_pw))
+        return replayer, dumper
 
     async def _replay(self, scratch: TargetConfig, plan: BinlogRecovery, files: list[Path],
                       stop: datetime | None, db: str, progress: Progress) -> BinlogSqlCheck:
