@@ -96,28 +96,52 @@ _USE = re.compile(rb"(?is)USE (?:`((?:[^`]|``)+)`|([A-Za-z0-9_$]+))\s*")
 # plain comments aside; an executable comment is code): BINLOG outside the one layout the
 # decoder writes (its row events would skip every table privilege), dynamic SQL (which
 # could build one from strings), files and plugins — the check reads all of a statement,
-# not its start: the client sends `INSERT …; BINLOG '…'` as one query
-_CODE_WORDS = re.compile(rb"(?i)(?<![A-Za-z0-9_$])(BINLOG|EXECUTE|PREPARE|DEALLOCATE|SONAME|"
+# not its start: the client sends `INSERT …; BINLOG '…'` as one query. A digit may stand
+# before such a word (`1146.0BINLOG` is a number, then the keyword, to the server).
+_CODE_WORDS = re.compile(rb"(?i)(?<![A-Za-z_$])(BINLOG|EXECUTE|PREPARE|DEALLOCATE|SONAME|"
                          rb"OUTFILE|DUMPFILE|INFILE|LOAD_FILE)(?![A-Za-z0-9_$])")
+# settings that change how the server reads the statements after them in the same query
+# (a routine's body may hold several; a setting line is judged whole, apart)
+_READING_WORDS = re.compile(rb"(?i)(?<![A-Za-z_$])(SQL_MODE|NAMES|CHARSET|CHARACTER_SET_\w*|"
+                            rb"COLLATION_CONNECTION)(?![A-Za-z0-9_$])")
 _LITERALS = re.compile(rb"""'[^'\\]*(?:\\.[^'\\]*)*'|"[^"\\]*(?:\\.[^"\\]*)*"|`[^`]*`""",
                        re.S)
+_MARKER = re.compile(rb"/\*M?!(\d*)")
+# a routine, trigger or event: its body may hold several statements, each ending in `;`
+_COMPOUND = re.compile(rb"(?is)CREATE\s+(?:OR\s+REPLACE\s+)?(?:DEFINER\s*=\s*\S+\s+)?"
+                       rb"(?:AGGREGATE\s+)?(?:PROCEDURE|FUNCTION|TRIGGER|EVENT)\b")
 
 
 class BinlogStatements(LineStatements):
-    """The client's statements, and every word of `_CODE_WORDS` in each one's code."""
+    """The client's statements, and in each one's code: every word of `_CODE_WORDS` and
+    `_READING_WORDS`, a `;` (one query holding several statements), an executable comment
+    MariaDB skips though the scanner reads it (`/*!50700` to `/*!99999`: MySQL's)."""
 
     DELIMITER_LINES = (b"DELIMITER /*!*/;", b"DELIMITER ;")
 
     def __init__(self, on_statement: Callable[[bytes, int], None]) -> None:
         super().__init__(on_statement)
         self.words: list[bytes] = []  # of the statement under way
+        self.reading: list[bytes] = []
+
+    def feed_line(self, line: bytes) -> None:
+        delimiter = self.delimiter
+        super().feed_line(line)
+        if self.delimiter != delimiter:  # a DELIMITER line: no statement's words
+            self.words, self.reading = [], []
 
     def _take(self, piece: bytes) -> None:
         # code (its complete strings and quoted names blanked); a piece of code ends where
         # a token does (a quote, a comment, the delimiter, a newline): never inside a word
         if self.state == b"":
-            self.words += [m[1].upper() for m in _CODE_WORDS.finditer(
-                _LITERALS.sub(b" ", piece))]
+            for m in _MARKER.finditer(piece):
+                if m[1] and 50700 <= int(m[1]) <= 99999:
+                    self.words.append(m.group())
+            code = _MARKER.sub(b" ", _LITERALS.sub(b" ", piece))
+            self.words += [m[1].upper() for m in _CODE_WORDS.finditer(code)]
+            self.reading += [m[1].upper() for m in _READING_WORDS.finditer(code)]
+            if b";" in code:
+                self.words.append(b";")
         super()._take(piece)
 
 
@@ -255,15 +279,25 @@ class BinlogSqlCheck(LineFilter):
         text = _normalized(head)
         self._verdicts.append(True)
         words, self.scan.words = self.scan.words, []
+        reading, self.scan.reading = self.scan.reading, []
         block, self._binlog_block = self._binlog_block, False
         if block:  # its events were decoded and checked as its lines passed
-            if words != [b"BINLOG"] or not text.startswith(b"BINLOG '"):
+            if words != [b"BINLOG"] or reading or not text.startswith(b"BINLOG '"):
                 self._refuse("a BINLOG statement holding more than its events")
             return
+        compound = bool(_COMPOUND.match(text))
+        if compound:  # its body's statements end in `;`; none may change how text is read
+            words = [w for w in words if w != b";"]
+            if reading:
+                self._refuse(f"{reading[0].decode()} in a routine, trigger or event "
+                             f"({_shown(text)}): a setting that changes how text is read")
+        if b";" in words:
+            self._refuse(f"several statements in one ({_shown(text)}): the decoder writes "
+                         "one per event")
         if words:
             self._refuse(f"{words[0].decode()} in a statement ({_shown(text)}): only the "
-                         "decoder's own BINLOG blocks are replayed, no dynamic SQL, file "
-                         "or plugin")
+                         "decoder's own BINLOG blocks are replayed, no dynamic SQL, file, "
+                         "plugin or MySQL-only comment")
         if m := _USE.fullmatch(text):
             name = (m[1] or b"").replace(b"``", b"`") or m[2]
             if name != self.database:

@@ -143,6 +143,22 @@ ANY_DB = binlog(table_map(5, b"other", b"o"), rows(5)).rstrip(b"\n")
     b"CREATE OR REPLACE FUNCTION f RETURNS INTEGER SONAME 'x.so'\n/*!*/;\n",
     # a second string after the decoded block: the server would read it, the check not
     binlog(table_map(22, b"app", b"t"), rows(22)).replace(b"'/*!*/;", b"' '\nAAAA\n'/*!*/;"),
+    # (a second review) a digit before the word, inside /*M! or after a number
+    b"INSERT INTO t VALUES (1);/*M!100000BINLOG*/'AAAA'\n/*!*/;\n",
+    b"/*M!100000EXECUTE*/ IMMEDIATE CONCAT(CHAR(66),'INLOG')\n/*!*/;\n",
+    b"CREATE PROCEDURE p() BEGIN DECLARE CONTINUE HANDLER FOR 1146.0BINLOG 'AAAA'; "
+    b"SELECT * FROM nope; END\n/*!*/;\n",
+    b"CREATE PROCEDURE p() BEGIN DECLARE CONTINUE HANDLER FOR 1146e0EXECUTE IMMEDIATE 'x'; "
+    b"END\n/*!*/;\n",
+    # a MySQL-only executable comment: MariaDB skips it, the scanner reads it
+    b"INSERT INTO t VALUES (1);/*!50700 '*/ BINLOG 'AAAA' /*'*/\n/*!*/;\n",
+    b"INSERT INTO t VALUES (1) /*!80040 , (2) */\n/*!*/;\n",
+    # how the text is read changed by a statement after the first in the same query
+    b"INSERT INTO t VALUES (1);SET sql_mode='NO_BACKSLASH_ESCAPES';SELECT '\\';"
+    b"BINLOG 'AAAA'/*\\''*/\n/*!*/;\n",
+    b"INSERT INTO t VALUES (1);SET NAMES gbk;SELECT '\xbf\\';BINLOG 'AAAA'/*\\''*/\n/*!*/;\n",
+    b"INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)\n/*!*/;\n",
+    b"CREATE PROCEDURE p() BEGIN SET sql_mode = 'ANSI_QUOTES'; END\n/*!*/;\n",
     # statements that name the target's database and another one
     b"DROP VIEW IF EXISTS other.v, app.v\n/*!*/;\n",
     b"DROP SEQUENCE other.s, s\n/*!*/;\n",
@@ -157,9 +173,13 @@ def test_binlog_out_of_the_decoders_layout_and_dynamic_sql_are_refused(middle: b
 def test_words_in_strings_and_names_are_data_and_other_databases_only_are_left_out() -> None:
     """The words refused in code are data inside a string or a quoted name; a statement
     naming only other databases, however many, is left out (not refused)."""
-    data = script(b"CREATE TABLE `binlog` (`execute` int COMMENT 'prepare; BINLOG it')\n/*!*/;\n",
+    data = script(b"CREATE TABLE `binlog` (`execute` int COMMENT 'prepare; BINLOG it') "
+                  b"DEFAULT CHARSET=utf8mb4\n/*!*/;\n",
+                  b"CREATE TRIGGER tr BEFORE INSERT ON t FOR EACH ROW BEGIN SET NEW.a = 1; "
+                  b"SET NEW.b = 2; END\n/*!*/;\n",
                   b"DROP VIEW other.v, other.w\n/*!*/;\n",
                   b"DROP TABLE other.a, `other`.`b`\n/*!*/;\n")
     out, check = run(data, 1 << 20)
     assert b"CREATE TABLE `binlog`" in out and b"DROP VIEW" not in out
+    assert b"CREATE TRIGGER tr" in out  # a body's statements end in `;`
     assert len(check.skipped) == 2, check.skipped
