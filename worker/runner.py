@@ -241,6 +241,10 @@ class JobRunner:
                 log.warning("job %s: Redis error while reporting progress (%s); retrying",
                             job.id, exc)
                 await asyncio.wait({work}, timeout=1.0)
+        # what the work said as it ended (a warning added while the watch awaited Redis,
+        # then the work done: the watch's loop ends before its next flush)
+        with contextlib.suppress(*UNREACHABLE, RedisError):
+            await self._publish_phases(job, progress)
 
     async def _publish_phases(self, job: Job, progress: Progress) -> None:
         """Phases and log lines, in the order they happened."""
