@@ -227,14 +227,15 @@ class BinlogPitr(Restores):
                 # (mariadb.sys owns the mysql.user view; it logs in nowhere)
                 if name in (admin, replay, "PUBLIC", "mariadb.sys"):
                     continue
-                if text_of(is_role) == "Y" or (name, where) != ("root", "localhost"):
-                    # (root at other hosts: the scratch server has no network)
-                    await query(conn, ("DROP ROLE " if text_of(is_role) == "Y" else
-                                       "DROP USER ") + my_quote(name) +
-                                ("" if text_of(is_role) == "Y" else f"@{my_quote(where)}"))
-                    continue
-                await query(conn, "REVOKE ALL PRIVILEGES, GRANT OPTION FROM root@localhost")
-                await query(conn, f"GRANT ALL PRIVILEGES ON {my_quote(db)}.* TO root@localhost")
+                if text_of(is_role) == "Y":
+                    await query(conn, f"DROP ROLE {my_quote(name)}")
+                elif (name, where) != ("root", "localhost"):
+                    # (root at other hosts too: the scratch server has no network)
+                    await query(conn, f"DROP USER {my_quote(name)}@{my_quote(where)}")
+                else:
+                    await query(conn, "REVOKE ALL PRIVILEGES, GRANT OPTION FROM root@localhost")
+                    await query(conn, f"GRANT ALL PRIVILEGES ON {my_quote(db)}.* TO "
+                                      "root@localhost")
         replayer = dataclasses.replace(scratch, url=scratch.url.replace(
             "//root@", f"//{replay}@", 1), password=Secret(replay_pw))
         return replayer, dumper
